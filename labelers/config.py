@@ -1,0 +1,36 @@
+"""Configuration of a labeler worker: which teachers, how matches are made and verified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(kw_only=True, slots=True)
+class LabelerConfig:
+    teacher: str = "none"
+    """Depth teacher. ``none`` (no depth labels: the depth loss is off), ``oracle`` (ground
+    truth of synthetic sources under an unknown per-frame scale and shift plus noise and
+    holes; an upper bound, never a real teacher), or a backend spec added by the labelers."""
+    matcher: Literal["sift", "orb", "xfeat"] = "sift"
+    """Sparse match teacher; every match is geometrically verified (USAC/MAGSAC)."""
+    max_matches_per_pair: int = 256
+    """Cap on verified matches kept per view pair (strongest first, spread over the image)."""
+    min_matches: int = 12
+    """A pair with fewer verified matches contributes none."""
+    ransac_threshold_px: float = 1.0
+    """Inlier threshold of the fundamental-matrix verification, in pixels."""
+    long_pairs: int = 1
+    """Long-baseline pairs per window added to the neighbour pairs (i, i+1)."""
+    device: str = "cpu"
+    """Torch device of the teachers (``cuda``, ``cuda:1``, ``cpu``)."""
+    credits: int = 2
+    """Windows a worker asks for ahead of the one it is labelling."""
+
+    def __post_init__(self) -> None:
+        if self.max_matches_per_pair < 1 or self.min_matches < 1:
+            raise ValueError("max_matches_per_pair and min_matches must be >= 1")
+        if self.ransac_threshold_px <= 0:
+            raise ValueError("ransac_threshold_px must be > 0")
+        if self.credits < 1:
+            raise ValueError("credits must be >= 1")

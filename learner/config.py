@@ -1,0 +1,81 @@
+"""Configuration of the learner: model size, optimisation, losses and snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    """Named size of the pi3-style transformer (``tiny`` runs on a laptop CPU)."""
+    patch_size: int = 8
+    """Side of the square image patches, in pixels of the input."""
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 2:
+            raise ValueError("patch_size must be >= 2")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    kind: Literal["weak", "supervised"] = "weak"
+    """``weak``: Reliev3R losses from teacher labels. ``supervised``: the ground-truth sibling,
+    only for the comparison study."""
+    reproj_weight: float = 0.5
+    """lambda in L = L_depth + lambda * L_reproj."""
+    alpha: float = 1.0
+    """Weight of the -log W confidence regulariser in the depth loss."""
+
+    def __post_init__(self) -> None:
+        if self.reproj_weight < 0 or self.alpha < 0:
+            raise ValueError("reproj_weight and alpha must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class LearnerConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    batch_size: int = 2
+    """Windows per step per rank."""
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up length."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant (a stream never ends) or cosine to ``max_steps``."""
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this value; 0 disables."""
+    ema_decay: float = 0.999
+    """Decay of the EMA copy of the weights kept in snapshots; 0 disables."""
+    max_steps: int = 0
+    """Stop after this many steps; 0 means train forever."""
+    snapshot_every: int = 50
+    """Write a snapshot every this many steps (and at the end)."""
+    keep_last: int = 3
+    """Keep the newest K snapshots ..."""
+    keep_every: int = 1000
+    """... plus every snapshot whose step is a multiple of this."""
+    device: str = "auto"
+    """``auto`` (cuda when present), ``cuda``, ``cpu``."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Autocast precision of the trunk on GPU (heads always run in fp32; CPU runs fp32)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if self.max_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("max_steps and warmup_steps must be >= 0")
+        if self.snapshot_every < 1 or self.keep_last < 1 or self.keep_every < 1:
+            raise ValueError("snapshot_every, keep_last and keep_every must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must lie in [0, 1)")

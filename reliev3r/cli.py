@@ -1,0 +1,100 @@
+"""The ``reliev3r`` command line: one subcommand per process, plus the local supervisor.
+
+Every subcommand takes ``--config FILE`` (repeatable, later files win) and trailing
+``key.sub=value`` overrides, e.g. ``reliev3r up --max-steps 50 learner.lr=1e-3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from reliev3r import config as rconfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+# subcommand -> (module with run(cfg, runtime) -> int, stage name)
+STAGES = {
+    "stream": ("streamer.service", "streamer"),
+    "label": ("labelers.service", "labeler"),
+    "replay": ("replay.service", "replay"),
+    "learn": ("learner.service", "learner"),
+    "evaluate": ("evaluation.service", "evaluator"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reliev3r", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="YAML config (repeatable; default: configs/default.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        return p
+
+    up = add("up", "run the whole pipeline locally (supervisor + every stage)")
+    up.add_argument("--max-steps", type=int, default=None, help="end after N learner steps")
+    add("stream", "run the streamer: sources -> frame windows")
+    add("label", "run a labeler worker: windows -> teacher labels -> replay")
+    add("replay", "run the replay service")
+    add("learn", "run the learner (under torchrun for several ranks)")
+    add("evaluate", "run the evaluator process that scores each new snapshot")
+    ev = add("eval", "evaluate a snapshot on a dataset and print the table")
+    ev.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
+    ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR, DIR")
+    ev.add_argument("--views", type=int, default=None, help="views per window (default: the snapshot's)")
+    ev.add_argument("--windows", type=int, default=None, help="windows to evaluate")
+    ev.add_argument("--out", default=None, help="folder for the JSON and markdown results")
+    render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
+    render.add_argument("--out", required=True, help="output folder")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> rconfig.PipelineConfig:
+    paths = args.config or [DEFAULT_CONFIG]
+    return rconfig.load(paths, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+    except (rconfig.ConfigError, OSError) as err:
+        print(f"reliev3r: config error: {err}", file=sys.stderr)
+        return 2
+    if args.command in STAGES:
+        from reliev3r.service import Runtime
+
+        module, stage = STAGES[args.command]
+        run = importlib.import_module(module).run
+        with Runtime(stage, cfg) as runtime:
+            try:
+                return run(cfg, runtime)
+            except Exception:
+                runtime.log.exception("stage failed")
+                return 1
+    if args.command == "up":
+        from reliev3r.supervisor import Supervisor
+
+        if args.max_steps is not None:
+            cfg.learner.max_steps = args.max_steps
+        return Supervisor(cfg, config_paths=args.config or [DEFAULT_CONFIG], overrides=args.overrides).run()
+    if args.command == "eval":
+        from evaluation.cli import main as eval_main
+
+        return eval_main(cfg, args)
+    if args.command == "render":
+        from reliev3r.synthetic import ensure_world
+
+        paths = ensure_world(Path(args.out), cfg.streamer.synthetic)
+        print("\n".join(str(p) for p in paths))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

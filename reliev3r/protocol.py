@@ -1,0 +1,257 @@
+"""The wire format every stage speaks: ZeroMQ multipart messages, no pickle.
+
+A message is ``[MAGIC, header, buffer_0, ..., buffer_{n-1}]``:
+
+* ``MAGIC`` is ``b"R3W"`` followed by one byte, the protocol version.
+* ``header`` is msgpack: ``{"kind": str, "meta": {...}, "arrays": [[name, dtype, shape], ...]}``.
+  ``meta`` holds small plain values (ids, timestamps, teacher names and versions).
+* one raw, C-contiguous buffer per entry of ``arrays``, in that order.
+
+On receipt :func:`decode` checks the frame count, magic and version, the kind, that every
+dtype is in :data:`DTYPES`, that shapes are lists of non-negative ints, that each buffer's
+size equals ``prod(shape) * itemsize``, the total size against ``max_bytes``, and the
+arrays and meta keys each kind requires (:data:`SCHEMAS`). Anything else raises
+:class:`ProtocolError` with a short ``reason`` that callers count in metrics.
+
+Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch):
+
+================  ====================================================================
+``ready``         labeler -> streamer: meta ``credits`` (windows it can take now).
+``window``        streamer -> labeler: ``frames`` uint8 [V,H,W,3] RGB, ``intrinsics``
+                  float32 [V,3,3] (pixels of ``frames``); optional ``gt_depth`` float32
+                  [V,H,W] (z-depth, 0 = unknown), ``gt_cam_to_world`` float32 [V,4,4].
+                  meta ``window_id``, ``source``, ``frame_indices``, ``timestamps``.
+``done``          labeler -> streamer: meta ``window_id``, ``status`` ("stored",
+                  "duplicate", "dropped"), ``reason``.
+``insert``        labeler -> replay: a ``window`` plus ``teacher_depth`` float32 [V,H,W]
+                  and ``teacher_valid`` uint8 [V,H,W] (absent when the teacher is
+                  ``none``), ``matches`` float32 [K,7] rows (i, j, x_i, y_i, x_j, y_j,
+                  score); meta adds ``teacher`` {"depth": {name, version, space},
+                  "matches": {name, version}}.
+``insert_ack``    replay -> labeler: meta ``window_id``, ``status``, ``reason``.
+``sample``        learner -> replay: meta ``batch_size``, ``rank``.
+``batch``         replay -> learner: the ``insert`` arrays stacked over B windows, with
+                  ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score);
+                  meta ``window_ids``, ``probabilities``, ``times_sampled``, ``teacher``.
+``priorities``    learner -> replay: meta ``window_ids``, ``losses`` (per-window loss).
+``stats``         request (empty meta) and reply (meta: counters) for any service.
+``heartbeat``     every process -> supervisor: meta ``stage``, ``pid``, ``status``.
+``error``         reply to a request that was rejected: meta ``reason``.
+================  ====================================================================
+
+Pixel coordinates follow ``reliev3r.geometry`` (pixel centres at integer coordinates).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+MAGIC = b"R3W" + bytes([VERSION])
+DEFAULT_MAX_BYTES = 512 << 20
+DTYPES = frozenset({"uint8", "uint16", "int32", "int64", "float16", "float32", "float64", "bool"})
+MAX_HEADER_BYTES = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the wire format. ``reason`` is a short, countable label."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    required_arrays: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """name -> (dtype, ndim) that must be present."""
+    optional_arrays: dict[str, tuple[str, int]] = field(default_factory=dict)
+    required_meta: tuple[str, ...] = ()
+
+
+_WINDOW_ARRAYS = {"frames": ("uint8", 4), "intrinsics": ("float32", 3)}
+_WINDOW_OPTIONAL = {"gt_depth": ("float32", 3), "gt_cam_to_world": ("float32", 3)}
+_LABEL_OPTIONAL = {**_WINDOW_OPTIONAL, "teacher_depth": ("float32", 3), "teacher_valid": ("uint8", 3)}
+
+SCHEMAS: dict[str, Schema] = {
+    "ready": Schema(required_meta=("credits",)),
+    "window": Schema(_WINDOW_ARRAYS, _WINDOW_OPTIONAL, ("window_id", "source", "frame_indices")),
+    "done": Schema(required_meta=("window_id", "status")),
+    "insert": Schema({**_WINDOW_ARRAYS, "matches": ("float32", 2)}, _LABEL_OPTIONAL,
+                     ("window_id", "source", "frame_indices", "teacher")),
+    "insert_ack": Schema(required_meta=("window_id", "status")),
+    "sample": Schema(required_meta=("batch_size",)),
+    "batch": Schema({"frames": ("uint8", 5), "intrinsics": ("float32", 4), "matches": ("float32", 2)},
+                    {"gt_depth": ("float32", 4), "gt_cam_to_world": ("float32", 4),
+                     "teacher_depth": ("float32", 4), "teacher_valid": ("uint8", 4)},
+                    ("window_ids",)),
+    "priorities": Schema(required_meta=("window_ids", "losses")),
+    "stats": Schema(),
+    "heartbeat": Schema(required_meta=("stage", "pid")),
+    "error": Schema(required_meta=("reason",)),
+}
+
+
+@dataclass(slots=True)
+class Message:
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Frames for ``socket.send_multipart(frames, copy=False)``; arrays are not copied
+    when already C-contiguous."""
+    if msg.kind not in SCHEMAS:
+        raise ProtocolError("unknown_kind", msg.kind)
+    specs, buffers = [], []
+    for name, arr in msg.arrays.items():
+        arr = np.asarray(arr)
+        if arr.dtype.name not in DTYPES:
+            raise ProtocolError("bad_dtype", f"{name}: {arr.dtype}")
+        arr = np.ascontiguousarray(arr)
+        specs.append([name, arr.dtype.name, list(arr.shape)])
+        buffers.append(memoryview(arr).cast("B") if arr.size else b"")
+    header = msgpack.packb({"kind": msg.kind, "meta": msg.meta, "arrays": specs}, use_bin_type=True)
+    return [MAGIC, header, *buffers]
+
+
+def decode(frames: Iterable[bytes | memoryview | Any], *, max_bytes: int = DEFAULT_MAX_BYTES,
+           kinds: Iterable[str] | None = None) -> Message:
+    """Validate and decode a multipart message; raise :class:`ProtocolError` on anything off.
+
+    ``kinds`` restricts which kinds this receiver accepts. Arrays are read-only views on the
+    received buffers (no copy); copy them to modify.
+    """
+    frames = [f.buffer if hasattr(f, "buffer") else f for f in frames]  # zmq.Frame -> memoryview
+    if len(frames) < 2:
+        raise ProtocolError("too_few_frames", str(len(frames)))
+    magic = bytes(frames[0])
+    if magic[:3] != MAGIC[:3] or len(magic) != 4:
+        raise ProtocolError("bad_magic")
+    if magic[3] != VERSION:
+        raise ProtocolError("bad_version", f"got {magic[3]}, speak {VERSION}")
+    if len(frames[1]) > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", str(len(frames[1])))
+    try:
+        header = msgpack.unpackb(frames[1], raw=False, strict_map_key=True)
+    except Exception as err:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError("bad_header", type(err).__name__) from None
+    if not isinstance(header, dict) or set(header) != {"kind", "meta", "arrays"}:
+        raise ProtocolError("bad_header", "expected keys kind, meta, arrays")
+    kind, meta, specs = header["kind"], header["meta"], header["arrays"]
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise ProtocolError("unknown_kind", repr(kind)[:40])
+    if kinds is not None and kind not in kinds:
+        raise ProtocolError("unexpected_kind", kind)
+    if not isinstance(meta, dict) or not isinstance(specs, list):
+        raise ProtocolError("bad_header", "meta must be a map and arrays a list")
+    if len(frames) != 2 + len(specs):
+        raise ProtocolError("frame_count", f"header lists {len(specs)} arrays, got {len(frames) - 2} buffers")
+    arrays: dict[str, np.ndarray] = {}
+    total = 0
+    for spec, buf in zip(specs, frames[2:]):
+        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)
+                and isinstance(spec[1], str) and isinstance(spec[2], list)):
+            raise ProtocolError("bad_array_spec", repr(spec)[:60])
+        name, dtype, shape = spec
+        if dtype not in DTYPES:
+            raise ProtocolError("bad_dtype", f"{name}: {dtype}")
+        if name in arrays:
+            raise ProtocolError("duplicate_array", name)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
+            raise ProtocolError("bad_shape", f"{name}: {shape}")
+        itemsize = np.dtype(dtype).itemsize
+        expected = math.prod(shape) * itemsize
+        total += expected
+        if total > max_bytes:
+            raise ProtocolError("too_large", f"over {max_bytes} bytes")
+        if len(buf) != expected:
+            raise ProtocolError("size_mismatch", f"{name}: {len(buf)} bytes for {dtype}{shape}")
+        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+    _check_schema(kind, meta, arrays)
+    return Message(kind, meta, arrays)
+
+
+def _check_schema(kind: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    schema = SCHEMAS[kind]
+    for key in schema.required_meta:
+        if key not in meta:
+            raise ProtocolError("missing_meta", f"{kind}.{key}")
+    known = {**schema.required_arrays, **schema.optional_arrays}
+    for name in schema.required_arrays:
+        if name not in arrays:
+            raise ProtocolError("missing_array", f"{kind}.{name}")
+    for name, arr in arrays.items():
+        if name not in known:
+            raise ProtocolError("unknown_array", f"{kind}.{name}")
+        dtype, ndim = known[name]
+        if arr.dtype.name != dtype or arr.ndim != ndim:
+            raise ProtocolError("bad_array", f"{kind}.{name}: want {dtype} ndim {ndim}, got {arr.dtype}{list(arr.shape)}")
+    if kind in ("window", "insert"):
+        _check_window_shapes(arrays, batched=False)
+    elif kind == "batch":
+        _check_window_shapes(arrays, batched=True)
+
+
+def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> None:
+    frames = arrays["frames"]
+    lead = frames.shape[: 2 if batched else 1]
+    h, w, c = frames.shape[-3:]
+    if c != 3 or h < 1 or w < 1 or (lead[-1] < 1):
+        raise ProtocolError("bad_shape", f"frames {list(frames.shape)}")
+    expect = {"intrinsics": (*lead, 3, 3), "gt_depth": (*lead, h, w), "gt_cam_to_world": (*lead, 4, 4),
+              "teacher_depth": (*lead, h, w), "teacher_valid": (*lead, h, w)}
+    for name, shape in expect.items():
+        if name in arrays and arrays[name].shape != shape:
+            raise ProtocolError("bad_shape", f"{name} {list(arrays[name].shape)}, want {list(shape)}")
+    matches = arrays.get("matches")
+    if matches is not None:
+        cols = 8 if batched else 7
+        if matches.shape[1] != cols:
+            raise ProtocolError("bad_shape", f"matches {list(matches.shape)}, want [K,{cols}]")
+        if matches.size and not np.isfinite(matches).all():
+            raise ProtocolError("non_finite", "matches")
+        views = lead[-1]
+        idx = matches[:, (1, 2) if batched else (0, 1)]
+        if matches.size and ((idx < 0).any() or (idx >= views).any()):
+            raise ProtocolError("bad_index", "matches view index out of range")
+        if batched and matches.size and ((matches[:, 0] < 0).any() or (matches[:, 0] >= lead[0]).any()):
+            raise ProtocolError("bad_index", "matches batch index out of range")
+    for name in ("intrinsics", "gt_cam_to_world"):
+        if name in arrays and not np.isfinite(arrays[name]).all():
+            raise ProtocolError("non_finite", name)
+
+
+def error_reply(reason: str) -> Message:
+    return Message("error", {"reason": reason})
+
+
+def now() -> float:
+    return time.time()
+
+
+def self_test() -> None:
+    """Round-trip one message of each array-carrying kind; run at every process start-up."""
+    rng = np.random.default_rng(0)
+    v, h, w = 2, 4, 6
+    window = {"frames": rng.integers(0, 255, (v, h, w, 3), dtype=np.uint8),
+              "intrinsics": np.tile(np.eye(3, dtype=np.float32), (v, 1, 1))}
+    meta = {"window_id": "selftest", "source": "selftest", "frame_indices": [0, 1],
+            "teacher": {"depth": {"name": "none"}}}
+    insert = {**window, "matches": np.zeros((3, 7), np.float32),
+              "teacher_depth": np.ones((v, h, w), np.float32), "teacher_valid": np.ones((v, h, w), np.uint8)}
+    for msg in (Message("window", meta, window), Message("insert", meta, insert)):
+        back = decode([bytes(f) for f in encode(msg)])
+        assert back.kind == msg.kind and back.meta == msg.meta
+        for name, arr in msg.arrays.items():
+            assert np.array_equal(back.arrays[name], arr), name

@@ -1,0 +1,120 @@
+"""What every long-running process shares: signals, logs, metrics, heartbeats, a ZMQ context.
+
+A stage's ``run(cfg, runtime)`` loops ``while not runtime.stopping`` and polls its sockets
+with a short timeout, so SIGTERM/SIGINT end it within one poll interval and it can close
+cleanly (flush, ack, snapshot) before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from monitoring.metrics import Metrics
+from reliev3r import log as rlog
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig
+
+HEARTBEAT_S = 1.0
+
+
+class Runtime:
+    """Process-wide services for one stage. Use as a context manager."""
+
+    def __init__(self, stage: str, cfg: PipelineConfig, *, install_signals: bool = True,
+                 serve_metrics: bool | None = None):
+        self.stage = stage
+        self.cfg = cfg
+        self.log = rlog.setup(stage, cfg.run.log_level) if install_signals else logging.getLogger(f"reliev3r.{stage}")
+        protocol.self_test()
+        self.ctx = zmq.Context()
+        self.metrics = Metrics(stage)
+        self.status: dict[str, Any] = {}
+        """Small plain values the supervisor shows in its status line (updated by the stage)."""
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        if install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        mon = cfg.monitoring
+        if mon.enabled if serve_metrics is None else serve_metrics:
+            port = self.metrics.serve(mon.host, mon.ports.get(stage, 0))
+            self.log.info("metrics endpoint up", extra={"url": f"http://{mon.host}:{port}/metrics"})
+        if cfg.network.supervisor_port and os.environ.get("RELIEV3R_SUPERVISED"):
+            self.spawn(self._heartbeat_loop, "heartbeat")
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if a stop was asked meanwhile."""
+        return self._stop.wait(seconds)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.log.info("stopping on signal", extra={"signal": signal.Signals(signum).name})
+        self._stop.set()
+
+    def spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """Run ``target`` in a daemon thread that is joined at close."""
+        thread = threading.Thread(target=target, name=f"{self.stage}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.metrics.up.set(0)
+        self.metrics.close()
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ heartbeat
+    def _heartbeat_loop(self) -> None:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.connect(self.cfg.network.connect(self.cfg.network.supervisor_port))
+        try:
+            while not self._stop.wait(HEARTBEAT_S):
+                meta = {"stage": self.stage, "pid": os.getpid(), "time": time.time(), "status": dict(self.status)}
+                try:
+                    sock.send_multipart(protocol.encode(protocol.Message("heartbeat", meta)), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # supervisor busy or gone; the next beat will try again
+        finally:
+            sock.close(linger=0)
+
+    # ------------------------------------------------------------------ receiving
+    def receive(self, sock: zmq.Socket, *, kinds: tuple[str, ...], routed: bool = False,
+                max_bytes: int = protocol.DEFAULT_MAX_BYTES):
+        """Read one multipart message; return ``(identity, Message)`` or ``(identity, None)``
+        when it was malformed (counted by reason and logged; the caller carries on).
+        ``routed``: the socket is a ROUTER, so the first frame is the peer identity."""
+        frames = sock.recv_multipart(copy=False)
+        identity = None
+        if routed:
+            identity, frames = frames[0].bytes, frames[1:]
+        try:
+            return identity, protocol.decode(frames, max_bytes=max_bytes, kinds=kinds)
+        except protocol.ProtocolError as err:
+            self.metrics.reject(err.reason)
+            self.log.warning("rejected message", extra={"reason": err.reason, "detail": str(err)})
+            return identity, None
