@@ -146,9 +146,12 @@ def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:
 
 
 def rotation_angle_deg(rotation: Tensor) -> Tensor:
-    """Geodesic angle of rotation matrices [..., 3, 3], in degrees."""
+    """Geodesic angle of rotation matrices [..., 3, 3], in degrees. atan2 of sine and cosine
+    keeps small angles accurate, where acos of the trace loses half the digits."""
     trace = rotation[..., 0, 0] + rotation[..., 1, 1] + rotation[..., 2, 2]
-    return torch.rad2deg(torch.acos(((trace - 1) / 2).clamp(-1.0, 1.0)))
+    skew = torch.stack((rotation[..., 2, 1] - rotation[..., 1, 2], rotation[..., 0, 2] - rotation[..., 2, 0],
+                        rotation[..., 1, 0] - rotation[..., 0, 1]), -1)
+    return torch.rad2deg(torch.atan2(0.5 * skew.norm(dim=-1), 0.5 * (trace - 1)))
 
 
 def angle_between_deg(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:

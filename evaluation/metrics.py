@@ -1,0 +1,164 @@
+"""Evaluation metrics against ground truth, for one window at a time (torch, CPU or GPU).
+
+Every metric is invariant to the similarity gauge of the prediction (one scale, rotation
+and translation per window), as the model's outputs are defined only up to it:
+
+* depth: AbsRel and delta<1.25 after per-window median scaling (``*_med``), after per-window
+  least-squares scale-and-shift (``*_lsq``), and after per-frame least-squares
+  scale-and-shift (``*_lsq_frame``: the depth *shape* only, what a monocular teacher can do);
+* poses: ATE RMSE of camera centres after Umeyama Sim(3) alignment (metres of the ground
+  truth), RPE between consecutive views after the same alignment (translation in metres,
+  rotation in degrees), and over all view pairs the relative rotation error and relative
+  translation direction error, summarised as RRA@30, RTA@30 and AUC@30 (the VGGT/pi3
+  protocol: AUC of the curve "fraction of pairs with max(rot, trans) error < t", t in 1..30°);
+* point maps: accuracy (mean distance of predicted points to the nearest ground-truth point)
+  and completeness (ground truth to prediction), after a Sim(3) alignment of the predicted
+  point map to the ground-truth one over valid pixels (pixels are correspondences).
+
+Shapes: depth [V, H, W], poses cam_to_world [V, 4, 4], intrinsics [V, 3, 3]; gt depth 0 = invalid.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from reliev3r import geometry
+
+DELTA = 1.25
+
+
+def _absrel_delta(pred: Tensor, gt: Tensor) -> tuple[float, float]:
+    pred = pred.clamp(min=1e-6)
+    absrel = ((pred - gt).abs() / gt).mean()
+    delta = (torch.maximum(pred / gt, gt / pred) < DELTA).float().mean()
+    return float(absrel), float(delta)
+
+
+def scale_shift_lsq(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) minimising ||a * pred + b - gt||^2 over the given (valid) values."""
+    A = torch.stack((pred, torch.ones_like(pred)), -1).double()
+    sol = torch.linalg.lstsq(A, gt.double()[:, None]).solution[:, 0]
+    return sol[0].to(pred.dtype), sol[1].to(pred.dtype)
+
+
+def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
+    """AbsRel and delta<1.25 of one window's depth [V, H, W] under the three alignments."""
+    if valid is None:
+        valid = gt > 0
+    valid = valid & (gt > 0) & torch.isfinite(pred) & (pred > 0)
+    if valid.sum() < 10:
+        raise ValueError("too few valid ground-truth pixels to score depth")
+    p, g = pred[valid], gt[valid]
+    out = {}
+    scale = g.median() / p.median()
+    out["absrel_med"], out["delta_med"] = _absrel_delta(p * scale, g)
+    a, b = scale_shift_lsq(p, g)
+    out["absrel_lsq"], out["delta_lsq"] = _absrel_delta(a * p + b, g)
+    aligned = torch.zeros_like(pred)
+    for v in range(pred.shape[0]):
+        m = valid[v]
+        if m.sum() >= 10:
+            a, b = scale_shift_lsq(pred[v][m], gt[v][m])
+            aligned[v][m] = a * pred[v][m] + b
+        else:
+            m.zero_()
+    frame_valid = valid & (aligned > 0)
+    out["absrel_lsq_frame"], out["delta_lsq_frame"] = _absrel_delta(aligned[frame_valid], gt[frame_valid])
+    return out
+
+
+def align_trajectory(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> Tensor:
+    """Apply the Umeyama Sim(3) that best maps predicted camera centres onto the ground
+    truth's to the predicted poses; returns aligned cam_to_world [V, 4, 4] (rotations
+    rotated, centres mapped; with < 3 views or collinear centres the fit is exact anyway
+    for 2 views up to rotation about the baseline)."""
+    pc, gc = pred_cam_to_world[:, :3, 3].double(), gt_cam_to_world[:, :3, 3].double()
+    if pc.shape[0] >= 3:
+        s, R, t = geometry.umeyama(pc, gc)
+    else:  # two views: match the baseline vector's length and the midpoints, no rotation
+        s = (gc[1] - gc[0]).norm() / (pc[1] - pc[0]).norm().clamp(min=1e-12)
+        R = torch.eye(3, dtype=pc.dtype)
+        t = gc.mean(0) - s * pc.mean(0)
+    out = pred_cam_to_world.double().clone()
+    out[:, :3, :3] = R @ out[:, :3, :3]
+    out[:, :3, 3] = s * (pc @ R.T) + t
+    return out.to(pred_cam_to_world.dtype)
+
+
+def pose_metrics(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> dict[str, float]:
+    """ATE, RPE and pairwise RRA/RTA/AUC@30 of one window's poses [V, 4, 4]."""
+    pred, gt = pred_cam_to_world.double(), gt_cam_to_world.double()
+    aligned = align_trajectory(pred, gt)
+    out = {"ate": float((aligned[:, :3, 3] - gt[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt())}
+    rel_p = geometry.relative_pose(aligned[:-1], aligned[1:])
+    rel_g = geometry.relative_pose(gt[:-1], gt[1:])
+    err = geometry.relative_pose(rel_g, rel_p)
+    out["rpe_trans"] = float(err[:, :3, 3].norm(dim=-1).mean())
+    out["rpe_rot_deg"] = float(geometry.rotation_angle_deg(err[:, :3, :3]).mean())
+    rot_err, trans_err = pairwise_pose_errors(pred, gt)
+    out.update(pose_auc(rot_err, trans_err))
+    return out
+
+
+def pairwise_pose_errors(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> tuple[Tensor, Tensor]:
+    """Relative rotation error and relative translation direction error (degrees) over all
+    ordered pairs i < j. Gauge-free: uses only relative poses and translation directions."""
+    pairs = list(itertools.combinations(range(pred_cam_to_world.shape[0]), 2))
+    i, j = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    rel_p = geometry.relative_pose(pred_cam_to_world[j], pred_cam_to_world[i])  # cam_i -> cam_j
+    rel_g = geometry.relative_pose(gt_cam_to_world[j], gt_cam_to_world[i])
+    rot = geometry.rotation_angle_deg(rel_p[:, :3, :3].transpose(-1, -2) @ rel_g[:, :3, :3])
+    trans = geometry.angle_between_deg(rel_p[:, :3, 3], rel_g[:, :3, 3])
+    return rot, trans
+
+
+def pose_auc(rot_err: Tensor, trans_err: Tensor, max_threshold: int = 30) -> dict[str, float]:
+    """RRA@t, RTA@t and AUC@t from per-pair errors in degrees."""
+    worst = torch.maximum(rot_err, trans_err)
+    thresholds = torch.arange(1, max_threshold + 1, dtype=worst.dtype)
+    curve = (worst[None, :] < thresholds[:, None]).double().mean(1)
+    return {f"rra{max_threshold}": float((rot_err < max_threshold).double().mean()),
+            f"rta{max_threshold}": float((trans_err < max_threshold).double().mean()),
+            f"auc{max_threshold}": float(curve.mean())}
+
+
+def pointmap_metrics(pred_depth: Tensor, pred_cam_to_world: Tensor, gt_depth: Tensor,
+                     gt_cam_to_world: Tensor, intrinsics: Tensor, *, max_points: int = 4096,
+                     seed: int = 0) -> dict[str, float]:
+    """Accuracy and completeness (metres of the ground truth) of the window's point map."""
+    valid = (gt_depth > 0) & torch.isfinite(pred_depth) & (pred_depth > 0)
+    p, g = world_points(pred_depth, pred_cam_to_world, intrinsics)[valid], world_points(gt_depth, gt_cam_to_world, intrinsics)[valid]
+    gen = torch.Generator().manual_seed(seed)
+    if p.shape[0] > max_points:
+        idx = torch.randperm(p.shape[0], generator=gen)[:max_points]
+        p, g = p[idx], g[idx]
+    s, R, t = geometry.umeyama(p, g)
+    p = s * p @ R.T + t
+    dist = torch.cdist(p, g)
+    return {"accuracy": float(dist.min(1).values.mean()), "completeness": float(dist.min(0).values.mean())}
+
+
+def world_points(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor) -> Tensor:
+    """World point map [V, H, W, 3] (float64) of depth [V, H, W]."""
+    cam = geometry.unproject_depth(depth.double(), intrinsics.double()).flatten(1, 2)
+    return geometry.transform_points(cam_to_world.double(), cam).reshape(*depth.shape, 3)
+
+
+def window_metrics(pred_depth: Tensor, pred_cam_to_world: Tensor, gt_depth: Tensor,
+                   gt_cam_to_world: Tensor, intrinsics: Tensor) -> dict[str, float]:
+    """All metrics of one window."""
+    out = depth_metrics(pred_depth, gt_depth)
+    out.update(pose_metrics(pred_cam_to_world, gt_cam_to_world))
+    out.update(pointmap_metrics(pred_depth, pred_cam_to_world, gt_depth, gt_cam_to_world, intrinsics))
+    return out
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Average each metric over windows (keys present in every row)."""
+    if not rows:
+        return {}
+    keys = set(rows[0]).intersection(*rows[1:])
+    return {k: sum(r[k] for r in rows) / len(rows) for k in sorted(keys)}

@@ -1,0 +1,125 @@
+"""Known-answer tests of the evaluation metrics: exact predictions, known similarity
+transforms, known depth scale/shift, and hand-computed perturbations."""
+
+import math
+
+import pytest
+import torch
+
+from evaluation import metrics
+from reliev3r import geometry
+
+
+def _trajectory(v=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rot = geometry.axis_angle_to_matrix(0.3 * torch.randn(v, 3, generator=gen, dtype=torch.float64))
+    centres = torch.randn(v, 3, generator=gen, dtype=torch.float64)
+    return geometry.make_pose(rot, centres)
+
+
+def _similarity(pose, s, axis_angle, t):
+    R = geometry.axis_angle_to_matrix(torch.tensor(axis_angle, dtype=torch.float64))
+    out = pose.clone()
+    out[:, :3, :3] = R @ pose[:, :3, :3]
+    out[:, :3, 3] = s * pose[:, :3, 3] @ R.T + torch.tensor(t, dtype=torch.float64)
+    return out
+
+
+def test_depth_median_and_lsq_alignment():
+    gt = torch.rand(3, 8, 10, dtype=torch.float64) + 1.0
+    m = metrics.depth_metrics(2.5 * gt, gt)  # unknown scale: median scaling removes it
+    assert m["absrel_med"] < 1e-12 and m["delta_med"] == 1.0
+    m = metrics.depth_metrics(2.5 * gt + 0.7, gt)  # scale and shift: only lsq removes it
+    assert m["absrel_med"] > 1e-3
+    assert m["absrel_lsq"] < 1e-9 and m["delta_lsq"] == 1.0
+    per_frame = torch.stack([gt[0] * 2 + 1, gt[1] * 0.5 - 0.2, gt[2] * 3])
+    m = metrics.depth_metrics(per_frame, gt)
+    assert m["absrel_lsq_frame"] < 1e-9 and m["absrel_lsq"] > 1e-3
+
+
+def test_depth_absrel_hand_computed():
+    gt = torch.tensor([[[1.0, 2.0], [4.0, 0.0]]]).repeat(1, 4, 4)  # zeros are invalid
+    pred = gt * 1.0
+    pred[gt == 1.0] = 1.5  # one value off by 50% (median stays 2)
+    m = metrics.depth_metrics(pred, gt)
+    # valid values 1, 2, 4 repeated equally; only the "1" pixels err by 0.5/1
+    assert m["absrel_med"] == pytest.approx(0.5 / 3, rel=1e-6)
+    assert m["delta_med"] == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_depth_ignores_invalid_and_rejects_empty():
+    gt = torch.zeros(2, 4, 4)
+    with pytest.raises(ValueError):
+        metrics.depth_metrics(torch.ones(2, 4, 4), gt)
+
+
+def test_pose_metrics_perfect_under_similarity():
+    gt = _trajectory()
+    pred = _similarity(gt, 0.37, [0.4, -1.0, 0.2], [3.0, -2.0, 5.0])
+    m = metrics.pose_metrics(pred, gt)
+    assert m["ate"] < 1e-9 and m["rpe_trans"] < 1e-9 and m["rpe_rot_deg"] < 1e-4
+    assert m["rra30"] == 1.0 and m["rta30"] == 1.0 and m["auc30"] == 1.0
+
+
+def test_pose_ate_known_offset():
+    gt = _trajectory(v=4)
+    pred = gt.clone()
+    # ATE is the RMS residual after the best Sim(3); it can only be below the raw RMS (0.1).
+    pred[:, :3, 3] += torch.tensor([[0.1, 0, 0], [-0.1, 0, 0], [0, 0.1, 0], [0, -0.1, 0]], dtype=torch.float64)
+    m = metrics.pose_metrics(pred, gt)
+    aligned = metrics.align_trajectory(pred, gt)
+    rms = (aligned[:, :3, 3] - gt[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()
+    assert m["ate"] == pytest.approx(float(rms))
+    assert 0 < m["ate"] <= 0.1 + 1e-9  # alignment can only reduce the raw RMS of 0.1
+
+
+def test_pairwise_errors_known_rotation():
+    gt = geometry.make_pose(torch.eye(3).repeat(2, 1, 1), torch.tensor([[0.0, 0, 0], [1.0, 0, 0]])).double()
+    pred = gt.clone()
+    pred[1, :3, :3] = geometry.axis_angle_to_matrix(torch.tensor([0.0, 0.0, math.radians(40)], dtype=torch.float64))
+    rot, trans = metrics.pairwise_pose_errors(pred, gt)
+    assert rot[0] == pytest.approx(40.0, abs=1e-6)
+    m = metrics.pose_auc(rot, trans)
+    assert m["rra30"] == 0.0 and m["auc30"] == 0.0
+
+
+def test_pose_auc_curve_hand_computed():
+    rot = torch.tensor([0.5, 10.5, 40.0])
+    trans = torch.tensor([0.2, 2.0, 1.0])
+    m = metrics.pose_auc(rot, trans)
+    # worst errors 0.5, 10.5, 40: pair 1 counts at all 30 thresholds, pair 2 at t=11..30 (20)
+    assert m["auc30"] == pytest.approx((30 + 20) / (3 * 30))
+    assert m["rra30"] == pytest.approx(2 / 3) and m["rta30"] == 1.0
+
+
+def test_translation_direction_error_ignores_scale():
+    gt = _trajectory(v=3)
+    pred = gt.clone()
+    pred[:, :3, 3] *= 4.0
+    rot, trans = metrics.pairwise_pose_errors(pred, gt)
+    assert rot.max() < 1e-4 and trans.max() < 1e-4
+
+
+def test_pointmap_exact_under_similarity():
+    v, h, w = 3, 6, 8
+    gt_depth = torch.rand(v, h, w, dtype=torch.float64) + 1
+    gt_pose = _trajectory(v)
+    K = geometry.intrinsics_from_fov(60, w, h, dtype=torch.float64).expand(v, 3, 3)
+    s = 0.5
+    pred_pose = _similarity(gt_pose, s, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    m = metrics.pointmap_metrics(s * gt_depth, pred_pose, gt_depth, gt_pose, K)
+    assert m["accuracy"] < 1e-6 and m["completeness"] < 1e-6  # cdist uses a matmul expansion
+    noisy = metrics.pointmap_metrics(s * gt_depth * (1 + 0.05 * torch.randn(v, h, w, dtype=torch.float64)),
+                                     pred_pose, gt_depth, gt_pose, K)
+    assert noisy["accuracy"] > 1e-3
+
+
+def test_window_metrics_and_mean():
+    v, h, w = 4, 6, 8
+    gt_depth = torch.rand(v, h, w, dtype=torch.float64) + 1
+    gt_pose = _trajectory(v)
+    K = geometry.intrinsics_from_fov(60, w, h, dtype=torch.float64).expand(v, 3, 3)
+    row = metrics.window_metrics(gt_depth * 2, _similarity(gt_pose, 2.0, [0, 0, 0.5], [0, 0, 0]), gt_depth, gt_pose, K)
+    assert row["absrel_med"] < 1e-9 and row["ate"] < 1e-9 and row["auc30"] == 1.0
+    mean = metrics.mean_metrics([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
+    assert mean == {"a": 2.0}
