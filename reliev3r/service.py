@@ -22,6 +22,23 @@ from reliev3r import protocol
 from reliev3r.config import PipelineConfig
 
 HEARTBEAT_S = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_supervisor() -> None:
+    """Under ``reliev3r up`` (RELIEV3R_SUPERVISED holds the supervisor's pid), ask the kernel
+    to SIGTERM this process when the supervisor dies, even by SIGKILL: no orphans."""
+    parent = os.environ.get("RELIEV3R_SUPERVISED")
+    if not parent or not parent.isdigit():
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: a SIGKILLed supervisor may leave children behind
+    if os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Runtime:
@@ -42,6 +59,7 @@ class Runtime:
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            die_with_supervisor()
         mon = cfg.monitoring
         if mon.enabled if serve_metrics is None else serve_metrics:
             port = self.metrics.serve(mon.host, mon.ports.get(stage, 0))

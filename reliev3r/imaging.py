@@ -1,0 +1,41 @@
+"""Fitting images (and their depth maps and intrinsics) to a target size.
+
+Aspect is kept: resize so the target is covered, then crop the centre. Intrinsics follow
+exactly (``reliev3r.geometry`` conventions). Shared by the streamer, the evaluator and
+reconstruction, so every stage sees frames prepared the same way.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from reliev3r import geometry
+
+
+def fit_plan(height: int, width: int, target_h: int, target_w: int) -> tuple[float, int, int]:
+    """(scale, left, top): resize by ``scale`` then crop at (left, top) to the target size."""
+    scale = max(target_h / height, target_w / width)
+    new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    return scale, (new_w - target_w) // 2, (new_h - target_h) // 2
+
+
+def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool = False) -> np.ndarray:
+    """Resize-and-centre-crop an [H, W(, C)] image. ``nearest`` for depth maps (no blending
+    across depth edges or into invalid zeros); area averaging otherwise."""
+    h, w = image.shape[:2]
+    scale, left, top = fit_plan(h, w, target_h, target_w)
+    new_size = (max(target_w, round(w * scale)), max(target_h, round(h * scale)))
+    interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    resized = cv2.resize(image, new_size, interpolation=interp)
+    return np.ascontiguousarray(resized[top: top + target_h, left: left + target_w])
+
+
+def fit_intrinsics(intrinsics: np.ndarray, height: int, width: int, target_h: int, target_w: int) -> np.ndarray:
+    """Intrinsics [3, 3] of an image after :func:`fit_image`."""
+    scale, left, top = fit_plan(height, width, target_h, target_w)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    K = torch.as_tensor(np.asarray(intrinsics, dtype=np.float64))
+    K = geometry.resize_intrinsics(K, new_w / width, new_h / height)
+    return geometry.crop_intrinsics(K, left, top).numpy().astype(np.float32)

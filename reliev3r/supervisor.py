@@ -1,0 +1,258 @@
+"""The local supervisor behind ``reliev3r up``: one process per stage, wired over ZeroMQ.
+
+It resolves free ports, writes the resolved config to ``<run.dir>/config.yaml`` (every child
+reads that one file), starts streamer, replay, labeler, learner and evaluator as separate
+processes (their logs in ``<run.dir>/logs/``), restarts a child that crashes (exponential
+backoff), prints a one-line status from the children's heartbeats, and ends the run:
+
+* when the learner exits 0 (``--max-steps`` reached, final snapshot written), it waits for
+  the evaluator to score that snapshot, then stops the rest and exits 0;
+* on SIGINT/SIGTERM it stops the children in pipeline order (sources first, learner last,
+  so the learner writes its snapshot), SIGKILLs any that outlive the grace period, exits 0.
+
+Children die with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG), so no
+orphans are left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+import zmq
+
+from monitoring.metrics import Metrics
+from reliev3r import config as rconfig
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig
+
+# Start order; stop order is the reverse except that the learner goes last (it snapshots).
+STAGES = ("replay", "streamer", "labeler", "learner", "evaluator")
+COMMANDS = {"streamer": "stream", "labeler": "label", "replay": "replay", "learner": "learn",
+            "evaluator": "evaluate"}
+GRACE_S = 20.0
+STATUS_EVERY_S = 2.0
+FINAL_EVAL_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Child:
+    stage: str
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    finished: bool = False
+    """Exited 0 on its own: done, not restarted."""
+    next_start: float = 0.0
+    status: dict = field(default_factory=dict)
+    last_beat: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, cfg: PipelineConfig, *, config_paths=(), overrides=(), out=sys.stdout):
+        self.cfg = rconfig.resolve_ports(cfg)
+        self.run_dir = cfg.run_dir
+        self.out = out
+        self.children = {stage: Child(stage) for stage in STAGES}
+        self.stop_requested = False
+        self.started = time.time()
+        self.metrics = Metrics("supervisor")
+        self.restarts = self.metrics.counter("process_restarts_total", "Child processes restarted after a crash", ["stage"])
+        self.child_up = self.metrics.gauge("child_up", "1 while a child process runs", ["stage"])
+        self._last_status_len = 0
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        self._resolve_metrics_ports()
+        config_file = self.run_dir / "config.yaml"
+        tmp = config_file.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
+        os.replace(tmp, config_file)
+        self.config_file = config_file
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        if self.cfg.monitoring.enabled:
+            self.metrics.serve(self.cfg.monitoring.host, self.cfg.monitoring.ports.get("supervisor", 0))
+        ctx = zmq.Context()
+        beats = ctx.socket(zmq.PULL)
+        beats.bind(self.cfg.network.bind(self.cfg.network.supervisor_port))
+        self._print(f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
+                    f"teacher {self.cfg.labeler.teacher}"
+                    + (" (depth loss off)" if self.cfg.labeler.teacher == "none" else "")
+                    + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
+        exit_code = 0
+        try:
+            for stage in STAGES:
+                self._start(self.children[stage])
+            last_status = 0.0
+            while not self.stop_requested:
+                self._drain_heartbeats(beats, timeout_ms=200)
+                self._reap_and_restart()
+                if self._run_complete():
+                    break
+                if time.time() - last_status >= STATUS_EVERY_S:
+                    self._print_status()
+                    last_status = time.time()
+            exit_code = self._final_code()
+        finally:
+            self._stop_all()
+            self._print_status(final=True)
+            beats.close(linger=0)
+            ctx.destroy(linger=0)
+            self.metrics.close()
+        return exit_code
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_requested = True
+
+    def _resolve_metrics_ports(self) -> None:
+        ports = self.cfg.monitoring.ports
+        for stage in ("supervisor", *STAGES):
+            if ports.get(stage, 0) == 0:
+                ports[stage] = rconfig.free_port(self.cfg.monitoring.host)
+
+    # ------------------------------------------------------------------ children
+    def _start(self, child: Child) -> None:
+        log = open(self.run_dir / "logs" / f"{child.stage}.log", "ab")
+        env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file)]
+        child.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, start_new_session=True)
+        log.close()
+        self.child_up.labels(child.stage).set(1)
+
+    def _reap_and_restart(self) -> None:
+        now = time.time()
+        for child in self.children.values():
+            if child.finished:
+                continue
+            if child.proc is None:
+                if now >= child.next_start:
+                    self._start(child)
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            self.child_up.labels(child.stage).set(0)
+            child.proc = None
+            if code == 0:
+                child.finished = True
+                self._print(f"{child.stage} finished")
+                continue
+            child.restarts += 1
+            self.restarts.labels(child.stage).inc()
+            delay = min(30.0, 0.5 * 2 ** min(child.restarts - 1, 6))
+            child.next_start = now + delay
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            self._print(f"{child.stage} died ({how}); restart #{child.restarts} in {delay:.1f}s "
+                        f"(log: {self.run_dir / 'logs' / (child.stage + '.log')})")
+
+    def _run_complete(self) -> bool:
+        learner, evaluator = self.children["learner"], self.children["evaluator"]
+        if not learner.finished:
+            return False
+        if evaluator.finished:
+            return True
+        if not hasattr(self, "_learner_done_at"):
+            self._learner_done_at = time.time()
+        if time.time() - self._learner_done_at > FINAL_EVAL_TIMEOUT_S:
+            self._print("evaluator did not score the final snapshot in time")
+            return True
+        return False
+
+    def _final_code(self) -> int:
+        if self.stop_requested:
+            return 0
+        learner, evaluator = self.children["learner"], self.children["evaluator"]
+        return 0 if learner.finished and evaluator.finished else 1
+
+    def _stop_all(self) -> None:
+        order = ["streamer", "labeler", "evaluator", "replay", "learner"]
+        # Learner first gets its SIGTERM too, but is waited for last: it writes a snapshot.
+        for stage in order:
+            proc = self.children[stage].proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + GRACE_S
+        for stage in order:
+            proc = self.children[stage].proc
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                self._print(f"{stage} did not stop within {GRACE_S:.0f}s; killing it")
+                proc.kill()
+                proc.wait()
+            self.child_up.labels(stage).set(0)
+
+    # ------------------------------------------------------------------ status
+    def _drain_heartbeats(self, sock: zmq.Socket, timeout_ms: int) -> None:
+        if not sock.poll(timeout_ms):
+            return
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames, kinds=("heartbeat",), max_bytes=1 << 16)
+            except protocol.ProtocolError as err:
+                self.metrics.reject(err.reason)
+                continue
+            child = self.children.get(msg.meta.get("stage"))
+            if child is not None and isinstance(msg.meta.get("status"), dict):
+                child.status = msg.meta["status"]
+                child.last_beat = time.time()
+
+    def status_line(self) -> str:
+        s = {stage: self.children[stage].status for stage in STAGES}
+        st, lb, rp, ln, ev = s["streamer"], s["labeler"], s["replay"], s["learner"], s["evaluator"]
+        parts = [f"[{time.time() - self.started:6.1f}s]",
+                 f"ingested {st.get('sent', 0)} (in flight {st.get('in_flight', 0)})",
+                 f"labelled {lb.get('labelled', 0)}" + (f" dropped {lb['dropped']}" if lb.get("dropped") else ""),
+                 f"stored {rp.get('stored', 0)}",
+                 f"step {ln.get('step', 0)}"]
+        if "loss" in ln:
+            parts.append(f"loss {ln['loss']:.4f}")
+        if "steps_per_s" in ln:
+            parts.append(f"{ln['steps_per_s']:.2f} steps/s")
+        if self.cfg.labeler.teacher == "none":
+            parts.append("depth loss off (teacher none)")
+        if ev.get("step") is not None and "absrel" in ev:
+            parts.append(f"eval@{ev['step']} AbsRel {ev['absrel']:.3f} ATE {ev['ate']:.3f}")
+        restarts = sum(c.restarts for c in self.children.values())
+        if restarts:
+            parts.append(f"restarts {restarts}")
+        return " | ".join(parts)
+
+    def _print_status(self, final: bool = False) -> None:
+        line = self.status_line()
+        if self.out.isatty() and not final:
+            pad = max(0, self._last_status_len - len(line))
+            self.out.write("\r" + line + " " * pad)
+            self._last_status_len = len(line)
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def _print(self, text: str) -> None:
+        if self.out.isatty() and self._last_status_len:
+            self.out.write("\n")
+            self._last_status_len = 0
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def latest_evaluation(run_dir: Path) -> dict | None:
+    """The newest evaluation result the evaluator wrote, or None."""
+    files = sorted((run_dir / "evaluations").glob("step-*.json"))
+    return json.loads(files[-1].read_text()) if files else None
