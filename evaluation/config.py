@@ -12,11 +12,13 @@ class EvaluatorConfig:
     use), ``synthetic:DIR``, ``7scenes:DIR`` or a folder of images."""
     windows: int = 8
     """Windows evaluated per snapshot."""
+    stride: int = 4
+    """Frames between consecutive views of an evaluation window."""
     poll_s: float = 1.0
     """How often the snapshot folder is checked for a new snapshot."""
 
     def __post_init__(self) -> None:
-        if self.windows < 1:
-            raise ValueError("windows must be >= 1")
+        if self.windows < 1 or self.stride < 1:
+            raise ValueError("windows and stride must be >= 1")
         if self.poll_s <= 0:
             raise ValueError("poll_s must be > 0")

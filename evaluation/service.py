@@ -1,0 +1,79 @@
+"""The evaluator process: scores every new snapshot on held-out ground truth.
+
+Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic) and to Prometheus
+(``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. The process
+exits 0 once it has scored a snapshot marked final (``reliev3r up --max-steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation.config import EvaluatorConfig
+from evaluation.datasets import load_windows
+from evaluation.evaluate import evaluate_model, trivial_baseline
+from learner import snapshot as snapshots
+from reliev3r.config import PipelineConfig
+from reliev3r.service import Runtime
+
+REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
+            "rra30", "rta30", "auc30", "accuracy", "completeness")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run(cfg: PipelineConfig, runtime: Runtime) -> int:
+    ecfg: EvaluatorConfig = cfg.evaluator
+    snap_dir = cfg.run_dir / "snapshots"
+    out_dir = cfg.run_dir / "evaluations"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    m = runtime.metrics
+    gauge = m.gauge("eval_metric", "Evaluation metric of the newest scored snapshot", ["metric", "model"])
+    step_gauge = m.gauge("eval_snapshot_step", "Learner step of the newest scored snapshot")
+    duration = m.gauge("eval_duration_seconds", "Wall time of the newest evaluation")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.learner.threads:
+        torch.set_num_threads(cfg.learner.threads)
+    st = cfg.streamer
+    runtime.log.info("loading evaluation data", extra={"data": ecfg.data})
+    windows = load_windows(ecfg.data, views=st.views, height=st.height, width=st.width, windows=ecfg.windows,
+                           stride=ecfg.stride, run_dir=cfg.run_dir, synthetic_cfg=st.synthetic)
+    baseline = trivial_baseline(windows)
+    for key in REPORTED:
+        if key in baseline:
+            gauge.labels(key, "constant_identity").set(baseline[key])
+    done = {p.stem for p in out_dir.glob("step-*.json")}
+    while not runtime.stopping:
+        snap = snapshots.latest_snapshot(snap_dir)
+        if snap is None or snap.name in done:
+            runtime.wait(ecfg.poll_s)
+            continue
+        started = time.time()
+        model, meta = snapshots.load_model(snap, device)
+        result = evaluate_model(model, windows, device)
+        elapsed = time.time() - started
+        record = {"snapshot": str(snap), "step": meta["step"], "data": ecfg.data, "windows": len(windows),
+                  "model": result, "baseline_constant_identity": baseline, "seconds": elapsed}
+        write_json(out_dir / f"{snap.name}.json", record)
+        done.add(snap.name)
+        for key in REPORTED:
+            if key in result:
+                gauge.labels(key, "model").set(result[key])
+        step_gauge.set(meta["step"])
+        duration.set(elapsed)
+        runtime.status.update(step=meta["step"], absrel=result["absrel_med"], ate=result["ate"])
+        runtime.log.info("evaluated snapshot", extra={"step": meta["step"], **{k: round(result[k], 4) for k in REPORTED if k in result}})
+        if meta.get("final"):
+            return 0
+    return 0

@@ -1,0 +1,64 @@
+"""Configuration loading: YAML + overrides into typed dataclasses, strict errors naming keys."""
+
+from pathlib import Path
+
+import pytest
+
+from reliev3r import config
+from reliev3r.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load():
+    for name in ("default.yaml", "demo.yaml"):
+        cfg = config.load([ROOT / "configs" / name])
+        assert cfg.streamer.views >= 2
+    demo = config.load([ROOT / "configs" / "default.yaml", ROOT / "configs" / "demo.yaml"])
+    assert demo.run.dir == "runs/demo"
+
+
+def test_overrides_are_typed():
+    cfg = config.load([], ["learner.lr=1e-3", "streamer.views=6", "streamer.sources=[a.mp4, b.mp4]",
+                           "replay.durable=true", "labeler.teacher=oracle"])
+    assert cfg.learner.lr == 1e-3 and cfg.streamer.views == 6
+    assert cfg.streamer.sources == ["a.mp4", "b.mp4"] and cfg.replay.durable is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learner.lrr=1", "learner.lrr: unknown key (did you mean 'lr'?)"),
+    ("learner.lr=fast", "learner.lr: expected a number"),
+    ("replay.sampler=best", "replay.sampler: 'best' is not one of"),
+    ("streamer.views=1", "streamer.views must be >= 2"),
+    ("streamer.synthetic.height=4", "streamer.synthetic.height"),
+    ("learner.model.size=huge", "learner.model.size"),
+    ("nosection.x=1", "nosection: unknown key"),
+    ("replay.durable=maybe", "replay.durable: expected true/false"),
+    ("learner.max_steps=2.5", "learner.max_steps: expected an integer"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load([], [override])
+    assert message in str(err.value)
+
+
+def test_bad_yaml_and_override_syntax(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load([bad])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        config.load([], ["learner.lr"])
+
+
+def test_round_trip_through_plain_data():
+    cfg = config.load([], ["learner.lr=0.01"])
+    again = config.build(config.PipelineConfig, config.to_dict(cfg))
+    assert again == cfg
+
+
+def test_cli_reports_config_errors(capsys):
+    from reliev3r.cli import main
+
+    assert main(["stream", "streamer.views=1"]) == 2
+    assert "streamer.views must be >= 2" in capsys.readouterr().err

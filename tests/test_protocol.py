@@ -1,0 +1,87 @@
+"""The wire format: round trips, and every way a message can be malformed."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from reliev3r import protocol
+from reliev3r.protocol import Message, ProtocolError
+
+
+def _window(v=3, h=8, w=10):
+    rng = np.random.default_rng(0)
+    return Message("window", {"window_id": "a:0", "source": "a", "frame_indices": list(range(v))},
+                   {"frames": rng.integers(0, 255, (v, h, w, 3), dtype=np.uint8),
+                    "intrinsics": np.tile(np.eye(3, dtype=np.float32), (v, 1, 1)),
+                    "gt_depth": rng.random((v, h, w), dtype=np.float32)})
+
+
+def test_round_trip_zero_copy_views():
+    msg = _window()
+    frames = [bytes(f) for f in protocol.encode(msg)]
+    back = protocol.decode(frames)
+    assert back.kind == "window" and back.meta == msg.meta
+    for k, a in msg.arrays.items():
+        np.testing.assert_array_equal(back.arrays[k], a)
+        assert not back.arrays[k].flags.writeable  # views on the received buffers
+    protocol.self_test()
+
+
+def test_non_contiguous_arrays_are_sent_contiguous():
+    msg = _window()
+    msg.arrays["frames"] = np.asfortranarray(msg.arrays["frames"])  # same shape, not C-contiguous
+    back = protocol.decode([bytes(f) for f in protocol.encode(msg)])
+    np.testing.assert_array_equal(back.arrays["frames"], msg.arrays["frames"])
+
+
+def _frames(msg):
+    return [bytes(f) for f in protocol.encode(msg)]
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda f: f[:1], "too_few_frames"),
+    (lambda f: [b"XXXX", *f[1:]], "bad_magic"),
+    (lambda f: [b"R3W\x09", *f[1:]], "bad_version"),
+    (lambda f: [f[0], b"\xc1garbage", *f[2:]], "bad_header"),
+    (lambda f: f[:-1], "frame_count"),
+    (lambda f: [*f[:2], f[2][:-1], *f[3:]], "size_mismatch"),
+    (lambda f: [f[0], msgpack.packb({"kind": "nope", "meta": {}, "arrays": []}), ], "unknown_kind"),
+    (lambda f: [f[0], msgpack.packb({"kind": "window", "meta": {}, "arrays": []})], "missing_meta"),
+    (lambda f: [f[0], msgpack.packb({"kind": "stats", "meta": {}, "arrays": [["x", "object", [1]]]}), b"1"],
+     "bad_dtype"),
+    (lambda f: [f[0], msgpack.packb({"kind": "stats", "meta": {}, "arrays": [["x", "uint8", [-1]]]}), b""],
+     "bad_shape"),
+])
+def test_malformed_messages_are_rejected_with_reason(mutate, reason):
+    with pytest.raises(ProtocolError) as err:
+        protocol.decode(mutate(_frames(_window())))
+    assert err.value.reason == reason
+
+
+def test_schema_checks_shapes_and_values():
+    msg = _window()
+    msg.arrays["intrinsics"] = np.ones((2, 3, 3), np.float32)  # V mismatch
+    with pytest.raises(ProtocolError, match="bad_shape"):
+        protocol.decode(_frames(msg))
+    msg = _window()
+    msg.arrays["frames"] = msg.arrays["frames"].astype(np.float32)
+    with pytest.raises(ProtocolError, match="bad_array"):
+        protocol.decode(_frames(msg))
+    msg = _window()
+    msg.arrays["intrinsics"][0, 0, 0] = np.nan
+    with pytest.raises(ProtocolError, match="non_finite"):
+        protocol.decode(_frames(msg))
+    ins = _window()
+    ins.kind = "insert"
+    ins.meta["teacher"] = {}
+    ins.arrays["matches"] = np.array([[0, 5, 1, 1, 2, 2, 1]], np.float32)  # view 5 of 3
+    with pytest.raises(ProtocolError, match="bad_index"):
+        protocol.decode(_frames(ins))
+
+
+def test_size_limit_and_kind_filter():
+    frames = _frames(_window())
+    with pytest.raises(ProtocolError, match="too_large"):
+        protocol.decode(frames, max_bytes=100)
+    with pytest.raises(ProtocolError, match="unexpected_kind"):
+        protocol.decode(frames, kinds=("insert",))
