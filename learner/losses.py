@@ -1,0 +1,384 @@
+"""The Reliev3R losses and their fully-supervised sibling: pure functions of predictions,
+labels and masks, each returning a scalar.
+
+Shapes: B windows, V views, H x W pixels, K matches. Conventions (axes, pixel centres at
+integer coordinates, ``cam_to_world``) are those of :mod:`reliev3r.geometry`.
+
+Gauge
+-----
+A window's prediction is defined only up to one similarity transform ``x -> s R x + t``
+applied to every camera and point at once (depth scales by ``s``). Every loss here is
+invariant to it:
+
+* :func:`relative_depth_loss` normalises each view by its own weighted median and mean
+  absolute deviation (Γ), so it is invariant to *any per-view* scale and shift of the
+  prediction, and of the teacher (which only knows shape). That is more invariance than the
+  gauge: the depth loss says nothing about how the views of a window fit together.
+* :func:`reprojection_loss` compares directions seen from camera centres, which a similarity
+  maps onto directions with the same angles.
+* :func:`supervised_loss` normalises scale by the window's mean depth and compares relative
+  poses between every pair of views (permutation-equivariant, no reference view).
+
+What makes registration observable
+----------------------------------
+For a match (u_i, u_j) the angle at camera i is taken between ``a = p_ik − t_i`` and
+``b = p_jk − t_i``. Because ``a = D̂_i(u_i) R_i K_i⁻¹ ũ_i``, its direction does not depend on
+view i's depth at all (for D̂ > 0): the term at camera i only moves the rotation R_i, and,
+through ``b = D̂_j(u_j) R_j K_j⁻¹ ũ_j + (t_j − t_i)``, view j's depth at u_j, the rotation
+R_j and the relative translation ``t_j − t_i``. The symmetric term at camera j does the same
+for D̂_i(u_i). Hence:
+
+* D̂_j and ``t_j − t_i`` enter only through their ratio's geometry: scaling all depths and
+  all translations together changes nothing (the global scale gauge), but scaling the depth
+  of *one* view (a per-frame scale error, which the depth loss cannot see) bends b away from
+  a and is penalised -- provided ``t_j − t_i`` is not zero. With a pure rotation
+  (``t_j = t_i``) b is parallel to a for every depth: neither per-view depth scale nor
+  translation is observable. Windows need parallax.
+* The gradient with respect to translation is perpendicular to b and scales as
+  ``sin∠ / |b|``: far points (large D̂_j) give small gradients, near points large ones, and
+  matches whose baseline is small compared with depth carry little translation signal. This
+  is the weak spot the design note measured: the per-frame shape is learnt from the dense
+  depth loss while scale/shift per view and translation come only from the sparse angle
+  terms, whose signal is proportional to parallax.
+* Per-view depth *shift* (D̂ + c) is invisible to the depth loss too and is observable in
+  the angle loss for the same reason as scale, again only with parallax.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from reliev3r import geometry
+
+Robust = Literal["none", "cauchy", "geman_mcclure"]
+
+__all__ = [
+    "weighted_median",
+    "median_mad_normalize",
+    "relative_depth_loss",
+    "robust_angle_cost",
+    "reprojection_loss",
+    "supervised_loss",
+]
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Half precision in, fp32 out (losses run in fp32); fp32/fp64 pass through."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def weighted_median(values: Tensor, weights: Tensor) -> Tensor:
+    """Weighted (lower) median over the last dim: [..., N], [..., N] -> [..., 1].
+
+    The smallest value x_k with ``sum(w[x <= x_k]) >= sum(w) / 2``. Entries of weight 0 are
+    ignored; ``weights`` must be >= 0 (not differentiated). The result is one of ``values``
+    and carries its gradient.
+    """
+    order = values.detach().argsort(dim=-1)
+    sorted_values = values.gather(-1, order)
+    cum = weights.detach().gather(-1, order).cumsum(-1)
+    half = 0.5 * cum[..., -1:]
+    index = (cum < half).sum(-1, keepdim=True).clamp(max=values.shape[-1] - 1)
+    return sorted_values.gather(-1, index)
+
+
+def median_mad_normalize(values: Tensor, weights: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Γ(x; w) = (x − wmedian(x; w)) / wmean(|x − wmedian(x; w)|; w) over the last dim.
+
+    ``values`` [..., N], ``weights`` [..., N] >= 0 (stop-gradient applied here; 0 = excluded).
+    Returns [..., N]. Invariant to ``a * x + b`` for a > 0. A constant map (mean absolute
+    deviation ~ 0) is divided by ``eps`` times its mean magnitude instead, which keeps the
+    guard scale-invariant and the result finite (0 for an exactly constant map).
+    """
+    w = weights.detach()
+    total = w.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+    med = weighted_median(values, w)
+    dev = values - med
+    mad = (w * dev.abs()).sum(-1, keepdim=True) / total
+    magnitude = (w * values.detach().abs()).sum(-1, keepdim=True) / total
+    floor = (eps * magnitude).clamp(min=torch.finfo(w.dtype).tiny)
+    return dev / torch.maximum(mad, floor)
+
+
+def relative_depth_loss(
+    pred_depth: Tensor,
+    teacher_depth: Tensor,
+    confidence: Tensor | None,
+    valid: Tensor,
+    *,
+    alpha: float = 1.0,
+    teacher_space: Literal["depth", "disparity"] = "depth",
+    min_valid: int = 16,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Ambiguity-aware relative depth loss (Reliev3R), a scalar.
+
+    ``L = mean over valid pixels of  W |Γ(P; sg W) − Γ(T; sg W)| − alpha log W``, Γ applied per
+    view (:func:`median_mad_normalize`).
+
+    Args:
+        pred_depth: [B, V, H, W] predicted z-depth D̂ > 0.
+        teacher_depth: [B, V, H, W] teacher's relative depth (unknown scale and shift per view);
+            values at invalid pixels are ignored, even when non-finite.
+        confidence: [B, V, H, W] W in (0, 2), or None for W = 1 (no log term).
+        valid: [B, V, H, W] bool (or 0/1) mask of usable teacher pixels.
+        alpha: weight of the ``-log W`` regulariser that stops W from collapsing to 0.
+        teacher_space: ``"depth"`` (larger = farther): P = D̂. ``"disparity"`` (larger = nearer,
+            e.g. Depth Anything's relative output): normalise in the teacher's own space,
+            P = 1 / D̂.
+        min_valid: views with fewer valid pixels are skipped.
+        eps: relative guard of Γ against a zero mean absolute deviation.
+
+    Reduction: sum over the valid pixels of the kept views / their count. When no view is
+    kept the result is a graph-connected zero (gradients exist and are 0), never NaN.
+    """
+    if teacher_space not in ("depth", "disparity"):
+        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
+        raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
+                         f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
+    pred = _fp32(pred_depth).flatten(-2).flatten(0, -2)  # [B*V, H*W]
+    teacher = _fp32(teacher_depth).flatten(-2).flatten(0, -2).to(pred.dtype)
+    mask = valid.flatten(-2).flatten(0, -2).bool() & torch.isfinite(teacher)
+    if confidence is None:
+        conf = torch.ones_like(pred)
+        zero = pred.sum() * 0
+    else:
+        conf = _fp32(confidence).flatten(-2).flatten(0, -2).to(pred.dtype)
+        zero = pred.sum() * 0 + conf.sum() * 0
+
+    keep = mask.sum(-1) >= min_valid  # [B*V]
+    if not bool(keep.any()):
+        return zero
+    pred, teacher, mask, conf = pred[keep], teacher[keep], mask[keep], conf[keep]
+
+    if teacher_space == "disparity":
+        pred = 1.0 / pred.clamp(min=torch.finfo(pred.dtype).tiny)
+    # Invalid pixels: weight 0 and a neutral finite value, so NaN/inf labels cannot leak in.
+    weights = torch.where(mask, conf.detach(), torch.zeros_like(conf))
+    pred = torch.where(mask, pred, torch.zeros_like(pred))
+    teacher = torch.where(mask, teacher, torch.zeros_like(teacher))
+    residual = (median_mad_normalize(pred, weights, eps=eps) - median_mad_normalize(teacher, weights, eps=eps)).abs()
+
+    if confidence is None:
+        per_pixel = residual
+    else:
+        # W < 1e-6 is silenced already; the clamp only keeps log finite.
+        per_pixel = conf * residual - alpha * conf.clamp(min=1e-6).log()
+    per_pixel = torch.where(mask, per_pixel, torch.zeros_like(per_pixel))
+    return per_pixel.sum() / mask.sum() + zero
+
+
+def robust_angle_cost(one_minus_cos: Tensor, *, robust: Robust = "cauchy", scale_deg: float = 10.0) -> Tensor:
+    """ρ(ℓ) for ℓ = 1 − cos θ in [0, 2], elementwise.
+
+    * ``none``: ρ = ℓ (≈ θ²/2; its slope in θ is sin θ, so a 90° outlier pulls harder than
+      any inlier).
+    * ``cauchy`` (default): ρ = c log(1 + ℓ / c), c = 1 − cos(scale_deg). Equals ℓ for small
+      angles; the influence dρ/dθ = c sin θ / (c + ℓ) is at most ≈ scale_deg/2 (radians),
+      reached near θ = scale_deg, and never returns to 0, so early in training, when every
+      match is "wrong", the loss still gives a direction.
+    * ``geman_mcclure``: ρ = c ℓ / (c + ℓ). Redescending (outliers' influence → 0); best
+      once the model is roughly registered, risky from scratch.
+    """
+    if scale_deg <= 0:
+        raise ValueError(f"scale_deg must be > 0, got {scale_deg}")
+    c = 1.0 - math.cos(math.radians(scale_deg))
+    if robust == "none":
+        return one_minus_cos
+    if robust == "cauchy":
+        return c * torch.log1p(one_minus_cos / c)
+    if robust == "geman_mcclure":
+        return c * one_minus_cos / (c + one_minus_cos)
+    raise ValueError(f"robust must be 'none', 'cauchy' or 'geman_mcclure', got {robust!r}")
+
+
+def _unit(x: Tensor, floor: Tensor | float) -> Tensor:
+    """x / |x| with |x| smoothed by ``floor`` (finite value and gradient at x = 0)."""
+    return x / ((x * x).sum(-1, keepdim=True) + floor * floor).sqrt()
+
+
+def _half_sq_chord(a: Tensor, b: Tensor) -> Tensor:
+    """1 − cos∠(a, b) for unit vectors, as |a − b|² / 2: exact, and it keeps precision at
+    small angles where 1 − a·b cancels."""
+    d = a - b
+    return 0.5 * (d * d).sum(-1)
+
+
+def reprojection_loss(
+    depth: Tensor,
+    cam_to_world: Tensor,
+    intrinsics: Tensor,
+    matches: Tensor,
+    weights: Tensor | None = None,
+    *,
+    robust: Robust = "cauchy",
+    scale_deg: float = 10.0,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Trigonometry-based reprojection loss (Reliev3R), a scalar.
+
+    For match k between views i and j, both pixels are back-projected with the predicted depth
+    and pose to world points p_ik, p_jk; with t_i, t_j the camera centres,
+    ``ℓ_k = ρ(1 − cos∠(p_ik − t_i, p_jk − t_i)) + ρ(1 − cos∠(p_jk − t_j, p_ik − t_j))``
+    (ρ: :func:`robust_angle_cost`); the loss is ``sum_k w_k ℓ_k / sum_k w_k``.
+
+    Args:
+        depth: [B, V, H, W] predicted z-depth (> 0), sampled bilinearly at the match pixels
+            with :func:`reliev3r.geometry.sample_bilinear` (border values outside).
+        cam_to_world: [B, V, 4, 4] predicted poses (rigid).
+        intrinsics: [B, V, 3, 3] in pixels of ``depth``.
+        matches: [K, 7] rows (b, i, j, x_i, y_i, x_j, y_j), pixel centres at integers.
+        weights: [K] match scores >= 0, or None for 1.
+        robust: ρ, see :func:`robust_angle_cost`.
+        scale_deg: angle scale of ρ.
+        eps: relative floor of vector norms (finite gradients for degenerate points).
+
+    Angles stay defined when a point falls behind a camera (ℓ ≤ 2 per direction) and are not
+    dominated by far points. K = 0 (or all weights 0) gives a graph-connected zero.
+    """
+    depth = _fp32(depth)
+    cam_to_world = _fp32(cam_to_world).to(depth.dtype)
+    intrinsics = _fp32(intrinsics).to(depth.dtype)
+    zero = depth.sum() * 0 + cam_to_world.sum() * 0
+    if matches.ndim != 2 or matches.shape[-1] != 7:
+        raise ValueError(f"matches must be [K, 7], got {tuple(matches.shape)}")
+    k = matches.shape[0]
+    if k == 0:
+        return zero
+    b_, v_, h, w = depth.shape
+    matches = matches.to(depth.dtype)
+    b = matches[:, 0].long()
+    i = matches[:, 1].long()
+    j = matches[:, 2].long()
+    uv_i, uv_j = matches[:, 3:5], matches[:, 5:7]
+    if weights is None:
+        weights = torch.ones(k, dtype=depth.dtype, device=depth.device)
+    weights = weights.to(depth.dtype).clamp(min=0)
+
+    # Sample every match pixel in every map, then keep its own view: O(K·B·V) samples, but
+    # one grid_sample call with the project's single bilinear convention.
+    maps = depth.reshape(b_ * v_, h, w)
+    uv = torch.cat((uv_i, uv_j), 0)  # [2K, 2]
+    samples = geometry.sample_bilinear(maps, uv.expand(b_ * v_, 2 * k, 2))  # [B*V, 2K]
+    flat_view = torch.cat((b * v_ + i, b * v_ + j))
+    d = samples.gather(0, flat_view[None]).squeeze(0)  # [2K]
+    d_i, d_j = d[:k], d[k:]
+
+    pose_i, pose_j = cam_to_world[b, i], cam_to_world[b, j]  # [K, 4, 4]
+    rays_i = geometry.unproject_points(uv_i[:, None], torch.ones_like(d_i)[:, None], intrinsics[b, i])[:, 0]
+    rays_j = geometry.unproject_points(uv_j[:, None], torch.ones_like(d_j)[:, None], intrinsics[b, j])[:, 0]
+    # p_ik − t_i = D̂_i R_i K⁻¹ũ_i: computed from the rotated ray, not as a difference of
+    # world points, so that large camera translations do not cancel away precision.
+    dir_i = (pose_i[:, :3, :3] @ rays_i[..., None])[..., 0]
+    dir_j = (pose_j[:, :3, :3] @ rays_j[..., None])[..., 0]
+    off_i = d_i[:, None] * dir_i  # p_ik − t_i
+    off_j = d_j[:, None] * dir_j  # p_jk − t_j
+    baseline = pose_j[:, :3, 3] - pose_i[:, :3, 3]  # t_j − t_i
+    to_j_from_i = baseline + off_j  # p_jk − t_i
+    to_i_from_j = off_i - baseline  # p_ik − t_j
+    # Norm floors relative to the point's own depth keep the loss exactly scale-invariant.
+    floor_i = eps * off_j.detach().norm(dim=-1, keepdim=True)
+    floor_j = eps * off_i.detach().norm(dim=-1, keepdim=True)
+    # Direction of p_ik − t_i, taken as that of the ray: D̂ > 0 does not change it.
+    cost_i = _half_sq_chord(_unit(dir_i, 0.0), _unit(to_j_from_i, floor_i))
+    cost_j = _half_sq_chord(_unit(dir_j, 0.0), _unit(to_i_from_j, floor_j))
+    per_match = robust_angle_cost(cost_i, robust=robust, scale_deg=scale_deg) + \
+        robust_angle_cost(cost_j, robust=robust, scale_deg=scale_deg)
+    total = weights.sum()
+    if not bool(total > 0):
+        return zero + (per_match * 0).sum()
+    return (weights * per_match).sum() / total + zero
+
+
+def _relative_poses(cam_to_world: Tensor) -> Tensor:
+    """[B, V, V, 4, 4]: entry (i, j) is cam_j_to_cam_i."""
+    world_to_cam = geometry.invert_pose(cam_to_world)
+    return world_to_cam[:, :, None] @ cam_to_world[:, None, :]
+
+
+def supervised_loss(
+    pred_depth: Tensor,
+    pred_cam_to_world: Tensor,
+    gt_depth: Tensor,
+    gt_cam_to_world: Tensor,
+    valid: Tensor,
+    *,
+    confidence: Tensor | None = None,
+    alpha: float = 1.0,
+    pose_weight: float = 1.0,
+    min_valid: int = 16,
+) -> Tensor:
+    """Fully-supervised sibling of the weak losses (only for the comparison study), a scalar.
+
+    Gauge: scale is normalised per window by the mean depth over the valid pixels
+    (prediction by its own mean, ground truth by its own), and poses are compared as relative
+    poses ``cam_j_to_cam_i`` over all ordered pairs i != j, with translations divided by the
+    same mean depths. This needs no reference view (permutation-equivariant, like the model)
+    and no Umeyama alignment (which breaks down for collinear centres, e.g. forward motion,
+    and for V = 2). It is invariant to one similarity transform of the predicted window.
+
+    ``L = depth_term + pose_weight * (rot_term + trans_term)``:
+      * depth_term: mean over valid pixels of ``|D̂/s_pred − D/s_gt|``, or with confidence W
+        ``W |…| − alpha log W``;
+      * rot_term: mean over pairs of 1 − cos(angle of R̂_ij^T R_ij), i.e. (3 − tr) / 2;
+      * trans_term: mean over pairs of |t̂_ij/s_pred − t_ij/s_gt| (L2 norm).
+
+    Args:
+        pred_depth: [B, V, H, W] > 0.  pred_cam_to_world: [B, V, 4, 4].
+        gt_depth: [B, V, H, W] (0 = unknown).  gt_cam_to_world: [B, V, 4, 4].
+        valid: [B, V, H, W] bool, usable ground-truth depth (combined with gt_depth > 0).
+        confidence: [B, V, H, W] in (0, 2) or None.
+        min_valid: a window with fewer valid pixels contributes no depth term and has
+            its scale normalised by 1 (pose term still counts only if both scales exist).
+    """
+    pred_depth = _fp32(pred_depth)
+    dtype = pred_depth.dtype
+    pred_pose = _fp32(pred_cam_to_world).to(dtype)
+    gt_depth = _fp32(gt_depth).to(dtype)
+    gt_pose = _fp32(gt_cam_to_world).to(dtype)
+    zero = pred_depth.sum() * 0 + pred_pose.sum() * 0
+    if confidence is not None:
+        confidence = _fp32(confidence).to(dtype)
+        zero = zero + confidence.sum() * 0
+    mask = valid.bool() & (gt_depth > 0) & torch.isfinite(gt_depth)
+    gt_depth = torch.where(mask, gt_depth, torch.zeros_like(gt_depth))
+    count = mask.flatten(1).sum(-1)  # [B]
+    ok = count >= min_valid
+    if not bool(ok.any()):
+        return zero
+    denom = count.clamp(min=1).to(dtype)
+    s_pred = (torch.where(mask, pred_depth, torch.zeros_like(pred_depth)).flatten(1).sum(-1) / denom)
+    s_gt = gt_depth.flatten(1).sum(-1) / denom
+    tiny = torch.finfo(dtype).tiny
+    s_pred = s_pred.clamp(min=tiny)[ok]
+    s_gt = s_gt.clamp(min=tiny)[ok]
+    mask_ok = mask[ok]
+
+    residual = (pred_depth[ok] / s_pred[:, None, None, None] - gt_depth[ok] / s_gt[:, None, None, None]).abs()
+    if confidence is not None:
+        conf = confidence[ok]
+        per_pixel = conf * residual - alpha * conf.clamp(min=1e-6).log()
+    else:
+        per_pixel = residual
+    depth_term = torch.where(mask_ok, per_pixel, torch.zeros_like(per_pixel)).sum() / mask_ok.sum()
+
+    v = pred_pose.shape[1]
+    if v < 2:
+        return depth_term + zero
+    rel_pred = _relative_poses(pred_pose[ok])
+    rel_gt = _relative_poses(gt_pose[ok])
+    off_diag = ~torch.eye(v, dtype=torch.bool, device=pred_pose.device)
+    r_err = rel_pred[..., :3, :3].transpose(-1, -2) @ rel_gt[..., :3, :3]
+    rot = (3 - r_err.diagonal(dim1=-2, dim2=-1).sum(-1)) / 2  # 1 − cos(angle)
+    t_pred = rel_pred[..., :3, 3] / s_pred[:, None, None, None]
+    t_gt = rel_gt[..., :3, 3] / s_gt[:, None, None, None]
+    diff = t_pred - t_gt
+    # Smoothed norm (exactly 0 at a perfect prediction, finite gradient there).
+    trans = ((diff * diff).sum(-1) + 1e-12).sqrt() - 1e-6
+    pose_term = (rot[:, off_diag].mean() + trans[:, off_diag].mean())
+    return depth_term + pose_weight * pose_term + zero

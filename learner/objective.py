@@ -1,0 +1,76 @@
+"""The one place where loss terms are weighted and summed.
+
+``L = L_depth + cfg.reproj_weight * L_reproj`` for ``cfg.kind == "weak"``;
+the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from learner.config import LossConfig
+from learner.losses import relative_depth_loss, reprojection_loss, supervised_loss
+
+
+def compute_loss(
+    pred: Any,
+    batch: dict[str, Tensor],
+    cfg: LossConfig,
+    *,
+    teacher_space: str = "depth",
+) -> tuple[Tensor, dict[str, float]]:
+    """Total loss of a batch and its named terms for logging.
+
+    Args:
+        pred: the model's output, with attributes ``depth`` [B, V, H, W] (> 0),
+            ``confidence`` [B, V, H, W] in (0, 2) and ``cam_to_world`` [B, V, 4, 4].
+        batch: tensors of a replay ``batch`` message (see :mod:`reliev3r.protocol`):
+            ``intrinsics`` [B, V, 3, 3], ``matches`` [K, 8] rows
+            (b, i, j, x_i, y_i, x_j, y_j, score); optional ``teacher_depth`` [B, V, H, W] with
+            ``teacher_valid`` [B, V, H, W] (absent: the teacher is ``none`` and the depth term
+            is off); ``gt_depth`` [B, V, H, W] (0 = unknown) and ``gt_cam_to_world``
+            [B, V, 4, 4] for ``cfg.kind == "supervised"``.
+        cfg: weights and kind.
+        teacher_space: ``"depth"`` or ``"disparity"``: the space of ``teacher_depth``
+            (from the batch's teacher meta).
+
+    Returns:
+        ``(loss, terms)``: ``loss`` a scalar tensor, ``terms`` floats: ``loss``, ``matches``,
+        and ``depth`` / ``reproj`` (weak) or ``supervised``, unweighted. Terms that do not
+        apply are left out. Unused outputs are joined to the graph with a zero so that every
+        head always receives a (possibly zero) gradient, which DDP requires.
+    """
+    depth, confidence, cam_to_world = pred.depth, pred.confidence, pred.cam_to_world
+    connect = depth.sum() * 0 + confidence.sum() * 0 + cam_to_world.sum() * 0
+    matches = batch["matches"]
+    terms: dict[str, float] = {"matches": float(matches.shape[0])}
+
+    if cfg.kind == "supervised":
+        if "gt_depth" not in batch or "gt_cam_to_world" not in batch:
+            raise KeyError("supervised loss needs 'gt_depth' and 'gt_cam_to_world' in the batch")
+        gt_depth = batch["gt_depth"].to(depth.device)
+        sup = supervised_loss(depth, cam_to_world, gt_depth, batch["gt_cam_to_world"].to(depth.device),
+                              gt_depth > 0, confidence=confidence, alpha=cfg.alpha)
+        loss = sup + connect
+        terms["supervised"] = float(sup.detach())
+    elif cfg.kind == "weak":
+        matches = matches.to(depth.device)
+        reproj = reprojection_loss(depth, cam_to_world, batch["intrinsics"].to(depth.device),
+                                   matches[:, :7], matches[:, 7])
+        loss = cfg.reproj_weight * reproj + connect
+        terms["reproj"] = float(reproj.detach())
+        if "teacher_depth" in batch:
+            valid = batch.get("teacher_valid")
+            teacher = batch["teacher_depth"].to(depth.device)
+            valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
+            dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
+                                      teacher_space=teacher_space)
+            loss = loss + dep
+            terms["depth"] = float(dep.detach())
+    else:
+        raise ValueError(f"kind must be 'weak' or 'supervised', got {cfg.kind!r}")
+    terms["loss"] = float(loss.detach())
+    return loss, terms

@@ -1,0 +1,529 @@
+"""Known answers and properties of the Reliev3R losses on a small synthetic world (CPU)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from learner.config import LossConfig
+from learner.losses import (
+    median_mad_normalize,
+    relative_depth_loss,
+    reprojection_loss,
+    robust_angle_cost,
+    supervised_loss,
+    weighted_median,
+)
+from learner.objective import compute_loss
+from reliev3r import geometry
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# A synthetic world: cameras with parallax, depth maps, exact matches.
+# ---------------------------------------------------------------------------------------------
+
+def make_world(seed: int, *, batch: int = 1, views: int = 4, height: int = 24, width: int = 32,
+               per_pair: int = 10, baseline: float = 0.6, dtype=F64) -> dict[str, torch.Tensor]:
+    """Depth maps and poses with exact matches: each match's pixel in view i sits on a pixel
+    centre (bilinear sampling returns it exactly) and the 2x2 neighbourhood of its sub-pixel
+    partner in view j is set to the true depth there, so bilinear sampling is exact too."""
+    rng = np.random.default_rng(seed)
+    K = geometry.intrinsics_from_fov(60.0, width, height, dtype=F64)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    depth = np.empty((batch, views, height, width))
+    poses = np.empty((batch, views, 4, 4))
+    rows = []
+    for b in range(batch):
+        eyes = torch.from_numpy(baseline * rng.uniform(-1.0, 1.0, (views, 3)))
+        targets = torch.from_numpy(np.array([0.0, 4.0, 0.0]) + rng.uniform(-0.4, 0.4, (views, 3)))
+        poses[b] = geometry.look_at(eyes, targets).numpy()
+        for v in range(views):
+            fx, fy, px, py = rng.uniform(0.05, 0.3, 4)
+            depth[b, v] = 3.0 + 0.5 * np.sin(fx * xs + px * 7) * np.cos(fy * ys + py * 7)
+        occupied = np.zeros((views, height, width), dtype=bool)
+        for i in range(views):
+            for j in range(views):
+                if i == j:
+                    continue
+                found, tries = 0, 0
+                while found < per_pair and tries < 50 * per_pair:
+                    tries += 1
+                    x, y = int(rng.integers(1, width - 1)), int(rng.integers(1, height - 1))
+                    z = rng.uniform(2.0, 5.0)
+                    p_cam = geometry.unproject_points(torch.tensor([[x, y]], dtype=F64), torch.tensor([z], dtype=F64), K)
+                    p_world = geometry.transform_points(torch.from_numpy(poses[b, i]), p_cam)
+                    p_j = geometry.transform_points(geometry.invert_pose(torch.from_numpy(poses[b, j])), p_world)
+                    uv_j, z_j = geometry.project(p_j, K)
+                    xj, yj = float(uv_j[0, 0]), float(uv_j[0, 1])
+                    if float(z_j[0]) < 0.5 or not (1 <= xj <= width - 2 and 1 <= yj <= height - 2):
+                        continue
+                    x0, y0 = int(math.floor(xj)), int(math.floor(yj))
+                    if occupied[i, y, x] or occupied[j, y0:y0 + 2, x0:x0 + 2].any():
+                        continue
+                    occupied[i, y, x] = True
+                    occupied[j, y0:y0 + 2, x0:x0 + 2] = True
+                    depth[b, i, y, x] = z
+                    depth[b, j, y0:y0 + 2, x0:x0 + 2] = float(z_j[0])
+                    rows.append((b, i, j, x, y, xj, yj))
+                    found += 1
+    return {
+        "depth": torch.from_numpy(depth).to(dtype),
+        "cam_to_world": torch.from_numpy(poses).to(dtype),
+        "intrinsics": K.to(dtype).expand(batch, views, 3, 3).clone(),
+        "matches": torch.tensor(rows, dtype=dtype),
+    }
+
+
+def random_similarity(seed: int, dtype=F64) -> tuple[float, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = float(torch.empty(1).uniform_(0.2, 5.0, generator=g))
+    R = geometry.axis_angle_to_matrix(torch.randn(3, generator=g, dtype=dtype) * 1.5)
+    t = torch.randn(3, generator=g, dtype=dtype) * 3
+    return s, R, t
+
+
+def apply_similarity(depth, cam_to_world, s, R, t):
+    """The whole window moved by x -> s R x + t: poses stay rigid, depth scales by s."""
+    out = cam_to_world.clone()
+    out[..., :3, :3] = R @ cam_to_world[..., :3, :3]
+    out[..., :3, 3] = s * (cam_to_world[..., :3, 3] @ R.T) + t
+    return depth * s, out
+
+
+def assert_finite_grads(*tensors):
+    for x in tensors:
+        assert x.grad is not None
+        assert torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted median / MAD: known answers.
+# ---------------------------------------------------------------------------------------------
+
+def numpy_weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    order = np.argsort(x, kind="stable")
+    cum = np.cumsum(w[order])
+    return float(x[order][np.searchsorted(cum, 0.5 * cum[-1], side="left")])
+
+
+def test_weighted_median_hand_example():
+    x = torch.tensor([[3.0, 1.0, 10.0, 2.0]], dtype=F64)
+    w = torch.tensor([[1.0, 1.0, 5.0, 1.0]], dtype=F64)
+    assert weighted_median(x, w).item() == 10.0
+    # mad = (7 + 9 + 0 + 8) / 8 = 3
+    expected = (x - 10.0) / 3.0
+    torch.testing.assert_close(median_mad_normalize(x, w), expected)
+    # Zero weights are excluded: the median of {1, 2} (lower) is 1.
+    assert weighted_median(x, torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=F64)).item() == 1.0
+
+
+def test_weighted_median_and_mad_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 37))
+    w = rng.uniform(0.0, 2.0, size=(6, 37)) * (rng.uniform(size=(6, 37)) > 0.3)
+    med = weighted_median(torch.from_numpy(x), torch.from_numpy(w))[:, 0].numpy()
+    gamma = median_mad_normalize(torch.from_numpy(x), torch.from_numpy(w)).numpy()
+    for row in range(6):
+        m = numpy_weighted_median(x[row], w[row])
+        assert med[row] == m
+        mad = np.sum(w[row] * np.abs(x[row] - m)) / np.sum(w[row])
+        np.testing.assert_allclose(gamma[row], (x[row] - m) / mad, rtol=1e-12)
+
+
+def test_normalize_is_affine_invariant_and_guards_constant_maps():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, generator=g, dtype=F64)
+    w = torch.rand(3, 50, generator=g, dtype=F64)
+    torch.testing.assert_close(median_mad_normalize(7.5 * x - 3.0, w), median_mad_normalize(x, w))
+    const = torch.full((2, 20), 4.0, requires_grad=True)
+    out = median_mad_normalize(const, torch.ones(2, 20))
+    assert torch.equal(out, torch.zeros(2, 20))
+    out.sum().backward()
+    assert torch.isfinite(const.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative depth loss.
+# ---------------------------------------------------------------------------------------------
+
+def depth_case(seed: int = 0, *, b: int = 2, v: int = 3, h: int = 12, w: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    depth = 1.0 + 3.0 * torch.rand(b, v, h, w, generator=g, dtype=F64)
+    conf = 0.1 + 1.8 * torch.rand(b, v, h, w, generator=g, dtype=F64)
+    valid = torch.rand(b, v, h, w, generator=g) > 0.2
+    a = 0.1 + 5 * torch.rand(b, v, 1, 1, generator=g, dtype=F64)
+    shift = 10 * torch.randn(b, v, 1, 1, generator=g, dtype=F64)
+    return depth, conf, valid, a, shift, g
+
+
+@pytest.mark.parametrize("space", ["depth", "disparity"])
+def test_depth_loss_zero_for_affine_teacher(space):
+    depth, _, valid, a, shift, _ = depth_case()
+    teacher = a * depth + shift if space == "depth" else a / depth + shift
+    ones = torch.ones_like(depth)
+    loss = relative_depth_loss(depth, teacher, ones, valid, teacher_space=space)
+    assert abs(loss.item()) < 1e-5
+    # And a wrong space is not zero: the loss does see the shape of the map.
+    other = "disparity" if space == "depth" else "depth"
+    assert relative_depth_loss(depth, teacher, ones, valid, teacher_space=other).item() > 0.05
+
+
+def test_depth_loss_invariances():
+    depth, conf, valid, a, shift, g = depth_case(1)
+    teacher = depth * (1 + 0.3 * torch.randn(depth.shape, generator=g, dtype=F64)).abs()
+    base = relative_depth_loss(depth, teacher, conf, valid).item()
+    assert base > 0
+    s, R, t = random_similarity(3)
+    # Window similarity (depth * s) and any per-view scale of the prediction.
+    assert relative_depth_loss(s * depth, teacher, conf, valid).item() == pytest.approx(base, rel=1e-5)
+    assert relative_depth_loss(a * depth, teacher, conf, valid).item() == pytest.approx(base, rel=1e-5)
+    # Per-view teacher scale and shift.
+    assert relative_depth_loss(depth, a * teacher + shift, conf, valid).item() == pytest.approx(base, rel=1e-5)
+    # Disparity mode: per-view teacher scale and shift of its disparity.
+    disp = 1 / teacher
+    base_d = relative_depth_loss(depth, disp, conf, valid, teacher_space="disparity").item()
+    moved = relative_depth_loss(s * depth, a * disp + shift, conf, valid, teacher_space="disparity").item()
+    assert moved == pytest.approx(base_d, rel=1e-5)
+
+
+def test_depth_loss_grows_with_perturbation():
+    depth, _, valid, _, _, g = depth_case(2)
+    noise = torch.randn(depth.shape, generator=g, dtype=F64)
+    ones = torch.ones_like(depth)
+    losses = [relative_depth_loss(depth * torch.exp(eps * noise), depth, ones, valid).item()
+              for eps in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert losses[0] < 1e-6
+    assert all(b > a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_depth_loss_confidence_gradient_known_answer():
+    # d/dW of (W r − alpha log W) / n = (r − alpha / W) / n: W = alpha / r is the optimum.
+    depth, conf, valid, _, _, g = depth_case(3, b=1, v=1)
+    teacher = depth + 0.5 * torch.randn(depth.shape, generator=g, dtype=F64)
+    conf = conf.clone().requires_grad_(True)
+    alpha = 0.7
+    loss = relative_depth_loss(depth, teacher, conf, valid, alpha=alpha)
+    loss.backward()
+    w = conf.detach().flatten(-2)[0]
+    mask = valid.flatten(-2)[0]
+    r = (median_mad_normalize(depth.flatten(-2)[0], w * mask) - median_mad_normalize(teacher.flatten(-2)[0], w * mask)).abs()
+    n = mask.sum()
+    expected = torch.where(mask, (r - alpha / w) / n, torch.zeros_like(r))
+    torch.testing.assert_close(conf.grad.flatten(-2)[0], expected)
+
+
+def test_depth_loss_too_few_valid_pixels_is_connected_zero():
+    depth = (1 + torch.rand(1, 2, 8, 8)).requires_grad_(True)
+    conf = torch.ones(1, 2, 8, 8, requires_grad=True)
+    teacher = torch.full((1, 2, 8, 8), float("nan"))
+    valid = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+    valid[0, 0, 0, :5] = True
+    teacher[valid] = 1.0
+    loss = relative_depth_loss(depth, teacher, conf, valid)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(depth.grad, torch.zeros_like(depth))
+    assert torch.equal(conf.grad, torch.zeros_like(conf))
+
+
+def test_depth_loss_ignores_invalid_nonfinite_teacher_and_skips_small_views():
+    depth, conf, valid, a, shift, _ = depth_case(4)
+    teacher = a * depth + shift
+    teacher[~valid] = float("inf")
+    valid[0, 1] = False
+    valid[0, 1, 0, :3] = True  # too few pixels: this view is skipped
+    depth = depth.clone().requires_grad_(True)
+    loss = relative_depth_loss(depth, teacher, torch.ones_like(depth), valid)
+    loss.backward()
+    assert abs(loss.item()) < 1e-5
+    assert_finite_grads(depth)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reprojection (angle) loss.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("robust", ["none", "cauchy", "geman_mcclure"])
+def test_reprojection_zero_for_exact_geometry(robust):
+    world = make_world(0, batch=2)
+    assert world["matches"].shape[0] >= 150
+    loss = reprojection_loss(world["depth"], world["cam_to_world"], world["intrinsics"], world["matches"],
+                             robust=robust)
+    assert abs(loss.item()) < 1e-10
+    # In fp32 too.
+    w32 = {k: v.float() for k, v in world.items()}
+    loss32 = reprojection_loss(w32["depth"], w32["cam_to_world"], w32["intrinsics"], w32["matches"], robust=robust)
+    assert abs(loss32.item()) < 1e-5
+
+
+def perturbed(world, seed):
+    g = torch.Generator().manual_seed(seed)
+    depth = world["depth"] * torch.exp(0.05 * torch.randn(world["depth"].shape, generator=g, dtype=F64))
+    poses = world["cam_to_world"].clone()
+    poses[..., :3, 3] += 0.1 * torch.randn(poses[..., :3, 3].shape, generator=g, dtype=F64)
+    return depth, poses
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reprojection_invariant_to_window_similarity(seed):
+    world = make_world(10 + seed)
+    depth, poses = perturbed(world, seed)
+    base = reprojection_loss(depth, poses, world["intrinsics"], world["matches"])
+    assert base.item() > 1e-4
+    s, R, t = random_similarity(seed)
+    depth2, poses2 = apply_similarity(depth, poses, s, R, t)
+    moved = reprojection_loss(depth2, poses2, world["intrinsics"], world["matches"])
+    assert moved.item() == pytest.approx(base.item(), rel=1e-5)
+
+
+def test_reprojection_grows_with_translation_and_per_view_depth_scale_errors():
+    world = make_world(2)
+    args = (world["intrinsics"], world["matches"])
+    direction = torch.tensor([0.6, -0.3, 0.74], dtype=F64)
+    trans, scale = [], []
+    for eps in (0.0, 0.02, 0.05, 0.1, 0.2):
+        poses = world["cam_to_world"].clone()
+        poses[0, 1, :3, 3] += eps * direction
+        trans.append(reprojection_loss(world["depth"], poses, *args).item())
+        depth = world["depth"].clone()
+        depth[0, 2] *= 1 + eps  # a per-frame scale error: invisible to the depth loss
+        scale.append(reprojection_loss(depth, world["cam_to_world"], *args).item())
+    for series in (trans, scale):
+        assert series[0] < 1e-10
+        assert all(b > a for a, b in zip(series, series[1:])), series
+
+
+def test_reprojection_per_view_scale_unobservable_without_parallax():
+    # Pure rotation about a shared centre: every per-view depth scale fits every match.
+    world = make_world(3, baseline=0.0)
+    g = torch.Generator().manual_seed(0)
+    depth = world["depth"] * (0.2 + 3 * torch.rand(1, 4, 1, 1, generator=g, dtype=F64))
+    loss = reprojection_loss(depth, world["cam_to_world"], world["intrinsics"], world["matches"])
+    assert abs(loss.item()) < 1e-10
+    # The same scale error with parallax is seen.
+    world = make_world(3)
+    loss = reprojection_loss(world["depth"] * torch.tensor([1.0, 1.5, 1.0, 1.0], dtype=F64)[:, None, None],
+                             world["cam_to_world"], world["intrinsics"], world["matches"])
+    assert loss.item() > 1e-4  # small: the angle signal scales with baseline / depth
+
+
+def test_reprojection_finite_when_points_fall_behind_cameras():
+    world = make_world(4)
+    poses = world["cam_to_world"].clone()
+    flip = geometry.axis_angle_to_matrix(torch.tensor([0.0, math.pi, 0.0], dtype=F64))
+    poses[0, 1, :3, :3] = poses[0, 1, :3, :3] @ flip  # camera 1 now looks backwards
+    poses[0, 2, :3, 3] = poses[0, 3, :3, 3]  # two coincident centres
+    depth = world["depth"].clone()
+    depth[0, 3] = 1e-12  # points at the camera centre
+    depth.requires_grad_(True)
+    poses.requires_grad_(True)
+    for robust in ("none", "cauchy", "geman_mcclure"):
+        loss = reprojection_loss(depth, poses, world["intrinsics"], world["matches"], robust=robust)
+        assert torch.isfinite(loss) and loss.item() > 0.01
+        depth.grad = poses.grad = None
+        loss.backward()
+        assert_finite_grads(depth, poses)
+
+
+def with_outliers(world, seed, fraction=0.5):
+    g = torch.Generator().manual_seed(seed)
+    matches = world["matches"].clone()
+    k = matches.shape[0]
+    bad = torch.randperm(k, generator=g)[: int(fraction * k)]
+    h, w = world["depth"].shape[-2:]
+    matches[bad, 5] = torch.rand(len(bad), generator=g, dtype=F64) * (w - 1)
+    matches[bad, 6] = torch.rand(len(bad), generator=g, dtype=F64) * (h - 1)
+    return matches, bad
+
+
+def test_reprojection_half_outliers_finite_and_scores_silence_them():
+    world = make_world(5)
+    matches, bad = with_outliers(world, 0)
+    depth = world["depth"].clone().requires_grad_(True)
+    poses = world["cam_to_world"].clone().requires_grad_(True)
+    loss = reprojection_loss(depth, poses, world["intrinsics"], matches)
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert_finite_grads(depth, poses)
+    scores = torch.ones(matches.shape[0], dtype=F64)
+    scores[bad] = 0
+    silenced = reprojection_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, scores)
+    assert abs(silenced.item()) < 1e-10
+    # Weighted mean: scaling every score changes nothing.
+    a = reprojection_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, scores + 0.3)
+    b = reprojection_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, 7 * (scores + 0.3))
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+
+
+def test_robust_cost_bounds_influence_in_angle():
+    theta = torch.linspace(1e-4, math.pi, 2001, dtype=F64, requires_grad=True)
+    one_minus_cos = 1 - torch.cos(theta)
+    for scale_deg in (5.0, 10.0, 30.0):
+        grad, = torch.autograd.grad(robust_angle_cost(one_minus_cos, robust="cauchy", scale_deg=scale_deg).sum(),
+                                    theta, retain_graph=True)
+        assert grad.min() >= 0  # monotone in the angle: never rewards a worse angle
+        assert grad.max() <= math.radians(scale_deg) / 2 * 1.01
+        # Small angles: equal to the plain cost.
+        small = robust_angle_cost(torch.tensor(1e-6, dtype=F64), robust="cauchy", scale_deg=scale_deg)
+        assert small.item() == pytest.approx(1e-6, rel=1e-3)
+    grad_none, = torch.autograd.grad(one_minus_cos.sum(), theta)
+    assert grad_none.max() == pytest.approx(1.0, rel=1e-3)  # sin(90°): plain cost is not robust
+
+
+def test_outlier_gradient_is_bounded_by_robust_cost():
+    # One gross outlier among inliers: its pull on the poses is much weaker under the Cauchy
+    # cost than under the plain cost, and it does not grow as the outlier gets worse.
+    world = make_world(6)
+    k = world["matches"].shape[0]
+
+    def pose_grad(robust, outlier_shift):
+        matches = world["matches"].clone()
+        matches[0, 5] = (matches[0, 5] + outlier_shift) % 31
+        poses = world["cam_to_world"].clone().requires_grad_(True)
+        reprojection_loss(world["depth"], poses, world["intrinsics"], matches, robust=robust,
+                          scale_deg=5.0).backward()
+        return poses.grad.norm().item() * k  # undo the 1/K of the mean
+
+    for shift in (10.0, 15.0):
+        assert pose_grad("cauchy", shift) < 0.2 * pose_grad("none", shift)
+    assert pose_grad("cauchy", 15.0) < 2 * pose_grad("cauchy", 5.0)
+
+
+def test_reprojection_zero_matches_is_connected_zero():
+    world = make_world(7)
+    depth = world["depth"].clone().requires_grad_(True)
+    poses = world["cam_to_world"].clone().requires_grad_(True)
+    loss = reprojection_loss(depth, poses, world["intrinsics"], torch.zeros(0, 7, dtype=F64))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(depth.grad, torch.zeros_like(depth))
+    assert torch.equal(poses.grad, torch.zeros_like(poses))
+
+
+def test_gradient_descent_reduces_reprojection_loss():
+    torch.manual_seed(0)
+    world = make_world(8, views=3, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    log_depth = (world["depth"].log() + 0.1 * torch.randn(world["depth"].shape, generator=g)).requires_grad_(True)
+    rot = (0.03 * torch.randn(1, 3, 3, generator=g)).requires_grad_(True)
+    trans = (0.1 * torch.randn(1, 3, 3, generator=g)).requires_grad_(True)
+    opt = torch.optim.Adam([log_depth, rot, trans], lr=5e-3)
+
+    def loss_fn():
+        poses = world["cam_to_world"].clone()
+        poses = torch.cat((torch.cat((geometry.axis_angle_to_matrix(rot) @ poses[..., :3, :3],
+                                      (poses[..., :3, 3] + trans)[..., None]), -1), poses[..., 3:, :]), -2)
+        return reprojection_loss(log_depth.exp(), poses, world["intrinsics"], world["matches"])
+
+    first = loss_fn().item()
+    for _ in range(150):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    last = loss_fn().item()
+    assert last < 0.2 * first, (first, last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised sibling.
+# ---------------------------------------------------------------------------------------------
+
+def test_supervised_zero_for_ground_truth_and_similarity_invariant():
+    world = make_world(9, batch=2, per_pair=1)
+    gt_depth, gt_poses = world["depth"], world["cam_to_world"]
+    valid = torch.ones_like(gt_depth, dtype=torch.bool)
+    assert abs(supervised_loss(gt_depth, gt_poses, gt_depth, gt_poses, valid).item()) < 1e-5
+    s, R, t = random_similarity(4)
+    d2, p2 = apply_similarity(gt_depth, gt_poses, s, R, t)
+    assert abs(supervised_loss(d2, p2, gt_depth, gt_poses, valid).item()) < 1e-5
+    depth, poses = perturbed(world, 2)
+    base = supervised_loss(depth, poses, gt_depth, gt_poses, valid)
+    assert base.item() > 1e-3
+    d3, p3 = apply_similarity(depth, poses, s, R, t)
+    assert supervised_loss(d3, p3, gt_depth, gt_poses, valid).item() == pytest.approx(base.item(), rel=1e-5)
+    # Permutation of the views (no reference view): same loss.
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = supervised_loss(depth[:, perm], poses[:, perm], gt_depth[:, perm], gt_poses[:, perm], valid)
+    assert permuted.item() == pytest.approx(base.item(), rel=1e-9)
+
+
+def test_supervised_grows_with_pose_error_and_is_finite_at_optimum():
+    world = make_world(11, per_pair=1)
+    gt_depth, gt_poses = world["depth"], world["cam_to_world"]
+    valid = gt_depth > 0
+    losses = []
+    for eps in (0.0, 0.05, 0.1, 0.3):
+        poses = gt_poses.clone()
+        poses[0, 1, :3, 3] += eps
+        losses.append(supervised_loss(gt_depth, poses, gt_depth, gt_poses, valid).item())
+    assert all(b > a for a, b in zip(losses, losses[1:])), losses
+    depth = gt_depth.clone().requires_grad_(True)
+    poses = gt_poses.clone().requires_grad_(True)
+    supervised_loss(depth, poses, gt_depth, gt_poses, valid).backward()
+    assert_finite_grads(depth, poses)
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_loss: the one place weights are applied.
+# ---------------------------------------------------------------------------------------------
+
+def batch_and_pred(seed=12, *, teacher=True, n_matches=None):
+    world = make_world(seed, batch=2, views=3, dtype=torch.float32)
+    m = world["matches"]
+    if n_matches is not None:
+        m = m[:n_matches]
+    g = torch.Generator().manual_seed(seed)
+    batch = {"intrinsics": world["intrinsics"],
+             "matches": torch.cat((m, torch.rand(m.shape[0], 1, generator=g)), 1),
+             "gt_depth": world["depth"], "gt_cam_to_world": world["cam_to_world"]}
+    if teacher:
+        batch["teacher_depth"] = 1 / world["depth"] + 0.3 * torch.rand(world["depth"].shape, generator=g)
+        batch["teacher_valid"] = (torch.rand(world["depth"].shape, generator=g) > 0.1).to(torch.uint8)
+    depth, poses = perturbed({k: v.double() for k, v in world.items()}, seed)
+    pred = SimpleNamespace(depth=depth.float().requires_grad_(True),
+                           confidence=(0.5 + torch.rand(depth.shape, generator=g)).requires_grad_(True),
+                           cam_to_world=poses.float().requires_grad_(True))
+    return pred, batch
+
+
+def test_compute_loss_weak_applies_weights():
+    pred, batch = batch_and_pred()
+    cfg = LossConfig(kind="weak", reproj_weight=0.5, alpha=1.0)
+    loss, terms = compute_loss(pred, batch, cfg, teacher_space="disparity")
+    assert set(terms) == {"loss", "depth", "reproj", "matches"}
+    assert terms["matches"] == batch["matches"].shape[0]
+    assert terms["loss"] == pytest.approx(terms["depth"] + 0.5 * terms["reproj"], rel=1e-6)
+    expected = relative_depth_loss(pred.depth, batch["teacher_depth"], pred.confidence,
+                                   batch["teacher_valid"].bool(), teacher_space="disparity")
+    assert terms["depth"] == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert_finite_grads(pred.depth, pred.confidence, pred.cam_to_world)
+
+
+def test_compute_loss_without_teacher_and_without_matches():
+    pred, batch = batch_and_pred(teacher=False, n_matches=0)
+    loss, terms = compute_loss(pred, batch, LossConfig())
+    assert set(terms) == {"loss", "reproj", "matches"}
+    assert terms["matches"] == 0 and loss.item() == 0.0
+    loss.backward()
+    for x in (pred.depth, pred.confidence, pred.cam_to_world):
+        assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_compute_loss_supervised():
+    pred, batch = batch_and_pred()
+    loss, terms = compute_loss(pred, batch, LossConfig(kind="supervised"))
+    assert set(terms) == {"loss", "supervised", "matches"}
+    assert terms["loss"] == pytest.approx(terms["supervised"], rel=1e-6) and loss.item() > 0
+    loss.backward()
+    assert_finite_grads(pred.depth, pred.confidence, pred.cam_to_world)
+    del batch["gt_cam_to_world"]
+    with pytest.raises(KeyError):
+        compute_loss(pred, batch, LossConfig(kind="supervised"))
