@@ -128,6 +128,18 @@ class Supervisor:
                                       env=env, start_new_session=True)
         log.close()
         self.child_up.labels(child.stage).set(1)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        """``<run.dir>/processes.json``: pids and endpoints, for operators and ``reliev3r status``."""
+        mon = self.cfg.monitoring
+        data = {"supervisor": {"pid": os.getpid(), "metrics": f"http://{mon.host}:{mon.ports['supervisor']}/metrics"}}
+        for stage, child in self.children.items():
+            data[stage] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
+                           "metrics": f"http://{mon.host}:{mon.ports[stage]}/metrics"}
+        tmp = self.run_dir / "processes.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.run_dir / "processes.json")
 
     def _reap_and_restart(self) -> None:
         now = time.time()
