@@ -26,6 +26,16 @@ class LabelerConfig:
     """Torch device of the teachers (``cuda``, ``cuda:1``, ``cpu``)."""
     credits: int = 2
     """Windows a worker asks for ahead of the one it is labelling."""
+    blank_std: float = 2.0
+    """A frame whose grey standard deviation is below this (grey levels) is blank (black,
+    white, flat): its window is dropped with reason ``blank_frame``."""
+    insert_timeout_s: float = 10.0
+    """Wait this long for replay's ``insert_ack`` before retrying on a fresh socket."""
+    insert_retries: int = 3
+    """Retries of an unacknowledged insert; then the window is left to the streamer's resend."""
+    ready_interval_s: float = 1.0
+    """An idle worker repeats ``ready`` this often (keep-alive; re-registers with a restarted
+    streamer)."""
 
     def __post_init__(self) -> None:
         if self.max_matches_per_pair < 1 or self.min_matches < 1:
@@ -34,3 +44,7 @@ class LabelerConfig:
             raise ValueError("ransac_threshold_px must be > 0")
         if self.credits < 1:
             raise ValueError("credits must be >= 1")
+        if self.insert_timeout_s <= 0 or self.ready_interval_s <= 0:
+            raise ValueError("insert_timeout_s and ready_interval_s must be > 0")
+        if self.insert_retries < 0 or self.blank_std < 0 or self.long_pairs < 0:
+            raise ValueError("insert_retries, blank_std and long_pairs must be >= 0")

@@ -53,6 +53,17 @@ class StreamerConfig:
     """Windows sent but not yet acknowledged by replay; the streamer waits at this bound."""
     resend_timeout_s: float = 60.0
     """A window not acknowledged within this time is sent again (at-least-once)."""
+    keyframe_min_motion: float = 0.5
+    """Motion gate: a candidate view whose 32x24 grey thumbnail differs from the last kept view
+    by less than this mean absolute difference (grey levels, 0-255) is skipped (still camera).
+    0 keeps every candidate."""
+    scene_cut_motion: float = 50.0
+    """A thumbnail difference above this is a hard cut: views before it are not mixed with
+    views after it in one window. 0 disables cut detection."""
+    interleave: int = 4
+    """Sources decoded at once, one window from each in turn (round robin)."""
+    peer_timeout_s: float = 10.0
+    """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 
     def __post_init__(self) -> None:
         if self.views < 2:
@@ -65,3 +76,9 @@ class StreamerConfig:
             raise ValueError("fov_deg must lie in (1, 179)")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if self.resend_timeout_s <= 0 or self.peer_timeout_s <= 0:
+            raise ValueError("resend_timeout_s and peer_timeout_s must be > 0")
+        if self.keyframe_min_motion < 0 or self.scene_cut_motion < 0:
+            raise ValueError("keyframe_min_motion and scene_cut_motion must be >= 0")
+        if self.interleave < 1:
+            raise ValueError("interleave must be >= 1")

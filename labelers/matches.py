@@ -1,0 +1,162 @@
+"""Sparse match teachers and their geometric verification.
+
+A :class:`Matcher` finds putative correspondences between two RGB frames; every pair then goes
+through a ratio test and a USAC/MAGSAC fundamental-matrix check. Output rows are float32
+(i, j, x_i, y_i, x_j, y_j, score) in pixels of the window frames with pixel centres at integer
+coordinates (OpenCV keypoints already use that convention). ``score`` lies in (0, 1]:
+``1 - d1/d2`` of Lowe's ratio test, so distinctive matches weigh more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+RATIO = 0.8
+"""Lowe's ratio test threshold (nearest / second-nearest descriptor distance)."""
+GRID = 8
+"""The spatial spread of a capped match set: strongest match per cell of a GRID x GRID grid first."""
+
+
+@dataclass(slots=True)
+class Features:
+    xy: np.ndarray
+    """float32 [N, 2] keypoint pixels."""
+    descriptors: np.ndarray | None
+    """[N, D] (float32 for SIFT, uint8 for ORB) or None when there are no keypoints."""
+
+
+class Matcher(Protocol):
+    name: str
+    version: str
+
+    def features(self, rgb: np.ndarray) -> Features: ...
+
+    def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index in a [M], index in b [M], score [M] in (0, 1]) after the ratio test."""
+        ...
+
+
+class OpenCVMatcher:
+    """SIFT (float descriptors, L2) or ORB (binary, Hamming), brute force with the ratio test."""
+
+    def __init__(self, kind: str = "sift", *, max_features: int = 2048, ratio: float = RATIO):
+        if kind == "sift":
+            self.detector = cv2.SIFT_create(nfeatures=max_features)
+            norm = cv2.NORM_L2
+        elif kind == "orb":
+            # Small windows (~100 px): a smaller patch and border than ORB's defaults (31 px),
+            # or almost every keypoint falls in the excluded margin.
+            self.detector = cv2.ORB_create(nfeatures=max_features, scaleFactor=1.2, nlevels=4,
+                                           edgeThreshold=8, patchSize=15, fastThreshold=7)
+            norm = cv2.NORM_HAMMING
+        else:
+            raise ValueError(f"kind must be 'sift' or 'orb', got {kind!r}")
+        self.name = f"opencv-{kind}"
+        self.version = cv2.__version__
+        self.ratio = ratio
+        self.bf = cv2.BFMatcher(norm)
+
+    def features(self, rgb: np.ndarray) -> Features:
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        keypoints, desc = self.detector.detectAndCompute(grey, None)
+        xy = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
+        return Features(xy, desc if desc is not None and len(desc) else None)
+
+    def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        if a.descriptors is None or b.descriptors is None or len(b.descriptors) < 2:
+            return empty
+        ia, ib, score = [], [], []
+        for pair in self.bf.knnMatch(a.descriptors, b.descriptors, k=2):
+            if len(pair) < 2:
+                continue
+            best, second = pair
+            if second.distance <= 0:
+                continue  # two identical descriptors: ambiguous
+            r = best.distance / second.distance
+            if r < self.ratio:
+                ia.append(best.queryIdx)
+                ib.append(best.trainIdx)
+                score.append(1.0 - r)
+        if not ia:
+            return empty
+        return np.array(ia), np.array(ib), np.maximum(np.array(score, np.float32), 1e-3)
+
+
+def make_matcher(kind: str) -> Matcher:
+    if kind in ("sift", "orb"):
+        return OpenCVMatcher(kind)
+    raise ValueError(f"matcher {kind!r} is not available (known: sift, orb)")
+
+
+def select_pairs(views: int, long_pairs: int) -> list[tuple[int, int]]:
+    """Neighbours (i, i+1), then up to ``long_pairs`` long-baseline pairs, longest first:
+    (0, V-1), (0, V-2), (1, V-1), ..."""
+    pairs = [(i, i + 1) for i in range(views - 1)]
+    extra = []
+    for gap in range(views - 1, 1, -1):
+        extra.extend((i, i + gap) for i in range(views - gap))
+    return pairs + extra[:max(0, long_pairs)]
+
+
+def verify(xy_a: np.ndarray, xy_b: np.ndarray, *, threshold_px: float,
+           confidence: float = 0.999) -> np.ndarray:
+    """Inlier mask [M] of a fundamental matrix fitted with USAC/MAGSAC (all False if no model)."""
+    if len(xy_a) < 8:
+        return np.zeros(len(xy_a), bool)
+    F, mask = cv2.findFundamentalMat(xy_a.astype(np.float64), xy_b.astype(np.float64), cv2.USAC_MAGSAC,
+                                     ransacReprojThreshold=threshold_px, confidence=confidence, maxIters=2000)
+    if F is None or mask is None:
+        return np.zeros(len(xy_a), bool)
+    return mask.ravel().astype(bool)
+
+
+def spread_subset(xy: np.ndarray, score: np.ndarray, cap: int, width: int, height: int) -> np.ndarray:
+    """Indices of at most ``cap`` matches: round robin over grid cells, best score first in each,
+    so a capped set still covers the image."""
+    if len(xy) <= cap:
+        return np.arange(len(xy))
+    cx = np.clip((xy[:, 0] / max(width, 1) * GRID).astype(int), 0, GRID - 1)
+    cy = np.clip((xy[:, 1] / max(height, 1) * GRID).astype(int), 0, GRID - 1)
+    cell = cy * GRID + cx
+    order = np.lexsort((-score, cell))  # by cell, best first within a cell
+    rank = np.empty(len(xy), np.int64)
+    sorted_cells = cell[order]
+    starts = np.searchsorted(sorted_cells, sorted_cells, side="left")
+    rank[order] = np.arange(len(xy)) - starts  # position within its cell
+    keep = np.lexsort((-score, rank))[:cap]
+    return np.sort(keep)
+
+
+def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_matches: int,
+                 max_matches_per_pair: int, threshold_px: float) -> tuple[np.ndarray, list[int]]:
+    """Verified matches of a window: float32 [K, 7] and the match count of every pair tried."""
+    views, height, width = frames.shape[:3]
+    feats = [matcher.features(np.ascontiguousarray(f)) for f in frames]
+    rows, per_pair = [], []
+    for i, j in select_pairs(views, long_pairs):
+        ia, ib, score = matcher.match(feats[i], feats[j])
+        xy_i, xy_j = feats[i].xy[ia], feats[j].xy[ib]
+        if len(ia):
+            # one keypoint of j may be the best match of several in i: keep its best only
+            _, first = np.unique(ib[np.argsort(-score, kind="stable")], return_index=True)
+            keep = np.argsort(-score, kind="stable")[first]
+            xy_i, xy_j, score = xy_i[keep], xy_j[keep], score[keep]
+        inliers = verify(xy_i, xy_j, threshold_px=threshold_px)
+        xy_i, xy_j, score = xy_i[inliers], xy_j[inliers], score[inliers]
+        if len(score) < min_matches:
+            per_pair.append(0)
+            continue
+        keep = spread_subset(xy_i, score, max_matches_per_pair, width, height)
+        k = len(keep)
+        block = np.empty((k, 7), np.float32)
+        block[:, 0], block[:, 1] = i, j
+        block[:, 2:4], block[:, 4:6], block[:, 6] = xy_i[keep], xy_j[keep], score[keep]
+        rows.append(block)
+        per_pair.append(k)
+    matches = np.concatenate(rows) if rows else np.zeros((0, 7), np.float32)
+    return matches, per_pair

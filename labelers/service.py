@@ -1,0 +1,258 @@
+"""The labeler process: windows from the streamer -> teacher labels -> replay -> ``done``.
+
+Per window: check the frames, run the depth teacher and the match teacher, send an ``insert``
+to replay and wait for its ``insert_ack`` (timeout, then a fresh socket and a retry: the
+"lazy pirate" pattern; replay stores each window id once, so a retry is harmless), then
+tell the streamer ``done`` and ask for more with ``ready``.
+
+Bad input, decided per case (every case counted in ``reliev3r_labeler_dropped_total{reason}``
+or ``reliev3r_labeler_flags_total{flag}``):
+
+* frames smaller than 16 px, or fewer than 2 views: drop (``too_small``, ``too_few_views``).
+* a blank frame (grey standard deviation below ``blank_std``: black, white, a test card's
+  flat field): drop (``blank_frame``): it gives no matches and a teacher's depth of nothing
+  is noise that the depth loss would fit.
+* grayscale-like frames (R = G = B): keep, flag ``grayscale`` (geometry is all there).
+* teacher output non-finite everywhere: drop (``teacher_non_finite``); partly: those pixels
+  are invalid. A teacher that needs what the window lacks: drop (``teacher_needs_gt``).
+* no verified match in any pair: drop (``no_matches``) when there is no depth teacher (the
+  window would carry no label at all); keep with flag ``no_matches`` otherwise (depth labels
+  still teach shape).
+
+A dropped window is reported ``done`` with status ``dropped`` so the streamer does not resend it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+import zmq
+
+from labelers.depth import TeacherError, make_teacher
+from labelers.matches import make_matcher, match_window
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig
+from reliev3r.protocol import Message
+from reliev3r.service import Runtime
+
+POLL_MS = 100
+MIN_SIZE = 16
+
+
+class Labeler:
+    """Turns one ``window`` message into an ``insert`` message or a drop reason (no sockets)."""
+
+    def __init__(self, cfg: PipelineConfig, metrics=None):
+        self.cfg = cfg.labeler
+        self.teacher = make_teacher(self.cfg.teacher, self.cfg.device)
+        self.matcher = make_matcher(self.cfg.matcher)
+        self.metrics = metrics
+
+    def teachers(self) -> dict:
+        return {"depth": self.teacher.describe(), "matches": {"name": self.matcher.name,
+                                                               "version": self.matcher.version}}
+
+    def label(self, msg: Message, timer=None) -> tuple[Message | None, str, list[str]]:
+        """(insert message or None, drop reason, flags)."""
+        timer = timer or (lambda stage: _NullTimer())
+        frames = msg.arrays["frames"]
+        views, height, width = frames.shape[:3]
+        flags: list[str] = []
+        if height < MIN_SIZE or width < MIN_SIZE:
+            return None, "too_small", flags
+        if views < 2:
+            return None, "too_few_views", flags
+        grey = frames.astype(np.float32).mean(axis=-1)
+        if (grey.reshape(views, -1).std(axis=1) < self.cfg.blank_std).any():
+            return None, "blank_frame", flags
+        if np.array_equal(frames[..., 0], frames[..., 1]) and np.array_equal(frames[..., 1], frames[..., 2]):
+            flags.append("grayscale")
+        arrays = dict(msg.arrays)
+        if self.teacher.produces_labels:
+            with timer("depth"):
+                try:
+                    depth, valid = self.teacher.predict(frames, gt_depth=msg.arrays.get("gt_depth"),
+                                                        window_id=msg.meta["window_id"])
+                except TeacherError as err:
+                    return None, err.reason, flags
+            arrays["teacher_depth"] = depth
+            arrays["teacher_valid"] = valid.astype(np.uint8)
+        with timer("matches"):
+            matches, per_pair = match_window(frames, self.matcher, long_pairs=self.cfg.long_pairs,
+                                             min_matches=self.cfg.min_matches,
+                                             max_matches_per_pair=self.cfg.max_matches_per_pair,
+                                             threshold_px=self.cfg.ransac_threshold_px)
+        if self.metrics is not None:
+            for k in per_pair:
+                self.metrics.observe_pair(k)
+        if len(matches) == 0:
+            if not self.teacher.produces_labels:
+                return None, "no_matches", flags
+            flags.append("no_matches")
+        arrays["matches"] = matches
+        meta = {k: msg.meta[k] for k in ("window_id", "source", "frame_indices", "timestamps") if k in msg.meta}
+        meta["teacher"] = self.teachers()
+        return Message("insert", meta, arrays), "", flags
+
+
+class _NullTimer:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Metrics:
+    def __init__(self, m):
+        self.windows = m.counter("labeler_windows_total", "Windows handled, by outcome", ["status"])
+        self.dropped = m.counter("labeler_dropped_total", "Windows dropped, by reason", ["reason"])
+        self.flags = m.counter("labeler_flags_total", "Windows kept with a quality flag", ["flag"])
+        self.stage = m.histogram("labeler_stage_seconds", "Time per labelling stage", ["stage"],
+                                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.pairs = m.histogram("matches_per_pair", "Verified matches kept per view pair",
+                                 buckets=(0, 1, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+    def observe_pair(self, k: int) -> None:
+        self.pairs.observe(k)
+
+    def timer(self, stage: str):
+        return self.stage.labels(stage).time()
+
+
+class ReplayLink:
+    """Insert with acknowledgement over our own DEALER: wait ``timeout_s`` for the matching
+    ``insert_ack``, then drop the socket (and whatever it queued) and try again."""
+
+    def __init__(self, runtime: Runtime, endpoint: str, *, timeout_s: float, retries: int):
+        self.runtime, self.endpoint, self.timeout_s, self.retries = runtime, endpoint, timeout_s, retries
+        self.sock = None
+
+    def _connect(self):
+        self.close()
+        self.sock = self.runtime.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.endpoint)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def insert(self, msg: Message) -> tuple[str, str] | None:
+        """(status, reason) from replay, or None when it never answered."""
+        frames = protocol.encode(msg)
+        window_id = msg.meta["window_id"]
+        for attempt in range(1 + self.retries):
+            if self.sock is None:
+                self._connect()
+            self.sock.send_multipart(frames, copy=False)
+            deadline = time.monotonic() + self.timeout_s
+            while time.monotonic() < deadline and not self.runtime.stopping:
+                if not self.sock.poll(POLL_MS):
+                    continue
+                _, reply = self.runtime.receive(self.sock, kinds=("insert_ack", "error"))
+                if reply is None:
+                    continue
+                if reply.kind == "error":
+                    return "dropped", f"replay_error:{reply.meta.get('reason', '')}"
+                if reply.meta.get("window_id") != window_id:
+                    continue  # a late ack of an earlier window's retry
+                status = reply.meta.get("status")
+                reason = str(reply.meta.get("reason", ""))
+                if status in ("stored", "duplicate"):
+                    return status, reason
+                return "dropped", f"replay_{status}:{reason}"
+            if self.runtime.stopping:
+                return None
+            self.runtime.log.warning("no insert_ack from replay, retrying",
+                                     extra={"window_id": window_id, "attempt": attempt + 1})
+            self.close()
+        return None
+
+
+def run(cfg: PipelineConfig, runtime: Runtime) -> int:
+    lcfg = cfg.labeler
+    metrics = _Metrics(runtime.metrics)
+    labeler = Labeler(cfg, metrics)
+    log = runtime.log
+    work = runtime.ctx.socket(zmq.DEALER)
+    work.setsockopt(zmq.LINGER, 0)
+    work.connect(cfg.network.connect(cfg.network.work_port))
+    replay = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
+                        timeout_s=lcfg.insert_timeout_s, retries=lcfg.insert_retries)
+    log.info("labeler up", extra={"teachers": labeler.teachers()})
+    held: deque[Message] = deque()
+    counts = {"labelled": 0, "dropped": 0}
+    last_ready = 0.0
+
+    def ready() -> None:
+        nonlocal last_ready
+        credits = max(0, lcfg.credits - len(held))
+        work.send_multipart(protocol.encode(Message("ready", {"credits": credits})))
+        last_ready = time.monotonic()
+
+    def done(window_id: str, status: str, reason: str) -> None:
+        work.send_multipart(protocol.encode(Message("done", {"window_id": window_id, "status": status,
+                                                             "reason": reason})))
+
+    def take() -> None:
+        while work.poll(0):
+            with metrics.timer("decode"):
+                _, msg = runtime.receive(work, kinds=("window",))
+            if msg is None:
+                continue
+            if not isinstance(msg.meta.get("window_id"), str) or not msg.meta["window_id"]:
+                runtime.metrics.reject("bad_window_id")
+                continue
+            held.append(msg)
+
+    try:
+        ready()
+        while not runtime.stopping:
+            if not held and work.poll(POLL_MS):
+                take()
+            if not held:
+                if time.monotonic() - last_ready > lcfg.ready_interval_s:
+                    ready()  # keep-alive; also re-registers with a restarted streamer
+                continue
+            msg = held.popleft()
+            window_id = msg.meta["window_id"]
+            try:
+                insert, reason, flags = labeler.label(msg, metrics.timer)
+            except Exception as err:  # a bug on odd input must cost one window, not the worker
+                log.exception("labelling failed", extra={"window_id": window_id})
+                insert, reason, flags = None, f"labeler_error:{type(err).__name__}", []
+            for flag in flags:
+                metrics.flags.labels(flag).inc()
+            if insert is None:
+                metrics.dropped.labels(reason.split(":")[0]).inc()
+                metrics.windows.labels("dropped").inc()
+                counts["dropped"] += 1
+                done(window_id, "dropped", reason)
+            else:
+                with metrics.timer("insert"):
+                    result = replay.insert(insert)
+                if result is None:
+                    # no done: the streamer resends after its timeout (at-least-once)
+                    metrics.windows.labels("insert_failed").inc()
+                    log.warning("replay unreachable, window left to the streamer's resend",
+                                extra={"window_id": window_id})
+                else:
+                    status, why = result
+                    metrics.windows.labels(status).inc()
+                    if status == "dropped":
+                        metrics.dropped.labels(why.split(":")[0]).inc()
+                        counts["dropped"] += 1
+                    else:
+                        counts["labelled"] += 1
+                    done(window_id, status, why)
+            runtime.status.update(counts)
+            take()
+            ready()
+        return 0
+    finally:
+        replay.close()
+        work.close(linger=0)

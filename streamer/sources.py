@@ -1,0 +1,344 @@
+"""Frame sources: video files (anything FFmpeg decodes, through PyAV), image-sequence folders
+(with optional intrinsics and 7-Scenes style ground truth) and the synthetic world.
+
+A source yields :class:`Frame` objects lazily. Decoding problems never escape a source:
+they are reported through ``on_error(source_name, reason, detail)`` (the streamer counts
+them as ``reliev3r_decode_errors_total{source, reason}`` and logs them) and the source
+ends or skips on, keeping every frame decoded before the problem.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import av
+import cv2
+import numpy as np
+
+log = logging.getLogger("reliev3r.streamer.sources")
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg",
+                            ".flv", ".wmv", ".3gp", ".ogv", ".y4m", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
+MAX_CONSECUTIVE_DECODE_ERRORS = 50
+"""A stream that fails this many packets in a row is given up (it is garbage, not glitches)."""
+
+ErrorSink = Callable[[str, str, str], None]
+
+
+class SourceError(Exception):
+    """A source that cannot be opened at all. ``reason`` is a short, countable label."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _log_error(source: str, reason: str, detail: str) -> None:
+    log.warning("decode error", extra={"source": source, "reason": reason, "detail": detail})
+
+
+@dataclass(slots=True)
+class Frame:
+    index: int
+    """Frame number in its source (0-based, decode order of presentation)."""
+    timestamp: float
+    """Seconds from the start of the source."""
+    rgb: np.ndarray
+    """uint8 [H, W, 3]."""
+    intrinsics: np.ndarray
+    """float64 [3, 3] in pixels of ``rgb`` (known or assumed from the field of view)."""
+    gt_depth: np.ndarray | None = None
+    """float32 [H', W'] z-depth in metres (0 = unknown), any resolution of the same view."""
+    gt_cam_to_world: np.ndarray | None = None
+    """float64 [4, 4]."""
+
+
+def source_name(path: Path) -> str:
+    """Stable across restarts and unique per file: stem plus a short hash of the absolute path."""
+    absolute = str(Path(path).expanduser().resolve())
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40] or "source"
+    return f"{stem}-{hashlib.sha1(absolute.encode()).hexdigest()[:6]}"
+
+
+def fov_intrinsics(fov_deg: float, width: int, height: int) -> np.ndarray:
+    # Same formula as reliev3r.geometry.intrinsics_from_fov, in numpy (no torch in the decode path).
+    f = 0.5 * width / math.tan(math.radians(fov_deg) / 2)
+    return np.array([[f, 0.0, (width - 1) / 2], [0.0, f, (height - 1) / 2], [0.0, 0.0, 1.0]])
+
+
+def read_intrinsics(path: Path) -> np.ndarray:
+    """A 3x3 matrix, or one line ``fx fy cx cy``; raise SourceError when neither."""
+    try:
+        values = np.array(path.read_text().split(), dtype=np.float64)
+    except (OSError, ValueError) as err:
+        raise SourceError("bad_intrinsics", f"{path}: {err}") from None
+    if values.size == 9:
+        K = values.reshape(3, 3)
+    elif values.size == 4:
+        fx, fy, cx, cy = values
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    else:
+        raise SourceError("bad_intrinsics", f"{path}: expected 9 or 4 numbers, got {values.size}")
+    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise SourceError("bad_intrinsics", f"{path}: focal lengths must be finite and > 0")
+    return K
+
+
+class Source(Protocol):
+    """One stream of frames. ``position`` is the next frame index to read (resumable progress:
+    persist it and pass it back as ``start``)."""
+
+    name: str
+    path: Path
+    position: int
+
+    def frames(self, start: int = 0) -> Iterator[Frame]: ...
+
+
+class VideoSource:
+    """A video file in any container and codec FFmpeg decodes."""
+
+    def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error):
+        self.path = Path(path)
+        self.name = source_name(self.path)
+        self.fov_deg = fov_deg
+        self.on_error = on_error
+        self.position = 0
+        self.gt = _load_synthetic_gt(self.path)
+
+    def _open(self):
+        if not self.path.exists():
+            raise SourceError("missing", str(self.path))
+        if self.path.stat().st_size == 0:
+            raise SourceError("empty_file", str(self.path))
+        try:
+            container = av.open(str(self.path), metadata_errors="ignore")
+        except av.error.FFmpegError as err:
+            raise SourceError("open_failed", f"{self.path}: {err}") from None
+        if not container.streams.video:
+            container.close()
+            raise SourceError("no_video_stream", str(self.path))
+        return container
+
+    def frames(self, start: int = 0) -> Iterator[Frame]:
+        try:
+            container = self._open()
+        except SourceError as err:
+            self.on_error(self.name, err.reason, str(err))
+            return
+        try:
+            yield from self._decode(container, start)
+        finally:
+            container.close()
+
+    def _decode(self, container, start: int) -> Iterator[Frame]:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        index, last_time, errors_in_row = 0, 0.0, 0
+        intrinsics = None
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError as err:
+                # The demuxer cannot read on (cut or garbled container): keep what we have.
+                self.on_error(self.name, "demux_error", f"{self.path} after frame {index}: {err}")
+                packet = None  # flush the decoder: threaded decoders still hold frames
+            try:
+                decoded = packet.decode() if packet is not None else stream.codec_context.decode(None)
+                errors_in_row = 0
+            except av.error.EOFError:
+                break  # already flushed
+            except av.error.FFmpegError as err:
+                errors_in_row += 1
+                self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: {err}")
+                if errors_in_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                    self.on_error(self.name, "gave_up", f"{self.path}: {errors_in_row} bad packets in a row")
+                    return
+                continue
+            if packet is None:
+                decoded = list(decoded)
+            for vframe in decoded:
+                i = index
+                index += 1
+                last_time = float(vframe.time) if vframe.time is not None else i / float(stream.average_rate or 25)
+                if i < start:
+                    continue
+                rgb = vframe.to_ndarray(format="rgb24")
+                if intrinsics is None or intrinsics[1] != rgb.shape[:2]:
+                    intrinsics = (self._intrinsics(rgb.shape[1], rgb.shape[0]), rgb.shape[:2])
+                self.position = index
+                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, rgb.shape))
+        self._check_complete(container, stream, index, last_time)
+
+    def _check_complete(self, container, stream, decoded: int, last_time: float) -> None:
+        """Silent truncation: some containers (Matroska, MPEG-TS) end cleanly where the file
+        was cut. Compare with what the header promised."""
+        # Frame counts in headers are unreliable (AVI counts dropped frames), durations less so.
+        rate = float(stream.average_rate or 0) or 25.0
+        if container.duration and decoded and last_time + 2.0 / rate < container.duration / 1e6 - 0.5:
+            self.on_error(self.name, "ended_early",
+                          f"{self.path}: stream ends at {last_time:.2f}s of {container.duration / 1e6:.2f}s")
+        elif decoded == 0:
+            self.on_error(self.name, "no_frames", str(self.path))
+
+    def _intrinsics(self, width: int, height: int) -> np.ndarray:
+        if self.gt is not None:
+            K = np.asarray(self.gt.intrinsics, dtype=np.float64)
+            gt_h, gt_w = np.asarray(self.gt.depth).shape[1:3]
+            if (gt_w, gt_h) != (width, height):  # ground truth of a different resolution
+                sx, sy = width / gt_w, height / gt_h
+                K = K.copy()
+                K[0] *= sx
+                K[1] *= sy
+                K[0, 2] = (self.gt.intrinsics[0][2] + 0.5) * sx - 0.5
+                K[1, 2] = (self.gt.intrinsics[1][2] + 0.5) * sy - 0.5
+            return K
+        return fov_intrinsics(self.fov_deg, width, height)
+
+    def _gt(self, index: int, shape) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self.gt is None or index >= len(self.gt.depth):
+            return None, None
+        return (np.asarray(self.gt.depth[index], dtype=np.float32),
+                np.asarray(self.gt.cam_to_world[index], dtype=np.float64))
+
+
+def _load_synthetic_gt(path: Path):
+    """Ground truth the synthetic world stores beside its videos (None for other videos)."""
+    try:
+        from reliev3r import synthetic
+    except ImportError:
+        return None
+    try:
+        return synthetic.load_ground_truth(path)
+    except Exception as err:  # a broken sidecar must not stop the video itself
+        log.warning("ground truth unreadable", extra={"path": str(path), "detail": str(err)})
+        return None
+
+
+class ImageSequenceSource:
+    """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
+    with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world)."""
+
+    def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
+                 depth_scale: float = 1000.0):
+        self.path = Path(folder)
+        self.name = source_name(self.path)
+        self.fov_deg = fov_deg
+        self.on_error = on_error
+        self.depth_scale = depth_scale
+        self.position = 0
+        self.files = image_files(self.path)
+        self.intrinsics = None
+        for fname in INTRINSICS_FILES:
+            if (self.path / fname).is_file():
+                try:
+                    self.intrinsics = read_intrinsics(self.path / fname)
+                except SourceError as err:
+                    on_error(self.name, err.reason, str(err))
+                break
+
+    def frames(self, start: int = 0) -> Iterator[Frame]:
+        if not self.files:
+            self.on_error(self.name, "no_frames", f"{self.path}: no images")
+            return
+        for i, file in enumerate(self.files[start:], start):
+            bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
+            if bgr is None or bgr.size == 0:
+                self.on_error(self.name, "bad_image", str(file))
+                continue
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            h, w = rgb.shape[:2]
+            K = self.intrinsics if self.intrinsics is not None else fov_intrinsics(self.fov_deg, w, h)
+            depth, pose = self._gt(file)
+            self.position = i + 1
+            yield Frame(i, float(i), rgb, K, depth, pose)
+
+    def _gt(self, file: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+        stem = _frame_stem(file)
+        depth_file, pose_file = file.with_name(f"{stem}.depth.png"), file.with_name(f"{stem}.pose.txt")
+        depth = pose = None
+        if depth_file.is_file():
+            raw = cv2.imread(str(depth_file), cv2.IMREAD_UNCHANGED)
+            if raw is not None and raw.ndim == 2:
+                depth = raw.astype(np.float32) / self.depth_scale
+                depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
+        if pose_file.is_file():
+            try:
+                pose = np.loadtxt(pose_file, dtype=np.float64).reshape(4, 4)
+                if not np.isfinite(pose).all():
+                    pose = None
+            except ValueError:
+                pose = None
+        return depth, pose
+
+
+def _frame_stem(file: Path) -> str:
+    name = file.name
+    for tag in (".color", ".rgb"):
+        name = name.replace(tag + file.suffix, file.suffix)
+    return name[: -len(file.suffix)]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Colour frames of an image-sequence folder, in natural order (depth maps excluded)."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+             and not p.name.endswith((".depth.png", ".depth.jpg")) and p.is_file()]
+
+    def natural(p: Path):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+    return sorted(files, key=natural)
+
+
+def _is_image_sequence(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error) -> list[Source]:
+    """Sources for config entries: files, folders (image sequence or folder of videos), globs.
+    A spec that names nothing is reported as ``missing`` and skipped."""
+    sources: list[Source] = []
+    for spec in specs:
+        if "://" in spec:
+            on_error(spec[:60], "unsupported_url", f"{spec}: live URLs are not supported yet")
+            continue
+        path = Path(spec).expanduser()
+        matched = [Path(p) for p in sorted(glob.glob(str(path)))] if glob.has_magic(spec) else [path]
+        if not matched:
+            on_error(source_name(path), "missing", f"{spec}: no file matches")
+            continue
+        for p in matched:
+            if p.is_dir():
+                if _is_image_sequence(p):
+                    sources.append(ImageSequenceSource(p, fov_deg=fov_deg, on_error=on_error))
+                else:
+                    videos = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and q.is_file())
+                    if not videos:
+                        on_error(source_name(p), "no_frames", f"{p}: no videos or images")
+                    sources.extend(VideoSource(q, fov_deg=fov_deg, on_error=on_error) for q in videos)
+            elif p.exists():
+                sources.append(VideoSource(p, fov_deg=fov_deg, on_error=on_error))
+            else:
+                on_error(source_name(p), "missing", f"{p}: no such file")
+    return sources
+
+
+def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
+                      on_error: ErrorSink = _log_error) -> list[Source]:
+    """The embedded default: render the synthetic world once, then read its videos."""
+    from reliev3r import synthetic
+
+    videos = synthetic.ensure_world(Path(run_dir) / "world", synthetic_cfg)
+    return [VideoSource(Path(v), fov_deg=fov_deg, on_error=on_error) for v in videos]
