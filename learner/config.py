@@ -12,10 +12,20 @@ class ModelConfig:
     """Named size of the pi3-style transformer (``tiny`` runs on a laptop CPU)."""
     patch_size: int = 8
     """Side of the square image patches, in pixels of the input."""
+    registers: int = 4
+    """Register tokens per frame (same learned init for every frame, so no view is special)."""
+    predict_focal: bool = False
+    """Add a focal-length head (``Prediction.focal``); intrinsics are otherwise given."""
+    max_log_depth: float = 10.0
+    """Log-depth is soft-clamped to +-this before ``exp`` so depth stays finite and > 0."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 2:
             raise ValueError("patch_size must be >= 2")
+        if self.registers < 0:
+            raise ValueError("registers must be >= 0")
+        if self.max_log_depth <= 0:
+            raise ValueError("max_log_depth must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)

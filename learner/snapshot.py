@@ -1,0 +1,303 @@
+"""Snapshots: plain, atomic, verifiable files named by step (STYLE item 11).
+
+Layout of one snapshot, ``<run_dir>/snapshots/step-000000050/``:
+
+=====================  ===============================================================
+``model.safetensors``  the trained weights (``FFRM.state_dict()``)
+``ema.safetensors``    the EMA copy (absent when ``ema_decay`` is 0)
+``optimizer.safetensors``  AdamW state flattened to tensors ``state.<param>.<name>``; its
+                       scalar structure (param groups, non-tensor state) is JSON in the
+                       file's metadata under ``structure``
+``trainer.safetensors``  RNG states (``rng.torch_cpu``, ``rng.torch_cuda``)
+``meta.json``          format version, step, final flag, time, lr, counters, image size,
+                       learner config (plain data), model size and parameter count,
+                       versions, teacher names, and the SHA-256 and size of every file
+=====================  ===============================================================
+
+Writing is atomic: everything goes into a hidden temp folder, each file and the folder are
+fsynced, then the folder is renamed to its final name (and the parent fsynced), so a reader
+sees either a complete snapshot or none. :func:`latest_snapshot` still verifies (meta parses,
+files exist with the recorded size and checksum, safetensors headers load) and skips a bad
+one with a warning, so a disk fault never stops a resume. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from learner.config import ModelConfig
+from learner.model import FFRM
+
+if TYPE_CHECKING:
+    from learner.train import Trainer
+
+FORMAT_VERSION = 1
+NAME = re.compile(r"^step-(\d{9})$")
+STALE_TMP_S = 600.0
+log = logging.getLogger("reliev3r.learner.snapshot")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot folder is missing, partial or corrupt; the message says what is wrong."""
+
+
+def snapshot_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+# ---------------------------------------------------------------------- writing
+
+def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False,
+                  extra_meta: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``trainer``'s state to ``folder/step-<step>``; return that path.
+    ``extra_meta`` (e.g. ``{"teachers": ...}``) is merged into ``meta.json``."""
+    from reliev3r.config import to_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = snapshot_name(trainer.global_step)
+    tmp = folder / f".tmp-{name}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        files = {"model.safetensors": _cpu(trainer.model.state_dict())}
+        if trainer.ema is not None:
+            files["ema.safetensors"] = _cpu(trainer.ema.state_dict())
+        files["trainer.safetensors"] = {f"rng.{k}": v.cpu() for k, v in trainer.rng_state().items()}
+        opt_tensors, structure = flatten_optimizer_state(trainer.optimizer.state_dict())
+        for fname, tensors in files.items():
+            save_file(tensors, str(tmp / fname), metadata={"format_version": str(FORMAT_VERSION)})
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"),
+                  metadata={"format_version": str(FORMAT_VERSION), "structure": json.dumps(structure)})
+        from learner.train import lr_at
+
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": trainer.global_step,
+            "final": final,
+            "time": time.time(),
+            "lr": lr_at(trainer.cfg, trainer.global_step),
+            "skipped_steps": trainer.skipped_steps,
+            "samples_seen": trainer.samples_seen,
+            "image_size": list(trainer.image_size) if trainer.image_size else None,
+            "config": to_dict(trainer.cfg),
+            "model": {"size": trainer.cfg.model.size, "parameters": trainer.model.num_parameters()},
+            "versions": _versions(),
+            "teachers": None,
+            **(extra_meta or {}),
+        }
+        meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                         for p in sorted(tmp.glob("*.safetensors"))}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        _fsync_dir(tmp)
+        final_path = folder / name
+        if final_path.exists():  # re-save at the same step (e.g. final right after a periodic one)
+            trash = folder / f".tmp-trash-{name}-{time.time_ns()}"
+            os.rename(final_path, trash)
+            os.rename(tmp, final_path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final_path)
+        _fsync_dir(folder)
+        return final_path
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` -> (tensors, JSON-able structure) with no pickle needed."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        out = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tkey = f"state.{idx}.{key}"
+                tensors[tkey] = value.detach().cpu().contiguous()
+                out[key] = {"tensor": tkey}
+            else:
+                out[key] = {"value": value}
+        structure["state"][str(idx)] = out
+    return tensors, structure
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    groups = []
+    for group in structure["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    state = {}
+    for idx, entry in structure["state"].items():
+        state[int(idx)] = {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entry.items()}
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------- reading
+
+def verify_snapshot(path: str | Path) -> dict[str, Any]:
+    """Check a snapshot folder; return its meta or raise :class:`SnapshotError` saying why."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{path}: no meta.json (partial snapshot)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SnapshotError(f"{path}: meta.json does not parse: {err}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "step" not in meta:
+        raise SnapshotError(f"{path}: meta.json lacks 'step' or 'files'")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if "model.safetensors" not in meta["files"]:
+        raise SnapshotError(f"{path}: meta lists no model.safetensors")
+    for fname, info in meta["files"].items():
+        fpath = path / fname
+        if not fpath.is_file():
+            raise SnapshotError(f"{path}: {fname} is missing")
+        if fpath.stat().st_size != info.get("bytes"):
+            raise SnapshotError(f"{path}: {fname} has {fpath.stat().st_size} bytes, meta says {info.get('bytes')}")
+        if _sha256(fpath) != info.get("sha256"):
+            raise SnapshotError(f"{path}: {fname} checksum mismatch")
+        try:
+            with safe_open(str(fpath), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types on bad headers
+            raise SnapshotError(f"{path}: {fname} does not load: {err}") from None
+    return meta
+
+
+def list_snapshots(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every snapshot-named folder, oldest first (not verified)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_snapshot(folder: str | Path) -> Path | None:
+    """The newest snapshot under ``folder`` that verifies; corrupt ones are skipped with a warning."""
+    for _step, path in reversed(list_snapshots(folder)):
+        try:
+            verify_snapshot(path)
+            return path
+        except SnapshotError as err:
+            log.warning("skipping unusable snapshot: %s", err)
+    return None
+
+
+def prune_snapshots(folder: str | Path, *, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete snapshots except the newest ``keep_last`` and those whose step is a multiple of
+    ``keep_every``; also clear temp folders left by crashed writers. Returns what was removed."""
+    folder = Path(folder)
+    snaps = list_snapshots(folder)
+    keep = {p for _, p in snaps[-keep_last:]} | {p for s, p in snaps if s % keep_every == 0}
+    removed = []
+    for _step, path in snaps:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    now = time.time()
+    for tmp in folder.glob(".tmp-*") if folder.is_dir() else ():
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
+    """Load a snapshot into ``trainer`` (model, EMA, optimizer, counters, RNG); return meta."""
+    path = Path(path)
+    meta = verify_snapshot(path)
+    if meta["config"]["model"] != _model_dict(trainer.cfg.model):
+        raise SnapshotError(f"{path}: model config {meta['config']['model']} differs from this run's "
+                            f"{_model_dict(trainer.cfg.model)}")
+    device = str(trainer.device)
+    trainer.model.load_state_dict(load_file(str(path / "model.safetensors"), device=device))
+    if trainer.ema is not None:
+        source = "ema.safetensors" if (path / "ema.safetensors").is_file() else "model.safetensors"
+        trainer.ema.load_state_dict(load_file(str(path / source), device=device))
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
+        structure = json.loads(f.metadata()["structure"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, structure))
+    state = load_file(str(path / "trainer.safetensors"))
+    trainer.set_rng_state({k.removeprefix("rng."): v for k, v in state.items() if k.startswith("rng.")})
+    trainer.global_step = int(meta["step"])
+    trainer.skipped_steps = int(meta.get("skipped_steps", 0))
+    trainer.samples_seen = int(meta.get("samples_seen", 0))
+    if meta.get("image_size"):
+        trainer.image_size = tuple(meta["image_size"])
+    return meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = True) -> tuple[FFRM, dict[str, Any]]:
+    """An :class:`FFRM` in eval mode from a snapshot (EMA weights when present and ``ema``)."""
+    from reliev3r.config import build
+
+    path = Path(path)
+    meta = verify_snapshot(path)
+    model = FFRM(build(ModelConfig, meta["config"]["model"], "learner.model"))
+    fname = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
+    model.load_state_dict(load_file(str(path / fname), device="cpu"))
+    return model.to(device).eval(), meta
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _model_dict(cfg: ModelConfig) -> dict[str, Any]:
+    from reliev3r.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _versions() -> dict[str, str]:
+    try:
+        package = metadata.version("reliev3r")
+    except metadata.PackageNotFoundError:
+        package = "unknown"
+    return {"torch": torch.__version__, "reliev3r": package, "python": platform.python_version()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,260 @@
+"""The training step: model, AdamW, LR schedule, EMA, AMP and DDP policy around :class:`FFRM`.
+
+:class:`Trainer` owns everything whose state a snapshot must restore (model, EMA copy,
+optimizer, step counter, RNG). The model itself stays a plain module; this file decides how it
+is distributed (DDP under torchrun), compiled and cast (bf16 autocast on CUDA, fp32 on CPU).
+
+"Never step on NaN": a non-finite loss or grad norm skips the update (gradients are dropped)
+and is counted in :attr:`Trainer.skipped_steps`. Under DDP every rank skips together, because
+the grad norm is computed on the all-reduced gradients, so one rank's NaN reaches all.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from learner.config import LearnerConfig
+from learner.model import FFRM, Prediction
+from reliev3r import protocol
+
+LossFn = Callable[..., "tuple[Tensor, dict[str, float]]"]
+"""``loss_fn(pred, batch, cfg, *, teacher_space) -> (scalar loss, {term: float})``."""
+
+
+def default_loss_fn() -> LossFn:
+    from learner import objective  # imported late: the objective is another module's concern
+
+    return objective.compute_loss
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); -> (rank, size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def lr_at(cfg: LearnerConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then constant or
+    cosine down to 10% of the peak at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine" and cfg.max_steps > cfg.warmup_steps:
+        progress = min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and conv kernels only; biases, norms and learned tokens are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.endswith("_token") and not name.endswith("_tokens") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Model + optimisation state of one learner rank."""
+
+    def __init__(self, cfg: LearnerConfig, *, device: str | torch.device = "auto",
+                 teacher_space: str = "depth", loss_fn: LossFn | None = None, seed: int = 0):
+        self.cfg = cfg
+        self.device = resolve_device(device if device != "auto" else cfg.device)
+        self.teacher_space = teacher_space
+        self.loss_fn = loss_fn or default_loss_fn()
+        if cfg.threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world_size = init_distributed(self.device)
+        torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        self.model = FFRM(cfg.model).to(self.device)
+        self.ema: FFRM | None = None
+        if cfg.ema_decay > 0:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=lr_at(cfg, 0),
+                                           betas=(0.9, 0.95), fused=fused)
+        self.forward_model: nn.Module = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
+        self.global_step = 0
+        """Optimizer steps taken (skipped steps not included); names snapshots."""
+        self.skipped_steps = 0
+        self.samples_seen = 0
+        self.image_size: tuple[int, int] | None = None
+        """(H, W) of the last training batch, recorded in snapshots for inference."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ step
+    def step(self, batch: dict[str, Tensor], *, teacher_space: str | None = None) -> dict[str, float]:
+        """One optimisation step on a batch already on :attr:`device` (see
+        :func:`batch_from_message`). Returns loss terms, ``loss``, ``grad_norm``, ``lr``,
+        ``skipped`` (1.0 when the update was dropped) and ``step``."""
+        self.model.train()
+        lr = lr_at(self.cfg, self.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = batch["images"]
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            pred: Prediction = self.forward_model(images)
+        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=teacher_space or self.teacher_space)
+        # Backward even on a NaN loss: under DDP the all-reduce must happen on every rank, and
+        # the NaN then reaches every rank's grad norm, so all ranks skip this step together.
+        loss.backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        loss_value = float(loss.detach())
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            self.global_step += 1
+            self._update_ema()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.samples_seen += images.shape[0] * self.world_size
+        self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        return {**terms, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
+                "skipped": float(skipped), "step": float(self.global_step)}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        # Short warm-up of the decay so early snapshots' EMA is not dominated by the init.
+        decay = min(self.cfg.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        ema_params = list(self.ema.parameters())
+        params = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+    # ------------------------------------------------------------------ state
+    def rng_state(self) -> dict[str, Tensor]:
+        """Torch RNG states (the only RNG the step draws from)."""
+        state = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, Tensor]) -> None:
+        torch.set_rng_state(state["torch_cpu"].cpu())
+        if "torch_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["torch_cuda"].cpu(), self.device)
+
+    def save_state(self, run_snapshots: str | Path, *, final: bool = False,
+                   extra_meta: dict[str, Any] | None = None) -> Path:
+        """Write a snapshot of this trainer under ``run_snapshots`` (see :mod:`learner.snapshot`)."""
+        from learner import snapshot
+
+        return snapshot.save_snapshot(self, run_snapshots, final=final, extra_meta=extra_meta)
+
+    def load_state(self, path: str | Path) -> dict[str, Any]:
+        """Restore model, EMA, optimizer, step, skipped/sample counters and RNG from a snapshot
+        folder; return its meta. The LR schedule is a function of the step, so it resumes too."""
+        from learner import snapshot
+
+        return snapshot.restore_trainer(self, path)
+
+
+# ---------------------------------------------------------------------- batches
+
+def teacher_space_of(msg: protocol.Message) -> str | None:
+    """The depth teacher's output space ("depth", "disparity" ...) named in a batch's meta."""
+    teacher = msg.meta.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("depth"), dict):
+        space = teacher["depth"].get("space")
+        return space if isinstance(space, str) else None
+    return None
+
+
+def batch_from_message(msg: protocol.Message, device: str | torch.device) -> dict[str, Tensor]:
+    """Tensors of a replay ``batch`` message on ``device``.
+
+    ``images`` float32 [B,V,3,H,W] in [0, 1] (from ``frames`` uint8 [B,V,H,W,3]),
+    ``intrinsics`` [B,V,3,3], ``matches`` [K,8], and when present ``teacher_depth`` [B,V,H,W],
+    ``teacher_valid`` bool [B,V,H,W], ``gt_depth`` [B,V,H,W], ``gt_cam_to_world`` [B,V,4,4].
+    Arrays are copied out of the (read-only) receive buffers; on CUDA through pinned memory
+    with non-blocking copies, and frames travel as uint8 (4x fewer bytes) and are converted
+    on the device.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out: dict[str, Tensor] = {}
+    for name in ("frames", "intrinsics", "matches", "teacher_depth", "teacher_valid", "gt_depth", "gt_cam_to_world"):
+        arr = msg.arrays.get(name)
+        if arr is None:
+            continue
+        t = torch.from_numpy(np.array(arr, copy=True))
+        if cuda:
+            t = t.pin_memory()
+        out[name] = t.to(device, non_blocking=cuda)
+    frames = out.pop("frames")
+    out["images"] = frames.permute(0, 1, 4, 2, 3).float().div_(255.0)
+    if "teacher_valid" in out:
+        out["teacher_valid"] = out["teacher_valid"].bool()
+    return out
+
+
+def synthetic_batch(b: int, v: int, h: int, w: int, *, k: int = 64, seed: int = 0,
+                    device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A random, well-formed batch (for smoke tests and throughput measurements)."""
+    g = torch.Generator().manual_seed(seed)
+    focal = 0.5 * w / math.tan(math.radians(30))
+    intr = torch.tensor([[focal, 0, (w - 1) / 2], [0, focal, (h - 1) / 2], [0, 0, 1]])
+    bi = torch.randint(0, b, (k,), generator=g).float()
+    i = torch.randint(0, v, (k,), generator=g)
+    j = (i + 1 + torch.randint(0, max(v - 1, 1), (k,), generator=g)) % v
+    xy = torch.rand(k, 4, generator=g) * torch.tensor([w - 1, h - 1, w - 1, h - 1])
+    matches = torch.cat((bi[:, None], i[:, None].float(), j[:, None].float(), xy, torch.ones(k, 1)), dim=1)
+    batch = {"images": torch.rand(b, v, 3, h, w, generator=g), "intrinsics": intr.expand(b, v, 3, 3).clone(),
+             "matches": matches, "teacher_depth": 1 + torch.rand(b, v, h, w, generator=g),
+             "teacher_valid": torch.ones(b, v, h, w, dtype=torch.bool)}
+    return {k_: t.to(device) for k_, t in batch.items()}
+
+
+def measure_throughput(trainer: Trainer, batch: dict[str, Tensor], steps: int = 5) -> dict[str, float]:
+    """Steps per second and model FLOPs utilisation numerator (achieved FLOP/s) on ``batch``."""
+    trainer.step(batch)  # warm-up (compile, allocator)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(batch)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    elapsed = (time.perf_counter() - start) / steps
+    b, v, _, h, w = batch["images"].shape
+    flops = 3 * trainer.model.flops_per_sample(h, w, v) * b
+    return {"seconds_per_step": elapsed, "steps_per_second": 1 / elapsed, "flops_per_second": flops / elapsed}

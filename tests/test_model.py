@@ -1,0 +1,89 @@
+"""FFRM: shapes, ranges, fp32 heads, permutation equivariance, analytic FLOPs."""
+
+import torch
+
+from learner.config import ModelConfig
+from learner.model import FFRM, SIZES, Prediction
+
+torch.set_num_threads(1)
+
+
+def _model(**kw) -> FFRM:
+    torch.manual_seed(0)
+    return FFRM(ModelConfig(size="tiny", **kw)).eval()
+
+
+def test_output_shapes_and_ranges():
+    model = _model(predict_focal=True)
+    images = torch.rand(2, 3, 3, 32, 48)
+    pred = model(images)
+    assert isinstance(pred, Prediction)
+    assert pred.depth.shape == (2, 3, 32, 48) and pred.confidence.shape == (2, 3, 32, 48)
+    assert pred.cam_to_world.shape == (2, 3, 4, 4) and pred.focal.shape == (2, 3)
+    assert (pred.depth > 0).all()
+    assert ((pred.confidence > 0) & (pred.confidence < 2)).all()
+    # Initialisation: depth ~1, confidence ~1, poses near identity, bottom row exact.
+    assert (pred.depth - 1).abs().max() < 0.2
+    assert (pred.confidence - 1).abs().max() < 0.1
+    rot = pred.cam_to_world[..., :3, :3]
+    assert torch.allclose(rot @ rot.transpose(-1, -2), torch.eye(3).expand_as(rot), atol=1e-5)
+    assert (rot - torch.eye(3)).abs().max() < 0.2
+    assert torch.equal(pred.cam_to_world[..., 3, :], torch.tensor([0.0, 0, 0, 1]).expand(2, 3, 4))
+
+
+def test_heads_run_in_fp32_under_autocast():
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(torch.rand(1, 2, 3, 16, 16))
+    assert pred.depth.dtype == torch.float32
+    assert pred.confidence.dtype == torch.float32
+    assert pred.cam_to_world.dtype == torch.float32
+
+
+def test_permuting_views_permutes_outputs():
+    model = _model()
+    images = torch.rand(1, 4, 3, 24, 32)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        a, b = model(images), model(images[:, perm])
+    torch.testing.assert_close(b.depth, a.depth[:, perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.confidence, a.confidence[:, perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.cam_to_world, a.cam_to_world[:, perm], atol=1e-5, rtol=1e-5)
+
+
+def test_views_interact_through_global_attention():
+    # Changing view 1 must change view 0's output (otherwise the model is per-frame only).
+    model = _model()
+    images = torch.rand(1, 2, 3, 16, 16)
+    other = images.clone()
+    other[:, 1] = torch.rand(3, 16, 16)
+    with torch.no_grad():
+        assert not torch.allclose(model(images).cam_to_world[:, 0], model(other).cam_to_world[:, 0])
+
+
+def test_rejects_sizes_not_multiple_of_patch():
+    model = _model()
+    try:
+        model(torch.rand(1, 2, 3, 20, 16))
+    except ValueError as err:
+        assert "patch_size" in str(err)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_backward_reaches_every_parameter():
+    model = _model().train()
+    pred = model(torch.rand(1, 2, 3, 16, 16))
+    (pred.depth.mean() + pred.confidence.mean() + pred.cam_to_world.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_flops_scale_with_tokens_and_sizes_are_ordered():
+    model = _model()
+    f1 = model.flops_per_sample(64, 96, 4)
+    assert model.flops_per_sample(64, 96, 8) > 2 * f1  # global attention is quadratic in views
+    assert f1 > 2 * model.num_parameters() * 4 * (8 * 12)  # at least 2 FLOPs/param/token
+    assert list(SIZES) == ["tiny", "small", "base", "large"]
+    dims = [s.dim for s in SIZES.values()]
+    assert dims == sorted(dims) and SIZES["base"].dim == 768 and SIZES["base"].heads == 12

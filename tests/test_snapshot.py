@@ -1,0 +1,138 @@
+"""Snapshots: atomic write, exact resume, corruption detection, pruning, optimizer round trip."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from learner import snapshot
+from learner.snapshot import (SnapshotError, latest_snapshot, list_snapshots, load_model, prune_snapshots,
+                              verify_snapshot)
+from learner.train import Trainer, synthetic_batch
+from test_train import _cfg, toy_loss
+
+torch.set_num_threads(1)
+
+
+def _trainer(**kw) -> Trainer:
+    return Trainer(_cfg(**kw), device="cpu", loss_fn=toy_loss)
+
+
+def _batches(n):
+    return [synthetic_batch(1, 2, 16, 16, seed=s) for s in range(n)]
+
+
+def test_save_writes_plain_verified_files(tmp_path):
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    path = trainer.save_state(tmp_path, extra_meta={"teachers": {"depth": "embedded"}})
+    assert path.name == "step-000000001"
+    assert sorted(p.name for p in path.iterdir()) == ["ema.safetensors", "meta.json", "model.safetensors",
+                                                       "optimizer.safetensors", "trainer.safetensors"]
+    meta = verify_snapshot(path)
+    assert meta["step"] == 1 and meta["final"] is False and meta["teachers"] == {"depth": "embedded"}
+    assert meta["config"]["model"]["size"] == "tiny" and meta["image_size"] == [16, 16]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # temp folder renamed away
+
+
+def test_resume_continues_the_loss_curve_exactly(tmp_path):
+    batches = _batches(6)
+    straight = _trainer()
+    expected = [straight.step(b)["loss"] for b in batches]
+
+    first = _trainer()
+    for b in batches[:3]:
+        first.step(b)
+    path = first.save_state(tmp_path)
+    resumed = _trainer()
+    meta = resumed.load_state(path)
+    assert meta["step"] == 3 and resumed.global_step == 3
+    got = [resumed.step(b)["loss"] for b in batches[3:]]
+    assert got == expected[3:]  # bit-identical: model, EMA, AdamW moments, step and LR restored
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_optimizer_state_round_trip():
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    state = trainer.optimizer.state_dict()
+    tensors, structure = snapshot.flatten_optimizer_state(state)
+    back = snapshot.unflatten_optimizer_state(tensors, json.loads(json.dumps(structure)))
+    assert back["param_groups"] == state["param_groups"]
+    assert back["state"].keys() == state["state"].keys()
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(back["state"][idx][key], value), (idx, key)
+
+
+def test_corrupt_and_partial_snapshots_are_skipped_with_a_warning(tmp_path, caplog):
+    trainer = _trainer()
+    good = None
+    for step, b in enumerate(_batches(4)):
+        trainer.step(b)
+        path = trainer.save_state(tmp_path)
+        good = good or path
+    snaps = [p for _, p in list_snapshots(tmp_path)]
+    assert [p.name for p in snaps] == [f"step-00000000{i}" for i in (1, 2, 3, 4)]
+    # step 4: truncated weights; step 3: garbled meta; step 2: missing meta (crashed writer).
+    weights = snaps[3] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (snaps[2] / "meta.json").write_text("{not json")
+    (snaps[1] / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="reliev3r.learner.snapshot"):
+        assert latest_snapshot(tmp_path) == snaps[0]
+    text = caplog.text
+    assert "step-000000004" in text and "model.safetensors" in text
+    assert "meta.json does not parse" in text and "no meta.json" in text
+    with pytest.raises(SnapshotError, match="checksum|bytes"):
+        verify_snapshot(snaps[3])
+    with pytest.raises(SnapshotError):
+        _trainer().load_state(snaps[3])
+    assert latest_snapshot(tmp_path / "absent") is None
+
+
+def test_same_size_bit_flip_is_caught_by_checksum(tmp_path):
+    trainer = _trainer()
+    path = trainer.save_state(tmp_path)
+    data = bytearray((path / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "optimizer.safetensors").write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="checksum"):
+        verify_snapshot(path)
+
+
+def test_pruning_keeps_last_k_and_every_nth(tmp_path):
+    trainer = _trainer()
+    for step in range(1, 13):
+        trainer.global_step = step
+        trainer.save_state(tmp_path)
+    (tmp_path / ".tmp-step-000000013-1-1").mkdir()  # a crashed writer's leftovers (fresh: kept)
+    removed = prune_snapshots(tmp_path, keep_last=3, keep_every=5)
+    kept = [s for s, _ in list_snapshots(tmp_path)]
+    assert kept == [5, 10, 11, 12]
+    assert len(removed) == 8
+    assert (tmp_path / ".tmp-step-000000013-1-1").exists()
+
+
+def test_load_model_uses_ema_weights(tmp_path):
+    trainer = _trainer()
+    for b in _batches(3):
+        trainer.step(b)
+    path = trainer.save_state(tmp_path, final=True)
+    model, meta = load_model(path)
+    assert meta["final"] is True and not model.training
+    for a, b in zip(model.parameters(), trainer.ema.parameters()):
+        assert torch.equal(a, b)
+    raw, _ = load_model(path, ema=False)
+    assert torch.equal(next(raw.parameters()), next(trainer.model.parameters()))
+
+
+def test_resaving_the_same_step_replaces_atomically(tmp_path):
+    trainer = _trainer()
+    trainer.save_state(tmp_path)
+    path = trainer.save_state(tmp_path, final=True)
+    assert verify_snapshot(path)["final"] is True
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000000"]
