@@ -42,6 +42,25 @@ for D̂_i(u_i). Hence:
   terms, whose signal is proportional to parallax.
 * Per-view depth *shift* (D̂ + c) is invisible to the depth loss too and is observable in
   the angle loss for the same reason as scale, again only with parallax.
+
+Measured on the test world of ``tests/test_losses.py`` (4 views, depth 2-5, plain cost
+ρ = ℓ, mean over all matches, one view perturbed), loss values:
+
+==================  ===============  ===============  ===============
+error               baseline ~0.6    baseline ~0.2    baseline ~0.05
+==================  ===============  ===============  ===============
+view scale +10%     7.5e-5           8.6e-6           5.5e-7
+view shift +0.1     1.2e-5           1.2e-6           7.6e-8
+translation 0.1     4.2e-4           4.2e-4           4.3e-4
+rotation 1°         1.8e-5           1.6e-5           1.7e-5
+==================  ===============  ===============  ===============
+
+The per-view scale/shift signal falls as (baseline / depth)², while rotation and translation
+errors (translation measured in the gauge where depth ~ 3) cost the same at every baseline.
+A 10 % per-view scale error at baseline/depth ~ 0.15 costs about as much as a 2° rotation
+error; at baseline/depth ~ 0.06 it costs less than 1°. So, below ~0.1 baseline/depth, the
+learner can barely tell a per-frame scale error from noise: keyframe selection must favour
+parallax, and per-frame scale consistency may need a stronger signal than the sparse angles.
 """
 
 from __future__ import annotations
