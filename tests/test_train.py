@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,133 @@ def test_ddp_two_gloo_ranks_keep_identical_parameters(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train
+
+
+# ---------------------------------------------------------------------- the learner process
+
+class FakeReplay:
+    """A real ROUTER socket answering ``sample`` like the replay service: first "not_ready",
+    then batches of synthetic windows (echoing ``request_id`` as the service does)."""
+
+    def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16):
+        import zmq
+
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(f"tcp://127.0.0.1:{port}")
+        self.shape = (views, h, w)
+        self.requests: list[dict] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _batch(self, b: int, seed: int) -> dict:
+        v, h, w = self.shape
+        t = synthetic_batch(b, v, h, w, seed=seed)
+        return {"frames": (t["images"].permute(0, 1, 3, 4, 2).numpy() * 255).astype(np.uint8),
+                "intrinsics": t["intrinsics"].numpy(), "matches": t["matches"].numpy(),
+                "teacher_depth": t["teacher_depth"].numpy(), "teacher_valid": t["teacher_valid"].numpy().astype(np.uint8)}
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            identity, *frames = self.sock.recv_multipart()
+            msg = protocol.decode(frames)
+            self.requests.append(dict(msg.meta))
+            rid = msg.meta.get("request_id")
+            if len(self.requests) == 1:
+                reply = protocol.Message("error", {"reason": "not_ready", "request_id": rid})
+            else:
+                b = msg.meta["batch_size"]
+                meta = {"window_ids": [f"w{i}" for i in range(b)], "request_id": rid,
+                        "teacher": {"depth": {"name": "toy", "version": "1", "space": "depth"}}}
+                reply = protocol.Message("batch", meta, self._batch(b, len(self.requests)))
+            self.sock.send_multipart([identity, *protocol.encode(reply)])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close(linger=0)
+
+
+def _pipeline(tmp_path, port, **learner):
+    from reliev3r.config import NetworkConfig, PipelineConfig, RunConfig
+
+    return PipelineConfig(run=RunConfig(dir=str(tmp_path)), network=NetworkConfig(replay_port=port),
+                          learner=_cfg(device="cpu", **learner))
+
+
+@pytest.mark.timeout(120)
+def test_learner_process_trains_snapshots_and_resumes(tmp_path):
+    import zmq
+
+    from learner import service
+    from learner.snapshot import list_snapshots, verify_snapshot
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port)
+    try:
+        cfg = _pipeline(tmp_path, port, max_steps=3, snapshot_every=2)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
+            assert runtime.status["step"] == 3 and runtime.status["depth_loss_on"] is True
+            text = _metrics_text(runtime)
+        assert "reliev3r_learner_step 3.0" in text
+        assert "reliev3r_snapshot_step 3.0" in text
+        assert 'reliev3r_learner_loss{term="depth"}' in text
+        assert "reliev3r_learner_samples_total 6.0" in text
+        snaps = list_snapshots(tmp_path / "snapshots")
+        assert [s for s, _ in snaps] == [2, 3]
+        meta = verify_snapshot(snaps[-1][1])
+        assert meta["final"] is True and meta["teachers"]["depth"]["name"] == "toy"
+        assert all(r["batch_size"] == 2 and r["rank"] == 0 for r in replay.requests)
+
+        # A restart with a higher max_steps resumes at step 3 and ends at 5.
+        cfg = _pipeline(tmp_path, port, max_steps=5, snapshot_every=100)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
+            assert runtime.status["step"] == 5
+        assert [s for s, _ in list_snapshots(tmp_path / "snapshots")] == [2, 3, 5]
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(120)
+def test_learner_process_snapshots_on_stop(tmp_path):
+    import zmq
+
+    from learner import service
+    from learner.snapshot import latest_snapshot, verify_snapshot
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port)
+    try:
+        cfg = _pipeline(tmp_path, port, max_steps=0, snapshot_every=1000)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            def stop_after_two_steps():
+                while runtime.status.get("step", 0) < 2:
+                    time.sleep(0.05)
+                runtime.stop()  # what SIGTERM does
+
+            threading.Thread(target=stop_after_two_steps, daemon=True).start()
+            assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
+        path = latest_snapshot(tmp_path / "snapshots")
+        meta = verify_snapshot(path)
+        assert meta["step"] >= 2 and meta["final"] is False
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
+def _metrics_text(runtime) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(runtime.metrics.registry).decode()

@@ -1,0 +1,192 @@
+"""The learner process: sample batches from replay, train, write snapshots.
+
+Resumes from the newest valid snapshot under ``<run.dir>/snapshots``; a background thread
+keeps the next batch ready while the current step runs; snapshots every
+``learner.snapshot_every`` steps, on SIGTERM/SIGINT, and at ``max_steps`` (meta ``final``).
+Under torchrun every rank samples its own batches (``rank`` in the request); ranks agree on
+stopping through one small all-reduce per step, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from learner.snapshot import latest_snapshot, prune_snapshots
+from learner.train import LossFn, Trainer, batch_from_message, teacher_space_of
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig
+from reliev3r.service import Runtime
+from replay.client import ReplayClient, ReplayError
+
+LOG_EVERY_S = 10.0
+
+
+class BatchPrefetcher:
+    """Fetches ``batch`` messages ahead in a thread with its own socket (ZMQ sockets are not
+    thread-safe); ``get`` waits at most ``timeout`` seconds so the caller can watch for stop."""
+
+    def __init__(self, runtime: Runtime, endpoint: str, batch_size: int, rank: int, depth: int = 1):
+        self.runtime = runtime
+        self._args = (endpoint, batch_size, rank)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"learner-prefetch-{rank}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        endpoint, batch_size, rank = self._args
+        # Short call timeout: an idle or absent replay only costs a retry and a log line.
+        client = ReplayClient(endpoint, ctx=self.runtime.ctx, timeout_s=5.0, retry_s=3.0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    msg = client.sample(batch_size, rank)
+                except TimeoutError:
+                    self.runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
+                    continue
+                except ReplayError as err:
+                    self.runtime.metrics.reject(f"sample_{err.reason}")
+                    self.runtime.log.warning("replay refused a sample", extra={"reason": err.reason})
+                    self._stop.wait(1.0)
+                    continue
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(msg, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        finally:
+            client.close()
+
+    def get(self, timeout: float = 0.1) -> protocol.Message | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class LearnerMetrics:
+    def __init__(self, runtime: Runtime):
+        m = runtime.metrics
+        self.step = m.gauge("learner_step", "Optimizer steps taken")
+        self.loss = m.gauge("learner_loss", "Loss of the latest step, by term", ["term"])
+        self.grad_norm = m.gauge("learner_grad_norm", "Global gradient norm of the latest step (before clipping)")
+        self.steps_per_second = m.gauge("learner_steps_per_second", "Training steps per second (smoothed)")
+        self.samples = m.counter("learner_samples_total", "Windows trained on (this rank)")
+        self.skipped = m.counter("learner_skipped_steps_total", "Steps dropped for a non-finite loss or grad norm")
+        self.snapshot_duration = m.histogram("snapshot_duration_seconds", "Time to write one snapshot",
+                                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.snapshot_step = m.gauge("snapshot_step", "Step of the newest snapshot written")
+
+
+def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None) -> int:
+    """Entry of ``reliev3r learn``. ``loss_fn`` replaces the objective (tests only)."""
+    lcfg = cfg.learner
+    trainer = Trainer(lcfg, device=lcfg.device, loss_fn=loss_fn, seed=cfg.run.seed)
+    snapshots = cfg.run_dir / "snapshots"
+    metrics = LearnerMetrics(runtime)
+    latest = latest_snapshot(snapshots)
+    if latest is not None:
+        trainer.load_state(latest)
+        runtime.log.info("resumed", extra={"snapshot": str(latest), "step": trainer.global_step})
+    metrics.step.set(trainer.global_step)
+    runtime.log.info("learner up", extra={"rank": trainer.rank, "world_size": trainer.world_size,
+                                          "device": str(trainer.device), "size": lcfg.model.size,
+                                          "parameters": trainer.model.num_parameters()})
+    if lcfg.max_steps and trainer.global_step >= lcfg.max_steps:
+        runtime.log.info("max_steps already reached", extra={"step": trainer.global_step})
+        return 0
+
+    endpoint = cfg.network.connect(cfg.network.replay_port)
+    prefetch = BatchPrefetcher(runtime, endpoint, lcfg.batch_size, trainer.rank)
+    teachers: Any = None
+    rate, last_time, last_log = 0.0, time.perf_counter(), 0.0
+    last_saved = trainer.global_step if latest is not None else -1
+    try:
+        while True:
+            msg = None
+            while msg is None and not runtime.stopping:
+                msg = prefetch.get(0.1)
+            if _any_rank_stopping(runtime.stopping, trainer):
+                break
+            teachers = msg.meta.get("teacher", teachers)
+            batch = batch_from_message(msg, trainer.device)
+            out = trainer.step(batch, teacher_space=teacher_space_of(msg))
+
+            now = time.perf_counter()
+            rate = 1.0 / max(now - last_time, 1e-9) if rate == 0 else 0.9 * rate + 0.1 / max(now - last_time, 1e-9)
+            last_time = now
+            _report(metrics, runtime, trainer, out, rate, depth_on="teacher_depth" in batch,
+                    samples=int(batch["images"].shape[0]))
+            if now - last_log > LOG_EVERY_S:
+                last_log = now
+                runtime.log.info("step", extra={k: round(v, 5) for k, v in out.items()})
+
+            done = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
+            if done:
+                break
+            if not out["skipped"] and trainer.global_step % lcfg.snapshot_every == 0:
+                _snapshot(trainer, snapshots, metrics, runtime, teachers, final=False)
+                last_saved = trainer.global_step
+    finally:
+        prefetch.close()
+    final = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
+    if final or trainer.global_step != last_saved:
+        _snapshot(trainer, snapshots, metrics, runtime, teachers, final=final)
+    if trainer.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    runtime.log.info("learner done", extra={"step": trainer.global_step, "final": final,
+                                            "skipped_steps": trainer.skipped_steps})
+    return 0
+
+
+def _any_rank_stopping(stopping: bool, trainer: Trainer) -> bool:
+    if trainer.world_size == 1:
+        return stopping
+    flag = torch.tensor([float(stopping)], device=trainer.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _report(metrics: LearnerMetrics, runtime: Runtime, trainer: Trainer, out: dict[str, float], rate: float,
+            *, depth_on: bool, samples: int) -> None:
+    metrics.step.set(trainer.global_step)
+    for term, value in out.items():
+        if term not in ("grad_norm", "lr", "skipped", "step", "matches"):
+            metrics.loss.labels(term).set(value)
+    metrics.grad_norm.set(out["grad_norm"])
+    metrics.steps_per_second.set(rate)
+    metrics.samples.inc(samples)
+    if out["skipped"]:
+        metrics.skipped.inc()
+        runtime.log.warning("skipped a non-finite step", extra={"loss": out["loss"], "grad_norm": out["grad_norm"],
+                                                                "skipped_steps": trainer.skipped_steps})
+    runtime.status.update(step=trainer.global_step, loss=round(out["loss"], 5), steps_per_s=round(rate, 3),
+                          depth_loss_on=depth_on)
+
+
+def _snapshot(trainer: Trainer, folder: Path, metrics: LearnerMetrics, runtime: Runtime, teachers: Any,
+              *, final: bool) -> None:
+    if not trainer.is_main:
+        return
+    start = time.perf_counter()
+    path = trainer.save_state(folder, final=final, extra_meta={"teachers": teachers})
+    cfg = trainer.cfg
+    removed = prune_snapshots(folder, keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+    elapsed = time.perf_counter() - start
+    metrics.snapshot_duration.observe(elapsed)
+    metrics.snapshot_step.set(trainer.global_step)
+    runtime.log.info("snapshot written", extra={"path": str(path), "step": trainer.global_step, "final": final,
+                                                "seconds": round(elapsed, 3), "pruned": len(removed)})
