@@ -144,6 +144,7 @@ class VideoSource:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         index, last_time, errors_in_row = 0, 0.0, 0
+        rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
         packets = container.demux(stream)
         while True:
@@ -172,7 +173,10 @@ class VideoSource:
             for vframe in decoded:
                 i = index
                 index += 1
-                last_time = float(vframe.time) if vframe.time is not None else i / float(stream.average_rate or 25)
+                # Decoders emit frames in display order, but some containers (AVI with packed
+                # B-frames) carry decode-order stamps: keep timestamps increasing.
+                t = vframe.time
+                last_time = float(t) if t is not None and (i == 0 or t > last_time) else last_time + 1.0 / rate
                 if i < start:
                     continue
                 rgb = vframe.to_ndarray(format="rgb24")

@@ -1,0 +1,250 @@
+"""Streamer sources and windows on real files: shared clips, 7-Scenes frames with ground
+truth, videos encoded here, and every kind of broken input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from streamer.config import StreamerConfig
+from streamer.sources import (ImageSequenceSource, VideoSource, discover, read_intrinsics, source_name)
+from streamer.windows import WindowBuilder, resize_view, scale_crop_intrinsics, windows_of
+from streamer_media import SHARED, encode, panning_frames
+
+VIDEOS = SHARED / "videos"
+KITCHEN = SHARED / "7scenes-redkitchen"
+needs_videos = pytest.mark.skipif(not VIDEOS.is_dir(), reason=f"shared videos absent ({VIDEOS})")
+needs_kitchen = pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"7-Scenes frames absent ({KITCHEN})")
+
+
+class Errors(list):
+    def __call__(self, source, reason, detail):
+        self.append((source, reason, detail))
+
+    def reasons(self):
+        return [r for _, r, _ in self]
+
+
+def take(source, n=None):
+    out = []
+    for frame in source.frames():
+        out.append(frame)
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------- real files
+
+@needs_videos
+@pytest.mark.parametrize("name, size, count", [("tree.avi", (240, 320), 68), ("Megamind.avi", (528, 720), None),
+                                               ("nasa_13013.mp4", (180, 320), None)])
+def test_shared_videos_decode(name, size, count):
+    errors = Errors()
+    frames = take(VideoSource(VIDEOS / name, on_error=errors), n=None if count else 12)
+    assert frames and frames[0].rgb.shape == (*size, 3) and frames[0].rgb.dtype == np.uint8
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert all(b.timestamp > a.timestamp for a, b in zip(frames, frames[1:]))
+    if count:
+        assert len(frames) == count
+    K = frames[0].intrinsics  # no metadata: assumed 60 degree horizontal FoV, centred
+    assert K[0, 2] == pytest.approx((size[1] - 1) / 2) and K[0, 0] == pytest.approx(size[1] / 2 / np.tan(np.pi / 6))
+
+
+def test_encoded_video_roundtrip(tmp_path):
+    truth = panning_frames(20, 96, 64)
+    path = encode(tmp_path / "pan.mp4", truth)
+    errors = Errors()
+    frames = take(VideoSource(path, on_error=errors))
+    assert len(frames) == 20 and not errors
+    # lossy codec: close to the truth, not equal
+    assert np.abs(frames[5].rgb.astype(int) - truth[5]).mean() < 8
+    src = VideoSource(path)
+    resumed = list(src.frames(start=15))
+    assert [f.index for f in resumed] == list(range(15, 20)) and src.position == 20
+
+
+def test_source_name_stable_and_unique(tmp_path):
+    a, b = tmp_path / "x" / "clip.mp4", tmp_path / "y" / "clip.mp4"
+    assert source_name(a) == source_name(a) and source_name(a) != source_name(b)
+    assert source_name(a).startswith("clip-")
+
+
+@needs_kitchen
+def test_image_sequence_with_intrinsics_and_gt():
+    errors = Errors()
+    src = ImageSequenceSource(KITCHEN, on_error=errors)
+    frames = take(src, 3)
+    assert not errors and len(frames) == 3
+    f = frames[0]
+    assert f.rgb.shape == (480, 640, 3)
+    np.testing.assert_allclose(f.intrinsics, [[585, 0, 320], [0, 585, 240], [0, 0, 1]])
+    assert f.gt_depth.dtype == np.float32 and f.gt_depth.shape == (480, 640)
+    valid = f.gt_depth[f.gt_depth > 0]
+    assert 0.5 < np.median(valid) < 4.0  # metres, not millimetres
+    np.testing.assert_allclose(f.gt_cam_to_world[:3, :3] @ f.gt_cam_to_world[:3, :3].T, np.eye(3), atol=1e-3)
+    assert src.files[0].name == "frame-000000.color.jpg" and all(".depth." not in p.name for p in src.files)
+
+
+def test_intrinsics_file_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("500 0 320\n0 510 240\n0 0 1\n")
+    (tmp_path / "b.txt").write_text("500 510 320 240\n")
+    (tmp_path / "c.txt").write_text("hello\n")
+    np.testing.assert_allclose(read_intrinsics(tmp_path / "a.txt"), read_intrinsics(tmp_path / "b.txt"))
+    with pytest.raises(Exception, match="bad_intrinsics"):
+        read_intrinsics(tmp_path / "c.txt")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    good = encode(tmp_path / "good.mkv", panning_frames(40, 64, 48))
+    data = good.read_bytes()
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("this is not a video\n" * 20)
+    (tmp_path / "half.mkv").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    mid = len(corrupt) // 2
+    corrupt[mid:mid + 1500] = np.random.default_rng(0).integers(0, 256, 1500, dtype=np.uint8).tobytes()
+    (tmp_path / "corrupt.mkv").write_bytes(bytes(corrupt))
+    return {"good": good, "zero": tmp_path / "zero.mp4", "text": tmp_path / "text.mp4",
+            "half": tmp_path / "half.mkv", "corrupt": tmp_path / "corrupt.mkv", "missing": tmp_path / "nope.mp4"}
+
+
+def test_bad_inputs_reported_and_others_flow(tmp_path):
+    files = _bad_files(tmp_path)
+    errors = Errors()
+    specs = [str(files[k]) for k in ("zero", "text", "half", "corrupt", "missing", "good")]
+    sources = discover(specs, on_error=errors)
+    assert len(sources) == 5  # the missing path never becomes a source
+    counts = {s.path.name: len(take(s)) for s in sources}
+    by_source = {}
+    for name, reason, detail in errors:
+        by_source.setdefault(name, []).append(reason)
+        assert detail  # every problem says what and where
+    assert by_source[source_name(files["missing"])] == ["missing"]
+    assert by_source[source_name(files["zero"])] == ["empty_file"]
+    assert by_source[source_name(files["text"])] == ["open_failed"]
+    assert counts["zero.mp4"] == counts["text.mp4"] == 0
+    # frames before the cut or corruption are used, and the problem is reported
+    assert 5 <= counts["half.mkv"] < 40 and by_source[source_name(files["half"])]
+    assert 5 <= counts["corrupt.mkv"] < 40 and by_source[source_name(files["corrupt"])]
+    assert counts["good.mkv"] == 40 and source_name(files["good"]) not in by_source
+
+
+def test_truncated_mp4_and_garbage_middle_mp4(tmp_path):
+    good = encode(tmp_path / "good.mp4", panning_frames(30, 64, 48))
+    data = good.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # index (moov) at the end: unreadable
+    errors = Errors()
+    assert take(VideoSource(tmp_path / "cut.mp4", on_error=errors)) == []
+    assert errors.reasons() == ["open_failed"]
+    assert len(take(VideoSource(good))) == 30
+
+
+@needs_videos
+def test_streamer_metrics_count_errors_per_source(tmp_path):
+    """Through the service's window stream: errors counted per source, good sources flow."""
+    from monitoring.metrics import Metrics
+    from streamer.service import window_stream
+    import logging
+
+    files = _bad_files(tmp_path)
+    metrics = Metrics("streamer")
+    errs = metrics.counter("decode_errors_total", "", ["source", "reason"])
+    frames_total = metrics.counter("decode_frames_total", "", ["source"])
+    cfg = StreamerConfig(sources=[str(files["text"]), str(files["missing"]), str(VIDEOS / "tree.avi")],
+                         loop=False, views=3, frame_stride=2, window_step=4)
+    windows = list(window_stream(lambda: discover(cfg.sources, on_error=lambda s, r, d: errs.labels(s, r).inc()),
+                                 cfg, on_frame=lambda s: frames_total.labels(s).inc(),
+                                 on_error=lambda s, r, d: errs.labels(s, r).inc(), log=logging.getLogger("t")))
+    value = metrics.registry.get_sample_value
+    assert value("reliev3r_decode_errors_total", {"source": source_name(files["text"]), "reason": "open_failed"}) == 1
+    assert value("reliev3r_decode_errors_total", {"source": source_name(files["missing"]), "reason": "missing"}) == 1
+    assert value("reliev3r_decode_frames_total", {"source": source_name(VIDEOS / "tree.avi")}) == 68
+    assert len(windows) >= 10 and all(w.source == source_name(VIDEOS / "tree.avi") for w in windows)
+
+
+# ----------------------------------------------------------------------------- windows
+
+def test_window_grouping_and_ids(tmp_path):
+    path = encode(tmp_path / "pan.mp4", panning_frames(40, 96, 64))
+    cfg = StreamerConfig(views=3, height=32, width=32, frame_stride=4, window_step=8, loop=False)
+    src = VideoSource(path)
+    windows = list(windows_of(src.name, src.frames(), cfg, pass_index=2))
+    assert [[v.index for v in w.views] for w in windows][:3] == [[0, 4, 8], [8, 12, 16], [16, 20, 24]]
+    assert windows[1].window_id == f"{src.name}:2:8"
+    msg = windows[0].to_message()
+    assert msg.arrays["frames"].shape == (3, 32, 32, 3) and msg.arrays["intrinsics"].dtype == np.float32
+    assert msg.meta["frame_indices"] == [0, 4, 8] and "gt_depth" not in msg.arrays
+
+
+def test_motion_gate_skips_still_frames_and_cuts():
+    still = np.full((20, 48, 64, 3), 0, np.uint8)
+    still[:] = panning_frames(1, 64, 48)[0]
+    moving = (panning_frames(20, 64, 48, step=4, seed=3) * 0.3).astype(np.uint8)  # another, darker scene
+    frames = [SimpleNamespace(index=i, timestamp=i, rgb=img, intrinsics=np.eye(3), gt_depth=None, gt_cam_to_world=None)
+              for i, img in enumerate(np.concatenate([still, moving]))]
+    builder = WindowBuilder("s", views=2, height=24, width=32, frame_stride=1, window_step=1,
+                            min_motion=0.5, scene_cut=50.0)
+    windows = [w for f in frames if (w := builder.push(f)) is not None]
+    firsts = [w.views[0].index for w in windows]
+    assert builder.skipped_still >= 18  # the still camera adds no views
+    assert builder.cuts == 1 and firsts and min(firsts) >= 20  # no window spans the cut
+    assert len(windows) == 19  # every moving frame is a view
+
+
+def test_intrinsics_scaling_exact_known_answer():
+    """A 3D point projects, in the resized and cropped image, exactly where the full-res pixel
+    maps under (x + 0.5) * s - 0.5 - crop."""
+    import torch
+    from reliev3r import geometry
+
+    K = np.array([[585.0, 0, 320], [0, 585.0, 240], [0, 0, 1]])
+    src_w, src_h, rw, rh, left, top = 640, 480, 128, 96, 16, 0
+    K2 = scale_crop_intrinsics(K, src_w, src_h, rw, rh, left, top)
+    Kt = geometry.crop_intrinsics(geometry.resize_intrinsics(torch.tensor(K), rw / src_w, rh / src_h), left, top)
+    np.testing.assert_allclose(K2, Kt.numpy(), atol=1e-12)
+    pts = np.array([[0.3, -0.2, 2.0], [-1.0, 0.5, 3.0], [0.0, 0.0, 1.0]])
+    full = (pts @ K.T)[:, :2] / pts[:, 2:]
+    small = (pts @ K2.T)[:, :2] / pts[:, 2:]
+    np.testing.assert_allclose(small, (full + 0.5) * [rw / src_w, rh / src_h] - 0.5 - [left, top], atol=1e-9)
+
+
+@needs_kitchen
+def test_window_gt_projection_consistent_after_resize():
+    """Unproject view 0 with its resized GT depth and window intrinsics, move to view 1 with GT
+    poses, project with view 1's intrinsics: the depth there agrees with view 1's GT depth."""
+    src = ImageSequenceSource(KITCHEN)
+    frames = [f for f in take(src, 13)][::12]  # frames 0 and 12
+    views = [resize_view(f, 96, 96) for f in frames]  # 640x480 -> 128x96 then 16 px cropped each side
+
+    def agreement(K0, K1):
+        d0 = views[0].gt_depth
+        ys, xs = np.nonzero(d0 > 0)
+        z = d0[ys, xs]
+        cam0 = np.stack([(xs - K0[0, 2]) / K0[0, 0] * z, (ys - K0[1, 2]) / K0[1, 1] * z, z], 1)
+        T = np.linalg.inv(views[1].gt_cam_to_world) @ views[0].gt_cam_to_world
+        cam1 = cam0 @ T[:3, :3].T + T[:3, 3]
+        uv = cam1[:, :2] / cam1[:, 2:] * [K1[0, 0], K1[1, 1]] + [K1[0, 2], K1[1, 2]]
+        u, v = np.round(uv).astype(int).T
+        inside = (u >= 0) & (u < 96) & (v >= 0) & (v < 96) & (cam1[:, 2] > 0)
+        d1 = views[1].gt_depth[v[inside], u[inside]]
+        ok = d1 > 0
+        rel = np.abs(d1[ok] - cam1[inside, 2][ok]) / d1[ok]
+        grey = [view.rgb.astype(np.float32).mean(-1) for view in views]
+        photometric = np.abs(grey[1][v[inside], u[inside]] - grey[0][ys[inside], xs[inside]])
+        return float(np.mean(rel < 0.03)), int(ok.sum()), float(np.median(photometric))
+
+    good, n, photo_good = agreement(views[0].intrinsics, views[1].intrinsics)
+    assert n > 3000 and good > 0.8
+    # Known-bad contrast: view 1's principal point off by 3 px (e.g. a crop forgotten at a
+    # smaller scale): colours no longer agree.
+    bad_K = views[1].intrinsics.copy()
+    bad_K[0, 2] += 3
+    _, _, photo_bad = agreement(views[0].intrinsics, bad_K)
+    assert photo_good < 0.6 * photo_bad, (photo_good, photo_bad)
