@@ -136,3 +136,31 @@ def test_resaving_the_same_step_replaces_atomically(tmp_path):
     path = trainer.save_state(tmp_path, final=True)
     assert verify_snapshot(path)["final"] is True
     assert [p.name for p in tmp_path.iterdir()] == ["step-000000000"]
+
+
+def test_reconstructor_runs_on_paths_and_arrays(tmp_path):
+    import cv2
+    import numpy as np
+
+    from learner.api import Reconstructor
+
+    trainer = _trainer()
+    trainer.step(synthetic_batch(1, 2, 16, 24))
+    trainer.save_state(tmp_path / "run" / "snapshots")
+    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    assert rec.image_size == (16, 24)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "b.png"), cv2.cvtColor(a, cv2.COLOR_RGB2BGR))
+    k = np.array([[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]], np.float32)
+    out = rec.run([a, tmp_path / "b.png"], intrinsics=k)
+    assert out["depth"].shape == (2, 16, 24) and out["confidence"].shape == (2, 16, 24)
+    assert out["cam_to_world"].shape == (2, 4, 4) and out["points"].shape == (2, 16, 24, 3)
+    np.testing.assert_allclose(out["intrinsics"][0], [[20.0, 0, 11.5], [0, 20.0, 7.5], [0, 0, 1]])
+    np.testing.assert_array_equal(out["images"][0], out["images"][1])  # path and array read alike
+    # World points map back to each camera's depth along its optical axis.
+    c2w = out["cam_to_world"][1]
+    cam = (out["points"][1].reshape(-1, 3) - c2w[:3, 3]) @ c2w[:3, :3]
+    np.testing.assert_allclose(cam[:, 2], out["depth"][1].reshape(-1), rtol=1e-4)
+    with pytest.raises(FileNotFoundError):
+        Reconstructor.from_snapshot(tmp_path / "nothing")

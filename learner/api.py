@@ -1,0 +1,113 @@
+"""A small Python API for users: images in, depth, confidence, poses and points out.
+
+    from learner.api import Reconstructor
+    rec = Reconstructor.from_snapshot("runs/default")          # newest valid snapshot
+    out = rec.run(["a.jpg", "b.jpg", "c.jpg"])                  # or HxWx3 uint8 RGB arrays
+    out["depth"].shape, out["cam_to_world"].shape                # (3, H, W), (3, 4, 4)
+
+Images are resized to the size the model was trained at (``image_size`` in the snapshot
+meta), or else to the nearest multiples of the patch size; intrinsics, given or assumed
+(60 degree horizontal field of view), are scaled with the resize. Outputs live at the
+model's resolution, in the model's own world frame (defined up to a similarity).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from learner.model import FFRM
+from learner.snapshot import latest_snapshot, load_model
+from learner.train import resolve_device
+from reliev3r import geometry
+
+DEFAULT_HFOV_DEG = 60.0
+
+
+class Reconstructor:
+    def __init__(self, model: FFRM, meta: dict[str, Any], device: torch.device):
+        self.model = model.eval()
+        self.meta = meta
+        self.device = device
+        size = meta.get("image_size")
+        self.image_size: tuple[int, int] | None = (int(size[0]), int(size[1])) if size else None
+        """(H, W) the model was trained at, or None (then inputs keep their size, rounded)."""
+
+    @classmethod
+    def from_snapshot(cls, path: str | Path, device: str = "auto", *, ema: bool = True) -> "Reconstructor":
+        """``path``: a snapshot folder, a ``snapshots`` folder or a run folder (newest valid one)."""
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            for folder in (path, path / "snapshots"):
+                found = latest_snapshot(folder)
+                if found is not None:
+                    path = found
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no valid snapshot there")
+        dev = resolve_device(device)
+        model, meta = load_model(path, dev, ema=ema)
+        return cls(model, meta, dev)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.image_size is not None:
+            return self.image_size
+        p = self.model.cfg.patch_size
+        return max(p, round(height / p) * p), max(p, round(width / p) * p)
+
+    @torch.no_grad()
+    def run(self, images: Sequence[np.ndarray | str | Path], intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Reconstruct one window of V images (RGB uint8 HxWx3 arrays or image file paths).
+
+        ``intrinsics``: [3, 3] shared or [V, 3, 3] per image, in pixels of the given images.
+        Returns float32 arrays: ``depth`` [V,H,W], ``confidence`` [V,H,W], ``cam_to_world``
+        [V,4,4], ``intrinsics`` [V,3,3] (of the resized images), ``points`` [V,H,W,3] (world
+        frame) and ``images`` uint8 [V,H,W,3] (the resized inputs).
+        """
+        frames = [_read(im) for im in images]
+        if len(frames) < 1:
+            raise ValueError("images: need at least one image")
+        h, w = self.target_size(*frames[0].shape[:2])
+        resized, ks = [], []
+        for i, frame in enumerate(frames):
+            fh, fw = frame.shape[:2]
+            if intrinsics is None:
+                k = geometry.intrinsics_from_fov(DEFAULT_HFOV_DEG, fw, fh)
+            else:
+                arr = np.asarray(intrinsics, dtype=np.float32)
+                k = torch.from_numpy(arr if arr.ndim == 2 else arr[i]).float()
+            ks.append(geometry.resize_intrinsics(k, w / fw, h / fh))
+            resized.append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if fw > w else cv2.INTER_LINEAR))
+        stack = np.stack(resized)
+        x = torch.from_numpy(stack).to(self.device).permute(0, 3, 1, 2).float().div(255.0)[None]
+        pred = self.model(x)
+        k = torch.stack(ks).to(self.device)
+        if pred.focal is not None and intrinsics is None:
+            k = k.clone()
+            k[:, 0, 0] = k[:, 1, 1] = pred.focal[0]
+        cam_points = geometry.unproject_depth(pred.depth[0], k)  # [V,H,W,3]
+        world = geometry.transform_points(pred.cam_to_world[0], cam_points.reshape(len(frames), -1, 3))
+        return {"depth": _np(pred.depth[0]), "confidence": _np(pred.confidence[0]),
+                "cam_to_world": _np(pred.cam_to_world[0]), "intrinsics": _np(k),
+                "points": _np(world.reshape(len(frames), h, w, 3)), "images": stack}
+
+
+def _read(image: np.ndarray | str | Path) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FileNotFoundError(f"{image}: cannot read image")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"images: expected HxWx3 uint8 RGB arrays, got {arr.dtype}{list(arr.shape)}")
+    return arr
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
