@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="folder for the JSON and markdown results")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
+    status = add("status", "print the state of a running pipeline from its metrics endpoints")
+    status.add_argument("--run-dir", default=None, help="run folder with processes.json (default: run.dir)")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between the two scrapes for rates")
+    keys = add("keys", "generate CURVE key pairs for the ZeroMQ links (network.curve)")
+    keys.add_argument("--out", required=True, help="folder for the key files (created, mode 0700)")
+    keys.add_argument("--force", action="store_true", help="replace existing keys")
     return parser
 
 
@@ -93,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = ensure_world(Path(args.out), cfg.streamer.synthetic)
         print("\n".join(str(p) for p in paths))
         return 0
+    if args.command == "status":
+        from reliev3r.status import main as status_main
+
+        return status_main(Path(args.run_dir) if args.run_dir else cfg.run_dir, interval=args.interval)
+    if args.command == "keys":
+        from reliev3r.security import keys_main
+
+        return keys_main(Path(args.out), overwrite=args.force)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,239 @@
+"""CURVE authentication for the ZeroMQ links between stages (``network.curve`` in the config).
+
+Every link has one binding side (streamer work ROUTER, replay ROUTER, supervisor PULL) and
+connecting sides. With ``enabled: true`` the binding socket becomes a CURVE server holding
+the server secret key, and a ZAP authenticator (one thread per ``zmq.Context``) lets in only
+clients whose public key is a ``*.key`` file in ``authorized_clients``. Unknown keys are
+refused before any message is delivered, and every refusal is counted in
+``reliev3r_auth_failures_total{stage}``. Connecting sockets carry the client key pair and
+the server's public key. With ``enabled: false`` both helpers do nothing.
+
+Keys are ZeroMQ certificate files (the czmq layout pyzmq's ``zmq.auth`` reads): ``NAME.key``
+holds the public key, ``NAME.key_secret`` both keys and is written with mode 0600.
+``reliev3r keys --out DIR`` writes::
+
+    DIR/server.key  DIR/server.key_secret  DIR/client.key  DIR/client.key_secret
+    DIR/authorized_clients/client.key
+
+One client key pair shared by every stage is the simple setup; a key per host works the
+same, with each public key copied into ``authorized_clients``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import zmq
+from zmq.auth.certs import load_certificate
+from zmq.auth.thread import ThreadAuthenticator
+
+ZAP_DOMAIN = "reliev3r"
+
+
+class SecurityError(ValueError):
+    """CURVE keys missing or unreadable; the message names the file."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CurveConfig:
+    """CURVE keys of the ZeroMQ links (``network.curve``). Paths may be relative to the
+    working directory; ``reliev3r keys --out DIR`` writes a matching set."""
+
+    enabled: bool = False
+    """Require CURVE on every ZeroMQ link (needed before binding beyond 127.0.0.1)."""
+    server_secret_key: str = ""
+    """Certificate file with the server key pair (``server.key_secret``), read by binding stages."""
+    server_public_key: str = ""
+    """Certificate file with the server public key (``server.key``), read by connecting stages."""
+    client_secret_key: str = ""
+    """Certificate file with this client's key pair (``client.key_secret``)."""
+    client_public_key: str = ""
+    """Certificate file with this client's public key (``client.key``)."""
+    authorized_clients: str = ""
+    """Folder of ``*.key`` client public keys a server accepts; any other key is refused."""
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        for name in ("server_secret_key", "server_public_key", "client_secret_key", "client_public_key",
+                     "authorized_clients"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be set when curve is enabled")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "CurveConfig":
+        """The config that matches a folder written by :func:`generate_keys`."""
+        folder = Path(folder)
+        return cls(enabled=True, server_secret_key=str(folder / "server.key_secret"),
+                   server_public_key=str(folder / "server.key"),
+                   client_secret_key=str(folder / "client.key_secret"),
+                   client_public_key=str(folder / "client.key"),
+                   authorized_clients=str(folder / "authorized_clients"))
+
+
+# --------------------------------------------------------------------------- keys
+
+def _write_cert(path: Path, public: bytes, secret: bytes | None) -> None:
+    kind = "Secret" if secret else "Public"
+    lines = [f"#   ****  Generated on {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC by reliev3r keys  ****",
+             f"#   ZeroMQ CURVE {kind} Certificate",
+             "#   Exchange securely, or use a secure mechanism to verify the contents" if not secret else
+             "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.",
+             "", "metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    mode = 0o600 if secret else 0o644
+    # Created with its final mode: a secret key is never readable by others, not even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, mode)  # O_CREAT's mode is masked by umask and ignored for existing files
+
+
+def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",), overwrite: bool = False) -> dict[str, Path]:
+    """Write a server key pair and one key pair per client name into ``folder``, and every
+    client's public key into ``folder/authorized_clients``. Returns name -> file path
+    (``server``, ``server_secret``, ``<client>``, ``<client>_secret``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    allowed = folder / "authorized_clients"
+    allowed.mkdir(exist_ok=True)
+    if not overwrite and (folder / "server.key_secret").exists():
+        raise FileExistsError(f"{folder / 'server.key_secret'} exists; pass overwrite=True to replace the keys")
+    written: dict[str, Path] = {}
+    for name in ("server", *clients):
+        public, secret = zmq.curve_keypair()
+        _write_cert(folder / f"{name}.key", public, None)
+        _write_cert(folder / f"{name}.key_secret", public, secret)
+        written[name] = folder / f"{name}.key"
+        written[f"{name}_secret"] = folder / f"{name}.key_secret"
+        if name != "server":
+            shutil.copyfile(folder / f"{name}.key", allowed / f"{name}.key")
+    return written
+
+
+def _load(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret_key = load_certificate(path)
+    except (OSError, ValueError) as err:
+        raise SecurityError(f"cannot read CURVE certificate {path}: {err}") from None
+    if secret and not secret_key:
+        raise SecurityError(f"{path} holds no secret key (use the .key_secret file)")
+    return public, secret_key
+
+
+# --------------------------------------------------------------------------- authenticator
+
+class _CountingAuthenticator(ThreadAuthenticator):
+    """ZAP handler that counts every refusal (pyzmq answers each handshake through
+    ``_send_zap_reply``; anything but 200 is a refused peer)."""
+
+    def __init__(self, context: zmq.Context, on_refusal):
+        super().__init__(context)
+        self._on_refusal = on_refusal
+
+    def _send_zap_reply(self, request_id, status_code, status_text, user_id="anonymous"):
+        if status_code != b"200":
+            self._on_refusal()
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+_lock = threading.Lock()
+_authenticators: "weakref.WeakKeyDictionary[zmq.Context, _CountingAuthenticator]" = weakref.WeakKeyDictionary()
+_counters: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
+
+
+def auth_failures(metrics):
+    """``reliev3r_auth_failures_total{stage}`` on a process's :class:`~monitoring.metrics.Metrics`
+    (created once, exported at 0 from the start so dashboards and alerts see the series)."""
+    with _lock:
+        child = _counters.get(metrics)
+        if child is None:
+            counter = metrics.counter("auth_failures_total", "ZeroMQ peers refused by CURVE authentication",
+                                      ["stage"])
+            child = counter.labels(metrics.stage)
+            _counters[metrics] = child
+        return child
+
+
+def _authenticator(ctx: zmq.Context, curve: CurveConfig, metrics) -> _CountingAuthenticator:
+    with _lock:
+        auth = _authenticators.get(ctx)
+    if auth is not None:
+        return auth
+    folder = Path(curve.authorized_clients)
+    if not folder.is_dir():
+        raise SecurityError(f"authorized_clients folder {folder} does not exist")
+    if not list(folder.glob("*.key")):
+        raise SecurityError(f"authorized_clients folder {folder} holds no *.key public keys")
+    counter = auth_failures(metrics) if metrics is not None else None
+    auth = _CountingAuthenticator(ctx, counter.inc if counter is not None else (lambda: None))
+    auth.start()
+    # Keys are read now: a key added to the folder later takes effect at the next start.
+    auth.configure_curve(domain=ZAP_DOMAIN, location=str(folder))
+    with _lock:
+        _authenticators[ctx] = auth
+    return auth
+
+
+def stop_authenticator(ctx: zmq.Context) -> None:
+    """Stop the context's ZAP thread, if any; call before ``ctx.destroy()``."""
+    with _lock:
+        auth = _authenticators.pop(ctx, None)
+    if auth is not None:
+        auth.stop()
+
+
+# --------------------------------------------------------------------------- sockets
+
+def secure_server(sock: zmq.Socket, curve: CurveConfig | None, metrics=None) -> bool:
+    """Make ``sock`` (before ``bind``) a CURVE server that only admits authorised clients.
+    Refusals count into ``metrics`` (a :class:`~monitoring.metrics.Metrics`). Returns whether
+    CURVE was applied (False when ``curve`` is None or disabled)."""
+    if curve is None or not curve.enabled:
+        return False
+    public, secret = _load(curve.server_secret_key, secret=True)
+    _authenticator(sock.context, curve, metrics)
+    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_server = True
+    return True
+
+
+def secure_client(sock: zmq.Socket, curve: CurveConfig | None) -> bool:
+    """Give ``sock`` (before ``connect``) the client key pair and the server's public key.
+    Returns whether CURVE was applied."""
+    if curve is None or not curve.enabled:
+        return False
+    public, secret = _load(curve.client_secret_key, secret=True)
+    server_public, _ = _load(curve.server_public_key, secret=False)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = server_public
+    return True
+
+
+def keys_main(out: Path, *, overwrite: bool = False) -> int:
+    """``reliev3r keys --out DIR``: write the keys and print the matching config section."""
+    try:
+        files = generate_keys(out, overwrite=overwrite)
+    except FileExistsError as err:
+        print(f"reliev3r keys: {err}")
+        return 1
+    for path in files.values():
+        print(path)
+    cfg = CurveConfig.from_folder(out)
+    print("\n# network.curve section for the config of every stage (secret files stay on their hosts):"
+          "\nnetwork:\n  curve:")
+    for name in CurveConfig.__slots__:
+        value = getattr(cfg, name)
+        print(f"    {name}: {str(value).lower() if isinstance(value, bool) else value}")
+    return 0
