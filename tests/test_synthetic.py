@@ -157,6 +157,8 @@ def test_ensure_world_is_idempotent_and_follows_the_config(tmp_path):
 
     held_out = synthetic.ensure_world(tmp_path, replace(cfg, seed=cfg.seed + 1000), progress=False)
     assert not set(held_out) & set(videos)
+    with pytest.raises(ValueError, match="even"):
+        synthetic.ensure_world(tmp_path, replace(cfg, height=25), progress=False)
 
 
 def test_textures_give_sift_plenty_of_keypoints():
