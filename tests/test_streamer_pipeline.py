@@ -1,0 +1,257 @@
+"""Streamer and labeler over real ZeroMQ sockets (threads, 127.0.0.1, free ports), with a
+minimal replay peer in the test that acknowledges inserts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+import labelers.service as labeler_service
+import streamer.service as streamer_service
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig, build, free_port
+from reliev3r.protocol import Message
+from reliev3r.service import Runtime
+from streamer_media import encode, panning_frames
+
+
+def make_cfg(tmp_path, sources, streamer=None, labeler=None) -> PipelineConfig:
+    return build(PipelineConfig, {
+        "run": {"dir": str(tmp_path / "run")},
+        "network": {"work_port": free_port(), "replay_port": free_port()},
+        "streamer": {"sources": [str(s) for s in sources], "views": 3, "height": 64, "width": 96,
+                     "frame_stride": 2, "window_step": 4, "loop": False, **(streamer or {})},
+        "labeler": {"teacher": "none", **(labeler or {})},
+    })
+
+
+class Stage:
+    """A stage's run(cfg, runtime) in a thread with its own Runtime."""
+
+    def __init__(self, run, cfg, name):
+        self.runtime = Runtime(name, cfg, install_signals=False, serve_metrics=False)
+        self.rc = None
+        self.thread = threading.Thread(target=self._run, args=(run, cfg), daemon=True)
+        self.thread.start()
+
+    def _run(self, run, cfg):
+        self.rc = run(cfg, self.runtime)
+
+    def metric(self, name, labels=None):
+        return self.runtime.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def stop(self):
+        self.runtime.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.runtime.close()
+
+
+class FakeReplay:
+    """Acks every ``insert`` after "storing" it; ignores the first ``ignore_first`` inserts."""
+
+    def __init__(self, ctx, cfg, ignore_first=0):
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(cfg.network.bind(cfg.network.replay_port))
+        self.stored: dict[str, Message] = {}
+        self.inserts = 0
+        self.ignore_first = ignore_first
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            identity, *frames = self.sock.recv_multipart()
+            msg = protocol.decode(frames, kinds=("insert",))
+            self.inserts += 1
+            if self.inserts <= self.ignore_first:
+                continue
+            wid = msg.meta["window_id"]
+            status = "duplicate" if wid in self.stored else "stored"
+            self.stored.setdefault(wid, msg)
+            self.sock.send_multipart([identity, *protocol.encode(
+                Message("insert_ack", {"window_id": wid, "status": status, "reason": ""}))])
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return encode(tmp_path_factory.mktemp("media") / "pan.mp4", panning_frames(30, 160, 120, step=3))
+
+
+def send(sock, kind, **meta):
+    sock.send_multipart(protocol.encode(Message(kind, meta)))
+
+
+def recv(sock, timeout_s=5.0):
+    if not sock.poll(int(timeout_s * 1000)):
+        return None
+    return protocol.decode(sock.recv_multipart())
+
+
+def wait_for(predicate, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_windows_flow_end_to_end(tmp_path, ctx, video):
+    cfg = make_cfg(tmp_path, [video, tmp_path / "missing.mp4"], streamer={"max_in_flight": 2})
+    replay = FakeReplay(ctx, cfg)
+    streamer = Stage(streamer_service.run, cfg, "streamer")
+    labeler = Stage(labeler_service.run, cfg, "labeler")
+    try:
+        streamer.thread.join(40)
+        assert streamer.rc == 0, "streamer did not finish its sources"
+        sent = streamer.runtime.status["sent"]
+        assert sent >= 5 and streamer.runtime.status == {"sent": sent, "acked": sent, "in_flight": 0}
+        assert len(replay.stored) == sent and streamer.metric("reliev3r_windows_acked_total",
+                                                              {"status": "stored"}) == sent
+        msg = next(iter(replay.stored.values()))
+        assert msg.arrays["frames"].shape == (3, 64, 96, 3) and len(msg.arrays["matches"]) >= 12
+        assert streamer.metric("reliev3r_decode_errors_total", {"source": msg.meta["source"], "reason": "missing"}) == 0
+        assert streamer.metric("reliev3r_decode_frames_total", {"source": msg.meta["source"]}) == 30
+        assert wait_for(lambda: labeler.metric("reliev3r_labeler_windows_total", {"status": "stored"}) == sent)
+        assert labeler.metric("reliev3r_labeler_stage_seconds_count", {"stage": "matches"}) == sent
+    finally:
+        labeler.stop()
+        streamer.stop()
+        replay.close()
+
+
+def test_backpressure_resend_and_dead_labeler(tmp_path, ctx, video):
+    cfg = make_cfg(tmp_path, [video], streamer={"max_in_flight": 3, "resend_timeout_s": 0.8,
+                                                "peer_timeout_s": 0.5, "loop": True})
+    streamer = Stage(streamer_service.run, cfg, "streamer")
+    slow = ctx.socket(zmq.DEALER)  # a labeler that takes windows and never finishes them
+    slow.setsockopt(zmq.LINGER, 0)
+    slow.connect(cfg.network.connect(cfg.network.work_port))
+    try:
+        send(slow, "ready", credits=10)
+        got = []
+        while (msg := recv(slow, 0.5)) is not None:
+            got.append(msg.meta["window_id"])
+            if len(got) > 3:
+                break
+        assert len(got) == 3, "never more than max_in_flight windows in flight"
+        assert streamer.metric("reliev3r_windows_in_flight") == 3
+        send(slow, "done", window_id=got[0], status="stored", reason="")
+        send(slow, "ready", credits=10)
+        first = recv(slow, 2.0)
+        assert first is not None and first.meta["window_id"] not in got  # one slot freed, one new window
+        got.append(first.meta["window_id"])
+        assert recv(slow, 0.3) is None
+        slow.close(linger=0)  # the labeler dies holding windows got[1:]
+        fresh = ctx.socket(zmq.DEALER)
+        fresh.setsockopt(zmq.LINGER, 0)
+        fresh.connect(cfg.network.connect(cfg.network.work_port))
+        send(fresh, "ready", credits=10)
+        resent = set()
+        deadline = time.monotonic() + 6
+        while len(resent) < 3 and time.monotonic() < deadline:
+            msg = recv(fresh, 0.5)
+            if msg is not None:
+                resent.add(msg.meta["window_id"])
+            send(fresh, "ready", credits=10)
+        assert resent == set(got[1:]), "windows of the dead labeler go to another one"
+        assert streamer.metric("reliev3r_windows_resent_total") >= 3
+        assert streamer.runtime.status["in_flight"] <= 3
+        for wid in resent:
+            send(fresh, "done", window_id=wid, status="stored", reason="")
+        assert wait_for(lambda: streamer.runtime.status["acked"] == 4, 5)
+        fresh.close(linger=0)
+    finally:
+        streamer.stop()
+
+
+def test_streamer_rejects_malformed_and_keeps_serving(tmp_path, ctx, video):
+    cfg = make_cfg(tmp_path, [video])
+    streamer = Stage(streamer_service.run, cfg, "streamer")
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(cfg.network.connect(cfg.network.work_port))
+    try:
+        peer.send_multipart([b"garbage"])
+        peer.send_multipart([protocol.MAGIC, b"\xc1not msgpack"])
+        peer.send_multipart(protocol.encode(Message("stats", {})))  # a kind the streamer does not take
+        send(peer, "ready", credits="lots")
+        send(peer, "done", window_id=7, status="stored")
+        assert wait_for(lambda: streamer.metric("reliev3r_messages_rejected_total",
+                                                {"stage": "streamer", "reason": "bad_credits"}) == 1, 5)
+        rejected = {r: streamer.metric("reliev3r_messages_rejected_total", {"stage": "streamer", "reason": r})
+                    for r in ("too_few_frames", "bad_header", "unexpected_kind", "bad_done")}
+        assert all(v == 1 for v in rejected.values()), rejected
+        send(peer, "ready", credits=1)
+        msg = recv(peer, 5.0)
+        assert msg is not None and msg.kind == "window" and streamer.thread.is_alive()
+    finally:
+        peer.close(linger=0)
+        streamer.stop()
+
+
+def test_labeler_rejects_malformed_drops_bad_windows_and_retries_inserts(tmp_path, ctx):
+    cfg = make_cfg(tmp_path, [], labeler={"insert_timeout_s": 0.4, "insert_retries": 2})
+    replay = FakeReplay(ctx, cfg, ignore_first=1)  # the first insert is lost: the labeler retries
+    work = ctx.socket(zmq.ROUTER)  # a minimal streamer peer
+    work.setsockopt(zmq.LINGER, 0)
+    work.bind(cfg.network.bind(cfg.network.work_port))
+    labeler = Stage(labeler_service.run, cfg, "labeler")
+
+    def window(frames, wid):
+        v, h, w = frames.shape[:3]
+        K = np.tile(np.array([[w, 0, w / 2], [0, w, h / 2], [0, 0, 1]], np.float32), (v, 1, 1))
+        return protocol.encode(Message("window", {"window_id": wid, "source": "t", "frame_indices": [0, 2, 4]},
+                                       {"frames": frames, "intrinsics": K}))
+
+    try:
+        assert work.poll(5000)
+        identity, *frames = work.recv_multipart()
+        assert protocol.decode(frames).kind == "ready" and protocol.decode(frames).meta["credits"] == 2
+        good = panning_frames(3, 128, 96, step=4)
+        blank = good.copy()
+        blank[2] = 0
+        work.send_multipart([identity, b"junk", b"more junk"])
+        bad_window = window(good, "x")
+        work.send_multipart([identity, *bad_window[:2], b"short", bad_window[3]])  # buffer size does not match
+        work.send_multipart([identity, *window(blank, "t:0:0")])
+        work.send_multipart([identity, *window(good, "t:0:8")])
+        done = {}
+        deadline = time.monotonic() + 15
+        while len(done) < 2 and time.monotonic() < deadline:
+            if work.poll(200):
+                _, *frames = work.recv_multipart()
+                msg = protocol.decode(frames)
+                if msg.kind == "done":
+                    done[msg.meta["window_id"]] = (msg.meta["status"], msg.meta["reason"])
+        assert done == {"t:0:0": ("dropped", "blank_frame"), "t:0:8": ("stored", "")}
+        assert replay.inserts == 2 and list(replay.stored) == ["t:0:8"]
+        assert labeler.metric("reliev3r_messages_rejected_total", {"stage": "labeler", "reason": "bad_magic"}) == 1
+        assert labeler.metric("reliev3r_messages_rejected_total", {"stage": "labeler", "reason": "size_mismatch"}) == 1
+        assert labeler.metric("reliev3r_labeler_dropped_total", {"reason": "blank_frame"}) == 1
+        assert labeler.runtime.status == {"labelled": 1, "dropped": 1} and labeler.thread.is_alive()
+    finally:
+        labeler.stop()
+        work.close(linger=0)
+        replay.close()
