@@ -95,7 +95,7 @@ def test_multi_view_consistency_of_depth_pose_and_colour(clip):
         d_j = 1.0 / geometry.sample_bilinear(1.0 / clip.depth[j], uv_j[inside])
         err = ((d_j - z_j[inside]).abs() / z_j[inside])[agree]
         assert err.median() < 1e-5
-        assert (err < 1e-3).float().mean() > 0.8  # the rest: pixels next to edges, spheres
+        assert (err < 1e-3).float().mean() > 0.9  # the rest: pixels next to edges, spheres
 
 
 def test_deterministic_by_seed_and_different_across_seeds():
