@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -239,7 +239,7 @@ def _random_path(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, margi
             wiggle_amp=rng.uniform(0.03, 0.12, size=(2, 3)) * np.array([1.0, 1.0, 0.5]),
             wiggle_freq=np.array([rng.uniform(0.4, 1.0), rng.uniform(1.0, 2.0)]),
             wiggle_phase=rng.uniform(0, 2 * math.pi, size=(2, 3)),
-            yaw0=0.0, yaw_amp=0.0, yaw_freq=0.0, yaw_phase=0.0, pitch=0.0,
+            yaw0=0.0, yaw_amp=0.0, yaw_freq=0.0, yaw_phase=0.0, pitch=0.0,  # the gaze comes next
         )
         eyes = path.eyes(np.linspace(0, 1, 64))
         if np.any(eyes < lo + margin) or np.any(eyes > hi - margin):
@@ -249,11 +249,9 @@ def _random_path(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, margi
         yaws = rng.uniform(0, 2 * math.pi, size=16)
         reach = np.array([_wall_distance(center, np.array([math.cos(y), math.sin(y), 0.0]), lo, hi) for y in yaws])
         good = yaws[reach >= 0.7 * reach.max()]
-        return CameraPath(
-            center=center, drift=drift, wiggle_amp=path.wiggle_amp, wiggle_freq=path.wiggle_freq,
-            wiggle_phase=path.wiggle_phase, yaw0=float(good[0]), yaw_amp=float(rng.uniform(0.25, 0.6)),
-            yaw_freq=float(rng.uniform(0.3, 0.8)), yaw_phase=float(rng.uniform(0, 2 * math.pi)),
-            pitch=float(rng.uniform(-0.45, -0.15)),
+        return replace(
+            path, yaw0=float(good[0]), yaw_amp=float(rng.uniform(0.25, 0.6)), yaw_freq=float(rng.uniform(0.3, 0.8)),
+            yaw_phase=float(rng.uniform(0, 2 * math.pi)), pitch=float(rng.uniform(-0.45, -0.15)),
         )
     raise RuntimeError("no camera path fits the room")  # unreachable for rooms >= 3 m
 
@@ -273,9 +271,9 @@ def random_world(rng: np.random.Generator) -> tuple[World, CameraPath]:
     eyes = path.eyes(np.linspace(0, 1, 256))
     clearance = 0.45  # metres between any camera position and any object
 
-    def spot(lateral: float) -> np.ndarray:
-        # Objects go where the camera looks, so that every clip shows some.
-        yaw = path.yaw0 + rng.uniform(-lateral, lateral)
+    def spot() -> np.ndarray:
+        # Objects go where the camera looks (within ~57 degrees), so that every clip shows some.
+        yaw = path.yaw0 + rng.uniform(-1.0, 1.0)
         dist = rng.uniform(1.0, 3.2)
         return path.center + dist * np.array([math.cos(yaw), math.sin(yaw), 0.0])
 
@@ -285,7 +283,7 @@ def random_world(rng: np.random.Generator) -> tuple[World, CameraPath]:
     plans = ["floor"] * n_floor + ["air"] + ["sphere"] * n_spheres
     for kind in plans:
         for _ in range(50):
-            c = spot(1.0)
+            c = spot()
             if kind == "floor":
                 half = np.array([rng.uniform(0.15, 0.5), rng.uniform(0.15, 0.5), rng.uniform(0.15, 0.6)])
                 c[2] = half[2]
