@@ -3,7 +3,6 @@ truth, videos encoded here, and every kind of broken input."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -248,3 +247,30 @@ def test_window_gt_projection_consistent_after_resize():
     bad_K[0, 2] += 3
     _, _, photo_bad = agreement(views[0].intrinsics, bad_K)
     assert photo_good < 0.6 * photo_bad, (photo_good, photo_bad)
+
+
+def test_synthetic_default_source_carries_exact_gt(tmp_path):
+    """Empty ``sources``: the synthetic world. Its exact GT survives resize + crop: view 0
+    carried into view 1 through window intrinsics, GT depth and poses lands on equal depth."""
+    from reliev3r.config import PipelineConfig, build
+    from streamer.sources import synthetic_sources
+
+    cfg = build(PipelineConfig, {"run": {"dir": str(tmp_path)}, "streamer": {
+        "synthetic": {"scenes": 1, "frames": 10, "height": 48, "width": 64},
+        "views": 2, "height": 32, "width": 32, "frame_stride": 3, "window_step": 4}})
+    sources = synthetic_sources(cfg.run_dir, cfg.streamer.synthetic)
+    assert len(sources) == 1 and sources[0].gt is not None
+    window = next(windows_of(sources[0].name, sources[0].frames(), cfg.streamer))
+    msg = window.to_message()
+    assert msg.arrays["gt_depth"].shape == (2, 32, 32) and msg.arrays["gt_cam_to_world"].shape == (2, 4, 4)
+    K, depth, pose = msg.arrays["intrinsics"].astype(np.float64), msg.arrays["gt_depth"], msg.arrays["gt_cam_to_world"]
+    ys, xs = np.nonzero(depth[0] > 0)
+    z = depth[0][ys, xs]
+    cam0 = np.stack([(xs - K[0, 0, 2]) / K[0, 0, 0] * z, (ys - K[0, 1, 2]) / K[0, 1, 1] * z, z], 1)
+    T = np.linalg.inv(pose[1].astype(np.float64)) @ pose[0]
+    cam1 = cam0 @ T[:3, :3].T + T[:3, 3]
+    u = np.round(cam1[:, 0] / cam1[:, 2] * K[1, 0, 0] + K[1, 0, 2]).astype(int)
+    v = np.round(cam1[:, 1] / cam1[:, 2] * K[1, 1, 1] + K[1, 1, 2]).astype(int)
+    inside = (u >= 0) & (u < 32) & (v >= 0) & (v < 32)
+    rel = np.abs(depth[1][v[inside], u[inside]] - cam1[inside, 2]) / cam1[inside, 2]
+    assert inside.sum() > 300 and np.mean(rel < 0.05) > 0.95
