@@ -108,8 +108,13 @@ def verify(xy_a: np.ndarray, xy_b: np.ndarray, *, threshold_px: float,
     """Inlier mask [M] of a fundamental matrix fitted with USAC/MAGSAC (all False if no model)."""
     if len(xy_a) < 8:
         return np.zeros(len(xy_a), bool)
-    F, mask = cv2.findFundamentalMat(xy_a.astype(np.float64), xy_b.astype(np.float64), cv2.USAC_MAGSAC,
-                                     ransacReprojThreshold=threshold_px, confidence=confidence, maxIters=2000)
+    try:
+        F, mask = cv2.findFundamentalMat(xy_a.astype(np.float64), xy_b.astype(np.float64), cv2.USAC_MAGSAC,
+                                         ransacReprojThreshold=threshold_px, confidence=confidence, maxIters=2000)
+    except cv2.error:
+        # OpenCV 5's USAC asserts on some degenerate sets (e.g. all points on a line or
+        # repeated) instead of returning no model: for us it is simply "no model".
+        return np.zeros(len(xy_a), bool)
     if F is None or mask is None:
         return np.zeros(len(xy_a), bool)
     return mask.ravel().astype(bool)

@@ -150,3 +150,12 @@ def test_labeler_bad_frames_per_case(teacher):
         nan = {"gt_depth": np.full((3, 96, 128), np.nan, np.float32)}
         assert labeler.label(_window(good, **nan))[1] == "teacher_non_finite"
         assert labeler.label(_window(good))[1] == "teacher_needs_gt"
+
+
+def test_verify_survives_degenerate_point_sets():
+    """OpenCV 5's USAC asserts on some degenerate sets; verification must answer "no model"."""
+    from labelers.matches import verify
+
+    same = np.tile(np.array([[1.0, 2.0]]), (20, 1))
+    assert verify(same, same + 1, threshold_px=1.0).sum() == 0
+    assert verify(same[:5], same[:5], threshold_px=1.0).sum() == 0  # too few to fit
