@@ -105,6 +105,7 @@ class Supervisor:
         finally:
             self._stop_all()
             self._print_status(final=True)
+            self._print_evaluation()
             beats.close(linger=0)
             ctx.destroy(linger=0)
             self.metrics.close()
@@ -255,6 +256,18 @@ class Supervisor:
         else:
             self.out.write(line + "\n")
         self.out.flush()
+
+    def _print_evaluation(self) -> None:
+        ev = latest_evaluation(self.run_dir)
+        if ev is None:
+            return
+
+        def row(m: dict) -> str:
+            return (f"AbsRel {m['absrel_med']:.3f} (lsq {m['absrel_lsq']:.3f}), ATE {m['ate']:.3f}, "
+                    f"RRA@30 {m['rra30']:.2f}, RTA@30 {m['rta30']:.2f}, AUC@30 {m['auc30']:.3f}")
+
+        self._print(f"evaluation of step {ev['step']} on {ev['data']} ({ev['windows']} windows): {row(ev['model'])}")
+        self._print(f"  baseline constant depth + identity poses:        {row(ev['baseline_constant_identity'])}")
 
     def _print(self, text: str) -> None:
         if self.out.isatty() and self._last_status_len:

@@ -1,0 +1,175 @@
+"""The whole pipeline as real processes: ``reliev3r up`` on the embedded synthetic world.
+
+One small world is rendered once per session and linked into each run folder. Each test
+starts the real supervisor in a subprocess (every stage its own process, real ZeroMQ on
+127.0.0.1, free ports) and checks what an operator would: exit code, status lines,
+snapshots, evaluation results, restarts after SIGKILL, rejection of malformed messages, and
+no processes left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zmq
+
+from reliev3r import config as rconfig
+from reliev3r.synthetic import ensure_world
+from streamer.config import SyntheticConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SMALL = ["streamer.synthetic.scenes=1", "streamer.synthetic.frames=40", "streamer.synthetic.height=96",
+         "streamer.synthetic.width=128", "streamer.height=48", "streamer.width=64", "streamer.views=3",
+         "streamer.frame_stride=3", "streamer.window_step=3", "evaluator.windows=2", "evaluator.stride=3",
+         "learner.snapshot_every=5", "learner.batch_size=2", "learner.threads=1", "replay.min_size=2"]
+
+
+@pytest.fixture(scope="session")
+def worlds(tmp_path_factory):
+    """The training world and the held-out evaluation world, rendered once."""
+    base = tmp_path_factory.mktemp("worlds")
+    cfg = rconfig.load([ROOT / "configs" / "default.yaml", ROOT / "configs" / "demo.yaml"], SMALL).streamer.synthetic
+    ensure_world(base / "world", cfg, progress=False)
+    held_out = SyntheticConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, "seed": cfg.seed + 1000})
+    ensure_world(base / "eval_world", held_out, progress=False)
+    return base
+
+
+def _start(run_dir: Path, worlds: Path, *extra: str, max_steps: int) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("world", "eval_world"):
+        (run_dir / name).symlink_to(worlds / name)
+    ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
+    ports += [f"monitoring.ports.{s}=0" for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
+    cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", str(ROOT / "configs" / "default.yaml"),
+           "--config", str(ROOT / "configs" / "demo.yaml"), "--max-steps", str(max_steps),
+           f"run.dir={run_dir}", *ports, *SMALL, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"reliev3r up did not finish in {timeout}s:\n{out[-4000:]}")
+    return out
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _processes(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "processes.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _learner_step(run_dir: Path) -> int:
+    snaps = sorted((run_dir / "snapshots").glob("step-*"))
+    return int(snaps[-1].name.split("-")[1]) if snaps else 0
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_reaches_max_steps_with_snapshot_and_evaluation(tmp_path, worlds):
+    run_dir = tmp_path / "run"
+    out = _finish(_start(run_dir, worlds, max_steps=8))
+    assert "stopping after 8 steps" in out
+    assert "learner finished" in out and "evaluator finished" in out, out[-3000:]
+    assert " | step " in out and "stored" in out  # the status line
+    evaluations = sorted((run_dir / "evaluations").glob("step-*.json"))
+    assert evaluations, out[-3000:]
+    final = json.loads(evaluations[-1].read_text())
+    assert final["step"] == 8
+    for key in ("absrel_med", "ate", "auc30"):
+        assert key in final["model"] and key in final["baseline_constant_identity"]
+    assert "AbsRel" in out and "ATE" in out  # the final result is printed
+    assert (run_dir / "snapshots" / "step-000000008" / "meta.json").is_file()
+    assert not list((run_dir / "snapshots").glob("*.tmp*")), "half-written snapshot left behind"
+
+
+def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_path, worlds):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, worlds, max_steps=25)
+    try:
+        procs = _wait_for(lambda: (p := _processes(run_dir)).get("labeler", {}).get("pid") and _learner_step(run_dir) >= 5 and p,
+                          300, "the learner's first snapshot")
+        cfg = rconfig.load([run_dir / "config.yaml"])
+        # Garbage to every bound socket: streamer ROUTER, replay ROUTER, supervisor PULL.
+        ctx = zmq.Context()
+        for port, kind in ((cfg.network.work_port, zmq.DEALER), (cfg.network.replay_port, zmq.DEALER),
+                           (cfg.network.supervisor_port, zmq.PUSH)):
+            sock = ctx.socket(kind)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            sock.send_multipart([b"R3W\x01", b"\xc1 not msgpack"])
+            sock.send_multipart([b"hello"])
+            sock.close(linger=1000)
+        ctx.term()
+        labeler_pid = procs["labeler"]["pid"]
+        os.kill(labeler_pid, signal.SIGKILL)
+        time.sleep(2)
+        for stage in ("streamer", "replay", "supervisor"):
+            text = _scrape(procs[stage]["metrics"])
+            rejected = [line for line in text.splitlines()
+                        if line.startswith("reliev3r_messages_rejected_total") and not line.endswith(" 0.0")]
+            assert rejected, f"{stage} counted no rejected message:\n{text[-2000:]}"
+    finally:
+        out = _finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "labeler died (signal SIGKILL); restart #1" in out
+    assert _processes(run_dir)["labeler"]["pid"] != labeler_pid
+    assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == 25
+
+
+def test_sigterm_stops_everything_cleanly(tmp_path, worlds):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, worlds, max_steps=0)  # would run forever
+    try:
+        _wait_for(lambda: _learner_step(run_dir) >= 5, 300, "the learner's first snapshot")
+        pids = [p["pid"] for p in _processes(run_dir).values() if p.get("pid")]
+        assert len(pids) == 6
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        out = _finish(proc, timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    _wait_for(lambda: not any(_alive(p) for p in pids), 10, "every child to exit")
+    assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
+    # The learner snapshots on SIGTERM: the newest snapshot is valid and newer than step 5.
+    from learner.snapshot import latest_snapshot
+
+    assert latest_snapshot(run_dir / "snapshots") is not None
