@@ -1,0 +1,243 @@
+"""The replay buffer: Storage + Sampler + RateLimiter (+ Dedup), and the writer rules.
+
+:meth:`ReplayBuffer.insert` is the writer: it validates a labelled window (shape of the
+store, finite labels, size), drops exact and near duplicates, asks the eviction policy for
+room and stores the window with its evictions in one step. :meth:`ReplayBuffer.sample`
+draws keys, reads and verifies the payloads (a corrupt one is removed and replaced by a
+fresh draw) and stacks them into a ``batch`` message with its sample info. No sockets
+here: the service (``replay/service.py``) owns those.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig
+from replay.config import ReplayConfig
+from replay.dedup import Dedup
+from replay.rate_limiter import RateLimiter
+from replay.sampler import Sampler, make_sampler
+from replay.storage import (CorruptWindow, DiskStorage, FifoEviction, MemoryStorage, ReservoirEviction, Storage,
+                            StorageFull, decode_window, encode_window)
+
+log = logging.getLogger("reliev3r.replay")
+
+OPTIONAL_BATCH_ARRAYS = ("teacher_depth", "teacher_valid", "gt_depth", "gt_cam_to_world")
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    status: str
+    """"stored", "duplicate" or "rejected" (the ``insert_ack`` status)."""
+    reason: str = ""
+    key: int = -1
+
+
+class ReplayBuffer:
+    def __init__(self, cfg: ReplayConfig, storage: Storage, *, seed: int = 0, dedup: Dedup | None = None):
+        self.cfg = cfg
+        self.storage = storage
+        self.sampler: Sampler = make_sampler(cfg.sampler, seed=seed, halflife=cfg.recency_halflife,
+                                             alpha=cfg.priority_alpha)
+        self.limiter = RateLimiter(min_size=cfg.min_size, samples_per_insert=cfg.samples_per_insert,
+                                   tolerance=cfg.tolerance)
+        self.eviction = ReservoirEviction(seed) if cfg.eviction == "reservoir" else FifoEviction()
+        self.dedup = dedup
+        self.counts: Counter[str] = Counter()
+        """inserts, duplicates, samples (windows), evictions, corrupt, rejected:<reason>."""
+        self.shape: tuple[int, ...] | None = None
+        """``frames`` shape of the store's first window; every later window must match."""
+        self._restore()
+
+    @classmethod
+    def open(cls, cfg: PipelineConfig) -> "ReplayBuffer":
+        """On disk under ``<run.dir>/replay`` when ``replay.durable``, else in memory."""
+        rc = cfg.replay
+        storage = DiskStorage(cfg.run_dir / "replay") if rc.durable else MemoryStorage()
+        dedup = Dedup(rc.dedup_threshold) if rc.dedup else None
+        return cls(rc, storage, seed=cfg.run.seed, dedup=dedup)
+
+    def _restore(self) -> None:
+        """Rebuild sampler, dedup index and component states from what the storage holds."""
+        st = self.storage
+        for rec in st.records.values():
+            self.sampler.add(rec.key, rec.priority)
+            if self.dedup is not None and rec.embedding is not None:
+                self.dedup.add(rec.key, rec.embedding)
+        saved = st.load_state("buffer") or {}
+        if "sampler" in saved:
+            self.sampler.load_state_dict(saved["sampler"])
+        if "eviction" in saved:
+            self.eviction.load_state_dict(saved["eviction"])
+        if "limiter" in saved:
+            self.limiter.load_state_dict(saved["limiter"])
+        self.counts.update(saved.get("counts", {}))
+        # The limiter state is flushed periodically; the storage is the truth about size.
+        self.limiter.inserts = max(self.limiter.inserts, len(st))
+        self.limiter.deletes = self.limiter.inserts - len(st)
+        shape = saved.get("shape")
+        if shape is None and st.records:
+            shape = next(iter(st.records.values())).shape
+        self.shape = tuple(shape) if shape is not None else None
+
+    # ------------------------------------------------------------------ writer
+    def check(self, msg: protocol.Message) -> InsertResult | None:
+        """The verdict on an insert that needs no write (reject or exact duplicate), else None.
+        Cheap; the service calls it before holding an insert back for the rate limiter."""
+        wid = msg.meta.get("window_id")
+        if not isinstance(wid, str) or not wid:
+            return InsertResult("rejected", "bad_window_id")
+        if wid in self.storage:
+            return InsertResult("duplicate", "window_id")
+        nbytes = msg.nbytes()
+        if nbytes > self.cfg.max_window_bytes or nbytes > self.cfg.capacity_bytes:
+            return InsertResult("rejected", "oversize")
+        frames = msg.arrays["frames"]
+        if self.shape is not None and tuple(frames.shape) != self.shape:
+            return InsertResult("rejected", "shape_mismatch")
+        depth = msg.arrays.get("teacher_depth")
+        if depth is not None and not np.isfinite(depth).all():
+            return InsertResult("rejected", "non_finite_label")
+        return None
+
+    def insert(self, msg: protocol.Message) -> InsertResult:
+        """Validate, deduplicate, make room and store one ``insert`` message."""
+        result = self.check(msg) or self._write(msg)
+        self.counts["inserts" if result.status == "stored" else
+                    "duplicates" if result.status == "duplicate" else f"rejected:{result.reason}"] += 1
+        return result
+
+    def _write(self, msg: protocol.Message) -> InsertResult:
+        frames = msg.arrays["frames"]
+        vec = None
+        if self.dedup is not None:
+            vec = self.dedup.embed(frames)
+            if self.dedup.is_duplicate(vec):
+                return InsertResult("duplicate", "near_duplicate")
+        payload = encode_window(protocol.Message("insert", dict(msg.meta), dict(msg.arrays)))
+        victims = self.eviction.victims(self.storage, len(payload), max_windows=self.cfg.capacity_windows,
+                                        max_bytes=self.cfg.capacity_bytes)
+        if victims is None:
+            return InsertResult("rejected", "reservoir_skip")
+        priority = 1.0
+        if hasattr(self.sampler, "max_priority"):
+            priority = self.sampler.max_priority
+        try:
+            rec = self.storage.put(msg.meta["window_id"], payload, shape=frames.shape, priority=priority,
+                                   embedding=vec, evict=victims)
+        except StorageFull as err:
+            log.warning("insert refused by storage", extra={"detail": str(err)})
+            return InsertResult("rejected", "storage_full")
+        self._forget(victims)
+        self.counts["evictions"] += len(victims)
+        self.sampler.add(rec.key, rec.priority)
+        if self.dedup is not None:
+            self.dedup.add(rec.key, vec)
+        self.limiter.insert()
+        if self.shape is None:
+            self.shape = rec.shape
+        return InsertResult("stored", "", rec.key)
+
+    def _forget(self, keys: list[int]) -> None:
+        for k in keys:
+            self.sampler.remove(k)
+            if self.dedup is not None:
+                self.dedup.remove(k)
+        self.limiter.delete(len(keys))
+
+    # ------------------------------------------------------------------ sampling
+    def can_insert(self) -> bool:
+        return self.limiter.can_insert()
+
+    def can_sample(self, n: int) -> bool:
+        return len(self.storage) >= self.cfg.min_size and self.limiter.can_sample(n)
+
+    def max_batch(self) -> int:
+        """The largest batch the limiter can ever grant (a larger one would wait forever)."""
+        if not self.limiter.enabled:
+            return 1 << 30
+        return int(2 * self.limiter.tolerance - self.limiter.samples_per_insert)
+
+    def sample(self, n: int, rank: int = 0) -> protocol.Message:
+        """Draw ``n`` windows (with replacement) and stack them into a ``batch`` message.
+        Call only when :meth:`can_sample`; raises ``LookupError`` if corrupt windows emptied
+        the store meanwhile."""
+        windows, keys, probs = [], [], []
+        while len(windows) < n:
+            if len(self.storage) == 0:
+                raise LookupError("no readable windows left")
+            draw_keys, draw_probs = self.sampler.sample(n - len(windows), rank)
+            for key, prob in zip(draw_keys.tolist(), draw_probs.tolist()):
+                try:
+                    msg = decode_window(self.storage.get(key))
+                except KeyError:
+                    continue  # removed as corrupt earlier in this loop
+                except (CorruptWindow, protocol.ProtocolError) as err:
+                    log.error("corrupt window removed", extra={"key": key, "detail": str(err)})
+                    self.storage.remove([key])
+                    self._forget([key])
+                    self.counts["corrupt"] += 1
+                    continue
+                windows.append(msg)
+                keys.append(key)
+                probs.append(prob)
+        self.storage.touch(keys)
+        self.limiter.sample(n)
+        self.counts["samples"] += n
+        return self._stack(windows, keys, probs)
+
+    def _stack(self, windows: list[protocol.Message], keys: list[int], probs: list[float]) -> protocol.Message:
+        arrays = {name: np.stack([w.arrays[name] for w in windows]) for name in ("frames", "intrinsics")}
+        for name in OPTIONAL_BATCH_ARRAYS:
+            if all(name in w.arrays for w in windows):
+                arrays[name] = np.stack([w.arrays[name] for w in windows])
+        matches = [np.concatenate([np.full((len(w.arrays["matches"]), 1), b, np.float32), w.arrays["matches"]], 1)
+                   for b, w in enumerate(windows)]
+        arrays["matches"] = np.concatenate(matches).astype(np.float32) if matches else np.zeros((0, 8), np.float32)
+        recs = [self.storage.records[k] for k in keys]
+        meta = {"window_ids": [r.window_id for r in recs], "keys": keys, "probabilities": probs,
+                "times_sampled": [r.times_sampled for r in recs], "inserted_at": [r.inserted_at for r in recs],
+                "priorities": [r.priority for r in recs], "teacher": windows[0].meta.get("teacher", {}),
+                "teachers": [w.meta.get("teacher", {}) for w in windows],
+                "sources": [w.meta.get("source", "") for w in windows],
+                "frame_indices": [w.meta.get("frame_indices", []) for w in windows]}
+        return protocol.Message("batch", meta, arrays)
+
+    def update_priorities(self, window_ids: list[str], losses: list[float]) -> int:
+        """Report per-window losses; return how many stored windows were updated."""
+        pairs = [(self.storage.by_id[w], loss) for w, loss in zip(window_ids, losses) if w in self.storage.by_id]
+        new = self.sampler.update([k for k, _ in pairs], [loss for _, loss in pairs])
+        for key, priority in new.items():
+            self.storage.set_priority(key, priority)
+        self.counts["priority_updates"] += len(new)
+        return len(new)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def stats(self) -> dict:
+        c = self.counts
+        rejected = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("rejected:")}
+        return {"windows": len(self.storage), "bytes": self.storage.nbytes, "inserts": c["inserts"],
+                "samples": c["samples"], "evictions": c["evictions"], "duplicates": c["duplicates"],
+                "rejected": rejected, "rejected_total": sum(rejected.values()), "corrupt": c["corrupt"],
+                "priority_updates": c["priority_updates"], "samples_per_insert": self.limiter.ratio(),
+                "target_samples_per_insert": self.cfg.samples_per_insert, "min_size": self.cfg.min_size,
+                "sampler": self.cfg.sampler, "durable": isinstance(self.storage, DiskStorage),
+                "capacity_windows": self.cfg.capacity_windows, "capacity_bytes": self.cfg.capacity_bytes}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "eviction": self.eviction.state_dict(),
+                "limiter": self.limiter.state_dict(), "counts": dict(self.counts),
+                "shape": list(self.shape) if self.shape is not None else None}
+
+    def flush(self) -> None:
+        self.storage.save_state("buffer", self.state_dict())
+        self.storage.flush()
+
+    def close(self) -> None:
+        self.storage.save_state("buffer", self.state_dict())
+        self.storage.close()

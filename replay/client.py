@@ -1,0 +1,205 @@
+"""Client of the replay service for labelers (insert) and learners (sample, report).
+
+Every request carries ``meta.request_id``; the service echoes it, so a late reply to an
+earlier attempt is recognised and dropped. A request that gets no reply within ``retry_s``
+(service restarting, message lost with a killed process) is sent again on a fresh DEALER
+socket: re-sending is safe, since a stored window_id answers "duplicate" and a sample is
+idempotent from the client's view. Not thread-safe: one client per thread (``prefetch``
+opens its own).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import zmq
+
+from reliev3r import protocol
+
+RETRY_REASONS = ("not_ready", "rate_limited")
+
+
+class ReplayError(RuntimeError):
+    """The service refused a request for a reason retrying will not fix; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ReplayClient:
+    def __init__(self, endpoint: str, *, ctx: zmq.Context | None = None, timeout_s: float = 60.0,
+                 retry_s: float = 5.0, max_bytes: int = protocol.DEFAULT_MAX_BYTES):
+        """``timeout_s``: how long a call may take in all; ``retry_s``: how long one attempt
+        waits for any reply before re-sending on a fresh socket (keep it above the
+        service's ``replay.sample_wait_s``)."""
+        if timeout_s <= 0 or retry_s <= 0:
+            raise ValueError("timeout_s and retry_s must be > 0")
+        self.endpoint = endpoint
+        self.timeout_s, self.retry_s, self.max_bytes = timeout_s, retry_s, max_bytes
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid()}-{id(self):x}-"
+        self._sock: zmq.Socket | None = None
+        self.retries = 0
+        """Requests re-sent after a silent attempt (a restarted or overloaded service)."""
+
+    # ------------------------------------------------------------------ plumbing
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _send(self, msg: protocol.Message) -> None:
+        self._socket().send_multipart(protocol.encode(msg), copy=False)
+
+    def request(self, msg: protocol.Message, *, reply_kinds: tuple[str, ...],
+                timeout_s: float | None = None) -> protocol.Message:
+        """Send ``msg`` and return its reply (one of ``reply_kinds``); retry ``error``
+        replies "not_ready"/"rate_limited" and silent attempts until ``timeout_s``; raise
+        ``TimeoutError`` then, or :class:`ReplayError` on any other ``error`` reply."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        kinds = (*reply_kinds, "error")
+        while True:
+            rid = self._prefix + str(next(self._ids))
+            msg.meta["request_id"] = rid
+            self._send(msg)
+            attempt_end = min(deadline, time.monotonic() + self.retry_s)
+            reply = None
+            while reply is None:
+                left = attempt_end - time.monotonic()
+                if left <= 0 or not self._socket().poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                try:
+                    got = protocol.decode(self._socket().recv_multipart(copy=False), max_bytes=self.max_bytes,
+                                          kinds=kinds)
+                except protocol.ProtocolError:
+                    continue  # a broken reply: treat like silence for this attempt
+                # The service answers a message it could not decode with an error that
+                # has no request_id; one request is in flight per socket, so it is ours.
+                if got.meta.get("request_id") == rid or (got.kind == "error" and "request_id" not in got.meta):
+                    reply = got
+            if reply is not None and reply.kind != "error":
+                return reply
+            if reply is not None and reply.meta.get("reason") not in RETRY_REASONS:
+                raise ReplayError(str(reply.meta.get("reason")))
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"replay {self.endpoint}: no {reply_kinds[0]} within the timeout")
+            if reply is None:  # silence: the request or its reply may be lost with a dead peer
+                self.retries += 1
+                self._reset()
+
+    # ------------------------------------------------------------------ API
+    def insert(self, msg: protocol.Message | None = None, /, *, timeout_s: float | None = None,
+               meta: dict | None = None, **arrays: np.ndarray) -> dict:
+        """Store one labelled window: an ``insert`` message, or its ``meta`` and arrays as
+        keywords. Returns the ack meta {window_id, status, reason}."""
+        if msg is None:
+            msg = protocol.Message("insert", dict(meta or {}), arrays)
+        elif msg.kind != "insert":
+            raise ValueError(f"msg: expected an insert message, got {msg.kind!r}")
+        msg = protocol.Message("insert", dict(msg.meta), msg.arrays)
+        ack = self.request(msg, reply_kinds=("insert_ack",), timeout_s=timeout_s).meta
+        ack.pop("request_id", None)
+        return ack
+
+    def sample(self, batch_size: int, rank: int = 0, *, timeout_s: float | None = None) -> protocol.Message:
+        """A ``batch`` message of ``batch_size`` windows; blocks until the service has one
+        (``min_size`` reached, rate limiter open) or raises ``TimeoutError``."""
+        msg = protocol.Message("sample", {"batch_size": int(batch_size), "rank": int(rank)})
+        return self.request(msg, reply_kinds=("batch",), timeout_s=timeout_s)
+
+    def report(self, window_ids: list[str], losses: list[float]) -> None:
+        """Per-window losses for the prioritized sampler (fire and forget, no reply)."""
+        meta = {"window_ids": [str(w) for w in window_ids], "losses": [float(x) for x in losses]}
+        self._send(protocol.Message("priorities", meta))
+
+    def stats(self, *, timeout_s: float | None = None) -> dict:
+        reply = self.request(protocol.Message("stats", {}), reply_kinds=("stats",), timeout_s=timeout_s)
+        reply.meta.pop("request_id", None)
+        return reply.meta
+
+    def prefetch(self, batch_size: int, rank: int = 0, depth: int = 2) -> "Prefetcher":
+        """Iterator of batches fetched ahead by a background thread (its own socket)."""
+        return Prefetcher(self.endpoint, batch_size, rank, depth=depth, ctx=self.ctx,
+                          timeout_s=self.timeout_s, retry_s=self.retry_s)
+
+    def close(self) -> None:
+        self._reset()
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> "ReplayClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Prefetcher:
+    """Keeps up to ``depth`` batches ready; iterate to get them, ``close()`` to stop.
+    An error in the thread (e.g. ``TimeoutError``) is raised by the next ``next()``."""
+
+    def __init__(self, endpoint: str, batch_size: int, rank: int, *, depth: int, ctx: zmq.Context,
+                 timeout_s: float, retry_s: float):
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s)
+        self._thread = threading.Thread(target=self._loop, name=f"replay-prefetch-{rank}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        endpoint, batch_size, rank, ctx, timeout_s, retry_s = self._args
+        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s)
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = client.sample(batch_size, rank, timeout_s=timeout_s)
+                except Exception as err:  # handed to the consumer, who decides
+                    item = err
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, Exception):
+                    return
+        finally:
+            client.close()
+
+    def __iter__(self) -> Iterator[protocol.Message]:
+        return self
+
+    def __next__(self) -> protocol.Message:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise StopIteration from None
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

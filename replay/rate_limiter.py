@@ -1,0 +1,77 @@
+"""Reverb's SampleToInsertRatio rate limiter: hold sampled windows per inserted window.
+
+With ``diff = inserts * samples_per_insert - samples`` and
+``offset = samples_per_insert * min_size``, a sample of ``n`` windows may go ahead while
+``diff - n >= offset - tolerance`` and an insert while ``diff + samples_per_insert <=
+offset + tolerance``. So a fast learner waits for new data (no overfitting a trickle), and a
+fast labeler waits for the learner (no flood it can never look at). Below ``min_size``
+stored windows nothing is sampled and inserts are always allowed.
+``samples_per_insert = 0`` turns the ratio off: only ``min_size`` applies.
+"""
+
+from __future__ import annotations
+
+
+class RateLimiter:
+    def __init__(self, *, min_size: int = 1, samples_per_insert: float = 0.0, tolerance: float = 64.0):
+        if min_size < 1:
+            raise ValueError("min_size must be >= 1")
+        if samples_per_insert < 0:
+            raise ValueError("samples_per_insert must be >= 0")
+        # A band narrower than one insert's worth of samples could block both sides forever.
+        if samples_per_insert > 0 and tolerance < max(1.0, samples_per_insert):
+            raise ValueError(f"tolerance must be >= max(1, samples_per_insert) = {max(1.0, samples_per_insert)}")
+        self.min_size = min_size
+        self.samples_per_insert = samples_per_insert
+        self.tolerance = tolerance
+        self.inserts = 0
+        self.deletes = 0
+        self.samples = 0
+
+    @property
+    def size(self) -> int:
+        return self.inserts - self.deletes
+
+    @property
+    def enabled(self) -> bool:
+        return self.samples_per_insert > 0
+
+    def _diff(self) -> float:
+        return self.inserts * self.samples_per_insert - self.samples
+
+    def _offset(self) -> float:
+        return self.samples_per_insert * self.min_size
+
+    def can_insert(self, n: int = 1) -> bool:
+        if not self.enabled or self.size + n <= self.min_size:
+            return True
+        return self._diff() + n * self.samples_per_insert <= self._offset() + self.tolerance
+
+    def can_sample(self, n: int = 1) -> bool:
+        if self.size < self.min_size:
+            return False
+        if not self.enabled:
+            return True
+        return self._diff() - n >= self._offset() - self.tolerance
+
+    def insert(self, n: int = 1) -> None:
+        self.inserts += n
+
+    def delete(self, n: int = 1) -> None:
+        """Windows that left the store (evicted, found corrupt)."""
+        self.deletes += n
+
+    def sample(self, n: int = 1) -> None:
+        self.samples += n
+
+    def ratio(self) -> float:
+        """Actual samples per insert so far (the exported metric)."""
+        return self.samples / self.inserts if self.inserts else 0.0
+
+    def state_dict(self) -> dict:
+        return {"inserts": self.inserts, "deletes": self.deletes, "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inserts = int(state["inserts"])
+        self.deletes = int(state["deletes"])
+        self.samples = int(state["samples"])

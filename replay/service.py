@@ -1,0 +1,226 @@
+"""The replay process: a ZeroMQ ROUTER in front of a :class:`ReplayBuffer`.
+
+Requests come from DEALER peers (labelers insert, learners sample); each reply goes to the
+peer's identity and echoes the request's ``meta.request_id`` when it has one, so a client
+that retried can drop stale replies.
+
+* ``insert``  -> ``insert_ack`` {window_id, status, reason}, sent only after the window is
+  stored (committed to disk in durable mode). Rejections and duplicates are answered at once.
+  When the rate limiter holds inserts back, the insert waits on the service up to
+  ``replay.sample_wait_s``, then gets ``error`` {reason: "rate_limited", window_id}: the
+  client sends it again (re-sending is safe: a stored window_id answers "duplicate").
+  More than ``replay.max_pending`` waiting inserts: ``insert_ack`` rejected "overloaded".
+* ``sample``  -> ``batch`` as soon as ``min_size`` windows are stored and the limiter allows;
+  the request waits on the service (the event loop never blocks) up to
+  ``replay.sample_wait_s``, then gets ``error`` {reason: "not_ready"} and the client asks
+  again, until its own timeout. A batch larger than the limiter can ever grant gets
+  ``error`` "batch_too_large" at once.
+* ``priorities`` -> no reply (learners fire and forget); unknown window ids are ignored.
+* ``stats``   -> ``stats`` with the buffer's counters and the number of waiting requests.
+* anything malformed -> ``error`` {reason: "malformed"} (already counted by the runtime).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from reliev3r import protocol
+from reliev3r.config import PipelineConfig
+from reliev3r.service import Runtime
+from replay.buffer import ReplayBuffer
+from replay.storage import StorageFull
+
+KINDS = ("insert", "sample", "priorities", "stats")
+POLL_MS = 100
+MAX_BATCH = 4096
+
+
+@dataclass(slots=True)
+class _Waiting:
+    identity: bytes
+    msg: protocol.Message
+    deadline: float
+
+
+class ReplayServer:
+    """Socket handling and waiting requests around a buffer; ``step()`` is one loop turn."""
+
+    def __init__(self, buffer: ReplayBuffer, sock: zmq.Socket, runtime: Runtime):
+        self.buffer, self.sock, self.runtime = buffer, sock, runtime
+        self.cfg = buffer.cfg
+        self.inserts: deque[_Waiting] = deque()
+        self.samples: deque[_Waiting] = deque()
+        m = runtime.metrics
+        self.m_windows = m.gauge("replay_windows", "Windows stored")
+        self.m_bytes = m.gauge("replay_bytes", "Payload bytes stored")
+        self.m_ratio = m.gauge("replay_samples_per_insert", "Actual sampled windows per inserted window")
+        self.m_waiting = m.gauge("replay_waiting_requests", "Requests held back", ["kind"])
+        self.m_inserts = m.counter("replay_inserts_total", "Windows stored")
+        self.m_samples = m.counter("replay_samples_total", "Windows sampled (batch_size per batch)")
+        self.m_batches = m.counter("replay_batches_total", "Batches served")
+        self.m_evictions = m.counter("replay_evictions_total", "Windows evicted to make room")
+        self.m_duplicates = m.counter("replay_duplicates_total", "Inserts answered duplicate", ["reason"])
+        self.m_rejected = m.counter("replay_rejected_total", "Inserts rejected, by reason", ["reason"])
+        self.m_corrupt = m.counter("replay_corrupt_total", "Stored windows that failed their checksum")
+        self.m_not_ready = m.counter("replay_not_ready_total", "Requests answered not_ready/rate_limited",
+                                     ["kind"])
+        self.m_insert_s = m.histogram("replay_insert_seconds", "Time to store one window",
+                                      buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
+        self.m_sample_s = m.histogram("replay_sample_seconds", "Time to read and stack one batch",
+                                      buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
+        self._seen = dict(buffer.counts)
+        self._publish()
+
+    # ------------------------------------------------------------------ replies
+    def _send(self, identity: bytes, reply: protocol.Message, request: protocol.Message | None) -> None:
+        if request is not None and "request_id" in request.meta:
+            reply.meta["request_id"] = request.meta["request_id"]
+        try:
+            self.sock.send_multipart([identity, *protocol.encode(reply)], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:  # peer's queue full or gone: it will time out and retry
+            self.runtime.log.warning("reply dropped", extra={"kind": reply.kind})
+
+    def _ack(self, identity: bytes, msg: protocol.Message, status: str, reason: str) -> None:
+        meta = {"window_id": msg.meta.get("window_id", ""), "status": status, "reason": reason}
+        self._send(identity, protocol.Message("insert_ack", meta), msg)
+
+    # ------------------------------------------------------------------ requests
+    def handle(self, identity: bytes, msg: protocol.Message | None) -> None:
+        if msg is None:
+            if identity is not None:
+                self._send(identity, protocol.error_reply("malformed"), None)
+            return
+        if msg.kind == "insert":
+            self._on_insert(identity, msg)
+        elif msg.kind == "sample":
+            self._on_sample(identity, msg)
+        elif msg.kind == "priorities":
+            ids, losses = msg.meta.get("window_ids"), msg.meta.get("losses")
+            if isinstance(ids, list) and isinstance(losses, list) and len(ids) == len(losses):
+                self.buffer.update_priorities([str(i) for i in ids],
+                                              [x if isinstance(x, (int, float)) else float("nan") for x in losses])
+            else:
+                self.runtime.metrics.reject("bad_priorities")
+        elif msg.kind == "stats":
+            meta = {**self.buffer.stats(), "waiting_inserts": len(self.inserts), "waiting_samples": len(self.samples)}
+            self._send(identity, protocol.Message("stats", meta), msg)
+
+    def _on_insert(self, identity: bytes, msg: protocol.Message) -> None:
+        verdict = self.buffer.check(msg)
+        if verdict is None and (self.inserts or not self.buffer.can_insert()):
+            if len(self.inserts) >= self.cfg.max_pending:
+                self.buffer.counts["rejected:overloaded"] += 1
+                self._ack(identity, msg, "rejected", "overloaded")
+            else:
+                self.inserts.append(_Waiting(identity, msg, time.monotonic() + self.cfg.sample_wait_s))
+            return
+        self._insert_now(identity, msg)
+
+    def _insert_now(self, identity: bytes, msg: protocol.Message) -> None:
+        start = time.perf_counter()
+        result = self.buffer.insert(msg)
+        if result.status == "stored":
+            self.m_insert_s.observe(time.perf_counter() - start)
+        elif result.status == "duplicate":
+            self.m_duplicates.labels(result.reason).inc()
+        elif result.status == "rejected":
+            self.runtime.log.warning("insert rejected", extra={"window_id": msg.meta.get("window_id"),
+                                                               "reason": result.reason})
+        self._ack(identity, msg, result.status, result.reason)
+
+    def _on_sample(self, identity: bytes, msg: protocol.Message) -> None:
+        n, rank = msg.meta.get("batch_size"), msg.meta.get("rank", 0)
+        if not (isinstance(n, int) and 1 <= n <= MAX_BATCH and isinstance(rank, int) and rank >= 0):
+            self.runtime.metrics.reject("bad_sample_request")
+            self._send(identity, protocol.error_reply("bad_sample_request"), msg)
+        elif n > self.buffer.max_batch():
+            self._send(identity, protocol.error_reply("batch_too_large"), msg)
+        else:
+            self.samples.append(_Waiting(identity, msg, time.monotonic() + self.cfg.sample_wait_s))
+
+    # ------------------------------------------------------------------ waiting requests
+    def serve_waiting(self) -> None:
+        """Answer what the buffer now allows, in arrival order; expire the rest."""
+        while self.inserts and self.buffer.can_insert():
+            w = self.inserts.popleft()
+            self._insert_now(w.identity, w.msg)
+        while self.samples and self.buffer.can_sample(self.samples[0].msg.meta["batch_size"]):
+            w = self.samples.popleft()
+            start = time.perf_counter()
+            try:
+                batch = self.buffer.sample(w.msg.meta["batch_size"], w.msg.meta.get("rank", 0))
+            except LookupError:
+                self.samples.appendleft(w)
+                break
+            self.m_sample_s.observe(time.perf_counter() - start)
+            self._send(w.identity, batch, w.msg)
+        now = time.monotonic()
+        for queue, kind, reason in ((self.inserts, "insert", "rate_limited"), (self.samples, "sample", "not_ready")):
+            while queue and queue[0].deadline <= now:
+                w = queue.popleft()
+                self.m_not_ready.labels(kind).inc()
+                reply = protocol.error_reply(reason)
+                if kind == "insert":
+                    reply.meta["window_id"] = w.msg.meta.get("window_id", "")
+                self._send(w.identity, reply, w.msg)
+
+    def _publish(self) -> None:
+        """Copy the buffer's counters into metrics and the status line."""
+        b, c = self.buffer, self.buffer.counts
+        for key, counter in (("inserts", self.m_inserts), ("samples", self.m_samples),
+                             ("evictions", self.m_evictions), ("corrupt", self.m_corrupt)):
+            counter.inc(c[key] - self._seen.get(key, 0))
+        for key, value in c.items():
+            delta = value - self._seen.get(key, 0)
+            if delta and key.startswith("rejected:"):
+                self.m_rejected.labels(key.split(":", 1)[1]).inc(delta)
+        self._seen = dict(c)
+        self.m_windows.set(len(b.storage))
+        self.m_bytes.set(b.storage.nbytes)
+        self.m_ratio.set(b.limiter.ratio())
+        self.m_waiting.labels("insert").set(len(self.inserts))
+        self.m_waiting.labels("sample").set(len(self.samples))
+        self.runtime.status.update({"stored": len(b.storage), "inserted": c["inserts"], "sampled": c["samples"]})
+
+    def step(self, timeout_ms: int = POLL_MS) -> None:
+        """Handle a burst of requests (at most 64, so waiting ones are not starved), then
+        answer waiting requests and refresh metrics."""
+        if self.sock.poll(timeout_ms, zmq.POLLIN):
+            for _ in range(64):
+                self.handle(*self.runtime.receive(self.sock, kinds=KINDS, routed=True))
+                if not self.sock.poll(0, zmq.POLLIN):
+                    break
+        self.serve_waiting()
+        self._publish()
+
+
+def run(cfg: PipelineConfig, runtime: Runtime) -> int:
+    buffer = ReplayBuffer.open(cfg)
+    if buffer.storage.records:
+        runtime.log.info("replay store restored", extra={"windows": len(buffer.storage),
+                                                         "bytes": buffer.storage.nbytes})
+    sock = runtime.ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_BYTES + (1 << 20))
+    try:
+        sock.bind(cfg.network.bind(cfg.network.replay_port))
+        server = ReplayServer(buffer, sock, runtime)
+        runtime.log.info("replay serving", extra={"endpoint": cfg.network.bind(cfg.network.replay_port),
+                                                  "durable": cfg.replay.durable, "sampler": cfg.replay.sampler})
+        last_flush = time.monotonic()
+        while not runtime.stopping:
+            server.step()
+            if time.monotonic() - last_flush >= cfg.replay.flush_interval_s:
+                last_flush = time.monotonic()
+                try:
+                    buffer.flush()
+                except StorageFull as err:  # bookkeeping only; windows are already safe
+                    runtime.log.warning("replay flush failed", extra={"detail": str(err)})
+        return 0
+    finally:
+        sock.close(linger=0)
+        buffer.close()

@@ -1,0 +1,418 @@
+"""Where replay windows live: in memory, or durably on disk (SQLite in WAL mode).
+
+A stored window is its ``insert`` message re-encoded with :mod:`reliev3r.protocol` (no
+pickle): ``b"RPW1"``, the frame count and each frame's length, then the frames. Reading one
+back goes through ``protocol.decode``, so a stored window is validated like a received one.
+Every payload carries a CRC-32 that :meth:`Storage.get` verifies; a mismatch raises
+:class:`CorruptWindow` and the caller removes the window, so it is never served.
+
+:class:`DiskStorage` commits each insert (payload, index row and any evictions) in one
+transaction with ``synchronous=FULL``: once :meth:`Storage.put` returns, the window
+survives SIGKILL, and a window whose transaction did not commit is absent, never half there.
+Sample counts and priorities change on every sample; they live in memory and reach the disk
+at :meth:`Storage.flush` (the service flushes about once a second), so a crash loses at most
+that much bookkeeping and never a window.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import random
+import sqlite3
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from reliev3r import protocol
+
+PAYLOAD_MAGIC = b"RPW1"
+
+
+class CorruptWindow(Exception):
+    """A stored window failed its checksum or could not be read; ``key`` names it."""
+
+    def __init__(self, key: int, detail: str):
+        super().__init__(f"window {key}: {detail}")
+        self.key = key
+
+
+class StorageFull(Exception):
+    """The medium refused a write (disk full, database size limit); nothing was stored."""
+
+
+# --------------------------------------------------------------------------- payloads
+
+def encode_window(msg: protocol.Message) -> bytes:
+    frames = [bytes(f) for f in protocol.encode(msg)]
+    head = PAYLOAD_MAGIC + struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames))
+    return b"".join([head, *frames])
+
+
+def decode_window(payload: bytes | memoryview) -> protocol.Message:
+    """Inverse of :func:`encode_window`; raises ``protocol.ProtocolError`` on a bad payload."""
+    view = memoryview(payload)
+    if bytes(view[:4]) != PAYLOAD_MAGIC or len(view) < 8:
+        raise protocol.ProtocolError("bad_payload", "magic")
+    (count,) = struct.unpack_from("<I", view, 4)
+    if count > 4096 or len(view) < 8 + 8 * count:
+        raise protocol.ProtocolError("bad_payload", "frame table")
+    lengths = struct.unpack_from(f"<{count}Q", view, 8)
+    frames, offset = [], 8 + 8 * count
+    for n in lengths:
+        frames.append(view[offset: offset + n])
+        offset += n
+    if offset != len(view):
+        raise protocol.ProtocolError("bad_payload", "length")
+    return protocol.decode(frames, kinds=("insert",))
+
+
+def checksum(payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload)
+
+
+# --------------------------------------------------------------------------- index
+
+@dataclass(slots=True)
+class Record:
+    """Index entry of one stored window (the payload lives in the storage)."""
+
+    key: int
+    """Monotonic insertion number: larger is newer; never reused."""
+    window_id: str
+    nbytes: int
+    """Payload size in bytes."""
+    inserted_at: float
+    """Unix time of the insert."""
+    checksum: int
+    """CRC-32 of the payload."""
+    shape: tuple[int, ...]
+    """``frames`` shape [V, H, W, 3]: every window in a store must stack."""
+    times_sampled: int = 0
+    priority: float = 1.0
+    """Sampling priority (reported loss ** alpha for the prioritized sampler)."""
+    embedding: np.ndarray | None = None
+    """Near-duplicate embedding (float32), kept so the dedup index can be rebuilt."""
+
+
+class Storage(abc.ABC):
+    """Shared in-memory index; subclasses keep the payloads. Insertion-ordered, so the
+    first record is the oldest (FIFO eviction)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, Record] = {}
+        self.by_id: dict[str, int] = {}
+        self.nbytes = 0
+        self._next_key = 0
+        self._state: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, window_id: str) -> bool:
+        return window_id in self.by_id
+
+    def put(self, window_id: str, payload: bytes, *, shape: Iterable[int], priority: float = 1.0,
+            embedding: np.ndarray | None = None, evict: Iterable[int] = ()) -> Record:
+        """Store one window, removing ``evict`` in the same step; return its record.
+        Raises :class:`StorageFull` (nothing changed) when the medium refuses the write."""
+        evict = [k for k in evict if k in self.records]
+        rec = Record(key=self._next_key, window_id=window_id, nbytes=len(payload), inserted_at=time.time(),
+                     checksum=checksum(payload), shape=tuple(int(s) for s in shape), priority=float(priority),
+                     embedding=None if embedding is None else np.asarray(embedding, np.float32))
+        self._write(rec, payload, evict)
+        self._next_key += 1
+        self._forget(evict)
+        self.records[rec.key] = rec
+        self.by_id[window_id] = rec.key
+        self.nbytes += rec.nbytes
+        return rec
+
+    def get(self, key: int) -> bytes:
+        """The payload of ``key``, checksum verified; raises :class:`CorruptWindow`."""
+        rec = self.records.get(key)
+        if rec is None:
+            raise KeyError(key)
+        payload = self._read(key)
+        if checksum(payload) != rec.checksum or len(payload) != rec.nbytes:
+            raise CorruptWindow(key, "checksum mismatch")
+        return payload
+
+    def remove(self, keys: Iterable[int]) -> None:
+        keys = [k for k in keys if k in self.records]
+        if keys:
+            self._delete(keys)
+            self._forget(keys)
+
+    def touch(self, keys: Iterable[int]) -> None:
+        """Count one more sample of each key (duplicates count twice)."""
+        for k in keys:
+            if k in self.records:
+                self.records[k].times_sampled += 1
+
+    def set_priority(self, key: int, priority: float) -> None:
+        if key in self.records:
+            self.records[key].priority = float(priority)
+
+    def save_state(self, name: str, state: dict) -> None:
+        """Keep a component's ``state_dict`` (JSON-able) with the store; written at flush."""
+        self._state[name] = state
+
+    def load_state(self, name: str) -> dict | None:
+        return self._state.get(name)
+
+    def verify(self) -> list[int]:
+        """Keys whose payload fails its checksum (a full scan; for start-up and tests)."""
+        bad = []
+        for key in list(self.records):
+            try:
+                self.get(key)
+            except CorruptWindow:
+                bad.append(key)
+        return bad
+
+    def flush(self) -> None:
+        """Persist sample counts, priorities and saved states (no-op in memory)."""
+
+    def close(self) -> None:
+        self.flush()
+
+    def _forget(self, keys: Iterable[int]) -> None:
+        for k in keys:
+            rec = self.records.pop(k)
+            self.by_id.pop(rec.window_id, None)
+            self.nbytes -= rec.nbytes
+
+    # what a medium provides
+    @abc.abstractmethod
+    def _write(self, rec: Record, payload: bytes, evict: list[int]) -> None:
+        """Store ``payload`` under ``rec`` and drop ``evict``, all or nothing."""
+
+    @abc.abstractmethod
+    def _read(self, key: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def _delete(self, keys: list[int]) -> None: ...
+
+
+class MemoryStorage(Storage):
+    """Payloads in a dict: fast, lost with the process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.payloads: dict[int, bytes] = {}
+
+    def _write(self, rec: Record, payload: bytes, evict: list[int]) -> None:
+        for k in evict:
+            self.payloads.pop(k, None)
+        self.payloads[rec.key] = bytes(payload)
+
+    def _read(self, key: int) -> bytes:
+        try:
+            return self.payloads[key]
+        except KeyError:
+            raise CorruptWindow(key, "payload missing") from None
+
+    def _delete(self, keys: list[int]) -> None:
+        for k in keys:
+            self.payloads.pop(k, None)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS windows (
+    key INTEGER PRIMARY KEY, window_id TEXT NOT NULL UNIQUE, nbytes INTEGER NOT NULL,
+    inserted_at REAL NOT NULL, checksum INTEGER NOT NULL, shape TEXT NOT NULL,
+    times_sampled INTEGER NOT NULL DEFAULT 0, priority REAL NOT NULL DEFAULT 1.0, embedding BLOB);
+CREATE TABLE IF NOT EXISTS payloads (key INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class DiskStorage(Storage):
+    """SQLite database ``<folder>/replay.sqlite``: index rows, payload blobs and component
+    states. Reopening the folder restores everything that was committed.
+
+    ``max_pages`` caps the database size in pages (SQLite reports it like a full disk);
+    tests use it to exercise the disk-full path.
+    """
+
+    def __init__(self, folder: str | Path, *, max_pages: int | None = None):
+        super().__init__()
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "replay.sqlite"
+        # isolation_level=None: transactions are explicit BEGIN/COMMIT below.
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged insert survives a
+        # power cut as well as SIGKILL (NORMAL+WAL only guarantees the latter).
+        self.db.execute("PRAGMA synchronous=FULL")
+        if max_pages is not None:
+            self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
+        self.db.executescript(_SCHEMA)
+        self._dirty: set[int] = set()
+        self._load()
+
+    def _load(self) -> None:
+        rows = self.db.execute("SELECT key, window_id, nbytes, inserted_at, checksum, shape, times_sampled, "
+                               "priority, embedding FROM windows ORDER BY key").fetchall()
+        for key, wid, nbytes, at, crc, shape, times, prio, emb in rows:
+            rec = Record(key=key, window_id=wid, nbytes=nbytes, inserted_at=at, checksum=crc,
+                         shape=tuple(json.loads(shape)), times_sampled=times, priority=prio,
+                         embedding=None if emb is None else np.frombuffer(emb, np.float32).copy())
+            self.records[key] = rec
+            self.by_id[wid] = key
+            self.nbytes += nbytes
+        for name, value in self.db.execute("SELECT name, value FROM state"):
+            self._state[name] = json.loads(value)
+        # Keys are never reused, even after the newest window was evicted.
+        seq = self._state.get("storage", {}).get("next_key", 0)
+        self._next_key = max(seq, (max(self.records) + 1) if self.records else 0)
+
+    def _write(self, rec: Record, payload: bytes, evict: list[int]) -> None:
+        emb = None if rec.embedding is None else rec.embedding.tobytes()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._delete_rows(evict)
+                self.db.execute("INSERT INTO windows (key, window_id, nbytes, inserted_at, checksum, shape, "
+                                "times_sampled, priority, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
+                                (rec.key, rec.window_id, rec.nbytes, rec.inserted_at, rec.checksum,
+                                 json.dumps(list(rec.shape)), 0, rec.priority, emb))
+                self.db.execute("INSERT INTO payloads (key, data) VALUES (?, ?)", (rec.key, payload))
+                self.db.execute("INSERT OR REPLACE INTO state (name, value) VALUES ('storage', ?)",
+                                (json.dumps({"next_key": rec.key + 1}),))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except (sqlite3.OperationalError, OSError) as err:
+            # SQLITE_FULL ("database or disk is full"), ENOSPC, I/O errors: refuse this one
+            # insert; the store stays as it was.
+            raise StorageFull(str(err)) from err
+        for k in evict:
+            self._dirty.discard(k)
+
+    def _read(self, key: int) -> bytes:
+        try:
+            row = self.db.execute("SELECT data FROM payloads WHERE key = ?", (key,)).fetchone()
+        except sqlite3.DatabaseError as err:  # a damaged page: report it like a bad checksum
+            raise CorruptWindow(key, f"unreadable: {err}") from None
+        if row is None:
+            raise CorruptWindow(key, "payload missing")
+        return row[0]
+
+    def _delete(self, keys: list[int]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._delete_rows(keys)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._dirty.difference_update(keys)
+
+    def _delete_rows(self, keys: list[int]) -> None:
+        if keys:
+            rows = [(k,) for k in keys]
+            self.db.executemany("DELETE FROM windows WHERE key = ?", rows)
+            self.db.executemany("DELETE FROM payloads WHERE key = ?", rows)
+
+    def touch(self, keys: Iterable[int]) -> None:
+        keys = list(keys)
+        super().touch(keys)
+        self._dirty.update(k for k in keys if k in self.records)
+
+    def set_priority(self, key: int, priority: float) -> None:
+        super().set_priority(key, priority)
+        if key in self.records:
+            self._dirty.add(key)
+
+    def flush(self) -> None:
+        rows = [(self.records[k].times_sampled, self.records[k].priority, k) for k in self._dirty if k in self.records]
+        states = [(n, json.dumps(v)) for n, v in self._state.items() if n != "storage"]
+        if not rows and not states:
+            return
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany("UPDATE windows SET times_sampled = ?, priority = ? WHERE key = ?", rows)
+                self.db.executemany("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", states)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except (sqlite3.OperationalError, OSError) as err:
+            raise StorageFull(str(err)) from err
+        self._dirty.clear()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.db.close()
+
+
+# --------------------------------------------------------------------------- eviction
+
+class FifoEviction:
+    """The oldest windows leave first."""
+
+    def victims(self, storage: Storage, nbytes: int, *, max_windows: int, max_bytes: int) -> list[int] | None:
+        """Keys to remove so that one more window of ``nbytes`` fits; ``None`` means the
+        new window itself is not kept."""
+        out, count, total = [], len(storage), storage.nbytes
+        for key, rec in storage.records.items():
+            if count + 1 <= max_windows and total + nbytes <= max_bytes:
+                break
+            out.append(key)
+            count -= 1
+            total -= rec.nbytes
+        return out
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ReservoirEviction:
+    """Reservoir sampling (Vitter's algorithm R): once full, the n-th window is kept with
+    probability capacity / n, replacing a uniformly random stored one; so the store stays a
+    uniform sample of everything ever offered, old and new alike."""
+
+    def __init__(self, seed: int = 0):
+        self.seen = 0
+        self.rng = random.Random(seed)
+
+    def victims(self, storage: Storage, nbytes: int, *, max_windows: int, max_bytes: int) -> list[int] | None:
+        self.seen += 1
+        if len(storage) + 1 <= max_windows and storage.nbytes + nbytes <= max_bytes:
+            return []
+        if len(storage) + 1 > max_windows and self.rng.random() >= max_windows / self.seen:
+            return None
+        keys = list(storage.records)
+        self.rng.shuffle(keys)
+        out, count, total = [], len(storage), storage.nbytes
+        for key in keys:
+            if count + 1 <= max_windows and total + nbytes <= max_bytes:
+                break
+            out.append(key)
+            count -= 1
+            total -= storage.records[key].nbytes
+        return out
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"seen": self.seen, "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
