@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+import types
+import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
+from prometheus_client import generate_latest
 
 from monitoring.metrics import Metrics
 from reliev3r import cli, status
@@ -79,3 +91,149 @@ def test_status_command_exit_codes(run_dir, tmp_path_factory, capsys):
     empty = tmp_path_factory.mktemp("empty")
     assert cli.main(["status", "--run-dir", str(empty), "--interval", "0"]) == 2
     assert "no " in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- metric names
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool not installed (Debian package prometheus; .ci/run installs it)")
+# Exported only by processes with network.curve enabled (not the demo pipeline).
+OPTIONAL_METRICS = {"reliev3r_auth_failures"}
+
+
+def promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+
+
+@needs_promtool
+def test_promtool_accepts_registered_metrics():
+    """The metrics that can be built without running a stage: the base set every process
+    exports, the labeler's and learner's registration classes, CURVE refusals."""
+    from labelers.service import _Metrics as LabelerMetrics
+    from learner.service import LearnerMetrics
+    from reliev3r import security
+
+    for stage, register in (("labeler", LabelerMetrics), ("learner", lambda m: LearnerMetrics(types.SimpleNamespace(metrics=m))),
+                            ("replay", security.auth_failures)):
+        m = Metrics(stage)
+        register(m)
+        text = generate_latest(m.registry).decode()
+        result = promtool_check_metrics(text)
+        assert result.returncode == 0 and not result.stdout.strip(), (stage, result.stdout + result.stderr)
+    bad = "# HELP reliev3r_x_seconds_total x\n# TYPE reliev3r_x_seconds_total gauge\nreliev3r_x_seconds_total 1\n"
+    assert promtool_check_metrics(bad).returncode != 0  # promtool does lint names
+
+
+# --------------------------------------------------------------------------- acceptance
+
+def _families(text: str) -> set[str]:
+    """Metric family names declared in an exposition (``# TYPE``), even those without samples yet."""
+    return {re.sub(r"_total$", "", n) for n in re.findall(r"^# TYPE (\S+) ", text, re.M)}
+
+
+def _referenced_families(queries: list[str]) -> set[str]:
+    names = set(re.findall(r"\breliev3r_[a-z0-9_]+", " ".join(queries)))
+    return {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in names}
+
+
+def _prom_query(port: int, expr: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
+                    reason="prometheus/promtool not installed (Debian package prometheus; .ci/run installs it)")
+def test_prometheus_sees_every_dashboard_and_alert_query(tmp_path):
+    """A real Prometheus with the project's scrape config and rules, scraping a running
+    `reliev3r up`: every dashboard query and every alert query returns data, every metric they
+    name is exported, and every endpoint passes `promtool check metrics`."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_deploy import alert_queries, dashboard_queries
+
+    stages = ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")
+    ports = {s: free_port() for s in stages}
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", "configs/default.yaml",
+           "--config", "configs/demo.yaml", "--max-steps", "0", f"run.dir={run_dir}", "network.work_port=0",
+           "network.replay_port=0", "network.supervisor_port=0", "learner.snapshot_every=5",
+           *(f"monitoring.ports.{s}={p}" for s, p in ports.items())]
+    up_log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen(cmd, cwd=ROOT, stdout=up_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    # The project's local scrape config, pointed at this run's ports and scraping every second.
+    prom_cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    prom_cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    prom_cfg["rule_files"] = [str(tmp_path / "alerts.yml")]
+    for sc in prom_cfg["scrape_configs"][0]["static_configs"]:
+        sc["targets"] = [f"127.0.0.1:{ports[sc['labels']['component']]}"]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
+    prom_port = free_port()
+    prom_log = open(tmp_path / "prometheus.log", "wb")
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=prom_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/-/ready", timeout=2).status == 200,
+              30, "prometheus ready")
+        _wait(lambda: [r for r in _prom_query(prom_port, "max(reliev3r_learner_step) >= 6")], 150,
+              "the learner to make 6 steps (and snapshot)")
+        queries = sorted(set(dashboard_queries() + alert_queries()))
+
+        def empty() -> list[str]:
+            return [q for q in queries if not _prom_query(prom_port, q)]
+
+        # The slowest series (first evaluation of a snapshot) may need a few more seconds.
+        deadline = time.time() + 60
+        missing = empty()
+        while missing and time.time() < deadline:
+            time.sleep(2)
+            missing = empty()
+        assert not missing, f"queries without data: {missing}"
+
+        texts = {s: urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+                 for s, p in ports.items()}
+        exported = set().union(*(_families(t) for t in texts.values()))
+        unknown = _referenced_families(queries) - exported - OPTIONAL_METRICS
+        assert not unknown, f"dashboards/alerts name metrics no process exports: {sorted(unknown)}"
+        for stage, text in texts.items():
+            result = promtool_check_metrics(text)
+            assert result.returncode == 0 and not result.stdout.strip(), (stage, result.stdout + result.stderr)
+        alerts = _prom_query(prom_port, "ALERTS")
+        assert all(a["metric"]["alertname"].startswith("Reliev3r") for a in alerts)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+        prom.terminate()
+        try:
+            prom.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        up_log.close()
+        prom_log.close()
+    assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
