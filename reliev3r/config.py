@@ -25,6 +25,7 @@ from labelers.config import LabelerConfig
 from learner.config import LearnerConfig
 from monitoring.config import MonitoringConfig
 from replay.config import ReplayConfig
+from reliev3r.security import CurveConfig
 from streamer.config import StreamerConfig
 
 
@@ -56,12 +57,20 @@ class NetworkConfig:
     """Supervisor PULL: heartbeats of every child process."""
     connect_host: str = ""
     """Host other stages connect to; empty means the same as ``host``."""
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    """CURVE authentication of every ZeroMQ link (keys from ``reliev3r keys``)."""
+    allow_insecure_remote: bool = False
+    """Allow binding beyond loopback without CURVE (only on a network you fully trust)."""
 
     def __post_init__(self) -> None:
         for name in ("work_port", "replay_port", "supervisor_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
                 raise ConfigError(f"network.{name}: port {port} outside 0..65535")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        if not loopback and not self.curve.enabled and not self.allow_insecure_remote:
+            raise ConfigError(f"network.host: binding {self.host} beyond loopback needs network.curve.enabled=true "
+                              "(keys from 'reliev3r keys'), or network.allow_insecure_remote=true")
 
     def bind(self, port: int) -> str:
         return f"tcp://{self.host}:{port}"

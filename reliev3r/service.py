@@ -18,7 +18,7 @@ import zmq
 
 from monitoring.metrics import Metrics
 from reliev3r import log as rlog
-from reliev3r import protocol
+from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 
 HEARTBEAT_S = 1.0
@@ -96,6 +96,7 @@ class Runtime:
             thread.join(timeout=5)
         self.metrics.up.set(0)
         self.metrics.close()
+        security.stop_authenticator(self.ctx)
         self.ctx.destroy(linger=0)
 
     def __enter__(self) -> "Runtime":
@@ -109,6 +110,7 @@ class Runtime:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4)
+        security.secure_client(sock, self.cfg.network.curve)
         sock.connect(self.cfg.network.connect(self.cfg.network.supervisor_port))
         try:
             while not self._stop.wait(HEARTBEAT_S):
@@ -119,6 +121,25 @@ class Runtime:
                     pass  # supervisor busy or gone; the next beat will try again
         finally:
             sock.close(linger=0)
+
+    # ------------------------------------------------------------------ sockets
+    def bind(self, kind: int, port: int) -> zmq.Socket:
+        """A socket of ``kind`` bound on the configured host and ``port``, CURVE-secured
+        when ``network.curve`` is enabled (unknown clients refused and counted)."""
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        security.secure_server(sock, self.cfg.network.curve, self.metrics)
+        sock.bind(self.cfg.network.bind(port))
+        return sock
+
+    def connect(self, kind: int, port: int) -> zmq.Socket:
+        """A socket of ``kind`` connected to ``port`` on the configured peer host, with this
+        process's CURVE client keys when enabled."""
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        security.secure_client(sock, self.cfg.network.curve)
+        sock.connect(self.cfg.network.connect(port))
+        return sock
 
     # ------------------------------------------------------------------ receiving
     def receive(self, sock: zmq.Socket, *, kinds: tuple[str, ...], routed: bool = False,

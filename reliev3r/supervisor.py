@@ -30,7 +30,7 @@ import zmq
 
 from monitoring.metrics import Metrics
 from reliev3r import config as rconfig
-from reliev3r import protocol
+from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 
 # Start order; stop order is the reverse except that the learner goes last (it snapshots).
@@ -65,6 +65,9 @@ class Supervisor:
         self.metrics = Metrics("supervisor")
         self.restarts = self.metrics.counter("process_restarts_total", "Child processes restarted after a crash", ["stage"])
         self.child_up = self.metrics.gauge("child_up", "1 while a child process runs", ["stage"])
+        for stage in STAGES:  # series exist at 0 from the start, so rate() and alerts see them
+            self.restarts.labels(stage)
+            self.child_up.labels(stage)
         self._last_status_len = 0
 
     # ------------------------------------------------------------------ main loop
@@ -83,6 +86,7 @@ class Supervisor:
             self.metrics.serve(self.cfg.monitoring.host, self.cfg.monitoring.ports.get("supervisor", 0))
         ctx = zmq.Context()
         beats = ctx.socket(zmq.PULL)
+        security.secure_server(beats, self.cfg.network.curve, self.metrics)
         beats.bind(self.cfg.network.bind(self.cfg.network.supervisor_port))
         self._print(f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
                     f"teacher {self.cfg.labeler.teacher}"
@@ -107,6 +111,7 @@ class Supervisor:
             self._print_status(final=True)
             self._print_evaluation()
             beats.close(linger=0)
+            security.stop_authenticator(ctx)
             ctx.destroy(linger=0)
             self.metrics.close()
         return exit_code
