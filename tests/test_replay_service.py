@@ -1,0 +1,267 @@
+"""The replay service over real ZeroMQ on 127.0.0.1, in a thread and as a killed process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from reliev3r import config as rconfig
+from reliev3r import protocol
+from reliev3r.service import Runtime
+from replay import service
+from replay.client import ReplayClient, ReplayError
+from replay.storage import DiskStorage, decode_window
+
+REPO = Path(__file__).resolve().parents[1]
+KILLS = int(os.environ.get("RELIEV3R_REPLAY_KILLS", "20"))
+"""SIGKILLs in the fault test (20 by default; lower it for a quick local run)."""
+
+
+def make_window(i: int, *, views: int = 2, size: int = 16) -> protocol.Message:
+    rng = np.random.default_rng(i)
+    arrays = {"frames": rng.integers(0, 256, (views, size, size, 3), dtype=np.uint8),
+              "intrinsics": np.tile(np.eye(3, dtype=np.float32), (views, 1, 1)),
+              "matches": np.array([[0, 1, 1.0, 2.0, 3.0, 4.0, 0.5]] * (1 + i % 4), np.float32),
+              "teacher_depth": rng.random((views, size, size)).astype(np.float32) + 0.5,
+              "teacher_valid": np.ones((views, size, size), np.uint8)}
+    meta = {"window_id": f"w{i}", "source": "test", "frame_indices": list(range(views)),
+            "teacher": {"depth": {"name": "fake", "version": "1"}}}
+    return protocol.Message("insert", meta, arrays)
+
+
+def make_cfg(tmp_path: Path, *overrides: str) -> rconfig.PipelineConfig:
+    cfg = rconfig.load([], [f"run.dir={tmp_path}", "monitoring.enabled=false", "replay.sample_wait_s=0.2",
+                            "replay.min_size=2", *overrides])
+    cfg.network.replay_port = rconfig.free_port()
+    return cfg
+
+
+@contextlib.contextmanager
+def serving(cfg: rconfig.PipelineConfig):
+    runtime = Runtime("replay", cfg, install_signals=False, serve_metrics=False)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", service.run(cfg, runtime)), daemon=True)
+    thread.start()
+    try:
+        yield cfg.network.connect(cfg.network.replay_port), runtime
+    finally:
+        runtime.stop()
+        thread.join(timeout=10)
+        runtime.close()
+    assert result.get("rc") == 0
+
+
+def metric(runtime: Runtime, name: str, **labels) -> float:
+    return runtime.metrics.registry.get_sample_value(f"reliev3r_{name}", labels) or 0.0
+
+
+def test_insert_duplicate_sample_stats(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=10, retry_s=2) as client:
+        assert client.insert(make_window(0)) == {"window_id": "w0", "status": "stored", "reason": ""}
+        assert client.insert(make_window(0))["status"] == "duplicate"
+
+        # Fewer than min_size windows: sample() waits (through not_ready replies) until a
+        # labeler inserts more.
+        later = threading.Timer(0.6, lambda: ReplayClient(endpoint, ctx=client.ctx).insert(make_window(1)))
+        later.start()
+        start = time.monotonic()
+        batch = client.sample(3, rank=1)
+        later.join()
+        assert time.monotonic() - start >= 0.5
+        assert metric(runtime, "replay_not_ready_total", kind="sample") >= 1
+        assert batch.arrays["frames"].shape == (3, 2, 16, 16, 3)
+        assert batch.arrays["teacher_depth"].shape == (3, 2, 16, 16)
+        assert set(batch.meta["window_ids"]) <= {"w0", "w1"}
+        assert batch.meta["probabilities"] == [0.5] * 3 and batch.meta["teacher"]["depth"]["name"] == "fake"
+        w = batch.meta["window_ids"][0]
+        np.testing.assert_array_equal(batch.arrays["frames"][0], make_window(int(w[1:])).arrays["frames"])
+
+        stats = client.stats()
+        assert stats["windows"] == 2 and stats["inserts"] == 2 and stats["duplicates"] == 1
+        assert stats["samples"] == 3 and stats["samples_per_insert"] == 1.5
+        assert runtime.status == {"stored": 2, "inserted": 2, "sampled": 3}
+        assert metric(runtime, "replay_windows") == 2 and metric(runtime, "replay_samples_total") == 3
+        assert metric(runtime, "replay_duplicates_total", reason="window_id") == 1
+        assert client.retries == 0
+
+        client.report(["w0", "w1", "nope"], [1.0, 2.0, 3.0])  # no reply; uniform sampler ignores it
+        assert client.stats()["windows"] == 2
+
+
+def test_malformed_and_bad_inserts_are_rejected_and_counted(tmp_path):
+    cfg = make_cfg(tmp_path, "replay.max_window_bytes=20000")
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
+        raw = client.ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(endpoint)
+        raw.send_multipart([b"garbage", b"\x00\x01"])
+        assert raw.poll(5000)
+        assert protocol.decode(raw.recv_multipart()).meta["reason"] == "malformed"
+        frames = protocol.encode(make_window(5))
+        raw.send_multipart([*frames[:-1], b"short"])  # a buffer of the wrong size
+        assert raw.poll(5000) and protocol.decode(raw.recv_multipart()).kind == "error"
+        raw.close()
+        assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_magic") == 1
+        assert metric(runtime, "messages_rejected_total", stage="replay", reason="size_mismatch") == 1
+
+        with pytest.raises(ReplayError, match="malformed"):  # the client learns at once, no timeout
+            client.request(protocol.Message("heartbeat", {"stage": "x", "pid": 1}), reply_kinds=("stats",))
+
+        assert client.insert(make_window(0))["status"] == "stored"
+        big = make_window(1)
+        big.arrays["matches"] = np.zeros((2000, 7), np.float32)
+        assert client.insert(big) == {"window_id": "w1", "status": "rejected", "reason": "oversize"}
+        assert client.insert(make_window(2, size=8))["reason"] == "shape_mismatch"
+        nan = make_window(3)
+        nan.arrays["teacher_depth"] = np.full((2, 16, 16), np.inf, np.float32)
+        assert client.insert(nan)["reason"] == "non_finite_label"
+        assert client.insert(make_window(4))["status"] == "stored"
+        stats = client.stats()
+        assert stats["rejected"] == {"oversize": 1, "shape_mismatch": 1, "non_finite_label": 1}
+        assert stats["windows"] == 2
+        assert metric(runtime, "replay_rejected_total", reason="oversize") == 1
+        assert client.sample(2).arrays["frames"].shape == (2, 2, 16, 16, 3)  # still serving
+
+
+def test_rate_limiter_backpressure_and_priorities(tmp_path):
+    cfg = make_cfg(tmp_path, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
+                   "replay.sampler=prioritized", "replay.priority_alpha=1.0")
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
+        acked = 0
+        with pytest.raises(TimeoutError):  # nobody samples: the labeler is held back
+            for i in range(20):
+                client.insert(make_window(i), timeout_s=0.5)
+                acked += 1
+        assert 2 <= acked <= 6
+        assert metric(runtime, "replay_not_ready_total", kind="insert") >= 1
+        with pytest.raises(ReplayError, match="batch_too_large"):
+            client.sample(64)
+        for _ in range(4):
+            client.sample(2)
+        assert client.insert(make_window(100))["status"] in ("stored", "duplicate")
+        stats = client.stats()
+        assert stats["samples"] == 8 and abs(stats["samples_per_insert"] - 2.0) <= (4 + 2 + 2) / stats["inserts"]
+
+        # prioritized: a window with a much larger reported loss dominates the draws
+        ids = [f"w{i}" for i in range(acked)]
+        client.report(ids, [100.0] + [0.01] * (acked - 1))
+        assert client.stats()["priority_updates"] == acked
+        batch = client.sample(2)
+        assert batch.meta["window_ids"] == ["w0", "w0"]  # P = 100 / (100 + 1 + 0.01 * k) each
+
+
+def test_prefetch_and_restart_with_retry(tmp_path):
+    cfg = make_cfg(tmp_path, "replay.durable=true")
+    endpoint = cfg.network.connect(cfg.network.replay_port)
+    with serving(cfg), ReplayClient(endpoint, timeout_s=10, retry_s=1) as client:
+        for i in range(3):
+            client.insert(make_window(i))
+        fetch = client.prefetch(2, rank=0, depth=2)
+        batches = [next(fetch) for _ in range(3)]
+        fetch.close()
+        assert all(b.arrays["frames"].shape == (2, 2, 16, 16, 3) for b in batches)
+    # the service is down: a request sent now is lost; the client retries on a fresh socket
+    # and gets its answer from the restarted (durable) service.
+    client = ReplayClient(endpoint, timeout_s=15, retry_s=0.5)
+    box = {}
+    asker = threading.Thread(target=lambda: box.setdefault("stats", client.stats()))
+    asker.start()
+    time.sleep(1.2)
+    with serving(cfg):
+        asker.join(timeout=15)
+        assert box["stats"]["windows"] == 3 and box["stats"]["samples"] >= 6  # prefetch runs ahead
+        assert client.retries >= 1
+        client.close()
+
+
+# --------------------------------------------------------------------------- fault test
+
+def _spawn(cfg_path: Path, run_dir: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "reliev3r.cli", "replay", "--config", str(cfg_path), "replay.durable=true",
+           f"run.dir={run_dir}", f"network.replay_port={port}", "monitoring.enabled=false", "run.log_level=WARNING"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_sigkill_loses_no_acknowledged_window(tmp_path):
+    """A writer inserts continuously while the service is SIGKILLed ``KILLS`` times at
+    random moments and restarted: every acknowledged window is stored intact afterwards."""
+    port = rconfig.free_port()
+    cfg_path = tmp_path / "replay.yaml"
+    cfg_path.write_text("replay:\n  min_size: 1\n  sample_wait_s: 0.2\n  flush_interval_s: 0.2\n")
+    run_dir = tmp_path / "run"
+    endpoint = f"tcp://127.0.0.1:{port}"
+    acked: dict[str, str] = {}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer():
+        client = ReplayClient(endpoint, timeout_s=30, retry_s=0.3)
+        i = 0
+        try:
+            while not stop.is_set():
+                ack = client.insert(make_window(i))
+                assert ack["status"] in ("stored", "duplicate"), ack  # duplicate: a retry after a kill
+                acked[ack["window_id"]] = ack["status"]
+                i += 1
+        except BaseException as err:  # surfaced in the main thread
+            if not stop.is_set():
+                errors.append(err)
+        finally:
+            client.close()
+
+    rng = random.Random(0)
+    proc = _spawn(cfg_path, run_dir, port)
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        for kill in range(KILLS):
+            before = len(acked)
+            deadline = time.monotonic() + 15
+            while len(acked) <= before and time.monotonic() < deadline and not errors:
+                time.sleep(0.02)  # wait until this incarnation has acknowledged something
+            assert not errors and len(acked) > before, f"no progress after restart {kill}"
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            proc = _spawn(cfg_path, run_dir, port)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=40)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20)
+        stderr = proc.stderr.read().decode(errors="replace")
+    assert not errors, errors
+    assert rc == 0, stderr[-2000:]
+    elapsed = time.monotonic() - start
+
+    storage = DiskStorage(run_dir / "replay")
+    try:
+        assert storage.verify() == []  # every stored payload passes its checksum
+        missing = [w for w in acked if w not in storage]
+        assert not missing, f"{len(missing)} acknowledged windows lost: {missing[:5]}"
+        for key in storage.records:  # nothing half-present: each window is whole and exact
+            window = decode_window(storage.get(key))
+            want = make_window(int(window.meta["window_id"][1:]))
+            for name, arr in want.arrays.items():
+                np.testing.assert_array_equal(window.arrays[name], arr)
+        assert len(storage) >= len(acked) and len(storage) <= len(acked) + KILLS
+    finally:
+        storage.close()
+    print(f"{KILLS} kills, {len(acked)} acknowledged windows, {elapsed:.1f} s")
+    assert elapsed < 90
