@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -171,10 +172,10 @@ def test_reservoir_eviction_keeps_a_uniform_sample():
 
 def test_reservoir_state_dict_resumes_the_same_choices():
     a, b = ReservoirEviction(5), ReservoirEviction(0)
-    s1, s2 = MemoryStorage(), MemoryStorage()
+    s1 = MemoryStorage()
     fill(s1, 15, policy=a, max_windows=5, max_bytes=10**9)
-    b.load_state_dict(a.state_dict())
-    for i in range(15, 30):
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # stored as JSON
+    for _ in range(15):
         assert a.victims(s1, 100, max_windows=5, max_bytes=10**9) == \
             b.victims(s1, 100, max_windows=5, max_bytes=10**9)
     assert b.seen == a.seen == 30
@@ -240,7 +241,7 @@ def test_sampler_rank_streams_are_independent_and_resumable():
     a.sample(5, rank=1)  # drawing for another rank must not disturb rank 0
     assert np.array_equal(a.sample(32, 0)[0], b.sample(32, 0)[0])
     assert not np.array_equal(fresh().sample(32, 0)[0], fresh().sample(32, 1)[0])
-    state = a.state_dict()
+    state = json.loads(json.dumps(a.state_dict()))  # stored as JSON
     c = fresh()
     c.load_state_dict(state)
     assert np.array_equal(a.sample(32, 0)[0], c.sample(32, 0)[0])
