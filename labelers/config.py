@@ -11,7 +11,18 @@ class LabelerConfig:
     teacher: str = "none"
     """Depth teacher. ``none`` (no depth labels: the depth loss is off), ``oracle`` (ground
     truth of synthetic sources under an unknown per-frame scale and shift plus noise and
-    holes; an upper bound, never a real teacher), or a backend spec added by the labelers."""
+    holes; an upper bound, never a real teacher), or a model: ``hf:<hub id or folder>``,
+    ``onnx:<file>?space=disparity``, ``torchscript:<file>?space=depth``, ``tflite:<file>?space=...``,
+    ``pydnet:<file>`` (see ``labelers/depth_models.py`` for the options)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Teacher arithmetic: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU."""
+    compile: Literal["none", "inductor", "tensorrt"] = "inductor"
+    """Compile the torch teachers on CUDA (ignored on the CPU). ``tensorrt`` needs
+    torch-tensorrt (extra ``tensorrt``) and falls back to inductor, with a warning, without it."""
+    batch_frames: int = 16
+    """Frames per teacher forward (frames of several windows are batched together)."""
+    batch_windows: int = 4
+    """Windows labelled together when the worker holds several (raise ``credits`` with it)."""
     matcher: Literal["sift", "orb", "xfeat"] = "sift"
     """Sparse match teacher; every match is geometrically verified (USAC/MAGSAC)."""
     max_matches_per_pair: int = 256
@@ -42,6 +53,8 @@ class LabelerConfig:
             raise ValueError("max_matches_per_pair and min_matches must be >= 1")
         if self.ransac_threshold_px <= 0:
             raise ValueError("ransac_threshold_px must be > 0")
+        if self.batch_frames < 1 or self.batch_windows < 1:
+            raise ValueError("batch_frames and batch_windows must be >= 1")
         if self.credits < 1:
             raise ValueError("credits must be >= 1")
         if self.insert_timeout_s <= 0 or self.ready_interval_s <= 0:

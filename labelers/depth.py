@@ -2,8 +2,9 @@
 
 A :class:`DepthTeacher` maps RGB frames uint8 [V,H,W,3] to relative depth float32 [V,H,W]
 (or disparity, see ``space``) and a validity mask bool [V,H,W]. Non-finite or non-positive
-outputs are invalid pixels, never labels. New backends (Hugging Face transformers, ONNX,
-TorchScript, TFLite, an embedded model) register in :func:`make_teacher` by spec string.
+outputs are invalid pixels, never labels. Model backends (Hugging Face transformers, ONNX,
+TorchScript, TFLite) live in :mod:`labelers.depth_models`; :func:`make_teacher` picks one by
+spec string.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ class DepthTeacher:
                 window_id: str = "") -> tuple[np.ndarray, np.ndarray]:
         depth = self._predict(frames, gt_depth=gt_depth, window_id=window_id)
         return sanitize(depth)
+
+    def predict_many(self, windows, *, gt_depths=None, window_ids=None) -> list:
+        """``predict`` over several windows: a list of (depth, valid) or :class:`TeacherError`
+        per window. Model teachers override it to batch frames across windows."""
+        gt_depths = gt_depths or [None] * len(windows)
+        window_ids = window_ids or [""] * len(windows)
+        out = []
+        for frames, gt, wid in zip(windows, gt_depths, window_ids):
+            try:
+                out.append(self.predict(frames, gt_depth=gt, window_id=wid))
+            except TeacherError as err:
+                out.append(err)
+        return out
 
     def _predict(self, frames, *, gt_depth, window_id) -> np.ndarray:
         raise TeacherError("no_backend", self.name)
@@ -102,11 +116,31 @@ class OracleTeacher(DepthTeacher):
         return out
 
 
-def make_teacher(spec: str, device: str = "cpu") -> DepthTeacher:
-    """The teacher named by ``spec``: ``none`` or ``oracle``. (``device`` is for the model
-    backends that slot in here.)"""
+MODEL_KINDS = ("hf", "onnx", "torchscript", "tflite", "pydnet")
+
+
+def make_teacher(spec: str, device: str = "cpu", *, batch_frames: int = 16, precision: str = "auto",
+                 compile: str = "none") -> DepthTeacher:
+    """The teacher named by ``spec``:
+
+    * ``none``, ``oracle``;
+    * ``hf:<hub id or local folder>`` (transformers ``AutoModelForDepthEstimation``);
+    * ``onnx:<file>``, ``torchscript:<file>``, ``tflite:<file>`` with ``?space=depth|disparity``
+      and optional ``&size=HxW&norm=imagenet|unit&output=<name>``;
+    * ``pydnet:<file>`` (PyDNet++ TFLite: the right output and space preset).
+
+    ``batch_frames``, ``precision`` (auto = bf16 on CUDA, fp32 on CPU) and ``compile``
+    (none, inductor, tensorrt; CUDA only) apply to the torch backends.
+    """
     if spec == "none":
         return NoTeacher()
     if spec in ("oracle", "oracle-gt"):
         return OracleTeacher()
-    raise ValueError(f"teacher {spec!r} is not available (known: none, oracle)")
+    kind, sep, target = spec.partition(":")
+    if sep and kind in MODEL_KINDS and target:
+        from labelers.depth_models import make_model_teacher
+
+        return make_model_teacher(kind, target, device=device, batch_frames=batch_frames,
+                                  precision=precision, compile=compile)
+    raise ValueError(f"teacher {spec!r} is not available (known: none, oracle, "
+                     + ", ".join(f"{k}:<path>" for k in MODEL_KINDS) + ")")

@@ -1,0 +1,193 @@
+"""Depth-teacher backends through ``make_teacher`` (the path users take): a tiny transformers
+Depth Anything saved and loaded back, an ONNX file and a TorchScript file exported here from a
+known tiny model, and the real pretrained PyDNet++ (TFLite) checked against 7-Scenes depth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from labelers.depth import TeacherError, make_teacher
+from labelers.depth_models import fit_size
+
+SHARED = Path(__file__).parents[1].parent / "shared"
+PYDNET = SHARED / "models" / "pydnet++.tflite"
+KITCHEN = SHARED / "data" / "7scenes-redkitchen"
+
+
+class Ramp(torch.nn.Module):
+    """A known answer: depth = 1 + (mean of the normalised channels) + 0.01 * column index.
+    It has a parameter so exporters treat it as a model."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        col = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device).expand(x.shape[0], 1, x.shape[-2], -1)
+        return 1 + self.gain * x.mean(1, keepdim=True) + 0.01 * col
+
+
+def frames(v=3, h=48, w=64, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (v, h, w, 3), dtype=np.uint8)
+
+
+def ramp_answer(f: np.ndarray) -> np.ndarray:
+    """Ramp's output for unit-normalised frames at their own size."""
+    x = f.astype(np.float32) / 255
+    return 1 + x.mean(-1) + 0.01 * np.arange(f.shape[2], dtype=np.float32)
+
+
+def test_fit_size_follows_the_dpt_processor_rule():
+    # Depth Anything V2: 518 target, keep aspect, multiple of 14 (a 480x640 frame -> 518x686)
+    assert fit_size(480, 640, (518, 518), keep_aspect=True, multiple=14) == (518, 686)
+    assert fit_size(480, 640, (384, 384), keep_aspect=False, multiple=32) == (384, 384)
+    assert fit_size(50, 70, (50, 70), keep_aspect=True, multiple=32) == (64, 64)
+
+
+def test_torchscript_teacher_known_answer(tmp_path):
+    path = tmp_path / "ramp.pt"
+    torch.jit.script(Ramp()).save(str(path))
+    f = frames()
+    teacher = make_teacher(f"torchscript:{path}?space=depth&norm=unit&multiple=16")
+    depth, valid = teacher.predict(f)
+    assert depth.shape == f.shape[:3] and valid.all()
+    np.testing.assert_allclose(depth, ramp_answer(f), atol=1e-4)
+    d = teacher.describe()
+    assert d["space"] == "depth" and d["name"] == "torchscript:ramp.pt" and len(d["version"]) == 12
+    # batched across windows of different sizes: same answers as one by one
+    g = frames(2, 32, 48, seed=1)
+    (d1, _), (d2, _) = teacher.predict_many([f, g])
+    np.testing.assert_allclose(d1, depth, atol=1e-5)
+    np.testing.assert_allclose(d2, ramp_answer(g), atol=1e-4)
+    with pytest.raises(ValueError, match="space"):
+        make_teacher(f"torchscript:{path}")  # a file does not say what it predicts
+    with pytest.raises(ValueError, match="unknown options"):
+        make_teacher(f"torchscript:{path}?space=depth&colour=red")
+
+
+def test_non_finite_model_output_is_invalid_and_all_nan_drops(tmp_path):
+    class Holes(torch.nn.Module):
+        def forward(self, x):
+            y = torch.ones_like(x[:, :1])
+            y[:, :, :, :8] = float("nan")  # left band unknown
+            black = x.abs().sum(dim=(1, 2, 3)) == 0
+            return torch.where(black.view(-1, 1, 1, 1), torch.full_like(y, float("inf")), y)
+
+    path = tmp_path / "holes.pt"
+    torch.jit.script(Holes()).save(str(path))
+    teacher = make_teacher(f"torchscript:{path}?space=depth&norm=unit&multiple=16")
+    f = frames(2, 32, 32)
+    f[1] = 0  # a black frame: this model answers inf there
+    kept, dropped = teacher.predict_many([f, f[1:]])
+    depth, valid = kept  # a partly unknown window keeps its known pixels
+    assert not valid[0, :, :6].any() and valid[0, :, 10:].all() and not valid[1].any()
+    assert np.isfinite(depth).all() and (depth[~valid] == 0).all()
+    assert isinstance(dropped, TeacherError) and dropped.reason == "teacher_non_finite"
+    with pytest.raises(TeacherError, match="teacher_non_finite"):
+        teacher.predict(f[1:])
+
+
+def test_onnx_teacher_known_answer(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'onnx')")
+    pytest.importorskip("onnx", reason="onnx not installed (extra 'onnx')")
+    path = tmp_path / "ramp.onnx"
+    torch.onnx.export(Ramp(), (torch.zeros(1, 3, 48, 64),), str(path), input_names=["image"],
+                      output_names=["depth"], dynamic_axes={"image": {0: "batch"}, "depth": {0: "batch"}},
+                      dynamo=False)
+    f = frames()
+    teacher = make_teacher(f"onnx:{path}?space=disparity&norm=unit")
+    assert teacher.input_size == (48, 64) and teacher.providers == ["CPUExecutionProvider"]
+    depth, valid = teacher.predict(f)
+    assert valid.all() and teacher.describe()["space"] == "disparity"
+    np.testing.assert_allclose(depth, ramp_answer(f), atol=1e-4)
+    assert "CPUExecutionProvider" in ort.get_available_providers()
+
+
+def _tiny_depth_anything(folder: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
+    backbone = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                         intermediate_size=64, patch_size=14, image_size=56,
+                                         out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    cfg = transformers.DepthAnythingConfig(backbone_config=backbone, fusion_hidden_size=16, head_hidden_size=8,
+                                           neck_hidden_sizes=[8, 16, 32, 32], reassemble_hidden_size=32,
+                                           patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.DepthAnythingForDepthEstimation(cfg)
+    with torch.no_grad():  # random weights put half the pixels under the final ReLU; lift them
+        model.head.conv3.bias.fill_(1.0)
+    model.save_pretrained(folder)
+    # what Depth Anything V2's hub folder carries, scaled down (518 -> 56)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "DPTImageProcessor", "do_resize": True, "size": {"height": 56, "width": 56},
+        "keep_aspect_ratio": True, "ensure_multiple_of": 14, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+
+
+def test_hf_teacher_from_a_saved_tiny_depth_anything(tmp_path):
+    folder = tmp_path / "tiny-depth-anything"
+    _tiny_depth_anything(folder)
+    from transformers import AutoModelForDepthEstimation
+
+    teacher = make_teacher(f"hf:{folder}")
+    d = teacher.describe()
+    assert d == {"name": "hf:tiny-depth-anything", "version": d["version"], "space": "disparity"}
+    assert d["version"].startswith("depth_anything@") and teacher.dtype == torch.float32
+    f = frames(3, 60, 80)
+    assert teacher.model_size(60, 80) == (56, 70)
+    out = teacher.predict_many([f, f[:2]])
+    depth, valid = out[0]
+    assert depth.shape == (3, 60, 80) and valid.mean() > 0.9
+    np.testing.assert_allclose(out[1][0], depth[:2], rtol=1e-4, atol=1e-5)  # batching changes nothing
+
+    # the same numbers as the model run by hand on the processor's recipe
+    model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
+    x = torch.from_numpy(f).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(56, 70), mode="bilinear", align_corners=False, antialias=True)
+    x = (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        ref = model(pixel_values=x).predicted_depth[:, None]
+    ref = torch.nn.functional.interpolate(ref, size=(60, 80), mode="bilinear", align_corners=False)[:, 0].numpy()
+    np.testing.assert_allclose(np.where(valid, depth, 0), np.where(valid, ref, 0), rtol=1e-4, atol=1e-5)
+
+    # a changed weight file is a changed teacher version
+    first = d["version"]
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["head.conv3.bias"] += 0.5
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert make_teacher(f"hf:{folder}").describe()["version"] != first
+    assert make_teacher(f"hf:{folder}?space=depth").describe()["space"] == "depth"
+
+
+def _ls_abs_rel(pred: np.ndarray, gt: np.ndarray) -> float:
+    ok = gt > 0
+    A = np.stack([pred[ok], np.ones(ok.sum())], 1)
+    coef, *_ = np.linalg.lstsq(A, gt[ok], rcond=None)
+    return float(np.mean(np.abs(A @ coef - gt[ok]) / gt[ok]))
+
+
+@pytest.mark.skipif(not PYDNET.is_file(), reason=f"PyDNet++ absent ({PYDNET})")
+@pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"7-Scenes frames absent ({KITCHEN})")
+def test_pydnet_tflite_on_7scenes():
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed (extra 'tflite')")
+    from streamer.sources import ImageSequenceSource
+
+    teacher = make_teacher(f"pydnet:{PYDNET}")
+    assert teacher.describe()["space"] == "depth" and teacher.input_size == (448, 640)
+    wanted = (0, 150, 300)
+    views = []
+    for start in wanted:  # frames(start) seeks: no decoding of the frames between
+        views.append(next(iter(ImageSequenceSource(KITCHEN).frames(start))))
+    assert [v.index for v in views] == list(wanted)
+    rgb = np.stack([v.rgb for v in views])
+    depth, valid = teacher.predict(rgb)
+    assert depth.shape == rgb.shape[:3] and valid.mean() > 0.99
+    errors = [_ls_abs_rel(depth[i], views[i].gt_depth) for i in range(len(views))]
+    # README: AbsRel 0.245 on 20 frames after least-squares scale-and-shift; constant 0.338
+    assert np.mean(errors) < 0.35, errors
