@@ -11,7 +11,7 @@ here: the service (``replay/service.py``) owns those.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,7 @@ from replay.storage import (CorruptWindow, DiskStorage, FifoEviction, MemoryStor
 
 log = logging.getLogger("reliev3r.replay")
 
+EVICTED_MEMORY = 65536
 OPTIONAL_BATCH_ARRAYS = ("teacher_depth", "teacher_valid", "gt_depth", "gt_cam_to_world")
 
 
@@ -50,6 +51,8 @@ class ReplayBuffer:
         self.dedup = dedup
         self.counts: Counter[str] = Counter()
         """inserts, duplicates, samples (windows), evictions, corrupt, rejected:<reason>."""
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+        """Recently evicted window ids (bounded; in memory), so a late redelivery is a duplicate."""
         self.shape: tuple[int, ...] | None = None
         """``frames`` shape of the store's first window; every later window must match."""
         self._restore()
@@ -94,6 +97,8 @@ class ReplayBuffer:
             return InsertResult("rejected", "bad_window_id")
         if wid in self.storage:
             return InsertResult("duplicate", "window_id")
+        if wid in self._evicted:  # redelivered after it was stored and evicted
+            return InsertResult("duplicate", "evicted")
         nbytes = msg.nbytes()
         if nbytes > self.cfg.max_window_bytes or nbytes > self.cfg.capacity_bytes:
             return InsertResult("rejected", "oversize")
@@ -123,7 +128,9 @@ class ReplayBuffer:
         victims = self.eviction.victims(self.storage, len(payload), max_windows=self.cfg.capacity_windows,
                                         max_bytes=self.cfg.capacity_bytes)
         if victims is None:
+            self._remember_evicted([msg.meta["window_id"]])
             return InsertResult("rejected", "reservoir_skip")
+        victim_ids = [self.storage.records[k].window_id for k in victims]
         priority = 1.0
         if hasattr(self.sampler, "max_priority"):
             priority = self.sampler.max_priority
@@ -134,6 +141,7 @@ class ReplayBuffer:
             log.warning("insert refused by storage", extra={"detail": str(err)})
             return InsertResult("rejected", "storage_full")
         self._forget(victims)
+        self._remember_evicted(victim_ids)
         self.counts["evictions"] += len(victims)
         self.sampler.add(rec.key, rec.priority)
         if self.dedup is not None:
@@ -142,6 +150,12 @@ class ReplayBuffer:
         if self.shape is None:
             self.shape = rec.shape
         return InsertResult("stored", "", rec.key)
+
+    def _remember_evicted(self, window_ids: list[str]) -> None:
+        for wid in window_ids:
+            self._evicted[wid] = None
+        while len(self._evicted) > EVICTED_MEMORY:
+            self._evicted.popitem(last=False)
 
     def _forget(self, keys: list[int]) -> None:
         for k in keys:

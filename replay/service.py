@@ -199,15 +199,21 @@ class ReplayServer:
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    buffer = ReplayBuffer.open(cfg)
-    if buffer.storage.records:
-        runtime.log.info("replay store restored", extra={"windows": len(buffer.storage),
-                                                         "bytes": buffer.storage.nbytes})
     sock = runtime.ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_BYTES + (1 << 20))
     try:
+        # Bind before opening the store: a second instance fails here, before it could
+        # touch the store the first one is serving.
         sock.bind(cfg.network.bind(cfg.network.replay_port))
+        buffer = ReplayBuffer.open(cfg)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    try:
+        if buffer.storage.records:
+            runtime.log.info("replay store restored", extra={"windows": len(buffer.storage),
+                                                             "bytes": buffer.storage.nbytes})
         server = ReplayServer(buffer, sock, runtime)
         runtime.log.info("replay serving", extra={"endpoint": cfg.network.bind(cfg.network.replay_port),
                                                   "durable": cfg.replay.durable, "sampler": cfg.replay.sampler})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from reliev3r import protocol
-from replay.buffer import ReplayBuffer
+from replay.buffer import InsertResult, ReplayBuffer
 from replay.config import ReplayConfig
 from replay.dedup import Dedup, NumpyIndex, embed, faiss
 from replay.rate_limiter import RateLimiter
@@ -398,3 +398,11 @@ def test_buffer_reopens_with_sampler_and_limiter_state(tmp_path):
     assert again.limiter.inserts == 5 and again.limiter.samples == 3
     assert again.insert(make_window(11, size=8)).reason == "shape_mismatch"  # shape remembered
     again.close()
+
+
+def test_buffer_redelivery_of_an_evicted_window_is_a_duplicate():
+    buf = ReplayBuffer(ReplayConfig(min_size=1, capacity_windows=2), MemoryStorage())
+    for i in range(3):
+        assert buf.insert(make_window(i)).status == "stored"
+    assert "w0" not in buf.storage and buf.counts["evictions"] == 1
+    assert buf.insert(make_window(0)) == InsertResult("duplicate", "evicted")
