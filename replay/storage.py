@@ -256,6 +256,7 @@ class DiskStorage(Storage):
             self.db.execute(f"PRAGMA max_page_count={int(max_pages)}")
         self.db.executescript(_SCHEMA)
         self._dirty: set[int] = set()
+        self._written: dict[str, str] = {}
         self._load()
 
     def _load(self) -> None:
@@ -336,6 +337,7 @@ class DiskStorage(Storage):
     def flush(self) -> None:
         rows = [(self.records[k].times_sampled, self.records[k].priority, k) for k in self._dirty if k in self.records]
         states = [(n, json.dumps(v)) for n, v in self._state.items() if n != "storage"]
+        states = [(n, text) for n, text in states if self._written.get(n) != text]  # skip unchanged
         if not rows and not states:
             return
         try:
@@ -350,6 +352,7 @@ class DiskStorage(Storage):
         except (sqlite3.OperationalError, OSError) as err:
             raise StorageFull(str(err)) from err
         self._dirty.clear()
+        self._written.update(states)
 
     def close(self) -> None:
         try:
