@@ -7,6 +7,12 @@ is distributed (DDP under torchrun), compiled and cast (bf16 autocast on CUDA, f
 "Never step on NaN": a non-finite loss or grad norm skips the update (gradients are dropped)
 and is counted in :attr:`Trainer.skipped_steps`. Under DDP every rank skips together, because
 the grad norm is computed on the all-reduced gradients, so one rank's NaN reaches all.
+
+Measured (one H100, bf16, real objective with 2048 matches, 8 views, 2026-11-24): small
+p16 256x256 B8 11.3 steps/s; base p16 256x256 B4 10.0 steps/s eager (8% MFU), 14.7 compiled
+(12%); large p14 224x224 B2 5.8 steps/s eager (8%), B4 compiled 8.1 steps/s (22% MFU).
+Eager is launch-bound at these sizes: use ``compile: true`` on GPUs. CPU: tiny at 64x96,
+V=4, B=2 takes ~0.5 s/step for the model alone on one thread (~1.3 s with the objective).
 """
 
 from __future__ import annotations

@@ -284,3 +284,13 @@ def _metrics_text(runtime) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(runtime.metrics.registry).decode()
+
+
+def test_trainer_with_the_real_objective_steps_and_learns():
+    trainer = Trainer(_cfg(lr=3e-3), device="cpu")  # default loss: learner.objective.compute_loss
+    batch = synthetic_batch(1, 3, 16, 24, k=32)
+    first = trainer.step(batch, teacher_space="depth")
+    for _ in range(5):
+        last = trainer.step(batch, teacher_space="depth")
+    assert first["skipped"] == 0.0 and math.isfinite(first["loss"]) and "depth" in first
+    assert last["loss"] < first["loss"]
