@@ -118,6 +118,11 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
             msg = None
             while msg is None and not runtime.stopping:
                 msg = prefetch.get(0.1)
+                if msg is not None and (reason := _unusable(msg, lcfg.model.patch_size)):
+                    runtime.metrics.reject(reason)
+                    runtime.log.warning("dropped a batch the model cannot take", extra={
+                        "reason": reason, "shape": list(msg.arrays["frames"].shape)})
+                    msg = None
             if _any_rank_stopping(runtime.stopping, trainer):
                 break
             teachers = msg.meta.get("teacher", teachers)
@@ -150,6 +155,15 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
     runtime.log.info("learner done", extra={"step": trainer.global_step, "final": final,
                                             "skipped_steps": trainer.skipped_steps})
     return 0
+
+
+def _unusable(msg: protocol.Message, patch_size: int) -> str | None:
+    """Why a well-formed batch still cannot be trained on, or None. Checked before the step
+    so that a bad batch is counted and dropped instead of ending the process."""
+    h, w = msg.arrays["frames"].shape[2:4]
+    if h % patch_size or w % patch_size:
+        return "image_size_not_multiple_of_patch"
+    return None
 
 
 def _any_rank_stopping(stopping: bool, trainer: Trainer) -> bool:

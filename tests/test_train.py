@@ -162,8 +162,10 @@ class FakeReplay:
     """A real ROUTER socket answering ``sample`` like the replay service: first "not_ready",
     then batches of synthetic windows (echoing ``request_id`` as the service does)."""
 
-    def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16):
+    def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False):
         import zmq
+
+        self.odd_first, self.base_shape = odd_first, (views, h, w)
 
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -193,6 +195,10 @@ class FakeReplay:
                 reply = protocol.Message("error", {"reason": "not_ready", "request_id": rid})
             else:
                 b = msg.meta["batch_size"]
+                if len(self.requests) == 2 and self.odd_first:
+                    self.shape = (self.shape[0], self.shape[1] + 4, self.shape[2])  # not a patch multiple
+                elif self.odd_first:
+                    self.shape = self.base_shape
                 meta = {"window_ids": [f"w{i}" for i in range(b)], "request_id": rid,
                         "teacher": {"depth": {"name": "toy", "version": "1", "space": "depth"}}}
                 reply = protocol.Message("batch", meta, self._batch(b, len(self.requests)))
@@ -222,13 +228,15 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path):
 
     port = free_port()
     ctx = zmq.Context()
-    replay = FakeReplay(ctx, port)
+    replay = FakeReplay(ctx, port, odd_first=True)
     try:
         cfg = _pipeline(tmp_path, port, max_steps=3, snapshot_every=2)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
             assert runtime.status["step"] == 3 and runtime.status["depth_loss_on"] is True
             text = _metrics_text(runtime)
+        # The first batch (20x16 pixels, not a multiple of the patch) was counted and dropped.
+        assert 'reason="image_size_not_multiple_of_patch"' in text
         assert "reliev3r_learner_step 3.0" in text
         assert "reliev3r_snapshot_step 3.0" in text
         assert 'reliev3r_learner_loss{term="depth"}' in text
