@@ -110,6 +110,8 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
 
     endpoint = cfg.network.connect(cfg.network.replay_port)
     prefetch = BatchPrefetcher(runtime, endpoint, lcfg.batch_size, trainer.rank)
+    # Per-window losses feed the replay's prioritized sampler; other samplers ignore them.
+    reporter = ReplayClient(endpoint, ctx=runtime.ctx) if cfg.replay.sampler == "prioritized" else None
     teachers: Any = None
     rate, last_time, last_log = 0.0, time.perf_counter(), 0.0
     last_saved = trainer.global_step if latest is not None else -1
@@ -127,7 +129,12 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
                 break
             teachers = msg.meta.get("teacher", teachers)
             batch = batch_from_message(msg, trainer.device)
-            out = trainer.step(batch, teacher_space=teacher_space_of(msg))
+            window_losses: list[float] | None = [] if reporter is not None else None
+            out = trainer.step(batch, teacher_space=teacher_space_of(msg), window_losses=window_losses)
+            if reporter is not None and window_losses and not out["skipped"]:
+                ids = msg.meta.get("window_ids")
+                if isinstance(ids, list) and len(ids) == len(window_losses):
+                    reporter.report(ids, window_losses)
 
             now = time.perf_counter()
             rate = 1.0 / max(now - last_time, 1e-9) if rate == 0 else 0.9 * rate + 0.1 / max(now - last_time, 1e-9)
@@ -146,6 +153,8 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
                 last_saved = trainer.global_step
     finally:
         prefetch.close()
+        if reporter is not None:
+            reporter.close()
     final = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
     if final or trainer.global_step != last_saved:
         _snapshot(trainer, snapshots, metrics, runtime, teachers, final=final)

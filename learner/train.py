@@ -125,10 +125,13 @@ class Trainer:
         return self.rank == 0
 
     # ------------------------------------------------------------------ step
-    def step(self, batch: dict[str, Tensor], *, teacher_space: str | None = None) -> dict[str, float]:
+    def step(self, batch: dict[str, Tensor], *, teacher_space: str | None = None,
+             window_losses: list[float] | None = None) -> dict[str, float]:
         """One optimisation step on a batch already on :attr:`device` (see
         :func:`batch_from_message`). Returns loss terms, ``loss``, ``grad_norm``, ``lr``,
-        ``skipped`` (1.0 when the update was dropped) and ``step``."""
+        ``skipped`` (1.0 when the update was dropped) and ``step``. If ``window_losses`` is a
+        list, it is filled with each window's own loss (for the prioritized sampler; costs
+        one extra loss evaluation per window, no extra forward)."""
         self.model.train()
         lr = lr_at(self.cfg, self.global_step)
         for group in self.optimizer.param_groups:
@@ -136,7 +139,10 @@ class Trainer:
         images = batch["images"]
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred: Prediction = self.forward_model(images)
-        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=teacher_space or self.teacher_space)
+        space = teacher_space or self.teacher_space
+        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space)
+        if window_losses is not None:
+            window_losses[:] = self._window_losses(pred, batch, space)
         # Backward even on a NaN loss: under DDP the all-reduce must happen on every rank, and
         # the NaN then reaches every rank's grad norm, so all ranks skip this step together.
         loss.backward()
@@ -155,6 +161,19 @@ class Trainer:
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
         return {**terms, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
                 "skipped": float(skipped), "step": float(self.global_step)}
+
+    @torch.no_grad()
+    def _window_losses(self, pred: Prediction, batch: dict[str, Tensor], space: str) -> list[float]:
+        out = []
+        for b in range(pred.depth.shape[0]):
+            one = {k: (v[b:b + 1] if k != "matches" else v[v[:, 0] == b]) for k, v in batch.items()}
+            one["matches"] = one["matches"].clone()
+            one["matches"][:, 0] = 0
+            view = Prediction(depth=pred.depth[b:b + 1].detach(), confidence=pred.confidence[b:b + 1].detach(),
+                              cam_to_world=pred.cam_to_world[b:b + 1].detach(),
+                              focal=None if pred.focal is None else pred.focal[b:b + 1].detach())
+            out.append(float(self.loss_fn(view, one, self.cfg.loss, teacher_space=space)[0]))
+        return out
 
     @torch.no_grad()
     def _update_ema(self) -> None:

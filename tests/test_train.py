@@ -66,6 +66,16 @@ def test_step_overfits_a_fixed_batch():
     assert not torch.equal(p, e)
 
 
+def test_window_losses_split_the_batch_loss():
+    trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+    batch = synthetic_batch(3, 2, 16, 16)
+    batch["teacher_depth"][1] *= 5  # one window far off
+    losses: list[float] = []
+    out = trainer.step(batch, window_losses=losses)
+    assert len(losses) == 3 and losses[1] > max(losses[0], losses[2])
+    assert sum(losses) / 3 == pytest.approx(out["loss"], rel=1e-5)  # toy loss: equal-size means
+
+
 def test_weight_decay_only_on_matrices():
     trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
     decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -172,6 +182,7 @@ class FakeReplay:
         self.sock.bind(f"tcp://127.0.0.1:{port}")
         self.shape = (views, h, w)
         self.requests: list[dict] = []
+        self.priorities: list[dict] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -189,6 +200,9 @@ class FakeReplay:
                 continue
             identity, *frames = self.sock.recv_multipart()
             msg = protocol.decode(frames)
+            if msg.kind == "priorities":
+                self.priorities.append(dict(msg.meta))
+                continue
             self.requests.append(dict(msg.meta))
             rid = msg.meta.get("request_id")
             if len(self.requests) == 1:
@@ -210,11 +224,12 @@ class FakeReplay:
         self.sock.close(linger=0)
 
 
-def _pipeline(tmp_path, port, **learner):
+def _pipeline(tmp_path, port, sampler="uniform", **learner):
     from reliev3r.config import NetworkConfig, PipelineConfig, RunConfig
+    from replay.config import ReplayConfig
 
     return PipelineConfig(run=RunConfig(dir=str(tmp_path)), network=NetworkConfig(replay_port=port),
-                          learner=_cfg(device="cpu", **learner))
+                          replay=ReplayConfig(sampler=sampler), learner=_cfg(device="cpu", **learner))
 
 
 @pytest.mark.timeout(120)
@@ -247,12 +262,21 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path):
         assert meta["final"] is True and meta["teachers"]["depth"]["name"] == "toy"
         assert all(r["batch_size"] == 2 and r["rank"] == 0 for r in replay.requests)
 
-        # A restart with a higher max_steps resumes at step 3 and ends at 5.
-        cfg = _pipeline(tmp_path, port, max_steps=5, snapshot_every=100)
+        assert replay.priorities == []  # uniform sampler: no loss reports
+
+        # A restart with a higher max_steps resumes at step 3 and ends at 5; with the
+        # prioritized sampler it reports each window's loss.
+        cfg = _pipeline(tmp_path, port, sampler="prioritized", max_steps=5, snapshot_every=100)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
             assert runtime.status["step"] == 5
         assert [s for s, _ in list_snapshots(tmp_path / "snapshots")] == [2, 3, 5]
+        deadline = time.time() + 5
+        while len(replay.priorities) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(replay.priorities) == 2
+        for report in replay.priorities:
+            assert report["window_ids"] == ["w0", "w1"] and all(math.isfinite(x) for x in report["losses"])
     finally:
         replay.close()
         ctx.destroy(linger=0)
@@ -296,8 +320,10 @@ def _metrics_text(runtime) -> str:
 
 def test_trainer_with_the_real_objective_steps_and_learns():
     trainer = Trainer(_cfg(lr=3e-3), device="cpu")  # default loss: learner.objective.compute_loss
-    batch = synthetic_batch(1, 3, 16, 24, k=32)
-    first = trainer.step(batch, teacher_space="depth")
+    batch = synthetic_batch(2, 3, 16, 24, k=32)
+    per_window: list[float] = []
+    first = trainer.step(batch, teacher_space="depth", window_losses=per_window)
+    assert len(per_window) == 2 and all(math.isfinite(x) for x in per_window)
     for _ in range(5):
         last = trainer.step(batch, teacher_space="depth")
     assert first["skipped"] == 0.0 and math.isfinite(first["loss"]) and "depth" in first
