@@ -21,13 +21,22 @@ def fit_plan(height: int, width: int, target_h: int, target_w: int) -> tuple[flo
     return scale, (new_w - target_w) // 2, (new_h - target_h) // 2
 
 
-def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool = False) -> np.ndarray:
+def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool = False,
+              like: tuple[int, int] | None = None) -> np.ndarray:
     """Resize-and-centre-crop an [H, W(, C)] image. ``nearest`` for depth maps (no blending
-    across depth edges or into invalid zeros); area averaging otherwise."""
-    h, w = image.shape[:2]
+    across depth edges or into invalid zeros; centre-exact, so a pixel samples the source pixel
+    under its centre); area averaging otherwise.
+
+    ``like=(height, width)``: the image is another resolution of a view of that size (a depth
+    map coarser than its colour frame, say) and lands on exactly the grid the colour frame gets.
+    """
+    h, w = like if like is not None else image.shape[:2]
     scale, left, top = fit_plan(h, w, target_h, target_w)
     new_size = (max(target_w, round(w * scale)), max(target_h, round(h * scale)))
-    interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    # INTER_NEAREST samples floor(x * scale), half a source pixel off the centre convention of
+    # reliev3r.geometry; INTER_NEAREST_EXACT samples the pixel under the centre.
+    interp = cv2.INTER_NEAREST_EXACT if nearest else (cv2.INTER_AREA if new_size[0] < image.shape[1]
+                                                      else cv2.INTER_LINEAR)
     resized = cv2.resize(image, new_size, interpolation=interp)
     return np.ascontiguousarray(resized[top: top + target_h, left: left + target_w])
 

@@ -54,12 +54,26 @@ class StreamerConfig:
     resend_timeout_s: float = 60.0
     """A window not acknowledged within this time is sent again (at-least-once)."""
     keyframe_min_motion: float = 0.5
-    """Motion gate: a candidate view whose 32x24 grey thumbnail differs from the last kept view
-    by less than this mean absolute difference (grey levels, 0-255) is skipped (still camera).
-    0 keeps every candidate."""
+    """Cheap pre-gate: a candidate view whose 32x24 grey thumbnail differs from the last kept view
+    by less than this mean absolute difference (grey levels, 0-255) is skipped. 0 disables."""
+    keyframe_min_flow: float = 2.0
+    """Camera-motion gate: median flow of corners tracked from the last kept view, in pixels of
+    a 160-pixel-wide image, below which a candidate is skipped (a still camera, even with
+    objects moving, does not flood the system). 0 disables tracking."""
+    keyframe_min_parallax: float = 0.4
+    """Median homography residual (pixels, 160 wide) under which motion counts as rotation-only
+    (nothing to triangulate): such a candidate waits for ``keyframe_rotation_flow``."""
+    keyframe_rotation_flow: float = 12.0
+    """Flow (pixels, 160 wide) at which a rotation-only candidate is kept anyway (coverage)."""
+    blur_ratio: float = 0.35
+    """A candidate sharper than this fraction of the running median sharpness (variance of the
+    Laplacian) of recent candidates is kept; blurrier ones are skipped. 0 disables."""
     scene_cut_motion: float = 50.0
-    """A thumbnail difference above this is a hard cut: views before it are not mixed with
-    views after it in one window. 0 disables cut detection."""
+    """A grey-thumbnail jump (mean absolute difference, 0-255) between consecutive frames above
+    this is a hard cut: no window spans it. 0 disables."""
+    scene_cut_hist: float = 0.3
+    """A hue-saturation histogram jump (Bhattacharyya distance, 0-1) between consecutive frames
+    above this is a hard cut as well. 0 disables."""
     interleave: int = 4
     """Sources decoded at once, one window from each in turn (round robin)."""
     peer_timeout_s: float = 10.0
@@ -78,7 +92,13 @@ class StreamerConfig:
             raise ValueError("max_in_flight must be >= 1")
         if self.resend_timeout_s <= 0 or self.peer_timeout_s <= 0:
             raise ValueError("resend_timeout_s and peer_timeout_s must be > 0")
-        if self.keyframe_min_motion < 0 or self.scene_cut_motion < 0:
-            raise ValueError("keyframe_min_motion and scene_cut_motion must be >= 0")
+        if min(self.keyframe_min_motion, self.scene_cut_motion, self.keyframe_min_flow,
+               self.keyframe_min_parallax, self.keyframe_rotation_flow) < 0:
+            raise ValueError("keyframe_min_motion, keyframe_min_flow, keyframe_min_parallax, "
+                             "keyframe_rotation_flow and scene_cut_motion must be >= 0")
+        if not 0 <= self.blur_ratio < 1:
+            raise ValueError("blur_ratio must lie in [0, 1)")
+        if not 0 <= self.scene_cut_hist <= 1:
+            raise ValueError("scene_cut_hist must lie in [0, 1]")
         if self.interleave < 1:
             raise ValueError("interleave must be >= 1")

@@ -60,6 +60,8 @@ class Frame:
     """float32 [H', W'] z-depth in metres (0 = unknown), any resolution of the same view."""
     gt_cam_to_world: np.ndarray | None = None
     """float64 [4, 4]."""
+    discontinuity: bool = False
+    """First frame after a gap in a live feed (a reconnect): windows do not span it."""
 
 
 def source_name(path: Path) -> str:

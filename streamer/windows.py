@@ -1,8 +1,18 @@
-"""Frames -> windows: resize and centre-crop to the window size (intrinsics scaled exactly),
-pick views every ``frame_stride`` frames behind a motion gate, group V views per window.
+"""Frames -> windows: pick keyframes, fit them to the window size (``reliev3r.imaging``:
+resize and centre crop, intrinsics scaled exactly), group V views per window.
 
-Resizing follows ``reliev3r.geometry``'s convention (pixel centres at integers): scaling an
-image by ``s`` maps x to ``(x + 0.5) * s - 0.5``; cropping shifts the principal point.
+Keyframes (every decoded frame is looked at, candidates are ``frame_stride`` apart):
+
+* scene cuts, tested on consecutive frames: a colour-histogram (HS, Bhattacharyya) jump above
+  ``scene_cut_hist`` or a grey-thumbnail jump above ``scene_cut_motion``. Views before a cut
+  never share a window with views after it (checked on ``bikes.mp4``'s five hard cuts).
+* blur: a candidate whose Laplacian variance is below ``blur_ratio`` times the running median
+  of recent candidates is skipped (the next frame is tried).
+* motion: corners tracked (LK) from the last kept view; a candidate whose median flow is below
+  ``keyframe_min_flow`` is skipped (a still camera, even with objects moving in view, adds no
+  views). Parallax is favoured over rotation: while the best homography explains the flow
+  (median residual below ``keyframe_min_parallax``: a pure rotation, nothing to triangulate)
+  the candidate waits until the flow reaches ``keyframe_rotation_flow``.
 """
 
 from __future__ import annotations
@@ -14,11 +24,17 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
+from reliev3r import imaging
 from reliev3r.protocol import Message
 from streamer.sources import Frame
 
 THUMB_SIZE = (32, 24)
-"""Width, height of the grey thumbnails the motion gate compares."""
+"""Width, height of the grey thumbnails the scene-cut test compares."""
+MOTION_WIDTH = 160
+"""Width of the grey images the keyframe gate tracks points on (flows are in these pixels)."""
+MIN_TRACKED = 8
+SHARPNESS_HISTORY = 15
+"""Recent candidate sharpness values the blur test compares against (a running median)."""
 
 
 @dataclass(slots=True)
@@ -51,41 +67,18 @@ class Window:
         return Message("window", meta, arrays)
 
 
-def resize_crop_geometry(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
-    """(resized_w, resized_h, left, top): resize keeping aspect so the target is covered, then
-    crop the centre."""
-    scale = max(dst_w / src_w, dst_h / src_h)
-    rw, rh = max(dst_w, round(src_w * scale)), max(dst_h, round(src_h * scale))
-    return rw, rh, (rw - dst_w) // 2, (rh - dst_h) // 2
-
-
-def scale_crop_intrinsics(K: np.ndarray, src_w: int, src_h: int, rw: int, rh: int,
-                          left: int, top: int) -> np.ndarray:
-    """Exactly what geometry.resize_intrinsics then crop_intrinsics do, in numpy."""
-    sx, sy = rw / src_w, rh / src_h
-    out = np.array(K, dtype=np.float64, copy=True)
-    out[0, 0] *= sx
-    out[0, 1] *= sx
-    out[1, 1] *= sy
-    out[0, 2] = (out[0, 2] + 0.5) * sx - 0.5 - left
-    out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5 - top
-    return out
-
-
 def resize_view(frame: Frame, width: int, height: int) -> View:
+    """Fit a frame (and its GT depth, at any resolution of the same view) to the window size
+    with ``reliev3r.imaging``, the one resize-and-crop every stage uses."""
     src_h, src_w = frame.rgb.shape[:2]
-    rw, rh, left, top = resize_crop_geometry(src_w, src_h, width, height)
-    interp = cv2.INTER_AREA if rw <= src_w else cv2.INTER_LINEAR
-    rgb = cv2.resize(frame.rgb, (rw, rh), interpolation=interp)[top:top + height, left:left + width]
-    K = scale_crop_intrinsics(frame.intrinsics, src_w, src_h, rw, rh, left, top)
+    rgb = imaging.fit_image(frame.rgb, height, width)
+    K = imaging.fit_intrinsics(frame.intrinsics, src_h, src_w, height, width).astype(np.float64)
     depth = None
     if frame.gt_depth is not None:
-        # Depth may come at another resolution of the same view: map it to the resized frame
-        # grid, then crop. Nearest (centre-exact) keeps depth edges sharp; no invented depths.
-        d = cv2.resize(frame.gt_depth.astype(np.float32), (rw, rh), interpolation=cv2.INTER_NEAREST_EXACT)
-        depth = np.ascontiguousarray(d[top:top + height, left:left + width])
+        depth = imaging.fit_image(frame.gt_depth.astype(np.float32), height, width, nearest=True,
+                                  like=(src_h, src_w)).copy()
         depth[~np.isfinite(depth) | (depth < 0)] = 0.0
-    return View(frame.index, frame.timestamp, np.ascontiguousarray(rgb), K, depth, frame.gt_cam_to_world)
+    return View(frame.index, frame.timestamp, rgb, K, depth, frame.gt_cam_to_world)
 
 
 def thumbnail(rgb: np.ndarray) -> np.ndarray:
@@ -93,42 +86,136 @@ def thumbnail(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(grey, THUMB_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-class WindowBuilder:
-    """Turns one source's frames into windows.
+def motion_grey(rgb: np.ndarray) -> np.ndarray:
+    """Grey image MOTION_WIDTH pixels wide: what the keyframe gate tracks points on."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    h, w = grey.shape
+    return cv2.resize(grey, (MOTION_WIDTH, max(16, round(h * MOTION_WIDTH / w))), interpolation=cv2.INTER_AREA)
 
-    Candidate views are frames ``frame_stride`` apart. The motion gate skips a candidate whose
-    thumbnail differs from the last kept view by less than ``min_motion`` grey levels (mean
-    absolute difference): a still camera adds no parallax, only duplicates. A difference above
-    ``scene_cut`` starts afresh (a hard cut: views across it share nothing). A window is V
-    consecutive kept views; the next window starts at the first kept view at least
-    ``window_step`` frames after the previous window's first frame.
+
+def sharpness(grey: np.ndarray) -> float:
+    """Variance of the Laplacian: falls sharply with motion blur and defocus."""
+    return float(cv2.Laplacian(grey, cv2.CV_32F).var())
+
+
+def colour_histogram(rgb: np.ndarray) -> np.ndarray:
+    small = cv2.resize(rgb, (64, 48), interpolation=cv2.INTER_AREA)
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1], None, [16, 16], [0, 180, 0, 256])
+    return cv2.normalize(hist, hist, 1.0, 0.0, cv2.NORM_L1)
+
+
+@dataclass(slots=True)
+class Motion:
+    flow: float
+    """Median displacement of tracked points, pixels of a MOTION_WIDTH-wide image."""
+    parallax: float
+    """Median residual of the best homography (pixels): ~0 for a pure rotation or a plane,
+    growing with translation in a scene with depth."""
+    tracked: int
+
+
+def camera_motion(a: np.ndarray, b: np.ndarray) -> Motion | None:
+    """Camera motion from grey image ``a`` to ``b`` (same size); None when too few points track
+    (a cut, a blank frame, or a change too large to follow: treat as lots of motion).
+
+    The median over corners follows the camera, not a minority of moving objects, so a still
+    camera watching a moving hand reads as still.
+    """
+    pts = cv2.goodFeaturesToTrack(a, 100, 0.01, 6)
+    if pts is None or len(pts) < MIN_TRACKED:
+        return None
+    nxt, status, _ = cv2.calcOpticalFlowPyrLK(a, b, pts, None, winSize=(15, 15), maxLevel=3)
+    ok = status[:, 0] == 1
+    if ok.sum() < MIN_TRACKED:
+        return None
+    p, q = pts[ok, 0], nxt[ok, 0]
+    flow = float(np.median(np.linalg.norm(q - p, axis=1)))
+    H, _ = cv2.findHomography(p, q, cv2.RANSAC, 1.0)
+    if H is None:
+        return Motion(flow, float("inf"), int(ok.sum()))
+    residual = np.linalg.norm(cv2.perspectiveTransform(p[None], H)[0] - q, axis=1)
+    return Motion(flow, float(np.median(residual)), int(ok.sum()))
+
+
+class WindowBuilder:
+    """Turns one source's frames into windows (the keyframe rules are in the module docstring).
+
+    A window is V consecutive kept views; the next window starts at the first kept view at
+    least ``window_step`` frames after the previous window's first frame. ``min_motion`` is a
+    cheap pre-gate (mean absolute difference of 32x24 grey thumbnails against the last kept
+    view); a frame flagged ``discontinuity`` (a live feed that reconnected) acts like a cut.
     """
 
     def __init__(self, source: str, *, views: int, height: int, width: int, frame_stride: int,
-                 window_step: int, min_motion: float = 0.0, scene_cut: float = 0.0, pass_index: int = 0):
+                 window_step: int, min_motion: float = 0.0, scene_cut: float = 0.0, pass_index: int | str = 0,
+                 scene_cut_hist: float = 0.0, min_flow: float = 0.0, min_parallax: float = 0.0,
+                 rotation_flow: float = 0.0, blur_ratio: float = 0.0):
         self.source, self.views, self.height, self.width = source, views, height, width
         self.frame_stride, self.window_step = frame_stride, window_step
         self.min_motion, self.scene_cut, self.pass_index = min_motion, scene_cut, pass_index
+        self.scene_cut_hist, self.min_flow, self.min_parallax = scene_cut_hist, min_flow, min_parallax
+        self.rotation_flow, self.blur_ratio = rotation_flow, blur_ratio
         self.buffer: deque[View] = deque()
-        self.last_thumb: np.ndarray | None = None
+        self.last_thumb: np.ndarray | None = None  # of the last kept view
+        self.last_grey: np.ndarray | None = None  # of the last kept view
+        self.prev_cut_stats: tuple[np.ndarray, np.ndarray] | None = None  # of the previous frame
+        self.sharpness: deque[float] = deque(maxlen=SHARPNESS_HISTORY)
         self.next_candidate = 0
-        self.skipped_still = 0
-        self.cuts = 0
+        self.skipped_still = self.skipped_blur = self.skipped_rotation = 0
+        self.cuts = self.discontinuities = 0
+
+    def _restart(self, index: int) -> None:
+        self.buffer.clear()
+        self.last_thumb = self.last_grey = None
+        self.next_candidate = index
+
+    def _is_cut(self, frame: Frame) -> bool:
+        if self.scene_cut <= 0 and self.scene_cut_hist <= 0:
+            return False
+        stats = (thumbnail(frame.rgb), colour_histogram(frame.rgb))
+        prev, self.prev_cut_stats = self.prev_cut_stats, stats
+        if prev is None:
+            return False
+        if self.scene_cut > 0 and float(np.abs(stats[0] - prev[0]).mean()) > self.scene_cut:
+            return True
+        return self.scene_cut_hist > 0 and cv2.compareHist(stats[1], prev[1], cv2.HISTCMP_BHATTACHARYYA) > self.scene_cut_hist
+
+    def _skip(self, frame: Frame, counter: str) -> None:
+        setattr(self, counter, getattr(self, counter) + 1)
+        self.next_candidate = frame.index + 1  # try the very next frame, not a stride on
 
     def push(self, frame: Frame) -> Window | None:
+        if getattr(frame, "discontinuity", False):
+            self.discontinuities += 1
+            self.prev_cut_stats = None
+            self._restart(frame.index)
+        if self._is_cut(frame):  # tested on consecutive frames, candidate or not
+            self.cuts += 1
+            self._restart(frame.index)
         if frame.index < self.next_candidate:
             return None
         thumb = thumbnail(frame.rgb)
-        if self.last_thumb is not None:
-            motion = float(np.abs(thumb - self.last_thumb).mean())
-            if self.scene_cut > 0 and motion > self.scene_cut:
-                self.buffer.clear()
-                self.cuts += 1
-            elif motion < self.min_motion:
-                self.skipped_still += 1
-                self.next_candidate = frame.index + 1  # try the very next frame, not a stride on
+        grey = motion_grey(frame.rgb) if self.min_flow > 0 or self.blur_ratio > 0 else None
+        if self.blur_ratio > 0:
+            sharp = sharpness(grey)
+            self.sharpness.append(sharp)
+            if len(self.sharpness) >= 5 and sharp < self.blur_ratio * float(np.median(self.sharpness)):
+                self._skip(frame, "skipped_blur")
                 return None
-        self.last_thumb = thumb
+        if self.last_thumb is not None and float(np.abs(thumb - self.last_thumb).mean()) < self.min_motion:
+            self._skip(frame, "skipped_still")
+            return None
+        if self.min_flow > 0 and self.last_grey is not None and self.last_grey.shape == grey.shape:
+            motion = camera_motion(self.last_grey, grey)
+            if motion is not None:  # None: tracking lost, plenty of change
+                if motion.flow < self.min_flow:
+                    self._skip(frame, "skipped_still")
+                    return None
+                if motion.parallax < self.min_parallax and motion.flow < self.rotation_flow:
+                    self._skip(frame, "skipped_rotation")
+                    return None
+        self.last_thumb, self.last_grey = thumb, grey
         self.next_candidate = frame.index + self.frame_stride
         self.buffer.append(resize_view(frame, self.width, self.height))
         if len(self.buffer) < self.views:
@@ -137,15 +224,26 @@ class WindowBuilder:
         first = views[0].index
         while self.buffer and self.buffer[0].index < first + self.window_step:
             self.buffer.popleft()
-        return Window(f"{self.source}:{self.pass_index}:{first}", self.source, views)
+        return Window(window_id(self.source, self.pass_index, first), self.source, views)
 
 
-def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int = 0) -> Iterator[Window]:
+def window_id(source: str, pass_index: int | str, first: int) -> str:
+    """``source:pass:first_frame``: stable across restarts, so a re-sent window keeps its id."""
+    return f"{source}:{pass_index}:{first}"
+
+
+def builder_for(source: str, cfg, *, pass_index: int | str = 0) -> WindowBuilder:
+    return WindowBuilder(source, views=cfg.views, height=cfg.height, width=cfg.width,
+                         frame_stride=cfg.frame_stride, window_step=cfg.window_step,
+                         min_motion=cfg.keyframe_min_motion, scene_cut=cfg.scene_cut_motion,
+                         scene_cut_hist=cfg.scene_cut_hist, min_flow=cfg.keyframe_min_flow,
+                         min_parallax=cfg.keyframe_min_parallax, rotation_flow=cfg.keyframe_rotation_flow,
+                         blur_ratio=cfg.blur_ratio, pass_index=pass_index)
+
+
+def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 0) -> Iterator[Window]:
     """Windows of one source under ``StreamerConfig`` ``cfg``."""
-    builder = WindowBuilder(source, views=cfg.views, height=cfg.height, width=cfg.width,
-                            frame_stride=cfg.frame_stride, window_step=cfg.window_step,
-                            min_motion=cfg.keyframe_min_motion, scene_cut=cfg.scene_cut_motion,
-                            pass_index=pass_index)
+    builder = builder_for(source, cfg, pass_index=pass_index)
     for frame in frames:
         window = builder.push(frame)
         if window is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from streamer.config import StreamerConfig
 from streamer.sources import (ImageSequenceSource, VideoSource, discover, read_intrinsics, source_name)
-from streamer.windows import WindowBuilder, resize_view, scale_crop_intrinsics, windows_of
+from streamer.windows import WindowBuilder, resize_view, windows_of
 from streamer_media import SHARED, encode, panning_frames
 
 VIDEOS = SHARED / "videos"
@@ -156,8 +156,10 @@ def test_streamer_metrics_count_errors_per_source(tmp_path):
     metrics = Metrics("streamer")
     errs = metrics.counter("decode_errors_total", "", ["source", "reason"])
     frames_total = metrics.counter("decode_frames_total", "", ["source"])
+    # tree.avi is a still camera watching a waving tree: the camera-motion gate would (rightly)
+    # keep nothing, so it is off here; this test is about counting errors.
     cfg = StreamerConfig(sources=[str(files["text"]), str(files["missing"]), str(VIDEOS / "tree.avi")],
-                         loop=False, views=3, frame_stride=2, window_step=4)
+                         loop=False, views=3, frame_stride=2, window_step=4, keyframe_min_flow=0)
     windows = list(window_stream(lambda: discover(cfg.sources, on_error=lambda s, r, d: errs.labels(s, r).inc()),
                                  cfg, on_frame=lambda s: frames_total.labels(s).inc(),
                                  on_error=lambda s, r, d: errs.labels(s, r).inc(), log=logging.getLogger("t")))
@@ -203,15 +205,22 @@ def test_intrinsics_scaling_exact_known_answer():
     import torch
     from reliev3r import geometry
 
+    from reliev3r import imaging
+
     K = np.array([[585.0, 0, 320], [0, 585.0, 240], [0, 0, 1]])
     src_w, src_h, rw, rh, left, top = 640, 480, 128, 96, 16, 0
-    K2 = scale_crop_intrinsics(K, src_w, src_h, rw, rh, left, top)
+    frame = SimpleNamespace(index=0, timestamp=0.0, rgb=np.zeros((src_h, src_w, 3), np.uint8), intrinsics=K,
+                            gt_depth=np.ones((src_h // 2, src_w // 2), np.float32), gt_cam_to_world=None)
+    view = resize_view(frame, 96, 96)  # the streamer's path: reliev3r.imaging
+    K2 = view.intrinsics
+    assert view.rgb.shape == (96, 96, 3) and view.gt_depth.shape == (96, 96)  # half-res depth lands on the grid
+    np.testing.assert_allclose(K2, imaging.fit_intrinsics(K, src_h, src_w, 96, 96), atol=1e-4)
     Kt = geometry.crop_intrinsics(geometry.resize_intrinsics(torch.tensor(K), rw / src_w, rh / src_h), left, top)
-    np.testing.assert_allclose(K2, Kt.numpy(), atol=1e-12)
+    np.testing.assert_allclose(K2, Kt.numpy(), atol=1e-4)  # float32 on the wire
     pts = np.array([[0.3, -0.2, 2.0], [-1.0, 0.5, 3.0], [0.0, 0.0, 1.0]])
     full = (pts @ K.T)[:, :2] / pts[:, 2:]
     small = (pts @ K2.T)[:, :2] / pts[:, 2:]
-    np.testing.assert_allclose(small, (full + 0.5) * [rw / src_w, rh / src_h] - 0.5 - [left, top], atol=1e-9)
+    np.testing.assert_allclose(small, (full + 0.5) * [rw / src_w, rh / src_h] - 0.5 - [left, top], atol=1e-4)
 
 
 @needs_kitchen
@@ -257,11 +266,14 @@ def test_synthetic_default_source_carries_exact_gt(tmp_path):
 
     cfg = build(PipelineConfig, {"run": {"dir": str(tmp_path)}, "streamer": {
         "synthetic": {"scenes": 1, "frames": 10, "height": 48, "width": 64},
-        "views": 2, "height": 32, "width": 32, "frame_stride": 3, "window_step": 4}})
+        "views": 2, "height": 32, "width": 32, "frame_stride": 3, "window_step": 4,
+        "keyframe_min_flow": 0}})  # frames 3 and 6 exactly: this test is about the GT, not keyframes
     sources = synthetic_sources(cfg.run_dir, cfg.streamer.synthetic)
     assert len(sources) == 1 and sources[0].gt is not None
-    window = next(windows_of(sources[0].name, sources[0].frames(), cfg.streamer))
+    # (frames 0 and 3 of this fast 10-frame path overlap too little for the count below)
+    window = next(windows_of(sources[0].name, sources[0].frames(start=3), cfg.streamer))
     msg = window.to_message()
+    assert msg.meta["frame_indices"] == [3, 6]
     assert msg.arrays["gt_depth"].shape == (2, 32, 32) and msg.arrays["gt_cam_to_world"].shape == (2, 4, 4)
     K, depth, pose = msg.arrays["intrinsics"].astype(np.float64), msg.arrays["gt_depth"], msg.arrays["gt_cam_to_world"]
     ys, xs = np.nonzero(depth[0] > 0)
