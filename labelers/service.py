@@ -188,6 +188,12 @@ class ReplayLink:
                 if reply is None:
                     continue
                 if reply.kind == "error":
+                    if reply.meta.get("reason") == "rate_limited" and reply.meta.get("window_id") == window_id:
+                        # replay held the insert as long as it may (backpressure from the
+                        # learner's sampling rate): ask again, this is no failed attempt
+                        self.sock.send_multipart(frames, copy=False)
+                        deadline = time.monotonic() + self.timeout_s
+                        continue
                     return "dropped", f"replay_error:{reply.meta.get('reason', '')}"
                 if reply.meta.get("window_id") != window_id:
                     continue  # a late ack of an earlier window's retry
