@@ -20,7 +20,8 @@ from typing import Iterator
 import numpy as np
 import zmq
 
-from reliev3r import protocol
+from reliev3r import protocol, security
+from reliev3r.security import CurveConfig
 
 RETRY_REASONS = ("not_ready", "rate_limited")
 
@@ -35,14 +36,17 @@ class ReplayError(RuntimeError):
 
 class ReplayClient:
     def __init__(self, endpoint: str, *, ctx: zmq.Context | None = None, timeout_s: float = 60.0,
-                 retry_s: float = 5.0, max_bytes: int = protocol.DEFAULT_MAX_BYTES):
+                 retry_s: float = 5.0, max_bytes: int = protocol.DEFAULT_MAX_BYTES,
+                 curve: CurveConfig | None = None):
         """``timeout_s``: how long a call may take in all; ``retry_s``: how long one attempt
         waits for any reply before re-sending on a fresh socket (keep it above the
-        service's ``replay.sample_wait_s``)."""
+        service's ``replay.sample_wait_s``); ``curve``: the client keys for a CURVE-enabled
+        service (``cfg.network.curve``), applied to every socket this client opens."""
         if timeout_s <= 0 or retry_s <= 0:
             raise ValueError("timeout_s and retry_s must be > 0")
         self.endpoint = endpoint
         self.timeout_s, self.retry_s, self.max_bytes = timeout_s, retry_s, max_bytes
+        self.curve = curve
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self._ids = itertools.count()
@@ -56,6 +60,7 @@ class ReplayClient:
         if self._sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            security.secure_client(sock, self.curve)  # also on the fresh socket of a retry
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -137,7 +142,7 @@ class ReplayClient:
     def prefetch(self, batch_size: int, rank: int = 0, depth: int = 2) -> "Prefetcher":
         """Iterator of batches fetched ahead by a background thread (its own socket)."""
         return Prefetcher(self.endpoint, batch_size, rank, depth=depth, ctx=self.ctx,
-                          timeout_s=self.timeout_s, retry_s=self.retry_s)
+                          timeout_s=self.timeout_s, retry_s=self.retry_s, curve=self.curve)
 
     def close(self) -> None:
         self._reset()
@@ -156,18 +161,18 @@ class Prefetcher:
     An error in the thread (e.g. ``TimeoutError``) is raised by the next ``next()``."""
 
     def __init__(self, endpoint: str, batch_size: int, rank: int, *, depth: int, ctx: zmq.Context,
-                 timeout_s: float, retry_s: float):
+                 timeout_s: float, retry_s: float, curve: CurveConfig | None = None):
         if depth < 1:
             raise ValueError("depth must be >= 1")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s)
+        self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve)
         self._thread = threading.Thread(target=self._loop, name=f"replay-prefetch-{rank}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        endpoint, batch_size, rank, ctx, timeout_s, retry_s = self._args
-        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s)
+        endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve = self._args
+        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s, curve=curve)
         try:
             while not self._stop.is_set():
                 try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from reliev3r import protocol
+from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
 from replay.buffer import ReplayBuffer
@@ -203,6 +203,9 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_BYTES + (1 << 20))
     try:
+        # CURVE (when network.curve is enabled) must be set before bind: libzmq copies the
+        # socket's options into the listener at bind time, as it does MAXMSGSIZE above.
+        security.secure_server(sock, cfg.network.curve, runtime.metrics)
         # Bind before opening the store: a second instance fails here, before it could
         # touch the store the first one is serving.
         sock.bind(cfg.network.bind(cfg.network.replay_port))

@@ -18,6 +18,7 @@ import zmq
 
 from reliev3r import config as rconfig
 from reliev3r import protocol
+from reliev3r.security import CurveConfig, generate_keys
 from reliev3r.service import Runtime
 from replay import service
 from replay.client import ReplayClient, ReplayError
@@ -184,6 +185,31 @@ def test_prefetch_and_restart_with_retry(tmp_path):
         assert box["stats"]["windows"] == 3 and box["stats"]["samples"] >= 6  # prefetch runs ahead
         assert client.retries >= 1
         client.close()
+
+
+def test_curve_replay_refuses_clients_without_keys(tmp_path):
+    generate_keys(tmp_path / "keys", clients=("client", "stranger"))
+    cfg = make_cfg(tmp_path)
+    cfg.network.curve = CurveConfig.from_folder(tmp_path / "keys")
+    stranger = CurveConfig.from_folder(tmp_path / "keys")
+    stranger.client_secret_key = str(tmp_path / "keys" / "stranger.key_secret")
+    stranger.client_public_key = str(tmp_path / "keys" / "stranger.key")
+    (tmp_path / "keys" / "authorized_clients" / "stranger.key").unlink()  # a valid key pair, not authorised
+    with serving(cfg) as (endpoint, runtime):
+        for curve in (None, stranger):
+            with ReplayClient(endpoint, timeout_s=1.0, retry_s=0.4, curve=curve) as outsider:
+                with pytest.raises(TimeoutError):
+                    outsider.insert(make_window(0))
+                assert outsider.retries >= 1  # each retry's fresh socket was refused as well
+        assert metric(runtime, "auth_failures_total", stage="replay") >= 1  # the unauthorised key
+        with ReplayClient(endpoint, timeout_s=10, retry_s=2, curve=cfg.network.curve) as client:
+            assert client.insert(make_window(1))["status"] == "stored"
+            assert client.insert(make_window(2))["status"] == "stored"
+            fetch = client.prefetch(2)  # the prefetch thread's socket carries the keys too
+            assert next(fetch).arrays["frames"].shape == (2, 2, 16, 16, 3)
+            fetch.close()
+            stats = client.stats()
+        assert stats["windows"] == 2 and stats["inserts"] == 2  # nothing from the outsiders arrived
 
 
 # --------------------------------------------------------------------------- fault test
