@@ -1,5 +1,13 @@
 """Baselines reported beside every model: the depth teacher alone, and classical two-view
-poses from the labeler's verified matches (essential matrix + cheirality, per view pair)."""
+poses from the labeler's verified matches (essential matrix + cheirality, per view pair).
+
+A monocular teacher knows each frame's depth only up to its own scale and shift, so its
+honest score is after a per-frame least-squares alignment to the ground truth
+(``absrel_lsq_frame``, ``delta_lsq_frame``: the same columns the model reports for its depth
+*shape*). Disparity teachers are aligned in disparity space (against 1/GT), where their
+scale and shift live, and then inverted; aligned disparities are clamped at the smallest
+ground-truth disparity over 2 so a fit that dips to or below zero gives a large but finite
+depth, counted as the error it is."""
 
 from __future__ import annotations
 
@@ -18,6 +26,67 @@ from labelers.matches import make_matcher, match_window
 FAILED_DEG = 180.0
 """Error assigned to a pair the classical method cannot solve (too few matches): a failure
 counts against it, as in the VGGT/pi3 protocol."""
+
+MIN_FIT_PIXELS = 10
+
+
+def align_teacher_frame(teacher: np.ndarray, gt: np.ndarray, valid: np.ndarray, space: str) -> np.ndarray | None:
+    """Depth [H,W] of one teacher frame after the per-frame least-squares scale-and-shift to
+    ``gt`` (metres) over ``valid``, done in the teacher's ``space``; None if too few pixels."""
+    if valid.sum() < MIN_FIT_PIXELS:
+        return None
+    x = teacher[valid].astype(np.float64)
+    y = gt[valid].astype(np.float64)
+    if space == "disparity":
+        y = 1.0 / y
+    A = np.stack((x, np.ones_like(x)), -1)
+    (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+    aligned = a * teacher.astype(np.float64) + b
+    if space == "disparity":
+        aligned = 1.0 / np.maximum(aligned, 0.5 * y.min())
+    return aligned.astype(np.float32)
+
+
+def teacher_depth_baseline(windows: list[EvalWindow], spec: str, device: str = "cpu", *,
+                           teacher=None) -> dict[str, float]:
+    """Depth metrics of the teacher named by ``spec`` (``labelers.depth.make_teacher``) alone,
+    after per-frame alignment (module docstring). The oracle gets each window's GT depth.
+    Also reports ``teacher_coverage``: the fraction of GT pixels the teacher labelled (the
+    metrics are over those pixels only, as the learner only ever sees those)."""
+    from labelers.depth import TeacherError, make_teacher
+
+    teacher = teacher or make_teacher(spec, device)
+    rows, errors = [], []
+    for window in windows:
+        if window.gt_depth is None:
+            continue
+        gt = window.gt_depth
+        try:
+            depth, valid = teacher.predict(window.images, gt_depth=gt, window_id=window.name)
+        except TeacherError as err:
+            errors.append(err.reason)
+            continue
+        preds, gts = [], []
+        for v in range(gt.shape[0]):
+            fit = (gt[v] > 0) & valid[v]
+            aligned = align_teacher_frame(depth[v], gt[v], fit, teacher.space)
+            if aligned is not None:
+                preds.append(aligned[fit])
+                gts.append(gt[v][fit])
+        if not preds:
+            continue
+        # Pooled over the window's pixels, then averaged over windows: as the model is scored.
+        absrel, delta = metrics.absrel_delta(torch.from_numpy(np.concatenate(preds)),
+                                              torch.from_numpy(np.concatenate(gts)))
+        rows.append({"absrel_lsq_frame": absrel, "delta_lsq_frame": delta,
+                     "teacher_coverage": sum(len(g) for g in gts) / max(int((gt > 0).sum()), 1)})
+    if not rows:
+        raise ValueError(f"teacher {spec!r} labelled no ground-truth pixel"
+                         + (f" ({', '.join(sorted(set(errors)))})" if errors else ""))
+    out = metrics.mean_metrics(rows)
+    out["teacher_failed_windows"] = float(len(errors))
+    return out
+
 
 def essential_pose(xy_i: np.ndarray, xy_j: np.ndarray, intrinsics: np.ndarray) -> np.ndarray | None:
     """cam_i_to_cam_j [4,4] (unit translation) from matched pixels, or None."""
@@ -38,6 +107,8 @@ def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig) -
     matcher = make_matcher(labeler.matcher if labeler.matcher in ("sift", "orb") else "sift")
     rot_errs, trans_errs = [], []
     for window in windows:
+        if window.gt_cam_to_world is None:
+            continue
         v = window.images.shape[0]
         matches, _ = match_window(window.images, matcher, long_pairs=v * v, min_matches=8,
                                   max_matches_per_pair=4096, threshold_px=labeler.ransac_threshold_px)

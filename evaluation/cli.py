@@ -1,7 +1,11 @@
 """``reliev3r eval``: score snapshots on a dataset with ground truth, baselines beside them.
 
 Prints a markdown table (one row per model or baseline) and writes ``results.json`` and
-``results.md`` into ``--out`` (default: ``<run.dir>/eval``).
+``results.md`` into ``--out`` (default: ``<run.dir>/eval``). Rows: the snapshot, every
+``--compare`` snapshot (e.g. the fully-supervised sibling), and the baselines: constant depth
+with identity poses, each depth teacher alone (``--teacher``, default ``labeler.teacher``)
+and two-view essential-matrix poses from verified matches. Every model sees the same windows,
+at the first snapshot's training resolution.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import torch
 
 from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline
 from evaluation.datasets import load_windows
-from evaluation.evaluate import evaluate_model, trivial_baseline
+from evaluation.evaluate import evaluate_model, has_ground_truth, trivial_baseline
 from learner import snapshot as snapshots
 from reliev3r.config import PipelineConfig
 
 COLUMNS = [("absrel_med", "AbsRel med"), ("delta_med", "δ<1.25 med"), ("absrel_lsq", "AbsRel lsq"),
-           ("delta_lsq", "δ<1.25 lsq"), ("absrel_lsq_frame", "AbsRel lsq/frame"), ("ate", "ATE"),
+           ("delta_lsq", "δ<1.25 lsq"), ("absrel_lsq_frame", "AbsRel lsq/frame"), ("delta_lsq_frame", "δ<1.25 lsq/frame"), ("ate", "ATE"),
            ("rpe_trans", "RPE t"), ("rpe_rot_deg", "RPE r°"), ("rra30", "RRA@30"), ("rta30", "RTA@30"),
            ("auc30", "AUC@30"), ("accuracy", "Acc"), ("completeness", "Comp")]
 
@@ -46,33 +50,50 @@ def resolve_snapshot(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: no valid snapshot there")
 
 
+def _snapshot_name(snap: Path, meta: dict) -> str:
+    loss = meta.get("config", {}).get("loss", {}).get("kind", "?")
+    return f"{snap.parent.parent.name}/{snap.name} ({loss}, step {meta['step']})"
+
+
 def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     snap = resolve_snapshot(Path(args.checkpoint))
     model, meta = snapshots.load_model(snap, device)
-    trained = meta.get("config", {}).get("streamer", {})
-    views = args.views or trained.get("views", cfg.streamer.views)
-    height, width = trained.get("height", cfg.streamer.height), trained.get("width", cfg.streamer.width)
+    compare = []
+    for path in getattr(args, "compare", None) or []:
+        other = resolve_snapshot(Path(path))
+        compare.append((other, *snapshots.load_model(other, device)))
+    views = args.views or cfg.streamer.views
+    height, width = meta.get("image_size") or (cfg.streamer.height, cfg.streamer.width)
     data = args.data or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=args.windows or cfg.evaluator.windows, stride=cfg.evaluator.stride,
                            run_dir=cfg.run_dir, synthetic_cfg=cfg.streamer.synthetic)
+    has_depth, has_poses = has_ground_truth(windows)
     rows: dict[str, dict[str, float]] = {}
-    rows[f"model step {meta['step']}"] = evaluate_model(model, windows, device, progress=True, desc="model")
+    rows[f"model {_snapshot_name(snap, meta)}"] = evaluate_model(model, windows, device, progress=True, desc="model")
+    for other, other_model, other_meta in compare:
+        rows[f"compare {_snapshot_name(other, other_meta)}"] = evaluate_model(
+            other_model, windows, device, progress=True, desc=other.name)
     rows["baseline: constant depth + identity poses"] = trivial_baseline(windows)
-    teacher = cfg.labeler.teacher
-    if teacher != "none":
-        rows[f"baseline: teacher depth ({teacher})"] = teacher_depth_baseline(windows, teacher, device)
-    rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
-        windows, cfg.labeler)
+    teachers = getattr(args, "teacher", None) or [cfg.labeler.teacher]
+    for spec in teachers:
+        if spec != "none" and has_depth:
+            rows[f"baseline: teacher depth {spec} (per-frame lsq)"] = teacher_depth_baseline(windows, spec, device)
+    if has_poses:
+        rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
+            windows, cfg.labeler)
     table = markdown_table(rows)
     print(f"\n{data}: {len(windows)} windows of {views} views at {width}x{height}, snapshot {snap}\n")
     print(table)
     out = Path(args.out) if args.out else cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
-        {"snapshot": str(snap), "step": meta["step"], "data": data, "windows": len(windows), "views": views,
-         "height": height, "width": width, "rows": rows}, indent=2))
-    (out / "results.md").write_text(table + "\n")
+        {"snapshot": str(snap), "step": meta["step"], "compare": [str(c[0]) for c in compare], "data": data,
+         "windows": [w.name for w in windows], "views": views, "height": height, "width": width,
+         "stride": cfg.evaluator.stride, "teachers": [t for t in teachers if t != "none"], "rows": rows},
+        indent=2))
+    (out / "results.md").write_text(f"{data}: {len(windows)} windows of {views} views at {width}x{height}\n\n"
+                                    + table + "\n")
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

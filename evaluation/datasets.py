@@ -7,7 +7,17 @@ Specs:
 * ``synthetic:DIR``: every ``*.mp4`` in DIR with its ``.gt.npz`` (``reliev3r render`` output);
 * ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: 7-Scenes layout (``frame-NNNNNN.color.jpg``,
   ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world,
-  ``camera-intrinsics.txt``), optionally only frames FIRST..LAST (inclusive).
+  ``camera-intrinsics.txt``), optionally only frames FIRST..LAST (inclusive);
+* ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
+  (``*.jpg``/``*.png`` sorted by name, in DIR or its ``rgb/``, ``images/`` or ``color/``
+  subfolder; FIRST..LAST index that sorted list) with, all optional: poses as a TUM
+  trajectory (``groundtruth.txt``, ``poses.txt``, ``trajectory.txt`` or ``*.tum``; matched by
+  timestamp when the image names are timestamps, else by order) or per frame 4x4
+  cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``);
+  depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S``, default
+  1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
+  ``intrinsics.txt`` or ``K.txt`` (3x3, or ``fx fy cx cy``), else a 60 degree horizontal
+  field of view. Metrics that need what a folder lacks are left out.
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
@@ -31,13 +41,14 @@ from reliev3r.synthetic import ensure_world, load_ground_truth
 @dataclass(slots=True)
 class EvalWindow:
     """One window with ground truth. images uint8 [V,H,W,3]; intrinsics float32 [V,3,3];
-    gt_depth float32 [V,H,W] metres (0 = invalid); gt_cam_to_world float32 [V,4,4]."""
+    gt_depth float32 [V,H,W] metres (0 = invalid); gt_cam_to_world float32 [V,4,4]. A generic
+    image folder may lack either (None)."""
 
     name: str
     images: np.ndarray
     intrinsics: np.ndarray
-    gt_depth: np.ndarray
-    gt_cam_to_world: np.ndarray
+    gt_depth: np.ndarray | None
+    gt_cam_to_world: np.ndarray | None
 
 
 @dataclass(slots=True)
@@ -48,7 +59,7 @@ class Sequence:
     length: int
     intrinsics: np.ndarray
     read: callable
-    """index -> (rgb uint8 [H,W,3], depth float32 [H,W], cam_to_world float32 [4,4])"""
+    """index -> (rgb uint8 [H,W,3], depth float32 [H,W] or None, cam_to_world float32 [4,4] or None)"""
 
 
 def window_starts(length: int, *, views: int, stride: int, windows: int) -> list[int]:
@@ -77,11 +88,14 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
             rgb, depth, pose = seq.read(idx)
             h, w = rgb.shape[:2]
             images.append(imaging.fit_image(rgb, height, width))
-            depths.append(imaging.fit_image(depth, height, width, nearest=True))
+            depths.append(None if depth is None else imaging.fit_image(depth, height, width, nearest=True,
+                                                                       like=(h, w)))
             Ks.append(imaging.fit_intrinsics(seq.intrinsics, h, w, height, width))
             poses.append(pose)
+        gt_depth = None if any(d is None for d in depths) else np.stack(depths).astype(np.float32)
+        gt_poses = None if any(p is None for p in poses) else np.stack(poses).astype(np.float32)
         out.append(EvalWindow(f"{seq.name}:{start}", np.stack(images), np.stack(Ks).astype(np.float32),
-                              np.stack(depths).astype(np.float32), np.stack(poses).astype(np.float32)))
+                              gt_depth, gt_poses))
     return out
 
 
@@ -121,6 +135,126 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     return Sequence(folder.name, len(indices), K, read)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+TRAJECTORY_NAMES = ("groundtruth.txt", "poses.txt", "trajectory.txt")
+INTRINSICS_NAMES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
+TIMESTAMP_MATCH_S = 0.02
+"""Largest gap between an image's timestamp (its name) and the pose used for it."""
+
+
+def _frame_base(path: Path) -> str:
+    """``frame-000001.color.jpg`` -> ``frame-000001``; ``1305031102.175304.png`` -> itself minus .png."""
+    return path.stem.removesuffix(".color")
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The colour images of a generic folder, sorted by name (depth maps excluded)."""
+    for sub in ("rgb", "images", "color"):
+        if (folder / sub).is_dir():
+            folder = folder / sub
+            break
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and ".depth" not in p.name and not p.name.startswith("."))
+
+
+def read_intrinsics(path: Path) -> np.ndarray:
+    """3x3 from a text file holding 9 numbers (row-major) or 4 (``fx fy cx cy``)."""
+    values = np.loadtxt(path, dtype=np.float64).ravel()
+    if values.size == 9:
+        return values.reshape(3, 3)
+    if values.size == 4:
+        fx, fy, cx, cy = values
+        return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    raise ValueError(f"{path}: expected 9 or 4 numbers, got {values.size}")
+
+
+def _timestamps(images: list[Path]) -> np.ndarray | None:
+    try:
+        return np.array([float(p.stem) for p in images])
+    except ValueError:
+        return None
+
+
+def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | None]:
+    """Per-image cam_to_world [4,4] (or None) from a TUM trajectory or per-frame 4x4 files."""
+    trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
+    if trajectories:
+        from evaluation.tum import read_tum
+
+        stamps, poses = read_tum(trajectories[0])
+        image_stamps = _timestamps(images)
+        if image_stamps is not None:
+            nearest = np.abs(image_stamps[:, None] - stamps[None, :]).argmin(1)
+            close = np.abs(stamps[nearest] - image_stamps) <= TIMESTAMP_MATCH_S
+            return [poses[k].astype(np.float32) if ok else None for k, ok in zip(nearest, close)]
+        if len(poses) != len(images):
+            raise ValueError(f"{trajectories[0]}: {len(poses)} poses for {len(images)} images, and image names "
+                             "are not timestamps to match them by")
+        return [p.astype(np.float32) for p in poses]
+    out = []
+    for image in images:
+        base = _frame_base(image)
+        found = [c for c in (image.parent / f"{base}.pose.txt", image.parent / f"{base}.txt",
+                             root / "poses" / f"{base}.txt") if c.is_file()]
+        out.append(np.loadtxt(found[0], dtype=np.float32).reshape(4, 4) if found else None)
+    return out
+
+
+def folder_sequence(folder: Path, first: int | None = None, last: int | None = None, *,
+                    depth_scale: float = 1000.0) -> Sequence:
+    """A generic image folder (module docstring) as a :class:`Sequence`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    images = folder_images(folder)
+    poses = folder_poses(folder, images)
+    keep = [k for k in range(len(images)) if (first is None or k >= first) and (last is None or k <= last)]
+    images, poses = [images[k] for k in keep], [poses[k] for k in keep]
+    if not images:
+        raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
+    first_bgr = cv2.imread(str(images[0]), cv2.IMREAD_COLOR)
+    if first_bgr is None:
+        raise OSError(f"{images[0]}: unreadable image")
+    found = [folder / n for n in INTRINSICS_NAMES if (folder / n).is_file()]
+    if found:
+        K = read_intrinsics(found[0])
+    else:
+        from reliev3r.geometry import intrinsics_from_fov
+
+        h, w = first_bgr.shape[:2]
+        K = intrinsics_from_fov(60.0, w, h).double().numpy()
+
+    def depth_path(image: Path) -> Path | None:
+        for c in (image.parent / f"{_frame_base(image)}.depth.png", folder / "depth" / f"{image.stem}.png",
+                  folder / "depth" / f"{_frame_base(image)}.png"):
+            if c.is_file():
+                return c
+        return None
+
+    def read(k: int):
+        bgr = cv2.imread(str(images[k]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"{images[k]}: unreadable image")
+        depth = None
+        if (dp := depth_path(images[k])) is not None:
+            raw = cv2.imread(str(dp), cv2.IMREAD_UNCHANGED)
+            if raw is None or raw.ndim != 2:
+                raise OSError(f"{dp}: unreadable or not a single-channel depth image")
+            depth = raw.astype(np.float32) / depth_scale
+            if raw.dtype == np.uint16:
+                depth[raw == 65535] = 0
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, poses[k]
+
+    return Sequence(folder.name, len(images), K, read)
+
+
+def _frame_range(text: str) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    a, _, b = text.partition("-")
+    return int(a), int(b)
+
+
 def load_windows(spec: str, *, views: int, height: int, width: int, windows: int, stride: int,
                  run_dir: Path, synthetic_cfg=None) -> list[EvalWindow]:
     """Parse a dataset spec (module docstring) and return its evaluation windows."""
@@ -138,13 +272,20 @@ def load_windows(spec: str, *, views: int, height: int, width: int, windows: int
         sequences = synthetic_sequences(videos)
     elif kind == "7scenes":
         folder, _, frame_range = rest.partition("@")
-        first = last = None
-        if frame_range:
-            a, _, b = frame_range.partition("-")
-            first, last = int(a), int(b)
-        sequences = [sevenscenes_sequence(Path(folder), first, last)]
+        sequences = [sevenscenes_sequence(Path(folder), *_frame_range(frame_range))]
     else:
-        raise ValueError(f"unknown dataset spec {spec!r}: use synthetic, synthetic:DIR or 7scenes:DIR[@A-B]")
+        body = rest if kind == "folder" else spec
+        body, _, query = body.partition("?")
+        folder, _, frame_range = body.partition("@")
+        if not Path(folder).is_dir():
+            raise ValueError(f"unknown dataset spec {spec!r}: use synthetic, synthetic:DIR, 7scenes:DIR[@A-B], "
+                             "folder:DIR[@A-B] or an existing folder")
+        options = dict(item.partition("=")[::2] for item in query.split("&") if item)
+        if set(options) - {"depth_scale"}:
+            raise ValueError(f"{spec!r}: unknown option(s) {sorted(set(options) - {'depth_scale'})}; "
+                             "known: depth_scale")
+        sequences = [folder_sequence(Path(folder), *_frame_range(frame_range),
+                                     depth_scale=float(options.get("depth_scale", 1000.0)))]
     out = make_windows(sequences, views=views, height=height, width=width, stride=stride, windows=windows)
     if not out:
         raise ValueError(f"{spec}: sequences too short for {views} views {stride} frames apart")

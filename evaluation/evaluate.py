@@ -9,9 +9,24 @@ from evaluation import metrics
 from evaluation.datasets import EvalWindow
 
 
-def _window_tensors(window: EvalWindow, device) -> tuple[torch.Tensor, ...]:
-    return (torch.from_numpy(window.gt_depth).to(device), torch.from_numpy(window.gt_cam_to_world).to(device),
-            torch.from_numpy(window.intrinsics).to(device))
+def has_ground_truth(windows: list[EvalWindow]) -> tuple[bool, bool]:
+    """(every window has depth, every window has poses)."""
+    return all(w.gt_depth is not None for w in windows), all(w.gt_cam_to_world is not None for w in windows)
+
+
+def score_window(depth: torch.Tensor, cam_to_world: torch.Tensor, window: EvalWindow) -> dict[str, float]:
+    """Every metric of one window its ground truth allows (CPU tensors, depth [V,H,W],
+    poses [V,4,4]): depth needs GT depth, poses need GT poses, point maps need both."""
+    out: dict[str, float] = {}
+    K = torch.from_numpy(window.intrinsics)
+    if window.gt_depth is not None:
+        out.update(metrics.depth_metrics(depth, torch.from_numpy(window.gt_depth)))
+    if window.gt_cam_to_world is not None:
+        gt_pose = torch.from_numpy(window.gt_cam_to_world)
+        out.update(metrics.pose_metrics(cam_to_world, gt_pose))
+        if window.gt_depth is not None:
+            out.update(metrics.pointmap_metrics(depth, cam_to_world, torch.from_numpy(window.gt_depth), gt_pose, K))
+    return out
 
 
 @torch.no_grad()
@@ -31,8 +46,7 @@ def evaluate_model(model: torch.nn.Module, windows: list[EvalWindow], device, *,
     try:
         for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
             depth, pose = predict(model, window, device)
-            gt_depth, gt_pose, K = _window_tensors(window, device)
-            rows.append(metrics.window_metrics(depth.cpu(), pose.cpu(), gt_depth.cpu(), gt_pose.cpu(), K.cpu()))
+            rows.append(score_window(depth.cpu(), pose.cpu(), window))
     finally:
         model.train(was_training)
     return metrics.mean_metrics(rows)
@@ -42,8 +56,12 @@ def trivial_baseline(windows: list[EvalWindow]) -> dict[str, float]:
     """Constant depth and identity poses: the floor every learned model must clear."""
     rows = []
     for window in windows:
-        gt_depth, gt_pose, K = _window_tensors(window, "cpu")
-        row = metrics.depth_metrics(torch.ones_like(gt_depth), gt_depth)
-        row.update(metrics.pose_metrics(torch.eye(4).expand_as(gt_pose).clone(), gt_pose))
+        row = {}
+        if window.gt_depth is not None:
+            gt_depth = torch.from_numpy(window.gt_depth)
+            row.update(metrics.depth_metrics(torch.ones_like(gt_depth), gt_depth))
+        if window.gt_cam_to_world is not None:
+            gt_pose = torch.from_numpy(window.gt_cam_to_world)
+            row.update(metrics.pose_metrics(torch.eye(4).expand_as(gt_pose).clone(), gt_pose))
         rows.append(row)
     return metrics.mean_metrics(rows)

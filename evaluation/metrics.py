@@ -30,7 +30,8 @@ from reliev3r import geometry
 DELTA = 1.25
 
 
-def _absrel_delta(pred: Tensor, gt: Tensor) -> tuple[float, float]:
+def absrel_delta(pred: Tensor, gt: Tensor) -> tuple[float, float]:
+    """(AbsRel, fraction with max(pred/gt, gt/pred) < 1.25) over already aligned values."""
     pred = pred.clamp(min=1e-6)
     absrel = ((pred - gt).abs() / gt).mean()
     delta = (torch.maximum(pred / gt, gt / pred) < DELTA).float().mean()
@@ -54,9 +55,9 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
     p, g = pred[valid], gt[valid]
     out = {}
     scale = g.median() / p.median()
-    out["absrel_med"], out["delta_med"] = _absrel_delta(p * scale, g)
+    out["absrel_med"], out["delta_med"] = absrel_delta(p * scale, g)
     a, b = scale_shift_lsq(p, g)
-    out["absrel_lsq"], out["delta_lsq"] = _absrel_delta(a * p + b, g)
+    out["absrel_lsq"], out["delta_lsq"] = absrel_delta(a * p + b, g)
     aligned = torch.zeros_like(pred)
     for v in range(pred.shape[0]):
         m = valid[v]
@@ -66,7 +67,7 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
         else:
             m.zero_()
     frame_valid = valid & (aligned > 0)
-    out["absrel_lsq_frame"], out["delta_lsq_frame"] = _absrel_delta(aligned[frame_valid], gt[frame_valid])
+    out["absrel_lsq_frame"], out["delta_lsq_frame"] = absrel_delta(aligned[frame_valid], gt[frame_valid])
     return out
 
 

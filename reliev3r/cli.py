@@ -45,10 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     add("evaluate", "run the evaluator process that scores each new snapshot")
     ev = add("eval", "evaluate a snapshot on a dataset and print the table")
     ev.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
-    ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR, DIR")
+    ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], folder:DIR[@A-B] or DIR")
     ev.add_argument("--views", type=int, default=None, help="views per window (default: the snapshot's)")
     ev.add_argument("--windows", type=int, default=None, help="windows to evaluate")
     ev.add_argument("--out", default=None, help="folder for the JSON and markdown results")
+    ev.add_argument("--compare", action="append", default=[], metavar="PATH",
+                    help="another snapshot to score beside it (repeatable), e.g. the supervised sibling")
+    ev.add_argument("--teacher", action="append", default=[], metavar="SPEC",
+                    help="depth teacher baseline (repeatable; default: labeler.teacher), e.g. oracle, "
+                         "pydnet:../shared/models/pydnet++.tflite")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")

@@ -1,0 +1,154 @@
+"""``reliev3r eval`` end to end on real 7-Scenes frames: a tiny CPU-trained snapshot, a second
+one to compare, every baseline row, the JSON; and the generic image-folder dataset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from evaluation.baselines import align_teacher_frame, teacher_depth_baseline
+from evaluation.datasets import EvalWindow, load_windows
+from evaluation.tum import matrix_to_quaternion, quaternion_to_matrix, read_tum, write_tum
+from reliev3r import cli
+from reliev3r.geometry import axis_angle_to_matrix
+from tests.tiny_snapshot import SHARED, make_tiny_snapshot
+
+KITCHEN = SHARED / "data" / "7scenes-redkitchen"
+PYDNET = SHARED / "models" / "pydnet++.tflite"
+needs_kitchen = pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
+
+
+@needs_kitchen
+def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_path, capsys):
+    snap = make_tiny_snapshot(tmp_path / "run_a", seed=0)
+    other = make_tiny_snapshot(tmp_path / "run_b", seed=1)
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(snap.parent.parent), "--compare", str(other),
+            "--data", f"7scenes:{KITCHEN}@450-599", "--views", "4", "--windows", "3", "--out", str(out),
+            "--teacher", "oracle", f"run.dir={tmp_path / 'run'}"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert names[0].startswith("model run_a/step-000000002 (weak, step 2)")
+    assert names[1].startswith("compare run_b/step-000000002")
+    assert "baseline: constant depth + identity poses" in names
+    assert "baseline: teacher depth oracle (per-frame lsq)" in names
+    assert any(n.startswith("baseline: two-view essential matrix") for n in names)
+
+    result = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().count("\n| ") == len(rows)
+    assert result["views"] == 4 and len(result["windows"]) == 3
+    assert [result["height"], result["width"]] == [48, 64]  # the snapshot's training size
+    assert list(result["rows"]) == names
+    model = result["rows"][names[0]]
+    for key in ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
+                "rra30", "rta30", "auc30", "accuracy", "completeness"):
+        assert np.isfinite(model[key]), key
+    oracle = result["rows"]["baseline: teacher depth oracle (per-frame lsq)"]
+    # GT under a per-frame scale and shift plus 3 % noise: per-frame lsq undoes all but the noise.
+    assert oracle["absrel_lsq_frame"] < 0.05 and oracle["delta_lsq_frame"] > 0.98
+    assert 0.5 < oracle["teacher_coverage"] < 1.0  # holes punched by the oracle
+    assert "absrel_med" not in oracle  # no window-level claim for a per-frame teacher
+    classical = result["rows"][names[-1]]
+    assert 0 <= classical["auc30"] <= classical["rra30"] <= 1
+    # Same frames, known-good model-free numbers: constant depth scores ~0.2-0.5 AbsRel here.
+    assert 0.05 < result["rows"]["baseline: constant depth + identity poses"]["absrel_med"] < 1.0
+
+
+def test_disparity_teacher_is_aligned_in_disparity_space():
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0.5, 4.0, (12, 16)).astype(np.float32)
+    disparity = 3.0 / gt + 0.7  # affine in disparity, not in depth
+    valid = np.ones_like(gt, bool)
+    np.testing.assert_allclose(align_teacher_frame(disparity, gt, valid, "disparity"), gt, rtol=1e-5)
+    depth_fit = align_teacher_frame(disparity, gt, valid, "depth")
+    assert np.abs(depth_fit - gt).max() > 0.1  # the wrong space cannot fit it
+    # A teacher whose fit goes negative is clamped to a large finite depth, not inf/NaN.
+    bad = align_teacher_frame(-disparity, gt, valid[:], "disparity")
+    assert np.isfinite(bad).all() and (bad > 0).all()
+
+
+def test_teacher_baseline_with_a_disparity_teacher_scores_exactly():
+    class Disparity:
+        space = "disparity"
+
+        def predict(self, frames, *, gt_depth, window_id):
+            return (5.0 / np.maximum(gt_depth, 1e-3) + 2.0).astype(np.float32), gt_depth > 0
+
+    gt = np.random.default_rng(1).uniform(1, 3, (2, 3, 8, 8)).astype(np.float32)
+    windows = [EvalWindow(f"w{i}", np.zeros((3, 8, 8, 3), np.uint8), np.tile(np.eye(3, dtype=np.float32), (3, 1, 1)),
+                          gt[i], None) for i in range(2)]
+    row = teacher_depth_baseline(windows, "fake", teacher=Disparity())
+    assert row["absrel_lsq_frame"] == pytest.approx(0, abs=1e-5)
+    assert row["delta_lsq_frame"] == 1.0 and row["teacher_coverage"] == 1.0
+
+
+def test_tum_round_trip(tmp_path):
+    R = axis_angle_to_matrix(torch.tensor([[0.1, -2.0, 0.5], [3.1, 0.0, 0.0], [0.0, 0.0, 0.0]])).double().numpy()
+    poses = np.tile(np.eye(4), (3, 1, 1))
+    poses[:, :3, :3] = R
+    poses[:, :3, 3] = [[1, 2, 3], [-1, 0, 0.5], [0, 0, 0]]
+    write_tum(tmp_path / "t.txt", [0.0, 0.1, 0.2], poses)
+    stamps, back = read_tum(tmp_path / "t.txt")
+    np.testing.assert_allclose(stamps, [0, 0.1, 0.2])
+    np.testing.assert_allclose(back, poses, atol=1e-6)
+    q = matrix_to_quaternion(R[1])
+    np.testing.assert_allclose(quaternion_to_matrix(q), R[1], atol=1e-12)
+
+
+def _write_folder(root: Path, *, tum: bool) -> np.ndarray:
+    """Six frames of a scene moving along x, 320x240 images, depth in mm, poses."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    poses = np.tile(np.eye(4), (6, 1, 1))
+    poses[:, 0, 3] = np.arange(6) * 0.1
+    stamps = 100.0 + np.arange(6) * 0.033
+    for k in range(6):
+        name = f"{stamps[k]:.6f}" if tum else f"img{k:03d}"
+        cv2.imwrite(str(root / f"{name}.png"), rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        depth = np.full((240, 320), 2000 + 100 * k, np.uint16)
+        depth[:10] = 0
+        if tum:
+            (root / "depth").mkdir(exist_ok=True)
+            cv2.imwrite(str(root / "depth" / f"{name}.png"), depth * 5)  # TUM: 5000 per metre
+        else:
+            cv2.imwrite(str(root / f"{name}.depth.png"), depth)
+            np.savetxt(root / f"{name}.pose.txt", poses[k])
+    if tum:  # a denser trajectory with its own timestamps, matched by nearest time
+        fine = 100.0 + np.arange(40) * 0.005
+        fine_poses = np.tile(np.eye(4), (40, 1, 1))
+        fine_poses[:, 0, 3] = (fine - 100.0) / 0.033 * 0.1
+        write_tum(root / "groundtruth.txt", fine, fine_poses)
+    return poses
+
+
+@pytest.mark.parametrize("tum", [False, True])
+def test_image_folder_dataset(tmp_path, tum):
+    poses = _write_folder(tmp_path / "seq", tum=tum)
+    spec = f"folder:{tmp_path / 'seq'}@1-5" + ("?depth_scale=5000" if tum else "")
+    windows = load_windows(spec, views=3, height=48, width=64, windows=2, stride=2, run_dir=tmp_path)
+    assert [w.name for w in windows] == ["seq:0"]  # frames 1..5: one window of 3 views 2 apart
+    w = windows[0]
+    assert w.images.shape == (3, 48, 64, 3)
+    np.testing.assert_allclose(w.gt_cam_to_world[:, 0, 3], poses[[1, 3, 5], 0, 3], atol=0.01 if tum else 1e-6)  # nearest 5 ms sample
+    np.testing.assert_allclose(w.gt_depth[:, -1, 0], [2.1, 2.3, 2.5], rtol=1e-6)
+    assert (w.gt_depth[:, 0] == 0).all()  # invalid rows stay invalid
+    # No intrinsics file: 60 degree horizontal field of view, scaled to the window.
+    assert w.intrinsics[0, 0, 0] == pytest.approx(0.5 * 64 / np.tan(np.radians(30)), rel=1e-3)
+
+
+def test_image_folder_without_ground_truth(tmp_path):
+    _write_folder(tmp_path / "seq", tum=False)
+    for p in list((tmp_path / "seq").glob("*.txt")) + list((tmp_path / "seq").glob("*.depth.png")):
+        p.unlink()
+    (w,) = load_windows(str(tmp_path / "seq"), views=3, height=48, width=64, windows=1, stride=1, run_dir=tmp_path)
+    assert w.gt_depth is None and w.gt_cam_to_world is None
+    with pytest.raises(ValueError, match="unknown dataset spec"):
+        load_windows(str(tmp_path / "nope"), views=3, height=48, width=64, windows=1, stride=1, run_dir=tmp_path)
