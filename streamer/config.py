@@ -79,7 +79,25 @@ class StreamerConfig:
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 
+    resume: bool = True
+    """Persist archive progress in ``<run.dir>/streamer/progress.json`` and continue from it
+    after a restart (acknowledged windows are not sent again)."""
+    live_open_timeout_s: float = 5.0
+    """Live feeds: seconds to wait for a connection (and the stream header) before retrying."""
+    live_read_timeout_s: float = 5.0
+    """Live feeds: a read that returns nothing for this long fails and reconnects."""
+    live_stall_timeout_s: float = 8.0
+    """Live feeds: watchdog; no decoded frame for this long on an open connection reconnects."""
+    reconnect_initial_s: float = 0.5
+    """Live feeds: first reconnect backoff; doubles per failure, with full jitter."""
+    reconnect_max_s: float = 10.0
+    """Live feeds: backoff ceiling."""
+
     def __post_init__(self) -> None:
+        if min(self.live_open_timeout_s, self.live_read_timeout_s, self.live_stall_timeout_s,
+               self.reconnect_initial_s) <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("live_open_timeout_s, live_read_timeout_s, live_stall_timeout_s and "
+                             "reconnect_initial_s must be > 0, reconnect_max_s >= reconnect_initial_s")
         if self.views < 2:
             raise ValueError("views must be >= 2 (a window needs two frames to register)")
         if self.height < 16 or self.width < 16:

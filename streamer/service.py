@@ -12,6 +12,8 @@ never waited on; its windows come back through the resend timeout.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,12 +25,16 @@ from reliev3r import protocol
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
 from streamer import sources as srcs
+from streamer.live import LiveSource, is_live
+from streamer.progress import Progress
 from streamer.windows import Window, windows_of
 
 MAX_ATTEMPTS = 5
 """A window sent this many times without a ``done`` is abandoned (a poison window must not
 circulate forever)."""
 POLL_MS = 100
+FEED_POLL_MS = 5
+"""Poll timeout while there is room for a window but the producers have none ready yet."""
 
 
 @dataclass(slots=True)
@@ -108,46 +114,113 @@ class Dispatcher:
 
 
 def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[str], None],
-                  on_error: srcs.ErrorSink, log) -> Iterator[Window]:
-    """Windows from every source, ``cfg.interleave`` sources at a time in round robin.
+                  on_error: srcs.ErrorSink, log, progress: Progress | None = None,
+                  stop: threading.Event | None = None) -> Iterator[Window]:
+    """Windows from every archive source, ``cfg.interleave`` sources at a time in round robin.
     With ``cfg.loop`` archives start again with the pass number in the window ids, so the
-    learner keeps getting fresh ids (and replay keeps recency right)."""
-    pass_index = 0
-    while True:
+    learner keeps getting fresh ids (and replay keeps recency right). With ``progress``,
+    each source resumes where the last run stopped and acknowledged windows are not made again."""
+    stop = stop or threading.Event()
+    pass_index = progress.pass_index if progress is not None else 0
+    while not stop.is_set():
         pending = deque(make_sources())
         active: list[tuple[str, Iterator[Window]]] = []
         produced = 0
-        while pending or active:
+        while (pending or active) and not stop.is_set():
             while pending and len(active) < cfg.interleave:
                 source = pending.popleft()
-                active.append((source.name, windows_of(source.name, _counted(source, on_frame), cfg,
-                                                       pass_index=pass_index)))
+                start = progress.start_frame(source.name) if progress is not None else 0
+                if start is None:
+                    produced += 1  # finished before a restart: the pass did produce it
+                    continue
+                if start:
+                    log.info("resuming source", extra={"source": source.name, "frame": start, "pass": pass_index})
+                frames = _counted(source, on_frame, start)
+                active.append((source.name, windows_of(source.name, frames, cfg, pass_index=pass_index)))
             for entry in list(active):
                 name, it = entry
                 try:
                     window = next(it)
                 except StopIteration:
                     active.remove(entry)
+                    if progress is not None:
+                        progress.source_done(name)
                     continue
                 except Exception as err:  # a bug or odd input in one source must not stop the others
                     on_error(name, "source_failed", f"{type(err).__name__}: {err}")
                     active.remove(entry)
                     continue
                 produced += 1
+                if progress is not None:
+                    if progress.is_acked(window.window_id):
+                        progress.skipped += 1
+                        continue  # acknowledged before a restart
+                    progress.made(name, window.window_id)
                 yield window
-        if not cfg.loop:
+        if not cfg.loop or stop.is_set():
             return
         if produced == 0:
             log.error("no source produced a window in a whole pass; not looping")
             return
         pass_index += 1
+        if progress is not None and not progress.new_pass(pass_index, stop):
+            return
         log.info("sources exhausted, starting again", extra={"pass": pass_index})
 
 
-def _counted(source, on_frame):
-    for frame in source.frames():
+def live_stream(source, cfg, *, on_frame: Callable[[str], None]) -> Iterator[Window]:
+    """Windows of one live feed (ids carry the session: frame numbers restart per process)."""
+    yield from windows_of(source.name, _counted(source, on_frame, 0), cfg, pass_index=source.session)
+
+
+def _counted(source, on_frame, start: int = 0):
+    for frame in source.frames(start):
         on_frame(source.name)
         yield frame
+
+
+class WindowFeed:
+    """Windows made in background threads (one for the archives, one per live feed) into a
+    small bounded queue: the socket loop never blocks on decoding or on a dead feed, and a
+    full queue stops the producers (memory stays bounded by ``max_in_flight`` + the queue)."""
+
+    def __init__(self, streams: list[Iterator[Window]], *, depth: int = 2, on_error: srcs.ErrorSink):
+        self.queue: queue.Queue[Window] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.on_error = on_error
+        self.threads = [threading.Thread(target=self._pump, args=(s,), daemon=True, name=f"feed-{i}")
+                        for i, s in enumerate(streams)]
+        for t in self.threads:
+            t.start()
+
+    def _pump(self, stream: Iterator[Window]) -> None:
+        try:
+            for window in stream:
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(window, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except Exception as err:  # never let a producer die silently
+            self.on_error("streamer", "producer_failed", f"{type(err).__name__}: {err}")
+
+    def get(self) -> Window | None:
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.queue.empty() and not any(t.is_alive() for t in self.threads)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(2.0)
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
@@ -167,17 +240,55 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
         errors_total.labels(source, reason).inc()
         log.warning("source problem", extra={"source": source, "reason": reason, "detail": detail})
 
+    reconnects_total = m.counter("stream_reconnects_total", "Live feed reconnect attempts", ["source"])
+    gaps_total = m.counter("stream_gaps_total", "Outages of a live feed that ended with frames again", ["source"])
+    gap_seconds = m.counter("stream_gap_seconds_total", "Seconds without frames from a live feed", ["source"])
+    dropped_total = m.counter("stream_dropped_frames_total", "Live frames dropped (consumer behind)", ["source"])
+    connected_gauge = m.gauge("stream_connected", "1 while a live feed is connected", ["source"])
+    skipped_total = m.counter("windows_skipped_acked_total", "Windows not made again: acknowledged before a restart")
+
+    def on_event(source: str, event: str, value: float) -> None:
+        if event == "reconnect":
+            reconnects_total.labels(source).inc()
+        elif event == "gap":
+            gaps_total.labels(source).inc()
+            gap_seconds.labels(source).inc(value)
+            log.info("live feed back", extra={"source": source, "gap_s": round(value, 3)})
+        elif event == "dropped":
+            dropped_total.labels(source).inc(value)
+        elif event == "connected":
+            connected_gauge.labels(source).set(value)
+
+    archive_specs = [s for s in scfg.sources if not is_live(s)]
+    live_specs = [s for s in scfg.sources if is_live(s)]
+
     def make_sources() -> list:
-        if scfg.sources:
-            return srcs.discover(scfg.sources, fov_deg=scfg.fov_deg, on_error=on_error)
+        if archive_specs:
+            return srcs.discover(archive_specs, fov_deg=scfg.fov_deg, on_error=on_error)
+        if live_specs:
+            return []
         try:
             return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error)
         except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
             on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
             return []
 
-    windows = window_stream(make_sources, scfg, on_frame=lambda s: frames_total.labels(s).inc(),
-                            on_error=on_error, log=log)
+    progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None,
+                        window_step=scfg.window_step)
+    stop = threading.Event()
+    on_frame = lambda s: frames_total.labels(s).inc()  # noqa: E731
+    streams = []
+    if archive_specs or not live_specs:
+        streams.append(_skip_counted(window_stream(make_sources, scfg, on_frame=on_frame, on_error=on_error,
+                                                   log=log, progress=progress, stop=stop), progress, skipped_total))
+    for spec in live_specs:
+        live = LiveSource(spec, fov_deg=scfg.fov_deg, on_error=on_error, on_event=on_event, stop=stop,
+                          open_timeout_s=scfg.live_open_timeout_s, read_timeout_s=scfg.live_read_timeout_s,
+                          stall_timeout_s=scfg.live_stall_timeout_s, backoff_initial_s=scfg.reconnect_initial_s,
+                          backoff_max_s=scfg.reconnect_max_s)
+        streams.append(live_stream(live, scfg, on_frame=on_frame))
+    feed = WindowFeed(streams, on_error=on_error)
+    feed.stop = stop
     disp = Dispatcher(max_in_flight=scfg.max_in_flight, resend_timeout_s=scfg.resend_timeout_s,
                       peer_timeout_s=scfg.peer_timeout_s)
     sock = runtime.ctx.socket(zmq.ROUTER)
@@ -204,18 +315,21 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
 
     try:
         while not runtime.stopping:
-            idle = not (disp.resend or (not exhausted and disp.can_take_new()))
-            if sock.poll(POLL_MS if idle else 0):
+            wants_window = not exhausted and disp.can_take_new()
+            busy = disp.resend or (wants_window and not feed.queue.empty())
+            if sock.poll(0 if busy else (FEED_POLL_MS if wants_window else POLL_MS)):
                 for _ in range(256):  # drain what is queued, bounded so sending is not starved
                     peer, msg = runtime.receive(sock, kinds=("ready", "done"), routed=True)
                     if msg is not None:
-                        _handle(msg, peer, disp, acked_total, counts, runtime)
+                        _handle(msg, peer, disp, acked_total, counts, runtime, progress)
                     if not sock.poll(0):
                         break
             timed_out, abandoned = disp.expire()
             for wid in abandoned:
                 abandoned_total.inc()
+                progress.acked(wid)  # given up: it must not hold the resume point back for ever
                 log.error("window abandoned after repeated timeouts", extra={"window_id": wid})
+            progress.save()
             if timed_out:
                 log.info("windows timed out, resending", extra={"count": len(timed_out)})
             wid = disp.next_resend()
@@ -226,11 +340,11 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
                 resent_total.inc()
                 wid = disp.next_resend()
             if not exhausted and not disp.resend and disp.can_take_new():
-                try:
-                    window = next(windows)  # decoding happens here, only when there is room
-                except StopIteration:
-                    exhausted = True
-                    log.info("all sources done", extra={"sent": counts["sent"]})
+                window = feed.get()  # made ahead by the producers, at most the queue's depth
+                if window is None:
+                    if feed.exhausted:
+                        exhausted = True
+                        log.info("all sources done", extra={"sent": counts["sent"]})
                 else:
                     frames = protocol.encode(window.to_message())
                     if not send(window.window_id, frames):
@@ -247,11 +361,24 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
                 return 0 if counts["sent"] else 1
         return 0
     finally:
+        feed.close()
+        progress.save()
         sock.close(linger=0)
 
 
+def _skip_counted(windows: Iterator[Window], progress: Progress, skipped_total) -> Iterator[Window]:
+    """Count windows window_stream skipped as acknowledged (it keeps no metrics itself)."""
+    seen = 0
+    for window in windows:
+        yield window
+        skipped = progress.skipped - seen
+        if skipped:
+            skipped_total.inc(skipped)
+            seen += skipped
+
+
 def _handle(msg: protocol.Message, peer: bytes, disp: Dispatcher, acked_total, counts: dict,
-            runtime: Runtime) -> None:
+            runtime: Runtime, progress: Progress) -> None:
     if msg.kind == "ready":
         credits = msg.meta.get("credits")
         if isinstance(credits, bool) or not isinstance(credits, int) or not 0 <= credits <= 1 << 16:
@@ -264,6 +391,7 @@ def _handle(msg: protocol.Message, peer: bytes, disp: Dispatcher, acked_total, c
         runtime.metrics.reject("bad_done")
         return
     if disp.on_done(peer, window_id):
+        progress.acked(window_id)
         acked_total.labels(status).inc()
         counts["acked"] += 1
         if status == "dropped":

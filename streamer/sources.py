@@ -317,8 +317,9 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
     A spec that names nothing is reported as ``missing`` and skipped."""
     sources: list[Source] = []
     for spec in specs:
-        if "://" in spec:
-            on_error(spec[:60], "unsupported_url", f"{spec}: live URLs are not supported yet")
+        if "://" in spec or spec.startswith("/dev/video"):
+            # Live schemes (streamer.live) never reach here; anything else is not a feed we read.
+            on_error(spec[:60], "unsupported_url", f"{spec}: scheme not supported")
             continue
         path = Path(spec).expanduser()
         matched = [Path(p) for p in sorted(glob.glob(str(path)))] if glob.has_magic(spec) else [path]

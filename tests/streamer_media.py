@@ -28,9 +28,10 @@ def panning_frames(n: int, width: int = 160, height: int = 120, step: int = 3, s
     return np.stack([big[:, i * step:i * step + width] for i in range(n)])
 
 
-def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10) -> Path:
+def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, gop: int | None = None) -> Path:
+    """``gop``: keyframe interval (a live receiver joining mid-stream waits for a keyframe)."""
     container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=fps)
+    stream = container.add_stream(codec, rate=fps, options={"g": str(gop)} if gop else None)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
     for rgb in frames:
@@ -40,3 +41,41 @@ def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int =
         container.mux(packet)
     container.close()
     return path
+
+
+RTSP_SERVER = """
+import sys
+import gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer
+
+Gst.init(None)
+server = GstRtspServer.RTSPServer()
+server.set_address("127.0.0.1")
+server.set_service(sys.argv[1])
+factory = GstRtspServer.RTSPMediaFactory()
+factory.set_launch("( videotestsrc is-live=true pattern=ball ! video/x-raw,width=160,height=120,framerate=15/1 "
+                   "! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 ! rtph264pay name=pay0 pt=96 )")
+factory.set_shared(True)
+server.get_mount_points().add_factory("/feed", factory)
+server.attach(None)
+print("ready", flush=True)
+GLib.MainLoop().run()
+"""
+"""A real RTSP server (Debian's GStreamer RTSP server through python3-gi): run it with the
+system ``/usr/bin/python3 -c RTSP_SERVER PORT``; it serves ``rtsp://127.0.0.1:PORT/feed``."""
+
+
+def rtsp_server_available() -> str | None:
+    """None when the RTSP server can run here, else why not."""
+    import subprocess
+
+    if not Path("/usr/bin/python3").exists():
+        return "no /usr/bin/python3 for GStreamer's python3-gi"
+    probe = ("import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import Gst, GstRtspServer; "
+             "Gst.init(None); assert Gst.ElementFactory.find('x264enc') and Gst.ElementFactory.find('videotestsrc')")
+    if subprocess.run(["/usr/bin/python3", "-c", probe], capture_output=True).returncode != 0:
+        return ("GStreamer RTSP server missing (apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi "
+                "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)")
+    return None

@@ -176,7 +176,8 @@ def test_backpressure_resend_and_dead_labeler(tmp_path, ctx, video):
                 resent.add(msg.meta["window_id"])
             send(fresh, "ready", credits=10)
         assert resent == set(got[1:]), "windows of the dead labeler go to another one"
-        assert streamer.metric("reliev3r_windows_resent_total") >= 3
+        # (counted just after the send: the window can arrive before the counter moves)
+        assert wait_for(lambda: streamer.metric("reliev3r_windows_resent_total") >= 3, 2)
         assert streamer.runtime.status["in_flight"] <= 3
         for wid in resent:
             send(fresh, "done", window_id=wid, status="stored", reason="")

@@ -1,0 +1,141 @@
+"""Resumable progress for archives: ``<run.dir>/streamer/progress.json``.
+
+A window is done once acknowledged. Per source we persist where to start decoding again (the
+first frame of the oldest window not yet acknowledged, or the next window position when
+every window so far is acknowledged) and the ids of windows acknowledged beyond that point
+(acknowledgements arrive out of order), so a restarted streamer neither starts from zero nor
+sends an acknowledged window again. Window ids are ``source:pass:first_frame`` and stable
+across restarts, so a window re-made after a crash keeps its id (replay stores it once).
+
+The file is written atomically (temporary file, fsync, rename) after every batch of
+acknowledgements; a crash between an acknowledgement and the write costs one re-send, never a
+lost window. Live feeds are not tracked (they cannot be rewound).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger("reliev3r.streamer.progress")
+VERSION = 1
+
+
+def window_first_frame(window_id: str) -> int:
+    return int(window_id.rsplit(":", 1)[1])
+
+
+class Progress:
+    def __init__(self, path: Path | None, *, window_step: int):
+        self.path = Path(path) if path is not None else None
+        self.window_step = window_step
+        self.pass_index = 0
+        self.sources: dict[str, dict] = {}  # name -> {"resume": int, "acked": [ids], "done": bool}
+        self.pending: dict[str, str] = {}  # window id -> source (made, not yet acknowledged)
+        self.last_first: dict[str, int] = {}
+        self.dirty = False
+        self.skipped = 0
+        """Windows not made again because they were acknowledged before a restart."""
+        self.lock = threading.Condition()
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+            if state.get("version") != VERSION:
+                raise ValueError(f"version {state.get('version')}")
+            sources = {str(k): {"resume": int(v["resume"]), "acked": [str(a) for a in v["acked"]],
+                                "done": bool(v["done"])} for k, v in state["sources"].items()}
+            self.pass_index, self.sources = int(state["pass"]), sources
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            # Unreadable progress costs re-sent windows (replay deduplicates), not a dead streamer.
+            log.warning("progress file unreadable, starting from zero",
+                        extra={"path": str(self.path), "detail": str(err)})
+
+    # ------------------------------------------------------------------ producer side
+    def start_frame(self, source: str) -> int | None:
+        """Frame to resume ``source`` at in the current pass; None when it is finished."""
+        with self.lock:
+            rec = self.sources.get(source)
+            if rec is None:
+                return 0
+            return None if rec["done"] else rec["resume"]
+
+    def is_acked(self, window_id: str) -> bool:
+        source = window_id.rsplit(":", 2)[0]
+        with self.lock:
+            rec = self.sources.get(source)
+            return rec is not None and window_id in rec["acked"]
+
+    def made(self, source: str, window_id: str) -> None:
+        with self.lock:
+            self.pending[window_id] = source
+            self.last_first[source] = window_first_frame(window_id)
+            self.sources.setdefault(source, {"resume": 0, "acked": [], "done": False})
+
+    def source_done(self, source: str) -> None:
+        with self.lock:
+            self.sources.setdefault(source, {"resume": 0, "acked": [], "done": False})["done"] = True
+            self.dirty = True
+
+    def new_pass(self, pass_index: int, stopping: threading.Event) -> bool:
+        """Start another pass over the archives once every window of this one is
+        acknowledged (so progress never has to remember two passes). False when stopped."""
+        with self.lock:
+            while self.pending and not stopping.is_set():
+                self.lock.wait(0.1)
+            if stopping.is_set():
+                return False
+            self.pass_index, self.sources, self.last_first = pass_index, {}, {}
+            self.dirty = True
+            return True
+
+    # ------------------------------------------------------------------ acknowledgements
+    def acked(self, window_id: str) -> None:
+        with self.lock:
+            source = self.pending.pop(window_id, None)
+            if source is None:
+                return  # not ours (a live feed) or a late duplicate
+            self.sources[source]["acked"].append(window_id)
+            self.dirty = True
+            self.lock.notify_all()
+
+    def snapshot(self) -> dict:
+        """The state to persist, with resume points recomputed and acked lists trimmed."""
+        with self.lock:
+            oldest: dict[str, int] = {}
+            for wid, source in self.pending.items():
+                first = window_first_frame(wid)
+                oldest[source] = min(first, oldest.get(source, first))
+            out = {}
+            for source, rec in self.sources.items():
+                if source in oldest:
+                    resume, done = oldest[source], False  # finished decoding, windows still out
+                elif source in self.last_first:
+                    resume, done = self.last_first[source] + self.window_step, rec["done"]
+                else:
+                    resume, done = rec["resume"], rec["done"]
+                acked = sorted({a for a in rec["acked"] if window_first_frame(a) >= resume},
+                               key=window_first_frame)
+                rec["acked"] = acked
+                out[source] = {"resume": resume, "acked": acked, "done": done}
+            return {"version": VERSION, "pass": self.pass_index, "sources": out}
+
+    def save(self, force: bool = False) -> bool:
+        if self.path is None or not (self.dirty or force):
+            return False
+        state = self.snapshot()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        with self.lock:
+            self.dirty = False
+        return True

@@ -1,0 +1,175 @@
+"""Live feeds against real servers on 127.0.0.1 that the test starts, kills mid-stream and
+restarts: FFmpeg MPEG-TS over TCP and UDP, and GStreamer's RTSP server. The streamer runs as
+its real ``run`` loop with a minimal labeler peer; windows must keep arriving by themselves."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import zmq
+
+import streamer.service as streamer_service
+from reliev3r import protocol
+from reliev3r.config import free_port
+from reliev3r.protocol import Message
+from streamer.live import is_live, live_name, open_options
+from streamer_media import RTSP_SERVER, encode, panning_frames, rtsp_server_available
+from test_streamer_pipeline import Stage, make_cfg, wait_for
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg binary absent (apt-get install ffmpeg)")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    # Keyframe every 5 frames: a UDP receiver joins mid-stream and needs one soon.
+    return encode(tmp_path_factory.mktemp("live") / "pan.mp4", panning_frames(40, 160, 120, step=3), gop=5)
+
+
+class Server:
+    """A server process we can SIGKILL and start again with the same command."""
+
+    def __init__(self, argv, ready_line=None):
+        self.argv, self.ready_line, self.proc = argv, ready_line, None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        if self.ready_line:
+            assert self.proc.stdout.readline().strip() == self.ready_line
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.kill()
+
+
+class Labeler:
+    """A DEALER that keeps credits up and acknowledges every window it gets."""
+
+    def __init__(self, ctx, cfg):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(cfg.network.connect(cfg.network.work_port))
+        self.windows: list[tuple[float, Message]] = []
+
+    def pump(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.sock.send_multipart(protocol.encode(Message("ready", {"credits": 4})))
+            if self.sock.poll(100):
+                msg = protocol.decode(self.sock.recv_multipart())
+                self.windows.append((time.monotonic(), msg))
+                self.sock.send_multipart(protocol.encode(Message("done", {
+                    "window_id": msg.meta["window_id"], "status": "stored", "reason": ""})))
+
+    def count_after(self, t):
+        return sum(1 for at, _ in self.windows if at > t)
+
+
+LIVE = {"views": 2, "frame_stride": 2, "window_step": 2, "keyframe_min_motion": 0, "keyframe_min_flow": 0,
+        "blur_ratio": 0, "scene_cut_hist": 0, "scene_cut_motion": 0, "live_open_timeout_s": 2.0,
+        "live_read_timeout_s": 1.0, "live_stall_timeout_s": 2.0, "reconnect_initial_s": 0.2, "reconnect_max_s": 1.0}
+
+
+def kill_restart_and_check(tmp_path, url, server):
+    ctx = zmq.Context()
+    cfg = make_cfg(tmp_path, [url], streamer={**LIVE, "height": 48, "width": 64})
+    streamer = Stage(streamer_service.run, cfg, "streamer")
+    labeler = Labeler(ctx, cfg)
+    name = live_name(url)
+    try:
+        labeler.pump(4)
+        before = len(labeler.windows)
+        assert before >= 2, "windows from the live feed"
+        msg = labeler.windows[0][1]
+        assert msg.meta["source"] == name and msg.arrays["frames"].shape == (2, 48, 64, 3)
+        server.kill()
+        killed_at = time.monotonic()
+        labeler.pump(2.5)
+        server.start()
+        restarted_at = time.monotonic()
+        deadline = time.monotonic() + 20
+        while labeler.count_after(restarted_at) < 3 and time.monotonic() < deadline:
+            labeler.pump(0.5)
+        assert labeler.count_after(restarted_at) >= 3, "windows keep arriving after the server came back"
+        assert streamer.metric("reliev3r_stream_reconnects_total", {"source": name}) >= 1
+        assert streamer.metric("reliev3r_stream_gaps_total", {"source": name}) >= 1
+        gap = streamer.metric("reliev3r_stream_gap_seconds_total", {"source": name})
+        assert 2.0 < gap < time.monotonic() - killed_at + 1
+        assert streamer.metric("reliev3r_stream_connected", {"source": name}) == 1
+        # the outage is a discontinuity: no window mixes frames from before and after it
+        ids = [m.meta["window_id"] for _, m in labeler.windows]
+        assert len(set(ids)) == len(ids) and all(i.startswith(name + ":") for i in ids)
+        assert streamer.thread.is_alive()
+    finally:
+        streamer.stop()
+        labeler.sock.close(linger=0)
+        ctx.destroy(linger=0)
+        server.close()
+
+
+@needs_ffmpeg
+def test_mpegts_over_tcp_server_killed_and_restarted(tmp_path, clip):
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    server = Server(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+                     "-c", "copy", "-f", "mpegts", f"{url}?listen=1"])
+    kill_restart_and_check(tmp_path, url, server)
+
+
+@needs_ffmpeg
+def test_mpegts_over_udp_sender_killed_and_restarted(tmp_path, clip):
+    port = free_port()
+    url = f"udp://127.0.0.1:{port}"
+    server = Server(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+                     "-c", "copy", "-f", "mpegts", f"{url}?pkt_size=1316"])
+    kill_restart_and_check(tmp_path, url, server)
+
+
+def test_rtsp_server_killed_and_restarted(tmp_path):
+    why = rtsp_server_available()
+    if why:
+        pytest.skip(why)
+    port = free_port()
+    server = Server(["/usr/bin/python3", "-c", RTSP_SERVER, str(port)], ready_line="ready")
+    kill_restart_and_check(tmp_path, f"rtsp://127.0.0.1:{port}/feed", server)
+
+
+def test_url_that_never_answers_is_counted_and_retried(tmp_path):
+    """Nothing listens: connect failures are counted per source, reconnects back off, the
+    streamer stays up (and an archive beside it keeps flowing)."""
+    ctx = zmq.Context()
+    clip = encode(tmp_path / "a.mp4", panning_frames(30, 96, 64))
+    url = f"tcp://127.0.0.1:{free_port()}"
+    cfg = make_cfg(tmp_path, [url, clip], streamer={**LIVE, "height": 32, "width": 48, "loop": False})
+    streamer = Stage(streamer_service.run, cfg, "streamer")
+    labeler = Labeler(ctx, cfg)
+    try:
+        labeler.pump(3)
+        name = live_name(url)
+        assert streamer.metric("reliev3r_decode_errors_total", {"source": name, "reason": "connect_failed"}) >= 2
+        assert 2 <= streamer.metric("reliev3r_stream_reconnects_total", {"source": name}) <= 12  # backoff
+        assert len(labeler.windows) >= 5 and all(m.meta["source"] != name for _, m in labeler.windows)
+        assert streamer.thread.is_alive()
+    finally:
+        streamer.stop()
+        labeler.sock.close(linger=0)
+        ctx.destroy(linger=0)
+
+
+def test_live_spec_parsing():
+    assert is_live("rtsp://cam/x") and is_live("udp://0.0.0.0:5000") and is_live("/dev/video0")
+    assert not is_live("/data/clip.mp4") and not is_live("/dev/video0.mp4")
+    name = live_name("rtsp://user:secret@cam.local:554/stream1")
+    assert "secret" not in name and ":" not in name and name == live_name("rtsp://user:secret@cam.local:554/stream1")
+    opts, fmt = open_options("rtsp://cam/x", 2.5)
+    assert opts["rtsp_transport"] == "tcp" and opts["timeout"] == opts["rw_timeout"] == "2500000" and fmt is None
+    assert open_options("/dev/video2", 1.0) == ({}, "v4l2")
