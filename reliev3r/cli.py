@@ -54,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher", action="append", default=[], metavar="SPEC",
                     help="depth teacher baseline (repeatable; default: labeler.teacher), e.g. oracle, "
                          "pydnet:../shared/models/pydnet++.tflite")
+    rec = add("reconstruct", "video or image folder -> point cloud (PLY), poses (TUM), depth PNGs, trajectory plot")
+    rec.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
+    rec.add_argument("--input", required=True, help="video file or image folder")
+    rec.add_argument("--out", required=True, help="output folder")
+    for flag, kind, help_ in (("--views", int, "frames per window (8)"), ("--stride", int, "input frames between picked frames (1)"),
+                              ("--overlap", int, "frames shared by consecutive windows (2)"),
+                              ("--max-frames", int, "frames picked at most (300)"),
+                              ("--keep-fraction", float, "most confident fraction of each frame's pixels kept (0.5)"),
+                              ("--min-confidence", float, "confidence floor in (0, 2) (0)")):
+        rec.add_argument(flag, type=kind, default=None, help=help_)
+    rec.add_argument("--intrinsics", default=None, help="3x3 (or fx fy cx cy) text file; default 60 degree FoV")
+    rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input (by order or timestamp)")
+    rec.add_argument("--device", default="auto", help="auto, cpu or cuda")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")
@@ -98,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from evaluation.cli import main as eval_main
 
         return eval_main(cfg, args)
+    if args.command == "reconstruct":
+        from reliev3r.reconstruct import main as reconstruct_main
+
+        return reconstruct_main(cfg, args)
     if args.command == "render":
         from reliev3r.synthetic import ensure_world
 

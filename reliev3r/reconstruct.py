@@ -1,0 +1,399 @@
+"""``reliev3r reconstruct``: a video or an image folder -> one point cloud, one trajectory.
+
+The input is cut into windows of ``views`` frames (``stride`` input frames apart) where
+consecutive windows share ``overlap`` frames. The model reconstructs each window in its own
+similarity gauge; :func:`chain_windows` brings every window into the first one's frame:
+the depth scale from the shared frames' median depth ratio, then the rigid motion that maps
+the new window's shared camera poses onto the chain's. Units are therefore the first
+window's relative units, not metres.
+
+Writes into ``--out``:
+
+* ``points.ply``: binary PLY, coloured, confidence-filtered world points (x, y, z float32,
+  red, green, blue uint8, confidence float32);
+* ``poses.txt``: TUM trajectory (``timestamp tx ty tz qx qy qz qw``, camera-to-world; the
+  timestamp is the frame's time in seconds for a video, its name or index for a folder);
+* ``depth/NNNNNN.png``: 16-bit depth, value = depth x 1000 in the model's relative units
+  ("millimetres" of a unit that is not a metre; 0 = beyond 65.535 units);
+  ``depth_color/NNNNNN.png``: the same, colourised (turbo, near = red, shared range);
+* ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
+  ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
+  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``);
+* ``reconstruction.json``: what was run and, with ground truth, the ATE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from reliev3r import geometry
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
+
+
+# ---------------------------------------------------------------------- input
+
+@dataclass(slots=True)
+class Frames:
+    """Frames picked from the input: RGB uint8 [H,W,3] each, their timestamps, and the
+    intrinsics [3,3] of the input resolution when known (else None: 60 degree FoV assumed),
+    and ground-truth cam_to_world [4,4] per frame where the input has them."""
+
+    images: list[np.ndarray]
+    timestamps: list[float]
+    intrinsics: np.ndarray | None
+    gt_cam_to_world: list[np.ndarray | None]
+
+
+def read_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> Frames:
+    """Every ``stride``-th frame of a video file or a sorted image folder, at most ``max_frames``."""
+    from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses, read_intrinsics
+
+    path = Path(path)
+    images, stamps, gt = [], [], []
+    K = read_intrinsics(intrinsics) if intrinsics else None
+    if path.is_dir():
+        files = folder_images(path)[::stride][:max_frames]
+        if not files:
+            raise FileNotFoundError(f"{path}: no images")
+        for f in tqdm(files, desc="reading", unit="frame"):
+            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise OSError(f"{f}: unreadable image")
+            images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        try:
+            stamps = [float(f.stem) for f in files]
+        except ValueError:
+            stamps = [float(k * stride) for k in range(len(files))]
+        gt = folder_poses(path, files)
+        if K is None:
+            found = [path / n for n in INTRINSICS_NAMES if (path / n).is_file()]
+            K = read_intrinsics(found[0]) if found else None
+    elif path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for k, frame in enumerate(container.decode(stream)):
+                if len(images) >= max_frames:
+                    break
+                if k % stride == 0:
+                    images.append(frame.to_ndarray(format="rgb24"))
+                    stamps.append(float(frame.time) if frame.time is not None else float(k))
+        gt = [None] * len(images)
+    else:
+        raise FileNotFoundError(f"{path}: neither an image folder nor a video ({', '.join(VIDEO_SUFFIXES)})")
+    if not images:
+        raise ValueError(f"{path}: no frames decoded")
+    return Frames(images, stamps, K, gt)
+
+
+def window_starts(frames: int, views: int, overlap: int) -> list[int]:
+    """Starts of windows of ``views`` frames, consecutive ones sharing ``overlap`` frames, the
+    last one ending at the last frame (so it may overlap its predecessor more)."""
+    if not 1 <= overlap < views:
+        raise ValueError(f"overlap must be in 1..views-1, got {overlap} with {views} views")
+    if frames <= views:
+        return [0]
+    step = views - overlap
+    starts = list(range(0, frames - views + 1, step))
+    if starts[-1] + views < frames:
+        starts.append(frames - views)
+    return starts
+
+
+# ---------------------------------------------------------------------- chaining
+
+@dataclass(slots=True)
+class WindowResult:
+    """One window's model output (numpy float32): depth/confidence [V,H,W], cam_to_world [V,4,4]."""
+
+    start: int
+    depth: np.ndarray
+    confidence: np.ndarray
+    cam_to_world: np.ndarray
+
+
+def _project_rotation(m: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(m)
+    d = np.sign(np.linalg.det(u @ vt))
+    return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def align_to_chain(chain_poses: np.ndarray, chain_depth: np.ndarray, new_poses: np.ndarray,
+                   new_depth: np.ndarray) -> tuple[float, np.ndarray]:
+    """(scale s, rigid G [4,4]) bringing a new window into the chain's frame, from K shared
+    frames: poses [K,4,4] and depth [K,H,W] as the chain and the new window have them.
+    A new pose P becomes ``G @ P'`` where P' is P with its translation multiplied by s (a
+    similarity of the world scales camera centres and depth alike); new depth becomes s x depth."""
+    ratios = []
+    for a, b in zip(chain_depth, new_depth):
+        ok = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+        if ok.any():
+            ratios.append(np.median(a[ok] / b[ok]))
+    s = float(np.median(ratios)) if ratios else 1.0
+    scaled = new_poses.astype(np.float64).copy()
+    scaled[:, :3, 3] *= s
+    # G = chain @ inv(new) for each shared frame; average them (rotations projected back to SO(3)).
+    gs = np.stack([c @ np.linalg.inv(n) for c, n in zip(chain_poses.astype(np.float64), scaled)])
+    G = np.eye(4)
+    G[:3, :3] = _project_rotation(gs[:, :3, :3].sum(0))
+    # Translation: the one that best maps the new shared centres onto the chain's.
+    G[:3, 3] = (chain_poses[:, :3, 3] - scaled[:, :3, 3] @ G[:3, :3].T).mean(0)
+    return s, G
+
+
+def chain_windows(results: list[WindowResult], frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chain windows (sorted by start, consecutive ones overlapping) into one trajectory.
+    Returns cam_to_world [N,4,4] (float64), depth [N,H,W] and confidence [N,H,W] (float32) of
+    every frame in the first window's gauge; a frame seen by several windows keeps its
+    first estimate."""
+    first = results[0]
+    _, h, w = first.depth.shape
+    poses = np.full((frames, 4, 4), np.nan)
+    depth = np.zeros((frames, h, w), np.float32)
+    conf = np.zeros((frames, h, w), np.float32)
+    have = np.zeros(frames, bool)
+    for r in results:
+        idx = np.arange(r.start, r.start + len(r.depth))
+        shared = have[idx]
+        if r is first:
+            s, G = 1.0, np.eye(4)
+        else:
+            if not shared.any():
+                raise ValueError(f"window at frame {r.start} shares no frame with the chain")
+            s, G = align_to_chain(poses[idx[shared]], depth[idx[shared]], r.cam_to_world[shared], r.depth[shared])
+        new = r.cam_to_world.astype(np.float64).copy()
+        new[:, :3, 3] *= s
+        new = G @ new
+        fresh = ~shared
+        poses[idx[fresh]] = new[fresh]
+        depth[idx[fresh]] = r.depth[fresh] * s
+        conf[idx[fresh]] = r.confidence[fresh]
+        have[idx] = True
+    return poses, depth, conf
+
+
+# ---------------------------------------------------------------------- outputs
+
+def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, confidence: np.ndarray | None = None) -> None:
+    """Binary little-endian PLY: points [N,3] float, colours [N,3] uint8, optional confidence [N]."""
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    if confidence is not None:
+        fields.append(("confidence", "<f4"))
+    data = np.empty(len(points), dtype=fields)
+    data["x"], data["y"], data["z"] = points[:, 0], points[:, 1], points[:, 2]
+    data["red"], data["green"], data["blue"] = colors[:, 0], colors[:, 1], colors[:, 2]
+    if confidence is not None:
+        data["confidence"] = confidence
+    ply_types = {"<f4": "float", "u1": "uchar"}
+    header = ["ply", "format binary_little_endian 1.0", "comment reliev3r reconstruct",
+              f"element vertex {len(points)}"]
+    header += [f"property {ply_types[t]} {name}" for name, t in fields] + ["end_header"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(data.tobytes())
+
+
+def colorize_depth(depth: np.ndarray, near: float, far: float) -> np.ndarray:
+    """BGR uint8 image of depth [H,W] (turbo on inverse depth between near and far)."""
+    inv = 1.0 / np.clip(depth, near, far)
+    t = (inv - 1.0 / far) / max(1.0 / near - 1.0 / far, 1e-12)
+    img = cv2.applyColorMap(np.clip(t * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_TURBO)
+    img[~(depth > 0)] = 0
+    return img
+
+
+def _nice_step(span: float) -> float:
+    raw = span / 5
+    mag = 10 ** np.floor(np.log10(max(raw, 1e-12)))
+    return float(mag * min((1, 2, 5, 10), key=lambda m: abs(m * mag - raw)))
+
+
+def _draw_panel(canvas: np.ndarray, box: tuple[int, int, int, int], tracks: list[tuple[np.ndarray, tuple, str]],
+                xlabel: str, ylabel: str, title: str) -> None:
+    """Draw 2D tracks (each [N,2], colour BGR, name) into ``box`` (x0, y0, x1, y1) with equal
+    axis scales, ticks with values, axis labels and a legend."""
+    x0, y0, x1, y1 = box
+    font, black, grey = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (215, 215, 215)
+    ml, mr, mt, mb = 70, 20, 40, 55  # margins: room for tick labels and axis labels
+    px0, py0, px1, py1 = x0 + ml, y0 + mt, x1 - mr, y1 - mb
+    allp = np.concatenate([t for t, _, _ in tracks if len(t)])
+    lo, hi = allp.min(0), allp.max(0)
+    span = max(float((hi - lo).max()), 1e-6) * 1.1
+    centre = (lo + hi) / 2
+    scale = min((px1 - px0), (py1 - py0)) / span
+    cx, cy = (px0 + px1) / 2, (py0 + py1) / 2
+
+    def to_px(p: np.ndarray) -> np.ndarray:
+        return np.stack((cx + (p[:, 0] - centre[0]) * scale, cy - (p[:, 1] - centre[1]) * scale), -1)
+
+    step = _nice_step(max((px1 - px0), (py1 - py0)) / scale)
+    for axis in (0, 1):
+        lo_v = centre[axis] - (((px1 - px0) if axis == 0 else (py1 - py0)) / 2) / scale
+        hi_v = centre[axis] + (((px1 - px0) if axis == 0 else (py1 - py0)) / 2) / scale
+        for v in np.arange(np.ceil(lo_v / step) * step, hi_v, step):
+            if axis == 0:
+                x = int(round(cx + (v - centre[0]) * scale))
+                cv2.line(canvas, (x, py0), (x, py1), grey, 1)
+                cv2.putText(canvas, f"{v:.3g}", (x - 15, py1 + 18), font, 0.4, black, 1, cv2.LINE_AA)
+            else:
+                y = int(round(cy - (v - centre[1]) * scale))
+                cv2.line(canvas, (px0, y), (px1, y), grey, 1)
+                cv2.putText(canvas, f"{v:.3g}", (x0 + 8, y + 4), font, 0.4, black, 1, cv2.LINE_AA)
+    cv2.rectangle(canvas, (px0, py0), (px1, py1), black, 1)
+    cv2.putText(canvas, title, (px0, y0 + 25), font, 0.6, black, 1, cv2.LINE_AA)
+    cv2.putText(canvas, xlabel, ((px0 + px1) // 2 - 20, y1 - 15), font, 0.5, black, 1, cv2.LINE_AA)
+    cv2.putText(canvas, ylabel, (x0 + 8, py0 - 8), font, 0.5, black, 1, cv2.LINE_AA)
+    for k, (track, colour, name) in enumerate(tracks):
+        pts = to_px(track).round().astype(np.int32)
+        cv2.polylines(canvas, [pts.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA)
+        if len(pts):
+            cv2.circle(canvas, tuple(int(v) for v in pts[0]), 5, colour, -1, cv2.LINE_AA)  # start
+            cv2.drawMarker(canvas, tuple(int(v) for v in pts[-1]), colour, cv2.MARKER_SQUARE, 10, 2)  # end
+        ly = py0 + 18 + 20 * k
+        cv2.line(canvas, (px1 - 150, ly), (px1 - 120, ly), colour, 2)
+        cv2.putText(canvas, name, (px1 - 112, ly + 5), font, 0.45, black, 1, cv2.LINE_AA)
+
+
+def plot_trajectory(path: Path, centres: np.ndarray, gt_centres: np.ndarray | None = None, *,
+                    title: str = "camera trajectory", unit: str = "model units") -> None:
+    """PNG with a top view (x-z) and a side view (z-y, y up) of camera centres [N,3] (OpenCV
+    axes: y points down, so it is negated for the side view), ground truth beside them."""
+    canvas = np.full((560, 1200, 3), 255, np.uint8)
+    est, gt_colour = (200, 90, 20), (40, 160, 40)  # BGR: blue estimate, green ground truth
+    def tracks(ix: int, iy: int, sy: float):
+        out = [(np.stack((centres[:, ix], sy * centres[:, iy]), -1), est, "estimate")]
+        if gt_centres is not None:
+            out.insert(0, (np.stack((gt_centres[:, ix], sy * gt_centres[:, iy]), -1), gt_colour, "ground truth"))
+        return out
+    _draw_panel(canvas, (0, 30, 600, 560), tracks(0, 2, 1.0), f"x [{unit}]", "z", "top view (x-z)")
+    _draw_panel(canvas, (600, 30, 1200, 560), tracks(2, 1, -1.0), f"z [{unit}]", "-y (up)", "side view (z-y)")
+    cv2.putText(canvas, title + "   (dot: start, square: end)", (20, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"{path}: cannot write PNG")
+
+
+# ---------------------------------------------------------------------- main
+
+@dataclass(kw_only=True, slots=True)
+class ReconstructOptions:
+    views: int = 8
+    """Frames per window."""
+    stride: int = 1
+    """Input frames between consecutive picked frames."""
+    overlap: int = 2
+    """Frames shared by consecutive windows (>= 1)."""
+    max_frames: int = 300
+    """Frames picked from the input at most."""
+    keep_fraction: float = 0.5
+    """Per frame, the most confident fraction of pixels kept in the point cloud."""
+    min_confidence: float = 0.0
+    """And only pixels with confidence (in (0, 2)) above this."""
+    max_points: int = 2_000_000
+    """Points written at most (random subset beyond)."""
+
+    def __post_init__(self) -> None:
+        if self.views < 2:
+            raise ValueError("views must be >= 2")
+        if not 1 <= self.overlap < self.views:
+            raise ValueError("overlap must be in 1..views-1")
+        if self.stride < 1 or self.max_frames < 2:
+            raise ValueError("stride must be >= 1 and max_frames >= 2")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError("keep_fraction must be in (0, 1]")
+
+
+def reconstruct(reconstructor, frames: Frames, out: Path, opts: ReconstructOptions,
+                gt_poses: list[np.ndarray | None] | None = None) -> dict:
+    """Run the model over windows of ``frames``, chain, and write every output into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(frames.images)
+    views = min(opts.views, n)
+    starts = window_starts(n, views, min(opts.overlap, views - 1))
+    results, window_images, window_K = [], {}, {}
+    for start in tqdm(starts, desc="reconstructing", unit="window"):
+        pred = reconstructor.run(frames.images[start:start + views], intrinsics=frames.intrinsics)
+        results.append(WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"]))
+        for k in range(views):
+            window_images.setdefault(start + k, pred["images"][k])
+            window_K.setdefault(start + k, pred["intrinsics"][k])
+    poses, depth, conf = chain_windows(results, n)
+
+    (out / "depth").mkdir(exist_ok=True)
+    (out / "depth_color").mkdir(exist_ok=True)
+    valid_all = depth[depth > 0]
+    near, far = (np.percentile(valid_all, 2), np.percentile(valid_all, 98)) if valid_all.size else (1.0, 2.0)
+    points, colours, confidences = [], [], []
+    for k in tqdm(range(n), desc="writing", unit="frame"):
+        cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), np.clip(depth[k] * 1000.0, 0, 65535).round().astype(np.uint16))
+        cv2.imwrite(str(out / "depth_color" / f"{k:06d}.png"), colorize_depth(depth[k], near, max(far, near * 1.01)))
+        c = conf[k]
+        keep = (c > opts.min_confidence) & (depth[k] > 0) & np.isfinite(depth[k])
+        if opts.keep_fraction < 1 and keep.any():
+            keep &= c >= np.quantile(c[keep], 1 - opts.keep_fraction)
+        cam = geometry.unproject_depth(torch.from_numpy(depth[k]).double(), torch.from_numpy(window_K[k]).double())
+        world = geometry.transform_points(torch.from_numpy(poses[k]), cam[torch.from_numpy(keep)]).numpy()
+        points.append(world.astype(np.float32))
+        colours.append(window_images[k][keep])
+        confidences.append(c[keep])
+    pts, cols, cfs = np.concatenate(points), np.concatenate(colours), np.concatenate(confidences)
+    if len(pts) > opts.max_points:
+        pick = np.sort(np.random.default_rng(0).choice(len(pts), opts.max_points, replace=False))
+        pts, cols, cfs = pts[pick], cols[pick], cfs[pick]
+    write_ply(out / "points.ply", pts, cols, cfs)
+
+    from evaluation.tum import write_tum
+
+    write_tum(out / "poses.txt", frames.timestamps, poses)
+    summary = {"frames": n, "windows": len(starts), "views": views, "overlap": min(opts.overlap, views - 1),
+               "points": int(len(pts)), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
+    centres = poses[:, :3, 3]
+    gt = gt_poses if gt_poses is not None else frames.gt_cam_to_world
+    gt_centres, unit = None, "model units"
+    title = f"{n} frames, {len(starts)} windows of {views} (overlap {summary['overlap']})"
+    known = np.array([g is not None for g in gt]) if gt is not None else np.zeros(n, bool)
+    if known.sum() >= 3:
+        gt_c = np.stack([gt[k][:3, 3] for k in np.flatnonzero(known)]).astype(np.float64)
+        s, R, t = (x.numpy() for x in geometry.umeyama(torch.from_numpy(centres[known]), torch.from_numpy(gt_c)))
+        centres = s * centres @ R.T + t  # the estimate in the ground truth's metres
+        ate = float(np.sqrt(((centres[known] - gt_c) ** 2).sum(-1).mean()))
+        summary.update(ate_m=ate, gt_frames=int(known.sum()))
+        gt_centres, unit = gt_c, "m"
+        title += f", ATE {ate:.3f} m after Sim(3)"
+    plot_trajectory(out / "trajectory.png", centres, gt_centres, title=title, unit=unit)
+    (out / "reconstruction.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(cfg, args: argparse.Namespace) -> int:
+    from evaluation.tum import read_tum
+    from learner.api import Reconstructor
+
+    given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
+    opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
+    reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
+    frames = read_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
+                        intrinsics=Path(args.intrinsics) if args.intrinsics else None)
+    gt = None
+    if args.gt_poses:
+        stamps, poses = read_tum(args.gt_poses)
+        if len(poses) == len(frames.images):
+            gt = list(poses)
+        else:  # match by time
+            nearest = np.abs(np.asarray(frames.timestamps)[:, None] - stamps[None]).argmin(1)
+            gt = [poses[k] if abs(stamps[k] - t) <= 0.05 else None for k, t in zip(nearest, frames.timestamps)]
+    summary = reconstruct(reconstructor, frames, Path(args.out), opts, gt)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png")
+    return 0

@@ -1,0 +1,121 @@
+"""``reliev3r reconstruct``: window chaining recovers a known trajectory from windows in
+random gauges; the command on a real video and on 7-Scenes frames writes a PLY that plyfile
+opens, a TUM trajectory, 16-bit and colour depth PNGs and a trajectory plot."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from evaluation.tum import read_tum
+from reliev3r import cli, geometry
+from reliev3r.reconstruct import WindowResult, chain_windows, window_starts, write_ply
+from tests.tiny_snapshot import SHARED, make_tiny_snapshot
+
+plyfile = pytest.importorskip("plyfile", reason="plyfile (test extra) reads the PLY back")
+APPLE = SHARED / "data" / "videos" / "apple.mp4"
+KITCHEN = SHARED / "data" / "7scenes-redkitchen"
+
+
+def _random_sim3(rng) -> tuple[float, np.ndarray]:
+    R = geometry.axis_angle_to_matrix(torch.from_numpy(rng.normal(size=3))).double().numpy()
+    G = np.eye(4)
+    G[:3, :3], G[:3, 3] = R, rng.normal(size=3)
+    return float(np.exp(rng.uniform(-1, 1))), G
+
+
+@pytest.mark.parametrize("overlap", [1, 2])
+def test_chain_recovers_trajectory_from_windows_in_random_gauges(overlap):
+    rng = np.random.default_rng(0)
+    n, views = 11, 4
+    eyes = np.stack([np.cos(np.arange(n) * 0.3), 0.1 * np.arange(n), np.sin(np.arange(n) * 0.3) * 2], -1)
+    true = geometry.look_at(torch.from_numpy(eyes), torch.zeros(n, 3, dtype=torch.float64)).numpy()
+    true_depth = rng.uniform(1, 3, (n, 5, 6)).astype(np.float32)
+    results = []
+    for start in window_starts(n, views, overlap):
+        s, G = _random_sim3(rng)  # this window's own gauge: x_window = s * G(x_world)
+        poses = G @ true[start:start + views]
+        poses[:, :3, 3] *= s
+        results.append(WindowResult(start, true_depth[start:start + views] * s,
+                                    np.ones((views, 5, 6), np.float32), poses.astype(np.float32)))
+    assert results[-1].start + views == n
+    poses, depth, conf = chain_windows(results, n)
+    # The chain lives in the first window's gauge: map the truth into it and compare exactly.
+    s0, G0 = None, None
+    first = results[0]
+    s0 = float(np.median(first.depth / true_depth[:views]))
+    G0 = first.cam_to_world[0].astype(np.float64).copy()
+    G0[:3, 3] /= s0
+    G0 = G0 @ np.linalg.inv(true[0])
+    expect = G0 @ true
+    expect[:, :3, 3] *= s0
+    np.testing.assert_allclose(poses, expect, atol=1e-4)
+    np.testing.assert_allclose(depth, true_depth * s0, rtol=1e-4)
+    assert (conf == 1).all()
+
+
+def test_window_starts_cover_every_frame():
+    assert window_starts(10, 4, 1) == [0, 3, 6]
+    assert window_starts(11, 4, 2) == [0, 2, 4, 6, 7]
+    assert window_starts(3, 4, 1) == [0]
+    with pytest.raises(ValueError, match="overlap"):
+        window_starts(10, 4, 4)
+
+
+def test_ply_round_trip(tmp_path):
+    pts = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+    cols = np.random.default_rng(1).integers(0, 255, (100, 3), dtype=np.uint8)
+    write_ply(tmp_path / "p.ply", pts, cols, np.linspace(0, 2, 100, dtype=np.float32))
+    v = plyfile.PlyData.read(str(tmp_path / "p.ply"))["vertex"]
+    np.testing.assert_array_equal(np.stack([v["x"], v["y"], v["z"]], -1), pts)
+    np.testing.assert_array_equal(np.stack([v["red"], v["green"], v["blue"]], -1), cols)
+    assert v["confidence"][-1] == 2.0
+
+
+def _check_outputs(out, frames: int) -> dict:
+    ply = plyfile.PlyData.read(str(out / "points.ply"))
+    vertex = ply["vertex"]
+    assert ply.text is False and len(vertex) > 100
+    xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], -1)
+    assert np.isfinite(xyz).all()
+    stamps, poses = read_tum(out / "poses.txt")
+    assert len(stamps) == frames and np.all(np.diff(stamps) > 0)
+    np.testing.assert_allclose(poses[:, :3, :3] @ poses[:, :3, :3].transpose(0, 2, 1), np.tile(np.eye(3), (frames, 1, 1)),
+                               atol=1e-5)
+    depth = cv2.imread(str(out / "depth" / "000000.png"), cv2.IMREAD_UNCHANGED)
+    assert depth.dtype == np.uint16 and depth.shape == (48, 64) and depth.max() > 0
+    assert len(list((out / "depth").glob("*.png"))) == frames == len(list((out / "depth_color").glob("*.png")))
+    colour = cv2.imread(str(out / "depth_color" / "000000.png"))
+    assert colour.shape == (48, 64, 3)
+    plot = cv2.imread(str(out / "trajectory.png"))
+    assert plot is not None and plot.shape == (560, 1200, 3) and plot.std() > 5  # drawn, not blank
+    return json.loads((out / "reconstruction.json").read_text())
+
+
+@pytest.mark.skipif(not APPLE.is_file(), reason=f"{APPLE} absent (shared data)")
+def test_reconstruct_video(tmp_path, capsys):
+    snap = make_tiny_snapshot(tmp_path / "run")
+    out = tmp_path / "rec"
+    argv = ["reconstruct", "--checkpoint", str(snap), "--input", str(APPLE), "--out", str(out),
+            "--views", "4", "--overlap", "1", "--stride", "2", "--max-frames", "10", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    summary = _check_outputs(out, 10)
+    assert summary["windows"] == 3 and summary["frames"] == 10  # starts 0, 3, 6
+    assert "x 1000" in summary["depth_png_unit"]
+    stamps, _ = read_tum(out / "poses.txt")
+    np.testing.assert_allclose(np.diff(stamps), 0.2, atol=1e-6)  # every 2nd frame of a 10 fps video
+
+
+@pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
+def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
+    snap = make_tiny_snapshot(tmp_path / "run")
+    out = tmp_path / "rec"
+    argv = ["reconstruct", "--checkpoint", str(snap), "--input", str(KITCHEN), "--out", str(out),
+            "--views", "3", "--stride", "10", "--max-frames", "6", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    summary = _check_outputs(out, 6)
+    assert summary["gt_frames"] == 6 and np.isfinite(summary["ate_m"])
