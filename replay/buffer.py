@@ -2,7 +2,9 @@
 
 :meth:`ReplayBuffer.insert` is the writer: it validates a labelled window (shape of the
 store, finite labels, size), drops exact and near duplicates, asks the eviction policy for
-room and stores the window with its evictions in one step. :meth:`ReplayBuffer.sample`
+room and stores the window with its evictions in one step; :meth:`ReplayBuffer.insert_many`
+does the same for a burst of windows in one storage group (one commit, one fsync).
+:meth:`ReplayBuffer.sample`
 draws keys, reads and verifies the payloads (a corrupt one is removed and replaced by a
 fresh draw) and stacks them into a ``batch`` message with its sample info. No sockets
 here: the service (``replay/service.py``) owns those.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
+from typing import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +25,11 @@ from replay.config import ReplayConfig
 from replay.dedup import Dedup
 from replay.rate_limiter import RateLimiter
 from replay.sampler import Sampler, make_sampler
-from replay.storage import (CorruptWindow, DiskStorage, FifoEviction, MemoryStorage, ReservoirEviction, Storage,
-                            StorageFull, decode_window, encode_window)
+from replay.storage import (EVICTED_MEMORY, CorruptWindow, DiskStorage, FifoEviction, GroupLog, MemoryStorage,
+                            ReservoirEviction, Storage, StorageFull, decode_window, encode_window)
 
 log = logging.getLogger("reliev3r.replay")
 
-EVICTED_MEMORY = 65536
 OPTIONAL_BATCH_ARRAYS = ("teacher_depth", "teacher_valid", "gt_depth", "gt_cam_to_world")
 
 
@@ -51,8 +53,10 @@ class ReplayBuffer:
         self.dedup = dedup
         self.counts: Counter[str] = Counter()
         """inserts, duplicates, samples (windows), evictions, corrupt, rejected:<reason>."""
-        self._evicted: OrderedDict[str, None] = OrderedDict()
-        """Recently evicted window ids (bounded; in memory), so a late redelivery is a duplicate."""
+        self._skipped: OrderedDict[str, None] = OrderedDict()
+        """Window ids the reservoir declined (bounded; in memory). Evicted ids live with the
+        storage (``storage.evicted``, persisted), so a late redelivery is a duplicate."""
+        self._grouping = False
         self.shape: tuple[int, ...] | None = None
         """``frames`` shape of the store's first window; every later window must match."""
         self._restore()
@@ -97,7 +101,7 @@ class ReplayBuffer:
             return InsertResult("rejected", "bad_window_id")
         if wid in self.storage:
             return InsertResult("duplicate", "window_id")
-        if wid in self._evicted:  # redelivered after it was stored and evicted
+        if wid in self.storage.evicted or wid in self._skipped:  # redelivered after it left
             return InsertResult("duplicate", "evicted")
         nbytes = msg.nbytes()
         if nbytes > self.cfg.max_window_bytes or nbytes > self.cfg.capacity_bytes:
@@ -117,6 +121,44 @@ class ReplayBuffer:
                     "duplicates" if result.status == "duplicate" else f"rejected:{result.reason}"] += 1
         return result
 
+    def insert_many(self, msgs: Sequence[protocol.Message]) -> list[InsertResult]:
+        """Insert a burst in order as one storage group: on disk, one transaction and one
+        fsync for all of them; every result holds only once this returns (acknowledge after).
+        If the medium refuses the group, it is undone and the windows are inserted one by
+        one, so one refused window costs only itself."""
+        if len(msgs) <= 1:
+            return [self.insert(m) for m in msgs]
+        saved = (self.limiter.state_dict(), self.eviction.state_dict(), Counter(self.counts), self.shape,
+                 len(self._skipped))
+        self._grouping = True
+        group = None
+        try:
+            with self.storage.group() as group:
+                return [self.insert(m) for m in msgs]
+        except StorageFull as err:  # the storage has undone its part; undo ours
+            if group is not None:  # None: the group could not even begin
+                self._undo_group(group, saved)
+            log.warning("group insert refused; inserting one by one", extra={"windows": len(msgs), "detail": str(err)})
+        finally:
+            self._grouping = False
+        return [self.insert(m) for m in msgs]
+
+    def _undo_group(self, group: GroupLog, saved: tuple) -> None:
+        limiter, eviction, counts, shape, skipped = saved
+        for key in group.added:
+            self.sampler.remove(key)
+            if self.dedup is not None:
+                self.dedup.remove(key)
+        for rec in group.removed:
+            self.sampler.add(rec.key, rec.priority)
+            if self.dedup is not None and rec.embedding is not None:
+                self.dedup.add(rec.key, rec.embedding)
+        self.limiter.load_state_dict(limiter)
+        self.eviction.load_state_dict(eviction)
+        self.counts, self.shape = counts, shape
+        while len(self._skipped) > skipped:
+            self._skipped.popitem(last=True)
+
     def _write(self, msg: protocol.Message) -> InsertResult:
         frames = msg.arrays["frames"]
         vec = None
@@ -128,9 +170,10 @@ class ReplayBuffer:
         victims = self.eviction.victims(self.storage, len(payload), max_windows=self.cfg.capacity_windows,
                                         max_bytes=self.cfg.capacity_bytes)
         if victims is None:
-            self._remember_evicted([msg.meta["window_id"]])
+            self._skipped[msg.meta["window_id"]] = None
+            while len(self._skipped) > EVICTED_MEMORY:
+                self._skipped.popitem(last=False)
             return InsertResult("rejected", "reservoir_skip")
-        victim_ids = [self.storage.records[k].window_id for k in victims]
         priority = 1.0
         if hasattr(self.sampler, "max_priority"):
             priority = self.sampler.max_priority
@@ -138,10 +181,11 @@ class ReplayBuffer:
             rec = self.storage.put(msg.meta["window_id"], payload, shape=frames.shape, priority=priority,
                                    embedding=vec, evict=victims)
         except StorageFull as err:
+            if self._grouping:
+                raise  # the whole group is refused and undone; insert_many retries one by one
             log.warning("insert refused by storage", extra={"detail": str(err)})
             return InsertResult("rejected", "storage_full")
         self._forget(victims)
-        self._remember_evicted(victim_ids)
         self.counts["evictions"] += len(victims)
         self.sampler.add(rec.key, rec.priority)
         if self.dedup is not None:
@@ -151,12 +195,6 @@ class ReplayBuffer:
             self.shape = rec.shape
         return InsertResult("stored", "", rec.key)
 
-    def _remember_evicted(self, window_ids: list[str]) -> None:
-        for wid in window_ids:
-            self._evicted[wid] = None
-        while len(self._evicted) > EVICTED_MEMORY:
-            self._evicted.popitem(last=False)
-
     def _forget(self, keys: list[int]) -> None:
         for k in keys:
             self.sampler.remove(k)
@@ -165,8 +203,8 @@ class ReplayBuffer:
         self.limiter.delete(len(keys))
 
     # ------------------------------------------------------------------ sampling
-    def can_insert(self) -> bool:
-        return self.limiter.can_insert()
+    def can_insert(self, n: int = 1) -> bool:
+        return self.limiter.can_insert(n)
 
     def can_sample(self, n: int) -> bool:
         return len(self.storage) >= self.cfg.min_size and self.limiter.can_sample(n)

@@ -1,8 +1,10 @@
 """Which stored windows a learner gets: uniform, recency-weighted or loss-prioritised.
 
 Every sampler keeps the stored keys and one weight per key in flat numpy arrays and draws
-with replacement, ``P(key) = weight / sum(weights)``: O(n) per draw, about 0.1 ms for 10^5
-windows, simpler than a sum tree and fast enough for a buffer served over a socket.
+with replacement, ``P(key) = weight / sum(weights)``. Uniform and recency draws are O(n)
+(about 0.1 ms for 10^5 windows; recency weights all change with every insert anyway). The
+prioritized sampler keeps its weights in a sum tree as well, so a draw and a priority
+update cost O(log n) (Schaul et al.), whatever the store's size.
 Each learner rank draws from its own random stream, seeded from ``(seed, rank)``, so a
 rank's sequence is reproducible whatever the other ranks do.
 """
@@ -109,9 +111,55 @@ class RecencySampler(Sampler):
         return np.exp2((keys - keys.max()) / self.halflife)
 
 
+class SumTree:
+    """Binary tree over ``capacity`` (a power of two) leaf weights; each inner node holds
+    the sum of its children, ``tree[1]`` the total. Parents are recomputed from their
+    children (not patched by deltas), so sums never drift."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1 or capacity & (capacity - 1):
+            raise ValueError("capacity must be a power of two")
+        self.capacity = capacity
+        self.tree = np.zeros(2 * capacity, np.float64)
+
+    @property
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    def set(self, positions, weights) -> None:
+        i = np.asarray(positions, np.int64).reshape(-1) + self.capacity
+        if i.size == 0:
+            return
+        self.tree[i] = weights
+        while i[0] > 1 or i.size > 1:
+            i = np.unique(i // 2)
+            self.tree[i] = self.tree[2 * i] + self.tree[2 * i + 1]
+
+    def build(self, weights: np.ndarray) -> None:
+        """Set leaves ``0..len(weights)`` (the rest zero) and every sum, level by level."""
+        self.tree[:] = 0.0
+        self.tree[self.capacity: self.capacity + len(weights)] = weights
+        lo = self.capacity
+        while lo > 1:
+            lo //= 2
+            self.tree[lo: 2 * lo] = self.tree[2 * lo: 4 * lo: 2] + self.tree[2 * lo + 1: 4 * lo: 2]
+
+    def find(self, mass: np.ndarray) -> np.ndarray:
+        """Leaf positions whose cumulative-weight interval holds each of ``mass`` (in [0, total))."""
+        u = np.array(mass, np.float64)
+        i = np.ones(len(u), np.int64)
+        while i[0] < self.capacity:  # every query descends the same number of levels
+            left = self.tree[2 * i]
+            right = u >= left
+            u -= np.where(right, left, 0.0)
+            i = 2 * i + right
+        return i - self.capacity
+
+
 class PrioritizedSampler(Sampler):
     """Weight ``loss ** alpha`` from the losses learners report; a new window gets the
-    largest priority seen so far, so it is drawn soon (Schaul et al., prioritised replay)."""
+    largest priority seen so far, so it is drawn soon (Schaul et al., prioritised replay).
+    Draws and updates go through a :class:`SumTree`: O(log n) each."""
 
     def __init__(self, seed: int = 0, *, alpha: float = 0.6, eps: float = 1e-6):
         super().__init__(seed)
@@ -119,6 +167,38 @@ class PrioritizedSampler(Sampler):
             raise ValueError("alpha must be >= 0")
         self.alpha, self.eps = alpha, eps
         self.max_priority = 1.0
+        self._tree = SumTree(len(self._keys))
+
+    def add(self, key: int, priority: float | None = None) -> None:
+        if key in self._pos:
+            return
+        super().add(key, priority)
+        if len(self._keys) > self._tree.capacity:  # the arrays doubled: so does the tree
+            self._tree = SumTree(len(self._keys))
+            self._tree.build(self._weights[: self._size])
+        else:
+            self._tree.set([self._size - 1], self._weights[self._size - 1])
+
+    def remove(self, key: int) -> None:
+        i = self._pos.get(key)
+        if i is None:
+            return
+        super().remove(key)  # the last entry moved into position i
+        if i < self._size:
+            self._tree.set([i, self._size], [self._weights[i], 0.0])
+        else:
+            self._tree.set([i], [0.0])
+
+    def sample(self, n: int, rank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if self._size == 0:
+            raise ValueError("sample from an empty sampler")
+        total = self._tree.total
+        if not total > 0:  # every reported loss was 0 (weights eps**alpha underflowed): uniform
+            idx = self.rng(rank).integers(0, self._size, n)
+            return self._keys[idx].copy(), np.full(n, 1.0 / self._size)
+        # rounding in the sums could point one past the last leaf: clamp to it
+        idx = np.minimum(self._tree.find(self.rng(rank).random(n) * total), self._size - 1)
+        return self._keys[idx].copy(), self._weights[idx] / total
 
     def update(self, keys: Iterable[int], losses: Iterable[float]) -> dict[int, float]:
         out = {}
@@ -131,6 +211,9 @@ class PrioritizedSampler(Sampler):
             self._weights[i] = p
             self.max_priority = max(self.max_priority, p)
             out[int(key)] = p
+        if out:
+            pos = np.fromiter((self._pos[k] for k in out), np.int64, len(out))
+            self._tree.set(pos, self._weights[pos])
         return out
 
     def _initial_weight(self, priority: float | None) -> float:

@@ -6,6 +6,8 @@ that retried can drop stale replies.
 
 * ``insert``  -> ``insert_ack`` {window_id, status, reason}, sent only after the window is
   stored (committed to disk in durable mode). Rejections and duplicates are answered at once.
+  The inserts of one burst of requests (up to 64 read in one loop turn, e.g. from several
+  labelers) are stored as one group commit, and each is acknowledged after that commit.
   When the rate limiter holds inserts back, the insert waits on the service up to
   ``replay.sample_wait_s``, then gets ``error`` {reason: "rate_limited", window_id}: the
   client sends it again (re-sending is safe: a stored window_id answers "duplicate").
@@ -54,6 +56,8 @@ class ReplayServer:
         self.cfg = buffer.cfg
         self.inserts: deque[_Waiting] = deque()
         self.samples: deque[_Waiting] = deque()
+        self.group: list[tuple[bytes, protocol.Message]] = []
+        """Inserts of this loop turn, stored together by :meth:`commit_group`."""
         m = runtime.metrics
         self.m_windows = m.gauge("replay_windows", "Windows stored")
         self.m_bytes = m.gauge("replay_bytes", "Payload bytes stored")
@@ -68,7 +72,7 @@ class ReplayServer:
         self.m_corrupt = m.counter("replay_corrupt_total", "Stored windows that failed their checksum")
         self.m_not_ready = m.counter("replay_not_ready_total", "Requests answered not_ready/rate_limited",
                                      ["kind"])
-        self.m_insert_s = m.histogram("replay_insert_seconds", "Time to store one window",
+        self.m_insert_s = m.histogram("replay_insert_seconds", "Time to store a window (its group commit)",
                                       buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
         self.m_sample_s = m.histogram("replay_sample_seconds", "Time to read and stack one batch",
                                       buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
@@ -111,21 +115,32 @@ class ReplayServer:
 
     def _on_insert(self, identity: bytes, msg: protocol.Message) -> None:
         verdict = self.buffer.check(msg)
-        if verdict is None and (self.inserts or not self.buffer.can_insert()):
+        if verdict is not None:
+            self._answer(identity, msg, self.buffer.insert(msg))  # counts it; writes nothing
+        elif self.inserts or not self.buffer.can_insert(len(self.group) + 1):
             if len(self.inserts) >= self.cfg.max_pending:
                 self.buffer.counts["rejected:overloaded"] += 1
                 self._ack(identity, msg, "rejected", "overloaded")
             else:
                 self.inserts.append(_Waiting(identity, msg, time.monotonic() + self.cfg.sample_wait_s))
-            return
-        self._insert_now(identity, msg)
+        else:
+            self.group.append((identity, msg))
 
-    def _insert_now(self, identity: bytes, msg: protocol.Message) -> None:
+    def commit_group(self) -> None:
+        """Store this turn's inserts in one group commit, then acknowledge each."""
+        if not self.group:
+            return
+        group, self.group = self.group, []
         start = time.perf_counter()
-        result = self.buffer.insert(msg)
-        if result.status == "stored":
-            self.m_insert_s.observe(time.perf_counter() - start)
-        elif result.status == "duplicate":
+        results = self.buffer.insert_many([msg for _, msg in group])
+        elapsed = time.perf_counter() - start
+        for (identity, msg), result in zip(group, results):
+            if result.status == "stored":
+                self.m_insert_s.observe(elapsed)
+            self._answer(identity, msg, result)
+
+    def _answer(self, identity: bytes, msg: protocol.Message, result) -> None:
+        if result.status == "duplicate":
             self.m_duplicates.labels(result.reason).inc()
         elif result.status == "rejected":
             self.runtime.log.warning("insert rejected", extra={"window_id": msg.meta.get("window_id"),
@@ -145,9 +160,11 @@ class ReplayServer:
     # ------------------------------------------------------------------ waiting requests
     def serve_waiting(self) -> None:
         """Answer what the buffer now allows, in arrival order; expire the rest."""
-        while self.inserts and self.buffer.can_insert():
+        self.commit_group()
+        while self.inserts and self.buffer.can_insert(len(self.group) + 1):
             w = self.inserts.popleft()
-            self._insert_now(w.identity, w.msg)
+            self.group.append((w.identity, w.msg))
+        self.commit_group()
         while self.samples and self.buffer.can_sample(self.samples[0].msg.meta["batch_size"]):
             w = self.samples.popleft()
             start = time.perf_counter()

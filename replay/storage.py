@@ -9,6 +9,11 @@ Every payload carries a CRC-32 that :meth:`Storage.get` verifies; a mismatch rai
 :class:`DiskStorage` commits each insert (payload, index row and any evictions) in one
 transaction with ``synchronous=FULL``: once :meth:`Storage.put` returns, the window
 survives SIGKILL, and a window whose transaction did not commit is absent, never half there.
+Inside ``with storage.group():`` puts share one transaction (group commit: one fsync for a
+burst of inserts); they are durable only when the block exits, so the caller acknowledges
+them after that, and a failed group is rolled back on disk and in the in-memory index.
+The ids of recently evicted windows are kept with the store (in the eviction's transaction),
+so a window redelivered after its eviction is still recognised after a restart.
 Sample counts and priorities change on every sample; they live in memory and reach the disk
 at :meth:`Storage.flush` (the service flushes about once a second), so a crash loses at most
 that much bookkeeping and never a window.
@@ -17,21 +22,25 @@ that much bookkeeping and never a window.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import random
 import sqlite3
 import struct
 import time
 import zlib
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from reliev3r import protocol
 
 PAYLOAD_MAGIC = b"RPW1"
+EVICTED_MEMORY = 65536
+"""How many recently evicted window ids a store remembers (oldest forgotten first)."""
 
 
 class CorruptWindow(Exception):
@@ -100,6 +109,16 @@ class Record:
     """Near-duplicate embedding (float32), kept so the dedup index can be rebuilt."""
 
 
+@dataclass(slots=True)
+class GroupLog:
+    """What one :meth:`Storage.group` changed, so that a failed group can be undone."""
+
+    next_key: int
+    added: list[int] = field(default_factory=list)
+    removed: list[Record] = field(default_factory=list)
+    evicted_ids: list[str] = field(default_factory=list)
+
+
 class Storage(abc.ABC):
     """Shared in-memory index; subclasses keep the payloads. Insertion-ordered, so the
     first record is the oldest (FIFO eviction)."""
@@ -110,6 +129,9 @@ class Storage(abc.ABC):
         self.nbytes = 0
         self._next_key = 0
         self._state: dict[str, Any] = {}
+        self.evicted: OrderedDict[str, None] = OrderedDict()
+        """Ids of the most recently evicted windows (at most ``EVICTED_MEMORY``), oldest first."""
+        self._group: GroupLog | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -127,11 +149,64 @@ class Storage(abc.ABC):
                      embedding=None if embedding is None else np.asarray(embedding, np.float32))
         self._write(rec, payload, evict)
         self._next_key += 1
-        self._forget(evict)
+        gone = self._forget(evict)
         self.records[rec.key] = rec
         self.by_id[window_id] = rec.key
         self.nbytes += rec.nbytes
+        for old in gone:
+            self.evicted[old.window_id] = None
+        while len(self.evicted) > EVICTED_MEMORY:
+            self.evicted.popitem(last=False)
+        if self._group is not None:
+            self._group.added.append(rec.key)
+            self._group.removed.extend(gone)
+            self._group.evicted_ids.extend(old.window_id for old in gone)
         return rec
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[GroupLog]:
+        """Puts (and removals) inside the block commit together when it exits. Raises
+        :class:`StorageFull` (everything in the group undone) when the medium refuses them.
+        In memory every put is final at once; nested groups join the outer one."""
+        if self._group is not None:
+            yield self._group
+            return
+        self._begin()
+        self._group = log = GroupLog(next_key=self._next_key)
+        try:
+            yield log
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._undo(log)
+            raise
+        finally:
+            self._group = None
+
+    def _undo(self, log: GroupLog) -> None:
+        for key in log.added:
+            rec = self.records.pop(key, None)
+            if rec is not None:
+                self.by_id.pop(rec.window_id, None)
+                self.nbytes -= rec.nbytes
+        for rec in log.removed:
+            self.records[rec.key] = rec
+            self.by_id[rec.window_id] = rec.key
+            self.nbytes += rec.nbytes
+        if log.removed:  # keys are insertion numbers: sorting restores the FIFO order
+            self.records = dict(sorted(self.records.items()))
+        for wid in log.evicted_ids:
+            self.evicted.pop(wid, None)
+        self._next_key = log.next_key
+
+    def _begin(self) -> None:
+        pass
+
+    def _commit(self) -> None:
+        pass
+
+    def _rollback(self) -> None:
+        pass
 
     def get(self, key: int) -> bytes:
         """The payload of ``key``, checksum verified; raises :class:`CorruptWindow`."""
@@ -147,7 +222,9 @@ class Storage(abc.ABC):
         keys = [k for k in keys if k in self.records]
         if keys:
             self._delete(keys)
-            self._forget(keys)
+            gone = self._forget(keys)
+            if self._group is not None:
+                self._group.removed.extend(gone)
 
     def touch(self, keys: Iterable[int]) -> None:
         """Count one more sample of each key (duplicates count twice)."""
@@ -182,16 +259,20 @@ class Storage(abc.ABC):
     def close(self) -> None:
         self.flush()
 
-    def _forget(self, keys: Iterable[int]) -> None:
+    def _forget(self, keys: Iterable[int]) -> list[Record]:
+        gone = []
         for k in keys:
             rec = self.records.pop(k)
             self.by_id.pop(rec.window_id, None)
             self.nbytes -= rec.nbytes
+            gone.append(rec)
+        return gone
 
     # what a medium provides
     @abc.abstractmethod
     def _write(self, rec: Record, payload: bytes, evict: list[int]) -> None:
-        """Store ``payload`` under ``rec`` and drop ``evict``, all or nothing."""
+        """Store ``payload`` under ``rec`` and drop ``evict``, all or nothing (inside a
+        group: as part of the group's transaction)."""
 
     @abc.abstractmethod
     def _read(self, key: int) -> bytes: ...
@@ -230,6 +311,7 @@ CREATE TABLE IF NOT EXISTS windows (
     times_sampled INTEGER NOT NULL DEFAULT 0, priority REAL NOT NULL DEFAULT 1.0, embedding BLOB);
 CREATE TABLE IF NOT EXISTS payloads (key INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS evicted (seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id TEXT NOT NULL);
 """
 
 
@@ -271,31 +353,66 @@ class DiskStorage(Storage):
             self.nbytes += nbytes
         for name, value in self.db.execute("SELECT name, value FROM state"):
             self._state[name] = json.loads(value)
+        newest = self.db.execute("SELECT window_id FROM evicted ORDER BY seq DESC LIMIT ?", (EVICTED_MEMORY,))
+        self.evicted = OrderedDict((wid, None) for (wid,) in reversed(newest.fetchall()))
         # Keys are never reused, even after the newest window was evicted.
         seq = self._state.get("storage", {}).get("next_key", 0)
         self._next_key = max(seq, (max(self.records) + 1) if self.records else 0)
 
-    def _write(self, rec: Record, payload: bytes, evict: list[int]) -> None:
-        emb = None if rec.embedding is None else rec.embedding.tobytes()
+    # Transactions: a put outside a group is its own transaction; inside one it joins the
+    # group's, which _commit ends. SQLITE_FULL ("database or disk is full"), ENOSPC and I/O
+    # errors become StorageFull: that insert (or group) is refused, the store stays as it was.
+    def _begin(self) -> None:
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self._delete_rows(evict)
-                self.db.execute("INSERT INTO windows (key, window_id, nbytes, inserted_at, checksum, shape, "
-                                "times_sampled, priority, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
-                                (rec.key, rec.window_id, rec.nbytes, rec.inserted_at, rec.checksum,
-                                 json.dumps(list(rec.shape)), 0, rec.priority, emb))
-                self.db.execute("INSERT INTO payloads (key, data) VALUES (?, ?)", (rec.key, payload))
-                self.db.execute("INSERT OR REPLACE INTO state (name, value) VALUES ('storage', ?)",
-                                (json.dumps({"next_key": rec.key + 1}),))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
         except (sqlite3.OperationalError, OSError) as err:
-            # SQLITE_FULL ("database or disk is full"), ENOSPC, I/O errors: refuse this one
-            # insert; the store stays as it was.
             raise StorageFull(str(err)) from err
+
+    def _commit(self) -> None:
+        try:
+            self.db.execute("COMMIT")
+        except (sqlite3.OperationalError, OSError) as err:
+            raise StorageFull(str(err)) from err
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
+            self.db.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Own transaction outside a group; the group's inside one."""
+        if self._group is not None:
+            try:
+                yield
+            except (sqlite3.OperationalError, OSError) as err:
+                raise StorageFull(str(err)) from err
+            return
+        self._begin()
+        try:
+            yield
+        except BaseException as err:
+            self._rollback()
+            if isinstance(err, (sqlite3.OperationalError, OSError)):
+                raise StorageFull(str(err)) from err
+            raise
+        self._commit()
+
+    def _write(self, rec: Record, payload: bytes, evict: list[int]) -> None:
+        emb = None if rec.embedding is None else rec.embedding.tobytes()
+        with self._transaction():
+            self._delete_rows(evict)
+            self.db.execute("INSERT INTO windows (key, window_id, nbytes, inserted_at, checksum, shape, "
+                            "times_sampled, priority, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
+                            (rec.key, rec.window_id, rec.nbytes, rec.inserted_at, rec.checksum,
+                             json.dumps(list(rec.shape)), 0, rec.priority, emb))
+            self.db.execute("INSERT INTO payloads (key, data) VALUES (?, ?)", (rec.key, payload))
+            self.db.execute("INSERT OR REPLACE INTO state (name, value) VALUES ('storage', ?)",
+                            (json.dumps({"next_key": rec.key + 1}),))
+            if evict:
+                self.db.executemany("INSERT INTO evicted (window_id) VALUES (?)",
+                                    [(self.records[k].window_id,) for k in evict])
+                self.db.execute("DELETE FROM evicted WHERE seq <= (SELECT MAX(seq) FROM evicted) - ?",
+                                (EVICTED_MEMORY,))
         for k in evict:
             self._dirty.discard(k)
 
@@ -308,14 +425,14 @@ class DiskStorage(Storage):
             raise CorruptWindow(key, "payload missing")
         return row[0]
 
+    def _undo(self, log: GroupLog) -> None:
+        super()._undo(log)
+        self._dirty.difference_update(log.added)
+        self._dirty.update(rec.key for rec in log.removed)  # their counts may not be on disk yet
+
     def _delete(self, keys: list[int]) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._delete_rows(keys)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         self._dirty.difference_update(keys)
 
     def _delete_rows(self, keys: list[int]) -> None:
@@ -335,6 +452,8 @@ class DiskStorage(Storage):
             self._dirty.add(key)
 
     def flush(self) -> None:
+        if self._group is not None:
+            return  # the group's commit is the next write; counts flush at the next call
         rows = [(self.records[k].times_sampled, self.records[k].priority, k) for k in self._dirty if k in self.records]
         states = [(n, json.dumps(v)) for n, v in self._state.items() if n != "storage"]
         states = [(n, text) for n, text in states if self._written.get(n) != text]  # skip unchanged

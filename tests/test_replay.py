@@ -406,3 +406,85 @@ def test_buffer_redelivery_of_an_evicted_window_is_a_duplicate():
         assert buf.insert(make_window(i)).status == "stored"
     assert "w0" not in buf.storage and buf.counts["evictions"] == 1
     assert buf.insert(make_window(0)) == InsertResult("duplicate", "evicted")
+
+
+def test_evicted_ids_survive_a_restart(tmp_path):
+    cfg = ReplayConfig(min_size=1, capacity_windows=2, durable=True)
+    buf = ReplayBuffer(cfg, DiskStorage(tmp_path))
+    for i in range(4):
+        assert buf.insert(make_window(i)).status == "stored"
+    buf.close()  # w0 and w1 were evicted
+    again = ReplayBuffer(cfg, DiskStorage(tmp_path))
+    assert list(again.storage.evicted) == ["w0", "w1"]
+    assert again.insert(make_window(0)) == InsertResult("duplicate", "evicted")
+    assert again.insert(make_window(1)) == InsertResult("duplicate", "evicted")
+    assert again.insert(make_window(4)).status == "stored"
+    again.close()
+
+
+def test_group_insert_commits_once_and_matches_single_inserts(tmp_path):
+    cfg = ReplayConfig(min_size=1, capacity_windows=5, durable=True)
+    one = ReplayBuffer(cfg, DiskStorage(tmp_path / "one"))
+    many = ReplayBuffer(cfg, DiskStorage(tmp_path / "many"))
+    msgs = [make_window(i) for i in range(8)] + [make_window(3), make_window(0)]  # a repeat, an evicted one
+    commits = []
+    many.storage.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    results = many.insert_many(msgs)
+    assert len(commits) == 1  # one transaction (one fsync) for the whole burst
+    assert results == [one.insert(m) for m in msgs]
+    assert [r.status for r in results[-2:]] == ["duplicate", "duplicate"]
+    assert list(many.storage.by_id) == list(one.storage.by_id) == [f"w{i}" for i in range(3, 8)]
+    assert many.stats() == {**one.stats(), "durable": True}
+    many.close()
+    reopened = DiskStorage(tmp_path / "many")  # what was committed is the whole group
+    assert list(reopened.by_id) == [f"w{i}" for i in range(3, 8)] and reopened.verify() == []
+    assert list(reopened.evicted) == ["w0", "w1", "w2"]
+    reopened.close()
+    one.close()
+
+
+def test_refused_group_is_undone_and_retried_one_by_one(tmp_path):
+    storage = DiskStorage(tmp_path, max_pages=40)  # ~160 KiB: a few 32x32 windows fit, not a burst of 12
+    buf = ReplayBuffer(ReplayConfig(min_size=1, sampler="prioritized"), storage)
+    assert buf.insert(make_window(100, size=32)).status == "stored"
+    results = buf.insert_many([make_window(i, size=32) for i in range(12)])
+    statuses = Counter(r.status for r in results)
+    assert statuses["stored"] >= 1 and statuses["rejected"] >= 1  # the group failed; singles partly fit
+    assert {r.reason for r in results if r.status == "rejected"} == {"storage_full"}
+    stored = [f"w{i}" for i, r in zip(range(12), results) if r.status == "stored"]
+    assert set(storage.by_id) == {"w100", *stored}
+    assert len(buf.sampler) == len(storage) and buf.limiter.size == len(storage)
+    assert buf.stats()["inserts"] == 1 + statuses["stored"]
+    assert buf.sample(2).arrays["frames"].shape == (2, 2, 32, 32, 3)
+    storage.close()
+    again = DiskStorage(tmp_path)
+    assert set(again.by_id) == set(storage.by_id) and again.verify() == []
+    again.close()
+
+
+def test_sum_tree_prioritized_sampler_matches_its_weights():
+    from replay.sampler import SumTree
+
+    tree = SumTree(8)
+    tree.build(np.array([1.0, 0.0, 3.0, 4.0]))
+    assert tree.total == 8.0
+    assert tree.find(np.array([0.0, 0.99, 1.0, 3.99, 4.0, 7.99])).tolist() == [0, 0, 2, 2, 3, 3]
+    tree.set([1, 3], [2.0, 0.0])
+    assert tree.total == 6.0 and tree.find(np.array([1.5, 5.0])).tolist() == [1, 2]
+
+    sampler = PrioritizedSampler(seed=1, alpha=1.0)
+    for key in range(40):  # crosses the tree's first growth (16 -> 32 -> 64 leaves)
+        sampler.add(key)
+    for key in range(0, 40, 3):
+        sampler.remove(key)
+    kept = [k for k in range(40) if k % 3]
+    sampler.update(kept, [float(1 + k % 5) for k in kept])
+    keys, probs = sampler.probabilities()
+    assert sampler._tree.total == pytest.approx(sum(1 + k % 5 for k in kept))
+    draws, draw_probs = sampler.sample(40_000)
+    assert set(draws.tolist()) <= set(kept)
+    order = np.argsort(keys)
+    counts = np.array([np.sum(draws == k) for k in keys[order]])
+    assert chi_square(counts, probs[order]) < 60  # 26 keys: 25 dof, p ~ 1e-4
+    lookup = dict(zip(keys.tolist(), probs.tolist()))
+    assert np.allclose(draw_probs, [lookup[k] for k in draws.tolist()])

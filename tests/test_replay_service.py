@@ -27,6 +27,7 @@ from replay.storage import DiskStorage, decode_window
 REPO = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("RELIEV3R_REPLAY_KILLS", "20"))
 """SIGKILLs in the fault test (20 by default; lower it for a quick local run)."""
+WRITERS = 3
 
 
 def make_window(i: int, *, views: int = 2, size: int = 16) -> protocol.Message:
@@ -223,8 +224,9 @@ def _spawn(cfg_path: Path, run_dir: Path, port: int) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_window(tmp_path):
-    """A writer inserts continuously while the service is SIGKILLed ``KILLS`` times at
-    random moments and restarted: every acknowledged window is stored intact afterwards."""
+    """Three writers insert continuously (so the service stores their inserts in group
+    commits) while it is SIGKILLed ``KILLS`` times at random moments and restarted: every
+    acknowledged window is stored intact afterwards."""
     port = rconfig.free_port()
     cfg_path = tmp_path / "replay.yaml"
     cfg_path.write_text("replay:\n  min_size: 1\n  sample_wait_s: 0.2\n  flush_interval_s: 0.2\n")
@@ -234,9 +236,9 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
     stop = threading.Event()
     errors: list[BaseException] = []
 
-    def writer():
+    def writer(first: int):
         client = ReplayClient(endpoint, timeout_s=30, retry_s=0.3)
-        i = 0
+        i = first
         try:
             while not stop.is_set():
                 ack = client.insert(make_window(i))
@@ -251,8 +253,9 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
 
     rng = random.Random(0)
     proc = _spawn(cfg_path, run_dir, port)
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=writer, args=(n * 1_000_000,), daemon=True) for n in range(WRITERS)]
+    for thread in threads:
+        thread.start()
     start = time.monotonic()
     try:
         for kill in range(KILLS):
@@ -268,7 +271,8 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
         time.sleep(0.5)
     finally:
         stop.set()
-        thread.join(timeout=40)
+        for thread in threads:
+            thread.join(timeout=40)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=20)
         stderr = proc.stderr.read().decode(errors="replace")
@@ -286,7 +290,7 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
             want = make_window(int(window.meta["window_id"][1:]))
             for name, arr in want.arrays.items():
                 np.testing.assert_array_equal(window.arrays[name], arr)
-        assert len(storage) >= len(acked) and len(storage) <= len(acked) + KILLS
+        assert len(storage) >= len(acked) and len(storage) <= len(acked) + WRITERS * KILLS
     finally:
         storage.close()
     print(f"{KILLS} kills, {len(acked)} acknowledged windows, {elapsed:.1f} s")
