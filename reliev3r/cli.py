@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--intrinsics", default=None, help="3x3 (or fx fy cx cy) text file; default 60 degree FoV")
     rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input (by order or timestamp)")
     rec.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    exp = add("export", "export a snapshot's model for deployment (torch.export .pt2 or ONNX), checked against eager")
+    exp.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
+    exp.add_argument("--out", required=True, help="output file (.pt2 or .onnx)")
+    exp.add_argument("--format", choices=("torch-export", "onnx"), default=None, help="default: from --out's suffix")
+    exp.add_argument("--views", type=int, default=None, help="views per window (default: streamer.views)")
+    exp.add_argument("--height", type=int, default=None, help="input height (default: the snapshot's)")
+    exp.add_argument("--width", type=int, default=None, help="input width (default: the snapshot's)")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")
@@ -115,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         from reliev3r.reconstruct import main as reconstruct_main
 
         return reconstruct_main(cfg, args)
+    if args.command == "export":
+        from reliev3r.export import main as export_main
+
+        return export_main(cfg, args)
     if args.command == "render":
         from reliev3r.synthetic import ensure_world
 
