@@ -286,3 +286,103 @@ def test_synthetic_default_source_carries_exact_gt(tmp_path):
     inside = (u >= 0) & (u < 32) & (v >= 0) & (v < 32)
     rel = np.abs(depth[1][v[inside], u[inside]] - cam1[inside, 2]) / cam1[inside, 2]
     assert inside.sum() > 300 and np.mean(rel < 0.05) > 0.95
+
+
+# ----------------------------------------------------------------------------- keyframes
+
+BIKES_CUTS = [30, 76, 137, 187, 242]
+"""First frames of bikes.mp4's shots, found by the HS-histogram jump below (each >= 0.42
+Bhattacharyya, the next largest in the clip 0.14)."""
+
+
+@needs_videos
+def test_no_window_spans_a_scene_cut_in_bikes():
+    import cv2
+
+    from streamer.windows import builder_for, colour_histogram
+
+    src = VideoSource(VIDEOS / "bikes.mp4")
+    frames = take(src)
+    hists = [colour_histogram(f.rgb) for f in frames]
+    jumps = [cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA) for a, b in zip(hists, hists[1:])]
+    found = [i + 1 for i, d in enumerate(jumps) if d > 0.3]
+    assert found == BIKES_CUTS and sorted(jumps)[-6] < 0.2  # the cuts stand far above everything else
+    builder = builder_for(src.name, StreamerConfig(views=3, frame_stride=2, window_step=4,
+                                                   keyframe_min_flow=0, keyframe_min_motion=0))
+    windows = [w for f in frames if (w := builder.push(f)) is not None]
+    assert builder.cuts == len(BIKES_CUTS) and len(windows) >= 20
+    for w in windows:
+        first, last = w.views[0].index, w.views[-1].index
+        assert not any(first < cut <= last for cut in BIKES_CUTS), (first, last)
+
+
+@needs_videos
+def test_still_camera_does_not_flood():
+    """nasa_13013.mp4 holds the camera still: no windows at all. box.mp4 is near-still for
+    its first 70 frames while objects move: the camera-motion gate keeps under half the
+    windows that grey-level differences alone would let through (measured: 26 vs 56)."""
+    def rate(name, **gates):
+        cfg = StreamerConfig(views=4, frame_stride=4, window_step=8, **gates)
+        src = VideoSource(VIDEOS / name)
+        frames = take(src)
+        return [w.views[0].index for w in windows_of(src.name, iter(frames), cfg)]
+
+    assert rate("nasa_13013.mp4") == []
+    gated, ungated = rate("box.mp4"), rate("box.mp4", keyframe_min_flow=0, blur_ratio=0)
+    assert len(gated) < 0.5 * len(ungated) and min(gated) == 0 and gated[1] >= 60
+
+
+def _homography_frames(n, *, rotate: bool, step: float):
+    """A textured scene seen by a camera that either turns in place (a pure homography: no
+    parallax) or slides sideways past two depth layers (near layer moves 3x the far one)."""
+    import cv2
+
+    far = panning_frames(1, 400, 240, seed=1)[0]
+    near = panning_frames(1, 400, 240, seed=2)[0]
+    out = []
+    for i in range(n):
+        if rotate:
+            M = np.float32([[1, 0, -i * step], [0, 1, 0]])
+            out.append(cv2.warpAffine(far, M, (160, 120)))
+        else:
+            img = cv2.warpAffine(far, np.float32([[1, 0, -i * step], [0, 1, 0]]), (160, 120))
+            fg = cv2.warpAffine(near, np.float32([[1, 0, -i * step * 3], [0, 1, 0]]), (160, 120))
+            img[40:80] = fg[40:80]  # a band of near scene: moves 3x faster (parallax)
+            out.append(img)
+    return [SimpleNamespace(index=i, timestamp=i, rgb=f, intrinsics=np.eye(3), gt_depth=None, gt_cam_to_world=None)
+            for i, f in enumerate(out)]
+
+
+def test_parallax_preferred_over_rotation():
+    """Same flow of the far scene: with parallax every candidate is a view; a pure rotation
+    waits for keyframe_rotation_flow of motion, so its views are farther apart."""
+    cfg = StreamerConfig(views=2, frame_stride=1, window_step=1, keyframe_min_flow=1.0,
+                         keyframe_min_parallax=0.4, keyframe_rotation_flow=12.0)
+    from streamer.windows import builder_for
+
+    kept = {}
+    for rotate in (False, True):
+        builder = builder_for("s", cfg)
+        windows = [w for f in _homography_frames(40, rotate=rotate, step=2.0) if (w := builder.push(f)) is not None]
+        kept[rotate] = [w.views[0].index for w in windows]
+        if rotate:
+            assert builder.skipped_rotation > 20
+    gaps = {k: np.diff(v).mean() for k, v in kept.items()}
+    assert gaps[False] <= 2 and gaps[True] >= 5  # 2 px/frame: rotation waits ~6 frames for 12 px
+
+
+def test_blurred_candidates_skipped():
+    import cv2
+
+    frames = panning_frames(30, 160, 120, step=4)
+    blurred = {7, 8, 15}
+    for i in blurred:
+        frames[i] = cv2.GaussianBlur(frames[i], (0, 0), 4)
+    builder = WindowBuilder("s", views=2, height=24, width=32, frame_stride=1, window_step=1, blur_ratio=0.35)
+    views = set()
+    for i, img in enumerate(frames):
+        w = builder.push(SimpleNamespace(index=i, timestamp=i, rgb=img, intrinsics=np.eye(3), gt_depth=None,
+                                         gt_cam_to_world=None))
+        if w is not None:
+            views.update(v.index for v in w.views)
+    assert builder.skipped_blur == 3 and not views & blurred and len(views) == 27
