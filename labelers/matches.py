@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
-import cv2
 import numpy as np
 
 RATIO = 0.8
@@ -52,6 +51,7 @@ class OpenCVMatcher:
     """SIFT (float descriptors, L2) or ORB (binary, Hamming), brute force with the ratio test."""
 
     def __init__(self, kind: str = "sift", *, max_features: int = 2048, ratio: float = RATIO):
+        import cv2  # imported where used: GPU hosts running XFeat need OpenCV only to verify
         if kind == "sift":
             self.detector = cv2.SIFT_create(nfeatures=max_features)
             norm = cv2.NORM_L2
@@ -69,6 +69,8 @@ class OpenCVMatcher:
         self.bf = cv2.BFMatcher(norm)
 
     def features(self, rgb: np.ndarray) -> Features:
+        import cv2
+
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         keypoints, desc = self.detector.detectAndCompute(grey, None)
         xy = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
@@ -190,6 +192,8 @@ def select_pairs(views: int, long_pairs: int) -> list[tuple[int, int]]:
 def verify(xy_a: np.ndarray, xy_b: np.ndarray, *, threshold_px: float,
            confidence: float = 0.999) -> np.ndarray:
     """Inlier mask [M] of a fundamental matrix fitted with USAC/MAGSAC (all False if no model)."""
+    import cv2
+
     if len(xy_a) < 8:
         return np.zeros(len(xy_a), bool)
     try:

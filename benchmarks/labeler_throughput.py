@@ -1,0 +1,216 @@
+"""Labeler throughput: depth-teacher frames/s and XFeat+LighterGlue verified pairs/s,
+eager vs torch.compile, with MFU against a bf16 matmul peak measured in the same run.
+
+    python benchmarks/labeler_throughput.py [--out results.json] [--quick]
+
+Depth teachers: the Depth Anything V2 Small and Base architectures (random weights cost the
+same as trained ones) built from transformers configs, saved with ``save_pretrained`` and
+loaded through ``make_teacher("hf:<folder>")`` like any user model; 518 px input (480x640
+frames -> 518x686, the V2 processor's rule). Two rates per teacher: ``forward`` (the model on
+device-resident input) and ``teacher`` (``predict_many`` end to end: uint8 frames from the
+host, pinned upload, resize + normalise, forward, resize back, copy to the host).
+FLOPs of one forward are counted with ``torch.utils.flop_counter.FlopCounterMode``;
+MFU = FLOPs x frames/s / peak.
+
+Matches: ``XFeatMatcher`` on windows of 4 synthetic textured frames (480x640, panning), the
+worker's pair plan (3 neighbour pairs + 1 long pair), then USAC/MAGSAC verification when
+OpenCV is importable (the verification runs on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from labelers.depth import make_teacher  # noqa: E402
+
+DA_V2 = {
+    # depth-anything/Depth-Anything-V2-{Small,Base}-hf configs
+    "depth-anything-v2-small": dict(hidden=384, heads=6, fusion=64, neck=[48, 96, 192, 384]),
+    "depth-anything-v2-base": dict(hidden=768, heads=12, fusion=128, neck=[96, 192, 384, 768]),
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, *, warmup: int, iters: int) -> float:
+    """Seconds per call (mean over ``iters`` after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / iters
+
+
+def matmul_peak(device) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    s = timeit(lambda: a @ b, warmup=3, iters=20)
+    return 2 * n ** 3 / s
+
+
+def build_da(folder: Path, arch: dict) -> None:
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    backbone = Dinov2Config(hidden_size=arch["hidden"], num_hidden_layers=12, num_attention_heads=arch["heads"],
+                            intermediate_size=4 * arch["hidden"], patch_size=14, image_size=518,
+                            out_indices=[3, 6, 9, 12], reshape_hidden_states=False, layerscale_value=1.0)
+    cfg = DepthAnythingConfig(backbone_config=backbone, fusion_hidden_size=arch["fusion"], head_hidden_size=32,
+                              neck_hidden_sizes=arch["neck"], reassemble_hidden_size=arch["hidden"],
+                              reassemble_factors=[4, 2, 1, 0.5], patch_size=14)
+    DepthAnythingForDepthEstimation(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "DPTImageProcessor", "size": {"height": 518, "width": 518},
+        "keep_aspect_ratio": True, "ensure_multiple_of": 14,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+
+
+def forward_flops(teacher, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        teacher._raw_forward(x)
+    return counter.get_total_flops() / len(x)
+
+
+def bench_depth(name: str, folder: Path, *, device: str, batch: int, compile: str, peak: float,
+                iters: int) -> dict:
+    teacher = make_teacher(f"hf:{folder}", device, batch_frames=batch, compile=compile)
+    h, w = teacher.model_size(480, 640)
+    x = torch.randn(batch, 3, h, w, device=device)
+    flops = forward_flops(teacher, x[:1])
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(teacher.device.type, dtype=torch.bfloat16,
+                                                    enabled=teacher.dtype == torch.bfloat16):
+            teacher.forward(x)
+
+    t0 = time.perf_counter()
+    forward()
+    sync()
+    first_call_s = time.perf_counter() - t0  # includes compilation
+    s_fwd = timeit(forward, warmup=2, iters=iters)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 256, (4, 480, 640, 3), dtype=np.uint8) for _ in range(batch // 4)]
+    s_teacher = timeit(lambda: teacher.predict_many(windows), warmup=1, iters=max(2, iters // 2))
+    fps_fwd, fps_teacher = batch / s_fwd, batch / s_teacher
+    return {"teacher": name, "compile": teacher.compiled, "dtype": str(teacher.dtype).removeprefix("torch."),
+            "input": f"{h}x{w}", "batch": batch, "gflops_per_frame": flops / 1e9,
+            "forward_frames_s": fps_fwd, "teacher_frames_s": fps_teacher,
+            "mfu_forward": flops * fps_fwd / peak, "mfu_teacher": flops * fps_teacher / peak,
+            "first_call_s": first_call_s}
+
+
+def bench_matches(*, device: str, compile: bool, windows: int) -> dict:
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from streamer_media import panning_frames
+
+    from labelers.matches import XFeatMatcher, match_window, select_pairs
+
+    matcher = XFeatMatcher(device=device)
+    if compile:
+        matcher.xfeat.net = torch.compile(matcher.xfeat.net, dynamic=False)
+    data = [panning_frames(4, 640, 480, step=12, seed=s) for s in range(windows)]
+    pairs = select_pairs(4, 1)
+    have_cv2 = importlib.util.find_spec("cv2") is not None
+
+    def matched_only(frames):
+        feats = matcher.features_many(frames)
+        return sum(len(matcher.match(feats[i], feats[j])[0]) > 0 for i, j in pairs)
+
+    def verified(frames):
+        _, per_pair = match_window(frames, matcher, long_pairs=1, min_matches=12, max_matches_per_pair=256,
+                                   threshold_px=1.0)
+        return sum(k > 0 for k in per_pair), per_pair
+
+    for f in data[:2]:  # warm-up (compilation)
+        matched_only(f)
+    sync()
+    t = time.perf_counter()
+    for f in data:
+        matched_only(f)
+    sync()
+    s_match = time.perf_counter() - t
+    out = {"matcher": matcher.name, "compile_xfeat": compile, "windows": windows, "pairs_per_window": len(pairs),
+           "matched_pairs_s": windows * len(pairs) / s_match}
+    if have_cv2:
+        t = time.perf_counter()
+        good, kept = 0, []
+        for f in data:
+            g, per_pair = verified(f)
+            good += g
+            kept += per_pair
+        s = time.perf_counter() - t
+        out.update(verified_pairs_s=good / s, verified_fraction=good / (windows * len(pairs)),
+                   median_kept_per_pair=float(np.median(kept)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="tiny run (CPU smoke test of this script)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(min(4, os.cpu_count() or 1))
+    results = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "depth": [], "matches": []}
+    peak = matmul_peak(device) if device == "cuda" else float("nan")
+    results["bf16_matmul_peak_tflops"] = peak / 1e12
+    print(f"device {results['device']}  bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
+    batch = 4 if args.quick else args.batch
+    iters = 1 if args.quick else 10
+    modes = ["none"] if device == "cpu" else ["none", "inductor"]
+    archs = list(DA_V2.items())[:1] if args.quick else list(DA_V2.items())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, arch in archs:
+            folder = Path(tmp) / name
+            build_da(folder, arch)
+            for mode in modes:
+                r = bench_depth(name, folder, device=device, batch=batch, compile=mode, peak=peak, iters=iters)
+                results["depth"].append(r)
+                print(json.dumps(r), flush=True)
+    for compile in ([False] if device == "cpu" else [False, True]):
+        r = bench_matches(device=device, compile=compile, windows=2 if args.quick else 12)
+        results["matches"].append(r)
+        print(json.dumps(r), flush=True)
+    print("\n| teacher | compile | input | GFLOP/frame | forward frames/s | MFU | teacher frames/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["depth"]:
+        print(f"| {r['teacher']} | {r['compile']} | {r['input']} | {r['gflops_per_frame']:.0f} | "
+              f"{r['forward_frames_s']:.1f} | {r['mfu_forward']:.1%} | {r['teacher_frames_s']:.1f} | {r['mfu_teacher']:.1%} |")
+    print("\n| matcher | compiled XFeat | matched pairs/s | verified pairs/s | verified fraction |")
+    print("|---|---|---|---|---|")
+    for r in results["matches"]:
+        print(f"| {r['matcher']} | {r['compile_xfeat']} | {r['matched_pairs_s']:.1f} | "
+              f"{r.get('verified_pairs_s', float('nan')):.1f} | {r.get('verified_fraction', float('nan')):.2f} |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
