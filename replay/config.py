@@ -36,7 +36,11 @@ class ReplayConfig:
     """Squared L2 distance between unit window embeddings (2 - 2 cos) under which a window
     counts as a near-duplicate of a stored one. Measured on 7-Scenes (4-frame windows, 64x48):
     a static camera with sensor noise gives < 0.001, consecutive handheld windows 0.008 (min),
-    0.025 (5th percentile), 0.16 (median)."""
+    0.025 (5th percentile), 0.16 (median). On the synthetic world (3 scenes, 128x96, the
+    streamer's default 4 views, stride 4, step 8, sensor noise sigma 2): moving windows 0.055
+    (min) / 0.076 (5th pct) / 0.71 (median) from their nearest neighbour, all kept; a still
+    camera (0.5 mm / 0.02 deg jitter) 0.0003-0.0026, one window kept per pose; windows one
+    frame apart (3 of 4 frames shared) 9 % rejected."""
     sample_wait_s: float = 1.0
     """A sample (or rate-limited insert) waits this long on the service before the reply
     ``error`` reason ``not_ready`` / ``rate_limited``; the client then asks again."""
