@@ -61,7 +61,7 @@ class StreamerConfig:
     a 160-pixel-wide image, below which a candidate is skipped (a still camera, even with
     objects moving, does not flood the system). 0 disables tracking."""
     keyframe_min_parallax: float = 0.4
-    """Median homography residual (pixels, 160 wide) under which motion counts as rotation-only
+    """80th-percentile homography residual (pixels, 160 wide) under which motion counts as rotation-only
     (nothing to triangulate): such a candidate waits for ``keyframe_rotation_flow``."""
     keyframe_rotation_flow: float = 12.0
     """Flow (pixels, 160 wide) at which a rotation-only candidate is kept anyway (coverage)."""

@@ -11,7 +11,7 @@ Keyframes (every decoded frame is looked at, candidates are ``frame_stride`` apa
 * motion: corners tracked (LK) from the last kept view; a candidate whose median flow is below
   ``keyframe_min_flow`` is skipped (a still camera, even with objects moving in view, adds no
   views). Parallax is favoured over rotation: while the best homography explains the flow
-  (median residual below ``keyframe_min_parallax``: a pure rotation, nothing to triangulate)
+  (80th-percentile residual below ``keyframe_min_parallax``: a pure rotation, nothing to triangulate)
   the candidate waits until the flow reaches ``keyframe_rotation_flow``.
 """
 
@@ -110,8 +110,9 @@ class Motion:
     flow: float
     """Median displacement of tracked points, pixels of a MOTION_WIDTH-wide image."""
     parallax: float
-    """Median residual of the best homography (pixels): ~0 for a pure rotation or a plane,
-    growing with translation in a scene with depth."""
+    """80th percentile of the best homography's residuals (pixels): ~0 for a pure rotation or a
+    plane, growing with translation in a scene with depth (a near layer of a fifth of the
+    points is enough to show)."""
     tracked: int
 
 
@@ -135,7 +136,7 @@ def camera_motion(a: np.ndarray, b: np.ndarray) -> Motion | None:
     if H is None:
         return Motion(flow, float("inf"), int(ok.sum()))
     residual = np.linalg.norm(cv2.perspectiveTransform(p[None], H)[0] - q, axis=1)
-    return Motion(flow, float(np.median(residual)), int(ok.sum()))
+    return Motion(flow, float(np.percentile(residual, 80)), int(ok.sum()))
 
 
 class WindowBuilder:
