@@ -124,6 +124,7 @@ def make_teacher(spec: str, device: str = "cpu", *, batch_frames: int = 16, prec
     """The teacher named by ``spec``:
 
     * ``none``, ``oracle``;
+    * ``embedded`` (the package-shipped U-Net, :mod:`labelers.embedded`), ``embedded:<weights file>``;
     * ``hf:<hub id or local folder>`` (transformers ``AutoModelForDepthEstimation``);
     * ``onnx:<file>``, ``torchscript:<file>``, ``tflite:<file>`` with ``?space=depth|disparity``
       and optional ``&size=HxW&norm=imagenet|unit&output=<name>``;
@@ -137,10 +138,14 @@ def make_teacher(spec: str, device: str = "cpu", *, batch_frames: int = 16, prec
     if spec in ("oracle", "oracle-gt"):
         return OracleTeacher()
     kind, sep, target = spec.partition(":")
+    if kind == "embedded":  # the package-shipped default; ``embedded:<file>`` for other weights
+        from labelers.embedded import EmbeddedTeacher
+
+        return EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision)
     if sep and kind in MODEL_KINDS and target:
         from labelers.depth_models import make_model_teacher
 
         return make_model_teacher(kind, target, device=device, batch_frames=batch_frames,
                                   precision=precision, compile=compile)
-    raise ValueError(f"teacher {spec!r} is not available (known: none, oracle, "
+    raise ValueError(f"teacher {spec!r} is not available (known: none, oracle, embedded, "
                      + ", ".join(f"{k}:<path>" for k in MODEL_KINDS) + ")")
