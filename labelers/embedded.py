@@ -1,0 +1,181 @@
+"""The embedded default depth teacher: a small U-Net trained by ``reliev3r teacher-train``.
+
+It works offline on a fresh machine: its weights ship inside the package
+(``labelers/weights/embedded_depth.safetensors``, fp16) with a JSON meta beside them that
+records the recipe, the data, the steps and the measured accuracy. It was trained from scratch
+on the project's synthetic world only (no pretrained weights, no real images), so it is a
+coarse teacher: see the meta's ``metrics`` and ``docs/RESULTS.md`` for how coarse.
+
+Output: relative z-depth (``space = "depth"``; larger = farther), defined up to an unknown
+scale and shift per frame, at the frames' own resolution. ``version`` is the sha256 (12 hex)
+of the weights file, so labels name exactly the weights that made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labelers.depth import DepthTeacher, TeacherError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS = WEIGHTS_DIR / "embedded_depth.safetensors"
+META = WEIGHTS_DIR / "embedded_depth.json"
+FORMAT = 1
+"""Version of the weights+meta layout; bumped (with an upgrade function) if it changes."""
+DEFAULT_WIDTHS = (32, 48, 96, 144, 192)
+DEFAULT_INPUT = (192, 256)
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: no running statistics, so training (synthetic batches) and
+    # inference (one real frame) normalise the same way.
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(8, cout), nn.SiLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(8, cout), nn.SiLU(inplace=True),
+    )
+
+
+class EmbeddedDepthNet(nn.Module):
+    """U-Net: five stride-2 encoder stages, a global-context vector at 1/32, a decoder with
+    skip connections back to 1/2, bilinear upsampling to the input size.
+
+    forward(x) with x float [B, 3, H, W] RGB in [0, 1] (H, W multiples of 32) returns
+    log relative depth [B, H, W] (depth = exp(output), any scale).
+    Each image is standardised by its own mean and std first: exposure and contrast of
+    a camera carry no depth information, and synthetic and real images differ in both.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = DEFAULT_WIDTHS):
+        super().__init__()
+        self.widths = tuple(int(w) for w in widths)
+        enc, cin = [], 3
+        for w in self.widths:
+            enc.append(_block(cin, w, stride=2))
+            cin = w
+        self.encoder = nn.ModuleList(enc)
+        top = self.widths[-1]
+        self.context = nn.Sequential(nn.Linear(top, top), nn.SiLU(inplace=True), nn.Linear(top, top))
+        dec = []
+        for k in range(len(self.widths) - 1, 0, -1):
+            dec.append(_block(self.widths[k] + self.widths[k - 1], self.widths[k - 1]))
+        self.decoder = nn.ModuleList(dec)
+        self.head = nn.Conv2d(self.widths[0], 1, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
+        h = (x - mean) / std
+        skips = []
+        for stage in self.encoder:
+            h = stage(h)
+            skips.append(h)
+        h = h + self.context(h.mean(dim=(2, 3)))[:, :, None, None]
+        for block, skip in zip(self.decoder, reversed(skips[:-1])):
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = block(torch.cat((h, skip), 1))
+        out = self.head(h)
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out[:, 0].float()
+
+
+def weights_digest(path: Path, length: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def save_weights(model: EmbeddedDepthNet, path: Path, meta: dict) -> None:
+    """fp16 safetensors (half the bytes; the net runs in fp32 or bf16 anyway) and the JSON
+    meta beside it (``<stem>.json``), both written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "widths": json.dumps(list(model.widths))})
+    tmp.chmod(0o644)  # package data: readable by everyone who installs it
+    tmp.replace(path)
+    meta = {"format": FORMAT, "widths": list(model.widths), **meta, "version": weights_digest(path)}
+    meta_tmp = path.with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    meta_tmp.replace(path.with_suffix(".json"))
+
+
+def load_net(path: Path = WEIGHTS) -> tuple[EmbeddedDepthNet, dict]:
+    """The net (fp32, eval mode, CPU) and its meta from a weights file written by
+    :func:`save_weights`. No network, no pickle."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded depth weights missing: {path}")
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != str(FORMAT):
+        raise ValueError(f"{path}: weights format {header.get('format')!r}, expected {FORMAT}")
+    model = EmbeddedDepthNet(tuple(json.loads(header["widths"])))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return model.eval(), meta
+
+
+def input_size_for(height: int, width: int, base: tuple[int, int] = DEFAULT_INPUT) -> tuple[int, int]:
+    """Net input (multiples of 32) with about the pixel count it was trained at and the
+    frame's aspect ratio."""
+    area = base[0] * base[1]
+    scale = (area / (height * width)) ** 0.5
+    return max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32)
+
+
+class EmbeddedTeacher(DepthTeacher):
+    """The shipped U-Net behind the :class:`DepthTeacher` interface (``make_teacher("embedded")``)."""
+
+    name = "embedded-unet"
+    space = "depth"
+
+    def __init__(self, device: str = "cpu", *, weights: Path | None = None, batch_frames: int = 16,
+                 precision: str = "auto"):
+        self.device = torch.device(device)
+        self.weights = Path(weights) if weights is not None else WEIGHTS
+        self.net, self.meta = load_net(self.weights)
+        self.net.to(self.device)
+        self.version = weights_digest(self.weights)
+        self.batch_frames = int(batch_frames)
+        base = self.meta.get("input_size", DEFAULT_INPUT)
+        self.base_size = (int(base[0]), int(base[1]))
+        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def _predict(self, frames, *, gt_depth, window_id) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise TeacherError("bad_frames", f"expected uint8 [V,H,W,3], got {frames.dtype} {frames.shape}")
+        views, height, width = frames.shape[:3]
+        size = input_size_for(height, width, self.base_size)
+        out = []
+        for i in range(0, views, self.batch_frames):
+            x = torch.from_numpy(frames[i:i + self.batch_frames]).to(self.device)
+            x = x.permute(0, 3, 1, 2).float() / 255.0
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                log_depth = self.net(x)
+            log_depth = F.interpolate(log_depth[:, None].float(), size=(height, width), mode="bilinear",
+                                      align_corners=False)[:, 0]
+            out.append(torch.exp(log_depth.clamp(-20, 20)).cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "weights": str(self.weights), "input_size": list(self.base_size)}
