@@ -82,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     keys = add("keys", "generate CURVE key pairs for the ZeroMQ links (network.curve)")
     keys.add_argument("--out", required=True, help="folder for the key files (created, mode 0700)")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
+    tt = sub.add_parser("teacher-train", help="train the embedded depth teacher on the synthetic world")
+    tt.add_argument("--out", required=True, help="folder for the weights, meta and training log")
+    tt.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    tt.add_argument("--device", default=None, help="torch device (default cuda)")
+    tt.add_argument("--seed", type=int, default=None)
+    tt.add_argument("--time-budget", dest="time_budget_s", type=float, default=None,
+                    help="wall-clock seconds for the whole run, rendering included")
+    tt.add_argument("options", nargs="*", metavar="key=value",
+                    help="other labelers.teacher_train.TeacherTrainConfig fields")
     return parser
 
 
@@ -92,6 +101,10 @@ def load_config(args: argparse.Namespace) -> rconfig.PipelineConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "teacher-train":  # needs no pipeline config
+        from labelers.teacher_train import cli_main
+
+        return cli_main(args, command=" ".join(["reliev3r", *(sys.argv[1:] if argv is None else argv)]))
     try:
         cfg = load_config(args)
     except (rconfig.ConfigError, OSError) as err:
