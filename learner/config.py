@@ -18,6 +18,10 @@ class ModelConfig:
     """Add a focal-length head (``Prediction.focal``); intrinsics are otherwise given."""
     max_log_depth: float = 10.0
     """Log-depth is soft-clamped to +-this before ``exp`` so depth stays finite and > 0."""
+    depth_param: Literal["dense", "view_scale"] = "dense"
+    """``dense``: log-depth per pixel from the dense head only. ``view_scale``: plus one
+    log-scale per view from the camera token (after global attention), so the per-view scale
+    that the depth loss cannot see is one parameter the reprojection terms move directly."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 2:
@@ -26,6 +30,8 @@ class ModelConfig:
             raise ValueError("registers must be >= 0")
         if self.max_log_depth <= 0:
             raise ValueError("max_log_depth must be > 0")
+        if self.depth_param not in ("dense", "view_scale"):
+            raise ValueError(f"depth_param must be 'dense' or 'view_scale', got {self.depth_param!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,10 +43,20 @@ class LossConfig:
     """lambda in L = L_depth + lambda * L_reproj."""
     alpha: float = 1.0
     """Weight of the -log W confidence regulariser in the depth loss."""
+    robust: Literal["none", "cauchy", "geman_mcclure", "pseudo_huber"] = "cauchy"
+    """Robust function of the angle terms (``learner.losses.robust_angle_cost``)."""
+    scale_deg: float = 10.0
+    """Angle scale of the robust function, degrees."""
+    point_weight: float = 0.0
+    """mu of the triangulation-consistency term ``mu * L_point``
+    (``learner.losses.point_consistency_loss``): the two back-projections of a match must meet,
+    relative to their depths. 0 = the paper's losses only."""
 
     def __post_init__(self) -> None:
-        if self.reproj_weight < 0 or self.alpha < 0:
-            raise ValueError("reproj_weight and alpha must be >= 0")
+        if self.reproj_weight < 0 or self.alpha < 0 or self.point_weight < 0:
+            raise ValueError("reproj_weight, alpha and point_weight must be >= 0")
+        if self.scale_deg <= 0:
+            raise ValueError("scale_deg must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)

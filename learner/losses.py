@@ -73,7 +73,7 @@ from torch import Tensor
 
 from reliev3r import geometry
 
-Robust = Literal["none", "cauchy", "geman_mcclure"]
+Robust = Literal["none", "cauchy", "geman_mcclure", "pseudo_huber"]
 
 __all__ = [
     "weighted_median",
@@ -81,6 +81,7 @@ __all__ = [
     "relative_depth_loss",
     "robust_angle_cost",
     "reprojection_loss",
+    "point_consistency_loss",
     "supervised_loss",
 ]
 
@@ -203,6 +204,9 @@ def robust_angle_cost(one_minus_cos: Tensor, *, robust: Robust = "cauchy", scale
       match is "wrong", the loss still gives a direction.
     * ``geman_mcclure``: ρ = c ℓ / (c + ℓ). Redescending (outliers' influence → 0); best
       once the model is roughly registered, risky from scratch.
+    * ``pseudo_huber``: ρ = δ² (sqrt(1 + 2ℓ/δ²) − 1), δ = 2 sin(scale_deg / 2) (the chord of
+      scale_deg). ≈ ℓ below scale_deg and ≈ δ · chord (∝ θ) above it: the influence stays at
+      its maximum for large angles instead of falling, the least robust of the four.
     """
     if scale_deg <= 0:
         raise ValueError(f"scale_deg must be > 0, got {scale_deg}")
@@ -213,7 +217,10 @@ def robust_angle_cost(one_minus_cos: Tensor, *, robust: Robust = "cauchy", scale
         return c * torch.log1p(one_minus_cos / c)
     if robust == "geman_mcclure":
         return c * one_minus_cos / (c + one_minus_cos)
-    raise ValueError(f"robust must be 'none', 'cauchy' or 'geman_mcclure', got {robust!r}")
+    if robust == "pseudo_huber":
+        delta = 2 * math.sin(math.radians(scale_deg) / 2)
+        return delta ** 2 * (torch.sqrt(1 + 2 * one_minus_cos / delta ** 2) - 1)
+    raise ValueError(f"robust must be 'none', 'cauchy', 'geman_mcclure' or 'pseudo_huber', got {robust!r}")
 
 
 def _unit(x: Tensor, floor: Tensor | float) -> Tensor:
@@ -308,6 +315,76 @@ def reprojection_loss(
     cost_j = _half_sq_chord(_unit(dir_j, 0.0), _unit(to_i_from_j, floor_j))
     per_match = robust_angle_cost(cost_i, robust=robust, scale_deg=scale_deg) + \
         robust_angle_cost(cost_j, robust=robust, scale_deg=scale_deg)
+    total = weights.sum()
+    if not bool(total > 0):
+        return zero + (per_match * 0).sum()
+    return (weights * per_match).sum() / total + zero
+
+
+def _match_geometry(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, matches: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """(p_ik − t_i, p_jk − t_j, t_j − t_i), each [K, 3], of matches [K, 7] (see
+    :func:`reprojection_loss` for the sampling convention)."""
+    b_, v_, h, w = depth.shape
+    k = matches.shape[0]
+    b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
+    uv_i, uv_j = matches[:, 3:5], matches[:, 5:7]
+    maps = depth.reshape(b_ * v_, h, w)
+    samples = geometry.sample_bilinear(maps, torch.cat((uv_i, uv_j), 0).expand(b_ * v_, 2 * k, 2))
+    d = samples.gather(0, torch.cat((b * v_ + i, b * v_ + j))[None]).squeeze(0)
+    pose_i, pose_j = cam_to_world[b, i], cam_to_world[b, j]
+    rays_i = geometry.unproject_points(uv_i[:, None], torch.ones_like(d[:k])[:, None], intrinsics[b, i])[:, 0]
+    rays_j = geometry.unproject_points(uv_j[:, None], torch.ones_like(d[k:])[:, None], intrinsics[b, j])[:, 0]
+    off_i = d[:k, None] * (pose_i[:, :3, :3] @ rays_i[..., None])[..., 0]
+    off_j = d[k:, None] * (pose_j[:, :3, :3] @ rays_j[..., None])[..., 0]
+    return off_i, off_j, pose_j[:, :3, 3] - pose_i[:, :3, 3]
+
+
+def point_consistency_loss(
+    depth: Tensor,
+    cam_to_world: Tensor,
+    intrinsics: Tensor,
+    matches: Tensor,
+    weights: Tensor | None = None,
+    *,
+    scale: float = 0.05,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Triangulation consistency: the two back-projections of a match must meet, a scalar.
+
+    ``r_k = |p_ik − p_jk| / (|p_ik − t_i| + |p_jk − t_j|)`` (the gap between the two points
+    relative to their distances from their cameras), ``ρ(r) = scale · log(1 + r / scale)``
+    (Cauchy-like: ≈ r for small gaps, logarithmic for outliers), and the loss is
+    ``sum_k w_k ρ(r_k) / sum_k w_k``. Shapes and conventions as in :func:`reprojection_loss`.
+
+    Why beside the angle loss: the angle at camera i sees a per-view depth scale error ε of
+    view j only through the parallax, with a cost ∝ (ε · baseline / depth)² (see the module
+    docstring), whereas the gap here is ≈ ε / 2 at any baseline, and ≈ |δt| / (2 depth) for a
+    translation error δt. It is zero for perfect geometry, invariant to a similarity of the
+    whole window (a ratio of distances), bounded per match (r ≤ 1 + |t_j − t_i| / depth,
+    then compressed by ρ), and finite when a point falls behind a camera. With pure rotation
+    it still ties the depths of both views together (same ray origin), unlike the angles.
+    """
+    depth = _fp32(depth)
+    cam_to_world = _fp32(cam_to_world).to(depth.dtype)
+    intrinsics = _fp32(intrinsics).to(depth.dtype)
+    zero = depth.sum() * 0 + cam_to_world.sum() * 0
+    if matches.ndim != 2 or matches.shape[-1] != 7:
+        raise ValueError(f"matches must be [K, 7], got {tuple(matches.shape)}")
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    k = matches.shape[0]
+    if k == 0:
+        return zero
+    matches = matches.to(depth.dtype)
+    weights = (torch.ones(k, dtype=depth.dtype, device=depth.device) if weights is None
+               else weights.to(depth.dtype).clamp(min=0))
+    off_i, off_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    gap = baseline + off_j - off_i  # p_jk − p_ik
+    reach = (off_i.norm(dim=-1) + off_j.norm(dim=-1)).clamp(min=torch.finfo(depth.dtype).tiny)
+    floor = eps * reach.detach()
+    r = ((gap * gap).sum(-1) + floor * floor).sqrt() / reach - eps * reach.detach() / reach
+    per_match = scale * torch.log1p(r.clamp(min=0) / scale)
     total = weights.sum()
     if not bool(total > 0):
         return zero + (per_match * 0).sum()

@@ -11,7 +11,10 @@ global block) -> final norm -> heads (fp32, autocast off):
 
 * dense head: linear -> pixel shuffle to full resolution -> two 3x3 convs (with the image as
   a skip input) -> log-depth and confidence logit.
-* camera head: MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``.
+* camera head: MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
+  (+ log focal) (+ with ``depth_param: view_scale``, one log-scale per view added to the
+  dense log-depth: the cross-view scale then lives in one number per view that the
+  reprojection terms move directly, while the dense head learns the shape).
 
 This module knows nothing of distribution, compilation or AMP policy (STYLE item 3).
 """
@@ -157,7 +160,9 @@ class FFRM(nn.Module):
         c = size.head_channels
         self.dense_proj = nn.Linear(d, c * p * p)
         self.dense_refine = nn.Sequential(nn.Conv2d(c + 3, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, 2, 3, padding=1))
-        self.camera_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 9 + int(cfg.predict_focal)))
+        # 6D rotation + translation (+ log focal) (+ per-view log depth scale).
+        self._cam_out = 9 + int(cfg.predict_focal) + int(cfg.depth_param == "view_scale")
+        self.camera_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, self._cam_out))
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         self._init_weights()
@@ -220,12 +225,15 @@ class FFRM(nn.Module):
         patches = self.dense_proj(x[:, special:])  # [BV, gh*gw, c*p*p]
         feat = F.pixel_shuffle(patches.transpose(1, 2).reshape(b * v, c * p * p, gh, gw), p)
         out = self.dense_refine(torch.cat((feat, frames), dim=1))  # [BV, 2, H, W]
+        cam = self.camera_head(x[:, 0])  # [BV, 9 (+1) (+1)]
+        log_depth = out[:, 0]
+        if self.cfg.depth_param == "view_scale":
+            log_depth = log_depth + cam[:, -1, None, None]
         m = self.cfg.max_log_depth
         # Soft clamp (tanh) instead of a hard one: gradients never die at the bound.
-        depth = torch.exp(m * torch.tanh(out[:, 0] / m))
+        depth = torch.exp(m * torch.tanh(log_depth / m))
         confidence = 2 * torch.sigmoid(out[:, 1])
 
-        cam = self.camera_head(x[:, 0])  # [BV, 9 (+1)]
         rotation = geometry.rotation_6d_to_matrix(cam[:, :6])
         cam_to_world = geometry.make_pose(rotation, cam[:, 6:9])
         focal = None
@@ -256,5 +264,5 @@ class FFRM(nn.Module):
         total += v * gh * gw * 2 * 3 * p * p * d  # patch embedding
         total += v * gh * gw * 2 * d * c * p * p  # dense projection
         total += v * h * w * 2 * 9 * ((c + 3) * c + c * 2)  # refinement convs
-        total += v * 2 * (d * d + d * 10)  # camera head
+        total += v * 2 * (d * d + d * self._cam_out)  # camera head
         return float(total)

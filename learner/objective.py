@@ -1,6 +1,7 @@
 """The one place where loss terms are weighted and summed.
 
-``L = L_depth + cfg.reproj_weight * L_reproj`` for ``cfg.kind == "weak"``;
+``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)`` for
+``cfg.kind == "weak"``;
 the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
 """
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses import relative_depth_loss, reprojection_loss, supervised_loss
+from learner.losses import point_consistency_loss, relative_depth_loss, reprojection_loss, supervised_loss
 
 
 def compute_loss(
@@ -58,10 +59,15 @@ def compute_loss(
         terms["supervised"] = float(sup.detach())
     elif cfg.kind == "weak":
         matches = matches.to(depth.device)
-        reproj = reprojection_loss(depth, cam_to_world, batch["intrinsics"].to(depth.device),
-                                   matches[:, :7], matches[:, 7])
+        intrinsics = batch["intrinsics"].to(depth.device)
+        reproj = reprojection_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
+                                   robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect
         terms["reproj"] = float(reproj.detach())
+        if cfg.point_weight > 0:
+            point = point_consistency_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
+            loss = loss + cfg.point_weight * point
+            terms["point"] = float(point.detach())
         if "teacher_depth" in batch:
             valid = batch.get("teacher_valid")
             teacher = batch["teacher_depth"].to(depth.device)

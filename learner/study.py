@@ -1,0 +1,266 @@
+"""Train on a fixed labelled dataset and evaluate on held-out windows: learning curves.
+
+    python -m learner.study --train synthetic:scenes=24,frames=40 --views 4 --height 48 --width 64 \\
+        --steps 600 --eval-every 100 --set loss.kind=weak --out runs/study/weak
+
+* ``--train`` / ``--eval``: dataset specs (:func:`learner.dataset.parse_spec`); ``--eval``
+  defaults to the training spec with ``seed + 1000`` (unseen synthetic scenes). Both are
+  labelled once and cached under ``--cache`` (default ``.devdata/datasets``), so a GPU host
+  only reads the ``.npz``.
+* ``--set key=value`` (repeatable) overrides :class:`learner.config.LearnerConfig` fields,
+  dotted for nested ones: ``loss.kind=supervised``, ``loss.point_weight=0``, ``model.size=small``,
+  ``lr=1e-3``, ``batch_size=8``.
+* ``--steps N`` and/or ``--minutes T``: whichever comes first.
+* Every ``--eval-every`` steps (and at the end) the model is scored on the held-out windows
+  with :mod:`evaluation.metrics` (the same per-window metrics as ``evaluation.evaluate``)
+  plus the means of the pairwise relative rotation / translation-direction errors; the trivial
+  baseline (constant depth, identity poses) is computed once beside it.
+
+Writes ``<out>/curve.json`` (config, dataset stats, baseline, a row per evaluation and
+running means of the train loss terms) and ``<out>/table.md``; prints the table last.
+This module imports neither pyzmq nor PyAV at module level (GPU hosts may lack both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation import metrics
+from learner.config import LearnerConfig
+from learner.dataset import DatasetSpec, LabelledDataset, Window, ensure_dataset, parse_spec
+
+TABLE_KEYS = ("absrel_med", "absrel_lsq", "absrel_lsq_frame", "delta_med", "rot_err_deg", "trans_err_deg",
+              "rra30", "rta30", "auc30", "ate")
+
+
+# ---------------------------------------------------------------------- config overrides
+
+def _convert(value: str, kind: Any) -> Any:
+    if kind is bool or kind == "bool":
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind in (int, "int"):
+        return int(value)
+    if kind in (float, "float"):
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """A copy of dataclass ``cfg`` with ``a.b=value`` overrides (validated by the dataclasses)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item}: expected key=value")
+        cfg = _override(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _override(cfg: Any, path: list[str], value: str, full: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    if path[0] not in names:
+        raise ValueError(f"{full}: unknown key (known: {sorted(names)})")
+    current = getattr(cfg, path[0])
+    if len(path) > 1:
+        return dataclasses.replace(cfg, **{path[0]: _override(current, path[1:], value, full)})
+    hints = typing.get_type_hints(type(cfg))
+    kind = hints[path[0]]
+    if typing.get_origin(kind) is typing.Literal:
+        if value not in typing.get_args(kind):
+            raise ValueError(f"{full}: must be one of {typing.get_args(kind)}, got {value!r}")
+        new = value
+    else:
+        new = _convert(value, kind)
+    return dataclasses.replace(cfg, **{path[0]: new})
+
+
+# ---------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_window(model: torch.nn.Module, window: Window, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(window.images).to(device).permute(0, 3, 1, 2).float().div(255)[None]
+    pred = model(images)
+    return pred.depth[0].float().cpu(), pred.cam_to_world[0].float().cpu()
+
+
+def score(depth: torch.Tensor, pose: torch.Tensor, window: Window) -> dict[str, float]:
+    """Per-window metrics (``evaluation.metrics.window_metrics``) plus the mean pairwise
+    relative rotation error and translation direction error in degrees."""
+    gt_depth, gt_pose = torch.from_numpy(window.gt_depth), torch.from_numpy(window.gt_cam_to_world)
+    K = torch.from_numpy(window.intrinsics)
+    row = metrics.window_metrics(depth, pose, gt_depth, gt_pose, K)
+    rot, trans = metrics.pairwise_pose_errors(pose.double(), gt_pose.double())
+    row["rot_err_deg"], row["trans_err_deg"] = float(rot.mean()), float(trans.mean())
+    return row
+
+
+def evaluate(model: torch.nn.Module, windows: list[Window], device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        rows = [score(*predict_window(model, w, device), w) for w in windows]
+    finally:
+        model.train(was_training)
+    return metrics.mean_metrics(rows)
+
+
+def trivial_baseline(windows: list[Window]) -> dict[str, float]:
+    """Constant depth and identity poses (identity: zero relative translation, whose direction
+    error counts as 90°, chance level)."""
+    rows = []
+    for w in windows:
+        gt_depth, gt_pose = torch.from_numpy(w.gt_depth), torch.from_numpy(w.gt_cam_to_world)
+        row = metrics.depth_metrics(torch.ones_like(gt_depth), gt_depth)
+        identity = torch.eye(4, dtype=torch.float64).expand(gt_pose.shape[0], 4, 4).clone()
+        row.update(metrics.pose_metrics(identity, gt_pose.double()))
+        rot, trans = metrics.pairwise_pose_errors(identity, gt_pose.double())
+        # angle_between_deg gives 0 for a zero vector; a direction never guessed is chance.
+        trans = torch.where(torch.isfinite(trans) & (trans > 0), trans, torch.full_like(trans, 90.0))
+        row["rot_err_deg"], row["trans_err_deg"] = float(rot.mean()), float(trans.mean())
+        rows.append(row)
+    return metrics.mean_metrics(rows)
+
+
+def format_table(rows: dict[str, dict[str, float]], keys: tuple[str, ...] = TABLE_KEYS) -> str:
+    keys = tuple(k for k in keys if any(k in r for r in rows.values()))
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the study
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class StudyResult:
+    curve: list[dict[str, Any]]
+    baseline: dict[str, float]
+    final: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window], *, steps: int,
+              minutes: float = 0.0, eval_every: int = 100, max_matches: int = 0, seed: int = 0,
+              device: str = "auto", log_every: int = 10, out: Path | None = None,
+              on_eval=None) -> StudyResult:
+    """Train ``cfg`` on ``train`` for ``steps`` steps (or ``minutes``), scoring ``held_out``
+    every ``eval_every`` steps. Returns the curve; writes ``out/curve.json`` as it goes."""
+    from learner.train import Trainer
+
+    trainer = Trainer(cfg, device=device, teacher_space=train.teacher_space, seed=seed)
+    rng = np.random.default_rng(seed)
+    baseline = trivial_baseline(held_out)
+    curve: list[dict[str, Any]] = []
+    running: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    deadline = start + minutes * 60 if minutes > 0 else math.inf
+    step = 0
+
+    def record(final: bool = False) -> None:
+        row = {"step": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
+               "train": {k: float(np.mean(v)) for k, v in running.items()},
+               "eval": evaluate(trainer.model, held_out, trainer.device), "final": final}
+        running.clear()
+        curve.append(row)
+        if on_eval is not None:
+            on_eval(row)
+        if out is not None:
+            _write(out, cfg, train, baseline, curve)
+
+    while step < steps and time.perf_counter() < deadline:
+        idx = rng.choice(len(train), size=cfg.batch_size, replace=len(train) < cfg.batch_size)
+        batch = train.batch(idx, trainer.device, max_matches=max_matches, rng=rng)
+        terms = trainer.step(batch)
+        step += 1
+        for k, v in terms.items():
+            if k not in ("step", "lr", "skipped") and math.isfinite(v):
+                running.setdefault(k, []).append(v)
+        if log_every and step % log_every == 0:
+            print(f"step {trainer.global_step} " + " ".join(f"{k}={np.mean(v):.4g}" for k, v in running.items()),
+                  flush=True)
+        if eval_every and step % eval_every == 0 and step < steps:
+            record()
+    record(final=True)
+    return StudyResult(curve=curve, baseline=baseline, final=curve[-1]["eval"], steps=trainer.global_step,
+                       seconds=time.perf_counter() - start)
+
+
+def _write(out: Path, cfg: LearnerConfig, train: LabelledDataset, baseline: dict, curve: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"config": dataclasses.asdict(cfg), "dataset": {"meta": train.meta, "stats": train.stats()},
+           "baseline": baseline, "curve": curve}
+    tmp = out / "curve.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(out / "curve.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m learner.study", description=__doc__.split("\n")[0])
+    p.add_argument("--train", default="synthetic:scenes=16,frames=40", help="training dataset spec")
+    p.add_argument("--eval", default="", help="held-out dataset spec (default: --train with seed + 1000)")
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--height", type=int, default=48)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--stride", type=int, default=8, help="frames between views (parallax)")
+    p.add_argument("--teacher", default="oracle", help="depth teacher spec (labelers.depth.make_teacher)")
+    p.add_argument("--matcher", default="sift")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this long (0: no limit)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--max-matches", type=int, default=0, help="matches kept per window per step (0: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="LearnerConfig override, e.g. loss.kind=supervised, model.size=small, lr=1e-3")
+    p.add_argument("--cache", default=".devdata/datasets", help="folder of labelled dataset caches")
+    p.add_argument("--workers", type=int, default=0, help="labelling processes (0: one per CPU)")
+    p.add_argument("--label-only", action="store_true", help="build the dataset caches and exit")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/study")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    common = dict(views=args.views, height=args.height, width=args.width, stride=args.stride,
+                  teacher=args.teacher, matcher=args.matcher)
+    train_spec = parse_spec(args.train, **common)
+    eval_spec = (parse_spec(args.eval, **common) if args.eval
+                 else dataclasses.replace(train_spec, seed=train_spec.seed + 1000))
+    train = ensure_dataset(train_spec, args.cache, workers=args.workers)
+    held = ensure_dataset(eval_spec, args.cache, workers=args.workers)
+    print(f"train: {train.stats()}\nheld-out: {held.stats()}", flush=True)
+    if args.label_only:
+        return 0
+
+    defaults = ["ema_decay=0", "warmup_steps=50", "snapshot_every=1000000", "lr=1e-3"]
+    cfg = apply_overrides(LearnerConfig(), defaults + args.set)
+    out = Path(args.out)
+    result = run_study(cfg, train, held.windows(args.eval_windows), steps=args.steps, minutes=args.minutes,
+                       eval_every=args.eval_every, max_matches=args.max_matches, seed=args.seed,
+                       device=args.device, out=out,
+                       on_eval=lambda row: print(f"eval step {row['step']}: " + " ".join(
+                           f"{k}={row['eval'][k]:.3f}" for k in TABLE_KEYS if k in row["eval"]), flush=True))
+    table = format_table({"constant depth / identity poses": result.baseline,
+                          f"{cfg.loss.kind} (step {result.steps})": result.final})
+    (out / "table.md").write_text(table + "\n")
+    print(f"{result.steps} steps in {result.seconds:.0f} s\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
