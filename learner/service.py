@@ -43,7 +43,8 @@ class BatchPrefetcher:
     def _loop(self) -> None:
         endpoint, batch_size, rank = self._args
         # Short call timeout: an idle or absent replay only costs a retry and a log line.
-        client = ReplayClient(endpoint, ctx=self.runtime.ctx, timeout_s=5.0, retry_s=3.0)
+        client = ReplayClient(endpoint, ctx=self.runtime.ctx, timeout_s=5.0, retry_s=3.0,
+                              curve=self.runtime.cfg.network.curve)
         try:
             while not self._stop.is_set():
                 try:
@@ -111,7 +112,8 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
     endpoint = cfg.network.connect(cfg.network.replay_port)
     prefetch = BatchPrefetcher(runtime, endpoint, lcfg.batch_size, trainer.rank)
     # Per-window losses feed the replay's prioritized sampler; other samplers ignore them.
-    reporter = ReplayClient(endpoint, ctx=runtime.ctx) if cfg.replay.sampler == "prioritized" else None
+    reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
+                if cfg.replay.sampler == "prioritized" else None)
     teachers: Any = None
     rate, last_time, last_log = 0.0, time.perf_counter(), 0.0
     last_saved = trainer.global_step if latest is not None else -1

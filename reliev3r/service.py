@@ -122,25 +122,6 @@ class Runtime:
         finally:
             sock.close(linger=0)
 
-    # ------------------------------------------------------------------ sockets
-    def bind(self, kind: int, port: int) -> zmq.Socket:
-        """A socket of ``kind`` bound on the configured host and ``port``, CURVE-secured
-        when ``network.curve`` is enabled (unknown clients refused and counted)."""
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        security.secure_server(sock, self.cfg.network.curve, self.metrics)
-        sock.bind(self.cfg.network.bind(port))
-        return sock
-
-    def connect(self, kind: int, port: int) -> zmq.Socket:
-        """A socket of ``kind`` connected to ``port`` on the configured peer host, with this
-        process's CURVE client keys when enabled."""
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        security.secure_client(sock, self.cfg.network.curve)
-        sock.connect(self.cfg.network.connect(port))
-        return sock
-
     # ------------------------------------------------------------------ receiving
     def receive(self, sock: zmq.Socket, *, kinds: tuple[str, ...], routed: bool = False,
                 max_bytes: int = protocol.DEFAULT_MAX_BYTES):

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import zmq
 
-from reliev3r import protocol
+from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
 from streamer import sources as srcs
@@ -294,6 +294,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     sock = runtime.ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished labeler fails instead of vanishing
+    security.secure_server(sock, cfg.network.curve, runtime.metrics)
     endpoint = cfg.network.bind(cfg.network.work_port)
     sock.bind(endpoint)
     log.info("streamer up", extra={"endpoint": endpoint, "sources": scfg.sources or "synthetic"})
