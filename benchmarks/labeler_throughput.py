@@ -120,11 +120,23 @@ def bench_depth(name: str, folder: Path, *, device: str, batch: int, compile: st
             "first_call_s": first_call_s}
 
 
+def panning_frames(n: int, width: int, height: int, step: int, seed: int) -> np.ndarray:
+    """n uint8 RGB frames [n,H,W,3] panning right by ``step`` px over a smooth random texture
+    (multi-scale noise, so features exist at every scale)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    big = torch.zeros(1, 3, height, width + step * n)
+    for cells in (8, 32, 128):
+        noise = torch.rand(1, 3, cells, cells * (width + step * n) // height, generator=g)
+        big += F.interpolate(noise, size=big.shape[-2:], mode="bicubic", align_corners=False)
+    big = (big - big.min()) / (big.max() - big.min()) * 255
+    img = big[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy()
+    return np.stack([img[:, i * step:i * step + width] for i in range(n)])
+
+
 def bench_matches(*, device: str, compile: bool, windows: int) -> dict:
     import importlib.util
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from streamer_media import panning_frames
 
     from labelers.matches import XFeatMatcher, match_window, select_pairs
 
@@ -172,6 +184,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="tiny run (CPU smoke test of this script)")
+    ap.add_argument("--only", choices=["depth", "matches"], default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -185,6 +198,8 @@ def main() -> int:
     iters = 1 if args.quick else 10
     modes = ["none"] if device == "cpu" else ["none", "inductor"]
     archs = list(DA_V2.items())[:1] if args.quick else list(DA_V2.items())
+    if args.only == "matches":
+        archs = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in archs:
             folder = Path(tmp) / name
@@ -193,7 +208,7 @@ def main() -> int:
                 r = bench_depth(name, folder, device=device, batch=batch, compile=mode, peak=peak, iters=iters)
                 results["depth"].append(r)
                 print(json.dumps(r), flush=True)
-    for compile in ([False] if device == "cpu" else [False, True]):
+    for compile in ([] if args.only == "depth" else [False] if device == "cpu" else [False, True]):
         r = bench_matches(device=device, compile=compile, windows=2 if args.quick else 12)
         results["matches"].append(r)
         print(json.dumps(r), flush=True)

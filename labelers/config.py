@@ -16,9 +16,11 @@ class LabelerConfig:
     ``pydnet:<file>`` (see ``labelers/depth_models.py`` for the options)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Teacher arithmetic: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU."""
-    compile: Literal["none", "inductor", "tensorrt"] = "inductor"
+    compile: Literal["none", "inductor", "tensorrt"] = "none"
     """Compile the torch teachers on CUDA (ignored on the CPU). ``tensorrt`` needs
-    torch-tensorrt (extra ``tensorrt``) and falls back to inductor, with a warning, without it."""
+    torch-tensorrt (extra ``tensorrt``) and falls back to inductor, with a warning, without it.
+    Off by default: on an H100, inductor made Depth Anything V2 S/B forwards 2x slower than
+    eager bf16 (docs/BENCHMARKS.md), and it costs ~40 s at start-up."""
     batch_frames: int = 16
     """Frames per teacher forward (frames of several windows are batched together)."""
     batch_windows: int = 4
