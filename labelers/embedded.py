@@ -46,8 +46,9 @@ class EmbeddedDepthNet(nn.Module):
     """U-Net: five stride-2 encoder stages, a global-context vector at 1/32, a decoder with
     skip connections back to 1/2, bilinear upsampling to the input size.
 
-    forward(x) with x float [B, 3, H, W] RGB in [0, 1] (H, W multiples of 32) returns
-    log relative depth [B, H, W] (depth = exp(output), any scale).
+    forward(x) with x float [B, 3, H, W] RGB in [0, 1] returns
+    log relative depth [B, H, W] (depth = exp(output), any scale). Sides that are not
+    multiples of 32 work too: the decoder resizes to each skip's size.
     Each image is standardised by its own mean and std first: exposure and contrast of
     a camera carry no depth information, and synthetic and real images differ in both.
     """
@@ -133,11 +134,11 @@ def load_net(path: Path = WEIGHTS) -> tuple[EmbeddedDepthNet, dict]:
 
 
 def input_size_for(height: int, width: int, base: tuple[int, int] = DEFAULT_INPUT) -> tuple[int, int]:
-    """Net input (multiples of 32) with about the pixel count it was trained at and the
+    """Net input (multiples of 16) with about the pixel count it was trained at and the
     frame's aspect ratio."""
     area = base[0] * base[1]
     scale = (area / (height * width)) ** 0.5
-    return max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32)
+    return max(32, round(height * scale / 16) * 16), max(32, round(width * scale / 16) * 16)
 
 
 class EmbeddedTeacher(DepthTeacher):

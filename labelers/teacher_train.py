@@ -9,8 +9,8 @@ exact z-depth), from two kinds of scenes:
   with the gaze perturbed;
 * "kitchen" rooms built here with the same public API (``World``, ``Box``, ``Sphere``,
   ``Material``): counters of cabinet boxes along one to three walls with a worktop slab,
-  wall cabinets, tall units, clutter on the worktops, an island or a table with chairs and
-  things on it, and a mix of
+  wall cabinets, tall units, clutter on the worktops, an island or a table (optionally with
+  chairs and things on it: ``dining``), and a mix of
   plain, wood-like and patterned materials (real rooms are mostly untextured; the pipeline's
   world is textured everywhere for the matchers). The camera stands anywhere clear of the
   furniture at hand height and looks mostly at the furniture, pitched down, with some roll.
@@ -67,9 +67,9 @@ class TeacherTrainConfig:
     batch: int = 32
     """Frames per step."""
     height: int = 192
-    """Training height (multiple of 32); frames are rendered at this size."""
+    """Training height (multiple of 16); frames are rendered at this size."""
     width: int = 256
-    """Training width (multiple of 32)."""
+    """Training width (multiple of 16)."""
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     """U-Net channels per encoder stage."""
     lr: float = 2e-3
@@ -87,6 +87,9 @@ class TeacherTrainConfig:
     eyes_per_world: int = 6
     kitchen_share: float = 0.7
     """Share of scenes that are kitchen rooms (the rest: ``random_world`` rooms)."""
+    dining: bool = False
+    """Kitchen rooms get a table more often, with chairs and things on it (added after the
+    shipped weights were trained; off reproduces their data draw for draw)."""
     val_frames: int = 64
     """Held-out synthetic frames (other seeds) scored at the end."""
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -98,8 +101,8 @@ class TeacherTrainConfig:
         self.widths = tuple(int(w) for w in self.widths)
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
-        if self.height % 32 or self.width % 32 or self.height < 32 or self.width < 32:
-            raise ValueError(f"height and width must be positive multiples of 32, got {self.height}x{self.width}")
+        if self.height % 16 or self.width % 16 or self.height < 32 or self.width < 32:
+            raise ValueError(f"height and width must be multiples of 16 (>= 32), got {self.height}x{self.width}")
         if self.batch < 1 or self.pool_frames < self.batch:
             raise ValueError("batch must be >= 1 and pool_frames >= batch")
         if not 0 <= self.kitchen_share <= 1:
@@ -146,7 +149,7 @@ def _box(lo, hi, material: Material) -> Box:
     return Box(tuple((lo + hi) / 2), tuple((hi - lo) / 2), _EYE, material)
 
 
-def kitchen_world(rng: np.random.Generator) -> World:
+def kitchen_world(rng: np.random.Generator, *, dining: bool = False) -> World:
     """A room with kitchen-like furniture (axis-aligned boxes) and clutter."""
     size = np.array([rng.uniform(2.6, 6.0), rng.uniform(2.6, 6.0), rng.uniform(2.3, 3.0)])
     lo, hi = np.array([-size[0] / 2, -size[1] / 2, 0.0]), np.array([size[0] / 2, size[1] / 2, size[2]])
@@ -212,11 +215,11 @@ def kitchen_world(rng: np.random.Generator) -> World:
             wide = rng.uniform(0.6, 0.9)
             if b + wide < hi[other] - 0.05:
                 boxes.append(run_box(axis, side, b, b + wide, 0.0, rng.uniform(1.7, 2.1), rng.uniform(0.6, 0.7), mat()))
-    if rng.uniform() < 0.8:  # island or table, chairs around it, things on it
+    if rng.uniform() < (0.8 if dining else 0.5):  # island or table (dining: chairs, things on it)
         cx, cy = rng.uniform(-0.25, 0.25) * size[0], rng.uniform(-0.25, 0.25) * size[1]
         hx, hy = rng.uniform(0.3, 0.8), rng.uniform(0.3, 0.6)
         top = rng.uniform(0.72, 0.95)
-        if rng.uniform() < 0.3:
+        if rng.uniform() < (0.3 if dining else 0.5):
             boxes.append(_box((cx - hx, cy - hy, 0.0), (cx + hx, cy + hy, top), mat()))
         else:
             m = mat()
@@ -225,8 +228,8 @@ def kitchen_world(rng: np.random.Generator) -> World:
                 for sy in (-1, 1):
                     px, py = cx + sx * (hx - 0.05), cy + sy * (hy - 0.05)
                     boxes.append(_box((px - 0.025, py - 0.025, 0.0), (px + 0.025, py + 0.025, top - 0.04), m))
-            chair = mat()
-            for _ in range(int(rng.integers(0, 5))):
+            chair = mat() if dining else None
+            for _ in range(int(rng.integers(0, 5)) if dining else 0):
                 # A chair: seat, back and legs, pushed under one side of the table.
                 side, s = int(rng.integers(4)), rng.uniform(0.2, 0.3)
                 along = rng.uniform(-0.6, 0.6)
@@ -246,7 +249,7 @@ def kitchen_world(rng: np.random.Generator) -> World:
                 else:
                     by = py + outward * (s - 0.02)
                     boxes.append(_box((px - s, by - 0.02, seat), (px + s, by + 0.02, back), chair))
-            for _ in range(int(rng.integers(0, 7))):  # magazines, boxes, cups on the table
+            for _ in range(int(rng.integers(0, 7)) if dining else 0):  # magazines, boxes, cups on the table
                 pos = np.array([cx + rng.uniform(-0.8, 0.8) * hx, cy + rng.uniform(-0.8, 0.8) * hy, 0.0])
                 if rng.uniform() < 0.5:
                     half = np.array([rng.uniform(0.08, 0.16), rng.uniform(0.1, 0.2), rng.uniform(0.003, 0.02)])
@@ -305,7 +308,7 @@ def scene_views(rng: np.random.Generator, cfg: TeacherTrainConfig) -> tuple[Worl
     """One world and its (eye [3], rotations [V, 3, 3]) groups."""
     groups = []
     if rng.uniform() < cfg.kitchen_share:
-        world = kitchen_world(rng)
+        world = kitchen_world(rng, dining=cfg.dining)
         lo, hi = np.asarray(world.room_min), np.asarray(world.room_max)
         for _ in range(200):
             if len(groups) == cfg.eyes_per_world:
