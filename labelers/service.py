@@ -36,7 +36,7 @@ import zmq
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
 from labelers.matches import make_matcher, match_window
-from reliev3r import protocol
+from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.protocol import Message
 from reliev3r.service import Runtime
@@ -165,6 +165,7 @@ class ReplayLink:
         self.close()
         self.sock = self.runtime.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        security.secure_client(self.sock, self.runtime.cfg.network.curve)
         self.sock.connect(self.endpoint)
 
     def close(self) -> None:
@@ -217,6 +218,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     log = runtime.log
     work = runtime.ctx.socket(zmq.DEALER)
     work.setsockopt(zmq.LINGER, 0)
+    security.secure_client(work, cfg.network.curve)
     work.connect(cfg.network.connect(cfg.network.work_port))
     replay = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
                         timeout_s=lcfg.insert_timeout_s, retries=lcfg.insert_retries)

@@ -173,3 +173,47 @@ def test_sigterm_stops_everything_cleanly(tmp_path, worlds):
     from learner.snapshot import latest_snapshot
 
     assert latest_snapshot(run_dir / "snapshots") is not None
+
+
+def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, worlds):
+    """Every ZeroMQ link under CURVE: with keys from `reliev3r keys` the run completes; a peer
+    without the key gets nothing through and is counted."""
+    from reliev3r.cli import main as cli_main
+
+    keys = tmp_path / "keys"
+    assert cli_main(["keys", "--out", str(keys)]) == 0
+    curve = [f"network.curve.enabled=true", f"network.curve.server_secret_key={keys / 'server.key_secret'}",
+             f"network.curve.server_public_key={keys / 'server.key'}",
+             f"network.curve.client_secret_key={keys / 'client.key_secret'}",
+             f"network.curve.client_public_key={keys / 'client.key'}",
+             f"network.curve.authorized_clients={keys / 'authorized_clients'}"]
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, worlds, *curve, max_steps=6)
+    try:
+        procs = _wait_for(lambda: (p := _processes(run_dir)).get("replay", {}).get("pid") and p, 120, "processes")
+        cfg = rconfig.load([run_dir / "config.yaml"])
+        _wait_for(lambda: _learner_step(run_dir) >= 5 or proc.poll() is not None, 300, "the first snapshot")
+        # A keyless and a wrong-key client: their requests are never answered or stored.
+        import zmq.auth
+
+        ctx = zmq.Context()
+        stranger_public, stranger_secret = zmq.curve_keypair()
+        server_public, _ = zmq.auth.load_certificate(keys / "server.key")
+        for use_curve in (False, True):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if use_curve:
+                sock.curve_publickey, sock.curve_secretkey = stranger_public, stranger_secret
+                sock.curve_serverkey = server_public
+            sock.connect(f"tcp://127.0.0.1:{cfg.network.replay_port}")
+            sock.send_multipart([b"R3W\x01", b"\x83\xa4kind\xa5stats\xa4meta\x80\xa6arrays\x90"], flags=zmq.NOBLOCK)
+            assert not sock.poll(1500), "a peer without the right key got an answer"
+            sock.close()
+        ctx.term()
+        text = _scrape(procs["replay"]["metrics"])
+        failures = [ln for ln in text.splitlines() if ln.startswith("reliev3r_auth_failures_total") and not ln.endswith(" 0.0")]
+        assert failures, "the refused wrong-key peer was not counted"
+    finally:
+        out = _finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == 6
