@@ -40,6 +40,12 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
 ================  ====================================================================
 
 Pixel coordinates follow ``reliev3r.geometry`` (pixel centres at integer coordinates).
+
+Compressed frames (cross-host links): a ``window`` or ``insert`` may carry
+``frames_encoded`` uint8 [N] (the V images' JPEG or PNG files back to back) instead of
+``frames``, with meta ``frame_codec`` ("jpeg" | "png"), ``frame_sizes`` (V byte counts) and
+``frame_shape`` ([V, H, W, 3]). :func:`decode` restores ``frames`` before any other check,
+so receivers never see the difference; :func:`compress_frames` makes such a message.
 """
 
 from __future__ import annotations
@@ -178,6 +184,8 @@ def decode(frames: Iterable[bytes | memoryview | Any], *, max_bytes: int = DEFAU
         if len(buf) != expected:
             raise ProtocolError("size_mismatch", f"{name}: {len(buf)} bytes for {dtype}{shape}")
         arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+    if "frames_encoded" in arrays and kind in ("window", "insert"):
+        arrays["frames"] = _decompress_frames(arrays.pop("frames_encoded"), meta, max_bytes)
     _check_schema(kind, meta, arrays)
     return Message(kind, meta, arrays)
 
@@ -230,6 +238,56 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
     for name in ("intrinsics", "gt_cam_to_world"):
         if name in arrays and not np.isfinite(arrays[name]).all():
             raise ProtocolError("non_finite", name)
+
+
+CODECS = {"jpeg": ".jpg", "png": ".png"}
+
+
+def compress_frames(msg: Message, codec: str = "jpeg", quality: int = 90) -> Message:
+    """A copy of a ``window``/``insert`` message whose ``frames`` travel as JPEG or PNG
+    (about 10x fewer bytes for JPEG at quality 90: for links between hosts)."""
+    import cv2  # only senders that compress need OpenCV
+
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    frames = np.asarray(msg.arrays["frames"])
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if codec == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    blobs = []
+    for rgb in frames:
+        ok, buf = cv2.imencode(CODECS[codec], np.ascontiguousarray(rgb[..., ::-1]), params)
+        if not ok:
+            raise ProtocolError("encode_failed", codec)
+        blobs.append(buf.reshape(-1))
+    arrays = {k: v for k, v in msg.arrays.items() if k != "frames"}
+    arrays["frames_encoded"] = np.concatenate(blobs)
+    meta = {**msg.meta, "frame_codec": codec, "frame_sizes": [int(b.size) for b in blobs],
+            "frame_shape": list(frames.shape)}
+    return Message(msg.kind, meta, arrays)
+
+
+def _decompress_frames(data: np.ndarray, meta: dict, max_bytes: int) -> np.ndarray:
+    import cv2
+
+    codec, sizes, shape = meta.get("frame_codec"), meta.get("frame_sizes"), meta.get("frame_shape")
+    if codec not in CODECS:
+        raise ProtocolError("bad_codec", repr(codec)[:20])
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[3] == 3
+            and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ProtocolError("bad_shape", f"frame_shape {shape!r}"[:80])
+    if math.prod(shape) > max_bytes:
+        raise ProtocolError("too_large", "decoded frames")
+    if not (isinstance(sizes, list) and len(sizes) == shape[0] and all(isinstance(s, int) and s > 0 for s in sizes)
+            and sum(sizes) == data.size):
+        raise ProtocolError("size_mismatch", "frame_sizes do not add up to frames_encoded")
+    frames = np.empty(shape, np.uint8)
+    offset = 0
+    for v, size in enumerate(sizes):
+        bgr = cv2.imdecode(data[offset: offset + size], cv2.IMREAD_COLOR)
+        offset += size
+        if bgr is None or bgr.shape != tuple(shape[1:]):
+            raise ProtocolError("bad_image", f"view {v} does not decode to {shape[1:]}")
+        frames[v] = bgr[..., ::-1]
+    return frames
 
 
 def error_reply(reason: str) -> Message:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,6 +54,10 @@ class StreamerConfig:
     """Windows sent but not yet acknowledged by replay; the streamer waits at this bound."""
     resend_timeout_s: float = 60.0
     """A window not acknowledged within this time is sent again (at-least-once)."""
+    payload: Literal["raw", "jpeg", "png"] = "raw"
+    """How frames travel: raw buffers (one host), or JPEG/PNG files (links between hosts)."""
+    jpeg_quality: int = 90
+    """JPEG quality of ``payload: jpeg``."""
     keyframe_min_motion: float = 0.5
     """Cheap pre-gate: a candidate view whose 32x24 grey thumbnail differs from the last kept view
     by less than this mean absolute difference (grey levels, 0-255) is skipped. 0 disables."""

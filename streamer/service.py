@@ -347,7 +347,10 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
                         exhausted = True
                         log.info("all sources done", extra={"sent": counts["sent"]})
                 else:
-                    frames = protocol.encode(window.to_message())
+                    msg = window.to_message()
+                    if scfg.payload != "raw":
+                        msg = protocol.compress_frames(msg, scfg.payload, scfg.jpeg_quality)
+                    frames = protocol.encode(msg)
                     if not send(window.window_id, frames):
                         # the chosen labeler vanished between check and send: keep it for later
                         disp.in_flight[window.window_id] = InFlight(frames, 0.0, b"", 0)

@@ -176,8 +176,9 @@ def test_sigterm_stops_everything_cleanly(tmp_path, worlds):
 
 
 def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, worlds):
-    """Every ZeroMQ link under CURVE: with keys from `reliev3r keys` the run completes; a peer
-    without the key gets nothing through and is counted."""
+    """The cross-host setup on one host: every ZeroMQ link under CURVE and frames sent as
+    JPEG. With keys from `reliev3r keys` the run completes; a peer without the key gets
+    nothing through and is counted."""
     from reliev3r.cli import main as cli_main
 
     keys = tmp_path / "keys"
@@ -188,7 +189,7 @@ def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, world
              f"network.curve.client_public_key={keys / 'client.key'}",
              f"network.curve.authorized_clients={keys / 'authorized_clients'}"]
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, worlds, *curve, max_steps=6)
+    proc = _start(run_dir, worlds, *curve, "streamer.payload=jpeg", max_steps=6)
     try:
         procs = _wait_for(lambda: (p := _processes(run_dir)).get("replay", {}).get("pid") and p, 120, "processes")
         cfg = rconfig.load([run_dir / "config.yaml"])

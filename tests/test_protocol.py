@@ -85,3 +85,52 @@ def test_size_limit_and_kind_filter():
         protocol.decode(frames, max_bytes=100)
     with pytest.raises(ProtocolError, match="unexpected_kind"):
         protocol.decode(frames, kinds=("insert",))
+
+
+def _psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+
+
+def _smooth_window(v=3, h=48, w=64):
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.stack([np.stack([128 + 100 * np.sin(xx / 7 + k), 128 + 100 * np.cos(yy / 9),
+                                 128 + 90 * np.sin((xx + yy) / 11)], -1) for k in range(v)]).astype(np.uint8)
+    msg = _window(v, h, w)
+    msg.arrays["frames"] = frames
+    return msg
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png"])
+def test_compressed_frames_round_trip(codec):
+    msg = _smooth_window()
+    small = protocol.compress_frames(msg, codec, quality=95)
+    assert "frames" not in small.arrays and small.arrays["frames_encoded"].ndim == 1
+    back = protocol.decode(_frames(small))
+    assert back.arrays["frames"].shape == msg.arrays["frames"].shape
+    if codec == "png":
+        np.testing.assert_array_equal(back.arrays["frames"], msg.arrays["frames"])  # lossless
+    else:
+        assert _psnr(back.arrays["frames"], msg.arrays["frames"]) > 30
+        assert small.arrays["frames_encoded"].nbytes < msg.arrays["frames"].nbytes / 4
+    np.testing.assert_array_equal(back.arrays["gt_depth"], msg.arrays["gt_depth"])
+
+
+def test_compressed_frames_are_validated():
+    good = protocol.compress_frames(_smooth_window(), "jpeg")
+    cases = []
+    bad = Message(good.kind, {**good.meta, "frame_codec": "gif"}, good.arrays)
+    cases.append((bad, "bad_codec"))
+    bad = Message(good.kind, {**good.meta, "frame_sizes": good.meta["frame_sizes"][:-1]}, good.arrays)
+    cases.append((bad, "size_mismatch"))
+    bad = Message(good.kind, {**good.meta, "frame_shape": [3, 48, 65, 3]}, good.arrays)
+    cases.append((bad, "bad_image"))
+    garbage = good.arrays["frames_encoded"].copy()
+    garbage[: garbage.size // 2] = 7
+    cases.append((Message(good.kind, good.meta, {**good.arrays, "frames_encoded": garbage}), "bad_image"))
+    bad = Message(good.kind, {**good.meta, "frame_shape": [3, 100000, 100000, 3]}, good.arrays)
+    cases.append((bad, "too_large"))
+    for msg, reason in cases:
+        with pytest.raises(ProtocolError) as err:
+            protocol.decode(_frames(msg))
+        assert err.value.reason == reason
