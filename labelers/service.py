@@ -255,6 +255,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
             metrics.dropped.labels(reason.split(":")[0]).inc()
             metrics.windows.labels("dropped").inc()
             counts["dropped"] += 1
+            runtime.status.update(counts)  # before the done, so a peer that sees it sees this
             done(window_id, "dropped", reason)
             return
         with metrics.timer("insert"):
@@ -271,6 +272,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
             counts["dropped"] += 1
         else:
             counts["labelled"] += 1
+        runtime.status.update(counts)
         done(window_id, status, why)
 
     try:
@@ -297,7 +299,6 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
                         outcomes.append((None, f"labeler_error:{type(err).__name__}", []))
             for msg, (insert, reason, flags) in zip(batch, outcomes):
                 finish(msg.meta["window_id"], insert, reason, flags)
-            runtime.status.update(counts)
             take()
             ready()
         return 0
