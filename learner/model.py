@@ -7,11 +7,12 @@ views, so permuting the input views permutes the outputs exactly (up to float su
 
 Layout, per frame: patch embedding (conv) -> [camera token, registers, patch tokens] with 2D
 RoPE on patch positions -> ``encoder`` frame-wise blocks -> ``pairs`` x (frame-wise block,
-global block) -> final norm -> heads (fp32, autocast off):
+global block) -> final norm -> heads:
 
 * dense head: linear -> pixel shuffle to full resolution -> two 3x3 convs (with the image as
-  a skip input) -> log-depth and confidence logit.
-* camera head: MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
+  a skip input) -> log-depth and confidence logit. The full-resolution trunk (linear, shuffle,
+  first conv) follows the caller's autocast; the last conv and the activations run in fp32.
+* camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
   (+ log focal) (+ with ``depth_param: view_scale``, one log-scale per view added to the
   dense log-depth: the cross-view scale then lives in one number per view that the
   reprojection terms move directly, while the dense head learns the shape).
@@ -209,8 +210,12 @@ class FFRM(nn.Module):
             x = global_block(x.reshape(b, v * n, -1), cos_g, sin_g).reshape(b * v, n, -1)
         x = self.norm(x)
 
+        # The dense trunk (projection, pixel shuffle, first 3x3 conv) works at full resolution
+        # and moves more bytes than the rest of the model: it follows the caller's autocast
+        # (bf16 on GPU). Its last conv, the output activations and the camera head run in fp32.
+        feat = self._dense_trunk(x[:, special:], frames, b * v, gh, gw)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            return self._heads(x.float(), frames.float(), b, v, gh, gw, special)
+            return self._heads(feat.float(), x[:, 0].float(), b, v, gh, gw)
 
     def _rope_tables(self, gh: int, gw: int, special: int, device) -> tuple[Tensor, Tensor]:
         rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
@@ -219,13 +224,19 @@ class FFRM(nn.Module):
         pos = torch.cat((torch.zeros(special, 2, device=device), patch_pos), dim=0)
         return self.rope(pos)
 
-    def _heads(self, x: Tensor, frames: Tensor, b: int, v: int, gh: int, gw: int, special: int) -> Prediction:
+    def _dense_trunk(self, patch_tokens: Tensor, frames: Tensor, bv: int, gh: int, gw: int) -> Tensor:
+        """[BV, gh*gw, D] tokens and [BV, 3, H, W] normalised frames -> [BV, c, H, W] features."""
         p, c = self.cfg.patch_size, self.size.head_channels
+        patches = self.dense_proj(patch_tokens)  # [BV, gh*gw, c*p*p]
+        feat = F.pixel_shuffle(patches.transpose(1, 2).reshape(bv, c * p * p, gh, gw), p)
+        conv, act = self.dense_refine[0], self.dense_refine[1]
+        return act(conv(torch.cat((feat, frames.to(feat.dtype)), dim=1)))
+
+    def _heads(self, feat: Tensor, cam_token: Tensor, b: int, v: int, gh: int, gw: int) -> Prediction:
+        p = self.cfg.patch_size
         h, w = gh * p, gw * p
-        patches = self.dense_proj(x[:, special:])  # [BV, gh*gw, c*p*p]
-        feat = F.pixel_shuffle(patches.transpose(1, 2).reshape(b * v, c * p * p, gh, gw), p)
-        out = self.dense_refine(torch.cat((feat, frames), dim=1))  # [BV, 2, H, W]
-        cam = self.camera_head(x[:, 0])  # [BV, 9 (+1) (+1)]
+        out = self.dense_refine[2](feat)  # [BV, 2, H, W]
+        cam = self.camera_head(cam_token)  # [BV, 9 (+1) (+1)]
         log_depth = out[:, 0]
         if self.cfg.depth_param == "view_scale":
             log_depth = log_depth + cam[:, -1, None, None]
