@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 MAX_STEPS ?= 50
-CONFIG ?= configs/default.yaml --config configs/demo.yaml
+CONFIG ?= configs/demo.yaml
 BIN := $(VENV)/bin
 
 .PHONY: up test venv clean

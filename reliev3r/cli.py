@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", action="append", default=[], metavar="FILE",
-                       help="YAML config (repeatable; default: configs/default.yaml)")
+                       help="YAML config on top of configs/default.yaml (repeatable, later files win)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         return p
 
@@ -94,9 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_paths(args: argparse.Namespace) -> list[Path]:
+    """configs/default.yaml first, then the user's files on top: a user's file need only
+    hold what differs from the defaults."""
+    extra = [Path(p) for p in args.config]
+    return [DEFAULT_CONFIG, *(p for p in extra if p.resolve() != DEFAULT_CONFIG)]
+
+
 def load_config(args: argparse.Namespace) -> rconfig.PipelineConfig:
-    paths = args.config or [DEFAULT_CONFIG]
-    return rconfig.load(paths, args.overrides)
+    return rconfig.load(config_paths(args), args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.max_steps is not None:
             cfg.learner.max_steps = args.max_steps
-        return Supervisor(cfg, config_paths=args.config or [DEFAULT_CONFIG], overrides=args.overrides).run()
+        return Supervisor(cfg).run()
     if args.command == "eval":
         from evaluation.cli import main as eval_main
 

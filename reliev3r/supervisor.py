@@ -55,7 +55,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: PipelineConfig, *, config_paths=(), overrides=(), out=sys.stdout):
+    def __init__(self, cfg: PipelineConfig, *, out=sys.stdout):
         self.cfg = rconfig.resolve_ports(cfg)
         self.run_dir = cfg.run_dir
         self.out = out
