@@ -46,8 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CACHE_VERSION = 1
-"""Bumped when the cache layout or the labelling changes: older caches are rebuilt."""
+CACHE_VERSION = 2
+"""Bumped when the cache layout or the labelling changes: older caches are rebuilt.
+2: real teachers see the matching-resolution frames; compressed cache, depths as float16."""
+
+_HALF = ("gt_depth", "teacher_depth")
+"""Stored as float16 (relative precision 5e-4, far below teacher noise and metric
+resolution) and served as float32: a 7-Scenes cache then fits a device transfer."""
 
 
 class DatasetError(Exception):
@@ -154,8 +159,38 @@ def _windows_of_clip(spec: DatasetSpec, length: int) -> list[list[int]]:
     return [list(range(s, s + span + 1, spec.stride)) for s in range(0, length - span, spec.hop)]
 
 
+def _downsample_labels(depth: np.ndarray, valid: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block means of [V, s*H, s*W] teacher depth over valid pixels; a small pixel is valid
+    when its whole block is (no blending across holes)."""
+    v, hh, ww = depth.shape
+    blocks = depth.reshape(v, hh // s, s, ww // s, s).astype(np.float64)
+    ok = valid.reshape(v, hh // s, s, ww // s, s)
+    count = ok.sum((2, 4))
+    mean = np.where(ok, blocks, 0).sum((2, 4)) / np.maximum(count, 1)
+    return mean.astype(np.float32), count == s * s
+
+
+def _teacher_labels(teacher: Any, name: str, images: np.ndarray, big: np.ndarray, depth: np.ndarray,
+                    scale: int, frame_keys: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """A real (image-only) teacher sees the matching-resolution frames, as a labeler at camera
+    resolution would, and its output is block-averaged to the training resolution; per-frame
+    outputs are memoised by ``frame_keys`` (overlapping windows share frames). The oracle
+    needs the ground truth at the training resolution and stays per window."""
+    if teacher.name == "oracle-gt" or scale == 1:
+        return teacher.predict(images, gt_depth=depth, window_id=name)
+    memo = _WORKER.setdefault("memo", {})
+    keys = frame_keys or [f"{name}#{v}" for v in range(len(images))]
+    todo = [v for v, k in enumerate(keys) if k not in memo]
+    if todo:
+        d, ok = teacher.predict(big[todo], window_id=name)
+        d, ok = _downsample_labels(np.asarray(d, np.float32), np.asarray(ok, bool), scale)
+        for n, v in enumerate(todo):
+            memo[keys[v]] = (d[n], ok[n])
+    return np.stack([memo[k][0] for k in keys]), np.stack([memo[k][1] for k in keys])
+
+
 def _label(spec: DatasetSpec, name: str, images: np.ndarray, big: np.ndarray, depth: np.ndarray,
-           intrinsics: np.ndarray, poses: np.ndarray) -> dict[str, Any] | None:
+           intrinsics: np.ndarray, poses: np.ndarray, frame_keys: list[str] | None = None) -> dict[str, Any] | None:
     from labelers.depth import TeacherError
     from labelers.matches import match_window
 
@@ -164,7 +199,8 @@ def _label(spec: DatasetSpec, name: str, images: np.ndarray, big: np.ndarray, de
                            "intrinsics": intrinsics.astype(np.float32), "gt_cam_to_world": poses.astype(np.float32)}
     if teacher.produces_labels:
         try:
-            out["teacher_depth"], out["teacher_valid"] = teacher.predict(images, gt_depth=depth, window_id=name)
+            out["teacher_depth"], out["teacher_valid"] = _teacher_labels(
+                teacher, name, images, big, depth, spec.match_scale, frame_keys)
         except TeacherError:
             return None
     rows, _ = match_window(big, _WORKER["matcher"], long_pairs=spec.long_pairs, min_matches=spec.min_matches,
@@ -211,8 +247,9 @@ def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str,
             depths.append(imaging.fit_image(depth, spec.height, spec.width, nearest=True))
             Ks.append(imaging.fit_intrinsics(seq.intrinsics, h, w, spec.height, spec.width))
             poses.append(pose)
+        frames = range(start, start + spec.views * spec.stride, spec.stride)
         item = _label(spec, f"{seq.name}:{start}", np.stack(imgs), np.stack(bigs), np.stack(depths),
-                      np.stack(Ks), np.stack(poses))
+                      np.stack(Ks), np.stack(poses), frame_keys=[f"{seq.name}#{k}" for k in frames])
         if item is not None:
             out.append(item)
     return out
@@ -292,8 +329,9 @@ def ensure_dataset(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, p
         arrays = build(spec, workers=workers, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
+        stored = {k: (a.astype(np.float16) if k in _HALF else a) for k, a in arrays.items()}
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez_compressed(f, **stored)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -334,7 +372,7 @@ class LabelledDataset:
     def load(cls, path: str | Path) -> "LabelledDataset":
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
+                arrays = {k: (data[k].astype(np.float32) if k in _HALF else data[k]) for k in data.files}
         except (OSError, ValueError) as err:
             raise DatasetError(f"{path}: unreadable dataset cache ({err})") from err
         ds = cls(arrays)

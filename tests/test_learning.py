@@ -95,6 +95,44 @@ def test_parse_spec_names_bad_options():
         parse_spec("synthetic", views=1)
 
 
+def test_real_teacher_labels_at_match_resolution_are_block_averaged_and_memoised():
+    from learner import dataset as ds
+
+    # Block means over valid pixels; a small pixel is valid only when its whole block is.
+    big = np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6)
+    valid = np.ones_like(big, dtype=bool)
+    valid[1, 0, 0] = False
+    small, ok = ds._downsample_labels(big, valid, 2)
+    assert small.shape == (2, 2, 3) and ok.shape == (2, 2, 3)
+    assert small[0, 0, 0] == pytest.approx((0 + 1 + 6 + 7) / 4) and ok[0].all()
+    assert not ok[1, 0, 0] and ok[1].sum() == 5 and small[1, 0, 0] == pytest.approx((25 + 30 + 31) / 3)
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.frames = 0
+
+        def predict(self, frames, *, gt_depth=None, window_id=""):
+            self.frames += len(frames)
+            assert gt_depth is None and frames.shape[1:3] == (8, 12)  # the large frames only
+            return frames[..., 0].astype(np.float32) + 1, np.ones(frames.shape[:3], bool)
+
+    teacher = Counting()
+    ds._WORKER.pop("memo", None)
+    try:
+        frames = np.random.default_rng(0).integers(0, 255, (5, 8, 12, 3), dtype=np.uint8)
+        # Two overlapping windows (frames 0-2 and 2-4) share frame 2: 5 predictions, not 6.
+        a, _ = ds._teacher_labels(teacher, "w0", frames[:3, ::2, ::2], frames[:3], None, 2, ["f0", "f1", "f2"])
+        b, _ = ds._teacher_labels(teacher, "w1", frames[2:, ::2, ::2], frames[2:], None, 2, ["f2", "f3", "f4"])
+        assert teacher.frames == 5 and a.shape == (3, 4, 6)
+        np.testing.assert_array_equal(a[2], b[0])
+        want = frames[2, ..., 0].astype(np.float64).reshape(4, 2, 6, 2).mean((1, 3)) + 1
+        np.testing.assert_allclose(b[0], want, rtol=1e-6)
+    finally:
+        ds._WORKER.pop("memo", None)
+
+
 # --------------------------------------------------------------------------- study
 
 def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):

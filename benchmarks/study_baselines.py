@@ -1,0 +1,94 @@
+"""Baselines of the weak-vs-full study, on the held-out windows of labelled dataset caches (CPU).
+
+For each cache given (one per teacher, same windows): the teacher alone (its cached labels
+after a per-frame least-squares scale-and-shift to the ground truth, i.e. ``absrel_lsq_frame``:
+all a monocular teacher can claim), and once for the windows: constant depth / identity poses,
+and the classical two-view pose of every view pair from the SAME verified matches the learner
+gets (essential matrix + cheirality, :func:`evaluation.baselines.essential_pose`), scored with
+the pairwise RRA/RTA/AUC@30 of :mod:`evaluation.metrics` (a pair it cannot solve counts 180°).
+
+    .venv/bin/python benchmarks/study_baselines.py .devdata/datasets/7scenes-...-oracle-....npz ... --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import itertools
+
+import numpy as np
+import torch
+
+from evaluation import metrics
+from evaluation.baselines import FAILED_DEG, align_teacher_frame, essential_pose
+from learner.dataset import LabelledDataset
+from learner.study import format_table, trivial_baseline
+from reliev3r import geometry
+
+
+def teacher_alone(data: LabelledDataset) -> dict[str, float]:
+    a = data.arrays
+    rows = []
+    for n in range(len(data)):
+        gt, teacher, valid = a["gt_depth"][n], a["teacher_depth"][n], a["teacher_valid"][n]
+        preds, gts = [], []
+        for v in range(gt.shape[0]):
+            fit = (gt[v] > 0) & valid[v]
+            aligned = align_teacher_frame(teacher[v], gt[v], fit, data.teacher_space)
+            if aligned is not None:
+                preds.append(aligned[fit])
+                gts.append(gt[v][fit])
+        absrel, delta = metrics.absrel_delta(torch.from_numpy(np.concatenate(preds)), torch.from_numpy(np.concatenate(gts)))
+        rows.append({"absrel_lsq_frame": absrel, "delta_lsq_frame": delta})
+    return metrics.mean_metrics(rows)
+
+
+def classical_poses(data: LabelledDataset) -> dict[str, float]:
+    a = data.arrays
+    rot_errs, trans_errs = [], []
+    for n in range(len(data)):
+        m = data.matches_of(n)
+        gt = torch.from_numpy(a["gt_cam_to_world"][n]).double()
+        v = gt.shape[0]
+        for i, j in itertools.combinations(range(v), 2):
+            sel = (m[:, 0] == i) & (m[:, 1] == j)
+            pose = essential_pose(m[sel, 2:4], m[sel, 4:6], a["intrinsics"][n][i])
+            if pose is None:
+                rot_errs.append(FAILED_DEG)
+                trans_errs.append(FAILED_DEG)
+                continue
+            gt_rel = torch.linalg.inv(gt[j]) @ gt[i]  # cam_i_to_cam_j
+            est = torch.from_numpy(pose)
+            rot_errs.append(float(geometry.rotation_angle_deg(est[:3, :3].T @ gt_rel[:3, :3])))
+            trans_errs.append(float(geometry.angle_between_deg(est[:3, 3], gt_rel[:3, 3])))
+    rot, trans = torch.tensor(rot_errs), torch.tensor(trans_errs)
+    out = metrics.pose_auc(rot, trans)
+    out["rot_err_deg"], out["trans_err_deg"] = float(rot.mean()), float(trans.mean())
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("caches", nargs="+", help="held-out dataset caches, one per teacher")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows: dict[str, dict[str, float]] = {}
+    first = LabelledDataset.load(args.caches[0])
+    rows["constant depth / identity poses"] = trivial_baseline(first.windows())
+    rows["essential matrix from the verified matches"] = classical_poses(first)
+    for path in args.caches:
+        data = LabelledDataset.load(path)
+        teacher = data.meta["teacher"]
+        rows[f"teacher alone: {teacher.get('name')} {teacher.get('version', '')}".strip()] = teacher_alone(data)
+    print(f"{len(first)} windows, {first.stats()}")
+    print(format_table(rows, keys=("absrel_med", "absrel_lsq_frame", "delta_lsq_frame", "rot_err_deg",
+                                   "trans_err_deg", "rra30", "rta30", "auc30")))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Sanity checks before spending device time on accuracy studies (CPU, a few minutes).
+
+1. ``fit``: can the fully-supervised sibling FIT the poses of a handful of training windows?
+   A tiny model trained on 8 windows for a few hundred steps must bring the training-set
+   relative rotation / translation-direction errors well below identity poses'. If it cannot,
+   something between the loss, the camera head, the batch's GT keys and the metric is broken.
+2. ``direct``: optimise the poses of one window directly (no network) under the weak losses
+   with the exact depth: starting from identity poses they must converge to the ground truth
+   (relative rotation error and translation direction error near 0).
+
+    .venv/bin/python benchmarks/study_fit_check.py fit --data .devdata/datasets/X.npz --steps 300
+    .venv/bin/python benchmarks/study_fit_check.py direct --data .devdata/datasets/X.npz
+
+This script imports neither pyzmq nor PyAV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from evaluation import metrics
+from learner import losses
+from learner.config import LearnerConfig
+from learner.dataset import LabelledDataset
+from learner.study import apply_overrides, evaluate, trivial_baseline
+from reliev3r import geometry
+
+
+def fit(args: argparse.Namespace) -> None:
+    from learner.train import Trainer
+
+    data = LabelledDataset.load(args.data)
+    picks = list(range(0, len(data), max(1, len(data) // args.windows)))[:args.windows]
+    windows = [data.windows()[k] for k in picks]
+    cfg = apply_overrides(LearnerConfig(), ["ema_decay=0", "snapshot_every=1000000", f"lr={args.lr}",
+                                            f"warmup_steps={args.warmup}", f"batch_size={len(picks)}"] + args.set)
+    trainer = Trainer(cfg, device="cpu", teacher_space=data.teacher_space, seed=0)
+    base = trivial_baseline(windows)
+    print(f"identity on these {len(picks)} training windows: rot {base['rot_err_deg']:.2f} trans {base['trans_err_deg']:.2f}")
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        terms = trainer.step(data.batch(picks))
+        if step % args.every == 0 or step == args.steps:
+            ev = evaluate(trainer.model, windows, trainer.device)
+            print(f"step {step} {time.perf_counter() - start:.0f}s loss={terms['loss']:.4f} "
+                  f"gn={terms['grad_norm']:.3f} train rot={ev['rot_err_deg']:.2f} trans={ev['trans_err_deg']:.2f} "
+                  f"absrel_med={ev['absrel_med']:.3f}", flush=True)
+
+
+def direct(args: argparse.Namespace) -> None:
+    """Optimise per-view 6D rotation + translation with exact depth under the weak losses."""
+    data = LabelledDataset.load(args.data)
+    batch = data.batch([args.window])
+    depth = batch["gt_depth"].clone()
+    depth = torch.where(depth > 0, depth, depth[depth > 0].median())
+    depth = depth / depth.mean()  # the model's own scale: the losses are scale-invariant
+    gt = batch["gt_cam_to_world"][0].double()
+    v = depth.shape[1]
+    d6 = torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(v, 1)
+    d6 = (d6 + 1e-3 * torch.randn(v, 6)).requires_grad_(True)
+    t = (1e-3 * torch.randn(v, 3)).requires_grad_(True)
+    opt = torch.optim.Adam([d6, t], lr=args.lr)
+    m = batch["matches"]
+    # The oracle's exact matches would be too easy: use the cached (real SIFT) ones.
+    for step in range(args.steps + 1):
+        pose = geometry.make_pose(geometry.rotation_6d_to_matrix(d6), t)[None]
+        loss = losses.reprojection_loss(depth, pose, batch["intrinsics"], m[:, :7], m[:, 7])
+        if args.point_weight:
+            loss = loss + args.point_weight * losses.point_consistency_loss(depth, pose, batch["intrinsics"],
+                                                                            m[:, :7], m[:, 7])
+        if step % args.every == 0:
+            rot, trans = metrics.pairwise_pose_errors(pose[0].detach().double(), gt)
+            print(f"step {step} loss={float(loss):.5f} rot={float(rot.mean()):.2f} trans={float(trans.mean()):.2f}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=("fit", "direct"))
+    p.add_argument("--data", required=True)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--every", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--point-weight", type=float, default=0.0)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    (fit if args.mode == "fit" else direct)(args)
+
+
+if __name__ == "__main__":
+    main()
