@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
 from learner.train import LossFn, Trainer, batch_from_message, teacher_space_of
 from reliev3r import protocol
@@ -89,6 +90,15 @@ class LearnerMetrics:
         self.snapshot_duration = m.histogram("snapshot_duration_seconds", "Time to write one snapshot",
                                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.snapshot_step = m.gauge("snapshot_step", "Step of the newest snapshot written")
+        self.snapshot_time = m.gauge("snapshot_timestamp_seconds", "Unix time the newest snapshot was written")
+        self.lr = m.gauge("learner_lr", "Learning rate of the latest step")
+        self.samples_per_second = m.gauge("learner_samples_per_second", "Windows trained on per second (this rank)")
+        self.flops = m.gauge("learner_model_flops_per_second",
+                             "Model FLOPs per second of training (3x forward FLOPs, this rank)")
+        self.mfu = m.gauge("learner_mfu", "Model FLOPs utilisation: model FLOP/s over the bf16 matmul peak "
+                                          "measured on this GPU at start-up (0 on CPU)")
+        self.gpu_memory = m.gauge("learner_gpu_memory_bytes", "GPU memory of this rank", ["kind"])
+        self.peak_flops: float | None = None
 
 
 def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None) -> int:
@@ -102,6 +112,9 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
         trainer.load_state(latest)
         runtime.log.info("resumed", extra={"snapshot": str(latest), "step": trainer.global_step})
     metrics.step.set(trainer.global_step)
+    if trainer.device.type == "cuda":
+        metrics.peak_flops = bf16_matmul_peak(trainer.device)
+        runtime.log.info("measured bf16 matmul peak", extra={"tflops": round(metrics.peak_flops / 1e12, 1)})
     runtime.log.info("learner up", extra={"rank": trainer.rank, "world_size": trainer.world_size,
                                           "device": str(trainer.device), "size": lcfg.model.size,
                                           "parameters": trainer.model.num_parameters()})
@@ -142,7 +155,7 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
             rate = 1.0 / max(now - last_time, 1e-9) if rate == 0 else 0.9 * rate + 0.1 / max(now - last_time, 1e-9)
             last_time = now
             _report(metrics, runtime, trainer, out, rate, depth_on="teacher_depth" in batch,
-                    samples=int(batch["images"].shape[0]))
+                    samples=int(batch["images"].shape[0]), views=int(batch["images"].shape[1]))
             if now - last_log > LOG_EVERY_S:
                 last_log = now
                 runtime.log.info("step", extra={k: round(v, 5) for k, v in out.items()})
@@ -186,14 +199,25 @@ def _any_rank_stopping(stopping: bool, trainer: Trainer) -> bool:
 
 
 def _report(metrics: LearnerMetrics, runtime: Runtime, trainer: Trainer, out: dict[str, float], rate: float,
-            *, depth_on: bool, samples: int) -> None:
+            *, depth_on: bool, samples: int, views: int) -> None:
     metrics.step.set(trainer.global_step)
     for term, value in out.items():
         if term not in ("grad_norm", "lr", "skipped", "step", "matches"):
             metrics.loss.labels(term).set(value)
     metrics.grad_norm.set(out["grad_norm"])
+    metrics.lr.set(out["lr"])
     metrics.steps_per_second.set(rate)
     metrics.samples.inc(samples)
+    metrics.samples_per_second.set(rate * samples)
+    if trainer.image_size is not None:
+        h, w = trainer.image_size
+        flops = 3 * trainer.model.flops_per_sample(h, w, views) * samples * rate
+        metrics.flops.set(flops)
+        if metrics.peak_flops:
+            metrics.mfu.set(flops / metrics.peak_flops)
+    if trainer.device.type == "cuda":
+        metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(trainer.device))
+        metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(trainer.device))
     if out["skipped"]:
         metrics.skipped.inc()
         runtime.log.warning("skipped a non-finite step", extra={"loss": out["loss"], "grad_norm": out["grad_norm"],
@@ -213,5 +237,6 @@ def _snapshot(trainer: Trainer, folder: Path, metrics: LearnerMetrics, runtime: 
     elapsed = time.perf_counter() - start
     metrics.snapshot_duration.observe(elapsed)
     metrics.snapshot_step.set(trainer.global_step)
+    metrics.snapshot_time.set(time.time())
     runtime.log.info("snapshot written", extra={"path": str(path), "step": trainer.global_step, "final": final,
                                                 "seconds": round(elapsed, 3), "pruned": len(removed)})

@@ -71,6 +71,12 @@ LEARNER = dashboard("reliev3r-learner", "reliev3r / learner", [
     panel("Steps per second", [("reliev3r_learner_steps_per_second", "steps/s")]),
     panel("Samples per second", [("sum(rate(reliev3r_learner_samples_total[1m]))", "windows/s")], unit="ops"),
     panel("Skipped (non-finite) steps", [("sum(increase(reliev3r_learner_skipped_steps_total[10m]))", "skipped / 10m")]),
+    panel("Model FLOPs utilisation (vs measured bf16 peak)", [("reliev3r_learner_mfu", "MFU")], unit="percentunit"),
+    panel("Model FLOP/s and learning rate", [("sum(reliev3r_learner_model_flops_per_second)", "FLOP/s"),
+                                             ("max(reliev3r_learner_lr)", "lr")]),
+    panel("GPU memory", [("sum by (kind) (reliev3r_learner_gpu_memory_bytes)" + ZERO, "{{kind}}")], unit="bytes",
+          description="Allocated and reserved by the learner's CUDA caching allocator (0 on CPU)"),
+    panel("Snapshot age", [("time() - max(reliev3r_snapshot_timestamp_seconds)", "age")], unit="s"),
     panel("Steps since the last snapshot", [("max(reliev3r_learner_step) - max(reliev3r_snapshot_step)", "steps")]),
     panel("Snapshot write time", [
         ("max(reliev3r_snapshot_duration_seconds_sum / reliev3r_snapshot_duration_seconds_count)", "mean"),
