@@ -228,14 +228,18 @@ class FFRM(nn.Module):
         """[BV, gh*gw, D] tokens and [BV, 3, H, W] normalised frames -> [BV, c, H, W] features."""
         p, c = self.cfg.patch_size, self.size.head_channels
         patches = self.dense_proj(patch_tokens)  # [BV, gh*gw, c*p*p]
-        feat = F.pixel_shuffle(patches.transpose(1, 2).reshape(bv, c * p * p, gh, gw), p)
+        # The pixel shuffle (channel k*p*p + i*p + j of patch (y, x) -> pixel (y*p + i, x*p + j),
+        # channel k), written straight into channels-last [BV, H, W, c]: cuDNN's fast kernels
+        # are NHWC, and an NCHW input would cost a layout conversion per conv and per gradient.
+        feat = patches.view(bv, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3).reshape(bv, gh * p, gw * p, c)
+        feat = torch.cat((feat, frames.permute(0, 2, 3, 1).to(feat.dtype)), dim=-1).permute(0, 3, 1, 2)
         conv, act = self.dense_refine[0], self.dense_refine[1]
-        return act(conv(torch.cat((feat, frames.to(feat.dtype)), dim=1)))
+        return act(conv(feat))  # [BV, c, H, W], channels-last strides
 
     def _heads(self, feat: Tensor, cam_token: Tensor, b: int, v: int, gh: int, gw: int) -> Prediction:
         p = self.cfg.patch_size
         h, w = gh * p, gw * p
-        out = self.dense_refine[2](feat)  # [BV, 2, H, W]
+        out = self.dense_refine[2](feat).contiguous()  # [BV, 2, H, W]; 2 channels: a cheap copy out of NHWC
         cam = self.camera_head(cam_token)  # [BV, 9 (+1) (+1)]
         log_depth = out[:, 0]
         if self.cfg.depth_param == "view_scale":
