@@ -9,8 +9,6 @@ stopping through one small all-reduce per step, so no rank is left waiting in a 
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,58 +22,9 @@ from learner.train import LossFn, Trainer, batch_from_message, teacher_space_of
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
-from replay.client import ReplayClient, ReplayError
+from replay.client import Prefetcher, ReplayClient, ReplayError
 
 LOG_EVERY_S = 10.0
-
-
-class BatchPrefetcher:
-    """Fetches ``batch`` messages ahead in a thread with its own socket (ZMQ sockets are not
-    thread-safe); ``get`` waits at most ``timeout`` seconds so the caller can watch for stop."""
-
-    def __init__(self, runtime: Runtime, endpoint: str, batch_size: int, rank: int, depth: int = 1):
-        self.runtime = runtime
-        self._args = (endpoint, batch_size, rank)
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"learner-prefetch-{rank}", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        endpoint, batch_size, rank = self._args
-        # Short call timeout: an idle or absent replay only costs a retry and a log line.
-        client = ReplayClient(endpoint, ctx=self.runtime.ctx, timeout_s=5.0, retry_s=3.0,
-                              curve=self.runtime.cfg.network.curve)
-        try:
-            while not self._stop.is_set():
-                try:
-                    msg = client.sample(batch_size, rank)
-                except TimeoutError:
-                    self.runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
-                    continue
-                except ReplayError as err:
-                    self.runtime.metrics.reject(f"sample_{err.reason}")
-                    self.runtime.log.warning("replay refused a sample", extra={"reason": err.reason})
-                    self._stop.wait(1.0)
-                    continue
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(msg, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        finally:
-            client.close()
-
-    def get(self, timeout: float = 0.1) -> protocol.Message | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 class LearnerMetrics:
@@ -123,7 +72,21 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
         return 0
 
     endpoint = cfg.network.connect(cfg.network.replay_port)
-    prefetch = BatchPrefetcher(runtime, endpoint, lcfg.batch_size, trainer.rank)
+
+    def keep_sampling(err: Exception) -> bool:  # in the prefetch thread: wait out replay trouble
+        if isinstance(err, TimeoutError):
+            runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
+            return True
+        if isinstance(err, ReplayError):
+            runtime.metrics.reject(f"sample_{err.reason}")
+            runtime.log.warning("replay refused a sample", extra={"reason": err.reason})
+            runtime.wait(1.0)
+            return True
+        return False
+
+    # Short call timeout: an idle or absent replay only costs a retry and a log line.
+    prefetch = Prefetcher(endpoint, lcfg.batch_size, trainer.rank, depth=1, ctx=runtime.ctx, timeout_s=5.0,
+                          retry_s=3.0, curve=cfg.network.curve, on_error=keep_sampling)
     # Per-window losses feed the replay's prioritized sampler; other samplers ignore them.
     reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
                 if cfg.replay.sampler == "prioritized" else None)

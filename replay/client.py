@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import zmq
@@ -157,15 +157,22 @@ class ReplayClient:
 
 
 class Prefetcher:
-    """Keeps up to ``depth`` batches ready; iterate to get them, ``close()`` to stop.
-    An error in the thread (e.g. ``TimeoutError``) is raised by the next ``next()``."""
+    """Keeps up to ``depth`` batches ready in a thread with its own socket (ZeroMQ sockets
+    are not thread-safe); iterate, or ``get(timeout)``, to take them; ``close()`` to stop.
+
+    An error in the thread (e.g. ``TimeoutError``) goes to ``on_error(err)`` when given: if it
+    returns True the thread carries on sampling (a learner waiting out a replay restart),
+    otherwise (and without ``on_error``) the error is raised by the next ``next()``/``get()``
+    and the thread ends."""
 
     def __init__(self, endpoint: str, batch_size: int, rank: int, *, depth: int, ctx: zmq.Context,
-                 timeout_s: float, retry_s: float, curve: CurveConfig | None = None):
+                 timeout_s: float, retry_s: float, curve: CurveConfig | None = None,
+                 on_error: Callable[[Exception], bool] | None = None):
         if depth < 1:
             raise ValueError("depth must be >= 1")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._on_error = on_error
         self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve)
         self._thread = threading.Thread(target=self._loop, name=f"replay-prefetch-{rank}", daemon=True)
         self._thread.start()
@@ -177,7 +184,9 @@ class Prefetcher:
             while not self._stop.is_set():
                 try:
                     item = client.sample(batch_size, rank, timeout_s=timeout_s)
-                except Exception as err:  # handed to the consumer, who decides
+                except Exception as err:  # the policy or the consumer decides
+                    if self._on_error is not None and self._on_error(err):
+                        continue
                     item = err
                 while not self._stop.is_set():
                     try:
@@ -204,6 +213,16 @@ class Prefetcher:
             if isinstance(item, Exception):
                 raise item
             return item
+
+    def get(self, timeout: float = 0.1) -> protocol.Message | None:
+        """The next batch, or None if none is ready within ``timeout`` seconds."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     def close(self) -> None:
         self._stop.set()
