@@ -119,6 +119,10 @@ def bench(size: str, res: int, views: int, batch: int, patch: int, attention: st
           steps: int, profile: bool, top: int) -> dict:
     torch._dynamo.reset()
     set_attention(attention)
+    # The compile caches are keyed on the graph before SDPA picks its backend: a cached graph
+    # from an earlier run would bring that run's backend along (seen: a 'flash' run ran cuDNN).
+    torch._functorch.config.enable_autograd_cache = attention == "auto"
+    torch._inductor.config.fx_graph_cache = attention == "auto"
     cfg = LearnerConfig(model=ModelConfig(size=size, patch_size=patch), batch_size=batch, ema_decay=0.999,
                         warmup_steps=0, compile=False)
     trainer = Trainer(cfg, device="cuda")

@@ -11,7 +11,8 @@ the grad norm is computed on the all-reduced gradients, so one rank's NaN reache
 Measured (one H100, bf16, real objective with 2048 matches, 8 views, 2026-11-24): small
 p16 256x256 B8 11.3 steps/s; base p16 256x256 B4 10.0 steps/s eager (8% MFU), 14.7 compiled
 (12%); large p14 224x224 B2 5.8 steps/s eager (8%), B4 compiled 8.1 steps/s (22% MFU).
-Eager is launch-bound at these sizes: use ``compile: true`` on GPUs. CPU: tiny at 64x96,
+Eager is launch-bound at these sizes: use ``compile: true`` on GPUs (:func:`compile_blocks`;
+current MFU numbers, base at 224/518 px, are in docs/BENCHMARKS.md). CPU: tiny at 64x96,
 V=4, B=2 takes ~0.5 s/step for the model alone on one thread (~1.3 s with the objective).
 """
 
@@ -90,11 +91,11 @@ def compile_blocks(model: FFRM, *, mode: str | None = None) -> FFRM:
     """Compile ``model`` in place, one transformer block at a time (regional compilation).
 
     All blocks share one compiled graph per token layout (frame-wise, global), so compiling
-    costs about two blocks' time instead of the whole model's (a whole-model compile of the
-    base size at 518 px ran past 200 s), and the parameter names stay those of the plain model.
-    ``dynamic=False``: one specialised graph per image size instead of a symbolic-shape one,
-    which is what a second size would otherwise trigger. The dense head stays eager: its time
-    is in cuDNN convolutions and one pixel shuffle, which inductor would not change.
+    costs about two blocks' time instead of the whole model's (H100, base, 224 px: 25 s of
+    warm-up against 59 s for the whole model, same step time), and the parameter names stay
+    those of the plain model. ``dynamic=False``: one specialised graph per image size instead
+    of the symbolic-shape one that a second size would otherwise trigger. The dense head stays
+    eager: its time is in cuDNN convolutions, which inductor would not change.
     """
     for module in model.modules():
         if isinstance(module, Block):
