@@ -35,20 +35,29 @@ def fit(args: argparse.Namespace) -> None:
 
     data = LabelledDataset.load(args.data)
     picks = list(range(0, len(data), max(1, len(data) // args.windows)))[:args.windows]
-    windows = [data.windows()[k] for k in picks]
+    all_windows = data.windows()
+    windows = [all_windows[k] for k in picks[:: max(1, len(picks) // 16)]]  # scored: <= ~16 of them
+    held = LabelledDataset.load(args.held_out).windows(16) if args.held_out else []
+    batch = args.batch or len(picks)
+    rng = np.random.default_rng(0)
     cfg = apply_overrides(LearnerConfig(), ["ema_decay=0", "snapshot_every=1000000", f"lr={args.lr}",
-                                            f"warmup_steps={args.warmup}", f"batch_size={len(picks)}"] + args.set)
+                                            f"warmup_steps={args.warmup}", f"batch_size={batch}"] + args.set)
     trainer = Trainer(cfg, device="cpu", teacher_space=data.teacher_space, seed=0)
     base = trivial_baseline(windows)
     print(f"identity on these {len(picks)} training windows: rot {base['rot_err_deg']:.2f} trans {base['trans_err_deg']:.2f}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        terms = trainer.step(data.batch(picks))
+        idx = picks if batch == len(picks) else rng.choice(picks, batch, replace=False)
+        terms = trainer.step(data.batch(idx))
         if step % args.every == 0 or step == args.steps:
             ev = evaluate(trainer.model, windows, trainer.device)
-            print(f"step {step} {time.perf_counter() - start:.0f}s loss={terms['loss']:.4f} "
-                  f"gn={terms['grad_norm']:.3f} train rot={ev['rot_err_deg']:.2f} trans={ev['trans_err_deg']:.2f} "
-                  f"absrel_med={ev['absrel_med']:.3f}", flush=True)
+            line = (f"step {step} {time.perf_counter() - start:.0f}s loss={terms['loss']:.4f} "
+                    f"gn={terms['grad_norm']:.3f} train rot={ev['rot_err_deg']:.2f} trans={ev['trans_err_deg']:.2f} "
+                    f"absrel_med={ev['absrel_med']:.3f}")
+            if held:
+                hv = evaluate(trainer.model, held, trainer.device)
+                line += f" | held-out rot={hv['rot_err_deg']:.2f} trans={hv['trans_err_deg']:.2f} absrel_med={hv['absrel_med']:.3f}"
+            print(line, flush=True)
 
 
 def direct(args: argparse.Namespace) -> None:
@@ -86,6 +95,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window", type=int, default=0)
+    p.add_argument("--batch", type=int, default=0, help="fit: windows per step drawn from the pool (0: all)")
+    p.add_argument("--held-out", default="", help="fit: also score 16 windows of this cache")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
