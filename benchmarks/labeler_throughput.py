@@ -120,6 +120,36 @@ def bench_depth(name: str, folder: Path, *, device: str, batch: int, compile: st
             "first_call_s": first_call_s}
 
 
+def bench_embedded(*, device: str, batch: int, peak: float, iters: int) -> dict:
+    """The package-shipped embedded U-Net: forward on device-resident input at its own input
+    size for 480x640 frames, and ``predict`` end to end on windows of uint8 frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from labelers.embedded import input_size_for
+
+    teacher = make_teacher("embedded", device)
+    h, w = input_size_for(480, 640, teacher.base_size)
+    x = torch.rand(batch, 3, h, w, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        teacher.net(x[:1])
+    flops = counter.get_total_flops()
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(teacher.device.type, dtype=torch.bfloat16,
+                                                    enabled=teacher.autocast):
+            teacher.net(x)
+
+    s_fwd = timeit(forward, warmup=2, iters=iters)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 256, (4, 480, 640, 3), dtype=np.uint8) for _ in range(batch // 4)]
+    s_teacher = timeit(lambda: [teacher.predict(f) for f in windows], warmup=1, iters=max(2, iters // 2))
+    fps_fwd, fps_teacher = batch / s_fwd, batch / s_teacher
+    return {"teacher": f"embedded ({teacher.version})", "compile": "none", "dtype": "bfloat16" if teacher.autocast
+            else "float32", "input": f"{h}x{w}", "batch": batch, "gflops_per_frame": flops / 1e9,
+            "forward_frames_s": fps_fwd, "teacher_frames_s": fps_teacher, "mfu_forward": flops * fps_fwd / peak,
+            "mfu_teacher": flops * fps_teacher / peak, "first_call_s": float("nan")}
+
+
 def panning_frames(n: int, width: int, height: int, step: int, seed: int) -> np.ndarray:
     """n uint8 RGB frames [n,H,W,3] panning right by ``step`` px over a smooth random texture
     (multi-scale noise, so features exist at every scale)."""
@@ -184,7 +214,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="tiny run (CPU smoke test of this script)")
-    ap.add_argument("--only", choices=["depth", "matches"], default=None)
+    ap.add_argument("--only", choices=["depth", "matches", "embedded"], default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -198,8 +228,12 @@ def main() -> int:
     iters = 1 if args.quick else 10
     modes = ["none"] if device == "cpu" else ["none", "inductor"]
     archs = list(DA_V2.items())[:1] if args.quick else list(DA_V2.items())
-    if args.only == "matches":
+    if args.only in ("matches", "embedded"):
         archs = []
+    if args.only in (None, "depth", "embedded"):
+        r = bench_embedded(device=device, batch=batch, peak=peak, iters=iters)
+        results["depth"].append(r)
+        print(json.dumps(r), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, arch in archs:
             folder = Path(tmp) / name
@@ -208,7 +242,7 @@ def main() -> int:
                 r = bench_depth(name, folder, device=device, batch=batch, compile=mode, peak=peak, iters=iters)
                 results["depth"].append(r)
                 print(json.dumps(r), flush=True)
-    for compile in ([] if args.only == "depth" else [False] if device == "cpu" else [False, True]):
+    for compile in ([] if args.only in ("depth", "embedded") else [False] if device == "cpu" else [False, True]):
         r = bench_matches(device=device, compile=compile, windows=2 if args.quick else 12)
         results["matches"].append(r)
         print(json.dumps(r), flush=True)
