@@ -4,7 +4,7 @@ For each cache given (one per teacher, same windows): the teacher alone (its cac
 after a per-frame least-squares scale-and-shift to the ground truth, i.e. ``absrel_lsq_frame``:
 all a monocular teacher can claim), and once for the windows: constant depth / identity poses,
 and the classical two-view pose of every view pair from the SAME verified matches the learner
-gets (essential matrix + cheirality, :func:`evaluation.baselines.essential_pose`), scored with
+gets (essential matrix + cheirality, :func:`evaluation.baselines.essential_pose_errors`), scored with
 the pairwise RRA/RTA/AUC@30 of :mod:`evaluation.metrics` (a pair it cannot solve counts 180°).
 
     .venv/bin/python benchmarks/study_baselines.py .devdata/datasets/7scenes-...-oracle-....npz ... --out OUT.json
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import itertools
 
 import numpy as np
 import torch
 
 from evaluation import metrics
-from evaluation.baselines import FAILED_DEG, align_teacher_frame, essential_pose
+from evaluation.baselines import align_teacher_frame, essential_pose_errors
 from learner.dataset import LabelledDataset
 from learner.study import format_table, trivial_baseline
-from reliev3r import geometry
 
 
 def teacher_alone(data: LabelledDataset) -> dict[str, float]:
@@ -47,20 +45,9 @@ def classical_poses(data: LabelledDataset) -> dict[str, float]:
     a = data.arrays
     rot_errs, trans_errs = [], []
     for n in range(len(data)):
-        m = data.matches_of(n)
-        gt = torch.from_numpy(a["gt_cam_to_world"][n]).double()
-        v = gt.shape[0]
-        for i, j in itertools.combinations(range(v), 2):
-            sel = (m[:, 0] == i) & (m[:, 1] == j)
-            pose = essential_pose(m[sel, 2:4], m[sel, 4:6], a["intrinsics"][n][i])
-            if pose is None:
-                rot_errs.append(FAILED_DEG)
-                trans_errs.append(FAILED_DEG)
-                continue
-            gt_rel = torch.linalg.inv(gt[j]) @ gt[i]  # cam_i_to_cam_j
-            est = torch.from_numpy(pose)
-            rot_errs.append(float(geometry.rotation_angle_deg(est[:3, :3].T @ gt_rel[:3, :3])))
-            trans_errs.append(float(geometry.angle_between_deg(est[:3, 3], gt_rel[:3, 3])))
+        rot, trans = essential_pose_errors(data.matches_of(n), a["intrinsics"][n], a["gt_cam_to_world"][n])
+        rot_errs += rot
+        trans_errs += trans
     rot, trans = torch.tensor(rot_errs), torch.tensor(trans_errs)
     out = metrics.pose_auc(rot, trans)
     out["rot_err_deg"], out["trans_err_deg"] = float(rot.mean()), float(trans.mean())

@@ -102,6 +102,28 @@ def essential_pose(xy_i: np.ndarray, xy_j: np.ndarray, intrinsics: np.ndarray) -
     pose[:3, :3], pose[:3, 3] = R, t[:, 0]
     return pose
 
+
+def essential_pose_errors(matches: np.ndarray, intrinsics: np.ndarray,
+                          gt_cam_to_world: np.ndarray) -> tuple[list[float], list[float]]:
+    """Rotation and translation-direction errors (degrees) of the essential-matrix pose of every
+    view pair i < j of one window, from its verified matches [K, 7] (i, j, x_i, y_i, x_j, y_j,
+    score); a pair that cannot be solved counts as :data:`FAILED_DEG`."""
+    gt = torch.from_numpy(np.asarray(gt_cam_to_world)).double()
+    rot_errs, trans_errs = [], []
+    for i, j in itertools.combinations(range(gt.shape[0]), 2):
+        sel = (matches[:, 0] == i) & (matches[:, 1] == j)
+        pose = essential_pose(matches[sel, 2:4], matches[sel, 4:6], intrinsics[i])
+        if pose is None:
+            rot_errs.append(FAILED_DEG)
+            trans_errs.append(FAILED_DEG)
+            continue
+        gt_rel = torch.linalg.inv(gt[j]) @ gt[i]  # cam_i_to_cam_j
+        est = torch.from_numpy(pose)
+        rot_errs.append(float(geometry.rotation_angle_deg(est[:3, :3].T @ gt_rel[:3, :3])))
+        trans_errs.append(float(geometry.angle_between_deg(est[:3, 3], gt_rel[:3, 3])))
+    return rot_errs, trans_errs
+
+
 def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig) -> dict[str, float]:
     """RRA/RTA/AUC@30 of essential-matrix poses for every view pair of every window."""
     matcher = make_matcher(labeler.matcher if labeler.matcher in ("sift", "orb") else "sift")
@@ -112,16 +134,7 @@ def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig) -
         v = window.images.shape[0]
         matches, _ = match_window(window.images, matcher, long_pairs=v * v, min_matches=8,
                                   max_matches_per_pair=4096, threshold_px=labeler.ransac_threshold_px)
-        gt = torch.from_numpy(window.gt_cam_to_world).double()
-        for i, j in itertools.combinations(range(v), 2):
-            sel = (matches[:, 0] == i) & (matches[:, 1] == j)
-            pose = essential_pose(matches[sel, 2:4], matches[sel, 4:6], window.intrinsics[i])
-            if pose is None:
-                rot_errs.append(FAILED_DEG)
-                trans_errs.append(FAILED_DEG)
-                continue
-            gt_rel = torch.linalg.inv(gt[j]) @ gt[i]  # cam_i_to_cam_j
-            est = torch.from_numpy(pose)
-            rot_errs.append(float(geometry.rotation_angle_deg(est[:3, :3].T @ gt_rel[:3, :3])))
-            trans_errs.append(float(geometry.angle_between_deg(est[:3, 3], gt_rel[:3, 3])))
+        rot, trans = essential_pose_errors(matches, window.intrinsics, window.gt_cam_to_world)
+        rot_errs += rot
+        trans_errs += trans
     return metrics.pose_auc(torch.tensor(rot_errs), torch.tensor(trans_errs))
