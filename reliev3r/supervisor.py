@@ -38,6 +38,8 @@ STAGES = ("replay", "streamer", "labeler", "learner", "evaluator")
 COMMANDS = {"streamer": "stream", "labeler": "label", "replay": "replay", "learner": "learn",
             "evaluator": "evaluate"}
 GRACE_S = 20.0
+STALE_S = 15.0
+"""A running child silent for this long is flagged in the status line (hung or overloaded)."""
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 
@@ -52,6 +54,7 @@ class Child:
     next_start: float = 0.0
     status: dict = field(default_factory=dict)
     last_beat: float = 0.0
+    started_at: float = 0.0
 
 
 class Supervisor:
@@ -69,6 +72,7 @@ class Supervisor:
             self.restarts.labels(stage)
             self.child_up.labels(stage)
         self._last_status_len = 0
+        self._learner_done_at: float | None = None
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -130,6 +134,7 @@ class Supervisor:
         log = open(self.run_dir / "logs" / f"{child.stage}.log", "ab")
         env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file)]
+        child.started_at = time.time()
         child.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env, start_new_session=True)
         log.close()
@@ -179,7 +184,7 @@ class Supervisor:
             return False
         if evaluator.finished:
             return True
-        if not hasattr(self, "_learner_done_at"):
+        if self._learner_done_at is None:
             self._learner_done_at = time.time()
         if time.time() - self._learner_done_at > FINAL_EVAL_TIMEOUT_S:
             self._print("evaluator did not score the final snapshot in time")
@@ -250,6 +255,11 @@ class Supervisor:
         restarts = sum(c.restarts for c in self.children.values())
         if restarts:
             parts.append(f"restarts {restarts}")
+        now = time.time()
+        silent = [c.stage for c in self.children.values() if c.proc is not None and c.proc.poll() is None
+                  and now - max(c.last_beat, c.started_at) > STALE_S]
+        if silent:
+            parts.append(f"no heartbeat: {', '.join(silent)}")
         return " | ".join(parts)
 
     def _print_status(self, final: bool = False) -> None:
