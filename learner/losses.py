@@ -276,35 +276,13 @@ def reprojection_loss(
     k = matches.shape[0]
     if k == 0:
         return zero
-    b_, v_, h, w = depth.shape
     matches = matches.to(depth.dtype)
-    b = matches[:, 0].long()
-    i = matches[:, 1].long()
-    j = matches[:, 2].long()
-    uv_i, uv_j = matches[:, 3:5], matches[:, 5:7]
     if weights is None:
         weights = torch.ones(k, dtype=depth.dtype, device=depth.device)
     weights = weights.to(depth.dtype).clamp(min=0)
-
-    # Sample every match pixel in every map, then keep its own view: O(K·B·V) samples, but
-    # one grid_sample call with the project's single bilinear convention.
-    maps = depth.reshape(b_ * v_, h, w)
-    uv = torch.cat((uv_i, uv_j), 0)  # [2K, 2]
-    samples = geometry.sample_bilinear(maps, uv.expand(b_ * v_, 2 * k, 2))  # [B*V, 2K]
-    flat_view = torch.cat((b * v_ + i, b * v_ + j))
-    d = samples.gather(0, flat_view[None]).squeeze(0)  # [2K]
-    d_i, d_j = d[:k], d[k:]
-
-    pose_i, pose_j = cam_to_world[b, i], cam_to_world[b, j]  # [K, 4, 4]
-    rays_i = geometry.unproject_points(uv_i[:, None], torch.ones_like(d_i)[:, None], intrinsics[b, i])[:, 0]
-    rays_j = geometry.unproject_points(uv_j[:, None], torch.ones_like(d_j)[:, None], intrinsics[b, j])[:, 0]
-    # p_ik − t_i = D̂_i R_i K⁻¹ũ_i: computed from the rotated ray, not as a difference of
-    # world points, so that large camera translations do not cancel away precision.
-    dir_i = (pose_i[:, :3, :3] @ rays_i[..., None])[..., 0]
-    dir_j = (pose_j[:, :3, :3] @ rays_j[..., None])[..., 0]
+    dir_i, dir_j, d_i, d_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
     off_i = d_i[:, None] * dir_i  # p_ik − t_i
     off_j = d_j[:, None] * dir_j  # p_jk − t_j
-    baseline = pose_j[:, :3, 3] - pose_i[:, :3, 3]  # t_j − t_i
     to_j_from_i = baseline + off_j  # p_jk − t_i
     to_i_from_j = off_i - baseline  # p_ik − t_j
     # Norm floors relative to the point's own depth keep the loss exactly scale-invariant.
@@ -322,22 +300,26 @@ def reprojection_loss(
 
 
 def _match_geometry(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, matches: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """(p_ik − t_i, p_jk − t_j, t_j − t_i), each [K, 3], of matches [K, 7] (see
-    :func:`reprojection_loss` for the sampling convention)."""
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dir_i, dir_j [K, 3], d_i, d_j [K], t_j − t_i [K, 3]) of matches [K, 7]: the
+    world-frame ray R K⁻¹ũ of each pixel and its bilinearly sampled depth, so that
+    p_ik − t_i = d_i dir_i. Computed from the rotated ray, not as a difference of world
+    points, so that large camera translations do not cancel away precision."""
     b_, v_, h, w = depth.shape
     k = matches.shape[0]
     b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
     uv_i, uv_j = matches[:, 3:5], matches[:, 5:7]
+    # Sample every match pixel in every map, then keep its own view: O(K·B·V) samples, but
+    # one grid_sample call with the project's single bilinear convention.
     maps = depth.reshape(b_ * v_, h, w)
     samples = geometry.sample_bilinear(maps, torch.cat((uv_i, uv_j), 0).expand(b_ * v_, 2 * k, 2))
     d = samples.gather(0, torch.cat((b * v_ + i, b * v_ + j))[None]).squeeze(0)
     pose_i, pose_j = cam_to_world[b, i], cam_to_world[b, j]
     rays_i = geometry.unproject_points(uv_i[:, None], torch.ones_like(d[:k])[:, None], intrinsics[b, i])[:, 0]
     rays_j = geometry.unproject_points(uv_j[:, None], torch.ones_like(d[k:])[:, None], intrinsics[b, j])[:, 0]
-    off_i = d[:k, None] * (pose_i[:, :3, :3] @ rays_i[..., None])[..., 0]
-    off_j = d[k:, None] * (pose_j[:, :3, :3] @ rays_j[..., None])[..., 0]
-    return off_i, off_j, pose_j[:, :3, 3] - pose_i[:, :3, 3]
+    dir_i = (pose_i[:, :3, :3] @ rays_i[..., None])[..., 0]
+    dir_j = (pose_j[:, :3, :3] @ rays_j[..., None])[..., 0]
+    return dir_i, dir_j, d[:k], d[k:], pose_j[:, :3, 3] - pose_i[:, :3, 3]
 
 
 def point_consistency_loss(
@@ -379,7 +361,8 @@ def point_consistency_loss(
     matches = matches.to(depth.dtype)
     weights = (torch.ones(k, dtype=depth.dtype, device=depth.device) if weights is None
                else weights.to(depth.dtype).clamp(min=0))
-    off_i, off_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    dir_i, dir_j, d_i, d_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    off_i, off_j = d_i[:, None] * dir_i, d_j[:, None] * dir_j  # p_ik − t_i, p_jk − t_j
     gap = baseline + off_j - off_i  # p_jk − p_ik
     reach = (off_i.norm(dim=-1) + off_j.norm(dim=-1)).clamp(min=torch.finfo(depth.dtype).tiny)
     floor = eps * reach.detach()
