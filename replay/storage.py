@@ -199,6 +199,8 @@ class Storage(abc.ABC):
             self.evicted.pop(wid, None)
         self._next_key = log.next_key
 
+    # In memory a put is final at once and a failed group is undone by ``_undo`` from its
+    # log: there is no medium transaction to begin, commit or roll back.
     def _begin(self) -> None:
         pass
 
