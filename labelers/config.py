@@ -37,6 +37,9 @@ class LabelerConfig:
     """Long-baseline pairs per window added to the neighbour pairs (i, i+1)."""
     device: str = "cpu"
     """Torch device of the teachers (``cuda``, ``cuda:1``, ``cpu``)."""
+    workers: int = 1
+    """Labeler processes ``reliev3r up`` starts; with ``device: cuda`` worker K uses ``cuda:K``
+    (one per GPU). Labelers on other hosts are started with ``reliev3r label``."""
     credits: int = 2
     """Windows a worker asks for ahead of the one it is labelling."""
     blank_std: float = 2.0
@@ -51,6 +54,8 @@ class LabelerConfig:
     streamer)."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
         if self.max_matches_per_pair < 1 or self.min_matches < 1:
             raise ValueError("max_matches_per_pair and min_matches must be >= 1")
         if self.ransac_threshold_px <= 0:

@@ -47,6 +47,8 @@ class Runtime:
     def __init__(self, stage: str, cfg: PipelineConfig, *, install_signals: bool = True,
                  serve_metrics: bool | None = None):
         self.stage = stage
+        self.instance = os.environ.get("RELIEV3R_INSTANCE", stage)
+        """This process's name under the supervisor: the stage, or e.g. ``labeler-1``."""
         self.cfg = cfg
         self.log = rlog.setup(stage, cfg.run.log_level) if install_signals else logging.getLogger(f"reliev3r.{stage}")
         protocol.self_test()
@@ -62,7 +64,7 @@ class Runtime:
             die_with_supervisor()
         mon = cfg.monitoring
         if mon.enabled if serve_metrics is None else serve_metrics:
-            port = self.metrics.serve(mon.host, mon.ports.get(stage, 0))
+            port = self.metrics.serve(mon.host, mon.ports.get(self.instance, mon.ports.get(stage, 0)))
             self.log.info("metrics endpoint up", extra={"url": f"http://{mon.host}:{port}/metrics"})
         if cfg.network.supervisor_port and os.environ.get("RELIEV3R_SUPERVISED"):
             self.spawn(self._heartbeat_loop, "heartbeat")
@@ -114,7 +116,7 @@ class Runtime:
         sock.connect(self.cfg.network.connect(self.cfg.network.supervisor_port))
         try:
             while not self._stop.wait(HEARTBEAT_S):
-                meta = {"stage": self.stage, "pid": os.getpid(), "time": time.time(), "status": dict(self.status)}
+                meta = {"stage": self.instance, "pid": os.getpid(), "time": time.time(), "status": dict(self.status)}
                 try:
                     sock.send_multipart(protocol.encode(protocol.Message("heartbeat", meta)), flags=zmq.NOBLOCK)
                 except zmq.Again:

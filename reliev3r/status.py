@@ -119,21 +119,28 @@ def collect(run_dir: Path, interval: float = 1.0) -> dict[str, StageStatus]:
     out: dict[str, StageStatus] = {}
     for stage in stages:
         info = processes[stage]
+        kind = stage_kind(stage)
         a, b = first.get(stage), second.get(stage)
         st = StageStatus(stage=stage, pid=info.get("pid"), alive=pid_alive(info.get("pid")),
                          restarts=int(info.get("restarts") or 0), up=b is not None)
         for s, label, name, match in RATES:
-            if s != stage:
+            if s != kind:
                 continue
             va, vb = value(a, name, **match), value(b, name, **match)
             if va is not None and vb is not None:
                 st.rates[label] = max(0.0, vb - va) / elapsed  # a restart resets counters: no negative rates
         for s, label, name, match in LEVELS:
             v = value(b, name, **match)
-            if s == stage and v is not None:
+            if s == kind and v is not None:
                 st.levels[label] = v
         out[stage] = st
     return out
+
+
+def stage_kind(name: str) -> str:
+    """``labeler-1`` (an extra labeler of ``reliev3r up``) -> ``labeler``."""
+    base, _, index = name.rpartition("-")
+    return base if base and index.isdigit() else name
 
 
 def latest_evaluation(run_dir: Path) -> dict | None:

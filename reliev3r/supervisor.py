@@ -37,6 +37,7 @@ from reliev3r.config import PipelineConfig
 STAGES = ("replay", "streamer", "labeler", "learner", "evaluator")
 COMMANDS = {"streamer": "stream", "labeler": "label", "replay": "replay", "learner": "learn",
             "evaluator": "evaluate"}
+STOP_ORDER = ("streamer", "labeler", "evaluator", "replay", "learner")
 GRACE_S = 20.0
 STALE_S = 15.0
 """A running child silent for this long is flagged in the status line (hung or overloaded)."""
@@ -46,7 +47,11 @@ FINAL_EVAL_TIMEOUT_S = 600.0
 
 @dataclass
 class Child:
+    name: str
+    """Unique per process: the stage name, or ``labeler-K`` for the K-th extra labeler."""
     stage: str
+    overrides: list[str] = field(default_factory=list)
+    """Config overrides of this process alone (e.g. the labeler's GPU)."""
     proc: subprocess.Popen | None = None
     restarts: int = 0
     finished: bool = False
@@ -62,15 +67,15 @@ class Supervisor:
         self.cfg = rconfig.resolve_ports(cfg)
         self.run_dir = cfg.run_dir
         self.out = out
-        self.children = {stage: Child(stage) for stage in STAGES}
+        self.children = {c.name: c for c in self._plan(cfg)}
         self.stop_requested = False
         self.started = time.time()
         self.metrics = Metrics("supervisor")
         self.restarts = self.metrics.counter("process_restarts_total", "Child processes restarted after a crash", ["stage"])
         self.child_up = self.metrics.gauge("child_up", "1 while a child process runs", ["stage"])
-        for stage in STAGES:  # series exist at 0 from the start, so rate() and alerts see them
-            self.restarts.labels(stage)
-            self.child_up.labels(stage)
+        for name in self.children:  # series exist at 0 from the start, so rate() and alerts see them
+            self.restarts.labels(name)
+            self.child_up.labels(name)
         self._last_status_len = 0
         self._learner_done_at: float | None = None
 
@@ -123,31 +128,47 @@ class Supervisor:
     def _on_signal(self, signum, _frame) -> None:
         self.stop_requested = True
 
+    @staticmethod
+    def _plan(cfg: PipelineConfig) -> list[Child]:
+        """One child per stage, and ``labeler.workers`` labelers: worker K on ``cuda:K`` when
+        the labeler device is ``cuda`` (one per GPU), all on the same device otherwise."""
+        out = []
+        for stage in STAGES:
+            if stage != "labeler":
+                out.append(Child(stage, stage))
+                continue
+            for k in range(cfg.labeler.workers):
+                extra = [f"labeler.device=cuda:{k}"] if cfg.labeler.device == "cuda" and cfg.labeler.workers > 1 else []
+                out.append(Child("labeler" if k == 0 else f"labeler-{k}", "labeler", extra))
+        return out
+
     def _resolve_metrics_ports(self) -> None:
         ports = self.cfg.monitoring.ports
-        for stage in ("supervisor", *STAGES):
-            if ports.get(stage, 0) == 0:
-                ports[stage] = rconfig.free_port(self.cfg.monitoring.host)
+        for name in ("supervisor", *self.children):
+            if ports.get(name, 0) == 0:
+                ports[name] = rconfig.free_port(self.cfg.monitoring.host)
 
     # ------------------------------------------------------------------ children
     def _start(self, child: Child) -> None:
-        log = open(self.run_dir / "logs" / f"{child.stage}.log", "ab")
-        env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file)]
+        log = open(self.run_dir / "logs" / f"{child.name}.log", "ab")
+        env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "RELIEV3R_INSTANCE": child.name,
+               "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
+               *child.overrides]
         child.started_at = time.time()
         child.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env, start_new_session=True)
         log.close()
-        self.child_up.labels(child.stage).set(1)
+        self.child_up.labels(child.name).set(1)
         self._write_pids()
 
     def _write_pids(self) -> None:
         """``<run.dir>/processes.json``: pids and endpoints, for operators and ``reliev3r status``."""
         mon = self.cfg.monitoring
         data = {"supervisor": {"pid": os.getpid(), "metrics": f"http://{mon.host}:{mon.ports['supervisor']}/metrics"}}
-        for stage, child in self.children.items():
-            data[stage] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
-                           "metrics": f"http://{mon.host}:{mon.ports[stage]}/metrics"}
+        for name, child in self.children.items():
+            data[name] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
+                          "metrics": f"http://{mon.host}:{mon.ports[name]}/metrics"}
         tmp = self.run_dir / "processes.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.run_dir / "processes.json")
@@ -164,19 +185,19 @@ class Supervisor:
             code = child.proc.poll()
             if code is None:
                 continue
-            self.child_up.labels(child.stage).set(0)
+            self.child_up.labels(child.name).set(0)
             child.proc = None
             if code == 0:
                 child.finished = True
-                self._print(f"{child.stage} finished")
+                self._print(f"{child.name} finished")
                 continue
             child.restarts += 1
-            self.restarts.labels(child.stage).inc()
+            self.restarts.labels(child.name).inc()
             delay = min(30.0, 0.5 * 2 ** min(child.restarts - 1, 6))
             child.next_start = now + delay
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            self._print(f"{child.stage} died ({how}); restart #{child.restarts} in {delay:.1f}s "
-                        f"(log: {self.run_dir / 'logs' / (child.stage + '.log')})")
+            self._print(f"{child.name} died ({how}); restart #{child.restarts} in {delay:.1f}s "
+                        f"(log: {self.run_dir / 'logs' / (child.name + '.log')})")
 
     def _run_complete(self) -> bool:
         learner, evaluator = self.children["learner"], self.children["evaluator"]
@@ -198,24 +219,22 @@ class Supervisor:
         return 0 if learner.finished and evaluator.finished else 1
 
     def _stop_all(self) -> None:
-        order = ["streamer", "labeler", "evaluator", "replay", "learner"]
+        order = sorted(self.children.values(), key=lambda c: STOP_ORDER.index(c.stage))
         # Learner first gets its SIGTERM too, but is waited for last: it writes a snapshot.
-        for stage in order:
-            proc = self.children[stage].proc
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        for child in order:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
         deadline = time.time() + GRACE_S
-        for stage in order:
-            proc = self.children[stage].proc
-            if proc is None:
+        for child in order:
+            if child.proc is None:
                 continue
             try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
+                child.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                self._print(f"{stage} did not stop within {GRACE_S:.0f}s; killing it")
-                proc.kill()
-                proc.wait()
-            self.child_up.labels(stage).set(0)
+                self._print(f"{child.name} did not stop within {GRACE_S:.0f}s; killing it")
+                child.proc.kill()
+                child.proc.wait()
+            self.child_up.labels(child.name).set(0)
 
     # ------------------------------------------------------------------ status
     def _drain_heartbeats(self, sock: zmq.Socket, timeout_ms: int) -> None:
@@ -237,8 +256,13 @@ class Supervisor:
                 child.last_beat = time.time()
 
     def status_line(self) -> str:
-        s = {stage: self.children[stage].status for stage in STAGES}
-        st, lb, rp, ln, ev = s["streamer"], s["labeler"], s["replay"], s["learner"], s["evaluator"]
+        s = {stage: self.children[stage].status for stage in ("streamer", "replay", "learner", "evaluator")}
+        st, rp, ln, ev = s["streamer"], s["replay"], s["learner"], s["evaluator"]
+        lb: dict[str, int] = {}
+        for child in self.children.values():  # every labeler's counts, summed
+            if child.stage == "labeler":
+                for key in ("labelled", "dropped"):
+                    lb[key] = lb.get(key, 0) + int(child.status.get(key, 0))
         parts = [f"[{time.time() - self.started:6.1f}s]",
                  f"ingested {st.get('sent', 0)} (in flight {st.get('in_flight', 0)})",
                  f"labelled {lb.get('labelled', 0)}" + (f" dropped {lb['dropped']}" if lb.get("dropped") else ""),
@@ -256,7 +280,7 @@ class Supervisor:
         if restarts:
             parts.append(f"restarts {restarts}")
         now = time.time()
-        silent = [c.stage for c in self.children.values() if c.proc is not None and c.proc.poll() is None
+        silent = [c.name for c in self.children.values() if c.proc is not None and c.proc.poll() is None
                   and now - max(c.last_beat, c.started_at) > STALE_S]
         if silent:
             parts.append(f"no heartbeat: {', '.join(silent)}")

@@ -218,3 +218,25 @@ def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, world
         out = _finish(proc)
     assert proc.returncode == 0, out[-4000:]
     assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == 6
+
+
+def test_up_starts_several_labelers_that_share_the_stream(tmp_path, worlds):
+    """labeler.workers=2: two labeler processes (one per GPU on a GPU host), each with its own
+    log, metrics endpoint and heartbeat; both take windows from the one streamer."""
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, worlds, "labeler.workers=2", "labeler.credits=1", max_steps=8)
+    try:
+        procs = _wait_for(lambda: (p := _processes(run_dir)).get("labeler-1", {}).get("pid")
+                          and _learner_step(run_dir) >= 5 and p, 300, "the first snapshot")
+        assert procs["labeler"]["metrics"] != procs["labeler-1"]["metrics"]
+
+        def windows(name: str) -> float:
+            text = _scrape(procs[name]["metrics"])
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("reliev3r_labeler_windows_total{"))
+
+        _wait_for(lambda: windows("labeler") > 0 and windows("labeler-1") > 0, 60, "both labelers to label")
+    finally:
+        out = _finish(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert (run_dir / "logs" / "labeler-1.log").is_file()
