@@ -267,19 +267,10 @@ def reprojection_loss(
     Angles stay defined when a point falls behind a camera (ℓ ≤ 2 per direction) and are not
     dominated by far points. K = 0 (or all weights 0) gives a graph-connected zero.
     """
-    depth = _fp32(depth)
-    cam_to_world = _fp32(cam_to_world).to(depth.dtype)
-    intrinsics = _fp32(intrinsics).to(depth.dtype)
-    zero = depth.sum() * 0 + cam_to_world.sum() * 0
-    if matches.ndim != 2 or matches.shape[-1] != 7:
-        raise ValueError(f"matches must be [K, 7], got {tuple(matches.shape)}")
-    k = matches.shape[0]
-    if k == 0:
-        return zero
-    matches = matches.to(depth.dtype)
-    if weights is None:
-        weights = torch.ones(k, dtype=depth.dtype, device=depth.device)
-    weights = weights.to(depth.dtype).clamp(min=0)
+    prepared = _match_inputs(depth, cam_to_world, intrinsics, matches, weights)
+    if isinstance(prepared, Tensor):
+        return prepared  # no matches: a graph-connected zero
+    depth, cam_to_world, intrinsics, matches, weights, zero = prepared
     dir_i, dir_j, d_i, d_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
     off_i = d_i[:, None] * dir_i  # p_ik − t_i
     off_j = d_j[:, None] * dir_j  # p_jk − t_j
@@ -293,6 +284,30 @@ def reprojection_loss(
     cost_j = _half_sq_chord(_unit(dir_j, 0.0), _unit(to_i_from_j, floor_j))
     per_match = robust_angle_cost(cost_i, robust=robust, scale_deg=scale_deg) + \
         robust_angle_cost(cost_j, robust=robust, scale_deg=scale_deg)
+    return _weighted_mean(per_match, weights, zero)
+
+
+def _match_inputs(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, matches: Tensor,
+                  weights: Tensor | None) -> Tensor | tuple[Tensor, ...]:
+    """The match losses' common preamble: fp32 inputs, checked matches [K, 7], non-negative
+    weights (ones by default) and a zero connected to the graph. Returns that zero alone
+    when there are no matches, else (depth, cam_to_world, intrinsics, matches, weights, zero)."""
+    depth = _fp32(depth)
+    cam_to_world = _fp32(cam_to_world).to(depth.dtype)
+    intrinsics = _fp32(intrinsics).to(depth.dtype)
+    zero = depth.sum() * 0 + cam_to_world.sum() * 0
+    if matches.ndim != 2 or matches.shape[-1] != 7:
+        raise ValueError(f"matches must be [K, 7], got {tuple(matches.shape)}")
+    k = matches.shape[0]
+    if k == 0:
+        return zero
+    if weights is None:
+        weights = torch.ones(k, dtype=depth.dtype, device=depth.device)
+    return depth, cam_to_world, intrinsics, matches.to(depth.dtype), weights.to(depth.dtype).clamp(min=0), zero
+
+
+def _weighted_mean(per_match: Tensor, weights: Tensor, zero: Tensor) -> Tensor:
+    """sum_k w_k x_k / sum_k w_k; all weights 0 gives a graph-connected zero."""
     total = weights.sum()
     if not bool(total > 0):
         return zero + (per_match * 0).sum()
@@ -347,20 +362,12 @@ def point_consistency_loss(
     then compressed by ρ), and finite when a point falls behind a camera. With pure rotation
     it still ties the depths of both views together (same ray origin), unlike the angles.
     """
-    depth = _fp32(depth)
-    cam_to_world = _fp32(cam_to_world).to(depth.dtype)
-    intrinsics = _fp32(intrinsics).to(depth.dtype)
-    zero = depth.sum() * 0 + cam_to_world.sum() * 0
-    if matches.ndim != 2 or matches.shape[-1] != 7:
-        raise ValueError(f"matches must be [K, 7], got {tuple(matches.shape)}")
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    k = matches.shape[0]
-    if k == 0:
-        return zero
-    matches = matches.to(depth.dtype)
-    weights = (torch.ones(k, dtype=depth.dtype, device=depth.device) if weights is None
-               else weights.to(depth.dtype).clamp(min=0))
+    prepared = _match_inputs(depth, cam_to_world, intrinsics, matches, weights)
+    if isinstance(prepared, Tensor):
+        return prepared  # no matches: a graph-connected zero
+    depth, cam_to_world, intrinsics, matches, weights, zero = prepared
     dir_i, dir_j, d_i, d_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
     off_i, off_j = d_i[:, None] * dir_i, d_j[:, None] * dir_j  # p_ik − t_i, p_jk − t_j
     gap = baseline + off_j - off_i  # p_jk − p_ik
@@ -368,10 +375,7 @@ def point_consistency_loss(
     floor = eps * reach.detach()
     r = ((gap * gap).sum(-1) + floor * floor).sqrt() / reach - eps * reach.detach() / reach
     per_match = scale * torch.log1p(r.clamp(min=0) / scale)
-    total = weights.sum()
-    if not bool(total > 0):
-        return zero + (per_match * 0).sum()
-    return (weights * per_match).sum() / total + zero
+    return _weighted_mean(per_match, weights, zero)
 
 
 def _relative_poses(cam_to_world: Tensor) -> Tensor:
