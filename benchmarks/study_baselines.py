@@ -15,30 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from evaluation import metrics
-from evaluation.baselines import align_teacher_frame, essential_pose_errors
+from evaluation.baselines import essential_pose_errors, teacher_window_metrics
 from learner.dataset import LabelledDataset
 from learner.study import format_table, trivial_baseline
 
 
 def teacher_alone(data: LabelledDataset) -> dict[str, float]:
     a = data.arrays
-    rows = []
-    for n in range(len(data)):
-        gt, teacher, valid = a["gt_depth"][n], a["teacher_depth"][n], a["teacher_valid"][n]
-        preds, gts = [], []
-        for v in range(gt.shape[0]):
-            fit = (gt[v] > 0) & valid[v]
-            aligned = align_teacher_frame(teacher[v], gt[v], fit, data.teacher_space)
-            if aligned is not None:
-                preds.append(aligned[fit])
-                gts.append(gt[v][fit])
-        absrel, delta = metrics.absrel_delta(torch.from_numpy(np.concatenate(preds)), torch.from_numpy(np.concatenate(gts)))
-        rows.append({"absrel_lsq_frame": absrel, "delta_lsq_frame": delta})
-    return metrics.mean_metrics(rows)
+    rows = [teacher_window_metrics(a["teacher_depth"][n], a["teacher_valid"][n], a["gt_depth"][n], data.teacher_space)
+            for n in range(len(data))]
+    return metrics.mean_metrics([{k: r[k] for k in ("absrel_lsq_frame", "delta_lsq_frame")} for r in rows if r])
 
 
 def classical_poses(data: LabelledDataset) -> dict[str, float]:

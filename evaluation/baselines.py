@@ -47,6 +47,25 @@ def align_teacher_frame(teacher: np.ndarray, gt: np.ndarray, valid: np.ndarray, 
     return aligned.astype(np.float32)
 
 
+def teacher_window_metrics(teacher_depth: np.ndarray, teacher_valid: np.ndarray, gt_depth: np.ndarray,
+                           space: str) -> dict[str, float] | None:
+    """AbsRel and delta<1.25 of one window's teacher labels [V,H,W], each frame aligned to the
+    GT by :func:`align_teacher_frame`, pooled over the window's labelled GT pixels (as the
+    model is scored), plus ``teacher_coverage``; None when no frame could be aligned."""
+    preds, gts = [], []
+    for v in range(gt_depth.shape[0]):
+        fit = (gt_depth[v] > 0) & teacher_valid[v]
+        aligned = align_teacher_frame(teacher_depth[v], gt_depth[v], fit, space)
+        if aligned is not None:
+            preds.append(aligned[fit])
+            gts.append(gt_depth[v][fit])
+    if not preds:
+        return None
+    absrel, delta = metrics.absrel_delta(torch.from_numpy(np.concatenate(preds)), torch.from_numpy(np.concatenate(gts)))
+    return {"absrel_lsq_frame": absrel, "delta_lsq_frame": delta,
+            "teacher_coverage": sum(len(g) for g in gts) / max(int((gt_depth > 0).sum()), 1)}
+
+
 def teacher_depth_baseline(windows: list[EvalWindow], spec: str, device: str = "cpu", *,
                            teacher=None) -> dict[str, float]:
     """Depth metrics of the teacher named by ``spec`` (``labelers.depth.make_teacher``) alone,
@@ -66,20 +85,9 @@ def teacher_depth_baseline(windows: list[EvalWindow], spec: str, device: str = "
         except TeacherError as err:
             errors.append(err.reason)
             continue
-        preds, gts = [], []
-        for v in range(gt.shape[0]):
-            fit = (gt[v] > 0) & valid[v]
-            aligned = align_teacher_frame(depth[v], gt[v], fit, teacher.space)
-            if aligned is not None:
-                preds.append(aligned[fit])
-                gts.append(gt[v][fit])
-        if not preds:
-            continue
-        # Pooled over the window's pixels, then averaged over windows: as the model is scored.
-        absrel, delta = metrics.absrel_delta(torch.from_numpy(np.concatenate(preds)),
-                                              torch.from_numpy(np.concatenate(gts)))
-        rows.append({"absrel_lsq_frame": absrel, "delta_lsq_frame": delta,
-                     "teacher_coverage": sum(len(g) for g in gts) / max(int((gt > 0).sum()), 1)})
+        row = teacher_window_metrics(depth, valid, gt, teacher.space)
+        if row is not None:
+            rows.append(row)
     if not rows:
         raise ValueError(f"teacher {spec!r} labelled no ground-truth pixel"
                          + (f" ({', '.join(sorted(set(errors)))})" if errors else ""))
