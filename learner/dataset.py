@@ -145,11 +145,11 @@ def _init_worker(matcher: str, teacher: str) -> None:
     _WORKER["teacher"] = make_teacher(teacher)
 
 
-def _synthetic_clip(spec: DatasetSpec, index: int, scale: int) -> dict[str, np.ndarray]:
+def _synthetic_clip(spec: DatasetSpec, index: int, scale: int, select: list[int] | None = None) -> dict[str, np.ndarray]:
     from reliev3r.synthetic import render_scene, scene_seed
 
     scene = render_scene(scene_seed(spec.seed, index), frames=spec.frames, height=spec.height * scale,
-                         width=spec.width * scale, fov_deg=spec.fov_deg)
+                         width=spec.width * scale, fov_deg=spec.fov_deg, select=select)
     return {"images": scene.images.numpy(), "depth": scene.depth.numpy(),
             "cam_to_world": scene.cam_to_world.numpy(), "intrinsics": scene.intrinsics.numpy()}
 

@@ -7,6 +7,10 @@
   defaults to the training spec with ``seed + 1000`` (unseen synthetic scenes). Both are
   labelled once and cached under ``--cache`` (default ``.devdata/datasets``), so a GPU host
   only reads the ``.npz``.
+* ``--stream DIR``: train on fresh windows instead of ``--train`` (:mod:`learner.fresh`: every
+  window a new scene, written into DIR by ``python -m learner.fresh``; the newest ``--capacity``
+  are kept in memory and new ones are loaded every ``--refresh-every`` steps). ``--eval`` is then
+  the held-out spec (default: ``--train`` with ``seed + 1000``).
 * ``--set key=value`` (repeatable) overrides :class:`learner.config.LearnerConfig` fields,
   dotted for nested ones: ``loss.kind=supervised``, ``loss.point_weight=0``, ``model.size=small``,
   ``lr=1e-3``, ``batch_size=8``.
@@ -156,9 +160,11 @@ class StudyResult:
 def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window], *, steps: int,
               minutes: float = 0.0, eval_every: int = 100, max_matches: int = 0, seed: int = 0,
               device: str = "auto", log_every: int = 10, out: Path | None = None,
-              on_eval=None) -> StudyResult:
+              on_eval=None, refresh_every: int = 10) -> StudyResult:
     """Train ``cfg`` on ``train`` for ``steps`` steps (or ``minutes``), scoring ``held_out``
-    every ``eval_every`` steps. Returns the curve; writes ``out/curve.json`` as it goes."""
+    every ``eval_every`` steps. Returns the curve; writes ``out/curve.json`` as it goes.
+    A :class:`learner.fresh.FreshStream` ``train`` loads its new windows every ``refresh_every``
+    steps; each curve row then says how many windows the run had loaded (``train_windows``)."""
     from learner.train import Trainer
 
     trainer = Trainer(cfg, device=device, teacher_space=train.teacher_space, seed=seed)
@@ -169,11 +175,14 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
     start = time.perf_counter()
     deadline = start + minutes * 60 if minutes > 0 else math.inf
     step = 0
+    fresh = hasattr(train, "refresh")
 
     def record(final: bool = False) -> None:
         row = {"step": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
                "train": {k: float(np.mean(v)) for k, v in running.items()},
                "eval": evaluate(trainer.model, held_out, trainer.device), "final": final}
+        if fresh:
+            row["train_windows"] = train.loaded
         running.clear()
         curve.append(row)
         if on_eval is not None:
@@ -182,6 +191,8 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
             _write(out, cfg, train, baseline, curve)
 
     while step < steps and time.perf_counter() < deadline:
+        if fresh and step % refresh_every == 0:
+            train.refresh()
         idx = rng.choice(len(train), size=cfg.batch_size, replace=len(train) < cfg.batch_size)
         batch = train.batch(idx, trainer.device, max_matches=max_matches, rng=rng)
         terms = trainer.step(batch)
@@ -225,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-matches", type=int, default=0, help="matches kept per window per step (0: all)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="LearnerConfig override, e.g. loss.kind=supervised, model.size=small, lr=1e-3")
+    p.add_argument("--stream", default="", help="train on the fresh windows of this folder (learner.fresh)")
+    p.add_argument("--capacity", type=int, default=4096, help="fresh windows kept in memory (--stream)")
+    p.add_argument("--min-windows", type=int, default=256, help="fresh windows to wait for before step 1")
     p.add_argument("--cache", default=".devdata/datasets", help="folder of labelled dataset caches")
     p.add_argument("--workers", type=int, default=0, help="labelling processes (0: one per CPU)")
     p.add_argument("--label-only", action="store_true", help="build the dataset caches and exit")
@@ -241,8 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     train_spec = parse_spec(args.train, **common)
     eval_spec = (parse_spec(args.eval, **common) if args.eval
                  else dataclasses.replace(train_spec, seed=train_spec.seed + 1000))
-    train = ensure_dataset(train_spec, args.cache, workers=args.workers)
     held = ensure_dataset(eval_spec, args.cache, workers=args.workers)
+    if args.stream:
+        from learner.fresh import FreshStream
+
+        if args.label_only:
+            return 0
+        train = FreshStream(args.stream, capacity=args.capacity, timeout=120)
+        train.wait(min(args.min_windows, args.capacity), timeout=600)
+    else:
+        train = ensure_dataset(train_spec, args.cache, workers=args.workers)
     print(f"train: {train.stats()}\nheld-out: {held.stats()}", flush=True)
     if args.label_only:
         return 0

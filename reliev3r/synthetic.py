@@ -47,7 +47,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -541,13 +541,22 @@ def render_views(world: World, cam_to_world: Tensor, intrinsics: Tensor, height:
 
 
 def render_scene(seed: int, *, frames: int, height: int, width: int, fov_deg: float = 60.0, device="cpu",
-                 on_frame: Callable[[], None] | None = None) -> Scene:
-    """Render the random scene of ``seed``: a clip of ``frames`` frames with exact ground truth."""
+                 on_frame: Callable[[], None] | None = None, select: Sequence[int] | None = None) -> Scene:
+    """Render the random scene of ``seed``: a clip of ``frames`` frames with exact ground truth.
+
+    ``select``: render only these frame indices of the clip (in this order); the result equals
+    the full render indexed by them, at the cost of ``len(select)`` frames."""
     if frames < 1 or height < 1 or width < 1:
         raise ValueError("frames, height and width must be >= 1")
     rng = np.random.default_rng(seed)
     world, path = random_world(rng)
-    poses = torch.from_numpy(trajectory(path, frames)).to(device=device, dtype=torch.float32)
+    poses = trajectory(path, frames)
+    if select is not None:
+        index = np.asarray(select, dtype=np.int64)
+        if index.ndim != 1 or len(index) == 0 or index.min() < 0 or index.max() >= frames:
+            raise ValueError(f"select must be a non-empty list of frame indices in [0, {frames}), got {select!r}")
+        poses = poses[index]
+    poses = torch.from_numpy(poses).to(device=device, dtype=torch.float32)
     K = geometry.intrinsics_from_fov(fov_deg, width, height).to(device)
     images, depth = render_views(world, poses, K, height, width, on_frame=on_frame)
     return Scene(images=images, depth=depth, cam_to_world=poses, intrinsics=K, world=world)
