@@ -3,6 +3,10 @@
 ``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)`` for
 ``cfg.kind == "weak"``;
 the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
+
+:func:`weighted_loss` keeps the logged terms on the device, so that the training step can read
+them all in one host sync after the optimizer step has been launched (a ``float()`` per term
+before backward would stall the GPU once per term); :func:`compute_loss` returns them as floats.
 """
 
 from __future__ import annotations
@@ -23,6 +27,18 @@ def compute_loss(
     *,
     teacher_space: str = "depth",
 ) -> tuple[Tensor, dict[str, float]]:
+    """:func:`weighted_loss` with its terms read back as floats (one host sync per term)."""
+    loss, terms = weighted_loss(pred, batch, cfg, teacher_space=teacher_space)
+    return loss, {k: float(v) for k, v in terms.items()}
+
+
+def weighted_loss(
+    pred: Any,
+    batch: dict[str, Tensor],
+    cfg: LossConfig,
+    *,
+    teacher_space: str = "depth",
+) -> tuple[Tensor, dict[str, Tensor | float]]:
     """Total loss of a batch and its named terms for logging.
 
     Args:
@@ -39,15 +55,16 @@ def compute_loss(
             (from the batch's teacher meta).
 
     Returns:
-        ``(loss, terms)``: ``loss`` a scalar tensor, ``terms`` floats: ``loss``, ``matches``,
-        and ``depth`` / ``reproj`` (weak) or ``supervised``, unweighted. Terms that do not
-        apply are left out. Unused outputs are joined to the graph with a zero so that every
-        head always receives a (possibly zero) gradient, which DDP requires.
+        ``(loss, terms)``: ``loss`` a scalar tensor, ``terms``: ``matches`` (a float) and
+        detached scalar tensors ``loss`` and ``depth`` / ``reproj`` / ``point`` (weak) or
+        ``supervised``, unweighted. Terms that do not apply are left out. Unused outputs are
+        joined to the graph with a zero so that every head always receives a (possibly zero)
+        gradient, which DDP requires.
     """
     depth, confidence, cam_to_world = pred.depth, pred.confidence, pred.cam_to_world
     connect = depth.sum() * 0 + confidence.sum() * 0 + cam_to_world.sum() * 0
     matches = batch["matches"]
-    terms: dict[str, float] = {"matches": float(matches.shape[0])}
+    terms: dict[str, Tensor | float] = {"matches": float(matches.shape[0])}
 
     if cfg.kind == "supervised":
         if "gt_depth" not in batch or "gt_cam_to_world" not in batch:
@@ -56,18 +73,18 @@ def compute_loss(
         sup = supervised_loss(depth, cam_to_world, gt_depth, batch["gt_cam_to_world"].to(depth.device),
                               gt_depth > 0, confidence=confidence, alpha=cfg.alpha)
         loss = sup + connect
-        terms["supervised"] = float(sup.detach())
+        terms["supervised"] = sup.detach()
     elif cfg.kind == "weak":
         matches = matches.to(depth.device)
         intrinsics = batch["intrinsics"].to(depth.device)
         reproj = reprojection_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect
-        terms["reproj"] = float(reproj.detach())
+        terms["reproj"] = reproj.detach()
         if cfg.point_weight > 0:
             point = point_consistency_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
             loss = loss + cfg.point_weight * point
-            terms["point"] = float(point.detach())
+            terms["point"] = point.detach()
         if "teacher_depth" in batch:
             valid = batch.get("teacher_valid")
             teacher = batch["teacher_depth"].to(depth.device)
@@ -75,8 +92,8 @@ def compute_loss(
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
                                       teacher_space=teacher_space)
             loss = loss + dep
-            terms["depth"] = float(dep.detach())
+            terms["depth"] = dep.detach()
     else:
         raise ValueError(f"kind must be 'weak' or 'supervised', got {cfg.kind!r}")
-    terms["loss"] = float(loss.detach())
+    terms["loss"] = loss.detach()
     return loss, terms

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from learner.config import LearnerConfig, ModelConfig
-from learner.train import Trainer, batch_from_message, lr_at, synthetic_batch, teacher_space_of
+from learner.train import Trainer, batch_from_message, lr_at, param_groups, synthetic_batch, teacher_space_of
 from reliev3r import protocol
 
 torch.set_num_threads(1)
@@ -84,18 +84,52 @@ def test_weight_decay_only_on_matrices():
         assert (id(p) in decayed) == expect, name
 
 
-def test_nan_loss_skips_the_step_and_counts_it():
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_loss_skips_the_step_and_counts_it(fused):
     trainer = Trainer(_cfg(), device="cpu", loss_fn=nan_loss)
+    if fused:  # the CUDA path: fused AdamW skips the update on the device (found_inf)
+        trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.05), lr=2e-3, betas=(0.9, 0.95),
+                                              fused=True)
+        trainer.fused = True
     before = [p.detach().clone() for p in trainer.model.parameters()]
+    ema_before = [p.detach().clone() for p in trainer.ema.parameters()]
     out = trainer.step(synthetic_batch(1, 2, 16, 16))
     assert out["skipped"] == 1.0 and not math.isfinite(out["loss"])
     assert trainer.skipped_steps == 1 and trainer.global_step == 0
     for a, b in zip(before, trainer.model.parameters()):
         assert torch.equal(a, b)
+    for a, b in zip(ema_before, trainer.ema.parameters()):
+        assert torch.equal(a, b)
     assert all(p.grad is None for p in trainer.model.parameters())
+    assert all(float(s["step"]) == 0 for s in trainer.optimizer.state.values())
     trainer.loss_fn = toy_loss  # training carries on after a bad batch
     assert trainer.step(synthetic_batch(1, 2, 16, 16))["skipped"] == 0.0
     assert trainer.global_step == 1
+    assert all(float(s["step"]) == 1 for s in trainer.optimizer.state.values())
+
+
+def test_fused_device_skip_steps_like_the_host_skip():
+    # Same batches, one NaN step in the middle: the fused (device-side skip) path and the plain
+    # path end with the same weights, EMA, counters and logged numbers.
+    runs = []
+    for fused in (False, True):
+        trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+        trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.05), lr=2e-3, betas=(0.9, 0.95),
+                                              fused=fused)
+        trainer.fused = fused
+        logs = []
+        for step in range(4):
+            trainer.loss_fn = nan_loss if step == 1 else toy_loss
+            logs.append(trainer.step(synthetic_batch(1, 2, 16, 16, seed=step)))
+        runs.append((trainer, logs))
+    (plain, plain_logs), (fused, fused_logs) = runs
+    assert [log["skipped"] for log in fused_logs] == [0.0, 1.0, 0.0, 0.0] == [log["skipped"] for log in plain_logs]
+    assert fused.global_step == plain.global_step == 3 and fused.skipped_steps == plain.skipped_steps == 1
+    assert fused_logs[0] == plain_logs[0]  # before any update, the logs are bit-identical
+    for a, b in zip(fused.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # fused and foreach kernels round differently
+    for a, b in zip(fused.ema.parameters(), plain.ema.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_batch_from_message_converts_and_copies():
