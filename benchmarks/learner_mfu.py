@@ -12,6 +12,9 @@ clipping, EMA) on a fixed batch of B windows of ``--views`` RES x RES frames.
   (the same with ``max-autotune-no-cudagraphs``), ``whole`` (``torch.compile`` of the whole
   model, ``dynamic=False``) or ``none``.
 
+``--head-dim 128`` builds the model with 128 channels per attention head instead of the size's
+own (base: 64): a different architecture with the same FLOPs.
+
 FLOPs per step = 3 x ``FFRM.flops_per_sample`` x B (the analytic forward count, no recompute;
 cross-checked against ``torch.utils.flop_counter.FlopCounterMode`` on one forward). The peak
 is measured in the same process: 8192^3 bf16 ``torch.mm``, median of repeats. MFU = achieved
@@ -115,16 +118,16 @@ def profile_steps(trainer: Trainer, data: dict, steps: int, seconds_per_step: fl
             "top": [{"ms": ms, "count": c, "name": n[:200]} for ms, c, n in per_step[:top]]}
 
 
-def bench(size: str, res: int, views: int, batch: int, patch: int, attention: str, compile_mode: str,
-          steps: int, profile: bool, top: int) -> dict:
+def bench(size: str, res: int, views: int, batch: int, patch: int, head_dim: int, attention: str,
+          compile_mode: str, steps: int, profile: bool, top: int) -> dict:
     torch._dynamo.reset()
     set_attention(attention)
     # The compile caches are keyed on the graph before SDPA picks its backend: a cached graph
     # from an earlier run would bring that run's backend along (seen: a 'flash' run ran cuDNN).
     torch._functorch.config.enable_autograd_cache = attention == "auto"
     torch._inductor.config.fx_graph_cache = attention == "auto"
-    cfg = LearnerConfig(model=ModelConfig(size=size, patch_size=patch), batch_size=batch, ema_decay=0.999,
-                        warmup_steps=0, compile=False)
+    cfg = LearnerConfig(model=ModelConfig(size=size, patch_size=patch, head_dim=head_dim), batch_size=batch,
+                        ema_decay=0.999, warmup_steps=0, compile=False)
     trainer = Trainer(cfg, device="cuda")
     data = synthetic_batch(batch, views, res, res, k=2048, device="cuda")
     analytic = trainer.model.flops_per_sample(res, res, views)
@@ -145,7 +148,8 @@ def bench(size: str, res: int, views: int, batch: int, patch: int, attention: st
         trainer.step(data)  # returns floats: the step ends synchronised
         times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
-    row = {"size": size, "res": res, "views": views, "batch": batch, "patch": patch, "attention": attention,
+    row = {"size": size, "res": res, "views": views, "batch": batch, "patch": patch,
+           "head_dim": trainer.model.size.dim // trainer.model.encoder[0].attn.heads, "attention": attention,
            "compile": compile_mode, "params_m": trainer.model.num_parameters() / 1e6, "seconds_per_step": seconds,
            "warmup_s": warmup, "analytic_fwd_gflops_per_window": analytic / 1e9,
            "counted_fwd_gflops_per_window": counted / 1e9, "model_tflops_per_s": 3 * analytic * batch / seconds / 1e12,
@@ -174,6 +178,7 @@ def main() -> int:
     p.add_argument("--runs", nargs="+", default=["224:16", "518:4"], help="RES:B[:ATTENTION[:COMPILE]]")
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--patch", type=int, default=14)
+    p.add_argument("--head-dim", type=int, default=0, help="channels per attention head (0: the size's own)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="two profiled steps per run: GPU time by kernel")
     p.add_argument("--top", type=int, default=12, help="kernels listed per profiled run")
@@ -196,8 +201,8 @@ def main() -> int:
             continue
         print(f"run {res}:{batch}:{attention}:{compile_mode}", flush=True)
         try:
-            row = bench(args.size, res, args.views, batch, args.patch, attention, compile_mode, args.steps,
-                        args.profile, args.top)
+            row = bench(args.size, res, args.views, batch, args.patch, args.head_dim, attention, compile_mode,
+                        args.steps, args.profile, args.top)
         except Exception as e:  # noqa: BLE001 - one failed variant (OOM, no kernel) must not end the sweep
             print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             torch.cuda.empty_cache()
@@ -211,10 +216,12 @@ def main() -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print("| size | res | V | B | attention | compile | warm-up s | s/step | analytic/counted fwd GFLOP | model TFLOP/s | MFU | mem GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | head dim | res | V | B | attention | compile | warm-up s | s/step | analytic/counted fwd GFLOP "
+          "| model TFLOP/s | MFU | mem GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['res']} | {r['views']} | {r['batch']} | {r['attention']} | {r['compile']} | "
+        print(f"| {r['size']} | {r['head_dim']} | {r['res']} | {r['views']} | {r['batch']} | {r['attention']} | "
+              f"{r['compile']} | "
               f"{r['warmup_s']:.0f} | {r['seconds_per_step']:.3f} | "
               f"{r['analytic_fwd_gflops_per_window']:.0f}/{r['counted_fwd_gflops_per_window']:.0f} | "
               f"{r['model_tflops_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} |")

@@ -23,9 +23,18 @@ class ModelConfig:
     log-scale per view from the camera token (after global attention), so the per-view scale
     that the depth loss cannot see is one parameter the reprojection terms move directly."""
 
+    head_dim: int = 0
+    """Channels per attention head; 0: the size's own (64 for small, base and large). Another
+    value changes the architecture (heads = dim / head_dim; same FLOPs, same parameters but for
+    the QK-norm widths):
+    128 runs faster attention kernels on Hopper GPUs (docs/BENCHMARKS.md, Learner), but its
+    quality is not compared with the default's."""
+
     def __post_init__(self) -> None:
         if self.patch_size < 2:
             raise ValueError("patch_size must be >= 2")
+        if self.head_dim < 0 or self.head_dim % 4:
+            raise ValueError(f"head_dim must be 0 or a positive multiple of 4 (2D RoPE), got {self.head_dim}")
         if self.registers < 0:
             raise ValueError("registers must be >= 0")
         if self.max_log_depth <= 0:

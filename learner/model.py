@@ -150,13 +150,16 @@ class FFRM(nn.Module):
         self.cfg = cfg
         size = self.size = SIZES[cfg.size]
         d, p = size.dim, cfg.patch_size
+        if cfg.head_dim and d % cfg.head_dim:
+            raise ValueError(f"head_dim {cfg.head_dim} does not divide size {cfg.size!r}'s dim {d}")
+        heads = d // cfg.head_dim if cfg.head_dim else size.heads
         self.patch_embed = nn.Conv2d(3, d, kernel_size=p, stride=p)
         self.camera_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, d) * 0.02)
-        self.rope = Rope2D(d // size.heads)
-        self.encoder = nn.ModuleList(Block(d, size.heads, size.mlp_ratio) for _ in range(size.encoder))
-        self.frame_blocks = nn.ModuleList(Block(d, size.heads, size.mlp_ratio) for _ in range(size.pairs))
-        self.global_blocks = nn.ModuleList(Block(d, size.heads, size.mlp_ratio) for _ in range(size.pairs))
+        self.rope = Rope2D(d // heads)
+        self.encoder = nn.ModuleList(Block(d, heads, size.mlp_ratio) for _ in range(size.encoder))
+        self.frame_blocks = nn.ModuleList(Block(d, heads, size.mlp_ratio) for _ in range(size.pairs))
+        self.global_blocks = nn.ModuleList(Block(d, heads, size.mlp_ratio) for _ in range(size.pairs))
         self.norm = nn.LayerNorm(d)
         c = size.head_channels
         self.dense_proj = nn.Linear(d, c * p * p)
@@ -232,9 +235,17 @@ class FFRM(nn.Module):
         # channel k), written straight into channels-last [BV, H, W, c]: cuDNN's fast kernels
         # are NHWC, and an NCHW input would cost a layout conversion per conv and per gradient.
         feat = patches.view(bv, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3).reshape(bv, gh * p, gw * p, c)
-        feat = torch.cat((feat, frames.permute(0, 2, 3, 1).to(feat.dtype)), dim=-1).permute(0, 3, 1, 2)
+        # Zero channels pad the conv input (c + 3 channels) to a multiple of 8, and zero weights
+        # meet them: the same sum, but cuDNN's NHWC tensor-core kernels want 8-aligned channels
+        # (unaligned, it pads a copy of the input itself, forward and backward).
+        extra = -(c + 3) % 8
+        parts = [feat, frames.permute(0, 2, 3, 1).to(feat.dtype)]
+        if extra:
+            parts.append(feat.new_zeros(bv, gh * p, gw * p, extra))
+        feat = torch.cat(parts, dim=-1).permute(0, 3, 1, 2)
         conv, act = self.dense_refine[0], self.dense_refine[1]
-        return act(conv(feat))  # [BV, c, H, W], channels-last strides
+        weight = torch.cat((conv.weight, conv.weight.new_zeros(c, extra, 3, 3)), dim=1)
+        return act(F.conv2d(feat, weight, conv.bias, padding=1))  # [BV, c, H, W], channels-last strides
 
     def _heads(self, feat: Tensor, cam_token: Tensor, b: int, v: int, gh: int, gw: int) -> Prediction:
         p = self.cfg.patch_size

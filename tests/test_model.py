@@ -1,6 +1,8 @@
 """FFRM: shapes, ranges, fp32 heads, permutation equivariance, analytic FLOPs."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from learner.config import ModelConfig
 from learner.model import FFRM, SIZES, Prediction
@@ -87,3 +89,32 @@ def test_flops_scale_with_tokens_and_sizes_are_ordered():
     assert list(SIZES) == ["tiny", "small", "base", "large"]
     dims = [s.dim for s in SIZES.values()]
     assert dims == sorted(dims) and SIZES["base"].dim == 768 and SIZES["base"].heads == 12
+
+
+def test_dense_trunk_channel_padding_is_the_plain_conv():
+    # The trunk pads the first conv's input with zero channels (to a multiple of 8) and its
+    # weight with zeros: the result is the unpadded conv's.
+    model = _model()
+    bv, gh, gw, p = 2, 2, 3, model.cfg.patch_size
+    tokens = torch.randn(bv, gh * gw, SIZES["tiny"].dim)
+    frames = torch.randn(bv, 3, gh * p, gw * p)
+    with torch.no_grad():
+        got = model._dense_trunk(tokens, frames, bv, gh, gw)
+        c = SIZES["tiny"].head_channels
+        feat = F.pixel_shuffle(model.dense_proj(tokens).view(bv, gh, gw, c * p * p).permute(0, 3, 1, 2), p)
+        want = model.dense_refine[1](model.dense_refine[0](torch.cat((feat, frames), dim=1)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_head_dim_option_keeps_parameters_and_flops():
+    base, wide = _model(), _model(head_dim=64)  # tiny: 4 heads of 32 -> 2 heads of 64
+    assert wide.encoder[0].attn.heads == 2 and base.encoder[0].attn.heads == 4
+    assert wide.flops_per_sample(32, 48, 2) == base.flops_per_sample(32, 48, 2)
+    blocks = len(wide.encoder) + len(wide.frame_blocks) + len(wide.global_blocks)
+    assert wide.num_parameters() - base.num_parameters() == blocks * 2 * 2 * (64 - 32)  # QK-norm widths only
+    pred = wide(torch.rand(1, 2, 3, 16, 16))
+    assert pred.depth.shape == (1, 2, 16, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        _model(head_dim=48)  # does not divide 128
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelConfig(head_dim=6)
