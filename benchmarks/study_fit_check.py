@@ -61,39 +61,58 @@ def fit(args: argparse.Namespace) -> None:
 
 
 def direct(args: argparse.Namespace) -> None:
-    """Optimise per-view 6D rotation + translation with exact depth under the weak losses."""
+    """Optimise per-view 6D rotation + translation under the weak losses, with the exact depth
+    or (``--depth-error s``) a corrupted one: per view a random scale exp(s N(0,1)) and per pixel
+    a factor exp(p N(0,1)) (p: ``--pixel-error``, default s), about what a learner's depth gets
+    wrong. Windows ``--window`` ..
+    ``--window + --windows - 1``; the last line gives the mean final errors."""
     data = LabelledDataset.load(args.data)
-    batch = data.batch([args.window])
-    depth = batch["gt_depth"].clone()
-    depth = torch.where(depth > 0, depth, depth[depth > 0].median())
-    depth = depth / depth.mean()  # the model's own scale: the losses are scale-invariant
-    gt = batch["gt_cam_to_world"][0].double()
-    v = depth.shape[1]
-    d6 = torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(v, 1)
-    d6 = (d6 + 1e-3 * torch.randn(v, 6)).requires_grad_(True)
-    t = (1e-3 * torch.randn(v, 3)).requires_grad_(True)
-    opt = torch.optim.Adam([d6, t], lr=args.lr)
-    m = batch["matches"]
-    # The oracle's exact matches would be too easy: use the cached (real SIFT) ones.
-    for step in range(args.steps + 1):
-        pose = geometry.make_pose(geometry.rotation_6d_to_matrix(d6), t)[None]
-        loss = losses.reprojection_loss(depth, pose, batch["intrinsics"], m[:, :7], m[:, 7])
-        if args.point_weight:
-            loss = loss + args.point_weight * losses.point_consistency_loss(depth, pose, batch["intrinsics"],
-                                                                            m[:, :7], m[:, 7])
-        if step % args.every == 0:
-            rot, trans = metrics.pairwise_pose_errors(pose[0].detach().double(), gt)
-            print(f"step {step} loss={float(loss):.5f} rot={float(rot.mean()):.2f} trans={float(trans.mean()):.2f}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    g = torch.Generator().manual_seed(0)
+    finals = []
+    for n in range(args.window, min(len(data), args.window + args.windows)):
+        batch = data.batch([n])
+        depth = batch["gt_depth"].clone()
+        depth = torch.where(depth > 0, depth, depth[depth > 0].median())
+        depth = depth / depth.mean()  # the model's own scale: the losses are scale-invariant
+        if args.depth_error or args.pixel_error:
+            view = torch.exp(args.depth_error * torch.randn(*depth.shape[:2], 1, 1, generator=g))
+            pixel = args.depth_error if args.pixel_error < 0 else args.pixel_error
+            depth = depth * view * torch.exp(pixel * torch.randn(depth.shape, generator=g))
+        gt = batch["gt_cam_to_world"][0].double()
+        v = depth.shape[1]
+        d6 = torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(v, 1)
+        d6 = (d6 + 1e-3 * torch.randn(v, 6, generator=g)).requires_grad_(True)
+        t = (1e-3 * torch.randn(v, 3, generator=g)).requires_grad_(True)
+        opt = torch.optim.Adam([d6, t], lr=args.lr)
+        m = batch["matches"]
+        match_args = (depth, batch["intrinsics"], m[:, :7], m[:, 7])
+        # The oracle's exact matches would be too easy: use the cached (real SIFT) ones.
+        for step in range(args.steps + 1):
+            pose = geometry.make_pose(geometry.rotation_6d_to_matrix(d6), t)[None]
+            d, K, rows, w = match_args
+            loss = losses.reprojection_loss(d, pose, K, rows, w)
+            if args.point_weight:
+                loss = loss + args.point_weight * losses.point_consistency_loss(d, pose, K, rows, w)
+            if args.epipolar_weight:
+                loss = loss + args.epipolar_weight * losses.epipolar_loss(d, pose, K, rows, w)
+            if args.every and step % args.every == 0 and args.windows == 1:
+                rot, trans = metrics.pairwise_pose_errors(pose[0].detach().double(), gt)
+                print(f"step {step} loss={float(loss):.5f} rot={float(rot.mean()):.2f} trans={float(trans.mean()):.2f}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        rot, trans = metrics.pairwise_pose_errors(pose[0].detach().double(), gt)
+        finals.append((float(rot.mean()), float(trans.mean())))
+    r, tr = np.mean(finals, axis=0)
+    print(f"{len(finals)} windows, step {args.steps}: mean rot={r:.2f} trans={tr:.2f} "
+          f"(median trans {np.median([f[1] for f in finals]):.2f})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=("fit", "direct"))
     p.add_argument("--data", required=True)
-    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--windows", type=int, default=8, help="fit: training windows; direct: windows optimised")
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--batch", type=int, default=0, help="fit: windows per step drawn from the pool (0: all)")
     p.add_argument("--held-out", default="", help="fit: also score 16 windows of this cache")
@@ -102,6 +121,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--point-weight", type=float, default=0.0)
+    p.add_argument("--epipolar-weight", type=float, default=0.0)
+    p.add_argument("--depth-error", type=float, default=0.0, help="direct: log-normal depth corruption")
+    p.add_argument("--pixel-error", type=float, default=-1.0,
+                   help="direct: per-pixel part of the corruption (default: --depth-error)")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
