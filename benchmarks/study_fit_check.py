@@ -64,7 +64,8 @@ def direct(args: argparse.Namespace) -> None:
     """Optimise per-view 6D rotation + translation under the weak losses, with the exact depth
     or (``--depth-error s``) a corrupted one: per view a random scale exp(s N(0,1)) and per pixel
     a factor exp(p N(0,1)) (p: ``--pixel-error``, default s), about what a learner's depth gets
-    wrong. Windows ``--window`` ..
+    wrong. ``--free-scale``: one log-scale per view is optimised beside the poses (what the
+    weak terms must recover for the learner: the depth loss cannot see per-view scale). Windows ``--window`` ..
     ``--window + --windows - 1``; the last line gives the mean final errors."""
     data = LabelledDataset.load(args.data)
     g = torch.Generator().manual_seed(0)
@@ -83,13 +84,14 @@ def direct(args: argparse.Namespace) -> None:
         d6 = torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(v, 1)
         d6 = (d6 + 1e-3 * torch.randn(v, 6, generator=g)).requires_grad_(True)
         t = (1e-3 * torch.randn(v, 3, generator=g)).requires_grad_(True)
-        opt = torch.optim.Adam([d6, t], lr=args.lr)
+        log_scale = torch.zeros(1, v, 1, 1, requires_grad=True)
+        opt = torch.optim.Adam([d6, t] + ([log_scale] if args.free_scale else []), lr=args.lr)
         m = batch["matches"]
-        match_args = (depth, batch["intrinsics"], m[:, :7], m[:, 7])
+        K, rows, w = batch["intrinsics"], m[:, :7], m[:, 7]
         # The oracle's exact matches would be too easy: use the cached (real SIFT) ones.
         for step in range(args.steps + 1):
             pose = geometry.make_pose(geometry.rotation_6d_to_matrix(d6), t)[None]
-            d, K, rows, w = match_args
+            d = depth * torch.exp(log_scale)
             loss = losses.reprojection_loss(d, pose, K, rows, w)
             if args.point_weight:
                 loss = loss + args.point_weight * losses.point_consistency_loss(d, pose, K, rows, w)
@@ -123,6 +125,7 @@ def main() -> None:
     p.add_argument("--point-weight", type=float, default=0.0)
     p.add_argument("--epipolar-weight", type=float, default=0.0)
     p.add_argument("--depth-error", type=float, default=0.0, help="direct: log-normal depth corruption")
+    p.add_argument("--free-scale", action="store_true", help="direct: optimise a log depth scale per view too")
     p.add_argument("--pixel-error", type=float, default=-1.0,
                    help="direct: per-pixel part of the corruption (default: --depth-error)")
     p.add_argument("--set", action="append", default=[])
