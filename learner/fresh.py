@@ -126,13 +126,15 @@ def produce(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, limit: i
         stop = True
 
     workers = workers or os.cpu_count() or 1
-    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    # spawn, not fork: a caller with threads (torch's pools, a test runner) can hold a lock
+    # at fork time that the child then waits on forever. Workers start once and live long.
+    ctx = mp.get_context("spawn")
     start, last_report, refused = time.perf_counter(), time.perf_counter(), 0
     index = first_index + written
     previous: dict[int, Any] = {}
     try:
         with ctx.Pool(workers, initializer=ds._init_worker, initargs=(spec.matcher, spec.teacher)) as pool:
-            # Installed after the workers fork: they keep the default handlers, so that the
+            # Installed after the workers start: they keep the default handlers, so that the
             # pool's own SIGTERM on exit ends them.
             previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             pending: deque = deque()

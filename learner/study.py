@@ -9,8 +9,9 @@
   only reads the ``.npz``.
 * ``--stream DIR``: train on fresh windows instead of ``--train`` (:mod:`learner.fresh`: every
   window a new scene, written into DIR by ``python -m learner.fresh``; the newest ``--capacity``
-  are kept in memory and new ones are loaded every ``--refresh-every`` steps). ``--eval`` is then
-  the held-out spec (default: ``--train`` with ``seed + 1000``).
+  are kept in memory and new ones are loaded every 10 steps; the study waits for
+  ``--min-windows`` first). ``--eval`` is then the held-out spec (default: ``--train`` with
+  ``seed + 1000``).
 * ``--set key=value`` (repeatable) overrides :class:`learner.config.LearnerConfig` fields,
   dotted for nested ones: ``loss.kind=supervised``, ``loss.point_weight=0``, ``model.size=small``,
   ``lr=1e-3``, ``batch_size=8``.
