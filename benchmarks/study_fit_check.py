@@ -65,8 +65,9 @@ def direct(args: argparse.Namespace) -> None:
     or (``--depth-error s``) a corrupted one: per view a random scale exp(s N(0,1)) and per pixel
     a factor exp(p N(0,1)) (p: ``--pixel-error``, default s), about what a learner's depth gets
     wrong. ``--free-scale``: one log-scale per view is optimised beside the poses (what the
-    weak terms must recover for the learner: the depth loss cannot see per-view scale). Windows ``--window`` ..
-    ``--window + --windows - 1``; the last line gives the mean final errors."""
+    weak terms must recover for the learner: the depth loss cannot see per-view scale).
+    Windows ``--window`` .. ``--window + --windows - 1``; the last line gives the mean final
+    errors (one window: also the curve every ``--every`` steps)."""
     data = LabelledDataset.load(args.data)
     g = torch.Generator().manual_seed(0)
     finals = []
@@ -114,7 +115,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=("fit", "direct"))
     p.add_argument("--data", required=True)
-    p.add_argument("--windows", type=int, default=8, help="fit: training windows; direct: windows optimised")
+    p.add_argument("--windows", type=int, default=0,
+                   help="fit: training windows (default 8); direct: windows optimised one after another (default 1)")
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--batch", type=int, default=0, help="fit: windows per step drawn from the pool (0: all)")
     p.add_argument("--held-out", default="", help="fit: also score 16 windows of this cache")
@@ -131,6 +133,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    args.windows = args.windows or (8 if args.mode == "fit" else 1)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)
