@@ -20,8 +20,8 @@ keypoints on 48x64 images) and the match pixels are mapped down to the training 
 (pixel centres at integer coordinates: ``x = (x_big + 0.5) / s - 0.5``), as a labeler that
 matches at camera resolution would send them.
 
-Labelling runs in a process pool (one matcher per worker; OpenCV and torch single-threaded
-in each), one task per scene.
+Labelling runs in a process pool (spawned workers, one matcher each; OpenCV and torch
+single-threaded in each), one task per scene.
 
 Cache layout (N windows, V views, M matches in total)::
 
@@ -288,7 +288,9 @@ def build(spec: DatasetSpec, *, workers: int = 0, progress: bool = True) -> dict
         for task in tqdm(tasks, desc="labelling", disable=not progress):
             items += _run_task(task)
     else:
-        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+        # spawn, not fork: forking a process whose threads hold locks (torch's pools after any
+        # torch work, a test runner) can leave a worker waiting forever (learner.fresh met it).
+        ctx = mp.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(spec.matcher, spec.teacher)) as pool:
             for part in tqdm(pool.imap(_run_task, tasks), total=len(tasks), desc="labelling", disable=not progress):
                 items += part
