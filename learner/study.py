@@ -17,6 +17,7 @@
   ``lr=1e-3``, ``batch_size=8``.
 * ``--steps N`` and/or ``--minutes T``: whichever comes first.
 * Every ``--eval-every`` steps (and at the end) the model is scored on the held-out windows
+  (and so are its EMA weights when ``--set ema_decay=D`` > 0; the study's default is 0)
   with :mod:`evaluation.metrics` (the same per-window metrics as ``evaluation.evaluate``)
   plus the means of the pairwise relative rotation / translation-direction errors; the trivial
   baseline (constant depth, identity poses) is computed once beside it.
@@ -156,6 +157,8 @@ class StudyResult:
     final: dict[str, float]
     steps: int
     seconds: float
+    final_ema: dict[str, float] | None = None
+    """The EMA weights' scores (when ``ema_decay`` > 0)."""
 
 
 def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window], *, steps: int,
@@ -182,6 +185,8 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
         row = {"step": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
                "train": {k: float(np.mean(v)) for k, v in running.items()},
                "eval": evaluate(trainer.model, held_out, trainer.device), "final": final}
+        if trainer.ema is not None:  # the weights snapshots serve (learner.snapshot.load_model)
+            row["eval_ema"] = evaluate(trainer.ema, held_out, trainer.device)
         if fresh:
             row["train_windows"] = train.loaded
         running.clear()
@@ -208,7 +213,7 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
             record()
     record(final=True)
     return StudyResult(curve=curve, baseline=baseline, final=curve[-1]["eval"], steps=trainer.global_step,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, final_ema=curve[-1].get("eval_ema"))
 
 
 def _write(out: Path, cfg: LearnerConfig, train: LabelledDataset, baseline: dict, curve: list) -> None:
@@ -278,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                        device=args.device, out=out,
                        on_eval=lambda row: print(f"eval step {row['step']}: " + " ".join(
                            f"{k}={row['eval'][k]:.3f}" for k in TABLE_KEYS if k in row["eval"]), flush=True))
-    table = format_table({"constant depth / identity poses": result.baseline,
-                          f"{cfg.loss.kind} (step {result.steps})": result.final})
+    rows = {"constant depth / identity poses": result.baseline, f"{cfg.loss.kind} (step {result.steps})": result.final}
+    if result.final_ema is not None:
+        rows[f"{cfg.loss.kind}, EMA {cfg.ema_decay} (step {result.steps})"] = result.final_ema
+    table = format_table(rows)
     (out / "table.md").write_text(table + "\n")
     print(f"{result.steps} steps in {result.seconds:.0f} s\n{table}")
     return 0

@@ -123,10 +123,13 @@ def test_study_trains_from_a_fresh_stream(tmp_path):
     produce(spec, tmp_path / "w", workers=1, limit=4, progress_every=0)
     held = ensure_dataset(replace(spec, scenes=1, seed=1005, hop=6), tmp_path / "cache", workers=1, progress=False)
     ring = FreshStream(tmp_path / "w", capacity=8)
-    cfg = LearnerConfig(batch_size=2, warmup_steps=1, ema_decay=0.0, snapshot_every=1000, lr=1e-3, device="cpu")
+    cfg = LearnerConfig(batch_size=2, warmup_steps=1, ema_decay=0.5, snapshot_every=1000, lr=1e-3, device="cpu")
     result = run_study(cfg, ring, held.windows(), steps=4, eval_every=2, seed=0, device="cpu", log_every=0,
                        out=tmp_path / "run", refresh_every=2)
     assert result.steps == 4 and [row["train_windows"] for row in result.curve] == [4, 4]
     assert np.isfinite(result.final["absrel_med"]) and np.isfinite(result.final["rot_err_deg"])
+    # The EMA weights are scored beside the live ones, and differ from them after 4 steps.
+    assert result.final_ema is not None and result.final_ema == result.curve[-1]["eval_ema"]
+    assert result.final_ema["absrel_med"] != result.final["absrel_med"]
     doc = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert doc["dataset"]["meta"]["fresh"] and doc["dataset"]["stats"]["loaded"] == 4
