@@ -431,13 +431,16 @@ class LabelledDataset:
     def stats(self) -> dict[str, float]:
         """Matches per window and mean baseline / median depth (the parallax that makes
         per-view scale and translation observable, see :mod:`learner.losses`)."""
-        a = self.arrays
-        centres = a["gt_cam_to_world"][:, :, :3, 3]
-        base = np.linalg.norm(centres[:, :, None] - centres[:, None], axis=-1)
-        v = centres.shape[1]
-        mean_base = base.sum((1, 2)) / (v * (v - 1))
-        depth = np.where(a["gt_depth"] > 0, a["gt_depth"], np.nan)
-        med = np.nanmedian(depth.reshape(len(self), -1), axis=1)
         counts = np.diff(self._bounds)
         return {"windows": float(len(self)), "matches_per_window": float(counts.mean()),
-                "baseline_over_depth": float(np.mean(mean_base / med))}
+                "baseline_over_depth": baseline_over_depth(self.arrays["gt_cam_to_world"], self.arrays["gt_depth"])}
+
+
+def baseline_over_depth(cam_to_world: np.ndarray, depth: np.ndarray) -> float:
+    """Mean over windows of (mean distance between the window's camera centres) / (median of
+    its valid depth): poses [N, V, 4, 4], depth [N, V, H, W] (0 = unknown)."""
+    centres = cam_to_world[:, :, :3, 3]
+    v = centres.shape[1]
+    mean_base = np.linalg.norm(centres[:, :, None] - centres[:, None], axis=-1).sum((1, 2)) / (v * (v - 1))
+    med = np.nanmedian(np.where(depth > 0, depth, np.nan).reshape(len(depth), -1), axis=1)
+    return float(np.mean(mean_base / med))

@@ -239,15 +239,10 @@ class FreshStream(LabelledDataset):
         n = len(self)
         if not n:
             return {"windows": 0.0, "loaded": 0.0}
-        a = self.arrays
-        centres = a["gt_cam_to_world"][:n, :, :3, 3]
-        base = np.linalg.norm(centres[:, :, None] - centres[:, None], axis=-1)
-        v = centres.shape[1]
-        depth = np.where(a["gt_depth"][:n] > 0, a["gt_depth"][:n], np.nan)
-        med = np.nanmedian(depth.reshape(n, -1), axis=1)
         return {"windows": float(n), "loaded": float(self.loaded),
                 "matches_per_window": float(np.mean([len(m) for m in self._slot_matches[:n]])),
-                "baseline_over_depth": float(np.mean(base.sum((1, 2)) / (v * (v - 1)) / med))}
+                "baseline_over_depth": ds.baseline_over_depth(self.arrays["gt_cam_to_world"][:n],
+                                                              self.arrays["gt_depth"][:n])}
 
 
 def main(argv: list[str] | None = None) -> int:
