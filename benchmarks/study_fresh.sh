@@ -7,7 +7,8 @@
 #
 # usage: benchmarks/study_fresh.sh OUTDIR "NAME|--set k=v ..." ...
 #   env: STRIDE (frames between views, 8), HELD (held-out spec), MINUTES (per run, default 7), WORKERS (producer processes, 11), BATCH (16), THREADS (1),
-#        CAPACITY (4096 windows in each run's ring), EVAL_EVERY (500)
+#        CAPACITY (4096 windows in each run's ring), EVAL_EVERY (500), GPUS (runs go round-robin
+#        over this many GPUs through CUDA_VISIBLE_DEVICES; default 1)
 set -u
 out=$1; shift
 mkdir -p "$out"
@@ -23,11 +24,12 @@ echo "held-out labelled in $(( $(date +%s) - start )) s"
 PYTHONUNBUFFERED=1 $py -m learner.fresh --out "$out/windows" --spec "$train" "${common[@]}" \
     --workers "${WORKERS:-11}" > "$out/producer.log" 2>&1 &
 producer=$!
-pids=()
+pids=(); k=0
 for run in "$@"; do
   name=${run%%|*}; overrides=${run#*|}
+  gpu=$(( k % ${GPUS:-1} )); k=$(( k + 1 ))
   # shellcheck disable=SC2086  # the overrides are flags, split on purpose
-  PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-1} $py -m learner.study "${common[@]}" --eval "$held" \
+  CUDA_VISIBLE_DEVICES=$gpu PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-1} $py -m learner.study "${common[@]}" --eval "$held" \
       --stream "$out/windows" --capacity "${CAPACITY:-4096}" --min-windows 256 --eval-windows 48 \
       --steps 1000000 --minutes "$minutes" --eval-every "${EVAL_EVERY:-500}" --threads "${THREADS:-1}" \
       --set batch_size=$batch $overrides --out "$out/$name" > "$out/$name.log" 2>&1 &

@@ -60,6 +60,11 @@ class LossConfig:
     """mu of the triangulation-consistency term ``mu * L_point``
     (``learner.losses.point_consistency_loss``): the two back-projections of a match must meet,
     relative to their depths. 0 = the paper's losses only."""
+    match_depth: Literal["pred", "teacher"] = "pred"
+    """Depth the match terms (angle, point) are evaluated with: ``pred`` the learner's own;
+    ``teacher`` the teacher's map carried into the prediction's per-view scale and shift
+    (``learner.losses.teacher_aligned_depth``; the learner's own depth where the teacher has
+    no label). Weak either way: it uses the teacher label and the matches only."""
 
     def __post_init__(self) -> None:
         if self.reproj_weight < 0 or self.alpha < 0 or self.point_weight < 0:

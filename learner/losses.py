@@ -79,6 +79,7 @@ __all__ = [
     "weighted_median",
     "median_mad_normalize",
     "relative_depth_loss",
+    "teacher_aligned_depth",
     "robust_angle_cost",
     "reprojection_loss",
     "point_consistency_loss",
@@ -193,6 +194,64 @@ def relative_depth_loss(
         per_pixel = conf * residual - alpha * conf.clamp(min=1e-6).log()
     per_pixel = torch.where(mask, per_pixel, torch.zeros_like(per_pixel))
     return per_pixel.sum() / mask.sum().clamp(min=1) + zero
+
+
+def teacher_aligned_depth(
+    pred_depth: Tensor,
+    teacher_depth: Tensor,
+    valid: Tensor,
+    *,
+    teacher_space: Literal["depth", "disparity"] = "depth",
+    min_valid: int = 16,
+) -> Tensor:
+    """The teacher's map carried into the prediction's per-view scale and shift, [B, V, H, W].
+
+    Per view, ``(a, b) = argmin sum_valid (a T + b − P)²`` in closed form, with P = D̂
+    (``teacher_space="depth"``) or P = 1 / D̂ (``"disparity"``: affine in the teacher's own
+    space), and the result is ``a T + b`` (or its inverse) at the valid pixels: the teacher's
+    *shape* with the prediction's per-view *scale and shift*. ``a`` and ``b`` are differentiable
+    functions of D̂ (the teacher is a label), so a loss on the result moves exactly the two
+    numbers per view that :func:`relative_depth_loss` cannot see.
+
+    Why: the match terms (:func:`reprojection_loss`, :func:`point_consistency_loss`) pull the
+    poses towards agreement with the depth they are given. Fed the learner's own depth, whose
+    per-pixel errors early in training are ~10 %, their optimum has translation directions tens
+    of degrees off (docs/RESULTS.md, CPU checks); fed this map, the per-pixel shape is the
+    teacher's and only the per-view scale and shift, and the poses, are left to the matches.
+
+    Pixels that are not valid, and views with fewer than ``min_valid`` valid pixels, a
+    non-positive slope ``a`` (shape anti-correlated, e.g. at initialisation) or a non-positive
+    result keep D̂. Shapes: all [B, V, H, W]; ``valid`` bool. No host synchronisation.
+    """
+    if teacher_space not in ("depth", "disparity"):
+        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
+        raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
+                         f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
+    depth = _fp32(pred_depth)
+    tiny = torch.finfo(depth.dtype).tiny
+    teacher = _fp32(teacher_depth).to(depth.dtype)
+    mask = valid.bool() & torch.isfinite(teacher) & (teacher > 0)
+    teacher = torch.where(mask, teacher, torch.zeros_like(teacher))
+    pred = 1.0 / depth.clamp(min=tiny) if teacher_space == "disparity" else depth
+    m = mask.to(depth.dtype)
+    count = m.sum((-2, -1), keepdim=True)
+    n = count.clamp(min=1)
+    mean_t = (m * teacher).sum((-2, -1), keepdim=True) / n
+    mean_p = (m * pred).sum((-2, -1), keepdim=True) / n
+    dt = torch.where(mask, teacher - mean_t, torch.zeros_like(teacher))
+    var = (dt * dt).sum((-2, -1), keepdim=True) / n
+    cov = (dt * (pred - mean_p)).sum((-2, -1), keepdim=True) / n
+    # A flat teacher view (var ~ 0 relative to its mean) has no shape to lend.
+    usable = (count >= min_valid) & (var > (1e-6 * mean_t) ** 2)
+    a = cov / torch.where(usable, var, torch.ones_like(var))
+    b = mean_p - a * mean_t
+    aligned = a * teacher + b
+    use = mask & usable & (a > 0) & (aligned > 0)
+    aligned = aligned.clamp(min=tiny)
+    if teacher_space == "disparity":
+        aligned = 1.0 / aligned
+    return torch.where(use, aligned, depth)
 
 
 def robust_angle_cost(one_minus_cos: Tensor, *, robust: Robust = "cauchy", scale_deg: float = 10.0) -> Tensor:

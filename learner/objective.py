@@ -1,7 +1,9 @@
 """The one place where loss terms are weighted and summed.
 
 ``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)`` for
-``cfg.kind == "weak"``;
+``cfg.kind == "weak"``, the match terms evaluated with the learner's depth or, with
+``cfg.match_depth == "teacher"``, with the teacher's map in the learner's per-view scale and
+shift (:func:`learner.losses.teacher_aligned_depth`);
 the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
 
 :func:`weighted_loss` keeps the logged terms on the device, so that the training step can read
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses import point_consistency_loss, relative_depth_loss, reprojection_loss, supervised_loss
+from learner.losses import (point_consistency_loss, relative_depth_loss, reprojection_loss, supervised_loss,
+                            teacher_aligned_depth)
 
 
 def compute_loss(
@@ -77,18 +80,23 @@ def weighted_loss(
     elif cfg.kind == "weak":
         matches = matches.to(depth.device)
         intrinsics = batch["intrinsics"].to(depth.device)
-        reproj = reprojection_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
+        teacher = valid = None
+        if "teacher_depth" in batch:
+            teacher = batch["teacher_depth"].to(depth.device)
+            valid = batch.get("teacher_valid")
+            valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
+        match_depth = depth
+        if cfg.match_depth == "teacher" and teacher is not None:
+            match_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
+        reproj = reprojection_loss(match_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect
         terms["reproj"] = reproj.detach()
         if cfg.point_weight > 0:
-            point = point_consistency_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
+            point = point_consistency_loss(match_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
-        if "teacher_depth" in batch:
-            valid = batch.get("teacher_valid")
-            teacher = batch["teacher_depth"].to(depth.device)
-            valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
+        if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
                                       teacher_space=teacher_space)
             loss = loss + dep

@@ -17,6 +17,7 @@ from learner.losses import (
     reprojection_loss,
     robust_angle_cost,
     supervised_loss,
+    teacher_aligned_depth,
     weighted_median,
 )
 from learner.objective import compute_loss
@@ -542,6 +543,97 @@ def test_supervised_grows_with_pose_error_and_is_finite_at_optimum():
     poses = gt_poses.clone().requires_grad_(True)
     supervised_loss(depth, poses, gt_depth, gt_poses, valid).backward()
     assert_finite_grads(depth, poses)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher map in the prediction's per-view scale and shift (match terms' depth option).
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", ["depth", "disparity"])
+def test_teacher_aligned_depth_returns_the_prediction_when_it_is_affine_in_the_teacher(space):
+    depth, _, valid, a, shift, g = depth_case(3)
+    teacher = a * depth + shift if space == "depth" else a / depth + shift
+    teacher = teacher - teacher.amin((-2, -1), keepdim=True) + 0.1  # a teacher's map is > 0
+    out = teacher_aligned_depth(depth, teacher, valid, teacher_space=space)
+    torch.testing.assert_close(out, depth, rtol=1e-9, atol=1e-9)
+
+
+def test_teacher_aligned_depth_takes_shape_from_teacher_and_scale_shift_from_prediction():
+    depth, _, valid, a, shift, g = depth_case(4)
+    shape = depth.clone()  # the true shape
+    teacher = 0.5 * shape + 2.0
+    # The prediction: the true shape in its own per-view scale and shift, plus zero-mean noise.
+    noise = 0.2 * torch.randn(depth.shape, generator=g, dtype=F64)
+    pred = a * shape + a.abs() * 0.1 + noise * a
+    out = teacher_aligned_depth(pred, teacher, valid)
+    expected_fit = a * shape + a.abs() * 0.1  # least squares recovers the scale/shift, not the noise
+    err = (out - expected_fit)[valid].abs().max() / expected_fit.abs().max()
+    assert err < 0.05
+    # Invalid teacher pixels keep the prediction; the map scales with the prediction.
+    torch.testing.assert_close(out[~valid], pred[~valid])
+    torch.testing.assert_close(teacher_aligned_depth(3.0 * pred, teacher, valid), 3.0 * out)
+
+
+def test_teacher_aligned_depth_gradient_reaches_only_per_view_scale_and_shift():
+    depth, _, valid, a, shift, g = depth_case(5, b=1, v=2)
+    teacher = 2.0 * depth + 1.0
+    pred = (depth * (1 + 0.1 * torch.randn(depth.shape, generator=g, dtype=F64))).requires_grad_(True)
+    out = teacher_aligned_depth(pred, teacher, valid)
+    out[0, 0, 3, 4].backward()  # one pixel of view 0 (a valid one, checked below)
+    assert bool(valid[0, 0, 3, 4])
+    grad = pred.grad
+    assert torch.isfinite(grad).all()
+    assert torch.count_nonzero(grad[0, 1]) == 0  # view 1 is untouched
+    # d out / d pred = d(a T + b)/d pred: affine in T over the valid pixels, zero elsewhere.
+    g0 = grad[0, 0]
+    assert torch.count_nonzero(g0[~valid[0, 0]]) == 0
+    t = teacher[0, 0][valid[0, 0]]
+    coef = torch.linalg.lstsq(torch.stack((t, torch.ones_like(t)), 1), g0[valid[0, 0]][:, None]).solution
+    torch.testing.assert_close(coef[0, 0] * t + coef[1, 0], g0[valid[0, 0]])
+    assert float(g0[valid[0, 0]].sum()) == pytest.approx(1.0)  # shifting pred by c shifts out by c
+
+
+def test_teacher_aligned_depth_falls_back_to_prediction_when_teacher_cannot_help():
+    depth, _, valid, _, _, g = depth_case(6, b=1, v=3)
+    teacher = depth.clone()
+    teacher[0, 0] = 1.0 / depth[0, 0]  # anti-correlated with the prediction: slope < 0
+    teacher[0, 1] = 5.0  # flat: no shape
+    teacher[0, 2, :, :] = float("nan")  # no valid pixel
+    out = teacher_aligned_depth(depth, teacher, valid)
+    torch.testing.assert_close(out, depth)
+    with pytest.raises(ValueError, match="teacher_space"):
+        teacher_aligned_depth(depth, teacher, valid, teacher_space="inverse")
+
+
+def test_weak_loss_with_teacher_match_depth_is_zero_for_exact_geometry_and_an_affine_teacher():
+    world = make_world(21, batch=2, views=3)
+    g = torch.Generator().manual_seed(0)
+    a = 0.25 + 3 * torch.rand(2, 3, 1, 1, generator=g, dtype=F64)
+    shift = torch.rand(2, 3, 1, 1, generator=g, dtype=F64)
+    teacher = a * world["depth"] + shift
+    m = world["matches"]
+    batch = {"intrinsics": world["intrinsics"], "matches": torch.cat((m, torch.ones(len(m), 1, dtype=F64)), 1),
+             "teacher_depth": teacher, "teacher_valid": torch.ones_like(teacher, dtype=torch.bool)}
+    cfg = LossConfig(point_weight=1.0, match_depth="teacher")
+    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
+    _, terms = compute_loss(exact, batch, cfg)
+    assert terms["reproj"] < 1e-10 and terms["point"] < 1e-10
+    # A wrong per-pixel shape in the prediction is invisible to the match terms here (they use
+    # the teacher's shape): noise with no component along [T, 1] in any view leaves the least
+    # squares fit exact. A wrong per-view scale is seen.
+    noise = 0.3 * torch.randn(world["depth"].shape, generator=g, dtype=F64)
+    basis = torch.stack((teacher.flatten(-2), torch.ones_like(teacher.flatten(-2))), -1)  # [B, V, HW, 2]
+    coef = torch.linalg.lstsq(basis, noise.flatten(-2)[..., None]).solution
+    noise = noise - (basis @ coef)[..., 0].view_as(noise)
+    bumpy = SimpleNamespace(depth=world["depth"] + noise, confidence=exact.confidence,
+                            cam_to_world=world["cam_to_world"])
+    _, terms = compute_loss(bumpy, batch, cfg)
+    _, plain = compute_loss(bumpy, batch, LossConfig(point_weight=1.0))
+    assert terms["point"] < 1e-9 and terms["reproj"] < 1e-9 and plain["point"] > 1e-2
+    scaled = world["depth"] * torch.tensor([1.0, 1.3, 1.0], dtype=F64).view(1, 3, 1, 1)
+    _, terms = compute_loss(SimpleNamespace(depth=scaled, confidence=exact.confidence,
+                                            cam_to_world=world["cam_to_world"]), batch, cfg)
+    assert terms["point"] > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
