@@ -35,6 +35,8 @@ class LearnerMetrics:
         self.grad_norm = m.gauge("learner_grad_norm", "Global gradient norm of the latest step (before clipping)")
         self.steps_per_second = m.gauge("learner_steps_per_second", "Training steps per second (smoothed)")
         self.samples = m.counter("learner_samples_total", "Windows trained on (this rank)")
+        self.data_wait = m.counter("learner_data_wait_seconds_total",
+                                   "Seconds the training loop waited for a batch from replay (this rank)")
         self.skipped = m.counter("learner_skipped_steps_total", "Steps dropped for a non-finite loss or grad norm")
         self.snapshot_duration = m.histogram("snapshot_duration_seconds", "Time to write one snapshot",
                                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
@@ -96,6 +98,7 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
     try:
         while True:
             msg = None
+            wait_start = time.perf_counter()
             while msg is None and not runtime.stopping:
                 msg = prefetch.get(0.1)
                 if msg is not None and (reason := _unusable(msg, lcfg.model.patch_size)):
@@ -103,6 +106,7 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
                     runtime.log.warning("dropped a batch the model cannot take", extra={
                         "reason": reason, "shape": list(msg.arrays["frames"].shape)})
                     msg = None
+            metrics.data_wait.inc(time.perf_counter() - wait_start)
             if _any_rank_stopping(runtime.stopping, trainer):
                 break
             teachers = msg.meta.get("teacher", teachers)

@@ -290,6 +290,9 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path):
         assert "reliev3r_snapshot_step 3.0" in text
         assert 'reliev3r_learner_loss{term="depth"}' in text
         assert "reliev3r_learner_samples_total 6.0" in text
+        # The first sample was answered not_ready: the loop waited for data and counted it.
+        wait = [ln for ln in text.splitlines() if ln.startswith("reliev3r_learner_data_wait_seconds_total ")]
+        assert wait and float(wait[0].split()[1]) > 0
         snaps = list_snapshots(tmp_path / "snapshots")
         assert [s for s, _ in snaps] == [2, 3]
         meta = verify_snapshot(snaps[-1][1])
