@@ -92,7 +92,8 @@ def main() -> None:
         passed = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("nprocs", "json", "worker", "compile")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                __file__, "--worker", *passed, *(["--compile"] if args.compile else [])]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

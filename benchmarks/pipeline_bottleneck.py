@@ -1,0 +1,499 @@
+"""Whole-pipeline throughput (streamer -> labelers -> replay -> learner) and its bottleneck.
+
+Runs the real pipeline (``python -m reliev3r.cli up``, so no installed ``reliev3r`` entry
+point is needed) with the given ``--config`` files and ``key=value`` overrides, scrapes every
+stage's Prometheus endpoint (``<run.dir>/processes.json``) every ``--interval`` seconds, and
+reports rates over a steady window: ``--warmup`` seconds after the learner's first step, then
+``--measure`` seconds (or until ``--max-steps`` ends the run). Then it stops the pipeline.
+
+    # 2 GPUs: labelers on cuda:0 and cuda:1 (labeler.device=cuda), learner on cuda:0
+    python benchmarks/pipeline_bottleneck.py --out /tmp/pb --warmup 60 --measure 150 --isolated \\
+        labeler.workers=2 labeler.device=cuda learner.device=cuda learner.model.size=base \\
+        learner.batch_size=16 streamer.views=8 streamer.height=224 streamer.width=224
+    # CPU check: the demo config with two labelers
+    python benchmarks/pipeline_bottleneck.py --config configs/demo.yaml --warmup 20 --measure 40 labeler.workers=2
+
+Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity (rate / busy):
+
+* streamer: windows sent/s; its CPU use (from /proc); it runs flat out when labelers sit on
+  unused credits (``reliev3r_labelers_with_credit`` > 0), otherwise its rate is a lower bound.
+* labelers: windows handled/s each, busy fraction = time in the decode, depth, matches and
+  insert stages (``reliev3r_labeler_stage_seconds``) per second, and that time per window.
+* replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
+  is an upper bound: every window of a group commit observes the whole commit).
+* learner: steps/s, samples/s, fraction of the time it waited for a batch
+  (``reliev3r_learner_data_wait_seconds_total``), MFU; with ``--isolated`` also the same model
+  on in-memory batches of the same shape (``benchmarks/scaling.py`` with one rank) afterwards.
+
+The bottleneck is the stage with the lowest capacity relative to what the learner consumes
+(samples/s): a producer below 1 means the learner trains faster than fresh windows arrive
+(each window is sampled more than once, or, under ``replay.samples_per_insert``, the learner
+waits); otherwise the learner itself is the limit. A learner waiting for data more than 10 %
+of the time is upstream-bound whatever the estimates say. GPU utilisation comes from
+``nvidia-smi`` when it exists. ``--json`` writes every number.
+
+Benchmark defaults, applied before the user's overrides (so these can be overridden): free
+ZeroMQ ports, no snapshots inside the window (``learner.snapshot_every``), no replay dedup
+(the synthetic world loops; dedup would turn later passes into cheap duplicates), and an
+evaluator reading the training world (no second render). The synthetic world is rendered
+before ``up`` starts, so rendering is not part of any stage's warm-up. Make it large
+(``streamer.synthetic.scenes``/``frames``): the streamer starts another pass over its archives
+only once every window of the current pass is acknowledged, so a world of a few dozen windows
+drains the pipeline at every pass and makes the streamer look slow (the demo world: streamer
+"flat out" at 2.8 windows/s; 4x larger: labelers busy 0.96, the real limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reliev3r import config as rconfig  # noqa: E402
+from reliev3r.cli import DEFAULT_CONFIG  # noqa: E402
+from reliev3r.status import scrape, stage_kind, value  # noqa: E402
+
+STARVED = 0.10
+"""Learner data-wait fraction above which it is called upstream-bound."""
+LABELER_STAGES = ("decode", "depth", "matches", "insert")
+ORDER = ("streamer", "labeler", "replay", "learner")
+
+
+def extract(kind: str, s) -> dict[str, float]:
+    """The numbers this benchmark reads from one scrape of one process (absent ones left out)."""
+    want: dict[str, tuple[str, dict]] = {}
+    if kind == "streamer":
+        want = {"sent": ("reliev3r_windows_sent_total", {}), "frames": ("reliev3r_decode_frames_total", {}),
+                "resent": ("reliev3r_windows_resent_total", {}), "in_flight": ("reliev3r_windows_in_flight", {}),
+                "labelers_with_credit": ("reliev3r_labelers_with_credit", {})}
+    elif kind == "labeler":
+        want = {f"windows_{st}": ("reliev3r_labeler_windows_total", {"status": st})
+                for st in ("stored", "duplicate", "dropped", "insert_failed")}
+        want.update({f"s_{st}": ("reliev3r_labeler_stage_seconds_sum", {"stage": st}) for st in LABELER_STAGES})
+    elif kind == "replay":
+        want = {"inserts": ("reliev3r_replay_inserts_total", {}), "samples": ("reliev3r_replay_samples_total", {}),
+                "batches": ("reliev3r_replay_batches_total", {}),
+                "not_ready": ("reliev3r_replay_not_ready_total", {"kind": "sample"}),
+                "s_insert": ("reliev3r_replay_insert_seconds_sum", {}),
+                "s_sample": ("reliev3r_replay_sample_seconds_sum", {}),
+                "stored": ("reliev3r_replay_windows", {})}
+    elif kind == "learner":
+        want = {"step": ("reliev3r_learner_step", {}), "samples": ("reliev3r_learner_samples_total", {}),
+                "wait": ("reliev3r_learner_data_wait_seconds_total", {}), "mfu": ("reliev3r_learner_mfu", {})}
+    out = {}
+    for key, (name, labels) in want.items():
+        v = value(s, name, **labels)
+        if v is None and labels:
+            v = 0.0  # a labelled series appears with its first increment
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def cpu_seconds(pid) -> float | None:
+    """utime + stime of a process, in seconds (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def usable_cpus() -> float:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 quota when there is one."""
+    n = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def gpu_sample() -> list[tuple[int, float, float]] | None:
+    """(index, utilisation %, memory used MiB) per GPU from nvidia-smi, or None without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    rows = []
+    for line in out.stdout.strip().splitlines():
+        try:
+            i, u, m = (x.strip() for x in line.split(","))
+            rows.append((int(i), float(u), float(m)))
+        except ValueError:
+            continue
+    return rows or None
+
+
+class Recorder:
+    """Scrapes of every process (and GPU samples) with their times."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.series: dict[str, list[tuple[float, dict[str, float]]]] = {}
+        self.cpu: dict[str, list[tuple[float, float]]] = {}
+        self.gpus: list[tuple[float, list[tuple[int, float, float]]]] = []
+        self.gpu_ok = True
+
+    def processes(self) -> dict:
+        try:
+            return json.loads((self.run_dir / "processes.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def sample(self) -> dict[str, dict[str, float]]:
+        now: dict[str, dict[str, float]] = {}
+        for name, info in self.processes().items():
+            kind = stage_kind(name)
+            if kind == "supervisor" or not info.get("metrics"):
+                continue
+            s = scrape(info["metrics"], timeout=2.0)
+            t = time.monotonic()
+            if s is None:
+                continue
+            now[name] = extract(kind, s)
+            self.series.setdefault(name, []).append((t, now[name]))
+            c = cpu_seconds(info.get("pid"))
+            if c is not None:
+                self.cpu.setdefault(name, []).append((t, c))
+        if self.gpu_ok:
+            g = gpu_sample()
+            self.gpu_ok = g is not None
+            if g:
+                self.gpus.append((time.monotonic(), g))
+        return now
+
+    def window(self, name: str, t0: float, t1: float) -> dict | None:
+        """Rates (``*_per_s``, counter deltas) and means (levels) of one process over [t0, t1]."""
+        pts = [(t, v) for t, v in self.series.get(name, []) if t0 <= t <= t1]
+        if len(pts) < 2:
+            return None
+        (ta, a), (tb, b) = pts[0], pts[-1]
+        dt = tb - ta
+        out: dict = {"seconds": dt}
+        for key in b:
+            if key in a:
+                d = b[key] - a[key]
+                out[f"d_{key}"] = d if d >= 0 else None  # a restart resets counters
+            out[f"mean_{key}"] = sum(v.get(key, 0.0) for _, v in pts) / len(pts)
+        cpts = [(t, c) for t, c in self.cpu.get(name, []) if t0 <= t <= t1]
+        if len(cpts) >= 2 and cpts[-1][1] >= cpts[0][1]:
+            out["cpu_cores"] = (cpts[-1][1] - cpts[0][1]) / max(cpts[-1][0] - cpts[0][0], 1e-9)
+        return out
+
+
+def rate(w: dict, key: str) -> float | None:
+    d = w.get(f"d_{key}")
+    return None if d is None else d / max(w["seconds"], 1e-9)
+
+
+def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
+    stages: dict[str, dict] = {}
+    for name in rec.series:
+        w = rec.window(name, t0, t1)
+        if w is None:
+            continue
+        kind, row = stage_kind(name), {"cpu_cores": w.get("cpu_cores")}
+        if kind == "streamer":
+            row.update(windows_per_s=rate(w, "sent"), frames_per_s=rate(w, "frames"), resent_per_s=rate(w, "resent"),
+                       in_flight_mean=w.get("mean_in_flight"),
+                       labelers_with_credit_mean=w.get("mean_labelers_with_credit"))
+        elif kind == "labeler":
+            counts = {st: w.get(f"d_windows_{st}") or 0.0 for st in ("stored", "duplicate", "dropped", "insert_failed")}
+            handled = sum(counts.values())
+            busy = {st: (w.get(f"d_s_{st}") or 0.0) for st in LABELER_STAGES}
+            row.update(windows_per_s=handled / w["seconds"], stored_per_s=counts["stored"] / w["seconds"],
+                       dropped_per_s=counts["dropped"] / w["seconds"],
+                       busy_fraction=sum(busy.values()) / w["seconds"],
+                       seconds_per_window={st: (v / handled if handled else None) for st, v in busy.items()})
+        elif kind == "replay":
+            busy = ((w.get("d_s_insert") or 0.0) + (w.get("d_s_sample") or 0.0)) / w["seconds"]
+            row.update(inserts_per_s=rate(w, "inserts"), samples_per_s=rate(w, "samples"),
+                       batches_per_s=rate(w, "batches"), not_ready_per_s=rate(w, "not_ready"),
+                       busy_fraction=busy, stored_mean=w.get("mean_stored"))
+        elif kind == "learner":
+            wait = w.get("d_wait")
+            row.update(steps_per_s=rate(w, "step"), samples_per_s=rate(w, "samples"),
+                       data_wait_fraction=None if wait is None else wait / w["seconds"], mfu_mean=w.get("mean_mfu"))
+        else:
+            continue
+        row["seconds"] = w["seconds"]
+        stages[name] = row
+
+    gpus: dict[int, list[tuple[float, float]]] = {}
+    for t, rows in rec.gpus:
+        if t0 <= t <= t1:
+            for i, u, m in rows:
+                gpus.setdefault(i, []).append((u, m))
+    gpu = [{"index": i, "util_mean": sum(u for u, _ in v) / len(v), "mem_used_mib_max": max(m for _, m in v)}
+           for i, v in sorted(gpus.items())]
+    cpu = {"cores_used": sum(r["cpu_cores"] or 0.0 for r in stages.values()), "cores_usable": usable_cpus()}
+    result = {"window_seconds": t1 - t0, "stages": stages, "gpus": gpu, "cpu": cpu, "isolated_learner": isolated,
+              **verdict(stages, isolated)}
+    if cpu["cores_used"] >= 0.9 * cpu["cores_usable"]:
+        result["reason"] += (f"; CPU saturated ({cpu['cores_used']:.1f} of {cpu['cores_usable']:g} cores busy): "
+                             "every rate includes CPU contention between the stages")
+    return result
+
+
+def verdict(stages: dict[str, dict], isolated: dict | None) -> dict:
+    """Capacities (windows/s) of the stages, each over the learner's demand, and the bottleneck."""
+    learner = stages.get("learner", {})
+    demand = learner.get("samples_per_s") or 0.0
+    caps: dict[str, dict] = {}
+    st = stages.get("streamer")
+    if st and st.get("windows_per_s") is not None:
+        flat_out = (st.get("labelers_with_credit_mean") or 0.0) >= 0.5
+        caps["streamer"] = {"capacity": st["windows_per_s"], "exact": flat_out,
+                            "note": "flat out (labelers wait with credits)" if flat_out
+                            else "lower bound (held back by labeler credits)"}
+    labs = [r for n, r in stages.items() if stage_kind(n) == "labeler"]
+    if labs:
+        cap = sum(r["windows_per_s"] / r["busy_fraction"] if r["busy_fraction"] > 1e-6 else math.inf for r in labs)
+        busy = ", ".join(f"{r['busy_fraction']:.2f}" for r in labs)
+        caps["labelers"] = {"capacity": cap, "exact": True, "note": f"{len(labs)} labeler(s), busy {busy}"}
+    rp = stages.get("replay")
+    if rp and rp.get("inserts_per_s") is not None:
+        b = rp["busy_fraction"]
+        caps["replay"] = {"capacity": rp["inserts_per_s"] / b if b > 1e-6 else math.inf, "exact": False,
+                          "note": f"busy {b:.2f} (store + sample)"}
+    wait = learner.get("data_wait_fraction")
+    if demand:  # what it trains at in the pipeline when never waiting (contention included)
+        cap = demand / max(1.0 - wait, 1e-6) if wait is not None else demand
+        note = "samples/s / (1 - data wait)" if wait is not None else "samples/s (no data-wait metric)"
+        if isolated and isolated.get("samples_per_s"):
+            note += f"; alone on in-memory batches: {isolated['samples_per_s']:.2f}"
+        caps["learner"] = {"capacity": cap, "exact": wait is not None, "note": note}
+    for c in caps.values():
+        c["over_demand"] = c["capacity"] / demand if demand else None
+    if not demand:
+        return {"capacities": caps, "bottleneck": None,
+                "reason": "the learner trained nothing in the window (raise --warmup/--measure, check the logs)"}
+    starved = wait is not None and wait > STARVED
+    # A streamer held back by labeler credits is faster than its rate: it cannot be the limit.
+    producers = {k: c for k, c in caps.items() if k != "learner" and (c["exact"] or k != "streamer")}
+    slowest = min(producers, key=lambda k: producers[k]["over_demand"]) if producers else None
+    name = slowest if slowest and (starved or producers[slowest]["over_demand"] < 1) else "learner"
+    if name == "learner":
+        least = min((c["over_demand"] for k, c in caps.items() if k != "learner"), default=math.inf)
+        reason = (f"learner-bound: it waits for data {100 * (wait or 0):.0f} % of the time; every producer can "
+                  f"deliver at least {least:.2f}x what it consumes")
+        if starved:
+            reason = f"upstream-bound, producer unknown: {reason}"
+    else:
+        reason = (f"{name} capacity {caps[name]['capacity']:.2f} windows/s against learner demand {demand:.2f} "
+                  f"samples/s ({caps[name]['over_demand']:.2f}x)")
+        if starved:
+            reason = f"upstream-bound: learner waits for data {100 * wait:.0f} % of the time; " + reason
+        else:
+            reason += "; the learner reuses windows rather than waits (replay samples/insert > 1)"
+    if isolated and isolated.get("samples_per_s") and demand < 0.9 * isolated["samples_per_s"] and not starved:
+        reason += (f"; the learner runs at {demand / isolated['samples_per_s']:.2f}x its isolated rate without "
+                   "waiting for data: contention (shared GPU or CPU)")
+    return {"capacities": caps, "bottleneck": name, "reason": reason}
+
+
+def finite(x):
+    """``x`` with infinite floats as None (strict JSON)."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None else ("inf" if v == math.inf else format(v, spec))
+
+
+def table(result: dict) -> str:
+    lines = ["| stage | windows/s | busy | CPU cores | per window | notes |", "|---|---:|---:|---:|---|---|"]
+    for name, r in sorted(result["stages"].items(), key=lambda kv: (ORDER.index(stage_kind(kv[0])), kv[0])):
+        kind = stage_kind(name)
+        if kind == "streamer":
+            lines.append(f"| {name} | {fmt(r['windows_per_s'])} sent | - | {fmt(r['cpu_cores'])} | - | "
+                         f"{fmt(r['frames_per_s'], '.1f')} frames/s, in flight {fmt(r['in_flight_mean'], '.1f')}, "
+                         f"labelers with credit {fmt(r['labelers_with_credit_mean'])} |")
+        elif kind == "labeler":
+            per = " ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r["seconds_per_window"].items() if v is not None)
+            lines.append(f"| {name} | {fmt(r['windows_per_s'])} labelled | {fmt(r['busy_fraction'])} | "
+                         f"{fmt(r['cpu_cores'])} | {per} | stored {fmt(r['stored_per_s'])}/s, dropped "
+                         f"{fmt(r['dropped_per_s'])}/s |")
+        elif kind == "replay":
+            lines.append(f"| {name} | {fmt(r['inserts_per_s'])} in, {fmt(r['samples_per_s'])} out | "
+                         f"{fmt(r['busy_fraction'])} | {fmt(r['cpu_cores'])} | - | not ready "
+                         f"{fmt(r['not_ready_per_s'])}/s, stored {fmt(r['stored_mean'], '.0f')} |")
+        elif kind == "learner":
+            lines.append(f"| {name} | {fmt(r['samples_per_s'])} samples ({fmt(r['steps_per_s'])} steps/s) | "
+                         f"{fmt(None if r['data_wait_fraction'] is None else 1 - r['data_wait_fraction'])} | "
+                         f"{fmt(r['cpu_cores'])} | - | data wait {fmt(r['data_wait_fraction'])}, MFU "
+                         f"{fmt(r['mfu_mean'], '.3f')} |")
+    iso = result.get("isolated_learner")
+    if iso:
+        lines.append(f"| learner, isolated | {fmt(iso['samples_per_s'])} samples | - | - | - | in-memory batches |")
+    out = ["\n".join(lines)]
+    cpu = result["cpu"]
+    out.append(f"CPU: the stages used {cpu['cores_used']:.2f} of {cpu['cores_usable']:g} usable cores")
+    if result["gpus"]:
+        out.append("GPU utilisation: " + ", ".join(f"GPU{g['index']} {g['util_mean']:.0f} % "
+                                                   f"({g['mem_used_mib_max']:.0f} MiB)" for g in result["gpus"]))
+    caps = result["capacities"]
+    out.append("\n".join(["| stage | capacity (windows/s) | / learner demand | how |", "|---|---:|---:|---|"] + [
+        f"| {k} | {'' if c['exact'] else '>= '}{fmt(c['capacity'])} | {fmt(c['over_demand'])} | {c['note']} |"
+        for k, c in caps.items()]))
+    out.append(f"bottleneck: {result['bottleneck']} ({result['reason']})")
+    return "\n\n".join(out)
+
+
+def isolated_rate(cfg, steps: int) -> dict | None:
+    """The learner on in-memory batches of the pipeline's shape: benchmarks/scaling.py, one rank."""
+    lc, st = cfg.learner, cfg.streamer
+    import torch
+
+    device = "cuda" if lc.device.startswith("cuda") or (lc.device == "auto" and torch.cuda.is_available()) else "cpu"
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--nprocs", "1", "--device", device,
+               "--size", lc.model.size, "--patch", str(lc.model.patch_size), "--height", str(st.height),
+               "--width", str(st.width), "--views", str(st.views), "--batch", str(lc.batch_size),
+               "--steps", str(steps), "--warmup", "3", "--json", f.name, *(["--compile"] if lc.compile else [])]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"isolated learner failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+            return None
+        r = json.loads(Path(f.name).read_text())[0]
+    return {"samples_per_s": r["samples_per_s"], "steps_per_s": r["samples_per_s"] / lc.batch_size,
+            "device": device, "steps": steps}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="passed to reliev3r up")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for reliev3r up")
+    p.add_argument("--out", default=None, help="folder for the run (run/, up.log); default: a new temp folder")
+    p.add_argument("--warmup", type=float, default=60.0, help="seconds after the learner's first step")
+    p.add_argument("--measure", type=float, default=None, help="seconds measured (default 120; with --max-steps: "
+                                                               "until the run ends)")
+    p.add_argument("--max-steps", type=int, default=None, help="passed to reliev3r up; the run ends there")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for the first step")
+    p.add_argument("--isolated", action="store_true", help="also time the learner alone on in-memory batches")
+    p.add_argument("--isolated-steps", type=int, default=20)
+    p.add_argument("--json", default=None, help="write the raw numbers here")
+    args = p.parse_args()
+    measure = args.measure if args.measure is not None else (math.inf if args.max_steps else 120.0)
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="pipeline-bottleneck-")).resolve()
+    run_dir = out / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    user = list(args.overrides)
+    base = [f"run.dir={run_dir}", "network.work_port=0", "network.replay_port=0", "network.supervisor_port=0",
+            "learner.snapshot_every=1000000000", "replay.dedup=false"]
+    cfg = rconfig.load([DEFAULT_CONFIG, *args.config], base + user)
+    if not cfg.streamer.sources:
+        base.append(f"evaluator.data=synthetic:{run_dir / 'world'}")
+    overrides = base + user
+    cfg = rconfig.load([DEFAULT_CONFIG, *args.config], overrides)
+    configs = [x for c in args.config for x in ("--config", str(Path(c).resolve()))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cli = [sys.executable, "-m", "reliev3r.cli"]
+    print(f"pipeline bottleneck: run folder {run_dir}; overrides: {' '.join(overrides)}", flush=True)
+
+    render_s = None
+    if not cfg.streamer.sources:
+        st = cfg.streamer
+        per_pass = st.synthetic.scenes * max(0, (st.synthetic.frames - (st.views - 1) * st.frame_stride - 1)
+                                             // st.window_step + 1)
+        if per_pass < 200:
+            print(f"note: the synthetic world holds about {per_pass} windows per pass; each pass ends with the "
+                  "pipeline drained (raise streamer.synthetic.scenes/frames for a steadier stream)", flush=True)
+        start = time.monotonic()
+        with open(out / "render.log", "wb") as log:
+            code = subprocess.run([*cli, "render", "--out", str(run_dir / "world"), *configs, *overrides],
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        render_s = time.monotonic() - start
+        if code != 0:
+            print(f"rendering the synthetic world failed (exit {code}); see {out / 'render.log'}")
+            return 1
+        print(f"synthetic world ready in {render_s:.1f} s", flush=True)
+
+    up_cmd = [*cli, "up", *configs, *overrides, *(["--max-steps", str(args.max_steps)] if args.max_steps else [])]
+    up_log = open(out / "up.log", "wb")
+    up = subprocess.Popen(up_cmd, cwd=ROOT, env=env, stdout=up_log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, start_new_session=True)
+    rec = Recorder(run_dir)
+    started = time.monotonic()
+    first_step = t0 = t1 = None
+    phase = "starting"
+    try:
+        while True:
+            tick = time.monotonic()
+            now = rec.sample()
+            step = now.get("learner", {}).get("step", 0.0)
+            if first_step is None and step >= 1:
+                first_step = time.monotonic()
+                t0 = first_step + args.warmup
+                print(f"[{first_step - started:6.1f}s] learner stepping; warm-up {args.warmup:.0f} s", flush=True)
+            if t0 is not None and phase == "starting" and time.monotonic() >= t0:
+                phase = "measuring"
+                print(f"[{time.monotonic() - started:6.1f}s] measuring", flush=True)
+            if up.poll() is not None:
+                print(f"reliev3r up exited with code {up.returncode}", flush=True)
+                break
+            if phase == "measuring":
+                t1 = time.monotonic()
+                if t1 - t0 >= measure or (args.max_steps and step >= args.max_steps):
+                    break
+            if first_step is None and time.monotonic() - started > args.startup_timeout:
+                print(f"no learner step after {args.startup_timeout:.0f} s; see {out / 'up.log'}, {run_dir / 'logs'}")
+                break
+            time.sleep(max(0.0, args.interval - (time.monotonic() - tick)))
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)  # stops every stage in order
+            try:
+                up.wait(120)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        up_log.close()
+    if t0 is None or t1 is None or t1 - t0 < 2 * args.interval:
+        print(f"no steady window measured (learner never stepped, or the run ended during warm-up); "
+              f"see {out / 'up.log'}")
+        return 1
+
+    isolated = isolated_rate(cfg, args.isolated_steps) if args.isolated else None
+    result = analyse(rec, t0, t1, isolated)
+    lc, st = cfg.learner, cfg.streamer
+    result["setup"] = {"overrides": overrides, "configs": args.config, "labeler_workers": cfg.labeler.workers,
+                       "labeler_device": cfg.labeler.device, "teacher": cfg.labeler.teacher,
+                       "matcher": cfg.labeler.matcher, "learner_device": lc.device, "model": lc.model.size,
+                       "batch_size": lc.batch_size, "views": st.views, "height": st.height, "width": st.width,
+                       "render_seconds": render_s, "warmup_s": args.warmup, "run_dir": str(run_dir),
+                       "host_cpus": os.cpu_count()}
+    print(f"\npipeline: {cfg.labeler.workers} labeler(s) on {cfg.labeler.device} ({cfg.labeler.teacher} + "
+          f"{cfg.labeler.matcher}), learner {lc.model.size} on {lc.device}, batch {lc.batch_size}, "
+          f"{st.views} views {st.height}x{st.width}; steady window {result['window_seconds']:.0f} s after "
+          f"{args.warmup:.0f} s warm-up\n")
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(finite(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
