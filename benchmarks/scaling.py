@@ -50,7 +50,8 @@ def worker(args: argparse.Namespace) -> None:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    rate = torch.tensor([args.batch * args.steps / elapsed], dtype=torch.float64)
+    # On the rank's device: NCCL reduces CUDA tensors only.
+    rate = torch.tensor([args.batch * args.steps / elapsed], dtype=torch.float64, device=trainer.device)
     if world > 1:
         dist.all_reduce(rate)  # total samples/s of all ranks
     if rank == 0:
