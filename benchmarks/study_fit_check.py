@@ -39,10 +39,10 @@ def fit(args: argparse.Namespace) -> None:
     windows = [all_windows[k] for k in picks[:: max(1, len(picks) // 16)]]  # scored: <= ~16 of them
     held = LabelledDataset.load(args.held_out).windows(16) if args.held_out else []
     batch = args.batch or len(picks)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     cfg = apply_overrides(LearnerConfig(), ["ema_decay=0", "snapshot_every=1000000", f"lr={args.lr}",
                                             f"warmup_steps={args.warmup}", f"batch_size={batch}"] + args.set)
-    trainer = Trainer(cfg, device="cpu", teacher_space=data.teacher_space, seed=0)
+    trainer = Trainer(cfg, device="cpu", teacher_space=data.teacher_space, seed=args.seed)
     base = trivial_baseline(windows)
     print(f"identity on these {len(picks)} training windows: rot {base['rot_err_deg']:.2f} trans {base['trans_err_deg']:.2f}")
     start = time.perf_counter()
@@ -132,6 +132,7 @@ def main() -> None:
                    help="direct: per-pixel part of the corruption (default: --depth-error)")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="fit: model init and batch order")
     args = p.parse_args()
     args.windows = args.windows or (8 if args.mode == "fit" else 1)
     torch.set_num_threads(args.threads)

@@ -23,6 +23,13 @@ class ModelConfig:
     log-scale per view from the camera token (after global attention), so the per-view scale
     that the depth loss cannot see is one parameter the reprojection terms move directly."""
 
+    dense_grad_scale: float = 1.0
+    """Factor on the gradient that the dense (depth) head sends back into the shared trunk
+    (the forward pass is unchanged). The depth term's gradient is 10-30x the pose terms' in the
+    weak objective (docs/RESULTS.md, gradient balance), so it sets the trunk's Adam statistics;
+    < 1 gives the pose signal a larger share of the trunk's updates without changing any loss
+    or the heads' own updates. 1 = plain backpropagation."""
+
     head_dim: int = 0
     """Channels per attention head; 0: the size's own (64 for small, base and large). Another
     value changes the architecture (heads = dim / head_dim; same FLOPs, same parameters but for
@@ -39,6 +46,8 @@ class ModelConfig:
             raise ValueError("registers must be >= 0")
         if self.max_log_depth <= 0:
             raise ValueError("max_log_depth must be > 0")
+        if not 0 < self.dense_grad_scale <= 1:
+            raise ValueError(f"dense_grad_scale must be in (0, 1], got {self.dense_grad_scale}")
         if self.depth_param not in ("dense", "view_scale"):
             raise ValueError(f"depth_param must be 'dense' or 'view_scale', got {self.depth_param!r}")
 

@@ -105,6 +105,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """x in the forward pass; its gradient times ``factor`` in the backward pass."""
+    return x * factor + (x * (1.0 - factor)).detach()
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -216,7 +221,10 @@ class FFRM(nn.Module):
         # The dense trunk (projection, pixel shuffle, first 3x3 conv) works at full resolution
         # and moves more bytes than the rest of the model: it follows the caller's autocast
         # (bf16 on GPU). Its last conv, the output activations and the camera head run in fp32.
-        feat = self._dense_trunk(x[:, special:], frames, b * v, gh, gw)
+        patch_tokens = x[:, special:]
+        if self.cfg.dense_grad_scale != 1.0:
+            patch_tokens = scale_grad(patch_tokens, self.cfg.dense_grad_scale)
+        feat = self._dense_trunk(patch_tokens, frames, b * v, gh, gw)
         with torch.autocast(device_type=images.device.type, enabled=False):
             return self._heads(feat.float(), x[:, 0].float(), b, v, gh, gw)
 

@@ -118,3 +118,25 @@ def test_head_dim_option_keeps_parameters_and_flops():
         _model(head_dim=48)  # does not divide 128
     with pytest.raises(ValueError, match="head_dim"):
         ModelConfig(head_dim=6)
+
+
+def test_dense_grad_scale_scales_only_the_depth_gradient_into_the_trunk():
+    images = torch.rand(1, 2, 3, 16, 16)
+    plain, scaled = _model(), _model(dense_grad_scale=0.25)
+    scaled.load_state_dict(plain.state_dict())
+    out_plain, out_scaled = plain(images), scaled(images)
+    torch.testing.assert_close(out_scaled.depth, out_plain.depth, rtol=0, atol=0)  # forward unchanged
+
+    def grads(model, out, field):
+        model.zero_grad()
+        getattr(out, field).sum().backward(retain_graph=True)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    trunk = "encoder.0.mlp.0.weight"
+    depth_plain, depth_scaled = grads(plain, out_plain, "depth"), grads(scaled, out_scaled, "depth")
+    torch.testing.assert_close(depth_scaled[trunk], 0.25 * depth_plain[trunk])
+    torch.testing.assert_close(depth_scaled["dense_proj.weight"], depth_plain["dense_proj.weight"])  # head: full
+    pose_plain, pose_scaled = grads(plain, out_plain, "cam_to_world"), grads(scaled, out_scaled, "cam_to_world")
+    torch.testing.assert_close(pose_scaled[trunk], pose_plain[trunk])  # the pose signal is untouched
+    with pytest.raises(ValueError, match="dense_grad_scale"):
+        ModelConfig(dense_grad_scale=0.0)
