@@ -23,6 +23,10 @@ class ModelConfig:
     log-scale per view from the camera token (after global attention), so the per-view scale
     that the depth loss cannot see is one parameter the reprojection terms move directly."""
 
+    translation_unit: Literal["free", "depth"] = "free"
+    """``free``: the camera head's translation is used as is. ``depth``: it is multiplied by
+    the window's mean predicted depth (no gradient through that factor), so the head predicts
+    translation relative to the scene's scale, which no loss pins to a number."""
     dense_grad_scale: float = 1.0
     """Factor on the gradient that the dense (depth) head sends back into the shared trunk
     (the forward pass is unchanged). The depth term's gradient is 10-30x the pose terms' in the
@@ -48,6 +52,8 @@ class ModelConfig:
             raise ValueError("max_log_depth must be > 0")
         if not 0 < self.dense_grad_scale <= 1:
             raise ValueError(f"dense_grad_scale must be in (0, 1], got {self.dense_grad_scale}")
+        if self.translation_unit not in ("free", "depth"):
+            raise ValueError(f"translation_unit must be 'free' or 'depth', got {self.translation_unit!r}")
         if self.depth_param not in ("dense", "view_scale"):
             raise ValueError(f"depth_param must be 'dense' or 'view_scale', got {self.depth_param!r}")
 

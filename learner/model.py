@@ -15,7 +15,8 @@ global block) -> final norm -> heads:
 * camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
   (+ log focal) (+ with ``depth_param: view_scale``, one log-scale per view added to the
   dense log-depth: the cross-view scale then lives in one number per view that the
-  reprojection terms move directly, while the dense head learns the shape).
+  reprojection terms move directly, while the dense head learns the shape) (+ with
+  ``translation_unit: depth``, translations in units of the window's mean predicted depth).
 
 This module knows nothing of distribution, compilation or AMP policy (STYLE item 3).
 """
@@ -269,7 +270,14 @@ class FFRM(nn.Module):
         confidence = 2 * torch.sigmoid(out[:, 1])
 
         rotation = geometry.rotation_6d_to_matrix(cam[:, :6])
-        cam_to_world = geometry.make_pose(rotation, cam[:, 6:9])
+        translation = cam[:, 6:9]
+        if self.cfg.translation_unit == "depth":
+            # In units of the window's mean predicted depth (a constant for the gradient): the
+            # camera head predicts a scale-free quantity whatever global scale the depth head
+            # has drifted to (the losses fix none).
+            unit = depth.view(b, v * h * w).mean(-1).detach()
+            translation = translation * unit.repeat_interleave(v)[:, None]
+        cam_to_world = geometry.make_pose(rotation, translation)
         focal = None
         if self.cfg.predict_focal:
             base = 0.5 * w / math.tan(math.radians(_DEFAULT_HFOV_DEG) / 2)

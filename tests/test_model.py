@@ -140,3 +140,22 @@ def test_dense_grad_scale_scales_only_the_depth_gradient_into_the_trunk():
     torch.testing.assert_close(pose_scaled[trunk], pose_plain[trunk])  # the pose signal is untouched
     with pytest.raises(ValueError, match="dense_grad_scale"):
         ModelConfig(dense_grad_scale=0.0)
+
+
+def test_translation_unit_depth_scales_translations_by_the_window_mean_depth():
+    images = torch.rand(2, 3, 3, 16, 16)
+    free, unit = _model(), _model(translation_unit="depth")
+    unit.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        free.camera_head[-1].bias[6:9] = torch.tensor([0.3, -0.2, 0.1])  # visible translations
+        unit.camera_head[-1].bias[6:9] = torch.tensor([0.3, -0.2, 0.1])
+        # Move the depth head's global scale: log-depth + log 4.
+        for m in (free, unit):
+            m.dense_refine[-1].bias[0] = float(torch.log(torch.tensor(4.0)))
+    a, b = free(images), unit(images)
+    torch.testing.assert_close(b.depth, a.depth)
+    mean = a.depth.flatten(1).mean(-1)  # [B]
+    torch.testing.assert_close(b.cam_to_world[..., :3, 3], a.cam_to_world[..., :3, 3] * mean[:, None, None])
+    torch.testing.assert_close(b.cam_to_world[..., :3, :3], a.cam_to_world[..., :3, :3])
+    with pytest.raises(ValueError, match="translation_unit"):
+        ModelConfig(translation_unit="metres")
