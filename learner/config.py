@@ -117,7 +117,8 @@ class LearnerConfig:
     device: str = "auto"
     """``auto`` (cuda when present), ``cuda``, ``cpu``."""
     precision: Literal["bf16", "fp32"] = "bf16"
-    """Autocast precision of the trunk on GPU (heads always run in fp32; CPU runs fp32)."""
+    """Autocast precision of the trunk and dense head convs on GPU (output activations and the
+    camera head run in fp32; CPU runs fp32)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     threads: int = 0

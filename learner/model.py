@@ -10,8 +10,8 @@ RoPE on patch positions -> ``encoder`` frame-wise blocks -> ``pairs`` x (frame-w
 global block) -> final norm -> heads:
 
 * dense head: linear -> pixel shuffle to full resolution -> two 3x3 convs (with the image as
-  a skip input) -> log-depth and confidence logit. The full-resolution trunk (linear, shuffle,
-  first conv) follows the caller's autocast; the last conv and the activations run in fp32.
+  a skip input) -> log-depth and confidence logit. The full-resolution convs follow the
+  caller's autocast; the output activations (exp / tanh clamp, sigmoid) run in fp32.
 * camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
   (+ log focal) (+ with ``depth_param: view_scale``, one log-scale per view added to the
   dense log-depth: the cross-view scale then lives in one number per view that the
@@ -123,10 +123,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         s, n, d = x.shape
-        q, k, v = self.qkv(x).view(s, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # QK-norm and RoPE run token-major ([S, N, heads, head_dim], the projection's own
+        # layout), and attention gets head-major *views* of the result: no transposing copy
+        # in the forward, and the backward assembles the QKV gradient row by row.
+        q, k, v = self.qkv(x).view(s, n, 3, self.heads, d // self.heads).unbind(2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype).transpose(1, 2)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(s, n, d))
 
 
@@ -219,15 +223,15 @@ class FFRM(nn.Module):
             x = global_block(x.reshape(b, v * n, -1), cos_g, sin_g).reshape(b * v, n, -1)
         x = self.norm(x)
 
-        # The dense trunk (projection, pixel shuffle, first 3x3 conv) works at full resolution
+        # The dense head (projection, pixel shuffle, two 3x3 convs) works at full resolution
         # and moves more bytes than the rest of the model: it follows the caller's autocast
-        # (bf16 on GPU). Its last conv, the output activations and the camera head run in fp32.
+        # (bf16 on GPU). The output activations and the camera head run in fp32.
         patch_tokens = x[:, special:]
         if self.cfg.dense_grad_scale != 1.0:
             patch_tokens = scale_grad(patch_tokens, self.cfg.dense_grad_scale)
-        feat = self._dense_trunk(patch_tokens, frames, b * v, gh, gw)
+        out = self._dense_head(patch_tokens, frames, b * v, gh, gw)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            return self._heads(feat.float(), x[:, 0].float(), b, v, gh, gw)
+            return self._heads(out.float(), x[:, 0].float(), b, v, gh, gw)
 
     def _rope_tables(self, gh: int, gw: int, special: int, device) -> tuple[Tensor, Tensor]:
         rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
@@ -235,6 +239,11 @@ class FFRM(nn.Module):
         patch_pos = torch.stack((rows, cols), dim=-1).reshape(-1, 2).float() + 1
         pos = torch.cat((torch.zeros(special, 2, device=device), patch_pos), dim=0)
         return self.rope(pos)
+
+    def _dense_head(self, patch_tokens: Tensor, frames: Tensor, bv: int, gh: int, gw: int) -> Tensor:
+        """[BV, gh*gw, D] tokens and [BV, 3, H, W] normalised frames -> [BV, 2, H, W] log-depth and
+        confidence logit (2 channels: a cheap copy out of channels-last)."""
+        return self.dense_refine[2](self._dense_trunk(patch_tokens, frames, bv, gh, gw)).contiguous()
 
     def _dense_trunk(self, patch_tokens: Tensor, frames: Tensor, bv: int, gh: int, gw: int) -> Tensor:
         """[BV, gh*gw, D] tokens and [BV, 3, H, W] normalised frames -> [BV, c, H, W] features."""
@@ -256,10 +265,10 @@ class FFRM(nn.Module):
         weight = torch.cat((conv.weight, conv.weight.new_zeros(c, extra, 3, 3)), dim=1)
         return act(F.conv2d(feat, weight, conv.bias, padding=1))  # [BV, c, H, W], channels-last strides
 
-    def _heads(self, feat: Tensor, cam_token: Tensor, b: int, v: int, gh: int, gw: int) -> Prediction:
+    def _heads(self, out: Tensor, cam_token: Tensor, b: int, v: int, gh: int, gw: int) -> Prediction:
+        """``out`` [BV, 2, H, W] (log-depth, confidence logit) and the camera tokens [BV, D], fp32."""
         p = self.cfg.patch_size
         h, w = gh * p, gw * p
-        out = self.dense_refine[2](feat).contiguous()  # [BV, 2, H, W]; 2 channels: a cheap copy out of NHWC
         cam = self.camera_head(cam_token)  # [BV, 9 (+1) (+1)]
         log_depth = out[:, 0]
         if self.cfg.depth_param == "view_scale":

@@ -92,18 +92,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def compile_blocks(model: FFRM, *, mode: str | None = None) -> FFRM:
-    """Compile ``model`` in place, one transformer block at a time (regional compilation).
+    """Compile ``model`` in place, one region at a time: each transformer block, and the dense head.
 
     All blocks share one compiled graph per token layout (frame-wise, global), so compiling
     costs about two blocks' time instead of the whole model's (H100, base, 224 px: 25 s of
     warm-up against 59 s for the whole model, same step time), and the parameter names stay
     those of the plain model. ``dynamic=False``: one specialised graph per image size instead
-    of the symbolic-shape one that a second size would otherwise trigger. The dense head stays
-    eager: its time is in cuDNN convolutions, which inductor would not change.
+    of the symbolic-shape one that a second size would otherwise trigger. The dense head's
+    convolutions stay cuDNN's; compiling it fuses the pixel shuffle, the skip concatenation and
+    the activations around them (H200, base, 224 px B64: 0.394 -> 0.385 s per step).
     """
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(mode=mode, dynamic=False)
+    # An instance attribute over the method: the state dict and the module tree are unchanged.
+    model._dense_head = torch.compile(model._dense_head, mode=mode, dynamic=False)
     return model
 
 

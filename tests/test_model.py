@@ -159,3 +159,20 @@ def test_translation_unit_depth_scales_translations_by_the_window_mean_depth():
     torch.testing.assert_close(b.cam_to_world[..., :3, :3], a.cam_to_world[..., :3, :3])
     with pytest.raises(ValueError, match="translation_unit"):
         ModelConfig(translation_unit="metres")
+
+
+def test_compiled_regions_compute_the_eager_model():
+    # compile_blocks compiles every block and the dense head (an instance attribute over the
+    # method): outputs, gradients and the state dict must be the eager model's.
+    from learner.train import compile_blocks
+
+    eager, compiled = _model(), compile_blocks(_model())
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images = torch.rand(1, 2, 3, 16, 24)
+    want, got = eager(images), compiled(images)
+    for name in ("depth", "confidence", "cam_to_world"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-4)
+    want.depth.log().mean().backward()
+    got.depth.log().mean().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
