@@ -84,6 +84,8 @@ __all__ = [
     "reprojection_loss",
     "point_consistency_loss",
     "epipolar_loss",
+    "refine_geometry",
+    "refined_geometry_loss",
     "supervised_loss",
 ]
 
@@ -335,7 +337,13 @@ def reprojection_loss(
     if isinstance(prepared, Tensor):
         return prepared  # no matches: a graph-connected zero
     depth, cam_to_world, intrinsics, matches, weights, zero = prepared
-    dir_i, dir_j, d_i, d_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    geom = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    return _weighted_mean(_angle_costs(*geom, robust=robust, scale_deg=scale_deg, eps=eps), weights, zero)
+
+
+def _angle_costs(dir_i: Tensor, dir_j: Tensor, d_i: Tensor, d_j: Tensor, baseline: Tensor, *,
+                 robust: Robust, scale_deg: float, eps: float) -> Tensor:
+    """Per-match ℓ_k [K] of :func:`reprojection_loss` from :func:`_match_geometry`'s output."""
     off_i = d_i[:, None] * dir_i  # p_ik − t_i
     off_j = d_j[:, None] * dir_j  # p_jk − t_j
     to_j_from_i = baseline + off_j  # p_jk − t_i
@@ -346,9 +354,8 @@ def reprojection_loss(
     # Direction of p_ik − t_i, taken as that of the ray: D̂ > 0 does not change it.
     cost_i = _half_sq_chord(_unit(dir_i, 0.0), _unit(to_j_from_i, floor_i))
     cost_j = _half_sq_chord(_unit(dir_j, 0.0), _unit(to_i_from_j, floor_j))
-    per_match = robust_angle_cost(cost_i, robust=robust, scale_deg=scale_deg) + \
+    return robust_angle_cost(cost_i, robust=robust, scale_deg=scale_deg) + \
         robust_angle_cost(cost_j, robust=robust, scale_deg=scale_deg)
-    return _weighted_mean(per_match, weights, zero)
 
 
 def _match_inputs(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, matches: Tensor,
@@ -383,21 +390,42 @@ def _match_geometry(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, mat
     world-frame ray R K⁻¹ũ of each pixel and its bilinearly sampled depth, so that
     p_ik − t_i = d_i dir_i. Computed from the rotated ray, not as a difference of world
     points, so that large camera translations do not cancel away precision."""
+    d_i, d_j = _match_depths(depth, matches)
+    dir_i, dir_j, baseline = _world_rays(cam_to_world[..., :3, :3], cam_to_world[..., :3, 3],
+                                         *_camera_rays(intrinsics, matches), matches)
+    return dir_i, dir_j, d_i, d_j, baseline
+
+
+def _match_depths(depth: Tensor, matches: Tensor) -> tuple[Tensor, Tensor]:
+    """Bilinear depth [K] of each match's pixel in view i and in view j."""
     b_, v_, h, w = depth.shape
     k = matches.shape[0]
     b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
-    uv_i, uv_j = matches[:, 3:5], matches[:, 5:7]
     # Sample every match pixel in every map, then keep its own view: O(K·B·V) samples, but
     # one grid_sample call with the project's single bilinear convention.
     maps = depth.reshape(b_ * v_, h, w)
-    samples = geometry.sample_bilinear(maps, torch.cat((uv_i, uv_j), 0).expand(b_ * v_, 2 * k, 2))
+    samples = geometry.sample_bilinear(maps, torch.cat((matches[:, 3:5], matches[:, 5:7]), 0).expand(b_ * v_, 2 * k, 2))
     d = samples.gather(0, torch.cat((b * v_ + i, b * v_ + j))[None]).squeeze(0)
-    pose_i, pose_j = cam_to_world[b, i], cam_to_world[b, j]
-    rays_i = geometry.unproject_points(uv_i[:, None], torch.ones_like(d[:k])[:, None], intrinsics[b, i])[:, 0]
-    rays_j = geometry.unproject_points(uv_j[:, None], torch.ones_like(d[k:])[:, None], intrinsics[b, j])[:, 0]
-    dir_i = (pose_i[:, :3, :3] @ rays_i[..., None])[..., 0]
-    dir_j = (pose_j[:, :3, :3] @ rays_j[..., None])[..., 0]
-    return dir_i, dir_j, d[:k], d[k:], pose_j[:, :3, 3] - pose_i[:, :3, 3]
+    return d[:k], d[k:]
+
+
+def _camera_rays(intrinsics: Tensor, matches: Tensor) -> tuple[Tensor, Tensor]:
+    """Camera-frame rays K⁻¹ũ [K, 3] (z = 1) of each match's pixel in view i and in view j."""
+    b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
+    one = torch.ones_like(matches[:, :1])
+    rays_i = geometry.unproject_points(matches[:, None, 3:5], one, intrinsics[b, i])[:, 0]
+    rays_j = geometry.unproject_points(matches[:, None, 5:7], one, intrinsics[b, j])[:, 0]
+    return rays_i, rays_j
+
+
+def _world_rays(rotation: Tensor, translation: Tensor, rays_i: Tensor, rays_j: Tensor, matches: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(R_i K⁻¹ũ_i, R_j K⁻¹ũ_j [K, 3], t_j − t_i [K, 3]) of camera-frame rays, for
+    cam-to-world rotations [B, V, 3, 3] and translations [B, V, 3]."""
+    b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
+    dir_i = (rotation[b, i] @ rays_i[..., None])[..., 0]
+    dir_j = (rotation[b, j] @ rays_j[..., None])[..., 0]
+    return dir_i, dir_j, translation[b, j] - translation[b, i]
 
 
 def point_consistency_loss(
@@ -431,14 +459,19 @@ def point_consistency_loss(
     if isinstance(prepared, Tensor):
         return prepared  # no matches: a graph-connected zero
     depth, cam_to_world, intrinsics, matches, weights, zero = prepared
-    dir_i, dir_j, d_i, d_j, baseline = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    geom = _match_geometry(depth, cam_to_world, intrinsics, matches)
+    return _weighted_mean(_point_costs(*geom, scale=scale, eps=eps), weights, zero)
+
+
+def _point_costs(dir_i: Tensor, dir_j: Tensor, d_i: Tensor, d_j: Tensor, baseline: Tensor, *,
+                 scale: float, eps: float) -> Tensor:
+    """Per-match ρ(r_k) [K] of :func:`point_consistency_loss` from :func:`_match_geometry`'s output."""
     off_i, off_j = d_i[:, None] * dir_i, d_j[:, None] * dir_j  # p_ik − t_i, p_jk − t_j
     gap = baseline + off_j - off_i  # p_jk − p_ik
-    reach = (off_i.norm(dim=-1) + off_j.norm(dim=-1)).clamp(min=torch.finfo(depth.dtype).tiny)
+    reach = (off_i.norm(dim=-1) + off_j.norm(dim=-1)).clamp(min=torch.finfo(d_i.dtype).tiny)
     floor = eps * reach.detach()
     r = ((gap * gap).sum(-1) + floor * floor).sqrt() / reach - eps * reach.detach() / reach
-    per_match = scale * torch.log1p(r.clamp(min=0) / scale)
-    return _weighted_mean(per_match, weights, zero)
+    return scale * torch.log1p(r.clamp(min=0) / scale)
 
 
 def epipolar_loss(
@@ -571,18 +604,180 @@ def supervised_loss(
         per_pixel = residual
     depth_term = torch.where(mask_ok, per_pixel, torch.zeros_like(per_pixel)).sum() / mask_ok.sum()
 
-    v = pred_pose.shape[1]
-    if v < 2:
+    if pred_pose.shape[1] < 2:
         return depth_term + zero
-    rel_pred = _relative_poses(pred_pose[ok])
-    rel_gt = _relative_poses(gt_pose[ok])
-    off_diag = ~torch.eye(v, dtype=torch.bool, device=pred_pose.device)
-    r_err = rel_pred[..., :3, :3].transpose(-1, -2) @ rel_gt[..., :3, :3]
+    pose_term = _relative_pose_errors(pred_pose[ok], s_pred, gt_pose[ok], s_gt).mean()
+    return depth_term + pose_weight * pose_term + zero
+
+
+def _relative_pose_errors(pred: Tensor, s_pred: Tensor, target: Tensor, s_target: Tensor) -> Tensor:
+    """[B]: per window, the mean over ordered pairs i != j of (1 − cos of the relative rotation
+    error) + |t̂_ij / s_pred − t_ij / s_target| (cam_j_to_cam_i translations in units of each
+    window's scale ``s`` [B]). Needs V >= 2; invariant to a similarity of either window."""
+    v = pred.shape[1]
+    rel_pred, rel_target = _relative_poses(pred), _relative_poses(target)
+    off_diag = ~torch.eye(v, dtype=torch.bool, device=pred.device)
+    r_err = rel_pred[..., :3, :3].transpose(-1, -2) @ rel_target[..., :3, :3]
     rot = (3 - r_err.diagonal(dim1=-2, dim2=-1).sum(-1)) / 2  # 1 − cos(angle)
-    t_pred = rel_pred[..., :3, 3] / s_pred[:, None, None, None]
-    t_gt = rel_gt[..., :3, 3] / s_gt[:, None, None, None]
-    diff = t_pred - t_gt
+    diff = rel_pred[..., :3, 3] / s_pred[:, None, None, None] - rel_target[..., :3, 3] / s_target[:, None, None, None]
     # Smoothed norm (exactly 0 at a perfect prediction, finite gradient there).
     trans = ((diff * diff).sum(-1) + 1e-12).sqrt() - 1e-6
-    pose_term = (rot[:, off_diag].mean() + trans[:, off_diag].mean())
-    return depth_term + pose_weight * pose_term + zero
+    return (rot + trans)[:, off_diag].mean(-1)
+
+
+def _so3_exp(omega: Tensor) -> Tensor:
+    """Rotation [..., 3, 3] of axis-angle vectors [..., 3], smooth at 0 (value and gradient):
+    I + sinc θ [ω]× + ½ sinc²(θ/2) [ω]×²."""
+    theta = ((omega * omega).sum(-1) + 1e-30).sqrt()[..., None, None]
+    x, y, z = omega.unbind(-1)
+    zero = torch.zeros_like(x)
+    skew = torch.stack((zero, -z, y, z, zero, -x, -y, x, zero), -1).unflatten(-1, (3, 3))
+    eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
+    return eye + torch.sinc(theta / math.pi) * skew + 0.5 * torch.sinc(theta / (2 * math.pi)) ** 2 * (skew @ skew)
+
+
+def refine_geometry(
+    depth: Tensor,
+    cam_to_world: Tensor,
+    intrinsics: Tensor,
+    matches: Tensor,
+    weights: Tensor | None = None,
+    *,
+    steps: int = 50,
+    lr: float = 0.02,
+    reproj_weight: float = 0.5,
+    point_weight: float = 1.0,
+    robust: Robust = "cauchy",
+    scale_deg: float = 10.0,
+    compiled: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-window bundle adjustment under the weak match terms: the poses and per-view depth
+    scales that minimise ``reproj_weight · L_reproj + point_weight · L_point`` with the depth's
+    *shape* held fixed, found by ``steps`` Adam steps (step size ``lr`` decaying linearly to 0)
+    from ``cam_to_world`` and scale 1.
+
+    The variables per view are a rotation increment (axis-angle, applied on the left), a
+    translation increment in units of the window's mean depth, and a log depth scale; Adam's
+    per-coordinate step makes the search independent of how small the loss's gradient is.
+    Nothing here sees ground truth: the result is a target built from the matches and the
+    model's own depth (see :func:`refined_geometry_loss`).
+
+    Args:
+        depth: [B, V, H, W] > 0, cam_to_world: [B, V, 4, 4], intrinsics, matches [K, 7],
+            weights [K]: as in :func:`reprojection_loss`.
+        compiled: evaluate the match terms of each search step with ``torch.compile`` (for
+            GPUs, where the eager search is launch-bound; same values).
+
+    Returns:
+        ``(cam_to_world [B, V, 4, 4], log_scale [B, V])``, detached, fp32 (or fp64 for fp64
+        inputs). A window without matches keeps its poses and scale 0.
+    """
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"steps must be >= 0 and lr > 0, got {steps}, {lr}")
+    prepared = _match_inputs(depth.detach(), cam_to_world.detach(), intrinsics, matches, weights)
+    pose0 = _fp32(cam_to_world.detach()).to(_fp32(depth).dtype)
+    b, v = depth.shape[:2]
+    log_scale = torch.zeros(b, v, dtype=pose0.dtype, device=pose0.device)
+    if isinstance(prepared, Tensor) or steps == 0:
+        return pose0.clone(), log_scale
+    depth, pose0, intrinsics, matches, weights, _ = prepared
+    # Everything but the variables is fixed during the search: sample and unproject once.
+    fixed = (pose0[..., :3, :3], pose0[..., :3, 3], depth.flatten(1).mean(1)[:, None, None],
+             *_camera_rays(intrinsics, matches), *_match_depths(depth, matches), matches, weights)
+    omega = torch.zeros(b, v, 3, dtype=pose0.dtype, device=pose0.device, requires_grad=True)
+    delta = torch.zeros_like(omega, requires_grad=True)
+    log_scale.requires_grad_(True)
+    objective = _compiled_refine_objective() if compiled else _refine_objective
+    with torch.enable_grad():
+        opt = torch.optim.Adam([omega, delta, log_scale], lr=lr)
+        for step in range(steps):
+            # Linear decay to 0: Adam's normalised steps would otherwise jitter at ~lr around
+            # the optimum (gradient noise is amplified to full-size steps there).
+            opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+            loss = objective(omega, delta, log_scale, *fixed, reproj_weight=reproj_weight,
+                             point_weight=point_weight, robust=robust, scale_deg=scale_deg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        rotation, translation = _refined_pose(omega, delta, *fixed[:3])
+        return geometry.make_pose(rotation, translation), log_scale.detach()
+
+
+def _refined_pose(omega: Tensor, delta: Tensor, rotation0: Tensor, translation0: Tensor, unit: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """Rotations exp(ω) R0 and translations t0 + δ · unit of :func:`refine_geometry`'s variables."""
+    return _so3_exp(omega) @ rotation0, translation0 + delta * unit
+
+
+def _refine_objective(omega: Tensor, delta: Tensor, log_scale: Tensor, rotation0: Tensor, translation0: Tensor,
+                      unit: Tensor, rays_i: Tensor, rays_j: Tensor, d_i: Tensor, d_j: Tensor, matches: Tensor,
+                      weights: Tensor, *, reproj_weight: float, point_weight: float, robust: Robust,
+                      scale_deg: float) -> Tensor:
+    """The weak match terms of :func:`refine_geometry`'s variables (a scalar)."""
+    bi, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
+    dir_i, dir_j, baseline = _world_rays(*_refined_pose(omega, delta, rotation0, translation0, unit),
+                                         rays_i, rays_j, matches)
+    scale = log_scale.exp()
+    d_i, d_j = d_i * scale[bi, i], d_j * scale[bi, j]
+    cost = reproj_weight * _angle_costs(dir_i, dir_j, d_i, d_j, baseline, robust=robust, scale_deg=scale_deg, eps=1e-6)
+    if point_weight > 0:
+        cost = cost + point_weight * _point_costs(dir_i, dir_j, d_i, d_j, baseline, scale=0.05, eps=1e-6)
+    return (weights * cost).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_refine_objective():
+    """:func:`_refine_objective` under ``torch.compile`` (symbolic match count): a handful of
+    fused kernels per search step instead of ~150 small ones (the search is launch-bound)."""
+    if "refine" not in _COMPILED:
+        _COMPILED["refine"] = torch.compile(_refine_objective, dynamic=True)
+    return _COMPILED["refine"]
+
+
+def refined_geometry_loss(
+    pred_depth: Tensor,
+    pred_cam_to_world: Tensor,
+    target_cam_to_world: Tensor,
+    target_log_scale: Tensor,
+    window_weight: Tensor | None = None,
+) -> Tensor:
+    """Pull the prediction towards a per-window bundle adjustment of itself
+    (:func:`refine_geometry`), a scalar: the supervised sibling's pose term with the refined
+    poses as the target, plus the registration of the per-view depth scales.
+
+    Per window: ``_relative_pose_errors`` (relative rotations; relative translations in units
+    of the mean depth, the prediction's own with gradient, the target's of the rescaled depth)
+    + mean over views of |(log m_v − sg log m_v) − (σ_v − mean σ)|, with m_v the view's mean
+    predicted depth and σ the target log scales (only differences across views count: the
+    window's global scale is gauge). The loss is the ``window_weight``-weighted mean over
+    windows (default 1 each; e.g. 0 for a window without matches).
+
+    Args:
+        pred_depth: [B, V, H, W] > 0. pred_cam_to_world, target_cam_to_world: [B, V, 4, 4].
+        target_log_scale: [B, V]. window_weight: [B] >= 0 or None.
+
+    Zero when the target is the prediction (σ = 0), invariant to a similarity of the
+    predicted window (with the target moved alike), and it sends gradient to the poses and the
+    depth (per-view scale and, through the translation unit, the window's mean).
+    """
+    depth = _fp32(pred_depth)
+    pose = _fp32(pred_cam_to_world).to(depth.dtype)
+    target = _fp32(target_cam_to_world).to(depth.dtype).detach()
+    sigma = target_log_scale.detach().to(depth.dtype)
+    b, v = depth.shape[:2]
+    zero = depth.sum() * 0 + pose.sum() * 0
+    if v < 2:
+        return zero
+    view_mean = depth.flatten(2).mean(-1).clamp(min=torch.finfo(depth.dtype).tiny)  # [B, V]
+    s_pred = view_mean.mean(-1)
+    s_target = (view_mean.detach() * sigma.exp()).mean(-1)
+    per_window = _relative_pose_errors(pose, s_pred, target, s_target)
+    log_m = view_mean.log()
+    shift = (log_m - log_m.detach()) - (sigma - sigma.mean(-1, keepdim=True))
+    per_window = per_window + ((shift * shift + 1e-12).sqrt() - 1e-6).mean(-1)
+    weight = torch.ones(b, dtype=depth.dtype, device=depth.device) if window_weight is None else \
+        window_weight.to(depth.dtype).clamp(min=0)
+    return (weight * per_window).sum() / weight.sum().clamp(min=torch.finfo(depth.dtype).tiny) + zero

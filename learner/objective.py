@@ -1,6 +1,7 @@
 """The one place where loss terms are weighted and summed.
 
-``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)`` for
+``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)
+(+ cfg.refine_weight * L_refine)`` for
 ``cfg.kind == "weak"``, the match terms evaluated with the learner's depth or, with
 ``cfg.match_depth == "teacher"``, with the teacher's map in the learner's per-view scale and
 shift (:func:`learner.losses.teacher_aligned_depth`);
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses import (point_consistency_loss, relative_depth_loss, reprojection_loss, supervised_loss,
-                            teacher_aligned_depth)
+from learner.losses import (point_consistency_loss, refine_geometry, refined_geometry_loss, relative_depth_loss,
+                            reprojection_loss, supervised_loss, teacher_aligned_depth)
 
 
 def compute_loss(
@@ -59,7 +60,7 @@ def weighted_loss(
 
     Returns:
         ``(loss, terms)``: ``loss`` a scalar tensor, ``terms``: ``matches`` (a float) and
-        detached scalar tensors ``loss`` and ``depth`` / ``reproj`` / ``point`` (weak) or
+        detached scalar tensors ``loss`` and ``depth`` / ``reproj`` / ``point`` / ``refine`` (weak) or
         ``supervised``, unweighted. Terms that do not apply are left out. Unused outputs are
         joined to the graph with a zero so that every head always receives a (possibly zero)
         gradient, which DDP requires.
@@ -96,6 +97,10 @@ def weighted_loss(
             point = point_consistency_loss(match_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
+        if cfg.refine_weight > 0:
+            refined = _refinement_term(match_depth, cam_to_world, intrinsics, matches, cfg)
+            loss = loss + cfg.refine_weight * refined
+            terms["refine"] = refined.detach()
         if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
                                       teacher_space=teacher_space)
@@ -105,3 +110,18 @@ def weighted_loss(
         raise ValueError(f"kind must be 'weak' or 'supervised', got {cfg.kind!r}")
     terms["loss"] = loss.detach()
     return loss, terms
+
+
+def _refinement_term(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, matches: Tensor,
+                     cfg: LossConfig) -> Tensor:
+    """``refined_geometry_loss`` towards the bundle adjustment of the prediction under the
+    objective's own match terms; windows with fewer than ``cfg.refine_min_matches`` scored
+    matches get weight 0 (counted on the device: no host sync)."""
+    target, log_scale = refine_geometry(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
+                                        steps=cfg.refine_steps, lr=cfg.refine_lr,
+                                        reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight,
+                                        robust=cfg.robust, scale_deg=cfg.scale_deg, compiled=cfg.refine_compile)
+    counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
+                            minlength=depth.shape[0])[:depth.shape[0]]
+    window_weight = (counts >= cfg.refine_min_matches).to(depth.dtype)
+    return refined_geometry_loss(depth, cam_to_world, target, log_scale, window_weight)

@@ -13,6 +13,8 @@ from learner.config import LossConfig
 from learner.losses import (
     epipolar_loss,
     median_mad_normalize,
+    refine_geometry,
+    refined_geometry_loss,
     relative_depth_loss,
     reprojection_loss,
     robust_angle_cost,
@@ -634,6 +636,143 @@ def test_weak_loss_with_teacher_match_depth_is_zero_for_exact_geometry_and_an_af
     _, terms = compute_loss(SimpleNamespace(depth=scaled, confidence=exact.confidence,
                                             cam_to_world=world["cam_to_world"]), batch, cfg)
     assert terms["point"] > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-refinement: bundle adjustment of the prediction under the match terms, and the pull
+# towards it.
+# ---------------------------------------------------------------------------------------------
+
+def mean_pose_errors(poses, gt):
+    from evaluation.metrics import pairwise_pose_errors
+
+    errs = [pairwise_pose_errors(poses[b], gt[b]) for b in range(gt.shape[0])]
+    return (sum(float(e[0].mean()) for e in errs) / len(errs), sum(float(e[1].mean()) for e in errs) / len(errs))
+
+
+def test_refine_geometry_recovers_poses_and_view_scales_from_matches():
+    # Exact matches, exact depth shape but each view's scale off by ~20 %, poses off by ~5° and
+    # 0.3 (depth ~3): the bundle adjustment brings back the poses and the relative view scales.
+    world = make_world(0, batch=2, per_pair=20)
+    g = torch.Generator().manual_seed(3)
+    gt = world["cam_to_world"]
+    start = gt.clone()
+    start[..., :3, :3] = geometry.axis_angle_to_matrix(0.09 * torch.randn(2, 4, 3, generator=g, dtype=F64)) @ gt[..., :3, :3]
+    start[..., :3, 3] += 0.3 * torch.randn(2, 4, 3, generator=g, dtype=F64)
+    view_scale = torch.exp(0.2 * torch.randn(2, 4, generator=g, dtype=F64))
+    depth = world["depth"] * view_scale[..., None, None]
+    rot0, trans0 = mean_pose_errors(start, gt)
+    poses, log_scale = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=100, lr=0.01)
+    rot, trans = mean_pose_errors(poses, gt)
+    assert rot0 > 5 and trans0 > 20
+    assert rot < 0.5 and trans < 2.0
+    residual = log_scale + view_scale.log()  # exact up to one scale per window (gauge)
+    assert (residual - residual.mean(-1, keepdim=True)).abs().max() < 0.01
+    assert not poses.requires_grad and not log_scale.requires_grad
+    assert torch.allclose(poses[..., 3, :], torch.tensor([0.0, 0, 0, 1], dtype=F64))
+
+
+def test_refine_geometry_keeps_exact_geometry_and_windows_without_matches():
+    world = make_world(1, batch=2)
+    m = world["matches"]
+    only_first = m[m[:, 0] == 0]
+    poses, log_scale = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], only_first,
+                                       steps=30, lr=0.01)
+    # Up to the gauge (one similarity per window, along which the loss has no gradient) and
+    # Adam's first steps, which are full-size whatever the gradient (here float noise).
+    rot, trans = mean_pose_errors(poses, world["cam_to_world"])
+    assert rot < 0.05 and trans < 0.2
+    assert (log_scale - log_scale.mean(-1, keepdim=True)).abs().max() < 2e-3
+    moved = world["cam_to_world"].clone()
+    moved[1, :, :3, 3] += 0.5  # window 1 has no matches: it keeps its poses
+    poses, log_scale = refine_geometry(world["depth"], moved, world["intrinsics"], only_first, steps=30)
+    torch.testing.assert_close(poses[1], moved[1])
+    empty = torch.zeros(0, 7, dtype=F64)
+    poses, log_scale = refine_geometry(world["depth"], moved, world["intrinsics"], empty)
+    torch.testing.assert_close(poses, moved)
+    assert torch.equal(log_scale, torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match="steps"):
+        refine_geometry(world["depth"], moved, world["intrinsics"], m, steps=-1)
+
+
+def test_refine_geometry_compiled_search_gives_the_eager_result():
+    world = make_world(5, batch=2, per_pair=12, dtype=torch.float32)
+    start = world["cam_to_world"].clone()
+    start[..., :3, 3] += 0.3 * torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    for k in (len(world["matches"]), len(world["matches"]) - 9):  # a second match count: no recompile needed
+        args = (world["depth"], start, world["intrinsics"], world["matches"][:k])
+        eager = refine_geometry(*args, steps=20)
+        compiled = refine_geometry(*args, steps=20, compiled=True)
+        torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(compiled[1], eager[1], atol=1e-5, rtol=0)
+
+
+def test_refined_geometry_loss_zero_at_target_gauge_and_similarity_invariant():
+    world = make_world(2, batch=2)
+    depth, poses = perturbed(world, 2)
+    target = world["cam_to_world"]
+    sigma = 0.1 * torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert float(refined_geometry_loss(depth, poses, poses, torch.zeros(2, 4, dtype=F64))) < 1e-9
+    # Scaling the target's depths and translations together is gauge: it changes nothing.
+    grown = poses.clone()
+    grown[..., :3, 3] *= math.exp(0.7)
+    assert float(refined_geometry_loss(depth, poses, grown, torch.full((2, 4), 0.7, dtype=F64))) < 1e-9
+    assert float(refined_geometry_loss(depth, poses, poses, torch.full((2, 4), 0.7, dtype=F64))) > 1e-2
+    base = refined_geometry_loss(depth, poses, target, sigma)
+    assert float(base) > 1e-3
+    for seed in (0, 1):
+        s, R, t = random_similarity(seed)  # the whole window, prediction and its target alike
+        d2, p2 = apply_similarity(depth, poses, s, R, t)
+        _, target2 = apply_similarity(depth, target, s, R, t)
+        torch.testing.assert_close(refined_geometry_loss(d2, p2, target2, sigma), base, rtol=1e-9, atol=1e-12)
+        _, R3, t3 = random_similarity(seed + 10)  # the target alone, rigidly
+        _, target3 = apply_similarity(depth, target, 1.0, R3, t3)
+        torch.testing.assert_close(refined_geometry_loss(depth, poses, target3, sigma), base, rtol=1e-9, atol=1e-12)
+
+
+def test_refined_geometry_loss_gradients_and_window_weights():
+    world = make_world(3, batch=2)
+    depth, poses = perturbed(world, 3)
+    depth.requires_grad_(True)
+    poses.requires_grad_(True)
+    sigma = torch.tensor([[0.0, 0.2, -0.1, 0.0], [0.1, 0.0, 0.0, 0.0]], dtype=F64)
+    loss = refined_geometry_loss(depth, poses, world["cam_to_world"], sigma)
+    loss.backward()
+    assert_finite_grads(depth, poses)
+    assert depth.grad.abs().sum() > 0 and poses.grad.abs().sum() > 0
+    # A window of weight 0 gets no gradient; the loss is the other window's.
+    depth.grad = poses.grad = None
+    only = refined_geometry_loss(depth, poses, world["cam_to_world"], sigma, torch.tensor([1.0, 0.0]))
+    only.backward()
+    assert depth.grad[1].abs().max() == 0 and poses.grad[1].abs().max() == 0
+    first = refined_geometry_loss(depth[:1], poses[:1], world["cam_to_world"][:1], sigma[:1])
+    torch.testing.assert_close(only, first)
+    # The per-view scale part pulls view 1 of window 0 up (sigma 0.2 above the others).
+    depth.grad = None
+    refined_geometry_loss(depth, poses.detach(), poses.detach(), sigma).backward()
+    assert depth.grad[0, 1].sum() < 0 < depth.grad[0, 2].sum()
+
+
+def test_weak_loss_with_refinement_is_zero_for_exact_geometry_and_pulls_a_wrong_view():
+    world = make_world(4, batch=2, views=3, per_pair=15)
+    m = world["matches"]
+    teacher = 2 * world["depth"] + 1
+    batch = {"intrinsics": world["intrinsics"], "matches": torch.cat((m, torch.ones(len(m), 1, dtype=F64)), 1),
+             "teacher_depth": teacher, "teacher_valid": torch.ones_like(teacher, dtype=torch.bool)}
+    cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=40, refine_compile=False)
+    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
+    _, terms = compute_loss(exact, batch, cfg)
+    # Not exactly 0: Adam's first steps are full-size whatever the gradient (float noise here).
+    assert terms["refine"] < 3e-3 and terms["reproj"] < 1e-10
+    poses = world["cam_to_world"].clone()
+    poses[:, 1, :3, 3] += 0.4
+    wrong = SimpleNamespace(depth=world["depth"], confidence=exact.confidence, cam_to_world=poses.requires_grad_(True))
+    loss, terms = compute_loss(wrong, batch, cfg)
+    assert terms["refine"] > 3e-2
+    loss.backward()
+    assert torch.isfinite(poses.grad).all()
+    with pytest.raises(ValueError, match="refine"):
+        LossConfig(refine_weight=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------
