@@ -86,10 +86,14 @@ class LossConfig:
     with the prediction's depth shape held fixed (``learner.losses.refine_geometry``), and the
     prediction is pulled towards the result. Weak: it uses the matches and the model's own
     depth only. 0 = off."""
+    refine_solver: Literal["adam", "lm"] = "adam"
+    """Solver of that bundle adjustment: ``adam`` (first-order, ``refine_steps`` steps of size
+    ``refine_lr``) or ``lm`` (Levenberg-Marquardt, ``refine_steps`` iterations; it follows the
+    curvature, so poorly constrained directions barely move)."""
     refine_steps: int = 50
-    """Adam steps of that bundle adjustment, from the predicted poses."""
+    """Adam steps or LM iterations of that bundle adjustment, from the predicted poses."""
     refine_lr: float = 0.02
-    """Its step size (radians; translation in units of the window's mean depth; log scale)."""
+    """Adam's step size (radians; translation in units of the window's mean depth; log scale)."""
     refine_min_matches: int = 16
     """Windows with fewer matches get no refinement target."""
     refine_compile: bool = True
@@ -101,6 +105,8 @@ class LossConfig:
             raise ValueError("reproj_weight, alpha, point_weight and refine_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
+        if self.refine_solver not in ("adam", "lm"):
+            raise ValueError(f"refine_solver must be 'adam' or 'lm', got {self.refine_solver!r}")
         if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_min_matches < 0:
             raise ValueError("refine_steps and refine_min_matches must be >= 0 and refine_lr > 0")
 

@@ -120,7 +120,8 @@ def _refinement_term(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, ma
     target, log_scale = refine_geometry(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
                                         steps=cfg.refine_steps, lr=cfg.refine_lr,
                                         reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight,
-                                        robust=cfg.robust, scale_deg=cfg.scale_deg, compiled=cfg.refine_compile)
+                                        robust=cfg.robust, scale_deg=cfg.scale_deg, compiled=cfg.refine_compile,
+                                        solver=cfg.refine_solver)
     counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
                             minlength=depth.shape[0])[:depth.shape[0]]
     window_weight = (counts >= cfg.refine_min_matches).to(depth.dtype)
