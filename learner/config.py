@@ -92,6 +92,9 @@ class LossConfig:
     curvature, so poorly constrained directions barely move)."""
     refine_steps: int = 50
     """Adam steps or LM iterations of that bundle adjustment, from the predicted poses."""
+    refine_scales: bool = True
+    """Let that bundle adjustment move the per-view depth scales too (and pull the prediction's
+    per-view mean depths towards them); ``false``: poses only."""
     refine_lr: float = 0.02
     """Adam's step size (radians; translation in units of the window's mean depth; log scale)."""
     refine_min_matches: int = 16

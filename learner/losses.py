@@ -651,6 +651,7 @@ def refine_geometry(
     scale_deg: float = 10.0,
     compiled: bool = False,
     solver: Literal["adam", "lm"] = "adam",
+    scales: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-window bundle adjustment under the weak match terms: the poses and per-view depth
     scales that minimise ``reproj_weight · L_reproj + point_weight · L_point`` with the depth's
@@ -676,6 +677,7 @@ def refine_geometry(
             weights [K]: as in :func:`reprojection_loss`.
         compiled: evaluate the match terms of each Adam step with ``torch.compile`` (for
             GPUs, where the eager search is launch-bound; same values).
+        scales: search the per-view depth scales too (else they stay 1: poses only).
 
     Returns:
         ``(cam_to_world [B, V, 4, 4], log_scale [B, V])``, detached, fp32 (or fp64 for fp64
@@ -698,14 +700,15 @@ def refine_geometry(
     if solver == "lm":
         with torch.no_grad():
             omega, delta, log_scale = _refine_lm(fixed, b, v, steps, reproj_weight=reproj_weight,
-                                                 point_weight=point_weight, robust=robust, scale_deg=scale_deg)
+                                                 point_weight=point_weight, robust=robust, scale_deg=scale_deg,
+                                                 scales=scales)
             return geometry.make_pose(*_refined_pose(omega, delta, *fixed[:3])), log_scale
     omega = torch.zeros(b, v, 3, dtype=pose0.dtype, device=pose0.device, requires_grad=True)
     delta = torch.zeros_like(omega, requires_grad=True)
     log_scale.requires_grad_(True)
     objective = _compiled_refine_objective() if compiled else _refine_objective
     with torch.enable_grad():
-        opt = torch.optim.Adam([omega, delta, log_scale], lr=lr)
+        opt = torch.optim.Adam([omega, delta] + ([log_scale] if scales else []), lr=lr)
         for step in range(steps):
             # Linear decay to 0: Adam's normalised steps would otherwise jitter at ~lr around
             # the optimum (gradient noise is amplified to full-size steps there).
@@ -752,7 +755,8 @@ def _refine_match_costs(omega: Tensor, delta: Tensor, log_scale: Tensor, rotatio
 
 
 def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, reproj_weight: float,
-               point_weight: float, robust: Robust, scale_deg: float) -> tuple[Tensor, Tensor, Tensor]:
+               point_weight: float, robust: Robust, scale_deg: float, scales: bool = True
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """Levenberg-Marquardt on :func:`refine_geometry`'s variables, one damped Gauss-Newton
     system of 7V unknowns per window; the robust functions enter as IRLS weights. Each window
     keeps its own damping, and a step that does not lower the window's exact cost is refused
@@ -800,6 +804,8 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
                          (point_weight / (gap * (1 + gap / 0.05)))[:, None].expand(-1, 3)), -1)
         sqrt_w = (share[:, None] * row).sqrt()  # [K, 9]
         jw = torch.cat((j_i, j_j), -1) * sqrt_w[..., None]  # [K, 9, 14]
+        if not scales:  # no column for the log scales: their step is 0
+            jw = jw * (torch.arange(14, device=device) % 7 != 6)
         rw = r * sqrt_w
         hess = torch.zeros(b * n * n, dtype=dtype, device=device).index_add_(
             0, flat, (jw.transpose(1, 2) @ jw).reshape(-1)).view(b, n, n)

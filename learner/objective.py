@@ -121,7 +121,7 @@ def _refinement_term(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, ma
                                         steps=cfg.refine_steps, lr=cfg.refine_lr,
                                         reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight,
                                         robust=cfg.robust, scale_deg=cfg.scale_deg, compiled=cfg.refine_compile,
-                                        solver=cfg.refine_solver)
+                                        solver=cfg.refine_solver, scales=cfg.refine_scales)
     counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
                             minlength=depth.shape[0])[:depth.shape[0]]
     window_weight = (counts >= cfg.refine_min_matches).to(depth.dtype)

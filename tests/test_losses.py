@@ -688,6 +688,11 @@ def test_refine_geometry_lm_ignores_outliers_and_keeps_exact_geometry():
     exact, _ = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], world["matches"],
                                steps=5, solver="lm")
     torch.testing.assert_close(exact, world["cam_to_world"], atol=1e-9, rtol=0)
+    for solver, steps in (("lm", 5), ("adam", 60)):  # poses only: the depth scales stay 1
+        poses, log_scale = refine_geometry(world["depth"], start, world["intrinsics"], world["matches"],
+                                           steps=steps, solver=solver, scales=False)
+        assert torch.equal(log_scale, torch.zeros_like(log_scale))
+        assert mean_pose_errors(poses, world["cam_to_world"])[1] < 1.0
     with pytest.raises(ValueError, match="solver"):
         refine_geometry(world["depth"], start, world["intrinsics"], world["matches"], solver="newton")
 
