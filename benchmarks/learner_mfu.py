@@ -21,7 +21,8 @@ cross-checked against ``torch.utils.flop_counter.FlopCounterMode`` on one forwar
 is measured in the same process, before the runs and again after them: 8192^3 bf16 ``torch.mm``,
 median of repeats. The two can differ by several percent (clocks; 722 against 782 TFLOP/s in two
 processes of one H200 call), so the table reads MFU against the higher one (the conservative
-figure) and also against the first. MFU = achieved model FLOP/s / measured peak. TF32 is left at PyTorch's defaults, as in training.
+figure) and also against the first. MFU = achieved model FLOP/s / measured peak. TF32 is left
+at PyTorch's defaults, as in training.
 ``--profile`` adds two profiled steps per run and prints where the GPU time goes.
 """
 

@@ -18,6 +18,8 @@ invariant to it:
   maps onto directions with the same angles.
 * :func:`supervised_loss` normalises scale by the window's mean depth and compares relative
   poses between every pair of views (permutation-equivariant, no reference view).
+* :func:`refined_geometry_loss` does the same against :func:`refine_geometry`'s bundle
+  adjustment of the prediction (a weak target: matches and the model's own depth only).
 
 What makes registration observable
 ----------------------------------
@@ -784,7 +786,9 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
     jac = vmap(jacrev(residuals, argnums=(0, 1), has_aux=True))
     x = torch.zeros(b, v, 7, dtype=dtype, device=device)
     damping = torch.full((b,), 1e-3, dtype=dtype, device=device)
-    cols = torch.cat((i[:, None] * 7 + torch.arange(7, device=device), j[:, None] * 7 + torch.arange(7, device=device)), 1)
+    # Each match's 14 variables (view i's 7, view j's 7) as columns of its window's system.
+    local = torch.arange(7, device=device)
+    cols = torch.cat((i[:, None] * 7 + local, j[:, None] * 7 + local), 1)
     flat = (bi[:, None, None] * n * n + cols[:, :, None] * n + cols[:, None, :]).reshape(-1)
 
     def window_costs(x: Tensor) -> Tensor:
