@@ -627,17 +627,6 @@ def _relative_pose_errors(pred: Tensor, s_pred: Tensor, target: Tensor, s_target
     return (rot + trans)[:, off_diag].mean(-1)
 
 
-def _so3_exp(omega: Tensor) -> Tensor:
-    """Rotation [..., 3, 3] of axis-angle vectors [..., 3], smooth at 0 (value and gradient):
-    I + sinc θ [ω]× + ½ sinc²(θ/2) [ω]×²."""
-    theta = ((omega * omega).sum(-1) + 1e-30).sqrt()[..., None, None]
-    x, y, z = omega.unbind(-1)
-    zero = torch.zeros_like(x)
-    skew = torch.stack((zero, -z, y, z, zero, -x, -y, x, zero), -1).unflatten(-1, (3, 3))
-    eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
-    return eye + torch.sinc(theta / math.pi) * skew + 0.5 * torch.sinc(theta / (2 * math.pi)) ** 2 * (skew @ skew)
-
-
 def refine_geometry(
     depth: Tensor,
     cam_to_world: Tensor,
@@ -728,7 +717,7 @@ def refine_geometry(
 def _refined_pose(omega: Tensor, delta: Tensor, rotation0: Tensor, translation0: Tensor, unit: Tensor
                   ) -> tuple[Tensor, Tensor]:
     """Rotations exp(ω) R0 and translations t0 + δ · unit of :func:`refine_geometry`'s variables."""
-    return _so3_exp(omega) @ rotation0, translation0 + delta * unit
+    return geometry.axis_angle_to_matrix(omega) @ rotation0, translation0 + delta * unit
 
 
 def _refine_objective(omega: Tensor, delta: Tensor, log_scale: Tensor, *fixed: Tensor, reproj_weight: float,
@@ -774,7 +763,7 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
     def residuals(xi: Tensor, xj: Tensor, r0i, r0j, t0i, t0j, u, ray_i, ray_j, di, dj):
         # One match: r = ((a_i − b_i)/√2, (a_j − b_j)/√2, gap / reach) (the angle costs are
         # |r_1|², |r_2|²; the point term's r is |r_3|), from the two views' 7 variables.
-        rot_i, rot_j = _so3_exp(xi[:3]) @ r0i, _so3_exp(xj[:3]) @ r0j
+        rot_i, rot_j = geometry.axis_angle_to_matrix(xi[:3]) @ r0i, geometry.axis_angle_to_matrix(xj[:3]) @ r0j
         base = (t0j + xj[3:6] * u) - (t0i + xi[3:6] * u)
         off_i, off_j = di * xi[6].exp() * (rot_i @ ray_i), dj * xj[6].exp() * (rot_j @ ray_j)
         a_i, a_j = _unit(off_i, 0.0), _unit(off_j, 0.0)

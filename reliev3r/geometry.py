@@ -134,15 +134,15 @@ def rotation_6d_to_matrix(d6: Tensor) -> Tensor:
 
 
 def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:
-    """Rodrigues: rotation [..., 3, 3] from axis-angle vectors [..., 3] (radians)."""
-    theta = axis_angle.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    k = axis_angle / theta
-    kx, ky, kz = k.unbind(-1)
-    zero = torch.zeros_like(kx)
-    Kx = torch.stack((zero, -kz, ky, kz, zero, -kx, -ky, kx, zero), -1).reshape(*k.shape[:-1], 3, 3)
-    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
+    """Rodrigues: rotation [..., 3, 3] from axis-angle vectors ω [..., 3] (radians), written as
+    I + sinc θ [ω]× + ½ sinc²(θ/2) [ω]×² (θ = |ω|): no division by θ, so value and gradient are
+    smooth at ω = 0 (the exponential map that optimisers step through)."""
+    theta = ((axis_angle * axis_angle).sum(-1) + 1e-30).sqrt()[..., None, None]
+    x, y, z = axis_angle.unbind(-1)
+    zero = torch.zeros_like(x)
+    skew = torch.stack((zero, -z, y, z, zero, -x, -y, x, zero), -1).unflatten(-1, (3, 3))
     eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
-    return eye + s * Kx + (1 - c) * (Kx @ Kx)
+    return eye + torch.sinc(theta / math.pi) * skew + 0.5 * torch.sinc(theta / (2 * math.pi)) ** 2 * (skew @ skew)
 
 
 def rotation_angle_deg(rotation: Tensor) -> Tensor:
