@@ -86,6 +86,12 @@ class LossConfig:
     with the prediction's depth shape held fixed (``learner.losses.refine_geometry``), and the
     prediction is pulled towards the result. Weak: it uses the matches and the model's own
     depth only. 0 = off."""
+    refine_depth: Literal["pred", "teacher"] = "pred"
+    """Depth whose shape that bundle adjustment holds fixed: ``pred`` the prediction's own
+    (after ``match_depth``); ``teacher`` the teacher's map carried into the prediction's
+    per-view scale and shift (``learner.losses.teacher_aligned_depth``), so that the refined
+    poses and view scales rest on the teacher's shape rather than the learner's. Weak either
+    way; the pull still acts on the prediction."""
     refine_solver: Literal["adam", "lm"] = "adam"
     """Solver of that bundle adjustment: ``adam`` (first-order, ``refine_steps`` steps of size
     ``refine_lr``) or ``lm`` (Levenberg-Marquardt, ``refine_steps`` iterations; it follows the
@@ -100,14 +106,18 @@ class LossConfig:
     refine_min_matches: int = 16
     """Windows with fewer matches get no refinement target."""
     refine_compile: bool = True
-    """Run the search's match terms under ``torch.compile`` (same values; 50 steps at batch 32
-    take ~20x less time than eager, whose ~150 small kernels per step are launch-bound)."""
+    """Run each search step (match terms, their gradient, the Adam update) as one
+    ``torch.compile`` graph (same values; the eager step's ~200 small kernels are launch-bound
+    on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.reproj_weight < 0 or self.alpha < 0 or self.point_weight < 0 or self.refine_weight < 0:
             raise ValueError("reproj_weight, alpha, point_weight and refine_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
+        if self.match_depth not in ("pred", "teacher") or self.refine_depth not in ("pred", "teacher"):
+            raise ValueError(f"match_depth and refine_depth must be 'pred' or 'teacher', got "
+                             f"{self.match_depth!r}, {self.refine_depth!r}")
         if self.refine_solver not in ("adam", "lm"):
             raise ValueError(f"refine_solver must be 'adam' or 'lm', got {self.refine_solver!r}")
         if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_min_matches < 0:

@@ -694,24 +694,43 @@ def refine_geometry(
                                                  point_weight=point_weight, robust=robust, scale_deg=scale_deg,
                                                  scales=scales)
             return geometry.make_pose(*_refined_pose(omega, delta, *fixed[:3])), log_scale
-    omega = torch.zeros(b, v, 3, dtype=pose0.dtype, device=pose0.device, requires_grad=True)
-    delta = torch.zeros_like(omega, requires_grad=True)
-    log_scale.requires_grad_(True)
-    objective = _compiled_refine_objective() if compiled else _refine_objective
-    with torch.enable_grad():
-        opt = torch.optim.Adam([omega, delta] + ([log_scale] if scales else []), lr=lr)
-        for step in range(steps):
-            # Linear decay to 0: Adam's normalised steps would otherwise jitter at ~lr around
-            # the optimum (gradient noise is amplified to full-size steps there).
-            opt.param_groups[0]["lr"] = lr * (1 - step / steps)
-            loss = objective(omega, delta, log_scale, *fixed, reproj_weight=reproj_weight,
-                             point_weight=point_weight, robust=robust, scale_deg=scale_deg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    x = torch.zeros(b, v, 7, dtype=pose0.dtype, device=pose0.device)  # (ω, δ, log scale) per view
+    moment, second = torch.zeros_like(x), torch.zeros_like(x)
+    movable = torch.ones(7, dtype=x.dtype, device=x.device)
+    if not scales:
+        movable[6] = 0  # zero gradient: Adam's step for the log scales is exactly 0
+    # Step numbers and step sizes as tensors made once: the compiled step sees no new constant.
+    counts = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device)
+    sizes = lr * (1 - (counts - 1) / steps)  # linear decay to 0 (see the docstring)
+    step_fn = _compiled_adam_step() if compiled else _refine_adam_step
+    for k in range(steps):
+        x, moment, second = step_fn(x, moment, second, counts[k], sizes[k], movable, *fixed,
+                                    reproj_weight=reproj_weight, point_weight=point_weight, robust=robust,
+                                    scale_deg=scale_deg)
     with torch.no_grad():
-        rotation, translation = _refined_pose(omega, delta, *fixed[:3])
-        return geometry.make_pose(rotation, translation), log_scale.detach()
+        rotation, translation = _refined_pose(x[..., :3], x[..., 3:6], *fixed[:3])
+        return geometry.make_pose(rotation, translation), x[..., 6]
+
+
+def _refine_adam_step(x: Tensor, moment: Tensor, second: Tensor, count: Tensor, size: Tensor, movable: Tensor,
+                      *fixed: Tensor, reproj_weight: float, point_weight: float, robust: Robust, scale_deg: float
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam step (``torch.optim.Adam``'s update, betas 0.9 / 0.999, eps 1e-8) on
+    :func:`refine_geometry`'s variables x [B, V, 7] = (ω, δ, log scale): the gradient of the
+    match terms by ``torch.func.grad``, so that under ``torch.compile`` the whole step (match
+    terms, their gradient and the update) is one graph. ``count`` is the step number from 1,
+    ``size`` its step size, ``movable`` [7] zeroes the gradient of fixed variables."""
+    from torch.func import grad
+
+    def objective(x: Tensor) -> Tensor:
+        return _refine_objective(x[..., :3], x[..., 3:6], x[..., 6], *fixed, reproj_weight=reproj_weight,
+                                 point_weight=point_weight, robust=robust, scale_deg=scale_deg)
+
+    g = grad(objective)(x) * movable
+    moment = 0.9 * moment + 0.1 * g
+    second = 0.999 * second + 0.001 * g * g
+    denom = (second / (1 - 0.999 ** count)).sqrt() + 1e-8
+    return x - size / (1 - 0.9 ** count) * moment / denom, moment, second
 
 
 def _refined_pose(omega: Tensor, delta: Tensor, rotation0: Tensor, translation0: Tensor, unit: Tensor
@@ -819,12 +838,13 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
 _COMPILED: dict[str, object] = {}
 
 
-def _compiled_refine_objective():
-    """:func:`_refine_objective` under ``torch.compile`` (symbolic match count): a handful of
-    fused kernels per search step instead of ~150 small ones (the search is launch-bound)."""
-    if "refine" not in _COMPILED:
-        _COMPILED["refine"] = torch.compile(_refine_objective, dynamic=True)
-    return _COMPILED["refine"]
+def _compiled_adam_step():
+    """:func:`_refine_adam_step` under ``torch.compile`` (symbolic match count): a few fused
+    kernels per search step (match terms, gradient and update) instead of ~200 small ones, and
+    one Python call (the eager search is launch-bound on a GPU)."""
+    if "adam_step" not in _COMPILED:
+        _COMPILED["adam_step"] = torch.compile(_refine_adam_step, dynamic=True)
+    return _COMPILED["adam_step"]
 
 
 def refined_geometry_loss(

@@ -98,7 +98,10 @@ def weighted_loss(
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
         if cfg.refine_weight > 0:
-            refined = _refinement_term(match_depth, cam_to_world, intrinsics, matches, cfg)
+            search_depth = match_depth
+            if cfg.refine_depth == "teacher" and teacher is not None:
+                search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
+            refined = _refinement_term(match_depth, search_depth, cam_to_world, intrinsics, matches, cfg)
             loss = loss + cfg.refine_weight * refined
             terms["refine"] = refined.detach()
         if teacher is not None:
@@ -112,12 +115,13 @@ def weighted_loss(
     return loss, terms
 
 
-def _refinement_term(depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor, matches: Tensor,
-                     cfg: LossConfig) -> Tensor:
-    """``refined_geometry_loss`` towards the bundle adjustment of the prediction under the
-    objective's own match terms; windows with fewer than ``cfg.refine_min_matches`` scored
-    matches get weight 0 (counted on the device: no host sync)."""
-    target, log_scale = refine_geometry(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
+def _refinement_term(depth: Tensor, search_depth: Tensor, cam_to_world: Tensor, intrinsics: Tensor,
+                     matches: Tensor, cfg: LossConfig) -> Tensor:
+    """``refined_geometry_loss`` of ``depth`` towards the bundle adjustment of the predicted
+    poses, with ``search_depth``'s shape, under the objective's own match terms; windows with
+    fewer than ``cfg.refine_min_matches`` scored matches get weight 0 (counted on the device:
+    no host sync)."""
+    target, log_scale = refine_geometry(search_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
                                         steps=cfg.refine_steps, lr=cfg.refine_lr,
                                         reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight,
                                         robust=cfg.robust, scale_deg=cfg.scale_deg, compiled=cfg.refine_compile,

@@ -804,6 +804,30 @@ def test_weak_loss_with_refinement_is_zero_for_exact_geometry_and_pulls_a_wrong_
         LossConfig(refine_solver="sgd")
 
 
+@pytest.mark.parametrize("solver,steps", [("adam", 40), ("lm", 5)])
+def test_refinement_on_the_teacher_shape_ignores_the_predictions_shape_errors(solver, steps):
+    # Exact poses, but the predicted depth carries 20 % per-pixel noise (a wrong shape): a
+    # search on that shape moves the poses away from the truth, one on the teacher's shape
+    # (the true depth up to a per-view scale and shift) keeps them.
+    world = make_world(7, batch=2, views=3, per_pair=15)
+    m = world["matches"]
+    g = torch.Generator().manual_seed(7)
+    teacher = world["depth"] * torch.tensor([3.0, 0.5, 1.0], dtype=F64)[:, None, None] + 0.7
+    batch = {"intrinsics": world["intrinsics"], "matches": torch.cat((m, torch.ones(len(m), 1, dtype=F64)), 1),
+             "teacher_depth": teacher, "teacher_valid": torch.ones_like(teacher, dtype=torch.bool)}
+    noisy = world["depth"] * torch.exp(0.2 * torch.randn(world["depth"].shape, generator=g, dtype=F64))
+    pred = SimpleNamespace(depth=noisy, confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
+    refine = {}
+    for source in ("pred", "teacher"):
+        cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=steps, refine_compile=False,
+                         refine_solver=solver, refine_depth=source, refine_scales=False)
+        refine[source] = compute_loss(pred, batch, cfg)[1]["refine"]
+    assert refine["pred"] > 1e-2
+    assert refine["teacher"] < refine["pred"] / 5
+    with pytest.raises(ValueError, match="refine_depth"):
+        LossConfig(refine_depth="gt")
+
+
 # ---------------------------------------------------------------------------------------------
 # compute_loss: the one place weights are applied.
 # ---------------------------------------------------------------------------------------------
