@@ -257,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matcher", default="sift")
     p.add_argument("--workers", type=int, default=0, help="labelling processes (0: one per CPU)")
     p.add_argument("--limit", type=int, default=0, help="stop after this many windows (0: until SIGTERM)")
+    p.add_argument("--first-index", type=int, default=0,
+                   help="scene index of the first window (a resumed study starts past the scenes it saw)")
     args = p.parse_args(argv)
     spec = parse_spec(args.spec, views=args.views, height=args.height, width=args.width, stride=args.stride,
                       teacher=args.teacher, matcher=args.matcher)
-    n = produce(spec, args.out, workers=args.workers, limit=args.limit)
+    n = produce(spec, args.out, workers=args.workers, limit=args.limit, first_index=args.first_index)
     print(f"fresh: wrote {n} windows into {args.out}")
     return 0
 

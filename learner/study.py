@@ -164,14 +164,18 @@ class StudyResult:
 def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window], *, steps: int,
               minutes: float = 0.0, eval_every: int = 100, max_matches: int = 0, seed: int = 0,
               device: str = "auto", log_every: int = 10, out: Path | None = None,
-              on_eval=None, refresh_every: int = 10) -> StudyResult:
+              on_eval=None, refresh_every: int = 10, resume: str | Path | None = None) -> StudyResult:
     """Train ``cfg`` on ``train`` for ``steps`` steps (or ``minutes``), scoring ``held_out``
-    every ``eval_every`` steps. Returns the curve; writes ``out/curve.json`` as it goes.
+    every ``eval_every`` steps. Returns the curve; writes ``out/curve.json`` as it goes and a
+    final snapshot under ``out/snapshots`` (:mod:`learner.snapshot`); ``resume`` (a snapshot
+    folder) continues a run from it: weights, optimizer, EMA, step and LR schedule.
     A :class:`learner.fresh.FreshStream` ``train`` loads its new windows every ``refresh_every``
     steps; each curve row then says how many windows the run had loaded (``train_windows``)."""
     from learner.train import Trainer
 
     trainer = Trainer(cfg, device=device, teacher_space=train.teacher_space, seed=seed)
+    if resume is not None:
+        trainer.load_state(resume)
     rng = np.random.default_rng(seed)
     baseline = trivial_baseline(held_out)
     curve: list[dict[str, Any]] = []
@@ -196,7 +200,11 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
         if out is not None:
             _write(out, cfg, train, baseline, curve)
 
-    while step < steps and time.perf_counter() < deadline:
+    def more() -> bool:  # ``cfg.max_steps`` counts the run's steps, across resumes
+        return (step < steps and time.perf_counter() < deadline
+                and not (cfg.max_steps and trainer.global_step >= cfg.max_steps))
+
+    while more():
         if fresh and step % refresh_every == 0:
             train.refresh()
         idx = rng.choice(len(train), size=cfg.batch_size, replace=len(train) < cfg.batch_size)
@@ -209,9 +217,11 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
         if log_every and step % log_every == 0:
             print(f"step {trainer.global_step} " + " ".join(f"{k}={np.mean(v):.4g}" for k, v in running.items()),
                   flush=True)
-        if eval_every and step % eval_every == 0 and step < steps:
+        if eval_every and step % eval_every == 0 and more():
             record()
     record(final=True)
+    if out is not None:
+        trainer.save_state(out / "snapshots", final=True)
     return StudyResult(curve=curve, baseline=baseline, final=curve[-1]["eval"], steps=trainer.global_step,
                        seconds=time.perf_counter() - start, final_ema=curve[-1].get("eval_ema"))
 
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default="", help="continue from this snapshot folder (a study's out/snapshots/...)")
     p.add_argument("--out", default="runs/study")
     args = p.parse_args(argv)
     if args.threads:
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result = run_study(cfg, train, held.windows(args.eval_windows), steps=args.steps, minutes=args.minutes,
                        eval_every=args.eval_every, max_matches=args.max_matches, seed=args.seed,
-                       device=args.device, out=out,
+                       device=args.device, out=out, resume=args.resume or None,
                        on_eval=lambda row: print(f"eval step {row['step']}: " + " ".join(
                            f"{k}={row['eval'][k]:.3f}" for k in TABLE_KEYS if k in row["eval"]), flush=True))
     rows = {"constant depth / identity poses": result.baseline, f"{cfg.loss.kind} (step {result.steps})": result.final}
