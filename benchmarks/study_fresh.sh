@@ -8,7 +8,8 @@
 # usage: benchmarks/study_fresh.sh OUTDIR "NAME|--set k=v ..." ...
 #   env: STRIDE (frames between views, 8), HELD (held-out spec), MINUTES (per run, default 7), WORKERS (producer processes, 11), BATCH (16), THREADS (1),
 #        CAPACITY (4096 windows in each run's ring), EVAL_EVERY (500), GPUS (runs go round-robin
-#        over this many GPUs through CUDA_VISIBLE_DEVICES; default 1)
+#        over this many GPUs through CUDA_VISIBLE_DEVICES; default 1), FIRST (the producer's first
+#        scene index, 0: a resumed run, OVERRIDES with --resume, starts past the scenes it saw)
 set -u
 out=$1; shift
 mkdir -p "$out"
@@ -22,7 +23,7 @@ $py -m learner.study --train "$train" --eval "$held" "${common[@]}" --stream "$o
     > "$out/label_held_out.log" 2>&1 || { tail -n 20 "$out/label_held_out.log"; exit 1; }
 echo "held-out labelled in $(( $(date +%s) - start )) s"
 PYTHONUNBUFFERED=1 $py -m learner.fresh --out "$out/windows" --spec "$train" "${common[@]}" \
-    --workers "${WORKERS:-11}" > "$out/producer.log" 2>&1 &
+    --workers "${WORKERS:-11}" --first-index "${FIRST:-0}" > "$out/producer.log" 2>&1 &
 producer=$!
 pids=(); k=0
 for run in "$@"; do
