@@ -826,9 +826,14 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
         diag = hess.diagonal(dim1=-2, dim2=-1)
         floor = 1e-9 * diag.mean(-1, keepdim=True) + torch.finfo(dtype).tiny
         system = hess + torch.diag_embed(damping[:, None] * diag + floor)
-        step = -torch.linalg.solve(system, gradient[..., None])[..., 0].view(b, v, 7)
+        # The gauge (a similarity of the window) and views without matches leave the system
+        # singular up to the damping; once the damping has shrunk, the factorisation can fail
+        # in float32. Such a window's step is refused like one that does not lower the cost.
+        solution, info = torch.linalg.solve_ex(system, gradient[..., None])
+        solved = (info == 0) & torch.isfinite(solution).all(-1).all(-1)
+        step = -torch.where(solved[:, None, None], solution, torch.zeros_like(solution))[..., 0].view(b, v, 7)
         trial = window_costs(x + step)
-        better = trial < cost
+        better = solved & (trial < cost)
         x = torch.where(better[:, None, None], x + step, x)
         cost = torch.where(better, trial, cost)
         damping = torch.where(better, damping / 3, damping * 5).clamp(1e-9, 1e9)
