@@ -164,3 +164,30 @@ def test_reconstructor_runs_on_paths_and_arrays(tmp_path):
     np.testing.assert_allclose(cam[:, 2], out["depth"][1].reshape(-1), rtol=1e-4)
     with pytest.raises(FileNotFoundError):
         Reconstructor.from_snapshot(tmp_path / "nothing")
+
+
+def test_snapshots_and_studies_need_no_pyzmq(tmp_path):
+    # GPU hosts may lack pyzmq; a study there crashed at its final snapshot when the config
+    # module pulled it in. A fresh interpreter with pyzmq blocked saves and loads a snapshot.
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "zmq" or name.startswith("zmq."):
+            raise ModuleNotFoundError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import learner.study
+from learner.config import LearnerConfig
+from learner.snapshot import load_model
+from learner.train import Trainer
+path = Trainer(LearnerConfig(), device="cpu").save_state({str(tmp_path)!r}, final=True)
+load_model(path)
+assert "zmq" not in sys.modules
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
