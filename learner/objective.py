@@ -99,7 +99,7 @@ def weighted_loss(
             terms["point"] = point.detach()
         if cfg.refine_weight > 0:
             search_depth = match_depth
-            if cfg.refine_depth == "teacher" and teacher is not None:
+            if cfg.refine_depth == "teacher" and teacher is not None and cfg.match_depth != "teacher":
                 search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
             refined = _refinement_term(match_depth, search_depth, cam_to_world, intrinsics, matches, cfg)
             loss = loss + cfg.refine_weight * refined

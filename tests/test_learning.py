@@ -158,6 +158,29 @@ def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
     assert base["trans_err_deg"] == 90.0 and base["rot_err_deg"] > 0
 
 
+def test_study_resumes_from_its_final_snapshot_and_stops_at_max_steps(dataset, tmp_path):
+    # A long study split over several processes (device calls): each ends with a snapshot, the
+    # next resumes it, and max_steps counts the run's steps, not the process's.
+    from learner.snapshot import list_snapshots
+    from learner.study import apply_overrides, run_study
+
+    torch.set_num_threads(1)
+    cfg = apply_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0.9", "warmup_steps=0", "device=cpu",
+                                            "schedule=cosine", "max_steps=5"])
+    windows = dataset.windows(1)
+    first = run_study(cfg, dataset, windows, steps=3, eval_every=0, device="cpu", log_every=0, out=tmp_path / "a")
+    ((step, snap),) = list_snapshots(tmp_path / "a" / "snapshots")
+    assert first.steps == 3 and step == 3
+    second = run_study(cfg, dataset, windows, steps=100, eval_every=0, device="cpu", log_every=0,
+                       out=tmp_path / "b", resume=snap)
+    assert second.steps == 5 and [r["step"] for r in second.curve] == [5]
+    assert first.final_ema is not None and second.final_ema is not None
+    ((_, done),) = list_snapshots(tmp_path / "b" / "snapshots")
+    third = run_study(cfg, dataset, windows, steps=100, eval_every=0, device="cpu", log_every=0,
+                      out=tmp_path / "c", resume=done)
+    assert third.steps == 5  # already at max_steps: no step taken
+
+
 # --------------------------------------------------------------------------- losses
 
 @pytest.fixture(scope="module")
