@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, depth in depths.items():
         for solver, steps in SEARCHES:
             start = time.perf_counter()
-            poses, _ = losses.refine_geometry(depth, pred.cam_to_world, batch["intrinsics"], matches[:, :7],
+            poses, _, _ = losses.refine_geometry(depth, pred.cam_to_world, batch["intrinsics"], matches[:, :7],
                                               matches[:, 7], steps=steps, point_weight=1.0, solver=solver)
             seconds = time.perf_counter() - start
             rot, trans, median = pose_errors(poses, gt)

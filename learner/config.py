@@ -101,6 +101,11 @@ class LossConfig:
     refine_scales: bool = True
     """Let that bundle adjustment move the per-view depth scales too (and pull the prediction's
     per-view mean depths towards them); ``false``: poses only."""
+    refine_shifts: bool = False
+    """Let that bundle adjustment move a depth shift per view too (exp(σ)(D + c·mean D)), and pull
+    the prediction's whole depth maps towards the result instead of only its per-view means:
+    registers the per-view shift, which neither the depth loss nor the scale term pins.
+    Needs ``refine_solver: adam``."""
     refine_lr: float = 0.02
     """Adam's step size (radians; translation in units of the window's mean depth; log scale)."""
     refine_min_matches: int = 16
@@ -120,6 +125,8 @@ class LossConfig:
                              f"{self.match_depth!r}, {self.refine_depth!r}")
         if self.refine_solver not in ("adam", "lm"):
             raise ValueError(f"refine_solver must be 'adam' or 'lm', got {self.refine_solver!r}")
+        if self.refine_shifts and self.refine_solver != "adam":
+            raise ValueError("refine_shifts needs refine_solver 'adam'")
         if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_min_matches < 0:
             raise ValueError("refine_steps and refine_min_matches must be >= 0 and refine_lr > 0")
 

@@ -643,13 +643,15 @@ def refine_geometry(
     compiled: bool = False,
     solver: Literal["adam", "lm"] = "adam",
     scales: bool = True,
-) -> tuple[Tensor, Tensor]:
+    shifts: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-window bundle adjustment under the weak match terms: the poses and per-view depth
-    scales that minimise ``reproj_weight · L_reproj + point_weight · L_point`` with the depth's
-    *shape* held fixed, searched from ``cam_to_world`` and scale 1.
+    scales (and shifts) that minimise ``reproj_weight · L_reproj + point_weight · L_point``
+    with the depth's *shape* held fixed, searched from ``cam_to_world``, scale 1 and shift 0.
 
     The variables per view are a rotation increment (axis-angle, applied on the left), a
-    translation increment in units of the window's mean depth, and a log depth scale.
+    translation increment in units of the window's mean depth, a log depth scale σ and a depth
+    shift c in units of the view's mean depth m: view v's depth becomes exp(σ_v)(D_v + c_v m_v).
     ``solver``:
 
     * ``adam``: ``steps`` Adam steps, step size ``lr`` decaying linearly to 0. The
@@ -669,36 +671,42 @@ def refine_geometry(
         compiled: evaluate the match terms of each Adam step with ``torch.compile`` (for
             GPUs, where the eager search is launch-bound; same values).
         scales: search the per-view depth scales too (else they stay 1: poses only).
+        shifts: search the per-view depth shifts too (else they stay 0; ``adam`` only). A
+            depth map's per-view shift is what a relative-depth teacher leaves open besides
+            the scale.
 
     Returns:
-        ``(cam_to_world [B, V, 4, 4], log_scale [B, V])``, detached, fp32 (or fp64 for fp64
-        inputs). A window without matches keeps its poses and scale 0.
+        ``(cam_to_world [B, V, 4, 4], log_scale [B, V], shift [B, V])``, detached, fp32 (or
+        fp64 for fp64 inputs). A window without matches keeps its poses, scale and shift 0.
     """
     if steps < 0 or lr <= 0:
         raise ValueError(f"steps must be >= 0 and lr > 0, got {steps}, {lr}")
     if solver not in ("adam", "lm"):
         raise ValueError(f"solver must be 'adam' or 'lm', got {solver!r}")
+    if shifts and solver != "adam":
+        raise ValueError("searching depth shifts needs solver 'adam' (the LM system has 7 unknowns per view)")
     prepared = _match_inputs(depth.detach(), cam_to_world.detach(), intrinsics, matches, weights)
     pose0 = _fp32(cam_to_world.detach()).to(_fp32(depth).dtype)
     b, v = depth.shape[:2]
     log_scale = torch.zeros(b, v, dtype=pose0.dtype, device=pose0.device)
     if isinstance(prepared, Tensor) or steps == 0:
-        return pose0.clone(), log_scale
+        return pose0.clone(), log_scale, torch.zeros_like(log_scale)
     depth, pose0, intrinsics, matches, weights, _ = prepared
     # Everything but the variables is fixed during the search: sample and unproject once.
-    fixed = (pose0[..., :3, :3], pose0[..., :3, 3], depth.flatten(1).mean(1)[:, None, None],
+    fixed = (pose0[..., :3, :3], pose0[..., :3, 3], depth.flatten(1).mean(1)[:, None, None], depth.flatten(2).mean(2),
              *_camera_rays(intrinsics, matches), *_match_depths(depth, matches), matches, weights)
     if solver == "lm":
         with torch.no_grad():
             omega, delta, log_scale = _refine_lm(fixed, b, v, steps, reproj_weight=reproj_weight,
                                                  point_weight=point_weight, robust=robust, scale_deg=scale_deg,
                                                  scales=scales)
-            return geometry.make_pose(*_refined_pose(omega, delta, *fixed[:3])), log_scale
-    x = torch.zeros(b, v, 7, dtype=pose0.dtype, device=pose0.device)  # (ω, δ, log scale) per view
+            return geometry.make_pose(*_refined_pose(omega, delta, *fixed[:3])), log_scale, torch.zeros_like(log_scale)
+    x = torch.zeros(b, v, 8, dtype=pose0.dtype, device=pose0.device)  # (ω, δ, log scale, shift) per view
     moment, second = torch.zeros_like(x), torch.zeros_like(x)
-    movable = torch.ones(7, dtype=x.dtype, device=x.device)
-    if not scales:
-        movable[6] = 0  # zero gradient: Adam's step for the log scales is exactly 0
+    movable = torch.ones(8, dtype=x.dtype, device=x.device)
+    # A fixed variable gets zero gradient, so Adam's step for it is exactly 0.
+    movable[6] = float(scales)
+    movable[7] = float(shifts)
     # Step numbers and step sizes as tensors made once: the compiled step sees no new constant.
     counts = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device)
     sizes = lr * (1 - (counts - 1) / steps)  # linear decay to 0 (see the docstring)
@@ -709,21 +717,21 @@ def refine_geometry(
                                     scale_deg=scale_deg)
     with torch.no_grad():
         rotation, translation = _refined_pose(x[..., :3], x[..., 3:6], *fixed[:3])
-        return geometry.make_pose(rotation, translation), x[..., 6]
+        return geometry.make_pose(rotation, translation), x[..., 6], x[..., 7]
 
 
 def _refine_adam_step(x: Tensor, moment: Tensor, second: Tensor, count: Tensor, size: Tensor, movable: Tensor,
                       *fixed: Tensor, reproj_weight: float, point_weight: float, robust: Robust, scale_deg: float
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """One Adam step (``torch.optim.Adam``'s update, betas 0.9 / 0.999, eps 1e-8) on
-    :func:`refine_geometry`'s variables x [B, V, 7] = (ω, δ, log scale): the gradient of the
+    :func:`refine_geometry`'s variables x [B, V, 8] = (ω, δ, log scale, shift): the gradient of the
     match terms by ``torch.func.grad``, so that under ``torch.compile`` the whole step (match
     terms, their gradient and the update) is one graph. ``count`` is the step number from 1,
-    ``size`` its step size, ``movable`` [7] zeroes the gradient of fixed variables."""
+    ``size`` its step size, ``movable`` [8] zeroes the gradient of fixed variables."""
     from torch.func import grad
 
     def objective(x: Tensor) -> Tensor:
-        return _refine_objective(x[..., :3], x[..., 3:6], x[..., 6], *fixed, reproj_weight=reproj_weight,
+        return _refine_objective(x[..., :3], x[..., 3:6], x[..., 6], x[..., 7], *fixed, reproj_weight=reproj_weight,
                                  point_weight=point_weight, robust=robust, scale_deg=scale_deg)
 
     g = grad(objective)(x) * movable
@@ -739,25 +747,26 @@ def _refined_pose(omega: Tensor, delta: Tensor, rotation0: Tensor, translation0:
     return geometry.axis_angle_to_matrix(omega) @ rotation0, translation0 + delta * unit
 
 
-def _refine_objective(omega: Tensor, delta: Tensor, log_scale: Tensor, *fixed: Tensor, reproj_weight: float,
-                      point_weight: float, robust: Robust, scale_deg: float) -> Tensor:
+def _refine_objective(omega: Tensor, delta: Tensor, log_scale: Tensor, shift: Tensor, *fixed: Tensor,
+                      reproj_weight: float, point_weight: float, robust: Robust, scale_deg: float) -> Tensor:
     """The weak match terms of :func:`refine_geometry`'s variables (a scalar)."""
     weights = fixed[-1]
-    per_match = _refine_match_costs(omega, delta, log_scale, *fixed, reproj_weight=reproj_weight,
+    per_match = _refine_match_costs(omega, delta, log_scale, shift, *fixed, reproj_weight=reproj_weight,
                                     point_weight=point_weight, robust=robust, scale_deg=scale_deg)
     return per_match.sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
 
 
-def _refine_match_costs(omega: Tensor, delta: Tensor, log_scale: Tensor, rotation0: Tensor, translation0: Tensor,
-                        unit: Tensor, rays_i: Tensor, rays_j: Tensor, d_i: Tensor, d_j: Tensor, matches: Tensor,
-                        weights: Tensor, *, reproj_weight: float, point_weight: float, robust: Robust,
-                        scale_deg: float) -> Tensor:
+def _refine_match_costs(omega: Tensor, delta: Tensor, log_scale: Tensor, shift: Tensor, rotation0: Tensor,
+                        translation0: Tensor, unit: Tensor, view_mean: Tensor, rays_i: Tensor, rays_j: Tensor,
+                        d_i: Tensor, d_j: Tensor, matches: Tensor, weights: Tensor, *, reproj_weight: float,
+                        point_weight: float, robust: Robust, scale_deg: float) -> Tensor:
     """w_k x (match k's weak cost) [K] at :func:`refine_geometry`'s variables."""
     bi, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
     dir_i, dir_j, baseline = _world_rays(*_refined_pose(omega, delta, rotation0, translation0, unit),
                                          rays_i, rays_j, matches)
-    scale = log_scale.exp()
-    d_i, d_j = d_i * scale[bi, i], d_j * scale[bi, j]
+    scale, offset = log_scale.exp(), shift * view_mean
+    d_i = scale[bi, i] * (d_i + offset[bi, i])
+    d_j = scale[bi, j] * (d_j + offset[bi, j])
     cost = reproj_weight * _angle_costs(dir_i, dir_j, d_i, d_j, baseline, robust=robust, scale_deg=scale_deg, eps=1e-6)
     if point_weight > 0:
         cost = cost + point_weight * _point_costs(dir_i, dir_j, d_i, d_j, baseline, scale=0.05, eps=1e-6)
@@ -773,7 +782,7 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
     (the damping then grows). Returns (ω, δ, log scale)."""
     from torch.func import grad, jacrev, vmap
 
-    rotation0, translation0, unit, rays_i, rays_j, d_i0, d_j0, matches, weights = fixed
+    rotation0, translation0, unit, _, rays_i, rays_j, d_i0, d_j0, matches, weights = fixed
     dtype, device = rotation0.dtype, rotation0.device
     bi, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
     n = 7 * v
@@ -800,7 +809,8 @@ def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, re
     flat = (bi[:, None, None] * n * n + cols[:, :, None] * n + cols[:, None, :]).reshape(-1)
 
     def window_costs(x: Tensor) -> Tensor:
-        per_match = _refine_match_costs(x[..., :3], x[..., 3:6], x[..., 6], *fixed, reproj_weight=reproj_weight,
+        per_match = _refine_match_costs(x[..., :3], x[..., 3:6], x[..., 6], torch.zeros_like(x[..., 6]), *fixed,
+                                        reproj_weight=reproj_weight,
                                         point_weight=point_weight, robust=robust, scale_deg=scale_deg)
         return torch.zeros(b, dtype=dtype, device=device).index_add_(0, bi, per_match)
 
@@ -858,10 +868,12 @@ def refined_geometry_loss(
     target_cam_to_world: Tensor,
     target_log_scale: Tensor,
     window_weight: Tensor | None = None,
+    target_depth: Tensor | None = None,
 ) -> Tensor:
     """Pull the prediction towards a per-window bundle adjustment of itself
     (:func:`refine_geometry`), a scalar: the supervised sibling's pose term with the refined
-    poses as the target, plus the registration of the per-view depth scales.
+    poses as the target, plus the registration of the per-view depth scales (or, given
+    ``target_depth``, of the whole depth maps).
 
     Per window: ``_relative_pose_errors`` (relative rotations; relative translations in units
     of the mean depth, the prediction's own with gradient, the target's of the rescaled depth)
@@ -870,9 +882,15 @@ def refined_geometry_loss(
     window's global scale is gauge). The loss is the ``window_weight``-weighted mean over
     windows (default 1 each; e.g. 0 for a window without matches).
 
+    With ``target_depth`` D* (the search's depth maps, exp(σ_v)(D_v + c_v m_v): scale *and*
+    shift per view) the scale part is replaced by the mean over the pixels where D* > 0 of
+    |D̂ / s_pred − D* / s*|, with s the window's mean depth (the supervised sibling's depth term
+    against D*), and the target's translation unit is s*.
+
     Args:
         pred_depth: [B, V, H, W] > 0. pred_cam_to_world, target_cam_to_world: [B, V, 4, 4].
-        target_log_scale: [B, V]. window_weight: [B] >= 0 or None.
+        target_log_scale: [B, V]. window_weight: [B] >= 0 or None. target_depth: [B, V, H, W]
+            or None.
 
     Zero when the target is the prediction (σ = 0), invariant to a similarity of the
     predicted window (with the target moved alike), and it sends gradient to the poses and the
@@ -886,13 +904,23 @@ def refined_geometry_loss(
     zero = depth.sum() * 0 + pose.sum() * 0
     if v < 2:
         return zero
-    view_mean = depth.flatten(2).mean(-1).clamp(min=torch.finfo(depth.dtype).tiny)  # [B, V]
+    tiny = torch.finfo(depth.dtype).tiny
+    view_mean = depth.flatten(2).mean(-1).clamp(min=tiny)  # [B, V]
     s_pred = view_mean.mean(-1)
-    s_target = (view_mean.detach() * sigma.exp()).mean(-1)
-    per_window = _relative_pose_errors(pose, s_pred, target, s_target)
-    log_m = view_mean.log()
-    shift = (log_m - log_m.detach()) - (sigma - sigma.mean(-1, keepdim=True))
-    per_window = per_window + ((shift * shift + 1e-12).sqrt() - 1e-6).mean(-1)
+    if target_depth is None:
+        s_target = (view_mean.detach() * sigma.exp()).mean(-1)
+        log_m = view_mean.log()
+        shift = (log_m - log_m.detach()) - (sigma - sigma.mean(-1, keepdim=True))
+        registration = ((shift * shift + 1e-12).sqrt() - 1e-6).mean(-1)
+    else:
+        goal = target_depth.detach().to(depth.dtype)
+        known = torch.isfinite(goal) & (goal > 0)
+        goal = torch.where(known, goal, torch.zeros_like(goal))
+        s_target = goal.flatten(1).sum(-1) / known.flatten(1).sum(-1).clamp(min=1)
+        gap = (depth / s_pred[:, None, None, None] - goal / s_target.clamp(min=tiny)[:, None, None, None]).abs()
+        registration = torch.where(known, gap, torch.zeros_like(gap)).flatten(1).sum(-1) / \
+            known.flatten(1).sum(-1).clamp(min=1)
+    per_window = _relative_pose_errors(pose, s_pred, target, s_target.clamp(min=tiny)) + registration
     weight = torch.ones(b, dtype=depth.dtype, device=depth.device) if window_weight is None else \
         window_weight.to(depth.dtype).clamp(min=0)
     return (weight * per_window).sum() / weight.sum().clamp(min=torch.finfo(depth.dtype).tiny) + zero

@@ -121,12 +121,16 @@ def _refinement_term(depth: Tensor, search_depth: Tensor, cam_to_world: Tensor, 
     poses, with ``search_depth``'s shape, under the objective's own match terms; windows with
     fewer than ``cfg.refine_min_matches`` scored matches get weight 0 (counted on the device:
     no host sync)."""
-    target, log_scale = refine_geometry(search_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
-                                        steps=cfg.refine_steps, lr=cfg.refine_lr,
-                                        reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight,
-                                        robust=cfg.robust, scale_deg=cfg.scale_deg, compiled=cfg.refine_compile,
-                                        solver=cfg.refine_solver, scales=cfg.refine_scales)
+    target, log_scale, shift = refine_geometry(
+        search_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7], steps=cfg.refine_steps,
+        lr=cfg.refine_lr, reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight, robust=cfg.robust,
+        scale_deg=cfg.scale_deg, compiled=cfg.refine_compile, solver=cfg.refine_solver, scales=cfg.refine_scales,
+        shifts=cfg.refine_shifts)
     counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
                             minlength=depth.shape[0])[:depth.shape[0]]
     window_weight = (counts >= cfg.refine_min_matches).to(depth.dtype)
-    return refined_geometry_loss(depth, cam_to_world, target, log_scale, window_weight)
+    target_depth = None
+    if cfg.refine_shifts:  # the search's depth maps: exp(σ_v)(D_v + c_v m_v)
+        held = search_depth.detach().to(log_scale.dtype)
+        target_depth = log_scale.exp()[..., None, None] * (held + (shift * held.flatten(2).mean(-1))[..., None, None])
+    return refined_geometry_loss(depth, cam_to_world, target, log_scale, window_weight, target_depth=target_depth)

@@ -663,7 +663,7 @@ def test_refine_geometry_recovers_poses_and_view_scales_from_matches(solver, ste
     view_scale = torch.exp(0.2 * torch.randn(2, 4, generator=g, dtype=F64))
     depth = world["depth"] * view_scale[..., None, None]
     rot0, trans0 = mean_pose_errors(start, gt)
-    poses, log_scale = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=steps, lr=0.01,
+    poses, log_scale, _ = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=steps, lr=0.01,
                                        solver=solver)
     rot, trans = mean_pose_errors(poses, gt)
     assert rot0 > 5 and trans0 > 20
@@ -674,6 +674,33 @@ def test_refine_geometry_recovers_poses_and_view_scales_from_matches(solver, ste
     assert torch.allclose(poses[..., 3, :], torch.tensor([0.0, 0, 0, 1], dtype=F64))
 
 
+def test_refine_geometry_recovers_view_shifts_and_scales_of_an_affine_depth():
+    # Each view's depth is an unknown affine map of the truth (scale ~0.5-2, shift up to 0.6 of
+    # its mean, as a relative-depth teacher leaves it) and the poses are off: with shifts, the
+    # search's depth exp(σ)(D + c·mean D) is the truth up to one scale per window.
+    world = make_world(8, batch=2, per_pair=25)
+    g = torch.Generator().manual_seed(8)
+    a = torch.exp(0.7 * (torch.rand(2, 4, generator=g, dtype=F64) - 0.5))[..., None, None]
+    b = 0.6 * torch.rand(2, 4, generator=g, dtype=F64)[..., None, None] * world["depth"].mean((-2, -1), keepdim=True)
+    depth = a * world["depth"] + b
+    start = world["cam_to_world"].clone()
+    start[..., :3, 3] += 0.1 * torch.randn(2, 4, 3, generator=g, dtype=F64)
+    poses, log_scale, shift = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=400,
+                                              lr=0.01, shifts=True)
+    fitted = log_scale.exp()[..., None, None] * (depth + (shift * depth.mean((-2, -1)))[..., None, None])
+    ratio = fitted / world["depth"]
+    spread = (ratio / ratio.flatten(1).median(-1).values[:, None, None, None] - 1).abs()
+    unshifted = depth / world["depth"]
+    before = (unshifted / unshifted.flatten(1).median(-1).values[:, None, None, None] - 1).abs()
+    assert before.mean() > 0.1 and spread.mean() < 0.02
+    rot, trans = mean_pose_errors(poses, world["cam_to_world"])
+    assert rot < 0.5 and trans < 3.0
+    _, _, fixed = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=20)
+    assert torch.equal(fixed, torch.zeros_like(fixed))  # shifts stay 0 unless asked for
+    with pytest.raises(ValueError, match="shifts"):
+        refine_geometry(depth, start, world["intrinsics"], world["matches"], solver="lm", shifts=True)
+
+
 def test_refine_geometry_lm_ignores_outliers_and_keeps_exact_geometry():
     # Half of the matches moved to random pixels: the IRLS weights of the robust costs keep the
     # solution at the truth (Adam's search is not so precise: see the test above).
@@ -681,15 +708,15 @@ def test_refine_geometry_lm_ignores_outliers_and_keeps_exact_geometry():
     noisy, _ = with_outliers(world, 6, fraction=0.5)
     start = world["cam_to_world"].clone()
     start[..., :3, 3] += 0.2 * torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
-    poses, log_scale = refine_geometry(world["depth"], start, world["intrinsics"], noisy, steps=15,
+    poses, log_scale, _ = refine_geometry(world["depth"], start, world["intrinsics"], noisy, steps=15,
                                        solver="lm")
     rot, trans = mean_pose_errors(poses, world["cam_to_world"])
     assert rot < 0.5 and trans < 3.0
-    exact, _ = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], world["matches"],
+    exact, _, _ = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], world["matches"],
                                steps=5, solver="lm")
     torch.testing.assert_close(exact, world["cam_to_world"], atol=1e-9, rtol=0)
     for solver, steps in (("lm", 5), ("adam", 60)):  # poses only: the depth scales stay 1
-        poses, log_scale = refine_geometry(world["depth"], start, world["intrinsics"], world["matches"],
+        poses, log_scale, _ = refine_geometry(world["depth"], start, world["intrinsics"], world["matches"],
                                            steps=steps, solver=solver, scales=False)
         assert torch.equal(log_scale, torch.zeros_like(log_scale))
         assert mean_pose_errors(poses, world["cam_to_world"])[1] < 1.0
@@ -708,7 +735,7 @@ def test_refine_geometry_lm_survives_a_singular_system_in_float32():
     depth = world["depth"] * torch.exp(0.05 * torch.randn(world["depth"].shape, generator=g))
     start = world["cam_to_world"].clone()
     start[..., :3, 3] += 0.1  # the truth, up to the gauge
-    poses, log_scale = refine_geometry(depth, start, world["intrinsics"], one_pair, steps=20, solver="lm")
+    poses, log_scale, _ = refine_geometry(depth, start, world["intrinsics"], one_pair, steps=20, solver="lm")
     assert torch.isfinite(poses).all() and torch.isfinite(log_scale).all()
     rot, trans = mean_pose_errors(poses[:1].double(), world["cam_to_world"][:1].double())
     assert rot < 1.0 and trans < 5.0  # the noisy depth moves the poses a little, not away
@@ -718,7 +745,7 @@ def test_refine_geometry_keeps_exact_geometry_and_windows_without_matches():
     world = make_world(1, batch=2)
     m = world["matches"]
     only_first = m[m[:, 0] == 0]
-    poses, log_scale = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], only_first,
+    poses, log_scale, _ = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], only_first,
                                        steps=30, lr=0.01)
     # Up to the gauge (one similarity per window, along which the loss has no gradient) and
     # Adam's first steps, which are full-size whatever the gradient (here float noise).
@@ -727,10 +754,10 @@ def test_refine_geometry_keeps_exact_geometry_and_windows_without_matches():
     assert (log_scale - log_scale.mean(-1, keepdim=True)).abs().max() < 2e-3
     moved = world["cam_to_world"].clone()
     moved[1, :, :3, 3] += 0.5  # window 1 has no matches: it keeps its poses
-    poses, log_scale = refine_geometry(world["depth"], moved, world["intrinsics"], only_first, steps=30)
+    poses, log_scale, _ = refine_geometry(world["depth"], moved, world["intrinsics"], only_first, steps=30)
     torch.testing.assert_close(poses[1], moved[1])
     empty = torch.zeros(0, 7, dtype=F64)
-    poses, log_scale = refine_geometry(world["depth"], moved, world["intrinsics"], empty)
+    poses, log_scale, _ = refine_geometry(world["depth"], moved, world["intrinsics"], empty)
     torch.testing.assert_close(poses, moved)
     assert torch.equal(log_scale, torch.zeros(2, 4, dtype=F64))
     with pytest.raises(ValueError, match="steps"):
@@ -770,6 +797,27 @@ def test_refined_geometry_loss_zero_at_target_gauge_and_similarity_invariant():
         _, R3, t3 = random_similarity(seed + 10)  # the target alone, rigidly
         _, target3 = apply_similarity(depth, target, 1.0, R3, t3)
         torch.testing.assert_close(refined_geometry_loss(depth, poses, target3, sigma), base, rtol=1e-9, atol=1e-12)
+
+
+def test_refined_geometry_loss_with_target_depth_registers_shifts():
+    world = make_world(9, batch=2)
+    depth, poses = perturbed(world, 9)
+    grown = poses.clone()
+    grown[..., :3, 3] *= 3.0
+    zero = refined_geometry_loss(depth, poses, grown, torch.zeros(2, 4, dtype=F64), target_depth=3.0 * depth)
+    assert float(zero) < 1e-9  # the prediction up to the window's scale: gauge
+    shifted = depth + 0.3 * depth.mean((-2, -1), keepdim=True) * torch.tensor([1.0, 0, 0, 0], dtype=F64)[:, None, None]
+    depth.requires_grad_(True)
+    loss = refined_geometry_loss(depth, poses, poses, torch.zeros(2, 4, dtype=F64), target_depth=shifted)
+    loss.backward()
+    assert float(loss) > 1e-2 and torch.isfinite(depth.grad).all()
+    # The shifted view's depth is pushed up, relative to the window.
+    assert depth.grad[:, 0].sum() < 0
+    # Invariant to a similarity of the prediction and its target together.
+    s, R, t = random_similarity(4)
+    d2, p2 = apply_similarity(depth.detach(), poses, s, R, t)
+    torch.testing.assert_close(refined_geometry_loss(d2, p2, p2, torch.zeros(2, 4, dtype=F64), target_depth=s * shifted),
+                               loss.detach(), rtol=1e-9, atol=1e-12)
 
 
 def test_refined_geometry_loss_gradients_and_window_weights():
@@ -843,6 +891,12 @@ def test_refinement_on_the_teacher_shape_ignores_the_predictions_shape_errors(so
     assert refine["teacher"] < refine["pred"] / 5
     with pytest.raises(ValueError, match="refine_depth"):
         LossConfig(refine_depth="gt")
+    cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=steps if solver == "adam" else 40,
+                     refine_compile=False, refine_depth="teacher", refine_shifts=True)
+    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
+    assert compute_loss(exact, batch, cfg)[1]["refine"] < 2e-2  # the teacher is the truth up to view affines
+    with pytest.raises(ValueError, match="refine_shifts"):
+        LossConfig(refine_shifts=True, refine_solver="lm")
 
 
 # ---------------------------------------------------------------------------------------------
