@@ -102,10 +102,9 @@ class LossConfig:
     """Let that bundle adjustment move the per-view depth scales too (and pull the prediction's
     per-view mean depths towards them); ``false``: poses only."""
     refine_shifts: bool = False
-    """Let that bundle adjustment move a depth shift per view too (exp(σ)(D + c·mean D)), and pull
-    the prediction's whole depth maps towards the result instead of only its per-view means:
-    registers the per-view shift, which neither the depth loss nor the scale term pins.
-    Needs ``refine_solver: adam``."""
+    """Let that bundle adjustment move a depth shift per view too (view v's depth becomes
+    exp(σ_v)(D_v + c_v mean D_v)); the pull then registers the prediction's per-view mean depths
+    to the result's. Needs ``refine_solver: adam``."""
     refine_lr: float = 0.02
     """Adam's step size (radians; translation in units of the window's mean depth; log scale)."""
     refine_min_matches: int = 16

@@ -868,12 +868,10 @@ def refined_geometry_loss(
     target_cam_to_world: Tensor,
     target_log_scale: Tensor,
     window_weight: Tensor | None = None,
-    target_depth: Tensor | None = None,
 ) -> Tensor:
     """Pull the prediction towards a per-window bundle adjustment of itself
     (:func:`refine_geometry`), a scalar: the supervised sibling's pose term with the refined
-    poses as the target, plus the registration of the per-view depth scales (or, given
-    ``target_depth``, of the whole depth maps).
+    poses as the target, plus the registration of the per-view depth scales.
 
     Per window: ``_relative_pose_errors`` (relative rotations; relative translations in units
     of the mean depth, the prediction's own with gradient, the target's of the rescaled depth)
@@ -882,15 +880,9 @@ def refined_geometry_loss(
     window's global scale is gauge). The loss is the ``window_weight``-weighted mean over
     windows (default 1 each; e.g. 0 for a window without matches).
 
-    With ``target_depth`` D* (the search's depth maps, exp(σ_v)(D_v + c_v m_v): scale *and*
-    shift per view) the scale part is replaced by the mean over the pixels where D* > 0 of
-    |D̂ / s_pred − D* / s*|, with s the window's mean depth (the supervised sibling's depth term
-    against D*), and the target's translation unit is s*.
-
     Args:
         pred_depth: [B, V, H, W] > 0. pred_cam_to_world, target_cam_to_world: [B, V, 4, 4].
-        target_log_scale: [B, V]. window_weight: [B] >= 0 or None. target_depth: [B, V, H, W]
-            or None.
+        target_log_scale: [B, V]. window_weight: [B] >= 0 or None.
 
     Zero when the target is the prediction (σ = 0), invariant to a similarity of the
     predicted window (with the target moved alike), and it sends gradient to the poses and the
@@ -904,23 +896,13 @@ def refined_geometry_loss(
     zero = depth.sum() * 0 + pose.sum() * 0
     if v < 2:
         return zero
-    tiny = torch.finfo(depth.dtype).tiny
-    view_mean = depth.flatten(2).mean(-1).clamp(min=tiny)  # [B, V]
+    view_mean = depth.flatten(2).mean(-1).clamp(min=torch.finfo(depth.dtype).tiny)  # [B, V]
     s_pred = view_mean.mean(-1)
-    if target_depth is None:
-        s_target = (view_mean.detach() * sigma.exp()).mean(-1)
-        log_m = view_mean.log()
-        shift = (log_m - log_m.detach()) - (sigma - sigma.mean(-1, keepdim=True))
-        registration = ((shift * shift + 1e-12).sqrt() - 1e-6).mean(-1)
-    else:
-        goal = target_depth.detach().to(depth.dtype)
-        known = torch.isfinite(goal) & (goal > 0)
-        goal = torch.where(known, goal, torch.zeros_like(goal))
-        s_target = goal.flatten(1).sum(-1) / known.flatten(1).sum(-1).clamp(min=1)
-        gap = (depth / s_pred[:, None, None, None] - goal / s_target.clamp(min=tiny)[:, None, None, None]).abs()
-        registration = torch.where(known, gap, torch.zeros_like(gap)).flatten(1).sum(-1) / \
-            known.flatten(1).sum(-1).clamp(min=1)
-    per_window = _relative_pose_errors(pose, s_pred, target, s_target.clamp(min=tiny)) + registration
+    s_target = (view_mean.detach() * sigma.exp()).mean(-1)
+    per_window = _relative_pose_errors(pose, s_pred, target, s_target)
+    log_m = view_mean.log()
+    shift = (log_m - log_m.detach()) - (sigma - sigma.mean(-1, keepdim=True))
+    per_window = per_window + ((shift * shift + 1e-12).sqrt() - 1e-6).mean(-1)
     weight = torch.ones(b, dtype=depth.dtype, device=depth.device) if window_weight is None else \
         window_weight.to(depth.dtype).clamp(min=0)
     return (weight * per_window).sum() / weight.sum().clamp(min=torch.finfo(depth.dtype).tiny) + zero

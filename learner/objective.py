@@ -129,8 +129,8 @@ def _refinement_term(depth: Tensor, search_depth: Tensor, cam_to_world: Tensor, 
     counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
                             minlength=depth.shape[0])[:depth.shape[0]]
     window_weight = (counts >= cfg.refine_min_matches).to(depth.dtype)
-    target_depth = None
-    if cfg.refine_shifts:  # the search's depth maps: exp(σ_v)(D_v + c_v m_v)
-        held = search_depth.detach().to(log_scale.dtype)
-        target_depth = log_scale.exp()[..., None, None] * (held + (shift * held.flatten(2).mean(-1))[..., None, None])
-    return refined_geometry_loss(depth, cam_to_world, target, log_scale, window_weight, target_depth=target_depth)
+    if cfg.refine_shifts:
+        # The search's view v has depth exp(σ_v)(D_v + c_v m_v), whose mean is exp(σ_v)(1 + c_v) m_v:
+        # the pull registers the prediction's view means to that (its shapes are left alone).
+        log_scale = log_scale + torch.log1p(shift.clamp(min=-0.9))
+    return refined_geometry_loss(depth, cam_to_world, target, log_scale, window_weight)
