@@ -8,17 +8,19 @@
 #
 #   here, after a call:  for n in weak sup; do mkdir -p .devdata/resume/$n
 #                          cat FILES_AT/snap_${n}_* | tar xf - -C .devdata/resume/$n; done
-#   next call (carry .devdata):  RESUME_W=.devdata/resume/weak/step-NNN RESUME_S=.devdata/resume/sup/step-MMM \
-#                          FIRST=60000 bash benchmarks/study_long.sh
+#   next call (carry .devdata/datasets and the two snapshot folders, not all of .devdata: the
+#   carry limit is 64 MiB):  RESUME_W=.devdata/resume/weak/step-NNN \
+#                          RESUME_S=.devdata/resume/sup/step-MMM FIRST=60000 bash benchmarks/study_long.sh
 #
 #   env: MINUTES (6.5), LIMIT (seconds for the runs, 520), MAX_STEPS (8000), FIRST (the producer's
-#        first scene index: past the scenes earlier calls used), RESUME_W / RESUME_S.
+#        first scene index: past the scenes earlier calls used), RESUME_W / RESUME_S, WEAK_SET
+#        (more flags for the weak run, e.g. "--set loss.refine_shifts=true").
 # A run that has reached MAX_STEPS stops at once (learner.study honours max_steps across resumes).
 set -u
 out=${OUT:?set OUT to the folder that comes back}
 export NCCL_NVLS_ENABLE=0
 common="--set schedule=cosine --set max_steps=${MAX_STEPS:-8000} --set ema_decay=0.999"
-weak="$common --set loss.point_weight=1 --set loss.refine_weight=1 --set loss.refine_depth=teacher"
+weak="$common --set loss.point_weight=1 --set loss.refine_weight=1 --set loss.refine_depth=teacher ${WEAK_SET:-}"
 sup="$common --set loss.kind=supervised"
 [ -n "${RESUME_W:-}" ] && weak="$weak --resume $RESUME_W"
 [ -n "${RESUME_S:-}" ] && sup="$sup --resume $RESUME_S"
