@@ -668,8 +668,8 @@ def refine_geometry(
     Args:
         depth: [B, V, H, W] > 0, cam_to_world: [B, V, 4, 4], intrinsics, matches [K, 7],
             weights [K]: as in :func:`reprojection_loss`.
-        compiled: evaluate the match terms of each Adam step with ``torch.compile`` (for
-            GPUs, where the eager search is launch-bound; same values).
+        compiled: run each Adam step (match terms, gradient, update) as one ``torch.compile``
+            graph (for GPUs, where the eager search is launch-bound; same values).
         scales: search the per-view depth scales too (else they stay 1: poses only).
         shifts: search the per-view depth shifts too (else they stay 0; ``adam`` only). A
             depth map's per-view shift is what a relative-depth teacher leaves open besides
@@ -709,7 +709,9 @@ def refine_geometry(
     movable[7] = float(shifts)
     # Step numbers and step sizes as tensors made once: the compiled step sees no new constant.
     counts = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device)
-    sizes = lr * (1 - (counts - 1) / steps)  # linear decay to 0 (see the docstring)
+    # Linear decay to 0: Adam's normalised steps would otherwise jitter at ~lr around the
+    # optimum (gradient noise is amplified to full-size steps there).
+    sizes = lr * (1 - (counts - 1) / steps)
     step_fn = _compiled_adam_step() if compiled else _refine_adam_step
     for k in range(steps):
         x, moment, second = step_fn(x, moment, second, counts[k], sizes[k], movable, *fixed,

@@ -872,8 +872,9 @@ def test_refinement_on_the_teacher_shape_ignores_the_predictions_shape_errors(so
         LossConfig(refine_depth="gt")
     cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=steps if solver == "adam" else 40,
                      refine_compile=False, refine_depth="teacher", refine_shifts=True)
-    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
-    assert compute_loss(exact, batch, cfg)[1]["refine"] < 2e-2  # the teacher is the truth up to view affines
+    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher),
+                            cam_to_world=world["cam_to_world"])
+    assert compute_loss(exact, batch, cfg)[1]["refine"] < 3e-3  # the teacher is the truth up to view affines
     with pytest.raises(ValueError, match="refine_shifts"):
         LossConfig(refine_shifts=True, refine_solver="lm")
 
