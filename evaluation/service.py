@@ -54,6 +54,11 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
         if key in baseline:
             gauge.labels(key, "constant_identity").set(baseline[key])
     done = {p.stem for p in out_dir.glob("step-*.json")}
+    # A restarted run whose final snapshot was scored before: nothing new will come.
+    latest = snapshots.latest_snapshot(snap_dir)
+    if latest is not None and latest.name in done and snapshots.verify_snapshot(latest).get("final"):
+        runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
+        return 0
     while not runtime.stopping:
         snap = snapshots.latest_snapshot(snap_dir)
         if snap is None or snap.name in done:

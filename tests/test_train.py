@@ -365,3 +365,29 @@ def test_trainer_with_the_real_objective_steps_and_learns():
         last = trainer.step(batch, teacher_space="depth")
     assert first["skipped"] == 0.0 and math.isfinite(first["loss"]) and "depth" in first
     assert last["loss"] < first["loss"]
+
+
+@pytest.mark.timeout(120)
+def test_evaluator_exits_on_a_final_snapshot_also_after_a_restart(tmp_path):
+    # `reliev3r up --max-steps N` run twice in one folder: the second learner finds N reached and
+    # exits; the evaluator must not wait for a snapshot that will never come.
+    import dataclasses
+
+    from evaluation import service
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    cfg = _pipeline(tmp_path, free_port(), max_steps=1)
+    cfg = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, windows=2, poll_s=0.1))
+    Trainer(cfg.learner, device="cpu").save_state(tmp_path / "snapshots", final=True)
+    for attempt in ("first", "restart"):
+        with Runtime("evaluator", cfg, install_signals=False, serve_metrics=False) as runtime:
+            result = {}
+            worker = threading.Thread(target=lambda: result.setdefault("rc", service.run(cfg, runtime)))
+            worker.start()
+            worker.join(30)
+            by_itself = not worker.is_alive()
+            runtime.stop()  # (only matters when it hangs)
+            worker.join(10)
+            assert by_itself and result.get("rc") == 0, f"{attempt} run did not exit by itself"
+    assert len(list((tmp_path / "evaluations").glob("step-*.json"))) == 1
