@@ -38,6 +38,13 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     snap_dir = cfg.run_dir / "snapshots"
     out_dir = cfg.run_dir / "evaluations"
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = {p.stem for p in out_dir.glob("step-*.json")}
+    # A restarted run whose final snapshot was scored before: nothing new will come (checked
+    # before loading the evaluation data; latest_snapshot has verified it, so its meta is read).
+    latest = snapshots.latest_snapshot(snap_dir)
+    if latest is not None and latest.name in done and json.loads((latest / "meta.json").read_text()).get("final"):
+        runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
+        return 0
     m = runtime.metrics
     gauge = m.gauge("eval_metric", "Evaluation metric of the newest scored snapshot", ["metric", "model"])
     step_gauge = m.gauge("eval_snapshot_step", "Learner step of the newest scored snapshot")
@@ -53,12 +60,6 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     for key in REPORTED:
         if key in baseline:
             gauge.labels(key, "constant_identity").set(baseline[key])
-    done = {p.stem for p in out_dir.glob("step-*.json")}
-    # A restarted run whose final snapshot was scored before: nothing new will come.
-    latest = snapshots.latest_snapshot(snap_dir)
-    if latest is not None and latest.name in done and snapshots.verify_snapshot(latest).get("final"):
-        runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
-        return 0
     while not runtime.stopping:
         snap = snapshots.latest_snapshot(snap_dir)
         if snap is None or snap.name in done:
