@@ -6,7 +6,7 @@
 # final snapshots under $OUT as 15 MB parts (the device returns files of at most 16 MiB), so
 # that the next call resumes them:
 #
-#   here, after a call:  for n in weak sup; do mkdir -p .devdata/resume/$n
+#   here, after a call:  for n in weak sup; do   # (the KEEP runs) mkdir -p .devdata/resume/$n
 #                          cat FILES_AT/snap_${n}_* | tar xf - -C .devdata/resume/$n; done
 #   next call (carry .devdata/datasets and the two snapshot folders, not all of .devdata: the
 #   carry limit is 64 MiB):  RESUME_W=.devdata/resume/weak/step-NNN \
@@ -14,7 +14,10 @@
 #
 #   env: MINUTES (6.5), LIMIT (seconds for the runs, 520), MAX_STEPS (8000), FIRST (the producer's
 #        first scene index: past the scenes earlier calls used), RESUME_W / RESUME_S, WEAK_SET
-#        (more flags for the weak run, e.g. "--set loss.refine_shifts=true").
+#        (more flags for the weak run, e.g. "--set loss.refine_shifts=true"), VARIANTS (more weak
+#        runs beside it, "NAME|FLAGS;NAME|FLAGS", each the weak run plus FLAGS, resumed from
+#        RESUME_W too), KEEP (the runs whose snapshots come back, "weak sup": the device returns at
+#        most 64 MiB and 8 files, a snapshot is 21 MiB in 2 parts), SUP (0: no supervised run).
 # A run that has reached MAX_STEPS stops at once (learner.study honours max_steps across resumes).
 set -u
 out=${OUT:?set OUT to the folder that comes back}
@@ -24,10 +27,14 @@ weak="$common --set loss.point_weight=1 --set loss.refine_weight=1 --set loss.re
 sup="$common --set loss.kind=supervised"
 [ -n "${RESUME_W:-}" ] && weak="$weak --resume $RESUME_W"
 [ -n "${RESUME_S:-}" ] && sup="$sup --resume $RESUME_S"
+runs=("weak|$weak")
+[ "${SUP:-1}" = 1 ] && runs+=("sup|$sup")
+IFS=';' read -ra variants <<< "${VARIANTS:-}"
+for v in "${variants[@]}"; do runs+=("${v%%|*}|$weak ${v#*|}"); done
 STRIDE=12 HELD="synthetic:scenes=48,frames=40,seed=1000,hop=4" BATCH=32 MINUTES=${MINUTES:-6.5} WORKERS=12 \
-  FIRST=${FIRST:-0} timeout "${LIMIT:-520}" bash benchmarks/study_fresh.sh /tmp/study_long "weak|$weak" "sup|$sup" \
+  FIRST=${FIRST:-0} timeout "${LIMIT:-520}" bash benchmarks/study_fresh.sh /tmp/study_long "${runs[@]}" \
   > "$out/study.log" 2>&1
-for n in weak sup; do
+for n in ${KEEP:-weak sup}; do
   snap=$(ls -d /tmp/study_long/$n/snapshots/step-* 2>/dev/null | tail -n 1)
   [ -n "$snap" ] || { echo "no snapshot for $n"; continue; }
   tar cf "/tmp/$n.tar" -C "$(dirname "$snap")" "$(basename "$snap")" && split -b 15M -d "/tmp/$n.tar" "$out/snap_${n}_"
