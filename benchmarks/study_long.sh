@@ -6,7 +6,7 @@
 # final snapshots under $OUT as 15 MB parts (the device returns files of at most 16 MiB), so
 # that the next call resumes them:
 #
-#   here, after a call:  for n in weak sup; do   # (the KEEP runs) mkdir -p .devdata/resume/$n
+#   here, after a call (n: the KEEP runs):  for n in weak sup; do mkdir -p .devdata/resume/$n
 #                          cat FILES_AT/snap_${n}_* | tar xf - -C .devdata/resume/$n; done
 #   next call (carry .devdata/datasets and the two snapshot folders, not all of .devdata: the
 #   carry limit is 64 MiB):  RESUME_W=.devdata/resume/weak/step-NNN \

@@ -76,8 +76,8 @@ class LossConfig:
     (``learner.losses.point_consistency_loss``): the two back-projections of a match must meet,
     relative to their depths. 0 = the paper's losses only. The strongest signal on a depth
     shift common to a window's views, which the depth loss cannot see: at 3 (with the
-    refinement) it removed the weak run's drift to too much depth contrast (docs/RESULTS.md,
-    sweep 12)."""
+    refinement) it removed the weak run's drift to too much depth contrast by pulling towards
+    less of it, not by estimating the shift without bias (docs/RESULTS.md, sweep 12)."""
     match_depth: Literal["pred", "teacher"] = "pred"
     """Depth the match terms (angle, point) are evaluated with: ``pred`` the learner's own;
     ``teacher`` the teacher's map carried into the prediction's per-view scale and shift
