@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not benchmarks/replay.py
 
+import held_out  # noqa: E402  (benchmarks/held_out.py, beside this script)
 from evaluation import metrics  # noqa: E402
 from learner import losses  # noqa: E402
-from learner.dataset import ensure_dataset, parse_spec  # noqa: E402
 from learner.snapshot import load_model  # noqa: E402
 
 SHIFTS = (0.0, 0.2, 0.4, 0.6, 0.9)
@@ -44,20 +44,11 @@ def log_contrast(depth: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("snapshots", type=Path, nargs="+")
-    p.add_argument("--held", default="synthetic:scenes=48,frames=40,seed=1000,hop=4")
-    p.add_argument("--stride", type=int, default=12)
-    p.add_argument("--views", type=int, default=4)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--cache", default=".devdata/datasets")
-    p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA ones")
+    held_out.add_arguments(p)
     p.add_argument("--scan", action="store_true", help="the match terms' gradient on a common view shift")
     args = p.parse_args(argv)
 
-    spec = parse_spec(args.held, views=args.views, height=args.height, width=args.width, stride=args.stride,
-                      teacher="oracle", matcher="sift")
-    held = ensure_dataset(spec, args.cache, workers=1)
-    batch = held.batch(np.arange(len(held)), torch.device("cpu"), max_matches=0, rng=np.random.default_rng(0))
+    held, batch = held_out.load(args)
     gt, known = batch["gt_depth"], batch["gt_depth"] > 0
     filled = torch.where(known, gt, gt[known].mean())  # the contrast needs every pixel; holes are rare
     matches, intrinsics = batch["matches"], batch["intrinsics"]

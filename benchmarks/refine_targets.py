@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not benchmarks/replay.py
 
+import held_out  # noqa: E402  (benchmarks/held_out.py, beside this script)
 from evaluation import metrics  # noqa: E402
 from learner import losses  # noqa: E402
-from learner.dataset import ensure_dataset, parse_spec  # noqa: E402
 from learner.snapshot import load_model  # noqa: E402
 
 SEARCHES = (("adam", 50), ("adam", 200), ("lm", 10))
@@ -45,19 +44,10 @@ def pose_errors(cam_to_world: torch.Tensor, gt: torch.Tensor) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("snapshot", type=Path)
-    p.add_argument("--held", default="synthetic:scenes=48,frames=40,seed=1000,hop=4")
-    p.add_argument("--stride", type=int, default=12)
-    p.add_argument("--views", type=int, default=4)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--cache", default=".devdata/datasets")
-    p.add_argument("--raw", action="store_true", help="the trained weights, not the EMA ones")
+    held_out.add_arguments(p)
     args = p.parse_args(argv)
 
-    spec = parse_spec(args.held, views=args.views, height=args.height, width=args.width, stride=args.stride,
-                      teacher="oracle", matcher="sift")
-    held = ensure_dataset(spec, args.cache, workers=1)
-    batch = held.batch(np.arange(len(held)), torch.device("cpu"), max_matches=0, rng=np.random.default_rng(0))
+    held, batch = held_out.load(args)
     model, meta = load_model(args.snapshot, ema=not args.raw)
     with torch.no_grad():
         pred = model(batch["images"])
