@@ -253,3 +253,78 @@ def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_m
         per_pair.append(k)
     matches = np.concatenate(rows) if rows else np.zeros((0, 7), np.float32)
     return matches, per_pair
+
+
+TRIANGULATION_COLUMNS = ("z_i", "z_j", "weight")
+"""Columns of :func:`triangulate_matches`' rows."""
+
+
+def triangulate_matches(matches: np.ndarray, intrinsics: np.ndarray, *, min_parallax_deg: float = 1.0,
+                        full_parallax_deg: float = 4.0, min_points: int = 12,
+                        threshold_px: float = 1.0) -> np.ndarray:
+    """Two-view geometry of every verified pair: the depth of each match in both cameras, float32 [K, 3].
+
+    Per view pair (i, j) of ``matches`` [K, 7] (rows (i, j, x_i, y_i, x_j, y_j, score)) with
+    intrinsics [V, 3, 3]: the essential matrix (USAC/MAGSAC on normalised rays), the relative
+    pose with cheirality (``cv2.recoverPose``), and each inlier triangulated in the pair's own
+    frame with the baseline as unit length. Row k is ``(z_i, z_j, weight)``: the z-depths of
+    match k in camera i and camera j (same unit, so their ratio and the shape of each view's
+    depths are known; one scale per pair is not), and a weight in [0, 1] that grows as
+    ``(parallax / full_parallax_deg)²`` up to 1: triangulated depth has a relative error of
+    about (matching noise / parallax angle). Rows that cannot be triangulated (outliers of the
+    essential matrix, points behind a camera, parallax below ``min_parallax_deg``, pairs with
+    fewer than ``min_points`` such points) are all zeros.
+
+    Why the learner gets these: a relative-depth teacher knows each frame's shape only up to an
+    unknown scale and shift, and when its shape is wrong the match terms alone cannot tell how
+    near the near points are (docs/RESULTS.md, issue 21). Triangulation from the matches gives
+    that, up to one scale per pair, with no teacher and no ground truth.
+    """
+    import cv2
+
+    out = np.zeros((len(matches), 3), np.float32)
+    if len(matches) == 0:
+        return out
+    pair_ids = matches[:, 0].astype(np.int64) * 1_000_003 + matches[:, 1].astype(np.int64)
+    for pid in np.unique(pair_ids):
+        rows = np.flatnonzero(pair_ids == pid)
+        if len(rows) < max(min_points, 8):
+            continue
+        i, j = int(matches[rows[0], 0]), int(matches[rows[0], 1])
+        k_i, k_j = intrinsics[i].astype(np.float64), intrinsics[j].astype(np.float64)
+        rays_i = _normalised(matches[rows, 2:4], k_i)
+        rays_j = _normalised(matches[rows, 4:6], k_j)
+        focal = 0.5 * (k_i[0, 0] + k_j[0, 0])
+        try:
+            E, mask = cv2.findEssentialMat(rays_i, rays_j, np.eye(3), method=cv2.USAC_MAGSAC, prob=0.999,
+                                           threshold=threshold_px / focal)
+        except cv2.error:
+            continue  # degenerate sets: no model, as in :func:`verify`
+        if E is None or E.shape != (3, 3) or mask is None:
+            continue
+        _, R, t, mask, points = cv2.recoverPose(E, rays_i, rays_j, np.eye(3), distanceThresh=1e4, mask=mask.copy())
+        X = points[:3] / np.where(np.abs(points[3:]) > 1e-12, points[3:], np.nan)  # cam i frame, |t| = 1
+        z_i = X[2]
+        z_j = (R @ X + t)[2]
+        centre_j = -R.T @ t[:, 0]
+        to_i, to_j = X.T, X.T - centre_j
+        cos = (to_i * to_j).sum(1) / np.maximum(np.linalg.norm(to_i, axis=1) * np.linalg.norm(to_j, axis=1), 1e-12)
+        parallax = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+        good = (mask.ravel() > 0) & np.isfinite(z_i) & np.isfinite(z_j) & (z_i > 0) & (z_j > 0) \
+            & (parallax >= min_parallax_deg)
+        if good.sum() < min_points:
+            continue
+        weight = np.minimum(1.0, (parallax / full_parallax_deg) ** 2)
+        out[rows[good], 0] = z_i[good]
+        out[rows[good], 1] = z_j[good]
+        out[rows[good], 2] = weight[good]
+    return out
+
+
+def _normalised(xy: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
+    """Pixels [N, 2] -> normalised image coordinates K⁻¹ũ [N, 2] (float64)."""
+    fx, fy, cx, cy = intrinsics[0, 0], intrinsics[1, 1], intrinsics[0, 2], intrinsics[1, 2]
+    skew = intrinsics[0, 1]
+    y = (xy[:, 1].astype(np.float64) - cy) / fy
+    x = (xy[:, 0].astype(np.float64) - cx - skew * y) / fx
+    return np.ascontiguousarray(np.stack([x, y], 1))

@@ -35,7 +35,7 @@ import zmq
 
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
-from labelers.matches import make_matcher, match_window
+from labelers.matches import make_matcher, match_window, triangulate_matches
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.protocol import Message
@@ -122,6 +122,9 @@ class Labeler:
                     continue
                 flags[n].append("no_matches")
             arrays["matches"] = matches
+            with timer("triangulation"):
+                arrays["match_triangulation"] = triangulate_matches(matches, arrays["intrinsics"],
+                                                                    threshold_px=self.cfg.ransac_threshold_px)
             meta = {k: msg.meta[k] for k in ("window_id", "source", "frame_indices", "timestamps") if k in msg.meta}
             meta["teacher"] = self.teachers()
             results[n] = (Message("insert", meta, arrays), "", flags[n])

@@ -78,6 +78,16 @@ class LossConfig:
     shift common to a window's views, which the depth loss cannot see: at 3 (with the
     refinement) it removed the weak run's drift to too much depth contrast by pulling towards
     less of it, not by estimating the shift without bias (docs/RESULTS.md, sweep 12)."""
+    triangulation_weight: float = 0.0
+    """Weight of the two-view triangulation depth term (``learner.losses.triangulated_depth_loss``):
+    the predicted depth at the matches against their triangulation from the pair's essential
+    matrix (one scale per pair left open). Weak: the matches and the intrinsics only. It gives
+    each view's depth shift and the views' relative scales, which the relative-depth loss leaves
+    open and which the angle terms see only through the predicted poses. 0 = off."""
+    triangulation_pose_weight: float = 0.0
+    """Weight of the angle terms evaluated with the triangulated depths
+    (``learner.losses.triangulated_pose_loss``): rotations and translation directions towards
+    each pair's two-view solution, through no predicted depth. 0 = off."""
     match_depth: Literal["pred", "teacher"] = "pred"
     """Depth the match terms (angle, point) are evaluated with: ``pred`` the learner's own;
     ``teacher`` the teacher's map carried into the prediction's per-view scale and shift
@@ -118,8 +128,10 @@ class LossConfig:
     on a GPU)."""
 
     def __post_init__(self) -> None:
-        if self.reproj_weight < 0 or self.alpha < 0 or self.point_weight < 0 or self.refine_weight < 0:
-            raise ValueError("reproj_weight, alpha, point_weight and refine_weight must be >= 0")
+        if min(self.reproj_weight, self.alpha, self.point_weight, self.refine_weight, self.triangulation_weight,
+               self.triangulation_pose_weight) < 0:
+            raise ValueError("reproj_weight, alpha, point_weight, refine_weight, triangulation_weight and "
+                             "triangulation_pose_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
         if self.match_depth not in ("pred", "teacher") or self.refine_depth not in ("pred", "teacher"):

@@ -86,6 +86,8 @@ __all__ = [
     "reprojection_loss",
     "point_consistency_loss",
     "epipolar_loss",
+    "triangulated_depth_loss",
+    "triangulated_pose_loss",
     "refine_geometry",
     "refined_geometry_loss",
     "supervised_loss",
@@ -532,6 +534,104 @@ def epipolar_loss(
     per_match = robust_angle_cost(cost_i, robust=robust, scale_deg=scale_deg) + \
         robust_angle_cost(cost_j, robust=robust, scale_deg=scale_deg)
     return _weighted_mean(per_match, weights, zero)
+
+
+def _triangulation_inputs(matches: Tensor, triangulation: Tensor, dtype: torch.dtype
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(z_i, z_j, weight, valid) [K] of :func:`labelers.matches.triangulate_matches`' rows
+    [K, 3]; rows with weight 0 are not valid and get z = 1 (finite logs, no gradient)."""
+    if triangulation.shape != (matches.shape[0], 3):
+        raise ValueError(f"triangulation must be [K, 3] with K = {matches.shape[0]}, got {tuple(triangulation.shape)}")
+    tri = triangulation.to(dtype)
+    valid = (tri[:, 2] > 0) & (tri[:, 0] > 0) & (tri[:, 1] > 0)
+    one = torch.ones_like(tri[:, 0])
+    z_i, z_j = torch.where(valid, tri[:, 0], one), torch.where(valid, tri[:, 1], one)
+    return z_i, z_j, torch.where(valid, tri[:, 2], torch.zeros_like(one)), valid
+
+
+def triangulated_depth_loss(
+    depth: Tensor,
+    matches: Tensor,
+    triangulation: Tensor,
+    *,
+    scale: float = 0.1,
+) -> Tensor:
+    """The predicted depth at the matches against their two-view triangulation, a scalar.
+
+    For match k of pair (i, j) in window b with triangulated z-depths (z_ik, z_jk) (one unknown
+    scale per pair: the baseline is the unit) and weight w_k, the residuals are
+    ``r = log D̂_i(u_ik) − log z_ik − c_bij`` and the same for view j, where ``c_bij`` is the
+    w-weighted mean of both views' log ratios over the pair's matches (the pair's scale, fitted
+    in closed form); ``ρ(r) = log(1 + (r / scale)²)`` (Cauchy: triangulation outliers at small
+    parallax do not dominate), and the loss is ``sum_k w_k (ρ(r_ik) + ρ(r_jk)) / sum_k w_k``.
+
+    What it adds to the Reliev3R terms: :func:`relative_depth_loss` leaves each view's depth
+    scale and shift open, and the angle terms see them only through the predicted poses. Here
+    both views of a pair share one scale, so the term fixes the ratio of their depth scales and,
+    through the spread of the matched points, each view's shift (how near the near points are),
+    from the matches alone. Invariant to the window's similarity gauge (a common scale is
+    absorbed by ``c``); independent of the poses.
+
+    Args:
+        depth: [B, V, H, W] predicted z-depth (> 0), sampled bilinearly at the match pixels.
+        matches: [K, 7] rows (b, i, j, x_i, y_i, x_j, y_j).
+        triangulation: [K, 3] rows (z_i, z_j, weight) aligned with ``matches``; weight 0 = none.
+        scale: Cauchy scale of the log-depth residual (0.1: about 10 %).
+
+    No valid row gives a graph-connected zero.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    prepared = _match_inputs(depth, depth.new_zeros(1, 1, 4, 4), depth.new_zeros(1, 1, 3, 3), matches, None)
+    if isinstance(prepared, Tensor):
+        return prepared
+    depth, _, _, matches, _, zero = prepared
+    z_i, z_j, weight, valid = _triangulation_inputs(matches, triangulation, depth.dtype)
+    d_i, d_j = _match_depths(depth, matches)
+    tiny = torch.finfo(depth.dtype).tiny
+    r_i = torch.where(valid, d_i.clamp(min=tiny).log() - z_i.log(), torch.zeros_like(z_i))
+    r_j = torch.where(valid, d_j.clamp(min=tiny).log() - z_j.log(), torch.zeros_like(z_j))
+    b_, v_ = depth.shape[:2]
+    group = (matches[:, 0].long() * v_ + matches[:, 1].long()) * v_ + matches[:, 2].long()
+    total = torch.zeros(b_ * v_ * v_, dtype=depth.dtype, device=depth.device)
+    offset = total.index_add(0, group, weight * (r_i + r_j)) / total.index_add(0, group, 2 * weight).clamp(min=tiny)
+    c = offset[group]
+    cost = torch.log1p(((r_i - c) / scale) ** 2) + torch.log1p(((r_j - c) / scale) ** 2)
+    return _weighted_mean(cost, weight, zero)
+
+
+def triangulated_pose_loss(
+    cam_to_world: Tensor,
+    intrinsics: Tensor,
+    matches: Tensor,
+    triangulation: Tensor,
+    *,
+    robust: Robust = "cauchy",
+    scale_deg: float = 10.0,
+    eps: float = 1e-6,
+) -> Tensor:
+    """The angle terms of :func:`reprojection_loss` evaluated with the matches' two-view
+    triangulation instead of the predicted depth, a scalar.
+
+    Each pair's triangulated depths (unit baseline) are put into the prediction's scale by the
+    length of the predicted baseline ``|t_j − t_i|``, so the term depends on the predicted
+    rotations and the *direction* of the relative translation only, and is minimal at the pair's
+    essential-matrix pose (the classical two-view solution from the same matches). It never
+    rewards a shorter baseline, and it lets the poses learn from the matches without going
+    through a depth that may carry the teacher's errors. Shapes as in :func:`reprojection_loss`
+    and :func:`triangulated_depth_loss`; weights are the triangulation's.
+    """
+    prepared = _match_inputs(cam_to_world.new_ones(1, 1, 1, 1), cam_to_world, intrinsics, matches, None)
+    if isinstance(prepared, Tensor):
+        return prepared
+    _, cam_to_world, intrinsics, matches, _, zero = prepared
+    z_i, z_j, weight, _ = _triangulation_inputs(matches, triangulation, cam_to_world.dtype)
+    dir_i, dir_j, baseline = _world_rays(cam_to_world[..., :3, :3], cam_to_world[..., :3, 3],
+                                         *_camera_rays(intrinsics, matches), matches)
+    length = baseline.norm(dim=-1).clamp(min=1e-20)  # > 0: coincident centres still give finite rays
+    cost = _angle_costs(dir_i, dir_j, z_i * length, z_j * length, baseline, robust=robust, scale_deg=scale_deg,
+                        eps=eps)
+    return _weighted_mean(cost, weight, zero)
 
 
 def _relative_poses(cam_to_world: Tensor) -> Tensor:

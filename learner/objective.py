@@ -1,7 +1,8 @@
 """The one place where loss terms are weighted and summed.
 
 ``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)
-(+ cfg.refine_weight * L_refine)`` for
+(+ cfg.refine_weight * L_refine) (+ cfg.triangulation_weight * L_tri
++ cfg.triangulation_pose_weight * L_tri_pose)`` for
 ``cfg.kind == "weak"``, the match terms evaluated with the learner's depth or, with
 ``cfg.match_depth == "teacher"``, with the teacher's map in the learner's per-view scale and
 shift (:func:`learner.losses.teacher_aligned_depth`);
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from learner.config import LossConfig
 from learner.losses import (point_consistency_loss, refine_geometry, refined_geometry_loss, relative_depth_loss,
-                            reprojection_loss, supervised_loss, teacher_aligned_depth)
+                            reprojection_loss, supervised_loss, teacher_aligned_depth, triangulated_depth_loss,
+                            triangulated_pose_loss)
 
 
 def compute_loss(
@@ -104,6 +106,16 @@ def weighted_loss(
             refined = _refinement_term(match_depth, search_depth, cam_to_world, intrinsics, matches, cfg)
             loss = loss + cfg.refine_weight * refined
             terms["refine"] = refined.detach()
+        triangulation = batch.get("match_triangulation")
+        if triangulation is not None and cfg.triangulation_weight > 0:
+            tri = triangulated_depth_loss(depth, matches[:, :7], triangulation.to(depth.device))
+            loss = loss + cfg.triangulation_weight * tri
+            terms["triangulation"] = tri.detach()
+        if triangulation is not None and cfg.triangulation_pose_weight > 0:
+            tri_pose = triangulated_pose_loss(cam_to_world, intrinsics, matches[:, :7], triangulation.to(depth.device),
+                                              robust=cfg.robust, scale_deg=cfg.scale_deg)
+            loss = loss + cfg.triangulation_pose_weight * tri_pose
+            terms["triangulation_pose"] = tri_pose.detach()
         if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
                                       teacher_space=teacher_space)

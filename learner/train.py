@@ -37,6 +37,9 @@ from learner.config import LearnerConfig
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
 
+PER_MATCH = frozenset({"matches", "match_triangulation"})
+"""Batch tensors with one row per match (first column of ``matches``: the window)."""
+
 LossFn = Callable[..., "tuple[Tensor, dict[str, Tensor | float]]"]
 """``loss_fn(pred, batch, cfg, *, teacher_space) -> (scalar loss, {term: float or scalar tensor})``;
 tensor terms are read back after the optimizer step."""
@@ -203,7 +206,8 @@ class Trainer:
     def _window_losses(self, pred: Prediction, batch: dict[str, Tensor], space: str) -> list[Tensor]:
         out = []
         for b in range(pred.depth.shape[0]):
-            one = {k: (v[b:b + 1] if k != "matches" else v[v[:, 0] == b]) for k, v in batch.items()}
+            rows = batch["matches"][:, 0] == b
+            one = {k: (v[rows] if k in PER_MATCH else v[b:b + 1]) for k, v in batch.items()}
             one["matches"] = one["matches"].clone()
             one["matches"][:, 0] = 0
             view = Prediction(depth=pred.depth[b:b + 1].detach(), confidence=pred.confidence[b:b + 1].detach(),
@@ -265,7 +269,8 @@ def batch_from_message(msg: protocol.Message, device: str | torch.device) -> dic
     """Tensors of a replay ``batch`` message on ``device``.
 
     ``images`` float32 [B,V,3,H,W] in [0, 1] (from ``frames`` uint8 [B,V,H,W,3]),
-    ``intrinsics`` [B,V,3,3], ``matches`` [K,8], and when present ``teacher_depth`` [B,V,H,W],
+    ``intrinsics`` [B,V,3,3], ``matches`` [K,8], and when present ``match_triangulation`` [K,3],
+    ``teacher_depth`` [B,V,H,W],
     ``teacher_valid`` bool [B,V,H,W], ``gt_depth`` [B,V,H,W], ``gt_cam_to_world`` [B,V,4,4].
     Arrays are copied out of the (read-only) receive buffers; on CUDA through pinned memory
     with non-blocking copies, and frames travel as uint8 (4x fewer bytes) and are converted
@@ -274,7 +279,8 @@ def batch_from_message(msg: protocol.Message, device: str | torch.device) -> dic
     device = torch.device(device)
     cuda = device.type == "cuda"
     out: dict[str, Tensor] = {}
-    for name in ("frames", "intrinsics", "matches", "teacher_depth", "teacher_valid", "gt_depth", "gt_cam_to_world"):
+    for name in ("frames", "intrinsics", "matches", "match_triangulation", "teacher_depth", "teacher_valid", "gt_depth",
+                 "gt_cam_to_world"):
         arr = msg.arrays.get(name)
         if arr is None:
             continue

@@ -26,12 +26,15 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
 ``insert``        labeler -> replay: a ``window`` plus ``teacher_depth`` float32 [V,H,W]
                   and ``teacher_valid`` uint8 [V,H,W] (absent when the teacher is
                   ``none``), ``matches`` float32 [K,7] rows (i, j, x_i, y_i, x_j, y_j,
-                  score); meta adds ``teacher`` {"depth": {name, version, space},
-                  "matches": {name, version}}.
+                  score), optional ``match_triangulation`` float32 [K,3] rows (z_i, z_j,
+                  weight) aligned with ``matches`` (two-view triangulation, unit baseline
+                  per pair; zeros = not triangulated); meta adds ``teacher``
+                  {"depth": {name, version, space}, "matches": {name, version}}.
 ``insert_ack``    replay -> labeler: meta ``window_id``, ``status``, ``reason``.
 ``sample``        learner -> replay: meta ``batch_size``, ``rank``.
 ``batch``         replay -> learner: the ``insert`` arrays stacked over B windows, with
-                  ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score);
+                  ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score) and,
+                  when any window has it, ``match_triangulation`` [K,3] aligned with them;
                   meta ``window_ids``, ``probabilities``, ``times_sampled``, ``teacher``.
 ``priorities``    learner -> replay: meta ``window_ids``, ``losses`` (per-window loss).
 ``stats``         request (empty meta) and reply (meta: counters) for any service.
@@ -58,7 +61,10 @@ from typing import Any, Iterable
 import msgpack
 import numpy as np
 
-VERSION = 1
+VERSION = 2
+"""Version 2 added the optional ``match_triangulation`` array; version 1 messages are valid
+version 2 messages (they lack it), so both are accepted on receipt."""
+ACCEPTED_VERSIONS = frozenset({1, 2})
 MAGIC = b"R3W" + bytes([VERSION])
 DEFAULT_MAX_BYTES = 512 << 20
 DTYPES = frozenset({"uint8", "uint16", "int32", "int64", "float16", "float32", "float64", "bool"})
@@ -89,13 +95,15 @@ SCHEMAS: dict[str, Schema] = {
     "ready": Schema(required_meta=("credits",)),
     "window": Schema(_WINDOW_ARRAYS, _WINDOW_OPTIONAL, ("window_id", "source", "frame_indices")),
     "done": Schema(required_meta=("window_id", "status")),
-    "insert": Schema({**_WINDOW_ARRAYS, "matches": ("float32", 2)}, _LABEL_OPTIONAL,
+    "insert": Schema({**_WINDOW_ARRAYS, "matches": ("float32", 2)},
+                     {**_LABEL_OPTIONAL, "match_triangulation": ("float32", 2)},
                      ("window_id", "source", "frame_indices", "teacher")),
     "insert_ack": Schema(required_meta=("window_id", "status")),
     "sample": Schema(required_meta=("batch_size",)),
     "batch": Schema({"frames": ("uint8", 5), "intrinsics": ("float32", 4), "matches": ("float32", 2)},
                     {"gt_depth": ("float32", 4), "gt_cam_to_world": ("float32", 4),
-                     "teacher_depth": ("float32", 4), "teacher_valid": ("uint8", 4)},
+                     "teacher_depth": ("float32", 4), "teacher_valid": ("uint8", 4),
+                     "match_triangulation": ("float32", 2)},
                     ("window_ids",)),
     "priorities": Schema(required_meta=("window_ids", "losses")),
     "stats": Schema(),
@@ -144,8 +152,8 @@ def decode(frames: Iterable[bytes | memoryview | Any], *, max_bytes: int = DEFAU
     magic = bytes(frames[0])
     if magic[:3] != MAGIC[:3] or len(magic) != 4:
         raise ProtocolError("bad_magic")
-    if magic[3] != VERSION:
-        raise ProtocolError("bad_version", f"got {magic[3]}, speak {VERSION}")
+    if magic[3] not in ACCEPTED_VERSIONS:
+        raise ProtocolError("bad_version", f"got {magic[3]}, speak {sorted(ACCEPTED_VERSIONS)}")
     if len(frames[1]) > MAX_HEADER_BYTES:
         raise ProtocolError("header_too_large", str(len(frames[1])))
     try:
@@ -235,6 +243,14 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
             raise ProtocolError("bad_index", "matches view index out of range")
         if batched and matches.size and ((matches[:, 0] < 0).any() or (matches[:, 0] >= lead[0]).any()):
             raise ProtocolError("bad_index", "matches batch index out of range")
+        tri = arrays.get("match_triangulation")
+        if tri is not None:
+            if tri.shape != (matches.shape[0], 3):
+                raise ProtocolError("bad_shape", f"match_triangulation {list(tri.shape)}, want [{matches.shape[0]},3]")
+            if tri.size and not (np.isfinite(tri).all() and (tri >= 0).all()):
+                raise ProtocolError("non_finite", "match_triangulation must be finite and >= 0")
+    elif "match_triangulation" in arrays:
+        raise ProtocolError("missing_array", "match_triangulation without matches")
     for name in ("intrinsics", "gt_cam_to_world"):
         if name in arrays and not np.isfinite(arrays[name]).all():
             raise ProtocolError("non_finite", name)

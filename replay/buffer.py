@@ -251,6 +251,11 @@ class ReplayBuffer:
         matches = [np.concatenate([np.full((len(w.arrays["matches"]), 1), b, np.float32), w.arrays["matches"]], 1)
                    for b, w in enumerate(windows)]
         arrays["matches"] = np.concatenate(matches).astype(np.float32) if matches else np.zeros((0, 8), np.float32)
+        if any("match_triangulation" in w.arrays for w in windows):
+            # aligned with the stacked matches; windows labelled without it get zero rows (no weight)
+            arrays["match_triangulation"] = np.concatenate(
+                [w.arrays.get("match_triangulation", np.zeros((len(w.arrays["matches"]), 3), np.float32))
+                 for w in windows]).astype(np.float32)
         recs = [self.storage.records[k] for k in keys]
         meta = {"window_ids": [r.window_id for r in recs], "keys": keys, "probabilities": probs,
                 "times_sampled": [r.times_sampled for r in recs], "inserted_at": [r.inserted_at for r in recs],
