@@ -123,7 +123,11 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
     stop = stop or threading.Event()
     pass_index = progress.pass_index if progress is not None else 0
     while not stop.is_set():
-        pending = deque(make_sources())
+        try:
+            pending = deque(make_sources())
+        except Exception as err:  # discovery reports per source; this is a last resort, not a crash
+            on_error("streamer", "discovery_failed", f"{type(err).__name__}: {err}")
+            pending = deque()
         active: list[tuple[str, Iterator[Window]]] = []
         produced = 0
         while (pending or active) and not stop.is_set():
@@ -136,7 +140,9 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 if start:
                     log.info("resuming source", extra={"source": source.name, "frame": start, "pass": pass_index})
                 frames = _counted(source, on_frame, start)
-                active.append((source.name, windows_of(source.name, frames, cfg, pass_index=pass_index)))
+                # (a resumed source may rightly have too few frames left for a window)
+                active.append((source.name, windows_of(source.name, frames, cfg, pass_index=pass_index,
+                                                        on_error=None if start else on_error)))
             for entry in list(active):
                 name, it = entry
                 try:

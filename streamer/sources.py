@@ -4,16 +4,22 @@
 A source yields :class:`Frame` objects lazily. Decoding problems never escape a source:
 they are reported through ``on_error(source_name, reason, detail)`` (the streamer counts
 them as ``reliev3r_decode_errors_total{source, reason}`` and logs them) and the source
-ends or skips on, keeping every frame decoded before the problem.
+ends or skips on, keeping every frame decoded before the problem. Frames the decoder
+conceals after an error (up to the next keyframe) and unreadable images are dropped, and the
+next frame kept carries ``discontinuity``, so no window spans the damage. ``discover`` never
+raises either: a path it cannot use is reported with its reason and the others are returned.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import logging
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -65,10 +71,51 @@ class Frame:
 
 
 def source_name(path: Path) -> str:
-    """Stable across restarts and unique per file: stem plus a short hash of the absolute path."""
-    absolute = str(Path(path).expanduser().resolve())
+    """Stable across restarts and unique per file: stem plus a short hash of the absolute path.
+    Never raises: a path that cannot be resolved (a symlink loop, an unknown ``~user``) is
+    named after its absolute spelling."""
+    try:
+        absolute = str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop (before Python 3.13)
+        absolute = os.path.abspath(path)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40] or "source"
     return f"{stem}-{hashlib.sha1(absolute.encode()).hexdigest()[:6]}"
+
+
+def path_problem(err: BaseException) -> str:
+    """A short, countable reason for an exception met while looking at a path."""
+    if isinstance(err, SourceError):
+        return err.reason
+    if isinstance(err, RuntimeError) and "loop" in str(err).lower():  # Path.resolve before 3.13
+        return "symlink_loop"
+    if isinstance(err, OSError):
+        return {errno.ELOOP: "symlink_loop", errno.EACCES: "permission_denied", errno.EPERM: "permission_denied",
+                errno.ENOENT: "missing", errno.ENAMETOOLONG: "bad_path", errno.ENOTDIR: "missing"
+                }.get(err.errno, "unreadable")
+    if isinstance(err, (ValueError, UnicodeError)):  # a NUL byte or an unencodable name
+        return "bad_path"
+    return "discovery_failed"
+
+
+def inspect_path(path: Path) -> str:
+    """``"dir"`` or ``"file"``; raise SourceError naming why the path is neither (``missing``,
+    ``dangling_symlink``, ``symlink_loop``, ``permission_denied``, ``not_a_file``, ...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as err:
+        reason = path_problem(err)
+        if reason == "missing" and os.path.islink(path):
+            reason = "dangling_symlink"
+            target = os.readlink(path)
+            raise SourceError(reason, f"{path} -> {target}: the link's target does not exist") from None
+        raise SourceError(reason, f"{path}: {err}") from None
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise SourceError("not_a_file", f"{path}: {kind}")
 
 
 def fov_intrinsics(fov_deg: float, width: int, height: int) -> np.ndarray:
@@ -143,9 +190,16 @@ class VideoSource:
             container.close()
 
     def _decode(self, container, start: int) -> Iterator[Frame]:
+        """Frames in display order. After a decode error the decoder conceals what it lost
+        (smeared or stale pictures that look like frames), so every frame from the error up to
+        the next keyframe is dropped as suspect and the next frame kept carries
+        ``discontinuity``: no window spans the damage."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         index, last_time, errors_in_row = 0, 0.0, 0
+        suspect = False  # after a decode error: frames are unreliable until a keyframe
+        skipped = 0  # suspect frames dropped since the last report
+        gap = False  # the next frame kept follows an error or dropped frames
         rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
         packets = container.demux(stream)
@@ -165,6 +219,7 @@ class VideoSource:
                 break  # already flushed
             except av.error.FFmpegError as err:
                 errors_in_row += 1
+                suspect = gap = True
                 self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: {err}")
                 if errors_in_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
                     self.on_error(self.name, "gave_up", f"{self.path}: {errors_in_row} bad packets in a row")
@@ -179,13 +234,30 @@ class VideoSource:
                 # B-frames) carry decode-order stamps: keep timestamps increasing.
                 t = vframe.time
                 last_time = float(t) if t is not None and (i == 0 or t > last_time) else last_time + 1.0 / rate
+                if getattr(vframe, "is_corrupt", False):  # flagged without raising: same as an error
+                    if not suspect:
+                        self.on_error(self.name, "corrupt_frame", f"{self.path}: frame {i} flagged corrupt")
+                    suspect = gap = True
+                elif suspect and vframe.key_frame:
+                    suspect = False  # a keyframe decodes on its own: clean again
+                    if skipped:
+                        self.on_error(self.name, "skipped_to_keyframe",
+                                      f"{self.path}: {skipped} suspect frames dropped before keyframe {i}")
+                        skipped = 0
+                if suspect:
+                    skipped += 1
+                    continue
                 if i < start:
                     continue
                 rgb = vframe.to_ndarray(format="rgb24")
                 if intrinsics is None or intrinsics[1] != rgb.shape[:2]:
                     intrinsics = (self._intrinsics(rgb.shape[1], rgb.shape[0]), rgb.shape[:2])
                 self.position = index
-                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, rgb.shape))
+                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, rgb.shape), discontinuity=gap)
+                gap = False
+        if skipped:
+            self.on_error(self.name, "skipped_to_keyframe",
+                          f"{self.path}: {skipped} suspect frames dropped, no keyframe followed")
         self._check_complete(container, stream, index, last_time)
 
     def _check_complete(self, container, stream, decoded: int, last_time: float) -> None:
@@ -256,20 +328,25 @@ class ImageSequenceSource:
                 break
 
     def frames(self, start: int = 0) -> Iterator[Frame]:
+        """Frames in order; a bad image is reported and skipped, and the next good frame carries
+        ``discontinuity`` (no window spans the hole)."""
         if not self.files:
             self.on_error(self.name, "no_frames", f"{self.path}: no images")
             return
+        gap = False
         for i, file in enumerate(self.files[start:], start):
-            bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
-            if bgr is None or bgr.size == 0:
-                self.on_error(self.name, "bad_image", str(file))
+            try:
+                rgb = read_image(file)
+            except SourceError as err:
+                self.on_error(self.name, err.reason, str(err))
+                gap = True
                 continue
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             h, w = rgb.shape[:2]
             K = self.intrinsics if self.intrinsics is not None else fov_intrinsics(self.fov_deg, w, h)
             depth, pose = self._gt(file)
             self.position = i + 1
-            yield Frame(i, float(i), rgb, K, depth, pose)
+            yield Frame(i, float(i), rgb, K, depth, pose, discontinuity=gap)
+            gap = False
 
     def _gt(self, file: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
         stem = _frame_stem(file)
@@ -290,6 +367,36 @@ class ImageSequenceSource:
         return depth, pose
 
 
+def read_image(file: Path) -> np.ndarray:
+    """An RGB uint8 image; raise SourceError ``truncated_image`` for a JPEG without its end
+    marker or a PNG without its end chunk (OpenCV would return the decoded part, the rest
+    grey, and only warn), ``bad_image`` for what OpenCV cannot decode, or the reason the file
+    cannot be read."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError as err:
+        raise SourceError(path_problem(err), f"{file}: {err}") from None
+    if truncated_image(data):
+        raise SourceError("truncated_image", f"{file}: {len(data)} bytes, the image's end is missing")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if bgr is None or bgr.size == 0:
+        raise SourceError("bad_image", f"{file}: not a decodable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def truncated_image(data: bytes) -> bool:
+    """A JPEG whose last scan has no end-of-image marker (FFD9) after it, or a PNG whose last
+    image data chunk has no IEND chunk after it. Bytes after the end (some cameras append
+    data) do not matter; an embedded thumbnail's end marker does not count, as it comes
+    before the main image's scan."""
+    if data[:2] == b"\xff\xd8":
+        scan = data.rfind(b"\xff\xda")  # start of the last scan: entropy-coded data never holds FF DA
+        return scan < 0 or data.rfind(b"\xff\xd9") < scan
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data.rfind(b"IEND") < data.rfind(b"IDAT")
+    return False
+
+
 def _frame_stem(file: Path) -> str:
     name = file.name
     for tag in (".color", ".rgb"):
@@ -308,38 +415,76 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=natural)
 
 
-def _is_image_sequence(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
-
-
 def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error) -> list[Source]:
     """Sources for config entries: files, folders (image sequence or folder of videos), globs.
-    A spec that names nothing is reported as ``missing`` and skipped."""
+    A path that exists is taken as it is, even with glob characters in its name
+    (``clip [1080p].mp4``). Discovery never raises: a spec or an entry that cannot be used is
+    reported under its source name with a reason (``missing``, ``dangling_symlink``,
+    ``symlink_loop``, ``permission_denied``, ``not_a_file``, ``empty_folder``, ...) and skipped,
+    and every other source is returned."""
     sources: list[Source] = []
     for spec in specs:
         if "://" in spec or spec.startswith("/dev/video"):
             # Live schemes (streamer.live) never reach here; anything else is not a feed we read.
             on_error(spec[:60], "unsupported_url", f"{spec}: scheme not supported")
             continue
-        path = Path(spec).expanduser()
-        matched = [Path(p) for p in sorted(glob.glob(str(path)))] if glob.has_magic(spec) else [path]
+        try:
+            path = Path(spec).expanduser()
+            matched = _matches(spec, path)
+        except Exception as err:  # an unknown ~user, a NUL byte, an unreadable folder on the way
+            on_error(source_name(Path(spec)), path_problem(err), f"{spec}: {type(err).__name__}: {err}")
+            continue
         if not matched:
             on_error(source_name(path), "missing", f"{spec}: no file matches")
             continue
         for p in matched:
-            if p.is_dir():
-                if _is_image_sequence(p):
-                    sources.append(ImageSequenceSource(p, fov_deg=fov_deg, on_error=on_error))
-                else:
-                    videos = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and q.is_file())
-                    if not videos:
-                        on_error(source_name(p), "no_frames", f"{p}: no videos or images")
-                    sources.extend(VideoSource(q, fov_deg=fov_deg, on_error=on_error) for q in videos)
-            elif p.exists():
-                sources.append(VideoSource(p, fov_deg=fov_deg, on_error=on_error))
-            else:
-                on_error(source_name(p), "missing", f"{p}: no such file")
+            sources.extend(_guarded(p, lambda p=p: _sources_at(p, fov_deg, on_error), on_error))
     return sources
+
+
+def _guarded(path: Path, make: Callable[[], list[Source]], on_error: ErrorSink) -> list[Source]:
+    """``make()``, or [] after reporting why not: one bad path never stops the others."""
+    try:
+        return make()
+    except SourceError as err:
+        on_error(source_name(path), err.reason, str(err))
+    except Exception as err:
+        on_error(source_name(path), path_problem(err), f"{path}: {type(err).__name__}: {err}")
+    return []
+
+
+def _matches(spec: str, path: Path) -> list[Path]:
+    if os.path.lexists(path) or not glob.has_magic(spec):
+        return [path]
+    found = glob.glob(str(path))
+    if not found:  # glob characters in a folder's own name ("[2024] trip/*.mp4"): take the folder literally
+        folder = next((q for q in path.parents if os.path.isdir(q)), None)
+        if folder is not None and glob.has_magic(str(folder)):
+            found = glob.glob(os.path.join(glob.escape(str(folder)), str(path.relative_to(folder))))
+    return [Path(p) for p in sorted(found)]
+
+
+def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink) -> list[Source]:
+    if inspect_path(p) == "file":
+        return [VideoSource(p, fov_deg=fov_deg, on_error=on_error)]
+    entries = list(p.iterdir())
+    if not entries:
+        raise SourceError("empty_folder", f"{p}: nothing in it")
+    if any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries):
+        return [ImageSequenceSource(p, fov_deg=fov_deg, on_error=on_error)]
+    videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise SourceError("no_frames", f"{p}: no videos or images")
+    sources: list[Source] = []
+    for q in videos:
+        sources.extend(_guarded(q, lambda q=q: _video_file(q, fov_deg, on_error), on_error))
+    return sources
+
+
+def _video_file(path: Path, fov_deg: float, on_error: ErrorSink) -> list[Source]:
+    if inspect_path(path) != "file":
+        raise SourceError("not_a_file", f"{path}: a folder")
+    return [VideoSource(path, fov_deg=fov_deg, on_error=on_error)]
 
 
 def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,

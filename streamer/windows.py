@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -242,10 +242,29 @@ def builder_for(source: str, cfg, *, pass_index: int | str = 0) -> WindowBuilder
                          blur_ratio=cfg.blur_ratio, pass_index=pass_index)
 
 
-def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 0) -> Iterator[Window]:
-    """Windows of one source under ``StreamerConfig`` ``cfg``."""
+def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 0,
+               on_error: Callable[[str, str, str], None] | None = None) -> Iterator[Window]:
+    """Windows of one source under ``StreamerConfig`` ``cfg``. With ``on_error`` (source,
+    reason, detail), a source that ends with frames but without a single window says why:
+    ``too_short`` (fewer frames than one window spans) or ``no_windows`` (the keyframe gates,
+    cuts or gaps left too few views in a row)."""
     builder = builder_for(source, cfg, pass_index=pass_index)
+    made = seen = 0
+    last = -1
     for frame in frames:
+        seen += 1
+        last = frame.index
         window = builder.push(frame)
         if window is not None:
+            made += 1
             yield window
+    if on_error is None or made or not seen:
+        return  # a source without frames has said why already
+    span = (cfg.views - 1) * cfg.frame_stride + 1
+    if last + 1 < span:
+        on_error(source, "too_short", f"{last + 1} frames; a window of {cfg.views} views "
+                                      f"{cfg.frame_stride} frames apart spans {span}")
+    else:
+        on_error(source, "no_windows", f"{seen} frames, no window: skipped {builder.skipped_still} still, "
+                                       f"{builder.skipped_blur} blurred, {builder.skipped_rotation} rotation-only; "
+                                       f"{builder.cuts} cuts, {builder.discontinuities} gaps")

@@ -3,6 +3,7 @@ truth, videos encoded here, and every kind of broken input."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -386,3 +387,139 @@ def test_blurred_candidates_skipped():
         if w is not None:
             views.update(v.index for v in w.views)
     assert builder.skipped_blur == 3 and not views & blurred and len(views) == 27
+
+
+# ----------------------------------------------------------------------------- issue 22: odd paths, hidden damage
+
+def _stream(specs, cfg, errors):
+    """Windows through the service's window stream (what the streamer process runs)."""
+    import logging
+
+    from streamer.service import window_stream
+
+    return list(window_stream(lambda: discover(specs, on_error=errors), cfg, on_frame=lambda s: None,
+                              on_error=errors, log=logging.getLogger("t")))
+
+
+FAST = dict(views=2, height=16, width=16, frame_stride=1, window_step=2, loop=False, keyframe_min_motion=0,
+            keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0)
+
+
+def test_symlink_loop_and_dangling_link_are_named_and_others_flow(tmp_path):
+    good = encode(tmp_path / "good.mp4", panning_frames(12, 32, 24))
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    folder = tmp_path / "folder"  # a folder of videos with a looping entry beside a good one
+    folder.mkdir()
+    encode(folder / "ok.mp4", panning_frames(12, 32, 24, seed=1))
+    (folder / "self.mkv").symlink_to(folder / "self.mkv")
+    errors = Errors()
+    specs = [str(tmp_path / "loop.mp4"), str(tmp_path / "a" / "clip.mp4"), str(tmp_path / "gone.mp4"),
+             str(folder), str(good)]
+    windows = _stream(specs, StreamerConfig(**FAST), errors)
+    reasons = {(s, r) for s, r, _ in errors}
+    assert (source_name(tmp_path / "loop.mp4"), "symlink_loop") in reasons
+    assert (source_name(tmp_path / "a" / "clip.mp4"), "symlink_loop") in reasons
+    assert (source_name(tmp_path / "gone.mp4"), "dangling_symlink") in reasons
+    assert (source_name(folder / "self.mkv"), "symlink_loop") in reasons
+    assert len(errors) == 4 and all(d for _, _, d in errors)
+    assert {w.source for w in windows} == {source_name(good), source_name(folder / "ok.mp4")}
+
+
+def test_unreadable_folder_is_named_and_others_flow(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    encode(locked / "inside.mp4", panning_frames(12, 32, 24))
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("permissions do not apply here (running as root)")
+        good = encode(tmp_path / "good.mp4", panning_frames(12, 32, 24))
+        errors = Errors()
+        windows = _stream([str(locked), str(tmp_path / "*" / "*.mp4"), str(good)], StreamerConfig(**FAST), errors)
+        assert errors.reasons() == ["permission_denied"] and errors[0][0] == source_name(locked)
+        assert {w.source for w in windows} == {source_name(good)}
+    finally:
+        locked.chmod(0o755)
+
+
+def test_existing_name_with_brackets_wins_over_glob(tmp_path):
+    clip = encode(tmp_path / "clip [1080p].mp4", panning_frames(12, 32, 24))
+    folder = tmp_path / "[2024] trip"
+    folder.mkdir()
+    inner = encode(folder / "day 1.mp4", panning_frames(12, 32, 24, seed=1))
+    errors = Errors()
+    sources = discover([str(clip), str(folder / "*.mp4"), str(tmp_path / "*.mp4")], on_error=errors)
+    assert not errors
+    # the literal file; the bracketed folder taken literally under a glob; a glob that matches the file
+    assert [s.path for s in sources] == [clip, inner, clip]
+
+
+def _jpeg_folder(folder: Path, n: int, bad: int) -> None:
+    import cv2
+
+    folder.mkdir()
+    for i, rgb in enumerate(panning_frames(n, 64, 48, step=4)):
+        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]))
+        data = data.tobytes()
+        (folder / f"frame-{i:03d}.jpg").write_bytes(data[: len(data) * 2 // 3] if i == bad else data)
+
+
+def test_truncated_jpeg_rejected_and_no_window_spans_it(tmp_path):
+    _jpeg_folder(tmp_path / "seq", 10, bad=4)
+    errors = Errors()
+    src = ImageSequenceSource(tmp_path / "seq", on_error=errors)
+    frames = take(src)
+    assert [f.index for f in frames] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert errors.reasons() == ["truncated_image"] and "frame-004.jpg" in errors[0][2]
+    assert [f.discontinuity for f in frames].index(True) == 4  # frame 5: the first after the gap
+    cfg = StreamerConfig(**{**FAST, "window_step": 1})
+    windows = [[v.index for v in w.views] for w in windows_of(src.name, iter(frames), cfg)]
+    assert windows and all(max(w) < 4 or min(w) > 4 for w in windows), windows
+
+
+def _damaged_mdat(path: Path, truth) -> Path:
+    """An MP4 (keyframe every 10 frames) with 300 random bytes in the middle of its mdat."""
+    data = bytearray(encode(path, truth, gop=10).read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4:at], "big")
+    mid = at + 4 + size // 2
+    data[mid:mid + 300] = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_no_concealed_frame_and_no_window_across_a_decode_error(tmp_path):
+    truth = panning_frames(40, 64, 48)
+    clean = take(VideoSource(encode(tmp_path / "clean.mp4", truth, gop=10)))
+
+    def likeness(frame):  # mean absolute difference to the closest true frame
+        return min(float(np.abs(frame.rgb.astype(int) - t).mean()) for t in truth)
+
+    limit = 1.3 * max(likeness(f) for f in clean)  # what the codec's loss alone gives, with a margin
+    errors = Errors()
+    src = VideoSource(_damaged_mdat(tmp_path / "damaged.mp4", truth), on_error=errors)
+    frames = take(src)
+    assert "corrupt_packet" in errors.reasons()
+    assert 10 <= len(frames) < 40
+    assert all(likeness(f) < limit for f in frames), [round(likeness(f), 1) for f in frames]  # nothing smeared
+    gaps = [f.index for f in frames if f.discontinuity]
+    assert gaps and all(f.index in gaps for a, f in zip(frames, frames[1:]) if f.index != a.index + 1)
+    cfg = StreamerConfig(**{**FAST, "window_step": 1})
+    windows = [[v.index for v in w.views] for w in windows_of(src.name, iter(frames), cfg)]
+    assert windows and not any(min(w) < g <= max(w) for w in windows for g in gaps), (windows, gaps)
+
+
+def test_too_short_source_is_reported(tmp_path):
+    one = encode(tmp_path / "one.mp4", panning_frames(1, 32, 24))
+    three = encode(tmp_path / "three.mp4", panning_frames(3, 32, 24))
+    good = encode(tmp_path / "good.mp4", panning_frames(12, 32, 24))
+    errors = Errors()
+    cfg = StreamerConfig(**{**FAST, "views": 3, "frame_stride": 2})  # a window spans 5 frames
+    windows = _stream([str(one), str(three), str(good)], cfg, errors)
+    assert sorted((s, r) for s, r, _ in errors) == sorted([(source_name(one), "too_short"),
+                                                          (source_name(three), "too_short")])
+    assert all("frame" in d for _, _, d in errors)
+    assert windows and {w.source for w in windows} == {source_name(good)}
