@@ -10,8 +10,14 @@ from typing import Literal
 class LabelerConfig:
     teacher: str = "none"
     """Depth teacher. ``none`` (no depth labels: the depth loss is off), ``oracle`` (ground
-    truth of synthetic sources under an unknown per-frame scale and shift plus noise and
-    holes; an upper bound, never a real teacher), or a model: ``hf:<hub id or folder>``,
+    truth of synthetic or 7-Scenes sources under an unknown per-frame scale and shift plus 3%
+    noise and 3 holes; an upper bound, never a real teacher), ``oracle?strength=S`` (the same
+    plus structured, non-affine errors that grow with S >= 0: per-frame gamma (= contrast of
+    log depth), a smooth multiplicative warp, blurred depth edges and far-range clipping;
+    S = 0, 0.5, 1, 2, 4 give per-frame least-squares AbsRel about 0.02, 0.06, 0.11, 0.20, 0.32
+    on 7-Scenes, a constant 0.35; docs/RESULTS.md), or each error on its own with
+    ``oracle?gamma=..&warp=..&blur=..&clip=..&noise=..&holes=..`` (``labelers.depth.OracleTeacher``;
+    its version names the settings), or a model: ``hf:<hub id or folder>``,
     ``onnx:<file>?space=disparity``, ``torchscript:<file>?space=depth``, ``tflite:<file>?space=...``,
     ``pydnet:<file>`` (see ``labelers/depth_models.py`` for the options)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -79,17 +79,90 @@ class NoTeacher(DepthTeacher):
         raise TeacherError("no_teacher", "the 'none' teacher makes no depth labels")
 
 
+ORACLE_UNIT = {"gamma": 0.25, "warp": 0.25, "blur": 0.012, "clip": 0.2}
+"""The structured errors of ``oracle?strength=1`` (``strength=S`` scales them all by S); set
+so that S = 0, 0.5, 1, 2, 4 give per-frame least-squares AbsRel 0.024, 0.064, 0.111, 0.197,
+0.316 on 7-Scenes frames, where a constant depth gives 0.353 (``studies/oracle_error.py``;
+docs/RESULTS.md, "Oracle teacher error control")."""
+ORACLE_OPTIONS = ("strength", "gamma", "warp", "blur", "clip", "noise", "holes")
+MAX_CLIP = 0.9
+WARP_GRID = (3, 4)
+
+
 class OracleTeacher(DepthTeacher):
     """Ground-truth depth disguised as a relative-depth teacher: per frame an unknown random
     scale and shift, multiplicative noise and random holes. Deterministic per window id.
-    An upper bound for experiments, never a real teacher (hence "oracle-gt")."""
+    An upper bound for experiments, never a real teacher (hence "oracle-gt").
+
+    Structured, non-affine errors (all off by default; ``oracle?strength=S`` or one by one,
+    see :meth:`from_options`), applied to the ground truth before the noise, the unknown scale
+    and shift and the holes, in this order:
+
+    * ``blur``: Gaussian blur of the depth map, sigma = ``blur`` x the frame's longer side
+      (over the known pixels only), so depth edges bleed into each other;
+    * ``gamma``: depth -> depth^g per frame, ln g ~ N(0, ``gamma``); up to the unknown scale
+      this is the per-frame contrast of log depth (ln d -> g ln d);
+    * ``warp``: a smooth multiplicative field exp(``warp`` x F), F bilinearly upsampled from a
+      3x4 grid of standard normals, one per frame;
+    * ``clip``: the farthest ``clip`` fraction of each frame's pixels is clamped to the depth
+      at that quantile (far-range saturation; at most 0.9).
+
+    The random numbers of the structured errors come from their own stream (seeded by the
+    window id, drawn the same whatever the settings), so the plain oracle's outputs do not
+    change and a larger setting moves the same draws further.
+    """
 
     name = "oracle-gt"
     version = "1"
     space = "depth"
 
-    def __init__(self, *, noise: float = 0.03, holes: int = 3, seed: int = 0):
-        self.noise, self.holes, self.seed = noise, holes, seed
+    def __init__(self, *, noise: float = 0.03, holes: int = 3, seed: int = 0, gamma: float = 0.0,
+                 warp: float = 0.0, blur: float = 0.0, clip: float = 0.0):
+        values = {"gamma": gamma, "warp": warp, "blur": blur, "clip": clip, "noise": noise}
+        for key, value in values.items():
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"oracle teacher: {key} must be a finite number >= 0, got {value!r}")
+        if clip > MAX_CLIP:
+            raise ValueError(f"oracle teacher: clip must be <= {MAX_CLIP} (a fraction of each frame), got {clip!r}")
+        if int(holes) != holes or holes < 0:
+            raise ValueError(f"oracle teacher: holes must be an integer >= 0, got {holes!r}")
+        self.noise, self.holes, self.seed = float(noise), int(holes), seed
+        self.gamma, self.warp, self.blur, self.clip = float(gamma), float(warp), float(blur), float(clip)
+        self.version = oracle_version(self.settings())
+
+    def settings(self) -> dict[str, float]:
+        """The error settings, in the order the version names them."""
+        return {"gamma": self.gamma, "warp": self.warp, "blur": self.blur, "clip": self.clip,
+                "noise": self.noise, "holes": self.holes}
+
+    @classmethod
+    def from_options(cls, query: str, spec: str = "oracle", *, seed: int = 0) -> "OracleTeacher":
+        """The oracle of ``oracle?key=value&...``: ``strength=S`` sets gamma, warp, blur and
+        clip to S times :data:`ORACLE_UNIT` (clip at most 0.9); ``gamma``, ``warp``, ``blur``,
+        ``clip``, ``noise`` (default 0.03) and ``holes`` (default 3) set one error each and
+        win over ``strength``. Unknown keys and bad values raise ValueError."""
+        from labelers.depth_models import _check_options, parse_options
+
+        opts = parse_options(query)
+        _check_options(opts, set(ORACLE_OPTIONS), spec)
+        try:
+            values = {k: float(v) for k, v in opts.items()}
+        except ValueError:
+            raise ValueError(f"teacher {spec!r}: option values must be numbers") from None
+        strength = values.pop("strength", 0.0)
+        if not (np.isfinite(strength) and strength >= 0):
+            raise ValueError(f"teacher {spec!r}: strength must be a finite number >= 0")
+        kw: dict = {k: min(strength * unit, MAX_CLIP) if k == "clip" else strength * unit
+                    for k, unit in ORACLE_UNIT.items()}
+        kw.update(values)
+        if "holes" in kw:
+            if kw["holes"] != int(kw["holes"]):
+                raise ValueError(f"teacher {spec!r}: holes must be an integer")
+            kw["holes"] = int(kw["holes"])
+        try:
+            return cls(seed=seed, **kw)
+        except ValueError as err:
+            raise ValueError(f"teacher {spec!r}: {err}") from None
 
     def _predict(self, frames, *, gt_depth, window_id):
         if gt_depth is None:
@@ -97,15 +170,20 @@ class OracleTeacher(DepthTeacher):
         gt = np.asarray(gt_depth, np.float32)
         digest = hashlib.sha256(f"{self.seed}:{window_id}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        digest = hashlib.sha256(f"{self.seed}:{window_id}:structured".encode()).digest()
+        structured_rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        structured = any((self.gamma, self.warp, self.blur, self.clip))
         views, height, width = gt.shape
         out = np.zeros_like(gt)
         for v in range(views):
             known = np.isfinite(gt[v]) & (gt[v] > 0)
+            draws = _structured_draws(structured_rng)
             if not known.any():
                 continue
+            base = self._structured(gt[v], known, draws) if structured else gt[v]
             scale = np.exp(rng.uniform(np.log(0.25), np.log(4.0)))
-            shift = rng.uniform(0.0, 0.5) * float(np.median(gt[v][known]))
-            noisy = gt[v] * (1 + self.noise * rng.standard_normal((height, width))).clip(0.5, 1.5)
+            shift = rng.uniform(0.0, 0.5) * float(np.median(base[known]))
+            noisy = base * (1 + self.noise * rng.standard_normal((height, width))).clip(0.5, 1.5)
             d = (scale * (noisy + shift)).astype(np.float32)
             d[~known] = 0.0
             for _ in range(self.holes):
@@ -115,6 +193,52 @@ class OracleTeacher(DepthTeacher):
             out[v] = d
         return out
 
+    def _structured(self, depth: np.ndarray, known: np.ndarray, draws: dict) -> np.ndarray:
+        """One frame's depth with blur, gamma, warp and clip applied (known pixels; others 1)."""
+        import cv2
+
+        height, width = depth.shape
+        d = np.where(known, depth, 0.0).astype(np.float64)
+        if self.blur > 0:  # normalised convolution: unknown pixels neither count nor bleed zeros
+            sigma = self.blur * max(height, width)
+            mask = known.astype(np.float64)
+            num = cv2.GaussianBlur(d, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+            den = cv2.GaussianBlur(mask, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+            d = np.where(known, num / np.maximum(den, 1e-12), 0.0)
+        d = np.where(known & (d > 0), d, 1.0)
+        if self.gamma > 0:
+            median = float(np.median(d[known]))
+            d = median * (d / median) ** np.exp(self.gamma * draws["gamma"])
+        if self.warp > 0:
+            d = d * np.exp(self.warp * _upsample(draws["warp"], height, width))
+        if self.clip > 0:
+            d = np.minimum(d, np.quantile(d[known], 1.0 - self.clip))
+        return np.where(known, d, 1.0).astype(np.float32)
+
+
+def _structured_draws(rng: np.random.Generator) -> dict:
+    """One frame's standard draws for the structured errors (the same whatever the settings)."""
+    return {"gamma": float(rng.standard_normal()), "warp": rng.standard_normal(WARP_GRID)}
+
+
+def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of a small grid to [height, width], its nodes on the frame's corners."""
+    gy, gx = grid.shape
+    y, x = np.linspace(0, gy - 1, height), np.linspace(0, gx - 1, width)
+    y0, x0 = np.minimum(y.astype(int), gy - 2), np.minimum(x.astype(int), gx - 2)
+    fy, fx = (y - y0)[:, None], (x - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def oracle_version(settings: dict[str, float]) -> str:
+    """``1`` for the plain oracle; ``1+gamma=..,warp=..,...`` naming every setting that differs
+    from it, so labels name exactly which oracle made them."""
+    plain = {"gamma": 0.0, "warp": 0.0, "blur": 0.0, "clip": 0.0, "noise": 0.03, "holes": 3}
+    changed = [f"{k}={v:.10g}" for k, v in settings.items() if v != plain[k]]
+    return "1+" + ",".join(changed) if changed else "1"
+
 
 MODEL_KINDS = ("hf", "onnx", "torchscript", "tflite", "pydnet")
 
@@ -123,7 +247,8 @@ def make_teacher(spec: str, device: str = "cpu", *, batch_frames: int = 16, prec
                  compile: str = "none") -> DepthTeacher:
     """The teacher named by ``spec``:
 
-    * ``none``, ``oracle``;
+    * ``none``, ``oracle``, ``oracle?strength=S`` or ``oracle?gamma=..&warp=..&blur=..&clip=..&noise=..&holes=..``
+      (structured teacher errors, :class:`OracleTeacher`);
     * ``embedded`` (the package-shipped U-Net, :mod:`labelers.embedded`), ``embedded:<weights file>``;
     * ``hf:<hub id or local folder>`` (transformers ``AutoModelForDepthEstimation``);
     * ``onnx:<file>``, ``torchscript:<file>``, ``tflite:<file>`` with ``?space=depth|disparity``
@@ -135,8 +260,9 @@ def make_teacher(spec: str, device: str = "cpu", *, batch_frames: int = 16, prec
     """
     if spec == "none":
         return NoTeacher()
-    if spec in ("oracle", "oracle-gt"):
-        return OracleTeacher()
+    base, _, query = spec.partition("?")
+    if base in ("oracle", "oracle-gt"):
+        return OracleTeacher.from_options(query, spec) if query else OracleTeacher()
     kind, sep, target = spec.partition(":")
     if kind == "embedded":  # the package-shipped default; ``embedded:<file>`` for other weights
         from labelers.embedded import EmbeddedTeacher
