@@ -36,6 +36,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
 MAX_CONSECUTIVE_DECODE_ERRORS = 50
 """A stream that fails this many packets in a row is given up (it is garbage, not glitches)."""
+MIN_FRAME_SIDE = 16
+"""Frames narrower or lower than this (the smallest window side) are refused as ``too_small``:
+upscaled, they carry no geometry to learn from."""
 
 ErrorSink = Callable[[str, str, str], None]
 
@@ -88,6 +91,8 @@ def path_problem(err: BaseException) -> str:
         return err.reason
     if isinstance(err, RuntimeError) and "loop" in str(err).lower():  # Path.resolve before 3.13
         return "symlink_loop"
+    if isinstance(err, RuntimeError) and "home directory" in str(err):  # Path.expanduser: ~nosuchuser
+        return "bad_path"
     if isinstance(err, OSError):
         return {errno.ELOOP: "symlink_loop", errno.EACCES: "permission_denied", errno.EPERM: "permission_denied",
                 errno.ENOENT: "missing", errno.ENAMETOOLONG: "bad_path", errno.ENOTDIR: "missing"
@@ -250,6 +255,13 @@ class VideoSource:
                 if i < start:
                     continue
                 rgb = vframe.to_ndarray(format="rgb24")
+                turns = round(float(getattr(vframe, "rotation", 0) or 0) / 90) % 4
+                if turns:  # a display matrix (phones): upright, as players show it
+                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+                if min(rgb.shape[:2]) < MIN_FRAME_SIDE:
+                    self.on_error(self.name, "too_small", f"{self.path}: frames of {rgb.shape[1]}x{rgb.shape[0]}, "
+                                                          f"less than {MIN_FRAME_SIDE} pixels a side")
+                    return
                 if intrinsics is None or intrinsics[1] != rgb.shape[:2]:
                     intrinsics = (self._intrinsics(rgb.shape[1], rgb.shape[0]), rgb.shape[:2])
                 self.position = index
@@ -381,6 +393,8 @@ def read_image(file: Path) -> np.ndarray:
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if bgr is None or bgr.size == 0:
         raise SourceError("bad_image", f"{file}: not a decodable image")
+    if min(bgr.shape[:2]) < MIN_FRAME_SIDE:
+        raise SourceError("too_small", f"{file}: {bgr.shape[1]}x{bgr.shape[0]}, less than {MIN_FRAME_SIDE} pixels a side")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

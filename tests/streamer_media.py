@@ -43,6 +43,30 @@ def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int =
     return path
 
 
+def damage_mdat(path: Path, nbytes: int = 300, seed: int = 0) -> Path:
+    """Overwrite ``nbytes`` in the middle of an MP4's media data (mdat) with random bytes: the
+    container still opens, the codec meets corrupt packets mid-stream."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"mdat")
+    mid = at + 4 + int.from_bytes(data[at - 4:at], "big") // 2
+    data[mid:mid + nbytes] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def rotate_mp4(path: Path) -> Path:
+    """Give an MP4's video track the display matrix of a phone held upright (FFmpeg reports
+    a rotation of -90 degrees: players turn the picture 90 degrees clockwise)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    assert data[at + 4] == 0  # version 0: the matrix sits 40 bytes after the version byte
+    data[at + 44:at + 80] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    return path
+
+
 RTSP_SERVER = """
 import sys
 import gi

@@ -13,7 +13,7 @@ import pytest
 from streamer.config import StreamerConfig
 from streamer.sources import (ImageSequenceSource, VideoSource, discover, read_intrinsics, source_name)
 from streamer.windows import WindowBuilder, resize_view, windows_of
-from streamer_media import SHARED, encode, panning_frames
+from streamer_media import SHARED, damage_mdat, encode, panning_frames, rotate_mp4
 
 VIDEOS = SHARED / "videos"
 KITCHEN = SHARED / "7scenes-redkitchen"
@@ -480,17 +480,6 @@ def test_truncated_jpeg_rejected_and_no_window_spans_it(tmp_path):
     assert windows and all(max(w) < 4 or min(w) > 4 for w in windows), windows
 
 
-def _damaged_mdat(path: Path, truth) -> Path:
-    """An MP4 (keyframe every 10 frames) with 300 random bytes in the middle of its mdat."""
-    data = bytearray(encode(path, truth, gop=10).read_bytes())
-    at = data.find(b"mdat")
-    size = int.from_bytes(data[at - 4:at], "big")
-    mid = at + 4 + size // 2
-    data[mid:mid + 300] = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_no_concealed_frame_and_no_window_across_a_decode_error(tmp_path):
     truth = panning_frames(40, 64, 48)
     clean = take(VideoSource(encode(tmp_path / "clean.mp4", truth, gop=10)))
@@ -500,7 +489,7 @@ def test_no_concealed_frame_and_no_window_across_a_decode_error(tmp_path):
 
     limit = 1.3 * max(likeness(f) for f in clean)  # what the codec's loss alone gives, with a margin
     errors = Errors()
-    src = VideoSource(_damaged_mdat(tmp_path / "damaged.mp4", truth), on_error=errors)
+    src = VideoSource(damage_mdat(encode(tmp_path / "damaged.mp4", truth, gop=10)), on_error=errors)
     frames = take(src)
     assert "corrupt_packet" in errors.reasons()
     assert 10 <= len(frames) < 40
@@ -523,3 +512,30 @@ def test_too_short_source_is_reported(tmp_path):
                                                           (source_name(three), "too_short")])
     assert all("frame" in d for _, _, d in errors)
     assert windows and {w.source for w in windows} == {source_name(good)}
+
+
+def test_display_matrix_turns_frames_upright(tmp_path):
+    truth = panning_frames(6, 48, 32)
+    frames = take(VideoSource(rotate_mp4(encode(tmp_path / "portrait.mp4", truth))))
+    assert len(frames) == 6 and frames[0].rgb.shape == (48, 32, 3)  # turned: taller than wide
+    upright = np.rot90(truth[3], -1)  # a quarter turn clockwise, as players show it
+    assert np.abs(frames[3].rgb.astype(int) - upright).mean() < 12
+    assert frames[0].intrinsics[0, 2] == pytest.approx((32 - 1) / 2)  # intrinsics of the upright frame
+
+
+def test_tiny_frames_refused(tmp_path):
+    import av
+
+    container = av.open(str(tmp_path / "dot.mp4"), "w")  # 4x4 pixels: nothing to learn geometry from
+    stream = container.add_stream("libx264", rate=10)
+    stream.width = stream.height = 4
+    stream.pix_fmt = "yuv444p"
+    for rgb in panning_frames(8, 4, 4):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    errors = Errors()
+    assert take(VideoSource(tmp_path / "dot.mp4", on_error=errors)) == []
+    assert errors.reasons() == ["too_small"]
