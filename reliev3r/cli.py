@@ -67,13 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--intrinsics", default=None, help="3x3 (or fx fy cx cy) text file; default 60 degree FoV")
     rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input (by order or timestamp)")
     rec.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    rec.add_argument("--colmap", nargs="?", const="bin", choices=("bin", "txt"), default=None,
+                     help="also write OUT/colmap/{images,sparse/0} (a COLMAP model; binary unless 'txt')")
     exp = add("export", "export a snapshot's model for deployment (torch.export .pt2 or ONNX), checked against eager")
     exp.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
-    exp.add_argument("--out", required=True, help="output file (.pt2 or .onnx)")
+    exp.add_argument("--out", default=None, help="output file (.pt2 or .onnx); optional with --colmap")
     exp.add_argument("--format", choices=("torch-export", "onnx"), default=None, help="default: from --out's suffix")
     exp.add_argument("--views", type=int, default=None, help="views per window (default: streamer.views)")
     exp.add_argument("--height", type=int, default=None, help="input height (default: the snapshot's)")
     exp.add_argument("--width", type=int, default=None, help="input width (default: the snapshot's)")
+    exp.add_argument("--colmap", default=None, metavar="DIR",
+                     help="write a COLMAP model of every held-out window into DIR/<window>/")
+    exp.add_argument("--colmap-format", choices=("bin", "txt"), default="bin", help="COLMAP files (bin)")
+    exp.add_argument("--data", default=None, help="held-out dataset spec for --colmap (default: evaluator.data)")
+    exp.add_argument("--windows", type=int, default=None, help="windows for --colmap (default: evaluator.windows)")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")
@@ -144,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from reliev3r.export import main as export_main
 
+        if args.colmap:
+            from reliev3r.colmap import export_held_out
+
+            status = export_held_out(cfg, args)
+            if status or not args.out:
+                return status
+        elif not args.out:
+            print("reliev3r export: say --out FILE (a model export) and/or --colmap DIR", file=sys.stderr)
+            return 2
         return export_main(cfg, args)
     if args.command == "render":
         from reliev3r.synthetic import ensure_world

@@ -19,7 +19,11 @@ Writes into ``--out``:
 * ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
   ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
   folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``);
-* ``reconstruction.json``: what was run and, with ground truth, the ATE.
+* ``reconstruction.json``: what was run and, with ground truth, the ATE;
+* with ``--colmap bin|txt``: ``colmap/images/NNNNNN.png`` (the frames at the model's
+  resolution) and ``colmap/sparse/0/`` (a COLMAP sparse model, :mod:`reliev3r.colmap`: the
+  chained poses, the model's intrinsics, and the point cloud, each point observed by the pixel
+  it was unprojected from).
 """
 
 from __future__ import annotations
@@ -302,6 +306,8 @@ class ReconstructOptions:
     """And only pixels with confidence (in (0, 2)) above this."""
     max_points: int = 2_000_000
     """Points written at most (random subset beyond)."""
+    colmap: str | None = None
+    """Also write a COLMAP model under ``colmap/``: ``bin`` or ``txt`` (None: none)."""
 
     def __post_init__(self) -> None:
         if self.views < 2:
@@ -334,7 +340,7 @@ def reconstruct(reconstructor, frames: Frames, out: Path, opts: ReconstructOptio
     (out / "depth_color").mkdir(exist_ok=True)
     valid_all = depth[depth > 0]
     near, far = (np.percentile(valid_all, 2), np.percentile(valid_all, 98)) if valid_all.size else (1.0, 2.0)
-    points, colours, confidences = [], [], []
+    points, colours, confidences, pixels = [], [], [], []
     for k in tqdm(range(n), desc="writing", unit="frame"):
         cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), np.clip(depth[k] * 1000.0, 0, 65535).round().astype(np.uint16))
         cv2.imwrite(str(out / "depth_color" / f"{k:06d}.png"), colorize_depth(depth[k], near, max(far, near * 1.01)))
@@ -347,10 +353,12 @@ def reconstruct(reconstructor, frames: Frames, out: Path, opts: ReconstructOptio
         points.append(world.astype(np.float32))
         colours.append(window_images[k][keep])
         confidences.append(c[keep])
+        pixels.append(np.stack([np.full(int(keep.sum()), k), *np.nonzero(keep)[::-1]], -1))  # frame, x, y
     pts, cols, cfs = np.concatenate(points), np.concatenate(colours), np.concatenate(confidences)
+    pix = np.concatenate(pixels)
     if len(pts) > opts.max_points:
         pick = np.sort(np.random.default_rng(0).choice(len(pts), opts.max_points, replace=False))
-        pts, cols, cfs = pts[pick], cols[pick], cfs[pick]
+        pts, cols, cfs, pix = pts[pick], cols[pick], cfs[pick], pix[pick]
     write_ply(out / "points.ply", pts, cols, cfs)
 
     from evaluation.tum import write_tum
@@ -372,6 +380,15 @@ def reconstruct(reconstructor, frames: Frames, out: Path, opts: ReconstructOptio
         gt_centres, unit = gt_c, "m"
         title += f", ATE {ate:.3f} m after Sim(3)"
     plot_trajectory(out / "trajectory.png", centres, gt_centres, title=title, unit=unit)
+    if opts.colmap:
+        from reliev3r.colmap import SparseModel, write_model_folder
+
+        model = SparseModel(intrinsics=np.stack([window_K[k] for k in range(n)]), cam_to_world=poses,
+                            sizes=[depth.shape[2], depth.shape[1]], names=[f"{k:06d}.png" for k in range(n)],
+                            points=pts, colors=cols, errors=np.zeros(len(pts)), obs_point=np.arange(len(pts)),
+                            obs_image=pix[:, 0], obs_xy=pix[:, 1:])
+        sparse = write_model_folder(out / "colmap", model, [window_images[k] for k in range(n)], opts.colmap)
+        summary["colmap"] = str(sparse.relative_to(out))
     (out / "reconstruction.json").write_text(json.dumps(summary, indent=2))
     return summary
 
