@@ -180,6 +180,14 @@ class LearnerConfig:
     """Wrap the model in torch.compile."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    init: str = ""
+    """Warm start: a learner without a snapshot of its own starts from these weights, a
+    snapshot folder, a run folder (its newest snapshot) or a ``.safetensors`` file of one
+    (e.g. what ``reliev3r pretrain`` prints); the EMA weights when the snapshot has them;
+    optimizer, step and schedule start afresh. The model architecture (size, patch size ...)
+    must be the same, or the learner stops at start naming both. A run that resumes its own
+    snapshot ignores it. Recorded in every snapshot's meta (``init``: path and SHA-256).
+    ``""``: from scratch (``learner.warm_start``)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

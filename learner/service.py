@@ -1,6 +1,7 @@
 """The learner process: sample batches from replay, train, write snapshots.
 
-Resumes from the newest valid snapshot under ``<run.dir>/snapshots``; a background thread
+Resumes from the newest valid snapshot under ``<run.dir>/snapshots``, or else starts from
+``learner.init``'s weights when set (:mod:`learner.warm_start`); a background thread
 keeps the next batch ready while the current step runs; snapshots every
 ``learner.snapshot_every`` steps, on SIGTERM/SIGINT, and at ``max_steps`` (meta ``final``).
 Under torchrun every rank samples its own batches (``rank`` in the request); ranks agree on
@@ -59,9 +60,19 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
     snapshots = cfg.run_dir / "snapshots"
     metrics = LearnerMetrics(runtime)
     latest = latest_snapshot(snapshots)
+    init: dict[str, Any] | None = None  # where the weights started (learner.init), kept in every snapshot's meta
     if latest is not None:
-        trainer.load_state(latest)
+        init = trainer.load_state(latest).get("init")
         runtime.log.info("resumed", extra={"snapshot": str(latest), "step": trainer.global_step})
+        if lcfg.init:
+            runtime.log.info("learner.init ignored: this run resumes its own snapshot (resume wins)",
+                             extra={"init": lcfg.init, "snapshot": str(latest)})
+    elif lcfg.init:
+        from learner.warm_start import init_trainer
+
+        init = init_trainer(trainer, lcfg.init)
+        runtime.log.info("warm start from learner.init", extra={"init": init["path"], "sha256": init["sha256"],
+                                                                "source_step": init["step"]})
     metrics.step.set(trainer.global_step)
     if trainer.device.type == "cuda":
         metrics.peak_flops = bf16_matmul_peak(trainer.device)
@@ -131,7 +142,7 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
             if done:
                 break
             if not out["skipped"] and trainer.global_step % lcfg.snapshot_every == 0:
-                _snapshot(trainer, snapshots, metrics, runtime, teachers, final=False)
+                _snapshot(trainer, snapshots, metrics, runtime, teachers, init, final=False)
                 last_saved = trainer.global_step
     finally:
         prefetch.close()
@@ -139,7 +150,7 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
             reporter.close()
     final = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
     if final or trainer.global_step != last_saved:
-        _snapshot(trainer, snapshots, metrics, runtime, teachers, final=final)
+        _snapshot(trainer, snapshots, metrics, runtime, teachers, init, final=final)
     if trainer.world_size > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -194,11 +205,11 @@ def _report(metrics: LearnerMetrics, runtime: Runtime, trainer: Trainer, out: di
 
 
 def _snapshot(trainer: Trainer, folder: Path, metrics: LearnerMetrics, runtime: Runtime, teachers: Any,
-              *, final: bool) -> None:
+              init: dict[str, Any] | None, *, final: bool) -> None:
     if not trainer.is_main:
         return
     start = time.perf_counter()
-    path = trainer.save_state(folder, final=final, extra_meta={"teachers": teachers})
+    path = trainer.save_state(folder, final=final, extra_meta={"teachers": teachers, "init": init})
     cfg = trainer.cfg
     removed = prune_snapshots(folder, keep_last=cfg.keep_last, keep_every=cfg.keep_every)
     elapsed = time.perf_counter() - start
