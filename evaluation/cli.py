@@ -18,36 +18,14 @@ import torch
 
 from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline
 from evaluation.datasets import load_windows
-from evaluation.evaluate import evaluate_model, has_ground_truth, trivial_baseline
+from evaluation.evaluate import evaluate_model, has_ground_truth, markdown_table, trivial_baseline
 from learner import snapshot as snapshots
+from learner.snapshot import resolve_snapshot
 from reliev3r.config import PipelineConfig
 
-COLUMNS = [("absrel_med", "AbsRel med"), ("delta_med", "δ<1.25 med"), ("absrel_lsq", "AbsRel lsq"),
-           ("delta_lsq", "δ<1.25 lsq"), ("absrel_lsq_frame", "AbsRel lsq/frame"), ("delta_lsq_frame", "δ<1.25 lsq/frame"), ("ate", "ATE"),
-           ("rpe_trans", "RPE t"), ("rpe_rot_deg", "RPE r°"), ("rra30", "RRA@30"), ("rta30", "RTA@30"),
-           ("auc30", "AUC@30"), ("accuracy", "Acc"), ("completeness", "Comp")]
-
-
-def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    head = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-    lines = [head, sep]
-    for name, values in rows.items():
-        cells = [f"{values[k]:.3f}" if k in values else "–" for k, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def resolve_snapshot(path: Path) -> Path:
-    """A snapshot folder, or the newest valid one in a run folder or snapshots folder."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    for folder in (path, path / "snapshots"):
-        snap = snapshots.latest_snapshot(folder)
-        if snap is not None:
-            return snap
-    raise FileNotFoundError(f"{path}: no valid snapshot there")
+COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
+           "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
+"""The metrics of the ``reliev3r eval`` table, in order."""
 
 
 def _snapshot_name(snap: Path, meta: dict) -> str:
@@ -83,7 +61,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if has_poses:
         rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
             windows, cfg.labeler)
-    table = markdown_table(rows)
+    table = markdown_table(rows, COLUMNS)
     print(f"\n{data}: {len(windows)} windows of {views} views at {width}x{height}, snapshot {snap}\n")
     print(table)
     out = Path(args.out) if args.out else cfg.run_dir / "eval"

@@ -30,7 +30,6 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
@@ -100,6 +99,8 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
 
 
 def synthetic_sequences(videos: list[Path]) -> list[Sequence]:
+    import av  # here, not at import: studies read these windows on hosts without PyAV
+
     seqs = []
     for video in videos:
         gt = load_ground_truth(video)

@@ -8,6 +8,13 @@ from tqdm import tqdm
 from evaluation import metrics
 from evaluation.datasets import EvalWindow
 
+TITLES = {"absrel_med": "AbsRel med", "delta_med": "δ<1.25 med", "absrel_lsq": "AbsRel lsq",
+          "delta_lsq": "δ<1.25 lsq", "absrel_lsq_frame": "AbsRel lsq/frame", "delta_lsq_frame": "δ<1.25 lsq/frame",
+          "ate": "ATE", "rpe_trans": "RPE t", "rpe_rot_deg": "RPE r°", "rot_err_deg": "rot err°",
+          "trans_err_deg": "trans err°", "rra30": "RRA@30", "rta30": "RTA@30", "auc30": "AUC@30",
+          "accuracy": "Acc", "completeness": "Comp"}
+"""Column title of every metric ``score_window`` reports (``evaluation.metrics``)."""
+
 
 def has_ground_truth(windows: list[EvalWindow]) -> tuple[bool, bool]:
     """(every window has depth, every window has poses)."""
@@ -65,3 +72,14 @@ def trivial_baseline(windows: list[EvalWindow]) -> dict[str, float]:
             row.update(metrics.pose_metrics(torch.eye(4).expand_as(gt_pose).clone(), gt_pose))
         rows.append(row)
     return metrics.mean_metrics(rows)
+
+
+def markdown_table(rows: dict[str, dict[str, float]], keys: tuple[str, ...], *, first: str = "model") -> str:
+    """One row per model or baseline, one column per metric key (titled by ``TITLES``); "–"
+    where a row lacks the metric."""
+    head = f"| {first} | " + " | ".join(TITLES.get(k, k) for k in keys) + " |"
+    lines = [head, "|---|" + "---:|" * len(keys)]
+    for name, values in rows.items():
+        cells = [f"{values[k]:.3f}" if k in values else "–" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

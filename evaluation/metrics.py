@@ -9,7 +9,7 @@ and translation per window), as the model's outputs are defined only up to it:
 * poses: ATE RMSE of camera centres after Umeyama Sim(3) alignment (metres of the ground
   truth), RPE between consecutive views after the same alignment (translation in metres,
   rotation in degrees), and over all view pairs the relative rotation error and relative
-  translation direction error, summarised as RRA@30, RTA@30 and AUC@30 (the VGGT/pi3
+  translation direction error, their means and RRA@30, RTA@30 and AUC@30 (the VGGT/pi3
   protocol: AUC of the curve "fraction of pairs with max(rot, trans) error < t", t in 1..30°);
 * point maps: accuracy (mean distance of predicted points to the nearest ground-truth point)
   and completeness (ground truth to prediction), after a Sim(3) alignment of the predicted
@@ -90,7 +90,9 @@ def align_trajectory(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> Tens
 
 
 def pose_metrics(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> dict[str, float]:
-    """ATE, RPE and pairwise RRA/RTA/AUC@30 of one window's poses [V, 4, 4]."""
+    """ATE, RPE, the mean pairwise rotation and translation direction errors (``rot_err_deg``,
+    ``trans_err_deg``; a zero translation, as identity poses have, counts 90°: chance) and
+    pairwise RRA/RTA/AUC@30 of one window's poses [V, 4, 4]."""
     pred, gt = pred_cam_to_world.double(), gt_cam_to_world.double()
     aligned = align_trajectory(pred, gt)
     out = {"ate": float((aligned[:, :3, 3] - gt[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt())}
@@ -100,6 +102,7 @@ def pose_metrics(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> dict[str
     out["rpe_trans"] = float(err[:, :3, 3].norm(dim=-1).mean())
     out["rpe_rot_deg"] = float(geometry.rotation_angle_deg(err[:, :3, :3]).mean())
     rot_err, trans_err = pairwise_pose_errors(pred, gt)
+    out["rot_err_deg"], out["trans_err_deg"] = float(rot_err.mean()), float(trans_err.mean())
     out.update(pose_auc(rot_err, trans_err))
     return out
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from labelers.embedded import DEFAULT_WIDTHS, EmbeddedDepthNet, save_weights
 from reliev3r import geometry
-from reliev3r.synthetic import Box, Material, Sphere, World, random_world, render_rays
+from reliev3r.synthetic import Box, Material, Sphere, World, hsv, random_world, render_rays
 
 
 @dataclass(kw_only=True, slots=True)
@@ -117,26 +117,21 @@ class TeacherTrainConfig:
 # Scenes
 
 
-def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-    k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
-    return tuple(float(c) for c in v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
-
-
 def random_material(rng: np.random.Generator) -> Material:
     """Plain (most real surfaces), wood-like stripes, or a pattern like the pipeline's world."""
     kind = rng.choice(3, p=[0.5, 0.25, 0.25])
     if kind == 0:  # plain paint, laminate, metal: one colour, faint detail
-        a = _hsv(rng.uniform(), rng.uniform(0.0, 0.5), rng.uniform(0.15, 0.95))
+        a = hsv(rng.uniform(), rng.uniform(0.0, 0.5), rng.uniform(0.15, 0.95))
         b = tuple(min(1.0, c * rng.uniform(0.9, 1.1)) for c in a)
         return Material(a, b, int(rng.integers(0, 4)), float(rng.uniform(0.2, 1.0)), float(rng.uniform(0, math.pi)),
                         float(rng.uniform(1.0, 8.0)), float(rng.uniform(0.0, 0.25)), int(rng.integers(0, 2**20)))
     if kind == 1:  # wood: brownish fine stripes with strong noise
         h, v = rng.uniform(0.04, 0.12), rng.uniform(0.3, 0.8)
-        a, b = _hsv(h, rng.uniform(0.3, 0.7), v * 0.7), _hsv(h, rng.uniform(0.3, 0.7), v)
+        a, b = hsv(h, rng.uniform(0.3, 0.7), v * 0.7), hsv(h, rng.uniform(0.3, 0.7), v)
         return Material(a, b, 1, float(rng.uniform(0.01, 0.06)), float(rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.05)),
                         float(rng.uniform(2.0, 10.0)), float(rng.uniform(0.3, 0.6)), int(rng.integers(0, 2**20)))
     h, sat = rng.uniform(), rng.uniform(0.0, 0.8)
-    return Material(_hsv(h, sat, rng.uniform(0.1, 0.5)), _hsv(h, sat * rng.uniform(0.3, 1.0), rng.uniform(0.5, 1.0)),
+    return Material(hsv(h, sat, rng.uniform(0.1, 0.5)), hsv(h, sat * rng.uniform(0.3, 1.0), rng.uniform(0.5, 1.0)),
                     int(rng.integers(0, 4)), float(rng.uniform(0.03, 0.45)), float(rng.uniform(0, math.pi)),
                     float(rng.uniform(2.0, 10.0)), float(rng.uniform(0.1, 0.7)), int(rng.integers(0, 2**20)))
 

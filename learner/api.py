@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from learner.model import FFRM
-from learner.snapshot import latest_snapshot, load_model
+from learner.snapshot import load_model, resolve_snapshot
 from learner.train import resolve_device
 from reliev3r import geometry
 
@@ -40,15 +40,7 @@ class Reconstructor:
     @classmethod
     def from_snapshot(cls, path: str | Path, device: str = "auto", *, ema: bool = True) -> "Reconstructor":
         """``path``: a snapshot folder, a ``snapshots`` folder or a run folder (newest valid one)."""
-        path = Path(path)
-        if not (path / "meta.json").is_file():
-            for folder in (path, path / "snapshots"):
-                found = latest_snapshot(folder)
-                if found is not None:
-                    path = found
-                    break
-            else:
-                raise FileNotFoundError(f"{path}: no valid snapshot there")
+        path = resolve_snapshot(path)
         dev = resolve_device(device)
         model, meta = load_model(path, dev, ema=ema)
         return cls(model, meta, dev)

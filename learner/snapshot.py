@@ -65,7 +65,7 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
                   extra_meta: dict[str, Any] | None = None) -> Path:
     """Atomically write ``trainer``'s state to ``folder/step-<step>``; return that path.
     ``extra_meta`` (e.g. ``{"teachers": ...}``) is merged into ``meta.json``."""
-    from reliev3r.config import to_dict
+    from reliev3r.config_base import to_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,6 +203,19 @@ def latest_snapshot(folder: str | Path) -> Path | None:
     return None
 
 
+def resolve_snapshot(path: str | Path) -> Path:
+    """A snapshot folder as given, or the newest valid one in a run folder or a snapshots
+    folder (what ``--checkpoint`` of ``reliev3r eval``/``reconstruct``/``export`` accepts)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for folder in (path, path / "snapshots"):
+        snap = latest_snapshot(folder)
+        if snap is not None:
+            return snap
+    raise FileNotFoundError(f"{path}: no valid snapshot there")
+
+
 def prune_snapshots(folder: str | Path, *, keep_last: int, keep_every: int) -> list[Path]:
     """Delete snapshots except the newest ``keep_last`` and those whose step is a multiple of
     ``keep_every``; also clear temp folders left by crashed writers. Returns what was removed."""
@@ -252,7 +265,7 @@ def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = True) -> tuple[FFRM, dict[str, Any]]:
     """An :class:`FFRM` in eval mode from a snapshot (EMA weights when present and ``ema``)."""
-    from reliev3r.config import build
+    from reliev3r.config_base import build
 
     path = Path(path)
     meta = verify_snapshot(path)
@@ -265,7 +278,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
 # ---------------------------------------------------------------------- helpers
 
 def _model_dict(cfg: ModelConfig) -> dict[str, Any]:
-    from reliev3r.config import to_dict
+    from reliev3r.config_base import to_dict
 
     return to_dict(cfg)
 

@@ -1,82 +1,29 @@
-"""Typed configuration: YAML files plus ``key.sub=value`` overrides, into dataclasses.
+"""The assembled pipeline config: every stage's section plus ``run`` and ``network``.
 
-Each component keeps its own ``@dataclass(kw_only=True, slots=True)`` config beside its
-code (``streamer/config.py``, ``learner/config.py`` ...); :class:`PipelineConfig` only
-composes them. Loading is strict: an unknown key, a wrong type or a value outside a
-``Literal`` is a :class:`ConfigError` that names the full dotted key, e.g.
-``learner.lr: expected float, got 'fast'``.
+Each component keeps its own ``@dataclass(kw_only=True, slots=True)`` config beside its code
+(``streamer/config.py``, ``learner/config.py`` ...); :class:`PipelineConfig` only composes them,
+so this module sits above the stages (ARCHITECTURE.md): the processes and the command line
+read it, a stage's library code never does. The machinery (strict building, YAML files,
+``key.sub=value`` overrides, :class:`ConfigError`) is :mod:`reliev3r.config_base`, re-exported
+here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import socket
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
 
 from evaluation.config import EvaluatorConfig
 from labelers.config import LabelerConfig
 from learner.config import LearnerConfig
 from monitoring.config import MonitoringConfig
-from reliev3r.curve import CurveConfig
+from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunConfig, build, free_port, load_data,
+                                  merge, parse_override, to_dict, with_overrides)
 from replay.config import ReplayConfig
 from streamer.config import StreamerConfig
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names the dotted key."""
-
-
-@dataclass(kw_only=True, slots=True)
-class RunConfig:
-    dir: str = "runs/default"
-    """Folder for everything a run writes: snapshots, replay store, logs, evaluations."""
-    seed: int = 0
-    """Seed of every random choice in the run (synthetic world, sampling, model init)."""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    """Threshold of the structured (JSON lines) logs every process writes to stderr."""
-
-
-@dataclass(kw_only=True, slots=True)
-class NetworkConfig:
-    """ZeroMQ endpoints. Port 0 means "pick a free port" (resolved by the supervisor)."""
-
-    host: str = "127.0.0.1"
-    """Address every stage binds to. Bind wider only with CURVE keys configured."""
-    work_port: int = 5701
-    """Streamer ROUTER: labelers ask for windows here and report them done."""
-    replay_port: int = 5702
-    """Replay ROUTER: inserts from labelers, samples and stats for learners."""
-    supervisor_port: int = 5703
-    """Supervisor PULL: heartbeats of every child process."""
-    connect_host: str = ""
-    """Host other stages connect to; empty means the same as ``host``."""
-    curve: CurveConfig = field(default_factory=CurveConfig)
-    """CURVE authentication of every ZeroMQ link (keys from ``reliev3r keys``)."""
-    allow_insecure_remote: bool = False
-    """Allow binding beyond loopback without CURVE (only on a network you fully trust)."""
-
-    def __post_init__(self) -> None:
-        for name in ("work_port", "replay_port", "supervisor_port"):
-            port = getattr(self, name)
-            if not 0 <= port < 65536:
-                raise ConfigError(f"network.{name}: port {port} outside 0..65535")
-        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
-        if not loopback and not self.curve.enabled and not self.allow_insecure_remote:
-            raise ConfigError(f"network.host: binding {self.host} beyond loopback needs network.curve.enabled=true "
-                              "(keys from 'reliev3r keys'), or network.allow_insecure_remote=true")
-
-    def bind(self, port: int) -> str:
-        return f"tcp://{self.host}:{port}"
-
-    def connect(self, port: int) -> str:
-        return f"tcp://{self.connect_host or self.host}:{port}"
+__all__ = ["ConfigError", "CurveConfig", "NetworkConfig", "PipelineConfig", "RunConfig", "build", "free_port",
+           "load", "load_data", "merge", "parse_override", "resolve_ports", "to_dict", "with_overrides"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,161 +44,6 @@ class PipelineConfig:
         return Path(self.run.dir)
 
 
-# --------------------------------------------------------------------------- building
-
-def build(cls: type, data: Any, key: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data (dicts, lists, scalars), strictly."""
-    return _convert(data, cls, key)
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    where = key or "<root>"
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
-        unknown = [k for k in value if k not in fields]
-        if unknown:
-            bad = unknown[0]
-            close = difflib.get_close_matches(str(bad), fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{_join(key, bad)}: unknown key{hint}; "
-                              f"known keys: {', '.join(sorted(fields))}")
-        kwargs = {k: _convert(v, hints[k], _join(key, k)) for k, v in value.items()}
-        try:
-            return tp(**kwargs)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as err:
-            # __post_init__ messages start with the field name: "views must be >= 2".
-            raise ConfigError(_join(key, str(err))) from None
-    if tp is Any:
-        return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp) or (Any, Any)
-        return {_convert(k, kt, where): _convert(v, vt, _join(key, str(k))) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported config type {tp!r}")
-
-
-def _join(key: str, sub: Any) -> str:
-    return f"{key}.{sub}" if key else str(sub)
-
-
-def to_dict(cfg: Any) -> Any:
-    """Plain data (for YAML, JSON snapshot meta and the supervisor's resolved config)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
-
-
-# --------------------------------------------------------------------------- loading
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"learner.lr=3e-4"`` -> (["learner", "lr"], 3e-4); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key.sub=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
-    # YAML reads "1e-3" as a string; numbers written that way are meant as floats.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
-        except ValueError:
-            pass
-    return parts, value
-
-
-def merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_data(paths: list[str | Path] = (), overrides: list[str] = ()) -> dict:
-    data: dict = {}
-    for path in paths:
-        text = Path(path).read_text()
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = merge(data, loaded)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if not isinstance(nxt, dict):
-                nxt = node[p] = {}
-            node = nxt
-        node[parts[-1]] = value
-    return data
-
-
 def load(paths: list[str | Path] = (), overrides: list[str] = ()) -> PipelineConfig:
     """Load YAML files (later ones win), apply overrides, validate into PipelineConfig."""
     return build(PipelineConfig, load_data(paths, overrides))
@@ -264,9 +56,3 @@ def resolve_ports(cfg: PipelineConfig) -> PipelineConfig:
         if getattr(net, name) == 0:
             setattr(net, name, free_port(net.host))
     return cfg
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -106,8 +106,7 @@ def max_difference(model: nn.Module, path: Path, fmt: Format, *, views: int, hei
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from evaluation.cli import resolve_snapshot
-    from learner.snapshot import load_model
+    from learner.snapshot import load_model, resolve_snapshot
 
     out = Path(args.out)
     fmt = format_of(out, args.format)

@@ -155,7 +155,7 @@ def rotation_angle_deg(rotation: Tensor) -> Tensor:
 
 
 def angle_between_deg(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
-    """Angle between vectors [..., 3], in degrees (0 where either is zero-length)."""
+    """Angle between vectors [..., 3], in degrees (90 where either is zero-length: no direction)."""
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=eps)
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 

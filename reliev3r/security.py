@@ -32,7 +32,7 @@ import zmq
 from zmq.auth.certs import load_certificate
 from zmq.auth.thread import ThreadAuthenticator
 
-from reliev3r.curve import CurveConfig  # re-exported
+from reliev3r.config_base import CurveConfig  # re-exported
 
 ZAP_DOMAIN = "reliev3r"
 

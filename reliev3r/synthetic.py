@@ -47,16 +47,13 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from reliev3r import geometry
-
-if TYPE_CHECKING:
-    from streamer.config import SyntheticConfig
 
 RENDER_VERSION = 1
 """Bumped whenever the renderer's output changes, so that cached worlds are rendered again."""
@@ -156,14 +153,16 @@ class GroundTruth:
 # Random scenes and trajectories
 
 
+def hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    """RGB in [0, 1] of hue ``h``, saturation ``s`` and value ``v`` (each in [0, 1])."""
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
+    rgb = v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+    return tuple(float(c) for c in rgb)
+
+
 def _random_material(rng: np.random.Generator) -> Material:
     # A dark and a light shade of nearly one hue: strong contrast makes corners, and keeping
     # it in luminance rather than hue survives yuv420p's half-resolution chroma in the video.
-    def hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
-        k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
-        rgb = v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-        return tuple(float(c) for c in rgb)
-
     h, sat = rng.uniform(), rng.uniform(0.2, 0.8)
     return Material(
         color_a=hsv(h, sat, rng.uniform(0.12, 0.35)),
@@ -652,7 +651,18 @@ def _cached_config(video: Path) -> dict | None:
         return None  # a damaged file is rendered again
 
 
-def ensure_world(folder: Path, cfg: SyntheticConfig, *, fps: int = 10, progress: bool = True) -> list[Path]:
+class WorldSpec(Protocol):
+    """What :func:`ensure_world` reads (``streamer.synthetic``, a ``streamer.config.SyntheticConfig``)."""
+
+    scenes: int
+    frames: int
+    height: int
+    width: int
+    fov_deg: float
+    seed: int
+
+
+def ensure_world(folder: Path, cfg: WorldSpec, *, fps: int = 10, progress: bool = True) -> list[Path]:
     """Render the ``cfg.scenes`` scenes of ``cfg`` into ``folder`` unless already there.
 
     Idempotent: a scene is rendered again only when a file is missing or its stored config
@@ -686,7 +696,7 @@ def ensure_world(folder: Path, cfg: SyntheticConfig, *, fps: int = 10, progress:
 
 
 __all__ = [
-    "RENDER_VERSION", "Box", "GroundTruth", "Material", "Scene", "Sphere", "World", "camera_rays",
-    "ensure_world", "load_ground_truth", "random_world", "render_rays", "render_scene", "render_views",
+    "RENDER_VERSION", "Box", "GroundTruth", "Material", "Scene", "Sphere", "World", "WorldSpec", "camera_rays",
+    "ensure_world", "hsv", "load_ground_truth", "random_world", "render_rays", "render_scene", "render_views",
     "scene_seed", "trajectory", "write_scene",
 ]

@@ -16,11 +16,11 @@ import logging
 from collections import Counter, OrderedDict
 from typing import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from reliev3r import protocol
-from reliev3r.config import PipelineConfig
 from replay.config import ReplayConfig
 from replay.dedup import Dedup
 from replay.rate_limiter import RateLimiter
@@ -62,12 +62,11 @@ class ReplayBuffer:
         self._restore()
 
     @classmethod
-    def open(cls, cfg: PipelineConfig) -> "ReplayBuffer":
-        """On disk under ``<run.dir>/replay`` when ``replay.durable``, else in memory."""
-        rc = cfg.replay
-        storage = DiskStorage(cfg.run_dir / "replay") if rc.durable else MemoryStorage()
+    def open(cls, rc: ReplayConfig, run_dir: str | Path, *, seed: int = 0) -> "ReplayBuffer":
+        """On disk under ``<run_dir>/replay`` when ``rc.durable``, else in memory."""
+        storage = DiskStorage(Path(run_dir) / "replay") if rc.durable else MemoryStorage()
         dedup = Dedup(rc.dedup_threshold) if rc.dedup else None
-        return cls(rc, storage, seed=cfg.run.seed, dedup=dedup)
+        return cls(rc, storage, seed=seed, dedup=dedup)
 
     def _restore(self) -> None:
         """Rebuild sampler, dedup index and component states from what the storage holds."""

@@ -226,7 +226,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
         # Bind before opening the store: a second instance fails here, before it could
         # touch the store the first one is serving.
         sock.bind(cfg.network.bind(cfg.network.replay_port))
-        buffer = ReplayBuffer.open(cfg)
+        buffer = ReplayBuffer.open(cfg.replay, cfg.run_dir, seed=cfg.run.seed)
     except BaseException:
         sock.close(linger=0)
         raise
