@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from labelers.depth import make_teacher  # noqa: E402
+from labelers.depth import make_teacher
 
 DA_V2 = {
     # depth-anything/Depth-Anything-V2-{Small,Base}-hf configs

@@ -1,9 +1,9 @@
 """Learner throughput fed by the real replay service vs the same learner on in-memory batches.
 
-    python benchmarks/learner_feed.py --steps 30 --size tiny --device cpu
+    python -m benchmarks.learner_feed --steps 30 --size tiny --device cpu
 
 Starts ``reliev3r replay`` as a subprocess (real ZeroMQ on 127.0.0.1), inserts the windows of
-a small labelled dataset (:mod:`learner.dataset`), then times the same :class:`Trainer` for
+a small labelled dataset (:mod:`studies.dataset`), then times the same :class:`Trainer` for
 ``--steps`` steps (after warm-up) twice: on batches already in memory
 (``LabelledDataset.batch``), and on batches sampled from replay through
 ``ReplayClient.prefetch`` (a background thread keeps the next batch ready) and
@@ -26,14 +26,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from learner.config import LearnerConfig, ModelConfig  # noqa: E402
-from learner.dataset import ensure_dataset, parse_spec  # noqa: E402
-from learner.train import Trainer, batch_from_message  # noqa: E402
-from reliev3r import protocol  # noqa: E402
-from reliev3r.config import free_port  # noqa: E402
-from replay.client import ReplayClient  # noqa: E402
+from learner.config import LearnerConfig, ModelConfig
+from learner.train import Trainer, batch_from_message
+from reliev3r import protocol
+from reliev3r.config import free_port
+from replay.client import ReplayClient
+from studies.dataset import ensure_dataset, parse_spec
 
 
 def timed(trainer: Trainer, batches, steps: int, warmup: int = 3) -> float:

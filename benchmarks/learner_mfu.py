@@ -31,16 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from learner.config import LearnerConfig, ModelConfig  # noqa: E402
-from learner.train import Trainer, compile_blocks, synthetic_batch  # noqa: E402
+from learner.config import LearnerConfig, ModelConfig
+from learner.train import Trainer, compile_blocks, synthetic_batch
 
 ATTENTION = ("auto", "flash", "cudnn", "efficient")
 COMPILE = ("blocks", "blocks-max", "whole", "none")

@@ -57,11 +57,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from reliev3r import config as rconfig  # noqa: E402
-from reliev3r.cli import DEFAULT_CONFIG  # noqa: E402
-from reliev3r.status import scrape, stage_kind, value  # noqa: E402
+from reliev3r import config as rconfig
+from reliev3r.cli import DEFAULT_CONFIG
+from reliev3r.status import scrape, stage_kind, value
 
 STARVED = 0.10
 """Learner data-wait fraction above which it is called upstream-bound."""

@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch
     import torch.distributed as dist
 

@@ -1,4 +1,4 @@
-"""Fresh-window streams for studies (learner.fresh): partial renders equal full ones, the producer
+"""Fresh-window streams for studies (studies.fresh): partial renders equal full ones, the producer
 writes whole windows and stops cleanly on SIGTERM, the learner-side ring is a FIFO served like
 a labelled dataset, and the study trains from it."""
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from learner.dataset import DatasetError, ensure_dataset, parse_spec
-from learner.fresh import FreshStream, produce, window_frames
 from reliev3r.synthetic import render_scene
+from studies.dataset import DatasetError, ensure_dataset, parse_spec
+from studies.fresh import FreshStream, produce, window_frames
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = dict(frames=12, views=3, stride=3, height=24, width=32, match_scale=4, seed=5)
@@ -92,7 +92,7 @@ def test_ring_without_producer_says_so(tmp_path):
 
 def test_producer_process_stops_on_sigterm(tmp_path):
     out = tmp_path / "w"
-    cmd = [sys.executable, "-m", "learner.fresh", "--out", str(out), "--workers", "2", "--views", "3",
+    cmd = [sys.executable, "-m", "studies.fresh", "--out", str(out), "--workers", "2", "--views", "3",
            "--height", "24", "--width", "32", "--stride", "3", "--spec", "synthetic:frames=12,seed=9"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -117,7 +117,7 @@ def test_producer_process_stops_on_sigterm(tmp_path):
 
 def test_study_trains_from_a_fresh_stream(tmp_path):
     from learner.config import LearnerConfig
-    from learner.study import run_study
+    from studies.study import run_study
 
     spec = _spec()
     produce(spec, tmp_path / "w", workers=1, limit=4, progress_every=0)

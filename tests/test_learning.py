@@ -20,9 +20,9 @@ import torch
 
 from learner import losses
 from learner.config import LearnerConfig, LossConfig, ModelConfig
-from learner.dataset import DatasetError, LabelledDataset, ensure_dataset, parse_spec
 from reliev3r import geometry
 from reliev3r.synthetic import render_scene
+from studies.dataset import DatasetError, LabelledDataset, ensure_dataset, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "first_losses.json"
@@ -96,7 +96,7 @@ def test_parse_spec_names_bad_options():
 
 
 def test_real_teacher_labels_at_match_resolution_are_block_averaged_and_memoised():
-    from learner import dataset as ds
+    from studies import dataset as ds
 
     # Block means over valid pixels; a small pixel is valid only when its whole block is.
     big = np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6)
@@ -136,16 +136,18 @@ def test_real_teacher_labels_at_match_resolution_are_block_averaged_and_memoised
 # --------------------------------------------------------------------------- study
 
 def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
-    from learner.study import apply_overrides, run_study, trivial_baseline
+    from evaluation.evaluate import trivial_baseline
+    from reliev3r.config import with_overrides
+    from studies.study import run_study
 
     torch.set_num_threads(1)
-    cfg = apply_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0", "warmup_steps=0", "device=cpu",
+    cfg = with_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0", "warmup_steps=0", "device=cpu",
                                             "loss.point_weight=1", "model.depth_param=view_scale"])
     assert cfg.loss.point_weight == 1.0 and cfg.model.depth_param == "view_scale"
     with pytest.raises(ValueError, match="loss.kind"):
-        apply_overrides(LearnerConfig(), ["loss.kind=magic"])
+        with_overrides(LearnerConfig(), ["loss.kind=magic"])
     with pytest.raises(ValueError, match="nope"):
-        apply_overrides(LearnerConfig(), ["nope=1"])
+        with_overrides(LearnerConfig(), ["nope=1"])
     windows = dataset.windows(1)
     result = run_study(cfg, dataset, windows, steps=3, eval_every=2, device="cpu", log_every=0, out=tmp_path)
     assert result.steps == 3 and [r["step"] for r in result.curve] == [2, 3]
@@ -162,10 +164,11 @@ def test_study_resumes_from_its_final_snapshot_and_stops_at_max_steps(dataset, t
     # A long study split over several processes (device calls): each ends with a snapshot, the
     # next resumes it, and max_steps counts the run's steps, not the process's.
     from learner.snapshot import list_snapshots
-    from learner.study import apply_overrides, run_study
+    from reliev3r.config import with_overrides
+    from studies.study import run_study
 
     torch.set_num_threads(1)
-    cfg = apply_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0.9", "warmup_steps=0", "device=cpu",
+    cfg = with_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0.9", "warmup_steps=0", "device=cpu",
                                             "schedule=cosine", "max_steps=5"])
     windows = dataset.windows(1)
     first = run_study(cfg, dataset, windows, steps=3, eval_every=0, device="cpu", log_every=0, out=tmp_path / "a")

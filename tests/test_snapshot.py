@@ -171,6 +171,7 @@ def test_snapshots_and_studies_need_no_pyzmq(tmp_path):
     # module pulled it in. A fresh interpreter with pyzmq blocked saves and loads a snapshot.
     import subprocess
     import sys
+    from pathlib import Path
 
     code = f"""
 import sys
@@ -179,7 +180,7 @@ class Block:
         if name == "zmq" or name.startswith("zmq."):
             raise ModuleNotFoundError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-import learner.study
+import studies.study
 from learner.config import LearnerConfig
 from learner.snapshot import load_model
 from learner.train import Trainer
@@ -188,6 +189,7 @@ load_model(path)
 assert "zmq" not in sys.modules
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")

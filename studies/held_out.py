@@ -1,18 +1,14 @@
 """The held-out windows of the issue-9 studies as one CPU batch, for the snapshot diagnostics
-(``refine_targets.py``, ``depth_offset.py``): their shared command-line options and loader."""
+(:mod:`studies.refine_targets`, :mod:`studies.depth_offset`): their shared command-line options and loader."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not benchmarks/replay.py
-
-from learner.dataset import LabelledDataset, ensure_dataset, parse_spec  # noqa: E402
+from studies.dataset import LabelledDataset, ensure_dataset, parse_spec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

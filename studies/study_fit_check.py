@@ -8,8 +8,8 @@
    with the exact depth: starting from identity poses they must converge to the ground truth
    (relative rotation error and translation direction error near 0).
 
-    .venv/bin/python benchmarks/study_fit_check.py fit --data .devdata/datasets/X.npz --steps 300
-    .venv/bin/python benchmarks/study_fit_check.py direct --data .devdata/datasets/X.npz
+    .venv/bin/python -m studies.study_fit_check fit --data .devdata/datasets/X.npz --steps 300
+    .venv/bin/python -m studies.study_fit_check direct --data .devdata/datasets/X.npz
 
 This script imports neither pyzmq nor PyAV.
 """
@@ -25,9 +25,10 @@ import torch
 from evaluation import metrics
 from learner import losses
 from learner.config import LearnerConfig
-from learner.dataset import LabelledDataset
-from learner.study import apply_overrides, evaluate, trivial_baseline
+from evaluation.evaluate import evaluate_model, trivial_baseline
 from reliev3r import geometry
+from reliev3r.config import with_overrides
+from studies.dataset import LabelledDataset
 
 
 def fit(args: argparse.Namespace) -> None:
@@ -40,7 +41,7 @@ def fit(args: argparse.Namespace) -> None:
     held = LabelledDataset.load(args.held_out).windows(16) if args.held_out else []
     batch = args.batch or len(picks)
     rng = np.random.default_rng(args.seed)
-    cfg = apply_overrides(LearnerConfig(), ["ema_decay=0", "snapshot_every=1000000", f"lr={args.lr}",
+    cfg = with_overrides(LearnerConfig(), ["ema_decay=0", "snapshot_every=1000000", f"lr={args.lr}",
                                             f"warmup_steps={args.warmup}", f"batch_size={batch}"] + args.set)
     trainer = Trainer(cfg, device="cpu", teacher_space=data.teacher_space, seed=args.seed)
     base = trivial_baseline(windows)
@@ -50,12 +51,12 @@ def fit(args: argparse.Namespace) -> None:
         idx = picks if batch == len(picks) else rng.choice(picks, batch, replace=False)
         terms = trainer.step(data.batch(idx))
         if step % args.every == 0 or step == args.steps:
-            ev = evaluate(trainer.model, windows, trainer.device)
+            ev = evaluate_model(trainer.model, windows, trainer.device)
             line = (f"step {step} {time.perf_counter() - start:.0f}s loss={terms['loss']:.4f} "
                     f"gn={terms['grad_norm']:.3f} train rot={ev['rot_err_deg']:.2f} trans={ev['trans_err_deg']:.2f} "
                     f"absrel_med={ev['absrel_med']:.3f}")
             if held:
-                hv = evaluate(trainer.model, held, trainer.device)
+                hv = evaluate_model(trainer.model, held, trainer.device)
                 line += f" | held-out rot={hv['rot_err_deg']:.2f} trans={hv['trans_err_deg']:.2f} absrel_med={hv['absrel_med']:.3f}"
             print(line, flush=True)
 

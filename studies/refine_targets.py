@@ -1,7 +1,7 @@
 """How good are the refinement's targets? Pose errors of a snapshot's prediction and of the
 bundle adjustments that ``loss.refine_weight`` pulls it towards, on held-out windows.
 
-    python benchmarks/refine_targets.py .devdata/resume/weak/step-000002000 \\
+    python -m studies.refine_targets .devdata/resume/weak/step-000002000 \\
         [--held synthetic:scenes=48,frames=40,seed=1000,hop=4] [--stride 12] [--raw]
 
 For every search depth (the prediction's own, the teacher's map in the prediction's per-view
@@ -17,18 +17,15 @@ only to score; the searches see labels and matches only. Runs on CPU in seconds.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
+import time
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not benchmarks/replay.py
-
-import held_out  # noqa: E402  (benchmarks/held_out.py, beside this script)
-from evaluation import metrics  # noqa: E402
-from learner import losses  # noqa: E402
-from learner.snapshot import load_model  # noqa: E402
+from evaluation import metrics
+from learner import losses
+from learner.snapshot import load_model
+from studies import held_out
 
 SEARCHES = (("adam", 50), ("adam", 200), ("lm", 10))
 

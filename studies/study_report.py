@@ -1,8 +1,8 @@
-"""Tables of a study sweep: final held-out metrics of each run (``learner.study`` output folders),
-the trivial baseline, optional extra baseline rows (``study_baselines.py --out`` JSON), and the
+"""Tables of a study sweep: final held-out metrics of each run (``studies.study`` output folders),
+the trivial baseline, optional extra baseline rows (``studies.study_baselines --out`` JSON), and the
 ratio of each weak run's metric to the fully-supervised sibling's.
 
-    .venv/bin/python benchmarks/study_report.py RESULTS_DIR --prefix k_ --supervised k_supervised \\
+    .venv/bin/python -m studies.study_report RESULTS_DIR --prefix k_ --supervised k_supervised \\
         [--baselines baselines.json]
 """
 
@@ -12,10 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from learner.study import format_table
-
-KEYS = ("absrel_med", "absrel_lsq", "absrel_lsq_frame", "delta_med", "rot_err_deg", "trans_err_deg",
-        "rra30", "rta30", "auc30", "ate")
+from studies.study import format_table
 
 
 def main() -> int:
@@ -40,7 +37,7 @@ def main() -> int:
     if args.baselines:
         table.update(json.loads(Path(args.baselines).read_text()))
     table.update(rows)
-    print(format_table(table, KEYS))
+    print(format_table(table))
     print()
     print("\n".join(info))
     if args.supervised in rows:

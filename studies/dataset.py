@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evaluation.datasets import EvalWindow
+
 CACHE_VERSION = 2
 """Bumped when the cache layout or the labelling changes: older caches are rebuilt.
 2: real teachers see the matching-resolution frames; compressed cache, depths as float16."""
@@ -289,7 +291,7 @@ def build(spec: DatasetSpec, *, workers: int = 0, progress: bool = True) -> dict
             items += _run_task(task)
     else:
         # spawn, not fork: forking a process whose threads hold locks (torch's pools after any
-        # torch work, a test runner) can leave a worker waiting forever (learner.fresh met it).
+        # torch work, a test runner) can leave a worker waiting forever (studies.fresh met it).
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(spec.matcher, spec.teacher)) as pool:
             for part in tqdm(pool.imap(_run_task, tasks), total=len(tasks), desc="labelling", disable=not progress):
@@ -343,17 +345,6 @@ def ensure_dataset(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, p
 
 
 # ---------------------------------------------------------------------- serving
-
-@dataclass(slots=True)
-class Window:
-    """One window with ground truth, shaped like :class:`evaluation.datasets.EvalWindow`."""
-
-    name: str
-    images: np.ndarray
-    intrinsics: np.ndarray
-    gt_depth: np.ndarray
-    gt_cam_to_world: np.ndarray
-
 
 class LabelledDataset:
     """The cached arrays of a labelled dataset (see the module docstring for the layout)."""
@@ -420,12 +411,12 @@ class LabelledDataset:
             out["teacher_valid"] = torch.from_numpy(a["teacher_valid"][idx]).to(device)
         return out
 
-    def windows(self, limit: int = 0) -> list[Window]:
+    def windows(self, limit: int = 0) -> list[EvalWindow]:
         """Evaluation windows (images and ground truth), at most ``limit`` (0: all), spread evenly."""
         n = len(self)
         picks = range(n) if not limit or limit >= n else np.linspace(0, n - 1, limit).round().astype(int)
         a = self.arrays
-        return [Window(str(a["names"][k]), a["images"][k], a["intrinsics"][k], a["gt_depth"][k],
+        return [EvalWindow(str(a["names"][k]), a["images"][k], a["intrinsics"][k], a["gt_depth"][k],
                        a["gt_cam_to_world"][k]) for k in picks]
 
     def stats(self) -> dict[str, float]:

@@ -1,26 +1,27 @@
 """Train on a fixed labelled dataset and evaluate on held-out windows: learning curves.
 
-    python -m learner.study --train synthetic:scenes=24,frames=40 --views 4 --height 48 --width 64 \\
+    python -m studies.study --train synthetic:scenes=24,frames=40 --views 4 --height 48 --width 64 \\
         --steps 600 --eval-every 100 --set loss.kind=weak --out runs/study/weak
 
-* ``--train`` / ``--eval``: dataset specs (:func:`learner.dataset.parse_spec`); ``--eval``
+* ``--train`` / ``--eval``: dataset specs (:func:`studies.dataset.parse_spec`); ``--eval``
   defaults to the training spec with ``seed + 1000`` (unseen synthetic scenes). Both are
   labelled once and cached under ``--cache`` (default ``.devdata/datasets``), so a GPU host
   only reads the ``.npz``.
-* ``--stream DIR``: train on fresh windows instead of ``--train`` (:mod:`learner.fresh`: every
-  window a new scene, written into DIR by ``python -m learner.fresh``; the newest ``--capacity``
+* ``--stream DIR``: train on fresh windows instead of ``--train`` (:mod:`studies.fresh`: every
+  window a new scene, written into DIR by ``python -m studies.fresh``; the newest ``--capacity``
   are kept in memory and new ones are loaded every 10 steps; the study waits for
   ``--min-windows`` first). ``--eval`` is then the held-out spec (default: ``--train`` with
   ``seed + 1000``).
 * ``--set key=value`` (repeatable) overrides :class:`learner.config.LearnerConfig` fields,
   dotted for nested ones: ``loss.kind=supervised``, ``loss.point_weight=0``, ``model.size=small``,
-  ``lr=1e-3``, ``batch_size=8``.
+  ``lr=1e-3``, ``batch_size=8`` (parsed and checked as the pipeline's ``key.sub=value``
+  overrides are: :func:`reliev3r.config.with_overrides`).
 * ``--steps N`` and/or ``--minutes T``: whichever comes first.
 * Every ``--eval-every`` steps (and at the end) the model is scored on the held-out windows
   (and so are its EMA weights when ``--set ema_decay=D`` > 0; the study's default is 0)
-  with :mod:`evaluation.metrics` (the same per-window metrics as ``evaluation.evaluate``)
-  plus the means of the pairwise relative rotation / translation-direction errors; the trivial
-  baseline (constant depth, identity poses) is computed once beside it.
+  by :func:`evaluation.evaluate.evaluate_model`, the code ``reliev3r eval`` and the evaluator
+  use; the trivial baseline (constant depth, identity poses,
+  :func:`evaluation.evaluate.trivial_baseline`) is computed once beside it.
 
 Writes ``<out>/curve.json`` (config, dataset stats, baseline, a row per evaluation and
 running means of the train loss terms) and ``<out>/table.md``; prints the table last.
@@ -41,111 +42,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation import metrics
+from evaluation.datasets import EvalWindow
+from evaluation.evaluate import evaluate_model, markdown_table, trivial_baseline
 from learner.config import LearnerConfig
-from learner.dataset import DatasetSpec, LabelledDataset, Window, ensure_dataset, parse_spec
+from reliev3r.config import with_overrides
+from studies.dataset import LabelledDataset, ensure_dataset, parse_spec
 
-TABLE_KEYS = ("absrel_med", "absrel_lsq", "absrel_lsq_frame", "delta_med", "rot_err_deg", "trans_err_deg",
+STUDY_KEYS = ("absrel_med", "absrel_lsq", "absrel_lsq_frame", "delta_med", "rot_err_deg", "trans_err_deg",
               "rra30", "rta30", "auc30", "ate")
+"""The metrics a study prints and tabulates (names and titles: ``evaluation.evaluate.TITLES``)."""
 
 
-# ---------------------------------------------------------------------- config overrides
-
-def _convert(value: str, kind: Any) -> Any:
-    if kind is bool or kind == "bool":
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(value)
-    if kind in (int, "int"):
-        return int(value)
-    if kind in (float, "float"):
-        return float(value)
-    return value
-
-
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """A copy of dataclass ``cfg`` with ``a.b=value`` overrides (validated by the dataclasses)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item}: expected key=value")
-        cfg = _override(cfg, key.split("."), value, key)
-    return cfg
-
-
-def _override(cfg: Any, path: list[str], value: str, full: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cfg)}
-    if path[0] not in names:
-        raise ValueError(f"{full}: unknown key (known: {sorted(names)})")
-    current = getattr(cfg, path[0])
-    if len(path) > 1:
-        return dataclasses.replace(cfg, **{path[0]: _override(current, path[1:], value, full)})
-    hints = typing.get_type_hints(type(cfg))
-    kind = hints[path[0]]
-    if typing.get_origin(kind) is typing.Literal:
-        if value not in typing.get_args(kind):
-            raise ValueError(f"{full}: must be one of {typing.get_args(kind)}, got {value!r}")
-        new = value
-    else:
-        new = _convert(value, kind)
-    return dataclasses.replace(cfg, **{path[0]: new})
-
-
-# ---------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def predict_window(model: torch.nn.Module, window: Window, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.from_numpy(window.images).to(device).permute(0, 3, 1, 2).float().div(255)[None]
-    pred = model(images)
-    return pred.depth[0].float().cpu(), pred.cam_to_world[0].float().cpu()
-
-
-def score(depth: torch.Tensor, pose: torch.Tensor, window: Window) -> dict[str, float]:
-    """Per-window metrics (``evaluation.metrics.window_metrics``) plus the mean pairwise
-    relative rotation error and translation direction error in degrees."""
-    gt_depth, gt_pose = torch.from_numpy(window.gt_depth), torch.from_numpy(window.gt_cam_to_world)
-    K = torch.from_numpy(window.intrinsics)
-    row = metrics.window_metrics(depth, pose, gt_depth, gt_pose, K)
-    rot, trans = metrics.pairwise_pose_errors(pose.double(), gt_pose.double())
-    row["rot_err_deg"], row["trans_err_deg"] = float(rot.mean()), float(trans.mean())
-    return row
-
-
-def evaluate(model: torch.nn.Module, windows: list[Window], device: torch.device) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    try:
-        rows = [score(*predict_window(model, w, device), w) for w in windows]
-    finally:
-        model.train(was_training)
-    return metrics.mean_metrics(rows)
-
-
-def trivial_baseline(windows: list[Window]) -> dict[str, float]:
-    """Constant depth and identity poses (identity: zero relative translation, whose direction
-    error counts as 90°, chance level)."""
-    rows = []
-    for w in windows:
-        gt_depth, gt_pose = torch.from_numpy(w.gt_depth), torch.from_numpy(w.gt_cam_to_world)
-        row = metrics.depth_metrics(torch.ones_like(gt_depth), gt_depth)
-        identity = torch.eye(4, dtype=torch.float64).expand(gt_pose.shape[0], 4, 4).clone()
-        row.update(metrics.pose_metrics(identity, gt_pose.double()))
-        rot, trans = metrics.pairwise_pose_errors(identity, gt_pose.double())
-        # angle_between_deg gives 0 for a zero vector; a direction never guessed is chance.
-        trans = torch.where(torch.isfinite(trans) & (trans > 0), trans, torch.full_like(trans, 90.0))
-        row["rot_err_deg"], row["trans_err_deg"] = float(rot.mean()), float(trans.mean())
-        rows.append(row)
-    return metrics.mean_metrics(rows)
-
-
-def format_table(rows: dict[str, dict[str, float]], keys: tuple[str, ...] = TABLE_KEYS) -> str:
-    keys = tuple(k for k in keys if any(k in r for r in rows.values()))
-    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
-    return "\n".join(lines)
+def format_table(rows: dict[str, dict[str, float]], keys: tuple[str, ...] = STUDY_KEYS) -> str:
+    """The study's markdown table: ``evaluation.evaluate.markdown_table`` over the ``keys`` that
+    some row has."""
+    return markdown_table(rows, tuple(k for k in keys if any(k in r for r in rows.values())), first="run")
 
 
 # ---------------------------------------------------------------------- the study
@@ -161,7 +72,7 @@ class StudyResult:
     """The EMA weights' scores (when ``ema_decay`` > 0)."""
 
 
-def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window], *, steps: int,
+def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[EvalWindow], *, steps: int,
               minutes: float = 0.0, eval_every: int = 100, max_matches: int = 0, seed: int = 0,
               device: str = "auto", log_every: int = 10, out: Path | None = None,
               on_eval=None, refresh_every: int = 10, resume: str | Path | None = None) -> StudyResult:
@@ -169,7 +80,7 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
     every ``eval_every`` steps. Returns the curve; writes ``out/curve.json`` as it goes and a
     final snapshot under ``out/snapshots`` (:mod:`learner.snapshot`); ``resume`` (a snapshot
     folder) continues a run from it: weights, optimizer, EMA, step and LR schedule.
-    A :class:`learner.fresh.FreshStream` ``train`` loads its new windows every ``refresh_every``
+    A :class:`studies.fresh.FreshStream` ``train`` loads its new windows every ``refresh_every``
     steps; each curve row then says how many windows the run had loaded (``train_windows``)."""
     from learner.train import Trainer
 
@@ -188,9 +99,9 @@ def run_study(cfg: LearnerConfig, train: LabelledDataset, held_out: list[Window]
     def record(final: bool = False) -> None:
         row = {"step": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
                "train": {k: float(np.mean(v)) for k, v in running.items()},
-               "eval": evaluate(trainer.model, held_out, trainer.device), "final": final}
+               "eval": evaluate_model(trainer.model, held_out, trainer.device), "final": final}
         if trainer.ema is not None:  # the weights snapshots serve (learner.snapshot.load_model)
-            row["eval_ema"] = evaluate(trainer.ema, held_out, trainer.device)
+            row["eval_ema"] = evaluate_model(trainer.ema, held_out, trainer.device)
         if fresh:
             row["train_windows"] = train.loaded
         running.clear()
@@ -236,7 +147,7 @@ def _write(out: Path, cfg: LearnerConfig, train: LabelledDataset, baseline: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m learner.study", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.study", description=__doc__.split("\n")[0])
     p.add_argument("--train", default="synthetic:scenes=16,frames=40", help="training dataset spec")
     p.add_argument("--eval", default="", help="held-out dataset spec (default: --train with seed + 1000)")
     p.add_argument("--views", type=int, default=4)
@@ -252,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-matches", type=int, default=0, help="matches kept per window per step (0: all)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="LearnerConfig override, e.g. loss.kind=supervised, model.size=small, lr=1e-3")
-    p.add_argument("--stream", default="", help="train on the fresh windows of this folder (learner.fresh)")
+    p.add_argument("--stream", default="", help="train on the fresh windows of this folder (studies.fresh)")
     p.add_argument("--capacity", type=int, default=4096, help="fresh windows kept in memory (--stream)")
     p.add_argument("--min-windows", type=int, default=256, help="fresh windows to wait for before step 1")
     p.add_argument("--cache", default=".devdata/datasets", help="folder of labelled dataset caches")
@@ -274,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                  else dataclasses.replace(train_spec, seed=train_spec.seed + 1000))
     held = ensure_dataset(eval_spec, args.cache, workers=args.workers)
     if args.stream:
-        from learner.fresh import FreshStream
+        from studies.fresh import FreshStream
 
         if args.label_only:
             return 0
@@ -287,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     defaults = ["ema_decay=0", "warmup_steps=50", "snapshot_every=1000000", "lr=1e-3"]
-    cfg = apply_overrides(LearnerConfig(), defaults + args.set)
+    cfg = with_overrides(LearnerConfig(), defaults + args.set)
     out = Path(args.out)
     result = run_study(cfg, train, held.windows(args.eval_windows), steps=args.steps, minutes=args.minutes,
                        eval_every=args.eval_every, max_matches=args.max_matches, seed=args.seed,
                        device=args.device, out=out, resume=args.resume or None,
                        on_eval=lambda row: print(f"eval step {row['step']}: " + " ".join(
-                           f"{k}={row['eval'][k]:.3f}" for k in TABLE_KEYS if k in row["eval"]), flush=True))
+                           f"{k}={row['eval'][k]:.3f}" for k in STUDY_KEYS if k in row["eval"]), flush=True))
     rows = {"constant depth / identity poses": result.baseline, f"{cfg.loss.kind} (step {result.steps})": result.final}
     if result.final_ema is not None:
         rows[f"{cfg.loss.kind}, EMA {cfg.ema_decay} (step {result.steps})"] = result.final_ema

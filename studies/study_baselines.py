@@ -7,7 +7,7 @@ and the classical two-view pose of every view pair from the SAME verified matche
 gets (essential matrix + cheirality, :func:`evaluation.baselines.essential_pose_errors`), scored with
 the pairwise RRA/RTA/AUC@30 of :mod:`evaluation.metrics` (a pair it cannot solve counts 180°).
 
-    .venv/bin/python benchmarks/study_baselines.py .devdata/datasets/7scenes-...-oracle-....npz ... --out OUT.json
+    .venv/bin/python -m studies.study_baselines .devdata/datasets/7scenes-...-oracle-....npz ... --out OUT.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 
 from evaluation import metrics
 from evaluation.baselines import essential_pose_errors, teacher_window_metrics
-from learner.dataset import LabelledDataset
-from learner.study import format_table, trivial_baseline
+from evaluation.evaluate import trivial_baseline
+from studies.dataset import LabelledDataset
+from studies.study import format_table
 
 
 def teacher_alone(data: LabelledDataset) -> dict[str, float]:

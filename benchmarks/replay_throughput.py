@@ -24,8 +24,8 @@ with tensordict 0.14.3 work with torch 2.13 (install with ``pip install --no-dep
 tensordict`` plus ``cloudpickle orjson pyvers hoptorch importlib_metadata``, so pip cannot
 replace torch). Without them the TorchRL rows are skipped.
 
-    python benchmarks/replay.py                       # both sizes, every backend
-    python benchmarks/replay.py --sizes 224 --windows 32 --batches 20 --writers 4
+    python benchmarks/replay_throughput.py                       # both sizes, every backend
+    python benchmarks/replay_throughput.py --sizes 224 --windows 32 --batches 20 --writers 4
 """
 
 from __future__ import annotations
@@ -43,16 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reliev3r import config as rconfig  # noqa: E402
-from reliev3r import protocol  # noqa: E402
-from reliev3r.service import Runtime  # noqa: E402
-from replay import service  # noqa: E402
-from replay.buffer import ReplayBuffer  # noqa: E402
-from replay.client import ReplayClient  # noqa: E402
-from replay.config import ReplayConfig  # noqa: E402
-from replay.storage import DiskStorage, MemoryStorage  # noqa: E402
+from reliev3r import config as rconfig
+from reliev3r import protocol
+from reliev3r.service import Runtime
+from replay import service
+from replay.buffer import ReplayBuffer
+from replay.client import ReplayClient
+from replay.config import ReplayConfig
+from replay.storage import DiskStorage, MemoryStorage
 
 VIEWS = 8
 MATCHES = 2000

@@ -5,7 +5,10 @@ Every teacher sees the same frames (every ``--stride``-th of ``--first``..``--la
 frame alone): AbsRel and delta<1.25 after per-frame least-squares scale-and-shift (``lsq``)
 and after median scaling (``med``), averaged over frames; Kinect holes (depth 0) are ignored.
 
-    .venv/bin/python benchmarks/embedded_teacher_7scenes.py [--weights FILE] [--record]
+    .venv/bin/python -m studies.embedded_teacher_7scenes [--data DIR] [--pydnet FILE] [--weights FILE] [--record]
+
+``--data`` and ``--pydnet`` default to ``$RELIEV3R_SHARED/data/7scenes-redkitchen`` and
+``$RELIEV3R_SHARED/models/pydnet++.tflite`` (``RELIEV3R_SHARED``: default ``../shared``).
 
 ``--record`` writes the result into the weights' JSON meta (``metrics.7scenes``), so the
 numbers travel with the weights and the recipe that produced them. Runs on CPU (PyDNet++
@@ -16,22 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from evaluation.datasets import sevenscenes_sequence
+from evaluation.metrics import depth_metrics
+from labelers.depth import make_teacher
+from labelers.embedded import WEIGHTS, EmbeddedTeacher
 
-from evaluation.datasets import sevenscenes_sequence  # noqa: E402
-from evaluation.metrics import depth_metrics  # noqa: E402
-from labelers.depth import make_teacher  # noqa: E402
-from labelers.embedded import WEIGHTS, EmbeddedTeacher  # noqa: E402
-
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("RELIEV3R_SHARED", "../shared"))
+"""Where the data sets and models live unless ``--data``/``--pydnet`` say otherwise."""
 KITCHEN = SHARED / "data" / "7scenes-redkitchen"
 PYDNET = SHARED / "models" / "pydnet++.tflite"
 KEYS = ("absrel_lsq", "delta_lsq", "absrel_med", "delta_med")
@@ -52,6 +53,7 @@ def score(predict, frames: list[np.ndarray], gts: list[np.ndarray]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=KITCHEN)
+    parser.add_argument("--pydnet", type=Path, default=PYDNET, help="PyDNet++ TFLite file (skipped when absent)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--last", type=int, default=599)
@@ -74,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     embedded = EmbeddedTeacher("cpu", weights=args.weights)
     results[f"embedded ({embedded.version})"] = score(lambda f: embedded.predict(f[None])[0][0], frames, gts)
-    if PYDNET.is_file():
+    if args.pydnet.is_file():
         try:
-            pydnet = make_teacher(f"pydnet:{PYDNET}")
+            pydnet = make_teacher(f"pydnet:{args.pydnet}")
             results["PyDNet++ (tflite)"] = score(lambda f: pydnet.predict(f[None])[0][0], frames, gts)
         except ImportError as err:
             print(f"PyDNet++ skipped: {err}")
     else:
-        print(f"PyDNet++ skipped: {PYDNET} absent")
+        print(f"PyDNet++ skipped: {args.pydnet} absent")
     results["constant depth"] = score(lambda f: np.ones(f.shape[:2], np.float32), frames, gts)
 
     print(f"| teacher | AbsRel lsq | δ<1.25 lsq | AbsRel med | δ<1.25 med | s/frame (CPU, {args.threads} threads) |")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         meta.setdefault("metrics", {})["7scenes"] = {
             "data": f"{args.data.name} frames {ids[0]}..{ids[-1]} every {args.stride} ({len(frames)} frames)",
             "alignment": "per-frame least-squares scale-and-shift (lsq) / median scaling (med)",
-            "benchmark": "benchmarks/embedded_teacher_7scenes.py",
+            "benchmark": "studies/embedded_teacher_7scenes.py",
             "results": results,
         }
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")

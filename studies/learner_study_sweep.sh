@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Parallel learner studies on one GPU (tiny models do not fill it), then a summary table.
-# usage: benchmarks/learner_study_sweep.sh OUTDIR MINUTES "name|--set a=b ..." ...
-# The labelled datasets must already be cached under .devdata/datasets (learner.study --label-only).
+# usage: studies/learner_study_sweep.sh OUTDIR MINUTES "name|--set a=b ..." ...
+# The labelled datasets must already be cached under .devdata/datasets (studies.study --label-only). Run from the repository root.
 set -u
 out=$1; minutes=$2; shift 2
 mkdir -p "$out"
@@ -13,7 +13,7 @@ common="--train ${TRAIN:-synthetic:scenes=24,frames=40} --stride 8 --views 4 --h
 pids=()
 for cfg in "$@"; do
   name=${cfg%%|*}; extra=${cfg#*|}
-  PYTHONUNBUFFERED=1 ${PYTHON:-python3} -m learner.study $common $extra --out "$out/$name" > "$out/$name.log" 2>&1 &
+  PYTHONUNBUFFERED=1 ${PYTHON:-python3} -m studies.study $common $extra --out "$out/$name" > "$out/$name.log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done

@@ -1,6 +1,6 @@
 """Does a snapshot's depth carry a per-window offset, and which way do the weak match terms pull it?
 
-    python benchmarks/depth_offset.py SNAPSHOT [SNAPSHOT ...] [--scan] [--raw] \\
+    python -m studies.depth_offset SNAPSHOT [SNAPSHOT ...] [--scan] [--raw] \\
         [--held synthetic:scenes=48,frames=40,seed=1000,hop=4] [--stride 12]
 
 Per snapshot, on the held-out windows: AbsRel after per-window median scaling and after per-window
@@ -18,18 +18,15 @@ is used only to score. Runs on CPU in seconds (docs/RESULTS.md, sweep 12).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not benchmarks/replay.py
-
-import held_out  # noqa: E402  (benchmarks/held_out.py, beside this script)
-from evaluation import metrics  # noqa: E402
-from learner import losses  # noqa: E402
-from learner.snapshot import load_model  # noqa: E402
+from evaluation import metrics
+from learner import losses
+from learner.snapshot import load_model
+from studies import held_out
 
 SHIFTS = (0.0, 0.2, 0.4, 0.6, 0.9)
 

@@ -4,21 +4,21 @@ A fixed dataset is learnt by heart: with 96 to 1,600 windows, even the fully sup
 fitted the training poses and stayed at identity level on held-out scenes (docs/RESULTS.md,
 issue 9). Here producer processes render a new procedural scene for every window
 (:func:`reliev3r.synthetic.render_scene`, only the V frames the window uses), label it exactly as
-:mod:`learner.dataset` does (the same teacher spec and the real matcher with USAC/MAGSAC, at
+:mod:`studies.dataset` does (the same teacher spec and the real matcher with USAC/MAGSAC, at
 ``match_scale`` times the training resolution) and write it as one ``.npz`` file into a folder;
-learners (``python -m learner.study --stream DIR``) keep the newest ``capacity`` windows in memory,
+learners (``python -m studies.study --stream DIR``) keep the newest ``capacity`` windows in memory,
 a FIFO replay, and draw their batches from it. Several learners can read one folder, so the runs
 of a comparison see the same windows.
 
-    python -m learner.fresh --out DIR --workers 12 --views 4 --height 48 --width 64 --stride 8 \\
+    python -m studies.fresh --out DIR --workers 12 --views 4 --height 48 --width 64 --stride 8 \\
         [--spec synthetic:frames=40,seed=7] [--limit N]
 
 Windows: scene ``k`` is ``scene_seed(spec.seed, k)``; its clip has ``spec.frames`` frames and the
 window's ``views`` frames are ``stride`` apart from a start drawn uniformly (seeded by the scene)
-among the clip's possible starts: the distribution of :mod:`learner.dataset`'s windows of the
+among the clip's possible starts: the distribution of :mod:`studies.dataset`'s windows of the
 same spec, whose held-out set (another seed) a study scores.
 
-Folder layout: ``meta.json`` (the cache meta of :mod:`learner.dataset`: spec, teacher, matcher)
+Folder layout: ``meta.json`` (the cache meta of :mod:`studies.dataset`: spec, teacher, matcher)
 and ``w000000000.npz``, ``w000000001.npz``, ... numbered in the order written, each written to a
 temporary name, fsynced and renamed (a reader never sees a partial file). A file holds one
 window: ``images`` uint8 [V,H,W,3], ``intrinsics`` [V,3,3], ``gt_depth`` float16 [V,H,W],
@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from learner import dataset as ds
-from learner.dataset import DatasetError, DatasetSpec, LabelledDataset, parse_spec
+from studies import dataset as ds
+from studies.dataset import DatasetError, DatasetSpec, LabelledDataset, parse_spec
 
 META = "meta.json"
 
@@ -160,7 +160,7 @@ def produce(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, limit: i
 
 class FreshStream(LabelledDataset):
     """The newest ``capacity`` windows of a fresh-window folder, served like a
-    :class:`~learner.dataset.LabelledDataset` (same :meth:`batch`). :meth:`refresh` loads the
+    :class:`~studies.dataset.LabelledDataset` (same :meth:`batch`). :meth:`refresh` loads the
     windows written since the last call; older ones leave the ring first (FIFO)."""
 
     def __init__(self, folder: str | Path, capacity: int = 4096, *, timeout: float = 0.0):
@@ -172,7 +172,7 @@ class FreshStream(LabelledDataset):
         deadline = time.monotonic() + timeout
         while not meta.exists():
             if time.monotonic() >= deadline:
-                raise DatasetError(f"{self.folder}: no {META} (start `python -m learner.fresh --out {self.folder}`)")
+                raise DatasetError(f"{self.folder}: no {META} (start `python -m studies.fresh --out {self.folder}`)")
             time.sleep(0.2)
         self.meta = json.loads(meta.read_text())
         if self.meta.get("version") != ds.CACHE_VERSION:
@@ -246,7 +246,7 @@ class FreshStream(LabelledDataset):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m learner.fresh", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.fresh", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder to write windows into")
     p.add_argument("--spec", default="synthetic:frames=40,seed=7", help="synthetic dataset spec (scenes is ignored)")
     p.add_argument("--views", type=int, default=4)
