@@ -7,8 +7,10 @@ and translation per window), as the model's outputs are defined only up to it:
   least-squares scale-and-shift (``*_lsq``), and after per-frame least-squares
   scale-and-shift (``*_lsq_frame``: the depth *shape* only, what a monocular teacher can do);
 * poses: ATE RMSE of camera centres after Umeyama Sim(3) alignment (metres of the ground
-  truth), RPE between consecutive views after the same alignment (translation in metres,
-  rotation in degrees), and over all view pairs the relative rotation error and relative
+  truth), RPE between consecutive views after the same alignment (RMSE over the pairs of the
+  relative pose error's translation in metres and rotation angle in degrees: evo's RPE with
+  delta 1 frame, RMSE statistic; tests/test_metrics_evo.py), and over all view pairs the
+  relative rotation error and relative
   translation direction error, their means and RRA@30, RTA@30 and AUC@30 (the VGGT/pi3
   protocol: AUC of the curve "fraction of pairs with max(rot, trans) error < t", t in 1..30°);
 * point maps: accuracy (mean distance of predicted points to the nearest ground-truth point)
@@ -99,8 +101,8 @@ def pose_metrics(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> dict[str
     rel_p = geometry.relative_pose(aligned[:-1], aligned[1:])
     rel_g = geometry.relative_pose(gt[:-1], gt[1:])
     err = geometry.relative_pose(rel_g, rel_p)
-    out["rpe_trans"] = float(err[:, :3, 3].norm(dim=-1).mean())
-    out["rpe_rot_deg"] = float(geometry.rotation_angle_deg(err[:, :3, :3]).mean())
+    out["rpe_trans"] = float(err[:, :3, 3].norm(dim=-1).pow(2).mean().sqrt())
+    out["rpe_rot_deg"] = float(geometry.rotation_angle_deg(err[:, :3, :3]).pow(2).mean().sqrt())
     rot_err, trans_err = pairwise_pose_errors(pred, gt)
     out["rot_err_deg"], out["trans_err_deg"] = float(rot_err.mean()), float(trans_err.mean())
     out.update(pose_auc(rot_err, trans_err))
