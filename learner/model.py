@@ -18,7 +18,7 @@ global block) -> final norm -> heads:
   reprojection terms move directly, while the dense head learns the shape) (+ with
   ``translation_unit: depth``, translations in units of the window's mean predicted depth).
 
-This module knows nothing of distribution, compilation or AMP policy (STYLE item 3).
+This module knows nothing of distribution, compilation or AMP policy (ARCHITECTURE.md, "Rules").
 """
 
 from __future__ import annotations

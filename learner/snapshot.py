@@ -1,4 +1,4 @@
-"""Snapshots: plain, atomic, verifiable files named by step (STYLE item 11).
+"""Snapshots: plain, atomic, verifiable files named by step (ARCHITECTURE.md, "Rules").
 
 Layout of one snapshot, ``<run_dir>/snapshots/step-000000050/``:
 
