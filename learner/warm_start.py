@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from learner.config import ModelConfig
+from learner.config import LearnerConfig, ModelConfig
 from learner.snapshot import SnapshotError, latest_snapshot, verify_snapshot
 
 if TYPE_CHECKING:
@@ -118,6 +118,19 @@ def init_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     if trainer.ema is not None:
         trainer.ema.load_state_dict(state)
     return source.meta(str(path))
+
+
+def start_problem(cfg: LearnerConfig, run_dir: str | Path) -> str | None:
+    """Why ``cfg.init`` cannot start a learner in ``run_dir``, or None (also when the learner
+    will resume its own snapshot there and ignore it): ``reliev3r up`` asks before it starts
+    any process."""
+    if not cfg.init or latest_snapshot(Path(run_dir) / "snapshots") is not None:
+        return None
+    try:
+        check_init(cfg.model, cfg.init)
+    except InitError as err:
+        return str(err)
+    return None
 
 
 # ---------------------------------------------------------------------- helpers

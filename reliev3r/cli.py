@@ -14,6 +14,8 @@ from pathlib import Path
 from reliev3r import config as rconfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+PRETRAIN_CONFIG = DEFAULT_CONFIG.parent / "pretrain.yaml"
+"""``reliev3r pretrain``'s recipe, loaded after the defaults and before the user's files."""
 
 # subcommand -> (module with run(cfg, runtime) -> int, stage name)
 STAGES = {
@@ -38,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
     up = add("up", "run the whole pipeline locally (supervisor + every stage)")
     up.add_argument("--max-steps", type=int, default=None, help="end after N learner steps")
+    pre = add("pretrain", "up with configs/pretrain.yaml (supervised, synthetic world): weights for learner.init")
+    pre.add_argument("--max-steps", type=int, default=None, help="end after N learner steps (default: the recipe's)")
     add("stream", "run the streamer: sources -> frame windows")
     add("label", "run a labeler worker: windows -> teacher labels -> replay")
     add("replay", "run the replay service")
@@ -105,11 +109,24 @@ def config_paths(args: argparse.Namespace) -> list[Path]:
     """configs/default.yaml first, then the user's files on top: a user's file need only
     hold what differs from the defaults."""
     extra = [Path(p) for p in args.config]
-    return [DEFAULT_CONFIG, *(p for p in extra if p.resolve() != DEFAULT_CONFIG)]
+    recipe = [PRETRAIN_CONFIG] if args.command == "pretrain" else []
+    return [DEFAULT_CONFIG, *recipe, *(p for p in extra if p.resolve() != DEFAULT_CONFIG)]
 
 
 def load_config(args: argparse.Namespace) -> rconfig.PipelineConfig:
     return rconfig.load(config_paths(args), args.overrides)
+
+
+def _pretrained(cfg: rconfig.PipelineConfig, code: int) -> int:
+    """``reliev3r pretrain``'s last words: the snapshot to pass as ``learner.init``."""
+    from learner.snapshot import latest_snapshot
+
+    snap = latest_snapshot(cfg.run_dir / "snapshots")
+    if snap is None:
+        print("reliev3r pretrain: no snapshot was written", file=sys.stderr)
+        return code or 1
+    print(f"pretrained weights: {snap.resolve()}\nstart a run from them with: learner.init={snap.resolve()}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 runtime.log.exception("stage failed")
                 return 1
-    if args.command == "up":
+    if args.command in ("up", "pretrain"):
         from reliev3r.supervisor import Supervisor
 
         if args.max_steps is not None:
             cfg.learner.max_steps = args.max_steps
-        return Supervisor(cfg).run()
+        if cfg.learner.init:  # checked here: a learner failing at start would be restarted
+            from learner.warm_start import start_problem
+
+            if problem := start_problem(cfg.learner, cfg.run_dir):
+                print(f"reliev3r: {problem}", file=sys.stderr)
+                return 2
+        code = Supervisor(cfg).run()
+        return _pretrained(cfg, code) if args.command == "pretrain" else code
     if args.command == "eval":
         from evaluation.cli import main as eval_main
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from learner.config import LearnerConfig, ModelConfig
 from learner.snapshot import save_snapshot, verify_snapshot
 from learner.train import Trainer, synthetic_batch
-from learner.warm_start import InitError, check_init, init_trainer
+from learner.warm_start import InitError, check_init, init_trainer, start_problem
 from test_train import FakeReplay, _pipeline, toy_loss
 
 torch.set_num_threads(1)
@@ -123,8 +123,11 @@ def test_learner_process_starts_from_init_and_resume_wins(tmp_path, caplog):
         meta = verify_snapshot(list_snapshots(run / "snapshots")[-1][1])
         assert meta["step"] == 3 and meta["init"]["path"] == str(source / "ema.safetensors")
 
-        # A fresh run folder with the wrong architecture stops at start, naming both.
+        # A fresh run folder with the wrong architecture stops at start, naming both (``up``
+        # asks start_problem before it starts any process).
+        assert start_problem(cfg.learner, run) is None  # resumes: init not even looked at
         cfg = _pipeline(tmp_path / "run2", port, max_steps=1, init=str(wrong))
+        assert "patch_size=4" in start_problem(cfg.learner, tmp_path / "run2")
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             with pytest.raises(InitError, match=r"patch_size=4.*patch_size=8"):
                 service.run(cfg, runtime, loss_fn=toy_loss)
