@@ -1,6 +1,6 @@
 """How wrong is the oracle teacher at each error strength? Per-frame AbsRel against the truth.
 
-    .venv/bin/python studies/oracle_error.py [--data ../shared/data/7scenes-redkitchen] \\
+    .venv/bin/python -m studies.oracle_error [--data ../shared/data/7scenes-redkitchen] \\
         [--frames 20] [--strengths 0,0.5,1,2,4] [--spec 'oracle?warp=0.2' ...] [--components]
 
 Reads ``--frames`` frames of a 7-Scenes sequence spread over it (depth downsampled with
@@ -27,11 +27,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages when run as a script
-
-from evaluation.baselines import teacher_window_metrics  # noqa: E402
-from evaluation.datasets import sevenscenes_sequence  # noqa: E402
-from labelers.depth import ORACLE_UNIT, make_teacher  # noqa: E402
+from evaluation.baselines import teacher_window_metrics
+from evaluation.datasets import sevenscenes_sequence
+from labelers.depth import ORACLE_UNIT, make_teacher
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "7scenes-redkitchen"
 
