@@ -45,13 +45,13 @@ def worlds(tmp_path_factory):
     return base
 
 
-def _start(run_dir: Path, worlds: Path, *extra: str, max_steps: int) -> subprocess.Popen:
+def _start(run_dir: Path, worlds: Path, *extra: str, max_steps: int, command: str = "up") -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("world", "eval_world"):
         (run_dir / name).symlink_to(worlds / name)
     ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
     ports += [f"monitoring.ports.{s}=0" for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
-    cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", str(ROOT / "configs" / "default.yaml"),
+    cmd = [sys.executable, "-m", "reliev3r.cli", command, "--config", str(ROOT / "configs" / "default.yaml"),
            "--config", str(ROOT / "configs" / "demo.yaml"), "--max-steps", str(max_steps),
            f"run.dir={run_dir}", *ports, *SMALL, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -243,3 +243,34 @@ def test_up_starts_several_labelers_that_share_the_stream(tmp_path, worlds):
         out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
     assert (run_dir / "logs" / "labeler-1.log").is_file()
+
+def test_pretrain_then_a_run_warm_started_from_it(tmp_path, worlds):
+    """``reliev3r pretrain`` (configs/pretrain.yaml under the demo sizes) ends with a snapshot
+    and prints it; a second run starts from it through ``learner.init``; a model that does not
+    fit stops ``up`` before anything starts."""
+    import re
+
+    from learner.snapshot import latest_snapshot, verify_snapshot
+
+    out = _finish(_start(tmp_path / "pre", worlds, max_steps=3, command="pretrain"))
+    found = re.search(r"learner\.init=(\S+)", out)
+    assert found, out[-3000:]
+    snap = latest_snapshot(tmp_path / "pre" / "snapshots")
+    assert found.group(1) == str(snap.resolve())
+    meta = verify_snapshot(snap)
+    assert meta["step"] == 3 and meta["final"] is True
+    assert meta["config"]["loss"]["kind"] == "supervised" and meta["config"]["schedule"] == "cosine"
+    assert meta["config"]["model"]["size"] == "tiny" and meta["init"] is None  # demo sizes, from scratch
+
+    out = _finish(_start(tmp_path / "fine", worlds, f"learner.init={found.group(1)}", max_steps=1))
+    assert "learner finished" in out, out[-3000:]
+    meta = verify_snapshot(latest_snapshot(tmp_path / "fine" / "snapshots"))
+    assert meta["step"] == 1 and meta["config"]["loss"]["kind"] == "weak"
+    assert meta["init"]["path"] == str(snap.resolve() / "ema.safetensors")
+    assert meta["init"]["sha256"] == verify_snapshot(snap)["files"]["ema.safetensors"]["sha256"]
+
+    bad = subprocess.run([sys.executable, "-m", "reliev3r.cli", "up", f"run.dir={tmp_path / 'bad'}",
+                          "learner.model.patch_size=16", f"learner.init={found.group(1)}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "patch_size=8" in bad.stderr and "patch_size=16" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
