@@ -9,13 +9,10 @@ B, and the durable replay store must end with every window exactly once.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -26,26 +23,7 @@ from reliev3r.service import Runtime
 from replay.storage import DiskStorage
 from streamer_media import encode, panning_frames
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(predicate, timeout: float, what: str, procs=()):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                pytest.fail(f"{what}: process {p.args[3]} exited with {p.returncode}:\n{p.stdout.read()[-3000:]}")
-        if predicate():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def _stage(kind: str, config: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "reliev3r.cli", kind, "--config", str(config)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _stop(proc: subprocess.Popen) -> str:
@@ -59,7 +37,7 @@ def _stop(proc: subprocess.Popen) -> str:
     return out
 
 
-def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path):
+def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path, wait_for, reliev3r_process):
     video = encode(tmp_path / "pan.mp4", panning_frames(40, 128, 96, step=3))
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({
@@ -74,6 +52,11 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path):
     }))
     cfg = load([config])
     runtime = Runtime("streamer", cfg, install_signals=False, serve_metrics=False)
+
+    def stage(kind: str) -> subprocess.Popen:  # a real replay or labeler process on the same config
+        return reliev3r_process(kind, "--config", config, env={"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
     thread = threading.Thread(target=streamer_service.run, args=(cfg, runtime), daemon=True)
 
     def metric(name, labels=None) -> float:
@@ -82,10 +65,10 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         thread.start()
-        a = _stage("label", config)
+        a = stage("label")
         procs.append(a)
         # A holds windows it has labelled but cannot insert (replay is not up yet)
-        _wait_for(lambda: metric("windows_in_flight") >= 2, 120, "labeler A to take windows", [a])
+        wait_for(lambda: metric("windows_in_flight") >= 2, 120, "labeler A to take windows", [a])
         time.sleep(1.0)
         assert metric("windows_acked_total", {"status": "stored"}) == 0
         held = metric("windows_in_flight")
@@ -93,8 +76,8 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path):
         a.wait(10)
         assert a.returncode == -signal.SIGKILL
 
-        replay = _stage("replay", config)
-        b = _stage("label", config)
+        replay = stage("replay")
+        b = stage("label")
         procs += [replay, b]
 
         def drained() -> bool:
@@ -102,7 +85,7 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path):
             return sent >= 3 and metric("windows_in_flight") == 0 and \
                 metric("windows_acked_total", {"status": "stored"}) + \
                 metric("windows_acked_total", {"status": "duplicate"}) >= sent
-        _wait_for(drained, 180, "every window stored", [replay, b])
+        wait_for(drained, 180, "every window stored", [replay, b])
         sent = int(metric("windows_sent_total"))
         assert metric("windows_resent_total") >= held  # A's windows came back through the resend
         assert metric("windows_abandoned_total") == 0

@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -321,13 +320,6 @@ def test_first_losses_match_the_golden_file():
 
 # --------------------------------------------------------------------------- SIGKILL resume
 
-def _spawn(stage: str, run_dir: Path, port: int, *extra: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "reliev3r.cli", stage, f"run.dir={run_dir}", f"network.replay_port={port}",
-           "monitoring.enabled=false", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
-
-
 def _snapshot_steps(run_dir: Path) -> list[int]:
     from learner.snapshot import list_snapshots
 
@@ -336,7 +328,7 @@ def _snapshot_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigkilled_learner_process_resumes_from_its_last_snapshot(dataset, tmp_path):
+def test_sigkilled_learner_process_resumes_from_its_last_snapshot(dataset, tmp_path, reliev3r_process):
     from learner.snapshot import latest_snapshot, verify_snapshot
     from reliev3r import protocol
     from reliev3r.config import free_port
@@ -344,9 +336,14 @@ def test_sigkilled_learner_process_resumes_from_its_last_snapshot(dataset, tmp_p
 
     port = free_port()
     run_dir = tmp_path / "run"
+
+    def _spawn(stage: str, *extra: str, log: Path) -> subprocess.Popen:
+        return reliev3r_process(stage, f"run.dir={run_dir}", f"network.replay_port={port}", "monitoring.enabled=false",
+                                *extra, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+
     learner_args = ["learner.device=cpu", "learner.threads=1", "learner.batch_size=1", "learner.snapshot_every=2",
                     "learner.ema_decay=0.9", "learner.max_steps=10000", "replay.min_size=1"]
-    replay = _spawn("replay", run_dir, port, "replay.min_size=1", log=tmp_path / "replay.log")
+    replay = _spawn("replay", "replay.min_size=1", log=tmp_path / "replay.log")
     learner = None
     try:
         with ReplayClient(f"tcp://127.0.0.1:{port}", timeout_s=30, retry_s=0.5) as client:
@@ -359,7 +356,7 @@ def test_sigkilled_learner_process_resumes_from_its_last_snapshot(dataset, tmp_p
                     {"frames": a["images"][n], "intrinsics": a["intrinsics"][n], "matches": m,
                      "teacher_depth": a["teacher_depth"][n], "teacher_valid": a["teacher_valid"][n].astype(np.uint8)})
                 assert client.insert(msg)["status"] == "stored"
-        learner = _spawn("learn", run_dir, port, *learner_args, log=tmp_path / "learner.log")
+        learner = _spawn("learn", *learner_args, log=tmp_path / "learner.log")
         deadline = time.time() + 150
         while time.time() < deadline and not [s for s in _snapshot_steps(run_dir) if s >= 4]:
             assert learner.poll() is None, (tmp_path / "learner.log").read_text()[-3000:]
@@ -373,7 +370,7 @@ def test_sigkilled_learner_process_resumes_from_its_last_snapshot(dataset, tmp_p
         assert meta_before["final"] is False
 
         target = last + 3
-        learner = _spawn("learn", run_dir, port, *learner_args[:-2], f"learner.max_steps={target}",
+        learner = _spawn("learn", *learner_args[:-2], f"learner.max_steps={target}",
                          "replay.min_size=1", log=tmp_path / "learner2.log")
         assert learner.wait(150) == 0, (tmp_path / "learner2.log").read_text()[-3000:]
         log = (tmp_path / "learner2.log").read_text()

@@ -68,16 +68,6 @@ def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     return out
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _processes(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "processes.json").read_text())
@@ -123,11 +113,11 @@ def test_up_reaches_max_steps_with_snapshot_and_evaluation(tmp_path, worlds):
     assert not list((run_dir / "snapshots").glob("*.tmp*")), "half-written snapshot left behind"
 
 
-def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_path, worlds):
+def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_path, worlds, wait_for):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, worlds, max_steps=25)
     try:
-        procs = _wait_for(lambda: (p := _processes(run_dir)).get("labeler", {}).get("pid") and _learner_step(run_dir) >= 5 and p,
+        procs = wait_for(lambda: (p := _processes(run_dir)).get("labeler", {}).get("pid") and _learner_step(run_dir) >= 5 and p,
                           300, "the learner's first snapshot")
         cfg = rconfig.load([run_dir / "config.yaml"])
         # Garbage to every bound socket: streamer ROUTER, replay ROUTER, supervisor PULL.
@@ -156,18 +146,18 @@ def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_pat
     assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == 25
 
 
-def test_sigterm_stops_everything_cleanly(tmp_path, worlds):
+def test_sigterm_stops_everything_cleanly(tmp_path, worlds, wait_for):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, worlds, max_steps=0)  # would run forever
     try:
-        _wait_for(lambda: _learner_step(run_dir) >= 5, 300, "the learner's first snapshot")
+        wait_for(lambda: _learner_step(run_dir) >= 5, 300, "the learner's first snapshot")
         pids = [p["pid"] for p in _processes(run_dir).values() if p.get("pid")]
         assert len(pids) == 6
         proc.send_signal(signal.SIGTERM)
     finally:
         out = _finish(proc, timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    _wait_for(lambda: not any(_alive(p) for p in pids), 10, "every child to exit")
+    wait_for(lambda: not any(_alive(p) for p in pids), 10, "every child to exit")
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
     # The learner snapshots on SIGTERM: the newest snapshot is valid and newer than step 5.
     from learner.snapshot import latest_snapshot
@@ -175,7 +165,7 @@ def test_sigterm_stops_everything_cleanly(tmp_path, worlds):
     assert latest_snapshot(run_dir / "snapshots") is not None
 
 
-def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, worlds):
+def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, worlds, wait_for):
     """The cross-host setup on one host: every ZeroMQ link under CURVE and frames sent as
     JPEG. With keys from `reliev3r keys` the run completes; a peer without the key gets
     nothing through and is counted."""
@@ -194,9 +184,9 @@ def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, world
     steps = 20
     proc = _start(run_dir, worlds, *curve, "streamer.payload=jpeg", max_steps=steps)
     try:
-        procs = _wait_for(lambda: (p := _processes(run_dir)).get("replay", {}).get("pid") and p, 120, "processes")
+        procs = wait_for(lambda: (p := _processes(run_dir)).get("replay", {}).get("pid") and p, 120, "processes")
         cfg = rconfig.load([run_dir / "config.yaml"])
-        _wait_for(lambda: _learner_step(run_dir) >= 2 or proc.poll() is not None, 300, "the first snapshot")
+        wait_for(lambda: _learner_step(run_dir) >= 2 or proc.poll() is not None, 300, "the first snapshot")
         # A keyless and a wrong-key client: their requests are never answered or stored.
         import zmq.auth
 
@@ -223,13 +213,13 @@ def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, world
     assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == steps
 
 
-def test_up_starts_several_labelers_that_share_the_stream(tmp_path, worlds):
+def test_up_starts_several_labelers_that_share_the_stream(tmp_path, worlds, wait_for):
     """labeler.workers=2: two labeler processes (one per GPU on a GPU host), each with its own
     log, metrics endpoint and heartbeat; both take windows from the one streamer."""
     run_dir = tmp_path / "run"
     proc = _start(run_dir, worlds, "labeler.workers=2", "labeler.credits=1", max_steps=8)
     try:
-        procs = _wait_for(lambda: (p := _processes(run_dir)).get("labeler-1", {}).get("pid")
+        procs = wait_for(lambda: (p := _processes(run_dir)).get("labeler-1", {}).get("pid")
                           and _learner_step(run_dir) >= 5 and p, 300, "the first snapshot")
         assert procs["labeler"]["metrics"] != procs["labeler-1"]["metrics"]
 
@@ -238,11 +228,12 @@ def test_up_starts_several_labelers_that_share_the_stream(tmp_path, worlds):
             return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                        if line.startswith("reliev3r_labeler_windows_total{"))
 
-        _wait_for(lambda: windows("labeler") > 0 and windows("labeler-1") > 0, 60, "both labelers to label")
+        wait_for(lambda: windows("labeler") > 0 and windows("labeler-1") > 0, 60, "both labelers to label")
     finally:
         out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
     assert (run_dir / "logs" / "labeler-1.log").is_file()
+
 
 def test_pretrain_then_a_run_warm_started_from_it(tmp_path, worlds):
     """``reliev3r pretrain`` (configs/pretrain.yaml under the demo sizes) ends with a snapshot

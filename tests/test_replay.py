@@ -21,19 +21,6 @@ from replay.storage import (CorruptWindow, DiskStorage, FifoEviction, MemoryStor
 SEVEN_SCENES = Path(__file__).parents[1].parent / "shared" / "data" / "7scenes-redkitchen"
 
 
-def make_window(i: int, *, views: int = 2, size: int = 16, teacher: bool = True, frames=None) -> protocol.Message:
-    rng = np.random.default_rng(i)
-    arrays = {"frames": rng.integers(0, 256, (views, size, size, 3), dtype=np.uint8) if frames is None else frames,
-              "intrinsics": np.tile(np.eye(3, dtype=np.float32), (views, 1, 1)),
-              "matches": np.array([[0, 1, 1.0, 2.0, 3.0, 4.0, 0.9]] * (1 + i % 3), np.float32)}
-    if teacher:
-        arrays["teacher_depth"] = rng.random((views, size, size)).astype(np.float32) + 0.5
-        arrays["teacher_valid"] = np.ones((views, size, size), np.uint8)
-    meta = {"window_id": f"w{i}", "source": "test", "frame_indices": list(range(views)),
-            "teacher": {"depth": {"name": "fake", "version": "1"}}}
-    return protocol.Message("insert", meta, arrays)
-
-
 def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())
@@ -42,9 +29,9 @@ def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
 # --------------------------------------------------------------------------- storage
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])
-def test_storage_round_trip(tmp_path, kind):
+def test_storage_round_trip(make_insert, tmp_path, kind):
     storage = MemoryStorage() if kind == "memory" else DiskStorage(tmp_path)
-    msg = make_window(3)
+    msg = make_insert(3)
     rec = storage.put("w3", encode_window(msg), shape=msg.arrays["frames"].shape)
     back = decode_window(storage.get(rec.key))
     assert back.meta == msg.meta
@@ -54,9 +41,9 @@ def test_storage_round_trip(tmp_path, kind):
     storage.close()
 
 
-def test_disk_storage_restart_restores_index_and_state(tmp_path):
+def test_disk_storage_restart_restores_index_and_state(make_insert, tmp_path):
     storage = DiskStorage(tmp_path)
-    keys = [storage.put(f"w{i}", encode_window(make_window(i)), shape=(2, 16, 16, 3)).key for i in range(4)]
+    keys = [storage.put(f"w{i}", encode_window(make_insert(i)), shape=(2, 16, 16, 3)).key for i in range(4)]
     storage.remove([keys[3]])  # the newest key must still not be reused
     storage.touch([keys[0], keys[0], keys[1]])
     storage.set_priority(keys[2], 7.5)
@@ -68,14 +55,14 @@ def test_disk_storage_restart_restores_index_and_state(tmp_path):
     assert [again.records[k].times_sampled for k in keys[:3]] == [2, 1, 0]
     assert again.records[keys[2]].priority == 7.5
     assert again.load_state("thing") == {"a": [1, 2]}
-    assert again.put("w9", encode_window(make_window(9)), shape=(2, 16, 16, 3)).key == keys[3] + 1
+    assert again.put("w9", encode_window(make_insert(9)), shape=(2, 16, 16, 3)).key == keys[3] + 1
     assert again.verify() == []
     again.close()
 
 
-def test_disk_checksum_detects_a_flipped_byte(tmp_path):
+def test_disk_checksum_detects_a_flipped_byte(make_insert, tmp_path):
     storage = DiskStorage(tmp_path)
-    msg = make_window(0)
+    msg = make_insert(0)
     marker = np.full((2, 16, 16, 3), 173, np.uint8)
     marker[0, 0, 0] = [11, 22, 33]  # a byte pattern we can find in the file
     msg.arrays["frames"] = marker
@@ -96,9 +83,9 @@ def test_disk_checksum_detects_a_flipped_byte(tmp_path):
     again.close()
 
 
-def test_memory_checksum_detects_corruption():
+def test_memory_checksum_detects_corruption(make_insert):
     storage = MemoryStorage()
-    rec = storage.put("w0", encode_window(make_window(0)), shape=(2, 16, 16, 3))
+    rec = storage.put("w0", encode_window(make_insert(0)), shape=(2, 16, 16, 3))
     payload = bytearray(storage.payloads[rec.key])
     payload[-5] ^= 1
     storage.payloads[rec.key] = bytes(payload)
@@ -106,11 +93,11 @@ def test_memory_checksum_detects_corruption():
         storage.get(rec.key)
 
 
-def test_buffer_never_serves_a_corrupt_window(tmp_path):
+def test_buffer_never_serves_a_corrupt_window(make_insert, tmp_path):
     cfg = ReplayConfig(min_size=1)
     buf = ReplayBuffer(cfg, MemoryStorage())
     for i in range(3):
-        assert buf.insert(make_window(i)).status == "stored"
+        assert buf.insert(make_insert(i)).status == "stored"
     bad = buf.storage.by_id["w1"]
     buf.storage.payloads[bad] = buf.storage.payloads[bad][:-1] + b"\x00"
     batch = buf.sample(30)
@@ -118,10 +105,10 @@ def test_buffer_never_serves_a_corrupt_window(tmp_path):
     assert buf.counts["corrupt"] == 1 and "w1" not in buf.storage and len(buf.sampler) == 2
 
 
-def test_disk_full_is_a_rejected_insert(tmp_path):
+def test_disk_full_is_a_rejected_insert(make_insert, tmp_path):
     storage = DiskStorage(tmp_path, max_pages=40)  # ~160 KiB database
     buf = ReplayBuffer(ReplayConfig(min_size=1), storage)
-    results = [buf.insert(make_window(i, size=32)) for i in range(40)]
+    results = [buf.insert(make_insert(i, size=32)) for i in range(40)]
     statuses = Counter(r.status for r in results)
     assert statuses["stored"] >= 2 and statuses["rejected"] >= 1
     assert {r.reason for r in results if r.status == "rejected"} == {"storage_full"}
@@ -350,16 +337,16 @@ def test_dedup_synthetic_and_index_agreement():
 
 # --------------------------------------------------------------------------- buffer
 
-def test_buffer_rejects_bad_windows_and_duplicates():
+def test_buffer_rejects_bad_windows_and_duplicates(make_insert):
     buf = ReplayBuffer(ReplayConfig(min_size=1, max_window_bytes=20_000), MemoryStorage())
-    assert buf.insert(make_window(0)).status == "stored"
-    assert buf.insert(make_window(0)).reason == "window_id"
-    assert buf.insert(make_window(1, size=8)).reason == "shape_mismatch"
-    nan = make_window(2)
+    assert buf.insert(make_insert(0)).status == "stored"
+    assert buf.insert(make_insert(0)).reason == "window_id"
+    assert buf.insert(make_insert(1, size=8)).reason == "shape_mismatch"
+    nan = make_insert(2)
     nan.arrays["teacher_depth"] = nan.arrays["teacher_depth"].copy()
     nan.arrays["teacher_depth"][0, 0, 0] = np.nan
     assert buf.insert(nan).reason == "non_finite_label"
-    big = make_window(3, views=2, size=16)
+    big = make_insert(3, views=2, size=16)
     big.arrays["gt_depth"] = np.zeros((2, 16, 16), np.float32)
     big.arrays["matches"] = np.zeros((1000, 7), np.float32)
     assert buf.insert(big).reason == "oversize"
@@ -367,10 +354,10 @@ def test_buffer_rejects_bad_windows_and_duplicates():
     assert buf.stats()["duplicates"] == 1 and buf.stats()["inserts"] == 1
 
 
-def test_buffer_batch_layout_and_optional_arrays():
+def test_buffer_batch_layout_and_optional_arrays(make_insert):
     buf = ReplayBuffer(ReplayConfig(min_size=1, sampler="recency"), MemoryStorage(), seed=0)
-    buf.insert(make_window(0))
-    buf.insert(make_window(1, teacher=False))
+    buf.insert(make_insert(0))
+    buf.insert(make_insert(1, teacher=False))
     batch = buf.sample(8)
     ids = batch.meta["window_ids"]
     assert set(ids) == {"w0", "w1"}  # seeded: deterministic (and likely anyway: 1 - 2**-7)
@@ -384,11 +371,11 @@ def test_buffer_batch_layout_and_optional_arrays():
     assert batch.meta["probabilities"][0] > 0 and len(batch.meta["times_sampled"]) == 8
 
 
-def test_buffer_reopens_with_sampler_and_limiter_state(tmp_path):
+def test_buffer_reopens_with_sampler_and_limiter_state(make_insert, tmp_path):
     cfg = ReplayConfig(min_size=1, sampler="prioritized", durable=True)
     buf = ReplayBuffer(cfg, DiskStorage(tmp_path), seed=4)
     for i in range(5):
-        buf.insert(make_window(i))
+        buf.insert(make_insert(i))
     buf.update_priorities(["w0", "w1"], [10.0, 0.1])
     buf.sample(3)
     buf.close()
@@ -396,37 +383,37 @@ def test_buffer_reopens_with_sampler_and_limiter_state(tmp_path):
     assert len(again.storage) == 5 and again.counts["samples"] == 3
     assert again.sampler.priority(again.storage.by_id["w0"]) == pytest.approx(10.0 ** 0.6, rel=1e-5)
     assert again.limiter.inserts == 5 and again.limiter.samples == 3
-    assert again.insert(make_window(11, size=8)).reason == "shape_mismatch"  # shape remembered
+    assert again.insert(make_insert(11, size=8)).reason == "shape_mismatch"  # shape remembered
     again.close()
 
 
-def test_buffer_redelivery_of_an_evicted_window_is_a_duplicate():
+def test_buffer_redelivery_of_an_evicted_window_is_a_duplicate(make_insert):
     buf = ReplayBuffer(ReplayConfig(min_size=1, capacity_windows=2), MemoryStorage())
     for i in range(3):
-        assert buf.insert(make_window(i)).status == "stored"
+        assert buf.insert(make_insert(i)).status == "stored"
     assert "w0" not in buf.storage and buf.counts["evictions"] == 1
-    assert buf.insert(make_window(0)) == InsertResult("duplicate", "evicted")
+    assert buf.insert(make_insert(0)) == InsertResult("duplicate", "evicted")
 
 
-def test_evicted_ids_survive_a_restart(tmp_path):
+def test_evicted_ids_survive_a_restart(make_insert, tmp_path):
     cfg = ReplayConfig(min_size=1, capacity_windows=2, durable=True)
     buf = ReplayBuffer(cfg, DiskStorage(tmp_path))
     for i in range(4):
-        assert buf.insert(make_window(i)).status == "stored"
+        assert buf.insert(make_insert(i)).status == "stored"
     buf.close()  # w0 and w1 were evicted
     again = ReplayBuffer(cfg, DiskStorage(tmp_path))
     assert list(again.storage.evicted) == ["w0", "w1"]
-    assert again.insert(make_window(0)) == InsertResult("duplicate", "evicted")
-    assert again.insert(make_window(1)) == InsertResult("duplicate", "evicted")
-    assert again.insert(make_window(4)).status == "stored"
+    assert again.insert(make_insert(0)) == InsertResult("duplicate", "evicted")
+    assert again.insert(make_insert(1)) == InsertResult("duplicate", "evicted")
+    assert again.insert(make_insert(4)).status == "stored"
     again.close()
 
 
-def test_group_insert_commits_once_and_matches_single_inserts(tmp_path):
+def test_group_insert_commits_once_and_matches_single_inserts(make_insert, tmp_path):
     cfg = ReplayConfig(min_size=1, capacity_windows=5, durable=True)
     one = ReplayBuffer(cfg, DiskStorage(tmp_path / "one"))
     many = ReplayBuffer(cfg, DiskStorage(tmp_path / "many"))
-    msgs = [make_window(i) for i in range(8)] + [make_window(3), make_window(0)]  # a repeat, an evicted one
+    msgs = [make_insert(i) for i in range(8)] + [make_insert(3), make_insert(0)]  # a repeat, an evicted one
     commits = []
     many.storage.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
     results = many.insert_many(msgs)
@@ -443,11 +430,11 @@ def test_group_insert_commits_once_and_matches_single_inserts(tmp_path):
     one.close()
 
 
-def test_refused_group_is_undone_and_retried_one_by_one(tmp_path):
+def test_refused_group_is_undone_and_retried_one_by_one(make_insert, tmp_path):
     storage = DiskStorage(tmp_path, max_pages=40)  # ~160 KiB: a few 32x32 windows fit, not a burst of 12
     buf = ReplayBuffer(ReplayConfig(min_size=1, sampler="prioritized"), storage)
-    assert buf.insert(make_window(100, size=32)).status == "stored"
-    results = buf.insert_many([make_window(i, size=32) for i in range(12)])
+    assert buf.insert(make_insert(100, size=32)).status == "stored"
+    results = buf.insert_many([make_insert(i, size=32) for i in range(12)])
     statuses = Counter(r.status for r in results)
     assert statuses["stored"] >= 1 and statuses["rejected"] >= 1  # the group failed; singles partly fit
     assert {r.reason for r in results if r.status == "rejected"} == {"storage_full"}

@@ -7,10 +7,8 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,29 +22,13 @@ from replay import service
 from replay.client import ReplayClient, ReplayError
 from replay.storage import DiskStorage, decode_window
 
-REPO = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("RELIEV3R_REPLAY_KILLS", "20"))
 """SIGKILLs in the fault test (20 by default; lower it for a quick local run)."""
 WRITERS = 3
 
 
-def make_window(i: int, *, views: int = 2, size: int = 16) -> protocol.Message:
-    rng = np.random.default_rng(i)
-    arrays = {"frames": rng.integers(0, 256, (views, size, size, 3), dtype=np.uint8),
-              "intrinsics": np.tile(np.eye(3, dtype=np.float32), (views, 1, 1)),
-              "matches": np.array([[0, 1, 1.0, 2.0, 3.0, 4.0, 0.5]] * (1 + i % 4), np.float32),
-              "teacher_depth": rng.random((views, size, size)).astype(np.float32) + 0.5,
-              "teacher_valid": np.ones((views, size, size), np.uint8)}
-    meta = {"window_id": f"w{i}", "source": "test", "frame_indices": list(range(views)),
-            "teacher": {"depth": {"name": "fake", "version": "1"}}}
-    return protocol.Message("insert", meta, arrays)
-
-
-def make_cfg(tmp_path: Path, *overrides: str) -> rconfig.PipelineConfig:
-    cfg = rconfig.load([], [f"run.dir={tmp_path}", "monitoring.enabled=false", "replay.sample_wait_s=0.2",
-                            "replay.min_size=2", *overrides])
-    cfg.network.replay_port = rconfig.free_port()
-    return cfg
+REPLAY = ("replay.sample_wait_s=0.2", "replay.min_size=2")
+"""Every in-thread test's replay settings (``make_cfg`` and ``make_insert``: tests/conftest.py)."""
 
 
 @contextlib.contextmanager
@@ -68,15 +50,15 @@ def metric(runtime: Runtime, name: str, **labels) -> float:
     return runtime.metrics.registry.get_sample_value(f"reliev3r_{name}", labels) or 0.0
 
 
-def test_insert_duplicate_sample_stats(tmp_path):
-    cfg = make_cfg(tmp_path)
+def test_insert_duplicate_sample_stats(make_cfg, make_insert):
+    cfg = make_cfg(*REPLAY)
     with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=10, retry_s=2) as client:
-        assert client.insert(make_window(0)) == {"window_id": "w0", "status": "stored", "reason": ""}
-        assert client.insert(make_window(0))["status"] == "duplicate"
+        assert client.insert(make_insert(0)) == {"window_id": "w0", "status": "stored", "reason": ""}
+        assert client.insert(make_insert(0))["status"] == "duplicate"
 
         # Fewer than min_size windows: sample() waits (through not_ready replies) until a
         # labeler inserts more.
-        later = threading.Timer(0.6, lambda: ReplayClient(endpoint, ctx=client.ctx).insert(make_window(1)))
+        later = threading.Timer(0.6, lambda: ReplayClient(endpoint, ctx=client.ctx).insert(make_insert(1)))
         later.start()
         start = time.monotonic()
         batch = client.sample(3, rank=1)
@@ -88,7 +70,7 @@ def test_insert_duplicate_sample_stats(tmp_path):
         assert set(batch.meta["window_ids"]) <= {"w0", "w1"}
         assert batch.meta["probabilities"] == [0.5] * 3 and batch.meta["teacher"]["depth"]["name"] == "fake"
         w = batch.meta["window_ids"][0]
-        np.testing.assert_array_equal(batch.arrays["frames"][0], make_window(int(w[1:])).arrays["frames"])
+        np.testing.assert_array_equal(batch.arrays["frames"][0], make_insert(int(w[1:])).arrays["frames"])
 
         stats = client.stats()
         assert stats["windows"] == 2 and stats["inserts"] == 2 and stats["duplicates"] == 1
@@ -102,8 +84,8 @@ def test_insert_duplicate_sample_stats(tmp_path):
         assert client.stats()["windows"] == 2
 
 
-def test_malformed_and_bad_inserts_are_rejected_and_counted(tmp_path):
-    cfg = make_cfg(tmp_path, "replay.max_window_bytes=20000")
+def test_malformed_and_bad_inserts_are_rejected_and_counted(make_cfg, make_insert):
+    cfg = make_cfg(*REPLAY, "replay.max_window_bytes=20000")
     with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
         raw = client.ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
@@ -111,7 +93,7 @@ def test_malformed_and_bad_inserts_are_rejected_and_counted(tmp_path):
         raw.send_multipart([b"garbage", b"\x00\x01"])
         assert raw.poll(5000)
         assert protocol.decode(raw.recv_multipart()).meta["reason"] == "malformed"
-        frames = protocol.encode(make_window(5))
+        frames = protocol.encode(make_insert(5))
         raw.send_multipart([*frames[:-1], b"short"])  # a buffer of the wrong size
         assert raw.poll(5000) and protocol.decode(raw.recv_multipart()).kind == "error"
         raw.close()
@@ -121,15 +103,15 @@ def test_malformed_and_bad_inserts_are_rejected_and_counted(tmp_path):
         with pytest.raises(ReplayError, match="malformed"):  # the client learns at once, no timeout
             client.request(protocol.Message("heartbeat", {"stage": "x", "pid": 1}), reply_kinds=("stats",))
 
-        assert client.insert(make_window(0))["status"] == "stored"
-        big = make_window(1)
+        assert client.insert(make_insert(0))["status"] == "stored"
+        big = make_insert(1)
         big.arrays["matches"] = np.zeros((2000, 7), np.float32)
         assert client.insert(big) == {"window_id": "w1", "status": "rejected", "reason": "oversize"}
-        assert client.insert(make_window(2, size=8))["reason"] == "shape_mismatch"
-        nan = make_window(3)
+        assert client.insert(make_insert(2, size=8))["reason"] == "shape_mismatch"
+        nan = make_insert(3)
         nan.arrays["teacher_depth"] = np.full((2, 16, 16), np.inf, np.float32)
         assert client.insert(nan)["reason"] == "non_finite_label"
-        assert client.insert(make_window(4))["status"] == "stored"
+        assert client.insert(make_insert(4))["status"] == "stored"
         stats = client.stats()
         assert stats["rejected"] == {"oversize": 1, "shape_mismatch": 1, "non_finite_label": 1}
         assert stats["windows"] == 2
@@ -137,14 +119,14 @@ def test_malformed_and_bad_inserts_are_rejected_and_counted(tmp_path):
         assert client.sample(2).arrays["frames"].shape == (2, 2, 16, 16, 3)  # still serving
 
 
-def test_rate_limiter_backpressure_and_priorities(tmp_path):
-    cfg = make_cfg(tmp_path, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
+def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
+    cfg = make_cfg(*REPLAY, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
                    "replay.sampler=prioritized", "replay.priority_alpha=1.0")
     with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
         acked = 0
         with pytest.raises(TimeoutError):  # nobody samples: the labeler is held back
             for i in range(20):
-                client.insert(make_window(i), timeout_s=0.5)
+                client.insert(make_insert(i), timeout_s=0.5)
                 acked += 1
         assert 2 <= acked <= 6
         assert metric(runtime, "replay_not_ready_total", kind="insert") >= 1
@@ -152,7 +134,7 @@ def test_rate_limiter_backpressure_and_priorities(tmp_path):
             client.sample(64)
         for _ in range(4):
             client.sample(2)
-        assert client.insert(make_window(100))["status"] in ("stored", "duplicate")
+        assert client.insert(make_insert(100))["status"] in ("stored", "duplicate")
         stats = client.stats()
         assert stats["samples"] == 8 and abs(stats["samples_per_insert"] - 2.0) <= (4 + 2 + 2) / stats["inserts"]
 
@@ -164,12 +146,12 @@ def test_rate_limiter_backpressure_and_priorities(tmp_path):
         assert batch.meta["window_ids"] == ["w0", "w0"]  # P = 100 / (100 + 1 + 0.01 * k) each
 
 
-def test_prefetch_and_restart_with_retry(tmp_path):
-    cfg = make_cfg(tmp_path, "replay.durable=true")
+def test_prefetch_and_restart_with_retry(make_cfg, make_insert):
+    cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)
     with serving(cfg), ReplayClient(endpoint, timeout_s=10, retry_s=1) as client:
         for i in range(3):
-            client.insert(make_window(i))
+            client.insert(make_insert(i))
         fetch = client.prefetch(2, rank=0, depth=2)
         batches = [next(fetch) for _ in range(3)]
         fetch.close()
@@ -188,9 +170,9 @@ def test_prefetch_and_restart_with_retry(tmp_path):
         client.close()
 
 
-def test_curve_replay_refuses_clients_without_keys(tmp_path):
+def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_insert):
     generate_keys(tmp_path / "keys", clients=("client", "stranger"))
-    cfg = make_cfg(tmp_path)
+    cfg = make_cfg(*REPLAY)
     cfg.network.curve = CurveConfig.from_folder(tmp_path / "keys")
     stranger = CurveConfig.from_folder(tmp_path / "keys")
     stranger.client_secret_key = str(tmp_path / "keys" / "stranger.key_secret")
@@ -200,12 +182,12 @@ def test_curve_replay_refuses_clients_without_keys(tmp_path):
         for curve in (None, stranger):
             with ReplayClient(endpoint, timeout_s=1.0, retry_s=0.4, curve=curve) as outsider:
                 with pytest.raises(TimeoutError):
-                    outsider.insert(make_window(0))
+                    outsider.insert(make_insert(0))
                 assert outsider.retries >= 1  # each retry's fresh socket was refused as well
         assert metric(runtime, "auth_failures_total", stage="replay") >= 1  # the unauthorised key
         with ReplayClient(endpoint, timeout_s=10, retry_s=2, curve=cfg.network.curve) as client:
-            assert client.insert(make_window(1))["status"] == "stored"
-            assert client.insert(make_window(2))["status"] == "stored"
+            assert client.insert(make_insert(1))["status"] == "stored"
+            assert client.insert(make_insert(2))["status"] == "stored"
             fetch = client.prefetch(2)  # the prefetch thread's socket carries the keys too
             assert next(fetch).arrays["frames"].shape == (2, 2, 16, 16, 3)
             fetch.close()
@@ -215,15 +197,8 @@ def test_curve_replay_refuses_clients_without_keys(tmp_path):
 
 # --------------------------------------------------------------------------- fault test
 
-def _spawn(cfg_path: Path, run_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "reliev3r.cli", "replay", "--config", str(cfg_path), "replay.durable=true",
-           f"run.dir={run_dir}", f"network.replay_port={port}", "monitoring.enabled=false", "run.log_level=WARNING"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 @pytest.mark.slow
-def test_sigkill_loses_no_acknowledged_window(tmp_path):
+def test_sigkill_loses_no_acknowledged_window(tmp_path, make_insert, reliev3r_process):
     """Three writers insert continuously (so the service stores their inserts in group
     commits) while it is SIGKILLed ``KILLS`` times at random moments and restarted: every
     acknowledged window is stored intact afterwards."""
@@ -241,7 +216,7 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
         i = first
         try:
             while not stop.is_set():
-                ack = client.insert(make_window(i))
+                ack = client.insert(make_insert(i))
                 assert ack["status"] in ("stored", "duplicate"), ack  # duplicate: a retry after a kill
                 acked[ack["window_id"]] = ack["status"]
                 i += 1
@@ -251,8 +226,13 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
         finally:
             client.close()
 
+    def spawn() -> subprocess.Popen:
+        return reliev3r_process("replay", "--config", cfg_path, "replay.durable=true", f"run.dir={run_dir}",
+                                f"network.replay_port={port}", "monitoring.enabled=false", "run.log_level=WARNING",
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
     rng = random.Random(0)
-    proc = _spawn(cfg_path, run_dir, port)
+    proc = spawn()
     threads = [threading.Thread(target=writer, args=(n * 1_000_000,), daemon=True) for n in range(WRITERS)]
     for thread in threads:
         thread.start()
@@ -267,7 +247,7 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
             time.sleep(rng.uniform(0.0, 0.3))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-            proc = _spawn(cfg_path, run_dir, port)
+            proc = spawn()
         time.sleep(0.5)
     finally:
         stop.set()
@@ -287,7 +267,7 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path):
         assert not missing, f"{len(missing)} acknowledged windows lost: {missing[:5]}"
         for key in storage.records:  # nothing half-present: each window is whole and exact
             window = decode_window(storage.get(key))
-            want = make_window(int(window.meta["window_id"][1:]))
+            want = make_insert(int(window.meta["window_id"][1:]))
             for name, arr in want.arrays.items():
                 np.testing.assert_array_equal(window.arrays[name], arr)
         assert len(storage) >= len(acked) and len(storage) <= len(acked) + WRITERS * KILLS
