@@ -15,6 +15,10 @@ A live feed never ends; it drops, stalls and comes back. Three layers keep frame
   a ``gap`` event when frames flow again, and the first frame after it carries
   ``discontinuity`` so no window spans the gap.
 
+Lost or damaged packets are counted (``corrupt_packet``); what the decoder conceals until the
+next keyframe is dropped (``streamer.sources.DamageGate``) and the next frame kept carries
+``discontinuity`` as well.
+
 The reader keeps decoding in real time whatever the consumer does: frames wait in a short
 drop-oldest queue (a live feed cannot be paused; ``dropped`` events count what was lost).
 """
@@ -32,7 +36,7 @@ from typing import Callable, Iterator
 import av
 import numpy as np
 
-from streamer.sources import ErrorSink, Frame, fov_intrinsics, _log_error
+from streamer.sources import DamageGate, ErrorSink, Frame, fov_intrinsics, _log_error
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "tcp://", "udp://", "rtp://", "srt://")
 EventSink = Callable[[str, str, float], None]
@@ -182,16 +186,32 @@ class LiveSource:
                 if generation == self._generation:
                     self._reading_since = time.monotonic()
             stream = container.streams.video[0]
+            # Lost or damaged packets: what the decoder conceals up to the next keyframe is dropped
+            # and the next frame starts a new window (a receiver that joins mid-stream waits for
+            # its first keyframe the same way; that is not counted).
+            gate = DamageGate()
             for packet in container.demux(stream):
                 if not self._current(generation):
                     return got
+                damaged = gate.fed(packet)
                 try:
                     decoded = packet.decode()
-                except av.error.FFmpegError:
-                    continue  # a damaged packet of a live feed: the next keyframe heals it
+                except av.error.FFmpegError as err:
+                    damaged = damaged or not gate.suspect
+                    gate.damaged()
+                    decoded = ()
+                    detail = str(err)
+                else:
+                    detail = "flagged by the demuxer (lost packets)"
+                if damaged and got:
+                    self.on_error(self.name, "corrupt_packet", f"{self.url}: {detail}")
                 for vframe in decoded:
-                    self._push(vframe.to_ndarray(format="rgb24"), generation)
-                    got = True
+                    keep, report = gate.check(vframe)
+                    if report == "corrupt_frame" and got:
+                        self.on_error(self.name, report, f"{self.url}: a frame flagged corrupt by the decoder")
+                    if keep:
+                        self._push(vframe.to_ndarray(format="rgb24"), generation, damaged=gate.take_gap())
+                        got = True
             self.on_error(self.name, "feed_ended", f"{self.url}: end of stream")
         except av.error.FFmpegError as err:
             self.on_error(self.name, "read_failed", f"{self.url}: {err}")
@@ -202,7 +222,7 @@ class LiveSource:
             container.close()
         return got
 
-    def _push(self, rgb: np.ndarray, generation: int) -> None:
+    def _push(self, rgb: np.ndarray, generation: int, *, damaged: bool = False) -> None:
         now = time.monotonic()
         with self._cond:
             if generation != self._generation:
@@ -214,9 +234,15 @@ class LiveSource:
             self._outage_since = None
             if len(self._queue) == self._queue.maxlen:
                 self.on_event(self.name, "dropped", 1.0)
+                oldest = self._queue.popleft()
+                if oldest.discontinuity:  # the gap it marked is still there: mark the next frame
+                    if self._queue:
+                        self._queue[0].discontinuity = True
+                    else:
+                        gap = True
             h, w = rgb.shape[:2]
             self._queue.append(Frame(self._index, now - self._t0, rgb, fov_intrinsics(self.fov_deg, w, h),
-                                     discontinuity=gap))
+                                     discontinuity=gap or damaged))
             self._index += 1
             self._last_frame_at = now
             self._cond.notify_all()

@@ -70,7 +70,8 @@ class Frame:
     gt_cam_to_world: np.ndarray | None = None
     """float64 [4, 4]."""
     discontinuity: bool = False
-    """First frame after a gap in a live feed (a reconnect): windows do not span it."""
+    """First frame after a gap (a live feed that reconnected, frames dropped after damage, an
+    unreadable image): windows do not span it."""
 
 
 def source_name(path: Path) -> str:
@@ -158,6 +159,62 @@ class Source(Protocol):
     def frames(self, start: int = 0) -> Iterator[Frame]: ...
 
 
+class DamageGate:
+    """Which decoded frames to trust after damage. A decode error, a packet the demuxer flags
+    corrupt (MPEG-TS continuity errors: lost packets) or a frame the decoder flags corrupt make
+    every frame that comes out afterwards suspect: the decoder conceals what it lost with
+    smeared or stale pictures that look like frames, and frames that reference a damaged one
+    (B-frames shown before it too) inherit the damage. Trust returns with a keyframe whose
+    packet entered the decoder after the damage. The first frame trusted again carries
+    ``discontinuity`` (:meth:`take_gap`)."""
+
+    def __init__(self):
+        self.suspect = False
+        self.recovery: float | None = None
+        """Presentation stamp of the first keyframe packet fed after the damage (None: not yet)."""
+        self.dropped = 0
+        """Suspect frames dropped since the last :meth:`report_dropped`."""
+        self.gap = False
+
+    def damaged(self) -> None:
+        self.suspect = self.gap = True
+        self.recovery = None
+
+    def fed(self, packet) -> bool:
+        """Note a packet going into the decoder; True when the demuxer flagged it corrupt (then
+        the stream is damaged from here)."""
+        if getattr(packet, "is_corrupt", False):
+            first = not self.suspect
+            self.damaged()
+            return first
+        if self.suspect and self.recovery is None and getattr(packet, "is_keyframe", False):
+            self.recovery = float(packet.pts) if packet.pts is not None else -math.inf
+        return False
+
+    def check(self, vframe) -> tuple[bool, str | None]:
+        """(keep this decoded frame, reason to report or None)."""
+        report = None
+        if getattr(vframe, "is_corrupt", False):
+            report = None if self.suspect else "corrupt_frame"
+            self.damaged()
+        elif (self.suspect and self.recovery is not None and vframe.key_frame
+              and (vframe.pts is None or vframe.pts >= self.recovery)):
+            self.suspect = False
+            report = "skipped_to_keyframe" if self.dropped else None
+        if self.suspect:
+            self.dropped += 1
+            return False, report
+        return True, report
+
+    def report_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    def take_gap(self) -> bool:
+        gap, self.gap = self.gap, False
+        return gap
+
+
 class VideoSource:
     """A video file in any container and codec FFmpeg decodes."""
 
@@ -195,16 +252,13 @@ class VideoSource:
             container.close()
 
     def _decode(self, container, start: int) -> Iterator[Frame]:
-        """Frames in display order. After a decode error the decoder conceals what it lost
-        (smeared or stale pictures that look like frames), so every frame from the error up to
-        the next keyframe is dropped as suspect and the next frame kept carries
+        """Frames in display order; frames the decoder concealed after damage are dropped up to
+        the next keyframe (see :class:`DamageGate`), and the next frame kept carries
         ``discontinuity``: no window spans the damage."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         index, last_time, errors_in_row = 0, 0.0, 0
-        suspect = False  # after a decode error: frames are unreliable until a keyframe
-        skipped = 0  # suspect frames dropped since the last report
-        gap = False  # the next frame kept follows an error or dropped frames
+        gate = DamageGate()
         rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
         packets = container.demux(stream)
@@ -217,6 +271,8 @@ class VideoSource:
                 # The demuxer cannot read on (cut or garbled container): keep what we have.
                 self.on_error(self.name, "demux_error", f"{self.path} after frame {index}: {err}")
                 packet = None  # flush the decoder: threaded decoders still hold frames
+            if packet is not None and gate.fed(packet):
+                self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: flagged by the demuxer")
             try:
                 decoded = packet.decode() if packet is not None else stream.codec_context.decode(None)
                 errors_in_row = 0
@@ -224,7 +280,7 @@ class VideoSource:
                 break  # already flushed
             except av.error.FFmpegError as err:
                 errors_in_row += 1
-                suspect = gap = True
+                gate.damaged()
                 self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: {err}")
                 if errors_in_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
                     self.on_error(self.name, "gave_up", f"{self.path}: {errors_in_row} bad packets in a row")
@@ -239,18 +295,12 @@ class VideoSource:
                 # B-frames) carry decode-order stamps: keep timestamps increasing.
                 t = vframe.time
                 last_time = float(t) if t is not None and (i == 0 or t > last_time) else last_time + 1.0 / rate
-                if getattr(vframe, "is_corrupt", False):  # flagged without raising: same as an error
-                    if not suspect:
-                        self.on_error(self.name, "corrupt_frame", f"{self.path}: frame {i} flagged corrupt")
-                    suspect = gap = True
-                elif suspect and vframe.key_frame:
-                    suspect = False  # a keyframe decodes on its own: clean again
-                    if skipped:
-                        self.on_error(self.name, "skipped_to_keyframe",
-                                      f"{self.path}: {skipped} suspect frames dropped before keyframe {i}")
-                        skipped = 0
-                if suspect:
-                    skipped += 1
+                keep, report = gate.check(vframe)
+                if report:
+                    self.on_error(self.name, report, f"{self.path}: frame {i}" + (
+                        f", {gate.report_dropped()} suspect frames dropped before it" if report == "skipped_to_keyframe"
+                        else " flagged corrupt by the decoder"))
+                if not keep:
                     continue
                 if i < start:
                     continue
@@ -265,11 +315,11 @@ class VideoSource:
                 if intrinsics is None or intrinsics[1] != rgb.shape[:2]:
                     intrinsics = (self._intrinsics(rgb.shape[1], rgb.shape[0]), rgb.shape[:2])
                 self.position = index
-                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, rgb.shape), discontinuity=gap)
-                gap = False
-        if skipped:
+                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, rgb.shape),
+                            discontinuity=gate.take_gap())
+        if gate.dropped:
             self.on_error(self.name, "skipped_to_keyframe",
-                          f"{self.path}: {skipped} suspect frames dropped, no keyframe followed")
+                          f"{self.path}: {gate.report_dropped()} suspect frames dropped, no keyframe followed")
         self._check_complete(container, stream, index, last_time)
 
     def _check_complete(self, container, stream, decoded: int, last_time: float) -> None:

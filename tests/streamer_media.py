@@ -54,6 +54,17 @@ def damage_mdat(path: Path, nbytes: int = 300, seed: int = 0) -> Path:
     return path
 
 
+def drop_ts_packets(path: Path, out: Path, *, at: float = 0.49, count: int = 6) -> Path:
+    """An MPEG-TS copy of ``path`` that lost ``count`` consecutive 188-byte transport packets
+    ``at`` a fraction of the way in (what a lossy network does): continuity counters jump, the
+    decoder loses reference data and conceals it."""
+    data = path.read_bytes()
+    n = len(data) // 188
+    first = int(n * at)
+    out.write_bytes(b"".join(data[i * 188:(i + 1) * 188] for i in range(n) if not first <= i < first + count))
+    return out
+
+
 def rotate_mp4(path: Path) -> Path:
     """Give an MP4's video track the display matrix of a phone held upright (FFmpeg reports
     a rotation of -90 degrees: players turn the picture 90 degrees clockwise)."""

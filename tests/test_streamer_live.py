@@ -17,7 +17,7 @@ from reliev3r import protocol
 from reliev3r.config import free_port
 from reliev3r.protocol import Message
 from streamer.live import is_live, live_name, open_options
-from streamer_media import RTSP_SERVER, encode, panning_frames, rtsp_server_available
+from streamer_media import RTSP_SERVER, drop_ts_packets, encode, panning_frames, rtsp_server_available
 from test_streamer_pipeline import Stage, make_cfg, wait_for
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg binary absent (apt-get install ffmpeg)")
@@ -173,3 +173,74 @@ def test_live_spec_parsing():
     opts, fmt = open_options("rtsp://cam/x", 2.5)
     assert opts["rtsp_transport"] == "tcp" and opts["timeout"] == opts["rw_timeout"] == "2500000" and fmt is None
     assert open_options("/dev/video2", 1.0) == ({}, "v4l2")
+
+
+def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path):
+    """An MPEG-TS feed over TCP (a server in this test) that lost transport packets: nothing
+    raises, the decoder conceals what it lost until the next keyframe. Those frames are dropped,
+    the loss is counted, and the first frame after it starts a new window."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    from streamer.config import StreamerConfig
+    from streamer.live import LiveSource
+    from streamer.sources import VideoSource
+    from streamer.windows import windows_of
+
+    truth = panning_frames(40, 128, 96)
+    clean = encode(tmp_path / "clean.ts", truth, gop=10)
+    feed = drop_ts_packets(clean, tmp_path / "lossy.ts").read_bytes()
+
+    def likeness(frame):  # mean absolute difference to the closest true frame
+        return min(float(np.abs(frame.rgb.astype(int) - t).mean()) for t in truth)
+
+    limit = 1.3 * max(likeness(f) for f in VideoSource(clean).frames())
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():  # one connection gets the whole feed, then the server is gone
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(feed)
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    errors, frames, stop = [], [], threading.Event()
+    src = LiveSource(f"tcp://127.0.0.1:{port}", on_error=lambda s, r, d: errors.append(r), stop=stop,
+                     read_timeout_s=2.0, queue_frames=64, backoff_initial_s=0.5, backoff_max_s=0.5)
+
+    def consume():
+        for frame in src.frames():
+            frames.append(frame)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    try:
+        assert wait_for(lambda: "feed_ended" in errors and not src._queue, 30), errors
+    finally:
+        stop.set()
+        consumer.join(5)
+    assert "corrupt_packet" in errors and 10 <= len(frames) < 40, (errors, len(frames))
+    assert all(likeness(f) < limit for f in frames), [round(likeness(f), 1) for f in frames]
+    assert any(f.discontinuity for f in frames[1:])
+    cfg = StreamerConfig(views=2, height=16, width=16, frame_stride=1, window_step=1, keyframe_min_motion=0,
+                         keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0)
+    marked = {f.index for f in frames if f.discontinuity}
+    windows = [[v.index for v in w.views] for w in windows_of(src.name, iter(frames), cfg)]
+    assert windows and not any(i in marked for w in windows for i in w[1:]), (windows, marked)
+
+
+def test_a_dropped_frame_passes_its_discontinuity_on():
+    """The consumer fell behind and the frame that marked a gap was dropped: the gap is still
+    there, so the next frame in the queue carries the mark."""
+    import numpy as np
+
+    from streamer.live import LiveSource
+
+    src = LiveSource("tcp://127.0.0.1:9", queue_frames=2)
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    for damaged in (False, True, False, False):  # the 3rd and 4th push drop the 1st and 2nd frames
+        src._push(rgb, 0, damaged=damaged)
+    assert [(f.index, f.discontinuity) for f in src._queue] == [(2, True), (3, False)]

@@ -13,7 +13,7 @@ import pytest
 from streamer.config import StreamerConfig
 from streamer.sources import (ImageSequenceSource, VideoSource, discover, read_intrinsics, source_name)
 from streamer.windows import WindowBuilder, resize_view, windows_of
-from streamer_media import SHARED, damage_mdat, encode, panning_frames, rotate_mp4
+from streamer_media import SHARED, damage_mdat, drop_ts_packets, encode, panning_frames, rotate_mp4
 
 VIDEOS = SHARED / "videos"
 KITCHEN = SHARED / "7scenes-redkitchen"
@@ -499,6 +499,23 @@ def test_no_concealed_frame_and_no_window_across_a_decode_error(tmp_path):
     cfg = StreamerConfig(**{**FAST, "window_step": 1})
     windows = [[v.index for v in w.views] for w in windows_of(src.name, iter(frames), cfg)]
     assert windows and not any(min(w) < g <= max(w) for w in windows for g in gaps), (windows, gaps)
+
+
+def test_lost_mpegts_packets_reported_and_concealment_dropped(tmp_path):
+    """A recorded MPEG-TS that lost transport packets: nothing raises, the demuxer flags the
+    packet (continuity counters) and the decoder conceals what it lost, drifting for frames."""
+    truth = panning_frames(40, 128, 96)
+    clean = take(VideoSource(encode(tmp_path / "clean.ts", truth, gop=10)))
+
+    def likeness(frame):
+        return min(float(np.abs(frame.rgb.astype(int) - t).mean()) for t in truth)
+
+    limit = 1.3 * max(likeness(f) for f in clean)
+    errors = Errors()
+    frames = take(VideoSource(drop_ts_packets(tmp_path / "clean.ts", tmp_path / "lossy.ts"), on_error=errors))
+    assert "corrupt_packet" in errors.reasons() and 10 <= len(frames) < 40
+    assert all(likeness(f) < limit for f in frames), [round(likeness(f), 1) for f in frames]
+    assert any(f.discontinuity for f in frames)
 
 
 def test_too_short_source_is_reported(tmp_path):
