@@ -26,6 +26,9 @@ from streamer_media import damage_mdat, encode, panning_frames, rotate_mp4
 from test_streamer_pipeline import Stage, make_cfg
 
 FRAMES = 12
+GATES_OFF = {"views": 2, "height": 16, "width": 16, "frame_stride": 2, "window_step": 4, "keyframe_min_flow": 0,
+             "blur_ratio": 0, "scene_cut_motion": 0, "scene_cut_hist": 0}
+"""Tiny windows; only the cheap still-camera gate (``keyframe_min_motion``) stays on."""
 
 
 def write_video(path: Path, frames: np.ndarray, *, codec: str = "libx264", pix_fmt: str = "yuv420p",
@@ -183,9 +186,7 @@ def test_adversarial_corpus_one_pass(tmp_path, ctx, caplog):
     root.mkdir()
     specs, bad, good = build_corpus(root)
     assert len(specs) >= 40 and len(bad) >= 25 and len(good) >= 15
-    cfg = make_cfg(tmp_path, specs, streamer={
-        "views": 2, "height": 16, "width": 16, "frame_stride": 2, "window_step": 4, "max_in_flight": 64,
-        "keyframe_min_flow": 0, "blur_ratio": 0, "scene_cut_motion": 0, "scene_cut_hist": 0})
+    cfg = make_cfg(tmp_path, specs, streamer={**GATES_OFF, "max_in_flight": 64})
     caplog.set_level(logging.WARNING, logger="reliev3r")
     streamer = Stage(streamer_service.run, cfg, "streamer")
     labeler = ctx.socket(zmq.DEALER)  # takes every window and reports it stored
@@ -225,3 +226,41 @@ def test_adversarial_corpus_one_pass(tmp_path, ctx, caplog):
             assert name not in logged, (name, logged[name])  # a good clip is not reported
     assert not set(windows) - good, set(windows) - good  # nothing else made windows
     assert streamer.runtime.status["acked"] == sum(len(v) for v in windows.values())
+
+
+def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(tmp_path, ctx):
+    """The report that started issue 22: one symlink loop among the sources killed the
+    producer, and with a live feed in the list the streamer then idled for ever."""
+    from reliev3r.config import free_port
+    from streamer.live import live_name
+
+    good = encode(tmp_path / "good.mp4", panning_frames(FRAMES, 32, 24))
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    url = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: the feed retries in the background
+    cfg = make_cfg(tmp_path, [tmp_path / "loop.mp4", url, good], streamer={
+        **GATES_OFF, "live_open_timeout_s": 0.5, "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5})
+    streamer = Stage(streamer_service.run, cfg, "streamer")
+    labeler = ctx.socket(zmq.DEALER)
+    labeler.setsockopt(zmq.LINGER, 0)
+    labeler.connect(cfg.network.connect(cfg.network.work_port))
+    sources = []
+    try:
+        deadline = time.monotonic() + 60  # bounds a hang only
+        while len(sources) < 3 and time.monotonic() < deadline:
+            labeler.send_multipart(protocol.encode(Message("ready", {"credits": 4})))
+            if labeler.poll(100):
+                msg = protocol.decode(labeler.recv_multipart())
+                sources.append(msg.meta["source"])
+                labeler.send_multipart(protocol.encode(Message("done", {
+                    "window_id": msg.meta["window_id"], "status": "stored", "reason": ""})))
+        assert sources and set(sources) == {source_name(good)}, sources
+        assert streamer.metric("reliev3r_decode_errors_total",
+                               {"source": source_name(tmp_path / "loop.mp4"), "reason": "symlink_loop"}) >= 1
+        assert streamer.metric("reliev3r_decode_errors_total",
+                               {"source": "streamer", "reason": "producer_failed"}) == 0
+        assert streamer.metric("reliev3r_decode_errors_total",
+                               {"source": live_name(url), "reason": "connect_failed"}) >= 1
+        assert streamer.thread.is_alive()
+    finally:
+        labeler.close(linger=0)
+        streamer.stop()
