@@ -215,6 +215,17 @@ class DamageGate:
         return gap
 
 
+def _open_video(path: str):
+    """``av.open`` for reading, with tags that are not UTF-8 ignored where PyAV takes the
+    keyword: PyAV 19 dropped ``metadata_errors`` (a TypeError there failed every video)."""
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except TypeError as err:
+        if "metadata_errors" not in str(err):
+            raise
+        return av.open(path)
+
+
 class VideoSource:
     """A video file in any container and codec FFmpeg decodes."""
 
@@ -232,7 +243,7 @@ class VideoSource:
         if self.path.stat().st_size == 0:
             raise SourceError("empty_file", str(self.path))
         try:
-            container = av.open(str(self.path), metadata_errors="ignore")
+            container = _open_video(str(self.path))
         except av.error.FFmpegError as err:
             raise SourceError("open_failed", f"{self.path}: {err}") from None
         if not container.streams.video:
