@@ -3,6 +3,10 @@
 Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic) and to Prometheus
 (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. The process
 exits 0 once it has scored a snapshot marked final (``reliev3r up --max-steps``).
+
+SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
+in progress is abandoned after the window at hand (nothing is written for it), so the process
+exits within one window's time, not one evaluation's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,27 @@ def write_json(path: Path, data: dict) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class Stopped(Exception):
+    """A stop was asked during a scoring; ``args[0]``: the windows scored before it."""
+
+
+class StopAware:
+    """The evaluation windows, one at a time, while no stop is asked (checked before each):
+    :func:`evaluate_model` iterates them, so a stop ends a scoring after the window at hand."""
+
+    def __init__(self, windows: list, runtime: Runtime):
+        self.windows, self.runtime = windows, runtime
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __iter__(self):
+        for i, window in enumerate(self.windows):
+            if self.runtime.stopping:
+                raise Stopped(i)
+            yield window
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
@@ -67,7 +92,12 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
             continue
         started = time.time()
         model, meta = snapshots.load_model(snap, device)
-        result = evaluate_model(model, windows, device)
+        try:
+            result = evaluate_model(model, StopAware(windows, runtime), device)
+        except Stopped as stop:
+            runtime.log.info("evaluation abandoned on stop", extra={"snapshot": snap.name, "windows": len(windows),
+                                                                   "scored": stop.args[0]})
+            return 0
         elapsed = time.time() - started
         record = {"snapshot": str(snap), "step": meta["step"], "data": ecfg.data, "windows": len(windows),
                   "model": result, "baseline_constant_identity": baseline, "seconds": elapsed}
