@@ -174,6 +174,7 @@ class ReplayServer:
                 self.samples.appendleft(w)
                 break
             self.m_sample_s.observe(time.perf_counter() - start)
+            self.m_batches.inc()  # before the send: a client that has its batch sees it counted
             self._send(w.identity, batch, w.msg)
         now = time.monotonic()
         for queue, kind, reason in ((self.inserts, "insert", "rate_limited"), (self.samples, "sample", "not_ready")):

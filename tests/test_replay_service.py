@@ -77,6 +77,7 @@ def test_insert_duplicate_sample_stats(make_cfg, make_insert):
         assert stats["samples"] == 3 and stats["samples_per_insert"] == 1.5
         assert runtime.status == {"stored": 2, "inserted": 2, "sampled": 3}
         assert metric(runtime, "replay_windows") == 2 and metric(runtime, "replay_samples_total") == 3
+        assert metric(runtime, "replay_batches_total") == 1  # one batch of 3 windows
         assert metric(runtime, "replay_duplicates_total", reason="window_id") == 1
         assert client.retries == 0
 
@@ -123,12 +124,14 @@ def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
                    "replay.sampler=prioritized", "replay.priority_alpha=1.0")
     with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
-        acked = 0
-        with pytest.raises(TimeoutError):  # nobody samples: the labeler is held back
-            for i in range(20):
-                client.insert(make_insert(i), timeout_s=0.5)
-                acked += 1
-        assert 2 <= acked <= 6
+        # Nobody samples: the limiter takes an insert while 2 x (inserts + 1) - samples <=
+        # 2 x min_size + tolerance = 6, i.e. 3 of them; the 4th is held back for good (answered
+        # rate_limited until the client gives up), on any machine.
+        acked = 3
+        for i in range(acked):
+            assert client.insert(make_insert(i), timeout_s=60)["status"] == "stored"
+        with pytest.raises(TimeoutError):
+            client.insert(make_insert(acked), timeout_s=1.0)
         assert metric(runtime, "replay_not_ready_total", kind="insert") >= 1
         with pytest.raises(ReplayError, match="batch_too_large"):
             client.sample(64)
@@ -146,7 +149,7 @@ def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
         assert batch.meta["window_ids"] == ["w0", "w0"]  # P = 100 / (100 + 1 + 0.01 * k) each
 
 
-def test_prefetch_and_restart_with_retry(make_cfg, make_insert):
+def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
     cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)
     with serving(cfg), ReplayClient(endpoint, timeout_s=10, retry_s=1) as client:
@@ -158,13 +161,13 @@ def test_prefetch_and_restart_with_retry(make_cfg, make_insert):
         assert all(b.arrays["frames"].shape == (2, 2, 16, 16, 3) for b in batches)
     # the service is down: a request sent now is lost; the client retries on a fresh socket
     # and gets its answer from the restarted (durable) service.
-    client = ReplayClient(endpoint, timeout_s=15, retry_s=0.5)
+    client = ReplayClient(endpoint, timeout_s=120, retry_s=0.5)
     box = {}
     asker = threading.Thread(target=lambda: box.setdefault("stats", client.stats()))
     asker.start()
-    time.sleep(1.2)
+    wait_for(lambda: client.retries >= 1, 60, "the client to retry")  # nobody answers while the service is down
     with serving(cfg):
-        asker.join(timeout=15)
+        asker.join(timeout=120)
         assert box["stats"]["windows"] == 3 and box["stats"]["samples"] >= 6  # prefetch runs ahead
         assert client.retries >= 1
         client.close()
@@ -212,7 +215,7 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path, make_insert, reliev3r_pr
     errors: list[BaseException] = []
 
     def writer(first: int):
-        client = ReplayClient(endpoint, timeout_s=30, retry_s=0.3)
+        client = ReplayClient(endpoint, timeout_s=120, retry_s=0.3)  # bounds a hang: a restart is seconds
         i = first
         try:
             while not stop.is_set():
@@ -240,7 +243,7 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path, make_insert, reliev3r_pr
     try:
         for kill in range(KILLS):
             before = len(acked)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 120  # bounds a hang, whatever the machine's speed
             while len(acked) <= before and time.monotonic() < deadline and not errors:
                 time.sleep(0.02)  # wait until this incarnation has acknowledged something
             assert not errors and len(acked) > before, f"no progress after restart {kill}"
@@ -274,4 +277,3 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path, make_insert, reliev3r_pr
     finally:
         storage.close()
     print(f"{KILLS} kills, {len(acked)} acknowledged windows, {elapsed:.1f} s")
-    assert elapsed < 90
