@@ -88,6 +88,12 @@ class LossConfig:
     """Weight of the angle terms evaluated with the triangulated depths
     (``learner.losses.triangulated_pose_loss``): rotations and translation directions towards
     each pair's two-view solution, through no predicted depth. 0 = off."""
+    contrast_weight: float = 0.0
+    """Weight of the depth-contrast term (``learner.losses.depth_contrast_loss``): each view's
+    spread of depths relative to their distance (the shift that the relative-depth loss leaves
+    open) pulled to that of the teacher registered to the matches' triangulation
+    (``learner.losses.registered_teacher_shift``). Weak: the teacher, the matches and the
+    intrinsics only. 0 = off."""
     match_depth: Literal["pred", "teacher"] = "pred"
     """Depth the match terms (angle, point) are evaluated with: ``pred`` the learner's own;
     ``teacher`` the teacher's map carried into the prediction's per-view scale and shift
@@ -129,9 +135,9 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if min(self.reproj_weight, self.alpha, self.point_weight, self.refine_weight, self.triangulation_weight,
-               self.triangulation_pose_weight) < 0:
-            raise ValueError("reproj_weight, alpha, point_weight, refine_weight, triangulation_weight and "
-                             "triangulation_pose_weight must be >= 0")
+               self.triangulation_pose_weight, self.contrast_weight) < 0:
+            raise ValueError("reproj_weight, alpha, point_weight, refine_weight, triangulation_weight, "
+                             "triangulation_pose_weight and contrast_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
         if self.match_depth not in ("pred", "teacher") or self.refine_depth not in ("pred", "teacher"):

@@ -2,7 +2,7 @@
 
 ``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)
 (+ cfg.refine_weight * L_refine) (+ cfg.triangulation_weight * L_tri
-+ cfg.triangulation_pose_weight * L_tri_pose)`` for
++ cfg.triangulation_pose_weight * L_tri_pose + cfg.contrast_weight * L_contrast)`` for
 ``cfg.kind == "weak"``, the match terms evaluated with the learner's depth or, with
 ``cfg.match_depth == "teacher"``, with the teacher's map in the learner's per-view scale and
 shift (:func:`learner.losses.teacher_aligned_depth`);
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses import (point_consistency_loss, refine_geometry, refined_geometry_loss, relative_depth_loss,
+from learner.losses import (depth_contrast_loss, point_consistency_loss, refine_geometry, refined_geometry_loss, relative_depth_loss,
                             reprojection_loss, supervised_loss, teacher_aligned_depth, triangulated_depth_loss,
                             triangulated_pose_loss)
 
@@ -116,6 +116,11 @@ def weighted_loss(
                                               robust=cfg.robust, scale_deg=cfg.scale_deg)
             loss = loss + cfg.triangulation_pose_weight * tri_pose
             terms["triangulation_pose"] = tri_pose.detach()
+        if triangulation is not None and teacher is not None and cfg.contrast_weight > 0:
+            contrast = depth_contrast_loss(depth, teacher, valid, matches[:, :7], triangulation.to(depth.device),
+                                           intrinsics, teacher_space=teacher_space)
+            loss = loss + cfg.contrast_weight * contrast
+            terms["contrast"] = contrast.detach()
         if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
                                       teacher_space=teacher_space)

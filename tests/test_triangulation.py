@@ -9,7 +9,8 @@ import torch
 
 from labelers.matches import triangulate_matches
 from learner.config import LossConfig
-from learner.losses import _match_depths, triangulated_depth_loss, triangulated_pose_loss
+from learner.losses import (_match_depths, depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss,
+                            triangulated_pose_loss)
 from learner.objective import compute_loss
 from reliev3r import geometry
 from test_losses import F64, apply_similarity, assert_finite_grads, make_world, random_similarity
@@ -176,3 +177,85 @@ def test_objective_adds_the_triangulation_terms_only_when_weighted_and_labelled(
     no_labels = {k: v for k, v in batch.items() if k != "match_triangulation"}
     loss2, terms2 = compute_loss(pred, no_labels, LossConfig(triangulation_weight=2.0))
     assert "triangulation" not in terms2 and float(loss2) == pytest.approx(float(base), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher registered to the triangulation, and the depth-contrast term.
+# ---------------------------------------------------------------------------------------------
+
+def dense_world(seed=5):
+    """make_world's depth is smooth with exact matches; the teacher is an affine map of it.
+    ``fine_intrinsics``: the same cameras with 100x finer pixels, for which the triangulation
+    noise that the registration expects (about 1 px / (f x parallax)) is negligible, as it is
+    in this exact world."""
+    world = make_world(seed, batch=2)
+    fine = world["intrinsics"].clone()
+    fine[..., :2, :] *= 100
+    world["fine_intrinsics"] = fine
+    return world, exact_triangulation(world)
+
+
+@pytest.mark.parametrize("space", ["depth", "disparity"])
+def test_registered_shift_recovers_the_teachers_unknown_shift(space):
+    world, tri = dense_world()
+    depth = world["depth"]
+    truth = depth if space == "depth" else 1 / depth
+    scale = torch.tensor([[0.5, 2.0, 3.0, 1.0], [1.5, 0.7, 4.0, 2.5]], dtype=F64)[..., None, None]
+    # shifts within the registration's grid: -0.8 .. 4 times the teacher's median
+    fraction = torch.tensor([[0.3, -0.1, 1.2, 0.0], [2.0, 0.5, -0.05, 0.8]], dtype=F64)[..., None, None]
+    offset = fraction * truth.flatten(-2).median(-1).values[..., None, None]
+    teacher = scale * (truth + offset)
+    valid = torch.ones_like(teacher, dtype=torch.bool)
+    shift, evidence = registered_teacher_shift(teacher, valid, world["matches"], tri, world["fine_intrinsics"],
+                                               teacher_space=space)
+    assert (evidence > 0).all()
+    # T + shift is proportional to the truth for shift = -scale * offset, up to the grid's step
+    # (0.05 of the view's median teacher value).
+    median = teacher.flatten(-2).median(-1).values
+    assert ((shift + (scale * offset)[..., 0, 0]).abs() <= 0.026 * median).all()
+
+
+@pytest.mark.parametrize("space", ["depth", "disparity"])
+def test_contrast_term_zero_at_truth_scale_invariant_and_sees_a_shift(space):
+    world, tri = dense_world(6)
+    depth, m = world["depth"], world["matches"]
+    truth = depth if space == "depth" else 1 / depth
+    # a wrong shift that the registration's grid holds: T + q median(T) = 3 truth for q = -0.25
+    teacher = 3.0 * (truth + truth.flatten(-2).median(-1).values[..., None, None] / 3)
+    valid = torch.ones_like(depth, dtype=torch.bool)
+    loss = lambda d: float(depth_contrast_loss(d, teacher, valid, m, tri, world["fine_intrinsics"],
+                                               teacher_space=space))
+    assert loss(depth) < 1e-9  # the registration runs in float32
+    assert loss(depth * 2.5) < 1e-9
+    shifted = depth.clone()
+    shifted[1, 2] += 0.5 * float(depth[1, 2].median())  # one view flatter
+    assert loss(shifted) > 1e-3
+    assert loss(depth + 1.0) > loss(shifted) > 0  # every view flatter
+
+
+def test_contrast_term_ignores_views_without_registration_and_is_finite():
+    world, tri = dense_world(7)
+    depth = world["depth"].clone().requires_grad_(True)
+    valid = torch.ones_like(depth, dtype=torch.bool)
+    none = torch.zeros_like(tri)
+    loss = depth_contrast_loss(depth + 1.0, world["depth"], valid, world["matches"], none, world["intrinsics"])
+    assert float(loss.detach()) == 0.0
+    loss = depth_contrast_loss(depth * 1.3 + 0.2, world["depth"], valid, world["matches"], tri, world["intrinsics"])
+    loss.backward()
+    assert_finite_grads(depth)
+
+
+def test_objective_adds_the_contrast_term_with_a_teacher_and_triangulation():
+    world, tri = dense_world(8)
+    m = world["matches"].float()
+    matches = torch.cat([m, torch.ones(len(m), 1)], 1)
+    depth = world["depth"].float() + 0.5
+    pred = type("P", (), {"depth": depth, "confidence": torch.ones_like(depth),
+                          "cam_to_world": world["cam_to_world"].float()})()
+    batch = {"matches": matches, "intrinsics": world["intrinsics"].float(), "match_triangulation": tri.float(),
+             "teacher_depth": 2 * world["depth"].float() + 1, "teacher_valid": torch.ones_like(depth, dtype=torch.bool)}
+    base, terms = compute_loss(pred, batch, LossConfig())
+    assert "contrast" not in terms
+    loss, terms = compute_loss(pred, batch, LossConfig(contrast_weight=2.0))
+    assert terms["contrast"] > 1e-3
+    assert float(loss) == pytest.approx(float(base) + 2.0 * terms["contrast"], rel=1e-5)
