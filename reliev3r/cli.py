@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         from reliev3r.service import Runtime
 
         module, stage = STAGES[args.command]
+        if not os.environ.get("RELIEV3R_SUPERVISED"):  # under `up`, the supervisor resolved the ports
+            from reliev3r.ports import stage_problem
+
+            if problem := stage_problem(stage, os.environ.get("RELIEV3R_INSTANCE", stage), cfg):
+                print(f"reliev3r: {problem}", file=sys.stderr)
+                return 2
         run = importlib.import_module(module).run
         with Runtime(stage, cfg) as runtime:
             try:
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 runtime.log.exception("stage failed")
                 return 1
     if args.command in ("up", "pretrain"):
+        from reliev3r.ports import PortError
         from reliev3r.supervisor import Supervisor
 
         if args.max_steps is not None:
@@ -162,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             if problem := start_problem(cfg.learner, cfg.run_dir):
                 print(f"reliev3r: {problem}", file=sys.stderr)
                 return 2
-        code = Supervisor(cfg).run()
+        try:
+            supervisor = Supervisor(cfg)  # resolves the ports: an explicit one in use stops here
+        except PortError as err:
+            print(f"reliev3r: {err}", file=sys.stderr)
+            return 2
+        code = supervisor.run()
         return _pretrained(cfg, code) if args.command == "pretrain" else code
     if args.command == "eval":
         from evaluation.cli import main as eval_main

@@ -78,15 +78,18 @@ class CurveConfig:
 
 @dataclass(kw_only=True, slots=True)
 class NetworkConfig:
-    """ZeroMQ endpoints. Port 0 means "pick a free port" (resolved by the supervisor)."""
+    """ZeroMQ endpoints. Port 0 (the default) means "pick a free port": ``reliev3r up`` resolves
+    it and records the result in ``<run.dir>/config.yaml`` and ``processes.json``, so several
+    runs share a host. Stages started on their own need explicit ports (their peers must find
+    them): ``deploy/`` sets 5701-5703."""
 
     host: str = "127.0.0.1"
     """Address every stage binds to. Bind wider only with CURVE keys configured."""
-    work_port: int = 5701
+    work_port: int = 0
     """Streamer ROUTER: labelers ask for windows here and report them done."""
-    replay_port: int = 5702
+    replay_port: int = 0
     """Replay ROUTER: inserts from labelers, samples and stats for learners."""
-    supervisor_port: int = 5703
+    supervisor_port: int = 0
     """Supervisor PULL: heartbeats of every child process."""
     connect_host: str = ""
     """Host other stages connect to; empty means the same as ``host``."""
@@ -137,6 +140,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{_join(key, bad)}: unknown key{hint}; "
                               f"known keys: {', '.join(sorted(fields))}")
         kwargs = {k: _convert(v, hints[k], _join(key, k)) for k, v in value.items()}
+        for k, v in kwargs.items():  # a mapping field: the keys given update its default, one by one
+            default = fields[k].default_factory
+            if isinstance(v, dict) and default is not dataclasses.MISSING and isinstance(base := default(), dict):
+                kwargs[k] = {**base, **v}
         try:
             return tp(**kwargs)
         except ConfigError:

@@ -114,15 +114,23 @@ class Runtime:
         sock.setsockopt(zmq.SNDHWM, 4)
         security.secure_client(sock, self.cfg.network.curve)
         sock.connect(self.cfg.network.connect(self.cfg.network.supervisor_port))
+        def beat() -> None:
+            meta = {"stage": self.instance, "pid": os.getpid(), "time": time.time(), "status": dict(self.status)}
+            try:
+                sock.send_multipart(protocol.encode(protocol.Message("heartbeat", meta)), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # supervisor busy or gone; the next beat will try again
+
+        linger = 0
         try:
             while not self._stop.wait(HEARTBEAT_S):
-                meta = {"stage": self.instance, "pid": os.getpid(), "time": time.time(), "status": dict(self.status)}
-                try:
-                    sock.send_multipart(protocol.encode(protocol.Message("heartbeat", meta)), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # supervisor busy or gone; the next beat will try again
+                beat()
+            # Stopping: the stage's work is over (close() runs after it returns), so this beat
+            # carries its final status; given half a second to leave before the socket goes.
+            beat()
+            linger = 500
         finally:
-            sock.close(linger=0)
+            sock.close(linger=linger)
 
     # ------------------------------------------------------------------ receiving
     def receive(self, sock: zmq.Socket, *, kinds: tuple[str, ...], routed: bool = False,

@@ -1,7 +1,8 @@
 """``reliev3r status``: the state of a running pipeline, read from its metrics endpoints.
 
-It reads ``<run.dir>/processes.json`` (written by the supervisor: pid, restarts and metrics
-URL per stage), scrapes every endpoint twice ``interval`` seconds apart (rates are the
+It reads ``<run.dir>/processes.json`` (written by the supervisor: pid, restarts, the last
+error of a crashed child and metrics URL per stage, and the run's resolved ports and ZeroMQ
+endpoints: ``reliev3r up`` picks free ones by default), scrapes every endpoint twice ``interval`` seconds apart (rates are the
 counter deltas between the two), and prints one row per process plus the newest evaluation
 from ``<run.dir>/evaluations/step-*.json``. Nothing here talks ZeroMQ: a stuck pipeline can
 still be inspected.
@@ -78,6 +79,8 @@ class StageStatus:
     """Per-second rates over the scrape interval."""
     levels: dict[str, float] = field(default_factory=dict)
     """Current values: queue depths, learner step and loss."""
+    last_error: str = ""
+    """Why it last died (from its log, as the supervisor read it), if it did."""
 
 
 # (stage, label in the table, counter sample name, label filter)
@@ -122,7 +125,8 @@ def collect(run_dir: Path, interval: float = 1.0) -> dict[str, StageStatus]:
         kind = stage_kind(stage)
         a, b = first.get(stage), second.get(stage)
         st = StageStatus(stage=stage, pid=info.get("pid"), alive=pid_alive(info.get("pid")),
-                         restarts=int(info.get("restarts") or 0), up=b is not None)
+                         restarts=int(info.get("restarts") or 0), up=b is not None,
+                         last_error=str(info.get("last_error") or ""))
         for s, label, name, match in RATES:
             if s != kind:
                 continue
@@ -168,6 +172,7 @@ def format_table(stages: dict[str, StageStatus], evaluation: dict | None) -> str
         rows.append((st.stage, state, str(st.pid or "-"), str(st.restarts), rates or "-", levels or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines += [f"{st.stage} last died: {st.last_error}" for st in stages.values() if st.last_error]
     if evaluation is None:
         lines.append("latest evaluation: none yet")
     else:
@@ -184,4 +189,7 @@ def main(run_dir: Path, *, interval: float = 1.0) -> int:
         return 2
     stages = collect(run_dir, interval)
     print(format_table(stages, latest_evaluation(run_dir)))
+    endpoints = json.loads((Path(run_dir) / "processes.json").read_text()).get("supervisor", {}).get("endpoints")
+    if endpoints:
+        print("endpoints: " + ", ".join(f"{k} {v}" for k, v in endpoints.items()))
     return 0 if all(st.up for st in stages.values()) else 1

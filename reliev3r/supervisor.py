@@ -1,9 +1,13 @@
 """The local supervisor behind ``reliev3r up``: one process per stage, wired over ZeroMQ.
 
-It resolves free ports, writes the resolved config to ``<run.dir>/config.yaml`` (every child
-reads that one file), starts streamer, replay, labeler, learner and evaluator as separate
-processes (their logs in ``<run.dir>/logs/``), restarts a child that crashes (exponential
-backoff), prints a one-line status from the children's heartbeats, and ends the run:
+It resolves the ports (free ones for 0, explicit ones checked before anything starts:
+``reliev3r.ports``), writes the resolved config to ``<run.dir>/config.yaml`` (every child
+reads that one file) and the endpoints to ``<run.dir>/processes.json``, starts streamer,
+replay, labeler, learner and evaluator as separate processes (their logs in
+``<run.dir>/logs/``), restarts a child that crashes (exponential backoff; the status line
+says why, from the last error in its log), prints a one-line status from the children's
+heartbeats (the last line from what the run left on disk: the final snapshot and
+evaluation), and ends the run:
 
 * when the learner exits 0 (``--max-steps`` reached, final snapshot written), it waits for
   the evaluator to score that snapshot, then stops the rest and exits 0;
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +35,7 @@ import zmq
 
 from monitoring.metrics import Metrics
 from reliev3r import config as rconfig
+from reliev3r import ports as rports
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 
@@ -43,6 +49,8 @@ STALE_S = 15.0
 """A running child silent for this long is flagged in the status line (hung or overloaded)."""
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
+REASON_CHARS = 160
+"""A crashed child's reason in the status line is cut to this many characters."""
 
 
 @dataclass
@@ -60,14 +68,20 @@ class Child:
     status: dict = field(default_factory=dict)
     last_beat: float = 0.0
     started_at: float = 0.0
+    log_offset: int = 0
+    """Size of its log when this incarnation started: its own lines come after."""
+    last_error: str = ""
+    """Why it last died (the last error in its log), shown in the status line."""
 
 
 class Supervisor:
     def __init__(self, cfg: PipelineConfig, *, out=sys.stdout):
-        self.cfg = rconfig.resolve_ports(cfg)
+        self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.out = out
         self.children = {c.name: c for c in self._plan(cfg)}
+        # Before anything starts: an explicit port in use raises rports.PortError here.
+        self.ports = rports.resolve(cfg, ["supervisor", *self.children])
         self.stop_requested = False
         self.started = time.time()
         self.metrics = Metrics("supervisor")
@@ -83,7 +97,6 @@ class Supervisor:
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
-        self._resolve_metrics_ports()
         config_file = self.run_dir / "config.yaml"
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
@@ -117,6 +130,7 @@ class Supervisor:
             exit_code = self._final_code()
         finally:
             self._stop_all()
+            self._drain_heartbeats(beats, timeout_ms=100)  # the last beats the children sent as they exited
             self._print_status(final=True)
             self._print_evaluation()
             beats.close(linger=0)
@@ -142,15 +156,13 @@ class Supervisor:
                 out.append(Child("labeler" if k == 0 else f"labeler-{k}", "labeler", extra))
         return out
 
-    def _resolve_metrics_ports(self) -> None:
-        ports = self.cfg.monitoring.ports
-        for name in ("supervisor", *self.children):
-            if ports.get(name, 0) == 0:
-                ports[name] = rconfig.free_port(self.cfg.monitoring.host)
-
     # ------------------------------------------------------------------ children
+    def _log_path(self, child: Child) -> Path:
+        return self.run_dir / "logs" / f"{child.name}.log"
+
     def _start(self, child: Child) -> None:
-        log = open(self.run_dir / "logs" / f"{child.name}.log", "ab")
+        log = open(self._log_path(child), "ab")
+        child.log_offset = log.tell()
         env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "RELIEV3R_INSTANCE": child.name,
                "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
@@ -163,12 +175,19 @@ class Supervisor:
         self._write_pids()
 
     def _write_pids(self) -> None:
-        """``<run.dir>/processes.json``: pids and endpoints, for operators and ``reliev3r status``."""
-        mon = self.cfg.monitoring
-        data = {"supervisor": {"pid": os.getpid(), "metrics": f"http://{mon.host}:{mon.ports['supervisor']}/metrics"}}
+        """``<run.dir>/processes.json``: pids and endpoints (the resolved ports), for operators
+        and ``reliev3r status``."""
+        mon, net = self.cfg.monitoring, self.cfg.network
+
+        def metrics(name: str) -> str | None:
+            return f"http://{mon.host}:{mon.ports[name]}/metrics" if mon.enabled else None
+
+        data = {"supervisor": {"pid": os.getpid(), "metrics": metrics("supervisor"), "ports": self.ports,
+                               "endpoints": {"work": net.connect(net.work_port), "replay": net.connect(net.replay_port),
+                                             "heartbeats": net.connect(net.supervisor_port)}}}
         for name, child in self.children.items():
             data[name] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
-                          "metrics": f"http://{mon.host}:{mon.ports[name]}/metrics"}
+                          "metrics": metrics(name), "last_error": child.last_error or None}
         tmp = self.run_dir / "processes.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.run_dir / "processes.json")
@@ -196,8 +215,11 @@ class Supervisor:
             delay = min(30.0, 0.5 * 2 ** min(child.restarts - 1, 6))
             child.next_start = now + delay
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            self._print(f"{child.name} died ({how}); restart #{child.restarts} in {delay:.1f}s "
-                        f"(log: {self.run_dir / 'logs' / (child.name + '.log')})")
+            found = last_error(self._log_path(child), child.log_offset)
+            child.last_error = found or how
+            self._print(f"{child.name} died ({how})" + (f": {found}" if found else "") +
+                        f"; restart #{child.restarts} in {delay:.1f}s (log: {self._log_path(child)})")
+            self._write_pids()
 
     def _run_complete(self) -> bool:
         learner, evaluator = self.children["learner"], self.children["evaluator"]
@@ -255,9 +277,19 @@ class Supervisor:
                 child.status = msg.meta["status"]
                 child.last_beat = time.time()
 
-    def status_line(self) -> str:
-        s = {stage: self.children[stage].status for stage in ("streamer", "replay", "learner", "evaluator")}
+    def status_line(self, final: bool = False) -> str:
+        """The one-line status from the children's heartbeats. ``final``: the run is over, so
+        the learner's step and the evaluation come from what it left on disk (a heartbeat is
+        up to a second old, and a child's last one can be lost when it exits)."""
+        s = {stage: dict(self.children[stage].status) for stage in ("streamer", "replay", "learner", "evaluator")}
         st, rp, ln, ev = s["streamer"], s["replay"], s["learner"], s["evaluator"]
+        if final:
+            step = snapshot_step(self.run_dir)
+            if step is not None and step > ln.get("step", 0):
+                ln["step"] = step
+            done = latest_evaluation(self.run_dir)
+            if done is not None and done.get("step", -1) >= ev.get("step", -1):
+                ev.update(step=done["step"], absrel=done["model"]["absrel_med"], ate=done["model"]["ate"])
         lb: dict[str, int] = {}
         for child in self.children.values():  # every labeler's counts, summed
             if child.stage == "labeler":
@@ -278,7 +310,8 @@ class Supervisor:
             parts.append(f"eval@{ev['step']} AbsRel {ev['absrel']:.3f} ATE {ev['ate']:.3f}")
         restarts = sum(c.restarts for c in self.children.values())
         if restarts:
-            parts.append(f"restarts {restarts}")
+            why = "; ".join(f"{c.name}: {c.last_error[:REASON_CHARS]}" for c in self.children.values() if c.last_error)
+            parts.append(f"restarts {restarts}" + (f" ({why})" if why else ""))
         now = time.time()
         silent = [c.name for c in self.children.values() if c.proc is not None and c.proc.poll() is None
                   and now - max(c.last_beat, c.started_at) > STALE_S]
@@ -287,7 +320,7 @@ class Supervisor:
         return " | ".join(parts)
 
     def _print_status(self, final: bool = False) -> None:
-        line = self.status_line()
+        line = self.status_line(final)
         if self.out.isatty() and not final:
             pad = max(0, self._last_status_len - len(line))
             self.out.write("\r" + line + " " * pad)
@@ -320,3 +353,57 @@ def latest_evaluation(run_dir: Path) -> dict | None:
     """The newest evaluation result the evaluator wrote, or None."""
     files = sorted((run_dir / "evaluations").glob("step-*.json"))
     return json.loads(files[-1].read_text()) if files else None
+
+
+def snapshot_step(run_dir: Path) -> int | None:
+    """The step of the newest complete snapshot in ``<run.dir>/snapshots`` (the learner renames a
+    finished one into place, so a ``step-N`` folder with its ``meta.json`` is whole), or None."""
+    steps = [int(m.group(1)) for p in (run_dir / "snapshots").glob("step-*")
+             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "meta.json").is_file()]
+    return max(steps, default=None)
+
+
+TAIL_BYTES = 1 << 18
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Fault)\b.*")
+
+
+def last_error(log: Path, offset: int = 0) -> str:
+    """Why a child died, from its log after ``offset`` (where this incarnation began): the
+    exception of a traceback that ends the log (an error outside the structured log, e.g. at
+    import), else the last ERROR/CRITICAL JSON line ("msg: exception" or "msg: detail", and
+    the latest problem logged before it when it carries neither). Empty when nothing says."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(offset, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    problem = ""  # the latest "detail" of a WARNING line: what an error line without one refers to
+    error = ""
+    for i, line in enumerate(lines):
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            level, msg = rec.get("level"), str(rec.get("msg", ""))
+            exc = str(rec.get("exc") or "").strip().splitlines()
+            detail = str(rec.get("detail") or "")
+            if level in ("ERROR", "CRITICAL"):
+                own = exc[-1] if exc else detail
+                error = f"{msg}: {own}" if own else (f"{msg} (last problem: {problem})" if problem else msg)
+            elif level == "WARNING" and detail:
+                problem = f"{rec.get('reason')}: {detail}" if rec.get("reason") else detail
+        elif line.startswith("Traceback (most recent call last)"):
+            block = []
+            for ln in lines[i + 1:]:
+                if ln.startswith("{"):
+                    break
+                block.append(ln)
+            found = [ln for ln in block if _EXCEPTION.match(ln)]
+            if found:
+                error = found[-1]
+    return error

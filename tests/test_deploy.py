@@ -84,14 +84,17 @@ def test_alert_expressions_have_checkable_form():
         assert rule["annotations"]["summary"]
 
 
-def test_local_scrape_targets_match_default_ports():
+def test_scrape_targets_match_the_fixed_ports_of_their_configs():
+    # `reliev3r up` picks free ports by default; the local scrape config goes with the fixed ones
+    # of local-ports.yaml, the compose targets with those of the compose pipeline config.
     cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {sc["labels"]["component"]: sc["targets"][0] for sc in cfg["scrape_configs"][0]["static_configs"]}
-    ports = rconfig.load([ROOT / "configs" / "default.yaml"]).monitoring.ports
-    assert targets == {stage: f"127.0.0.1:{port}" for stage, port in ports.items()}
+    ports = rconfig.load([ROOT / "configs" / "default.yaml", DEPLOY / "prometheus" / "local-ports.yaml"]).monitoring.ports
+    assert targets == {stage: f"127.0.0.1:{port}" for stage, port in ports.items()} and all(ports.values())
     compose_targets = yaml.safe_load((DEPLOY / "prometheus" / "targets" / "compose.yml").read_text())
+    compose = rconfig.load([ROOT / "configs" / "default.yaml", DEPLOY / "docker" / "config" / "pipeline.yaml"])
     assert {t["labels"]["component"]: int(t["targets"][0].split(":")[1]) for t in compose_targets} == \
-        {s: p for s, p in ports.items() if s != "supervisor"}
+        {s: p for s, p in compose.monitoring.ports.items() if s != "supervisor"}
 
 
 # --------------------------------------------------------------------------- grafana
@@ -201,6 +204,10 @@ def test_deploy_pipeline_configs_load(where, tmp_path):
     path.write_text(yaml.safe_dump(data))
     cfg = rconfig.load([path], [])
     assert cfg.monitoring.host == "0.0.0.0" and cfg.run.dir == "/data/run" and cfg.network.connect_host
+    # Stages on their own: every port fixed, where the manifests and scrape targets expect it.
+    assert (cfg.network.work_port, cfg.network.replay_port) == (5701, 5702)
+    assert {s: p for s, p in cfg.monitoring.ports.items() if s != "supervisor"} == \
+        {"streamer": 9701, "labeler": 9702, "replay": 9703, "learner": 9704, "evaluator": 9705}
     assert cfg.network.curve.enabled and cfg.network.curve.authorized_clients
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -9,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 import urllib.parse
@@ -49,27 +49,39 @@ def run_dir(tmp_path):
         (tmp_path / "evaluations" / f"step-{s:09d}.json").write_text(json.dumps(
             {"step": s, "data": "synthetic", "model": {"absrel_med": absrel, "ate": 0.5}}))
 
-    def bump():  # between the two scrapes of a 0.6 s interval
+    def bump():  # what the stages do between the two scrapes
         frames.labels("a.mp4").inc(20)
         step.set(103)
 
-    timer = threading.Timer(0.25, bump)
-    yield tmp_path, timer
-    timer.cancel()
+    yield tmp_path, bump
     for m in stages.values():
         m.close()
 
 
-def test_collect_rates_levels_and_liveness(run_dir):
-    path, timer = run_dir
-    timer.start()
+class _Clock:
+    """``status``'s time: its sleep between the two scrapes runs ``between`` and advances the
+    clock by exactly the interval, so the rates are exact whatever the machine's speed."""
+
+    def __init__(self, between):
+        self.now, self.between = 1000.0, between
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.between()
+        self.now += seconds
+
+
+def test_collect_rates_levels_and_liveness(run_dir, monkeypatch):
+    path, bump = run_dir
+    monkeypatch.setattr(status, "time", _Clock(bump))
     stages = status.collect(path, interval=0.6)
     assert list(stages) == ["supervisor", "streamer", "labeler", "replay", "learner"]
     st, lb, rp, ln = stages["streamer"], stages["labeler"], stages["replay"], stages["learner"]
     assert st.up and st.alive and st.pid == os.getpid()
-    # 20 frames over the interval (0.6 s plus the second scrape's time).
-    assert 20 / 1.2 < st.rates["frames"] <= 20 / 0.6
-    assert 3 / 1.2 < ln.rates["steps"] <= 3 / 0.6
+    # 20 frames and 3 steps between the scrapes, 0.6 s apart.
+    assert st.rates["frames"] == pytest.approx(20 / 0.6) and ln.rates["steps"] == pytest.approx(3 / 0.6)
     assert st.levels["in flight"] == 3
     assert rp.levels == {"windows": 184, "waiting samples": 1}
     assert ln.levels["step"] == 103 and ln.levels["loss"] == 0.25 and ln.restarts == 2
@@ -91,6 +103,69 @@ def test_status_command_exit_codes(run_dir, tmp_path_factory, capsys):
     empty = tmp_path_factory.mktemp("empty")
     assert cli.main(["status", "--run-dir", str(empty), "--interval", "0"]) == 2
     assert "no " in capsys.readouterr().out
+
+
+def test_one_metrics_port_override_keeps_the_others():
+    """``monitoring.ports.learner=...`` sets that key of the mapping; the others keep theirs
+    (from the dataclass default or a file), they are not dropped."""
+    from monitoring.config import MonitoringConfig
+    from reliev3r.config import build, load
+
+    assert build(MonitoringConfig, {"ports": {"learner": 9999}}).ports == {**MonitoringConfig().ports, "learner": 9999}
+    fixed = load([ROOT / "configs" / "default.yaml", DEPLOY / "prometheus" / "local-ports.yaml"],
+                 ["monitoring.ports.learner=0"]).monitoring.ports
+    assert fixed == {"supervisor": 9700, "streamer": 9701, "labeler": 9702, "replay": 9703, "learner": 0,
+                     "evaluator": 9705}
+
+
+def _supervisor(run_dir: Path):
+    from reliev3r.config import load
+    from reliev3r.supervisor import Supervisor
+
+    return Supervisor(load([ROOT / "configs" / "default.yaml"], [f"run.dir={run_dir}"]), out=io.StringIO())
+
+
+def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_path):
+    """The heartbeats the status line shows are up to a second old, and a child's last one can
+    be lost as it exits: the last line reads the final snapshot and evaluation from the run."""
+    sup = _supervisor(tmp_path)
+    try:
+        sup.children["learner"].status = {"step": 19, "loss": 0.5}
+        sup.children["evaluator"].status = {"step": 15, "absrel": 0.4, "ate": 0.2}
+        final = tmp_path / "snapshots" / "step-000000020"
+        final.mkdir(parents=True)
+        (final / "meta.json").write_text(json.dumps({"step": 20, "final": True}))
+        (tmp_path / "snapshots" / "step-000000025.tmp-1").mkdir()  # being written: not a snapshot yet
+        (tmp_path / "evaluations").mkdir()
+        (tmp_path / "evaluations" / "step-000000020.json").write_text(json.dumps(
+            {"step": 20, "model": {"absrel_med": 0.25, "ate": 0.125}}))
+        assert "| step 19 |" in sup.status_line() and "eval@15" in sup.status_line()  # running: heartbeats
+        sup._print_status(final=True)
+        line = sup.out.getvalue().splitlines()[-1]
+        assert "| step 20 |" in line and "eval@20 AbsRel 0.250 ATE 0.125" in line, line
+    finally:
+        sup.metrics.close()
+
+
+def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
+    """What the status line says about a crashed child: the last error of its own
+    incarnation's log, whether logged (JSON, with the exception's last line or the problem
+    logged before it) or a traceback outside the structured log."""
+    from reliev3r.supervisor import last_error
+
+    log = tmp_path / "stage.log"
+    old = '{"level": "ERROR", "msg": "stage failed", "exc": "Traceback\\nKeyError: an older run"}\n'
+    log.write_text(old + '{"level": "INFO", "msg": "up"}\n')
+    assert last_error(log, len(old)) == ""
+    log.write_text(old + "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+                   "    raise OSError(98)\nOSError: [Errno 98] Address already in use\n")
+    assert last_error(log, len(old)) == "OSError: [Errno 98] Address already in use"
+    log.write_text('{"level": "ERROR", "msg": "stage failed", "exc": "Traceback\\n  File x\\n'
+                   'ValueError: unknown dataset spec"}\n')
+    assert last_error(log) == "stage failed: ValueError: unknown dataset spec"
+    log.write_text('{"level": "WARNING", "msg": "source problem", "reason": "source_failed", "detail": "TypeError: x"}\n'
+                   '{"level": "ERROR", "msg": "no source produced a window"}\n{"level": "INFO", "msg": "done"}\n')
+    assert last_error(log) == "no source produced a window (last problem: source_failed: TypeError: x)"
 
 
 # --------------------------------------------------------------------------- metric names

@@ -2,9 +2,10 @@
 
 One small world is rendered once per session and linked into each run folder. Each test
 starts the real supervisor in a subprocess (every stage its own process, real ZeroMQ on
-127.0.0.1, free ports) and checks what an operator would: exit code, status lines,
-snapshots, evaluation results, restarts after SIGKILL, rejection of malformed messages, and
-no processes left behind.
+127.0.0.1, the default ports: free ones) and checks what an operator would: exit code, status
+lines, snapshots, evaluation results, restarts after SIGKILL, rejection of malformed messages,
+and no processes left behind. A test that reads a running pipeline (a metrics scrape, a probe)
+runs it without a step limit and stops it itself afterwards: a short run could end first.
 """
 
 from __future__ import annotations
@@ -49,11 +50,10 @@ def _start(run_dir: Path, worlds: Path, *extra: str, max_steps: int, command: st
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("world", "eval_world"):
         (run_dir / name).symlink_to(worlds / name)
-    ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
-    ports += [f"monitoring.ports.{s}=0" for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
+    # No port overrides: the defaults are free ports, so the tests (and other runs) share the host.
     cmd = [sys.executable, "-m", "reliev3r.cli", command, "--config", str(ROOT / "configs" / "default.yaml"),
            "--config", str(ROOT / "configs" / "demo.yaml"), "--max-steps", str(max_steps),
-           f"run.dir={run_dir}", *ports, *SMALL, *extra]
+           f"run.dir={run_dir}", *SMALL, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -85,6 +85,28 @@ def _scrape(url: str) -> str:
         return resp.read().decode()
 
 
+def _counted(url: str, name: str) -> float:
+    """Sum of the samples of metric ``name`` at ``url`` (0 when it has none yet, or when the
+    endpoint does not answer yet: a process just (re)started)."""
+    try:
+        text = _scrape(url)
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """SIGTERM a run started without a step limit; its output."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return _finish(proc, timeout=timeout)
+
+
+def _status_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("[") and " | step " in line]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -109,16 +131,19 @@ def test_up_reaches_max_steps_with_snapshot_and_evaluation(tmp_path, worlds):
     for key in ("absrel_med", "ate", "auc30"):
         assert key in final["model"] and key in final["baseline_constant_identity"]
     assert "AbsRel" in out and "ATE" in out  # the final result is printed
+    # The last status line is the final state (not a heartbeat from a step before the end).
+    last = _status_lines(out)[-1]
+    assert "| step 8 |" in last and "eval@8 " in last, last
     assert (run_dir / "snapshots" / "step-000000008" / "meta.json").is_file()
     assert not list((run_dir / "snapshots").glob("*.tmp*")), "half-written snapshot left behind"
 
 
 def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_path, worlds, wait_for):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, worlds, max_steps=25)
+    proc = _start(run_dir, worlds, max_steps=0)  # runs until the test stops it: every scrape finds it up
     try:
         procs = wait_for(lambda: (p := _processes(run_dir)).get("labeler", {}).get("pid") and _learner_step(run_dir) >= 5 and p,
-                          300, "the learner's first snapshot")
+                          300, "the learner's first snapshot", procs=[proc])
         cfg = rconfig.load([run_dir / "config.yaml"])
         # Garbage to every bound socket: streamer ROUTER, replay ROUTER, supervisor PULL.
         ctx = zmq.Context()
@@ -130,20 +155,21 @@ def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_pat
             sock.send_multipart([b"hello"])
             sock.close(linger=1000)
         ctx.term()
+        for stage in ("streamer", "replay", "supervisor"):  # counted once each process has read them
+            wait_for(lambda: _counted(procs[stage]["metrics"], "reliev3r_messages_rejected_total") > 0, 60,
+                     f"{stage} to count the rejected messages")
         labeler_pid = procs["labeler"]["pid"]
         os.kill(labeler_pid, signal.SIGKILL)
-        time.sleep(2)
-        for stage in ("streamer", "replay", "supervisor"):
-            text = _scrape(procs[stage]["metrics"])
-            rejected = [line for line in text.splitlines()
-                        if line.startswith("reliev3r_messages_rejected_total") and not line.endswith(" 0.0")]
-            assert rejected, f"{stage} counted no rejected message:\n{text[-2000:]}"
+        # The restarted labeler (a new pid) labels windows again.
+        restarted = wait_for(lambda: (p := _processes(run_dir)["labeler"])["pid"] not in (None, labeler_pid) and p,
+                             120, "the labeler's restart", procs=[proc])
+        wait_for(lambda: _alive(restarted["pid"]) and _counted(restarted["metrics"], "reliev3r_labeler_windows_total") > 0,
+                 300, "the restarted labeler to label", procs=[proc])
+        assert restarted["restarts"] == 1
     finally:
-        out = _finish(proc)
+        out = _stop(proc)
     assert proc.returncode == 0, out[-4000:]
-    assert "labeler died (signal SIGKILL); restart #1" in out
-    assert _processes(run_dir)["labeler"]["pid"] != labeler_pid
-    assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == 25
+    assert "labeler died (signal SIGKILL)" in out and "restart #1" in out, out[-3000:]
 
 
 def test_sigterm_stops_everything_cleanly(tmp_path, worlds, wait_for):
@@ -167,8 +193,8 @@ def test_sigterm_stops_everything_cleanly(tmp_path, worlds, wait_for):
 
 def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, worlds, wait_for):
     """The cross-host setup on one host: every ZeroMQ link under CURVE and frames sent as
-    JPEG. With keys from `reliev3r keys` the run completes; a peer without the key gets
-    nothing through and is counted."""
+    JPEG. With keys from `reliev3r keys` windows flow to the learner and its snapshots are
+    scored; a peer without the key gets nothing through and is counted."""
     from reliev3r.cli import main as cli_main
 
     keys = tmp_path / "keys"
@@ -179,14 +205,14 @@ def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, world
              f"network.curve.client_public_key={keys / 'client.key'}",
              f"network.curve.authorized_clients={keys / 'authorized_clients'}"]
     run_dir = tmp_path / "run"
-    # Probe early in a longer run: probing takes ~3 s, and the replay must still be serving
-    # (with the learner 1 step from the end, the run could finish and reset the scrape).
-    steps = 20
-    proc = _start(run_dir, worlds, *curve, "streamer.payload=jpeg", max_steps=steps)
+    # No step limit: the replay must be serving while it is probed and scraped, whatever the
+    # machine's speed (a 20-step run could end first); the test stops the run at the end.
+    proc = _start(run_dir, worlds, *curve, "streamer.payload=jpeg", max_steps=0)
     try:
-        procs = wait_for(lambda: (p := _processes(run_dir)).get("replay", {}).get("pid") and p, 120, "processes")
+        procs = wait_for(lambda: (p := _processes(run_dir)).get("replay", {}).get("pid") and p, 120, "processes",
+                         procs=[proc])
         cfg = rconfig.load([run_dir / "config.yaml"])
-        wait_for(lambda: _learner_step(run_dir) >= 2 or proc.poll() is not None, 300, "the first snapshot")
+        wait_for(lambda: _learner_step(run_dir) >= 5, 300, "the first snapshot", procs=[proc])
         # A keyless and a wrong-key client: their requests are never answered or stored.
         import zmq.auth
 
@@ -204,33 +230,27 @@ def test_pipeline_runs_with_curve_keys_and_refuses_keyless_peers(tmp_path, world
             assert not sock.poll(1500), "a peer without the right key got an answer"
             sock.close()
         ctx.term()
-        text = _scrape(procs["replay"]["metrics"])
-        failures = [ln for ln in text.splitlines() if ln.startswith("reliev3r_auth_failures_total") and not ln.endswith(" 0.0")]
-        assert failures, "the refused wrong-key peer was not counted"
+        wait_for(lambda: _counted(procs["replay"]["metrics"], "reliev3r_auth_failures_total") > 0, 60,
+                 "the refused wrong-key peer to be counted", procs=[proc])
+        wait_for(lambda: list((run_dir / "evaluations").glob("step-*.json")), 300, "a scored snapshot", procs=[proc])
     finally:
-        out = _finish(proc)
+        out = _stop(proc)
     assert proc.returncode == 0, out[-4000:]
-    assert json.loads(sorted((run_dir / "evaluations").glob("step-*.json"))[-1].read_text())["step"] == steps
 
 
 def test_up_starts_several_labelers_that_share_the_stream(tmp_path, worlds, wait_for):
     """labeler.workers=2: two labeler processes (one per GPU on a GPU host), each with its own
     log, metrics endpoint and heartbeat; both take windows from the one streamer."""
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, worlds, "labeler.workers=2", "labeler.credits=1", max_steps=8)
+    proc = _start(run_dir, worlds, "labeler.workers=2", "labeler.credits=1", max_steps=0)  # stopped below
     try:
-        procs = wait_for(lambda: (p := _processes(run_dir)).get("labeler-1", {}).get("pid")
-                          and _learner_step(run_dir) >= 5 and p, 300, "the first snapshot")
+        procs = wait_for(lambda: (p := _processes(run_dir)).get("labeler-1", {}).get("pid") and p, 300,
+                         "the second labeler", procs=[proc])
         assert procs["labeler"]["metrics"] != procs["labeler-1"]["metrics"]
-
-        def windows(name: str) -> float:
-            text = _scrape(procs[name]["metrics"])
-            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("reliev3r_labeler_windows_total{"))
-
-        wait_for(lambda: windows("labeler") > 0 and windows("labeler-1") > 0, 60, "both labelers to label")
+        wait_for(lambda: all(_counted(procs[name]["metrics"], "reliev3r_labeler_windows_total") > 0
+                             for name in ("labeler", "labeler-1")), 300, "both labelers to label", procs=[proc])
     finally:
-        out = _finish(proc)
+        out = _stop(proc)
     assert proc.returncode == 0, out[-3000:]
     assert (run_dir / "logs" / "labeler-1.log").is_file()
 
@@ -265,3 +285,131 @@ def test_pretrain_then_a_run_warm_started_from_it(tmp_path, worlds):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "patch_size=8" in bad.stderr and "patch_size=16" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_two_runs_on_one_host_with_the_default_ports(tmp_path, worlds, wait_for):
+    """Two `reliev3r up` on one host at once, neither naming a port: each picks free ZeroMQ and
+    metrics ports and records them in its run folder, where `reliev3r status` finds them; both
+    end with exit 0."""
+    first = _start(tmp_path / "a", worlds, max_steps=0)  # stopped below, once the second has run
+    try:
+        # The second starts once the first's sockets are all bound (its learner steps), so the
+        # free ports it picks cannot be the first's.
+        wait_for(lambda: _learner_step(tmp_path / "a") >= 5, 300, "the first run's first snapshot", procs=[first])
+        second = _start(tmp_path / "b", worlds, max_steps=3)
+        out_b = _finish(second)
+        assert second.returncode == 0, out_b[-4000:]
+        assert "learner finished" in out_b and "evaluator finished" in out_b
+        status = subprocess.run([sys.executable, "-m", "reliev3r.cli", "status", "--run-dir", str(tmp_path / "a"),
+                                 "--interval", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stdout + status.stderr  # every endpoint of the first run answers
+        ports = {run: _processes(tmp_path / run)["supervisor"]["ports"] for run in ("a", "b")}
+        assert f"work tcp://127.0.0.1:{ports['a']['network.work_port']}" in status.stdout, status.stdout
+    finally:
+        out_a = _stop(first)
+    assert first.returncode == 0, out_a[-4000:]
+    for run in ("a", "b"):
+        assert len(set(ports[run].values())) == len(ports[run]) == 3 + 6  # 3 ZeroMQ, 6 metrics, all distinct
+        assert rconfig.load([tmp_path / run / "config.yaml"]).network.work_port == ports[run]["network.work_port"]
+    assert not set(ports["a"].values()) & set(ports["b"].values())
+
+
+def test_up_refuses_an_explicit_port_in_use_before_starting_anything(tmp_path):
+    """An explicit port another program holds stops `up` at once (exit 2) with a message naming
+    the port and the key that sets it; nothing is started."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        for key in ("network.replay_port", "monitoring.ports.learner"):
+            run_dir = tmp_path / key
+            done = subprocess.run([sys.executable, "-m", "reliev3r.cli", "up", f"run.dir={run_dir}", f"{key}={taken}"],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, done.stdout + done.stderr
+            assert f"{key}: port {taken} on 127.0.0.1 is already in use" in done.stderr and f"{key}=0" in done.stderr
+            assert not run_dir.exists()  # nothing started, nothing written
+        # A stage started on its own: the same check, and a ZeroMQ port its peers must know.
+        done = subprocess.run([sys.executable, "-m", "reliev3r.cli", "replay", f"run.dir={tmp_path / 'alone'}",
+                               f"network.replay_port={taken}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"network.replay_port: port {taken}" in done.stderr, done.stderr
+        done = subprocess.run([sys.executable, "-m", "reliev3r.cli", "label", f"run.dir={tmp_path / 'alone'}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "network.work_port is 0" in done.stderr, done.stderr
+    finally:
+        holder.close()
+
+
+def test_a_crash_looping_stage_says_why_in_the_status_line(tmp_path, worlds, wait_for):
+    """A stage that fails at start is restarted with backoff; the status line (not only its log)
+    names the error it died of."""
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, worlds, "evaluator.data=folder:/nonexistent/frames", max_steps=2)
+    try:
+        wait_for(lambda: (_processes(run_dir).get("evaluator") or {}).get("restarts", 0) >= 2, 300,
+                 "the evaluator to crash twice", procs=[proc])
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out[-4000:]
+    reason = "stage failed: ValueError: unknown dataset spec 'folder:/nonexistent/frames'"
+    assert f"evaluator died (exit code 1): {reason}" in out, out[-4000:]
+    last = _status_lines(out)[-1]
+    assert "restarts " in last and f"evaluator: {reason}" in last, last
+    assert reason in _processes(run_dir)["evaluator"]["last_error"]
+
+
+def test_the_evaluator_stops_mid_evaluation_on_sigterm(tmp_path, worlds):
+    """A SIGTERM while the evaluator scores a snapshot ends the scoring after the window at hand:
+    the process exits 0 without scoring the rest or writing a result. The evaluator runs as a
+    real process whose first scored window sends it SIGTERM, so the signal lands mid-evaluation
+    on any machine."""
+    from tests.tiny_snapshot import make_tiny_snapshot
+
+    run_dir = tmp_path / "run"
+    make_tiny_snapshot(run_dir, height=48, width=64, views=3)
+    scored = tmp_path / "scored.txt"
+    hook = ("import os, signal, sys\n"
+            "import evaluation.evaluate as ev\n"
+            "score = ev.score_window\n"
+            "def scored(*args, **kwargs):\n"
+            "    with open(sys.argv[1], 'a') as f:\n"
+            "        f.write('window\\n')\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return score(*args, **kwargs)\n"
+            "ev.score_window = scored\n"
+            "from reliev3r.cli import main\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+    done = subprocess.run([sys.executable, "-c", hook, str(scored), "evaluate", "--config",
+                           str(ROOT / "configs" / "demo.yaml"), f"run.dir={run_dir}", *SMALL, "evaluator.windows=4",
+                           f"evaluator.data=synthetic:{worlds / 'eval_world'}", "monitoring.enabled=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    abandoned = [rec for rec in logged if rec["msg"] == "evaluation abandoned on stop"]
+    assert abandoned and abandoned[0]["scored"] == 1 and abandoned[0]["windows"] == 4, done.stderr[-3000:]
+    assert scored.read_text() == "window\n"  # one window scored of four
+    assert not list((run_dir / "evaluations").glob("step-*.json"))
+
+
+def test_synthetic_videos_open_with_pyav_without_metadata_errors(worlds, monkeypatch):
+    """PyAV 19 dropped ``av.open``'s ``metadata_errors``: the streamer's videos failed to open,
+    every synthetic source failed, and under `up` the streamer exited 1 at the first labeler's
+    request and was restarted in a loop (on a GPU host whose PyAV was 19)."""
+    import av
+
+    from streamer.sources import VideoSource
+
+    real_open = av.open
+
+    def open_19(*args, **kwargs):  # what PyAV 19 accepts
+        if "metadata_errors" in kwargs or "metadata_encoding" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_19)
+    errors = []
+    video = sorted((worlds / "world").glob("*.mp4"))[0]
+    frames = list(VideoSource(video, on_error=lambda *e: errors.append(e)).frames())
+    assert not errors and len(frames) == 40 and frames[0].gt_depth is not None

@@ -1,0 +1,106 @@
+"""Ports on one host: 0 becomes a free port, an explicit port must be free before anything starts.
+
+``reliev3r up`` resolves every ZeroMQ and metrics port of its run at once (:func:`resolve`):
+the ports left at 0 (the defaults) get free ones, so two runs share a host, and an explicit
+port that another program holds stops it before any process starts, with a message naming the
+port and the key that sets it (instead of ``Address already in use`` deep in a stage). The
+resolved ports go to ``<run.dir>/config.yaml``, which every child reads, and to
+``<run.dir>/processes.json``. A stage started on its own (``reliev3r stream`` ...) checks its
+own ports (:func:`stage_problem`): its peers must know them, so the ZeroMQ ones cannot be 0.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from reliev3r.config import PipelineConfig
+
+NETWORK_PORTS = ("work_port", "replay_port", "supervisor_port")
+STAGE_PORTS = {"streamer": ("work_port",), "labeler": ("work_port", "replay_port"), "replay": ("replay_port",),
+               "learner": ("replay_port",), "evaluator": ()}
+"""The ZeroMQ ports each stage binds or connects to."""
+BINDS = {"streamer": "work_port", "replay": "replay_port"}
+
+
+class PortError(RuntimeError):
+    """A port cannot be used; the message names it and the key that sets it."""
+
+
+def _socket(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # As ZeroMQ and the metrics server bind: a port left in TIME_WAIT by a finished run is free.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
+def in_use(host: str, port: int) -> bool:
+    """True when ``port`` cannot be bound on ``host`` (another socket listens there)."""
+    with _socket(host) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_message(key: str, host: str, port: int) -> str:
+    return (f"{key}: port {port} on {host} is already in use (another reliev3r run or program holds it); "
+            f"set {key}=0 for a free port, or {key}=<another port>")
+
+
+def resolve(cfg: PipelineConfig, metrics_names: list[str]) -> dict[str, int]:
+    """Give every port of a local run a number, in place: the network ports and the metrics
+    port of each name in ``metrics_names`` (the supervisor and its children). Explicit ports
+    are checked first (free, and not given twice); then the free ones are chosen together, each
+    held until all are chosen, so no two are the same. Returns {key: port}; raises
+    :class:`PortError` naming the first explicit port that cannot be used."""
+    net, mon = cfg.network, cfg.monitoring
+    wanted: list[tuple[str, str, int]] = [(f"network.{n}", net.host, getattr(net, n)) for n in NETWORK_PORTS]
+    if mon.enabled:
+        wanted += [(f"monitoring.ports.{n}", mon.host, mon.ports.get(n, 0)) for n in metrics_names]
+    seen: dict[int, str] = {}
+    for key, host, port in wanted:
+        if not port:
+            continue
+        if port in seen:
+            raise PortError(f"{key}: port {port} is also {seen[port]}; give each its own port, or 0 for a free one")
+        seen[port] = key
+        if in_use(host, port):
+            raise PortError(taken_message(key, host, port))
+    held: list[socket.socket] = []
+    out: dict[str, int] = {}
+    try:
+        for key, host, port in wanted:
+            if not port:  # chosen by the kernel, without SO_REUSEADDR: a port nothing else has bound
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+            out[key] = port
+    finally:
+        for sock in held:
+            sock.close()
+    for key, port in out.items():
+        section, _, name = key.partition(".")
+        if section == "network":
+            setattr(net, name, port)
+        else:
+            mon.ports[name.split(".", 1)[1]] = port
+    return out
+
+
+def stage_problem(stage: str, instance: str, cfg: PipelineConfig) -> str | None:
+    """Why a stage started on its own cannot run with these ports, or None: a ZeroMQ port it
+    uses left at 0 (its peers could not find it), or a port it binds already in use."""
+    net, mon = cfg.network, cfg.monitoring
+    for name in STAGE_PORTS.get(stage, ()):
+        if not getattr(net, name):
+            return (f"network.{name} is 0, a free port that only `reliev3r up` can choose and pass to the "
+                    f"other stages; a stage started on its own needs the port its peers use, e.g. "
+                    f"network.{name}={5701 + NETWORK_PORTS.index(name)} (deploy/ sets 5701-5703)")
+    if stage in BINDS and in_use(net.host, port := getattr(net, BINDS[stage])):
+        return taken_message(f"network.{BINDS[stage]}", net.host, port)
+    key = instance if instance in mon.ports else stage
+    if mon.enabled and (port := mon.ports.get(key, 0)) and in_use(mon.host, port):
+        return taken_message(f"monitoring.ports.{key}", mon.host, port)
+    return None
