@@ -212,6 +212,10 @@ class LiveSource:
                     if keep:
                         self._push(vframe.to_ndarray(format="rgb24"), generation, damaged=gate.take_gap())
                         got = True
+                    else:  # damaged, not stalled: the watchdog must not reconnect a feed that decodes
+                        with self._cond:
+                            if generation == self._generation:
+                                self._last_frame_at = time.monotonic()
             self.on_error(self.name, "feed_ended", f"{self.url}: end of stream")
         except av.error.FFmpegError as err:
             self.on_error(self.name, "read_failed", f"{self.url}: {err}")
