@@ -71,29 +71,33 @@ class LossConfig:
     """Robust function of the angle terms (``learner.losses.robust_angle_cost``)."""
     scale_deg: float = 10.0
     """Angle scale of the robust function, degrees."""
-    point_weight: float = 0.0
+    point_weight: float = 1.0
     """mu of the triangulation-consistency term ``mu * L_point``
     (``learner.losses.point_consistency_loss``): the two back-projections of a match must meet,
     relative to their depths. 0 = the paper's losses only. The strongest signal on a depth
     shift common to a window's views, which the depth loss cannot see: at 3 (with the
     refinement) it removed the weak run's drift to too much depth contrast by pulling towards
     less of it, not by estimating the shift without bias (docs/RESULTS.md, sweep 12)."""
-    triangulation_weight: float = 0.0
+    triangulation_weight: float = 1.0
     """Weight of the two-view triangulation depth term (``learner.losses.triangulated_depth_loss``):
     the predicted depth at the matches against their triangulation from the pair's essential
     matrix (one scale per pair left open). Weak: the matches and the intrinsics only. It gives
     each view's depth shift and the views' relative scales, which the relative-depth loss leaves
-    open and which the angle terms see only through the predicted poses. 0 = off."""
-    triangulation_pose_weight: float = 0.0
+    open and which the angle terms see only through the predicted poses. 0 = off. With the two
+    terms below it took 7-Scenes median-scaled AbsRel from 0.59 (paper terms + point) to 0.35
+    and AUC@30 from 0.02 to 0.07 (docs/RESULTS.md, issue 21)."""
+    triangulation_pose_weight: float = 1.0
     """Weight of the angle terms evaluated with the triangulated depths
     (``learner.losses.triangulated_pose_loss``): rotations and translation directions towards
-    each pair's two-view solution, through no predicted depth. 0 = off."""
-    contrast_weight: float = 0.0
+    each pair's two-view solution, through no predicted depth. 0 = off. Without it (depth term
+    alone) AUC@30 on 7-Scenes stayed at 0.03 (docs/RESULTS.md, issue 21)."""
+    contrast_weight: float = 1.0
     """Weight of the depth-contrast term (``learner.losses.depth_contrast_loss``): each view's
     spread of depths relative to their distance (the shift that the relative-depth loss leaves
     open) pulled to that of the teacher registered to the matches' triangulation
     (``learner.losses.registered_teacher_shift``). Weak: the teacher, the matches and the
-    intrinsics only. 0 = off."""
+    intrinsics only. 0 = off. It took 7-Scenes median-scaled AbsRel from 0.43 to 0.35 beside
+    the two terms above; at 3 the views' shapes broke (0.54; docs/RESULTS.md, issue 21)."""
     match_depth: Literal["pred", "teacher"] = "pred"
     """Depth the match terms (angle, point) are evaluated with: ``pred`` the learner's own;
     ``teacher`` the teacher's map carried into the prediction's per-view scale and shift

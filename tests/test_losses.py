@@ -927,7 +927,7 @@ def batch_and_pred(seed=12, *, teacher=True, n_matches=None):
 
 def test_compute_loss_weak_applies_weights():
     pred, batch = batch_and_pred()
-    cfg = LossConfig(kind="weak", reproj_weight=0.5, alpha=1.0)
+    cfg = LossConfig(kind="weak", reproj_weight=0.5, alpha=1.0, point_weight=0.0)  # the paper's two terms
     loss, terms = compute_loss(pred, batch, cfg, teacher_space="disparity")
     assert set(terms) == {"loss", "depth", "reproj", "matches"}
     assert terms["matches"] == batch["matches"].shape[0]
@@ -942,7 +942,7 @@ def test_compute_loss_weak_applies_weights():
 def test_compute_loss_without_teacher_and_without_matches():
     pred, batch = batch_and_pred(teacher=False, n_matches=0)
     loss, terms = compute_loss(pred, batch, LossConfig())
-    assert set(terms) == {"loss", "reproj", "matches"}
+    assert set(terms) == {"loss", "reproj", "point", "matches"}
     assert terms["matches"] == 0 and loss.item() == 0.0
     loss.backward()
     for x in (pred.depth, pred.confidence, pred.cam_to_world):

@@ -58,9 +58,10 @@ def test_up_with_shipped_defaults_learns_from_a_real_image_sequence(tmp_path):
     assert "evaluation of step 12 on 7scenes:" in out, out[-3000:]
     assert "baseline constant depth + identity poses" in out
 
-    steps = [json.loads(line) for line in (run / "logs" / "learner.log").read_text().splitlines()
-             if '"msg": "step"' in line]
-    assert steps and steps[-1]["step"] >= 11
+    log = [json.loads(line) for line in (run / "logs" / "learner.log").read_text().splitlines() if line.startswith("{")]
+    assert any(row["msg"] == "learner done" and row["step"] == 12 for row in log)
+    steps = [row for row in log if row["msg"] == "step"]  # logged every few seconds: at least the first
+    assert steps
     shipped = LossConfig()
     expected = {"depth", "reproj"} | ({"point"} if shipped.point_weight > 0 else set()) \
         | ({"triangulation"} if shipped.triangulation_weight > 0 else set()) \

@@ -168,14 +168,16 @@ def test_objective_adds_the_triangulation_terms_only_when_weighted_and_labelled(
     pred = type("P", (), {"depth": depth, "confidence": torch.ones_like(depth),
                           "cam_to_world": world["cam_to_world"].float()})()
     batch = {"matches": matches, "intrinsics": world["intrinsics"].float(), "match_triangulation": tri}
-    base, terms = compute_loss(pred, batch, LossConfig())
+    off = dict(triangulation_weight=0.0, triangulation_pose_weight=0.0, contrast_weight=0.0)
+    base, terms = compute_loss(pred, batch, LossConfig(**off))
     assert "triangulation" not in terms and "triangulation_pose" not in terms
-    loss, terms = compute_loss(pred, batch, LossConfig(triangulation_weight=2.0, triangulation_pose_weight=0.5))
+    loss, terms = compute_loss(pred, batch, LossConfig(**{**off, "triangulation_weight": 2.0,
+                                                          "triangulation_pose_weight": 0.5}))
     assert terms["triangulation"] > 1e-3
     assert float(loss) == pytest.approx(float(base) + 2.0 * terms["triangulation"] + 0.5 * terms["triangulation_pose"],
                                         rel=1e-5)
     no_labels = {k: v for k, v in batch.items() if k != "match_triangulation"}
-    loss2, terms2 = compute_loss(pred, no_labels, LossConfig(triangulation_weight=2.0))
+    loss2, terms2 = compute_loss(pred, no_labels, LossConfig(**{**off, "triangulation_weight": 2.0}))
     assert "triangulation" not in terms2 and float(loss2) == pytest.approx(float(base), rel=1e-6)
 
 
@@ -254,7 +256,7 @@ def test_objective_adds_the_contrast_term_with_a_teacher_and_triangulation():
                           "cam_to_world": world["cam_to_world"].float()})()
     batch = {"matches": matches, "intrinsics": world["intrinsics"].float(), "match_triangulation": tri.float(),
              "teacher_depth": 2 * world["depth"].float() + 1, "teacher_valid": torch.ones_like(depth, dtype=torch.bool)}
-    base, terms = compute_loss(pred, batch, LossConfig())
+    base, terms = compute_loss(pred, batch, LossConfig(contrast_weight=0.0))
     assert "contrast" not in terms
     loss, terms = compute_loss(pred, batch, LossConfig(contrast_weight=2.0))
     assert terms["contrast"] > 1e-3
