@@ -455,7 +455,8 @@ def read_image(file: Path) -> np.ndarray:
     if bgr is None or bgr.size == 0:
         raise SourceError("bad_image", f"{file}: not a decodable image")
     if min(bgr.shape[:2]) < MIN_FRAME_SIDE:
-        raise SourceError("too_small", f"{file}: {bgr.shape[1]}x{bgr.shape[0]}, less than {MIN_FRAME_SIDE} pixels a side")
+        raise SourceError("too_small", f"{file}: {bgr.shape[1]}x{bgr.shape[0]}, "
+                                       f"less than {MIN_FRAME_SIDE} pixels a side")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
