@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Weak learning on real video through the product path, several runs side by side on one GPU host:
+# `reliev3r up --config configs/gpu.yaml` on 7-Scenes frames 0-449 (an image-sequence archive) for
+# the same number of steps each, then `reliev3r eval` on frames 450-599 (nobody trains on them),
+# each weak run beside the supervised sibling named `sup`, and a table of the results.
+#
+#   python -m studies.prepare_7scenes --out .devdata     # here: 11 MB of frames to carry
+#   # on the device, from the repository root (carry .devdata and the wheels it lacks):
+#   STEPS=800 WALL=330 bash studies/weak_7scenes.sh "default:" "sup:learner.loss.kind=supervised" \
+#       "oracle:labeler.teacher=oracle" "oracle2:labeler.teacher=oracle?strength=2"
+#
+# Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
+# other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
+# snapshot) WALL seconds after the start. WHEELS: a folder of wheels to install first (default
+# .whl, skipped when absent); DATA: the folder of studies.prepare_7scenes (default .devdata);
+# OUT: where summary.txt and runs.tgz (logs and evaluations, no weights) go (default /tmp/out).
+# docs/RESULTS.md, "Issue 21", has the runs of 2026-12-04 and their commands.
+set -u
+ROOT=$PWD; DATA=$(realpath "${DATA:-.devdata}"); WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || exit 1
+  export PYTHONPATH=$ROOT:/tmp/site
+else
+  export PYTHONPATH=$ROOT
+fi
+set -f  # overrides such as labeler.teacher=oracle?strength=2 are not globs
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-2}
+RUNS=${RUNS:-/tmp/runs}; OUTD=${OUT:-/tmp/out}; mkdir -p "$RUNS" "$OUTD"
+WALL=${WALL:-400}; STEPS=${STEPS:-800}
+COMMON="--config $ROOT/configs/gpu.yaml streamer.sources=[$DATA/7s-train] replay.dedup=false
+ evaluator.data=7scenes:$DATA/7s-eval evaluator.windows=4"
+pids=()
+for spec in "$@"; do
+  name=${spec%%:*}; extra=${spec#*:}
+  setsid python3 -m reliev3r.cli up $COMMON run.dir="$RUNS/$name" $extra --max-steps "$STEPS" \
+    > "$RUNS/$name.up.log" 2>&1 &
+  pids+=($!)
+done
+t0=$(date +%s)
+alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while alive && [ $(( $(date +%s) - t0 )) -lt "$WALL" ]; do sleep 5; done
+for p in "${pids[@]}"; do kill -INT -- "-$p" 2>/dev/null; done
+for _ in $(seq 60); do alive || break; sleep 1; done
+for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
+echo "training ended after $(( $(date +%s) - t0 )) s"
+for spec in "$@"; do
+  name=${spec%%:*}; extra=${spec#*:}
+  compare=""; [ "$name" != sup ] && [ -d "$RUNS/sup" ] && compare="--compare $RUNS/sup"
+  teacher=embedded
+  for word in $extra; do case "$word" in labeler.teacher=*) teacher=${word#labeler.teacher=};; esac; done
+  python3 -m reliev3r.cli eval --checkpoint "$RUNS/$name" --data "7scenes:$DATA/7s-eval" --windows 24 $compare \
+    --teacher "$teacher" --out "$RUNS/$name/final_eval" $COMMON run.dir="$RUNS/$name" $extra \
+    > "$RUNS/$name.eval.log" 2>&1 &
+done
+wait
+python3 - "$RUNS" "$@" <<'PY' | tee "$OUTD/summary.txt"
+import json, pathlib, sys
+
+runs, keys = pathlib.Path(sys.argv[1]), ["absrel_med", "absrel_lsq", "absrel_lsq_frame", "rra30", "rta30", "auc30", "ate"]
+print("| run | step | " + " | ".join(keys) + " |")
+baselines = []
+for spec in sys.argv[2:]:
+    name = spec.split(":")[0]
+    path = runs / name / "final_eval" / "results.json"
+    if not path.exists():
+        print(f"| {name} | no evaluation |")
+        continue
+    result = json.loads(path.read_text())
+    rows = list(result["rows"].items())
+    baselines += [row for row in rows[1:] if row[0].startswith("baseline") and row not in baselines]
+    print(f"| {name} | {result['step']} | " + " | ".join(f"{rows[0][1].get(k, float('nan')):.3f}" for k in keys) + " |")
+for label, row in baselines:
+    print(f"| {label} | | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys) + " |")
+PY
+(cd "$(dirname "$RUNS")" && tar czf "$OUTD/runs.tgz" --exclude='*.safetensors' --exclude='replay*' "$(basename "$RUNS")" 2>/dev/null)
