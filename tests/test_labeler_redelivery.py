@@ -2,9 +2,10 @@
 
 The streamer runs in a thread of the test; replay and two labelers are real processes
 (``python -m reliev3r.cli replay|label --config <yaml>``) on 127.0.0.1. Labeler A takes windows
-while replay is still down, so it is stuck mid-window (labelled, insert unacknowledged) when
-it is killed. Replay then starts with labeler B: the streamer must re-deliver A's windows to
-B, and the durable replay store must end with every window exactly once.
+while replay is not up (the test holds replay's port with a socket that reads A's inserts and
+never answers), and is killed once an insert of it arrived there: it is stuck mid-window
+(labelled, insert unacknowledged). Replay then starts with labeler B: the streamer must
+re-deliver A's windows to B, and the durable replay store must end with every window exactly once.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 
 import pytest
 import yaml
+import zmq
 
 import streamer.service as streamer_service
+from reliev3r import protocol
 from reliev3r.config import PipelineConfig, free_port, load
 from reliev3r.service import Runtime
 from replay.storage import DiskStorage
@@ -30,7 +32,7 @@ def _stop(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=120)  # bounds a hang only
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
@@ -46,7 +48,9 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path, wait_
         "monitoring": {"ports": {s: 0 for s in ("supervisor", "streamer", "labeler", "replay", "learner",
                                                  "evaluator")}},
         "streamer": {"sources": [str(video)], "views": 3, "height": 64, "width": 96, "frame_stride": 2,
-                     "window_step": 4, "loop": False, "resend_timeout_s": 3.0, "peer_timeout_s": 2.0},
+                     "window_step": 4, "loop": False, "peer_timeout_s": 2.0,
+                     # a window is abandoned after 5 sends without a done: 10 s each is a hang, not a slow labeler
+                     "resend_timeout_s": 10.0},
         "labeler": {"teacher": "none", "matcher": "sift", "credits": 2, "insert_timeout_s": 60.0},
         "replay": {"durable": True, "min_size": 1},
     }))
@@ -62,19 +66,33 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path, wait_
     def metric(name, labels=None) -> float:
         return runtime.metrics.registry.get_sample_value(f"reliev3r_{name}", labels or {}) or 0.0
 
+    # Replay's port, held by the test: it reads what A sends there and never answers.
+    silent_ctx = zmq.Context()
+    silent = silent_ctx.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.bind(cfg.network.bind(cfg.network.replay_port))
+
+    def insert_arrived() -> bool:
+        while silent.poll(0):
+            frames = silent.recv_multipart()
+            if protocol.decode(frames[1:]).kind == "insert":
+                return True
+        return False
+
     procs: list[subprocess.Popen] = []
     try:
         thread.start()
         a = stage("label")
         procs.append(a)
-        # A holds windows it has labelled but cannot insert (replay is not up yet)
+        # A holds windows, and has labelled one and sent its insert, which is never acknowledged
         wait_for(lambda: metric("windows_in_flight") >= 2, 120, "labeler A to take windows", [a])
-        time.sleep(1.0)
-        assert metric("windows_acked_total", {"status": "stored"}) == 0
+        wait_for(insert_arrived, 120, "labeler A to label a window and send its insert", [a])
+        assert metric("windows_acked_total", {"status": "stored"}) == 0  # nothing answered A's insert
         held = metric("windows_in_flight")
         a.send_signal(signal.SIGKILL)
         a.wait(10)
         assert a.returncode == -signal.SIGKILL
+        silent_ctx.destroy(linger=0)  # returns once the socket is closed: the port is free for replay
 
         replay = stage("replay")
         b = stage("label")
@@ -97,8 +115,9 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path, wait_
                 p.kill()
                 p.wait(10)
         runtime.stop()
-        thread.join(10)
+        thread.join(60)  # bounds a hang only
         runtime.close()
+        silent_ctx.destroy(linger=0)
 
     store = DiskStorage(tmp_path / "run" / "replay")
     try:
