@@ -104,9 +104,9 @@ class LossConfig:
     (``learner.losses.teacher_aligned_depth``; the learner's own depth where the teacher has
     no label). Weak either way: it uses the teacher label and the matches only."""
     refine_weight: float = 0.0
-    """Weight of the self-refinement term (``learner.losses.refined_geometry_loss``): each
+    """Weight of the self-refinement term (``learner.refinement.refined_geometry_loss``): each
     window's poses and per-view depth scales are bundle-adjusted under the match terms above
-    with the prediction's depth shape held fixed (``learner.losses.refine_geometry``), and the
+    with the prediction's depth shape held fixed (``learner.refinement.refine_geometry``), and the
     prediction is pulled towards the result. Weak: it uses the matches and the model's own
     depth only. 0 = off."""
     refine_depth: Literal["pred", "teacher"] = "pred"

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses import (depth_contrast_loss, point_consistency_loss, refine_geometry, refined_geometry_loss, relative_depth_loss,
-                            reprojection_loss, supervised_loss, teacher_aligned_depth, triangulated_depth_loss,
-                            triangulated_pose_loss)
+from learner.losses import (depth_contrast_loss, point_consistency_loss, relative_depth_loss, reprojection_loss,
+                            supervised_loss, teacher_aligned_depth, triangulated_depth_loss, triangulated_pose_loss)
+from learner.refinement import refine_geometry, refined_geometry_loss
 
 
 def compute_loss(

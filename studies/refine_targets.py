@@ -7,7 +7,7 @@ bundle adjustments that ``loss.refine_weight`` pulls it towards, on held-out win
 For every search depth (the prediction's own, the teacher's map in the prediction's per-view
 scale and shift as ``loss.refine_depth=teacher`` uses it, and the ground-truth map likewise, an
 upper bound) and every solver (Adam with 50 and 200 steps, Levenberg-Marquardt with 10
-iterations), it runs :func:`learner.losses.refine_geometry` from the predicted poses with the
+iterations), it runs :func:`learner.refinement.refine_geometry` from the predicted poses with the
 objective's default match terms (angle 0.5, point 1) and prints the mean pairwise relative
 rotation error and translation direction error (degrees, mean and median over the windows'
 pairs) of the result against ground truth, with the search's wall time. Ground truth is used
@@ -23,7 +23,7 @@ import time
 import torch
 
 from evaluation import metrics
-from learner import losses
+from learner import losses, refinement
 from learner.snapshot import load_model
 from studies import held_out
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, depth in depths.items():
         for solver, steps in SEARCHES:
             start = time.perf_counter()
-            poses, _, _ = losses.refine_geometry(depth, pred.cam_to_world, batch["intrinsics"], matches[:, :7],
+            poses, _, _ = refinement.refine_geometry(depth, pred.cam_to_world, batch["intrinsics"], matches[:, :7],
                                               matches[:, 7], steps=steps, point_weight=1.0, solver=solver)
             seconds = time.perf_counter() - start
             rot, trans, median = pose_errors(poses, gt)

@@ -13,8 +13,6 @@ from learner.config import LossConfig
 from learner.losses import (
     epipolar_loss,
     median_mad_normalize,
-    refine_geometry,
-    refined_geometry_loss,
     relative_depth_loss,
     reprojection_loss,
     robust_angle_cost,
@@ -23,6 +21,7 @@ from learner.losses import (
     weighted_median,
 )
 from learner.objective import compute_loss
+from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r import geometry
 
 F64 = torch.float64

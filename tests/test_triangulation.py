@@ -9,8 +9,8 @@ import torch
 
 from labelers.matches import triangulate_matches
 from learner.config import LossConfig
-from learner.losses import (_match_depths, depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss,
-                            triangulated_pose_loss)
+from learner.losses import depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss, triangulated_pose_loss
+from learner.losses.matches import _match_depths
 from learner.objective import compute_loss
 from reliev3r import geometry
 from test_losses import F64, apply_similarity, assert_finite_grads, make_world, random_similarity

@@ -1,0 +1,180 @@
+"""The relative-depth loss (Reliev3R) and the teacher-shape helpers it rests on.
+
+Shapes and conventions as in :mod:`learner.losses`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Half precision in, fp32 out (losses run in fp32); fp32/fp64 pass through."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def weighted_median(values: Tensor, weights: Tensor) -> Tensor:
+    """Weighted (lower) median over the last dim: [..., N], [..., N] -> [..., 1].
+
+    The smallest value x_k with ``sum(w[x <= x_k]) >= sum(w) / 2``. Entries of weight 0 are
+    ignored; ``weights`` must be >= 0 (not differentiated). The result is one of ``values``
+    and carries its gradient.
+    """
+    order = values.detach().argsort(dim=-1)
+    sorted_values = values.gather(-1, order)
+    cum = weights.detach().gather(-1, order).cumsum(-1)
+    half = 0.5 * cum[..., -1:]
+    index = (cum < half).sum(-1, keepdim=True).clamp(max=values.shape[-1] - 1)
+    return sorted_values.gather(-1, index)
+
+
+def median_mad_normalize(values: Tensor, weights: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Γ(x; w) = (x − wmedian(x; w)) / wmean(|x − wmedian(x; w)|; w) over the last dim.
+
+    ``values`` [..., N], ``weights`` [..., N] >= 0 (stop-gradient applied here; 0 = excluded).
+    Returns [..., N]. Invariant to ``a * x + b`` for a > 0. A constant map (mean absolute
+    deviation ~ 0) is divided by ``eps`` times its mean magnitude instead, which keeps the
+    guard scale-invariant and the result finite (0 for an exactly constant map).
+    """
+    w = weights.detach()
+    total = w.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+    med = weighted_median(values, w)
+    dev = values - med
+    mad = (w * dev.abs()).sum(-1, keepdim=True) / total
+    magnitude = (w * values.detach().abs()).sum(-1, keepdim=True) / total
+    floor = (eps * magnitude).clamp(min=torch.finfo(w.dtype).tiny)
+    return dev / torch.maximum(mad, floor)
+
+
+def relative_depth_loss(
+    pred_depth: Tensor,
+    teacher_depth: Tensor,
+    confidence: Tensor | None,
+    valid: Tensor,
+    *,
+    alpha: float = 1.0,
+    teacher_space: Literal["depth", "disparity"] = "depth",
+    min_valid: int = 16,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Ambiguity-aware relative depth loss (Reliev3R), a scalar.
+
+    ``L = mean over valid pixels of  W |Γ(P; sg W) − Γ(T; sg W)| − alpha log W``, Γ applied per
+    view (:func:`median_mad_normalize`).
+
+    Args:
+        pred_depth: [B, V, H, W] predicted z-depth D̂ > 0.
+        teacher_depth: [B, V, H, W] teacher's relative depth (unknown scale and shift per view);
+            values at invalid pixels are ignored, even when non-finite.
+        confidence: [B, V, H, W] W in (0, 2), or None for W = 1 (no log term).
+        valid: [B, V, H, W] bool (or 0/1) mask of usable teacher pixels.
+        alpha: weight of the ``-log W`` regulariser that stops W from collapsing to 0.
+        teacher_space: ``"depth"`` (larger = farther): P = D̂. ``"disparity"`` (larger = nearer,
+            e.g. Depth Anything's relative output): normalise in the teacher's own space,
+            P = 1 / D̂.
+        min_valid: views with fewer valid pixels are skipped.
+        eps: relative guard of Γ against a zero mean absolute deviation.
+
+    Reduction: sum over the valid pixels of the kept views / their count. When no view is
+    kept the result is a graph-connected zero (gradients exist and are 0), never NaN.
+    """
+    if teacher_space not in ("depth", "disparity"):
+        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
+        raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
+                         f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
+    pred = _fp32(pred_depth).flatten(-2).flatten(0, -2)  # [B*V, H*W]
+    teacher = _fp32(teacher_depth).flatten(-2).flatten(0, -2).to(pred.dtype)
+    mask = valid.flatten(-2).flatten(0, -2).bool() & torch.isfinite(teacher)
+    if confidence is None:
+        conf = torch.ones_like(pred)
+        zero = pred.sum() * 0
+    else:
+        conf = _fp32(confidence).flatten(-2).flatten(0, -2).to(pred.dtype)
+        zero = pred.sum() * 0 + conf.sum() * 0
+
+    # Views with too few valid pixels are masked out rather than indexed away: no host sync
+    # (the training step reads the device once per step). They are normalised with uniform
+    # weights over their own prediction, which keeps them finite, and then contribute nothing.
+    keep = (mask.sum(-1) >= min_valid)[:, None]  # [B*V, 1]
+    mask = mask & keep
+
+    if teacher_space == "disparity":
+        pred = 1.0 / pred.clamp(min=torch.finfo(pred.dtype).tiny)
+    # Invalid pixels: weight 0 and a neutral finite value, so NaN/inf labels cannot leak in.
+    weights = torch.where(mask, conf.detach(), torch.where(keep, 0.0, 1.0).to(conf.dtype))
+    pred = torch.where(mask | ~keep, pred, torch.zeros_like(pred))
+    teacher = torch.where(mask, teacher, torch.zeros_like(teacher))
+    residual = (median_mad_normalize(pred, weights, eps=eps) - median_mad_normalize(teacher, weights, eps=eps)).abs()
+
+    if confidence is None:
+        per_pixel = residual
+    else:
+        # W < 1e-6 is silenced already; the clamp only keeps log finite.
+        per_pixel = conf * residual - alpha * conf.clamp(min=1e-6).log()
+    per_pixel = torch.where(mask, per_pixel, torch.zeros_like(per_pixel))
+    return per_pixel.sum() / mask.sum().clamp(min=1) + zero
+
+
+def teacher_aligned_depth(
+    pred_depth: Tensor,
+    teacher_depth: Tensor,
+    valid: Tensor,
+    *,
+    teacher_space: Literal["depth", "disparity"] = "depth",
+    min_valid: int = 16,
+) -> Tensor:
+    """The teacher's map carried into the prediction's per-view scale and shift, [B, V, H, W].
+
+    Per view, ``(a, b) = argmin sum_valid (a T + b − P)²`` in closed form, with P = D̂
+    (``teacher_space="depth"``) or P = 1 / D̂ (``"disparity"``: affine in the teacher's own
+    space), and the result is ``a T + b`` (or its inverse) at the valid pixels: the teacher's
+    *shape* with the prediction's per-view *scale and shift*. ``a`` and ``b`` are differentiable
+    functions of D̂ (the teacher is a label), so a loss on the result moves exactly the two
+    numbers per view that :func:`relative_depth_loss` cannot see.
+
+    Why: the match terms (:func:`reprojection_loss`, :func:`point_consistency_loss`) pull the
+    poses towards agreement with the depth they are given. Fed the learner's own depth, whose
+    per-pixel errors early in training are ~10 %, their optimum has translation directions tens
+    of degrees off (docs/RESULTS.md, CPU checks); fed this map, the per-pixel shape is the
+    teacher's and only the per-view scale and shift, and the poses, are left to the matches.
+    Measured (docs/RESULTS.md, sweep 6): it helped pose fitting on CPU training windows but not
+    on held-out windows (translation 79° against 73° with the learner's own depth), so the
+    objective uses it only with ``loss.match_depth: teacher``.
+
+    Pixels that are not valid, and views with fewer than ``min_valid`` valid pixels, a
+    non-positive slope ``a`` (shape anti-correlated, e.g. at initialisation) or a non-positive
+    result keep D̂. Shapes: all [B, V, H, W]; ``valid`` bool. No host synchronisation.
+    """
+    if teacher_space not in ("depth", "disparity"):
+        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
+        raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
+                         f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
+    depth = _fp32(pred_depth)
+    tiny = torch.finfo(depth.dtype).tiny
+    teacher = _fp32(teacher_depth).to(depth.dtype)
+    mask = valid.bool() & torch.isfinite(teacher) & (teacher > 0)
+    teacher = torch.where(mask, teacher, torch.zeros_like(teacher))
+    pred = 1.0 / depth.clamp(min=tiny) if teacher_space == "disparity" else depth
+    m = mask.to(depth.dtype)
+    count = m.sum((-2, -1), keepdim=True)
+    n = count.clamp(min=1)
+    mean_t = (m * teacher).sum((-2, -1), keepdim=True) / n
+    mean_p = (m * pred).sum((-2, -1), keepdim=True) / n
+    dt = torch.where(mask, teacher - mean_t, torch.zeros_like(teacher))
+    var = (dt * dt).sum((-2, -1), keepdim=True) / n
+    cov = (dt * (pred - mean_p)).sum((-2, -1), keepdim=True) / n
+    # A flat teacher view (var ~ 0 relative to its mean) has no shape to lend.
+    usable = (count >= min_valid) & (var > (1e-6 * mean_t) ** 2)
+    a = cov / torch.where(usable, var, torch.ones_like(var))
+    b = mean_p - a * mean_t
+    aligned = a * teacher + b
+    use = mask & usable & (a > 0) & (aligned > 0)
+    aligned = aligned.clamp(min=tiny)
+    if teacher_space == "disparity":
+        aligned = 1.0 / aligned
+    return torch.where(use, aligned, depth)
