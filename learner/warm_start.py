@@ -15,7 +15,6 @@ A learner that resumes its own run folder ignores ``init`` (its own snapshot win
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from learner.config import LearnerConfig, ModelConfig
-from learner.snapshot import SnapshotError, latest_snapshot, verify_snapshot
+from learner.snapshot import SnapshotError, _sha256, latest_snapshot, verify_snapshot
 
 if TYPE_CHECKING:
     from learner.train import Trainer
@@ -156,11 +155,3 @@ def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = FFRM(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
