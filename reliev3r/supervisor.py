@@ -38,6 +38,7 @@ from reliev3r import config as rconfig
 from reliev3r import ports as rports
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
+from reliev3r.status import latest_evaluation
 
 # Start order; stop order is the reverse except that the learner goes last (it snapshots).
 STAGES = ("replay", "streamer", "labeler", "learner", "evaluator")
@@ -347,12 +348,6 @@ class Supervisor:
             self._last_status_len = 0
         self.out.write(text + "\n")
         self.out.flush()
-
-
-def latest_evaluation(run_dir: Path) -> dict | None:
-    """The newest evaluation result the evaluator wrote, or None."""
-    files = sorted((run_dir / "evaluations").glob("step-*.json"))
-    return json.loads(files[-1].read_text()) if files else None
 
 
 def snapshot_step(run_dir: Path) -> int | None:
