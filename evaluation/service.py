@@ -1,6 +1,7 @@
 """The evaluator process: scores every new snapshot on held-out ground truth.
 
-Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic) and to Prometheus
+Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic; its pictures beside it,
+``evaluation.pictures``) and to Prometheus
 (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. The process
 exits 0 once it has scored a snapshot marked final (``reliev3r up --max-steps``).
 
@@ -21,6 +22,7 @@ import torch
 from evaluation.config import EvaluatorConfig
 from evaluation.datasets import load_windows
 from evaluation.evaluate import evaluate_model, trivial_baseline
+from evaluation.pictures import picture_snapshot
 from learner import snapshot as snapshots
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
@@ -101,6 +103,10 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
         elapsed = time.time() - started
         record = {"snapshot": str(snap), "step": meta["step"], "data": ecfg.data, "windows": len(windows),
                   "model": result, "baseline_constant_identity": baseline, "seconds": elapsed}
+        try:  # pictures before the JSON: a reader that sees the JSON sees them; never fatal
+            record["pictures"] = picture_snapshot(model, windows, device, out_dir, snap.name)
+        except Exception:
+            runtime.log.exception("pictures failed", extra={"snapshot": snap.name})
         write_json(out_dir / f"{snap.name}.json", record)
         done.add(snap.name)
         for key in REPORTED:
