@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     keys = add("keys", "generate CURVE key pairs for the ZeroMQ links (network.curve)")
     keys.add_argument("--out", required=True, help="folder for the key files (created, mode 0700)")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
+    rep = sub.add_parser("report", help="one static HTML page of a run's learning curves and newest pictures")
+    rep.add_argument("run", help="run folder (with evaluations/) or an evaluations folder")
+    rep.add_argument("--compare", action="append", default=[], metavar="RUN",
+                     help="another run on the same charts (repeatable)")
+    rep.add_argument("--out", default=None, help="HTML file (default: RUN/report.html)")
     tt = sub.add_parser("teacher-train", help="train the embedded depth teacher on the synthetic world")
     tt.add_argument("--out", required=True, help="folder for the weights, meta and training log")
     tt.add_argument("--steps", type=int, default=None, help="optimiser steps")
@@ -132,6 +137,10 @@ def _pretrained(cfg: rconfig.PipelineConfig, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "report":  # needs no pipeline config
+        from reliev3r.report import main as report_main
+
+        return report_main(args)
     if args.command == "teacher-train":  # needs no pipeline config
         from labelers.teacher_train import cli_main
 
