@@ -134,3 +134,38 @@ def test_compressed_frames_are_validated():
         with pytest.raises(ProtocolError) as err:
             protocol.decode(_frames(msg))
         assert err.value.reason == reason
+
+
+def _insert_with_triangulation(rows: int = 2):
+    ins = _window()
+    ins.kind = "insert"
+    ins.meta["teacher"] = {}
+    ins.arrays["matches"] = np.array([[0, 1, 1, 1, 2, 2, 1]] * rows, np.float32)
+    ins.arrays["match_triangulation"] = np.array([[2.0, 2.5, 0.7]] * rows, np.float32)
+    return ins
+
+
+def test_match_triangulation_is_checked_against_the_matches():
+    back = protocol.decode(_frames(_insert_with_triangulation()))
+    np.testing.assert_array_equal(back.arrays["match_triangulation"], np.array([[2.0, 2.5, 0.7]] * 2, np.float32))
+    ins = _insert_with_triangulation()
+    ins.arrays["match_triangulation"] = ins.arrays["match_triangulation"][:1]  # one row short
+    with pytest.raises(ProtocolError, match="bad_shape"):
+        protocol.decode(_frames(ins))
+    ins = _insert_with_triangulation()
+    ins.arrays["match_triangulation"][0, 0] = -1.0
+    with pytest.raises(ProtocolError, match="non_finite"):
+        protocol.decode(_frames(ins))
+    ins = _insert_with_triangulation()
+    ins.arrays["match_triangulation"][1, 2] = np.inf
+    with pytest.raises(ProtocolError, match="non_finite"):
+        protocol.decode(_frames(ins))
+
+
+def test_version_1_messages_are_still_accepted_and_unknown_versions_named():
+    frames = _frames(_window())
+    assert protocol.VERSION == 2 and frames[0] == b"R3W\x02"
+    back = protocol.decode([b"R3W\x01", *frames[1:]])  # a v1 sender: the same layout without the new array
+    assert back.kind == "window"
+    with pytest.raises(ProtocolError, match="bad_version"):
+        protocol.decode([b"R3W\x03", *frames[1:]])

@@ -475,3 +475,19 @@ def test_sum_tree_prioritized_sampler_matches_its_weights():
     assert chi_square(counts, probs[order]) < 60  # 26 keys: 25 dof, p ~ 1e-4
     lookup = dict(zip(keys.tolist(), probs.tolist()))
     assert np.allclose(draw_probs, [lookup[k] for k in draws.tolist()])
+
+
+def test_batch_keeps_match_triangulation_aligned_with_the_matches(make_insert):
+    buf = ReplayBuffer(ReplayConfig(min_size=1, sampler="recency"), MemoryStorage(), seed=0)
+    with_tri = make_insert(1)  # 2 matches
+    with_tri.arrays["match_triangulation"] = np.array([[2.0, 3.0, 0.5], [4.0, 5.0, 1.0]], np.float32)
+    assert buf.insert(with_tri).status == "stored"
+    assert buf.insert(make_insert(2)).status == "stored"  # 3 matches, labelled without triangulation
+    batch = buf.sample(8)
+    matches, tri = batch.arrays["matches"], batch.arrays["match_triangulation"]
+    assert tri.shape == (len(matches), 3)
+    for b, window_id in enumerate(batch.meta["window_ids"]):
+        rows = tri[matches[:, 0] == b]
+        expected = with_tri.arrays["match_triangulation"] if window_id == "w1" else np.zeros((3, 3), np.float32)
+        np.testing.assert_array_equal(rows, expected)
+    protocol.decode([bytes(f) for f in protocol.encode(batch)])  # a valid batch message
