@@ -23,6 +23,8 @@ from streamer.progress import Progress
 from streamer_media import encode, panning_frames
 
 REPO = Path(__file__).resolve().parents[1]
+HANG_S = 300.0
+"""Bounds a hang only: every wait ends as soon as what it waits for happened."""
 
 
 def start_streamer(config: Path) -> subprocess.Popen:
@@ -31,8 +33,9 @@ def start_streamer(config: Path) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
 
-def receive(sock, ack, seconds, *, stop_after=None, stop_when=lambda: False):
-    """Windows received within ``seconds``; ``ack(window_id)`` decides which get a ``done``."""
+def receive(sock, ack, seconds=HANG_S, *, stop_after=None, stop_when=lambda: False):
+    """Windows received until ``stop_after`` of them or ``stop_when()`` (``seconds`` bounds a
+    hang); ``ack(window_id)`` decides which get a ``done``."""
     got = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and (stop_after is None or len(got) < stop_after) and not stop_when():
@@ -70,12 +73,12 @@ def test_sigkill_and_restart_resumes_without_resending_acked(tmp_path):
     proc = start_streamer(config)
     try:
         # Acknowledge out of order: every window except the 3rd and the 6th.
-        first_run = receive(sock, lambda wid: order.setdefault(wid, len(order)) not in (2, 5), 30, stop_after=12)
+        first_run = receive(sock, lambda wid: order.setdefault(wid, len(order)) not in (2, 5), stop_after=12)
         assert len(first_run) == 12
         held = {w for w, i in order.items() if i in (2, 5)}
         acked = set(first_run) - held
         oldest_held = min(first_frame(w) for w in held)
-        deadline = time.monotonic() + 5  # wait until the last acknowledgement is on disk
+        deadline = time.monotonic() + HANG_S  # wait until the last acknowledgement is on disk
         while time.monotonic() < deadline:
             try:
                 state = next(iter(json.loads(progress_file.read_text())["sources"].values()))
@@ -86,12 +89,12 @@ def test_sigkill_and_restart_resumes_without_resending_acked(tmp_path):
                 pass
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(60)
         state = next(iter(json.loads(progress_file.read_text())["sources"].values()))
         assert state["resume"] == oldest_held and not state["done"]  # the oldest un-acked window
         proc = start_streamer(config)  # restart; everything is acknowledged from here on
-        second_run = receive(sock, lambda wid: True, 60, stop_when=lambda: proc.poll() is not None)
-        proc.wait(30)  # loop: false, every window done: the streamer exits by itself
+        second_run = receive(sock, lambda wid: True, stop_when=lambda: proc.poll() is not None)
+        proc.wait(60)  # loop: false, every window done: the streamer exits by itself (bounds a hang)
         assert proc.returncode == 0
     finally:
         if proc.poll() is None:
@@ -127,10 +130,13 @@ def test_progress_file_rules(tmp_path):
     assert Progress(path, window_step=4).start_frame("s") == 0  # unreadable: from zero, not a crash
     stop = threading.Event()
     p.made("t", "t:0:0")
+    waiting = threading.Event()  # set when new_pass waits on its condition (not after a sleep)
+    real_wait = p.lock.wait
+    p.lock.wait = lambda timeout=None: waiting.set() or real_wait(timeout)
     waiter = threading.Thread(target=lambda: p.new_pass(1, stop))
     waiter.start()
-    time.sleep(0.2)
-    assert waiter.is_alive()  # a new pass waits for the old pass's windows
+    assert waiting.wait(HANG_S)
+    assert waiter.is_alive() and p.pass_index == 0  # a new pass waits for the old pass's windows
     p.acked("t:0:0")
-    waiter.join(2)
+    waiter.join(HANG_S)  # bounds a hang only
     assert not waiter.is_alive() and p.pass_index == 1
