@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     keys = add("keys", "generate CURVE key pairs for the ZeroMQ links (network.curve)")
     keys.add_argument("--out", required=True, help="folder for the key files (created, mode 0700)")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
+    view = add("view", "write a Rerun recording (.rrd) of a run's snapshots or of a reconstruction (extra 'view')")
+    view.add_argument("target", help="run folder (snapshots/) or reconstruct output folder (poses.txt)")
+    view.add_argument("--out", default=None, help=".rrd file (default: TARGET/view.rrd)")
+    view.add_argument("--snapshots", type=int, default=8, help="a run's snapshots logged at most (8)")
+    view.add_argument("--windows", type=int, default=1, help="held-out windows per snapshot (1)")
     rep = sub.add_parser("report", help="one static HTML page of a run's learning curves and newest pictures")
     rep.add_argument("run", help="run folder (with evaluations/) or an evaluations folder")
     rep.add_argument("--compare", action="append", default=[], metavar="RUN",
@@ -207,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             print("reliev3r export: say --out FILE (a model export) and/or --colmap DIR", file=sys.stderr)
             return 2
         return export_main(cfg, args)
+    if args.command == "view":
+        from reliev3r.view import main as view_main
+
+        return view_main(cfg, args)
     if args.command == "render":
         from reliev3r.synthetic import ensure_world
 

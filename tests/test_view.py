@@ -1,0 +1,72 @@
+"""``reliev3r view``: a Rerun recording of a reconstruction folder and of a run's predictions
+(skipped without the optional extra ``view``, rerun-sdk)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from evaluation.tum import write_tum
+from reliev3r import view
+from reliev3r.cli import main as cli_main
+from reliev3r.reconstruct import write_ply
+from tests.test_report import predicted, window
+
+rr = pytest.importorskip("rerun", reason="rerun-sdk is not installed (pip install -e '.[view]')")
+
+
+def test_unproject_inverts_the_projection():
+    K = np.array([[50.0, 0, 16], [0, 50, 12], [0, 0, 1]])
+    c2w = np.eye(4)
+    c2w[:3, 3] = (1, 2, 3)
+    depth = np.full((24, 32), 2.0)
+    pts = view.unproject(depth, K, c2w)
+    cam = pts - c2w[:3, 3]
+    uv = cam @ K.T
+    assert np.allclose(uv[:, 2], 2.0)
+    assert np.allclose(uv[:33, :2] / uv[:33, 2:], np.array([[u, v] for v in range(2) for u in range(32)])[:33])
+
+
+def _reconstruction(folder):
+    folder.mkdir()
+    poses = np.tile(np.eye(4), (5, 1, 1))
+    poses[:, 0, 3] = np.arange(5) * 0.1
+    write_tum(folder / "poses.txt", np.arange(5, dtype=float), poses)
+    (folder / "depth").mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / "depth" / f"{i:06d}.png"), np.full((24, 32), 1500 + 100 * i, np.uint16))
+    rng = np.random.default_rng(0)
+    write_ply(folder / "points.ply", rng.standard_normal((500, 3)).astype(np.float32),
+              rng.integers(0, 255, (500, 3), dtype=np.uint8), rng.random(500).astype(np.float32))
+    return folder
+
+
+def test_ply_is_read_back(tmp_path):
+    folder = _reconstruction(tmp_path / "recon")
+    points, colours = view.read_ply(folder / "points.ply")
+    assert points.shape == (500, 3) and colours.shape == (500, 3) and colours.dtype == np.uint8
+
+
+def test_view_of_a_reconstruction_writes_a_recording(tmp_path, capsys):
+    folder = _reconstruction(tmp_path / "recon")
+    out = tmp_path / "recon.rrd"
+    assert cli_main(["view", str(folder), "--out", str(out)]) == 0
+    assert "5 frames" in capsys.readouterr().out
+    assert out.is_file() and out.stat().st_size > 10_000  # 500 points, 5 depth images
+
+
+def test_view_of_predictions_writes_a_recording(tmp_path):
+    win = window()
+    out = tmp_path / "run.rrd"
+    rec, rr_ = view.open_recording(out)
+    view.log_ground_truth(rec, rr_, [win])
+    for step, noise in ((25, 0.3), (50, 0.1)):
+        view.log_predictions(rec, rr_, step, [win], [predicted(win, noise)])
+    view.close_recording(rec)
+    assert out.is_file() and out.stat().st_size > 5_000
+
+
+def test_view_refuses_what_it_cannot_show(tmp_path):
+    assert cli_main(["view", str(tmp_path), "--out", str(tmp_path / "x.rrd")]) == 2
+    assert not (tmp_path / "x.rrd").exists()
