@@ -32,6 +32,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -57,48 +58,85 @@ class Frames:
     gt_cam_to_world: list[np.ndarray | None]
 
 
-def read_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> Frames:
-    """Every ``stride``-th frame of a video file or a sorted image folder, at most ``max_frames``."""
+@dataclass(slots=True)
+class FrameStream:
+    """Frames picked from the input, decoded one at a time: ``frames`` yields (RGB uint8
+    [H,W,3], timestamp); ``total`` is how many it will yield when the input says (an image
+    folder, a video whose container gives its frame count), else None."""
+
+    frames: Iterator[tuple[np.ndarray, float]]
+    intrinsics: np.ndarray | None
+    gt_cam_to_world: list[np.ndarray | None] | None
+    total: int | None
+
+    @classmethod
+    def of(cls, frames: Frames) -> "FrameStream":
+        return cls(zip(frames.images, frames.timestamps), frames.intrinsics, frames.gt_cam_to_world,
+                   len(frames.images))
+
+
+def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> FrameStream:
+    """Every ``stride``-th frame of a video file or a sorted image folder, at most
+    ``max_frames``, decoded as the stream is read (one frame in memory at a time)."""
     from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses, read_intrinsics
 
     path = Path(path)
-    images, stamps, gt = [], [], []
     K = read_intrinsics(intrinsics) if intrinsics else None
     if path.is_dir():
         files = folder_images(path)[::stride][:max_frames]
         if not files:
             raise FileNotFoundError(f"{path}: no images")
-        for f in tqdm(files, desc="reading", unit="frame"):
-            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise OSError(f"{f}: unreadable image")
-            images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         try:
             stamps = [float(f.stem) for f in files]
         except ValueError:
             stamps = [float(k * stride) for k in range(len(files))]
-        gt = folder_poses(path, files)
         if K is None:
             found = [path / n for n in INTRINSICS_NAMES if (path / n).is_file()]
             K = read_intrinsics(found[0]) if found else None
-    elif path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+
+        def images() -> Iterator[tuple[np.ndarray, float]]:
+            for f, t in zip(files, stamps):
+                bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+                if bgr is None:
+                    raise OSError(f"{f}: unreadable image")
+                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
+
+        return FrameStream(images(), K, folder_poses(path, files), len(files))
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for k, frame in enumerate(container.decode(stream)):
-                if len(images) >= max_frames:
-                    break
-                if k % stride == 0:
-                    images.append(frame.to_ndarray(format="rgb24"))
-                    stamps.append(float(frame.time) if frame.time is not None else float(k))
-        gt = [None] * len(images)
-    else:
-        raise FileNotFoundError(f"{path}: neither an image folder nor a video ({', '.join(VIDEO_SUFFIXES)})")
+            known = container.streams.video[0].frames  # 0 when the container does not say
+        total = min(-(-known // stride), max_frames) if known > 0 else None
+
+        def decoded() -> Iterator[tuple[np.ndarray, float]]:
+            picked = 0
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for k, frame in enumerate(container.decode(stream)):
+                    if picked >= max_frames:
+                        break
+                    if k % stride == 0:
+                        picked += 1
+                        t = float(frame.time) if frame.time is not None else float(k)
+                        yield frame.to_ndarray(format="rgb24"), t
+
+        return FrameStream(decoded(), K, None, total)
+    raise FileNotFoundError(f"{path}: neither an image folder nor a video ({', '.join(VIDEO_SUFFIXES)})")
+
+
+def read_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> Frames:
+    """Every ``stride``-th frame of a video file or a sorted image folder, at most ``max_frames``,
+    all in memory (:func:`open_input` decodes them one at a time)."""
+    stream = open_input(path, stride=stride, max_frames=max_frames, intrinsics=intrinsics)
+    images, stamps = [], []
+    for rgb, t in tqdm(stream.frames, total=stream.total, desc="reading", unit="frame"):
+        images.append(rgb)
+        stamps.append(t)
     if not images:
         raise ValueError(f"{path}: no frames decoded")
-    return Frames(images, stamps, K, gt)
+    return Frames(images, stamps, stream.intrinsics, stream.gt_cam_to_world or [None] * len(images))
 
 
 def window_starts(frames: int, views: int, overlap: int) -> list[int]:
@@ -320,56 +358,126 @@ class ReconstructOptions:
             raise ValueError("keep_fraction must be in (0, 1]")
 
 
-def reconstruct(reconstructor, frames: Frames, out: Path, opts: ReconstructOptions,
-                gt_poses: list[np.ndarray | None] | None = None) -> dict:
-    """Run the model over windows of ``frames``, chain, and write every output into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(frames.images)
-    views = min(opts.views, n)
-    starts = window_starts(n, views, min(opts.overlap, views - 1))
-    results, window_images, window_K = [], {}, {}
-    for start in tqdm(starts, desc="reconstructing", unit="window"):
-        pred = reconstructor.run(frames.images[start:start + views], intrinsics=frames.intrinsics)
-        results.append(WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"]))
-        for k in range(views):
-            window_images.setdefault(start + k, pred["images"][k])
-            window_K.setdefault(start + k, pred["intrinsics"][k])
-    poses, depth, conf = chain_windows(results, n)
+def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray) -> list[np.ndarray | None]:
+    """Ground-truth poses for ``timestamps``: by order when the counts agree, else the nearest
+    stamp within 50 ms (None where none is)."""
+    if len(poses) == len(timestamps):
+        return list(poses)
+    out = []
+    for t in timestamps:
+        k = int(np.abs(stamps - t).argmin())
+        out.append(poses[k] if abs(stamps[k] - t) <= 0.05 else None)
+    return out
 
+
+def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: ReconstructOptions,
+                gt_poses: list[np.ndarray | None] | None = None, *,
+                gt_tum: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Run the model over windows of ``frames``, chain, and write every output into ``out``.
+
+    Streams: frames are decoded, reconstructed and chained one window at a time, and each
+    frame's depth PNG, pose line, points (and COLMAP image) are written when its window is
+    chained, so memory stays flat in the input's length (:mod:`reliev3r.reconstruct_stream`
+    lists what is held). ``gt_tum`` (stamps, poses): ground truth matched to the frames'
+    timestamps at the end (:func:`match_gt`)."""
+    from collections import deque
+
+    from evaluation.tum import matrix_to_quaternion
+    from reliev3r.reconstruct_stream import PlyStream, RowSpool, StreamingChain, ValueSample, subsample_ply
+
+    out.mkdir(parents=True, exist_ok=True)
+    stream = frames if isinstance(frames, FrameStream) else FrameStream.of(frames)
     (out / "depth").mkdir(exist_ok=True)
     (out / "depth_color").mkdir(exist_ok=True)
-    valid_all = depth[depth > 0]
-    near, far = (np.percentile(valid_all, 2), np.percentile(valid_all, 98)) if valid_all.size else (1.0, 2.0)
-    points, colours, confidences, pixels = [], [], [], []
-    for k in tqdm(range(n), desc="writing", unit="frame"):
-        cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), np.clip(depth[k] * 1000.0, 0, 65535).round().astype(np.uint16))
-        cv2.imwrite(str(out / "depth_color" / f"{k:06d}.png"), colorize_depth(depth[k], near, max(far, near * 1.01)))
-        c = conf[k]
-        keep = (c > opts.min_confidence) & (depth[k] > 0) & np.isfinite(depth[k])
+    if opts.colmap:
+        (out / "colmap" / "images").mkdir(parents=True, exist_ok=True)
+    ply = PlyStream(out / "points.ply")
+    tum = open(out / "poses.txt", "w")
+    tum.write("# timestamp tx ty tz qx qy qz qw (camera-to-world)\n")
+    depth_spool = None  # float depth of every frame, on disk, for the colour pass
+    pixel_spool = RowSpool(out, np.int64, (3,)) if opts.colmap else None  # (frame, x, y) of each point
+    depth_values = ValueSample()
+    chain = StreamingChain()
+    timestamps: list[float] = []
+    poses: list[np.ndarray] = []
+    window_K: list[np.ndarray] = []
+    size = None
+
+    def write_frame(k: int, pose: np.ndarray, depth: np.ndarray, c: np.ndarray, image: np.ndarray,
+                    K: np.ndarray) -> None:
+        nonlocal depth_spool, size
+        if depth_spool is None:
+            depth_spool, size = RowSpool(out, np.float32, depth.shape), depth.shape
+        cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), np.clip(depth * 1000.0, 0, 65535).round().astype(np.uint16))
+        depth_spool.append(depth[None])
+        depth_values.add(depth[depth > 0])
+        keep = (c > opts.min_confidence) & (depth > 0) & np.isfinite(depth)
         if opts.keep_fraction < 1 and keep.any():
             keep &= c >= np.quantile(c[keep], 1 - opts.keep_fraction)
-        cam = geometry.unproject_depth(torch.from_numpy(depth[k]).double(), torch.from_numpy(window_K[k]).double())
-        world = geometry.transform_points(torch.from_numpy(poses[k]), cam[torch.from_numpy(keep)]).numpy()
-        points.append(world.astype(np.float32))
-        colours.append(window_images[k][keep])
-        confidences.append(c[keep])
-        pixels.append(np.stack([np.full(int(keep.sum()), k), *np.nonzero(keep)[::-1]], -1))  # frame, x, y
-    pts, cols, cfs = np.concatenate(points), np.concatenate(colours), np.concatenate(confidences)
-    pix = np.concatenate(pixels)
-    if len(pts) > opts.max_points:
-        pick = np.sort(np.random.default_rng(0).choice(len(pts), opts.max_points, replace=False))
-        pts, cols, cfs, pix = pts[pick], cols[pick], cfs[pick], pix[pick]
-    write_ply(out / "points.ply", pts, cols, cfs)
+        cam = geometry.unproject_depth(torch.from_numpy(depth).double(), torch.from_numpy(K).double())
+        world = geometry.transform_points(torch.from_numpy(pose), cam[torch.from_numpy(keep)]).numpy()
+        ply.append(world.astype(np.float32), image[keep], c[keep])
+        if pixel_spool is not None:
+            pixel_spool.append(np.stack([np.full(int(keep.sum()), k), *np.nonzero(keep)[::-1]], -1))  # frame, x, y
+            if not cv2.imwrite(str(out / "colmap" / "images" / f"{k:06d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"{out}/colmap/images/{k:06d}.png: cannot write image")
+        q = matrix_to_quaternion(pose[:3, :3])
+        tum.write(f"{float(timestamps[k]):.6f} " + " ".join(f"{v:.7f}" for v in (*pose[:3, 3], *q)) + "\n")
+        poses.append(pose)
+        window_K.append(K)
 
-    from evaluation.tum import write_tum
+    def run_window(start: int, images: list[np.ndarray]) -> None:
+        pred = reconstructor.run(images, intrinsics=stream.intrinsics)
+        result = WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"])
+        for k, j, pose, depth, c in chain.add(result):
+            write_frame(k, pose, depth, c, pred["images"][j], pred["intrinsics"][j])
+        ply.flush()
+        tum.flush()
 
-    write_tum(out / "poses.txt", frames.timestamps, poses)
-    summary = {"frames": n, "windows": len(starts), "views": views, "overlap": min(opts.overlap, views - 1),
-               "points": int(len(pts)), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
-    centres = poses[:, :3, 3]
-    gt = gt_poses if gt_poses is not None else frames.gt_cam_to_world
+    views, overlap = opts.views, min(opts.overlap, opts.views - 1)
+    step = views - overlap
+    recent: deque[np.ndarray] = deque(maxlen=views)  # the last `views` frames: the next window's
+    next_start, chained_to = 0, 0
+    bar = tqdm(stream.frames, total=stream.total, desc="reconstructing", unit="frame", dynamic_ncols=True)
+    for k, (rgb, t) in enumerate(bar):
+        recent.append(rgb)
+        timestamps.append(t)
+        if k + 1 == next_start + views:  # the window at next_start is complete
+            run_window(next_start, list(recent))
+            chained_to, next_start = k + 1, next_start + step
+            bar.set_postfix(windows=chain.windows, points=ply.count, refresh=False)
+    bar.close()
+    n = len(timestamps)
+    if n == 0:
+        raise ValueError("no frames decoded")
+    if n < views:  # one window of every frame, as window_starts says
+        views = n
+        window_starts(n, views, min(overlap, views - 1))  # raises for a single frame
+        overlap = min(overlap, views - 1)
+        run_window(0, list(recent))
+    elif chained_to < n:  # the last window ends at the last frame
+        run_window(n - views, list(recent))
+    tum.close()
+    count = ply.close()
+
+    valid_all = depth_values.values()
+    near, far = (np.percentile(valid_all, 2), np.percentile(valid_all, 98)) if valid_all.size else (1.0, 2.0)
+    for k, depth in enumerate(tqdm(depth_spool, total=n, desc="colouring depth", unit="frame")):
+        cv2.imwrite(str(out / "depth_color" / f"{k:06d}.png"), colorize_depth(depth, near, max(far, near * 1.01)))
+    depth_spool.close()
+    kept = count
+    if count > opts.max_points:  # a uniform subsample, streamed (reconstruct_stream.sampled_rows)
+        kept = subsample_ply(out / "points.ply", ply.header_len, count, opts.max_points)
+
+    poses_arr = np.stack(poses)
+    summary = {"frames": n, "windows": chain.windows, "views": views, "overlap": overlap,
+               "points": int(kept), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
+    centres = poses_arr[:, :3, 3]
+    gt = gt_poses if gt_poses is not None else stream.gt_cam_to_world
+    if gt_tum is not None:
+        gt = match_gt(timestamps, *gt_tum)
     gt_centres, unit = None, "model units"
-    title = f"{n} frames, {len(starts)} windows of {views} (overlap {summary['overlap']})"
+    title = f"{n} frames, {chain.windows} windows of {views} (overlap {summary['overlap']})"
     known = np.array([g is not None for g in gt]) if gt is not None else np.zeros(n, bool)
     if known.sum() >= 3:
         gt_c = np.stack([gt[k][:3, 3] for k in np.flatnonzero(known)]).astype(np.float64)
@@ -381,13 +489,24 @@ def reconstruct(reconstructor, frames: Frames, out: Path, opts: ReconstructOptio
         title += f", ATE {ate:.3f} m after Sim(3)"
     plot_trajectory(out / "trajectory.png", centres, gt_centres, title=title, unit=unit)
     if opts.colmap:
-        from reliev3r.colmap import SparseModel, write_model_folder
+        # The kept points (at most max_points) are in memory while points3D is written.
+        from reliev3r.colmap import SparseModel, write_model
+        from reliev3r.reconstruct_stream import ply_dtype
 
-        model = SparseModel(intrinsics=np.stack([window_K[k] for k in range(n)]), cam_to_world=poses,
-                            sizes=[depth.shape[2], depth.shape[1]], names=[f"{k:06d}.png" for k in range(n)],
-                            points=pts, colors=cols, errors=np.zeros(len(pts)), obs_point=np.arange(len(pts)),
-                            obs_image=pix[:, 0], obs_xy=pix[:, 1:])
-        sparse = write_model_folder(out / "colmap", model, [window_images[k] for k in range(n)], opts.colmap)
+        with open(out / "points.ply", "rb") as f:
+            header = f.read(4096)
+            offset = header.index(b"end_header\n") + len(b"end_header\n")
+        vertex = np.fromfile(out / "points.ply", ply_dtype(), offset=offset)
+        pix = pixel_spool.sampled(opts.max_points) if count > opts.max_points else pixel_spool.sampled(count)
+        pixel_spool.close()
+        pts = np.stack([vertex["x"], vertex["y"], vertex["z"]], -1)
+        cols = np.stack([vertex["red"], vertex["green"], vertex["blue"]], -1)
+        model = SparseModel(intrinsics=np.stack(window_K), cam_to_world=poses_arr, sizes=[size[1], size[0]],
+                            names=[f"{k:06d}.png" for k in range(n)], points=pts, colors=cols,
+                            errors=np.zeros(len(pts)), obs_point=np.arange(len(pts)), obs_image=pix[:, 0],
+                            obs_xy=pix[:, 1:])
+        sparse = out / "colmap" / "sparse" / "0"
+        write_model(model, sparse, opts.colmap)
         summary["colmap"] = str(sparse.relative_to(out))
     (out / "reconstruction.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -400,17 +519,10 @@ def main(cfg, args: argparse.Namespace) -> int:
     given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
     opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
-    frames = read_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
+    stream = open_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None)
-    gt = None
-    if args.gt_poses:
-        stamps, poses = read_tum(args.gt_poses)
-        if len(poses) == len(frames.images):
-            gt = list(poses)
-        else:  # match by time
-            nearest = np.abs(np.asarray(frames.timestamps)[:, None] - stamps[None]).argmin(1)
-            gt = [poses[k] if abs(stamps[k] - t) <= 0.05 else None for k, t in zip(nearest, frames.timestamps)]
-    summary = reconstruct(reconstructor, frames, Path(args.out), opts, gt)
+    gt_tum = read_tum(args.gt_poses) if args.gt_poses else None
+    summary = reconstruct(reconstructor, stream, Path(args.out), opts, gt_tum=gt_tum)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png")
     return 0
