@@ -23,8 +23,10 @@ import pytest
 import zmq
 
 from reliev3r import config as rconfig
+from reliev3r.report import write_report
 from reliev3r.synthetic import ensure_world
 from streamer.config import SyntheticConfig
+from tests.test_report import assert_curves, chromium, screenshot
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -136,6 +138,15 @@ def test_up_reaches_max_steps_with_snapshot_and_evaluation(tmp_path, worlds):
     assert "| step 8 |" in last and "eval@8 " in last, last
     assert (run_dir / "snapshots" / "step-000000008" / "meta.json").is_file()
     assert not list((run_dir / "snapshots").glob("*.tmp*")), "half-written snapshot left behind"
+    # The evaluator's pictures beside its JSON, and the run's report page (rendered where
+    # chromium is installed; tests/test_report.py has the details).
+    stem = evaluations[-1].stem
+    assert final["pictures"] == [f"{stem}.depth.png", f"{stem}.trajectory.png"]
+    assert all((run_dir / "evaluations" / name).stat().st_size > 0 for name in final["pictures"])
+    page = write_report(run_dir)
+    assert page.read_text().count("<svg") >= 10
+    if chromium():
+        assert_curves(screenshot(page, tmp_path / "report.png"), min_pixels=100)  # one point per chart
 
 
 def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_path, worlds, wait_for):
