@@ -78,9 +78,6 @@ class Reconstructor:
         x = torch.from_numpy(stack).to(self.device).permute(0, 3, 1, 2).float().div(255.0)[None]
         pred = self.model(x)
         k = torch.stack(ks).to(self.device)
-        if pred.focal is not None and intrinsics is None:
-            k = k.clone()
-            k[:, 0, 0] = k[:, 1, 1] = pred.focal[0]
         cam_points = geometry.unproject_depth(pred.depth[0], k)  # [V,H,W,3]
         world = geometry.transform_points(pred.cam_to_world[0], cam_points.reshape(len(frames), -1, 3))
         return {"depth": _np(pred.depth[0]), "confidence": _np(pred.confidence[0]),

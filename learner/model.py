@@ -13,17 +13,14 @@ global block) -> final norm -> heads:
   a skip input) -> log-depth and confidence logit. The full-resolution convs follow the
   caller's autocast; the output activations (exp / tanh clamp, sigmoid) run in fp32.
 * camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
-  (+ log focal) (+ with ``depth_param: view_scale``, one log-scale per view added to the
-  dense log-depth: the cross-view scale then lives in one number per view that the
-  reprojection terms move directly, while the dense head learns the shape) (+ with
-  ``translation_unit: depth``, translations in units of the window's mean predicted depth).
+  (+ with ``translation_unit: depth``, translations in units of the window's mean predicted
+  depth).
 
 This module knows nothing of distribution, compilation or AMP policy (ARCHITECTURE.md, "Rules").
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +56,6 @@ SIZES: dict[str, Size] = {
 # ImageNet statistics: a common, harmless choice even when training from scratch.
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
-_DEFAULT_HFOV_DEG = 60.0
 
 
 @dataclass
@@ -72,14 +68,11 @@ class Prediction:
         loss (1 at initialisation).
     cam_to_world: [B, V, 4, 4] float32, rigid camera-to-world poses (OpenCV camera axes) in the
         model's own world frame, which is defined only up to one similarity per window.
-    focal: [B, V] float32 focal length in pixels of the input (square pixels), or None when
-        the model has no focal head (``ModelConfig.predict_focal``).
     """
 
     depth: Tensor
     confidence: Tensor
     cam_to_world: Tensor
-    focal: Tensor | None = None
 
 
 class Rope2D(nn.Module):
@@ -174,8 +167,8 @@ class FFRM(nn.Module):
         c = size.head_channels
         self.dense_proj = nn.Linear(d, c * p * p)
         self.dense_refine = nn.Sequential(nn.Conv2d(c + 3, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, 2, 3, padding=1))
-        # 6D rotation + translation (+ log focal) (+ per-view log depth scale).
-        self._cam_out = 9 + int(cfg.predict_focal) + int(cfg.depth_param == "view_scale")
+        # 6D rotation + translation.
+        self._cam_out = 9
         self.camera_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, self._cam_out))
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
@@ -269,10 +262,8 @@ class FFRM(nn.Module):
         """``out`` [BV, 2, H, W] (log-depth, confidence logit) and the camera tokens [BV, D], fp32."""
         p = self.cfg.patch_size
         h, w = gh * p, gw * p
-        cam = self.camera_head(cam_token)  # [BV, 9 (+1) (+1)]
+        cam = self.camera_head(cam_token)  # [BV, 9]
         log_depth = out[:, 0]
-        if self.cfg.depth_param == "view_scale":
-            log_depth = log_depth + cam[:, -1, None, None]
         m = self.cfg.max_log_depth
         # Soft clamp (tanh) instead of a hard one: gradients never die at the bound.
         depth = torch.exp(m * torch.tanh(log_depth / m))
@@ -287,12 +278,8 @@ class FFRM(nn.Module):
             unit = depth.view(b, v * h * w).mean(-1).detach()
             translation = translation * unit.repeat_interleave(v)[:, None]
         cam_to_world = geometry.make_pose(rotation, translation)
-        focal = None
-        if self.cfg.predict_focal:
-            base = 0.5 * w / math.tan(math.radians(_DEFAULT_HFOV_DEG) / 2)
-            focal = (base * torch.exp(cam[:, 9].clamp(-3, 3))).view(b, v)
         return Prediction(depth=depth.view(b, v, h, w), confidence=confidence.view(b, v, h, w),
-                          cam_to_world=cam_to_world.view(b, v, 4, 4), focal=focal)
+                          cam_to_world=cam_to_world.view(b, v, 4, 4))
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> int:

@@ -3,9 +3,7 @@
 ``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)
 (+ cfg.refine_weight * L_refine) (+ cfg.triangulation_weight * L_tri
 + cfg.triangulation_pose_weight * L_tri_pose + cfg.contrast_weight * L_contrast)`` for
-``cfg.kind == "weak"``, the match terms evaluated with the learner's depth or, with
-``cfg.match_depth == "teacher"``, with the teacher's map in the learner's per-view scale and
-shift (:func:`learner.losses.teacher_aligned_depth`);
+``cfg.kind == "weak"``, the match terms evaluated with the learner's depth;
 the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
 
 :func:`weighted_loss` keeps the logged terms on the device, so that the training step can read
@@ -88,22 +86,19 @@ def weighted_loss(
             teacher = batch["teacher_depth"].to(depth.device)
             valid = batch.get("teacher_valid")
             valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
-        match_depth = depth
-        if cfg.match_depth == "teacher" and teacher is not None:
-            match_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
-        reproj = reprojection_loss(match_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
+        reproj = reprojection_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect
         terms["reproj"] = reproj.detach()
         if cfg.point_weight > 0:
-            point = point_consistency_loss(match_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
+            point = point_consistency_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
         if cfg.refine_weight > 0:
-            search_depth = match_depth
-            if cfg.refine_depth == "teacher" and teacher is not None and cfg.match_depth != "teacher":
+            search_depth = depth
+            if cfg.refine_depth == "teacher" and teacher is not None:
                 search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
-            refined = _refinement_term(match_depth, search_depth, cam_to_world, intrinsics, matches, cfg)
+            refined = _refinement_term(depth, search_depth, cam_to_world, intrinsics, matches, cfg)
             loss = loss + cfg.refine_weight * refined
             terms["refine"] = refined.detach()
         triangulation = batch.get("match_triangulation")

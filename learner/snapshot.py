@@ -55,6 +55,14 @@ class SnapshotError(RuntimeError):
     """A snapshot folder is missing, partial or corrupt; the message says what is wrong."""
 
 
+REMOVED_OPTIONS: dict[str, dict[str, Any]] = {
+    "model": {"predict_focal": False, "depth_param": "dense"},
+    "loss": {"match_depth": "pred"},
+}
+"""Learner options that left the config (no measured gain on held-out data, docs/RESULTS.md),
+by section, with the value each had by default. Metas written before carry them."""
+
+
 def snapshot_name(step: int) -> str:
     return f"step-{step:09d}"
 
@@ -152,6 +160,33 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict[
 
 # ---------------------------------------------------------------------- reading
 
+def upgrade_config(config: dict[str, Any], where: str | Path = "snapshot") -> dict[str, Any]:
+    """A meta's learner config (plain data, as :func:`save_snapshot` wrote it) in this
+    version's shape: options of :data:`REMOVED_OPTIONS` are dropped when they hold their
+    default; a snapshot that used another value (a model of another architecture or objective)
+    is refused with a :class:`SnapshotError` naming the key. Returns a new dict."""
+    out = dict(config)
+    for section, removed in REMOVED_OPTIONS.items():
+        if not isinstance(out.get(section), dict):
+            continue
+        part = out[section] = dict(out[section])
+        for key, default in removed.items():
+            if key in part:
+                if part[key] != default:
+                    raise SnapshotError(f"{where}: learner.{section}.{key}={part[key]!r} was removed from the "
+                                        f"learner (only its default {default!r} is supported); this snapshot "
+                                        "cannot be loaded by this version")
+                del part[key]
+    return out
+
+
+def upgrade_meta(meta: dict[str, Any], where: str | Path = "snapshot") -> dict[str, Any]:
+    """``meta`` with its ``config`` through :func:`upgrade_config` (a new dict)."""
+    if not isinstance(meta.get("config"), dict):
+        return meta
+    return {**meta, "config": upgrade_config(meta["config"], where)}
+
+
 def verify_snapshot(path: str | Path) -> dict[str, Any]:
     """Check a snapshot folder; return its meta or raise :class:`SnapshotError` saying why."""
     path = Path(path)
@@ -240,7 +275,7 @@ def prune_snapshots(folder: str | Path, *, keep_last: int, keep_every: int) -> l
 def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     """Load a snapshot into ``trainer`` (model, EMA, optimizer, counters, RNG); return meta."""
     path = Path(path)
-    meta = verify_snapshot(path)
+    meta = upgrade_meta(verify_snapshot(path), path)
     if meta["config"]["model"] != _model_dict(trainer.cfg.model):
         raise SnapshotError(f"{path}: model config {meta['config']['model']} differs from this run's "
                             f"{_model_dict(trainer.cfg.model)}")
@@ -268,7 +303,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: boo
     from reliev3r.config_base import build
 
     path = Path(path)
-    meta = verify_snapshot(path)
+    meta = upgrade_meta(verify_snapshot(path), path)
     model = FFRM(build(ModelConfig, meta["config"]["model"], "learner.model"))
     fname = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
     model.load_state_dict(load_file(str(path / fname), device="cpu"))

@@ -211,8 +211,7 @@ class Trainer:
             one["matches"] = one["matches"].clone()
             one["matches"][:, 0] = 0
             view = Prediction(depth=pred.depth[b:b + 1].detach(), confidence=pred.confidence[b:b + 1].detach(),
-                              cam_to_world=pred.cam_to_world[b:b + 1].detach(),
-                              focal=None if pred.focal is None else pred.focal[b:b + 1].detach())
+                              cam_to_world=pred.cam_to_world[b:b + 1].detach())
             out.append(self.loss_fn(view, one, self.cfg.loss, teacher_space=space)[0].detach())
         return out
 

@@ -8,7 +8,7 @@ are taken when the snapshot has them. Only the weights are taken: the optimizer,
 counter and the LR schedule start afresh, and the EMA copy starts from the same weights.
 Weights are read with safetensors only (never pickle), after the snapshot's checksums are
 verified. The model must be the same architecture as this run's ``learner.model`` (size,
-patch size, registers, heads, extra heads): otherwise :class:`InitError` names both.
+patch size, registers, heads): otherwise :class:`InitError` names both.
 
 A learner that resumes its own run folder ignores ``init`` (its own snapshot wins).
 """
@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from learner.config import LearnerConfig, ModelConfig
-from learner.snapshot import SnapshotError, _sha256, latest_snapshot, verify_snapshot
+from learner.snapshot import SnapshotError, _sha256, latest_snapshot, upgrade_meta, verify_snapshot
 
 if TYPE_CHECKING:
     from learner.train import Trainer
 
-ARCHITECTURE = ("size", "patch_size", "registers", "head_dim", "predict_focal", "depth_param")
+ARCHITECTURE = ("size", "patch_size", "registers", "head_dim")
 """ModelConfig fields that decide the weights' layout; the others may differ from the source's."""
 
 
@@ -136,7 +136,7 @@ def start_problem(cfg: LearnerConfig, run_dir: str | Path) -> str | None:
 
 def _verified(snap: Path, requested: str | Path) -> dict[str, Any]:
     try:
-        return verify_snapshot(snap)
+        return upgrade_meta(verify_snapshot(snap), snap)
     except SnapshotError as err:
         raise InitError(f"learner.init={requested}: {err}") from None
 

@@ -10,8 +10,8 @@ be multiples of the patch size; export again for another size):
   installed, else the TorchScript one (opset 17); run with onnxruntime.
 
 The exported graph takes ``images`` float32 [1, V, 3, H, W] RGB in [0, 1] and returns
-``depth`` [1,V,H,W], ``confidence`` [1,V,H,W], ``cam_to_world`` [1,V,4,4] (and ``focal``
-[1,V] when the model has a focal head) exactly as :class:`learner.model.Prediction` documents.
+``depth`` [1,V,H,W], ``confidence`` [1,V,H,W], ``cam_to_world`` [1,V,4,4] exactly as
+:class:`learner.model.Prediction` documents.
 A JSON file beside the export (``<file>.json``) records the names, shapes, snapshot and the
 measured largest difference to the eager model on a random input.
 """
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 Format = Literal["torch-export", "onnx"]
-OUTPUTS = ("depth", "confidence", "cam_to_world", "focal")
+OUTPUTS = ("depth", "confidence", "cam_to_world")
 
 
 class ExportedFFRM(nn.Module):
@@ -38,12 +38,10 @@ class ExportedFFRM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.has_focal = bool(getattr(model.cfg, "predict_focal", False))
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         pred = self.model(images)
-        out = (pred.depth, pred.confidence, pred.cam_to_world)
-        return out + (pred.focal,) if self.has_focal else out
+        return pred.depth, pred.confidence, pred.cam_to_world
 
 
 def format_of(path: Path, fmt: str | None) -> Format:
@@ -66,7 +64,7 @@ def export_model(model: nn.Module, path: Path, *, fmt: Format, views: int, heigh
     if height % p or width % p:
         raise ValueError(f"height and width must be multiples of the patch size {p}, got {height}x{width}")
     example = torch.rand(1, views, 3, height, width)
-    names = list(OUTPUTS[:3 + int(wrapper.has_focal)])
+    names = list(OUTPUTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if fmt == "torch-export":

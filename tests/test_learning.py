@@ -141,8 +141,8 @@ def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
 
     torch.set_num_threads(1)
     cfg = with_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0", "warmup_steps=0", "device=cpu",
-                                            "loss.point_weight=1", "model.depth_param=view_scale"])
-    assert cfg.loss.point_weight == 1.0 and cfg.model.depth_param == "view_scale"
+                                            "loss.point_weight=1", "model.translation_unit=depth"])
+    assert cfg.loss.point_weight == 1.0 and cfg.model.translation_unit == "depth"
     with pytest.raises(ValueError, match="loss.kind"):
         with_overrides(LearnerConfig(), ["loss.kind=magic"])
     with pytest.raises(ValueError, match="nope"):
@@ -260,21 +260,7 @@ def test_pseudo_huber_cost_matches_small_angles_and_grows_like_the_chord():
     assert 0.8 < float(rho[2] / (delta * chord[2])) < 1 and float(rho[1]) < float(rho[2])
 
 
-def test_view_scale_parametrisation_moves_each_view_by_one_number():
-    from learner.model import FFRM
-
-    torch.manual_seed(0)
-    model = FFRM(ModelConfig(depth_param="view_scale")).eval()
-    images = torch.rand(1, 2, 3, 16, 16)
-    base = model(images).depth
-    with torch.no_grad():
-        model.camera_head[-1].bias[-1] += 0.5
-    moved = model(images).depth
-    assert torch.allclose(moved / base, torch.full_like(base, math.exp(0.5)), rtol=2e-3)  # tanh soft clamp
-    dense = FFRM(ModelConfig(depth_param="dense"))
-    assert dense.camera_head[-1].out_features == model.camera_head[-1].out_features - 1
-    with pytest.raises(ValueError, match="depth_param"):
-        ModelConfig(depth_param="bogus")
+def test_negative_point_weight_is_refused():
     with pytest.raises(ValueError, match="point_weight"):
         LossConfig(point_weight=-1)
 

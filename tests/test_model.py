@@ -16,12 +16,12 @@ def _model(**kw) -> FFRM:
 
 
 def test_output_shapes_and_ranges():
-    model = _model(predict_focal=True)
+    model = _model()
     images = torch.rand(2, 3, 3, 32, 48)
     pred = model(images)
     assert isinstance(pred, Prediction)
     assert pred.depth.shape == (2, 3, 32, 48) and pred.confidence.shape == (2, 3, 32, 48)
-    assert pred.cam_to_world.shape == (2, 3, 4, 4) and pred.focal.shape == (2, 3)
+    assert pred.cam_to_world.shape == (2, 3, 4, 4)
     assert (pred.depth > 0).all()
     assert ((pred.confidence > 0) & (pred.confidence < 2)).all()
     # Initialisation: depth ~1, confidence ~1, poses near identity, bottom row exact.

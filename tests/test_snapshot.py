@@ -193,3 +193,41 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def _with_old_keys(path, model=None, loss=None):
+    """Rewrite a snapshot's meta as a version before the removal of options wrote it."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["config"]["model"].update({"predict_focal": False, "depth_param": "dense", **(model or {})})
+    meta["config"]["loss"].update({"match_depth": "pred", **(loss or {})})
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_snapshots_with_removed_options_at_their_defaults_still_load(tmp_path):
+    from reliev3r.config_base import build
+    from learner.config import LearnerConfig
+
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    path = trainer.save_state(tmp_path)
+    _with_old_keys(path)
+    model, meta = load_model(path)
+    assert "predict_focal" not in meta["config"]["model"] and "match_depth" not in meta["config"]["loss"]
+    build(LearnerConfig, meta["config"])  # the upgraded config is this version's
+    resumed = _trainer()
+    assert resumed.load_state(path)["step"] == 1
+
+
+@pytest.mark.parametrize("section, key, value", [("model", "predict_focal", True),
+                                                 ("model", "depth_param", "view_scale"),
+                                                 ("loss", "match_depth", "teacher")])
+def test_snapshots_that_used_a_removed_option_are_refused_naming_it(tmp_path, section, key, value):
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    path = trainer.save_state(tmp_path)
+    _with_old_keys(path, **{section: {key: value}})
+    with pytest.raises(SnapshotError, match=f"learner.{section}.{key}="):
+        load_model(path)
+    with pytest.raises(SnapshotError, match=key):
+        _trainer().load_state(path)
+    assert snapshot.upgrade_config({"loss": {"kind": "weak"}}) == {"loss": {"kind": "weak"}}
