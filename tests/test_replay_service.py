@@ -25,6 +25,8 @@ from replay.storage import DiskStorage, decode_window
 KILLS = int(os.environ.get("RELIEV3R_REPLAY_KILLS", "20"))
 """SIGKILLs in the fault test (20 by default; lower it for a quick local run)."""
 WRITERS = 3
+HANG_S = 120.0
+"""Client timeouts, joins and waits: they bound a hang only (every wait ends when the thing happened)."""
 
 
 REPLAY = ("replay.sample_wait_s=0.2", "replay.min_size=2")
@@ -41,7 +43,7 @@ def serving(cfg: rconfig.PipelineConfig):
         yield cfg.network.connect(cfg.network.replay_port), runtime
     finally:
         runtime.stop()
-        thread.join(timeout=10)
+        thread.join(timeout=HANG_S)
         runtime.close()
     assert result.get("rc") == 0
 
@@ -52,18 +54,22 @@ def metric(runtime: Runtime, name: str, **labels) -> float:
 
 def test_insert_duplicate_sample_stats(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY)
-    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=10, retry_s=2) as client:
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=2) as client:
         assert client.insert(make_insert(0)) == {"window_id": "w0", "status": "stored", "reason": ""}
         assert client.insert(make_insert(0))["status"] == "duplicate"
 
         # Fewer than min_size windows: sample() waits (through not_ready replies) until a
-        # labeler inserts more.
-        later = threading.Timer(0.6, lambda: ReplayClient(endpoint, ctx=client.ctx).insert(make_insert(1)))
+        # labeler inserts more, here once the service has answered the sample not_ready.
+        def insert_once_sample_waits():
+            deadline = time.monotonic() + HANG_S
+            while metric(runtime, "replay_not_ready_total", kind="sample") < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ReplayClient(endpoint, ctx=client.ctx, timeout_s=HANG_S).insert(make_insert(1))
+
+        later = threading.Thread(target=insert_once_sample_waits)
         later.start()
-        start = time.monotonic()
         batch = client.sample(3, rank=1)
-        later.join()
-        assert time.monotonic() - start >= 0.5
+        later.join(HANG_S)
         assert metric(runtime, "replay_not_ready_total", kind="sample") >= 1
         assert batch.arrays["frames"].shape == (3, 2, 16, 16, 3)
         assert batch.arrays["teacher_depth"].shape == (3, 2, 16, 16)
@@ -87,16 +93,16 @@ def test_insert_duplicate_sample_stats(make_cfg, make_insert):
 
 def test_malformed_and_bad_inserts_are_rejected_and_counted(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY, "replay.max_window_bytes=20000")
-    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=2) as client:
         raw = client.ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(endpoint)
         raw.send_multipart([b"garbage", b"\x00\x01"])
-        assert raw.poll(5000)
+        assert raw.poll(int(HANG_S * 1000))
         assert protocol.decode(raw.recv_multipart()).meta["reason"] == "malformed"
         frames = protocol.encode(make_insert(5))
         raw.send_multipart([*frames[:-1], b"short"])  # a buffer of the wrong size
-        assert raw.poll(5000) and protocol.decode(raw.recv_multipart()).kind == "error"
+        assert raw.poll(int(HANG_S * 1000)) and protocol.decode(raw.recv_multipart()).kind == "error"
         raw.close()
         assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_magic") == 1
         assert metric(runtime, "messages_rejected_total", stage="replay", reason="size_mismatch") == 1
@@ -123,7 +129,7 @@ def test_malformed_and_bad_inserts_are_rejected_and_counted(make_cfg, make_inser
 def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
                    "replay.sampler=prioritized", "replay.priority_alpha=1.0")
-    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=5, retry_s=2) as client:
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=2) as client:
         # Nobody samples: the limiter takes an insert while 2 x (inserts + 1) - samples <=
         # 2 x min_size + tolerance = 6, i.e. 3 of them; the 4th is held back for good (answered
         # rate_limited until the client gives up), on any machine.
@@ -152,7 +158,7 @@ def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
 def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
     cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)
-    with serving(cfg), ReplayClient(endpoint, timeout_s=10, retry_s=1) as client:
+    with serving(cfg), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=1) as client:
         for i in range(3):
             client.insert(make_insert(i))
         fetch = client.prefetch(2, rank=0, depth=2)
@@ -173,7 +179,7 @@ def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
         client.close()
 
 
-def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_insert):
+def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_insert, wait_for):
     generate_keys(tmp_path / "keys", clients=("client", "stranger"))
     cfg = make_cfg(*REPLAY)
     cfg.network.curve = CurveConfig.from_folder(tmp_path / "keys")
@@ -184,11 +190,16 @@ def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_inse
     with serving(cfg) as (endpoint, runtime):
         for curve in (None, stranger):
             with ReplayClient(endpoint, timeout_s=1.0, retry_s=0.4, curve=curve) as outsider:
-                with pytest.raises(TimeoutError):
-                    outsider.insert(make_insert(0))
+                # refused: every call times out; calls until one retried (a stalled machine can
+                # reach the 1 s timeout before the first 0.4 s attempt is over)
+                deadline = time.monotonic() + HANG_S
+                while outsider.retries < 1 and time.monotonic() < deadline:
+                    with pytest.raises(TimeoutError):
+                        outsider.insert(make_insert(0))
                 assert outsider.retries >= 1  # each retry's fresh socket was refused as well
-        assert metric(runtime, "auth_failures_total", stage="replay") >= 1  # the unauthorised key
-        with ReplayClient(endpoint, timeout_s=10, retry_s=2, curve=cfg.network.curve) as client:
+        wait_for(lambda: metric(runtime, "auth_failures_total", stage="replay") >= 1, HANG_S,
+                 "the unauthorised key counted as an auth failure")
+        with ReplayClient(endpoint, timeout_s=HANG_S, retry_s=2, curve=cfg.network.curve) as client:
             assert client.insert(make_insert(1))["status"] == "stored"
             assert client.insert(make_insert(2))["status"] == "stored"
             fetch = client.prefetch(2)  # the prefetch thread's socket carries the keys too
@@ -249,15 +260,15 @@ def test_sigkill_loses_no_acknowledged_window(tmp_path, make_insert, reliev3r_pr
             assert not errors and len(acked) > before, f"no progress after restart {kill}"
             time.sleep(rng.uniform(0.0, 0.3))
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
+            proc.wait(timeout=HANG_S)
             proc = spawn()
         time.sleep(0.5)
     finally:
         stop.set()
         for thread in threads:
-            thread.join(timeout=40)
+            thread.join(timeout=HANG_S)
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=20)
+        rc = proc.wait(timeout=HANG_S)
         stderr = proc.stderr.read().decode(errors="replace")
     assert not errors, errors
     assert rc == 0, stderr[-2000:]
