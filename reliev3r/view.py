@@ -199,6 +199,24 @@ def log_run(rec, rr, cfg, run: Path, *, snapshots: int = 8, windows: int = 1, de
     return len(picks)
 
 
+def run_config(path: Path, overrides: list[str]):
+    """A run's config as far as ``view`` needs it: its ``streamer`` and ``evaluator`` sections
+    over the defaults (the rest, e.g. learner options of another version, is not read)."""
+    import tempfile
+
+    import yaml
+
+    from reliev3r import config as rconfig
+    from reliev3r.cli import DEFAULT_CONFIG
+
+    data = yaml.safe_load(path.read_text()) or {}
+    sections = {k: data[k] for k in ("streamer", "evaluator") if k in data}
+    with tempfile.TemporaryDirectory() as tmp:
+        part = Path(tmp) / "view.yaml"
+        part.write_text(yaml.safe_dump(sections))
+        return rconfig.load([DEFAULT_CONFIG, part], overrides)
+
+
 def open_recording(out: Path):
     rr = _rerun()
     rec = rr.RecordingStream("reliev3r")
@@ -229,12 +247,13 @@ def main(cfg, args) -> int:
             what = f"{log_reconstruction(rec, rr, target)} frames"
         else:
             if (target / "config.yaml").is_file() and not args.config:
-                from reliev3r import config as rconfig
-                from reliev3r.cli import DEFAULT_CONFIG
-
-                cfg = rconfig.load([DEFAULT_CONFIG, target / "config.yaml"], args.overrides)
+                cfg = run_config(target / "config.yaml", args.overrides)
             what = f"{log_run(rec, rr, cfg, target, snapshots=args.snapshots, windows=args.windows)} snapshots"
-    finally:
+    except Exception as err:  # a config or data problem: say it, leave no half recording
         close_recording(rec)
+        out.unlink(missing_ok=True)
+        print(f"reliev3r view: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    close_recording(rec)
     print(f"wrote {out} ({what}); open it with: rerun {out}")
     return 0

@@ -70,3 +70,10 @@ def test_view_of_predictions_writes_a_recording(tmp_path):
 def test_view_refuses_what_it_cannot_show(tmp_path):
     assert cli_main(["view", str(tmp_path), "--out", str(tmp_path / "x.rrd")]) == 2
     assert not (tmp_path / "x.rrd").exists()
+
+
+def test_a_run_config_is_read_for_its_streamer_and_evaluator_only(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("streamer:\n  views: 3\nevaluator:\n  windows: 2\nlearner:\n  no_such_key: 1\n")
+    cfg = view.run_config(path, ["streamer.height=40"])
+    assert (cfg.streamer.views, cfg.evaluator.windows, cfg.streamer.height) == (3, 2, 40)
