@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -14,6 +18,18 @@ from reliev3r.reconstruct import write_ply
 from tests.test_report import predicted, window
 
 rr = pytest.importorskip("rerun", reason="rerun-sdk is not installed (pip install -e '.[view]')")
+
+
+def entities(rrd: Path) -> set[str] | None:
+    """The entity paths of a recording, read back by rerun's own CLI (``rerun rrd verify`` must
+    load it without error); None where the CLI is not beside this interpreter."""
+    cli = Path(sys.executable).with_name("rerun")
+    if not cli.is_file():
+        return None
+    verify = subprocess.run([cli, "rrd", "verify", rrd], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr[-2000:]
+    printed = subprocess.run([cli, "rrd", "print", rrd], capture_output=True, text=True, timeout=120)
+    return {word.strip("'\",:;()[]{}") for word in printed.stdout.split() if word.startswith(("world/", "/world/"))}
 
 
 def test_unproject_inverts_the_projection():
@@ -54,6 +70,10 @@ def test_view_of_a_reconstruction_writes_a_recording(tmp_path, capsys):
     assert cli_main(["view", str(folder), "--out", str(out)]) == 0
     assert "5 frames" in capsys.readouterr().out
     assert out.is_file() and out.stat().st_size > 10_000  # 500 points, 5 depth images
+    found = entities(out)
+    if found is not None:
+        assert {"world/points", "world/camera", "world/camera/image", "world/camera/image/depth"} <= {
+            e.lstrip("/") for e in found}, found
 
 
 def test_view_of_predictions_writes_a_recording(tmp_path):
@@ -65,6 +85,10 @@ def test_view_of_predictions_writes_a_recording(tmp_path):
         view.log_predictions(rec, rr_, step, [win], [predicted(win, noise)])
     view.close_recording(rec)
     assert out.is_file() and out.stat().st_size > 5_000
+    found = entities(out)
+    if found is not None:
+        assert {"world/window0/points", "world/window0/cam3/image/depth", "world/ground_truth/window0/cam0/image"} <= {
+            e.lstrip("/") for e in found}, found
 
 
 def test_view_refuses_what_it_cannot_show(tmp_path):
