@@ -57,6 +57,64 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RefineConfig:
+    """The self-refinement term, ``learner.loss.refine`` (absent or ``null``: off). Each window's
+    poses and per-view depth scales are bundle-adjusted under the weak match terms with a depth
+    shape held fixed (``learner.refinement.refine_geometry``, from the predicted poses), and the
+    prediction is pulled towards the result (``learner.refinement.refined_geometry_loss``). Weak:
+    it uses the matches and the model's own depth (or the teacher's) only. Measured on the
+    synthetic world: the first change that moved weak translation per step (sweeps 7-8: 60°
+    against 88° at step 1,500, held-out), and part of the staged weak recipe that reached issue
+    9's bar (sweep 12, with ``depth: teacher``, ``shifts: true``; docs/RESULTS.md)."""
+
+    weight: float = 1.0
+    """Weight of the term in the objective, > 0 (for no refinement leave the section out)."""
+    depth: Literal["pred", "teacher"] = "pred"
+    """Depth whose shape the bundle adjustment holds fixed: ``pred`` the prediction's own;
+    ``teacher`` the teacher's map carried into the prediction's per-view scale and shift
+    (``learner.losses.teacher_aligned_depth``), so that the refined poses and view scales rest
+    on the teacher's shape rather than the learner's. Weak either way; the pull still acts on
+    the prediction. ``teacher`` kept the registered depth from breaking on the synthetic world
+    (docs/RESULTS.md, sweeps 9-11)."""
+    solver: Literal["adam", "lm"] = "adam"
+    """Solver of the bundle adjustment: ``adam`` (first-order, ``steps`` steps of size ``lr``)
+    or ``lm`` (Levenberg-Marquardt, ``steps`` iterations; it follows the curvature, so poorly
+    constrained directions barely move). ``lm``: no measured gain over ``adam`` on held-out
+    windows (docs/RESULTS.md, CPU check after sweep 8): study option."""
+    steps: int = 50
+    """Adam steps or LM iterations of the bundle adjustment, from the predicted poses."""
+    scales: bool = True
+    """Let the bundle adjustment move the per-view depth scales too (and pull the prediction's
+    per-view mean depths towards them); ``false``: poses only (held registered depth at the
+    plain level, less translation gain: docs/RESULTS.md, CPU check after sweep 8)."""
+    shifts: bool = False
+    """Let the bundle adjustment move a depth shift per view too (view v's depth becomes
+    exp(σ_v)(D_v + c_v mean D_v)); the pull then registers the prediction's per-view mean depths
+    to the result's. Needs ``solver: adam``. Held the weak run's median-scaled depth (0.188
+    against 0.262 without, CPU, from step 2,000; docs/RESULTS.md, issue 9 history)."""
+    lr: float = 0.02
+    """Adam's step size (radians; translation in units of the window's mean depth; log scale)."""
+    min_matches: int = 16
+    """Windows with fewer matches get no refinement target."""
+    compile: bool = True
+    """Run each search step (match terms, their gradient, the Adam update) as one
+    ``torch.compile`` graph (same values; the eager step's ~200 small kernels are launch-bound
+    on a GPU: 1.8x the training steps per minute, docs/RESULTS.md, sweeps 9-11)."""
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0 (for no refinement leave learner.loss.refine out), got {self.weight}")
+        if self.depth not in ("pred", "teacher"):
+            raise ValueError(f"depth must be 'pred' or 'teacher', got {self.depth!r}")
+        if self.solver not in ("adam", "lm"):
+            raise ValueError(f"solver must be 'adam' or 'lm', got {self.solver!r}")
+        if self.shifts and self.solver != "adam":
+            raise ValueError("shifts needs solver 'adam'")
+        if self.steps < 0 or self.lr <= 0 or self.min_matches < 0:
+            raise ValueError("steps and min_matches must be >= 0 and lr > 0")
+
+
+@dataclass(kw_only=True, slots=True)
 class LossConfig:
     kind: Literal["weak", "supervised"] = "weak"
     """``weak``: Reliev3R losses from teacher labels. ``supervised``: the ground-truth sibling,
@@ -96,55 +154,19 @@ class LossConfig:
     (``learner.losses.registered_teacher_shift``). Weak: the teacher, the matches and the
     intrinsics only. 0 = off. It took 7-Scenes median-scaled AbsRel from 0.43 to 0.35 beside
     the two terms above; at 3 the views' shapes broke (0.54; docs/RESULTS.md, issue 21)."""
-    refine_weight: float = 0.0
-    """Weight of the self-refinement term (``learner.refinement.refined_geometry_loss``): each
-    window's poses and per-view depth scales are bundle-adjusted under the match terms above
-    with the prediction's depth shape held fixed (``learner.refinement.refine_geometry``), and the
-    prediction is pulled towards the result. Weak: it uses the matches and the model's own
-    depth only. 0 = off."""
-    refine_depth: Literal["pred", "teacher"] = "pred"
-    """Depth whose shape that bundle adjustment holds fixed: ``pred`` the prediction's own;
-    ``teacher`` the teacher's map carried into the prediction's
-    per-view scale and shift (``learner.losses.teacher_aligned_depth``), so that the refined
-    poses and view scales rest on the teacher's shape rather than the learner's. Weak either
-    way; the pull still acts on the prediction."""
-    refine_solver: Literal["adam", "lm"] = "adam"
-    """Solver of that bundle adjustment: ``adam`` (first-order, ``refine_steps`` steps of size
-    ``refine_lr``) or ``lm`` (Levenberg-Marquardt, ``refine_steps`` iterations; it follows the
-    curvature, so poorly constrained directions barely move)."""
-    refine_steps: int = 50
-    """Adam steps or LM iterations of that bundle adjustment, from the predicted poses."""
-    refine_scales: bool = True
-    """Let that bundle adjustment move the per-view depth scales too (and pull the prediction's
-    per-view mean depths towards them); ``false``: poses only."""
-    refine_shifts: bool = False
-    """Let that bundle adjustment move a depth shift per view too (view v's depth becomes
-    exp(σ_v)(D_v + c_v mean D_v)); the pull then registers the prediction's per-view mean depths
-    to the result's. Needs ``refine_solver: adam``."""
-    refine_lr: float = 0.02
-    """Adam's step size (radians; translation in units of the window's mean depth; log scale)."""
-    refine_min_matches: int = 16
-    """Windows with fewer matches get no refinement target."""
-    refine_compile: bool = True
-    """Run each search step (match terms, their gradient, the Adam update) as one
-    ``torch.compile`` graph (same values; the eager step's ~200 small kernels are launch-bound
-    on a GPU)."""
+    refine: RefineConfig | None = None
+    """The self-refinement term (:class:`RefineConfig`); ``null`` (the default): off. On the
+    command line ``learner.loss.refine.weight=1`` turns it on with the section's defaults. Not in
+    the default recipe: measured on the synthetic world (docs/RESULTS.md, sweeps 7-12), not on
+    real video."""
 
     def __post_init__(self) -> None:
-        if min(self.reproj_weight, self.alpha, self.point_weight, self.refine_weight, self.triangulation_weight,
+        if min(self.reproj_weight, self.alpha, self.point_weight, self.triangulation_weight,
                self.triangulation_pose_weight, self.contrast_weight) < 0:
-            raise ValueError("reproj_weight, alpha, point_weight, refine_weight, triangulation_weight, "
+            raise ValueError("reproj_weight, alpha, point_weight, triangulation_weight, "
                              "triangulation_pose_weight and contrast_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
-        if self.refine_depth not in ("pred", "teacher"):
-            raise ValueError(f"refine_depth must be 'pred' or 'teacher', got {self.refine_depth!r}")
-        if self.refine_solver not in ("adam", "lm"):
-            raise ValueError(f"refine_solver must be 'adam' or 'lm', got {self.refine_solver!r}")
-        if self.refine_shifts and self.refine_solver != "adam":
-            raise ValueError("refine_shifts needs refine_solver 'adam'")
-        if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_min_matches < 0:
-            raise ValueError("refine_steps and refine_min_matches must be >= 0 and refine_lr > 0")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,7 +1,7 @@
 """The one place where loss terms are weighted and summed.
 
 ``L = L_depth + cfg.reproj_weight * L_reproj (+ cfg.point_weight * L_point)
-(+ cfg.refine_weight * L_refine) (+ cfg.triangulation_weight * L_tri
+(+ cfg.refine.weight * L_refine, when ``cfg.refine`` is set) (+ cfg.triangulation_weight * L_tri
 + cfg.triangulation_pose_weight * L_tri_pose + cfg.contrast_weight * L_contrast)`` for
 ``cfg.kind == "weak"``, the match terms evaluated with the learner's depth;
 the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
@@ -94,12 +94,12 @@ def weighted_loss(
             point = point_consistency_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
-        if cfg.refine_weight > 0:
+        if cfg.refine is not None:
             search_depth = depth
-            if cfg.refine_depth == "teacher" and teacher is not None:
+            if cfg.refine.depth == "teacher" and teacher is not None:
                 search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
             refined = _refinement_term(depth, search_depth, cam_to_world, intrinsics, matches, cfg)
-            loss = loss + cfg.refine_weight * refined
+            loss = loss + cfg.refine.weight * refined
             terms["refine"] = refined.detach()
         triangulation = batch.get("match_triangulation")
         if triangulation is not None and cfg.triangulation_weight > 0:
@@ -131,17 +131,18 @@ def _refinement_term(depth: Tensor, search_depth: Tensor, cam_to_world: Tensor, 
                      matches: Tensor, cfg: LossConfig) -> Tensor:
     """``refined_geometry_loss`` of ``depth`` towards the bundle adjustment of the predicted
     poses, with ``search_depth``'s shape, under the objective's own match terms; windows with
-    fewer than ``cfg.refine_min_matches`` scored matches get weight 0 (counted on the device:
+    fewer than ``cfg.refine.min_matches`` scored matches get weight 0 (counted on the device:
     no host sync)."""
+    refine = cfg.refine
     target, log_scale, shift = refine_geometry(
-        search_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7], steps=cfg.refine_steps,
-        lr=cfg.refine_lr, reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight, robust=cfg.robust,
-        scale_deg=cfg.scale_deg, compiled=cfg.refine_compile, solver=cfg.refine_solver, scales=cfg.refine_scales,
-        shifts=cfg.refine_shifts)
+        search_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7], steps=refine.steps,
+        lr=refine.lr, reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight, robust=cfg.robust,
+        scale_deg=cfg.scale_deg, compiled=refine.compile, solver=refine.solver, scales=refine.scales,
+        shifts=refine.shifts)
     counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
                             minlength=depth.shape[0])[:depth.shape[0]]
-    window_weight = (counts >= cfg.refine_min_matches).to(depth.dtype)
-    if cfg.refine_shifts:
+    window_weight = (counts >= refine.min_matches).to(depth.dtype)
+    if refine.shifts:
         # The search's view v has depth exp(σ_v)(D_v + c_v m_v), whose mean is exp(σ_v)(1 + c_v) m_v:
         # the pull registers the prediction's view means to that (its shapes are left alone).
         log_scale = log_scale + torch.log1p(shift.clamp(min=-0.9))

@@ -1,6 +1,7 @@
 """Self-refinement: a bundle adjustment of each window's poses and per-view depth scales (and
 shifts) under the match terms, from the prediction (:func:`refine_geometry`, an optimiser, not a
 loss), and the pull of the prediction towards its result (:func:`refined_geometry_loss`).
+The objective adds it when ``learner.loss.refine`` (``learner.config.RefineConfig``) is set.
 """
 
 from __future__ import annotations

@@ -62,6 +62,10 @@ REMOVED_OPTIONS: dict[str, dict[str, Any]] = {
 """Learner options that left the config (no measured gain on held-out data, docs/RESULTS.md),
 by section, with the value each had by default. Metas written before carry them."""
 
+FLAT_REFINE = ("weight", "depth", "solver", "steps", "scales", "shifts", "lr", "min_matches", "compile")
+"""Keys of ``learner.loss.refine`` that metas written before it was a section carry flat in
+``learner.loss`` as ``refine_<key>`` (``refine_weight`` 0: no refinement)."""
+
 
 def snapshot_name(step: int) -> str:
     return f"step-{step:09d}"
@@ -164,7 +168,9 @@ def upgrade_config(config: dict[str, Any], where: str | Path = "snapshot") -> di
     """A meta's learner config (plain data, as :func:`save_snapshot` wrote it) in this
     version's shape: options of :data:`REMOVED_OPTIONS` are dropped when they hold their
     default; a snapshot that used another value (a model of another architecture or objective)
-    is refused with a :class:`SnapshotError` naming the key. Returns a new dict."""
+    is refused with a :class:`SnapshotError` naming the key. The flat ``loss.refine_*`` keys
+    become the ``loss.refine`` section (``None`` when ``refine_weight`` was 0). Returns a new
+    dict."""
     out = dict(config)
     for section, removed in REMOVED_OPTIONS.items():
         if not isinstance(out.get(section), dict):
@@ -177,6 +183,10 @@ def upgrade_config(config: dict[str, Any], where: str | Path = "snapshot") -> di
                                         f"learner (only its default {default!r} is supported); this snapshot "
                                         "cannot be loaded by this version")
                 del part[key]
+    loss = out.get("loss")
+    if isinstance(loss, dict) and any(f"refine_{k}" in loss for k in FLAT_REFINE):
+        flat = {k: loss.pop(f"refine_{k}") for k in FLAT_REFINE if f"refine_{k}" in loss}
+        loss["refine"] = flat if flat.get("weight", 0) > 0 else None
     return out
 
 

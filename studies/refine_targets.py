@@ -1,11 +1,11 @@
 """How good are the refinement's targets? Pose errors of a snapshot's prediction and of the
-bundle adjustments that ``loss.refine_weight`` pulls it towards, on held-out windows.
+bundle adjustments that ``loss.refine`` pulls it towards, on held-out windows.
 
     python -m studies.refine_targets .devdata/resume/weak/step-000002000 \\
         [--held synthetic:scenes=48,frames=40,seed=1000,hop=4] [--stride 12] [--raw]
 
 For every search depth (the prediction's own, the teacher's map in the prediction's per-view
-scale and shift as ``loss.refine_depth=teacher`` uses it, and the ground-truth map likewise, an
+scale and shift as ``loss.refine.depth=teacher`` uses it, and the ground-truth map likewise, an
 upper bound) and every solver (Adam with 50 and 200 steps, Levenberg-Marquardt with 10
 iterations), it runs :func:`learner.refinement.refine_geometry` from the predicted poses with the
 objective's default match terms (angle 0.5, point 1) and prints the mean pairwise relative

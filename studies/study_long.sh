@@ -14,7 +14,7 @@
 #
 #   env: MINUTES (6.5), LIMIT (seconds for the runs, 520), MAX_STEPS (8000), FIRST (the producer's
 #        first scene index: past the scenes earlier calls used), RESUME_W / RESUME_S, WEAK_SET
-#        (more flags for the weak run, e.g. "--set loss.refine_shifts=true"), VARIANTS (more weak
+#        (more flags for the weak run, e.g. "--set loss.refine.shifts=true"), VARIANTS (more weak
 #        runs beside it, "NAME|FLAGS;NAME|FLAGS", each the weak run plus FLAGS, resumed from
 #        RESUME_W too), KEEP (the runs whose snapshots come back, "weak sup": the device returns at
 #        most 64 MiB and 8 files, a snapshot is 21 MiB in 2 parts), SUP (0: no supervised run),
@@ -26,7 +26,7 @@ out=${OUT:?set OUT to the folder that comes back}
 work=${WORK:-/tmp/study_long}
 export NCCL_NVLS_ENABLE=0
 common="--set schedule=cosine --set max_steps=${MAX_STEPS:-8000} --set ema_decay=0.999"
-weak="$common --set loss.point_weight=1 --set loss.refine_weight=1 --set loss.refine_depth=teacher ${WEAK_SET:-}"
+weak="$common --set loss.point_weight=1 --set loss.refine.weight=1 --set loss.refine.depth=teacher ${WEAK_SET:-}"
 sup="$common --set loss.kind=supervised"
 [ -n "${RESUME_W:-}" ] && weak="$weak --resume $RESUME_W"
 [ -n "${RESUME_S:-}" ] && sup="$sup --resume $RESUME_S"

@@ -62,3 +62,24 @@ def test_cli_reports_config_errors(capsys):
 
     assert main(["stream", "streamer.views=1"]) == 2
     assert "streamer.views must be >= 2" in capsys.readouterr().err
+
+
+def test_the_optional_refine_section_from_yaml_and_overrides(tmp_path):
+    from learner.config import RefineConfig
+
+    assert config.load([]).learner.loss.refine is None  # off by default
+    on = tmp_path / "refine.yaml"
+    on.write_text("learner:\n  loss:\n    refine: {weight: 1, depth: teacher}\n")
+    cfg = config.load([on])
+    assert cfg.learner.loss.refine == RefineConfig(weight=1.0, depth="teacher")
+    # An override into the absent section creates it with its defaults, then sets the key.
+    cfg = config.load([], ["learner.loss.refine.steps=5"])
+    assert cfg.learner.loss.refine == RefineConfig(steps=5)
+    again = config.with_overrides(config.load([]), ["learner.loss.refine.weight=2"])
+    assert again.learner.loss.refine == RefineConfig(weight=2.0)
+    assert config.with_overrides(again, ["learner.loss.refine=null"]).learner.loss.refine is None
+    assert config.build(config.PipelineConfig, config.to_dict(again)) == again
+    with pytest.raises(ConfigError, match="learner.loss.refine.solverr: unknown key"):
+        config.load([], ["learner.loss.refine.solverr=lm"])
+    with pytest.raises(ConfigError, match="learner.loss.refine.shifts needs solver"):
+        config.load([], ["learner.loss.refine.shifts=true", "learner.loss.refine.solver=lm"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.config import LossConfig
+from learner.config import LossConfig, RefineConfig
 from learner.losses import (
     epipolar_loss,
     median_mad_normalize,
@@ -820,8 +820,7 @@ def test_weak_loss_with_refinement_is_zero_for_exact_geometry_and_pulls_a_wrong_
     teacher = 2 * world["depth"] + 1
     batch = {"intrinsics": world["intrinsics"], "matches": torch.cat((m, torch.ones(len(m), 1, dtype=F64)), 1),
              "teacher_depth": teacher, "teacher_valid": torch.ones_like(teacher, dtype=torch.bool)}
-    cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=steps, refine_compile=False,
-                     refine_solver=solver)
+    cfg = LossConfig(point_weight=1.0, refine=RefineConfig(weight=1.0, steps=steps, compile=False, solver=solver))
     exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
     _, terms = compute_loss(exact, batch, cfg)
     # Adam's: not exactly 0, its first steps are full-size whatever the gradient (float noise here).
@@ -833,10 +832,10 @@ def test_weak_loss_with_refinement_is_zero_for_exact_geometry_and_pulls_a_wrong_
     assert terms["refine"] > 3e-2
     loss.backward()
     assert torch.isfinite(poses.grad).all()
-    with pytest.raises(ValueError, match="refine"):
-        LossConfig(refine_weight=-1.0)
-    with pytest.raises(ValueError, match="refine_solver"):
-        LossConfig(refine_solver="sgd")
+    with pytest.raises(ValueError, match="weight"):
+        RefineConfig(weight=-1.0)
+    with pytest.raises(ValueError, match="solver"):
+        RefineConfig(solver="sgd")
 
 
 @pytest.mark.parametrize("solver,steps", [("adam", 40), ("lm", 5)])
@@ -854,20 +853,20 @@ def test_refinement_on_the_teacher_shape_ignores_the_predictions_shape_errors(so
     pred = SimpleNamespace(depth=noisy, confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
     refine = {}
     for source in ("pred", "teacher"):
-        cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=steps, refine_compile=False,
-                         refine_solver=solver, refine_depth=source, refine_scales=False)
+        cfg = LossConfig(point_weight=1.0, refine=RefineConfig(weight=1.0, steps=steps, compile=False, solver=solver,
+                                                               depth=source, scales=False))
         refine[source] = compute_loss(pred, batch, cfg)[1]["refine"]
     assert refine["pred"] > 1e-2
     assert refine["teacher"] < refine["pred"] / 5
-    with pytest.raises(ValueError, match="refine_depth"):
-        LossConfig(refine_depth="gt")
-    cfg = LossConfig(point_weight=1.0, refine_weight=1.0, refine_steps=steps if solver == "adam" else 40,
-                     refine_compile=False, refine_depth="teacher", refine_shifts=True)
+    with pytest.raises(ValueError, match="depth"):
+        RefineConfig(depth="gt")
+    cfg = LossConfig(point_weight=1.0, refine=RefineConfig(weight=1.0, steps=steps if solver == "adam" else 40,
+                                                           compile=False, depth="teacher", shifts=True))
     exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher),
                             cam_to_world=world["cam_to_world"])
     assert compute_loss(exact, batch, cfg)[1]["refine"] < 3e-3  # the teacher is the truth up to view affines
-    with pytest.raises(ValueError, match="refine_shifts"):
-        LossConfig(refine_shifts=True, refine_solver="lm")
+    with pytest.raises(ValueError, match="shifts"):
+        RefineConfig(shifts=True, solver="lm")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,3 +231,26 @@ def test_snapshots_that_used_a_removed_option_are_refused_naming_it(tmp_path, se
     with pytest.raises(SnapshotError, match=key):
         _trainer().load_state(path)
     assert snapshot.upgrade_config({"loss": {"kind": "weak"}}) == {"loss": {"kind": "weak"}}
+
+
+def test_flat_refine_keys_of_old_snapshots_become_the_refine_section(tmp_path):
+    from reliev3r.config_base import build
+    from learner.config import LearnerConfig, RefineConfig
+
+    old = {"refine_weight": 0.0, "refine_depth": "pred", "refine_solver": "adam", "refine_steps": 50,
+           "refine_scales": True, "refine_shifts": False, "refine_lr": 0.02, "refine_min_matches": 16,
+           "refine_compile": True}
+    assert snapshot.upgrade_config({"loss": {"kind": "weak", **old}}) == {"loss": {"kind": "weak", "refine": None}}
+    on = snapshot.upgrade_config({"loss": {**old, "refine_weight": 1.0, "refine_depth": "teacher",
+                                           "refine_shifts": True}})
+    assert build(RefineConfig, on["loss"]["refine"]) == RefineConfig(weight=1.0, depth="teacher", shifts=True)
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    path = trainer.save_state(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["config"]["loss"]["refine"]
+    meta["config"]["loss"].update({**old, "refine_weight": 1.0, "refine_steps": 5})
+    (path / "meta.json").write_text(json.dumps(meta))
+    _, meta = load_model(path)
+    cfg = build(LearnerConfig, meta["config"])
+    assert cfg.loss.refine == RefineConfig(weight=1.0, steps=5)

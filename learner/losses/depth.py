@@ -143,7 +143,7 @@ def teacher_aligned_depth(
     teacher's and only the per-view scale and shift, and the poses, are left to the matches.
     Measured (docs/RESULTS.md, sweep 6): it helped pose fitting on CPU training windows but not
     on held-out windows (translation 79° against 73° with the learner's own depth), so the
-    match terms no longer use it; the self-refinement does, with ``refine_depth: teacher``.
+    match terms no longer use it; the self-refinement does, with ``loss.refine.depth: teacher``.
 
     Pixels that are not valid, and views with fewer than ``min_valid`` valid pixels, a
     non-positive slope ``a`` (shape anti-correlated, e.g. at initialisation) or a non-positive
