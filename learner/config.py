@@ -124,7 +124,9 @@ class LossConfig:
     alpha: float = 1.0
     """Weight of the -log W confidence regulariser in the depth loss."""
     robust: Literal["none", "cauchy", "geman_mcclure", "pseudo_huber"] = "cauchy"
-    """Robust function of the angle terms (``learner.losses.robust_angle_cost``)."""
+    """Robust function of the angle terms (``learner.losses.robust_angle_cost``). ``cauchy``
+    is the paper's; ``pseudo_huber`` (with ``reproj_weight`` 2) changed nothing in sweep 1
+    (docs/RESULTS.md); ``none`` and ``geman_mcclure``: no measured gain: study options."""
     scale_deg: float = 10.0
     """Angle scale of the robust function, degrees."""
     point_weight: float = 1.0
