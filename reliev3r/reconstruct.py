@@ -24,6 +24,15 @@ Writes into ``--out``:
   resolution) and ``colmap/sparse/0/`` (a COLMAP sparse model, :mod:`reliev3r.colmap`: the
   chained poses, the model's intrinsics, and the point cloud, each point observed by the pixel
   it was unprojected from).
+
+Long inputs: frames are decoded, reconstructed and chained one window at a time and every
+output above is written as its frames are chained (the PLY's vertex count is patched in at the
+end; the colour depth PNGs come from a float depth spool once the colour range is known), so
+peak memory is flat in the input's length (``benchmarks/reconstruct_memory.py``; what is held
+is listed in :mod:`reliev3r.reconstruct_stream`). Beyond ``max_points`` points the PLY (and the
+COLMAP model) keep a uniform subsample of exactly ``max_points``; ``--colmap`` holds those kept
+points in memory while ``points3D`` is written. A progress bar counts frames (rate, and ETA
+when the container gives the frame count).
 """
 
 from __future__ import annotations
@@ -383,7 +392,8 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
     from collections import deque
 
     from evaluation.tum import matrix_to_quaternion
-    from reliev3r.reconstruct_stream import PlyStream, RowSpool, StreamingChain, ValueSample, subsample_ply
+    from reliev3r.reconstruct_stream import (FrameLog, PlyStream, RowSpool, StreamingChain, ValueSample,
+                                             subsample_ply)
 
     out.mkdir(parents=True, exist_ok=True)
     stream = frames if isinstance(frames, FrameStream) else FrameStream.of(frames)
@@ -398,9 +408,7 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
     pixel_spool = RowSpool(out, np.int64, (3,)) if opts.colmap else None  # (frame, x, y) of each point
     depth_values = ValueSample()
     chain = StreamingChain()
-    timestamps: list[float] = []
-    poses: list[np.ndarray] = []
-    window_K: list[np.ndarray] = []
+    timestamps, poses, window_K = FrameLog(), FrameLog((4, 4)), FrameLog((3, 3))  # per frame, no objects
     size = None
 
     def write_frame(k: int, pose: np.ndarray, depth: np.ndarray, c: np.ndarray, image: np.ndarray,
@@ -469,13 +477,13 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
     if count > opts.max_points:  # a uniform subsample, streamed (reconstruct_stream.sampled_rows)
         kept = subsample_ply(out / "points.ply", ply.header_len, count, opts.max_points)
 
-    poses_arr = np.stack(poses)
+    poses_arr = poses.array()
     summary = {"frames": n, "windows": chain.windows, "views": views, "overlap": overlap,
                "points": int(kept), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
     centres = poses_arr[:, :3, 3]
     gt = gt_poses if gt_poses is not None else stream.gt_cam_to_world
     if gt_tum is not None:
-        gt = match_gt(timestamps, *gt_tum)
+        gt = match_gt(timestamps.array(), *gt_tum)
     gt_centres, unit = None, "model units"
     title = f"{n} frames, {chain.windows} windows of {views} (overlap {summary['overlap']})"
     known = np.array([g is not None for g in gt]) if gt is not None else np.zeros(n, bool)
@@ -501,7 +509,7 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
         pixel_spool.close()
         pts = np.stack([vertex["x"], vertex["y"], vertex["z"]], -1)
         cols = np.stack([vertex["red"], vertex["green"], vertex["blue"]], -1)
-        model = SparseModel(intrinsics=np.stack(window_K), cam_to_world=poses_arr, sizes=[size[1], size[0]],
+        model = SparseModel(intrinsics=window_K.array(), cam_to_world=poses_arr, sizes=[size[1], size[0]],
                             names=[f"{k:06d}.png" for k in range(n)], points=pts, colors=cols,
                             errors=np.zeros(len(pts)), obs_point=np.arange(len(pts)), obs_image=pix[:, 0],
                             obs_xy=pix[:, 1:])

@@ -10,7 +10,8 @@ What stays in memory while a video is reconstructed, whatever its length:
 * at most :data:`DEPTH_SAMPLE_CAP` depth values (the colour range's percentiles; exact while
   the whole video's valid depths fit, a uniform reservoir sample beyond);
 * per frame, its pose, intrinsics and timestamp, for the trajectory plot, the ATE and the
-  COLMAP images (about 1 KB a frame with the plot's arrays: 10 MB at 10,000 frames);
+  COLMAP images, in growing float64 arrays (:class:`FrameLog`, 208 bytes a frame), and the
+  trajectory plot's arrays at the end;
 * with ``--colmap``, the kept points (at most ``max_points``) while ``points3D`` is written.
 
 Everything else (points, depth, pixel observations) goes to disk as each window is chained.
@@ -25,8 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
-DEPTH_SAMPLE_CAP = 1 << 22
-"""Depth values kept for the colour range's 2nd/98th percentiles (16 MiB of float32)."""
+DEPTH_SAMPLE_CAP = 1 << 20
+"""Depth values kept for the colour range's 2nd/98th percentiles (4 MiB of float32)."""
 CHUNK_ROWS = 1 << 18
 """Rows read at a time when a row file is subsampled."""
 
@@ -165,6 +166,31 @@ class RowSpool:
     def close(self) -> None:
         self._file.close()
         self.path.unlink(missing_ok=True)
+
+
+class FrameLog:
+    """Per-frame values of one shape appended to a float64 array that doubles when full: no
+    Python object per frame (a frame's pose is 128 bytes, not a numpy view of its window)."""
+
+    def __init__(self, shape: tuple[int, ...] = (), capacity: int = 1024) -> None:
+        self._a, self._n = np.empty((capacity, *shape)), 0
+
+    def append(self, value) -> None:
+        if self._n == len(self._a):
+            self._a = np.concatenate([self._a, np.empty_like(self._a)])
+        self._a[self._n] = value
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not -self._n <= k < self._n:
+            raise IndexError(k)
+        return self._a[k % self._n]
+
+    def array(self) -> np.ndarray:
+        return self._a[:self._n]
 
 
 class ValueSample:
