@@ -29,7 +29,8 @@ from streamer.config import SyntheticConfig
 from tests.test_report import assert_curves, chromium, screenshot
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# Every wait below ends once what it waits for happened; the timeouts bound hangs only.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SMALL = ["streamer.synthetic.scenes=1", "streamer.synthetic.frames=40", "streamer.synthetic.height=96",
          "streamer.synthetic.width=128", "streamer.height=48", "streamer.width=64", "streamer.views=3",
@@ -164,7 +165,7 @@ def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_pat
             sock.connect(f"tcp://127.0.0.1:{port}")
             sock.send_multipart([b"R3W\x01", b"\xc1 not msgpack"])
             sock.send_multipart([b"hello"])
-            sock.close(linger=1000)
+            sock.close(linger=60_000)  # term() returns once they are sent (the linger bounds a hang)
         ctx.term()
         for stage in ("streamer", "replay", "supervisor"):  # counted once each process has read them
             wait_for(lambda: _counted(procs[stage]["metrics"], "reliev3r_messages_rejected_total") > 0, 60,
@@ -194,7 +195,7 @@ def test_sigterm_stops_everything_cleanly(tmp_path, worlds, wait_for):
     finally:
         out = _finish(proc, timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    wait_for(lambda: not any(_alive(p) for p in pids), 10, "every child to exit")
+    wait_for(lambda: not any(_alive(p) for p in pids), 60, "every child to exit")
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
     # The learner snapshots on SIGTERM: the newest snapshot is valid and newer than step 5.
     from learner.snapshot import latest_snapshot
@@ -311,9 +312,13 @@ def test_two_runs_on_one_host_with_the_default_ports(tmp_path, worlds, wait_for)
         out_b = _finish(second)
         assert second.returncode == 0, out_b[-4000:]
         assert "learner finished" in out_b and "evaluator finished" in out_b
-        status = subprocess.run([sys.executable, "-m", "reliev3r.cli", "status", "--run-dir", str(tmp_path / "a"),
-                                 "--interval", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert status.returncode == 0, status.stdout + status.stderr  # every endpoint of the first run answers
+        def status_of_a() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "reliev3r.cli", "status", "--run-dir", str(tmp_path / "a"),
+                                   "--interval", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+        # every endpoint of the first run answers (asked again while a busy stage's scrape times out)
+        status = wait_for(lambda: (s := status_of_a()).returncode == 0 and s, 300,
+                          "every endpoint of the first run to answer `reliev3r status`", procs=[first])
         ports = {run: _processes(tmp_path / run)["supervisor"]["ports"] for run in ("a", "b")}
         assert f"work tcp://127.0.0.1:{ports['a']['network.work_port']}" in status.stdout, status.stdout
     finally:
