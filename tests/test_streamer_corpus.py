@@ -23,7 +23,7 @@ from reliev3r import protocol
 from reliev3r.protocol import Message
 from streamer.sources import source_name
 from streamer_media import damage_mdat, encode, panning_frames, rotate_mp4
-from test_streamer_pipeline import Stage, make_cfg
+from test_streamer_pipeline import Stage, make_cfg, wait_for
 
 FRAMES = 12
 GATES_OFF = {"views": 2, "height": 16, "width": 16, "frame_stride": 2, "window_step": 4, "keyframe_min_flow": 0,
@@ -194,7 +194,7 @@ def test_adversarial_corpus_one_pass(tmp_path, ctx, caplog):
     labeler.connect(cfg.network.connect(cfg.network.work_port))
     windows: dict[str, list[str]] = {}
     try:
-        deadline = time.monotonic() + 120  # bounds a hang only
+        deadline = time.monotonic() + 300  # bounds a hang only
         while streamer.thread.is_alive() and time.monotonic() < deadline:
             labeler.send_multipart(protocol.encode(Message("ready", {"credits": 16})))
             while labeler.poll(50):
@@ -245,7 +245,7 @@ def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(tmp_path, ct
     labeler.connect(cfg.network.connect(cfg.network.work_port))
     sources = []
     try:
-        deadline = time.monotonic() + 60  # bounds a hang only
+        deadline = time.monotonic() + 120  # bounds a hang only
         while len(sources) < 3 and time.monotonic() < deadline:
             labeler.send_multipart(protocol.encode(Message("ready", {"credits": 4})))
             if labeler.poll(100):
@@ -258,8 +258,9 @@ def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(tmp_path, ct
                                {"source": source_name(tmp_path / "loop.mp4"), "reason": "symlink_loop"}) >= 1
         assert streamer.metric("reliev3r_decode_errors_total",
                                {"source": "streamer", "reason": "producer_failed"}) == 0
-        assert streamer.metric("reliev3r_decode_errors_total",
-                               {"source": live_name(url), "reason": "connect_failed"}) >= 1
+        # the feed's own thread: its first failed connect may come after the clip's windows
+        assert wait_for(lambda: streamer.metric("reliev3r_decode_errors_total",
+                                                {"source": live_name(url), "reason": "connect_failed"}) >= 1)
         assert streamer.thread.is_alive()
     finally:
         labeler.close(linger=0)
