@@ -286,8 +286,10 @@ def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path):
 
     threading.Thread(target=serve, daemon=True).start()
     errors, frames, stop = [], [], threading.Event()
+    # open/read/stall timeouts bound a hang only: the feed is all there, then the server closes (EOF)
     src = LiveSource(f"tcp://127.0.0.1:{port}", on_error=lambda s, r, d: errors.append(r), stop=stop,
-                     read_timeout_s=2.0, queue_frames=64, backoff_initial_s=0.5, backoff_max_s=0.5)
+                     open_timeout_s=HANG_S, read_timeout_s=HANG_S, stall_timeout_s=HANG_S, queue_frames=64,
+                     backoff_initial_s=0.5, backoff_max_s=0.5)
 
     def consume():
         for frame in src.frames():
@@ -296,7 +298,7 @@ def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path):
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
     try:
-        assert wait_for(lambda: "feed_ended" in errors and not src._queue, 30), errors
+        assert wait_for(lambda: "feed_ended" in errors and not src._queue, HANG_S), errors
     finally:
         stop.set()
         consumer.join(60)  # bounds a hang only: it returns within a 0.1 s wait once stop is set
