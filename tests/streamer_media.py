@@ -29,9 +29,11 @@ def panning_frames(n: int, width: int = 160, height: int = 120, step: int = 3, s
 
 
 def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, gop: int | None = None) -> Path:
-    """``gop``: keyframe interval (a live receiver joining mid-stream waits for a keyframe)."""
+    """``gop``: keyframe interval (a live receiver joining mid-stream waits for a keyframe).
+    Two encoder threads on any machine: libx264 picks its thread count from the cores, and its
+    output (which packets a lossy copy drops, what a decoder conceals) depends on it."""
     container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=fps, options={"g": str(gop)} if gop else None)
+    stream = container.add_stream(codec, rate=fps, options={"threads": "2", **({"g": str(gop)} if gop else {})})
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
     for rgb in frames:
