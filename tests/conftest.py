@@ -87,8 +87,8 @@ def wait_for() -> Callable[..., Any]:
     fails at once when one of ``procs`` has exited (with the tail of its output, if piped)."""
 
     def wait(predicate: Callable[[], Any], timeout: float, what: str, procs=(), interval: float = 0.2) -> Any:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        deadline = time.monotonic() + timeout  # not time.time(): a clock step must not cut a wait short
+        while time.monotonic() < deadline:
             for p in procs:
                 if p.poll() is not None:
                     out = p.stdout.read()[-3000:] if p.stdout is not None else ""
