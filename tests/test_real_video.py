@@ -22,7 +22,7 @@ from learner.config import LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 KITCHEN = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),  # bounds a hang only (above the run's 900 s)
               pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"7-Scenes frames not found at {KITCHEN}")]
 
 
