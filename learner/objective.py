@@ -102,18 +102,20 @@ def weighted_loss(
             loss = loss + cfg.refine.weight * refined
             terms["refine"] = refined.detach()
         triangulation = batch.get("match_triangulation")
+        if triangulation is not None:
+            triangulation = triangulation.to(depth.device)
         if triangulation is not None and cfg.triangulation_weight > 0:
-            tri = triangulated_depth_loss(depth, matches[:, :7], triangulation.to(depth.device))
+            tri = triangulated_depth_loss(depth, matches[:, :7], triangulation)
             loss = loss + cfg.triangulation_weight * tri
             terms["triangulation"] = tri.detach()
         if triangulation is not None and cfg.triangulation_pose_weight > 0:
-            tri_pose = triangulated_pose_loss(cam_to_world, intrinsics, matches[:, :7], triangulation.to(depth.device),
+            tri_pose = triangulated_pose_loss(cam_to_world, intrinsics, matches[:, :7], triangulation,
                                               robust=cfg.robust, scale_deg=cfg.scale_deg)
             loss = loss + cfg.triangulation_pose_weight * tri_pose
             terms["triangulation_pose"] = tri_pose.detach()
         if triangulation is not None and teacher is not None and cfg.contrast_weight > 0:
-            contrast = depth_contrast_loss(depth, teacher, valid, matches[:, :7], triangulation.to(depth.device),
-                                           intrinsics, teacher_space=teacher_space)
+            contrast = depth_contrast_loss(depth, teacher, valid, matches[:, :7], triangulation, intrinsics,
+                                           teacher_space=teacher_space)
             loss = loss + cfg.contrast_weight * contrast
             terms["contrast"] = contrast.detach()
         if teacher is not None:
