@@ -170,19 +170,22 @@ def registered_teacher_shift(
         groups = torch.arange(b_ * v_ * v_, device=device)
         cost = torch.zeros(b_ * v_, len(SHIFT_GRID), device=device)
         evidence = torch.zeros(b_ * v_, device=device)
-        for t, z, ok, view, group_view in ((t_i, z_i, ok_i, b * v_ + i, groups // (v_ * v_) * v_ + groups // v_ % v_),
-                                           (t_j, z_j, ok_j, b * v_ + j, groups // (v_ * v_) * v_ + groups % v_)):
+        group_b = groups // (v_ * v_) * v_  # pair ids run over (b, i, j): each side's view is b * V + i or j
+        for t, z, ok, view, group_view in ((t_i, z_i, ok_i, b * v_ + i, group_b + groups // v_ % v_),
+                                           (t_j, z_j, ok_j, b * v_ + j, group_b + groups % v_)):
             w = torch.where(ok & (t > 0), weight, torch.zeros_like(weight))
             log_y = (1.0 / z if teacher_space == "disparity" else z).log()
             shifted = t[:, None] + grid[None] * median[view][:, None]  # [K, Q]
             inside = shifted > 0
             log_t = torch.where(inside, shifted.clamp(min=1e-12).log(), torch.zeros_like(shifted))
 
-            def pair_mean(x: Tensor) -> Tensor:  # weighted mean over each pair's matches
-                total = torch.zeros((len(groups), *x.shape[1:]), device=device).index_add(0, pair, w.view(-1, *[1] * (x.dim() - 1)) * x)
-                return total / sum_w.view(-1, *[1] * (x.dim() - 1)).clamp(min=1e-12)
-
             sum_w = torch.zeros(len(groups), device=device).index_add(0, pair, w)
+
+            def pair_mean(x: Tensor) -> Tensor:  # w-weighted mean over each pair's matches, [K, ...] -> [G, ...]
+                shape = (-1, *[1] * (x.dim() - 1))
+                total = torch.zeros((len(groups), *x.shape[1:]), device=device).index_add(0, pair, w.view(shape) * x)
+                return total / sum_w.view(shape).clamp(min=1e-12)
+
             theta = torch.deg2rad(4.0 * w.clamp(max=1).sqrt()).clamp(min=1e-6)
             var_y = pair_mean(log_y ** 2) - pair_mean(log_y) ** 2
             var_y = torch.maximum(var_y - pair_mean((1.0 / (focal[view] * theta)) ** 2), 0.25 * var_y)
@@ -259,9 +262,10 @@ def depth_contrast_loss(
     target_med = weighted_median(torch.where(mask, shifted, torch.zeros_like(shifted)), mask.to(pred.dtype))[..., 0]
     keep = (mask.sum(-1) >= min_valid) & (evidence.flatten() > 0) & (target_med > 0)
     mask = mask & keep[:, None]
-    safe = torch.where(keep[:, None], shifted, torch.ones_like(shifted))
-    target = _contrast(safe, mask | ~keep[:, None])
-    residual = _contrast(torch.where(mask | ~keep[:, None], pred, torch.ones_like(pred)), mask | ~keep[:, None]) - target
+    # views without a registration are scored over all their pixels (finite, weight 0 below)
+    pixels = mask | ~keep[:, None]
+    target = _contrast(torch.where(keep[:, None], shifted, torch.ones_like(shifted)), pixels)
+    residual = _contrast(torch.where(pixels, pred, torch.ones_like(pred)), pixels) - target
     cost = torch.log1p((residual / scale) ** 2)
     weight = torch.where(keep, (evidence.flatten() / full_evidence).clamp(max=1), torch.zeros_like(cost))
     return (weight * cost).sum() / weight.sum().clamp(min=torch.finfo(cost.dtype).tiny) + zero
