@@ -255,10 +255,6 @@ def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_m
     return matches, per_pair
 
 
-TRIANGULATION_COLUMNS = ("z_i", "z_j", "weight")
-"""Columns of :func:`triangulate_matches`' rows."""
-
-
 def triangulate_matches(matches: np.ndarray, intrinsics: np.ndarray, *, min_parallax_deg: float = 1.0,
                         full_parallax_deg: float = 4.0, min_points: int = 12,
                         threshold_px: float = 1.0) -> np.ndarray:
