@@ -24,6 +24,7 @@ from evaluation.datasets import load_windows
 from evaluation.evaluate import evaluate_model, trivial_baseline
 from evaluation.pictures import picture_snapshot
 from learner import snapshot as snapshots
+from monitoring.metrics import Metrics
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
 
@@ -60,62 +61,91 @@ class StopAware:
             yield window
 
 
-def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    ecfg: EvaluatorConfig = cfg.evaluator
-    snap_dir = cfg.run_dir / "snapshots"
-    out_dir = cfg.run_dir / "evaluations"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = {p.stem for p in out_dir.glob("step-*.json")}
-    # A restarted run whose final snapshot was scored before: nothing new will come (checked
-    # before loading the evaluation data; latest_snapshot has verified it, so its meta is read).
-    latest = snapshots.latest_snapshot(snap_dir)
-    if latest is not None and latest.name in done and json.loads((latest / "meta.json").read_text()).get("final"):
-        runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
-        return 0
-    m = runtime.metrics
-    gauge = m.gauge("eval_metric", "Evaluation metric of the newest scored snapshot", ["metric", "model"])
-    step_gauge = m.gauge("eval_snapshot_step", "Learner step of the newest scored snapshot")
-    duration = m.gauge("eval_duration_seconds", "Wall time of the newest evaluation")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.learner.threads:
-        torch.set_num_threads(cfg.learner.threads)
-    st = cfg.streamer
-    runtime.log.info("loading evaluation data", extra={"data": ecfg.data})
-    windows = load_windows(ecfg.data, views=st.views, height=st.height, width=st.width, windows=ecfg.windows,
-                           stride=ecfg.stride, run_dir=cfg.run_dir, synthetic_cfg=st.synthetic)
-    baseline = trivial_baseline(windows)
-    for key in REPORTED:
-        if key in baseline:
-            gauge.labels(key, "constant_identity").set(baseline[key])
-    while not runtime.stopping:
-        snap = snapshots.latest_snapshot(snap_dir)
-        if snap is None or snap.name in done:
-            runtime.wait(ecfg.poll_s)
-            continue
+class EvaluatorMetrics:
+    """The evaluator's Prometheus series."""
+
+    def __init__(self, m: Metrics):
+        self.metric = m.gauge("eval_metric", "Evaluation metric of the newest scored snapshot", ["metric", "model"])
+        self.step = m.gauge("eval_snapshot_step", "Learner step of the newest scored snapshot")
+        self.duration = m.gauge("eval_duration_seconds", "Wall time of the newest evaluation")
+
+    def report(self, result: dict, model: str) -> None:
+        for key in REPORTED:
+            if key in result:
+                self.metric.labels(key, model).set(result[key])
+
+
+class EvaluatorService:
+    """Loads the evaluation windows and scores the baseline; ``step()`` scores the newest
+    snapshot not scored yet, or waits ``evaluator.poll_s`` when there is none."""
+
+    def __init__(self, cfg: PipelineConfig, runtime: Runtime, metrics: EvaluatorMetrics):
+        self.cfg: EvaluatorConfig = cfg.evaluator
+        self.runtime, self.metrics = runtime, metrics
+        self.snap_dir = cfg.run_dir / "snapshots"
+        self.out_dir = cfg.run_dir / "evaluations"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.done = scored(self.out_dir)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg.learner.threads:
+            torch.set_num_threads(cfg.learner.threads)
+        st = cfg.streamer
+        runtime.log.info("loading evaluation data", extra={"data": self.cfg.data})
+        self.windows = load_windows(self.cfg.data, views=st.views, height=st.height, width=st.width,
+                                    windows=self.cfg.windows, stride=self.cfg.stride, run_dir=cfg.run_dir,
+                                    synthetic_cfg=st.synthetic)
+        self.baseline = trivial_baseline(self.windows)
+        metrics.report(self.baseline, "constant_identity")
+
+    def step(self) -> int | None:
+        """Score one new snapshot; an exit status once a final one is scored or a stop
+        abandoned the scoring, else None."""
+        runtime, windows = self.runtime, self.windows
+        snap = snapshots.latest_snapshot(self.snap_dir)
+        if snap is None or snap.name in self.done:
+            runtime.wait(self.cfg.poll_s)
+            return None
         started = time.time()
-        model, meta = snapshots.load_model(snap, device)
+        model, meta = snapshots.load_model(snap, self.device)
         try:
-            result = evaluate_model(model, StopAware(windows, runtime), device)
+            result = evaluate_model(model, StopAware(windows, runtime), self.device)
         except Stopped as stop:
             runtime.log.info("evaluation abandoned on stop", extra={"snapshot": snap.name, "windows": len(windows),
                                                                    "scored": stop.args[0]})
             return 0
         elapsed = time.time() - started
-        record = {"snapshot": str(snap), "step": meta["step"], "data": ecfg.data, "windows": len(windows),
-                  "model": result, "baseline_constant_identity": baseline, "seconds": elapsed}
+        record = {"snapshot": str(snap), "step": meta["step"], "data": self.cfg.data, "windows": len(windows),
+                  "model": result, "baseline_constant_identity": self.baseline, "seconds": elapsed}
         try:  # pictures before the JSON: a reader that sees the JSON sees them; never fatal
-            record["pictures"] = picture_snapshot(model, windows, device, out_dir, snap.name)
+            record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
         except Exception:
             runtime.log.exception("pictures failed", extra={"snapshot": snap.name})
-        write_json(out_dir / f"{snap.name}.json", record)
-        done.add(snap.name)
-        for key in REPORTED:
-            if key in result:
-                gauge.labels(key, "model").set(result[key])
-        step_gauge.set(meta["step"])
-        duration.set(elapsed)
+        write_json(self.out_dir / f"{snap.name}.json", record)
+        self.done.add(snap.name)
+        self.metrics.report(result, "model")
+        self.metrics.step.set(meta["step"])
+        self.metrics.duration.set(elapsed)
         runtime.status.update(step=meta["step"], absrel=result["absrel_med"], ate=result["ate"])
         runtime.log.info("evaluated snapshot", extra={"step": meta["step"], **{k: round(result[k], 4) for k in REPORTED if k in result}})
-        if meta.get("final"):
-            return 0
+        return 0 if meta.get("final") else None
+
+
+def scored(out_dir: Path) -> set[str]:
+    """Names of the snapshots with a result in ``out_dir``."""
+    return {p.stem for p in out_dir.glob("step-*.json")}
+
+
+def run(cfg: PipelineConfig, runtime: Runtime) -> int:
+    # A restarted run whose final snapshot was scored before: nothing new will come (checked
+    # before loading the evaluation data; latest_snapshot has verified it, so its meta is read).
+    latest = snapshots.latest_snapshot(cfg.run_dir / "snapshots")
+    out_dir = cfg.run_dir / "evaluations"
+    if (latest is not None and latest.name in scored(out_dir)
+            and json.loads((latest / "meta.json").read_text()).get("final")):
+        runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
+        return 0
+    service = EvaluatorService(cfg, runtime, EvaluatorMetrics(runtime.metrics))
+    while not runtime.stopping:
+        if (rc := service.step()) is not None:
+            return rc
     return 0
