@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
@@ -48,36 +49,70 @@ class _Waiting:
     deadline: float
 
 
-class ReplayServer:
-    """Socket handling and waiting requests around a buffer; ``step()`` is one loop turn."""
+class ReplayMetrics:
+    """The replay's Prometheus series (the buffer's counters are copied in by
+    :meth:`ReplayService.publish`)."""
 
-    def __init__(self, buffer: ReplayBuffer, sock: zmq.Socket, runtime: Runtime):
-        self.buffer, self.sock, self.runtime = buffer, sock, runtime
+    def __init__(self, m: Metrics):
+        self.windows = m.gauge("replay_windows", "Windows stored")
+        self.bytes = m.gauge("replay_bytes", "Payload bytes stored")
+        self.ratio = m.gauge("replay_samples_per_insert", "Actual sampled windows per inserted window")
+        self.waiting = m.gauge("replay_waiting_requests", "Requests held back", ["kind"])
+        self.inserts = m.counter("replay_inserts_total", "Windows stored")
+        self.samples = m.counter("replay_samples_total", "Windows sampled (batch_size per batch)")
+        self.batches = m.counter("replay_batches_total", "Batches served")
+        self.evictions = m.counter("replay_evictions_total", "Windows evicted to make room")
+        self.duplicates = m.counter("replay_duplicates_total", "Inserts answered duplicate", ["reason"])
+        self.rejected = m.counter("replay_rejected_total", "Inserts rejected, by reason", ["reason"])
+        self.corrupt = m.counter("replay_corrupt_total", "Stored windows that failed their checksum")
+        self.not_ready = m.counter("replay_not_ready_total", "Requests answered not_ready/rate_limited", ["kind"])
+        self.insert_s = m.histogram("replay_insert_seconds", "Time to store a window (its group commit)",
+                                    buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
+        self.sample_s = m.histogram("replay_sample_seconds", "Time to read and stack one batch",
+                                    buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
+
+
+class ReplayService:
+    """The ROUTER socket and the buffer behind it, and the requests waiting on the buffer;
+    ``step()`` is one loop turn."""
+
+    def __init__(self, cfg: PipelineConfig, runtime: Runtime, metrics: ReplayMetrics):
+        sock = runtime.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_BYTES + (1 << 20))
+        try:
+            # CURVE (when network.curve is enabled) must be set before bind: libzmq copies the
+            # socket's options into the listener at bind time, as it does MAXMSGSIZE above.
+            security.secure_server(sock, cfg.network.curve, runtime.metrics)
+            # Bind before opening the store: a second instance fails here, before it could
+            # touch the store the first one is serving.
+            sock.bind(cfg.network.bind(cfg.network.replay_port))
+            buffer = ReplayBuffer.open(cfg.replay, cfg.run_dir, seed=cfg.run.seed)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self.buffer, self.sock, self.runtime, self.metrics = buffer, sock, runtime, metrics
         self.cfg = buffer.cfg
         self.inserts: deque[_Waiting] = deque()
         self.samples: deque[_Waiting] = deque()
         self.group: list[tuple[bytes, protocol.Message]] = []
         """Inserts of this loop turn, stored together by :meth:`commit_group`."""
-        m = runtime.metrics
-        self.m_windows = m.gauge("replay_windows", "Windows stored")
-        self.m_bytes = m.gauge("replay_bytes", "Payload bytes stored")
-        self.m_ratio = m.gauge("replay_samples_per_insert", "Actual sampled windows per inserted window")
-        self.m_waiting = m.gauge("replay_waiting_requests", "Requests held back", ["kind"])
-        self.m_inserts = m.counter("replay_inserts_total", "Windows stored")
-        self.m_samples = m.counter("replay_samples_total", "Windows sampled (batch_size per batch)")
-        self.m_batches = m.counter("replay_batches_total", "Batches served")
-        self.m_evictions = m.counter("replay_evictions_total", "Windows evicted to make room")
-        self.m_duplicates = m.counter("replay_duplicates_total", "Inserts answered duplicate", ["reason"])
-        self.m_rejected = m.counter("replay_rejected_total", "Inserts rejected, by reason", ["reason"])
-        self.m_corrupt = m.counter("replay_corrupt_total", "Stored windows that failed their checksum")
-        self.m_not_ready = m.counter("replay_not_ready_total", "Requests answered not_ready/rate_limited",
-                                     ["kind"])
-        self.m_insert_s = m.histogram("replay_insert_seconds", "Time to store a window (its group commit)",
-                                      buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
-        self.m_sample_s = m.histogram("replay_sample_seconds", "Time to read and stack one batch",
-                                      buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
-        self._seen = dict(buffer.counts)
-        self._publish()
+        try:
+            if buffer.storage.records:
+                runtime.log.info("replay store restored", extra={"windows": len(buffer.storage),
+                                                                 "bytes": buffer.storage.nbytes})
+            self._seen = dict(buffer.counts)
+            self.publish()
+            runtime.log.info("replay serving", extra={"endpoint": cfg.network.bind(cfg.network.replay_port),
+                                                      "durable": cfg.replay.durable, "sampler": cfg.replay.sampler})
+        except BaseException:
+            self.close()
+            raise
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.buffer.close()
 
     # ------------------------------------------------------------------ replies
     def _send(self, identity: bytes, reply: protocol.Message, request: protocol.Message | None) -> None:
@@ -136,12 +171,12 @@ class ReplayServer:
         elapsed = time.perf_counter() - start
         for (identity, msg), result in zip(group, results):
             if result.status == "stored":
-                self.m_insert_s.observe(elapsed)
+                self.metrics.insert_s.observe(elapsed)
             self._answer(identity, msg, result)
 
     def _answer(self, identity: bytes, msg: protocol.Message, result) -> None:
         if result.status == "duplicate":
-            self.m_duplicates.labels(result.reason).inc()
+            self.metrics.duplicates.labels(result.reason).inc()
         elif result.status == "rejected":
             self.runtime.log.warning("insert rejected", extra={"window_id": msg.meta.get("window_id"),
                                                                "reason": result.reason})
@@ -173,81 +208,61 @@ class ReplayServer:
             except LookupError:
                 self.samples.appendleft(w)
                 break
-            self.m_sample_s.observe(time.perf_counter() - start)
-            self.m_batches.inc()  # before the send: a client that has its batch sees it counted
+            self.metrics.sample_s.observe(time.perf_counter() - start)
+            self.metrics.batches.inc()  # before the send: a client that has its batch sees it counted
             self._send(w.identity, batch, w.msg)
         now = time.monotonic()
         for queue, kind, reason in ((self.inserts, "insert", "rate_limited"), (self.samples, "sample", "not_ready")):
             while queue and queue[0].deadline <= now:
                 w = queue.popleft()
-                self.m_not_ready.labels(kind).inc()
+                self.metrics.not_ready.labels(kind).inc()
                 reply = protocol.error_reply(reason)
                 if kind == "insert":
                     reply.meta["window_id"] = w.msg.meta.get("window_id", "")
                 self._send(w.identity, reply, w.msg)
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         """Copy the buffer's counters into metrics and the status line."""
         b, c = self.buffer, self.buffer.counts
-        for key, counter in (("inserts", self.m_inserts), ("samples", self.m_samples),
-                             ("evictions", self.m_evictions), ("corrupt", self.m_corrupt)):
+        for key, counter in (("inserts", self.metrics.inserts), ("samples", self.metrics.samples),
+                             ("evictions", self.metrics.evictions), ("corrupt", self.metrics.corrupt)):
             counter.inc(c[key] - self._seen.get(key, 0))
         for key, value in c.items():
             delta = value - self._seen.get(key, 0)
             if delta and key.startswith("rejected:"):
-                self.m_rejected.labels(key.split(":", 1)[1]).inc(delta)
+                self.metrics.rejected.labels(key.split(":", 1)[1]).inc(delta)
         self._seen = dict(c)
-        self.m_windows.set(len(b.storage))
-        self.m_bytes.set(b.storage.nbytes)
-        self.m_ratio.set(b.limiter.ratio())
-        self.m_waiting.labels("insert").set(len(self.inserts))
-        self.m_waiting.labels("sample").set(len(self.samples))
+        self.metrics.windows.set(len(b.storage))
+        self.metrics.bytes.set(b.storage.nbytes)
+        self.metrics.ratio.set(b.limiter.ratio())
+        self.metrics.waiting.labels("insert").set(len(self.inserts))
+        self.metrics.waiting.labels("sample").set(len(self.samples))
         self.runtime.status.update({"stored": len(b.storage), "inserted": c["inserts"], "sampled": c["samples"]})
 
     def step(self, timeout_ms: int = POLL_MS) -> None:
         """Handle a burst of requests (at most 64, so waiting ones are not starved), then
-        answer waiting requests and refresh metrics."""
+        answer waiting requests, refresh metrics and, every ``replay.flush_interval_s``,
+        flush the buffer's bookkeeping."""
         if self.sock.poll(timeout_ms, zmq.POLLIN):
             for _ in range(64):
                 self.handle(*self.runtime.receive(self.sock, kinds=KINDS, routed=True))
                 if not self.sock.poll(0, zmq.POLLIN):
                     break
         self.serve_waiting()
-        self._publish()
+        self.publish()
+        if time.monotonic() - self.last_flush >= self.cfg.flush_interval_s:
+            self.last_flush = time.monotonic()
+            try:
+                self.buffer.flush()
+            except StorageFull as err:  # bookkeeping only; windows are already safe
+                self.runtime.log.warning("replay flush failed", extra={"detail": str(err)})
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    sock = runtime.ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_BYTES + (1 << 20))
+    service = ReplayService(cfg, runtime, ReplayMetrics(runtime.metrics))
     try:
-        # CURVE (when network.curve is enabled) must be set before bind: libzmq copies the
-        # socket's options into the listener at bind time, as it does MAXMSGSIZE above.
-        security.secure_server(sock, cfg.network.curve, runtime.metrics)
-        # Bind before opening the store: a second instance fails here, before it could
-        # touch the store the first one is serving.
-        sock.bind(cfg.network.bind(cfg.network.replay_port))
-        buffer = ReplayBuffer.open(cfg.replay, cfg.run_dir, seed=cfg.run.seed)
-    except BaseException:
-        sock.close(linger=0)
-        raise
-    try:
-        if buffer.storage.records:
-            runtime.log.info("replay store restored", extra={"windows": len(buffer.storage),
-                                                             "bytes": buffer.storage.nbytes})
-        server = ReplayServer(buffer, sock, runtime)
-        runtime.log.info("replay serving", extra={"endpoint": cfg.network.bind(cfg.network.replay_port),
-                                                  "durable": cfg.replay.durable, "sampler": cfg.replay.sampler})
-        last_flush = time.monotonic()
         while not runtime.stopping:
-            server.step()
-            if time.monotonic() - last_flush >= cfg.replay.flush_interval_s:
-                last_flush = time.monotonic()
-                try:
-                    buffer.flush()
-                except StorageFull as err:  # bookkeeping only; windows are already safe
-                    runtime.log.warning("replay flush failed", extra={"detail": str(err)})
+            service.step()
         return 0
     finally:
-        sock.close(linger=0)
-        buffer.close()
+        service.close()
