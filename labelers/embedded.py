@@ -7,7 +7,8 @@ on the project's synthetic world only (no pretrained weights, no real images), s
 coarse teacher: see the meta's ``metrics`` and ``docs/RESULTS.md`` for how coarse.
 
 Output: relative z-depth (``space = "depth"``; larger = farther), defined up to an unknown
-scale and shift per frame, at the frames' own resolution. ``version`` is the sha256 (12 hex)
+scale per frame, and a shift too unless the meta says ``"ambiguity": "scale"`` (weights
+trained with ``alignment=scale``), at the frames' own resolution. ``version`` is the sha256 (12 hex)
 of the weights file, so labels name exactly the weights that made them.
 """
 
@@ -154,6 +155,7 @@ class EmbeddedTeacher(DepthTeacher):
         self.net, self.meta = load_net(self.weights)
         self.net.to(self.device)
         self.version = weights_digest(self.weights)
+        self.ambiguity = self.meta.get("ambiguity", "scale_shift")
         self.batch_frames = int(batch_frames)
         base = self.meta.get("input_size", DEFAULT_INPUT)
         self.base_size = (int(base[0]), int(base[1]))

@@ -78,6 +78,11 @@ class TeacherTrainConfig:
     """Linear warm-up steps."""
     grad_weight: float = 0.5
     """Weight of the gradient-matching term."""
+    alignment: Literal["scale_shift", "scale"] = "scale_shift"
+    """Per-frame alignment of the prediction to the ground truth inside the loss:
+    ``scale_shift`` (least-squares scale and shift; the teacher's shift is then arbitrary) or
+    ``scale`` (least-squares scale only; the teacher learns how near the near points are, and
+    its meta says ``ambiguity: scale``, which the learner uses)."""
     pool_frames: int = 24000
     """Rendered frames held in the training pool (uint8 RGB + fp16 depth on the device)."""
     render_fraction: float = 0.3
@@ -111,6 +116,8 @@ class TeacherTrainConfig:
             raise ValueError("widths must be multiples of 8 (GroupNorm groups)")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError("precision must be bf16 or fp32")
+        if self.alignment not in ("scale_shift", "scale"):
+            raise ValueError(f"alignment must be scale_shift or scale, got {self.alignment!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,11 +427,13 @@ def augment(images: torch.Tensor, depth: torch.Tensor, gen: torch.Generator) -> 
 
 
 def depth_loss(log_depth: torch.Tensor, gt: torch.Tensor, *, grad_weight: float = 0.5,
-               scales: int = 4) -> tuple[torch.Tensor, dict[str, float]]:
-    """Scale-and-shift-invariant depth loss of a batch: per frame, least-squares align
-    exp(log_depth) [B, H, W] to ``gt`` [B, H, W] (0 or non-finite = invalid) in depth space,
-    then aligned AbsRel + ``grad_weight`` x multi-scale gradient matching of the residual
-    (normalised by the frame's mean depth). Frames with < 16 valid pixels count for nothing."""
+               scales: int = 4, alignment: str = "scale_shift") -> tuple[torch.Tensor, dict[str, float]]:
+    """Scale-and-shift-invariant (``alignment="scale"``: scale-invariant) depth loss of a batch:
+    per frame, least-squares align exp(log_depth) [B, H, W] to ``gt`` [B, H, W] (0 or
+    non-finite = invalid) in depth space with a scale and a shift (or a scale only), then
+    aligned AbsRel + ``grad_weight`` x multi-scale gradient matching of the residual
+    (normalised by the frame's mean depth). Frames with < 16 valid pixels count for nothing.
+    The logged ``absrel`` is the loss's own (aligned the same way)."""
     valid = torch.isfinite(gt) & (gt > 0)
     gt = torch.where(valid, gt, torch.ones_like(gt))
     w = valid.float()
@@ -436,10 +445,18 @@ def depth_loss(log_depth: torch.Tensor, gt: torch.Tensor, *, grad_weight: float 
     g = gt / gmean[:, None, None]  # scale-free ground truth: every frame weighs the same
     mp = (w * pred).sum(dim=(1, 2)) / n
     mg = (w * g).sum(dim=(1, 2)) / n
-    cov = (w * (pred - mp[:, None, None]) * (g - mg[:, None, None])).sum(dim=(1, 2)) / n
-    var = (w * (pred - mp[:, None, None]) ** 2).sum(dim=(1, 2)) / n
-    a = cov / (var + 1e-8)
-    aligned = a[:, None, None] * (pred - mp[:, None, None]) + mg[:, None, None]
+    if alignment == "scale":
+        # argmin_a sum w (a p - g)^2; pred is divided by its mean first so that 1e-8 stays relative
+        p = pred / mp[:, None, None].clamp(min=1e-20)
+        a = (w * p * g).sum(dim=(1, 2)) / ((w * p * p).sum(dim=(1, 2)) + 1e-8)
+        aligned = a[:, None, None] * p
+    elif alignment == "scale_shift":
+        cov = (w * (pred - mp[:, None, None]) * (g - mg[:, None, None])).sum(dim=(1, 2)) / n
+        var = (w * (pred - mp[:, None, None]) ** 2).sum(dim=(1, 2)) / n
+        a = cov / (var + 1e-8)
+        aligned = a[:, None, None] * (pred - mp[:, None, None]) + mg[:, None, None]
+    else:
+        raise ValueError(f"alignment must be scale_shift or scale, got {alignment!r}")
     absrel = ((w * (aligned - g).abs() / g).sum(dim=(1, 2)) / n * used).sum() / used.sum().clamp(min=1)
     grad = aligned.new_zeros(())
     res, m = (aligned - g) * w, w
@@ -452,7 +469,18 @@ def depth_loss(log_depth: torch.Tensor, gt: torch.Tensor, *, grad_weight: float 
         gy = (res[:, 1:] - res[:, :-1]).abs() * m[:, 1:] * m[:, :-1]
         grad = grad + (gx.sum() + gy.sum()) / m.sum().clamp(min=1)
     loss = absrel + grad_weight * grad / scales
-    return loss, {"absrel_lsq": float(absrel.detach()), "grad": float(grad.detach() / scales)}
+    return loss, {"absrel": float(absrel.detach()), "grad": float(grad.detach() / scales)}
+
+
+def med_absrel(pred_depth: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean over frames of AbsRel after per-frame median scaling (no shift: a teacher trained
+    with ``alignment="scale"`` is scored on what it claims to know)."""
+    out = []
+    for p, g in zip(pred_depth.double(), gt.double()):
+        m = torch.isfinite(g) & (g > 0) & (p > 0)
+        scaled = p[m] * (g[m].median() / p[m].median())
+        out.append(float(((scaled - g[m]).abs() / g[m]).mean()))
+    return float(np.mean(out))
 
 
 def lsq_absrel(pred_depth: torch.Tensor, gt: torch.Tensor) -> float:
@@ -515,7 +543,7 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
         x, d = augment(images[idx], depths[idx], gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x.contiguous(memory_format=torch.channels_last))
-        loss, terms = depth_loss(out, d, grad_weight=cfg.grad_weight)
+        loss, terms = depth_loss(out, d, grad_weight=cfg.grad_weight, alignment=cfg.alignment)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -523,11 +551,11 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
             skipped += 1  # never step on NaN
         else:
             opt.step()
-        recent.append(terms["absrel_lsq"])
+        recent.append(terms["absrel"])
         step += 1
         if step % cfg.log_every == 0 or step == 1:
             emit({"step": step, "lr": lr, "loss": float(loss.detach()), **terms,
-                  "absrel_lsq_avg": float(np.mean(recent)), "skipped": skipped})
+                  "absrel_avg": float(np.mean(recent)), "skipped": skipped})
             recent = []
     train_s = time.monotonic() - train_start
 
@@ -535,19 +563,22 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
     with torch.inference_mode():
         x = val_images.permute(0, 3, 1, 2).float() / 255.0
         pred = torch.cat([torch.exp(model(x[i:i + 32]).float()) for i in range(0, len(x), 32)])
-    val = lsq_absrel(pred.cpu(), val_depths.float().cpu())
-    const = lsq_absrel(torch.ones_like(val_depths, dtype=torch.float32).cpu(), val_depths.float().cpu())
+    pred, gt, ones = pred.cpu(), val_depths.float().cpu(), torch.ones_like(val_depths, dtype=torch.float32).cpu()
+    val, const = lsq_absrel(pred, gt), lsq_absrel(ones, gt)
+    val_med, const_med = med_absrel(pred, gt), med_absrel(ones, gt)
+    unknown = "scale" if cfg.alignment == "scale" else "scale and shift"
     meta = {
         "name": "embedded-unet",
         "space": "depth",
-        "output": "log relative depth (depth = exp(output)), per-frame unknown scale and shift",
+        "output": f"log relative depth (depth = exp(output)), per-frame unknown {unknown}",
+        "ambiguity": cfg.alignment,
         "input_size": [cfg.height, cfg.width],
         "params": params,
         "recipe": {
             "command": command,
             "config": {k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v))
                        for k, v in asdict(cfg).items()},
-            "loss": "per-frame least-squares scale-and-shift aligned AbsRel (depth space) "
+            "loss": f"per-frame least-squares {unknown.replace(' and ', '-and-')} aligned AbsRel (depth space) "
                     f"+ {cfg.grad_weight} x 4-scale gradient matching",
             "optimizer": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, warm-up {cfg.warmup}, cosine",
             "torch": torch.__version__,
@@ -563,12 +594,13 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
         "skipped_steps": skipped,
         "wall_s": {"render": round(render_s, 1), "train": round(train_s, 1)},
         "metrics": {"synthetic_val": {"frames": len(val_images), "absrel_lsq": round(val, 4),
-                                      "constant_absrel_lsq": round(const, 4)}},
+                                      "constant_absrel_lsq": round(const, 4), "absrel_med": round(val_med, 4),
+                                      "constant_absrel_med": round(const_med, 4)}},
     }
     save_weights(model.cpu(), cfg.out / "embedded_depth.safetensors", meta)
     meta = json.loads((cfg.out / "embedded_depth.json").read_text())
     emit({"event": "done", "steps": step, "train_s": round(train_s, 1), "val_absrel_lsq": round(val, 4),
-          "val_constant_absrel_lsq": round(const, 4), "params": params})
+          "val_constant_absrel_lsq": round(const, 4), "val_absrel_med": round(val_med, 4), "params": params})
     log.close()
     return meta
 
@@ -586,7 +618,7 @@ def config_from_args(args: argparse.Namespace) -> TeacherTrainConfig:
             raise ValueError(f"{option!r}: expected key=value with key one of {sorted(set(known) - {'out'})}")
         if key == "widths":
             values[key] = tuple(int(v) for v in text.split(","))
-        elif key in ("device", "precision"):
+        elif key in ("device", "precision", "alignment"):
             values[key] = text
         elif key == "time_budget_s":
             values[key] = None if text.lower() == "none" else float(text)

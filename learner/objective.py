@@ -30,9 +30,10 @@ def compute_loss(
     cfg: LossConfig,
     *,
     teacher_space: str = "depth",
+    teacher_ambiguity: str = "scale_shift",
 ) -> tuple[Tensor, dict[str, float]]:
     """:func:`weighted_loss` with its terms read back as floats (one host sync per term)."""
-    loss, terms = weighted_loss(pred, batch, cfg, teacher_space=teacher_space)
+    loss, terms = weighted_loss(pred, batch, cfg, teacher_space=teacher_space, teacher_ambiguity=teacher_ambiguity)
     return loss, {k: float(v) for k, v in terms.items()}
 
 
@@ -42,6 +43,7 @@ def weighted_loss(
     cfg: LossConfig,
     *,
     teacher_space: str = "depth",
+    teacher_ambiguity: str = "scale_shift",
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """Total loss of a batch and its named terms for logging.
 
@@ -57,6 +59,9 @@ def weighted_loss(
         cfg: weights and kind.
         teacher_space: ``"depth"`` or ``"disparity"``: the space of ``teacher_depth``
             (from the batch's teacher meta).
+        teacher_ambiguity: ``"scale_shift"`` or ``"scale"``: what the teacher leaves unknown per
+            frame (from the batch's teacher meta). The contrast term registers an unknown shift
+            to the matches' triangulation; a teacher with a known shift lends its own.
 
     Returns:
         ``(loss, terms)``: ``loss`` a scalar tensor, ``terms``: ``matches`` (a float) and
@@ -113,9 +118,10 @@ def weighted_loss(
                                               robust=cfg.robust, scale_deg=cfg.scale_deg)
             loss = loss + cfg.triangulation_pose_weight * tri_pose
             terms["triangulation_pose"] = tri_pose.detach()
-        if triangulation is not None and teacher is not None and cfg.contrast_weight > 0:
+        known_shift = teacher_ambiguity == "scale"
+        if (triangulation is not None or known_shift) and teacher is not None and cfg.contrast_weight > 0:
             contrast = depth_contrast_loss(depth, teacher, valid, matches[:, :7], triangulation, intrinsics,
-                                           teacher_space=teacher_space)
+                                           teacher_space=teacher_space, teacher_ambiguity=teacher_ambiguity)
             loss = loss + cfg.contrast_weight * contrast
             terms["contrast"] = contrast.detach()
         if teacher is not None:

@@ -87,11 +87,16 @@ def test_recipe_trains_a_tiny_net_on_cpu_and_writes_loadable_weights(tmp_path, n
     out = tmp_path / "teacher"
     rc = main(["teacher-train", "--out", str(out), "--steps", "2", "--device", "cpu", "height=64", "width=64",
                "batch=2", "pool_frames=4", "views_per_eye=2", "eyes_per_world=2", "val_frames=2",
-               "widths=8,8,8,16,16", "warmup=1", "log_every=1"])
+               "widths=8,8,8,16,16", "warmup=1", "log_every=1", "alignment=scale"])
     assert rc == 0
     weights = out / "embedded_depth.safetensors"
     meta = json.loads((out / "embedded_depth.json").read_text())
     assert meta["steps"] == 2 and meta["version"] == weights_digest(weights)
+    assert meta["ambiguity"] == "scale" and "unknown scale" in meta["output"]
+    assert make_teacher(f"embedded:{weights}", "cpu").describe()["ambiguity"] == "scale"
+    assert make_teacher(f"embedded:{weights}?ambiguity=scale_shift", "cpu").ambiguity == "scale_shift"
+    with pytest.raises(ValueError, match="ambiguity"):
+        make_teacher(f"embedded:{weights}?ambiguity=metric", "cpu")
     assert meta["recipe"]["config"]["widths"] == [8, 8, 8, 16, 16]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r] == [1, 2]
@@ -107,3 +112,25 @@ def test_recipe_rejects_unknown_options(tmp_path):
 
     assert main(["teacher-train", "--out", str(tmp_path), "bogus=1"]) == 2
     assert main(["teacher-train", "--out", str(tmp_path), "height=100"]) == 2  # not a multiple of 16
+
+
+@pytest.mark.parametrize("alignment", ["scale_shift", "scale"])
+def test_recipe_loss_is_blind_to_what_its_alignment_leaves_unknown(alignment):
+    """Known answers of the recipe's loss: zero for the truth at any scale; a shifted
+    prediction costs nothing only when the alignment has a shift."""
+    from labelers.teacher_train import depth_loss
+
+    gt = torch.linspace(1.0, 4.0, 32 * 48, dtype=torch.float64).reshape(1, 32, 48).repeat(2, 1, 1)
+    gt[1] = gt[1].flip(-1) ** 1.5
+    gt[0, :3] = 0  # holes are ignored
+    log = lambda d: d.clamp(min=1e-6).log()
+    for pred in (gt * 0.37, gt * 5.0):
+        loss, terms = depth_loss(log(pred), gt, alignment=alignment)
+        assert float(loss) < 1e-6 and terms["absrel"] < 1e-6
+    shifted, _ = depth_loss(log(gt + 2.0), gt, alignment=alignment)
+    if alignment == "scale_shift":
+        assert float(shifted) < 1e-6
+    else:
+        assert float(shifted) > 0.05
+    with pytest.raises(ValueError, match="alignment"):
+        depth_loss(log(gt), gt, alignment="affine")
