@@ -36,6 +36,7 @@ import zmq
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
 from labelers.matches import make_matcher, match_window, triangulate_matches
+from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.protocol import Message
@@ -139,8 +140,10 @@ class _NullTimer:
         return False
 
 
-class _Metrics:
-    def __init__(self, m):
+class LabelerMetrics:
+    """The labeler's Prometheus series."""
+
+    def __init__(self, m: Metrics):
         self.windows = m.counter("labeler_windows_total", "Windows handled, by outcome", ["status"])
         self.dropped = m.counter("labeler_dropped_total", "Windows dropped, by reason", ["reason"])
         self.flags = m.counter("labeler_flags_total", "Windows kept with a quality flag", ["flag"])
@@ -214,59 +217,73 @@ class ReplayLink:
         return None
 
 
-def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    lcfg = cfg.labeler
-    metrics = _Metrics(runtime.metrics)
-    labeler = Labeler(cfg, metrics)
-    log = runtime.log
-    work = runtime.ctx.socket(zmq.DEALER)
-    work.setsockopt(zmq.LINGER, 0)
-    security.secure_client(work, cfg.network.curve)
-    work.connect(cfg.network.connect(cfg.network.work_port))
-    replay = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
-                        timeout_s=lcfg.insert_timeout_s, retries=lcfg.insert_retries)
-    log.info("labeler up", extra={"teachers": labeler.teachers(), "runtime": describe_runtime(labeler.teacher)})
-    held: deque[Message] = deque()
-    counts = {"labelled": 0, "dropped": 0}
-    last_ready = 0.0
+class LabelerService:
+    """A labeler process's sockets (work from the streamer, the link to replay) and the
+    windows it holds; ``step()`` labels one batch of held windows, or waits for work."""
 
-    def ready() -> None:
-        nonlocal last_ready
-        credits = max(0, lcfg.credits - len(held))
-        work.send_multipart(protocol.encode(Message("ready", {"credits": credits})))
-        last_ready = time.monotonic()
+    def __init__(self, cfg: PipelineConfig, runtime: Runtime, metrics: LabelerMetrics):
+        self.cfg = cfg.labeler
+        self.runtime, self.metrics = runtime, metrics
+        self.labeler = Labeler(cfg, metrics)
+        self.work = runtime.ctx.socket(zmq.DEALER)
+        self.work.setsockopt(zmq.LINGER, 0)
+        security.secure_client(self.work, cfg.network.curve)
+        self.work.connect(cfg.network.connect(cfg.network.work_port))
+        self.replay = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
+                                 timeout_s=self.cfg.insert_timeout_s, retries=self.cfg.insert_retries)
+        runtime.log.info("labeler up", extra={"teachers": self.labeler.teachers(),
+                                              "runtime": describe_runtime(self.labeler.teacher)})
+        self.held: deque[Message] = deque()
+        self.counts = {"labelled": 0, "dropped": 0}
+        self.last_ready = 0.0
+        try:
+            self.ready()
+        except BaseException:
+            self.close()
+            raise
 
-    def done(window_id: str, status: str, reason: str) -> None:
-        work.send_multipart(protocol.encode(Message("done", {"window_id": window_id, "status": status,
-                                                             "reason": reason})))
+    def close(self) -> None:
+        self.replay.close()
+        self.work.close(linger=0)
 
-    def take() -> None:
-        while work.poll(0):
-            with metrics.timer("decode"):
-                _, msg = runtime.receive(work, kinds=("window",))
+    def ready(self) -> None:
+        credits = max(0, self.cfg.credits - len(self.held))
+        self.work.send_multipart(protocol.encode(Message("ready", {"credits": credits})))
+        self.last_ready = time.monotonic()
+
+    def done(self, window_id: str, status: str, reason: str) -> None:
+        self.work.send_multipart(protocol.encode(Message("done", {"window_id": window_id, "status": status,
+                                                                  "reason": reason})))
+
+    def take(self) -> None:
+        while self.work.poll(0):
+            with self.metrics.timer("decode"):
+                _, msg = self.runtime.receive(self.work, kinds=("window",))
             if msg is None:
                 continue
             if not isinstance(msg.meta.get("window_id"), str) or not msg.meta["window_id"]:
-                runtime.metrics.reject("bad_window_id")
+                self.runtime.metrics.reject("bad_window_id")
                 continue
-            held.append(msg)
+            self.held.append(msg)
 
-    def finish(window_id: str, insert: Message | None, reason: str, flags: list[str]) -> None:
+    def finish(self, window_id: str, insert: Message | None, reason: str, flags: list[str]) -> None:
+        metrics, counts, status_line = self.metrics, self.counts, self.runtime.status
         for flag in flags:
             metrics.flags.labels(flag).inc()
         if insert is None:
             metrics.dropped.labels(reason.split(":")[0]).inc()
             metrics.windows.labels("dropped").inc()
             counts["dropped"] += 1
-            runtime.status.update(counts)  # before the done, so a peer that sees it sees this
-            done(window_id, "dropped", reason)
+            status_line.update(counts)  # before the done, so a peer that sees it sees this
+            self.done(window_id, "dropped", reason)
             return
         with metrics.timer("insert"):
-            result = replay.insert(insert)
+            result = self.replay.insert(insert)
         if result is None:
             # no done: the streamer resends after its timeout (at-least-once)
             metrics.windows.labels("insert_failed").inc()
-            log.warning("replay unreachable, window left to the streamer's resend", extra={"window_id": window_id})
+            self.runtime.log.warning("replay unreachable, window left to the streamer's resend",
+                                     extra={"window_id": window_id})
             return
         status, why = result
         metrics.windows.labels(status).inc()
@@ -275,36 +292,44 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
             counts["dropped"] += 1
         else:
             counts["labelled"] += 1
-        runtime.status.update(counts)
-        done(window_id, status, why)
+        status_line.update(counts)
+        self.done(window_id, status, why)
 
+    def step(self) -> None:
+        """Label up to ``labeler.batch_windows`` held windows, insert and acknowledge each,
+        and ask for more; with none held, wait up to one poll for work (and send the
+        keep-alive ``ready`` when it is due)."""
+        log, labeler, timer = self.runtime.log, self.labeler, self.metrics.timer
+        if not self.held and self.work.poll(POLL_MS):
+            self.take()
+        if not self.held:
+            if time.monotonic() - self.last_ready > self.cfg.ready_interval_s:
+                self.ready()  # keep-alive; also re-registers with a restarted streamer
+            return
+        batch = [self.held.popleft() for _ in range(min(len(self.held), self.cfg.batch_windows))]
+        try:
+            outcomes = labeler.label_many(batch, timer)
+        except Exception:  # a bug on odd input must cost one window, not the worker:
+            log.exception("batched labelling failed; labelling the windows one by one",
+                          extra={"windows": [m.meta["window_id"] for m in batch]})
+            outcomes = []
+            for msg in batch:
+                try:
+                    outcomes.append(labeler.label(msg, timer))
+                except Exception as err:
+                    log.exception("labelling failed", extra={"window_id": msg.meta["window_id"]})
+                    outcomes.append((None, f"labeler_error:{type(err).__name__}", []))
+        for msg, (insert, reason, flags) in zip(batch, outcomes):
+            self.finish(msg.meta["window_id"], insert, reason, flags)
+        self.take()
+        self.ready()
+
+
+def run(cfg: PipelineConfig, runtime: Runtime) -> int:
+    service = LabelerService(cfg, runtime, LabelerMetrics(runtime.metrics))
     try:
-        ready()
         while not runtime.stopping:
-            if not held and work.poll(POLL_MS):
-                take()
-            if not held:
-                if time.monotonic() - last_ready > lcfg.ready_interval_s:
-                    ready()  # keep-alive; also re-registers with a restarted streamer
-                continue
-            batch = [held.popleft() for _ in range(min(len(held), lcfg.batch_windows))]
-            try:
-                outcomes = labeler.label_many(batch, metrics.timer)
-            except Exception:  # a bug on odd input must cost one window, not the worker:
-                log.exception("batched labelling failed; labelling the windows one by one",
-                              extra={"windows": [m.meta["window_id"] for m in batch]})
-                outcomes = []
-                for msg in batch:
-                    try:
-                        outcomes.append(labeler.label(msg, metrics.timer))
-                    except Exception as err:
-                        log.exception("labelling failed", extra={"window_id": msg.meta["window_id"]})
-                        outcomes.append((None, f"labeler_error:{type(err).__name__}", []))
-            for msg, (insert, reason, flags) in zip(batch, outcomes):
-                finish(msg.meta["window_id"], insert, reason, flags)
-            take()
-            ready()
+            service.step()
         return 0
     finally:
-        replay.close()
-        work.close(linger=0)
+        service.close()

@@ -187,7 +187,7 @@ def promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
 def test_promtool_accepts_registered_metrics():
     """The metrics that can be built without running a stage: the base set every process
     exports, the labeler's and learner's registration classes, CURVE refusals."""
-    from labelers.service import _Metrics as LabelerMetrics
+    from labelers.service import LabelerMetrics
     from learner.service import LearnerMetrics
     from reliev3r import security
 
