@@ -11,7 +11,6 @@ stopping through one small all-reduce per step, so no rank is left waiting in a 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
 from learner.train import LossFn, Trainer, batch_from_message, teacher_ambiguity_of, teacher_space_of
+from monitoring.metrics import Metrics
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
@@ -29,8 +29,9 @@ LOG_EVERY_S = 10.0
 
 
 class LearnerMetrics:
-    def __init__(self, runtime: Runtime):
-        m = runtime.metrics
+    """The learner's Prometheus series."""
+
+    def __init__(self, m: Metrics):
         self.step = m.gauge("learner_step", "Optimizer steps taken")
         self.loss = m.gauge("learner_loss", "Loss of the latest step, by term", ["term"])
         self.grad_norm = m.gauge("learner_grad_norm", "Global gradient norm of the latest step (before clipping)")
@@ -53,111 +54,188 @@ class LearnerMetrics:
         self.peak_flops: float | None = None
 
 
-def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None) -> int:
-    """Entry of ``reliev3r learn``. ``loss_fn`` replaces the objective (tests only)."""
-    lcfg = cfg.learner
-    trainer = Trainer(lcfg, device=lcfg.device, loss_fn=loss_fn, seed=cfg.run.seed)
-    snapshots = cfg.run_dir / "snapshots"
-    metrics = LearnerMetrics(runtime)
-    latest = latest_snapshot(snapshots)
-    init: dict[str, Any] | None = None  # where the weights started (learner.init), kept in every snapshot's meta
-    if latest is not None:
-        init = trainer.load_state(latest).get("init")
-        runtime.log.info("resumed", extra={"snapshot": str(latest), "step": trainer.global_step})
-        if lcfg.init:
-            runtime.log.info("learner.init ignored: this run resumes its own snapshot (resume wins)",
-                             extra={"init": lcfg.init, "snapshot": str(latest)})
-    elif lcfg.init:
-        from learner.warm_start import init_trainer
+class LearnerService:
+    """One learner rank: the trainer (resumed or warm-started), the prefetching replay client
+    and the snapshot bookkeeping; ``step()`` trains on one batch."""
 
-        init = init_trainer(trainer, lcfg.init)
-        runtime.log.info("warm start from learner.init", extra={"init": init["path"], "sha256": init["sha256"],
-                                                                "source_step": init["step"]})
-    metrics.step.set(trainer.global_step)
-    if trainer.device.type == "cuda":
-        metrics.peak_flops = bf16_matmul_peak(trainer.device)
-        runtime.log.info("measured bf16 matmul peak", extra={"tflops": round(metrics.peak_flops / 1e12, 1)})
-    runtime.log.info("learner up", extra={"rank": trainer.rank, "world_size": trainer.world_size,
-                                          "device": str(trainer.device), "size": lcfg.model.size,
-                                          "parameters": trainer.model.num_parameters()})
-    if lcfg.max_steps and trainer.global_step >= lcfg.max_steps:
-        runtime.log.info("max_steps already reached", extra={"step": trainer.global_step})
+    def __init__(self, cfg: PipelineConfig, runtime: Runtime, metrics: LearnerMetrics, *,
+                 loss_fn: LossFn | None = None):
+        lcfg = self.cfg = cfg.learner
+        self.runtime, self.metrics = runtime, metrics
+        trainer = self.trainer = Trainer(lcfg, device=lcfg.device, loss_fn=loss_fn, seed=cfg.run.seed)
+        self.folder = cfg.run_dir / "snapshots"
+        latest = latest_snapshot(self.folder)
+        self.init: dict[str, Any] | None = None
+        """Where the weights started (learner.init), kept in every snapshot's meta."""
+        if latest is not None:
+            self.init = trainer.load_state(latest).get("init")
+            runtime.log.info("resumed", extra={"snapshot": str(latest), "step": trainer.global_step})
+            if lcfg.init:
+                runtime.log.info("learner.init ignored: this run resumes its own snapshot (resume wins)",
+                                 extra={"init": lcfg.init, "snapshot": str(latest)})
+        elif lcfg.init:
+            from learner.warm_start import init_trainer
+
+            self.init = init_trainer(trainer, lcfg.init)
+            runtime.log.info("warm start from learner.init", extra={
+                "init": self.init["path"], "sha256": self.init["sha256"], "source_step": self.init["step"]})
+        metrics.step.set(trainer.global_step)
+        if trainer.device.type == "cuda":
+            metrics.peak_flops = bf16_matmul_peak(trainer.device)
+            runtime.log.info("measured bf16 matmul peak", extra={"tflops": round(metrics.peak_flops / 1e12, 1)})
+        runtime.log.info("learner up", extra={"rank": trainer.rank, "world_size": trainer.world_size,
+                                              "device": str(trainer.device), "size": lcfg.model.size,
+                                              "parameters": trainer.model.num_parameters()})
+        self.prefetch: Prefetcher | None = None
+        self.reporter: ReplayClient | None = None
+        self.finished = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
+        """max_steps was reached before this process started: nothing to do (no connection made)."""
+        if self.finished:
+            runtime.log.info("max_steps already reached", extra={"step": trainer.global_step})
+            return
+        endpoint = cfg.network.connect(cfg.network.replay_port)
+
+        def keep_sampling(err: Exception) -> bool:  # in the prefetch thread: wait out replay trouble
+            if isinstance(err, TimeoutError):
+                runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
+                return True
+            if isinstance(err, ReplayError):
+                runtime.metrics.reject(f"sample_{err.reason}")
+                runtime.log.warning("replay refused a sample", extra={"reason": err.reason})
+                runtime.wait(1.0)
+                return True
+            return False
+
+        # Short call timeout: an idle or absent replay only costs a retry and a log line.
+        self.prefetch = Prefetcher(endpoint, lcfg.batch_size, trainer.rank, depth=1, ctx=runtime.ctx, timeout_s=5.0,
+                                   retry_s=3.0, curve=cfg.network.curve, on_error=keep_sampling)
+        # Per-window losses feed the replay's prioritized sampler; other samplers ignore them.
+        self.reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
+                         if cfg.replay.sampler == "prioritized" else None)
+        self.teachers: Any = None
+        self.rate, self.last_time, self.last_log = 0.0, time.perf_counter(), 0.0
+        self.last_saved = trainer.global_step if latest is not None else -1
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+        if self.reporter is not None:
+            self.reporter.close()
+
+    def step(self) -> int | None:
+        """Wait for the next usable batch and train on it; 0 once any rank stops (ranks agree
+        on it here, so the loop asks no one else) or ``max_steps`` is reached, else None."""
+        runtime, trainer, metrics, lcfg, reporter = self.runtime, self.trainer, self.metrics, self.cfg, self.reporter
+        msg = None
+        wait_start = time.perf_counter()
+        while msg is None and not runtime.stopping:
+            msg = self.prefetch.get(0.1)
+            if msg is not None and (reason := _unusable(msg, lcfg.model.patch_size)):
+                runtime.metrics.reject(reason)
+                runtime.log.warning("dropped a batch the model cannot take", extra={
+                    "reason": reason, "shape": list(msg.arrays["frames"].shape)})
+                msg = None
+        metrics.data_wait.inc(time.perf_counter() - wait_start)
+        if _any_rank_stopping(runtime.stopping, trainer):
+            return 0
+        self.teachers = msg.meta.get("teacher", self.teachers)
+        batch = batch_from_message(msg, trainer.device)
+        window_losses: list[float] | None = [] if reporter is not None else None
+        out = trainer.step(batch, teacher_space=teacher_space_of(msg), teacher_ambiguity=teacher_ambiguity_of(msg),
+                           window_losses=window_losses)
+        if reporter is not None and window_losses and not out["skipped"]:
+            ids = msg.meta.get("window_ids")
+            if isinstance(ids, list) and len(ids) == len(window_losses):
+                reporter.report(ids, window_losses)
+
+        now = time.perf_counter()
+        dt = max(now - self.last_time, 1e-9)
+        self.rate = 1.0 / dt if self.rate == 0 else 0.9 * self.rate + 0.1 / dt
+        self.last_time = now
+        self.report(out, depth_on="teacher_depth" in batch, samples=int(batch["images"].shape[0]),
+                    views=int(batch["images"].shape[1]))
+        if now - self.last_log > LOG_EVERY_S:
+            self.last_log = now
+            runtime.log.info("step", extra={k: round(v, 5) for k, v in out.items()})
+
+        if self.max_steps_reached():
+            return 0
+        if not out["skipped"] and trainer.global_step % lcfg.snapshot_every == 0:
+            self.snapshot(final=False)
+            self.last_saved = trainer.global_step
+        return None
+
+    def max_steps_reached(self) -> bool:
+        return bool(self.cfg.max_steps) and self.trainer.global_step >= self.cfg.max_steps
+
+    def finish(self) -> int:
+        """After the loop: the last snapshot (``final`` at max_steps) unless the newest one
+        already has this step; under DDP, leave the process group together."""
+        trainer = self.trainer
+        final = self.max_steps_reached()
+        if final or trainer.global_step != self.last_saved:
+            self.snapshot(final=final)
+        if trainer.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self.runtime.log.info("learner done", extra={"step": trainer.global_step, "final": final,
+                                                     "skipped_steps": trainer.skipped_steps})
         return 0
 
-    endpoint = cfg.network.connect(cfg.network.replay_port)
+    def report(self, out: dict[str, float], *, depth_on: bool, samples: int, views: int) -> None:
+        metrics, runtime, trainer, rate = self.metrics, self.runtime, self.trainer, self.rate
+        metrics.step.set(trainer.global_step)
+        for term, value in out.items():
+            if term not in ("grad_norm", "lr", "skipped", "step", "matches"):
+                metrics.loss.labels(term).set(value)
+        metrics.grad_norm.set(out["grad_norm"])
+        metrics.lr.set(out["lr"])
+        metrics.steps_per_second.set(rate)
+        metrics.samples.inc(samples)
+        metrics.samples_per_second.set(rate * samples)
+        if trainer.image_size is not None:
+            h, w = trainer.image_size
+            flops = 3 * trainer.model.flops_per_sample(h, w, views) * samples * rate
+            metrics.flops.set(flops)
+            if metrics.peak_flops:
+                metrics.mfu.set(flops / metrics.peak_flops)
+        if trainer.device.type == "cuda":
+            metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(trainer.device))
+            metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(trainer.device))
+        if out["skipped"]:
+            metrics.skipped.inc()
+            runtime.log.warning("skipped a non-finite step", extra={
+                "loss": out["loss"], "grad_norm": out["grad_norm"], "skipped_steps": trainer.skipped_steps})
+        runtime.status.update(step=trainer.global_step, loss=round(out["loss"], 5), steps_per_s=round(rate, 3),
+                              depth_loss_on=depth_on)
 
-    def keep_sampling(err: Exception) -> bool:  # in the prefetch thread: wait out replay trouble
-        if isinstance(err, TimeoutError):
-            runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
-            return True
-        if isinstance(err, ReplayError):
-            runtime.metrics.reject(f"sample_{err.reason}")
-            runtime.log.warning("replay refused a sample", extra={"reason": err.reason})
-            runtime.wait(1.0)
-            return True
-        return False
+    def snapshot(self, *, final: bool) -> None:
+        trainer, metrics, folder = self.trainer, self.metrics, self.folder
+        if not trainer.is_main:
+            return
+        start = time.perf_counter()
+        path = trainer.save_state(folder, final=final, extra_meta={"teachers": self.teachers, "init": self.init})
+        removed = prune_snapshots(folder, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
+        elapsed = time.perf_counter() - start
+        metrics.snapshot_duration.observe(elapsed)
+        metrics.snapshot_step.set(trainer.global_step)
+        metrics.snapshot_time.set(time.time())
+        self.runtime.log.info("snapshot written", extra={"path": str(path), "step": trainer.global_step,
+                                                         "final": final, "seconds": round(elapsed, 3),
+                                                         "pruned": len(removed)})
 
-    # Short call timeout: an idle or absent replay only costs a retry and a log line.
-    prefetch = Prefetcher(endpoint, lcfg.batch_size, trainer.rank, depth=1, ctx=runtime.ctx, timeout_s=5.0,
-                          retry_s=3.0, curve=cfg.network.curve, on_error=keep_sampling)
-    # Per-window losses feed the replay's prioritized sampler; other samplers ignore them.
-    reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
-                if cfg.replay.sampler == "prioritized" else None)
-    teachers: Any = None
-    rate, last_time, last_log = 0.0, time.perf_counter(), 0.0
-    last_saved = trainer.global_step if latest is not None else -1
+
+def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None) -> int:
+    """Entry of ``reliev3r learn``. ``loss_fn`` replaces the objective (tests only)."""
+    service = LearnerService(cfg, runtime, LearnerMetrics(runtime.metrics), loss_fn=loss_fn)
+    if service.finished:
+        return 0
     try:
-        while True:
-            msg = None
-            wait_start = time.perf_counter()
-            while msg is None and not runtime.stopping:
-                msg = prefetch.get(0.1)
-                if msg is not None and (reason := _unusable(msg, lcfg.model.patch_size)):
-                    runtime.metrics.reject(reason)
-                    runtime.log.warning("dropped a batch the model cannot take", extra={
-                        "reason": reason, "shape": list(msg.arrays["frames"].shape)})
-                    msg = None
-            metrics.data_wait.inc(time.perf_counter() - wait_start)
-            if _any_rank_stopping(runtime.stopping, trainer):
-                break
-            teachers = msg.meta.get("teacher", teachers)
-            batch = batch_from_message(msg, trainer.device)
-            window_losses: list[float] | None = [] if reporter is not None else None
-            out = trainer.step(batch, teacher_space=teacher_space_of(msg), teacher_ambiguity=teacher_ambiguity_of(msg),
-                               window_losses=window_losses)
-            if reporter is not None and window_losses and not out["skipped"]:
-                ids = msg.meta.get("window_ids")
-                if isinstance(ids, list) and len(ids) == len(window_losses):
-                    reporter.report(ids, window_losses)
-
-            now = time.perf_counter()
-            rate = 1.0 / max(now - last_time, 1e-9) if rate == 0 else 0.9 * rate + 0.1 / max(now - last_time, 1e-9)
-            last_time = now
-            _report(metrics, runtime, trainer, out, rate, depth_on="teacher_depth" in batch,
-                    samples=int(batch["images"].shape[0]), views=int(batch["images"].shape[1]))
-            if now - last_log > LOG_EVERY_S:
-                last_log = now
-                runtime.log.info("step", extra={k: round(v, 5) for k, v in out.items()})
-
-            done = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
-            if done:
-                break
-            if not out["skipped"] and trainer.global_step % lcfg.snapshot_every == 0:
-                _snapshot(trainer, snapshots, metrics, runtime, teachers, init, final=False)
-                last_saved = trainer.global_step
+        while service.step() is None:
+            pass
     finally:
-        prefetch.close()
-        if reporter is not None:
-            reporter.close()
-    final = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
-    if final or trainer.global_step != last_saved:
-        _snapshot(trainer, snapshots, metrics, runtime, teachers, init, final=final)
-    if trainer.world_size > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    runtime.log.info("learner done", extra={"step": trainer.global_step, "final": final,
-                                            "skipped_steps": trainer.skipped_steps})
-    return 0
+        service.close()
+    return service.finish()
 
 
 def _unusable(msg: protocol.Message, patch_size: int) -> str | None:
@@ -175,47 +253,3 @@ def _any_rank_stopping(stopping: bool, trainer: Trainer) -> bool:
     flag = torch.tensor([float(stopping)], device=trainer.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def _report(metrics: LearnerMetrics, runtime: Runtime, trainer: Trainer, out: dict[str, float], rate: float,
-            *, depth_on: bool, samples: int, views: int) -> None:
-    metrics.step.set(trainer.global_step)
-    for term, value in out.items():
-        if term not in ("grad_norm", "lr", "skipped", "step", "matches"):
-            metrics.loss.labels(term).set(value)
-    metrics.grad_norm.set(out["grad_norm"])
-    metrics.lr.set(out["lr"])
-    metrics.steps_per_second.set(rate)
-    metrics.samples.inc(samples)
-    metrics.samples_per_second.set(rate * samples)
-    if trainer.image_size is not None:
-        h, w = trainer.image_size
-        flops = 3 * trainer.model.flops_per_sample(h, w, views) * samples * rate
-        metrics.flops.set(flops)
-        if metrics.peak_flops:
-            metrics.mfu.set(flops / metrics.peak_flops)
-    if trainer.device.type == "cuda":
-        metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(trainer.device))
-        metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(trainer.device))
-    if out["skipped"]:
-        metrics.skipped.inc()
-        runtime.log.warning("skipped a non-finite step", extra={"loss": out["loss"], "grad_norm": out["grad_norm"],
-                                                                "skipped_steps": trainer.skipped_steps})
-    runtime.status.update(step=trainer.global_step, loss=round(out["loss"], 5), steps_per_s=round(rate, 3),
-                          depth_loss_on=depth_on)
-
-
-def _snapshot(trainer: Trainer, folder: Path, metrics: LearnerMetrics, runtime: Runtime, teachers: Any,
-              init: dict[str, Any] | None, *, final: bool) -> None:
-    if not trainer.is_main:
-        return
-    start = time.perf_counter()
-    path = trainer.save_state(folder, final=final, extra_meta={"teachers": teachers, "init": init})
-    cfg = trainer.cfg
-    removed = prune_snapshots(folder, keep_last=cfg.keep_last, keep_every=cfg.keep_every)
-    elapsed = time.perf_counter() - start
-    metrics.snapshot_duration.observe(elapsed)
-    metrics.snapshot_step.set(trainer.global_step)
-    metrics.snapshot_time.set(time.time())
-    runtime.log.info("snapshot written", extra={"path": str(path), "step": trainer.global_step, "final": final,
-                                                "seconds": round(elapsed, 3), "pruned": len(removed)})

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -191,7 +190,7 @@ def test_promtool_accepts_registered_metrics():
     from learner.service import LearnerMetrics
     from reliev3r import security
 
-    for stage, register in (("labeler", LabelerMetrics), ("learner", lambda m: LearnerMetrics(types.SimpleNamespace(metrics=m))),
+    for stage, register in (("labeler", LabelerMetrics), ("learner", LearnerMetrics),
                             ("replay", security.auth_failures)):
         m = Metrics(stage)
         register(m)
