@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import zmq
 
+from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
@@ -229,151 +230,179 @@ class WindowFeed:
             t.join(2.0)
 
 
-def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    scfg = cfg.streamer
-    m = runtime.metrics
-    frames_total = m.counter("decode_frames_total", "Frames decoded, by source", ["source"])
-    errors_total = m.counter("decode_errors_total", "Decode problems, by source and reason", ["source", "reason"])
-    sent_total = m.counter("windows_sent_total", "Windows sent to labelers (first sends)")
-    acked_total = m.counter("windows_acked_total", "Windows reported done by a labeler, by status", ["status"])
-    resent_total = m.counter("windows_resent_total", "Windows sent again after the resend timeout")
-    abandoned_total = m.counter("windows_abandoned_total", "Windows given up after repeated timeouts")
-    in_flight_gauge = m.gauge("windows_in_flight", "Windows sent and not yet done")
-    labelers_gauge = m.gauge("labelers_with_credit", "Labelers currently holding credits")
-    log = runtime.log
+class StreamerMetrics:
+    """The streamer's Prometheus series."""
 
-    def on_error(source: str, reason: str, detail: str) -> None:
-        errors_total.labels(source, reason).inc()
-        log.warning("source problem", extra={"source": source, "reason": reason, "detail": detail})
+    def __init__(self, m: Metrics):
+        self.frames = m.counter("decode_frames_total", "Frames decoded, by source", ["source"])
+        self.errors = m.counter("decode_errors_total", "Decode problems, by source and reason", ["source", "reason"])
+        self.sent = m.counter("windows_sent_total", "Windows sent to labelers (first sends)")
+        self.acked = m.counter("windows_acked_total", "Windows reported done by a labeler, by status", ["status"])
+        self.resent = m.counter("windows_resent_total", "Windows sent again after the resend timeout")
+        self.abandoned = m.counter("windows_abandoned_total", "Windows given up after repeated timeouts")
+        self.in_flight = m.gauge("windows_in_flight", "Windows sent and not yet done")
+        self.labelers = m.gauge("labelers_with_credit", "Labelers currently holding credits")
+        self.reconnects = m.counter("stream_reconnects_total", "Live feed reconnect attempts", ["source"])
+        self.gaps = m.counter("stream_gaps_total", "Outages of a live feed that ended with frames again", ["source"])
+        self.gap_seconds = m.counter("stream_gap_seconds_total", "Seconds without frames from a live feed", ["source"])
+        self.dropped = m.counter("stream_dropped_frames_total", "Live frames dropped (consumer behind)", ["source"])
+        self.connected = m.gauge("stream_connected", "1 while a live feed is connected", ["source"])
+        self.skipped = m.counter("windows_skipped_acked_total", "Windows not made again: acknowledged before a restart")
 
-    reconnects_total = m.counter("stream_reconnects_total", "Live feed reconnect attempts", ["source"])
-    gaps_total = m.counter("stream_gaps_total", "Outages of a live feed that ended with frames again", ["source"])
-    gap_seconds = m.counter("stream_gap_seconds_total", "Seconds without frames from a live feed", ["source"])
-    dropped_total = m.counter("stream_dropped_frames_total", "Live frames dropped (consumer behind)", ["source"])
-    connected_gauge = m.gauge("stream_connected", "1 while a live feed is connected", ["source"])
-    skipped_total = m.counter("windows_skipped_acked_total", "Windows not made again: acknowledged before a restart")
 
-    def on_event(source: str, event: str, value: float) -> None:
+class StreamerService:
+    """The sources' window feed, the dispatcher and the ROUTER socket the labelers talk to;
+    ``step()`` is one loop turn: read requests, resend, send one new window."""
+
+    def __init__(self, cfg: PipelineConfig, runtime: Runtime, metrics: StreamerMetrics):
+        scfg = self.cfg = cfg.streamer
+        self.runtime, self.metrics = runtime, metrics
+        self.log = log = runtime.log
+        on_error = self.on_error
+        archive_specs = [s for s in scfg.sources if not is_live(s)]
+        live_specs = [s for s in scfg.sources if is_live(s)]
+
+        def make_sources() -> list:
+            if archive_specs:
+                return srcs.discover(archive_specs, fov_deg=scfg.fov_deg, on_error=on_error)
+            if live_specs:
+                return []
+            try:
+                return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error)
+            except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
+                on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
+                return []
+
+        self.progress = progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None,
+                                            window_step=scfg.window_step)
+        stop = threading.Event()
+        on_frame = lambda s: metrics.frames.labels(s).inc()  # noqa: E731
+        streams = []
+        if archive_specs or not live_specs:
+            streams.append(_skip_counted(window_stream(make_sources, scfg, on_frame=on_frame, on_error=on_error,
+                                                       log=log, progress=progress, stop=stop),
+                                         progress, metrics.skipped))
+        for spec in live_specs:
+            live = LiveSource(spec, fov_deg=scfg.fov_deg, on_error=on_error, on_event=self.on_event, stop=stop,
+                              open_timeout_s=scfg.live_open_timeout_s, read_timeout_s=scfg.live_read_timeout_s,
+                              stall_timeout_s=scfg.live_stall_timeout_s, backoff_initial_s=scfg.reconnect_initial_s,
+                              backoff_max_s=scfg.reconnect_max_s)
+            streams.append(live_stream(live, scfg, on_frame=on_frame))
+        self.feed = WindowFeed(streams, on_error=on_error)
+        self.feed.stop = stop
+        self.disp = Dispatcher(max_in_flight=scfg.max_in_flight, resend_timeout_s=scfg.resend_timeout_s,
+                               peer_timeout_s=scfg.peer_timeout_s)
+        self.sock = runtime.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished labeler fails instead of vanishing
+        security.secure_server(self.sock, cfg.network.curve, runtime.metrics)
+        endpoint = cfg.network.bind(cfg.network.work_port)
+        self.sock.bind(endpoint)
+        log.info("streamer up", extra={"endpoint": endpoint, "sources": scfg.sources or "synthetic"})
+        self.counts = {"sent": 0, "acked": 0}
+        self.exhausted = False
+
+    def close(self) -> None:
+        self.feed.close()
+        self.progress.save()
+        self.sock.close(linger=0)
+
+    def on_error(self, source: str, reason: str, detail: str) -> None:
+        self.metrics.errors.labels(source, reason).inc()
+        self.log.warning("source problem", extra={"source": source, "reason": reason, "detail": detail})
+
+    def on_event(self, source: str, event: str, value: float) -> None:
+        metrics = self.metrics
         if event == "reconnect":
-            reconnects_total.labels(source).inc()
+            metrics.reconnects.labels(source).inc()
         elif event == "gap":
-            gaps_total.labels(source).inc()
-            gap_seconds.labels(source).inc(value)
-            log.info("live feed back", extra={"source": source, "gap_s": round(value, 3)})
+            metrics.gaps.labels(source).inc()
+            metrics.gap_seconds.labels(source).inc(value)
+            self.log.info("live feed back", extra={"source": source, "gap_s": round(value, 3)})
         elif event == "dropped":
-            dropped_total.labels(source).inc(value)
+            metrics.dropped.labels(source).inc(value)
         elif event == "connected":
-            connected_gauge.labels(source).set(value)
+            metrics.connected.labels(source).set(value)
 
-    archive_specs = [s for s in scfg.sources if not is_live(s)]
-    live_specs = [s for s in scfg.sources if is_live(s)]
-
-    def make_sources() -> list:
-        if archive_specs:
-            return srcs.discover(archive_specs, fov_deg=scfg.fov_deg, on_error=on_error)
-        if live_specs:
-            return []
-        try:
-            return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error)
-        except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
-            on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
-            return []
-
-    progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None,
-                        window_step=scfg.window_step)
-    stop = threading.Event()
-    on_frame = lambda s: frames_total.labels(s).inc()  # noqa: E731
-    streams = []
-    if archive_specs or not live_specs:
-        streams.append(_skip_counted(window_stream(make_sources, scfg, on_frame=on_frame, on_error=on_error,
-                                                   log=log, progress=progress, stop=stop), progress, skipped_total))
-    for spec in live_specs:
-        live = LiveSource(spec, fov_deg=scfg.fov_deg, on_error=on_error, on_event=on_event, stop=stop,
-                          open_timeout_s=scfg.live_open_timeout_s, read_timeout_s=scfg.live_read_timeout_s,
-                          stall_timeout_s=scfg.live_stall_timeout_s, backoff_initial_s=scfg.reconnect_initial_s,
-                          backoff_max_s=scfg.reconnect_max_s)
-        streams.append(live_stream(live, scfg, on_frame=on_frame))
-    feed = WindowFeed(streams, on_error=on_error)
-    feed.stop = stop
-    disp = Dispatcher(max_in_flight=scfg.max_in_flight, resend_timeout_s=scfg.resend_timeout_s,
-                      peer_timeout_s=scfg.peer_timeout_s)
-    sock = runtime.ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished labeler fails instead of vanishing
-    security.secure_server(sock, cfg.network.curve, runtime.metrics)
-    endpoint = cfg.network.bind(cfg.network.work_port)
-    sock.bind(endpoint)
-    log.info("streamer up", extra={"endpoint": endpoint, "sources": scfg.sources or "synthetic"})
-    counts = {"sent": 0, "acked": 0}
-    exhausted = False
-
-    def send(window_id: str, frames: list) -> bool:
+    def send(self, window_id: str, frames: list) -> bool:
+        disp = self.disp
         peer = disp.peer()
         if peer is None:
             return False
         try:
-            sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as err:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
-            log.info("labeler unreachable, dropping its credits", extra={"error": str(err)})
+            self.log.info("labeler unreachable, dropping its credits", extra={"error": str(err)})
             disp.lost_peer(peer)
             return False
         disp.sent(window_id, frames, peer)
         return True
 
+    def step(self) -> int | None:
+        """One loop turn; the exit status once every window is done (1 when none was sent),
+        else None."""
+        disp, feed, sock, progress, metrics, counts = (self.disp, self.feed, self.sock, self.progress,
+                                                       self.metrics, self.counts)
+        runtime, log, scfg = self.runtime, self.log, self.cfg
+        wants_window = not self.exhausted and disp.can_take_new()
+        busy = disp.resend or (wants_window and not feed.queue.empty())
+        if sock.poll(0 if busy else (FEED_POLL_MS if wants_window else POLL_MS)):
+            for _ in range(256):  # drain what is queued, bounded so sending is not starved
+                peer, msg = runtime.receive(sock, kinds=("ready", "done"), routed=True)
+                if msg is not None:
+                    _handle(msg, peer, disp, metrics.acked, counts, runtime, progress)
+                if not sock.poll(0):
+                    break
+        timed_out, abandoned = disp.expire()
+        for wid in abandoned:
+            metrics.abandoned.inc()
+            progress.acked(wid)  # given up: it must not hold the resume point back for ever
+            log.error("window abandoned after repeated timeouts", extra={"window_id": wid})
+        progress.save()
+        if timed_out:
+            log.info("windows timed out, resending", extra={"count": len(timed_out)})
+        wid = disp.next_resend()
+        while wid is not None:
+            if not self.send(wid, disp.in_flight[wid].frames):
+                disp.resend.appendleft(wid)
+                break
+            metrics.resent.inc()
+            wid = disp.next_resend()
+        if not self.exhausted and not disp.resend and disp.can_take_new():
+            window = feed.get()  # made ahead by the producers, at most the queue's depth
+            if window is None:
+                if feed.exhausted:
+                    self.exhausted = True
+                    log.info("all sources done", extra={"sent": counts["sent"]})
+            else:
+                msg = window.to_message()
+                if scfg.payload != "raw":
+                    msg = protocol.compress_frames(msg, scfg.payload, scfg.jpeg_quality)
+                frames = protocol.encode(msg)
+                if not self.send(window.window_id, frames):
+                    # the chosen labeler vanished between check and send: keep it for later
+                    disp.in_flight[window.window_id] = InFlight(frames, 0.0, b"", 0)
+                    disp.resend.append(window.window_id)
+                counts["sent"] += 1
+                metrics.sent.inc()
+        metrics.in_flight.set(len(disp.in_flight))
+        metrics.labelers.set(sum(1 for c, _ in disp.credits.values() if c > 0))
+        runtime.status.update(sent=counts["sent"], acked=counts["acked"], in_flight=len(disp.in_flight))
+        if self.exhausted and not disp.in_flight:
+            log.info("every window done", extra=runtime.status)
+            return 0 if counts["sent"] else 1
+        return None
+
+
+def run(cfg: PipelineConfig, runtime: Runtime) -> int:
+    service = StreamerService(cfg, runtime, StreamerMetrics(runtime.metrics))
     try:
         while not runtime.stopping:
-            wants_window = not exhausted and disp.can_take_new()
-            busy = disp.resend or (wants_window and not feed.queue.empty())
-            if sock.poll(0 if busy else (FEED_POLL_MS if wants_window else POLL_MS)):
-                for _ in range(256):  # drain what is queued, bounded so sending is not starved
-                    peer, msg = runtime.receive(sock, kinds=("ready", "done"), routed=True)
-                    if msg is not None:
-                        _handle(msg, peer, disp, acked_total, counts, runtime, progress)
-                    if not sock.poll(0):
-                        break
-            timed_out, abandoned = disp.expire()
-            for wid in abandoned:
-                abandoned_total.inc()
-                progress.acked(wid)  # given up: it must not hold the resume point back for ever
-                log.error("window abandoned after repeated timeouts", extra={"window_id": wid})
-            progress.save()
-            if timed_out:
-                log.info("windows timed out, resending", extra={"count": len(timed_out)})
-            wid = disp.next_resend()
-            while wid is not None:
-                if not send(wid, disp.in_flight[wid].frames):
-                    disp.resend.appendleft(wid)
-                    break
-                resent_total.inc()
-                wid = disp.next_resend()
-            if not exhausted and not disp.resend and disp.can_take_new():
-                window = feed.get()  # made ahead by the producers, at most the queue's depth
-                if window is None:
-                    if feed.exhausted:
-                        exhausted = True
-                        log.info("all sources done", extra={"sent": counts["sent"]})
-                else:
-                    msg = window.to_message()
-                    if scfg.payload != "raw":
-                        msg = protocol.compress_frames(msg, scfg.payload, scfg.jpeg_quality)
-                    frames = protocol.encode(msg)
-                    if not send(window.window_id, frames):
-                        # the chosen labeler vanished between check and send: keep it for later
-                        disp.in_flight[window.window_id] = InFlight(frames, 0.0, b"", 0)
-                        disp.resend.append(window.window_id)
-                    counts["sent"] += 1
-                    sent_total.inc()
-            in_flight_gauge.set(len(disp.in_flight))
-            labelers_gauge.set(sum(1 for c, _ in disp.credits.values() if c > 0))
-            runtime.status.update(sent=counts["sent"], acked=counts["acked"], in_flight=len(disp.in_flight))
-            if exhausted and not disp.in_flight:
-                log.info("every window done", extra=runtime.status)
-                return 0 if counts["sent"] else 1
+            if (rc := service.step()) is not None:
+                return rc
         return 0
     finally:
-        feed.close()
-        progress.save()
-        sock.close(linger=0)
+        service.close()
 
 
 def _skip_counted(windows: Iterator[Window], progress: Progress, skipped_total) -> Iterator[Window]:
