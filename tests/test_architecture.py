@@ -168,6 +168,28 @@ def test_the_product_never_imports_studies(graph):
     assert not bad, "\n".join(bad)
 
 
+SERVICES = {"streamer": "Streamer", "labelers": "Labeler", "replay": "Replay", "learner": "Learner",
+            "evaluation": "Evaluator"}
+"""Each stage's package and the name its service classes start with."""
+
+
+@pytest.mark.parametrize("package", sorted(SERVICES))
+def test_every_stage_service_follows_one_pattern(package):
+    # ARCHITECTURE.md, "Where a change goes": a ``<Stage>Metrics`` class that owns the stage's
+    # Prometheus series, a ``<Stage>Service`` with ``step()`` (one unit of work), and a
+    # ``run(cfg, runtime)`` that builds both and loops.
+    tree = ast.parse((REPO / package / "service.py").read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stage = SERVICES[package]
+    assert f"{stage}Metrics" in classes and f"{stage}Service" in classes, sorted(classes)
+    methods = {n.name for n in classes[f"{stage}Service"].body if isinstance(n, ast.FunctionDef)}
+    assert "step" in methods, sorted(methods)
+    assert "run" in functions and [a.arg for a in functions["run"].args.args] == ["cfg", "runtime"]
+    built = {n.func.id for n in ast.walk(functions["run"]) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {f"{stage}Metrics", f"{stage}Service"} <= built, sorted(built)
+
+
 def test_the_checker_sees_what_it_must(tmp_path):
     # Plain, TYPE_CHECKING-only, function-level and relative imports all count.
     probe = tmp_path / "probe.py"

@@ -185,15 +185,20 @@ def promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
 @needs_promtool
 def test_promtool_accepts_registered_metrics():
     """The metrics that can be built without running a stage: the base set every process
-    exports, the labeler's and learner's registration classes, CURVE refusals."""
+    exports, each stage's metrics class, CURVE refusals."""
+    from evaluation.service import EvaluatorMetrics
     from labelers.service import LabelerMetrics
     from learner.service import LearnerMetrics
     from reliev3r import security
+    from replay.service import ReplayMetrics
+    from streamer.service import StreamerMetrics
 
-    for stage, register in (("labeler", LabelerMetrics), ("learner", LearnerMetrics),
-                            ("replay", security.auth_failures)):
+    for stage, registers in (("streamer", (StreamerMetrics,)), ("labeler", (LabelerMetrics,)),
+                             ("replay", (ReplayMetrics, security.auth_failures)), ("learner", (LearnerMetrics,)),
+                             ("evaluator", (EvaluatorMetrics,))):
         m = Metrics(stage)
-        register(m)
+        for register in registers:
+            register(m)
         text = generate_latest(m.registry).decode()
         result = promtool_check_metrics(text)
         assert result.returncode == 0 and not result.stdout.strip(), (stage, result.stdout + result.stderr)
