@@ -1,5 +1,6 @@
-"""Fixtures that several test modules share: a pipeline config in a temporary run folder,
-an ``insert`` message, a ``reliev3r`` stage as a real process, and waiting for a condition."""
+"""Fixtures that several test modules share: a pipeline config in a temporary run folder (and
+one for the streamer and labeler tests), an ``insert`` message, a ZeroMQ context, a stage's
+``run`` in a thread, a ``reliev3r`` stage as a real process, and waiting for a condition."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+import zmq
 
 from reliev3r import config as rconfig
 from reliev3r import protocol
+from reliev3r.service import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
+STAGE_STOP_S = 120.0
+"""How long a stopped stage thread may take to return: bounds a hang only."""
 
 
 @pytest.fixture
@@ -33,6 +39,71 @@ def make_cfg(tmp_path) -> Callable[..., rconfig.PipelineConfig]:
         return rconfig.build(rconfig.PipelineConfig, rconfig.merge(data, rconfig.load_data([], overrides)))
 
     return make
+
+
+@pytest.fixture
+def stream_cfg(make_cfg) -> Callable[..., rconfig.PipelineConfig]:
+    """``stream_cfg(sources, streamer=None, labeler=None)``: ``make_cfg`` for the streamer and
+    labeler tests: those sources, windows of 3 views at 64x96 (every 2nd frame, a window every
+    4), no looping, no depth teacher; ``streamer``/``labeler`` (plain data) on top."""
+
+    def make(sources, streamer: dict | None = None, labeler: dict | None = None) -> rconfig.PipelineConfig:
+        return make_cfg(streamer={"sources": [str(s) for s in sources], "views": 3, "height": 64, "width": 96,
+                                  "frame_stride": 2, "window_step": 4, "loop": False, **(streamer or {})},
+                        labeler={"teacher": "none", **(labeler or {})})
+
+    return make
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context for the test's own sockets, destroyed at the end."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+class StageThread:
+    """A stage's ``run(cfg, runtime)`` in a thread with its own Runtime (no signal handlers,
+    no metrics endpoint): ``rc`` once it returned, ``metric(name, labels)``, ``stop()``."""
+
+    def __init__(self, run, cfg, name):
+        self.runtime = Runtime(name, cfg, install_signals=False, serve_metrics=False)
+        self.rc = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, args=(run, cfg), daemon=True)
+        self.thread.start()
+
+    def _run(self, run, cfg):
+        self.rc = run(cfg, self.runtime)
+
+    def metric(self, name, labels=None):
+        return self.runtime.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def stop(self):
+        """Ask the stage to stop; it must return within STAGE_STOP_S. Then close its runtime."""
+        if self.closed:
+            return
+        self.runtime.stop()
+        self.thread.join(STAGE_STOP_S)
+        assert not self.thread.is_alive()
+        self.runtime.close()
+        self.closed = True
+
+
+@pytest.fixture
+def stage() -> Callable[..., StageThread]:
+    """``stage(run, cfg, name)``: a :class:`StageThread` running e.g. ``streamer.service.run``;
+    those not stopped by the test are stopped at its end."""
+    started: list[StageThread] = []
+
+    def start(run, cfg, name: str) -> StageThread:
+        started.append(StageThread(run, cfg, name))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from reliev3r import protocol
 from reliev3r.protocol import Message
 from streamer.sources import source_name
 from streamer_media import damage_mdat, encode, panning_frames, rotate_mp4
-from test_streamer_pipeline import Stage, make_cfg, wait_for
 
 FRAMES = 12
 GATES_OFF = {"views": 2, "height": 16, "width": 16, "frame_stride": 2, "window_step": 4, "keyframe_min_flow": 0,
@@ -174,21 +173,14 @@ def build_corpus(root: Path) -> tuple[list[str], dict[str, set[str]], set[str]]:
     return specs, bad, good
 
 
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def test_adversarial_corpus_one_pass(tmp_path, ctx, caplog):
+def test_adversarial_corpus_one_pass(stream_cfg, stage, tmp_path, ctx, caplog):
     root = tmp_path / "corpus"
     root.mkdir()
     specs, bad, good = build_corpus(root)
     assert len(specs) >= 40 and len(bad) >= 25 and len(good) >= 15
-    cfg = make_cfg(tmp_path, specs, streamer={**GATES_OFF, "max_in_flight": 64})
+    cfg = stream_cfg(specs, streamer={**GATES_OFF, "max_in_flight": 64})
     caplog.set_level(logging.WARNING, logger="reliev3r")
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    streamer = stage(streamer_service.run, cfg, "streamer")
     labeler = ctx.socket(zmq.DEALER)  # takes every window and reports it stored
     labeler.setsockopt(zmq.LINGER, 0)
     labeler.connect(cfg.network.connect(cfg.network.work_port))
@@ -228,7 +220,7 @@ def test_adversarial_corpus_one_pass(tmp_path, ctx, caplog):
     assert streamer.runtime.status["acked"] == sum(len(v) for v in windows.values())
 
 
-def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(tmp_path, ctx):
+def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(stream_cfg, stage, wait_for, tmp_path, ctx):
     """The report that started issue 22: one symlink loop among the sources killed the
     producer, and with a live feed in the list the streamer then idled for ever."""
     from reliev3r.config import free_port
@@ -237,9 +229,9 @@ def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(tmp_path, ct
     good = encode(tmp_path / "good.mp4", panning_frames(FRAMES, 32, 24))
     (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
     url = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: the feed retries in the background
-    cfg = make_cfg(tmp_path, [tmp_path / "loop.mp4", url, good], streamer={
+    cfg = stream_cfg([tmp_path / "loop.mp4", url, good], streamer={
         **GATES_OFF, "live_open_timeout_s": 0.5, "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5})
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    streamer = stage(streamer_service.run, cfg, "streamer")
     labeler = ctx.socket(zmq.DEALER)
     labeler.setsockopt(zmq.LINGER, 0)
     labeler.connect(cfg.network.connect(cfg.network.work_port))
@@ -259,8 +251,9 @@ def test_symlink_loop_beside_a_live_feed_does_not_stop_the_archives(tmp_path, ct
         assert streamer.metric("reliev3r_decode_errors_total",
                                {"source": "streamer", "reason": "producer_failed"}) == 0
         # the feed's own thread: its first failed connect may come after the clip's windows
-        assert wait_for(lambda: streamer.metric("reliev3r_decode_errors_total",
-                                                {"source": live_name(url), "reason": "connect_failed"}) >= 1)
+        wait_for(lambda: streamer.metric("reliev3r_decode_errors_total",
+                                         {"source": live_name(url), "reason": "connect_failed"}) >= 1,
+                 120, "the live feed's first failed connect")  # bounds a hang only
         assert streamer.thread.is_alive()
     finally:
         labeler.close(linger=0)

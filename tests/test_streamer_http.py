@@ -20,7 +20,6 @@ from reliev3r.config import free_port
 from streamer.live import is_live, live_name, open_options
 from streamer_media import encode, panning_frames
 from test_streamer_live import LIVE, Labeler, Server, kill_and_restart_until_back, needs_ffmpeg, pump_until
-from test_streamer_pipeline import Stage, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +37,15 @@ def test_http_url_is_a_live_source_with_timeouts():
 
 
 @needs_ffmpeg
-def test_mpegts_over_http_server_killed_and_restarted(tmp_path, clip):
+def test_mpegts_over_http_server_killed_and_restarted(stream_cfg, stage, clip):
     port = free_port()
     url = f"http://127.0.0.1:{port}/stream"
     server = Server(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
                      "-c", "copy", "-f", "mpegts", "-listen", "1", url])
     ctx = zmq.Context()
-    cfg = make_cfg(tmp_path, [url], streamer={**LIVE, "height": 48, "width": 64})
+    cfg = stream_cfg([url], streamer={**LIVE, "height": 48, "width": 64})
     started_at = time.monotonic()
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    streamer = stage(streamer_service.run, cfg, "streamer")
     labeler = Labeler(ctx, cfg)
     name = live_name(url)
     try:
@@ -78,7 +77,7 @@ class _NotFound(BaseHTTPRequestHandler):
         pass
 
 
-def test_http_404_is_a_failed_connect_that_is_retried(tmp_path):
+def test_http_404_is_a_failed_connect_that_is_retried(tmp_path, stream_cfg, stage):
     """An HTTP server that answers 404: each attempt is counted as connect_failed, reconnects
     back off, and an archive source beside it keeps flowing."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
@@ -87,8 +86,8 @@ def test_http_404_is_a_failed_connect_that_is_retried(tmp_path):
     url = f"http://127.0.0.1:{server.server_address[1]}/stream"
     archive = encode(tmp_path / "a.mp4", panning_frames(30, 96, 64))
     ctx = zmq.Context()
-    cfg = make_cfg(tmp_path, [url, archive], streamer={**LIVE, "height": 32, "width": 48, "loop": False})
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    cfg = stream_cfg([url, archive], streamer={**LIVE, "height": 32, "width": 48, "loop": False})
+    streamer = stage(streamer_service.run, cfg, "streamer")
     labeler = Labeler(ctx, cfg)
     name = live_name(url)
     try:

@@ -18,7 +18,6 @@ from reliev3r.config import free_port
 from reliev3r.protocol import Message
 from streamer.live import is_live, live_name, open_options
 from streamer_media import RTSP_SERVER, drop_ts_packets, encode, panning_frames, rtsp_server_available
-from test_streamer_pipeline import Stage, make_cfg, wait_for
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg binary absent (apt-get install ffmpeg)")
 
@@ -138,11 +137,11 @@ def kill_and_restart_until_back(streamer, labeler, name, server, started_at) -> 
         f"{fresh()} new windows, connected seen {connected} ({feed_problems(streamer, name)})"
 
 
-def kill_restart_and_check(tmp_path, url, server):
+def kill_restart_and_check(stream_cfg, stage, url, server):
     ctx = zmq.Context()
-    cfg = make_cfg(tmp_path, [url], streamer={**LIVE, "height": 48, "width": 64})
+    cfg = stream_cfg([url], streamer={**LIVE, "height": 48, "width": 64})
     started_at = time.monotonic()
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    streamer = stage(streamer_service.run, cfg, "streamer")
     labeler = Labeler(ctx, cfg)
     name = live_name(url)
     try:
@@ -166,40 +165,40 @@ def kill_restart_and_check(tmp_path, url, server):
 
 
 @needs_ffmpeg
-def test_mpegts_over_tcp_server_killed_and_restarted(tmp_path, clip):
+def test_mpegts_over_tcp_server_killed_and_restarted(stream_cfg, stage, clip):
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     server = Server(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
                      "-c", "copy", "-f", "mpegts", f"{url}?listen=1"])
-    kill_restart_and_check(tmp_path, url, server)
+    kill_restart_and_check(stream_cfg, stage, url, server)
 
 
 @needs_ffmpeg
-def test_mpegts_over_udp_sender_killed_and_restarted(tmp_path, clip):
+def test_mpegts_over_udp_sender_killed_and_restarted(stream_cfg, stage, clip):
     port = free_port()
     url = f"udp://127.0.0.1:{port}"
     server = Server(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
                      "-c", "copy", "-f", "mpegts", f"{url}?pkt_size=1316"])
-    kill_restart_and_check(tmp_path, url, server)
+    kill_restart_and_check(stream_cfg, stage, url, server)
 
 
-def test_rtsp_server_killed_and_restarted(tmp_path):
+def test_rtsp_server_killed_and_restarted(stream_cfg, stage):
     why = rtsp_server_available()
     if why:
         pytest.skip(why)
     port = free_port()
     server = Server(["/usr/bin/python3", "-c", RTSP_SERVER, str(port)], ready_line="ready")
-    kill_restart_and_check(tmp_path, f"rtsp://127.0.0.1:{port}/feed", server)
+    kill_restart_and_check(stream_cfg, stage, f"rtsp://127.0.0.1:{port}/feed", server)
 
 
-def test_url_that_never_answers_is_counted_and_retried(tmp_path):
+def test_url_that_never_answers_is_counted_and_retried(tmp_path, stream_cfg, stage):
     """Nothing listens: connect failures are counted per source, reconnects back off, the
     streamer stays up (and an archive beside it keeps flowing)."""
     ctx = zmq.Context()
     clip = encode(tmp_path / "a.mp4", panning_frames(30, 96, 64))
     url = f"tcp://127.0.0.1:{free_port()}"
-    cfg = make_cfg(tmp_path, [url, clip], streamer={**LIVE, "height": 32, "width": 48, "loop": False})
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    cfg = stream_cfg([url, clip], streamer={**LIVE, "height": 32, "width": 48, "loop": False})
+    streamer = stage(streamer_service.run, cfg, "streamer")
     labeler = Labeler(ctx, cfg)
     try:
         name = live_name(url)
@@ -253,7 +252,7 @@ def test_live_spec_parsing():
     assert open_options("/dev/video2", 1.0) == ({}, "v4l2")
 
 
-def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path):
+def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path, wait_for):
     """An MPEG-TS feed over TCP (a server in this test) that lost transport packets: nothing
     raises, the decoder conceals what it lost until the next keyframe. Those frames are dropped,
     the loss is counted, and the first frame after it starts a new window."""
@@ -298,7 +297,7 @@ def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path):
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
     try:
-        assert wait_for(lambda: "feed_ended" in errors and not src._queue, HANG_S), errors
+        wait_for(lambda: "feed_ended" in errors and not src._queue, HANG_S, "the feed's end, every frame consumed")
     finally:
         stop.set()
         consumer.join(60)  # bounds a hang only: it returns within a 0.1 s wait once stop is set

@@ -14,46 +14,12 @@ import zmq
 import labelers.service as labeler_service
 import streamer.service as streamer_service
 from reliev3r import protocol
-from reliev3r.config import PipelineConfig, build, free_port
 from reliev3r.protocol import Message
-from reliev3r.service import Runtime
 from streamer_media import encode, panning_frames
 
 
 HANG_S = 120.0
 """Bounds a hang only: every wait ends as soon as what it waits for happened."""
-
-
-def make_cfg(tmp_path, sources, streamer=None, labeler=None) -> PipelineConfig:
-    return build(PipelineConfig, {
-        "run": {"dir": str(tmp_path / "run")},
-        "network": {"work_port": free_port(), "replay_port": free_port()},
-        "streamer": {"sources": [str(s) for s in sources], "views": 3, "height": 64, "width": 96,
-                     "frame_stride": 2, "window_step": 4, "loop": False, **(streamer or {})},
-        "labeler": {"teacher": "none", **(labeler or {})},
-    })
-
-
-class Stage:
-    """A stage's run(cfg, runtime) in a thread with its own Runtime."""
-
-    def __init__(self, run, cfg, name):
-        self.runtime = Runtime(name, cfg, install_signals=False, serve_metrics=False)
-        self.rc = None
-        self.thread = threading.Thread(target=self._run, args=(run, cfg), daemon=True)
-        self.thread.start()
-
-    def _run(self, run, cfg):
-        self.rc = run(cfg, self.runtime)
-
-    def metric(self, name, labels=None):
-        return self.runtime.metrics.registry.get_sample_value(name, labels or {}) or 0.0
-
-    def stop(self):
-        self.runtime.stop()
-        self.thread.join(HANG_S)
-        assert not self.thread.is_alive()
-        self.runtime.close()
 
 
 class FakeReplay:
@@ -91,13 +57,6 @@ class FakeReplay:
         self.sock.close(linger=0)
 
 
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
     return encode(tmp_path_factory.mktemp("media") / "pan.mp4", panning_frames(30, 160, 120, step=3))
@@ -113,20 +72,11 @@ def recv(sock, timeout_s=5.0):
     return protocol.decode(sock.recv_multipart())
 
 
-def wait_for(predicate, timeout_s=HANG_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_windows_flow_end_to_end(tmp_path, ctx, video):
-    cfg = make_cfg(tmp_path, [video, tmp_path / "missing.mp4"], streamer={"max_in_flight": 2})
+def test_windows_flow_end_to_end(tmp_path, stream_cfg, stage, wait_for, ctx, video):
+    cfg = stream_cfg([video, tmp_path / "missing.mp4"], streamer={"max_in_flight": 2})
     replay = FakeReplay(ctx, cfg)
-    streamer = Stage(streamer_service.run, cfg, "streamer")
-    labeler = Stage(labeler_service.run, cfg, "labeler")
+    streamer = stage(streamer_service.run, cfg, "streamer")
+    labeler = stage(labeler_service.run, cfg, "labeler")
     try:
         streamer.thread.join(HANG_S)
         assert streamer.rc == 0, "streamer did not finish its sources"
@@ -138,7 +88,8 @@ def test_windows_flow_end_to_end(tmp_path, ctx, video):
         assert msg.arrays["frames"].shape == (3, 64, 96, 3) and len(msg.arrays["matches"]) >= 12
         assert streamer.metric("reliev3r_decode_errors_total", {"source": msg.meta["source"], "reason": "missing"}) == 0
         assert streamer.metric("reliev3r_decode_frames_total", {"source": msg.meta["source"]}) == 30
-        assert wait_for(lambda: labeler.metric("reliev3r_labeler_windows_total", {"status": "stored"}) == sent)
+        wait_for(lambda: labeler.metric("reliev3r_labeler_windows_total", {"status": "stored"}) == sent, HANG_S,
+                 "the labeler to count every window stored")
         assert labeler.metric("reliev3r_labeler_stage_seconds_count", {"stage": "matches"}) == sent
     finally:
         labeler.stop()
@@ -158,12 +109,12 @@ class SkewedClock:
         return time.monotonic() + self.skew
 
 
-def test_backpressure_resend_and_dead_labeler(tmp_path, ctx, video, monkeypatch):
+def test_backpressure_resend_and_dead_labeler(stream_cfg, stage, wait_for, ctx, video, monkeypatch):
     clock = SkewedClock()
     monkeypatch.setattr(streamer_service, "Dispatcher", functools.partial(streamer_service.Dispatcher, clock=clock))
-    cfg = make_cfg(tmp_path, [video], streamer={"max_in_flight": 3, "resend_timeout_s": HANG_S,
-                                                "peer_timeout_s": HANG_S / 2, "loop": True})
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+    cfg = stream_cfg([video], streamer={"max_in_flight": 3, "resend_timeout_s": HANG_S,
+                                        "peer_timeout_s": HANG_S / 2, "loop": True})
+    streamer = stage(streamer_service.run, cfg, "streamer")
     slow = ctx.socket(zmq.DEALER)  # a labeler that takes windows and never finishes them
     slow.setsockopt(zmq.LINGER, 0)
     slow.connect(cfg.network.connect(cfg.network.work_port))
@@ -177,14 +128,14 @@ def test_backpressure_resend_and_dead_labeler(tmp_path, ctx, video, monkeypatch)
         assert len(set(got)) == len(got) == 3
         # No timeout can expire here, so a 4th window would be a new one: the streamer stops at
         # max_in_flight (the gauge is set at the end of the loop turn that sent the 3rd window).
-        assert wait_for(lambda: streamer.metric("reliev3r_windows_in_flight") == 3, HANG_S)
+        wait_for(lambda: streamer.metric("reliev3r_windows_in_flight") == 3, HANG_S, "3 windows in flight")
         assert sent() == 3 and resent_total() == 0, "never more than max_in_flight windows in flight"
         send(slow, "done", window_id=got[0], status="stored", reason="")
         send(slow, "ready", credits=10)
         first = recv(slow, HANG_S)
         assert first is not None and first.meta["window_id"] not in got  # one slot freed, one new window
         got.append(first.meta["window_id"])
-        assert wait_for(lambda: sent() == 4 and streamer.runtime.status["acked"] == 1, HANG_S)
+        wait_for(lambda: sent() == 4 and streamer.runtime.status["acked"] == 1, HANG_S, "4 sent, 1 acked")
         assert streamer.metric("reliev3r_windows_in_flight") == 3 and resent_total() == 0
         slow.close(linger=0)  # the labeler dies holding windows got[1:]
         clock.skew = 2 * HANG_S  # its credits expire and its windows time out, now
@@ -201,19 +152,19 @@ def test_backpressure_resend_and_dead_labeler(tmp_path, ctx, video, monkeypatch)
             send(fresh, "ready", credits=10)
         assert resent == set(got[1:]), "windows of the dead labeler go to another one"
         # (counted just after the send: the window can arrive before the counter moves)
-        assert wait_for(lambda: resent_total() >= 3, HANG_S)
+        wait_for(lambda: resent_total() >= 3, HANG_S, "3 windows counted resent")
         assert streamer.runtime.status["in_flight"] <= 3
         for wid in resent:
             send(fresh, "done", window_id=wid, status="stored", reason="")
-        assert wait_for(lambda: streamer.runtime.status["acked"] == 4, HANG_S)
+        wait_for(lambda: streamer.runtime.status["acked"] == 4, HANG_S, "4 windows acked")
         fresh.close(linger=0)
     finally:
         streamer.stop()
 
 
-def test_streamer_rejects_malformed_and_keeps_serving(tmp_path, ctx, video):
-    cfg = make_cfg(tmp_path, [video])
-    streamer = Stage(streamer_service.run, cfg, "streamer")
+def test_streamer_rejects_malformed_and_keeps_serving(stream_cfg, stage, wait_for, ctx, video):
+    cfg = stream_cfg([video])
+    streamer = stage(streamer_service.run, cfg, "streamer")
     peer = ctx.socket(zmq.DEALER)
     peer.setsockopt(zmq.LINGER, 0)
     peer.connect(cfg.network.connect(cfg.network.work_port))
@@ -229,7 +180,7 @@ def test_streamer_rejects_malformed_and_keeps_serving(tmp_path, ctx, video):
                     for r in ("too_few_frames", "bad_header", "unexpected_kind", "bad_credits", "bad_done")}
 
         # waits for all five: the one seen first need not be the last one handled
-        assert wait_for(lambda: all(v == 1 for v in rejected().values())), rejected()
+        wait_for(lambda: all(v == 1 for v in rejected().values()), HANG_S, "each bad message rejected once")
         send(peer, "ready", credits=1)
         msg = recv(peer, HANG_S)
         assert msg is not None and msg.kind == "window" and streamer.thread.is_alive()
@@ -238,16 +189,16 @@ def test_streamer_rejects_malformed_and_keeps_serving(tmp_path, ctx, video):
         streamer.stop()
 
 
-def test_labeler_rejects_malformed_drops_bad_windows_and_retries_inserts(tmp_path, ctx):
+def test_labeler_rejects_malformed_drops_bad_windows_and_retries_inserts(stream_cfg, stage, ctx):
     # The first insert is lost: the labeler retries after 0.4 s. A busy machine may also be slow
     # to acknowledge a later attempt, so there are retries enough for any machine (they bound a
     # hang) and such a retry is answered "duplicate"; the window is still stored exactly once.
-    cfg = make_cfg(tmp_path, [], labeler={"insert_timeout_s": 0.4, "insert_retries": 300})
+    cfg = stream_cfg([], labeler={"insert_timeout_s": 0.4, "insert_retries": 300})
     replay = FakeReplay(ctx, cfg, ignore_first=1)
     work = ctx.socket(zmq.ROUTER)  # a minimal streamer peer
     work.setsockopt(zmq.LINGER, 0)
     work.bind(cfg.network.bind(cfg.network.work_port))
-    labeler = Stage(labeler_service.run, cfg, "labeler")
+    labeler = stage(labeler_service.run, cfg, "labeler")
 
     def window(frames, wid):
         v, h, w = frames.shape[:3]
