@@ -12,11 +12,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from learner.config import LossConfig, RefineConfig
 from learner.losses.depth import _fp32
 from learner.losses.matches import (Robust, _angle_costs, _camera_rays, _match_depths, _match_inputs, _point_costs,
                                     _unit, _world_rays, robust_angle_cost)
 from learner.losses.supervised import _relative_pose_errors
 from reliev3r import geometry
+
+
+_REFINE, _TERMS = RefineConfig(), LossConfig()
+"""Where :func:`refine_geometry`'s keyword defaults come from: ``learner.loss.refine`` and the
+match terms of ``learner.loss`` (one default per setting, the config's)."""
 
 
 def refine_geometry(
@@ -26,20 +32,23 @@ def refine_geometry(
     matches: Tensor,
     weights: Tensor | None = None,
     *,
-    steps: int = 50,
-    lr: float = 0.02,
-    reproj_weight: float = 0.5,
-    point_weight: float = 1.0,
-    robust: Robust = "cauchy",
-    scale_deg: float = 10.0,
+    steps: int = _REFINE.steps,
+    lr: float = _REFINE.lr,
+    reproj_weight: float = _TERMS.reproj_weight,
+    point_weight: float = _TERMS.point_weight,
+    robust: Robust = _TERMS.robust,
+    scale_deg: float = _TERMS.scale_deg,
     compiled: bool = False,
-    solver: Literal["adam", "lm"] = "adam",
-    scales: bool = True,
-    shifts: bool = False,
+    solver: Literal["adam", "lm"] = _REFINE.solver,
+    scales: bool = _REFINE.scales,
+    shifts: bool = _REFINE.shifts,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-window bundle adjustment under the weak match terms: the poses and per-view depth
     scales (and shifts) that minimise ``reproj_weight · L_reproj + point_weight · L_point``
     with the depth's *shape* held fixed, searched from ``cam_to_world``, scale 1 and shift 0.
+    The settings default to ``RefineConfig``'s and ``LossConfig``'s (the objective passes the
+    run's); ``compiled`` is off unless asked for (``RefineConfig.compile`` is what turns it on
+    in training).
 
     The variables per view are a rotation increment (axis-angle, applied on the left), a
     translation increment in units of the window's mean depth, a log depth scale σ and a depth
@@ -168,7 +177,7 @@ def _refine_match_costs(omega: Tensor, delta: Tensor, log_scale: Tensor, shift: 
 
 
 def _refine_lm(fixed: tuple[Tensor, ...], b: int, v: int, iterations: int, *, reproj_weight: float,
-               point_weight: float, robust: Robust, scale_deg: float, scales: bool = True
+               point_weight: float, robust: Robust, scale_deg: float, scales: bool
                ) -> tuple[Tensor, Tensor, Tensor]:
     """Levenberg-Marquardt on :func:`refine_geometry`'s variables, one damped Gauss-Newton
     system of 7V unknowns per window; the robust functions enter as IRLS weights. Each window
