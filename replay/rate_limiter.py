@@ -11,9 +11,17 @@ stored windows nothing is sampled and inserts are always allowed.
 
 from __future__ import annotations
 
+from replay.config import ReplayConfig
+
+
+_DEFAULTS = ReplayConfig()
+"""Where the ratio's keyword defaults come from (``replay.samples_per_insert``,
+``replay.tolerance``): one default per setting, the config's."""
+
 
 class RateLimiter:
-    def __init__(self, *, min_size: int = 1, samples_per_insert: float = 0.0, tolerance: float = 64.0):
+    def __init__(self, *, min_size: int = 1, samples_per_insert: float = _DEFAULTS.samples_per_insert,
+                 tolerance: float = _DEFAULTS.tolerance):
         if min_size < 1:
             raise ValueError("min_size must be >= 1")
         if samples_per_insert < 0:

@@ -16,6 +16,12 @@ from typing import Iterable
 
 import numpy as np
 
+from replay.config import ReplayConfig
+
+_DEFAULTS = ReplayConfig()
+"""Where the samplers' keyword defaults come from (``replay.recency_halflife``,
+``replay.priority_alpha``): one default per setting, the config's."""
+
 
 class Sampler:
     """Uniform over the stored keys. Subclasses change the weights."""
@@ -100,7 +106,7 @@ class RecencySampler(Sampler):
     """Weight ``2 ** ((key - newest_key) / halflife)``: a window's chance halves for every
     ``halflife`` windows inserted after it (keys are insertion numbers)."""
 
-    def __init__(self, seed: int = 0, *, halflife: float = 1000.0):
+    def __init__(self, seed: int = 0, *, halflife: float = _DEFAULTS.recency_halflife):
         super().__init__(seed)
         if halflife <= 0:
             raise ValueError("halflife must be > 0")
@@ -161,7 +167,7 @@ class PrioritizedSampler(Sampler):
     largest priority seen so far, so it is drawn soon (Schaul et al., prioritised replay).
     Draws and updates go through a :class:`SumTree`: O(log n) each."""
 
-    def __init__(self, seed: int = 0, *, alpha: float = 0.6, eps: float = 1e-6):
+    def __init__(self, seed: int = 0, *, alpha: float = _DEFAULTS.priority_alpha, eps: float = 1e-6):
         super().__init__(seed)
         if alpha < 0:
             raise ValueError("alpha must be >= 0")
@@ -227,7 +233,7 @@ class PrioritizedSampler(Sampler):
         self.max_priority = float(state.get("max_priority", 1.0))
 
 
-def make_sampler(kind: str, *, seed: int, halflife: float = 1000.0, alpha: float = 0.6) -> Sampler:
+def make_sampler(kind: str, *, seed: int, halflife: float, alpha: float) -> Sampler:
     if kind == "uniform":
         return Sampler(seed)
     if kind == "recency":
