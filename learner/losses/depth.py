@@ -10,6 +10,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from learner.config import LossConfig
+
+_TERMS = LossConfig()
+"""Where the keyword defaults below come from (``learner.loss``): one default per setting."""
+
 
 def _fp32(x: Tensor) -> Tensor:
     """Half precision in, fp32 out (losses run in fp32); fp32/fp64 pass through."""
@@ -55,7 +60,7 @@ def relative_depth_loss(
     confidence: Tensor | None,
     valid: Tensor,
     *,
-    alpha: float = 1.0,
+    alpha: float = _TERMS.alpha,
     teacher_space: Literal["depth", "disparity"] = "depth",
     min_valid: int = 16,
     eps: float = 1e-6,

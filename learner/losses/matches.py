@@ -37,13 +37,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from learner.config import LossConfig
 from learner.losses.depth import _fp32
 from reliev3r import geometry
 
 Robust = Literal["none", "cauchy", "geman_mcclure", "pseudo_huber"]
+_TERMS = LossConfig()
+"""Where the keyword defaults below come from (``learner.loss``): one default per setting."""
 
 
-def robust_angle_cost(one_minus_cos: Tensor, *, robust: Robust = "cauchy", scale_deg: float = 10.0) -> Tensor:
+def robust_angle_cost(one_minus_cos: Tensor, *, robust: Robust, scale_deg: float) -> Tensor:
     """ρ(ℓ) for ℓ = 1 − cos θ in [0, 2], elementwise.
 
     * ``none``: ρ = ℓ (≈ θ²/2; its slope in θ is sin θ, so a 90° outlier pulls harder than
@@ -92,8 +95,8 @@ def reprojection_loss(
     matches: Tensor,
     weights: Tensor | None = None,
     *,
-    robust: Robust = "cauchy",
-    scale_deg: float = 10.0,
+    robust: Robust = _TERMS.robust,
+    scale_deg: float = _TERMS.scale_deg,
     eps: float = 1e-6,
 ) -> Tensor:
     """Trigonometry-based reprojection loss (Reliev3R), a scalar.

@@ -7,8 +7,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from learner.config import LossConfig
 from learner.losses.depth import _fp32
 from reliev3r import geometry
+
+_TERMS = LossConfig()
+"""Where the keyword defaults below come from (``learner.loss``): one default per setting."""
 
 
 def _relative_poses(cam_to_world: Tensor) -> Tensor:
@@ -25,7 +29,7 @@ def supervised_loss(
     valid: Tensor,
     *,
     confidence: Tensor | None = None,
-    alpha: float = 1.0,
+    alpha: float = _TERMS.alpha,
     pose_weight: float = 1.0,
     min_valid: int = 16,
 ) -> Tensor:

@@ -10,9 +10,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from learner.config import LossConfig
 from learner.losses.depth import _fp32, weighted_median
 from learner.losses.matches import (Robust, _angle_costs, _camera_rays, _match_depths, _match_inputs, _weighted_mean,
                                     _world_rays)
+
+_TERMS = LossConfig()
+"""Where the keyword defaults below come from (``learner.loss``): one default per setting."""
 
 
 def _triangulation_inputs(matches: Tensor, triangulation: Tensor, dtype: torch.dtype
@@ -85,8 +89,8 @@ def triangulated_pose_loss(
     matches: Tensor,
     triangulation: Tensor,
     *,
-    robust: Robust = "cauchy",
-    scale_deg: float = 10.0,
+    robust: Robust = _TERMS.robust,
+    scale_deg: float = _TERMS.scale_deg,
     eps: float = 1e-6,
 ) -> Tensor:
     """The angle terms of :func:`reprojection_loss` evaluated with the matches' two-view
