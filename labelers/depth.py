@@ -14,6 +14,12 @@ from typing import Literal
 
 import numpy as np
 
+from labelers.config import LabelerConfig
+
+_LABELER = LabelerConfig()
+"""Where the teachers' keyword defaults come from (``labeler.device``, ``batch_frames``,
+``precision``, ``compile``): one default per setting, the config's."""
+
 
 class TeacherError(Exception):
     """A teacher cannot label this window; ``reason`` is the countable drop reason."""
@@ -266,8 +272,8 @@ def _pop_ambiguity(spec: str) -> tuple[str, str | None]:
     return (f"{base}?{rest}" if rest else base), value
 
 
-def make_teacher(spec: str, device: str = "cpu", *, batch_frames: int = 16, precision: str = "auto",
-                 compile: str = "none") -> DepthTeacher:
+def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int = _LABELER.batch_frames,
+                 precision: str = _LABELER.precision, compile: str = _LABELER.compile) -> DepthTeacher:
     """The teacher named by ``spec``:
 
     * ``none``, ``oracle``, ``oracle?strength=S`` or ``oracle?gamma=..&warp=..&blur=..&clip=..&noise=..&holes=..``

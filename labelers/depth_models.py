@@ -118,8 +118,8 @@ class TorchDepthTeacher(DepthTeacher):
     def __init__(self, module: torch.nn.Module | torch.jit.ScriptModule,
                  call: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], *, device: str,
                  input_size: tuple[int, int] | None, keep_aspect: bool, multiple: int,
-                 mean: Sequence[float], std: Sequence[float], batch_frames: int = 16,
-                 precision: Literal["auto", "fp32", "bf16"] = "auto", compile: Compile = "none"):
+                 mean: Sequence[float], std: Sequence[float], batch_frames: int,
+                 precision: Literal["auto", "fp32", "bf16"], compile: Compile):
         if batch_frames < 1:
             raise ValueError("batch_frames must be >= 1")
         self.device = torch.device(device)
@@ -244,7 +244,7 @@ class HFDepthTeacher(TorchDepthTeacher):
     or the hub cache has it). Preprocessing follows the model's image-processor config
     (size, aspect policy, multiple, mean/std), reimplemented on the device."""
 
-    def __init__(self, source: str, *, device: str = "cpu", space: str | None = None, **kw):
+    def __init__(self, source: str, *, device: str, space: str | None = None, **kw):
         try:
             from transformers import AutoModelForDepthEstimation
             from transformers.image_processing_utils import ImageProcessingMixin
@@ -289,7 +289,7 @@ class TorchScriptDepthTeacher(TorchDepthTeacher):
 
     OPTIONS = {"space", "size", "multiple", "norm"}
 
-    def __init__(self, path: str, opts: dict, *, device: str = "cpu", **kw):
+    def __init__(self, path: str, opts: dict, *, device: str, **kw):
         _check_options(opts, self.OPTIONS, path)
         self.space = _space(opts, None, path)
         module = torch.jit.load(path, map_location=device)
@@ -349,7 +349,7 @@ class ONNXDepthTeacher(HostDepthTeacher):
 
     OPTIONS = {"space", "size", "multiple", "norm", "output"}
 
-    def __init__(self, path: str, opts: dict, *, device: str = "cpu", threads: int = 0):
+    def __init__(self, path: str, opts: dict, *, device: str, threads: int = 0):
         try:
             import onnxruntime as ort
         except ImportError as err:
@@ -409,7 +409,7 @@ class TFLiteDepthTeacher(HostDepthTeacher):
 
     OPTIONS = {"space", "norm", "output", "threads"}
 
-    def __init__(self, path: str, opts: dict, *, device: str = "cpu", default_output: str | None = None,
+    def __init__(self, path: str, opts: dict, *, device: str, default_output: str | None = None,
                  default_space: str | None = None, default_norm: str = "unit", name: str = "tflite"):
         try:
             from ai_edge_litert.interpreter import Interpreter
@@ -447,8 +447,8 @@ PYDNET_OUTPUT = "PSD/resize_images/ResizeBilinear"
 """PyDNet++ (mobilePydnet) TFLite: of its three outputs, the full-resolution depth-like one."""
 
 
-def make_model_teacher(kind: str, target: str, *, device: str, batch_frames: int = 16,
-                       precision: str = "auto", compile: Compile = "none") -> DepthTeacher:
+def make_model_teacher(kind: str, target: str, *, device: str, batch_frames: int, precision: str,
+                       compile: Compile) -> DepthTeacher:
     """``kind`` in hf, torchscript, onnx, tflite, pydnet; ``target`` = path or hub id plus an
     optional ``?key=value&...`` option string."""
     path, _, query = target.partition("?")

@@ -23,11 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labelers.config import LabelerConfig
 from labelers.depth import DepthTeacher, TeacherError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS = WEIGHTS_DIR / "embedded_depth.safetensors"
 META = WEIGHTS_DIR / "embedded_depth.json"
+_LABELER = LabelerConfig()
+"""Where the teacher's keyword defaults come from (``labeler.device``, ``batch_frames``,
+``precision``): one default per setting, the config's."""
 FORMAT = 1
 """Version of the weights+meta layout; bumped (with an upgrade function) if it changes."""
 DEFAULT_WIDTHS = (32, 48, 96, 144, 192)
@@ -148,8 +152,8 @@ class EmbeddedTeacher(DepthTeacher):
     name = "embedded-unet"
     space = "depth"
 
-    def __init__(self, device: str = "cpu", *, weights: Path | None = None, batch_frames: int = 16,
-                 precision: str = "auto"):
+    def __init__(self, device: str = _LABELER.device, *, weights: Path | None = None,
+                 batch_frames: int = _LABELER.batch_frames, precision: str = _LABELER.precision):
         self.device = torch.device(device)
         self.weights = Path(weights) if weights is not None else WEIGHTS
         self.net, self.meta = load_net(self.weights)
