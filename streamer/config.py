@@ -81,6 +81,12 @@ class StreamerConfig:
     above this is a hard cut as well. 0 disables."""
     interleave: int = 4
     """Sources decoded at once, one window from each in turn (round robin)."""
+    decode_workers: int = 1
+    """Processes that decode archive sources, pick their keyframes and cut their windows, one
+    source each at a time (``streamer.workers``): with several, up to ``interleave`` sources
+    use as many cores. 1: no workers, every source in the streamer process; 0: one per core
+    this process may run on (``os.sched_getaffinity``). Windows and their ids are the same
+    either way."""
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 
@@ -125,3 +131,5 @@ class StreamerConfig:
             raise ValueError("scene_cut_hist must lie in [0, 1]")
         if self.interleave < 1:
             raise ValueError("interleave must be >= 1")
+        if self.decode_workers < 0:
+            raise ValueError("decode_workers must be >= 0 (0: one per available core)")

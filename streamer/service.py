@@ -29,6 +29,7 @@ from streamer import sources as srcs
 from streamer.live import LiveSource, is_live
 from streamer.progress import Progress
 from streamer.windows import Window, windows_of
+from streamer.workers import source_windows
 
 MAX_ATTEMPTS = 5
 """A window sent this many times without a ``done`` is abandoned (a poison window must not
@@ -140,10 +141,10 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                     continue
                 if start:
                     log.info("resuming source", extra={"source": source.name, "frame": start, "pass": pass_index})
-                frames = _counted(source, on_frame, start)
-                # (a resumed source may rightly have too few frames left for a window)
-                active.append((source.name, windows_of(source.name, frames, cfg, pass_index=pass_index,
-                                                        on_error=None if start else on_error)))
+                # (a resumed source may rightly have too few frames left for a window); in a
+                # decode worker of its own where cfg.decode_workers allows
+                active.append((source.name, source_windows(source, cfg, start=start, pass_index=pass_index,
+                                                            on_frame=on_frame, on_error=on_error)))
             for entry in list(active):
                 name, it = entry
                 try:

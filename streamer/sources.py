@@ -13,6 +13,7 @@ raises either: a path it cannot use is reported with its reason and the others a
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import logging
@@ -20,13 +21,15 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
+
+from streamer.glance import glance_of_video_frame
 
 log = logging.getLogger("reliev3r.streamer.sources")
 
@@ -55,23 +58,51 @@ def _log_error(source: str, reason: str, detail: str) -> None:
     log.warning("decode error", extra={"source": source, "reason": reason, "detail": detail})
 
 
-@dataclass(slots=True)
 class Frame:
-    index: int
-    """Frame number in its source (0-based, decode order of presentation)."""
-    timestamp: float
-    """Seconds from the start of the source."""
-    rgb: np.ndarray
-    """uint8 [H, W, 3]."""
-    intrinsics: np.ndarray
-    """float64 [3, 3] in pixels of ``rgb`` (known or assumed from the field of view)."""
-    gt_depth: np.ndarray | None = None
-    """float32 [H', W'] z-depth in metres (0 = unknown), any resolution of the same view."""
-    gt_cam_to_world: np.ndarray | None = None
-    """float64 [4, 4]."""
-    discontinuity: bool = False
-    """First frame after a gap (a live feed that reconnected, frames dropped after damage, an
-    unreadable image): windows do not span it."""
+    """One frame of a source. ``rgb``, ``gt_depth`` and ``gt_cam_to_world`` may be given as
+    functions of no arguments: they run on first access (a source converts to RGB, or reads
+    ground truth, only for the frames that become views) and their result is kept."""
+
+    __slots__ = ("index", "timestamp", "_rgb", "intrinsics", "_gt_depth", "_gt_cam_to_world", "discontinuity",
+                 "glance")
+
+    def __init__(self, index: int, timestamp: float, rgb, intrinsics: np.ndarray, gt_depth=None,
+                 gt_cam_to_world=None, discontinuity: bool = False, glance=None):
+        self.index = index
+        """Frame number in its source (0-based, decode order of presentation)."""
+        self.timestamp = timestamp
+        """Seconds from the start of the source."""
+        self._rgb = rgb
+        self.intrinsics = intrinsics
+        """float64 [3, 3] in pixels of ``rgb`` (known or assumed from the field of view)."""
+        self._gt_depth = gt_depth
+        self._gt_cam_to_world = gt_cam_to_world
+        self.discontinuity = discontinuity
+        """First frame after a gap (a live feed that reconnected, frames dropped after damage, an
+        unreadable image): windows do not span it."""
+        self.glance = glance
+        """``streamer.windows.Glance`` made by the source (None: made from ``rgb`` when needed)."""
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """uint8 [H, W, 3]."""
+        if callable(self._rgb):
+            self._rgb = self._rgb()
+        return self._rgb
+
+    @property
+    def gt_depth(self) -> np.ndarray | None:
+        """float32 [H', W'] z-depth in metres (0 = unknown), any resolution of the same view."""
+        if callable(self._gt_depth):
+            self._gt_depth = self._gt_depth()
+        return self._gt_depth
+
+    @property
+    def gt_cam_to_world(self) -> np.ndarray | None:
+        """float64 [4, 4]."""
+        if callable(self._gt_cam_to_world):
+            self._gt_cam_to_world = self._gt_cam_to_world()
+        return self._gt_cam_to_world
 
 
 def source_name(path: Path) -> str:
@@ -229,10 +260,13 @@ def _open_video(path: str):
 class VideoSource:
     """A video file in any container and codec FFmpeg decodes."""
 
-    def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error):
+    def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
+                 decode_threads: int = 0):
         self.path = Path(path)
         self.name = source_name(self.path)
         self.fov_deg = fov_deg
+        self.decode_threads = decode_threads
+        """Decoder threads (0: FFmpeg's choice, about one per core); a decode worker uses 1."""
         self.on_error = on_error
         self.position = 0
         self.gt = _load_synthetic_gt(self.path)
@@ -268,10 +302,13 @@ class VideoSource:
         ``discontinuity``: no window spans the damage."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if self.decode_threads:
+            stream.thread_count = self.decode_threads
         index, last_time, errors_in_row = 0, 0.0, 0
         gate = DamageGate()
         rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
+        reformatter = VideoReformatter()  # one for the stream: a frame's own is set up anew each frame
         packets = container.demux(stream)
         while True:
             try:
@@ -315,19 +352,19 @@ class VideoSource:
                     continue
                 if i < start:
                     continue
-                rgb = vframe.to_ndarray(format="rgb24")
                 turns = round(float(getattr(vframe, "rotation", 0) or 0) / 90) % 4
-                if turns:  # a display matrix (phones): upright, as players show it
-                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
-                if min(rgb.shape[:2]) < MIN_FRAME_SIDE:
-                    self.on_error(self.name, "too_small", f"{self.path}: frames of {rgb.shape[1]}x{rgb.shape[0]}, "
+                shape = (vframe.width, vframe.height) if turns % 2 else (vframe.height, vframe.width)
+                if min(shape) < MIN_FRAME_SIDE:
+                    self.on_error(self.name, "too_small", f"{self.path}: frames of {shape[1]}x{shape[0]}, "
                                                           f"less than {MIN_FRAME_SIDE} pixels a side")
                     return
-                if intrinsics is None or intrinsics[1] != rgb.shape[:2]:
-                    intrinsics = (self._intrinsics(rgb.shape[1], rgb.shape[0]), rgb.shape[:2])
+                if intrinsics is None or intrinsics[1] != shape:
+                    intrinsics = (self._intrinsics(shape[1], shape[0]), shape)
                 self.position = index
-                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, rgb.shape),
-                            discontinuity=gate.take_gap())
+                # RGB only for the frames that become views; the tests look at the glance.
+                yield Frame(i, last_time, functools.partial(_rgb_of, reformatter, vframe, turns), intrinsics[0],
+                            *self._gt(i, shape), discontinuity=gate.take_gap(),
+                            glance=glance_of_video_frame(vframe, turns))
         if gate.dropped:
             self.on_error(self.name, "skipped_to_keyframe",
                           f"{self.path}: {gate.report_dropped()} suspect frames dropped, no keyframe followed")
@@ -363,6 +400,13 @@ class VideoSource:
             return None, None
         return (np.asarray(self.gt.depth[index], dtype=np.float32),
                 np.asarray(self.gt.cam_to_world[index], dtype=np.float64))
+
+
+def _rgb_of(reformatter: VideoReformatter, vframe, turns: int) -> np.ndarray:
+    """A decoded frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``),
+    turned upright by ``turns`` quarter turns (a display matrix: as players show it)."""
+    rgb = reformatter.reformat(vframe, format="rgb24").to_ndarray()
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def _load_synthetic_gt(path: Path):
@@ -416,28 +460,33 @@ class ImageSequenceSource:
                 continue
             h, w = rgb.shape[:2]
             K = self.intrinsics if self.intrinsics is not None else fov_intrinsics(self.fov_deg, w, h)
-            depth, pose = self._gt(file)
             self.position = i + 1
-            yield Frame(i, float(i), rgb, K, depth, pose, discontinuity=gap)
+            # ground truth is read when a view asks for it (most frames never become views)
+            yield Frame(i, float(i), rgb, K, functools.partial(self._depth, file), functools.partial(self._pose, file),
+                        discontinuity=gap)
             gap = False
 
-    def _gt(self, file: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
-        stem = _frame_stem(file)
-        depth_file, pose_file = file.with_name(f"{stem}.depth.png"), file.with_name(f"{stem}.pose.txt")
-        depth = pose = None
-        if depth_file.is_file():
-            raw = cv2.imread(str(depth_file), cv2.IMREAD_UNCHANGED)
-            if raw is not None and raw.ndim == 2:
-                depth = raw.astype(np.float32) / self.depth_scale
-                depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
-        if pose_file.is_file():
-            try:
-                pose = np.loadtxt(pose_file, dtype=np.float64).reshape(4, 4)
-                if not np.isfinite(pose).all():
-                    pose = None
-            except ValueError:
-                pose = None
-        return depth, pose
+    def _depth(self, file: Path) -> np.ndarray | None:
+        depth_file = file.with_name(f"{_frame_stem(file)}.depth.png")
+        if not depth_file.is_file():
+            return None
+        raw = cv2.imread(str(depth_file), cv2.IMREAD_UNCHANGED)
+        if raw is None or raw.ndim != 2:
+            return None
+        depth = raw.astype(np.float32) / self.depth_scale
+        depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
+        return depth
+
+    @staticmethod
+    def _pose(file: Path) -> np.ndarray | None:
+        pose_file = file.with_name(f"{_frame_stem(file)}.pose.txt")
+        if not pose_file.is_file():
+            return None
+        try:
+            pose = np.loadtxt(pose_file, dtype=np.float64).reshape(4, 4)
+        except ValueError:
+            return None
+        return pose if np.isfinite(pose).all() else None
 
 
 def read_image(file: Path) -> np.ndarray:

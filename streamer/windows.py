@@ -13,6 +13,13 @@ Keyframes (every decoded frame is looked at, candidates are ``frame_stride`` apa
   views). Parallax is favoured over rotation: while the best homography explains the flow
   (80th-percentile residual below ``keyframe_min_parallax``: a pure rotation, nothing to triangulate)
   the candidate waits until the flow reaches ``keyframe_rotation_flow``.
+
+Every test looks at a :class:`Glance` of the frame, made once per frame at a fixed small size
+(a grey image ``MOTION_WIDTH`` wide and a 64x48 colour image), never at the full frame: a video
+source makes it straight from the decoder's planes (``streamer.sources``) and converts the full
+frame to RGB only for the views it keeps. The corners tracked from the last kept view are found
+once per kept view, and the homography only when its parallax can
+change the decision.
 """
 
 from __future__ import annotations
@@ -26,12 +33,11 @@ import numpy as np
 
 from reliev3r import imaging
 from reliev3r.protocol import Message
+from streamer.glance import COLOUR_SIZE, MOTION_WIDTH, Glance, glance_of_rgb, shrink  # noqa: F401 (MOTION_WIDTH)
 from streamer.sources import Frame
 
 THUMB_SIZE = (32, 24)
 """Width, height of the grey thumbnails the scene-cut test compares."""
-MOTION_WIDTH = 160
-"""Width of the grey images the keyframe gate tracks points on (flows are in these pixels)."""
 MIN_TRACKED = 8
 SHARPNESS_HISTORY = 15
 """Recent candidate sharpness values the blur test compares against (a running median)."""
@@ -81,16 +87,21 @@ def resize_view(frame: Frame, width: int, height: int) -> View:
     return View(frame.index, frame.timestamp, rgb, K, depth, frame.gt_cam_to_world)
 
 
-def thumbnail(rgb: np.ndarray) -> np.ndarray:
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+def glance(frame) -> Glance:
+    """The frame's glance: made by its source where it can (from the decoder's planes), else
+    from its RGB."""
+    made = getattr(frame, "glance", None)
+    return made if made is not None else glance_of_rgb(frame.rgb)
+
+
+def thumbnail(grey: np.ndarray) -> np.ndarray:
+    """32x24 float thumbnail of a glance's grey image."""
     return cv2.resize(grey, THUMB_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def motion_grey(rgb: np.ndarray) -> np.ndarray:
     """Grey image MOTION_WIDTH pixels wide: what the keyframe gate tracks points on."""
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    h, w = grey.shape
-    return cv2.resize(grey, (MOTION_WIDTH, max(16, round(h * MOTION_WIDTH / w))), interpolation=cv2.INTER_AREA)
+    return glance_of_rgb(rgb).grey
 
 
 def sharpness(grey: np.ndarray) -> float:
@@ -98,11 +109,15 @@ def sharpness(grey: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_32F).var())
 
 
-def colour_histogram(rgb: np.ndarray) -> np.ndarray:
-    small = cv2.resize(rgb, (64, 48), interpolation=cv2.INTER_AREA)
-    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+def hs_histogram(colour: np.ndarray) -> np.ndarray:
+    """Normalised 16x16 hue-saturation histogram of a glance's colour image."""
+    hsv = cv2.cvtColor(colour, cv2.COLOR_RGB2HSV)
     hist = cv2.calcHist([hsv], [0, 1], None, [16, 16], [0, 180, 0, 256])
     return cv2.normalize(hist, hist, 1.0, 0.0, cv2.NORM_L1)
+
+
+def colour_histogram(rgb: np.ndarray) -> np.ndarray:
+    return hs_histogram(shrink(rgb, COLOUR_SIZE))
 
 
 @dataclass(slots=True)
@@ -116,22 +131,42 @@ class Motion:
     tracked: int
 
 
-def camera_motion(a: np.ndarray, b: np.ndarray) -> Motion | None:
-    """Camera motion from grey image ``a`` to ``b`` (same size); None when too few points track
-    (a cut, a blank frame, or a change too large to follow: treat as lots of motion).
+LK_WINDOW, LK_LEVELS = (15, 15), 3
+
+
+class Reference:
+    """A kept view's grey image and its corners, found once for every candidate tracked
+    from it."""
+
+    __slots__ = ("grey", "corners")
+
+    def __init__(self, grey: np.ndarray):
+        self.grey = grey
+        self.corners = cv2.goodFeaturesToTrack(grey, 100, 0.01, 6)
+
+
+def camera_motion(a: np.ndarray | Reference, b: np.ndarray,
+                  parallax_needed: Callable[[float], bool] | None = None) -> Motion | None:
+    """Camera motion from grey image ``a`` (or a :class:`Reference` of it) to ``b`` (same
+    size); None when too few points track (a cut, a blank frame, or a change too large to
+    follow: treat as lots of motion). With ``parallax_needed(flow)`` False the homography is
+    not fitted and ``parallax`` is NaN.
 
     The median over corners follows the camera, not a minority of moving objects, so a still
     camera watching a moving hand reads as still.
     """
-    pts = cv2.goodFeaturesToTrack(a, 100, 0.01, 6)
+    ref = a if isinstance(a, Reference) else Reference(a)
+    pts = ref.corners
     if pts is None or len(pts) < MIN_TRACKED:
         return None
-    nxt, status, _ = cv2.calcOpticalFlowPyrLK(a, b, pts, None, winSize=(15, 15), maxLevel=3)
+    nxt, status, _ = cv2.calcOpticalFlowPyrLK(ref.grey, b, pts, None, winSize=LK_WINDOW, maxLevel=LK_LEVELS)
     ok = status[:, 0] == 1
     if ok.sum() < MIN_TRACKED:
         return None
     p, q = pts[ok, 0], nxt[ok, 0]
     flow = float(np.median(np.linalg.norm(q - p, axis=1)))
+    if parallax_needed is not None and not parallax_needed(flow):
+        return Motion(flow, float("nan"), int(ok.sum()))
     H, _ = cv2.findHomography(p, q, cv2.RANSAC, 1.0)
     if H is None:
         return Motion(flow, float("inf"), int(ok.sum()))
@@ -159,7 +194,7 @@ class WindowBuilder:
         self.rotation_flow, self.blur_ratio = rotation_flow, blur_ratio
         self.buffer: deque[View] = deque()
         self.last_thumb: np.ndarray | None = None  # of the last kept view
-        self.last_grey: np.ndarray | None = None  # of the last kept view
+        self.last_grey: Reference | None = None  # of the last kept view
         self.prev_cut_stats: tuple[np.ndarray, np.ndarray] | None = None  # of the previous frame
         self.sharpness: deque[float] = deque(maxlen=SHARPNESS_HISTORY)
         self.next_candidate = 0
@@ -171,10 +206,10 @@ class WindowBuilder:
         self.last_thumb = self.last_grey = None
         self.next_candidate = index
 
-    def _is_cut(self, frame: Frame) -> bool:
+    def _is_cut(self, seen: Glance, thumb: np.ndarray) -> bool:
         if self.scene_cut <= 0 and self.scene_cut_hist <= 0:
             return False
-        stats = (thumbnail(frame.rgb), colour_histogram(frame.rgb))
+        stats = (thumb, hs_histogram(seen.colour) if self.scene_cut_hist > 0 else None)
         prev, self.prev_cut_stats = self.prev_cut_stats, stats
         if prev is None:
             return False
@@ -191,13 +226,17 @@ class WindowBuilder:
             self.discontinuities += 1
             self.prev_cut_stats = None
             self._restart(frame.index)
-        if self._is_cut(frame):  # tested on consecutive frames, candidate or not
+        cut_test = self.scene_cut > 0 or self.scene_cut_hist > 0
+        if not cut_test and frame.index < self.next_candidate:
+            return None  # nothing to look at
+        seen = glance(frame)
+        thumb = thumbnail(seen.grey)
+        if self._is_cut(seen, thumb):  # tested on consecutive frames, candidate or not
             self.cuts += 1
             self._restart(frame.index)
         if frame.index < self.next_candidate:
             return None
-        thumb = thumbnail(frame.rgb)
-        grey = motion_grey(frame.rgb) if self.min_flow > 0 or self.blur_ratio > 0 else None
+        grey = seen.grey if self.min_flow > 0 or self.blur_ratio > 0 else None
         if self.blur_ratio > 0:
             sharp = sharpness(grey)
             self.sharpness.append(sharp)
@@ -207,8 +246,9 @@ class WindowBuilder:
         if self.last_thumb is not None and float(np.abs(thumb - self.last_thumb).mean()) < self.min_motion:
             self._skip(frame, "skipped_still")
             return None
-        if self.min_flow > 0 and self.last_grey is not None and self.last_grey.shape == grey.shape:
-            motion = camera_motion(self.last_grey, grey)
+        if self.min_flow > 0 and self.last_grey is not None and self.last_grey.grey.shape == grey.shape:
+            # the parallax decides only between min_flow and rotation_flow
+            motion = camera_motion(self.last_grey, grey, lambda flow: self.min_flow <= flow < self.rotation_flow)
             if motion is not None:  # None: tracking lost, plenty of change
                 if motion.flow < self.min_flow:
                     self._skip(frame, "skipped_still")
@@ -216,7 +256,8 @@ class WindowBuilder:
                 if motion.parallax < self.min_parallax and motion.flow < self.rotation_flow:
                     self._skip(frame, "skipped_rotation")
                     return None
-        self.last_thumb, self.last_grey = thumb, grey
+        self.last_thumb = thumb
+        self.last_grey = Reference(grey) if self.min_flow > 0 else None
         self.next_candidate = frame.index + self.frame_stride
         self.buffer.append(resize_view(frame, self.width, self.height))
         if len(self.buffer) < self.views:

@@ -1,0 +1,175 @@
+"""Decode workers (``streamer.decode_workers``) and the per-frame glance: the same windows, ids,
+order, pixels and named error reasons with workers as without; resume from a frame the same;
+the glance made from a video's decoder planes agrees with the one made from its RGB frames."""
+
+from __future__ import annotations
+
+import logging
+import av
+import numpy as np
+import pytest
+
+from streamer import workers
+from streamer.config import StreamerConfig
+from streamer.glance import glance_of_rgb, glance_of_video_frame
+from streamer.progress import Progress
+from streamer.service import window_stream
+from streamer.sources import ImageSequenceSource, VideoSource, discover, source_name
+from streamer.windows import builder_for, hs_histogram, thumbnail
+from streamer_media import SHARED, encode, panning_frames
+
+KITCHEN = SHARED / "7scenes-redkitchen"
+WINDOWS = dict(views=3, height=32, width=48, frame_stride=2, window_step=4, loop=False)
+
+
+class Events(list):
+    def __call__(self, *event):
+        self.append(event)
+
+
+def stream(specs, cfg, progress=None):
+    """(windows, errors, frames counted per source) through the service's window stream."""
+    errors, frames = Events(), {}
+
+    def on_frame(name):
+        frames[name] = frames.get(name, 0) + 1
+
+    windows = list(window_stream(lambda: discover(specs, on_error=errors), cfg, on_frame=on_frame,
+                                 on_error=errors, log=logging.getLogger("test"), progress=progress))
+    return windows, errors, frames
+
+
+def as_data(windows):
+    return [(w.window_id, w.source, [v.index for v in w.views], [v.timestamp for v in w.views],
+             np.stack([v.rgb for v in w.views]).tobytes(), np.stack([v.intrinsics for v in w.views]).astype(np.float32).tobytes())
+            for w in windows]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    good = [encode(folder / f"pan{i}.mp4", panning_frames(40, 96, 64, step=3 + i, seed=i)) for i in range(3)]
+    data = good[0].read_bytes()
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("this is not a video\n" * 20)
+    corrupt = bytearray(data)
+    mid = len(corrupt) // 2
+    corrupt[mid:mid + 1500] = np.random.default_rng(0).integers(0, 256, 1500, dtype=np.uint8).tobytes()
+    (folder / "corrupt.mp4").write_bytes(bytes(corrupt))
+    short = encode(folder / "short.mp4", panning_frames(3, 96, 64))
+    return [*good, folder / "zero.mp4", folder / "text.mp4", folder / "corrupt.mp4", short, folder / "missing.mp4"]
+
+
+def test_workers_make_the_same_windows_and_name_the_same_errors(clips):
+    specs = [str(c) for c in clips]
+    alone, alone_errors, alone_frames = stream(specs, StreamerConfig(**WINDOWS, decode_workers=1))
+    pooled, pooled_errors, pooled_frames = stream(specs, StreamerConfig(**WINDOWS, decode_workers=2))
+    assert len(alone) >= 20
+    assert as_data(pooled) == as_data(alone)  # ids, order, frame indices, timestamps, pixels, intrinsics
+    assert sorted(pooled_errors) == sorted(alone_errors)
+    reasons = {(s, r) for s, r, _ in pooled_errors}
+    assert {(source_name(clips[3]), "empty_file"), (source_name(clips[4]), "open_failed"),
+            (source_name(clips[6]), "too_short"), (source_name(clips[7]), "missing")} <= reasons
+    assert any(s == source_name(clips[5]) for s, _ in reasons)  # the corrupt clip says why
+    assert pooled_frames == alone_frames  # decode_frames_total per source, counted from the workers' reports
+
+
+def test_workers_resume_where_progress_says(clips, tmp_path):
+    """A source resumed at frame 12 gives the windows from there, with workers as without;
+    acknowledged windows are skipped in the caller either way."""
+    specs = [str(clips[0]), str(clips[1])]
+    runs = []
+    for count in (1, 2):
+        path = tmp_path / f"progress-{count}.json"
+        first = Progress(path, window_step=WINDOWS["window_step"])
+        name = source_name(clips[0])
+        first.made(name, f"{name}:0:12")
+        first.made(name, f"{name}:0:16")
+        first.acked(f"{name}:0:16")  # out of order: 12 still out, so the source resumes at 12
+        first.save()
+        progress = Progress(path, window_step=WINDOWS["window_step"])
+        assert progress.start_frame(name) == 12
+        windows, errors, _ = stream(specs, StreamerConfig(**WINDOWS, decode_workers=count), progress)
+        runs.append((as_data(windows), errors))
+        resumed = [w for w in windows if w.source == name]
+        assert resumed and min(int(w.window_id.rsplit(":", 1)[1]) for w in resumed) == 12
+        assert f"{name}:0:16" not in {w.window_id for w in windows}
+    assert runs[0] == runs[1]
+
+
+def test_worker_count_and_pool_reuse():
+    assert workers.available_cores() >= 1
+    assert workers.worker_count(StreamerConfig(decode_workers=0)) == workers.available_cores()
+    assert workers.worker_count(StreamerConfig(decode_workers=3)) == 3
+    assert workers.pool_for(StreamerConfig(decode_workers=1)) is None
+    pool = workers.pool_for(StreamerConfig(decode_workers=2))
+    assert pool is workers.pool_for(StreamerConfig(decode_workers=2))  # one pool per configuration
+    with pytest.raises(ValueError, match="decode_workers"):
+        StreamerConfig(decode_workers=-1)
+
+
+def test_window_message_round_trip():
+    """A window as it crosses a worker's pipe (the wire format's ``window``), ground truth too."""
+    from types import SimpleNamespace
+
+    clip_cfg = StreamerConfig(**{**WINDOWS, "views": 2, "frame_stride": 1, "keyframe_min_flow": 0})
+    builder = builder_for("s", clip_cfg)
+    window = None
+    for i, rgb in enumerate(panning_frames(6, 64, 48, step=4)):
+        gt = np.full((24, 32), 2.0, np.float32)
+        window = window or builder.push(SimpleNamespace(index=i, timestamp=0.1 * i, rgb=rgb, intrinsics=np.eye(3),
+                                                        gt_depth=gt, gt_cam_to_world=np.eye(4)))
+    back = workers.window_from_frames(workers.window_message_frames(window))
+    a, b = window.to_message(), back.to_message()
+    assert a.meta == b.meta and a.arrays.keys() == b.arrays.keys()
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+
+
+# ----------------------------------------------------------------------------- the glance
+
+def test_glance_from_decoder_planes_agrees_with_glance_from_rgb(tmp_path):
+    """What the cut and keyframe tests see, made from the decoder's planes (no RGB conversion of
+    the frame) or from the RGB frame: grey images within about a grey level, and the cut test
+    (grey-thumbnail and hue-saturation jumps between consecutive frames) finds the one cut of a
+    clip, and only it, either way."""
+    import cv2
+
+    scene_a = panning_frames(8, 160, 120, step=5)
+    scene_b = (panning_frames(8, 160, 120, step=5, seed=7)[..., ::-1] * 0.5).astype(np.uint8)  # another place
+    clip = encode(tmp_path / "cut.mp4", np.concatenate([scene_a, scene_b]))
+    stats = {"planes": [], "rgb": []}
+    with av.open(str(clip)) as container:
+        for vframe in container.decode(video=0):
+            planes = glance_of_video_frame(vframe)
+            rgb = glance_of_rgb(vframe.to_ndarray(format="rgb24"))
+            assert planes is not None and planes.grey.shape == rgb.grey.shape == (120, 160)
+            assert np.abs(planes.grey.astype(int) - rgb.grey).mean() < 1.5
+            for key, seen in (("planes", planes), ("rgb", rgb)):
+                stats[key].append((thumbnail(seen.grey), hs_histogram(seen.colour)))
+    cfg = StreamerConfig()
+    for key, frames in stats.items():
+        cuts = [i for i in range(1, len(frames))
+                if np.abs(frames[i][0] - frames[i - 1][0]).mean() > cfg.scene_cut_motion
+                or cv2.compareHist(frames[i][1], frames[i - 1][1], cv2.HISTCMP_BHATTACHARYYA) > cfg.scene_cut_hist]
+        assert cuts == [8], key
+
+
+def test_video_frames_convert_to_rgb_only_when_asked(tmp_path):
+    truth = panning_frames(6, 64, 48)
+    src = VideoSource(encode(tmp_path / "pan.mp4", truth))
+    frames = list(src.frames())
+    assert all(callable(f._rgb) and f.glance is not None for f in frames)  # nothing converted yet
+    assert frames[2].rgb.shape == (48, 64, 3) and np.abs(frames[2].rgb.astype(int) - truth[2]).mean() < 12
+    with av.open(str(src.path)) as container:  # the same pixels as PyAV's own conversion
+        np.testing.assert_array_equal(frames[2].rgb, list(container.decode(video=0))[2].to_ndarray(format="rgb24"))
+
+
+@pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"7-Scenes frames absent ({KITCHEN})")
+def test_image_sequence_ground_truth_read_when_asked():
+    src = ImageSequenceSource(KITCHEN)
+    frame = next(iter(src.frames()))
+    assert callable(frame._gt_depth) and callable(frame._gt_cam_to_world)
+    assert frame.gt_depth.shape == (480, 640) and frame.gt_cam_to_world.shape == (4, 4)
+    assert not callable(frame._gt_depth)  # read once, kept
+
