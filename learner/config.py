@@ -16,24 +16,6 @@ class ModelConfig:
     """Register tokens per frame (same learned init for every frame, so no view is special)."""
     max_log_depth: float = 10.0
     """Log-depth is soft-clamped to +-this before ``exp`` so depth stays finite and > 0."""
-    translation_unit: Literal["free", "depth"] = "free"
-    """``free``: the camera head's translation is used as is. ``depth``: it is multiplied by
-    the window's mean predicted depth (no gradient through that factor), so the head predicts
-    translation relative to the scene's scale, which no loss pins to a number. Study option:
-    on held-out windows (one CPU seed, tiny, ~4,500 steps) ``depth`` gave the best
-    median-scaled AbsRel (0.237 against 0.260) and 1 degree of rotation, no translation gain;
-    not yet measured on a device run, so the default stays ``free`` (docs/RESULTS.md,
-    "Held-out check on CPU")."""
-    dense_grad_scale: float = 1.0
-    """Factor on the gradient that the dense (depth) head sends back into the shared trunk
-    (the forward pass is unchanged). The depth term's gradient is 10-30x the pose terms' in the
-    weak objective (docs/RESULTS.md, gradient balance), so it sets the trunk's Adam statistics;
-    < 1 gives the pose signal a larger share of the trunk's updates without changing any loss
-    or the heads' own updates. 1 = plain backpropagation. Study option: on held-out windows
-    (one CPU seed, tiny, ~4,500 steps) 0.1 improved rotation by 3 degrees at every evaluation
-    and cost registered depth (AbsRel_med 0.28 against 0.26), no translation gain; not yet
-    measured on a device run, so the default stays 1 (docs/RESULTS.md, "Held-out check on CPU")."""
-
     head_dim: int = 0
     """Channels per attention head; 0: the size's own (64 for small, base and large). Another
     value changes the architecture (heads = dim / head_dim; same FLOPs, same parameters but for
@@ -50,10 +32,6 @@ class ModelConfig:
             raise ValueError("registers must be >= 0")
         if self.max_log_depth <= 0:
             raise ValueError("max_log_depth must be > 0")
-        if not 0 < self.dense_grad_scale <= 1:
-            raise ValueError(f"dense_grad_scale must be in (0, 1], got {self.dense_grad_scale}")
-        if self.translation_unit not in ("free", "depth"):
-            raise ValueError(f"translation_unit must be 'free' or 'depth', got {self.translation_unit!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -12,9 +12,7 @@ global block) -> final norm -> heads:
 * dense head: linear -> pixel shuffle to full resolution -> two 3x3 convs (with the image as
   a skip input) -> log-depth and confidence logit. The full-resolution convs follow the
   caller's autocast; the output activations (exp / tanh clamp, sigmoid) run in fp32.
-* camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``
-  (+ with ``translation_unit: depth``, translations in units of the window's mean predicted
-  depth).
+* camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``.
 
 This module knows nothing of distribution, compilation or AMP policy (ARCHITECTURE.md, "Rules").
 """
@@ -97,11 +95,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate channel pairs (2k, 2k+1) of x [..., N, head_dim] by the angles behind cos/sin."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-
-def scale_grad(x: Tensor, factor: float) -> Tensor:
-    """x in the forward pass; its gradient times ``factor`` in the backward pass."""
-    return x * factor + (x * (1.0 - factor)).detach()
 
 
 class Attention(nn.Module):
@@ -219,10 +212,7 @@ class FFRM(nn.Module):
         # The dense head (projection, pixel shuffle, two 3x3 convs) works at full resolution
         # and moves more bytes than the rest of the model: it follows the caller's autocast
         # (bf16 on GPU). The output activations and the camera head run in fp32.
-        patch_tokens = x[:, special:]
-        if self.cfg.dense_grad_scale != 1.0:
-            patch_tokens = scale_grad(patch_tokens, self.cfg.dense_grad_scale)
-        out = self._dense_head(patch_tokens, frames, b * v, gh, gw)
+        out = self._dense_head(x[:, special:], frames, b * v, gh, gw)
         with torch.autocast(device_type=images.device.type, enabled=False):
             return self._heads(out.float(), x[:, 0].float(), b, v, gh, gw)
 
@@ -270,14 +260,7 @@ class FFRM(nn.Module):
         confidence = 2 * torch.sigmoid(out[:, 1])
 
         rotation = geometry.rotation_6d_to_matrix(cam[:, :6])
-        translation = cam[:, 6:9]
-        if self.cfg.translation_unit == "depth":
-            # In units of the window's mean predicted depth (a constant for the gradient): the
-            # camera head predicts a scale-free quantity whatever global scale the depth head
-            # has drifted to (the losses fix none).
-            unit = depth.view(b, v * h * w).mean(-1).detach()
-            translation = translation * unit.repeat_interleave(v)[:, None]
-        cam_to_world = geometry.make_pose(rotation, translation)
+        cam_to_world = geometry.make_pose(rotation, cam[:, 6:9])
         return Prediction(depth=depth.view(b, v, h, w), confidence=confidence.view(b, v, h, w),
                           cam_to_world=cam_to_world.view(b, v, 4, 4))
 

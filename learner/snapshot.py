@@ -56,7 +56,7 @@ class SnapshotError(RuntimeError):
 
 
 REMOVED_OPTIONS: dict[str, dict[str, Any]] = {
-    "model": {"predict_focal": False, "depth_param": "dense"},
+    "model": {"predict_focal": False, "depth_param": "dense", "translation_unit": "free", "dense_grad_scale": 1.0},
     "loss": {"match_depth": "pred"},
 }
 """Learner options that left the config (no measured gain on held-out data, docs/RESULTS.md),

@@ -141,8 +141,8 @@ def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
 
     torch.set_num_threads(1)
     cfg = with_overrides(LearnerConfig(), ["batch_size=1", "ema_decay=0", "warmup_steps=0", "device=cpu",
-                                            "loss.point_weight=1", "model.translation_unit=depth"])
-    assert cfg.loss.point_weight == 1.0 and cfg.model.translation_unit == "depth"
+                                            "loss.point_weight=1", "model.max_log_depth=8"])
+    assert cfg.loss.point_weight == 1.0 and cfg.model.max_log_depth == 8.0
     with pytest.raises(ValueError, match="loss.kind"):
         with_overrides(LearnerConfig(), ["loss.kind=magic"])
     with pytest.raises(ValueError, match="nope"):

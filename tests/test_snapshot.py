@@ -198,7 +198,8 @@ print("ok")
 def _with_old_keys(path, model=None, loss=None):
     """Rewrite a snapshot's meta as a version before the removal of options wrote it."""
     meta = json.loads((path / "meta.json").read_text())
-    meta["config"]["model"].update({"predict_focal": False, "depth_param": "dense", **(model or {})})
+    meta["config"]["model"].update({"predict_focal": False, "depth_param": "dense", "translation_unit": "free",
+                                    "dense_grad_scale": 1.0, **(model or {})})
     meta["config"]["loss"].update({"match_depth": "pred", **(loss or {})})
     (path / "meta.json").write_text(json.dumps(meta))
 
@@ -213,6 +214,7 @@ def test_snapshots_with_removed_options_at_their_defaults_still_load(tmp_path):
     _with_old_keys(path)
     model, meta = load_model(path)
     assert "predict_focal" not in meta["config"]["model"] and "match_depth" not in meta["config"]["loss"]
+    assert "translation_unit" not in meta["config"]["model"] and "dense_grad_scale" not in meta["config"]["model"]
     build(LearnerConfig, meta["config"])  # the upgraded config is this version's
     resumed = _trainer()
     assert resumed.load_state(path)["step"] == 1
@@ -220,6 +222,8 @@ def test_snapshots_with_removed_options_at_their_defaults_still_load(tmp_path):
 
 @pytest.mark.parametrize("section, key, value", [("model", "predict_focal", True),
                                                  ("model", "depth_param", "view_scale"),
+                                                 ("model", "translation_unit", "depth"),
+                                                 ("model", "dense_grad_scale", 0.1),
                                                  ("loss", "match_depth", "teacher")])
 def test_snapshots_that_used_a_removed_option_are_refused_naming_it(tmp_path, section, key, value):
     trainer = _trainer()

@@ -77,7 +77,7 @@ def test_another_architecture_fails_naming_both(tmp_path):
         check_init(ModelConfig(size="tiny", patch_size=4, registers=2), bare)
     assert check_init(ModelConfig(size="tiny", registers=2), bare).step is None
     # fields that do not change the weights' layout may differ
-    assert check_init(ModelConfig(size="tiny", registers=2, translation_unit="depth"), snap).step == 2
+    assert check_init(ModelConfig(size="tiny", registers=2, max_log_depth=8.0), snap).step == 2
     for missing in (tmp_path / "nowhere", tmp_path / "src" / "meta.json"):
         with pytest.raises(InitError):
             check_init(ModelConfig(size="tiny", registers=2), missing)
