@@ -26,15 +26,17 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
 ``insert``        labeler -> replay: a ``window`` plus ``teacher_depth`` float32 [V,H,W]
                   and ``teacher_valid`` uint8 [V,H,W] (absent when the teacher is
                   ``none``), ``matches`` float32 [K,7] rows (i, j, x_i, y_i, x_j, y_j,
-                  score), optional ``match_triangulation`` float32 [K,3] rows (z_i, z_j,
+                  score: :data:`MATCH_COLUMNS`, by name through :class:`Matches`),
+                  optional ``match_triangulation`` float32 [K,3] rows (z_i, z_j,
                   weight) aligned with ``matches`` (two-view triangulation, unit baseline
                   per pair; zeros = not triangulated); meta adds ``teacher``
                   {"depth": {name, version, space}, "matches": {name, version}}.
 ``insert_ack``    replay -> labeler: meta ``window_id``, ``status``, ``reason``.
 ``sample``        learner -> replay: meta ``batch_size``, ``rank``.
 ``batch``         replay -> learner: the ``insert`` arrays stacked over B windows, with
-                  ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score) and,
-                  when any window has it, ``match_triangulation`` [K,3] aligned with them;
+                  ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score:
+                  :data:`BATCH_MATCH_COLUMNS`) and, when any window has it,
+                  ``match_triangulation`` [K,3] aligned with them;
                   meta ``window_ids``, ``probabilities``, ``times_sampled``, ``teacher``.
 ``priorities``    learner -> replay: meta ``window_ids``, ``losses`` (per-window loss).
 ``stats``         request (empty meta) and reply (meta: counters) for any service.
@@ -110,6 +112,63 @@ SCHEMAS: dict[str, Schema] = {
     "heartbeat": Schema(required_meta=("stage", "pid")),
     "error": Schema(required_meta=("reason",)),
 }
+
+
+MATCH_COLUMNS = ("i", "j", "x_i", "y_i", "x_j", "y_j", "score")
+"""Columns of a window's ``matches`` [K,7]: the two views' indices, the match's pixel in each
+(``x_i, y_i`` in view i, ``x_j, y_j`` in view j) and the matcher's score."""
+BATCH_MATCH_COLUMNS = ("b", *MATCH_COLUMNS)
+"""Columns of a batch's ``matches`` [K,8]: the window's index in the batch, then
+:data:`MATCH_COLUMNS`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Matches:
+    """``matches`` rows by column name, without a copy (numpy array or torch tensor): a
+    window's [K,7] (:data:`MATCH_COLUMNS`) or, with ``batched``, a batch's [K,8]
+    (:data:`BATCH_MATCH_COLUMNS`). A batch's rows without their last column, [K,7]
+    (b, i, j, x_i, y_i, x_j, y_j), as the learner's match terms take them, read the same way
+    (all but :attr:`score`). Indices are returned as stored (floats)."""
+
+    rows: Any
+    batched: bool = False
+
+    @property
+    def window(self) -> Any:
+        """[K] the window's index in the batch (``batched`` only)."""
+        if not self.batched:
+            raise ValueError("a window's matches have no batch column")
+        return self.rows[:, 0]
+
+    @property
+    def view_i(self) -> Any:
+        return self.rows[:, int(self.batched)]
+
+    @property
+    def view_j(self) -> Any:
+        return self.rows[:, int(self.batched) + 1]
+
+    @property
+    def xy_i(self) -> Any:
+        """[K,2] the match's pixel (x, y) in view i."""
+        o = int(self.batched) + 2
+        return self.rows[:, o:o + 2]
+
+    @property
+    def xy_j(self) -> Any:
+        """[K,2] the match's pixel (x, y) in view j."""
+        o = int(self.batched) + 4
+        return self.rows[:, o:o + 2]
+
+    @property
+    def score(self) -> Any:
+        return self.rows[:, int(self.batched) + 6]
+
+    @property
+    def geometry(self) -> Any:
+        """The rows without :attr:`score`: a batch's [K,7] (b, i, j, x_i, y_i, x_j, y_j), what
+        the learner's match terms take (the score goes beside them as their weights)."""
+        return self.rows[:, :int(self.batched) + 6]
 
 
 @dataclass(slots=True)
@@ -232,16 +291,17 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
             raise ProtocolError("bad_shape", f"{name} {list(arrays[name].shape)}, want {list(shape)}")
     matches = arrays.get("matches")
     if matches is not None:
-        cols = 8 if batched else 7
+        cols = len(BATCH_MATCH_COLUMNS if batched else MATCH_COLUMNS)
         if matches.shape[1] != cols:
             raise ProtocolError("bad_shape", f"matches {list(matches.shape)}, want [K,{cols}]")
         if matches.size and not np.isfinite(matches).all():
             raise ProtocolError("non_finite", "matches")
         views = lead[-1]
-        idx = matches[:, (1, 2) if batched else (0, 1)]
+        named = Matches(matches, batched)
+        idx = np.stack((named.view_i, named.view_j), 1)
         if matches.size and ((idx < 0).any() or (idx >= views).any()):
             raise ProtocolError("bad_index", "matches view index out of range")
-        if batched and matches.size and ((matches[:, 0] < 0).any() or (matches[:, 0] >= lead[0]).any()):
+        if batched and matches.size and ((named.window < 0).any() or (named.window >= lead[0]).any()):
             raise ProtocolError("bad_index", "matches batch index out of range")
         tri = arrays.get("match_triangulation")
         if tri is not None:

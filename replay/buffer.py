@@ -247,9 +247,11 @@ class ReplayBuffer:
         for name in OPTIONAL_BATCH_ARRAYS:
             if all(name in w.arrays for w in windows):
                 arrays[name] = np.stack([w.arrays[name] for w in windows])
+        # protocol.BATCH_MATCH_COLUMNS: the window's index in the batch, then the window's columns
         matches = [np.concatenate([np.full((len(w.arrays["matches"]), 1), b, np.float32), w.arrays["matches"]], 1)
                    for b, w in enumerate(windows)]
-        arrays["matches"] = np.concatenate(matches).astype(np.float32) if matches else np.zeros((0, 8), np.float32)
+        arrays["matches"] = (np.concatenate(matches).astype(np.float32) if matches
+                             else np.zeros((0, len(protocol.BATCH_MATCH_COLUMNS)), np.float32))
         if any("match_triangulation" in w.arrays for w in windows):
             # aligned with the stacked matches; windows labelled without it get zero rows (no weight)
             arrays["match_triangulation"] = np.concatenate(

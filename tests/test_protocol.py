@@ -169,3 +169,27 @@ def test_version_1_messages_are_still_accepted_and_unknown_versions_named():
     assert back.kind == "window"
     with pytest.raises(ProtocolError, match="bad_version"):
         protocol.decode([b"R3W\x03", *frames[1:]])
+
+
+def test_matches_columns_by_name_in_window_batch_and_loss_rows():
+    window = np.array([[0, 1, 1.0, 2.0, 3.0, 4.0, 0.9], [2, 0, 5.0, 6.0, 7.0, 8.0, 0.5]], np.float32)
+    m = protocol.Matches(window)
+    assert protocol.MATCH_COLUMNS == ("i", "j", "x_i", "y_i", "x_j", "y_j", "score")
+    np.testing.assert_array_equal(m.view_i, [0, 2])
+    np.testing.assert_array_equal(m.view_j, [1, 0])
+    np.testing.assert_array_equal(m.xy_i, [[1, 2], [5, 6]])
+    np.testing.assert_array_equal(m.xy_j, [[3, 4], [7, 8]])
+    np.testing.assert_array_equal(m.score, np.array([0.9, 0.5], np.float32))
+    np.testing.assert_array_equal(m.geometry, window[:, :6])
+    with pytest.raises(ValueError, match="batch column"):
+        m.window
+    batch = np.concatenate((np.array([[3], [1]], np.float32), window), 1)  # as replay stacks them
+    b = protocol.Matches(batch, batched=True)
+    assert protocol.BATCH_MATCH_COLUMNS == ("b", *protocol.MATCH_COLUMNS) and batch.shape[1] == 8
+    np.testing.assert_array_equal(b.window, [3, 1])
+    for name in ("view_i", "view_j", "xy_i", "xy_j", "score"):
+        np.testing.assert_array_equal(getattr(b, name), getattr(m, name))
+    loss_rows = protocol.Matches(b.geometry, batched=True)  # what the match terms take: no score
+    assert b.geometry.shape == (2, 7) and np.shares_memory(b.geometry, batch)
+    np.testing.assert_array_equal(loss_rows.xy_j, m.xy_j)
+    np.testing.assert_array_equal(loss_rows.window, b.window)
