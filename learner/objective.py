@@ -22,6 +22,7 @@ from learner.config import LossConfig
 from learner.losses import (depth_contrast_loss, point_consistency_loss, relative_depth_loss, reprojection_loss,
                             supervised_loss, teacher_aligned_depth, triangulated_depth_loss, triangulated_pose_loss)
 from learner.refinement import refine_geometry, refined_geometry_loss
+from reliev3r.protocol import Matches
 
 
 def compute_loss(
@@ -85,18 +86,19 @@ def weighted_loss(
         terms["supervised"] = sup.detach()
     elif cfg.kind == "weak":
         matches = matches.to(depth.device)
+        named = Matches(matches, batched=True)  # protocol.BATCH_MATCH_COLUMNS
         intrinsics = batch["intrinsics"].to(depth.device)
         teacher = valid = None
         if "teacher_depth" in batch:
             teacher = batch["teacher_depth"].to(depth.device)
             valid = batch.get("teacher_valid")
             valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
-        reproj = reprojection_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7],
+        reproj = reprojection_loss(depth, cam_to_world, intrinsics, named.geometry, named.score,
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect
         terms["reproj"] = reproj.detach()
         if cfg.point_weight > 0:
-            point = point_consistency_loss(depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7])
+            point = point_consistency_loss(depth, cam_to_world, intrinsics, named.geometry, named.score)
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
         if cfg.refine is not None:
@@ -110,17 +112,17 @@ def weighted_loss(
         if triangulation is not None:
             triangulation = triangulation.to(depth.device)
         if triangulation is not None and cfg.triangulation_weight > 0:
-            tri = triangulated_depth_loss(depth, matches[:, :7], triangulation)
+            tri = triangulated_depth_loss(depth, named.geometry, triangulation)
             loss = loss + cfg.triangulation_weight * tri
             terms["triangulation"] = tri.detach()
         if triangulation is not None and cfg.triangulation_pose_weight > 0:
-            tri_pose = triangulated_pose_loss(cam_to_world, intrinsics, matches[:, :7], triangulation,
+            tri_pose = triangulated_pose_loss(cam_to_world, intrinsics, named.geometry, triangulation,
                                               robust=cfg.robust, scale_deg=cfg.scale_deg)
             loss = loss + cfg.triangulation_pose_weight * tri_pose
             terms["triangulation_pose"] = tri_pose.detach()
         known_shift = teacher_ambiguity == "scale"
         if (triangulation is not None or known_shift) and teacher is not None and cfg.contrast_weight > 0:
-            contrast = depth_contrast_loss(depth, teacher, valid, matches[:, :7], triangulation, intrinsics,
+            contrast = depth_contrast_loss(depth, teacher, valid, named.geometry, triangulation, intrinsics,
                                            teacher_space=teacher_space, teacher_ambiguity=teacher_ambiguity)
             loss = loss + cfg.contrast_weight * contrast
             terms["contrast"] = contrast.detach()
@@ -142,12 +144,13 @@ def _refinement_term(depth: Tensor, search_depth: Tensor, cam_to_world: Tensor, 
     fewer than ``cfg.refine.min_matches`` scored matches get weight 0 (counted on the device:
     no host sync)."""
     refine = cfg.refine
+    named = Matches(matches, batched=True)  # protocol.BATCH_MATCH_COLUMNS
     target, log_scale, shift = refine_geometry(
-        search_depth, cam_to_world, intrinsics, matches[:, :7], matches[:, 7], steps=refine.steps,
+        search_depth, cam_to_world, intrinsics, named.geometry, named.score, steps=refine.steps,
         lr=refine.lr, reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight, robust=cfg.robust,
         scale_deg=cfg.scale_deg, compiled=refine.compile, solver=refine.solver, scales=refine.scales,
         shifts=refine.shifts)
-    counts = torch.bincount(matches[:, 0].long(), weights=(matches[:, 7] > 0).to(depth.dtype),
+    counts = torch.bincount(named.window.long(), weights=(named.score > 0).to(depth.dtype),
                             minlength=depth.shape[0])[:depth.shape[0]]
     window_weight = (counts >= refine.min_matches).to(depth.dtype)
     if refine.shifts:
