@@ -19,6 +19,7 @@ import torch
 
 from evaluation import metrics
 from reliev3r import geometry
+from reliev3r.protocol import Matches
 from evaluation.datasets import EvalWindow
 from labelers.config import LabelerConfig
 from labelers.matches import make_matcher, match_window
@@ -118,9 +119,10 @@ def essential_pose_errors(matches: np.ndarray, intrinsics: np.ndarray,
     score); a pair that cannot be solved counts as :data:`FAILED_DEG`."""
     gt = torch.from_numpy(np.asarray(gt_cam_to_world)).double()
     rot_errs, trans_errs = [], []
+    named = Matches(matches)
     for i, j in itertools.combinations(range(gt.shape[0]), 2):
-        sel = (matches[:, 0] == i) & (matches[:, 1] == j)
-        pose = essential_pose(matches[sel, 2:4], matches[sel, 4:6], intrinsics[i])
+        sel = (named.view_i == i) & (named.view_j == j)
+        pose = essential_pose(named.xy_i[sel], named.xy_j[sel], intrinsics[i])
         if pose is None:
             rot_errs.append(FAILED_DEG)
             trans_errs.append(FAILED_DEG)

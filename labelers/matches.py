@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from reliev3r.protocol import Matches
+
 RATIO = 0.8
 """Lowe's ratio test threshold (nearest / second-nearest descriptor distance)."""
 GRID = 8
@@ -281,15 +283,16 @@ def triangulate_matches(matches: np.ndarray, intrinsics: np.ndarray, *, min_para
     out = np.zeros((len(matches), 3), np.float32)
     if len(matches) == 0:
         return out
-    pair_ids = matches[:, 0].astype(np.int64) * 1_000_003 + matches[:, 1].astype(np.int64)
+    named = Matches(matches)
+    pair_ids = named.view_i.astype(np.int64) * 1_000_003 + named.view_j.astype(np.int64)
     for pid in np.unique(pair_ids):
         rows = np.flatnonzero(pair_ids == pid)
         if len(rows) < max(min_points, 8):
             continue
-        i, j = int(matches[rows[0], 0]), int(matches[rows[0], 1])
+        i, j = int(named.view_i[rows[0]]), int(named.view_j[rows[0]])
         k_i, k_j = intrinsics[i].astype(np.float64), intrinsics[j].astype(np.float64)
-        rays_i = _normalised(matches[rows, 2:4], k_i)
-        rays_j = _normalised(matches[rows, 4:6], k_j)
+        rays_i = _normalised(named.xy_i[rows], k_i)
+        rays_j = _normalised(named.xy_j[rows], k_j)
         focal = 0.5 * (k_i[0, 0] + k_j[0, 0])
         try:
             E, mask = cv2.findEssentialMat(rays_i, rays_j, np.eye(3), method=cv2.USAC_MAGSAC, prob=0.999,
