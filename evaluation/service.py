@@ -26,7 +26,7 @@ from evaluation.pictures import picture_snapshot
 from learner import snapshot as snapshots
 from monitoring.metrics import Metrics
 from reliev3r.config import PipelineConfig
-from reliev3r.service import Runtime
+from reliev3r.service import Runtime, serve
 
 REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
             "rra30", "rta30", "auc30", "accuracy", "completeness")
@@ -129,6 +129,9 @@ class EvaluatorService:
         runtime.log.info("evaluated snapshot", extra={"step": meta["step"], **{k: round(result[k], 4) for k in REPORTED if k in result}})
         return 0 if meta.get("final") else None
 
+    def close(self) -> None:
+        """Nothing to release: each scoring's model is dropped after it."""
+
 
 def scored(out_dir: Path) -> set[str]:
     """Names of the snapshots with a result in ``out_dir``."""
@@ -144,8 +147,4 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
             and json.loads((latest / "meta.json").read_text()).get("final")):
         runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
         return 0
-    service = EvaluatorService(cfg, runtime, EvaluatorMetrics(runtime.metrics))
-    while not runtime.stopping:
-        if (rc := service.step()) is not None:
-            return rc
-    return 0
+    return serve(EvaluatorService(cfg, runtime, EvaluatorMetrics(runtime.metrics)), runtime)

@@ -40,7 +40,7 @@ from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.protocol import Message
-from reliev3r.service import Runtime
+from reliev3r.service import Runtime, serve
 
 POLL_MS = 100
 MIN_SIZE = 16
@@ -326,10 +326,4 @@ class LabelerService:
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    service = LabelerService(cfg, runtime, LabelerMetrics(runtime.metrics))
-    try:
-        while not runtime.stopping:
-            service.step()
-        return 0
-    finally:
-        service.close()
+    return serve(LabelerService(cfg, runtime, LabelerMetrics(runtime.metrics)), runtime)

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import zmq
 
@@ -148,3 +148,25 @@ class Runtime:
             self.metrics.reject(err.reason)
             self.log.warning("rejected message", extra={"reason": err.reason, "detail": str(err)})
             return identity, None
+
+
+class Stage(Protocol):
+    """A stage's service object (ARCHITECTURE.md, "Where a change goes")."""
+
+    def step(self) -> int | None:
+        """One unit of work; an exit status once the stage's work is over, else None."""
+
+    def close(self) -> None:
+        """Release what the constructor opened."""
+
+
+def serve(stage: Stage, runtime: Runtime) -> int:
+    """The loop of a stage's ``run``: ``stage.step()`` until a stop is asked (exit status 0) or
+    a step returns an exit status; ``stage.close()`` either way."""
+    try:
+        while not runtime.stopping:
+            if (rc := stage.step()) is not None:
+                return rc
+        return 0
+    finally:
+        stage.close()

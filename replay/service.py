@@ -33,7 +33,7 @@ import zmq
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
-from reliev3r.service import Runtime
+from reliev3r.service import Runtime, serve
 from replay.buffer import ReplayBuffer
 from replay.storage import StorageFull
 
@@ -259,10 +259,4 @@ class ReplayService:
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    service = ReplayService(cfg, runtime, ReplayMetrics(runtime.metrics))
-    try:
-        while not runtime.stopping:
-            service.step()
-        return 0
-    finally:
-        service.close()
+    return serve(ReplayService(cfg, runtime, ReplayMetrics(runtime.metrics)), runtime)

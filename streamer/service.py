@@ -24,7 +24,7 @@ import zmq
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
-from reliev3r.service import Runtime
+from reliev3r.service import Runtime, serve
 from streamer import sources as srcs
 from streamer.live import LiveSource, is_live
 from streamer.progress import Progress
@@ -396,14 +396,7 @@ class StreamerService:
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    service = StreamerService(cfg, runtime, StreamerMetrics(runtime.metrics))
-    try:
-        while not runtime.stopping:
-            if (rc := service.step()) is not None:
-                return rc
-        return 0
-    finally:
-        service.close()
+    return serve(StreamerService(cfg, runtime, StreamerMetrics(runtime.metrics)), runtime)
 
 
 def _skip_counted(windows: Iterator[Window], progress: Progress, skipped_total) -> Iterator[Window]:
