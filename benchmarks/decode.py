@@ -1,15 +1,21 @@
-"""Decode throughput, side by side in one run: our streamer path (VideoSource -> windows),
-plain PyAV, decord (if installed) and OpenCV, in frames/s on ONE core (threads pinned to 1),
-on the shared videos and a 1080p H.264 file encoded here; decord vs PyAV for random access;
-and ZeroMQ window throughput over tcp://127.0.0.1 vs an in-process memcpy of the same bytes.
+"""Decode throughput, side by side in one run: our streamer path (VideoSource -> glance ->
+keyframe gates -> windows), plain PyAV, decord (if installed) and OpenCV, in frames per
+CPU-second (frames/s per core: the process's CPU time, every thread counted, so a reader's own
+threads neither help nor hurt it), on the shared videos, a 1080p H.264 file encoded here and the
+7-Scenes image folder; the streamer with 1 and N decode workers (wall clock, N =
+available cores); decord vs PyAV for random access; and ZeroMQ window throughput over
+tcp://127.0.0.1 vs an in-process memcpy of the same bytes.
 
-    .venv/bin/python benchmarks/decode.py [--videos DIR] [--seconds-1080p 4]
+    .venv/bin/python benchmarks/decode.py [--videos DIR] [--kitchen DIR] [--seconds-1080p 4]
+                                          [--max-frames 300] [--only decode|workers|extras]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import platform
 import tempfile
 import threading
 import time
@@ -24,8 +30,10 @@ import zmq  # noqa: E402
 
 from reliev3r import protocol  # noqa: E402
 from reliev3r.protocol import Message  # noqa: E402
+from streamer import workers  # noqa: E402
 from streamer.config import StreamerConfig  # noqa: E402
-from streamer.sources import VideoSource  # noqa: E402
+from streamer.service import window_stream  # noqa: E402
+from streamer.sources import ImageSequenceSource, VideoSource, discover, image_files  # noqa: E402
 from streamer.windows import windows_of  # noqa: E402
 
 cv2.setNumThreads(1)
@@ -34,6 +42,11 @@ try:
 except ImportError:
     decord = None
 
+MAX_FRAMES = [300]
+"""Frames read per file by every reader (the same frames for each)."""
+WINDOW_CFG = dict(views=4, frame_stride=4, window_step=8)
+"""The streamer's default window shape and keyframe gates."""
+
 
 def timed(fn) -> tuple[int, float]:
     t = time.perf_counter()
@@ -41,40 +54,139 @@ def timed(fn) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
-def pyav(path):
+def cpu_timed(fn) -> tuple[int, float, float]:
+    """(frames, wall seconds, CPU seconds of this process, every thread)."""
+    t, c = time.perf_counter(), time.process_time()
+    n = fn()
+    return n, time.perf_counter() - t, time.process_time() - c
+
+
+def pyav(path, threads: int = 1):
     with av.open(str(path)) as c:
         s = c.streams.video[0]
-        s.thread_type, s.thread_count = "SLICE", 1
-        return sum(1 for f in c.decode(s) if f.to_ndarray(format="rgb24") is not None)
+        if threads == 1:
+            s.thread_type, s.thread_count = "SLICE", 1
+        else:
+            s.thread_type = "AUTO"
+        n = 0
+        for f in c.decode(s):
+            f.to_ndarray(format="rgb24")
+            n += 1
+            if n >= MAX_FRAMES[0]:
+                break
+        return n
+
+
+def pyav_threads(path):
+    return pyav(path, threads=0)
 
 
 def opencv(path):
     cap = cv2.VideoCapture(str(path))
     n = 0
-    while cap.read()[0]:
+    while n < MAX_FRAMES[0] and cap.read()[0]:
         n += 1
     return n
 
 
 def decord_seq(path):
     vr = decord.VideoReader(str(path), num_threads=1)
-    return sum(1 for i in range(len(vr)) if vr[i] is not None)
+    n = min(len(vr), MAX_FRAMES[0])
+    return sum(1 for i in range(n) if vr[i] is not None)
 
 
-def streamer_path(path):
-    """Decode + keyframe gates + resize to windows: what the streamer does per frame."""
-    cfg = StreamerConfig(views=4, frame_stride=4, window_step=8)
-    src = VideoSource(path)
+def streamer_path(path, threads: int = 1):
+    """Decode + glance + cut test + keyframe gates + resize of kept views to windows: what the
+    streamer (and each decode worker, with one decoder thread) does per frame."""
+    cfg = StreamerConfig(**WINDOW_CFG)
+    src = VideoSource(path, decode_threads=threads) if Path(path).is_file() else ImageSequenceSource(path)
     count = [0]
 
     def frames():
         for f in src.frames():
             count[0] += 1
             yield f
+            if count[0] >= MAX_FRAMES[0]:
+                return
 
     for _ in windows_of(src.name, frames(), cfg):
         pass
     return count[0]
+
+
+def images_opencv(folder):
+    """Plain reading of an image folder's colour frames to RGB (the baseline for image sources)."""
+    n = 0
+    for f in image_files(Path(folder))[: MAX_FRAMES[0]]:
+        cv2.cvtColor(cv2.imread(str(f), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        n += 1
+    return n
+
+
+def decode_table(videos: list[Path], kitchen: Path | None) -> None:
+    readers = {"streamer": streamer_path, "pyav": pyav, "pyav threads": pyav_threads, "opencv": opencv}
+    if decord is not None:
+        readers["decord"] = decord_seq
+    print(f"\nframes per CPU-second (frames/s per core), first {MAX_FRAMES[0]} frames of each file; "
+          f"decord {'installed' if decord else 'absent'}")
+    print(f"| file | {' | '.join(readers)} | streamer / plain PyAV | streamer / fastest other |")
+    print("|---|" + "---|" * (len(readers) + 2))
+    for v in videos:
+        rates = {}
+        for name, fn in readers.items():
+            try:
+                n, _, cpu = cpu_timed(lambda: fn(v))
+                rates[name] = n / cpu
+            except Exception as err:  # a reader that cannot open a file: say so, go on
+                rates[name] = f"err {type(err).__name__[:10]}"
+        others = [r for k, r in rates.items() if k != "streamer" and not isinstance(r, str)]
+        best = max(others) if others else float("nan")
+        with av.open(str(v)) as c:
+            s = c.streams.video[0]
+            label = f"{v.name} ({s.width}x{s.height} {s.codec_context.name})"
+        cells = [r if isinstance(r, str) else f"{r:.0f}" for r in rates.values()]
+        vs_pyav = rates["streamer"] / rates["pyav"] if not isinstance(rates["pyav"], str) else float("nan")
+        print(f"| {label} | {' | '.join(cells)} | {vs_pyav:.2f}x | **{rates['streamer'] / best:.2f}x** |", flush=True)
+    if kitchen is not None and kitchen.is_dir():
+        n, _, cpu = cpu_timed(lambda: streamer_path(kitchen))
+        m, _, cpu2 = cpu_timed(lambda: images_opencv(kitchen))
+        print(f"| {kitchen.name} (image folder, 640x480 JPEG + depth PNG) | streamer {n / cpu:.0f} | "
+              f"OpenCV imread+RGB {m / cpu2:.0f} | **{(n / cpu) / (m / cpu2):.2f}x** |", flush=True)
+
+
+def worker_scaling(specs: list[str], repeats: int = 2) -> None:
+    """The streamer's window stream over every file: in process (decode_workers 1) vs decode
+    workers, at the default interleave (4) and at interleave = cores; best of ``repeats``."""
+    cores = workers.available_cores()
+    setups = [(1, 4), (0, 4), (1, cores), (cores, cores)]
+    print(f"\nwindow_stream over {len(specs)} files (whole files), wall clock, best of {repeats}; "
+          f"{cores} cores available")
+    print("| decode_workers | interleave | workers | frames/s | vs in process, same interleave | same windows |")
+    print("|---|---|---|---|---|---|")
+    ref, base = None, {}
+    for count, interleave in setups:
+        cfg = StreamerConfig(sources=specs, loop=False, decode_workers=count, interleave=interleave, **WINDOW_CFG)
+        frames = [0]
+
+        def run():
+            return list(window_stream(lambda: discover(specs, on_error=lambda *a: None), cfg,
+                                      on_frame=lambda s: frames.__setitem__(0, frames[0] + 1),
+                                      on_error=lambda *a: None, log=logging.getLogger("bench")))
+
+        if workers.worker_count(cfg) > 1:
+            run()  # start the pool's processes first (spawn + imports), as a running streamer has
+        best = 0.0
+        for _ in range(repeats):
+            frames[0] = 0
+            t = time.perf_counter()
+            out = run()
+            best = max(best, frames[0] / (time.perf_counter() - t))
+        ids = sorted(w.window_id for w in out)
+        ref = ref if ref is not None else ids
+        base.setdefault(interleave, best)
+        print(f"| {count} | {interleave} | {workers.worker_count(cfg) if workers.worker_count(cfg) > 1 else 0} | "
+              f"{best:.0f} | {best / base[interleave]:.2f}x | {ids == ref} |", flush=True)
+    workers._close_pools()
 
 
 def random_access(path, n=30, seed=0):
@@ -160,38 +272,30 @@ def zmq_throughput(views=8, h=256, w=320, n=200) -> tuple[float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"))
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    ap.add_argument("--videos", default=str(shared / "videos"))
+    ap.add_argument("--kitchen", default=str(shared / "7scenes-redkitchen"))
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
+    ap.add_argument("--max-frames", type=int, default=300)
+    ap.add_argument("--only", choices=["decode", "workers", "extras"], default=None)
     args = ap.parse_args()
+    MAX_FRAMES[0] = args.max_frames
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
+          f"{workers.available_cores()} cores available; PyAV {av.__version__}, OpenCV {cv2.__version__}, "
+          f"decord {decord.__version__ if decord else 'absent'}, numpy {np.__version__}")
     tmp = Path(tempfile.mkdtemp())
-    videos = sorted(Path(args.videos).glob("*.mp4"))[:6] + sorted(Path(args.videos).glob("*.avi"))[:1]
+    videos = sorted(Path(args.videos).glob("*.mp4"))[:8] + sorted(Path(args.videos).glob("*.avi"))[:2]
     videos.append(encode_1080p(tmp / "synthetic_1080p.mp4", args.seconds_1080p))
-    readers = {"streamer": streamer_path, "pyav": pyav, "opencv": opencv}
-    if decord is not None:
-        readers["decord"] = decord_seq
-    print(f"frames/s on one core (decord {'installed' if decord else 'absent'}); ratios vs plain PyAV")
-    print(f"{'video':24s} " + " ".join(f"{k:>16s}" for k in readers))
-    for v in videos:
-        row = []
-        base = None
-        for name, fn in readers.items():
-            try:
-                n, dt = timed(lambda: fn(v))
-                fps = n / dt
-            except Exception as err:  # a reader that cannot open a file: say so, go on
-                row.append(f"{'err ' + type(err).__name__[:10]:>16s}")
-                continue
-            if name == "pyav":
-                base = fps
-            row.append((name, fps))
-        base = base or 1.0
-        cells = [c if isinstance(c, str) else f"{c[1]:8.0f} ({c[1] / base:4.2f}x)" for c in row]
-        print(f"{v.name:24s} " + " ".join(f"{c:>16s}" for c in cells))
-    for v in (videos[0], videos[-1]):
-        ra = random_access(v)
-        print(f"random access {v.name}: " + ", ".join(f"{k} {1e3 * s:.1f} ms/frame" for k, s in ra.items()))
-    gbs, mem = zmq_throughput()
-    print(f"zmq window throughput tcp://127.0.0.1: {gbs:.2f} GB/s; memcpy {mem:.2f} GB/s; ratio {gbs / mem:.3f}")
+    if args.only in (None, "decode"):
+        decode_table(videos, Path(args.kitchen))
+    if args.only in (None, "workers"):
+        worker_scaling([str(v) for v in videos])
+    if args.only in (None, "extras"):
+        for v in (videos[0], videos[-1]):
+            ra = random_access(v)
+            print(f"random access {v.name}: " + ", ".join(f"{k} {1e3 * s:.1f} ms/frame" for k, s in ra.items()))
+        gbs, mem = zmq_throughput()
+        print(f"zmq window throughput tcp://127.0.0.1: {gbs:.2f} GB/s; memcpy {mem:.2f} GB/s; ratio {gbs / mem:.3f}")
     return 0
 
 

@@ -83,10 +83,12 @@ class StreamerConfig:
     """Sources decoded at once, one window from each in turn (round robin)."""
     decode_workers: int = 1
     """Processes that decode archive sources, pick their keyframes and cut their windows, one
-    source each at a time (``streamer.workers``): with several, up to ``interleave`` sources
-    use as many cores. 1: no workers, every source in the streamer process; 0: one per core
-    this process may run on (``os.sched_getaffinity``). Windows and their ids are the same
-    either way."""
+    source each at a time (``streamer.workers``), so that up to ``interleave`` sources use as
+    many cores; sources beyond the workers are decoded in the streamer process. 1: no workers;
+    0: one per core this process may run on (``os.sched_getaffinity``), at most ``interleave``.
+    Windows, their ids and their order are the same either way. 1 is the measured default on a
+    2-core host (docs/BENCHMARKS.md: 2 workers, 1.0-1.6x, within the noise of a shared machine;
+    each worker imports the stack, 2 s and 320 MiB); set 0 on a host with cores to spare."""
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 

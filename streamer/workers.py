@@ -35,6 +35,8 @@ from streamer.windows import View, Window, windows_of
 
 PREFETCH = 4
 """Windows a worker's source may be ahead of the caller (memory: this many windows per worker)."""
+IDLE_EXIT_S = 60.0
+"""A worker without a source for this long exits (the pool starts another when needed)."""
 
 
 def available_cores() -> int:
@@ -46,8 +48,9 @@ def available_cores() -> int:
 
 
 def worker_count(cfg: StreamerConfig) -> int:
-    """Worker processes for ``cfg``: ``decode_workers``, or with 0 one per available core."""
-    return cfg.decode_workers or available_cores()
+    """Worker processes for ``cfg``: ``decode_workers``, or with 0 one per available core but
+    no more than ``interleave`` (the sources decoded at once)."""
+    return cfg.decode_workers or min(available_cores(), cfg.interleave)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -88,6 +91,8 @@ def _worker_main(conn, cfg_doc: dict) -> None:
 
     while True:
         try:
+            if not conn.poll(IDLE_EXIT_S):
+                return  # idle: give the memory back
             job = msgpack.unpackb(conn.recv_bytes())
         except (EOFError, OSError):
             return
@@ -147,8 +152,12 @@ class WorkerPool:
 
     def take(self) -> _Worker | None:
         with self.lock:
-            if self.idle:
-                return self.idle.pop()
+            while self.idle:
+                worker = self.idle.pop()
+                if worker.process.is_alive():
+                    return worker
+                self.started -= 1  # exited while idle
+                worker.conn.close()
             if self.started < self.count:
                 self.started += 1
                 return _Worker(self.ctx, self.cfg_doc)

@@ -99,7 +99,8 @@ def test_workers_resume_where_progress_says(clips, tmp_path):
 
 def test_worker_count_and_pool_reuse():
     assert workers.available_cores() >= 1
-    assert workers.worker_count(StreamerConfig(decode_workers=0)) == workers.available_cores()
+    assert workers.worker_count(StreamerConfig(decode_workers=0, interleave=64)) == workers.available_cores()
+    assert workers.worker_count(StreamerConfig(decode_workers=0, interleave=1)) == 1
     assert workers.worker_count(StreamerConfig(decode_workers=3)) == 3
     assert workers.pool_for(StreamerConfig(decode_workers=1)) is None
     pool = workers.pool_for(StreamerConfig(decode_workers=2))
