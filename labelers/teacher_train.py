@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelers.embedded import DEFAULT_WIDTHS, EmbeddedDepthNet, save_weights
+from labelers.embedded import DEFAULT_WIDTHS, EmbeddedDepthNet, load_net, save_weights
 from reliev3r import geometry
 from reliev3r.synthetic import Box, Material, Sphere, World, hsv, random_world, render_rays
 
@@ -83,6 +83,10 @@ class TeacherTrainConfig:
     ``scale_shift`` (least-squares scale and shift; the teacher's shift is then arbitrary) or
     ``scale`` (least-squares scale only; the teacher learns how near the near points are, and
     its meta says ``ambiguity: scale``, which the learner uses)."""
+    init: Path | None = None
+    """Weights (``embedded_depth.safetensors`` of an earlier run) to start from instead of a
+    random init, e.g. to change a trained teacher's ``alignment``; ``widths`` are taken from
+    them."""
     pool_frames: int = 24000
     """Rendered frames held in the training pool (uint8 RGB + fp16 depth on the device)."""
     render_fraction: float = 0.3
@@ -103,6 +107,7 @@ class TeacherTrainConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.init = None if self.init is None else Path(self.init)
         self.widths = tuple(int(w) for w in self.widths)
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
@@ -522,7 +527,13 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
     render_s = time.monotonic() - start
     emit({"event": "pool", **pool_info, "render_s": round(render_s, 1)})
 
-    model = EmbeddedDepthNet(cfg.widths).to(device).to(memory_format=torch.channels_last)
+    if cfg.init is not None:
+        model, _ = load_net(cfg.init)
+        cfg.widths = model.widths
+        model.train()
+    else:
+        model = EmbeddedDepthNet(cfg.widths)
+    model = model.to(device).to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -620,6 +631,8 @@ def config_from_args(args: argparse.Namespace) -> TeacherTrainConfig:
             values[key] = tuple(int(v) for v in text.split(","))
         elif key in ("device", "precision", "alignment"):
             values[key] = text
+        elif key == "init":
+            values[key] = None if text.lower() == "none" else Path(text)
         elif key == "time_budget_s":
             values[key] = None if text.lower() == "none" else float(text)
         else:

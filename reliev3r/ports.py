@@ -11,7 +11,9 @@ own ports (:func:`stage_problem`): its peers must know them, so the ZeroMQ ones 
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 from reliev3r.config import PipelineConfig
 
@@ -71,10 +73,9 @@ def resolve(cfg: PipelineConfig, metrics_names: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
         for key, host, port in wanted:
-            if not port:  # chosen by the kernel, without SO_REUSEADDR: a port nothing else has bound
-                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            if not port:
+                sock = _hold_free_port(host)
                 held.append(sock)
-                sock.bind((host, 0))
                 port = sock.getsockname()[1]
             out[key] = port
     finally:
@@ -87,6 +88,46 @@ def resolve(cfg: PipelineConfig, metrics_names: list[str]) -> dict[str, int]:
         else:
             mon.ports[name.split(".", 1)[1]] = port
     return out
+
+
+FREE_PORT_FLOOR = 10000
+"""Lowest port :func:`resolve` picks for a port left at 0."""
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int | None:
+    """First port of the kernel's range for outgoing connections (Linux), or None."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _hold_free_port(host: str, tries: int = 200) -> socket.socket:
+    """A socket bound (without SO_REUSEADDR) to a port nothing else has bound, to be closed by
+    the caller once every port is chosen.
+
+    The port is picked below the kernel's ephemeral range where there is one: a port the
+    kernel hands out for binding to 0 lies inside that range, and between ``resolve`` and the
+    child stage's own bind any outgoing connection on the host (ZeroMQ peers of other runs,
+    scrapers) may take it as its source port; a stage then failed on every restart with
+    ``Address already in use`` (seen with four runs on one GPU host). Falls back to the
+    kernel's choice where no range is known or nothing below it is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = _ephemeral_low()
+    candidates = []
+    if low is not None and low - FREE_PORT_FLOOR >= 1000:
+        rng = random.Random()
+        candidates = [rng.randrange(FREE_PORT_FLOOR, low) for _ in range(tries)]
+    for port in [*candidates, 0]:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            continue
+        return sock
+    raise PortError(f"no free port on {host}")
 
 
 def stage_problem(stage: str, instance: str, cfg: PipelineConfig) -> str | None:

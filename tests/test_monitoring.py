@@ -322,3 +322,22 @@ def test_prometheus_sees_every_dashboard_and_alert_query(tmp_path):
         up_log.close()
         prom_log.close()
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
+
+
+def test_free_ports_are_distinct_and_below_the_kernels_ephemeral_range(tmp_path, monkeypatch):
+    """Ports left at 0 get distinct free ports outside the range the kernel gives outgoing
+    connections (which could take a chosen port before the stage binds it); with no known
+    range the kernel's own choice is the fallback."""
+    from reliev3r import ports
+    from reliev3r.config import load
+
+    names = ["supervisor", "streamer", "labeler", "replay", "learner", "evaluator"]
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text("32768\t60999\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE", range_file)
+    got = ports.resolve(load([ROOT / "configs" / "default.yaml"]), names)
+    assert len(got) == len(ports.NETWORK_PORTS) + len(names) and len(set(got.values())) == len(got)
+    assert all(ports.FREE_PORT_FLOOR <= p < 32768 for p in got.values())
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE", tmp_path / "absent")
+    got = ports.resolve(load([ROOT / "configs" / "default.yaml"]), names)
+    assert len(set(got.values())) == len(got) and all(p > 0 for p in got.values())
