@@ -195,3 +195,37 @@ def test_jpeg_frames_glanced_at_a_reduced_scale_and_decoded_in_full_when_asked(t
     full, small, size = read_image_glance(tmp_path / "b.png")  # not a JPEG: decoded in full at once
     assert small is None and size == (300, 400) and full.shape == (300, 400, 3)
     assert jpeg_size(b"\xff\xd8\xff\xda") is None and jpeg_size(b"not a jpeg") is None
+
+
+def test_a_still_camera_is_tried_less_often_and_its_next_view_comes_within_a_stride():
+    """40 still frames, then a pan: still candidates back off to every frame_stride-th frame,
+    and the first view after the camera moves comes at most frame_stride - 1 frames after the
+    first frame that moved enough (what trying every frame would have kept)."""
+    from types import SimpleNamespace
+
+    from streamer import windows as W
+
+    pan = panning_frames(40, 160, 120, step=3, seed=5)
+    frames = [pan[0]] * 40 + list(pan)
+    cfg = StreamerConfig(views=2, frame_stride=4, window_step=1, keyframe_min_motion=0, blur_ratio=0)
+    builder = builder_for("s", cfg)
+    tracked = []
+    real = W.camera_motion
+
+    def counted(*args, **kwargs):
+        tracked.append(1)
+        return real(*args, **kwargs)
+
+    W.camera_motion = counted
+    try:
+        views = []
+        for i, rgb in enumerate(frames):
+            window = builder.push(SimpleNamespace(index=i, timestamp=float(i), rgb=rgb, intrinsics=np.eye(3),
+                                                  gt_depth=None, gt_cam_to_world=None))
+            if window is not None:
+                views.extend(v.index for v in window.views)
+    finally:
+        W.camera_motion = real
+    assert builder.skipped_still < 20 and len(tracked) < 40  # every frame: 39 still candidates tracked
+    after = sorted(v for v in set(views) if v >= 40)
+    assert after and after[0] <= 40 + cfg.frame_stride  # the pan moves 3 px a frame: frame 41 is the first with 2 px
