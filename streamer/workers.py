@@ -241,8 +241,9 @@ def _from_worker(pool: WorkerPool, worker: _Worker, job: dict, name: str, on_fra
                 _put(ahead, (head[:-1], frames), stop)
                 if head[0] in ("end", "failed"):
                     return
-        except (EOFError, OSError) as err:
-            _put(ahead, (["died", 0, f"decode worker exited ({worker.process.exitcode}): {err}"], []), stop)
+        except Exception as err:  # EOFError/OSError: the worker died; anything else: garbled reports
+            _put(ahead, (["died", 0, f"decode worker lost ({worker.process.exitcode}): {type(err).__name__}: {err}"],
+                         []), stop)
 
     reader = threading.Thread(target=read, daemon=True, name=f"decode-{name[:20]}")
     worker.conn.send_bytes(msgpack.packb(job))

@@ -229,3 +229,27 @@ def test_a_still_camera_is_tried_less_often_and_its_next_view_comes_within_a_str
     assert builder.skipped_still < 20 and len(tracked) < 40  # every frame: 39 still candidates tracked
     after = sorted(v for v in set(views) if v >= 40)
     assert after and after[0] <= 40 + cfg.frame_stride  # the pan moves 3 px a frame: frame 41 is the first with 2 px
+
+
+def test_a_worker_that_dies_fails_its_source_and_is_replaced(tmp_path):
+    import multiprocessing
+
+    cfg = StreamerConfig(**WINDOWS, decode_workers=2)
+    pool = workers.WorkerPool(cfg, 1)
+    try:  # long enough that the worker cannot have read it all ahead (a few windows at most)
+        src = VideoSource(encode(tmp_path / "long.mp4", panning_frames(240, 96, 64, step=3)))
+        it = workers.source_windows(src, cfg, start=0, pass_index=0, on_frame=lambda s: None,
+                                    on_error=lambda *e: None, pool=pool)
+        assert next(it).window_id == f"{src.name}:0:0"
+        for child in multiprocessing.active_children():
+            if child.name == "streamer-decode":
+                child.kill()
+        with pytest.raises(RuntimeError, match="decode worker"):
+            for _ in it:  # windows read ahead may still come, then the loss
+                pass
+        assert pool.started == 0  # replaced on the next source
+        again = list(workers.source_windows(src, cfg, start=0, pass_index=0, on_frame=lambda s: None,
+                                            on_error=lambda *e: None, pool=pool))
+        assert again and again[0].window_id == f"{src.name}:0:0"
+    finally:
+        pool.close()
