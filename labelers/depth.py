@@ -38,12 +38,6 @@ class DepthTeacher:
     name: str = "base"
     version: str = "0"
     space: Literal["depth", "disparity"] = "depth"
-    ambiguity: Literal["scale_shift", "scale"] = "scale_shift"
-    """What the output leaves unknown per frame, in its ``space``: a scale and a shift (relative
-    teachers, e.g. Depth Anything, or any teacher trained with a scale-and-shift-invariant
-    loss), or a scale only (a teacher that knows how near the near points are, such as a
-    metric one or the embedded teacher trained with ``alignment=scale``). The learner registers
-    the unknown shift from the matches when there is one and takes the teacher's when not."""
     produces_labels: bool = True
 
     def predict(self, frames: np.ndarray, *, gt_depth: np.ndarray | None = None,
@@ -68,7 +62,7 @@ class DepthTeacher:
         raise TeacherError("no_backend", self.name)
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "space": self.space, "ambiguity": self.ambiguity}
+        return {"name": self.name, "version": self.version, "space": self.space}
 
 
 def sanitize(depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,23 +247,6 @@ def oracle_version(settings: dict[str, float]) -> str:
 
 
 MODEL_KINDS = ("hf", "onnx", "torchscript", "tflite", "pydnet")
-AMBIGUITIES = ("scale_shift", "scale")
-
-
-def _pop_ambiguity(spec: str) -> tuple[str, str | None]:
-    """``spec`` without its ``ambiguity=...`` option, and that option's value (None: absent)."""
-    base, sep, query = spec.partition("?")
-    if not sep:
-        return spec, None
-    options = query.split("&")
-    found = [o for o in options if o.startswith("ambiguity=")]
-    if not found:
-        return spec, None
-    value = found[-1].partition("=")[2]
-    if value not in AMBIGUITIES:
-        raise ValueError(f"teacher {spec!r}: ambiguity must be one of {', '.join(AMBIGUITIES)}, got {value!r}")
-    rest = "&".join(o for o in options if not o.startswith("ambiguity="))
-    return (f"{base}?{rest}" if rest else base), value
 
 
 def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int = _LABELER.batch_frames,
@@ -284,10 +261,6 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
       and optional ``&size=HxW&norm=imagenet|unit&output=<name>``;
     * ``pydnet:<file>`` (PyDNet++ TFLite: the right output and space preset).
 
-    Every model teacher (``embedded`` too) takes ``?ambiguity=scale_shift|scale`` to say what
-    its output leaves unknown per frame (:attr:`DepthTeacher.ambiguity`; default: the
-    embedded weights' meta, ``scale_shift`` for the other backends).
-
     ``batch_frames``, ``precision`` (auto = bf16 on CUDA, fp32 on CPU) and ``compile``
     (none, inductor, tensorrt; CUDA only) apply to the torch backends.
     """
@@ -296,21 +269,15 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
     base, _, query = spec.partition("?")
     if base in ("oracle", "oracle-gt"):
         return OracleTeacher.from_options(query, spec) if query else OracleTeacher()
-    spec, ambiguity = _pop_ambiguity(spec)
     kind, sep, target = spec.partition(":")
-    teacher: DepthTeacher | None = None
     if kind == "embedded":  # the package-shipped default; ``embedded:<file>`` for other weights
         from labelers.embedded import EmbeddedTeacher
 
-        teacher = EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision)
-    elif sep and kind in MODEL_KINDS and target:
+        return EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision)
+    if sep and kind in MODEL_KINDS and target:
         from labelers.depth_models import make_model_teacher
 
-        teacher = make_model_teacher(kind, target, device=device, batch_frames=batch_frames,
-                                     precision=precision, compile=compile)
-    if teacher is not None:
-        if ambiguity is not None:
-            teacher.ambiguity = ambiguity
-        return teacher
+        return make_model_teacher(kind, target, device=device, batch_frames=batch_frames,
+                                  precision=precision, compile=compile)
     raise ValueError(f"teacher {spec!r} is not available (known: none, oracle, embedded, "
                      + ", ".join(f"{k}:<path>" for k in MODEL_KINDS) + ")")

@@ -6,9 +6,13 @@ records the recipe, the data, the steps and the measured accuracy. It was traine
 on the project's synthetic world only (no pretrained weights, no real images), so it is a
 coarse teacher: see the meta's ``metrics`` and ``docs/RESULTS.md`` for how coarse.
 
-Output: relative z-depth (``space = "depth"``; larger = farther), defined up to an unknown
-scale per frame, and a shift too unless the meta says ``"ambiguity": "scale"`` (weights
-trained with ``alignment=scale``), at the frames' own resolution. ``version`` is the sha256 (12 hex)
+Output: relative z-depth (``space = "depth"``; larger = farther) at the frames' own
+resolution. The shipped weights were trained to be right up to a scale per frame
+(``reliev3r teacher-train alignment=scale``; the meta's ``ambiguity``), which fixed how near
+their near points are (7-Scenes AbsRel after median scaling 0.27, 0.93 before); consumers
+still take the output as known up to a scale *and shift*, as for any relative teacher: the
+learner registers each view's shift to the matches' triangulation, which trained a better
+model than taking the teacher's own shift (docs/RESULTS.md, issue 21). ``version`` is the sha256 (12 hex)
 of the weights file, so labels name exactly the weights that made them.
 """
 
@@ -159,7 +163,6 @@ class EmbeddedTeacher(DepthTeacher):
         self.net, self.meta = load_net(self.weights)
         self.net.to(self.device)
         self.version = weights_digest(self.weights)
-        self.ambiguity = self.meta.get("ambiguity", "scale_shift")
         self.batch_frames = int(batch_frames)
         base = self.meta.get("input_size", DEFAULT_INPUT)
         self.base_size = (int(base[0]), int(base[1]))

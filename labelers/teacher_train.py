@@ -25,9 +25,11 @@ field (shading that says nothing about depth), blur, resolution loss, sensor noi
 8-bit quantisation.
 
 Loss. Per frame, the prediction (depth = exp(net output)) is aligned to the ground truth by
-least-squares scale and shift (closed form, differentiated through), exactly the alignment
-the 7-Scenes benchmark uses; the loss is the aligned AbsRel plus a multi-scale
-gradient-matching term on the aligned residual (MiDaS), which sharpens edges.
+least-squares scale (``alignment=scale``, the shipped weights) or scale and shift
+(``scale_shift``, the alignment the 7-Scenes benchmark uses, which leaves the teacher's own
+shift arbitrary: its near points came out far too near), in closed form and differentiated
+through; the loss is the aligned AbsRel plus a multi-scale gradient-matching term on the
+aligned residual (MiDaS), which sharpens edges.
 
 Schedule. AdamW, linear warm-up then cosine decay over ``progress = max(step / steps,
 elapsed / time_budget)``, so a time-boxed device run still ends its schedule properly; the

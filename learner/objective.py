@@ -31,10 +31,9 @@ def compute_loss(
     cfg: LossConfig,
     *,
     teacher_space: str = "depth",
-    teacher_ambiguity: str = "scale_shift",
 ) -> tuple[Tensor, dict[str, float]]:
     """:func:`weighted_loss` with its terms read back as floats (one host sync per term)."""
-    loss, terms = weighted_loss(pred, batch, cfg, teacher_space=teacher_space, teacher_ambiguity=teacher_ambiguity)
+    loss, terms = weighted_loss(pred, batch, cfg, teacher_space=teacher_space)
     return loss, {k: float(v) for k, v in terms.items()}
 
 
@@ -44,7 +43,6 @@ def weighted_loss(
     cfg: LossConfig,
     *,
     teacher_space: str = "depth",
-    teacher_ambiguity: str = "scale_shift",
 ) -> tuple[Tensor, dict[str, Tensor | float]]:
     """Total loss of a batch and its named terms for logging.
 
@@ -60,9 +58,6 @@ def weighted_loss(
         cfg: weights and kind.
         teacher_space: ``"depth"`` or ``"disparity"``: the space of ``teacher_depth``
             (from the batch's teacher meta).
-        teacher_ambiguity: ``"scale_shift"`` or ``"scale"``: what the teacher leaves unknown per
-            frame (from the batch's teacher meta). The contrast term registers an unknown shift
-            to the matches' triangulation; a teacher with a known shift lends its own.
 
     Returns:
         ``(loss, terms)``: ``loss`` a scalar tensor, ``terms``: ``matches`` (a float) and
@@ -120,10 +115,9 @@ def weighted_loss(
                                               robust=cfg.robust, scale_deg=cfg.scale_deg)
             loss = loss + cfg.triangulation_pose_weight * tri_pose
             terms["triangulation_pose"] = tri_pose.detach()
-        known_shift = teacher_ambiguity == "scale"
-        if (triangulation is not None or known_shift) and teacher is not None and cfg.contrast_weight > 0:
+        if triangulation is not None and teacher is not None and cfg.contrast_weight > 0:
             contrast = depth_contrast_loss(depth, teacher, valid, named.geometry, triangulation, intrinsics,
-                                           teacher_space=teacher_space, teacher_ambiguity=teacher_ambiguity)
+                                           teacher_space=teacher_space)
             loss = loss + cfg.contrast_weight * contrast
             terms["contrast"] = contrast.detach()
         if teacher is not None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
-from learner.train import LossFn, Trainer, batch_from_message, teacher_ambiguity_of, teacher_space_of
+from learner.train import LossFn, Trainer, batch_from_message, teacher_space_of
 from monitoring.metrics import Metrics
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
@@ -141,8 +141,7 @@ class LearnerService:
         self.teachers = msg.meta.get("teacher", self.teachers)
         batch = batch_from_message(msg, trainer.device)
         window_losses: list[float] | None = [] if reporter is not None else None
-        out = trainer.step(batch, teacher_space=teacher_space_of(msg), teacher_ambiguity=teacher_ambiguity_of(msg),
-                           window_losses=window_losses)
+        out = trainer.step(batch, teacher_space=teacher_space_of(msg), window_losses=window_losses)
         if reporter is not None and window_losses and not out["skipped"]:
             ids = msg.meta.get("window_ids")
             if isinstance(ids, list) and len(ids) == len(window_losses):

@@ -41,7 +41,7 @@ PER_MATCH = frozenset({"matches", "match_triangulation"})
 """Batch tensors with one row per match (first column of ``matches``: the window)."""
 
 LossFn = Callable[..., "tuple[Tensor, dict[str, Tensor | float]]"]
-"""``loss_fn(pred, batch, cfg, *, teacher_space, teacher_ambiguity) -> (scalar loss, {term: float or scalar tensor})``;
+"""``loss_fn(pred, batch, cfg, *, teacher_space) -> (scalar loss, {term: float or scalar tensor})``;
 tensor terms are read back after the optimizer step."""
 
 
@@ -117,12 +117,10 @@ class Trainer:
     """Model + optimisation state of one learner rank."""
 
     def __init__(self, cfg: LearnerConfig, *, device: str | torch.device = "auto",
-                 teacher_space: str = "depth", teacher_ambiguity: str = "scale_shift",
-                 loss_fn: LossFn | None = None, seed: int = 0):
+                 teacher_space: str = "depth", loss_fn: LossFn | None = None, seed: int = 0):
         self.cfg = cfg
         self.device = resolve_device(device if device != "auto" else cfg.device)
         self.teacher_space = teacher_space
-        self.teacher_ambiguity = teacher_ambiguity
         self.loss_fn = loss_fn or default_loss_fn()
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
@@ -156,7 +154,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def step(self, batch: dict[str, Tensor], *, teacher_space: str | None = None,
-             teacher_ambiguity: str | None = None, window_losses: list[float] | None = None) -> dict[str, float]:
+             window_losses: list[float] | None = None) -> dict[str, float]:
         """One optimisation step on a batch already on :attr:`device` (see
         :func:`batch_from_message`). Returns loss terms, ``loss``, ``grad_norm``, ``lr``,
         ``skipped`` (1.0 when the update was dropped) and ``step``. If ``window_losses`` is a
@@ -170,8 +168,7 @@ class Trainer:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred: Prediction = self.forward_model(images)
         space = teacher_space or self.teacher_space
-        ambiguity = teacher_ambiguity or self.teacher_ambiguity
-        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space, teacher_ambiguity=ambiguity)
+        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space)
         # Backward even on a NaN loss: under DDP the all-reduce must happen on every rank, and
         # the NaN then reaches every rank's grad norm, so all ranks skip this step together.
         loss.backward()
@@ -183,7 +180,7 @@ class Trainer:
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
         # Evaluated after the update is queued, so that syncs inside the loss cost no GPU time.
-        windows = self._window_losses(pred, batch, space, ambiguity) if window_losses is not None else []
+        windows = self._window_losses(pred, batch, space) if window_losses is not None else []
         # The step's one host sync: every logged number in one read.
         names = [k for k, v in terms.items() if isinstance(v, Tensor)]
         values = torch.stack([t.double() for t in [loss, grad_norm, finite, *windows]
@@ -206,7 +203,7 @@ class Trainer:
                 "skipped": float(skipped), "step": float(self.global_step)}
 
     @torch.no_grad()
-    def _window_losses(self, pred: Prediction, batch: dict[str, Tensor], space: str, ambiguity: str) -> list[Tensor]:
+    def _window_losses(self, pred: Prediction, batch: dict[str, Tensor], space: str) -> list[Tensor]:
         out = []
         for b in range(pred.depth.shape[0]):
             rows = batch["matches"][:, 0] == b
@@ -215,8 +212,7 @@ class Trainer:
             one["matches"][:, 0] = 0
             view = Prediction(depth=pred.depth[b:b + 1].detach(), confidence=pred.confidence[b:b + 1].detach(),
                               cam_to_world=pred.cam_to_world[b:b + 1].detach())
-            out.append(self.loss_fn(view, one, self.cfg.loss, teacher_space=space,
-                                    teacher_ambiguity=ambiguity)[0].detach())
+            out.append(self.loss_fn(view, one, self.cfg.loss, teacher_space=space)[0].detach())
         return out
 
     @torch.no_grad()
@@ -259,23 +255,13 @@ class Trainer:
 
 # ---------------------------------------------------------------------- batches
 
-def _teacher_field(msg: protocol.Message, key: str) -> str | None:
-    teacher = msg.meta.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("depth"), dict):
-        value = teacher["depth"].get(key)
-        return value if isinstance(value, str) else None
-    return None
-
-
 def teacher_space_of(msg: protocol.Message) -> str | None:
     """The depth teacher's output space ("depth", "disparity" ...) named in a batch's meta."""
-    return _teacher_field(msg, "space")
-
-
-def teacher_ambiguity_of(msg: protocol.Message) -> str | None:
-    """What the depth teacher leaves unknown per frame ("scale_shift", "scale"), from a batch's
-    meta; None when the labels predate the field (then "scale_shift" is assumed)."""
-    return _teacher_field(msg, "ambiguity")
+    teacher = msg.meta.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("depth"), dict):
+        space = teacher["depth"].get("space")
+        return space if isinstance(space, str) else None
+    return None
 
 
 def batch_from_message(msg: protocol.Message, device: str | torch.device) -> dict[str, Tensor]:

@@ -135,8 +135,7 @@ def test_hf_teacher_from_a_saved_tiny_depth_anything(tmp_path):
 
     teacher = make_teacher(f"hf:{folder}")
     d = teacher.describe()
-    assert d == {"name": "hf:tiny-depth-anything", "version": d["version"], "space": "disparity",
-                 "ambiguity": "scale_shift"}
+    assert d == {"name": "hf:tiny-depth-anything", "version": d["version"], "space": "disparity"}
     assert d["version"].startswith("depth_anything@") and teacher.dtype == torch.float32
     f = frames(3, 60, 80)
     assert teacher.model_size(60, 80) == (56, 70)

@@ -15,15 +15,14 @@ import pytest
 import torch
 
 from learner.config import LearnerConfig, ModelConfig
-from learner.train import (Trainer, batch_from_message, lr_at, param_groups, synthetic_batch, teacher_ambiguity_of,
-                           teacher_space_of)
+from learner.train import Trainer, batch_from_message, lr_at, param_groups, synthetic_batch, teacher_space_of
 from reliev3r import protocol
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).parents[1]
 
 
-def toy_loss(pred, batch, cfg, *, teacher_space="depth", teacher_ambiguity="scale_shift"):
+def toy_loss(pred, batch, cfg, *, teacher_space="depth"):
     """A small stand-in objective touching every head (so DDP sees every parameter used)."""
     depth = (pred.depth.log() - batch["teacher_depth"].log()).abs().mean()
     conf = ((pred.confidence - 1.5) ** 2).mean()
@@ -34,7 +33,7 @@ def toy_loss(pred, batch, cfg, *, teacher_space="depth", teacher_ambiguity="scal
     return loss, {"depth": float(depth.detach()), "conf": float(conf.detach()), "pose": float(pose.detach())}
 
 
-def nan_loss(pred, batch, cfg, *, teacher_space="depth", teacher_ambiguity="scale_shift"):
+def nan_loss(pred, batch, cfg, *, teacher_space="depth"):
     loss, terms = toy_loss(pred, batch, cfg)
     return loss * float("nan"), terms
 
@@ -141,7 +140,7 @@ def test_batch_from_message_converts_and_copies():
               "matches": np.array([[1, 0, 2, 1.0, 2.0, 3.0, 4.0, 0.5]], np.float32),
               "teacher_depth": rng.random((b, v, h, w)).astype(np.float32),
               "teacher_valid": np.ones((b, v, h, w), np.uint8)}
-    meta = {"window_ids": ["a", "b"], "teacher": {"depth": {"name": "x", "space": "disparity", "ambiguity": "scale"}}}
+    meta = {"window_ids": ["a", "b"], "teacher": {"depth": {"name": "x", "space": "disparity"}}}
     frames = [bytes(f) for f in protocol.encode(protocol.Message("batch", meta, arrays))]
     msg = protocol.decode(frames)  # read-only views on the received buffers
     batch = batch_from_message(msg, "cpu")
@@ -152,8 +151,6 @@ def test_batch_from_message_converts_and_copies():
     batch["intrinsics"] += 1  # writable: a copy, not the zmq buffer
     assert teacher_space_of(msg) == "disparity"
     assert teacher_space_of(protocol.Message("batch", {"window_ids": []})) is None
-    assert teacher_ambiguity_of(msg) == "scale"
-    assert teacher_ambiguity_of(protocol.Message("batch", {"window_ids": []})) is None
 
 
 DDP_WORKER = textwrap.dedent("""

@@ -261,36 +261,3 @@ def test_objective_adds_the_contrast_term_with_a_teacher_and_triangulation():
     loss, terms = compute_loss(pred, batch, LossConfig(contrast_weight=2.0))
     assert terms["contrast"] > 1e-3
     assert float(loss) == pytest.approx(float(base) + 2.0 * terms["contrast"], rel=1e-5)
-
-
-def test_contrast_term_takes_a_known_shift_teachers_own_contrast_without_matches():
-    """A teacher that leaves only the scale unknown lends its own contrast: zero at any scale of
-    it, positive for a shifted prediction, and no matches or triangulation are needed."""
-    world, _ = dense_world(9)
-    depth = world["depth"]
-    teacher = 2.0 * depth
-    valid = torch.ones_like(depth, dtype=torch.bool)
-    loss = lambda d, t=teacher: float(depth_contrast_loss(d, t, valid, None, None, world["intrinsics"],
-                                                          teacher_ambiguity="scale"))
-    assert loss(depth) < 1e-12
-    assert loss(depth * 0.3) < 1e-12
-    assert loss(depth + 0.5 * float(depth.median())) > 1e-3
-    # the registered variant would take this teacher's shift as unknown; the known-shift one not
-    assert loss(depth, teacher + 0.5 * float(teacher.median())) > 1e-3
-    with pytest.raises(ValueError, match="teacher_ambiguity"):
-        depth_contrast_loss(depth, teacher, valid, None, None, world["intrinsics"], teacher_ambiguity="affine")
-
-
-def test_objective_adds_the_contrast_term_for_a_known_shift_teacher_without_triangulation():
-    world, _ = dense_world(10)
-    m = world["matches"].float()
-    matches = torch.cat([m, torch.ones(len(m), 1)], 1)
-    depth = world["depth"].float() + 0.5
-    pred = type("P", (), {"depth": depth, "confidence": torch.ones_like(depth),
-                          "cam_to_world": world["cam_to_world"].float()})()
-    batch = {"matches": matches, "intrinsics": world["intrinsics"].float(),
-             "teacher_depth": 2 * world["depth"].float(), "teacher_valid": torch.ones_like(depth, dtype=torch.bool)}
-    _, terms = compute_loss(pred, batch, LossConfig())
-    assert "contrast" not in terms  # an unknown shift and no triangulation: nothing to register to
-    loss, terms = compute_loss(pred, batch, LossConfig(contrast_weight=2.0), teacher_ambiguity="scale")
-    assert terms["contrast"] > 1e-3

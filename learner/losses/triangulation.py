@@ -220,12 +220,11 @@ def depth_contrast_loss(
     pred_depth: Tensor,
     teacher_depth: Tensor,
     valid: Tensor,
-    matches: Tensor | None,
-    triangulation: Tensor | None,
+    matches: Tensor,
+    triangulation: Tensor,
     intrinsics: Tensor,
     *,
     teacher_space: Literal["depth", "disparity"] = "depth",
-    teacher_ambiguity: Literal["scale_shift", "scale"] = "scale_shift",
     scale: float = 0.1,
     full_evidence: float = 16.0,
     min_valid: int = 16,
@@ -245,28 +244,18 @@ def depth_contrast_loss(
     weigh 0. Invariant to any per-view scale of the prediction (and to the similarity gauge);
     graph-connected zero when no view is registered.
 
-    A teacher whose output leaves only the scale unknown (``teacher_ambiguity="scale"``) needs
-    no registration: its own contrast is the target, every view at full weight, and
-    ``matches`` and ``triangulation`` may be None.
-
     Shapes: ``pred_depth``, ``teacher_depth``, ``valid`` [B, V, H, W]; ``matches`` [K, 7] rows
     (b, i, j, x_i, y_i, x_j, y_j); ``triangulation`` [K, 3] (z_i, z_j, weight); ``intrinsics``
     [B, V, 3, 3].
     """
     if scale <= 0 or full_evidence <= 0:
         raise ValueError("scale and full_evidence must be > 0")
-    if teacher_ambiguity not in ("scale_shift", "scale"):
-        raise ValueError(f"teacher_ambiguity must be 'scale_shift' or 'scale', got {teacher_ambiguity!r}")
     depth = _fp32(pred_depth)
     zero = depth.sum() * 0
-    if teacher_ambiguity == "scale":
-        shift = depth.new_zeros(depth.shape[:2])
-        evidence = torch.full_like(shift, full_evidence)
-    elif matches is None or triangulation is None or matches.shape[0] == 0:
+    if matches.shape[0] == 0:
         return zero
-    else:
-        shift, evidence = registered_teacher_shift(teacher_depth, valid, matches, triangulation, intrinsics,
-                                                   teacher_space=teacher_space)
+    shift, evidence = registered_teacher_shift(teacher_depth, valid, matches, triangulation, intrinsics,
+                                               teacher_space=teacher_space)
     mask = valid.bool() & torch.isfinite(teacher_depth)
     teacher = torch.where(mask, _fp32(teacher_depth).to(depth.dtype), torch.zeros_like(depth))
     shifted = (teacher + shift.to(depth.dtype)[..., None, None]).flatten(-2).flatten(0, -2)
