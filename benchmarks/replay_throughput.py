@@ -85,7 +85,7 @@ def summary(name: str, size: int, insert_s: list[float], n_windows: int, sample_
 
 def replay_cfg(n: int, window_bytes: int, **kw) -> ReplayConfig:
     return ReplayConfig(capacity_windows=n, capacity_bytes=n * window_bytes * 2, min_size=1,
-                        max_window_bytes=window_bytes * 2, **kw)
+                        max_window_bytes=window_bytes * 2, dedup=False, **kw)
 
 
 def bench_buffer(durable: bool, windows, size, batches, batch, tmp: Path) -> dict:
@@ -126,7 +126,7 @@ def bench_service(durable: bool, windows, size, batches, batch, tmp: Path, write
     cfg = rconfig.load([], [f"run.dir={tmp / f'service-{size}-{durable}-{writers}'}", "monitoring.enabled=false",
                             f"replay.durable={str(durable).lower()}", f"replay.capacity_windows={n}",
                             f"replay.capacity_bytes={2 * n * nbytes}", f"replay.max_window_bytes={2 * nbytes}",
-                            "replay.min_size=1"])
+                            "replay.min_size=1", "replay.dedup=false"])
     cfg.network.replay_port = rconfig.free_port()
     with serving(cfg) as endpoint:
         def write(part: int, out: list):

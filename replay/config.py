@@ -30,8 +30,9 @@ class ReplayConfig:
     """``recency`` sampler: a window's weight halves every this many newer windows."""
     priority_alpha: float = 0.6
     """``prioritized`` sampler: probability proportional to reported loss ** alpha."""
-    dedup: bool = False
-    """Reject near-duplicate windows (static camera, repeats) by thumbnail embedding distance."""
+    dedup: bool = True
+    """Reject near-duplicate windows (static camera, looped archives, repeats) by thumbnail
+    embedding distance."""
     dedup_threshold: float = 0.01
     """Squared L2 distance between unit window embeddings (2 - 2 cos) under which a window
     counts as a near-duplicate of a stored one. Measured on 7-Scenes (4-frame windows, 64x48):

@@ -24,18 +24,24 @@ from reliev3r.service import Runtime
 REPO = Path(__file__).resolve().parents[1]
 STAGE_STOP_S = 120.0
 """How long a stopped stage thread may take to return: bounds a hang only."""
+TEST_DEFAULTS = {"labeler": {"teacher": "none"}, "replay": {"dedup": False}}
+"""What a test config (``make_cfg``) sets where the product's default would make a test slow
+or depend on its frames: no depth teacher, no near-duplicate rejection."""
 
 
 @pytest.fixture
 def make_cfg(tmp_path) -> Callable[..., rconfig.PipelineConfig]:
     """``make_cfg(*overrides, **sections)``: a PipelineConfig with ``run.dir`` in ``tmp_path``,
-    free work and replay ports and no metrics endpoint, then ``sections`` (plain data per
-    section, e.g. ``streamer={"views": 3}``) and ``key.sub=value`` overrides on top."""
+    free work and replay ports, no metrics endpoint, no depth teacher (``labeler.teacher``
+    none) and no near-duplicate rejection (``replay.dedup`` false), then ``sections`` (plain
+    data per section, e.g. ``streamer={"views": 3}``) and ``key.sub=value`` overrides on top.
+    The product's defaults for those two (the embedded teacher, dedup on) are for a test that
+    sets them."""
 
     def make(*overrides: str, **sections: Any) -> rconfig.PipelineConfig:
         data = rconfig.merge({"run": {"dir": str(tmp_path / "run")},
                               "network": {"work_port": rconfig.free_port(), "replay_port": rconfig.free_port()},
-                              "monitoring": {"enabled": False}}, sections)
+                              "monitoring": {"enabled": False}, **TEST_DEFAULTS}, sections)
         return rconfig.build(rconfig.PipelineConfig, rconfig.merge(data, rconfig.load_data([], overrides)))
 
     return make
@@ -45,12 +51,12 @@ def make_cfg(tmp_path) -> Callable[..., rconfig.PipelineConfig]:
 def stream_cfg(make_cfg) -> Callable[..., rconfig.PipelineConfig]:
     """``stream_cfg(sources, streamer=None, labeler=None)``: ``make_cfg`` for the streamer and
     labeler tests: those sources, windows of 3 views at 64x96 (every 2nd frame, a window every
-    4), no looping, no depth teacher; ``streamer``/``labeler`` (plain data) on top."""
+    4), no looping, no depth teacher (``make_cfg``'s); ``streamer``/``labeler`` (plain data) on top."""
 
     def make(sources, streamer: dict | None = None, labeler: dict | None = None) -> rconfig.PipelineConfig:
         return make_cfg(streamer={"sources": [str(s) for s in sources], "views": 3, "height": 64, "width": 96,
                                   "frame_stride": 2, "window_step": 4, "loop": False, **(streamer or {})},
-                        labeler={"teacher": "none", **(labeler or {})})
+                        labeler=labeler or {})
 
     return make
 

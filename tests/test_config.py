@@ -18,6 +18,70 @@ def test_shipped_configs_load():
     assert demo.run.dir == "runs/demo"
 
 
+DIFFERS_BY_PURPOSE: dict[str, str] = {}
+"""Keys that configs/default.yaml may set to something other than their dataclass default,
+each with the reason (also a comment beside the key there). None today: one default per option."""
+
+
+def _leaves(data: dict, prefix: str = ""):
+    """(dotted key, value) of every value a YAML file sets (sections are walked, not values)."""
+    for key, value in (data or {}).items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        elif value is not None:
+            yield f"{prefix}{key}", value
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def default_violations(path: Path) -> dict[str, list[str]]:
+    """What breaks "one default per option" when ``path`` is the file every command loads first:
+    ``different``, options whose dataclass default is not what the loaded config holds;
+    ``repeated``, keys the file sets to their dataclass default (DIFFERS_BY_PURPOSE aside)."""
+    import yaml
+
+    loaded = _flatten(config.to_dict(config.load([path])))
+    defaults = _flatten(config.to_dict(config.PipelineConfig()))
+    missing = object()
+    different = sorted(f"{k}: dataclass {defaults.get(k, missing)!r}, loaded {loaded.get(k, missing)!r}"
+                       for k in loaded.keys() | defaults.keys()
+                       if k not in DIFFERS_BY_PURPOSE and loaded.get(k, missing) != defaults.get(k, missing))
+    repeated = sorted(k for k, _ in _leaves(yaml.safe_load(Path(path).read_text()))
+                      if k not in DIFFERS_BY_PURPOSE and loaded.get(k, missing) == defaults.get(k, missing))
+    return {"different": different, "repeated": repeated}
+
+
+def test_one_default_per_option():
+    """ARCHITECTURE.md, "One default per option": what ``reliev3r up`` runs with, unless told
+    otherwise, is the dataclass defaults, and configs/default.yaml (the file every command loads
+    first) neither repeats a field's default nor sets a different one (DIFFERS_BY_PURPOSE aside)."""
+    from reliev3r import cli
+
+    args = cli._parser().parse_args(["up"])
+    assert cli.config_paths(args) == [cli.DEFAULT_CONFIG]
+    assert config.to_dict(cli.load_config(args)) == config.to_dict(config.load([cli.DEFAULT_CONFIG]))
+    assert default_violations(cli.DEFAULT_CONFIG) == {"different": [], "repeated": []}
+    for key in DIFFERS_BY_PURPOSE:
+        up, dataclass = (_flatten(config.to_dict(c))[key] for c in (cli.load_config(args), config.PipelineConfig()))
+        assert up != dataclass, f"{key} no longer differs: drop it from DIFFERS_BY_PURPOSE"
+
+
+def test_the_default_check_sees_what_it_must(tmp_path):
+    yaml_file = tmp_path / "default.yaml"
+    yaml_file.write_text("replay:\n  min_size: 4\n  dedup: false\nlabeler:\n  teacher: oracle\nlearner:\n")
+    found = default_violations(yaml_file)
+    assert found["repeated"] == ["replay.min_size"]
+    assert [d.split(":")[0] for d in found["different"]] == ["labeler.teacher", "replay.dedup"]
+
+
 def test_overrides_are_typed():
     cfg = config.load([], ["learner.lr=1e-3", "streamer.views=6", "streamer.sources=[a.mp4, b.mp4]",
                            "replay.durable=true", "labeler.teacher=oracle"])
