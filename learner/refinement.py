@@ -38,7 +38,7 @@ def refine_geometry(
     point_weight: float = _TERMS.point_weight,
     robust: Robust = _TERMS.robust,
     scale_deg: float = _TERMS.scale_deg,
-    compiled: bool = False,
+    compiled: bool,
     solver: Literal["adam", "lm"] = _REFINE.solver,
     scales: bool = _REFINE.scales,
     shifts: bool = _REFINE.shifts,
@@ -47,8 +47,8 @@ def refine_geometry(
     scales (and shifts) that minimise ``reproj_weight · L_reproj + point_weight · L_point``
     with the depth's *shape* held fixed, searched from ``cam_to_world``, scale 1 and shift 0.
     The settings default to ``RefineConfig``'s and ``LossConfig``'s (the objective passes the
-    run's); ``compiled`` is off unless asked for (``RefineConfig.compile`` is what turns it on
-    in training).
+    run's); ``compiled`` has no default: the objective passes ``RefineConfig.compile``, a caller
+    on the CPU or in a test says ``compiled=False``.
 
     The variables per view are a rotation increment (axis-angle, applied on the left), a
     translation increment in units of the window's mean depth, a log depth scale σ and a depth

@@ -15,12 +15,12 @@ from replay.config import ReplayConfig
 
 
 _DEFAULTS = ReplayConfig()
-"""Where the ratio's keyword defaults come from (``replay.samples_per_insert``,
-``replay.tolerance``): one default per setting, the config's."""
+"""Where the limiter's keyword defaults come from (``replay.min_size``,
+``replay.samples_per_insert``, ``replay.tolerance``): one default per setting, the config's."""
 
 
 class RateLimiter:
-    def __init__(self, *, min_size: int = 1, samples_per_insert: float = _DEFAULTS.samples_per_insert,
+    def __init__(self, *, min_size: int = _DEFAULTS.min_size, samples_per_insert: float = _DEFAULTS.samples_per_insert,
                  tolerance: float = _DEFAULTS.tolerance):
         if min_size < 1:
             raise ValueError("min_size must be >= 1")

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         for solver, steps in SEARCHES:
             start = time.perf_counter()
             poses, _, _ = refinement.refine_geometry(depth, pred.cam_to_world, batch["intrinsics"], matches[:, :7],
-                                              matches[:, 7], steps=steps, point_weight=1.0, solver=solver)
+                                              matches[:, 7], steps=steps, point_weight=1.0, solver=solver,
+                                              compiled=False)
             seconds = time.perf_counter() - start
             rot, trans, median = pose_errors(poses, gt)
             print(f"| {name} | {solver} {steps} | {rot:.1f} | {trans:.1f} ({median:.1f}) | {seconds:.1f} |")

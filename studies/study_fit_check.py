@@ -29,6 +29,7 @@ from evaluation.evaluate import evaluate_model, trivial_baseline
 from reliev3r import geometry
 from reliev3r.config import with_overrides
 from studies.dataset import LabelledDataset
+from studies.epipolar import epipolar_loss
 
 
 def fit(args: argparse.Namespace) -> None:
@@ -98,7 +99,7 @@ def direct(args: argparse.Namespace) -> None:
             if args.point_weight:
                 loss = loss + args.point_weight * losses.point_consistency_loss(d, pose, K, rows, w)
             if args.epipolar_weight:
-                loss = loss + args.epipolar_weight * losses.epipolar_loss(d, pose, K, rows, w)
+                loss = loss + args.epipolar_weight * epipolar_loss(d, pose, K, rows, w)
             if args.every and step % args.every == 0 and args.windows == 1:
                 rot, trans = metrics.pairwise_pose_errors(pose[0].detach().double(), gt)
                 print(f"step {step} loss={float(loss):.5f} rot={float(rot.mean()):.2f} trans={float(trans.mean()):.2f}")

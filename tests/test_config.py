@@ -147,3 +147,32 @@ def test_the_optional_refine_section_from_yaml_and_overrides(tmp_path):
         config.load([], ["learner.loss.refine.solverr=lm"])
     with pytest.raises(ConfigError, match="learner.loss.refine.shifts needs solver"):
         config.load([], ["learner.loss.refine.shifts=true", "learner.loss.refine.solver=lm"])
+
+
+def test_keyword_defaults_are_the_config_defaults():
+    """ARCHITECTURE.md, "One default per option": a function's keyword for a config setting reads
+    its default from the dataclass, or has none (its callers pass the config's value)."""
+    import inspect
+
+    from labelers.config import LabelerConfig
+    from labelers.depth import make_teacher
+    from learner.config import LossConfig, RefineConfig
+    from learner.refinement import refine_geometry
+    from replay.config import ReplayConfig
+    from replay.rate_limiter import RateLimiter
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+    replay, limiter = ReplayConfig(), RateLimiter()
+    assert (limiter.min_size, limiter.samples_per_insert, limiter.tolerance) == \
+        (replay.min_size, replay.samples_per_insert, replay.tolerance)
+    refine, terms, got = RefineConfig(), LossConfig(), defaults(refine_geometry)
+    assert {k: got[k] for k in ("steps", "lr", "solver", "scales", "shifts")} == \
+        {k: getattr(refine, k) for k in ("steps", "lr", "solver", "scales", "shifts")}
+    assert {k: got[k] for k in ("reproj_weight", "point_weight", "robust", "scale_deg")} == \
+        {k: getattr(terms, k) for k in ("reproj_weight", "point_weight", "robust", "scale_deg")}
+    assert got["compiled"] is inspect.Parameter.empty  # RefineConfig.compile, passed by the objective
+    labeler, got = LabelerConfig(), defaults(make_teacher)
+    assert {k: got[k] for k in ("device", "batch_frames", "precision", "compile")} == \
+        {k: getattr(labeler, k) for k in ("device", "batch_frames", "precision", "compile")}

@@ -11,7 +11,6 @@ import torch
 
 from learner.config import LossConfig, RefineConfig
 from learner.losses import (
-    epipolar_loss,
     median_mad_normalize,
     relative_depth_loss,
     reprojection_loss,
@@ -23,86 +22,8 @@ from learner.losses import (
 from learner.objective import compute_loss
 from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r import geometry
-
-F64 = torch.float64
-
-
-# ---------------------------------------------------------------------------------------------
-# A synthetic world: cameras with parallax, depth maps, exact matches.
-# ---------------------------------------------------------------------------------------------
-
-def make_world(seed: int, *, batch: int = 1, views: int = 4, height: int = 24, width: int = 32,
-               per_pair: int = 10, baseline: float = 0.6, dtype=F64) -> dict[str, torch.Tensor]:
-    """Depth maps and poses with exact matches: each match's pixel in view i sits on a pixel
-    centre (bilinear sampling returns it exactly) and the 2x2 neighbourhood of its sub-pixel
-    partner in view j is set to the true depth there, so bilinear sampling is exact too."""
-    rng = np.random.default_rng(seed)
-    K = geometry.intrinsics_from_fov(60.0, width, height, dtype=F64)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    depth = np.empty((batch, views, height, width))
-    poses = np.empty((batch, views, 4, 4))
-    rows = []
-    for b in range(batch):
-        eyes = torch.from_numpy(baseline * rng.uniform(-1.0, 1.0, (views, 3)))
-        targets = torch.from_numpy(np.array([0.0, 4.0, 0.0]) + rng.uniform(-0.4, 0.4, (views, 3)))
-        poses[b] = geometry.look_at(eyes, targets).numpy()
-        for v in range(views):
-            fx, fy, px, py = rng.uniform(0.05, 0.3, 4)
-            depth[b, v] = 3.0 + 0.5 * np.sin(fx * xs + px * 7) * np.cos(fy * ys + py * 7)
-        occupied = np.zeros((views, height, width), dtype=bool)
-        for i in range(views):
-            for j in range(views):
-                if i == j:
-                    continue
-                found, tries = 0, 0
-                while found < per_pair and tries < 50 * per_pair:
-                    tries += 1
-                    x, y = int(rng.integers(1, width - 1)), int(rng.integers(1, height - 1))
-                    z = rng.uniform(2.0, 5.0)
-                    p_cam = geometry.unproject_points(torch.tensor([[x, y]], dtype=F64), torch.tensor([z], dtype=F64), K)
-                    p_world = geometry.transform_points(torch.from_numpy(poses[b, i]), p_cam)
-                    p_j = geometry.transform_points(geometry.invert_pose(torch.from_numpy(poses[b, j])), p_world)
-                    uv_j, z_j = geometry.project(p_j, K)
-                    xj, yj = float(uv_j[0, 0]), float(uv_j[0, 1])
-                    if float(z_j[0]) < 0.5 or not (1 <= xj <= width - 2 and 1 <= yj <= height - 2):
-                        continue
-                    x0, y0 = int(math.floor(xj)), int(math.floor(yj))
-                    if occupied[i, y, x] or occupied[j, y0:y0 + 2, x0:x0 + 2].any():
-                        continue
-                    occupied[i, y, x] = True
-                    occupied[j, y0:y0 + 2, x0:x0 + 2] = True
-                    depth[b, i, y, x] = z
-                    depth[b, j, y0:y0 + 2, x0:x0 + 2] = float(z_j[0])
-                    rows.append((b, i, j, x, y, xj, yj))
-                    found += 1
-    return {
-        "depth": torch.from_numpy(depth).to(dtype),
-        "cam_to_world": torch.from_numpy(poses).to(dtype),
-        "intrinsics": K.to(dtype).expand(batch, views, 3, 3).clone(),
-        "matches": torch.tensor(rows, dtype=dtype),
-    }
-
-
-def random_similarity(seed: int, dtype=F64) -> tuple[float, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    s = float(torch.empty(1).uniform_(0.2, 5.0, generator=g))
-    R = geometry.axis_angle_to_matrix(torch.randn(3, generator=g, dtype=dtype) * 1.5)
-    t = torch.randn(3, generator=g, dtype=dtype) * 3
-    return s, R, t
-
-
-def apply_similarity(depth, cam_to_world, s, R, t):
-    """The whole window moved by x -> s R x + t: poses stay rigid, depth scales by s."""
-    out = cam_to_world.clone()
-    out[..., :3, :3] = R @ cam_to_world[..., :3, :3]
-    out[..., :3, 3] = s * (cam_to_world[..., :3, 3] @ R.T) + t
-    return depth * s, out
-
-
-def assert_finite_grads(*tensors):
-    for x in tensors:
-        assert x.grad is not None
-        assert torch.isfinite(x.grad).all()
+from tests.helpers_world import (F64, apply_similarity, assert_finite_grads, make_world, perturbed, random_similarity,
+                                 with_outliers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,14 +186,6 @@ def test_reprojection_zero_for_exact_geometry(robust):
     assert abs(loss32.item()) < 1e-5
 
 
-def perturbed(world, seed):
-    g = torch.Generator().manual_seed(seed)
-    depth = world["depth"] * torch.exp(0.05 * torch.randn(world["depth"].shape, generator=g, dtype=F64))
-    poses = world["cam_to_world"].clone()
-    poses[..., :3, 3] += 0.1 * torch.randn(poses[..., :3, 3].shape, generator=g, dtype=F64)
-    return depth, poses
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reprojection_invariant_to_window_similarity(seed):
     world = make_world(10 + seed)
@@ -334,17 +247,6 @@ def test_reprojection_finite_when_points_fall_behind_cameras():
         assert_finite_grads(depth, poses)
 
 
-def with_outliers(world, seed, fraction=0.5):
-    g = torch.Generator().manual_seed(seed)
-    matches = world["matches"].clone()
-    k = matches.shape[0]
-    bad = torch.randperm(k, generator=g)[: int(fraction * k)]
-    h, w = world["depth"].shape[-2:]
-    matches[bad, 5] = torch.rand(len(bad), generator=g, dtype=F64) * (w - 1)
-    matches[bad, 6] = torch.rand(len(bad), generator=g, dtype=F64) * (h - 1)
-    return matches, bad
-
-
 def test_reprojection_half_outliers_finite_and_scores_silence_them():
     world = make_world(5)
     matches, bad = with_outliers(world, 0)
@@ -362,79 +264,6 @@ def test_reprojection_half_outliers_finite_and_scores_silence_them():
     a = reprojection_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, scores + 0.3)
     b = reprojection_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, 7 * (scores + 0.3))
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------
-# Epipolar (coplanarity) term: depth-free, sees the translation direction only.
-# ---------------------------------------------------------------------------------------------
-
-def test_epipolar_zero_for_exact_geometry_and_blind_to_depth():
-    world = make_world(0, batch=2)
-    args = (world["cam_to_world"], world["intrinsics"], world["matches"])
-    assert abs(epipolar_loss(world["depth"], *args).item()) < 1e-12
-    # Any depth at all: the term never looks at it (beyond the floor's scale).
-    g = torch.Generator().manual_seed(1)
-    noisy = world["depth"] * (0.3 + 3 * torch.rand(world["depth"].shape, generator=g, dtype=F64))
-    assert abs(epipolar_loss(noisy, *args).item()) < 1e-12
-    w32 = {k: v.float() for k, v in world.items()}
-    assert abs(epipolar_loss(w32["depth"], w32["cam_to_world"], w32["intrinsics"], w32["matches"]).item()) < 1e-6
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_epipolar_invariant_to_window_similarity_and_baseline_length(seed):
-    world = make_world(20 + seed)
-    depth, poses = perturbed(world, seed)
-    base = epipolar_loss(depth, poses, world["intrinsics"], world["matches"])
-    assert base.item() > 1e-4
-    s, R, t = random_similarity(seed)
-    depth2, poses2 = apply_similarity(depth, poses, s, R, t)
-    assert epipolar_loss(depth2, poses2, world["intrinsics"], world["matches"]).item() == \
-        pytest.approx(base.item(), rel=1e-6)
-    # Stretching every baseline about camera 0 (translations only, depth unchanged) changes
-    # nothing: the term depends on the baseline's direction, so it never rewards shrinking it.
-    stretched = poses.clone()
-    centre = poses[..., :1, :3, 3]
-    stretched[..., :3, 3] = centre + 3.0 * (poses[..., :3, 3] - centre)
-    assert epipolar_loss(depth, stretched, world["intrinsics"], world["matches"]).item() == \
-        pytest.approx(base.item(), rel=1e-6)
-
-
-def test_epipolar_grows_with_translation_direction_error_and_rotation_error():
-    world = make_world(2)
-    args = (world["intrinsics"], world["matches"])
-    trans, rot = [], []
-    for eps in (0.0, 0.05, 0.1, 0.2, 0.4):
-        poses = world["cam_to_world"].clone()
-        poses[0, 1, :3, 3] += eps * torch.tensor([0.6, -0.3, 0.74], dtype=F64)
-        trans.append(epipolar_loss(world["depth"], poses, *args).item())
-        poses = world["cam_to_world"].clone()
-        poses[0, 2, :3, :3] = geometry.axis_angle_to_matrix(torch.tensor([0.0, eps / 4, 0.0], dtype=F64)) @ poses[0, 2, :3, :3]
-        rot.append(epipolar_loss(world["depth"], poses, *args).item())
-    for series in (trans, rot):
-        assert series[0] < 1e-12
-        assert all(b > a for a, b in zip(series, series[1:])), series
-
-
-def test_epipolar_finite_for_degenerate_baselines_behind_cameras_and_outliers():
-    world = make_world(4)
-    matches, bad = with_outliers(world, 0)
-    poses = world["cam_to_world"].clone()
-    flip = geometry.axis_angle_to_matrix(torch.tensor([0.0, math.pi, 0.0], dtype=F64))
-    poses[0, 1, :3, :3] = poses[0, 1, :3, :3] @ flip  # camera 1 looks backwards
-    poses[0, 2, :3, 3] = poses[0, 3, :3, 3]  # two coincident centres: no epipolar plane
-    depth = world["depth"].clone().requires_grad_(True)
-    poses.requires_grad_(True)
-    loss = epipolar_loss(depth, poses, world["intrinsics"], matches)
-    assert torch.isfinite(loss) and loss.item() > 1e-3
-    loss.backward()
-    assert_finite_grads(poses)
-    assert depth.grad is not None and float(depth.grad.abs().max()) == 0.0  # depth-free
-    # With exact poses, scores of 0 on the outliers silence them; no matches: a connected zero.
-    scores = torch.ones(matches.shape[0], dtype=F64)
-    scores[bad] = 0
-    assert abs(epipolar_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, scores).item()) < 1e-12
-    empty = epipolar_loss(depth, poses, world["intrinsics"], matches[:0])
-    assert empty.item() == 0 and empty.requires_grad
 
 
 def test_robust_cost_bounds_influence_in_angle():
@@ -632,7 +461,7 @@ def test_refine_geometry_recovers_poses_and_view_scales_from_matches(solver, ste
     depth = world["depth"] * view_scale[..., None, None]
     rot0, trans0 = mean_pose_errors(start, gt)
     poses, log_scale, _ = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=steps, lr=0.01,
-                                       solver=solver)
+                                       solver=solver, compiled=False)
     rot, trans = mean_pose_errors(poses, gt)
     assert rot0 > 5 and trans0 > 20
     assert rot < tol[0] and trans < tol[1]
@@ -654,7 +483,7 @@ def test_refine_geometry_recovers_view_shifts_and_scales_of_an_affine_depth():
     start = world["cam_to_world"].clone()
     start[..., :3, 3] += 0.1 * torch.randn(2, 4, 3, generator=g, dtype=F64)
     poses, log_scale, shift = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=400,
-                                              lr=0.01, shifts=True)
+                                              lr=0.01, shifts=True, compiled=False)
     fitted = log_scale.exp()[..., None, None] * (depth + (shift * depth.mean((-2, -1)))[..., None, None])
     ratio = fitted / world["depth"]
     spread = (ratio / ratio.flatten(1).median(-1).values[:, None, None, None] - 1).abs()
@@ -663,10 +492,10 @@ def test_refine_geometry_recovers_view_shifts_and_scales_of_an_affine_depth():
     assert before.mean() > 0.1 and spread.mean() < 0.02
     rot, trans = mean_pose_errors(poses, world["cam_to_world"])
     assert rot < 0.5 and trans < 3.0
-    _, _, fixed = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=20)
+    _, _, fixed = refine_geometry(depth, start, world["intrinsics"], world["matches"], steps=20, compiled=False)
     assert torch.equal(fixed, torch.zeros_like(fixed))  # shifts stay 0 unless asked for
     with pytest.raises(ValueError, match="shifts"):
-        refine_geometry(depth, start, world["intrinsics"], world["matches"], solver="lm", shifts=True)
+        refine_geometry(depth, start, world["intrinsics"], world["matches"], solver="lm", shifts=True, compiled=False)
 
 
 def test_refine_geometry_lm_ignores_outliers_and_keeps_exact_geometry():
@@ -677,19 +506,19 @@ def test_refine_geometry_lm_ignores_outliers_and_keeps_exact_geometry():
     start = world["cam_to_world"].clone()
     start[..., :3, 3] += 0.2 * torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     poses, log_scale, _ = refine_geometry(world["depth"], start, world["intrinsics"], noisy, steps=15,
-                                       solver="lm")
+                                       solver="lm", compiled=False)
     rot, trans = mean_pose_errors(poses, world["cam_to_world"])
     assert rot < 0.5 and trans < 3.0
     exact, _, _ = refine_geometry(world["depth"], world["cam_to_world"], world["intrinsics"], world["matches"],
-                               steps=5, solver="lm")
+                               steps=5, solver="lm", compiled=False)
     torch.testing.assert_close(exact, world["cam_to_world"], atol=1e-9, rtol=0)
     for solver, steps in (("lm", 5), ("adam", 60)):  # poses only: the depth scales stay 1
         poses, log_scale, _ = refine_geometry(world["depth"], start, world["intrinsics"], world["matches"],
-                                           steps=steps, solver=solver, scales=False)
+                                           steps=steps, solver=solver, scales=False, compiled=False)
         assert torch.equal(log_scale, torch.zeros_like(log_scale))
         assert mean_pose_errors(poses, world["cam_to_world"])[1] < 1.0
     with pytest.raises(ValueError, match="solver"):
-        refine_geometry(world["depth"], start, world["intrinsics"], world["matches"], solver="newton")
+        refine_geometry(world["depth"], start, world["intrinsics"], world["matches"], solver="newton", compiled=False)
 
 
 def test_refine_geometry_lm_survives_a_singular_system_in_float32():
@@ -703,7 +532,8 @@ def test_refine_geometry_lm_survives_a_singular_system_in_float32():
     depth = world["depth"] * torch.exp(0.05 * torch.randn(world["depth"].shape, generator=g))
     start = world["cam_to_world"].clone()
     start[..., :3, 3] += 0.1  # the truth, up to the gauge
-    poses, log_scale, _ = refine_geometry(depth, start, world["intrinsics"], one_pair, steps=20, solver="lm")
+    poses, log_scale, _ = refine_geometry(depth, start, world["intrinsics"], one_pair, steps=20, solver="lm",
+                                          compiled=False)
     assert torch.isfinite(poses).all() and torch.isfinite(log_scale).all()
     rot, trans = mean_pose_errors(poses[:1].double(), world["cam_to_world"][:1].double())
     assert rot < 1.0 and trans < 5.0  # the noisy depth moves the poses a little, not away
@@ -718,7 +548,8 @@ def test_refine_geometry_keeps_exact_geometry_and_windows_without_matches():
     # refuses a step that does not lower the cost, stays on it. The errors (degrees, up to the
     # gauge: pairwise, so one similarity per window does not count) are then the arccos floor
     # of float64, sqrt(2 * 1e-16) rad = 1e-6 deg; 1e-5 leaves ten times that.
-    poses, log_scale, _ = refine_geometry(world["depth"], gt, world["intrinsics"], only_first, steps=4, solver="lm")
+    poses, log_scale, _ = refine_geometry(world["depth"], gt, world["intrinsics"], only_first, steps=4, solver="lm",
+                                          compiled=False)
     rot, trans = mean_pose_errors(poses, gt)
     assert rot < 1e-5 and trans < 1e-5
     assert (log_scale - log_scale.mean(-1, keepdim=True)).abs().max() < 1e-9
@@ -739,20 +570,22 @@ def test_refine_geometry_keeps_exact_geometry_and_windows_without_matches():
     turn[0, :, 1] = 3e-3 * torch.tensor([0.3, 0.6, -1.0, 0.2], dtype=F64)
     start[..., :3, :3] = geometry.axis_angle_to_matrix(turn) @ gt[..., :3, :3]
     assert mean_pose_errors(start[:1], gt[:1])[0] > 0.2
-    poses, log_scale, _ = refine_geometry(world["depth"], start, world["intrinsics"], only_first, steps=100, lr=0.01)
+    poses, log_scale, _ = refine_geometry(world["depth"], start, world["intrinsics"], only_first, steps=100, lr=0.01,
+                                          compiled=False)
     rot, trans = mean_pose_errors(poses, gt)
     assert rot < 0.05 and trans < 0.05
     assert (log_scale - log_scale.mean(-1, keepdim=True)).abs().max() < 1e-3
     moved = world["cam_to_world"].clone()
     moved[1, :, :3, 3] += 0.5  # window 1 has no matches: it keeps its poses
-    poses, log_scale, _ = refine_geometry(world["depth"], moved, world["intrinsics"], only_first, steps=30)
+    poses, log_scale, _ = refine_geometry(world["depth"], moved, world["intrinsics"], only_first, steps=30,
+                                          compiled=False)
     torch.testing.assert_close(poses[1], moved[1])
     empty = torch.zeros(0, 7, dtype=F64)
-    poses, log_scale, _ = refine_geometry(world["depth"], moved, world["intrinsics"], empty)
+    poses, log_scale, _ = refine_geometry(world["depth"], moved, world["intrinsics"], empty, compiled=False)
     torch.testing.assert_close(poses, moved)
     assert torch.equal(log_scale, torch.zeros(2, 4, dtype=F64))
     with pytest.raises(ValueError, match="steps"):
-        refine_geometry(world["depth"], moved, world["intrinsics"], m, steps=-1)
+        refine_geometry(world["depth"], moved, world["intrinsics"], m, steps=-1, compiled=False)
 
 
 def test_refine_geometry_compiled_search_gives_the_eager_result():
@@ -761,7 +594,7 @@ def test_refine_geometry_compiled_search_gives_the_eager_result():
     start[..., :3, 3] += 0.3 * torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
     for k in (len(world["matches"]), len(world["matches"]) - 9):  # a second match count: no recompile needed
         args = (world["depth"], start, world["intrinsics"], world["matches"][:k])
-        eager = refine_geometry(*args, steps=20)
+        eager = refine_geometry(*args, steps=20, compiled=False)
         compiled = refine_geometry(*args, steps=20, compiled=True)
         torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(compiled[1], eager[1], atol=1e-5, rtol=0)

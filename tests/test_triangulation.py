@@ -13,7 +13,7 @@ from learner.losses import depth_contrast_loss, registered_teacher_shift, triang
 from learner.losses.matches import _match_depths
 from learner.objective import compute_loss
 from reliev3r import geometry
-from test_losses import F64, apply_similarity, assert_finite_grads, make_world, random_similarity
+from tests.helpers_world import F64, apply_similarity, assert_finite_grads, make_world, random_similarity
 
 
 # ---------------------------------------------------------------------------------------------

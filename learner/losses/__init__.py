@@ -18,8 +18,8 @@ invariant to it:
   absolute deviation (Γ), so it is invariant to *any per-view* scale and shift of the
   prediction, and of the teacher (which only knows shape). That is more invariance than the
   gauge: the depth loss says nothing about how the views of a window fit together.
-* :func:`reprojection_loss`, :func:`point_consistency_loss` and :func:`epipolar_loss` compare
-  directions and ratios of distances, which a similarity keeps.
+* :func:`reprojection_loss` and :func:`point_consistency_loss` compare directions and ratios
+  of distances, which a similarity keeps.
 * :func:`triangulated_depth_loss`, :func:`triangulated_pose_loss` and
   :func:`depth_contrast_loss` compare against the labeler's two-view triangulation with one
   free scale per pair (and per view), so a similarity changes nothing.
@@ -28,7 +28,7 @@ invariant to it:
 """
 
 from learner.losses.depth import median_mad_normalize, relative_depth_loss, teacher_aligned_depth, weighted_median
-from learner.losses.matches import epipolar_loss, point_consistency_loss, reprojection_loss, robust_angle_cost
+from learner.losses.matches import point_consistency_loss, reprojection_loss, robust_angle_cost
 from learner.losses.supervised import supervised_loss
 from learner.losses.triangulation import (depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss,
                                           triangulated_pose_loss)
@@ -41,7 +41,6 @@ __all__ = [
     "robust_angle_cost",
     "reprojection_loss",
     "point_consistency_loss",
-    "epipolar_loss",
     "triangulated_depth_loss",
     "triangulated_pose_loss",
     "registered_teacher_shift",
