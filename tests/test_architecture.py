@@ -190,6 +190,18 @@ def test_every_stage_service_follows_one_pattern(package):
     assert {f"{stage}Metrics", f"{stage}Service"} <= built, sorted(built)
 
 
+def test_no_test_module_imports_another():
+    """Helpers several test modules use live in tests/conftest.py or a ``tests/helpers_*.py``
+    module, never in a test module that others import (bare ``test_x`` or ``tests.test_x``)."""
+    bad = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{path.name} imports {n}" for n in names if n.rpartition(".")[2].startswith("test_")]
+    assert not bad, bad
+
+
 def test_the_checker_sees_what_it_must(tmp_path):
     # Plain, TYPE_CHECKING-only, function-level and relative imports all count.
     probe = tmp_path / "probe.py"

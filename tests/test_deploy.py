@@ -17,13 +17,12 @@ import pytest
 import yaml
 
 from reliev3r import config as rconfig
+from tests.helpers_deploy import ALERT_FORM, alert_queries, alert_rules, dashboard_queries, dashboards
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 UID = "reliev3r-prometheus"
 STAGE_COMMANDS = {"replay", "stream", "label", "learn", "evaluate"}
-# `<query> <op> <number>`: the query must return series on a healthy pipeline (test_monitoring).
-ALERT_FORM = re.compile(r"^(?P<query>.+?)\s*(?P<op>[<>]=?|==|!=)\s*(?P<threshold>-?[0-9.]+)\s*$", re.S)
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
                                     reason="promtool not installed (Debian package prometheus; .ci/run installs it)")
@@ -38,24 +37,6 @@ def _load_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def dashboards() -> dict[str, dict]:
-    return {p.name: json.loads(p.read_text()) for p in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))}
-
-
-def dashboard_queries() -> list[str]:
-    return [t["expr"] for d in dashboards().values() for p in d["panels"] for t in p["targets"]]
-
-
-def alert_rules() -> list[dict]:
-    data = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    return [r for g in data["groups"] for r in g["rules"]]
-
-
-def alert_queries() -> list[str]:
-    """Each rule's expression without its final comparison."""
-    return [ALERT_FORM.match(r["expr"].strip()).group("query") for r in alert_rules()]
 
 
 # --------------------------------------------------------------------------- prometheus

@@ -251,8 +251,7 @@ def test_prometheus_sees_every_dashboard_and_alert_query(tmp_path):
     """A real Prometheus with the project's scrape config and rules, scraping a running
     `reliev3r up`: every dashboard query and every alert query returns data, every metric they
     name is exported, and every endpoint passes `promtool check metrics`."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_deploy import alert_queries, dashboard_queries
+    from tests.helpers_deploy import alert_queries, dashboard_queries
 
     stages = ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")
     ports = {s: free_port() for s in stages}

@@ -26,7 +26,7 @@ from reliev3r import config as rconfig
 from reliev3r.report import write_report
 from reliev3r.synthetic import ensure_world
 from streamer.config import SyntheticConfig
-from tests.test_report import assert_curves, chromium, screenshot
+from tests.helpers_report import assert_curves, chromium, screenshot
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every wait below ends once what it waits for happened; the timeouts bound hangs only.
@@ -140,7 +140,7 @@ def test_up_reaches_max_steps_with_snapshot_and_evaluation(tmp_path, worlds):
     assert (run_dir / "snapshots" / "step-000000008" / "meta.json").is_file()
     assert not list((run_dir / "snapshots").glob("*.tmp*")), "half-written snapshot left behind"
     # The evaluator's pictures beside its JSON, and the run's report page (rendered where
-    # chromium is installed; tests/test_report.py has the details).
+    # chromium is installed; tests/test_report.py and tests/helpers_report.py have the details).
     stem = evaluations[-1].stem
     assert final["pictures"] == [f"{stem}.depth.png", f"{stem}.trajectory.png"]
     assert all((run_dir / "evaluations" / name).stat().st_size > 0 for name in final["pictures"])

@@ -10,13 +10,13 @@ from learner import snapshot
 from learner.snapshot import (SnapshotError, latest_snapshot, list_snapshots, load_model, prune_snapshots,
                               verify_snapshot)
 from learner.train import Trainer, synthetic_batch
-from test_train import _cfg, toy_loss
+from tests.helpers_train import learner_cfg, toy_loss
 
 torch.set_num_threads(1)
 
 
 def _trainer(**kw) -> Trainer:
-    return Trainer(_cfg(**kw), device="cpu", loss_fn=toy_loss)
+    return Trainer(learner_cfg(**kw), device="cpu", loss_fn=toy_loss)
 
 
 def _batches(n):

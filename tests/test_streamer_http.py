@@ -19,7 +19,7 @@ import streamer.service as streamer_service
 from reliev3r.config import free_port
 from streamer.live import is_live, live_name, open_options
 from streamer_media import encode, panning_frames
-from test_streamer_live import LIVE, Labeler, Server, kill_and_restart_until_back, needs_ffmpeg, pump_until
+from tests.helpers_live import LIVE, Labeler, Server, kill_and_restart_until_back, needs_ffmpeg, pump_until
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from learner.config import LearnerConfig, ModelConfig
 from learner.train import Trainer, batch_from_message, lr_at, param_groups, synthetic_batch, teacher_space_of
 from reliev3r import protocol
+from tests.helpers_train import FakeReplay, learner_cfg, learner_pipeline, toy_loss
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).parents[1]
-
-
-def toy_loss(pred, batch, cfg, *, teacher_space="depth"):
-    """A small stand-in objective touching every head (so DDP sees every parameter used)."""
-    depth = (pred.depth.log() - batch["teacher_depth"].log()).abs().mean()
-    conf = ((pred.confidence - 1.5) ** 2).mean()
-    v = pred.cam_to_world.shape[1]
-    target = torch.linspace(0, 0.3, v, device=pred.depth.device)
-    pose = ((pred.cam_to_world[..., 0, 3] - target) ** 2).mean()
-    loss = depth + conf + pose
-    return loss, {"depth": float(depth.detach()), "conf": float(conf.detach()), "pose": float(pose.detach())}
 
 
 def nan_loss(pred, batch, cfg, *, teacher_space="depth"):
@@ -38,24 +27,17 @@ def nan_loss(pred, batch, cfg, *, teacher_space="depth"):
     return loss * float("nan"), terms
 
 
-def _cfg(**kw) -> LearnerConfig:
-    base = dict(model=ModelConfig(size="tiny", registers=2), lr=2e-3, warmup_steps=2, ema_decay=0.9,
-                snapshot_every=1)
-    base.update(kw)
-    return LearnerConfig(**base)
-
-
 def test_lr_schedule_warmup_then_cosine():
-    cfg = _cfg(lr=1.0, warmup_steps=4, schedule="cosine", max_steps=14)
+    cfg = learner_cfg(lr=1.0, warmup_steps=4, schedule="cosine", max_steps=14)
     assert [lr_at(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_at(cfg, 4) == pytest.approx(1.0)
     assert lr_at(cfg, 9) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(cfg, 14) == pytest.approx(0.1)
-    assert lr_at(_cfg(lr=1.0, warmup_steps=0), 10_000) == 1.0
+    assert lr_at(learner_cfg(lr=1.0, warmup_steps=0), 10_000) == 1.0
 
 
 def test_step_overfits_a_fixed_batch():
-    trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+    trainer = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
     batch = synthetic_batch(2, 3, 16, 24)
     losses = [trainer.step(batch)["loss"] for _ in range(12)]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -67,7 +49,7 @@ def test_step_overfits_a_fixed_batch():
 
 
 def test_window_losses_split_the_batch_loss():
-    trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+    trainer = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
     batch = synthetic_batch(3, 2, 16, 16)
     batch["teacher_depth"][1] *= 5  # one window far off
     losses: list[float] = []
@@ -77,7 +59,7 @@ def test_window_losses_split_the_batch_loss():
 
 
 def test_weight_decay_only_on_matrices():
-    trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+    trainer = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
     decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in trainer.model.named_parameters():
         expect = p.ndim >= 2 and not name.endswith(("_token", "_tokens"))
@@ -86,7 +68,7 @@ def test_weight_decay_only_on_matrices():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_nan_loss_skips_the_step_and_counts_it(fused):
-    trainer = Trainer(_cfg(), device="cpu", loss_fn=nan_loss)
+    trainer = Trainer(learner_cfg(), device="cpu", loss_fn=nan_loss)
     if fused:  # the CUDA path: fused AdamW skips the update on the device (found_inf)
         trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.05), lr=2e-3, betas=(0.9, 0.95),
                                               fused=True)
@@ -113,7 +95,7 @@ def test_fused_device_skip_steps_like_the_host_skip():
     # path end with the same weights, EMA, counters and logged numbers.
     runs = []
     for fused in (False, True):
-        trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+        trainer = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
         trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.05), lr=2e-3, betas=(0.9, 0.95),
                                               fused=fused)
         trainer.fused = fused
@@ -156,12 +138,11 @@ def test_batch_from_message_converts_and_copies():
 DDP_WORKER = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, os.environ["REPO"])
-    sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
     torch.set_num_threads(1)
-    from test_train import _cfg, toy_loss
+    from tests.helpers_train import learner_cfg, toy_loss
     from learner.train import Trainer, synthetic_batch
     from safetensors.torch import save_file
-    trainer = Trainer(_cfg(), device="cpu", loss_fn=toy_loss)
+    trainer = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
     rank = trainer.rank
     for step in range(3):
         out = trainer.step(synthetic_batch(1, 2, 16, 16, seed=100 * rank + step))  # own batches per rank
@@ -193,7 +174,7 @@ def test_ddp_two_gloo_ranks_keep_identical_parameters(tmp_path):
         out, _ = proc.communicate(timeout=300)  # bounds a hang only
         assert proc.returncode == 0, out.decode()[-3000:]
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    init = Trainer(_cfg(), device="cpu", loss_fn=toy_loss).model.state_dict()
+    init = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss).model.state_dict()
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -201,70 +182,6 @@ def test_ddp_two_gloo_ranks_keep_identical_parameters(tmp_path):
 
 
 # ---------------------------------------------------------------------- the learner process
-
-class FakeReplay:
-    """A real ROUTER socket answering ``sample`` like the replay service: first "not_ready",
-    then batches of synthetic windows (echoing ``request_id`` as the service does)."""
-
-    def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False):
-        import zmq
-
-        self.odd_first, self.base_shape = odd_first, (views, h, w)
-
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(f"tcp://127.0.0.1:{port}")
-        self.shape = (views, h, w)
-        self.requests: list[dict] = []
-        self.priorities: list[dict] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _batch(self, b: int, seed: int) -> dict:
-        v, h, w = self.shape
-        t = synthetic_batch(b, v, h, w, seed=seed)
-        return {"frames": (t["images"].permute(0, 1, 3, 4, 2).numpy() * 255).astype(np.uint8),
-                "intrinsics": t["intrinsics"].numpy(), "matches": t["matches"].numpy(),
-                "teacher_depth": t["teacher_depth"].numpy(), "teacher_valid": t["teacher_valid"].numpy().astype(np.uint8)}
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(50):
-                continue
-            identity, *frames = self.sock.recv_multipart()
-            msg = protocol.decode(frames)
-            if msg.kind == "priorities":
-                self.priorities.append(dict(msg.meta))
-                continue
-            self.requests.append(dict(msg.meta))
-            rid = msg.meta.get("request_id")
-            if len(self.requests) == 1:
-                reply = protocol.Message("error", {"reason": "not_ready", "request_id": rid})
-            else:
-                b = msg.meta["batch_size"]
-                if len(self.requests) == 2 and self.odd_first:
-                    self.shape = (self.shape[0], self.shape[1] + 4, self.shape[2])  # not a patch multiple
-                elif self.odd_first:
-                    self.shape = self.base_shape
-                meta = {"window_ids": [f"w{i}" for i in range(b)], "request_id": rid,
-                        "teacher": {"depth": {"name": "toy", "version": "1", "space": "depth"}}}
-                reply = protocol.Message("batch", meta, self._batch(b, len(self.requests)))
-            self.sock.send_multipart([identity, *protocol.encode(reply)])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.sock.close(linger=0)
-
-
-def _pipeline(tmp_path, port, sampler="uniform", **learner):
-    from reliev3r.config import NetworkConfig, PipelineConfig, RunConfig
-    from replay.config import ReplayConfig
-
-    return PipelineConfig(run=RunConfig(dir=str(tmp_path)), network=NetworkConfig(replay_port=port),
-                          replay=ReplayConfig(sampler=sampler), learner=_cfg(device="cpu", **learner))
-
 
 @pytest.mark.timeout(600)  # bounds a hang only
 def test_learner_process_trains_snapshots_and_resumes(tmp_path):
@@ -279,7 +196,7 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path):
     ctx = zmq.Context()
     replay = FakeReplay(ctx, port, odd_first=True)
     try:
-        cfg = _pipeline(tmp_path, port, max_steps=3, snapshot_every=2)
+        cfg = learner_pipeline(tmp_path, port, max_steps=3, snapshot_every=2)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
             assert runtime.status["step"] == 3 and runtime.status["depth_loss_on"] is True
@@ -303,7 +220,7 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path):
 
         # A restart with a higher max_steps resumes at step 3 and ends at 5; with the
         # prioritized sampler it reports each window's loss.
-        cfg = _pipeline(tmp_path, port, sampler="prioritized", max_steps=5, snapshot_every=100)
+        cfg = learner_pipeline(tmp_path, port, sampler="prioritized", max_steps=5, snapshot_every=100)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
             assert runtime.status["step"] == 5
@@ -332,7 +249,7 @@ def test_learner_process_snapshots_on_stop(tmp_path):
     ctx = zmq.Context()
     replay = FakeReplay(ctx, port)
     try:
-        cfg = _pipeline(tmp_path, port, max_steps=0, snapshot_every=1000)
+        cfg = learner_pipeline(tmp_path, port, max_steps=0, snapshot_every=1000)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             def stop_after_two_steps():
                 while runtime.status.get("step", 0) < 2:
@@ -356,7 +273,7 @@ def _metrics_text(runtime) -> str:
 
 
 def test_trainer_with_the_real_objective_steps_and_learns():
-    trainer = Trainer(_cfg(lr=3e-3), device="cpu")  # default loss: learner.objective.compute_loss
+    trainer = Trainer(learner_cfg(lr=3e-3), device="cpu")  # default loss: learner.objective.compute_loss
     batch = synthetic_batch(2, 3, 16, 24, k=32)
     per_window: list[float] = []
     first = trainer.step(batch, teacher_space="depth", window_losses=per_window)
@@ -377,7 +294,7 @@ def test_evaluator_exits_on_a_final_snapshot_also_after_a_restart(tmp_path):
     from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
-    cfg = _pipeline(tmp_path, free_port(), max_steps=1)
+    cfg = learner_pipeline(tmp_path, free_port(), max_steps=1)
     cfg = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, windows=2, poll_s=0.1))
     Trainer(cfg.learner, device="cpu").save_state(tmp_path / "snapshots", final=True)
     for attempt in ("first", "restart"):

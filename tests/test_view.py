@@ -15,7 +15,7 @@ from evaluation.tum import write_tum
 from reliev3r import view
 from reliev3r.cli import main as cli_main
 from reliev3r.reconstruct import write_ply
-from tests.test_report import predicted, window
+from tests.helpers_report import predicted, window
 
 rr = pytest.importorskip("rerun", reason="rerun-sdk is not installed (pip install -e '.[view]')")
 

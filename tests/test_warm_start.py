@@ -15,7 +15,7 @@ from learner.config import LearnerConfig, ModelConfig
 from learner.snapshot import save_snapshot, verify_snapshot
 from learner.train import Trainer, synthetic_batch
 from learner.warm_start import InitError, check_init, init_trainer, start_problem
-from test_train import FakeReplay, _pipeline, toy_loss
+from tests.helpers_train import FakeReplay, learner_pipeline, toy_loss
 
 torch.set_num_threads(1)
 
@@ -103,7 +103,7 @@ def test_learner_process_starts_from_init_and_resume_wins(tmp_path, caplog):
     replay = FakeReplay(ctx, port)
     caplog.set_level(logging.INFO, logger="reliev3r")
     try:
-        cfg = _pipeline(run, port, max_steps=2, snapshot_every=100, init=str(source))
+        cfg = learner_pipeline(run, port, max_steps=2, snapshot_every=100, init=str(source))
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
         assert "warm start from learner.init" in caplog.text
@@ -116,7 +116,7 @@ def test_learner_process_starts_from_init_and_resume_wins(tmp_path, caplog):
         # A restart in the same run folder resumes its own snapshot: init is ignored (even one that
         # could not load), said in the log, and the record of where the weights started is kept.
         caplog.clear()
-        cfg = _pipeline(run, port, max_steps=3, snapshot_every=100, init=str(wrong))
+        cfg = learner_pipeline(run, port, max_steps=3, snapshot_every=100, init=str(wrong))
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
         assert "learner.init ignored" in caplog.text and "warm start" not in caplog.text
@@ -126,7 +126,7 @@ def test_learner_process_starts_from_init_and_resume_wins(tmp_path, caplog):
         # A fresh run folder with the wrong architecture stops at start, naming both (``up``
         # asks start_problem before it starts any process).
         assert start_problem(cfg.learner, run) is None  # resumes: init not even looked at
-        cfg = _pipeline(tmp_path / "run2", port, max_steps=1, init=str(wrong))
+        cfg = learner_pipeline(tmp_path / "run2", port, max_steps=1, init=str(wrong))
         assert "patch_size=4" in start_problem(cfg.learner, tmp_path / "run2")
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             with pytest.raises(InitError, match=r"patch_size=4.*patch_size=8"):
