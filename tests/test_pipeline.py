@@ -287,6 +287,7 @@ def test_pretrain_then_a_run_warm_started_from_it(tmp_path, worlds):
 
     out = _finish(_start(tmp_path / "fine", worlds, f"learner.init={found.group(1)}", max_steps=1))
     assert "learner finished" in out, out[-3000:]
+    assert f"learner starting from {found.group(1)}" in out.splitlines()[0], out[:500]
     meta = verify_snapshot(latest_snapshot(tmp_path / "fine" / "snapshots"))
     assert meta["step"] == 1 and meta["config"]["loss"]["kind"] == "weak"
     assert meta["init"]["path"] == str(snap.resolve() / "ema.safetensors")
