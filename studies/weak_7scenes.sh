@@ -9,6 +9,14 @@
 #   STEPS=800 WALL=330 bash studies/weak_7scenes.sh "default:" "sup:learner.loss.kind=supervised" \
 #       "oracle:labeler.teacher=oracle" "oracle2:labeler.teacher=oracle?strength=2"
 #
+# PyDNet++ as the teacher: put its runtime beside the other wheels and the model beside the data,
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux_2_28_x86_64 --platform any --no-deps -d .whl \
+#       ai-edge-litert==1.4.0 flatbuffers ml_dtypes backports.strenum protobuf
+#   cp ../shared/models/pydnet++.tflite .devdata/
+# and give the run "pyd:labeler.teacher=pydnet:.devdata/pydnet++.tflite labeler.workers=4" (it runs
+# on the CPU, about 0.3 s a frame). All of it travels in about 65 of the 67 MB a call may carry.
+#
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: a folder of wheels to install first (default
