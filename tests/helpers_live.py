@@ -125,3 +125,39 @@ def kill_and_restart_until_back(streamer, labeler, name, server, started_at) -> 
     assert pump_until(labeler, back), \
         f"the feed comes back after the restart: gaps {metric('gaps_total')} (were {gaps}), " \
         f"{fresh()} new windows, connected seen {connected} ({feed_problems(streamer, name)})"
+
+
+def kill_restart_and_check(stream_cfg, stage, url, server) -> None:
+    """The streamer's real ``run`` loop on the live ``url`` served by ``server``: windows of real
+    picture content arrive, the server is SIGKILLed and started again
+    (:func:`kill_and_restart_until_back`), and the outage is counted (a reconnect, a gap, a
+    positive gap duration) and cut into the windows (no window mixes frames from before and
+    after it) while the streamer keeps running."""
+    import streamer.service as streamer_service
+    from streamer.live import live_name
+
+    ctx = zmq.Context()
+    cfg = stream_cfg([url], streamer={**LIVE, "height": 48, "width": 64})
+    started_at = time.monotonic()
+    streamer = stage(streamer_service.run, cfg, "streamer")
+    labeler = Labeler(ctx, cfg)
+    name = live_name(url)
+    try:
+        assert pump_until(labeler, lambda: len(labeler.windows) >= 2), "windows from the live feed"
+        msg = labeler.windows[0][1]
+        assert msg.meta["source"] == name and msg.arrays["frames"].shape == (2, 48, 64, 3)
+        assert msg.arrays["frames"].std() > 5  # real picture content, not a blank frame
+        kill_and_restart_until_back(streamer, labeler, name, server, started_at)
+        assert streamer.metric("reliev3r_stream_reconnects_total", {"source": name}) >= 1
+        assert streamer.metric("reliev3r_stream_gaps_total", {"source": name}) >= 1
+        # the outage is reported as a duration (its length depends on the machine: only > 0 is certain)
+        assert streamer.metric("reliev3r_stream_gap_seconds_total", {"source": name}) > 0
+        # the outage is a discontinuity: no window mixes frames from before and after it
+        ids = [m.meta["window_id"] for _, m in labeler.windows]
+        assert len(set(ids)) == len(ids) and all(i.startswith(name + ":") for i in ids)
+        assert streamer.thread.is_alive()
+    finally:
+        streamer.stop()
+        labeler.sock.close(linger=0)
+        ctx.destroy(linger=0)
+        server.close()

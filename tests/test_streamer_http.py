@@ -9,7 +9,6 @@ machine is, only on the feed eventually flowing."""
 from __future__ import annotations
 
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -19,7 +18,7 @@ import streamer.service as streamer_service
 from reliev3r.config import free_port
 from streamer.live import is_live, live_name, open_options
 from streamer_media import encode, panning_frames
-from tests.helpers_live import LIVE, Labeler, Server, kill_and_restart_until_back, needs_ffmpeg, pump_until
+from tests.helpers_live import LIVE, Labeler, Server, kill_restart_and_check, needs_ffmpeg, pump_until
 
 
 @pytest.fixture(scope="module")
@@ -42,31 +41,7 @@ def test_mpegts_over_http_server_killed_and_restarted(stream_cfg, stage, clip):
     url = f"http://127.0.0.1:{port}/stream"
     server = Server(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
                      "-c", "copy", "-f", "mpegts", "-listen", "1", url])
-    ctx = zmq.Context()
-    cfg = stream_cfg([url], streamer={**LIVE, "height": 48, "width": 64})
-    started_at = time.monotonic()
-    streamer = stage(streamer_service.run, cfg, "streamer")
-    labeler = Labeler(ctx, cfg)
-    name = live_name(url)
-    try:
-        assert pump_until(labeler, lambda: len(labeler.windows) >= 2), "windows from the HTTP feed"
-        msg = labeler.windows[0][1]
-        assert msg.meta["source"] == name and msg.arrays["frames"].shape == (2, 48, 64, 3)
-        assert msg.arrays["frames"].std() > 5  # real picture content, not a blank frame
-
-        # waits for the feed itself to be back (the same check as the TCP/UDP/RTSP feeds)
-        kill_and_restart_until_back(streamer, labeler, name, server, started_at)
-        assert streamer.metric("reliev3r_stream_gaps_total", {"source": name}) >= 1
-        assert streamer.metric("reliev3r_stream_gap_seconds_total", {"source": name}) > 0
-        # the outage is a discontinuity: every window is new and names this feed
-        ids = [m.meta["window_id"] for _, m in labeler.windows]
-        assert len(set(ids)) == len(ids) and all(i.startswith(name + ":") for i in ids)
-        assert streamer.thread.is_alive()
-    finally:
-        streamer.stop()
-        labeler.sock.close(linger=0)
-        ctx.destroy(linger=0)
-        server.close()
+    kill_restart_and_check(stream_cfg, stage, url, server)
 
 
 class _NotFound(BaseHTTPRequestHandler):

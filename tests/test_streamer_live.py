@@ -13,40 +13,13 @@ import streamer.service as streamer_service
 from reliev3r.config import free_port
 from streamer.live import is_live, live_name, open_options
 from streamer_media import RTSP_SERVER, drop_ts_packets, encode, panning_frames, rtsp_server_available
-from tests.helpers_live import HANG_S, LIVE, Labeler, Server, kill_and_restart_until_back, needs_ffmpeg, pump_until
+from tests.helpers_live import HANG_S, LIVE, Labeler, Server, kill_restart_and_check, needs_ffmpeg, pump_until
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     # Keyframe every 5 frames: a UDP receiver joins mid-stream and needs one soon.
     return encode(tmp_path_factory.mktemp("live") / "pan.mp4", panning_frames(40, 160, 120, step=3), gop=5)
-
-
-def kill_restart_and_check(stream_cfg, stage, url, server):
-    ctx = zmq.Context()
-    cfg = stream_cfg([url], streamer={**LIVE, "height": 48, "width": 64})
-    started_at = time.monotonic()
-    streamer = stage(streamer_service.run, cfg, "streamer")
-    labeler = Labeler(ctx, cfg)
-    name = live_name(url)
-    try:
-        assert pump_until(labeler, lambda: len(labeler.windows) >= 2), "windows from the live feed"
-        msg = labeler.windows[0][1]
-        assert msg.meta["source"] == name and msg.arrays["frames"].shape == (2, 48, 64, 3)
-        kill_and_restart_until_back(streamer, labeler, name, server, started_at)
-        assert streamer.metric("reliev3r_stream_reconnects_total", {"source": name}) >= 1
-        assert streamer.metric("reliev3r_stream_gaps_total", {"source": name}) >= 1
-        # the outage is reported as a duration (its length depends on the machine: only > 0 is certain)
-        assert streamer.metric("reliev3r_stream_gap_seconds_total", {"source": name}) > 0
-        # the outage is a discontinuity: no window mixes frames from before and after it
-        ids = [m.meta["window_id"] for _, m in labeler.windows]
-        assert len(set(ids)) == len(ids) and all(i.startswith(name + ":") for i in ids)
-        assert streamer.thread.is_alive()
-    finally:
-        streamer.stop()
-        labeler.sock.close(linger=0)
-        ctx.destroy(linger=0)
-        server.close()
 
 
 @needs_ffmpeg
