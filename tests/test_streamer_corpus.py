@@ -30,6 +30,13 @@ GATES_OFF = {"views": 2, "height": 16, "width": 16, "frame_stride": 2, "window_s
 """Tiny windows; only the cheap still-camera gate (``keyframe_min_motion``) stays on."""
 
 
+def _close(container, stream, path: Path) -> Path:
+    """Flush ``stream``'s encoder into ``container`` and close it."""
+    container.mux(stream.encode())
+    container.close()
+    return path
+
+
 def write_video(path: Path, frames: np.ndarray, *, codec: str = "libx264", pix_fmt: str = "yuv420p",
                 pts_ms: list[int] | None = None) -> Path:
     """``frames`` [N, H, W, 3] RGB; ``pts_ms``: presentation times (variable frame rate)."""
@@ -43,12 +50,8 @@ def write_video(path: Path, frames: np.ndarray, *, codec: str = "libx264", pix_f
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         if pts_ms is not None:
             frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
+        container.mux(stream.encode(frame))
+    return _close(container, stream, path)
 
 
 def write_audio_only(path: Path) -> Path:
@@ -57,12 +60,8 @@ def write_audio_only(path: Path) -> Path:
     for i in range(8):
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
         frame.sample_rate, frame.pts = 16000, i * 1024
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
+        container.mux(stream.encode(frame))
+    return _close(container, stream, path)
 
 
 def image_folder(folder: Path, frames: np.ndarray, ext: str, *, truncate: int | None = None) -> Path:
