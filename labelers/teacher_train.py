@@ -25,7 +25,7 @@ field (shading that says nothing about depth), blur, resolution loss, sensor noi
 8-bit quantisation.
 
 Loss. Per frame, the prediction (depth = exp(net output)) is aligned to the ground truth by
-least-squares scale (``alignment=scale``, the shipped weights) or scale and shift
+least-squares scale (``alignment=scale``, the default and the shipped weights) or scale and shift
 (``scale_shift``, the alignment the 7-Scenes benchmark uses, which leaves the teacher's own
 shift arbitrary: its near points came out far too near), in closed form and differentiated
 through; the loss is the aligned AbsRel plus a multi-scale gradient-matching term on the
@@ -80,11 +80,12 @@ class TeacherTrainConfig:
     """Linear warm-up steps."""
     grad_weight: float = 0.5
     """Weight of the gradient-matching term."""
-    alignment: Literal["scale_shift", "scale"] = "scale_shift"
-    """Per-frame alignment of the prediction to the ground truth inside the loss:
-    ``scale_shift`` (least-squares scale and shift; the teacher's shift is then arbitrary) or
-    ``scale`` (least-squares scale only; the teacher learns how near the near points are, and
-    its meta says ``ambiguity: scale``, which the learner uses)."""
+    alignment: Literal["scale_shift", "scale"] = "scale"
+    """Per-frame alignment of the prediction to the ground truth inside the loss: ``scale``
+    (least-squares scale only: the teacher learns how near the near points are; the shipped
+    weights, and the weak learner trained better with them: docs/RESULTS.md, issue 21) or
+    ``scale_shift`` (least-squares scale and shift, the 7-Scenes benchmark's alignment, which
+    leaves the teacher's own shift arbitrary). The meta records it as ``ambiguity``."""
     init: Path | None = None
     """Weights (``embedded_depth.safetensors`` of an earlier run) to start from instead of a
     random init, e.g. to change a trained teacher's ``alignment``; ``widths`` are taken from
@@ -434,7 +435,7 @@ def augment(images: torch.Tensor, depth: torch.Tensor, gen: torch.Generator) -> 
 
 
 def depth_loss(log_depth: torch.Tensor, gt: torch.Tensor, *, grad_weight: float = 0.5,
-               scales: int = 4, alignment: str = "scale_shift") -> tuple[torch.Tensor, dict[str, float]]:
+               scales: int = 4, alignment: str) -> tuple[torch.Tensor, dict[str, float]]:
     """Scale-and-shift-invariant (``alignment="scale"``: scale-invariant) depth loss of a batch:
     per frame, least-squares align exp(log_depth) [B, H, W] to ``gt`` [B, H, W] (0 or
     non-finite = invalid) in depth space with a scale and a shift (or a scale only), then
