@@ -12,8 +12,8 @@ resolution. The shipped weights were trained to be right up to a scale per frame
 their near points are (7-Scenes AbsRel after median scaling 0.27, 0.93 before); consumers
 still take the output as known up to a scale *and shift*, as for any relative teacher: the
 learner registers each view's shift to the matches' triangulation, which trained a better
-model than taking the teacher's own shift (docs/RESULTS.md, issue 21). ``version`` is the sha256 (12 hex)
-of the weights file, so labels name exactly the weights that made them.
+model than taking the teacher's own shift (docs/RESULTS.md, issue 21). ``version`` is the
+sha256 (12 hex) of the weights file, so labels name exactly the weights that made them.
 """
 
 from __future__ import annotations
