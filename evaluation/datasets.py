@@ -259,10 +259,20 @@ def _frame_range(text: str) -> tuple[int | None, int | None]:
 def load_windows(spec: str, *, views: int, height: int, width: int, windows: int, stride: int,
                  run_dir: Path, synthetic_cfg=None) -> list[EvalWindow]:
     """Parse a dataset spec (module docstring) and return its evaluation windows."""
+    sequences = load_sequences(spec, run_dir=run_dir, synthetic_cfg=synthetic_cfg)
+    out = make_windows(sequences, views=views, height=height, width=width, stride=stride, windows=windows)
+    if not out:
+        raise ValueError(f"{spec}: sequences too short for {views} views {stride} frames apart")
+    return out
+
+
+def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None) -> list[Sequence]:
+    """Parse a dataset spec (module docstring) and return its sequences (``run_dir`` is where
+    the ``synthetic`` spec renders its scenes)."""
     kind, _, rest = spec.partition(":")
     if kind == "synthetic" and not rest:
-        if synthetic_cfg is None:
-            raise ValueError("the 'synthetic' spec needs the synthetic world's config")
+        if synthetic_cfg is None or run_dir is None:
+            raise ValueError("the 'synthetic' spec needs the synthetic world's config and a run folder")
         held_out = replace(synthetic_cfg, seed=synthetic_cfg.seed + 1000)
         videos = ensure_world(Path(run_dir) / "eval_world", held_out, progress=False)
         sequences = synthetic_sequences(videos)
@@ -287,7 +297,4 @@ def load_windows(spec: str, *, views: int, height: int, width: int, windows: int
                              "known: depth_scale")
         sequences = [folder_sequence(Path(folder), *_frame_range(frame_range),
                                      depth_scale=float(options.get("depth_scale", 1000.0)))]
-    out = make_windows(sequences, views=views, height=height, width=width, stride=stride, windows=windows)
-    if not out:
-        raise ValueError(f"{spec}: sequences too short for {views} views {stride} frames apart")
-    return out
+    return sequences

@@ -506,9 +506,31 @@ def lsq_absrel(pred_depth: torch.Tensor, gt: torch.Tensor) -> float:
 # Training
 
 
-def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
+def batch_indices(gen: torch.Generator, pool: int, batch: int, *, extra: int = 0,
+                  extra_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices of one batch: (into the rendered pool, into the extra samples or None).
+    Without extra samples this draws exactly what the recipe always drew. With them,
+    ``extra_share`` x ``batch`` of the frames are extra ones (its fraction is rounded up with
+    that probability, so the expected share is exact)."""
+    device = gen.device
+    if not extra:
+        return torch.randint(pool, (batch,), generator=gen, device=device), None
+    want = extra_share * batch
+    n = int(want) + int(float(torch.rand((), generator=gen, device=device)) < want - int(want))
+    return (torch.randint(pool, (batch - n,), generator=gen, device=device),
+            torch.randint(extra, (n,), generator=gen, device=device))
+
+
+def train(cfg: TeacherTrainConfig, *, command: str = "", extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+          extra_share: float | None = None, extra_meta: dict | None = None) -> dict:
     """Render the pool, train, score held-out synthetic frames, write weights + meta + log.
-    Returns the meta."""
+    Returns the meta.
+
+    ``extra``: more training frames beside the rendered pool (e.g. real images with another
+    model's depth, ``studies.distill_teacher``): uint8 RGB [N, H, W, 3] and depth [N, H, W]
+    (0 or non-finite = invalid) at ``cfg.height`` x ``cfg.width``, augmented and scored by the
+    same loss; ``extra_share`` (required with them) is their share of each batch, and
+    ``extra_meta`` is recorded with their count and share under the meta's ``data.extra``."""
     start = time.monotonic()
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -527,6 +549,18 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
     if len(images) < cfg.batch:
         raise RuntimeError(f"rendered only {len(images)} frames before the deadline; batch is {cfg.batch}")
     val_images, val_depths, _ = render_pool(cfg, cfg.val_frames, cfg.seed + 1_000_003, device=device)
+    if extra is not None:
+        if extra_share is None or not 0 <= extra_share <= 1:
+            raise ValueError(f"extra samples need extra_share in [0, 1], got {extra_share!r}")
+        extra_images, extra_depths = extra
+        if (extra_images.dtype != torch.uint8 or extra_images.shape[1:] != (cfg.height, cfg.width, 3)
+                or extra_depths.shape != extra_images.shape[:3] or len(extra_images) < 1):
+            raise ValueError(f"extra samples must be uint8 [N, {cfg.height}, {cfg.width}, 3] and depth "
+                             f"[N, {cfg.height}, {cfg.width}], got {tuple(extra_images.shape)} {extra_images.dtype} "
+                             f"and {tuple(extra_depths.shape)}")
+        extra_images = extra_images.to(device)
+        extra_depths = torch.where(torch.isfinite(extra_depths) & (extra_depths > 0), extra_depths.float(),
+                                   torch.zeros((), device=extra_depths.device)).to(device)
     render_s = time.monotonic() - start
     emit({"event": "pool", **pool_info, "render_s": round(render_s, 1)})
 
@@ -553,8 +587,13 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(images), (cfg.batch,), generator=gen, device=device)
-        x, d = augment(images[idx], depths[idx], gen)
+        idx, extra_idx = batch_indices(gen, len(images), cfg.batch, extra=0 if extra is None else len(extra_images),
+                                       extra_share=extra_share or 0.0)
+        if extra_idx is None:
+            x, d = augment(images[idx], depths[idx], gen)
+        else:
+            x, d = augment(torch.cat((images[idx], extra_images[extra_idx])),
+                           torch.cat((depths[idx].float(), extra_depths[extra_idx])), gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x.contiguous(memory_format=torch.channels_last))
         loss, terms = depth_loss(out, d, grad_weight=cfg.grad_weight, alignment=cfg.alignment)
@@ -603,6 +642,8 @@ def train(cfg: TeacherTrainConfig, *, command: str = "") -> dict:
                       "and reliev3r.synthetic.random_world rooms; augmented (labelers.teacher_train.augment)",
             **pool_info,
             "kitchen_share": cfg.kitchen_share,
+            **({} if extra is None else {"extra": {"frames": len(extra_images), "share": extra_share,
+                                                   **(extra_meta or {})}}),
         },
         "steps": step,
         "skipped_steps": skipped,

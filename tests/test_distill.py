@@ -1,0 +1,135 @@
+"""``studies.distill_teacher``: the learner's depth on real windows becomes extra training frames
+of the embedded teacher (issue 21, item 2), through the teacher recipe's ``extra`` hook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from labelers.depth import make_teacher
+from labelers.embedded import weights_digest
+from labelers.teacher_train import TeacherTrainConfig, batch_indices, train
+from learner.snapshot import load_model
+from reliev3r import imaging
+from tests.tiny_snapshot import make_tiny_snapshot
+
+H, W = 48, 64
+TINY = ["height=48", "width=64", "batch=4", "pool_frames=4", "views_per_eye=2", "eyes_per_world=2",
+        "val_frames=2", "widths=8,8,8,16,16", "warmup=1", "log_every=1"]
+
+
+def _write_7scenes(folder: Path, frames: int) -> None:
+    """``frames`` smooth random 7-Scenes frames (colour JPEG, depth PNG in mm, pose, intrinsics)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(frames):
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        image = cv2.resize(small, (80, 60), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"frame-{k:06d}.color.jpg"), image)
+        cv2.imwrite(str(folder / f"frame-{k:06d}.depth.png"), np.full((60, 80), 1500 + 10 * k, np.uint16))
+        pose = np.eye(4)
+        pose[0, 3] = 0.05 * k
+        np.savetxt(folder / f"frame-{k:06d}.pose.txt", pose)
+    (folder / "camera-intrinsics.txt").write_text("70 0 39.5\n0 70 29.5\n0 0 1\n")
+
+
+def test_tile_windows_use_every_frame_once():
+    from studies.distill_teacher import tile_windows
+
+    tiles = tile_windows(13, views=3, gap=2)
+    assert tiles == [[0, 2, 4], [1, 3, 5], [6, 8, 10], [7, 9, 11]]
+    assert tile_windows(5, views=3, gap=2) == []
+
+
+def test_batch_indices_without_extra_draw_what_the_recipe_always_drew():
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    idx, extra = batch_indices(a, 100, 8)
+    assert extra is None
+    assert torch.equal(idx, torch.randint(100, (8,), generator=b))
+    assert torch.equal(a.get_state(), b.get_state())  # the same draws follow
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_batch_indices_give_the_asked_share_exactly_when_it_is_whole(share):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        idx, extra = batch_indices(gen, 50, 8, extra=7, extra_share=share)
+        assert len(extra) == round(share * 8) and len(idx) == 8 - len(extra)
+        assert ((extra >= 0) & (extra < 7)).all() and ((idx >= 0) & (idx < 50)).all()
+
+
+def test_batch_indices_give_the_asked_share_on_average():
+    gen = torch.Generator().manual_seed(0)
+    counts = [len(batch_indices(gen, 50, 4, extra=7, extra_share=0.3)[1]) for _ in range(2000)]
+    assert set(counts) == {1, 2}  # 1.2 frames: one, or two with probability 0.2
+    assert np.mean(counts) / 4 == pytest.approx(0.3, abs=0.02)
+
+
+def test_train_without_extra_records_no_extra(tmp_path):
+    torch.set_num_threads(1)
+    cfg = TeacherTrainConfig(out=tmp_path / "t", steps=1, device="cpu", height=32, width=32, batch=2, pool_frames=2,
+                             views_per_eye=2, eyes_per_world=1, val_frames=1, widths=(8, 8, 8, 16, 16), warmup=1)
+    meta = train(cfg, extra=None)
+    assert meta["steps"] == 1 and "extra" not in meta["data"]
+    with pytest.raises(ValueError, match="extra_share"):
+        train(cfg, extra=(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), torch.ones(2, 32, 32)))
+    with pytest.raises(ValueError, match="extra samples must be"):
+        train(cfg, extra=(torch.zeros(2, 16, 32, 3, dtype=torch.uint8), torch.ones(2, 16, 32)), extra_share=0.5)
+
+
+def test_distill_writes_a_loadable_teacher_that_records_its_source(tmp_path):
+    from studies import distill_teacher
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    snap = make_tiny_snapshot(run, height=H, width=W, views=3)
+    frames = tmp_path / "frames"
+    _write_7scenes(frames, 13)
+    out = tmp_path / "teacher"
+    rc = distill_teacher.main(["--run", str(run), "--frames", f"7scenes:{frames}", "--out", str(out),
+                               "--views", "3", "--gap", "2", "--steps", "2", "--device", "cpu", "--real-share", "0.5",
+                               *TINY, "alignment=scale"])
+    assert rc == 0
+    weights = out / "embedded_depth.safetensors"
+    meta = json.loads((out / "embedded_depth.json").read_text())
+    assert meta["steps"] == 2 and meta["version"] == weights_digest(weights) and meta["ambiguity"] == "scale"
+    extra = meta["data"]["extra"]
+    assert extra["frames"] == 12 and extra["share"] == 0.5 and extra["dropped_frames"] == 1
+    assert extra["snapshot"] == str(snap) and extra["step"] == 2 and extra["run"] == str(run)
+    assert extra["frames_specs"] == [f"7scenes:{frames}"] and extra["views"] == 3 and extra["gap"] == 2
+    snap_meta = json.loads((snap / "meta.json").read_text())
+    assert extra["weights"] == "model"  # the tiny snapshot keeps no EMA copy
+    assert extra["weights_sha256"] == snap_meta["files"]["model.safetensors"]["sha256"]
+    assert meta["recipe"]["command"].startswith("python -m studies.distill_teacher")
+    teacher = make_teacher(f"embedded:{weights}", "cpu")
+    depth, valid = teacher.predict(np.full((1, 40, 56, 3), 128, np.uint8))
+    assert depth.shape == (1, 40, 56) and valid.all()
+
+
+def test_real_samples_are_the_snapshots_prediction(tmp_path):
+    """Known answer of step 2: the targets of one window are the snapshot's own depth for those
+    frames, fitted as the evaluator fits them."""
+    from evaluation.datasets import load_sequences
+    from studies.distill_teacher import real_samples
+
+    torch.set_num_threads(1)
+    snap = make_tiny_snapshot(tmp_path / "run", height=H, width=W, views=3)
+    frames = tmp_path / "frames"
+    _write_7scenes(frames, 7)
+    model, _ = load_model(snap, "cpu")
+    images, depths, info = real_samples(model, load_sequences(f"7scenes:{frames}"), views=3, gap=2,
+                                        learner_size=(H, W), size=(H, W), device="cpu")
+    assert images.shape == (6, H, W, 3) and images.dtype == torch.uint8 and depths.shape == (6, H, W)
+    assert info["windows"] == 2 and info["dropped_frames"] == 1
+    rgb = [cv2.cvtColor(cv2.imread(str(frames / f"frame-{k:06d}.color.jpg")), cv2.COLOR_BGR2RGB) for k in (1, 3, 5)]
+    window = np.stack([imaging.fit_image(f, H, W) for f in rgb])
+    with torch.no_grad():
+        want = model(torch.from_numpy(window).permute(0, 3, 1, 2).float().div(255)[None]).depth[0]
+    np.testing.assert_array_equal(images[3:].numpy(), window)  # the second window: frames 1, 3, 5
+    torch.testing.assert_close(depths[3:], want.float(), rtol=1e-5, atol=1e-6)
+    assert (depths > 0).all() and torch.isfinite(depths).all()
