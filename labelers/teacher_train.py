@@ -527,7 +527,7 @@ def train(cfg: TeacherTrainConfig, *, command: str = "", extra: tuple[torch.Tens
     Returns the meta.
 
     ``extra``: more training frames beside the rendered pool (e.g. real images with another
-    model's depth, ``studies.distill_teacher``): uint8 RGB [N, H, W, 3] and depth [N, H, W]
+    model's depth, ``reliev3r teacher-train --distill``): uint8 RGB [N, H, W, 3] and depth [N, H, W]
     (0 or non-finite = invalid) at ``cfg.height`` x ``cfg.width``, augmented and scored by the
     same loss; ``extra_share`` (required with them) is their share of each batch, and
     ``extra_meta`` is recorded with their count and share under the meta's ``data.extra``."""

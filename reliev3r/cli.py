@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--compare", action="append", default=[], metavar="RUN",
                      help="another run on the same charts (repeatable)")
     rep.add_argument("--out", default=None, help="HTML file (default: RUN/report.html)")
-    tt = sub.add_parser("teacher-train", help="train the embedded depth teacher on the synthetic world")
+    tt = sub.add_parser("teacher-train", help="train the embedded depth teacher on the synthetic world "
+                        "(--distill RUN: and on a run's learner depth of real frames)")
     tt.add_argument("--out", required=True, help="folder for the weights, meta and training log")
     tt.add_argument("--steps", type=int, default=None, help="optimiser steps")
     tt.add_argument("--device", default=None, help="torch device (default cuda)")
@@ -113,7 +114,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="wall-clock seconds for the whole run, rendering included")
     tt.add_argument("options", nargs="*", metavar="key=value",
                     help="other labelers.teacher_train.TeacherTrainConfig fields")
+    _distill_arguments(tt)
     return parser
+
+
+def _distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """``reliev3r teacher-train``'s distillation flags (``reliev3r.distill``)."""
+    parser.add_argument("--distill", metavar="RUN", default=None,
+                        help="distil this run's learner (run, snapshots or snapshot folder) into the teacher")
+    parser.add_argument("--frames", action="append", default=None, metavar="SPEC",
+                        help="with --distill: frames to predict on (default: the run's streamer.sources); "
+                             "a source path, 7scenes:DIR[@A-B] or folder:DIR[@A-B]; repeatable")
+    parser.add_argument("--views", type=int, default=None, help="with --distill: views per window (the run's)")
+    parser.add_argument("--gap", type=int, default=None,
+                        help="with --distill: frames between views (the run's streamer.frame_stride)")
+    parser.add_argument("--real-share", type=float, default=0.5,
+                        help="with --distill: share of the real frames in each batch (0.5)")
+    parser.add_argument("--max-frames", type=int, default=20000,
+                        help="with --distill: real frames taken at most (20000)")
 
 
 def config_paths(args: argparse.Namespace) -> list[Path]:
@@ -147,9 +165,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(args)
     if args.command == "teacher-train":  # needs no pipeline config
+        command = " ".join(["reliev3r", *(sys.argv[1:] if argv is None else argv)])
+        if args.distill is not None:
+            from reliev3r.distill import distill
+
+            return distill(args, command=command)
+        if args.frames or args.views or args.gap:
+            print("reliev3r teacher-train: --frames, --views and --gap go with --distill RUN", file=sys.stderr)
+            return 2
         from labelers.teacher_train import cli_main
 
-        return cli_main(args, command=" ".join(["reliev3r", *(sys.argv[1:] if argv is None else argv)]))
+        return cli_main(args, command=command)
     try:
         cfg = load_config(args)
     except (rconfig.ConfigError, OSError) as err:

@@ -17,6 +17,16 @@
 # and give the run "pyd:labeler.teacher=pydnet:.devdata/pydnet++.tflite labeler.workers=4" (it runs
 # on the CPU, about 0.3 s a frame). All of it travels in about 65 of the 67 MB a call may carry.
 #
+# Distillation (`reliev3r teacher-train --distill`): DISTILL=NAME distils run NAME's learner, on the
+# training frames, into a teacher fine-tuned from the shipped weights for DISTILL_S seconds (default
+# 150) on the GPU once training has stopped; the weights go to $OUT/teacher (4 MB: bring them back
+# and carry them into the next call as "dst:labeler.teacher=embedded:PATH"), and every run's eval
+# also scores that teacher alone on the held-out frames. E.g. (one call, then the next):
+#   DISTILL=dflt STEPS=1500 WALL=400 bash studies/weak_7scenes.sh "sup:learner.loss.kind=supervised" "dflt:" \
+#       "pyd:labeler.teacher=pydnet:.devdata/pydnet++.tflite labeler.workers=4"
+#   STEPS=1500 WALL=420 bash studies/weak_7scenes.sh "sup:learner.loss.kind=supervised" "dflt:" \
+#       "dst:labeler.teacher=embedded:.devdata/teacher/embedded_depth.safetensors"
+#
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: a folder of wheels to install first (default
@@ -52,13 +62,21 @@ for p in "${pids[@]}"; do kill -INT -- "-$p" 2>/dev/null; done
 for _ in $(seq 60); do alive || break; sleep 1; done
 for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
 echo "training ended after $(( $(date +%s) - t0 )) s"
+teachers=()
+if [ -n "${DISTILL:-}" ]; then
+  python3 -m reliev3r.cli teacher-train --distill "$RUNS/$DISTILL" --frames "7scenes:$DATA/7s-train" \
+    --out "$OUTD/teacher" --device cuda --time-budget "${DISTILL_S:-150}" --steps 100000 \
+    init="$ROOT/labelers/weights/embedded_depth.safetensors" height=144 width=192 render_fraction=0.2 dining=true lr=0.0005 warmup=100 \
+    > "$RUNS/distill.log" 2>&1 && teachers=(--teacher "embedded:$OUTD/teacher/embedded_depth.safetensors")
+  tail -n 1 "$RUNS/distill.log"
+fi
 for spec in "$@"; do
   name=${spec%%:*}; extra=${spec#*:}
   compare=""; [ "$name" != sup ] && [ -d "$RUNS/sup" ] && compare="--compare $RUNS/sup"
   teacher=embedded
   for word in $extra; do case "$word" in labeler.teacher=*) teacher=${word#labeler.teacher=};; esac; done
   python3 -m reliev3r.cli eval --checkpoint "$RUNS/$name" --data "7scenes:$DATA/7s-eval" --windows 24 $compare \
-    --teacher "$teacher" --out "$RUNS/$name/final_eval" $COMMON run.dir="$RUNS/$name" $extra \
+    --teacher "$teacher" ${teachers[@]+"${teachers[@]}"} --out "$RUNS/$name/final_eval" $COMMON run.dir="$RUNS/$name" $extra \
     > "$RUNS/$name.eval.log" 2>&1 &
 done
 wait

@@ -1,21 +1,24 @@
-"""``studies.distill_teacher``: the learner's depth on real windows becomes extra training frames
-of the embedded teacher (issue 21, item 2), through the teacher recipe's ``extra`` hook."""
+"""``reliev3r teacher-train --distill RUN``: the learner's depth on real windows becomes extra
+training frames of the embedded teacher, through the teacher recipe's ``extra`` hook."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from labelers.depth import make_teacher
 from labelers.embedded import weights_digest
 from labelers.teacher_train import TeacherTrainConfig, batch_indices, train
 from learner.snapshot import load_model
-from reliev3r import imaging
+from reliev3r import cli, imaging
+from reliev3r.distill import frame_streams, real_samples, tile_windows, tiled
 from tests.tiny_snapshot import make_tiny_snapshot
 
 H, W = 48, 64
@@ -39,8 +42,6 @@ def _write_7scenes(folder: Path, frames: int) -> None:
 
 
 def test_tile_windows_use_every_frame_once():
-    from studies.distill_teacher import tile_windows
-
     tiles = tile_windows(13, views=3, gap=2)
     assert tiles == [[0, 2, 4], [1, 3, 5], [6, 8, 10], [7, 9, 11]]
     assert tile_windows(5, views=3, gap=2) == []
@@ -83,15 +84,13 @@ def test_train_without_extra_records_no_extra(tmp_path):
 
 
 def test_distill_writes_a_loadable_teacher_that_records_its_source(tmp_path):
-    from studies import distill_teacher
-
     torch.set_num_threads(1)
     run = tmp_path / "run"
     snap = make_tiny_snapshot(run, height=H, width=W, views=3)
     frames = tmp_path / "frames"
     _write_7scenes(frames, 13)
     out = tmp_path / "teacher"
-    rc = distill_teacher.main(["--run", str(run), "--frames", f"7scenes:{frames}", "--out", str(out),
+    rc = cli.main(["teacher-train", "--distill", str(run), "--frames", f"7scenes:{frames}", "--out", str(out),
                                "--views", "3", "--gap", "2", "--steps", "2", "--device", "cpu", "--real-share", "0.5",
                                *TINY, "alignment=scale"])
     assert rc == 0
@@ -105,7 +104,7 @@ def test_distill_writes_a_loadable_teacher_that_records_its_source(tmp_path):
     snap_meta = json.loads((snap / "meta.json").read_text())
     assert extra["weights"] == "model"  # the tiny snapshot keeps no EMA copy
     assert extra["weights_sha256"] == snap_meta["files"]["model.safetensors"]["sha256"]
-    assert meta["recipe"]["command"].startswith("python -m studies.distill_teacher")
+    assert meta["recipe"]["command"].startswith("reliev3r teacher-train --distill")
     teacher = make_teacher(f"embedded:{weights}", "cpu")
     depth, valid = teacher.predict(np.full((1, 40, 56, 3), 128, np.uint8))
     assert depth.shape == (1, 40, 56) and valid.all()
@@ -114,15 +113,12 @@ def test_distill_writes_a_loadable_teacher_that_records_its_source(tmp_path):
 def test_real_samples_are_the_snapshots_prediction(tmp_path):
     """Known answer of step 2: the targets of one window are the snapshot's own depth for those
     frames, fitted as the evaluator fits them."""
-    from evaluation.datasets import load_sequences
-    from studies.distill_teacher import real_samples
-
     torch.set_num_threads(1)
     snap = make_tiny_snapshot(tmp_path / "run", height=H, width=W, views=3)
     frames = tmp_path / "frames"
     _write_7scenes(frames, 7)
     model, _ = load_model(snap, "cpu")
-    images, depths, info = real_samples(model, load_sequences(f"7scenes:{frames}"), views=3, gap=2,
+    images, depths, info = real_samples(model, frame_streams([f"7scenes:{frames}"], fov_deg=60.0), views=3, gap=2,
                                         learner_size=(H, W), size=(H, W), device="cpu")
     assert images.shape == (6, H, W, 3) and images.dtype == torch.uint8 and depths.shape == (6, H, W)
     assert info["windows"] == 2 and info["dropped_frames"] == 1
@@ -133,3 +129,54 @@ def test_real_samples_are_the_snapshots_prediction(tmp_path):
     np.testing.assert_array_equal(images[3:].numpy(), window)  # the second window: frames 1, 3, 5
     torch.testing.assert_close(depths[3:], want.float(), rtol=1e-5, atol=1e-6)
     assert (depths > 0).all() and torch.isfinite(depths).all()
+
+
+def test_tiled_streams_blocks_and_counts_the_tail():
+    frames = [np.full((2, 2, 3), k, np.uint8) for k in range(13)]
+    out = list(tiled(iter(frames), views=3, gap=2))
+    assert out[-1] == 1  # frame 12 is left out
+    assert [[int(f[0, 0, 0]) for f in w] for w in out[:-1]] == tile_windows(13, views=3, gap=2)
+
+
+def _write_video(path: Path, frames: int, height: int = 60, width: int = 80) -> None:
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        for k in range(frames):
+            image = np.roll(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC), k, axis=1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_distill_reads_the_runs_own_sources_by_default(tmp_path):
+    """Without --frames the run's ``streamer.sources`` (here a video file and a live URL, which
+    is left out) are read by the streamer's readers; views and gap come from its config."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    make_tiny_snapshot(run, height=H, width=W, views=3)
+    video = tmp_path / "clip.mp4"
+    _write_video(video, 14)
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"streamer": {"sources": [str(video), "rtsp://camera.invalid/feed"], "views": 3, "frame_stride": 2}}))
+    out = tmp_path / "teacher"
+    rc = cli.main(["teacher-train", "--distill", str(run), "--out", str(out), "--steps", "1", "--device", "cpu",
+                   *TINY])
+    assert rc == 0
+    extra = json.loads((out / "embedded_depth.json").read_text())["data"]["extra"]
+    assert extra["frames_specs"] == [str(video)] and extra["views"] == 3 and extra["gap"] == 2
+    assert extra["frames"] == 12 and extra["dropped_frames"] == 2 and extra["windows"] == 4
+
+
+def test_distill_refuses_what_it_cannot_use(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_tiny_snapshot(run, height=H, width=W, views=3)
+    out = str(tmp_path / "teacher")
+    assert cli.main(["teacher-train", "--distill", str(run), "--out", out, *TINY]) == 2
+    assert "names no file or folder sources; give --frames" in capsys.readouterr().out
+    assert cli.main(["teacher-train", "--distill", str(run), "--frames", "x", "--real-share", "2", "--out", out]) == 2
+    assert "--real-share must be in [0, 1]" in capsys.readouterr().out
+    assert cli.main(["teacher-train", "--frames", "x", "--out", out]) == 2
+    assert "go with --distill RUN" in capsys.readouterr().err
+    assert not Path(out).exists()
