@@ -1,0 +1,221 @@
+"""Match teachers on 7-Scenes: verified matches per pair, their reprojection error against
+ground truth, and pairs/s per CPU core, SIFT beside XFeat + LighterGlue, in one run.
+
+    python benchmarks/matching_accuracy.py [--data .devdata/7s-train .devdata/7s-eval] \\
+        [--device cpu|cuda] [--threads 1] [--out matching_accuracy.json]
+
+Data: image-sequence folders in the 7-Scenes layout with depth and poses (``python -m
+studies.prepare_7scenes`` writes ``.devdata/7s-train`` and ``.devdata/7s-eval``). Windows are
+cut as the streamer cuts them (``streamer.windows.windows_of`` with the streamer's keyframe
+gates, 4 views at the 168x224 of ``configs/gpu.yaml``), and matched as the labeler matches
+them (``labelers.matches.match_windows`` over ``labeler.batch_windows`` windows at a time, the
+labeler's pair plan, cap, ``min_matches`` and USAC/MAGSAC threshold: ``LabelerConfig``'s
+defaults). SIFT runs on the CPU whatever ``--device`` says; XFeat + LighterGlue on
+``--device``, its pairs batched through one LightGlue forward (on the CPU one pair per forward:
+``labelers.matches.GLUE_BATCH_ELEMENTS``; ``--batch-elements`` overrides, for a GPU sweep).
+
+Error of a verified match (x_i in view i, x_j in view j): x_i lifted with view i's GT depth
+(nearest pixel) and intrinsics, moved by the GT relative pose, projected with view j's
+intrinsics; the pixel distance to x_j. Matches where view i has no depth are left out (and
+counted). 7-Scenes depth comes from a separate, roughly registered sensor, so the error has a
+floor that both matchers share: compare them, do not read the numbers as matching noise.
+
+Speed: each matcher runs once over every window untimed (warm-up: first-call allocations, the
+LightGlue shapes), then the timed pass, measured as wall time and as this process's CPU time
+(``time.process_time``: every thread, so a figure per core that other load on the host does not
+change). ``pairs per CPU-s`` = pairs tried / CPU seconds; on CUDA, XFeat's wall rate against
+SIFT's per-core rate is the figure issue 18 asks for (>= 20x). Two stages are timed: ``match``
+(features + putative matches: what runs on ``--device``) and ``label`` (``match_windows``:
+that plus one-match-per-keypoint, verification and cap: what the labeler pays); the CPU time
+of the USAC/MAGSAC verification inside ``label`` is reported per pair as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RADIUS_PX = 3.0
+"""A match within this many pixels of its ground-truth position counts as correct."""
+
+
+def reprojection_errors(xy_a: np.ndarray, xy_b: np.ndarray, depth_a: np.ndarray, K_a: np.ndarray,
+                        K_b: np.ndarray, cam_to_world_a: np.ndarray, cam_to_world_b: np.ndarray) -> np.ndarray:
+    """Pixel distance [M] between xy_b and xy_a carried into view b through depth_a (metres,
+    0 = unknown; read at the nearest pixel) and the poses; NaN where depth_a is unknown or the
+    point lands behind camera b."""
+    h, w = depth_a.shape
+    col = np.clip(np.round(xy_a[:, 0]).astype(int), 0, w - 1)
+    row = np.clip(np.round(xy_a[:, 1]).astype(int), 0, h - 1)
+    z = depth_a[row, col].astype(np.float64)
+    rays = np.linalg.solve(K_a.astype(np.float64), np.stack([xy_a[:, 0], xy_a[:, 1], np.ones(len(xy_a))]))
+    points = rays * z  # [3, M] in camera a
+    a_to_b = np.linalg.inv(cam_to_world_b.astype(np.float64)) @ cam_to_world_a.astype(np.float64)
+    q = a_to_b[:3, :3] @ points + a_to_b[:3, 3:4]
+    ok = (z > 0) & (q[2] > 1e-9)
+    uv = K_b.astype(np.float64) @ q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = uv[:2] / uv[2]
+    err = np.hypot(uv[0] - xy_b[:, 0], uv[1] - xy_b[:, 1])
+    return np.where(ok, err, np.nan)
+
+
+def load_windows(folders: list[Path], *, views: int, height: int, width: int, limit: int) -> list:
+    """Windows of each folder as the streamer cuts them (its keyframe gates, defaults)."""
+    from streamer.config import StreamerConfig
+    from streamer.sources import ImageSequenceSource
+    from streamer.windows import windows_of
+
+    cfg = StreamerConfig(views=views, height=height, width=width)
+    out = []
+    for folder in folders:
+        for window in windows_of(str(folder), ImageSequenceSource(folder).frames(), cfg):
+            if all(v.gt_depth is not None and v.gt_cam_to_world is not None for v in window.views):
+                out.append(window)
+    return out[:limit] if limit else out
+
+
+def run_matcher(name: str, matcher, windows: list, *, batch: int, labeler) -> dict:
+    import labelers.matches
+    from labelers.matches import match_windows, select_pairs, verify
+
+    frames = [np.stack([v.rgb for v in w.views]) for w in windows]
+    batches = [frames[k:k + batch] for k in range(0, len(frames), batch)]
+    kw = dict(long_pairs=labeler.long_pairs, min_matches=labeler.min_matches,
+              max_matches_per_pair=labeler.max_matches_per_pair, threshold_px=labeler.ransac_threshold_px)
+    pairs = sum(len(select_pairs(len(f), labeler.long_pairs)) for f in frames)
+
+    def putative(group):
+        feats = [matcher.features_many(f) for f in group]
+        matcher.match_many([(fs[i], fs[j]) for fs, f in zip(feats, group)
+                            for i, j in select_pairs(len(f), labeler.long_pairs)])
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for group in batches:  # warm-up, untimed
+        putative(group)
+    # the CPU time of USAC/MAGSAC inside the label stage, through the module global that
+    # match_windows calls
+    verify_cpu = [0.0]
+
+    def timed_verify(*a, **k):
+        t = time.process_time()
+        try:
+            return verify(*a, **k)
+        finally:
+            verify_cpu[0] += time.process_time() - t
+
+    timed = {}
+    for stage in ("match", "label"):
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        results = []
+        try:
+            labelers.matches.verify = timed_verify
+            for group in batches:
+                if stage == "match":
+                    putative(group)
+                else:
+                    results += match_windows(group, matcher, **kw)
+            sync()
+        finally:
+            labelers.matches.verify = verify
+        timed[stage] = (time.perf_counter() - wall, time.process_time() - cpu)
+    errors, per_pair, no_depth = [], [], 0
+    for window, (matches, counts) in zip(windows, results):
+        per_pair += counts
+        for i, j in {(int(a), int(b)) for a, b in matches[:, :2]}:
+            rows = matches[(matches[:, 0] == i) & (matches[:, 1] == j)]
+            va, vb = window.views[i], window.views[j]
+            err = reprojection_errors(rows[:, 2:4], rows[:, 4:6], va.gt_depth, va.intrinsics, vb.intrinsics,
+                                      va.gt_cam_to_world, vb.gt_cam_to_world)
+            no_depth += int(np.isnan(err).sum())
+            errors.append(err[~np.isnan(err)])
+    err = np.concatenate(errors) if errors else np.zeros(0)
+    per_pair = np.array(per_pair)
+    return {"matcher": name, "version": matcher.version, "windows": len(windows), "pairs": pairs,
+            "verified_pairs": int((per_pair > 0).sum()), "matches_per_pair": float(per_pair.mean()),
+            "matches_scored": int(len(err)), "matches_without_depth": no_depth,
+            "median_error_px": float(np.median(err)) if len(err) else float("nan"),
+            "within_3px": float((err <= RADIUS_PX).mean()) if len(err) else float("nan"),
+            "match_wall_pairs_s": pairs / timed["match"][0], "match_pairs_per_cpu_s": pairs / timed["match"][1],
+            "label_wall_pairs_s": pairs / timed["label"][0], "label_pairs_per_cpu_s": pairs / timed["label"][1],
+            "verify_cpu_ms_per_pair": 1000 * verify_cpu[0] / pairs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, nargs="+", default=[Path(".devdata/7s-train"), Path(".devdata/7s-eval")])
+    ap.add_argument("--device", default="cpu", help="XFeat + LighterGlue device (cpu, cuda, cuda:1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch and OpenCV CPU threads")
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--height", type=int, default=168)
+    ap.add_argument("--width", type=int, default=224)
+    ap.add_argument("--windows", type=int, default=0, help="at most this many windows (0: all)")
+    ap.add_argument("--batch-elements", type=int, default=None,
+                    help="XFeat: pairs x points² per LightGlue forward (default: the device's)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    import cv2
+
+    from labelers.config import LabelerConfig
+    from labelers.matches import OpenCVMatcher, XFeatMatcher
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    labeler = LabelerConfig()
+    windows = load_windows(args.data, views=args.views, height=args.height, width=args.width, limit=args.windows)
+    if not windows:
+        raise SystemExit(f"no windows with depth and poses in {[str(d) for d in args.data]}")
+    xfeat = XFeatMatcher(device=args.device)
+    if args.batch_elements is not None:
+        xfeat.batch_elements = args.batch_elements
+    device = torch.cuda.get_device_name(xfeat.device) if xfeat.device.type == "cuda" else "cpu"
+    print(f"{len(windows)} windows of {args.views} views at {args.height}x{args.width} from "
+          f"{', '.join(str(d) for d in args.data)}; XFeat on {device}; {args.threads} thread(s), "
+          f"{os.cpu_count()} cores", flush=True)
+    rows = []
+    for name, matcher in (("SIFT", OpenCVMatcher("sift")), ("XFeat + LighterGlue", xfeat)):
+        rows.append(run_matcher(name, matcher, windows, batch=labeler.batch_windows, labeler=labeler))
+        print(json.dumps(rows[-1]), flush=True)
+    sift, xf = rows
+    ratios = {key: xf[key] / sift[key] if sift[key] else float("nan")
+              for key in ("matches_per_pair", "median_error_px", "within_3px", "match_pairs_per_cpu_s",
+                          "label_pairs_per_cpu_s", "match_wall_pairs_s", "label_wall_pairs_s")}
+    ratios["label_wall_vs_sift_per_core"] = xf["label_wall_pairs_s"] / sift["label_pairs_per_cpu_s"]
+    ratios["match_wall_vs_sift_per_core"] = xf["match_wall_pairs_s"] / sift["match_pairs_per_cpu_s"]
+    print("\n| matcher | pairs | verified pairs | matches/pair | median err px | within 3 px | "
+          "match pairs/s (wall) | match pairs/CPU-s | label pairs/s (wall) | label pairs/CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['matcher']} | {r['pairs']} | {r['verified_pairs']} | {r['matches_per_pair']:.1f} | "
+              f"{r['median_error_px']:.2f} | {r['within_3px']:.3f} | {r['match_wall_pairs_s']:.1f} | "
+              f"{r['match_pairs_per_cpu_s']:.1f} | {r['label_wall_pairs_s']:.1f} | {r['label_pairs_per_cpu_s']:.1f} |")
+    print(f"| XFeat / SIFT | | | {ratios['matches_per_pair']:.2f}x | {ratios['median_error_px']:.2f}x | "
+          f"{ratios['within_3px']:.2f}x | {ratios['match_wall_pairs_s']:.2f}x | {ratios['match_pairs_per_cpu_s']:.2f}x | "
+          f"{ratios['label_wall_pairs_s']:.2f}x | {ratios['label_pairs_per_cpu_s']:.2f}x |")
+    print(f"\nXFeat wall pairs/s over SIFT pairs per CPU-s: label {ratios['label_wall_vs_sift_per_core']:.2f}x, "
+          f"match {ratios['match_wall_vs_sift_per_core']:.2f}x (issue 18 asks >= 20x on a GPU, with the "
+          f"median error within 1.5x of SIFT's: here {ratios['median_error_px']:.2f}x)")
+    print(f"USAC/MAGSAC CPU ms per pair inside the label stage: SIFT {sift['verify_cpu_ms_per_pair']:.2f}, "
+          f"XFeat {xf['verify_cpu_ms_per_pair']:.2f} (one labeler process verifies its pairs on one core)")
+    if args.out:
+        args.out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                                        "device": device, "threads": args.threads, "cores": os.cpu_count(),
+                                        "data": [str(d) for d in args.data], "size": [args.height, args.width],
+                                        "views": args.views, "batch_elements": xfeat.batch_elements,
+                                        "rows": rows, "ratios": ratios}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
