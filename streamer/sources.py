@@ -12,6 +12,7 @@ raises either: a path it cannot use is reported with its reason and the others a
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import glob
@@ -187,7 +188,7 @@ class Source(Protocol):
     path: Path
     position: int
 
-    def frames(self, start: int = 0) -> Iterator[Frame]: ...
+    def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]: ...
 
 
 class DamageGate:
@@ -269,6 +270,9 @@ class VideoSource:
         """Decoder threads (0: FFmpeg's choice, about one per core); a decode worker uses 1."""
         self.on_error = on_error
         self.position = 0
+        self.undecoded = 0
+        """Frames from ``start`` on that the last ``frames`` call left undecoded (``wanted``); it
+        grows before the frame after them is yielded, and at the end for those after the last."""
         self.gt = _load_synthetic_gt(self.path)
 
     def _open(self):
@@ -285,18 +289,21 @@ class VideoSource:
             raise SourceError("no_video_stream", str(self.path))
         return container
 
-    def frames(self, start: int = 0) -> Iterator[Frame]:
+    def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
+        """Frames from index ``start``. With ``wanted`` (a frame index -> whether the caller
+        will look at it), a frame not wanted may be left undecoded when nothing else needs it
+        (see :class:`FrameSkipper`): the frames yielded then have gaps in ``index``."""
         try:
             container = self._open()
         except SourceError as err:
             self.on_error(self.name, err.reason, str(err))
             return
         try:
-            yield from self._decode(container, start)
+            yield from self._decode(container, start, wanted)
         finally:
             container.close()
 
-    def _decode(self, container, start: int) -> Iterator[Frame]:
+    def _decode(self, container, start: int, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
         """Frames in display order; frames the decoder concealed after damage are dropped up to
         the next keyframe (see :class:`DamageGate`), and the next frame kept carries
         ``discontinuity``: no window spans the damage."""
@@ -305,6 +312,8 @@ class VideoSource:
         if self.decode_threads:
             stream.thread_count = self.decode_threads
         index, last_time, errors_in_row = 0, 0.0, 0
+        skipper = FrameSkipper.for_stream(stream, start, wanted)
+        self.undecoded = 0
         gate = DamageGate()
         rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
@@ -319,6 +328,8 @@ class VideoSource:
                 # The demuxer cannot read on (cut or garbled container): keep what we have.
                 self.on_error(self.name, "demux_error", f"{self.path} after frame {index}: {err}")
                 packet = None  # flush the decoder: threaded decoders still hold frames
+            if skipper is not None and packet is not None:
+                skipper.fed(packet, index)
             if packet is not None and gate.fed(packet):
                 self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: flagged by the demuxer")
             try:
@@ -337,6 +348,11 @@ class VideoSource:
             if packet is None:
                 decoded = list(decoded)
             for vframe in decoded:
+                if skipper is not None:
+                    index = skipper.index_of(vframe, index)
+                    self.undecoded = skipper.skipped
+                    if not skipper.active:
+                        skipper = None
                 i = index
                 index += 1
                 # Decoders emit frames in display order, but some containers (AVI with packed
@@ -365,6 +381,9 @@ class VideoSource:
                 yield Frame(i, last_time, functools.partial(_rgb_of, reformatter, vframe, turns), intrinsics[0],
                             *self._gt(i, shape), discontinuity=gate.take_gap(),
                             glance=glance_of_video_frame(vframe, turns))
+        if skipper is not None:  # frames after the last one out were left undecoded
+            self.undecoded = skipper.finish(index)
+            self.position = max(self.position, index + len(skipper.pending))
         if gate.dropped:
             self.on_error(self.name, "skipped_to_keyframe",
                           f"{self.path}: {gate.report_dropped()} suspect frames dropped, no keyframe followed")
@@ -400,6 +419,105 @@ class VideoSource:
             return None, None
         return (np.asarray(self.gt.depth[index], dtype=np.float32),
                 np.asarray(self.gt.cam_to_world[index], dtype=np.float64))
+
+
+class FrameSkipper:
+    """Leaves undecoded the frames a caller does not want, where the codec allows it: a frame no
+    other frame is predicted from (a non-reference frame: most B-frames of H.264 and HEVC) is
+    skipped inside the decoder (``skip_frame = NONREF`` for its packet), so it costs neither
+    decoding nor analysis. Whether a packet's frame is wanted is asked before it is decoded,
+    by its display index: the frames accounted for so far plus the packets fed, not yet out,
+    whose presentation stamps are lower. A decoded frame's index is the count of the stamps
+    below its own (the skipped frames count), so indices stay those of decoding every frame.
+    Skipping starts once the first ``TRUST_AFTER`` frames came out in the order of their stamps
+    (some files carry stamps in decode order: box.mp4 of the shared videos); anything unexpected
+    later (a packet or frame without a stamp, a frame whose stamp was not fed, stamps out of
+    order) turns skipping off for the rest of the stream, and indices go on by one per decoded
+    frame (``active`` False)."""
+
+    CODECS = frozenset({"h264", "hevc"})
+    TRUST_AFTER = 8
+
+    def __init__(self, codec_context, start: int, wanted: Callable[[int], bool]):
+        self.codec_context, self.start, self.wanted = codec_context, start, wanted
+        self.pending: list[int] = []
+        """Stamps of the packets fed whose frames are not out yet (sorted)."""
+        self.may_skip: set[int] = set()
+        """Those of them fed with ``skip_frame = NONREF``."""
+        self.active = True
+        self.trusted = 0
+        """Frames out in stamp order so far (skipping starts at ``TRUST_AFTER``)."""
+        self.skipped = 0
+        """Frames left undecoded from ``start`` on, so far."""
+        self.last_pts: int | None = None
+
+    @classmethod
+    def for_stream(cls, stream, start: int, wanted: Callable[[int], bool] | None) -> "FrameSkipper | None":
+        if wanted is None or stream.codec_context.name not in cls.CODECS:
+            return None
+        return cls(stream.codec_context, start, wanted)
+
+    def fed(self, packet, index: int) -> None:
+        """Before ``packet`` enters the decoder (``index``: the next display index to give)."""
+        if not self.active or packet.size == 0:  # the demuxer's empty packet at the end: a flush
+            return
+        pts = packet.pts
+        if pts is None:
+            self._stop()
+            return
+        slot = bisect.bisect_left(self.pending, pts)
+        if self.trusted >= self.TRUST_AFTER:
+            at = index + slot
+            skip = at < self.start or not self.wanted(at)
+            self.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
+            if skip:
+                self.may_skip.add(pts)
+        self.pending.insert(slot, pts)
+
+    def index_of(self, vframe, index: int) -> int:
+        """The display index of a decoded frame (``index``: the next one when none were skipped)."""
+        if not self.active:
+            return index
+        pts = vframe.pts
+        slot = bisect.bisect_left(self.pending, pts) if pts is not None else -1
+        if (slot < 0 or slot >= len(self.pending) or self.pending[slot] != pts
+                or (self.last_pts is not None and pts <= self.last_pts)
+                or not all(p in self.may_skip for p in self.pending[:slot])):  # a frame passed over
+            self._stop()
+            return index
+        self.skipped += max(0, index + slot - max(index, self.start))  # those before start do not count
+        self.may_skip.difference_update(self.pending[: slot + 1])
+        del self.pending[: slot + 1]
+        self.last_pts = pts
+        self.trusted += 1
+        return index + slot
+
+    def finish(self, index: int) -> int:
+        """At the end of the stream (the decoder flushed): every stamp still pending was a
+        frame left undecoded. The count of undecoded frames from ``start`` on."""
+        self.skipped += max(0, index + len(self.pending) - max(index, self.start))
+        return self.skipped
+
+    def _stop(self) -> None:
+        self.active = False
+        self.pending.clear()
+        self.may_skip.clear()
+        self.codec_context.skip_frame = "DEFAULT"
+
+
+def read_frames(source, start: int, wanted: Callable[[int], bool] | None, count: Callable[[int], None]) -> Iterator[Frame]:
+    """``source.frames(start, wanted)``, calling ``count(n)`` with the frames read: before each
+    frame yielded, 1 plus those left undecoded just before it; at the end, those left undecoded
+    after the last (``VideoSource.undecoded``; other sources decode every frame)."""
+    seen = 0
+    for frame in source.frames(start, wanted=wanted):
+        undecoded = getattr(source, "undecoded", 0)
+        count(1 + undecoded - seen)
+        seen = undecoded
+        yield frame
+    undecoded = getattr(source, "undecoded", 0)
+    if undecoded > seen:
+        count(undecoded - seen)
 
 
 def _rgb_of(reformatter: VideoReformatter, vframe, turns: int) -> np.ndarray:
@@ -444,9 +562,11 @@ class ImageSequenceSource:
                     on_error(self.name, err.reason, str(err))
                 break
 
-    def frames(self, start: int = 0) -> Iterator[Frame]:
+    def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
         """Frames in order; a bad image is reported and skipped, and the next good frame carries
-        ``discontinuity`` (no window spans the hole)."""
+        ``discontinuity`` (no window spans the hole). Every image is read (``wanted`` is not
+        used: the cut test looks at each frame, and a JPEG's glance is decoded at a reduced
+        scale already)."""
         if not self.files:
             self.on_error(self.name, "no_frames", f"{self.path}: no images")
             return

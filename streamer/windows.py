@@ -14,7 +14,11 @@ Keyframes (every decoded frame is looked at, candidates are ``frame_stride`` apa
   (80th-percentile residual below ``keyframe_min_parallax``: a pure rotation, nothing to triangulate)
   the candidate waits until the flow reaches ``keyframe_rotation_flow``. A camera that stays
   still is tried less often: after every ``STILL_BACKOFF`` still candidates in a row the next
-  try moves one frame further on, up to ``frame_stride``.
+  try moves one frame further on, up to ``frame_stride``. A candidate skipped for too little
+  flow (still, or rotation-only) is followed by the frame where the flow, at the speed
+  measured since the last kept view, reaches the flow needed (``frames_to_flow``, rounded
+  down, at most ``frame_stride`` on): the candidates in between would be skipped at that
+  speed, so they are not tracked.
 
 Every test looks at a :class:`Glance` of the frame, made once per frame at a fixed small size
 (a grey image ``MOTION_WIDTH`` wide and a 64x48 colour image), never at the full frame: a video
@@ -26,6 +30,7 @@ change the decision.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -206,6 +211,7 @@ class WindowBuilder:
         self.buffer: deque[View] = deque()
         self.last_thumb: np.ndarray | None = None  # of the last kept view
         self.last_grey: Reference | None = None  # of the last kept view
+        self.last_index: int | None = None  # of the last kept view
         self.prev_cut_stats: tuple[np.ndarray, np.ndarray] | None = None  # of the previous frame
         self.sharpness: deque[float] = deque(maxlen=SHARPNESS_HISTORY)
         self.next_candidate = 0
@@ -215,7 +221,7 @@ class WindowBuilder:
 
     def _restart(self, index: int) -> None:
         self.buffer.clear()
-        self.last_thumb = self.last_grey = None
+        self.last_thumb = self.last_grey = self.last_index = None
         self.next_candidate = index
         self.still_run = 0
 
@@ -230,12 +236,15 @@ class WindowBuilder:
             return True
         return self.scene_cut_hist > 0 and cv2.compareHist(stats[1], prev[1], cv2.HISTCMP_BHATTACHARYYA) > self.scene_cut_hist
 
-    def _skip(self, frame: Frame, counter: str) -> None:
+    def _skip(self, frame: Frame, counter: str, flow: float | None = None, target: float = 0.0) -> None:
         setattr(self, counter, getattr(self, counter) + 1)
-        self.next_candidate = frame.index + 1  # try the very next frame, not a stride on
+        step = 1  # try the very next frame, not a stride on
         if counter == "skipped_still":  # a camera that stays still is tried less often
             self.still_run += 1
-            self.next_candidate = frame.index + min(self.frame_stride, 1 + self.still_run // STILL_BACKOFF)
+            step = 1 + self.still_run // STILL_BACKOFF
+        if flow is not None and self.last_index is not None:
+            step = max(step, frames_to_flow(flow, target, frame.index - self.last_index))
+        self.next_candidate = frame.index + min(self.frame_stride, step)
 
     def push(self, frame: Frame) -> Window | None:
         if getattr(frame, "discontinuity", False):
@@ -267,13 +276,14 @@ class WindowBuilder:
             motion = camera_motion(self.last_grey, grey, lambda flow: self.min_flow <= flow < self.rotation_flow)
             if motion is not None:  # None: tracking lost, plenty of change
                 if motion.flow < self.min_flow:
-                    self._skip(frame, "skipped_still")
+                    self._skip(frame, "skipped_still", motion.flow, self.min_flow)
                     return None
                 if motion.parallax < self.min_parallax and motion.flow < self.rotation_flow:
-                    self._skip(frame, "skipped_rotation")
+                    self._skip(frame, "skipped_rotation", motion.flow, self.rotation_flow)
                     return None
         self.last_thumb = thumb
         self.last_grey = Reference(grey) if self.min_flow > 0 else None
+        self.last_index = frame.index
         self.still_run = 0
         self.next_candidate = frame.index + self.frame_stride
         self.buffer.append(resize_view(frame, self.width, self.height))
@@ -284,6 +294,33 @@ class WindowBuilder:
         while self.buffer and self.buffer[0].index < first + self.window_step:
             self.buffer.popleft()
         return Window(window_id(self.source, self.pass_index, first), self.source, views)
+
+
+def frames_to_flow(flow: float, target: float, frames: int) -> int:
+    """Frames until a camera that moved ``flow`` pixels in ``frames`` frames reaches ``target``
+    pixels at the same speed (at least 1): the next candidate worth tracking. Every candidate
+    in between would be skipped at constant speed, so tracking it buys nothing."""
+    if frames <= 0 or flow >= target:
+        return 1
+    if flow <= 0:
+        return frames * 1000  # no motion yet: as far as the caller lets it
+    return max(1, math.floor(frames * target / flow - frames))
+
+
+class Wanted:
+    """The frames a window builder will look at beyond the cut test, for its source
+    (``VideoSource.frames(wanted=...)``): from the next candidate on. A source may leave the
+    others undecoded where nothing else needs them (non-reference frames); the cut test then
+    compares the frames either side of the gap. Bound to the builder by :func:`windows_of`;
+    unbound, every frame is wanted."""
+
+    __slots__ = ("builder",)
+
+    def __init__(self):
+        self.builder: WindowBuilder | None = None
+
+    def __call__(self, index: int) -> bool:
+        return self.builder is None or index >= self.builder.next_candidate
 
 
 def window_id(source: str, pass_index: int | str, first: int) -> str:
@@ -301,12 +338,16 @@ def builder_for(source: str, cfg, *, pass_index: int | str = 0) -> WindowBuilder
 
 
 def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 0,
-               on_error: Callable[[str, str, str], None] | None = None) -> Iterator[Window]:
+               on_error: Callable[[str, str, str], None] | None = None,
+               wanted: Wanted | None = None) -> Iterator[Window]:
     """Windows of one source under ``StreamerConfig`` ``cfg``. With ``on_error`` (source,
     reason, detail), a source that ends with frames but without a single window says why:
     ``too_short`` (fewer frames than one window spans) or ``no_windows`` (the keyframe gates,
-    cuts or gaps left too few views in a row)."""
+    cuts or gaps left too few views in a row). ``wanted``, given to the source of ``frames``
+    too, is bound to this builder (the source may then skip frames no test needs)."""
     builder = builder_for(source, cfg, pass_index=pass_index)
+    if wanted is not None:
+        wanted.builder = builder
     made = seen = 0
     last = -1
     for frame in frames:

@@ -31,7 +31,7 @@ from reliev3r import protocol
 from reliev3r.config_base import build, to_dict
 from streamer import sources as srcs
 from streamer.config import StreamerConfig
-from streamer.windows import View, Window, windows_of
+from streamer.windows import View, Wanted, Window, windows_of
 
 PREFETCH = 4
 """Windows a worker's source may be ahead of the caller (memory: this many windows per worker)."""
@@ -109,13 +109,15 @@ def _worker_main(conn, cfg_doc: dict) -> None:
                 source = srcs.ImageSequenceSource(job["path"], fov_deg=job["fov_deg"], on_error=on_error,
                                                   depth_scale=job["depth_scale"])
 
-            def frames():
-                for frame in source.frames(job["start"]):
-                    counted[0] += 1
-                    yield frame
+            wanted = Wanted()
 
-            for window in windows_of(source.name, frames(), cfg, pass_index=job["pass_index"],
-                                     on_error=on_error if job["report_short"] else None):
+            def count(n: int) -> None:
+                counted[0] += n
+
+            frames = srcs.read_frames(source, job["start"], wanted, count)
+
+            for window in windows_of(source.name, frames, cfg, pass_index=job["pass_index"],
+                                     on_error=on_error if job["report_short"] else None, wanted=wanted):
                 send(["window", counted[0]], window_message_frames(window))
                 counted[0] = 0
             send(["end", counted[0]])
@@ -214,16 +216,19 @@ def source_windows(source, cfg: StreamerConfig, *, start: int, pass_index: int |
     job = _job_of(source) if pool is not None else None
     worker = pool.take() if job is not None else None
     if worker is None:
-        return windows_of(source.name, _counted(source, on_frame, start), cfg, pass_index=pass_index,
-                          on_error=None if start else on_error)
+        wanted = Wanted()
+        return windows_of(source.name, _counted(source, on_frame, start, wanted), cfg, pass_index=pass_index,
+                          on_error=None if start else on_error, wanted=wanted)
     return _from_worker(pool, worker, {**job, "start": start, "pass_index": pass_index, "report_short": not start},
                         source.name, on_frame, on_error)
 
 
-def _counted(source, on_frame, start: int):
-    for frame in source.frames(start):
-        on_frame(source.name)
-        yield frame
+def _counted(source, on_frame, start: int, wanted: Wanted | None = None):
+    def count(n: int) -> None:
+        for _ in range(n):
+            on_frame(source.name)
+
+    yield from srcs.read_frames(source, start, wanted, count)
 
 
 def _from_worker(pool: WorkerPool, worker: _Worker, job: dict, name: str, on_frame, on_error) -> Iterator[Window]:
