@@ -13,8 +13,10 @@ FLOPs of one forward are counted with ``torch.utils.flop_counter.FlopCounterMode
 MFU = FLOPs x frames/s / peak.
 
 Matches: ``XFeatMatcher`` on windows of 4 synthetic textured frames (480x640, panning), the
-worker's pair plan (3 neighbour pairs + 1 long pair), then USAC/MAGSAC verification when
-OpenCV is importable (the verification runs on the CPU).
+worker's pair plan (3 neighbour pairs + 1 long pair) through ``match_many`` (one batched
+LightGlue forward per window on CUDA), then USAC/MAGSAC verification when OpenCV is importable
+(the verification runs on the CPU). Accuracy against 7-Scenes ground truth and the comparison
+with SIFT, several windows batched as the labeler batches them: ``benchmarks/matching_accuracy.py``.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def bench_matches(*, device: str, compile: bool, windows: int) -> dict:
 
     def matched_only(frames):
         feats = matcher.features_many(frames)
-        return sum(len(matcher.match(feats[i], feats[j])[0]) > 0 for i, j in pairs)
+        return sum(len(r[0]) > 0 for r in matcher.match_many([(feats[i], feats[j]) for i, j in pairs]))
 
     def verified(frames):
         _, per_pair = match_window(frames, matcher, long_pairs=1, min_matches=12, max_matches_per_pair=256,
