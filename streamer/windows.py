@@ -31,6 +31,7 @@ change the decision.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -88,7 +89,7 @@ def resize_view(frame: Frame, width: int, height: int) -> View:
     """Fit a frame (and its GT depth, at any resolution of the same view) to the window size
     with ``reliev3r.imaging``, the one resize-and-crop every stage uses."""
     src_h, src_w = frame.rgb.shape[:2]
-    rgb = imaging.fit_image(frame.rgb, height, width)
+    rgb = fit_rgb(frame.rgb, height, width)
     K = imaging.fit_intrinsics(frame.intrinsics, src_h, src_w, height, width).astype(np.float64)
     depth = None
     if frame.gt_depth is not None:
@@ -96,6 +97,25 @@ def resize_view(frame: Frame, width: int, height: int) -> View:
                                   like=(src_h, src_w)).copy()
         depth[~np.isfinite(depth) | (depth < 0)] = 0.0
     return View(frame.index, frame.timestamp, rgb, K, depth, frame.gt_cam_to_world)
+
+
+def fit_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``imaging.fit_image``'s resize and centre crop (the same size, crop and geometry), with
+    the first factors of 2 of the downscale taken as exact 2x2 means (while both sides are even
+    and at least twice the resized size), then area averaging for the rest: 0.6 against 2.9 ms
+    at 1296x720, 1.3 against 6.3 ms at 1920x1080 (one view each). Pixels differ from area
+    averaging over the whole factor as one box filter differs from another (0.3-1.5 grey levels
+    on average on the shared videos); a linear ramp lands within 0.13 levels of it."""
+    h, w = rgb.shape[:2]
+    scale, left, top = imaging.fit_plan(h, w, height, width)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if not (w % 2 == 0 and h % 2 == 0 and w >= 2 * new_w and h >= 2 * new_h):
+        return imaging.fit_image(rgb, height, width)
+    while rgb.shape[1] % 2 == 0 and rgb.shape[0] % 2 == 0 and rgb.shape[1] >= 2 * new_w and rgb.shape[0] >= 2 * new_h:
+        rgb = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if (rgb.shape[1], rgb.shape[0]) != (new_w, new_h):
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb[top: top + height, left: left + width])
 
 
 def glance(frame) -> Glance:
@@ -115,9 +135,15 @@ def motion_grey(rgb: np.ndarray) -> np.ndarray:
     return glance_of_rgb(rgb).grey
 
 
+def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two thumbnails (OpenCV's L1 norm: a quarter of numpy's
+    per-call cost, the same value to 1e-8)."""
+    return cv2.norm(a, b, cv2.NORM_L1) / a.size
+
+
 def sharpness(grey: np.ndarray) -> float:
     """Variance of the Laplacian: falls sharply with motion blur and defocus."""
-    return float(cv2.Laplacian(grey, cv2.CV_32F).var())
+    return float(cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))[1][0, 0] ** 2)
 
 
 def hs_histogram(colour: np.ndarray) -> np.ndarray:
@@ -232,7 +258,7 @@ class WindowBuilder:
         prev, self.prev_cut_stats = self.prev_cut_stats, stats
         if prev is None:
             return False
-        if self.scene_cut > 0 and float(np.abs(stats[0] - prev[0]).mean()) > self.scene_cut:
+        if self.scene_cut > 0 and mean_abs_difference(stats[0], prev[0]) > self.scene_cut:
             return True
         return self.scene_cut_hist > 0 and cv2.compareHist(stats[1], prev[1], cv2.HISTCMP_BHATTACHARYYA) > self.scene_cut_hist
 
@@ -265,10 +291,10 @@ class WindowBuilder:
         if self.blur_ratio > 0:
             sharp = sharpness(grey)
             self.sharpness.append(sharp)
-            if len(self.sharpness) >= 5 and sharp < self.blur_ratio * float(np.median(self.sharpness)):
+            if len(self.sharpness) >= 5 and sharp < self.blur_ratio * statistics.median(self.sharpness):
                 self._skip(frame, "skipped_blur")
                 return None
-        if self.last_thumb is not None and float(np.abs(thumb - self.last_thumb).mean()) < self.min_motion:
+        if self.last_thumb is not None and mean_abs_difference(thumb, self.last_thumb) < self.min_motion:
             self._skip(frame, "skipped_still")
             return None
         if self.min_flow > 0 and self.last_grey is not None and self.last_grey.grey.shape == grey.shape:
