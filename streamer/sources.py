@@ -332,6 +332,8 @@ class VideoSource:
                 skipper.fed(packet, index)
             if packet is not None and gate.fed(packet):
                 self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: flagged by the demuxer")
+            if skipper is not None and gate.suspect:  # damage: every frame decoded, indices by count
+                skipper = skipper.stop()
             try:
                 decoded = packet.decode() if packet is not None else stream.codec_context.decode(None)
                 errors_in_row = 0
@@ -433,7 +435,8 @@ class FrameSkipper:
     (some files carry stamps in decode order: box.mp4 of the shared videos); anything unexpected
     later (a packet or frame without a stamp, a frame whose stamp was not fed, stamps out of
     order) turns skipping off for the rest of the stream, and indices go on by one per decoded
-    frame (``active`` False)."""
+    frame (``active`` False); so does damage (``DamageGate``): a damaged stream is decoded in
+    full from there, its indices by the count of frames out, as without skipping."""
 
     CODECS = frozenset({"h264", "hevc"})
     TRUST_AFTER = 8
@@ -498,6 +501,10 @@ class FrameSkipper:
         self.skipped += max(0, index + len(self.pending) - max(index, self.start))
         return self.skipped
 
+    def stop(self) -> None:
+        """Skip no more (damage, or stamps that cannot be trusted); returns None."""
+        self._stop()
+
     def _stop(self) -> None:
         self.active = False
         self.pending.clear()
@@ -505,7 +512,8 @@ class FrameSkipper:
         self.codec_context.skip_frame = "DEFAULT"
 
 
-def read_frames(source, start: int, wanted: Callable[[int], bool] | None, count: Callable[[int], None]) -> Iterator[Frame]:
+def read_frames(source, start: int, wanted: Callable[[int], bool] | None,
+                count: Callable[[int], None]) -> Iterator[Frame]:
     """``source.frames(start, wanted)``, calling ``count(n)`` with the frames read: before each
     frame yielded, 1 plus those left undecoded just before it; at the end, those left undecoded
     after the last (``VideoSource.undecoded``; other sources decode every frame)."""

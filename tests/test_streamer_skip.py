@@ -85,3 +85,20 @@ def test_frames_to_flow_known_answers():
     assert frames_to_flow(1.0, 2.0, 4) == 4 and frames_to_flow(1.5, 2.0, 4) == 1  # rounded down, at least 1
     assert frames_to_flow(5.0, 2.0, 4) == 1 and frames_to_flow(1.0, 2.0, 0) == 1
     assert frames_to_flow(0.0, 2.0, 4) >= 4  # no motion yet: as far as the caller allows (frame_stride)
+
+
+def test_damaged_clip_names_the_same_errors_with_frames_left_undecoded(clip, tmp_path):
+    import shutil
+
+    from streamer_media import damage_mdat
+
+    bad = damage_mdat(shutil.copy(clip, tmp_path / "bad.mp4"), nbytes=400)
+
+    def run(wanted):
+        errors = []
+        src = VideoSource(bad, decode_threads=1, on_error=lambda *e: errors.append(e[1]))
+        return [f.index for f in src.frames(wanted=wanted)], sorted(set(errors))
+
+    (every_frame, reasons), (some, reasons_skipping) = run(None), run(lambda i: i % 4 == 0)
+    assert reasons and reasons_skipping == reasons  # the damage is named the same way
+    assert some == sorted(set(some)) and len(some) <= len(every_frame)
