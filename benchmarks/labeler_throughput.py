@@ -2,6 +2,8 @@
 eager vs torch.compile, with MFU against a bf16 matmul peak measured in the same run.
 
     python benchmarks/labeler_throughput.py [--out results.json] [--quick]
+    python benchmarks/labeler_throughput.py --only cpu-threads [--threads 1 2] [--rounds 3] \\
+        [--data .devdata/7s-train .devdata/7s-eval] [--out cpu_threads.json]
 
 Depth teachers: the Depth Anything V2 Small and Base architectures (random weights cost the
 same as trained ones) built from transformers configs, saved with ``save_pretrained`` and
@@ -17,6 +19,22 @@ worker's pair plan (3 neighbour pairs + 1 long pair) through ``match_many`` (one
 LightGlue forward per window on CUDA), then USAC/MAGSAC verification when OpenCV is importable
 (the verification runs on the CPU). Accuracy against 7-Scenes ground truth and the comparison
 with SIFT, several windows batched as the labeler batches them: ``benchmarks/matching_accuracy.py``.
+
+``--only cpu-threads``: the labeler's CPU work at ``labeler.cpu_threads`` = each of
+``--threads``, in one run: ``Labeler.label_many`` (teacher ``none``: SIFT features, matching,
+USAC/MAGSAC verification and triangulation, nothing else) over 7-Scenes windows cut as the
+streamer cuts them (4 views at 168x224 of ``configs/gpu.yaml``), ``labeler.batch_windows``
+windows per call. The settings take turns pass by pass (``--rounds`` passes each, after one
+untimed warm-up pass each), so load from other work on the host falls on all of them alike.
+OpenCV's own thread count (its parallel loops inside SIFT) is left at its default, as in the
+labeler, unless ``--opencv-threads`` sets it.
+Reported per setting: labelled windows/s wall-clock, this process's CPU seconds per window
+(all threads; a rise is the pool's overhead), concurrency = CPU s / wall s (how many cores the
+process really got), the ratio of windows/s to ``cpu_threads=1`` and its ideal,
+min(threads, cores); the host's load average before and after; and, from CPU time (so other
+load does not change it), the share of the serial pass spent inside OpenCV calls that release
+the GIL (:func:`gil_free_share`) with the Amdahl bound it sets for 2-16 threads. The inserts of every setting
+are checked to be identical to those of the first.
 """
 
 from __future__ import annotations
@@ -207,13 +225,158 @@ def bench_matches(*, device: str, compile: bool, windows: int) -> dict:
     return out
 
 
+GIL_FREE_CALLS = ("cvtColor", "batchDistance", "findFundamentalMat", "findEssentialMat", "recoverPose")
+"""The OpenCV functions of the labeler's CPU work that release the GIL (with ``detectAndCompute``)."""
+
+
+def gil_free_share(run, matcher) -> float:
+    """Share of ``run()``'s CPU time (this process, all threads) spent inside OpenCV calls that
+    release the GIL, run serially: 1 - this is the serial part that no thread pool spreads
+    (Python and numpy glue, the checks of each window), so n threads give at most
+    1 / (serial + (1 - serial) / n) (Amdahl). From CPU time, so other load does not change it."""
+    import cv2
+
+    spent = [0.0]
+
+    def timed(fn):
+        def call(*a, **k):
+            t = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.process_time() - t
+        return call
+
+    class Detector:
+        def __init__(self, inner):
+            self.detectAndCompute = timed(inner.detectAndCompute)
+
+    originals = {name: getattr(cv2, name) for name in GIL_FREE_CALLS}
+    make_detector = matcher._detector
+    try:
+        for name in GIL_FREE_CALLS:
+            setattr(cv2, name, timed(originals[name]))
+        matcher._detector = lambda: Detector(make_detector())
+        t = time.process_time()
+        run()
+        total = time.process_time() - t
+    finally:
+        for name, fn in originals.items():
+            setattr(cv2, name, fn)
+        del matcher._detector
+    return spent[0] / total
+
+
+def bench_cpu_threads(folders: list[Path], *, threads: list[int], rounds: int, views: int, height: int,
+                      width: int, limit: int) -> dict:
+    import cv2
+
+    from labelers.service import Labeler
+    from reliev3r.config import PipelineConfig, build
+    from reliev3r.protocol import Message
+    from streamer.config import StreamerConfig
+    from streamer.sources import ImageSequenceSource
+    from streamer.windows import windows_of
+
+    cut = StreamerConfig(views=views, height=height, width=width)  # the streamer's keyframe gates
+    windows = [w for folder in folders for w in windows_of(str(folder), ImageSequenceSource(folder).frames(), cut)]
+    windows = windows[:limit] if limit else windows
+    if not windows:
+        raise SystemExit(f"no windows in {[str(f) for f in folders]}")
+    msgs = [Message("window", {"window_id": f"w{n}", "source": "bench", "frame_indices": list(range(views))},
+                    {"frames": np.stack([v.rgb for v in w.views]),
+                     "intrinsics": np.stack([v.intrinsics for v in w.views]).astype(np.float32)})
+            for n, w in enumerate(windows)]
+    labelers = {t: Labeler(build(PipelineConfig, {"labeler": {"teacher": "none", "cpu_threads": t}}))
+                for t in threads}
+    batch = labelers[threads[0]].cfg.batch_windows
+    batches = [msgs[k:k + batch] for k in range(0, len(msgs), batch)]
+
+    def one_pass(labeler):
+        return [r for group in batches for r in labeler.label_many(group)]
+
+    def key(results):
+        return [(reason, flags, None if insert is None else
+                 {k: a.tobytes() for k, a in insert.arrays.items() if k in ("matches", "match_triangulation")})
+                for insert, reason, flags in results]
+
+    reference = None
+    for t in threads:  # warm-up: first-call allocations, the pool's threads and their detectors
+        got = key(one_pass(labelers[t]))
+        reference = got if reference is None else reference
+        if got != reference:
+            raise SystemExit(f"cpu_threads={t} labelled differently from cpu_threads={threads[0]}")
+    share = gil_free_share(lambda: one_pass(labelers[1]), labelers[1].matcher) if 1 in labelers else float("nan")
+    load_before = os.getloadavg()
+    wall = {t: [] for t in threads}
+    cpu = {t: [] for t in threads}
+    for _ in range(rounds):
+        for t in threads:
+            w0, c0 = time.perf_counter(), time.process_time()
+            results = one_pass(labelers[t])
+            wall[t].append(time.perf_counter() - w0)
+            cpu[t].append(time.process_time() - c0)
+            if key(results) != reference:
+                raise SystemExit(f"cpu_threads={t} labelled differently from cpu_threads={threads[0]}")
+    load_after = os.getloadavg()
+    for labeler in labelers.values():
+        labeler.close()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = len(msgs)
+    rows = []
+    for t in threads:
+        rate = n * rounds / sum(wall[t])
+        rows.append({"cpu_threads": t, "windows_s": rate, "windows_s_per_pass": [n / w for w in wall[t]],
+                     "cpu_ms_per_window": 1000 * sum(cpu[t]) / (n * rounds),
+                     "concurrency": sum(cpu[t]) / sum(wall[t]), "ideal": min(t, cores)})
+    base = rows[0]["windows_s"]
+    for r in rows:
+        r["ratio"] = r["windows_s"] / base
+    return {"windows": n, "views": views, "size": [height, width], "batch_windows": batch, "rounds": rounds,
+            "data": [str(f) for f in folders], "cores": cores, "opencv_threads": cv2.getNumThreads(),
+            "load_before": load_before, "load_after": load_after,
+            "inserted": sum(reason == "" for reason, _, _ in reference), "gil_free_share": share,
+            "amdahl": {n: 1 / (1 - share + share / n) for n in (2, 4, 8, 16)}, "rows": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="tiny run (CPU smoke test of this script)")
-    ap.add_argument("--only", choices=["depth", "matches", "embedded"], default=None)
+    ap.add_argument("--only", choices=["depth", "matches", "embedded", "cpu-threads"], default=None)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="cpu-threads: labeler.cpu_threads values")
+    ap.add_argument("--rounds", type=int, default=3, help="cpu-threads: timed passes per setting")
+    ap.add_argument("--data", type=Path, nargs="+", default=[Path(".devdata/7s-train"), Path(".devdata/7s-eval")],
+                    help="cpu-threads: 7-Scenes image-sequence folders")
+    ap.add_argument("--windows", type=int, default=0, help="cpu-threads: at most this many windows (0: all)")
+    ap.add_argument("--opencv-threads", type=int, default=None,
+                    help="cpu-threads: cv2.setNumThreads (OpenCV's own parallel loops, e.g. inside SIFT); "
+                         "default: OpenCV's default, as the labeler runs")
     args = ap.parse_args()
+    if args.only == "cpu-threads":
+        if args.opencv_threads is not None:
+            import cv2
+
+            cv2.setNumThreads(args.opencv_threads)
+        r = bench_cpu_threads(args.data, threads=args.threads, rounds=1 if args.quick else args.rounds, views=4,
+                              height=168, width=224, limit=args.windows or (8 if args.quick else 0))
+        print(json.dumps(r), flush=True)
+        print(f"\n{r['windows']} windows of {r['views']} views at {r['size'][0]}x{r['size'][1]} "
+              f"({r['inserted']} inserted), {r['batch_windows']} per label_many call, {r['rounds']} passes per "
+              f"setting; {r['cores']} cores, OpenCV threads {r['opencv_threads']}; load average "
+              f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after")
+        print("\n| cpu_threads | windows/s (wall) | ratio to 1 | ideal (min(threads, cores)) | CPU ms/window | "
+              "concurrency (CPU s / wall s) |")
+        print("|---|---|---|---|---|---|")
+        for row in r["rows"]:
+            print(f"| {row['cpu_threads']} | {row['windows_s']:.2f} | {row['ratio']:.2f}x | {row['ideal']}x | "
+                  f"{row['cpu_ms_per_window']:.1f} | {row['concurrency']:.2f} |")
+        print(f"\nCPU time inside GIL-free OpenCV calls (cpu_threads=1): {r['gil_free_share']:.1%}; Amdahl bound "
+              + ", ".join(f"{n} threads {x:.2f}x" for n, x in r["amdahl"].items()))
+        if args.out:
+            args.out.write_text(json.dumps({"date": datetime.date.today().isoformat(), **r}, indent=1))
+        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(min(4, os.cpu_count() or 1))

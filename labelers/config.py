@@ -45,6 +45,17 @@ class LabelerConfig:
     """Inlier threshold of the fundamental-matrix verification, in pixels."""
     long_pairs: int = 1
     """Long-baseline pairs per window added to the neighbour pairs (i, i+1)."""
+    cpu_threads: int = 1
+    """Threads of one labeler process for its per-frame and per-pair CPU work: SIFT/ORB features
+    and nearest neighbours, USAC/MAGSAC verification, two-view triangulation (OpenCV releases
+    the GIL in each; ``labelers.matches``). Labels are the same as with 1, bit for bit. That
+    work (99 ms per 8-view window on one core of an H200 host) caps a labeler's fresh windows/s
+    (issue 18). Measured (``benchmarks/labeler_throughput.py --only cpu-threads``, 7-Scenes, 4
+    views at 168x224, docs/BENCHMARKS.md): 91-92 % of its CPU time is inside those GIL-free
+    calls, so n threads give at most 1.8x (2), 3.2x (4), 5x (8), 7x (16) by Amdahl; on a 2-core
+    VM shared with other work (load 5), 2 threads gave 1.04-1.16x the windows/s of 1 (ideal 2x;
+    the process never got a whole core), so the default stays 1. On a GPU host, set it to the
+    cores a labeler process can have (cores / labeler processes) once measured there."""
     device: str = "cpu"
     """Torch device of the teachers (``cuda``, ``cuda:1``, ``cpu``)."""
     workers: int = 1
@@ -66,6 +77,8 @@ class LabelerConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be >= 1")
         if self.max_matches_per_pair < 1 or self.min_matches < 1:
             raise ValueError("max_matches_per_pair and min_matches must be >= 1")
         if self.ransac_threshold_px <= 0:

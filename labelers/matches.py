@@ -5,11 +5,22 @@ through a ratio test and a USAC/MAGSAC fundamental-matrix check. Output rows are
 (i, j, x_i, y_i, x_j, y_j, score) in pixels of the window frames with pixel centres at integer
 coordinates (OpenCV keypoints already use that convention). ``score`` lies in (0, 1]:
 ``1 - d1/d2`` of Lowe's ratio test, so distinctive matches weigh more.
+
+Threads: :func:`match_windows` and :func:`triangulate_many` take an optional thread pool
+(``labeler.cpu_threads``) and spread their per-frame and per-pair CPU work over it: OpenCV
+feature extraction and nearest neighbours (SIFT/ORB), the USAC/MAGSAC verification and the
+two-view triangulation; OpenCV releases the GIL inside each of those calls (91-92 % of the
+serial CPU time on 7-Scenes windows, docs/BENCHMARKS.md). Every item is a pure function of its
+inputs and results are gathered in input order, so the output is the serial path's bit for bit:
+OpenCV's USAC seeds its sampler from its parameters on every call (no global or thread-local
+generator: ``tests/test_labeler_threads.py`` checks it), and each thread has its own detector.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,56 +70,80 @@ class Matcher(Protocol):
 
 
 class OpenCVMatcher:
-    """SIFT (float descriptors, L2) or ORB (binary, Hamming), brute force with the ratio test."""
+    """SIFT (float descriptors, L2) or ORB (binary, Hamming), brute force with the ratio test.
+
+    :meth:`features` and :meth:`match` may run in several threads at once (``per_item_threads``):
+    each thread gets its own detector with the same parameters (OpenCV does not document its
+    Feature2D objects as thread-safe; a detector keeps no state between calls, so which thread
+    runs a frame does not change its features). The two nearest neighbours come from
+    ``cv2.batchDistance`` (what ``BFMatcher.knnMatch`` computes them with), as arrays: no
+    Python object per match, so the GIL is held only briefly; the same matches and scores as
+    ``knnMatch`` with the ratio test in Python (``tests/test_labeler_threads.py``)."""
+
+    per_item_threads = True
+    """:func:`match_windows` may call :meth:`features` per frame and :meth:`match` per pair
+    from a thread pool instead of ``features_many`` / ``match_many``."""
 
     def __init__(self, kind: str = "sift", *, max_features: int = 2048, ratio: float = RATIO):
         import cv2  # imported where used: GPU hosts running XFeat need OpenCV only to verify
         if kind == "sift":
-            self.detector = cv2.SIFT_create(nfeatures=max_features)
-            norm = cv2.NORM_L2
+            self.norm, self.distance_type = cv2.NORM_L2, cv2.CV_32F
         elif kind == "orb":
-            # Small windows (~100 px): a smaller patch and border than ORB's defaults (31 px),
-            # or almost every keypoint falls in the excluded margin.
-            self.detector = cv2.ORB_create(nfeatures=max_features, scaleFactor=1.2, nlevels=4,
-                                           edgeThreshold=8, patchSize=15, fastThreshold=7)
-            norm = cv2.NORM_HAMMING
+            self.norm, self.distance_type = cv2.NORM_HAMMING, cv2.CV_32S
         else:
             raise ValueError(f"kind must be 'sift' or 'orb', got {kind!r}")
+        self.kind, self.max_features = kind, max_features
         self.name = f"opencv-{kind}"
         self.version = cv2.__version__
         self.ratio = ratio
-        self.bf = cv2.BFMatcher(norm)
+        self._local = threading.local()
+        self._detector()  # fail here, not in a pool thread, if OpenCV lacks the detector
+
+    def _detector(self):
+        """The calling thread's detector, made on its first call."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            import cv2
+
+            if self.kind == "sift":
+                detector = cv2.SIFT_create(nfeatures=self.max_features)
+            else:
+                # Small windows (~100 px): a smaller patch and border than ORB's defaults (31 px),
+                # or almost every keypoint falls in the excluded margin.
+                detector = cv2.ORB_create(nfeatures=self.max_features, scaleFactor=1.2, nlevels=4,
+                                          edgeThreshold=8, patchSize=15, fastThreshold=7)
+            self._local.detector = detector
+        return detector
 
     def features(self, rgb: np.ndarray) -> Features:
         import cv2
 
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        keypoints, desc = self.detector.detectAndCompute(grey, None)
-        xy = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
+        keypoints, desc = self._detector().detectAndCompute(grey, None)
+        xy = cv2.KeyPoint_convert(keypoints).reshape(-1, 2) if keypoints else np.zeros((0, 2), np.float32)
         return Features(xy, desc if desc is not None and len(desc) else None, (rgb.shape[1], rgb.shape[0]))
 
     def features_many(self, frames: np.ndarray) -> list[Features]:
         return [self.features(np.ascontiguousarray(f)) for f in frames]
 
     def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import cv2
+
         empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
         if a.descriptors is None or b.descriptors is None or len(b.descriptors) < 2:
             return empty
-        ia, ib, score = [], [], []
-        for pair in self.bf.knnMatch(a.descriptors, b.descriptors, k=2):
-            if len(pair) < 2:
-                continue
-            best, second = pair
-            if second.distance <= 0:
-                continue  # two identical descriptors: ambiguous
-            r = best.distance / second.distance
-            if r < self.ratio:
-                ia.append(best.queryIdx)
-                ib.append(best.trainIdx)
-                score.append(1.0 - r)
-        if not ia:
+        # nearest and second-nearest of every row of a among b's rows (distances as knnMatch
+        # reports them: float32, or int32 Hamming counts); index -1 where there is none
+        dist, nearest = cv2.batchDistance(a.descriptors, b.descriptors, self.distance_type,
+                                          normType=self.norm, K=2)
+        d = dist.astype(np.float64)
+        # a second distance of 0 (two identical descriptors in b): ambiguous, no match
+        ok = (nearest[:, 1] >= 0) & (d[:, 1] > 0)
+        r = np.divide(d[:, 0], d[:, 1], out=np.ones(len(d)), where=ok)
+        ia = np.flatnonzero(ok & (r < self.ratio))
+        if not len(ia):
             return empty
-        return np.array(ia), np.array(ib), np.maximum(np.array(score, np.float32), 1e-3)
+        return ia.astype(np.int64), nearest[ia, 0].astype(np.int64), np.maximum((1.0 - r[ia]).astype(np.float32), 1e-3)
 
     def match_many(self, pairs: list[tuple[Features, Features]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return [self.match(a, b) for a, b in pairs]
@@ -331,60 +366,92 @@ def spread_subset(xy: np.ndarray, score: np.ndarray, cap: int, width: int, heigh
     return np.sort(keep)
 
 
+def _map(pool: Executor | None):
+    """``map`` over ``pool``'s threads (results in input order), or the builtin one."""
+    return map if pool is None else pool.map
+
+
 def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_matches: int,
-                 max_matches_per_pair: int, threshold_px: float) -> tuple[np.ndarray, list[int]]:
+                 max_matches_per_pair: int, threshold_px: float,
+                 pool: Executor | None = None) -> tuple[np.ndarray, list[int]]:
     """Verified matches of a window: float32 [K, 7] and the match count of every pair tried."""
     return match_windows([frames], matcher, long_pairs=long_pairs, min_matches=min_matches,
-                         max_matches_per_pair=max_matches_per_pair, threshold_px=threshold_px)[0]
+                         max_matches_per_pair=max_matches_per_pair, threshold_px=threshold_px, pool=pool)[0]
 
 
 def match_windows(windows: list[np.ndarray], matcher: Matcher, *, long_pairs: int, min_matches: int,
-                  max_matches_per_pair: int, threshold_px: float) -> list[tuple[np.ndarray, list[int]]]:
+                  max_matches_per_pair: int, threshold_px: float,
+                  pool: Executor | None = None) -> list[tuple[np.ndarray, list[int]]]:
     """:func:`match_window` of several windows [V,H,W,3] together: the features of all frames of
     one size in one call of ``features_many``, the putative matches of all pairs of all
     windows in one call of ``match_many`` (one batched LightGlue forward for XFeat; SIFT/ORB
     match pair by pair as before), then per pair, as for one window: one match per keypoint
-    of j, USAC/MAGSAC verification, the cap."""
+    of j, USAC/MAGSAC verification, the cap.
+
+    With ``pool`` (``labeler.cpu_threads`` > 1), the per-frame features and per-pair matches
+    of a matcher with ``per_item_threads`` (SIFT, ORB) and the verification of every pair run
+    on its threads; the result is the serial one bit for bit (module docstring)."""
     feats: list[list[Features]] = [[] for _ in windows]
     by_shape: dict[tuple, list[int]] = {}
     for w, frames in enumerate(windows):
         by_shape.setdefault(frames.shape[1:], []).append(w)
+    per_item = pool is not None and getattr(matcher, "per_item_threads", False)
     for group in by_shape.values():
-        found = matcher.features_many(np.concatenate([windows[w] for w in group]))
+        if per_item:
+            found = list(pool.map(matcher.features, [np.ascontiguousarray(f) for w in group for f in windows[w]]))
+        else:
+            found = matcher.features_many(np.concatenate([windows[w] for w in group]))
         start = 0
         for w in group:
             feats[w] = found[start:start + len(windows[w])]
             start += len(windows[w])
     plan = [(w, i, j) for w, frames in enumerate(windows) for i, j in select_pairs(len(frames), long_pairs)]
-    putative = matcher.match_many([(feats[w][i], feats[w][j]) for w, i, j in plan])
+    pairs = [(feats[w][i], feats[w][j]) for w, i, j in plan]
+    putative = list(pool.map(matcher.match, *zip(*pairs))) if per_item and pairs else matcher.match_many(pairs)
+    jobs = [(feats[w][i].xy[ia], feats[w][j].xy[ib], ia, ib, score, windows[w].shape[2], windows[w].shape[1])
+            for (w, i, j), (ia, ib, score) in zip(plan, putative)]
+
+    def one(job):
+        return _verified_pair(*job, min_matches=min_matches, cap=max_matches_per_pair, threshold_px=threshold_px)
+
     rows: list[list[np.ndarray]] = [[] for _ in windows]
     per_pair: list[list[int]] = [[] for _ in windows]
-    for (w, i, j), (ia, ib, score) in zip(plan, putative):
-        height, width = windows[w].shape[1:3]
-        xy_i, xy_j = feats[w][i].xy[ia], feats[w][j].xy[ib]
-        if len(ia):
-            # one keypoint of j may be the best match of several in i: keep its best only
-            _, first = np.unique(ib[np.argsort(-score, kind="stable")], return_index=True)
-            keep = np.argsort(-score, kind="stable")[first]
-            xy_i, xy_j, score = xy_i[keep], xy_j[keep], score[keep]
-        inliers = verify(xy_i, xy_j, threshold_px=threshold_px)
-        xy_i, xy_j, score = xy_i[inliers], xy_j[inliers], score[inliers]
-        if len(score) < min_matches:
+    for (w, i, j), kept in zip(plan, _map(pool)(one, jobs)):
+        if kept is None:
             per_pair[w].append(0)
             continue
-        keep = spread_subset(xy_i, score, max_matches_per_pair, width, height)
-        k = len(keep)
+        xy_i, xy_j, score = kept
+        k = len(score)
         block = np.empty((k, 7), np.float32)
         block[:, 0], block[:, 1] = i, j
-        block[:, 2:4], block[:, 4:6], block[:, 6] = xy_i[keep], xy_j[keep], score[keep]
+        block[:, 2:4], block[:, 4:6], block[:, 6] = xy_i, xy_j, score
         rows[w].append(block)
         per_pair[w].append(k)
     return [(np.concatenate(r) if r else np.zeros((0, 7), np.float32), p) for r, p in zip(rows, per_pair)]
 
 
+def _verified_pair(xy_i: np.ndarray, xy_j: np.ndarray, ia: np.ndarray, ib: np.ndarray, score: np.ndarray,
+                   width: int, height: int, *, min_matches: int, cap: int,
+                   threshold_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One pair's putative matches (pixels in i and j, indices, scores) -> the kept (xy_i, xy_j,
+    score): one match per keypoint of j, USAC/MAGSAC inliers, at most ``cap`` spread over the
+    image; None below ``min_matches`` inliers."""
+    if len(ia):
+        # one keypoint of j may be the best match of several in i: keep its best only
+        _, first = np.unique(ib[np.argsort(-score, kind="stable")], return_index=True)
+        keep = np.argsort(-score, kind="stable")[first]
+        xy_i, xy_j, score = xy_i[keep], xy_j[keep], score[keep]
+    inliers = verify(xy_i, xy_j, threshold_px=threshold_px)
+    xy_i, xy_j, score = xy_i[inliers], xy_j[inliers], score[inliers]
+    if len(score) < min_matches:
+        return None
+    keep = spread_subset(xy_i, score, cap, width, height)
+    return xy_i[keep], xy_j[keep], score[keep]
+
+
 def triangulate_matches(matches: np.ndarray, intrinsics: np.ndarray, *, min_parallax_deg: float = 1.0,
                         full_parallax_deg: float = 4.0, min_points: int = 12,
-                        threshold_px: float = 1.0) -> np.ndarray:
+                        threshold_px: float = 1.0, pool: Executor | None = None) -> np.ndarray:
     """Two-view geometry of every verified pair: the depth of each match in both cameras, float32 [K, 3].
 
     Per view pair (i, j) of ``matches`` [K, 7] (rows (i, j, x_i, y_i, x_j, y_j, score)) with
@@ -402,47 +469,81 @@ def triangulate_matches(matches: np.ndarray, intrinsics: np.ndarray, *, min_para
     unknown scale and shift, and when its shape is wrong the match terms alone cannot tell how
     near the near points are (docs/RESULTS.md, issue 21). Triangulation from the matches gives
     that, up to one scale per pair, with no teacher and no ground truth.
+
+    With ``pool``, the pairs run on its threads (same result: module docstring).
     """
+    return triangulate_many([(matches, intrinsics)], min_parallax_deg=min_parallax_deg,
+                            full_parallax_deg=full_parallax_deg, min_points=min_points,
+                            threshold_px=threshold_px, pool=pool)[0]
+
+
+def triangulate_many(windows: list[tuple[np.ndarray, np.ndarray]], *, min_parallax_deg: float = 1.0,
+                     full_parallax_deg: float = 4.0, min_points: int = 12, threshold_px: float = 1.0,
+                     pool: Executor | None = None) -> list[np.ndarray]:
+    """:func:`triangulate_matches` of several windows ((matches, intrinsics) each), their pairs
+    together on ``pool``'s threads (or in order without one)."""
+    outs, jobs = [], []
+    for matches, intrinsics in windows:
+        out = np.zeros((len(matches), 3), np.float32)
+        outs.append(out)
+        if len(matches) == 0:
+            continue
+        named = Matches(matches)
+        pair_ids = named.view_i.astype(np.int64) * 1_000_003 + named.view_j.astype(np.int64)
+        for pid in np.unique(pair_ids):
+            rows = np.flatnonzero(pair_ids == pid)
+            if len(rows) < max(min_points, 8):
+                continue
+            i, j = int(named.view_i[rows[0]]), int(named.view_j[rows[0]])
+            jobs.append((out, rows, named.xy_i[rows], named.xy_j[rows], intrinsics[i], intrinsics[j]))
+
+    def one(job):
+        _, _, xy_i, xy_j, k_i, k_j = job
+        return _triangulate_pair(xy_i, xy_j, k_i, k_j, min_parallax_deg=min_parallax_deg,
+                                 full_parallax_deg=full_parallax_deg, min_points=min_points,
+                                 threshold_px=threshold_px)
+
+    for (out, rows, *_), found in zip(jobs, _map(pool)(one, jobs)):
+        if found is not None:
+            good, z_i, z_j, weight = found
+            out[rows[good], 0] = z_i[good]
+            out[rows[good], 1] = z_j[good]
+            out[rows[good], 2] = weight[good]
+    return outs
+
+
+def _triangulate_pair(xy_i: np.ndarray, xy_j: np.ndarray, k_i: np.ndarray, k_j: np.ndarray, *,
+                      min_parallax_deg: float, full_parallax_deg: float, min_points: int,
+                      threshold_px: float) -> tuple[np.ndarray, ...] | None:
+    """One pair of :func:`triangulate_matches`: (good [M], z_i, z_j, weight), or None when the
+    pair gives no model or fewer than ``min_points`` good points."""
     import cv2
 
-    out = np.zeros((len(matches), 3), np.float32)
-    if len(matches) == 0:
-        return out
-    named = Matches(matches)
-    pair_ids = named.view_i.astype(np.int64) * 1_000_003 + named.view_j.astype(np.int64)
-    for pid in np.unique(pair_ids):
-        rows = np.flatnonzero(pair_ids == pid)
-        if len(rows) < max(min_points, 8):
-            continue
-        i, j = int(named.view_i[rows[0]]), int(named.view_j[rows[0]])
-        k_i, k_j = intrinsics[i].astype(np.float64), intrinsics[j].astype(np.float64)
-        rays_i = _normalised(named.xy_i[rows], k_i)
-        rays_j = _normalised(named.xy_j[rows], k_j)
-        focal = 0.5 * (k_i[0, 0] + k_j[0, 0])
-        try:
-            E, mask = cv2.findEssentialMat(rays_i, rays_j, np.eye(3), method=cv2.USAC_MAGSAC, prob=0.999,
-                                           threshold=threshold_px / focal)
-        except cv2.error:
-            continue  # degenerate sets: no model, as in :func:`verify`
-        if E is None or E.shape != (3, 3) or mask is None:
-            continue
-        _, R, t, mask, points = cv2.recoverPose(E, rays_i, rays_j, np.eye(3), distanceThresh=1e4, mask=mask.copy())
-        X = points[:3] / np.where(np.abs(points[3:]) > 1e-12, points[3:], np.nan)  # cam i frame, |t| = 1
-        z_i = X[2]
-        z_j = (R @ X + t)[2]
-        centre_j = -R.T @ t[:, 0]
-        to_i, to_j = X.T, X.T - centre_j
-        cos = (to_i * to_j).sum(1) / np.maximum(np.linalg.norm(to_i, axis=1) * np.linalg.norm(to_j, axis=1), 1e-12)
-        parallax = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-        good = (mask.ravel() > 0) & np.isfinite(z_i) & np.isfinite(z_j) & (z_i > 0) & (z_j > 0) \
-            & (parallax >= min_parallax_deg)
-        if good.sum() < min_points:
-            continue
-        weight = np.minimum(1.0, (parallax / full_parallax_deg) ** 2)
-        out[rows[good], 0] = z_i[good]
-        out[rows[good], 1] = z_j[good]
-        out[rows[good], 2] = weight[good]
-    return out
+    k_i, k_j = k_i.astype(np.float64), k_j.astype(np.float64)
+    rays_i = _normalised(xy_i, k_i)
+    rays_j = _normalised(xy_j, k_j)
+    focal = 0.5 * (k_i[0, 0] + k_j[0, 0])
+    try:
+        E, mask = cv2.findEssentialMat(rays_i, rays_j, np.eye(3), method=cv2.USAC_MAGSAC, prob=0.999,
+                                       threshold=threshold_px / focal)
+    except cv2.error:
+        return None  # degenerate sets: no model, as in :func:`verify`
+    if E is None or E.shape != (3, 3) or mask is None:
+        return None
+    _, R, t, mask, points = cv2.recoverPose(E, rays_i, rays_j, np.eye(3), distanceThresh=1e4, mask=mask.copy())
+    X = points[:3] / np.where(np.abs(points[3:]) > 1e-12, points[3:], np.nan)  # cam i frame, |t| = 1
+    z_i = X[2]
+    z_j = (R @ X + t)[2]
+    centre_j = -R.T @ t[:, 0]
+    to_i, to_j = X.T, X.T - centre_j
+    cos = (to_i * to_j).sum(1) / np.maximum(np.linalg.norm(to_i, axis=1) * np.linalg.norm(to_j, axis=1), 1e-12)
+    parallax = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    good = (mask.ravel() > 0) & np.isfinite(z_i) & np.isfinite(z_j) & (z_i > 0) & (z_j > 0) \
+        & (parallax >= min_parallax_deg)
+    if good.sum() < min_points:
+        return None
+    weight = np.minimum(1.0, (parallax / full_parallax_deg) ** 2)
+    return good, z_i, z_j, weight
 
 
 def _normalised(xy: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:

@@ -3,8 +3,9 @@
 Up to ``labeler.batch_windows`` held windows are labelled together (their frames share the
 depth teacher's batches; on CUDA the uploads are pinned, non-blocking copies on a side stream,
 the forward bf16 and compiled; their view pairs share the match teacher's batches:
-``labelers.matches.match_windows``). The ``depth`` and ``matches`` stage latencies are then
-those of the whole batch.
+``labelers.matches.match_windows``). The ``depth``, ``matches`` and ``triangulation`` stage
+latencies are then those of the whole batch. The per-frame and per-pair CPU work of matching,
+verification and triangulation runs on ``labeler.cpu_threads`` threads (same results).
 Per window: check the frames, run the depth teacher and the match teacher, send an ``insert``
 to replay and wait for its ``insert_ack`` (timeout, then a fresh socket and a retry: the
 "lazy pirate" pattern; replay stores each window id once, so a retry is harmless), then
@@ -31,13 +32,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zmq
 
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
-from labelers.matches import make_matcher, match_windows, triangulate_matches
+from labelers.matches import make_matcher, match_windows, triangulate_many
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
@@ -62,6 +64,13 @@ class Labeler:
                                     precision=self.cfg.precision, compile=self.cfg.compile)
         self.matcher = make_matcher(self.cfg.matcher, self.cfg.device)
         self.metrics = metrics
+        self.pool = (ThreadPoolExecutor(self.cfg.cpu_threads, thread_name_prefix="labeler-cpu")
+                     if self.cfg.cpu_threads > 1 else None)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
     def teachers(self) -> dict:
         return {"depth": self.teacher.describe(), "matches": {"name": self.matcher.name,
@@ -113,27 +122,33 @@ class Labeler:
                 out = match_windows([msgs[n].arrays["frames"] for n in todo], self.matcher,
                                     long_pairs=self.cfg.long_pairs, min_matches=self.cfg.min_matches,
                                     max_matches_per_pair=self.cfg.max_matches_per_pair,
-                                    threshold_px=self.cfg.ransac_threshold_px)
+                                    threshold_px=self.cfg.ransac_threshold_px, pool=self.pool)
             matched = dict(zip(todo, out))
+        for n in todo:
+            per_pair = matched[n][1]
+            if self.metrics is not None:
+                for k in per_pair:
+                    self.metrics.observe_pair(k)
+            if len(matched[n][0]) == 0:
+                if not self.teacher.produces_labels:
+                    results[n] = (None, "no_matches", flags[n])
+                    continue
+                flags[n].append("no_matches")
+        todo = [n for n in todo if results[n] is None]
+        triangulated = {}
+        if todo:
+            with timer("triangulation"):
+                out = triangulate_many([(matched[n][0], msgs[n].arrays["intrinsics"]) for n in todo],
+                                       threshold_px=self.cfg.ransac_threshold_px, pool=self.pool)
+            triangulated = dict(zip(todo, out))
         for n in todo:
             msg, arrays = msgs[n], dict(msgs[n].arrays)
             if self.teacher.produces_labels:
                 depth, valid = depths[n]
                 arrays["teacher_depth"] = depth
                 arrays["teacher_valid"] = valid.astype(np.uint8)
-            matches, per_pair = matched[n]
-            if self.metrics is not None:
-                for k in per_pair:
-                    self.metrics.observe_pair(k)
-            if len(matches) == 0:
-                if not self.teacher.produces_labels:
-                    results[n] = (None, "no_matches", flags[n])
-                    continue
-                flags[n].append("no_matches")
-            arrays["matches"] = matches
-            with timer("triangulation"):
-                arrays["match_triangulation"] = triangulate_matches(matches, arrays["intrinsics"],
-                                                                    threshold_px=self.cfg.ransac_threshold_px)
+            arrays["matches"] = matched[n][0]
+            arrays["match_triangulation"] = triangulated[n]
             meta = {k: msg.meta[k] for k in ("window_id", "source", "frame_indices", "timestamps") if k in msg.meta}
             meta["teacher"] = self.teachers()
             results[n] = (Message("insert", meta, arrays), "", flags[n])
@@ -253,6 +268,7 @@ class LabelerService:
     def close(self) -> None:
         self.replay.close()
         self.work.close(linger=0)
+        self.labeler.close()
 
     def ready(self) -> None:
         credits = max(0, self.cfg.credits - len(self.held))
