@@ -87,7 +87,7 @@ class StreamerConfig:
     many cores; sources beyond the workers are decoded in the streamer process. 1: no workers;
     0: one per core this process may run on (``os.sched_getaffinity``), at most ``interleave``.
     Windows, their ids and their order are the same either way. 1 is the measured default on a
-    2-core host (docs/BENCHMARKS.md: 2 workers 0.95-1.6x of in-process, within the noise of a
+    2-core host (docs/BENCHMARKS.md: 2 workers 0.76-1.6x of in-process, within the noise of a
     shared machine; each worker imports the stack: 2 s and 320 MiB); 0 is for a host with cores
     to spare (not yet measured there)."""
     peer_timeout_s: float = 10.0
