@@ -74,6 +74,13 @@ def test_one_default_per_option():
         assert up != dataclass, f"{key} no longer differs: drop it from DIFFERS_BY_PURPOSE"
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_recipe_files_set_only_what_differs(recipe):
+    """A recipe file (configs/*.yaml) holds what differs from the defaults: a key set to its
+    dataclass default would be a second place that default lives."""
+    assert default_violations(ROOT / "configs" / recipe)["repeated"] == []
+
+
 def test_the_default_check_sees_what_it_must(tmp_path):
     yaml_file = tmp_path / "default.yaml"
     yaml_file.write_text("replay:\n  min_size: 4\n  dedup: false\nlabeler:\n  teacher: oracle\nlearner:\n")
