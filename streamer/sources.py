@@ -65,10 +65,10 @@ class Frame:
     ground truth, only for the frames that become views) and their result is kept."""
 
     __slots__ = ("index", "timestamp", "_rgb", "intrinsics", "_gt_depth", "_gt_cam_to_world", "discontinuity",
-                 "glance")
+                 "_glance", "reduced")
 
     def __init__(self, index: int, timestamp: float, rgb, intrinsics: np.ndarray, gt_depth=None,
-                 gt_cam_to_world=None, discontinuity: bool = False, glance=None):
+                 gt_cam_to_world=None, discontinuity: bool = False, glance=None, reduced=None):
         self.index = index
         """Frame number in its source (0-based, decode order of presentation)."""
         self.timestamp = timestamp
@@ -81,8 +81,11 @@ class Frame:
         self.discontinuity = discontinuity
         """First frame after a gap (a live feed that reconnected, frames dropped after damage, an
         unreadable image): windows do not span it."""
-        self.glance = glance
-        """``streamer.windows.Glance`` made by the source (None: made from ``rgb`` when needed)."""
+        self._glance = glance
+        self.reduced = reduced
+        """(factor, RGB image decoded at 1/factor, (height, width) of ``rgb``) where the source
+        decoded the frame at a reduced scale already (a JPEG's glance): a view small enough is
+        made from it and ``rgb`` is never decoded (``streamer.windows.fit_rgb_reduced``)."""
 
     @property
     def rgb(self) -> np.ndarray:
@@ -90,6 +93,18 @@ class Frame:
         if callable(self._rgb):
             self._rgb = self._rgb()
         return self._rgb
+
+    @property
+    def glance(self):
+        """``streamer.glance.Glance`` made by the source, on first access when given as a
+        function (None: made from ``rgb`` when needed)."""
+        if callable(self._glance):
+            self._glance = self._glance()
+        return self._glance
+
+    @glance.setter
+    def glance(self, value) -> None:
+        self._glance = value
 
     @property
     def gt_depth(self) -> np.ndarray | None:
@@ -382,7 +397,7 @@ class VideoSource:
                 # RGB only for the frames that become views; the tests look at the glance.
                 yield Frame(i, last_time, functools.partial(_rgb_of, reformatter, vframe, turns), intrinsics[0],
                             *self._gt(i, shape), discontinuity=gate.take_gap(),
-                            glance=glance_of_video_frame(vframe, turns))
+                            glance=functools.partial(glance_of_video_frame, vframe, turns))
         if skipper is not None:  # frames after the last one out were left undecoded
             self.undecoded = skipper.finish(index)
             self.position = max(self.position, index + len(skipper.pending))
@@ -582,6 +597,10 @@ class ImageSequenceSource:
         for i, file in enumerate(self.files[start:], start):
             try:
                 rgb, small, (h, w) = read_image_glance(file)
+                reduced = None
+                if small is not None and callable(rgb):
+                    factor = round(w / small.shape[1]) if small.shape[1] else 0
+                    reduced = (factor, small, (h, w)) if factor in (2, 4, 8) else None
             except SourceError as err:
                 self.on_error(self.name, err.reason, str(err))
                 gap = True
@@ -590,7 +609,8 @@ class ImageSequenceSource:
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
             yield Frame(i, float(i), rgb, K, functools.partial(self._depth, file), functools.partial(self._pose, file),
-                        discontinuity=gap, glance=None if small is None else glance_of_rgb(small))
+                        discontinuity=gap, glance=None if small is None else functools.partial(glance_of_rgb, small),
+                        reduced=reduced)
             gap = False
 
     def _depth(self, file: Path) -> np.ndarray | None:

@@ -1,11 +1,16 @@
 """Frames -> windows: pick keyframes, fit them to the window size (``reliev3r.imaging``:
 resize and centre crop, intrinsics scaled exactly), group V views per window.
 
-Keyframes (every decoded frame is looked at, candidates are ``frame_stride`` apart):
+Keyframes (candidates are ``frame_stride`` apart):
 
 * scene cuts, tested on consecutive frames: a colour-histogram (HS, Bhattacharyya) jump above
   ``scene_cut_hist`` or a grey-thumbnail jump above ``scene_cut_motion``. Views before a cut
-  never share a window with views after it (checked on ``bikes.mp4``'s five hard cuts).
+  never share a window with views after it (checked on ``bikes.mp4``'s five hard cuts). The
+  test looks at every candidate and at least every ``CUT_LOOK_EVERY``-th frame; the frames
+  between are looked at, one by one as before, only when the two frames looked at either side
+  of them differ by more than ``CUT_TRIGGER`` of a threshold (the same cuts and windows as
+  looking at every frame on the shared videos and 7-Scenes; a flash of a few frames between
+  two alike frames looked at is no longer a cut).
 * blur: a candidate whose Laplacian variance is below ``blur_ratio`` times the running median
   of recent candidates is skipped (the next frame is tried).
 * motion: corners tracked (LK) from the last kept view; a candidate whose median flow is below
@@ -20,7 +25,7 @@ Keyframes (every decoded frame is looked at, candidates are ``frame_stride`` apa
   down, at most ``frame_stride`` on): the candidates in between would be skipped at that
   speed, so they are not tracked.
 
-Every test looks at a :class:`Glance` of the frame, made once per frame at a fixed small size
+Every test looks at a :class:`Glance` of the frame, made once per frame looked at, at a fixed small size
 (a grey image ``MOTION_WIDTH`` wide and a 64x48 colour image), never at the full frame: a video
 source makes it straight from the decoder's planes (``streamer.sources``) and converts the full
 frame to RGB only for the views it keeps. The corners tracked from the last kept view are found
@@ -51,6 +56,13 @@ STILL_BACKOFF = 4
 """After every this many still candidates in a row the next try moves one frame further on, up
 to ``frame_stride`` frames (a still camera is tracked on every frame_stride-th frame, not on
 every frame; when it moves again, its next view comes at most frame_stride - 1 frames later)."""
+CUT_LOOK_EVERY = 4
+"""The cut test looks at every this many frames at least (besides every candidate); the frames
+between are kept unlooked-at until the next frame looked at. When that frame and the last one
+looked at differ by more than ``CUT_TRIGGER`` of either cut threshold, every frame between is
+looked at and the test runs on consecutive frames as before (same cuts, same restarts, same
+candidates); otherwise nothing between can have been a cut or a candidate."""
+CUT_TRIGGER = 0.5
 SHARPNESS_HISTORY = 15
 """Recent candidate sharpness values the blur test compares against (a running median)."""
 
@@ -88,12 +100,17 @@ class Window:
 def resize_view(frame: Frame, width: int, height: int) -> View:
     """Fit a frame (and its GT depth, at any resolution of the same view) to the window size
     with ``reliev3r.imaging``, the one resize-and-crop every stage uses."""
-    src_h, src_w = frame.rgb.shape[:2]
-    rgb = fit_rgb(frame.rgb, height, width)
+    reduced = getattr(frame, "reduced", None)
+    rgb = fit_rgb_reduced(reduced, height, width) if reduced is not None else None
+    if rgb is not None:
+        src_h, src_w = reduced[2]
+    else:
+        src_h, src_w = frame.rgb.shape[:2]
+        rgb = fit_rgb(frame.rgb, height, width)
     K = imaging.fit_intrinsics(frame.intrinsics, src_h, src_w, height, width).astype(np.float64)
     depth = None
     if frame.gt_depth is not None:
-        depth = imaging.fit_image(frame.gt_depth.astype(np.float32), height, width, nearest=True,
+        depth = imaging.fit_image(frame.gt_depth.astype(np.float32, copy=False), height, width, nearest=True,
                                   like=(src_h, src_w)).copy()
         depth[~np.isfinite(depth) | (depth < 0)] = 0.0
     return View(frame.index, frame.timestamp, rgb, K, depth, frame.gt_cam_to_world)
@@ -111,6 +128,39 @@ def fit_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
     if not (w % 2 == 0 and h % 2 == 0 and w >= 2 * new_w and h >= 2 * new_h):
         return imaging.fit_image(rgb, height, width)
+    while rgb.shape[1] % 2 == 0 and rgb.shape[0] % 2 == 0 and rgb.shape[1] >= 2 * new_w and rgb.shape[0] >= 2 * new_h:
+        rgb = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    if (rgb.shape[1], rgb.shape[0]) != (new_w, new_h):
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb[top: top + height, left: left + width])
+
+
+def halvings(h: int, w: int, height: int, width: int) -> int:
+    """How many exact 2x2 halvings :func:`fit_rgb` takes of an ``h`` x ``w`` image on its way
+    to ``height`` x ``width`` (0: it resizes in one step)."""
+    scale, _, _ = imaging.fit_plan(h, w, height, width)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    n = 0
+    while w % 2 == 0 and h % 2 == 0 and w >= 2 * new_w and h >= 2 * new_h:
+        w, h, n = w // 2, h // 2, n + 1
+    return n
+
+
+def fit_rgb_reduced(reduced: tuple, height: int, width: int) -> np.ndarray | None:
+    """:func:`fit_rgb` of a frame from an image its source decoded at a reduced scale already
+    (``reduced = (factor, image, (full height, full width))``, a JPEG decoded at 1/2, 1/4 or
+    1/8 in the DCT): the same size, crop and geometry, when the fit of the full frame would
+    halve it at least that often anyway (the reduced image stands in for those halvings; its
+    pixels differ from 2x2 means of the full decode as one box filter from another). None
+    when it cannot stand in (the view needs more detail, or sizes not divisible)."""
+    factor, small, (h, w) = reduced
+    steps = factor.bit_length() - 1
+    if (1 << steps != factor or h % factor or w % factor or small.shape[:2] != (h // factor, w // factor)
+            or halvings(h, w, height, width) < steps):
+        return None
+    scale, left, top = imaging.fit_plan(h, w, height, width)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    rgb = small
     while rgb.shape[1] % 2 == 0 and rgb.shape[0] % 2 == 0 and rgb.shape[1] >= 2 * new_w and rgb.shape[0] >= 2 * new_h:
         rgb = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
     if (rgb.shape[1], rgb.shape[0]) != (new_w, new_h):
@@ -244,6 +294,8 @@ class WindowBuilder:
         self.skipped_still = self.skipped_blur = self.skipped_rotation = 0
         self.still_run = 0  # still skips since the last kept view or restart
         self.cuts = self.discontinuities = 0
+        self.unlooked: list[Frame] = []  # frames since the last one looked at, none a candidate
+        self.last_looked = -1  # index of the last frame looked at
 
     def _restart(self, index: int) -> None:
         self.buffer.clear()
@@ -251,16 +303,57 @@ class WindowBuilder:
         self.next_candidate = index
         self.still_run = 0
 
-    def _is_cut(self, seen: Glance, thumb: np.ndarray) -> bool:
-        if self.scene_cut <= 0 and self.scene_cut_hist <= 0:
-            return False
-        stats = (thumb, hs_histogram(seen.colour) if self.scene_cut_hist > 0 else None)
-        prev, self.prev_cut_stats = self.prev_cut_stats, stats
-        if prev is None:
-            return False
-        if self.scene_cut > 0 and mean_abs_difference(stats[0], prev[0]) > self.scene_cut:
+    def _cut_stats(self, seen: Glance, thumb: np.ndarray) -> tuple:
+        return thumb, hs_histogram(seen.colour) if self.scene_cut_hist > 0 else None
+
+    def _differ(self, a: tuple, b: tuple, share: float = 1.0) -> bool:
+        """Whether cut statistics ``a`` and ``b`` differ by more than ``share`` of a threshold."""
+        if self.scene_cut > 0 and mean_abs_difference(a[0], b[0]) > share * self.scene_cut:
             return True
-        return self.scene_cut_hist > 0 and cv2.compareHist(stats[1], prev[1], cv2.HISTCMP_BHATTACHARYYA) > self.scene_cut_hist
+        return (self.scene_cut_hist > 0
+                and cv2.compareHist(a[1], b[1], cv2.HISTCMP_BHATTACHARYYA) > share * self.scene_cut_hist)
+
+    def _is_cut(self, stats: tuple) -> bool:
+        prev, self.prev_cut_stats = self.prev_cut_stats, stats
+        return prev is not None and self._differ(stats, prev)
+
+    def _resolve_unlooked(self, stats: tuple) -> Window | None:
+        """Before the frame of cut statistics ``stats`` is tested: when it differs from the last
+        frame looked at by more than ``CUT_TRIGGER`` of a threshold, look at every frame kept
+        unlooked-at since, in order, with the cut test on consecutive frames and every frame
+        that becomes a candidate after a cut handled as a candidate (as when every frame is
+        looked at). Else they are dropped: no cut and no candidate among them."""
+        unlooked, self.unlooked = self.unlooked, []
+        if not unlooked or self.prev_cut_stats is None or not self._differ(stats, self.prev_cut_stats, CUT_TRIGGER):
+            return None
+        made = None
+        for frame in unlooked:
+            seen = glance(frame)
+            thumb = thumbnail(seen.grey)
+            if self._is_cut(self._cut_stats(seen, thumb)):
+                self.cuts += 1
+                self._restart(frame.index)
+            if frame.index >= self.next_candidate:
+                made = self._candidate(frame, seen, thumb) or made
+        return made
+
+    def finish(self) -> Window | None:
+        """At the end of the source (or before a gap): the frames still unlooked-at are looked
+        at as the next frame would have them looked at (their cuts count)."""
+        if not self.unlooked:
+            return None
+        last = self.unlooked.pop()
+        seen = glance(last)
+        thumb = thumbnail(seen.grey)
+        stats = self._cut_stats(seen, thumb)
+        made = self._resolve_unlooked(stats)
+        self.last_looked = last.index
+        if self._is_cut(stats):
+            self.cuts += 1
+            self._restart(last.index)
+        if last.index >= self.next_candidate:
+            made = self._candidate(last, seen, thumb) or made
+        return made
 
     def _skip(self, frame: Frame, counter: str, flow: float | None = None, target: float = 0.0) -> None:
         setattr(self, counter, getattr(self, counter) + 1)
@@ -273,20 +366,35 @@ class WindowBuilder:
         self.next_candidate = frame.index + min(self.frame_stride, step)
 
     def push(self, frame: Frame) -> Window | None:
+        before = None
         if getattr(frame, "discontinuity", False):
+            before = self.finish()  # the frames before the gap, as if looked at one by one
             self.discontinuities += 1
             self.prev_cut_stats = None
             self._restart(frame.index)
         cut_test = self.scene_cut > 0 or self.scene_cut_hist > 0
-        if not cut_test and frame.index < self.next_candidate:
-            return None  # nothing to look at
+        if frame.index < self.next_candidate:
+            if not cut_test:
+                return before  # nothing to look at
+            if self.prev_cut_stats is not None and frame.index < self.last_looked + CUT_LOOK_EVERY:
+                self.unlooked.append(frame)  # looked at only if the next frame looked at differs
+                return before
         seen = glance(frame)
         thumb = thumbnail(seen.grey)
-        if self._is_cut(seen, thumb):  # tested on consecutive frames, candidate or not
-            self.cuts += 1
-            self._restart(frame.index)
+        made = None
+        if cut_test:
+            stats = self._cut_stats(seen, thumb)
+            made = self._resolve_unlooked(stats)
+            self.last_looked = frame.index
+            if self._is_cut(stats):  # tested on consecutive frames, candidate or not
+                self.cuts += 1
+                self._restart(frame.index)
+        made = made or before
         if frame.index < self.next_candidate:
-            return None
+            return made
+        return self._candidate(frame, seen, thumb) or made
+
+    def _candidate(self, frame: Frame, seen: Glance, thumb: np.ndarray) -> Window | None:
         grey = seen.grey if self.min_flow > 0 or self.blur_ratio > 0 else None
         if self.blur_ratio > 0:
             sharp = sharpness(grey)
@@ -383,6 +491,10 @@ def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 
         if window is not None:
             made += 1
             yield window
+    window = builder.finish()
+    if window is not None:
+        made += 1
+        yield window
     if on_error is None or made or not seen:
         return  # a source without frames has said why already
     span = (cfg.views - 1) * cfg.frame_stride + 1
