@@ -37,11 +37,6 @@ class LabelerConfig:
     (XFeat + LighterGlue, extra ``xfeat``) matches the pairs of a batch of windows in one GPU
     forward; on 7-Scenes at 168x224 on the CPU it gave 2.2x SIFT's verified matches at 1.34x
     its median reprojection error and 0.08x its pairs per core (docs/BENCHMARKS.md)."""
-    teacher_warp: int = 0
-    """Correct each view's depth-teacher map by a smooth field fitted to the window's
-    triangulated matches, on a ``teacher_warp`` x ``teacher_warp`` lattice
-    (``labelers.registration``); 0 = off. On 7-Scenes training windows at 168x224 a 4 x 4
-    lattice took the embedded teacher's per-frame AbsRel from 0.228 to 0.169."""
     max_matches_per_pair: int = 256
     """Cap on verified matches kept per view pair (strongest first, spread over the image)."""
     min_matches: int = 12
@@ -94,7 +89,5 @@ class LabelerConfig:
             raise ValueError("credits must be >= 1")
         if self.insert_timeout_s <= 0 or self.ready_interval_s <= 0:
             raise ValueError("insert_timeout_s and ready_interval_s must be > 0")
-        if self.teacher_warp < 0 or self.teacher_warp == 1:
-            raise ValueError("teacher_warp must be 0 (off) or a lattice of >= 2")
         if self.insert_retries < 0 or self.blank_std < 0 or self.long_pairs < 0:
             raise ValueError("insert_retries, blank_std and long_pairs must be >= 0")

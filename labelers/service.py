@@ -40,7 +40,6 @@ import zmq
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
 from labelers.matches import make_matcher, match_windows, triangulate_many
-from labelers.registration import warp_to_triangulation
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
@@ -74,10 +73,8 @@ class Labeler:
             self.pool = None
 
     def teachers(self) -> dict:
-        depth = self.teacher.describe()
-        if self.cfg.teacher_warp:
-            depth = {**depth, "warp": self.cfg.teacher_warp}
-        return {"depth": depth, "matches": {"name": self.matcher.name, "version": self.matcher.version}}
+        return {"depth": self.teacher.describe(), "matches": {"name": self.matcher.name,
+                                                               "version": self.matcher.version}}
 
     def label(self, msg: Message, timer=None) -> tuple[Message | None, str, list[str]]:
         """(insert message or None, drop reason, flags)."""
@@ -148,10 +145,6 @@ class Labeler:
             msg, arrays = msgs[n], dict(msgs[n].arrays)
             if self.teacher.produces_labels:
                 depth, valid = depths[n]
-                if self.cfg.teacher_warp:
-                    with timer("teacher_warp"):
-                        depth, _ = warp_to_triangulation(depth, valid, matched[n][0], triangulated[n],
-                                                         grid=self.cfg.teacher_warp, space=self.teacher.space)
                 arrays["teacher_depth"] = depth
                 arrays["teacher_valid"] = valid.astype(np.uint8)
             arrays["matches"] = matched[n][0]

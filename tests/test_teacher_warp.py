@@ -1,4 +1,4 @@
-"""``labelers.registration``: the teacher's smooth errors corrected by the window's triangulation.
+"""``studies.teacher_warp``: the teacher's smooth errors corrected by the window's triangulation.
 
 Known answers on exact data: a teacher that is the truth times a smooth field on the lattice,
 triangulated depths that are the truth times one scale per pair; the fit must give back the
@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from labelers.config import LabelerConfig
-from labelers.registration import RIDGE, bilinear_basis, warp_to_triangulation
-from labelers.service import Labeler
-from reliev3r import geometry, synthetic
-from reliev3r.config import PipelineConfig, build
-from reliev3r.protocol import Message
+from studies.teacher_warp import RIDGE, bilinear_basis, warp_to_triangulation
 
 V, H, W, G = 3, 48, 64, 4
 
@@ -96,28 +90,3 @@ def test_views_without_evidence_and_invalid_pixels_stay():
     assert not np.array_equal(out[:, 10:], teacher[:, 10:].astype(np.float32))
     empty = np.zeros((0, 7), np.float32)
     assert warp_to_triangulation(teacher, valid, empty, np.zeros((0, 3), np.float32), grid=G)[1] == 0
-
-
-def test_the_labeler_warps_its_teacher_when_asked():
-    torch.manual_seed(0)
-    world, path = synthetic.random_world(np.random.default_rng(3))
-    poses = torch.from_numpy(synthetic.trajectory(path, 24)[[0, 2, 4, 6]])
-    K = geometry.intrinsics_from_fov(60.0, 128, 96)
-    with torch.inference_mode():
-        images, depth = synthetic.render_views(world, poses, K, 96, 128)
-    msg = Message("window", {"window_id": "s:0:0", "source": "s", "frame_indices": [0, 2, 4, 6]},
-                  {"frames": images.numpy(), "intrinsics": np.tile(K.numpy().astype(np.float32), (4, 1, 1)),
-                   "gt_depth": depth.numpy().astype(np.float32)})
-    out = {}
-    for grid in (0, G):
-        labeler = Labeler(build(PipelineConfig, {"labeler": {"teacher": "oracle", "teacher_warp": grid}}))
-        try:
-            out[grid], reason, _ = labeler.label(msg)
-        finally:
-            labeler.close()
-        assert reason == ""
-    assert "warp" not in out[0].meta["teacher"]["depth"] and out[G].meta["teacher"]["depth"]["warp"] == G
-    assert np.array_equal(out[0].arrays["matches"], out[G].arrays["matches"])
-    assert not np.array_equal(out[0].arrays["teacher_depth"], out[G].arrays["teacher_depth"])
-    with pytest.raises(ValueError, match="teacher_warp"):
-        LabelerConfig(teacher_warp=1)
