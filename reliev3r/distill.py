@@ -20,7 +20,7 @@ a source path as in ``streamer.sources``, or a dataset spec of ``reliev3r eval``
 once: windows of ``V`` views ``G`` frames apart tile each source (blocks of ``V*G`` frames; a
 tail shorter than a block is left out and counted), ``V`` the run's ``streamer.views`` and
 ``G`` its ``streamer.frame_stride`` unless ``--views`` / ``--gap`` say otherwise; ``--max-frames``
-caps the frames taken (the first ones of each source in turn). Frames are fitted to the
+caps the frames taken (reading stops there; the meta says so). Frames are fitted to the
 snapshot's training size as the evaluator fits them (``reliev3r.imaging``), then image and
 predicted depth both to the teacher's ``height`` x ``width``: pick a teacher size near the
 learner's (a larger one upsamples the real images).
@@ -118,18 +118,20 @@ def real_samples(model: torch.nn.Module, streams: Iterable[tuple[str, Iterable[n
     [N, H, W] (0 = invalid: not finite or not > 0) at ``size``, and counts for the meta."""
     lh, lw = learner_size
     height, width = size
-    images, depths, windows, dropped, names = [], [], 0, 0, []
+    images, depths, windows, dropped, names, capped = [], [], 0, 0, [], False
     model.eval()
     identity = np.eye(3)  # the model takes no intrinsics; the window type wants some
     for name, frames in streams:
+        if capped:
+            break
         names.append(name)
         for item in tiled(frames, views=views, gap=gap):
             if isinstance(item, int):
                 dropped += item
                 break
             if max_frames is not None and len(images) + views > max_frames:
-                dropped += views
-                continue
+                capped = True  # nothing more is read
+                break
             fitted = np.stack([imaging.fit_image(f, lh, lw) for f in item])
             window = EvalWindow(f"{name}:{windows}", fitted, np.stack([identity] * views), None, None)
             with torch.no_grad():
@@ -143,7 +145,7 @@ def real_samples(model: torch.nn.Module, streams: Iterable[tuple[str, Iterable[n
     if not images:
         raise ValueError(f"no window of {views} views {gap} frames apart fits in the given frames")
     info = {"windows": windows, "views": views, "gap": gap, "dropped_frames": dropped,
-            "learner_size": [lh, lw], "sources": names}
+            "learner_size": [lh, lw], "sources": names, "capped_at_max_frames": capped}
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(depths)), info
 
 

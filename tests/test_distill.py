@@ -180,3 +180,19 @@ def test_distill_refuses_what_it_cannot_use(tmp_path, capsys):
     assert cli.main(["teacher-train", "--frames", "x", "--out", out]) == 2
     assert "go with --distill RUN" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_max_frames_stops_reading():
+    frames = [np.full((8, 8, 3), k, np.uint8) for k in range(40)]
+    read = []
+
+    def stream():
+        for f in frames:
+            read.append(f)
+            yield f
+
+    model = torch.nn.Module()
+    with pytest.raises(ValueError, match="no window"):
+        real_samples(model, [("s", stream())], views=2, gap=2, learner_size=(8, 8), size=(8, 8), device="cpu",
+                     max_frames=1)
+    assert len(read) == 4  # one block read, then the cap stopped the reading
