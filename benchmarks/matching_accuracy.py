@@ -152,6 +152,17 @@ def run_matcher(name: str, matcher, windows: list, *, batch: int, labeler) -> di
             "verify_cpu_ms_per_pair": 1000 * verify_cpu[0] / pairs}
 
 
+def print_rows(rows: list[dict]) -> None:
+    """The table's header and one line per matcher."""
+    print("\n| matcher | pairs | verified pairs | matches/pair | median err px | within 3 px | "
+          "match pairs/s (wall) | match pairs/CPU-s | label pairs/s (wall) | label pairs/CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['matcher']} | {r['pairs']} | {r['verified_pairs']} | {r['matches_per_pair']:.1f} | "
+              f"{r['median_error_px']:.2f} | {r['within_3px']:.3f} | {r['match_wall_pairs_s']:.1f} | "
+              f"{r['match_pairs_per_cpu_s']:.1f} | {r['label_wall_pairs_s']:.1f} | {r['label_pairs_per_cpu_s']:.1f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, nargs="+", default=[Path(".devdata/7s-train"), Path(".devdata/7s-eval")])
@@ -198,14 +209,7 @@ def main() -> int:
         rows.append(run_matcher(name, matcher, windows, batch=labeler.batch_windows, labeler=labeler))
         print(json.dumps(rows[-1]), flush=True)
     if len(rows) < 2:  # one matcher: its row, no ratios
-        print("\n| matcher | pairs | verified pairs | matches/pair | median err px | within 3 px | "
-              "match pairs/s (wall) | match pairs/CPU-s | label pairs/s (wall) | label pairs/CPU-s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['matcher']} | {r['pairs']} | {r['verified_pairs']} | {r['matches_per_pair']:.1f} | "
-                  f"{r['median_error_px']:.2f} | {r['within_3px']:.3f} | {r['match_wall_pairs_s']:.1f} | "
-                  f"{r['match_pairs_per_cpu_s']:.1f} | {r['label_wall_pairs_s']:.1f} | "
-                  f"{r['label_pairs_per_cpu_s']:.1f} |")
+        print_rows(rows)
         print("\nno ratios: one matcher ran (issue 18's GPU matching figures need XFeat + LighterGlue)")
         if args.out:
             args.out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -219,13 +223,7 @@ def main() -> int:
                           "label_pairs_per_cpu_s", "match_wall_pairs_s", "label_wall_pairs_s")}
     ratios["label_wall_vs_sift_per_core"] = xf["label_wall_pairs_s"] / sift["label_pairs_per_cpu_s"]
     ratios["match_wall_vs_sift_per_core"] = xf["match_wall_pairs_s"] / sift["match_pairs_per_cpu_s"]
-    print("\n| matcher | pairs | verified pairs | matches/pair | median err px | within 3 px | "
-          "match pairs/s (wall) | match pairs/CPU-s | label pairs/s (wall) | label pairs/CPU-s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['matcher']} | {r['pairs']} | {r['verified_pairs']} | {r['matches_per_pair']:.1f} | "
-              f"{r['median_error_px']:.2f} | {r['within_3px']:.3f} | {r['match_wall_pairs_s']:.1f} | "
-              f"{r['match_pairs_per_cpu_s']:.1f} | {r['label_wall_pairs_s']:.1f} | {r['label_pairs_per_cpu_s']:.1f} |")
+    print_rows(rows)
     print(f"| XFeat / SIFT | | | {ratios['matches_per_pair']:.2f}x | {ratios['median_error_px']:.2f}x | "
           f"{ratios['within_3px']:.2f}x | {ratios['match_wall_pairs_s']:.2f}x | {ratios['match_pairs_per_cpu_s']:.2f}x | "
           f"{ratios['label_wall_pairs_s']:.2f}x | {ratios['label_pairs_per_cpu_s']:.2f}x |")
