@@ -14,11 +14,12 @@ import torch
 from reliev3r import geometry
 
 
-def fit_plan(height: int, width: int, target_h: int, target_w: int) -> tuple[float, int, int]:
-    """(scale, left, top): resize by ``scale`` then crop at (left, top) to the target size."""
+def fit_plan(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): resize to new_w x new_h (one scale for both sides, so the
+    target is covered) then crop at (left, top) to the target size."""
     scale = max(target_h / height, target_w / width)
     new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
-    return scale, (new_w - target_w) // 2, (new_h - target_h) // 2
+    return new_w, new_h, (new_w - target_w) // 2, (new_h - target_h) // 2
 
 
 def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool = False,
@@ -31,8 +32,8 @@ def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool 
     map coarser than its colour frame, say) and lands on exactly the grid the colour frame gets.
     """
     h, w = like if like is not None else image.shape[:2]
-    scale, left, top = fit_plan(h, w, target_h, target_w)
-    new_size = (max(target_w, round(w * scale)), max(target_h, round(h * scale)))
+    new_w, new_h, left, top = fit_plan(h, w, target_h, target_w)
+    new_size = (new_w, new_h)
     # INTER_NEAREST samples floor(x * scale), half a source pixel off the centre convention of
     # reliev3r.geometry; INTER_NEAREST_EXACT samples the pixel under the centre.
     interp = cv2.INTER_NEAREST_EXACT if nearest else (cv2.INTER_AREA if new_size[0] < image.shape[1]
@@ -43,8 +44,7 @@ def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool 
 
 def fit_intrinsics(intrinsics: np.ndarray, height: int, width: int, target_h: int, target_w: int) -> np.ndarray:
     """Intrinsics [3, 3] of an image after :func:`fit_image`."""
-    scale, left, top = fit_plan(height, width, target_h, target_w)
-    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    new_w, new_h, left, top = fit_plan(height, width, target_h, target_w)
     K = torch.as_tensor(np.asarray(intrinsics, dtype=np.float64))
     K = geometry.resize_intrinsics(K, new_w / width, new_h / height)
     return geometry.crop_intrinsics(K, left, top).numpy().astype(np.float32)

@@ -124,11 +124,23 @@ def fit_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     averaging over the whole factor as one box filter differs from another (0.3-1.5 grey levels
     on average on the shared videos); a linear ramp lands within 0.13 levels of it."""
     h, w = rgb.shape[:2]
-    scale, left, top = imaging.fit_plan(h, w, height, width)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
-    if not (w % 2 == 0 and h % 2 == 0 and w >= 2 * new_w and h >= 2 * new_h):
+    plan = imaging.fit_plan(h, w, height, width)
+    if not _halvable(h, w, *plan[:2]):
         return imaging.fit_image(rgb, height, width)
-    while rgb.shape[1] % 2 == 0 and rgb.shape[0] % 2 == 0 and rgb.shape[1] >= 2 * new_w and rgb.shape[0] >= 2 * new_h:
+    return _halve_and_fit(rgb, plan, height, width)
+
+
+def _halvable(h: int, w: int, new_w: int, new_h: int) -> bool:
+    """Whether an ``h`` x ``w`` image on its way to ``new_w`` x ``new_h`` takes one more exact
+    2x2 halving (both sides even and at least twice the resized size)."""
+    return w % 2 == 0 and h % 2 == 0 and w >= 2 * new_w and h >= 2 * new_h
+
+
+def _halve_and_fit(rgb: np.ndarray, plan: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    """Exact 2x2 halvings while :func:`_halvable`, area averaging to ``imaging.fit_plan``'s
+    size for the rest, then its centre crop."""
+    new_w, new_h, left, top = plan
+    while _halvable(*rgb.shape[:2], new_w, new_h):
         rgb = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
     if (rgb.shape[1], rgb.shape[0]) != (new_w, new_h):
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
@@ -138,10 +150,9 @@ def fit_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 def halvings(h: int, w: int, height: int, width: int) -> int:
     """How many exact 2x2 halvings :func:`fit_rgb` takes of an ``h`` x ``w`` image on its way
     to ``height`` x ``width`` (0: it resizes in one step)."""
-    scale, _, _ = imaging.fit_plan(h, w, height, width)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    new_w, new_h, _, _ = imaging.fit_plan(h, w, height, width)
     n = 0
-    while w % 2 == 0 and h % 2 == 0 and w >= 2 * new_w and h >= 2 * new_h:
+    while _halvable(h, w, new_w, new_h):
         w, h, n = w // 2, h // 2, n + 1
     return n
 
@@ -158,14 +169,7 @@ def fit_rgb_reduced(reduced: tuple, height: int, width: int) -> np.ndarray | Non
     if (1 << steps != factor or h % factor or w % factor or small.shape[:2] != (h // factor, w // factor)
             or halvings(h, w, height, width) < steps):
         return None
-    scale, left, top = imaging.fit_plan(h, w, height, width)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
-    rgb = small
-    while rgb.shape[1] % 2 == 0 and rgb.shape[0] % 2 == 0 and rgb.shape[1] >= 2 * new_w and rgb.shape[0] >= 2 * new_h:
-        rgb = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    if (rgb.shape[1], rgb.shape[0]) != (new_w, new_h):
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(rgb[top: top + height, left: left + width])
+    return _halve_and_fit(small, imaging.fit_plan(h, w, height, width), height, width)
 
 
 def glance(frame) -> Glance:
