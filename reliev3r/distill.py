@@ -75,24 +75,24 @@ def tiled(frames: Iterable[np.ndarray], *, views: int, gap: int) -> Iterator[lis
     yield len(block)
 
 
-def run_config(snapshot: Path) -> dict:
-    """The run's ``config.yaml`` beside its snapshots folder ({} when there is none)."""
+def run_streamer(snapshot: Path) -> dict:
+    """The ``streamer`` section of the run's ``config.yaml`` beside its snapshots folder ({}
+    when there is none)."""
     config = snapshot.parent.parent / "config.yaml"
-    return (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    data = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    return data.get("streamer") or {}
 
 
-def run_defaults(snapshot: Path) -> tuple[int, int]:
+def run_defaults(streamer: dict) -> tuple[int, int]:
     """(views, gap): the run's ``streamer.views`` and ``streamer.frame_stride`` (the spacing of
-    its training windows before keyframing) from its ``config.yaml`` when there is one, else
-    the config defaults."""
-    streamer = run_config(snapshot).get("streamer") or {}
+    its training windows before keyframing), else the config defaults."""
     defaults = StreamerConfig()
     return int(streamer.get("views", defaults.views)), int(streamer.get("frame_stride", defaults.frame_stride))
 
 
-def run_sources(snapshot: Path) -> list[str]:
+def run_sources(streamer: dict) -> list[str]:
     """The run's ``streamer.sources`` that are files, folders or globs (live URLs left out)."""
-    sources = (run_config(snapshot).get("streamer") or {}).get("sources") or []
+    sources = streamer.get("sources") or []
     live = [s for s in sources if "://" in s or s.startswith("/dev/video")]
     if live:
         log.info("left out the run's live sources (no frames to read back): %s", ", ".join(live))
@@ -160,7 +160,8 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
                                                                                   and args.gap < 1):
             raise ValueError("--max-frames and --gap must be >= 1 and --views >= 2")
         snap = resolve_snapshot(Path(args.distill))
-        specs = args.frames or run_sources(snap)
+        streamer = run_streamer(snap)
+        specs = args.frames or run_sources(streamer)
         if not specs:
             raise ValueError(f"{args.distill}: the run names no file or folder sources; give --frames")
     except (ValueError, FileNotFoundError) as err:
@@ -168,10 +169,10 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
         return 2
     model, meta = load_model(snap, cfg.device, ema=True)
     weights = "ema.safetensors" if (snap / "ema.safetensors").is_file() else "model.safetensors"
-    run_views, run_gap = run_defaults(snap)
+    run_views, run_gap = run_defaults(streamer)
     views, gap = args.views or run_views, args.gap or run_gap
     learner_size = tuple(meta.get("image_size") or (StreamerConfig().height, StreamerConfig().width))
-    fov = float((run_config(snap).get("streamer") or {}).get("fov_deg", StreamerConfig().fov_deg))
+    fov = float(streamer.get("fov_deg", StreamerConfig().fov_deg))
     try:
         images, depths, info = real_samples(model, frame_streams(specs, fov_deg=fov), views=views, gap=gap,
                                             learner_size=learner_size, size=(cfg.height, cfg.width),
