@@ -34,7 +34,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
+from evaluation import metrics
 from evaluation.datasets import load_windows
 from labelers.config import LabelerConfig
 from labelers.depth import make_teacher
@@ -133,11 +135,12 @@ def warp_to_triangulation(teacher: np.ndarray, valid: np.ndarray, matches: np.nd
 
 
 def lsq_absrel(pred: np.ndarray, truth: np.ndarray) -> float:
-    """AbsRel of one map after its least-squares scale and shift to the truth (truth > 0)."""
+    """AbsRel of one map after its least-squares scale and shift to the truth (truth > 0), as
+    ``reliev3r eval`` aligns a frame (``evaluation.metrics``)."""
     known = truth > 0
-    design = np.stack([pred[known], np.ones(int(known.sum()))], 1)
-    a, b = np.linalg.lstsq(design, truth[known], rcond=None)[0]
-    return float(np.mean(np.abs(a * pred[known] + b - truth[known]) / truth[known]))
+    p, g = torch.from_numpy(pred[known].astype(np.float64)), torch.from_numpy(truth[known].astype(np.float64))
+    a, b = metrics.scale_shift_lsq(p, g)
+    return metrics.absrel_delta(a * p + b, g)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
