@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from labelers.teacher_train import TeacherTrainConfig, batch_indices, train
 from learner.snapshot import load_model
 from reliev3r import cli, imaging
 from reliev3r.distill import frame_streams, real_samples, tile_windows, tiled
+from streamer_media import encode, panning_frames
 from tests.tiny_snapshot import make_tiny_snapshot
 
 H, W = 48, 64
@@ -138,18 +138,6 @@ def test_tiled_streams_blocks_and_counts_the_tail():
     assert [[int(f[0, 0, 0]) for f in w] for w in out[:-1]] == tile_windows(13, views=3, gap=2)
 
 
-def _write_video(path: Path, frames: int, height: int = 60, width: int = 80) -> None:
-    rng = np.random.default_rng(1)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
-        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
-        for k in range(frames):
-            image = np.roll(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC), k, axis=1)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def test_distill_reads_the_runs_own_sources_by_default(tmp_path):
     """Without --frames the run's ``streamer.sources`` (here a video file and a live URL, which
     is left out) are read by the streamer's readers; views and gap come from its config."""
@@ -157,7 +145,7 @@ def test_distill_reads_the_runs_own_sources_by_default(tmp_path):
     run = tmp_path / "run"
     make_tiny_snapshot(run, height=H, width=W, views=3)
     video = tmp_path / "clip.mp4"
-    _write_video(video, 14)
+    encode(video, panning_frames(14, width=80, height=60))
     (run / "config.yaml").write_text(yaml.safe_dump(
         {"streamer": {"sources": [str(video), "rtsp://camera.invalid/feed"], "views": 3, "frame_stride": 2}}))
     out = tmp_path / "teacher"
