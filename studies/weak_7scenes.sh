@@ -27,6 +27,11 @@
 #   STEPS=1500 WALL=420 bash studies/weak_7scenes.sh "sup:learner.loss.kind=supervised" "dflt:" \
 #       "dst:labeler.teacher=embedded:.devdata/teacher/embedded_depth.safetensors"
 #
+# On a CPU host: CONFIG=configs/demo.yaml SERIAL=1 (one run after another, each stopped WALL seconds
+# after its own start; THREADS=1), e.g. the curve of weak quality against the oracle's error:
+#   CONFIG=configs/demo.yaml SERIAL=1 THREADS=1 WHEELS=none STEPS=1200 WALL=1200 bash studies/weak_7scenes.sh \
+#       "or0:labeler.teacher=oracle" "or1:labeler.teacher=oracle?strength=1" ...
+#
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: a folder of wheels to install first (default
@@ -46,21 +51,33 @@ set -f  # overrides such as labeler.teacher=oracle?strength=2 are not globs
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-2}
 RUNS=${RUNS:-/tmp/runs}; OUTD=${OUT:-/tmp/out}; mkdir -p "$RUNS" "$OUTD"
 WALL=${WALL:-400}; STEPS=${STEPS:-800}
-COMMON="--config $ROOT/configs/gpu.yaml streamer.sources=[$DATA/7s-train] replay.dedup=false
+COMMON="--config $ROOT/${CONFIG:-configs/gpu.yaml} streamer.sources=[$DATA/7s-train] replay.dedup=false
  evaluator.data=7scenes:$DATA/7s-eval evaluator.windows=4"
 pids=()
-for spec in "$@"; do
-  name=${spec%%:*}; extra=${spec#*:}
+start() {  # NAME:OVERRIDES -> one `reliev3r up` in its own process group, its pid appended to pids
+  local name=${1%%:*} extra=${1#*:}
   setsid python3 -m reliev3r.cli up $COMMON run.dir="$RUNS/$name" $extra --max-steps "$STEPS" \
     > "$RUNS/$name.up.log" 2>&1 &
   pids+=($!)
-done
-t0=$(date +%s)
+}
 alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
-while alive && [ $(( $(date +%s) - t0 )) -lt "$WALL" ]; do sleep 5; done
-for p in "${pids[@]}"; do kill -INT -- "-$p" 2>/dev/null; done
-for _ in $(seq 60); do alive || break; sleep 1; done
-for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
+stop() {  # SIGINT (a final snapshot), then SIGKILL a minute later
+  for p in "${pids[@]}"; do kill -INT -- "-$p" 2>/dev/null; done
+  for _ in $(seq 60); do alive || break; sleep 1; done
+  for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
+}
+t0=$(date +%s)
+if [ -n "${SERIAL:-}" ]; then  # one run at a time (a CPU host), each stopped WALL seconds after its start
+  for spec in "$@"; do
+    pids=(); start "$spec"; t1=$(date +%s)
+    while alive && [ $(( $(date +%s) - t1 )) -lt "$WALL" ]; do sleep 5; done
+    stop
+  done
+else
+  for spec in "$@"; do start "$spec"; done
+  while alive && [ $(( $(date +%s) - t0 )) -lt "$WALL" ]; do sleep 5; done
+  stop
+fi
 echo "training ended after $(( $(date +%s) - t0 )) s"
 teachers=()
 if [ -n "${DISTILL:-}" ]; then
