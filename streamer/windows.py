@@ -30,7 +30,10 @@ Every test looks at a :class:`Glance` of the frame, made once per frame looked a
 source makes it straight from the decoder's planes (``streamer.sources``) and converts the full
 frame to RGB only for the views it keeps. The corners tracked from the last kept view are found
 once per kept view, and the homography only when its parallax can
-change the decision.
+change the decision. Where the flow expected at the last speed would settle the decision (a
+still camera whose next candidate is the same frame for any flow near it, or a fast one), the
+strongest 60 % of the corners are tracked first, and the rest only when bounds on the median
+of all of them do not settle it: the same decisions as tracking every corner.
 """
 
 from __future__ import annotations
@@ -220,6 +223,8 @@ class Motion:
     plane, growing with translation in a scene with depth (a near layer of a fifth of the
     points is enough to show)."""
     tracked: int
+    """Points tracked (all the reference's corners that tracked, or those of the strongest
+    ``FIRST_SHARE`` when they settled the decision)."""
 
 
 LK_WINDOW, LK_LEVELS = (15, 15), 3
@@ -245,12 +250,37 @@ class Reference:
         self.corners = cv2.goodFeaturesToTrack(grey, 100, 0.01, 6)
 
 
+FIRST_SHARE = 0.6
+"""Share of a reference's corners (its strongest) tracked first when the caller can tell from
+bounds on the median flow whether the rest is needed (``camera_motion``'s ``settled``). LK
+tracks every point on its own, so the points tracked in two calls move exactly as in one."""
+
+
+def median_bounds(values: np.ndarray, unknown: int) -> tuple[float, float] | None:
+    """Bounds on the median (``np.median``) of ``values`` and up to ``unknown`` more values of
+    any size (all, some or none of them present); None when ``unknown`` values could move it
+    past every one of ``values`` (as many unknown values as known ones, or more)."""
+    n = len(values)
+    if unknown >= n:
+        return None
+    s = np.sort(values)
+    return float(s[(n - unknown - 1) // 2]), float(s[(n + unknown) // 2])
+
+
 def camera_motion(a: np.ndarray | Reference, b: np.ndarray,
-                  parallax_needed: Callable[[float], bool] | None = None) -> Motion | None:
+                  parallax_needed: Callable[[float], bool] | None = None,
+                  settled: Callable[[float, float], bool] | None = None) -> Motion | None:
     """Camera motion from grey image ``a`` (or a :class:`Reference` of it) to ``b`` (same
     size); None when too few points track (a cut, a blank frame, or a change too large to
     follow: treat as lots of motion). With ``parallax_needed(flow)`` False the homography is
     not fitted and ``parallax`` is NaN.
+
+    With ``settled(lo, hi)`` (True when every median flow from ``lo`` to ``hi`` leads the
+    caller to the same decision without the parallax) the strongest ``FIRST_SHARE`` of the
+    corners are tracked first; when the median of all of them is bound to a settled range
+    whatever the others do, the others are not tracked, and ``flow`` is the median of those
+    tracked (``tracked`` counts them). Otherwise the rest are tracked and everything is as
+    without ``settled``.
 
     The median over corners follows the camera, not a minority of moving objects, so a still
     camera watching a moving hand reads as still.
@@ -259,7 +289,18 @@ def camera_motion(a: np.ndarray | Reference, b: np.ndarray,
     pts = ref.corners
     if pts is None or len(pts) < MIN_TRACKED:
         return None
-    nxt, status, _ = cv2.calcOpticalFlowPyrLK(ref.grey, b, pts, None, winSize=LK_WINDOW, maxLevel=LK_LEVELS)
+    first = len(pts) if settled is None else math.ceil(FIRST_SHARE * len(pts))
+    nxt, status, _ = cv2.calcOpticalFlowPyrLK(ref.grey, b, pts[:first], None, winSize=LK_WINDOW, maxLevel=LK_LEVELS)
+    if first < len(pts):
+        ok = status[:, 0] == 1
+        if ok.sum() >= MIN_TRACKED:
+            known = np.linalg.norm(nxt[ok, 0] - pts[:first][ok, 0], axis=1)
+            bounds = median_bounds(known, len(pts) - first)
+            if bounds is not None and settled(*bounds):
+                return Motion(float(np.median(known)), float("nan"), int(ok.sum()))
+        rest, rest_status, _ = cv2.calcOpticalFlowPyrLK(ref.grey, b, pts[first:], None, winSize=LK_WINDOW,
+                                                        maxLevel=LK_LEVELS)
+        nxt, status = np.concatenate([nxt, rest]), np.concatenate([status, rest_status])
     ok = status[:, 0] == 1
     if ok.sum() < MIN_TRACKED:
         return None
@@ -296,6 +337,7 @@ class WindowBuilder:
         self.last_thumb: np.ndarray | None = None  # of the last kept view
         self.last_grey: Reference | None = None  # of the last kept view
         self.last_index: int | None = None  # of the last kept view
+        self.speed: float | None = None  # median flow per frame at the last candidate tracked
         self.prev_cut_stats: tuple[np.ndarray, np.ndarray] | None = None  # of the previous frame
         self.sharpness: deque[float] = deque(maxlen=SHARPNESS_HISTORY)
         self.next_candidate = 0
@@ -363,15 +405,31 @@ class WindowBuilder:
             made = self._candidate(last, seen, thumb) or made
         return made
 
-    def _skip(self, frame: Frame, counter: str, flow: float | None = None, target: float = 0.0) -> None:
-        setattr(self, counter, getattr(self, counter) + 1)
+    def _step(self, frame: Frame, still_run: int | None, flow: float | None, target: float) -> int:
+        """Frames from skipped ``frame`` to the next candidate; ``still_run``: the still skips in
+        a row, this one counted (None: not a still skip)."""
         step = 1  # try the very next frame, not a stride on
-        if counter == "skipped_still":  # a camera that stays still is tried less often
-            self.still_run += 1
-            step = 1 + self.still_run // STILL_BACKOFF
+        if still_run is not None:  # a camera that stays still is tried less often
+            step = 1 + still_run // STILL_BACKOFF
         if flow is not None and self.last_index is not None:
             step = max(step, frames_to_flow(flow, target, frame.index - self.last_index))
-        self.next_candidate = frame.index + min(self.frame_stride, step)
+        return min(self.frame_stride, step)
+
+    def _skip(self, frame: Frame, counter: str, flow: float | None = None, target: float = 0.0) -> None:
+        setattr(self, counter, getattr(self, counter) + 1)
+        if counter == "skipped_still":
+            self.still_run += 1
+        still_run = self.still_run if counter == "skipped_still" else None
+        self.next_candidate = frame.index + self._step(frame, still_run, flow, target)
+
+    def _settled(self, frame: Frame, lo: float, hi: float) -> bool:
+        """Whether every median flow in [lo, hi] leads to the same decision without the
+        parallax: a view (at least ``keyframe_rotation_flow`` and ``keyframe_min_flow``), or a
+        still skip with the same next candidate."""
+        if lo >= max(self.min_flow, self.rotation_flow):
+            return True
+        return (hi < self.min_flow and self._step(frame, self.still_run + 1, lo, self.min_flow)
+                == self._step(frame, self.still_run + 1, hi, self.min_flow))
 
     def push(self, frame: Frame) -> Window | None:
         before = None
@@ -415,7 +473,16 @@ class WindowBuilder:
             return None
         if self.min_flow > 0 and self.last_grey is not None and self.last_grey.grey.shape == grey.shape:
             # the parallax decides only between min_flow and rotation_flow
-            motion = camera_motion(self.last_grey, grey, lambda flow: self.min_flow <= flow < self.rotation_flow)
+            gap = frame.index - self.last_index
+            # the strongest corners first only where the flow expected at the last speed (within
+            # a factor of 2) would settle the decision: elsewhere the second LK call only costs
+            expected = None if self.speed is None else self.speed * gap
+            settled = None
+            if expected is None or self._settled(frame, expected / 2, expected * 2):
+                settled = lambda lo, hi: self._settled(frame, lo, hi)  # noqa: E731
+            motion = camera_motion(self.last_grey, grey, lambda flow: self.min_flow <= flow < self.rotation_flow,
+                                   settled)
+            self.speed = None if motion is None else motion.flow / gap
             if motion is not None:  # None: tracking lost, plenty of change
                 if motion.flow < self.min_flow:
                     self._skip(frame, "skipped_still", motion.flow, self.min_flow)

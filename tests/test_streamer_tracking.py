@@ -54,3 +54,62 @@ def test_homography_fitted_only_when_it_can_change_the_decision():
     a, b = _pair(rotate=True, mover=False)
     motion = W.camera_motion(W.Reference(a), b, lambda flow: False)
     assert motion is not None and np.isnan(motion.parallax)
+
+
+def test_median_bounds_hold_whatever_the_untracked_values():
+    rng = np.random.default_rng(0)
+    assert W.median_bounds(np.arange(10.0), 10) is None  # as many unknown as known: no bound
+    assert W.median_bounds(np.arange(6.0), 0) == (2.0, 3.0)  # nothing unknown: the two middle values
+    assert W.median_bounds(np.arange(60.0), 40) == (9.0, 50.0)
+    for _ in range(500):
+        known = rng.exponential(3.0, rng.integers(1, 80))
+        unknown = int(rng.integers(0, len(known)))
+        lo, hi = W.median_bounds(known, unknown)
+        for present in (0, unknown // 2, unknown):
+            for fill in (0.0, 1e9, None):
+                extra = rng.exponential(3.0, present) if fill is None else np.full(present, fill)
+                median = float(np.median(np.concatenate([known, extra])))
+                assert lo <= median <= hi
+
+
+def _clip(speeds):
+    """Grey frames of a camera panning ``speeds[i]`` px between frame i and i + 1 (0: still)."""
+    big = cv2.cvtColor(texture(160 + int(sum(speeds)) + 2, 120, 5), cv2.COLOR_RGB2GRAY)
+    x = np.concatenate([[0.0], np.cumsum(speeds)])
+    return [np.ascontiguousarray(cv2.warpAffine(big, np.float32([[1, 0, -xi], [0, 1, 0]]), (160, 120))) for xi in x]
+
+
+def test_the_strongest_corners_first_give_the_decisions_of_all_corners(monkeypatch):
+    """Still stretches, slow and fast pans: the same views, skips and candidates whether the
+    strongest corners are tracked first (and the rest only when needed) or all at once; the
+    split leaves points untracked on the still and fast stretches."""
+    from types import SimpleNamespace
+
+    greys = _clip([0.05] * 60 + [0.6] * 30 + [6.0] * 30 + [0.0] * 40 + [1.5] * 30)
+    real = cv2.calcOpticalFlowPyrLK
+
+    def run(share):
+        monkeypatch.setattr(W, "FIRST_SHARE", share)
+        points = []
+
+        def counted(a, b, pts, *args, **kwargs):
+            points.append(len(pts))
+            return real(a, b, pts, *args, **kwargs)
+
+        monkeypatch.setattr(W.cv2, "calcOpticalFlowPyrLK", counted)
+        builder = W.WindowBuilder("s", views=3, height=24, width=32, frame_stride=4, window_step=4,
+                                  min_flow=2.0, min_parallax=0.4, rotation_flow=12.0)
+        views, candidates = [], []
+        for i, g in enumerate(greys):
+            rgb = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
+            w = builder.push(SimpleNamespace(index=i, timestamp=float(i), rgb=rgb, intrinsics=np.eye(3),
+                                             gt_depth=None, gt_cam_to_world=None))
+            views.append(None if w is None else [v.index for v in w.views])
+            candidates.append(builder.next_candidate)
+        monkeypatch.setattr(W.cv2, "calcOpticalFlowPyrLK", real)
+        return views, candidates, (builder.skipped_still, builder.skipped_rotation), sum(points)
+
+    split, whole = run(0.6), run(1.0)
+    assert split[:3] == whole[:3]
+    assert any(v for v in whole[0]) and whole[2][0] > 5  # views and still skips both happen
+    assert split[3] < 0.95 * whole[3]
