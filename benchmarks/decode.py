@@ -10,6 +10,16 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
 
     .venv/bin/python benchmarks/decode.py [--videos DIR] [--kitchen DIR] [--seconds-1080p 4]
                                           [--max-frames 300] [--repeats 3] [--only decode|workers|extras]
+    .venv/bin/python benchmarks/decode.py --only windows --windows-out A.json [--extra DIR ...]
+    .venv/bin/python benchmarks/decode.py --compare-windows A.json B.json
+    .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
+
+``--only windows`` writes the keyframe decisions over whole files (the view indices of every
+window, cuts, skips, LK calls and points tracked) of the shared videos, the 7-Scenes folder and
+any ``--extra`` files or folders; run it under two versions of ``streamer`` (one of them from
+an export of an older tree on ``PYTHONPATH``) and ``--compare-windows`` counts the windows and
+views that differ. ``--only streamer`` times the streamer path alone (frames per CPU-second,
+best of ``--repeats``), for before/after turns of two versions in separate processes.
 """
 
 from __future__ import annotations
@@ -297,6 +307,64 @@ def zmq_throughput(views=8, h=256, w=320, n=200) -> tuple[float, float]:
     return nbytes * n / dt / 1e9, nbytes * n / dm / 1e9
 
 
+def window_decisions(specs: list[Path], out: Path) -> None:
+    """Whole-file keyframe decisions of the ``streamer`` imported, written to ``out`` (JSON)."""
+    import json
+
+    from streamer import windows as W
+
+    real = cv2.calcOpticalFlowPyrLK
+    lk = [0, 0]
+
+    def counted(a, b, pts, *args, **kwargs):
+        lk[0] += 1
+        lk[1] += len(pts)
+        return real(a, b, pts, *args, **kwargs)
+
+    cv2.calcOpticalFlowPyrLK = counted
+    result = {}
+    print(f"windows of {W.__file__}")
+    print("| file | windows | views | cuts | still | rotation | blur | LK calls | LK points |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    try:
+        for spec in specs:
+            src = VideoSource(spec) if spec.is_file() else ImageSequenceSource(spec)
+            builder = W.builder_for(src.name, StreamerConfig(**WINDOW_CFG))
+            wanted = Wanted()
+            wanted.builder = builder
+            lk[:] = [0, 0]
+            made = [w for f in src.frames(wanted=wanted) if (w := builder.push(f)) is not None]
+            made += [w for w in [builder.finish()] if w is not None]
+            views = [[v.index for v in w.views] for w in made]
+            row = dict(windows=views, cuts=builder.cuts, still=builder.skipped_still,
+                       rotation=builder.skipped_rotation, blur=builder.skipped_blur, lk_calls=lk[0], lk_points=lk[1])
+            result[str(spec)] = row
+            print(f"| {spec.name} | {len(views)} | {len({i for v in views for i in v})} | {row['cuts']} | "
+                  f"{row['still']} | {row['rotation']} | {row['blur']} | {lk[0]} | {lk[1]} |", flush=True)
+    finally:
+        cv2.calcOpticalFlowPyrLK = real
+    out.write_text(json.dumps(result))
+
+
+def compare_windows(a: Path, b: Path) -> None:
+    """Windows and views of ``b`` that differ from ``a`` (both from ``--only windows``)."""
+    import json
+
+    before, after = json.loads(a.read_text()), json.loads(b.read_text())
+    print("| file | windows | of them changed | views | in one set only | cuts |")
+    print("|---|---|---|---|---|---|")
+    total = [0, 0, 0, 0]
+    for name in sorted(before.keys() & after.keys()):
+        x, y = before[name], after[name]
+        wx, wy = {tuple(w) for w in x["windows"]}, {tuple(w) for w in y["windows"]}
+        vx, vy = {i for w in wx for i in w}, {i for w in wy for i in w}
+        row = [len(wx), len(wx - wy), len(vx), len(vx ^ vy)]
+        total = [t + r for t, r in zip(total, row)]
+        print(f"| {Path(name).parent.name}/{Path(name).name} | {len(wx)} / {len(wy)} | {row[1]} | {len(vx)} / {len(vy)} | {row[3]} | "
+              f"{x['cuts']} / {y['cuts']} |")
+    print(f"| all | {total[0]} | {total[1]} | {total[2]} | {total[3]} | |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -305,10 +373,34 @@ def main() -> int:
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
-    ap.add_argument("--only", choices=["decode", "workers", "extras"], default=None)
+    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer"], default=None)
+    ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
+    ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
+    ap.add_argument("--compare-windows", nargs=2, metavar=("A", "B"), help="count the differing windows")
     args = ap.parse_args()
     MAX_FRAMES[0] = args.max_frames
     REPEATS[0] = args.repeats
+    if args.compare_windows:
+        compare_windows(*map(Path, args.compare_windows))
+        return 0
+    if args.only in ("windows", "streamer"):
+        specs = sorted(Path(args.videos).glob("*.mp4")) + sorted(Path(args.videos).glob("*.avi"))
+        specs += [p for p in [Path(args.kitchen)] + [Path(e) for e in args.extra] if p.exists()]
+        if args.only == "windows":
+            window_decisions(specs, Path(args.windows_out))
+            return 0
+        from streamer import windows as W
+
+        rates = []
+        for spec in specs:
+            best = 0.0
+            for _ in range(REPEATS[0]):
+                n, _, cpu = cpu_timed(lambda: streamer_path(spec))
+                best = max(best, n / cpu)
+            rates.append(f"{spec.name} {best:.0f}")
+        print(f"streamer path of {W.__file__}, frames per CPU-second, first {MAX_FRAMES[0]} frames, best of "
+              f"{REPEATS[0]}: " + ", ".join(rates), flush=True)
+        return 0
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
           f"{workers.available_cores()} cores available; PyAV {av.__version__}, OpenCV {cv2.__version__}, "
           f"decord {decord.__version__ if decord else 'absent'}, numpy {np.__version__}")
