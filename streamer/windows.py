@@ -233,7 +233,8 @@ RANSAC_ITERS = 20
 needs 80 % of the points within 0.4 px, so within the 1 px RANSAC threshold; at that inlier
 share a 4-point sample is all inliers with p = 0.8**4 = 0.41, RANSAC stops after about ten
 iterations anyway, and 20 draws miss every such sample with p = 0.59**20 = 3e-5. The cap only
-shortens the search where parallax is plain, where the decision is parallax whatever the fit.
+shortens the search where parallax is plain, where fewer draws leave a fit no better, read as
+parallax all the same.
 100 (the cap before) and 20, 15 and 10 give the same windows, views and cuts over the whole
 shared videos, their .devdata copies and three 7-Scenes sequences (docs/BENCHMARKS.md, fourth
 pass of issue 18); 20 takes 0.6x the time of 100 per fit."""
