@@ -134,11 +134,6 @@ class LossConfig:
     (``learner.losses.registered_teacher_shift``). Weak: the teacher, the matches and the
     intrinsics only. 0 = off. It took 7-Scenes median-scaled AbsRel from 0.43 to 0.35 beside
     the two terms above; at 3 the views' shapes broke (0.54; docs/RESULTS.md, issue 21)."""
-    depth_tiles: int = 1
-    """The relative-depth loss normalises each cell of a ``depth_tiles`` x ``depth_tiles`` grid
-    over a view on its own (``learner.losses.relative_depth_loss``); 1: the paper's loss, one
-    normalisation per view. More cells leave the teacher's smooth low-frequency errors (how
-    its cells relate in scale and shift) to the match terms."""
     refine: RefineConfig | None = None
     """The self-refinement term (:class:`RefineConfig`); ``null`` (the default): off. On the
     command line ``learner.loss.refine.weight=1`` turns it on with the section's defaults. Not in
@@ -152,8 +147,6 @@ class LossConfig:
                              "triangulation_pose_weight and contrast_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
-        if self.depth_tiles < 1:
-            raise ValueError(f"depth_tiles must be >= 1, got {self.depth_tiles}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -122,7 +122,7 @@ def weighted_loss(
             terms["contrast"] = contrast.detach()
         if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
-                                      teacher_space=teacher_space, tiles=cfg.depth_tiles)
+                                      teacher_space=teacher_space)
             loss = loss + dep
             terms["depth"] = dep.detach()
     else:

@@ -169,35 +169,6 @@ def test_depth_loss_ignores_invalid_nonfinite_teacher_and_skips_small_views():
     assert_finite_grads(depth)
 
 
-@pytest.mark.parametrize("h,w", [(12, 16), (13, 17)])  # cells of equal and of unequal sizes
-def test_tiled_depth_loss_is_blind_to_a_per_cell_affine_teacher_error_and_sums_the_cells(h, w):
-    depth, conf, valid, _, _, g = depth_case(5, h=h, w=w)
-    tiles = 2
-    rows = (torch.arange(h) * tiles // h)[:, None]
-    cols = (torch.arange(w) * tiles // w)[None, :]
-    cell = rows * tiles + cols  # [H, W] in 0..3
-    a = (0.2 + 3 * torch.rand(2, 3, tiles * tiles, generator=g, dtype=F64))[..., cell]
-    b = (5 * torch.randn(2, 3, tiles * tiles, generator=g, dtype=F64))[..., cell]
-    teacher = a * depth + b  # affine in each cell, not in the view
-    ones = torch.ones_like(depth)
-    assert abs(relative_depth_loss(depth, teacher, ones, valid, tiles=tiles).item()) < 1e-5
-    assert relative_depth_loss(depth, teacher, ones, valid).item() > 0.05
-    # Known answer: the per-cell losses (each cell a view of its own), pixel-weighted.
-    noisy = teacher * (1 + 0.2 * torch.rand(depth.shape, generator=g, dtype=F64))
-    total = count = 0.0
-    for k in range(tiles * tiles):
-        r0, r1 = (rows[:, 0] == k // tiles).nonzero()[[0, -1], 0].tolist()
-        c0, c1 = (cols[0] == k % tiles).nonzero()[[0, -1], 0].tolist()
-        part = (slice(None), slice(None), slice(r0, r1 + 1), slice(c0, c1 + 1))
-        n = valid[part].sum().item()
-        total += n * relative_depth_loss(depth[part], noisy[part], conf[part], valid[part], min_valid=1).item()
-        count += n
-    tiled = relative_depth_loss(depth, noisy, conf, valid, tiles=tiles, min_valid=1).item()
-    assert tiled == pytest.approx(total / count, rel=1e-9)
-    with pytest.raises(ValueError, match="tiles"):
-        relative_depth_loss(depth, teacher, conf, valid, tiles=0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reprojection (angle) loss.
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ def relative_depth_loss(
     *,
     alpha: float = _TERMS.alpha,
     teacher_space: Literal["depth", "disparity"] = "depth",
-    tiles: int = _TERMS.depth_tiles,
     min_valid: int = 16,
     eps: float = 1e-6,
 ) -> Tensor:
@@ -81,15 +80,10 @@ def relative_depth_loss(
         teacher_space: ``"depth"`` (larger = farther): P = D̂. ``"disparity"`` (larger = nearer,
             e.g. Depth Anything's relative output): normalise in the teacher's own space,
             P = 1 / D̂.
-        tiles: Γ normalises each cell of a ``tiles`` x ``tiles`` grid over the view on its own
-            (rows and columns split as evenly as the size allows); 1 is the paper's loss, one
-            normalisation per view. With more cells the loss no longer sees how the teacher's
-            cells relate to each other in scale and shift, only the shape inside each: that
-            relation (a teacher's smooth, low-frequency error) is left to the match terms.
-        min_valid: views (cells) with fewer valid pixels are skipped.
+        min_valid: views with fewer valid pixels are skipped.
         eps: relative guard of Γ against a zero mean absolute deviation.
 
-    Reduction: sum over the valid pixels of the kept views (cells) / their count. When no view is
+    Reduction: sum over the valid pixels of the kept views / their count. When no view is
     kept the result is a graph-connected zero (gradients exist and are 0), never NaN.
     """
     if teacher_space not in ("depth", "disparity"):
@@ -97,8 +91,6 @@ def relative_depth_loss(
     if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
         raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
                          f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
-    if tiles < 1:
-        raise ValueError(f"tiles must be >= 1, got {tiles}")
     pred = _fp32(pred_depth).flatten(-2).flatten(0, -2)  # [B*V, H*W]
     teacher = _fp32(teacher_depth).flatten(-2).flatten(0, -2).to(pred.dtype)
     mask = valid.flatten(-2).flatten(0, -2).bool() & torch.isfinite(teacher)
@@ -108,12 +100,6 @@ def relative_depth_loss(
     else:
         conf = _fp32(confidence).flatten(-2).flatten(0, -2).to(pred.dtype)
         zero = pred.sum() * 0 + conf.sum() * 0
-    if tiles > 1:
-        # One row per (view, cell): every pixel stays in place, masked out of the cells it is not in.
-        cell = _cell_index(pred_depth.shape[-2], pred_depth.shape[-1], tiles, pred.device)  # [H*W]
-        in_cell = cell[None, :] == torch.arange(tiles * tiles, device=pred.device)[:, None]  # [C, H*W]
-        mask = (mask[:, None, :] & in_cell[None]).flatten(0, 1)  # [B*V*C, H*W]
-        pred, teacher, conf = (x[:, None, :].expand(-1, tiles * tiles, -1).flatten(0, 1) for x in (pred, teacher, conf))
 
     # Views with too few valid pixels are masked out rather than indexed away: no host sync
     # (the training step reads the device once per step). They are normalised with uniform
@@ -136,14 +122,6 @@ def relative_depth_loss(
         per_pixel = conf * residual - alpha * conf.clamp(min=1e-6).log()
     per_pixel = torch.where(mask, per_pixel, torch.zeros_like(per_pixel))
     return per_pixel.sum() / mask.sum().clamp(min=1) + zero
-
-
-def _cell_index(height: int, width: int, tiles: int, device: torch.device) -> Tensor:
-    """Cell of each pixel of an ``height`` x ``width`` map cut into a ``tiles`` x ``tiles`` grid,
-    [H*W] in row-major order (cell rows and columns as even as the size allows)."""
-    rows = torch.arange(height, device=device) * tiles // height
-    cols = torch.arange(width, device=device) * tiles // width
-    return (rows[:, None] * tiles + cols[None, :]).flatten()
 
 
 def teacher_aligned_depth(
