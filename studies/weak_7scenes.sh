@@ -19,7 +19,7 @@
 #
 # Distillation (`reliev3r teacher-train --distill`): DISTILL=NAME distils run NAME's learner, on the
 # training frames, into a teacher fine-tuned from the shipped weights for DISTILL_S seconds (default
-# 150) on the GPU once training has stopped; the weights go to $OUT/teacher (4 MB: bring them back
+# 150) on DISTILL_DEVICE (default cuda) once training has stopped; the weights go to $OUT/teacher (4 MB: bring them back
 # and carry them into the next call as "dst:labeler.teacher=embedded:PATH"), and every run's eval
 # also scores that teacher alone on the held-out frames. E.g. (one call, then the next):
 #   DISTILL=dflt STEPS=1500 WALL=400 bash studies/weak_7scenes.sh "sup:learner.loss.kind=supervised" "dflt:" \
@@ -82,7 +82,7 @@ echo "training ended after $(( $(date +%s) - t0 )) s"
 teachers=()
 if [ -n "${DISTILL:-}" ]; then
   python3 -m reliev3r.cli teacher-train --distill "$RUNS/$DISTILL" --frames "7scenes:$DATA/7s-train" \
-    --out "$OUTD/teacher" --device cuda --time-budget "${DISTILL_S:-150}" --steps 100000 \
+    --out "$OUTD/teacher" --device "${DISTILL_DEVICE:-cuda}" --time-budget "${DISTILL_S:-150}" --steps 100000 \
     init="$ROOT/labelers/weights/embedded_depth.safetensors" height=144 width=192 render_fraction=0.2 dining=true lr=0.0005 warmup=100 \
     > "$RUNS/distill.log" 2>&1 && teachers=(--teacher "embedded:$OUTD/teacher/embedded_depth.safetensors")
   tail -n 1 "$RUNS/distill.log"
