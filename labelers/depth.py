@@ -255,7 +255,8 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
 
     * ``none``, ``oracle``, ``oracle?strength=S`` or ``oracle?gamma=..&warp=..&blur=..&clip=..&noise=..&holes=..``
       (structured teacher errors, :class:`OracleTeacher`);
-    * ``embedded`` (the package-shipped U-Net, :mod:`labelers.embedded`), ``embedded:<weights file>``;
+    * ``embedded`` (the package-shipped U-Net, :mod:`labelers.embedded`), ``embedded:<weights file>``
+      or ``embedded:<folder>`` (the folder ``reliev3r teacher-train --out`` wrote);
     * ``hf:<hub id or local folder>`` (transformers ``AutoModelForDepthEstimation``);
     * ``onnx:<file>``, ``torchscript:<file>``, ``tflite:<file>`` with ``?space=depth|disparity``
       and optional ``&size=HxW&norm=imagenet|unit&output=<name>``;
@@ -270,7 +271,7 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
     if base in ("oracle", "oracle-gt"):
         return OracleTeacher.from_options(query, spec) if query else OracleTeacher()
     kind, sep, target = spec.partition(":")
-    if kind == "embedded":  # the package-shipped default; ``embedded:<file>`` for other weights
+    if kind == "embedded":  # the package-shipped default; ``embedded:<file or folder>`` for other weights
         from labelers.embedded import EmbeddedTeacher
 
         return EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision)

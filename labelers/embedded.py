@@ -160,6 +160,8 @@ class EmbeddedTeacher(DepthTeacher):
                  batch_frames: int = _LABELER.batch_frames, precision: str = _LABELER.precision):
         self.device = torch.device(device)
         self.weights = Path(weights) if weights is not None else WEIGHTS
+        if self.weights.is_dir():  # a folder of ``reliev3r teacher-train --out``
+            self.weights = self.weights / WEIGHTS.name
         self.net, self.meta = load_net(self.weights)
         self.net.to(self.device)
         self.version = weights_digest(self.weights)

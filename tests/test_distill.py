@@ -108,6 +108,8 @@ def test_distill_writes_a_loadable_teacher_that_records_its_source(tmp_path):
     teacher = make_teacher(f"embedded:{weights}", "cpu")
     depth, valid = teacher.predict(np.full((1, 40, 56, 3), 128, np.uint8))
     assert depth.shape == (1, 40, 56) and valid.all()
+    # the folder names the same weights (what a user copies from the command's output)
+    assert make_teacher(f"embedded:{out}", "cpu").version == teacher.version == meta["version"]
 
 
 def test_real_samples_are_the_snapshots_prediction(tmp_path):
