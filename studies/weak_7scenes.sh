@@ -9,13 +9,14 @@
 #   STEPS=800 WALL=330 bash studies/weak_7scenes.sh "default:" "sup:learner.loss.kind=supervised" \
 #       "oracle:labeler.teacher=oracle" "oracle2:labeler.teacher=oracle?strength=2"
 #
-# PyDNet++ as the teacher: put its runtime beside the other wheels and the model beside the data,
+# PyDNet++ as the teacher: put its runtime in a second wheel folder and the model beside the data,
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
-#       --platform manylinux_2_28_x86_64 --platform any --no-deps -d .whl \
-#       ai-edge-litert==1.4.0 flatbuffers ml_dtypes backports.strenum protobuf
+#       --platform manylinux_2_28_x86_64 --platform any --no-deps -d .whl-tflite \
+#       ai-edge-litert==1.4.0 flatbuffers ml_dtypes backports.strenum
 #   cp ../shared/models/pydnet++.tflite .devdata/
 # and give the run "pyd:labeler.teacher=pydnet:.devdata/pydnet++.tflite labeler.workers=4" (it runs
-# on the CPU, about 0.3 s a frame). All of it travels in about 65 of the 67 MB a call may carry.
+# on the CPU, about 0.3 s a frame). Carry .whl, .whl-tflite, .devdata/7s-train, .devdata/7s-eval
+# and .devdata/pydnet++.tflite: 56.3 MiB, 62.6 with the tree, of the 64 MiB a call may carry.
 #
 # Distillation (`reliev3r teacher-train --distill`): DISTILL=NAME distils run NAME's learner, on the
 # training frames, into a teacher fine-tuned from the shipped weights for DISTILL_S seconds (default
@@ -34,14 +35,16 @@
 #
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
-# snapshot) WALL seconds after the start. WHEELS: a folder of wheels to install first (default
-# .whl, skipped when absent); DATA: the folder of studies.prepare_7scenes (default .devdata);
+# snapshot) WALL seconds after the start. WHEELS: folders of wheels to install first (default
+# ".whl .whl-tflite"; absent or empty ones are skipped); DATA: the folder of studies.prepare_7scenes (default .devdata);
 # OUT: where summary.txt and runs.tgz (logs and evaluations, no weights) go (default /tmp/out).
 # docs/RESULTS.md, "Issue 21", has the runs of 2026-12-04 and their commands.
 set -u
-ROOT=$PWD; DATA=$(realpath "${DATA:-.devdata}"); WHEELS=${WHEELS:-.whl}
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+ROOT=$PWD; DATA=$(realpath "${DATA:-.devdata}")
+wheels=()
+for dir in ${WHEELS:-.whl .whl-tflite}; do compgen -G "$dir/*.whl" >/dev/null && wheels+=("$dir"/*.whl); done
+if [ ${#wheels[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
     || exit 1
   export PYTHONPATH=$ROOT:/tmp/site
 else
