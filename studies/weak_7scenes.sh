@@ -29,8 +29,10 @@
 #       "dst:labeler.teacher=embedded:.devdata/teacher/embedded_depth.safetensors"
 #
 # On a CPU host: CONFIG=configs/demo.yaml SERIAL=1 (one run after another, each stopped WALL seconds
-# after its own start; THREADS=1), e.g. the curve of weak quality against the oracle's error:
-#   CONFIG=configs/demo.yaml SERIAL=1 THREADS=1 WHEELS=none STEPS=1200 WALL=1200 bash studies/weak_7scenes.sh \
+# after its own start; THREADS=1; python3 must be the venv's), e.g. the curve of weak quality
+# against the oracle's error:
+#   PATH=$PWD/.venv/bin:$PATH CONFIG=configs/demo.yaml SERIAL=1 THREADS=1 WHEELS=none STEPS=1200 WALL=1200 \
+#       bash studies/weak_7scenes.sh \
 #       "or0:labeler.teacher=oracle" "or1:labeler.teacher=oracle?strength=1" ...
 #
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
