@@ -99,8 +99,6 @@ class LossConfig:
     only for the comparison study."""
     reproj_weight: float = 0.5
     """lambda in L = L_depth + lambda * L_reproj."""
-    depth_weight: float = 1.0
-    """Weight of the relative-depth term L_depth (the teacher's pull on each view's shape)."""
     alpha: float = 1.0
     """Weight of the -log W confidence regulariser in the depth loss."""
     robust: Literal["none", "cauchy", "geman_mcclure", "pseudo_huber"] = "cauchy"
@@ -143,7 +141,7 @@ class LossConfig:
     real video."""
 
     def __post_init__(self) -> None:
-        if min(self.reproj_weight, self.depth_weight, self.alpha, self.point_weight, self.triangulation_weight,
+        if min(self.reproj_weight, self.alpha, self.point_weight, self.triangulation_weight,
                self.triangulation_pose_weight, self.contrast_weight) < 0:
             raise ValueError("reproj_weight, alpha, point_weight, triangulation_weight, "
                              "triangulation_pose_weight and contrast_weight must be >= 0")

@@ -123,7 +123,7 @@ def weighted_loss(
         if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
                                       teacher_space=teacher_space)
-            loss = loss + cfg.depth_weight * dep
+            loss = loss + dep
             terms["depth"] = dep.detach()
     else:
         raise ValueError(f"kind must be 'weak' or 'supervised', got {cfg.kind!r}")
