@@ -21,25 +21,24 @@ import numpy as np
 import torch
 
 from evaluation.datasets import sevenscenes_sequence
-from evaluation.metrics import absrel_delta, scale_shift_lsq
 from labelers.embedded import WEIGHTS, EmbeddedTeacher
+from studies.teacher_warp import lsq_absrel
 
 
 def cell_absrel(pred: np.ndarray, gt: np.ndarray, cells: int, *, min_pixels: int = 16) -> float:
     """AbsRel of ``pred`` against ``gt`` (0 = no depth) after a least-squares scale and shift per
-    cell of a ``cells`` x ``cells`` grid; cells with fewer than ``min_pixels`` depths are left out."""
+    cell of a ``cells`` x ``cells`` grid (each cell as ``studies.teacher_warp.lsq_absrel`` aligns
+    a frame), over all pixels; cells with fewer than ``min_pixels`` depths are left out."""
     h, w = gt.shape
     cell = (np.arange(h) * cells // h)[:, None] * cells + (np.arange(w) * cells // w)[None, :]
-    aligned, target = [], []
+    total = count = 0.0
     for k in range(cells * cells):
-        m = (gt > 0) & (cell == k)
-        if m.sum() < min_pixels:
-            continue
-        p, g = torch.from_numpy(pred[m]).double(), torch.from_numpy(gt[m]).double()
-        a, b = scale_shift_lsq(p, g)
-        aligned.append(a * p + b)
-        target.append(g)
-    return absrel_delta(torch.cat(aligned), torch.cat(target))[0]
+        inside = cell == k
+        n = int((gt[inside] > 0).sum())
+        if n >= min_pixels:
+            total += n * lsq_absrel(pred[inside], gt[inside])
+            count += n
+    return total / count
 
 
 def main(argv: list[str] | None = None) -> int:
