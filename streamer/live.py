@@ -33,7 +33,6 @@ import time
 from collections import deque
 from typing import Callable, Iterator
 
-import av
 import numpy as np
 
 from streamer.sources import DamageGate, ErrorSink, Frame, fov_intrinsics, _log_error
@@ -169,6 +168,8 @@ class LiveSource:
                 return
 
     def _read_once(self, generation: int) -> bool:
+        import av  # here, not at the top: a streamer of image folders or files runs without PyAV
+
         options, fmt = open_options(self.url, self.read_timeout_s)
         try:
             container = av.open(self.url, format=fmt, options=options,

@@ -556,3 +556,27 @@ def test_tiny_frames_refused(tmp_path):
     errors = Errors()
     assert take(VideoSource(tmp_path / "dot.mp4", on_error=errors)) == []
     assert errors.reasons() == ["too_small"]
+
+
+def test_image_folders_need_no_pyav(tmp_path):
+    """PyAV is needed to read video only: with it uninstalled, every stage's process imports and an
+    image folder yields its frames (a GPU host that lacks PyAV trains on image sequences)."""
+    import subprocess
+    import sys
+
+    _jpeg_folder(tmp_path / "seq", 6, bad=-1)
+    script = f"""
+import sys
+sys.modules["av"] = None  # `import av` now raises ImportError, as on a host without PyAV
+import importlib
+for module in ("reliev3r.cli", "streamer.service", "labelers.service", "replay.service",
+               "learner.service", "evaluation.service"):
+    importlib.import_module(module)
+from streamer.sources import ImageSequenceSource
+print(len(list(ImageSequenceSource({str(tmp_path / "seq")!r}, on_error=print).frames())))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "6"
