@@ -134,6 +134,11 @@ class LossConfig:
     (``learner.losses.registered_teacher_shift``). Weak: the teacher, the matches and the
     intrinsics only. 0 = off. It took 7-Scenes median-scaled AbsRel from 0.43 to 0.35 beside
     the two terms above; at 3 the views' shapes broke (0.54; docs/RESULTS.md, issue 21)."""
+    match_shape_weight: float = 1.0
+    """Share of the match terms' gradient (reprojection, point, triangulation, contrast,
+    refinement) that reaches each view's depth *shape*; their pull on its scale and shift is
+    always whole (``learner.losses.shape_damped``). 1 = the terms act on every pixel; 0 = the
+    shape comes from the relative-depth loss alone."""
     refine: RefineConfig | None = None
     """The self-refinement term (:class:`RefineConfig`); ``null`` (the default): off. On the
     command line ``learner.loss.refine.weight=1`` turns it on with the section's defaults. Not in
@@ -147,6 +152,8 @@ class LossConfig:
                              "triangulation_pose_weight and contrast_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
+        if not 0.0 <= self.match_shape_weight <= 1.0:
+            raise ValueError(f"match_shape_weight must be in [0, 1], got {self.match_shape_weight}")
 
 
 @dataclass(kw_only=True, slots=True)

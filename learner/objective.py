@@ -20,7 +20,8 @@ from torch import Tensor
 
 from learner.config import LossConfig
 from learner.losses import (depth_contrast_loss, point_consistency_loss, relative_depth_loss, reprojection_loss,
-                            supervised_loss, teacher_aligned_depth, triangulated_depth_loss, triangulated_pose_loss)
+                            shape_damped, supervised_loss, teacher_aligned_depth, triangulated_depth_loss,
+                            triangulated_pose_loss)
 from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r.protocol import Matches
 
@@ -88,26 +89,28 @@ def weighted_loss(
             teacher = batch["teacher_depth"].to(depth.device)
             valid = batch.get("teacher_valid")
             valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
-        reproj = reprojection_loss(depth, cam_to_world, intrinsics, named.geometry, named.score,
+        # The match terms see the learner's depth; their gradient reaches its shape damped.
+        match_depth = depth if teacher is None else shape_damped(depth, cfg.match_shape_weight)
+        reproj = reprojection_loss(match_depth, cam_to_world, intrinsics, named.geometry, named.score,
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect
         terms["reproj"] = reproj.detach()
         if cfg.point_weight > 0:
-            point = point_consistency_loss(depth, cam_to_world, intrinsics, named.geometry, named.score)
+            point = point_consistency_loss(match_depth, cam_to_world, intrinsics, named.geometry, named.score)
             loss = loss + cfg.point_weight * point
             terms["point"] = point.detach()
         if cfg.refine is not None:
             search_depth = depth
             if cfg.refine.depth == "teacher" and teacher is not None:
                 search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
-            refined = _refinement_term(depth, search_depth, cam_to_world, intrinsics, matches, cfg)
+            refined = _refinement_term(match_depth, search_depth, cam_to_world, intrinsics, matches, cfg)
             loss = loss + cfg.refine.weight * refined
             terms["refine"] = refined.detach()
         triangulation = batch.get("match_triangulation")
         if triangulation is not None:
             triangulation = triangulation.to(depth.device)
         if triangulation is not None and cfg.triangulation_weight > 0:
-            tri = triangulated_depth_loss(depth, named.geometry, triangulation)
+            tri = triangulated_depth_loss(match_depth, named.geometry, triangulation)
             loss = loss + cfg.triangulation_weight * tri
             terms["triangulation"] = tri.detach()
         if triangulation is not None and cfg.triangulation_pose_weight > 0:
@@ -116,7 +119,7 @@ def weighted_loss(
             loss = loss + cfg.triangulation_pose_weight * tri_pose
             terms["triangulation_pose"] = tri_pose.detach()
         if triangulation is not None and teacher is not None and cfg.contrast_weight > 0:
-            contrast = depth_contrast_loss(depth, teacher, valid, named.geometry, triangulation, intrinsics,
+            contrast = depth_contrast_loss(match_depth, teacher, valid, named.geometry, triangulation, intrinsics,
                                            teacher_space=teacher_space)
             loss = loss + cfg.contrast_weight * contrast
             terms["contrast"] = contrast.detach()

@@ -15,11 +15,12 @@ from learner.losses import (
     relative_depth_loss,
     reprojection_loss,
     robust_angle_cost,
+    shape_damped,
     supervised_loss,
     teacher_aligned_depth,
     weighted_median,
 )
-from learner.objective import compute_loss
+from learner.objective import compute_loss, weighted_loss
 from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r import geometry
 from tests.helpers_world import (F64, apply_similarity, assert_finite_grads, make_world, perturbed, random_similarity,
@@ -803,3 +804,73 @@ def test_losses_on_rendered_scene():
     valid = torch.ones_like(depth, dtype=torch.bool)
     assert abs(relative_depth_loss(depth, teacher, torch.ones_like(depth), valid, teacher_space="disparity").item()) < 1e-5
     assert abs(supervised_loss(d2, p2, depth, poses, valid).item()) < 1e-5
+
+
+# --- shape_damped: the match terms' pull on each view's shape, damped -----------------------------
+
+def _projected(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projection of g onto span{d - mean d, 1} per view (least squares)."""
+    flat_g, flat_d = g.flatten(-2), d.flatten(-2)
+    basis = torch.stack([flat_d - flat_d.mean(-1, keepdim=True), torch.ones_like(flat_d)], -1)  # [B, V, N, 2]
+    coef = torch.linalg.lstsq(basis, flat_g[..., None]).solution
+    return (basis @ coef)[..., 0].view_as(g)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 1.0])
+def test_shape_damped_keeps_values_and_damps_only_the_shape(keep):
+    gen = torch.Generator().manual_seed(0)
+    depth = (1 + torch.rand(2, 3, 5, 7, generator=gen, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64)
+    out = shape_damped(depth, keep)
+    assert torch.equal(out.detach(), depth.detach())
+    (out * g).sum().backward()
+    along = _projected(g, depth.detach())
+    torch.testing.assert_close(depth.grad, along + keep * (g - along), rtol=1e-10, atol=1e-12)
+
+
+def test_shape_damped_passes_a_pull_on_scale_and_shift_whole():
+    # A loss of each view's scale and shift only: its gradient lies in span{D - mean, 1}.
+    depth = (1 + torch.rand(1, 2, 4, 6, dtype=torch.float64)).requires_grad_()
+    target = torch.tensor([3.0, 0.5], dtype=torch.float64)[None, :, None, None]
+
+    def loss(d):
+        return ((2.0 * d + 0.7 - target * depth.detach()) ** 2).sum()
+
+    full = torch.autograd.grad(loss(depth), depth)[0]
+    damped = torch.autograd.grad(loss(shape_damped(depth, 0.0)), depth)[0]
+    torch.testing.assert_close(damped, full, rtol=1e-10, atol=1e-12)
+
+
+def test_shape_damped_rejects_a_share_outside_0_1():
+    with pytest.raises(ValueError, match="keep"):
+        shape_damped(torch.ones(1, 1, 2, 2), 1.5)
+
+
+def test_objective_damps_the_match_terms_pull_on_the_shape():
+    """With ``match_shape_weight=0`` the match terms move each view's depth only along its scale
+    and shift: the depth's gradient minus the depth term's lies in that span."""
+    gen = torch.Generator().manual_seed(1)
+    b, v, h, w = 1, 2, 8, 8
+    depth = (1 + torch.rand(b, v, h, w, generator=gen)).requires_grad_()
+    pred = SimpleNamespace(depth=depth, confidence=torch.ones(b, v, h, w),
+                           cam_to_world=torch.eye(4).expand(b, v, 4, 4).clone())
+    k = 12
+    xy = torch.rand(k, 4, generator=gen) * (w - 1)
+    matches = torch.cat([torch.zeros(k, 1), torch.zeros(k, 1), torch.ones(k, 1), xy, torch.ones(k, 1)], 1)
+    intrinsics = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(b, v, 3, 3).clone()
+    batch = {"matches": matches, "intrinsics": intrinsics, "teacher_depth": torch.rand(b, v, h, w, generator=gen) + 1,
+             "match_triangulation": torch.cat([torch.rand(k, 2, generator=gen) + 1, torch.ones(k, 1)], 1)}
+    pred.cam_to_world[0, 1, 0, 3] = 0.2
+
+    def grads(share, without_depth_term):
+        depth.grad = None
+        cfg = LossConfig(match_shape_weight=share)
+        loss, terms = weighted_loss(pred, batch, cfg)
+        if without_depth_term:
+            loss = loss - relative_depth_loss(depth, batch["teacher_depth"], pred.confidence,
+                                              torch.ones_like(depth, dtype=torch.bool))
+        return torch.autograd.grad(loss, depth)[0]
+
+    full, damped = grads(1.0, True), grads(0.0, True)
+    assert (full - _projected(full, depth.detach())).abs().max() > 1e-3  # the terms do bend the shape
+    torch.testing.assert_close(damped, _projected(full, depth.detach()), rtol=1e-4, atol=1e-6)

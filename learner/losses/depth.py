@@ -183,3 +183,35 @@ def teacher_aligned_depth(
     if teacher_space == "disparity":
         aligned = 1.0 / aligned
     return torch.where(use, aligned, depth)
+
+
+def shape_damped(depth: Tensor, keep: float) -> Tensor:
+    """``depth`` itself, with the gradient that flows back into it damped off each view's scale
+    and shift: [B, V, H, W] -> the same values (fp32).
+
+    Per view, the incoming gradient g is split into its orthogonal projection P g onto
+    span{D̂ − mean D̂, 1} (the directions that scale and shift the view's depth, its shape kept)
+    and the rest (the directions that change the shape); the first passes whole, the rest times
+    ``keep``: ``∂/∂D̂ = P g + keep (I − P) g``. ``keep = 1`` is the identity, ``keep = 0`` lets a loss
+    move only the view's scale and shift. Values are returned exactly.
+
+    Why: the match terms (:mod:`learner.losses.matches`, :mod:`learner.losses.triangulation`)
+    are there for what the relative-depth loss leaves open, each view's scale and shift and so
+    the registration of the views. Their per-pixel pull at sparse, noisy matches also bends the
+    shape: on 7-Scenes with a near-perfect teacher the learner's per-frame AbsRel is 0.087 with
+    the depth term alone and 0.135 with the match terms beside it (docs/RESULTS.md, issue 21).
+    """
+    d = _fp32(depth)
+    if keep == 1.0:
+        return d
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    flat = d.flatten(-2)  # [B, V, N]
+    ref = flat.detach()
+    centred = ref - ref.mean(-1, keepdim=True)
+    norm2 = (centred * centred).sum(-1, keepdim=True).clamp(min=torch.finfo(d.dtype).tiny)
+    # Coordinates of D̂ along the two (orthogonal) directions: linear in D̂, so their Jacobian
+    # is the projector P; forward they reproduce D̂ (up to rounding, which the deltas drop).
+    affine = (flat * centred).sum(-1, keepdim=True) / norm2 * centred + flat.mean(-1, keepdim=True)
+    out = ref + keep * (flat - ref) + (1.0 - keep) * (affine - affine.detach())
+    return out.view_as(d)
