@@ -168,7 +168,7 @@ class LiveSource:
                 return
 
     def _read_once(self, generation: int) -> bool:
-        import av  # here, not at the top: a streamer of image folders or files runs without PyAV
+        import av  # here, not at the top: a streamer of image folders runs without PyAV
 
         options, fmt = open_options(self.url, self.read_timeout_s)
         try:

@@ -186,8 +186,9 @@ def teacher_aligned_depth(
 
 
 def shape_damped(depth: Tensor, keep: float) -> Tensor:
-    """``depth`` itself, with the gradient that flows back into it damped off each view's scale
-    and shift: [B, V, H, W] -> the same values (fp32).
+    """``depth`` itself, with the share of its gradient that would change each view's shape
+    (anything but its scale and shift) multiplied by ``keep``: [B, V, H, W] -> the same values
+    (fp32).
 
     Per view, the incoming gradient g is split into its orthogonal projection P g onto
     span{D̂ − mean D̂, 1} (the directions that scale and shift the view's depth, its shape kept)
