@@ -4,6 +4,8 @@ truth, videos encoded here, and every kind of broken input."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -561,9 +563,6 @@ def test_tiny_frames_refused(tmp_path):
 def test_image_folders_need_no_pyav(tmp_path):
     """PyAV is needed to read video only: with it uninstalled, every stage's process imports and an
     image folder yields its frames (a GPU host that lacks PyAV trains on image sequences)."""
-    import subprocess
-    import sys
-
     _jpeg_folder(tmp_path / "seq", 6, bad=-1)
     script = f"""
 import sys
