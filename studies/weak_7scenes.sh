@@ -17,6 +17,8 @@
 # and give the run "pyd:labeler.teacher=pydnet:.devdata/pydnet++.tflite labeler.workers=4" (it runs
 # on the CPU, about 0.3 s a frame). Carry .whl, .whl-tflite, .devdata/7s-train, .devdata/7s-eval
 # and .devdata/pydnet++.tflite: 56.3 MiB, 62.6 with the tree, of the 64 MiB a call may carry.
+# Image folders train without PyAV: a wheel folder with pyzmq alone (`pip download ... -d
+# .whl-zmq pyzmq`, WHEELS=".whl-zmq .whl-tflite") leaves room for a distilled teacher's weights.
 #
 # Distillation (`reliev3r teacher-train --distill`): DISTILL=NAME distils run NAME's learner, on the
 # training frames, into a teacher fine-tuned from the shipped weights for DISTILL_S seconds (default
