@@ -41,7 +41,8 @@
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: folders of wheels to install first (default
 # ".whl .whl-tflite"; absent or empty ones are skipped); DATA: the folder of studies.prepare_7scenes (default .devdata);
-# OUT: where summary.txt and runs.tgz (logs and evaluations, no weights) go (default /tmp/out).
+# OUT: where summary.txt and runs.tgz (logs and evaluation tables; no weights, images or
+# rendered worlds, so that it stays under the 16 MiB a file may bring back) go (default /tmp/out).
 # docs/RESULTS.md, "Issue 21", has the runs of 2026-12-04 and their commands.
 set -u
 ROOT=$PWD; DATA=$(realpath "${DATA:-.devdata}")
@@ -123,4 +124,5 @@ for spec in sys.argv[2:]:
 for label, row in baselines:
     print(f"| {label} | | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys) + " |")
 PY
-(cd "$(dirname "$RUNS")" && tar czf "$OUTD/runs.tgz" --exclude='*.safetensors' --exclude='replay*' "$(basename "$RUNS")" 2>/dev/null)
+(cd "$(dirname "$RUNS")" && tar czf "$OUTD/runs.tgz" --exclude='*.safetensors' --exclude='replay*' \
+  --exclude='*.png' --exclude='*.npz' --exclude='*.mp4' "$(basename "$RUNS")" 2>/dev/null)
