@@ -138,11 +138,12 @@ class LossConfig:
     """Share of the match terms' gradient (reprojection, point, triangulation, contrast,
     refinement) that reaches each view's depth *shape*; their pull on its scale and shift is
     always whole (``learner.losses.shape_damped``). 1 = the terms act on every pixel; 0 = the
-    shape comes from the relative-depth loss alone. For a teacher whose shape is near exact
-    (the oracle, a depth sensor's) 0 measured best: 7-Scenes on one H200, median-scaled AbsRel
-    1.06x the supervised sibling's against 1.26x at 1. For the shipped and the distilled
-    teachers 1 measured best or tied: their shapes need the matches' correction
-    (docs/RESULTS.md, issue 21, fifth pass)."""
+    shape comes from the relative-depth loss alone. Without a depth teacher (``labeler.teacher:
+    none``) the match terms are all the shape has, and the share is not applied. For a teacher
+    whose shape is near exact (the oracle, a depth sensor's) 0 measured best: 7-Scenes on one
+    H200, median-scaled AbsRel 1.06x the supervised sibling's against 1.26x at 1. For the shipped
+    and the distilled teachers 1 measured best or tied: their shapes need the matches'
+    correction (docs/RESULTS.md, issue 21, fifth pass)."""
     refine: RefineConfig | None = None
     """The self-refinement term (:class:`RefineConfig`); ``null`` (the default): off. On the
     command line ``learner.loss.refine.weight=1`` turns it on with the section's defaults. Not in
