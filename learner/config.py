@@ -22,6 +22,15 @@ class ModelConfig:
     the QK-norm widths):
     128 runs faster attention kernels on Hopper GPUs (docs/BENCHMARKS.md, Learner), but its
     quality is not compared with the default's."""
+    scale_head: bool = True
+    """Predict each view's depth scale and shift from its camera token (a small MLP) and the
+    dense head's depth up to them (``learner.model.view_depth``), so that the match terms can
+    register the views without moving the weights that make the shapes (with
+    ``learner.loss.match_shape_weight`` < 1 they reach the shapes at that share only). Measured
+    on 7-Scenes through ``reliev3r up`` (CPU, demo sizes, two seeds each; docs/RESULTS.md, issue
+    21, sixth pass): per-frame AbsRel 0.164 against 0.177 with the shipped teacher, 0.106
+    against 0.130 on a teacher of 0.108 at ``match_shape_weight`` 0; ``false``: the depth
+    comes from the dense head alone (snapshots written before this option)."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 2:

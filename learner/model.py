@@ -13,6 +13,9 @@ global block) -> final norm -> heads:
   a skip input) -> log-depth and confidence logit. The full-resolution convs follow the
   caller's autocast; the output activations (exp / tanh clamp, sigmoid) run in fp32.
 * camera head (fp32): MLP on the camera token -> 6D rotation + translation -> ``cam_to_world``.
+* scale head (fp32, ``ModelConfig.scale_head``): MLP on the camera token -> each view's log depth
+  scale and shift; the dense head's log-depth then carries the shape only (its mean over the
+  view removed) and :func:`view_depth` composes the depth.
 
 This module knows nothing of distribution, compilation or AMP policy (ARCHITECTURE.md, "Rules").
 """
@@ -66,11 +69,28 @@ class Prediction:
         loss (1 at initialisation).
     cam_to_world: [B, V, 4, 4] float32, rigid camera-to-world poses (OpenCV camera axes) in the
         model's own world frame, which is defined only up to one similarity per window.
+    shape, log_scale, log_shift: with ``ModelConfig.scale_head``, ``depth = view_depth(shape,
+        log_scale, log_shift)``: shape [B, V, H, W] the dense head's depth with its mean
+        log-depth removed, log_scale and log_shift [B, V] from the camera token; None otherwise.
     """
 
     depth: Tensor
     confidence: Tensor
     cam_to_world: Tensor
+    shape: Tensor | None = None
+    log_scale: Tensor | None = None
+    log_shift: Tensor | None = None
+
+
+def view_depth(shape: Tensor, log_scale: Tensor, log_shift: Tensor) -> Tensor:
+    """Each view's depth from its shape, scale and shift: [B, V, H, W], [B, V], [B, V] -> [B, V, H, W].
+
+    ``depth = exp(σ) (S − m + exp(τ) m)``, with m the view's smallest S (held constant: no
+    gradient): τ = 0 is S itself, τ < 0 moves the view's depth towards its nearest point (more
+    contrast), τ > 0 away from it (less), and depth stays > 0 for any σ and τ. σ and τ are the
+    two numbers per view that the relative-depth loss cannot see (:mod:`learner.losses`)."""
+    m = shape.detach().amin((-2, -1), keepdim=True)
+    return log_scale.exp()[..., None, None] * (shape - m + log_shift.exp()[..., None, None] * m)
 
 
 class Rope2D(nn.Module):
@@ -163,6 +183,7 @@ class FFRM(nn.Module):
         # 6D rotation + translation.
         self._cam_out = 9
         self.camera_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, self._cam_out))
+        self.scale_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2)) if cfg.scale_head else None
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         self._init_weights()
@@ -177,6 +198,8 @@ class FFRM(nn.Module):
         last = self.dense_refine[-1]
         nn.init.normal_(last.weight, std=1e-3)
         nn.init.zeros_(last.bias)
+        if self.scale_head is not None:  # every view's scale starts at 1, its shift at 0
+            nn.init.normal_(self.scale_head[-1].weight, std=1e-3)
         # Poses start near identity with a small image-dependent spread.
         cam = self.camera_head[-1]
         nn.init.normal_(cam.weight, std=1e-3)
@@ -256,13 +279,21 @@ class FFRM(nn.Module):
         log_depth = out[:, 0]
         m = self.cfg.max_log_depth
         # Soft clamp (tanh) instead of a hard one: gradients never die at the bound.
-        depth = torch.exp(m * torch.tanh(log_depth / m))
+        shape = log_scale = log_shift = None
+        if self.scale_head is None:
+            depth = torch.exp(m * torch.tanh(log_depth / m))
+        else:
+            shape = torch.exp(m * torch.tanh((log_depth - log_depth.mean((-2, -1), keepdim=True)) / m))
+            log_scale, log_shift = (m * torch.tanh(self.scale_head(cam_token) / m)).view(b, v, 2).unbind(-1)
+            shape = shape.view(b, v, h, w)
+            depth = view_depth(shape, log_scale, log_shift)
         confidence = 2 * torch.sigmoid(out[:, 1])
 
         rotation = geometry.rotation_6d_to_matrix(cam[:, :6])
         cam_to_world = geometry.make_pose(rotation, cam[:, 6:9])
         return Prediction(depth=depth.view(b, v, h, w), confidence=confidence.view(b, v, h, w),
-                          cam_to_world=cam_to_world.view(b, v, 4, 4))
+                          cam_to_world=cam_to_world.view(b, v, 4, 4), shape=shape, log_scale=log_scale,
+                          log_shift=log_shift)
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> int:
@@ -286,4 +317,6 @@ class FFRM(nn.Module):
         total += v * gh * gw * 2 * d * c * p * p  # dense projection
         total += v * h * w * 2 * 9 * ((c + 3) * c + c * 2)  # refinement convs
         total += v * 2 * (d * d + d * self._cam_out)  # camera head
+        if self.scale_head is not None:
+            total += v * 2 * (d * d + 2 * d)
         return float(total)

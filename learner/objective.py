@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses import (depth_contrast_loss, point_consistency_loss, relative_depth_loss, reprojection_loss,
-                            shape_damped, supervised_loss, teacher_aligned_depth, triangulated_depth_loss,
-                            triangulated_pose_loss)
+from learner.losses import (depth_contrast_loss, gradient_share, point_consistency_loss, relative_depth_loss,
+                            reprojection_loss, shape_damped, supervised_loss, teacher_aligned_depth,
+                            triangulated_depth_loss, triangulated_pose_loss)
+from learner.model import view_depth
 from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r.protocol import Matches
 
@@ -90,7 +91,13 @@ def weighted_loss(
             valid = batch.get("teacher_valid")
             valid = torch.ones_like(teacher, dtype=torch.bool) if valid is None else valid.to(depth.device).bool()
         # The match terms see the learner's depth; their gradient reaches its shape damped.
-        match_depth = depth if teacher is None else shape_damped(depth, cfg.match_shape_weight)
+        if teacher is None:
+            match_depth = depth
+        elif getattr(pred, "log_scale", None) is not None:  # learner.model.scale_head
+            match_depth = view_depth(gradient_share(pred.shape, cfg.match_shape_weight), pred.log_scale,
+                                     pred.log_shift)
+        else:
+            match_depth = shape_damped(depth, cfg.match_shape_weight)
         reproj = reprojection_loss(match_depth, cam_to_world, intrinsics, named.geometry, named.score,
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect

@@ -62,6 +62,13 @@ REMOVED_OPTIONS: dict[str, dict[str, Any]] = {
 """Learner options that left the config (no measured gain on held-out data, docs/RESULTS.md),
 by section, with the value each had by default. Metas written before carry them."""
 
+ADDED_OPTIONS: dict[str, dict[str, Any]] = {
+    "model": {"scale_head": False},
+}
+"""Learner options added since snapshots were first written, by section, with the value that a
+snapshot written before each had (which may differ from today's default). Metas written before
+lack them."""
+
 FLAT_REFINE = ("weight", "depth", "solver", "steps", "scales", "shifts", "lr", "min_matches", "compile")
 """Keys of ``learner.loss.refine`` that metas written before it was a section carry flat in
 ``learner.loss`` as ``refine_<key>`` (``refine_weight`` 0: no refinement)."""
@@ -168,7 +175,8 @@ def upgrade_config(config: dict[str, Any], where: str | Path = "snapshot") -> di
     """A meta's learner config (plain data, as :func:`save_snapshot` wrote it) in this
     version's shape: options of :data:`REMOVED_OPTIONS` are dropped when they hold their
     default; a snapshot that used another value (a model of another architecture or objective)
-    is refused with a :class:`SnapshotError` naming the key. The flat ``loss.refine_*`` keys
+    is refused with a :class:`SnapshotError` naming the key. Options of :data:`ADDED_OPTIONS`
+    that a meta lacks get the value they had before they existed. The flat ``loss.refine_*`` keys
     become the ``loss.refine`` section (``None`` when ``refine_weight`` was 0). Returns a new
     dict."""
     out = dict(config)
@@ -183,6 +191,9 @@ def upgrade_config(config: dict[str, Any], where: str | Path = "snapshot") -> di
                                         f"learner (only its default {default!r} is supported); this snapshot "
                                         "cannot be loaded by this version")
                 del part[key]
+    for section, added in ADDED_OPTIONS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**added, **out[section]}
     loss = out.get("loss")
     if isinstance(loss, dict) and any(f"refine_{k}" in loss for k in FLAT_REFINE):
         flat = {k: loss.pop(f"refine_{k}") for k in FLAT_REFINE if f"refine_{k}" in loss}

@@ -8,7 +8,10 @@ are taken when the snapshot has them. Only the weights are taken: the optimizer,
 counter and the LR schedule start afresh, and the EMA copy starts from the same weights.
 Weights are read with safetensors only (never pickle), after the snapshot's checksums are
 verified. The model must be the same architecture as this run's ``learner.model`` (size,
-patch size, registers, heads): otherwise :class:`InitError` names both.
+patch size, registers, heads): otherwise :class:`InitError` names both. One exception: a
+source without the scale head (``learner.model.scale_head: false``, e.g. a snapshot written
+before it existed) starts a model with one; the head starts afresh (every view's scale 1 and
+shift 0, relative to the source's depth with its mean log-depth removed).
 
 A learner that resumes its own run folder ignores ``init`` (its own snapshot wins).
 """
@@ -29,8 +32,11 @@ from learner.snapshot import SnapshotError, _sha256, latest_snapshot, upgrade_me
 if TYPE_CHECKING:
     from learner.train import Trainer
 
-ARCHITECTURE = ("size", "patch_size", "registers", "head_dim")
+ARCHITECTURE = ("size", "patch_size", "registers", "head_dim", "scale_head")
 """ModelConfig fields that decide the weights' layout; the others may differ from the source's."""
+
+FRESH_HEAD = "scale_head."
+"""Weights that a source without the scale head leaves at this model's initialisation."""
 
 
 class InitError(ValueError):
@@ -83,7 +89,8 @@ def check_init(model_cfg: ModelConfig, path: str | Path) -> InitSource:
     source_model = meta["config"]["model"] if meta else None
     ours = _summary(_model_dict(model_cfg))
     if source_model is not None:
-        differ = [k for k in ARCHITECTURE if k in source_model and source_model[k] != getattr(model_cfg, k)]
+        differ = [k for k in ARCHITECTURE if k in source_model and source_model[k] != getattr(model_cfg, k)
+                  and not (k == "scale_head" and model_cfg.scale_head)]
         if differ:
             raise InitError(f"learner.init={path}: the source model ({_summary(source_model)}) is not this "
                             f"run's learner.model ({ours}); {', '.join(differ)} must match")
@@ -93,6 +100,8 @@ def check_init(model_cfg: ModelConfig, path: str | Path) -> InitSource:
     except Exception as err:  # safetensors raises its own error types on a bad header
         raise InitError(f"learner.init={path}: {weights} does not load: {err}") from None
     want = _shapes(model_cfg)
+    if not any(k.startswith(FRESH_HEAD) for k in theirs):
+        want = {k: v for k, v in want.items() if not k.startswith(FRESH_HEAD)}
     if theirs != want:
         missing, extra = sorted(set(want) - set(theirs)), sorted(set(theirs) - set(want))
         shaped = sorted(k for k in set(want) & set(theirs) if want[k] != theirs[k])
@@ -113,9 +122,10 @@ def init_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     schedule untouched); return the ``init`` record for snapshot metas."""
     source = check_init(trainer.cfg.model, path)
     state = load_file(source.path, device=str(trainer.device))
-    trainer.model.load_state_dict(state)
+    # check_init allowed only the scale head to be missing: it keeps its initialisation.
+    trainer.model.load_state_dict(state, strict=not trainer.cfg.model.scale_head)
     if trainer.ema is not None:
-        trainer.ema.load_state_dict(state)
+        trainer.ema.load_state_dict(state, strict=not trainer.cfg.model.scale_head)
     return source.meta(str(path))
 
 

@@ -60,6 +60,15 @@ def test_onnx_export(snapshot, tmp_path):
     _check(snapshot, out, "onnx")
 
 
+def test_onnx_export_of_a_model_with_the_scale_head(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    snap = make_tiny_snapshot(tmp_path / "run", steps=1, scale_head=True)
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", "--checkpoint", str(snap), "--out", str(out), "--views", "3"]) == 0
+    _check(snap, out, "onnx")
+
+
 def test_format_and_size_checks(snapshot, tmp_path):
     assert format_of(tmp_path / "m.onnx", None) == "onnx"
     assert format_of(tmp_path / "m.bin", "torch-export") == "torch-export"

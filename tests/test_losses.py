@@ -15,11 +15,13 @@ from learner.losses import (
     relative_depth_loss,
     reprojection_loss,
     robust_angle_cost,
+    gradient_share,
     shape_damped,
     supervised_loss,
     teacher_aligned_depth,
     weighted_median,
 )
+from learner.model import view_depth
 from learner.objective import compute_loss, weighted_loss
 from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r import geometry
@@ -846,6 +848,18 @@ def test_shape_damped_rejects_a_share_outside_0_1():
         shape_damped(torch.ones(1, 1, 2, 2), 1.5)
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.3, 1.0])
+def test_gradient_share_keeps_values_and_scales_the_gradient(keep):
+    x = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, dtype=torch.float64)
+    out = gradient_share(x, keep)
+    assert torch.equal(out.detach(), x.detach())
+    (out * g).sum().backward()
+    torch.testing.assert_close(x.grad, keep * g, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="keep"):
+        gradient_share(x, -0.1)
+
+
 def test_objective_damps_the_match_terms_pull_on_the_shape():
     """With ``match_shape_weight=0`` the match terms move each view's depth only along its scale
     and shift: the depth's gradient minus the depth term's lies in that span."""
@@ -874,3 +888,37 @@ def test_objective_damps_the_match_terms_pull_on_the_shape():
     full, damped = grads(1.0, True), grads(0.0, True)
     assert (full - _projected(full, depth.detach())).abs().max() > 1e-3  # the terms do bend the shape
     torch.testing.assert_close(damped, _projected(full, depth.detach()), rtol=1e-4, atol=1e-6)
+
+
+def test_objective_routes_the_match_terms_scale_and_shift_to_the_scale_head():
+    """A model with ``scale_head``: at ``match_shape_weight=0`` the match terms move each view's
+    scale and shift (``log_scale``, ``log_shift``) as at 1 and leave its shape alone."""
+    gen = torch.Generator().manual_seed(3)
+    b, v, h, w = 1, 2, 8, 8
+    shape = (1 + torch.rand(b, v, h, w, generator=gen)).requires_grad_()
+    log_scale = torch.tensor([[0.0, 0.3]], requires_grad=True)
+    log_shift = torch.tensor([[0.1, -0.2]], requires_grad=True)
+    k = 12
+    xy = torch.rand(k, 4, generator=gen) * (w - 1)
+    matches = torch.cat([torch.zeros(k, 1), torch.zeros(k, 1), torch.ones(k, 1), xy, torch.ones(k, 1)], 1)
+    intrinsics = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(b, v, 3, 3).clone()
+    batch = {"matches": matches, "intrinsics": intrinsics, "teacher_depth": torch.rand(b, v, h, w, generator=gen) + 1,
+             "match_triangulation": torch.cat([torch.rand(k, 2, generator=gen) + 1, torch.ones(k, 1)], 1)}
+    cam_to_world = torch.eye(4).expand(b, v, 4, 4).clone()
+    cam_to_world[0, 1, 0, 3] = 0.2
+
+    def match_grads(share):
+        depth = view_depth(shape, log_scale, log_shift)
+        pred = SimpleNamespace(depth=depth, confidence=torch.ones(b, v, h, w), cam_to_world=cam_to_world,
+                               shape=shape, log_scale=log_scale, log_shift=log_shift)
+        loss, _ = weighted_loss(pred, batch, LossConfig(match_shape_weight=share))
+        loss = loss - relative_depth_loss(depth, batch["teacher_depth"], pred.confidence,
+                                          torch.ones_like(depth, dtype=torch.bool))
+        return torch.autograd.grad(loss, (shape, log_scale, log_shift))
+
+    full, routed = match_grads(1.0), match_grads(0.0)
+    assert full[0].abs().max() > 1e-3  # the terms do bend the shape at share 1 ...
+    assert routed[0].abs().max() < 1e-6  # ... and not at share 0
+    for a, b_ in zip(full[1:], routed[1:]):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(b_, a, rtol=1e-4, atol=1e-7)

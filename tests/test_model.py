@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.config import ModelConfig
-from learner.model import FFRM, SIZES, Prediction
+from learner.model import FFRM, SIZES, Prediction, view_depth
 
 torch.set_num_threads(1)
 
@@ -42,8 +42,9 @@ def test_heads_run_in_fp32_under_autocast():
     assert pred.cam_to_world.dtype == torch.float32
 
 
-def test_permuting_views_permutes_outputs():
-    model = _model()
+@pytest.mark.parametrize("scale_head", [False, True])
+def test_permuting_views_permutes_outputs(scale_head):
+    model = _model(scale_head=scale_head)
     images = torch.rand(1, 4, 3, 24, 32)
     perm = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():
@@ -73,12 +74,51 @@ def test_rejects_sizes_not_multiple_of_patch():
         raise AssertionError("expected ValueError")
 
 
-def test_backward_reaches_every_parameter():
-    model = _model().train()
+@pytest.mark.parametrize("scale_head", [False, True])
+def test_backward_reaches_every_parameter(scale_head):
+    model = _model(scale_head=scale_head).train()
     pred = model(torch.rand(1, 2, 3, 16, 16))
     (pred.depth.mean() + pred.confidence.mean() + pred.cam_to_world.sum()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_scale_head_predicts_each_views_scale_apart_from_its_shape():
+    model = _model(scale_head=True)
+    images = torch.rand(2, 3, 3, 16, 24)
+    with torch.no_grad():
+        model.dense_refine[-1].bias[0] = 0.5  # the dense head's log-depth, moved by 0.5 everywhere
+        pred = model(images)
+        assert pred.shape.shape == (2, 3, 16, 24) and pred.log_scale.shape == pred.log_shift.shape == (2, 3)
+        torch.testing.assert_close(pred.depth, view_depth(pred.shape, pred.log_scale, pred.log_shift))
+        # The shape has no scale of its own: its log, soft clamp undone, has mean 0 in each view
+        # (up to fp32 rounding of exp and log, a few 1e-7).
+        m = model.cfg.max_log_depth
+        assert (m * torch.atanh(pred.shape.log() / m)).mean((-2, -1)).abs().max() < 2e-6
+        # Moving the scale head rescales each view's depth by one factor and leaves the shape.
+        model.scale_head[-1].bias[0] = 0.7
+        moved = model(images)
+    torch.testing.assert_close(moved.shape, pred.shape)
+    ratio = moved.depth / pred.depth
+    torch.testing.assert_close(ratio, ratio[..., :1, :1].expand_as(ratio))
+    assert (ratio > 1.5).all()
+    with torch.no_grad():
+        plain = _model(scale_head=False)(images)
+    assert plain.shape is None and plain.log_scale is None and plain.log_shift is None
+
+
+def test_view_depth_scales_and_shifts_each_view_and_stays_positive():
+    shape = torch.tensor([[[[1.0, 2.0], [4.0, 0.5]], [[3.0, 3.5], [6.0, 2.0]]]])  # [1, 2, 2, 2], min 0.5 / 2
+    zero = torch.zeros(1, 2)
+    torch.testing.assert_close(view_depth(shape, zero, zero), shape)
+    log_scale = torch.tensor([[0.5, -1.0]])
+    torch.testing.assert_close(view_depth(shape, log_scale, zero), shape * log_scale.exp()[..., None, None])
+    # log_shift τ moves each view's depth by (exp(τ) - 1) times its smallest depth, everywhere.
+    log_shift = torch.tensor([[1.0, -3.0]])
+    moved = view_depth(shape, zero, log_shift)
+    nearest = torch.tensor([0.5, 2.0])[None, :, None, None]
+    torch.testing.assert_close(moved - shape, ((log_shift.exp()[..., None, None] - 1) * nearest).expand_as(shape))
+    assert (view_depth(shape, zero, torch.full((1, 2), -50.0)) > 0).all()
 
 
 def test_flops_scale_with_tokens_and_sizes_are_ordered():

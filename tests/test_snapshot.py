@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from learner import snapshot
+from learner.config import ModelConfig
 from learner.snapshot import (SnapshotError, latest_snapshot, list_snapshots, load_model, prune_snapshots,
                               verify_snapshot)
 from learner.train import Trainer, synthetic_batch
@@ -218,6 +219,21 @@ def test_snapshots_with_removed_options_at_their_defaults_still_load(tmp_path):
     build(LearnerConfig, meta["config"])  # the upgraded config is this version's
     resumed = _trainer()
     assert resumed.load_state(path)["step"] == 1
+
+
+def test_snapshots_written_before_the_scale_head_load_and_resume_without_it(tmp_path):
+    headless = ModelConfig(size="tiny", registers=2, scale_head=False)
+    trainer = _trainer(model=headless)
+    trainer.step(_batches(1)[0])
+    path = trainer.save_state(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["config"]["model"]["scale_head"]  # as written before the option existed
+    (path / "meta.json").write_text(json.dumps(meta))
+    model, meta = load_model(path)
+    assert model.scale_head is None and meta["config"]["model"]["scale_head"] is False
+    assert _trainer(model=headless).load_state(path)["step"] == 1
+    with pytest.raises(SnapshotError, match="scale_head"):
+        _trainer().load_state(path)  # today's default has the head
 
 
 @pytest.mark.parametrize("section, key, value", [("model", "predict_focal", True),

@@ -27,8 +27,8 @@ invariant to it:
   poses between every pair of views (permutation-equivariant, no reference view).
 """
 
-from learner.losses.depth import (median_mad_normalize, relative_depth_loss, shape_damped, teacher_aligned_depth,
-                                  weighted_median)
+from learner.losses.depth import (gradient_share, median_mad_normalize, relative_depth_loss, shape_damped,
+                                  teacher_aligned_depth, weighted_median)
 from learner.losses.matches import point_consistency_loss, reprojection_loss, robust_angle_cost
 from learner.losses.supervised import supervised_loss
 from learner.losses.triangulation import (depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss,
@@ -39,6 +39,7 @@ __all__ = [
     "median_mad_normalize",
     "relative_depth_loss",
     "teacher_aligned_depth",
+    "gradient_share",
     "shape_damped",
     "robust_angle_cost",
     "reprojection_loss",

@@ -216,3 +216,21 @@ def shape_damped(depth: Tensor, keep: float) -> Tensor:
     affine = (flat * centred).sum(-1, keepdim=True) / norm2 * centred + flat.mean(-1, keepdim=True)
     out = ref + keep * (flat - ref) + (1.0 - keep) * (affine - affine.detach())
     return out.view_as(d)
+
+
+def gradient_share(x: Tensor, keep: float) -> Tensor:
+    """``x`` itself (fp32) with the gradient that reaches it multiplied by ``keep`` in [0, 1].
+
+    For a model that predicts each view's depth scale and shift apart from its shape
+    (``learner.model.scale_head``): the objective gives the match terms the view's depth
+    composed from ``gradient_share(shape, keep)``, so that they move its scale and shift whole
+    and bend its shape at the share ``keep``, as :func:`shape_damped` does for a model whose
+    depth carries its own scale and shift.
+    """
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    x = _fp32(x)
+    if keep == 1.0:
+        return x
+    ref = x.detach()
+    return ref + keep * (x - ref)
