@@ -27,10 +27,11 @@ class ModelConfig:
     dense head's depth up to them (``learner.model.view_depth``), so that the match terms can
     register the views without moving the weights that make the shapes (with
     ``learner.loss.match_shape_weight`` < 1 they reach the shapes at that share only). Measured
-    on 7-Scenes through ``reliev3r up`` (CPU, demo sizes, two seeds each; docs/RESULTS.md, issue
-    21, sixth pass): per-frame AbsRel 0.164 against 0.177 with the shipped teacher, 0.106
-    against 0.130 on a teacher of 0.108 at ``match_shape_weight`` 0; ``false``: the depth
-    comes from the dense head alone (snapshots written before this option)."""
+    on 7-Scenes through ``reliev3r up`` (CPU, demo sizes; docs/RESULTS.md, issue 21, sixth pass),
+    per-frame AbsRel: 0.157 against 0.161-0.166 on a teacher of 0.164 (the learner now beats
+    it), 0.167 against 0.173 with the shipped teacher (three seeds), 0.106 against 0.124 on a
+    teacher of 0.108 at ``match_shape_weight`` 0 (two seeds); not yet on the GPU. ``false``: the
+    depth comes from the dense head alone (snapshots written before this option)."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 2:
