@@ -860,21 +860,27 @@ def test_gradient_share_keeps_values_and_scales_the_gradient(keep):
         gradient_share(x, -0.1)
 
 
+def _pair_batch(gen: torch.Generator, b: int, v: int, h: int, w: int, k: int = 12) -> tuple[dict, torch.Tensor]:
+    """A weak batch of one window whose views 0 and 1 share k random matches (with a teacher and
+    a triangulation), and poses with view 1 moved sideways."""
+    xy = torch.rand(k, 4, generator=gen) * (w - 1)
+    matches = torch.cat([torch.zeros(k, 1), torch.zeros(k, 1), torch.ones(k, 1), xy, torch.ones(k, 1)], 1)
+    intrinsics = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(b, v, 3, 3).clone()
+    batch = {"matches": matches, "intrinsics": intrinsics, "teacher_depth": torch.rand(b, v, h, w, generator=gen) + 1,
+             "match_triangulation": torch.cat([torch.rand(k, 2, generator=gen) + 1, torch.ones(k, 1)], 1)}
+    cam_to_world = torch.eye(4).expand(b, v, 4, 4).clone()
+    cam_to_world[0, 1, 0, 3] = 0.2
+    return batch, cam_to_world
+
+
 def test_objective_damps_the_match_terms_pull_on_the_shape():
     """With ``match_shape_weight=0`` the match terms move each view's depth only along its scale
     and shift: the depth's gradient minus the depth term's lies in that span."""
     gen = torch.Generator().manual_seed(1)
     b, v, h, w = 1, 2, 8, 8
     depth = (1 + torch.rand(b, v, h, w, generator=gen)).requires_grad_()
-    pred = SimpleNamespace(depth=depth, confidence=torch.ones(b, v, h, w),
-                           cam_to_world=torch.eye(4).expand(b, v, 4, 4).clone())
-    k = 12
-    xy = torch.rand(k, 4, generator=gen) * (w - 1)
-    matches = torch.cat([torch.zeros(k, 1), torch.zeros(k, 1), torch.ones(k, 1), xy, torch.ones(k, 1)], 1)
-    intrinsics = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(b, v, 3, 3).clone()
-    batch = {"matches": matches, "intrinsics": intrinsics, "teacher_depth": torch.rand(b, v, h, w, generator=gen) + 1,
-             "match_triangulation": torch.cat([torch.rand(k, 2, generator=gen) + 1, torch.ones(k, 1)], 1)}
-    pred.cam_to_world[0, 1, 0, 3] = 0.2
+    batch, cam_to_world = _pair_batch(gen, b, v, h, w)
+    pred = SimpleNamespace(depth=depth, confidence=torch.ones(b, v, h, w), cam_to_world=cam_to_world)
 
     def grads(share, without_depth_term):
         depth.grad = None
@@ -898,14 +904,7 @@ def test_objective_routes_the_match_terms_scale_and_shift_to_the_scale_head():
     shape = (1 + torch.rand(b, v, h, w, generator=gen)).requires_grad_()
     log_scale = torch.tensor([[0.0, 0.3]], requires_grad=True)
     log_shift = torch.tensor([[0.1, -0.2]], requires_grad=True)
-    k = 12
-    xy = torch.rand(k, 4, generator=gen) * (w - 1)
-    matches = torch.cat([torch.zeros(k, 1), torch.zeros(k, 1), torch.ones(k, 1), xy, torch.ones(k, 1)], 1)
-    intrinsics = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(b, v, 3, 3).clone()
-    batch = {"matches": matches, "intrinsics": intrinsics, "teacher_depth": torch.rand(b, v, h, w, generator=gen) + 1,
-             "match_triangulation": torch.cat([torch.rand(k, 2, generator=gen) + 1, torch.ones(k, 1)], 1)}
-    cam_to_world = torch.eye(4).expand(b, v, 4, 4).clone()
-    cam_to_world[0, 1, 0, 3] = 0.2
+    batch, cam_to_world = _pair_batch(gen, b, v, h, w)
 
     def match_grads(share):
         depth = view_depth(shape, log_scale, log_shift)
