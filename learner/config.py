@@ -28,10 +28,10 @@ class ModelConfig:
     register the views without moving the weights that make the shapes (with
     ``learner.loss.match_shape_weight`` < 1 they reach the shapes at that share only). Measured
     on 7-Scenes through ``reliev3r up`` (CPU, demo sizes; docs/RESULTS.md, issue 21, sixth pass),
-    per-frame AbsRel: 0.157 against 0.161-0.166 on a teacher of 0.164 (the learner now beats
-    it), 0.167 against 0.173 with the shipped teacher (three seeds), 0.106 against 0.124 on a
-    teacher of 0.108 at ``match_shape_weight`` 0 (two seeds); not yet on the GPU. ``false``: the
-    depth comes from the dense head alone (snapshots written before this option)."""
+    per-frame AbsRel 0.106 against 0.124 on a teacher of 0.108 at ``match_shape_weight`` 0 (two
+    seeds); at the default share 1 a tie (shipped teacher 0.167 against 0.173, three seeds) with
+    AUC@30 tied or better; not yet on the GPU. ``false``: the depth comes from the dense head
+    alone (snapshots written before this option)."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 2:
