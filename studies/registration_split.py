@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation import metrics
 from evaluation.config import EvaluatorConfig
 from evaluation.datasets import load_windows
 from evaluation.evaluate import predict
@@ -45,36 +46,39 @@ from learner.snapshot import load_model, resolve_snapshot
 SHIFTS = (-0.3, -0.15, 0.0, 0.15, 0.3, 0.6, 1.0)
 
 
-def split(depth: np.ndarray, gt: np.ndarray) -> dict[str, float | list[float]]:
+def split(depth: torch.Tensor, gt: torch.Tensor) -> dict[str, float | list[float]]:
     """The numbers of the module docstring for one window (``slope``: one per view): depth, gt
-    [V, H, W] (gt 0 = unknown)."""
-    valid = gt > 0
-    absrel = lambda d, g: float(np.mean(np.abs(d - g) / g))  # noqa: E731
-    window = absrel(depth[valid] * np.median(gt[valid]) / np.median(depth[valid]), gt[valid])
+    [V, H, W] (gt 0 = unknown); the AbsRel values are ``evaluation.metrics``' ``absrel_med``."""
     frames, logs, slopes = [], [], []
-    for d, g, m in zip(depth, gt, valid):
-        ratio = np.median(g[m]) / np.median(d[m])
-        frames.append(absrel(d[m] * ratio, g[m]))
-        logs.append(np.log(ratio))
-        slopes.append(np.polyfit(np.log(g[m]), np.log(d[m]), 1)[0])
-    return {"window_med": window, "frame_med": float(np.mean(frames)), "scale_spread": float(np.std(logs)),
-            "slope": slopes}
+    for d, g in zip(depth, gt):
+        m = g > 0
+        frames.append(metrics.depth_metrics(d[None], g[None])["absrel_med"])
+        logs.append(float((g[m].median() / d[m].median()).log()))
+        slopes.append(np.polyfit(g[m].log().numpy(), d[m].log().numpy(), 1)[0])
+    return {"window_med": metrics.depth_metrics(depth, gt)["absrel_med"], "frame_med": float(np.mean(frames)),
+            "scale_spread": float(np.std(logs)), "slope": slopes}
 
 
-def scan(data: str, windows: int, views: int, height: int, width: int) -> None:
+def windows_of(args: argparse.Namespace, height: int, width: int) -> list:
+    """The evaluator's windows of ``--data`` at this size (views and count from the arguments)."""
+    return load_windows(args.data, views=args.views, height=height, width=width, windows=args.windows,
+                        stride=EvaluatorConfig().stride, run_dir=None, synthetic_cfg=None)
+
+
+def scan(args: argparse.Namespace, height: int, width: int) -> None:
     """Print the match terms' value against a common depth shift at the true depth and poses."""
     labeler = LabelerConfig()
     matcher = make_matcher(labeler.matcher)
     totals = {name: np.zeros(len(SHIFTS)) for name in ("reproj", "point", "triangulation", "contrast")}
     used = 0
-    for window in load_windows(data, views=views, height=height, width=width, windows=windows,
-                               stride=EvaluatorConfig().stride, run_dir=None, synthetic_cfg=None):
+    for window in windows_of(args, height, width):
         found, _ = match_window(window.images, matcher, long_pairs=labeler.long_pairs, min_matches=labeler.min_matches,
                                 max_matches_per_pair=labeler.max_matches_per_pair,
                                 threshold_px=labeler.ransac_threshold_px)
         if len(found) == 0:
             continue
-        tri = torch.from_numpy(triangulate_matches(found, window.intrinsics, threshold_px=labeler.ransac_threshold_px))
+        tri = torch.from_numpy(triangulate_matches(found, window.intrinsics,
+                                                   threshold_px=labeler.ransac_threshold_px)).double()
         gt = torch.from_numpy(window.gt_depth)[None].double()
         known = gt > 0
         rows = torch.from_numpy(found).double()
@@ -90,8 +94,8 @@ def scan(data: str, windows: int, views: int, height: int, width: int) -> None:
             depth = filled + b * mean[..., None, None]
             totals["reproj"][n] += float(losses.reprojection_loss(depth, poses, intrinsics, matches, score))
             totals["point"][n] += float(losses.point_consistency_loss(depth, poses, intrinsics, matches, score))
-            totals["triangulation"][n] += float(losses.triangulated_depth_loss(depth, matches, tri.double()))
-            totals["contrast"][n] += float(losses.depth_contrast_loss(depth, gt, known, matches, tri.double(),
+            totals["triangulation"][n] += float(losses.triangulated_depth_loss(depth, matches, tri))
+            totals["contrast"][n] += float(losses.depth_contrast_loss(depth, gt, known, matches, tri,
                                                                         intrinsics))
         used += 1
     print(f"{used} windows at {height}x{width}; each term summed over them, at true depth shifted by b x its mean")
@@ -112,19 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.scan:
         height, width = (int(x) for x in args.scan.split("x"))
-        scan(args.data, args.windows, args.views, height, width)
+        scan(args, height, width)
     print("| snapshot | window med | frame med | scale spread | slope |\n|---|---|---|---|---|")
     for path in args.snapshots:
         snap = resolve_snapshot(path)
         model, meta = load_model(snap, "cpu")
         height, width = meta["image_size"]
-        windows = load_windows(args.data, views=args.views, height=height, width=width, windows=args.windows,
-                               stride=EvaluatorConfig().stride, run_dir=None, synthetic_cfg=None)
         rows = []
         with torch.no_grad():
-            for window in windows:
+            for window in windows_of(args, height, width):
                 depth, _ = predict(model, window, "cpu")
-                rows.append(split(depth.numpy(), window.gt_depth))
+                rows.append(split(depth, torch.from_numpy(window.gt_depth)))
         mean = {k: np.mean([r[k] for r in rows]) for k in ("window_med", "frame_med", "scale_spread")}
         slope = np.median([s for r in rows for s in r["slope"]])
         print(f"| {path} | {mean['window_med']:.3f} | {mean['frame_med']:.3f} | {mean['scale_spread']:.3f} | "
