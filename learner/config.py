@@ -22,16 +22,17 @@ class ModelConfig:
     the QK-norm widths):
     128 runs faster attention kernels on Hopper GPUs (docs/BENCHMARKS.md, Learner), but its
     quality is not compared with the default's."""
-    scale_head: bool = True
+    scale_head: bool = False
     """Predict each view's depth scale and shift from its camera token (a small MLP) and the
     dense head's depth up to them (``learner.model.view_depth``), so that the match terms can
     register the views without moving the weights that make the shapes (with
     ``learner.loss.match_shape_weight`` < 1 they reach the shapes at that share only). Measured
-    on 7-Scenes through ``reliev3r up`` (CPU, demo sizes; docs/RESULTS.md, issue 21, sixth pass),
-    per-frame AbsRel 0.106 against 0.124 on a teacher of 0.108 at ``match_shape_weight`` 0 (two
-    seeds); at the default share 1 a tie (shipped teacher 0.167 against 0.173, three seeds) with
-    AUC@30 tied or better; not yet on the GPU. ``false``: the depth comes from the dense head
-    alone (snapshots written before this option)."""
+    through ``reliev3r up`` on 7-Scenes (docs/RESULTS.md, issue 21): on the CPU (demo sizes) with a
+    near-exact teacher at ``match_shape_weight=0`` per-frame AbsRel 0.106 against 0.124 (teacher
+    0.108, two seeds); on the GPU (``configs/gpu.yaml``, 1,500 steps) a tie with the distilled
+    teacher, PyDNet++ and the oracle at share 0 (0.096 against 0.100), but the shipped teacher's
+    run at the default share 1 a little worse (0.150 / 0.152 against 0.145): off by default.
+    Turn it on with a near-exact teacher at ``match_shape_weight=0``."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 2:

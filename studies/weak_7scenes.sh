@@ -41,6 +41,8 @@
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: folders of wheels to install first (default
 # ".whl .whl-tflite"; absent or empty ones are skipped); DATA: the folder of studies.prepare_7scenes (default .devdata);
+# RUNS: the runs' parent folder (default /tmp/runs; a run folder already there is refused: on a
+# machine kept warm between calls it would resume at its last step and be scored again);
 # OUT: where summary.txt and runs.tgz (logs and evaluation tables; no weights, images or
 # rendered worlds, so that it stays under the 16 MiB a file may bring back) go (default /tmp/out).
 # docs/RESULTS.md, "Issue 21", has the runs of 2026-12-04 and their commands.
@@ -61,6 +63,9 @@ RUNS=${RUNS:-/tmp/runs}; OUTD=${OUT:-/tmp/out}; mkdir -p "$RUNS" "$OUTD"
 WALL=${WALL:-400}; STEPS=${STEPS:-800}
 COMMON="--config $ROOT/${CONFIG:-configs/gpu.yaml} streamer.sources=[$DATA/7s-train] replay.dedup=false
  evaluator.data=7scenes:$DATA/7s-eval evaluator.windows=4"
+for spec in "$@"; do  # a run folder left by an earlier call would resume at its last step
+  [ -e "$RUNS/${spec%%:*}" ] && { echo "$RUNS/${spec%%:*} exists (an earlier call's run): set RUNS to a new folder" >&2; exit 2; }
+done
 pids=()
 start() {  # NAME:OVERRIDES -> one `reliev3r up` in its own process group, its pid appended to pids
   local name=${1%%:*} extra=${1#*:}

@@ -233,7 +233,7 @@ def test_snapshots_written_before_the_scale_head_load_and_resume_without_it(tmp_
     assert model.scale_head is None and meta["config"]["model"]["scale_head"] is False
     assert _trainer(model=headless).load_state(path)["step"] == 1
     with pytest.raises(SnapshotError, match="scale_head"):
-        _trainer().load_state(path)  # today's default has the head
+        _trainer(model=ModelConfig(size="tiny", registers=2, scale_head=True)).load_state(path)
 
 
 @pytest.mark.parametrize("section, key, value", [("model", "predict_focal", True),

@@ -20,7 +20,7 @@ from tests.helpers_train import FakeReplay, learner_pipeline, toy_loss
 torch.set_num_threads(1)
 
 
-def _source(folder, *, size="tiny", patch_size=8, ema_decay=0.5, steps=2, seed=3, scale_head=True):
+def _source(folder, *, size="tiny", patch_size=8, ema_decay=0.5, steps=2, seed=3, scale_head=False):
     """A real snapshot whose model and EMA weights differ from each other and from any init."""
     model = ModelConfig(size=size, patch_size=patch_size, registers=2, scale_head=scale_head)
     cfg = LearnerConfig(model=model, lr=1e-3, warmup_steps=1, ema_decay=ema_decay)
@@ -89,7 +89,7 @@ def test_another_architecture_fails_naming_both(tmp_path):
 def test_a_source_without_the_scale_head_starts_a_model_with_a_fresh_one(tmp_path):
     snap = _source(tmp_path / "src", scale_head=False)
     ema = load_file(str(snap / "ema.safetensors"))
-    trainer = _fresh()
+    trainer = _fresh(scale_head=True)
     head = {k: v.clone() for k, v in trainer.model.state_dict().items() if k.startswith("scale_head.")}
     assert head and not any(k.startswith("scale_head.") for k in ema)
     init_trainer(trainer, snap)
@@ -97,7 +97,7 @@ def test_a_source_without_the_scale_head_starts_a_model_with_a_fresh_one(tmp_pat
         assert _equal({k: v for k, v in weights.items() if k in ema}, ema)
         assert _equal({k: v for k, v in weights.items() if k in head}, head)
     # the other way round a tensor would be dropped: refused, naming the option
-    with_head = _source(tmp_path / "head")
+    with_head = _source(tmp_path / "head", scale_head=True)
     with pytest.raises(InitError, match="scale_head"):
         check_init(ModelConfig(size="tiny", registers=2, scale_head=False), with_head)
 
