@@ -60,7 +60,9 @@ class LabelerConfig:
     """Torch device of the teachers (``cuda``, ``cuda:1``, ``cpu``)."""
     workers: int = 1
     """Labeler processes ``reliev3r up`` starts; with ``device: cuda`` worker K uses ``cuda:K``
-    (one per GPU). Labelers on other hosts are started with ``reliev3r label``."""
+    modulo the host's GPUs (one per GPU, or several sharing one: the teacher's GPU work is a
+    small part of a window's labelling, its matching and verification run on the CPU).
+    Labelers on other hosts are started with ``reliev3r label``."""
     credits: int = 2
     """Windows a worker asks for ahead of the one it is labelling."""
     blank_std: float = 2.0

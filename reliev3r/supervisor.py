@@ -54,6 +54,13 @@ REASON_CHARS = 160
 """A crashed child's reason in the status line is cut to this many characters."""
 
 
+def cuda_devices() -> int:
+    """GPUs this host shows the run (``CUDA_VISIBLE_DEVICES`` applies); 0 without CUDA."""
+    import torch  # here, so that a supervisor without labelers on cuda never loads it
+
+    return torch.cuda.device_count()
+
+
 @dataclass
 class Child:
     name: str
@@ -146,16 +153,20 @@ class Supervisor:
         self.stop_requested = True
 
     @staticmethod
-    def _plan(cfg: PipelineConfig) -> list[Child]:
-        """One child per stage, and ``labeler.workers`` labelers: worker K on ``cuda:K`` when
-        the labeler device is ``cuda`` (one per GPU), all on the same device otherwise."""
+    def _plan(cfg: PipelineConfig, gpus: int | None = None) -> list[Child]:
+        """One child per stage, and ``labeler.workers`` labelers: with the labeler device
+        ``cuda``, worker K on ``cuda:(K mod gpus)`` (the host's GPUs in turn, so several labelers
+        can share one GPU); on any other device all on that device."""
         out = []
         for stage in STAGES:
             if stage != "labeler":
                 out.append(Child(stage, stage))
                 continue
+            spread = cfg.labeler.device == "cuda" and cfg.labeler.workers > 1
+            if spread and gpus is None:
+                gpus = cuda_devices()
             for k in range(cfg.labeler.workers):
-                extra = [f"labeler.device=cuda:{k}"] if cfg.labeler.device == "cuda" and cfg.labeler.workers > 1 else []
+                extra = [f"labeler.device=cuda:{k % max(1, gpus)}"] if spread else []
                 out.append(Child("labeler" if k == 0 else f"labeler-{k}", "labeler", extra))
         return out
 

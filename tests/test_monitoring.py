@@ -146,6 +146,21 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
         sup.metrics.close()
 
 
+@pytest.mark.parametrize("device, gpus, expected", [
+    ("cuda", 1, ["cuda:0", "cuda:0", "cuda:0"]),  # several labelers share the one GPU
+    ("cuda", 2, ["cuda:0", "cuda:1", "cuda:0"]),
+    ("cpu", 2, [None, None, None]),
+])
+def test_labelers_take_the_hosts_gpus_in_turn(device, gpus, expected):
+    from reliev3r.config import load
+    from reliev3r.supervisor import Supervisor
+
+    cfg = load([ROOT / "configs" / "default.yaml"], [f"labeler.device={device}", "labeler.workers=3"])
+    labelers = [c for c in Supervisor._plan(cfg, gpus=gpus) if c.stage == "labeler"]
+    assert [c.name for c in labelers] == ["labeler", "labeler-1", "labeler-2"]
+    assert [c.overrides[0].removeprefix("labeler.device=") if c.overrides else None for c in labelers] == expected
+
+
 def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
     """What the status line says about a crashed child: the last error of its own
     incarnation's log, whether logged (JSON, with the exception's last line or the problem
