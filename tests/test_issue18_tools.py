@@ -118,8 +118,13 @@ def test_summary_table(tmp_path):
     (tmp_path / "labeler_threads.json").write_text(json.dumps(
         {"rows": [{"cpu_threads": 1, "windows_s": 10.0, "ratio": 1.0, "ideal": 1},
                   {"cpu_threads": 8, "windows_s": 50.0, "ratio": 5.0, "ideal": 8}]}))
+    acc2 = pb.acceptance(_stages(inserts=20.0, samples=100.0, wait=0.0), {"samples_per_s": 100.0})
+    (tmp_path / "pipeline_bottleneck2.json").write_text(json.dumps(  # a variant of PIPE_EXTRA2
+        {"acceptance": acc2, "setup": {"compile": True, "overrides": ["learner.compile=true", "labeler.workers=2"]}}))
     text = summ.summary(tmp_path)
     assert "| 0.30x | >= 0.25x (stretch 1x) | yes |" in text
+    assert "| pipeline2 | not run | fresh windows/s / learner samples/s (20.00 / 100.00) | 0.20x" in text
+    assert "| pipeline2 | | settings | labeler.workers=2 |" in text
     assert "(compiled, 120.00 alone) | 0.83x | >= 0.9x | NO |" in text
     assert "| matching | timeout, 70 s | no matching_accuracy.json" in text
     assert "| threads | not run |" in text and "5.00x | ideal 8x" in text
