@@ -52,6 +52,11 @@ from streamer.sources import discover
 
 log = logging.getLogger("reliev3r.distill")
 
+RECIPE = ("height=144", "width=192", "render_fraction=0.2", "dining=true", "lr=0.0005", "warmup=100")
+"""Teacher settings of the distillations measured through ``reliev3r up`` on the GPU (docs/RESULTS.md,
+issue 21: 0.122 and 0.119 per-frame AbsRel on held-out 7-Scenes frames against the shipped
+weights' 0.214); ``reliev3r up``'s teacher refresh (``labeler.refresh_step``) uses them."""
+
 DATASET_KINDS = ("7scenes:", "folder:", "synthetic:")
 """``--frames`` specs read through ``evaluation.datasets`` (the rest through ``streamer.sources``)."""
 

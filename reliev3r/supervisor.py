@@ -100,6 +100,12 @@ class Supervisor:
             self.child_up.labels(name)
         self._last_status_len = 0
         self._learner_done_at: float | None = None
+        self._distill: subprocess.Popen | None = None
+        self._refresh = "off" if not cfg.labeler.refresh_step else "waiting"
+        """labeler.refresh_step: off, waiting (for its snapshot), distilling, done or failed."""
+        if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh
+            self._relabel_with(self.teacher_file)
+            self._refresh = "done"
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -132,6 +138,7 @@ class Supervisor:
             while not self.stop_requested:
                 self._drain_heartbeats(beats, timeout_ms=200)
                 self._reap_and_restart()
+                self._refresh_teacher()
                 if self._run_complete():
                     break
                 if time.time() - last_status >= STATUS_EVERY_S:
@@ -169,6 +176,79 @@ class Supervisor:
                 extra = [f"labeler.device=cuda:{k % max(1, gpus)}"] if spread else []
                 out.append(Child("labeler" if k == 0 else f"labeler-{k}", "labeler", extra))
         return out
+
+    # ------------------------------------------------------------------ teacher refresh
+    @property
+    def teacher_file(self) -> Path:
+        """Where the teacher refresh writes its weights (``reliev3r teacher-train --out``)."""
+        return self.run_dir / "teacher" / "embedded_depth.safetensors"
+
+    def _refreshed(self) -> bool:
+        """The refresh's teacher is whole: its weights and then its meta are written last."""
+        return self.teacher_file.is_file() and self.teacher_file.with_suffix(".json").is_file()
+
+    def _relabel_with(self, weights: Path) -> None:
+        for child in self.children.values():
+            if child.stage == "labeler":
+                child.overrides = [o for o in child.overrides if not o.startswith("labeler.teacher=")]
+                child.overrides.append(f"labeler.teacher=embedded:{weights}")
+
+    def _refresh_teacher(self) -> None:
+        """``labeler.refresh_step``: at the first snapshot of that step or later, distil the run's
+        learner into a new embedded teacher in a child process; when it has written its
+        weights, restart the labelers on them. A failed distillation is reported and the
+        labelers keep their teacher."""
+        lc = self.cfg.labeler
+        if self._refresh == "waiting":
+            step = snapshot_step(self.run_dir)
+            if step is None or step < lc.refresh_step:
+                return
+            from labelers.embedded import WEIGHTS
+            from reliev3r.distill import RECIPE
+
+            spec = lc.teacher.split(":", 1)
+            init = Path(spec[1]) if len(spec) == 2 else WEIGHTS
+            init = init / WEIGHTS.name if init.is_dir() else init
+            cmd = [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
+                   "--out", str(self.teacher_file.parent), "--device", lc.device,
+                   "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *RECIPE]
+            with open(self.run_dir / "logs" / "distill.log", "ab") as log:
+                self._distill = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                 start_new_session=True)
+            self._refresh = "distilling"
+            self._print(f"snapshot of step {step}: distilling the learner into a new teacher for "
+                        f"{lc.refresh_seconds:g} s (log: {self.run_dir / 'logs' / 'distill.log'})")
+            return
+        if self._refresh != "distilling" or self._distill.poll() is None:
+            return
+        code, self._distill = self._distill.returncode, None
+        if code != 0 or not self._refreshed():
+            log = self.run_dir / "logs" / "distill.log"
+            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+            why = last_error(log) or (f"exit code {code}: {lines[-1][:REASON_CHARS]}" if lines else f"exit code {code}")
+            self._refresh = "failed"
+            self._print(f"teacher refresh failed ({why}); the labelers keep teacher {lc.teacher}")
+            return
+        self._refresh = "done"
+        self._relabel_with(self.teacher_file)
+        self._print(f"new teacher {self.teacher_file}: restarting the labelers on it")
+        for child in self.children.values():
+            if child.stage == "labeler":
+                self._stop(child)
+                self._start(child)
+
+    def _stop(self, child: Child) -> None:
+        """SIGTERM, then SIGKILL after ``GRACE_S``; the child is left stopped."""
+        if child.proc is not None and child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._print(f"{child.name} did not stop within {GRACE_S:.0f}s; killing it")
+                child.proc.kill()
+                child.proc.wait()
+        child.proc = None
+        self.child_up.labels(child.name).set(0)
 
     # ------------------------------------------------------------------ children
     def _log_path(self, child: Child) -> Path:
@@ -255,6 +335,9 @@ class Supervisor:
         return 0 if learner.finished and evaluator.finished else 1
 
     def _stop_all(self) -> None:
+        if self._distill is not None and self._distill.poll() is None:
+            os.killpg(self._distill.pid, signal.SIGKILL)  # a refresh cut short leaves no teacher
+            self._distill.wait()
         order = sorted(self.children.values(), key=lambda c: STOP_ORDER.index(c.stage))
         # Learner first gets its SIGTERM too, but is waited for last: it writes a snapshot.
         for child in order:

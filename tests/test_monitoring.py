@@ -161,6 +161,66 @@ def test_labelers_take_the_hosts_gpus_in_turn(device, gpus, expected):
     assert [c.overrides[0].removeprefix("labeler.device=") if c.overrides else None for c in labelers] == expected
 
 
+def _refresh_supervisor(run_dir: Path, *extra: str):
+    from reliev3r.config import load
+    from reliev3r.supervisor import Supervisor
+
+    cfg = load([ROOT / "configs" / "default.yaml"], [f"run.dir={run_dir}", "labeler.refresh_step=6", *extra])
+    return Supervisor(cfg, out=io.StringIO())
+
+
+def test_a_resumed_run_labels_with_the_teacher_its_refresh_made(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+    sup = _refresh_supervisor(tmp_path, "labeler.workers=2")
+    try:  # the weights without their meta (written last): a refresh cut short, not taken
+        assert all("labeler.teacher" not in " ".join(c.overrides) for c in sup.children.values())
+    finally:
+        sup.metrics.close()
+    (tmp_path / "teacher" / "embedded_depth.json").write_text("{}")
+    sup = _refresh_supervisor(tmp_path, "labeler.workers=2")
+    try:
+        labelers = [c for c in sup.children.values() if c.stage == "labeler"]
+        assert len(labelers) == 2 and all(
+            c.overrides[-1] == f"labeler.teacher=embedded:{tmp_path / 'teacher' / 'embedded_depth.safetensors'}"
+            for c in labelers)
+        assert all(not c.overrides for c in sup.children.values() if c.stage != "labeler")
+    finally:
+        sup.metrics.close()
+
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teacher(tmp_path):
+    """The refresh runs the real ``reliev3r teacher-train --distill`` on the run: here its
+    snapshot is unreadable, so the distillation fails, and the run goes on as it was."""
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        (tmp_path / "logs").mkdir()
+        sup._refresh_teacher()
+        assert sup._refresh == "waiting"  # no snapshot of step 6 yet
+        (tmp_path / "snapshots" / "step-000000006").mkdir(parents=True)
+        (tmp_path / "snapshots" / "step-000000006" / "meta.json").write_text("{not json")
+        sup._refresh_teacher()
+        assert sup._refresh == "distilling" and "distilling the learner" in sup.out.getvalue()
+        deadline = time.time() + 240
+        while sup._refresh == "distilling" and time.time() < deadline:
+            time.sleep(0.2)
+            sup._refresh_teacher()
+        assert sup._refresh == "failed", sup.out.getvalue()
+        assert "teacher refresh failed (exit code 2: reliev3r teacher-train:" in sup.out.getvalue()
+        assert "no valid snapshot there" in sup.out.getvalue()
+        assert all(not c.overrides for c in sup.children.values())
+    finally:
+        sup.metrics.close()
+
+
+def test_a_teacher_refresh_needs_the_embedded_teacher():
+    from reliev3r.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="refresh_step"):
+        load([ROOT / "configs" / "default.yaml"], ["labeler.teacher=oracle", "labeler.refresh_step=100"])
+
+
 def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
     """What the status line says about a crashed child: the last error of its own
     incarnation's log, whether logged (JSON, with the exception's last line or the problem

@@ -11,8 +11,10 @@ measured on the GPU (a few hundred CPU steps say little and would make the suite
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -71,3 +73,38 @@ def test_up_with_shipped_defaults_learns_from_a_real_image_sequence(tmp_path):
         assert all(isinstance(row[k], float) and row[k] == row[k] for k in expected)
     # Real frames give verified, triangulated matches (the labeler's counters).
     assert max(row["matches"] for row in steps) > 0
+
+
+def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path):
+    """``labeler.refresh_step``: at that snapshot ``reliev3r up`` distils its learner into a new
+    embedded teacher (the real ``teacher-train --distill``) and restarts its labeler on it,
+    while the learner goes on. The run is stopped once the labeler runs the new teacher."""
+    train = _sequence(tmp_path / "train", range(0, 160, 2))
+    run = tmp_path / "run"
+    ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
+    ports += [f"monitoring.ports.{s}=0" for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
+    cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", str(ROOT / "configs" / "demo.yaml"),
+           f"run.dir={run}", f"streamer.sources=[{train}]", "replay.dedup=false", "replay.min_size=2",
+           f"evaluator.data=7scenes:{train}", "evaluator.windows=1", "learner.threads=1", "learner.snapshot_every=4",
+           "labeler.refresh_step=4", "labeler.refresh_seconds=20", *ports]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    weights = run / "teacher" / "embedded_depth.safetensors"
+    try:
+        lines = []
+        for line in proc.stdout:  # bounded by the module's timeout
+            lines.append(line)
+            if "restarting the labelers on it" in line or "teacher refresh failed" in line:
+                break
+        out = "".join(lines)
+        assert f"new teacher {weights}: restarting the labelers on it" in out, out[-3000:]
+        version = json.loads(weights.with_suffix(".json").read_text())["version"]
+        log = run / "logs" / "labeler.log"
+        while not any(f'"{version}"' in line and "labeler up" in line for line in log.read_text().splitlines()):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, rest[-3000:]
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["data"]["extra"]["run"] == str(run) and meta["data"]["extra"]["step"] >= 4
