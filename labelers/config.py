@@ -66,10 +66,12 @@ class LabelerConfig:
     refresh_step: int = 0
     """Teacher refresh: once the run has a snapshot at this learner step or later, ``reliev3r up``
     distils the learner into a new embedded teacher (``reliev3r teacher-train --distill`` of the
-    run, fine-tuned from the teacher in use for ``refresh_seconds`` on this device, into
-    ``<run.dir>/teacher``) and restarts its labelers on it; a resumed run keeps it. The learner
-    and the replay go on (windows labelled before stay until replay evicts them). 0: never.
-    Needs the ``embedded`` teacher (``embedded`` or ``embedded:PATH``)."""
+    run for ``refresh_seconds`` on this device, into ``<run.dir>/teacher``) and restarts its
+    labelers on it; a resumed run keeps it. The new teacher is fine-tuned from the teacher in use
+    when that is ``embedded`` or ``embedded:PATH``, else from the shipped weights (so a run that
+    starts on another teacher, e.g. ``pydnet:``, goes on with an embedded teacher made from its
+    own learner). The learner and the replay go on (windows labelled before stay until replay
+    evicts them). 0: never."""
     refresh_seconds: float = 70.0
     """Wall-clock seconds of the refresh's distillation, start-up and rendering included."""
     credits: int = 2
@@ -102,7 +104,5 @@ class LabelerConfig:
             raise ValueError("insert_timeout_s and ready_interval_s must be > 0")
         if self.refresh_step < 0 or self.refresh_seconds <= 0:
             raise ValueError("refresh_step must be >= 0 and refresh_seconds > 0")
-        if self.refresh_step and self.teacher.split(":", 1)[0] != "embedded":
-            raise ValueError(f"refresh_step distils into the embedded teacher; teacher {self.teacher!r} is not it")
         if self.insert_retries < 0 or self.blank_std < 0 or self.long_pairs < 0:
             raise ValueError("insert_retries, blank_std and long_pairs must be >= 0")

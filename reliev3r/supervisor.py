@@ -203,12 +203,9 @@ class Supervisor:
             step = snapshot_step(self.run_dir)
             if step is None or step < lc.refresh_step:
                 return
-            from labelers.embedded import WEIGHTS
             from reliev3r.distill import RECIPE
 
-            spec = lc.teacher.split(":", 1)
-            init = Path(spec[1]) if len(spec) == 2 else WEIGHTS
-            init = init / WEIGHTS.name if init.is_dir() else init
+            init = refresh_init(lc.teacher)
             cmd = [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
                    "--out", str(self.teacher_file.parent), "--device", lc.device,
                    "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *RECIPE]
@@ -444,6 +441,16 @@ class Supervisor:
             self._last_status_len = 0
         self.out.write(text + "\n")
         self.out.flush()
+
+
+def refresh_init(teacher: str) -> Path:
+    """The weights the teacher refresh fine-tunes: the labeler's own embedded teacher
+    (``embedded``, ``embedded:FILE``, ``embedded:FOLDER``), else the shipped weights."""
+    from labelers.embedded import WEIGHTS
+
+    kind, _, path = teacher.partition(":")
+    init = Path(path) if kind == "embedded" and path else WEIGHTS
+    return init / WEIGHTS.name if init.is_dir() else init
 
 
 def snapshot_step(run_dir: Path) -> int | None:

@@ -214,11 +214,19 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         sup.metrics.close()
 
 
-def test_a_teacher_refresh_needs_the_embedded_teacher():
+def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one(tmp_path):
+    from labelers.embedded import WEIGHTS
     from reliev3r.config import ConfigError, load
+    from reliev3r.supervisor import refresh_init
 
-    with pytest.raises(ConfigError, match="refresh_step"):
-        load([ROOT / "configs" / "default.yaml"], ["labeler.teacher=oracle", "labeler.refresh_step=100"])
+    (tmp_path / "mine").mkdir()
+    assert refresh_init("embedded") == WEIGHTS
+    assert refresh_init(f"embedded:{tmp_path / 'mine'}") == tmp_path / "mine" / WEIGHTS.name
+    assert refresh_init(f"embedded:{tmp_path / 'w.safetensors'}") == tmp_path / "w.safetensors"
+    assert refresh_init("pydnet:/models/pydnet++.tflite") == refresh_init("oracle") == WEIGHTS
+    for bad in ("labeler.refresh_step=-1", "labeler.refresh_seconds=0"):
+        with pytest.raises(ConfigError, match="refresh"):
+            load([ROOT / "configs" / "default.yaml"], [bad])
 
 
 def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
