@@ -214,6 +214,18 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         sup.metrics.close()
 
 
+def test_a_refresh_still_distilling_when_the_run_ends_is_stopped_and_said(tmp_path):
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        sup._distill = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        sup._refresh = "distilling"
+        sup._stop_all()
+        assert sup._distill.returncode == -signal.SIGKILL
+        assert "teacher refresh cut short: the run ended while it distilled" in sup.out.getvalue()
+    finally:
+        sup.metrics.close()
+
+
 def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one(tmp_path):
     from labelers.embedded import WEIGHTS
     from reliev3r.config import ConfigError, load
