@@ -127,6 +127,8 @@ class Supervisor:
         self._print(f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
                     f"teacher {self.cfg.labeler.teacher}"
                     + (" (depth loss off)" if self.cfg.labeler.teacher == "none" else "")
+                    + {"waiting": f", teacher refresh at step {self.cfg.labeler.refresh_step}",
+                       "done": f", refreshed to {self.teacher_file}"}.get(self._refresh, "")
                     + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
                        if self.cfg.learner.init else "")
                     + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))

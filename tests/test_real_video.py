@@ -96,6 +96,7 @@ def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path
             if "restarting the labelers on it" in line or "teacher refresh failed" in line:
                 break
         out = "".join(lines)
+        assert "teacher embedded, teacher refresh at step 4" in out, out[-3000:]
         assert f"new teacher {weights}: restarting the labelers on it" in out, out[-3000:]
         version = json.loads(weights.with_suffix(".json").read_text())["version"]
         log = run / "logs" / "labeler.log"
