@@ -43,6 +43,12 @@ class PipelineConfig:
     def run_dir(self) -> Path:
         return Path(self.run.dir)
 
+    @property
+    def trains_on_ground_truth(self) -> bool:
+        """Whether a training stage uses the ground truth a source carries (the oracle teacher,
+        the supervised loss); else the streamer neither reads nor sends it."""
+        return self.labeler.teacher.split("?")[0] == "oracle" or self.learner.loss.kind == "supervised"
+
 
 def load(paths: list[str | Path] = (), overrides: list[str] = ()) -> PipelineConfig:
     """Load YAML files (later ones win), apply overrides, validate into PipelineConfig."""

@@ -258,6 +258,7 @@ class StreamerService:
 
     def __init__(self, cfg: PipelineConfig, runtime: Runtime, metrics: StreamerMetrics):
         scfg = self.cfg = cfg.streamer
+        self.ground_truth = cfg.trains_on_ground_truth
         self.runtime, self.metrics = runtime, metrics
         self.log = log = runtime.log
         on_error = self.on_error
@@ -266,7 +267,8 @@ class StreamerService:
 
         def make_sources() -> list:
             if archive_specs:
-                return srcs.discover(archive_specs, fov_deg=scfg.fov_deg, on_error=on_error)
+                return srcs.discover(archive_specs, fov_deg=scfg.fov_deg, on_error=on_error,
+                                     ground_truth=self.ground_truth)
             if live_specs:
                 return []
             try:
@@ -377,7 +379,7 @@ class StreamerService:
                     self.exhausted = True
                     log.info("all sources done", extra={"sent": counts["sent"]})
             else:
-                msg = window.to_message()
+                msg = window.to_message(ground_truth=self.ground_truth)
                 if scfg.payload != "raw":
                     msg = protocol.compress_frames(msg, scfg.payload, scfg.jpeg_quality)
                 frames = protocol.encode(msg)

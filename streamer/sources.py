@@ -576,8 +576,11 @@ class ImageSequenceSource:
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world)."""
 
     def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
-                 depth_scale: float = 1000.0):
+                 depth_scale: float = 1000.0, ground_truth: bool = True):
+        """``ground_truth=False``: frames carry no depth or pose even where the folder has them
+        (nothing is read: a view's depth PNG costs more than its JPEG)."""
         self.path = Path(folder)
+        self.ground_truth = ground_truth
         self.name = source_name(self.path)
         self.fov_deg = fov_deg
         self.on_error = on_error
@@ -616,7 +619,9 @@ class ImageSequenceSource:
             K = self.intrinsics if self.intrinsics is not None else fov_intrinsics(self.fov_deg, w, h)
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
-            yield Frame(i, float(i), rgb, K, functools.partial(self._depth, file), functools.partial(self._pose, file),
+            gt = (functools.partial(self._depth, file), functools.partial(self._pose, file)) if self.ground_truth \
+                else (None, None)
+            yield Frame(i, float(i), rgb, K, *gt,
                         discontinuity=gap, glance=None if small is None else functools.partial(glance_of_rgb, small),
                         reduced=reduced)
             gap = False
@@ -750,13 +755,15 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=natural)
 
 
-def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error) -> list[Source]:
+def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
+             ground_truth: bool = True) -> list[Source]:
     """Sources for config entries: files, folders (image sequence or folder of videos), globs.
     A path that exists is taken as it is, even with glob characters in its name
     (``clip [1080p].mp4``). Discovery never raises: a spec or an entry that cannot be used is
     reported under its source name with a reason (``missing``, ``dangling_symlink``,
     ``symlink_loop``, ``permission_denied``, ``not_a_file``, ``empty_folder``, ...) and skipped,
-    and every other source is returned."""
+    and every other source is returned. ``ground_truth=False``: image sequences read no ground
+    truth (:class:`ImageSequenceSource`)."""
     sources: list[Source] = []
     for spec in specs:
         if "://" in spec or spec.startswith("/dev/video"):
@@ -773,7 +780,7 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
             on_error(source_name(path), "missing", f"{spec}: no file matches")
             continue
         for p in matched:
-            sources.extend(_guarded(p, lambda p=p: _sources_at(p, fov_deg, on_error), on_error))
+            sources.extend(_guarded(p, lambda p=p: _sources_at(p, fov_deg, on_error, ground_truth), on_error))
     return sources
 
 
@@ -799,14 +806,14 @@ def _matches(spec: str, path: Path) -> list[Path]:
     return [Path(p) for p in sorted(found)]
 
 
-def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink) -> list[Source]:
+def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool = True) -> list[Source]:
     if inspect_path(p) == "file":
         return [VideoSource(p, fov_deg=fov_deg, on_error=on_error)]
     entries = list(p.iterdir())
     if not entries:
         raise SourceError("empty_folder", f"{p}: nothing in it")
     if any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries):
-        return [ImageSequenceSource(p, fov_deg=fov_deg, on_error=on_error)]
+        return [ImageSequenceSource(p, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)]
     videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
         raise SourceError("no_frames", f"{p}: no videos or images")

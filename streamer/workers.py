@@ -75,7 +75,7 @@ def _job_of(source) -> dict | None:
         return {"kind": "video", "path": str(source.path), "fov_deg": source.fov_deg, "decode_threads": 1}
     if type(source) is srcs.ImageSequenceSource:
         return {"kind": "images", "path": str(source.path), "fov_deg": source.fov_deg,
-                "depth_scale": source.depth_scale}
+                "depth_scale": source.depth_scale, "ground_truth": source.ground_truth}
     return None
 
 
@@ -107,7 +107,7 @@ def _worker_main(conn, cfg_doc: dict) -> None:
                                           decode_threads=job["decode_threads"])
             else:
                 source = srcs.ImageSequenceSource(job["path"], fov_deg=job["fov_deg"], on_error=on_error,
-                                                  depth_scale=job["depth_scale"])
+                                                  depth_scale=job["depth_scale"], ground_truth=job["ground_truth"])
 
             wanted = Wanted()
 

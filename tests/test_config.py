@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from reliev3r import config
-from reliev3r.config import ConfigError
+from reliev3r.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,3 +183,11 @@ def test_keyword_defaults_are_the_config_defaults():
     labeler, got = LabelerConfig(), defaults(make_teacher)
     assert {k: got[k] for k in ("device", "batch_frames", "precision", "compile")} == \
         {k: getattr(labeler, k) for k in ("device", "batch_frames", "precision", "compile")}
+
+
+@pytest.mark.parametrize("overrides, uses", [
+    ([], False), (["labeler.teacher=none"], False), (["labeler.teacher=embedded:/w"], False),
+    (["labeler.teacher=oracle"], True), (["labeler.teacher=oracle?strength=1"], True),
+    (["learner.loss.kind=supervised"], True)])
+def test_the_streamer_reads_ground_truth_only_for_a_stage_that_trains_on_it(overrides, uses):
+    assert load([], overrides).trains_on_ground_truth is uses

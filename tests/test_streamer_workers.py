@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -27,14 +28,15 @@ class Events(list):
         self.append(event)
 
 
-def stream(specs, cfg, progress=None):
+def stream(specs, cfg, progress=None, ground_truth=True):
     """(windows, errors, frames counted per source) through the service's window stream."""
     errors, frames = Events(), {}
 
     def on_frame(name):
         frames[name] = frames.get(name, 0) + 1
 
-    windows = list(window_stream(lambda: discover(specs, on_error=errors), cfg, on_frame=on_frame,
+    windows = list(window_stream(lambda: discover(specs, on_error=errors, ground_truth=ground_truth), cfg,
+                                 on_frame=on_frame,
                                  on_error=errors, log=logging.getLogger("test"), progress=progress))
     return windows, errors, frames
 
@@ -95,6 +97,26 @@ def test_workers_resume_where_progress_says(clips, tmp_path):
         assert resumed and min(int(w.window_id.rsplit(":", 1)[1]) for w in resumed) == 12
         assert f"{name}:0:16" not in {w.window_id for w in windows}
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_image_sequence_read_without_ground_truth_gives_the_same_windows_without_it(tmp_path, workers):
+    """When no stage trains on ground truth the streamer neither reads a sequence's depth and
+    poses nor sends them; everything else about the windows is the same."""
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i, rgb in enumerate(panning_frames(24, 96, 64, step=3, seed=1)):
+        cv2.imwrite(str(folder / f"frame-{i:06d}.color.jpg"), rgb[..., ::-1])
+        cv2.imwrite(str(folder / f"frame-{i:06d}.depth.png"), np.full((64, 96), 1000 + i, np.uint16))
+        (folder / f"frame-{i:06d}.pose.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    cfg = StreamerConfig(**WINDOWS, decode_workers=workers)
+    with_gt, errors, _ = stream([str(folder)], cfg)
+    without, errors_without, _ = stream([str(folder)], cfg, ground_truth=False)
+    assert with_gt and as_data(without) == as_data(with_gt) and errors == errors_without == []
+    assert all({"gt_depth", "gt_cam_to_world"} <= set(w.to_message().arrays) for w in with_gt)
+    assert all(v.gt_depth is None and v.gt_cam_to_world is None for w in without for v in w.views)
+    assert all(not {"gt_depth", "gt_cam_to_world"} & set(w.to_message().arrays) for w in without)
+    assert all(not {"gt_depth", "gt_cam_to_world"} & set(w.to_message(ground_truth=False).arrays) for w in with_gt)
 
 
 def test_worker_count_and_pool_reuse():
