@@ -48,6 +48,8 @@ STOP_ORDER = ("streamer", "labeler", "evaluator", "replay", "learner")
 GRACE_S = 20.0
 STALE_S = 15.0
 """A running child silent for this long is flagged in the status line (hung or overloaded)."""
+BEFORE_REFRESH = "before-refresh"
+"""Where a teacher refresh moves the run's snapshots, evaluations and replay store."""
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
@@ -230,11 +232,22 @@ class Supervisor:
             return
         self._refresh = "done"
         self._relabel_with(self.teacher_file)
-        self._print(f"new teacher {self.teacher_file}: restarting the labelers on it")
-        for child in self.children.values():
-            if child.stage == "labeler":
-                self._stop(child)
-                self._start(child)
+        # What was measured is a new run on the distilled teacher (docs/RESULTS.md, issue 21): a
+        # learner that goes on, its replay full of the first teacher's labels, kept their mark.
+        restarted = [c for c in self.children.values() if c.stage != "streamer"]
+        for child in restarted:
+            self._stop(child)
+        before = self.run_dir / BEFORE_REFRESH
+        before.mkdir(exist_ok=True)
+        for name in ("snapshots", "evaluations", "replay"):
+            if (self.run_dir / name).exists():
+                os.replace(self.run_dir / name, before / name)
+        self._print(f"new teacher {self.teacher_file}: the learner starts afresh on it with an empty replay "
+                    f"(the run before the refresh is in {before})")
+        for stage in STAGES:
+            for child in restarted:
+                if child.stage == stage:
+                    self._start(child)
 
     def _stop(self, child: Child) -> None:
         """SIGTERM, then SIGKILL after ``GRACE_S``; the child is left stopped."""

@@ -77,8 +77,9 @@ def test_up_with_shipped_defaults_learns_from_a_real_image_sequence(tmp_path):
 
 def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path):
     """``labeler.refresh_step``: at that snapshot ``reliev3r up`` distils its learner into a new
-    embedded teacher (the real ``teacher-train --distill``) and restarts its labeler on it,
-    while the learner goes on. The run is stopped once the labeler runs the new teacher."""
+    embedded teacher (the real ``teacher-train --distill``) and starts again on it: the labeler on
+    the new teacher, the learner from scratch on an empty replay, the first part kept aside. The
+    run is stopped once the new learner has written a snapshot."""
     train = _sequence(tmp_path / "train", range(0, 160, 2))
     run = tmp_path / "run"
     ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
@@ -93,14 +94,15 @@ def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path
         lines = []
         for line in proc.stdout:  # bounded by the module's timeout
             lines.append(line)
-            if "restarting the labelers on it" in line or "teacher refresh failed" in line:
+            if "starts afresh on it" in line or "teacher refresh failed" in line:
                 break
         out = "".join(lines)
         assert "teacher embedded, teacher refresh at step 4" in out, out[-3000:]
-        assert f"new teacher {weights}: restarting the labelers on it" in out, out[-3000:]
+        assert f"new teacher {weights}: the learner starts afresh on it with an empty replay" in out, out[-3000:]
         version = json.loads(weights.with_suffix(".json").read_text())["version"]
         log = run / "logs" / "labeler.log"
-        while not any(f'"{version}"' in line and "labeler up" in line for line in log.read_text().splitlines()):
+        while not (any(f'"{version}"' in line and "labeler up" in line for line in log.read_text().splitlines())
+                   and list((run / "snapshots").glob("step-*/meta.json"))):
             assert proc.poll() is None, "".join(lines)[-3000:]
             time.sleep(0.5)
     finally:
@@ -109,3 +111,9 @@ def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path
     assert proc.returncode == 0, rest[-3000:]
     meta = json.loads(weights.with_suffix(".json").read_text())
     assert meta["data"]["extra"]["run"] == str(run) and meta["data"]["extra"]["step"] >= 4
+    assert meta["data"]["extra"]["snapshot"].startswith(str(run / "snapshots"))  # distilled before the move
+    first = sorted((run / "before-refresh" / "snapshots").glob("step-*/meta.json"))
+    assert first and json.loads(first[-1].read_text())["step"] >= 4
+    learner = [json.loads(line) for line in (run / "logs" / "learner.log").read_text().splitlines()
+               if line.startswith("{")]
+    assert not any(row["msg"] == "resumed" for row in learner)  # the second learner started from scratch
