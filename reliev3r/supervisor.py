@@ -21,6 +21,7 @@ orphans are left behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -198,16 +199,22 @@ class Supervisor:
                 child.overrides.append(f"labeler.teacher=embedded:{weights}")
 
     def _refresh_teacher(self) -> None:
-        """``labeler.refresh_step``: at the first snapshot of that step or later, distil the run's
-        learner into a new embedded teacher in a child process; when it has written its
-        weights, restart the labelers on them. A failed distillation is reported and the
-        labelers keep their teacher."""
+        """``labeler.refresh_step``: at the first snapshot of that step or later, stop the learner
+        (its last snapshot is what is distilled, and the GPU is the distillation's) and distil
+        it into a new embedded teacher in a child process; when that has written its weights,
+        start the run again on them. A failed distillation is reported, the labelers keep
+        their teacher and the learner resumes."""
         lc = self.cfg.labeler
+        learner = self.children["learner"]
         if self._refresh == "waiting":
             step = snapshot_step(self.run_dir)
-            if step is None or step < lc.refresh_step:
+            if step is None or step < lc.refresh_step or learner.finished:
                 return
             from reliev3r.distill import RECIPE
+
+            learner.next_start = math.inf  # held, not restarted, until the refresh is over
+            self._stop(learner)
+            step = snapshot_step(self.run_dir)
 
             init = refresh_init(lc.teacher)
             cmd = [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
@@ -223,12 +230,14 @@ class Supervisor:
         if self._refresh != "distilling" or self._distill.poll() is None:
             return
         code, self._distill = self._distill.returncode, None
+        learner.next_start = 0.0  # started again below, or resumed by _reap_and_restart
         if code != 0 or not self._refreshed():
             log = self.run_dir / "logs" / "distill.log"
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             why = last_error(log) or (f"exit code {code}: {lines[-1][:REASON_CHARS]}" if lines else f"exit code {code}")
             self._refresh = "failed"
-            self._print(f"teacher refresh failed ({why}); the labelers keep teacher {lc.teacher}")
+            self._print(f"teacher refresh failed ({why}); the labelers keep teacher {lc.teacher} and the "
+                        "learner resumes")
             return
         self._refresh = "done"
         self._relabel_with(self.teacher_file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -202,13 +203,15 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         (tmp_path / "snapshots" / "step-000000006" / "meta.json").write_text("{not json")
         sup._refresh_teacher()
         assert sup._refresh == "distilling" and "distilling the learner" in sup.out.getvalue()
+        assert sup.children["learner"].next_start == math.inf  # held while it distils
         deadline = time.time() + 240
         while sup._refresh == "distilling" and time.time() < deadline:
             time.sleep(0.2)
             sup._refresh_teacher()
         assert sup._refresh == "failed", sup.out.getvalue()
         assert "teacher refresh failed (exit code 2: reliev3r teacher-train:" in sup.out.getvalue()
-        assert "no valid snapshot there" in sup.out.getvalue()
+        assert "no valid snapshot there" in sup.out.getvalue() and "the learner resumes" in sup.out.getvalue()
+        assert sup.children["learner"].next_start == 0.0  # _reap_and_restart starts it again
         assert all(not c.overrides for c in sup.children.values())
     finally:
         sup.metrics.close()
