@@ -359,8 +359,8 @@ class Supervisor:
         if self._distill is not None and self._distill.poll() is None:
             os.killpg(self._distill.pid, signal.SIGKILL)  # a refresh cut short leaves no teacher
             self._distill.wait()
-            self._print("teacher refresh cut short: the run ended while it distilled (the labelers kept "
-                        f"teacher {self.cfg.labeler.teacher}; raise learner.max_steps or lower labeler.refresh_step)")
+            self._print("teacher refresh cut short: the run stopped while it distilled (no new teacher; "
+                        "resumed, the run distils again)")
         order = sorted(self.children.values(), key=lambda c: STOP_ORDER.index(c.stage))
         # Learner first gets its SIGTERM too, but is waited for last: it writes a snapshot.
         for child in order:

@@ -224,7 +224,7 @@ def test_a_refresh_still_distilling_when_the_run_ends_is_stopped_and_said(tmp_pa
         sup._refresh = "distilling"
         sup._stop_all()
         assert sup._distill.returncode == -signal.SIGKILL
-        assert "teacher refresh cut short: the run ended while it distilled" in sup.out.getvalue()
+        assert "teacher refresh cut short: the run stopped while it distilled" in sup.out.getvalue()
     finally:
         sup.metrics.close()
 
