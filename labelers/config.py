@@ -65,9 +65,9 @@ class LabelerConfig:
     Labelers on other hosts are started with ``reliev3r label``."""
     refresh_step: int = 0
     """Teacher refresh: once the run has a snapshot at this learner step or later, ``reliev3r up``
-    stops the learner and distils it into a new embedded teacher (``reliev3r teacher-train --distill`` of the
-    run for ``refresh_seconds`` on this device, into ``<run.dir>/teacher``), then starts the run
-    again on it: labelers on the new teacher, an empty replay and a learner from scratch (or
+    stops the learner and distils it into a new embedded teacher (``reliev3r teacher-train
+    --distill`` of the run for ``refresh_seconds`` on this device, into ``<run.dir>/teacher``),
+    then starts the run again on it: labelers on the new teacher, an empty replay and a learner from scratch (or
     ``learner.init``), ``learner.max_steps`` counted from there; the first part's snapshots,
     evaluations and replay store move to ``<run.dir>/before-refresh``. A resumed run keeps the
     new teacher. The new teacher is fine-tuned from the teacher in use when that is ``embedded``
