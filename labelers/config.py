@@ -67,14 +67,15 @@ class LabelerConfig:
     """Teacher refresh: once the run has a snapshot at this learner step or later, ``reliev3r up``
     stops the learner and distils it into a new embedded teacher (``reliev3r teacher-train
     --distill`` of the run for ``refresh_seconds`` on this device, into ``<run.dir>/teacher``),
-    then starts the run again on it: labelers on the new teacher, an empty replay and a learner from scratch (or
-    ``learner.init``), ``learner.max_steps`` counted from there; the first part's snapshots,
-    evaluations and replay store move to ``<run.dir>/before-refresh``. A resumed run keeps the
-    new teacher. The new teacher is fine-tuned from the teacher in use when that is ``embedded``
-    or ``embedded:PATH``, else from the shipped weights (a run that starts on ``pydnet:`` goes
-    on with an embedded teacher made from its own learner). Why afresh: on the CPU loop a
-    learner that went on after the teacher changed (its replay full of the first teacher's
-    labels) scored like one that never changed teacher (docs/RESULTS.md, issue 21). 0: never."""
+    then starts the run again on it: labelers on the new teacher, an empty replay and a learner
+    from scratch (or ``learner.init``), ``learner.max_steps`` counted from there; the first
+    part's snapshots, evaluations and replay store move to ``<run.dir>/before-refresh``. A
+    resumed run keeps the new teacher. The new teacher is fine-tuned from the teacher in use
+    when that is ``embedded`` or ``embedded:PATH``, else from the shipped weights (a run that
+    starts on ``pydnet:`` goes on with an embedded teacher made from its own learner). Why
+    afresh: on the CPU loop a learner that went on after the teacher changed (its replay full
+    of the first teacher's labels) scored like one that never changed teacher; afresh, 0.167
+    per frame against 0.173 (docs/RESULTS.md, issue 21). Off (0) until measured on the GPU."""
     refresh_seconds: float = 70.0
     """Wall-clock seconds of the refresh's distillation, start-up and rendering included."""
     credits: int = 2
