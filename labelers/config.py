@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+ORACLE = ("oracle", "oracle-gt")
+"""Names of the oracle teacher (``labeler.teacher``, before its ``?options``)."""
+
 
 @dataclass(kw_only=True, slots=True)
 class LabelerConfig:
@@ -90,6 +93,11 @@ class LabelerConfig:
     ready_interval_s: float = 1.0
     """An idle worker repeats ``ready`` this often (keep-alive; re-registers with a restarted
     streamer)."""
+
+    @property
+    def reads_ground_truth(self) -> bool:
+        """Whether the teacher labels from the windows' ground truth (the oracle)."""
+        return self.teacher.partition("?")[0] in ORACLE
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from labelers.config import LabelerConfig
+from labelers.config import ORACLE, LabelerConfig
 
 _LABELER = LabelerConfig()
 """Where the teachers' keyword defaults come from (``labeler.device``, ``batch_frames``,
@@ -268,7 +268,7 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
     if spec == "none":
         return NoTeacher()
     base, _, query = spec.partition("?")
-    if base in ("oracle", "oracle-gt"):
+    if base in ORACLE:
         return OracleTeacher.from_options(query, spec) if query else OracleTeacher()
     kind, sep, target = spec.partition(":")
     if kind == "embedded":  # the package-shipped default; ``embedded:<file or folder>`` for other weights

@@ -47,7 +47,7 @@ class PipelineConfig:
     def trains_on_ground_truth(self) -> bool:
         """Whether a training stage uses the ground truth a source carries (the oracle teacher,
         the supervised loss); else the streamer neither reads nor sends it."""
-        return self.labeler.teacher.split("?")[0] == "oracle" or self.learner.loss.kind == "supervised"
+        return self.labeler.reads_ground_truth or self.learner.loss.kind == "supervised"
 
 
 def load(paths: list[str | Path] = (), overrides: list[str] = ()) -> PipelineConfig:

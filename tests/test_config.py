@@ -188,6 +188,7 @@ def test_keyword_defaults_are_the_config_defaults():
 @pytest.mark.parametrize("overrides, uses", [
     ([], False), (["labeler.teacher=none"], False), (["labeler.teacher=embedded:/w"], False),
     (["labeler.teacher=oracle"], True), (["labeler.teacher=oracle?strength=1"], True),
+    (["labeler.teacher=oracle-gt"], True), (["labeler.teacher=oracle-gt?noise=0"], True),
     (["learner.loss.kind=supervised"], True)])
 def test_the_streamer_reads_ground_truth_only_for_a_stage_that_trains_on_it(overrides, uses):
     assert load([], overrides).trains_on_ground_truth is uses
