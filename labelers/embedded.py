@@ -150,6 +150,13 @@ def input_size_for(height: int, width: int, base: tuple[int, int] = DEFAULT_INPU
     return max(32, round(height * scale / 16) * 16), max(32, round(width * scale / 16) * 16)
 
 
+def weights_file(weights: str | Path | None = None) -> Path:
+    """The weights file that ``embedded`` (None: the shipped weights) or ``embedded:<weights>``
+    names: a file, or the folder ``reliev3r teacher-train --out`` wrote."""
+    path = Path(weights) if weights else WEIGHTS
+    return path / WEIGHTS.name if path.is_dir() else path
+
+
 class EmbeddedTeacher(DepthTeacher):
     """The shipped U-Net behind the :class:`DepthTeacher` interface (``make_teacher("embedded")``)."""
 
@@ -159,9 +166,7 @@ class EmbeddedTeacher(DepthTeacher):
     def __init__(self, device: str = _LABELER.device, *, weights: Path | None = None,
                  batch_frames: int = _LABELER.batch_frames, precision: str = _LABELER.precision):
         self.device = torch.device(device)
-        self.weights = Path(weights) if weights is not None else WEIGHTS
-        if self.weights.is_dir():  # a folder of ``reliev3r teacher-train --out``
-            self.weights = self.weights / WEIGHTS.name
+        self.weights = weights_file(weights)
         self.net, self.meta = load_net(self.weights)
         self.net.to(self.device)
         self.version = weights_digest(self.weights)

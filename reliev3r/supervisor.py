@@ -472,11 +472,10 @@ class Supervisor:
 def refresh_init(teacher: str) -> Path:
     """The weights the teacher refresh fine-tunes: the labeler's own embedded teacher
     (``embedded``, ``embedded:FILE``, ``embedded:FOLDER``), else the shipped weights."""
-    from labelers.embedded import WEIGHTS
+    from labelers.embedded import weights_file
 
     kind, _, path = teacher.partition(":")
-    init = Path(path) if kind == "embedded" and path else WEIGHTS
-    return init / WEIGHTS.name if init.is_dir() else init
+    return weights_file(path if kind == "embedded" else None)
 
 
 def snapshot_step(run_dir: Path) -> int | None:
