@@ -213,7 +213,7 @@ class Supervisor:
             from reliev3r.distill import RECIPE
 
             learner.next_start = math.inf  # held, not restarted, until the refresh is over
-            self._stop(learner)
+            self._stop([learner])
             step = snapshot_step(self.run_dir)
 
             init = refresh_init(lc.teacher)
@@ -244,8 +244,7 @@ class Supervisor:
         # What was measured is a new run on the distilled teacher (docs/RESULTS.md, issue 21): a
         # learner that goes on, its replay full of the first teacher's labels, kept their mark.
         restarted = [c for c in self.children.values() if c.stage != "streamer"]
-        for child in restarted:
-            self._stop(child)
+        self._stop(restarted)
         before = self.run_dir / BEFORE_REFRESH
         before.mkdir(exist_ok=True)
         for name in ("snapshots", "evaluations", "replay"):
@@ -258,18 +257,25 @@ class Supervisor:
                 if child.stage == stage:
                     self._start(child)
 
-    def _stop(self, child: Child) -> None:
-        """SIGTERM, then SIGKILL after ``GRACE_S``; the child is left stopped."""
-        if child.proc is not None and child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
+    def _stop(self, children: list[Child]) -> None:
+        """SIGTERM to each, then SIGKILL to those still running ``GRACE_S`` later; waited for in
+        ``STOP_ORDER`` (the learner, which writes a snapshot, last) and left stopped."""
+        order = sorted(children, key=lambda c: STOP_ORDER.index(c.stage))
+        for child in order:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + GRACE_S
+        for child in order:
+            if child.proc is None:
+                continue
             try:
-                child.proc.wait(timeout=GRACE_S)
+                child.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 self._print(f"{child.name} did not stop within {GRACE_S:.0f}s; killing it")
                 child.proc.kill()
                 child.proc.wait()
-        child.proc = None
-        self.child_up.labels(child.name).set(0)
+            child.proc = None
+            self.child_up.labels(child.name).set(0)
 
     # ------------------------------------------------------------------ children
     def _log_path(self, child: Child) -> Path:
@@ -361,22 +367,7 @@ class Supervisor:
             self._distill.wait()
             self._print("teacher refresh cut short: the run stopped while it distilled (no new teacher; "
                         "resumed, the run distils again)")
-        order = sorted(self.children.values(), key=lambda c: STOP_ORDER.index(c.stage))
-        # Learner first gets its SIGTERM too, but is waited for last: it writes a snapshot.
-        for child in order:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.time() + GRACE_S
-        for child in order:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                self._print(f"{child.name} did not stop within {GRACE_S:.0f}s; killing it")
-                child.proc.kill()
-                child.proc.wait()
-            self.child_up.labels(child.name).set(0)
+        self._stop(list(self.children.values()))
 
     # ------------------------------------------------------------------ status
     def _drain_heartbeats(self, sock: zmq.Socket, timeout_ms: int) -> None:
