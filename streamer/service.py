@@ -272,7 +272,8 @@ class StreamerService:
             if live_specs:
                 return []
             try:
-                return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error)
+                return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error,
+                                              ground_truth=self.ground_truth)
             except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
                 on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
                 return []
@@ -379,7 +380,7 @@ class StreamerService:
                     self.exhausted = True
                     log.info("all sources done", extra={"sent": counts["sent"]})
             else:
-                msg = window.to_message(ground_truth=self.ground_truth)
+                msg = window.to_message()
                 if scfg.payload != "raw":
                     msg = protocol.compress_frames(msg, scfg.payload, scfg.jpeg_quality)
                 frames = protocol.encode(msg)

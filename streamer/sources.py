@@ -280,8 +280,11 @@ class VideoSource:
     """A video file in any container and codec FFmpeg decodes."""
 
     def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
-                 decode_threads: int = 0):
+                 decode_threads: int = 0, ground_truth: bool = True):
+        """``ground_truth=False``: frames carry no depth or pose even where the video has them (a
+        synthetic video's intrinsics still come from its ground truth)."""
         self.path = Path(path)
+        self.ground_truth = ground_truth
         self.name = source_name(self.path)
         self.fov_deg = fov_deg
         self.decode_threads = decode_threads
@@ -440,7 +443,7 @@ class VideoSource:
         return fov_intrinsics(self.fov_deg, width, height)
 
     def _gt(self, index: int, shape) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if self.gt is None or index >= len(self.gt.depth):
+        if not self.ground_truth or self.gt is None or index >= len(self.gt.depth):
             return None, None
         return (np.asarray(self.gt.depth[index], dtype=np.float32),
                 np.asarray(self.gt.cam_to_world[index], dtype=np.float64))
@@ -762,8 +765,8 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
     (``clip [1080p].mp4``). Discovery never raises: a spec or an entry that cannot be used is
     reported under its source name with a reason (``missing``, ``dangling_symlink``,
     ``symlink_loop``, ``permission_denied``, ``not_a_file``, ``empty_folder``, ...) and skipped,
-    and every other source is returned. ``ground_truth=False``: image sequences read no ground
-    truth (:class:`ImageSequenceSource`)."""
+    and every other source is returned. ``ground_truth=False``: the sources' frames carry no
+    ground truth (an image sequence does not read it)."""
     sources: list[Source] = []
     for spec in specs:
         if "://" in spec or spec.startswith("/dev/video"):
@@ -808,7 +811,7 @@ def _matches(spec: str, path: Path) -> list[Path]:
 
 def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool = True) -> list[Source]:
     if inspect_path(p) == "file":
-        return [VideoSource(p, fov_deg=fov_deg, on_error=on_error)]
+        return [VideoSource(p, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)]
     entries = list(p.iterdir())
     if not entries:
         raise SourceError("empty_folder", f"{p}: nothing in it")
@@ -819,20 +822,21 @@ def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool
         raise SourceError("no_frames", f"{p}: no videos or images")
     sources: list[Source] = []
     for q in videos:
-        sources.extend(_guarded(q, lambda q=q: _video_file(q, fov_deg, on_error), on_error))
+        sources.extend(_guarded(q, lambda q=q: _video_file(q, fov_deg, on_error, ground_truth), on_error))
     return sources
 
 
-def _video_file(path: Path, fov_deg: float, on_error: ErrorSink) -> list[Source]:
+def _video_file(path: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool) -> list[Source]:
     if inspect_path(path) != "file":
         raise SourceError("not_a_file", f"{path}: a folder")
-    return [VideoSource(path, fov_deg=fov_deg, on_error=on_error)]
+    return [VideoSource(path, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)]
 
 
 def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
-                      on_error: ErrorSink = _log_error) -> list[Source]:
-    """The embedded default: render the synthetic world once, then read its videos."""
+                      on_error: ErrorSink = _log_error, ground_truth: bool = True) -> list[Source]:
+    """The embedded default: render the synthetic world once, then read its videos
+    (``ground_truth`` as in :func:`discover`)."""
     from reliev3r import synthetic
 
     videos = synthetic.ensure_world(Path(run_dir) / "world", synthetic_cfg)
-    return [VideoSource(Path(v), fov_deg=fov_deg, on_error=on_error) for v in videos]
+    return [VideoSource(Path(v), fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth) for v in videos]

@@ -86,15 +86,13 @@ class Window:
     source: str
     views: list[View]
 
-    def to_message(self, ground_truth: bool = True) -> Message:
-        """``ground_truth=False``: without the views' ground truth (when no stage uses it: the
-        depth alone is more bytes than the frames)."""
+    def to_message(self) -> Message:
         arrays = {"frames": np.stack([v.rgb for v in self.views]),
                   "intrinsics": np.stack([v.intrinsics for v in self.views]).astype(np.float32)}
         # Ground truth travels only when every view has it (the schema has no per-view mask).
-        if ground_truth and all(v.gt_depth is not None for v in self.views):
+        if all(v.gt_depth is not None for v in self.views):
             arrays["gt_depth"] = np.stack([v.gt_depth for v in self.views]).astype(np.float32)
-        if ground_truth and all(v.gt_cam_to_world is not None for v in self.views):
+        if all(v.gt_cam_to_world is not None for v in self.views):
             arrays["gt_cam_to_world"] = np.stack([v.gt_cam_to_world for v in self.views]).astype(np.float32)
         meta = {"window_id": self.window_id, "source": self.source,
                 "frame_indices": [v.index for v in self.views],

@@ -72,7 +72,8 @@ def window_from_frames(frames: list[bytes]) -> Window:
 def _job_of(source) -> dict | None:
     """What a worker needs to rebuild ``source`` (None: a kind it cannot)."""
     if type(source) is srcs.VideoSource:  # one decoder thread: the workers are the parallelism
-        return {"kind": "video", "path": str(source.path), "fov_deg": source.fov_deg, "decode_threads": 1}
+        return {"kind": "video", "path": str(source.path), "fov_deg": source.fov_deg, "decode_threads": 1,
+                "ground_truth": source.ground_truth}
     if type(source) is srcs.ImageSequenceSource:
         return {"kind": "images", "path": str(source.path), "fov_deg": source.fov_deg,
                 "depth_scale": source.depth_scale, "ground_truth": source.ground_truth}
@@ -104,7 +105,7 @@ def _worker_main(conn, cfg_doc: dict) -> None:
         try:
             if job["kind"] == "video":
                 source = srcs.VideoSource(job["path"], fov_deg=job["fov_deg"], on_error=on_error,
-                                          decode_threads=job["decode_threads"])
+                                          decode_threads=job["decode_threads"], ground_truth=job["ground_truth"])
             else:
                 source = srcs.ImageSequenceSource(job["path"], fov_deg=job["fov_deg"], on_error=on_error,
                                                   depth_scale=job["depth_scale"], ground_truth=job["ground_truth"])

@@ -289,6 +289,12 @@ def test_synthetic_default_source_carries_exact_gt(tmp_path):
     inside = (u >= 0) & (u < 32) & (v >= 0) & (v < 32)
     rel = np.abs(depth[1][v[inside], u[inside]] - cam1[inside, 2]) / cam1[inside, 2]
     assert inside.sum() > 300 and np.mean(rel < 0.05) > 0.95
+    # read without ground truth (no stage trains on it): the same window and intrinsics, no depth or poses
+    bare = synthetic_sources(cfg.run_dir, cfg.streamer.synthetic, ground_truth=False)[0]
+    plain = next(windows_of(bare.name, bare.frames(start=3), cfg.streamer)).to_message()
+    assert not {"gt_depth", "gt_cam_to_world"} & set(plain.arrays)
+    assert np.array_equal(plain.arrays["frames"], msg.arrays["frames"])
+    assert np.array_equal(plain.arrays["intrinsics"], msg.arrays["intrinsics"])
 
 
 # ----------------------------------------------------------------------------- keyframes

@@ -116,7 +116,6 @@ def test_an_image_sequence_read_without_ground_truth_gives_the_same_windows_with
     assert all({"gt_depth", "gt_cam_to_world"} <= set(w.to_message().arrays) for w in with_gt)
     assert all(v.gt_depth is None and v.gt_cam_to_world is None for w in without for v in w.views)
     assert all(not {"gt_depth", "gt_cam_to_world"} & set(w.to_message().arrays) for w in without)
-    assert all(not {"gt_depth", "gt_cam_to_world"} & set(w.to_message(ground_truth=False).arrays) for w in with_gt)
 
 
 def test_worker_count_and_pool_reuse():
