@@ -278,13 +278,16 @@ class FFRM(nn.Module):
         cam = self.camera_head(cam_token)  # [BV, 9]
         log_depth = out[:, 0]
         m = self.cfg.max_log_depth
-        # Soft clamp (tanh) instead of a hard one: gradients never die at the bound.
+
+        def clamp(x: Tensor) -> Tensor:  # soft (tanh), not hard: gradients never die at +-m
+            return m * torch.tanh(x / m)
+
         shape = log_scale = log_shift = None
         if self.scale_head is None:
-            depth = torch.exp(m * torch.tanh(log_depth / m))
+            depth = torch.exp(clamp(log_depth))
         else:
-            shape = torch.exp(m * torch.tanh((log_depth - log_depth.mean((-2, -1), keepdim=True)) / m))
-            log_scale, log_shift = (m * torch.tanh(self.scale_head(cam_token) / m)).view(b, v, 2).unbind(-1)
+            shape = torch.exp(clamp(log_depth - log_depth.mean((-2, -1), keepdim=True)))
+            log_scale, log_shift = clamp(self.scale_head(cam_token)).view(b, v, 2).unbind(-1)
             shape = shape.view(b, v, h, w)
             depth = view_depth(shape, log_scale, log_shift)
         confidence = 2 * torch.sigmoid(out[:, 1])
