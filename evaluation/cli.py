@@ -3,7 +3,8 @@
 Prints a markdown table (one row per model or baseline) and writes ``results.json`` and
 ``results.md`` into ``--out`` (default: ``<run.dir>/eval``). Rows: the snapshot, every
 ``--compare`` snapshot (e.g. the fully-supervised sibling), and the baselines: constant depth
-with identity poses, each depth teacher alone (``--teacher``, default ``labeler.teacher``)
+with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
+for a snapshot of a run whose teacher refresh is done, the teacher that refresh made)
 and two-view essential-matrix poses from verified matches. Every model sees the same windows,
 at the first snapshot's training resolution.
 """
@@ -21,7 +22,7 @@ from evaluation.datasets import load_windows
 from evaluation.evaluate import evaluate_model, has_ground_truth, markdown_table, trivial_baseline
 from learner import snapshot as snapshots
 from learner.snapshot import resolve_snapshot
-from reliev3r.config import PipelineConfig
+from reliev3r.config import PipelineConfig, refreshed_teacher
 
 COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
            "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
@@ -31,6 +32,14 @@ COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_fra
 def _snapshot_name(snap: Path, meta: dict) -> str:
     loss = meta.get("config", {}).get("loss", {}).get("kind", "?")
     return f"{snap.parent.parent.name}/{snap.name} ({loss}, step {meta['step']})"
+
+
+def default_teachers(cfg: PipelineConfig, snap: Path) -> list[str]:
+    """``labeler.teacher``, and the teacher a refresh wrote into the snapshot's run (the one its
+    learner trained on: a snapshot from before the refresh lies in ``before-refresh``, one folder
+    down, where no teacher is)."""
+    refreshed = refreshed_teacher(snap.parent.parent)
+    return [cfg.labeler.teacher, *([f"embedded:{refreshed}"] if refreshed else [])]
 
 
 def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -54,7 +63,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         rows[f"compare {_snapshot_name(other, other_meta)}"] = evaluate_model(
             other_model, windows, device, progress=True, desc=other.name)
     rows["baseline: constant depth + identity poses"] = trivial_baseline(windows)
-    teachers = getattr(args, "teacher", None) or [cfg.labeler.teacher]
+    teachers = getattr(args, "teacher", None) or default_teachers(cfg, snap)
     for spec in teachers:
         if spec != "none" and has_depth:
             rows[f"baseline: teacher depth {spec} (per-frame lsq)"] = teacher_depth_baseline(windows, spec, device)

@@ -22,8 +22,9 @@ from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunCo
 from replay.config import ReplayConfig
 from streamer.config import StreamerConfig
 
-__all__ = ["ConfigError", "CurveConfig", "NetworkConfig", "PipelineConfig", "RunConfig", "build", "free_port",
-           "load", "load_data", "merge", "parse_override", "resolve_ports", "to_dict", "with_overrides"]
+__all__ = ["REFRESHED_TEACHER", "ConfigError", "CurveConfig", "NetworkConfig", "PipelineConfig", "RunConfig", "build",
+           "free_port", "load", "load_data", "merge", "parse_override", "refreshed_teacher", "resolve_ports", "to_dict",
+           "with_overrides"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,6 +49,25 @@ class PipelineConfig:
         """Whether a training stage uses the ground truth a source carries (the oracle teacher,
         the supervised loss); else the streamer neither reads nor sends it."""
         return self.labeler.reads_ground_truth or self.learner.loss.kind == "supervised"
+
+    @property
+    def refreshes_teacher(self) -> bool:
+        """Whether ``labeler.refresh_step`` applies: only where the learner learns from a depth
+        teacher a distillation could replace (not the oracle, whose labels are ground truth, not
+        the supervised loss, which reads no labels, not ``teacher=none``)."""
+        return (self.labeler.refresh_step > 0 and not self.trains_on_ground_truth
+                and self.labeler.teacher != "none")
+
+
+REFRESHED_TEACHER = Path("teacher") / "embedded_depth.safetensors"
+"""Where in a run folder a teacher refresh (``labeler.refresh_step``) writes the new teacher."""
+
+
+def refreshed_teacher(run_dir: Path) -> Path | None:
+    """The teacher a refresh wrote into ``run_dir``, once whole (``reliev3r teacher-train``
+    writes its meta after the weights), else None."""
+    weights = Path(run_dir) / REFRESHED_TEACHER
+    return weights if weights.is_file() and weights.with_suffix(".json").is_file() else None
 
 
 def load(paths: list[str | Path] = (), overrides: list[str] = ()) -> PipelineConfig:

@@ -104,7 +104,7 @@ class Supervisor:
         self._last_status_len = 0
         self._learner_done_at: float | None = None
         self._distill: subprocess.Popen | None = None
-        self._refresh = "off" if not cfg.labeler.refresh_step else "waiting"
+        self._refresh = "waiting" if cfg.refreshes_teacher else "off"
         """labeler.refresh_step: off, waiting (for its snapshot), distilling, done or failed."""
         if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh
             self._relabel_with(self.teacher_file)
@@ -132,6 +132,8 @@ class Supervisor:
                     + (" (depth loss off)" if self.cfg.labeler.teacher == "none" else "")
                     + {"waiting": f", teacher refresh at step {self.cfg.labeler.refresh_step}",
                        "done": f", refreshed to {self.teacher_file}"}.get(self._refresh, "")
+                    + (", no teacher refresh (the learner does not learn from this teacher)"
+                       if self.cfg.labeler.refresh_step and not self.cfg.refreshes_teacher else "")
                     + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
                        if self.cfg.learner.init else "")
                     + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
@@ -186,11 +188,11 @@ class Supervisor:
     @property
     def teacher_file(self) -> Path:
         """Where the teacher refresh writes its weights (``reliev3r teacher-train --out``)."""
-        return self.run_dir / "teacher" / "embedded_depth.safetensors"
+        return self.run_dir / rconfig.REFRESHED_TEACHER
 
     def _refreshed(self) -> bool:
         """The refresh's teacher is whole: its weights and then its meta are written last."""
-        return self.teacher_file.is_file() and self.teacher_file.with_suffix(".json").is_file()
+        return rconfig.refreshed_teacher(self.run_dir) is not None
 
     def _relabel_with(self, weights: Path) -> None:
         for child in self.children.values():

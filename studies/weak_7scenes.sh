@@ -37,6 +37,11 @@
 #       bash studies/weak_7scenes.sh \
 #       "or0:labeler.teacher=oracle" "or1:labeler.teacher=oracle?strength=1" ...
 #
+# configs/gpu.yaml refreshes its teacher at step 1,000 (labeler.refresh_step): a weak run is then
+# 1,000 steps, a 70 s distillation and STEPS more from scratch (STEPS=1500: about 400-430 s beside
+# two other runs; give WALL room), and its evaluation also scores the teacher the refresh made.
+# labeler.refresh_step=0 is the run without it; the supervised and oracle runs never refresh.
+#
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: folders of wheels to install first (default
@@ -105,8 +110,10 @@ for spec in "$@"; do
   compare=""; [ "$name" != sup ] && [ -d "$RUNS/sup" ] && compare="--compare $RUNS/sup"
   teacher=embedded
   for word in $extra; do case "$word" in labeler.teacher=*) teacher=${word#labeler.teacher=};; esac; done
+  refreshed=(); [ -f "$RUNS/$name/teacher/embedded_depth.json" ] \
+    && refreshed=(--teacher "embedded:$RUNS/$name/teacher/embedded_depth.safetensors")  # the run's own, after a refresh
   python3 -m reliev3r.cli eval --checkpoint "$RUNS/$name" --data "7scenes:$DATA/7s-eval" --windows 24 $compare \
-    --teacher "$teacher" ${teachers[@]+"${teachers[@]}"} --out "$RUNS/$name/final_eval" $COMMON run.dir="$RUNS/$name" $extra \
+    --teacher "$teacher" ${refreshed[@]+"${refreshed[@]}"} ${teachers[@]+"${teachers[@]}"} --out "$RUNS/$name/final_eval" $COMMON run.dir="$RUNS/$name" $extra \
     > "$RUNS/$name.eval.log" 2>&1 &
 done
 wait

@@ -238,10 +238,29 @@ def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one
     assert refresh_init("embedded") == WEIGHTS
     assert refresh_init(f"embedded:{tmp_path / 'mine'}") == tmp_path / "mine" / WEIGHTS.name
     assert refresh_init(f"embedded:{tmp_path / 'w.safetensors'}") == tmp_path / "w.safetensors"
-    assert refresh_init("pydnet:/models/pydnet++.tflite") == refresh_init("oracle") == WEIGHTS
+    assert refresh_init("pydnet:/models/pydnet++.tflite") == WEIGHTS
     for bad in ("labeler.refresh_step=-1", "labeler.refresh_seconds=0"):
         with pytest.raises(ConfigError, match="refresh"):
             load([ROOT / "configs" / "default.yaml"], [bad])
+
+
+def test_only_a_run_that_learns_from_its_depth_teacher_refreshes_it(tmp_path):
+    """configs/gpu.yaml refreshes; its supervised sibling, an oracle run (ground truth is not
+    improved by distilling) and a run without a depth teacher keep their teacher and learner."""
+    from reliev3r.config import load
+
+    assert load([ROOT / "configs" / "gpu.yaml"]).refreshes_teacher
+    assert not load([ROOT / "configs" / "default.yaml"]).refreshes_teacher  # off by default
+    for extra in ("learner.loss.kind=supervised", "labeler.teacher=oracle?strength=1", "labeler.teacher=oracle-gt",
+                  "labeler.teacher=none"):
+        sup = _refresh_supervisor(tmp_path, extra)
+        try:
+            assert sup._refresh == "off", extra
+            sup.run_dir.mkdir(exist_ok=True)
+            sup._refresh_teacher()  # a snapshot past the step would change nothing either
+            assert sup._refresh == "off" and sup._distill is None
+        finally:
+            sup.metrics.close()
 
 
 def test_last_error_of_a_crashed_child_from_its_log(tmp_path):

@@ -117,3 +117,11 @@ def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path
     learner = [json.loads(line) for line in (run / "logs" / "learner.log").read_text().splitlines()
                if line.startswith("{")]
     assert not any(row["msg"] == "resumed" for row in learner)  # the second learner started from scratch
+    # `reliev3r eval` scores, beside a snapshot, the teacher its learner trained on
+    from evaluation.cli import default_teachers
+    from reliev3r.config import load
+
+    cfg = load([ROOT / "configs" / "demo.yaml"])
+    after = sorted((run / "snapshots").glob("step-*"))[-1]
+    assert default_teachers(cfg, after) == ["embedded", f"embedded:{weights}"]
+    assert default_teachers(cfg, first[-1].parent) == ["embedded"]
