@@ -50,7 +50,8 @@ of the time is upstream-bound whatever the estimates say. GPU utilisation comes 
 ``nvidia-smi`` when it exists. ``--json`` writes every number.
 
 Benchmark defaults, applied before the user's overrides (so these can be overridden): free
-ZeroMQ ports, no snapshots inside the window (``learner.snapshot_every``), no replay dedup
+ZeroMQ ports, no snapshots inside the window (``learner.snapshot_every``), no teacher refresh
+(``labeler.refresh_step``: it stops and restarts stages, a one-off, not the steady state), no replay dedup
 (the synthetic world loops; dedup would turn later passes into cheap duplicates), and an
 evaluator reading the training world (no second render). The synthetic world is rendered
 before ``up`` starts, so rendering is not part of any stage's warm-up. Make it large
@@ -521,7 +522,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     user = list(args.overrides)
     base = [f"run.dir={run_dir}", "network.work_port=0", "network.replay_port=0", "network.supervisor_port=0",
-            "learner.snapshot_every=1000000000", "replay.dedup=false"]
+            "learner.snapshot_every=1000000000", "labeler.refresh_step=0", "replay.dedup=false"]
     cfg = rconfig.load([DEFAULT_CONFIG, *args.config], base + user)
     if not cfg.streamer.sources:
         base.append(f"evaluator.data=synthetic:{run_dir / 'world'}")
