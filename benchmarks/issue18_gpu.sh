@@ -84,8 +84,8 @@ else
   DEV=cuda
   PIPE_SIZE="learner.compile=true"
   PIPE_EXTRA=${PIPE_EXTRA-streamer.decode_workers=0 labeler.cpu_threads=8}
-  PIPE_T=${PIPE_T:-350}; PIPE_WARMUP=${PIPE_WARMUP:-40}; PIPE_MEASURE=${PIPE_MEASURE:-90}; ISO_STEPS=20
-  START_T=170; ISO_T=75
+  PIPE_T=${PIPE_T:-350}; PIPE_WARMUP=${PIPE_WARMUP:-40}; PIPE_MEASURE=${PIPE_MEASURE:-90}; ISO_STEPS=40
+  START_T=170; ISO_T=90
   MATCH_T=${MATCH_T:-70}; MATCH_ARGS=""
   THREADS_T=${THREADS_T:-90}; THREAD_ARGS="--threads 1 4 8 16 --rounds 2 --windows ${THREAD_WINDOWS:-96}"
 fi

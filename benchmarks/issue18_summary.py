@@ -66,7 +66,8 @@ def pipeline_rows(name: str, pb: dict | None, st: str) -> list[str]:
     acc = pb.get("acceptance") or {}
     setup = pb.get("setup") or {}
     compiled = "compiled" if setup.get("compile") else "NOT compiled"
-    knobs = " ".join(o for o in setup.get("overrides", []) if o.startswith(("labeler.", "streamer.decode")))
+    knobs = " ".join(o for o in setup.get("overrides", [])
+                     if o.startswith(("labeler.", "streamer.decode")) and not o.startswith("labeler.refresh_step"))
     return [
         f"| {name} | {st} | fresh windows/s / learner samples/s ({f(acc.get('fresh_windows_per_s'))} / "
         f"{f(acc.get('learner_samples_per_s'))}) | {f(acc.get('fresh_over_samples'), '.2f', 'x')} | >= 0.25x "

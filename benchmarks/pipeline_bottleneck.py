@@ -23,8 +23,12 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
 * replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
   is an upper bound: every window of a group commit observes the whole commit).
 * learner: steps/s, samples/s, fraction of the time it waited for a batch
-  (``reliev3r_learner_data_wait_seconds_total``), MFU; with ``--isolated`` also the same model
-  on in-memory batches of the same shape (``benchmarks/scaling.py`` with one rank) afterwards.
+  (``reliev3r_learner_data_wait_seconds_total``), MFU; with ``--isolated`` also the learner
+  alone afterwards: ``--isolated-batches`` batches sampled from the pipeline's own replay at the
+  end of the window (its real windows: their matches, labels and teacher), then, with every
+  stage stopped, the same config's ``Trainer`` on them from memory, each step converting its
+  batch as the learner service does (``batch_from_message``): the same work without the
+  transport and without the other stages.
 
 Real video (issue 18's acceptance): give the sources and a held-out set as overrides, e.g. the
 7-Scenes frames and a downsampled carry copy of ``../shared/data/videos``
@@ -73,6 +77,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,7 +330,7 @@ def verdict(stages: dict[str, dict], isolated: dict | None) -> dict:
         cap = demand / max(1.0 - wait, 1e-6) if wait is not None else demand
         note = "samples/s / (1 - data wait)" if wait is not None else "samples/s (no data-wait metric)"
         if isolated and isolated.get("samples_per_s"):
-            note += f"; alone on in-memory batches: {isolated['samples_per_s']:.2f}"
+            note += f"; alone on {isolated['batches']} of its batches: {isolated['samples_per_s']:.2f}"
         caps["learner"] = {"capacity": cap, "exact": wait is not None, "note": note}
     for c in caps.values():
         c["over_demand"] = c["capacity"] / demand if demand else None
@@ -365,7 +371,8 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
     rate is missing): ``fresh_over_samples`` = fresh windows/s (replay inserts/s; the labelers'
     stored windows/s without a replay scrape) / learner samples/s, and its inverse, the mean
     number of times a window is trained on; ``pipeline_over_alone`` = learner samples/s in the
-    pipeline / alone on in-memory batches (``--isolated``); the streamer's frames per CPU-s."""
+    pipeline / alone on batches recorded from its replay (``--isolated``); the streamer's frames per
+    CPU-s."""
     learner = stages.get("learner", {})
     samples = learner.get("samples_per_s")
     rp = stages.get("replay") or {}
@@ -454,7 +461,8 @@ def table(result: dict) -> str:
                          f"{fmt(r['mfu_mean'], '.3f')} |")
     iso = result.get("isolated_learner")
     if iso:
-        lines.append(f"| learner, isolated | {fmt(iso['samples_per_s'])} samples | - | - | - | in-memory batches |")
+        lines.append(f"| learner, isolated | {fmt(iso['samples_per_s'])} samples | - | - | - | "
+                     f"{iso['batches']} batches recorded from replay, {iso['steps']} steps |")
     out = ["\n".join(lines)]
     cpu = result["cpu"]
     out.append(f"CPU: the stages used {cpu['cores_used']:.2f} of {cpu['cores_usable']:g} usable cores")
@@ -469,34 +477,88 @@ def table(result: dict) -> str:
     return "\n\n".join(out)
 
 
-def isolated_rate(cfg, steps: int, timeout: float | None = None) -> dict | None:
-    """The learner on in-memory batches of the pipeline's shape: benchmarks/scaling.py, one rank."""
-    lc, st = cfg.learner, cfg.streamer
+def record_batches(run_dir: Path, folder: Path, count: int) -> int:
+    """Up to ``count`` batches sampled from the running pipeline's replay as its learner samples
+    them (its batch size, rank 0; the resolved ports and CURVE keys of ``<run.dir>/config.yaml``),
+    saved in ``folder`` as ``batch-NNN.npz`` + ``.json`` (arrays, meta); how many were saved."""
+    from replay.client import ReplayClient, ReplayError
+
+    resolved = rconfig.load([run_dir / "config.yaml"])
+    folder.mkdir(parents=True, exist_ok=True)
+    client = ReplayClient(resolved.network.connect(resolved.network.replay_port), timeout_s=10.0, retry_s=2.0,
+                          curve=resolved.network.curve)
+    saved = 0
+    try:
+        for k in range(count):
+            try:
+                msg = client.sample(resolved.learner.batch_size, 0, timeout_s=10.0)
+            except (TimeoutError, ReplayError) as err:
+                print(f"recording the learner's batches: stopped after {saved} ({err!r})", flush=True)
+                break
+            np.savez(folder / f"batch-{k:03d}.npz", **msg.arrays)
+            (folder / f"batch-{k:03d}.json").write_text(json.dumps(msg.meta))
+            saved += 1
+    finally:
+        client.close()
+    return saved
+
+
+def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps: int, warmup: int) -> dict:
+    """The pipeline's learner (its ``Trainer``, config and seed) alone on the batches of
+    :func:`record_batches`, round robin from host memory, each step converting its batch as
+    the learner service does; samples/s over ``steps`` steps after ``warmup``."""
     import torch
 
-    device = "cuda" if lc.device.startswith("cuda") or (lc.device == "auto" and torch.cuda.is_available()) else "cpu"
+    from learner.train import Trainer, batch_from_message, teacher_space_of
+    from reliev3r import protocol
+
+    cfg = rconfig.load([DEFAULT_CONFIG, *configs], overrides)
+    trainer = Trainer(cfg.learner, device=cfg.learner.device, seed=cfg.run.seed)
+    messages = []
+    for path in sorted(folder.glob("batch-*.npz")):
+        with np.load(path) as z:
+            arrays = {name: z[name] for name in z.files}
+        messages.append(protocol.Message("batch", json.loads(path.with_suffix(".json").read_text()), arrays))
+    if not messages:
+        raise SystemExit(f"no recorded batches in {folder}")
+
+    def step(k: int) -> None:
+        msg = messages[k % len(messages)]
+        trainer.step(batch_from_message(msg, trainer.device), teacher_space=teacher_space_of(msg))
+
+    for k in range(warmup):
+        step(k)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for k in range(steps):
+        step(warmup + k)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = steps * cfg.learner.batch_size / (time.perf_counter() - start)
+    return {"samples_per_s": rate, "steps_per_s": rate / cfg.learner.batch_size, "device": str(trainer.device),
+            "steps": steps, "warmup": warmup, "batches": len(messages)}
+
+
+def isolated_rate(configs: list[str], overrides: list[str], folder: Path, steps: int,
+                  timeout: float | None = None) -> dict | None:
+    """:func:`learner_alone` in a fresh process (``--alone``), once every stage has stopped."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--nprocs", "1", "--device", device,
-               "--size", lc.model.size, "--patch", str(lc.model.patch_size), "--height", str(st.height),
-               "--width", str(st.width), "--views", str(st.views), "--batch", str(lc.batch_size),
-               "--steps", str(steps), "--warmup", "3", "--ema-decay", str(lc.ema_decay), "--json", f.name,
-               *(["--compile"] if lc.compile else [])]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # its torchrun and ranks: one process group
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--alone", str(folder), "--alone-json", f.name,
+               "--isolated-steps", str(steps), *[x for c in configs for x in ("--config", c)], *overrides]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             print(f"isolated learner: no result within {timeout:g} s")
             return None
-        out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-        if out.returncode != 0:
-            print(f"isolated learner failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        if proc.returncode != 0:
+            print(f"isolated learner failed:\n{output[-3000:]}")
             return None
-        r = json.loads(Path(f.name).read_text())[0]
-    return {"samples_per_s": r["samples_per_s"], "steps_per_s": r["samples_per_s"] / lc.batch_size,
-            "device": device, "steps": steps}
+        return json.loads(Path(f.name).read_text())
 
 
 def main() -> int:
@@ -510,11 +572,21 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=None, help="passed to reliev3r up; the run ends there")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for the first step")
-    p.add_argument("--isolated", action="store_true", help="also time the learner alone on in-memory batches")
+    p.add_argument("--isolated", action="store_true",
+                   help="also time the learner alone on batches recorded from the pipeline's replay")
     p.add_argument("--isolated-steps", type=int, default=20)
+    p.add_argument("--isolated-warmup", type=int, default=5, help="steps before timing (compilation)")
+    p.add_argument("--isolated-batches", type=int, default=16, help="batches recorded from replay")
+    p.add_argument("--alone", default=None, help=argparse.SUPPRESS)  # the isolated run's own process
+    p.add_argument("--alone-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--isolated-timeout", type=float, default=None, help="seconds for the isolated run")
     p.add_argument("--json", default=None, help="write the raw numbers here")
     args = p.parse_args()
+    if args.alone:
+        result = learner_alone(args.config, args.overrides, Path(args.alone), args.isolated_steps,
+                               args.isolated_warmup)
+        Path(args.alone_json).write_text(json.dumps(result))
+        return 0
     measure = args.measure if args.measure is not None else (math.inf if args.max_steps else 120.0)
 
     out = Path(args.out or tempfile.mkdtemp(prefix="pipeline-bottleneck-")).resolve()
@@ -607,8 +679,12 @@ def main() -> int:
             interrupted = True
             print(f"[{time.monotonic() - started:6.1f}s] interrupted: the window measured so far counts", flush=True)
     finally:
-        if t0 is not None and t1 is not None and t1 - t0 >= 2 * args.interval:
+        measured = t0 is not None and t1 is not None and t1 - t0 >= 2 * args.interval
+        if measured:
             report(None, t0, t1)  # written before the pipeline stops: an interrupt or kill that follows keeps it
+        recorded = 0
+        if measured and args.isolated and not interrupted and up.poll() is None:
+            recorded = record_batches(run_dir, out / "batches", args.isolated_batches)
         if up.poll() is None:
             up.send_signal(signal.SIGINT)  # stops every stage in order
             try:
@@ -622,8 +698,8 @@ def main() -> int:
               f"see {out / 'up.log'}")
         return 1
 
-    isolated = (isolated_rate(cfg, args.isolated_steps, args.isolated_timeout)
-                if args.isolated and not interrupted else None)
+    isolated = (isolated_rate([str(Path(c).resolve()) for c in args.config], overrides, out / "batches",
+                              args.isolated_steps, args.isolated_timeout) if recorded else None)
     result = report(isolated, t0, t1)
     print(f"\npipeline: {cfg.labeler.workers} labeler(s) on {cfg.labeler.device} ({cfg.labeler.teacher} + "
           f"{cfg.labeler.matcher}), learner {lc.model.size} on {lc.device}, batch {lc.batch_size}"

@@ -1,7 +1,13 @@
-"""The bottleneck verdict of benchmarks/pipeline_bottleneck.py on made-up scrapes (no processes)."""
+"""The bottleneck verdict of benchmarks/pipeline_bottleneck.py on made-up scrapes (no processes),
+and one short real run on the CPU for the learner alone on the pipeline's own batches."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -54,7 +60,29 @@ def test_a_starved_learner_is_upstream_bound():
 def test_a_learner_slower_than_every_producer_is_the_bottleneck():
     rec = _recorder(sent=20, credit=1.0, labelers=[(10, 0.3), (10, 0.3)], learner_samples=8, learner_wait=0.0,
                     inserts=20)
-    result = pb.analyse(rec, 0, 10, {"samples_per_s": 16.0})
+    result = pb.analyse(rec, 0, 10, {"samples_per_s": 16.0, "batches": 16, "steps": 20})
     assert result["bottleneck"] == "learner"
     assert result["capacities"]["streamer"]["exact"]  # labelers waited with credits: streamer flat out
     assert "contention" in result["reason"]  # 8 samples/s in the pipeline against 16 alone
+
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_the_learner_alone_trains_on_batches_recorded_from_the_pipelines_replay(tmp_path):
+    """``--isolated``: before the pipeline stops, batches are sampled from its replay (its batch
+    size, the labels its labelers made); the same config's learner then trains on them alone."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "pipeline_bottleneck.py"), "--config",
+           str(root / "configs" / "demo.yaml"), "--out", str(tmp_path), "--json", str(tmp_path / "pb.json"),
+           "--warmup", "2", "--measure", "4", "--interval", "1", "--isolated", "--isolated-steps", "2",
+           "--isolated-warmup", "1", "--isolated-batches", "2", "learner.threads=1", "streamer.synthetic.scenes=2",
+           "learner.batch_size=3", *[f"monitoring.ports.{s}=0" for s in
+                                     ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    alone = json.loads((tmp_path / "pb.json").read_text())["isolated_learner"]
+    assert alone["batches"] == 2 and alone["steps"] == 2 and alone["samples_per_s"] > 0
+    with np.load(tmp_path / "batches" / "batch-000.npz") as z:
+        assert z["frames"].shape[0] == 3 and z["teacher_depth"].shape[:2] == z["frames"].shape[:2]
+    meta = json.loads((tmp_path / "batches" / "batch-000.json").read_text())
+    assert meta["teacher"]["depth"]  # the labelers' teacher, as the learner reads it
+    assert "learner in the pipeline / alone" in out.stdout
