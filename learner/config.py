@@ -173,9 +173,25 @@ class LossConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class AugmentConfig:
+    """Window augmentation (``learner.augment``): every label kept exact."""
+
+    flip: float = 0.0
+    """Probability of mirroring a window left-right (images, depth maps, principal points,
+    matches and ground-truth poses together)."""
+    color: float = 0.0
+    """Per view, brightness gain, contrast and saturation drawn from ``[1 - color, 1 + color]``."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.flip <= 1 or not 0 <= self.color < 1:
+            raise ValueError("augment.flip must lie in [0, 1] and augment.color in [0, 1)")
+
+
+@dataclass(kw_only=True, slots=True)
 class LearnerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 2
     """Windows per step per rank."""
     lr: float = 3e-4

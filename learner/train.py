@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from learner.augment import augment_batch
 from learner.config import LearnerConfig
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
@@ -164,6 +165,8 @@ class Trainer:
         lr = lr_at(self.cfg, self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.cfg.augment.flip > 0 or self.cfg.augment.color > 0:
+            batch = augment_batch(batch, self.cfg.augment)
         images = batch["images"]
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred: Prediction = self.forward_model(images)
