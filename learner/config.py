@@ -192,6 +192,9 @@ class LearnerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    self_target_step: int = 0
+    """From this step on, the depth term's target is the learner's own depth on the same window
+    from its weights frozen at that step (the EMA copy) instead of the teacher's; 0: off."""
     batch_size: int = 2
     """Windows per step per rank."""
     lr: float = 3e-4

@@ -5,6 +5,7 @@ Layout of one snapshot, ``<run_dir>/snapshots/step-000000050/``:
 =====================  ===============================================================
 ``model.safetensors``  the trained weights (``FFRM.state_dict()``)
 ``ema.safetensors``    the EMA copy (absent when ``ema_decay`` is 0)
+``target.safetensors``  the frozen depth target (``learner.self_target_step``; absent before)
 ``optimizer.safetensors``  AdamW state flattened to tensors ``state.<param>.<name>``; its
                        scalar structure (param groups, non-tensor state) is JSON in the
                        file's metadata under ``structure``
@@ -95,6 +96,8 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
         files = {"model.safetensors": _cpu(trainer.model.state_dict())}
         if trainer.ema is not None:
             files["ema.safetensors"] = _cpu(trainer.ema.state_dict())
+        if trainer.target is not None:
+            files["target.safetensors"] = _cpu(trainer.target.state_dict())
         files["trainer.safetensors"] = {f"rng.{k}": v.cpu() for k, v in trainer.rng_state().items()}
         opt_tensors, structure = flatten_optimizer_state(trainer.optimizer.state_dict())
         for fname, tensors in files.items():
@@ -305,6 +308,8 @@ def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     if trainer.ema is not None:
         source = "ema.safetensors" if (path / "ema.safetensors").is_file() else "model.safetensors"
         trainer.ema.load_state_dict(load_file(str(path / source), device=device))
+    if (path / "target.safetensors").is_file():
+        trainer.freeze_target(load_file(str(path / "target.safetensors"), device=device))
     with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
         structure = json.loads(f.metadata()["structure"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -145,6 +145,8 @@ class Trainer:
         self.global_step = 0
         """Optimizer steps taken (skipped steps not included); names snapshots."""
         self.skipped_steps = 0
+        self.target: FFRM | None = None
+        """The frozen copy whose depth is the depth term's target (``self_target_step``)."""
         self.samples_seen = 0
         self.image_size: tuple[int, int] | None = None
         """(H, W) of the last training batch, recorded in snapshots for inference."""
@@ -168,9 +170,16 @@ class Trainer:
         if self.cfg.augment.flip > 0 or self.cfg.augment.color > 0:
             batch = augment_batch(batch, self.cfg.augment)
         images = batch["images"]
+        space = teacher_space or self.teacher_space
+        if self.cfg.self_target_step and self.global_step >= self.cfg.self_target_step and "teacher_depth" in batch:
+            if self.target is None:
+                self.freeze_target()
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.autocast):
+                batch = {**batch, "teacher_depth": self.target(images).depth.float()}
+            space = "depth"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred: Prediction = self.forward_model(images)
-        space = teacher_space or self.teacher_space
         loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space)
         # Backward even on a NaN loss: under DDP the all-reduce must happen on every rank, and
         # the NaN then reaches every rank's grad norm, so all ranks skip this step together.
@@ -204,6 +213,15 @@ class Trainer:
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
         return {**terms, "loss": loss_value, "grad_norm": grad_norm_value, "lr": lr,
                 "skipped": float(skipped), "step": float(self.global_step)}
+
+    def freeze_target(self, state: dict[str, Tensor] | None = None) -> None:
+        """Freeze the depth term's target (``self_target_step``): a copy of the EMA weights (the
+        model's without EMA), or of ``state`` (a snapshot's ``target.safetensors``)."""
+        target = FFRM(self.cfg.model).to(self.device)
+        target.load_state_dict(state if state is not None else (self.ema or self.model).state_dict())
+        self.target = target.requires_grad_(False).eval()
+        if self.cfg.compile:
+            compile_blocks(self.target)
 
     @torch.no_grad()
     def _window_losses(self, pred: Prediction, batch: dict[str, Tensor], space: str) -> list[Tensor]:

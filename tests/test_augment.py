@@ -123,3 +123,33 @@ def test_a_trainer_step_sees_the_augmented_batch_and_leaves_the_callers_untouche
     assert 0 <= seen[0]["images"].min() and seen[0]["images"].max() <= 1
     assert torch.equal(seen[0]["matches"][:, 3], 31 - batch["matches"][:, 3])  # every window mirrored
     assert all(torch.equal(batch[k], before[k]) for k in batch)
+
+
+def test_the_self_target_is_the_frozen_ema_depth_and_survives_a_snapshot(tmp_path):
+    """``self_target_step``: from that step the depth term compares the prediction with the depth
+    of the weights frozen then (the EMA copy) on the same window; a resumed trainer has them."""
+    from learner.snapshot import restore_trainer, save_snapshot
+    from learner.train import Trainer, synthetic_batch
+    from tests.helpers_train import learner_cfg
+
+    cfg = learner_cfg(self_target_step=2)
+    trainer = Trainer(cfg, device="cpu")
+    seen = []
+    trainer.loss_fn = lambda pred, b, c, teacher_space: (seen.append((b, teacher_space)) or (pred.depth.mean(), {}))
+    batches = [synthetic_batch(2, 2, 32, 32, k=32, seed=s) for s in range(4)]
+    for batch in batches[:2]:
+        trainer.step(batch, teacher_space="disparity")
+    assert trainer.target is None and all(b["teacher_depth"] is batch["teacher_depth"] for (b, _), batch
+                                          in zip(seen, batches))
+    frozen = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    trainer.step(batches[2], teacher_space="disparity")
+    assert all(torch.equal(v, frozen[k]) for k, v in trainer.target.state_dict().items())
+    with torch.no_grad():
+        expected = trainer.target(batches[2]["images"]).depth
+    assert torch.allclose(seen[2][0]["teacher_depth"], expected) and seen[2][1] == "depth"
+    trainer.step(batches[3])
+    assert all(torch.equal(v, frozen[k]) for k, v in trainer.target.state_dict().items())  # frozen, not the EMA
+    path = save_snapshot(trainer, tmp_path / "snapshots")
+    resumed = Trainer(cfg, device="cpu")
+    restore_trainer(resumed, path)
+    assert all(torch.equal(v, frozen[k]) for k, v in resumed.target.state_dict().items())
