@@ -218,7 +218,8 @@ class Trainer:
         """Freeze the depth term's target (``self_target_step``): a copy of the EMA weights (the
         model's without EMA), or of ``state`` (a snapshot's ``target.safetensors``)."""
         target = FFRM(self.cfg.model).to(self.device)
-        target.load_state_dict(state if state is not None else (self.ema or self.model).state_dict())
+        source = self.ema if self.ema is not None else self.model
+        target.load_state_dict(state if state is not None else source.state_dict())
         self.target = target.requires_grad_(False).eval()
         if self.cfg.compile:
             compile_blocks(self.target)
