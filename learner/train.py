@@ -167,8 +167,7 @@ class Trainer:
         lr = lr_at(self.cfg, self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.cfg.augment.flip > 0 or self.cfg.augment.color > 0:
-            batch = augment_batch(batch, self.cfg.augment)
+        batch = augment_batch(batch, self.cfg.augment)  # the batch itself when augmentation is off
         images = batch["images"]
         space = teacher_space or self.teacher_space
         if self.cfg.self_target_step and self.global_step >= self.cfg.self_target_step and "teacher_depth" in batch:
