@@ -238,7 +238,7 @@ def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one
     assert refresh_init("embedded") == WEIGHTS
     assert refresh_init(f"embedded:{tmp_path / 'mine'}") == tmp_path / "mine" / WEIGHTS.name
     assert refresh_init(f"embedded:{tmp_path / 'w.safetensors'}") == tmp_path / "w.safetensors"
-    assert refresh_init("pydnet:/models/pydnet++.tflite") == WEIGHTS
+    assert refresh_init("pydnet:/models/pydnet++.tflite") == refresh_init("oracle") == WEIGHTS
     for bad in ("labeler.refresh_step=-1", "labeler.refresh_seconds=0"):
         with pytest.raises(ConfigError, match="refresh"):
             load([ROOT / "configs" / "default.yaml"], [bad])
