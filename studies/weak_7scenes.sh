@@ -37,8 +37,8 @@
 #       bash studies/weak_7scenes.sh \
 #       "or0:labeler.teacher=oracle" "or1:labeler.teacher=oracle?strength=1" ...
 #
-# configs/gpu.yaml refreshes its teacher at step 1,000 (labeler.refresh_step): a weak run is then
-# 1,000 steps, a 70 s distillation and STEPS more from scratch (STEPS=1500: about 400-430 s beside
+# configs/gpu.yaml refreshes its teacher at step 250 (labeler.refresh_step): a weak run is then
+# 250 steps, a 70 s distillation and STEPS more from scratch (STEPS=1500: about 340 s beside
 # two other runs; give WALL room), and its evaluation also scores the teacher the refresh made.
 # labeler.refresh_step=0 is the run without it; the supervised and oracle runs never refresh.
 #
