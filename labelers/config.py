@@ -102,6 +102,17 @@ class LabelerConfig:
         """Whether the teacher labels from the windows' ground truth (the oracle)."""
         return self.teacher.partition("?")[0] in ORACLE
 
+    @property
+    def teacher_exact_shape(self) -> bool:
+        """Whether the teacher's per-frame shape has no error of its own
+        (``labelers.depth.DepthTeacher.exact_shape``): of the teachers, only the oracle without
+        structured errors. Decided from the spec, without loading a model."""
+        if not self.reads_ground_truth:
+            return False
+        from labelers.depth import make_teacher
+
+        return make_teacher(self.teacher).exact_shape
+
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError("workers must be >= 1")

@@ -39,6 +39,11 @@ class DepthTeacher:
     version: str = "0"
     space: Literal["depth", "disparity"] = "depth"
     produces_labels: bool = True
+    exact_shape: bool = False
+    """Whether each frame's output is the scene's depth up to that frame's scale and shift and
+    pixel noise, with no error in its shape (the oracle without structured errors, a depth
+    sensor's): the learner then leaves the shape to the relative-depth loss
+    (``learner.loss.match_shape_weight``). A learned monocular teacher's shape has errors."""
 
     def predict(self, frames: np.ndarray, *, gt_depth: np.ndarray | None = None,
                 window_id: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +141,11 @@ class OracleTeacher(DepthTeacher):
         self.gamma, self.warp, self.blur, self.clip = float(gamma), float(warp), float(blur), float(clip)
         self.version = oracle_version(self.settings())
 
+    @property
+    def exact_shape(self) -> bool:
+        """No structured error: the shape is the ground truth's, up to noise and holes."""
+        return not any((self.gamma, self.warp, self.blur, self.clip))
+
     def settings(self) -> dict[str, float]:
         """The error settings, in the order the version names them."""
         return {"gamma": self.gamma, "warp": self.warp, "blur": self.blur, "clip": self.clip,
@@ -178,7 +188,7 @@ class OracleTeacher(DepthTeacher):
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
         digest = hashlib.sha256(f"{self.seed}:{window_id}:structured".encode()).digest()
         structured_rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        structured = any((self.gamma, self.warp, self.blur, self.clip))
+        structured = not self.exact_shape
         views, height, width = gt.shape
         out = np.zeros_like(gt)
         for v in range(views):

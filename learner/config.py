@@ -145,16 +145,18 @@ class LossConfig:
     (``learner.losses.registered_teacher_shift``). Weak: the teacher, the matches and the
     intrinsics only. 0 = off. It took 7-Scenes median-scaled AbsRel from 0.43 to 0.35 beside
     the two terms above; at 3 the views' shapes broke (0.54; docs/RESULTS.md, issue 21)."""
-    match_shape_weight: float = 1.0
+    match_shape_weight: float | None = None
     """Share of the match terms' gradient (reprojection, point, triangulation, contrast,
     refinement) that reaches each view's depth *shape*; their pull on its scale and shift is
     always whole (``learner.losses.shape_damped``). 1 = the terms act on every pixel; 0 = the
     shape comes from the relative-depth loss alone. Without a depth teacher (``labeler.teacher:
-    none``) the match terms are all the shape has, and the share is not applied. For a teacher
-    whose shape is near exact (the oracle, a depth sensor's) 0 measured best: 7-Scenes on one
-    H200, median-scaled AbsRel 1.06x the supervised sibling's against 1.26x at 1. For the shipped
-    and the distilled teachers 1 measured best or tied: their shapes need the matches'
-    correction (docs/RESULTS.md, issue 21, fifth pass)."""
+    none``) the match terms are all the shape has, and the share is not applied. ``null`` (the
+    default): chosen by the teacher (``reliev3r.config.PipelineConfig``), 0 for a teacher whose
+    shape is exact (``labelers.depth.DepthTeacher.exact_shape``: the oracle without structured
+    errors), else 1 (a loss built outside a pipeline: 1). Measured: for the oracle 0 was best,
+    7-Scenes on one H200, median-scaled AbsRel 1.06x the supervised sibling's against 1.26x at
+    1; for the shipped and the distilled teachers 1 was best or tied, their shapes need the
+    matches' correction (docs/RESULTS.md, issue 21, fifth pass)."""
     refine: RefineConfig | None = None
     """The self-refinement term (:class:`RefineConfig`); ``null`` (the default): off. On the
     command line ``learner.loss.refine.weight=1`` turns it on with the section's defaults. Not in
@@ -168,8 +170,13 @@ class LossConfig:
                              "triangulation_pose_weight and contrast_weight must be >= 0")
         if self.scale_deg <= 0:
             raise ValueError("scale_deg must be > 0")
-        if not 0.0 <= self.match_shape_weight <= 1.0:
+        if self.match_shape_weight is not None and not 0.0 <= self.match_shape_weight <= 1.0:
             raise ValueError(f"match_shape_weight must be in [0, 1], got {self.match_shape_weight}")
+
+    @property
+    def shape_share(self) -> float:
+        """``match_shape_weight``, 1 where no pipeline chose it."""
+        return 1.0 if self.match_shape_weight is None else self.match_shape_weight
 
 
 @dataclass(kw_only=True, slots=True)

@@ -94,10 +94,10 @@ def weighted_loss(
         if teacher is None:
             match_depth = depth
         elif getattr(pred, "log_scale", None) is not None:  # learner.model.scale_head
-            match_depth = view_depth(gradient_share(pred.shape, cfg.match_shape_weight), pred.log_scale,
+            match_depth = view_depth(gradient_share(pred.shape, cfg.shape_share), pred.log_scale,
                                      pred.log_shift)
         else:
-            match_depth = shape_damped(depth, cfg.match_shape_weight)
+            match_depth = shape_damped(depth, cfg.shape_share)
         reproj = reprojection_loss(match_depth, cam_to_world, intrinsics, named.geometry, named.score,
                                    robust=cfg.robust, scale_deg=cfg.scale_deg)
         loss = cfg.reproj_weight * reproj + connect

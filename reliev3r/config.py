@@ -40,6 +40,11 @@ class PipelineConfig:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
+    def __post_init__(self) -> None:
+        loss = self.learner.loss
+        if loss.match_shape_weight is None:  # chosen by the teacher (LossConfig.match_shape_weight)
+            loss.match_shape_weight = 0.0 if self.labeler.teacher_exact_shape else 1.0
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir)

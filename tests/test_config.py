@@ -86,7 +86,9 @@ def test_the_default_check_sees_what_it_must(tmp_path):
     yaml_file.write_text("replay:\n  min_size: 4\n  dedup: false\nlabeler:\n  teacher: oracle\nlearner:\n")
     found = default_violations(yaml_file)
     assert found["repeated"] == ["replay.min_size"]
-    assert [d.split(":")[0] for d in found["different"]] == ["labeler.teacher", "replay.dedup"]
+    # the match terms' share of the shape follows the teacher (LossConfig.match_shape_weight)
+    assert [d.split(":")[0] for d in found["different"]] == ["labeler.teacher", "learner.loss.match_shape_weight",
+                                                             "replay.dedup"]
 
 
 def test_overrides_are_typed():
@@ -192,3 +194,20 @@ def test_keyword_defaults_are_the_config_defaults():
     (["learner.loss.kind=supervised"], True)])
 def test_the_streamer_reads_ground_truth_only_for_a_stage_that_trains_on_it(overrides, uses):
     assert load([], overrides).trains_on_ground_truth is uses
+
+
+@pytest.mark.parametrize("overrides, share", [
+    ([], 1.0), (["labeler.teacher=none"], 1.0), (["labeler.teacher=embedded:/w"], 1.0),
+    (["labeler.teacher=oracle"], 0.0), (["labeler.teacher=oracle-gt?noise=0.1&holes=0"], 0.0),
+    (["labeler.teacher=oracle?strength=1"], 1.0), (["labeler.teacher=oracle?warp=0.1"], 1.0),
+    (["labeler.teacher=oracle", "learner.loss.match_shape_weight=1"], 1.0),
+    (["learner.loss.match_shape_weight=0.3"], 0.3)])
+def test_the_match_terms_share_of_the_shape_is_chosen_by_the_teacher(overrides, share):
+    """``learner.loss.match_shape_weight`` unset: 0 for a teacher with an exact shape (the oracle
+    without structured errors), 1 for every other; a value set is kept."""
+    assert load([], overrides).learner.loss.match_shape_weight == share
+
+
+def test_a_bad_oracle_spec_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown options"):
+        load([], ["labeler.teacher=oracle?sharpness=1"])

@@ -893,6 +893,7 @@ def test_objective_damps_the_match_terms_pull_on_the_shape():
 
     full, damped = grads(1.0, True), grads(0.0, True)
     assert (full - _projected(full, depth.detach())).abs().max() > 1e-3  # the terms do bend the shape
+    torch.testing.assert_close(grads(None, True), full, rtol=0, atol=0)  # unchosen outside a pipeline: 1
     torch.testing.assert_close(damped, _projected(full, depth.detach()), rtol=1e-4, atol=1e-6)
 
 

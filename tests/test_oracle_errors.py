@@ -78,6 +78,14 @@ def test_strength_zero_is_the_plain_oracle_exactly():
             np.testing.assert_array_equal(d0, plain_oracle_reference(gt, wid))
 
 
+def test_only_the_oracle_without_structured_errors_has_an_exact_shape():
+    for spec in ("oracle", "oracle?strength=0", "oracle?noise=0.2&holes=8"):
+        assert make_teacher(spec).exact_shape, spec
+    for spec in ("oracle?strength=0.1", "oracle?gamma=0.1", "oracle?warp=0.1", "oracle?blur=0.01", "oracle?clip=0.1",
+                 "none"):
+        assert not make_teacher(spec).exact_shape, spec
+
+
 def test_error_grows_with_strength():
     gt = scene()
     # Without noise and holes, strength 0 is an exact affine map of the truth: no error at all.
