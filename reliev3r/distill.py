@@ -55,7 +55,21 @@ log = logging.getLogger("reliev3r.distill")
 RECIPE = ("height=144", "width=192", "render_fraction=0.2", "dining=true", "lr=0.0005", "warmup=100")
 """Teacher settings of the distillations measured through ``reliev3r up`` on the GPU (docs/RESULTS.md,
 issue 21: 0.122 and 0.119 per-frame AbsRel on held-out 7-Scenes frames against the shipped
-weights' 0.214); ``reliev3r up``'s teacher refresh (``labeler.refresh_step``) uses them."""
+weights' 0.214); ``reliev3r up``'s teacher refresh (``labeler.refresh_step``) uses them there."""
+
+CPU_RECIPE = ("height=96", "width=128", "render_fraction=0.1", "val_frames=16", "dining=true", "lr=0.0005",
+              "warmup=20")
+"""The same for a distillation on the CPU, where :data:`RECIPE` spends its budget rendering and on
+few optimiser steps: fewer pixels, a smaller rendered share and validation pool, a shorter
+warm-up. 150 s on a 2-core CPU from the same learner (docs/RESULTS.md, issue 21, ninth pass):
+107 optimiser steps against 40, the teacher 0.117 per frame on held-out 7-Scenes frames
+against 0.156 (the shipped weights: 0.247)."""
+
+
+def recipe(device: str) -> tuple[str, ...]:
+    """The distillation settings of a teacher refresh on ``device``."""
+    return CPU_RECIPE if torch.device(device).type == "cpu" else RECIPE
+
 
 DATASET_KINDS = ("7scenes:", "folder:", "synthetic:")
 """``--frames`` specs read through ``evaluation.datasets`` (the rest through ``streamer.sources``)."""

@@ -202,26 +202,31 @@ class Supervisor:
 
     def _refresh_teacher(self) -> None:
         """``labeler.refresh_step``: at the first snapshot of that step or later, stop the learner
-        (its last snapshot is what is distilled, and the GPU is the distillation's) and distil
-        it into a new embedded teacher in a child process; when that has written its weights,
-        start the run again on them. A failed distillation is reported, the labelers keep
-        their teacher and the learner resumes."""
+        (its last snapshot is what is distilled), the labelers and the evaluator (what they would
+        make meanwhile is thrown away with the first teacher: the distillation gets the cores
+        and the GPU) and distil the learner into a new embedded teacher in a child process; when
+        that has written its weights, start the run again on them. A failed distillation is
+        reported, the labelers go on with their teacher and the learner resumes."""
         lc = self.cfg.labeler
         learner = self.children["learner"]
         if self._refresh == "waiting":
             step = snapshot_step(self.run_dir)
             if step is None or step < lc.refresh_step or learner.finished:
                 return
-            from reliev3r.distill import RECIPE
+            from reliev3r.distill import recipe
 
             learner.next_start = math.inf  # held, not restarted, until the refresh is over
             self._stop([learner])
             step = snapshot_step(self.run_dir)
+            for child in self._held_for_refresh():
+                child.next_start = math.inf
+            self._stop(self._held_for_refresh())
+            self._write_pids()  # `reliev3r status` shows them stopped
 
             init = refresh_init(lc.teacher)
             cmd = [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
                    "--out", str(self.teacher_file.parent), "--device", lc.device,
-                   "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *RECIPE]
+                   "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *recipe(lc.device)]
             with open(self.run_dir / "logs" / "distill.log", "ab") as log:
                 self._distill = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                  start_new_session=True)
@@ -232,7 +237,8 @@ class Supervisor:
         if self._refresh != "distilling" or self._distill.poll() is None:
             return
         code, self._distill = self._distill.returncode, None
-        learner.next_start = 0.0  # started again below, or resumed by _reap_and_restart
+        for child in [learner, *self._held_for_refresh()]:
+            child.next_start = 0.0  # started again below, or by _reap_and_restart
         if code != 0 or not self._refreshed():
             log = self.run_dir / "logs" / "distill.log"
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
@@ -258,6 +264,11 @@ class Supervisor:
             for child in restarted:
                 if child.stage == stage:
                     self._start(child)
+
+    def _held_for_refresh(self) -> list[Child]:
+        """The children a teacher refresh stops besides the learner: those whose work it throws
+        away (replay keeps its windows for a failed refresh; the streamer keeps its place)."""
+        return [c for c in self.children.values() if c.stage in ("labeler", "evaluator") and not c.finished]
 
     def _stop(self, children: list[Child]) -> None:
         """SIGTERM to each, then SIGKILL to those still running ``GRACE_S`` later; waited for in

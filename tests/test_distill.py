@@ -4,6 +4,7 @@ training frames of the embedded teacher, through the teacher recipe's ``extra`` 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import cv2
@@ -14,10 +15,10 @@ import yaml
 
 from labelers.depth import make_teacher
 from labelers.embedded import weights_digest
-from labelers.teacher_train import TeacherTrainConfig, batch_indices, train
+from labelers.teacher_train import TeacherTrainConfig, batch_indices, config_from_args, train
 from learner.snapshot import load_model
 from reliev3r import cli, imaging
-from reliev3r.distill import frame_streams, real_samples, tile_windows, tiled
+from reliev3r.distill import CPU_RECIPE, RECIPE, frame_streams, real_samples, recipe, tile_windows, tiled
 from streamer_media import encode, panning_frames
 from tests.tiny_snapshot import make_tiny_snapshot
 
@@ -39,6 +40,13 @@ def _write_7scenes(folder: Path, frames: int) -> None:
         pose[0, 3] = 0.05 * k
         np.savetxt(folder / f"frame-{k:06d}.pose.txt", pose)
     (folder / "camera-intrinsics.txt").write_text("70 0 39.5\n0 70 29.5\n0 0 1\n")
+
+
+def test_the_refresh_distils_with_the_recipe_of_its_device():
+    assert recipe("cpu") == CPU_RECIPE
+    assert recipe("cuda") == recipe("cuda:1") == RECIPE
+    for settings in (RECIPE, CPU_RECIPE):  # every setting is a TeacherTrainConfig field
+        config_from_args(SimpleNamespace(out="/tmp/t", options=list(settings)))
 
 
 def test_tile_windows_use_every_frame_once():

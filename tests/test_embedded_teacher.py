@@ -103,6 +103,21 @@ def test_recipe_trains_a_tiny_net_on_cpu_and_writes_loadable_weights(tmp_path, n
     assert depth.shape == (1, 40, 56) and valid.all()
 
 
+def test_rendering_stops_at_its_deadline_after_a_group_of_views(tmp_path):
+    """``render_pool`` checks its deadline after every group of views (one eye's), not only
+    between worlds: a deadline already past gives one group, none gives every frame asked."""
+    import time
+
+    from labelers.teacher_train import TeacherTrainConfig, render_pool
+
+    cfg = TeacherTrainConfig(out=tmp_path, device="cpu", height=32, width=32, batch=1, pool_frames=12,
+                             views_per_eye=3, eyes_per_world=4)
+    images, depths, info = render_pool(cfg, 12, seed=0, deadline=time.monotonic())
+    assert 1 <= len(images) <= 3 and info["worlds"] == 1 and depths.shape == (len(images), 32, 32)
+    images, _, info = render_pool(cfg, 12, seed=0)
+    assert len(images) == info["frames"] == 12
+
+
 def test_recipe_rejects_unknown_options(tmp_path):
     from reliev3r.cli import main
 

@@ -94,6 +94,12 @@ def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path
         lines = []
         for line in proc.stdout:  # bounded by the module's timeout
             lines.append(line)
+            if "distilling the learner into a new teacher" in line:
+                # the labeler and the evaluator wait for the new teacher (their work meanwhile
+                # would be thrown away); the streamer keeps its place and replay its windows
+                pids = {k: v["pid"] for k, v in json.loads((run / "processes.json").read_text()).items()}
+                assert pids["labeler"] is pids["evaluator"] is pids["learner"] is None, pids
+                assert pids["streamer"] and pids["replay"], pids
             if "starts afresh on it" in line or "teacher refresh failed" in line:
                 break
         out = "".join(lines)
