@@ -554,10 +554,16 @@ def read_frames(source, start: int, wanted: Callable[[int], bool] | None,
         count(undecoded - seen)
 
 
+SCALE_THREADS = 1
+"""libswscale threads for a kept view's RGB conversion. PyAV's default (0: one per core) cost
+0.06-0.4 ms more CPU a view than one thread at 640x272-1296x720 on 2 cores, for the same pixels
+(docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
+
+
 def _rgb_of(reformatter: VideoReformatter, vframe, turns: int) -> np.ndarray:
     """A decoded frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``),
     turned upright by ``turns`` quarter turns (a display matrix: as players show it)."""
-    rgb = reformatter.reformat(vframe, format="rgb24").to_ndarray()
+    rgb = reformatter.reformat(vframe, format="rgb24", threads=SCALE_THREADS).to_ndarray()
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
