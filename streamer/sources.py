@@ -755,8 +755,8 @@ def read_image_glance(file: Path, lazy: bool = False) -> tuple:
     if size is not None and min(size) >= MIN_FRAME_SIDE:
         scale = next(((f, flag) for f, flag in JPEG_REDUCED if size[1] // f >= MOTION_WIDTH), None)
         if scale is not None and lazy and not layout[2]:
-            return (functools.partial(_decode_image, file, data), functools.partial(_decode_image, file, data, scale[1]),
-                    size)
+            full = functools.partial(_decode_image, file, data)
+            return full, functools.partial(_decode_image, file, data, scale[1]), size
         if scale is not None:
             small = _decode_image(file, data, scale[1])
             if (small.shape[0] > small.shape[1]) != (size[0] > size[1]):  # turned by its EXIF orientation
@@ -805,6 +805,8 @@ def truncated_image(data: bytes) -> bool:
     data) do not matter; an embedded thumbnail's end marker does not count, as it comes
     before the main image's scan."""
     if data[:2] == b"\xff\xd8":
+        if data.endswith(b"\xff\xd9"):  # the usual end: after every scan, so one scan is enough (the
+            return b"\xff\xda" not in data  # first, near the start; rfind reads the whole file back)
         scan = data.rfind(b"\xff\xda")  # start of the last scan: entropy-coded data never holds FF DA
         return scan < 0 or data.rfind(b"\xff\xd9") < scan
     if data[:8] == b"\x89PNG\r\n\x1a\n":
