@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import cv2
 import numpy as np
 
-from streamer.glance import MOTION_WIDTH, glance_of_rgb, glance_of_video_frame
+from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video_frame
 
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
     from av.video.reformatter import VideoReformatter
@@ -54,6 +54,36 @@ class SourceError(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class FrameLost(SourceError):
+    """A frame whose pixels could not be decoded when first asked for (an image its source
+    decodes only when a test looks at it): the source has reported it with its reason, and the
+    window builder takes it as a gap (``streamer.windows``)."""
+
+
+class _Once:
+    """A function of no arguments whose result is made on the first call and kept. A
+    SourceError it raises is reported once through ``report(reason, detail)`` and raised as
+    :class:`FrameLost` on that call and every later one."""
+
+    __slots__ = ("make", "value", "report")
+
+    def __init__(self, make: Callable[[], np.ndarray], report: Callable[[str, str], None]):
+        self.make, self.value, self.report = make, None, report
+
+    def __call__(self) -> np.ndarray:
+        if self.make is not None:
+            make, self.make = self.make, None
+            try:
+                self.value = make()
+            except SourceError as err:
+                self.value = FrameLost(err.reason)
+                self.value.args = err.args
+                self.report(err.reason, str(err))
+        if isinstance(self.value, FrameLost):
+            raise self.value
+        return self.value
 
 
 def _log_error(source: str, reason: str, detail: str) -> None:
@@ -85,8 +115,9 @@ class Frame:
         self._glance = glance
         self.reduced = reduced
         """(factor, RGB image decoded at 1/factor, (height, width) of ``rgb``) where the source
-        decoded the frame at a reduced scale already (a JPEG's glance): a view small enough is
-        made from it and ``rgb`` is never decoded (``streamer.windows.fit_rgb_reduced``)."""
+        decodes the frame at a reduced scale for its glance (a JPEG; the image may be a function
+        of no arguments that decodes it, once): a view small enough is made from it and ``rgb``
+        is never decoded (``streamer.windows.fit_rgb_reduced``)."""
 
     @property
     def rgb(self) -> np.ndarray:
@@ -554,11 +585,22 @@ def read_frames(source, start: int, wanted: Callable[[int], bool] | None,
         count(undecoded - seen)
 
 
+SCALE_THREADS = 1
+"""libswscale threads for a kept view's RGB conversion. PyAV's default (0: one per core) cost
+0.06-0.4 ms more CPU a view than one thread at 640x272-1296x720 on 2 cores, for the same pixels
+(docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
+
+
 def _rgb_of(reformatter: VideoReformatter, vframe, turns: int) -> np.ndarray:
     """A decoded frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``),
     turned upright by ``turns`` quarter turns (a display matrix: as players show it)."""
-    rgb = reformatter.reformat(vframe, format="rgb24").to_ndarray()
+    rgb = reformatter.reformat(vframe, format="rgb24", threads=SCALE_THREADS).to_ndarray()
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _glance_of(small) -> Glance:
+    """The glance of a reduced image, or of one decoded by calling ``small`` (a lazy JPEG)."""
+    return glance_of_rgb(small() if callable(small) else small)
 
 
 def _load_synthetic_gt(path: Path):
@@ -601,18 +643,26 @@ class ImageSequenceSource:
 
     def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
         """Frames in order; a bad image is reported and skipped, and the next good frame carries
-        ``discontinuity`` (no window spans the hole). Every image is read (``wanted`` is not
-        used: the cut test looks at each frame, and a JPEG's glance is decoded at a reduced
-        scale already)."""
+        ``discontinuity`` (no window spans the hole). Every image is read and checked (``wanted``
+        is not used: the cut test may look at any frame). A JPEG at least twice
+        ``MOTION_WIDTH`` wide and without an Exif segment is decoded, at a reduced scale, only
+        when a test first looks at it (``read_image_glance(lazy=True)``): the cut test leaves
+        most frames between candidates unlooked-at, and those are never decoded. Such a JPEG
+        that cannot be decoded then (its structure checked out: markers, size, end) is reported
+        as ``bad_image`` when looked at, and the window builder takes it as a gap
+        (:class:`FrameLost`); one never looked at is not reported."""
         if not self.files:
             self.on_error(self.name, "no_frames", f"{self.path}: no images")
             return
         gap = False
         for i, file in enumerate(self.files[start:], start):
             try:
-                rgb, small, (h, w) = read_image_glance(file)
+                rgb, small, (h, w) = read_image_glance(file, lazy=True)
                 reduced = None
-                if small is not None and callable(rgb):
+                if callable(small):
+                    small = _Once(small, functools.partial(self.on_error, self.name))
+                    reduced = (reduced_factor(w), small, (h, w))
+                elif small is not None and callable(rgb):
                     factor = round(w / small.shape[1]) if small.shape[1] else 0
                     reduced = (factor, small, (h, w)) if factor in (2, 4, 8) else None
             except SourceError as err:
@@ -625,7 +675,7 @@ class ImageSequenceSource:
             gt = (functools.partial(self._depth, file), functools.partial(self._pose, file)) if self.ground_truth \
                 else (None, None)
             yield Frame(i, float(i), rgb, K, *gt,
-                        discontinuity=gap, glance=None if small is None else functools.partial(glance_of_rgb, small),
+                        discontinuity=gap, glance=None if small is None else functools.partial(_glance_of, small),
                         reduced=reduced)
             gap = False
 
@@ -684,16 +734,29 @@ JPEG_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4)
 """Scales libjpeg decodes at directly (in the DCT: 4-8x cheaper than the full image)."""
 
 
-def read_image_glance(file: Path) -> tuple:
+def reduced_factor(width: int) -> int | None:
+    """The reduced scale (1/factor) a JPEG ``width`` pixels wide is glanced at: the smallest
+    that keeps it ``MOTION_WIDTH`` wide (None: none does)."""
+    return next((f for f, _ in JPEG_REDUCED if width // f >= MOTION_WIDTH), None)
+
+
+def read_image_glance(file: Path, lazy: bool = False) -> tuple:
     """(RGB image or a function of no arguments that decodes it, a smaller RGB image of the
     same frame for the keyframe tests or None, (height, width)). A JPEG at least twice
     ``MOTION_WIDTH`` wide is decoded at a reduced scale now and in full only when asked (for
-    the frames that become views); other images in full now. Raises SourceError as
-    :func:`read_image` does."""
+    the frames that become views); other images in full now. ``lazy``: the reduced image of
+    such a JPEG without an Exif segment (nothing can turn it) is a function of no arguments
+    too, decoding it (1/``reduced_factor(width)`` of each side) when called; its bytes are
+    checked now (markers, size, end). Raises SourceError as :func:`read_image` does (a lazy
+    decode raises when called)."""
     data = _image_bytes(file)
-    size = jpeg_size(data)
+    layout = jpeg_layout(data)
+    size = layout[:2] if layout is not None else None
     if size is not None and min(size) >= MIN_FRAME_SIDE:
         scale = next(((f, flag) for f, flag in JPEG_REDUCED if size[1] // f >= MOTION_WIDTH), None)
+        if scale is not None and lazy and not layout[2]:
+            full = functools.partial(_decode_image, file, data)
+            return full, functools.partial(_decode_image, file, data, scale[1]), size
         if scale is not None:
             small = _decode_image(file, data, scale[1])
             if (small.shape[0] > small.shape[1]) != (size[0] > size[1]):  # turned by its EXIF orientation
@@ -706,9 +769,17 @@ def read_image_glance(file: Path) -> tuple:
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a baseline or progressive JPEG's start-of-frame segment; None for
     anything else (or a JPEG whose markers do not parse)."""
+    layout = jpeg_layout(data)
+    return None if layout is None else layout[:2]
+
+
+def jpeg_layout(data: bytes) -> tuple[int, int, bool] | None:
+    """(height, width, whether an Exif segment comes before the start of frame: an orientation
+    that may turn the decoded image) of a baseline or progressive JPEG; None as for
+    :func:`jpeg_size`."""
     if data[:2] != b"\xff\xd8":
         return None
-    i = 2
+    i, exif = 2, False
     while i + 9 <= len(data):
         if data[i] != 0xFF:
             return None
@@ -720,9 +791,10 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 2
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0-SOF15
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), exif
         if marker == 0xDA:  # start of scan before any frame header
             return None
+        exif = exif or (marker == 0xE1 and data[i + 4:i + 8] == b"Exif")  # APP1
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
 
@@ -733,6 +805,8 @@ def truncated_image(data: bytes) -> bool:
     data) do not matter; an embedded thumbnail's end marker does not count, as it comes
     before the main image's scan."""
     if data[:2] == b"\xff\xd8":
+        if data.endswith(b"\xff\xd9"):  # the usual end: after every scan, so one scan is enough (the
+            return b"\xff\xda" not in data  # first, near the start; rfind reads the whole file back)
         scan = data.rfind(b"\xff\xda")  # start of the last scan: entropy-coded data never holds FF DA
         return scan < 0 or data.rfind(b"\xff\xd9") < scan
     if data[:8] == b"\x89PNG\r\n\x1a\n":

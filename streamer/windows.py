@@ -10,7 +10,9 @@ Keyframes (candidates are ``frame_stride`` apart):
   between are looked at, one by one as before, only when the two frames looked at either side
   of them differ by more than ``CUT_TRIGGER`` of a threshold (the same cuts and windows as
   looking at every frame on the shared videos and 7-Scenes; a flash of a few frames between
-  two alike frames looked at is no longer a cut).
+  two alike frames looked at is no longer a cut). A frame whose pixels cannot be decoded when
+  first looked at (``streamer.sources.FrameLost``: an image decoded lazily, reported by its
+  source) is a gap, as a frame flagged ``discontinuity`` after it would be.
 * blur: a candidate whose Laplacian variance is below ``blur_ratio`` times the running median
   of recent candidates is skipped (the next frame is tried).
 * motion: corners tracked (LK) from the last kept view; a candidate whose median flow is below
@@ -38,6 +40,7 @@ of all of them do not settle it: the same decisions as tracking every corner.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import deque
@@ -50,7 +53,7 @@ import numpy as np
 from reliev3r import imaging
 from reliev3r.protocol import Message
 from streamer.glance import COLOUR_SIZE, MOTION_WIDTH, Glance, glance_of_rgb, shrink  # noqa: F401 (MOTION_WIDTH)
-from streamer.sources import Frame
+from streamer.sources import Frame, FrameLost
 
 THUMB_SIZE = (32, 24)
 """Width, height of the grey thumbnails the scene-cut test compares."""
@@ -110,13 +113,24 @@ def resize_view(frame: Frame, width: int, height: int) -> View:
     else:
         src_h, src_w = frame.rgb.shape[:2]
         rgb = fit_rgb(frame.rgb, height, width)
-    K = imaging.fit_intrinsics(frame.intrinsics, src_h, src_w, height, width).astype(np.float64)
+    K = _fit_intrinsics(np.asarray(frame.intrinsics, dtype=np.float64).tobytes(), src_h, src_w, height, width).copy()
     depth = None
     if frame.gt_depth is not None:
         depth = imaging.fit_image(frame.gt_depth.astype(np.float32, copy=False), height, width, nearest=True,
                                   like=(src_h, src_w)).copy()
         depth[~np.isfinite(depth) | (depth < 0)] = 0.0
     return View(frame.index, frame.timestamp, rgb, K, depth, frame.gt_cam_to_world)
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_intrinsics(K: bytes, src_h: int, src_w: int, height: int, width: int) -> np.ndarray:
+    """``imaging.fit_intrinsics`` of the float64 [3, 3] matrix of bytes ``K``, in float64,
+    kept per source size and matrix: a source's frames share them, and the torch round trip
+    cost 0.17 ms a view (2-3 % of the streamer's CPU time on bikes.mp4 and Megamind.avi)."""
+    matrix = np.frombuffer(K, dtype=np.float64).reshape(3, 3).copy()
+    fitted = imaging.fit_intrinsics(matrix, src_h, src_w, height, width).astype(np.float64)
+    fitted.flags.writeable = False
+    return fitted
 
 
 def fit_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -168,6 +182,7 @@ def fit_rgb_reduced(reduced: tuple, height: int, width: int) -> np.ndarray | Non
     pixels differ from 2x2 means of the full decode as one box filter from another). None
     when it cannot stand in (the view needs more detail, or sizes not divisible)."""
     factor, small, (h, w) = reduced
+    small = small() if callable(small) else small  # decoded already where the frame was looked at
     steps = factor.bit_length() - 1
     if (1 << steps != factor or h % factor or w % factor or small.shape[:2] != (h // factor, w // factor)
             or halvings(h, w, height, width) < steps):
@@ -347,12 +362,20 @@ class WindowBuilder:
         self.cuts = self.discontinuities = 0
         self.unlooked: list[Frame] = []  # frames since the last one looked at, none a candidate
         self.last_looked = -1  # index of the last frame looked at
+        self.lost = False  # the last frame pushed could not be decoded: the next one comes after a gap
 
     def _restart(self, index: int) -> None:
         self.buffer.clear()
         self.last_thumb = self.last_grey = self.last_index = None
         self.next_candidate = index
         self.still_run = 0
+
+    def _gap(self, index: int) -> None:
+        """A gap before frame ``index`` (a discontinuity, or a frame lost before it): no window
+        spans it, and the cut test starts afresh."""
+        self.discontinuities += 1
+        self.prev_cut_stats = None
+        self._restart(index)
 
     def _cut_stats(self, seen: Glance, thumb: np.ndarray) -> tuple:
         return thumb, hs_histogram(seen.colour) if self.scene_cut_hist > 0 else None
@@ -379,7 +402,11 @@ class WindowBuilder:
             return None
         made = None
         for frame in unlooked:
-            seen = glance(frame)
+            try:
+                seen = glance(frame)
+            except FrameLost:  # reported by its source: the frames after it come after a gap
+                self._gap(frame.index + 1)
+                continue
             thumb = thumbnail(seen.grey)
             if self._is_cut(self._cut_stats(seen, thumb)):
                 self.cuts += 1
@@ -394,7 +421,12 @@ class WindowBuilder:
         if not self.unlooked:
             return None
         last = self.unlooked.pop()
-        seen = glance(last)
+        try:
+            seen = glance(last)
+        except FrameLost:  # reported by its source: the frames before it as if it were not there
+            made = self.finish()
+            self._gap(last.index + 1)
+            return made
         thumb = thumbnail(seen.grey)
         stats = self._cut_stats(seen, thumb)
         made = self._resolve_unlooked(stats)
@@ -434,11 +466,10 @@ class WindowBuilder:
 
     def push(self, frame: Frame) -> Window | None:
         before = None
-        if getattr(frame, "discontinuity", False):
+        if getattr(frame, "discontinuity", False) or self.lost:
             before = self.finish()  # the frames before the gap, as if looked at one by one
-            self.discontinuities += 1
-            self.prev_cut_stats = None
-            self._restart(frame.index)
+            self._gap(frame.index)
+        self.lost = False
         cut_test = self.scene_cut > 0 or self.scene_cut_hist > 0
         if frame.index < self.next_candidate:
             if not cut_test:
@@ -446,7 +477,11 @@ class WindowBuilder:
             if self.prev_cut_stats is not None and frame.index < self.last_looked + CUT_LOOK_EVERY:
                 self.unlooked.append(frame)  # looked at only if the next frame looked at differs
                 return before
-        seen = glance(frame)
+        try:
+            seen = glance(frame)
+        except FrameLost:  # reported by its source: the next frame comes after a gap
+            self.lost = True
+            return before
         thumb = thumbnail(seen.grey)
         made = None
         if cut_test:

@@ -24,6 +24,7 @@ import queue
 import threading
 from typing import Callable, Iterator
 
+import cv2
 import msgpack
 import numpy as np
 
@@ -83,6 +84,11 @@ def _job_of(source) -> dict | None:
 # ----------------------------------------------------------------------------- worker side
 
 def _worker_main(conn, cfg_doc: dict) -> None:
+    # A worker is one core's worth of decoding and analysis, and the workers share the cores.
+    # OpenCV's own threads (one per core by default) cost the streamer path 1.2-1.5x the CPU per
+    # frame, for 1.1-1.2x one stream's speed, where the second of 2 cores was idle, and the same
+    # CPU for no speed where other work kept both busy (docs/BENCHMARKS.md, sixth pass of issue 18).
+    cv2.setNumThreads(1)
     cfg = build(StreamerConfig, cfg_doc)
 
     def send(head: list, frames: list[bytes] = ()) -> None:

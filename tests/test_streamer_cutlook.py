@@ -116,3 +116,85 @@ def test_views_that_need_more_detail_decode_in_full(jpeg_folder):
     view = W.resize_view(f, 224, 168)  # one halving: the 1/4 decode has too few pixels
     assert not callable(f._rgb) and view.rgb.shape == (168, 224, 3)
     assert np.array_equal(view.rgb, fit_rgb(f.rgb, 168, 224))
+
+
+def _views(src: ImageSequenceSource, frames=None):
+    cfg = StreamerConfig(views=3, frame_stride=3, window_step=3, loop=False)
+    frames = src.frames() if frames is None else frames
+    return [([v.index for v in w.views], np.stack([v.rgb for v in w.views]).tobytes())
+            for w in windows_of(src.name, frames, cfg)]
+
+
+def _eager(monkeypatch):
+    """Every JPEG decoded when read, as before the lazy decode."""
+    from streamer import sources
+
+    real = sources.read_image_glance
+    monkeypatch.setattr(sources, "read_image_glance", lambda file, lazy=False: real(file))
+
+
+def test_jpegs_never_looked_at_are_never_decoded(jpeg_folder, monkeypatch):
+    """A JPEG folder's frames are decoded (at the reduced scale) only when a test looks at
+    them: the same windows, pixels and all, as decoding every frame when read, with fewer
+    decodes."""
+    from streamer import sources
+
+    decoded = []
+    real = sources._decode_image
+    monkeypatch.setattr(sources, "_decode_image", lambda file, data, flag=cv2.IMREAD_COLOR:
+                        decoded.append(file.name) or real(file, data, flag))
+    src = ImageSequenceSource(jpeg_folder, ground_truth=False)
+    lazy = _views(src)
+    lazy_decodes = len(decoded)
+    decoded.clear()
+    _eager(monkeypatch)
+    assert lazy and lazy == _views(src)
+    assert len(decoded) == len(src.files) and lazy_decodes < len(src.files)
+
+
+def _bad_jpeg(data: bytes) -> bytes:
+    """A JPEG whose markers, size and end check out but that libjpeg cannot decode (a Huffman
+    table of a class that does not exist)."""
+    at = data.find(b"\xff\xc4")
+    return data[: at + 4] + b"\x7f" + data[at + 5:]
+
+
+def test_an_undecodable_jpeg_is_a_gap_when_looked_at(jpeg_folder, tmp_path, monkeypatch):
+    clean = ImageSequenceSource(jpeg_folder, ground_truth=False)
+    frames = list(clean.frames())
+    _views(clean, iter(frames))
+    looked = [f.index for f in frames if not callable(f._glance)]
+    unlooked = [i for i in range(2, len(frames) - 2) if i not in looked]
+    assert unlooked, looked
+    for bad, reported in ((looked[3], ["bad_image"]), (unlooked[0], [])):
+        folder = tmp_path / f"bad{bad}"
+        folder.mkdir()
+        for f in clean.files:
+            data = f.read_bytes()
+            (folder / f.name).write_bytes(_bad_jpeg(data) if f.name == clean.files[bad].name else data)
+        errors = []
+        src = ImageSequenceSource(folder, ground_truth=False, on_error=lambda *e: errors.append(e))
+        windows = _views(src)
+        assert [e[1] for e in errors] == reported and all(clean.files[bad].name in e[2] for e in errors)
+        if reported:  # no window spans the frame lost
+            assert windows and all(max(w) < bad or min(w) > bad for w, _ in windows), (bad, windows)
+        else:  # never looked at: as if it were good
+            assert windows == _views(clean)
+
+
+def test_a_jpeg_with_exif_is_decoded_when_read(tmp_path):
+    """An Exif orientation may turn the decoded image (and swap its sides): such a JPEG is
+    decoded when read, as before."""
+    from streamer.sources import jpeg_layout, read_image_glance
+
+    ok, data = cv2.imencode(".jpg", panning_frames(1, 400, 300)[0])
+    tiff = b"II*\x00\x08\x00\x00\x00" + b"\x00\x00" + b"\x00\x00\x00\x00"  # no entries
+    app1 = b"\xff\xe1" + (2 + 6 + len(tiff)).to_bytes(2, "big") + b"Exif\x00\x00" + tiff
+    (tmp_path / "plain.jpg").write_bytes(data.tobytes())
+    (tmp_path / "exif.jpg").write_bytes(data.tobytes()[:2] + app1 + data.tobytes()[2:])
+    assert jpeg_layout((tmp_path / "plain.jpg").read_bytes()) == (300, 400, False)
+    assert jpeg_layout((tmp_path / "exif.jpg").read_bytes()) == (300, 400, True)
+    _, small, _ = read_image_glance(tmp_path / "plain.jpg", lazy=True)
+    assert callable(small) and small().shape == (150, 200, 3)
+    _, small, _ = read_image_glance(tmp_path / "exif.jpg", lazy=True)
+    assert not callable(small) and small.shape == (150, 200, 3)
