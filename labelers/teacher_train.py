@@ -356,16 +356,16 @@ def render_group(world: World, eye: np.ndarray, rotations: np.ndarray, fov_deg: 
 
 
 def render_pool(cfg: TeacherTrainConfig, frames: int, seed: int, *, deadline: float | None = None,
-                device=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """``frames`` rendered frames (fewer if ``deadline``, a ``time.monotonic()``, passes; it is
-    checked after every group of views, so at least one group is rendered): uint8 [N, H, W, 3]
-    and fp16 depth [N, H, W] on the device, and counts for the meta."""
+                at_least: int = 1, device=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``frames`` rendered frames (fewer if ``deadline``, a ``time.monotonic()``, passes, but
+    ``at_least`` of them; the deadline is checked after every group of views): uint8
+    [N, H, W, 3] and fp16 depth [N, H, W] on the device, and counts for the meta."""
     device = device or torch.device(cfg.device)
     rng = np.random.default_rng(seed)
     images = torch.empty(frames, cfg.height, cfg.width, 3, dtype=torch.uint8, device=device)
     depths = torch.empty(frames, cfg.height, cfg.width, dtype=torch.float16, device=device)
     n, worlds, dropped = 0, 0, 0
-    while n < frames and (deadline is None or not n or time.monotonic() < deadline):
+    while n < frames and (deadline is None or n < at_least or time.monotonic() < deadline):
         world, groups = scene_views(rng, cfg)
         worlds += 1
         for eye, rots in groups:
@@ -377,7 +377,7 @@ def render_pool(cfg: TeacherTrainConfig, frames: int, seed: int, *, deadline: fl
             k = min(len(img), frames - n)
             images[n:n + k], depths[n:n + k] = img[:k], dep[:k].clamp(max=60000).half()
             n += k
-            if n >= frames or (deadline is not None and n and time.monotonic() >= deadline):
+            if n >= frames or (deadline is not None and n >= at_least and time.monotonic() >= deadline):
                 break
     return images[:n], depths[:n], {"frames": n, "worlds": worlds, "dropped_views": dropped}
 
@@ -546,9 +546,8 @@ def train(cfg: TeacherTrainConfig, *, command: str = "", extra: tuple[torch.Tens
         print(json.dumps(record), flush=True)
 
     deadline = None if cfg.time_budget_s is None else start + cfg.render_fraction * cfg.time_budget_s
-    images, depths, pool_info = render_pool(cfg, cfg.pool_frames, cfg.seed, deadline=deadline, device=device)
-    if len(images) < cfg.batch:
-        raise RuntimeError(f"rendered only {len(images)} frames before the deadline; batch is {cfg.batch}")
+    images, depths, pool_info = render_pool(cfg, cfg.pool_frames, cfg.seed, deadline=deadline, at_least=cfg.batch,
+                                            device=device)
     val_images, val_depths, _ = render_pool(cfg, cfg.val_frames, cfg.seed + 1_000_003, device=device)
     if extra is not None:
         if extra_share is None or not 0 <= extra_share <= 1:

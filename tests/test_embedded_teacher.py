@@ -105,7 +105,8 @@ def test_recipe_trains_a_tiny_net_on_cpu_and_writes_loadable_weights(tmp_path, n
 
 def test_rendering_stops_at_its_deadline_after_a_group_of_views(tmp_path):
     """``render_pool`` checks its deadline after every group of views (one eye's), not only
-    between worlds: a deadline already past gives one group, none gives every frame asked."""
+    between worlds: a deadline already past gives one group (or the groups that make
+    ``at_least`` frames), none gives every frame asked."""
     import time
 
     from labelers.teacher_train import TeacherTrainConfig, render_pool
@@ -114,6 +115,8 @@ def test_rendering_stops_at_its_deadline_after_a_group_of_views(tmp_path):
                              views_per_eye=3, eyes_per_world=4)
     images, depths, info = render_pool(cfg, 12, seed=0, deadline=time.monotonic())
     assert 1 <= len(images) <= 3 and info["worlds"] == 1 and depths.shape == (len(images), 32, 32)
+    images, _, info = render_pool(cfg, 12, seed=0, deadline=time.monotonic(), at_least=5)
+    assert 5 <= len(images) <= 8 and info["worlds"] == 1
     images, _, info = render_pool(cfg, 12, seed=0)
     assert len(images) == info["frames"] == 12
 
