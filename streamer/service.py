@@ -96,6 +96,16 @@ class Dispatcher:
     def can_take_new(self) -> bool:
         return len(self.in_flight) < self.max_in_flight and self.peer() is not None
 
+    def poll_ms(self, wants_window: bool, window_ready: bool) -> int:
+        """How long a loop turn waits for labelers' messages: not at all while a window can be
+        sent now (one to resend with a labeler to take it, or ``window_ready``: a new one made
+        while a new one may go), briefly while a new one may go (``wants_window``), else
+        :data:`POLL_MS`. Windows to resend and no labeler with a credit wait for a ``ready``
+        (a teacher refresh stops the labelers: the streamer must not spin meanwhile)."""
+        if window_ready or (self.resend and self.peer() is not None):
+            return 0
+        return FEED_POLL_MS if wants_window else POLL_MS
+
     def next_resend(self) -> str | None:
         while self.resend:
             wid = self.resend.popleft()
@@ -350,8 +360,7 @@ class StreamerService:
                                                        self.metrics, self.counts)
         runtime, log, scfg = self.runtime, self.log, self.cfg
         wants_window = not self.exhausted and disp.can_take_new()
-        busy = disp.resend or (wants_window and not feed.queue.empty())
-        if sock.poll(0 if busy else (FEED_POLL_MS if wants_window else POLL_MS)):
+        if sock.poll(disp.poll_ms(wants_window, wants_window and not feed.queue.empty())):
             for _ in range(256):  # drain what is queued, bounded so sending is not starved
                 peer, msg = runtime.receive(sock, kinds=("ready", "done"), routed=True)
                 if msg is not None:

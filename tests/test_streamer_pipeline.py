@@ -112,6 +112,24 @@ class SkewedClock:
         return time.monotonic() + self.skew
 
 
+def test_windows_to_resend_with_no_labeler_wait_for_one():
+    """A loop turn waits for labelers' messages unless a window can go now: windows to resend
+    and no labeler with a credit (every labeler stopped, as during a teacher refresh) wait
+    ``POLL_MS``, not 0 (the loop would spin a core)."""
+    disp = streamer_service.Dispatcher(max_in_flight=4, resend_timeout_s=1.0, peer_timeout_s=10.0)
+    poll, feed = streamer_service.POLL_MS, streamer_service.FEED_POLL_MS
+    assert disp.poll_ms(False, False) == poll
+    disp.in_flight["w"] = streamer_service.InFlight([b""], 0.0, b"gone", 1)
+    disp.resend.append("w")
+    assert disp.poll_ms(False, False) == poll  # nobody to resend to
+    disp.on_ready(b"labeler", 0)
+    assert disp.poll_ms(False, False) == poll  # a labeler without credits
+    disp.on_ready(b"labeler", 2)
+    assert disp.poll_ms(True, False) == 0  # the window can be resent now
+    disp.resend.clear()
+    assert disp.poll_ms(True, False) == feed and disp.poll_ms(True, True) == 0
+
+
 def test_backpressure_resend_and_dead_labeler(stream_cfg, stage, wait_for, ctx, video, monkeypatch):
     clock = SkewedClock()
     monkeypatch.setattr(streamer_service, "Dispatcher", functools.partial(streamer_service.Dispatcher, clock=clock))
