@@ -57,11 +57,21 @@ class PipelineConfig:
 
     @property
     def refreshes_teacher(self) -> bool:
-        """Whether ``labeler.refresh_step`` applies: only where the learner learns from a depth
-        teacher a distillation could replace (not the oracle, whose labels are ground truth, not
-        the supervised loss, which reads no labels, not ``teacher=none``)."""
-        return (self.labeler.refresh_step > 0 and not self.trains_on_ground_truth
-                and self.labeler.teacher != "none")
+        """Whether ``labeler.refresh_step`` applies: :attr:`refresh_skipped` is None."""
+        return self.labeler.refresh_step > 0 and self.refresh_skipped is None
+
+    @property
+    def refresh_skipped(self) -> str | None:
+        """Why a ``labeler.refresh_step`` does not apply to this run, or None. It applies where
+        the learner learns from a depth teacher a distillation could replace (not the oracle,
+        whose labels are ground truth, not the supervised loss, which reads no labels, not
+        ``teacher=none``), on footage of the user's (``streamer.sources``; not the built-in
+        synthetic world, which the shipped teacher was trained on)."""
+        if self.trains_on_ground_truth or self.labeler.teacher == "none":
+            return "the learner does not learn from this teacher"
+        if not self.streamer.sources:
+            return "no sources of yours: the built-in synthetic world"
+        return None
 
 
 REFRESHED_TEACHER = Path("teacher") / "embedded_depth.safetensors"

@@ -132,7 +132,7 @@ class Supervisor:
                     + (" (depth loss off)" if self.cfg.labeler.teacher == "none" else "")
                     + {"waiting": f", teacher refresh at step {self.cfg.labeler.refresh_step}",
                        "done": f", refreshed to {self.teacher_file}"}.get(self._refresh, "")
-                    + (", no teacher refresh (the learner does not learn from this teacher)"
+                    + (f", no teacher refresh ({self.cfg.refresh_skipped})"
                        if self.cfg.labeler.refresh_step and not self.cfg.refreshes_teacher else "")
                     + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
                        if self.cfg.learner.init else "")

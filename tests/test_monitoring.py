@@ -166,7 +166,8 @@ def _refresh_supervisor(run_dir: Path, *extra: str):
     from reliev3r.config import load
     from reliev3r.supervisor import Supervisor
 
-    cfg = load([ROOT / "configs" / "default.yaml"], [f"run.dir={run_dir}", "labeler.refresh_step=6", *extra])
+    cfg = load([ROOT / "configs" / "default.yaml"],
+               [f"run.dir={run_dir}", "labeler.refresh_step=6", "streamer.sources=[/data/clips]", *extra])
     return Supervisor(cfg, out=io.StringIO())
 
 
@@ -203,7 +204,9 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         (tmp_path / "snapshots" / "step-000000006" / "meta.json").write_text("{not json")
         sup._refresh_teacher()
         assert sup._refresh == "distilling" and "distilling the learner" in sup.out.getvalue()
-        assert sup.children["learner"].next_start == math.inf  # held while it distils
+        # held while it distils, with the labelers and the evaluator (their work would be thrown away)
+        assert all(c.next_start == math.inf for c in sup.children.values() if c.stage != "streamer"
+                   and c.stage != "replay")
         deadline = time.time() + 240
         while sup._refresh == "distilling" and time.time() < deadline:
             time.sleep(0.2)
@@ -211,7 +214,8 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         assert sup._refresh == "failed", sup.out.getvalue()
         assert "teacher refresh failed (exit code 2: reliev3r teacher-train:" in sup.out.getvalue()
         assert "no valid snapshot there" in sup.out.getvalue() and "the learner resumes" in sup.out.getvalue()
-        assert sup.children["learner"].next_start == 0.0  # _reap_and_restart starts it again
+        # _reap_and_restart starts them again, the labelers on their teacher
+        assert all(c.next_start == 0.0 for c in sup.children.values())
         assert all(not c.overrides for c in sup.children.values())
     finally:
         sup.metrics.close()
@@ -249,8 +253,12 @@ def test_only_a_run_that_learns_from_its_depth_teacher_refreshes_it(tmp_path):
     improved by distilling) and a run without a depth teacher keep their teacher and learner."""
     from reliev3r.config import load
 
-    assert load([ROOT / "configs" / "gpu.yaml"]).refreshes_teacher
-    assert not load([ROOT / "configs" / "default.yaml"]).refreshes_teacher  # off by default
+    clips = "streamer.sources=[/data/clips]"
+    assert load([ROOT / "configs" / "gpu.yaml"], [clips]).refreshes_teacher
+    assert not load([ROOT / "configs" / "default.yaml"], [clips]).refreshes_teacher  # off by default
+    # the built-in synthetic world (no sources) is what the shipped teacher was trained on
+    synthetic = load([ROOT / "configs" / "gpu.yaml"])
+    assert not synthetic.refreshes_teacher and "synthetic world" in synthetic.refresh_skipped
     for extra in ("learner.loss.kind=supervised", "labeler.teacher=oracle?strength=1", "labeler.teacher=oracle-gt",
                   "labeler.teacher=none"):
         sup = _refresh_supervisor(tmp_path, extra)
