@@ -41,6 +41,7 @@
 # 250 steps, a 70 s distillation and STEPS more from scratch (STEPS=1500: about 340 s beside
 # two other runs; give WALL room), and its evaluation also scores the teacher the refresh made.
 # labeler.refresh_step=0 is the run without it; the supervised and oracle runs never refresh.
+# configs/demo.yaml (CONFIG, on a CPU host) refreshes at step 300 for 150 s.
 #
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
