@@ -1,7 +1,7 @@
 """``reliev3r status``: the state of a running pipeline, read from its metrics endpoints.
 
 It reads ``<run.dir>/processes.json`` (written by the supervisor: pid, restarts, the last
-error of a crashed child and metrics URL per stage, and the run's resolved ports and ZeroMQ
+error of a crashed child, metrics URL and what a stopped one waits for ("teacher refresh") per stage, and the run's resolved ports and ZeroMQ
 endpoints: ``reliev3r up`` picks free ones by default), scrapes every endpoint twice ``interval`` seconds apart (rates are the
 counter deltas between the two), and prints one row per process plus the newest evaluation
 from ``<run.dir>/evaluations/step-*.json``. Nothing here talks ZeroMQ: a stuck pipeline can
@@ -81,6 +81,8 @@ class StageStatus:
     """Current values: queue depths, learner step and loss."""
     last_error: str = ""
     """Why it last died (from its log, as the supervisor read it), if it did."""
+    held: str = ""
+    """What the supervisor holds it stopped for ("teacher refresh"), if it does."""
 
 
 # (stage, label in the table, counter sample name, label filter)
@@ -126,7 +128,7 @@ def collect(run_dir: Path, interval: float = 1.0) -> dict[str, StageStatus]:
         a, b = first.get(stage), second.get(stage)
         st = StageStatus(stage=stage, pid=info.get("pid"), alive=pid_alive(info.get("pid")),
                          restarts=int(info.get("restarts") or 0), up=b is not None,
-                         last_error=str(info.get("last_error") or ""))
+                         last_error=str(info.get("last_error") or ""), held=str(info.get("held") or ""))
         for s, label, name, match in RATES:
             if s != kind:
                 continue
@@ -166,7 +168,7 @@ def _num(v: float) -> str:
 def format_table(stages: dict[str, StageStatus], evaluation: dict | None) -> str:
     rows = [("stage", "state", "pid", "restarts", "rates (/s)", "levels")]
     for st in stages.values():
-        state = "up" if st.up else ("no metrics" if st.alive else "down")
+        state = "up" if st.up else ("no metrics" if st.alive else f"held ({st.held})" if st.held else "down")
         rates = " ".join(f"{k} {v:.2f}" for k, v in st.rates.items())
         levels = " ".join(f"{k} {_num(v)}" for k, v in st.levels.items())
         rows.append((st.stage, state, str(st.pid or "-"), str(st.restarts), rates or "-", levels or "-"))
@@ -183,7 +185,8 @@ def format_table(stages: dict[str, StageStatus], evaluation: dict | None) -> str
 
 
 def main(run_dir: Path, *, interval: float = 1.0) -> int:
-    """Entry of ``reliev3r status``: 0 when every process answers, 1 otherwise, 2 without a run."""
+    """Entry of ``reliev3r status``: 0 when every process answers (or is held by the supervisor,
+    as during a teacher refresh), 1 otherwise, 2 without a run."""
     if not (Path(run_dir) / "processes.json").exists():
         print(f"reliev3r status: no {Path(run_dir) / 'processes.json'} (is `reliev3r up` running with this run.dir?)")
         return 2
@@ -192,4 +195,4 @@ def main(run_dir: Path, *, interval: float = 1.0) -> int:
     endpoints = json.loads((Path(run_dir) / "processes.json").read_text()).get("supervisor", {}).get("endpoints")
     if endpoints:
         print("endpoints: " + ", ".join(f"{k} {v}" for k, v in endpoints.items()))
-    return 0 if all(st.up for st in stages.values()) else 1
+    return 0 if all(st.up or (st.held and not st.alive) for st in stages.values()) else 1

@@ -321,7 +321,8 @@ class Supervisor:
                                              "heartbeats": net.connect(net.supervisor_port)}}}
         for name, child in self.children.items():
             data[name] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
-                          "metrics": metrics(name), "last_error": child.last_error or None}
+                          "metrics": metrics(name), "last_error": child.last_error or None,
+                          "held": "teacher refresh" if child.proc is None and child.next_start == math.inf else None}
         tmp = self.run_dir / "processes.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.run_dir / "processes.json")

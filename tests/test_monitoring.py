@@ -105,6 +105,20 @@ def test_status_command_exit_codes(run_dir, tmp_path_factory, capsys):
     assert "no " in capsys.readouterr().out
 
 
+def test_a_stage_held_for_a_teacher_refresh_is_not_down(run_dir, monkeypatch, capsys):
+    """The supervisor holds the labelers, the evaluator and the learner stopped while a teacher
+    refresh distils (``processes.json``: ``held``): ``reliev3r status`` says so, and a run whose
+    other stages answer is healthy."""
+    path, bump = run_dir
+    processes = json.loads((path / "processes.json").read_text())
+    processes["labeler"]["held"] = "teacher refresh"
+    (path / "processes.json").write_text(json.dumps(processes))
+    monkeypatch.setattr(status, "time", _Clock(bump))
+    assert cli.main(["status", "--run-dir", str(path), "--interval", "0.1"]) == 0
+    assert any(line.startswith("labeler") and "held (teacher refresh)" in line
+               for line in capsys.readouterr().out.splitlines())
+
+
 def test_one_metrics_port_override_keeps_the_others():
     """``monitoring.ports.learner=...`` sets that key of the mapping; the others keep theirs
     (from the dataclass default or a file), they are not dropped."""
@@ -204,6 +218,9 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         (tmp_path / "snapshots" / "step-000000006" / "meta.json").write_text("{not json")
         sup._refresh_teacher()
         assert sup._refresh == "distilling" and "distilling the learner" in sup.out.getvalue()
+        held = {k: v["held"] for k, v in json.loads((tmp_path / "processes.json").read_text()).items() if k != "supervisor"}
+        assert held == {"streamer": None, "replay": None, "labeler": "teacher refresh",
+                        "learner": "teacher refresh", "evaluator": "teacher refresh"}, held
         # held while it distils, with the labelers and the evaluator (their work would be thrown away)
         assert all(c.next_start == math.inf for c in sup.children.values() if c.stage != "streamer"
                    and c.stage != "replay")
