@@ -218,9 +218,10 @@ class Supervisor:
             learner.next_start = math.inf  # held, not restarted, until the refresh is over
             self._stop([learner])
             step = snapshot_step(self.run_dir)
-            for child in self._held_for_refresh():
+            held = self._held_for_refresh()
+            for child in held:
                 child.next_start = math.inf
-            self._stop(self._held_for_refresh())
+            self._stop(held)
             self._write_pids()  # `reliev3r status` shows them stopped
 
             init = refresh_init(lc.teacher)

@@ -753,12 +753,13 @@ def read_image_glance(file: Path, lazy: bool = False) -> tuple:
     layout = jpeg_layout(data)
     size = layout[:2] if layout is not None else None
     if size is not None and min(size) >= MIN_FRAME_SIDE:
-        scale = next(((f, flag) for f, flag in JPEG_REDUCED if size[1] // f >= MOTION_WIDTH), None)
-        if scale is not None and lazy and not layout[2]:
+        factor = reduced_factor(size[1])
+        flag = dict(JPEG_REDUCED).get(factor)
+        if flag is not None and lazy and not layout[2]:
             full = functools.partial(_decode_image, file, data)
-            return full, functools.partial(_decode_image, file, data, scale[1]), size
-        if scale is not None:
-            small = _decode_image(file, data, scale[1])
+            return full, functools.partial(_decode_image, file, data, flag), size
+        if flag is not None:
+            small = _decode_image(file, data, flag)
             if (small.shape[0] > small.shape[1]) != (size[0] > size[1]):  # turned by its EXIF orientation
                 size = size[::-1]
             return functools.partial(_decode_image, file, data), small, size
