@@ -79,9 +79,10 @@ class LabelerConfig:
     afresh: on the CPU loop a learner that went on after the teacher changed (its replay full
     of the first teacher's labels) scored like one that never changed teacher; afresh, 0.167
     per frame against 0.173 (docs/RESULTS.md, issue 21). Only a run whose learner learns from
-    a depth teacher refreshes (not the oracle, not the supervised loss). 0 (never) here;
-    ``configs/gpu.yaml`` sets 1000, measured on the GPU (1.38-1.48x the supervised sibling's
-    median-scaled AbsRel against 1.56x without)."""
+    a depth teacher on the user's footage refreshes (``PipelineConfig.refresh_skipped``). 0
+    (never) here; ``configs/gpu.yaml`` sets 250 (1.26-1.33x the supervised sibling's
+    median-scaled AbsRel against 1.56x without), ``configs/demo.yaml`` 300 with 150 s (per
+    frame 0.137 / 0.125 against 0.171 on the CPU)."""
     refresh_seconds: float = 70.0
     """Wall-clock seconds of the refresh's distillation, start-up and rendering included."""
     credits: int = 2

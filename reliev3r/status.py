@@ -1,9 +1,10 @@
 """``reliev3r status``: the state of a running pipeline, read from its metrics endpoints.
 
 It reads ``<run.dir>/processes.json`` (written by the supervisor: pid, restarts, the last
-error of a crashed child, metrics URL and what a stopped one waits for ("teacher refresh") per stage, and the run's resolved ports and ZeroMQ
-endpoints: ``reliev3r up`` picks free ones by default), scrapes every endpoint twice ``interval`` seconds apart (rates are the
-counter deltas between the two), and prints one row per process plus the newest evaluation
+error of a crashed child, metrics URL and what a stopped one is held for ("teacher refresh")
+per stage, and the run's resolved ports and ZeroMQ endpoints: ``reliev3r up`` picks free ones
+by default), scrapes every endpoint twice ``interval`` seconds apart (rates are the counter
+deltas between the two), and prints one row per process plus the newest evaluation
 from ``<run.dir>/evaluations/step-*.json``. Nothing here talks ZeroMQ: a stuck pipeline can
 still be inspected.
 """
