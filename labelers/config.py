@@ -80,7 +80,7 @@ class LabelerConfig:
     of the first teacher's labels) scored like one that never changed teacher; afresh, 0.167
     per frame against 0.173 (docs/RESULTS.md, issue 21). Only a run whose learner learns from
     a depth teacher on the user's footage refreshes (``PipelineConfig.refresh_skipped``). 0
-    (never) here; ``configs/gpu.yaml`` sets 250 (1.26-1.33x the supervised sibling's
+    (never) here; ``configs/gpu.yaml`` sets 250 (1.22-1.33x the supervised sibling's
     median-scaled AbsRel against 1.56x without), ``configs/demo.yaml`` 300 with 150 s (per
     frame 0.137 / 0.125 against 0.171 on the CPU)."""
     refresh_seconds: float = 70.0
