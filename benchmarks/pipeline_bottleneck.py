@@ -19,7 +19,9 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
   workers); it runs flat out when labelers sit on unused credits
   (``reliev3r_labelers_with_credit`` > 0), otherwise its rate is a lower bound.
 * labelers: windows handled/s each, busy fraction = time in the decode, depth, matches and
-  insert stages (``reliev3r_labeler_stage_seconds``) per second, and that time per window.
+  triangulation stages (``reliev3r_labeler_stage_seconds``, the labelling thread) per second,
+  or the insert stage's (its own thread, overlapped with the labelling) when that is larger,
+  and each stage's time per window.
 * replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
   is an upper bound: every window of a group commit observes the whole commit).
 * learner: steps/s, samples/s, fraction of the time it waited for a batch
@@ -88,7 +90,8 @@ from reliev3r.status import scrape, stage_kind, value
 
 STARVED = 0.10
 """Learner data-wait fraction above which it is called upstream-bound."""
-LABELER_STAGES = ("decode", "depth", "matches", "insert")
+LABELER_STAGES = ("decode", "depth", "matches", "triangulation")
+"""The labelling thread's stages; ``insert`` runs on a thread of its own beside them."""
 ORDER = ("streamer", "labeler", "replay", "learner")
 
 
@@ -102,7 +105,8 @@ def extract(kind: str, s) -> dict[str, float]:
     elif kind == "labeler":
         want = {f"windows_{st}": ("reliev3r_labeler_windows_total", {"status": st})
                 for st in ("stored", "duplicate", "dropped", "insert_failed")}
-        want.update({f"s_{st}": ("reliev3r_labeler_stage_seconds_sum", {"stage": st}) for st in LABELER_STAGES})
+        want.update({f"s_{st}": ("reliev3r_labeler_stage_seconds_sum", {"stage": st})
+                     for st in (*LABELER_STAGES, "insert")})
     elif kind == "replay":
         want = {"inserts": ("reliev3r_replay_inserts_total", {}), "samples": ("reliev3r_replay_samples_total", {}),
                 "batches": ("reliev3r_replay_batches_total", {}),
@@ -269,10 +273,11 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
         elif kind == "labeler":
             counts = {st: w.get(f"d_windows_{st}") or 0.0 for st in ("stored", "duplicate", "dropped", "insert_failed")}
             handled = sum(counts.values())
-            busy = {st: (w.get(f"d_s_{st}") or 0.0) for st in LABELER_STAGES}
+            busy = {st: (w.get(f"d_s_{st}") or 0.0) for st in (*LABELER_STAGES, "insert")}
+            labelling = sum(busy[st] for st in LABELER_STAGES)
             row.update(windows_per_s=handled / w["seconds"], stored_per_s=counts["stored"] / w["seconds"],
                        dropped_per_s=counts["dropped"] / w["seconds"],
-                       busy_fraction=sum(busy.values()) / w["seconds"],
+                       busy_fraction=max(labelling, busy["insert"]) / w["seconds"],
                        seconds_per_window={st: (v / handled if handled else None) for st, v in busy.items()})
         elif kind == "replay":
             busy = ((w.get("d_s_insert") or 0.0) + (w.get("d_s_sample") or 0.0)) / w["seconds"]

@@ -9,7 +9,11 @@ verification and triangulation runs on ``labeler.cpu_threads`` threads (same res
 Per window: check the frames, run the depth teacher and the match teacher, send an ``insert``
 to replay and wait for its ``insert_ack`` (timeout, then a fresh socket and a retry: the
 "lazy pirate" pattern; replay stores each window id once, so a retry is harmless), then
-tell the streamer ``done`` and ask for more with ``ready``.
+tell the streamer ``done``. Two waits overlap the labelling: the ``ready`` that asks for the
+next windows goes out as a batch starts (they travel while it is labelled), and the inserts
+run on a thread of their own (:class:`Inserts`: replay stores one batch while the next is
+labelled; at most ``labeler.batch_windows`` labelled windows wait for it, so replay's
+backpressure still stops the labelling). A ``done`` still follows the durable insert.
 
 Bad input, decided per case (every case counted in ``reliev3r_labeler_dropped_total{reason}``
 or ``reliev3r_labeler_flags_total{flag}``):
@@ -30,6 +34,8 @@ A dropped window is reported ``done`` with status ``dropped`` so the streamer do
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +53,7 @@ from reliev3r.protocol import Message
 from reliev3r.service import Runtime, serve
 
 POLL_MS = 100
+INSERT_POLL_MS = 2  # the idle poll while inserts are out: their done goes out within this
 MIN_SIZE = 16
 
 
@@ -240,6 +247,54 @@ class ReplayLink:
         return None
 
 
+class Inserts:
+    """The inserts of labelled windows, on a thread that owns the :class:`ReplayLink`, in the
+    order they were put; :meth:`finished` hands back ``(window_id, flags, result)`` of those
+    replay answered (``result`` as :meth:`ReplayLink.insert` returns it). :meth:`put` blocks
+    while ``depth`` windows wait, so a replay that holds its inserts holds the labelling too."""
+
+    def __init__(self, link: ReplayLink, timer, depth: int):
+        self.link, self.timer = link, timer
+        self.todo: queue.Queue = queue.Queue(maxsize=depth)
+        self.results: queue.Queue = queue.Queue()
+        self.pending = 0  # put and not yet handed back by finished()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="labeler-insert", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.closing.is_set():
+                try:
+                    window_id, insert, flags = self.todo.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                with self.timer("insert"):
+                    result = self.link.insert(insert)
+                self.results.put((window_id, flags, result))
+        finally:
+            self.link.close()
+
+    def put(self, window_id: str, insert: Message, flags: list[str]) -> None:
+        self.pending += 1
+        self.todo.put((window_id, insert, flags))
+
+    def finished(self) -> list[tuple[str, list[str], tuple[str, str] | None]]:
+        out = []
+        while True:
+            try:
+                out.append(self.results.get_nowait())
+            except queue.Empty:
+                self.pending -= len(out)
+                return out
+
+    def close(self, timeout_s: float) -> None:
+        """Stop after the insert in progress (one that replay has not acknowledged by then
+        is left to the streamer's resend, as any unacknowledged window is)."""
+        self.closing.set()
+        self.thread.join(timeout_s)
+
+
 class LabelerService:
     """A labeler process's sockets (work from the streamer, the link to replay) and the
     windows it holds; ``step()`` labels one batch of held windows, or waits for work."""
@@ -252,8 +307,9 @@ class LabelerService:
         self.work.setsockopt(zmq.LINGER, 0)
         security.secure_client(self.work, cfg.network.curve)
         self.work.connect(cfg.network.connect(cfg.network.work_port))
-        self.replay = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
-                                 timeout_s=self.cfg.insert_timeout_s, retries=self.cfg.insert_retries)
+        link = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
+                          timeout_s=self.cfg.insert_timeout_s, retries=self.cfg.insert_retries)
+        self.inserts = Inserts(link, metrics.timer, depth=self.cfg.batch_windows)
         runtime.log.info("labeler up", extra={"teachers": self.labeler.teachers(),
                                               "runtime": describe_runtime(self.labeler.teacher)})
         self.held: deque[Message] = deque()
@@ -266,7 +322,7 @@ class LabelerService:
             raise
 
     def close(self) -> None:
-        self.replay.close()
+        self.inserts.close(timeout_s=self.cfg.insert_timeout_s)
         self.work.close(linger=0)
         self.labeler.close()
 
@@ -291,46 +347,57 @@ class LabelerService:
             self.held.append(msg)
 
     def finish(self, window_id: str, insert: Message | None, reason: str, flags: list[str]) -> None:
-        metrics, counts, status_line = self.metrics, self.counts, self.runtime.status
+        """A dropped window is acknowledged now; a labelled one goes to :attr:`inserts` and is
+        acknowledged by :meth:`acknowledge` once replay has stored it."""
+        if insert is not None:
+            self.inserts.put(window_id, insert, flags)
+            return
+        metrics, counts = self.metrics, self.counts
         for flag in flags:
             metrics.flags.labels(flag).inc()
-        if insert is None:
-            metrics.dropped.labels(reason.split(":")[0]).inc()
-            metrics.windows.labels("dropped").inc()
-            counts["dropped"] += 1
-            status_line.update(counts)  # before the done, so a peer that sees it sees this
-            self.done(window_id, "dropped", reason)
-            return
-        with metrics.timer("insert"):
-            result = self.replay.insert(insert)
-        if result is None:
-            # no done: the streamer resends after its timeout (at-least-once)
-            metrics.windows.labels("insert_failed").inc()
-            self.runtime.log.warning("replay unreachable, window left to the streamer's resend",
-                                     extra={"window_id": window_id})
-            return
-        status, why = result
-        metrics.windows.labels(status).inc()
-        if status == "dropped":
-            metrics.dropped.labels(why.split(":")[0]).inc()
-            counts["dropped"] += 1
-        else:
-            counts["labelled"] += 1
-        status_line.update(counts)
-        self.done(window_id, status, why)
+        metrics.dropped.labels(reason.split(":")[0]).inc()
+        metrics.windows.labels("dropped").inc()
+        counts["dropped"] += 1
+        self.runtime.status.update(counts)  # before the done, so a peer that sees it sees this
+        self.done(window_id, "dropped", reason)
+
+    def acknowledge(self) -> None:
+        """``done`` for every window whose insert replay has answered."""
+        metrics, counts = self.metrics, self.counts
+        for window_id, flags, result in self.inserts.finished():
+            if result is None:
+                # no done: the streamer resends after its timeout (at-least-once)
+                metrics.windows.labels("insert_failed").inc()
+                self.runtime.log.warning("replay unreachable, window left to the streamer's resend",
+                                         extra={"window_id": window_id})
+                continue
+            for flag in flags:
+                metrics.flags.labels(flag).inc()
+            status, why = result
+            metrics.windows.labels(status).inc()
+            if status == "dropped":
+                metrics.dropped.labels(why.split(":")[0]).inc()
+                counts["dropped"] += 1
+            else:
+                counts["labelled"] += 1
+            self.runtime.status.update(counts)
+            self.done(window_id, status, why)
 
     def step(self) -> None:
-        """Label up to ``labeler.batch_windows`` held windows, insert and acknowledge each,
-        and ask for more; with none held, wait up to one poll for work (and send the
-        keep-alive ``ready`` when it is due)."""
+        """Label up to ``labeler.batch_windows`` held windows (having asked for the next ones
+        first), hand their inserts to :attr:`inserts`, acknowledge what replay has stored, and
+        ask for more; with none held, wait up to one poll for work (a short one while inserts
+        are out, so their ``done`` is not held back) and send the keep-alive ``ready`` when due."""
         log, labeler, timer = self.runtime.log, self.labeler, self.metrics.timer
-        if not self.held and self.work.poll(POLL_MS):
+        if not self.held and self.work.poll(POLL_MS if not self.inserts.pending else INSERT_POLL_MS):
             self.take()
+        self.acknowledge()
         if not self.held:
             if time.monotonic() - self.last_ready > self.cfg.ready_interval_s:
                 self.ready()  # keep-alive; also re-registers with a restarted streamer
             return
         batch = [self.held.popleft() for _ in range(min(len(self.held), self.cfg.batch_windows))]
+        self.ready()  # the next windows travel while these are labelled
         try:
             outcomes = labeler.label_many(batch, timer)
         except Exception:  # a bug on odd input must cost one window, not the worker:
@@ -345,6 +412,7 @@ class LabelerService:
                     outcomes.append((None, f"labeler_error:{type(err).__name__}", []))
         for msg, (insert, reason, flags) in zip(batch, outcomes):
             self.finish(msg.meta["window_id"], insert, reason, flags)
+        self.acknowledge()
         self.take()
         self.ready()
 

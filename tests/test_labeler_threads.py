@@ -181,3 +181,50 @@ def test_cpu_threads_is_validated():
     assert LabelerConfig().cpu_threads == 1
     with pytest.raises(ValueError, match="cpu_threads"):
         LabelerConfig(cpu_threads=0)
+
+
+class _HeldLink:
+    """A ReplayLink stand-in whose inserts wait until the test lets them through."""
+
+    def __init__(self):
+        import threading
+
+        self.gate, self.seen, self.closed = threading.Semaphore(0), [], False
+
+    def insert(self, msg):
+        self.gate.acquire()
+        self.seen.append(msg.meta["window_id"])
+        return "stored", ""
+
+    def close(self):
+        self.closed = True
+
+
+def test_inserts_keep_order_and_hold_the_labelling_while_replay_holds_them():
+    """``labelers.service.Inserts``: inserts go out in the order they were put, each result comes
+    back once, and with ``depth`` windows waiting a further ``put`` blocks until replay answers
+    one (replay's backpressure reaches the labelling). Synchronised on events, not on time."""
+    import contextlib
+    import threading
+
+    from labelers.service import Inserts
+
+    link = _HeldLink()
+    inserts = Inserts(link, lambda stage: contextlib.nullcontext(), depth=2)
+    msg = [Message("insert", {"window_id": f"w{n}"}, {}) for n in range(4)]
+    for n in range(3):  # one taken by the thread (held at the gate), two waiting: the queue is full
+        inserts.put(f"w{n}", msg[n], [f"f{n}"])
+    fourth = threading.Thread(target=inserts.put, args=("w3", msg[3], []))
+    fourth.start()
+    fourth.join(0.2)
+    assert fourth.is_alive() and inserts.finished() == []  # blocked: nothing was answered yet
+    for _ in range(4):
+        link.gate.release()
+    fourth.join(60)  # bounds a hang only
+    got = []
+    while len(got) < 4:
+        got += inserts.finished()
+    assert [g[0] for g in got] == link.seen == ["w0", "w1", "w2", "w3"]
+    assert got[0] == ("w0", ["f0"], ("stored", "")) and inserts.pending == 0
+    inserts.close(timeout_s=60)
+    assert not inserts.thread.is_alive() and link.closed
