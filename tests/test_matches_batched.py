@@ -140,3 +140,52 @@ def test_ground_truth_reprojection_known_answer():
     err = bench.reprojection_errors(xy_a, xy_b, depth_a, K, K, cam_a, cam_b)
     assert np.isnan(err[2])
     np.testing.assert_allclose(err[:2], [0.0, 5.0], atol=1e-9)
+
+
+@needs_xfeat
+def test_batched_features_are_the_wheels(xfeat):
+    """``features_many`` (every pixel scored at once, one ``topk`` per frame, no per-frame
+    host sync) against the wheel's own ``detectAndCompute`` on the same batch: the same
+    keypoints and descriptors. Both sample the same maps at the same integer pixels with the
+    same kernels, so the values are equal bit for bit; only the order among keypoints of equal
+    score may differ (``topk`` against ``argsort``), so they are compared by pixel."""
+    import torch
+
+    frames = np.concatenate([windows()[0], panning_frames(4, 160, 120, step=3, seed=7)])
+    got = xfeat.features_many(frames)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    want = xfeat.xfeat.detectAndCompute(x)
+    assert len(got) == len(want) == len(frames)
+    for f, w in zip(got, want):
+        xy = w["keypoints"].float().numpy()
+        assert len(xy) >= 100 and f.xy.shape == xy.shape and f.size == (160, 120)
+        at = {tuple(p): k for k, p in enumerate(f.xy.tolist())}
+        assert at.keys() == {tuple(p) for p in xy.tolist()}
+        order = [at[tuple(p)] for p in xy.tolist()]
+        np.testing.assert_array_equal(f.descriptors[order].numpy(), w["descriptors"].numpy())
+        assert f.origin is not None and f.origin[0].counts[f.origin[1]] == len(xy)
+
+
+@needs_xfeat
+def test_gathered_pairs_are_the_padded_pairs(xfeat):
+    """Pairs whose frames come from one ``features_many`` call are gathered from its padded
+    device tensors; the same pairs with that link removed take the host-built, zero-padded
+    path. Both feed LightGlue the same numbers (the batch's rows are zero past each count), so
+    the matches and scores are identical."""
+    import dataclasses
+
+    frames = np.concatenate(windows()[:1] + [panning_frames(4, 160, 120, step=3, seed=7)])
+    feats = xfeat.features_many(frames)
+    plan = [(w * 4 + i, w * 4 + j) for w in range(2) for i, j in select_pairs(4, 1)]
+    gathered = [(feats[i], feats[j]) for i, j in plan]
+    loose = [(dataclasses.replace(a, origin=None), dataclasses.replace(b, origin=None)) for a, b in gathered]
+    budget = xfeat.batch_elements
+    try:
+        for elements in (10 ** 12, 0):  # all pairs in one padded forward; one pair per forward
+            xfeat.batch_elements = elements
+            for got, want in zip(xfeat.match_many(gathered), xfeat.match_many(loose)):
+                assert len(want[0]) >= 50
+                for x, y in zip(got, want):
+                    np.testing.assert_array_equal(x, y)
+    finally:
+        xfeat.batch_elements = budget
