@@ -7,7 +7,10 @@ id arrives from any labeler. At ``max_in_flight`` the streamer stops decoding (b
 memory is bounded by the table). A window whose ``done`` has not come within
 ``resend_timeout_s`` goes to any labeler with credit again (replay stores each id once).
 Credits of a labeler not heard from for ``peer_timeout_s`` expire, so a dead labeler is
-never waited on; its windows come back through the resend timeout.
+never waited on, and the windows it holds are resent then (not ``resend_timeout_s`` after
+they were sent: a SIGKILLed labeler that held a batch and its credits ahead would otherwise
+hold them for that long). A labeler that was only slow answers ``done`` late; replay stores
+each id once.
 """
 
 from __future__ import annotations
@@ -70,15 +73,16 @@ class Dispatcher:
         return self.in_flight.pop(window_id, None) is not None
 
     def expire(self) -> tuple[list[str], list[str]]:
-        """Queue timed-out windows for resending; forget silent peers. Returns
-        (timed-out ids, abandoned ids)."""
+        """Queue timed-out windows, and those of peers that fell silent, for resending; forget
+        silent peers. Returns (timed-out ids, abandoned ids)."""
         now = self.clock()
-        for peer in [p for p, (_, seen) in self.credits.items() if now - seen > self.peer_timeout_s]:
+        silent = {p for p, (_, seen) in self.credits.items() if now - seen > self.peer_timeout_s}
+        for peer in silent:
             del self.credits[peer]
         timed_out, abandoned = [], []
         queued = set(self.resend)
         for wid, entry in list(self.in_flight.items()):
-            if wid in queued or now - entry.sent_at <= self.resend_timeout_s:
+            if wid in queued or (entry.peer not in silent and now - entry.sent_at <= self.resend_timeout_s):
                 continue
             if entry.attempts >= MAX_ATTEMPTS:
                 del self.in_flight[wid]

@@ -43,6 +43,13 @@
 # labeler.refresh_step=0 is the run without it; the supervised and oracle runs never refresh.
 # configs/demo.yaml (CONFIG, on a CPU host) refreshes at step 300 for 150 s.
 #
+# A warm start (`learner.init`): PRETRAIN=N first runs `reliev3r pretrain --config CONFIG --max-steps N`
+# (supervised on the synthetic world; stopped with a final snapshot PRETRAIN_WALL seconds after its
+# start, default 240; its log is $RUNS/pre.log), and @PRE in a run's overrides names the snapshot
+# it wrote. Weak from scratch and warm at equal steps, beside the sibling:
+#   PRETRAIN=4000 PRETRAIN_WALL=240 STEPS=1500 WALL=420 bash studies/weak_7scenes.sh \
+#       "sup:learner.loss.kind=supervised" "dflt:" "warm:learner.init=@PRE"
+#
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: folders of wheels to install first (default
@@ -72,9 +79,19 @@ COMMON="--config $ROOT/${CONFIG:-configs/gpu.yaml} streamer.sources=[$DATA/7s-tr
 for spec in "$@"; do  # a run folder left by an earlier call would resume at its last step
   [ -e "$RUNS/${spec%%:*}" ] && { echo "$RUNS/${spec%%:*} exists (an earlier call's run): set RUNS to a new folder" >&2; exit 2; }
 done
+PRE=""; t0=$(date +%s)
+if [ -n "${PRETRAIN:-}" ]; then
+  [ -e "$RUNS/pre" ] && { echo "$RUNS/pre exists (an earlier call's pretraining): set RUNS to a new folder" >&2; exit 2; }
+  timeout -k 60 -s INT "${PRETRAIN_WALL:-240}" python3 -m reliev3r.cli pretrain --config "$ROOT/${CONFIG:-configs/gpu.yaml}" \
+    run.dir="$RUNS/pre" --max-steps "$PRETRAIN" > "$RUNS/pre.log" 2>&1
+  PRE=$(ls -d "$RUNS"/pre/snapshots/step-* 2>/dev/null | sort | tail -n 1)
+  [ -n "$PRE" ] || { echo "the pretraining left no snapshot: $RUNS/pre.log" >&2; tail -n 20 "$RUNS/pre.log" >&2; exit 1; }
+  echo "pretrained for $(( $(date +%s) - t0 )) s: $PRE"
+fi
 pids=()
 start() {  # NAME:OVERRIDES -> one `reliev3r up` in its own process group, its pid appended to pids
   local name=${1%%:*} extra=${1#*:}
+  extra=${extra//@PRE/$PRE}
   setsid python3 -m reliev3r.cli up $COMMON run.dir="$RUNS/$name" $extra --max-steps "$STEPS" \
     > "$RUNS/$name.up.log" 2>&1 &
   pids+=($!)
@@ -85,7 +102,7 @@ stop() {  # SIGINT (a final snapshot), then SIGKILL a minute later
   for _ in $(seq 60); do alive || break; sleep 1; done
   for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
 }
-t0=$(date +%s)
+t0=$(date +%s)  # training starts (after any pretraining)
 if [ -n "${SERIAL:-}" ]; then  # one run at a time (a CPU host), each stopped WALL seconds after its start
   for spec in "$@"; do
     pids=(); start "$spec"; t1=$(date +%s)
@@ -107,7 +124,7 @@ if [ -n "${DISTILL:-}" ]; then
   tail -n 1 "$RUNS/distill.log"
 fi
 for spec in "$@"; do
-  name=${spec%%:*}; extra=${spec#*:}
+  name=${spec%%:*}; extra=${spec#*:}; extra=${extra//@PRE/$PRE}
   compare=""; [ "$name" != sup ] && [ -d "$RUNS/sup" ] && compare="--compare $RUNS/sup"
   teacher=embedded
   for word in $extra; do case "$word" in labeler.teacher=*) teacher=${word#labeler.teacher=};; esac; done
