@@ -84,7 +84,7 @@ if [ -n "${PRETRAIN:-}" ]; then
   [ -e "$RUNS/pre" ] && { echo "$RUNS/pre exists (an earlier call's pretraining): set RUNS to a new folder" >&2; exit 2; }
   timeout -k 60 -s INT "${PRETRAIN_WALL:-240}" python3 -m reliev3r.cli pretrain --config "$ROOT/${CONFIG:-configs/gpu.yaml}" \
     run.dir="$RUNS/pre" --max-steps "$PRETRAIN" > "$RUNS/pre.log" 2>&1
-  PRE=$(ls -d "$RUNS"/pre/snapshots/step-* 2>/dev/null | sort | tail -n 1)
+  PRE=$(find "$RUNS/pre/snapshots" -maxdepth 1 -name 'step-*' 2>/dev/null | sort | tail -n 1)  # no globs here (set -f)
   [ -n "$PRE" ] || { echo "the pretraining left no snapshot: $RUNS/pre.log" >&2; tail -n 20 "$RUNS/pre.log" >&2; exit 1; }
   echo "pretrained for $(( $(date +%s) - t0 )) s: $PRE"
 fi
