@@ -255,7 +255,9 @@ class Inserts:
     """The inserts of labelled windows, on a thread that owns the :class:`ReplayLink`, in the
     order they were put; :meth:`finished` hands back ``(window_id, flags, result)`` of those
     replay answered (``result`` as :meth:`ReplayLink.insert` returns it). :meth:`put` blocks
-    while ``depth`` windows wait, so a replay that holds its inserts holds the labelling too."""
+    while ``depth`` windows wait, so a replay that holds its inserts holds the labelling too.
+    An error on the thread is raised again in the caller's next :meth:`put` or
+    :meth:`finished` (the process fails, as it did when it inserted inline, and is restarted)."""
 
     def __init__(self, link: ReplayLink, timer, depth: int):
         self.link, self.timer = link, timer
@@ -263,6 +265,7 @@ class Inserts:
         self.results: queue.Queue = queue.Queue()
         self.pending = 0  # put and not yet handed back by finished()
         self.closing = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="labeler-insert", daemon=True)
         self.thread.start()
 
@@ -276,14 +279,27 @@ class Inserts:
                 with self.timer("insert"):
                     result = self.link.insert(insert)
                 self.results.put((window_id, flags, result))
+        except BaseException as err:
+            self.error = err
         finally:
             self.link.close()
 
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError("the insert thread failed") from self.error
+
     def put(self, window_id: str, insert: Message, flags: list[str]) -> None:
-        self.pending += 1
-        self.todo.put((window_id, insert, flags))
+        while True:
+            self._check()
+            try:
+                self.todo.put((window_id, insert, flags), timeout=0.1)
+                self.pending += 1
+                return
+            except queue.Full:
+                continue
 
     def finished(self) -> list[tuple[str, list[str], tuple[str, str] | None]]:
+        self._check()
         out = []
         while True:
             try:

@@ -228,3 +228,26 @@ def test_inserts_keep_order_and_hold_the_labelling_while_replay_holds_them():
     assert got[0] == ("w0", ["f0"], ("stored", "")) and inserts.pending == 0
     inserts.close(timeout_s=60)
     assert not inserts.thread.is_alive() and link.closed
+
+
+def test_an_error_on_the_insert_thread_fails_the_labelling():
+    """A bug inside an insert must fail the labeler process (the supervisor restarts it, as when
+    it inserted inline), not leave a dead thread that the next ``put`` waits on for ever."""
+    import contextlib
+
+    from labelers.service import Inserts
+
+    class Broken(_HeldLink):
+        def insert(self, msg):
+            raise ValueError("boom")
+
+    link = Broken()
+    inserts = Inserts(link, lambda stage: contextlib.nullcontext(), depth=1)
+    inserts.put("w0", Message("insert", {"window_id": "w0"}, {}), [])
+    inserts.thread.join(60)  # bounds a hang only: the thread ends on the error
+    with pytest.raises(RuntimeError, match="insert thread failed") as info:
+        for n in range(1, 4):  # the queue is full once the thread is gone: put raises, not waits
+            inserts.put(f"w{n}", Message("insert", {"window_id": f"w{n}"}, {}), [])
+    assert isinstance(info.value.__cause__, ValueError) and link.closed
+    with pytest.raises(RuntimeError):
+        inserts.finished()
