@@ -7,10 +7,10 @@ id arrives from any labeler. At ``max_in_flight`` the streamer stops decoding (b
 memory is bounded by the table). A window whose ``done`` has not come within
 ``resend_timeout_s`` goes to any labeler with credit again (replay stores each id once).
 Credits of a labeler not heard from for ``peer_timeout_s`` expire, so a dead labeler is
-never waited on, and the windows it holds are resent then (not ``resend_timeout_s`` after
-they were sent: a SIGKILLed labeler that held a batch and its credits ahead would otherwise
-hold them for that long). A labeler that was only slow answers ``done`` late; replay stores
-each id once.
+never waited on; the windows it holds go to another labeler with credit as soon as there is
+one (a SIGKILLed labeler's restart, say), not ``resend_timeout_s`` after they were sent. A
+labeler that was only slow (a long batch) and comes back before then keeps its windows; one
+that answers after they went elsewhere has its ``done`` ignored, and replay stores each id once.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ class Dispatcher:
         self.credits: dict[bytes, list] = {}  # peer -> [credits, last_seen]
         self.in_flight: dict[str, InFlight] = {}
         self.resend: deque[str] = deque()
+        self.silent: set[bytes] = set()  # peers whose credits expired, still holding windows
 
     def on_ready(self, peer: bytes, credits: int) -> None:
         self.credits[peer] = [max(0, credits), self.clock()]
+        self.silent.discard(peer)
 
     def on_done(self, peer: bytes, window_id: str) -> bool:
         """True when the id was in flight (a late duplicate ``done`` returns False)."""
@@ -73,16 +75,18 @@ class Dispatcher:
         return self.in_flight.pop(window_id, None) is not None
 
     def expire(self) -> tuple[list[str], list[str]]:
-        """Queue timed-out windows, and those of peers that fell silent, for resending; forget
-        silent peers. Returns (timed-out ids, abandoned ids)."""
+        """Forget peers silent for ``peer_timeout_s``; queue for resending the windows that
+        timed out, and those of silent peers while another peer has credit. Returns
+        (queued ids, abandoned ids)."""
         now = self.clock()
-        silent = {p for p, (_, seen) in self.credits.items() if now - seen > self.peer_timeout_s}
-        for peer in silent:
+        for peer in [p for p, (_, seen) in self.credits.items() if now - seen > self.peer_timeout_s]:
             del self.credits[peer]
+            self.silent.add(peer)
+        orphans = self.silent if self.peer() is not None else set()
         timed_out, abandoned = [], []
         queued = set(self.resend)
         for wid, entry in list(self.in_flight.items()):
-            if wid in queued or (entry.peer not in silent and now - entry.sent_at <= self.resend_timeout_s):
+            if wid in queued or (entry.peer not in orphans and now - entry.sent_at <= self.resend_timeout_s):
                 continue
             if entry.attempts >= MAX_ATTEMPTS:
                 del self.in_flight[wid]
@@ -90,6 +94,7 @@ class Dispatcher:
             else:
                 self.resend.append(wid)
                 timed_out.append(wid)
+        self.silent &= {entry.peer for entry in self.in_flight.values()}
         return timed_out, abandoned
 
     def peer(self) -> bytes | None:
