@@ -89,11 +89,10 @@ class LabelerConfig:
     """Windows a worker asks for ahead of the batch it is labelling (it asks as a batch starts,
     so they travel while it labels); with ``batch_windows`` they bound its batches. On one H100
     host 4 (batches of up to 4 windows: 16 ms of matching per window against 24) gave two
-    labelers of 6 threads 1.3x the fresh windows (docs/BENCHMARKS.md, issue 18, tenth pass), but
-    on the CPU loop (``configs/demo.yaml``, 7-Scenes) its two runs had worse poses than every
-    run at 2 (AUC@30 0.006 / 0.040 against 0.093-0.131; docs/RESULTS.md, issue 21, tenth
-    pass), the labels being the same bit for bit: 2 stays until a weak run with 4 is scored
-    on the GPU."""
+    labelers of 6 threads 1.3x the fresh windows (docs/BENCHMARKS.md, issue 18, tenth pass); on
+    the CPU loop (``configs/demo.yaml``, 7-Scenes) three runs with 4 learned no better than five
+    with 2 (the labels are the same bit for bit; docs/RESULTS.md, issue 21, tenth pass), so 2
+    stays until a weak run with 4 is scored on the GPU."""
     blank_std: float = 2.0
     """A frame whose grey (OpenCV's, from RGB) standard deviation is below this (grey levels) is blank (black,
     white, flat): its window is dropped with reason ``blank_frame``."""
