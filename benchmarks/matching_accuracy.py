@@ -45,6 +45,7 @@ import datetime
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +232,6 @@ def main() -> int:
 
     from labelers.config import LabelerConfig
     from labelers.matches import OpenCVMatcher, XFeatMatcher
-
-    from concurrent.futures import ThreadPoolExecutor
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)

@@ -371,37 +371,34 @@ class LabelerService:
         acknowledged by :meth:`acknowledge` once replay has stored it."""
         if insert is not None:
             self.inserts.put(window_id, insert, flags)
-            return
-        metrics, counts = self.metrics, self.counts
-        for flag in flags:
-            metrics.flags.labels(flag).inc()
-        metrics.dropped.labels(reason.split(":")[0]).inc()
-        metrics.windows.labels("dropped").inc()
-        counts["dropped"] += 1
-        self.runtime.status.update(counts)  # before the done, so a peer that sees it sees this
-        self.done(window_id, "dropped", reason)
+        else:
+            self._outcome(window_id, "dropped", reason, flags)
 
     def acknowledge(self) -> None:
         """``done`` for every window whose insert replay has answered."""
-        metrics, counts = self.metrics, self.counts
         for window_id, flags, result in self.inserts.finished():
             if result is None:
                 # no done: the streamer resends after its timeout (at-least-once)
-                metrics.windows.labels("insert_failed").inc()
+                self.metrics.windows.labels("insert_failed").inc()
                 self.runtime.log.warning("replay unreachable, window left to the streamer's resend",
                                          extra={"window_id": window_id})
-                continue
-            for flag in flags:
-                metrics.flags.labels(flag).inc()
-            status, why = result
-            metrics.windows.labels(status).inc()
-            if status == "dropped":
-                metrics.dropped.labels(why.split(":")[0]).inc()
-                counts["dropped"] += 1
             else:
-                counts["labelled"] += 1
-            self.runtime.status.update(counts)
-            self.done(window_id, status, why)
+                self._outcome(window_id, *result, flags)
+
+    def _outcome(self, window_id: str, status: str, reason: str, flags: list[str]) -> None:
+        """Count a window's outcome (``dropped``, or replay's ``stored``/``duplicate``) and tell
+        the streamer ``done``."""
+        metrics, counts = self.metrics, self.counts
+        for flag in flags:
+            metrics.flags.labels(flag).inc()
+        metrics.windows.labels(status).inc()
+        if status == "dropped":
+            metrics.dropped.labels(reason.split(":")[0]).inc()
+            counts["dropped"] += 1
+        else:
+            counts["labelled"] += 1
+        self.runtime.status.update(counts)  # before the done, so a peer that sees it sees this
+        self.done(window_id, status, reason)
 
     def step(self) -> None:
         """Label up to ``labeler.batch_windows`` held windows (having asked for the next ones

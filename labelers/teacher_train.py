@@ -365,7 +365,11 @@ def render_pool(cfg: TeacherTrainConfig, frames: int, seed: int, *, deadline: fl
     images = torch.empty(frames, cfg.height, cfg.width, 3, dtype=torch.uint8, device=device)
     depths = torch.empty(frames, cfg.height, cfg.width, dtype=torch.float16, device=device)
     n, worlds, dropped = 0, 0, 0
-    while n < frames and (deadline is None or n < at_least or time.monotonic() < deadline):
+
+    def out_of_time() -> bool:
+        return deadline is not None and n >= at_least and time.monotonic() >= deadline
+
+    while n < frames and not out_of_time():
         world, groups = scene_views(rng, cfg)
         worlds += 1
         for eye, rots in groups:
@@ -377,7 +381,7 @@ def render_pool(cfg: TeacherTrainConfig, frames: int, seed: int, *, deadline: fl
             k = min(len(img), frames - n)
             images[n:n + k], depths[n:n + k] = img[:k], dep[:k].clamp(max=60000).half()
             n += k
-            if n >= frames or (deadline is not None and n >= at_least and time.monotonic() >= deadline):
+            if n >= frames or out_of_time():
                 break
     return images[:n], depths[:n], {"frames": n, "worlds": worlds, "dropped_views": dropped}
 

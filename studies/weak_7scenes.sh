@@ -87,11 +87,11 @@ if [ -n "${PRETRAIN:-}" ]; then
   PRE=$(find "$RUNS/pre/snapshots" -maxdepth 1 -name 'step-*' 2>/dev/null | sort | tail -n 1)  # no globs here (set -f)
   [ -n "$PRE" ] || { echo "the pretraining left no snapshot: $RUNS/pre.log" >&2; tail -n 20 "$RUNS/pre.log" >&2; exit 1; }
   echo "pretrained for $(( $(date +%s) - t0 )) s: $PRE"
+  set -- "${@//@PRE/$PRE}"  # the runs' overrides name its snapshot
 fi
 pids=()
 start() {  # NAME:OVERRIDES -> one `reliev3r up` in its own process group, its pid appended to pids
   local name=${1%%:*} extra=${1#*:}
-  extra=${extra//@PRE/$PRE}
   setsid python3 -m reliev3r.cli up $COMMON run.dir="$RUNS/$name" $extra --max-steps "$STEPS" \
     > "$RUNS/$name.up.log" 2>&1 &
   pids+=($!)
@@ -124,7 +124,7 @@ if [ -n "${DISTILL:-}" ]; then
   tail -n 1 "$RUNS/distill.log"
 fi
 for spec in "$@"; do
-  name=${spec%%:*}; extra=${spec#*:}; extra=${extra//@PRE/$PRE}
+  name=${spec%%:*}; extra=${spec#*:}
   compare=""; [ "$name" != sup ] && [ -d "$RUNS/sup" ] && compare="--compare $RUNS/sup"
   teacher=embedded
   for word in $extra; do case "$word" in labeler.teacher=*) teacher=${word#labeler.teacher=};; esac; done
