@@ -284,7 +284,8 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
     if kind == "embedded":  # the package-shipped default; ``embedded:<file or folder>`` for other weights
         from labelers.embedded import EmbeddedTeacher
 
-        return EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision)
+        return EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision,
+                               compile=compile)
     if sep and kind in MODEL_KINDS and target:
         from labelers.depth_models import make_model_teacher
 

@@ -203,8 +203,8 @@ class TorchDepthTeacher(DepthTeacher):
             offset = 0
             for w, frames in members:
                 v, (h, wd) = len(frames), frames.shape[-2:]
-                preds[w] = F.interpolate(y[offset:offset + v, None], size=(h, wd), mode="bilinear",
-                                         align_corners=False)[:, 0]
+                preds[w] = self._output(F.interpolate(y[offset:offset + v, None], size=(h, wd), mode="bilinear",
+                                                      align_corners=False)[:, 0])
                 offset += v
         results = []
         for p in preds:  # one device->host sync for all windows
@@ -213,6 +213,11 @@ class TorchDepthTeacher(DepthTeacher):
             except TeacherError as err:
                 results.append(err)
         return results
+
+    def _output(self, resized: torch.Tensor) -> torch.Tensor:
+        """The label from the prediction resized to a window's frames (the prediction itself;
+        a teacher whose net predicts log depth exponentiates here)."""
+        return resized
 
     def _predict(self, frames, *, gt_depth, window_id):
         result = self.predict_many([frames])[0]

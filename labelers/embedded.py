@@ -22,13 +22,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from labelers.config import LabelerConfig
-from labelers.depth import DepthTeacher, TeacherError
+from labelers.depth_models import TorchDepthTeacher
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS = WEIGHTS_DIR / "embedded_depth.safetensors"
@@ -157,42 +156,39 @@ def weights_file(weights: str | Path | None = None) -> Path:
     return path / WEIGHTS.name if path.is_dir() else path
 
 
-class EmbeddedTeacher(DepthTeacher):
-    """The shipped U-Net behind the :class:`DepthTeacher` interface (``make_teacher("embedded")``)."""
+class EmbeddedTeacher(TorchDepthTeacher):
+    """The shipped U-Net behind the :class:`DepthTeacher` interface (``make_teacher("embedded")``).
+
+    A torch teacher like the hub and TorchScript ones: the frames of every window handed in
+    together go through the net in batches of ``batch_frames`` (a labeler's batch of four
+    4-view windows is one forward), bf16 on CUDA, optionally compiled; the log depth is resized
+    to each window's frames and exponentiated there."""
 
     name = "embedded-unet"
     space = "depth"
 
     def __init__(self, device: str = _LABELER.device, *, weights: Path | None = None,
-                 batch_frames: int = _LABELER.batch_frames, precision: str = _LABELER.precision):
-        self.device = torch.device(device)
+                 batch_frames: int = _LABELER.batch_frames, precision: str = _LABELER.precision,
+                 compile: str = _LABELER.compile):
         self.weights = weights_file(weights)
-        self.net, self.meta = load_net(self.weights)
-        self.net.to(self.device)
+        net, self.meta = load_net(self.weights)
         self.version = weights_digest(self.weights)
-        self.batch_frames = int(batch_frames)
         base = self.meta.get("input_size", DEFAULT_INPUT)
         self.base_size = (int(base[0]), int(base[1]))
-        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        # The net standardises each image itself: it takes RGB in [0, 1] ("unit" normalisation).
+        super().__init__(net, _call_net, device=device, input_size=None, keep_aspect=True, multiple=16,
+                         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), batch_frames=batch_frames,
+                         precision=precision, compile=compile)
 
-    @torch.inference_mode()
-    def _predict(self, frames, *, gt_depth, window_id) -> np.ndarray:
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise TeacherError("bad_frames", f"expected uint8 [V,H,W,3], got {frames.dtype} {frames.shape}")
-        views, height, width = frames.shape[:3]
-        size = input_size_for(height, width, self.base_size)
-        out = []
-        for i in range(0, views, self.batch_frames):
-            x = torch.from_numpy(frames[i:i + self.batch_frames]).to(self.device)
-            x = x.permute(0, 3, 1, 2).float() / 255.0
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                log_depth = self.net(x)
-            log_depth = F.interpolate(log_depth[:, None].float(), size=(height, width), mode="bilinear",
-                                      align_corners=False)[:, 0]
-            out.append(torch.exp(log_depth.clamp(-20, 20)).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+    def model_size(self, height: int, width: int) -> tuple[int, int]:
+        return input_size_for(height, width, self.base_size)
+
+    def _output(self, resized: torch.Tensor) -> torch.Tensor:
+        return torch.exp(resized.clamp(-20, 20))
 
     def describe(self) -> dict:
         return {**super().describe(), "weights": str(self.weights), "input_size": list(self.base_size)}
+
+
+def _call_net(net: EmbeddedDepthNet, x: torch.Tensor) -> torch.Tensor:
+    return net(x)
