@@ -28,7 +28,7 @@
 #   pipeline  PIPE_T=350  benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml, sources
 #             [7s-train, videos], evaluator on 7s-eval, learner.compile=true, --isolated; warm-up
 #             PIPE_WARMUP=40, measured PIPE_MEASURE=90; PIPE_EXTRA: more overrides (default: the
-#             host-size knobs gpu.yaml does not set: streamer.decode_workers=0 labeler.cpu_threads=8)
+#             host-size knob gpu.yaml does not set: streamer.decode_workers=0)
 #             PIPE_EXTRA2, PIPE_EXTRA3, PIPE_EXTRA4: variants (their whole set of those knobs), each
 #             one more pipeline step of PIPE_T seconds (pipeline2.log, pipeline_bottleneck2.json, ...)
 #   matching  MATCH_T=70  benchmarks/matching_accuracy.py --device cuda --threads 1
@@ -86,7 +86,7 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
   DEV=cuda
   PIPE_SIZE="learner.compile=true"
-  PIPE_EXTRA=${PIPE_EXTRA-streamer.decode_workers=0 labeler.cpu_threads=8}
+  PIPE_EXTRA=${PIPE_EXTRA-streamer.decode_workers=0}
   PIPE_T=${PIPE_T:-350}; PIPE_WARMUP=${PIPE_WARMUP:-40}; PIPE_MEASURE=${PIPE_MEASURE:-90}; ISO_STEPS=40
   START_T=170; ISO_T=90
   MATCH_T=${MATCH_T:-70}; MATCH_ARGS=""

@@ -43,17 +43,9 @@ class RunConfig:
     replay keep theirs, so on a shared host the learner's Python thread, which launches its GPU
     work, is not queued behind labelling threads."""
 
-    learner_cpus: int = 0
-    """CPUs reserved for the learner on its host, rounded up to whole physical cores (hyper-thread
-    siblings together): the learner runs on them, the streamer, labelers and evaluator on the
-    others, so that no labelling thread shares a core with the thread that launches the GPU
-    work. 0: no reservation; none either where it would leave the feeders no CPU."""
-
     def __post_init__(self) -> None:
         if not 0 <= self.feeder_nice <= 19:
             raise ValueError(f"run.feeder_nice must be in 0..19, got {self.feeder_nice}")
-        if self.learner_cpus < 0:
-            raise ValueError(f"run.learner_cpus must be >= 0, got {self.learner_cpus}")
 
 
 @dataclass(kw_only=True, slots=True)

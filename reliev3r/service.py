@@ -44,46 +44,9 @@ def die_with_supervisor() -> None:
 
 
 def place(stage: str, cfg: PipelineConfig) -> None:
-    """This process's CPU priority and CPUs: ``run.feeder_nice`` and ``run.learner_cpus``."""
+    """This process's CPU priority: ``run.feeder_nice`` for the stages that feed the learner."""
     if stage in FEEDERS and cfg.run.feeder_nice:
         os.nice(cfg.run.feeder_nice)
-    if cfg.run.learner_cpus and (stage == "learner" or stage in FEEDERS) and hasattr(os, "sched_setaffinity"):
-        split = learner_cpu_split(cfg.run.learner_cpus, os.sched_getaffinity(0), thread_siblings)
-        if split is not None:
-            os.sched_setaffinity(0, split[0] if stage == "learner" else split[1])
-
-
-def thread_siblings(cpu: int) -> set[int]:
-    """The CPUs that share ``cpu``'s physical core (itself included), from sysfs; {cpu} where
-    the topology is not readable."""
-    path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return {cpu}
-    found: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        found.update(range(int(lo), int(hi or lo) + 1))
-    return found | {cpu}
-
-
-def learner_cpu_split(reserved: int, cpus: set[int], siblings: Callable[[int], set[int]]
-                      ) -> tuple[set[int], set[int]] | None:
-    """(the learner's CPUs, the feeders' CPUs): whole physical cores from the top of ``cpus``
-    until at least ``reserved`` CPUs are the learner's; None when that leaves no CPU over."""
-    cores: list[set[int]] = []
-    for cpu in sorted(cpus, reverse=True):
-        if not any(cpu in core for core in cores):
-            cores.append(siblings(cpu) & cpus)
-    learner: set[int] = set()
-    for core in cores:
-        if len(learner) >= reserved:
-            break
-        learner |= core
-    rest = set(cpus) - learner
-    return (learner, rest) if rest and reserved > 0 else None
 
 
 class Runtime:
