@@ -33,6 +33,9 @@
 #             one more pipeline step of PIPE_T seconds (pipeline2.log, pipeline_bottleneck2.json, ...)
 #   matching  MATCH_T=70  benchmarks/matching_accuracy.py --device cuda --threads 1
 #   threads   THREADS_T=90 benchmarks/labeler_throughput.py --only cpu-threads --threads 1 4 8 16
+#   contention CONT_T=150 benchmarks/learner_contention.py --config configs/gpu.yaml learner.compile=true:
+#             the learner alone and beside 12 SIFT threads (niced 0 and 10), the embedded teacher at
+#             120 windows/s in a process of its own, and both (what takes the learner's rate)
 # SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants)
 # DRY=1: everything tiny on the CPU (this script's check on a laptop: tiny model, small windows,
 # few windows, device cpu, no compile); PYTHON picks the interpreter (default python3); WHEELS the
@@ -82,6 +85,7 @@ if [ "$DRY" = 1 ]; then
   START_T=300; ISO_T=120
   MATCH_T=${MATCH_T:-120}; MATCH_ARGS="--windows 3"
   THREADS_T=${THREADS_T:-120}; THREAD_ARGS="--threads 1 2 --windows 3 --rounds 1"
+  CONT_T=${CONT_T:-120}; CONT_ARGS="--config configs/demo.yaml --quick"
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
   DEV=cuda
@@ -91,6 +95,7 @@ else
   START_T=170; ISO_T=90
   MATCH_T=${MATCH_T:-70}; MATCH_ARGS=""
   THREADS_T=${THREADS_T:-90}; THREAD_ARGS="--threads 1 4 8 16 --rounds 2 --windows ${THREAD_WINDOWS:-96}"
+  CONT_T=${CONT_T:-150}; CONT_ARGS="--config configs/gpu.yaml learner.compile=true"
 fi
 say "host: $(getconf _NPROCESSORS_ONLN) cores, $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>&1 | tail -n 1)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUTD/gpu.txt" 2>&1 || true
@@ -141,6 +146,10 @@ fi
 # 3. the labeler's CPU work on a thread pool, at each cpu_threads, on this host's cores
 [[ " ${SKIP-} " == *" threads "* ]] || step threads "$THREADS_T" $PY benchmarks/labeler_throughput.py --only cpu-threads --data "$DATA/7s-train" \
   "$DATA/7s-eval" --out "$OUTD/labeler_threads.json" $THREAD_ARGS
+
+# 4. what slows the learner on a shared host: CPU load, GPU load or both
+[[ " ${SKIP-} " == *" contention "* ]] || step contention "$CONT_T" $PY benchmarks/learner_contention.py $CONT_ARGS \
+  --json "$OUTD/learner_contention.json"
 
 say "done after $(( $(date +%s) - T0 )) s"
 $PY benchmarks/issue18_summary.py "$OUTD" | tee "$OUTD/summary.md"

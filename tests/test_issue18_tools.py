@@ -136,3 +136,42 @@ def test_summary_table(tmp_path):
          "ratios": {"label_wall_vs_sift_per_core": 25.0, "median_error_px": 1.6}}))
     text = summ.summary(tmp_path)
     assert "| 25.0x | >= 20x | yes |" in text and "| 1.60x | <= 1.5x | NO |" in text
+
+
+def test_contention_loads_run_at_their_niceness_and_stop():
+    """The learner-contention benchmark's CPU load is a process of its own at the niceness asked
+    for (what ``run.feeder_nice`` gives a labeler), and it is gone after ``stop_loads``."""
+    import argparse
+
+    bench = _load("learner_contention")
+    if os.nice(0) + 5 > 19:
+        pytest.skip("this process already runs at the lowest priority")
+    import time
+
+    args = argparse.Namespace(cpu_threads=1, teacher_windows=1.0, teacher_device="cpu", settle=0.0)
+    loads = bench.start_loads("cpu", args, 5)
+    try:
+        assert len(loads) == 1
+        deadline = time.monotonic() + 60  # the load sets its niceness once its interpreter is up
+        while os.getpriority(os.PRIO_PROCESS, loads[0].pid) != os.nice(0) + 5 and time.monotonic() < deadline:
+            assert loads[0].poll() is None, "the load process exited"
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, loads[0].pid) == os.nice(0) + 5
+    finally:
+        bench.stop_loads(loads)
+    assert loads[0].poll() is not None
+
+
+def test_contention_quick_run_writes_its_rows(tmp_path):
+    """``--quick`` on the CPU: the learner alone around each scenario, the CPU load at niceness
+    0 and 10, a ratio per scenario (no claim about its size: that depends on the machine)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "contention.json"
+    subprocess.run([sys.executable, str(BENCH / "learner_contention.py"), "--config", "configs/demo.yaml", "--quick",
+                    "--json", str(out)], cwd=BENCH.parent, check=True, timeout=300, capture_output=True)
+    data = json.loads(out.read_text())
+    assert [(r["load"], r["nice"]) for r in data["rows"]] == [("cpu", 0), ("cpu", 10)]
+    assert len(data["alone"]) == 3 and all(a > 0 for a in data["alone"])
+    assert all(r["ratio"] > 0 and r["steps_per_s"] > 0 for r in data["rows"])

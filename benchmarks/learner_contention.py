@@ -1,0 +1,196 @@
+"""What slows a learner that shares its host: CPU load, GPU load, or both (issue 18, placement).
+
+    python benchmarks/learner_contention.py --config configs/gpu.yaml learner.compile=true
+    python benchmarks/learner_contention.py --config configs/demo.yaml --quick     # CPU check of the script
+
+Inside ``reliev3r up`` the learner keeps 0.73-0.80x of its rate alone beside two labelers on one
+H100 host (docs/BENCHMARKS.md, issue 18), and ``benchmarks/pipeline_bottleneck.py`` cannot say
+whether the labelers' CPU threads or their teacher's GPU work take the rest. This script runs the
+config's :class:`~learner.train.Trainer` in this process on one fixed batch of the config's size
+(:func:`~learner.train.synthetic_batch` with about as many matches as a real batch) and times it
+alone and beside loads that stand for the labelers, each a separate process as a labeler is:
+
+* ``cpu``: ``--cpu-threads`` threads running OpenCV SIFT on 168x224 frames (the labeler's CPU
+  work; OpenCV releases the GIL, so the threads keep as many cores busy), at niceness
+  ``--nice`` (what ``run.feeder_nice`` sets) and at 0;
+* ``gpu``: the embedded depth teacher on 4 windows of 4 views a batch, paced at
+  ``--teacher-windows`` windows/s (a labeler's depth stage; its own CUDA context, so the GPU
+  time-slices between the two processes as it does in the pipeline);
+* both together.
+
+Scenarios take turns with "alone" runs between them, so drift of the host falls on all alike;
+each ratio is a scenario's steps/s over the mean of the alone runs around it. A short table is
+printed last; ``--json`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MATCHES_PER_WINDOW = 127
+"""Verified matches of a 4-view 7-Scenes window at 168x224 (the demo run's replay: 2,030 in a
+batch of 16)."""
+
+
+def load_cpu(threads: int) -> None:
+    """Busy ``threads`` threads with SIFT on random 168x224 frames until SIGTERM."""
+    import threading
+
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng(0)
+    frames = [cv2.GaussianBlur(rng.integers(0, 256, (168, 224), dtype=np.uint8), (5, 5), 1.5) for _ in range(8)]
+
+    def work() -> None:
+        sift = cv2.SIFT_create(2048)
+        k = 0
+        while True:
+            sift.detectAndCompute(frames[k % len(frames)], None)
+            k += 1
+
+    for _ in range(threads):
+        threading.Thread(target=work, daemon=True).start()
+    signal.sigwait({signal.SIGTERM})
+
+
+def load_gpu(windows_per_s: float, device: str) -> None:
+    """The embedded teacher on batches of 4 windows of 4 views, ``windows_per_s`` windows a
+    second (paced, as the labeler's depth stage is paced by its windows), until SIGTERM."""
+    import numpy as np
+
+    from labelers.depth import make_teacher
+
+    teacher = make_teacher("embedded", device)
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 256, (4, 168, 224, 3), dtype=np.uint8) for _ in range(4)]
+    teacher.predict_many(batch)
+    period = len(batch) / windows_per_s
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    next_at = time.perf_counter()
+    while True:
+        teacher.predict_many(batch)
+        next_at += period
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+def start_loads(kind: str, args, nice: int) -> list[subprocess.Popen]:
+    me = [sys.executable, str(Path(__file__).resolve()), "--load-nice", str(nice)]
+    loads = []
+    if kind in ("cpu", "both"):
+        loads.append(subprocess.Popen([*me, "--load", "cpu", "--threads", str(args.cpu_threads)]))
+    if kind in ("gpu", "both"):
+        loads.append(subprocess.Popen([*me, "--load", "gpu", "--rate", str(args.teacher_windows),
+                                       "--device", args.teacher_device]))
+    time.sleep(args.settle)  # imports, the teacher's first forward, the threads at full speed
+    return loads
+
+
+def stop_loads(loads: list[subprocess.Popen]) -> None:
+    for p in loads:
+        p.send_signal(signal.SIGTERM)
+    for p in loads:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", default=[], help="config files (as reliev3r up)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per scenario")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    ap.add_argument("--cpu-threads", type=int, default=12, help="cpu load: SIFT threads (two labelers of 6)")
+    ap.add_argument("--teacher-windows", type=float, default=120.0, help="gpu load: windows/s")
+    ap.add_argument("--teacher-device", default="cuda")
+    ap.add_argument("--nice", type=int, default=10, help="the loads' niceness in the niced scenarios")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
+    ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--load", choices=["cpu", "gpu"], help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--load-nice", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.load:
+        os.nice(args.load_nice)  # before any thread starts, as a niced stage does
+    if args.load == "cpu":
+        load_cpu(args.threads)
+        return 0
+    if args.load == "gpu":
+        load_gpu(args.rate, args.device)
+        return 0
+
+    import torch
+
+    from learner.train import Trainer, synthetic_batch
+    from reliev3r import config as rconfig
+
+    cfg = rconfig.load(args.config, args.overrides)
+    lcfg = cfg.learner
+    if args.quick:
+        args.steps, args.warmup, args.cpu_threads, args.settle = 4, 1, 2, 1.0
+    trainer = Trainer(lcfg, seed=cfg.run.seed)
+    device = trainer.device
+    on_gpu = device.type == "cuda"
+    scenarios = [("cpu", 0), ("cpu", args.nice)]
+    if on_gpu and not args.quick:
+        scenarios += [("gpu", 0), ("both", 0), ("both", args.nice)]
+    views, height, width = cfg.streamer.views, cfg.streamer.height, cfg.streamer.width
+    batch = synthetic_batch(lcfg.batch_size, views, height, width, k=MATCHES_PER_WINDOW * lcfg.batch_size,
+                            seed=cfg.run.seed, device=device)
+    print(f"learner {lcfg.model.size} on {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch "
+          f"{lcfg.batch_size} x {views} views at {height}x{width}, compile {lcfg.compile}; {os.cpu_count()} cores; "
+          f"loads: {args.cpu_threads} SIFT threads, the embedded teacher at {args.teacher_windows:g} windows/s",
+          flush=True)
+    for _ in range(args.warmup):
+        trainer.step(batch)
+
+    def rate() -> float:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.step(batch)  # ends in the step's host read: the GPU work is done
+        return args.steps / (time.perf_counter() - t)
+
+    rows, alone = [], [rate()]
+    for kind, nice in scenarios:
+        loads = start_loads(kind, args, nice)
+        try:
+            with_load = rate()
+        finally:
+            stop_loads(loads)
+        alone.append(rate())
+        ref = (alone[-2] + alone[-1]) / 2
+        rows.append({"load": kind, "nice": nice, "steps_per_s": with_load, "alone_steps_per_s": ref,
+                     "ratio": with_load / ref})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| load | loads' niceness | steps/s | alone around it | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['load']} | {r['nice']} | {r['steps_per_s']:.2f} | {r['alone_steps_per_s']:.2f} | "
+              f"**{r['ratio']:.2f}x** |")
+    print(f"\nalone, each turn: {', '.join(f'{a:.2f}' for a in alone)} steps/s")
+    if args.json:
+        args.json.write_text(json.dumps({"alone": alone, "rows": rows, "cpu_threads": args.cpu_threads,
+                                         "teacher_windows_per_s": args.teacher_windows, "cores": os.cpu_count()},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
