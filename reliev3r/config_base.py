@@ -41,7 +41,9 @@ class RunConfig:
     """CPU niceness (0-19) the stages that feed the learner add to their own: the streamer (and
     its decode workers), the labelers (and their threads) and the evaluator. The learner and
     replay keep theirs, so on a shared host the learner's Python thread, which launches its GPU
-    work, is not queued behind labelling threads."""
+    work, is not queued behind labelling threads. 0 here (on a 2-core host the learner would take
+    the labelers' CPU); 10 in ``configs/gpu.yaml`` (one H100 host: the learner at 0.80x of its
+    rate alone beside two labelers, 0.73x at 0; docs/BENCHMARKS.md, issue 18)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.feeder_nice <= 19:

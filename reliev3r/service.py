@@ -58,7 +58,7 @@ class Runtime:
         self.instance = os.environ.get("RELIEV3R_INSTANCE", stage)
         """This process's name under the supervisor: the stage, or e.g. ``labeler-1``."""
         self.cfg = cfg
-        if install_signals:  # before any thread starts: threads inherit both
+        if install_signals:  # before any thread starts: threads inherit it
             place(stage, cfg)
         self.log = rlog.setup(stage, cfg.run.log_level) if install_signals else logging.getLogger(f"reliev3r.{stage}")
         protocol.self_test()
