@@ -30,7 +30,9 @@ class LabelerConfig:
     """Compile the torch teachers on CUDA (ignored on the CPU). ``tensorrt`` needs
     torch-tensorrt (extra ``tensorrt``) and falls back to inductor, with a warning, without it.
     Off by default: on an H100, inductor made Depth Anything V2 S/B forwards 2x slower than
-    eager bf16 (docs/BENCHMARKS.md), and it costs ~40 s at start-up."""
+    eager bf16 (docs/BENCHMARKS.md), and it costs ~40 s at start-up. The embedded teacher's
+    forwards it made 1.5x faster on an H100 (168x224, 16 frames a forward), not yet measured
+    inside the pipeline."""
     batch_frames: int = 16
     """Frames per teacher forward (frames of several windows are batched together)."""
     batch_windows: int = 4
