@@ -37,6 +37,9 @@
 #             the learner alone and beside 12 SIFT threads (niced 0 and 10), the embedded teacher at
 #             120 windows/s in a process of its own, and both (what takes the learner's rate)
 # SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants)
+# MPS_FROM=K: start the CUDA Multi-Process Service before pipeline variant K (1: before the first)
+# and keep it for the rest of the script, e.g. MPS_FROM=2 PIPE_EXTRA2=streamer.decode_workers=0: the same
+# pipeline without and with MPS in one call
 # DRY=1: everything tiny on the CPU (this script's check on a laptop: tiny model, small windows,
 # few windows, device cpu, no compile); PYTHON picks the interpreter (default python3); WHEELS the
 # wheel folder (default .whl; DRY=1: none); DATA the data folder (default .devdata); OUT (default
@@ -128,9 +131,24 @@ pipeline() {
     [ -e "$WORK/$name/run/$f" ] && cp -r "$WORK/$name/run/$f" "$OUTD/$name/"
   done
 }
+# MPS_FROM=K: the CUDA Multi-Process Service from pipeline variant K on (1 = all, and the later
+# steps too), so that the labelers' kernels may run beside the learner's instead of taking
+# turns with them on the GPU; stopped when the script ends
+mps_start() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d > "$OUTD/mps.log" 2>&1; then
+    say "MPS: daemon started"
+    trap 'echo quit | nvidia-cuda-mps-control >> "$OUTD/mps.log" 2>&1' EXIT
+  else
+    say "MPS: could not start the daemon (see mps.log): the rest runs without it"
+  fi
+}
+[ "${MPS_FROM:-0}" = 1 ] && mps_start
 pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA"
 for k in 2 3 4; do  # variants: PIPE_EXTRA2..4, each the whole set of host-size overrides
   var=PIPE_EXTRA$k
+  [ "${MPS_FROM:-0}" = "$k" ] && [ -n "${!var-}" ] && mps_start
   [ -n "${!var-}" ] && pipeline "pipeline$k" "pipeline_bottleneck$k.json" "${!var}"
 done
 
