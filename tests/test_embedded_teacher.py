@@ -73,6 +73,24 @@ def test_shipped_teacher_beats_constant_on_synthetic_frames():
     np.testing.assert_array_equal(depth, again)
 
 
+def test_windows_labelled_together_get_their_own_labels():
+    """A labeler's batch goes through the net as one forward (``predict_many``): windows of one
+    size share it, a window of another size gets its own, and each comes back at its own size
+    with the labels it gets alone. Batching changes only the order of the convolutions' sums
+    (float32 rounding: 1e-7 relative here; the bound, 1e-4, leaves room for any CPU's kernels),
+    not what any window sees: the net normalises each image by itself and has no batch
+    statistics."""
+    torch.set_num_threads(1)
+    teacher = make_teacher("embedded", "cpu")
+    windows = [render_scene(seed, frames=3, height=96, width=128).images.numpy() for seed in (2, 3)]
+    windows.append(render_scene(4, frames=2, height=72, width=160).images.numpy())
+    together = teacher.predict_many(windows)
+    for frames, (depth, valid) in zip(windows, together):
+        alone, alone_valid = teacher.predict(frames)
+        assert depth.shape == frames.shape[:3] and np.array_equal(valid, alone_valid)
+        np.testing.assert_allclose(depth, alone, rtol=1e-4)
+
+
 def test_input_size_keeps_aspect_and_multiples():
     assert input_size_for(480, 640) == (192, 256)
     assert input_size_for(192, 256) == (192, 256)
