@@ -7,7 +7,8 @@ Inside ``reliev3r up`` the learner keeps 0.73-0.80x of its rate alone beside two
 H100 host (docs/BENCHMARKS.md, issue 18), and ``benchmarks/pipeline_bottleneck.py`` cannot say
 whether the labelers' CPU threads or their teacher's GPU work take the rest. This script runs the
 config's :class:`~learner.train.Trainer` in this process on one fixed batch of the config's size
-(:func:`~learner.train.synthetic_batch` with about as many matches as a real batch) and times it
+(:func:`~learner.train.synthetic_batch` with about as many matches as a real batch, and their
+triangulation, so every loss term of a real batch runs) and times it
 alone and beside loads that stand for the labelers, each a separate process as a labeler is:
 
 * ``cpu``: ``--cpu-threads`` threads running OpenCV SIFT on 168x224 frames (the labeler's CPU
@@ -154,12 +155,20 @@ def main() -> int:
     views, height, width = cfg.streamer.views, cfg.streamer.height, cfg.streamer.width
     batch = synthetic_batch(lcfg.batch_size, views, height, width, k=MATCHES_PER_WINDOW * lcfg.batch_size,
                             seed=cfg.run.seed, device=device)
+    # the labeler's two-view triangulation of each match, (z_i, z_j, weight), so that the
+    # triangulation terms run as they do on real batches
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    k = len(batch["matches"])
+    batch["match_triangulation"] = torch.cat((1 + 2 * torch.rand(k, 2, generator=g), torch.rand(k, 1, generator=g)),
+                                             1).to(device)
     print(f"learner {lcfg.model.size} on {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch "
           f"{lcfg.batch_size} x {views} views at {height}x{width}, compile {lcfg.compile}; {os.cpu_count()} cores; "
           f"loads: {args.cpu_threads} SIFT threads, the embedded teacher at {args.teacher_windows:g} windows/s",
           flush=True)
     for _ in range(args.warmup):
-        trainer.step(batch)
+        terms = trainer.step(batch)
+    print("loss terms:", ", ".join(sorted(k for k in terms if k not in ("lr", "skipped", "step", "grad_norm"))),
+          flush=True)
 
     def rate() -> float:
         t = time.perf_counter()
