@@ -13,6 +13,14 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
     .venv/bin/python benchmarks/decode.py --only windows --windows-out A.json [--extra DIR ...]
     .venv/bin/python benchmarks/decode.py --compare-windows A.json B.json
     .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
+    .venv/bin/python benchmarks/decode.py --only budget
+
+``--only budget`` splits the decode bar of issue 18 (the streamer's frames per CPU-second,
+analysis included, against the fastest plain reader's) into what decoding alone costs the
+streamer's source (every frame, and only the reference frames: the most any reader could leave
+undecoded) and what its analysis costs, against the time per frame the fastest reader (OpenCV
+on one thread) spends in all; and times the same analysis fed by that reader (its BGR frames
+to RGB, the glance made from them), the peer with the streamer's work.
 
 ``--only windows`` writes the keyframe decisions over whole files (the view indices of every
 window, cuts, skips, LK calls and points tracked) of the shared videos, the 7-Scenes folder and
@@ -45,7 +53,7 @@ from reliev3r.protocol import Message  # noqa: E402
 from streamer import workers  # noqa: E402
 from streamer.config import StreamerConfig  # noqa: E402
 from streamer.service import window_stream  # noqa: E402
-from streamer.sources import ImageSequenceSource, VideoSource, discover, image_files  # noqa: E402
+from streamer.sources import Frame, ImageSequenceSource, VideoSource, discover, fov_intrinsics, image_files  # noqa: E402
 from streamer.windows import Wanted, windows_of  # noqa: E402
 
 cv2.setNumThreads(1)
@@ -143,6 +151,72 @@ def streamer_path(path, threads: int = 1, ground_truth: bool = True):
     for _ in windows_of(src.name, frames(), cfg, wanted=wanted):
         pass
     return count[0]
+
+
+def decode_floor(path, skip: str = "DEFAULT") -> int:
+    """Decoding alone, one thread, no pixel conversion: the streamer's source without its
+    analysis (``skip="NONREF"``: every non-reference frame left undecoded, the most a reader
+    that skips could save). Counts the source frames read (packets), as the streamer's
+    figure counts the frames it covers."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type, s.thread_count = "SLICE", 1
+        s.codec_context.skip_frame = skip
+        n = 0
+        for packet in c.demux(s):
+            n += packet.size > 0
+            packet.decode()
+            if n >= MAX_FRAMES[0]:
+                break
+        return n
+
+
+def opencv_analysed(path) -> int:
+    """OpenCV on one thread feeding the streamer's window builder (every frame to RGB, its
+    glance made from the RGB): the fastest plain reader with the streamer's analysis."""
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    rate = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    read = [0]
+
+    def frames():
+        K = None
+        for i in range(MAX_FRAMES[0]):
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            read[0] += 1
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            if K is None:
+                K = fov_intrinsics(60.0, rgb.shape[1], rgb.shape[0])
+            yield Frame(i, i / rate, rgb, K)
+
+    for _ in windows_of(Path(path).name, frames(), StreamerConfig(**WINDOW_CFG)):
+        pass
+    return read[0]
+
+
+def analysis_budget(videos: list[Path]) -> None:
+    """Per source frame (ms, best of ``REPEATS`` turns, readers in turn): the fastest plain
+    reader, the streamer's decoding alone (every frame; reference frames only), the streamer
+    path, and the streamer's analysis fed by the fastest reader."""
+    readers = {"opencv 1 thread": opencv_1thread, "decode all": decode_floor,
+               "decode ref only": lambda p: decode_floor(p, "NONREF"), "streamer": streamer_path,
+               "opencv 1 thread + analysis": opencv_analysed}
+    print(f"\nms of CPU per source frame, first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
+    print(f"| file | {' | '.join(readers)} | analysis budget (ms) | streamer's analysis (ms) "
+          f"| streamer / fastest | streamer / fastest + analysis |")
+    print("|---|" + "---|" * (len(readers) + 4))
+    for v in videos:
+        ms = {}
+        for _ in range(REPEATS[0]):
+            for name, fn in readers.items():
+                n, _, cpu = cpu_timed(lambda: fn(v))
+                ms[name] = min(ms.get(name, float("inf")), 1e3 * cpu / n)
+        fastest, floor = ms["opencv 1 thread"], ms["decode all"]
+        cells = " | ".join(f"{x:.3f}" for x in ms.values())
+        print(f"| {v.name} | {cells} | {fastest - floor:.3f} | {ms['streamer'] - floor:.3f} | "
+              f"**{fastest / ms['streamer']:.2f}x** | {ms['opencv 1 thread + analysis'] / ms['streamer']:.2f}x |",
+              flush=True)
 
 
 def images_opencv(folder):
@@ -378,7 +452,7 @@ def main() -> int:
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
-    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer"], default=None)
+    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget"], default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
     ap.add_argument("--compare-windows", nargs=2, metavar=("A", "B"), help="count the differing windows")
@@ -414,6 +488,8 @@ def main() -> int:
     videos.append(encode_1080p(tmp / "synthetic_1080p.mp4", args.seconds_1080p))
     if args.only in (None, "decode"):
         decode_table(videos, Path(args.kitchen))
+    if args.only in (None, "budget"):
+        analysis_budget(videos)
     if args.only in (None, "workers"):
         worker_scaling([str(v) for v in videos])
     if args.only in (None, "extras"):
