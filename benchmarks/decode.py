@@ -14,13 +14,16 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
     .venv/bin/python benchmarks/decode.py --compare-windows A.json B.json
     .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
     .venv/bin/python benchmarks/decode.py --only budget
+    .venv/bin/python benchmarks/decode.py --only long [--long FILE] [--long-repeats 24]
 
 ``--only budget`` splits the decode bar of issue 18 (the streamer's frames per CPU-second,
 analysis included, against the fastest plain reader's) into what decoding alone costs the
 streamer's source (every frame, and only the reference frames: the most any reader could leave
 undecoded) and what its analysis costs, against the time per frame the fastest reader (OpenCV
 on one thread) spends in all; and times the same analysis fed by that reader (its BGR frames
-to RGB, the glance made from them), the peer with the streamer's work.
+to RGB, the glance made from them), the peer with the streamer's work. ``--only long`` makes
+one long video of a clip repeated (packets copied) and times the window stream over it in
+process, with decode workers on the whole file, and with the workers sharing it in segments.
 
 ``--only windows`` writes the keyframe decisions over whole files (the view indices of every
 window, cuts, skips, LK calls and points tracked) of the shared videos, the 7-Scenes folder and
@@ -305,6 +308,70 @@ def worker_scaling(specs: list[str], repeats: int = 2) -> None:
     workers._close_pools()
 
 
+def repeated_clip(src: Path, repeats: int, out: Path) -> Path:
+    """``src``'s video stream ``repeats`` times in a row in one file, packets copied (no
+    re-encoding: the codec, its B-frames and GOPs are the source's), stamps continued."""
+    with av.open(str(src)) as inp:
+        stream = inp.streams.video[0]
+        packets = [p for p in inp.demux(stream) if p.size]
+        shown = sorted(p.pts for p in packets)
+        span = shown[-1] - shown[0] + int(np.median(np.diff(shown)))  # one frame past the last
+        with av.open(str(out), "w") as dst:
+            ostream = dst.add_stream_from_template(stream)
+            for r in range(repeats):
+                for p in packets:
+                    p.stream = ostream
+                    if r:
+                        p.pts += span
+                        p.dts = None if p.dts is None else p.dts + span
+                    dst.mux(p)
+    return out
+
+
+def long_source(src: Path, repeats: int, turns: int = 2) -> None:
+    """One long video (``src`` repeated) through the window stream: in process, with decode
+    workers on the whole file, and with the workers sharing it in segments
+    (``streamer.segments``); wall clock on every core this process may use, best of ``turns``."""
+    from streamer import segments
+
+    clip = repeated_clip(src, repeats, Path(tempfile.mkdtemp()) / f"{src.stem}_x{repeats}{src.suffix}")
+    cores = workers.available_cores()
+    default = segments.SEGMENT_FRAMES
+    parts = segments.plan(clip)
+    print(f"\none long source: {src.name} x {repeats} ({parts[-1].stop if parts else '?'} frames), {len(parts)} "
+          f"segments of >= {default} frames; {cores} cores; wall clock, best of {turns}")
+    print("| decode | workers | frames/s | vs in process | windows |")
+    print("|---|---|---|---|---|")
+    base = None
+    try:
+        for label, count, length in [("in process", 1, default), ("workers, whole file", cores, 10**9),
+                                     ("workers, in segments", cores, default)]:
+            segments.SEGMENT_FRAMES = length
+            cfg = StreamerConfig(sources=[str(clip)], loop=False, decode_workers=count, interleave=cores,
+                                 **WINDOW_CFG)
+            frames = [0]
+
+            def run():
+                return list(window_stream(lambda: discover([str(clip)], on_error=lambda *a: None), cfg,
+                                          on_frame=lambda s: frames.__setitem__(0, frames[0] + 1),
+                                          on_error=lambda *a: None, log=logging.getLogger("bench")))
+
+            if count > 1:
+                run()  # start the pool's processes first (spawn + imports), as a running streamer has
+            best = 0.0
+            for _ in range(turns):
+                frames[0] = 0
+                t = time.perf_counter()
+                out = run()
+                best = max(best, frames[0] / (time.perf_counter() - t))
+            base = base or best
+            print(f"| {label} | {workers.worker_count(cfg) if count > 1 else 0} | {best:.0f} | {best / base:.2f}x | "
+                  f"{len(out)} |", flush=True)
+    finally:
+        segments.SEGMENT_FRAMES = default
+        workers._close_pools()
+
+
 def random_access(path, n=30, seed=0):
     """Seconds per random frame: decord get_batch vs PyAV seek + decode forward."""
     rng = np.random.default_rng(seed)
@@ -452,9 +519,12 @@ def main() -> int:
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
-    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget"], default=None)
+    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "long"], default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
+    ap.add_argument("--long", default=str(shared / "videos" / "bikes.mp4"),
+                    help="--only long: the clip repeated into one long video")
+    ap.add_argument("--long-repeats", type=int, default=24)
     ap.add_argument("--compare-windows", nargs=2, metavar=("A", "B"), help="count the differing windows")
     args = ap.parse_args()
     MAX_FRAMES[0] = args.max_frames
@@ -492,6 +562,8 @@ def main() -> int:
         analysis_budget(videos)
     if args.only in (None, "workers"):
         worker_scaling([str(v) for v in videos])
+    if args.only in (None, "long"):
+        long_source(Path(args.long), args.long_repeats)
     if args.only in (None, "extras"):
         for v in (videos[0], videos[-1]):
             ra = random_access(v)

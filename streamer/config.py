@@ -86,7 +86,12 @@ class StreamerConfig:
     source each at a time (``streamer.workers``), so that up to ``interleave`` sources use as
     many cores; sources beyond the workers are decoded in the streamer process. 1: no workers;
     0: one per core this process may run on (``os.sched_getaffinity``), at most ``interleave``.
-    Windows, their ids and their order are the same either way. 1 is the measured default on a
+    Windows, their ids and their order are the same either way, with one exception: with
+    workers, a video of at least two ``streamer.segments.SEGMENT_FRAMES`` (1,500) frames whose
+    stamps can be trusted is shared by the workers in segments that start at keyframes, at most
+    one segment per worker at a time, and no window spans a segment boundary (a long video on 2
+    cores: 1.4-1.5x the in-process frames/s, 1.6-2.0x one worker on the whole file;
+    docs/BENCHMARKS.md, seventh pass of issue 18). 1 is the measured default on a
     2-core host (docs/BENCHMARKS.md: 2 workers 0.76-1.6x of in-process, within the noise of a
     shared machine; each worker imports the stack: 2 s and 320 MiB); 0 is for a host with cores
     to spare (not yet measured there)."""

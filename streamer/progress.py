@@ -65,8 +65,10 @@ class Progress:
                 return 0
             return None if rec["done"] else rec["resume"]
 
-    def is_acked(self, window_id: str) -> bool:
-        source = window_id.rsplit(":", 2)[0]
+    def is_acked(self, window_id: str, source: str | None = None) -> bool:
+        """Whether ``window_id`` was acknowledged before a restart; ``source``: the progress key
+        it was made under (a segment's, ``name@first_frame``), else its id's source name."""
+        source = source if source is not None else window_id.rsplit(":", 2)[0]
         with self.lock:
             rec = self.sources.get(source)
             return rec is not None and window_id in rec["acked"]

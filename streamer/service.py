@@ -32,7 +32,7 @@ from streamer import sources as srcs
 from streamer.live import LiveSource, is_live
 from streamer.progress import Progress
 from streamer.windows import Window, windows_of
-from streamer.workers import source_windows
+from streamer.workers import segments_of, source_windows, worker_count
 
 MAX_ATTEMPTS = 5
 """A window sent this many times without a ``done`` is abandoned (a poison window must not
@@ -145,33 +145,48 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
     pass_index = progress.pass_index if progress is not None else 0
     while not stop.is_set():
         try:
-            pending = deque(make_sources())
+            pending = deque((source, None) for source in make_sources())
         except Exception as err:  # discovery reports per source; this is a last resort, not a crash
             on_error("streamer", "discovery_failed", f"{type(err).__name__}: {err}")
             pending = deque()
-        active: list[tuple[str, Iterator[Window]]] = []
+        # pending: (source, segment or None); a long video with decode workers to share it is
+        # replaced by its segments (streamer.segments), each decoded and resumed as a source of
+        # its own under the progress key name@first_frame, at most one per decode worker at a
+        # time (more would be decoded in this process, on the workers' cores).
+        # active: (name, progress key, windows, a segment's)
+        active: list[tuple[str, str, Iterator[Window], bool]] = []
         produced = 0
         while (pending or active) and not stop.is_set():
             while pending and len(active) < cfg.interleave:
-                source = pending.popleft()
-                start = progress.start_frame(source.name) if progress is not None else 0
+                if pending[0][1] is not None and sum(e[3] for e in active) >= worker_count(cfg):
+                    break  # the next is a segment and every worker has one: wait for one to end
+                source, segment = pending.popleft()
+                if segment is None:
+                    parts = segments_of(source, cfg)
+                    if parts:
+                        log.info("source in segments", extra={"source": source.name, "segments": len(parts)})
+                        pending.extendleft((source, part) for part in reversed(parts))
+                        continue
+                key = source.name if segment is None else f"{source.name}@{segment.start}"
+                start = progress.start_frame(key) if progress is not None else 0
                 if start is None:
                     produced += 1  # finished before a restart: the pass did produce it
                     continue
                 if start:
-                    log.info("resuming source", extra={"source": source.name, "frame": start, "pass": pass_index})
+                    log.info("resuming source", extra={"source": key, "frame": start, "pass": pass_index})
                 # (a resumed source may rightly have too few frames left for a window); in a
                 # decode worker of its own where cfg.decode_workers allows
-                active.append((source.name, source_windows(source, cfg, start=start, pass_index=pass_index,
-                                                            on_frame=on_frame, on_error=on_error)))
+                active.append((source.name, key, source_windows(source, cfg, start=start, pass_index=pass_index,
+                                                                 on_frame=on_frame, on_error=on_error,
+                                                                 segment=segment), segment is not None))
             for entry in list(active):
-                name, it = entry
+                name, key, it, _ = entry
                 try:
                     window = next(it)
                 except StopIteration:
                     active.remove(entry)
                     if progress is not None:
-                        progress.source_done(name)
+                        progress.source_done(key)
                     continue
                 except Exception as err:  # a bug or odd input in one source must not stop the others
                     on_error(name, "source_failed", f"{type(err).__name__}: {err}")
@@ -179,10 +194,10 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                     continue
                 produced += 1
                 if progress is not None:
-                    if progress.is_acked(window.window_id):
+                    if progress.is_acked(window.window_id, key):
                         progress.skipped += 1
                         continue  # acknowledged before a restart
-                    progress.made(name, window.window_id)
+                    progress.made(key, window.window_id)
                 yield window
         if not cfg.loop or stop.is_set():
             return

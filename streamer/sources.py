@@ -33,6 +33,8 @@ from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
     from av.video.reformatter import VideoReformatter
 
+    from streamer.segments import Segment
+
 log = logging.getLogger("reliev3r.streamer.sources")
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg",
@@ -343,21 +345,26 @@ class VideoSource:
             raise SourceError("no_video_stream", str(self.path))
         return container
 
-    def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
+    def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None,
+               segment: Segment | None = None) -> Iterator[Frame]:
         """Frames from index ``start``. With ``wanted`` (a frame index -> whether the caller
         will look at it), a frame not wanted may be left undecoded when nothing else needs it
-        (see :class:`FrameSkipper`): the frames yielded then have gaps in ``index``."""
+        (see :class:`FrameSkipper`): the frames yielded then have gaps in ``index``. With
+        ``segment`` (``streamer.segments``) only its frames, from ``max(start, segment.start)``:
+        the decoder seeks to the segment's keyframe, and each frame's index comes from its
+        stamp (the index of decoding the whole file); every frame is decoded (``wanted`` unused)."""
         try:
             container = self._open()
         except SourceError as err:
             self.on_error(self.name, err.reason, str(err))
             return
         try:
-            yield from self._decode(container, start, wanted)
+            yield from self._decode(container, start, wanted, segment)
         finally:
             container.close()
 
-    def _decode(self, container, start: int, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
+    def _decode(self, container, start: int, wanted: Callable[[int], bool] | None = None,
+                segment: Segment | None = None) -> Iterator[Frame]:
         """Frames in display order; frames the decoder concealed after damage are dropped up to
         the next keyframe (see :class:`DamageGate`), and the next frame kept carries
         ``discontinuity``: no window spans the damage."""
@@ -368,8 +375,12 @@ class VideoSource:
         stream.thread_type = "AUTO"
         if self.decode_threads:
             stream.thread_count = self.decode_threads
-        index, last_time, errors_in_row = 0, 0.0, 0
-        skipper = FrameSkipper.for_stream(stream, start, wanted)
+        index, last_time, errors_in_row, ended = 0, 0.0, 0, False
+        skipper = FrameSkipper.for_stream(stream, start, wanted) if segment is None else None
+        if segment is not None:
+            start = max(start, segment.start)
+            if segment.seek_pts is not None:
+                container.seek(segment.seek_pts, stream=stream, backward=True, any_frame=False)
         self.undecoded = 0
         gate = DamageGate()
         rate = float(stream.average_rate or 0) or 25.0
@@ -412,8 +423,18 @@ class VideoSource:
                     self.undecoded = skipper.skipped
                     if not skipper.active:
                         skipper = None
-                i = index
-                index += 1
+                if segment is None:
+                    i = index
+                    index += 1
+                else:  # the index of decoding the whole file, by stamp; others belong elsewhere
+                    if segment.after(vframe.pts):
+                        ended = True  # a frame of the next segment: this one is complete
+                        break
+                    found = segment.index_of(vframe.pts)
+                    if found is None:
+                        continue
+                    i = index = found
+                    index += 1
                 # Decoders emit frames in display order, but some containers (AVI with packed
                 # B-frames) carry decode-order stamps: keep timestamps increasing.
                 t = vframe.time
@@ -440,13 +461,16 @@ class VideoSource:
                 yield Frame(i, last_time, functools.partial(_rgb_of, reformatter, vframe, turns), intrinsics[0],
                             *self._gt(i, shape), discontinuity=gate.take_gap(),
                             glance=functools.partial(glance_of_video_frame, vframe, turns))
+            if ended:
+                break
         if skipper is not None:  # frames after the last one out were left undecoded
             self.undecoded = skipper.finish(index)
             self.position = max(self.position, index + len(skipper.pending))
         if gate.dropped:
             self.on_error(self.name, "skipped_to_keyframe",
                           f"{self.path}: {gate.report_dropped()} suspect frames dropped, no keyframe followed")
-        self._check_complete(container, stream, index, last_time)
+        if segment is None or segment.last:
+            self._check_complete(container, stream, index, last_time)
 
     def _check_complete(self, container, stream, decoded: int, last_time: float) -> None:
         """Silent truncation: some containers (Matroska, MPEG-TS) end cleanly where the file
@@ -570,12 +594,13 @@ class FrameSkipper:
 
 
 def read_frames(source, start: int, wanted: Callable[[int], bool] | None,
-                count: Callable[[int], None]) -> Iterator[Frame]:
-    """``source.frames(start, wanted)``, calling ``count(n)`` with the frames read: before each
-    frame yielded, 1 plus those left undecoded just before it; at the end, those left undecoded
-    after the last (``VideoSource.undecoded``; other sources decode every frame)."""
+                count: Callable[[int], None], segment: Segment | None = None) -> Iterator[Frame]:
+    """``source.frames(start, wanted)`` (of ``segment`` where given: a video's), calling
+    ``count(n)`` with the frames read: before each frame yielded, 1 plus those left undecoded
+    just before it; at the end, those left undecoded after the last (``VideoSource.undecoded``;
+    other sources decode every frame)."""
     seen = 0
-    for frame in source.frames(start, wanted=wanted):
+    for frame in source.frames(start, wanted=wanted, **({} if segment is None else {"segment": segment})):
         undecoded = getattr(source, "undecoded", 0)
         count(1 + undecoded - seen)
         seen = undecoded

@@ -30,6 +30,7 @@ import numpy as np
 
 from reliev3r import protocol
 from reliev3r.config_base import build, to_dict
+from streamer import segments
 from streamer import sources as srcs
 from streamer.config import StreamerConfig
 from streamer.windows import View, Wanted, Window, windows_of
@@ -121,7 +122,10 @@ def _worker_main(conn, cfg_doc: dict) -> None:
             def count(n: int) -> None:
                 counted[0] += n
 
-            frames = srcs.read_frames(source, job["start"], wanted, count)
+            segment = job.get("segment")
+            if segment is not None:
+                segment = segments.Segment(**{**segment, "pts": tuple(segment["pts"])})
+            frames = srcs.read_frames(source, job["start"], wanted, count, segment)
 
             for window in windows_of(source.name, frames, cfg, pass_index=job["pass_index"],
                                      on_error=on_error if job["report_short"] else None, wanted=wanted):
@@ -215,27 +219,44 @@ def _close_pools() -> None:
 
 def source_windows(source, cfg: StreamerConfig, *, start: int, pass_index: int | str,
                    on_frame: Callable[[str], None], on_error: srcs.ErrorSink,
-                   pool: WorkerPool | None = None) -> Iterator[Window]:
+                   pool: WorkerPool | None = None, segment: segments.Segment | None = None) -> Iterator[Window]:
     """Windows of one archive source from ``start`` (``on_error`` also for a source too short
-    for a window, unless resumed: a resumed source may rightly have too few frames left). A
+    for a window, unless resumed: a resumed source may rightly have too few frames left), or of
+    one ``segment`` of a video (``streamer.segments``; too short is said of the first only). A
     worker starts on the source at once, before the first window is asked for."""
     pool = pool if pool is not None else pool_for(cfg)
     job = _job_of(source) if pool is not None else None
     worker = pool.take() if job is not None else None
+    report_short = start == 0 and (segment is None or segment.start == 0)
     if worker is None:
         wanted = Wanted()
-        return windows_of(source.name, _counted(source, on_frame, start, wanted), cfg, pass_index=pass_index,
-                          on_error=None if start else on_error, wanted=wanted)
-    return _from_worker(pool, worker, {**job, "start": start, "pass_index": pass_index, "report_short": not start},
+        return windows_of(source.name, _counted(source, on_frame, start, wanted, segment), cfg, pass_index=pass_index,
+                          on_error=on_error if report_short else None, wanted=wanted)
+    return _from_worker(pool, worker, {**job, "start": start, "pass_index": pass_index, "report_short": report_short,
+                                       "segment": None if segment is None else segment_doc(segment)},
                         source.name, on_frame, on_error)
 
 
-def _counted(source, on_frame, start: int, wanted: Wanted | None = None):
+def segment_doc(segment: segments.Segment) -> dict:
+    """A segment as a worker's job carries it (msgpack: the stamps as a list)."""
+    return {"start": segment.start, "stop": segment.stop, "seek_pts": segment.seek_pts, "pts": list(segment.pts),
+            "last": segment.last}
+
+
+def segments_of(source, cfg: StreamerConfig) -> list[segments.Segment]:
+    """The segments a video archive is decoded in by several workers (``streamer.segments``);
+    [] where it is decoded whole: no worker pool, not a video file, or too short to split."""
+    if pool_for(cfg) is None or _job_of(source) is None or _job_of(source)["kind"] != "video":
+        return []
+    return segments.plan_cached(source.path, segments.SEGMENT_FRAMES)
+
+
+def _counted(source, on_frame, start: int, wanted: Wanted | None = None, segment: segments.Segment | None = None):
     def count(n: int) -> None:
         for _ in range(n):
             on_frame(source.name)
 
-    yield from srcs.read_frames(source, start, wanted, count)
+    yield from srcs.read_frames(source, start, wanted, count, segment)
 
 
 def _from_worker(pool: WorkerPool, worker: _Worker, job: dict, name: str, on_frame, on_error) -> Iterator[Window]:

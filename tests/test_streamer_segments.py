@@ -1,0 +1,154 @@
+"""A long video shared by several decode workers (``streamer.segments``, issue 18): segments
+start at closed keyframes and partition the file; a segment's frames have the indices,
+timestamps and pixels of decoding the whole file; the window stream with workers decodes a
+long video in segments whose windows are those of each segment on its own, resumes each
+segment where it stopped, and leaves files whose stamps cannot be trusted whole."""
+
+from __future__ import annotations
+
+import logging
+
+import av
+import numpy as np
+import pytest
+
+from streamer import segments, workers
+from streamer.config import StreamerConfig
+from streamer.progress import Progress
+from streamer.service import window_stream
+from streamer.sources import VideoSource, discover, source_name
+from streamer.windows import Wanted, windows_of
+from streamer_media import SHARED, encode, panning_frames
+
+LENGTH = 60
+"""Segment length of these tests (the product's is ``segments.SEGMENT_FRAMES``)."""
+WINDOWS = dict(views=3, height=32, width=48, frame_stride=2, window_step=4, loop=False)
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """240 frames of a pan in H.264 with B-frames, a keyframe every 25 frames."""
+    return encode(tmp_path_factory.mktemp("segments") / "long.mp4", panning_frames(240, 96, 64, step=2, seed=5), gop=25)
+
+
+def whole(path):
+    return {f.index: (f.timestamp, f.rgb) for f in VideoSource(path, decode_threads=1).frames()}
+
+
+def test_segments_partition_the_file_at_keyframes(long_clip):
+    parts = segments.plan(long_clip, LENGTH)
+    assert len(parts) >= 3
+    assert parts[0].start == 0 and parts[0].seek_pts is None and parts[-1].stop == 240 and parts[-1].last
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert all(p.stop - p.start >= LENGTH for p in parts[:-1]) and parts[-1].stop - parts[-1].start >= LENGTH // 2
+    assert not any(p.last for p in parts[:-1])
+    with av.open(str(long_clip)) as c:
+        keys = {f.pts for f in c.decode(video=0) if f.key_frame}
+    assert all(p.seek_pts in keys and p.pts[0] == p.seek_pts for p in parts[1:])
+    assert segments.plan(long_clip, 121) == []  # shorter than two segments: whole
+
+
+def test_a_segment_gives_the_frames_of_decoding_the_whole_file(long_clip):
+    full = whole(long_clip)
+    for part in segments.plan(long_clip, LENGTH):
+        frames = list(VideoSource(long_clip, decode_threads=1).frames(segment=part))
+        assert [f.index for f in frames] == list(range(part.start, part.stop))
+        for f in frames:
+            timestamp, rgb = full[f.index]
+            assert f.timestamp == timestamp and np.array_equal(f.rgb, rgb)
+    part = segments.plan(long_clip, LENGTH)[1]
+    resumed = [f.index for f in VideoSource(long_clip, decode_threads=1).frames(part.start + 7, segment=part)]
+    assert resumed == list(range(part.start + 7, part.stop))
+
+
+def test_untrusted_stamps_leave_a_file_whole():
+    keys = [i % 10 == 0 for i in range(40)]
+    display = list(range(40))
+    assert [(p.start, p.stop) for p in segments._split(display, keys, False, 10)] == [(0, 10), (10, 20), (20, 30),
+                                                                                     (30, 40)]
+    assert segments._split(display, keys, True, 10) == []  # B-frames, stamps in decode order
+    assert segments._split([None] + display[1:], keys, False, 10) == []
+    assert segments._split([0] + display[:-1], keys, False, 10) == []  # two frames, one stamp
+    # B-frames: the keyframe shown 8th is followed in decode order by the 7th (open: not a
+    # boundary); those shown 12th and 21st are closed
+    reordered = [0, 2, 1, 3, 5, 4, 6, 8, 7, 9, 11, 10, 12, 14, 13, 15, 17, 16, 18, 20, 19, 21, 23, 22, 24]
+    keyed = [pts in (0, 8, 12, 21) for pts in reordered]
+    assert [p.start for p in segments._split(reordered, keyed, True, 5)] == [0, 12, 21]
+    assert [p.start for p in segments._split(reordered, keyed, True, 10)] == [0, 12]
+
+
+@pytest.mark.skipif(not (SHARED / "videos").is_dir(), reason="needs ../shared/data/videos")
+def test_shared_videos_split_only_where_their_stamps_hold():
+    videos = SHARED / "videos"
+    assert segments.plan(videos / "box.mp4", 40) == []  # decode stamps written as presentation stamps
+    assert segments.plan(videos / "Megamind.avi", 40) == []  # MPEG-4 packed B-frames in AVI
+    for name in ("bikes.mp4", "cup.mp4"):
+        parts = segments.plan(videos / name, 40)
+        assert len(parts) >= 2
+        full = whole(videos / name)
+        for part in parts:
+            frames = list(VideoSource(videos / name, decode_threads=1).frames(segment=part))
+            assert [f.index for f in frames] == list(range(part.start, part.stop))
+            assert all(np.array_equal(f.rgb, full[f.index][1]) for f in frames[:3] + frames[-3:])
+
+
+def stream(specs, cfg, progress=None):
+    errors = []
+    windows = list(window_stream(lambda: discover(specs, on_error=lambda *e: errors.append(e)), cfg,
+                                 on_frame=lambda name: None, on_error=lambda *e: errors.append(e),
+                                 log=logging.getLogger("test"), progress=progress))
+    return windows, errors
+
+
+def data(windows):
+    return sorted((w.window_id, [v.index for v in w.views], np.stack([v.rgb for v in w.views]).tobytes())
+                  for w in windows)
+
+
+def test_workers_decode_a_long_video_in_segments(long_clip, monkeypatch, caplog):
+    monkeypatch.setattr(segments, "SEGMENT_FRAMES", LENGTH)
+    cfg = StreamerConfig(**WINDOWS, decode_workers=2)
+    parts = segments.plan(long_clip, LENGTH)
+    assert workers.segments_of(VideoSource(long_clip), cfg) == parts
+    assert workers.segments_of(VideoSource(long_clip), StreamerConfig(**WINDOWS, decode_workers=1)) == []
+    with caplog.at_level(logging.INFO, logger="test"):
+        windows, errors = stream([str(long_clip)], cfg)
+    assert [r.segments for r in caplog.records if r.getMessage() == "source in segments"] == [len(parts)]
+    assert not errors and len(windows) >= 20
+    expected = []
+    for part in parts:  # each segment on its own, in this process
+        src = VideoSource(long_clip, decode_threads=1)
+        wanted = Wanted()
+        expected += windows_of(src.name, src.frames(wanted=wanted, segment=part), StreamerConfig(**WINDOWS),
+                               wanted=wanted)
+    assert data(windows) == data(expected)
+    for w in windows:  # no window spans a boundary
+        assert len({next(i for i, p in enumerate(parts) if p.start <= v.index < p.stop) for v in w.views}) == 1
+
+
+def test_each_segment_resumes_where_it_stopped(long_clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(segments, "SEGMENT_FRAMES", LENGTH)
+    cfg = StreamerConfig(**WINDOWS, decode_workers=2)
+    name = source_name(long_clip)
+    everything, _ = stream([str(long_clip)], cfg)
+    path = tmp_path / "progress.json"
+    first = Progress(path, window_step=WINDOWS["window_step"])
+    parts = segments.plan(long_clip, LENGTH)
+    by_part = {p.start: [w.window_id for w in everything if p.start <= w.views[0].index < p.stop] for p in parts}
+    done_part, half_part = parts[0], parts[1]
+    for wid in by_part[done_part.start]:
+        first.made(f"{name}@{done_part.start}", wid)
+        first.acked(wid)
+    first.source_done(f"{name}@{done_part.start}")
+    half = by_part[half_part.start][: len(by_part[half_part.start]) // 2]
+    for wid in half:
+        first.made(f"{name}@{half_part.start}", wid)
+        first.acked(wid)
+    first.save()
+    again, errors = stream([str(long_clip)], cfg, Progress(path, window_step=WINDOWS["window_step"]))
+    ids = [w.window_id for w in again]
+    assert not errors
+    assert not set(ids) & set(by_part[done_part.start]) and not set(ids) & set(half)  # acknowledged: not again
+    assert set(by_part[half_part.start]) - set(half) <= set(ids)  # the rest of the half-done segment
+    for part in parts[2:]:  # untouched segments: every window
+        assert set(by_part[part.start]) <= set(ids)
