@@ -36,6 +36,9 @@
 #   contention CONT_T=150 benchmarks/learner_contention.py --config configs/gpu.yaml learner.compile=true:
 #             the learner alone and beside 12 SIFT threads (niced 0 and 10), the embedded teacher at
 #             120 windows/s in a process of its own, and both (what takes the learner's rate)
+#   long      LONG_T=90   benchmarks/decode.py --only long: the carried bikes.mp4 repeated LONG_REPEATS=64
+#             times into one video, through the window stream in process, with decode workers (one
+#             per core) on the whole file and with the workers sharing it in segments (CPU only)
 # SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants)
 # MPS_FROM=K: start the CUDA Multi-Process Service before pipeline variant K (1: before the first)
 # and keep it for the rest of the script, e.g. MPS_FROM=2 PIPE_EXTRA2=streamer.decode_workers=0: the same
@@ -89,6 +92,7 @@ if [ "$DRY" = 1 ]; then
   MATCH_T=${MATCH_T:-120}; MATCH_ARGS="--windows 3"
   THREADS_T=${THREADS_T:-120}; THREAD_ARGS="--threads 1 2 --windows 3 --rounds 1"
   CONT_T=${CONT_T:-120}; CONT_ARGS="--config configs/demo.yaml --quick"
+  LONG_T=${LONG_T:-120}; LONG_REPEATS=${LONG_REPEATS:-12}
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
   DEV=cuda
@@ -99,6 +103,7 @@ else
   MATCH_T=${MATCH_T:-70}; MATCH_ARGS=""
   THREADS_T=${THREADS_T:-90}; THREAD_ARGS="--threads 1 4 8 16 --rounds 2 --windows ${THREAD_WINDOWS:-96}"
   CONT_T=${CONT_T:-150}; CONT_ARGS="--config configs/gpu.yaml learner.compile=true"
+  LONG_T=${LONG_T:-90}; LONG_REPEATS=${LONG_REPEATS:-64}
 fi
 say "host: $(getconf _NPROCESSORS_ONLN) cores, $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>&1 | tail -n 1)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUTD/gpu.txt" 2>&1 || true
@@ -168,6 +173,10 @@ fi
 # 4. what slows the learner on a shared host: CPU load, GPU load or both
 [[ " ${SKIP-} " == *" contention "* ]] || step contention "$CONT_T" $PY benchmarks/learner_contention.py $CONT_ARGS \
   --json "$OUTD/learner_contention.json"
+
+# 5. one long video shared by the decode workers in segments, on this host's cores (CPU only)
+[[ " ${SKIP-} " == *" long "* ]] || { compgen -G "$DATA/videos/bikes.mp4" >/dev/null && \
+  step long "$LONG_T" $PY benchmarks/decode.py --only long --long "$DATA/videos/bikes.mp4" --long-repeats "$LONG_REPEATS"; }
 
 say "done after $(( $(date +%s) - T0 )) s"
 $PY benchmarks/issue18_summary.py "$OUTD" | tee "$OUTD/summary.md"
