@@ -28,9 +28,9 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
   (``reliev3r_learner_data_wait_seconds_total``), MFU; with ``--isolated`` also the learner
   alone afterwards: ``--isolated-batches`` batches sampled from the pipeline's own replay at the
   end of the window (its real windows: their matches, labels and teacher), then, with every
-  stage stopped, the same config's ``Trainer`` on them from memory, each step converting its
-  batch as the learner service does (``batch_from_message``): the same work without the
-  transport and without the other stages.
+  stage stopped, the same config's ``Trainer`` on them from memory, each batch converted as
+  the learner service does (``host_batch`` in a thread, ``device_batch`` in the training
+  thread): the same work without the transport and without the other stages.
 
 Real video (issue 18's acceptance): give the sources and a held-out set as overrides, e.g. the
 7-Scenes frames and a downsampled carry copy of ``../shared/data/videos``
@@ -510,11 +510,16 @@ def record_batches(run_dir: Path, folder: Path, count: int) -> int:
 
 def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps: int, warmup: int) -> dict:
     """The pipeline's learner (its ``Trainer``, config and seed) alone on the batches of
-    :func:`record_batches`, round robin from host memory, each step converting its batch as
-    the learner service does; samples/s over ``steps`` steps after ``warmup``."""
+    :func:`record_batches`, round robin from host memory, each batch converted as the learner
+    service does (its arrays copied into pinned host tensors by a thread, as the service's
+    prefetch thread does, then queued to the device by the training thread); samples/s over
+    ``steps`` steps after ``warmup``."""
+    import queue
+    import threading
+
     import torch
 
-    from learner.train import Trainer, batch_from_message, teacher_space_of
+    from learner.train import Trainer, device_batch, host_batch, teacher_space_of
     from reliev3r import protocol
 
     cfg = rconfig.load([DEFAULT_CONFIG, *configs], overrides)
@@ -527,9 +532,18 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     if not messages:
         raise SystemExit(f"no recorded batches in {folder}")
 
+    ready: queue.Queue = queue.Queue(maxsize=1)  # one batch ahead, as the service's Prefetcher(depth=1)
+
+    def produce() -> None:
+        for k in range(warmup + steps):
+            msg = messages[k % len(messages)]
+            ready.put((msg, host_batch(msg, pin=trainer.device.type == "cuda")))
+
+    threading.Thread(target=produce, daemon=True, name="host-batches").start()
+
     def step(k: int) -> None:
-        msg = messages[k % len(messages)]
-        trainer.step(batch_from_message(msg, trainer.device), teacher_space=teacher_space_of(msg))
+        msg, host = ready.get()
+        trainer.step(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg))
 
     for k in range(warmup):
         step(k)

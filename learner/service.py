@@ -10,6 +10,7 @@ stopping through one small all-reduce per step, so no rank is left waiting in a 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
-from learner.train import LossFn, Trainer, batch_from_message, teacher_space_of
+from learner.train import LossFn, Trainer, device_batch, host_batch, teacher_space_of
 from monitoring.metrics import Metrics
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
@@ -107,8 +108,11 @@ class LearnerService:
             return False
 
         # Short call timeout: an idle or absent replay only costs a retry and a log line.
+        # The batch's arrays go into (pinned) host tensors in the prefetch thread: the training
+        # thread only queues their copies to the device.
         self.prefetch = Prefetcher(endpoint, lcfg.batch_size, trainer.rank, depth=1, ctx=runtime.ctx, timeout_s=5.0,
-                                   retry_s=3.0, curve=cfg.network.curve, on_error=keep_sampling)
+                                   retry_s=3.0, curve=cfg.network.curve, on_error=keep_sampling,
+                                   prepare=functools.partial(host_batch, pin=trainer.device.type == "cuda"))
         # Per-window losses feed the replay's prioritized sampler; other samplers ignore them.
         self.reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
                          if cfg.replay.sampler == "prioritized" else None)
@@ -126,10 +130,10 @@ class LearnerService:
         """Wait for the next usable batch and train on it; 0 once any rank stops (ranks agree
         on it here, so the loop asks no one else) or ``max_steps`` is reached, else None."""
         runtime, trainer, metrics, lcfg, reporter = self.runtime, self.trainer, self.metrics, self.cfg, self.reporter
-        msg = None
+        msg = host = None
         wait_start = time.perf_counter()
         while msg is None and not runtime.stopping:
-            msg = self.prefetch.get(0.1)
+            msg, host = self.prefetch.get(0.1) or (None, None)
             if msg is not None and (reason := _unusable(msg, lcfg.model.patch_size)):
                 runtime.metrics.reject(reason)
                 runtime.log.warning("dropped a batch the model cannot take", extra={
@@ -139,7 +143,7 @@ class LearnerService:
         if _any_rank_stopping(runtime.stopping, trainer):
             return 0
         self.teachers = msg.meta.get("teacher", self.teachers)
-        batch = batch_from_message(msg, trainer.device)
+        batch = device_batch(host, trainer.device)
         window_losses: list[float] | None = [] if reporter is not None else None
         out = trainer.step(batch, teacher_space=teacher_space_of(msg), window_losses=window_losses)
         if reporter is not None and window_losses and not out["skipped"]:

@@ -285,29 +285,47 @@ def teacher_space_of(msg: protocol.Message) -> str | None:
     return None
 
 
+BATCH_ARRAYS = ("frames", "intrinsics", "matches", "match_triangulation", "teacher_depth", "teacher_valid", "gt_depth",
+                "gt_cam_to_world")
+"""The arrays of a replay ``batch`` message the learner uses."""
+
+
 def batch_from_message(msg: protocol.Message, device: str | torch.device) -> dict[str, Tensor]:
-    """Tensors of a replay ``batch`` message on ``device``.
+    """Tensors of a replay ``batch`` message on ``device``: :func:`device_batch` of
+    :func:`host_batch` (the learner service makes the host batch in its prefetch thread).
 
     ``images`` float32 [B,V,3,H,W] in [0, 1] (from ``frames`` uint8 [B,V,H,W,3]),
     ``intrinsics`` [B,V,3,3], ``matches`` [K,8], and when present ``match_triangulation`` [K,3],
     ``teacher_depth`` [B,V,H,W],
     ``teacher_valid`` bool [B,V,H,W], ``gt_depth`` [B,V,H,W], ``gt_cam_to_world`` [B,V,4,4].
-    Arrays are copied out of the (read-only) receive buffers; on CUDA through pinned memory
-    with non-blocking copies, and frames travel as uint8 (4x fewer bytes) and are converted
-    on the device.
     """
     device = torch.device(device)
-    cuda = device.type == "cuda"
+    return device_batch(host_batch(msg, pin=device.type == "cuda"), device)
+
+
+def host_batch(msg: protocol.Message, *, pin: bool) -> dict[str, Tensor]:
+    """The arrays of a replay ``batch`` message copied out of its (read-only) receive buffers
+    into CPU tensors, one copy each, into pinned memory with ``pin`` (for non-blocking copies
+    to a GPU). Runs off the training thread (``replay.client.Prefetcher``'s ``prepare``): on a
+    GPU host the copies are about 19 MB a step at ``configs/gpu.yaml``'s sizes."""
     out: dict[str, Tensor] = {}
-    for name in ("frames", "intrinsics", "matches", "match_triangulation", "teacher_depth", "teacher_valid", "gt_depth",
-                 "gt_cam_to_world"):
+    for name in BATCH_ARRAYS:
         arr = msg.arrays.get(name)
         if arr is None:
             continue
-        t = torch.from_numpy(np.array(arr, copy=True))
-        if cuda:
-            t = t.pin_memory()
-        out[name] = t.to(device, non_blocking=cuda)
+        arr = np.asarray(arr)
+        t = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0].copy()).dtype, pin_memory=pin)
+        np.copyto(t.numpy(), arr, casting="no")
+        out[name] = t
+    return out
+
+
+def device_batch(host: dict[str, Tensor], device: str | torch.device) -> dict[str, Tensor]:
+    """:func:`host_batch`'s tensors on ``device`` (non-blocking from pinned memory), frames
+    travelling as uint8 (4x fewer bytes) and converted there: the batch
+    :meth:`Trainer.step` takes (:func:`batch_from_message`)."""
+    device = torch.device(device)
+    out = {name: t.to(device, non_blocking=t.is_pinned()) for name, t in host.items()}
     frames = out.pop("frames")
     out["images"] = frames.permute(0, 1, 4, 2, 3).float().div_(255.0)
     if "teacher_valid" in out:

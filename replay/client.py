@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import zmq
@@ -163,16 +163,20 @@ class Prefetcher:
     An error in the thread (e.g. ``TimeoutError``) goes to ``on_error(err)`` when given: if it
     returns True the thread carries on sampling (a learner waiting out a replay restart),
     otherwise (and without ``on_error``) the error is raised by the next ``next()``/``get()``
-    and the thread ends."""
+    and the thread ends. With ``prepare``, each batch is handed out as ``(batch,
+    prepare(batch))``, ``prepare`` run in the thread (the learner copies the arrays into pinned
+    host memory there, off its training thread); an exception it raises is the batch's error."""
 
     def __init__(self, endpoint: str, batch_size: int, rank: int, *, depth: int, ctx: zmq.Context,
                  timeout_s: float, retry_s: float, curve: CurveConfig | None = None,
-                 on_error: Callable[[Exception], bool] | None = None):
+                 on_error: Callable[[Exception], bool] | None = None,
+                 prepare: Callable[[protocol.Message], Any] | None = None):
         if depth < 1:
             raise ValueError("depth must be >= 1")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._on_error = on_error
+        self._prepare = prepare
         self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve)
         self._thread = threading.Thread(target=self._loop, name=f"replay-prefetch-{rank}", daemon=True)
         self._thread.start()
@@ -184,6 +188,8 @@ class Prefetcher:
             while not self._stop.is_set():
                 try:
                     item = client.sample(batch_size, rank, timeout_s=timeout_s)
+                    if self._prepare is not None:
+                        item = (item, self._prepare(item))
                 except Exception as err:  # the policy or the consumer decides
                     if self._on_error is not None and self._on_error(err):
                         continue
@@ -199,10 +205,10 @@ class Prefetcher:
         finally:
             client.close()
 
-    def __iter__(self) -> Iterator[protocol.Message]:
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> protocol.Message:
+    def __next__(self) -> Any:
         while True:
             try:
                 item = self._queue.get(timeout=0.1)
@@ -214,8 +220,9 @@ class Prefetcher:
                 raise item
             return item
 
-    def get(self, timeout: float = 0.1) -> protocol.Message | None:
-        """The next batch, or None if none is ready within ``timeout`` seconds."""
+    def get(self, timeout: float = 0.1) -> Any:
+        """The next batch (with ``prepare``: the pair), or None if none is ready within
+        ``timeout`` seconds."""
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:

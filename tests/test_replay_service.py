@@ -19,7 +19,7 @@ from reliev3r import protocol
 from reliev3r.security import CurveConfig, generate_keys
 from reliev3r.service import Runtime
 from replay import service
-from replay.client import ReplayClient, ReplayError
+from replay.client import Prefetcher, ReplayClient, ReplayError
 from replay.storage import DiskStorage, decode_window
 
 KILLS = int(os.environ.get("RELIEV3R_REPLAY_KILLS", "20"))
@@ -165,6 +165,13 @@ def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
         batches = [next(fetch) for _ in range(3)]
         fetch.close()
         assert all(b.arrays["frames"].shape == (2, 2, 16, 16, 3) for b in batches)
+        # prepare: run in the thread, each batch handed out with what it made of it
+        fetch = Prefetcher(endpoint, 2, 0, depth=1, ctx=client.ctx, timeout_s=HANG_S, retry_s=1,
+                           prepare=lambda b: (threading.current_thread().name, b.arrays["frames"].sum()))
+        pairs = [fetch.get(HANG_S) for _ in range(2)]
+        fetch.close()
+        for batch, (thread, total) in pairs:
+            assert thread.startswith("replay-prefetch") and total == batch.arrays["frames"].sum()
     # the service is down: a request sent now is lost; the client retries on a fresh socket
     # and gets its answer from the restarted (durable) service.
     client = ReplayClient(endpoint, timeout_s=120, retry_s=0.5)

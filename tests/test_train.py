@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.train import Trainer, batch_from_message, lr_at, param_groups, synthetic_batch, teacher_space_of
+from learner.train import (Trainer, batch_from_message, device_batch, host_batch, lr_at, param_groups, synthetic_batch,
+                           teacher_space_of)
 from reliev3r import protocol
 from tests.helpers_train import FakeReplay, learner_cfg, learner_pipeline, toy_loss
 
@@ -131,6 +132,13 @@ def test_batch_from_message_converts_and_copies():
     assert batch["teacher_valid"].dtype == torch.bool
     assert torch.equal(batch["matches"], torch.from_numpy(arrays["matches"]))
     batch["intrinsics"] += 1  # writable: a copy, not the zmq buffer
+    host = host_batch(msg, pin=False)  # what the learner's prefetch thread makes: one copy each
+    assert {k: t.dtype for k, t in host.items()} == {k: torch.from_numpy(a).dtype for k, a in arrays.items()}
+    assert all(np.array_equal(host[k].numpy(), a) for k, a in arrays.items())
+    host["frames"][0] = 0
+    assert msg.arrays["frames"][0].any()  # not a view of the receive buffer
+    again = device_batch(host_batch(msg, pin=False), "cpu")
+    assert set(again) == set(batch) and all(torch.equal(again[k], batch_from_message(msg, "cpu")[k]) for k in again)
     assert teacher_space_of(msg) == "disparity"
     assert teacher_space_of(protocol.Message("batch", {"window_ids": []})) is None
 
