@@ -36,6 +36,8 @@
 #   contention CONT_T=150 benchmarks/learner_contention.py --config configs/gpu.yaml learner.compile=true:
 #             the learner alone and beside 12 SIFT threads (niced 0 and 10), the embedded teacher at
 #             120 windows/s in a process of its own, and both (what takes the learner's rate)
+#   contention_compiled CONT2_T=240, with CONT_COMPILED=1: the contention step with the objective's
+#             loss terms compiled (--compile-loss), to compare the learner's rate alone and its ratios
 #   long      LONG_T=90   benchmarks/decode.py --only long: the carried bikes.mp4 repeated LONG_REPEATS=64
 #             times into one video, through the window stream in process, with decode workers (one
 #             per core) on the whole file and with the workers sharing it in segments (CPU only)
@@ -91,7 +93,7 @@ if [ "$DRY" = 1 ]; then
   START_T=300; ISO_T=120
   MATCH_T=${MATCH_T:-120}; MATCH_ARGS="--windows 3"
   THREADS_T=${THREADS_T:-120}; THREAD_ARGS="--threads 1 2 --windows 3 --rounds 1"
-  CONT_T=${CONT_T:-120}; CONT_ARGS="--config configs/demo.yaml --quick"
+  CONT_T=${CONT_T:-120}; CONT_ARGS="--config configs/demo.yaml --quick"; CONT2_T=${CONT2_T:-300}
   LONG_T=${LONG_T:-120}; LONG_REPEATS=${LONG_REPEATS:-12}
 else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -102,7 +104,7 @@ else
   START_T=170; ISO_T=90
   MATCH_T=${MATCH_T:-70}; MATCH_ARGS=""
   THREADS_T=${THREADS_T:-90}; THREAD_ARGS="--threads 1 4 8 16 --rounds 2 --windows ${THREAD_WINDOWS:-96}"
-  CONT_T=${CONT_T:-150}; CONT_ARGS="--config configs/gpu.yaml learner.compile=true"
+  CONT_T=${CONT_T:-150}; CONT_ARGS="--config configs/gpu.yaml learner.compile=true"; CONT2_T=${CONT2_T:-240}
   LONG_T=${LONG_T:-90}; LONG_REPEATS=${LONG_REPEATS:-64}
 fi
 say "host: $(getconf _NPROCESSORS_ONLN) cores, $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' 2>&1 | tail -n 1)"
@@ -173,6 +175,9 @@ fi
 # 4. what slows the learner on a shared host: CPU load, GPU load or both
 [[ " ${SKIP-} " == *" contention "* ]] || step contention "$CONT_T" $PY benchmarks/learner_contention.py $CONT_ARGS \
   --json "$OUTD/learner_contention.json"
+# the same with the objective's loss terms compiled (a study: learner_contention.py's docstring)
+[ "${CONT_COMPILED:-0}" = 1 ] && step contention_compiled "$CONT2_T" $PY benchmarks/learner_contention.py $CONT_ARGS \
+  --compile-loss --json "$OUTD/learner_contention_compiled.json"
 
 # 5. one long video shared by the decode workers in segments, on this host's cores (CPU only)
 [[ " ${SKIP-} " == *" long "* ]] || { compgen -G "$DATA/videos/bikes.mp4" >/dev/null && \

@@ -22,6 +22,16 @@ alone and beside loads that stand for the labelers, each a separate process as a
 Scenarios take turns with "alone" runs between them, so drift of the host falls on all alike;
 each ratio is a scenario's steps/s over the mean of the alone runs around it. A short table is
 printed last; ``--json`` writes every number.
+
+``--compile-loss`` (a study, not the product's recipe): each loss term the objective calls
+(``COMPILED_TERMS``, the names in ``learner.objective``) under ``torch.compile(dynamic=True)``
+in this process. The objective runs eagerly in the product: about 1,400 dispatched ops forward
+at ``configs/gpu.yaml``'s sizes besides the refinement's compiled steps (a CPU count; the model's
+forward is 760 before its blocks are compiled), each a kernel launch from the training thread on
+a GPU, which is the work a loaded host slows. On the CPU the compiled terms give the same values
+(within 1e-6 relative) for 555-701 matches without recompiling (10 graphs, 75 s to compile on 2
+cores); whether it lifts the learner's rate alone and its ratio under load is what a GPU run
+of this script with and without the flag tells.
 """
 
 from __future__ import annotations
@@ -41,6 +51,22 @@ sys.path.insert(0, str(ROOT))
 MATCHES_PER_WINDOW = 127
 """Verified matches of a 4-view 7-Scenes window at 168x224 (the demo run's replay: 2,030 in a
 batch of 16)."""
+
+
+COMPILED_TERMS = ("reprojection_loss", "point_consistency_loss", "triangulated_depth_loss", "triangulated_pose_loss",
+                  "depth_contrast_loss", "relative_depth_loss", "teacher_aligned_depth", "refined_geometry_loss")
+"""The loss terms ``--compile-loss`` compiles (names the objective calls them by)."""
+
+
+def compile_loss_terms() -> None:
+    """Replace each of ``COMPILED_TERMS`` in ``learner.objective`` by its ``torch.compile``
+    (symbolic shapes: the match count changes every batch), in this process only."""
+    import torch
+
+    import learner.objective as objective
+
+    for name in COMPILED_TERMS:
+        setattr(objective, name, torch.compile(getattr(objective, name), dynamic=True))
 
 
 def load_cpu(threads: int) -> None:
@@ -121,6 +147,8 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=10, help="the loads' niceness in the niced scenarios")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")
+    ap.add_argument("--compile-loss", action="store_true",
+                    help="the objective's loss terms under torch.compile (a study; module docstring)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--load", choices=["cpu", "gpu"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -144,6 +172,8 @@ def main() -> int:
 
     cfg = rconfig.load(args.config, args.overrides)
     lcfg = cfg.learner
+    if args.compile_loss:
+        compile_loss_terms()
     if args.quick:
         args.steps, args.warmup, args.cpu_threads, args.settle = 4, 1, 2, 1.0
     trainer = Trainer(lcfg, seed=cfg.run.seed)
@@ -162,7 +192,8 @@ def main() -> int:
     batch["match_triangulation"] = torch.cat((1 + 2 * torch.rand(k, 2, generator=g), torch.rand(k, 1, generator=g)),
                                              1).to(device)
     print(f"learner {lcfg.model.size} on {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch "
-          f"{lcfg.batch_size} x {views} views at {height}x{width}, compile {lcfg.compile}; {os.cpu_count()} cores; "
+          f"{lcfg.batch_size} x {views} views at {height}x{width}, compile {lcfg.compile}, loss terms "
+          f"{'compiled' if args.compile_loss else 'eager'}; {os.cpu_count()} cores; "
           f"loads: {args.cpu_threads} SIFT threads, the embedded teacher at {args.teacher_windows:g} windows/s",
           flush=True)
     for _ in range(args.warmup):
@@ -196,6 +227,7 @@ def main() -> int:
     print(f"\nalone, each turn: {', '.join(f'{a:.2f}' for a in alone)} steps/s")
     if args.json:
         args.json.write_text(json.dumps({"alone": alone, "rows": rows, "cpu_threads": args.cpu_threads,
+                                         "compile_loss": args.compile_loss,
                                          "teacher_windows_per_s": args.teacher_windows, "cores": os.cpu_count()},
                                         indent=1))
     return 0

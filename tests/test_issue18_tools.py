@@ -175,3 +175,17 @@ def test_contention_quick_run_writes_its_rows(tmp_path):
     assert [(r["load"], r["nice"]) for r in data["rows"]] == [("cpu", 0), ("cpu", 10)]
     assert len(data["alone"]) == 3 and all(a > 0 for a in data["alone"])
     assert all(r["ratio"] > 0 and r["steps_per_s"] > 0 for r in data["rows"])
+
+
+def test_compile_loss_replaces_the_terms_the_objective_calls(monkeypatch):
+    """``learner_contention.py --compile-loss`` compiles the loss terms by the names the
+    objective calls them by: a renamed term fails here, not on the GPU host."""
+    import learner.objective as objective
+
+    bench = _load("learner_contention")
+    originals = {name: getattr(objective, name) for name in bench.COMPILED_TERMS}
+    for name, fn in originals.items():
+        assert callable(fn) and fn.__module__.startswith("learner.")
+        monkeypatch.setattr(objective, name, fn)  # restored after the test
+    bench.compile_loss_terms()
+    assert all(getattr(objective, name) is not fn for name, fn in originals.items())
