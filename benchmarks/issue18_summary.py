@@ -5,8 +5,8 @@ steps wrote into one folder, each step's exit status and seconds, bars and wheth
 
 Reads ``steps.tsv`` (name, exit status, seconds), ``pipeline_bottleneck.json`` (and
 ``pipeline_bottleneckK.json`` of each variant),
-``matching_accuracy.json`` and ``labeler_threads.json``; a missing or unreadable file gives a
-row saying so. Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
+``matching_accuracy.json``, ``labeler_threads.json`` and ``learner_contention.json`` (and
+``learner_contention_compiled.json``); a missing or unreadable file gives a row saying so. Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 MATCH_SPEED_BAR, MATCH_ERROR_BAR = 20.0, 1.5
+LEARNER_BAR = 0.9
+"""The learner's rate beside the labelers over alone (the pipeline's bar; the contention rows
+hold a single load to it)."""
 
 
 def load(path: Path) -> dict | None:
@@ -74,7 +77,7 @@ def pipeline_rows(name: str, pb: dict | None, st: str) -> list[str]:
         f"(stretch 1x) | {met(acc.get('fresh_over_samples'), 0.25)} |",
         f"| {name} | | learner in the pipeline / alone ({compiled}, "
         f"{f(acc.get('learner_alone_samples_per_s'))} alone) | {f(acc.get('pipeline_over_alone'), '.2f', 'x')} "
-        f"| >= 0.9x | {met(acc.get('pipeline_over_alone'), 0.9)} |",
+        f"| >= {LEARNER_BAR:g}x | {met(acc.get('pipeline_over_alone'), LEARNER_BAR)} |",
         f"| {name} | | learner data wait | {f(acc.get('learner_data_wait_fraction'))} | - | - |",
         f"| {name} | | streamer frames per CPU-s | {f(acc.get('streamer_frames_per_cpu_s'), '.1f')} | "
         "decode.py readers | - |",
@@ -121,6 +124,20 @@ def summary(out: Path) -> str:
             lines.append(f"| threads | {st if k == 0 else ''} | labeler.cpu_threads={r['cpu_threads']}: windows/s "
                          f"({f(r['windows_s'])}) over 1 thread | {f(r['ratio'], '.2f', 'x')} | "
                          f"ideal {r['ideal']}x | - |")
+
+    for name in ("contention", "contention_compiled"):
+        lc = load(out / f"learner_{name}.json")
+        if lc is None:
+            if name in rows:
+                lines.append(f"| {name} | {status(rows, name)} | no learner_{name}.json (see {name}.log) | - | - | - |")
+            continue
+        alone = lc.get("alone") or []
+        lines.append(f"| {name} | {status(rows, name)} | learner alone, steps/s (loss terms "
+                     f"{'compiled' if lc.get('compile_loss') else 'eager'}) | "
+                     f"{f(sum(alone) / len(alone) if alone else None)} | - | - |")
+        for r in lc.get("rows", []):
+            lines.append(f"| {name} | | beside the {r['load']} load at niceness {r['nice']} / alone | "
+                         f"{f(r['ratio'], '.2f', 'x')} | >= {LEARNER_BAR:g}x | {met(r['ratio'], LEARNER_BAR)} |")
     return "\n".join(lines)
 
 
