@@ -189,3 +189,15 @@ def test_compile_loss_replaces_the_terms_the_objective_calls(monkeypatch):
         monkeypatch.setattr(objective, name, fn)  # restored after the test
     bench.compile_loss_terms()
     assert all(getattr(objective, name) is not fn for name, fn in originals.items())
+
+
+def test_summary_holds_each_contention_row_to_the_learner_bar(tmp_path):
+    (tmp_path / "steps.tsv").write_text("contention\t0\t150\ncontention_compiled\t124\t240\n")
+    (tmp_path / "learner_contention.json").write_text(json.dumps(
+        {"alone": [20.0, 22.0], "compile_loss": False,
+         "rows": [{"load": "cpu", "nice": 10, "ratio": 0.95}, {"load": "gpu", "nice": 0, "ratio": 0.7}]}))
+    text = summ.summary(tmp_path)
+    assert "| contention | ok, 150 s | learner alone, steps/s (loss terms eager) | 21.00 |" in text
+    assert "| beside the cpu load at niceness 10 / alone | 0.95x | >= 0.9x | yes |" in text
+    assert "| beside the gpu load at niceness 0 / alone | 0.70x | >= 0.9x | NO |" in text
+    assert "| contention_compiled | timeout, 240 s | no learner_contention_compiled.json" in text
