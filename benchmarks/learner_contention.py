@@ -23,9 +23,8 @@ Scenarios take turns with "alone" runs between them, so drift of the host falls 
 each ratio is a scenario's steps/s over the mean of the alone runs around it. A short table is
 printed last; ``--json`` writes every number.
 
-``--compile-loss`` (a study, not the product's recipe): each loss term the objective calls
-(``COMPILED_TERMS``, the names in ``learner.objective``) under ``torch.compile(dynamic=True)``
-in this process. The objective runs eagerly in the product: about 1,400 dispatched ops forward
+``--compile-loss`` (a study, not the product's recipe): the loss terms the objective calls
+(``COMPILED_TERMS``, the names in ``learner.objective``) under ``torch.compile`` in this process. The objective runs eagerly in the product: about 1,400 dispatched ops forward
 at ``configs/gpu.yaml``'s sizes besides the refinement's compiled steps (a CPU count; the model's
 forward is 760 before its blocks are compiled), each a kernel launch from the training thread on
 a GPU, which is the work a loaded host slows. On the CPU the compiled terms give the same values
@@ -53,22 +52,25 @@ MATCHES_PER_WINDOW = 127
 batch of 16)."""
 
 
-COMPILED_TERMS = ("reprojection_loss", "point_consistency_loss", "triangulated_depth_loss", "triangulated_pose_loss",
-                  "relative_depth_loss", "teacher_aligned_depth", "refined_geometry_loss")
-"""The loss terms ``--compile-loss`` compiles (names the objective calls them by). Not
-``depth_contrast_loss``: Inductor's Triton code generation fails on it with symbolic shapes
+COMPILED_TERMS = {"reprojection_loss": True, "point_consistency_loss": True, "triangulated_depth_loss": True,
+                  "triangulated_pose_loss": True, "relative_depth_loss": False, "teacher_aligned_depth": False,
+                  "refined_geometry_loss": False}
+"""The loss terms ``--compile-loss`` compiles (names the objective calls them by), each with
+symbolic shapes (True: it takes the batch's matches, whose count changes every batch) or not
+(its shapes are the batch's images'). ``depth_contrast_loss`` stays eager, and the image-shaped
+terms are not symbolic: with symbolic shapes Inductor's Triton code generation fails on them
 (torch 2.11, H100: ``TypeError`` in ``get_block_shape`` of an indirect load)."""
 
 
 def compile_loss_terms() -> None:
-    """Replace each of ``COMPILED_TERMS`` in ``learner.objective`` by its ``torch.compile``
-    (symbolic shapes: the match count changes every batch), in this process only."""
+    """Replace each of ``COMPILED_TERMS`` in ``learner.objective`` by its ``torch.compile``,
+    in this process only."""
     import torch
 
     import learner.objective as objective
 
-    for name in COMPILED_TERMS:
-        setattr(objective, name, torch.compile(getattr(objective, name), dynamic=True))
+    for name, dynamic in COMPILED_TERMS.items():
+        setattr(objective, name, torch.compile(getattr(objective, name), dynamic=dynamic))
 
 
 def load_cpu(threads: int) -> None:
