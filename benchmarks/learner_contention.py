@@ -67,8 +67,11 @@ def compile_loss_terms() -> None:
     in this process only."""
     import torch
 
+    import torch._dynamo
+
     import learner.objective as objective
 
+    torch._dynamo.config.suppress_errors = True  # a term Inductor fails on runs eagerly (logged), the rest compiled
     for name, dynamic in COMPILED_TERMS.items():
         setattr(objective, name, torch.compile(getattr(objective, name), dynamic=dynamic))
 
