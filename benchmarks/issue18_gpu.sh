@@ -27,8 +27,8 @@
 # Steps (seconds: timeout, env to change it):
 #   pipeline  PIPE_T=350  benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml, sources
 #             [7s-train, videos], evaluator on 7s-eval, learner.compile=true, --isolated; warm-up
-#             PIPE_WARMUP=40, measured PIPE_MEASURE=90; PIPE_EXTRA: more overrides (default: the
-#             host-size knob gpu.yaml does not set: streamer.decode_workers=0)
+#             PIPE_WARMUP=40, measured PIPE_MEASURE=90; PIPE_EXTRA: more overrides (default: none,
+#             gpu.yaml as shipped; since the twelfth pass it sets streamer.decode_workers: 0 itself)
 #             PIPE_EXTRA2, PIPE_EXTRA3, PIPE_EXTRA4: variants (their whole set of those knobs), each
 #             one more pipeline step of PIPE_T seconds (pipeline2.log, pipeline_bottleneck2.json, ...)
 #   matching  MATCH_T=70  benchmarks/matching_accuracy.py --device cuda --threads 1
@@ -43,7 +43,7 @@
 #             per core) on the whole file and with the workers sharing it in segments (CPU only)
 # SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants)
 # MPS_FROM=K: start the CUDA Multi-Process Service before pipeline variant K (1: before the first)
-# and keep it for the rest of the script, e.g. MPS_FROM=2 PIPE_EXTRA2=streamer.decode_workers=0: the same
+# and keep it for the rest of the script, e.g. MPS_FROM=2 PIPE_EXTRA2=run.feeder_nice=10: the same
 # pipeline without and with MPS in one call
 # DRY=1: everything tiny on the CPU (this script's check on a laptop: tiny model, small windows,
 # few windows, device cpu, no compile); PYTHON picks the interpreter (default python3); WHEELS the
@@ -99,7 +99,7 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
   DEV=cuda
   PIPE_SIZE="learner.compile=true"
-  PIPE_EXTRA=${PIPE_EXTRA-streamer.decode_workers=0}
+  PIPE_EXTRA=${PIPE_EXTRA-}
   PIPE_T=${PIPE_T:-350}; PIPE_WARMUP=${PIPE_WARMUP:-40}; PIPE_MEASURE=${PIPE_MEASURE:-90}; ISO_STEPS=40
   START_T=170; ISO_T=90
   MATCH_T=${MATCH_T:-70}; MATCH_ARGS=""
