@@ -89,12 +89,13 @@ class StreamerConfig:
     Windows, their ids and their order are the same either way, with one exception: with
     workers, a video of at least two ``streamer.segments.SEGMENT_FRAMES`` (1,500) frames whose
     stamps can be trusted is shared by the workers in segments that start at keyframes, at most
-    one segment per worker at a time, and no window spans a segment boundary (a long video on 2
-    cores: 1.4-1.5x the in-process frames/s, 1.6-2.0x one worker on the whole file;
-    docs/BENCHMARKS.md, seventh pass of issue 18). 1 is the measured default on a
-    2-core host (docs/BENCHMARKS.md: 2 workers 0.76-1.6x of in-process, within the noise of a
-    shared machine; each worker imports the stack: 2 s and 320 MiB); 0 is for a host with cores
-    to spare (not yet measured there)."""
+    one segment per worker at a time, and no window spans a segment boundary (a long video: 7.2x
+    the in-process frames/s on 16 cores, 1.4-1.5x on 2; docs/BENCHMARKS.md, seventh pass of
+    issue 18). 1 is the measured default on a 2-core host (docs/BENCHMARKS.md: 2 workers
+    0.76-1.6x of in-process, within the noise of a shared machine; each worker imports the
+    stack: 2 s and 320 MiB); 0 is for a host with cores to spare: ``configs/gpu.yaml`` sets it
+    (on a 16-core GPU host the streamer decoding in its own process fed the labelers 0.24x of
+    the learner's samples/s, with its workers 0.35x; docs/BENCHMARKS.md, twelfth pass)."""
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 
