@@ -56,7 +56,8 @@ from reliev3r.protocol import Message  # noqa: E402
 from streamer import workers  # noqa: E402
 from streamer.config import StreamerConfig  # noqa: E402
 from streamer.service import window_stream  # noqa: E402
-from streamer.sources import Frame, ImageSequenceSource, VideoSource, discover, fov_intrinsics, image_files  # noqa: E402
+from streamer.sources import (Frame, ImageSequenceSource, VideoSource, discover, fov_intrinsics,  # noqa: E402
+                              image_files)
 from streamer.windows import Wanted, windows_of  # noqa: E402
 
 cv2.setNumThreads(1)
@@ -273,6 +274,28 @@ def decode_table(videos: list[Path], kitchen: Path | None) -> None:
               f"OpenCV imread+RGB {theirs:.0f} | **{bare / theirs:.2f}x** |", flush=True)
 
 
+def stream_rate(specs: list[str], cfg: StreamerConfig, repeats: int) -> tuple[float, list]:
+    """(frames read per wall-clock second, best of ``repeats``; the windows of the last turn) of
+    the streamer's window stream over ``specs``; a worker pool is started first (spawn and
+    imports), as a running streamer has it."""
+    frames = [0]
+
+    def run():
+        return list(window_stream(lambda: discover(specs, on_error=lambda *a: None), cfg,
+                                  on_frame=lambda s: frames.__setitem__(0, frames[0] + 1),
+                                  on_error=lambda *a: None, log=logging.getLogger("bench")))
+
+    if workers.worker_count(cfg) > 1:
+        run()
+    best, out = 0.0, []
+    for _ in range(repeats):
+        frames[0] = 0
+        t = time.perf_counter()
+        out = run()
+        best = max(best, frames[0] / (time.perf_counter() - t))
+    return best, out
+
+
 def worker_scaling(specs: list[str], repeats: int = 2) -> None:
     """The streamer's window stream over every file: in process (decode_workers 1) vs decode
     workers, at the default interleave (4) and at interleave = cores; best of ``repeats``."""
@@ -285,21 +308,7 @@ def worker_scaling(specs: list[str], repeats: int = 2) -> None:
     ref, base = None, {}
     for count, interleave in setups:
         cfg = StreamerConfig(sources=specs, loop=False, decode_workers=count, interleave=interleave, **WINDOW_CFG)
-        frames = [0]
-
-        def run():
-            return list(window_stream(lambda: discover(specs, on_error=lambda *a: None), cfg,
-                                      on_frame=lambda s: frames.__setitem__(0, frames[0] + 1),
-                                      on_error=lambda *a: None, log=logging.getLogger("bench")))
-
-        if workers.worker_count(cfg) > 1:
-            run()  # start the pool's processes first (spawn + imports), as a running streamer has
-        best = 0.0
-        for _ in range(repeats):
-            frames[0] = 0
-            t = time.perf_counter()
-            out = run()
-            best = max(best, frames[0] / (time.perf_counter() - t))
+        best, out = stream_rate(specs, cfg, repeats)
         ids = sorted(w.window_id for w in out)
         ref = ref if ref is not None else ids
         base.setdefault(interleave, best)
@@ -349,21 +358,7 @@ def long_source(src: Path, repeats: int, turns: int = 2) -> None:
             segments.SEGMENT_FRAMES = length
             cfg = StreamerConfig(sources=[str(clip)], loop=False, decode_workers=count, interleave=cores,
                                  **WINDOW_CFG)
-            frames = [0]
-
-            def run():
-                return list(window_stream(lambda: discover([str(clip)], on_error=lambda *a: None), cfg,
-                                          on_frame=lambda s: frames.__setitem__(0, frames[0] + 1),
-                                          on_error=lambda *a: None, log=logging.getLogger("bench")))
-
-            if count > 1:
-                run()  # start the pool's processes first (spawn + imports), as a running streamer has
-            best = 0.0
-            for _ in range(turns):
-                frames[0] = 0
-                t = time.perf_counter()
-                out = run()
-                best = max(best, frames[0] / (time.perf_counter() - t))
+            best, out = stream_rate([str(clip)], cfg, turns)
             base = base or best
             print(f"| {label} | {workers.worker_count(cfg) if count > 1 else 0} | {best:.0f} | {best / base:.2f}x | "
                   f"{len(out)} |", flush=True)
@@ -519,7 +514,8 @@ def main() -> int:
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
-    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "long"], default=None)
+    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "long"],
+                    default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
     ap.add_argument("--long", default=str(shared / "videos" / "bikes.mp4"),

@@ -24,14 +24,15 @@ each ratio is a scenario's steps/s over the mean of the alone runs around it. A 
 printed last; ``--json`` writes every number.
 
 ``--compile-loss`` (a study, not the product's recipe): the loss terms the objective calls
-(``COMPILED_TERMS``, the names in ``learner.objective``) under ``torch.compile`` in this process. The objective runs eagerly in the product: about 1,400 dispatched ops forward
-at ``configs/gpu.yaml``'s sizes besides the refinement's compiled steps (a CPU count; the model's
+(``COMPILED_TERMS``, the names in ``learner.objective``) under ``torch.compile`` in this
+process. The objective runs eagerly in the product: about 1,400 dispatched ops forward at
+``configs/gpu.yaml``'s sizes besides the refinement's compiled steps (a CPU count; the model's
 forward is 760 before its blocks are compiled), each a kernel launch from the training thread on
 a GPU, which is the work a loaded host slows. On the CPU the compiled terms give the same values
 (within 1e-6 relative) for 555-701 matches without recompiling (10 graphs, 75 s to compile on 2
-cores). On the H100 (docs/BENCHMARKS.md, twelfth pass of issue 18) three of the terms fail
-to compile (they run eagerly, logged), and the rest gave no gain: 21.8-26.9 steps/s alone
-against 23.7-26.8 eager, 0.67x / 0.86x beside the CPU load against 0.72x / 0.83x.
+cores). On the H100 (docs/BENCHMARKS.md, twelfth pass of issue 18) three of the terms fail to
+compile (they run eagerly, logged), and the rest gave no gain: 21.8-26.9 steps/s alone against
+23.7-26.8 eager, 0.67x / 0.86x beside the CPU load against 0.72x / 0.83x.
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ A file is split only where its stamps can be trusted for that: every packet has 
 stamp, no two the same, and where the codec reorders frames (B-frames) it is H.264 or HEVC
 (MPEG-4 Part 2 packed in AVI, as Megamind.avi of the shared videos, gives decoded frames stamps
 out of display order) and the stamps are not in decode order (files whose muxer wrote decode
-stamps as presentation stamps, as box.mp4: their display order is known only from decoding). A boundary is a *closed* keyframe: no packet after it in
-decode order is shown before it, so nothing decoded after the seek belongs to the segment before.
+stamps as presentation stamps, as box.mp4: their display order is known only from decoding).
+A boundary is a *closed* keyframe: every packet before it in decode order is shown before it
+and every one after it, after, so nothing decoded after the seek belongs to the segment before
+and nothing of its own was decoded before it.
 """
 
 from __future__ import annotations
