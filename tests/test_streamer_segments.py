@@ -152,3 +152,22 @@ def test_each_segment_resumes_where_it_stopped(long_clip, tmp_path, monkeypatch)
     assert set(by_part[half_part.start]) - set(half) <= set(ids)  # the rest of the half-done segment
     for part in parts[2:]:  # untouched segments: every window
         assert set(by_part[part.start]) <= set(ids)
+
+
+def test_damage_inside_one_segment_is_named_and_the_others_flow(long_clip, tmp_path, monkeypatch):
+    """A long video with garbage in the middle of its media data: the segment holding it names
+    the damage (the damage gate's reasons, as for a whole file) and no window spans it; every
+    segment still gives windows."""
+    from streamer_media import damage_mdat
+
+    monkeypatch.setattr(segments, "SEGMENT_FRAMES", LENGTH)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(long_clip.read_bytes())
+    damage_mdat(damaged, nbytes=400, seed=1)
+    parts = segments.plan(damaged, LENGTH)
+    assert len(parts) >= 3  # the packets and their stamps are intact: the file is still split
+    windows, errors = stream([str(damaged)], StreamerConfig(**WINDOWS, decode_workers=2))
+    assert errors and {reason for _, reason, _ in errors} <= {"corrupt_packet", "corrupt_frame",
+                                                               "skipped_to_keyframe"}
+    for part in parts:
+        assert any(part.start <= w.views[0].index < part.stop for w in windows)
