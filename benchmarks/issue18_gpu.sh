@@ -36,8 +36,9 @@
 #   contention CONT_T=150 benchmarks/learner_contention.py --config configs/gpu.yaml learner.compile=true:
 #             the learner alone and beside 12 SIFT threads (niced 0 and 10), the embedded teacher at
 #             120 windows/s in a process of its own, and both (what takes the learner's rate)
-#   contention_compiled CONT2_T=240, with CONT_COMPILED=1: the contention step with the objective's
-#             loss terms compiled (--compile-loss), to compare the learner's rate alone and its ratios
+#   contention_compiled CONT2_T=240, with CONT_COMPILED=1: the contention step with CONT2_FLAGS
+#             (default --compile-loss: the objective's terms compiled; --blocks-mode reduce-overhead:
+#             CUDA graphs for the model's blocks), to compare the learner's rate alone and its ratios
 #   long      LONG_T=90   benchmarks/decode.py --only long: the carried bikes.mp4 repeated LONG_REPEATS=64
 #             times into one video, through the window stream in process, with decode workers (one
 #             per core) on the whole file and with the workers sharing it in segments (CPU only)
@@ -177,7 +178,7 @@ fi
   --json "$OUTD/learner_contention.json"
 # the same with the objective's loss terms compiled (a study: learner_contention.py's docstring)
 [ "${CONT_COMPILED:-0}" = 1 ] && step contention_compiled "$CONT2_T" $PY benchmarks/learner_contention.py $CONT_ARGS \
-  --compile-loss --json "$OUTD/learner_contention_compiled.json"
+  ${CONT2_FLAGS:---compile-loss} --json "$OUTD/learner_contention_compiled.json"
 
 # 5. one long video shared by the decode workers in segments, on this host's cores (CPU only)
 [[ " ${SKIP-} " == *" long "* ]] || { compgen -G "$DATA/videos/bikes.mp4" >/dev/null && \

@@ -134,7 +134,8 @@ def summary(out: Path) -> str:
             continue
         alone = lc.get("alone") or []
         lines.append(f"| {name} | {status(rows, name)} | learner alone, steps/s (loss terms "
-                     f"{'compiled' if lc.get('compile_loss') else 'eager'}) | "
+                     f"{'compiled' if lc.get('compile_loss') else 'eager'}"
+                     f"{', blocks ' + lc['blocks_mode'] if lc.get('blocks_mode') else ''}) | "
                      f"{f(sum(alone) / len(alone) if alone else None)} | - | - |")
         for r in lc.get("rows", []):
             lines.append(f"| {name} | | beside the {r['load']} load at niceness {r['nice']} / alone | "

@@ -33,6 +33,10 @@ a GPU, which is the work a loaded host slows. On the CPU the compiled terms give
 cores). On the H100 (docs/BENCHMARKS.md, twelfth pass of issue 18) three of the terms fail to
 compile (they run eagerly, logged), and the rest gave no gain: 21.8-26.9 steps/s alone against
 23.7-26.8 eager, 0.67x / 0.86x beside the CPU load against 0.72x / 0.83x.
+
+``--blocks-mode reduce-overhead`` (a study, untried on a GPU): the model's blocks compiled with
+CUDA graphs (each step a new generation: ``torch.compiler.cudagraph_mark_step_begin``), fewer
+launches from the host-bound training thread; ``max-autotune-no-cudagraphs`` for comparison.
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=10, help="the loads' niceness in the niced scenarios")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")
+    ap.add_argument("--blocks-mode", choices=["reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
+                    help="compile the model's blocks in this torch.compile mode (a study; reduce-overhead: CUDA graphs)")
     ap.add_argument("--compile-loss", action="store_true",
                     help="the objective's loss terms under torch.compile (a study; module docstring)")
     ap.add_argument("--json", type=Path, default=None)
@@ -185,7 +191,23 @@ def main() -> int:
         compile_loss_terms()
     if args.quick:
         args.steps, args.warmup, args.cpu_threads, args.settle = 4, 1, 2, 1.0
-    trainer = Trainer(lcfg, seed=cfg.run.seed)
+    if args.blocks_mode:  # the model's blocks compiled in that mode instead of the default
+        from dataclasses import replace
+
+        from learner.train import compile_blocks
+
+        trainer = Trainer(replace(lcfg, compile=False), seed=cfg.run.seed)
+        compile_blocks(trainer.model, mode=args.blocks_mode)
+    else:
+        trainer = Trainer(lcfg, seed=cfg.run.seed)
+    if args.blocks_mode == "reduce-overhead":  # CUDA graphs: each step a new generation of them
+        step_fn = trainer.step
+
+        def marked_step(*a, **kw):
+            torch.compiler.cudagraph_mark_step_begin()
+            return step_fn(*a, **kw)
+
+        trainer.step = marked_step
     device = trainer.device
     on_gpu = device.type == "cuda"
     scenarios = [("cpu", 0), ("cpu", args.nice)]
@@ -202,7 +224,8 @@ def main() -> int:
                                              1).to(device)
     print(f"learner {lcfg.model.size} on {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch "
           f"{lcfg.batch_size} x {views} views at {height}x{width}, compile {lcfg.compile}, loss terms "
-          f"{'compiled' if args.compile_loss else 'eager'}; {os.cpu_count()} cores; "
+          f"{'compiled' if args.compile_loss else 'eager'}, blocks' mode {args.blocks_mode or 'default'}; "
+          f"{os.cpu_count()} cores; "
           f"loads: {args.cpu_threads} SIFT threads, the embedded teacher at {args.teacher_windows:g} windows/s",
           flush=True)
     for _ in range(args.warmup):
@@ -236,7 +259,7 @@ def main() -> int:
     print(f"\nalone, each turn: {', '.join(f'{a:.2f}' for a in alone)} steps/s")
     if args.json:
         args.json.write_text(json.dumps({"alone": alone, "rows": rows, "cpu_threads": args.cpu_threads,
-                                         "compile_loss": args.compile_loss,
+                                         "compile_loss": args.compile_loss, "blocks_mode": args.blocks_mode,
                                          "teacher_windows_per_s": args.teacher_windows, "cores": os.cpu_count()},
                                         indent=1))
     return 0
