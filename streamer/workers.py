@@ -222,12 +222,13 @@ def source_windows(source, cfg: StreamerConfig, *, start: int, pass_index: int |
                    pool: WorkerPool | None = None, segment: segments.Segment | None = None) -> Iterator[Window]:
     """Windows of one archive source from ``start`` (``on_error`` also for a source too short
     for a window, unless resumed: a resumed source may rightly have too few frames left), or of
-    one ``segment`` of a video (``streamer.segments``; too short is said of the first only). A
-    worker starts on the source at once, before the first window is asked for."""
+    one ``segment`` of a video (``streamer.segments``; never said of a segment: a segment
+    without windows says nothing of the video's others). A worker starts on the source at once,
+    before the first window is asked for."""
     pool = pool if pool is not None else pool_for(cfg)
     job = _job_of(source) if pool is not None else None
     worker = pool.take() if job is not None else None
-    report_short = start == 0 and (segment is None or segment.start == 0)
+    report_short = start == 0 and segment is None
     if worker is None:
         wanted = Wanted()
         return windows_of(source.name, _counted(source, on_frame, start, wanted, segment), cfg, pass_index=pass_index,
