@@ -171,3 +171,17 @@ def test_damage_inside_one_segment_is_named_and_the_others_flow(long_clip, tmp_p
                                                                "skipped_to_keyframe"}
     for part in parts:
         assert any(part.start <= w.views[0].index < part.stop for w in windows)
+
+
+def test_a_still_segment_does_not_report_the_video_as_without_windows(tmp_path, monkeypatch):
+    """A long video whose first segment is a still camera: its other segments give windows, and
+    nothing says the video has none (``no_windows`` is a whole source's finding)."""
+    monkeypatch.setattr(segments, "SEGMENT_FRAMES", LENGTH)
+    pan = panning_frames(140, 96, 64, step=2, seed=6)
+    frames = np.concatenate([np.repeat(pan[:1], 100, axis=0), pan])
+    clip = encode(tmp_path / "still_then_pan.mp4", frames, gop=25)
+    parts = segments.plan(clip, LENGTH)
+    assert len(parts) >= 3 and parts[1].start <= 100
+    windows, errors = stream([str(clip)], StreamerConfig(**WINDOWS, decode_workers=2))
+    assert windows and not any(w.views[0].index < parts[0].stop for w in windows)  # the still part gave none
+    assert not errors
