@@ -72,7 +72,6 @@ def compile_loss_terms() -> None:
     """Replace each of ``COMPILED_TERMS`` in ``learner.objective`` by its ``torch.compile``,
     in this process only."""
     import torch
-
     import torch._dynamo
 
     import learner.objective as objective

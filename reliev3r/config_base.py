@@ -43,7 +43,9 @@ class RunConfig:
     replay keep theirs, so on a shared host the learner's Python thread, which launches its GPU
     work, is not queued behind labelling threads. 0 here (on a 2-core host the learner would take
     the labelers' CPU); 10 in ``configs/gpu.yaml`` (one H100 host: the learner at 0.80x of its
-    rate alone beside two labelers, 0.73x at 0; docs/BENCHMARKS.md, issue 18)."""
+    rate alone beside two labelers, 0.73x at 0, one pair of pipeline runs; the contention
+    benchmark of the twelfth pass found no reliable gain from niceness beside SIFT threads
+    alone, 0.72-0.86x against 0.70-0.88x; docs/BENCHMARKS.md, issue 18)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.feeder_nice <= 19:

@@ -247,7 +247,8 @@ def segment_doc(segment: segments.Segment) -> dict:
 def segments_of(source, cfg: StreamerConfig) -> list[segments.Segment]:
     """The segments a video archive is decoded in by several workers (``streamer.segments``);
     [] where it is decoded whole: no worker pool, not a video file, or too short to split."""
-    if pool_for(cfg) is None or _job_of(source) is None or _job_of(source)["kind"] != "video":
+    job = _job_of(source)
+    if pool_for(cfg) is None or job is None or job["kind"] != "video":
         return []
     return segments.plan_cached(source.path, segments.SEGMENT_FRAMES)
 
