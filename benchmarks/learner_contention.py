@@ -231,6 +231,10 @@ def main() -> int:
         terms = trainer.step(batch)
     print("loss terms:", ", ".join(sorted(k for k in terms if k not in ("lr", "skipped", "step", "grad_norm"))),
           flush=True)
+    if on_gpu:
+        print(f"CUDA graphs: {'%d captured' % trainer.graphs.captures if trainer.graphs else 'off'}; GPU memory "
+              f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved", flush=True)
 
     def rate() -> float:
         t = time.perf_counter()

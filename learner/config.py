@@ -231,6 +231,11 @@ class LearnerConfig:
     camera head run in fp32; CPU runs fp32)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    cuda_graphs: bool = False
+    """Record each step's forward, objective, backward and gradient clipping as a CUDA graph and
+    replay it (``learner.graphs``; a graph per bucket of match counts, the matches padded with
+    rows of weight 0): one launch from the host instead of thousands, for a step the host
+    bounds. CUDA with one learner process only (ignored on the CPU and under DDP)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
     init: str = ""

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from learner.augment import augment_batch
 from learner.config import LearnerConfig
+from learner.graphs import StepGraphs
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
 
@@ -141,6 +142,10 @@ class Trainer:
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.graphs: StepGraphs | None = None
+        """The step recorded as CUDA graphs (``cuda_graphs``: on one CUDA device, one process)."""
+        if cfg.cuda_graphs and self.device.type == "cuda" and self.world_size == 1:
+            self.graphs = StepGraphs(self._forward_backward, list(self.model.parameters()))
         self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
         self.global_step = 0
         """Optimizer steps taken (skipped steps not included); names snapshots."""
@@ -177,16 +182,11 @@ class Trainer:
                                                  enabled=self.autocast):
                 batch = {**batch, "teacher_depth": self.target(images).depth.float()}
             space = "depth"
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            pred: Prediction = self.forward_model(images)
-        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space)
-        # Backward even on a NaN loss: under DDP the all-reduce must happen on every rank, and
-        # the NaN then reaches every rank's grad norm, so all ranks skip this step together.
-        loss.backward()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss = loss.detach()
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.graphs is not None:
+            (pred, loss, terms, grad_norm, finite), matches = self.graphs.step(batch, space)
+            terms = {**terms, "matches": float(matches)}  # the batch's, not its padded bucket's
+        else:
+            pred, loss, terms, grad_norm, finite = self._forward_backward(batch, space)
         if self.fused:  # the update skips itself on the device when the step is not finite
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
@@ -212,6 +212,22 @@ class Trainer:
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
         return {**terms, "loss": loss_value, "grad_norm": grad_norm_value, "lr": lr,
                 "skipped": float(skipped), "step": float(self.global_step)}
+
+    def _forward_backward(self, batch: dict[str, Tensor], space: str
+                          ) -> tuple[Prediction, Tensor, dict[str, Tensor | float], Tensor, Tensor]:
+        """Forward, objective, backward and gradient clipping, reading nothing back (what
+        :class:`learner.graphs.StepGraphs` records): (prediction, detached loss, terms, grad
+        norm, finite flag)."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            pred: Prediction = self.forward_model(batch["images"])
+        loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space)
+        # Backward even on a NaN loss: under DDP the all-reduce must happen on every rank, and
+        # the NaN then reaches every rank's grad norm, so all ranks skip this step together.
+        loss.backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        loss = loss.detach()
+        return pred, loss, terms, grad_norm, torch.isfinite(loss) & torch.isfinite(grad_norm)
 
     def freeze_target(self, state: dict[str, Tensor] | None = None) -> None:
         """Freeze the depth term's target (``self_target_step``): a copy of the EMA weights (the

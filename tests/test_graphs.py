@@ -1,0 +1,113 @@
+"""``learner.graphs``: the matches padded to a bucket change no loss term and no gradient (so a
+CUDA graph per bucket trains as the eager step does), and on a GPU the replayed step trains as
+the eager one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from learner.config import LearnerConfig, LossConfig, ModelConfig
+from learner.graphs import match_bucket, pad_matches
+from learner.objective import weighted_loss
+from learner.train import Trainer, synthetic_batch
+from tests.helpers_world import F64, make_world, perturbed
+
+
+def test_match_bucket_known_answers():
+    assert [match_bucket(k) for k in (0, 1, 64, 65, 100, 2030, 2048, 2049, 2100)] == \
+        [64, 64, 64, 80, 112, 2048, 2048, 2560, 2560]
+
+
+def test_match_bucket_pads_at_most_a_quarter_with_four_buckets_an_octave():
+    for k in range(65, 20_000):
+        rows = match_bucket(k)
+        assert k <= rows <= 1.25 * k
+    assert len({match_bucket(k) for k in range(1025, 2049)}) == 4
+
+
+def weak_case(seed=3):
+    """A float64 batch of the synthetic world with every input of the default weak objective
+    (teacher, scores, triangulation) and a perturbed prediction that requires grad."""
+    world = make_world(seed, batch=2, views=3, per_pair=12)
+    g = torch.Generator().manual_seed(seed)
+    m = world["matches"]
+    k = m.shape[0]
+    depth, poses = perturbed(world, seed)
+    batch = {"images": torch.zeros(2, 3, 3, *depth.shape[-2:], dtype=F64), "intrinsics": world["intrinsics"],
+             "matches": torch.cat((m, 0.2 + torch.rand(k, 1, generator=g, dtype=F64)), 1),
+             "match_triangulation": torch.cat((1 + 3 * torch.rand(k, 2, generator=g, dtype=F64),
+                                               torch.rand(k, 1, generator=g, dtype=F64)), 1),
+             "teacher_depth": 1 / world["depth"] + 0.2 * torch.rand(depth.shape, generator=g, dtype=F64),
+             "teacher_valid": torch.rand(depth.shape, generator=g) > 0.1}
+    pred = SimpleNamespace(depth=depth.requires_grad_(True),
+                           confidence=(0.5 + torch.rand(depth.shape, generator=g, dtype=F64)).requires_grad_(True),
+                           cam_to_world=poses.requires_grad_(True))
+    return pred, batch
+
+
+def loss_and_grads(pred, batch):
+    loss, terms = weighted_loss(pred, batch, LossConfig(), teacher_space="disparity")
+    grads = torch.autograd.grad(loss, (pred.depth, pred.confidence, pred.cam_to_world))
+    return {k: float(v) for k, v in terms.items() if k != "matches"}, grads
+
+
+def test_padding_changes_no_term_and_no_gradient():
+    pred, batch = weak_case()
+    k = batch["matches"].shape[0]
+    padded = pad_matches(batch, match_bucket(k) + 37)
+    assert padded["matches"].shape[0] == match_bucket(k) + 37 and torch.equal(padded["matches"][:k], batch["matches"])
+    assert padded["images"] is batch["images"]
+    terms, grads = loss_and_grads(pred, batch)
+    assert {"reproj", "point", "triangulation", "triangulation_pose", "contrast", "depth"} <= set(terms)
+    padded_terms, padded_grads = loss_and_grads(pred, padded)
+    # The padding rows add exact zeros; only the order of float64 sums over more rows may differ.
+    assert padded_terms == pytest.approx(terms, rel=1e-12, abs=1e-15)
+    for a, b in zip(grads, padded_grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+
+
+def test_padding_a_batch_without_matches_gives_a_connected_zero():
+    pred, batch = weak_case()
+    for name in ("matches", "match_triangulation"):
+        batch[name] = batch[name][:0]
+    padded = pad_matches(batch, match_bucket(0))
+    loss, terms = weighted_loss(pred, padded, LossConfig(), teacher_space="disparity")
+    unpadded, _ = weighted_loss(pred, batch, LossConfig(), teacher_space="disparity")
+    assert float(loss.detach()) == pytest.approx(float(unpadded.detach()), rel=1e-12)
+    assert float(terms["reproj"]) == 0.0 and float(terms["triangulation"]) == 0.0
+
+
+def test_pad_matches_refuses_fewer_rows():
+    _, batch = weak_case()
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_matches(batch, batch["matches"].shape[0] - 1)
+
+
+def test_cuda_graphs_are_ignored_on_the_cpu():
+    trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), cuda_graphs=True), device="cpu")
+    assert trainer.graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_replayed_step_trains_as_the_eager_step():
+    """Two trainers from the same seed, one eager and one replaying graphs, on the same batches
+    (match counts in two buckets, one bucket seen twice): the same losses and weights."""
+    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, ema_decay=0.9)
+    eager, graphed = (Trainer(replace(cfg, cuda_graphs=on), device="cuda") for on in (False, True))
+    batches = []
+    for seed, k in enumerate((100, 105, 300)):
+        b = synthetic_batch(2, 3, 56, 80, k=k, seed=seed, device="cuda")
+        b["match_triangulation"] = torch.cat((1 + torch.rand(k, 2, device="cuda"), torch.rand(k, 1, device="cuda")), 1)
+        batches.append(b)
+    for b in batches:
+        a, g = eager.step(b), graphed.step(b)
+        assert g["matches"] == a["matches"] == b["matches"].shape[0]
+        assert g["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert g["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
+    assert graphed.graphs.captures == 2 and graphed.global_step == eager.global_step == 3
+    for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
