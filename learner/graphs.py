@@ -22,6 +22,7 @@ the objective is written that way already (its terms are read back once, after t
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,17 +60,24 @@ def pad_matches(batch: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
     k = batch["matches"].shape[0]
     if rows < k:
         raise ValueError(f"cannot pad {k} matches to {rows} rows")
-    views = batch["images"].shape[1] if "images" in batch else 2
+    other_view = min(1, batch["images"].shape[1] - 1) if "images" in batch else 1
     out = dict(batch)
-    for name, row in MATCH_PAD.items():
-        if name not in batch:
-            continue
-        t = batch[name]
-        pad = torch.tensor(row, dtype=t.dtype, device=t.device)
-        if name == "matches":
-            pad[2] = min(1, views - 1)
-        out[name] = torch.cat((t, pad.expand(rows - k, -1)), 0)
+    for name in MATCH_PAD:
+        if name in batch:
+            t = batch[name]
+            pad = _pad_row(name, t.dtype, t.device, other_view)
+            out[name] = torch.cat((t, pad.expand(rows - k, -1)), 0)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _pad_row(name: str, dtype: torch.dtype, device: torch.device, other_view: int) -> Tensor:
+    """:data:`MATCH_PAD`'s row of ``name`` on ``device``, made once (a copy from the host each
+    step would wait for the GPU)."""
+    row = list(MATCH_PAD[name])
+    if name == "matches":
+        row[2] = float(other_view)
+    return torch.tensor(row, dtype=dtype, device=device)
 
 
 @dataclass
