@@ -5,7 +5,9 @@ depth teacher's batches; on CUDA the uploads are pinned, non-blocking copies on 
 the forward bf16 and compiled; their view pairs share the match teacher's batches:
 ``labelers.matches.match_windows``). The ``depth``, ``matches`` and ``triangulation`` stage
 latencies are then those of the whole batch. The per-frame and per-pair CPU work of matching,
-verification and triangulation runs on ``labeler.cpu_threads`` threads (same results).
+verification and triangulation runs on ``labeler.cpu_threads`` threads (same results). A depth
+teacher on a GPU runs its batch on a thread of its own beside the matching (the ``depth`` and
+``matches`` latencies then overlap; a window whose depth fails is dropped after both).
 Per window: check the frames, run the depth teacher and the match teacher, send an ``insert``
 to replay and wait for its ``insert_ack`` (timeout, then a fresh socket and a retry: the
 "lazy pirate" pattern; replay stores each window id once, so a retry is harmless), then
@@ -74,11 +76,16 @@ class Labeler:
         self.metrics = metrics
         self.pool = (ThreadPoolExecutor(self.cfg.cpu_threads, thread_name_prefix="labeler-cpu")
                      if self.cfg.cpu_threads > 1 else None)
+        self.beside = (ThreadPoolExecutor(1, thread_name_prefix="labeler-depth")
+                       if self.teacher.produces_labels and getattr(self.teacher, "cuda", False) else None)
+        """A thread for a GPU depth teacher: its batch runs beside the matching on the CPU threads
+        (on a CPU the two would only share the cores)."""
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
+        for pool in (self.pool, self.beside):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self.pool = self.beside = None
 
     def teachers(self) -> dict:
         return {"depth": self.teacher.describe(), "matches": {"name": self.matcher.name,
@@ -117,24 +124,37 @@ class Labeler:
             else:
                 todo.append(n)
         depths: dict[int, tuple | TeacherError] = {}
-        if self.teacher.produces_labels and todo:
+
+        def predict(todo: list[int] = list(todo)) -> dict[int, tuple | TeacherError]:
             with timer("depth"):
                 out = self.teacher.predict_many([msgs[n].arrays["frames"] for n in todo],
                                                 gt_depths=[msgs[n].arrays.get("gt_depth") for n in todo],
                                                 window_ids=[msgs[n].meta["window_id"] for n in todo])
-            depths = dict(zip(todo, out))
-        for n in todo:
-            if isinstance(depths.get(n), TeacherError):
-                results[n] = (None, depths[n].reason, flags[n])
-        todo = [n for n in todo if results[n] is None]
+            return dict(zip(todo, out))
+
+        pending = None
+        if self.teacher.produces_labels and todo:
+            if self.beside is not None:  # the GPU's depth beside the CPU's matching; same labels
+                pending = self.beside.submit(predict)
+            else:
+                depths = predict()
+                todo = [n for n in todo if not isinstance(depths[n], TeacherError)]
         matched = {}
-        if todo:
-            with timer("matches"):
-                out = match_windows([msgs[n].arrays["frames"] for n in todo], self.matcher,
-                                    long_pairs=self.cfg.long_pairs, min_matches=self.cfg.min_matches,
-                                    max_matches_per_pair=self.cfg.max_matches_per_pair,
-                                    threshold_px=self.cfg.ransac_threshold_px, pool=self.pool)
-            matched = dict(zip(todo, out))
+        try:
+            if todo:
+                with timer("matches"):
+                    out = match_windows([msgs[n].arrays["frames"] for n in todo], self.matcher,
+                                        long_pairs=self.cfg.long_pairs, min_matches=self.cfg.min_matches,
+                                        max_matches_per_pair=self.cfg.max_matches_per_pair,
+                                        threshold_px=self.cfg.ransac_threshold_px, pool=self.pool)
+                matched = dict(zip(todo, out))
+        finally:
+            if pending is not None:  # also when matching failed: no teacher call outlives its batch
+                depths = pending.result()
+        for n, depth in depths.items():
+            if isinstance(depth, TeacherError):
+                results[n] = (None, depth.reason, flags[n])
+        todo = [n for n in todo if results[n] is None]
         for n in todo:
             per_pair = matched[n][1]
             if self.metrics is not None:

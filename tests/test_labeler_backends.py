@@ -228,3 +228,56 @@ def test_labeler_batches_windows_through_the_teacher(tmp_path):
     single = labeler.label(window(b, "b"))[0]
     np.testing.assert_array_equal(single.arrays["teacher_depth"], out[2][0].arrays["teacher_depth"])
     np.testing.assert_array_equal(single.arrays["matches"], out[2][0].arrays["matches"])
+
+
+def test_depth_beside_the_matching_gives_the_same_labels(tmp_path):
+    """A GPU teacher's batch runs on a thread of its own beside the matching (``Labeler.beside``;
+    forced here on the CPU): the same inserts as one after the other, and a window whose depth
+    fails is still dropped with the teacher's reason, its neighbours kept."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from labelers.service import Labeler
+    from reliev3r.config import PipelineConfig, build
+    from reliev3r.protocol import Message
+    from streamer_media import panning_frames
+
+    path = tmp_path / "ramp.pt"
+    torch.jit.script(Ramp()).save(str(path))
+    cfg = build(PipelineConfig, {"labeler": {"teacher": f"torchscript:{path}?space=depth&norm=unit&multiple=16"}})
+
+    def window(frames, wid):
+        v, h, w = frames.shape[:3]
+        K = np.tile(np.array([[w, 0, w / 2], [0, w, h / 2], [0, 0, 1]], np.float32), (v, 1, 1))
+        return Message("window", {"window_id": wid, "source": "s", "frame_indices": list(range(v))},
+                       {"frames": frames, "intrinsics": K})
+
+    msgs = [window(panning_frames(3, 128, 96, step=s), f"w{s}") for s in (4, 5, 6)]
+    out, threads = {}, []
+    for beside in (False, True):
+        labeler = Labeler(cfg)
+        assert labeler.beside is None  # a CPU teacher runs in line
+        predict_many = labeler.teacher.predict_many
+
+        def failing_second(frames, **kw):
+            threads.append(threading.current_thread().name)
+            got = predict_many(frames, **kw)
+            return [got[0], TeacherError("teacher_non_finite"), *got[2:]]
+
+        labeler.teacher.predict_many = failing_second
+        if beside:
+            labeler.beside = ThreadPoolExecutor(1, thread_name_prefix="labeler-depth")
+        try:
+            out[beside] = labeler.label_many(msgs)
+        finally:
+            labeler.close()
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("labeler-depth")
+    assert [r[1] for r in out[True]] == [r[1] for r in out[False]] == ["", "teacher_non_finite", ""]
+    for (a, _, flags_a), (b, _, flags_b) in zip(out[False], out[True]):
+        assert flags_a == flags_b
+        if a is None:
+            assert b is None
+            continue
+        assert a.arrays.keys() == b.arrays.keys() and a.meta == b.meta
+        for key in a.arrays:
+            assert a.arrays[key].tobytes() == b.arrays[key].tobytes(), key
