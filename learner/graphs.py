@@ -23,12 +23,16 @@ the objective is written that way already (its terms are read back once, after t
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger("reliev3r.learner.graphs")
 
 MATCH_PAD = {"matches": (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0), "match_triangulation": (1.0, 1.0, 0.0)}
 """A padding row of each per-match array: window 0, views 0 and 1, pixel (0, 0) in both, score 0;
@@ -125,6 +129,7 @@ class StepGraphs:
         return entry.outputs, k
 
     def _capture(self, padded: dict[str, Tensor], space: str) -> _Graph:
+        start = time.perf_counter()
         inputs = {name: t.clone() for name, t in padded.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -138,6 +143,9 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self.forward_backward(inputs, space)
         self.captures += 1
+        log.info("step recorded as a CUDA graph", extra={"match_rows": padded["matches"].shape[0], "space": space,
+                                                         "graphs": len(self.graphs) + 1,
+                                                         "seconds": round(time.perf_counter() - start, 2)})
         return _Graph(graph, inputs, outputs, [p.grad for p in self.params])
 
     def _drop_grads(self) -> None:
