@@ -111,3 +111,30 @@ def test_replayed_step_trains_as_the_eager_step():
     assert graphed.graphs.captures == 2 and graphed.global_step == eager.global_step == 3
     for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+
+
+def test_the_recorded_step_copies_no_host_data_to_the_device():
+    """What a CUDA graph cannot record: a tensor made from host data inside the step (on a GPU
+    a host-to-device copy; Python scalars are not copies). Checked on the CPU as the ops the
+    step dispatches, with the gpu.yaml recipe's every loss term on."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.lift_fresh.default and args[0].numel() > 1:
+                self.made.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2), device="cpu")
+    batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1)
+    g = torch.Generator().manual_seed(1)
+    batch["match_triangulation"] = torch.cat((1 + torch.rand(120, 2, generator=g), torch.rand(120, 1, generator=g)), 1)
+    trainer.step(batch)  # constants cached per device are made here, as in a graph's warm-up
+    with HostTensors() as mode:
+        _, _, terms, _, _ = trainer._forward_backward(batch, "depth")
+    assert {"reproj", "point", "triangulation", "triangulation_pose", "contrast", "depth"} <= set(terms)
+    assert mode.made == []

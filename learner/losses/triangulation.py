@@ -5,6 +5,7 @@ two-view solution, and each view's depth contrast against the teacher registered
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -122,6 +123,13 @@ SHIFT_GRID = torch.linspace(-0.8, 4.0, 97).tolist()
 teacher value (step 0.05): from 80 % nearer (more contrast) to 5 x flatter."""
 
 
+@functools.lru_cache(maxsize=8)
+def _shift_grid(device: torch.device) -> Tensor:
+    """:data:`SHIFT_GRID` on ``device``, made once: a copy from the host in every step would wait
+    for the device, and cannot be recorded in a CUDA graph (``learner.graphs``)."""
+    return torch.tensor(SHIFT_GRID, device=device)
+
+
 def registered_teacher_shift(
     teacher_depth: Tensor,
     valid: Tensor,
@@ -168,7 +176,7 @@ def registered_teacher_shift(
         median = weighted_median(flat, mask.flatten(-2).flatten(0, -2).float())[:, 0]  # [B*V]
         t_i, t_j = _match_depths(teacher, matches)
         ok_i, ok_j = (s > 1 - 1e-6 for s in _match_depths(mask.float(), matches))
-        grid = torch.tensor(SHIFT_GRID, device=device)
+        grid = _shift_grid(device)
         b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
         pair = (b * v_ + i) * v_ + j
         groups = torch.arange(b_ * v_ * v_, device=device)
