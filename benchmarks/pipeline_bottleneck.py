@@ -19,7 +19,8 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
   workers); it runs flat out when labelers sit on unused credits
   (``reliev3r_labelers_with_credit`` > 0), otherwise its rate is a lower bound.
 * labelers: windows handled/s each, busy fraction = time in the decode, depth, matches and
-  triangulation stages (``reliev3r_labeler_stage_seconds``, the labelling thread) per second,
+  triangulation stages (``reliev3r_labeler_stage_seconds``, the labelling thread; a GPU depth
+  teacher's depth stage beside the matching: the longer of the two) per second,
   or the insert stage's (its own thread, overlapped with the labelling) when that is larger,
   and each stage's time per window.
 * replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
@@ -256,7 +257,18 @@ def rate(w: dict, key: str) -> float | None:
     return None if d is None else d / max(w["seconds"], 1e-9)
 
 
-def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None, *, depth_beside: bool = False) -> dict:
+    """Every stage's figures between t0 and t1, their capacities and the bottleneck. With
+    ``depth_beside`` (a depth teacher on a GPU: ``labelers.service.Labeler.beside``) a labeler's
+    depth stage runs beside its matching, so its labelling thread is busy for the longer of the two."""
     stages: dict[str, dict] = {}
     for name in rec.series:
         w = rec.window(name, t0, t1)
@@ -275,6 +287,8 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
             handled = sum(counts.values())
             busy = {st: (w.get(f"d_s_{st}") or 0.0) for st in (*LABELER_STAGES, "insert")}
             labelling = sum(busy[st] for st in LABELER_STAGES)
+            if depth_beside:
+                labelling -= min(busy["depth"], busy["matches"])
             row.update(windows_per_s=handled / w["seconds"], stored_per_s=counts["stored"] / w["seconds"],
                        dropped_per_s=counts["dropped"] / w["seconds"],
                        busy_fraction=max(labelling, busy["insert"]) / w["seconds"],
@@ -658,8 +672,11 @@ def main() -> int:
              "render_seconds": render_s, "warmup_s": args.warmup, "run_dir": str(run_dir),
              "host_cpus": os.cpu_count()}
 
+    depth_beside = cfg.labeler.teacher != "none" and cfg.labeler.device != "cpu" and (
+        cfg.labeler.device != "auto" or _cuda_available())
+
     def report(isolated, t0, t1):
-        result = analyse(rec, t0, t1, isolated)
+        result = analyse(rec, t0, t1, isolated, depth_beside=depth_beside)
         result["setup"] = setup
         if args.json:
             Path(args.json).write_text(json.dumps(finite(result), indent=2))

@@ -50,6 +50,16 @@ def test_labelers_that_cannot_keep_up_are_the_bottleneck():
     assert "| labeler-1 |" in pb.table(result)
 
 
+def test_a_gpu_teachers_depth_beside_the_matching_counts_once():
+    """With the depth stage beside the matching (a GPU teacher), the labelling thread is busy
+    for the longer of the two: here depth and matches take half the busy time each."""
+    rec = _recorder(sent=4, credit=0.0, labelers=[(2, 0.95), (2, 0.95)], learner_samples=8, learner_wait=0.01,
+                    inserts=4)
+    result = pb.analyse(rec, 0, 10, None, depth_beside=True)
+    assert result["stages"]["labeler"]["busy_fraction"] == pytest.approx(0.475)
+    assert result["capacities"]["labelers"]["capacity"] == pytest.approx(2 * 2 / 0.475)
+
+
 def test_a_starved_learner_is_upstream_bound():
     rec = _recorder(sent=4, credit=0.0, labelers=[(2, 0.95), (2, 0.95)], learner_samples=4, learner_wait=0.5,
                     inserts=4)
