@@ -235,7 +235,8 @@ class LearnerConfig:
     """Record each step's forward, objective, backward and gradient clipping as a CUDA graph and
     replay it (``learner.graphs``; a graph per bucket of match counts, the matches padded with
     rows of weight 0): one launch from the host instead of thousands, for a step the host
-    bounds. CUDA with one learner process only (ignored on the CPU and under DDP)."""
+    bounds. CUDA with one learner process only (ignored on the CPU and under DDP). Not yet
+    measured on a GPU (docs/BENCHMARKS.md, issue 18, thirteenth pass): off."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
     init: str = ""
