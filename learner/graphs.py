@@ -140,7 +140,9 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(side)
         self._drop_grads()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the learner's other threads (its prefetcher pins the next batch's host
+        # memory) may call CUDA while this one records
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.forward_backward(inputs, space)
         self.captures += 1
         log.info("step recorded as a CUDA graph", extra={"match_rows": padded["matches"].shape[0], "space": space,
