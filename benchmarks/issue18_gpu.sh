@@ -38,7 +38,10 @@
 #             120 windows/s in a process of its own, and both (what takes the learner's rate)
 #   contention_compiled CONT2_T=240, with CONT_COMPILED=1: the contention step with CONT2_FLAGS
 #             (default --compile-loss: the objective's terms compiled; --blocks-mode reduce-overhead:
-#             CUDA graphs for the model's blocks), to compare the learner's rate alone and its ratios
+#             CUDA graphs for the model's blocks; learner.cuda_graphs=true: the whole step as CUDA
+#             graphs), to compare the learner's rate alone and its ratios
+#   graphs_test GRAPHS_T=120, with GRAPHS_TEST=1, first: tests/test_graphs.py on this GPU (the step
+#             replayed as CUDA graphs trains as the eager one; needs pytest and pyzmq)
 #   long      LONG_T=90   benchmarks/decode.py --only long: the carried bikes.mp4 repeated LONG_REPEATS=64
 #             times into one video, through the window stream in process, with decode workers (one
 #             per core) on the whole file and with the workers sharing it in segments (CPU only)
@@ -153,6 +156,7 @@ mps_start() {
   fi
 }
 [ "${MPS_FROM:-0}" = 1 ] && mps_start
+[ "${GRAPHS_TEST:-0}" = 1 ] && step graphs_test "${GRAPHS_T:-120}" $PY -m pytest -q -x -p no:cacheprovider tests/test_graphs.py
 pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA"
 for k in 2 3 4; do  # variants: PIPE_EXTRA2..4, each the whole set of host-size overrides
   var=PIPE_EXTRA$k

@@ -6,7 +6,7 @@ steps wrote into one folder, each step's exit status and seconds, bars and wheth
 Reads ``steps.tsv`` (name, exit status, seconds), ``pipeline_bottleneck.json`` (and
 ``pipeline_bottleneckK.json`` of each variant),
 ``matching_accuracy.json``, ``labeler_threads.json`` and ``learner_contention.json`` (and
-``learner_contention_compiled.json``); a missing or unreadable file gives a row saying so.
+``learner_contention_compiled.json``), and the ``graphs_test`` step's exit status; a missing or unreadable file gives a row saying so.
 Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
 """
 
@@ -126,6 +126,10 @@ def summary(out: Path) -> str:
                          f"({f(r['windows_s'])}) over 1 thread | {f(r['ratio'], '.2f', 'x')} | "
                          f"ideal {r['ideal']}x | - |")
 
+    if "graphs_test" in rows:
+        ok = rows["graphs_test"][0] == 0
+        lines.append(f"| graphs_test | {status(rows, 'graphs_test')} | tests/test_graphs.py on this GPU (see "
+                     f"graphs_test.log) | {'passed' if ok else 'failed'} | passes | {'yes' if ok else 'NO'} |")
     for name in ("contention", "contention_compiled"):
         lc = load(out / f"learner_{name}.json")
         if lc is None:
@@ -135,7 +139,8 @@ def summary(out: Path) -> str:
         alone = lc.get("alone") or []
         lines.append(f"| {name} | {status(rows, name)} | learner alone, steps/s (loss terms "
                      f"{'compiled' if lc.get('compile_loss') else 'eager'}"
-                     f"{', blocks ' + lc['blocks_mode'] if lc.get('blocks_mode') else ''}) | "
+                     f"{', blocks ' + lc['blocks_mode'] if lc.get('blocks_mode') else ''}"
+                     f"{', CUDA graphs' if lc.get('cuda_graphs') else ''}) | "
                      f"{f(sum(alone) / len(alone) if alone else None)} | - | - |")
         for r in lc.get("rows", []):
             lines.append(f"| {name} | | beside the {r['load']} load at niceness {r['nice']} / alone | "

@@ -263,6 +263,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"alone": alone, "rows": rows, "cpu_threads": args.cpu_threads,
                                          "compile_loss": args.compile_loss, "blocks_mode": args.blocks_mode,
+                                         "cuda_graphs": trainer.graphs is not None,
                                          "teacher_windows_per_s": args.teacher_windows, "cores": os.cpu_count()},
                                         indent=1))
     return 0
