@@ -45,7 +45,8 @@
 #   long      LONG_T=90   benchmarks/decode.py --only long: the carried bikes.mp4 repeated LONG_REPEATS=64
 #             times into one video, through the window stream in process, with decode workers (one
 #             per core) on the whole file and with the workers sharing it in segments (CPU only)
-# SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants)
+# SKIP: steps to leave out, e.g. SKIP="matching threads" (to make room for pipeline variants);
+# "pipeline" leaves out the first pipeline (its variants run where PIPE_EXTRA2..4 are set)
 # MPS_FROM=K: start the CUDA Multi-Process Service before pipeline variant K (1: before the first)
 # and keep it for the rest of the script, e.g. MPS_FROM=2 PIPE_EXTRA2=run.feeder_nice=10: the same
 # pipeline without and with MPS in one call
@@ -157,7 +158,7 @@ mps_start() {
 }
 [ "${MPS_FROM:-0}" = 1 ] && mps_start
 [ "${GRAPHS_TEST:-0}" = 1 ] && step graphs_test "${GRAPHS_T:-120}" $PY -m pytest -q -x -p no:cacheprovider tests/test_graphs.py
-pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA"
+[[ " ${SKIP-} " == *" pipeline "* ]] || pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA"
 for k in 2 3 4; do  # variants: PIPE_EXTRA2..4, each the whole set of host-size overrides
   var=PIPE_EXTRA$k
   [ "${MPS_FROM:-0}" = "$k" ] && [ -n "${!var-}" ] && mps_start
