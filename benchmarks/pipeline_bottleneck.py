@@ -18,9 +18,9 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
 * streamer: windows sent/s; its CPU use (from /proc, with its child processes: the decode
   workers); it runs flat out when labelers sit on unused credits
   (``reliev3r_labelers_with_credit`` > 0), otherwise its rate is a lower bound.
-* labelers: windows handled/s each, busy fraction = time in the decode, depth, matches and
-  triangulation stages (``reliev3r_labeler_stage_seconds``, the labelling thread; a GPU depth
-  teacher's depth stage beside the matching: the longer of the two) per second,
+* labelers: windows handled/s each, busy fraction = time in the decode and labelling stages
+  (``reliev3r_labeler_stage_seconds``, the labelling thread: receiving a batch, and labelling it
+  whole, its depth and matches overlapped where the teacher is on a GPU) per second,
   or the insert stage's (its own thread, overlapped with the labelling) when that is larger,
   and each stage's time per window.
 * replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
@@ -92,7 +92,9 @@ from reliev3r.status import scrape, stage_kind, value
 STARVED = 0.10
 """Learner data-wait fraction above which it is called upstream-bound."""
 LABELER_STAGES = ("decode", "depth", "matches", "triangulation")
-"""The labelling thread's stages; ``insert`` runs on a thread of its own beside them."""
+"""The labelling stages reported per window; ``insert`` runs on a thread of its own beside them."""
+LABELER_BUSY = ("decode", "labelling")
+"""The stages that add up to the labelling thread's busy time (``labelling``: a batch whole)."""
 ORDER = ("streamer", "labeler", "replay", "learner")
 
 
@@ -107,7 +109,7 @@ def extract(kind: str, s) -> dict[str, float]:
         want = {f"windows_{st}": ("reliev3r_labeler_windows_total", {"status": st})
                 for st in ("stored", "duplicate", "dropped", "insert_failed")}
         want.update({f"s_{st}": ("reliev3r_labeler_stage_seconds_sum", {"stage": st})
-                     for st in (*LABELER_STAGES, "insert")})
+                     for st in (*LABELER_STAGES, "labelling", "insert")})
     elif kind == "replay":
         want = {"inserts": ("reliev3r_replay_inserts_total", {}), "samples": ("reliev3r_replay_samples_total", {}),
                 "batches": ("reliev3r_replay_batches_total", {}),
@@ -257,18 +259,7 @@ def rate(w: dict, key: str) -> float | None:
     return None if d is None else d / max(w["seconds"], 1e-9)
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None, *, depth_beside: bool = False) -> dict:
-    """Every stage's figures between t0 and t1, their capacities and the bottleneck. With
-    ``depth_beside`` (a depth teacher on a GPU: ``labelers.service.Labeler.beside``) a labeler's
-    depth stage runs beside its matching, so its labelling thread is busy for the longer of the two."""
+def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
     stages: dict[str, dict] = {}
     for name in rec.series:
         w = rec.window(name, t0, t1)
@@ -286,9 +277,7 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None, *, depth
             counts = {st: w.get(f"d_windows_{st}") or 0.0 for st in ("stored", "duplicate", "dropped", "insert_failed")}
             handled = sum(counts.values())
             busy = {st: (w.get(f"d_s_{st}") or 0.0) for st in (*LABELER_STAGES, "insert")}
-            labelling = sum(busy[st] for st in LABELER_STAGES)
-            if depth_beside:
-                labelling -= min(busy["depth"], busy["matches"])
+            labelling = sum(w.get(f"d_s_{st}") or 0.0 for st in LABELER_BUSY)
             row.update(windows_per_s=handled / w["seconds"], stored_per_s=counts["stored"] / w["seconds"],
                        dropped_per_s=counts["dropped"] / w["seconds"],
                        busy_fraction=max(labelling, busy["insert"]) / w["seconds"],
@@ -672,11 +661,8 @@ def main() -> int:
              "render_seconds": render_s, "warmup_s": args.warmup, "run_dir": str(run_dir),
              "host_cpus": os.cpu_count()}
 
-    depth_beside = cfg.labeler.teacher != "none" and cfg.labeler.device != "cpu" and (
-        cfg.labeler.device != "auto" or _cuda_available())
-
     def report(isolated, t0, t1):
-        result = analyse(rec, t0, t1, isolated, depth_beside=depth_beside)
+        result = analyse(rec, t0, t1, isolated)
         result["setup"] = setup
         if args.json:
             Path(args.json).write_text(json.dumps(finite(result), indent=2))

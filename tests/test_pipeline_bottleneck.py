@@ -29,7 +29,7 @@ def _recorder(*, sent, credit, labelers, learner_samples, learner_wait, inserts)
             rec.series.setdefault(name, []).append(
                 (t, {"windows_stored": rate * t, "windows_duplicate": 0.0, "windows_dropped": 0.0,
                      "windows_insert_failed": 0.0, "s_decode": 0.0, "s_depth": 0.5 * busy * t,
-                     "s_matches": 0.5 * busy * t, "s_insert": 0.0}))
+                     "s_matches": 0.5 * busy * t, "s_labelling": busy * t, "s_insert": 0.0}))
         rec.series.setdefault("replay", []).append(
             (t, {"inserts": inserts * t, "samples": learner_samples * t, "batches": t, "not_ready": 0.0,
                  "s_insert": 0.01 * t, "s_sample": 0.01 * t, "stored": 100.0}))
@@ -51,13 +51,16 @@ def test_labelers_that_cannot_keep_up_are_the_bottleneck():
 
 
 def test_a_gpu_teachers_depth_beside_the_matching_counts_once():
-    """With the depth stage beside the matching (a GPU teacher), the labelling thread is busy
-    for the longer of the two: here depth and matches take half the busy time each."""
+    """With the depth stage beside the matching (a GPU teacher) the stages overlap: the labelling
+    thread is busy for the batches' whole time, not the sum of their stages."""
     rec = _recorder(sent=4, credit=0.0, labelers=[(2, 0.95), (2, 0.95)], learner_samples=8, learner_wait=0.01,
                     inserts=4)
-    result = pb.analyse(rec, 0, 10, None, depth_beside=True)
-    assert result["stages"]["labeler"]["busy_fraction"] == pytest.approx(0.475)
-    assert result["capacities"]["labelers"]["capacity"] == pytest.approx(2 * 2 / 0.475)
+    for _, scrape in rec.series["labeler"]:
+        scrape["s_depth"] = scrape["s_matches"] = scrape["s_labelling"]  # each as long as the batch
+    result = pb.analyse(rec, 0, 10, None)
+    assert result["stages"]["labeler"]["busy_fraction"] == pytest.approx(0.95)  # not 1.9
+    assert result["stages"]["labeler"]["seconds_per_window"]["depth"] == pytest.approx(0.95 / 2)
+    assert result["capacities"]["labelers"]["capacity"] == pytest.approx(4 / 0.95)
 
 
 def test_a_starved_learner_is_upstream_bound():

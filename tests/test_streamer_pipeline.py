@@ -93,6 +93,9 @@ def test_windows_flow_end_to_end(tmp_path, stream_cfg, stage, wait_for, ctx, vid
                  "the labeler to count every window stored")
         # matching is timed once per batch of windows (labeler.batch_windows); every pair is counted
         assert 1 <= labeler.metric("reliev3r_labeler_stage_seconds_count", {"stage": "matches"}) <= sent
+        # and each batch once whole (what pipeline_bottleneck reads as the labelling thread's busy time)
+        assert labeler.metric("reliev3r_labeler_stage_seconds_count", {"stage": "labelling"}) == \
+            labeler.metric("reliev3r_labeler_stage_seconds_count", {"stage": "matches"})
         assert labeler.metric("reliev3r_matches_per_pair_count") == sent * len(select_pairs(3, cfg.labeler.long_pairs))
     finally:
         labeler.stop()
