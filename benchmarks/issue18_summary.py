@@ -6,8 +6,8 @@ steps wrote into one folder, each step's exit status and seconds, bars and wheth
 Reads ``steps.tsv`` (name, exit status, seconds), ``pipeline_bottleneck.json`` (and
 ``pipeline_bottleneckK.json`` of each variant),
 ``matching_accuracy.json``, ``labeler_threads.json`` and ``learner_contention.json`` (and
-``learner_contention_compiled.json``), and the ``graphs_test`` step's exit status; a missing or unreadable file gives a row saying so.
-Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
+``learner_contention_compiled.json``), and the ``graphs_test`` step's exit status; a missing or
+unreadable file gives a row saying so. Exit status 124 (or 130 on SIGINT, 137 on SIGKILL) means the step's timeout.
 """
 
 from __future__ import annotations

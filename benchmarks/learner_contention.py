@@ -214,13 +214,7 @@ def main() -> int:
         scenarios += [("gpu", 0), ("both", 0), ("both", args.nice)]
     views, height, width = cfg.streamer.views, cfg.streamer.height, cfg.streamer.width
     batch = synthetic_batch(lcfg.batch_size, views, height, width, k=MATCHES_PER_WINDOW * lcfg.batch_size,
-                            seed=cfg.run.seed, device=device)
-    # the labeler's two-view triangulation of each match, (z_i, z_j, weight), so that the
-    # triangulation terms run as they do on real batches
-    g = torch.Generator().manual_seed(cfg.run.seed)
-    k = len(batch["matches"])
-    batch["match_triangulation"] = torch.cat((1 + 2 * torch.rand(k, 2, generator=g), torch.rand(k, 1, generator=g)),
-                                             1).to(device)
+                            seed=cfg.run.seed, device=device, triangulation=True)
     print(f"learner {lcfg.model.size} on {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, batch "
           f"{lcfg.batch_size} x {views} views at {height}x{width}, compile {lcfg.compile}, loss terms "
           f"{'compiled' if args.compile_loss else 'eager'}, blocks' mode {args.blocks_mode or 'default'}; "

@@ -350,8 +350,10 @@ def device_batch(host: dict[str, Tensor], device: str | torch.device) -> dict[st
 
 
 def synthetic_batch(b: int, v: int, h: int, w: int, *, k: int = 64, seed: int = 0,
-                    device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """A random, well-formed batch (for smoke tests and throughput measurements)."""
+                    device: str | torch.device = "cpu", triangulation: bool = False) -> dict[str, Tensor]:
+    """A random, well-formed batch (for smoke tests and throughput measurements); with
+    ``triangulation`` also each match's two-view triangulation (z_i, z_j, weight), so that every
+    loss term of a real batch runs (the same batch otherwise)."""
     g = torch.Generator().manual_seed(seed)
     focal = 0.5 * w / math.tan(math.radians(30))
     intr = torch.tensor([[focal, 0, (w - 1) / 2], [0, focal, (h - 1) / 2], [0, 0, 1]])
@@ -363,6 +365,9 @@ def synthetic_batch(b: int, v: int, h: int, w: int, *, k: int = 64, seed: int = 
     batch = {"images": torch.rand(b, v, 3, h, w, generator=g), "intrinsics": intr.expand(b, v, 3, 3).clone(),
              "matches": matches, "teacher_depth": 1 + torch.rand(b, v, h, w, generator=g),
              "teacher_valid": torch.ones(b, v, h, w, dtype=torch.bool)}
+    if triangulation:
+        depths, weights = 1 + 2 * torch.rand(k, 2, generator=g), torch.rand(k, 1, generator=g)
+        batch["match_triangulation"] = torch.cat((depths, weights), 1)
     return {k_: t.to(device) for k_, t in batch.items()}
 
 

@@ -98,11 +98,8 @@ def test_replayed_step_trains_as_the_eager_step():
     (match counts in two buckets, one bucket seen twice): the same losses and weights."""
     cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, ema_decay=0.9)
     eager, graphed = (Trainer(replace(cfg, cuda_graphs=on), device="cuda") for on in (False, True))
-    batches = []
-    for seed, k in enumerate((100, 105, 300)):
-        b = synthetic_batch(2, 3, 56, 80, k=k, seed=seed, device="cuda")
-        b["match_triangulation"] = torch.cat((1 + torch.rand(k, 2, device="cuda"), torch.rand(k, 1, device="cuda")), 1)
-        batches.append(b)
+    batches = [synthetic_batch(2, 3, 56, 80, k=k, seed=seed, device="cuda", triangulation=True)
+               for seed, k in enumerate((100, 105, 300))]
     for b in batches:
         a, g = eager.step(b), graphed.step(b)
         assert g["matches"] == a["matches"] == b["matches"].shape[0]
@@ -130,9 +127,7 @@ def test_the_recorded_step_copies_no_host_data_to_the_device():
             return func(*args, **(kwargs or {}))
 
     trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2), device="cpu")
-    batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1)
-    g = torch.Generator().manual_seed(1)
-    batch["match_triangulation"] = torch.cat((1 + torch.rand(120, 2, generator=g), torch.rand(120, 1, generator=g)), 1)
+    batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1, triangulation=True)
     trainer.step(batch)  # constants cached per device are made here, as in a graph's warm-up
     with HostTensors() as mode:
         _, _, terms, _, _ = trainer._forward_backward(batch, "depth")
