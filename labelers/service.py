@@ -125,12 +125,14 @@ class Labeler:
                 todo.append(n)
         depths: dict[int, tuple | TeacherError] = {}
 
-        def predict(todo: list[int] = list(todo)) -> dict[int, tuple | TeacherError]:
+        checked = list(todo)  # the windows the teacher sees (todo shrinks below)
+
+        def predict() -> dict[int, tuple | TeacherError]:
             with timer("depth"):
-                out = self.teacher.predict_many([msgs[n].arrays["frames"] for n in todo],
-                                                gt_depths=[msgs[n].arrays.get("gt_depth") for n in todo],
-                                                window_ids=[msgs[n].meta["window_id"] for n in todo])
-            return dict(zip(todo, out))
+                out = self.teacher.predict_many([msgs[n].arrays["frames"] for n in checked],
+                                                gt_depths=[msgs[n].arrays.get("gt_depth") for n in checked],
+                                                window_ids=[msgs[n].meta["window_id"] for n in checked])
+            return dict(zip(checked, out))
 
         pending = None
         if self.teacher.produces_labels and todo:
