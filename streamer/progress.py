@@ -35,11 +35,12 @@ class Progress:
         self.pass_index = 0
         self.sources: dict[str, dict] = {}  # name -> {"resume": int, "acked": [ids], "done": bool}
         self.pending: dict[str, str] = {}  # window id -> source (made, not yet acknowledged)
+        self.draining: dict[str, str] = {}  # the same for the windows of the passes before this one
         self.last_first: dict[str, int] = {}
         self.dirty = False
         self.skipped = 0
         """Windows not made again because they were acknowledged before a restart."""
-        self.lock = threading.Condition()
+        self.lock = threading.Lock()
         if self.path is not None and self.path.exists():
             self._load()
 
@@ -84,27 +85,27 @@ class Progress:
             self.sources.setdefault(source, {"resume": 0, "acked": [], "done": False})["done"] = True
             self.dirty = True
 
-    def new_pass(self, pass_index: int, stopping: threading.Event) -> bool:
-        """Start another pass over the archives once every window of this one is
-        acknowledged (so progress never has to remember two passes). False when stopped."""
+    def new_pass(self, pass_index: int) -> None:
+        """Start another pass over the archives at once: the windows of the pass before still
+        out are acknowledged as they come (``acked``) but not persisted, so progress never has
+        to remember two passes. (Waiting for them cost a looping streamer on short clips the
+        labelers' whole queue at every pass.) A restart before they are acknowledged does not
+        send them again: the pass they belong to is over, and its frames come again in this one."""
         with self.lock:
-            while self.pending and not stopping.is_set():
-                self.lock.wait(0.1)
-            if stopping.is_set():
-                return False
+            self.draining.update(self.pending)
+            self.pending = {}
             self.pass_index, self.sources, self.last_first = pass_index, {}, {}
             self.dirty = True
-            return True
 
     # ------------------------------------------------------------------ acknowledgements
     def acked(self, window_id: str) -> None:
         with self.lock:
             source = self.pending.pop(window_id, None)
             if source is None:
-                return  # not ours (a live feed) or a late duplicate
+                self.draining.pop(window_id, None)
+                return  # of a pass before, not ours (a live feed) or a late duplicate
             self.sources[source]["acked"].append(window_id)
             self.dirty = True
-            self.lock.notify_all()
 
     def snapshot(self) -> dict:
         """The state to persist, with resume points recomputed and acked lists trimmed."""

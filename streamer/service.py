@@ -32,6 +32,7 @@ from streamer import sources as srcs
 from streamer.live import LiveSource, is_live
 from streamer.progress import Progress
 from streamer.windows import Window, windows_of
+from streamer import workers
 from streamer.workers import segments_of, source_windows, worker_count
 
 MAX_ATTEMPTS = 5
@@ -137,10 +138,15 @@ class Dispatcher:
 def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[str], None],
                   on_error: srcs.ErrorSink, log, progress: Progress | None = None,
                   stop: threading.Event | None = None) -> Iterator[Window]:
-    """Windows from every archive source, ``cfg.interleave`` sources at a time in round robin.
-    With ``cfg.loop`` archives start again with the pass number in the window ids, so the
-    learner keeps getting fresh ids (and replay keeps recency right). With ``progress``,
-    each source resumes where the last run stopped and acknowledged windows are not made again."""
+    """Windows from every archive source, ``cfg.interleave`` sources at a time in round robin:
+    one window from each in turn, where a source decoded by a worker (``streamer.workers``) that
+    has no window ready yet is passed over for the next one that has (a slow or windowless source
+    does not hold the others back); only when none has one does the stream wait. Each source's
+    windows keep their order; across sources the order follows which windows are ready first
+    (decoded in this process alone, the order is fixed). With ``cfg.loop`` archives start again
+    with the pass number in the window ids, so the learner keeps getting fresh ids (and replay
+    keeps recency right). With ``progress``, each source resumes where the last run stopped and
+    acknowledged windows are not made again."""
     stop = stop or threading.Event()
     pass_index = progress.pass_index if progress is not None else 0
     while not stop.is_set():
@@ -153,8 +159,8 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         # replaced by its segments (streamer.segments), each decoded and resumed as a source of
         # its own under the progress key name@first_frame, at most one per decode worker at a
         # time (more would be decoded in this process, on the workers' cores).
-        # active: (name, progress key, windows, a segment's)
-        active: list[tuple[str, str, Iterator[Window], bool]] = []
+        # active: (name, progress key, windows, a segment's), the next to ask first
+        active: deque[tuple[str, str, Iterator[Window], bool]] = deque()
         produced = 0
         while (pending or active) and not stop.is_set():
             while pending and len(active) < cfg.interleave:
@@ -179,35 +185,52 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 active.append((source.name, key, source_windows(source, cfg, start=start, pass_index=pass_index,
                                                                  on_frame=on_frame, on_error=on_error,
                                                                  segment=segment), segment is not None))
-            for entry in list(active):
-                name, key, it, _ = entry
-                try:
-                    window = next(it)
-                except StopIteration:
-                    active.remove(entry)
-                    if progress is not None:
-                        progress.source_done(key)
-                    continue
-                except Exception as err:  # a bug or odd input in one source must not stop the others
-                    on_error(name, "source_failed", f"{type(err).__name__}: {err}")
-                    active.remove(entry)
-                    continue
-                produced += 1
+            if not active:
+                continue
+            seen = workers.arrivals()
+            entry = _next_ready(active)
+            if entry is None:  # every source is a worker's, none has a window in yet
+                workers.wait_for_arrival(seen, 0.1)
+                continue
+            name, key, it, _ = entry
+            try:
+                window = next(it)
+            except StopIteration:
+                active.remove(entry)
                 if progress is not None:
-                    if progress.is_acked(window.window_id, key):
-                        progress.skipped += 1
-                        continue  # acknowledged before a restart
-                    progress.made(key, window.window_id)
-                yield window
+                    progress.source_done(key)
+                continue
+            except Exception as err:  # a bug or odd input in one source must not stop the others
+                on_error(name, "source_failed", f"{type(err).__name__}: {err}")
+                active.remove(entry)
+                continue
+            produced += 1
+            if progress is not None:
+                if progress.is_acked(window.window_id, key):
+                    progress.skipped += 1
+                    continue  # acknowledged before a restart
+                progress.made(key, window.window_id)
+            yield window
         if not cfg.loop or stop.is_set():
             return
         if produced == 0:
             log.error("no source produced a window in a whole pass; not looping")
             return
         pass_index += 1
-        if progress is not None and not progress.new_pass(pass_index, stop):
-            return
+        if progress is not None:
+            progress.new_pass(pass_index)
         log.info("sources exhausted, starting again", extra={"pass": pass_index})
+
+
+def _next_ready(active: deque) -> tuple | None:
+    """The first entry of ``active`` whose source has a window ready (one decoded in this
+    process always has: asking decodes it), turned to the back; None when none has."""
+    for _ in range(len(active)):
+        entry = active[0]
+        active.rotate(-1)
+        if getattr(entry[2], "ready", True):
+            return entry
+    return None
 
 
 def live_stream(source, cfg, *, on_frame: Callable[[str], None]) -> Iterator[Window]:

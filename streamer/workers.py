@@ -274,16 +274,66 @@ def _from_worker(pool: WorkerPool, worker: _Worker, job: dict, name: str, on_fra
                 head = msgpack.unpackb(worker.conn.recv_bytes())
                 frames = [worker.conn.recv_bytes() for _ in range(head[-1])]
                 _put(ahead, (head[:-1], frames), stop)
+                _arrived()
                 if head[0] in ("end", "failed"):
                     return
         except Exception as err:  # EOFError/OSError: the worker died; anything else: garbled reports
             _put(ahead, (["died", 0, f"decode worker lost ({worker.process.exitcode}): {type(err).__name__}: {err}"],
                          []), stop)
+            _arrived()
 
     reader = threading.Thread(target=read, daemon=True, name=f"decode-{name[:20]}")
     worker.conn.send_bytes(msgpack.packb(job))
     reader.start()
-    return _drain(pool, worker, reader, ahead, stop, name, on_frame, on_error)
+    return WorkerWindows(_drain(pool, worker, reader, ahead, stop, name, on_frame, on_error), ahead)
+
+
+class WorkerWindows:
+    """A worker's windows, in order, and whether the next report is in already (``ready``): the
+    caller may take windows from the sources that have one instead of waiting on one that is
+    still decoding (``streamer.service.window_stream``)."""
+
+    def __init__(self, windows: Iterator[Window], ahead: queue.Queue):
+        self.windows, self.ahead = windows, ahead
+
+    def __iter__(self) -> "WorkerWindows":
+        return self
+
+    def __next__(self) -> Window:
+        return next(self.windows)
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``next`` returns (a window, the end or a failure) without waiting on the worker;
+        it may wait still after an error report, which comes before the source's next window."""
+        return not self.ahead.empty()
+
+    def close(self) -> None:
+        self.windows.close()
+
+
+_arrivals = 0
+_arrival = threading.Condition()
+
+
+def arrivals() -> int:
+    """Reports that have come in from any worker so far (for :func:`wait_for_arrival`)."""
+    with _arrival:
+        return _arrivals
+
+
+def wait_for_arrival(seen: int, timeout: float) -> None:
+    """Wait until a worker's report comes in after :func:`arrivals` returned ``seen`` (or ``timeout``
+    seconds pass)."""
+    with _arrival:
+        _arrival.wait_for(lambda: _arrivals != seen, timeout)
+
+
+def _arrived() -> None:
+    global _arrivals
+    with _arrival:
+        _arrivals += 1
+        _arrival.notify_all()
 
 
 def _drain(pool: WorkerPool, worker: _Worker, reader: threading.Thread, ahead: queue.Queue, stop: threading.Event,

@@ -1,22 +1,25 @@
 """Decode workers (``streamer.decode_workers``) and the per-frame glance: the same windows, ids,
-order, pixels and named error reasons with workers as without; resume from a frame the same;
+order per source, pixels and named error reasons with workers as without; a source without a
+window ready does not hold the others back; resume from a frame the same;
 the glance made from a video's decoder planes agrees with the one made from its RGB frames."""
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
+
 import av
 import cv2
 import numpy as np
 import pytest
 
-from streamer import workers
+from streamer import service, workers
 from streamer.config import StreamerConfig
 from streamer.glance import glance_of_rgb, glance_of_video_frame
 from streamer.progress import Progress
 from streamer.service import window_stream
 from streamer.sources import ImageSequenceSource, VideoSource, discover, source_name
-from streamer.windows import builder_for, hs_histogram, thumbnail
+from streamer.windows import Window, builder_for, hs_histogram, thumbnail
 from streamer_media import SHARED, encode, panning_frames
 
 KITCHEN = SHARED / "7scenes-redkitchen"
@@ -42,9 +45,15 @@ def stream(specs, cfg, progress=None, ground_truth=True):
 
 
 def as_data(windows):
-    return [(w.window_id, w.source, [v.index for v in w.views], [v.timestamp for v in w.views],
-             np.stack([v.rgb for v in w.views]).tobytes(), np.stack([v.intrinsics for v in w.views]).astype(np.float32).tobytes())
-            for w in windows]
+    """Per source, its windows in order: ids, frame indices, timestamps, pixels, intrinsics (across
+    sources the order follows which worker has a window ready first)."""
+    per_source: dict[str, list] = {}
+    for w in windows:
+        per_source.setdefault(w.source, []).append(
+            (w.window_id, [v.index for v in w.views], [v.timestamp for v in w.views],
+             np.stack([v.rgb for v in w.views]).tobytes(),
+             np.stack([v.intrinsics for v in w.views]).astype(np.float32).tobytes()))
+    return per_source
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +76,51 @@ def test_workers_make_the_same_windows_and_name_the_same_errors(clips):
     alone, alone_errors, alone_frames = stream(specs, StreamerConfig(**WINDOWS, decode_workers=1))
     pooled, pooled_errors, pooled_frames = stream(specs, StreamerConfig(**WINDOWS, decode_workers=2))
     assert len(alone) >= 20
-    assert as_data(pooled) == as_data(alone)  # ids, order, frame indices, timestamps, pixels, intrinsics
+    assert as_data(pooled) == as_data(alone)  # per source: ids, order, indices, timestamps, pixels, intrinsics
     assert sorted(pooled_errors) == sorted(alone_errors)
     reasons = {(s, r) for s, r, _ in pooled_errors}
     assert {(source_name(clips[3]), "empty_file"), (source_name(clips[4]), "open_failed"),
             (source_name(clips[6]), "too_short"), (source_name(clips[7]), "missing")} <= reasons
     assert any(s == source_name(clips[5]) for s, _ in reasons)  # the corrupt clip says why
     assert pooled_frames == alone_frames  # decode_frames_total per source, counted from the workers' reports
+
+
+class Held:
+    """A worker's windows as ``window_stream`` sees them: ``ready`` says whether one is in; asking
+    for one that is not fails the test (the stream would have waited on it)."""
+
+    def __init__(self, name: str, count: int, ready: bool):
+        self.name, self.left, self.ready = name, count, ready
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        assert self.ready, f"{self.name} asked while it had no window in"
+        if not self.left:
+            raise StopIteration
+        self.left -= 1
+        return Window(f"{self.name}:0:{self.left}", self.name, [])
+
+
+def test_a_source_without_a_window_ready_does_not_hold_the_others_back(monkeypatch):
+    """Round robin over the sources that have a window in: a slow one is passed over, and the
+    stream waits (for a worker's next report) only when none has one."""
+    held = {"slow": Held("slow", 2, ready=False), "fast": Held("fast", 3, ready=True)}
+    monkeypatch.setattr(service, "source_windows", lambda source, cfg, **kw: held[source.name])
+    waits = []
+
+    def wait_for_arrival(seen, timeout):  # the slow worker's first window comes in
+        waits.append(seen)
+        held["slow"].ready = True
+
+    monkeypatch.setattr(workers, "wait_for_arrival", wait_for_arrival)
+    sources = [SimpleNamespace(name="slow"), SimpleNamespace(name="fast")]
+    cfg = StreamerConfig(**WINDOWS, decode_workers=1)
+    ids = [w.window_id for w in window_stream(lambda: sources, cfg, on_frame=lambda s: None, on_error=Events(),
+                                              log=logging.getLogger("test"))]
+    assert ids == ["fast:0:2", "fast:0:1", "fast:0:0", "slow:0:1", "slow:0:0"]
+    assert len(waits) == 1  # once fast was done and slow had nothing in
 
 
 def test_workers_resume_where_progress_says(clips, tmp_path):
