@@ -15,6 +15,7 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
     .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
     .venv/bin/python benchmarks/decode.py --only budget
     .venv/bin/python benchmarks/decode.py --only long [--long FILE] [--long-repeats 24]
+    .venv/bin/python benchmarks/decode.py --only loop [--loop-workers 2] [--loop-interleave 2 4] [--loop-seconds 10]
 
 ``--only budget`` splits the decode bar of issue 18 (the streamer's frames per CPU-second,
 analysis included, against the fastest plain reader's) into what decoding alone costs the
@@ -24,6 +25,12 @@ on one thread) spends in all; and times the same analysis fed by that reader (it
 to RGB, the glance made from them), the peer with the streamer's work. ``--only long`` makes
 one long video of a clip repeated (packets copied) and times the window stream over it in
 process, with decode workers on the whole file, and with the workers sharing it in segments.
+``--only loop`` loops the window stream over the videos and the 7-Scenes folder at the sizes of
+``configs/gpu.yaml``, with resumable progress and acknowledgements that come ``--loop-latency``
+seconds after a window is taken, at most ``--loop-in-flight`` out (what the labelers do to the
+streamer), against what its workers could make: one in-process pass's windows per CPU-second
+times the workers (and the acknowledgements' own bound, in-flight / latency); run it under two
+versions of ``streamer`` (``PYTHONPATH``, as ``--only streamer``) for a before/after.
 
 ``--only windows`` writes the keyframe decisions over whole files (the view indices of every
 window, cuts, skips, LK calls and points tracked) of the shared videos, the 7-Scenes folder and
@@ -42,6 +49,7 @@ import platform
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -317,6 +325,76 @@ def worker_scaling(specs: list[str], repeats: int = 2) -> None:
     workers._close_pools()
 
 
+def looped_stream(specs: list[str], count: int, interleaves: list[int], seconds: float, latency: float,
+                  in_flight: int) -> None:
+    """Windows per second of the looped window stream over ``specs`` with ``count`` decode
+    workers at each interleave, acknowledged ``latency`` s after being taken with at most
+    ``in_flight`` out, against the bound of the workers (``count`` x windows per CPU-second of
+    one pass in this process, every source in turn) and of the acknowledgements."""
+    import dataclasses
+    import streamer
+    from reliev3r.config import load
+    from streamer.progress import Progress
+
+    base = dataclasses.replace(load([Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml"]).streamer,
+                               sources=specs)
+    one = dataclasses.replace(base, decode_workers=1, interleave=1, loop=False)
+    cpu = time.process_time()
+    per_pass = len(list(window_stream(lambda: discover(specs, on_error=lambda *a: None, ground_truth=False), one,
+                                      on_frame=lambda s: None, on_error=lambda *a: None, log=logging.getLogger("bench"))))
+    cpu = time.process_time() - cpu
+    bound = min(count * per_pass / cpu, in_flight / latency if latency else float("inf"))
+    print(f"\nlooped window stream of {Path(streamer.__file__).parent} over {len(specs)} sources ({per_pass} windows a "
+          f"pass, {per_pass / cpu:.0f} windows per CPU-second in process), {count} decode workers, acknowledged "
+          f"{latency:g} s after, <= {in_flight} out; {seconds:g} s each after 150 windows; bound {bound:.0f} windows/s")
+    print("| interleave | windows/s | of the bound | passes |")
+    print("|---|---:|---:|---:|")
+    for interleave in interleaves:
+        cfg = dataclasses.replace(base, decode_workers=count, interleave=interleave, loop=True)
+        progress = Progress(None, window_step=cfg.window_step)
+        stop = threading.Event()
+        out: deque = deque()
+        room = threading.Condition()
+
+        def acknowledge() -> None:  # the labelers: each window acknowledged `latency` s after it was taken
+            while not stop.is_set():
+                with room:
+                    room.wait_for(lambda: out or stop.is_set())
+                    if stop.is_set():
+                        return
+                    taken, window_id = out[0]
+                time.sleep(max(0.0, taken + latency - time.perf_counter()))
+                with room:
+                    out.popleft()
+                    room.notify_all()
+                progress.acked(window_id)
+
+        acker = threading.Thread(target=acknowledge, daemon=True)
+        acker.start()
+        made, passes, t0 = 0, set(), None
+        for window in window_stream(lambda: discover(specs, on_error=lambda *a: None, ground_truth=False), cfg,
+                                    on_frame=lambda s: None, on_error=lambda *a: None, log=logging.getLogger("bench"),
+                                    progress=progress, stop=stop):
+            with room:
+                room.wait_for(lambda: len(out) < in_flight)
+                out.append((time.perf_counter(), window.window_id))
+                room.notify_all()
+            made += 1
+            if t0 is None and made == 150:  # workers started, first passes behind
+                t0, made = time.perf_counter(), 0
+            elif t0 is not None:
+                passes.add(window.window_id.rsplit(":", 2)[1])
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        rate = made / (time.perf_counter() - t0)
+        stop.set()
+        with room:
+            room.notify_all()
+        acker.join()
+        print(f"| {interleave} | {rate:.0f} | {rate / bound:.2f}x | {len(passes)} |", flush=True)
+    workers._close_pools()
+
+
 def repeated_clip(src: Path, repeats: int, out: Path) -> Path:
     """``src``'s video stream ``repeats`` times in a row in one file, packets copied (no
     re-encoding: the codec, its B-frames and GOPs are the source's), stamps continued."""
@@ -514,19 +592,30 @@ def main() -> int:
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
-    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "long"],
+    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "long",
+                                       "loop"],
                     default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
     ap.add_argument("--long", default=str(shared / "videos" / "bikes.mp4"),
                     help="--only long: the clip repeated into one long video")
     ap.add_argument("--long-repeats", type=int, default=24)
+    ap.add_argument("--loop-workers", type=int, default=2)
+    ap.add_argument("--loop-interleave", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--loop-seconds", type=float, default=10.0)
+    ap.add_argument("--loop-latency", type=float, default=0.2, help="--only loop: seconds to a window's acknowledgement")
+    ap.add_argument("--loop-in-flight", type=int, default=32, help="--only loop: windows out at most (max_in_flight)")
     ap.add_argument("--compare-windows", nargs=2, metavar=("A", "B"), help="count the differing windows")
     args = ap.parse_args()
     MAX_FRAMES[0] = args.max_frames
     REPEATS[0] = args.repeats
     if args.compare_windows:
         compare_windows(*map(Path, args.compare_windows))
+        return 0
+    if args.only == "loop":
+        specs = sorted(str(p) for p in Path(args.videos).glob("*.mp4")) + [args.kitchen]
+        looped_stream(specs, args.loop_workers, args.loop_interleave, args.loop_seconds, args.loop_latency,
+                      args.loop_in_flight)
         return 0
     if args.only in ("windows", "streamer"):
         specs = sorted(Path(args.videos).glob("*.mp4")) + sorted(Path(args.videos).glob("*.avi"))

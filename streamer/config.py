@@ -80,13 +80,15 @@ class StreamerConfig:
     """A hue-saturation histogram jump (Bhattacharyya distance, 0-1) between consecutive frames
     above this is a hard cut as well. 0 disables."""
     interleave: int = 4
-    """Sources decoded at once, one window from each in turn (round robin)."""
+    """Sources decoded at once, one window from each in turn (round robin; a decode worker's
+    source without a window ready is passed over until it has one)."""
     decode_workers: int = 1
     """Processes that decode archive sources, pick their keyframes and cut their windows, one
     source each at a time (``streamer.workers``), so that up to ``interleave`` sources use as
     many cores; sources beyond the workers are decoded in the streamer process. 1: no workers;
     0: one per core this process may run on (``os.sched_getaffinity``), at most ``interleave``.
-    Windows, their ids and their order are the same either way, with one exception: with
+    Windows, their ids and each source's order are the same either way (across sources, a
+    worker's window ready is taken before one still being decoded), with one exception: with
     workers, a video of at least two ``streamer.segments.SEGMENT_FRAMES`` (1,500) frames whose
     stamps can be trusted is shared by the workers in segments that start at keyframes, at most
     one segment per worker at a time, and no window spans a segment boundary (a long video: 7.2x
