@@ -303,6 +303,7 @@ def bench_cpu_threads(folders: list[Path], *, threads: list[int], rounds: int, v
     batches = [msgs[k:k + batch] for k in range(0, len(msgs), batch)]
 
     def one_pass(labeler):
+        labeler.matcher.forget()  # each pass as new windows (a view met again within it is not detected again)
         return [r for group in batches for r in labeler.label_many(group)]
 
     def key(results):

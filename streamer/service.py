@@ -64,6 +64,7 @@ class Dispatcher:
         self.in_flight: dict[str, InFlight] = {}
         self.resend: deque[str] = deque()
         self.silent: set[bytes] = set()  # peers whose credits expired, still holding windows
+        self.last_peer: dict[str, bytes] = {}  # source -> the peer its last window went to
 
     def on_ready(self, peer: bytes, credits: int) -> None:
         self.credits[peer] = [max(0, credits), self.clock()]
@@ -98,8 +99,14 @@ class Dispatcher:
         self.silent &= {entry.peer for entry in self.in_flight.values()}
         return timed_out, abandoned
 
-    def peer(self) -> bytes | None:
-        """The labeler with the most credits, or None."""
+    def peer(self, source: str | None = None) -> bytes | None:
+        """The labeler for a window of ``source``: the one the source's last window went to while
+        it has a credit (neighbouring windows share views, whose features a labeler keeps:
+        ``labelers.matches.OpenCVMatcher``), else the one with the most credits; None when no
+        labeler has a credit."""
+        last = self.last_peer.get(source) if source is not None else None
+        if last is not None and self.credits.get(last, (0,))[0] > 0:
+            return last
         best = max(self.credits.items(), key=lambda kv: kv[1][0], default=None)
         return best[0] if best is not None and best[1][0] > 0 else None
 
@@ -123,8 +130,10 @@ class Dispatcher:
                 return wid
         return None
 
-    def sent(self, window_id: str, frames: list, peer: bytes) -> None:
+    def sent(self, window_id: str, frames: list, peer: bytes, source: str | None = None) -> None:
         self.credits[peer][0] -= 1
+        if source is not None:
+            self.last_peer[source] = peer
         entry = self.in_flight.get(window_id)
         if entry is None:
             self.in_flight[window_id] = InFlight(frames, self.clock(), peer, 1)
@@ -386,9 +395,10 @@ class StreamerService:
         elif event == "connected":
             metrics.connected.labels(source).set(value)
 
-    def send(self, window_id: str, frames: list) -> bool:
+    def send(self, window_id: str, frames: list, source: str | None = None) -> bool:
+        """Send a window to a labeler (``source``: the window's, for :meth:`Dispatcher.peer`)."""
         disp = self.disp
-        peer = disp.peer()
+        peer = disp.peer(source)
         if peer is None:
             return False
         try:
@@ -397,7 +407,7 @@ class StreamerService:
             self.log.info("labeler unreachable, dropping its credits", extra={"error": str(err)})
             disp.lost_peer(peer)
             return False
-        disp.sent(window_id, frames, peer)
+        disp.sent(window_id, frames, peer, source)
         return True
 
     def step(self) -> int | None:
@@ -440,7 +450,7 @@ class StreamerService:
                 if scfg.payload != "raw":
                     msg = protocol.compress_frames(msg, scfg.payload, scfg.jpeg_quality)
                 frames = protocol.encode(msg)
-                if not self.send(window.window_id, frames):
+                if not self.send(window.window_id, frames, window.source):
                     # the chosen labeler vanished between check and send: keep it for later
                     disp.in_flight[window.window_id] = InFlight(frames, 0.0, b"", 0)
                     disp.resend.append(window.window_id)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from labelers.config import LabelerConfig
-from labelers.matches import make_matcher, match_windows, triangulate_many, triangulate_matches, verify
+from labelers.matches import (OpenCVMatcher, make_matcher, match_windows, triangulate_many, triangulate_matches,
+                              verify)
 from labelers.service import Labeler
 from reliev3r import geometry, synthetic
 from reliev3r.config import PipelineConfig, build
@@ -67,7 +68,7 @@ def assert_same(serial, threaded):
 @pytest.mark.parametrize("kind", ["sift", "orb"])
 def test_match_windows_threaded_is_serial_bit_for_bit(world_window, kind):
     data = windows(world_window)
-    matcher = make_matcher(kind)
+    matcher = OpenCVMatcher(kind, cache_frames=0)  # every call detects: threads against the serial detection
     serial = match_windows(data, matcher, **KW)
     assert sum(len(m) for m, _ in serial) > 50, "too few matches for the comparison to mean anything"
     for threads in (2, 3):
@@ -75,6 +76,30 @@ def test_match_windows_threaded_is_serial_bit_for_bit(world_window, kind):
             for _ in range(2):  # twice: other interleavings, threads that already hold tools
                 assert_same(serial, match_windows(data, matcher, **KW, pool=pool))
     assert_same(serial, match_windows(data, matcher, **KW))  # and serial again afterwards
+
+
+@pytest.mark.parametrize("kind", ["sift", "orb"])
+def test_a_frame_seen_again_reuses_its_features_and_matches_the_same(world_window, kind):
+    """Neighbouring windows share views: a frame the matcher has seen (by its pixels) is not
+    detected again, and the windows' matches are those of detecting every frame, bit for bit;
+    the cache holds ``cache_frames`` frames, the least recently used go first."""
+    frames = np.concatenate([world_window[0], panning_frames(2, 128, 96, step=6, seed=4)])  # 6 frames
+    first, second = frames[:4], frames[2:]  # two windows sharing two views
+    fresh = OpenCVMatcher(kind, cache_frames=0)
+    want = match_windows([first], fresh, **KW) + match_windows([second], fresh, **KW)
+    assert fresh.computed == 8
+    cached = OpenCVMatcher(kind, cache_frames=4)
+    with ThreadPoolExecutor(2) as pool:
+        got = match_windows([first], cached, **KW, pool=pool) + match_windows([second], cached, **KW, pool=pool)
+    assert_same(want, got)
+    assert cached.computed == 6  # frames 2 and 3 once
+    cached.features(np.ascontiguousarray(frames[0]))  # evicted: 4 frames since (2, 3, 4, 5)
+    assert cached.computed == 7
+    cached.features(np.ascontiguousarray(frames[5]))
+    assert cached.computed == 7
+    cached.forget()
+    cached.features(np.ascontiguousarray(frames[5]))
+    assert cached.computed == 8
 
 
 def knn_reference(matcher, a, b):

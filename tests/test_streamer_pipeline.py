@@ -133,6 +133,22 @@ def test_windows_to_resend_with_no_labeler_wait_for_one():
     assert disp.poll_ms(True, False) == feed and disp.poll_ms(True, True) == 0
 
 
+def test_a_sources_windows_go_to_the_labeler_that_had_its_last_one_while_it_has_credit():
+    """Neighbouring windows of a source share views, whose features a labeler keeps: the next
+    window of a source goes where the last one went while that labeler has a credit, else to
+    the labeler with the most credits."""
+    disp = streamer_service.Dispatcher(max_in_flight=8, resend_timeout_s=1000.0, peer_timeout_s=10.0)
+    disp.on_ready(b"a", 2)
+    disp.on_ready(b"b", 3)
+    assert disp.peer("kitchen") == b"b"  # no window of it out yet: the most credits
+    disp.sent("kitchen:0:0", [b""], b"b", "kitchen")
+    disp.on_ready(b"a", 4)
+    assert disp.peer("kitchen") == b"b" and disp.peer("bikes") == b"a" and disp.peer() == b"a"
+    disp.sent("kitchen:0:8", [b""], b"b", "kitchen")
+    disp.sent("kitchen:0:16", [b""], b"b", "kitchen")
+    assert disp.credits[b"b"][0] == 0 and disp.peer("kitchen") == b"a"  # no credit left there
+
+
 def test_windows_of_a_silent_labeler_go_to_another_once_its_credits_expire():
     """A labeler not heard from for ``peer_timeout_s`` is presumed dead: the windows it holds
     go to another labeler as soon as one has credit, long before ``resend_timeout_s``. Alone,
