@@ -110,6 +110,7 @@ def extract(kind: str, s) -> dict[str, float]:
                 for st in ("stored", "duplicate", "dropped", "insert_failed")}
         want.update({f"s_{st}": ("reliev3r_labeler_stage_seconds_sum", {"stage": st})
                      for st in (*LABELER_STAGES, "labelling", "insert")})
+        want.update({f"frames_{k}": ("reliev3r_labeler_frames_total", {"features": k}) for k in ("detected", "reused")})
     elif kind == "replay":
         want = {"inserts": ("reliev3r_replay_inserts_total", {}), "samples": ("reliev3r_replay_samples_total", {}),
                 "batches": ("reliev3r_replay_batches_total", {}),
@@ -282,6 +283,9 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
                        dropped_per_s=counts["dropped"] / w["seconds"],
                        busy_fraction=max(labelling, busy["insert"]) / w["seconds"],
                        seconds_per_window={st: (v / handled if handled else None) for st, v in busy.items()})
+            frames = {k: w.get(f"d_frames_{k}") or 0.0 for k in ("detected", "reused")}
+            row["features_reused_fraction"] = (frames["reused"] / sum(frames.values()) if sum(frames.values())
+                                               else None)
         elif kind == "replay":
             busy = ((w.get("d_s_insert") or 0.0) + (w.get("d_s_sample") or 0.0)) / w["seconds"]
             row.update(inserts_per_s=rate(w, "inserts"), samples_per_s=rate(w, "samples"),
@@ -457,7 +461,7 @@ def table(result: dict) -> str:
             per = " ".join(f"{k} {1e3 * v:.0f} ms" for k, v in r["seconds_per_window"].items() if v is not None)
             lines.append(f"| {name} | {fmt(r['windows_per_s'])} labelled | {fmt(r['busy_fraction'])} | "
                          f"{fmt(r['cpu_cores'])} | {per} | stored {fmt(r['stored_per_s'])}/s, dropped "
-                         f"{fmt(r['dropped_per_s'])}/s |")
+                         f"{fmt(r['dropped_per_s'])}/s, features reused {fmt(r.get('features_reused_fraction'))} |")
         elif kind == "replay":
             lines.append(f"| {name} | {fmt(r['inserts_per_s'])} in, {fmt(r['samples_per_s'])} out | "
                          f"{fmt(r['busy_fraction'])} | {fmt(r['cpu_cores'])} | - | not ready "

@@ -130,8 +130,8 @@ class OpenCVMatcher:
         self.cache_frames = cache_frames
         self._cache: OrderedDict[bytes, Features] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.computed = 0
-        """Frames whose features were detected (not found in the cache), for tests and metrics."""
+        self.computed = self.reused = 0
+        """Frames whose features were detected, and found in the cache (for tests and metrics)."""
 
     def _detector(self):
         """The calling thread's detector, made on its first call."""
@@ -163,6 +163,7 @@ class OpenCVMatcher:
             found = self._cache.get(key)
             if found is not None:
                 self._cache.move_to_end(key)
+                self.reused += 1
                 return found
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         keypoints, desc = self._detector().detectAndCompute(grey, None)

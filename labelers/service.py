@@ -144,12 +144,16 @@ class Labeler:
         matched = {}
         try:
             if todo:
+                seen = (getattr(self.matcher, "computed", 0), getattr(self.matcher, "reused", 0))
                 with timer("matches"):
                     out = match_windows([msgs[n].arrays["frames"] for n in todo], self.matcher,
                                         long_pairs=self.cfg.long_pairs, min_matches=self.cfg.min_matches,
                                         max_matches_per_pair=self.cfg.max_matches_per_pair,
                                         threshold_px=self.cfg.ransac_threshold_px, pool=self.pool)
                 matched = dict(zip(todo, out))
+                if self.metrics is not None:
+                    self.metrics.observe_features(getattr(self.matcher, "computed", 0) - seen[0],
+                                                  getattr(self.matcher, "reused", 0) - seen[1])
         finally:
             if pending is not None:  # also when matching failed: no teacher call outlives its batch
                 depths = pending.result()
@@ -208,8 +212,17 @@ class LabelerMetrics:
         self.pairs = m.histogram("matches_per_pair", "Verified matches kept per view pair",
                                  buckets=(0, 1, 8, 16, 32, 64, 128, 256, 512, 1024))
 
+        self.features = m.counter("labeler_frames_total", "Frames matched, by whether their features were "
+                                  "detected or reused (a view of an earlier window)", ["features"])
+
     def observe_pair(self, k: int) -> None:
         self.pairs.observe(k)
+
+    def observe_features(self, detected: int, reused: int) -> None:
+        if detected:
+            self.features.labels("detected").inc(detected)
+        if reused:
+            self.features.labels("reused").inc(reused)
 
     def timer(self, stage: str):
         return self.stage.labels(stage).time()

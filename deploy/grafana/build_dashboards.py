@@ -114,6 +114,9 @@ QUALITY = dashboard("reliev3r-data-quality", "reliev3r / data quality", [
     panel("Labeler latency per stage (p90)", [
         ("histogram_quantile(0.9, sum by (le, stage) (rate(reliev3r_labeler_stage_seconds_bucket[5m])))", "{{stage}}"),
     ], unit="s", description="decode, depth (teacher) and matches per window"),
+    panel("Labeler frames: features detected or reused", [
+        ("sum by (features) (rate(reliev3r_labeler_frames_total[5m]))" + ZERO, "{{features}}"),
+    ], unit="ops", description="SIFT/ORB features of a view met in an earlier window are reused, not detected again"),
     panel("Replay latency (p90)", [
         ("histogram_quantile(0.9, sum by (le) (rate(reliev3r_replay_insert_seconds_bucket[5m])))", "insert"),
         ("histogram_quantile(0.9, sum by (le) (rate(reliev3r_replay_sample_seconds_bucket[5m])))", "sample"),
