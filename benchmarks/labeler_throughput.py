@@ -303,7 +303,9 @@ def bench_cpu_threads(folders: list[Path], *, threads: list[int], rounds: int, v
     batches = [msgs[k:k + batch] for k in range(0, len(msgs), batch)]
 
     def one_pass(labeler):
-        labeler.matcher.forget()  # each pass as new windows (a view met again within it is not detected again)
+        # each pass as new windows: a view met again within the pass is not detected again (a
+        # matcher without the feature cache, of an older tree on PYTHONPATH, has nothing to forget)
+        getattr(labeler.matcher, "forget", lambda: None)()
         return [r for group in batches for r in labeler.label_many(group)]
 
     def key(results):
