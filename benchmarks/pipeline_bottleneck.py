@@ -520,7 +520,9 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     :func:`record_batches`, round robin from host memory, each batch converted as the learner
     service does (its arrays copied into pinned host tensors by a thread, as the service's
     prefetch thread does, then queued to the device by the training thread); samples/s over
-    ``steps`` steps after ``warmup``."""
+    ``steps`` steps after ``warmup`` (with ``learner.cuda_graphs``, at least one pass over the
+    batches: each batch's graph is recorded before the timing; graphs recorded while timed are
+    counted)."""
     import queue
     import threading
 
@@ -539,6 +541,9 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     if not messages:
         raise SystemExit(f"no recorded batches in {folder}")
 
+    graphs = getattr(trainer, "graphs", None)
+    if graphs is not None:  # learner.cuda_graphs: every batch's graph recorded before the timing
+        warmup = max(warmup, len(messages))
     ready: queue.Queue = queue.Queue(maxsize=1)  # one batch ahead, as the service's Prefetcher(depth=1)
 
     def produce() -> None:
@@ -556,6 +561,7 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
         step(k)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
+    recorded = graphs.captures if graphs is not None else 0
     start = time.perf_counter()
     for k in range(steps):
         step(warmup + k)
@@ -563,7 +569,8 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
         torch.cuda.synchronize()
     rate = steps * cfg.learner.batch_size / (time.perf_counter() - start)
     return {"samples_per_s": rate, "steps_per_s": rate / cfg.learner.batch_size, "device": str(trainer.device),
-            "steps": steps, "warmup": warmup, "batches": len(messages)}
+            "steps": steps, "warmup": warmup, "batches": len(messages),
+            "graphs_recorded_timed": None if graphs is None else graphs.captures - recorded}
 
 
 def isolated_rate(configs: list[str], overrides: list[str], folder: Path, steps: int,

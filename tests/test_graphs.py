@@ -95,8 +95,11 @@ def test_cuda_graphs_are_ignored_on_the_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_replayed_step_trains_as_the_eager_step():
     """Two trainers from the same seed, one eager and one replaying graphs, on the same batches
-    (match counts in two buckets, one bucket seen twice): the same losses and weights."""
-    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, ema_decay=0.9)
+    (match counts in two buckets, one bucket seen twice): the same losses and weights. In fp32:
+    under bf16 autocast the padded rows change the kernels' shapes and so their rounding (on an
+    H100 the first step's gradient norm 50.68 against 49.84, the loss within 1e-3)."""
+    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, ema_decay=0.9,
+                        precision="fp32")
     eager, graphed = (Trainer(replace(cfg, cuda_graphs=on), device="cuda") for on in (False, True))
     batches = [synthetic_batch(2, 3, 56, 80, k=k, seed=seed, device="cuda", triangulation=True)
                for seed, k in enumerate((100, 105, 300))]
