@@ -86,7 +86,8 @@ class StreamerConfig:
     """Processes that decode archive sources, pick their keyframes and cut their windows, one
     source each at a time (``streamer.workers``), so that up to ``interleave`` sources use as
     many cores; sources beyond the workers are decoded in the streamer process. 1: no workers;
-    0: one per core this process may run on (``os.sched_getaffinity``), at most ``interleave``.
+    0: one per core this process may run on (``os.sched_getaffinity``), at most ``interleave``,
+    and then no more sources at once than workers (none decoded in the streamer process).
     Windows, their ids and each source's order are the same either way (across sources, a
     worker's window ready is taken before one still being decoded), with one exception: with
     workers, a video of at least two ``streamer.segments.SEGMENT_FRAMES`` (1,500) frames whose

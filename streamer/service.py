@@ -147,7 +147,8 @@ class Dispatcher:
 def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[str], None],
                   on_error: srcs.ErrorSink, log, progress: Progress | None = None,
                   stop: threading.Event | None = None) -> Iterator[Window]:
-    """Windows from every archive source, ``cfg.interleave`` sources at a time in round robin:
+    """Windows from every archive source, ``cfg.interleave`` sources at a time (with
+    ``decode_workers: 0``, no more than the workers: one per core) in round robin:
     one window from each in turn, where a source decoded by a worker (``streamer.workers``) that
     has no window ready yet is passed over for the next one that has (a slow or windowless source
     does not hold the others back); only when none has one does the stream wait. Each source's
@@ -158,6 +159,10 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
     acknowledged windows are not made again."""
     stop = stop or threading.Event()
     pass_index = progress.pass_index if progress is not None else 0
+    # with workers one per core, a source beyond them would be decoded in this process, on the
+    # workers' cores (0.78x and 0.67x of the workers' bound at 2 and 8 such sources on 2 cores
+    # against 0.98x without: docs/BENCHMARKS.md, issue 18, fourteenth pass)
+    at_once = cfg.interleave if cfg.decode_workers else worker_count(cfg)
     while not stop.is_set():
         try:
             pending = deque((source, None) for source in make_sources())
@@ -172,7 +177,7 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         active: deque[tuple[str, str, Iterator[Window], bool]] = deque()
         produced = 0
         while (pending or active) and not stop.is_set():
-            while pending and len(active) < cfg.interleave:
+            while pending and len(active) < at_once:
                 if pending[0][1] is not None and sum(e[3] for e in active) >= worker_count(cfg):
                     break  # the next is a segment and every worker has one: wait for one to end
                 source, segment = pending.popleft()

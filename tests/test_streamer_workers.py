@@ -123,6 +123,33 @@ def test_a_source_without_a_window_ready_does_not_hold_the_others_back(monkeypat
     assert len(waits) == 1  # once fast was done and slow had nothing in
 
 
+def test_with_a_worker_per_core_no_more_sources_are_decoded_at_once_than_workers(monkeypatch):
+    """``decode_workers: 0`` gives a worker per core, at most ``interleave``; sources beyond the
+    workers would be decoded in the streamer process on the workers' cores, so no more start."""
+    started, ended = [], []
+
+    class Counted(Held):
+        def __next__(self):
+            try:
+                return super().__next__()
+            except StopIteration:
+                ended.append(self.name)
+                raise
+
+    def source_windows(source, cfg, **kw):
+        started.append(source.name)
+        assert len(started) - len(ended) <= 2, "more sources at once than workers"
+        return Counted(source.name, 2, ready=True)
+
+    monkeypatch.setattr(service, "source_windows", source_windows)
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
+    sources = [SimpleNamespace(name=f"s{i}") for i in range(5)]
+    cfg = StreamerConfig(**{**WINDOWS, "decode_workers": 0, "interleave": 16})
+    windows = list(window_stream(lambda: sources, cfg, on_frame=lambda s: None, on_error=Events(),
+                                 log=logging.getLogger("test")))
+    assert len(windows) == 10 and sorted(started) == sorted(ended) == [f"s{i}" for i in range(5)]
+
+
 def test_workers_resume_where_progress_says(clips, tmp_path):
     """A source resumed at frame 12 gives the windows from there, with workers as without;
     acknowledged windows are skipped in the caller either way."""
