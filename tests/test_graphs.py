@@ -101,6 +101,7 @@ def test_replayed_step_trains_as_the_eager_step():
     cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, ema_decay=0.9,
                         precision="fp32")
     eager, graphed = (Trainer(replace(cfg, cuda_graphs=on), device="cuda") for on in (False, True))
+    start = [p.detach().clone() for p in eager.model.parameters()]
     batches = [synthetic_batch(2, 3, 56, 80, k=k, seed=seed, device="cuda", triangulation=True)
                for seed, k in enumerate((100, 105, 300))]
     for b in batches:
@@ -109,8 +110,15 @@ def test_replayed_step_trains_as_the_eager_step():
         assert g["loss"] == pytest.approx(a["loss"], rel=1e-3)
         assert g["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
     assert graphed.graphs.captures == 2 and graphed.global_step == eager.global_step == 3
-    for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+    # Rounding differs between the two (the padded rows change the kernels' shapes), and Adam
+    # turns even a rounding-sized gradient into a step of up to lr (1 - beta1) / sqrt(1 - beta2)
+    # (Kingma & Ba, 2.1) where a gradient is near 0: per element the two may part by twice that
+    # per step. Their updates as a whole must agree.
+    bound = 2 * 3 * cfg.lr * (1 - 0.9) / (1 - 0.999) ** 0.5
+    moved_e = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(eager.model.parameters(), start)])
+    moved_g = torch.cat([(q.detach() - p0).flatten() for q, p0 in zip(graphed.model.parameters(), start)])
+    assert float((moved_g - moved_e).abs().max()) <= bound
+    assert float(torch.nn.functional.cosine_similarity(moved_g, moved_e, dim=0)) > 0.99
 
 
 def test_the_recorded_step_copies_no_host_data_to_the_device():
