@@ -340,8 +340,11 @@ def looped_stream(specs: list[str], count: int, interleaves: list[int], seconds:
                                sources=specs)
     one = dataclasses.replace(base, decode_workers=1, interleave=1, loop=False)
     cpu = time.process_time()
-    per_pass = len(list(window_stream(lambda: discover(specs, on_error=lambda *a: None, ground_truth=False), one,
-                                      on_frame=lambda s: None, on_error=lambda *a: None, log=logging.getLogger("bench"))))
+    def sources():
+        return discover(specs, on_error=lambda *a: None, ground_truth=False)
+
+    per_pass = len(list(window_stream(sources, one, on_frame=lambda s: None, on_error=lambda *a: None,
+                                      log=logging.getLogger("bench"))))
     cpu = time.process_time() - cpu
     bound = min(count * per_pass / cpu, in_flight / latency if latency else float("inf"))
     print(f"\nlooped window stream of {Path(streamer.__file__).parent} over {len(specs)} sources ({per_pass} windows a "
@@ -372,9 +375,8 @@ def looped_stream(specs: list[str], count: int, interleaves: list[int], seconds:
         acker = threading.Thread(target=acknowledge, daemon=True)
         acker.start()
         made, passes, t0 = 0, set(), None
-        for window in window_stream(lambda: discover(specs, on_error=lambda *a: None, ground_truth=False), cfg,
-                                    on_frame=lambda s: None, on_error=lambda *a: None, log=logging.getLogger("bench"),
-                                    progress=progress, stop=stop):
+        for window in window_stream(sources, cfg, on_frame=lambda s: None, on_error=lambda *a: None,
+                                    log=logging.getLogger("bench"), progress=progress, stop=stop):
             with room:
                 room.wait_for(lambda: len(out) < in_flight)
                 out.append((time.perf_counter(), window.window_id))
@@ -603,7 +605,8 @@ def main() -> int:
     ap.add_argument("--loop-workers", type=int, default=2)
     ap.add_argument("--loop-interleave", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--loop-seconds", type=float, default=10.0)
-    ap.add_argument("--loop-latency", type=float, default=0.2, help="--only loop: seconds to a window's acknowledgement")
+    ap.add_argument("--loop-latency", type=float, default=0.2,
+                    help="--only loop: seconds to a window's acknowledgement")
     ap.add_argument("--loop-in-flight", type=int, default=32, help="--only loop: windows out at most (max_in_flight)")
     ap.add_argument("--compare-windows", nargs=2, metavar=("A", "B"), help="count the differing windows")
     args = ap.parse_args()

@@ -29,10 +29,10 @@ from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 from streamer import sources as srcs
+from streamer import workers
 from streamer.live import LiveSource, is_live
 from streamer.progress import Progress
 from streamer.windows import Window, windows_of
-from streamer import workers
 from streamer.workers import segments_of, source_windows, worker_count
 
 MAX_ATTEMPTS = 5
