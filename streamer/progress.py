@@ -35,7 +35,6 @@ class Progress:
         self.pass_index = 0
         self.sources: dict[str, dict] = {}  # name -> {"resume": int, "acked": [ids], "done": bool}
         self.pending: dict[str, str] = {}  # window id -> source (made, not yet acknowledged)
-        self.draining: dict[str, str] = {}  # the same for the windows of the passes before this one
         self.last_first: dict[str, int] = {}
         self.dirty = False
         self.skipped = 0
@@ -87,12 +86,12 @@ class Progress:
 
     def new_pass(self, pass_index: int) -> None:
         """Start another pass over the archives at once: the windows of the pass before still
-        out are acknowledged as they come (``acked``) but not persisted, so progress never has
-        to remember two passes. (Waiting for them cost a looping streamer on short clips the
-        labelers' whole queue at every pass.) A restart before they are acknowledged does not
-        send them again: the pass they belong to is over, and its frames come again in this one."""
+        out are forgotten (their acknowledgements, when they come, find nothing to record), so
+        progress never has to remember two passes. (Waiting for them cost a looping streamer on
+        short clips the labelers' whole queue at every pass.) A restart before they are
+        acknowledged does not send them again: the pass they belong to is over, and its frames
+        come again in this one."""
         with self.lock:
-            self.draining.update(self.pending)
             self.pending = {}
             self.pass_index, self.sources, self.last_first = pass_index, {}, {}
             self.dirty = True
@@ -102,7 +101,6 @@ class Progress:
         with self.lock:
             source = self.pending.pop(window_id, None)
             if source is None:
-                self.draining.pop(window_id, None)
                 return  # of a pass before, not ours (a live feed) or a late duplicate
             self.sources[source]["acked"].append(window_id)
             self.dirty = True

@@ -308,9 +308,6 @@ class WorkerWindows:
         it may wait still after an error report, which comes before the source's next window."""
         return not self.ahead.empty()
 
-    def close(self) -> None:
-        self.windows.close()
-
 
 _arrivals = 0
 _arrival = threading.Condition()

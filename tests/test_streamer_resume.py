@@ -138,4 +138,4 @@ def test_progress_file_rules(tmp_path):
     p.acked("t:1:0")
     p.save()
     assert Progress(path, window_step=4).start_frame("t") == 4  # the new pass goes on after its window
-    assert not p.pending and not p.draining
+    assert not p.pending
