@@ -48,7 +48,7 @@ class ReplayBuffer:
         self.sampler: Sampler = make_sampler(cfg.sampler, seed=seed, halflife=cfg.recency_halflife,
                                              alpha=cfg.priority_alpha)
         self.limiter = RateLimiter(min_size=cfg.min_size, samples_per_insert=cfg.samples_per_insert,
-                                   tolerance=cfg.tolerance)
+                                   tolerance=cfg.tolerance, limit_inserts=cfg.limit_inserts)
         self.eviction = ReservoirEviction(seed) if cfg.eviction == "reservoir" else FifoEviction()
         self.dedup = dedup
         self.counts: Counter[str] = Counter()

@@ -22,6 +22,11 @@ class ReplayConfig:
     """Target ratio of sampled windows to inserted windows; 0 disables the limiter."""
     tolerance: float = 64.0
     """Slack of the limiter, in sampled windows, around the target ratio."""
+    limit_inserts: bool = True
+    """The limiter also holds inserts back when the learner falls behind the ratio (Reverb's
+    two-sided limiter). ``false``: only the learner waits, so ``samples_per_insert`` bounds how
+    often a window is trained on and the labelers never wait; credit a slow learner leaves
+    unused beyond ``tolerance`` is dropped."""
     durable: bool = False
     """Keep windows on disk under ``<run.dir>/replay`` (survives restarts) instead of memory."""
     max_window_bytes: int = 64 << 20

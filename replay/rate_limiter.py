@@ -7,6 +7,12 @@ offset + tolerance``. So a fast learner waits for new data (no overfitting a tri
 fast labeler waits for the learner (no flood it can never look at). Below ``min_size``
 stored windows nothing is sampled and inserts are always allowed.
 ``samples_per_insert = 0`` turns the ratio off: only ``min_size`` applies.
+
+With ``limit_inserts=False`` only the sampling side waits: inserts always go ahead, so the
+ratio is an upper bound on how often a window is trained on, and the labelers never wait for
+the learner. Credit a slow learner leaves unused beyond ``tolerance`` is dropped
+(``forgone``), so a learner that fell behind does not later train on new windows more often
+than the ratio to catch up.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ _DEFAULTS = ReplayConfig()
 
 class RateLimiter:
     def __init__(self, *, min_size: int = _DEFAULTS.min_size, samples_per_insert: float = _DEFAULTS.samples_per_insert,
-                 tolerance: float = _DEFAULTS.tolerance):
+                 tolerance: float = _DEFAULTS.tolerance, limit_inserts: bool = _DEFAULTS.limit_inserts):
         if min_size < 1:
             raise ValueError("min_size must be >= 1")
         if samples_per_insert < 0:
@@ -32,9 +38,12 @@ class RateLimiter:
         self.min_size = min_size
         self.samples_per_insert = samples_per_insert
         self.tolerance = tolerance
+        self.limit_inserts = limit_inserts
         self.inserts = 0
         self.deletes = 0
         self.samples = 0
+        self.forgone = 0.0
+        """Sampling credit dropped because a slow learner left it unused (``limit_inserts=False``)."""
 
     @property
     def size(self) -> int:
@@ -45,13 +54,13 @@ class RateLimiter:
         return self.samples_per_insert > 0
 
     def _diff(self) -> float:
-        return self.inserts * self.samples_per_insert - self.samples
+        return self.inserts * self.samples_per_insert - self.samples - self.forgone
 
     def _offset(self) -> float:
         return self.samples_per_insert * self.min_size
 
     def can_insert(self, n: int = 1) -> bool:
-        if not self.enabled or self.size + n <= self.min_size:
+        if not self.enabled or not self.limit_inserts or self.size + n <= self.min_size:
             return True
         return self._diff() + n * self.samples_per_insert <= self._offset() + self.tolerance
 
@@ -64,6 +73,8 @@ class RateLimiter:
 
     def insert(self, n: int = 1) -> None:
         self.inserts += n
+        if self.enabled and not self.limit_inserts:
+            self.forgone += max(0.0, self._diff() - (self._offset() + self.tolerance))
 
     def delete(self, n: int = 1) -> None:
         """Windows that left the store (evicted, found corrupt)."""
@@ -77,9 +88,10 @@ class RateLimiter:
         return self.samples / self.inserts if self.inserts else 0.0
 
     def state_dict(self) -> dict:
-        return {"inserts": self.inserts, "deletes": self.deletes, "samples": self.samples}
+        return {"inserts": self.inserts, "deletes": self.deletes, "samples": self.samples, "forgone": self.forgone}
 
     def load_state_dict(self, state: dict) -> None:
         self.inserts = int(state["inserts"])
         self.deletes = int(state["deletes"])
         self.samples = int(state["samples"])
+        self.forgone = float(state.get("forgone", 0.0))  # absent from states saved before limit_inserts

@@ -174,8 +174,8 @@ def test_keyword_defaults_are_the_config_defaults():
         return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
 
     replay, limiter = ReplayConfig(), RateLimiter()
-    assert (limiter.min_size, limiter.samples_per_insert, limiter.tolerance) == \
-        (replay.min_size, replay.samples_per_insert, replay.tolerance)
+    assert (limiter.min_size, limiter.samples_per_insert, limiter.tolerance, limiter.limit_inserts) == \
+        (replay.min_size, replay.samples_per_insert, replay.tolerance, replay.limit_inserts)
     refine, terms, got = RefineConfig(), LossConfig(), defaults(refine_geometry)
     assert {k: got[k] for k in ("steps", "lr", "solver", "scales", "shifts")} == \
         {k: getattr(refine, k) for k in ("steps", "lr", "solver", "scales", "shifts")}

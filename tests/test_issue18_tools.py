@@ -92,6 +92,11 @@ def test_acceptance_ratios():
     assert acc["fresh_over_samples"] == pytest.approx(0.2) and acc["fresh_ok"] is False
     assert acc["trained_per_window"] == pytest.approx(5.0)
     assert acc["pipeline_over_alone"] == pytest.approx(100 / 105) and acc["alone_ok"] is True
+    assert acc["running_over_alone"] == pytest.approx(100 / 0.98 / 105)
+    # held back by a reuse bound: judged on the rate while it runs, not on the waits
+    acc = pb.acceptance(_stages(inserts=25.0, samples=100.0, wait=0.5), {"samples_per_s": 210.0})
+    assert acc["pipeline_over_alone"] == pytest.approx(100 / 210) and acc["running_over_alone"] == pytest.approx(200 / 210)
+    assert acc["alone_ok"] is True and "0.95x" in pb.acceptance_table(acc)
     assert acc["streamer_frames_per_cpu_s"] == 40.0
     # without a replay scrape the labelers' stored windows count; no isolated run: no ratio
     acc = pb.acceptance(_stages(inserts=None, samples=40.0, wait=0.0, stored=30.0), None)
@@ -125,7 +130,8 @@ def test_summary_table(tmp_path):
     assert "| 0.30x | >= 0.25x (stretch 1x) | yes |" in text
     assert "| pipeline2 | not run | fresh windows/s / learner samples/s (20.00 / 100.00) | 0.20x" in text
     assert "| pipeline2 | | settings | labeler.workers=2 |" in text
-    assert "(compiled, 120.00 alone) | 0.83x | >= 0.9x | NO |" in text
+    assert "(compiled, 120.00 alone) | 0.83x | - | - |" in text
+    assert "| learner while not waiting for data / alone | 0.83x | >= 0.9x | NO |" in text
     assert "| matching | timeout, 70 s | no matching_accuracy.json" in text
     assert "| threads | not run |" in text and "5.00x | ideal 8x" in text
     (tmp_path / "matching_accuracy.json").write_text(json.dumps(

@@ -257,6 +257,32 @@ def test_rate_limiter_holds_the_ratio(spi, insert_rate, sample_rate):
     assert abs(lim.ratio() - spi) <= (tol + spi * min_size + batch) / lim.inserts
 
 
+def test_rate_limiter_bounds_samples_alone():
+    """``limit_inserts=False``: every insert goes ahead; the samples stay within ``spi`` per
+    insert plus the tolerance; a learner that fell behind banks no more than the tolerance, so
+    once fast it trains on the new windows no more often than the ratio."""
+    spi, tol, min_size, batch = 4.0, 8.0, 4, 2
+    lim = RateLimiter(min_size=min_size, samples_per_insert=spi, tolerance=tol, limit_inserts=False)
+    for phase, (insert_rate, sample_rate) in enumerate([(50, 2), (1, 50), (3, 50)]):
+        inserts0, samples0 = lim.inserts, lim.samples
+        for _ in range(300):
+            for _ in range(insert_rate):
+                assert lim.can_insert()
+                lim.insert()
+            for _ in range(sample_rate):
+                if lim.can_sample(batch):
+                    lim.sample(batch)
+            assert lim.samples <= spi * (lim.inserts - min_size) + tol  # never above the ratio
+        inserts, samples = lim.inserts - inserts0, lim.samples - samples0
+        if phase == 0:  # the slow learner was never held back
+            assert samples == 300 * sample_rate * batch
+        else:  # fast: the ratio, within the banked tolerance either side
+            assert abs(samples - spi * inserts) <= 2 * tol + batch, (phase, inserts, samples)
+    other = RateLimiter(min_size=min_size, samples_per_insert=spi, tolerance=tol, limit_inserts=False)
+    other.load_state_dict(lim.state_dict())
+    assert [other.can_sample(n) for n in range(1, 40)] == [lim.can_sample(n) for n in range(1, 40)]
+
+
 def test_rate_limiter_min_size_and_disabled():
     lim = RateLimiter(min_size=3)
     assert not lim.can_sample(1)

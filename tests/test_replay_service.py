@@ -155,6 +155,31 @@ def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
         assert batch.meta["window_ids"] == ["w0", "w0"]  # P = 100 / (100 + 1 + 0.01 * k) each
 
 
+def test_rate_limiter_on_the_learner_side_alone(make_cfg, make_insert):
+    """``replay.limit_inserts=false``: nobody sampling holds no insert back, and the learner gets
+    at most ``samples_per_insert`` per insert (plus the tolerance) and then waits."""
+    cfg = make_cfg(*REPLAY, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
+                   "replay.limit_inserts=false")
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=2) as client:
+        for i in range(8):
+            assert client.insert(make_insert(i), timeout_s=60)["status"] == "stored"
+        assert metric(runtime, "replay_not_ready_total", kind="insert") == 0
+        # diff = 2 x inserts - samples - forgone stays <= 2 x min_size + tolerance = 6 (the rest of
+        # the idle learner's credit is dropped); a draw of 2 goes ahead while diff - 2 >= 2 - 4:
+        # four of them, then one per insert.
+        for _ in range(4):
+            client.sample(2)
+        with pytest.raises(TimeoutError):
+            client.sample(2, timeout_s=1.0)
+        # The request given up on may still be served when credit comes (to nobody): two inserts'
+        # worth leave a draw for the next one either way, and the bound holds.
+        for i in (100, 101):
+            assert client.insert(make_insert(i))["status"] == "stored"
+        client.sample(2)
+        stats = client.stats()
+        assert stats["samples"] <= 2 * (stats["inserts"] - 1) + 4
+
+
 def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
     cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)
