@@ -30,7 +30,9 @@
 #             PIPE_WARMUP=40, measured PIPE_MEASURE=90; PIPE_EXTRA: more overrides (default: none,
 #             gpu.yaml as shipped; since the twelfth pass it sets streamer.decode_workers: 0 itself)
 #             PIPE_EXTRA2, PIPE_EXTRA3, PIPE_EXTRA4: variants (their whole set of those knobs), each
-#             one more pipeline step of PIPE_T seconds (pipeline2.log, pipeline_bottleneck2.json, ...)
+#             one more pipeline step of PIPE_T seconds (pipeline2.log, pipeline_bottleneck2.json, ...);
+#             PIPE_ENV, PIPE_ENV2..4: environment of that step's processes, e.g.
+#             PIPE_ENV2=OPENCV_FOR_THREADS_NUM=1 (OpenCV's own parallel loops at one thread)
 #   matching  MATCH_T=70  benchmarks/matching_accuracy.py --device cuda --threads 1
 #   threads   THREADS_T=90 benchmarks/labeler_throughput.py --only cpu-threads --threads 1 4 8 16
 #   contention CONT_T=150 benchmarks/learner_contention.py --config configs/gpu.yaml learner.compile=true:
@@ -127,12 +129,12 @@ if compgen -G "$DATA/videos/*.mp4" >/dev/null; then
 else
   say "WARNING: no $DATA/videos: the pipeline streams the 7-Scenes frames alone (issue 18 asks for both)"
 fi
-# pipeline NAME JSON OVERRIDES: one pipeline_bottleneck.py run, its logs (not its replay store or
-# snapshots) copied to $OUTD/NAME
+# pipeline NAME JSON OVERRIDES [ENV]: one pipeline_bottleneck.py run (ENV: VAR=value words for its
+# processes), its logs (not its replay store or snapshots) copied to $OUTD/NAME
 pipeline() {
-  local name=$1 json=$2 extra=$3
+  local name=$1 json=$2 extra=$3 vars=${4-}
   set -f  # overrides are not globs
-  step "$name" "$PIPE_T" $PY benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --out "$WORK/$name" \
+  step "$name" "$PIPE_T" env $vars $PY benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --out "$WORK/$name" \
     --json "$OUTD/$json" --warmup "$PIPE_WARMUP" --measure "$PIPE_MEASURE" \
     --startup-timeout "$START_T" --isolated --isolated-steps "$ISO_STEPS" --isolated-timeout "$ISO_T" \
     "streamer.sources=[$SOURCES]" "evaluator.data=7scenes:$DATA/7s-eval" $PIPE_SIZE $extra
@@ -158,11 +160,11 @@ mps_start() {
 }
 [ "${MPS_FROM:-0}" = 1 ] && mps_start
 [ "${GRAPHS_TEST:-0}" = 1 ] && step graphs_test "${GRAPHS_T:-120}" $PY -m pytest -q -x -p no:cacheprovider tests/test_graphs.py
-[[ " ${SKIP-} " == *" pipeline "* ]] || pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA"
+[[ " ${SKIP-} " == *" pipeline "* ]] || pipeline pipeline pipeline_bottleneck.json "$PIPE_EXTRA" "${PIPE_ENV-}"
 for k in 2 3 4; do  # variants: PIPE_EXTRA2..4, each the whole set of host-size overrides
-  var=PIPE_EXTRA$k
+  var=PIPE_EXTRA$k envvar=PIPE_ENV$k
   [ "${MPS_FROM:-0}" = "$k" ] && [ -n "${!var-}" ] && mps_start
-  [ -n "${!var-}" ] && pipeline "pipeline$k" "pipeline_bottleneck$k.json" "${!var}"
+  [ -n "${!var-}" ] && pipeline "pipeline$k" "pipeline_bottleneck$k.json" "${!var}" "${!envvar-}"
 done
 
 # 2. matching on 7-Scenes: SIFT per core vs XFeat + LighterGlue batched on the GPU

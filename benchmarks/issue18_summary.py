@@ -70,9 +70,10 @@ def pipeline_rows(name: str, pb: dict | None, st: str) -> list[str]:
     acc = pb.get("acceptance") or {}
     setup = pb.get("setup") or {}
     compiled = "compiled" if setup.get("compile") else "NOT compiled"
-    knobs = " ".join(o for o in setup.get("overrides", [])
-                     if o.startswith(("labeler.", "streamer.", "replay.", "learner.cuda_graphs"))
-                     and not o.startswith(("streamer.sources", "replay.dedup")) and not o.startswith("labeler.refresh_step"))
+    knobs = " ".join([*(o for o in setup.get("overrides", [])
+                        if o.startswith(("labeler.", "streamer.", "replay.", "learner.cuda_graphs"))
+                        and not o.startswith(("streamer.sources", "replay.dedup", "labeler.refresh_step"))),
+                      *(f"{k}={v}" for k, v in (setup.get("env") or {}).items() if k != "OMP_NUM_THREADS")])
     return [
         f"| {name} | {st} | fresh windows/s / learner samples/s ({f(acc.get('fresh_windows_per_s'))} / "
         f"{f(acc.get('learner_samples_per_s'))}) | {f(acc.get('fresh_over_samples'), '.2f', 'x')} | >= 0.25x "

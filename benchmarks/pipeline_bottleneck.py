@@ -680,7 +680,9 @@ def main() -> int:
              "width": st.width, "sources": list(st.sources) or "synthetic", "decode_workers": st.decode_workers,
              "samples_per_insert": cfg.replay.samples_per_insert, "evaluator_data": cfg.evaluator.data,
              "render_seconds": render_s, "warmup_s": args.warmup, "run_dir": str(run_dir),
-             "host_cpus": os.cpu_count()}
+             "host_cpus": os.cpu_count(),
+             "env": {k: os.environ[k] for k in ("OPENCV_FOR_THREADS_NUM", "OMP_NUM_THREADS", "CUDA_MPS_PIPE_DIRECTORY")
+                     if k in os.environ}}
 
     def report(isolated, t0, t1):
         result = analyse(rec, t0, t1, isolated)
