@@ -84,7 +84,7 @@ class ReplayBuffer:
             self.limiter.load_state_dict(saved["limiter"])
         self.counts.update(saved.get("counts", {}))
         # The limiter state is flushed periodically; the storage is the truth about size.
-        self.limiter.inserts = max(self.limiter.inserts, len(st))
+        self.limiter.insert(max(0, len(st) - self.limiter.inserts))  # those stored since the last flush
         self.limiter.deletes = self.limiter.inserts - len(st)
         shape = saved.get("shape")
         if shape is None and st.records:
