@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -41,6 +41,26 @@ circulate forever)."""
 POLL_MS = 100
 FEED_POLL_MS = 5
 """Poll timeout while there is room for a window but the producers have none ready yet."""
+
+
+class FirstSeen:
+    """``seen(key)`` is True the first time ``key`` comes among the last ``keep`` distinct keys
+    (thread-safe): a looped archive meets the same problem again on every pass, and it is
+    logged once (the error series counts every one)."""
+
+    def __init__(self, keep: int = 1024):
+        self.keep = keep
+        self._keys: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, key) -> bool:
+        with self._lock:
+            new = key not in self._keys
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            while len(self._keys) > self.keep:
+                self._keys.popitem(last=False)
+            return new
 
 
 @dataclass(slots=True)
@@ -332,6 +352,7 @@ class StreamerService:
         self.ground_truth = cfg.trains_on_ground_truth
         self.runtime, self.metrics = runtime, metrics
         self.log = log = runtime.log
+        self.problems_seen = FirstSeen()
         on_error = self.on_error
         archive_specs = [s for s in scfg.sources if not is_live(s)]
         live_specs = [s for s in scfg.sources if is_live(s)]
@@ -385,7 +406,10 @@ class StreamerService:
 
     def on_error(self, source: str, reason: str, detail: str) -> None:
         self.metrics.errors.labels(source, reason).inc()
-        self.log.warning("source problem", extra={"source": source, "reason": reason, "detail": detail})
+        first = self.problems_seen((source, reason, detail))
+        (self.log.warning if first else self.log.debug)(
+            "source problem" if first else "source problem again",
+            extra={"source": source, "reason": reason, "detail": detail})
 
     def on_event(self, source: str, event: str, value: float) -> None:
         metrics = self.metrics

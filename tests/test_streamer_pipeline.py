@@ -115,6 +115,15 @@ class SkewedClock:
         return time.monotonic() + self.skew
 
 
+def test_a_problem_met_again_is_new_only_once():
+    seen = streamer_service.FirstSeen(keep=2)
+    problem = ("tree-fe6884", "no_windows", "68 frames, no window")
+    assert seen(problem) and not seen(problem)  # the next pass of a looped archive: logged once
+    assert seen(("tree-fe6884", "no_windows", "another detail"))
+    assert not seen(problem)  # still among the last 2
+    assert seen(("a", "b", "c")) and seen(("d", "e", "f")) and seen(problem)  # forgotten beyond them
+
+
 def test_windows_to_resend_with_no_labeler_wait_for_one():
     """A loop turn waits for labelers' messages unless a window can go now: windows to resend
     and no labeler with a credit (every labeler stopped, as during a teacher refresh) wait
