@@ -235,9 +235,11 @@ class LearnerConfig:
     """Record each step's forward, objective, backward and gradient clipping as a CUDA graph and
     replay it (``learner.graphs``; a graph per bucket of match counts, the matches padded with
     rows of weight 0): one launch from the host instead of thousands, for a step the host
-    bounds. CUDA with one learner process only (ignored on the CPU and under DDP). Off: on one
-    H100 host it made the learner 2.3x faster in the pipeline, faster than the labelers feed it
-    (each window trained 5.7 times; docs/BENCHMARKS.md, issue 18, fourteenth pass)."""
+    bounds. CUDA with one learner process only (ignored on the CPU and under DDP). On one H100
+    host it made the learner 2.3x faster in the pipeline, faster than the labelers feed it (each
+    window trained 5.7 times; docs/BENCHMARKS.md, issue 18, fourteenth pass); ``configs/gpu.yaml``
+    turns it on beside a bound on that reuse (``replay.limit_inserts``, fifteenth pass). Off by
+    default: a CPU run ignores it, and without a bound the learner outruns its data."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
     init: str = ""

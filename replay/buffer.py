@@ -164,6 +164,7 @@ class ReplayBuffer:
         if self.dedup is not None:
             vec = self.dedup.embed(frames)
             if self.dedup.is_duplicate(vec):
+                self.limiter.arrive()
                 return InsertResult("duplicate", "near_duplicate")
         payload = encode_window(protocol.Message("insert", dict(msg.meta), dict(msg.arrays)))
         victims = self.eviction.victims(self.storage, len(payload), max_windows=self.cfg.capacity_windows,
@@ -172,6 +173,7 @@ class ReplayBuffer:
             self._skipped[msg.meta["window_id"]] = None
             while len(self._skipped) > EVICTED_MEMORY:
                 self._skipped.popitem(last=False)
+            self.limiter.arrive()
             return InsertResult("rejected", "reservoir_skip")
         priority = 1.0
         if hasattr(self.sampler, "max_priority"):

@@ -25,8 +25,10 @@ class ReplayConfig:
     limit_inserts: bool = True
     """The limiter also holds inserts back when the learner falls behind the ratio (Reverb's
     two-sided limiter). ``false``: only the learner waits, so ``samples_per_insert`` bounds how
-    often a window is trained on and the labelers never wait; credit a slow learner leaves
-    unused beyond ``tolerance`` is dropped."""
+    often a window is trained on per window delivered, and the labelers never wait; a window
+    delivered again (a near-duplicate: a looped archive's next pass) counts as delivered, so a
+    finite archive keeps the learner going; credit a slow learner leaves unused beyond
+    ``tolerance`` is dropped."""
     durable: bool = False
     """Keep windows on disk under ``<run.dir>/replay`` (survives restarts) instead of memory."""
     max_window_bytes: int = 64 << 20

@@ -9,10 +9,12 @@ stored windows nothing is sampled and inserts are always allowed.
 ``samples_per_insert = 0`` turns the ratio off: only ``min_size`` applies.
 
 With ``limit_inserts=False`` only the sampling side waits: inserts always go ahead, so the
-ratio is an upper bound on how often a window is trained on, and the labelers never wait for
-the learner. Credit a slow learner leaves unused beyond ``tolerance`` is dropped
-(``forgone``), so a learner that fell behind does not later train on new windows more often
-than the ratio to catch up.
+ratio is an upper bound on how often a window is trained on per window delivered, and the
+labelers never wait for the learner. A window delivered again (a near-duplicate of a stored
+one: a looped archive's next pass) earns samples as a stored one does (``repeats``), so a
+learner on a finite archive keeps training on it pass after pass, at the pace the windows come.
+Credit a slow learner leaves unused beyond ``tolerance`` is dropped (``forgone``), so a learner
+that fell behind does not later train on new windows more often than the ratio to catch up.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class RateLimiter:
         self.inserts = 0
         self.deletes = 0
         self.samples = 0
+        self.repeats = 0
+        """Windows delivered but not stored (``arrive``); they count toward the ratio only with
+        ``limit_inserts=False``."""
         self.forgone = 0.0
         """Sampling credit dropped because a slow learner left it unused (``limit_inserts=False``)."""
 
@@ -54,7 +59,8 @@ class RateLimiter:
         return self.samples_per_insert > 0
 
     def _diff(self) -> float:
-        return self.inserts * self.samples_per_insert - self.samples - self.forgone
+        delivered = self.inserts + (0 if self.limit_inserts else self.repeats)
+        return delivered * self.samples_per_insert - self.samples - self.forgone
 
     def _offset(self) -> float:
         return self.samples_per_insert * self.min_size
@@ -73,6 +79,16 @@ class RateLimiter:
 
     def insert(self, n: int = 1) -> None:
         self.inserts += n
+        self._drop_unused()
+
+    def arrive(self, n: int = 1) -> None:
+        """Windows delivered and not stored (near-duplicates of stored ones, ones the reservoir
+        declined): with ``limit_inserts=False`` the data came again, and it earns the learner
+        its samples as an insert does."""
+        self.repeats += n
+        self._drop_unused()
+
+    def _drop_unused(self) -> None:
         if self.enabled and not self.limit_inserts:
             self.forgone += max(0.0, self._diff() - (self._offset() + self.tolerance))
 
@@ -88,10 +104,12 @@ class RateLimiter:
         return self.samples / self.inserts if self.inserts else 0.0
 
     def state_dict(self) -> dict:
-        return {"inserts": self.inserts, "deletes": self.deletes, "samples": self.samples, "forgone": self.forgone}
+        return {"inserts": self.inserts, "deletes": self.deletes, "samples": self.samples, "repeats": self.repeats,
+                "forgone": self.forgone}
 
     def load_state_dict(self, state: dict) -> None:
         self.inserts = int(state["inserts"])
         self.deletes = int(state["deletes"])
         self.samples = int(state["samples"])
-        self.forgone = float(state.get("forgone", 0.0))  # absent from states saved before limit_inserts
+        self.repeats = int(state.get("repeats", 0))  # these two are absent from states saved before limit_inserts
+        self.forgone = float(state.get("forgone", 0.0))

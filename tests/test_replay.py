@@ -380,6 +380,25 @@ def test_buffer_rejects_bad_windows_and_duplicates(make_insert):
     assert buf.stats()["duplicates"] == 1 and buf.stats()["inserts"] == 1
 
 
+def test_a_looped_archive_keeps_a_learner_bounded_on_its_side_going(make_insert):
+    """With the bound on the learner's side alone, a window delivered again (a near-duplicate:
+    the next pass over a finite archive) earns samples as a stored one does; under the
+    two-sided limiter it does not."""
+    for limit_inserts, granted in ((False, True), (True, False)):
+        cfg = ReplayConfig(min_size=1, samples_per_insert=2.0, tolerance=2.0, limit_inserts=limit_inserts)
+        buf = ReplayBuffer(cfg, MemoryStorage(), dedup=Dedup(cfg.dedup_threshold))
+        first = make_insert(0)
+        assert buf.insert(first).status == "stored"
+        drawn = 0
+        while buf.can_sample(1):  # diff = 2 x 1 - samples; a draw goes ahead while diff - 1 >= 2 - 2
+            buf.sample(1)
+            drawn += 1
+        assert drawn == 2
+        again = protocol.Message("insert", {**first.meta, "window_id": "w0-pass1"}, first.arrays)
+        assert buf.insert(again).reason == "near_duplicate"
+        assert buf.can_sample(1) is granted and buf.stats()["windows"] == 1
+
+
 def test_buffer_batch_layout_and_optional_arrays(make_insert):
     buf = ReplayBuffer(ReplayConfig(min_size=1, sampler="recency"), MemoryStorage(), seed=0)
     buf.insert(make_insert(0))
