@@ -58,9 +58,13 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.samples_per_insert > 0
 
+    def _delivered(self) -> int:
+        """The windows the ratio counts: those stored, and with ``limit_inserts=False`` those
+        delivered again too."""
+        return self.inserts + (0 if self.limit_inserts else self.repeats)
+
     def _diff(self) -> float:
-        delivered = self.inserts + (0 if self.limit_inserts else self.repeats)
-        return delivered * self.samples_per_insert - self.samples - self.forgone
+        return self._delivered() * self.samples_per_insert - self.samples - self.forgone
 
     def _offset(self) -> float:
         return self.samples_per_insert * self.min_size
@@ -100,8 +104,8 @@ class RateLimiter:
         self.samples += n
 
     def ratio(self) -> float:
-        """Actual samples per insert so far (the exported metric)."""
-        return self.samples / self.inserts if self.inserts else 0.0
+        """Actual samples per window counted so far (the exported metric)."""
+        return self.samples / self._delivered() if self._delivered() else 0.0
 
     def state_dict(self) -> dict:
         return {"inserts": self.inserts, "deletes": self.deletes, "samples": self.samples, "repeats": self.repeats,
