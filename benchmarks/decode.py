@@ -340,6 +340,7 @@ def looped_stream(specs: list[str], count: int, interleaves: list[int], seconds:
                                sources=specs)
     one = dataclasses.replace(base, decode_workers=1, interleave=1, loop=False)
     cpu = time.process_time()
+
     def sources():
         return discover(specs, on_error=lambda *a: None, ground_truth=False)
 

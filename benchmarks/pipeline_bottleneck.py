@@ -316,6 +316,12 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
     return result
 
 
+def running_rate(samples: float | None, wait: float | None) -> float | None:
+    """The learner's samples/s while it is not waiting for data (``wait``: the share of the time
+    it waited), contention included; None without either figure."""
+    return samples / max(1.0 - wait, 1e-6) if samples and wait is not None else None
+
+
 def verdict(stages: dict[str, dict], isolated: dict | None) -> dict:
     """Capacities (windows/s) of the stages, each over the learner's demand, and the bottleneck."""
     learner = stages.get("learner", {})
@@ -339,7 +345,7 @@ def verdict(stages: dict[str, dict], isolated: dict | None) -> dict:
                           "note": f"busy {b:.2f} (store + sample)"}
     wait = learner.get("data_wait_fraction")
     if demand:  # what it trains at in the pipeline when never waiting (contention included)
-        cap = demand / max(1.0 - wait, 1e-6) if wait is not None else demand
+        cap = running_rate(demand, wait) or demand
         note = "samples/s / (1 - data wait)" if wait is not None else "samples/s (no data-wait metric)"
         if isolated and isolated.get("samples_per_s"):
             note += f"; alone on {isolated['batches']} of its batches: {isolated['samples_per_s']:.2f}"
@@ -400,7 +406,7 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
     ratio = fresh / samples if fresh is not None and samples else None
     alone = (isolated or {}).get("samples_per_s")
     wait = learner.get("data_wait_fraction")
-    running = samples / max(1.0 - wait, 1e-6) if samples and wait is not None else None
+    running = running_rate(samples, wait)
     st = stages.get("streamer") or {}
     out = {"fresh_windows_per_s": fresh, "fresh_from": source, "learner_samples_per_s": samples,
            "fresh_over_samples": ratio, "trained_per_window": 1 / ratio if ratio else None,
