@@ -25,8 +25,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -82,6 +84,26 @@ def _pad_row(name: str, dtype: torch.dtype, device: torch.device, other_view: in
     if name == "matches":
         row[2] = float(other_view)
     return torch.tensor(row, dtype=dtype, device=device)
+
+
+class CaptureError(RuntimeError):
+    """The step could not be recorded: something in it reads the device from the host or takes
+    a shape from data. Names the first error and the line of this project that raised it."""
+
+    def __init__(self, exc: BaseException):
+        root = exc
+        while root.__context__ is not None and root.__context__ is not root:
+            root = root.__context__
+        frames = [f for f in traceback.extract_tb(root.__traceback__) if _OURS in Path(f.filename).parents]
+        where = f" at {Path(frames[-1].filename).relative_to(_OURS)}:{frames[-1].lineno} ({frames[-1].line})" \
+            if frames else ""
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        super().__init__(f"the training step could not be recorded as a CUDA graph: {first}{where}; "
+                         "learner.cuda_graphs=false runs it eagerly")
+
+
+_OURS = Path(__file__).resolve().parents[1]
+"""The repository's root: the frames of a failed capture that name our code."""
 
 
 @dataclass
@@ -142,8 +164,11 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the learner's other threads (its prefetcher pins the next batch's host
         # memory) may call CUDA while this one records
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self.forward_backward(inputs, space)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self.forward_backward(inputs, space)
+        except RuntimeError as exc:
+            raise CaptureError(exc) from exc
         self.captures += 1
         log.info("step recorded as a CUDA graph", extra={"match_rows": padded["matches"].shape[0], "space": space,
                                                          "graphs": len(self.graphs) + 1,

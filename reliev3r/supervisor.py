@@ -522,7 +522,10 @@ def last_error(log: Path, offset: int = 0) -> str:
             exc = str(rec.get("exc") or "").strip().splitlines()
             detail = str(rec.get("detail") or "")
             if level in ("ERROR", "CRITICAL"):
-                own = exc[-1] if exc else detail
+                # the exception's own line, not notes printed after it (CUDA's "Compile with
+                # TORCH_USE_CUDA_DSA ..."); the last one: the outermost of a chain
+                named = [ln for ln in exc if _EXCEPTION.match(ln)]
+                own = (named or exc)[-1] if exc else detail
                 error = f"{msg}: {own}" if own else (f"{msg} (last problem: {problem})" if problem else msg)
             elif level == "WARNING" and detail:
                 problem = f"{rec.get('reason')}: {detail}" if rec.get("reason") else detail

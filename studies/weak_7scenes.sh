@@ -125,7 +125,9 @@ if [ -n "${DISTILL:-}" ]; then
 fi
 for spec in "$@"; do
   name=${spec%%:*}; extra=${spec#*:}
-  compare=""; [ "$name" != sup ] && [ -d "$RUNS/sup" ] && compare="--compare $RUNS/sup"
+  compare=""  # the sibling, where it left a snapshot (a sibling that never trained fails no one else's eval)
+  [ "$name" != sup ] && find "$RUNS/sup/snapshots" -maxdepth 1 -name 'step-*' 2>/dev/null | grep -q . \
+    && compare="--compare $RUNS/sup"
   teacher=embedded
   for word in $extra; do case "$word" in labeler.teacher=*) teacher=${word#labeler.teacher=};; esac; done
   refreshed=(); [ -f "$RUNS/$name/teacher/embedded_depth.json" ] \

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from learner.config import LearnerConfig, LossConfig, ModelConfig
 from learner.graphs import match_bucket, pad_matches
@@ -121,26 +122,65 @@ def test_replayed_step_trains_as_the_eager_step():
     assert float(torch.nn.functional.cosine_similarity(moved_g, moved_e, dim=0)) > 0.99
 
 
-def test_the_recorded_step_copies_no_host_data_to_the_device():
-    """What a CUDA graph cannot record: a tensor made from host data inside the step (on a GPU
-    a host-to-device copy; Python scalars are not copies). Checked on the CPU as the ops the
-    step dispatches, with the gpu.yaml recipe's every loss term on."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class StepTrace(TorchDispatchMode):
+    """The ops a step dispatches that a CUDA graph cannot record: a tensor made from host data
+    (on a GPU a host-to-device copy; Python scalars are not copies), a read of the device from
+    the host (``.item()``, ``bool(t)``) and an output whose shape depends on the data (boolean
+    indexing, ``nonzero``)."""
 
-    class HostTensors(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.made = []
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default}
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.lift_fresh.default and args[0].numel() > 1:
-                self.made.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
+    def __init__(self):
+        super().__init__()
+        self.made, self.synced = [], []
 
-    trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2), device="cpu")
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default and args[0].numel() > 1:
+            self.made.append(tuple(args[0].shape))
+        elif func in self.SYNCS or (func is torch.ops.aten.index.Tensor
+                                    and any(t is not None and t.dtype == torch.bool for t in args[1])):
+            self.synced.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["weak", "supervised"])
+def test_the_recorded_step_copies_no_host_data_and_reads_nothing_back(kind):
+    """Checked on the CPU as the ops the step dispatches, with every weak loss term of the
+    gpu.yaml recipe on, and for the supervised sibling (whose run with ``learner.cuda_graphs``
+    failed to record on an H100 while it tested ``bool(ok.any())``)."""
+    trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, loss=LossConfig(kind=kind)),
+                      device="cpu")
     batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1, triangulation=True)
+    batch["gt_depth"] = batch["teacher_depth"].clone()
+    batch["gt_depth"][1, :, 8:] = 0  # unknown depth in part of a window
+    batch["gt_cam_to_world"] = torch.eye(4).expand(2, 3, 4, 4).clone()
     trainer.step(batch)  # constants cached per device are made here, as in a graph's warm-up
-    with HostTensors() as mode:
+    with StepTrace() as mode:
         _, _, terms, _, _ = trainer._forward_backward(batch, "depth")
-    assert {"reproj", "point", "triangulation", "triangulation_pose", "contrast", "depth"} <= set(terms)
-    assert mode.made == []
+    expected = {"supervised"} if kind == "supervised" else \
+        {"reproj", "point", "triangulation", "triangulation_pose", "contrast", "depth"}
+    assert expected <= set(terms)
+    assert mode.made == [] and mode.synced == []
+
+
+def test_a_failed_capture_names_the_first_error_and_our_line():
+    """What the status line shows when a step cannot be recorded: CUDA's own error after a
+    failed capture ("operation failed due to a previous error during capture") says nothing;
+    the first error and the line of ours that raised it do."""
+    from learner.graphs import CaptureError
+
+    def step():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    try:
+        try:
+            step()
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as exc:
+        err = CaptureError(exc)
+    assert str(err).startswith("the training step could not be recorded as a CUDA graph: CUDA error: operation "
+                               "not permitted when stream is capturing at tests/test_graphs.py:")
+    assert str(err).endswith('(raise RuntimeError("CUDA error: operation not permitted when stream is capturing'
+                             '\\nmore")); learner.cuda_graphs=false runs it eagerly')

@@ -362,6 +362,31 @@ def test_supervised_zero_for_ground_truth_and_similarity_invariant():
     assert permuted.item() == pytest.approx(base.item(), rel=1e-9)
 
 
+def test_supervised_window_without_enough_depth_weighs_nothing():
+    """A window with fewer than ``min_valid`` known depths adds to neither term and gets a zero
+    gradient (weighted, not indexed away: the step stays recordable as a CUDA graph); with no
+    such window the loss is 0, its gradient 0 and finite."""
+    world = make_world(9, batch=2, per_pair=1)
+    gt_depth, gt_poses = world["depth"], world["cam_to_world"]
+    depth, poses = perturbed(world, 2)
+    valid = torch.ones_like(gt_depth, dtype=torch.bool)
+    valid[1] = False
+    valid[1, 0, 0, :3] = True  # 3 pixels: under min_valid
+    alone = supervised_loss(depth[:1], poses[:1], gt_depth[:1], gt_poses[:1], valid[:1])
+    depth, poses = depth.clone().requires_grad_(True), poses.clone().requires_grad_(True)
+    both = supervised_loss(depth, poses, gt_depth, gt_poses, valid)
+    assert both.item() == pytest.approx(alone.item(), rel=1e-12)
+    both.backward()
+    assert depth.grad[1].abs().max() == 0 and poses.grad[1].abs().max() == 0
+    assert depth.grad[0].abs().max() > 0
+    depth.grad = poses.grad = None
+    none = supervised_loss(depth, poses, gt_depth, gt_poses, torch.zeros_like(valid))
+    assert none.item() == 0
+    none.backward()
+    assert_finite_grads(depth, poses)
+    assert depth.grad.abs().max() == 0 and poses.grad.abs().max() == 0
+
+
 def test_supervised_grows_with_pose_error_and_is_finite_at_optimum():
     world = make_world(11, per_pair=1)
     gt_depth, gt_poses = world["depth"], world["cam_to_world"]

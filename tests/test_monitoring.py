@@ -304,6 +304,10 @@ def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
     log.write_text('{"level": "ERROR", "msg": "stage failed", "exc": "Traceback\\n  File x\\n'
                    'ValueError: unknown dataset spec"}\n')
     assert last_error(log) == "stage failed: ValueError: unknown dataset spec"
+    log.write_text('{"level": "ERROR", "msg": "stage failed", "exc": "Traceback\\ntorch.AcceleratorError: CUDA error: '
+                   'x\\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\\nCompile with `TORCH_USE_CUDA_DSA` to '
+                   'enable device-side assertions.\\n"}\n')
+    assert last_error(log) == "stage failed: torch.AcceleratorError: CUDA error: x"
     log.write_text('{"level": "WARNING", "msg": "source problem", "reason": "source_failed", "detail": "TypeError: x"}\n'
                    '{"level": "ERROR", "msg": "no source produced a window"}\n{"level": "INFO", "msg": "done"}\n')
     assert last_error(log) == "no source produced a window (last problem: source_failed: TypeError: x)"

@@ -53,8 +53,8 @@ def supervised_loss(
         gt_depth: [B, V, H, W] (0 = unknown).  gt_cam_to_world: [B, V, 4, 4].
         valid: [B, V, H, W] bool, usable ground-truth depth (combined with gt_depth > 0).
         confidence: [B, V, H, W] in (0, 2) or None.
-        min_valid: a window with fewer valid pixels contributes no depth term and has
-            its scale normalised by 1 (pose term still counts only if both scales exist).
+        min_valid: a window with fewer valid pixels contributes to neither term (weight 0;
+            with no such window the loss is 0).
     """
     pred_depth = _fp32(pred_depth)
     dtype = pred_depth.dtype
@@ -68,28 +68,28 @@ def supervised_loss(
     mask = valid.bool() & (gt_depth > 0) & torch.isfinite(gt_depth)
     gt_depth = torch.where(mask, gt_depth, torch.zeros_like(gt_depth))
     count = mask.flatten(1).sum(-1)  # [B]
+    # Windows with too few valid pixels are weighted 0, not indexed away: no data-dependent
+    # shape and no read from the host, so the step can be recorded as a CUDA graph.
     ok = count >= min_valid
-    if not bool(ok.any()):
-        return zero
     denom = count.clamp(min=1).to(dtype)
-    s_pred = (torch.where(mask, pred_depth, torch.zeros_like(pred_depth)).flatten(1).sum(-1) / denom)
-    s_gt = gt_depth.flatten(1).sum(-1) / denom
     tiny = torch.finfo(dtype).tiny
-    s_pred = s_pred.clamp(min=tiny)[ok]
-    s_gt = s_gt.clamp(min=tiny)[ok]
-    mask_ok = mask[ok]
+    one = torch.ones_like(denom)
+    s_pred = (torch.where(mask, pred_depth, torch.zeros_like(pred_depth)).flatten(1).sum(-1) / denom).clamp(min=tiny)
+    s_gt = (gt_depth.flatten(1).sum(-1) / denom).clamp(min=tiny)
+    s_pred, s_gt = torch.where(ok, s_pred, one), torch.where(ok, s_gt, one)  # finite in a window weighted 0
+    mask_ok = mask & ok[:, None, None, None]
 
-    residual = (pred_depth[ok] / s_pred[:, None, None, None] - gt_depth[ok] / s_gt[:, None, None, None]).abs()
+    residual = (pred_depth / s_pred[:, None, None, None] - gt_depth / s_gt[:, None, None, None]).abs()
     if confidence is not None:
-        conf = confidence[ok]
-        per_pixel = conf * residual - alpha * conf.clamp(min=1e-6).log()
+        per_pixel = confidence * residual - alpha * confidence.clamp(min=1e-6).log()
     else:
         per_pixel = residual
-    depth_term = torch.where(mask_ok, per_pixel, torch.zeros_like(per_pixel)).sum() / mask_ok.sum()
+    depth_term = torch.where(mask_ok, per_pixel, torch.zeros_like(per_pixel)).sum() / mask_ok.sum().clamp(min=1)
 
     if pred_pose.shape[1] < 2:
         return depth_term + zero
-    pose_term = _relative_pose_errors(pred_pose[ok], s_pred, gt_pose[ok], s_gt).mean()
+    per_window = _relative_pose_errors(pred_pose, s_pred, gt_pose, s_gt)
+    pose_term = torch.where(ok, per_window, torch.zeros_like(per_window)).sum() / ok.sum().clamp(min=1)
     return depth_term + pose_weight * pose_term + zero
 
 
@@ -99,10 +99,10 @@ def _relative_pose_errors(pred: Tensor, s_pred: Tensor, target: Tensor, s_target
     window's scale ``s`` [B]). Needs V >= 2; invariant to a similarity of either window."""
     v = pred.shape[1]
     rel_pred, rel_target = _relative_poses(pred), _relative_poses(target)
-    off_diag = ~torch.eye(v, dtype=torch.bool, device=pred.device)
+    off_diag = 1 - torch.eye(v, dtype=pred.dtype, device=pred.device)  # a weight, not a mask: no data-dependent shape
     r_err = rel_pred[..., :3, :3].transpose(-1, -2) @ rel_target[..., :3, :3]
     rot = (3 - r_err.diagonal(dim1=-2, dim2=-1).sum(-1)) / 2  # 1 − cos(angle)
     diff = rel_pred[..., :3, 3] / s_pred[:, None, None, None] - rel_target[..., :3, 3] / s_target[:, None, None, None]
     # Smoothed norm (exactly 0 at a perfect prediction, finite gradient there).
     trans = ((diff * diff).sum(-1) + 1e-12).sqrt() - 1e-6
-    return (rot + trans)[:, off_diag].mean(-1)
+    return ((rot + trans) * off_diag).sum((-2, -1)) / (v * (v - 1))
