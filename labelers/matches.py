@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from reliev3r.protocol import Matches
+from reliev3r.recent import Recent
 
 RATIO = 0.8
 """Lowe's ratio test threshold (nearest / second-nearest descriptor distance)."""
@@ -128,7 +128,7 @@ class OpenCVMatcher:
         self._local = threading.local()
         self._detector()  # fail here, not in a pool thread, if OpenCV lacks the detector
         self.cache_frames = cache_frames
-        self._cache: OrderedDict[bytes, Features] = OrderedDict()
+        self._cache: Recent = Recent(max(cache_frames, 0))
         self._cache_lock = threading.Lock()
         self.computed = self.reused = 0
         """Frames whose features were detected, and found in the cache (for tests and metrics)."""
@@ -160,9 +160,8 @@ class OpenCVMatcher:
         rgb = np.ascontiguousarray(rgb)
         key = repr(rgb.shape).encode() + hashlib.blake2b(rgb.data, digest_size=16).digest()
         with self._cache_lock:
-            found = self._cache.get(key)
+            found = self._cache.recall(key)
             if found is not None:
-                self._cache.move_to_end(key)
                 self.reused += 1
                 return found
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
@@ -171,10 +170,7 @@ class OpenCVMatcher:
         made = Features(xy, desc if desc is not None and len(desc) else None, (rgb.shape[1], rgb.shape[0]))
         with self._cache_lock:
             self.computed += 1
-            if self.cache_frames > 0:
-                self._cache[key] = made
-                while len(self._cache) > self.cache_frames:
-                    self._cache.popitem(last=False)
+            self._cache[key] = made
         return made
 
     def features_many(self, frames: np.ndarray) -> list[Features]:

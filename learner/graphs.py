@@ -26,13 +26,14 @@ import functools
 import logging
 import time
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from reliev3r.recent import Recent
 
 log = logging.getLogger("reliev3r.learner.graphs")
 
@@ -127,7 +128,7 @@ class StepGraphs:
         self.forward_backward = forward_backward
         self.params = params
         self.max_graphs = max_graphs
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.graphs: Recent = Recent(max_graphs)
         self.pool = torch.cuda.graph_pool_handle()
         """One memory pool for every graph: only the last replayed graph's outputs are read."""
         self.captures = 0
@@ -136,13 +137,10 @@ class StepGraphs:
         k = batch["matches"].shape[0]
         padded = pad_matches(batch, match_bucket(k))
         key = (space, *((name, tuple(t.shape), t.dtype) for name, t in sorted(padded.items())))
-        entry = self.graphs.get(key)
+        entry = self.graphs.recall(key)
         if entry is None:
             entry = self._capture(padded, space)
             self.graphs[key] = entry
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
         for name, t in padded.items():
             entry.inputs[name].copy_(t, non_blocking=True)
         entry.graph.replay()

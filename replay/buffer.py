@@ -13,7 +13,7 @@ here: the service (``replay/service.py``) owns those.
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from reliev3r import protocol
+from reliev3r.recent import Recent
 from replay.config import ReplayConfig
 from replay.dedup import Dedup
 from replay.rate_limiter import RateLimiter
@@ -53,7 +54,7 @@ class ReplayBuffer:
         self.dedup = dedup
         self.counts: Counter[str] = Counter()
         """inserts, duplicates, samples (windows), evictions, corrupt, rejected:<reason>."""
-        self._skipped: OrderedDict[str, None] = OrderedDict()
+        self._skipped = Recent(EVICTED_MEMORY)
         """Window ids the reservoir declined (bounded; in memory). Evicted ids live with the
         storage (``storage.evicted``, persisted), so a late redelivery is a duplicate."""
         self._grouping = False
@@ -171,8 +172,6 @@ class ReplayBuffer:
                                         max_bytes=self.cfg.capacity_bytes)
         if victims is None:
             self._skipped[msg.meta["window_id"]] = None
-            while len(self._skipped) > EVICTED_MEMORY:
-                self._skipped.popitem(last=False)
             self.limiter.arrive()
             return InsertResult("rejected", "reservoir_skip")
         priority = 1.0

@@ -29,7 +29,6 @@ import sqlite3
 import struct
 import time
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -37,6 +36,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from reliev3r import protocol
+from reliev3r.recent import Recent
 
 PAYLOAD_MAGIC = b"RPW1"
 EVICTED_MEMORY = 65536
@@ -129,7 +129,7 @@ class Storage(abc.ABC):
         self.nbytes = 0
         self._next_key = 0
         self._state: dict[str, Any] = {}
-        self.evicted: OrderedDict[str, None] = OrderedDict()
+        self.evicted = Recent(EVICTED_MEMORY)
         """Ids of the most recently evicted windows (at most ``EVICTED_MEMORY``), oldest first."""
         self._group: GroupLog | None = None
 
@@ -155,8 +155,6 @@ class Storage(abc.ABC):
         self.nbytes += rec.nbytes
         for old in gone:
             self.evicted[old.window_id] = None
-        while len(self.evicted) > EVICTED_MEMORY:
-            self.evicted.popitem(last=False)
         if self._group is not None:
             self._group.added.append(rec.key)
             self._group.removed.extend(gone)
@@ -356,7 +354,9 @@ class DiskStorage(Storage):
         for name, value in self.db.execute("SELECT name, value FROM state"):
             self._state[name] = json.loads(value)
         newest = self.db.execute("SELECT window_id FROM evicted ORDER BY seq DESC LIMIT ?", (EVICTED_MEMORY,))
-        self.evicted = OrderedDict((wid, None) for (wid,) in reversed(newest.fetchall()))
+        self.evicted = Recent(EVICTED_MEMORY)
+        for (wid,) in reversed(newest.fetchall()):
+            self.evicted[wid] = None
         # Keys are never reused, even after the newest window was evicted.
         seq = self._state.get("storage", {}).get("next_key", 0)
         self._next_key = max(seq, (max(self.records) + 1) if self.records else 0)

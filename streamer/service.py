@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -27,6 +27,7 @@ import zmq
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
+from reliev3r.recent import Recent
 from reliev3r.service import Runtime, serve
 from streamer import sources as srcs
 from streamer import workers
@@ -41,6 +42,10 @@ circulate forever)."""
 POLL_MS = 100
 FEED_POLL_MS = 5
 """Poll timeout while there is room for a window but the producers have none ready yet."""
+LAST_PEER_SOURCES = 4096
+"""Sources whose last labeler the dispatcher remembers, the most recently sent (a live run meets
+new source names for as long as it lives; a source forgotten goes to the labeler with the most
+credits, as a new one does)."""
 
 
 class FirstSeen:
@@ -49,17 +54,13 @@ class FirstSeen:
     logged once (the error series counts every one)."""
 
     def __init__(self, keep: int = 1024):
-        self.keep = keep
-        self._keys: OrderedDict = OrderedDict()
+        self._keys = Recent(keep)
         self._lock = threading.Lock()
 
     def __call__(self, key) -> bool:
         with self._lock:
             new = key not in self._keys
             self._keys[key] = None
-            self._keys.move_to_end(key)
-            while len(self._keys) > self.keep:
-                self._keys.popitem(last=False)
             return new
 
 
@@ -84,7 +85,7 @@ class Dispatcher:
         self.in_flight: dict[str, InFlight] = {}
         self.resend: deque[str] = deque()
         self.silent: set[bytes] = set()  # peers whose credits expired, still holding windows
-        self.last_peer: dict[str, bytes] = {}  # source -> the peer its last window went to
+        self.last_peer = Recent(LAST_PEER_SOURCES)  # source -> the peer its last window went to
 
     def on_ready(self, peer: bytes, credits: int) -> None:
         self.credits[peer] = [max(0, credits), self.clock()]

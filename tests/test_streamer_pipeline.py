@@ -158,6 +158,20 @@ def test_a_sources_windows_go_to_the_labeler_that_had_its_last_one_while_it_has_
     assert disp.credits[b"b"][0] == 0 and disp.peer("kitchen") == b"a"  # no credit left there
 
 
+def test_the_dispatcher_remembers_the_last_labeler_of_a_bounded_number_of_sources(monkeypatch):
+    """A live run meets new source names for as long as it lives: the labeler of each source's
+    last window is kept for the most recent ``LAST_PEER_SOURCES``; a source forgotten goes to
+    the labeler with the most credits, as a new one does."""
+    monkeypatch.setattr(streamer_service, "LAST_PEER_SOURCES", 3)
+    disp = streamer_service.Dispatcher(max_in_flight=64, resend_timeout_s=1000.0, peer_timeout_s=10.0)
+    disp.on_ready(b"a", 10)
+    for n in range(5):
+        disp.sent(f"cam{n}:0", [b""], b"a", f"cam{n}")
+    assert list(disp.last_peer) == ["cam2", "cam3", "cam4"]
+    disp.on_ready(b"b", 20)
+    assert disp.peer("cam0") == b"b" and disp.peer("cam4") == b"a"
+
+
 def test_windows_of_a_silent_labeler_go_to_another_once_its_credits_expire():
     """A labeler not heard from for ``peer_timeout_s`` is presumed dead: the windows it holds
     go to another labeler as soon as one has credit, long before ``resend_timeout_s``. Alone,
