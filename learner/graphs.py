@@ -92,10 +92,11 @@ class CaptureError(RuntimeError):
     a shape from data. Names the first error and the line of this project that raised it."""
 
     def __init__(self, exc: BaseException):
-        root = exc
-        while root.__context__ is not None and root.__context__ is not root:
+        root, seen = exc, {id(exc)}
+        while root.__context__ is not None and id(root.__context__) not in seen:
             root = root.__context__
-        frames = [f for f in traceback.extract_tb(root.__traceback__) if _OURS in Path(f.filename).parents]
+            seen.add(id(root))
+        frames = [f for f in traceback.extract_tb(root.__traceback__) if _ours(Path(f.filename))]
         where = f" at {Path(frames[-1].filename).relative_to(_OURS)}:{frames[-1].lineno} ({frames[-1].line})" \
             if frames else ""
         first = (str(root).strip().splitlines() or [type(root).__name__])[0]
@@ -105,6 +106,11 @@ class CaptureError(RuntimeError):
 
 _OURS = Path(__file__).resolve().parents[1]
 """The repository's root: the frames of a failed capture that name our code."""
+
+
+def _ours(path: Path) -> bool:
+    """A file of this project (not of a package installed in a virtual environment inside it)."""
+    return _OURS in path.parents and not {"site-packages", "dist-packages"} & set(path.parts)
 
 
 @dataclass

@@ -184,3 +184,7 @@ def test_a_failed_capture_names_the_first_error_and_our_line():
                                "not permitted when stream is capturing at tests/test_graphs.py:")
     assert str(err).endswith('(raise RuntimeError("CUDA error: operation not permitted when stream is capturing'
                              '\\nmore")); learner.cuda_graphs=false runs it eagerly')
+    from learner.graphs import _OURS, _ours
+
+    assert _ours(_OURS / "learner" / "train.py")
+    assert not _ours(_OURS / ".venv" / "lib" / "python3.12" / "site-packages" / "torch" / "cuda" / "graphs.py")
