@@ -52,6 +52,10 @@ STALE_TMP_S = 600.0
 log = logging.getLogger("reliev3r.learner.snapshot")
 
 
+class NoSnapshot(FileNotFoundError):
+    """A path given as a snapshot holds none that verifies (:func:`resolve_snapshot`)."""
+
+
 class SnapshotError(RuntimeError):
     """A snapshot folder is missing, partial or corrupt; the message says what is wrong."""
 
@@ -272,7 +276,7 @@ def resolve_snapshot(path: str | Path) -> Path:
         snap = latest_snapshot(folder)
         if snap is not None:
             return snap
-    raise FileNotFoundError(f"{path}: no valid snapshot there")
+    raise NoSnapshot(f"{path}: no valid snapshot there (a snapshot folder, a run folder or its snapshots folder)")
 
 
 def prune_snapshots(folder: str | Path, *, keep_last: int, keep_every: int) -> list[Path]:

@@ -160,6 +160,17 @@ def _pretrained(cfg: rconfig.PipelineConfig, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args, argv)
+    except FileNotFoundError as err:  # a wrong --checkpoint, --compare or --distill: said, no traceback
+        snapshot = sys.modules.get("learner.snapshot")  # imported by whatever raised it (torch: not here)
+        if snapshot is None or not isinstance(err, snapshot.NoSnapshot):
+            raise
+        print(f"reliev3r {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.command == "report":  # needs no pipeline config
         from reliev3r.report import main as report_main
 

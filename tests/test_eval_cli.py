@@ -62,6 +62,20 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
     assert 0.05 < result["rows"]["baseline: constant depth + identity poses"]["absrel_med"] < 1.0
 
 
+def test_a_path_without_a_snapshot_is_said_without_a_traceback(tmp_path, capsys):
+    """``--checkpoint`` or ``--compare`` naming a folder with no valid snapshot (a sibling run
+    that never trained): exit 2 and one line naming the path, for eval as for export."""
+    snap = make_tiny_snapshot(tmp_path / "run_a", seed=0)
+    empty = tmp_path / "never_trained"
+    (empty / "snapshots").mkdir(parents=True)
+    assert cli.main(["eval", "--checkpoint", str(empty), f"run.dir={tmp_path / 'run'}"]) == 2
+    assert f"reliev3r eval: {empty}: no valid snapshot there" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(snap), "--compare", str(empty), f"run.dir={tmp_path / 'run'}"]) == 2
+    assert f"reliev3r eval: {empty}: no valid snapshot there" in capsys.readouterr().err
+    assert cli.main(["export", "--checkpoint", str(empty), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert f"reliev3r export: {empty}: no valid snapshot there" in capsys.readouterr().err
+
+
 def test_disparity_teacher_is_aligned_in_disparity_space():
     rng = np.random.default_rng(0)
     gt = rng.uniform(0.5, 4.0, (12, 16)).astype(np.float32)
