@@ -4,7 +4,6 @@ one to compare, every baseline row, the JSON; and the generic image-folder datas
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
