@@ -19,7 +19,9 @@ import torch
 
 from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline
 from evaluation.datasets import load_windows
-from evaluation.evaluate import evaluate_model, has_ground_truth, markdown_table, trivial_baseline
+from evaluation.evaluate import TITLES, has_ground_truth, markdown_table, score_model, score_trivial
+from evaluation.intervals import RESAMPLES, interval_table
+from evaluation.metrics import mean_metrics
 from learner import snapshot as snapshots
 from learner.snapshot import resolve_snapshot
 from reliev3r.config import PipelineConfig, refreshed_teacher
@@ -57,12 +59,15 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
                            windows=args.windows or cfg.evaluator.windows, stride=cfg.evaluator.stride,
                            run_dir=cfg.run_dir, synthetic_cfg=cfg.streamer.synthetic)
     has_depth, has_poses = has_ground_truth(windows)
-    rows: dict[str, dict[str, float]] = {}
-    rows[f"model {_snapshot_name(snap, meta)}"] = evaluate_model(model, windows, device, progress=True, desc="model")
+    per_window: dict[str, list[dict[str, float]]] = {}  # the scores of each window: for the intervals
+    first = f"model {_snapshot_name(snap, meta)}"
+    per_window[first] = score_model(model, windows, device, progress=True, desc="model")
     for other, other_model, other_meta in compare:
-        rows[f"compare {_snapshot_name(other, other_meta)}"] = evaluate_model(
+        per_window[f"compare {_snapshot_name(other, other_meta)}"] = score_model(
             other_model, windows, device, progress=True, desc=other.name)
-    rows["baseline: constant depth + identity poses"] = trivial_baseline(windows)
+    constant = "baseline: constant depth + identity poses"
+    per_window[constant] = score_trivial(windows)
+    rows: dict[str, dict[str, float]] = {name: mean_metrics(scores) for name, scores in per_window.items()}
     teachers = getattr(args, "teacher", None) or default_teachers(cfg, snap)
     for spec in teachers:
         if spec != "none" and has_depth:
@@ -71,16 +76,23 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
             windows, cfg.labeler)
     table = markdown_table(rows, COLUMNS)
+    ratios = [(first, name) for name in per_window if name != first]  # the model over each sibling and the floor
+    spread, spread_numbers = interval_table(per_window, ratios, TITLES)
+    spread_title = (f"95 % intervals over the {len(windows)} windows (percentile bootstrap, {RESAMPLES:,} resamples "
+                    "of the windows, paired for the ratios: how much the windows chosen move a figure, not what "
+                    "another training seed would)")
     print(f"\n{data}: {len(windows)} windows of {views} views at {width}x{height}, snapshot {snap}\n")
     print(table)
+    print(f"\n{spread_title}:\n\n{spread}")
     out = Path(args.out) if args.out else cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         {"snapshot": str(snap), "step": meta["step"], "compare": [str(c[0]) for c in compare], "data": data,
          "windows": [w.name for w in windows], "views": views, "height": height, "width": width,
-         "stride": cfg.evaluator.stride, "teachers": [t for t in teachers if t != "none"], "rows": rows},
+         "stride": cfg.evaluator.stride, "teachers": [t for t in teachers if t != "none"], "rows": rows,
+         "intervals": spread_numbers},
         indent=2))
     (out / "results.md").write_text(f"{data}: {len(windows)} windows of {views} views at {width}x{height}\n\n"
-                                    + table + "\n")
+                                    + table + f"\n\n{spread_title}:\n\n{spread}\n")
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

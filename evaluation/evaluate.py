@@ -47,6 +47,12 @@ def predict(model: torch.nn.Module, window: EvalWindow, device) -> tuple[torch.T
 def evaluate_model(model: torch.nn.Module, windows: list[EvalWindow], device, *, progress: bool = False,
                    desc: str = "evaluating") -> dict[str, float]:
     """Mean metrics of ``model`` over ``windows`` (see ``evaluation.metrics``)."""
+    return metrics.mean_metrics(score_model(model, windows, device, progress=progress, desc=desc))
+
+
+def score_model(model: torch.nn.Module, windows: list[EvalWindow], device, *, progress: bool = False,
+                desc: str = "evaluating") -> list[dict[str, float]]:
+    """The metrics of ``model`` on each of ``windows``, in their order."""
     was_training = model.training
     model.eval()
     rows = []
@@ -56,11 +62,16 @@ def evaluate_model(model: torch.nn.Module, windows: list[EvalWindow], device, *,
             rows.append(score_window(depth.cpu(), pose.cpu(), window))
     finally:
         model.train(was_training)
-    return metrics.mean_metrics(rows)
+    return rows
 
 
 def trivial_baseline(windows: list[EvalWindow]) -> dict[str, float]:
     """Constant depth and identity poses: the floor every learned model must clear."""
+    return metrics.mean_metrics(score_trivial(windows))
+
+
+def score_trivial(windows: list[EvalWindow]) -> list[dict[str, float]]:
+    """The metrics of :func:`trivial_baseline` on each of ``windows``."""
     rows = []
     for window in windows:
         row = {}
@@ -71,7 +82,7 @@ def trivial_baseline(windows: list[EvalWindow]) -> dict[str, float]:
             gt_pose = torch.from_numpy(window.gt_cam_to_world)
             row.update(metrics.pose_metrics(torch.eye(4).expand_as(gt_pose).clone(), gt_pose))
         rows.append(row)
-    return metrics.mean_metrics(rows)
+    return rows
 
 
 def markdown_table(rows: dict[str, dict[str, float]], keys: tuple[str, ...], *, first: str = "model") -> str:

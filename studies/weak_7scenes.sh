@@ -147,8 +147,18 @@ python3 - "$RUNS" "$@" <<'PY' | tee "$OUTD/summary.txt"
 import json, pathlib, sys
 
 runs, keys = pathlib.Path(sys.argv[1]), ["absrel_med", "absrel_lsq", "absrel_lsq_frame", "rra30", "rta30", "auc30", "ate"]
-print("| run | step | " + " | ".join(keys) + " |")
+print("| run | step | " + " | ".join(keys) + " | absrel_med / sup [95 %] | auc30 / sup [95 %] |")
 baselines = []
+
+
+def ratio(result, key):  # the paired interval over the windows of the run over the sibling (reliev3r eval)
+    name = next(iter(result["rows"]))
+    for row, cells in result.get("intervals", {}).items():
+        if row.startswith(f"{name} / compare") and cells.get(key):
+            return "{:.2f}x [{:.2f}, {:.2f}]".format(*cells[key])
+    return "-"
+
+
 for spec in sys.argv[2:]:
     name = spec.split(":")[0]
     path = runs / name / "final_eval" / "results.json"
@@ -158,7 +168,8 @@ for spec in sys.argv[2:]:
     result = json.loads(path.read_text())
     rows = list(result["rows"].items())
     baselines += [row for row in rows[1:] if row[0].startswith("baseline") and row not in baselines]
-    print(f"| {name} | {result['step']} | " + " | ".join(f"{rows[0][1].get(k, float('nan')):.3f}" for k in keys) + " |")
+    print(f"| {name} | {result['step']} | " + " | ".join(f"{rows[0][1].get(k, float('nan')):.3f}" for k in keys)
+          + f" | {ratio(result, 'absrel_med')} | {ratio(result, 'auc30')} |")
 for label, row in baselines:
     print(f"| {label} | | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys) + " |")
 PY

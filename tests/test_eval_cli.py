@@ -32,7 +32,7 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
             "--data", f"7scenes:{KITCHEN}@450-599", "--views", "4", "--windows", "3", "--out", str(out),
             "--teacher", "oracle", f"run.dir={tmp_path / 'run'}"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    printed, spread = capsys.readouterr().out.split("95 % intervals over the 3 windows")
     rows = [line for line in printed.splitlines() if line.startswith("| ")]
     names = [r.split("|")[1].strip() for r in rows[1:]]
     assert names[0].startswith("model run_a/step-000000002 (weak, step 2)")
@@ -42,10 +42,22 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
     assert any(n.startswith("baseline: two-view essential matrix") for n in names)
 
     result = json.loads((out / "results.json").read_text())
-    assert (out / "results.md").read_text().count("\n| ") == len(rows)
+    spread_rows = [line for line in spread.splitlines() if line.startswith("| ")]
+    assert (out / "results.md").read_text().count("\n| ") == len(rows) + len(spread_rows)
     assert result["views"] == 4 and len(result["windows"]) == 3
     assert [result["height"], result["width"]] == [48, 64]  # the snapshot's training size
     assert list(result["rows"]) == names
+    # each model row's figures with their spread over the windows, and the model over each sibling
+    ratio_names = [f"{names[0]} / {names[1]}", f"{names[0]} / baseline: constant depth + identity poses"]
+    assert list(result["intervals"]) == [names[0], names[1], "baseline: constant depth + identity poses", *ratio_names]
+    assert [r.split("|")[1].strip() for r in spread_rows[1:]] == list(result["intervals"])
+    for name in names[:2]:
+        est, lo, hi = result["intervals"][name]["absrel_med"]
+        assert est == pytest.approx(result["rows"][name]["absrel_med"], rel=1e-9) and lo <= est <= hi
+    est, lo, hi = result["intervals"][ratio_names[0]]["absrel_med"]
+    assert est == pytest.approx(result["rows"][names[0]]["absrel_med"] / result["rows"][names[1]]["absrel_med"])
+    assert lo <= est <= hi
+    assert result["intervals"][ratio_names[1]]["auc30"] is None  # the constant's AUC is 0: no ratio
     model = result["rows"][names[0]]
     for key in ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
                 "rra30", "rta30", "auc30", "accuracy", "completeness"):
