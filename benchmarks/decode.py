@@ -183,6 +183,48 @@ def decode_floor(path, skip: str = "DEFAULT") -> int:
         return n
 
 
+def decode_with_motion_vectors(path) -> int:
+    """:func:`decode_floor` with the codec's motion vectors exported (``flags2=+export_mvs``) and
+    read into numpy for every frame, with the median motion of each frame's blocks: the least a
+    keyframe gate that takes its motion from the codec would spend (no cut test, no glance)."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type, s.thread_count = "SLICE", 1
+        s.codec_context.options = {"flags2": "+export_mvs"}
+        n = 0
+        for packet in c.demux(s):
+            n += packet.size > 0
+            for frame in packet.decode():
+                vectors = frame.side_data.get("MOTION_VECTORS")
+                if vectors is not None:
+                    mv = vectors.to_ndarray()
+                    np.median(np.hypot(mv["motion_x"], mv["motion_y"]) / mv["motion_scale"])
+            if n >= MAX_FRAMES[0]:
+                break
+        return n
+
+
+def motion_vector_cost(videos: list[Path]) -> None:
+    """Per source frame (ms, best of ``REPEATS`` turns, readers in turn): the fastest plain
+    reader, the streamer's decoding alone, the same with the codec's motion vectors exported
+    and read, and what that leaves of the analysis budget (the fastest reader minus decoding)."""
+    readers = {"opencv 1 thread": opencv_1thread, "decode all": decode_floor,
+               "decode + motion vectors": decode_with_motion_vectors}
+    print(f"\nms of CPU per source frame, first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
+    print(f"| file | {' | '.join(readers)} | analysis budget | motion vectors' cost | left of the budget |")
+    print("|---|" + "---:|" * (len(readers) + 3))
+    for v in videos:
+        ms = {}
+        for _ in range(REPEATS[0]):
+            for name, fn in readers.items():
+                n, _, cpu = cpu_timed(lambda: fn(v))
+                ms[name] = min(ms.get(name, float("inf")), 1e3 * cpu / n)
+        budget = ms["opencv 1 thread"] - ms["decode all"]
+        cost = ms["decode + motion vectors"] - ms["decode all"]
+        cells = " | ".join(f"{x:.3f}" for x in ms.values())
+        print(f"| {v.name} | {cells} | {budget:.3f} | {cost:.3f} | {budget - cost:.3f} |", flush=True)
+
+
 def opencv_analysed(path) -> int:
     """OpenCV on one thread feeding the streamer's window builder (every frame to RGB, its
     glance made from the RGB): the fastest plain reader with the streamer's analysis."""
@@ -595,8 +637,8 @@ def main() -> int:
     ap.add_argument("--seconds-1080p", type=float, default=4.0)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
-    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "long",
-                                       "loop"],
+    ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "mvs",
+                                       "long", "loop"],
                     default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
@@ -649,6 +691,8 @@ def main() -> int:
         decode_table(videos, Path(args.kitchen))
     if args.only in (None, "budget"):
         analysis_budget(videos)
+    if args.only in (None, "mvs"):
+        motion_vector_cost(videos)
     if args.only in (None, "workers"):
         worker_scaling([str(v) for v in videos])
     if args.only in (None, "long"):
