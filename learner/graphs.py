@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reliev3r.recent import Recent
 
@@ -111,6 +112,31 @@ _OURS = Path(__file__).resolve().parents[1]
 def _ours(path: Path) -> bool:
     """A file of this project (not of a package installed in a virtual environment inside it)."""
     return _OURS in path.parents and not {"site-packages", "dist-packages"} & set(path.parts)
+
+
+class Unrecordable(TorchDispatchMode):
+    """Notes the ops dispatched under it that a CUDA graph cannot record, each with the line of
+    ours that made it (``found``: "op at file:line (code)"): a tensor made from host data (on a
+    GPU a host-to-device copy; Python scalars are not copies), a read of the device from the
+    host (``.item()``, ``bool(t)``), and an output whose shape depends on the data (boolean
+    indexing, ``nonzero``). Works on the CPU: the ops are the same on every device."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        made = func is torch.ops.aten.lift_fresh.default and args[0].numel() > 1
+        masked = func is torch.ops.aten.index.Tensor and any(t is not None and t.dtype == torch.bool for t in args[1])
+        if made or masked or func in self.READS:
+            frames = [f for f in traceback.extract_stack() if _ours(Path(f.filename)) and f.filename != __file__]
+            where = f" at {Path(frames[-1].filename).relative_to(_OURS)}:{frames[-1].lineno} ({frames[-1].line})" \
+                if frames else ""
+            self.found.append(f"{func}{where}")
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass

@@ -22,6 +22,7 @@ V=4, B=2 takes ~0.5 s/step for the model alone on one thread (~1.3 s with the ob
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -35,12 +36,14 @@ from torch import Tensor, nn
 
 from learner.augment import augment_batch
 from learner.config import LearnerConfig
-from learner.graphs import StepGraphs
+from learner.graphs import StepGraphs, Unrecordable
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
 
 PER_MATCH = frozenset({"matches", "match_triangulation"})
 """Batch tensors with one row per match (first column of ``matches``: the window)."""
+
+log = logging.getLogger("reliev3r.learner")
 
 LossFn = Callable[..., "tuple[Tensor, dict[str, Tensor | float]]"]
 """``loss_fn(pred, batch, cfg, *, teacher_space) -> (scalar loss, {term: float or scalar tensor})``;
@@ -145,7 +148,12 @@ class Trainer:
         self.graphs: StepGraphs | None = None
         """The step recorded as CUDA graphs (``cuda_graphs``: on one CUDA device, one process)."""
         if cfg.cuda_graphs and self.device.type == "cuda" and self.world_size == 1:
-            self.graphs = StepGraphs(self._forward_backward, list(self.model.parameters()))
+            problems = unrecordable_objective(cfg, self.loss_fn, teacher_space)
+            if problems:  # a capture would fail at every start: run eagerly, and say why
+                log.warning("learner.cuda_graphs: the step cannot be recorded as a CUDA graph; it runs eagerly",
+                            extra={"reason": "unrecordable_step", "detail": "; ".join(problems[:3])})
+            else:
+                self.graphs = StepGraphs(self._forward_backward, list(self.model.parameters()))
         self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
         self.global_step = 0
         """Optimizer steps taken (skipped steps not included); names snapshots."""
@@ -347,6 +355,31 @@ def device_batch(host: dict[str, Tensor], device: str | torch.device) -> dict[st
     if "teacher_valid" in out:
         out["teacher_valid"] = out["teacher_valid"].bool()
     return out
+
+
+def unrecordable_objective(cfg: LearnerConfig, loss_fn: LossFn, teacher_space: str = "depth") -> list[str]:
+    """What in a training step under ``cfg`` a CUDA graph could not record
+    (:class:`learner.graphs.Unrecordable`), found on the CPU in a second: a tiny model with
+    ``cfg.model``'s heads, ``loss_fn`` under ``cfg.loss`` and the backward, on a synthetic batch
+    with every label the objectives read. Empty when the step can be recorded. The random
+    state of the caller is left as it was."""
+    import dataclasses
+
+    batch = synthetic_batch(2, 3, 4 * cfg.model.patch_size, 6 * cfg.model.patch_size, k=96, seed=1,
+                            triangulation=True)
+    batch["gt_depth"] = batch["teacher_depth"].clone()
+    batch["gt_cam_to_world"] = torch.eye(4).expand(2, 3, 4, 4).clone()
+    with torch.random.fork_rng(devices=[]):
+        model = FFRM(dataclasses.replace(cfg.model, size="tiny"))
+
+    def step() -> None:
+        loss, _ = loss_fn(model(batch["images"]), batch, cfg.loss, teacher_space=teacher_space)
+        loss.backward()
+
+    step()  # constants cached per device are made here, as in a graph's warm-up
+    with Unrecordable() as mode:
+        step()
+    return mode.found
 
 
 def synthetic_batch(b: int, v: int, h: int, w: int, *, k: int = 64, seed: int = 0,

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from learner.config import LearnerConfig, LossConfig, ModelConfig
-from learner.graphs import match_bucket, pad_matches
+from learner.graphs import Unrecordable, match_bucket, pad_matches
 from learner.objective import weighted_loss
-from learner.train import Trainer, synthetic_batch
+from learner.train import Trainer, default_loss_fn, synthetic_batch, unrecordable_objective
 from tests.helpers_world import F64, make_world, perturbed
 
 
@@ -122,46 +121,47 @@ def test_replayed_step_trains_as_the_eager_step():
     assert float(torch.nn.functional.cosine_similarity(moved_g, moved_e, dim=0)) > 0.99
 
 
-class StepTrace(TorchDispatchMode):
-    """The ops a step dispatches that a CUDA graph cannot record: a tensor made from host data
-    (on a GPU a host-to-device copy; Python scalars are not copies), a read of the device from
-    the host (``.item()``, ``bool(t)``) and an output whose shape depends on the data (boolean
-    indexing, ``nonzero``)."""
-
-    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default}
-
-    def __init__(self):
-        super().__init__()
-        self.made, self.synced = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.lift_fresh.default and args[0].numel() > 1:
-            self.made.append(tuple(args[0].shape))
-        elif func in self.SYNCS or (func is torch.ops.aten.index.Tensor
-                                    and any(t is not None and t.dtype == torch.bool for t in args[1])):
-            self.synced.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("kind", ["weak", "supervised"])
 def test_the_recorded_step_copies_no_host_data_and_reads_nothing_back(kind):
-    """Checked on the CPU as the ops the step dispatches, with every weak loss term of the
-    gpu.yaml recipe on, and for the supervised sibling (whose run with ``learner.cuda_graphs``
-    failed to record on an H100 while it tested ``bool(ok.any())``)."""
-    trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, loss=LossConfig(kind=kind)),
-                      device="cpu")
+    """Checked on the CPU as the ops the step dispatches (``Unrecordable``), with every weak loss
+    term of the gpu.yaml recipe on, and for the supervised sibling (whose run with
+    ``learner.cuda_graphs`` failed to record on an H100 while it tested ``bool(ok.any())``): on
+    the trainer's own step, and by the check a CUDA trainer makes before it records."""
+    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, loss=LossConfig(kind=kind))
+    trainer = Trainer(cfg, device="cpu")
     batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1, triangulation=True)
     batch["gt_depth"] = batch["teacher_depth"].clone()
     batch["gt_depth"][1, :, 8:] = 0  # unknown depth in part of a window
     batch["gt_cam_to_world"] = torch.eye(4).expand(2, 3, 4, 4).clone()
     trainer.step(batch)  # constants cached per device are made here, as in a graph's warm-up
-    with StepTrace() as mode:
+    with Unrecordable() as mode:
         _, _, terms, _, _ = trainer._forward_backward(batch, "depth")
     expected = {"supervised"} if kind == "supervised" else \
         {"reproj", "point", "triangulation", "triangulation_pose", "contrast", "depth"}
     assert expected <= set(terms)
-    assert mode.made == [] and mode.synced == []
+    assert mode.found == []
+    assert unrecordable_objective(cfg, default_loss_fn()) == []
+
+
+def test_a_step_that_reads_the_device_is_found_where_it_does_so_and_the_rng_is_left_alone():
+    """A loss term a researcher adds with ``.item()``, a boolean mask or a tensor from host
+    data: each found, named by its line, before any capture (a CUDA trainer then runs the step
+    eagerly instead of failing at every start); the caller's random state is unchanged."""
+    weak = default_loss_fn()
+
+    def with_reads(pred, batch, cfg, *, teacher_space):
+        loss, terms = weak(pred, batch, cfg, teacher_space=teacher_space)
+        scale = float(pred.depth.detach().mean())  # a read from the host
+        kept = pred.depth[pred.depth > scale]  # a shape from data
+        return loss + kept.sum() * 0 + torch.tensor([1.0, 2.0]).sum() * 0, terms
+
+    before = torch.get_rng_state()
+    found = unrecordable_objective(LearnerConfig(model=ModelConfig(size="tiny")), with_reads)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert any(f.startswith("aten._local_scalar_dense.default at tests/test_graphs.py:") and "float(pred.depth" in f
+               for f in found), found
+    assert any(f.startswith("aten.index.Tensor at tests/test_graphs.py:") for f in found), found
+    assert any(f.startswith("aten.lift_fresh.default at tests/test_graphs.py:") for f in found), found
 
 
 def test_a_failed_capture_names_the_first_error_and_our_line():
