@@ -204,6 +204,17 @@ def decode_with_motion_vectors(path) -> int:
         return n
 
 
+def best_ms_per_frame(readers: dict, path: Path) -> dict[str, float]:
+    """CPU ms per source frame of each reader on ``path``, the best of ``REPEATS`` turns, the
+    readers taking turns (load from other jobs comes and goes)."""
+    ms: dict[str, float] = {}
+    for _ in range(REPEATS[0]):
+        for name, fn in readers.items():
+            n, _, cpu = cpu_timed(lambda: fn(path))
+            ms[name] = min(ms.get(name, float("inf")), 1e3 * cpu / n)
+    return ms
+
+
 def motion_vector_cost(videos: list[Path]) -> None:
     """Per source frame (ms, best of ``REPEATS`` turns, readers in turn): the fastest plain
     reader, the streamer's decoding alone, the same with the codec's motion vectors exported
@@ -214,11 +225,7 @@ def motion_vector_cost(videos: list[Path]) -> None:
     print(f"| file | {' | '.join(readers)} | analysis budget | motion vectors' cost | left of the budget |")
     print("|---|" + "---:|" * (len(readers) + 3))
     for v in videos:
-        ms = {}
-        for _ in range(REPEATS[0]):
-            for name, fn in readers.items():
-                n, _, cpu = cpu_timed(lambda: fn(v))
-                ms[name] = min(ms.get(name, float("inf")), 1e3 * cpu / n)
+        ms = best_ms_per_frame(readers, v)
         budget = ms["opencv 1 thread"] - ms["decode all"]
         cost = ms["decode + motion vectors"] - ms["decode all"]
         cells = " | ".join(f"{x:.3f}" for x in ms.values())
@@ -261,11 +268,7 @@ def analysis_budget(videos: list[Path]) -> None:
           f"| streamer / fastest | streamer / fastest + analysis |")
     print("|---|" + "---|" * (len(readers) + 4))
     for v in videos:
-        ms = {}
-        for _ in range(REPEATS[0]):
-            for name, fn in readers.items():
-                n, _, cpu = cpu_timed(lambda: fn(v))
-                ms[name] = min(ms.get(name, float("inf")), 1e3 * cpu / n)
+        ms = best_ms_per_frame(readers, v)
         fastest, floor = ms["opencv 1 thread"], ms["decode all"]
         cells = " | ".join(f"{x:.3f}" for x in ms.values())
         print(f"| {v.name} | {cells} | {fastest - floor:.3f} | {ms['streamer'] - floor:.3f} | "
