@@ -6,8 +6,8 @@ Every metric of ``evaluation.metrics`` is a mean over windows of a per-window sc
 resample of the windows (with replacement) is a resample of the score. Pairing matters: two
 models scored on the same windows share the windows' difficulty, and the interval of their ratio
 comes from resampling the windows once for both (Efron & Tibshirani, An Introduction to the
-Bootstrap, 1993, ch. 13 for the percentile interval). The intervals say how much the windows chosen move a figure, not how
-much another training seed would; a comparison of runs needs both.
+Bootstrap, 1993, ch. 13 for the percentile interval). The intervals say how much the windows
+chosen move a figure, not how much another training seed would; a comparison of runs needs both.
 """
 
 from __future__ import annotations

@@ -97,9 +97,7 @@ class CaptureError(RuntimeError):
         while root.__context__ is not None and id(root.__context__) not in seen:
             root = root.__context__
             seen.add(id(root))
-        frames = [f for f in traceback.extract_tb(root.__traceback__) if _ours(Path(f.filename))]
-        where = f" at {Path(frames[-1].filename).relative_to(_OURS)}:{frames[-1].lineno} ({frames[-1].line})" \
-            if frames else ""
+        where = _where(traceback.extract_tb(root.__traceback__))
         first = (str(root).strip().splitlines() or [type(root).__name__])[0]
         super().__init__(f"the training step could not be recorded as a CUDA graph: {first}{where}; "
                          "learner.cuda_graphs=false runs it eagerly")
@@ -112,6 +110,13 @@ _OURS = Path(__file__).resolve().parents[1]
 def _ours(path: Path) -> bool:
     """A file of this project (not of a package installed in a virtual environment inside it)."""
     return _OURS in path.parents and not {"site-packages", "dist-packages"} & set(path.parts)
+
+
+def _where(frames: traceback.StackSummary) -> str:
+    """" at file:line (code)" of the innermost of ``frames`` in our code outside this module;
+    empty when none is."""
+    ours = [f for f in frames if _ours(Path(f.filename)) and Path(f.filename).resolve() != Path(__file__).resolve()]
+    return f" at {Path(ours[-1].filename).relative_to(_OURS)}:{ours[-1].lineno} ({ours[-1].line})" if ours else ""
 
 
 class Unrecordable(TorchDispatchMode):
@@ -132,10 +137,7 @@ class Unrecordable(TorchDispatchMode):
         made = func is torch.ops.aten.lift_fresh.default and args[0].numel() > 1
         masked = func is torch.ops.aten.index.Tensor and any(t is not None and t.dtype == torch.bool for t in args[1])
         if made or masked or func in self.READS:
-            frames = [f for f in traceback.extract_stack() if _ours(Path(f.filename)) and f.filename != __file__]
-            where = f" at {Path(frames[-1].filename).relative_to(_OURS)}:{frames[-1].lineno} ({frames[-1].line})" \
-                if frames else ""
-            self.found.append(f"{func}{where}")
+            self.found.append(f"{func}{_where(traceback.extract_stack())}")
         return func(*args, **(kwargs or {}))
 
 
