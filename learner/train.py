@@ -369,16 +369,16 @@ def unrecordable_objective(cfg: LearnerConfig, loss_fn: LossFn, teacher_space: s
                             triangulation=True)
     batch["gt_depth"] = batch["teacher_depth"].clone()
     batch["gt_cam_to_world"] = torch.eye(4).expand(2, 3, 4, 4).clone()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the model's initialisation and any dropout
         model = FFRM(dataclasses.replace(cfg.model, size="tiny"))
 
-    def step() -> None:
-        loss, _ = loss_fn(model(batch["images"]), batch, cfg.loss, teacher_space=teacher_space)
-        loss.backward()
+        def step() -> None:
+            loss, _ = loss_fn(model(batch["images"]), batch, cfg.loss, teacher_space=teacher_space)
+            loss.backward()
 
-    step()  # constants cached per device are made here, as in a graph's warm-up
-    with Unrecordable() as mode:
-        step()
+        step()  # constants cached per device are made here, as in a graph's warm-up
+        with Unrecordable() as mode:
+            step()
     return mode.found
 
 
