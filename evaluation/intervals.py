@@ -101,10 +101,9 @@ def interval_table(per_window: dict[str, list[dict[str, float]]], ratios: list[t
         got = ratio_intervals(per_window[name], per_window[reference], keys=tuple(present), resamples=resamples,
                               level=level, seed=seed)
         cells: dict[str, list[float] | None] = {}
-        for k, interval in got.items():
-            den = column(per_window[reference], k).mean()
-            cells[k] = None if interval is None or den == 0 else [float(column(per_window[name], k).mean() / den),
-                                                                    *interval]
+        for k, interval in got.items():  # None: a reference mean of 0 in some resample (and so no ratio)
+            cells[k] = None if interval is None else [
+                float(column(per_window[name], k).mean() / column(per_window[reference], k).mean()), *interval]
         numbers[f"{name} / {reference}"] = cells
     ratio_rows = {f"{name} / {reference}" for name, reference in ratios}
     lines = ["| | " + " | ".join(titles.get(k, k) for k in present) + " |", "|---|" + "---:|" * len(present)]

@@ -127,7 +127,6 @@ class OpenCVMatcher:
         self.ratio = ratio
         self._local = threading.local()
         self._detector()  # fail here, not in a pool thread, if OpenCV lacks the detector
-        self.cache_frames = cache_frames
         self._cache: Recent = Recent(max(cache_frames, 0))
         self._cache_lock = threading.Lock()
         self.computed = self.reused = 0

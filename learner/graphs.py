@@ -161,7 +161,6 @@ class StepGraphs:
                  *, max_graphs: int = MAX_GRAPHS):
         self.forward_backward = forward_backward
         self.params = params
-        self.max_graphs = max_graphs
         self.graphs: Recent = Recent(max_graphs)
         self.pool = torch.cuda.graph_pool_handle()
         """One memory pool for every graph: only the last replayed graph's outputs are read."""

@@ -22,6 +22,7 @@ V=4, B=2 takes ~0.5 s/step for the model alone on one thread (~1.3 s with the ob
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -363,12 +364,8 @@ def unrecordable_objective(cfg: LearnerConfig, loss_fn: LossFn, teacher_space: s
     ``cfg.model``'s heads, ``loss_fn`` under ``cfg.loss`` and the backward, on a synthetic batch
     with every label the objectives read. Empty when the step can be recorded. The random
     state of the caller is left as it was."""
-    import dataclasses
-
     batch = synthetic_batch(2, 3, 4 * cfg.model.patch_size, 6 * cfg.model.patch_size, k=96, seed=1,
-                            triangulation=True)
-    batch["gt_depth"] = batch["teacher_depth"].clone()
-    batch["gt_cam_to_world"] = torch.eye(4).expand(2, 3, 4, 4).clone()
+                            triangulation=True, ground_truth=True)
     with torch.random.fork_rng(devices=[]):  # the model's initialisation and any dropout
         model = FFRM(dataclasses.replace(cfg.model, size="tiny"))
 
@@ -383,10 +380,12 @@ def unrecordable_objective(cfg: LearnerConfig, loss_fn: LossFn, teacher_space: s
 
 
 def synthetic_batch(b: int, v: int, h: int, w: int, *, k: int = 64, seed: int = 0,
-                    device: str | torch.device = "cpu", triangulation: bool = False) -> dict[str, Tensor]:
+                    device: str | torch.device = "cpu", triangulation: bool = False,
+                    ground_truth: bool = False) -> dict[str, Tensor]:
     """A random, well-formed batch (for smoke tests and throughput measurements); with
     ``triangulation`` also each match's two-view triangulation (z_i, z_j, weight), so that every
-    loss term of a real batch runs (the same batch otherwise)."""
+    loss term of a real batch runs (the same batch otherwise); with ``ground_truth`` also the
+    labels of the supervised sibling (the teacher's depth as ``gt_depth``, identity poses)."""
     g = torch.Generator().manual_seed(seed)
     focal = 0.5 * w / math.tan(math.radians(30))
     intr = torch.tensor([[focal, 0, (w - 1) / 2], [0, focal, (h - 1) / 2], [0, 0, 1]])
@@ -401,6 +400,9 @@ def synthetic_batch(b: int, v: int, h: int, w: int, *, k: int = 64, seed: int = 
     if triangulation:
         depths, weights = 1 + 2 * torch.rand(k, 2, generator=g), torch.rand(k, 1, generator=g)
         batch["match_triangulation"] = torch.cat((depths, weights), 1)
+    if ground_truth:
+        batch["gt_depth"] = batch["teacher_depth"].clone()
+        batch["gt_cam_to_world"] = torch.eye(4).expand(b, v, 4, 4).clone()
     return {k_: t.to(device) for k_, t in batch.items()}
 
 

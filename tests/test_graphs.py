@@ -129,10 +129,8 @@ def test_the_recorded_step_copies_no_host_data_and_reads_nothing_back(kind):
     the trainer's own step, and by the check a CUDA trainer makes before it records."""
     cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, loss=LossConfig(kind=kind))
     trainer = Trainer(cfg, device="cpu")
-    batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1, triangulation=True)
-    batch["gt_depth"] = batch["teacher_depth"].clone()
+    batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1, triangulation=True, ground_truth=True)
     batch["gt_depth"][1, :, 8:] = 0  # unknown depth in part of a window
-    batch["gt_cam_to_world"] = torch.eye(4).expand(2, 3, 4, 4).clone()
     trainer.step(batch)  # constants cached per device are made here, as in a graph's warm-up
     with Unrecordable() as mode:
         _, _, terms, _, _ = trainer._forward_backward(batch, "depth")
