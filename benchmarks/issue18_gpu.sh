@@ -89,17 +89,10 @@ step() {
 }
 
 export PYTHONPATH=$ROOT
-if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
-  say "installing $(ls "$WHEELS"/*.whl | wc -l) wheel(s) from $WHEELS"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$WHEELS"/*.whl > "$OUTD/wheels.log" 2>&1 || { say "wheel install failed:"; tail -n 20 "$OUTD/wheels.log"; }
-  export PYTHONPATH=$ROOT:/tmp/site
-fi
-if [ -n "$WHEELS" ] && [ -f "$WHEELS/site.tar.xz" ]; then  # benchmarks/pack_site.py: wheels installed, as one xz
-  say "unpacking $WHEELS/site.tar.xz"
-  mkdir -p /tmp/site && tar -C /tmp/site -xJf "$WHEELS/site.tar.xz" || say "unpacking $WHEELS/site.tar.xz failed"
-  export PYTHONPATH=$ROOT:/tmp/site
-fi
+. "$ROOT/studies/device_site.sh"
+# shellcheck disable=SC2086  # WHEELS: one folder of wheels or of a site.tar.xz
+[ -z "$WHEELS" ] || device_site "$PY" $WHEELS > "$OUTD/wheels.log" 2>&1 \
+  || { say "wheels from $WHEELS failed:"; tail -n 20 "$OUTD/wheels.log"; }
 if [ "$DRY" = 1 ]; then
   export OMP_NUM_THREADS=1
   DEV=cpu

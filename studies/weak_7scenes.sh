@@ -62,20 +62,10 @@
 # docs/RESULTS.md, "Issue 21", has the runs of 2026-12-04 and their commands.
 set -u
 ROOT=$PWD; DATA=$(realpath "${DATA:-.devdata}")
-wheels=()
 export PYTHONPATH=$ROOT
-for dir in ${WHEELS:-.whl .whl-tflite}; do
-  compgen -G "$dir/*.whl" >/dev/null && wheels+=("$dir"/*.whl)
-  if [ -f "$dir/site.tar.xz" ]; then  # benchmarks/pack_site.py: wheels installed, as one xz
-    mkdir -p /tmp/site && tar -C /tmp/site -xJf "$dir/site.tar.xz" || exit 1
-    export PYTHONPATH=$ROOT:/tmp/site
-  fi
-done
-if [ ${#wheels[@]} -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
-    || exit 1
-  export PYTHONPATH=$ROOT:/tmp/site
-fi
+. "$ROOT/studies/device_site.sh"
+# shellcheck disable=SC2086  # WHEELS is a list of folders
+device_site python3 ${WHEELS:-.whl .whl-tflite} || exit 1
 set -f  # overrides such as labeler.teacher=oracle?strength=2 are not globs
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-2}
 RUNS=${RUNS:-/tmp/runs}; OUTD=${OUT:-/tmp/out}; mkdir -p "$RUNS" "$OUTD"

@@ -120,6 +120,38 @@ def test_pack_site_is_the_installed_tree_and_refuses_a_clash(tmp_path):
         pack_site.pack([a, clash], tmp_path / "clash.tar.xz")
 
 
+def test_device_site_unpacks_installs_and_says_what_failed(tmp_path):
+    """studies/device_site.sh, as the GPU-host scripts source it: a folder's site.tar.xz unpacked
+    and another's wheels installed into one site on PYTHONPATH; absent folders skipped; a broken
+    archive is a named failure (exit 1), not a run without its packages."""
+    import subprocess
+    import sys
+
+    a = _wheel(tmp_path / "a-1.0-py3-none-any.whl", {"pkga/__init__.py": "X = 1\n", "a-1.0.dist-info/RECORD": ""})
+    (tmp_path / "wheels").mkdir()
+    _wheel(tmp_path / "wheels" / "b-2.0-py3-none-any.whl",
+               {"pkgb.py": "Y = 2\n", "b-2.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: b\nVersion: 2.0\n",
+                "b-2.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+                "b-2.0.dist-info/RECORD": ""})
+    assert pack_site.main([str(a), "--out", str(tmp_path / "packed" / "site.tar.xz"), "--preset", "0"]) == 0
+    script = BENCH.parent / "studies" / "device_site.sh"
+    site = tmp_path / "site"
+
+    def run(*dirs):
+        return subprocess.run(["bash", "-c", f'. "{script}" && device_site "$0" "$@" && '
+                               '"$0" -c "import pkga, pkgb; print(pkga.X + pkgb.Y)"', sys.executable, *dirs],
+                              capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "SITE": str(site), "PYTHONPATH": ""})
+
+    got = run("packed", "wheels", "absent")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "3"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "site.tar.xz").write_bytes(b"not xz")
+    got = run("broken", "wheels")
+    assert got.returncode == 1 and "unpacking broken/site.tar.xz failed" in got.stderr
+
+
 def test_acceptance_ratios():
     acc = pb.acceptance(_stages(inserts=20.0, samples=100.0, wait=0.02), {"samples_per_s": 105.0})
     assert acc["fresh_over_samples"] == pytest.approx(0.2) and acc["fresh_ok"] is False
