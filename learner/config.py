@@ -238,7 +238,8 @@ class LearnerConfig:
     bounds. CUDA with one learner process only (ignored on the CPU and under DDP). A step that
     cannot be recorded (a loss term that reads the device from the host or takes a shape from
     data: ``.item()``, a boolean mask) is found on the CPU before any capture, logged with its
-    line, and run eagerly (``learner.train.unrecordable_objective``). On one H100
+    line, and run eagerly (``learner.train.unrecordable_objective``); a capture that fails anyway
+is logged (``capture_failed``) and the step runs eagerly from then on. On one H100
     host it made the learner 2.3x faster in the pipeline, faster than the labelers feed it (each
     window trained 5.7 times; docs/BENCHMARKS.md, issue 18, fourteenth pass); ``configs/gpu.yaml``
     turns it on beside a bound on that reuse (``replay.limit_inserts``, fifteenth pass). Off by

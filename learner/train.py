@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from learner.augment import augment_batch
 from learner.config import LearnerConfig
-from learner.graphs import StepGraphs, Unrecordable
+from learner.graphs import CaptureError, StepGraphs, Unrecordable
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
 
@@ -192,9 +192,15 @@ class Trainer:
                 batch = {**batch, "teacher_depth": self.target(images).depth.float()}
             space = "depth"
         if self.graphs is not None:
-            (pred, loss, terms, grad_norm, finite), matches = self.graphs.step(batch, space)
-            terms = {**terms, "matches": float(matches)}  # the batch's, not its padded bucket's
-        else:
+            try:
+                (pred, loss, terms, grad_norm, finite), matches = self.graphs.step(batch, space)
+                terms = {**terms, "matches": float(matches)}  # the batch's, not its padded bucket's
+            except CaptureError as exc:  # what the start-up check could not see on the CPU
+                log.warning("learner.cuda_graphs: the step could not be recorded; it runs eagerly from now on",
+                            extra={"reason": "capture_failed", "detail": str(exc)})
+                self.graphs = None
+                self.optimizer.zero_grad(set_to_none=True)
+        if self.graphs is None:
             pred, loss, terms, grad_norm, finite = self._forward_backward(batch, space)
         if self.fused:  # the update skips itself on the device when the step is not finite
             self.optimizer.found_inf = (~finite).float()

@@ -121,6 +121,33 @@ def test_replayed_step_trains_as_the_eager_step():
     assert float(torch.nn.functional.cosine_similarity(moved_g, moved_e, dim=0)) > 0.99
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_step_that_fails_to_record_runs_eagerly_from_then_on(monkeypatch, caplog):
+    """A step the start-up check passed but CUDA cannot record (here a read from the host the
+    check is told not to see): the failed capture is logged with its reason and the trainer goes
+    on eagerly, step for step as an eager twin, instead of the learner restarting at each capture."""
+    import learner.train as train
+
+    monkeypatch.setattr(train, "unrecordable_objective", lambda *args, **kwargs: [])
+    weak = default_loss_fn()
+
+    def with_read(pred, batch, cfg, *, teacher_space):
+        loss, terms = weak(pred, batch, cfg, teacher_space=teacher_space)
+        return loss * float(pred.depth.detach().amin() >= 0), terms  # 1.0, read from the device
+
+    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, precision="fp32")
+    eager, graphed = (Trainer(replace(cfg, cuda_graphs=on), device="cuda", loss_fn=with_read) for on in (False, True))
+    assert graphed.graphs is not None
+    batches = [synthetic_batch(2, 3, 56, 80, k=100, seed=seed, device="cuda", triangulation=True) for seed in (0, 1)]
+    with caplog.at_level("WARNING", logger=train.log.name):
+        for b in batches:
+            a, g = eager.step(b), graphed.step(b)
+            assert g["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert graphed.graphs is None and graphed.global_step == 2
+    failed = [r for r in caplog.records if getattr(r, "reason", None) == "capture_failed"]
+    assert len(failed) == 1 and "at tests/test_graphs.py:" in failed[0].detail, failed[0].detail
+
+
 @pytest.mark.parametrize("kind", ["weak", "supervised"])
 def test_the_recorded_step_copies_no_host_data_and_reads_nothing_back(kind):
     """Checked on the CPU as the ops the step dispatches (``Unrecordable``), with every weak loss
