@@ -47,13 +47,6 @@ class RunConfig:
     benchmark of the twelfth pass found no reliable gain from niceness beside SIFT threads
     alone, 0.72-0.86x against 0.70-0.88x; docs/BENCHMARKS.md, issue 18)."""
 
-    mps: bool = False
-    """Start a CUDA Multi-Process Service daemon for the run and make its processes its clients
-    (``reliev3r.mps``): the labelers' GPU work then runs beside the learner's instead of taking
-    turns with it on the GPU. Needs ``nvidia-cuda-mps-control`` (it comes with the driver); where
-    it is missing, or the environment already names a daemon (``CUDA_MPS_PIPE_DIRECTORY``), the
-    run says so and goes on. Off here (a CPU host has no GPU to share)."""
-
     def __post_init__(self) -> None:
         if not 0 <= self.feeder_nice <= 19:
             raise ValueError(f"run.feeder_nice must be in 0..19, got {self.feeder_nice}")

@@ -36,7 +36,6 @@ import zmq
 
 from monitoring.metrics import Metrics
 from reliev3r import config as rconfig
-from reliev3r import mps as rmps
 from reliev3r import ports as rports
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
@@ -105,8 +104,6 @@ class Supervisor:
         self._last_status_len = 0
         self._learner_done_at: float | None = None
         self._distill: subprocess.Popen | None = None
-        self.mps: rmps.MPS | None = None
-        """The run's CUDA Multi-Process Service daemon (``run.mps``), once started."""
         self._refresh = "waiting" if cfg.refreshes_teacher else "off"
         """labeler.refresh_step: off, waiting (for its snapshot), distilling, done or failed."""
         if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh
@@ -142,10 +139,6 @@ class Supervisor:
                     + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
         exit_code = 0
         try:
-            if self.cfg.run.mps:
-                self.mps, why = rmps.start(self.run_dir / "logs" / "mps")
-                self._print(f"run.mps: the GPU processes are clients of an MPS daemon (log: {self.mps.log_dir})"
-                            if self.mps else f"run.mps: no MPS daemon of the run's: {why}")
             for stage in STAGES:
                 self._start(self.children[stage])
             last_status = 0.0
@@ -161,8 +154,6 @@ class Supervisor:
             exit_code = self._final_code()
         finally:
             self._stop_all()
-            if self.mps is not None:
-                self.mps.stop()
             self._drain_heartbeats(beats, timeout_ms=100)  # the last beats the children sent as they exited
             self._print_status(final=True)
             self._print_evaluation()
@@ -239,7 +230,7 @@ class Supervisor:
                    "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *recipe(lc.device)]
             with open(self.run_dir / "logs" / "distill.log", "ab") as log:
                 self._distill = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 env={**os.environ, **self._mps_env}, start_new_session=True)
+                                                 start_new_session=True)
             self._refresh = "distilling"
             self._print(f"snapshot of step {step}: distilling the learner into a new teacher for "
                         f"{lc.refresh_seconds:g} s (log: {self.run_dir / 'logs' / 'distill.log'})")
@@ -301,18 +292,14 @@ class Supervisor:
             self.child_up.labels(child.name).set(0)
 
     # ------------------------------------------------------------------ children
-    @property
-    def _mps_env(self) -> dict[str, str]:
-        return self.mps.env if self.mps is not None else {}
-
     def _log_path(self, child: Child) -> Path:
         return self.run_dir / "logs" / f"{child.name}.log"
 
     def _start(self, child: Child) -> None:
         log = open(self._log_path(child), "ab")
         child.log_offset = log.tell()
-        env = {**os.environ, **self._mps_env, "RELIEV3R_SUPERVISED": str(os.getpid()),
-               "RELIEV3R_INSTANCE": child.name, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "RELIEV3R_INSTANCE": child.name,
+               "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
                *child.overrides]
         child.started_at = time.time()
