@@ -9,9 +9,9 @@ So the pipeline with XFeat labelers on the 7-Scenes frames and the clips fits on
     python benchmarks/pack_site.py /tmp/w/*.whl --out .whl-site/site.tar.xz
 
 ``benchmarks/issue18_gpu.sh`` and ``studies/weak_7scenes.sh`` unpack a ``site.tar.xz`` found in
-their wheel folders into ``/tmp/site`` (``studies/device_site.sh``). A wheel is a zip of its installed files (PEP 427): its
-``*.data/purelib`` and ``*.data/platlib`` go to the tree's root, its other ``*.data`` (scripts,
-headers) are left out. No wheel's files may overwrite another's.
+their wheel folders into ``/tmp/site`` (``studies/device_site.sh``). A wheel is a zip of its
+installed files (PEP 427): its ``*.data/purelib`` and ``*.data/platlib`` go to the tree's root,
+its other ``*.data`` (scripts, headers) are left out. No wheel's files may overwrite another's.
 """
 
 from __future__ import annotations

@@ -239,10 +239,10 @@ class LearnerConfig:
     cannot be recorded (a loss term that reads the device from the host or takes a shape from
     data: ``.item()``, a boolean mask) is found on the CPU before any capture, logged with its
     line, and run eagerly (``learner.train.unrecordable_objective``); a capture that fails anyway
-is logged (``capture_failed``) and the step runs eagerly from then on. On one H100
-    host it made the learner 2.3x faster in the pipeline, faster than the labelers feed it (each
-    window trained 5.7 times; docs/BENCHMARKS.md, issue 18, fourteenth pass); ``configs/gpu.yaml``
-    turns it on beside a bound on that reuse (``replay.limit_inserts``, fifteenth pass). Off by
+    is logged (``capture_failed``) and the step runs eagerly from then on. On one H100 host it
+    made the learner 2.3x faster in the pipeline, faster than the labelers feed it (each window
+    trained 5.7 times; docs/BENCHMARKS.md, issue 18, fourteenth pass); ``configs/gpu.yaml`` turns
+    it on beside a bound on that reuse (``replay.limit_inserts``, fifteenth pass). Off by
     default: a CPU run ignores it, and without a bound the learner outruns its data."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""

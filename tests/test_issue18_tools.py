@@ -130,9 +130,9 @@ def test_device_site_unpacks_installs_and_says_what_failed(tmp_path):
     a = _wheel(tmp_path / "a-1.0-py3-none-any.whl", {"pkga/__init__.py": "X = 1\n", "a-1.0.dist-info/RECORD": ""})
     (tmp_path / "wheels").mkdir()
     _wheel(tmp_path / "wheels" / "b-2.0-py3-none-any.whl",
-               {"pkgb.py": "Y = 2\n", "b-2.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: b\nVersion: 2.0\n",
-                "b-2.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-                "b-2.0.dist-info/RECORD": ""})
+           {"pkgb.py": "Y = 2\n", "b-2.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: b\nVersion: 2.0\n",
+            "b-2.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            "b-2.0.dist-info/RECORD": ""})
     assert pack_site.main([str(a), "--out", str(tmp_path / "packed" / "site.tar.xz"), "--preset", "0"]) == 0
     script = BENCH.parent / "studies" / "device_site.sh"
     site = tmp_path / "site"
