@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     gt, matches = batch["gt_cam_to_world"], batch["matches"]
     rot, trans, median = pose_errors(pred.cam_to_world, gt)
     print(f"{args.snapshot} (step {meta['step']}, {'raw' if args.raw else 'EMA'} weights), {len(held)} windows")
-    print(f"| search depth | solver | rotation ° | translation ° (median) | seconds |\n|---|---|---|---|---|")
+    print("| search depth | solver | rotation ° | translation ° (median) | seconds |\n|---|---|---|---|---|")
     print(f"| (the prediction) | | {rot:.1f} | {trans:.1f} ({median:.1f}) | |")
     depths = {
         "prediction's": pred.depth,

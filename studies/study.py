@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
