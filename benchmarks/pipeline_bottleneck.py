@@ -591,14 +591,23 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
             "graphs_recorded_timed": None if graphs is None else graphs.captures - recorded}
 
 
+def alone_env(environ: dict[str, str]) -> dict[str, str]:
+    """The isolated learner's environment: the pipeline's without a CUDA MPS daemon's settings.
+    Alone means the plain learner on its GPU; under MPS it ran slower (574.9 against 607.8-619.6
+    samples/s on one H100), which had made an MPS pipeline's ratio to it look better than it was
+    (docs/BENCHMARKS.md, issue 18, seventeenth pass)."""
+    return {k: v for k, v in environ.items() if not k.startswith("CUDA_MPS_")}
+
+
 def isolated_rate(configs: list[str], overrides: list[str], folder: Path, steps: int,
                   timeout: float | None = None) -> dict | None:
-    """:func:`learner_alone` in a fresh process (``--alone``), once every stage has stopped."""
+    """:func:`learner_alone` in a fresh process (``--alone``, no MPS client: :func:`alone_env`),
+    once every stage has stopped."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--alone", str(folder), "--alone-json", f.name,
                "--isolated-steps", str(steps), *[x for c in configs for x in ("--config", c)], *overrides]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=alone_env(dict(os.environ)))
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -152,6 +152,12 @@ def test_device_site_unpacks_installs_and_says_what_failed(tmp_path):
     assert got.returncode == 1 and "unpacking broken/site.tar.xz failed" in got.stderr
 
 
+def test_the_learner_alone_is_no_mps_client():
+    env = {"PATH": "/bin", "CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log",
+           "CUDA_VISIBLE_DEVICES": "0"}
+    assert pb.alone_env(env) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+
+
 def test_acceptance_ratios():
     acc = pb.acceptance(_stages(inserts=20.0, samples=100.0, wait=0.02), {"samples_per_s": 105.0})
     assert acc["fresh_over_samples"] == pytest.approx(0.2) and acc["fresh_ok"] is False
