@@ -56,6 +56,7 @@
 # MPS_FROM=K: start the CUDA Multi-Process Service before pipeline variant K (1: before the first)
 # and keep it for the rest of the script, e.g. MPS_FROM=2 PIPE_EXTRA2=run.feeder_nice=10: the same
 # pipeline without and with MPS in one call
+# PACK=0: leave $OUT's files as they are (by default all but summary.md end in $OUT/issue18.tgz)
 # DRY=1: everything tiny on the CPU (this script's check on a laptop: tiny model, small windows,
 # few windows, device cpu, no compile); PYTHON picks the interpreter (default python3); WHEELS the
 # wheel folder (default .whl; DRY=1: none); DATA the data folder (default .devdata); OUT (default
@@ -196,3 +197,10 @@ fi
 
 say "done after $(( $(date +%s) - T0 )) s"
 $PY benchmarks/issue18_summary.py "$OUTD" | tee "$OUTD/summary.md"
+# The device tool brings back only the first few files of $OUT (by name): with PACK=1 (the
+# default) everything but the summary goes into one archive, so the logs come back too
+if [ "${PACK:-1}" = 1 ]; then
+  (cd "$OUTD" && tar czf "$WORK/issue18.tgz" --exclude=summary.md . && mv "$WORK/issue18.tgz" . \
+    && find . -mindepth 1 -maxdepth 1 ! -name issue18.tgz ! -name summary.md -exec rm -rf {} +) \
+    || say "packing $OUTD failed: its files are left as they are"
+fi
