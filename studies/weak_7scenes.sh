@@ -137,7 +137,7 @@ python3 - "$RUNS" "$@" <<'PY' | tee "$OUTD/summary.txt"
 import json, pathlib, sys
 
 runs, keys = pathlib.Path(sys.argv[1]), ["absrel_med", "absrel_lsq", "absrel_lsq_frame", "rra30", "rta30", "auc30", "ate"]
-print("| run | step | " + " | ".join(keys) + " | absrel_med / sup [95 %] | auc30 / sup [95 %] |")
+print("| run | step | " + " | ".join(keys) + " | absrel_med / sup [95 %] | auc30 / sup [95 %] | refresh: distil steps |")
 baselines = []
 
 
@@ -147,6 +147,11 @@ def ratio(result, key):  # the paired interval over the windows of the run over 
         if row.startswith(f"{name} / compare") and cells.get(key):
             return "{:.2f}x [{:.2f}, {:.2f}]".format(*cells[key])
     return "-"
+
+
+def distilled(name):  # the refresh's optimiser steps: runs side by side share the GPU while they distil
+    meta = runs / name / "teacher" / "embedded_depth.json"
+    return str(json.loads(meta.read_text()).get("steps", "-")) if meta.is_file() else "-"
 
 
 for spec in sys.argv[2:]:
@@ -159,7 +164,7 @@ for spec in sys.argv[2:]:
     rows = list(result["rows"].items())
     baselines += [row for row in rows[1:] if row[0].startswith("baseline") and row not in baselines]
     print(f"| {name} | {result['step']} | " + " | ".join(f"{rows[0][1].get(k, float('nan')):.3f}" for k in keys)
-          + f" | {ratio(result, 'absrel_med')} | {ratio(result, 'auc30')} |")
+          + f" | {ratio(result, 'absrel_med')} | {ratio(result, 'auc30')} | {distilled(name)} |")
 for label, row in baselines:
     print(f"| {label} | | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys) + " |")
 PY
