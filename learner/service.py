@@ -2,7 +2,8 @@
 
 Resumes from the newest valid snapshot under ``<run.dir>/snapshots``, or else starts from
 ``learner.init``'s weights when set (:mod:`learner.warm_start`); a background thread
-keeps the next batch ready while the current step runs; snapshots every
+keeps the next batch ready while the current step runs, and each step's numbers are read back
+after the next one is launched (:meth:`LearnerService.step`); snapshots every
 ``learner.snapshot_every`` steps, on SIGTERM/SIGINT, and at ``max_steps`` (meta ``final``).
 Under torchrun every rank samples its own batches (``rank`` in the request); ranks agree on
 stopping through one small all-reduce per step, so no rank is left waiting in a collective.
@@ -10,6 +11,7 @@ stopping through one small all-reduce per step, so no rank is left waiting in a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -19,7 +21,7 @@ import torch.distributed as dist
 
 from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
-from learner.train import LossFn, Trainer, device_batch, host_batch, teacher_space_of
+from learner.train import LossFn, PendingStep, Trainer, device_batch, host_batch, teacher_space_of
 from monitoring.metrics import Metrics
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
@@ -53,6 +55,17 @@ class LearnerMetrics:
                                           "measured on this GPU at start-up (0 on CPU)")
         self.gpu_memory = m.gauge("learner_gpu_memory_bytes", "GPU memory of this rank", ["kind"])
         self.peak_flops: float | None = None
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A launched step and what its report needs from its batch."""
+
+    pending: PendingStep
+    window_ids: Any
+    depth_on: bool
+    samples: int
+    views: int
 
 
 class LearnerService:
@@ -89,6 +102,8 @@ class LearnerService:
                                               "parameters": trainer.model.num_parameters()})
         self.prefetch: Prefetcher | None = None
         self.reporter: ReplayClient | None = None
+        self.in_flight: InFlight | None = None
+        """The step launched last and not yet settled (:meth:`step`)."""
         self.finished = bool(lcfg.max_steps) and trainer.global_step >= lcfg.max_steps
         """max_steps was reached before this process started: nothing to do (no connection made)."""
         if self.finished:
@@ -127,46 +142,79 @@ class LearnerService:
             self.reporter.close()
 
     def step(self) -> int | None:
-        """Wait for the next usable batch and train on it; 0 once any rank stops (ranks agree
-        on it here, so the loop asks no one else) or ``max_steps`` is reached, else None."""
-        runtime, trainer, metrics, lcfg, reporter = self.runtime, self.trainer, self.metrics, self.cfg, self.reporter
+        """Wait for the next usable batch, launch a step on it, then settle the step launched
+        before it (read its numbers, report them, snapshot): the GPU runs the new step while
+        the host does that and waits for the next batch. 0 once any rank stops (ranks agree on
+        it here, so the loop asks no one else) or ``max_steps`` is reached, else None. A step
+        that may end in a snapshot or at ``max_steps`` is settled before the next is launched,
+        so a snapshot holds exactly the steps it is named after."""
+        runtime, trainer, metrics, lcfg = self.runtime, self.trainer, self.metrics, self.cfg
+        if self.in_flight is not None and self._boundary(self.in_flight.pending):
+            self.settle()
+            if self.max_steps_reached():
+                return 0
         msg = host = None
-        wait_start = time.perf_counter()
+        wait_start: float | None = None
         while msg is None and not runtime.stopping:
-            msg, host = self.prefetch.get(0.1) or (None, None)
-            if msg is not None and (reason := _unusable(msg, lcfg.model.patch_size)):
+            got = self.prefetch.get(0.0 if wait_start is None else 0.1)
+            if got is None:
+                if wait_start is None:  # no batch ready: settle the step in flight first, so that
+                    self.settle()       # the wait counted is time the GPU has nothing to do
+                    wait_start = time.perf_counter()
+                continue
+            msg, host = got
+            if reason := _unusable(msg, lcfg.model.patch_size):
                 runtime.metrics.reject(reason)
                 runtime.log.warning("dropped a batch the model cannot take", extra={
                     "reason": reason, "shape": list(msg.arrays["frames"].shape)})
                 msg = None
-        metrics.data_wait.inc(time.perf_counter() - wait_start)
+        if wait_start is not None:
+            metrics.data_wait.inc(time.perf_counter() - wait_start)
         if _any_rank_stopping(runtime.stopping, trainer):
             return 0
         self.teachers = msg.meta.get("teacher", self.teachers)
         batch = device_batch(host, trainer.device)
-        window_losses: list[float] | None = [] if reporter is not None else None
-        out = trainer.step(batch, teacher_space=teacher_space_of(msg), window_losses=window_losses)
-        if reporter is not None and window_losses and not out["skipped"]:
-            ids = msg.meta.get("window_ids")
-            if isinstance(ids, list) and len(ids) == len(window_losses):
-                reporter.report(ids, window_losses)
+        pending = trainer.launch(batch, teacher_space=teacher_space_of(msg), window_losses=self.reporter is not None)
+        previous, self.in_flight = self.in_flight, InFlight(
+            pending, msg.meta.get("window_ids"), depth_on="teacher_depth" in batch,
+            samples=int(batch["images"].shape[0]), views=int(batch["images"].shape[1]))
+        if previous is not None:
+            self._conclude(previous)
+        return None
 
+    def settle(self) -> None:
+        """Settle and report the step in flight, if any (before the replay client closes)."""
+        if self.in_flight is not None:
+            self._conclude(self.in_flight)
+            self.in_flight = None
+
+    def _boundary(self, pending: PendingStep) -> bool:
+        """Whether ``pending`` may be the step of a snapshot or the last one."""
+        return pending.step % self.cfg.snapshot_every == 0 or (bool(self.cfg.max_steps)
+                                                               and pending.step >= self.cfg.max_steps)
+
+    def _conclude(self, flight: InFlight) -> None:
+        """Settle a launched step, report it (metrics, log, the prioritized sampler's window
+        losses) and write the snapshot it is due, unless ``max_steps`` ends the run there
+        (:meth:`finish` writes that one)."""
+        trainer, runtime = self.trainer, self.runtime
+        out = trainer.settle(flight.pending)
+        losses = flight.pending.window_losses
+        if self.reporter is not None and losses and not out["skipped"]:
+            if isinstance(flight.window_ids, list) and len(flight.window_ids) == len(losses):
+                self.reporter.report(flight.window_ids, losses)
         now = time.perf_counter()
         dt = max(now - self.last_time, 1e-9)
         self.rate = 1.0 / dt if self.rate == 0 else 0.9 * self.rate + 0.1 / dt
         self.last_time = now
-        self.report(out, depth_on="teacher_depth" in batch, samples=int(batch["images"].shape[0]),
-                    views=int(batch["images"].shape[1]))
+        self.report(out, depth_on=flight.depth_on, samples=flight.samples, views=flight.views)
         if now - self.last_log > LOG_EVERY_S:
             self.last_log = now
             runtime.log.info("step", extra={k: round(v, 5) for k, v in out.items()})
-
-        if self.max_steps_reached():
-            return 0
-        if not out["skipped"] and trainer.global_step % lcfg.snapshot_every == 0:
+        if (not out["skipped"] and not trainer.unsettled and not self.max_steps_reached()
+                and trainer.global_step % self.cfg.snapshot_every == 0):
             self.snapshot(final=False)
             self.last_saved = trainer.global_step
-        return None
 
     def max_steps_reached(self) -> bool:
         return bool(self.cfg.max_steps) and self.trainer.global_step >= self.cfg.max_steps
@@ -175,6 +223,7 @@ class LearnerService:
         """After the loop: the last snapshot (``final`` at max_steps) unless the newest one
         already has this step; under DDP, leave the process group together."""
         trainer = self.trainer
+        self.settle()
         final = self.max_steps_reached()
         if final or trainer.global_step != self.last_saved:
             self.snapshot(final=final)
@@ -236,6 +285,7 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
     try:
         while service.step() is None:
             pass
+        service.settle()
     finally:
         service.close()
     return service.finish()

@@ -88,9 +88,11 @@ def snapshot_name(step: int) -> str:
 def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False,
                   extra_meta: dict[str, Any] | None = None) -> Path:
     """Atomically write ``trainer``'s state to ``folder/step-<step>``; return that path.
-    ``extra_meta`` (e.g. ``{"teachers": ...}``) is merged into ``meta.json``."""
+    ``extra_meta`` (e.g. ``{"teachers": ...}``) is merged into ``meta.json``. Steps launched
+    and not yet read back are settled first (their step count is final only then)."""
     from reliev3r.config_base import to_dict
 
+    trainer.settle_all()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = snapshot_name(trainer.global_step)

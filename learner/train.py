@@ -7,9 +7,11 @@ is distributed (DDP under torchrun), compiled and cast (bf16 autocast on CUDA, f
 "Never step on NaN": a non-finite loss or grad norm skips the update (gradients are dropped)
 and is counted in :attr:`Trainer.skipped_steps`. Under DDP every rank skips together, because
 the grad norm is computed on the all-reduced gradients, so one rank's NaN reaches all.
-On CUDA the skip is decided on the device (fused AdamW's ``found_inf``), and the step reads
-its loss terms, grad norm and finite flag back in one host sync after the update has been
-launched: a sync per term before backward would leave the GPU idle while the host catches up.
+On CUDA the skip is decided on the device (fused AdamW's ``found_inf``, and an EMA update
+weighted by the finite flag), and the step's loss terms, grad norm and finite flag come back in
+one host read (:meth:`Trainer.settle`) that the learner makes after the next step is launched
+(:meth:`Trainer.launch`): a sync per term before backward, or even one at the end of each step,
+leaves the GPU idle while the host reports the step and prepares the next.
 
 Measured (one H100, bf16, real objective with 2048 matches, 8 views, 2026-11-24): small
 p16 256x256 B8 11.3 steps/s; base p16 256x256 B4 10.0 steps/s eager (8% MFU), 14.7 compiled
@@ -119,6 +121,24 @@ def compile_blocks(model: FFRM, *, mode: str | None = None) -> FFRM:
     return model
 
 
+@dataclasses.dataclass(eq=False)
+class PendingStep:
+    """A step :meth:`Trainer.launch` queued, its numbers on the device until :meth:`Trainer.settle`."""
+
+    values: Tensor
+    """Loss, grad norm, finite flag, the window losses, then the terms of ``names`` (float64)."""
+    names: list[str]
+    windows: int
+    lr: float
+    step: int
+    """:attr:`Trainer.global_step` after this step (one less once settled as skipped)."""
+    terms: dict[str, float]
+    """The terms known on the host (the batch's match count)."""
+    window_losses: list[float] = dataclasses.field(default_factory=list)
+    out: dict[str, float] | None = None
+    """What :meth:`Trainer.settle` returned, once settled."""
+
+
 class Trainer:
     """Model + optimisation state of one learner rank."""
 
@@ -164,6 +184,8 @@ class Trainer:
         self.samples_seen = 0
         self.image_size: tuple[int, int] | None = None
         """(H, W) of the last training batch, recorded in snapshots for inference."""
+        self.unsettled: list[PendingStep] = []
+        """Steps launched and not yet read back (:meth:`launch`, :meth:`settle`), oldest first."""
 
     @property
     def is_main(self) -> bool:
@@ -173,10 +195,26 @@ class Trainer:
     def step(self, batch: dict[str, Tensor], *, teacher_space: str | None = None,
              window_losses: list[float] | None = None) -> dict[str, float]:
         """One optimisation step on a batch already on :attr:`device` (see
-        :func:`batch_from_message`). Returns loss terms, ``loss``, ``grad_norm``, ``lr``,
-        ``skipped`` (1.0 when the update was dropped) and ``step``. If ``window_losses`` is a
-        list, it is filled with each window's own loss (for the prioritized sampler; costs
-        one extra loss evaluation per window, no extra forward)."""
+        :func:`batch_from_message`), its numbers read back before it returns: :meth:`launch`
+        then :meth:`settle`. Returns loss terms, ``loss``, ``grad_norm``, ``lr``, ``skipped``
+        (1.0 when the update was dropped) and ``step``. If ``window_losses`` is a list, it is
+        filled with each window's own loss (for the prioritized sampler; costs one extra loss
+        evaluation per window, no extra forward)."""
+        pending = self.launch(batch, teacher_space=teacher_space, window_losses=window_losses is not None)
+        out = self.settle(pending)
+        if window_losses is not None:
+            window_losses[:] = pending.window_losses
+        return out
+
+    def launch(self, batch: dict[str, Tensor], *, teacher_space: str | None = None,
+               window_losses: bool = False) -> PendingStep:
+        """Queue one optimisation step and return it unread: its numbers stay on the device
+        until :meth:`settle`. With the fused update (CUDA) nothing here waits for the GPU: the
+        update, the EMA and :attr:`global_step` count the step as taken, and settling a step
+        that turns out non-finite (its update and EMA were skipped on the device) takes it back
+        from the count, so a step launched meanwhile ran with a schedule one step ahead. A
+        learner that settles step N after launching N+1 keeps the GPU busy while the host
+        reports N and prepares N+2 (``learner.service``)."""
         self.model.train()
         lr = lr_at(self.cfg, self.global_step)
         for group in self.optimizer.param_groups:
@@ -206,27 +244,51 @@ class Trainer:
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
         # Evaluated after the update is queued, so that syncs inside the loss cost no GPU time.
-        windows = self._window_losses(pred, batch, space) if window_losses is not None else []
-        # The step's one host sync: every logged number in one read.
+        windows = self._window_losses(pred, batch, space) if window_losses else []
+        # Every logged number in one tensor: the step's one host read, in settle().
         names = [k for k, v in terms.items() if isinstance(v, Tensor)]
-        values = torch.stack([t.double() for t in [loss, grad_norm, finite, *windows]
-                              + [terms[k] for k in names]]).tolist()
-        loss_value, grad_norm_value, skipped = values[0], values[1], values[2] == 0.0
-        if window_losses is not None:
-            window_losses[:] = values[3:3 + len(windows)]
-        terms = {**terms, **dict(zip(names, values[3 + len(windows):]))}
-        if skipped:
-            self.skipped_steps += 1
-        else:
-            if not self.fused:
-                self.optimizer.step()
+        values = torch.stack([t.double() for t in [loss, grad_norm, finite, *windows] + [terms[k] for k in names]])
+        if self.fused:
+            self.global_step += 1
+            self._update_ema(finite)
+        elif bool(finite):  # the host's update needs the flag now (a CPU step: nothing to wait for)
+            self.optimizer.step()
             self.global_step += 1
             self._update_ema()
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_seen += images.shape[0] * self.world_size
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
-        return {**terms, "loss": loss_value, "grad_norm": grad_norm_value, "lr": lr,
-                "skipped": float(skipped), "step": float(self.global_step)}
+        pending = PendingStep(values=values, names=names, windows=len(windows), lr=lr, step=self.global_step,
+                              terms={k: v for k, v in terms.items() if not isinstance(v, Tensor)})
+        self.unsettled.append(pending)
+        return pending
+
+    def settle(self, pending: PendingStep) -> dict[str, float]:
+        """Read a launched step's numbers back (waiting for it on the GPU; a second call returns
+        the same) and count it: a non-finite step is added to :attr:`skipped_steps` and, on the
+        fused path, taken back from :attr:`global_step` (and from the steps launched after it)."""
+        if pending.out is not None:
+            return pending.out
+        values = pending.values.tolist()
+        skipped = values[2] == 0.0
+        later = self.unsettled[self.unsettled.index(pending) + 1:]
+        self.unsettled.remove(pending)
+        if skipped:
+            self.skipped_steps += 1
+            if self.fused:
+                self.global_step -= 1
+                for step in [pending, *later]:
+                    step.step -= 1
+        pending.window_losses = values[3:3 + pending.windows]
+        terms = {**pending.terms, **dict(zip(pending.names, values[3 + pending.windows:]))}
+        pending.out = {**terms, "loss": values[0], "grad_norm": values[1], "lr": pending.lr,
+                       "skipped": float(skipped), "step": float(pending.step)}
+        return pending.out
+
+    def settle_all(self) -> None:
+        """Settle every launched step (before the step count or the weights are read as final)."""
+        while self.unsettled:
+            self.settle(self.unsettled[0])
 
     def _forward_backward(self, batch: dict[str, Tensor], space: str
                           ) -> tuple[Prediction, Tensor, dict[str, Tensor | float], Tensor, Tensor]:
@@ -268,14 +330,23 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, finite: Tensor | None = None) -> None:
+        """EMA towards the model's weights; with ``finite`` (the step's flag on the device) a
+        non-finite step leaves it as it was without the host reading the flag."""
         if self.ema is None:
             return
         # Short warm-up of the decay so early snapshots' EMA is not dominated by the init.
         decay = min(self.cfg.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         ema_params = list(self.ema.parameters())
         params = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        if finite is None:
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+            return
+        # ema += w * (params - ema), w = (1 - decay) or 0 on the device (a 0-dim tensor weight
+        # of _foreach_lerp_ would be read back to the host).
+        steps = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(steps, finite.float() * (1.0 - decay))
+        torch._foreach_add_(ema_params, steps)
 
     # ------------------------------------------------------------------ state
     def rng_state(self) -> dict[str, Tensor]:

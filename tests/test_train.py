@@ -67,13 +67,19 @@ def test_weight_decay_only_on_matrices():
         assert (id(p) in decayed) == expect, name
 
 
+def fused_adamw(trainer: Trainer) -> Trainer:
+    """``trainer`` with the CUDA path's fused AdamW (a non-finite step skipped on the device)."""
+    trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.05), lr=trainer.cfg.lr, betas=(0.9, 0.95),
+                                          fused=True)
+    trainer.fused = True
+    return trainer
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_nan_loss_skips_the_step_and_counts_it(fused):
     trainer = Trainer(learner_cfg(), device="cpu", loss_fn=nan_loss)
     if fused:  # the CUDA path: fused AdamW skips the update on the device (found_inf)
-        trainer.optimizer = torch.optim.AdamW(param_groups(trainer.model, 0.05), lr=2e-3, betas=(0.9, 0.95),
-                                              fused=True)
-        trainer.fused = True
+        fused_adamw(trainer)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     ema_before = [p.detach().clone() for p in trainer.ema.parameters()]
     out = trainer.step(synthetic_batch(1, 2, 16, 16))
@@ -113,6 +119,53 @@ def test_fused_device_skip_steps_like_the_host_skip():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # fused and foreach kernels round differently
     for a, b in zip(fused.ema.parameters(), plain.ema.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_steps_settled_late_count_and_learn_as_steps_settled_at_once():
+    # The learner's order (step N settled after N+1 is launched), one NaN step among four,
+    # against step() on a twin: the same counters, logged numbers and weights. The LR is
+    # constant: the step launched before the NaN step is settled runs one step ahead on the
+    # schedule (and on the EMA's warm-up, so the EMA is not compared).
+    batches = [synthetic_batch(1, 2, 16, 16, seed=s) for s in range(4)]
+    loss_fns = [toy_loss, nan_loss, toy_loss, toy_loss]
+    now, late = (fused_adamw(Trainer(learner_cfg(warmup_steps=0), device="cpu")) for _ in range(2))
+    now_logs = []
+    for batch, loss_fn in zip(batches, loss_fns):
+        now.loss_fn = loss_fn
+        now_logs.append(now.step(batch))
+    late_logs, previous = [], None
+    for batch, loss_fn in zip(batches, loss_fns):
+        late.loss_fn = loss_fn
+        pending = late.launch(batch)
+        if previous is not None:
+            late_logs.append(late.settle(previous))
+        previous = pending
+    assert late.global_step == 3 and late.unsettled == [previous]  # the NaN step taken back, the last counted unread
+    late_logs.append(late.settle(previous))
+    assert late.settle(previous) is late_logs[-1] and not late.unsettled
+    assert (late.global_step, late.skipped_steps) == (now.global_step, now.skipped_steps) == (3, 1)
+    assert [log["step"] for log in late_logs] == [log["step"] for log in now_logs] == [1.0, 1.0, 2.0, 3.0]
+    assert [log["skipped"] for log in late_logs] == [0.0, 1.0, 0.0, 0.0]
+    assert not math.isfinite(late_logs[1]["loss"])
+    assert [late_logs[i] for i in (0, 2, 3)] == [now_logs[i] for i in (0, 2, 3)]
+    for a, b in zip(late.model.parameters(), now.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_snapshot_settles_the_steps_in_flight(tmp_path):
+    from learner.snapshot import save_snapshot, snapshot_name
+
+    trainer = fused_adamw(Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss))
+    trainer.launch(synthetic_batch(1, 2, 16, 16))
+    ema = [p.detach().clone() for p in trainer.ema.parameters()]
+    trainer.loss_fn = nan_loss
+    trainer.launch(synthetic_batch(1, 2, 16, 16, seed=1))
+    assert trainer.global_step == 2 and len(trainer.unsettled) == 2  # counted as taken until read
+    for a, b in zip(ema, trainer.ema.parameters()):  # the NaN step's EMA update did nothing on the device
+        assert torch.equal(a, b)
+    path = save_snapshot(trainer, tmp_path / "snapshots")
+    assert not trainer.unsettled and (trainer.global_step, trainer.skipped_steps) == (1, 1)
+    assert path.name == snapshot_name(1)
 
 
 def test_batch_from_message_converts_and_copies():
@@ -191,8 +244,18 @@ def test_ddp_two_gloo_ranks_keep_identical_parameters(tmp_path):
 
 # ---------------------------------------------------------------------- the learner process
 
+class FusedTrainer(Trainer):
+    """The CUDA path's update on the CPU: fused AdamW, which skips a non-finite step itself, so
+    that :meth:`Trainer.launch` leaves each step unread until it is settled."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fused_adamw(self)
+
+
 @pytest.mark.timeout(600)  # bounds a hang only
-def test_learner_process_trains_snapshots_and_resumes(tmp_path):
+@pytest.mark.parametrize("update", ["plain", "fused"])
+def test_learner_process_trains_snapshots_and_resumes(tmp_path, monkeypatch, update):
     import zmq
 
     from learner import service
@@ -200,6 +263,8 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path):
     from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
+    if update == "fused":  # each step settled after the next is launched, as on a GPU
+        monkeypatch.setattr(service, "Trainer", FusedTrainer)
     port = free_port()
     ctx = zmq.Context()
     replay = FakeReplay(ctx, port, odd_first=True)
