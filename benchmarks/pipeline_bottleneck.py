@@ -535,7 +535,9 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     """The pipeline's learner (its ``Trainer``, config and seed) alone on the batches of
     :func:`record_batches`, round robin from host memory, each batch converted as the learner
     service does (its arrays copied into pinned host tensors by a thread, as the service's
-    prefetch thread does, then queued to the device by the training thread); samples/s over
+    prefetch thread does, then queued to the device by the training thread) and each step read
+    back after the next one is launched, as the service does (until the eighteenth pass of issue
+    18 the steps here were read at their end, as the service then did); samples/s over
     ``steps`` steps after ``warmup`` (with ``learner.cuda_graphs`` or ``learner.compile``, at
     least one pass over the batches: each batch's graph is recorded, and each new shape of its
     matches compiled, before the timing; graphs recorded while timed are counted). With five
@@ -571,18 +573,24 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
 
     threading.Thread(target=produce, daemon=True, name="host-batches").start()
 
+    in_flight = []  # the learner's order: each step read back after the next one is launched
+
     def step(k: int) -> None:
         msg, host = ready.get()
-        trainer.step(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg))
+        in_flight.append(trainer.launch(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg)))
+        if len(in_flight) > 1:
+            trainer.settle(in_flight.pop(0))
 
     for k in range(warmup):
         step(k)
+    trainer.settle_all()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     recorded = graphs.captures if graphs is not None else 0
     start = time.perf_counter()
     for k in range(steps):
         step(warmup + k)
+    trainer.settle_all()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     rate = steps * cfg.learner.batch_size / (time.perf_counter() - start)
