@@ -247,7 +247,9 @@ class DamageGate:
     smeared or stale pictures that look like frames, and frames that reference a damaged one
     (B-frames shown before it too) inherit the damage. Trust returns with a keyframe whose
     packet entered the decoder after the damage. The first frame trusted again carries
-    ``discontinuity`` (:meth:`take_gap`)."""
+    ``discontinuity`` (:meth:`take_gap`). With frame threads (FFmpeg's default: the host's cores
+    + 1, at most 16) a decode error surfaces up to that many packets after the packet it belongs
+    to; a keyframe fed in between is not trusted, so one more group of pictures is dropped."""
 
     def __init__(self):
         self.suspect = False

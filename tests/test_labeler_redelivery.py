@@ -49,8 +49,10 @@ def test_sigkilled_labeler_window_is_redelivered_and_stored_once(tmp_path, wait_
                                                  "evaluator")}},
         "streamer": {"sources": [str(video)], "views": 3, "height": 64, "width": 96, "frame_stride": 2,
                      "window_step": 4, "loop": False, "peer_timeout_s": 2.0,
-                     # a window is abandoned after 5 sends without a done: 10 s each is a hang, not a slow labeler
-                     "resend_timeout_s": 10.0},
+                     # the killed labeler's windows come back through peer_timeout_s; a resend is for a
+                     # labeler that answers no more, and 5 of them abandon a window: 60 s each is a hang,
+                     # not a slow replay on a loaded machine
+                     "resend_timeout_s": 60.0},
         "labeler": {"teacher": "none", "matcher": "sift", "credits": 2, "insert_timeout_s": 60.0},
         "replay": {"durable": True, "min_size": 1},
     }))
