@@ -310,7 +310,8 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path, monkeypatch, upd
 
 
 @pytest.mark.timeout(600)  # bounds a hang only
-def test_learner_process_snapshots_on_stop(tmp_path):
+@pytest.mark.parametrize("update", ["plain", "fused"])
+def test_learner_process_snapshots_on_stop(tmp_path, monkeypatch, update):
     import zmq
 
     from learner import service
@@ -318,6 +319,8 @@ def test_learner_process_snapshots_on_stop(tmp_path):
     from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
+    if update == "fused":  # a step may be in flight when the stop comes: it is read, reported and saved
+        monkeypatch.setattr(service, "Trainer", FusedTrainer)
     port = free_port()
     ctx = zmq.Context()
     replay = FakeReplay(ctx, port)
@@ -331,9 +334,11 @@ def test_learner_process_snapshots_on_stop(tmp_path):
 
             threading.Thread(target=stop_after_two_steps, daemon=True).start()
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
+            reported = runtime.status["step"]
         path = latest_snapshot(tmp_path / "snapshots")
         meta = verify_snapshot(path)
         assert meta["step"] >= 2 and meta["final"] is False
+        assert meta["step"] == reported  # the last step reported is the snapshot's
     finally:
         replay.close()
         ctx.destroy(linger=0)
