@@ -57,6 +57,26 @@ class LearnerMetrics:
         self.peak_flops: float | None = None
 
 
+class StepRate:
+    """Steps per second, smoothed: an exponential average of the interval between steps, then its
+    inverse. Steps are read back unevenly (a step settled before a wait for data, the next right
+    after the one launched behind it), and an average of 1 / interval would jump at every such
+    pair where the average interval gives the rate the steps come at."""
+
+    def __init__(self, now: float, *, keep: float = 0.9):
+        self.last, self.keep = now, keep
+        self.interval: float | None = None
+
+    def tick(self, now: float) -> None:
+        dt = max(now - self.last, 1e-9)
+        self.last = now
+        self.interval = dt if self.interval is None else self.keep * self.interval + (1 - self.keep) * dt
+
+    @property
+    def per_second(self) -> float:
+        return 0.0 if self.interval is None else 1.0 / self.interval
+
+
 @dataclasses.dataclass
 class InFlight:
     """A launched step and what its report needs from its batch."""
@@ -132,7 +152,7 @@ class LearnerService:
         self.reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
                          if cfg.replay.sampler == "prioritized" else None)
         self.teachers: Any = None
-        self.rate, self.last_time, self.last_log = 0.0, time.perf_counter(), 0.0
+        self.rate, self.last_log = StepRate(time.perf_counter()), 0.0
         self.last_saved = trainer.global_step if latest is not None else -1
 
     def close(self) -> None:
@@ -204,9 +224,7 @@ class LearnerService:
             if isinstance(flight.window_ids, list) and len(flight.window_ids) == len(losses):
                 self.reporter.report(flight.window_ids, losses)
         now = time.perf_counter()
-        dt = max(now - self.last_time, 1e-9)
-        self.rate = 1.0 / dt if self.rate == 0 else 0.9 * self.rate + 0.1 / dt
-        self.last_time = now
+        self.rate.tick(now)
         self.report(out, depth_on=flight.depth_on, samples=flight.samples, views=flight.views)
         if now - self.last_log > LOG_EVERY_S:
             self.last_log = now
@@ -235,7 +253,7 @@ class LearnerService:
         return 0
 
     def report(self, out: dict[str, float], *, depth_on: bool, samples: int, views: int) -> None:
-        metrics, runtime, trainer, rate = self.metrics, self.runtime, self.trainer, self.rate
+        metrics, runtime, trainer, rate = self.metrics, self.runtime, self.trainer, self.rate.per_second
         metrics.step.set(trainer.global_step)
         for term, value in out.items():
             if term not in ("grad_norm", "lr", "skipped", "step", "matches"):

@@ -244,6 +244,23 @@ def test_ddp_two_gloo_ranks_keep_identical_parameters(tmp_path):
 
 # ---------------------------------------------------------------------- the learner process
 
+def test_the_step_rate_averages_intervals_so_steps_read_in_pairs_give_their_rate():
+    from learner.service import StepRate
+
+    rate = StepRate(0.0)
+    assert rate.per_second == 0.0
+    for k in range(1, 101):  # two steps every 0.5 s, read one right after the other
+        rate.tick(0.5 * k)
+        rate.tick(0.5 * k + 1e-6)
+    # the average interval swings between 0.05 / 0.19 and 0.9 of that (0.263 / 0.237 s) with the
+    # pairs; an average of 1 / interval would be about 1e5
+    assert 1 / 0.2632 < rate.per_second < 1 / 0.2368
+    steady = StepRate(0.0)
+    for k in range(1, 101):
+        steady.tick(0.25 * k)
+    assert steady.per_second == pytest.approx(4.0)
+
+
 class FusedTrainer(Trainer):
     """The CUDA path's update on the CPU: fused AdamW, which skips a non-finite step itself, so
     that :meth:`Trainer.launch` leaves each step unread until it is settled."""
