@@ -13,8 +13,8 @@ rows, about four buckets an octave) with rows of weight 0, which change no loss 
 gradient (every match term is a weighted mean; ``tests/test_graphs.py``), and one graph is
 captured per bucket and batch layout (:class:`StepGraphs`; at most ``MAX_GRAPHS``, one shared
 memory pool). The optimizer's fused update, the EMA and the one host read stay outside the graph
-(:meth:`learner.train.Trainer.step`), so the learning rate schedule, the skip on a non-finite
-step and snapshots are unchanged.
+(:meth:`learner.train.Trainer.launch` and ``settle``), so the learning rate schedule, the skip on
+a non-finite step and snapshots are unchanged.
 
 Nothing in the recorded step may read the device from the host or take a data-dependent shape:
 the objective is written that way already (its terms are read back once, after the update).

@@ -6,9 +6,10 @@
 ``cfg.kind == "weak"``, the match terms evaluated with the learner's depth;
 the ground-truth sibling :func:`learner.losses.supervised_loss` for ``"supervised"``.
 
-:func:`weighted_loss` keeps the logged terms on the device, so that the training step can read
-them all in one host sync after the optimizer step has been launched (a ``float()`` per term
-before backward would stall the GPU once per term); :func:`compute_loss` returns them as floats.
+:func:`weighted_loss` keeps the logged terms on the device, so that the learner can read them all
+in one host sync once the optimizer step, and the next training step, have been launched (a
+``float()`` per term before backward would stall the GPU once per term); :func:`compute_loss`
+returns them as floats.
 """
 
 from __future__ import annotations
