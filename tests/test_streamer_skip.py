@@ -28,8 +28,9 @@ def every(path, **kw):
     return [(f.index, f.timestamp) for f in VideoSource(path, **kw).frames()]
 
 
-@pytest.mark.parametrize("threads", [1, 3])  # one thread and frame threads (a fixed count: what is decoded
-# beyond the wanted frames grows with them, and 0 would take the host's cores)
+# One thread, and frame threads at a fixed count (what is decoded beyond the wanted frames grows
+# with them; 0 would take the host's cores)
+@pytest.mark.parametrize("threads", [1, 3])
 def test_skipped_frames_keep_indices_timestamps_and_wanted_frames(clip, threads):
     full = every(clip, decode_threads=threads)
     assert [i for i, _ in full] == list(range(60))
