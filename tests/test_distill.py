@@ -194,3 +194,19 @@ def test_max_frames_stops_reading():
         real_samples(model, [("s", stream())], views=2, gap=2, learner_size=(8, 8), size=(8, 8), device="cpu",
                      max_frames=1)
     assert len(read) == 4  # one block read, then the cap stopped the reading
+
+
+def test_snapshots_depth_averaged_up_to_a_scale_per_view():
+    from studies.distill_snapshots import scale_free_mean
+
+    rng = np.random.default_rng(0)
+    depth = torch.from_numpy(rng.uniform(1, 5, (3, 4, 6)).astype(np.float32))
+    depth[1, 0, 0] = 0  # invalid in one map: invalid in the mean
+    other = depth * torch.tensor([2.0, 0.5, 3.0]).view(3, 1, 1)  # the same up to a scale per view
+    other[2] = 0  # nothing valid in one view of one map: that view is invalid
+    mean = scale_free_mean([depth, other])
+    for i in (0, 1):
+        mask = (depth[i] > 0) & (other[i] > 0)
+        torch.testing.assert_close(mean[i][mask], depth[i][mask] / depth[i][mask].median())
+        assert (mean[i][~mask] == 0).all()
+    assert (mean[2] == 0).all()
