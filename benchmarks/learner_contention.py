@@ -234,13 +234,11 @@ def main() -> int:
         """Steps/s in the learner's order (``learner.service``): each step read back after the
         next is launched, the last one read before the clock stops (its GPU work done)."""
         t = time.perf_counter()
-        previous = None
         for _ in range(args.steps):
-            pending = trainer.launch(batch)
-            if previous is not None:
-                trainer.settle(previous)
-            previous = pending
-        trainer.settle(previous)
+            trainer.launch(batch)
+            if len(trainer.unsettled) > 1:
+                trainer.settle(trainer.unsettled[0])
+        trainer.settle_all()
         return args.steps / (time.perf_counter() - t)
 
     rows, alone = [], [rate()]

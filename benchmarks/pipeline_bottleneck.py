@@ -573,13 +573,11 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
 
     threading.Thread(target=produce, daemon=True, name="host-batches").start()
 
-    in_flight = []  # the learner's order: each step read back after the next one is launched
-
-    def step(k: int) -> None:
+    def step(k: int) -> None:  # the learner's order: each step read back after the next one is launched
         msg, host = ready.get()
-        in_flight.append(trainer.launch(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg)))
-        if len(in_flight) > 1:
-            trainer.settle(in_flight.pop(0))
+        trainer.launch(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg))
+        if len(trainer.unsettled) > 1:
+            trainer.settle(trainer.unsettled[0])
 
     for k in range(warmup):
         step(k)

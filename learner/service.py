@@ -238,10 +238,9 @@ class LearnerService:
         return bool(self.cfg.max_steps) and self.trainer.global_step >= self.cfg.max_steps
 
     def finish(self) -> int:
-        """After the loop: the last snapshot (``final`` at max_steps) unless the newest one
-        already has this step; under DDP, leave the process group together."""
+        """After the loop and :meth:`settle`: the last snapshot (``final`` at max_steps) unless
+        the newest one already has this step; under DDP, leave the process group together."""
         trainer = self.trainer
-        self.settle()
         final = self.max_steps_reached()
         if final or trainer.global_step != self.last_saved:
             self.snapshot(final=final)

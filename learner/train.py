@@ -271,8 +271,9 @@ class Trainer:
             return pending.out
         values = pending.values.tolist()
         skipped = values[2] == 0.0
-        later = self.unsettled[self.unsettled.index(pending) + 1:]
-        self.unsettled.remove(pending)
+        at = self.unsettled.index(pending)
+        later = self.unsettled[at + 1:]
+        del self.unsettled[at]
         if skipped:
             self.skipped_steps += 1
             if self.fused:
