@@ -109,6 +109,18 @@ def run_defaults(streamer: dict) -> tuple[int, int]:
     return int(streamer.get("views", defaults.views)), int(streamer.get("frame_stride", defaults.frame_stride))
 
 
+def run_fov(streamer: dict) -> float:
+    """The run's ``streamer.fov_deg`` (the horizontal field of view its readers assume), else the
+    config default."""
+    return float(streamer.get("fov_deg", StreamerConfig().fov_deg))
+
+
+def trained_size(meta: dict) -> tuple[int, int]:
+    """(H, W) the snapshot's learner trained at (its meta's ``image_size``), else the streamer's
+    default size."""
+    return tuple(meta.get("image_size") or (StreamerConfig().height, StreamerConfig().width))
+
+
 def run_sources(streamer: dict) -> list[str]:
     """The run's ``streamer.sources`` that are files, folders or globs (live URLs left out)."""
     sources = streamer.get("sources") or []
@@ -190,11 +202,9 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
     weights = "ema.safetensors" if (snap / "ema.safetensors").is_file() else "model.safetensors"
     run_views, run_gap = run_defaults(streamer)
     views, gap = args.views or run_views, args.gap or run_gap
-    learner_size = tuple(meta.get("image_size") or (StreamerConfig().height, StreamerConfig().width))
-    fov = float(streamer.get("fov_deg", StreamerConfig().fov_deg))
     try:
-        images, depths, info = real_samples(model, frame_streams(specs, fov_deg=fov), views=views, gap=gap,
-                                            learner_size=learner_size, size=(cfg.height, cfg.width),
+        images, depths, info = real_samples(model, frame_streams(specs, fov_deg=run_fov(streamer)), views=views,
+                                            gap=gap, learner_size=trained_size(meta), size=(cfg.height, cfg.width),
                                             device=cfg.device, max_frames=args.max_frames)
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: {err}")

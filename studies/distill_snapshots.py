@@ -29,8 +29,8 @@ import torch
 from labelers.embedded import WEIGHTS
 from labelers.teacher_train import config_from_args, train
 from learner.snapshot import load_model, resolve_snapshot
-from reliev3r.distill import frame_streams, real_samples, recipe, run_defaults, run_sources, run_streamer
-from streamer.config import StreamerConfig
+from reliev3r.distill import (frame_streams, real_samples, recipe, run_defaults, run_fov, run_sources, run_streamer,
+                              trained_size)
 
 
 def scale_free_mean(depths: list[torch.Tensor]) -> torch.Tensor:
@@ -67,13 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"init={WEIGHTS}"]))
     streamer = run_streamer(snaps[0])
     views, gap = run_defaults(streamer)
-    fov = float(streamer.get("fov_deg", StreamerConfig().fov_deg))
     images, depths, info, steps = None, [], {}, []
     for snap in snaps:
         model, meta = load_model(snap, cfg.device, ema=True)
-        learner_size = tuple(meta.get("image_size") or (StreamerConfig().height, StreamerConfig().width))
-        imgs, d, info = real_samples(model, frame_streams(run_sources(streamer), fov_deg=fov), views=views, gap=gap,
-                                     learner_size=learner_size, size=(cfg.height, cfg.width), device=cfg.device)
+        imgs, d, info = real_samples(model, frame_streams(run_sources(streamer), fov_deg=run_fov(streamer)),
+                                     views=views, gap=gap, learner_size=trained_size(meta),
+                                     size=(cfg.height, cfg.width), device=cfg.device)
         if images is not None and not torch.equal(images, imgs):
             raise SystemExit(f"{snap}: its windows differ from the first snapshot's (another run?)")
         images = imgs
