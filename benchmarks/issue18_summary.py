@@ -36,6 +36,10 @@ def f(x, spec: str = ".2f", unit: str = "") -> str:
     return format(x, spec) + unit
 
 
+def ms(seconds: float | None) -> str:
+    return f(None if seconds is None else 1000 * seconds, ".1f")
+
+
 def met(x, bar: float, *, below: bool = False) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -84,6 +88,9 @@ def pipeline_rows(name: str, pb: dict | None, st: str) -> list[str]:
         f"| {name} | | learner while not waiting for data / alone | {f(acc.get('running_over_alone'), '.2f', 'x')} "
         f"| >= {LEARNER_BAR:g}x | {met(acc.get('running_over_alone'), LEARNER_BAR)} |",
         f"| {name} | | learner data wait | {f(acc.get('learner_data_wait_fraction'))} | - | - |",
+        f"| {name} | | learner's step on the GPU, alone / in the pipeline ({ms(acc.get('alone_gpu_seconds_per_step'))}"
+        f" / {ms(acc.get('learner_gpu_seconds_per_step'))} ms; waits a step {f(acc.get('learner_waits_per_step'))}) | "
+        f"{f(acc.get('gpu_span_alone_over_pipeline'), '.2f', 'x')} | - | - |",
         f"| {name} | | streamer frames per CPU-s | {f(acc.get('streamer_frames_per_cpu_s'), '.1f')} | "
         "decode.py readers | - |",
         f"| {name} | | bottleneck | {pb.get('bottleneck') or '-'} | - | - |",

@@ -120,7 +120,9 @@ def extract(kind: str, s) -> dict[str, float]:
                 "stored": ("reliev3r_replay_windows", {})}
     elif kind == "learner":
         want = {"step": ("reliev3r_learner_step", {}), "samples": ("reliev3r_learner_samples_total", {}),
-                "wait": ("reliev3r_learner_data_wait_seconds_total", {}), "mfu": ("reliev3r_learner_mfu", {})}
+                "wait": ("reliev3r_learner_data_wait_seconds_total", {}), "mfu": ("reliev3r_learner_mfu", {}),
+                "waits": ("reliev3r_learner_data_waits_total", {}),
+                "gpu": ("reliev3r_learner_step_gpu_seconds_total", {})}
     out = {}
     for key, (name, labels) in want.items():
         v = value(s, name, **labels)
@@ -293,8 +295,12 @@ def analyse(rec: Recorder, t0: float, t1: float, isolated: dict | None) -> dict:
                        busy_fraction=busy, stored_mean=w.get("mean_stored"))
         elif kind == "learner":
             wait = w.get("d_wait")
+            steps = w.get("d_step")
+            per_step = {k: (w[f"d_{k}"] / steps if steps and w.get(f"d_{k}") is not None else None)
+                        for k in ("waits", "gpu")}
             row.update(steps_per_s=rate(w, "step"), samples_per_s=rate(w, "samples"),
-                       data_wait_fraction=None if wait is None else wait / w["seconds"], mfu_mean=w.get("mean_mfu"))
+                       data_wait_fraction=None if wait is None else wait / w["seconds"], mfu_mean=w.get("mean_mfu"),
+                       waits_per_step=per_step["waits"], gpu_seconds_per_step=per_step["gpu"])
         else:
             continue
         row["seconds"] = w["seconds"]
@@ -417,8 +423,13 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
            "learner_running_samples_per_s": running,
            "running_over_alone": running / alone if running and alone else None,
            "learner_data_wait_fraction": wait,
+           "learner_waits_per_step": learner.get("waits_per_step"),
+           "learner_gpu_seconds_per_step": learner.get("gpu_seconds_per_step"),
+           "alone_gpu_seconds_per_step": (isolated or {}).get("gpu_seconds_per_step"),
            "streamer_frames_per_s": st.get("frames_per_s"), "streamer_cpu_cores": st.get("cpu_cores"),
            "streamer_frames_per_cpu_s": st.get("frames_per_cpu_s")}
+    gpu, gpu_alone = out["learner_gpu_seconds_per_step"], out["alone_gpu_seconds_per_step"]
+    out["gpu_span_alone_over_pipeline"] = gpu_alone / gpu if gpu and gpu_alone else None
     judged = out["running_over_alone"] if out["running_over_alone"] is not None else out["pipeline_over_alone"]
     out["alone_ok"] = None if judged is None else judged >= ALONE_BAR
     return out
@@ -444,6 +455,9 @@ def acceptance_table(acc: dict, compiled: bool | None = None) -> str:
             f"| learner while not waiting for data / alone | {fmt(acc.get('running_over_alone'))}x | "
             f">= {acc['alone_bar']:g}x | {ok(acc['alone_ok'])} | {fmt(acc.get('learner_running_samples_per_s'))} "
             "samples/s / (1 - data wait) |",
+            f"| learner's step on the GPU, alone / in the pipeline | {fmt(acc.get('gpu_span_alone_over_pipeline'))}x | "
+            f"- | - | {fmt_ms(acc.get('alone_gpu_seconds_per_step'))} / {fmt_ms(acc.get('learner_gpu_seconds_per_step'))} "
+            f"ms from its first operation to its last; {fmt(acc.get('learner_waits_per_step'))} waits for data a step |",
             f"| streamer frames per CPU-s (decode + analysis) | {fmt(acc['streamer_frames_per_cpu_s'], '.1f')} | "
             f"beside benchmarks/decode.py | - | {fmt(acc['streamer_frames_per_s'], '.1f')} frames/s on "
             f"{fmt(acc['streamer_cpu_cores'])} cores |"]
@@ -461,6 +475,10 @@ def finite(x):
 
 def fmt(v, spec: str = ".2f") -> str:
     return "-" if v is None else ("inf" if v == math.inf else format(v, spec))
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
 
 
 def table(result: dict) -> str:
@@ -548,7 +566,7 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
 
     import torch
 
-    from learner.train import Trainer, device_batch, host_batch, teacher_space_of
+    from learner.train import PendingStep, Trainer, device_batch, host_batch, teacher_space_of
     from reliev3r import protocol
 
     cfg = rconfig.load([DEFAULT_CONFIG, *configs], overrides)
@@ -573,11 +591,12 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
 
     threading.Thread(target=produce, daemon=True, name="host-batches").start()
 
-    def step(k: int) -> None:  # the learner's order: each step read back after the next one is launched
+    def step(k: int) -> PendingStep:  # the learner's order: each step read back after the next one is launched
         msg, host = ready.get()
-        trainer.launch(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg))
+        pending = trainer.launch(device_batch(host, trainer.device), teacher_space=teacher_space_of(msg))
         if len(trainer.unsettled) > 1:
             trainer.settle(trainer.unsettled[0])
+        return pending
 
     for k in range(warmup):
         step(k)
@@ -586,13 +605,14 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
         torch.cuda.synchronize()
     recorded = graphs.captures if graphs is not None else 0
     start = time.perf_counter()
-    for k in range(steps):
-        step(warmup + k)
+    timed = [step(warmup + k) for k in range(steps)]
     trainer.settle_all()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     rate = steps * cfg.learner.batch_size / (time.perf_counter() - start)
+    spans = [p.gpu_seconds for p in timed if p.gpu_seconds is not None]
     return {"samples_per_s": rate, "steps_per_s": rate / cfg.learner.batch_size, "device": str(trainer.device),
+            "gpu_seconds_per_step": sum(spans) / len(spans) if spans else None,
             "steps": steps, "warmup": warmup, "batches": len(messages),
             "graphs_recorded_timed": None if graphs is None else graphs.captures - recorded}
 

@@ -29,6 +29,8 @@ from reliev3r.service import Runtime
 from replay.client import Prefetcher, ReplayClient, ReplayError
 
 LOG_EVERY_S = 10.0
+POLL_S = 0.001
+"""How often the learner, with no batch ready, looks whether the GPU has finished its step."""
 
 
 class LearnerMetrics:
@@ -41,7 +43,13 @@ class LearnerMetrics:
         self.steps_per_second = m.gauge("learner_steps_per_second", "Training steps per second (smoothed)")
         self.samples = m.counter("learner_samples_total", "Windows trained on (this rank)")
         self.data_wait = m.counter("learner_data_wait_seconds_total",
-                                   "Seconds the training loop waited for a batch from replay (this rank)")
+                                   "Seconds the training loop waited for a batch from replay, the GPU done "
+                                   "with its steps (this rank)")
+        self.data_waits = m.counter("learner_data_waits_total",
+                                    "Times the training loop had no batch when the GPU finished its steps (this rank)")
+        self.step_gpu = m.counter("learner_step_gpu_seconds_total",
+                                  "Steps' spans on the GPU's timeline, first operation to last, summed: longer "
+                                  "than alone where other processes' kernels take turns with the learner's (this rank)")
         self.skipped = m.counter("learner_skipped_steps_total", "Steps dropped for a non-finite loss or grad norm")
         self.snapshot_duration = m.histogram("snapshot_duration_seconds", "Time to write one snapshot",
                                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
@@ -164,7 +172,9 @@ class LearnerService:
     def step(self) -> int | None:
         """Wait for the next usable batch, launch a step on it, then settle the step launched
         before it (read its numbers, report them, snapshot): the GPU runs the new step while
-        the host does that and waits for the next batch. 0 once any rank stops (ranks agree on
+        the host does that and waits for the next batch. With no batch ready, it waits for one
+        while the GPU runs the step in flight and launches it behind that step; once the GPU is
+        done it settles the step and counts the rest of the wait as waiting for data. 0 once any rank stops (ranks agree on
         it here, so the loop asks no one else) or ``max_steps`` is reached, else None. A step
         that may end in a snapshot or at ``max_steps`` is settled before the next is launched,
         so a snapshot holds exactly the steps it is named after."""
@@ -176,10 +186,14 @@ class LearnerService:
         msg = host = None
         wait_start: float | None = None
         while msg is None and not runtime.stopping:
-            got = self.prefetch.get(0.0 if wait_start is None else 0.1)
+            busy = wait_start is None and self.in_flight is not None and not self.in_flight.pending.done()
+            got = self.prefetch.get(0.0 if wait_start is None and not busy else POLL_S if busy else 0.1)
             if got is None:
-                if wait_start is None:  # no batch ready: settle the step in flight first, so that
-                    self.settle()       # the wait counted is time the GPU has nothing to do
+                if busy:  # the GPU still runs the step in flight: a batch that comes meanwhile
+                    continue  # is launched behind it, the GPU never idle in between
+                if wait_start is None:  # no batch, the GPU done: settle the step in flight, so
+                    self.settle()       # that the wait counted is time the GPU has nothing to do
+                    metrics.data_waits.inc()
                     wait_start = time.perf_counter()
                 continue
             msg, host = got
@@ -219,6 +233,8 @@ class LearnerService:
         (:meth:`finish` writes that one)."""
         trainer, runtime = self.trainer, self.runtime
         out = trainer.settle(flight.pending)
+        if flight.pending.gpu_seconds is not None:
+            self.metrics.step_gpu.inc(flight.pending.gpu_seconds)
         losses = flight.pending.window_losses
         if self.reporter is not None and losses and not out["skipped"]:
             if isinstance(flight.window_ids, list) and len(flight.window_ids) == len(losses):

@@ -137,6 +137,16 @@ class PendingStep:
     window_losses: list[float] = dataclasses.field(default_factory=list)
     out: dict[str, float] | None = None
     """What :meth:`Trainer.settle` returned, once settled."""
+    events: tuple[Any, Any] | None = None
+    """CUDA events recorded on the step's stream before its first and after its last operation
+    (None on the CPU)."""
+    gpu_seconds: float | None = None
+    """Once settled on a GPU: the step's span on the GPU's timeline, first operation to last
+    (longer than its own work where other processes' kernels took turns with it)."""
+
+    def done(self) -> bool:
+        """Whether the GPU has finished the step (always on the CPU): settling it then does not wait."""
+        return self.events is None or bool(self.events[1].query())
 
 
 class Trainer:
@@ -216,6 +226,10 @@ class Trainer:
         learner that settles step N after launching N+1 keeps the GPU busy while the host
         reports N and prepares N+2 (``learner.service``)."""
         self.model.train()
+        events = None
+        if self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         lr = lr_at(self.cfg, self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -258,8 +272,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_seen += images.shape[0] * self.world_size
         self.image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        if events is not None:
+            events[1].record()
         pending = PendingStep(values=values, names=names, windows=len(windows), lr=lr, step=self.global_step,
-                              terms={k: v for k, v in terms.items() if not isinstance(v, Tensor)})
+                              terms={k: v for k, v in terms.items() if not isinstance(v, Tensor)}, events=events)
         self.unsettled.append(pending)
         return pending
 
@@ -270,6 +286,9 @@ class Trainer:
         if pending.out is not None:
             return pending.out
         values = pending.values.tolist()
+        if pending.events is not None:
+            pending.events[1].synchronize()
+            pending.gpu_seconds = pending.events[0].elapsed_time(pending.events[1]) / 1000.0
         skipped = values[2] == 0.0
         at = self.unsettled.index(pending)
         later = self.unsettled[at + 1:]

@@ -35,12 +35,14 @@ def learner_cfg(**kw) -> LearnerConfig:
 
 class FakeReplay:
     """A real ROUTER socket answering ``sample`` like the replay service: first "not_ready",
-    then batches of synthetic windows (echoing ``request_id`` as the service does)."""
+    then batches of synthetic windows (echoing ``request_id`` as the service does), each batch
+    ``delay_s`` after its request."""
 
-    def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False):
+    def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False,
+                 delay_s: float = 0.0):
         import zmq
 
-        self.odd_first, self.base_shape = odd_first, (views, h, w)
+        self.odd_first, self.base_shape, self.delay_s = odd_first, (views, h, w), delay_s
 
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -81,6 +83,7 @@ class FakeReplay:
                 meta = {"window_ids": [f"w{i}" for i in range(b)], "request_id": rid,
                         "teacher": {"depth": {"name": "toy", "version": "1", "space": "depth"}}}
                 reply = protocol.Message("batch", meta, self._batch(b, len(self.requests)))
+                self.stop.wait(self.delay_s)
             self.sock.send_multipart([identity, *protocol.encode(reply)])
 
     def close(self) -> None:

@@ -121,6 +121,25 @@ def test_replayed_step_trains_as_the_eager_step():
     assert float(torch.nn.functional.cosine_similarity(moved_g, moved_e, dim=0)) > 0.99
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the step's span is timed on a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_launched_step_is_done_once_the_gpu_has_run_it_and_settling_times_it(graphs):
+    """:meth:`PendingStep.done` is the GPU's word (False while a long matmul queued ahead of the
+    step's end still runs, True after a synchronize), and settling gives the step's span on the
+    GPU, which holds at least the step's own work."""
+    trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, cuda_graphs=graphs), device="cuda")
+    batch = synthetic_batch(2, 3, 56, 80, k=100, seed=0, device="cuda", triangulation=True)
+    trainer.settle(trainer.launch(batch))  # the graph's recording, if any
+    pending = trainer.launch(batch)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued behind the step
+    late = trainer.launch(batch)
+    assert not late.done() and late.gpu_seconds is None
+    torch.cuda.synchronize()
+    assert pending.done() and late.done()
+    trainer.settle_all()
+    assert 0.0 < pending.gpu_seconds and 0.0 < late.gpu_seconds
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_a_step_that_fails_to_record_runs_eagerly_from_then_on(monkeypatch, caplog):
     """A step the start-up check passed but CUDA cannot record (here a read from the host the

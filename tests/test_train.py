@@ -326,6 +326,50 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path, monkeypatch, upd
         ctx.destroy(linger=0)
 
 
+class SlowGPUTrainer(FusedTrainer):
+    """:class:`FusedTrainer` on a GPU that takes ``SPAN_S`` for each step: :meth:`PendingStep.done`
+    says not done until then (reading the step does not wait: its numbers are on the CPU)."""
+
+    SPAN_S = 3.0
+
+    def launch(self, *args, **kwargs):
+        pending = super().launch(*args, **kwargs)
+        ready_at = time.monotonic() + self.SPAN_S
+        pending.done = lambda: time.monotonic() >= ready_at
+        return pending
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_batch_that_comes_while_the_gpu_runs_a_step_is_launched_behind_it(tmp_path, monkeypatch):
+    """With no batch ready after a launch, the learner waits for one while the GPU is busy and
+    launches it behind the step in flight: only a wait with the GPU done counts as waiting for
+    data. The replay here answers each sample after 0.3 s, so that no batch is ready when a step
+    has been launched (a learner that read the step in flight then, as before, counted a wait
+    each step), and each step keeps the GPU 3 s: the one wait counted is the first sample's
+    "not_ready", before any step was in flight."""
+    import zmq
+
+    from learner import service
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    monkeypatch.setattr(service, "Trainer", SlowGPUTrainer)
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port, delay_s=0.3)
+    try:
+        cfg = learner_pipeline(tmp_path, port, max_steps=3, snapshot_every=100)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
+            assert runtime.status["step"] == 3
+            text = _metrics_text(runtime)
+        assert "reliev3r_learner_data_waits_total 1.0" in text
+        assert "reliev3r_learner_samples_total 6.0" in text
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
 @pytest.mark.timeout(600)  # bounds a hang only
 @pytest.mark.parametrize("update", ["plain", "fused"])
 def test_learner_process_snapshots_on_stop(tmp_path, monkeypatch, update):
