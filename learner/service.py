@@ -174,10 +174,10 @@ class LearnerService:
         before it (read its numbers, report them, snapshot): the GPU runs the new step while
         the host does that and waits for the next batch. With no batch ready, it waits for one
         while the GPU runs the step in flight and launches it behind that step; once the GPU is
-        done it settles the step and counts the rest of the wait as waiting for data. 0 once any rank stops (ranks agree on
-        it here, so the loop asks no one else) or ``max_steps`` is reached, else None. A step
-        that may end in a snapshot or at ``max_steps`` is settled before the next is launched,
-        so a snapshot holds exactly the steps it is named after."""
+        done it settles the step and counts the rest of the wait as waiting for data. 0 once
+        any rank stops (ranks agree on it here, so the loop asks no one else) or ``max_steps``
+        is reached, else None. A step that may end in a snapshot or at ``max_steps`` is settled
+        before the next is launched, so a snapshot holds exactly the steps it is named after."""
         runtime, trainer, metrics, lcfg = self.runtime, self.trainer, self.metrics, self.cfg
         if self.in_flight is not None and self._boundary(self.in_flight.pending):
             self.settle()
