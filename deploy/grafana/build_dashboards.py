@@ -70,6 +70,12 @@ LEARNER = dashboard("reliev3r-learner", "reliev3r / learner", [
     panel("Gradient norm (before clipping)", [("reliev3r_learner_grad_norm", "grad norm")]),
     panel("Steps per second", [("reliev3r_learner_steps_per_second", "steps/s")]),
     panel("Samples per second", [("sum(rate(reliev3r_learner_samples_total[1m]))", "windows/s")], unit="ops"),
+    panel("Learner time: waiting for data / steps on the GPU", [
+        ("sum(rate(reliev3r_learner_data_wait_seconds_total[1m]))", "waiting for data"),
+        ("sum(rate(reliev3r_learner_step_gpu_seconds_total[1m]))", "steps on the GPU"),
+    ], unit="percentunit", description="Shares of wall time: waiting for a batch with the GPU done, and the steps' "
+                                       "spans on the GPU (first operation to last; longer than alone where other "
+                                       "processes' kernels take turns with the learner's)"),
     panel("Skipped (non-finite) steps", [("sum(increase(reliev3r_learner_skipped_steps_total[10m]))", "skipped / 10m")]),
     panel("Model FLOPs utilisation (vs measured bf16 peak)", [("reliev3r_learner_mfu", "MFU")], unit="percentunit"),
     panel("Model FLOP/s and learning rate", [("sum(reliev3r_learner_model_flops_per_second)", "FLOP/s"),
