@@ -411,6 +411,7 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
         source = "labelers' stored windows/s"
     ratio = fresh / samples if fresh is not None and samples else None
     alone = (isolated or {}).get("samples_per_s")
+    gated = (isolated or {}).get("gated_samples_per_s")
     wait = learner.get("data_wait_fraction")
     running = running_rate(samples, wait)
     st = stages.get("streamer") or {}
@@ -422,6 +423,8 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
            "pipeline_over_alone": samples / alone if samples and alone else None, "alone_bar": ALONE_BAR,
            "learner_running_samples_per_s": running,
            "running_over_alone": running / alone if running and alone else None,
+           "learner_alone_at_cadence_samples_per_s": gated,
+           "running_over_alone_at_cadence": running / gated if running and gated else None,
            "learner_data_wait_fraction": wait,
            "learner_waits_per_step": learner.get("waits_per_step"),
            "learner_gpu_seconds_per_step": learner.get("gpu_seconds_per_step"),
@@ -430,7 +433,10 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
            "streamer_frames_per_cpu_s": st.get("frames_per_cpu_s")}
     gpu, gpu_alone = out["learner_gpu_seconds_per_step"], out["alone_gpu_seconds_per_step"]
     out["gpu_span_alone_over_pipeline"] = gpu_alone / gpu if gpu and gpu_alone else None
-    judged = out["running_over_alone"] if out["running_over_alone"] is not None else out["pipeline_over_alone"]
+    # judged against the learner alone at the pipeline's cadence where it ran (a learner held back
+    # by the bound on reuse starts most steps on an idle GPU, alone as well), else free-running
+    judged = next((out[k] for k in ("running_over_alone_at_cadence", "running_over_alone", "pipeline_over_alone")
+                   if out[k] is not None), None)
     out["alone_ok"] = None if judged is None else judged >= ALONE_BAR
     return out
 
@@ -452,9 +458,12 @@ def acceptance_table(acc: dict, compiled: bool | None = None) -> str:
             f"each window trained {fmt(acc['trained_per_window'], '.1f')} times |",
             f"| learner in the pipeline / alone, same settings | {fmt(acc['pipeline_over_alone'])}x | - | - | "
             f"{alone_note}; data wait {fmt(acc['learner_data_wait_fraction'])} |",
-            f"| learner while not waiting for data / alone | {fmt(acc.get('running_over_alone'))}x | "
-            f">= {acc['alone_bar']:g}x | {ok(acc['alone_ok'])} | {fmt(acc.get('learner_running_samples_per_s'))} "
-            "samples/s / (1 - data wait) |",
+            f"| learner while not waiting for data / alone at the pipeline's cadence "
+            f"| {fmt(acc.get('running_over_alone_at_cadence'))}x | >= {acc['alone_bar']:g}x | {ok(acc['alone_ok'])} "
+            f"| {fmt(acc.get('learner_running_samples_per_s'))} samples/s / (1 - data wait), against "
+            f"{fmt(acc.get('learner_alone_at_cadence_samples_per_s'))} alone waiting before as many steps |",
+            f"| learner while not waiting for data / alone free-running | {fmt(acc.get('running_over_alone'))}x | - "
+            f"| - | against {fmt(acc['learner_alone_samples_per_s'])} samples/s alone, a batch always ready |",
             f"| learner's step on the GPU, alone / in the pipeline | {fmt(acc.get('gpu_span_alone_over_pipeline'))}x | "
             f"- | - | {fmt_ms(acc.get('alone_gpu_seconds_per_step'))} / {fmt_ms(acc.get('learner_gpu_seconds_per_step'))} "
             f"ms from its first operation to its last; {fmt(acc.get('learner_waits_per_step'))} waits for data a step |",
@@ -549,7 +558,8 @@ def record_batches(run_dir: Path, folder: Path, count: int) -> int:
     return saved
 
 
-def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps: int, warmup: int) -> dict:
+def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps: int, warmup: int,
+                  cadence: tuple[float, float] | None = None) -> dict:
     """The pipeline's learner (its ``Trainer``, config and seed) alone on the batches of
     :func:`record_batches`, round robin from host memory, each batch converted as the learner
     service does (its arrays copied into pinned host tensors by a thread, as the service's
@@ -560,7 +570,16 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     least one pass over the batches: each batch's graph is recorded, and each new shape of its
     matches compiled, before the timing; graphs recorded while timed are counted). With five
     warm-up steps the compiled step's rate alone read 212.7 and 313.4 samples/s in two calls
-    on one H100 (issue 18, fifteenth pass)."""
+    on one H100 (issue 18, fifteenth pass).
+
+    With ``cadence`` = (waits a step, seconds a wait), as measured in the pipeline
+    (``learner_data_waits_total``, ``learner_data_wait_seconds_total``), the same steps run
+    again fed at the pipeline's cadence: before that share of the steps the learner waits as
+    its service does with no batch ready (until the GPU is done, then reads the step in flight,
+    then idles that long), and ``gated_samples_per_s`` is its rate while not waiting, the
+    pipeline's own measure. A learner held back by replay's bound on reuse starts most steps
+    on an idle GPU, so this rate, not the free-running one, is what the pipeline's learner would
+    reach if the stages beside it took nothing from it."""
     import queue
     import threading
 
@@ -585,7 +604,7 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     ready: queue.Queue = queue.Queue(maxsize=1)  # one batch ahead, as the service's Prefetcher(depth=1)
 
     def produce() -> None:
-        for k in range(warmup + steps):
+        for k in range(warmup + 2 * steps):
             msg = messages[k % len(messages)]
             ready.put((msg, host_batch(msg, pin=trainer.device.type == "cuda")))
 
@@ -604,17 +623,42 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     recorded = graphs.captures if graphs is not None else 0
-    start = time.perf_counter()
-    timed = [step(warmup + k) for k in range(steps)]
-    trainer.settle_all()
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = steps * cfg.learner.batch_size / (time.perf_counter() - start)
-    spans = [p.gpu_seconds for p in timed if p.gpu_seconds is not None]
+    def timed(first: int, waits: float = 0.0, idle: float = 0.0) -> tuple[float, list[PendingStep]]:
+        start, waited, due, launched = time.perf_counter(), 0.0, 0.0, []
+        for k in range(steps):
+            due += waits
+            if due >= 1.0:  # no batch ready: as the service, until the GPU is done, then idle
+                due -= 1.0
+                while trainer.unsettled and not trainer.unsettled[-1].done():
+                    time.sleep(0.001)
+                trainer.settle_all()
+                idle_start = time.perf_counter()
+                time.sleep(idle)
+                waited += time.perf_counter() - idle_start
+            launched.append(step(first + k))
+        trainer.settle_all()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * cfg.learner.batch_size / (time.perf_counter() - start - waited), launched
+
+    rate, launched = timed(warmup)
+    spans = [p.gpu_seconds for p in launched if p.gpu_seconds is not None]
+    gated = timed(warmup + steps, *cadence)[0] if cadence else None
     return {"samples_per_s": rate, "steps_per_s": rate / cfg.learner.batch_size, "device": str(trainer.device),
+            "gated_samples_per_s": gated, "cadence": cadence,
             "gpu_seconds_per_step": sum(spans) / len(spans) if spans else None,
             "steps": steps, "warmup": warmup, "batches": len(messages),
             "graphs_recorded_timed": None if graphs is None else graphs.captures - recorded}
+
+
+def cadence_of(stages: dict[str, dict]) -> tuple[float, float] | None:
+    """The learner's waits for data in the pipeline: (waits a step, seconds a wait), for
+    :func:`learner_alone`'s run at the pipeline's cadence; None where it did not wait."""
+    lr = stages.get("learner") or {}
+    waits, wait, rate = lr.get("waits_per_step"), lr.get("data_wait_fraction"), lr.get("steps_per_s")
+    if not waits or wait is None or not rate:
+        return None
+    return min(waits, 1.0), wait / (waits * rate)
 
 
 def alone_env(environ: dict[str, str]) -> dict[str, str]:
@@ -626,12 +670,13 @@ def alone_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def isolated_rate(configs: list[str], overrides: list[str], folder: Path, steps: int,
-                  timeout: float | None = None) -> dict | None:
+                  timeout: float | None = None, cadence: tuple[float, float] | None = None) -> dict | None:
     """:func:`learner_alone` in a fresh process (``--alone``, no MPS client: :func:`alone_env`),
     once every stage has stopped."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--alone", str(folder), "--alone-json", f.name,
-               "--isolated-steps", str(steps), *[x for c in configs for x in ("--config", c)], *overrides]
+               "--isolated-steps", str(steps), *[x for c in configs for x in ("--config", c)],
+               *(["--alone-cadence", *map(str, cadence)] if cadence else []), *overrides]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env=alone_env(dict(os.environ)))
         try:
@@ -665,12 +710,13 @@ def main() -> int:
     p.add_argument("--isolated-batches", type=int, default=16, help="batches recorded from replay")
     p.add_argument("--alone", default=None, help=argparse.SUPPRESS)  # the isolated run's own process
     p.add_argument("--alone-json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--alone-cadence", type=float, nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--isolated-timeout", type=float, default=None, help="seconds for the isolated run")
     p.add_argument("--json", default=None, help="write the raw numbers here")
     args = p.parse_args()
     if args.alone:
         result = learner_alone(args.config, args.overrides, Path(args.alone), args.isolated_steps,
-                               args.isolated_warmup)
+                               args.isolated_warmup, tuple(args.alone_cadence) if args.alone_cadence else None)
         Path(args.alone_json).write_text(json.dumps(result))
         return 0
     measure = args.measure if args.measure is not None else (math.inf if args.max_steps else 120.0)
@@ -768,8 +814,8 @@ def main() -> int:
             print(f"[{time.monotonic() - started:6.1f}s] interrupted: the window measured so far counts", flush=True)
     finally:
         measured = t0 is not None and t1 is not None and t1 - t0 >= 2 * args.interval
-        if measured:
-            report(None, t0, t1)  # written before the pipeline stops: an interrupt or kill that follows keeps it
+        first = report(None, t0, t1) if measured else None  # written before the pipeline stops: an
+        # interrupt or kill that follows keeps it
         recorded = 0
         if measured and args.isolated and not interrupted and up.poll() is None:
             recorded = record_batches(run_dir, out / "batches", args.isolated_batches)
@@ -787,7 +833,8 @@ def main() -> int:
         return 1
 
     isolated = (isolated_rate([str(Path(c).resolve()) for c in args.config], overrides, out / "batches",
-                              args.isolated_steps, args.isolated_timeout) if recorded else None)
+                              args.isolated_steps, args.isolated_timeout, cadence_of(first["stages"]))
+                if recorded else None)
     result = report(isolated, t0, t1)
     print(f"\npipeline: {cfg.labeler.workers} labeler(s) on {cfg.labeler.device} ({cfg.labeler.teacher} + "
           f"{cfg.labeler.matcher}), learner {lc.model.size} on {lc.device}, batch {lc.batch_size}"

@@ -169,6 +169,14 @@ def test_acceptance_ratios():
     assert acc["pipeline_over_alone"] == pytest.approx(100 / 210)
     assert acc["running_over_alone"] == pytest.approx(200 / 210)
     assert acc["alone_ok"] is True and "0.95x" in pb.acceptance_table(acc)
+    # the learner alone also fed at the pipeline's cadence: the bar judged against that rate
+    acc = pb.acceptance(_stages(inserts=25.0, samples=100.0, wait=0.5),
+                        {"samples_per_s": 250.0, "gated_samples_per_s": 210.0})
+    assert acc["running_over_alone"] == pytest.approx(200 / 250)
+    assert acc["running_over_alone_at_cadence"] == pytest.approx(200 / 210) and acc["alone_ok"] is True
+    acc = pb.acceptance(_stages(inserts=25.0, samples=100.0, wait=0.5),
+                        {"samples_per_s": 250.0, "gated_samples_per_s": 240.0})
+    assert acc["alone_ok"] is False and "0.83x" in pb.acceptance_table(acc)
     assert acc["streamer_frames_per_cpu_s"] == 40.0
     # without a replay scrape the labelers' stored windows count; no isolated run: no ratio
     acc = pb.acceptance(_stages(inserts=None, samples=40.0, wait=0.0, stored=30.0), None)
@@ -181,6 +189,14 @@ def test_acceptance_ratios():
     assert acc["fresh_over_samples"] is None and acc["fresh_ok"] is None
 
 
+def test_the_pipelines_cadence_is_its_learners_waits_a_step_and_their_length():
+    stages = {"learner": {"waits_per_step": 0.5, "data_wait_fraction": 0.4, "steps_per_s": 20.0}}
+    assert pb.cadence_of(stages) == pytest.approx((0.5, 0.04))  # 10 waits/s fill 0.4 of each second
+    assert pb.cadence_of({"learner": {"waits_per_step": 0.0, "data_wait_fraction": 0.0, "steps_per_s": 20.0}}) is None
+    assert pb.cadence_of({"learner": {"data_wait_fraction": 0.4, "steps_per_s": 20.0}}) is None  # before the counter
+    assert pb.cadence_of({}) is None
+
+
 def test_tree_cpu_seconds_counts_the_process_and_its_children():
     own = pb.cpu_seconds(os.getpid())
     assert pb.tree_cpu_seconds(os.getpid()) >= own
@@ -189,7 +205,8 @@ def test_tree_cpu_seconds_counts_the_process_and_its_children():
 
 def test_summary_table(tmp_path):
     (tmp_path / "steps.tsv").write_text("pipeline\t0\t300\nmatching\t124\t70\n")
-    acc = pb.acceptance(_stages(inserts=30.0, samples=100.0, wait=0.0), {"samples_per_s": 120.0})
+    acc = pb.acceptance(_stages(inserts=30.0, samples=100.0, wait=0.0),
+                        {"samples_per_s": 120.0, "gated_samples_per_s": 110.0})
     (tmp_path / "pipeline_bottleneck.json").write_text(json.dumps(
         {"acceptance": acc, "bottleneck": "labelers", "setup": {"compile": True}}))
     (tmp_path / "labeler_threads.json").write_text(json.dumps(
@@ -203,7 +220,9 @@ def test_summary_table(tmp_path):
     assert "| pipeline2 | not run | fresh windows/s / learner samples/s (20.00 / 100.00) | 0.20x" in text
     assert "| pipeline2 | | settings | labeler.workers=2 |" in text
     assert "(compiled, 120.00 alone) | 0.83x | - | - |" in text
-    assert "| learner while not waiting for data / alone | 0.83x | >= 0.9x | NO |" in text
+    assert "alone at the pipeline's cadence (110.00 alone) | 0.91x | >= 0.9x | yes |" in text
+    assert "| learner while not waiting for data / alone free-running | 0.83x | - | - |" in text
+    assert "at the pipeline's cadence (- alone) | - | >= 0.9x |" in text  # pipeline2: not run alone so
     assert "| matching | timeout, 70 s | no matching_accuracy.json" in text
     assert "| threads | not run |" in text and "5.00x | ideal 8x" in text
     (tmp_path / "matching_accuracy.json").write_text(json.dumps(

@@ -94,6 +94,17 @@ def test_the_learner_alone_trains_on_batches_recorded_from_the_pipelines_replay(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     alone = json.loads((tmp_path / "pb.json").read_text())["isolated_learner"]
     assert alone["batches"] == 2 and alone["steps"] == 2 and alone["samples_per_s"] > 0
+    # fed at the pipeline's cadence where its learner waited for data (the demo's learner may not)
+    assert (alone["cadence"] is None) == (alone["gated_samples_per_s"] is None)
+    # at a cadence of a wait before every step: the rate while not waiting (the waits left out)
+    cadenced = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "pipeline_bottleneck.py"), "--alone", str(tmp_path / "batches"),
+         "--alone-json", str(tmp_path / "alone.json"), "--alone-cadence", "1", "0.05", "--isolated-steps", "2",
+         "--isolated-warmup", "1", "--config", str(root / "configs" / "demo.yaml"), "learner.threads=1",
+         "learner.batch_size=3"], cwd=root, capture_output=True, text=True)
+    assert cadenced.returncode == 0, cadenced.stdout[-3000:] + cadenced.stderr[-3000:]
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone["cadence"] == [1.0, 0.05] and alone["gated_samples_per_s"] > 0
     with np.load(tmp_path / "batches" / "batch-000.npz") as z:
         assert z["frames"].shape[0] == 3 and z["teacher_depth"].shape[:2] == z["frames"].shape[:2]
     meta = json.loads((tmp_path / "batches" / "batch-000.json").read_text())
