@@ -464,9 +464,10 @@ def acceptance_table(acc: dict, compiled: bool | None = None) -> str:
             f"{fmt(acc.get('learner_alone_at_cadence_samples_per_s'))} alone waiting before as many steps |",
             f"| learner while not waiting for data / alone free-running | {fmt(acc.get('running_over_alone'))}x | - "
             f"| - | against {fmt(acc['learner_alone_samples_per_s'])} samples/s alone, a batch always ready |",
-            f"| learner's step on the GPU, alone / in the pipeline | {fmt(acc.get('gpu_span_alone_over_pipeline'))}x | "
-            f"- | - | {fmt_ms(acc.get('alone_gpu_seconds_per_step'))} / {fmt_ms(acc.get('learner_gpu_seconds_per_step'))} "
-            f"ms from its first operation to its last; {fmt(acc.get('learner_waits_per_step'))} waits for data a step |",
+            f"| learner's step on the GPU, alone / in the pipeline | {fmt(acc.get('gpu_span_alone_over_pipeline'))}x "
+            f"| - | - | {fmt_ms(acc.get('alone_gpu_seconds_per_step'))} / "
+            f"{fmt_ms(acc.get('learner_gpu_seconds_per_step'))} ms from its first operation to its last; "
+            f"{fmt(acc.get('learner_waits_per_step'))} waits for data a step |",
             f"| streamer frames per CPU-s (decode + analysis) | {fmt(acc['streamer_frames_per_cpu_s'], '.1f')} | "
             f"beside benchmarks/decode.py | - | {fmt(acc['streamer_frames_per_s'], '.1f')} frames/s on "
             f"{fmt(acc['streamer_cpu_cores'])} cores |"]
