@@ -25,13 +25,15 @@ Per stage, in windows/s: the rate it ran at, how busy it was and so its capacity
   and each stage's time per window.
 * replay: inserts/s, samples/s, busy fraction = store + sample time per second (the store time
   is an upper bound: every window of a group commit observes the whole commit).
-* learner: steps/s, samples/s, fraction of the time it waited for a batch
-  (``reliev3r_learner_data_wait_seconds_total``), MFU; with ``--isolated`` also the learner
+* learner: steps/s, samples/s, fraction of the time it waited for a batch with the GPU done
+  (``reliev3r_learner_data_wait_seconds_total``), waits a step, each step's span on the GPU
+  (``reliev3r_learner_step_gpu_seconds_total``), MFU; with ``--isolated`` also the learner
   alone afterwards: ``--isolated-batches`` batches sampled from the pipeline's own replay at the
   end of the window (its real windows: their matches, labels and teacher), then, with every
   stage stopped, the same config's ``Trainer`` on them from memory, each batch converted as
   the learner service does (``host_batch`` in a thread, ``device_batch`` in the training
-  thread): the same work without the transport and without the other stages.
+  thread): the same work without the transport and without the other stages, free-running and
+  then at the pipeline's cadence of waits for data.
 
 Real video (issue 18's acceptance): give the sources and a held-out set as overrides, e.g. the
 7-Scenes frames and a downsampled carry copy of ``../shared/data/videos``
@@ -397,9 +399,12 @@ def acceptance(stages: dict[str, dict], isolated: dict | None) -> dict:
     number of times a window is trained on; ``pipeline_over_alone`` = learner samples/s in the
     pipeline / alone on batches recorded from its replay (``--isolated``); ``running_over_alone``
     = the same with the pipeline's rate taken while the learner is not waiting for data (samples/s
-    / (1 - data wait)): what the bar judges, since under ``replay.samples_per_insert`` the learner
-    waits for fresh windows by design, and that wait is not contention; the streamer's frames per
-    CPU-s."""
+    / (1 - data wait)), since under ``replay.samples_per_insert`` the learner waits for fresh
+    windows by design, and that wait is not contention; ``running_over_alone_at_cadence`` = that
+    rate over the learner's alone at the pipeline's cadence (:func:`learner_alone`): what the bar
+    judges where it ran, the learner then starting as many steps on an idle GPU alone as in the
+    pipeline; the learner's step span on the GPU alone and in the pipeline; the streamer's frames
+    per CPU-s."""
     learner = stages.get("learner", {})
     samples = learner.get("samples_per_s")
     rp = stages.get("replay") or {}
