@@ -123,21 +123,23 @@ def test_replayed_step_trains_as_the_eager_step():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the step's span is timed on a CUDA device")
 @pytest.mark.parametrize("graphs", [False, True])
-def test_a_launched_step_is_done_once_the_gpu_has_run_it_and_settling_times_it(graphs):
-    """:meth:`PendingStep.done` is the GPU's word (False while a long matmul queued ahead of the
-    step's end still runs, True after a synchronize), and settling gives the step's span on the
-    GPU, which holds at least the step's own work."""
+def test_a_launched_step_is_done_once_the_gpu_has_run_it_and_its_span_starts_at_its_first_operation(graphs):
+    """:meth:`PendingStep.done` is the GPU's word, and settling gives the step's span on the
+    GPU: from its own first operation, not from when the host launched it behind other work."""
     trainer = Trainer(LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, cuda_graphs=graphs), device="cuda")
     batch = synthetic_batch(2, 3, 56, 80, k=100, seed=0, device="cuda", triangulation=True)
     trainer.settle(trainer.launch(batch))  # the graph's recording, if any
+    torch.cuda._sleep(2_000_000_000)  # 2e9 GPU clock cycles: about a second at an H100's 2 GHz
     pending = trainer.launch(batch)
-    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued behind the step
-    late = trainer.launch(batch)
-    assert not late.done() and late.gpu_seconds is None
+    if graphs:  # a replay and a handful of kernels: the host is back long before the GPU is
+        # (an eager step's many kernels may fill CUDA's launch queue and hold the host until
+        # the sleep has ended, so there the GPU may be nearly done when launch returns)
+        assert not pending.done()
+    assert pending.gpu_seconds is None
     torch.cuda.synchronize()
-    assert pending.done() and late.done()
+    assert pending.done()
     trainer.settle_all()
-    assert 0.0 < pending.gpu_seconds and 0.0 < late.gpu_seconds
+    assert 0.0 < pending.gpu_seconds < 0.5  # the tiny step's milliseconds, without the sleep before it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
