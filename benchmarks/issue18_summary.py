@@ -158,7 +158,8 @@ def summary(out: Path) -> str:
                      f"{', CUDA graphs' if lc.get('cuda_graphs') else ''}) | "
                      f"{f(sum(alone) / len(alone) if alone else None)} | - | - |")
         for r in lc.get("rows", []):
-            lines.append(f"| {name} | | beside the {r['load']} load at niceness {r['nice']} / alone | "
+            lines.append(f"| {name} | | beside the {r['load']} load at niceness {r['nice']} / alone (step on the "
+                         f"GPU {f(r.get('gpu_span_ratio'), '.2f', 'x')} alone's) | "
                          f"{f(r['ratio'], '.2f', 'x')} | >= {LEARNER_BAR:g}x | {met(r['ratio'], LEARNER_BAR)} |")
     return "\n".join(lines)
 

@@ -230,37 +230,47 @@ def main() -> int:
               f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved", flush=True)
 
-    def rate() -> float:
+    def rate() -> tuple[float, float | None]:
         """Steps/s in the learner's order (``learner.service``): each step read back after the
-        next is launched, the last one read before the clock stops (its GPU work done)."""
-        t = time.perf_counter()
+        next is launched, the last one read before the clock stops (its GPU work done); and the
+        steps' mean span on the GPU in ms (None on the CPU): longer beside a load when the GPU
+        takes turns between the learner and the load's process."""
+        t, launched = time.perf_counter(), []
         for _ in range(args.steps):
-            trainer.launch(batch)
+            launched.append(trainer.launch(batch))
             if len(trainer.unsettled) > 1:
                 trainer.settle(trainer.unsettled[0])
         trainer.settle_all()
-        return args.steps / (time.perf_counter() - t)
+        steps_per_s = args.steps / (time.perf_counter() - t)
+        spans = [p.gpu_seconds for p in launched if p.gpu_seconds is not None]
+        return steps_per_s, 1000 * sum(spans) / len(spans) if spans else None
+
+    def mean(values: list) -> float | None:
+        return None if None in values else sum(values) / len(values)
 
     rows, alone = [], [rate()]
     for kind, nice in scenarios:
         loads = start_loads(kind, args, nice)
         try:
-            with_load = rate()
+            with_load, span = rate()
         finally:
             stop_loads(loads)
         alone.append(rate())
-        ref = (alone[-2] + alone[-1]) / 2
+        ref, ref_span = (mean([a[i] for a in alone[-2:]]) for i in (0, 1))
         rows.append({"load": kind, "nice": nice, "steps_per_s": with_load, "alone_steps_per_s": ref,
-                     "ratio": with_load / ref})
+                     "ratio": with_load / ref, "gpu_ms": span, "alone_gpu_ms": ref_span,
+                     "gpu_span_ratio": span / ref_span if span and ref_span else None})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| load | loads' niceness | steps/s | alone around it | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| load | loads' niceness | steps/s | alone around it | ratio | step on the GPU, ms (alone) | span ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        span = "-" if r["gpu_ms"] is None else f"{r['gpu_ms']:.2f} ({r['alone_gpu_ms']:.2f})"
+        spans = "-" if r["gpu_span_ratio"] is None else f"{r['gpu_span_ratio']:.2f}x"
         print(f"| {r['load']} | {r['nice']} | {r['steps_per_s']:.2f} | {r['alone_steps_per_s']:.2f} | "
-              f"**{r['ratio']:.2f}x** |")
-    print(f"\nalone, each turn: {', '.join(f'{a:.2f}' for a in alone)} steps/s")
+              f"**{r['ratio']:.2f}x** | {span} | {spans} |")
+    print(f"\nalone, each turn: {', '.join(f'{a:.2f}' for a, _ in alone)} steps/s")
     if args.json:
-        args.json.write_text(json.dumps({"alone": alone, "rows": rows, "cpu_threads": args.cpu_threads,
+        args.json.write_text(json.dumps({"alone": [a for a, _ in alone], "rows": rows, "cpu_threads": args.cpu_threads,
                                          "compile_loss": args.compile_loss, "blocks_mode": args.blocks_mode,
                                          "cuda_graphs": trainer.graphs is not None,
                                          "teacher_windows_per_s": args.teacher_windows, "cores": os.cpu_count()},

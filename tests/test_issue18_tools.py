@@ -272,6 +272,7 @@ def test_contention_quick_run_writes_its_rows(tmp_path):
     assert [(r["load"], r["nice"]) for r in data["rows"]] == [("cpu", 0), ("cpu", 10)]
     assert len(data["alone"]) == 3 and all(a > 0 for a in data["alone"])
     assert all(r["ratio"] > 0 and r["steps_per_s"] > 0 for r in data["rows"])
+    assert all(r["gpu_ms"] is None and r["gpu_span_ratio"] is None for r in data["rows"])  # spans: a GPU's
 
 
 def test_compile_loss_replaces_the_terms_the_objective_calls(monkeypatch):
@@ -292,9 +293,11 @@ def test_summary_holds_each_contention_row_to_the_learner_bar(tmp_path):
     (tmp_path / "steps.tsv").write_text("contention\t0\t150\ncontention_compiled\t124\t240\n")
     (tmp_path / "learner_contention.json").write_text(json.dumps(
         {"alone": [20.0, 22.0], "compile_loss": False,
-         "rows": [{"load": "cpu", "nice": 10, "ratio": 0.95}, {"load": "gpu", "nice": 0, "ratio": 0.7}]}))
+         "rows": [{"load": "cpu", "nice": 10, "ratio": 0.95},  # written before the steps' GPU spans
+                  {"load": "gpu", "nice": 0, "ratio": 0.7, "gpu_span_ratio": 1.4}]}))
     text = summ.summary(tmp_path)
     assert "| contention | ok, 150 s | learner alone, steps/s (loss terms eager) | 21.00 |" in text
-    assert "| beside the cpu load at niceness 10 / alone | 0.95x | >= 0.9x | yes |" in text
-    assert "| beside the gpu load at niceness 0 / alone | 0.70x | >= 0.9x | NO |" in text
+    assert "| beside the cpu load at niceness 10 / alone (step on the GPU - alone's) | 0.95x | >= 0.9x | yes |" in text
+    assert ("| beside the gpu load at niceness 0 / alone (step on the GPU 1.40x alone's) | 0.70x | >= 0.9x | NO |"
+            in text)
     assert "| contention_compiled | timeout, 240 s | no learner_contention_compiled.json" in text
