@@ -245,9 +245,6 @@ def main() -> int:
         spans = [p.gpu_seconds for p in launched if p.gpu_seconds is not None]
         return steps_per_s, 1000 * sum(spans) / len(spans) if spans else None
 
-    def mean(values: list) -> float | None:
-        return None if None in values else sum(values) / len(values)
-
     rows, alone = [], [rate()]
     for kind, nice in scenarios:
         loads = start_loads(kind, args, nice)
@@ -256,7 +253,9 @@ def main() -> int:
         finally:
             stop_loads(loads)
         alone.append(rate())
-        ref, ref_span = (mean([a[i] for a in alone[-2:]]) for i in (0, 1))
+        (before, span_before), (after, span_after) = alone[-2:]
+        ref = (before + after) / 2
+        ref_span = (span_before + span_after) / 2 if span_before is not None and span_after is not None else None
         rows.append({"load": kind, "nice": nice, "steps_per_s": with_load, "alone_steps_per_s": ref,
                      "ratio": with_load / ref, "gpu_ms": span, "alone_gpu_ms": ref_span,
                      "gpu_span_ratio": span / ref_span if span and ref_span else None})

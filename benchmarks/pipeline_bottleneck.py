@@ -820,8 +820,8 @@ def main() -> int:
             print(f"[{time.monotonic() - started:6.1f}s] interrupted: the window measured so far counts", flush=True)
     finally:
         measured = t0 is not None and t1 is not None and t1 - t0 >= 2 * args.interval
-        first = report(None, t0, t1) if measured else None  # written before the pipeline stops: an
-        # interrupt or kill that follows keeps it
+        # written before the pipeline stops: an interrupt or kill that follows keeps it
+        first = report(None, t0, t1) if measured else None
         recorded = 0
         if measured and args.isolated and not interrupted and up.poll() is None:
             recorded = record_batches(run_dir, out / "batches", args.isolated_batches)

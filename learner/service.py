@@ -187,7 +187,7 @@ class LearnerService:
         wait_start: float | None = None
         while msg is None and not runtime.stopping:
             busy = wait_start is None and self.in_flight is not None and not self.in_flight.pending.done()
-            got = self.prefetch.get(0.0 if wait_start is None and not busy else POLL_S if busy else 0.1)
+            got = self.prefetch.get(POLL_S if busy else 0.0 if wait_start is None else 0.1)
             if got is None:
                 if busy:  # the GPU still runs the step in flight: a batch that comes meanwhile
                     continue  # is launched behind it, the GPU never idle in between
