@@ -17,7 +17,9 @@ alone and beside loads that stand for the labelers, each a separate process as a
 * ``gpu``: the embedded depth teacher on 4 windows of 4 views a batch, paced at
   ``--teacher-windows`` windows/s (a labeler's depth stage; its own CUDA context, so the GPU
   time-slices between the two processes as it does in the pipeline);
-* both together.
+* both together;
+* ``gpu-inductor`` (``--loads``): the gpu load with the teacher compiled (``labeler.compile:
+  inductor``), started ``--compile-settle`` seconds earlier for its compilation.
 
 Scenarios take turns with "alone" runs between them, so drift of the host falls on all alike;
 each ratio is a scenario's steps/s over the mean of the alone runs around it. A short table is
@@ -104,14 +106,15 @@ def load_cpu(threads: int) -> None:
     signal.sigwait({signal.SIGTERM})
 
 
-def load_gpu(windows_per_s: float, device: str) -> None:
+def load_gpu(windows_per_s: float, device: str, compile: str = "none") -> None:
     """The embedded teacher on batches of 4 windows of 4 views, ``windows_per_s`` windows a
-    second (paced, as the labeler's depth stage is paced by its windows), until SIGTERM."""
+    second (paced, as the labeler's depth stage is paced by its windows), until SIGTERM;
+    ``compile`` as ``labeler.compile``."""
     import numpy as np
 
     from labelers.depth import make_teacher
 
-    teacher = make_teacher("embedded", device)
+    teacher = make_teacher("embedded", device, compile=compile)
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, 256, (4, 168, 224, 3), dtype=np.uint8) for _ in range(4)]
     teacher.predict_many(batch)
@@ -129,10 +132,11 @@ def start_loads(kind: str, args, nice: int) -> list[subprocess.Popen]:
     loads = []
     if kind in ("cpu", "both"):
         loads.append(subprocess.Popen([*me, "--load", "cpu", "--threads", str(args.cpu_threads)]))
-    if kind in ("gpu", "both"):
+    if kind in ("gpu", "both", "gpu-inductor"):
         loads.append(subprocess.Popen([*me, "--load", "gpu", "--rate", str(args.teacher_windows),
-                                       "--device", args.teacher_device]))
-    time.sleep(args.settle)  # imports, the teacher's first forward, the threads at full speed
+                                       "--device", args.teacher_device,
+                                       "--teacher-compile", "inductor" if kind == "gpu-inductor" else "none"]))
+    time.sleep(args.settle + (args.compile_settle if kind == "gpu-inductor" else 0.0))  # imports, the teacher's first forward, the threads at full speed
     return loads
 
 
@@ -156,6 +160,12 @@ def main() -> int:
     ap.add_argument("--cpu-threads", type=int, default=12, help="cpu load: SIFT threads (two labelers of 6)")
     ap.add_argument("--teacher-windows", type=float, default=120.0, help="gpu load: windows/s")
     ap.add_argument("--teacher-device", default="cuda")
+    ap.add_argument("--loads", nargs="+", choices=["cpu", "gpu", "both", "gpu-inductor"],
+                    default=["cpu", "gpu", "both"],
+                    help="scenarios (cpu and both at niceness 0 and --nice; gpu-inductor: the teacher "
+                         "compiled, labeler.compile=inductor)")
+    ap.add_argument("--compile-settle", type=float, default=60.0,
+                    help="seconds more before timing beside the compiled teacher (its compilation)")
     ap.add_argument("--nice", type=int, default=10, help="the loads' niceness in the niced scenarios")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")
@@ -168,6 +178,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--teacher-compile", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--load-nice", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
@@ -176,7 +187,7 @@ def main() -> int:
         load_cpu(args.threads)
         return 0
     if args.load == "gpu":
-        load_gpu(args.rate, args.device)
+        load_gpu(args.rate, args.device, args.teacher_compile)
         return 0
 
     import torch
@@ -209,9 +220,9 @@ def main() -> int:
         trainer.launch = marked_launch
     device = trainer.device
     on_gpu = device.type == "cuda"
-    scenarios = [("cpu", 0), ("cpu", args.nice)]
-    if on_gpu and not args.quick:
-        scenarios += [("gpu", 0), ("both", 0), ("both", args.nice)]
+    scenarios = [(kind, nice) for kind in args.loads if on_gpu or kind == "cpu"
+                 for nice in ((0, args.nice) if kind in ("cpu", "both") else (0,))
+                 if not (args.quick and kind != "cpu")]
     views, height, width = cfg.streamer.views, cfg.streamer.height, cfg.streamer.width
     batch = synthetic_batch(lcfg.batch_size, views, height, width, k=MATCHES_PER_WINDOW * lcfg.batch_size,
                             seed=cfg.run.seed, device=device, triangulation=True)
