@@ -19,7 +19,7 @@ alone and beside loads that stand for the labelers, each a separate process as a
   time-slices between the two processes as it does in the pipeline);
 * both together;
 * ``gpu-inductor`` (``--loads``): the gpu load with the teacher compiled (``labeler.compile:
-  inductor``), started ``--compile-settle`` seconds earlier for its compilation.
+  inductor``); timing starts after its first forward (its compilation) and ``--settle``.
 
 Scenarios take turns with "alone" runs between them, so drift of the host falls on all alike;
 each ratio is a scenario's steps/s over the mean of the alone runs around it. A short table is
@@ -117,7 +117,8 @@ def load_gpu(windows_per_s: float, device: str, compile: str = "none") -> None:
     teacher = make_teacher("embedded", device, compile=compile)
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, 256, (4, 168, 224, 3), dtype=np.uint8) for _ in range(4)]
-    teacher.predict_many(batch)
+    teacher.predict_many(batch)  # compiles a compiled teacher
+    print("ready", flush=True)
     period = len(batch) / windows_per_s
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     next_at = time.perf_counter()
@@ -133,10 +134,15 @@ def start_loads(kind: str, args, nice: int) -> list[subprocess.Popen]:
     if kind in ("cpu", "both"):
         loads.append(subprocess.Popen([*me, "--load", "cpu", "--threads", str(args.cpu_threads)]))
     if kind in ("gpu", "both", "gpu-inductor"):
-        loads.append(subprocess.Popen([*me, "--load", "gpu", "--rate", str(args.teacher_windows),
-                                       "--device", args.teacher_device,
-                                       "--teacher-compile", "inductor" if kind == "gpu-inductor" else "none"]))
-    time.sleep(args.settle + (args.compile_settle if kind == "gpu-inductor" else 0.0))  # imports, the teacher's first forward, the threads at full speed
+        teacher = subprocess.Popen([*me, "--load", "gpu", "--rate", str(args.teacher_windows),
+                                    "--device", args.teacher_device,
+                                    "--teacher-compile", "inductor" if kind == "gpu-inductor" else "none"],
+                                   stdout=subprocess.PIPE, text=True)
+        loads.append(teacher)
+        if teacher.stdout.readline().strip() != "ready":  # after its first forward (and compilation)
+            stop_loads(loads)
+            raise RuntimeError(f"the {kind} load exited before its first forward (rc {teacher.wait()})")
+    time.sleep(args.settle)  # imports, the threads at full speed, the teacher at its pace
     return loads
 
 
@@ -164,8 +170,6 @@ def main() -> int:
                     default=["cpu", "gpu", "both"],
                     help="scenarios (cpu and both at niceness 0 and --nice; gpu-inductor: the teacher "
                          "compiled, labeler.compile=inductor)")
-    ap.add_argument("--compile-settle", type=float, default=60.0,
-                    help="seconds more before timing beside the compiled teacher (its compilation)")
     ap.add_argument("--nice", type=int, default=10, help="the loads' niceness in the niced scenarios")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")

@@ -259,6 +259,21 @@ def test_contention_loads_run_at_their_niceness_and_stop():
     assert loads[0].poll() is not None
 
 
+def test_contention_teacher_load_is_timed_only_after_its_first_forward():
+    """The teacher load (what stands for a labeler's depth stage) is running its paced forwards,
+    its first one (a compiled teacher's compilation) done, when ``start_loads`` returns."""
+    import argparse
+
+    bench = _load("learner_contention")
+    args = argparse.Namespace(cpu_threads=1, teacher_windows=4.0, teacher_device="cpu", settle=0.0)
+    loads = bench.start_loads("gpu-inductor", args, 0)  # on the CPU the teacher runs eager
+    try:
+        assert len(loads) == 1 and loads[0].poll() is None
+    finally:
+        bench.stop_loads(loads)
+    assert loads[0].poll() is not None
+
+
 def test_contention_quick_run_writes_its_rows(tmp_path):
     """``--quick`` on the CPU: the learner alone around each scenario, the CPU load at niceness
     0 and 10, a ratio per scenario (no claim about its size: that depends on the machine)."""
