@@ -76,6 +76,22 @@ def timeit(fn, *, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
+def gpu_busy(fn, iters: int = 5) -> tuple[float, float]:
+    """(ms of kernel time on the GPU, kernels) per call of ``fn``, from the profiler's CUDA
+    activity: the GPU time a call takes from any other process on the GPU, whatever its wall
+    time (a launch-bound forward leaves the GPU idle between its kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1000 / iters, len(kernels) / iters
+
+
 def matmul_peak(device) -> float:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -154,12 +170,15 @@ def bench_embedded(*, device: str, batch: int, peak: float, iters: int, frame_si
         teacher.module(x[:1])
     flops = counter.get_total_flops()
 
-    def forward():
+    def forward():  # as predict_many runs it: compiled where the teacher is
+        if teacher.compiled == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(), torch.autocast(teacher.device.type, dtype=torch.bfloat16,
                                                     enabled=teacher.dtype == torch.bfloat16):
-            teacher.module(x)
+            teacher.forward(x)
 
     s_fwd = timeit(forward, warmup=2, iters=iters)
+    busy_ms, kernels = gpu_busy(forward) if device == "cuda" else (float("nan"), float("nan"))
     rng = np.random.default_rng(0)
     windows = [rng.integers(0, 256, (4, fh, fw, 3), dtype=np.uint8) for _ in range(max(1, batch // 4))]
     frames = 4 * len(windows)
@@ -173,7 +192,8 @@ def bench_embedded(*, device: str, batch: int, peak: float, iters: int, frame_si
             "dtype": str(teacher.dtype).removeprefix("torch."), "frames": f"{fh}x{fw}", "input": f"{h}x{w}",
             "batch": batch, "gflops_per_frame": flops / 1e9, "forward_frames_s": fps_fwd,
             "per_window_frames_s": fps_window, "teacher_frames_s": fps_teacher, "mfu_forward": flops * fps_fwd / peak,
-            "mfu_teacher": flops * fps_teacher / peak, "first_call_s": first_call_s}
+            "mfu_teacher": flops * fps_teacher / peak, "first_call_s": first_call_s,
+            "forward_gpu_busy_ms": busy_ms, "forward_kernels": kernels}
 
 
 def panning_frames(n: int, width: int, height: int, step: int, seed: int) -> np.ndarray:
@@ -401,7 +421,7 @@ def main() -> int:
     print(f"device {results['device']}  bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
     batch = 4 if args.quick else args.batch
     iters = 1 if args.quick else 10
-    modes = ["none"] if device == "cpu" else ["none", "inductor"]
+    modes = ["none"] if device == "cpu" else ["none", "inductor", "cudagraphs"]
     archs = list(DA_V2.items())[:1] if args.quick else list(DA_V2.items())
     if args.only in ("matches", "embedded"):
         archs = []
@@ -424,12 +444,13 @@ def main() -> int:
         results["matches"].append(r)
         print(json.dumps(r), flush=True)
     print("\n| teacher | compile | input | GFLOP/frame | forward frames/s | MFU | teacher frames/s | MFU | "
-          "a window per call, frames/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "a window per call, frames/s | forward: GPU busy ms, kernels |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["depth"]:
         print(f"| {r['teacher']} | {r['compile']} | {r['input']} | {r['gflops_per_frame']:.0f} | "
               f"{r['forward_frames_s']:.1f} | {r['mfu_forward']:.1%} | {r['teacher_frames_s']:.1f} | {r['mfu_teacher']:.1%} | "
-              f"{r.get('per_window_frames_s', float('nan')):.1f} |")
+              f"{r.get('per_window_frames_s', float('nan')):.1f} | "
+              f"{r.get('forward_gpu_busy_ms', float('nan')):.2f}, {r.get('forward_kernels', float('nan')):.0f} |")
     print("\n| matcher | compiled XFeat | matched pairs/s | verified pairs/s | verified fraction |")
     print("|---|---|---|---|---|")
     for r in results["matches"]:
