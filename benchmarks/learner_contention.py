@@ -18,9 +18,8 @@ alone and beside loads that stand for the labelers, each a separate process as a
   ``--teacher-windows`` windows/s (a labeler's depth stage; its own CUDA context, so the GPU
   time-slices between the two processes as it does in the pipeline);
 * both together;
-* ``gpu-inductor``, ``gpu-cudagraphs`` (``--loads``): the gpu load with the teacher compiled
-  (``labeler.compile`` ``inductor``, ``cudagraphs``); timing starts after its first forward (its
-  compilation) and ``--settle``.
+* ``gpu-inductor`` (``--loads``): the gpu load with the teacher compiled (``labeler.compile:
+  inductor``); timing starts after its first forward (its compilation) and ``--settle``.
 
 Scenarios take turns with "alone" runs between them, so drift of the host falls on all alike;
 each ratio is a scenario's steps/s over the mean of the alone runs around it. A short table is
@@ -167,10 +166,10 @@ def main() -> int:
     ap.add_argument("--cpu-threads", type=int, default=12, help="cpu load: SIFT threads (two labelers of 6)")
     ap.add_argument("--teacher-windows", type=float, default=120.0, help="gpu load: windows/s")
     ap.add_argument("--teacher-device", default="cuda")
-    ap.add_argument("--loads", nargs="+", choices=["cpu", "gpu", "both", "gpu-inductor", "gpu-cudagraphs"],
+    ap.add_argument("--loads", nargs="+", choices=["cpu", "gpu", "both", "gpu-inductor"],
                     default=["cpu", "gpu", "both"],
-                    help="scenarios (cpu and both at niceness 0 and --nice; gpu-inductor, gpu-cudagraphs: the "
-                         "teacher compiled, labeler.compile=inductor or cudagraphs)")
+                    help="scenarios (cpu and both at niceness 0 and --nice; gpu-inductor: the teacher "
+                         "compiled, labeler.compile=inductor)")
     ap.add_argument("--nice", type=int, default=10, help="the loads' niceness in the niced scenarios")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")

@@ -26,9 +26,8 @@ class LabelerConfig:
     ``pydnet:<file>`` (see ``labelers/depth_models.py`` for the options)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Teacher arithmetic: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU."""
-    compile: Literal["none", "inductor", "cudagraphs", "tensorrt"] = "none"
-    """Compile the torch teachers on CUDA (ignored on the CPU). ``cudagraphs``: inductor's
-    kernels replayed as a CUDA graph, one launch a forward (to be measured). ``tensorrt`` needs
+    compile: Literal["none", "inductor", "tensorrt"] = "none"
+    """Compile the torch teachers on CUDA (ignored on the CPU). ``tensorrt`` needs
     torch-tensorrt (extra ``tensorrt``) and falls back to inductor, with a warning, without it.
     Off by default: on an H100, inductor made Depth Anything V2 S/B forwards 2x slower than
     eager bf16 (docs/BENCHMARKS.md), and it costs ~40 s at start-up. The embedded teacher's

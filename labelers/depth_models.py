@@ -45,7 +45,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DISPARITY_MODELS = ("depth_anything", "dpt")
 """transformers ``model_type``s whose ``predicted_depth`` is relative inverse depth."""
-Compile = Literal["none", "inductor", "cudagraphs", "tensorrt"]
+Compile = Literal["none", "inductor", "tensorrt"]
 
 
 def file_digest(paths: Sequence[Path], length: int = 12) -> str:
@@ -147,12 +147,9 @@ class TorchDepthTeacher(DepthTeacher):
                 log.warning("torch_tensorrt is not importable (%s); falling back to torch.compile "
                             "(inductor). Install the 'tensorrt' extra for the TensorRT backend.", err)
                 compile = "inductor"
-        if compile in ("inductor", "cudagraphs") and self.cuda:
-            # cudagraphs: inductor's kernels replayed as one CUDA graph a forward, so the GPU
-            # gets a teacher forward in one launch instead of one kernel at a time
-            self.forward = torch.compile(self._raw_forward, dynamic=False,
-                                         mode="reduce-overhead" if compile == "cudagraphs" else None)
-            self.compiled = compile
+        if compile == "inductor" and self.cuda:
+            self.forward = torch.compile(self._raw_forward, dynamic=False)
+            self.compiled = "inductor"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def _raw_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,12 +196,9 @@ class TorchDepthTeacher(DepthTeacher):
                 n = len(chunk)
                 if self.compiled != "none" and n < self.batch_frames:
                     chunk = torch.cat([chunk, chunk[-1:].expand(self.batch_frames - n, -1, -1, -1)])
-                if self.compiled == "cudagraphs":
-                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are copied
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
                     y = self.forward(chunk)
-                # a copy: a replayed graph's output is overwritten by its next replay
-                out.append(y[:n].to(torch.float32, copy=True))
+                out.append(y[:n].float())
             y = torch.cat(out)
             offset = 0
             for w, frames in members:
