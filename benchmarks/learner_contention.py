@@ -224,9 +224,8 @@ def main() -> int:
         trainer.launch = marked_launch
     device = trainer.device
     on_gpu = device.type == "cuda"
-    scenarios = [(kind, nice) for kind in args.loads if on_gpu or kind == "cpu"
-                 for nice in ((0, args.nice) if kind in ("cpu", "both") else (0,))
-                 if not (args.quick and kind != "cpu")]
+    scenarios = [(kind, nice) for kind in args.loads if kind == "cpu" or (on_gpu and not args.quick)
+                 for nice in ((0, args.nice) if kind in ("cpu", "both") else (0,))]
     views, height, width = cfg.streamer.views, cfg.streamer.height, cfg.streamer.width
     batch = synthetic_batch(lcfg.batch_size, views, height, width, k=MATCHES_PER_WINDOW * lcfg.batch_size,
                             seed=cfg.run.seed, device=device, triangulation=True)

@@ -629,6 +629,7 @@ def learner_alone(configs: list[str], overrides: list[str], folder: Path, steps:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     recorded = graphs.captures if graphs is not None else 0
+
     def timed(first: int, waits: float = 0.0, idle: float = 0.0) -> tuple[float, list[PendingStep]]:
         start, waited, due, launched = time.perf_counter(), 0.0, 0.0, []
         for k in range(steps):
