@@ -99,6 +99,11 @@ class StreamerConfig:
     stack: 2 s and 320 MiB); 0 is for a host with cores to spare: ``configs/gpu.yaml`` sets it
     (on a 16-core GPU host the streamer decoding in its own process fed the labelers 0.24x of
     the learner's samples/s, with its workers 0.35x; docs/BENCHMARKS.md, twelfth pass)."""
+    decoder: Literal["cpu", "cuda"] = "cpu"
+    """Where videos are decoded: FFmpeg on the CPU, or ``cuda``: NVIDIA's video decoder (NVDEC)
+    through FFmpeg, the frames copied back as NV12 (``streamer.sources.DECODERS``); a codec
+    NVDEC lacks is decoded on the CPU, and a host where no CUDA decoder opens decodes on the CPU
+    after saying so once per source (``gpu_decode_unavailable``)."""
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 

@@ -59,20 +59,26 @@ _LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255.0 / 219.0), 0, 2
 of the luma (the chroma terms cancel in R, G, B weighted 0.299, 0.587, 0.114)."""
 
 
-def _plane(vframe, i: int) -> np.ndarray:
+def _plane(vframe, i: int, samples: int = 1) -> np.ndarray:
+    """Plane ``i`` as uint8 rows; ``samples`` bytes a pixel (2: NV12's interleaved chroma)."""
     plane = vframe.planes[i]
     rows, stride = plane.height, plane.line_size
-    return np.frombuffer(plane, np.uint8, count=rows * stride).reshape(rows, stride)[:, :plane.width]
+    return np.frombuffer(plane, np.uint8, count=rows * stride).reshape(rows, stride)[:, :plane.width * samples]
 
 
 def glance_of_video_frame(vframe, turns: int = 0) -> Glance | None:
-    """The glance of a PyAV frame in 8-bit planar YUV, from its planes (no RGB conversion of the
-    whole frame); ``turns`` quarter turns as ``np.rot90``. None for other pixel formats."""
+    """The glance of a PyAV frame in 8-bit planar YUV or NV12 (what a GPU decoder hands back),
+    from its planes (no RGB conversion of the whole frame); ``turns`` quarter turns as
+    ``np.rot90``. None for other pixel formats."""
     name = vframe.format.name
-    if name not in PLANAR_YUV:
+    if name not in PLANAR_YUV and name != "nv12":
         return None
-    full_range = PLANAR_YUV[name] or int(getattr(vframe, "color_range", 0) or 0) == 2  # AVCOL_RANGE_JPEG
-    y, u, v = (_plane(vframe, i) for i in range(3))
+    full_range = PLANAR_YUV.get(name, False) or int(getattr(vframe, "color_range", 0) or 0) == 2  # AVCOL_RANGE_JPEG
+    if name == "nv12":  # the chroma interleaved in one plane of half the luma's size
+        y, uv = _plane(vframe, 0), _plane(vframe, 1, samples=2)
+        u, v = uv[:, 0::2], uv[:, 1::2]
+    else:
+        y, u, v = (_plane(vframe, i) for i in range(3))
     if turns:
         y, u, v = (np.ascontiguousarray(np.rot90(p, turns)) for p in (y, u, v))
     h, w = y.shape

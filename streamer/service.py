@@ -361,12 +361,12 @@ class StreamerService:
         def make_sources() -> list:
             if archive_specs:
                 return srcs.discover(archive_specs, fov_deg=scfg.fov_deg, on_error=on_error,
-                                     ground_truth=self.ground_truth)
+                                     ground_truth=self.ground_truth, decoder=scfg.decoder)
             if live_specs:
                 return []
             try:
                 return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error,
-                                              ground_truth=self.ground_truth)
+                                              ground_truth=self.ground_truth, decoder=scfg.decoder)
             except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
                 on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
                 return []

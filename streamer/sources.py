@@ -298,27 +298,62 @@ class DamageGate:
         return gap
 
 
-def _open_video(path: str):
-    """``av.open`` for reading, with tags that are not UTF-8 ignored where PyAV takes the
-    keyword: PyAV 19 dropped ``metadata_errors`` (a TypeError there failed every video)."""
+DECODERS = ("cpu", "cuda")
+"""Where a video is decoded (``streamer.decoder``): FFmpeg on the CPU, or NVIDIA's video decoder
+(NVDEC) through FFmpeg's ``cuda`` hardware acceleration, its frames copied back as NV12; a codec
+or stream NVDEC cannot decode is decoded on the CPU."""
+
+
+@functools.cache
+def cuda_decoder_problem() -> str | None:
+    """Why FFmpeg cannot open a CUDA device for decoding in this process (no GPU, a driver or
+    container without NVIDIA's video decoder), or None where it can."""
     import av
 
     try:
-        return av.open(path, metadata_errors="ignore")
+        from av.codec.hwaccel import HWAccel
+    except ImportError:
+        return f"PyAV {av.__version__} decodes on the CPU only (hardware decoding needs PyAV >= 14)"
+    try:
+        HWAccel("cuda").create(av.Codec("h264", "r"))
+    except Exception as err:  # PyAV raises its FFmpegError subclasses, or a RuntimeError
+        return f"no CUDA video decoder ({type(err).__name__}: {err})"
+    return None
+
+
+def _open_video(path: str, decoder: str = "cpu"):
+    """``av.open`` for reading, with tags that are not UTF-8 ignored where PyAV takes the
+    keyword: PyAV 19 dropped ``metadata_errors`` (a TypeError there failed every video).
+    ``decoder="cuda"`` raises ``av.error.FFmpegError`` where no CUDA device can be opened."""
+    import av
+
+    kwargs = {}
+    if decoder == "cuda":
+        from av.codec.hwaccel import HWAccel
+
+        kwargs["hwaccel"] = HWAccel("cuda", allow_software_fallback=True)
+    try:
+        return av.open(path, metadata_errors="ignore", **kwargs)
     except TypeError as err:
         if "metadata_errors" not in str(err):
             raise
-        return av.open(path)
+        return av.open(path, **kwargs)
 
 
 class VideoSource:
     """A video file in any container and codec FFmpeg decodes."""
 
     def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
-                 decode_threads: int = 0, ground_truth: bool = True):
+                 decode_threads: int = 0, ground_truth: bool = True, decoder: str = "cpu"):
         """``ground_truth=False``: frames carry no depth or pose even where the video has them (a
         synthetic video's intrinsics still come from its ground truth)."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
         self.path = Path(path)
+        self.decoder = decoder
+        """``cpu`` or ``cuda`` (:data:`DECODERS`); ``cuda`` turns to ``cpu``, once reported as
+        ``gpu_decode_unavailable``, where no CUDA device opens (no GPU, or a driver without the
+        video decoder)."""
         self.ground_truth = ground_truth
         self.name = source_name(self.path)
         self.fov_deg = fov_deg
@@ -338,8 +373,11 @@ class VideoSource:
             raise SourceError("missing", str(self.path))
         if self.path.stat().st_size == 0:
             raise SourceError("empty_file", str(self.path))
+        if self.decoder == "cuda" and (problem := cuda_decoder_problem()) is not None:
+            self.on_error(self.name, "gpu_decode_unavailable", f"{self.path}: {problem}; decoding on the CPU")
+            self.decoder = "cpu"  # said once: this source decodes on the CPU from now on
         try:
-            container = _open_video(str(self.path))
+            container = _open_video(str(self.path), self.decoder)
         except av.error.FFmpegError as err:
             raise SourceError("open_failed", f"{self.path}: {err}") from None
         if not container.streams.video:
@@ -374,9 +412,12 @@ class VideoSource:
         from av.video.reformatter import VideoReformatter
 
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if self.decode_threads:
-            stream.thread_count = self.decode_threads
+        if stream.codec_context.is_hwaccel:
+            stream.thread_count = 1  # the GPU decodes; CPU threads would only hold frames back
+        else:
+            stream.thread_type = "AUTO"
+            if self.decode_threads:
+                stream.thread_count = self.decode_threads
         index, last_time, errors_in_row, ended = 0, 0.0, 0, False
         skipper = FrameSkipper.for_stream(stream, start, wanted) if segment is None else None
         if segment is not None:
@@ -861,14 +902,14 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
-             ground_truth: bool = True) -> list[Source]:
+             ground_truth: bool = True, decoder: str = "cpu") -> list[Source]:
     """Sources for config entries: files, folders (image sequence or folder of videos), globs.
     A path that exists is taken as it is, even with glob characters in its name
     (``clip [1080p].mp4``). Discovery never raises: a spec or an entry that cannot be used is
     reported under its source name with a reason (``missing``, ``dangling_symlink``,
     ``symlink_loop``, ``permission_denied``, ``not_a_file``, ``empty_folder``, ...) and skipped,
     and every other source is returned. ``ground_truth=False``: the sources' frames carry no
-    ground truth (an image sequence does not read it)."""
+    ground truth (an image sequence does not read it). ``decoder``: the videos' (:data:`DECODERS`)."""
     sources: list[Source] = []
     for spec in specs:
         if "://" in spec or spec.startswith("/dev/video"):
@@ -885,7 +926,8 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
             on_error(source_name(path), "missing", f"{spec}: no file matches")
             continue
         for p in matched:
-            sources.extend(_guarded(p, lambda p=p: _sources_at(p, fov_deg, on_error, ground_truth), on_error))
+            sources.extend(_guarded(p, lambda p=p: _sources_at(p, fov_deg, on_error, ground_truth, decoder),
+                                    on_error))
     return sources
 
 
@@ -911,9 +953,10 @@ def _matches(spec: str, path: Path) -> list[Path]:
     return [Path(p) for p in sorted(found)]
 
 
-def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool = True) -> list[Source]:
+def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool = True,
+                decoder: str = "cpu") -> list[Source]:
     if inspect_path(p) == "file":
-        return [VideoSource(p, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)]
+        return [VideoSource(p, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth, decoder=decoder)]
     entries = list(p.iterdir())
     if not entries:
         raise SourceError("empty_folder", f"{p}: nothing in it")
@@ -924,21 +967,23 @@ def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool
         raise SourceError("no_frames", f"{p}: no videos or images")
     sources: list[Source] = []
     for q in videos:
-        sources.extend(_guarded(q, lambda q=q: _video_file(q, fov_deg, on_error, ground_truth), on_error))
+        sources.extend(_guarded(q, lambda q=q: _video_file(q, fov_deg, on_error, ground_truth, decoder), on_error))
     return sources
 
 
-def _video_file(path: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool) -> list[Source]:
+def _video_file(path: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool, decoder: str) -> list[Source]:
     if inspect_path(path) != "file":
         raise SourceError("not_a_file", f"{path}: a folder")
-    return [VideoSource(path, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)]
+    return [VideoSource(path, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth, decoder=decoder)]
 
 
 def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
-                      on_error: ErrorSink = _log_error, ground_truth: bool = True) -> list[Source]:
+                      on_error: ErrorSink = _log_error, ground_truth: bool = True,
+                      decoder: str = "cpu") -> list[Source]:
     """The embedded default: render the synthetic world once, then read its videos
-    (``ground_truth`` as in :func:`discover`)."""
+    (``ground_truth`` and ``decoder`` as in :func:`discover`)."""
     from reliev3r import synthetic
 
     videos = synthetic.ensure_world(Path(run_dir) / "world", synthetic_cfg)
-    return [VideoSource(Path(v), fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth) for v in videos]
+    return [VideoSource(Path(v), fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth, decoder=decoder)
+            for v in videos]

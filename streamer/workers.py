@@ -75,7 +75,7 @@ def _job_of(source) -> dict | None:
     """What a worker needs to rebuild ``source`` (None: a kind it cannot)."""
     if type(source) is srcs.VideoSource:  # one decoder thread: the workers are the parallelism
         return {"kind": "video", "path": str(source.path), "fov_deg": source.fov_deg, "decode_threads": 1,
-                "ground_truth": source.ground_truth}
+                "ground_truth": source.ground_truth, "decoder": source.decoder}
     if type(source) is srcs.ImageSequenceSource:
         return {"kind": "images", "path": str(source.path), "fov_deg": source.fov_deg,
                 "depth_scale": source.depth_scale, "ground_truth": source.ground_truth}
@@ -112,7 +112,8 @@ def _worker_main(conn, cfg_doc: dict) -> None:
         try:
             if job["kind"] == "video":
                 source = srcs.VideoSource(job["path"], fov_deg=job["fov_deg"], on_error=on_error,
-                                          decode_threads=job["decode_threads"], ground_truth=job["ground_truth"])
+                                          decode_threads=job["decode_threads"], ground_truth=job["ground_truth"],
+                                          decoder=job["decoder"])
             else:
                 source = srcs.ImageSequenceSource(job["path"], fov_deg=job["fov_deg"], on_error=on_error,
                                                   depth_scale=job["depth_scale"], ground_truth=job["ground_truth"])

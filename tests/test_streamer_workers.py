@@ -18,7 +18,7 @@ from streamer.config import StreamerConfig
 from streamer.glance import glance_of_rgb, glance_of_video_frame
 from streamer.progress import Progress
 from streamer.service import window_stream
-from streamer.sources import ImageSequenceSource, VideoSource, discover, source_name
+from streamer.sources import ImageSequenceSource, VideoSource, cuda_decoder_problem, discover, source_name
 from streamer.windows import Window, builder_for, hs_histogram, thumbnail
 from streamer_media import SHARED, encode, panning_frames
 
@@ -38,7 +38,8 @@ def stream(specs, cfg, progress=None, ground_truth=True):
     def on_frame(name):
         frames[name] = frames.get(name, 0) + 1
 
-    windows = list(window_stream(lambda: discover(specs, on_error=errors, ground_truth=ground_truth), cfg,
+    windows = list(window_stream(lambda: discover(specs, on_error=errors, ground_truth=ground_truth,
+                                                  decoder=cfg.decoder), cfg,
                                  on_frame=on_frame,
                                  on_error=errors, log=logging.getLogger("test"), progress=progress))
     return windows, errors, frames
@@ -249,6 +250,83 @@ def test_glance_from_decoder_planes_agrees_with_glance_from_rgb(tmp_path):
                 if np.abs(frames[i][0] - frames[i - 1][0]).mean() > cfg.scene_cut_motion
                 or cv2.compareHist(frames[i][1], frames[i - 1][1], cv2.HISTCMP_BHATTACHARYYA) > cfg.scene_cut_hist]
         assert cuts == [8], key
+
+
+def samples(vframe) -> list[np.ndarray]:
+    """A planar frame's planes, without the padding at the end of their rows."""
+    return [np.asarray(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in vframe.planes]
+
+
+def nv12_twin(vframe) -> av.VideoFrame:
+    """The same picture as a yuv420p frame in NV12 (what a GPU decoder hands back): its luma,
+    and its two chroma planes interleaved byte by byte."""
+    y, u, v = samples(vframe)
+    twin = av.VideoFrame(vframe.width, vframe.height, "nv12")
+    for plane, rows in zip(twin.planes, (y, np.stack([u, v], axis=-1).reshape(u.shape[0], -1))):
+        buf = np.zeros((plane.height, plane.line_size), np.uint8)
+        buf[:, :rows.shape[1]] = rows
+        plane.update(buf.tobytes())
+    return twin
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_glance_from_nv12_planes_is_the_glance_from_the_same_yuv420p_planes(tmp_path, turns):
+    """A GPU decoder's NV12 frame gives the glance its yuv420p twin gives, to the bit (the same
+    samples, the chroma read interleaved), upright by the same quarter turns."""
+    clip = encode(tmp_path / "pan.mp4", panning_frames(3, 160, 120, step=5))
+    with av.open(str(clip)) as container:
+        for vframe in container.decode(video=0):
+            assert vframe.format.name == "yuv420p"
+            back = nv12_twin(vframe).reformat(format="yuv420p")  # the twin holds the same samples
+            for p, q in zip(samples(vframe), samples(back)):
+                np.testing.assert_array_equal(p, q)
+            want, got = glance_of_video_frame(vframe, turns), glance_of_video_frame(nv12_twin(vframe), turns)
+            np.testing.assert_array_equal(got.grey, want.grey)
+            np.testing.assert_array_equal(got.colour, want.colour)
+
+
+def decoded(src: VideoSource) -> list:
+    """(index, glance, RGB) of every frame of ``src``."""
+    return [(f.index, f.glance, f.rgb) for f in src.frames()]
+
+
+@pytest.mark.skipif(cuda_decoder_problem() is None, reason="this host has a CUDA video decoder")
+def test_a_video_sent_to_a_gpu_decoder_the_host_lacks_says_so_once_and_decodes_on_the_cpu(tmp_path):
+    clip = encode(tmp_path / "pan.mp4", panning_frames(6, 64, 48))
+    errors = Events()
+    src = VideoSource(clip, decoder="cuda", on_error=errors)
+    first = decoded(src)
+    again = decoded(src)  # a second pass (the streamer loops) says nothing more
+    assert [e[1] for e in errors] == ["gpu_decode_unavailable"] and src.decoder == "cpu"
+    assert "decoding on the CPU" in errors[0][2]
+    want = decoded(VideoSource(clip))
+    for frames in (first, again):
+        assert [f[0] for f in frames] == [f[0] for f in want]
+        for (_, glance, rgb), (_, want_glance, want_rgb) in zip(frames, want):
+            np.testing.assert_array_equal(rgb, want_rgb)
+            np.testing.assert_array_equal(glance.grey, want_glance.grey)
+
+
+@pytest.mark.skipif(cuda_decoder_problem() is not None, reason=f"no CUDA video decoder: {cuda_decoder_problem()}")
+def test_a_gpu_decoder_gives_the_frames_and_glances_of_the_cpu_decoder(tmp_path):
+    """H.264 decoding is exact, so NVDEC's frames hold the CPU decoder's samples: the same
+    indices and glances to the bit, including frames left undecoded for the keyframe gate
+    (B-frames skipped inside the decoder), and RGB within the few levels by which FFmpeg's
+    conversions of NV12 and of yuv420p upsample the chroma differently (3-4 levels on average)."""
+    clip = encode(tmp_path / "pan.mp4", panning_frames(24, 160, 120, step=4))
+    errors = Events()
+    got, want = decoded(VideoSource(clip, decoder="cuda", on_error=errors)), decoded(VideoSource(clip))
+    assert not errors
+    assert [f[0] for f in got] == [f[0] for f in want]
+    for (_, glance, rgb), (_, want_glance, want_rgb) in zip(got, want):
+        np.testing.assert_array_equal(glance.grey, want_glance.grey)
+        np.testing.assert_array_equal(glance.colour, want_glance.colour)
+        assert np.abs(rgb.astype(int) - want_rgb).mean() < 8
+    # the windows, in the streamer process and in a decode worker
+    for workers_ in (1, 2):
+        runs = [stream([str(clip)], StreamerConfig(**WINDOWS, decoder=d, decode_workers=workers_)) for d in ("cuda", "cpu")]
+        assert not runs[0][1] and runs[0][0]
+        assert [[v.index for v in w.views] for w in runs[0][0]] == [[v.index for v in w.views] for w in runs[1][0]]
 
 
 def test_video_frames_convert_to_rgb_only_when_asked(tmp_path):
