@@ -14,6 +14,7 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
     .venv/bin/python benchmarks/decode.py --compare-windows A.json B.json
     .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
     .venv/bin/python benchmarks/decode.py --only budget
+    .venv/bin/python benchmarks/decode.py --only gpu
     .venv/bin/python benchmarks/decode.py --only long [--long FILE] [--long-repeats 24]
     .venv/bin/python benchmarks/decode.py --only loop [--loop-workers 2] [--loop-interleave 2 4] [--loop-seconds 10]
 
@@ -22,7 +23,9 @@ analysis included, against the fastest plain reader's) into what decoding alone 
 streamer's source (every frame, and only the reference frames: the most any reader could leave
 undecoded) and what its analysis costs, against the time per frame the fastest reader (OpenCV
 on one thread) spends in all; and times the same analysis fed by that reader (its BGR frames
-to RGB, the glance made from them), the peer with the streamer's work. ``--only long`` makes
+to RGB, the glance made from them), the peer with the streamer's work. ``--only gpu`` times
+``streamer.decoder: cuda`` (NVDEC) beside the CPU decoder and the fastest reader, CPU and wall
+time per frame (where FFmpeg opens no CUDA decoder it says why). ``--only long`` makes
 one long video of a clip repeated (packets copied) and times the window stream over it in
 process, with decode workers on the whole file, and with the workers sharing it in segments.
 ``--only loop`` loops the window stream over the videos and the 7-Scenes folder at the sizes of
@@ -139,12 +142,13 @@ def decord_seq(path):
     return sum(1 for i in range(n) if vr[i] is not None)
 
 
-def streamer_path(path, threads: int = 1, ground_truth: bool = True):
+def streamer_path(path, threads: int = 1, ground_truth: bool = True, decoder: str = "cpu"):
     """Decode + glance + cut test + keyframe gates + resize of kept views to windows: what the
     streamer (and each decode worker, with one decoder thread) does per frame. ``ground_truth``:
-    an image folder's views read their depth and pose (only when a stage trains on them)."""
+    an image folder's views read their depth and pose (only when a stage trains on them);
+    ``decoder``: ``streamer.decoder``."""
     cfg = StreamerConfig(**WINDOW_CFG)
-    src = VideoSource(path, decode_threads=threads) if Path(path).is_file() \
+    src = VideoSource(path, decode_threads=threads, decoder=decoder) if Path(path).is_file() \
         else ImageSequenceSource(path, ground_truth=ground_truth)
     count = [0]
     wanted = Wanted()
@@ -165,12 +169,13 @@ def streamer_path(path, threads: int = 1, ground_truth: bool = True):
     return count[0]
 
 
-def decode_floor(path, skip: str = "DEFAULT") -> int:
+def decode_floor(path, skip: str = "DEFAULT", hwaccel=None) -> int:
     """Decoding alone, one thread, no pixel conversion: the streamer's source without its
     analysis (``skip="NONREF"``: every non-reference frame left undecoded, the most a reader
-    that skips could save). Counts the source frames read (packets), as the streamer's
-    figure counts the frames it covers."""
-    with av.open(str(path)) as c:
+    that skips could save; ``hwaccel``: PyAV's, e.g. NVDEC, each frame copied back to the
+    host). Counts the source frames read (packets), as the streamer's figure counts the frames
+    it covers."""
+    with av.open(str(path), **({"hwaccel": hwaccel} if hwaccel is not None else {})) as c:
         s = c.streams.video[0]
         s.thread_type, s.thread_count = "SLICE", 1
         s.codec_context.skip_frame = skip
@@ -274,6 +279,38 @@ def analysis_budget(videos: list[Path]) -> None:
         print(f"| {v.name} | {cells} | {fastest - floor:.3f} | {ms['streamer'] - floor:.3f} | "
               f"**{fastest / ms['streamer']:.2f}x** | {ms['opencv 1 thread + analysis'] / ms['streamer']:.2f}x |",
               flush=True)
+
+
+def gpu_decoding(videos: list[Path]) -> None:
+    """``streamer.decoder: cuda`` against the CPU decoder and the fastest plain reader, per source
+    frame (ms, best of ``REPEATS`` turns, readers in turn): the CPU time (what the decode bar
+    counts: frames per CPU-second) and the wall time of the streamer path and of NVDEC's
+    decoding alone (frames copied back, no analysis)."""
+    from av.codec.hwaccel import HWAccel
+
+    from streamer.sources import cuda_decoder_problem
+
+    problem = cuda_decoder_problem()
+    if problem is not None:
+        print(f"\nstreamer.decoder cuda: not measured, {problem}")
+        return
+    readers = {"opencv 1 thread": opencv_1thread, "decode all": decode_floor,
+               "NVDEC decode": lambda p: decode_floor(p, hwaccel=HWAccel("cuda", allow_software_fallback=True)),
+               "streamer": streamer_path, "streamer, decoder cuda": lambda p: streamer_path(p, decoder="cuda")}
+    print(f"\nms per source frame, CPU (wall), first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
+    print(f"| file | {' | '.join(readers)} | **streamer cuda / fastest** (CPU) | streamer cuda / streamer (CPU) |")
+    print("|---|" + "---:|" * (len(readers) + 2))
+    for v in videos:
+        cpu: dict[str, float] = {}
+        wall: dict[str, float] = {}
+        for _ in range(REPEATS[0]):
+            for name, fn in readers.items():
+                n, w, c = cpu_timed(lambda: fn(v))
+                cpu[name] = min(cpu.get(name, float("inf")), 1e3 * c / n)
+                wall[name] = min(wall.get(name, float("inf")), 1e3 * w / n)
+        cells = " | ".join(f"{cpu[k]:.3f} ({wall[k]:.3f})" for k in readers)
+        print(f"| {v.name} | {cells} | **{cpu['opencv 1 thread'] / cpu['streamer, decoder cuda']:.2f}x** | "
+              f"{cpu['streamer'] / cpu['streamer, decoder cuda']:.2f}x |", flush=True)
 
 
 def images_opencv(folder):
@@ -641,7 +678,7 @@ def main() -> int:
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
     ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "mvs",
-                                       "long", "loop"],
+                                       "long", "loop", "gpu"],
                     default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
@@ -694,6 +731,8 @@ def main() -> int:
         decode_table(videos, Path(args.kitchen))
     if args.only in (None, "budget"):
         analysis_budget(videos)
+    if args.only in (None, "gpu"):
+        gpu_decoding(videos)
     if args.only in (None, "mvs"):
         motion_vector_cost(videos)
     if args.only in (None, "workers"):
