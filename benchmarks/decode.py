@@ -281,11 +281,12 @@ def analysis_budget(videos: list[Path]) -> None:
               flush=True)
 
 
-def gpu_decoding(videos: list[Path]) -> None:
+def gpu_decoding(videos: list[Path], tmp: Path) -> None:
     """``streamer.decoder: cuda`` against the CPU decoder and the fastest plain reader, per source
     frame (ms, best of ``REPEATS`` turns, readers in turn): the CPU time (what the decode bar
     counts: frames per CPU-second) and the wall time of the streamer path and of NVDEC's
-    decoding alone (frames copied back, no analysis)."""
+    decoding alone (frames copied back, no analysis); ``videos`` and a 4K HEVC clip encoded in
+    ``tmp`` (a phone's video)."""
     from av.codec.hwaccel import HWAccel
 
     from streamer.sources import cuda_decoder_problem
@@ -294,6 +295,7 @@ def gpu_decoding(videos: list[Path]) -> None:
     if problem is not None:
         print(f"\nstreamer.decoder cuda: not measured, {problem}")
         return
+    videos = videos + [encode_1080p(tmp / "synthetic_2160p_hevc.mp4", 2.0, scale=2, codec="libx265")]
     readers = {"opencv 1 thread": opencv_1thread, "decode all": decode_floor,
                "NVDEC decode": lambda p: decode_floor(p, hwaccel=HWAccel("cuda", allow_software_fallback=True)),
                "streamer": streamer_path, "streamer, decoder cuda": lambda p: streamer_path(p, decoder="cuda")}
@@ -561,15 +563,18 @@ def random_access(path, n=30, seed=0):
     return out
 
 
-def encode_1080p(path: Path, seconds: float, fps: int = 30) -> Path:
+def encode_1080p(path: Path, seconds: float, fps: int = 30, scale: int = 1, codec: str = "libx264") -> Path:
+    """A texture panning 8 px a frame at 1920x1080 (``scale`` 2: 3840x2160, a phone's 4K), H.264
+    or, with ``codec="libx265"``, HEVC (what phones record)."""
     c = av.open(str(path), "w")
-    s = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23"})
-    s.width, s.height, s.pix_fmt = 1920, 1080, "yuv420p"
+    preset = {"libx264": "veryfast", "libx265": "ultrafast"}[codec]
+    s = c.add_stream(codec, rate=fps, options={"preset": preset, "crf": "23"})
+    s.width, s.height, s.pix_fmt = 1920 * scale, 1080 * scale, "yuv420p"
     rng = np.random.default_rng(0)
     base = cv2.resize(rng.integers(0, 255, (270, 480 + int(seconds * fps) * 2, 3), dtype=np.uint8),
-                      None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+                      None, fx=4 * scale, fy=4 * scale, interpolation=cv2.INTER_CUBIC)
     for i in range(int(seconds * fps)):
-        img = np.ascontiguousarray(base[:, i * 8: i * 8 + 1920])
+        img = np.ascontiguousarray(base[:, i * 8 * scale: i * 8 * scale + 1920 * scale])
         for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
             c.mux(p)
     for p in s.encode():
@@ -732,7 +737,7 @@ def main() -> int:
     if args.only in (None, "budget"):
         analysis_budget(videos)
     if args.only in (None, "gpu"):
-        gpu_decoding(videos)
+        gpu_decoding(videos, tmp)
     if args.only in (None, "mvs"):
         motion_vector_cost(videos)
     if args.only in (None, "workers"):
