@@ -1,7 +1,10 @@
 """Decode workers (``streamer.decode_workers``) and the per-frame glance: the same windows, ids,
 order per source, pixels and named error reasons with workers as without; a source without a
 window ready does not hold the others back; resume from a frame the same;
-the glance made from a video's decoder planes agrees with the one made from its RGB frames."""
+the glance made from a video's decoder planes agrees with the one made from its RGB frames, and
+NV12 planes (a GPU decoder's) give the glance of the same yuv420p planes; ``streamer.decoder:
+cuda`` gives the CPU decoder's frames where the host has NVDEC, and says why and decodes on the
+CPU where it has not."""
 
 from __future__ import annotations
 
