@@ -321,6 +321,10 @@ def cuda_decoder_problem() -> str | None:
     return None
 
 
+GPU_DECODE_THREADS = ("AUTO", 0)
+"""FFmpeg's thread type and count for a stream NVDEC decodes (0: FFmpeg's choice)."""
+
+
 def _open_video(path: str, decoder: str = "cpu"):
     """``av.open`` for reading, with tags that are not UTF-8 ignored where PyAV takes the
     keyword: PyAV 19 dropped ``metadata_errors`` (a TypeError there failed every video).
@@ -413,7 +417,7 @@ class VideoSource:
 
         stream = container.streams.video[0]
         if stream.codec_context.is_hwaccel:
-            stream.thread_count = 1  # the GPU decodes; CPU threads would only hold frames back
+            stream.thread_type, stream.thread_count = GPU_DECODE_THREADS
         else:
             stream.thread_type = "AUTO"
             if self.decode_threads:
