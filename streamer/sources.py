@@ -323,10 +323,11 @@ def cuda_decoder_problem() -> str | None:
 
 GPU_DECODE_THREADS = ("SLICE", 1)
 """FFmpeg's thread type and count for a stream NVDEC decodes: one thread, as measured in the
-streamer path (docs/BENCHMARKS.md, twenty-first pass of issue 18). PyAV's defaults (FFmpeg's
-threads) took 0.35 instead of 0.80 CPU ms a frame to decode bikes.mp4 and 0.99 instead of 3.27
-a 1080p H.264 file in a probe of decoding alone, against this setting's 1.20 and 3.06: the next
-setting to measure in the streamer path (``decode.py --only gpu``)."""
+streamer path (docs/BENCHMARKS.md, twenty-first pass of issue 18). In a probe of decoding alone
+NVDEC with PyAV's defaults (FFmpeg's threads) spent 0.35 CPU ms a frame on bikes.mp4 and 0.99
+on a 1080p H.264 file (the CPU decoder on one thread: 0.80 and 3.27), with one thread 1.20 and
+3.06 (each frame waits for the GPU): the next setting to measure in the streamer path
+(``benchmarks/decode.py --only gpu``)."""
 
 
 def _open_video(path: str, decoder: str = "cpu"):
