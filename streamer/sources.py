@@ -421,7 +421,7 @@ class VideoSource:
         from av.video.reformatter import VideoReformatter
 
         stream = container.streams.video[0]
-        if stream.codec_context.is_hwaccel:
+        if getattr(stream.codec_context, "is_hwaccel", False):  # PyAV < 14 has no hardware decoding
             stream.thread_type, stream.thread_count = GPU_DECODE_THREADS
         else:
             stream.thread_type = "AUTO"
