@@ -327,7 +327,8 @@ def test_a_gpu_decoder_gives_the_frames_and_glances_of_the_cpu_decoder(tmp_path)
         assert np.abs(rgb.astype(int) - want_rgb).mean() < 8
     # the windows, in the streamer process and in a decode worker
     for workers_ in (1, 2):
-        runs = [stream([str(clip)], StreamerConfig(**WINDOWS, decoder=d, decode_workers=workers_)) for d in ("cuda", "cpu")]
+        runs = [stream([str(clip)], StreamerConfig(**WINDOWS, decoder=d, decode_workers=workers_))
+                for d in ("cuda", "cpu")]
         assert not runs[0][1] and runs[0][0]
         assert [[v.index for v in w.views] for w in runs[0][0]] == [[v.index for v in w.views] for w in runs[1][0]]
 
