@@ -676,6 +676,23 @@ def alone_env(environ: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if not k.startswith("CUDA_MPS_")}
 
 
+def stop_pipeline(up: subprocess.Popen, timeout: float) -> None:
+    """Stop ``reliev3r up`` (started in a session of its own) and every stage: SIGINT to the
+    supervisor, which stops them in order; whatever of its process group is left after
+    ``timeout`` seconds (the supervisor stuck, or already gone with stages left) is killed."""
+    if up.poll() is None:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(up.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is empty: every stage stopped
+        pass
+    up.wait()
+
+
 def isolated_rate(configs: list[str], overrides: list[str], folder: Path, steps: int,
                   timeout: float | None = None, cadence: tuple[float, float] | None = None) -> dict | None:
     """:func:`learner_alone` in a fresh process (``--alone``, no MPS client: :func:`alone_env`),
@@ -821,19 +838,15 @@ def main() -> int:
             print(f"[{time.monotonic() - started:6.1f}s] interrupted: the window measured so far counts", flush=True)
     finally:
         measured = t0 is not None and t1 is not None and t1 - t0 >= 2 * args.interval
-        # written before the pipeline stops: an interrupt or kill that follows keeps it
-        first = report(None, t0, t1) if measured else None
-        recorded = 0
-        if measured and args.isolated and not interrupted and up.poll() is None:
-            recorded = record_batches(run_dir, out / "batches", args.isolated_batches)
-        if up.poll() is None:
-            up.send_signal(signal.SIGINT)  # stops every stage in order
-            try:
-                up.wait(30 if interrupted else 120)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait()
-        up_log.close()
+        try:
+            # written before the pipeline stops: an interrupt or kill that follows keeps it
+            first = report(None, t0, t1) if measured else None
+            recorded = 0
+            if measured and args.isolated and not interrupted and up.poll() is None:
+                recorded = record_batches(run_dir, out / "batches", args.isolated_batches)
+        finally:  # whatever failed above, no stage outlives this script
+            stop_pipeline(up, 30 if interrupted else 120)
+            up_log.close()
     if t0 is None or t1 is None or t1 - t0 < 2 * args.interval:
         print(f"no steady window measured (learner never stepped, or the run ended during warm-up); "
               f"see {out / 'up.log'}")

@@ -1,5 +1,6 @@
 """The bottleneck verdict of benchmarks/pipeline_bottleneck.py on made-up scrapes (no processes),
-and one short real run on the CPU for the learner alone on the pipeline's own batches."""
+one short real run on the CPU for the learner alone on the pipeline's own batches, and its stop
+of the pipeline leaving no stage behind."""
 
 import importlib.util
 import json
@@ -110,3 +111,35 @@ def test_the_learner_alone_trains_on_batches_recorded_from_the_pipelines_replay(
     meta = json.loads((tmp_path / "batches" / "batch-000.json").read_text())
     assert meta["teacher"]["depth"]  # the labelers' teacher, as the learner reads it
     assert "learner in the pipeline / alone" in out.stdout
+
+
+@pytest.mark.timeout(120)  # bounds a hang only
+def test_stopping_the_pipeline_leaves_no_stage_running(tmp_path):
+    """A supervisor that ignores SIGINT and its stage (a real process group, as ``reliev3r up``
+    starts it): after the timeout nothing of the group is left, the stage included (killing
+    the supervisor alone left the stages running, and a failure while recording batches used to
+    skip the stop altogether)."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "stage.pid"
+    script = f"trap '' INT; sleep 600 & echo $! > {pid_file}; wait"
+    up = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        time.sleep(0.05)
+    stage = int(pid_file.read_text())
+    pb.stop_pipeline(up, timeout=1.0)
+    assert up.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while _running(stage):  # killed, the stage is gone or a zombie left for whoever reaps orphans
+        if time.monotonic() > deadline:
+            pytest.fail("the stage outlived the pipeline's stop")
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
