@@ -281,15 +281,28 @@ def analysis_budget(videos: list[Path]) -> None:
               flush=True)
 
 
-def gpu_decoding(videos: list[Path], tmp: Path) -> None:
+def gpu_decoding(videos: list[Path], tmp: Path, threads: list[str]) -> None:
     """``streamer.decoder: cuda`` against the CPU decoder and the fastest plain reader, per source
     frame (ms, best of ``REPEATS`` turns, readers in turn): the CPU time (what the decode bar
     counts: frames per CPU-second) and the wall time of the streamer path and of NVDEC's
     decoding alone (frames copied back, no analysis); ``videos`` and a 4K HEVC clip encoded in
-    ``tmp`` (a phone's video)."""
+    ``tmp`` (a phone's video). ``threads``: more FFmpeg thread settings (``TYPE/COUNT``, e.g.
+    ``AUTO/0``) for NVDEC, each a streamer column of its own (``streamer.sources.GPU_DECODE_THREADS``)."""
     from av.codec.hwaccel import HWAccel
 
+    from streamer import sources
     from streamer.sources import cuda_decoder_problem
+
+    def streamer_with(setting: str):
+        kind, count = setting.split("/")
+
+        def read(p):
+            shipped, sources.GPU_DECODE_THREADS = sources.GPU_DECODE_THREADS, (kind, int(count))
+            try:
+                return streamer_path(p, decoder="cuda")
+            finally:
+                sources.GPU_DECODE_THREADS = shipped
+        return read
 
     problem = cuda_decoder_problem()
     if problem is not None:
@@ -298,7 +311,8 @@ def gpu_decoding(videos: list[Path], tmp: Path) -> None:
     videos = videos + [encode_1080p(tmp / "synthetic_2160p_hevc.mp4", 2.0, scale=2, codec="libx265")]
     readers = {"opencv 1 thread": opencv_1thread, "decode all": decode_floor,
                "NVDEC decode": lambda p: decode_floor(p, hwaccel=HWAccel("cuda", allow_software_fallback=True)),
-               "streamer": streamer_path, "streamer, decoder cuda": lambda p: streamer_path(p, decoder="cuda")}
+               "streamer": streamer_path, "streamer, decoder cuda": lambda p: streamer_path(p, decoder="cuda"),
+               **{f"streamer, decoder cuda, threads {t}": streamer_with(t) for t in threads}}
     print(f"\nms per source frame, CPU (wall), first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
     print(f"| file | {' | '.join(readers)} | **streamer cuda / fastest** (CPU) | streamer cuda / streamer (CPU) |")
     print("|---|" + "---:|" * (len(readers) + 2))
@@ -696,6 +710,8 @@ def main() -> int:
     ap.add_argument("--loop-latency", type=float, default=0.2,
                     help="--only loop: seconds to a window's acknowledgement")
     ap.add_argument("--loop-in-flight", type=int, default=32, help="--only loop: windows out at most (max_in_flight)")
+    ap.add_argument("--gpu-threads", nargs="*", default=[], metavar="TYPE/COUNT",
+                    help="--only gpu: more FFmpeg thread settings for NVDEC, e.g. AUTO/0 AUTO/4")
     ap.add_argument("--compare-windows", nargs=2, metavar=("A", "B"), help="count the differing windows")
     args = ap.parse_args()
     MAX_FRAMES[0] = args.max_frames
@@ -737,7 +753,7 @@ def main() -> int:
     if args.only in (None, "budget"):
         analysis_budget(videos)
     if args.only in (None, "gpu"):
-        gpu_decoding(videos, tmp)
+        gpu_decoding(videos, tmp, args.gpu_threads)
     if args.only in (None, "mvs"):
         motion_vector_cost(videos)
     if args.only in (None, "workers"):
