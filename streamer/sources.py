@@ -327,7 +327,7 @@ streamer path (docs/BENCHMARKS.md, twenty-first pass of issue 18). In a probe of
 NVDEC with PyAV's defaults (FFmpeg's threads) spent 0.35 CPU ms a frame on bikes.mp4 and 0.99
 on a 1080p H.264 file (the CPU decoder on one thread: 0.80 and 3.27), with one thread 1.20 and
 3.06 (each frame waits for the GPU): the next setting to measure in the streamer path
-(``benchmarks/decode.py --only gpu``)."""
+(``benchmarks/decode.py --only gpu --gpu-threads AUTO/0``)."""
 
 
 def _open_video(path: str, decoder: str = "cpu"):
