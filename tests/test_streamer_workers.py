@@ -310,7 +310,7 @@ def test_a_video_sent_to_a_gpu_decoder_the_host_lacks_says_so_once_and_decodes_o
             np.testing.assert_array_equal(glance.grey, want_glance.grey)
 
 
-@pytest.mark.skipif(cuda_decoder_problem() is not None, reason=f"no CUDA video decoder: {cuda_decoder_problem()}")
+@pytest.mark.skipif(cuda_decoder_problem() is not None, reason=str(cuda_decoder_problem()))
 def test_a_gpu_decoder_gives_the_frames_and_glances_of_the_cpu_decoder(tmp_path):
     """H.264 decoding is exact, so NVDEC's frames hold the CPU decoder's samples: the same
     indices and glances to the bit, including frames left undecoded for the keyframe gate
