@@ -360,9 +360,9 @@ class VideoSource:
             raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
         self.path = Path(path)
         self.decoder = decoder
-        """``cpu`` or ``cuda`` (:data:`DECODERS`); ``cuda`` turns to ``cpu``, once reported as
-        ``gpu_decode_unavailable``, where no CUDA device opens (no GPU, or a driver without the
-        video decoder)."""
+        """``cpu`` or ``cuda`` (:data:`DECODERS`); ``cuda`` turns to ``cpu`` for this object's
+        later passes, reported once as ``gpu_decode_unavailable``, where no CUDA device opens (no
+        GPU, or a driver without the video decoder)."""
         self.ground_truth = ground_truth
         self.name = source_name(self.path)
         self.fov_deg = fov_deg

@@ -18,7 +18,7 @@ import pytest
 
 from streamer import service, workers
 from streamer.config import StreamerConfig
-from streamer.glance import glance_of_rgb, glance_of_video_frame
+from streamer.glance import _plane, glance_of_rgb, glance_of_video_frame
 from streamer.progress import Progress
 from streamer.service import window_stream
 from streamer.sources import ImageSequenceSource, VideoSource, cuda_decoder_problem, discover, source_name
@@ -256,8 +256,9 @@ def test_glance_from_decoder_planes_agrees_with_glance_from_rgb(tmp_path):
 
 
 def samples(vframe) -> list[np.ndarray]:
-    """A planar frame's planes, without the padding at the end of their rows."""
-    return [np.asarray(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in vframe.planes]
+    """A planar frame's planes, without the padding at the end of their rows (as the glance
+    reads them)."""
+    return [_plane(vframe, i) for i in range(len(vframe.planes))]
 
 
 def nv12_twin(vframe) -> av.VideoFrame:
