@@ -4,6 +4,7 @@ or from an RGB image. Neither depends on the source's resolution beyond one down
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -52,40 +53,58 @@ def glance_of_rgb(rgb: np.ndarray) -> Glance:
 
 
 PLANAR_YUV = {"yuv420p": False, "yuv422p": False, "yuv444p": False, "yuvj420p": True, "yuvj422p": True,
-              "yuvj444p": True}
-"""8-bit planar YUV formats the glance reads straight from the planes (True: full range)."""
+              "yuvj444p": True, "yuv420p10le": False, "yuv422p10le": False, "yuv444p10le": False}
+"""Planar YUV formats the glance reads straight from the planes (True: full range): 8-bit, and
+10-bit in 16-bit samples (HEVC Main 10 from phones, ProRes, DNxHR HQX)."""
+SEMI_PLANAR = {"nv12": 0, "p010le": 6}
+"""YUV formats with the chroma interleaved in one plane (what a GPU decoder hands back): 8-bit,
+and 10-bit in the high bits of 16-bit samples (the value's shift)."""
 _LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255.0 / 219.0), 0, 255).astype(np.uint8)
 """Limited-range luma (16-235) to full-range grey: BT.601 grey of the decoded RGB is this map
 of the luma (the chroma terms cancel in R, G, B weighted 0.299, 0.587, 0.114)."""
 
 
 def _plane(vframe, i: int, samples: int = 1) -> np.ndarray:
-    """Plane ``i`` as uint8 rows; ``samples`` bytes a pixel (2: NV12's interleaved chroma)."""
+    """Plane ``i`` as rows of its samples (uint8, or uint16 for a format of more than 8 bits);
+    ``samples`` a pixel (2: NV12's and P010's interleaved chroma)."""
     plane = vframe.planes[i]
-    rows, stride = plane.height, plane.line_size
-    return np.frombuffer(plane, np.uint8, count=rows * stride).reshape(rows, stride)[:, :plane.width * samples]
+    dtype = np.uint16 if vframe.format.components[0].bits > 8 else np.uint8
+    rows, stride = plane.height, plane.line_size // np.dtype(dtype).itemsize
+    return np.frombuffer(plane, dtype, count=rows * stride).reshape(rows, stride)[:, :plane.width * samples]
+
+
+def _to_8_bits(image: np.ndarray, bits: int, shift: int = 0) -> np.ndarray:
+    """uint8 of ``bits``-bit samples (held ``shift`` bits up in uint16), rounded: what a
+    conversion to 8 bits gives (10-bit 4 * v maps to v)."""
+    if image.dtype == np.uint8:
+        return image
+    drop = bits - 8 + shift
+    return np.minimum((image.astype(np.uint32) + (1 << (drop - 1))) >> drop, 255).astype(np.uint8)
 
 
 def glance_of_video_frame(vframe, turns: int = 0) -> Glance | None:
-    """The glance of a PyAV frame in 8-bit planar YUV or NV12 (what a GPU decoder hands back),
-    from its planes (no RGB conversion of the whole frame); ``turns`` quarter turns as
-    ``np.rot90``. None for other pixel formats."""
+    """The glance of a PyAV frame in planar YUV (:data:`PLANAR_YUV`) or with interleaved chroma
+    (:data:`SEMI_PLANAR`), from its planes (no RGB conversion of the whole frame); ``turns``
+    quarter turns as ``np.rot90``. Samples of more than 8 bits are shrunk first, then rounded to
+    8 bits. None for other pixel formats."""
     name = vframe.format.name
-    if name not in PLANAR_YUV and name != "nv12":
+    if name not in PLANAR_YUV and name not in SEMI_PLANAR:
         return None
     full_range = PLANAR_YUV.get(name, False) or int(getattr(vframe, "color_range", 0) or 0) == 2  # AVCOL_RANGE_JPEG
-    if name == "nv12":  # the chroma interleaved in one plane of half the luma's size
+    if name in SEMI_PLANAR:  # the chroma interleaved in one plane of half the luma's size
         y, uv = _plane(vframe, 0), _plane(vframe, 1, samples=2)
         u, v = uv[:, 0::2], uv[:, 1::2]
     else:
         y, u, v = (_plane(vframe, i) for i in range(3))
     if turns:
         y, u, v = (np.ascontiguousarray(np.rot90(p, turns)) for p in (y, u, v))
+    depth = functools.partial(_to_8_bits, bits=vframe.format.components[0].bits, shift=SEMI_PLANAR.get(name, 0))
     h, w = y.shape
     luma = shrink(y, motion_size(w, h))
-    grey = luma if full_range else cv2.LUT(luma, _LIMITED_TO_FULL)
     cw, ch = COLOUR_SIZE
-    i420 = np.concatenate([shrink(luma, (cw, ch)), shrink(u, (cw // 2, ch // 2)).reshape(ch // 4, cw),
-                           shrink(v, (cw // 2, ch // 2)).reshape(ch // 4, cw)])
+    small = [shrink(luma, (cw, ch)), shrink(u, (cw // 2, ch // 2)), shrink(v, (cw // 2, ch // 2))]
+    luma, small = depth(luma), [depth(p) for p in small]
+    grey = luma if full_range else cv2.LUT(luma, _LIMITED_TO_FULL)
+    i420 = np.concatenate([small[0], small[1].reshape(ch // 4, cw), small[2].reshape(ch // 4, cw)])
     colour = cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
     return Glance(np.ascontiguousarray(grey), colour)

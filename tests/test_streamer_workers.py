@@ -289,6 +289,39 @@ def test_glance_from_nv12_planes_is_the_glance_from_the_same_yuv420p_planes(tmp_
             np.testing.assert_array_equal(got.colour, want.colour)
 
 
+def ten_bit_twin(vframe, fmt: str) -> av.VideoFrame:
+    """An 8-bit planar frame's picture in the 10-bit format ``fmt`` (each sample times 4), or in
+    P010 (``p010le``: a yuv420p frame's, times 4 and held 6 bits up, the chroma interleaved)."""
+    planes = [p.astype(np.uint16) * 4 for p in samples(vframe)]
+    if fmt == "p010le":
+        y, u, v = (p << 6 for p in planes)
+        planes = [y, np.stack([u, v], axis=-1).reshape(u.shape[0], -1)]
+    twin = av.VideoFrame(vframe.width, vframe.height, fmt)
+    for plane, rows in zip(twin.planes, planes):
+        buf = np.zeros((plane.height, plane.line_size // 2), np.uint16)
+        buf[:, :rows.shape[1]] = rows
+        plane.update(buf.tobytes())
+    return twin
+
+
+@pytest.mark.parametrize("fmt", ["yuv420p10le", "yuv422p10le", "yuv444p10le", "p010le"])
+@pytest.mark.parametrize("turns", [0, 1])
+def test_glance_from_10_bit_planes_is_the_glance_of_the_same_picture_in_8_bits(fmt, turns):
+    """HEVC Main 10, ProRes and a GPU decoder's P010 frames are glanced from their planes too
+    (before, they were converted to RGB in full). The 10-bit path rounds its resizes in quarter
+    levels where the 8-bit path rounds in whole ones (up to half a level at each of two steps),
+    then rounds to 8 bits: grey within 2 levels; the colour image, whose chroma the conversion
+    to RGB multiplies by up to 1.772 (BT.601's blue), within 5."""
+    rgb = panning_frames(1, 320, 240)[0]
+    vframe = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p" if fmt == "p010le" else
+                                                                    fmt.replace("10le", ""))
+    twin = ten_bit_twin(vframe, fmt)
+    want, got = glance_of_video_frame(vframe, turns), glance_of_video_frame(twin, turns)
+    assert got is not None and got.grey.shape == want.grey.shape and got.grey.dtype == np.uint8
+    assert np.abs(got.grey.astype(int) - want.grey).max() <= 2
+    assert np.abs(got.colour.astype(int) - want.colour).max() <= 5
+
+
 def decoded(src: VideoSource) -> list:
     """(index, glance, RGB) of every frame of ``src``."""
     return [(f.index, f.glance, f.rgb) for f in src.frames()]
