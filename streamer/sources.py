@@ -401,7 +401,9 @@ class VideoSource:
         (see :class:`FrameSkipper`): the frames yielded then have gaps in ``index``. With
         ``segment`` (``streamer.segments``) only its frames, from ``max(start, segment.start)``:
         the decoder seeks to the segment's keyframe, and each frame's index comes from its
-        stamp (the index of decoding the whole file); every frame is decoded (``wanted`` unused)."""
+        stamp (the index of decoding the whole file); every frame is decoded (``wanted`` unused).
+        An intra-only video's frames (MJPEG, ProRes, ...) are decoded only when first looked at
+        (:class:`IntraDecoder`)."""
         try:
             container = self._open()
         except SourceError as err:
@@ -421,10 +423,11 @@ class VideoSource:
         from av.video.reformatter import VideoReformatter
 
         stream = container.streams.video[0]
+        intra = IntraDecoder(self.path) if IntraDecoder.applies(stream) else None
         if getattr(stream.codec_context, "is_hwaccel", False):  # PyAV < 14 has no hardware decoding
             stream.thread_type, stream.thread_count = GPU_DECODE_THREADS
         else:
-            stream.thread_type = "AUTO"
+            stream.thread_type = "AUTO" if intra is None else "SLICE"
             if self.decode_threads:
                 stream.thread_count = self.decode_threads
         index, last_time, errors_in_row, ended = 0, 0.0, 0, False
@@ -454,8 +457,14 @@ class VideoSource:
                 self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: flagged by the demuxer")
             if skipper is not None and gate.suspect:  # damage: every frame decoded, indices by count
                 skipper = skipper.stop()
+            if intra is not None and intra.failures >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                self.on_error(self.name, "gave_up", f"{self.path}: {intra.failures} frames in a row not decoded")
+                return
             try:
-                decoded = packet.decode() if packet is not None else stream.codec_context.decode(None)
+                if packet is None:
+                    decoded = stream.codec_context.decode(None)
+                else:
+                    decoded = packet.decode() if intra is None else intra.frames(packet)
                 errors_in_row = 0
             except av.error.EOFError:
                 break  # already flushed
@@ -510,9 +519,13 @@ class VideoSource:
                     intrinsics = (self._intrinsics(shape[1], shape[0]), shape)
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
-                yield Frame(i, last_time, functools.partial(_rgb_of, reformatter, vframe, turns), intrinsics[0],
-                            *self._gt(i, shape), discontinuity=gate.take_gap(),
-                            glance=functools.partial(glance_of_video_frame, vframe, turns))
+                rgb = functools.partial(_rgb_of, reformatter, vframe, turns, i)
+                look = functools.partial(_glance_of_frame, vframe, turns, i)
+                if isinstance(vframe, PacketFrame):  # decoded when looked at: one that fails is a gap
+                    report = functools.partial(self.on_error, self.name)
+                    rgb, look = _Once(rgb, report), _Once(look, report)
+                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
+                            glance=look)
             if ended:
                 break
         if skipper is not None:  # frames after the last one out were left undecoded
@@ -645,6 +658,98 @@ class FrameSkipper:
         self.codec_context.skip_frame = "DEFAULT"
 
 
+class IntraDecoder:
+    """Decodes a frame of an intra-only stream (each frame coded on its own: MJPEG, ProRes,
+    DNxHD/HR, ... as FFmpeg's codec descriptor says) only when its pixels are first asked for,
+    as an image folder's JPEGs are: the cut test looks at one frame in ``CUT_LOOK_EVERY`` besides
+    the candidates (``streamer.windows``), so most frames are never decoded, while any frame can
+    still be decoded when a test looks at it: the frames, stamps and decisions of decoding them
+    all. Frames are decoded one at a time on the stream's codec context with slice threads (a
+    frame-threaded decoder hands a frame back packets later). The first frame is decoded at
+    once: its size and display matrix stand for the stream's (a later frame decoded at another
+    size is lost as ``size_changed``). A frame that cannot be decoded when looked at is
+    reported (``corrupt_packet``, ``corrupt_frame``) and taken as a gap
+    (:class:`FrameLost`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.first = None
+        """The first frame decoded (None: none yet; packets are decoded at once until one is)."""
+        self.failures = 0
+        """Frames in a row that could not be decoded when looked at."""
+
+    @staticmethod
+    def applies(stream) -> bool:
+        return bool(getattr(stream.codec_context.codec, "intra_only", False))
+
+    def frames(self, packet) -> list:
+        """What ``packet.decode()`` would give: a :class:`PacketFrame` for a packet with a frame
+        (a decoded frame until the first one is known)."""
+        if self.first is None:
+            decoded = packet.decode()
+            if decoded:
+                self.first = decoded[0]
+            return decoded
+        return [PacketFrame(self, packet)] if packet.size else []
+
+    def decode(self, packet, index: int):
+        import av
+
+        try:
+            decoded = packet.decode()
+        except av.error.FFmpegError as err:
+            self.failures += 1
+            raise SourceError("corrupt_packet", f"{self.path} frame {index}: {err}") from None
+        if len(decoded) != 1 or getattr(decoded[0], "is_corrupt", False):
+            self.failures += 1
+            raise SourceError("corrupt_frame", f"{self.path} frame {index}: flagged corrupt by the decoder")
+        vframe, first = decoded[0], self.first
+        if (vframe.width, vframe.height) != (first.width, first.height):
+            self.failures += 1
+            raise SourceError("size_changed", f"{self.path} frame {index}: {vframe.width}x{vframe.height}, the "
+                                              f"stream began at {first.width}x{first.height}")
+        self.failures = 0
+        return vframe
+
+
+class PacketFrame:
+    """A frame of an intra-only stream not decoded yet (:class:`IntraDecoder`): what the source
+    reads of a decoded frame before its pixels, taken from its packet and the stream's first
+    frame; :meth:`decoded` decodes it, once."""
+
+    __slots__ = ("decoder", "packet", "pts", "time", "key_frame", "value")
+
+    is_corrupt = False
+
+    def __init__(self, decoder: IntraDecoder, packet):
+        self.decoder, self.packet = decoder, packet
+        self.pts = packet.pts
+        self.time = None if packet.pts is None else float(packet.pts * packet.time_base)
+        self.key_frame = True
+        self.value = None
+
+    width = property(lambda self: self.decoder.first.width)
+    height = property(lambda self: self.decoder.first.height)
+    rotation = property(lambda self: getattr(self.decoder.first, "rotation", 0))
+
+    def decoded(self, index: int):
+        """The decoded frame (``index``: its index, for the report); raises :class:`SourceError`."""
+        if self.value is None:
+            try:
+                self.value = self.decoder.decode(self.packet, index)
+            except SourceError as err:
+                self.value = err
+            self.packet = None
+        if isinstance(self.value, SourceError):
+            raise self.value
+        return self.value
+
+
+def _pixels(vframe, index: int):
+    """A decoded frame of ``vframe``: itself, or a :class:`PacketFrame`'s, decoded now."""
+    return vframe.decoded(index) if isinstance(vframe, PacketFrame) else vframe
+
+
 def read_frames(source, start: int, wanted: Callable[[int], bool] | None,
                 count: Callable[[int], None], segment: Segment | None = None) -> Iterator[Frame]:
     """``source.frames(start, wanted)`` (of ``segment`` where given: a video's), calling
@@ -668,11 +773,17 @@ SCALE_THREADS = 1
 (docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
 
 
-def _rgb_of(reformatter: VideoReformatter, vframe, turns: int) -> np.ndarray:
-    """A decoded frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``),
-    turned upright by ``turns`` quarter turns (a display matrix: as players show it)."""
-    rgb = reformatter.reformat(vframe, format="rgb24", threads=SCALE_THREADS).to_ndarray()
+def _rgb_of(reformatter: VideoReformatter, vframe, turns: int, index: int) -> np.ndarray:
+    """A frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``), turned upright
+    by ``turns`` quarter turns (a display matrix: as players show it); a :class:`PacketFrame` is
+    decoded first (frame ``index``)."""
+    rgb = reformatter.reformat(_pixels(vframe, index), format="rgb24", threads=SCALE_THREADS).to_ndarray()
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _glance_of_frame(vframe, turns: int, index: int) -> Glance | None:
+    """``glance_of_video_frame`` of a frame, a :class:`PacketFrame` decoded first."""
+    return glance_of_video_frame(_pixels(vframe, index), turns)
 
 
 def _glance_of(small) -> Glance:

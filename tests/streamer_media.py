@@ -28,14 +28,15 @@ def panning_frames(n: int, width: int = 160, height: int = 120, step: int = 3, s
     return np.stack([big[:, i * step:i * step + width] for i in range(n)])
 
 
-def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, gop: int | None = None) -> Path:
+def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, gop: int | None = None,
+           pix_fmt: str = "yuv420p") -> Path:
     """``gop``: keyframe interval (a live receiver joining mid-stream waits for a keyframe).
     Two encoder threads on any machine: libx264 picks its thread count from the cores, and its
     output (which packets a lossy copy drops, what a decoder conceals) depends on it."""
     container = av.open(str(path), "w")
     stream = container.add_stream(codec, rate=fps, options={"threads": "2", **({"g": str(gop)} if gop else {})})
     stream.height, stream.width = frames.shape[1:3]
-    stream.pix_fmt = "yuv420p"
+    stream.pix_fmt = pix_fmt
     for rgb in frames:
         for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
             container.mux(packet)
