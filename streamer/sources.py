@@ -323,11 +323,10 @@ def cuda_decoder_problem() -> str | None:
 
 GPU_DECODE_THREADS = ("SLICE", 1)
 """FFmpeg's thread type and count for a stream NVDEC decodes: one thread, as measured in the
-streamer path (docs/BENCHMARKS.md, twenty-first pass of issue 18). In a probe of decoding alone
-NVDEC with PyAV's defaults (FFmpeg's threads) spent 0.35 CPU ms a frame on bikes.mp4 and 0.99
-on a 1080p H.264 file (the CPU decoder on one thread: 0.80 and 3.27), with one thread 1.20 and
-3.06 (each frame waits for the GPU): the next setting to measure in the streamer path
-(``benchmarks/decode.py --only gpu --gpu-threads AUTO/0``)."""
+streamer path (docs/BENCHMARKS.md, twenty-first and twenty-second passes of issue 18). FFmpeg's
+own threads (``AUTO/0``, ``AUTO/4``) cut NVDEC's CPU time 2-3x in a probe of decoding alone,
+but cost more CPU a frame in the streamer path: 4-37 % more on every file NVDEC decodes with
+``AUTO/0`` (37 % on 4K HEVC), up to 34 % with ``AUTO/4`` (one file 2 % less)."""
 
 
 def _open_video(path: str, decoder: str = "cpu"):
