@@ -14,6 +14,7 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
     .venv/bin/python benchmarks/decode.py --compare-windows A.json B.json
     .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
     .venv/bin/python benchmarks/decode.py --only budget
+    .venv/bin/python benchmarks/decode.py --only intra
     .venv/bin/python benchmarks/decode.py --only gpu
     .venv/bin/python benchmarks/decode.py --only long [--long FILE] [--long-repeats 24]
     .venv/bin/python benchmarks/decode.py --only loop [--loop-workers 2] [--loop-interleave 2 4] [--loop-seconds 10]
@@ -23,7 +24,9 @@ analysis included, against the fastest plain reader's) into what decoding alone 
 streamer's source (every frame, and only the reference frames: the most any reader could leave
 undecoded) and what its analysis costs, against the time per frame the fastest reader (OpenCV
 on one thread) spends in all; and times the same analysis fed by that reader (its BGR frames
-to RGB, the glance made from them), the peer with the streamer's work. ``--only gpu`` times
+to RGB, the glance made from them), the peer with the streamer's work. ``--only intra`` re-encodes the videos
+as Motion JPEG and ProRes (intra-only: a frame decoded only when looked at) and times the
+streamer on them and on a 10-bit HEVC clip against the readers. ``--only gpu`` times
 ``streamer.decoder: cuda`` (NVDEC) beside the CPU decoder and the fastest reader, CPU and wall
 time per frame (where FFmpeg opens no CUDA decoder it says why). ``--only long`` makes
 one long video of a clip repeated (packets copied) and times the window stream over it in
@@ -279,6 +282,66 @@ def analysis_budget(videos: list[Path]) -> None:
         print(f"| {v.name} | {cells} | {fastest - floor:.3f} | {ms['streamer'] - floor:.3f} | "
               f"**{fastest / ms['streamer']:.2f}x** | {ms['opencv 1 thread + analysis'] / ms['streamer']:.2f}x |",
               flush=True)
+
+
+INTRA_CODECS = {"mjpeg": ("mjpeg", "yuvj420p", ".avi", {"qscale": "3"}),
+                "prores": ("prores_ks", "yuv422p10le", ".mov", {"profile": "2"})}
+"""Intra-only codecs (encoder, pixel format, container, options) of ``--only intra``: a camera's
+or webcam's Motion JPEG, and ProRes 422 (10-bit), what editors and cinema cameras record."""
+
+
+def transcode(path: Path, out: Path, encoder: str, pix_fmt: str, options: dict) -> Path:
+    """The first ``MAX_FRAMES`` frames of ``path`` re-encoded with ``encoder``, at their size."""
+    with av.open(str(path)) as src, av.open(str(out), "w") as dst:
+        s_in = src.streams.video[0]
+        s = dst.add_stream(encoder, rate=s_in.average_rate or 30, options=options)
+        s.width, s.height, s.pix_fmt = s_in.codec_context.width, s_in.codec_context.height, pix_fmt
+        if encoder == "mjpeg":  # FFmpeg's MJPEG quality comes from the quantiser bounds
+            s.codec_context.qmin = s.codec_context.qmax = int(options["qscale"])
+        for i, frame in enumerate(src.decode(s_in)):
+            if i >= MAX_FRAMES[0]:
+                break
+            # through RGB: a decoded frame's own properties (range, stamps) make encoders refuse it
+            for packet in s.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")):
+                dst.mux(packet)
+        for packet in s.encode():
+            dst.mux(packet)
+    return out
+
+
+def intra_decoding(videos: list[Path], tmp: Path) -> None:
+    """Intra-only videos (``streamer.sources.IntraDecoder``: a frame decoded only when a test
+    looks at it) and a 10-bit HEVC clip (the glance from 10-bit planes), per source frame (CPU
+    ms, best of ``REPEATS`` turns, readers in turn): the fastest plain reader (OpenCV, one
+    thread), PyAV decoding every frame on one thread (no conversion: the floor of any reader
+    that decodes them all), the streamer path, and the streamer path with every frame decoded
+    as it is read (the intra decoder off: how other codecs are read). ``videos`` transcoded to
+    each of :data:`INTRA_CODECS`."""
+    from streamer import sources
+
+    applies = sources.IntraDecoder.applies
+
+    def every_frame(p):
+        sources.IntraDecoder.applies = staticmethod(lambda stream: False)
+        try:
+            return streamer_path(p)
+        finally:
+            sources.IntraDecoder.applies = applies
+
+    readers = {"opencv 1 thread": opencv_1thread, "pyav 1 thread, no conversion": decode_floor,
+               "streamer": streamer_path, "streamer, every frame decoded": every_frame}
+    clips = [transcode(v, tmp / f"{v.stem}.{kind}{suffix}", enc, fmt, opts)
+             for kind, (enc, fmt, suffix, opts) in INTRA_CODECS.items() for v in videos]
+    clips.append(encode_1080p(tmp / "synthetic_1080p_main10.mp4", 4.0, codec="libx265", pix_fmt="yuv420p10le"))
+    print(f"\nms of CPU per source frame, first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
+    print(f"| file | {' | '.join(readers)} | **streamer / fastest** | streamer / every frame decoded |")
+    print("|---|" + "---:|" * (len(readers) + 2))
+    for clip in clips:
+        ms = best_ms_per_frame(readers, clip)
+        fastest = min(ms["opencv 1 thread"], ms["pyav 1 thread, no conversion"])
+        cells = " | ".join(f"{x:.3f}" for x in ms.values())
+        print(f"| {clip.name} | {cells} | **{fastest / ms['streamer']:.2f}x** | "
+              f"{ms['streamer, every frame decoded'] / ms['streamer']:.2f}x |", flush=True)
 
 
 def gpu_decoding(videos: list[Path], tmp: Path, threads: list[str]) -> None:
@@ -577,13 +640,15 @@ def random_access(path, n=30, seed=0):
     return out
 
 
-def encode_1080p(path: Path, seconds: float, fps: int = 30, scale: int = 1, codec: str = "libx264") -> Path:
+def encode_1080p(path: Path, seconds: float, fps: int = 30, scale: int = 1, codec: str = "libx264",
+                 pix_fmt: str = "yuv420p") -> Path:
     """A texture panning 8 px a frame at 1920x1080 (``scale`` 2: 3840x2160, a phone's 4K), H.264
-    or, with ``codec="libx265"``, HEVC (what phones record)."""
+    or, with ``codec="libx265"``, HEVC (what phones record; ``pix_fmt="yuv420p10le"``: Main 10,
+    what they record in HDR)."""
     c = av.open(str(path), "w")
     preset = {"libx264": "veryfast", "libx265": "ultrafast"}[codec]
     s = c.add_stream(codec, rate=fps, options={"preset": preset, "crf": "23"})
-    s.width, s.height, s.pix_fmt = 1920 * scale, 1080 * scale, "yuv420p"
+    s.width, s.height, s.pix_fmt = 1920 * scale, 1080 * scale, pix_fmt
     rng = np.random.default_rng(0)
     base = cv2.resize(rng.integers(0, 255, (270, 480 + int(seconds * fps) * 2, 3), dtype=np.uint8),
                       None, fx=4 * scale, fy=4 * scale, interpolation=cv2.INTER_CUBIC)
@@ -697,7 +762,7 @@ def main() -> int:
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
     ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "mvs",
-                                       "long", "loop", "gpu"],
+                                       "intra", "long", "loop", "gpu"],
                     default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
@@ -752,6 +817,8 @@ def main() -> int:
         decode_table(videos, Path(args.kitchen))
     if args.only in (None, "budget"):
         analysis_budget(videos)
+    if args.only in (None, "intra"):
+        intra_decoding(videos, tmp)
     if args.only in (None, "gpu"):
         gpu_decoding(videos, tmp, args.gpu_threads)
     if args.only in (None, "mvs"):

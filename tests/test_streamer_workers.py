@@ -367,6 +367,25 @@ def test_a_gpu_decoder_gives_the_frames_and_glances_of_the_cpu_decoder(tmp_path)
         assert [[v.index for v in w.views] for w in runs[0][0]] == [[v.index for v in w.views] for w in runs[1][0]]
 
 
+@pytest.mark.skipif(cuda_decoder_problem() is not None, reason=str(cuda_decoder_problem()))
+def test_a_gpu_decoder_glances_at_10_bit_hevc_from_its_planes_as_the_cpu_decoder_does(tmp_path):
+    """HEVC Main 10 (phones' HDR video): NVDEC hands back P010, the CPU decoder yuv420p10le, the
+    same samples; both are glanced at from their planes, within the bounds of
+    ``test_glance_from_10_bit_planes_is_the_glance_of_the_same_picture_in_8_bits``."""
+    from streamer.sources import _open_video
+
+    clip = encode(tmp_path / "pan10.mp4", panning_frames(12, 256, 192, step=4), codec="libx265",
+                  pix_fmt="yuv420p10le")
+    with _open_video(str(clip), "cuda") as container:
+        assert next(container.decode(video=0)).format.name == "p010le"  # decoded on the GPU
+    errors = Events()
+    got, want = decoded(VideoSource(clip, decoder="cuda", on_error=errors)), decoded(VideoSource(clip))
+    assert not errors and [f[0] for f in got] == [f[0] for f in want]
+    for (_, glance, _), (_, want_glance, _) in zip(got, want):
+        assert np.abs(glance.grey.astype(int) - want_glance.grey).max() <= 2
+        assert np.abs(glance.colour.astype(int) - want_glance.colour).max() <= 5
+
+
 def test_video_frames_convert_to_rgb_only_when_asked(tmp_path):
     truth = panning_frames(6, 64, 48)
     src = VideoSource(encode(tmp_path / "pan.mp4", truth))
