@@ -140,3 +140,20 @@ def test_an_intra_frame_of_another_size_is_named_and_lost(tmp_path):
     with pytest.raises(FrameLost):
         frames[5].glance
     assert errors and errors[0][0] == "size_changed" and "96x64" in errors[0][1]
+
+
+def test_a_long_intra_video_is_shared_in_segments_with_the_frames_of_the_whole_file(tmp_path):
+    """Decode workers share a long video in segments (``streamer.segments``); an intra-only
+    video's segments start at any frame and give the whole file's indices, stamps and pixels."""
+    from streamer import segments
+
+    clip = intra_clip(tmp_path, "mjpeg", panning_frames(240, 96, 64, step=2, seed=5))
+    full = {f.index: (f.timestamp, f.rgb) for f in VideoSource(clip, decode_threads=1).frames()}
+    parts = segments.plan(clip, 60)
+    assert [(p.start, p.stop) for p in parts] == [(0, 60), (60, 120), (120, 180), (180, 240)]
+    for part in parts:
+        frames = list(VideoSource(clip, decode_threads=1).frames(segment=part))
+        assert [f.index for f in frames] == list(range(part.start, part.stop))
+        for f in frames[::-1]:
+            timestamp, rgb = full[f.index]
+            assert f.timestamp == timestamp and np.array_equal(f.rgb, rgb)
