@@ -672,8 +672,9 @@ class IntraDecoder:
 
     def __init__(self, path: Path):
         self.path = path
-        self.first = None
-        """The first frame decoded (None: none yet; packets are decoded at once until one is)."""
+        self.first: tuple[int, int, float] | None = None
+        """Width, height and rotation of the first frame decoded (None: none yet; packets are
+        decoded at once until one is)."""
         self.failures = 0
         """Frames in a row that could not be decoded when looked at."""
 
@@ -687,7 +688,7 @@ class IntraDecoder:
         if self.first is None:
             decoded = packet.decode()
             if decoded:
-                self.first = decoded[0]
+                self.first = (decoded[0].width, decoded[0].height, getattr(decoded[0], "rotation", 0))
             return decoded
         return [PacketFrame(self, packet)] if packet.size else []
 
@@ -702,11 +703,11 @@ class IntraDecoder:
         if len(decoded) != 1 or getattr(decoded[0], "is_corrupt", False):
             self.failures += 1
             raise SourceError("corrupt_frame", f"{self.path} frame {index}: flagged corrupt by the decoder")
-        vframe, first = decoded[0], self.first
-        if (vframe.width, vframe.height) != (first.width, first.height):
+        vframe, (width, height, _) = decoded[0], self.first
+        if (vframe.width, vframe.height) != (width, height):
             self.failures += 1
             raise SourceError("size_changed", f"{self.path} frame {index}: {vframe.width}x{vframe.height}, the "
-                                              f"stream began at {first.width}x{first.height}")
+                                              f"stream began at {width}x{height}")
         self.failures = 0
         return vframe
 
@@ -727,9 +728,9 @@ class PacketFrame:
         self.key_frame = True
         self.value = None
 
-    width = property(lambda self: self.decoder.first.width)
-    height = property(lambda self: self.decoder.first.height)
-    rotation = property(lambda self: getattr(self.decoder.first, "rotation", 0))
+    width = property(lambda self: self.decoder.first[0])
+    height = property(lambda self: self.decoder.first[1])
+    rotation = property(lambda self: self.decoder.first[2])
 
     def decoded(self, index: int):
         """The decoded frame (``index``: its index, for the report); raises :class:`SourceError`."""

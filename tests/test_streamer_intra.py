@@ -157,3 +157,14 @@ def test_a_long_intra_video_is_shared_in_segments_with_the_frames_of_the_whole_f
         for f in frames[::-1]:
             timestamp, rgb = full[f.index]
             assert f.timestamp == timestamp and np.array_equal(f.rgb, rgb)
+
+
+def test_an_intra_video_with_a_display_matrix_is_turned_upright_frame_by_frame(tmp_path):
+    from streamer_media import rotate_mp4
+
+    truth = panning_frames(6, 48, 32)
+    frames = list(VideoSource(rotate_mp4(intra_clip(tmp_path, "prores", truth)), decode_threads=1).frames())
+    assert len(frames) == 6
+    for f, rgb in zip(frames, truth):  # the first decoded as read, the others when asked
+        assert f.rgb.shape == (48, 32, 3) and np.abs(f.rgb.astype(int) - np.rot90(rgb, -1)).mean() < 12
+        assert f.glance.grey.shape == (240, 160)
