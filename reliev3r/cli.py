@@ -179,6 +179,9 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
         command = " ".join(["reliev3r", *(sys.argv[1:] if argv is None else argv)])
         if args.distill is not None:
             from reliev3r.distill import distill
+            from reliev3r.service import die_with_supervisor
+
+            die_with_supervisor()  # a teacher refresh of `reliev3r up` ends with the run
 
             return distill(args, command=command)
         if args.frames or args.views or args.gap:

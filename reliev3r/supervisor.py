@@ -228,9 +228,12 @@ class Supervisor:
             cmd = [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
                    "--out", str(self.teacher_file.parent), "--device", lc.device,
                    "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *recipe(lc.device)]
+            # its own session (a SIGINT at the terminal reaches the supervisor only), gone with the
+            # supervisor all the same, even if it is SIGKILLed (RELIEV3R_SUPERVISED: die_with_supervisor)
+            env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid())}
             with open(self.run_dir / "logs" / "distill.log", "ab") as log:
                 self._distill = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True)
+                                                 env=env, start_new_session=True)
             self._refresh = "distilling"
             self._print(f"snapshot of step {step}: distilling the learner into a new teacher for "
                         f"{lc.refresh_seconds:g} s (log: {self.run_dir / 'logs' / 'distill.log'})")

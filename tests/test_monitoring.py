@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from monitoring.metrics import Metrics
 from reliev3r import cli, status
 from reliev3r.config import free_port
+from helpers_processes import running
 
 
 @pytest.fixture()
@@ -218,6 +219,9 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         (tmp_path / "snapshots" / "step-000000006" / "meta.json").write_text("{not json")
         sup._refresh_teacher()
         assert sup._refresh == "distilling" and "distilling the learner" in sup.out.getvalue()
+        # it ends with the supervisor, even a SIGKILLed one (die_with_supervisor, read while it starts)
+        environ = Path(f"/proc/{sup._distill.pid}/environ").read_bytes().split(b"\0")
+        assert f"RELIEV3R_SUPERVISED={os.getpid()}".encode() in environ
         held = {k: v["held"] for k, v in json.loads((tmp_path / "processes.json").read_text()).items() if k != "supervisor"}
         assert held == {"streamer": None, "replay": None, "labeler": "teacher refresh",
                         "learner": "teacher refresh", "evaluator": "teacher refresh"}, held
@@ -236,6 +240,26 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         assert all(not c.overrides for c in sup.children.values())
     finally:
         sup.metrics.close()
+
+
+@pytest.mark.timeout(120)  # bounds a hang only
+def test_a_process_the_supervisor_starts_dies_when_the_supervisor_is_sigkilled():
+    """``die_with_supervisor`` (every stage, and a teacher refresh's distillation, each in a
+    session of its own): the kernel ends the process when the supervisor dies, even by SIGKILL."""
+    child = ("import os, time; from reliev3r.service import die_with_supervisor; die_with_supervisor(); "
+             "print(os.getpid(), flush=True); time.sleep(600)")
+    supervisor = ("import os, subprocess, sys, time; env = {**os.environ, 'RELIEV3R_SUPERVISED': str(os.getpid())}; "
+                  f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env, start_new_session=True); "
+                  "time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", supervisor], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    assert running(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 60
+    while running(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running(pid)
 
 
 def test_a_refresh_still_distilling_when_the_run_ends_is_stopped_and_said(tmp_path):

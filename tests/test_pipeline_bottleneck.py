@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 import pytest
+
+from helpers_processes import running
 
 SPEC = importlib.util.spec_from_file_location(
     "pipeline_bottleneck", Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_bottleneck.py")
@@ -131,15 +132,9 @@ def test_stopping_the_pipeline_leaves_no_stage_running(tmp_path):
     pb.stop_pipeline(up, timeout=1.0)
     assert up.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 30
-    while _running(stage):  # killed, the stage is gone or a zombie left for whoever reaps orphans
+    while running(stage):  # killed, the stage is gone or a zombie left for whoever reaps orphans
         if time.monotonic() > deadline:
             pytest.fail("the stage outlived the pipeline's stop")
         time.sleep(0.05)
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
