@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -326,16 +327,14 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path, monkeypatch, upd
         ctx.destroy(linger=0)
 
 
-class SlowGPUTrainer(FusedTrainer):
-    """:class:`FusedTrainer` on a GPU that takes ``SPAN_S`` for each step: :meth:`PendingStep.done`
-    says not done until then (reading the step does not wait: its numbers are on the CPU)."""
-
-    SPAN_S = 3.0
+class BusyGPUTrainer(FusedTrainer):
+    """:class:`FusedTrainer` on a GPU that is still running each step whenever the learner asks
+    (:meth:`PendingStep.done` is never true; reading the step does not wait: its numbers are on
+    the CPU): a batch always comes while a step is in flight, however fast or slow the host."""
 
     def launch(self, *args, **kwargs):
         pending = super().launch(*args, **kwargs)
-        ready_at = time.monotonic() + self.SPAN_S
-        pending.done = lambda: time.monotonic() >= ready_at
+        pending.done = lambda: False
         return pending
 
 
@@ -343,17 +342,18 @@ class SlowGPUTrainer(FusedTrainer):
 def test_a_batch_that_comes_while_the_gpu_runs_a_step_is_launched_behind_it(tmp_path, monkeypatch):
     """With no batch ready after a launch, the learner waits for one while the GPU is busy and
     launches it behind the step in flight: only a wait with the GPU done counts as waiting for
-    data. The replay here answers each sample after 0.3 s, so that no batch is ready when a step
-    has been launched (a learner that read the step in flight then, as before, counted a wait
-    each step), and each step keeps the GPU 3 s: the one wait counted is the first sample's
-    "not_ready", before any step was in flight."""
+    data. The replay here answers each sample after 0.3 s, so that no batch is ready just after
+    a step is launched (a learner that read the step in flight then, as before, counted a wait
+    each step), and the GPU is busy with every step in flight: the only wait that may count is
+    the first sample's, before any step was in flight (none where the host took 0.3 s to get
+    there)."""
     import zmq
 
     from learner import service
     from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
-    monkeypatch.setattr(service, "Trainer", SlowGPUTrainer)
+    monkeypatch.setattr(service, "Trainer", BusyGPUTrainer)
     port = free_port()
     ctx = zmq.Context()
     replay = FakeReplay(ctx, port, delay_s=0.3)
@@ -363,7 +363,8 @@ def test_a_batch_that_comes_while_the_gpu_runs_a_step_is_launched_behind_it(tmp_
             assert service.run(cfg, runtime, loss_fn=toy_loss) == 0
             assert runtime.status["step"] == 3
             text = _metrics_text(runtime)
-        assert "reliev3r_learner_data_waits_total 1.0" in text
+        waits = float(re.search(r"^reliev3r_learner_data_waits_total (\S+)$", text, re.M).group(1))
+        assert waits <= 1.0, text
         assert "reliev3r_learner_samples_total 6.0" in text
     finally:
         replay.close()
