@@ -1030,6 +1030,9 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
     ``symlink_loop``, ``permission_denied``, ``not_a_file``, ``empty_folder``, ...) and skipped,
     and every other source is returned. ``ground_truth=False``: the sources' frames carry no
     ground truth (an image sequence does not read it). ``decoder``: the videos' (:data:`DECODERS`)."""
+    video = functools.partial(VideoSource, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth,
+                              decoder=decoder)
+    images = functools.partial(ImageSequenceSource, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)
     sources: list[Source] = []
     for spec in specs:
         if "://" in spec or spec.startswith("/dev/video"):
@@ -1046,8 +1049,7 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
             on_error(source_name(path), "missing", f"{spec}: no file matches")
             continue
         for p in matched:
-            sources.extend(_guarded(p, lambda p=p: _sources_at(p, fov_deg, on_error, ground_truth, decoder),
-                                    on_error))
+            sources.extend(_guarded(p, lambda p=p: _sources_at(p, video, images, on_error), on_error))
     return sources
 
 
@@ -1073,28 +1075,30 @@ def _matches(spec: str, path: Path) -> list[Path]:
     return [Path(p) for p in sorted(found)]
 
 
-def _sources_at(p: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool = True,
-                decoder: str = "cpu") -> list[Source]:
+def _sources_at(p: Path, video: Callable[[Path], VideoSource], images: Callable[[Path], ImageSequenceSource],
+                on_error: ErrorSink) -> list[Source]:
+    """The sources at an existing path (``video``, ``images``: a video file's and an image
+    folder's source, with the caller's options)."""
     if inspect_path(p) == "file":
-        return [VideoSource(p, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth, decoder=decoder)]
+        return [video(p)]
     entries = list(p.iterdir())
     if not entries:
         raise SourceError("empty_folder", f"{p}: nothing in it")
     if any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries):
-        return [ImageSequenceSource(p, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)]
+        return [images(p)]
     videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES)
     if not videos:
         raise SourceError("no_frames", f"{p}: no videos or images")
     sources: list[Source] = []
     for q in videos:
-        sources.extend(_guarded(q, lambda q=q: _video_file(q, fov_deg, on_error, ground_truth, decoder), on_error))
+        sources.extend(_guarded(q, lambda q=q: _video_file(q, video), on_error))
     return sources
 
 
-def _video_file(path: Path, fov_deg: float, on_error: ErrorSink, ground_truth: bool, decoder: str) -> list[Source]:
+def _video_file(path: Path, video: Callable[[Path], VideoSource]) -> list[Source]:
     if inspect_path(path) != "file":
         raise SourceError("not_a_file", f"{path}: a folder")
-    return [VideoSource(path, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth, decoder=decoder)]
+    return [video(path)]
 
 
 def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
