@@ -24,9 +24,9 @@ analysis included, against the fastest plain reader's) into what decoding alone 
 streamer's source (every frame, and only the reference frames: the most any reader could leave
 undecoded) and what its analysis costs, against the time per frame the fastest reader (OpenCV
 on one thread) spends in all; and times the same analysis fed by that reader (its BGR frames
-to RGB, the glance made from them), the peer with the streamer's work. ``--only intra`` re-encodes the videos
-as Motion JPEG and ProRes (intra-only: a frame decoded only when looked at) and times the
-streamer on them and on a 10-bit HEVC clip against the readers. ``--only gpu`` times
+to RGB, the glance made from them), the peer with the streamer's work. ``--only intra``
+re-encodes the videos as Motion JPEG and ProRes (intra-only: a frame decoded only when looked
+at) and times the streamer on them and on a 10-bit HEVC clip against the readers. ``--only gpu`` times
 ``streamer.decoder: cuda`` (NVDEC) beside the CPU decoder and the fastest reader, CPU and wall
 time per frame (where FFmpeg opens no CUDA decoder it says why). ``--only long`` makes
 one long video of a clip repeated (packets copied) and times the window stream over it in
@@ -284,10 +284,12 @@ def analysis_budget(videos: list[Path]) -> None:
               flush=True)
 
 
-INTRA_CODECS = {"mjpeg": ("mjpeg", "yuvj420p", ".avi", {"qscale": "3"}),
+INTRA_CODECS = {"mjpeg": ("mjpeg", "yuvj420p", ".avi", {}),
                 "prores": ("prores_ks", "yuv422p10le", ".mov", {"profile": "2"})}
 """Intra-only codecs (encoder, pixel format, container, options) of ``--only intra``: a camera's
 or webcam's Motion JPEG, and ProRes 422 (10-bit), what editors and cinema cameras record."""
+MJPEG_QUANTISER = 3
+"""FFmpeg's MJPEG quality: its quantiser held at this (2-31, lower is better)."""
 
 
 def transcode(path: Path, out: Path, encoder: str, pix_fmt: str, options: dict) -> Path:
@@ -296,8 +298,8 @@ def transcode(path: Path, out: Path, encoder: str, pix_fmt: str, options: dict) 
         s_in = src.streams.video[0]
         s = dst.add_stream(encoder, rate=s_in.average_rate or 30, options=options)
         s.width, s.height, s.pix_fmt = s_in.codec_context.width, s_in.codec_context.height, pix_fmt
-        if encoder == "mjpeg":  # FFmpeg's MJPEG quality comes from the quantiser bounds
-            s.codec_context.qmin = s.codec_context.qmax = int(options["qscale"])
+        if encoder == "mjpeg":
+            s.codec_context.qmin = s.codec_context.qmax = MJPEG_QUANTISER
         for i, frame in enumerate(src.decode(s_in)):
             if i >= MAX_FRAMES[0]:
                 break
