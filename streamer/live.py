@@ -20,7 +20,9 @@ next keyframe is dropped (``streamer.sources.DamageGate``) and the next frame ke
 ``discontinuity`` as well.
 
 The reader keeps decoding in real time whatever the consumer does: frames wait in a short
-drop-oldest queue (a live feed cannot be paused; ``dropped`` events count what was lost).
+drop-oldest queue (a live feed cannot be paused; ``dropped`` events count what was lost). As
+decoded, not converted: the consumer glances at a frame from its planes when a test looks at it,
+and converts it to RGB only when it becomes a view (``streamer.sources.frame_pixels``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from streamer.sources import DamageGate, ErrorSink, Frame, fov_intrinsics, _log_error
+from streamer.sources import DamageGate, ErrorSink, Frame, _log_error, fov_intrinsics, frame_pixels
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "tcp://", "udp://", "rtp://", "srt://")
 EventSink = Callable[[str, str, float], None]
@@ -169,6 +171,7 @@ class LiveSource:
 
     def _read_once(self, generation: int) -> bool:
         import av  # here, not at the top: a streamer of image folders runs without PyAV
+        from av.video.reformatter import VideoReformatter
 
         options, fmt = open_options(self.url, self.read_timeout_s)
         try:
@@ -187,6 +190,7 @@ class LiveSource:
                 if generation == self._generation:
                     self._reading_since = time.monotonic()
             stream = container.streams.video[0]
+            reformatter = VideoReformatter()  # used by the consumer alone, which converts the frames
             # Lost or damaged packets: what the decoder conceals up to the next keyframe is dropped
             # and the next frame starts a new window (a receiver that joins mid-stream waits for
             # its first keyframe the same way; that is not counted).
@@ -210,8 +214,9 @@ class LiveSource:
                     keep, report = gate.check(vframe)
                     if report == "corrupt_frame" and got:
                         self.on_error(self.name, report, f"{self.url}: a frame flagged corrupt by the decoder")
-                    if keep:
-                        self._push(vframe.to_ndarray(format="rgb24"), generation, damaged=gate.take_gap())
+                    if keep:  # converted by the consumer, only where a test looks or a view is made
+                        rgb, look = frame_pixels(reformatter, vframe)
+                        self._push(rgb, (vframe.width, vframe.height), generation, damaged=gate.take_gap(), glance=look)
                         got = True
                     else:  # damaged, not stalled: the watchdog must not reconnect a feed that decodes
                         with self._cond:
@@ -227,7 +232,10 @@ class LiveSource:
             container.close()
         return got
 
-    def _push(self, rgb: np.ndarray, generation: int, *, damaged: bool = False) -> None:
+    def _push(self, rgb: np.ndarray | Callable[[], np.ndarray], size: tuple[int, int], generation: int, *,
+              damaged: bool = False, glance: Callable | None = None) -> None:
+        """Queue a frame of ``size`` (width, height): its RGB, or a function that makes it (and
+        ``glance``, one that makes its glance: ``Frame``)."""
         now = time.monotonic()
         with self._cond:
             if generation != self._generation:
@@ -245,9 +253,9 @@ class LiveSource:
                         self._queue[0].discontinuity = True
                     else:
                         gap = True
-            h, w = rgb.shape[:2]
+            w, h = size
             self._queue.append(Frame(self._index, now - self._t0, rgb, fov_intrinsics(self.fov_deg, w, h),
-                                     discontinuity=gap or damaged))
+                                     discontinuity=gap or damaged, glance=glance))
             self._index += 1
             self._last_frame_at = now
             self._cond.notify_all()

@@ -518,8 +518,7 @@ class VideoSource:
                     intrinsics = (self._intrinsics(shape[1], shape[0]), shape)
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
-                rgb = functools.partial(_rgb_of, reformatter, vframe, turns, i)
-                look = functools.partial(_glance_of_frame, vframe, turns, i)
+                rgb, look = frame_pixels(reformatter, vframe, turns, i)
                 if isinstance(vframe, PacketFrame):  # decoded when looked at: one that fails is a gap
                     report = functools.partial(self.on_error, self.name)
                     rgb, look = _Once(rgb, report), _Once(look, report)
@@ -771,6 +770,15 @@ SCALE_THREADS = 1
 """libswscale threads for a kept view's RGB conversion. PyAV's default (0: one per core) cost
 0.06-0.4 ms more CPU a view than one thread at 640x272-1296x720 on 2 cores, for the same pixels
 (docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
+
+
+def frame_pixels(reformatter: VideoReformatter, vframe, turns: int = 0, index: int = 0) -> tuple[Callable, Callable]:
+    """(RGB, glance) of a decoded frame (or a :class:`PacketFrame`, ``index`` its index), each a
+    function of no arguments for :class:`Frame`: a frame's pixels are converted only when a test
+    looks at it (its glance, from the decoder's planes) or it becomes a view (its RGB, with
+    ``reformatter``, one per consumer). ``turns``: quarter turns upright."""
+    return (functools.partial(_rgb_of, reformatter, vframe, turns, index),
+            functools.partial(_glance_of_frame, vframe, turns, index))
 
 
 def _rgb_of(reformatter: VideoReformatter, vframe, turns: int, index: int) -> np.ndarray:

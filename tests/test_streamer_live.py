@@ -110,35 +110,21 @@ def test_live_spec_parsing():
     assert open_options("/dev/video2", 1.0) == ({}, "v4l2")
 
 
-def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path, wait_for):
-    """An MPEG-TS feed over TCP (a server in this test) that lost transport packets: nothing
-    raises, the decoder conceals what it lost until the next keyframe. Those frames are dropped,
-    the loss is counted, and the first frame after it starts a new window."""
+def read_feed(data: bytes, wait_for) -> tuple[list, list[str], object]:
+    """(frames, reasons reported, source) of a live MPEG-TS feed over TCP that sends ``data`` to
+    one connection, then is gone (a server in this test)."""
     import socket
     import threading
 
-    import numpy as np
-
-    from streamer.config import StreamerConfig
     from streamer.live import LiveSource
-    from streamer.sources import VideoSource
-    from streamer.windows import windows_of
 
-    truth = panning_frames(40, 128, 96)
-    clean = encode(tmp_path / "clean.ts", truth, gop=10)
-    feed = drop_ts_packets(clean, tmp_path / "lossy.ts").read_bytes()
-
-    def likeness(frame):  # mean absolute difference to the closest true frame
-        return min(float(np.abs(frame.rgb.astype(int) - t).mean()) for t in truth)
-
-    limit = 1.3 * max(likeness(f) for f in VideoSource(clean).frames())
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
 
     def serve():  # one connection gets the whole feed, then the server is gone
         conn, _ = server.accept()
         with conn:
-            conn.sendall(feed)
+            conn.sendall(data)
         server.close()
 
     threading.Thread(target=serve, daemon=True).start()
@@ -159,6 +145,27 @@ def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path, wait_for):
     finally:
         stop.set()
         consumer.join(60)  # bounds a hang only: it returns within a 0.1 s wait once stop is set
+    return frames, errors, src
+
+
+def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path, wait_for):
+    """An MPEG-TS feed over TCP (a server in this test) that lost transport packets: nothing
+    raises, the decoder conceals what it lost until the next keyframe. Those frames are dropped,
+    the loss is counted, and the first frame after it starts a new window."""
+    import numpy as np
+
+    from streamer.config import StreamerConfig
+    from streamer.sources import VideoSource
+    from streamer.windows import windows_of
+
+    truth = panning_frames(40, 128, 96)
+    clean = encode(tmp_path / "clean.ts", truth, gop=10)
+
+    def likeness(frame):  # mean absolute difference to the closest true frame
+        return min(float(np.abs(frame.rgb.astype(int) - t).mean()) for t in truth)
+
+    limit = 1.3 * max(likeness(f) for f in VideoSource(clean).frames())
+    frames, errors, src = read_feed(drop_ts_packets(clean, tmp_path / "lossy.ts").read_bytes(), wait_for)
     assert "corrupt_packet" in errors and 10 <= len(frames) < 40, (errors, len(frames))
     assert all(likeness(f) < limit for f in frames), [round(likeness(f), 1) for f in frames]
     assert any(f.discontinuity for f in frames[1:])
@@ -167,6 +174,22 @@ def test_lost_packets_in_a_live_feed_never_reach_a_window(tmp_path, wait_for):
     marked = {f.index for f in frames if f.discontinuity}
     windows = [[v.index for v in w.views] for w in windows_of(src.name, iter(frames), cfg)]
     assert windows and not any(i in marked for w in windows for i in w[1:]), (windows, marked)
+
+
+def test_live_frames_are_converted_only_when_looked_at_as_a_video_files_are(tmp_path, wait_for):
+    """The reader thread queues decoded frames: a frame's glance is made from its planes when
+    a test asks, its RGB only when it becomes a view; both are a video file's, to the bit."""
+    import numpy as np
+
+    from streamer.sources import VideoSource
+
+    clip = encode(tmp_path / "clean.ts", panning_frames(12, 128, 96), gop=4)
+    frames, errors, _ = read_feed(clip.read_bytes(), wait_for)
+    assert len(frames) == 12 and all(callable(f._rgb) and callable(f._glance) for f in frames), errors
+    for live, archived in zip(frames, VideoSource(clip).frames()):
+        np.testing.assert_array_equal(live.glance.grey, archived.glance.grey)
+        np.testing.assert_array_equal(live.glance.colour, archived.glance.colour)
+        np.testing.assert_array_equal(live.rgb, archived.rgb)
 
 
 def test_a_dropped_frame_passes_its_discontinuity_on():
@@ -179,5 +202,5 @@ def test_a_dropped_frame_passes_its_discontinuity_on():
     src = LiveSource("tcp://127.0.0.1:9", queue_frames=2)
     rgb = np.zeros((16, 16, 3), np.uint8)
     for damaged in (False, True, False, False):  # the 3rd and 4th push drop the 1st and 2nd frames
-        src._push(rgb, 0, damaged=damaged)
+        src._push(rgb, (16, 16), 0, damaged=damaged)
     assert [(f.index, f.discontinuity) for f in src._queue] == [(2, True), (3, False)]
