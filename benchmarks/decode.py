@@ -15,6 +15,7 @@ frames it covers: it leaves non-reference frames no keyframe test needs undecode
     .venv/bin/python benchmarks/decode.py --only streamer [--extra DIR ...]
     .venv/bin/python benchmarks/decode.py --only budget
     .venv/bin/python benchmarks/decode.py --only intra
+    .venv/bin/python benchmarks/decode.py --only live
     .venv/bin/python benchmarks/decode.py --only gpu
     .venv/bin/python benchmarks/decode.py --only long [--long FILE] [--long-repeats 24]
     .venv/bin/python benchmarks/decode.py --only loop [--loop-workers 2] [--loop-interleave 2 4] [--loop-seconds 10]
@@ -26,7 +27,9 @@ undecoded) and what its analysis costs, against the time per frame the fastest r
 on one thread) spends in all; and times the same analysis fed by that reader (its BGR frames
 to RGB, the glance made from them), the peer with the streamer's work. ``--only intra``
 re-encodes the videos as Motion JPEG and ProRes (intra-only: a frame decoded only when looked
-at) and times the streamer on them and on a 10-bit HEVC clip against the readers. ``--only gpu`` times
+at) and times the streamer on them and on a 10-bit HEVC clip against the readers. ``--only
+live`` times live feeds of the videos (MPEG-TS over TCP) against the same files read as archives.
+``--only gpu`` times
 ``streamer.decoder: cuda`` (NVDEC) beside the CPU decoder and the fastest reader, CPU and wall
 time per frame (where FFmpeg opens no CUDA decoder it says why). ``--only long`` makes
 one long video of a clip repeated (packets copied) and times the window stream over it in
@@ -344,6 +347,66 @@ def intra_decoding(videos: list[Path], tmp: Path) -> None:
         cells = " | ".join(f"{x:.3f}" for x in ms.values())
         print(f"| {clip.name} | {cells} | **{fastest / ms['streamer']:.2f}x** | "
               f"{ms['streamer, every frame decoded'] / ms['streamer']:.2f}x |", flush=True)
+
+
+def live_feed(data: bytes) -> int:
+    """Frames of a live MPEG-TS feed over TCP (``streamer.live.LiveSource``; a server thread here
+    sends ``data`` to one connection, then closes) through the streamer's window builder, until
+    the feed has ended and every frame is taken (a queue that holds them all: none dropped)."""
+    import socket
+
+    from streamer.live import LiveSource
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(data)
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    ended, stop = threading.Event(), threading.Event()
+    src = LiveSource(f"tcp://127.0.0.1:{server.getsockname()[1]}", stop=stop, queue_frames=MAX_FRAMES[0] + 1,
+                     on_error=lambda s, r, d: r == "feed_ended" and ended.set(), stall_timeout_s=60.0)
+    count = [0]
+
+    def frames():
+        for frame in src.frames():  # until stop is set
+            count[0] += 1
+            yield frame
+
+    def stop_when_taken():  # the feed over and its last frame taken (a short wait: it may be in hand)
+        ended.wait()
+        while src._queue:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        stop.set()
+
+    threading.Thread(target=stop_when_taken, daemon=True).start()
+    try:
+        for _ in windows_of(src.name, frames(), StreamerConfig(**WINDOW_CFG)):
+            pass
+    finally:
+        stop.set()
+    return count[0]
+
+
+def live_cost(videos: list[Path], tmp: Path) -> None:
+    """CPU ms per frame of a live feed of each video (its first ``MAX_FRAMES`` frames in H.264 in
+    MPEG-TS, what cameras stream) read by ``LiveSource`` and windowed, against the same file read as
+    an archive (``VideoSource``, the streamer path with FFmpeg's threads, as a live feed
+    decodes); best of ``REPEATS`` turns, in turn. Run it under two versions of ``streamer``
+    (``PYTHONPATH``) for a before/after."""
+    print(f"\nms of CPU per frame, first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
+    print("| file | live feed (TCP MPEG-TS) | archive (streamer path) | live / archive |")
+    print("|---|---:|---:|---:|")
+    for v in videos:
+        ts = transcode(v, tmp / f"{v.stem}.ts", "libx264", "yuv420p", {"preset": "veryfast", "crf": "23"})
+        data = ts.read_bytes()
+        ms = best_ms_per_frame({"live": lambda p: live_feed(data), "archive": lambda p: streamer_path(p, threads=0)},
+                               ts)
+        print(f"| {v.name} | {ms['live']:.3f} | {ms['archive']:.3f} | {ms['live'] / ms['archive']:.2f}x |", flush=True)
 
 
 def gpu_decoding(videos: list[Path], tmp: Path, threads: list[str]) -> None:
@@ -764,7 +827,7 @@ def main() -> int:
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="turns per file (best of); the readers take turns")
     ap.add_argument("--only", choices=["decode", "workers", "extras", "windows", "streamer", "budget", "mvs",
-                                       "intra", "long", "loop", "gpu"],
+                                       "intra", "live", "long", "loop", "gpu"],
                     default=None)
     ap.add_argument("--windows-out", default="windows.json", help="--only windows: where the decisions go")
     ap.add_argument("--extra", action="append", default=[], help="--only windows|streamer: more files or folders")
@@ -821,6 +884,8 @@ def main() -> int:
         analysis_budget(videos)
     if args.only in (None, "intra"):
         intra_decoding(videos, tmp)
+    if args.only in (None, "live"):
+        live_cost(videos, tmp)
     if args.only in (None, "gpu"):
         gpu_decoding(videos, tmp, args.gpu_threads)
     if args.only in (None, "mvs"):
