@@ -349,10 +349,11 @@ def intra_decoding(videos: list[Path], tmp: Path) -> None:
               f"{ms['streamer, every frame decoded'] / ms['streamer']:.2f}x |", flush=True)
 
 
-def live_feed(data: bytes) -> int:
-    """Frames of a live MPEG-TS feed over TCP (``streamer.live.LiveSource``; a server thread here
-    sends ``data`` to one connection, then closes) through the streamer's window builder, until
-    the feed has ended and every frame is taken (a queue that holds them all: none dropped)."""
+def live_feed(data: bytes, http: bool = False) -> int:
+    """Frames of a live feed (``streamer.live.LiveSource``; a server thread here sends ``data`` to
+    one connection, then closes: over TCP, or as an HTTP server whose response is ``data``)
+    through the streamer's window builder, until the feed has ended and every frame is taken (a
+    queue that holds them all: none dropped)."""
     import socket
 
     from streamer.live import LiveSource
@@ -362,13 +363,17 @@ def live_feed(data: bytes) -> int:
     def serve():
         conn, _ = server.accept()
         with conn:
+            if http:
+                conn.recv(65536)  # the request
             conn.sendall(data)
         server.close()
 
     threading.Thread(target=serve, daemon=True).start()
     ended, stop = threading.Event(), threading.Event()
-    src = LiveSource(f"tcp://127.0.0.1:{server.getsockname()[1]}", stop=stop, queue_frames=MAX_FRAMES[0] + 1,
-                     on_error=lambda s, r, d: r == "feed_ended" and ended.set(), stall_timeout_s=60.0)
+    port = server.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/video.mjpg" if http else f"tcp://127.0.0.1:{port}"
+    src = LiveSource(url, stop=stop, queue_frames=MAX_FRAMES[0] + 1, stall_timeout_s=60.0,
+                     on_error=lambda s, r, d: r in ("feed_ended", "read_failed") and ended.set())
     count = [0]
 
     def frames():
@@ -392,21 +397,37 @@ def live_feed(data: bytes) -> int:
     return count[0]
 
 
+def mjpeg_over_http(path: Path) -> bytes:
+    """An HTTP response of Motion JPEG, as IP cameras serve it (multipart, one JPEG a part), of
+    the first ``MAX_FRAMES`` frames of ``path``."""
+    parts = [b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=frame\r\n\r\n"]
+    with av.open(str(path)) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i >= MAX_FRAMES[0]:
+                break
+            jpeg = cv2.imencode(".jpg", frame.to_ndarray(format="bgr24"), [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+            parts.append(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % jpeg.size
+                         + jpeg.tobytes() + b"\r\n")
+    return b"".join(parts)
+
+
 def live_cost(videos: list[Path], tmp: Path) -> None:
     """CPU ms per frame of a live feed of each video (its first ``MAX_FRAMES`` frames in H.264 in
-    MPEG-TS, what cameras stream) read by ``LiveSource`` and windowed, against the same file read as
-    an archive (``VideoSource``, the streamer path with FFmpeg's threads, as a live feed
-    decodes); best of ``REPEATS`` turns, in turn. Run it under two versions of ``streamer``
-    (``PYTHONPATH``) for a before/after."""
+    MPEG-TS over TCP, what cameras stream; and in Motion JPEG over HTTP, what IP cameras serve)
+    read by ``LiveSource`` and windowed, against the H.264 file read as an archive
+    (``VideoSource``, the streamer path with FFmpeg's threads, as a live feed decodes); best of
+    ``REPEATS`` turns, in turn. Run it under two versions of ``streamer`` (``PYTHONPATH``) for a
+    before/after."""
     print(f"\nms of CPU per frame, first {MAX_FRAMES[0]} frames, best of {REPEATS[0]} turns")
-    print("| file | live feed (TCP MPEG-TS) | archive (streamer path) | live / archive |")
-    print("|---|---:|---:|---:|")
+    print("| file | live feed (TCP MPEG-TS) | archive (streamer path) | live / archive | live MJPEG over HTTP |")
+    print("|---|---:|---:|---:|---:|")
     for v in videos:
         ts = transcode(v, tmp / f"{v.stem}.ts", "libx264", "yuv420p", {"preset": "veryfast", "crf": "23"})
-        data = ts.read_bytes()
-        ms = best_ms_per_frame({"live": lambda p: live_feed(data), "archive": lambda p: streamer_path(p, threads=0)},
-                               ts)
-        print(f"| {v.name} | {ms['live']:.3f} | {ms['archive']:.3f} | {ms['live'] / ms['archive']:.2f}x |", flush=True)
+        data, mjpeg = ts.read_bytes(), mjpeg_over_http(v)
+        ms = best_ms_per_frame({"live": lambda p: live_feed(data), "archive": lambda p: streamer_path(p, threads=0),
+                                "mjpeg": lambda p: live_feed(mjpeg, http=True)}, ts)
+        print(f"| {v.name} | {ms['live']:.3f} | {ms['archive']:.3f} | {ms['live'] / ms['archive']:.2f}x | "
+              f"{ms['mjpeg']:.3f} |", flush=True)
 
 
 def gpu_decoding(videos: list[Path], tmp: Path, threads: list[str]) -> None:

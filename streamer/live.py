@@ -22,11 +22,14 @@ next keyframe is dropped (``streamer.sources.DamageGate``) and the next frame ke
 The reader keeps decoding in real time whatever the consumer does: frames wait in a short
 drop-oldest queue (a live feed cannot be paused; ``dropped`` events count what was lost). As
 decoded, not converted: the consumer glances at a frame from its planes when a test looks at it,
-and converts it to RGB only when it becomes a view (``streamer.sources.frame_pixels``).
+and converts it to RGB only when it becomes a view (``streamer.sources.frame_pixels``); an
+intra-only feed (MJPEG from IP cameras and webcams) is not even decoded until then
+(``streamer.sources.IntraDecoder``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -37,7 +40,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from streamer.sources import DamageGate, ErrorSink, Frame, _log_error, fov_intrinsics, frame_pixels
+from streamer.sources import DamageGate, ErrorSink, Frame, IntraDecoder, _log_error, fov_intrinsics, frame_pixels
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "tcp://", "udp://", "rtp://", "srt://")
 EventSink = Callable[[str, str, float], None]
@@ -191,6 +194,9 @@ class LiveSource:
                     self._reading_since = time.monotonic()
             stream = container.streams.video[0]
             reformatter = VideoReformatter()  # used by the consumer alone, which converts the frames
+            # MJPEG (IP cameras, webcams): each frame decoded by the consumer when a test looks at it
+            intra = IntraDecoder.for_live(stream, self.url) if IntraDecoder.applies(stream) else None
+            report = functools.partial(self.on_error, self.name)
             # Lost or damaged packets: what the decoder conceals up to the next keyframe is dropped
             # and the next frame starts a new window (a receiver that joins mid-stream waits for
             # its first keyframe the same way; that is not counted).
@@ -200,7 +206,7 @@ class LiveSource:
                     return got
                 damaged = gate.fed(packet)
                 try:
-                    decoded = packet.decode()
+                    decoded = packet.decode() if intra is None else intra.frames(packet)
                 except av.error.FFmpegError as err:
                     damaged = damaged or not gate.suspect
                     gate.damaged()
@@ -215,7 +221,7 @@ class LiveSource:
                     if report == "corrupt_frame" and got:
                         self.on_error(self.name, report, f"{self.url}: a frame flagged corrupt by the decoder")
                     if keep:  # converted by the consumer, only where a test looks or a view is made
-                        rgb, look = frame_pixels(reformatter, vframe)
+                        rgb, look = frame_pixels(reformatter, vframe, report, index=self._index)
                         self._push(rgb, (vframe.width, vframe.height), generation, damaged=gate.take_gap(), glance=look)
                         got = True
                     else:  # damaged, not stalled: the watchdog must not reconnect a feed that decodes

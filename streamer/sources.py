@@ -518,10 +518,7 @@ class VideoSource:
                     intrinsics = (self._intrinsics(shape[1], shape[0]), shape)
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
-                rgb, look = frame_pixels(reformatter, vframe, turns, i)
-                if isinstance(vframe, PacketFrame):  # decoded when looked at: one that fails is a gap
-                    report = functools.partial(self.on_error, self.name)
-                    rgb, look = _Once(rgb, report), _Once(look, report)
+                rgb, look = frame_pixels(reformatter, vframe, functools.partial(self.on_error, self.name), turns, i)
                 yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
                             glance=look)
             if ended:
@@ -667,10 +664,14 @@ class IntraDecoder:
     once: its size and display matrix stand for the stream's (a later frame decoded at another
     size is lost as ``size_changed``). A frame that cannot be decoded when looked at is
     reported (``corrupt_packet``, ``corrupt_frame``) and taken as a gap
-    (:class:`FrameLost`)."""
+    (:class:`FrameLost`). A live feed's decoder has a codec context of its own
+    (:meth:`for_live`): its frames are decoded after the reader may have closed their
+    connection."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str, context=None):
         self.path = path
+        self.context = context
+        """The codec context frames are decoded on (None: their packet's stream's)."""
         self.first: tuple[int, int, float] | None = None
         """Width, height and rotation of the first frame decoded (None: none yet; packets are
         decoded at once until one is)."""
@@ -681,11 +682,25 @@ class IntraDecoder:
     def applies(stream) -> bool:
         return bool(getattr(stream.codec_context.codec, "intra_only", False))
 
+    @classmethod
+    def for_live(cls, stream, url: str) -> "IntraDecoder":
+        """A decoder for a live feed's intra-only ``stream``, on a codec context of its own (one
+        slice thread: it decodes in the consumer's thread, beside the feed's reader)."""
+        import av
+
+        context = av.CodecContext.create(stream.codec_context.name, "r")
+        context.extradata = stream.codec_context.extradata
+        context.thread_type, context.thread_count = "SLICE", 1
+        return cls(url, context)
+
+    def _decode(self, packet) -> list:
+        return packet.decode() if self.context is None else self.context.decode(packet)
+
     def frames(self, packet) -> list:
         """What ``packet.decode()`` would give: a :class:`PacketFrame` for a packet with a frame
         (a decoded frame until the first one is known)."""
         if self.first is None:
-            decoded = packet.decode()
+            decoded = self._decode(packet)
             if decoded:
                 self.first = (decoded[0].width, decoded[0].height, getattr(decoded[0], "rotation", 0))
             return decoded
@@ -695,7 +710,7 @@ class IntraDecoder:
         import av
 
         try:
-            decoded = packet.decode()
+            decoded = self._decode(packet)
         except av.error.FFmpegError as err:
             self.failures += 1
             raise SourceError("corrupt_packet", f"{self.path} frame {index}: {err}") from None
@@ -772,13 +787,19 @@ SCALE_THREADS = 1
 (docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
 
 
-def frame_pixels(reformatter: VideoReformatter, vframe, turns: int = 0, index: int = 0) -> tuple[Callable, Callable]:
+def frame_pixels(reformatter: VideoReformatter, vframe, report: Callable[[str, str], None], turns: int = 0,
+                 index: int = 0) -> tuple[Callable, Callable]:
     """(RGB, glance) of a decoded frame (or a :class:`PacketFrame`, ``index`` its index), each a
     function of no arguments for :class:`Frame`: a frame's pixels are converted only when a test
     looks at it (its glance, from the decoder's planes) or it becomes a view (its RGB, with
-    ``reformatter``, one per consumer). ``turns``: quarter turns upright."""
-    return (functools.partial(_rgb_of, reformatter, vframe, turns, index),
-            functools.partial(_glance_of_frame, vframe, turns, index))
+    ``reformatter``, one per consumer). ``turns``: quarter turns upright. A packet frame that
+    cannot be decoded then is reported through ``report(reason, detail)`` and lost
+    (:class:`FrameLost`: a gap)."""
+    rgb = functools.partial(_rgb_of, reformatter, vframe, turns, index)
+    look = functools.partial(_glance_of_frame, vframe, turns, index)
+    if isinstance(vframe, PacketFrame):
+        return _Once(rgb, report), _Once(look, report)
+    return rgb, look
 
 
 def _rgb_of(reformatter: VideoReformatter, vframe, turns: int, index: int) -> np.ndarray:

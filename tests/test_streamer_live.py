@@ -110,9 +110,9 @@ def test_live_spec_parsing():
     assert open_options("/dev/video2", 1.0) == ({}, "v4l2")
 
 
-def read_feed(data: bytes, wait_for) -> tuple[list, list[str], object]:
-    """(frames, reasons reported, source) of a live MPEG-TS feed over TCP that sends ``data`` to
-    one connection, then is gone (a server in this test)."""
+def read_feed(data: bytes, wait_for, http: bool = False) -> tuple[list, list[str], object]:
+    """(frames, reasons reported, source) of a live feed that sends ``data`` to one connection,
+    then is gone (a server in this test): over TCP, or as an HTTP server (``data`` its response)."""
     import socket
     import threading
 
@@ -124,13 +124,16 @@ def read_feed(data: bytes, wait_for) -> tuple[list, list[str], object]:
     def serve():  # one connection gets the whole feed, then the server is gone
         conn, _ = server.accept()
         with conn:
+            if http:
+                conn.recv(65536)  # the request
             conn.sendall(data)
         server.close()
 
     threading.Thread(target=serve, daemon=True).start()
     errors, frames, stop = [], [], threading.Event()
+    url = f"http://127.0.0.1:{port}/video.mjpg" if http else f"tcp://127.0.0.1:{port}"
     # open/read/stall timeouts bound a hang only: the feed is all there, then the server closes (EOF)
-    src = LiveSource(f"tcp://127.0.0.1:{port}", on_error=lambda s, r, d: errors.append(r), stop=stop,
+    src = LiveSource(url, on_error=lambda s, r, d: errors.append(r), stop=stop,
                      open_timeout_s=HANG_S, read_timeout_s=HANG_S, stall_timeout_s=HANG_S, queue_frames=64,
                      backoff_initial_s=0.5, backoff_max_s=0.5)
 
@@ -141,7 +144,8 @@ def read_feed(data: bytes, wait_for) -> tuple[list, list[str], object]:
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
     try:
-        wait_for(lambda: "feed_ended" in errors and not src._queue, HANG_S, "the feed's end, every frame consumed")
+        wait_for(lambda: ("feed_ended" in errors or "read_failed" in errors) and not src._queue, HANG_S,
+                 "the feed's end, every frame consumed")
     finally:
         stop.set()
         consumer.join(60)  # bounds a hang only: it returns within a 0.1 s wait once stop is set
@@ -190,6 +194,34 @@ def test_live_frames_are_converted_only_when_looked_at_as_a_video_files_are(tmp_
         np.testing.assert_array_equal(live.glance.grey, archived.glance.grey)
         np.testing.assert_array_equal(live.glance.colour, archived.glance.colour)
         np.testing.assert_array_equal(live.rgb, archived.rgb)
+
+
+def test_an_ip_cameras_mjpeg_feed_is_decoded_only_where_looked_at(wait_for, monkeypatch):
+    """Motion JPEG over HTTP (multipart, as IP cameras serve it): each frame is decoded by the
+    consumer when a test looks at it (``IntraDecoder``, on a codec context of the feed's own),
+    after the camera has closed the connection too; frames never looked at are never decoded."""
+    import cv2
+    import numpy as np
+
+    from streamer.config import StreamerConfig
+    from streamer.sources import IntraDecoder
+    from streamer.windows import windows_of
+
+    decoded = []
+    decode = IntraDecoder.decode
+    monkeypatch.setattr(IntraDecoder, "decode", lambda self, p, i: decoded.append(i) or decode(self, p, i))
+    truth = np.repeat(panning_frames(40, 128, 96, step=1).mean(axis=-1, keepdims=True).astype(np.uint8), 3, axis=-1)
+    parts = [b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=frame\r\n\r\n"]
+    for rgb in truth:
+        jpeg = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        parts.append(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n")
+    frames, errors, src = read_feed(b"".join(parts), wait_for, http=True)
+    assert len(frames) == 40 and decoded == [], errors  # the first decoded by the reader, the rest not yet
+    cfg = StreamerConfig(views=3, height=48, width=64, frame_stride=4, window_step=4, loop=False)
+    windows = list(windows_of(src.name, iter(frames), cfg))
+    assert windows and 0 < len(decoded) < 25, decoded  # of 39
+    for view in windows[0].views:
+        assert np.abs(frames[view.index].rgb.astype(int) - truth[view.index]).mean() < 3  # JPEG's loss
 
 
 def test_a_dropped_frame_passes_its_discontinuity_on():
