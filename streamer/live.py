@@ -196,7 +196,7 @@ class LiveSource:
             reformatter = VideoReformatter()  # used by the consumer alone, which converts the frames
             # MJPEG (IP cameras, webcams): each frame decoded by the consumer when a test looks at it
             intra = IntraDecoder.for_live(stream, self.url) if IntraDecoder.applies(stream) else None
-            report = functools.partial(self.on_error, self.name)
+            lost = functools.partial(self.on_error, self.name)  # a frame that fails when looked at
             # Lost or damaged packets: what the decoder conceals up to the next keyframe is dropped
             # and the next frame starts a new window (a receiver that joins mid-stream waits for
             # its first keyframe the same way; that is not counted).
@@ -221,7 +221,7 @@ class LiveSource:
                     if report == "corrupt_frame" and got:
                         self.on_error(self.name, report, f"{self.url}: a frame flagged corrupt by the decoder")
                     if keep:  # converted by the consumer, only where a test looks or a view is made
-                        rgb, look = frame_pixels(reformatter, vframe, report, index=self._index)
+                        rgb, look = frame_pixels(reformatter, vframe, lost, index=self._index)
                         self._push(rgb, (vframe.width, vframe.height), generation, damaged=gate.take_gap(), glance=look)
                         got = True
                     else:  # damaged, not stalled: the watchdog must not reconnect a feed that decodes

@@ -199,12 +199,13 @@ def test_live_frames_are_converted_only_when_looked_at_as_a_video_files_are(tmp_
 def test_an_ip_cameras_mjpeg_feed_is_decoded_only_where_looked_at(wait_for, monkeypatch):
     """Motion JPEG over HTTP (multipart, as IP cameras serve it): each frame is decoded by the
     consumer when a test looks at it (``IntraDecoder``, on a codec context of the feed's own),
-    after the camera has closed the connection too; frames never looked at are never decoded."""
+    after the camera has closed the connection too; frames never looked at are never decoded, and
+    a part whose JPEG was lost is named once looked at, and is a gap (``FrameLost``)."""
     import cv2
     import numpy as np
 
     from streamer.config import StreamerConfig
-    from streamer.sources import IntraDecoder
+    from streamer.sources import FrameLost, IntraDecoder
     from streamer.windows import windows_of
 
     decoded = []
@@ -212,8 +213,10 @@ def test_an_ip_cameras_mjpeg_feed_is_decoded_only_where_looked_at(wait_for, monk
     monkeypatch.setattr(IntraDecoder, "decode", lambda self, p, i: decoded.append(i) or decode(self, p, i))
     truth = np.repeat(panning_frames(40, 128, 96, step=1).mean(axis=-1, keepdims=True).astype(np.uint8), 3, axis=-1)
     parts = [b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=frame\r\n\r\n"]
-    for rgb in truth:
+    for i, rgb in enumerate(truth):
         jpeg = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        if i == 30:  # a part whose JPEG was lost on the way
+            jpeg = bytes(len(jpeg))
         parts.append(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n")
     frames, errors, src = read_feed(b"".join(parts), wait_for, http=True)
     assert len(frames) == 40 and decoded == [], errors  # the first decoded by the reader, the rest not yet
@@ -222,6 +225,10 @@ def test_an_ip_cameras_mjpeg_feed_is_decoded_only_where_looked_at(wait_for, monk
     assert windows and 0 < len(decoded) < 25, decoded  # of 39
     for view in windows[0].views:
         assert np.abs(frames[view.index].rgb.astype(int) - truth[view.index]).mean() < 3  # JPEG's loss
+    assert "corrupt_packet" not in errors or 30 in decoded  # named only once looked at
+    with pytest.raises(FrameLost):
+        frames[30].glance
+    assert errors.count("corrupt_packet") == 1
 
 
 def test_a_dropped_frame_passes_its_discontinuity_on():
