@@ -53,9 +53,11 @@ def glance_of_rgb(rgb: np.ndarray) -> Glance:
 
 
 PLANAR_YUV = {"yuv420p": False, "yuv422p": False, "yuv444p": False, "yuvj420p": True, "yuvj422p": True,
-              "yuvj444p": True, "yuv420p10le": False, "yuv422p10le": False, "yuv444p10le": False}
+              "yuvj444p": True, "yuv420p10le": False, "yuv422p10le": False, "yuv444p10le": False,
+              "yuva444p10le": False}
 """Planar YUV formats the glance reads straight from the planes (True: full range): 8-bit, and
-10-bit in 16-bit samples (HEVC Main 10 from phones, ProRes, DNxHR HQX)."""
+10-bit in 16-bit samples (HEVC Main 10 from phones, ProRes, DNxHR HQX; ProRes 4444's alpha plane
+is not looked at)."""
 SEMI_PLANAR = {"nv12": 0, "p010le": 6}
 """YUV formats with the chroma interleaved in one plane (what a GPU decoder hands back): 8-bit,
 and 10-bit in the high bits of 16-bit samples (the value's shift)."""
