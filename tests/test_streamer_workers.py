@@ -291,8 +291,8 @@ def test_glance_from_nv12_planes_is_the_glance_from_the_same_yuv420p_planes(tmp_
 
 def ten_bit_twin(vframe, fmt: str) -> av.VideoFrame:
     """An 8-bit planar frame's picture in the 10-bit format ``fmt`` (each sample times 4; an alpha
-    plane left as allocated: the glance does not read it), or in P010 (``p010le``: a yuv420p frame's, times 4 and held 6 bits up, the
-    chroma interleaved)."""
+    plane left as allocated: the glance does not read it), or in P010 (``p010le``: a yuv420p
+    frame's, times 4 and held 6 bits up, the chroma interleaved)."""
     planes = [p.astype(np.uint16) * 4 for p in samples(vframe)]
     if fmt == "p010le":
         y, u, v = (p << 6 for p in planes)
