@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streamer.config import StreamerConfig
-from streamer.sources import FrameLost, IntraDecoder, VideoSource
+from streamer.sources import FrameLost, IntraDecoder, VideoSource, cuda_decoder_problem
 from streamer.windows import windows_of
 from streamer_media import encode, panning_frames
 
@@ -168,3 +168,19 @@ def test_an_intra_video_with_a_display_matrix_is_turned_upright_frame_by_frame(t
     for f, rgb in zip(frames, truth):  # the first decoded as read, the others when asked
         assert f.rgb.shape == (48, 32, 3) and np.abs(f.rgb.astype(int) - np.rot90(rgb, -1)).mean() < 12
         assert f.glance.grey.shape == (240, 160)
+
+
+@pytest.mark.skipif(cuda_decoder_problem() is not None, reason=str(cuda_decoder_problem()))
+def test_intra_frames_sent_to_a_gpu_decoder_are_decoded_where_looked_at_as_on_the_cpu(tmp_path, decodes):
+    """``streamer.decoder: cuda`` with an intra-only video: NVDEC decodes Motion JPEG (or FFmpeg
+    falls back to the CPU for a codec it lacks), one frame at a time where looked at, the frames
+    and glances of the CPU decoder within the two JPEG decoders' rounding."""
+    clip = intra_clip(tmp_path, "mjpeg", panning_frames(24, 256, 192, step=2))
+    errors = []
+    src = VideoSource(clip, decoder="cuda", on_error=lambda *e: errors.append(e))
+    gpu = [(f.index, f.glance) for f in src.frames()]
+    assert not errors and sorted(decodes) == list(range(1, 24))  # each decoded when its glance was asked for
+    cpu = [(f.index, f.glance) for f in VideoSource(clip).frames()]
+    assert [i for i, _ in gpu] == [i for i, _ in cpu]
+    for (_, got), (_, want) in zip(gpu, cpu):
+        assert np.abs(got.grey.astype(int) - want.grey).mean() < 1.5
