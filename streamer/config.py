@@ -104,12 +104,11 @@ class StreamerConfig:
     through FFmpeg, the frames copied back as NV12 (``streamer.sources.DECODERS``); a codec
     NVDEC lacks is decoded on the CPU, and a host where no CUDA decoder opens decodes on the CPU
     after saying so (``gpu_decode_unavailable``: counted each time a source is opened, logged
-    once per source). ``cuda`` is for
-    high-resolution footage: on an H100 host the streamer spent 0.46x the CPU time a frame of a
-    4K HEVC video (a phone's), 0.76-0.86x on 640x480 and 720p H.264, but 1.6-3.4x on frames of
-    640x272 and smaller, where NVDEC's own cost a frame exceeds the CPU decoder's
-    (docs/BENCHMARKS.md, twenty-first pass of issue 18): ``cpu`` by default. The streamer and
-    each decode worker open a CUDA context of their own on the first visible GPU."""
+    once per source). ``cuda`` is for high-resolution footage: on an H100 host the streamer spent
+    0.46x the CPU time a frame of a 4K HEVC video (a phone's), 0.76-0.86x on 640x480 and 720p
+    H.264, but 1.6-3.4x on frames of 640x272 and smaller, where NVDEC's own cost a frame exceeds
+    the CPU decoder's (docs/BENCHMARKS.md, twenty-first pass of issue 18): ``cpu`` by default.
+    The streamer and each decode worker open a CUDA context of their own on the first visible GPU."""
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
 

@@ -440,6 +440,7 @@ class VideoSource:
         rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
         reformatter = VideoReformatter()  # one for the stream: a frame's own is set up anew each frame
+        lost = functools.partial(self.on_error, self.name)  # a lazily decoded frame that fails when looked at
         packets = container.demux(stream)
         while True:
             try:
@@ -518,7 +519,7 @@ class VideoSource:
                     intrinsics = (self._intrinsics(shape[1], shape[0]), shape)
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
-                rgb, look = frame_pixels(reformatter, vframe, functools.partial(self.on_error, self.name), turns, i)
+                rgb, look = frame_pixels(reformatter, vframe, lost, turns, i)
                 yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
                             glance=look)
             if ended:
