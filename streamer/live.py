@@ -17,7 +17,8 @@ A live feed never ends; it drops, stalls and comes back. Three layers keep frame
 
 Lost or damaged packets are counted (``corrupt_packet``); what the decoder conceals until the
 next keyframe is dropped (``streamer.sources.DamageGate``) and the next frame kept carries
-``discontinuity`` as well.
+``discontinuity`` as well. A feed with a display matrix (a phone held upright streams landscape
+pixels and a rotation) is turned upright, as a recording of it read as a file is.
 
 The reader keeps decoding in real time whatever the consumer does: frames wait in a short
 drop-oldest queue (a live feed cannot be paused; ``dropped`` events count what was lost). As
@@ -40,7 +41,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from streamer.sources import DamageGate, ErrorSink, Frame, IntraDecoder, _log_error, fov_intrinsics, frame_pixels
+from streamer.sources import (DamageGate, ErrorSink, Frame, IntraDecoder, _log_error, fov_intrinsics, frame_pixels,
+                              upright_turns)
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "tcp://", "udp://", "rtp://", "srt://")
 EventSink = Callable[[str, str, float], None]
@@ -221,8 +223,10 @@ class LiveSource:
                     if report == "corrupt_frame" and got:
                         self.on_error(self.name, report, f"{self.url}: a frame flagged corrupt by the decoder")
                     if keep:  # converted by the consumer, only where a test looks or a view is made
-                        rgb, look = frame_pixels(reformatter, vframe, lost, index=self._index)
-                        self._push(rgb, (vframe.width, vframe.height), generation, damaged=gate.take_gap(), glance=look)
+                        turns = upright_turns(vframe)  # a phone's feed as players show it, as archives
+                        rgb, look = frame_pixels(reformatter, vframe, lost, turns, index=self._index)
+                        size = (vframe.height, vframe.width) if turns % 2 else (vframe.width, vframe.height)
+                        self._push(rgb, size, generation, damaged=gate.take_gap(), glance=look)
                         got = True
                     else:  # damaged, not stalled: the watchdog must not reconnect a feed that decodes
                         with self._cond:

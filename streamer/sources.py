@@ -509,7 +509,7 @@ class VideoSource:
                     continue
                 if i < start:
                     continue
-                turns = round(float(getattr(vframe, "rotation", 0) or 0) / 90) % 4
+                turns = upright_turns(vframe)
                 shape = (vframe.width, vframe.height) if turns % 2 else (vframe.height, vframe.width)
                 if min(shape) < MIN_FRAME_SIDE:
                     self.on_error(self.name, "too_small", f"{self.path}: frames of {shape[1]}x{shape[0]}, "
@@ -786,6 +786,12 @@ SCALE_THREADS = 1
 """libswscale threads for a kept view's RGB conversion. PyAV's default (0: one per core) cost
 0.06-0.4 ms more CPU a view than one thread at 640x272-1296x720 on 2 cores, for the same pixels
 (docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
+
+
+def upright_turns(vframe) -> int:
+    """Quarter turns (``np.rot90``) that show a decoded frame upright: its display matrix (a phone
+    held upright records landscape pixels and a rotation of -90 degrees), as players show it."""
+    return round(float(getattr(vframe, "rotation", 0) or 0) / 90) % 4
 
 
 def frame_pixels(reformatter: VideoReformatter, vframe, report: Callable[[str, str], None], turns: int = 0,

@@ -12,7 +12,7 @@ import zmq
 import streamer.service as streamer_service
 from reliev3r.config import free_port
 from streamer.live import is_live, live_name, open_options
-from streamer_media import RTSP_SERVER, drop_ts_packets, encode, panning_frames, rtsp_server_available
+from streamer_media import RTSP_SERVER, drop_ts_packets, encode, panning_frames, rotate_mp4, rtsp_server_available
 from tests.helpers_live import HANG_S, LIVE, Labeler, Server, kill_restart_and_check, needs_ffmpeg, pump_until
 
 
@@ -194,6 +194,35 @@ def test_live_frames_are_converted_only_when_looked_at_as_a_video_files_are(tmp_
         np.testing.assert_array_equal(live.glance.grey, archived.glance.grey)
         np.testing.assert_array_equal(live.glance.colour, archived.glance.colour)
         np.testing.assert_array_equal(live.rgb, archived.rgb)
+
+
+def test_a_phones_feed_is_turned_upright_by_its_display_matrix_as_its_recording_is(tmp_path, wait_for):
+    """Fragmented MP4 from a phone held upright (landscape pixels, a rotation of -90 degrees, as
+    phones stream and record): a live feed's frames, glances and intrinsics are upright, the same
+    as the recording read as an archive (before, a live feed's were on their side)."""
+    import av
+    import numpy as np
+
+    from streamer.sources import VideoSource
+
+    recorded = encode(tmp_path / "recorded.mp4", panning_frames(12, 128, 96), gop=4)
+    fragmented = tmp_path / "feed.mp4"
+    with av.open(str(recorded)) as src, av.open(str(fragmented), "w", options={
+            "movflags": "frag_keyframe+empty_moov"}) as out:  # what a phone streams: the header first
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    feed = rotate_mp4(fragmented)
+    frames, errors, _ = read_feed(feed.read_bytes(), wait_for)
+    archived = list(VideoSource(feed).frames())
+    assert len(frames) == len(archived) == 12, errors
+    for live, recording in zip(frames, archived):
+        assert live.rgb.shape == (128, 96, 3)  # upright: taller than wide
+        np.testing.assert_array_equal(live.rgb, recording.rgb)
+        np.testing.assert_array_equal(live.glance.grey, recording.glance.grey)
+        assert (live.intrinsics[0, 2], live.intrinsics[1, 2]) == (47.5, 63.5)  # the upright picture's centre
 
 
 def test_an_ip_cameras_mjpeg_feed_is_decoded_only_where_looked_at(wait_for, monkeypatch):
