@@ -329,6 +329,19 @@ but cost more CPU a frame in the streamer path: 4-37 % more on every file NVDEC 
 ``AUTO/0`` (37 % on 4K HEVC), up to 34 % with ``AUTO/4`` (one file 2 % less)."""
 
 
+def promised_end(container, stream) -> float | None:
+    """When the header says the video stream ends, in seconds of its timestamps: the stream's
+    own duration (MP4, MPEG-TS), else Matroska's per-track ``DURATION`` tag, else the container's
+    (every stream's: an audio track that runs on past the video moves it); None when unknown."""
+    start = float((stream.start_time or 0) * stream.time_base) if stream.time_base else 0.0
+    if stream.duration and stream.time_base:
+        return start + float(stream.duration * stream.time_base)
+    tag = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", str((stream.metadata or {}).get("DURATION", "")).strip())
+    if tag:
+        return start + int(tag[1]) * 3600 + int(tag[2]) * 60 + float(tag[3])
+    return container.duration / 1e6 if container.duration else None
+
+
 def _open_video(path: str, decoder: str = "cpu"):
     """``av.open`` for reading, with tags that are not UTF-8 ignored where PyAV takes the
     keyword: PyAV 19 dropped ``metadata_errors`` (a TypeError there failed every video).
@@ -538,9 +551,9 @@ class VideoSource:
         was cut. Compare with what the header promised."""
         # Frame counts in headers are unreliable (AVI counts dropped frames), durations less so.
         rate = float(stream.average_rate or 0) or 25.0
-        if container.duration and decoded and last_time + 2.0 / rate < container.duration / 1e6 - 0.5:
-            self.on_error(self.name, "ended_early",
-                          f"{self.path}: stream ends at {last_time:.2f}s of {container.duration / 1e6:.2f}s")
+        end = promised_end(container, stream)
+        if end is not None and decoded and last_time + 2.0 / rate < end - 0.5:
+            self.on_error(self.name, "ended_early", f"{self.path}: stream ends at {last_time:.2f}s of {end:.2f}s")
         elif decoded == 0:
             self.on_error(self.name, "no_frames", str(self.path))
 

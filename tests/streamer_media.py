@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -29,19 +30,30 @@ def panning_frames(n: int, width: int = 160, height: int = 120, step: int = 3, s
 
 
 def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, gop: int | None = None,
-           pix_fmt: str = "yuv420p") -> Path:
+           pix_fmt: str = "yuv420p", audio_s: float = 0.0) -> Path:
     """``gop``: keyframe interval (a live receiver joining mid-stream waits for a keyframe).
     Two encoder threads on any machine: libx264 picks its thread count from the cores, and its
-    output (which packets a lossy copy drops, what a decoder conceals) depends on it."""
+    output (which packets a lossy copy drops, what a decoder conceals) depends on it.
+    ``audio_s``: an AAC track of silence that long besides (muxed after the video)."""
     container = av.open(str(path), "w")
     stream = container.add_stream(codec, rate=fps, options={"threads": "2", **({"g": str(gop)} if gop else {})})
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = pix_fmt
+    rate, samples = 16000, 1024
+    audio = container.add_stream("aac", rate=rate) if audio_s else None
     for rgb in frames:
         for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
             container.mux(packet)
     for packet in stream.encode():
         container.mux(packet)
+    if audio is not None:
+        for i in range(int(audio_s * rate) // samples):
+            chunk = av.AudioFrame.from_ndarray(np.zeros((1, samples), np.float32), format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = rate, i * samples, Fraction(1, rate)
+            for packet in audio.encode(chunk):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
     container.close()
     return path
 

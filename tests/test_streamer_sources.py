@@ -148,6 +148,30 @@ def test_truncated_mp4_and_garbage_middle_mp4(tmp_path):
     assert len(take(VideoSource(good))) == 30
 
 
+@pytest.mark.parametrize("ext, codec", [("mkv", "libx264"), ("webm", "libvpx-vp9")])
+def test_a_matroska_file_cut_short_says_it_ended_early(tmp_path, ext, codec):
+    """Matroska and WebM end cleanly where the file was cut (a copy or a download that
+    stopped): the frames before the cut flow, and the source says the stream ended before the
+    header's duration; the whole file says nothing."""
+    whole = encode(tmp_path / f"whole.{ext}", panning_frames(60, 160, 120), codec=codec)
+    data = whole.read_bytes()
+    (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+    errors = Errors()
+    assert len(take(VideoSource(whole, on_error=errors))) == 60 and errors == []
+    assert 5 <= len(take(VideoSource(tmp_path / f"cut.{ext}", on_error=errors))) < 50
+    assert errors.reasons() == ["ended_early"] and "of 6.00s" in errors[0][2], errors
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_a_video_whose_sound_runs_on_past_its_picture_is_complete(tmp_path, ext):
+    """A recording whose audio track runs 3 s past its last frame (the container's duration is
+    the audio's): every frame decodes and nothing is reported; the video's own end is what counts."""
+    clip = encode(tmp_path / f"clip.{ext}", panning_frames(30, 160, 120), audio_s=6.0)
+    errors = Errors()
+    assert len(take(VideoSource(clip, on_error=errors))) == 30
+    assert errors == []
+
+
 @needs_videos
 def test_streamer_metrics_count_errors_per_source(tmp_path):
     """Through the service's window stream: errors counted per source, good sources flow."""
