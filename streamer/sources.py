@@ -329,6 +329,33 @@ but cost more CPU a frame in the streamer path: 4-37 % more on every file NVDEC 
 ``AUTO/0`` (37 % on 4K HEVC), up to 34 % with ``AUTO/4`` (one file 2 % less)."""
 
 
+def packets_from_keyframe(container, stream, pts: int) -> Iterator:
+    """The packets of ``stream`` from its keyframe of presentation stamp ``pts`` on (where a
+    segment starts: every packet before it in decode order is shown before it, every one after,
+    after). A seek lands at or before that keyframe in most containers, but some demuxers seek
+    by decode stamps and land on the packet after it (MPEG-TS: every frame up to the next
+    keyframe would be lost); a seek that lands past it is made again, further back (one second,
+    then doubling), and the packets before the keyframe are read, not decoded."""
+    back = max(1, round(1 / stream.time_base)) if stream.time_base else 90000
+    target = pts
+    while True:
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        for packet in packets:
+            if packet.pts is None or packet.pts < pts:
+                continue  # before the keyframe
+            if packet.pts == pts:
+                yield packet
+                yield from packets
+                return
+            break  # past it: the seek landed after the keyframe
+        else:
+            return  # the file ends before it
+        if target < (stream.start_time or 0) - back:
+            return  # from the file's start and still past it: nothing of this segment is left
+        target, back = target - back, back * 2
+
+
 def promised_end(container, stream) -> float | None:
     """When the header says the video stream ends, in seconds of its timestamps: the stream's
     own duration (MP4, MPEG-TS), else Matroska's per-track ``DURATION`` tag, else the container's
@@ -446,15 +473,14 @@ class VideoSource:
         skipper = FrameSkipper.for_stream(stream, start, wanted) if segment is None else None
         if segment is not None:
             start = max(start, segment.start)
-            if segment.seek_pts is not None:
-                container.seek(segment.seek_pts, stream=stream, backward=True, any_frame=False)
         self.undecoded = 0
         gate = DamageGate()
         rate = float(stream.average_rate or 0) or 25.0
         intrinsics = None
         reformatter = VideoReformatter()  # one for the stream: a frame's own is set up anew each frame
         lost = functools.partial(self.on_error, self.name)  # a lazily decoded frame that fails when looked at
-        packets = container.demux(stream)
+        packets = container.demux(stream) if segment is None or segment.seek_pts is None \
+            else packets_from_keyframe(container, stream, segment.seek_pts)
         while True:
             try:
                 packet = next(packets)

@@ -31,6 +31,13 @@ def long_clip(tmp_path_factory):
     return encode(tmp_path_factory.mktemp("segments") / "long.mp4", panning_frames(240, 96, 64, step=2, seed=5), gop=25)
 
 
+@pytest.fixture(scope="module")
+def long_ts(tmp_path_factory):
+    """The same pan as MPEG-TS (broadcast, dashcams, camcorders): its demuxer seeks by decode
+    stamps and lands on the packet after a keyframe asked for by its presentation stamp."""
+    return encode(tmp_path_factory.mktemp("segments") / "long.ts", panning_frames(240, 96, 64, step=2, seed=5), gop=25)
+
+
 def whole(path):
     return {f.index: (f.timestamp, f.rgb) for f in VideoSource(path, decode_threads=1).frames()}
 
@@ -48,8 +55,11 @@ def test_segments_partition_the_file_at_keyframes(long_clip):
     assert segments.plan(long_clip, 121) == []  # shorter than two segments: whole
 
 
-def test_a_segment_gives_the_frames_of_decoding_the_whole_file(long_clip):
+@pytest.mark.parametrize("clip", ["long_clip", "long_ts"])
+def test_a_segment_gives_the_frames_of_decoding_the_whole_file(clip, request):
+    long_clip = request.getfixturevalue(clip)
     full = whole(long_clip)
+    assert len(full) == 240
     for part in segments.plan(long_clip, LENGTH):
         frames = list(VideoSource(long_clip, decode_threads=1).frames(segment=part))
         assert [f.index for f in frames] == list(range(part.start, part.stop))
