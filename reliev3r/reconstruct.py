@@ -114,14 +114,16 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
+        from streamer.sources import video_stream
+
         with av.open(str(path)) as container:
-            known = container.streams.video[0].frames  # 0 when the container does not say
+            known = video_stream(container).frames  # 0 when the container does not say
         total = min(-(-known // stride), max_frames) if known > 0 else None
 
         def decoded() -> Iterator[tuple[np.ndarray, float]]:
             picked = 0
             with av.open(str(path)) as container:
-                stream = container.streams.video[0]
+                stream = video_stream(container)
                 stream.thread_type = "AUTO"
                 for k, frame in enumerate(container.decode(stream)):
                     if picked >= max_frames:

@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from streamer.sources import (DamageGate, ErrorSink, Frame, IntraDecoder, _log_error, fov_intrinsics, frame_pixels,
-                              upright_turns)
+                              upright_turns, video_stream)
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "tcp://", "udp://", "rtp://", "srt://")
 EventSink = Callable[[str, str, float], None]
@@ -187,14 +187,14 @@ class LiveSource:
             return False
         got = False
         try:
-            if not container.streams.video:
+            stream = video_stream(container)
+            if stream is None:
                 self.on_error(self.name, "no_video_stream", self.url)
                 return False
             self.on_event(self.name, "connected", 1.0)
             with self._cond:
                 if generation == self._generation:
                     self._reading_since = time.monotonic()
-            stream = container.streams.video[0]
             reformatter = VideoReformatter()  # used by the consumer alone, which converts the frames
             # MJPEG (IP cameras, webcams): each frame decoded by the consumer when a test looks at it
             intra = IntraDecoder.for_live(stream, self.url) if IntraDecoder.applies(stream) else None

@@ -68,7 +68,7 @@ def plan(path: Path, length: int = SEGMENT_FRAMES) -> list[Segment]:
     """Segments of at least ``length`` frames (the last at least ``length // 2``); [] when the
     file is shorter than two segments, cannot be read, or its stamps cannot be trusted (module
     docstring). Reads every packet of the video stream once, decoding none."""
-    from streamer.sources import _open_video
+    from streamer.sources import _open_video, video_stream
 
     try:
         container = _open_video(str(path))
@@ -76,9 +76,9 @@ def plan(path: Path, length: int = SEGMENT_FRAMES) -> list[Segment]:
         log.info("not split", extra={"path": str(path), "detail": f"{type(err).__name__}: {err}"})
         return []
     try:
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             return []
-        stream = container.streams.video[0]
         packets = [(p.pts, bool(p.is_keyframe)) for p in container.demux(stream) if p.size]
         reorders = bool(stream.codec_context.has_b_frames)
         if reorders and stream.codec_context.name not in REORDERING_CODECS:

@@ -329,6 +329,26 @@ but cost more CPU a frame in the streamer path: 4-37 % more on every file NVDEC 
 ``AUTO/0`` (37 % on 4K HEVC), up to 34 % with ``AUTO/4`` (one file 2 % less)."""
 
 
+ATTACHED_PIC = 0x0400
+"""FFmpeg's ``AV_DISPOSITION_ATTACHED_PIC``: a picture attached to a file (cover art), shown as
+a video stream of one frame."""
+
+
+def video_stream(container):
+    """The recording of a file with several video streams: the first that is not a still
+    picture (a cover attached to the file, or a thumbnail track of one frame, which some cameras
+    and editors put first), as players take it; None where the file has no video stream."""
+    videos = list(container.streams.video)
+    for stream in videos:
+        if int(getattr(stream, "disposition", 0)) & ATTACHED_PIC:
+            continue
+        seconds, rate = stream_seconds(stream), float(stream.average_rate or 0)
+        if stream.frames == 1 or (seconds is not None and rate and seconds * rate <= 1):
+            continue
+        return stream
+    return videos[0] if videos else None
+
+
 def packets_from_keyframe(container, stream, pts: int) -> Iterator:
     """The packets of ``stream`` from its keyframe of presentation stamp ``pts`` on (where a
     segment starts: every packet before it in decode order is shown before it, every one after,
@@ -356,17 +376,23 @@ def packets_from_keyframe(container, stream, pts: int) -> Iterator:
         target, back = target - back, back * 2
 
 
-def promised_end(container, stream) -> float | None:
-    """When the header says the video stream ends, in seconds of its timestamps: the stream's
-    own duration (MP4, MPEG-TS), else Matroska's per-track ``DURATION`` tag, else the container's
-    (every stream's: an audio track that runs on past the video moves it); None when unknown."""
-    start = float((stream.start_time or 0) * stream.time_base) if stream.time_base else 0.0
+def stream_seconds(stream) -> float | None:
+    """A stream's duration from its header: its own (MP4, MPEG-TS), else Matroska's per-track
+    ``DURATION`` tag; None when neither says."""
     if stream.duration and stream.time_base:
-        return start + float(stream.duration * stream.time_base)
+        return float(stream.duration * stream.time_base)
     tag = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", str((stream.metadata or {}).get("DURATION", "")).strip())
-    if tag:
-        return start + int(tag[1]) * 3600 + int(tag[2]) * 60 + float(tag[3])
-    return container.duration / 1e6 if container.duration else None
+    return int(tag[1]) * 3600 + int(tag[2]) * 60 + float(tag[3]) if tag else None
+
+
+def promised_end(container, stream) -> float | None:
+    """When the header says the video stream ends, in seconds of its timestamps: from the
+    stream's own duration (:func:`stream_seconds`), else the container's (every stream's: an
+    audio track that runs on past the video moves it); None when unknown."""
+    seconds = stream_seconds(stream)
+    if seconds is None:
+        return container.duration / 1e6 if container.duration else None
+    return (float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0) + seconds
 
 
 def _open_video(path: str, decoder: str = "cpu"):
@@ -461,7 +487,7 @@ class VideoSource:
         import av
         from av.video.reformatter import VideoReformatter
 
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         intra = IntraDecoder(self.path) if IntraDecoder.applies(stream) else None
         if getattr(stream.codec_context, "is_hwaccel", False):  # PyAV < 14 has no hardware decoding
             stream.thread_type, stream.thread_count = GPU_DECODE_THREADS

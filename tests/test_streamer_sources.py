@@ -172,6 +172,35 @@ def test_a_video_whose_sound_runs_on_past_its_picture_is_complete(tmp_path, ext)
     assert errors == []
 
 
+def test_the_video_a_player_shows_is_read_where_a_thumbnail_track_comes_first(tmp_path):
+    """A Matroska file whose first video track is one picture (a thumbnail, as some cameras and
+    editors write) and whose second is the recording: its frames are the recording's, as a
+    player shows it (before, the thumbnail alone was read: one frame, then too_short)."""
+    import av
+    import cv2
+
+    truth = panning_frames(30, 160, 120)
+    path = tmp_path / "thumbnail_first.mkv"
+    with av.open(str(path), "w") as out:
+        thumb = out.add_stream("mjpeg", rate=1)
+        thumb.width = thumb.height = 300
+        thumb.pix_fmt = "yuvj420p"
+        video = out.add_stream("libx264", rate=10, options={"threads": "2"})
+        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+        picture = av.Packet(cv2.imencode(".jpg", np.full((300, 300, 3), 200, np.uint8))[1].tobytes())
+        picture.stream, picture.pts, picture.dts, picture.is_keyframe = thumb, 0, 0, True
+        out.mux(picture)
+        for rgb in truth:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(video.encode())
+    errors = Errors()
+    frames = take(VideoSource(path, on_error=errors))
+    assert len(frames) == 30 and errors == []
+    with av.open(str(path)) as played:
+        recording = [f.to_ndarray(format="rgb24") for f in played.decode(video=1)]
+    assert all(np.array_equal(f.rgb, rgb) for f, rgb in zip(frames, recording))
+
+
 @needs_videos
 def test_streamer_metrics_count_errors_per_source(tmp_path):
     """Through the service's window stream: errors counted per source, good sources flow."""
