@@ -1116,8 +1116,8 @@ def image_files(folder: Path) -> list[Path]:
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
              and not p.name.endswith((".depth.png", ".depth.jpg")) and p.is_file()]
 
-    def natural(p: Path):
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    def natural(p: Path):  # the odd parts of the split are its runs of digits, any that int() reads
+        return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", p.name))]
 
     return sorted(files, key=natural)
 
@@ -1185,12 +1185,11 @@ def _sources_at(p: Path, video: Callable[[Path], VideoSource], images: Callable[
     entries = list(p.iterdir())
     if not entries:
         raise SourceError("empty_folder", f"{p}: nothing in it")
-    if any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries):
-        return [images(p)]
     videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES)
-    if not videos:
+    # the folder's images are one sequence, and each video beside them a source of its own
+    sources: list[Source] = [images(p)] if any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries) else []
+    if not sources and not videos:
         raise SourceError("no_frames", f"{p}: no videos or images")
-    sources: list[Source] = []
     for q in videos:
         sources.extend(_guarded(q, lambda q=q: _video_file(q, video), on_error))
     return sources

@@ -101,6 +101,42 @@ def test_intrinsics_file_formats(tmp_path):
         read_intrinsics(tmp_path / "c.txt")
 
 
+def test_a_folder_of_videos_with_a_preview_image_reads_every_video(tmp_path):
+    """A folder of recordings with a preview picture beside them: each video is a source of
+    its own, and the picture an image sequence, which says it is too short for a window (before,
+    the folder was read as that one picture and the videos were never named)."""
+    import logging
+
+    import cv2
+
+    from streamer.config import StreamerConfig
+    from streamer.service import window_stream
+
+    encode(tmp_path / "walk1.mp4", panning_frames(30, 160, 120))
+    encode(tmp_path / "walk2.mp4", panning_frames(30, 160, 120, seed=1))
+    cv2.imwrite(str(tmp_path / "preview.jpg"), panning_frames(1, 160, 120)[0])
+    errors = Errors()
+    sources = discover([str(tmp_path)], on_error=errors)
+    assert sorted(type(s).__name__ for s in sources) == ["ImageSequenceSource", "VideoSource", "VideoSource"]
+    cfg = StreamerConfig(sources=[str(tmp_path)], views=3, height=32, width=48, frame_stride=2, window_step=4,
+                         loop=False, keyframe_min_flow=0)
+    windows = list(window_stream(lambda: discover(cfg.sources, on_error=errors), cfg, on_frame=lambda s: None,
+                                 on_error=errors, log=logging.getLogger("t")))
+    assert {w.source for w in windows} == {source_name(tmp_path / "walk1.mp4"), source_name(tmp_path / "walk2.mp4")}
+    assert errors.reasons() == ["too_short"] and errors[0][0] == source_name(tmp_path)
+
+
+def test_image_names_in_natural_order_whatever_their_digits(tmp_path):
+    """Frames sort by the numbers in their names (frame2 before frame10); a name with a digit
+    that is not a decimal one (a superscript) sorts too, instead of failing the folder."""
+    from streamer.sources import image_files
+
+    for name in ("frame10.png", "frame2.png", "frame1.png", "room1²2.png", "frame١١.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in image_files(tmp_path)] == ["frame1.png", "frame2.png", "frame10.png", "frame١١.png",
+                                                       "room1²2.png"]
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
