@@ -562,9 +562,13 @@ class VideoSource:
                     i = index = found
                     index += 1
                 # Decoders emit frames in display order, but some containers (AVI with packed
-                # B-frames) carry decode-order stamps: keep timestamps increasing.
+                # B-frames) carry decode-order stamps: keep timestamps increasing. Frames without
+                # stamps (raw H.264/HEVC streams) are stamped by the rate from 0.
                 t = vframe.time
-                last_time = float(t) if t is not None and (i == 0 or t > last_time) else last_time + 1.0 / rate
+                if t is not None and (i == 0 or t > last_time):
+                    last_time = float(t)
+                else:
+                    last_time = last_time + 1.0 / rate if i > 0 else 0.0
                 keep, report = gate.check(vframe)
                 if report:
                     self.on_error(self.name, report, f"{self.path}: frame {i}" + (

@@ -101,6 +101,19 @@ def test_intrinsics_file_formats(tmp_path):
         read_intrinsics(tmp_path / "c.txt")
 
 
+def test_a_raw_h264_stream_is_stamped_from_zero_at_its_rate(tmp_path):
+    """A raw H.264 stream (a camera's or an encoder's elementary stream: no container, no
+    stamps): its frames are stamped by the rate from 0, as a container would stamp them (the
+    first was stamped one frame late)."""
+    import av
+
+    clip = encode(tmp_path / "raw.h264", panning_frames(12, 64, 48))
+    with av.open(str(clip)) as c:
+        rate = float(c.streams.video[0].average_rate or 25)
+    stamps = [f.timestamp for f in take(VideoSource(clip))]
+    assert len(stamps) == 12 and stamps == pytest.approx([i / rate for i in range(12)])
+
+
 def test_a_folder_of_videos_with_a_preview_image_reads_every_video(tmp_path):
     """A folder of recordings with a preview picture beside them: each video is a source of
     its own, and the picture an image sequence, which says it is too short for a window (before,
