@@ -84,11 +84,40 @@ def _to_8_bits(image: np.ndarray, bits: int, shift: int = 0) -> np.ndarray:
     return np.minimum((image.astype(np.uint32) + (1 << (drop - 1))) >> drop, 255).astype(np.uint8)
 
 
-def glance_of_video_frame(vframe, turns: int = 0) -> Glance | None:
+TRANSPOSE, FLIP_ROWS, FLIP_COLUMNS = 1, 2, 4
+"""Bits of an orientation (:func:`display_orientation`), applied in this order by :func:`orient`."""
+
+
+def display_orientation(matrix) -> int:
+    """The orientation (``TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS`` bits) that shows a frame as its
+    display matrix asks (FFmpeg's and ISO/IEC 14496-12's: 9 values, ``(a, b, u, c, d, v, x, y, w)``;
+    a source pixel (p, q) is shown at (a p + c q, b p + d q), translated): quarter turns, mirrors
+    (a front camera's) and both, each to the nearest of the eight. 0 for None (no matrix)."""
+    if matrix is None:
+        return 0
+    a, b, _, c, d = (float(m) for m in matrix[:5])
+    if abs(b) + abs(c) > abs(a) + abs(d):  # the axes swap: x' from q, y' from p
+        return TRANSPOSE | (FLIP_ROWS if b < 0 else 0) | (FLIP_COLUMNS if c < 0 else 0)
+    return (FLIP_ROWS if d < 0 else 0) | (FLIP_COLUMNS if a < 0 else 0)
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` (rows, columns, ...) as shown under ``orientation`` (:func:`display_orientation`);
+    a view of it (the caller makes it contiguous where it must be)."""
+    if orientation & TRANSPOSE:
+        image = image.swapaxes(0, 1)
+    if orientation & FLIP_ROWS:
+        image = image[::-1]
+    if orientation & FLIP_COLUMNS:
+        image = image[:, ::-1]
+    return image
+
+
+def glance_of_video_frame(vframe, orientation: int = 0) -> Glance | None:
     """The glance of a PyAV frame in planar YUV (:data:`PLANAR_YUV`) or with interleaved chroma
-    (:data:`SEMI_PLANAR`), from its planes (no RGB conversion of the whole frame); ``turns``
-    quarter turns as ``np.rot90``. Samples of more than 8 bits are shrunk first, then rounded to
-    8 bits. None for other pixel formats."""
+    (:data:`SEMI_PLANAR`), from its planes (no RGB conversion of the whole frame), shown under
+    ``orientation`` (:func:`display_orientation`). Samples of more than 8 bits are shrunk first,
+    then rounded to 8 bits. None for other pixel formats."""
     name = vframe.format.name
     if name not in PLANAR_YUV and name not in SEMI_PLANAR:
         return None
@@ -98,8 +127,8 @@ def glance_of_video_frame(vframe, turns: int = 0) -> Glance | None:
         u, v = uv[:, 0::2], uv[:, 1::2]
     else:
         y, u, v = (_plane(vframe, i) for i in range(3))
-    if turns:
-        y, u, v = (np.ascontiguousarray(np.rot90(p, turns)) for p in (y, u, v))
+    if orientation:
+        y, u, v = (np.ascontiguousarray(orient(p, orientation)) for p in (y, u, v))
     depth = functools.partial(_to_8_bits, bits=vframe.format.components[0].bits, shift=SEMI_PLANAR.get(name, 0))
     h, w = y.shape
     luma = shrink(y, motion_size(w, h))

@@ -41,8 +41,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from streamer.glance import TRANSPOSE
 from streamer.sources import (DamageGate, ErrorSink, Frame, IntraDecoder, _log_error, fov_intrinsics, frame_pixels,
-                              upright_turns, video_stream)
+                              upright, video_stream)
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "tcp://", "udp://", "rtp://", "srt://")
 EventSink = Callable[[str, str, float], None]
@@ -223,9 +224,10 @@ class LiveSource:
                     if report == "corrupt_frame" and got:
                         self.on_error(self.name, report, f"{self.url}: a frame flagged corrupt by the decoder")
                     if keep:  # converted by the consumer, only where a test looks or a view is made
-                        turns = upright_turns(vframe)  # a phone's feed as players show it, as archives
-                        rgb, look = frame_pixels(reformatter, vframe, lost, turns, index=self._index)
-                        size = (vframe.height, vframe.width) if turns % 2 else (vframe.width, vframe.height)
+                        orientation = upright(vframe)  # a phone's feed as players show it, as archives
+                        rgb, look = frame_pixels(reformatter, vframe, lost, orientation, index=self._index)
+                        w, h = vframe.width, vframe.height
+                        size = (h, w) if orientation & TRANSPOSE else (w, h)
                         self._push(rgb, size, generation, damaged=gate.take_gap(), glance=look)
                         got = True
                     else:  # damaged, not stalled: the watchdog must not reconnect a feed that decodes

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import cv2
 import numpy as np
 
-from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video_frame
+from streamer.glance import (MOTION_WIDTH, TRANSPOSE, Glance, display_orientation, glance_of_rgb, glance_of_video_frame,
+                             orient)
 
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
     from av.video.reformatter import VideoReformatter
@@ -578,8 +579,8 @@ class VideoSource:
                     continue
                 if i < start:
                     continue
-                turns = upright_turns(vframe)
-                shape = (vframe.width, vframe.height) if turns % 2 else (vframe.height, vframe.width)
+                orientation = upright(vframe)
+                shape = (vframe.width, vframe.height) if orientation & TRANSPOSE else (vframe.height, vframe.width)
                 if min(shape) < MIN_FRAME_SIDE:
                     self.on_error(self.name, "too_small", f"{self.path}: frames of {shape[1]}x{shape[0]}, "
                                                           f"less than {MIN_FRAME_SIDE} pixels a side")
@@ -588,7 +589,7 @@ class VideoSource:
                     intrinsics = (self._intrinsics(shape[1], shape[0]), shape)
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
-                rgb, look = frame_pixels(reformatter, vframe, lost, turns, i)
+                rgb, look = frame_pixels(reformatter, vframe, lost, orientation, i)
                 yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
                             glance=look)
             if ended:
@@ -743,8 +744,8 @@ class IntraDecoder:
         self.context = context
         """The codec context frames are decoded on (None: their packet's stream's)."""
         self.first: tuple[int, int, float] | None = None
-        """Width, height and rotation of the first frame decoded (None: none yet; packets are
-        decoded at once until one is)."""
+        """Width, height and orientation (:func:`upright`) of the first frame decoded (None: none
+        yet; packets are decoded at once until one is)."""
         self.failures = 0
         """Frames in a row that could not be decoded when looked at."""
 
@@ -772,7 +773,7 @@ class IntraDecoder:
         if self.first is None:
             decoded = self._decode(packet)
             if decoded:
-                self.first = (decoded[0].width, decoded[0].height, getattr(decoded[0], "rotation", 0))
+                self.first = (decoded[0].width, decoded[0].height, upright(decoded[0]))
             return decoded
         return [PacketFrame(self, packet)] if packet.size else []
 
@@ -814,7 +815,7 @@ class PacketFrame:
 
     width = property(lambda self: self.decoder.first[0])
     height = property(lambda self: self.decoder.first[1])
-    rotation = property(lambda self: self.decoder.first[2])
+    orientation = property(lambda self: self.decoder.first[2])
 
     def decoded(self, index: int):
         """The decoded frame (``index``: its index, for the report); raises :class:`SourceError`."""
@@ -857,38 +858,49 @@ SCALE_THREADS = 1
 (docs/BENCHMARKS.md, sixth pass of issue 18); a decode worker keeps to one thread."""
 
 
-def upright_turns(vframe) -> int:
-    """Quarter turns (``np.rot90``) that show a decoded frame upright: its display matrix (a phone
-    held upright records landscape pixels and a rotation of -90 degrees), as players show it."""
-    return round(float(getattr(vframe, "rotation", 0) or 0) / 90) % 4
+def upright(vframe) -> int:
+    """The orientation that shows a decoded frame as players do (``streamer.glance.orient``): by
+    its display matrix (a phone held upright records landscape pixels and a rotation of -90
+    degrees; a front camera's may mirror them); a :class:`PacketFrame`, as its stream's first."""
+    if isinstance(vframe, PacketFrame):
+        return vframe.orientation
+    matrix = vframe.side_data.get(_display_matrix())
+    return 0 if matrix is None else display_orientation(np.frombuffer(bytes(matrix), np.int32, count=9))
 
 
-def frame_pixels(reformatter: VideoReformatter, vframe, report: Callable[[str, str], None], turns: int = 0,
+@functools.cache
+def _display_matrix():
+    from av.sidedata.sidedata import Type  # here: image folders are read without PyAV
+
+    return Type.DISPLAYMATRIX
+
+
+def frame_pixels(reformatter: VideoReformatter, vframe, report: Callable[[str, str], None], orientation: int = 0,
                  index: int = 0) -> tuple[Callable, Callable]:
     """(RGB, glance) of a decoded frame (or a :class:`PacketFrame`, ``index`` its index), each a
     function of no arguments for :class:`Frame`: a frame's pixels are converted only when a test
     looks at it (its glance, from the decoder's planes) or it becomes a view (its RGB, with
-    ``reformatter``, one per consumer). ``turns``: quarter turns upright. A packet frame that
+    ``reformatter``, one per consumer), shown under ``orientation`` (:func:`upright`). A packet frame that
     cannot be decoded then is reported through ``report(reason, detail)`` and lost
     (:class:`FrameLost`: a gap)."""
-    rgb = functools.partial(_rgb_of, reformatter, vframe, turns, index)
-    look = functools.partial(_glance_of_frame, vframe, turns, index)
+    rgb = functools.partial(_rgb_of, reformatter, vframe, orientation, index)
+    look = functools.partial(_glance_of_frame, vframe, orientation, index)
     if isinstance(vframe, PacketFrame):
         return _Once(rgb, report), _Once(look, report)
     return rgb, look
 
 
-def _rgb_of(reformatter: VideoReformatter, vframe, turns: int, index: int) -> np.ndarray:
-    """A frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``), turned upright
-    by ``turns`` quarter turns (a display matrix: as players show it); a :class:`PacketFrame` is
-    decoded first (frame ``index``)."""
+def _rgb_of(reformatter: VideoReformatter, vframe, orientation: int, index: int) -> np.ndarray:
+    """A frame in RGB (the same pixels as ``vframe.to_ndarray(format="rgb24")``), shown under
+    ``orientation`` (:func:`upright`: as players show it); a :class:`PacketFrame` is decoded
+    first (frame ``index``)."""
     rgb = reformatter.reformat(_pixels(vframe, index), format="rgb24", threads=SCALE_THREADS).to_ndarray()
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    return np.ascontiguousarray(orient(rgb, orientation)) if orientation else rgb
 
 
-def _glance_of_frame(vframe, turns: int, index: int) -> Glance | None:
+def _glance_of_frame(vframe, orientation: int, index: int) -> Glance | None:
     """``glance_of_video_frame`` of a frame, a :class:`PacketFrame` decoded first."""
-    return glance_of_video_frame(_pixels(vframe, index), turns)
+    return glance_of_video_frame(_pixels(vframe, index), orientation)
 
 
 def _glance_of(small) -> Glance:

@@ -83,12 +83,18 @@ def drop_ts_packets(path: Path, out: Path, *, at: float = 0.49, count: int = 6) 
 def rotate_mp4(path: Path) -> Path:
     """Give an MP4's video track the display matrix of a phone held upright (FFmpeg reports
     a rotation of -90 degrees: players turn the picture 90 degrees clockwise)."""
+    return set_display_matrix(path, (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000))
+
+
+def set_display_matrix(path: Path, matrix: tuple[int, ...]) -> Path:
+    """Write ``matrix`` (9 values, ``(a, b, u, c, d, v, x, y, w)``: 16.16 fixed point, ``u, v, w``
+    2.30) as the display matrix of an MP4's first track."""
     import struct
 
     data = bytearray(path.read_bytes())
     at = data.find(b"tkhd")
     assert data[at + 4] == 0  # version 0: the matrix sits 40 bytes after the version byte
-    data[at + 44:at + 80] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    data[at + 44:at + 80] = struct.pack(">9i", *matrix)
     path.write_bytes(bytes(data))
     return path
 

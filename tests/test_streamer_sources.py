@@ -3,6 +3,7 @@ truth, videos encoded here, and every kind of broken input."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -651,6 +652,57 @@ def test_display_matrix_turns_frames_upright(tmp_path):
     upright = np.rot90(truth[3], -1)  # a quarter turn clockwise, as players show it
     assert np.abs(frames[3].rgb.astype(int) - upright).mean() < 12
     assert frames[0].intrinsics[0, 2] == pytest.approx((32 - 1) / 2)  # intrinsics of the upright frame
+
+
+SIGNED_PERMUTATIONS = [(a, b, c, d) for a, b, c, d in itertools.product((-1, 0, 1), repeat=4)
+                       if abs(a * d - b * c) == 1 and abs(a) + abs(b) == 1 and abs(c) + abs(d) == 1]
+
+
+@pytest.mark.parametrize("a, b, c, d", SIGNED_PERMUTATIONS)
+def test_an_orientation_shows_each_pixel_where_its_display_matrix_puts_it(a, b, c, d):
+    """Known answer for the eight quarter turns and mirrors: a source pixel (p, q) (column,
+    row) is shown at (a p + c q, b p + d q), the picture then moved back into view; the
+    orientation read from the matrix puts every pixel there, at any scale of the matrix."""
+    from streamer.glance import display_orientation, orient
+
+    h, w = 3, 5
+    source = np.arange(h * w).reshape(h, w)
+    q, p = np.mgrid[:h, :w]
+    x, y = a * p + c * q, b * p + d * q
+    shown = np.empty((y.max() - y.min() + 1, x.max() - x.min() + 1), int)
+    shown[y - y.min(), x - x.min()] = source
+    matrix = (a * 0x10000, b * 0x10000, 0, c * 0x10000, d * 0x10000, 0, 7 << 16, 9 << 16, 0x40000000)
+    assert len(SIGNED_PERMUTATIONS) == 8
+    np.testing.assert_array_equal(orient(source, display_orientation(matrix)), shown)
+    np.testing.assert_array_equal(orient(source, display_orientation([3 * m for m in matrix])), shown)
+
+
+@pytest.mark.parametrize("name, matrix", [
+    ("mirrored", (-0x10000, 0, 0, 0, 0x10000, 0, 48 << 16, 0, 0x40000000)),  # a front camera's
+    ("upside_down_mirror", (0x10000, 0, 0, 0, -0x10000, 0, 0, 32 << 16, 0x40000000)),
+    ("turned_and_mirrored", (0, 0x10000, 0, 0x10000, 0, 0, 0, 0, 0x40000000))])
+def test_mirrored_videos_are_shown_as_players_show_them(tmp_path, name, matrix):
+    """Display matrices that mirror the picture (front cameras; FFmpeg reports the mirror as a
+    rotation of 180 degrees): the frames are the decoded pixels placed as the matrix says, not
+    turned upside down; the glance is made from the planes placed the same way."""
+    import av
+
+    from streamer.glance import glance_of_rgb
+    from streamer_media import set_display_matrix
+
+    clip = set_display_matrix(encode(tmp_path / f"{name}.mp4", panning_frames(6, 48, 32)), matrix)
+    with av.open(str(clip)) as c:
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    a, b, c_, d = (m // 0x10000 for m in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    frames = take(VideoSource(clip))
+    assert len(frames) == 6
+    for frame, rgb in zip(frames, decoded):
+        q, p = np.mgrid[:32, :48]
+        x, y = a * p + c_ * q, b * p + d * q
+        shown = np.empty((y.max() - y.min() + 1, x.max() - x.min() + 1, 3), np.uint8)
+        shown[y - y.min(), x - x.min()] = rgb
+        np.testing.assert_array_equal(frame.rgb, shown)
+        assert np.abs(frame.glance.grey.astype(int) - glance_of_rgb(shown).grey).mean() < 2
 
 
 def test_tiny_frames_refused(tmp_path):
