@@ -521,8 +521,8 @@ class VideoSource:
                 skipper.fed(packet, index)
             if packet is not None and gate.fed(packet):
                 self.on_error(self.name, "corrupt_packet", f"{self.path} near frame {index}: flagged by the demuxer")
-            if skipper is not None and gate.suspect:  # damage: every frame decoded, indices by count
-                skipper = skipper.stop()
+            if skipper is not None and gate.suspect:  # damage: every frame decoded from here
+                skipper.stop()
             if intra is not None and intra.failures >= MAX_CONSECUTIVE_DECODE_ERRORS:
                 self.on_error(self.name, "gave_up", f"{self.path}: {intra.failures} frames in a row not decoded")
                 return
@@ -647,8 +647,10 @@ class FrameSkipper:
     (some files carry stamps in decode order: box.mp4 of the shared videos); anything unexpected
     later (a packet or frame without a stamp, a frame whose stamp was not fed, stamps out of
     order) turns skipping off for the rest of the stream, and indices go on by one per decoded
-    frame (``active`` False); so does damage (``DamageGate``): a damaged stream is decoded in
-    full from there, its indices by the count of frames out, as without skipping."""
+    frame (``active`` False). Damage (``DamageGate``) stops skipping (:meth:`stop`): a damaged
+    stream is decoded in full from there; the frames fed before keep the indices of their stamps
+    (those left undecoded among them still count, as they would have come out without
+    skipping), then indices go on by the count of frames out, as without skipping."""
 
     CODECS = frozenset({"h264", "hevc"})
     TRUST_AFTER = 8
@@ -665,6 +667,8 @@ class FrameSkipper:
         self.skipped = 0
         """Frames left undecoded from ``start`` on, so far."""
         self.last_pts: int | None = None
+        self.skipping = True
+        """False once :meth:`stop` was called: no packet is fed to be skipped any more."""
 
     @classmethod
     def for_stream(cls, stream, start: int, wanted: Callable[[int], bool] | None) -> "FrameSkipper | None":
@@ -681,7 +685,7 @@ class FrameSkipper:
             self._stop()
             return
         slot = bisect.bisect_left(self.pending, pts)
-        if self.trusted >= self.TRUST_AFTER:
+        if self.skipping and self.trusted >= self.TRUST_AFTER:
             at = index + slot
             skip = at < self.start or not self.wanted(at)
             self.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
@@ -705,6 +709,8 @@ class FrameSkipper:
         del self.pending[: slot + 1]
         self.last_pts = pts
         self.trusted += 1
+        if not self.skipping and not self.may_skip:  # every frame left undecoded is accounted for
+            self._stop()
         return index + slot
 
     def finish(self, index: int) -> int:
@@ -714,8 +720,13 @@ class FrameSkipper:
         return self.skipped
 
     def stop(self) -> None:
-        """Skip no more (damage, or stamps that cannot be trusted); returns None."""
-        self._stop()
+        """Skip no more (damage): every packet from here is decoded, and the frames in flight
+        keep their stamps' indices until none of those fed to be skipped is pending; then
+        indices go on by one per frame (``active`` False)."""
+        self.skipping = False
+        self.codec_context.skip_frame = "DEFAULT"
+        if not self.may_skip:
+            self._stop()
 
     def _stop(self) -> None:
         self.active = False

@@ -104,3 +104,23 @@ def test_damaged_clip_names_the_same_errors_with_frames_left_undecoded(clip, tmp
     (every_frame, reasons), (some, reasons_skipping) = run(None), run(lambda i: i % 4 == 0)
     assert reasons and reasons_skipping == reasons  # the damage is named the same way
     assert some == sorted(set(some)) and len(some) <= len(every_frame)
+
+
+def test_frames_after_damage_keep_the_indices_of_decoding_every_frame(tmp_path):
+    """A lossy network copy (MPEG-TS that lost transport packets): skipping stops at the damage,
+    and the frames already in the decoder that were fed to be skipped still count, so every
+    frame has the index that decoding every frame gives its stamp (they came one low)."""
+    from streamer_media import drop_ts_packets
+
+    clean = encode(tmp_path / "clean.ts", panning_frames(200, 160, 120, step=1), gop=50)
+    lossy = drop_ts_packets(clean, tmp_path / "lossy.ts", at=0.3, count=6)
+
+    def by_stamp(wanted):
+        errors = []
+        src = VideoSource(lossy, decode_threads=1, on_error=lambda *e: errors.append(e[1]))
+        return {round(f.timestamp, 6): f.index for f in src.frames(wanted=wanted)}, errors
+
+    (full, reasons), (some, reasons_skipping) = by_stamp(None), by_stamp(lambda i: i % 9 == 0)
+    assert "corrupt_packet" in reasons and sorted(set(reasons_skipping)) == sorted(set(reasons))
+    assert len(some) < len(full) and set(some) <= set(full)
+    assert {t: full[t] for t in some} == some
