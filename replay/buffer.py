@@ -150,6 +150,8 @@ class ReplayBuffer:
             if self.dedup is not None:
                 self.dedup.remove(key)
         for rec in group.removed:
+            if rec.key >= group.next_key:  # put by this group, then evicted by it: never there before
+                continue
             self.sampler.add(rec.key, rec.priority)
             if self.dedup is not None and rec.embedding is not None:
                 self.dedup.add(rec.key, rec.embedding)

@@ -188,6 +188,8 @@ class Storage(abc.ABC):
                 self.by_id.pop(rec.window_id, None)
                 self.nbytes -= rec.nbytes
         for rec in log.removed:
+            if rec.key >= log.next_key:  # put by this group, then evicted by it: never there before
+                continue
             self.records[rec.key] = rec
             self.by_id[rec.window_id] = rec.key
             self.nbytes += rec.nbytes

@@ -494,6 +494,26 @@ def test_refused_group_is_undone_and_retried_one_by_one(make_insert, tmp_path):
     again.close()
 
 
+def test_a_refused_group_that_evicted_its_own_window_leaves_no_trace_of_it(make_insert, tmp_path):
+    """A group in which a window put early is evicted by a later one (capacity 2), then refused
+    (the disk is full): undone, nothing of that window is left (it was answered "duplicate" on
+    the retry though never stored, so the labeler acknowledged a lost window), and the retry
+    stores every window that fits, with the index, sampler and byte count as on disk."""
+    storage = DiskStorage(tmp_path, max_pages=60)
+    buf = ReplayBuffer(ReplayConfig(min_size=1, capacity_windows=2, dedup=False), storage)
+    for i in (100, 101):
+        assert buf.insert(make_insert(i, size=32)).status == "stored"
+    big = make_insert(3, size=32)
+    big.arrays["matches"] = np.zeros((20000, 7), np.float32)  # about 560 KB: the group cannot fit
+    results = buf.insert_many([make_insert(i, size=32) for i in range(3)] + [big])
+    assert [r.status for r in results] == ["stored", "stored", "stored", "rejected"], results
+    on_disk = [w for (w,) in storage.db.execute("SELECT window_id FROM windows ORDER BY key")]
+    assert list(storage.by_id) == on_disk == ["w1", "w2"]
+    assert sorted(storage.records) == sorted(buf.sampler.probabilities()[0].tolist())
+    assert storage.nbytes == sum(r.nbytes for r in storage.records.values())
+    storage.close()
+
+
 def test_sum_tree_prioritized_sampler_matches_its_weights():
     from replay.sampler import SumTree
 
