@@ -24,6 +24,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import logging
+import os
 import random
 import sqlite3
 import struct
@@ -37,6 +39,8 @@ import numpy as np
 
 from reliev3r import protocol
 from reliev3r.recent import Recent
+
+log = logging.getLogger("reliev3r.replay.storage")
 
 PAYLOAD_MAGIC = b"RPW1"
 EVICTED_MEMORY = 65536
@@ -330,6 +334,24 @@ class DiskStorage(Storage):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "replay.sqlite"
+        try:
+            self._open(max_pages)
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError):  # locked, unwritable, ...: not damage
+                raise
+            # Damaged (a copy cut short, a disk error): the store starts empty beside it, and
+            # the file is kept for salvage (``sqlite3 FILE .recover``) instead of failing every start.
+            self.db.close()
+            aside = self.path.with_name(f"replay.sqlite.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{self.path}{suffix}").exists():
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            log.error("replay database damaged: moved aside, starting empty",
+                      extra={"path": str(aside), "detail": str(err)})
+            super().__init__()
+            self._open(max_pages)
+
+    def _open(self, max_pages: int | None) -> None:
         # isolation_level=None: transactions are explicit BEGIN/COMMIT below.
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -435,8 +457,15 @@ class DiskStorage(Storage):
         self._dirty.update(rec.key for rec in log.removed)  # their counts may not be on disk yet
 
     def _delete(self, keys: list[int]) -> None:
-        with self._transaction():
-            self._delete_rows(keys)
+        try:
+            with self._transaction():
+                self._delete_rows(keys)
+        except sqlite3.DatabaseError as err:  # StorageFull is an OperationalError's; this is damage
+            if self._group is not None:
+                raise
+            # A damaged page under the rows (a window found corrupt): they cannot be deleted,
+            # so they are forgotten here and stay on disk, found corrupt again after a restart.
+            log.error("rows on a damaged page left on disk", extra={"keys": keys, "detail": str(err)})
         self._dirty.difference_update(keys)
 
     def _delete_rows(self, keys: list[int]) -> None:

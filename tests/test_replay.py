@@ -514,6 +514,48 @@ def test_a_refused_group_that_evicted_its_own_window_leaves_no_trace_of_it(make_
     storage.close()
 
 
+def test_a_damaged_page_costs_its_windows_and_the_buffer_goes_on(make_insert, tmp_path):
+    """A damaged database page under stored payloads (a disk error): the windows on it are found
+    corrupt when sampled, counted and forgotten (their rows cannot even be deleted), the others
+    are served, and the same holds after a restart (before, the failed delete killed the replay
+    at its first sample, at every start)."""
+    cfg = ReplayConfig(durable=True, dedup=False, min_size=1)
+    buf = ReplayBuffer.open(cfg, tmp_path)
+    for i in range(6):
+        buf.insert(make_insert(i, size=64))  # about 64 KB each: pages of their own
+    buf.close()
+    db = tmp_path / "replay" / "replay.sqlite"
+    raw = bytearray(db.read_bytes())
+    middle = len(raw) // 4096 // 2 * 4096
+    raw[middle:middle + 64] = b"\xff" * 64
+    db.write_bytes(bytes(raw))
+    for _ in range(2):  # the restart finds the same damage
+        buf = ReplayBuffer.open(cfg, tmp_path)
+        before = buf.counts["corrupt"]  # counted over the buffer's life, restarts included
+        for _ in range(20):
+            if not buf.can_sample(2):
+                break
+            assert buf.sample(2).arrays["frames"].shape == (2, 2, 64, 64, 3)
+        assert 0 < buf.counts["corrupt"] - before == 6 - len(buf.storage)
+        buf.close()
+
+
+def test_a_database_that_is_not_one_is_moved_aside_and_the_buffer_starts_empty(make_insert, tmp_path):
+    """A replay database overwritten or cut to garbage: the buffer starts empty and takes new
+    windows, and the damaged file is kept beside it for salvage (before, every start failed)."""
+    cfg = ReplayConfig(durable=True, dedup=False, min_size=1)
+    buf = ReplayBuffer.open(cfg, tmp_path)
+    buf.insert(make_insert(0))
+    buf.close()
+    db = tmp_path / "replay" / "replay.sqlite"
+    db.write_bytes(b"not a database" * 500)
+    buf = ReplayBuffer.open(cfg, tmp_path)
+    assert len(buf.storage) == 0 and buf.insert(make_insert(1)).status == "stored"
+    buf.close()
+    kept = list((tmp_path / "replay").glob("replay.sqlite.damaged-*"))
+    assert [k.read_bytes()[:14] for k in kept if not k.name.endswith(("-wal", "-shm"))] == [b"not a database"]
+
+
 def test_sum_tree_prioritized_sampler_matches_its_weights():
     from replay.sampler import SumTree
 
