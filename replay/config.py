@@ -62,8 +62,13 @@ class ReplayConfig:
             raise ValueError("capacity_windows and capacity_bytes must be >= 1")
         if self.min_size < 1:
             raise ValueError("min_size must be >= 1")
+        if self.min_size > self.capacity_windows:  # the store could never hold enough to sample
+            raise ValueError(f"min_size ({self.min_size}) must be <= capacity_windows ({self.capacity_windows})")
         if self.samples_per_insert < 0 or self.tolerance < 0:
             raise ValueError("samples_per_insert and tolerance must be >= 0")
+        if self.samples_per_insert > 0 and self.tolerance < max(1.0, self.samples_per_insert):
+            raise ValueError(f"tolerance ({self.tolerance}) must be >= max(1, samples_per_insert) "
+                             f"= {max(1.0, self.samples_per_insert)}")
         if self.max_window_bytes < 1:
             raise ValueError("max_window_bytes must be >= 1")
         if self.recency_halflife <= 0:
