@@ -49,9 +49,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.feeder_nice <= 19:
-            raise ValueError(f"run.feeder_nice must be in 0..19, got {self.feeder_nice}")
+            raise ValueError(f"feeder_nice must be in 0..19, got {self.feeder_nice}")
         if self.seed < 0:  # NumPy's seed sequences take none below 0
-            raise ValueError(f"run.seed must be >= 0, got {self.seed}")
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass(kw_only=True, slots=True)
