@@ -341,7 +341,8 @@ class DiskStorage(Storage):
                 raise
             # Damaged (a copy cut short, a disk error): the store starts empty beside it, and
             # the file is kept for salvage (``sqlite3 FILE .recover``) instead of failing every start.
-            self.db.close()
+            if hasattr(self, "db"):
+                self.db.close()
             aside = self.path.with_name(f"replay.sqlite.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
             for suffix in ("", "-wal", "-shm"):
                 if Path(f"{self.path}{suffix}").exists():

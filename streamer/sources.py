@@ -754,7 +754,7 @@ class IntraDecoder:
         self.path = path
         self.context = context
         """The codec context frames are decoded on (None: their packet's stream's)."""
-        self.first: tuple[int, int, float] | None = None
+        self.first: tuple[int, int, int] | None = None
         """Width, height and orientation (:func:`upright`) of the first frame decoded (None: none
         yet; packets are decoded at once until one is)."""
         self.failures = 0

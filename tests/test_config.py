@@ -111,7 +111,7 @@ def test_overrides_are_typed():
     ("run.seed=-1", "run.seed must be >= 0"),  # the replay's first sample failed on it
     ("run.feeder_nice=30", "run.feeder_nice must be in 0..19"),
     ("replay.capacity_windows=3", "min_size (4) must be <= capacity_windows (3)"),  # the learner waited forever
-    ("replay.samples_per_insert=100", "tolerance (64.0) must be >= max(1, samples_per_insert)"),  # at the replay's start
+    ("replay.samples_per_insert=100", "tolerance (64.0) must be >= max(1, samples_per_insert)"),  # replay's start
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
