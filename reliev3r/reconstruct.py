@@ -114,7 +114,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
-        from streamer.sources import video_stream
+        from streamer.glance import orient
+        from streamer.sources import upright, video_stream
 
         with av.open(str(path)) as container:
             known = video_stream(container).frames  # 0 when the container does not say
@@ -131,7 +132,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                     if k % stride == 0:
                         picked += 1
                         t = float(frame.time) if frame.time is not None else float(k)
-                        yield frame.to_ndarray(format="rgb24"), t
+                        # as players show it (a phone's rotation, a front camera's mirror), as the streamer does
+                        yield np.ascontiguousarray(orient(frame.to_ndarray(format="rgb24"), upright(frame))), t
 
         return FrameStream(decoded(), K, None, total)
     raise FileNotFoundError(f"{path}: neither an image folder nor a video ({', '.join(VIDEO_SUFFIXES)})")

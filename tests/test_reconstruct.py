@@ -110,6 +110,20 @@ def test_reconstruct_video(tmp_path, capsys):
     np.testing.assert_allclose(np.diff(stamps), 0.2, atol=1e-6)  # every 2nd frame of a 10 fps video
 
 
+def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_path):
+    """A video with a display matrix (a phone held upright): the frames reconstructed are the
+    streamer's, turned as players show them (before, they were read on their side)."""
+    from reliev3r.reconstruct import open_input
+    from streamer.sources import VideoSource
+    from streamer_media import encode, panning_frames, rotate_mp4
+
+    clip = rotate_mp4(encode(tmp_path / "portrait.mp4", panning_frames(6, 64, 48)))
+    frames = [rgb for rgb, _ in open_input(clip, stride=1, max_frames=6).frames]
+    assert len(frames) == 6 and frames[0].shape == (64, 48, 3)
+    for rgb, frame in zip(frames, VideoSource(clip).frames()):
+        np.testing.assert_array_equal(rgb, frame.rgb)
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
