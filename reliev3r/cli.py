@@ -158,16 +158,34 @@ def _pretrained(cfg: rconfig.PipelineConfig, code: int) -> int:
     return code
 
 
+OFFLINE = frozenset({"eval", "reconstruct", "export", "report", "teacher-train", "keys", "view", "render"})
+"""Commands a user runs by hand on files: what stops them is said in a line, not a traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _command(args, argv)
     except FileNotFoundError as err:  # a wrong --checkpoint, --compare or --distill: said, no traceback
         snapshot = sys.modules.get("learner.snapshot")  # imported by whatever raised it (torch: not here)
-        if snapshot is None or not isinstance(err, snapshot.NoSnapshot):
-            raise
-        print(f"reliev3r {args.command}: {err}", file=sys.stderr)
-        return 2
+        if snapshot is not None and isinstance(err, snapshot.NoSnapshot):
+            print(f"reliev3r {args.command}: {err}", file=sys.stderr)
+            return 2
+        return _stopped(args.command, err)
+    except Exception as err:
+        return _stopped(args.command, err)
+
+
+def _stopped(command: str, err: Exception) -> int:
+    """An offline command's error in a line (a wrong path, a bad value, a damaged snapshot or
+    teacher: exit 2; anything else: 1); a stage's, or any with ``RELIEV3R_DEBUG=1``, raised."""
+    if command not in OFFLINE or os.environ.get("RELIEV3R_DEBUG"):
+        raise err
+    snapshot = sys.modules.get("learner.snapshot")
+    user = isinstance(err, (OSError, ValueError)) or (snapshot is not None and isinstance(err, snapshot.SnapshotError))
+    print(f"reliev3r {command}: {err if user else f'{type(err).__name__}: {err}'} "
+          "(RELIEV3R_DEBUG=1 shows where)", file=sys.stderr)
+    return 2 if user else 1
 
 
 def _command(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -110,6 +110,26 @@ def test_reconstruct_video(tmp_path, capsys):
     np.testing.assert_allclose(np.diff(stamps), 0.2, atol=1e-6)  # every 2nd frame of a 10 fps video
 
 
+def test_what_stops_an_offline_command_is_said_in_a_line(tmp_path, capsys):
+    """A wrong input path, a bad value, a snapshot folder its writer never finished: exit 2 and
+    one line naming the problem, not a traceback (only a missing snapshot was said so before)."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    clip = encode(tmp_path / "clip.mp4", panning_frames(8, 64, 48))
+    half = tmp_path / "half" / "snapshots" / "step-000000005"
+    half.mkdir(parents=True)
+    (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
+    common = ["--out", str(tmp_path / "rec"), "--device", "cpu"]
+    cases = [(["--checkpoint", str(snap), "--input", str(tmp_path / "nothere.mp4")], "nothere.mp4"),
+             (["--checkpoint", str(snap), "--input", str(clip), "--max-frames", "0"], "max_frames"),
+             (["--checkpoint", str(half), "--input", str(clip)], "model.safetensors")]
+    for argv, named in cases:
+        assert cli.main(["reconstruct", *argv, *common]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
 def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_path):
     """A video with a display matrix (a phone held upright): the frames reconstructed are the
     streamer's, turned as players show them (before, they were read on their side)."""
