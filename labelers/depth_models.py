@@ -328,6 +328,9 @@ class HostDepthTeacher(DepthTeacher):
     mean: np.ndarray
     std: np.ndarray
     max_batch: int = 1
+    fixed_batch: bool = False
+    """The model takes exactly ``max_batch`` images: a last, shorter chunk is padded (with its
+    last image repeated) and its answers trimmed."""
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         raise TeacherError("no_backend", self.name)
@@ -343,7 +346,13 @@ class HostDepthTeacher(DepthTeacher):
         x = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA if h < height else cv2.INTER_LINEAR)
                       for f in frames]).astype(np.float32)
         x = (x / 255.0 - self.mean) / self.std
-        out = [self._run(x[s:s + self.max_batch]) for s in range(0, views, self.max_batch)]
+        out = []
+        for s in range(0, views, self.max_batch):
+            chunk = x[s:s + self.max_batch]
+            n = len(chunk)
+            if self.fixed_batch and n < self.max_batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.max_batch - n, axis=0)])
+            out.append(self._run(chunk)[:n])
         y = np.concatenate(out).astype(np.float32)
         return np.stack([cv2.resize(d, (width, height), interpolation=cv2.INTER_LINEAR) for d in y])
 
@@ -383,7 +392,8 @@ class ONNXDepthTeacher(HostDepthTeacher):
         elif all(isinstance(s, int) for s in spatial):
             self.input_size = (spatial[0], spatial[1])
         self.multiple = int(opts.get("multiple", 32))
-        self.max_batch = shape[0] if isinstance(shape[0], int) else 64
+        self.fixed_batch = isinstance(shape[0], int)
+        self.max_batch = shape[0] if self.fixed_batch else 64
         names = [o.name for o in self.session.get_outputs()]
         self.output = opts.get("output", names[0])
         if self.output not in names:
@@ -401,8 +411,13 @@ class ONNXDepthTeacher(HostDepthTeacher):
 
 
 def _squeeze_channel(y: np.ndarray, nhwc: bool) -> np.ndarray:
+    """[B,h,w] of a model's output: [B,h,w], or with one channel where the input has its
+    channels or on the other side ([B,1,h,w] or [B,h,w,1], whatever the input's layout)."""
     if y.ndim == 4:
-        y = y[..., 0] if nhwc else y[:, 0]
+        axis = next((a for a in ((3, 1) if nhwc else (1, 3)) if y.shape[a] == 1), None)
+        if axis is None:
+            raise TeacherError("teacher_bad_output", f"expected one depth channel, got shape {y.shape}")
+        y = y[..., 0] if axis == 3 else y[:, 0]
     if y.ndim != 3:
         raise TeacherError("teacher_bad_output", f"expected [B,h,w], got shape {y.shape}")
     return y

@@ -108,6 +108,30 @@ def test_onnx_teacher_known_answer(tmp_path):
     assert "CPUExecutionProvider" in ort.get_available_providers()
 
 
+class RampChannelsLast(Ramp):
+    """Ramp with its one channel last ([B,h,w,1]) though its input has channels first."""
+
+    def forward(self, x):
+        return super().forward(x).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("model, batch", [(Ramp(), 2), (RampChannelsLast(), None), (RampChannelsLast(), 2)])
+def test_onnx_teachers_of_either_output_layout_and_a_fixed_batch_give_the_known_answer(tmp_path, model, batch):
+    """An ONNX teacher whose output puts its channel last while its input puts it first (its
+    first image row was taken for depth: wrong, silently), and one whose batch is fixed (3
+    views failed on a batch of 2): the known answer for every view."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'onnx')")
+    pytest.importorskip("onnx", reason="onnx not installed (extra 'onnx')")
+    path = tmp_path / "ramp.onnx"
+    dynamic = {} if batch else {"dynamic_axes": {"image": {0: "batch"}, "depth": {0: "batch"}}}
+    torch.onnx.export(model, (torch.zeros(batch or 1, 3, 48, 64),), str(path), input_names=["image"],
+                      output_names=["depth"], dynamo=False, **dynamic)
+    f = frames(v=3)
+    depth, valid = make_teacher(f"onnx:{path}?space=disparity&norm=unit").predict(f)
+    assert valid.all()
+    np.testing.assert_allclose(depth, ramp_answer(f), atol=1e-4)
+
+
 def _tiny_depth_anything(folder: Path) -> None:
     transformers = pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
     backbone = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
