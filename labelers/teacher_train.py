@@ -684,8 +684,18 @@ def config_from_args(args: argparse.Namespace) -> TeacherTrainConfig:
         elif key == "time_budget_s":
             values[key] = None if text.lower() == "none" else float(text)
         else:
-            values[key] = type(getattr(TeacherTrainConfig(out=Path(".")), key))(text)
+            kind = type(getattr(TeacherTrainConfig(out=Path(".")), key))
+            values[key] = _yes_no(key, text) if kind is bool else kind(text)
     return TeacherTrainConfig(**values)
+
+
+def _yes_no(key: str, text: str) -> bool:
+    """A yes/no option's value (``bool("false")`` is True: every value read as yes before)."""
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"{key}={text!r}: expected true or false")
 
 
 def cli_main(args: argparse.Namespace, command: str = "") -> int:

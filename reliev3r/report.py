@@ -238,7 +238,11 @@ def write_report(run: Path, compare: list[Path] = (), out: Path | None = None) -
         if other.name in {r.name for r in runs}:
             other.name = str(path)
         runs.append(other)
-    out = Path(out) if out else evaluations_dir(run).parent / "report.html"
+    if out is None:  # beside the evaluations of a run, in a run folder that has none yet too
+        run = Path(run)
+        given_evaluations = evaluations_dir(run) == run and any(run.glob("step-*.json"))
+        out = (run.parent if given_evaluations else run) / "report.html"
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(render(runs), encoding="utf-8")

@@ -49,6 +49,15 @@ def test_the_refresh_distils_with_the_recipe_of_its_device():
         config_from_args(SimpleNamespace(out="/tmp/t", options=list(settings)))
 
 
+def test_a_yes_no_setting_reads_no_as_no():
+    """``dining=false`` was read as yes (``bool("false")``)."""
+    read = [config_from_args(SimpleNamespace(out="/tmp/t", options=[f"dining={v}"])).dining
+            for v in ("false", "0", "no", "true", "1", "yes")]
+    assert read == [False, False, False, True, True, True]
+    with pytest.raises(ValueError, match="expected true or false"):
+        config_from_args(SimpleNamespace(out="/tmp/t", options=["dining=maybe"]))
+
+
 def test_tile_windows_use_every_frame_once():
     tiles = tile_windows(13, views=3, gap=2)
     assert tiles == [[0, 2, 4], [1, 3, 5], [6, 8, 10], [7, 9, 11]]

@@ -104,6 +104,12 @@ def test_report_command(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     assert (run / "report.html").stat().st_size > 1000
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    assert cli_main(["report", str(run / "evaluations")]) == 0  # given its evaluations: the run's page
+    assert capsys.readouterr().out.strip() == str(run / "report.html")
+    fresh = tmp_path / "fresh"  # a run not evaluated yet: its page in it, not in the folder above
+    fresh.mkdir()
+    assert cli_main(["report", str(fresh)]) == 0
+    assert capsys.readouterr().out.strip() == str(fresh / "report.html") and not (tmp_path / "report.html").exists()
 
 
 @pytest.mark.timeout(300)
