@@ -158,15 +158,6 @@ def folder_images(folder: Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_SUFFIXES and ".depth" not in p.name and not p.name.startswith("."))
 
 
-def read_intrinsics(path: Path) -> np.ndarray:
-    """3x3 from a text file holding 9 numbers (row-major) or 4 (``fx fy cx cy``)."""
-    values = np.loadtxt(path, dtype=np.float64).ravel()
-    if values.size == 9:
-        return values.reshape(3, 3)
-    if values.size == 4:
-        fx, fy, cx, cy = values
-        return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
-    raise ValueError(f"{path}: expected 9 or 4 numbers, got {values.size}")
 
 
 def _timestamps(images: list[Path]) -> np.ndarray | None:
@@ -218,7 +209,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         raise OSError(f"{images[0]}: unreadable image")
     found = [folder / n for n in INTRINSICS_NAMES if (folder / n).is_file()]
     if found:
-        K = read_intrinsics(found[0])
+        K = imaging.read_intrinsics(found[0])
     else:
         from reliev3r.geometry import intrinsics_from_fov
 

@@ -7,11 +7,29 @@ reconstruction, so every stage sees frames prepared the same way.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
-import torch
 
-from reliev3r import geometry
+
+def read_intrinsics(path: Path) -> np.ndarray:
+    """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
+    finite, positive focal lengths; raises ``ValueError`` naming the file (``OSError``: unreadable)."""
+    try:
+        values = np.array(Path(path).read_text().split(), dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if values.size == 9:
+        K = values.reshape(3, 3)
+    elif values.size == 4:
+        fx, fy, cx, cy = values
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    else:
+        raise ValueError(f"{path}: expected 9 or 4 numbers, got {values.size}")
+    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise ValueError(f"{path}: focal lengths must be finite and > 0")
+    return K
 
 
 def fit_plan(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:
@@ -45,6 +63,10 @@ def fit_image(image: np.ndarray, target_h: int, target_w: int, *, nearest: bool 
 def fit_intrinsics(intrinsics: np.ndarray, height: int, width: int, target_h: int, target_w: int) -> np.ndarray:
     """Intrinsics [3, 3] of an image after :func:`fit_image`."""
     new_w, new_h, left, top = fit_plan(height, width, target_h, target_w)
+    import torch  # here, not at the top: reading frames and intrinsics files needs no torch
+
+    from reliev3r import geometry
+
     K = torch.as_tensor(np.asarray(intrinsics, dtype=np.float64))
     K = geometry.resize_intrinsics(K, new_w / width, new_h / height)
     return geometry.crop_intrinsics(K, left, top).numpy().astype(np.float32)

@@ -87,7 +87,8 @@ class FrameStream:
 def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> FrameStream:
     """Every ``stride``-th frame of a video file or a sorted image folder, at most
     ``max_frames``, decoded as the stream is read (one frame in memory at a time)."""
-    from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses, read_intrinsics
+    from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses
+    from reliev3r.imaging import read_intrinsics
 
     path = Path(path)
     K = read_intrinsics(intrinsics) if intrinsics else None

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import cv2
 import numpy as np
 
+from reliev3r import imaging
 from streamer.glance import (MOTION_WIDTH, TRANSPOSE, Glance, display_orientation, glance_of_rgb, glance_of_video_frame,
                              orient)
 
@@ -213,21 +214,14 @@ def fov_intrinsics(fov_deg: float, width: int, height: int) -> np.ndarray:
 
 
 def read_intrinsics(path: Path) -> np.ndarray:
-    """A 3x3 matrix, or one line ``fx fy cx cy``; raise SourceError when neither."""
+    """A 3x3 matrix, or one line ``fx fy cx cy`` (``reliev3r.imaging.read_intrinsics``); raise
+    SourceError ``bad_intrinsics`` when neither."""
     try:
-        values = np.array(path.read_text().split(), dtype=np.float64)
-    except (OSError, ValueError) as err:
+        return imaging.read_intrinsics(path)
+    except OSError as err:
         raise SourceError("bad_intrinsics", f"{path}: {err}") from None
-    if values.size == 9:
-        K = values.reshape(3, 3)
-    elif values.size == 4:
-        fx, fy, cx, cy = values
-        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
-    else:
-        raise SourceError("bad_intrinsics", f"{path}: expected 9 or 4 numbers, got {values.size}")
-    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise SourceError("bad_intrinsics", f"{path}: focal lengths must be finite and > 0")
-    return K
+    except ValueError as err:
+        raise SourceError("bad_intrinsics", str(err)) from None
 
 
 class Source(Protocol):

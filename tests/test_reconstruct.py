@@ -111,19 +111,23 @@ def test_reconstruct_video(tmp_path, capsys):
 
 
 def test_what_stops_an_offline_command_is_said_in_a_line(tmp_path, capsys):
-    """A wrong input path, a bad value, a snapshot folder its writer never finished: exit 2 and
-    one line naming the problem, not a traceback (only a missing snapshot was said so before)."""
+    """A wrong input path, a bad value, a snapshot folder its writer never finished, intrinsics
+    of no focal length: exit 2 and one line naming the problem, not a traceback (only a missing
+    snapshot was said so before; the intrinsics gave a point cloud of NaNs and exit 0)."""
     from streamer_media import encode, panning_frames
 
     snap = make_tiny_snapshot(tmp_path / "run")
     clip = encode(tmp_path / "clip.mp4", panning_frames(8, 64, 48))
+    zero = tmp_path / "k.txt"
+    zero.write_text("0 0 0 0\n")  # every point was NaN, and the command said nothing
     half = tmp_path / "half" / "snapshots" / "step-000000005"
     half.mkdir(parents=True)
     (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
     common = ["--out", str(tmp_path / "rec"), "--device", "cpu"]
     cases = [(["--checkpoint", str(snap), "--input", str(tmp_path / "nothere.mp4")], "nothere.mp4"),
              (["--checkpoint", str(snap), "--input", str(clip), "--max-frames", "0"], "max_frames"),
-             (["--checkpoint", str(half), "--input", str(clip)], "model.safetensors")]
+             (["--checkpoint", str(half), "--input", str(clip)], "model.safetensors"),
+             (["--checkpoint", str(snap), "--input", str(clip), "--intrinsics", str(zero)], "focal lengths")]
     for argv, named in cases:
         assert cli.main(["reconstruct", *argv, *common]) == 2
         err = capsys.readouterr().err
