@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -402,6 +403,9 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
 
     out.mkdir(parents=True, exist_ok=True)
     stream = frames if isinstance(frames, FrameStream) else FrameStream.of(frames)
+    for ours in ("depth", "depth_color", "colmap"):  # a run before into the same folder: none of it stays
+        if (out / ours).is_dir():
+            shutil.rmtree(out / ours)
     (out / "depth").mkdir(exist_ok=True)
     (out / "depth_color").mkdir(exist_ok=True)
     if opts.colmap:
@@ -461,8 +465,9 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
             bar.set_postfix(windows=chain.windows, points=ply.count, refresh=False)
     bar.close()
     n = len(timestamps)
-    if n == 0:
-        raise ValueError("no frames decoded")
+    if n < 2:  # a window needs two views
+        raise ValueError(f"{n} frame{'s' * (n != 1)} decoded (every --stride-th, at most --max-frames): "
+                         "a reconstruction needs 2 or more")
     if n < views:  # one window of every frame, as window_starts says
         views = n
         window_starts(n, views, min(overlap, views - 1))  # raises for a single frame

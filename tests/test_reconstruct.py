@@ -127,11 +127,29 @@ def test_what_stops_an_offline_command_is_said_in_a_line(tmp_path, capsys):
     cases = [(["--checkpoint", str(snap), "--input", str(tmp_path / "nothere.mp4")], "nothere.mp4"),
              (["--checkpoint", str(snap), "--input", str(clip), "--max-frames", "0"], "max_frames"),
              (["--checkpoint", str(half), "--input", str(clip)], "model.safetensors"),
-             (["--checkpoint", str(snap), "--input", str(clip), "--intrinsics", str(zero)], "focal lengths")]
+             (["--checkpoint", str(snap), "--input", str(clip), "--intrinsics", str(zero)], "focal lengths"),
+             (["--checkpoint", str(snap), "--input", str(clip), "--stride", "9"], "1 frame decoded")]
     for argv, named in cases:
         assert cli.main(["reconstruct", *argv, *common]) == 2
         err = capsys.readouterr().err
-        assert named in err and "Traceback" not in err and err.count("\n") == 1, err
+        last = err.strip().splitlines()[-1]  # after a progress bar, where frames were read
+        assert last.startswith("reliev3r reconstruct: ") and named in last and "Traceback" not in err, err
+
+
+def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tmp_path):
+    """Twelve frames with a COLMAP model, then three without, into one folder: the folder holds
+    the second reconstruction alone (the first's depth maps and model stayed, and a viewer read them)."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    clip = encode(tmp_path / "clip.mp4", panning_frames(12, 64, 48))
+    out = tmp_path / "rec"
+    common = ["reconstruct", "--checkpoint", str(snap), "--input", str(clip), "--out", str(out), "--device", "cpu",
+              "--views", "3", "--overlap", "1"]
+    assert cli.main([*common, "--colmap"]) == 0 and len(list((out / "depth").iterdir())) == 12
+    assert cli.main([*common, "--max-frames", "3"]) == 0
+    assert len(list((out / "depth").iterdir())) == len(list((out / "depth_color").iterdir())) == 3
+    assert not (out / "colmap").exists()
 
 
 def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_path):
