@@ -24,6 +24,8 @@ intrinsics belong to) and ``<folder>/sparse/0/{cameras,images,points3D}.{txt|bin
 
 from __future__ import annotations
 
+import hashlib
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,13 +327,24 @@ def window_model(images: np.ndarray, depth: np.ndarray, confidence: np.ndarray |
 
 # ---------------------------------------------------------------------- reliev3r export --colmap
 
+def model_folder_name(name: str, taken: set[str]) -> str:
+    """A folder name for window ``name`` in ASCII letters, digits, ``_ . -``: where the name had
+    other characters (``szene_ä``, ``szene_ö``) or it is taken, a digest of the name tells it
+    apart, so no window's model is written over another's."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if safe != name or safe in taken:
+        safe = f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    while safe in taken:  # the same name twice
+        safe += "_"
+    return safe
+
+
 def export_held_out(cfg, args) -> int:
     """``reliev3r export --colmap DIR``: run the snapshot on the run's held-out windows (``--data``,
     default ``evaluator.data``; ``--windows``, default ``evaluator.windows``) and write one model
     per window: ``DIR/<window>/images/`` and ``DIR/<window>/sparse/0/`` (predicted poses, the
     window's intrinsics, the confident half of each view's depth as points), plus ``DIR/index.json``."""
     import json
-    import re
 
     from tqdm import tqdm
 
@@ -352,7 +365,7 @@ def export_held_out(cfg, args) -> int:
         pred = rec.run(list(window.images), intrinsics=window.intrinsics)
         model = window_model(pred["images"], pred["depth"], pred["confidence"], pred["cam_to_world"],
                              pred["intrinsics"])
-        folder = out / re.sub(r"[^A-Za-z0-9_.-]", "_", window.name)
+        folder = out / model_folder_name(window.name, {w["folder"] for w in index})
         write_model_folder(folder, model, list(pred["images"]), fmt)
         index.append({"window": window.name, "folder": folder.name, "images": len(model.names),
                       "points": len(model.points)})

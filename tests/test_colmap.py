@@ -190,6 +190,19 @@ def test_export_writes_a_colmap_model_per_held_out_window(tmp_path, snapshot):
         _check_single_view_points(rec, folder / "images", px_tol=1e-6)
 
 
+def test_windows_whose_names_differ_only_beyond_ascii_get_folders_of_their_own():
+    """``szene_ä`` and ``szene_ö`` both became ``szene__``: the second window's model was written
+    over the first's while index.json listed both."""
+    from reliev3r.colmap import model_folder_name
+
+    taken: set[str] = set()
+    for name in ("szene_ä_0", "szene_ö_0", "plain_0", "plain_0"):
+        folder = model_folder_name(name, taken)
+        assert folder not in taken and all(c.isascii() and (c.isalnum() or c in "_.-") for c in folder)
+        taken.add(folder)
+    assert "plain_0" in taken  # a name that is already fine is kept as it is
+
+
 def test_export_needs_out_or_colmap(snapshot, capsys):
     assert cli.main(["export", "--checkpoint", str(snapshot)]) == 2
     assert "--colmap" in capsys.readouterr().err
