@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = add("eval", "evaluate a snapshot on a dataset and print the table")
     ev.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], folder:DIR[@A-B] or DIR")
-    ev.add_argument("--views", type=int, default=None, help="views per window (default: the snapshot's)")
+    ev.add_argument("--views", type=int, default=None, help="views per window (default: streamer.views)")
     ev.add_argument("--windows", type=int, default=None, help="windows to evaluate")
     ev.add_argument("--out", default=None, help="folder for the JSON and markdown results")
     ev.add_argument("--compare", action="append", default=[], metavar="PATH",

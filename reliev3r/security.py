@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import weakref
 from datetime import datetime, timezone
@@ -189,8 +190,8 @@ def keys_main(out: Path, *, overwrite: bool = False) -> int:
     """``reliev3r keys --out DIR``: write the keys and print the matching config section."""
     try:
         files = generate_keys(out, overwrite=overwrite)
-    except FileExistsError as err:
-        print(f"reliev3r keys: {err}")
+    except FileExistsError as err:  # the library's words name its argument; the command's, its flag
+        print(f"reliev3r keys: {str(err).replace('pass overwrite=True', 'pass --force')}", file=sys.stderr)
         return 1
     for path in files.values():
         print(path)

@@ -136,3 +136,15 @@ def test_enabled_config_needs_every_path():
     finally:
         sock.close(linger=0)
         ctx.destroy(linger=0)
+
+
+def test_keys_that_exist_are_kept_unless_forced(tmp_path, capsys):
+    """A second `reliev3r keys` into the same folder keeps the keys and names the flag that
+    replaces them (it named the library's argument, overwrite=True)."""
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "server.key_secret").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 1
+    assert "pass --force" in capsys.readouterr().err and (tmp_path / "server.key_secret").read_bytes() == before
+    assert cli.main(["keys", "--out", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "server.key_secret").read_bytes() != before
