@@ -28,6 +28,19 @@ STAGES = {
 }
 
 
+def at_least(low: int):
+    """An argparse type: an integer of at least ``low`` (0 read as "the default" before)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reliev3r", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = add("eval", "evaluate a snapshot on a dataset and print the table")
     ev.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], folder:DIR[@A-B] or DIR")
-    ev.add_argument("--views", type=int, default=None, help="views per window (default: streamer.views)")
-    ev.add_argument("--windows", type=int, default=None, help="windows to evaluate")
+    ev.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views)")
+    ev.add_argument("--windows", type=at_least(1), default=None, help="windows to evaluate")
     ev.add_argument("--out", default=None, help="folder for the JSON and markdown results")
     ev.add_argument("--compare", action="append", default=[], metavar="PATH",
                     help="another snapshot to score beside it (repeatable), e.g. the supervised sibling")
@@ -78,14 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     exp.add_argument("--out", default=None, help="output file (.pt2 or .onnx); optional with --colmap")
     exp.add_argument("--format", choices=("torch-export", "onnx"), default=None, help="default: from --out's suffix")
-    exp.add_argument("--views", type=int, default=None, help="views per window (default: streamer.views)")
+    exp.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views)")
     exp.add_argument("--height", type=int, default=None, help="input height (default: the snapshot's)")
     exp.add_argument("--width", type=int, default=None, help="input width (default: the snapshot's)")
     exp.add_argument("--colmap", default=None, metavar="DIR",
                      help="write a COLMAP model of every held-out window into DIR/<window>/")
     exp.add_argument("--colmap-format", choices=("bin", "txt"), default="bin", help="COLMAP files (bin)")
     exp.add_argument("--data", default=None, help="held-out dataset spec for --colmap (default: evaluator.data)")
-    exp.add_argument("--windows", type=int, default=None, help="windows for --colmap (default: evaluator.windows)")
+    exp.add_argument("--windows", type=at_least(1), default=None,
+                     help="windows for --colmap (default: evaluator.windows)")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")
@@ -98,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("target", help="run folder (snapshots/) or reconstruct output folder (poses.txt)")
     view.add_argument("--out", default=None, help=".rrd file (default: TARGET/view.rrd)")
     view.add_argument("--snapshots", type=int, default=8, help="a run's snapshots logged at most (8)")
-    view.add_argument("--windows", type=int, default=1, help="held-out windows per snapshot (1)")
+    view.add_argument("--windows", type=at_least(1), default=1, help="held-out windows per snapshot (1)")
     rep = sub.add_parser("report", help="one static HTML page of a run's learning curves and newest pictures")
     rep.add_argument("run", help="run folder (with evaluations/) or an evaluations folder")
     rep.add_argument("--compare", action="append", default=[], metavar="RUN",

@@ -177,3 +177,15 @@ def test_image_folder_without_ground_truth(tmp_path):
     assert w.gt_depth is None and w.gt_cam_to_world is None
     with pytest.raises(ValueError, match="unknown dataset spec"):
         load_windows(str(tmp_path / "nope"), views=3, height=48, width=64, windows=1, stride=1, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("argv, said", [(["--windows", "0"], "--windows: must be >= 1, got 0"),
+                                        (["--views", "1"], "--views: must be >= 2, got 1")])
+def test_counts_below_their_least_are_refused_by_name(argv, said, capsys):
+    """``--windows 0`` and ``--views 0`` were read as "the default", ``--windows -1`` as sequences
+    too short: refused, naming the flag, before anything loads."""
+    from reliev3r import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["eval", "--checkpoint", "nowhere", *argv])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
