@@ -91,7 +91,9 @@ class _Once:
 
 
 def _log_error(source: str, reason: str, detail: str) -> None:
-    log.warning("decode error", extra={"source": source, "reason": reason, "detail": detail})
+    # said in the message too: a console that shows messages alone (teacher-train) names the source
+    said = detail if detail.startswith(reason) else f"{reason}: {detail}"
+    log.warning("decode error: %s: %s", source, said, extra={"source": source, "reason": reason, "detail": detail})
 
 
 class Frame:

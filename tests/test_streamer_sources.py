@@ -742,3 +742,15 @@ print(len(list(ImageSequenceSource({str(tmp_path / "seq")!r}, on_error=print).fr
                           env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "6"
+
+
+def test_a_source_reported_by_default_is_named_in_the_message(tmp_path, caplog):
+    """Without an error sink of its own (teacher-train's frames), a source's problem is logged
+    with the source and what went wrong in the message itself: a console that prints messages
+    alone said only "decode error"."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="reliev3r.streamer"):
+        assert discover([str(tmp_path / "nothere.mp4")]) == []
+    message = caplog.records[-1].getMessage()
+    assert source_name(tmp_path / "nothere.mp4") in message and "nothere.mp4" in message and "missing" in message
