@@ -41,6 +41,10 @@ class PipelineConfig:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def __post_init__(self) -> None:
+        h, w, patch = self.streamer.height, self.streamer.width, self.learner.model.patch_size
+        if h % patch or w % patch:  # else the learner drops every batch and never steps
+            raise ValueError(f"streamer.height and streamer.width ({h}x{w}) must be multiples of "
+                             f"learner.model.patch_size ({patch})")
         loss = self.learner.loss
         if loss.match_shape_weight is None:  # chosen by the teacher (LossConfig.match_shape_weight)
             loss.match_shape_weight = 0.0 if self.labeler.teacher_exact_shape else 1.0

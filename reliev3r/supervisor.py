@@ -12,7 +12,11 @@ evaluation), and ends the run:
 * when the learner exits 0 (``--max-steps`` reached, final snapshot written), it waits for
   the evaluator to score that snapshot, then stops the rest and exits 0;
 * on SIGINT/SIGTERM it stops the children in pipeline order (sources first, learner last,
-  so the learner writes its snapshot), SIGKILLs any that outlive the grace period, exits 0.
+  so the learner writes its snapshot), SIGKILLs any that outlive the grace period, exits 0;
+* when a child fails ``GIVE_UP_AFTER`` times in a row, each time within ``EARLY_S`` of its
+  start and with the same last error (what a config the stage cannot run with does: a teacher
+  or dataset that is not there, windows longer than every source), it says so and stops the
+  run, exit 1, instead of restarting it for ever.
 
 Children die with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG), so no
 orphans are left behind.
@@ -54,6 +58,11 @@ BEFORE_REFRESH = "before-refresh"
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
+GIVE_UP_AFTER = 6
+"""Failures in a row, each early and with the same error, after which the run stops (about a
+minute of restarts with the backoff: a transient cause has passed by then)."""
+EARLY_S = 60.0
+"""A child that dies sooner than this after its start failed at start."""
 """A crashed child's reason in the status line is cut to this many characters."""
 
 
@@ -83,6 +92,8 @@ class Child:
     """Size of its log when this incarnation started: its own lines come after."""
     last_error: str = ""
     """Why it last died (the last error in its log), shown in the status line."""
+    early_failures: int = 0
+    """Failures in a row, each within ``EARLY_S`` of its start with the same ``last_error``."""
 
 
 class Supervisor:
@@ -94,6 +105,8 @@ class Supervisor:
         # Before anything starts: an explicit port in use raises rports.PortError here.
         self.ports = rports.resolve(cfg, ["supervisor", *self.children])
         self.stop_requested = False
+        self.gave_up: str | None = None
+        """Why the run stopped on a child that keeps failing at start (exit 1), or None."""
         self.started = time.time()
         self.metrics = Metrics("supervisor")
         self.restarts = self.metrics.counter("process_restarts_total", "Child processes restarted after a crash", ["stage"])
@@ -146,7 +159,7 @@ class Supervisor:
                 self._drain_heartbeats(beats, timeout_ms=200)
                 self._reap_and_restart()
                 self._refresh_teacher()
-                if self._run_complete():
+                if self._run_complete() or self.gave_up:
                     break
                 if time.time() - last_status >= STATUS_EVERY_S:
                     self._print_status()
@@ -355,7 +368,20 @@ class Supervisor:
             child.next_start = now + delay
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             found = last_error(self._log_path(child), child.log_offset)
-            child.last_error = found or how
+            cause = found or how
+            if now - child.started_at >= EARLY_S:  # it ran a while: not a failure at start
+                child.early_failures = 0
+            elif child.early_failures and cause != child.last_error:
+                child.early_failures = 1
+            else:
+                child.early_failures += 1
+            child.last_error = cause
+            if child.early_failures >= GIVE_UP_AFTER:
+                self.gave_up = (f"{child.name} failed {child.early_failures} times in a row at start ({cause}); "
+                                f"stopping the run (log: {self._log_path(child)})")
+                self._print(self.gave_up)
+                self._write_pids()
+                return
             self._print(f"{child.name} died ({how})" + (f": {found}" if found else "") +
                         f"; restart #{child.restarts} in {delay:.1f}s (log: {self._log_path(child)})")
             self._write_pids()
@@ -374,6 +400,8 @@ class Supervisor:
         return False
 
     def _final_code(self) -> int:
+        if self.gave_up:
+            return 1
         if self.stop_requested:
             return 0
         learner, evaluator = self.children["learner"], self.children["evaluator"]

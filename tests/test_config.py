@@ -110,6 +110,7 @@ def test_overrides_are_typed():
     ("learner.max_steps=2.5", "learner.max_steps: expected an integer"),
     ("run.seed=-1", "run.seed must be >= 0"),  # the replay's first sample failed on it
     ("run.feeder_nice=30", "run.feeder_nice must be in 0..19"),
+    ("streamer.height=20", "(20x128) must be multiples of learner.model.patch_size (8)"),  # never stepped
     ("replay.capacity_windows=3", "min_size (4) must be <= capacity_windows (3)"),  # the learner waited forever
     ("replay.samples_per_insert=100", "tolerance (64.0) must be >= max(1, samples_per_insert)"),  # replay's start
 ])

@@ -312,6 +312,37 @@ def test_only_a_run_that_learns_from_its_depth_teacher_refreshes_it(tmp_path):
             sup.metrics.close()
 
 
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_a_stage_that_keeps_failing_at_start_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    """A config the stage cannot run with (a teacher that does not exist; a dataset that is not
+    there; windows longer than every source) made ``up`` restart that stage for ever: after
+    ``GIVE_UP_AFTER`` early failures in a row with the same error the run stops, says why, exit 1.
+    The real labeler process, started and reaped by the supervisor as ``up`` does."""
+    import yaml
+
+    from reliev3r import config as rconfig
+    from reliev3r import supervisor
+
+    monkeypatch.setattr(supervisor, "GIVE_UP_AFTER", 3)
+    sup = supervisor.Supervisor(rconfig.load([ROOT / "configs" / "default.yaml"],
+                                             [f"run.dir={tmp_path}", "labeler.teacher=bogus"]), out=io.StringIO())
+    try:
+        (tmp_path / "logs").mkdir()
+        sup.config_file = tmp_path / "config.yaml"
+        sup.config_file.write_text(yaml.safe_dump(rconfig.to_dict(sup.cfg), sort_keys=False))
+        for child in sup.children.values():  # the labeler alone: the others would wait on it
+            child.finished = child.stage != "labeler"
+        deadline = time.time() + 240
+        while not sup.gave_up and time.time() < deadline:
+            sup._reap_and_restart()
+            time.sleep(0.2)
+        assert sup.gave_up and sup._final_code() == 1, sup.out.getvalue()
+        assert "labeler failed 3 times in a row at start" in sup.gave_up and "teacher 'bogus'" in sup.gave_up
+        assert sup.out.getvalue().count("labeler died") == 2 and sup.children["labeler"].proc is None
+    finally:
+        sup.metrics.close()
+
+
 def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
     """What the status line says about a crashed child: the last error of its own
     incarnation's log, whether logged (JSON, with the exception's last line or the problem
