@@ -354,24 +354,11 @@ def live_feed(data: bytes, http: bool = False) -> int:
     one connection, then closes: over TCP, or as an HTTP server whose response is ``data``)
     through the streamer's window builder, until the feed has ended and every frame is taken (a
     queue that holds them all: none dropped)."""
-    import socket
-
     from streamer.live import LiveSource
+    from tests.streamer_media import serve_once
 
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            if http:
-                conn.recv(65536)  # the request
-            conn.sendall(data)
-        server.close()
-
-    threading.Thread(target=serve, daemon=True).start()
     ended, stop = threading.Event(), threading.Event()
-    port = server.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/video.mjpg" if http else f"tcp://127.0.0.1:{port}"
+    url = serve_once(data, http=http)
     src = LiveSource(url, stop=stop, queue_frames=MAX_FRAMES[0] + 1, stall_timeout_s=60.0,
                      on_error=lambda s, r, d: r in ("feed_ended", "read_failed") and ended.set())
     count = [0]

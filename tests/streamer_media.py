@@ -99,6 +99,28 @@ def set_display_matrix(path: Path, matrix: tuple[int, ...]) -> Path:
     return path
 
 
+def serve_once(data: bytes, *, http: bool = False) -> str:
+    """The URL of a live feed that sends ``data`` to its one connection, then is gone (a server
+    on a thread of its own): ``tcp://``, or with ``http`` an HTTP server (``data`` its response,
+    sent once the request is read)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            if http:
+                conn.recv(65536)  # the request
+            conn.sendall(data)
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{port}/video.mjpg" if http else f"tcp://127.0.0.1:{port}"
+
+
 RTSP_SERVER = """
 import sys
 import gi

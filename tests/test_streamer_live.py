@@ -12,7 +12,8 @@ import zmq
 import streamer.service as streamer_service
 from reliev3r.config import free_port
 from streamer.live import is_live, live_name, open_options
-from streamer_media import RTSP_SERVER, drop_ts_packets, encode, panning_frames, rotate_mp4, rtsp_server_available
+from streamer_media import (RTSP_SERVER, drop_ts_packets, encode, panning_frames, rotate_mp4, rtsp_server_available,
+                            serve_once)
 from tests.helpers_live import HANG_S, LIVE, Labeler, Server, kill_restart_and_check, needs_ffmpeg, pump_until
 
 
@@ -113,25 +114,12 @@ def test_live_spec_parsing():
 def read_feed(data: bytes, wait_for, http: bool = False) -> tuple[list, list[str], object]:
     """(frames, reasons reported, source) of a live feed that sends ``data`` to one connection,
     then is gone (a server in this test): over TCP, or as an HTTP server (``data`` its response)."""
-    import socket
     import threading
 
     from streamer.live import LiveSource
 
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve():  # one connection gets the whole feed, then the server is gone
-        conn, _ = server.accept()
-        with conn:
-            if http:
-                conn.recv(65536)  # the request
-            conn.sendall(data)
-        server.close()
-
-    threading.Thread(target=serve, daemon=True).start()
+    url = serve_once(data, http=http)  # one connection gets the whole feed, then the server is gone
     errors, frames, stop = [], [], threading.Event()
-    url = f"http://127.0.0.1:{port}/video.mjpg" if http else f"tcp://127.0.0.1:{port}"
     # open/read/stall timeouts bound a hang only: the feed is all there, then the server closes (EOF)
     src = LiveSource(url, on_error=lambda s, r, d: errors.append(r), stop=stop,
                      open_timeout_s=HANG_S, read_timeout_s=HANG_S, stall_timeout_s=HANG_S, queue_frames=64,
