@@ -658,6 +658,16 @@ SIGNED_PERMUTATIONS = [(a, b, c, d) for a, b, c, d in itertools.product((-1, 0, 
                        if abs(a * d - b * c) == 1 and abs(a) + abs(b) == 1 and abs(c) + abs(d) == 1]
 
 
+def placed(image: np.ndarray, a: int, b: int, c: int, d: int) -> np.ndarray:
+    """``image`` shown by the definition of a display matrix: its pixel (p, q) (column, row) at
+    (a p + c q, b p + d q), the picture then moved back into view."""
+    q, p = np.mgrid[:image.shape[0], :image.shape[1]]
+    x, y = a * p + c * q, b * p + d * q
+    shown = np.empty((y.max() - y.min() + 1, x.max() - x.min() + 1, *image.shape[2:]), image.dtype)
+    shown[y - y.min(), x - x.min()] = image
+    return shown
+
+
 @pytest.mark.parametrize("a, b, c, d", SIGNED_PERMUTATIONS)
 def test_an_orientation_shows_each_pixel_where_its_display_matrix_puts_it(a, b, c, d):
     """Known answer for the eight quarter turns and mirrors: a source pixel (p, q) (column,
@@ -665,12 +675,8 @@ def test_an_orientation_shows_each_pixel_where_its_display_matrix_puts_it(a, b, 
     orientation read from the matrix puts every pixel there, at any scale of the matrix."""
     from streamer.glance import display_orientation, orient
 
-    h, w = 3, 5
-    source = np.arange(h * w).reshape(h, w)
-    q, p = np.mgrid[:h, :w]
-    x, y = a * p + c * q, b * p + d * q
-    shown = np.empty((y.max() - y.min() + 1, x.max() - x.min() + 1), int)
-    shown[y - y.min(), x - x.min()] = source
+    source = np.arange(3 * 5).reshape(3, 5)
+    shown = placed(source, a, b, c, d)
     matrix = (a * 0x10000, b * 0x10000, 0, c * 0x10000, d * 0x10000, 0, 7 << 16, 9 << 16, 0x40000000)
     assert len(SIGNED_PERMUTATIONS) == 8
     np.testing.assert_array_equal(orient(source, display_orientation(matrix)), shown)
@@ -697,10 +703,7 @@ def test_mirrored_videos_are_shown_as_players_show_them(tmp_path, name, matrix):
     frames = take(VideoSource(clip))
     assert len(frames) == 6
     for frame, rgb in zip(frames, decoded):
-        q, p = np.mgrid[:32, :48]
-        x, y = a * p + c_ * q, b * p + d * q
-        shown = np.empty((y.max() - y.min() + 1, x.max() - x.min() + 1, 3), np.uint8)
-        shown[y - y.min(), x - x.min()] = rgb
+        shown = placed(rgb, a, b, c_, d)
         np.testing.assert_array_equal(frame.rgb, shown)
         assert np.abs(frame.glance.grey.astype(int) - glance_of_rgb(shown).grey).mean() < 2
 
