@@ -58,6 +58,9 @@ BEFORE_REFRESH = "before-refresh"
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
+COUNTED = ("sent", "acked", "labelled", "dropped")
+"""Heartbeat status keys that count a process's work since it started (the rest are states)."""
+
 GIVE_UP_AFTER = 6
 """Failures in a row, each early and with the same error, after which the run stops (about a
 minute of restarts with the backoff: a transient cause has passed by then)."""
@@ -86,6 +89,10 @@ class Child:
     """Exited 0 on its own: done, not restarted."""
     next_start: float = 0.0
     status: dict = field(default_factory=dict)
+    carried: dict = field(default_factory=dict)
+    """The counts (``COUNTED``) of its earlier incarnations: a process counts from 0."""
+    pid: int | None = None
+    """Its latest incarnation's: a heartbeat of an earlier one (sent as it died) is stale."""
     last_beat: float = 0.0
     started_at: float = 0.0
     log_offset: int = 0
@@ -318,9 +325,12 @@ class Supervisor:
                "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
                *child.overrides]
+        for key in COUNTED:
+            child.carried[key] = child.carried.get(key, 0) + int(child.status.pop(key, 0))
         child.started_at = time.time()
         child.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env, start_new_session=True)
+        child.pid = child.proc.pid
         log.close()
         self.child_up.labels(child.name).set(1)
         self._write_pids()
@@ -430,9 +440,14 @@ class Supervisor:
                 self.metrics.reject(err.reason)
                 continue
             child = self.children.get(msg.meta.get("stage"))
-            if child is not None and isinstance(msg.meta.get("status"), dict):
+            if child is not None and msg.meta.get("pid") == child.pid and isinstance(msg.meta.get("status"), dict):
                 child.status = msg.meta["status"]
                 child.last_beat = time.time()
+
+    def _count(self, stage: str, key: str) -> int:
+        """A count over every process of ``stage`` (each labeler) and each one's incarnations."""
+        return sum(child.carried.get(key, 0) + int(child.status.get(key, 0))
+                   for child in self.children.values() if child.stage == stage)
 
     def status_line(self, final: bool = False) -> str:
         """The one-line status from the children's heartbeats. ``final``: the run is over, so
@@ -447,14 +462,10 @@ class Supervisor:
             done = latest_evaluation(self.run_dir)
             if done is not None and done.get("step", -1) >= ev.get("step", -1):
                 ev.update(step=done["step"], absrel=done["model"]["absrel_med"], ate=done["model"]["ate"])
-        lb: dict[str, int] = {}
-        for child in self.children.values():  # every labeler's counts, summed
-            if child.stage == "labeler":
-                for key in ("labelled", "dropped"):
-                    lb[key] = lb.get(key, 0) + int(child.status.get(key, 0))
+        lb = {key: self._count("labeler", key) for key in ("labelled", "dropped")}
         parts = [f"[{time.time() - self.started:6.1f}s]",
-                 f"ingested {st.get('sent', 0)} (in flight {st.get('in_flight', 0)})",
-                 f"labelled {lb.get('labelled', 0)}" + (f" dropped {lb['dropped']}" if lb.get("dropped") else ""),
+                 f"ingested {self._count('streamer', 'sent')} (in flight {st.get('in_flight', 0)})",
+                 f"labelled {lb['labelled']}" + (f" dropped {lb['dropped']}" if lb['dropped'] else ""),
                  f"stored {rp.get('stored', 0)}",
                  f"step {ln.get('step', 0)}"]
         if "loss" in ln:

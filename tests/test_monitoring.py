@@ -162,6 +162,58 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
         sup.metrics.close()
 
 
+@pytest.mark.timeout(120)  # bounds a hang only
+def test_counts_in_the_status_line_survive_a_restart_and_ignore_the_dead_process(tmp_path):
+    """A process counts from 0: the status line adds what a stage's earlier incarnations
+    counted, and a heartbeat of one that is gone (its pid) changes nothing. The real labeler
+    (a teacher that is not there: it dies at start), reaped and started again by the supervisor."""
+    import zmq
+
+    from reliev3r import config as rconfig
+    from reliev3r import protocol
+    from reliev3r.supervisor import Supervisor
+
+    cfg = rconfig.load([ROOT / "configs" / "default.yaml"], [f"run.dir={tmp_path}", "labeler.teacher=bogus"])
+    sup = Supervisor(cfg, out=io.StringIO())
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        (tmp_path / "logs").mkdir()
+        sup.config_file = tmp_path / "config.yaml"
+        sup.config_file.write_text(yaml.safe_dump(rconfig.to_dict(sup.cfg), sort_keys=False))
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+
+        def beat(pid: int, **status) -> None:
+            push.send_multipart(protocol.encode(protocol.Message("heartbeat", {"stage": "labeler", "pid": pid,
+                                                                               "status": status})))
+            sup._drain_heartbeats(pull, 5000)
+
+        for child in sup.children.values():
+            child.finished = child.stage != "labeler"
+        labeler = sup.children["labeler"]
+        sup._reap_and_restart()
+        first = labeler.proc.pid
+        beat(first, labelled=5, dropped=1)
+        assert "labelled 5 dropped 1" in sup.status_line()
+        deadline = time.time() + 90
+        while (labeler.proc is None or labeler.proc.pid == first) and time.time() < deadline:
+            sup._reap_and_restart()
+            time.sleep(0.1)
+        assert labeler.restarts == 1 and labeler.proc.pid != first, sup.out.getvalue()
+        beat(labeler.proc.pid, labelled=2, dropped=0)
+        assert "labelled 7 dropped 1" in sup.status_line()
+        beat(first, labelled=6, dropped=1)  # the dead one's last beat, late: not counted again
+        assert "labelled 7 dropped 1" in sup.status_line()
+        labeler.proc.kill()
+        labeler.proc.wait()
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+        sup.metrics.close()
+
+
 @pytest.mark.parametrize("device, gpus, expected", [
     ("cuda", 1, ["cuda:0", "cuda:0", "cuda:0"]),  # several labelers share the one GPU
     ("cuda", 2, ["cuda:0", "cuda:1", "cuda:0"]),
