@@ -77,10 +77,25 @@ def _check_options(opts: dict, allowed: set[str], spec: str) -> None:
 
 def _parse_size(text: str) -> tuple[int, int]:
     h, _, w = text.lower().partition("x")
-    size = int(h), int(w or h)
+    try:
+        size = int(h), int(w or h)
+    except ValueError:
+        size = (0, 0)
     if min(size) < 1:
         raise ValueError(f"size must be HxW with positive integers, got {text!r}")
     return size
+
+
+def _multiple(opts: dict, spec: str) -> int:
+    """``?multiple=``: the model's input sides are multiples of it (32 unless said)."""
+    text = opts.get("multiple", "32")
+    try:
+        multiple = int(text)
+    except ValueError:
+        multiple = 0
+    if multiple < 1:
+        raise ValueError(f"teacher {spec!r}: multiple must be a positive integer, got {text!r}")
+    return multiple
 
 
 def _space(opts: dict, default: str | None, spec: str) -> str:
@@ -202,9 +217,8 @@ class TorchDepthTeacher(DepthTeacher):
             y = torch.cat(out)
             offset = 0
             for w, frames in members:
-                v, (h, wd) = len(frames), frames.shape[-2:]
-                preds[w] = self._output(F.interpolate(y[offset:offset + v, None], size=(h, wd), mode="bilinear",
-                                                      align_corners=False)[:, 0])
+                v = len(frames)
+                preds[w] = self._to_frames(y[offset:offset + v], tuple(frames.shape[-2:]))
                 offset += v
         results = []
         for p in preds:  # one device->host sync for all windows
@@ -214,10 +228,25 @@ class TorchDepthTeacher(DepthTeacher):
                 results.append(err)
         return results
 
+    def _valid(self, prediction: torch.Tensor) -> torch.Tensor:
+        """The pixels of the net's own prediction that are labels: finite and positive (a
+        teacher whose net predicts log depth takes every finite one)."""
+        return torch.isfinite(prediction) & (prediction > 0)
+
     def _output(self, resized: torch.Tensor) -> torch.Tensor:
         """The label from the prediction resized to a window's frames (the prediction itself;
         a teacher whose net predicts log depth exponentiates here)."""
         return resized
+
+    def _to_frames(self, prediction: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Labels [V,H,W] at the frames' ``size`` from a prediction [V,h,w], interpolated from
+        its valid pixels alone (an invalid 0 beside a 10 would give a label of 5); NaN, so
+        invalid, where less than half of a pixel's interpolation weight is valid."""
+        valid = self._valid(prediction)
+        weights = [torch.where(valid, prediction, 0), valid.to(prediction.dtype)]
+        value, weight = F.interpolate(torch.stack(weights, 1), size=size, mode="bilinear",
+                                      align_corners=False).unbind(1)
+        return torch.where(weight >= 0.5, self._output(value / weight.clamp_min(0.5)), torch.nan)
 
     def _predict(self, frames, *, gt_depth, window_id):
         result = self.predict_many([frames])[0]
@@ -226,22 +255,17 @@ class TorchDepthTeacher(DepthTeacher):
         return result[0]
 
 
-def _select_output(out) -> torch.Tensor:
-    """A prediction [B,h,w] from whatever a model returns (tensor [B,1,h,w] or [B,h,w], a
-    tuple, a dict or a transformers ``ModelOutput`` with ``predicted_depth``)."""
+def _select_output(out, batch: int) -> torch.Tensor:
+    """A prediction [B,h,w] from whatever a model returns for a ``batch`` of images (a tensor
+    as :func:`_squeeze_channel` reads it, a tuple, a dict or a transformers ``ModelOutput`` with
+    ``predicted_depth``)."""
     if hasattr(out, "predicted_depth"):
         out = out.predicted_depth
     elif isinstance(out, dict):
         out = out.get("predicted_depth", next(iter(out.values())))
     elif isinstance(out, (tuple, list)):
         out = out[0]
-    if out.dim() == 4:
-        if out.shape[1] != 1:
-            raise TeacherError("teacher_bad_output", f"expected one channel, got shape {tuple(out.shape)}")
-        out = out[:, 0]
-    if out.dim() != 3:
-        raise TeacherError("teacher_bad_output", f"expected [B,h,w], got shape {tuple(out.shape)}")
-    return out
+    return _squeeze_channel(out, False, batch)
 
 
 class HFDepthTeacher(TorchDepthTeacher):
@@ -286,7 +310,7 @@ class HFDepthTeacher(TorchDepthTeacher):
 
 
 def _call_hf(model, x):
-    return _select_output(model(pixel_values=x))
+    return _select_output(model(pixel_values=x), len(x))
 
 
 class TorchScriptDepthTeacher(TorchDepthTeacher):
@@ -303,11 +327,11 @@ class TorchScriptDepthTeacher(TorchDepthTeacher):
         mean, std = _norm(opts)
         super().__init__(module, _call_plain, device=device,
                          input_size=_parse_size(opts["size"]) if "size" in opts else None,
-                         keep_aspect=False, multiple=int(opts.get("multiple", 32)), mean=mean, std=std, **kw)
+                         keep_aspect=False, multiple=_multiple(opts, path), mean=mean, std=std, **kw)
 
 
 def _call_plain(module, x):
-    return _select_output(module(x))
+    return _select_output(module(x), len(x))
 
 
 def _norm(opts: dict) -> tuple[Sequence[float], Sequence[float]]:
@@ -354,12 +378,27 @@ class HostDepthTeacher(DepthTeacher):
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.max_batch - n, axis=0)])
             out.append(self._run(chunk)[:n])
         y = np.concatenate(out).astype(np.float32)
-        return np.stack([cv2.resize(d, (width, height), interpolation=cv2.INTER_LINEAR) for d in y])
+        return np.stack([_to_frame(d, height, width) for d in y])
+
+
+def _to_frame(prediction: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A prediction [h,w] at the frame's size, interpolated from its valid (finite, positive)
+    pixels alone; NaN where less than half of a pixel's interpolation weight is valid (as
+    :meth:`TorchDepthTeacher._to_frames`)."""
+    import cv2
+
+    valid = np.isfinite(prediction) & (prediction > 0)
+    if valid.all():
+        return cv2.resize(prediction, (width, height), interpolation=cv2.INTER_LINEAR)
+    value, weight = cv2.resize(np.dstack([np.where(valid, prediction, 0), valid]).astype(np.float32),
+                               (width, height), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+    return np.where(weight >= 0.5, value / np.maximum(weight, 0.5), np.nan).astype(np.float32)
 
 
 class ONNXDepthTeacher(HostDepthTeacher):
     """An ONNX file through onnxruntime: CUDA provider when the device is CUDA and the
-    provider is installed, CPU otherwise. Input NCHW or NHWC float32, detected from its shape."""
+    provider is installed, CPU otherwise. Input NCHW or NHWC float32 (or float16) RGB, the
+    layout read from where its 3 channels are."""
 
     OPTIONS = {"space", "size", "multiple", "norm", "output"}
 
@@ -385,13 +424,18 @@ class ONNXDepthTeacher(HostDepthTeacher):
         shape = list(inp.shape)
         if len(shape) != 4:
             raise ValueError(f"{path}: expected a 4-d image input, got shape {shape}")
-        self.nhwc = shape[3] == 3
+        if inp.type not in ("tensor(float)", "tensor(float16)"):
+            raise ValueError(f"{path}: its input takes {inp.type}; a teacher is fed RGB images as float")
+        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        if shape[1] != 3 and shape[3] != 3 and (isinstance(shape[1], int) or isinstance(shape[3], int)):
+            raise ValueError(f"{path}: expected an image input of 3 channels (RGB), got shape {shape}")
+        self.nhwc = shape[1] != 3 and shape[3] == 3
         spatial = shape[1:3] if self.nhwc else shape[2:4]
         if "size" in opts:
             self.input_size = _parse_size(opts["size"])
         elif all(isinstance(s, int) for s in spatial):
             self.input_size = (spatial[0], spatial[1])
-        self.multiple = int(opts.get("multiple", 32))
+        self.multiple = _multiple(opts, path)
         self.fixed_batch = isinstance(shape[0], int)
         self.max_batch = shape[0] if self.fixed_batch else 64
         names = [o.name for o in self.session.get_outputs()]
@@ -406,26 +450,44 @@ class ONNXDepthTeacher(HostDepthTeacher):
 
     def _run(self, batch):
         x = batch if self.nhwc else batch.transpose(0, 3, 1, 2)
-        y = self.session.run([self.output], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
-        return _squeeze_channel(y, self.nhwc)
+        y = self.session.run([self.output], {self.input_name: np.ascontiguousarray(x, self.input_dtype)})[0]
+        return _squeeze_channel(y, self.nhwc, len(batch))
 
 
-def _squeeze_channel(y: np.ndarray, nhwc: bool) -> np.ndarray:
-    """[B,h,w] of a model's output: [B,h,w], or with one channel where the input has its
-    channels or on the other side ([B,1,h,w] or [B,h,w,1], whatever the input's layout)."""
+def _squeeze_channel(y, nhwc: bool, batch: int):
+    """[B,h,w] of a model's output for a ``batch`` of images (a numpy array or a tensor):
+    [B,h,w]; with one channel where the input has its channels or on the other side
+    ([B,1,h,w] or [B,h,w,1], whatever the input's layout); [h,w] for a batch of one (a model
+    that squeezes its output)."""
     if y.ndim == 4:
         axis = next((a for a in ((3, 1) if nhwc else (1, 3)) if y.shape[a] == 1), None)
         if axis is None:
-            raise TeacherError("teacher_bad_output", f"expected one depth channel, got shape {y.shape}")
+            raise TeacherError("teacher_bad_output", f"expected one depth channel, got shape {tuple(y.shape)}")
         y = y[..., 0] if axis == 3 else y[:, 0]
-    if y.ndim != 3:
-        raise TeacherError("teacher_bad_output", f"expected [B,h,w], got shape {y.shape}")
+    elif y.ndim == 2 and batch == 1:
+        y = y[None]
+    if y.ndim != 3 or y.shape[0] != batch:
+        raise TeacherError("teacher_bad_output", f"expected [{batch},h,w], got shape {tuple(y.shape)}")
     return y
+
+
+def _quantisation(detail: dict, path: str, what: str) -> tuple[float, int] | None:
+    """(scale, zero point) of a quantised TFLite tensor (real = scale * (code - zero point)),
+    None for a float one."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return None
+    scale, zero = detail["quantization"]
+    if dtype.kind not in "iu" or not scale:
+        raise ValueError(f"{path}: its {what} is {dtype.name} without quantisation parameters; "
+                         "a teacher takes float or quantised tensors")
+    return float(scale), int(zero)
 
 
 class TFLiteDepthTeacher(HostDepthTeacher):
     """A TFLite file through ``ai-edge-litert`` (CPU). Mobile depth models ship this way.
-    Input NHWC float32; output by name (``?output=``) or the first."""
+    Input NHWC RGB, float or quantised (fed its codes); output by name (``?output=``) or the
+    first, float or quantised (read through its scale and zero point)."""
 
     OPTIONS = {"space", "norm", "output", "threads"}
 
@@ -446,11 +508,13 @@ class TFLiteDepthTeacher(HostDepthTeacher):
         if c != 3:
             raise ValueError(f"{path}: expected an NHWC RGB input, got shape {inp['shape'].tolist()}")
         self.input_size = (h, w)
-        outputs = {o["name"]: int(o["index"]) for o in self.interpreter.get_output_details()}
+        self.input_dtype, self.input_quant = np.dtype(inp["dtype"]), _quantisation(inp, path, "input")
+        outputs = {o["name"]: o for o in self.interpreter.get_output_details()}
         wanted = opts.get("output", default_output or next(iter(outputs)))
         if wanted not in outputs:
             raise ValueError(f"{path}: no output {wanted!r} (outputs: {sorted(outputs)})")
-        self.output_index = outputs[wanted]
+        self.output_index = int(outputs[wanted]["index"])
+        self.output_quant = _quantisation(outputs[wanted], path, "output")
         mean, std = _norm({"norm": opts.get("norm", default_norm)})
         self.mean, self.std = np.float32(mean), np.float32(std)
         self.name = f"{name}:{Path(path).name}"
@@ -458,9 +522,18 @@ class TFLiteDepthTeacher(HostDepthTeacher):
         self.max_batch = 1  # the interpreter's input has a fixed batch of one
 
     def _run(self, batch):
-        self.interpreter.set_tensor(self.input_index, np.ascontiguousarray(batch, np.float32))
+        x = np.ascontiguousarray(batch, np.float32)
+        if self.input_quant is not None:
+            scale, zero = self.input_quant
+            limits = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(x / scale + zero), limits.min, limits.max)
+        self.interpreter.set_tensor(self.input_index, x.astype(self.input_dtype))
         self.interpreter.invoke()
-        return _squeeze_channel(self.interpreter.get_tensor(self.output_index).copy(), True)
+        y = self.interpreter.get_tensor(self.output_index).astype(np.float32)
+        if self.output_quant is not None:
+            scale, zero = self.output_quant
+            y = (y - zero) * scale
+        return _squeeze_channel(y, True, len(batch))
 
 
 PYDNET_OUTPUT = "PSD/resize_images/ResizeBilinear"
@@ -476,7 +549,8 @@ def make_model_teacher(kind: str, target: str, *, device: str, batch_frames: int
     torch_kw = {"batch_frames": batch_frames, "precision": precision, "compile": compile}
     if kind == "hf":
         _check_options(opts, {"space"}, target)
-        return HFDepthTeacher(path, device=device, space=opts.get("space"), **torch_kw)
+        return HFDepthTeacher(path, device=device, space=_space(opts, None, target) if "space" in opts else None,
+                              **torch_kw)
     if not Path(path).is_file():
         raise ValueError(f"teacher file {path!r} does not exist")
     if kind == "torchscript":

@@ -183,6 +183,9 @@ class EmbeddedTeacher(TorchDepthTeacher):
     def model_size(self, height: int, width: int) -> tuple[int, int]:
         return input_size_for(height, width, self.base_size)
 
+    def _valid(self, prediction: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(prediction)  # log depth: any finite value is a depth
+
     def _output(self, resized: torch.Tensor) -> torch.Tensor:
         return torch.exp(resized.clamp(-20, 20))
 

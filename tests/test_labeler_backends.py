@@ -132,6 +132,188 @@ def test_onnx_teachers_of_either_output_layout_and_a_fixed_batch_give_the_known_
     np.testing.assert_allclose(depth, ramp_answer(f), atol=1e-4)
 
 
+class HalfWithHoles(torch.nn.Module):
+    """A prediction at half the input's size: ``value`` on its left half, ``hole`` (no depth
+    there: 0, negative or NaN) on its right half."""
+
+    def __init__(self, hole: float, value: float = 10.0):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+        self.hole, self.value = hole, value
+
+    def forward(self, x):
+        y = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 2) * 0 + self.value * self.gain
+        left = torch.arange(y.shape[-1], device=x.device) < y.shape[-1] // 2
+        return torch.where(left, y, torch.full_like(y, self.hole))
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+@pytest.mark.parametrize("hole", [0.0, -10.0, float("nan")])
+def test_a_prediction_smaller_than_the_frames_keeps_its_holes_out_of_the_labels(tmp_path, backend, hole):
+    """Resizing a prediction to the frames must not blend its invalid pixels into valid labels
+    (a 0 beside a 10 gave labels of 7.5 and 2.5 marked valid): labels come from valid pixels
+    alone, and a pixel is valid where most of its interpolation weight is."""
+    model = HalfWithHoles(hole)
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'onnx')")
+        pytest.importorskip("onnx", reason="onnx not installed (extra 'onnx')")
+        path = tmp_path / "holes.onnx"
+        torch.onnx.export(model, (torch.zeros(1, 3, 48, 64),), str(path), input_names=["image"],
+                          output_names=["depth"], dynamic_axes={"image": {0: "b"}, "depth": {0: "b"}}, dynamo=False)
+    else:
+        path = tmp_path / "holes.pt"
+        torch.jit.script(model).save(str(path))
+    depth, valid = make_teacher(f"{backend}:{path}?space=depth&norm=unit&multiple=16").predict(frames(2, 48, 64))
+    np.testing.assert_allclose(depth[valid], 10.0, rtol=1e-6)
+    assert valid[..., :30].all() and not valid[..., 34:].any()  # the edge at column 32, within a source pixel
+
+
+class RampChannelLastOut(torch.nn.Module):
+    """Ramp's answer with its one channel last, [B,h,w,1]."""
+
+    def forward(self, x):
+        col = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device).expand(x.shape[0], x.shape[-2], -1)
+        return (1 + x.mean(1) + 0.01 * col)[..., None]
+
+
+class RampSqueezed(RampChannelLastOut):
+    """Ends in ``squeeze()``: [h,w] for a batch of one frame."""
+
+    def forward(self, x):
+        col = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device).expand(x.shape[0], x.shape[-2], -1)
+        return (1 + x.mean(1) + 0.01 * col).squeeze()
+
+
+@pytest.mark.parametrize("model", [RampChannelLastOut(), RampSqueezed()])
+def test_torchscript_teachers_of_either_output_layout_and_a_squeezed_batch_of_one(tmp_path, model):
+    """As for ONNX teachers: one channel last is read as depth; a model that squeezes its
+    output answers [h,w] for the last frame of 17 in batches of 16 (that window was dropped)."""
+    path = tmp_path / "ramp.pt"
+    torch.jit.script(model).save(str(path))
+    teacher = make_teacher(f"torchscript:{path}?space=depth&norm=unit&multiple=16", batch_frames=16)
+    f = frames(17, 32, 48)
+    depth, valid = teacher.predict(f)
+    assert valid.all()
+    np.testing.assert_allclose(depth, ramp_answer(f), atol=1e-4)
+
+
+def _tflite_mean(path: Path, *, quantised_input: bool = False, quantised_output: bool = False) -> Path:
+    """A TFLite model written here (no converter needed): the mean over an NHWC [1,48,64,3]
+    image's channels, [1,48,64,1]; its input uint8 (scale 1/255) and its output int8 (scale 1/255,
+    zero point -128) when quantised, as fully quantised mobile models take and give them."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as S
+
+    codes = [S.BuiltinOperator.MEAN, S.BuiltinOperator.DEQUANTIZE, S.BuiltinOperator.QUANTIZE]
+    op_codes = []
+    for code in codes:
+        c = S.OperatorCodeT()
+        c.builtinCode, c.deprecatedBuiltinCode, c.version = code, code, 1
+        op_codes.append(c)
+    tensors, operators = [], []
+
+    def tensor(name, ttype, shape=(1, 48, 64, 3), buffer=0, quant=None) -> int:
+        t = S.TensorT()
+        t.name, t.type, t.shape, t.buffer = name.encode(), ttype, list(shape), buffer
+        if quant:
+            t.quantization = S.QuantizationParametersT()
+            t.quantization.scale, t.quantization.zeroPoint = [quant[0]], [quant[1]]
+        tensors.append(t)
+        return len(tensors) - 1
+
+    def operator(code, inputs, outputs, options=None) -> None:
+        o = S.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = codes.index(code), inputs, outputs
+        if options is not None:
+            o.builtinOptionsType, o.builtinOptions = S.BuiltinOptions.ReducerOptions, options
+        operators.append(o)
+
+    T = S.TensorType
+    image = tensor("image", T.UINT8 if quantised_input else T.FLOAT32, quant=(1 / 255, 0) if quantised_input else None)
+    real = image
+    if quantised_input:
+        real = tensor("image_real", T.FLOAT32)
+        operator(S.BuiltinOperator.DEQUANTIZE, [image], [real])
+    axis = tensor("axis", T.INT32, shape=(1,), buffer=1)
+    mean = tensor("depth", T.FLOAT32, shape=(1, 48, 64, 1))
+    keep = S.ReducerOptionsT()
+    keep.keepDims = True
+    operator(S.BuiltinOperator.MEAN, [real, axis], [mean], keep)
+    out = mean
+    if quantised_output:
+        out = tensor("depth_q", T.INT8, shape=(1, 48, 64, 1), quant=(1 / 255, -128))
+        operator(S.BuiltinOperator.QUANTIZE, [mean], [out])
+    graph = S.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [image], [out], operators
+    model = S.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, op_codes, [graph]
+    model.buffers = [S.BufferT(), S.BufferT()]
+    model.buffers[1].data = np.array([3], np.int32).tobytes()
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
+    return path
+
+
+@pytest.mark.parametrize("quantised_input, quantised_output", [(False, False), (True, False), (False, True),
+                                                              (True, True)])
+def test_tflite_teachers_float_or_quantised_give_the_known_answer(tmp_path, quantised_input, quantised_output):
+    """A quantised output is read through its scale and zero point (its raw codes were taken
+    for depth, half of them negative and so invalid); a quantised input is fed its codes (every
+    window failed on a float tensor)."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert not installed (extra 'tflite')")
+    path = _tflite_mean(tmp_path / "mean.tflite", quantised_input=quantised_input, quantised_output=quantised_output)
+    f = frames(2, 48, 64)
+    depth, valid = make_teacher(f"tflite:{path}?space=disparity&norm=unit").predict(f)
+    answer = f.astype(np.float32).mean(-1) / 255
+    assert valid[answer > 0].all()
+    np.testing.assert_allclose(depth, answer, atol=(0.5 if quantised_output else 1e-4) / 255 + 1e-6)
+
+
+class RampOfBytes(Ramp):
+    """Takes its image as uint8 codes."""
+
+    def forward(self, x):
+        return super().forward(x.float() / 255)
+
+
+class Grey(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return 1 + self.gain * x
+
+
+def test_teachers_that_cannot_take_rgb_frames_or_options_out_of_range_are_refused_at_load(tmp_path):
+    """Not on every window at run time, each dropped with a traceback: a one-channel ONNX
+    input, an integer one, ``multiple`` below 1 (a division by zero per window), a ``size``
+    that is not one and a space that is neither depth nor disparity, named."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'onnx')")
+    pytest.importorskip("onnx", reason="onnx not installed (extra 'onnx')")
+    grey = tmp_path / "grey.onnx"
+    torch.onnx.export(Grey(), (torch.zeros(1, 1, 48, 64),), str(grey), input_names=["image"],
+                      output_names=["depth"], dynamo=False)
+    with pytest.raises(ValueError, match="3 channels"):
+        make_teacher(f"onnx:{grey}?space=depth")
+    ramp = tmp_path / "ramp.onnx"
+    torch.onnx.export(Ramp(), (torch.zeros(1, 3, 48, 64),), str(ramp), input_names=["image"],
+                      output_names=["depth"], dynamo=False)
+    torch.onnx.export(RampOfBytes(), (torch.zeros(1, 3, 48, 64, dtype=torch.uint8),), str(tmp_path / "bytes.onnx"),
+                      input_names=["image"], output_names=["depth"], dynamo=False)
+    with pytest.raises(ValueError, match="float"):
+        make_teacher(f"onnx:{tmp_path / 'bytes.onnx'}?space=depth")
+    script = tmp_path / "ramp.pt"
+    torch.jit.script(Ramp()).save(str(script))
+    for spec, message in [(f"torchscript:{script}?space=depth&multiple=0", "multiple"),
+                          (f"onnx:{ramp}?space=depth&multiple=-8", "multiple"),
+                          (f"torchscript:{script}?space=depth&size=abc", "size"),
+                          (f"onnx:{ramp}?space=Depth", "space")]:
+        with pytest.raises(ValueError, match=message):
+            make_teacher(spec)
+
+
 def _tiny_depth_anything(folder: Path) -> None:
     transformers = pytest.importorskip("transformers", reason="transformers not installed (extra 'hf')")
     backbone = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -187,6 +369,9 @@ def test_hf_teacher_from_a_saved_tiny_depth_anything(tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     assert make_teacher(f"hf:{folder}").describe()["version"] != first
     assert make_teacher(f"hf:{folder}?space=depth").describe()["space"] == "depth"
+    for wrong in ("Depth", ""):  # refused as for the other backends (an empty one read disparity as depth)
+        with pytest.raises(ValueError, match="space"):
+            make_teacher(f"hf:{folder}?space={wrong}")
 
 
 def _ls_abs_rel(pred: np.ndarray, gt: np.ndarray) -> float:
