@@ -126,6 +126,20 @@ class TeacherTrainConfig:
             raise ValueError("precision must be bf16 or fp32")
         if self.alignment not in ("scale_shift", "scale"):
             raise ValueError(f"alignment must be scale_shift or scale, got {self.alignment!r}")
+        for key in ("views_per_eye", "eyes_per_world", "val_frames", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (0: none), got {self.warmup}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for key in ("weight_decay", "grad_weight"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.render_fraction <= 1:
+            raise ValueError(f"render_fraction must be in (0, 1], got {self.render_fraction}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 (or unset), got {self.time_budget_s}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +602,7 @@ def train(cfg: TeacherTrainConfig, *, command: str = "", extra: tuple[torch.Tens
             progress = max(progress, (time.monotonic() - train_start) / max(train_budget, 1.0))
         if progress >= 1.0:
             break
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
         idx, extra_idx = batch_indices(gen, len(images), cfg.batch, extra=0 if extra is None else len(extra_images),

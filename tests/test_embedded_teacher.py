@@ -105,7 +105,7 @@ def test_recipe_trains_a_tiny_net_on_cpu_and_writes_loadable_weights(tmp_path, n
     out = tmp_path / "teacher"
     rc = main(["teacher-train", "--out", str(out), "--steps", "2", "--device", "cpu", "height=64", "width=64",
                "batch=2", "pool_frames=4", "views_per_eye=2", "eyes_per_world=2", "val_frames=2",
-               "widths=8,8,8,16,16", "warmup=1", "log_every=1", "alignment=scale"])
+               "widths=8,8,8,16,16", "warmup=0", "log_every=1", "alignment=scale"])  # 0: no warm-up
     assert rc == 0
     weights = out / "embedded_depth.safetensors"
     meta = json.loads((out / "embedded_depth.json").read_text())
@@ -144,6 +144,23 @@ def test_recipe_rejects_unknown_options(tmp_path):
 
     assert main(["teacher-train", "--out", str(tmp_path), "bogus=1"]) == 2
     assert main(["teacher-train", "--out", str(tmp_path), "height=100"]) == 2  # not a multiple of 16
+
+
+@pytest.mark.parametrize("option", ["eyes_per_world=0", "views_per_eye=0", "val_frames=0", "log_every=0",
+                                    "warmup=-1", "lr=-1", "lr=nan", "weight_decay=-0.1", "grad_weight=-1",
+                                    "render_fraction=0", "render_fraction=1.5", "time_budget_s=0"])
+def test_recipe_refuses_values_it_cannot_run_before_it_renders(tmp_path, option):
+    """Each named at start, exit 2: ``eyes_per_world=0`` rendered for ever (the time budget
+    never stopped it), ``val_frames=0`` failed after the whole training with no weights
+    written, ``log_every=0`` and ``warmup=0`` divided by zero after the pool was rendered."""
+    from labelers.teacher_train import TeacherTrainConfig
+    from reliev3r.cli import main
+
+    key, _, value = option.partition("=")
+    with pytest.raises(ValueError, match=key):
+        TeacherTrainConfig(out=tmp_path, **{key: type(getattr(TeacherTrainConfig(out=tmp_path), key) or 1.0)(value)})
+    assert main(["teacher-train", "--out", str(tmp_path), "--device", "cpu", option]) == 2
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("alignment", ["scale_shift", "scale"])
