@@ -26,6 +26,7 @@ Images, depth and intrinsics are fitted to the model's input size by
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +36,8 @@ import numpy as np
 
 from reliev3r import imaging
 from reliev3r.synthetic import ensure_world, load_ground_truth
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -70,31 +73,48 @@ def window_starts(length: int, *, views: int, stride: int, windows: int) -> list
     return sorted({round(k * last / max(count - 1, 1)) for k in range(count)})
 
 
+MIN_DEPTH_PIXELS = 10
+"""Valid ground-truth depth pixels a window needs to be scored (``evaluation.metrics``)."""
+
+
 def make_windows(sequences: list[Sequence], *, views: int, height: int, width: int, stride: int,
                  windows: int) -> list[EvalWindow]:
-    """``windows`` windows spread over the sequences (round-robin), fitted to height x width."""
+    """``windows`` windows spread over the sequences (round-robin), fitted to height x width.
+    A window with a frame that cannot be read, or without valid ground-truth depth where its
+    frames have depth maps, is skipped with a warning that says why (the others are scored)."""
     per_seq = [window_starts(s.length, views=views, stride=stride, windows=windows) for s in sequences]
     picks: list[tuple[int, int]] = []
     k = 0
     while len(picks) < windows and any(k < len(p) for p in per_seq):
         picks += [(i, p[k]) for i, p in enumerate(per_seq) if k < len(p)]
         k += 1
-    out = []
+    out, skipped = [], []
     for seq_index, start in sorted(picks[:windows]):
         seq = sequences[seq_index]
+        name = f"{seq.name}:{start}"
         images, depths, poses, Ks = [], [], [], []
-        for idx in range(start, start + views * stride, stride):
-            rgb, depth, pose = seq.read(idx)
-            h, w = rgb.shape[:2]
-            images.append(imaging.fit_image(rgb, height, width))
-            depths.append(None if depth is None else imaging.fit_image(depth, height, width, nearest=True,
-                                                                       like=(h, w)))
-            Ks.append(imaging.fit_intrinsics(seq.intrinsics, h, w, height, width))
-            poses.append(pose)
+        try:
+            for idx in range(start, start + views * stride, stride):
+                rgb, depth, pose = seq.read(idx)
+                h, w = rgb.shape[:2]
+                images.append(imaging.fit_image(rgb, height, width))
+                depths.append(None if depth is None else imaging.fit_image(depth, height, width, nearest=True,
+                                                                           like=(h, w)))
+                Ks.append(imaging.fit_intrinsics(seq.intrinsics, h, w, height, width))
+                poses.append(pose)
+        except (OSError, ValueError) as err:  # a damaged frame, depth map or pose file
+            skipped.append(f"{name}: {err}")
+            continue
         gt_depth = None if any(d is None for d in depths) else np.stack(depths).astype(np.float32)
         gt_poses = None if any(p is None for p in poses) else np.stack(poses).astype(np.float32)
-        out.append(EvalWindow(f"{seq.name}:{start}", np.stack(images), np.stack(Ks).astype(np.float32),
-                              gt_depth, gt_poses))
+        if gt_depth is not None and (usable := int((np.isfinite(gt_depth) & (gt_depth > 0)).sum())) < MIN_DEPTH_PIXELS:
+            skipped.append(f"{name}: {usable} pixels of valid ground-truth depth (fewer than {MIN_DEPTH_PIXELS})")
+            continue
+        out.append(EvalWindow(name, np.stack(images), np.stack(Ks).astype(np.float32), gt_depth, gt_poses))
+    for why in skipped:
+        log.warning("evaluation window skipped: %s", why)
+    if skipped and not out:
+        raise ValueError(f"no window could be read ({len(skipped)} skipped; the first: {skipped[0]})")
     return out
 
 

@@ -3,7 +3,10 @@
 Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic; its pictures beside it,
 ``evaluation.pictures``) and to Prometheus
 (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. The process
-exits 0 once it has scored a snapshot marked final (``reliev3r up --max-steps``).
+exits 0 once it has scored a snapshot of ``learner.max_steps`` or later (``reliev3r up
+--max-steps``: the last one the learner writes; a run taken further waits for the new ones).
+Waiting for a new snapshot lists the folder and reads no weights; a snapshot is checked whole
+once, when it is loaded, and one that is pruned or damaged before then is passed over.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -28,6 +31,9 @@ from monitoring.metrics import Metrics
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 
+STATUS = {"absrel": "absrel_med", "ate": "ate"}
+"""Heartbeat status key -> the metric it carries (each where the data gives it); the
+supervisor's status line reads them (``reliev3r.supervisor.EVAL_STATUS``)."""
 REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
             "rra30", "rta30", "auc30", "accuracy", "completeness")
 
@@ -86,6 +92,9 @@ class EvaluatorService:
         self.out_dir = cfg.run_dir / "evaluations"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.done = scored(self.out_dir)
+        self.passed: set[str] = set()
+        """Snapshots that could not be loaded (pruned before their load, or damaged)."""
+        self.max_steps = cfg.learner.max_steps
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.learner.threads:
             torch.set_num_threads(cfg.learner.threads)
@@ -98,15 +107,20 @@ class EvaluatorService:
         metrics.report(self.baseline, "constant_identity")
 
     def step(self) -> int | None:
-        """Score one new snapshot; an exit status once a final one is scored or a stop
-        abandoned the scoring, else None."""
+        """Score the newest snapshot if it is new; an exit status once the last one
+        (:func:`is_last`) is scored or a stop abandoned the scoring, else None."""
         runtime, windows = self.runtime, self.windows
-        snap = snapshots.latest_snapshot(self.snap_dir)
-        if snap is None or snap.name in self.done:
+        snap = self._newest()
+        if snap is None:
             runtime.wait(self.cfg.poll_s)
             return None
         started = time.time()
-        model, meta = snapshots.load_model(snap, self.device)
+        try:
+            model, meta = snapshots.load_model(snap, self.device)
+        except (snapshots.SnapshotError, OSError) as err:  # pruned by the learner, or damaged
+            runtime.log.warning("snapshot passed over", extra={"snapshot": snap.name, "error": str(err)})
+            self.passed.add(snap.name)
+            return None
         try:
             result = evaluate_model(model, StopAware(windows, runtime), self.device)
         except Stopped as stop:
@@ -125,12 +139,25 @@ class EvaluatorService:
         self.metrics.report(result, "model")
         self.metrics.step.set(meta["step"])
         self.metrics.duration.set(elapsed)
-        runtime.status.update(step=meta["step"], absrel=result["absrel_med"], ate=result["ate"])
-        runtime.log.info("evaluated snapshot", extra={"step": meta["step"], **{k: round(result[k], 4) for k in REPORTED if k in result}})
-        return 0 if meta.get("final") else None
+        runtime.status.update(step=meta["step"], **{name: result[key] for name, key in STATUS.items() if key in result})
+        runtime.log.info("evaluated snapshot", extra={"step": meta["step"],
+                                                      **{k: round(result[k], 4) for k in REPORTED if k in result}})
+        return 0 if is_last(meta, self.max_steps) else None
+
+    def _newest(self) -> Path | None:
+        """The newest snapshot when it is neither scored nor passed over (by name: no weights
+        read), else None."""
+        found = [path for _, path in snapshots.list_snapshots(self.snap_dir) if path.name not in self.passed]
+        return found[-1] if found and found[-1].name not in self.done else None
 
     def close(self) -> None:
         """Nothing to release: each scoring's model is dropped after it."""
+
+
+def is_last(meta: dict, max_steps: int) -> bool:
+    """Whether a snapshot is the last the learner writes in this run: of ``max_steps`` (its
+    final one) or past it (a run started again with fewer steps than it had made)."""
+    return bool(max_steps) and int(meta["step"]) >= max_steps
 
 
 def scored(out_dir: Path) -> set[str]:
@@ -139,12 +166,12 @@ def scored(out_dir: Path) -> set[str]:
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
-    # A restarted run whose final snapshot was scored before: nothing new will come (checked
+    # A restarted run whose last snapshot was scored before: nothing new will come (checked
     # before loading the evaluation data; latest_snapshot has verified it, so its meta is read).
     latest = snapshots.latest_snapshot(cfg.run_dir / "snapshots")
     out_dir = cfg.run_dir / "evaluations"
     if (latest is not None and latest.name in scored(out_dir)
-            and json.loads((latest / "meta.json").read_text()).get("final")):
-        runtime.log.info("final snapshot already scored", extra={"snapshot": latest.name})
+            and is_last(json.loads((latest / "meta.json").read_text()), cfg.learner.max_steps)):
+        runtime.log.info("last snapshot already scored", extra={"snapshot": latest.name})
         return 0
     return serve(EvaluatorService(cfg, runtime, EvaluatorMetrics(runtime.metrics)), runtime)

@@ -234,12 +234,14 @@ def verify_snapshot(path: str | Path) -> dict[str, Any]:
         raise SnapshotError(f"{path}: meta lists no model.safetensors")
     for fname, info in meta["files"].items():
         fpath = path / fname
-        if not fpath.is_file():
-            raise SnapshotError(f"{path}: {fname} is missing")
-        if fpath.stat().st_size != info.get("bytes"):
-            raise SnapshotError(f"{path}: {fname} has {fpath.stat().st_size} bytes, meta says {info.get('bytes')}")
-        if _sha256(fpath) != info.get("sha256"):
-            raise SnapshotError(f"{path}: {fname} checksum mismatch")
+        try:
+            size = fpath.stat().st_size
+            if size != info.get("bytes"):
+                raise SnapshotError(f"{path}: {fname} has {size} bytes, meta says {info.get('bytes')}")
+            if _sha256(fpath) != info.get("sha256"):
+                raise SnapshotError(f"{path}: {fname} checksum mismatch")
+        except FileNotFoundError:  # missing, or removed while read (pruned by the learner)
+            raise SnapshotError(f"{path}: {fname} is missing") from None
         try:
             with safe_open(str(fpath), framework="pt") as f:
                 f.keys()

@@ -58,6 +58,13 @@ BEFORE_REFRESH = "before-refresh"
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
+EVAL_STATUS = {"absrel": "absrel_med", "ate": "ate"}
+"""The evaluator's status keys (its heartbeat's) -> the metrics they carry, each where the data gives it."""
+
+SUMMARY = (("absrel_med", "AbsRel", ".3f"), ("absrel_lsq", "AbsRel lsq", ".3f"), ("ate", "ATE", ".3f"),
+           ("rra30", "RRA@30", ".2f"), ("rta30", "RTA@30", ".2f"), ("auc30", "AUC@30", ".3f"))
+"""The metrics of the evaluation printed when a run ends: (key, title, format)."""
+
 COUNTED = ("sent", "acked", "labelled", "dropped")
 """Heartbeat status keys that count a process's work since it started (the rest are states)."""
 
@@ -461,7 +468,8 @@ class Supervisor:
                 ln["step"] = step
             done = latest_evaluation(self.run_dir)
             if done is not None and done.get("step", -1) >= ev.get("step", -1):
-                ev.update(step=done["step"], absrel=done["model"]["absrel_med"], ate=done["model"]["ate"])
+                model = done["model"]
+                ev = {"step": done["step"], **{k: model[m] for k, m in EVAL_STATUS.items() if m in model}}
         lb = {key: self._count("labeler", key) for key in ("labelled", "dropped")}
         parts = [f"[{time.time() - self.started:6.1f}s]",
                  f"ingested {self._count('streamer', 'sent')} (in flight {st.get('in_flight', 0)})",
@@ -474,8 +482,9 @@ class Supervisor:
             parts.append(f"{ln['steps_per_s']:.2f} steps/s")
         if self.cfg.labeler.teacher == "none":
             parts.append("depth loss off (teacher none)")
-        if ev.get("step") is not None and "absrel" in ev:
-            parts.append(f"eval@{ev['step']} AbsRel {ev['absrel']:.3f} ATE {ev['ate']:.3f}")
+        if ev.get("step") is not None and ("absrel" in ev or "ate" in ev):  # each where the data has it
+            parts.append(f"eval@{ev['step']}" + (f" AbsRel {ev['absrel']:.3f}" if "absrel" in ev else "")
+                         + (f" ATE {ev['ate']:.3f}" if "ate" in ev else ""))
         restarts = sum(c.restarts for c in self.children.values())
         if restarts:
             why = "; ".join(f"{c.name}: {c.last_error[:REASON_CHARS]}" for c in self.children.values() if c.last_error)
@@ -502,9 +511,8 @@ class Supervisor:
         if ev is None:
             return
 
-        def row(m: dict) -> str:
-            return (f"AbsRel {m['absrel_med']:.3f} (lsq {m['absrel_lsq']:.3f}), ATE {m['ate']:.3f}, "
-                    f"RRA@30 {m['rra30']:.2f}, RTA@30 {m['rta30']:.2f}, AUC@30 {m['auc30']:.3f}")
+        def row(m: dict) -> str:  # the metrics the data gives (a folder without poses: no ATE)
+            return ", ".join(f"{title} {m[key]:{form}}" for key, title, form in SUMMARY if key in m) or "no metric"
 
         self._print(f"evaluation of step {ev['step']} on {ev['data']} ({ev['windows']} windows): {row(ev['model'])}")
         self._print(f"  baseline constant depth + identity poses:        {row(ev['baseline_constant_identity'])}")

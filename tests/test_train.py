@@ -436,7 +436,9 @@ def test_evaluator_exits_on_a_final_snapshot_also_after_a_restart(tmp_path):
 
     cfg = learner_pipeline(tmp_path, free_port(), max_steps=1)
     cfg = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, windows=2, poll_s=0.1))
-    Trainer(cfg.learner, device="cpu").save_state(tmp_path / "snapshots", final=True)
+    trainer = Trainer(cfg.learner, device="cpu")
+    trainer.global_step = 1  # the learner's final snapshot is of max_steps
+    trainer.save_state(tmp_path / "snapshots", final=True)
     for attempt in ("first", "restart"):
         with Runtime("evaluator", cfg, install_signals=False, serve_metrics=False) as runtime:
             result = {}

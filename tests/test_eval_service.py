@@ -1,0 +1,188 @@
+"""The evaluator process (``evaluation.service``) in a thread with a real runtime: when it
+exits, what it scores, what it survives; and evaluation data that is partly damaged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from evaluation import service
+from learner import snapshot as snapshots
+from reliev3r.config import load
+from reliev3r.service import Runtime
+from tiny_snapshot import make_tiny_snapshot
+
+
+def image_folder(folder: Path, frames: int = 6, *, depth: bool = True) -> Path:
+    """A generic image folder (no poses) of random pictures, with depth PNGs (millimetres)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(frames):
+        cv2.imwrite(str(folder / f"img{k:03d}.png"), rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+        if depth:
+            cv2.imwrite(str(folder / f"img{k:03d}.depth.png"), np.full((96, 128), 2000 + 100 * k, np.uint16))
+    return folder
+
+
+def config(run: Path, data: Path, max_steps: int):
+    return load(overrides=[f"run.dir={run}", f"evaluator.data=folder:{data}", "evaluator.windows=1",
+                           "evaluator.stride=1", "streamer.views=3", "streamer.height=48", "streamer.width=64",
+                           "evaluator.poll_s=0.05", "monitoring.enabled=false", f"learner.max_steps={max_steps}"])
+
+
+class Evaluator:
+    """``service.run`` on a thread; ``rc`` once it returned, ``error`` if it raised."""
+
+    def __init__(self, cfg):
+        self.runtime = Runtime("evaluator", cfg, install_signals=False, serve_metrics=False)
+        self.rc, self.error = None, None
+
+        def target():
+            try:
+                self.rc = service.run(cfg, self.runtime)
+            except BaseException as err:  # noqa: BLE001 (reported by the test)
+                self.error = err
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def wait(self, seconds: float) -> bool:
+        """True once it has returned (or raised) within ``seconds``."""
+        self.thread.join(seconds)
+        return not self.thread.is_alive()
+
+    def close(self) -> None:
+        self.runtime.stop()
+        self.thread.join(30)
+        self.runtime.close()
+
+
+def scored(run: Path) -> list[str]:
+    return sorted(p.stem for p in (run / "evaluations").glob("step-*.json"))
+
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_a_dataset_without_poses_is_scored_on_depth_and_the_evaluator_carries_on(tmp_path):
+    """Metrics a dataset cannot give are left out: the evaluator died on every snapshot of a
+    folder with depth and no poses (its status read the ATE), after writing the JSON."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    make_tiny_snapshot(run, steps=2)
+    evaluator = Evaluator(config(run, data, max_steps=2))
+    try:
+        assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    record = json.loads((run / "evaluations" / "step-000000002.json").read_text())
+    assert "absrel_med" in record["model"] and "ate" not in record["model"]
+    assert evaluator.runtime.status["step"] == 2 and "ate" not in evaluator.runtime.status
+
+
+@pytest.mark.timeout(300)
+def test_a_run_taken_further_scores_its_new_snapshots(tmp_path):
+    """``make up`` then ``make up MAX_STEPS=2000``: the first run's final snapshot is scored;
+    the evaluator of the second must wait for the snapshots to come (it exited at once, and
+    nothing after the first run was ever scored)."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    make_tiny_snapshot(run, steps=1)
+    first = Evaluator(config(run, data, max_steps=1))
+    try:
+        assert first.wait(240) and first.rc == 0, first.error
+    finally:
+        first.close()
+    assert scored(run) == ["step-000000001"]
+    second = Evaluator(config(run, data, max_steps=3))
+    try:
+        assert not second.wait(3)  # the learner has not written step 3 yet
+        make_tiny_snapshot(run, steps=3)
+        assert second.wait(240) and second.rc == 0, second.error
+    finally:
+        second.close()
+    assert scored(run) == ["step-000000001", "step-000000003"]
+
+
+@pytest.mark.timeout(300)
+def test_a_run_already_past_its_max_steps_ends_once_its_newest_snapshot_is_scored(tmp_path):
+    """A run stopped by hand at step 2 (no final snapshot) started again with ``--max-steps 1``:
+    the learner has nothing to do, so no final snapshot comes; the evaluator waited for one
+    (``up`` gave up after ten minutes, exit 1)."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    snap = make_tiny_snapshot(run, steps=2)
+    meta = json.loads((snap / "meta.json").read_text())
+    (snap / "meta.json").write_text(json.dumps({**meta, "final": False}))
+    evaluator = Evaluator(config(run, data, max_steps=1))
+    try:
+        assert evaluator.wait(240) and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == ["step-000000002"]
+
+
+@pytest.mark.timeout(300)
+def test_waiting_for_a_snapshot_reads_no_weights_and_a_snapshot_pruned_before_its_load_is_passed_over(
+        tmp_path, monkeypatch):
+    """While the newest snapshot is scored, a poll checksums nothing (it hashed the whole
+    snapshot every ``poll_s``: a third of a core for the small model, more than a core for the
+    large); a snapshot the learner prunes between the evaluator's pick and its load is passed
+    over, the next one scored (the evaluator died)."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    pruned = make_tiny_snapshot(run, steps=1)
+    hashed = []
+    sha256 = snapshots._sha256
+    monkeypatch.setattr(snapshots, "_sha256", lambda path: hashed.append(path) or sha256(path))
+    load_model = snapshots.load_model
+
+    def pruned_first(path, *args, **kw):
+        if Path(path) == pruned and pruned.exists():
+            shutil.rmtree(pruned)
+        return load_model(path, *args, **kw)
+
+    monkeypatch.setattr(snapshots, "load_model", pruned_first)
+    evaluator = Evaluator(config(run, data, max_steps=3))
+    try:
+        deadline = time.time() + 60
+        while not hashed and time.time() < deadline:
+            time.sleep(0.05)
+        assert hashed and not evaluator.wait(2) and scored(run) == [], evaluator.error
+        make_tiny_snapshot(run, steps=2)
+        deadline = time.time() + 240
+        while not scored(run) and time.time() < deadline and evaluator.thread.is_alive():
+            time.sleep(0.05)
+        assert scored(run) == ["step-000000002"], evaluator.error
+        time.sleep(0.5)  # polls while step 2 is the newest and scored
+        hashed.clear()
+        time.sleep(1.0)
+        assert hashed == [] and evaluator.thread.is_alive()
+    finally:
+        evaluator.close()
+    assert evaluator.error is None
+
+
+def test_windows_with_an_unreadable_frame_or_no_usable_depth_are_skipped_with_the_reason(tmp_path, caplog):
+    """One damaged frame failed the whole dataset, one window without valid ground-truth depth
+    the whole evaluation (``reliev3r eval`` exit 2; the evaluator at every start): each is
+    skipped, said, and the other windows are scored."""
+    from evaluation.datasets import load_windows, window_starts
+
+    data = image_folder(tmp_path / "seq", frames=9)
+    assert window_starts(9, views=3, stride=1, windows=3) == [0, 3, 6]
+    (data / "img004.png").write_bytes(b"")  # the second window's
+    cv2.imwrite(str(data / "img007.depth.png"), np.zeros((96, 128), np.uint16))  # the third's: no depth at all
+    for k in (6, 8):
+        cv2.imwrite(str(data / f"img{k:03d}.depth.png"), np.zeros((96, 128), np.uint16))
+    with caplog.at_level(logging.WARNING):
+        windows = load_windows(f"folder:{data}", views=3, height=48, width=64, windows=3, stride=1, run_dir=tmp_path)
+    assert [w.name for w in windows] == ["seq:0"]
+    said = caplog.text
+    assert "seq:3" in said and "img004.png: unreadable image" in said
+    assert "seq:6" in said and "valid ground-truth depth" in said
+    (data / "img000.depth.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="no window could be read"):
+        load_windows(f"folder:{data}", views=3, height=48, width=64, windows=3, stride=1, run_dir=tmp_path)
