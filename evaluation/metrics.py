@@ -7,12 +7,13 @@ and translation per window), as the model's outputs are defined only up to it:
   least-squares scale-and-shift (``*_lsq``), and after per-frame least-squares
   scale-and-shift (``*_lsq_frame``: the depth *shape* only, what a monocular teacher can do);
 * poses: ATE RMSE of camera centres after Umeyama Sim(3) alignment (metres of the ground
-  truth), RPE between consecutive views after the same alignment (RMSE over the pairs of the
-  relative pose error's translation in metres and rotation angle in degrees: evo's RPE with
-  delta 1 frame, RMSE statistic; tests/test_metrics_evo.py), and over all view pairs the
-  relative rotation error and relative
-  translation direction error, their means and RRA@30, RTA@30 and AUC@30 (the VGGT/pi3
-  protocol: AUC of the curve "fraction of pairs with max(rot, trans) error < t", t in 1..30°);
+  truth; two views are aligned exactly, :func:`align_trajectory`), RPE between consecutive
+  views after the same alignment (RMSE over the pairs of the relative pose error's
+  translation in metres and rotation angle in degrees: evo's RPE with delta 1 frame, RMSE
+  statistic; tests/test_metrics_evo.py), and over all view pairs the relative rotation error
+  and relative translation direction error, their means and RRA@30, RTA@30 and AUC@30 (the
+  VGGT/pi3 protocol: AUC of the curve "fraction of pairs with max(rot, trans) error < t",
+  t in 1..30°);
 * point maps: accuracy (mean distance of predicted points to the nearest ground-truth point)
   and completeness (ground truth to prediction), after a Sim(3) alignment of the predicted
   point map to the ground-truth one over valid pixels (pixels are correspondences).
@@ -73,18 +74,41 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
     return out
 
 
+def rotation_between(source: Tensor, target: Tensor) -> Tensor:
+    """The smallest rotation [3, 3] turning the direction of ``source`` [3] onto that of
+    ``target`` [3] (identity where either has no length). The angle is atan2 of the cross and
+    dot products and the axis the cross product made exactly perpendicular to ``source`` (its
+    rounding along ``source`` tilts a near-180° turn), so the result stays accurate near 0° and
+    180°; at exactly 180° any axis perpendicular to ``source`` is as small as any other."""
+    a, b = source.norm(), target.norm()
+    if a <= 1e-12 or b <= 1e-12:
+        return torch.eye(3, dtype=source.dtype, device=source.device)
+    u, w = source / a, target / b
+    cross = torch.linalg.cross(u, w)
+    angle = torch.atan2(cross.norm(), (u * w).sum())
+    axis = cross - (cross * u).sum() * u
+    if axis.norm() > 1e-12:
+        axis = axis / axis.norm()
+    else:  # parallel or opposite: a perpendicular axis, from the basis vector least along u
+        axis = torch.linalg.cross(u, torch.eye(3, dtype=u.dtype, device=u.device)[u.abs().argmin()])
+        axis = axis / axis.norm()
+    return geometry.axis_angle_to_matrix(axis * angle)
+
+
 def align_trajectory(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> Tensor:
     """Apply the Umeyama Sim(3) that best maps predicted camera centres onto the ground
     truth's to the predicted poses; returns aligned cam_to_world [V, 4, 4] (rotations
-    rotated, centres mapped; with < 3 views or collinear centres the fit is exact anyway
-    for 2 views up to rotation about the baseline)."""
+    rotated, centres mapped). Two views fix a similarity only up to rotation about the
+    baseline, which moves no centre: the smallest rotation turning the predicted baseline
+    onto the ground truth's, the scale of their lengths and the midpoints' offset map both
+    centres exactly (a similarity of the truth has ATE 0)."""
     pc, gc = pred_cam_to_world[:, :3, 3].double(), gt_cam_to_world[:, :3, 3].double()
     if pc.shape[0] >= 3:
         s, R, t = geometry.umeyama(pc, gc)
-    else:  # two views: match the baseline vector's length and the midpoints, no rotation
+    else:
         s = (gc[1] - gc[0]).norm() / (pc[1] - pc[0]).norm().clamp(min=1e-12)
-        R = torch.eye(3, dtype=pc.dtype)
-        t = gc.mean(0) - s * pc.mean(0)
+        R = rotation_between(pc[1] - pc[0], gc[1] - gc[0])
+        t = gc.mean(0) - s * R @ pc.mean(0)
     out = pred_cam_to_world.double().clone()
     out[:, :3, :3] = R @ out[:, :3, :3]
     out[:, :3, 3] = s * (pc @ R.T) + t

@@ -2,7 +2,8 @@
 library): ``<stem>.depth.png`` (image, ground-truth depth and predicted depth of a few views of
 the first window, one colour scale per view, the prediction median-scaled to the ground truth
 as ``absrel_med`` scores it) and ``<stem>.trajectory.png`` (a top-down view, x-z, of the
-camera centres of the first window(s) after the Umeyama Sim(3) alignment the ATE uses).
+camera centres of the first window(s) after the Sim(3) alignment the ATE uses:
+``metrics.align_trajectory``, Umeyama's from three views, exact for two).
 
 Cheap by construction: one forward pass per pictured window, at most ``views`` views drawn.
 """

@@ -61,6 +61,37 @@ def test_pose_metrics_perfect_under_similarity():
     assert m["rra30"] == 1.0 and m["rta30"] == 1.0 and m["auc30"] == 1.0
 
 
+@pytest.mark.parametrize("axis_angle", [[0.0, 0.0, 1.2], [0.4, -1.0, 0.2], [0.0, 0.0, math.pi]])
+def test_two_view_ate_is_zero_under_similarity(axis_angle):
+    """Two views determine a similarity up to rotation about the baseline, which moves no camera
+    centre: a prediction that is a similarity of the truth has ATE 0 (float64 rounding only).
+    The last rotation reverses the baseline (x), the case where the minimal rotation is 180°."""
+    gt = _trajectory(v=2)
+    gt[:, :3, 3] = torch.tensor([[0.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64)
+    pred = _similarity(gt, 0.5, axis_angle, [2.0, 1.0, 0.0])
+    m = metrics.pose_metrics(pred, gt)
+    assert m["ate"] < 1e-9 and m["rpe_trans"] < 1e-9
+    aligned = metrics.align_trajectory(pred, gt)  # what the trajectory picture draws
+    torch.testing.assert_close(aligned[:, :3, 3], gt[:, :3, 3], rtol=0, atol=1e-9)
+    assert torch.linalg.det(aligned[:, :3, :3]).sub(1).abs().max() < 1e-9  # rotations stay rotations
+
+
+def test_rotation_between_turns_source_onto_target_by_their_angle():
+    """A rotation (orthonormal, det 1) turning the direction of a onto b by exactly the angle
+    between them, also for parallel, opposite and nearly opposite vectors (1e-9 apart, where a
+    division by 1 + cos would lose the digits)."""
+    a = torch.tensor([0.3, -1.2, 0.5], dtype=torch.float64)
+    nearly = -a + torch.tensor([0.0, 0.0, 1e-9], dtype=torch.float64)
+    for b in (torch.tensor([2.0, 0.1, -0.7], dtype=torch.float64), 3 * a, -2 * a, nearly):
+        R = metrics.rotation_between(a, b)
+        torch.testing.assert_close(R @ R.T, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert torch.linalg.det(R) == pytest.approx(1.0, abs=1e-12)
+        torch.testing.assert_close(R @ a / a.norm(), b / b.norm(), rtol=0, atol=1e-12)
+        cos = float(a @ b / (a.norm() * b.norm()))
+        angle = math.degrees(math.atan2(math.sqrt(max(1 - cos * cos, 0.0)), cos))
+        assert float(geometry.rotation_angle_deg(R)) == pytest.approx(angle, abs=1e-6)
+
+
 def test_pose_ate_known_offset():
     gt = _trajectory(v=4)
     pred = gt.clone()
