@@ -61,6 +61,9 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
     out["absrel_med"], out["delta_med"] = absrel_delta(p * scale, g)
     a, b = scale_shift_lsq(p, g)
     out["absrel_lsq"], out["delta_lsq"] = absrel_delta(a * p + b, g)
+    # Per frame: every valid pixel of a frame with enough of them counts, those its fit puts at
+    # depth <= 0 too: absrel_delta's clamp scores them as the errors they are, as it does for
+    # the window fit and for the teacher baseline's columns of the same name.
     aligned = torch.zeros_like(pred)
     for v in range(pred.shape[0]):
         m = valid[v]
@@ -69,8 +72,7 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
             aligned[v][m] = a * pred[v][m] + b
         else:
             m.zero_()
-    frame_valid = valid & (aligned > 0)
-    out["absrel_lsq_frame"], out["delta_lsq_frame"] = absrel_delta(aligned[frame_valid], gt[frame_valid])
+    out["absrel_lsq_frame"], out["delta_lsq_frame"] = absrel_delta(aligned[valid], gt[valid])
     return out
 
 

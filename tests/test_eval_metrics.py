@@ -3,6 +3,7 @@ transforms, known depth scale/shift, and hand-computed perturbations."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,49 @@ def test_depth_median_and_lsq_alignment():
     per_frame = torch.stack([gt[0] * 2 + 1, gt[1] * 0.5 - 0.2, gt[2] * 3])
     m = metrics.depth_metrics(per_frame, gt)
     assert m["absrel_lsq_frame"] < 1e-9 and m["absrel_lsq"] > 1e-3
+
+
+def _compressed_shape(frames):
+    """Ground truth 0.2..10 m over ``frames`` frames of 20x20 and a monotone prediction with
+    the far range squashed (gt^0.25): its least-squares scale-and-shift puts the nearest
+    pixels at depth <= 0."""
+    gt = torch.linspace(0.2, 10.0, frames * 400).reshape(frames, 20, 20)
+    return gt ** 0.25, gt
+
+
+def test_depth_lsq_frame_of_one_frame_is_the_window_lsq():
+    """With one frame the per-frame and the per-window least-squares fits are the same fit over
+    the same pixels, so they score the same, pixels the fit puts at depth <= 0 included (each
+    counted through absrel_delta's clamp as an AbsRel of about 1, not dropped). The fit is
+    applied in float32 to terms up to about 20 m: a few ulp of it over depths from 0.2 m move
+    the mean AbsRel by about 2e-6, so 1e-5 is allowed; delta within one pixel at 1.25."""
+    pred, gt = _compressed_shape(1)
+    a, b = metrics.scale_shift_lsq(pred.flatten(), gt.flatten())
+    assert ((a * pred + b) <= 0).sum() > 0  # the case at stake
+    m = metrics.depth_metrics(pred, gt)
+    assert m["absrel_lsq_frame"] == pytest.approx(m["absrel_lsq"], abs=1e-5)
+    assert m["delta_lsq_frame"] == pytest.approx(m["delta_lsq"], abs=1 / gt.numel())
+
+
+def test_depth_lsq_frame_scores_a_model_as_the_teacher_baseline_does():
+    """The model's ``*_lsq_frame`` and the depth teacher baseline's columns of the same name
+    are one definition: the same depth map scored either way gives the same numbers. Both fit
+    in float64 and apply the fit in float32 to terms up to about 30 m: a few ulp of it over
+    depths from 0.2 m move the mean AbsRel by about 2e-6, so 1e-5 is allowed; delta within one
+    pixel at the 1.25 boundary."""
+    from evaluation.baselines import teacher_window_metrics
+
+    pred, gt = _compressed_shape(2)
+    for v in range(2):  # the case at stake: a frame whose fit goes to depth <= 0
+        a, b = metrics.scale_shift_lsq(pred[v].flatten(), gt[v].flatten())
+        if ((a * pred[v] + b) <= 0).any():
+            break
+    else:
+        pytest.fail("no frame's fit reaches depth <= 0")
+    model = metrics.depth_metrics(pred, gt)
+    teacher = teacher_window_metrics(pred.numpy(), np.ones(gt.shape, bool), gt.numpy(), "depth")
+    assert model["absrel_lsq_frame"] == pytest.approx(teacher["absrel_lsq_frame"], abs=1e-5)
+    assert model["delta_lsq_frame"] == pytest.approx(teacher["delta_lsq_frame"], abs=1 / gt.numel())
 
 
 def test_depth_absrel_hand_computed():
