@@ -54,8 +54,9 @@ def teacher_window_metrics(teacher_depth: np.ndarray, teacher_valid: np.ndarray,
     GT by :func:`align_teacher_frame`, pooled over the window's labelled GT pixels (as the
     model is scored), plus ``teacher_coverage``; None when no frame could be aligned."""
     preds, gts = [], []
+    gt_valid = np.isfinite(gt_depth) & (gt_depth > 0)  # +inf is no depth, as for the model
     for v in range(gt_depth.shape[0]):
-        fit = (gt_depth[v] > 0) & teacher_valid[v]
+        fit = gt_valid[v] & teacher_valid[v]
         aligned = align_teacher_frame(teacher_depth[v], gt_depth[v], fit, space)
         if aligned is not None:
             preds.append(aligned[fit])
@@ -64,7 +65,7 @@ def teacher_window_metrics(teacher_depth: np.ndarray, teacher_valid: np.ndarray,
         return None
     absrel, delta = metrics.absrel_delta(torch.from_numpy(np.concatenate(preds)), torch.from_numpy(np.concatenate(gts)))
     return {"absrel_lsq_frame": absrel, "delta_lsq_frame": delta,
-            "teacher_coverage": sum(len(g) for g in gts) / max(int((gt_depth > 0).sum()), 1)}
+            "teacher_coverage": sum(len(g) for g in gts) / max(int(gt_valid.sum()), 1)}
 
 
 def teacher_depth_baseline(windows: list[EvalWindow], spec: str, device: str = "cpu", *,

@@ -14,7 +14,7 @@ Specs:
   trajectory (``groundtruth.txt``, ``poses.txt``, ``trajectory.txt`` or ``*.tum``; matched by
   timestamp when the image names are timestamps, else by order) or per frame 4x4
   cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``);
-  depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S``, default
+  depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
   1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
   ``intrinsics.txt`` or ``K.txt`` (3x3, or ``fx fy cx cy``), else a 60 degree horizontal
   field of view. Metrics that need what a folder lacks are left out.
@@ -267,6 +267,18 @@ def _frame_range(text: str) -> tuple[int | None, int | None]:
     return int(a), int(b)
 
 
+def _depth_scale(spec: str, text: str) -> float:
+    """The ``depth_scale`` option's value: a finite number > 0 (depth is the PNG value divided by
+    it: 0 would make every depth +inf, a negative one every depth negative, inf every depth 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{spec!r}: depth_scale must be a finite number > 0 (PNG value per metre), got {text!r}")
+    return value
+
+
 def load_windows(spec: str, *, views: int, height: int, width: int, windows: int, stride: int,
                  run_dir: Path, synthetic_cfg=None) -> list[EvalWindow]:
     """Parse a dataset spec (module docstring) and return its evaluation windows."""
@@ -307,5 +319,5 @@ def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None
             raise ValueError(f"{spec!r}: unknown option(s) {sorted(set(options) - {'depth_scale'})}; "
                              "known: depth_scale")
         sequences = [folder_sequence(Path(folder), *_frame_range(frame_range),
-                                     depth_scale=float(options.get("depth_scale", 1000.0)))]
+                                     depth_scale=_depth_scale(spec, options.get("depth_scale", "1000")))]
     return sequences

@@ -18,7 +18,8 @@ and translation per window), as the model's outputs are defined only up to it:
   and completeness (ground truth to prediction), after a Sim(3) alignment of the predicted
   point map to the ground-truth one over valid pixels (pixels are correspondences).
 
-Shapes: depth [V, H, W], poses cam_to_world [V, 4, 4], intrinsics [V, 3, 3]; gt depth 0 = invalid.
+Shapes: depth [V, H, W], poses cam_to_world [V, 4, 4], intrinsics [V, 3, 3]; gt depth 0 = invalid,
+as is one that is not finite (+inf is no depth, and would make AbsRel and the point map's fit NaN).
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ def scale_shift_lsq(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
 
 def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
     """AbsRel and delta<1.25 of one window's depth [V, H, W] under the three alignments."""
-    if valid is None:
-        valid = gt > 0
-    valid = valid & (gt > 0) & torch.isfinite(pred) & (pred > 0)
+    usable = torch.isfinite(gt) & (gt > 0) & torch.isfinite(pred) & (pred > 0)
+    valid = usable if valid is None else valid & usable
     if valid.sum() < 10:
         raise ValueError("too few valid ground-truth pixels to score depth")
     p, g = pred[valid], gt[valid]
@@ -161,7 +161,7 @@ def pointmap_metrics(pred_depth: Tensor, pred_cam_to_world: Tensor, gt_depth: Te
                      gt_cam_to_world: Tensor, intrinsics: Tensor, *, max_points: int = 4096,
                      seed: int = 0) -> dict[str, float]:
     """Accuracy and completeness (metres of the ground truth) of the window's point map."""
-    valid = (gt_depth > 0) & torch.isfinite(pred_depth) & (pred_depth > 0)
+    valid = torch.isfinite(gt_depth) & (gt_depth > 0) & torch.isfinite(pred_depth) & (pred_depth > 0)
     p, g = world_points(pred_depth, pred_cam_to_world, intrinsics)[valid], world_points(gt_depth, gt_cam_to_world, intrinsics)[valid]
     gen = torch.Generator().manual_seed(seed)
     if p.shape[0] > max_points:

@@ -44,15 +44,17 @@ def depth_picture(images: np.ndarray, pred: np.ndarray, gt: np.ndarray, *, views
                   min_width: int = 160) -> np.ndarray:
     """One row per view (at most ``views``, spread over the window): RGB image, ground-truth
     depth, predicted depth median-scaled to the ground truth (same colour range as the ground
-    truth of that view). images uint8 [V,H,W,3] RGB, pred/gt [V,H,W] (gt 0 = invalid)."""
+    truth of that view). images uint8 [V,H,W,3] RGB, pred/gt [V,H,W] (gt 0 or not finite = invalid,
+    as the metrics read it)."""
     V, H, W = gt.shape
     picks = np.unique(np.linspace(0, V - 1, min(views, V)).round().astype(int))
-    valid_all = (gt > 0) & np.isfinite(pred) & (pred > 0)
+    gt_valid = np.isfinite(gt) & (gt > 0)
+    valid_all = gt_valid & np.isfinite(pred) & (pred > 0)
     scale = float(np.median(gt[valid_all]) / np.median(pred[valid_all])) if valid_all.sum() >= 10 else 1.0
     zoom = max(1, int(np.ceil(min_width / W)))
     rows = []
     for v in picks:
-        valid = gt[v] > 0
+        valid = gt_valid[v]
         lo, hi = (np.percentile(gt[v][valid], (2, 98)) if valid.any() else (0.0, 1.0))
         tiles = [cv2.cvtColor(images[v], cv2.COLOR_RGB2BGR), colour_depth(gt[v], lo, hi, valid),
                  colour_depth(pred[v] * scale, lo, hi, np.isfinite(pred[v]))]

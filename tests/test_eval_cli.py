@@ -169,6 +169,16 @@ def test_image_folder_dataset(tmp_path, tum):
     assert w.intrinsics[0, 0, 0] == pytest.approx(0.5 * 64 / np.tan(np.radians(30)), rel=1e-3)
 
 
+@pytest.mark.parametrize("scale", ["0", "-1000", "nan", "inf", "mm"])
+def test_image_folder_depth_scale_must_be_a_positive_number(tmp_path, scale):
+    """Depth is the PNG value divided by depth_scale: 0 made every depth +inf (or NaN), a
+    negative one every depth negative, inf every depth 0; refused with the spec, naming it."""
+    _write_folder(tmp_path / "seq", tum=False)
+    with pytest.raises(ValueError, match="depth_scale"):
+        load_windows(f"folder:{tmp_path / 'seq'}?depth_scale={scale}", views=3, height=48, width=64, windows=1,
+                     stride=1, run_dir=tmp_path)
+
+
 def test_image_folder_without_ground_truth(tmp_path):
     _write_folder(tmp_path / "seq", tum=False)
     for p in list((tmp_path / "seq").glob("*.txt")) + list((tmp_path / "seq").glob("*.depth.png")):

@@ -81,6 +81,50 @@ def test_depth_lsq_frame_scores_a_model_as_the_teacher_baseline_does():
     assert model["delta_lsq_frame"] == pytest.approx(teacher["delta_lsq_frame"], abs=1 / gt.numel())
 
 
+def _with_invalid(gt, value):
+    """``gt`` with a few pixels of two frames set to ``value``."""
+    out = gt.clone()
+    out[0, 0, :3] = value
+    out[1, 2, 5] = value
+    return out
+
+
+def test_infinite_ground_truth_depth_is_invalid():
+    """Ground truth +inf is no depth: it scores as 0 (invalid) does, in every mask, and a
+    prediction exact up to scale stays exact (where +inf counted, AbsRel and the point map's
+    alignment were NaN)."""
+    v, h, w = 3, 6, 8
+    gt = torch.rand(v, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1
+    inf, zero = _with_invalid(gt, math.inf), _with_invalid(gt, 0.0)
+    pred = _with_invalid(2 * gt, 5.0)
+    m = metrics.depth_metrics(pred, inf)
+    # the same pixels and fits as with 0, so the same scores to float64 rounding
+    assert m == pytest.approx(metrics.depth_metrics(pred, zero), rel=0, abs=1e-12)
+    given = metrics.depth_metrics(pred, inf, torch.ones(v, h, w, dtype=torch.bool))  # a given mask too
+    assert m == pytest.approx(given, rel=0, abs=1e-12)
+    assert max(m["absrel_med"], m["absrel_lsq"], m["absrel_lsq_frame"]) < 1e-12
+    assert m["delta_med"] == m["delta_lsq"] == m["delta_lsq_frame"] == 1.0
+    pose = _trajectory(v)
+    K = geometry.intrinsics_from_fov(60, w, h, dtype=torch.float64).expand(v, 3, 3)
+    pred_pose = _similarity(pose, 2.0, [0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    pm = metrics.pointmap_metrics(pred, pred_pose, inf, pose, K)
+    assert pm["accuracy"] < 1e-6 and pm["completeness"] < 1e-6  # cdist uses a matmul expansion
+
+
+def test_infinite_ground_truth_depth_is_invalid_for_the_teacher_baseline():
+    """The teacher baseline's masks (fit and coverage) treat +inf ground truth as 0 too."""
+    from evaluation.baselines import teacher_window_metrics
+
+    gt = torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(0)) + 1
+    teacher = (_with_invalid(3 * gt + 0.5, 5.0)).numpy()
+    labelled = np.ones(gt.shape, bool)
+    row = teacher_window_metrics(teacher, labelled, _with_invalid(gt, math.inf).numpy(), "depth")
+    zero = teacher_window_metrics(teacher, labelled, _with_invalid(gt, 0.0).numpy(), "depth")
+    assert row == pytest.approx(zero, rel=0, abs=1e-6)  # the same pixels and fits; float32 depths of 1..2 m
+    assert row["teacher_coverage"] == 1.0 and row["delta_lsq_frame"] == 1.0
+    assert row["absrel_lsq_frame"] < 1e-5  # an exact affine fit of values up to 6.5, applied in float32
+
+
 def test_depth_absrel_hand_computed():
     gt = torch.tensor([[[1.0, 2.0], [4.0, 0.0]]]).repeat(1, 4, 4)  # zeros are invalid
     pred = gt * 1.0

@@ -15,7 +15,7 @@ import torch
 
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import TITLES
-from evaluation.pictures import picture_snapshot, write_pictures
+from evaluation.pictures import depth_picture, picture_snapshot, write_pictures
 from reliev3r import report
 from reliev3r.cli import main as cli_main
 from tests.helpers_report import H, V, W, assert_curves, chromium, predicted, screenshot, window
@@ -64,6 +64,16 @@ def test_pictures_follow_the_ground_truth_there_is(tmp_path):
     assert write_pictures(tmp_path, "s", [(no_depth, depth, pose)]) == ["s.trajectory.png"]
     no_pose = EvalWindow("b", win.images, win.intrinsics, win.gt_depth, None)
     assert write_pictures(tmp_path, "t", [(no_pose, depth, pose)]) == ["t.depth.png"]
+
+
+def test_depth_picture_draws_infinite_ground_truth_as_invalid():
+    """Ground truth +inf is no depth: the picture is the one of those pixels at 0 (invalid),
+    not one whose colour range and median scale reach infinity."""
+    win = window()
+    depth, _ = predicted(win)
+    inf, zero = win.gt_depth.copy(), win.gt_depth.copy()
+    inf[:, :2], zero[:, :2] = np.inf, 0.0  # 2 rows of 24: beyond the 2% the colour range ignores
+    np.testing.assert_array_equal(depth_picture(win.images, depth, inf), depth_picture(win.images, depth, zero))
 
 
 def test_picture_snapshot_runs_the_model_once_per_pictured_window(tmp_path):
