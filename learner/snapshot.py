@@ -178,6 +178,23 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict[
     return {"state": state, "param_groups": groups}
 
 
+def with_groups_of(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A loaded ``state`` whose param groups carry ``optimizer``'s settings (weight decay,
+    betas, eps, lr, fused ...) beside the snapshot's parameter indices; the per-parameter state
+    (moments, step counts) is the snapshot's. ``load_state_dict`` takes the groups' settings
+    from the state it is given, so without this a run resumed with another
+    ``learner.weight_decay`` trained with the snapshot's, and one resumed on another device kept
+    the other device's ``fused``. Handed to ``load_state_dict`` rather than set after it, so that
+    torch places the state as these settings need (a fused AdamW keeps its step counts on the
+    parameters' device). Groups that differ in number are left for ``load_state_dict`` to
+    refuse."""
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        return state
+    groups = [{**{k: v for k, v in mine.items() if k != "params"}, "params": saved["params"]}
+              for mine, saved in zip(optimizer.param_groups, state["param_groups"])]
+    return {**state, "param_groups": groups}
+
+
 # ---------------------------------------------------------------------- reading
 
 def upgrade_config(config: dict[str, Any], where: str | Path = "snapshot") -> dict[str, Any]:
@@ -305,7 +322,8 @@ def prune_snapshots(folder: str | Path, *, keep_last: int, keep_every: int) -> l
 
 
 def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
-    """Load a snapshot into ``trainer`` (model, EMA, optimizer, counters, RNG); return meta."""
+    """Load a snapshot into ``trainer`` (model, EMA, optimizer state, counters, RNG); return meta.
+    The optimizer's settings stay this run's (:func:`with_groups_of`)."""
     path = Path(path)
     meta = upgrade_meta(verify_snapshot(path), path)
     if meta["config"]["model"] != _model_dict(trainer.cfg.model):
@@ -321,7 +339,7 @@ def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
         structure = json.loads(f.metadata()["structure"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, structure))
+    trainer.optimizer.load_state_dict(with_groups_of(trainer.optimizer, unflatten_optimizer_state(tensors, structure)))
     state = load_file(str(path / "trainer.safetensors"))
     trainer.set_rng_state({k.removeprefix("rng."): v for k, v in state.items() if k.startswith("rng.")})
     trainer.global_step = int(meta["step"])

@@ -69,6 +69,32 @@ def test_optimizer_state_round_trip():
             assert torch.equal(back["state"][idx][key], value), (idx, key)
 
 
+def test_resume_takes_the_optimizer_settings_of_this_run_and_the_moments_of_the_snapshot(tmp_path):
+    """A run resumed with another ``learner.weight_decay`` trains with it: the snapshot's param
+    groups (written with the old value, and with other betas and eps, as an older version would
+    have) give way to the ones this run built; the AdamW moments and step counts are the
+    snapshot's."""
+    first = _trainer(weight_decay=0.05)
+    first.step(_batches(1)[0])
+    for group in first.optimizer.param_groups:
+        group.update(betas=(0.8, 0.9), eps=1e-6)
+    path = first.save_state(tmp_path)
+    saved = first.optimizer.state_dict()["state"]
+
+    resumed = _trainer(weight_decay=0.01)
+    built = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in resumed.optimizer.param_groups]
+    resumed.load_state(path)
+    groups = resumed.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]  # the decay group only
+    assert [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups] == built
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in groups)
+    restored = resumed.optimizer.state_dict()["state"]
+    assert restored.keys() == saved.keys() and saved
+    for idx, entry in saved.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(restored[idx][key], entry[key]), (idx, key)
+
+
 def test_corrupt_and_partial_snapshots_are_skipped_with_a_warning(tmp_path, caplog):
     trainer = _trainer()
     good = None
