@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from reliev3r.config_base import check_device
+
 ORACLE = ("oracle", "oracle-gt")
 """Names of the oracle teacher (``labeler.teacher``, before its ``?options``)."""
 
@@ -123,6 +125,7 @@ class LabelerConfig:
         return make_teacher(self.teacher).exact_shape
 
     def __post_init__(self) -> None:
+        check_device("device", self.device)
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
         if self.cpu_threads < 1:

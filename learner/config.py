@@ -2,8 +2,44 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from reliev3r.config_base import check_device
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    dim: int
+    heads: int
+    encoder: int
+    """Frame-wise blocks before the first global block."""
+    pairs: int
+    """(frame-wise, global) block pairs after the encoder."""
+    mlp_ratio: float
+    head_channels: int
+    """Channels of the full-resolution dense head."""
+
+
+SIZES: dict[str, Size] = {
+    #            dim  heads enc pairs mlp  head_ch      params (patch 8, 4 registers)
+    "tiny": Size(128, 4, 2, 2, 4.0, 16),  # ~1.4 M; CPU tests and smoke runs
+    "small": Size(384, 6, 4, 4, 4.0, 32),  # ~22 M; ViT-S width
+    "base": Size(768, 12, 6, 6, 4.0, 32),  # ~130 M; ViT-B width, 18 blocks
+    "large": Size(1024, 16, 12, 12, 4.0, 48),  # ~458 M; ViT-L width, 36 blocks
+}
+"""The model sizes (``learner.model.size``), here beside the config so that it can check a
+``head_dim`` against its size's dim without building the model."""
+
+
+def _finite(cfg: object, *names: str) -> None:
+    """Refuse a NaN or infinite value in the float fields ``names`` of ``cfg``: a NaN passes
+    checks such as ``lr <= 0`` and fails (or trains on NaN) only once the learner runs."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,10 +71,16 @@ class ModelConfig:
     Turn it on with a near-exact teacher at ``match_shape_weight=0``."""
 
     def __post_init__(self) -> None:
+        _finite(self, "max_log_depth")
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {list(SIZES)}, got {self.size!r}")
         if self.patch_size < 2:
             raise ValueError("patch_size must be >= 2")
         if self.head_dim < 0 or self.head_dim % 4:
             raise ValueError(f"head_dim must be 0 or a positive multiple of 4 (2D RoPE), got {self.head_dim}")
+        dim = SIZES[self.size].dim
+        if self.head_dim and dim % self.head_dim:  # else the model fails to build
+            raise ValueError(f"head_dim {self.head_dim} does not divide size {self.size!r}'s dim {dim}")
         if self.registers < 0:
             raise ValueError("registers must be >= 0")
         if self.max_log_depth <= 0:
@@ -91,6 +133,7 @@ class RefineConfig:
     on a GPU: 1.8x the training steps per minute, docs/RESULTS.md, sweeps 9-11)."""
 
     def __post_init__(self) -> None:
+        _finite(self, "weight", "lr")
         if self.weight <= 0:
             raise ValueError(f"weight must be > 0 (for no refinement leave learner.loss.refine out), got {self.weight}")
         if self.depth not in ("pred", "teacher"):
@@ -164,6 +207,8 @@ class LossConfig:
     real video."""
 
     def __post_init__(self) -> None:
+        _finite(self, "reproj_weight", "alpha", "scale_deg", "point_weight", "triangulation_weight",
+                "triangulation_pose_weight", "contrast_weight")
         if min(self.reproj_weight, self.alpha, self.point_weight, self.triangulation_weight,
                self.triangulation_pose_weight, self.contrast_weight) < 0:
             raise ValueError("reproj_weight, alpha, point_weight, triangulation_weight, "
@@ -225,7 +270,7 @@ class LearnerConfig:
     keep_every: int = 1000
     """... plus every snapshot whose step is a multiple of this."""
     device: str = "auto"
-    """``auto`` (cuda when present), ``cuda``, ``cpu``."""
+    """``auto`` (cuda when present), ``cuda``, ``cuda:N``, ``cpu``."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """Autocast precision of the trunk and dense head convs on GPU (output activations and the
     camera head run in fp32; CPU runs fp32)."""
@@ -256,10 +301,20 @@ class LearnerConfig:
     ``""``: from scratch (``learner.warm_start``)."""
 
     def __post_init__(self) -> None:
+        _finite(self, "lr", "weight_decay")
+        check_device("device", self.device, auto=True)
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0:  # NaN too: a negative value or NaN silently meant no clipping
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        if self.self_target_step < 0:  # a negative step turned it on from the first step
+            raise ValueError(f"self_target_step must be >= 0 (0: off), got {self.self_target_step}")
         if self.max_steps < 0 or self.warmup_steps < 0:
             raise ValueError("max_steps and warmup_steps must be >= 0")
         if self.snapshot_every < 1 or self.keep_last < 1 or self.keep_every < 1:

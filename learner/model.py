@@ -29,30 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from learner.config import ModelConfig
+from learner.config import SIZES, ModelConfig
 from reliev3r import geometry
 
-
-@dataclass(frozen=True, slots=True)
-class Size:
-    dim: int
-    heads: int
-    encoder: int
-    """Frame-wise blocks before the first global block."""
-    pairs: int
-    """(frame-wise, global) block pairs after the encoder."""
-    mlp_ratio: float
-    head_channels: int
-    """Channels of the full-resolution dense head."""
-
-
-SIZES: dict[str, Size] = {
-    #            dim  heads enc pairs mlp  head_ch      params (patch 8, 4 registers)
-    "tiny": Size(128, 4, 2, 2, 4.0, 16),  # ~1.4 M; CPU tests and smoke runs
-    "small": Size(384, 6, 4, 4, 4.0, 32),  # ~22 M; ViT-S width
-    "base": Size(768, 12, 6, 6, 4.0, 32),  # ~130 M; ViT-B width, 18 blocks
-    "large": Size(1024, 16, 12, 12, 4.0, 48),  # ~458 M; ViT-L width, 36 blocks
-}
 
 # ImageNet statistics: a common, harmless choice even when training from scratch.
 _MEAN = (0.485, 0.456, 0.406)

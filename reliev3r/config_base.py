@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import socket
 import types
 import typing
@@ -27,6 +28,24 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the dotted key."""
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+"""The torch devices a stage's ``device`` key may name: ``cpu``, ``cuda`` (the GPU is picked
+for it: the learner's is its ``LOCAL_RANK``'s, ``reliev3r up`` spreads the labelers over the
+host's) or ``cuda:N``."""
+
+
+def check_device(name: str, value: str, *, auto: bool = False) -> None:
+    """Refuse a ``device`` value that names no device (``gpu``, ``cuda0``), which torch would
+    refuse only once the stage has started. Whether the device is present is not checked: a
+    config written on one host often runs on another. ``auto``: ``auto`` is accepted too (for a
+    stage that resolves it; the learner: cuda when present, else cpu). A ``ValueError`` whose
+    message starts with ``name``, as ``__post_init__`` checks raise (:func:`build` adds the
+    section)."""
+    if not (auto and value == "auto") and not DEVICE.fullmatch(value):
+        choices = "'auto', 'cpu', 'cuda' or 'cuda:N'" if auto else "'cpu', 'cuda' or 'cuda:N'"
+        raise ValueError(f"{name} must be {choices}, got {value!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -120,6 +120,49 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    # Each passed the checks before and failed or misbehaved once the learner ran.
+    ("learner.device=gpu", "learner.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),  # torch refused it
+    ("learner.device=cuda:x", "learner.device must be"),
+    ("labeler.device=auto", "labeler.device must be 'cpu', 'cuda' or 'cuda:N', got 'auto'"),  # no 'auto' there
+    ("labeler.device=gpu", "labeler.device must be"),
+    ("learner.threads=-1", "learner.threads must be >= 0"),  # torch.set_num_threads refused it
+    ("learner.model.head_dim=12", "learner.model.head_dim 12 does not divide size 'tiny''s dim 128"),  # model build
+    ("learner.lr=.nan", "learner.lr must be a finite number"),  # the optimizer refused it
+    ("learner.lr=.inf", "learner.lr must be a finite number"),
+    ("learner.weight_decay=-0.1", "learner.weight_decay must be >= 0"),  # trained with negative decay
+    ("learner.weight_decay=.nan", "learner.weight_decay must be a finite number"),
+    ("learner.grad_clip=-1", "learner.grad_clip must be >= 0"),  # silently meant no clipping
+    ("learner.grad_clip=.nan", "learner.grad_clip must be >= 0"),
+    ("learner.self_target_step=-5", "learner.self_target_step must be >= 0"),  # silently on from the first step
+    ("learner.model.max_log_depth=.nan", "learner.model.max_log_depth must be a finite number"),
+    ("learner.loss.alpha=.nan", "learner.loss.alpha must be a finite number"),
+    ("learner.loss.scale_deg=.inf", "learner.loss.scale_deg must be a finite number"),
+    ("learner.loss.refine.lr=.nan", "learner.loss.refine.lr must be a finite number"),
+])
+def test_values_the_learner_cannot_run_are_refused_naming_the_key(override, message):
+    """Refused when the config is read, not once the learner has started."""
+    with pytest.raises(ConfigError) as err:
+        config.load([], [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    *([f"learner.device={d}", f"labeler.device={d}"] for d in ("cpu", "cuda", "cuda:0", "cuda:12")),
+    ["learner.device=auto"],
+    ["learner.model.size=small", "learner.model.head_dim=32"],  # divides 384 as it does 128
+])
+def test_values_that_may_run_elsewhere_are_accepted(overrides):
+    """A config written on one host runs on another: ``cuda`` is not refused where there is none."""
+    cfg = config.load([], overrides)
+    for text in overrides:
+        key, value = text.split("=")
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert str(node) == value
+
+
 def test_bad_yaml_and_override_syntax(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learner: [unclosed")
