@@ -270,6 +270,9 @@ def test_dockerfile_basics():
     user = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user and user[-1] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["reliev3r"\]', text, re.M)
+    # the stages read configs/ beside the packages: a plain `pip install .` left it out of the
+    # image and every stage stopped with a config error; the build loads the configs to show it
+    assert re.search(r"^RUN pip install --no-deps -e \.", text, re.M) and "cli.load_config" in text
     for src in re.findall(r"^COPY\s+(.+)\s+\S+$", text, re.M):
         for item in src.split():
             assert (ROOT / item).exists(), item
