@@ -17,4 +17,5 @@ class MonitoringConfig:
     ``labeler``'s). 0 (the default) picks a free port; ``reliev3r up`` records the endpoints in
     ``<run.dir>/processes.json`` (``reliev3r status`` reads them there). Overriding one key
     (``monitoring.ports.learner=9704``) keeps the others. A scraper that needs fixed ports sets
-    them: ``deploy/prometheus/local-ports.yaml``."""
+    them: ``deploy/prometheus/local-ports.yaml``. Ranks of one host (``torchrun --nproc-per-node
+    N ... learn``) serve on a fixed port plus their ``LOCAL_RANK``."""

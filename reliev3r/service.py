@@ -73,9 +73,14 @@ class Runtime:
             signal.signal(signal.SIGINT, self._on_signal)
             die_with_supervisor()
         mon = cfg.monitoring
+        self.metrics_port: int | None = None
+        """The port its metrics endpoint is bound to (None: not served)."""
         if mon.enabled if serve_metrics is None else serve_metrics:
-            port = self.metrics.serve(mon.host, mon.ports.get(self.instance, mon.ports.get(stage, 0)))
-            self.log.info("metrics endpoint up", extra={"url": f"http://{mon.host}:{port}/metrics"})
+            port = mon.ports.get(self.instance, mon.ports.get(stage, 0))
+            if port:  # one port per rank where torchrun starts several on the host
+                port += int(os.environ.get("LOCAL_RANK", 0))
+            self.metrics_port = self.metrics.serve(mon.host, port)
+            self.log.info("metrics endpoint up", extra={"url": f"http://{mon.host}:{self.metrics_port}/metrics"})
         if cfg.network.supervisor_port and os.environ.get("RELIEV3R_SUPERVISED"):
             self.spawn(self._heartbeat_loop, "heartbeat")
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,33 @@ def _supervisor(run_dir: Path):
     from reliev3r.supervisor import Supervisor
 
     return Supervisor(load([ROOT / "configs" / "default.yaml"], [f"run.dir={run_dir}"]), out=io.StringIO())
+
+
+def test_ranks_of_one_host_serve_their_metrics_on_the_fixed_port_plus_their_local_rank(monkeypatch):
+    """``torchrun --nproc-per-node N ... learn`` with ``monitoring.ports.learner`` fixed: rank k
+    serves on that port + k (every rank bound the one port: rank 1 failed, torchrun ended the
+    job); a port of 0 stays a free one."""
+    from reliev3r.config import load
+    from reliev3r.service import Runtime
+
+    base = free_port()
+    while True:  # base + 1 free too
+        try:
+            with socket.create_server(("127.0.0.1", base + 1)):
+                break
+        except OSError:
+            base = free_port()
+    cfg = load(overrides=[f"monitoring.ports.learner={base}", "monitoring.host=127.0.0.1"])
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with Runtime("learner", cfg, install_signals=False, serve_metrics=True) as first:
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=True) as second:
+            assert (first.metrics_port, second.metrics_port) == (base, base + 1)
+            for port in (base, base + 1):
+                assert b"reliev3r_" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    with Runtime("learner", load(overrides=["monitoring.host=127.0.0.1"]), install_signals=False,
+                 serve_metrics=True) as free:
+        assert free.metrics_port not in (0, 1)
 
 
 def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_path):
