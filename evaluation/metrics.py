@@ -97,20 +97,25 @@ def rotation_between(source: Tensor, target: Tensor) -> Tensor:
     return geometry.axis_angle_to_matrix(axis * angle)
 
 
-def align_trajectory(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> Tensor:
-    """Apply the Umeyama Sim(3) that best maps predicted camera centres onto the ground
-    truth's to the predicted poses; returns aligned cam_to_world [V, 4, 4] (rotations
-    rotated, centres mapped). Two views fix a similarity only up to rotation about the
-    baseline, which moves no centre: the smallest rotation turning the predicted baseline
-    onto the ground truth's, the scale of their lengths and the midpoints' offset map both
-    centres exactly (a similarity of the truth has ATE 0)."""
-    pc, gc = pred_cam_to_world[:, :3, 3].double(), gt_cam_to_world[:, :3, 3].double()
+def trajectory_sim3(pred_centres: Tensor, gt_centres: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(s, R, t) of the similarity x -> s R x + t that best maps predicted camera centres
+    [V, 3] onto the ground truth's (float64): Umeyama's. Two views fix a similarity only up
+    to rotation about the baseline, which moves no centre: the smallest rotation turning the
+    predicted baseline onto the ground truth's, the scale of their lengths and the midpoints'
+    offset map both centres exactly (a similarity of the truth has ATE 0)."""
+    pc, gc = pred_centres.double(), gt_centres.double()
     if pc.shape[0] >= 3:
-        s, R, t = geometry.umeyama(pc, gc)
-    else:
-        s = (gc[1] - gc[0]).norm() / (pc[1] - pc[0]).norm().clamp(min=1e-12)
-        R = rotation_between(pc[1] - pc[0], gc[1] - gc[0])
-        t = gc.mean(0) - s * R @ pc.mean(0)
+        return geometry.umeyama(pc, gc)
+    s = (gc[1] - gc[0]).norm() / (pc[1] - pc[0]).norm().clamp(min=1e-12)
+    R = rotation_between(pc[1] - pc[0], gc[1] - gc[0])
+    return s, R, gc.mean(0) - s * R @ pc.mean(0)
+
+
+def align_trajectory(pred_cam_to_world: Tensor, gt_cam_to_world: Tensor) -> Tensor:
+    """Apply :func:`trajectory_sim3` to the predicted poses; returns aligned cam_to_world
+    [V, 4, 4] (rotations rotated, centres mapped)."""
+    pc = pred_cam_to_world[:, :3, 3].double()
+    s, R, t = trajectory_sim3(pc, gt_cam_to_world[:, :3, 3])
     out = pred_cam_to_world.double().clone()
     out[:, :3, :3] = R @ out[:, :3, :3]
     out[:, :3, 3] = s * (pc @ R.T) + t

@@ -72,16 +72,13 @@ def log_window(rec, rr, prefix: str, images: np.ndarray, depth: np.ndarray, cam_
 
 
 def sim3_to_gt(pred_c2w: np.ndarray, gt_c2w: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """(s, R, t) of the Umeyama Sim(3) mapping predicted camera centres onto the ground truth's
-    (the ATE's alignment; identity for fewer than 3 views)."""
+    """(s, R, t) of the similarity mapping predicted camera centres onto the ground truth's:
+    the ATE's alignment (``evaluation.metrics.trajectory_sim3``)."""
     import torch
 
-    from reliev3r import geometry
+    from evaluation.metrics import trajectory_sim3
 
-    if len(pred_c2w) < 3:
-        return 1.0, np.eye(3), np.zeros(3)
-    s, R, t = geometry.umeyama(torch.from_numpy(pred_c2w[:, :3, 3]).double(),
-                               torch.from_numpy(gt_c2w[:, :3, 3]).double())
+    s, R, t = trajectory_sim3(torch.from_numpy(pred_c2w[:, :3, 3]), torch.from_numpy(gt_c2w[:, :3, 3]))
     return float(s), R.numpy(), t.numpy()
 
 

@@ -242,3 +242,19 @@ def test_window_metrics_and_mean():
     assert row["absrel_med"] < 1e-9 and row["ate"] < 1e-9 and row["auc30"] == 1.0
     mean = metrics.mean_metrics([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
     assert mean == {"a": 2.0}
+
+
+@pytest.mark.parametrize("views", [2, 4])
+def test_predicted_cameras_are_drawn_under_the_ates_alignment(views):
+    """The viewer places predicted cameras with the similarity the ATE scores them under: a
+    prediction that is a similarity of the truth lands on it, with two views as with more
+    (two views were drawn unaligned)."""
+    from reliev3r import view
+
+    rng = np.random.default_rng(views)
+    gt = np.tile(np.eye(4), (views, 1, 1))
+    gt[:, :3, 3] = rng.normal(size=(views, 3))
+    R = geometry.axis_angle_to_matrix(torch.tensor([0.3, -1.1, 0.4], dtype=torch.float64)).numpy()
+    pred = view.apply_sim3(0.4, R, np.array([1.0, 2.0, -3.0]), gt)
+    aligned = view.apply_sim3(*view.sim3_to_gt(pred, gt), pred)
+    np.testing.assert_allclose(aligned[:, :3, 3], gt[:, :3, 3], atol=1e-9)
