@@ -58,12 +58,19 @@ def load_run(path: Path, name: str | None = None) -> Run:
             rec = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(rec, dict) and "step" in rec and isinstance(rec.get("model"), dict):
-            rec["_file"] = f.name
+        if isinstance(rec, dict) and _step(rec.get("step")) is not None and isinstance(rec.get("model"), dict):
+            rec["step"], rec["_file"] = _step(rec["step"]), f.name
             records.append(rec)
     records.sort(key=lambda r: int(r["step"]))
     run_name = name or (folder.parent.name if folder.name == "evaluations" else folder.name)
     return Run(run_name, folder, records)
+
+
+def _step(value) -> int | None:
+    """A record's step as an int, or None when it is none (text, NaN, a fraction)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value) if value == int(value) else None
 
 
 def metric_keys(runs: list[Run]) -> list[str]:
@@ -159,12 +166,28 @@ def _png_tag(path: Path, alt: str) -> str:
             f"<figcaption>{html.escape(alt)}</figcaption></figure>")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _own_picture(folder: Path, name) -> bool:
+    """Whether ``name`` (from a record, which may come from anyone's run) is a PNG file of
+    ``folder`` itself: a bare file name, no path out of it (a page embeds what it names)."""
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".png"):
+        return False
+    path = folder / name
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
 def newest_pictures(run: Run) -> tuple[dict | None, list[Path]]:
     """The newest record that has pictures on disk, and those pictures."""
     for rec in reversed(run.records):
         stem = rec["_file"].removesuffix(".json")
         names = rec.get("pictures") or [p.name for p in sorted(run.evaluations_dir.glob(f"{stem}.*.png"))]
-        paths = [run.evaluations_dir / n for n in names if (run.evaluations_dir / n).is_file()]
+        paths = [run.evaluations_dir / n for n in names if _own_picture(run.evaluations_dir, n)]
         if paths:
             return rec, paths
     return None, []

@@ -4,6 +4,7 @@ that page rendered by headless Chromium (skipped, with the reason, where it is n
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -106,6 +107,32 @@ def test_report_page_is_self_contained(tmp_path):
     assert "pictures of step 100" in page
     assert "<script" not in page and "https://" not in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_a_run_someone_sent_embeds_only_its_own_pictures_and_a_bad_record_is_skipped(tmp_path):
+    """A record's ``pictures`` naming a file outside its evaluations folder (an absolute path,
+    ``..``) or one that is not a PNG is not embedded (the page carried a CURVE secret key,
+    base64'd as a picture); a record whose step is no integer is skipped, not the report
+    (it stopped with exit 2)."""
+    secret = tmp_path / "keys" / "server.key_secret"
+    secret.parent.mkdir()
+    secret.write_text('secret-key = "TOP-SECRET"\n')
+    theirs = make_run(tmp_path / "theirs", [10, 20], pictures=True, slope=-0.01)
+    evaluations = theirs / "evaluations"
+    newest = evaluations / "step-000000020.json"
+    record = json.loads(newest.read_text())
+    (evaluations / "notes.png").write_text("not a picture")
+    record["pictures"] = [str(secret), "../../keys/server.key_secret", "notes.png", *record["pictures"]]
+    newest.write_text(json.dumps(record))
+    (evaluations / "step-000000030.json").write_text(json.dumps({**record, "step": "30a"}))
+    (evaluations / "step-000000040.json").write_text(json.dumps({**record, "step": float("nan")}))
+    run = report.load_run(theirs)
+    assert run.steps == [10, 20]
+    _, pictures = report.newest_pictures(run)
+    assert [p.name for p in pictures] == record["pictures"][3:]
+    page = report.write_report(make_run(tmp_path / "mine", [10], pictures=False, slope=-0.01), [theirs],
+                               tmp_path / "report.html").read_text()
+    assert "TOP-SECRET" not in page and base64.b64encode(secret.read_bytes()).decode()[:16] not in page
 
 
 def test_report_command(tmp_path, capsys):
