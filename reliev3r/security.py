@@ -70,10 +70,14 @@ def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
     os.chmod(folder, 0o700)
     allowed = folder / "authorized_clients"
     allowed.mkdir(exist_ok=True)
-    if not overwrite and (folder / "server.key_secret").exists():
-        raise FileExistsError(f"{folder / 'server.key_secret'} exists; pass overwrite=True to replace the keys")
+    names = ("server", *clients)
+    there = [p for n in names for p in (folder / f"{n}.key", folder / f"{n}.key_secret", allowed / f"{n}.key")
+             if p.exists() and not (n == "server" and p.parent == allowed)]
+    if there and not overwrite:  # any of them: a client host holds its own pair and the server's public key
+        listed = ", ".join(str(p.relative_to(folder)) for p in there)
+        raise FileExistsError(f"{folder} holds keys ({listed}); pass overwrite=True to replace the keys")
     written: dict[str, Path] = {}
-    for name in ("server", *clients):
+    for name in names:
         public, secret = zmq.curve_keypair()
         _write_cert(folder / f"{name}.key", public, None)
         _write_cert(folder / f"{name}.key_secret", public, secret)
@@ -138,6 +142,12 @@ def _authenticator(ctx: zmq.Context, curve: CurveConfig, metrics) -> _CountingAu
         raise SecurityError(f"authorized_clients folder {folder} does not exist")
     if not list(folder.glob("*.key")):
         raise SecurityError(f"authorized_clients folder {folder} holds no *.key public keys")
+    for key in sorted(folder.glob("*.key")):  # the library skips the whole folder on one bad file
+        try:
+            load_certificate(str(key))
+        except (OSError, ValueError) as err:
+            raise SecurityError(f"authorized client key {key} does not load ({err}): every client would be "
+                                "refused; remove or replace it") from None
     counter = auth_failures(metrics) if metrics is not None else None
     auth = _CountingAuthenticator(ctx, counter.inc if counter is not None else (lambda: None))
     auth.start()

@@ -148,3 +148,34 @@ def test_keys_that_exist_are_kept_unless_forced(tmp_path, capsys):
     assert "pass --force" in capsys.readouterr().err and (tmp_path / "server.key_secret").read_bytes() == before
     assert cli.main(["keys", "--out", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "server.key_secret").read_bytes() != before
+
+
+def test_keys_refuse_to_replace_a_client_host_s_pair_unless_forced(tmp_path, capsys):
+    """A labeler host holds its client pair and the server's public key, not the server's
+    secret (as the keys' layout advises): a second `reliev3r keys` there replaced both
+    silently, and the host's new server key no longer matched its server."""
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 0
+    (tmp_path / "server.key_secret").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.key*")}
+    capsys.readouterr()
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 1
+    said = capsys.readouterr().err
+    assert "client.key" in said and "pass --force" in said
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.key*")} == before
+
+
+def test_an_unreadable_authorised_key_is_named_at_start(tmp_path):
+    """One damaged file in authorized_clients made the server load no key at all (the library
+    logs it and goes on): every client, the authorised too, was refused without a word."""
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    (keys / "authorized_clients" / "zz.key").write_text("not a certificate\n")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        with pytest.raises(security.SecurityError, match="zz.key"):
+            secure_server(sock, CurveConfig.from_folder(keys), Metrics("replay"))
+    finally:
+        sock.close(linger=0)
+        security.stop_authenticator(ctx)
+        ctx.destroy(linger=0)
