@@ -21,6 +21,7 @@ same, with each public key copied into ``authorized_clients``.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -34,6 +35,8 @@ from zmq.auth.certs import load_certificate
 from zmq.auth.thread import ThreadAuthenticator
 
 from reliev3r.config_base import CurveConfig  # re-exported
+
+_log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "reliev3r"
 
@@ -107,10 +110,16 @@ class _CountingAuthenticator(ThreadAuthenticator):
     def __init__(self, context: zmq.Context, on_refusal):
         super().__init__(context)
         self._on_refusal = on_refusal
+        self._said: set[bytes] = set()
 
     def _send_zap_reply(self, request_id, status_code, status_text, user_id="anonymous"):
         if status_code != b"200":
             self._on_refusal()
+            if status_text not in self._said:  # once per reason: a refused peer retries for ever
+                self._said.add(status_text)
+                _log.warning("CURVE refused a peer (%s): its public key is not in authorized_clients, or it "
+                             "uses no CURVE; counted in reliev3r_auth_failures_total",
+                             status_text.decode(errors="replace"))
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 

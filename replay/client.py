@@ -104,7 +104,10 @@ class ReplayClient:
             if reply is not None and reply.meta.get("reason") not in RETRY_REASONS:
                 raise ReplayError(str(reply.meta.get("reason")))
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"replay {self.endpoint}: no {reply_kinds[0]} within the timeout")
+                curve = self.curve is not None and self.curve.enabled
+                hint = (" (CURVE is on: a server public key that is not this server's, or a client key not in its "
+                        "authorized_clients, looks just like this)") if curve else ""
+                raise TimeoutError(f"replay {self.endpoint}: no {reply_kinds[0]} within the timeout{hint}")
             if reply is None:  # silence: the request or its reply may be lost with a dead peer
                 self.retries += 1
                 self._reset()

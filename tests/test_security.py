@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from monitoring.metrics import Metrics
-from reliev3r import cli, security
+from reliev3r import cli, protocol, security
 from reliev3r.config import free_port
 from reliev3r.security import CurveConfig, generate_keys, secure_client, secure_server
 
@@ -83,7 +83,7 @@ def test_authorised_client_round_trip(server):
     assert _failures(metrics) == 0
 
 
-def test_unknown_key_refused_and_counted(server):
+def test_unknown_key_refused_counted_and_said(server, caplog):
     endpoint, keys, metrics, ctx, sock = server
     other = CurveConfig(enabled=True, server_public_key=str(keys / "server.key"),
                         server_secret_key=str(keys / "server.key_secret"),
@@ -95,6 +95,7 @@ def test_unknown_key_refused_and_counted(server):
     while _failures(metrics) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _failures(metrics) >= 1
+    assert "not in authorized_clients" in caplog.text  # said in the server's log, once per key
     # The refusal is exported with the other metrics of the process.
     from prometheus_client import generate_latest
 
@@ -102,6 +103,25 @@ def test_unknown_key_refused_and_counted(server):
     # The authorised client still gets through afterwards.
     got, reply = _request(ctx, endpoint, lambda s: secure_client(s, CurveConfig.from_folder(keys)), sock)
     assert reply == b"pong:ping"
+
+
+def test_a_client_refused_by_curve_is_told_what_to_check(server):
+    """A server key that is not the server's (or a client key it does not know) only ever
+    looks like silence from the client: its timeout says that is what CURVE refusal looks
+    like (it said "no insert_ack within the timeout" and nothing else)."""
+    from replay.client import ReplayClient
+
+    endpoint, keys, _metrics, ctx, _sock = server
+    wrong = CurveConfig(enabled=True, server_public_key=str(keys / "other.key"),
+                        server_secret_key=str(keys / "server.key_secret"),
+                        client_secret_key=str(keys / "client.key_secret"), client_public_key=str(keys / "client.key"),
+                        authorized_clients=str(keys / "authorized_clients"))
+    client = ReplayClient(endpoint, ctx=ctx, timeout_s=0.5, retry_s=0.25, curve=wrong)
+    try:
+        with pytest.raises(TimeoutError, match="CURVE is on"):
+            client.request(protocol.Message("stats", {}), reply_kinds=("stats",))
+    finally:
+        client.close()
 
 
 def test_plain_client_gets_nothing_through(server):
