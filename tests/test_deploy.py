@@ -237,7 +237,6 @@ def test_k8s_manifests_wiring():
     assert {5701, 5702, 9701, 9702, 9703, 9704, 9705, 29400} <= service_ports  # a Service per endpoint
     for name, w in workloads.items():
         pod = w["spec"]["template"]
-        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true", name
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True, name
         selector = w["spec"]["selector"]["matchLabels"]
         assert selector.items() <= pod["metadata"]["labels"].items(), name
@@ -259,6 +258,108 @@ def test_k8s_manifests_wiring():
             assert port["targetPort"] in names, (svc["metadata"]["name"], port)
     monitor = by_kind["PodMonitor"][0]
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "metrics-stream", "metrics-replay"}
+
+
+def _workload_pods() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"] for _, d in _manifests()
+            if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def _metrics_ports(pod: dict) -> list[tuple[str, dict]]:
+    """(container name, port) of every container port named metrics*."""
+    return [(c["name"], p) for c in pod["spec"]["containers"] for p in c["ports"] if p["name"].startswith("metrics")]
+
+
+def test_k8s_prometheus_annotations_name_every_metrics_port():
+    """prometheus.io/port names one port: a pod with one exporter announces that one, a pod with
+    several (replay and streamer share a pod) announces none rather than hide the others."""
+    pods = _workload_pods()
+    assert len(pods) == 4
+    for name, pod in pods.items():
+        annotations = pod["metadata"].get("annotations", {})
+        ports = _metrics_ports(pod)
+        if len(ports) == 1:
+            assert annotations.get("prometheus.io/scrape") == "true", name
+            assert annotations.get("prometheus.io/port") == str(ports[0][1]["containerPort"]), name
+        else:
+            assert not [k for k in annotations if k.startswith("prometheus.io/")], (name, annotations)
+    assert any(len(_metrics_ports(pod)) > 1 for pod in pods.values())  # the replay pod
+
+
+def _expand(replacement: str, match: re.Match) -> str:
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))",
+                  lambda m: match.group(int(m.group(1) or m.group(2))) or "", replacement)
+
+
+def _relabel(labels: dict[str, str], relabelings: list[dict]) -> dict[str, str]:
+    """Prometheus' `replace` relabeling (the only action used here) in the Prometheus Operator's
+    spelling: sourceLabels joined by separator, regex anchored, replacement with $1, empty result
+    deletes the target label."""
+    labels = dict(labels)
+    for r in relabelings:
+        assert set(r) <= {"sourceLabels", "separator", "regex", "targetLabel", "replacement", "action"}, r
+        assert r.get("action", "replace") == "replace" and r["targetLabel"], r
+        value = r.get("separator", ";").join(labels.get(n, "") for n in r.get("sourceLabels", []))
+        match = re.fullmatch(r.get("regex", "(.*)"), value)
+        if match is None:
+            continue
+        result = _expand(r.get("replacement", "$1"), match)
+        if result:
+            labels[r["targetLabel"]] = result
+        else:
+            labels.pop(r["targetLabel"], None)
+    return labels
+
+
+def test_relabel_helper_follows_prometheus():
+    assert _relabel({"a": "x", "b": "y"}, [{"sourceLabels": ["a", "b"], "targetLabel": "c"}])["c"] == "x;y"
+    assert _relabel({"a": "x-1"}, [{"sourceLabels": ["a"], "regex": "(.*)-(\\d)", "replacement": "${2}",
+                                    "targetLabel": "c"}])["c"] == "1"
+    assert "c" not in _relabel({"c": "old"}, [{"sourceLabels": ["absent"], "targetLabel": "c"}])
+    assert _relabel({"a": "x"}, [{"sourceLabels": ["a"], "regex": "y", "targetLabel": "c"}]) == {"a": "x"}
+
+
+def test_podmonitor_targets_carry_the_job_and_component_the_rules_use():
+    """Every metrics port of every pod, through the PodMonitor endpoint that scrapes it, ends with
+    the job and the component label that the local and compose scrape configs give the same
+    port, so alerts.yml and the dashboards (up{job="reliev3r"}, by (component)) match in
+    Kubernetes too. The Prometheus Operator sets job to <namespace>/<name> before the
+    endpoint's relabelings."""
+    monitor = next(d for _, d in _manifests() if d["kind"] == "PodMonitor")
+    endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
+    local = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    compose = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-compose.yml").read_text())["scrape_configs"][0]
+    assert local["job_name"] == compose["job_name"] == "reliev3r"
+    component_of_port = {int(sc["targets"][0].rsplit(":", 1)[1]): sc["labels"]["component"]
+                         for sc in local["static_configs"]}
+    # The rules and panels select the job by that name and group by component.
+    queries = alert_queries() + dashboard_queries()
+    assert {m for q in queries for m in re.findall(r'\bjob\s*=~?\s*"([^"]*)"', q)} == {"reliev3r"}
+    assert any(re.search(r"by \([^)]*\bcomponent\b", q) for q in alert_queries())
+    seen = set()
+    for pod in _workload_pods().values():
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        for container, port in _metrics_ports(pod):
+            discovered = {"job": f"{monitor['metadata']['namespace']}/{monitor['metadata']['name']}",
+                          "__meta_kubernetes_namespace": monitor["metadata"]["namespace"],
+                          "__meta_kubernetes_pod_container_name": container,
+                          "__meta_kubernetes_pod_container_port_name": port["name"],
+                          **{"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+                             for k, v in pod["metadata"]["labels"].items()}}
+            labels = _relabel(discovered, endpoints[port["name"]].get("relabelings", []))
+            assert labels.get("job") == "reliev3r", (container, port["name"], labels)
+            assert labels.get("component") == component_of_port[port["containerPort"]], (container, port, labels)
+            seen.add(labels["component"])
+    assert seen == set(component_of_port.values()) - {"supervisor"}  # no supervisor in Kubernetes
+
+
+def test_prometheus_rule_is_the_alert_rules():
+    """The PrometheusRule shipped to Kubernetes holds exactly alerts.yml's groups."""
+    rules = [d for _, d in _manifests() if d["kind"] == "PrometheusRule"]
+    assert len(rules) == 1 and rules[0]["metadata"]["name"] == "reliev3r"
+    assert rules[0]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "reliev3r"
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert rules[0]["spec"] == {"groups": alerts["groups"]}, "copy alerts.yml's groups into 70-prometheusrule.yaml"
 
 
 # --------------------------------------------------------------------------- docker
