@@ -115,6 +115,59 @@ def test_dashboards_structure_and_pinned_datasource():
         assert wanted in titles, wanted
 
 
+# Series every learner rank exports for itself that are the same quantity on each rank (the step
+# rate, the step, the lr, the loss, the skipped steps: under DDP the ranks skip together), or a
+# ratio (MFU; a wait/GPU seconds counter's rate is a share of wall time): a sum over ranks reads
+# N times too high with N ranks. Take max/avg (or by instance). Per-rank amounts (samples, FLOP/s,
+# memory) add up, and may be summed.
+PER_RANK_NOT_ADDITIVE = ("reliev3r_learner_steps_per_second", "reliev3r_learner_step", "reliev3r_learner_lr",
+                         "reliev3r_learner_loss", "reliev3r_learner_grad_norm", "reliev3r_learner_mfu",
+                         "reliev3r_learner_skipped_steps_total", "reliev3r_learner_data_wait_seconds_total",
+                         "reliev3r_learner_step_gpu_seconds_total")
+
+
+def _summed(query: str) -> list[str]:
+    """The argument of every sum aggregation in a PromQL query (sum(...), sum by (l) (...),
+    sum without (l) (...); not sum_over_time)."""
+    bodies = []
+    for m in re.finditer(r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(", query):
+        depth, start = 1, m.end()
+        for i in range(start, len(query)):
+            depth += {"(": 1, ")": -1}.get(query[i], 0)
+            if depth == 0:
+                bodies.append(query[start:i])
+                break
+    return bodies
+
+
+def _sums_a_per_rank_series(query: str) -> list[str]:
+    return sorted({name for body in _summed(query) for name in PER_RANK_NOT_ADDITIVE
+                   if re.search(rf"\b{name}\b", body)})
+
+
+def test_no_query_sums_a_per_rank_series():
+    assert _sums_a_per_rank_series("sum(reliev3r_learner_steps_per_second)") == ["reliev3r_learner_steps_per_second"]
+    assert _sums_a_per_rank_series("sum by (x) (rate(reliev3r_learner_data_wait_seconds_total[1m]))")
+    assert _sums_a_per_rank_series("1 - sum(max(x) + reliev3r_learner_mfu) by (x)") == ["reliev3r_learner_mfu"]
+    assert not _sums_a_per_rank_series("max(reliev3r_learner_steps_per_second) + sum(reliev3r_learner_samples_total)")
+    assert not _sums_a_per_rank_series("sum(rate(reliev3r_learner_step_total[1m]))")  # another name
+    assert not _sums_a_per_rank_series("sum_over_time(reliev3r_learner_step[1m])")
+    offending = {q: _sums_a_per_rank_series(q) for q in dashboard_queries() + alert_queries()}
+    assert not {q: names for q, names in offending.items() if names}
+
+
+def test_learner_time_shares_average_over_ranks():
+    """A rank's rate of seconds waited (or on the GPU) is its share of wall time: the panel in
+    percent shows the ranks' average, at most 100%."""
+    board = dashboards()["learner.json"]
+    shares = [p for p in board["panels"] if p["fieldConfig"]["defaults"]["unit"] == "percentunit"
+              and any("_seconds_total" in t["expr"] for t in p["targets"])]
+    assert shares
+    for p in shares:
+        for t in p["targets"]:
+            assert re.match(r"avg\s*\(", t["expr"]), t["expr"]
+
+
 @needs_promtool
 def test_every_query_is_valid_promql(tmp_path):
     """promtool parses recording rules offline: one rule per dashboard and alert query."""

@@ -57,7 +57,8 @@ OVERVIEW = dashboard("reliev3r-overview", "reliev3r / pipeline overview", [
         ("sum by (kind) (reliev3r_replay_waiting_requests)", "waiting {{kind}}"),
     ]),
     panel("Learner step", [("max(reliev3r_learner_step)", "step")]),
-    panel("Learner steps per second", [("sum(reliev3r_learner_steps_per_second)", "steps/s")]),
+    # Every learner rank exports its step rate, and the ranks step together: max, not sum.
+    panel("Learner steps per second", [("max(reliev3r_learner_steps_per_second)", "steps/s")]),
     panel("Processes up", [("reliev3r_process_up", "{{stage}}"), ("up{job=\"reliev3r\"}", "scrape {{component}}")]),
     panel("Process restarts", [
         ("changes(reliev3r_process_start_time_seconds[1h])", "starts {{stage}}"),
@@ -69,14 +70,19 @@ LEARNER = dashboard("reliev3r-learner", "reliev3r / learner", [
     panel("Loss by term", [("reliev3r_learner_loss", "{{term}}")]),
     panel("Gradient norm (before clipping)", [("reliev3r_learner_grad_norm", "grad norm")]),
     panel("Steps per second", [("reliev3r_learner_steps_per_second", "steps/s")]),
+    # Each rank counts the windows of its own batches: the sum is the run's rate.
     panel("Samples per second", [("sum(rate(reliev3r_learner_samples_total[1m]))", "windows/s")], unit="ops"),
+    # A rank's seconds per second are its share of wall time: average the ranks (a sum passes 100%).
     panel("Learner time: waiting for data / steps on the GPU", [
-        ("sum(rate(reliev3r_learner_data_wait_seconds_total[1m]))", "waiting for data"),
-        ("sum(rate(reliev3r_learner_step_gpu_seconds_total[1m]))", "steps on the GPU"),
-    ], unit="percentunit", description="Shares of wall time: waiting for a batch with the GPU done, and the steps' "
-                                       "spans on the GPU (first operation to last; longer than alone where other "
-                                       "processes' kernels take turns with the learner's)"),
-    panel("Skipped (non-finite) steps", [("sum(increase(reliev3r_learner_skipped_steps_total[10m]))", "skipped / 10m")]),
+        ("avg(rate(reliev3r_learner_data_wait_seconds_total[1m]))", "waiting for data"),
+        ("avg(rate(reliev3r_learner_step_gpu_seconds_total[1m]))", "steps on the GPU"),
+    ], unit="percentunit", description="Shares of wall time, averaged over the learner's ranks: waiting for a batch "
+                                       "with the GPU done, and the steps' spans on the GPU (first operation to last; "
+                                       "longer than alone where other processes' kernels take turns with the "
+                                       "learner's)"),
+    # Under DDP the ranks skip a non-finite step together, each counting it: max, not sum.
+    panel("Skipped (non-finite) steps",
+          [("max(increase(reliev3r_learner_skipped_steps_total[10m]))", "skipped / 10m")]),
     panel("Model FLOPs utilisation (vs measured bf16 peak)", [("reliev3r_learner_mfu", "MFU")], unit="percentunit"),
     panel("Model FLOP/s and learning rate", [("sum(reliev3r_learner_model_flops_per_second)", "FLOP/s"),
                                              ("max(reliev3r_learner_lr)", "lr")]),
