@@ -58,6 +58,45 @@ def test_alert_rules_valid():
         assert wanted in names
 
 
+def _promtool_test_rules(tmp_path: Path, tests: list[dict]) -> subprocess.CompletedProcess:
+    """promtool's rule unit tests (input series, expected alerts at a time) on alerts.yml."""
+    path = tmp_path / "alerts-test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
+                                    "evaluation_interval": "1m", "tests": tests}))
+    return _promtool("test", "rules", str(path))
+
+
+@needs_promtool
+def test_replay_not_growing_fires_only_when_replay_is_offered_nothing(tmp_path):
+    """A looped archive with replay.dedup (both defaults) sends every window again after the
+    first pass: replay answers duplicate and stores nothing new, a healthy run. The alert is for
+    replay offered no window at all (streamer or labelers stuck, every window dropped)."""
+    rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rReplayNotGrowing")
+    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
+
+    def case(series: dict[str, str], expected: list[dict]) -> dict:
+        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "alert_rule_test": [{"eval_time": "40m", "alertname": rule["alert"], "exp_alerts": expected}]}
+
+    flat, growing = "100+0x40", "100+30x40"
+    looped = {"reliev3r_replay_inserts_total": flat,
+              'reliev3r_replay_duplicates_total{reason="window_id"}': growing,
+              'reliev3r_labeler_windows_total{status="duplicate"}': growing,
+              'reliev3r_labeler_windows_total{status="stored"}': flat}
+    stuck = {"reliev3r_replay_inserts_total": flat,
+             'reliev3r_replay_duplicates_total{reason="window_id"}': flat,
+             'reliev3r_labeler_windows_total{status="duplicate"}': flat,
+             'reliev3r_labeler_windows_total{status="stored"}': flat}
+    fresh_stuck = {"reliev3r_replay_inserts_total": "0+0x40"}  # nothing ever came: no duplicate series
+    # Labelers busy but replay offered nothing: every window dropped, or replay not answering.
+    dropping = {**stuck, 'reliev3r_labeler_windows_total{status="dropped"}': growing}
+    unanswered = {**stuck, 'reliev3r_labeler_windows_total{status="insert_failed"}': growing}
+    storing = {"reliev3r_replay_inserts_total": growing, 'reliev3r_labeler_windows_total{status="stored"}': growing}
+    result = _promtool_test_rules(tmp_path, [case(looped, []), case(stuck, firing), case(fresh_stuck, firing),
+                                             case(dropping, firing), case(unanswered, firing), case(storing, [])])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_alert_expressions_have_checkable_form():
     for rule in alert_rules():
         assert ALERT_FORM.match(rule["expr"].strip()), rule["alert"]
