@@ -352,6 +352,20 @@ def test_k8s_manifests_wiring():
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "metrics-stream", "metrics-replay"}
 
 
+def test_k8s_server_secret_key_reaches_the_servers_alone():
+    """Only the replay pod (replay and streamer: the ZeroMQ servers) mounts the server's secret
+    key; labelers and learners get a client's files (they mounted the whole Secret: a labeler,
+    which runs third-party teacher models, could pose as the server)."""
+    for name, pod in _workload_pods().items():
+        secret_files = set()
+        for volume in pod["spec"]["volumes"]:
+            secret = volume.get("secret")
+            if secret and secret["secretName"] == "reliev3r-curve":
+                assert "items" in secret, (name, volume["name"])  # no whole-Secret mounts
+                secret_files |= {item["key"] for item in secret["items"]}
+        assert ("server.key_secret" in secret_files) == (name == "reliev3r-replay"), (name, secret_files)
+
+
 def _workload_pods() -> dict[str, dict]:
     return {d["metadata"]["name"]: d["spec"]["template"] for _, d in _manifests()
             if d["kind"] in ("Deployment", "StatefulSet")}
