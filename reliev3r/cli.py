@@ -1,7 +1,7 @@
 """The ``reliev3r`` command line: one subcommand per process, plus the local supervisor.
 
-Every subcommand takes ``--config FILE`` (repeatable, later files win) and trailing
-``key.sub=value`` overrides, e.g. ``reliev3r up --max-steps 50 learner.lr=1e-3``.
+Every subcommand takes ``--config FILE`` (repeatable, later files win) and ``key.sub=value``
+overrides anywhere among its options, e.g. ``reliev3r up learner.lr=1e-3 --max-steps 50 streamer.views=8``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -148,6 +149,43 @@ def _distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --distill: real frames taken at most (20000)")
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)+=")
+"""A config override on the command line: a dotted key, then ``=`` (``learner.lr=1e-3``)."""
+
+POSITIONALS = {"view": "target"}
+"""Commands with a positional beside the overrides: the one word that is no override."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, overrides anywhere among the options. argparse gives a ``nargs="*"``
+    positional one run of words only (an override after an option was refused as unrecognized,
+    and ``view RUN key=value`` gave RUN to the overrides): the words it leaves that look like an
+    override (:data:`OVERRIDE`) are overrides, in order; anything else left is refused as
+    argparse refuses it (exit 2). A command's other positional (:data:`POSITIONALS`) is the word
+    that is no override, wherever it stands."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if not hasattr(args, "overrides"):  # report, teacher-train: no overrides to take
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args
+    name = POSITIONALS.get(args.command)
+    if name:  # every word is read again: argparse may have given the positional to the overrides
+        words, args.overrides = [*args.overrides, getattr(args, name), *rest], []
+    else:  # the words argparse took as overrides stay so (the config says what is wrong with one)
+        words = rest
+    left: list[str] = []
+    for word in words:
+        (args.overrides if OVERRIDE.match(word) else left).append(word)
+    if name:
+        if not left:
+            parser.error(f"{args.command}: the following arguments are required: {name}")
+        setattr(args, name, left.pop(0))
+    if left:
+        parser.error(f"unrecognized arguments: {' '.join(left)}")
+    return args
+
+
 def config_paths(args: argparse.Namespace) -> list[Path]:
     """configs/default.yaml first, then the user's files on top: a user's file need only
     hold what differs from the defaults."""
@@ -177,7 +215,7 @@ OFFLINE = frozenset({"eval", "reconstruct", "export", "report", "teacher-train",
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return _command(args, argv)
     except FileNotFoundError as err:  # a wrong --checkpoint, --compare or --distill: said, no traceback

@@ -185,6 +185,37 @@ def test_cli_reports_config_errors(capsys):
     assert "streamer.views must be >= 2" in capsys.readouterr().err
 
 
+def test_overrides_stand_anywhere_among_the_options(tmp_path, capsys):
+    """``key.sub=value`` words after an option were refused ("unrecognized arguments"), and
+    ``view`` took an override for its run folder and the folder for an override: they are
+    overrides, in order, wherever they stand; ``view``'s folder is the word that is none."""
+    from reliev3r.cli import main
+
+    # the override after the option reaches the config (refused there, before anything starts)
+    assert main(["up", "learner.lr=1e-3", "--max-steps", "50", "streamer.views=1"]) == 2
+    assert "streamer.views must be >= 2" in capsys.readouterr().err
+    # in order: the later value wins (the config is valid, the checkpoint is what stops it)
+    assert main(["eval", "--checkpoint", str(tmp_path), "streamer.views=1", "--views", "3", "streamer.views=4"]) == 2
+    err = capsys.readouterr().err
+    assert "no valid snapshot there" in err and "config error" not in err
+    missing = tmp_path / "missing"
+    for argv in ([str(missing), "evaluator.windows=1", "--out", str(tmp_path / "x.rrd")],
+                 [str(missing), "--snapshots", "1", "evaluator.windows=1"],
+                 ["evaluator.windows=1", "--snapshots", "1", str(missing)]):
+        assert main(["view", *argv]) == 2, argv
+        assert f"reliev3r view: {missing}: neither a reconstruction" in capsys.readouterr().err, argv
+    assert main(["view", str(missing), "--snapshots", "1", "evaluator.windows=0"]) == 2
+    assert "config error: evaluator" in capsys.readouterr().err
+    # a word that is no override is refused as before, wherever it stands
+    for argv in (["up", "learner.lr=1e-3", "--max-steps", "5", "bogus"],
+                 ["view", str(missing), "--snapshots", "1", str(tmp_path / "other")],
+                 ["view", "evaluator.windows=1", "--snapshots", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and ("unrecognized arguments" in err or "required: target" in err), argv
+
+
 def test_the_optional_refine_section_from_yaml_and_overrides(tmp_path):
     from learner.config import RefineConfig
 
