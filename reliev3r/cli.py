@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     up = add("up", "run the whole pipeline locally (supervisor + every stage)")
-    up.add_argument("--max-steps", type=int, default=None, help="end after N learner steps")
+    up.add_argument("--max-steps", type=at_least(0), default=None, help="end after N learner steps (0: never)")
     pre = add("pretrain", "up with configs/pretrain.yaml (supervised, synthetic world): weights for learner.init")
-    pre.add_argument("--max-steps", type=int, default=None, help="end after N learner steps (default: the recipe's)")
+    pre.add_argument("--max-steps", type=at_least(0), default=None,
+                     help="end after N learner steps (default: the recipe's; 0: never)")
     add("stream", "run the streamer: sources -> frame windows")
     add("label", "run a labeler worker: windows -> teacher labels -> replay")
     add("replay", "run the replay service")

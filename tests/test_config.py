@@ -216,6 +216,32 @@ def test_overrides_stand_anywhere_among_the_options(tmp_path, capsys):
         assert stop.value.code == 2 and ("unrecognized arguments" in err or "required: target" in err), argv
 
 
+class _Started(Exception):
+    """Raised where ``up`` would start its supervisor: nothing starts in these tests."""
+
+
+@pytest.mark.parametrize("command", ["up", "pretrain"])
+def test_max_steps_below_zero_is_refused_by_name(command, capsys, monkeypatch):
+    """``--max-steps -1`` was set on the config past its check: the run started, its learner
+    refused the value at every start and ``up`` ended with exit 1 without saying why."""
+    from reliev3r import cli, supervisor
+
+    steps = []
+
+    def supervisor_of(cfg):
+        steps.append(cfg.learner.max_steps)
+        raise _Started
+
+    monkeypatch.setattr(supervisor, "Supervisor", supervisor_of)
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--max-steps", "-1"])
+    assert stop.value.code == 2 and "--max-steps: must be >= 0, got -1" in capsys.readouterr().err
+    assert not steps
+    with pytest.raises(_Started):  # 0: no end, as the config's own max_steps
+        cli.main([command, "--max-steps", "0"])
+    assert steps == [0]
+
+
 def test_the_optional_refine_section_from_yaml_and_overrides(tmp_path):
     from learner.config import RefineConfig
 
