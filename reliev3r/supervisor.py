@@ -137,6 +137,25 @@ class Supervisor:
             self._relabel_with(self.teacher_file)
             self._refresh = "done"
 
+    @property
+    def depth_loss_off(self) -> bool:
+        """Whether the learner's loss has no depth term: the weak loss without a depth teacher
+        (``labeler.teacher=none``); the supervised loss trains depth on the ground truth."""
+        return self.cfg.labeler.teacher == "none" and self.cfg.learner.loss.kind != "supervised"
+
+    def start_line(self) -> str:
+        """What ``up`` says as it starts: the run folder, the teacher, the refresh, the end."""
+        return (f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
+                f"teacher {self.cfg.labeler.teacher}"
+                + (" (depth loss off)" if self.depth_loss_off else "")
+                + {"waiting": f", teacher refresh at step {self.cfg.labeler.refresh_step}",
+                   "done": f", refreshed to {self.teacher_file}"}.get(self._refresh, "")
+                + (f", no teacher refresh ({self.cfg.refresh_skipped})"
+                   if self.cfg.labeler.refresh_step and not self.cfg.refreshes_teacher else "")
+                + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
+                   if self.cfg.learner.init else "")
+                + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
+
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,16 +173,7 @@ class Supervisor:
         beats = ctx.socket(zmq.PULL)
         security.secure_server(beats, self.cfg.network.curve, self.metrics)
         beats.bind(self.cfg.network.bind(self.cfg.network.supervisor_port))
-        self._print(f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
-                    f"teacher {self.cfg.labeler.teacher}"
-                    + (" (depth loss off)" if self.cfg.labeler.teacher == "none" else "")
-                    + {"waiting": f", teacher refresh at step {self.cfg.labeler.refresh_step}",
-                       "done": f", refreshed to {self.teacher_file}"}.get(self._refresh, "")
-                    + (f", no teacher refresh ({self.cfg.refresh_skipped})"
-                       if self.cfg.labeler.refresh_step and not self.cfg.refreshes_teacher else "")
-                    + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
-                       if self.cfg.learner.init else "")
-                    + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
+        self._print(self.start_line())
         exit_code = 0
         try:
             for stage in STAGES:
@@ -480,7 +490,7 @@ class Supervisor:
             parts.append(f"loss {ln['loss']:.4f}")
         if "steps_per_s" in ln:
             parts.append(f"{ln['steps_per_s']:.2f} steps/s")
-        if self.cfg.labeler.teacher == "none":
+        if self.depth_loss_off:
             parts.append("depth loss off (teacher none)")
         if ev.get("step") is not None and ("absrel" in ev or "ate" in ev):  # each where the data has it
             parts.append(f"eval@{ev['step']}" + (f" AbsRel {ev['absrel']:.3f}" if "absrel" in ev else "")

@@ -190,6 +190,25 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
         sup.metrics.close()
 
 
+@pytest.mark.parametrize("argv, off", [(["pretrain"], False), (["up", "labeler.teacher=none"], True),
+                                        (["up", "labeler.teacher=none", "learner.loss.kind=supervised"], False),
+                                        (["up"], False)])
+def test_the_depth_loss_is_said_off_only_where_the_loss_has_no_depth_term(tmp_path, argv, off):
+    """``labeler.teacher=none`` leaves the weak loss without its depth term; the supervised loss
+    (``reliev3r pretrain``) trains depth on the ground truth, with no teacher: its start line and
+    every status line said "depth loss off" all the same."""
+    from reliev3r.supervisor import Supervisor
+
+    cfg = cli.load_config(cli.parse_args([*argv, f"run.dir={tmp_path}"]))
+    sup = Supervisor(cfg, out=io.StringIO())
+    try:
+        assert ("depth loss off" in sup.status_line()) is off, sup.status_line()
+        assert ("depth loss off" in sup.start_line()) is off, sup.start_line()
+        assert f"teacher {cfg.labeler.teacher}" in sup.start_line()
+    finally:
+        sup.metrics.close()
+
+
 @pytest.mark.timeout(120)  # bounds a hang only
 def test_counts_in_the_status_line_survive_a_restart_and_ignore_the_dead_process(tmp_path):
     """A process counts from 0: the status line adds what a stage's earlier incarnations
