@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                               ("--overlap", int, "frames shared by consecutive windows (2)"),
                               ("--max-frames", int, "frames picked at most (300)"),
                               ("--keep-fraction", float, "most confident fraction of each frame's pixels kept (0.5)"),
-                              ("--min-confidence", float, "confidence floor in (0, 2) (0)")):
+                              ("--min-confidence", float, "confidence floor in [0, 2) (0)")):
         rec.add_argument(flag, type=kind, default=None, help=help_)
     rec.add_argument("--intrinsics", default=None, help="3x3 (or fx fy cx cy) text file; default 60 degree FoV")
     rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input (by order or timestamp)")

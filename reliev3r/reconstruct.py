@@ -356,7 +356,7 @@ class ReconstructOptions:
     keep_fraction: float = 0.5
     """Per frame, the most confident fraction of pixels kept in the point cloud."""
     min_confidence: float = 0.0
-    """And only pixels with confidence (in (0, 2)) above this."""
+    """And only pixels with confidence (in (0, 2)) above this: in [0, 2) (2 or more keeps none)."""
     max_points: int = 2_000_000
     """Points written at most (random subset beyond)."""
     colmap: str | None = None
@@ -371,6 +371,9 @@ class ReconstructOptions:
             raise ValueError("stride must be >= 1 and max_frames >= 2")
         if not 0 < self.keep_fraction <= 1:
             raise ValueError("keep_fraction must be in (0, 1]")
+        if not 0 <= self.min_confidence < 2:  # NaN too
+            raise ValueError(f"min_confidence must be in [0, 2) (the model's confidence is in (0, 2)), "
+                             f"got {self.min_confidence}")
 
 
 def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray) -> list[np.ndarray | None]:

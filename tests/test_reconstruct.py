@@ -136,6 +136,24 @@ def test_what_stops_an_offline_command_is_said_in_a_line(tmp_path, capsys):
         assert last.startswith("reliev3r reconstruct: ") and named in last and "Traceback" not in err, err
 
 
+def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, capsys):
+    """The confidence is in (0, 2): a floor of 2 or more kept no pixel (an empty point cloud,
+    exit 0), one below 0 meant nothing; refused naming the option, before anything is written."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    clip = encode(tmp_path / "clip.mp4", panning_frames(6, 64, 48))
+    out = tmp_path / "rec"
+    common = ["reconstruct", "--checkpoint", str(snap), "--input", str(clip), "--out", str(out), "--device", "cpu",
+              "--views", "3", "--overlap", "1"]
+    for floor in ("5", "2", "-1", "nan"):
+        assert cli.main([*common, "--min-confidence", floor]) == 2, floor
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("reliev3r reconstruct: min_confidence must be in [0, 2)"), last
+        assert not out.exists()
+    assert cli.main([*common, "--min-confidence", "1.5"]) == 0 and (out / "points.ply").is_file()
+
+
 def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tmp_path):
     """Twelve frames with a COLMAP model, then three without, into one folder: the folder holds
     the second reconstruction alone (the first's depth maps and model stayed, and a viewer read them)."""
