@@ -1,7 +1,8 @@
 """``reliev3r eval``: score snapshots on a dataset with ground truth, baselines beside them.
 
 Prints a markdown table (one row per model or baseline) and writes ``results.json`` and
-``results.md`` into ``--out`` (default: ``<run.dir>/eval``). Rows: the snapshot, every
+``results.md`` into ``--out`` (default: ``eval/`` in the snapshot's run folder, where the
+``synthetic`` spec's held-out scenes are too, ``eval_world/``). Rows: the snapshot, every
 ``--compare`` snapshot (e.g. the fully-supervised sibling), and the baselines: constant depth
 with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
 for a snapshot of a run whose teacher refresh is done, the teacher that refresh made)
@@ -24,7 +25,7 @@ from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
 from learner import snapshot as snapshots
 from learner.snapshot import resolve_snapshot
-from reliev3r.config import PipelineConfig, refreshed_teacher
+from reliev3r.config import PipelineConfig, held_out_world, refreshed_teacher, run_folder
 
 COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
            "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
@@ -47,6 +48,7 @@ def default_teachers(cfg: PipelineConfig, snap: Path) -> list[str]:
 def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     snap = resolve_snapshot(Path(args.checkpoint))
+    run = run_folder(snap)  # the results and the held-out synthetic world are the run's
     model, meta = snapshots.load_model(snap, device)
     compare = []
     for path in getattr(args, "compare", None) or []:
@@ -57,7 +59,8 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     data = args.data or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=args.windows or cfg.evaluator.windows, stride=cfg.evaluator.stride,
-                           run_dir=cfg.run_dir, synthetic_cfg=cfg.streamer.synthetic)
+                           run_dir=run, synthetic_cfg=held_out_world(cfg, run, files=getattr(args, "config", []),
+                                                                     overrides=getattr(args, "overrides", [])))
     has_depth, has_poses = has_ground_truth(windows)
     per_window: dict[str, list[dict[str, float]]] = {}  # the scores of each window: for the intervals
     first = f"model {_snapshot_name(snap, meta)}"
@@ -84,7 +87,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(f"\n{data}: {len(windows)} windows of {views} views at {width}x{height}, snapshot {snap}\n")
     print(table)
     print(f"\n{spread_title}:\n\n{spread}")
-    out = Path(args.out) if args.out else cfg.run_dir / "eval"
+    out = Path(args.out) if args.out else run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         {"snapshot": str(snap), "step": meta["step"], "compare": [str(c[0]) for c in compare], "data": data,

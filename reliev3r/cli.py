@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], folder:DIR[@A-B] or DIR")
     ev.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views)")
     ev.add_argument("--windows", type=at_least(1), default=None, help="windows to evaluate")
-    ev.add_argument("--out", default=None, help="folder for the JSON and markdown results")
+    ev.add_argument("--out", default=None,
+                    help="folder for the JSON and markdown results (default: eval/ in the checkpoint's run folder)")
     ev.add_argument("--compare", action="append", default=[], metavar="PATH",
                     help="another snapshot to score beside it (repeatable), e.g. the supervised sibling")
     ev.add_argument("--teacher", action="append", default=[], metavar="SPEC",

@@ -343,22 +343,29 @@ def export_held_out(cfg, args) -> int:
     """``reliev3r export --colmap DIR``: run the snapshot on the run's held-out windows (``--data``,
     default ``evaluator.data``; ``--windows``, default ``evaluator.windows``) and write one model
     per window: ``DIR/<window>/images/`` and ``DIR/<window>/sparse/0/`` (predicted poses, the
-    window's intrinsics, the confident half of each view's depth as points), plus ``DIR/index.json``."""
+    window's intrinsics, the confident half of each view's depth as points), plus ``DIR/index.json``.
+    The ``synthetic`` spec's held-out scenes are those of the snapshot's run (``eval_world/``)."""
     import json
 
     from tqdm import tqdm
 
     from evaluation.datasets import load_windows
     from learner.api import Reconstructor
+    from learner.snapshot import resolve_snapshot
+    from reliev3r.config import held_out_world, run_folder
 
     fmt = getattr(args, "colmap_format", None) or "bin"
-    rec = Reconstructor.from_snapshot(args.checkpoint, device="cpu")
+    snap = resolve_snapshot(args.checkpoint)
+    run = run_folder(snap)  # the held-out synthetic world is the run's
+    rec = Reconstructor.from_snapshot(snap, device="cpu")
     height, width = rec.image_size or (cfg.streamer.height, cfg.streamer.width)
     views = getattr(args, "views", None) or cfg.streamer.views
     data = getattr(args, "data", None) or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=getattr(args, "windows", None) or cfg.evaluator.windows,
-                           stride=cfg.evaluator.stride, run_dir=cfg.run_dir, synthetic_cfg=cfg.streamer.synthetic)
+                           stride=cfg.evaluator.stride, run_dir=run,
+                           synthetic_cfg=held_out_world(cfg, run, files=getattr(args, "config", []),
+                                                        overrides=getattr(args, "overrides", [])))
     out = Path(args.colmap)
     index = []
     for window in tqdm(windows, desc="COLMAP export", unit="window"):

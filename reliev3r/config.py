@@ -20,11 +20,11 @@ from monitoring.config import MonitoringConfig
 from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunConfig, build, free_port, load_data,
                                   merge, parse_override, to_dict, with_overrides)
 from replay.config import ReplayConfig
-from streamer.config import StreamerConfig
+from streamer.config import StreamerConfig, SyntheticConfig
 
 __all__ = ["REFRESHED_TEACHER", "ConfigError", "CurveConfig", "NetworkConfig", "PipelineConfig", "RunConfig", "build",
-           "free_port", "load", "load_data", "merge", "parse_override", "refreshed_teacher", "resolve_ports", "to_dict",
-           "with_overrides"]
+           "free_port", "held_out_world", "load", "load_data", "merge", "parse_override", "refreshed_teacher",
+           "resolve_ports", "run_folder", "to_dict", "with_overrides"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -87,6 +87,32 @@ def refreshed_teacher(run_dir: Path) -> Path | None:
     writes its meta after the weights), else None."""
     weights = Path(run_dir) / REFRESHED_TEACHER
     return weights if weights.is_file() and weights.with_suffix(".json").is_file() else None
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder ``path`` belongs to: a run folder itself; a snapshot's run
+    (``<run>/snapshots/step-N``; a snapshot elsewhere: the folder it is in); an evaluations
+    folder's (``step-*.json`` files and no ``evaluations/`` inside) the folder above. The tools'
+    results go there by default (``eval``, ``report``), so two runs' results never share a folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():  # a snapshot
+        return path.parent.parent if path.parent.name == "snapshots" else path.parent
+    if not (path / "evaluations").is_dir() and any(path.glob("step-*.json")):  # a run's evaluations
+        return path.parent
+    return path
+
+
+def held_out_world(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> SyntheticConfig:
+    """The synthetic world whose held-out scenes a tool renders into (or finds in)
+    ``<run_dir>/eval_world``: the run's own, ``streamer.synthetic`` of its ``config.yaml`` with the
+    ``overrides`` on top, unless the command was given config ``files`` or the run has no config;
+    else ``cfg``'s. The scenes its evaluator rendered are reused, not rendered again over them
+    with another spec (a run of ``configs/demo.yaml`` evaluated without that file)."""
+    path = Path(run_dir) / "config.yaml"
+    if files or not path.is_file():
+        return cfg.streamer.synthetic
+    own = {"streamer": {"synthetic": (load_data([path]).get("streamer") or {}).get("synthetic") or {}}}
+    return build(PipelineConfig, merge(own, load_data([], overrides))).streamer.synthetic
 
 
 def load(paths: list[str | Path] = (), overrides: list[str] = ()) -> PipelineConfig:

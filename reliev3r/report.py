@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.evaluate import TITLES
+from reliev3r.config import run_folder
 
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 """Colour of the first run (the one reported), then of each ``--compare`` run."""
@@ -261,11 +262,7 @@ def write_report(run: Path, compare: list[Path] = (), out: Path | None = None) -
         if other.name in {r.name for r in runs}:
             other.name = str(path)
         runs.append(other)
-    if out is None:  # beside the evaluations of a run, in a run folder that has none yet too
-        run = Path(run)
-        given_evaluations = evaluations_dir(run) == run and any(run.glob("step-*.json"))
-        out = (run.parent if given_evaluations else run) / "report.html"
-    out = Path(out)
+    out = Path(out) if out is not None else run_folder(run) / "report.html"  # in a run not evaluated yet too
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(render(runs), encoding="utf-8")

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from evaluation.baselines import align_teacher_frame, teacher_depth_baseline
 from evaluation.datasets import EvalWindow, load_windows
@@ -85,6 +86,40 @@ def test_a_path_without_a_snapshot_is_said_without_a_traceback(tmp_path, capsys)
     assert f"reliev3r eval: {empty}: no valid snapshot there" in capsys.readouterr().err
     assert cli.main(["export", "--checkpoint", str(empty), "--out", str(tmp_path / "m.onnx")]) == 2
     assert f"reliev3r export: {empty}: no valid snapshot there" in capsys.readouterr().err
+
+
+def test_eval_and_export_write_into_the_checkpoints_run_and_reuse_its_world(tmp_path, capsys):
+    """``eval`` wrote its results into the config's run folder (``runs/default/eval``: a stray
+    folder, each checkpoint's results over the one before) and rendered the held-out synthetic
+    world there, as ``export --colmap`` did: both use the checkpoint's run folder, and the world
+    its evaluator rendered (the run's own spec, from its config.yaml) is reused."""
+    world = {"scenes": 1, "frames": 24, "height": 48, "width": 64}  # not the default world
+    elsewhere = tmp_path / "default"  # run.dir of the command's own config
+    runs = []
+    for name, seed in (("run_a", 0), ("run_b", 1)):
+        run = make_tiny_snapshot(tmp_path / name, seed=seed).parent.parent
+        (run / "config.yaml").write_text(yaml.safe_dump({"streamer": {"synthetic": world}}))
+        runs.append(run)
+    common = ["--views", "3", "--windows", "1", "--teacher", "none", f"run.dir={elsewhere}"]
+    assert cli.main(["eval", "--checkpoint", str(runs[0]), *common]) == 0  # a run folder
+    assert cli.main(["eval", "--checkpoint", str(runs[1] / "snapshots"), *common]) == 0  # its snapshots folder
+    for run in runs:
+        assert Path(json.loads((run / "eval" / "results.json").read_text())["snapshot"]).parent.parent == run
+        video = cv2.VideoCapture(str(run / "eval_world" / "synth-s1000-000.mp4"))
+        size = (video.get(cv2.CAP_PROP_FRAME_WIDTH), video.get(cv2.CAP_PROP_FRAME_COUNT))
+        video.release()
+        assert size == (64, 24)  # the run's world, not the config's
+    assert not elsewhere.exists()
+    rendered = runs[0] / "eval_world" / "synth-s1000-000.mp4"
+    stamp = rendered.stat().st_mtime_ns
+    snap = runs[0] / "snapshots" / "step-000000002"
+    assert cli.main(["eval", "--checkpoint", str(snap), *common]) == 0  # a snapshot: its run's
+    assert "wrote " + str(runs[0] / "eval" / "results.json") in capsys.readouterr().out
+    assert cli.main(["export", "--checkpoint", str(snap), "--colmap", str(tmp_path / "colmap"), "--views", "3",
+                     "--windows", "1", f"run.dir={elsewhere}"]) == 0
+    assert (tmp_path / "colmap" / "index.json").is_file()
+    assert rendered.stat().st_mtime_ns == stamp  # reused, not rendered again
+    assert not elsewhere.exists()
 
 
 def test_disparity_teacher_is_aligned_in_disparity_space():
