@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from labelers.embedded import DEFAULT_WIDTHS, EmbeddedDepthNet, load_net, save_weights
 from reliev3r import geometry
+from reliev3r.config_base import check_device
 from reliev3r.synthetic import Box, Material, Sphere, World, hsv, random_world, render_rays
 
 
@@ -138,6 +139,7 @@ class TeacherTrainConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.render_fraction <= 1:
             raise ValueError(f"render_fraction must be in (0, 1], got {self.render_fraction}")
+        check_device("device", self.device)
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 (or unset), got {self.time_budget_s}")
 

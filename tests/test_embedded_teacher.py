@@ -163,6 +163,14 @@ def test_recipe_refuses_values_it_cannot_run_before_it_renders(tmp_path, option)
     assert not any(tmp_path.iterdir())
 
 
+
+def test_recipe_refuses_a_device_that_is_none(tmp_path):
+    from reliev3r.cli import main
+
+    assert main(["teacher-train", "--out", str(tmp_path), "--device", "gpu"]) == 2
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("alignment", ["scale_shift", "scale"])
 def test_recipe_loss_is_blind_to_what_its_alignment_leaves_unknown(alignment):
     """Known answers of the recipe's loss: zero for the truth at any scale; a shifted
