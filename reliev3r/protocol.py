@@ -8,10 +8,12 @@ A message is ``[MAGIC, header, buffer_0, ..., buffer_{n-1}]``:
 * one raw, C-contiguous buffer per entry of ``arrays``, in that order.
 
 On receipt :func:`decode` checks the frame count, magic and version, the kind, that every
-dtype is in :data:`DTYPES`, that shapes are lists of non-negative ints, that each buffer's
-size equals ``prod(shape) * itemsize``, the total size against ``max_bytes``, and the
-arrays and meta keys each kind requires (:data:`SCHEMAS`). Anything else raises
-:class:`ProtocolError` with a short ``reason`` that callers count in metrics.
+dtype is in :data:`DTYPES`, that shapes are lists of at most :data:`MAX_NDIM` non-negative
+ints, each array's name, dtype and ndim against its kind's schema (:data:`SCHEMAS`) before
+the array is built, that each buffer's size equals ``prod(shape) * itemsize``, the total size
+against ``max_bytes``, and the arrays and meta keys each kind requires. Anything else raises
+:class:`ProtocolError` with a short ``reason`` that callers count in metrics; decode raises
+nothing else on any input (a shape numpy refuses to build is ``bad_shape``).
 
 Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch):
 
@@ -70,6 +72,9 @@ ACCEPTED_VERSIONS = frozenset({1, 2})
 MAGIC = b"R3W" + bytes([VERSION])
 DEFAULT_MAX_BYTES = 512 << 20
 DTYPES = frozenset({"uint8", "uint16", "int32", "int64", "float16", "float32", "float64", "bool"})
+MAX_NDIM = 8
+"""More dimensions than any array of :data:`SCHEMAS` has (a batch's frames: 5), and far fewer
+than numpy's limit (64), so a shape is refused before numpy could raise on it."""
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -232,6 +237,7 @@ def decode(frames: Iterable[bytes | memoryview | Any], *, max_bytes: int = DEFAU
         raise ProtocolError("frame_count", f"header lists {len(specs)} arrays, got {len(frames) - 2} buffers")
     arrays: dict[str, np.ndarray] = {}
     total = 0
+    known = _known_arrays(kind)
     for spec, buf in zip(specs, frames[2:]):
         if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)
                 and isinstance(spec[1], str) and isinstance(spec[2], list)):
@@ -241,8 +247,14 @@ def decode(frames: Iterable[bytes | memoryview | Any], *, max_bytes: int = DEFAU
             raise ProtocolError("bad_dtype", f"{name}: {dtype}")
         if name in arrays:
             raise ProtocolError("duplicate_array", name)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
-            raise ProtocolError("bad_shape", f"{name}: {shape}")
+        if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40
+                                            for d in shape):
+            raise ProtocolError("bad_shape", f"{name}: {shape}"[:80])
+        if name not in known:
+            raise ProtocolError("unknown_array", f"{kind}.{name}")
+        if (dtype, len(shape)) != known[name]:
+            want_dtype, want_ndim = known[name]
+            raise ProtocolError("bad_array", f"{kind}.{name}: want {want_dtype} ndim {want_ndim}, got {dtype}{shape}")
         itemsize = np.dtype(dtype).itemsize
         expected = math.prod(shape) * itemsize
         total += expected
@@ -250,28 +262,38 @@ def decode(frames: Iterable[bytes | memoryview | Any], *, max_bytes: int = DEFAU
             raise ProtocolError("too_large", f"over {max_bytes} bytes")
         if len(buf) != expected:
             raise ProtocolError("size_mismatch", f"{name}: {len(buf)} bytes for {dtype}{shape}")
-        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+        try:
+            # An empty array may still name sides whose product overflows numpy's size
+            # ([0, 2**39, 2**39]): numpy refuses to build it, and that refusal is ours to name.
+            arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+        except ValueError:
+            raise ProtocolError("bad_shape", f"{name}: {shape}") from None
     if "frames_encoded" in arrays and kind in ("window", "insert"):
         arrays["frames"] = _decompress_frames(arrays.pop("frames_encoded"), meta, max_bytes)
     _check_schema(kind, meta, arrays)
     return Message(kind, meta, arrays)
 
 
+def _known_arrays(kind: str) -> dict[str, tuple[str, int]]:
+    """name -> (dtype, ndim) of every array a ``kind`` may carry on the wire (its schema's, and
+    ``frames_encoded`` for the kinds whose frames may travel compressed)."""
+    schema = SCHEMAS[kind]
+    known = {**schema.required_arrays, **schema.optional_arrays}
+    if kind in ("window", "insert"):
+        known["frames_encoded"] = ("uint8", 1)
+    return known
+
+
 def _check_schema(kind: str, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """The required meta keys and arrays, then the shapes that tie the arrays together (each
+    array's name, dtype and ndim were checked before it was built)."""
     schema = SCHEMAS[kind]
     for key in schema.required_meta:
         if key not in meta:
             raise ProtocolError("missing_meta", f"{kind}.{key}")
-    known = {**schema.required_arrays, **schema.optional_arrays}
     for name in schema.required_arrays:
         if name not in arrays:
             raise ProtocolError("missing_array", f"{kind}.{name}")
-    for name, arr in arrays.items():
-        if name not in known:
-            raise ProtocolError("unknown_array", f"{kind}.{name}")
-        dtype, ndim = known[name]
-        if arr.dtype.name != dtype or arr.ndim != ndim:
-            raise ProtocolError("bad_array", f"{kind}.{name}: want {dtype} ndim {ndim}, got {arr.dtype}{list(arr.shape)}")
     if kind in ("window", "insert"):
         _check_window_shapes(arrays, batched=False)
     elif kind == "batch":

@@ -58,6 +58,48 @@ def test_malformed_messages_are_rejected_with_reason(mutate, reason):
     assert err.value.reason == reason
 
 
+def _raw(kind, specs, buffers, meta=None):
+    header = msgpack.packb({"kind": kind, "meta": meta or {}, "arrays": specs}, use_bin_type=True)
+    return [protocol.MAGIC, header, *buffers]
+
+
+@pytest.mark.parametrize("kind, spec, buf, reason", [
+    ("stats", ["x", "uint8", [1] * 65], b"\x00", "bad_shape"),  # more dimensions than numpy takes
+    ("stats", ["x", "float64", [0, 1 << 39, 1 << 39]], b"", "unknown_array"),  # refused before it is built
+    ("window", ["frames", "uint8", [0, 1 << 39, 1 << 39, 3]], b"", "bad_shape"),  # empty, too big for numpy
+    ("window", ["frames", "uint8", [1] * 5], b"\x00", "bad_array"),  # a known array of the wrong ndim
+    ("window", ["frames", "uint8", [0, 1 << 39, 1 << 39, 1, 1]], b"", "bad_array"),
+])
+def test_absurd_shapes_are_protocol_errors_not_numpy_errors(kind, spec, buf, reason):
+    """A shape numpy cannot build (more than its 64 dimensions, or an empty array whose other
+    sides overflow its size) is a malformed message like any other: a named reason, never a
+    numpy ``ValueError`` that would end the receiving process."""
+    meta = {"window_id": "a:0", "source": "a", "frame_indices": [0]} if kind == "window" else {}
+    with pytest.raises(ProtocolError) as err:
+        protocol.decode(_raw(kind, [spec], [buf], meta))
+    assert err.value.reason == reason
+
+
+def test_decode_raises_nothing_but_protocol_errors_on_random_specs():
+    """Shapes of every length up to 70 with sides from empty to the bound, for array names the
+    schema knows and does not: decode either returns or raises :class:`ProtocolError`."""
+    rng = np.random.default_rng(0)
+    sides = [0, 1, 2, 3, 7, 1 << 20, 1 << 39, (1 << 40) - 1]
+    meta = {"window_id": "a:0", "source": "a", "frame_indices": [0], "teacher": {}, "batch_size": 1,
+            "window_ids": ["a:0"]}
+    for _ in range(500):
+        kind = str(rng.choice(["stats", "window", "insert", "batch"]))
+        name = str(rng.choice(["x", "frames", "intrinsics", "matches", "teacher_depth", "frames_encoded"]))
+        dtype = str(rng.choice(["uint8", "float32", "float64"]))
+        shape = [int(rng.choice(sides)) for _ in range(int(rng.integers(0, 71)))]
+        size = np.prod(shape, dtype=object) * np.dtype(dtype).itemsize if shape else np.dtype(dtype).itemsize
+        buf = b"\x00" * size if size <= 64 else b""
+        try:
+            protocol.decode(_raw(kind, [[name, dtype, shape]], [buf], meta))
+        except ProtocolError:
+            pass
+
+
 def test_schema_checks_shapes_and_values():
     msg = _window()
     msg.arrays["intrinsics"] = np.ones((2, 3, 3), np.float32)  # V mismatch

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -125,6 +126,31 @@ def test_malformed_and_bad_inserts_are_rejected_and_counted(make_cfg, make_inser
         assert stats["windows"] == 2
         assert metric(runtime, "replay_rejected_total", reason="oversize") == 1
         assert client.sample(2).arrays["frames"].shape == (2, 2, 16, 16, 3)  # still serving
+
+
+def test_arrays_numpy_cannot_build_are_answered_malformed_and_the_replay_keeps_serving(make_cfg, make_insert):
+    """One message whose array has more dimensions than numpy takes, or is empty with sides
+    that overflow numpy's size, costs itself: an ``error`` reply, a count by reason, and the
+    replay answers the next request as before."""
+    cfg = make_cfg(*REPLAY)
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=30) as client:
+        assert client.insert(make_insert(0))["status"] == "stored"
+        raw = client.ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(endpoint)
+        try:
+            absurd = ((["x", "uint8", [1] * 65], b"\x00"), (["frames", "uint8", [0, 1 << 39, 1 << 39, 3]], b""))
+            for spec, buf in absurd:
+                header = msgpack.packb({"kind": "insert", "meta": {}, "arrays": [spec]}, use_bin_type=True)
+                raw.send_multipart([protocol.MAGIC, header, buf])
+                assert raw.poll(int(HANG_S * 1000))
+                assert protocol.decode(raw.recv_multipart()).meta["reason"] == "malformed"
+        finally:
+            raw.close()
+        assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_shape") == 2
+        assert client.stats()["windows"] == 1
+        assert client.insert(make_insert(1))["status"] == "stored"
+        assert client.sample(2).arrays["frames"].shape == (2, 2, 16, 16, 3)
 
 
 def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
