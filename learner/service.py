@@ -326,10 +326,16 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
 
 def _unusable(msg: protocol.Message, patch_size: int) -> str | None:
     """Why a well-formed batch still cannot be trained on, or None. Checked before the step
-    so that a bad batch is counted and dropped instead of ending the process."""
+    so that a bad batch is counted and dropped instead of ending the process (a replay
+    refuses such windows at the insert; one that stored them before it did still serves them)."""
     h, w = msg.arrays["frames"].shape[2:4]
     if h % patch_size or w % patch_size:
         return "image_size_not_multiple_of_patch"
+    teacher = msg.meta.get("teacher")
+    depth = teacher.get("depth") if isinstance(teacher, dict) else None
+    space = depth.get("space") if isinstance(depth, dict) else None
+    if space is not None and space not in protocol.TEACHER_SPACES:
+        return "unknown_teacher_space"
     return None
 
 

@@ -129,7 +129,7 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
         }
         meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                          for p in sorted(tmp.glob("*.safetensors"))}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        (tmp / "meta.json").write_text(json.dumps(_json_safe(meta), indent=1, sort_keys=True))
         for p in tmp.iterdir():
             _fsync_file(p)
         _fsync_dir(tmp)
@@ -146,6 +146,21 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as JSON can hold it: bytes decoded as UTF-8 (undecodable bytes replaced), keys
+    as text, tuples as lists, anything else JSON has no type for as its ``str``. The meta holds
+    what the trained windows said of their teachers, and a snapshot must not fail on it."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -119,6 +119,11 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 
+TEACHER_SPACES = ("depth", "disparity")
+"""What ``teacher.depth.space`` may name: the space of ``teacher_depth`` (larger = farther, or
+larger = nearer). Absent, it is ``"depth"``."""
+
+
 MATCH_COLUMNS = ("i", "j", "x_i", "y_i", "x_j", "y_j", "score")
 """Columns of a window's ``matches`` [K,7]: the two views' indices, the match's pixel in each
 (``x_i, y_i`` in view i, ``x_j, y_j`` in view j) and the matcher's score."""

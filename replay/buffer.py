@@ -13,6 +13,7 @@ here: the service (``replay/service.py``) owns those.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from typing import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,40 @@ from replay.storage import (EVICTED_MEMORY, CorruptWindow, DiskStorage, FifoEvic
 log = logging.getLogger("reliev3r.replay")
 
 OPTIONAL_BATCH_ARRAYS = ("teacher_depth", "teacher_valid", "gt_depth", "gt_cam_to_world")
+MAX_META_DEPTH = 8
+"""How deeply a stored window's teacher meta may nest maps and lists."""
+
+
+def teacher_meta_problem(teacher: object) -> str | None:
+    """Why an insert's ``teacher`` meta cannot be stored, or None. The learner reads each window's
+    ``teacher.depth.space`` to train on its labels and writes the meta into its snapshots as
+    JSON, and a stored window is drawn again and again: a map of plain JSON (text, finite
+    numbers, booleans, null, lists and maps with text keys) whose ``depth``, when given, is a
+    map whose ``space``, when given, is one of :data:`protocol.TEACHER_SPACES`."""
+    if not isinstance(teacher, dict) or not _plain_json(teacher, MAX_META_DEPTH):
+        return "bad_teacher_meta"
+    depth = teacher.get("depth", {})
+    if not isinstance(depth, dict):
+        return "bad_teacher_meta"
+    if "space" in depth and depth["space"] not in protocol.TEACHER_SPACES:
+        return "unknown_teacher_space"
+    return None
+
+
+def _plain_json(value: object, depth: int) -> bool:
+    """Whether ``value`` is JSON as it is (no bytes, no keys but text, no NaN), nested at most
+    ``depth`` deep."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth <= 0:
+        return False
+    if isinstance(value, list):
+        return all(_plain_json(v, depth - 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(v, depth - 1) for k, v in value.items())
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +134,8 @@ class ReplayBuffer:
         wid = msg.meta.get("window_id")
         if not isinstance(wid, str) or not wid:
             return InsertResult("rejected", "bad_window_id")
+        if problem := teacher_meta_problem(msg.meta.get("teacher")):
+            return InsertResult("rejected", problem)
         if wid in self.storage:
             return InsertResult("duplicate", "window_id")
         if wid in self.storage.evicted or wid in self._skipped:  # redelivered after it left

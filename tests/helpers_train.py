@@ -39,10 +39,12 @@ class FakeReplay:
     ``delay_s`` after its request."""
 
     def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False,
-                 delay_s: float = 0.0):
+                 delay_s: float = 0.0, first_teacher: dict | None = None):
         import zmq
 
         self.odd_first, self.base_shape, self.delay_s = odd_first, (views, h, w), delay_s
+        self.first_teacher = first_teacher
+        """The teacher meta of the first batch (the later ones: the toy teacher's)."""
 
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -80,8 +82,10 @@ class FakeReplay:
                     self.shape = (self.shape[0], self.shape[1] + 4, self.shape[2])  # not a patch multiple
                 elif self.odd_first:
                     self.shape = self.base_shape
-                meta = {"window_ids": [f"w{i}" for i in range(b)], "request_id": rid,
-                        "teacher": {"depth": {"name": "toy", "version": "1", "space": "depth"}}}
+                teacher = {"depth": {"name": "toy", "version": "1", "space": "depth"}}
+                if len(self.requests) == 2 and self.first_teacher is not None:
+                    teacher = self.first_teacher
+                meta = {"window_ids": [f"w{i}" for i in range(b)], "request_id": rid, "teacher": teacher}
                 reply = protocol.Message("batch", meta, self._batch(b, len(self.requests)))
                 self.stop.wait(self.delay_s)
             self.sock.send_multipart([identity, *protocol.encode(reply)])

@@ -380,6 +380,39 @@ def test_buffer_rejects_bad_windows_and_duplicates(make_insert):
     assert buf.stats()["duplicates"] == 1 and buf.stats()["inserts"] == 1
 
 
+def _with_teacher(msg: protocol.Message, teacher) -> protocol.Message:
+    """``msg`` with ``teacher`` as its teacher meta, as the replay service decodes it off the wire
+    (msgpack: bytes stay bytes, tuples become lists)."""
+    out = protocol.Message(msg.kind, {**msg.meta, "teacher": teacher}, msg.arrays)
+    return protocol.decode([bytes(f) for f in protocol.encode(out)])
+
+
+@pytest.mark.parametrize("teacher, reason", [
+    ({"depth": {"name": "fake", "version": "1", "space": "metric"}}, "unknown_teacher_space"),
+    ({"depth": {"name": "fake", "version": "1", "space": b"depth"}}, "bad_teacher_meta"),
+    ({"depth": {"name": "fake", "version": "1", "space": None}}, "unknown_teacher_space"),
+    ({"depth": {"name": b"fake", "version": "1", "space": "depth"}}, "bad_teacher_meta"),
+    ({"depth": {"name": "fake", b"version": "1"}}, "bad_teacher_meta"),
+    ({"depth": {"name": "fake", "version": float("nan")}}, "bad_teacher_meta"),
+    ({"depth": {"name": "fake", "extra": [[[[[[[[[["deep"]]]]]]]]]]}}, "bad_teacher_meta"),
+    ({"depth": "fake"}, "bad_teacher_meta"),
+    ("fake", "bad_teacher_meta"),
+])
+def test_buffer_refuses_teacher_meta_the_learner_cannot_read(make_insert, teacher, reason):
+    """The learner reads each window's depth space to train on its labels and writes the teacher
+    meta into its snapshots as JSON: a window whose space is neither "depth" nor "disparity", or
+    whose teacher meta is not plain JSON (text, numbers, lists and maps of them), is refused
+    at the insert, by name, instead of being stored and failing the learner each time it is drawn."""
+    buf = ReplayBuffer(ReplayConfig(min_size=1), MemoryStorage())
+    assert buf.insert(_with_teacher(make_insert(0), teacher)).reason == reason
+    assert buf.stats()["rejected"] == {reason: 1} and buf.stats()["windows"] == 0
+    plain = [{"depth": {"name": "fake", "version": "1"}},  # no space: the learner's default, depth
+             {"depth": {"name": "hf:x", "version": "2", "space": "disparity", "size": [518, 518], "scale": 0.5}},
+             {"depth": {"name": "none"}, "matches": {"name": "sift", "version": "4.10"}}, {}]
+    for i, teacher in enumerate(plain, start=1):
+        assert buf.insert(_with_teacher(make_insert(i), teacher)).status == "stored", teacher
+
+
 def test_a_looped_archive_keeps_a_learner_bounded_on_its_side_going(make_insert):
     """With the bound on the learner's side alone, a window delivered again (a near-duplicate:
     the next pass over a finite archive) earns samples as a stored one does; under the

@@ -38,6 +38,17 @@ def test_save_writes_plain_verified_files(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # temp folder renamed away
 
 
+def test_meta_that_is_not_plain_json_is_written_as_text(tmp_path):
+    """The teacher meta comes from the windows trained on: a name that arrived as bytes, a key
+    that is not text or a value JSON has no type for is written as text, never a failed snapshot."""
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    odd = {"depth": {"name": b"fake", b"version": "1", "options": (1, 2), "seen": {3}, 4: None}}
+    meta = verify_snapshot(trainer.save_state(tmp_path, extra_meta={"teachers": odd}))
+    assert meta["teachers"] == {"depth": {"name": "fake", "version": "1", "options": [1, 2], "seen": "{3}",
+                                          "4": None}}
+
+
 def test_resume_continues_the_loss_curve_exactly(tmp_path):
     batches = _batches(6)
     straight = _trainer()

@@ -327,6 +327,42 @@ def test_learner_process_trains_snapshots_and_resumes(tmp_path, monkeypatch, upd
         ctx.destroy(linger=0)
 
 
+@pytest.mark.timeout(600)  # bounds a hang only
+@pytest.mark.parametrize("odd", ["space", "name"])
+def test_learner_process_survives_a_batch_with_odd_teacher_meta(tmp_path, odd):
+    """With the real objective: a batch whose teacher names a space the depth loss does not know
+    (from a replay that stored it before its insert check refused such windows) is counted and
+    dropped; a teacher name that arrived as bytes is written into the snapshot as text."""
+    import zmq
+
+    from learner import service
+    from learner.snapshot import list_snapshots, verify_snapshot
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    teacher = ({"depth": {"name": "toy", "version": "1", "space": "metric"}} if odd == "space"
+               else {"depth": {"name": b"bytes", "version": "1", "space": "depth"}})
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port, first_teacher=teacher)
+    try:
+        cfg = learner_pipeline(tmp_path, port, max_steps=2, snapshot_every=1)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            assert service.run(cfg, runtime) == 0
+            assert runtime.status["step"] == 2
+            text = _metrics_text(runtime)
+        snaps = list_snapshots(tmp_path / "snapshots")
+        assert [s for s, _ in snaps] == [1, 2]
+        first = verify_snapshot(snaps[0][1])["teachers"]["depth"]["name"]
+        if odd == "space":
+            assert 'reason="unknown_teacher_space"' in text and first == "toy"
+        else:
+            assert "unknown_teacher_space" not in text and first == "bytes"
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
 class BusyGPUTrainer(FusedTrainer):
     """:class:`FusedTrainer` on a GPU that is still running each step whenever the learner asks
     (:meth:`PendingStep.done` is never true; reading the step does not wait: its numbers are on
