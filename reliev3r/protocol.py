@@ -11,7 +11,10 @@ On receipt :func:`decode` checks the frame count, magic and version, the kind, t
 dtype is in :data:`DTYPES`, that shapes are lists of at most :data:`MAX_NDIM` non-negative
 ints, each array's name, dtype and ndim against its kind's schema (:data:`SCHEMAS`) before
 the array is built, that each buffer's size equals ``prod(shape) * itemsize``, the total size
-against ``max_bytes``, and the arrays and meta keys each kind requires. Anything else raises
+against ``max_bytes``, the arrays and meta keys each kind requires, and for windows, inserts
+and batches the values no loss could use: non-finite intrinsics, poses or matches, intrinsics
+that are no camera's (``fx``, ``fy`` <= 0, a last row other than [0, 0, 1]), match indices out
+of range and match pixels beyond :data:`MATCH_MARGIN_PX` of their frames. Anything else raises
 :class:`ProtocolError` with a short ``reason`` that callers count in metrics; decode raises
 nothing else on any input (a shape numpy refuses to build is ``bad_shape``).
 
@@ -118,6 +121,14 @@ SCHEMAS: dict[str, Schema] = {
     "error": Schema(required_meta=("reason",)),
 }
 
+
+MATCH_MARGIN_PX = 2.0
+"""How far beyond its frame's edge a match may lie, in pixels. Pixel centres sit at integer
+coordinates, so a frame of W x H pixels covers [-0.5, W - 0.5] x [-0.5, H - 0.5]; the matchers
+(``labelers.matches``) place their keypoints on or inside the outermost pixel centres (OpenCV's
+SIFT and ORB keep a border, XFeat's lie on pixel centres of its grid scaled to the frame), and
+a match a little outside is still a ray through the camera. A coordinate far outside (1e30)
+is no match: it makes every loss on its window non-finite."""
 
 TEACHER_SPACES = ("depth", "disparity")
 """What ``teacher.depth.space`` may name: the space of ``teacher_depth`` (larger = farther, or
@@ -330,6 +341,11 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
             raise ProtocolError("bad_index", "matches view index out of range")
         if batched and matches.size and ((named.window < 0).any() or (named.window >= lead[0]).any()):
             raise ProtocolError("bad_index", "matches batch index out of range")
+        if matches.size:
+            xy = np.concatenate((named.xy_i, named.xy_j))
+            low, high = -0.5 - MATCH_MARGIN_PX, np.array([w - 0.5, h - 0.5], np.float32) + MATCH_MARGIN_PX
+            if (xy < low).any() or (xy > high).any():
+                raise ProtocolError("match_outside_frame", f"matches beyond {MATCH_MARGIN_PX} px of the {w}x{h} frames")
         tri = arrays.get("match_triangulation")
         if tri is not None:
             if tri.shape != (matches.shape[0], 3):
@@ -341,6 +357,9 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
     for name in ("intrinsics", "gt_cam_to_world"):
         if name in arrays and not np.isfinite(arrays[name]).all():
             raise ProtocolError("non_finite", name)
+    k = arrays["intrinsics"]
+    if k.size and ((k[..., 0, 0] <= 0).any() or (k[..., 1, 1] <= 0).any() or (k[..., 2, :] != (0, 0, 1)).any()):
+        raise ProtocolError("bad_intrinsics", "each view's fx and fy must be > 0 and its last row [0, 0, 1]")
 
 
 CODECS = {"jpeg": ".jpg", "png": ".png"}

@@ -121,6 +121,70 @@ def test_schema_checks_shapes_and_values():
         protocol.decode(_frames(ins))
 
 
+def _insert(v=3, h=8, w=10, matches=((0, 1, 1, 1, 2, 2, 1),)):
+    ins = _window(v, h, w)
+    ins.kind = "insert"
+    ins.meta["teacher"] = {}
+    ins.arrays["matches"] = np.array(matches, np.float32).reshape(-1, 7)
+    return ins
+
+
+def _batch(ins):
+    """``ins`` as a batch of one window, as the replay stacks it."""
+    arrays = {k: v[None] for k, v in ins.arrays.items() if k != "matches"}
+    arrays["matches"] = np.concatenate((np.zeros((len(ins.arrays["matches"]), 1), np.float32),
+                                        ins.arrays["matches"]), 1)
+    return Message("batch", {"window_ids": ["a:0"]}, arrays)
+
+
+@pytest.mark.parametrize("row, value", [
+    ((0, 0), 0.0), ((1, 1), 0.0), ((0, 0), -1.0), ((1, 1), -1e-3),  # fx, fy not > 0
+    ((2, 0), 1e-3), ((2, 1), -2.0), ((2, 2), 0.0), ((2, 2), 2.0),  # last row not [0, 0, 1]
+])
+def test_intrinsics_that_cannot_be_a_camera_are_refused(row, value):
+    """Finite but impossible intrinsics (all zero, a focal length <= 0, a last row other than
+    [0, 0, 1]) make every loss on the window non-finite: refused on receipt, in a window, an
+    insert and a batch alike."""
+    for kind in ("window", "insert", "batch"):
+        msg = _insert()
+        msg.arrays["intrinsics"] = msg.arrays["intrinsics"].copy()
+        msg.arrays["intrinsics"][1][row] = value
+        if kind == "window":
+            msg = Message("window", msg.meta, {k: a for k, a in msg.arrays.items() if k != "matches"})
+        elif kind == "batch":
+            msg = _batch(msg)
+        with pytest.raises(ProtocolError) as err:
+            protocol.decode(_frames(msg))
+        assert err.value.reason == "bad_intrinsics", kind
+    zero = _window()
+    zero.arrays["intrinsics"] = np.zeros((3, 3, 3), np.float32)
+    with pytest.raises(ProtocolError, match="bad_intrinsics"):
+        protocol.decode(_frames(zero))
+    skewed = _window()  # a skew and a principal point anywhere are a camera
+    skewed.arrays["intrinsics"] = np.tile(np.array([[500, 3, -40], [0, 480, 900], [0, 0, 1]], np.float32), (3, 1, 1))
+    protocol.decode(_frames(skewed))
+
+
+def test_matches_outside_their_frames_are_refused_and_those_at_the_border_kept():
+    """Pixel centres sit at integer coordinates, so a frame of W x H pixels covers [-0.5, W - 0.5]
+    x [-0.5, H - 0.5]; the matchers place keypoints on or inside the outermost centres. A match
+    up to ``MATCH_MARGIN_PX`` beyond the frame's edge is kept; one further out (a coordinate of
+    1e30 makes every step that draws the window non-finite) is refused, in an insert and a batch."""
+    h, w, margin = 8, 10, protocol.MATCH_MARGIN_PX
+    edge_lo, edge_x, edge_y = -0.5 - margin, w - 0.5 + margin, h - 0.5 + margin
+    kept = [(0, 1, 0, 0, w - 1, h - 1, 1), (0, 1, w - 1, h - 1, 0, 0, 1), (1, 2, -0.5, -0.5, w - 0.5, h - 0.5, 1),
+            (2, 0, edge_lo, edge_lo, edge_x, edge_y, 1)]
+    for make in (_insert, lambda **kw: _batch(_insert(**kw))):
+        protocol.decode(_frames(make(h=h, w=w, matches=kept)))
+        for column, value in ((2, 1e30), (3, -1e30), (4, edge_x + 0.01), (5, edge_y + 0.01), (2, edge_lo - 0.01),
+                              (5, edge_lo - 0.01), (3, h + 3.0)):
+            row = [0, 1, 3, 3, 4, 4, 1]
+            row[column] = value
+            with pytest.raises(ProtocolError) as err:
+                protocol.decode(_frames(make(h=h, w=w, matches=[*kept, row])))
+            assert err.value.reason == "match_outside_frame", (column, value)
+
+
 def test_size_limit_and_kind_filter():
     frames = _frames(_window())
     with pytest.raises(ProtocolError, match="too_large"):

@@ -413,6 +413,25 @@ def test_buffer_refuses_teacher_meta_the_learner_cannot_read(make_insert, teache
         assert buf.insert(_with_teacher(make_insert(i), teacher)).status == "stored", teacher
 
 
+def test_a_stored_window_the_wire_format_now_refuses_is_removed_at_its_first_draw(make_insert, tmp_path):
+    """A durable store may hold windows stored before the wire format refused them (all-zero
+    intrinsics, a match far outside its frame): each is read back through the wire format's
+    checks, so it is counted as corrupt and removed at its first draw, never served."""
+    buf = ReplayBuffer(ReplayConfig(min_size=1), DiskStorage(tmp_path / "replay"))
+    try:
+        zero = make_insert(0)
+        zero.arrays["intrinsics"] = np.zeros((2, 3, 3), np.float32)
+        far = make_insert(1)
+        far.arrays["matches"] = np.array([[0, 1, 1e30, 3, 4, 4, 1.0]], np.float32)
+        for msg in (zero, far, make_insert(2)):  # the buffer takes decoded messages: no wire check here
+            assert buf.insert(msg).status == "stored"
+        batch = buf.sample(8)
+        assert batch.meta["window_ids"] == ["w2"] * 8
+        assert buf.stats()["corrupt"] == 2 and buf.stats()["windows"] == 1
+    finally:
+        buf.close()
+
+
 def test_a_looped_archive_keeps_a_learner_bounded_on_its_side_going(make_insert):
     """With the bound on the learner's side alone, a window delivered again (a near-duplicate:
     the next pass over a finite archive) earns samples as a stored one does; under the

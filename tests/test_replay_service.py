@@ -153,6 +153,27 @@ def test_arrays_numpy_cannot_build_are_answered_malformed_and_the_replay_keeps_s
         assert client.sample(2).arrays["frames"].shape == (2, 2, 16, 16, 3)
 
 
+def test_windows_no_camera_can_have_taken_are_refused_and_the_senders_next_ones_stored(make_cfg, make_insert):
+    """Finite but impossible windows (all-zero intrinsics, a match far outside its frame) would
+    make every learner step that draws them non-finite: the replay refuses each on receipt with
+    a counted reason, and the windows the same sender inserts next are stored and served."""
+    cfg = make_cfg(*REPLAY)
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=30) as client:
+        zero = make_insert(0)
+        zero.arrays["intrinsics"] = np.zeros((2, 3, 3), np.float32)
+        far = make_insert(1)
+        far.arrays["matches"] = np.array([[0, 1, 1e30, 3, 4, 4, 1.0]], np.float32)
+        for poisoned in (zero, far):
+            with pytest.raises(ReplayError, match="malformed"):
+                client.insert(poisoned)
+        assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_intrinsics") == 1
+        assert metric(runtime, "messages_rejected_total", stage="replay", reason="match_outside_frame") == 1
+        for i in (2, 3):
+            assert client.insert(make_insert(i))["status"] == "stored"
+        assert set(client.sample(4).meta["window_ids"]) <= {"w2", "w3"}
+        assert client.stats()["windows"] == 2
+
+
 def test_rate_limiter_backpressure_and_priorities(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY, "replay.samples_per_insert=2.0", "replay.tolerance=4", "replay.min_size=1",
                    "replay.sampler=prioritized", "replay.priority_alpha=1.0")
