@@ -60,7 +60,10 @@ def weighted_loss(
             [B, V, 4, 4] for ``cfg.kind == "supervised"``.
         cfg: weights and kind.
         teacher_space: ``"depth"`` or ``"disparity"``: the space of ``teacher_depth``
-            (from the batch's teacher meta).
+            (from the batch's teacher meta). A batch whose windows' teachers differ in space
+            carries ``teacher_disparity`` bool [B] (true where the window's teacher gives
+            disparity, :func:`learner.train.host_batch`), which then names each window's space
+            in place of ``teacher_space``.
 
     Returns:
         ``(loss, terms)``: ``loss`` a scalar tensor, ``terms``: ``matches`` (a float) and
@@ -83,6 +86,8 @@ def weighted_loss(
         loss = sup + connect
         terms["supervised"] = sup.detach()
     elif cfg.kind == "weak":
+        # windows of teachers of both spaces: each window's own (learner.losses.depth.TeacherSpace)
+        space = batch["teacher_disparity"].to(depth.device) if "teacher_disparity" in batch else teacher_space
         matches = matches.to(depth.device)
         named = Matches(matches, batched=True)  # protocol.BATCH_MATCH_COLUMNS
         intrinsics = batch["intrinsics"].to(depth.device)
@@ -110,7 +115,7 @@ def weighted_loss(
         if cfg.refine is not None:
             search_depth = depth
             if cfg.refine.depth == "teacher" and teacher is not None:
-                search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=teacher_space)
+                search_depth = teacher_aligned_depth(depth, teacher, valid, teacher_space=space)
             refined = _refinement_term(match_depth, search_depth, cam_to_world, intrinsics, matches, cfg)
             loss = loss + cfg.refine.weight * refined
             terms["refine"] = refined.detach()
@@ -128,12 +133,12 @@ def weighted_loss(
             terms["triangulation_pose"] = tri_pose.detach()
         if triangulation is not None and teacher is not None and cfg.contrast_weight > 0:
             contrast = depth_contrast_loss(match_depth, teacher, valid, named.geometry, triangulation, intrinsics,
-                                           teacher_space=teacher_space)
+                                           teacher_space=space)
             loss = loss + cfg.contrast_weight * contrast
             terms["contrast"] = contrast.detach()
         if teacher is not None:
             dep = relative_depth_loss(depth, teacher, confidence, valid, alpha=cfg.alpha,
-                                      teacher_space=teacher_space)
+                                      teacher_space=space)
             loss = loss + dep
             terms["depth"] = dep.detach()
     else:

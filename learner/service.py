@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
-from learner.train import LossFn, PendingStep, Trainer, device_batch, host_batch, teacher_space_of
+from learner.train import LossFn, PendingStep, Trainer, device_batch, host_batch, teacher_space_of, teacher_spaces_of
 from monitoring.metrics import Metrics
 from reliev3r import protocol
 from reliev3r.config import PipelineConfig
@@ -331,10 +331,7 @@ def _unusable(msg: protocol.Message, patch_size: int) -> str | None:
     h, w = msg.arrays["frames"].shape[2:4]
     if h % patch_size or w % patch_size:
         return "image_size_not_multiple_of_patch"
-    teacher = msg.meta.get("teacher")
-    depth = teacher.get("depth") if isinstance(teacher, dict) else None
-    space = depth.get("space") if isinstance(depth, dict) else None
-    if space is not None and space not in protocol.TEACHER_SPACES:
+    if any(space is not None and space not in protocol.TEACHER_SPACES for space in teacher_spaces_of(msg)):
         return "unknown_teacher_space"
     return None
 

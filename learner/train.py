@@ -242,6 +242,7 @@ class Trainer:
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                                  enabled=self.autocast):
                 batch = {**batch, "teacher_depth": self.target(images).depth.float()}
+            batch.pop("teacher_disparity", None)  # the target's depth is depth in every window
             space = "depth"
         if self.graphs is not None:
             try:
@@ -398,12 +399,29 @@ class Trainer:
 
 # ---------------------------------------------------------------------- batches
 
+def teacher_spaces_of(msg: protocol.Message) -> list[Any]:
+    """Each window's depth teacher space as a batch's meta names it ("depth", "disparity"; None
+    where it names none, which is depth: :data:`reliev3r.protocol.TEACHER_SPACES`), as given
+    (unchecked). From ``teachers`` (one per window, as the replay sends them), else the batch's
+    ``teacher`` for every window."""
+    windows = msg.arrays["frames"].shape[0] if "frames" in msg.arrays else len(msg.meta.get("window_ids") or ())
+    teachers = msg.meta.get("teachers")
+    if not (isinstance(teachers, list) and len(teachers) == windows):
+        teachers = [msg.meta.get("teacher")] * windows
+    spaces = []
+    for teacher in teachers:
+        depth = teacher.get("depth") if isinstance(teacher, dict) else None
+        spaces.append(depth.get("space") if isinstance(depth, dict) else None)
+    return spaces
+
+
 def teacher_space_of(msg: protocol.Message) -> str | None:
-    """The depth teacher's output space ("depth", "disparity" ...) named in a batch's meta."""
-    teacher = msg.meta.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("depth"), dict):
-        space = teacher["depth"].get("space")
-        return space if isinstance(space, str) else None
+    """The one depth teacher space ("depth", "disparity" ...) every window of a batch names, or
+    None when the batch has no windows, a window names none, or they differ (then each window's
+    travels in the batch as ``teacher_disparity``, :func:`host_batch`)."""
+    spaces = teacher_spaces_of(msg)
+    if spaces and all(s == spaces[0] for s in spaces) and isinstance(spaces[0], str):
+        return spaces[0]
     return None
 
 
@@ -419,7 +437,9 @@ def batch_from_message(msg: protocol.Message, device: str | torch.device) -> dic
     ``images`` float32 [B,V,3,H,W] in [0, 1] (from ``frames`` uint8 [B,V,H,W,3]),
     ``intrinsics`` [B,V,3,3], ``matches`` [K,8], and when present ``match_triangulation`` [K,3],
     ``teacher_depth`` [B,V,H,W],
-    ``teacher_valid`` bool [B,V,H,W], ``gt_depth`` [B,V,H,W], ``gt_cam_to_world`` [B,V,4,4].
+    ``teacher_valid`` bool [B,V,H,W], ``gt_depth`` [B,V,H,W], ``gt_cam_to_world`` [B,V,4,4];
+    ``teacher_disparity`` bool [B] when the windows' teachers differ in space
+    (:func:`host_batch`).
     """
     device = torch.device(device)
     return device_batch(host_batch(msg, pin=device.type == "cuda"), device)
@@ -429,7 +449,12 @@ def host_batch(msg: protocol.Message, *, pin: bool) -> dict[str, Tensor]:
     """The arrays of a replay ``batch`` message copied out of its (read-only) receive buffers
     into CPU tensors, one copy each, into pinned memory with ``pin`` (for non-blocking copies
     to a GPU). Runs off the training thread (``replay.client.Prefetcher``'s ``prepare``): on a
-    GPU host the copies are about 19 MB a step at ``configs/gpu.yaml``'s sizes."""
+    GPU host the copies are about 19 MB a step at ``configs/gpu.yaml``'s sizes.
+
+    A batch of windows whose teachers differ in space (a durable replay resumed after
+    ``labeler.teacher`` changed) also gets ``teacher_disparity`` bool [B], each window's space
+    (:func:`teacher_spaces_of`; the objective reads each window's labels in its own space);
+    a batch of one space gets none, and its space goes to the step as ``teacher_space``."""
     out: dict[str, Tensor] = {}
     for name in BATCH_ARRAYS:
         arr = msg.arrays.get(name)
@@ -439,6 +464,10 @@ def host_batch(msg: protocol.Message, *, pin: bool) -> dict[str, Tensor]:
         t = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0].copy()).dtype, pin_memory=pin)
         np.copyto(t.numpy(), arr, casting="no")
         out[name] = t
+    disparity = [space == "disparity" for space in teacher_spaces_of(msg)]
+    if "teacher_depth" in out and len(set(disparity)) > 1:
+        flags = torch.tensor(disparity, dtype=torch.bool)
+        out["teacher_disparity"] = flags.pin_memory() if pin else flags
     return out
 
 

@@ -42,7 +42,9 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
                   ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score:
                   :data:`BATCH_MATCH_COLUMNS`) and, when any window has it,
                   ``match_triangulation`` [K,3] aligned with them;
-                  meta ``window_ids``, ``probabilities``, ``times_sampled``, ``teacher``.
+                  meta ``window_ids``, ``probabilities``, ``times_sampled``, ``teachers``
+                  (each window's ``teacher``: windows of one batch may come from teachers
+                  of different spaces) and ``teacher`` (the first window's).
 ``priorities``    learner -> replay: meta ``window_ids``, ``losses`` (per-window loss).
 ``stats``         request (empty meta) and reply (meta: counters) for any service.
 ``heartbeat``     every process -> supervisor: meta ``stage``, ``pid``, ``status``.

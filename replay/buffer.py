@@ -300,8 +300,11 @@ class ReplayBuffer:
         recs = [self.storage.records[k] for k in keys]
         meta = {"window_ids": [r.window_id for r in recs], "keys": keys, "probabilities": probs,
                 "times_sampled": [r.times_sampled for r in recs], "inserted_at": [r.inserted_at for r in recs],
-                "priorities": [r.priority for r in recs], "teacher": windows[0].meta.get("teacher", {}),
+                "priorities": [r.priority for r in recs],
+                # each window's teacher: a durable store may hold windows of teachers of both
+                # spaces, and the learner reads each window's labels in its own
                 "teachers": [w.meta.get("teacher", {}) for w in windows],
+                "teacher": windows[0].meta.get("teacher", {}),  # the first window's (older learners)
                 "sources": [w.meta.get("source", "") for w in windows],
                 "frame_indices": [w.meta.get("frame_indices", []) for w in windows]}
         return protocol.Message("batch", meta, arrays)

@@ -189,6 +189,37 @@ def test_the_recorded_step_copies_no_host_data_and_reads_nothing_back(kind):
     assert unrecordable_objective(cfg, default_loss_fn()) == []
 
 
+def test_a_batch_of_both_teacher_spaces_records_as_any_other():
+    """A batch whose windows' teachers differ in space carries ``teacher_disparity`` [B]: the
+    step reads each window's space from that tensor on the device (a graph input like the
+    labels), with nothing copied from the host or read back."""
+    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2)
+    trainer = Trainer(cfg, device="cpu")
+    batch = synthetic_batch(2, 3, 56, 80, k=120, seed=1, triangulation=True)
+    batch["teacher_disparity"] = torch.tensor([False, True])
+    trainer.step(batch)
+    with Unrecordable() as mode:
+        _, _, terms, _, _ = trainer._forward_backward(batch, "depth")
+    assert {"contrast", "depth"} <= set(terms)
+    assert mode.found == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_batch_of_both_teacher_spaces_replays_as_the_eager_step():
+    """The replayed step on batches whose windows' teachers differ in space, in either order,
+    trains as the eager one, in fp32, from one graph: the flags [B] are an input like the labels."""
+    cfg = LearnerConfig(model=ModelConfig(size="tiny"), batch_size=2, warmup_steps=0, precision="fp32")
+    eager, graphed = (Trainer(replace(cfg, cuda_graphs=on), device="cuda") for on in (False, True))
+    flags = ([False, True], [True, False], [False, True])
+    for seed, flag in enumerate(flags):
+        b = synthetic_batch(2, 3, 56, 80, k=100, seed=seed, device="cuda", triangulation=True)
+        b["teacher_disparity"] = torch.tensor(flag, device="cuda")
+        a, g = eager.step(b), graphed.step(b)
+        assert g["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert g["contrast"] == pytest.approx(a["contrast"], rel=1e-3)
+    assert graphed.graphs.captures == 1 and graphed.global_step == 3
+
+
 def test_a_step_that_reads_the_device_is_found_where_it_does_so_and_the_rng_is_left_alone():
     """A loss term a researcher adds with ``.item()``, a boolean mask or a tensor from host
     data: each found, named by its line, before any capture (a CUDA trainer then runs the step

@@ -790,6 +790,102 @@ def test_compute_loss_supervised():
 
 
 # ---------------------------------------------------------------------------------------------
+# A batch of windows from teachers of both output spaces (per window: ``teacher_disparity``).
+# ---------------------------------------------------------------------------------------------
+
+def one_window(seed=5):
+    """One float64 window of the synthetic world with every label the default weak objective
+    reads (a depth-like teacher map), and a perturbed prediction (depth, confidence, poses)."""
+    world = make_world(seed, batch=1, views=3, per_pair=12)
+    g = torch.Generator().manual_seed(seed)
+    k = world["matches"].shape[0]
+    depth, poses = perturbed(world, seed)
+    confidence = 0.5 + torch.rand(depth.shape, generator=g, dtype=F64)
+    window = {"intrinsics": world["intrinsics"],
+              "matches": torch.cat((world["matches"], 0.2 + torch.rand(k, 1, generator=g, dtype=F64)), 1),
+              "match_triangulation": torch.cat((1 + 3 * torch.rand(k, 2, generator=g, dtype=F64),
+                                                torch.rand(k, 1, generator=g, dtype=F64)), 1),
+              "teacher_depth": world["depth"] * (1 + 0.2 * torch.rand(depth.shape, generator=g, dtype=F64)),
+              "teacher_valid": torch.rand(depth.shape, generator=g) > 0.1}
+    return (depth, confidence, poses), window
+
+
+def stacked(windows):
+    """Windows of one each, stacked as the replay stacks a batch (matches' first column: the window)."""
+    out = {name: torch.cat([w[name] for w in windows]) for name in windows[0]}
+    out["matches"] = torch.cat([torch.cat((torch.full_like(w["matches"][:, :1], b), w["matches"][:, 1:]), 1)
+                                for b, w in enumerate(windows)])
+    return out
+
+
+def leaf_pred(*parts):
+    return SimpleNamespace(**{name: torch.cat(p).clone().requires_grad_(True)
+                              for name, p in zip(("depth", "confidence", "cam_to_world"), zip(*parts))})
+
+
+def test_a_batch_of_both_teacher_spaces_scores_each_window_in_its_own_space():
+    """A replay batch may hold windows of a depth teacher and of a disparity teacher (a durable run
+    resumed with another ``labeler.teacher``); ``teacher_disparity`` [B] names each window's space.
+    Two copies of one window, the second's teacher map given as disparity (1 / the first's): every
+    term of the default objective weighs the two windows alike (the same valid pixels, matches and
+    registration evidence), so the batch's loss and gradient are the mean of each window's alone,
+    read in its own space."""
+    pred, window = one_window()
+    windows, spaces = [window, {**window, "teacher_depth": 1.0 / window["teacher_depth"]}], ("depth", "disparity")
+    alone, alone_grads = [], []
+    for w, space in zip(windows, spaces):
+        p = leaf_pred(pred)
+        loss, terms = weighted_loss(p, w, LossConfig(), teacher_space=space)
+        alone.append({k: float(v) for k, v in terms.items()})
+        alone_grads.append(torch.autograd.grad(loss, (p.depth, p.confidence, p.cam_to_world)))
+    assert {"depth", "contrast", "triangulation"} <= set(alone[0])
+    _, misread = weighted_loss(leaf_pred(pred), windows[1], LossConfig(), teacher_space="depth")
+    assert float(misread["depth"]) > 1.0 + alone[1]["depth"]  # disparities read as depths: the shape inverted
+    assert abs(float(misread["contrast"]) - alone[1]["contrast"]) > 0.1
+    p = leaf_pred(pred, pred)
+    batch = {**stacked(windows), "teacher_disparity": torch.tensor([False, True])}
+    loss, terms = weighted_loss(p, batch, LossConfig(), teacher_space="depth")
+    for name, value in terms.items():
+        if name != "matches":
+            assert float(value) == pytest.approx((alone[0][name] + alone[1][name]) / 2, rel=1e-6), name
+    grads = torch.autograd.grad(loss, (p.depth, p.confidence, p.cam_to_world))
+    for got, g0, g1 in zip(grads, *alone_grads):
+        torch.testing.assert_close(got, torch.cat((g0, g1)) / 2, rtol=1e-6, atol=1e-12)
+
+
+def test_teacher_alignment_and_registration_take_each_windows_space():
+    """Per-pixel and per-view results of a batch of two different windows, one of a depth and one
+    of a disparity teacher, are each window's alone in its own space; a per-window space that is
+    not one bool per window is refused."""
+    from learner.losses import depth_contrast_loss, registered_teacher_shift
+
+    (d0, _, _), w0 = one_window(5)
+    (d1, _, _), w1 = one_window(6)
+    w1 = {**w1, "teacher_depth": 1.0 / w1["teacher_depth"]}
+    depth, batch = torch.cat((d0, d1)), stacked([w0, w1])
+    space = torch.tensor([False, True])
+    aligned = teacher_aligned_depth(depth, batch["teacher_depth"], batch["teacher_valid"], teacher_space=space)
+    shift, evidence = registered_teacher_shift(batch["teacher_depth"], batch["teacher_valid"],
+                                               batch["matches"][:, :7], batch["match_triangulation"],
+                                               batch["intrinsics"], teacher_space=space)
+    for b, (d, w, name) in enumerate(((d0, w0, "depth"), (d1, w1, "disparity"))):
+        one = teacher_aligned_depth(d, w["teacher_depth"], w["teacher_valid"], teacher_space=name)
+        torch.testing.assert_close(aligned[b:b + 1], one, rtol=1e-12, atol=0)
+        s, e = registered_teacher_shift(w["teacher_depth"], w["teacher_valid"], w["matches"][:, :7],
+                                        w["match_triangulation"], w["intrinsics"], teacher_space=name)
+        torch.testing.assert_close(shift[b:b + 1], s, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(evidence[b:b + 1], e, rtol=1e-6, atol=0)
+        assert (e > 0).all()
+    valid = batch["teacher_valid"]
+    for bad in (torch.tensor([True]), torch.tensor([0.0, 1.0]), torch.tensor([[False, True]])):
+        with pytest.raises(ValueError, match="teacher_space"):
+            relative_depth_loss(depth, batch["teacher_depth"], None, valid, teacher_space=bad)
+        with pytest.raises(ValueError, match="teacher_space"):
+            depth_contrast_loss(depth, batch["teacher_depth"], valid, batch["matches"][:, :7],
+                                batch["match_triangulation"], batch["intrinsics"], teacher_space=bad)
+
+
+# ---------------------------------------------------------------------------------------------
 # The project's synthetic world (ray-cast rooms): ground truth gives ~0, errors do not.
 # ---------------------------------------------------------------------------------------------
 

@@ -468,6 +468,22 @@ def test_buffer_batch_layout_and_optional_arrays(make_insert):
     assert batch.meta["probabilities"][0] > 0 and len(batch.meta["times_sampled"]) == 8
 
 
+def test_a_batch_names_each_windows_teacher(make_insert):
+    """Windows of teachers of both spaces (a durable store resumed after ``labeler.teacher``
+    changed) are stacked into one batch with each window's teacher beside its id, which the
+    learner reads each window's labels by."""
+    buf = ReplayBuffer(ReplayConfig(min_size=1), MemoryStorage(), seed=0)
+    spaces = {"w0": "depth", "w1": "disparity"}
+    for i, space in enumerate(spaces.values()):
+        msg = make_insert(i)
+        msg.meta["teacher"] = {"depth": {"name": f"t{i}", "version": "1", "space": space}}
+        buf.insert(msg)
+    batch = buf.sample(16)
+    ids, teachers = batch.meta["window_ids"], batch.meta["teachers"]
+    assert set(ids) == set(spaces) and len(teachers) == 16  # seeded: both drawn (and likely anyway: 1 - 2**-15)
+    assert [t["depth"]["space"] for t in teachers] == [spaces[w] for w in ids]
+
+
 def test_buffer_reopens_with_sampler_and_limiter_state(make_insert, tmp_path):
     cfg = ReplayConfig(min_size=1, sampler="prioritized", durable=True)
     buf = ReplayBuffer(cfg, DiskStorage(tmp_path), seed=4)

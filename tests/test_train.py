@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from learner.train import (Trainer, batch_from_message, device_batch, host_batch, lr_at, param_groups, synthetic_batch,
-                           teacher_space_of)
+                           teacher_space_of, teacher_spaces_of)
 from reliev3r import protocol
 from tests.helpers_train import FakeReplay, learner_cfg, learner_pipeline, toy_loss
 
@@ -195,6 +195,79 @@ def test_batch_from_message_converts_and_copies():
     assert set(again) == set(batch) and all(torch.equal(again[k], batch_from_message(msg, "cpu")[k]) for k in again)
     assert teacher_space_of(msg) == "disparity"
     assert teacher_space_of(protocol.Message("batch", {"window_ids": []})) is None
+
+
+def _batch_message(spaces, *, teacher=True):
+    """A wire ``batch`` of one window per entry of ``spaces``, each with its teacher's meta as
+    the replay sends it (``teachers``, and the first window's as ``teacher``)."""
+    rng = np.random.default_rng(1)
+    b, v, h, w = len(spaces), 2, 8, 8
+    arrays = {"frames": rng.integers(0, 256, (b, v, h, w, 3), dtype=np.uint8),
+              "intrinsics": np.tile(np.eye(3, dtype=np.float32), (b, v, 1, 1)),
+              "matches": np.array([[0, 0, 1, 1.0, 2.0, 3.0, 4.0, 0.5]], np.float32)}
+    if teacher:
+        arrays["teacher_depth"] = rng.random((b, v, h, w)).astype(np.float32)
+        arrays["teacher_valid"] = np.ones((b, v, h, w), np.uint8)
+    teachers = [{"depth": {"name": f"t{n}", "version": "1", **({} if s is None else {"space": s})}}
+                for n, s in enumerate(spaces)]
+    meta = {"window_ids": [f"w{n}" for n in range(b)], "teacher": teachers[0], "teachers": teachers}
+    return protocol.decode([bytes(f) for f in protocol.encode(protocol.Message("batch", meta, arrays))])
+
+
+def test_a_batch_of_both_teacher_spaces_names_each_windows_space():
+    """The replay stacks windows of whatever teachers labelled them (a durable run resumed with
+    another ``labeler.teacher``): a batch whose windows differ in space carries each window's as
+    ``teacher_disparity`` (true: disparity; a window naming no space is depth), and no single
+    space; a batch of one space carries that space alone, as before."""
+    mixed = _batch_message(["depth", "disparity", None])
+    assert teacher_spaces_of(mixed) == ["depth", "disparity", None]
+    assert teacher_space_of(mixed) is None
+    batch = batch_from_message(mixed, "cpu")
+    assert torch.equal(batch["teacher_disparity"], torch.tensor([False, True, False]))
+    for spaces, one in ((["disparity", "disparity"], "disparity"), (["depth", None], None), ([None], None)):
+        msg = _batch_message(spaces)
+        assert teacher_space_of(msg) == one and "teacher_disparity" not in batch_from_message(msg, "cpu")
+    assert "teacher_disparity" not in batch_from_message(_batch_message(["depth", "disparity"], teacher=False), "cpu")
+    # a replay that sends no per-window list: the batch's teacher names every window's space
+    old = _batch_message(["disparity", "depth"])
+    del old.meta["teachers"]
+    assert teacher_spaces_of(old) == ["disparity", "disparity"] and teacher_space_of(old) == "disparity"
+
+
+def test_a_batch_with_a_window_of_an_unknown_space_is_unusable():
+    """Any window of the batch, not only the first: its labels cannot be read (dropped, counted)."""
+    from learner.service import _unusable
+
+    assert _unusable(_batch_message(["depth", "disparity", None]), patch_size=8) is None
+    assert _unusable(_batch_message(["depth", "metric"]), patch_size=8) == "unknown_teacher_space"
+    assert _unusable(_batch_message(["metric", "depth"]), patch_size=8) == "unknown_teacher_space"
+
+
+def test_window_losses_of_a_mixed_batch_read_each_window_in_its_own_space():
+    """With the real objective, each window's loss (the prioritized sampler's) is that window's
+    alone, in its own teacher's space."""
+    from learner.objective import compute_loss
+
+    cfg = learner_cfg()
+    trainer = Trainer(cfg, device="cpu")
+    batch = synthetic_batch(2, 3, 16, 24, k=96, seed=4, triangulation=True)
+    batch["teacher_depth"][1] = 1.0 / batch["teacher_depth"][1]
+    batch["teacher_disparity"] = torch.tensor([False, True])
+    with torch.no_grad():
+        pred = trainer.model(batch["images"])  # the weights the step evaluates (no dropout)
+    expected = []
+    for b, space in enumerate(("depth", "disparity")):
+        rows = batch["matches"][:, 0] == b
+        one = {k: (t[rows] if k in ("matches", "match_triangulation") else t[b:b + 1]) for k, t in batch.items()
+               if k != "teacher_disparity"}
+        one["matches"] = one["matches"].clone()
+        one["matches"][:, 0] = 0
+        view = type(pred)(depth=pred.depth[b:b + 1], confidence=pred.confidence[b:b + 1],
+                          cam_to_world=pred.cam_to_world[b:b + 1])
+        expected.append(float(compute_loss(view, one, cfg.loss, teacher_space=space)[0]))
+    losses: list[float] = []
+    trainer.step(batch, window_losses=losses)
+    assert losses == pytest.approx(expected, rel=1e-5)
 
 
 DDP_WORKER = textwrap.dedent("""

@@ -16,6 +16,46 @@ _TERMS = LossConfig()
 """Where the keyword defaults below come from (``learner.loss``): one default per setting."""
 
 
+TeacherSpace = Literal["depth", "disparity"] | Tensor
+"""The space of a batch's ``teacher_depth``: ``"depth"`` (larger = farther) or ``"disparity"``
+(larger = nearer) for every window, or a bool tensor [B], true where window b's teacher gives
+disparity (a batch of windows from teachers of both spaces)."""
+
+
+def teacher_disparity(teacher_space: TeacherSpace, windows: int) -> bool | Tensor:
+    """Whether the teacher's values are disparities: one bool for the batch, or the bool [B]
+    tensor ``teacher_space`` itself (checked to be one bool per window: shapes only, no read
+    of the device). Raises ``ValueError`` on anything else."""
+    if isinstance(teacher_space, Tensor):
+        if teacher_space.dtype != torch.bool or tuple(teacher_space.shape) != (windows,):
+            raise ValueError(f"teacher_space as a tensor must be bool [{windows}] (one per window), got "
+                             f"{teacher_space.dtype} {list(teacher_space.shape)}")
+        return teacher_space
+    if teacher_space not in ("depth", "disparity"):
+        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    return teacher_space == "disparity"
+
+
+def in_teacher_space(depth: Tensor, disparity: bool | Tensor) -> Tensor:
+    """``depth`` (> 0) carried into the teacher's space: itself, or ``1 / depth`` where
+    ``disparity`` (a bool, or a bool tensor that broadcasts against ``depth``). The inverse is
+    its own inverse, so it also carries teacher-space values back to depth. With a tensor, the
+    entries kept as depth are not inverted in the branch ``torch.where`` drops either: a tiny
+    depth there would otherwise give its gradient 0 x inf = NaN."""
+    tiny = torch.finfo(depth.dtype).tiny
+    if not isinstance(disparity, Tensor):
+        return 1.0 / depth.clamp(min=tiny) if disparity else depth
+    inverse = 1.0 / torch.where(disparity, depth, torch.ones_like(depth)).clamp(min=tiny)
+    return torch.where(disparity, inverse, depth)
+
+
+def _per_view(disparity: bool | Tensor, views: int) -> bool | Tensor:
+    """A per-window flag [B] as one per view, [B * V, 1] (the rows of a flattened [B, V, ...])."""
+    if not isinstance(disparity, Tensor):
+        return disparity
+    return disparity[:, None].expand(-1, views).reshape(-1, 1)
+
+
 def _fp32(x: Tensor) -> Tensor:
     """Half precision in, fp32 out (losses run in fp32); fp32/fp64 pass through."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -61,7 +101,7 @@ def relative_depth_loss(
     valid: Tensor,
     *,
     alpha: float = _TERMS.alpha,
-    teacher_space: Literal["depth", "disparity"] = "depth",
+    teacher_space: TeacherSpace = "depth",
     min_valid: int = 16,
     eps: float = 1e-6,
 ) -> Tensor:
@@ -79,15 +119,14 @@ def relative_depth_loss(
         alpha: weight of the ``-log W`` regulariser that stops W from collapsing to 0.
         teacher_space: ``"depth"`` (larger = farther): P = D̂. ``"disparity"`` (larger = nearer,
             e.g. Depth Anything's relative output): normalise in the teacher's own space,
-            P = 1 / D̂.
+            P = 1 / D̂. Or per window, a bool tensor [B] (:data:`TeacherSpace`).
         min_valid: views with fewer valid pixels are skipped.
         eps: relative guard of Γ against a zero mean absolute deviation.
 
     Reduction: sum over the valid pixels of the kept views / their count. When no view is
     kept the result is a graph-connected zero (gradients exist and are 0), never NaN.
     """
-    if teacher_space not in ("depth", "disparity"):
-        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    disparity = teacher_disparity(teacher_space, pred_depth.shape[0])
     if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
         raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
                          f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
@@ -107,8 +146,7 @@ def relative_depth_loss(
     keep = (mask.sum(-1) >= min_valid)[:, None]  # [B*V, 1]
     mask = mask & keep
 
-    if teacher_space == "disparity":
-        pred = 1.0 / pred.clamp(min=torch.finfo(pred.dtype).tiny)
+    pred = in_teacher_space(pred, _per_view(disparity, pred_depth.shape[1]))
     # Invalid pixels: weight 0 and a neutral finite value, so NaN/inf labels cannot leak in.
     weights = torch.where(mask, conf.detach(), torch.where(keep, 0.0, 1.0).to(conf.dtype))
     pred = torch.where(mask | ~keep, pred, torch.zeros_like(pred))
@@ -129,7 +167,7 @@ def teacher_aligned_depth(
     teacher_depth: Tensor,
     valid: Tensor,
     *,
-    teacher_space: Literal["depth", "disparity"] = "depth",
+    teacher_space: TeacherSpace = "depth",
     min_valid: int = 16,
 ) -> Tensor:
     """The teacher's map carried into the prediction's per-view scale and shift, [B, V, H, W].
@@ -152,10 +190,12 @@ def teacher_aligned_depth(
 
     Pixels that are not valid, and views with fewer than ``min_valid`` valid pixels, a
     non-positive slope ``a`` (shape anti-correlated, e.g. at initialisation) or a non-positive
-    result keep D̂. Shapes: all [B, V, H, W]; ``valid`` bool. No host synchronisation.
+    result keep D̂. Shapes: all [B, V, H, W]; ``valid`` bool; ``teacher_space`` as
+    :data:`TeacherSpace` (per window: a bool [B]). No host synchronisation.
     """
-    if teacher_space not in ("depth", "disparity"):
-        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    disparity = teacher_disparity(teacher_space, pred_depth.shape[0])
+    if isinstance(disparity, Tensor):
+        disparity = disparity.view(-1, 1, 1, 1)
     if pred_depth.shape != teacher_depth.shape or pred_depth.shape != valid.shape:
         raise ValueError(f"shape mismatch: pred {tuple(pred_depth.shape)}, teacher "
                          f"{tuple(teacher_depth.shape)}, valid {tuple(valid.shape)}")
@@ -164,7 +204,7 @@ def teacher_aligned_depth(
     teacher = _fp32(teacher_depth).to(depth.dtype)
     mask = valid.bool() & torch.isfinite(teacher) & (teacher > 0)
     teacher = torch.where(mask, teacher, torch.zeros_like(teacher))
-    pred = 1.0 / depth.clamp(min=tiny) if teacher_space == "disparity" else depth
+    pred = in_teacher_space(depth, disparity)
     m = mask.to(depth.dtype)
     count = m.sum((-2, -1), keepdim=True)
     n = count.clamp(min=1)
@@ -179,9 +219,7 @@ def teacher_aligned_depth(
     b = mean_p - a * mean_t
     aligned = a * teacher + b
     use = mask & usable & (a > 0) & (aligned > 0)
-    aligned = aligned.clamp(min=tiny)
-    if teacher_space == "disparity":
-        aligned = 1.0 / aligned
+    aligned = in_teacher_space(aligned.clamp(min=tiny), disparity)
     return torch.where(use, aligned, depth)
 
 

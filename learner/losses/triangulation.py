@@ -6,13 +6,12 @@ two-view solution, and each view's depth contrast against the teacher registered
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from learner.config import LossConfig
-from learner.losses.depth import _fp32, weighted_median
+from learner.losses.depth import TeacherSpace, _fp32, _per_view, in_teacher_space, teacher_disparity, weighted_median
 from learner.losses.matches import (Robust, _angle_costs, _camera_rays, _match_depths, _match_inputs, _weighted_mean,
                                     _world_rays)
 
@@ -137,7 +136,7 @@ def registered_teacher_shift(
     triangulation: Tensor,
     intrinsics: Tensor,
     *,
-    teacher_space: Literal["depth", "disparity"] = "depth",
+    teacher_space: TeacherSpace = "depth",
     min_weight: float = 4.0,
 ) -> tuple[Tensor, Tensor]:
     """Each view's teacher shift, registered to the matches' triangulation: (shift, evidence) [B, V].
@@ -160,10 +159,10 @@ def registered_teacher_shift(
     -0.06 on average (mean |error| 0.46), the fit's by -0.92, the raw teacher's by +0.65.
 
     Shapes: ``teacher_depth``, ``valid`` [B, V, H, W]; ``matches`` [K, 7] rows
-    (b, i, j, x_i, y_i, x_j, y_j); ``triangulation`` [K, 3]; ``intrinsics`` [B, V, 3, 3].
+    (b, i, j, x_i, y_i, x_j, y_j); ``triangulation`` [K, 3]; ``intrinsics`` [B, V, 3, 3];
+    ``teacher_space`` as :data:`~learner.losses.depth.TeacherSpace` (per window: a bool [B]).
     """
-    if teacher_space not in ("depth", "disparity"):
-        raise ValueError(f"teacher_space must be 'depth' or 'disparity', got {teacher_space!r}")
+    disparity = teacher_disparity(teacher_space, teacher_depth.shape[0])
     b_, v_ = teacher_depth.shape[:2]
     device = teacher_depth.device
     with torch.no_grad():
@@ -178,6 +177,7 @@ def registered_teacher_shift(
         ok_i, ok_j = (s > 1 - 1e-6 for s in _match_depths(mask.float(), matches))
         grid = _shift_grid(device)
         b, i, j = matches[:, 0].long(), matches[:, 1].long(), matches[:, 2].long()
+        match_disparity = disparity[b] if isinstance(disparity, Tensor) else disparity  # each match's window
         pair = (b * v_ + i) * v_ + j
         groups = torch.arange(b_ * v_ * v_, device=device)
         cost = torch.zeros(b_ * v_, len(SHIFT_GRID), device=device)
@@ -186,7 +186,7 @@ def registered_teacher_shift(
         for t, z, ok, view, group_view in ((t_i, z_i, ok_i, b * v_ + i, group_b + groups // v_ % v_),
                                            (t_j, z_j, ok_j, b * v_ + j, group_b + groups % v_)):
             w = torch.where(ok & (t > 0), weight, torch.zeros_like(weight))
-            log_y = (1.0 / z if teacher_space == "disparity" else z).log()
+            log_y = in_teacher_space(z, match_disparity).log()
             shifted = t[:, None] + grid[None] * median[view][:, None]  # [K, Q]
             inside = shifted > 0
             log_t = torch.where(inside, shifted.clamp(min=1e-12).log(), torch.zeros_like(shifted))
@@ -232,7 +232,7 @@ def depth_contrast_loss(
     triangulation: Tensor,
     intrinsics: Tensor,
     *,
-    teacher_space: Literal["depth", "disparity"] = "depth",
+    teacher_space: TeacherSpace = "depth",
     scale: float = 0.1,
     full_evidence: float = 16.0,
     min_valid: int = 16,
@@ -254,10 +254,12 @@ def depth_contrast_loss(
 
     Shapes: ``pred_depth``, ``teacher_depth``, ``valid`` [B, V, H, W]; ``matches`` [K, 7] rows
     (b, i, j, x_i, y_i, x_j, y_j); ``triangulation`` [K, 3] (z_i, z_j, weight); ``intrinsics``
-    [B, V, 3, 3].
+    [B, V, 3, 3]; ``teacher_space`` as :data:`~learner.losses.depth.TeacherSpace` (per window:
+    a bool [B]).
     """
     if scale <= 0 or full_evidence <= 0:
         raise ValueError("scale and full_evidence must be > 0")
+    disparity = teacher_disparity(teacher_space, pred_depth.shape[0])
     depth = _fp32(pred_depth)
     zero = depth.sum() * 0
     if matches.shape[0] == 0:
@@ -268,9 +270,7 @@ def depth_contrast_loss(
     teacher = torch.where(mask, _fp32(teacher_depth).to(depth.dtype), torch.zeros_like(depth))
     shifted = (teacher + shift.to(depth.dtype)[..., None, None]).flatten(-2).flatten(0, -2)
     mask = mask.flatten(-2).flatten(0, -2)
-    pred = depth.flatten(-2).flatten(0, -2)
-    if teacher_space == "disparity":
-        pred = 1.0 / pred.clamp(min=torch.finfo(pred.dtype).tiny)
+    pred = in_teacher_space(depth.flatten(-2).flatten(0, -2), _per_view(disparity, depth.shape[1]))
     target_med = weighted_median(torch.where(mask, shifted, torch.zeros_like(shifted)), mask.to(pred.dtype))[..., 0]
     keep = (mask.sum(-1) >= min_valid) & (evidence.flatten() > 0) & (target_med > 0)
     mask = mask & keep[:, None]
