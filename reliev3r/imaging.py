@@ -15,7 +15,7 @@ import numpy as np
 
 def read_intrinsics(path: Path) -> np.ndarray:
     """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
-    finite, positive focal lengths; raises ``ValueError`` naming the file (``OSError``: unreadable)."""
+    finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises ``ValueError`` naming the file (``OSError``: unreadable)."""
     try:
         values = np.array(Path(path).read_text().split(), dtype=np.float64)
     except ValueError as err:
@@ -29,6 +29,8 @@ def read_intrinsics(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: expected 9 or 4 numbers, got {values.size}")
     if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
         raise ValueError(f"{path}: focal lengths must be finite and > 0")
+    if not np.array_equal(K[2], [0.0, 0.0, 1.0]):  # every window would be refused downstream
+        raise ValueError(f"{path}: the last row must be 0 0 1, got {' '.join(f'{v:g}' for v in K[2])}")
     return K
 
 

@@ -100,6 +100,9 @@ def test_intrinsics_file_formats(tmp_path):
     np.testing.assert_allclose(read_intrinsics(tmp_path / "a.txt"), read_intrinsics(tmp_path / "b.txt"))
     with pytest.raises(Exception, match="bad_intrinsics"):
         read_intrinsics(tmp_path / "c.txt")
+    (tmp_path / "d.txt").write_text("500 0 320\n0 510 240\n0 0 0\n")  # every window of it refused on the wire
+    with pytest.raises(Exception, match="last row must be 0 0 1"):
+        read_intrinsics(tmp_path / "d.txt")
 
 
 def test_a_raw_h264_stream_is_stamped_from_zero_at_its_rate(tmp_path):
