@@ -339,10 +339,13 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
         views = lead[-1]
         named = Matches(matches, batched)
         idx = np.stack((named.view_i, named.view_j), 1)
-        if matches.size and ((idx < 0).any() or (idx >= views).any()):
-            raise ProtocolError("bad_index", "matches view index out of range")
-        if batched and matches.size and ((named.window < 0).any() or (named.window >= lead[0]).any()):
-            raise ProtocolError("bad_index", "matches batch index out of range")
+        if matches.size and ((idx < 0).any() or (idx >= views).any() or (idx != np.round(idx)).any()):
+            raise ProtocolError("bad_index", "matches view index out of range or not whole")
+        if batched and matches.size and ((named.window < 0).any() or (named.window >= lead[0]).any()
+                                         or (named.window != np.round(named.window)).any()):
+            raise ProtocolError("bad_index", "matches batch index out of range or not whole")
+        if matches.size and ((named.score < 0).any() or (named.score > 1).any()):
+            raise ProtocolError("bad_score", "match scores must lie in [0, 1] (they weigh the match terms)")
         if matches.size:
             xy = np.concatenate((named.xy_i, named.xy_j))
             low, high = -0.5 - MATCH_MARGIN_PX, np.array([w - 0.5, h - 0.5], np.float32) + MATCH_MARGIN_PX

@@ -299,3 +299,24 @@ def test_matches_columns_by_name_in_window_batch_and_loss_rows():
     assert b.geometry.shape == (2, 7) and np.shares_memory(b.geometry, batch)
     np.testing.assert_array_equal(loss_rows.xy_j, m.xy_j)
     np.testing.assert_array_equal(loss_rows.window, b.window)
+
+
+def test_match_scores_outside_zero_one_and_fractional_view_indices_are_refused():
+    """A match's score is a weight of the match terms, in [0, 1] (the matchers give (0, 1]):
+    1e30 let one match outweigh the window, a negative one turned its term around; a view index
+    of 0.999 was read as view 0. Refused in an insert and a batch, the window's others kept."""
+    good = [(0, 1, 3, 3, 4, 4, 1.0), (1, 2, 2, 2, 5, 5, 0.25)]
+    for make in (_insert, lambda **kw: _batch(_insert(**kw))):
+        protocol.decode(_frames(make(h=8, w=10, matches=good)))
+        for column, value, reason in ((6, 1e30, "bad_score"), (6, -1e-6, "bad_score"), (6, 1.001, "bad_score"),
+                                      (0, 0.999, "bad_index"), (1, 1.5, "bad_index")):
+            row = [0, 1, 3, 3, 4, 4, 1.0]
+            row[column] = value
+            with pytest.raises(ProtocolError) as err:
+                protocol.decode(_frames(make(h=8, w=10, matches=[*good, row])))
+            assert err.value.reason == reason, (column, value)
+    batch = _batch(_insert(h=8, w=10, matches=good))
+    batch.arrays["matches"] = batch.arrays["matches"].copy()
+    batch.arrays["matches"][0, 0] = 0.5  # the window index of a batch's row
+    with pytest.raises(ProtocolError, match="bad_index"):
+        protocol.decode(_frames(batch))
