@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -718,7 +719,7 @@ def cli_main(args: argparse.Namespace, command: str = "") -> int:
     try:
         cfg = config_from_args(args)
     except ValueError as err:
-        print(f"reliev3r teacher-train: {err}")
+        print(f"reliev3r teacher-train: {err}", file=sys.stderr)
         return 2
     meta = train(cfg, command=command)
     print(json.dumps({"out": str(cfg.out), "steps": meta["steps"], "version": meta["version"],

@@ -154,6 +154,9 @@ def _distill_arguments(parser: argparse.ArgumentParser) -> None:
 OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)+=")
 """A config override on the command line: a dotted key, then ``=`` (``learner.lr=1e-3``)."""
 
+OPTION = re.compile(r"[A-Za-z_]\w*=")
+"""A ``teacher-train`` option on the command line: a field name, then ``=`` (``dining=true``)."""
+
 POSITIONALS = {"view": "target"}
 """Commands with a positional beside the overrides: the one word that is no override."""
 
@@ -168,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if not hasattr(args, "overrides"):  # report, teacher-train: no overrides to take
+        if hasattr(args, "options"):  # teacher-train's key=value options, anywhere among its flags
+            args.options += [word for word in rest if OPTION.match(word)]
+            rest = [word for word in rest if not OPTION.match(word)]
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args

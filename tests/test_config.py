@@ -185,6 +185,18 @@ def test_cli_reports_config_errors(capsys):
     assert "streamer.views must be >= 2" in capsys.readouterr().err
 
 
+def test_teacher_train_options_stand_anywhere_among_its_flags(tmp_path, capsys):
+    """``teacher-train steps=3 --out X dining=false`` refused the option after the flag as an
+    unrecognized argument; it reaches the recipe (which names the bad value here, before it
+    renders anything)."""
+    from reliev3r.cli import main
+
+    assert main(["teacher-train", "batch=2", "--out", str(tmp_path), "--device", "cpu", "eyes_per_world=0"]) == 2
+    assert "eyes_per_world must be >= 1" in capsys.readouterr().err
+    assert main(["teacher-train", "--out", str(tmp_path), "--device", "cpu", "bogus"]) == 2  # refused as before
+    assert "bogus" in capsys.readouterr().err
+
+
 def test_overrides_stand_anywhere_among_the_options(tmp_path, capsys):
     """``key.sub=value`` words after an option were refused ("unrecognized arguments"), and
     ``view`` took an override for its run folder and the folder for an override: they are
