@@ -270,7 +270,8 @@ class ReplayLink:
                         self.sock.send_multipart(frames, copy=False)
                         deadline = time.monotonic() + self.timeout_s
                         continue
-                    return "dropped", f"replay_error:{reply.meta.get('reason', '')}"
+                    detail = f":{reply.meta['detail']}" if reply.meta.get("detail") else ""
+                    return "dropped", f"replay_error:{reply.meta.get('reason', '')}{detail}"
                 if reply.meta.get("window_id") != window_id:
                     continue  # a late ack of an earlier window's retry
                 status = reply.meta.get("status")

@@ -417,8 +417,9 @@ def _decompress_frames(data: np.ndarray, meta: dict, max_bytes: int) -> np.ndarr
     return frames
 
 
-def error_reply(reason: str) -> Message:
-    return Message("error", {"reason": reason})
+def error_reply(reason: str, detail: str = "") -> Message:
+    """An ``error`` reply; ``detail`` (a malformed message's decoder reason) only when given."""
+    return Message("error", {"reason": reason, **({"detail": detail} if detail else {})})
 
 
 def now() -> float:

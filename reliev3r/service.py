@@ -64,6 +64,8 @@ class Runtime:
         protocol.self_test()
         self.ctx = zmq.Context()
         self.metrics = Metrics(stage)
+        self.rejected = ""
+        """The reason of the last message :meth:`receive` rejected (a server tells its sender)."""
         self.status: dict[str, Any] = {}
         """Small plain values the supervisor shows in its status line (updated by the stage)."""
         self._stop = threading.Event()
@@ -160,6 +162,7 @@ class Runtime:
         try:
             return identity, protocol.decode(frames, max_bytes=max_bytes, kinds=kinds)
         except protocol.ProtocolError as err:
+            self.rejected = err.reason
             self.metrics.reject(err.reason)
             self.log.warning("rejected message", extra={"reason": err.reason, "detail": str(err)})
             return identity, None

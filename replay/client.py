@@ -27,11 +27,12 @@ RETRY_REASONS = ("not_ready", "rate_limited")
 
 
 class ReplayError(RuntimeError):
-    """The service refused a request for a reason retrying will not fix; ``reason`` says why."""
+    """The service refused a request for a reason retrying will not fix; ``reason`` says why
+    (``detail``: what was malformed about it, where the service says)."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
 class ReplayClient:
@@ -102,7 +103,7 @@ class ReplayClient:
             if reply is not None and reply.kind != "error":
                 return reply
             if reply is not None and reply.meta.get("reason") not in RETRY_REASONS:
-                raise ReplayError(str(reply.meta.get("reason")))
+                raise ReplayError(str(reply.meta.get("reason")), str(reply.meta.get("detail", "")))
             if time.monotonic() >= deadline:
                 curve = self.curve is not None and self.curve.enabled
                 hint = (" (CURVE is on: a server public key that is not this server's, or a client key not in its "

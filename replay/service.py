@@ -19,7 +19,8 @@ that retried can drop stale replies.
   ``error`` "batch_too_large" at once.
 * ``priorities`` -> no reply (learners fire and forget); unknown window ids are ignored.
 * ``stats``   -> ``stats`` with the buffer's counters and the number of waiting requests.
-* anything malformed -> ``error`` {reason: "malformed"} (already counted by the runtime).
+* anything malformed -> ``error`` {reason: "malformed", detail: the decoder's reason} (already
+  counted by the runtime).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class ReplayService:
     def handle(self, identity: bytes, msg: protocol.Message | None) -> None:
         if msg is None:
             if identity is not None:
-                self._send(identity, protocol.error_reply("malformed"), None)
+                self._send(identity, protocol.error_reply("malformed", self.runtime.rejected), None)
             return
         if msg.kind == "insert":
             self._on_insert(identity, msg)

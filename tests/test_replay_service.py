@@ -144,7 +144,7 @@ def test_arrays_numpy_cannot_build_are_answered_malformed_and_the_replay_keeps_s
                 header = msgpack.packb({"kind": "insert", "meta": {}, "arrays": [spec]}, use_bin_type=True)
                 raw.send_multipart([protocol.MAGIC, header, buf])
                 assert raw.poll(int(HANG_S * 1000))
-                assert protocol.decode(raw.recv_multipart()).meta["reason"] == "malformed"
+                assert protocol.decode(raw.recv_multipart()).meta == {"reason": "malformed", "detail": "bad_shape"}
         finally:
             raw.close()
         assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_shape") == 2
@@ -163,9 +163,10 @@ def test_windows_no_camera_can_have_taken_are_refused_and_the_senders_next_ones_
         zero.arrays["intrinsics"] = np.zeros((2, 3, 3), np.float32)
         far = make_insert(1)
         far.arrays["matches"] = np.array([[0, 1, 1e30, 3, 4, 4, 1.0]], np.float32)
-        for poisoned in (zero, far):
-            with pytest.raises(ReplayError, match="malformed"):
+        for poisoned, why in ((zero, "bad_intrinsics"), (far, "match_outside_frame")):
+            with pytest.raises(ReplayError, match=rf"malformed \({why}\)") as refused:  # the sender learns why
                 client.insert(poisoned)
+            assert refused.value.reason == "malformed" and refused.value.detail == why
         assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_intrinsics") == 1
         assert metric(runtime, "messages_rejected_total", stage="replay", reason="match_outside_frame") == 1
         for i in (2, 3):
