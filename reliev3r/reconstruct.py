@@ -50,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from reliev3r import geometry
+from reliev3r.config_base import check_device
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 
@@ -539,6 +540,7 @@ def main(cfg, args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
     opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
+    check_device("--device", args.device, auto=True)
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
     stream = open_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None)

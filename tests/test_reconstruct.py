@@ -5,6 +5,7 @@ opens, a TUM trajectory, 16-bit and colour depth PNGs and a trajectory plot."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -152,6 +153,10 @@ def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, ca
         assert last.startswith("reliev3r reconstruct: min_confidence must be in [0, 2)"), last
         assert not out.exists()
     assert cli.main([*common, "--min-confidence", "1.5"]) == 0 and (out / "points.ply").is_file()
+    shutil.rmtree(out)
+    assert cli.main([*common, "--device", "gpu"]) == 2  # a device that is none: said, not a traceback
+    assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tmp_path):
