@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from evaluation.metrics import MIN_DEPTH_PIXELS
 from reliev3r import imaging
 from reliev3r.synthetic import ensure_world, load_ground_truth
 
@@ -73,10 +74,6 @@ def window_starts(length: int, *, views: int, stride: int, windows: int) -> list
     return sorted({round(k * last / max(count - 1, 1)) for k in range(count)})
 
 
-MIN_DEPTH_PIXELS = 10
-"""Valid ground-truth depth pixels a window needs to be scored (``evaluation.metrics``)."""
-
-
 def make_windows(sequences: list[Sequence], *, views: int, height: int, width: int, stride: int,
                  windows: int) -> list[EvalWindow]:
     """``windows`` windows spread over the sequences (round-robin), fitted to height x width.
@@ -107,7 +104,8 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
             continue
         gt_depth = None if any(d is None for d in depths) else np.stack(depths).astype(np.float32)
         gt_poses = None if any(p is None for p in poses) else np.stack(poses).astype(np.float32)
-        if gt_depth is not None and (usable := int((np.isfinite(gt_depth) & (gt_depth > 0)).sum())) < MIN_DEPTH_PIXELS:
+        usable = None if gt_depth is None else int((np.isfinite(gt_depth) & (gt_depth > 0)).sum())
+        if usable is not None and usable < MIN_DEPTH_PIXELS:
             skipped.append(f"{name}: {usable} pixels of valid ground-truth depth (fewer than {MIN_DEPTH_PIXELS})")
             continue
         out.append(EvalWindow(name, np.stack(images), np.stack(Ks).astype(np.float32), gt_depth, gt_poses))

@@ -49,11 +49,16 @@ def scale_shift_lsq(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
     return sol[0].to(pred.dtype), sol[1].to(pred.dtype)
 
 
+MIN_DEPTH_PIXELS = 10
+"""Valid ground-truth depth pixels a window (and, for the per-frame fit, a frame) needs to be
+scored; a window with fewer is skipped when the data is read (``evaluation.datasets``)."""
+
+
 def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict[str, float]:
     """AbsRel and delta<1.25 of one window's depth [V, H, W] under the three alignments."""
     usable = torch.isfinite(gt) & (gt > 0) & torch.isfinite(pred) & (pred > 0)
     valid = usable if valid is None else valid & usable
-    if valid.sum() < 10:
+    if valid.sum() < MIN_DEPTH_PIXELS:
         raise ValueError("too few valid ground-truth pixels to score depth")
     p, g = pred[valid], gt[valid]
     out = {}
@@ -67,7 +72,7 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
     aligned = torch.zeros_like(pred)
     for v in range(pred.shape[0]):
         m = valid[v]
-        if m.sum() >= 10:
+        if m.sum() >= MIN_DEPTH_PIXELS:
             a, b = scale_shift_lsq(pred[v][m], gt[v][m])
             aligned[v][m] = a * pred[v][m] + b
         else:
