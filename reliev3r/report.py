@@ -175,10 +175,9 @@ def _own_picture(folder: Path, name) -> bool:
     ``folder`` itself: a bare file name, no path out of it (a page embeds what it names)."""
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".png"):
         return False
-    path = folder / name
-    try:
-        with open(path, "rb") as f:
-            return path.is_file() and f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    try:  # a folder or a missing file is an OSError here
+        with open(folder / name, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
     except OSError:
         return False
 
