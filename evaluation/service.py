@@ -31,11 +31,10 @@ from monitoring.metrics import Metrics
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 
-STATUS = {"absrel": "absrel_med", "ate": "ate"}
-"""Heartbeat status key -> the metric it carries (each where the data gives it); the
-supervisor's status line reads them (``reliev3r.supervisor.EVAL_STATUS``)."""
 REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
             "rra30", "rta30", "auc30", "accuracy", "completeness")
+"""The metrics logged and sent in the heartbeat after each snapshot (each where the data gives
+it), under the names of the evaluation's JSON: the supervisor reads either the same way."""
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -139,7 +138,7 @@ class EvaluatorService:
         self.metrics.report(result, "model")
         self.metrics.step.set(meta["step"])
         self.metrics.duration.set(elapsed)
-        runtime.status.update(step=meta["step"], **{name: result[key] for name, key in STATUS.items() if key in result})
+        runtime.status.update(step=meta["step"], **{k: result[k] for k in REPORTED if k in result})
         runtime.log.info("evaluated snapshot", extra={"step": meta["step"],
                                                       **{k: round(result[k], 4) for k in REPORTED if k in result}})
         return 0 if is_last(meta, self.max_steps) else None

@@ -58,8 +58,6 @@ BEFORE_REFRESH = "before-refresh"
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
-EVAL_STATUS = {"absrel": "absrel_med", "ate": "ate"}
-"""The evaluator's status keys (its heartbeat's) -> the metrics they carry, each where the data gives it."""
 
 SUMMARY = (("absrel_med", "AbsRel", ".3f"), ("absrel_lsq", "AbsRel lsq", ".3f"), ("ate", "ATE", ".3f"),
            ("rra30", "RRA@30", ".2f"), ("rta30", "RTA@30", ".2f"), ("auc30", "AUC@30", ".3f"))
@@ -478,8 +476,7 @@ class Supervisor:
                 ln["step"] = step
             done = latest_evaluation(self.run_dir)
             if done is not None and done.get("step", -1) >= ev.get("step", -1):
-                model = done["model"]
-                ev = {"step": done["step"], **{k: model[m] for k, m in EVAL_STATUS.items() if m in model}}
+                ev = {"step": done["step"], **done["model"]}  # the heartbeat's names
         lb = {key: self._count("labeler", key) for key in ("labelled", "dropped")}
         parts = [f"[{time.time() - self.started:6.1f}s]",
                  f"ingested {self._count('streamer', 'sent')} (in flight {st.get('in_flight', 0)})",
@@ -492,8 +489,8 @@ class Supervisor:
             parts.append(f"{ln['steps_per_s']:.2f} steps/s")
         if self.depth_loss_off:
             parts.append("depth loss off (teacher none)")
-        if ev.get("step") is not None and ("absrel" in ev or "ate" in ev):  # each where the data has it
-            parts.append(f"eval@{ev['step']}" + (f" AbsRel {ev['absrel']:.3f}" if "absrel" in ev else "")
+        if ev.get("step") is not None and ("absrel_med" in ev or "ate" in ev):  # each where the data has it
+            parts.append(f"eval@{ev['step']}" + (f" AbsRel {ev['absrel_med']:.3f}" if "absrel_med" in ev else "")
                          + (f" ATE {ev['ate']:.3f}" if "ate" in ev else ""))
         restarts = sum(c.restarts for c in self.children.values())
         if restarts:

@@ -174,7 +174,7 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
     sup = _supervisor(tmp_path)
     try:
         sup.children["learner"].status = {"step": 19, "loss": 0.5}
-        sup.children["evaluator"].status = {"step": 15, "absrel": 0.4, "ate": 0.2}
+        sup.children["evaluator"].status = {"step": 15, "absrel_med": 0.4, "ate": 0.2}
         final = tmp_path / "snapshots" / "step-000000020"
         final.mkdir(parents=True)
         (final / "meta.json").write_text(json.dumps({"step": 20, "final": True}))
@@ -182,7 +182,8 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
         (tmp_path / "evaluations").mkdir()
         (tmp_path / "evaluations" / "step-000000020.json").write_text(json.dumps(
             {"step": 20, "model": {"absrel_med": 0.25, "ate": 0.125}}))
-        assert "| step 19 |" in sup.status_line() and "eval@15" in sup.status_line()  # running: heartbeats
+        running = sup.status_line()  # from the heartbeats
+        assert "| step 19 |" in running and "eval@15 AbsRel 0.400 ATE 0.200" in running, running
         sup._print_status(final=True)
         line = sup.out.getvalue().splitlines()[-1]
         assert "| step 20 |" in line and "eval@20 AbsRel 0.250 ATE 0.125" in line, line
