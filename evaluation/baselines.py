@@ -28,13 +28,10 @@ FAILED_DEG = 180.0
 """Error assigned to a pair the classical method cannot solve (too few matches): a failure
 counts against it, as in the VGGT/pi3 protocol."""
 
-MIN_FIT_PIXELS = 10
-
-
 def align_teacher_frame(teacher: np.ndarray, gt: np.ndarray, valid: np.ndarray, space: str) -> np.ndarray | None:
     """Depth [H,W] of one teacher frame after the per-frame least-squares scale-and-shift to
     ``gt`` (metres) over ``valid``, done in the teacher's ``space``; None if too few pixels."""
-    if valid.sum() < MIN_FIT_PIXELS:
+    if valid.sum() < metrics.MIN_DEPTH_PIXELS:
         return None
     x = teacher[valid].astype(np.float64)
     y = gt[valid].astype(np.float64)

@@ -69,15 +69,18 @@ def depth_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None) -> dict
     # Per frame: every valid pixel of a frame with enough of them counts, those its fit puts at
     # depth <= 0 too: absrel_delta's clamp scores them as the errors they are, as it does for
     # the window fit and for the teacher baseline's columns of the same name.
+    # A window none of whose frames has enough has no per-frame columns (the teacher baseline
+    # leaves it out too); ``mean_metrics`` averages each column over the windows that have it.
+    fitted = valid & (valid.flatten(1).sum(1) >= MIN_DEPTH_PIXELS)[:, None, None]
+    if not fitted.any():
+        return out
     aligned = torch.zeros_like(pred)
     for v in range(pred.shape[0]):
-        m = valid[v]
-        if m.sum() >= MIN_DEPTH_PIXELS:
+        m = fitted[v]
+        if m.any():
             a, b = scale_shift_lsq(pred[v][m], gt[v][m])
             aligned[v][m] = a * pred[v][m] + b
-        else:
-            m.zero_()
-    out["absrel_lsq_frame"], out["delta_lsq_frame"] = absrel_delta(aligned[valid], gt[valid])
+    out["absrel_lsq_frame"], out["delta_lsq_frame"] = absrel_delta(aligned[fitted], gt[fitted])
     return out
 
 
@@ -199,8 +202,7 @@ def window_metrics(pred_depth: Tensor, pred_cam_to_world: Tensor, gt_depth: Tens
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Average each metric over windows (keys present in every row)."""
-    if not rows:
-        return {}
-    keys = set(rows[0]).intersection(*rows[1:])
-    return {k: sum(r[k] for r in rows) / len(rows) for k in sorted(keys)}
+    """Average each metric over the windows that have it (a window of sparse depth may lack
+    the per-frame columns, a dataset without poses every pose metric)."""
+    keys = sorted(set().union(*rows))
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}

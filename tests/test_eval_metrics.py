@@ -241,7 +241,22 @@ def test_window_metrics_and_mean():
     row = metrics.window_metrics(gt_depth * 2, _similarity(gt_pose, 2.0, [0, 0, 0.5], [0, 0, 0]), gt_depth, gt_pose, K)
     assert row["absrel_med"] < 1e-9 and row["ate"] < 1e-9 and row["auc30"] == 1.0
     mean = metrics.mean_metrics([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
-    assert mean == {"a": 2.0}
+    assert mean == {"a": 2.0, "b": 2.0}  # each over the windows that have it
+
+
+def test_a_window_whose_frames_are_each_too_sparse_has_no_per_frame_fit():
+    """Enough valid depth for the window's fits but fewer than MIN_DEPTH_PIXELS in every frame:
+    the per-frame columns are left out, as the teacher baseline leaves the window out (they
+    were NaN, and a NaN in one window made the dataset's mean NaN)."""
+    n = metrics.MIN_DEPTH_PIXELS
+    gt = torch.rand(2, 4, n, dtype=torch.float64) + 1
+    valid = torch.zeros_like(gt, dtype=torch.bool)
+    valid[:, 0, : n - 1] = True  # 2 (n - 1) pixels in all, n - 1 a frame
+    sparse = metrics.depth_metrics(gt * 3, gt, valid)
+    assert sparse["absrel_med"] < 1e-12 and "absrel_lsq_frame" not in sparse and "delta_lsq_frame" not in sparse
+    dense = metrics.depth_metrics(gt * 3, gt)
+    mean = metrics.mean_metrics([sparse, dense])
+    assert mean["absrel_lsq_frame"] == dense["absrel_lsq_frame"] and math.isfinite(mean["absrel_med"])
 
 
 @pytest.mark.parametrize("views", [2, 4])
