@@ -301,7 +301,7 @@ class LearnerConfig:
     ``""``: from scratch (``learner.warm_start``)."""
 
     def __post_init__(self) -> None:
-        _finite(self, "lr", "weight_decay")
+        _finite(self, "lr", "weight_decay", "grad_clip")  # grad_clip: 0, not inf, is no clipping
         check_device("device", self.device, auto=True)
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -309,7 +309,7 @@ class LearnerConfig:
             raise ValueError("lr must be > 0")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.grad_clip >= 0:  # NaN too: a negative value or NaN silently meant no clipping
+        if self.grad_clip < 0:  # a negative value silently meant no clipping
             raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")

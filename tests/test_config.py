@@ -133,7 +133,8 @@ def test_bad_values_name_the_key(override, message):
     ("learner.weight_decay=-0.1", "learner.weight_decay must be >= 0"),  # trained with negative decay
     ("learner.weight_decay=.nan", "learner.weight_decay must be a finite number"),
     ("learner.grad_clip=-1", "learner.grad_clip must be >= 0"),  # silently meant no clipping
-    ("learner.grad_clip=.nan", "learner.grad_clip must be >= 0"),
+    ("learner.grad_clip=.nan", "learner.grad_clip must be a finite number"),
+    ("learner.grad_clip=.inf", "learner.grad_clip must be a finite number"),  # a second spelling of 0
     ("learner.self_target_step=-5", "learner.self_target_step must be >= 0"),  # silently on from the first step
     ("learner.model.max_log_depth=.nan", "learner.model.max_log_depth must be a finite number"),
     ("learner.loss.alpha=.nan", "learner.loss.alpha must be a finite number"),
