@@ -106,6 +106,37 @@ def test_resume_takes_the_optimizer_settings_of_this_run_and_the_moments_of_the_
             assert torch.equal(restored[idx][key], entry[key]), (idx, key)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA learner's fused AdamW needs a CUDA device")
+@pytest.mark.parametrize("saved_on", ["cpu", "cuda"])
+def test_a_cuda_learner_resumes_with_its_fused_update(tmp_path, saved_on):
+    """On the GPU the learner's AdamW is fused. A snapshot of either device resumes there fused,
+    its step counts on the parameters' device as the fused kernel needs, the moments the
+    snapshot's; one of the GPU continues the loss curve of a run never stopped (to the
+    rounding of the GPU's kernels)."""
+    def trainer(device):
+        return Trainer(learner_cfg(), device=device, loss_fn=toy_loss)
+
+    batches = [synthetic_batch(1, 2, 16, 16, seed=s, device="cuda") for s in range(6)]
+    straight = trainer("cuda")
+    expected = [straight.step(b)["loss"] for b in batches]
+    first = trainer(saved_on)
+    for b in batches[:3]:
+        first.step({k: v.to(saved_on) for k, v in b.items()})
+    saved = {i: {k: v.cpu() for k, v in e.items()} for i, e in first.optimizer.state_dict()["state"].items()}
+    resumed = trainer("cuda")
+    assert resumed.load_state(first.save_state(tmp_path))["step"] == 3
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    state = resumed.optimizer.state_dict()["state"]
+    for idx, entry in saved.items():
+        assert state[idx]["step"].device.type == "cuda"
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[idx][key].cpu(), entry[key]), (idx, key)
+    got = [resumed.step(b)["loss"] for b in batches[3:]]
+    assert all(torch.isfinite(torch.tensor(got))) and resumed.global_step == 6
+    if saved_on == "cuda":
+        assert got == pytest.approx(expected[3:], rel=1e-4)
+
+
 def test_corrupt_and_partial_snapshots_are_skipped_with_a_warning(tmp_path, caplog):
     trainer = _trainer()
     good = None
