@@ -221,6 +221,73 @@ def test_learner_time_shares_average_over_ranks():
             assert re.match(r"avg\s*\(", t["expr"]), t["expr"]
 
 
+def _multi_instance_series() -> set[str]:
+    """The series names that several processes at once export: every learner rank (torchrun, the
+    learner StatefulSet's pods) and every labeler, all with the process series; and up, one per
+    scrape target. Their series are told apart by the target's instance label alone (no rank label)."""
+    from labelers.service import LabelerMetrics
+    from learner.service import LearnerMetrics
+    from monitoring.metrics import Metrics
+
+    names = {"up"}
+    for cls, stage in ((LearnerMetrics, "learner"), (LabelerMetrics, "labeler")):
+        metrics = Metrics(stage)
+        cls(metrics)
+        for family in metrics.registry.collect():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            names |= {family.name + suffix for suffix in suffixes}
+    return names
+
+
+_AGGREGATION = re.compile(r"\b(sum|min|max|avg|group|stddev|stdvar|count|count_values|topk|bottomk|quantile)\s*"
+                          r"(?:(by|without)\s*\(([^)]*)\)\s*)?\(")
+
+
+def _per_instance(query: str, names: set[str]) -> list[str]:
+    """The names among `names` that the query selects outside every aggregation that drops the
+    instance label (one without by/without, by without instance, without instance): their series
+    reach the result one per instance."""
+    dropping = []
+    for m in _AGGREGATION.finditer(query):
+        depth, end = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(query[end], 0)
+            end += 1
+        modifier, labels = m.group(2), m.group(3)
+        trailing = re.match(r"\s*(by|without)\s*\(([^)]*)\)", query[end:])
+        if modifier is None and trailing:
+            modifier, labels = trailing.groups()
+        keeps = "instance" in {label.strip() for label in (labels or "").split(",")}
+        if keeps == (modifier == "without"):
+            dropping.append((m.end(), end))
+    return sorted({name for name in names for n in re.finditer(rf"(?<![\w:]){re.escape(name)}(?![\w:])", query)
+                   if not any(start <= n.start() < end for start, end in dropping)})
+
+
+def test_per_instance_series_name_their_instance_in_the_legend():
+    """Several learner ranks (or labelers, or scrape targets) draw a line each where a query keeps
+    their series per instance (no aggregation over instances); the lines can be told apart only if
+    the legend names the instance (the series carry no rank label)."""
+    names = _multi_instance_series()
+    assert {"reliev3r_learner_loss", "reliev3r_learner_samples_total", "reliev3r_snapshot_duration_seconds_bucket",
+            "reliev3r_process_up", "reliev3r_labeler_windows_total", "up"} <= names
+    assert _per_instance("reliev3r_learner_loss", names) == ["reliev3r_learner_loss"]
+    assert _per_instance('changes(reliev3r_process_start_time_seconds[1h]) + up{job="x"}', names) == \
+        ["reliev3r_process_start_time_seconds", "up"]
+    assert _per_instance("max by (instance) (reliev3r_learner_step)", names) == ["reliev3r_learner_step"]
+    assert _per_instance("sum(reliev3r_learner_step) without (stage)", names) == ["reliev3r_learner_step"]
+    for aggregated in ("max(reliev3r_learner_step) - max(reliev3r_snapshot_step)",
+                       "histogram_quantile(0.9, sum by (le) (rate(reliev3r_snapshot_duration_seconds_bucket[5m])))",
+                       "sum(rate(reliev3r_learner_samples_total[1m])) by (stage)",
+                       "sum without (instance) (reliev3r_learner_mfu)", "max_over_time(reliev3r_eval_metric[1m])"):
+        assert not _per_instance(aggregated, names), aggregated
+    per_instance = [(name, p["title"], t["expr"], t["legendFormat"]) for name, board in dashboards().items()
+                    for p in board["panels"] for t in p["targets"] if _per_instance(t["expr"], names)]
+    assert {title for name, title, *_ in per_instance if name == "learner.json"} >= \
+        {"Loss by term", "Gradient norm (before clipping)", "Steps per second"}
+    assert not [target for target in per_instance if "{{instance}}" not in target[3]]
+
+
 @needs_promtool
 def test_every_query_is_valid_promql(tmp_path):
     """promtool parses recording rules offline: one rule per dashboard and alert query."""

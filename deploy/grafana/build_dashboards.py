@@ -59,17 +59,20 @@ OVERVIEW = dashboard("reliev3r-overview", "reliev3r / pipeline overview", [
     panel("Learner step", [("max(reliev3r_learner_step)", "step")]),
     # Every learner rank exports its step rate, and the ranks step together: max, not sum.
     panel("Learner steps per second", [("max(reliev3r_learner_steps_per_second)", "steps/s")]),
-    panel("Processes up", [("reliev3r_process_up", "{{stage}}"), ("up{job=\"reliev3r\"}", "scrape {{component}}")]),
+    # A line per process (learner ranks, labelers: several of a stage): the legend names the instance.
+    panel("Processes up", [("reliev3r_process_up", "{{stage}} {{instance}}"),
+                           ("up{job=\"reliev3r\"}", "scrape {{component}} {{instance}}")]),
     panel("Process restarts", [
-        ("changes(reliev3r_process_start_time_seconds[1h])", "starts {{stage}}"),
+        ("changes(reliev3r_process_start_time_seconds[1h])", "starts {{stage}} {{instance}}"),
         ("sum by (stage) (reliev3r_process_restarts_total)" + ZERO, "supervisor restarts {{stage}}"),
     ], description="Start-time changes seen by Prometheus, and the supervisor's restart counter"),
 ])
 
 LEARNER = dashboard("reliev3r-learner", "reliev3r / learner", [
-    panel("Loss by term", [("reliev3r_learner_loss", "{{term}}")]),
-    panel("Gradient norm (before clipping)", [("reliev3r_learner_grad_norm", "grad norm")]),
-    panel("Steps per second", [("reliev3r_learner_steps_per_second", "steps/s")]),
+    # A line per rank (the series carry no rank label): the legend names the rank's instance.
+    panel("Loss by term", [("reliev3r_learner_loss", "{{term}} {{instance}}")]),
+    panel("Gradient norm (before clipping)", [("reliev3r_learner_grad_norm", "grad norm {{instance}}")]),
+    panel("Steps per second", [("reliev3r_learner_steps_per_second", "steps/s {{instance}}")]),
     # Each rank counts the windows of its own batches: the sum is the run's rate.
     panel("Samples per second", [("sum(rate(reliev3r_learner_samples_total[1m]))", "windows/s")], unit="ops"),
     # A rank's seconds per second are its share of wall time: average the ranks (a sum passes 100%).
@@ -83,7 +86,8 @@ LEARNER = dashboard("reliev3r-learner", "reliev3r / learner", [
     # Under DDP the ranks skip a non-finite step together, each counting it: max, not sum.
     panel("Skipped (non-finite) steps",
           [("max(increase(reliev3r_learner_skipped_steps_total[10m]))", "skipped / 10m")]),
-    panel("Model FLOPs utilisation (vs measured bf16 peak)", [("reliev3r_learner_mfu", "MFU")], unit="percentunit"),
+    panel("Model FLOPs utilisation (vs measured bf16 peak)", [("reliev3r_learner_mfu", "MFU {{instance}}")],
+          unit="percentunit"),
     panel("Model FLOP/s and learning rate", [("sum(reliev3r_learner_model_flops_per_second)", "FLOP/s"),
                                              ("max(reliev3r_learner_lr)", "lr")]),
     panel("GPU memory", [("sum by (kind) (reliev3r_learner_gpu_memory_bytes)" + ZERO, "{{kind}}")], unit="bytes",
