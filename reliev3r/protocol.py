@@ -33,8 +33,8 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
                   ``none``), ``matches`` float32 [K,7] rows (i, j, x_i, y_i, x_j, y_j,
                   score: :data:`MATCH_COLUMNS`, by name through :class:`Matches`),
                   optional ``match_triangulation`` float32 [K,3] rows (z_i, z_j,
-                  weight) aligned with ``matches`` (two-view triangulation, unit baseline
-                  per pair; zeros = not triangulated); meta adds ``teacher``
+                  weight in [0, 1]) aligned with ``matches`` (two-view triangulation, unit
+                  baseline per pair; zeros = not triangulated); meta adds ``teacher``
                   {"depth": {name, version, space}, "matches": {name, version}}.
 ``insert_ack``    replay -> labeler: meta ``window_id``, ``status``, ``reason``.
 ``sample``        learner -> replay: meta ``batch_size``, ``rank``.
@@ -355,8 +355,10 @@ def _check_window_shapes(arrays: dict[str, np.ndarray], *, batched: bool) -> Non
         if tri is not None:
             if tri.shape != (matches.shape[0], 3):
                 raise ProtocolError("bad_shape", f"match_triangulation {list(tri.shape)}, want [{matches.shape[0]},3]")
-            if tri.size and not (np.isfinite(tri).all() and (tri >= 0).all()):
-                raise ProtocolError("non_finite", "match_triangulation must be finite and >= 0")
+            if tri.size and not np.isfinite(tri).all():
+                raise ProtocolError("non_finite", "match_triangulation must be finite")
+            if tri.size and ((tri < 0).any() or (tri[:, 2] > 1).any()):
+                raise ProtocolError("bad_triangulation", "match_triangulation depths must be >= 0, weights in [0, 1]")
     elif "match_triangulation" in arrays:
         raise ProtocolError("missing_array", "match_triangulation without matches")
     for name in ("intrinsics", "gt_cam_to_world"):

@@ -259,13 +259,17 @@ def test_match_triangulation_is_checked_against_the_matches():
     with pytest.raises(ProtocolError, match="bad_shape"):
         protocol.decode(_frames(ins))
     ins = _insert_with_triangulation()
-    ins.arrays["match_triangulation"][0, 0] = -1.0
-    with pytest.raises(ProtocolError, match="non_finite"):
-        protocol.decode(_frames(ins))
-    ins = _insert_with_triangulation()
     ins.arrays["match_triangulation"][1, 2] = np.inf
     with pytest.raises(ProtocolError, match="non_finite"):
         protocol.decode(_frames(ins))
+    # a depth behind the camera, or a weight outside [0, 1] (the labeler's lies in it; 1e30 let one
+    # match outweigh the window, as a score could)
+    for column, value in ((0, -1.0), (2, -1e-6), (2, 1.001), (2, 1e30)):
+        ins = _insert_with_triangulation()
+        ins.arrays["match_triangulation"][1, column] = value
+        with pytest.raises(ProtocolError) as err:
+            protocol.decode(_frames(ins))
+        assert err.value.reason == "bad_triangulation", (column, value)
 
 
 def test_version_1_messages_are_still_accepted_and_unknown_versions_named():
