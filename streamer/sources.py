@@ -295,6 +295,41 @@ class DamageGate:
         return gap
 
 
+class FrameClock:
+    """Seconds of each decoded frame of a video, increasing. A frame keeps the time its stamp
+    gives when that is after the time given the frame before. A frame without a stamp (a raw
+    H.264/HEVC stream has none) is timed one frame period (``1 / rate``) after the frame
+    before, from 0. A stamp no later than the time given before (the stamp of the frame before
+    again, from a broken mux; stamps in decode order, as some containers carry them: AVI with
+    packed B-frames) is timed halfway from the time given before to one period after the last
+    stamp kept (``anchor``): such frames, one or more in a row, stay within that period, and the
+    frames after them keep their own stamps (timed a whole period on, each pushed the next
+    stamp out of reach and every later frame a period late)."""
+
+    def __init__(self, rate: float):
+        self.period = 1.0 / rate
+        self.time = 0.0
+        """The time given the last frame."""
+        self.anchor = 0.0
+        """The last stamp kept (or time a frame without one was given): ``time`` lies within a
+        period after it."""
+        self.pts: int | None = None
+        """The stamp of the last frame."""
+
+    def tick(self, index: int, vframe) -> bool:
+        """Time the next frame (``index``: its index, 0 for the first of the video); True when its
+        stamp repeats the stamp of the frame before (a duplicate: timed as a stamp out of order)."""
+        t, duplicate = vframe.time, vframe.pts is not None and vframe.pts == self.pts
+        self.pts = vframe.pts
+        if t is not None and (index == 0 or t > self.time):
+            self.time = self.anchor = float(t)
+        elif t is None:
+            self.time = self.anchor = self.time + self.period if index > 0 else 0.0
+        else:
+            self.time = (self.time + self.anchor + self.period) / 2
+        return duplicate
+
+
 DECODERS = ("cpu", "cuda")
 """Where a video is decoded (``streamer.decoder``): FFmpeg on the CPU, or NVIDIA's video decoder
 (NVDEC) through FFmpeg's ``cuda`` hardware acceleration, its frames copied back as NV12; a codec
@@ -492,13 +527,13 @@ class VideoSource:
             stream.thread_type = "AUTO" if intra is None else "SLICE"
             if self.decode_threads:
                 stream.thread_count = self.decode_threads
-        index, last_time, errors_in_row, ended = 0, 0.0, 0, False
+        index, errors_in_row, ended = 0, 0, False
         skipper = FrameSkipper.for_stream(stream, start, wanted) if segment is None else None
         if segment is not None:
             start = max(start, segment.start)
         self.undecoded = 0
         gate = DamageGate()
-        rate = float(stream.average_rate or 0) or 25.0
+        clock = FrameClock(float(stream.average_rate or 0) or 25.0)
         intrinsics = None
         reformatter = VideoReformatter()  # one for the stream: a frame's own is set up anew each frame
         lost = functools.partial(self.on_error, self.name)  # a lazily decoded frame that fails when looked at
@@ -558,14 +593,7 @@ class VideoSource:
                         continue
                     i = index = found
                     index += 1
-                # Decoders emit frames in display order, but some containers (AVI with packed
-                # B-frames) carry decode-order stamps: keep timestamps increasing. Frames without
-                # stamps (raw H.264/HEVC streams) are stamped by the rate from 0.
-                t = vframe.time
-                if t is not None and (i == 0 or t > last_time):
-                    last_time = float(t)
-                else:
-                    last_time = last_time + 1.0 / rate if i > 0 else 0.0
+                duplicate = clock.tick(i, vframe)  # decoders emit display order; stamps may not follow it
                 keep, report = gate.check(vframe)
                 if report:
                     self.on_error(self.name, report, f"{self.path}: frame {i}" + (
@@ -575,6 +603,9 @@ class VideoSource:
                     continue
                 if i < start:
                     continue
+                if duplicate:
+                    self.on_error(self.name, "duplicate_stamp", f"{self.path}: frame {i} has the stamp of the frame "
+                                                                f"before ({vframe.pts}); timed at {clock.time:.6f}s")
                 orientation = upright(vframe)
                 shape = (vframe.width, vframe.height) if orientation & TRANSPOSE else (vframe.height, vframe.width)
                 if min(shape) < MIN_FRAME_SIDE:
@@ -586,7 +617,7 @@ class VideoSource:
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
                 rgb, look = frame_pixels(reformatter, vframe, lost, orientation, i)
-                yield Frame(i, last_time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
+                yield Frame(i, clock.time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
                             glance=look)
             if ended:
                 break
@@ -597,7 +628,7 @@ class VideoSource:
             self.on_error(self.name, "skipped_to_keyframe",
                           f"{self.path}: {gate.report_dropped()} suspect frames dropped, no keyframe followed")
         if segment is None or segment.last:
-            self._check_complete(container, stream, index, last_time)
+            self._check_complete(container, stream, index, clock.time)
 
     def _check_complete(self, container, stream, decoded: int, last_time: float) -> None:
         """Silent truncation: some containers (Matroska, MPEG-TS) end cleanly where the file

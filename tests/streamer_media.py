@@ -58,6 +58,25 @@ def encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int =
     return path
 
 
+def encode_stamped(path: Path, frames: np.ndarray, stamps: list[int], *, fps: int = 10) -> Path:
+    """A Matroska file of ``frames`` (H.264 without B-frames) whose packets carry ``stamps`` (in
+    frames of ``1 / fps``) as their presentation stamps, as a broken muxer writes them (the same
+    stamp twice, say): the decoder hands each frame out with its packet's stamp."""
+    container = av.open(str(path), "w", format="matroska")
+    stream = container.add_stream("libx264", rate=fps, options={"threads": "2", "bf": "0"})
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    packets = [p for rgb in frames for p in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb),
+                                                                                      format="rgb24"))]
+    packets += stream.encode()
+    assert len(packets) == len(stamps)
+    for packet, stamp in zip(packets, stamps):
+        packet.pts = packet.dts = round(stamp / fps / packet.time_base)
+        container.mux(packet)
+    container.close()
+    return path
+
+
 def damage_mdat(path: Path, nbytes: int = 300, seed: int = 0) -> Path:
     """Overwrite ``nbytes`` in the middle of an MP4's media data (mdat) with random bytes: the
     container still opens, the codec meets corrupt packets mid-stream."""

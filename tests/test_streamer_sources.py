@@ -16,7 +16,7 @@ import pytest
 from streamer.config import StreamerConfig
 from streamer.sources import (ImageSequenceSource, VideoSource, discover, read_intrinsics, source_name)
 from streamer.windows import WindowBuilder, resize_view, windows_of
-from streamer_media import SHARED, damage_mdat, drop_ts_packets, encode, panning_frames, rotate_mp4
+from streamer_media import SHARED, damage_mdat, drop_ts_packets, encode, encode_stamped, panning_frames, rotate_mp4
 
 VIDEOS = SHARED / "videos"
 KITCHEN = SHARED / "7scenes-redkitchen"
@@ -116,6 +116,29 @@ def test_a_raw_h264_stream_is_stamped_from_zero_at_its_rate(tmp_path):
         rate = float(c.streams.video[0].average_rate or 25)
     stamps = [f.timestamp for f in take(VideoSource(clip))]
     assert len(stamps) == 12 and stamps == pytest.approx([i / rate for i in range(12)])
+
+
+def test_a_duplicated_stamp_is_reported_and_later_frames_keep_their_own(tmp_path):
+    """A broken mux that gives a frame the stamp of the frame before (twice running, later on):
+    each such frame is reported as ``duplicate_stamp`` and timed between its neighbours, and
+    every frame after keeps the time its stamp gives (before, the duplicate was timed a whole
+    frame after the one before, and every later frame, its stamp no later than that, a frame
+    late: the whole rest of the video drifted). No frame is lost."""
+    stamps = [0, 1, 2, 2, 3, 4, 5, 6, 6, 6, 7, 8, 9, 10, 11]
+    clip = encode_stamped(tmp_path / "dup.mkv", panning_frames(len(stamps), 64, 48), stamps)
+    errors = Errors()
+    frames = take(VideoSource(clip, on_error=errors))
+    assert [f.index for f in frames] == list(range(len(stamps)))
+    times = [f.timestamp for f in frames]
+    assert all(b > a for a, b in zip(times, times[1:]))
+    duplicates = [3, 8, 9]
+    for i, (t, stamp) in enumerate(zip(times, stamps)):
+        if i in duplicates:  # after the stamp it repeats, before the next frame's
+            assert stamp / 10 < t < (stamp + 1) / 10
+        else:
+            assert t == pytest.approx(stamp / 10), (i, times)
+    assert errors.reasons() == ["duplicate_stamp"] * 3
+    assert [f"frame {i}" in detail for i, (_, _, detail) in zip(duplicates, errors)] == [True] * 3
 
 
 def test_a_folder_of_videos_with_a_preview_image_reads_every_video(tmp_path):
