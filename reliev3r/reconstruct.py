@@ -88,7 +88,9 @@ class FrameStream:
 
 def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> FrameStream:
     """Every ``stride``-th frame of a video file or a sorted image folder, at most
-    ``max_frames``, decoded as the stream is read (one frame in memory at a time)."""
+    ``max_frames``, decoded as the stream is read (one frame in memory at a time). A video's
+    frames are turned as players show them, and ``intrinsics`` (of the frames as recorded)
+    with them (``streamer.glance.orient_intrinsics``)."""
     from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses
     from reliev3r.imaging import read_intrinsics
 
@@ -117,11 +119,15 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
-        from streamer.glance import orient
+        from streamer.glance import orient, orient_intrinsics
         from streamer.sources import upright, video_stream
 
         with av.open(str(path)) as container:
             known = video_stream(container).frames  # 0 when the container does not say
+            if K is not None:  # given for the frames as recorded: turned with them (below)
+                first = next(container.decode(video_stream(container)), None)
+                if first is not None:
+                    K = orient_intrinsics(K, upright(first), first.width, first.height)
         total = min(-(-known // stride), max_frames) if known > 0 else None
 
         def decoded() -> Iterator[tuple[np.ndarray, float]]:

@@ -113,6 +113,25 @@ def orient(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
+def orient_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:
+    """Intrinsics [3, 3] (float64) of a ``width`` x ``height`` image shown under ``orientation``
+    (:func:`orient`), from its own: a ray projects to the pixel its recorded pixel is shown at
+    (pixel centres at whole coordinates, as in ``reliev3r.geometry``), in camera axes turned
+    as the pixels are. A transpose swaps the axes (fx with fy, cx with cy); a flip counts its
+    axis from the other end (``cy' = height - 1 - cy`` for the rows, the height once turned)."""
+    K = np.array(intrinsics, dtype=np.float64)
+    if orientation & TRANSPOSE:
+        K = K[[1, 0, 2]][:, [1, 0, 2]]
+        width, height = height, width
+    if orientation & FLIP_ROWS:
+        K[1] = (height - 1) * K[2] - K[1]
+        K[:, 1] *= -1
+    if orientation & FLIP_COLUMNS:
+        K[0] = (width - 1) * K[2] - K[0]
+        K[:, 0] *= -1
+    return K
+
+
 def glance_of_video_frame(vframe, orientation: int = 0) -> Glance | None:
     """The glance of a PyAV frame in planar YUV (:data:`PLANAR_YUV`) or with interleaved chroma
     (:data:`SEMI_PLANAR`), from its planes (no RGB conversion of the whole frame), shown under

@@ -189,6 +189,35 @@ def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_pa
         np.testing.assert_array_equal(rgb, frame.rgb)
 
 
+@pytest.mark.parametrize("matrix, expected", [
+    # a phone held upright (players turn the picture a quarter clockwise): the focal lengths swap,
+    # the principal point's row is its column, its column counted from the right of the 48 rows
+    ((0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000), (55.0, 50.0, 48 - 1 - 20.0, 30.0)),
+    ((-0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000), (50.0, 55.0, 64 - 1 - 30.0, 20.0)),  # a front camera's mirror
+    ((0, 0x10000, 0, 0x10000, 0, 0, 0, 0, 0x40000000), (55.0, 50.0, 20.0, 30.0)),  # turned and mirrored: transposed
+])
+def test_given_intrinsics_are_turned_with_the_frames_of_a_phones_video(tmp_path, matrix, expected):
+    """``reconstruct --intrinsics`` (fx fy cx cy of the sensor as recorded, 64x48) on a video
+    with a display matrix: the frames are turned as players show them, and the intrinsics with
+    them (before, the recorded ones were handed on with the turned frames). The principal point
+    is the pixel of the turned frame that the recorded one lands on."""
+    from reliev3r.reconstruct import open_input
+    from streamer.glance import display_orientation, orient
+    from streamer_media import encode, panning_frames, set_display_matrix
+
+    clip = set_display_matrix(encode(tmp_path / "phone.mp4", panning_frames(4, 64, 48)), matrix)
+    (tmp_path / "K.txt").write_text("50 55 30 20\n")
+    stream = open_input(clip, stride=1, max_frames=4, intrinsics=tmp_path / "K.txt")
+    fx, fy, cx, cy = expected
+    np.testing.assert_allclose(stream.intrinsics, [[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    frames = list(stream.frames)
+    assert frames[0][0].shape[:2] == ((64, 48) if fx == 55.0 else (48, 64))
+    columns, rows = np.meshgrid(np.arange(64), np.arange(48))  # where each recorded pixel is shown
+    shown = orient(np.stack([columns, rows], -1), display_orientation(matrix))
+    assert shown.shape[:2] == frames[0][0].shape[:2]
+    assert tuple(shown[int(cy), int(cx)]) == (30, 20)
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")

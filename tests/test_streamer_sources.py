@@ -709,6 +709,27 @@ def test_an_orientation_shows_each_pixel_where_its_display_matrix_puts_it(a, b, 
     np.testing.assert_array_equal(orient(source, display_orientation([3 * m for m in matrix])), shown)
 
 
+@pytest.mark.parametrize("a, b, c, d", SIGNED_PERMUTATIONS)
+def test_intrinsics_are_turned_as_the_display_matrix_turns_the_pixels(a, b, c, d):
+    """Known answer for the eight quarter turns and mirrors: the recorded pixel (p, q) of the
+    ray (X, Y, 1) is shown where the display matrix puts it (:func:`placed`), and the turned
+    intrinsics take that pixel back to the ray in the camera axes turned the same way
+    (a X + c Y, b X + d Y, 1)."""
+    from streamer.glance import display_orientation, orient_intrinsics
+
+    K = np.array([[50.0, 0, 30.25], [0, 55.0, 19.5], [0, 0, 1]])
+    q, p = np.mgrid[:48, :64]
+    rays = np.stack([p, q, np.ones_like(p)], -1) @ np.linalg.inv(K).T  # of each recorded pixel (column, row)
+    rays_turned = placed(np.stack([a * rays[..., 0] + c * rays[..., 1], b * rays[..., 0] + d * rays[..., 1]], -1),
+                         a, b, c, d)  # shown where their pixels are
+    matrix = (a * 0x10000, b * 0x10000, 0, c * 0x10000, d * 0x10000, 0, 0, 0, 0x40000000)
+    turned = orient_intrinsics(K, display_orientation(matrix), 64, 48)
+    q, p = np.mgrid[:rays_turned.shape[0], :rays_turned.shape[1]]
+    here = np.stack([p, q, np.ones_like(p)], -1) @ np.linalg.inv(turned).T  # the ray of each shown pixel
+    np.testing.assert_allclose(here[..., :2], rays_turned, atol=1e-12)
+    assert turned[0, 1] == turned[1, 0] == 0 and turned[0, 0] > 0 and turned[1, 1] > 0
+
+
 @pytest.mark.parametrize("name, matrix", [
     ("mirrored", (-0x10000, 0, 0, 0, 0x10000, 0, 48 << 16, 0, 0x40000000)),  # a front camera's
     ("upside_down_mirror", (0x10000, 0, 0, 0, -0x10000, 0, 0, 32 << 16, 0x40000000)),
