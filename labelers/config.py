@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,6 +10,31 @@ from reliev3r.config_base import check_device
 
 ORACLE = ("oracle", "oracle-gt")
 """Names of the oracle teacher (``labeler.teacher``, before its ``?options``)."""
+MODEL_KINDS = ("hf", "onnx", "torchscript", "tflite", "pydnet")
+"""Model backends of ``labeler.teacher``: ``<kind>:<file, folder or hub id>`` (``labelers.depth_models``)."""
+TEACHER_FORMS = {"none": "none", "oracle": "oracle[?options]", "oracle-gt": "oracle-gt[?options]",
+                 "embedded": "embedded[:<weights file or folder>]",
+                 **{kind: f"{kind}:<{'hub id or folder' if kind == 'hf' else 'file'}>[?options]"
+                    for kind in MODEL_KINDS}}
+"""The forms of a ``labeler.teacher`` spec by name, as an error names them."""
+
+
+def teacher_kind(spec: str) -> str:
+    """What a teacher spec names, from its form alone (no file looked for, no weights loaded):
+    ``none``, ``oracle``, ``embedded`` or one of :data:`MODEL_KINDS`. A ``ValueError`` naming
+    the accepted forms for any other spec (``embeded``, a bare ``model.onnx``)."""
+    if spec == "none":
+        return "none"
+    if spec.partition("?")[0] in ORACLE:
+        return "oracle"
+    kind, sep, target = spec.partition(":")
+    if kind == "embedded":
+        return "embedded"
+    if sep and target and kind in MODEL_KINDS:
+        return kind
+    close = difflib.get_close_matches(kind.partition("?")[0].lower(), TEACHER_FORMS, n=1)
+    hint = f" (did you mean {TEACHER_FORMS[close[0]]}?)" if close else ""
+    raise ValueError(f"teacher {spec!r} is not available{hint}; accepted: {', '.join(TEACHER_FORMS.values())}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -25,7 +51,10 @@ class LabelerConfig:
     ``oracle?gamma=..&warp=..&blur=..&clip=..&noise=..&holes=..`` (``labelers.depth.OracleTeacher``;
     its version names the settings), or a model: ``hf:<hub id or folder>``,
     ``onnx:<file>?space=disparity``, ``torchscript:<file>?space=depth``, ``tflite:<file>?space=...``,
-    ``pydnet:<file>`` (see ``labelers/depth_models.py`` for the options)."""
+    ``pydnet:<file>`` (see ``labelers/depth_models.py`` for the options). A spec of none of these
+    forms, or an oracle option that is not one, is refused at load (:func:`teacher_kind`); a
+    model's file is looked for when the labeler starts (a config written on one host often runs
+    on another)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Teacher arithmetic: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU."""
     compile: Literal["none", "inductor", "tensorrt"] = "none"
@@ -125,6 +154,10 @@ class LabelerConfig:
         return make_teacher(self.teacher).exact_shape
 
     def __post_init__(self) -> None:
+        if teacher_kind(self.teacher) == "oracle":  # its options too: building it loads nothing
+            from labelers.depth import make_teacher
+
+            make_teacher(self.teacher)
         check_device("device", self.device)
         if self.workers < 1:
             raise ValueError("workers must be >= 1")

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from labelers.config import ORACLE, LabelerConfig
+from labelers.config import LabelerConfig, teacher_kind
 
 _LABELER = LabelerConfig()
 """Where the teachers' keyword defaults come from (``labeler.device``, ``batch_frames``,
@@ -256,9 +256,6 @@ def oracle_version(settings: dict[str, float]) -> str:
     return "1+" + ",".join(changed) if changed else "1"
 
 
-MODEL_KINDS = ("hf", "onnx", "torchscript", "tflite", "pydnet")
-
-
 def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int = _LABELER.batch_frames,
                  precision: str = _LABELER.precision, compile: str = _LABELER.compile) -> DepthTeacher:
     """The teacher named by ``spec``:
@@ -275,21 +272,19 @@ def make_teacher(spec: str, device: str = _LABELER.device, *, batch_frames: int 
     ``batch_frames``, ``precision`` (auto = bf16 on CUDA, fp32 on CPU) and ``compile``
     (none, inductor, tensorrt; CUDA only) apply to the torch backends.
     """
-    if spec == "none":
+    kind = teacher_kind(spec)  # a spec of no known form: ValueError naming the accepted ones
+    if kind == "none":
         return NoTeacher()
-    base, _, query = spec.partition("?")
-    if base in ORACLE:
+    if kind == "oracle":
+        query = spec.partition("?")[2]
         return OracleTeacher.from_options(query, spec) if query else OracleTeacher()
-    kind, sep, target = spec.partition(":")
+    target = spec.partition(":")[2]
     if kind == "embedded":  # the package-shipped default; ``embedded:<file or folder>`` for other weights
         from labelers.embedded import EmbeddedTeacher
 
         return EmbeddedTeacher(device, weights=target or None, batch_frames=batch_frames, precision=precision,
                                compile=compile)
-    if sep and kind in MODEL_KINDS and target:
-        from labelers.depth_models import make_model_teacher
+    from labelers.depth_models import make_model_teacher
 
-        return make_model_teacher(kind, target, device=device, batch_frames=batch_frames,
-                                  precision=precision, compile=compile)
-    raise ValueError(f"teacher {spec!r} is not available (known: none, oracle, embedded, "
-                     + ", ".join(f"{k}:<path>" for k in MODEL_KINDS) + ")")
+    return make_model_teacher(kind, target, device=device, batch_frames=batch_frames, precision=precision,
+                              compile=compile)

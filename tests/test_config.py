@@ -329,3 +329,38 @@ def test_the_match_terms_share_of_the_shape_is_chosen_by_the_teacher(overrides, 
 def test_a_bad_oracle_spec_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown options"):
         load([], ["labeler.teacher=oracle?sharpness=1"])
+
+
+@pytest.mark.parametrize("spec", ["embeded", "Embedded", "oracles", "onnx", "model.onnx", "weights.pt", "foo:bar",
+                                  "none?x", "embedded?x"])
+def test_an_unknown_teacher_is_refused_at_load_naming_the_key_and_the_accepted_forms(spec):
+    """``labeler.teacher=embeded`` loaded: the labeler refused it only once ``up`` had started
+    the streamer and the rest. Only the spec's form is checked (no weights loaded)."""
+    with pytest.raises(ConfigError, match=r"^labeler\.teacher") as err:
+        load([], [f"labeler.teacher={spec}"])
+    for form in ("none", "oracle", "oracle-gt", "embedded[:<weights", "hf:<", "onnx:<", "torchscript:<",
+                 "tflite:<", "pydnet:<"):
+        assert form in str(err.value), (form, str(err.value))
+
+
+@pytest.mark.parametrize("spec", ["none", "embedded", "oracle", "oracle-gt?noise=0", "oracle?strength=1",
+                                  "embedded:/not/here/w.safetensors", "hf:depth-anything/Depth-Anything-V2-Small-hf",
+                                  "onnx:/not/here.onnx?space=disparity", "torchscript:m.pt?space=depth",
+                                  "tflite:m.tflite?space=depth", "pydnet:/not/here/pydnet++.tflite"])
+def test_every_teacher_form_loads_without_its_weights(spec):
+    """A file or folder is not looked for at load (like ``learner.init`` and the devices: a config
+    written on one host often runs on another); the labeler says a missing one when it starts."""
+    assert load([], [f"labeler.teacher={spec}"]).labeler.teacher == spec
+
+
+def test_an_unknown_matcher_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"labeler\.matcher: 'surf' is not one of"):
+        load([], ["labeler.matcher=surf"])
+
+
+def test_a_bad_oracle_option_is_refused_at_load_whatever_the_match_shape_weight():
+    """The oracle's options were checked only where ``learner.loss.match_shape_weight`` was left
+    to the teacher (which builds the oracle to ask its shape); set, a typo loaded."""
+    for extra in ([], ["learner.loss.match_shape_weight=1"]):
+        with pytest.raises(ConfigError, match=r"^labeler\.teacher 'oracle\?sharpness=1': unknown options"):
+            load([], ["labeler.teacher=oracle?sharpness=1", *extra])

@@ -214,14 +214,15 @@ def test_the_depth_loss_is_said_off_only_where_the_loss_has_no_depth_term(tmp_pa
 def test_counts_in_the_status_line_survive_a_restart_and_ignore_the_dead_process(tmp_path):
     """A process counts from 0: the status line adds what a stage's earlier incarnations
     counted, and a heartbeat of one that is gone (its pid) changes nothing. The real labeler
-    (a teacher that is not there: it dies at start), reaped and started again by the supervisor."""
+    (a teacher file that is not there: it dies at start), reaped and started again by the supervisor."""
     import zmq
 
     from reliev3r import config as rconfig
     from reliev3r import protocol
     from reliev3r.supervisor import Supervisor
 
-    cfg = rconfig.load([ROOT / "configs" / "default.yaml"], [f"run.dir={tmp_path}", "labeler.teacher=bogus"])
+    cfg = rconfig.load([ROOT / "configs" / "default.yaml"],
+                       [f"run.dir={tmp_path}", f"labeler.teacher=onnx:{tmp_path / 'bogus.onnx'}?space=depth"])
     sup = Supervisor(cfg, out=io.StringIO())
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
@@ -414,7 +415,7 @@ def test_only_a_run_that_learns_from_its_depth_teacher_refreshes_it(tmp_path):
 
 @pytest.mark.timeout(300)  # bounds a hang only
 def test_a_stage_that_keeps_failing_at_start_stops_the_run_with_its_error(tmp_path, monkeypatch):
-    """A config the stage cannot run with (a teacher that does not exist; a dataset that is not
+    """A config the stage cannot run with (a teacher file that is not there; a dataset that is not
     there; windows longer than every source) made ``up`` restart that stage for ever: after
     ``GIVE_UP_AFTER`` early failures in a row with the same error the run stops, says why, exit 1.
     The real labeler process, started and reaped by the supervisor as ``up`` does."""
@@ -425,7 +426,9 @@ def test_a_stage_that_keeps_failing_at_start_stops_the_run_with_its_error(tmp_pa
 
     monkeypatch.setattr(supervisor, "GIVE_UP_AFTER", 3)
     sup = supervisor.Supervisor(rconfig.load([ROOT / "configs" / "default.yaml"],
-                                             [f"run.dir={tmp_path}", "labeler.teacher=bogus"]), out=io.StringIO())
+                                             [f"run.dir={tmp_path}",
+                                              f"labeler.teacher=onnx:{tmp_path / 'bogus.onnx'}?space=depth"]),
+                                 out=io.StringIO())
     try:
         (tmp_path / "logs").mkdir()
         sup.config_file = tmp_path / "config.yaml"
@@ -437,7 +440,7 @@ def test_a_stage_that_keeps_failing_at_start_stops_the_run_with_its_error(tmp_pa
             sup._reap_and_restart()
             time.sleep(0.2)
         assert sup.gave_up and sup._final_code() == 1, sup.out.getvalue()
-        assert "labeler failed 3 times in a row at start" in sup.gave_up and "teacher 'bogus'" in sup.gave_up
+        assert "labeler failed 3 times in a row at start" in sup.gave_up and "bogus.onnx' does not exist" in sup.gave_up
         assert sup.out.getvalue().count("labeler died") == 2 and sup.children["labeler"].proc is None
     finally:
         sup.metrics.close()
