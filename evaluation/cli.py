@@ -7,7 +7,10 @@ Prints a markdown table (one row per model or baseline) and writes ``results.jso
 with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
 for a snapshot of a run whose teacher refresh is done, the teacher that refresh made)
 and two-view essential-matrix poses from verified matches. Every model sees the same windows,
-at the first snapshot's training resolution.
+at the first snapshot's training resolution. The windows (``streamer.views``, ``evaluator.data``,
+``windows``, ``stride``, the synthetic world) are the snapshot's run's, from its ``config.yaml``,
+where the command line does not set them and no ``--config`` is given
+(:func:`reliev3r.config.with_run_config`, as ``reliev3r view`` reads a run).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
 from learner import snapshot as snapshots
 from learner.snapshot import resolve_snapshot
-from reliev3r.config import PipelineConfig, held_out_world, refreshed_teacher, run_folder
+from reliev3r.config import PipelineConfig, held_out_world, refreshed_teacher, run_folder, with_run_config
 
 COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
            "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
@@ -49,6 +52,8 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     snap = resolve_snapshot(Path(args.checkpoint))
     run = run_folder(snap)  # the results and the held-out synthetic world are the run's
+    # views, windows, data: the run's (its config.yaml) where the command line does not say
+    cfg = with_run_config(cfg, run, files=getattr(args, "config", []), overrides=getattr(args, "overrides", []))
     model, meta = snapshots.load_model(snap, device)
     compare = []
     for path in getattr(args, "compare", None) or []:

@@ -65,9 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     add("evaluate", "run the evaluator process that scores each new snapshot")
     ev = add("eval", "evaluate a snapshot on a dataset and print the table")
     ev.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
-    ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], folder:DIR[@A-B] or DIR")
+    ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], "
+                    "folder:DIR[@A-B] or DIR (default: evaluator.data; here and below, of the run's config.yaml "
+                    "unless --config is given)")
     ev.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views)")
-    ev.add_argument("--windows", type=at_least(1), default=None, help="windows to evaluate")
+    ev.add_argument("--windows", type=at_least(1), default=None,
+                    help="windows to evaluate (default: evaluator.windows)")
     ev.add_argument("--out", default=None,
                     help="folder for the JSON and markdown results (default: eval/ in the checkpoint's run folder)")
     ev.add_argument("--compare", action="append", default=[], metavar="PATH",

@@ -24,7 +24,7 @@ from streamer.config import StreamerConfig, SyntheticConfig
 
 __all__ = ["REFRESHED_TEACHER", "ConfigError", "CurveConfig", "NetworkConfig", "PipelineConfig", "RunConfig", "build",
            "free_port", "held_out_world", "load", "load_data", "merge", "parse_override", "refreshed_teacher",
-           "resolve_ports", "run_folder", "to_dict", "with_overrides"]
+           "resolve_ports", "run_folder", "to_dict", "with_overrides", "with_run_config"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,6 +100,25 @@ def run_folder(path: str | Path) -> Path:
     if not (path / "evaluations").is_dir() and any(path.glob("step-*.json")):  # a run's evaluations
         return path.parent
     return path
+
+
+RUN_SECTIONS = ("streamer", "evaluator")
+"""The sections of a run's ``config.yaml`` a tool reads its snapshots with (:func:`with_run_config`)."""
+
+
+def with_run_config(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> PipelineConfig:
+    """The config a tool (``eval``, ``view``) reads a run's snapshots with: ``cfg`` with the
+    :data:`RUN_SECTIONS` of ``<run_dir>/config.yaml`` (the run's windows: views, size, synthetic
+    world; its evaluator's data, windows, stride) and the ``overrides`` on top, so an option the
+    command does not set is the run's; ``cfg`` itself where the command was given config
+    ``files`` or the run has no config. The run's other sections are not read (learner options
+    of another version still open)."""
+    path = Path(run_dir) / "config.yaml"
+    if files or not path.is_file():
+        return cfg
+    data = load_data([path])
+    own = {k: data[k] for k in RUN_SECTIONS if k in data}
+    return build(PipelineConfig, merge(merge(to_dict(cfg), own), load_data([], overrides)))
 
 
 def held_out_world(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> SyntheticConfig:

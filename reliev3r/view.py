@@ -196,24 +196,6 @@ def log_run(rec, rr, cfg, run: Path, *, snapshots: int = 8, windows: int = 1, de
     return len(picks)
 
 
-def run_config(path: Path, overrides: list[str]):
-    """A run's config as far as ``view`` needs it: its ``streamer`` and ``evaluator`` sections
-    over the defaults (the rest, e.g. learner options of another version, is not read)."""
-    import tempfile
-
-    import yaml
-
-    from reliev3r import config as rconfig
-    from reliev3r.cli import DEFAULT_CONFIG
-
-    data = yaml.safe_load(path.read_text()) or {}
-    sections = {k: data[k] for k in ("streamer", "evaluator") if k in data}
-    with tempfile.TemporaryDirectory() as tmp:
-        part = Path(tmp) / "view.yaml"
-        part.write_text(yaml.safe_dump(sections))
-        return rconfig.load([DEFAULT_CONFIG, part], overrides)
-
-
 def open_recording(out: Path):
     rr = _rerun()
     rec = rr.RecordingStream("reliev3r")
@@ -243,8 +225,9 @@ def main(cfg, args) -> int:
         if (target / "poses.txt").is_file():
             what = f"{log_reconstruction(rec, rr, target)} frames"
         else:
-            if (target / "config.yaml").is_file() and not args.config:
-                cfg = run_config(target / "config.yaml", args.overrides)
+            from reliev3r.config import with_run_config
+
+            cfg = with_run_config(cfg, target, files=args.config, overrides=args.overrides)
             what = f"{log_run(rec, rr, cfg, target, snapshots=args.snapshots, windows=args.windows)} snapshots"
     except Exception as err:  # a config or data problem: say it, leave no half recording
         close_recording(rec)

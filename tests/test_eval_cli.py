@@ -122,6 +122,34 @@ def test_eval_and_export_write_into_the_checkpoints_run_and_reuse_its_world(tmp_
     assert not elsewhere.exists()
 
 
+def test_eval_takes_views_windows_and_data_from_the_checkpoints_run(tmp_path):
+    """``eval RUN`` scored at the command's defaults (4 views, 8 windows of ``evaluator.data``),
+    not at the run's own (``<run>/config.yaml``, as ``view RUN`` reads it): a run of 3 views on
+    a dataset of its own got figures that were not its evaluator's. The command line still wins,
+    and ``--config`` means the command's own config."""
+    from reliev3r.synthetic import ensure_world
+    from streamer.config import SyntheticConfig
+
+    data = tmp_path / "mine"
+    ensure_world(data, SyntheticConfig(scenes=1, frames=24, height=48, width=64), progress=False)
+    run = make_tiny_snapshot(tmp_path / "run", seed=0).parent.parent
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"streamer": {"views": 3}, "evaluator": {"data": f"synthetic:{data}", "windows": 2, "stride": 2}}))
+    snap = run / "snapshots" / "step-000000002"
+    common = ["--teacher", "none", f"run.dir={tmp_path / 'default'}"]
+
+    def scored(*argv: str) -> tuple:
+        assert cli.main(["eval", "--checkpoint", str(snap), *argv, *common]) == 0
+        result = json.loads((run / "eval" / "results.json").read_text())
+        return result["data"], result["views"], len(result["windows"]), result["stride"]
+
+    assert scored() == (f"synthetic:{data}", 3, 2, 2)  # the run's
+    assert scored("--views", "2", "--windows", "1", "evaluator.stride=1") == (f"synthetic:{data}", 2, 1, 1)
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"evaluator": {"data": f"synthetic:{data}", "windows": 1}}))
+    assert scored("--config", str(own)) == (f"synthetic:{data}", 4, 1, 4)  # the command's config alone
+
+
 def test_disparity_teacher_is_aligned_in_disparity_space():
     rng = np.random.default_rng(0)
     gt = rng.uniform(0.5, 4.0, (12, 16)).astype(np.float32)

@@ -97,7 +97,9 @@ def test_view_refuses_what_it_cannot_show(tmp_path):
 
 
 def test_a_run_config_is_read_for_its_streamer_and_evaluator_only(tmp_path):
+    from reliev3r.config import load, with_run_config
+
     path = tmp_path / "config.yaml"
     path.write_text("streamer:\n  views: 3\nevaluator:\n  windows: 2\nlearner:\n  no_such_key: 1\n")
-    cfg = view.run_config(path, ["streamer.height=40"])
+    cfg = with_run_config(load([], ["streamer.height=40"]), tmp_path, files=[], overrides=["streamer.height=40"])
     assert (cfg.streamer.views, cfg.evaluator.windows, cfg.streamer.height) == (3, 2, 40)
