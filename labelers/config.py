@@ -105,7 +105,8 @@ class LabelerConfig:
     --distill`` of the run for ``refresh_seconds`` on this device, into ``<run.dir>/teacher``),
     then starts the run again on it: labelers on the new teacher, an empty replay and a learner
     from scratch (or ``learner.init``), ``learner.max_steps`` counted from there; the first
-    part's snapshots, evaluations and replay store move to ``<run.dir>/before-refresh``. A
+    part's snapshots, evaluations and replay store move to ``<run.dir>/before-refresh`` (with a
+    copy of the run's ``config.yaml``, which ``reliev3r eval`` and ``view`` read there). A
     resumed run keeps the new teacher. The new teacher is fine-tuned from the teacher in use
     when that is ``embedded`` or ``embedded:PATH``, else from the shipped weights (a run that
     starts on ``pydnet:`` goes on with an embedded teacher made from its own learner). Why

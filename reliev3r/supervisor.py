@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,6 +298,11 @@ class Supervisor:
         for name in ("snapshots", "evaluations", "replay"):
             if (self.run_dir / name).exists():
                 os.replace(self.run_dir / name, before / name)
+        # eval and view take before-refresh/ for a run of its own (reliev3r.config.run_folder) and
+        # read their windows from its config.yaml, else from their own defaults
+        tmp = before / "config.yaml.tmp"
+        shutil.copyfile(self.config_file, tmp)
+        os.replace(tmp, before / "config.yaml")
         self._print(f"new teacher {self.teacher_file}: the learner starts afresh on it with an empty replay "
                     f"(the run before the refresh is in {before})")
         for stage in STAGES:

@@ -343,6 +343,44 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         sup.metrics.close()
 
 
+def test_the_run_before_a_refresh_is_evaluated_with_the_runs_config(tmp_path, monkeypatch):
+    """A done refresh moves the first part's snapshots to ``before-refresh/``, a folder that
+    ``eval`` and ``view`` take for a run of its own; it had no ``config.yaml``, so ``eval`` of
+    such a snapshot scored at the command's defaults (4 views, 8 windows of the default
+    synthetic world, rendered again into ``before-refresh/``), not at the run's."""
+    from reliev3r import config as rconfig
+    from reliev3r.synthetic import ensure_world
+    from streamer.config import SyntheticConfig
+    from tests.tiny_snapshot import make_tiny_snapshot
+
+    data = tmp_path / "mine"
+    ensure_world(data, SyntheticConfig(scenes=1, frames=24, height=48, width=64), progress=False)
+    run = tmp_path / "run"
+    sup = _refresh_supervisor(run, "streamer.views=3", f"evaluator.data=synthetic:{data}", "evaluator.windows=2",
+                              "evaluator.stride=2")
+    try:
+        run.mkdir()
+        sup.config_file = run / "config.yaml"  # as run() writes it
+        sup.config_file.write_text(yaml.safe_dump(rconfig.to_dict(sup.cfg), sort_keys=False))
+        snap = make_tiny_snapshot(run)
+        (run / "teacher").mkdir()
+        (run / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+        (run / "teacher" / "embedded_depth.json").write_text("{}")
+        sup._distill = subprocess.Popen([sys.executable, "-c", "pass"])
+        sup._distill.wait()
+        sup._refresh = "distilling"
+        monkeypatch.setattr(sup, "_start", lambda child: None)  # the stages are not what is tested
+        sup._refresh_teacher()
+        assert sup._refresh == "done" and not (run / "snapshots").exists(), sup.out.getvalue()
+    finally:
+        sup.metrics.close()
+    moved = run / "before-refresh" / "snapshots" / snap.name
+    assert cli.main(["eval", "--checkpoint", str(moved), "--teacher", "none", f"run.dir={tmp_path / 'default'}"]) == 0
+    result = json.loads((run / "before-refresh" / "eval" / "results.json").read_text())
+    assert (result["data"], result["views"], len(result["windows"]), result["stride"]) == (
+        f"synthetic:{data}", 3, 2, 2)
+
+
 @pytest.mark.timeout(120)  # bounds a hang only
 def test_a_process_the_supervisor_starts_dies_when_the_supervisor_is_sigkilled():
     """``die_with_supervisor`` (every stage, and a teacher refresh's distillation, each in a
