@@ -28,7 +28,7 @@ from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
 from learner import snapshot as snapshots
 from learner.snapshot import resolve_snapshot
-from reliev3r.config import PipelineConfig, held_out_world, refreshed_teacher, run_folder, with_run_config
+from reliev3r.config import PipelineConfig, refreshed_teacher, run_folder, with_run_config
 
 COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
            "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
@@ -64,8 +64,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     data = args.data or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=args.windows or cfg.evaluator.windows, stride=cfg.evaluator.stride,
-                           run_dir=run, synthetic_cfg=held_out_world(cfg, run, files=getattr(args, "config", []),
-                                                                     overrides=getattr(args, "overrides", [])))
+                           run_dir=run, synthetic_cfg=cfg.streamer.synthetic)
     has_depth, has_poses = has_ground_truth(windows)
     per_window: dict[str, list[dict[str, float]]] = {}  # the scores of each window: for the intervals
     first = f"model {_snapshot_name(snap, meta)}"

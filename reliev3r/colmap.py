@@ -352,20 +352,19 @@ def export_held_out(cfg, args) -> int:
     from evaluation.datasets import load_windows
     from learner.api import Reconstructor
     from learner.snapshot import resolve_snapshot
-    from reliev3r.config import held_out_world, run_folder
+    from reliev3r.config import run_folder, with_run_config
 
     fmt = getattr(args, "colmap_format", None) or "bin"
     snap = resolve_snapshot(args.checkpoint)
-    run = run_folder(snap)  # the held-out synthetic world is the run's
+    run = run_folder(snap)  # its views, windows, data and held-out synthetic world: the run's
+    cfg = with_run_config(cfg, run, files=getattr(args, "config", []), overrides=getattr(args, "overrides", []))
     rec = Reconstructor.from_snapshot(snap, device="cpu")
     height, width = rec.image_size or (cfg.streamer.height, cfg.streamer.width)
     views = getattr(args, "views", None) or cfg.streamer.views
     data = getattr(args, "data", None) or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=getattr(args, "windows", None) or cfg.evaluator.windows,
-                           stride=cfg.evaluator.stride, run_dir=run,
-                           synthetic_cfg=held_out_world(cfg, run, files=getattr(args, "config", []),
-                                                        overrides=getattr(args, "overrides", [])))
+                           stride=cfg.evaluator.stride, run_dir=run, synthetic_cfg=cfg.streamer.synthetic)
     out = Path(args.colmap)
     index = []
     for window in tqdm(windows, desc="COLMAP export", unit="window"):

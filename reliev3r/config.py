@@ -20,10 +20,10 @@ from monitoring.config import MonitoringConfig
 from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunConfig, build, free_port, load_data,
                                   merge, parse_override, to_dict, with_overrides)
 from replay.config import ReplayConfig
-from streamer.config import StreamerConfig, SyntheticConfig
+from streamer.config import StreamerConfig
 
 __all__ = ["REFRESHED_TEACHER", "ConfigError", "CurveConfig", "NetworkConfig", "PipelineConfig", "RunConfig", "build",
-           "free_port", "held_out_world", "load", "load_data", "merge", "parse_override", "refreshed_teacher",
+           "free_port", "load", "load_data", "merge", "parse_override", "refreshed_teacher",
            "resolve_ports", "run_folder", "to_dict", "with_overrides", "with_run_config"]
 
 
@@ -107,31 +107,20 @@ RUN_SECTIONS = ("streamer", "evaluator")
 
 
 def with_run_config(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> PipelineConfig:
-    """The config a tool (``eval``, ``view``) reads a run's snapshots with: ``cfg`` with the
-    :data:`RUN_SECTIONS` of ``<run_dir>/config.yaml`` (the run's windows: views, size, synthetic
-    world; its evaluator's data, windows, stride) and the ``overrides`` on top, so an option the
-    command does not set is the run's; ``cfg`` itself where the command was given config
-    ``files`` or the run has no config. The run's other sections are not read (learner options
-    of another version still open)."""
+    """The config a tool (``eval``, ``export --colmap``, ``view``) reads a run's snapshots with:
+    ``cfg`` with the :data:`RUN_SECTIONS` of ``<run_dir>/config.yaml`` (the run's windows: views,
+    size, synthetic world, whose held-out scenes its evaluator rendered into
+    ``<run_dir>/eval_world`` and a tool reuses rather than renders again with another spec; its
+    evaluator's data, windows, stride) and the ``overrides`` on top, so an option the command
+    does not set is the run's; ``cfg`` itself where the command was given config ``files`` or
+    the run has no config. The run's other sections are not read (learner options of another
+    version still open)."""
     path = Path(run_dir) / "config.yaml"
     if files or not path.is_file():
         return cfg
     data = load_data([path])
     own = {k: data[k] for k in RUN_SECTIONS if k in data}
     return build(PipelineConfig, merge(merge(to_dict(cfg), own), load_data([], overrides)))
-
-
-def held_out_world(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> SyntheticConfig:
-    """The synthetic world whose held-out scenes a tool renders into (or finds in)
-    ``<run_dir>/eval_world``: the run's own, ``streamer.synthetic`` of its ``config.yaml`` with the
-    ``overrides`` on top, unless the command was given config ``files`` or the run has no config;
-    else ``cfg``'s. The scenes its evaluator rendered are reused, not rendered again over them
-    with another spec (a run of ``configs/demo.yaml`` evaluated without that file)."""
-    path = Path(run_dir) / "config.yaml"
-    if files or not path.is_file():
-        return cfg.streamer.synthetic
-    own = {"streamer": {"synthetic": (load_data([path]).get("streamer") or {}).get("synthetic") or {}}}
-    return build(PipelineConfig, merge(own, load_data([], overrides))).streamer.synthetic
 
 
 def load(paths: list[str | Path] = (), overrides: list[str] = ()) -> PipelineConfig:

@@ -122,11 +122,12 @@ def test_eval_and_export_write_into_the_checkpoints_run_and_reuse_its_world(tmp_
     assert not elsewhere.exists()
 
 
-def test_eval_takes_views_windows_and_data_from_the_checkpoints_run(tmp_path):
+def test_eval_and_export_take_views_windows_and_data_from_the_checkpoints_run(tmp_path):
     """``eval RUN`` scored at the command's defaults (4 views, 8 windows of ``evaluator.data``),
     not at the run's own (``<run>/config.yaml``, as ``view RUN`` reads it): a run of 3 views on
-    a dataset of its own got figures that were not its evaluator's. The command line still wins,
-    and ``--config`` means the command's own config."""
+    a dataset of its own got figures that were not its evaluator's; ``export --colmap`` wrote
+    those windows too. The command line still wins, and ``--config`` means the command's own
+    config."""
     from reliev3r.synthetic import ensure_world
     from streamer.config import SyntheticConfig
 
@@ -148,6 +149,10 @@ def test_eval_takes_views_windows_and_data_from_the_checkpoints_run(tmp_path):
     own = tmp_path / "own.yaml"
     own.write_text(yaml.safe_dump({"evaluator": {"data": f"synthetic:{data}", "windows": 1}}))
     assert scored("--config", str(own)) == (f"synthetic:{data}", 4, 1, 4)  # the command's config alone
+    out = tmp_path / "colmap"
+    assert cli.main(["export", "--checkpoint", str(snap), "--colmap", str(out), *common[2:]]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert (index["data"], index["views"], len(index["windows"])) == (f"synthetic:{data}", 3, 2)
 
 
 def test_disparity_teacher_is_aligned_in_disparity_space():
