@@ -821,8 +821,8 @@ def compare_windows(a: Path, b: Path) -> None:
         vx, vy = {i for w in wx for i in w}, {i for w in wy for i in w}
         row = [len(wx), len(wx - wy), len(vx), len(vx ^ vy)]
         total = [t + r for t, r in zip(total, row)]
-        print(f"| {Path(name).parent.name}/{Path(name).name} | {len(wx)} / {len(wy)} | {row[1]} | {len(vx)} / {len(vy)} | {row[3]} | "
-              f"{x['cuts']} / {y['cuts']} |")
+        print(f"| {Path(name).parent.name}/{Path(name).name} | {len(wx)} / {len(wy)} | {row[1]} | "
+              f"{len(vx)} / {len(vy)} | {row[3]} | {x['cuts']} / {y['cuts']} |")
     print(f"| all | {total[0]} | {total[1]} | {total[2]} | {total[3]} | |")
 
 

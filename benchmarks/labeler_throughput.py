@@ -446,7 +446,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["depth"]:
         print(f"| {r['teacher']} | {r['compile']} | {r['input']} | {r['gflops_per_frame']:.0f} | "
-              f"{r['forward_frames_s']:.1f} | {r['mfu_forward']:.1%} | {r['teacher_frames_s']:.1f} | {r['mfu_teacher']:.1%} | "
+              f"{r['forward_frames_s']:.1f} | {r['mfu_forward']:.1%} | "
+              f"{r['teacher_frames_s']:.1f} | {r['mfu_teacher']:.1%} | "
               f"{r.get('per_window_frames_s', float('nan')):.1f} | "
               f"{r.get('forward_gpu_busy_ms', float('nan')):.2f}, {r.get('forward_kernels', float('nan')):.0f} |")
     print("\n| matcher | compiled XFeat | matched pairs/s | verified pairs/s | verified fraction |")

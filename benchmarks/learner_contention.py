@@ -174,7 +174,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between starting a load and timing")
     ap.add_argument("--quick", action="store_true", help="a few steps, 2 CPU threads, no GPU load (CPU check)")
     ap.add_argument("--blocks-mode", choices=["reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
-                    help="compile the model's blocks in this torch.compile mode (a study; reduce-overhead: CUDA graphs)")
+                    help="compile the model's blocks in this torch.compile mode "
+                         "(a study; reduce-overhead: CUDA graphs)")
     ap.add_argument("--compile-loss", action="store_true",
                     help="the objective's loss terms under torch.compile (a study; module docstring)")
     ap.add_argument("--json", type=Path, default=None)

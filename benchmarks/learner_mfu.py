@@ -105,7 +105,8 @@ def profile_steps(trainer: Trainer, data: dict, steps: int, seconds_per_step: fl
             trainer.step(data)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    per_step = sorted(((e.self_device_time_total / 1e3 / steps, e.count // steps, e.key) for e in kernels), reverse=True)
+    per_step = sorted(((e.self_device_time_total / 1e3 / steps, e.count // steps, e.key) for e in kernels),
+                      reverse=True)
     busy = sum(ms for ms, _, _ in per_step)
     classes: dict[str, float] = {}
     for ms, _, name in per_step:

@@ -190,7 +190,8 @@ def bench_torchrl(windows, size, batches, batch, tmp: Path) -> dict | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 518])
-    ap.add_argument("--windows", type=int, default=0, help="windows inserted per backend (default 48 at 224, 16 at 518)")
+    ap.add_argument("--windows", type=int, default=0,
+                    help="windows inserted per backend (default 48 at 224, 16 at 518)")
     ap.add_argument("--batches", type=int, default=0, help="timed sample calls (default 40 at 224, 20 at 518)")
     ap.add_argument("--batch", type=int, default=4, help="windows per sample call")
     ap.add_argument("--writers", type=int, default=1, help="concurrent inserting clients for the service rows")
@@ -217,16 +218,18 @@ def main() -> int:
                     bench_buffer(True, windows, size, batches, args.batch, tmp)]
             for row in ours:
                 if ref is not None:
-                    row["ratio"] = (row["inserts_per_s"] / ref["inserts_per_s"], row["samples_per_s"] / ref["samples_per_s"],
-                                    row["p50_ms"] / ref["p50_ms"])
+                    row["ratio"] = (row["inserts_per_s"] / ref["inserts_per_s"],
+                                    row["samples_per_s"] / ref["samples_per_s"], row["p50_ms"] / ref["p50_ms"])
                 print(row, file=sys.stderr)
             rows += ours + ([ref] if ref is not None else [])
     print(f"\n{datetime.date.today()} {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"batch {args.batch}, writers {args.writers}")
-    print("| size | backend | inserts/s | samples/s (windows) | p50 ms | p99 ms | ratio vs TorchRL (ins / samp / p50) |")
+    print("| size | backend | inserts/s | samples/s (windows) | p50 ms | p99 ms | "
+          "ratio vs TorchRL (ins / samp / p50) |")
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        ratio = " / ".join(f"{x:.2f}" for x in r["ratio"]) if "ratio" in r else "1 (reference)" if r["backend"].startswith("torchrl") else ""
+        ratio = (" / ".join(f"{x:.2f}" for x in r["ratio"]) if "ratio" in r
+                 else "1 (reference)" if r["backend"].startswith("torchrl") else "")
         print(f"| {r['size']} | {r['backend']} | {r['inserts_per_s']:.1f} | {r['samples_per_s']:.1f} | "
               f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {ratio} |")
     return 0

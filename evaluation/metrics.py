@@ -175,7 +175,8 @@ def pointmap_metrics(pred_depth: Tensor, pred_cam_to_world: Tensor, gt_depth: Te
                      seed: int = 0) -> dict[str, float]:
     """Accuracy and completeness (metres of the ground truth) of the window's point map."""
     valid = torch.isfinite(gt_depth) & (gt_depth > 0) & torch.isfinite(pred_depth) & (pred_depth > 0)
-    p, g = world_points(pred_depth, pred_cam_to_world, intrinsics)[valid], world_points(gt_depth, gt_cam_to_world, intrinsics)[valid]
+    p, g = (world_points(pred_depth, pred_cam_to_world, intrinsics)[valid],
+            world_points(gt_depth, gt_cam_to_world, intrinsics)[valid])
     gen = torch.Generator().manual_seed(seed)
     if p.shape[0] > max_points:
         idx = torch.randperm(p.shape[0], generator=gen)[:max_points]

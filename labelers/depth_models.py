@@ -299,7 +299,8 @@ class HFDepthTeacher(TorchDepthTeacher):
             files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
             digest = file_digest(files)
         else:
-            digest = getattr(cfg, "_commit_hash", None) or hashlib.sha256(cfg.to_json_string().encode()).hexdigest()[:12]
+            digest = (getattr(cfg, "_commit_hash", None)
+                      or hashlib.sha256(cfg.to_json_string().encode()).hexdigest()[:12])
         self.name = f"hf:{folder.name if folder.is_dir() else source}"
         self.version = f"{cfg.model_type}@{digest[:12]}"
         self.space = space

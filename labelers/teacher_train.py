@@ -160,7 +160,8 @@ def random_material(rng: np.random.Generator) -> Material:
     if kind == 1:  # wood: brownish fine stripes with strong noise
         h, v = rng.uniform(0.04, 0.12), rng.uniform(0.3, 0.8)
         a, b = hsv(h, rng.uniform(0.3, 0.7), v * 0.7), hsv(h, rng.uniform(0.3, 0.7), v)
-        return Material(a, b, 1, float(rng.uniform(0.01, 0.06)), float(rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.05)),
+        return Material(a, b, 1, float(rng.uniform(0.01, 0.06)),
+                        float(rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.05)),
                         float(rng.uniform(2.0, 10.0)), float(rng.uniform(0.3, 0.6)), int(rng.integers(0, 2**20)))
     h, sat = rng.uniform(), rng.uniform(0.0, 0.8)
     return Material(hsv(h, sat, rng.uniform(0.1, 0.5)), hsv(h, sat * rng.uniform(0.3, 1.0), rng.uniform(0.5, 1.0)),
@@ -291,7 +292,8 @@ def kitchen_world(rng: np.random.Generator, *, dining: bool = False) -> World:
                 boxes.append(Box(tuple(pos), tuple(half), tuple(map(tuple, rot)), mat()))
     for _ in range(int(rng.integers(0, 3))):  # things on the floor
         half = rng.uniform(0.1, 0.35, size=3)
-        c = np.array([rng.uniform(lo[0] + half[0], hi[0] - half[0]), rng.uniform(lo[1] + half[1], hi[1] - half[1]), half[2]])
+        c = np.array([rng.uniform(lo[0] + half[0], hi[0] - half[0]), rng.uniform(lo[1] + half[1], hi[1] - half[1]),
+                      half[2]])
         boxes.append(Box(tuple(c), tuple(half), tuple(map(tuple, geometry.axis_angle_to_matrix(
             torch.tensor([0.0, 0.0, rng.uniform(0, math.pi)])).tolist())), mat()))
     light = (float(rng.uniform(-0.4, 0.4) * size[0]), float(rng.uniform(-0.4, 0.4) * size[1]), float(size[2] - 0.2))

@@ -52,7 +52,8 @@ class Reconstructor:
         return max(p, round(height / p) * p), max(p, round(width / p) * p)
 
     @torch.no_grad()
-    def run(self, images: Sequence[np.ndarray | str | Path], intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def run(self, images: Sequence[np.ndarray | str | Path],
+            intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Reconstruct one window of V images (RGB uint8 HxWx3 arrays or image file paths).
 
         ``intrinsics``: [3, 3] shared or [V, 3, 3] per image, in pixels of the given images.

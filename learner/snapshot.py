@@ -365,7 +365,8 @@ def restore_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = True) -> tuple[FFRM, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", *,
+               ema: bool = True) -> tuple[FFRM, dict[str, Any]]:
     """An :class:`FFRM` in eval mode from a snapshot (EMA weights when present and ``ema``)."""
     from reliev3r.config_base import build
 

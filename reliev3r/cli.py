@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     rec.add_argument("--input", required=True, help="video file or image folder")
     rec.add_argument("--out", required=True, help="output folder")
-    for flag, kind, help_ in (("--views", int, "frames per window (8)"), ("--stride", int, "input frames between picked frames (1)"),
+    for flag, kind, help_ in (("--views", int, "frames per window (8)"),
+                              ("--stride", int, "input frames between picked frames (1)"),
                               ("--overlap", int, "frames shared by consecutive windows (2)"),
                               ("--max-frames", int, "frames picked at most (300)"),
                               ("--keep-fraction", float, "most confident fraction of each frame's pixels kept (0.5)"),

@@ -15,7 +15,8 @@ import numpy as np
 
 def read_intrinsics(path: Path) -> np.ndarray:
     """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
-    finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises ``ValueError`` naming the file (``OSError``: unreadable)."""
+    finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises
+    ``ValueError`` naming the file (``OSError``: unreadable)."""
     try:
         values = np.array(Path(path).read_text().split(), dtype=np.float64)
     except ValueError as err:

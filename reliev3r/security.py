@@ -64,7 +64,8 @@ def _write_cert(path: Path, public: bytes, secret: bytes | None) -> None:
     os.chmod(path, mode)  # O_CREAT's mode is masked by umask and ignored for existing files
 
 
-def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",), overwrite: bool = False) -> dict[str, Path]:
+def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
+                  overwrite: bool = False) -> dict[str, Path]:
     """Write a server key pair and one key pair per client name into ``folder``, and every
     client's public key into ``folder/authorized_clients``. Returns name -> file path
     (``server``, ``server_secret``, ``<client>``, ``<client>_secret``)."""

@@ -122,7 +122,8 @@ class Supervisor:
         """Why the run stopped on a child that keeps failing at start (exit 1), or None."""
         self.started = time.time()
         self.metrics = Metrics("supervisor")
-        self.restarts = self.metrics.counter("process_restarts_total", "Child processes restarted after a crash", ["stage"])
+        self.restarts = self.metrics.counter("process_restarts_total", "Child processes restarted after a crash",
+                                             ["stage"])
         self.child_up = self.metrics.gauge("child_up", "1 while a child process runs", ["stage"])
         for name in self.children:  # series exist at 0 from the start, so rate() and alerts see them
             self.restarts.labels(name)

@@ -33,11 +33,11 @@ What is exact:
 
 Seeds: ``render_scene(seed)`` is deterministic (same seed, same scene and trajectory on any
 machine: they are drawn with numpy; a GPU render may differ from a CPU one in the last float
-bits). Speed: ~65 ms of one CPU thread per 192x144 frame, ~15 ms per 256x192 frame on an H100. ``ensure_world`` derives each scene's seed from
-``(cfg.seed, scene index)`` through ``numpy.random.SeedSequence``, so different ``cfg.seed``
-give unrelated scenes: the evaluator's held-out world is
-``ensure_world(folder, replace(cfg, seed=cfg.seed + 1000))`` (file names carry the seed, so
-both worlds can share a folder).
+bits). Speed: ~65 ms of one CPU thread per 192x144 frame, ~15 ms per 256x192 frame on an H100.
+``ensure_world`` derives each scene's seed from ``(cfg.seed, scene index)`` through
+``numpy.random.SeedSequence``, so different ``cfg.seed`` give unrelated scenes: the evaluator's
+held-out world is ``ensure_world(folder, replace(cfg, seed=cfg.seed + 1000))`` (file names carry
+the seed, so both worlds can share a folder).
 """
 
 from __future__ import annotations
@@ -286,7 +286,8 @@ def random_world(rng: np.random.Generator) -> tuple[World, CameraPath]:
             if kind == "floor":
                 half = np.array([rng.uniform(0.15, 0.5), rng.uniform(0.15, 0.5), rng.uniform(0.15, 0.6)])
                 c[2] = half[2]
-                obj = Box(tuple(c), tuple(half), tuple(map(tuple, _rot_z(rng.uniform(0, math.pi)))), _random_material(rng))
+                obj = Box(tuple(c), tuple(half), tuple(map(tuple, _rot_z(rng.uniform(0, math.pi)))),
+                          _random_material(rng))
             elif kind == "air":
                 half = rng.uniform(0.1, 0.3, size=3)
                 c[2] = rng.uniform(0.7, 2.0)
@@ -368,7 +369,8 @@ def _shade_albedo(uv: Tensor, mat: dict[str, Tensor]) -> Tensor:
     col = torch.floor(bu)
     gu, gv = bu - col, v * 2.0 - row
     grout = (torch.minimum(gu, 1 - gu) < 0.06) | (torch.minimum(gv, 1 - gv) < 0.12)
-    bricks = torch.where(grout, torch.zeros_like(u), 0.25 + 0.75 * _hash(col.to(torch.int64), row.to(torch.int64), seed + 7))
+    bricks = torch.where(grout, torch.zeros_like(u),
+                         0.25 + 0.75 * _hash(col.to(torch.int64), row.to(torch.int64), seed + 7))
     blotches = (_fbm(u * 0.8, v * 0.8, seed + 13, octaves=3) > 0.5).to(torch.float32)
     patterns = torch.stack((checker, stripes, bricks, blotches), 0)
     q = patterns.gather(0, mat["pattern"][None])[0]

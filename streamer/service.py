@@ -328,7 +328,8 @@ class StreamerMetrics:
 
     def __init__(self, m: Metrics):
         self.frames = m.counter("decode_frames_total",
-                                 "Frames read, by source (decoded, or left undecoded where no keyframe test needed them)", ["source"])
+                                "Frames read, by source (decoded, or left undecoded where no keyframe test "
+                                "needed them)", ["source"])
         self.errors = m.counter("decode_errors_total", "Decode problems, by source and reason", ["source", "reason"])
         self.sent = m.counter("windows_sent_total", "Windows sent to labelers (first sends)")
         self.acked = m.counter("windows_acked_total", "Windows reported done by a labeler, by status", ["status"])

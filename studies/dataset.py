@@ -147,7 +147,8 @@ def _init_worker(matcher: str, teacher: str) -> None:
     _WORKER["teacher"] = make_teacher(teacher)
 
 
-def _synthetic_clip(spec: DatasetSpec, index: int, scale: int, select: list[int] | None = None) -> dict[str, np.ndarray]:
+def _synthetic_clip(spec: DatasetSpec, index: int, scale: int,
+                    select: list[int] | None = None) -> dict[str, np.ndarray]:
     from reliev3r.synthetic import render_scene, scene_seed
 
     scene = render_scene(scene_seed(spec.seed, index), frames=spec.frames, height=spec.height * scale,
@@ -322,10 +323,12 @@ def cache_path(spec: DatasetSpec, folder: str | Path) -> Path:
 
     digest = hashlib.sha256(f"{CACHE_VERSION}:{spec.key()}".encode()).hexdigest()[:12]
     kind = "synthetic" if spec.source == "synthetic" else "7scenes"
-    return Path(folder) / f"{kind}-{spec.views}v-{spec.height}x{spec.width}-{spec.teacher.replace(':', '_').replace('/', '_')[:24]}-{digest}.npz"
+    return Path(folder) / (f"{kind}-{spec.views}v-{spec.height}x{spec.width}-"
+                           f"{spec.teacher.replace(':', '_').replace('/', '_')[:24]}-{digest}.npz")
 
 
-def ensure_dataset(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, progress: bool = True) -> "LabelledDataset":
+def ensure_dataset(spec: DatasetSpec, folder: str | Path, *, workers: int = 0,
+                   progress: bool = True) -> "LabelledDataset":
     """The dataset of ``spec``, from its cache in ``folder`` or built and cached there."""
     path = cache_path(spec, folder)
     if not path.exists():

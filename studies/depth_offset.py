@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     filled = torch.where(known, gt, gt[known].mean())  # the contrast needs every pixel; holes are rare
     matches, intrinsics = batch["matches"], batch["intrinsics"]
     print(f"{len(held)} held-out windows, {'raw' if args.raw else 'EMA'} weights")
-    print("| snapshot | step | AbsRel_med | AbsRel_lsq | contrast − truth's | offset b / mean |\n|---|---|---|---|---|---|")
+    print("| snapshot | step | AbsRel_med | AbsRel_lsq | contrast − truth's | offset b / mean |\n"
+          "|---|---|---|---|---|---|")
     for path in args.snapshots:
         model, meta = load_model(path, ema=not args.raw)
         with torch.no_grad():

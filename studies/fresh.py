@@ -223,7 +223,8 @@ class FreshStream(LabelledDataset):
             fields["teacher_depth"] = item["teacher_depth"].astype(np.float32)
             fields["teacher_valid"] = item["teacher_valid"]
         if not self.arrays:
-            self.arrays = {k: np.zeros((self.capacity, *np.shape(v)), dtype=np.asarray(v).dtype if k != "names" else "<U64")
+            self.arrays = {k: np.zeros((self.capacity, *np.shape(v)),
+                                       dtype=np.asarray(v).dtype if k != "names" else "<U64")
                            for k, v in fields.items()}
         for k, v in fields.items():
             self.arrays[k][slot] = v

@@ -46,7 +46,8 @@ def fit(args: argparse.Namespace) -> None:
                                             f"warmup_steps={args.warmup}", f"batch_size={batch}"] + args.set)
     trainer = Trainer(cfg, device="cpu", teacher_space=data.teacher_space, seed=args.seed)
     base = trivial_baseline(windows)
-    print(f"identity on these {len(picks)} training windows: rot {base['rot_err_deg']:.2f} trans {base['trans_err_deg']:.2f}")
+    print(f"identity on these {len(picks)} training windows: rot {base['rot_err_deg']:.2f} "
+          f"trans {base['trans_err_deg']:.2f}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = picks if batch == len(picks) else rng.choice(picks, batch, replace=False)
@@ -58,7 +59,8 @@ def fit(args: argparse.Namespace) -> None:
                     f"absrel_med={ev['absrel_med']:.3f}")
             if held:
                 hv = evaluate_model(trainer.model, held, trainer.device)
-                line += f" | held-out rot={hv['rot_err_deg']:.2f} trans={hv['trans_err_deg']:.2f} absrel_med={hv['absrel_med']:.3f}"
+                line += (f" | held-out rot={hv['rot_err_deg']:.2f} trans={hv['trans_err_deg']:.2f} "
+                         f"absrel_med={hv['absrel_med']:.3f}")
             print(line, flush=True)
 
 

@@ -31,8 +31,9 @@ def main() -> int:
         rows[run.parent.name] = last["eval"]
         baseline = baseline or doc["baseline"]
         info.append(f"{run.parent.name}: {last['step']} steps, {last['seconds']:.0f} s, curve "
-                    + ", ".join(f"{r['step']}: absrel_med {r['eval']['absrel_med']:.3f} rot {r['eval']['rot_err_deg']:.1f}"
-                                f" trans {r['eval']['trans_err_deg']:.1f}" for r in doc["curve"]))
+                    + ", ".join(f"{r['step']}: absrel_med {r['eval']['absrel_med']:.3f}"
+                                f" rot {r['eval']['rot_err_deg']:.1f} trans {r['eval']['trans_err_deg']:.1f}"
+                                for r in doc["curve"]))
     table = {"constant depth / identity poses": baseline or {}}
     if args.baselines:
         table.update(json.loads(Path(args.baselines).read_text()))
@@ -51,7 +52,8 @@ def main() -> int:
     if baseline:
         print("\nratio to the trivial baseline (target <= 0.5): "
               + "; ".join(f"{n}: absrel_med {r['absrel_med'] / baseline['absrel_med']:.2f}, rot "
-                          f"{r['rot_err_deg'] / baseline['rot_err_deg']:.2f}, trans {r['trans_err_deg'] / baseline['trans_err_deg']:.2f}"
+                          f"{r['rot_err_deg'] / baseline['rot_err_deg']:.2f}, trans "
+                          f"{r['trans_err_deg'] / baseline['trans_err_deg']:.2f}"
                           for n, r in rows.items()))
     return 0
 

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--last", type=int, default=599)
     parser.add_argument("--stride", type=int, default=5)
-    parser.add_argument("--weights", type=Path, action="append", help="embedded teacher weights (repeat; default: shipped)")
+    parser.add_argument("--weights", type=Path, action="append",
+                        help="embedded teacher weights (repeat; default: shipped)")
     parser.add_argument("--cells", type=int, nargs="+", default=[1, 2, 3, 4])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -15,7 +15,8 @@ import zmq
 from reliev3r import protocol
 from reliev3r.protocol import Message
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg binary absent (apt-get install ffmpeg)")
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None,
+                                  reason="ffmpeg binary absent (apt-get install ffmpeg)")
 
 
 class Server:

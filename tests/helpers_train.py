@@ -61,7 +61,8 @@ class FakeReplay:
         t = synthetic_batch(b, v, h, w, seed=seed)
         return {"frames": (t["images"].permute(0, 1, 3, 4, 2).numpy() * 255).astype(np.uint8),
                 "intrinsics": t["intrinsics"].numpy(), "matches": t["matches"].numpy(),
-                "teacher_depth": t["teacher_depth"].numpy(), "teacher_valid": t["teacher_valid"].numpy().astype(np.uint8)}
+                "teacher_depth": t["teacher_depth"].numpy(),
+                "teacher_valid": t["teacher_valid"].numpy().astype(np.uint8)}
 
     def _loop(self) -> None:
         while not self.stop.is_set():

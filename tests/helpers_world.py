@@ -42,7 +42,8 @@ def make_world(seed: int, *, batch: int = 1, views: int = 4, height: int = 24, w
                     tries += 1
                     x, y = int(rng.integers(1, width - 1)), int(rng.integers(1, height - 1))
                     z = rng.uniform(2.0, 5.0)
-                    p_cam = geometry.unproject_points(torch.tensor([[x, y]], dtype=F64), torch.tensor([z], dtype=F64), K)
+                    p_cam = geometry.unproject_points(torch.tensor([[x, y]], dtype=F64),
+                                                      torch.tensor([z], dtype=F64), K)
                     p_world = geometry.transform_points(torch.from_numpy(poses[b, i]), p_cam)
                     p_j = geometry.transform_points(geometry.invert_pose(torch.from_numpy(poses[b, j])), p_world)
                     uv_j, z_j = geometry.project(p_j, K)

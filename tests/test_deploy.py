@@ -123,7 +123,8 @@ def test_scrape_targets_match_the_fixed_ports_of_their_configs():
     # of local-ports.yaml, the compose targets with those of the compose pipeline config.
     cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {sc["labels"]["component"]: sc["targets"][0] for sc in cfg["scrape_configs"][0]["static_configs"]}
-    ports = rconfig.load([ROOT / "configs" / "default.yaml", DEPLOY / "prometheus" / "local-ports.yaml"]).monitoring.ports
+    ports = rconfig.load([ROOT / "configs" / "default.yaml",
+                          DEPLOY / "prometheus" / "local-ports.yaml"]).monitoring.ports
     assert targets == {stage: f"127.0.0.1:{port}" for stage, port in ports.items()} and all(ports.values())
     compose_targets = yaml.safe_load((DEPLOY / "prometheus" / "targets" / "compose.yml").read_text())
     compose = rconfig.load([ROOT / "configs" / "default.yaml", DEPLOY / "docker" / "config" / "pipeline.yaml"])
@@ -299,7 +300,8 @@ def test_every_query_is_valid_promql(tmp_path):
     result = _promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     # And promtool does catch a broken query.
-    path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum(rate(x[1m])"}]}]}))
+    path.write_text(yaml.safe_dump({"groups": [{"name": "x",
+                                                "rules": [{"record": "a:b", "expr": "sum(rate(x[1m])"}]}]}))
     assert _promtool("check", "rules", str(path)).returncode != 0
 
 
@@ -398,7 +400,8 @@ def test_k8s_manifests_wiring():
     assert [d["metadata"]["name"] for d in by_kind["Namespace"]] == ["reliev3r"]
     assert by_kind["Secret"][0]["metadata"]["name"] == "reliev3r-curve"
     workloads = {d["metadata"]["name"]: d for k in ("Deployment", "StatefulSet") for d in by_kind[k]}
-    labeler, replay, learner = workloads["reliev3r-labeler"], workloads["reliev3r-replay"], workloads["reliev3r-learner"]
+    labeler, replay, learner = (workloads["reliev3r-labeler"], workloads["reliev3r-replay"],
+                                workloads["reliev3r-learner"])
     assert labeler["kind"] == "Deployment"
     assert labeler["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert replay["kind"] == "StatefulSet" and replay["spec"]["volumeClaimTemplates"]
@@ -430,7 +433,8 @@ def test_k8s_manifests_wiring():
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in names, (svc["metadata"]["name"], port)
     monitor = by_kind["PodMonitor"][0]
-    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "metrics-stream", "metrics-replay"}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "metrics-stream",
+                                                                           "metrics-replay"}
 
 
 def test_k8s_server_secret_key_reaches_the_servers_alone():

@@ -55,7 +55,8 @@ def test_epipolar_grows_with_translation_direction_error_and_rotation_error():
         poses[0, 1, :3, 3] += eps * torch.tensor([0.6, -0.3, 0.74], dtype=F64)
         trans.append(epipolar_loss(world["depth"], poses, *args).item())
         poses = world["cam_to_world"].clone()
-        poses[0, 2, :3, :3] = geometry.axis_angle_to_matrix(torch.tensor([0.0, eps / 4, 0.0], dtype=F64)) @ poses[0, 2, :3, :3]
+        poses[0, 2, :3, :3] = (geometry.axis_angle_to_matrix(torch.tensor([0.0, eps / 4, 0.0], dtype=F64))
+                               @ poses[0, 2, :3, :3])
         rot.append(epipolar_loss(world["depth"], poses, *args).item())
     for series in (trans, rot):
         assert series[0] < 1e-12
@@ -79,6 +80,7 @@ def test_epipolar_finite_for_degenerate_baselines_behind_cameras_and_outliers():
     # With exact poses, scores of 0 on the outliers silence them; no matches: a connected zero.
     scores = torch.ones(matches.shape[0], dtype=F64)
     scores[bad] = 0
-    assert abs(epipolar_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches, scores).item()) < 1e-12
+    assert abs(epipolar_loss(world["depth"], world["cam_to_world"], world["intrinsics"], matches,
+                             scores).item()) < 1e-12
     empty = epipolar_loss(depth, poses, world["intrinsics"], matches[:0])
     assert empty.item() == 0 and empty.requires_grad

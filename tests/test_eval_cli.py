@@ -230,7 +230,8 @@ def test_image_folder_dataset(tmp_path, tum):
     assert [w.name for w in windows] == ["seq:0"]  # frames 1..5: one window of 3 views 2 apart
     w = windows[0]
     assert w.images.shape == (3, 48, 64, 3)
-    np.testing.assert_allclose(w.gt_cam_to_world[:, 0, 3], poses[[1, 3, 5], 0, 3], atol=0.01 if tum else 1e-6)  # nearest 5 ms sample
+    np.testing.assert_allclose(w.gt_cam_to_world[:, 0, 3], poses[[1, 3, 5], 0, 3],
+                               atol=0.01 if tum else 1e-6)  # nearest 5 ms sample
     np.testing.assert_allclose(w.gt_depth[:, -1, 0], [2.1, 2.3, 2.5], rtol=1e-6)
     assert (w.gt_depth[:, 0] == 0).all()  # invalid rows stay invalid
     # No intrinsics file: 60 degree horizontal field of view, scaled to the window.

@@ -354,7 +354,8 @@ def test_hf_teacher_from_a_saved_tiny_depth_anything(tmp_path):
     model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
     x = torch.from_numpy(f).permute(0, 3, 1, 2).float()
     x = torch.nn.functional.interpolate(x, size=(56, 70), mode="bilinear", align_corners=False, antialias=True)
-    x = (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = ((x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+         / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     with torch.inference_mode():
         ref = model(pixel_values=x).predicted_depth[:, None]
     ref = torch.nn.functional.interpolate(ref, size=(60, 80), mode="bilinear", align_corners=False)[:, 0].numpy()

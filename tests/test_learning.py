@@ -52,9 +52,11 @@ def test_dataset_labels_once_and_serves_trainer_batches(dataset, tmp_path):
     i, j = m[:, 0].astype(int), m[:, 1].astype(int)
     uv_i, uv_j = torch.from_numpy(m[:, 2:4]), torch.from_numpy(m[:, 4:6])
     d_i = torch.stack([geometry.sample_bilinear(depth[v], uv_i[n:n + 1])[0] for n, v in enumerate(i)])
-    world = torch.stack([geometry.transform_points(pose[v], geometry.unproject_points(uv_i[n:n + 1], d_i[n:n + 1], K[v]))[0]
+    world = torch.stack([geometry.transform_points(pose[v],
+                                                   geometry.unproject_points(uv_i[n:n + 1], d_i[n:n + 1], K[v]))[0]
                          for n, v in enumerate(i)])
-    proj = torch.stack([geometry.project(geometry.transform_points(geometry.invert_pose(pose[v]), world[n:n + 1]), K[v])[0][0]
+    proj = torch.stack([geometry.project(geometry.transform_points(geometry.invert_pose(pose[v]), world[n:n + 1]),
+                                         K[v])[0][0]
                         for n, v in enumerate(j)])
     assert float(((proj - uv_j).norm(dim=-1) < 1.0).float().mean()) > 0.7
 
@@ -243,7 +245,8 @@ def test_point_consistency_finite_behind_cameras_and_with_outliers(scene):
     m = matches.clone()
     g = torch.Generator().manual_seed(1)
     half = m.shape[0] // 2
-    m[:half, 5:7] = torch.rand(half, 2, generator=g, dtype=torch.float64) * torch.tensor([31.0, 23.0], dtype=torch.float64)
+    m[:half, 5:7] = (torch.rand(half, 2, generator=g, dtype=torch.float64)
+                     * torch.tensor([31.0, 23.0], dtype=torch.float64))
     flipped = d * torch.where(torch.arange(3)[None, :, None, None] == 2, -1.0, 1.0).double()  # behind the camera
     loss = losses.point_consistency_loss(flipped, p, K, m, torch.rand(m.shape[0], generator=g, dtype=torch.float64))
     loss.backward()

@@ -139,7 +139,8 @@ def test_depth_loss_confidence_gradient_known_answer():
     loss.backward()
     w = conf.detach().flatten(-2)[0]
     mask = valid.flatten(-2)[0]
-    r = (median_mad_normalize(depth.flatten(-2)[0], w * mask) - median_mad_normalize(teacher.flatten(-2)[0], w * mask)).abs()
+    r = (median_mad_normalize(depth.flatten(-2)[0], w * mask)
+         - median_mad_normalize(teacher.flatten(-2)[0], w * mask)).abs()
     n = mask.sum()
     expected = torch.where(mask, (r - alpha / w) / n, torch.zeros_like(r))
     torch.testing.assert_close(conf.grad.flatten(-2)[0], expected)
@@ -483,7 +484,8 @@ def test_refine_geometry_recovers_poses_and_view_scales_from_matches(solver, ste
     g = torch.Generator().manual_seed(3)
     gt = world["cam_to_world"]
     start = gt.clone()
-    start[..., :3, :3] = geometry.axis_angle_to_matrix(0.09 * torch.randn(2, 4, 3, generator=g, dtype=F64)) @ gt[..., :3, :3]
+    start[..., :3, :3] = (geometry.axis_angle_to_matrix(0.09 * torch.randn(2, 4, 3, generator=g, dtype=F64))
+                          @ gt[..., :3, :3])
     start[..., :3, 3] += 0.3 * torch.randn(2, 4, 3, generator=g, dtype=F64)
     view_scale = torch.exp(0.2 * torch.randn(2, 4, generator=g, dtype=F64))
     depth = world["depth"] * view_scale[..., None, None]
@@ -682,7 +684,8 @@ def test_weak_loss_with_refinement_is_zero_for_exact_geometry_and_pulls_a_wrong_
     batch = {"intrinsics": world["intrinsics"], "matches": torch.cat((m, torch.ones(len(m), 1, dtype=F64)), 1),
              "teacher_depth": teacher, "teacher_valid": torch.ones_like(teacher, dtype=torch.bool)}
     cfg = LossConfig(point_weight=1.0, refine=RefineConfig(weight=1.0, steps=steps, compile=False, solver=solver))
-    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher), cam_to_world=world["cam_to_world"])
+    exact = SimpleNamespace(depth=world["depth"], confidence=torch.ones_like(teacher),
+                            cam_to_world=world["cam_to_world"])
     _, terms = compute_loss(exact, batch, cfg)
     # Adam's: not exactly 0, its first steps are full-size whatever the gradient (float noise here).
     assert terms["refine"] < exact_tol and terms["reproj"] < 1e-10
@@ -925,7 +928,8 @@ def test_losses_on_rendered_scene():
     # A disparity teacher of the scene (affine in 1/depth per frame) costs nothing.
     teacher = 0.3 / depth + torch.tensor([0.1, 0.5, 0.0, 2.0], dtype=F64)[:, None, None]
     valid = torch.ones_like(depth, dtype=torch.bool)
-    assert abs(relative_depth_loss(depth, teacher, torch.ones_like(depth), valid, teacher_space="disparity").item()) < 1e-5
+    assert abs(relative_depth_loss(depth, teacher, torch.ones_like(depth), valid,
+                                   teacher_space="disparity").item()) < 1e-5
     assert abs(supervised_loss(d2, p2, depth, poses, valid).item()) < 1e-5
 
 

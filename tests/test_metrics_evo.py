@@ -118,7 +118,8 @@ def test_ate_and_rpe_match_evo(tmp_path, case):
     ref_t, est_t = _evo_trajectories(tmp_path, gt, est)
     evo = _evo_numbers(ref_t, est_t)
     # ours on exactly the poses evo compares (as read back from the TUM files)
-    ours = metrics.pose_metrics(torch.from_numpy(np.stack(est_t.poses_se3)), torch.from_numpy(np.stack(ref_t.poses_se3)))
+    ours = metrics.pose_metrics(torch.from_numpy(np.stack(est_t.poses_se3)),
+                                torch.from_numpy(np.stack(ref_t.poses_se3)))
     for key in ("ate", "rpe_trans", "rpe_rot_deg"):
         assert ours[key] == pytest.approx(evo[key]["rmse"], rel=1e-6, abs=1e-9), key
     if trans_sigma == 0:

@@ -41,7 +41,8 @@ def run_dir(tmp_path):
     step = ln.gauge("learner_step", "step")
     step.set(100)
     ln.gauge("learner_loss", "loss", ["term"]).labels("loss").set(0.25)
-    processes = {s: {"pid": os.getpid(), "restarts": 0, "metrics": f"http://127.0.0.1:{p}/metrics"} for s, p in ports.items()}
+    processes = {s: {"pid": os.getpid(), "restarts": 0, "metrics": f"http://127.0.0.1:{p}/metrics"}
+                 for s, p in ports.items()}
     processes["learner"]["restarts"] = 2
     # A labeler whose process is gone and whose endpoint answers nothing.
     processes["labeler"] = {"pid": None, "restarts": 1, "metrics": f"http://127.0.0.1:{free_port()}/metrics"}
@@ -323,7 +324,8 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         # it ends with the supervisor, even a SIGKILLed one (die_with_supervisor, read while it starts)
         environ = Path(f"/proc/{sup._distill.pid}/environ").read_bytes().split(b"\0")
         assert f"RELIEV3R_SUPERVISED={os.getpid()}".encode() in environ
-        held = {k: v["held"] for k, v in json.loads((tmp_path / "processes.json").read_text()).items() if k != "supervisor"}
+        held = {k: v["held"] for k, v in json.loads((tmp_path / "processes.json").read_text()).items()
+                if k != "supervisor"}
         assert held == {"streamer": None, "replay": None, "labeler": "teacher refresh",
                         "learner": "teacher refresh", "evaluator": "teacher refresh"}, held
         # held while it distils, with the labelers and the evaluator (their work would be thrown away)
@@ -504,7 +506,8 @@ def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
                    'x\\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\\nCompile with `TORCH_USE_CUDA_DSA` to '
                    'enable device-side assertions.\\n"}\n')
     assert last_error(log) == "stage failed: torch.AcceleratorError: CUDA error: x"
-    log.write_text('{"level": "WARNING", "msg": "source problem", "reason": "source_failed", "detail": "TypeError: x"}\n'
+    log.write_text('{"level": "WARNING", "msg": "source problem", "reason": "source_failed", '
+                   '"detail": "TypeError: x"}\n'
                    '{"level": "ERROR", "msg": "no source produced a window"}\n{"level": "INFO", "msg": "done"}\n')
     assert last_error(log) == "no source produced a window (last problem: source_failed: TypeError: x)"
 

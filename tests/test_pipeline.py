@@ -154,7 +154,8 @@ def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_pat
     run_dir = tmp_path / "run"
     proc = _start(run_dir, worlds, max_steps=0)  # runs until the test stops it: every scrape finds it up
     try:
-        procs = wait_for(lambda: (p := _processes(run_dir)).get("labeler", {}).get("pid") and _learner_step(run_dir) >= 5 and p,
+        procs = wait_for(lambda: ((p := _processes(run_dir)).get("labeler", {}).get("pid")
+                                  and _learner_step(run_dir) >= 5 and p),
                           300, "the learner's first snapshot", procs=[proc])
         cfg = rconfig.load([run_dir / "config.yaml"])
         # Garbage to every bound socket: streamer ROUTER, replay ROUTER, supervisor PULL.
@@ -175,7 +176,8 @@ def test_labeler_sigkill_is_restarted_and_malformed_messages_are_counted(tmp_pat
         # The restarted labeler (a new pid) labels windows again.
         restarted = wait_for(lambda: (p := _processes(run_dir)["labeler"])["pid"] not in (None, labeler_pid) and p,
                              120, "the labeler's restart", procs=[proc])
-        wait_for(lambda: _alive(restarted["pid"]) and _counted(restarted["metrics"], "reliev3r_labeler_windows_total") > 0,
+        wait_for(lambda: (_alive(restarted["pid"])
+                          and _counted(restarted["metrics"], "reliev3r_labeler_windows_total") > 0),
                  300, "the restarted labeler to label", procs=[proc])
         assert restarted["restarts"] == 1
     finally:

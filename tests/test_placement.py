@@ -23,13 +23,15 @@ cfg = config.load([], ["run.feeder_nice=3", "monitoring.enabled=false", "network
 before = os.nice(0)
 with Runtime(sys.argv[1], cfg) as runtime:
     seen = {}
-    thread = runtime.spawn(lambda: seen.setdefault("thread", os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), "probe")
+    thread = runtime.spawn(
+        lambda: seen.setdefault("thread", os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), "probe")
     thread.join()
     print(json.dumps({"added": os.nice(0) - before, "thread": seen["thread"] - before}))
 """
 
 
-@pytest.mark.parametrize("stage, added", [("labeler", 3), ("streamer", 3), ("evaluator", 3), ("learner", 0), ("replay", 0)])
+@pytest.mark.parametrize("stage, added", [("labeler", 3), ("streamer", 3), ("evaluator", 3), ("learner", 0),
+                                          ("replay", 0)])
 def test_feeders_lower_their_priority_and_their_threads_follow(stage, added):
     added = min(os.nice(0) + added, 19) - os.nice(0)  # the kernel stops at the lowest priority, 19
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

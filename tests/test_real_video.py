@@ -49,7 +49,8 @@ def test_up_with_shipped_defaults_learns_from_a_real_image_sequence(tmp_path):
     held_out = _sequence(tmp_path / "eval", range(450, 520, 2))
     run = tmp_path / "run"
     ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
-    ports += [f"monitoring.ports.{s}=0" for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
+    ports += [f"monitoring.ports.{s}=0"
+              for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
     cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", str(ROOT / "configs" / "demo.yaml"),
            "--max-steps", "12", f"run.dir={run}", f"streamer.sources=[{train}]", "replay.dedup=false",
            "replay.min_size=2", f"evaluator.data=7scenes:{held_out}", "evaluator.windows=2", "learner.threads=1",
@@ -83,7 +84,8 @@ def test_up_refreshes_its_teacher_from_its_learner_and_relabels_with_it(tmp_path
     train = _sequence(tmp_path / "train", range(0, 160, 2))
     run = tmp_path / "run"
     ports = [f"network.{k}=0" for k in ("work_port", "replay_port", "supervisor_port")]
-    ports += [f"monitoring.ports.{s}=0" for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
+    ports += [f"monitoring.ports.{s}=0"
+              for s in ("supervisor", "streamer", "labeler", "replay", "learner", "evaluator")]
     cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", str(ROOT / "configs" / "demo.yaml"),
            f"run.dir={run}", f"streamer.sources=[{train}]", "replay.dedup=false", "replay.min_size=2",
            f"evaluator.data=7scenes:{train}", "evaluator.windows=1", "learner.threads=1", "learner.snapshot_every=4",

@@ -293,7 +293,8 @@ def test_labeler_rejects_malformed_drops_bad_windows_and_retries_inserts(stream_
     try:
         assert work.poll(int(HANG_S * 1000))
         identity, *frames = work.recv_multipart()
-        assert protocol.decode(frames).kind == "ready" and protocol.decode(frames).meta["credits"] == cfg.labeler.credits
+        assert (protocol.decode(frames).kind == "ready"
+                and protocol.decode(frames).meta["credits"] == cfg.labeler.credits)
         good = panning_frames(3, 128, 96, step=4)
         blank = good.copy()
         blank[2] = 0

@@ -74,8 +74,10 @@ def test_multi_view_consistency_of_depth_pose_and_colour(clip):
     K = clip.intrinsics
     uv_i = geometry.pixel_grid(h, w).reshape(-1, 2)
     for i, j in [(0, 4), (8, 3)]:
-        world_pts = geometry.transform_points(clip.cam_to_world[i], geometry.unproject_points(uv_i, clip.depth[i].reshape(-1), K))
-        uv_j, z_j = geometry.project(geometry.transform_points(geometry.invert_pose(clip.cam_to_world[j]), world_pts), K)
+        world_pts = geometry.transform_points(clip.cam_to_world[i],
+                                              geometry.unproject_points(uv_i, clip.depth[i].reshape(-1), K))
+        uv_j, z_j = geometry.project(geometry.transform_points(geometry.invert_pose(clip.cam_to_world[j]),
+                                                               world_pts), K)
         inside = (z_j > 0.05) & (uv_j[:, 0] >= 0) & (uv_j[:, 0] <= w - 1) & (uv_j[:, 1] >= 0) & (uv_j[:, 1] <= h - 1)
         assert inside.float().mean() > 0.3, "frames i and j should overlap"
         # Exact check: cast frame j's rays through the projected (sub-pixel) positions. A visible

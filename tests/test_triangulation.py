@@ -9,7 +9,8 @@ import torch
 
 from labelers.matches import triangulate_matches
 from learner.config import LossConfig
-from learner.losses import depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss, triangulated_pose_loss
+from learner.losses import (depth_contrast_loss, registered_teacher_shift, triangulated_depth_loss,
+                            triangulated_pose_loss)
 from learner.losses.matches import _match_depths
 from learner.objective import compute_loss
 from reliev3r import geometry
@@ -32,7 +33,8 @@ def projected_pair(seed: int, *, translation=(0.4, 0.05, 0.1), rotation_deg=4.0,
     uv_i = pts @ K.T
     uv_j = pts_j @ K.T
     xy_i, xy_j = uv_i[:, :2] / uv_i[:, 2:], uv_j[:, :2] / uv_j[:, 2:]
-    keep = (pts_j[:, 2] > 0.5) & (xy_j[:, 0] > 0) & (xy_j[:, 0] < width - 1) & (xy_j[:, 1] > 0) & (xy_j[:, 1] < height - 1) \
+    keep = (pts_j[:, 2] > 0.5) \
+        & (xy_j[:, 0] > 0) & (xy_j[:, 0] < width - 1) & (xy_j[:, 1] > 0) & (xy_j[:, 1] < height - 1) \
         & (xy_i[:, 0] > 0) & (xy_i[:, 0] < width - 1) & (xy_i[:, 1] > 0) & (xy_i[:, 1] < height - 1)
     matches = np.zeros((int(keep.sum()), 7), np.float32)
     matches[:, 0], matches[:, 1] = 0, 1

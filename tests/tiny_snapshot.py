@@ -18,7 +18,8 @@ def make_tiny_snapshot(folder: Path, *, steps: int = 2, height: int = 48, width:
                        seed: int = 0, scale_head: bool = False) -> Path:
     """Train ``steps`` steps and return the snapshot folder (its image size is height x width)."""
     torch.set_num_threads(1)
-    cfg = LearnerConfig(model=ModelConfig(size="tiny", registers=2, scale_head=scale_head), lr=1e-3, warmup_steps=1, ema_decay=0.0)
+    cfg = LearnerConfig(model=ModelConfig(size="tiny", registers=2, scale_head=scale_head), lr=1e-3, warmup_steps=1,
+                        ema_decay=0.0)
     trainer = Trainer(cfg, device="cpu", seed=seed)
     batch = synthetic_batch(1, views, height, width, k=32, seed=seed)
     for _ in range(steps):
