@@ -2,7 +2,8 @@
 imported), every module of the repository sits in one layer; a module imports only modules of
 its own layer or of the layers below; packages form no import cycle; a stage uses
 another stage only through that stage's public modules; and nothing of the product imports
-``studies``. The layer table below is the one place that says which module belongs where."""
+``studies``. The layer table below is the one place that says which module belongs where.
+Beside the graph, one convention of every source file: no line longer than 120 characters."""
 
 from __future__ import annotations
 
@@ -200,6 +201,16 @@ def test_no_test_module_imports_another():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad += [f"{path.name} imports {n}" for n in names if n.rpartition(".")[2].startswith("test_")]
     assert not bad, bad
+
+
+MAX_LINE = 120
+"""The longest line (in characters) a .py file of the repository may have."""
+
+
+def test_no_line_is_longer_than_the_limit():
+    long = [f"{path.relative_to(REPO)}:{n}: {len(line)}" for path in source_files().values()
+            for n, line in enumerate(path.read_text().split("\n"), 1) if len(line) > MAX_LINE]
+    assert not long, f"lines longer than {MAX_LINE} characters:\n" + "\n".join(long)
 
 
 def test_the_checker_sees_what_it_must(tmp_path):
