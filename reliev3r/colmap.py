@@ -202,7 +202,8 @@ def _write_text(model, paths, cams, cam_of_image, quats, trans, p2d, img_order, 
             f.write(f"{i + 1} {_fmt(quats[i])} {_fmt(trans[i])} {cam_of_image[i] + 1} {name}\n")
             obs = img_order[img_starts[i]:img_starts[i + 1]]
             xy = model.obs_xy[obs] + PIXEL_OFFSET
-            f.write(" ".join(f"{x!r} {y!r} {pid}" for (x, y), pid in zip(xy.tolist(), (model.obs_point[obs] + 1).tolist())))
+            ids = (model.obs_point[obs] + 1).tolist()
+            f.write(" ".join(f"{x!r} {y!r} {pid}" for (x, y), pid in zip(xy.tolist(), ids)))
             f.write("\n")
     with open(paths[2], "w") as f:
         f.write("# 3D point list with one line of data per point:\n"
@@ -240,8 +241,9 @@ def _write_binary(model, paths, cams, cam_of_image, quats, trans, p2d, img_order
         # Records differ in length only by their track: write the points of each track length as one array.
         for length in np.unique(track_len):
             pts = np.flatnonzero(track_len == length)
+            track = ("track", [("image", "<i4"), ("idx", "<i4")], (int(length),))
             rec = np.empty(len(pts), np.dtype([("id", "<u8"), ("xyz", "<f8", 3), ("rgb", "u1", 3), ("error", "<f8"),
-                                               ("n", "<u8"), ("track", [("image", "<i4"), ("idx", "<i4")], (int(length),))]))
+                                               ("n", "<u8"), track]))
             rec["id"], rec["xyz"], rec["rgb"], rec["error"], rec["n"] = (
                 pts + 1, model.points[pts], model.colors[pts], model.errors[pts], length)
             if length:
