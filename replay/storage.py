@@ -541,7 +541,9 @@ class FifoEviction:
 class ReservoirEviction:
     """Reservoir sampling (Vitter's algorithm R): once full, the n-th window is kept with
     probability capacity / n, replacing a uniformly random stored one; so the store stays a
-    uniform sample of everything ever offered, old and new alike."""
+    uniform sample of everything ever offered, old and new alike. Full means either limit:
+    when the bytes fill first, the capacity is the number of windows stored then (random
+    stored ones leave until the new window fits)."""
 
     def __init__(self, seed: int = 0):
         self.seen = 0
@@ -551,7 +553,7 @@ class ReservoirEviction:
         self.seen += 1
         if len(storage) + 1 <= max_windows and storage.nbytes + nbytes <= max_bytes:
             return []
-        if len(storage) + 1 > max_windows and self.rng.random() >= max_windows / self.seen:
+        if self.rng.random() >= min(len(storage), max_windows) / self.seen:
             return None
         keys = list(storage.records)
         self.rng.shuffle(keys)

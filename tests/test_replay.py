@@ -140,13 +140,17 @@ def test_fifo_eviction_by_windows_and_bytes():
     assert sorted(s.by_id) == ["w7", "w8", "w9"]
 
 
-def test_reservoir_eviction_keeps_a_uniform_sample():
-    # Over many runs, every one of 40 offered windows ends up stored with chance 10/40.
+@pytest.mark.parametrize("bound", ["windows", "bytes"])
+def test_reservoir_eviction_keeps_a_uniform_sample(bound):
+    # Over many runs, every one of 40 offered windows ends up stored with chance 10/40,
+    # whichever limit fills first: 10 windows, or 10 windows' bytes (100 each).
+    limits = ({"max_windows": 10, "max_bytes": 10**9} if bound == "windows"
+              else {"max_windows": 10**6, "max_bytes": 1050})
     hits = Counter()
     runs = 400
     for seed in range(runs):
         s = MemoryStorage()
-        fill(s, 40, policy=ReservoirEviction(seed), max_windows=10, max_bytes=10**9)
+        fill(s, 40, policy=ReservoirEviction(seed), **limits)
         assert len(s) == 10
         hits.update(int(w[1:]) for w in s.by_id)
     counts = np.array([hits[i] for i in range(40)], float)
