@@ -28,7 +28,8 @@ from replay.dedup import Dedup
 from replay.rate_limiter import RateLimiter
 from replay.sampler import Sampler, make_sampler
 from replay.storage import (EVICTED_MEMORY, CorruptWindow, DiskStorage, FifoEviction, GroupLog, MemoryStorage,
-                            ReservoirEviction, Storage, StorageFull, decode_window, encode_window)
+                            ReservoirEviction, Storage, StorageFull, decode_window, encode_window,
+                            payload_nbytes)
 
 log = logging.getLogger("reliev3r.replay")
 
@@ -140,8 +141,8 @@ class ReplayBuffer:
             return InsertResult("duplicate", "window_id")
         if wid in self.storage.evicted or wid in self._skipped:  # redelivered after it left
             return InsertResult("duplicate", "evicted")
-        nbytes = msg.nbytes()
-        if nbytes > self.cfg.max_window_bytes or nbytes > self.cfg.capacity_bytes:
+        # max_window_bytes bounds the arrays; capacity_bytes the stored payload, as eviction counts it
+        if msg.nbytes() > self.cfg.max_window_bytes or payload_nbytes(msg) > self.cfg.capacity_bytes:
             return InsertResult("rejected", "oversize")
         frames = msg.arrays["frames"]
         if self.shape is not None and tuple(frames.shape) != self.shape:

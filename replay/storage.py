@@ -67,6 +67,12 @@ def encode_window(msg: protocol.Message) -> bytes:
     return b"".join([head, *frames])
 
 
+def payload_nbytes(msg: protocol.Message) -> int:
+    """``len(encode_window(msg))``, without building the payload (contiguous arrays are not copied)."""
+    frames = protocol.encode(msg)
+    return len(PAYLOAD_MAGIC) + 4 + 8 * len(frames) + sum(len(f) for f in frames)
+
+
 def decode_window(payload: bytes | memoryview) -> protocol.Message:
     """Inverse of :func:`encode_window`; raises ``protocol.ProtocolError`` on a bad payload."""
     view = memoryview(payload)

@@ -384,6 +384,21 @@ def test_buffer_rejects_bad_windows_and_duplicates(make_insert):
     assert buf.stats()["duplicates"] == 1 and buf.stats()["inserts"] == 1
 
 
+def test_buffer_capacity_bytes_counts_the_stored_payload(make_insert):
+    """capacity_bytes bounds what eviction counts, the stored payload (arrays, meta and framing):
+    a window whose arrays fit but whose payload does not is refused, never stored over the
+    limit (each insert then evicting the whole store); one that fits exactly is stored."""
+    msgs = [make_insert(i) for i in (0, 3, 6)]  # one match each, ids of one length: equal payloads
+    payload = len(encode_window(msgs[0]))
+    assert {len(encode_window(m)) for m in msgs} == {payload} and msgs[0].nbytes() < payload
+    buf = ReplayBuffer(ReplayConfig(capacity_bytes=msgs[0].nbytes() + 10, min_size=1), MemoryStorage())
+    assert [buf.insert(m).reason for m in msgs] == ["oversize"] * 3
+    assert len(buf.storage) == 0 and buf.counts["evictions"] == 0
+    buf = ReplayBuffer(ReplayConfig(capacity_bytes=payload, min_size=1), MemoryStorage())
+    assert [buf.insert(m).status for m in msgs] == ["stored"] * 3
+    assert len(buf.storage) == 1 and buf.storage.nbytes == payload and buf.counts["evictions"] == 2
+
+
 def _with_teacher(msg: protocol.Message, teacher) -> protocol.Message:
     """``msg`` with ``teacher`` as its teacher meta, as the replay service decodes it off the wire
     (msgpack: bytes stay bytes, tuples become lists)."""
