@@ -24,6 +24,8 @@ from reliev3r import protocol, security
 from reliev3r.security import CurveConfig
 
 RETRY_REASONS = ("not_ready", "rate_limited")
+WAIT_SLICE_S = 0.1
+"""A request waits for its reply in slices this long, checking its client's ``stop`` between them."""
 
 
 class ReplayError(RuntimeError):
@@ -35,19 +37,25 @@ class ReplayError(RuntimeError):
         self.reason, self.detail = reason, detail
 
 
+class Cancelled(Exception):
+    """A request given up because its client's ``stop`` was set (:meth:`Prefetcher.close`)."""
+
+
 class ReplayClient:
     def __init__(self, endpoint: str, *, ctx: zmq.Context | None = None, timeout_s: float = 60.0,
                  retry_s: float = 5.0, max_bytes: int = protocol.DEFAULT_MAX_BYTES,
-                 curve: CurveConfig | None = None):
+                 curve: CurveConfig | None = None, stop: threading.Event | None = None):
         """``timeout_s``: how long a call may take in all; ``retry_s``: how long one attempt
         waits for any reply before re-sending on a fresh socket (keep it above the
         service's ``replay.sample_wait_s``); ``curve``: the client keys for a CURVE-enabled
-        service (``cfg.network.curve``), applied to every socket this client opens."""
+        service (``cfg.network.curve``), applied to every socket this client opens; ``stop``:
+        once set (by another thread), a request waiting for its reply raises :class:`Cancelled`
+        within ``WAIT_SLICE_S``."""
         if timeout_s <= 0 or retry_s <= 0:
             raise ValueError("timeout_s and retry_s must be > 0")
         self.endpoint = endpoint
         self.timeout_s, self.retry_s, self.max_bytes = timeout_s, retry_s, max_bytes
-        self.curve = curve
+        self.curve, self.stop = curve, stop
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self._ids = itertools.count()
@@ -78,7 +86,8 @@ class ReplayClient:
                 timeout_s: float | None = None) -> protocol.Message:
         """Send ``msg`` and return its reply (one of ``reply_kinds``); retry ``error``
         replies "not_ready"/"rate_limited" and silent attempts until ``timeout_s``; raise
-        ``TimeoutError`` then, or :class:`ReplayError` on any other ``error`` reply."""
+        ``TimeoutError`` then, or :class:`ReplayError` on any other ``error`` reply;
+        :class:`Cancelled` once ``stop`` is set."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         kinds = (*reply_kinds, "error")
         while True:
@@ -88,9 +97,13 @@ class ReplayClient:
             attempt_end = min(deadline, time.monotonic() + self.retry_s)
             reply = None
             while reply is None:
+                if self.stop is not None and self.stop.is_set():
+                    raise Cancelled(f"replay {self.endpoint}: {reply_kinds[0]} request given up (stop)")
                 left = attempt_end - time.monotonic()
-                if left <= 0 or not self._socket().poll(int(left * 1000) + 1, zmq.POLLIN):
+                if left <= 0:
                     break
+                if not self._socket().poll(int(min(left, WAIT_SLICE_S) * 1000) + 1, zmq.POLLIN):
+                    continue
                 try:
                     got = protocol.decode(self._socket().recv_multipart(copy=False), max_bytes=self.max_bytes,
                                           kinds=kinds)
@@ -187,13 +200,15 @@ class Prefetcher:
 
     def _loop(self) -> None:
         endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve = self._args
-        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s, curve=curve)
+        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s, curve=curve, stop=self._stop)
         try:
             while not self._stop.is_set():
                 try:
                     item = client.sample(batch_size, rank, timeout_s=timeout_s)
                     if self._prepare is not None:
                         item = (item, self._prepare(item))
+                except Cancelled:  # close(): the wait for a reply ends with it
+                    return
                 except Exception as err:  # the policy or the consumer decides
                     if self._on_error is not None and self._on_error(err):
                         continue
@@ -236,5 +251,7 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the thread; a request it is waiting on is given up within ``WAIT_SLICE_S``
+        (a ``prepare`` under way runs to its end)."""
         self._stop.set()
         self._thread.join(timeout=10)

@@ -260,6 +260,27 @@ def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
         client.close()
 
 
+def test_prefetcher_close_ends_a_request_that_waits_for_a_silent_replay(ctx, wait_for):
+    """close() while the thread waits for a reply that never comes (a replay that is down or
+    hung): the wait ends at once instead of running out its timeout, and the thread ends."""
+    timeout_s = 60.0  # the request's own wait: close() must not sit it out
+    silent = ctx.socket(zmq.ROUTER)  # takes the request, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    fetch = Prefetcher(f"tcp://127.0.0.1:{port}", 2, 0, depth=1, ctx=ctx, timeout_s=timeout_s, retry_s=timeout_s)
+    try:
+        wait_for(lambda: silent.poll(0, zmq.POLLIN), HANG_S, "the prefetcher's sample request")
+        start = time.monotonic()
+        fetch.close()
+        assert time.monotonic() - start < timeout_s / 2
+        assert not fetch._thread.is_alive()
+        assert fetch.get(0.0) is None  # the stop is no error handed to a consumer
+    finally:
+        fetch._stop.set()
+        fetch._thread.join(timeout=HANG_S)
+        silent.close(linger=0)
+
+
 def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_insert, wait_for):
     generate_keys(tmp_path / "keys", clients=("client", "stranger"))
     cfg = make_cfg(*REPLAY)
