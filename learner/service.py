@@ -31,6 +31,9 @@ from replay.client import Prefetcher, ReplayClient, ReplayError
 LOG_EVERY_S = 10.0
 POLL_S = 0.001
 """How often the learner, with no batch ready, looks whether the GPU has finished its step."""
+FATAL_REPLAY_REASONS = ("batch_too_large",)
+"""Refusals of a sample that the replay repeats for every request of this learner (its batch
+size against the replay's limits): the learner stops with the error instead of asking again."""
 
 
 class LearnerMetrics:
@@ -143,6 +146,11 @@ class LearnerService:
             if isinstance(err, TimeoutError):
                 runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
                 return True
+            if isinstance(err, ReplayError) and err.reason in FATAL_REPLAY_REASONS:
+                runtime.metrics.reject(f"sample_{err.reason}")
+                runtime.log.error("replay refuses the learner's batches", extra={"reason": err.reason,
+                                                                                 "detail": err.detail})
+                return False  # raised by the next get(): the learner stops with it
             if isinstance(err, ReplayError):
                 runtime.metrics.reject(f"sample_{err.reason}")
                 runtime.log.warning("replay refused a sample", extra={"reason": err.reason})

@@ -70,6 +70,17 @@ def _plain_json(value: object, depth: int) -> bool:
     return False
 
 
+class BatchTooLarge(Exception):
+    """A batch's arrays would exceed what its receiver takes (:meth:`ReplayBuffer.sample`'s
+    ``max_bytes``): ``windows``, ``nbytes`` and ``limit`` say by how much."""
+
+    def __init__(self, windows: int, nbytes: int, limit: int):
+        super().__init__(f"a batch of {windows} windows is {nbytes} bytes ({nbytes / 2**20:.1f} MiB), over the "
+                         f"{limit} bytes ({limit / 2**20:.1f} MiB) a reply may carry: lower learner.batch_size, "
+                         f"or the windows' size (streamer.views, streamer.height, streamer.width)")
+        self.windows, self.nbytes, self.limit = windows, nbytes, limit
+
+
 @dataclass(frozen=True, slots=True)
 class InsertResult:
     status: str
@@ -255,10 +266,11 @@ class ReplayBuffer:
             return 1 << 30
         return int(2 * self.limiter.tolerance - self.limiter.samples_per_insert)
 
-    def sample(self, n: int, rank: int = 0) -> protocol.Message:
+    def sample(self, n: int, rank: int = 0, *, max_bytes: int | None = None) -> protocol.Message:
         """Draw ``n`` windows (with replacement) and stack them into a ``batch`` message.
         Call only when :meth:`can_sample`; raises ``LookupError`` if corrupt windows emptied
-        the store meanwhile."""
+        the store meanwhile, and :class:`BatchTooLarge` if the batch's arrays would exceed
+        ``max_bytes`` (nothing counted then: no limiter credit, no sample)."""
         windows, keys, probs = [], [], []
         while len(windows) < n:
             if len(self.storage) == 0:
@@ -278,10 +290,26 @@ class ReplayBuffer:
                 windows.append(msg)
                 keys.append(key)
                 probs.append(prob)
+        if max_bytes is not None and (nbytes := self._batch_nbytes(windows)) > max_bytes:
+            raise BatchTooLarge(n, nbytes, max_bytes)
         self.storage.touch(keys)
         self.limiter.sample(n)
         self.counts["samples"] += n
         return self._stack(windows, keys, probs)
+
+    @staticmethod
+    def _batch_nbytes(windows: list[protocol.Message]) -> int:
+        """The bytes of the arrays :meth:`_stack` makes of ``windows`` (what a receiver's
+        ``max_bytes`` bounds), without making them."""
+        total = sum(w.arrays[name].nbytes for w in windows for name in ("frames", "intrinsics"))
+        for name in OPTIONAL_BATCH_ARRAYS:
+            if all(name in w.arrays for w in windows):
+                total += sum(w.arrays[name].nbytes for w in windows)
+        rows = sum(len(w.arrays["matches"]) for w in windows)
+        total += rows * len(protocol.BATCH_MATCH_COLUMNS) * 4  # float32
+        if any("match_triangulation" in w.arrays for w in windows):
+            total += rows * 3 * 4  # float32 [K,3]
+        return total
 
     def _stack(self, windows: list[protocol.Message], keys: list[int], probs: list[float]) -> protocol.Message:
         arrays = {name: np.stack([w.arrays[name] for w in windows]) for name in ("frames", "intrinsics")}

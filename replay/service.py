@@ -16,7 +16,9 @@ that retried can drop stale replies.
   the request waits on the service (the event loop never blocks) up to
   ``replay.sample_wait_s``, then gets ``error`` {reason: "not_ready"} and the client asks
   again, until its own timeout. A batch larger than the limiter can ever grant gets
-  ``error`` "batch_too_large" at once.
+  ``error`` "batch_too_large" at once; so does one whose arrays would exceed what a client
+  takes (:data:`MAX_REPLY_BYTES`), when it is drawn, with ``detail``: its size, the limit and
+  what to change (nothing counted: no limiter credit spent).
 * ``priorities`` -> no reply (learners fire and forget); unknown window ids are ignored.
 * ``stats``   -> ``stats`` with the buffer's counters and the number of waiting requests.
 * anything malformed -> ``error`` {reason: "malformed", detail: the decoder's reason} (already
@@ -35,12 +37,15 @@ from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
-from replay.buffer import ReplayBuffer
+from replay.buffer import BatchTooLarge, ReplayBuffer
 from replay.storage import StorageFull
 
 KINDS = ("insert", "sample", "priorities", "stats")
 POLL_MS = 100
 MAX_BATCH = 4096
+MAX_REPLY_BYTES = protocol.DEFAULT_MAX_BYTES
+"""The most bytes of arrays a batch may carry: what a :class:`replay.client.ReplayClient` takes
+(its ``max_bytes`` default). A larger batch would be dropped by the client as a broken reply."""
 
 
 @dataclass(slots=True)
@@ -188,8 +193,10 @@ class ReplayService:
         if not (isinstance(n, int) and 1 <= n <= MAX_BATCH and isinstance(rank, int) and rank >= 0):
             self.runtime.metrics.reject("bad_sample_request")
             self._send(identity, protocol.error_reply("bad_sample_request"), msg)
-        elif n > self.buffer.max_batch():
-            self._send(identity, protocol.error_reply("batch_too_large"), msg)
+        elif n > (most := self.buffer.max_batch()):
+            detail = (f"a batch of {n} windows; the rate limiter grants at most {most}: lower learner.batch_size, "
+                      f"or raise replay.tolerance")
+            self._send(identity, protocol.error_reply("batch_too_large", detail), msg)
         else:
             self.samples.append(_Waiting(identity, msg, time.monotonic() + self.cfg.sample_wait_s))
 
@@ -205,10 +212,15 @@ class ReplayService:
             w = self.samples.popleft()
             start = time.perf_counter()
             try:
-                batch = self.buffer.sample(w.msg.meta["batch_size"], w.msg.meta.get("rank", 0))
+                batch = self.buffer.sample(w.msg.meta["batch_size"], w.msg.meta.get("rank", 0),
+                                           max_bytes=MAX_REPLY_BYTES)
             except LookupError:
                 self.samples.appendleft(w)
                 break
+            except BatchTooLarge as err:
+                self.runtime.log.warning("sample refused: batch too large", extra={"detail": str(err)})
+                self._send(w.identity, protocol.error_reply("batch_too_large", str(err)), w.msg)
+                continue
             self.metrics.sample_s.observe(time.perf_counter() - start)
             self.metrics.batches.inc()  # before the send: a client that has its batch sees it counted
             self._send(w.identity, batch, w.msg)

@@ -36,14 +36,14 @@ def learner_cfg(**kw) -> LearnerConfig:
 class FakeReplay:
     """A real ROUTER socket answering ``sample`` like the replay service: first "not_ready",
     then batches of synthetic windows (echoing ``request_id`` as the service does), each batch
-    ``delay_s`` after its request."""
+    ``delay_s`` after its request; with ``refuse``, that ``error`` reason instead of each batch."""
 
     def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False,
-                 delay_s: float = 0.0, first_teacher: dict | None = None):
+                 delay_s: float = 0.0, first_teacher: dict | None = None, refuse: str | None = None):
         import zmq
 
         self.odd_first, self.base_shape, self.delay_s = odd_first, (views, h, w), delay_s
-        self.first_teacher = first_teacher
+        self.first_teacher, self.refuse = first_teacher, refuse
         """The teacher meta of the first batch (the later ones: the toy teacher's)."""
 
         self.sock = ctx.socket(zmq.ROUTER)
@@ -77,6 +77,8 @@ class FakeReplay:
             rid = msg.meta.get("request_id")
             if len(self.requests) == 1:
                 reply = protocol.Message("error", {"reason": "not_ready", "request_id": rid})
+            elif self.refuse is not None:
+                reply = protocol.Message("error", {"reason": self.refuse, "detail": "as asked", "request_id": rid})
             else:
                 b = msg.meta["batch_size"]
                 if len(self.requests) == 2 and self.odd_first:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from reliev3r import protocol
-from replay.buffer import InsertResult, ReplayBuffer
+from replay.buffer import BatchTooLarge, InsertResult, ReplayBuffer
 from replay.config import ReplayConfig
 from replay.dedup import Dedup, NumpyIndex, embed, faiss
 from replay.rate_limiter import RateLimiter
@@ -485,6 +485,32 @@ def test_buffer_batch_layout_and_optional_arrays(make_insert):
         assert (m[:, 0] == b).sum() == 1 + int(wid[1:]) % 3
     protocol.decode([bytes(f) for f in protocol.encode(batch)])  # a valid wire message
     assert batch.meta["probabilities"][0] > 0 and len(batch.meta["times_sampled"]) == 8
+
+
+def test_buffer_refuses_a_batch_over_max_bytes_before_it_counts(make_insert):
+    """A batch whose arrays would exceed ``max_bytes`` (what its receiver accepts) raises
+    BatchTooLarge with its size, before anything is counted: no limiter credit, no samples,
+    no times_sampled. The size is the built batch's to the byte (windows with and without the
+    optional arrays: same seed, same draws)."""
+    def filled() -> ReplayBuffer:
+        buf = ReplayBuffer(ReplayConfig(min_size=1, samples_per_insert=1.0, tolerance=8.0), MemoryStorage(), seed=0)
+        triangulated = make_insert(0)
+        triangulated.arrays["match_triangulation"] = np.ones((1, 3), np.float32)
+        for msg in (triangulated, make_insert(1, teacher=False), make_insert(2)):
+            assert buf.insert(msg).status == "stored"
+        return buf
+
+    def counted(buf: ReplayBuffer) -> tuple:
+        return buf.limiter.state_dict(), buf.stats(), [r.times_sampled for r in buf.storage.records.values()]
+
+    nbytes = filled().sample(6).nbytes()
+    assert filled().sample(6, max_bytes=nbytes).nbytes() == nbytes  # at the limit: served
+    buf = filled()
+    before = counted(buf)
+    with pytest.raises(BatchTooLarge) as refused:
+        buf.sample(6, max_bytes=nbytes - 1)
+    assert (refused.value.windows, refused.value.nbytes, refused.value.limit) == (6, nbytes, nbytes - 1)
+    assert counted(buf) == before
 
 
 def test_a_batch_names_each_windows_teacher(make_insert):

@@ -229,6 +229,26 @@ def test_rate_limiter_on_the_learner_side_alone(make_cfg, make_insert):
         assert stats["samples"] <= 2 * (stats["inserts"] - 1) + 4
 
 
+def test_a_batch_over_the_reply_limit_is_refused_with_its_size(make_cfg, make_insert, monkeypatch):
+    """A batch larger than a client takes (protocol.DEFAULT_MAX_BYTES; here a few windows'
+    worth, for service and client alike) is refused at once as batch_too_large, naming its size,
+    the limit and what to change; before, the service sent it, the client dropped it as a broken
+    reply and asked again until its timeout. No retry, no sample counted; a smaller batch is served."""
+    limit = 4 * max(make_insert(i).nbytes() for i in range(3))  # a batch of 2 fits, one of 8 does not
+    monkeypatch.setattr(service, "MAX_REPLY_BYTES", limit, raising=False)
+    cfg = make_cfg(*REPLAY)
+    with serving(cfg) as (endpoint, runtime), \
+            ReplayClient(endpoint, timeout_s=HANG_S, retry_s=HANG_S / 4, max_bytes=limit) as client:
+        for i in range(3):
+            assert client.insert(make_insert(i))["status"] == "stored"
+        with pytest.raises(ReplayError, match="batch_too_large") as refused:
+            client.sample(8)
+        assert client.retries == 0
+        assert f"over the {limit} bytes" in refused.value.detail and "learner.batch_size" in refused.value.detail
+        assert client.stats()["samples"] == 0
+        assert client.sample(2).arrays["frames"].shape[0] == 2
+
+
 def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
     cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)

@@ -436,6 +436,42 @@ def test_learner_process_survives_a_batch_with_odd_teacher_meta(tmp_path, odd):
         ctx.destroy(linger=0)
 
 
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_learner_process_stops_when_the_replay_refuses_its_batch_size(tmp_path):
+    """A replay that answers batch_too_large (a batch over what a reply carries, or over what
+    its rate limiter can grant) will answer so to every request: the learner ends with that
+    error (the process exits 1, its log says why) instead of asking again for ever."""
+    import zmq
+
+    from learner import service
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+    from replay.client import ReplayError
+
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port, refuse="batch_too_large")
+    done = threading.Event()
+    try:
+        cfg = learner_pipeline(tmp_path, port, max_steps=3, snapshot_every=100)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            def stop_a_learner_that_asks_again():  # its first sample is answered not_ready, the next refused
+                while len(replay.requests) < 4 and not done.wait(0.05):
+                    pass
+                if not done.is_set():
+                    runtime.stop()
+
+            threading.Thread(target=stop_a_learner_that_asks_again, daemon=True).start()
+            with pytest.raises(ReplayError, match="batch_too_large"):
+                service.run(cfg, runtime, loss_fn=toy_loss)
+            done.set()
+            assert len(replay.requests) == 2
+    finally:
+        done.set()
+        replay.close()
+        ctx.destroy(linger=0)
+
+
 class BusyGPUTrainer(FusedTrainer):
     """:class:`FusedTrainer` on a GPU that is still running each step whenever the learner asks
     (:meth:`PendingStep.done` is never true; reading the step does not wait: its numbers are on
