@@ -9,10 +9,11 @@ Specs:
   ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world,
   ``camera-intrinsics.txt``), optionally only frames FIRST..LAST (inclusive);
 * ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
-  (``*.jpg``/``*.png`` sorted by name, in DIR or its ``rgb/``, ``images/`` or ``color/``
-  subfolder; FIRST..LAST index that sorted list) with, all optional: poses as a TUM
-  trajectory (``groundtruth.txt``, ``poses.txt``, ``trajectory.txt`` or ``*.tum``; matched by
-  timestamp when the image names are timestamps, else by order) or per frame 4x4
+  (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
+  DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
+  with, all optional: poses as a TUM trajectory (``groundtruth.txt``, ``poses.txt``,
+  ``trajectory.txt`` or ``*.tum``; matched by timestamp when the image names are timestamps,
+  else by order) or per frame 4x4
   cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
   1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
@@ -167,13 +168,15 @@ def _frame_base(path: Path) -> str:
 
 
 def folder_images(folder: Path) -> list[Path]:
-    """The colour images of a generic folder, sorted by name (depth maps excluded)."""
+    """The colour images of a generic folder in natural order (``2.png`` before ``10.png``, as the
+    streamer reads a folder: ``reliev3r.imaging.natural_key``; depth maps excluded)."""
     for sub in ("rgb", "images", "color"):
         if (folder / sub).is_dir():
             folder = folder / sub
             break
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and ".depth" not in p.name and not p.name.startswith("."))
+    return sorted((p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and ".depth" not in p.name and not p.name.startswith(".")),
+                  key=imaging.natural_key)
 
 
 

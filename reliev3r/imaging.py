@@ -7,10 +7,19 @@ reconstruction, so every stage sees frames prepared the same way.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+
+def natural_key(path: Path) -> tuple[list, str]:
+    """Sort key of an image file in natural order (``frame2`` before ``frame10``): its name's
+    runs of digits compared as numbers (any that ``int()`` reads), the rest as text; the name
+    itself breaks ties (``7.png``, ``07.png``). One order for the streamer, reconstruct and eval."""
+    name = Path(path).name
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name))], name
 
 
 def read_intrinsics(path: Path) -> np.ndarray:

@@ -87,10 +87,11 @@ class FrameStream:
 
 
 def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> FrameStream:
-    """Every ``stride``-th frame of a video file or a sorted image folder, at most
-    ``max_frames``, decoded as the stream is read (one frame in memory at a time). A video's
-    frames are turned as players show them, and ``intrinsics`` (of the frames as recorded)
-    with them (``streamer.glance.orient_intrinsics``)."""
+    """Every ``stride``-th frame of a video file or an image folder (in natural order, as the
+    streamer reads it: ``reliev3r.imaging.natural_key``), at most ``max_frames``, decoded as
+    the stream is read (one frame in memory at a time). A video's frames are turned as players
+    show them, and ``intrinsics`` (of the frames as recorded) with them
+    (``streamer.glance.orient_intrinsics``)."""
     from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses
     from reliev3r.imaging import read_intrinsics
 
@@ -149,7 +150,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
 
 
 def read_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> Frames:
-    """Every ``stride``-th frame of a video file or a sorted image folder, at most ``max_frames``,
+    """Every ``stride``-th frame of a video file or an image folder (natural order), at most ``max_frames``,
     all in memory (:func:`open_input` decodes them one at a time)."""
     stream = open_input(path, stride=stride, max_frames=max_frames, intrinsics=intrinsics)
     images, stamps = [], []

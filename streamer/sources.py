@@ -1170,10 +1170,7 @@ def image_files(folder: Path) -> list[Path]:
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
              and not p.name.endswith((".depth.png", ".depth.jpg")) and p.is_file()]
 
-    def natural(p: Path):  # the odd parts of the split are its runs of digits, any that int() reads
-        return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", p.name))]
-
-    return sorted(files, key=natural)
+    return sorted(files, key=imaging.natural_key)
 
 
 def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,

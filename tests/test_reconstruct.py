@@ -218,6 +218,25 @@ def test_given_intrinsics_are_turned_with_the_frames_of_a_phones_video(tmp_path,
     assert tuple(shown[int(cy), int(cx)]) == (30, 20)
 
 
+def test_an_image_folder_is_read_in_natural_order_as_the_streamer_reads_it(tmp_path):
+    """Frames named 1.png .. 12.png (ffmpeg's %d.png): reconstruct and eval's ``folder:`` read
+    them 1, 2, ..., 12, as the streamer does (they read 1, 10, 11, 12, 2, ...: a trajectory
+    that jumped back and forth)."""
+    from evaluation.datasets import folder_sequence
+    from reliev3r.reconstruct import open_input
+    from streamer.sources import image_files
+
+    for i in range(1, 13):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((24, 32, 3), 10 * i, np.uint8))
+    names = [f"{i}.png" for i in range(1, 13)]
+    assert [p.name for p in image_files(tmp_path)] == names
+    frames = list(open_input(tmp_path, stride=1, max_frames=100).frames)
+    assert [t for _, t in frames] == list(range(1, 13))
+    assert [int(rgb[0, 0, 0]) for rgb, _ in frames] == [10 * i for i in range(1, 13)]
+    sequence = folder_sequence(tmp_path)
+    assert [int(sequence.read(k)[0][0, 0, 0]) for k in range(sequence.length)] == [10 * i for i in range(1, 13)]
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
