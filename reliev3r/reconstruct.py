@@ -25,6 +25,10 @@ Writes into ``--out``:
   chained poses, the model's intrinsics, and the point cloud, each point observed by the pixel
   it was unprojected from).
 
+They replace an earlier reconstruction's in the same folder, none of it left over, only once
+all are written (into a hidden ``.reconstruct-*`` folder inside ``--out`` until then): a run
+that fails or is stopped (Ctrl-C) leaves the folder as it was.
+
 Long inputs: frames are decoded, reconstructed and chained one window at a time and every
 output above is written as its frames are chained (the PLY's vertex count is patched in at the
 end; the colour depth PNGs come from a float depth spool once the colour range is known), so
@@ -38,8 +42,13 @@ when the container gives the frame count).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -396,6 +405,14 @@ def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray) -> list[np.ndarr
     return out
 
 
+OUTPUTS = ("points.ply", "poses.txt", "depth", "depth_color", "trajectory.png", "reconstruction.json", "colmap")
+"""What a reconstruction writes into ``--out``; the next one into the same folder replaces all of it."""
+STAGING = ".reconstruct-"
+"""Name prefix of the hidden folder inside ``--out`` that a run writes into, then
+``<host>-<pid>-<random>``: a run killed outright (SIGKILL) leaves it, and the next run on the
+host removes it once that process is gone."""
+
+
 def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: ReconstructOptions,
                 gt_poses: list[np.ndarray | None] | None = None, *,
                 gt_tum: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
@@ -405,27 +422,90 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
     frame's depth PNG, pose line, points (and COLMAP image) are written when its window is
     chained, so memory stays flat in the input's length (:mod:`reliev3r.reconstruct_stream`
     lists what is held). ``gt_tum`` (stamps, poses): ground truth matched to the frames'
-    timestamps at the end (:func:`match_gt`)."""
+    timestamps at the end (:func:`match_gt`).
+
+    The outputs are written into a hidden folder inside ``out`` (:data:`STAGING`) and take the
+    place of an earlier reconstruction's (:data:`OUTPUTS`) only once all are written: a run that
+    fails (a damaged frame, too few frames) or is stopped (Ctrl-C) leaves ``out`` as it was,
+    and removes what it wrote (a folder it created for ``out`` too)."""
+    out = Path(out)
+    made = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(STAGING + "*"):
+        if _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{socket.gethostname()}-{os.getpid()}-", dir=out))
+    done = False
+    try:
+        with contextlib.ExitStack() as held:  # open files and spools, closed however the run ends
+            summary = _reconstruct_into(held, reconstructor, frames, staging, opts, gt_poses, gt_tum)
+        _replace_outputs(out, staging)
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not done:
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    return summary
+
+
+def _abandoned(staging: Path) -> bool:
+    """Whether a :data:`STAGING` folder belongs to a run of this host that is no longer running."""
+    found = re.fullmatch(re.escape(STAGING) + r"(.+)-(\d+)-[^-]+", staging.name)
+    if found is None or found[1] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(found[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process, or no pid at all
+        return False
+    return False
+
+
+def _replace_outputs(out: Path, staging: Path) -> None:
+    """Move the outputs written in ``staging`` into ``out``; an earlier reconstruction's
+    outputs go into ``staging`` first (removed with it), none of them left over. Renames only,
+    so ``out`` is between the two for a moment at most."""
+    earlier = staging / ".replaced"
+    earlier.mkdir()
+    for name in OUTPUTS:
+        if os.path.lexists(out / name):
+            os.replace(out / name, earlier / name)
+    for name in OUTPUTS:
+        if os.path.lexists(staging / name):
+            os.replace(staging / name, out / name)
+    for spool in out.glob(".spool-*"):  # spools that runs of earlier versions wrote into out and left
+        spool.unlink(missing_ok=True)
+
+
+def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames | FrameStream, out: Path,
+                      opts: ReconstructOptions, gt_poses: list[np.ndarray | None] | None,
+                      gt_tum: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """:func:`reconstruct`'s work, every output written into the empty folder ``out``; what it
+    opens is closed by ``held``."""
     from collections import deque
 
     from evaluation.tum import matrix_to_quaternion
     from reliev3r.reconstruct_stream import (FrameLog, PlyStream, RowSpool, StreamingChain, ValueSample,
                                              subsample_ply)
 
-    out.mkdir(parents=True, exist_ok=True)
     stream = frames if isinstance(frames, FrameStream) else FrameStream.of(frames)
-    for ours in ("depth", "depth_color", "colmap"):  # a run before into the same folder: none of it stays
-        if (out / ours).is_dir():
-            shutil.rmtree(out / ours)
-    (out / "depth").mkdir(exist_ok=True)
-    (out / "depth_color").mkdir(exist_ok=True)
+    (out / "depth").mkdir()
+    (out / "depth_color").mkdir()
     if opts.colmap:
-        (out / "colmap" / "images").mkdir(parents=True, exist_ok=True)
+        (out / "colmap" / "images").mkdir(parents=True)
     ply = PlyStream(out / "points.ply")
-    tum = open(out / "poses.txt", "w")
+    held.callback(ply.abandon)
+    tum = held.enter_context(open(out / "poses.txt", "w"))
     tum.write("# timestamp tx ty tz qx qy qz qw (camera-to-world)\n")
     depth_spool = None  # float depth of every frame, on disk, for the colour pass
     pixel_spool = RowSpool(out, np.int64, (3,)) if opts.colmap else None  # (frame, x, y) of each point
+    if pixel_spool is not None:
+        held.callback(pixel_spool.close)
     depth_values = ValueSample()
     chain = StreamingChain()
     timestamps, poses, window_K = FrameLog(), FrameLog((4, 4)), FrameLog((3, 3))  # per frame, no objects
@@ -436,6 +516,7 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
         nonlocal depth_spool, size
         if depth_spool is None:
             depth_spool, size = RowSpool(out, np.float32, depth.shape), depth.shape
+            held.callback(depth_spool.close)
         cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), np.clip(depth * 1000.0, 0, 65535).round().astype(np.uint16))
         depth_spool.append(depth[None])
         depth_values.add(depth[depth > 0])

@@ -79,6 +79,10 @@ class PlyStream:
     def flush(self) -> None:
         self._file.flush()
 
+    def abandon(self) -> None:
+        """Close the file as it is (a run that stops): the header still says 0 vertices."""
+        self._file.close()
+
     def close(self) -> int:
         header = self._header(self.count)
         assert len(header) == self.header_len

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
 
 import cv2
 import numpy as np
@@ -173,6 +175,98 @@ def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tm
     assert cli.main([*common, "--max-frames", "3"]) == 0
     assert len(list((out / "depth").iterdir())) == len(list((out / "depth_color").iterdir())) == 3
     assert not (out / "colmap").exists()
+
+
+def _image_folder(folder, n: int):
+    folder.mkdir(parents=True)
+    for k in range(n):
+        cv2.imwrite(str(folder / f"{k:04d}.png"), np.random.default_rng(k).integers(0, 256, (48, 64, 3), np.uint8))
+    return folder
+
+
+def _contents(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too), by path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_reconstruction_leaves_the_earlier_one_as_it_was_and_nothing_of_its_own(tmp_path, capsys):
+    """A run that fails on its input (a damaged frame mid-folder, a single frame) into a folder
+    holding an earlier reconstruction: exit 2, and the folder holds the earlier one, byte for
+    byte, with no temporary file beside it (before, the earlier depth maps, COLMAP model, PLY
+    and poses were cleared first and the failed run's hidden float spools stayed for good). A
+    successful run then replaces every output, stale ones included, and leaves nothing hidden."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    out = tmp_path / "rec"
+    common = ["reconstruct", "--checkpoint", str(snap), "--out", str(out), "--device", "cpu", "--views", "3",
+              "--overlap", "1"]
+    assert cli.main([*common, "--input", str(_image_folder(tmp_path / "good", 9)), "--colmap"]) == 0
+    before = _contents(out)
+    assert not [name for name in before if name.startswith(".")]
+    damaged = _image_folder(tmp_path / "damaged", 9)
+    (damaged / "0006.png").write_bytes(b"not a png")  # after two windows were written
+    one = encode(tmp_path / "one.mp4", panning_frames(1, 64, 48))
+    for source, said in ((damaged, "0006.png"), (one, "1 frame decoded")):
+        assert cli.main([*common, "--input", str(source), "--colmap"]) == 2
+        assert said in capsys.readouterr().err.strip().splitlines()[-1]
+        assert _contents(out) == before, source
+    (out / "trajectory.png").write_bytes(b"stale")
+    (out / "reconstruction.json").write_text("{}")
+    # What runs killed outright left: an earlier version's spool, the folder of a run of this
+    # host whose process is gone (removed), that of a run on another host (left alone).
+    (out / ".spool-abc123").write_bytes(b"0" * 100)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (out / f".reconstruct-{socket.gethostname()}-{gone.pid}-abc_12" / "depth").mkdir(parents=True)
+    (out / ".reconstruct-elsewhere-1-xyz" / "depth").mkdir(parents=True)
+    assert cli.main([*common, "--input", str(_image_folder(tmp_path / "short", 4))]) == 0
+    shutil.rmtree(out / ".reconstruct-elsewhere-1-xyz")
+    after = _contents(out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(after) == sorted(name for name in before if not name.startswith("colmap/")
+                                   and not name.endswith(("0004.png", "0005.png", "0006.png", "0007.png",
+                                                          "0008.png")))
+    assert json.loads(after["reconstruction.json"])["frames"] == 4
+    assert cv2.imdecode(np.frombuffer(after["trajectory.png"], np.uint8), cv2.IMREAD_COLOR) is not None
+    never = tmp_path / "never" / "rec"  # a failed run into a folder of its own leaves no folder
+    assert cli.main([*common[:4], str(never), *common[5:], "--input", str(one)]) == 2
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_reconstruction_stopped_by_ctrl_c_leaves_the_earlier_one_as_it_was(tmp_path):
+    """SIGINT (Ctrl-C) to a ``reliev3r reconstruct`` process part-way: the folder holds the
+    earlier reconstruction, byte for byte, and no temporary file (before, it held the stopped
+    run's first frames and its hidden spools)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    out = tmp_path / "rec"
+    common = ["reconstruct", "--checkpoint", str(snap), "--out", str(out), "--device", "cpu", "--views", "3",
+              "--overlap", "1", "--colmap"]
+    assert cli.main([*common, "--input", str(_image_folder(tmp_path / "first", 5))]) == 0
+    before = _contents(out)
+    long = _image_folder(tmp_path / "long", 600)
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "reliev3r.cli", *common, "--input", str(long)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        while proc.poll() is None and time.time() < started + 120:  # until it has written some frames
+            if sum(p.stat().st_mtime > started for p in out.rglob("depth/*.png")) >= 6:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    assert _contents(out) == before
 
 
 def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_path):

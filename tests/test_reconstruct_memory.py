@@ -27,15 +27,17 @@ is far larger (9 KB of RGB, 12 KB each of depth and confidence)."""
 
 class FakeReconstructor:
     """The model's interface without a model: deterministic depth, confidence and poses; at each
-    window it records what the output folder already holds (the outputs must be streamed)."""
+    window it records what the run has written so far (into its hidden folder in the output
+    folder, ``reliev3r.reconstruct.STAGING``: the outputs must be streamed)."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.seen = out, []
 
     def run(self, images, intrinsics=None) -> dict:
-        ply = self.out / "points.ply"
-        self.seen.append((len(list((self.out / "depth").glob("*.png"))),
-                          sum(not line.startswith("#") for line in (self.out / "poses.txt").open()),
+        (writing,) = self.out.glob(".reconstruct-*")  # the run's outputs until they are all written
+        ply = writing / "points.ply"
+        self.seen.append((len(list((writing / "depth").glob("*.png"))),
+                          sum(not line.startswith("#") for line in (writing / "poses.txt").open()),
                           ply.stat().st_size))
         v = len(images)
         stack = np.stack(images)
