@@ -19,7 +19,10 @@ Writes into ``--out``:
 * ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
   ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
   folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``);
-* ``reconstruction.json``: what was run and, with ground truth, the ATE;
+* ``reconstruction.json``: what was run, the intrinsics each frame was unprojected with
+  (``intrinsics``: one 3x3 when every frame shares it, else one per frame; in pixels of the
+  depth maps, ``image_size`` [width, height], the top-left pixel's centre at (0, 0)) and, with
+  ground truth, the ATE;
 * with ``--colmap bin|txt``: ``colmap/images/NNNNNN.png`` (the frames at the model's
   resolution) and ``colmap/sparse/0/`` (a COLMAP sparse model, :mod:`reliev3r.colmap`: the
   chained poses, the model's intrinsics, and the point cloud, each point observed by the pixel
@@ -582,6 +585,9 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
     poses_arr = poses.array()
     summary = {"frames": n, "windows": chain.windows, "views": views, "overlap": overlap,
                "points": int(kept), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
+    frame_K = window_K.array()
+    shared = bool((frame_K == frame_K[0]).all())
+    summary.update(intrinsics=(frame_K[0] if shared else frame_K).tolist(), image_size=[size[1], size[0]])
     centres = poses_arr[:, :3, 3]
     gt = gt_poses if gt_poses is not None else stream.gt_cam_to_world
     if gt_tum is not None:

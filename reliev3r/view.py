@@ -4,8 +4,9 @@ the optional extra ``view``) to open with ``rerun FILE.rrd``.
 * a reconstruction folder (``reliev3r reconstruct --out``): on the ``frame`` timeline, each
   frame's camera (pose from ``poses.txt``, pinhole frustum), its depth (``depth/NNNNNN.png``)
   and image (``colmap/images/``, when ``--colmap`` wrote them); the point cloud
-  (``points.ply``) static. Intrinsics from ``colmap/sparse/0/cameras.txt`` when there, else
-  the 60 degree horizontal field of view ``reconstruct`` assumes by default;
+  (``points.ply``) static. Each frame's intrinsics are those ``reconstruct`` unprojected it
+  with (``reconstruction.json``; from a reconstruction written before they were recorded
+  there: its COLMAP model's first camera, else a 60 degree horizontal field of view);
 * a run folder (``snapshots/`` + ``config.yaml``): on the ``step`` timeline, every snapshot
   (at most ``--snapshots``, spread over the run) predicts the first held-out window(s) of the
   evaluator's data: cameras, images, depth and the unprojected points, Sim(3)-aligned to the
@@ -14,6 +15,8 @@ the optional extra ``view``) to open with ``rerun FILE.rrd``.
 
 from __future__ import annotations
 
+import json
+import struct
 import sys
 from pathlib import Path
 
@@ -133,16 +136,47 @@ def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return points, colours
 
 
+def reconstruction_intrinsics(folder: Path, frames: int) -> np.ndarray | None:
+    """Each frame's intrinsics [frames, 3, 3] in pixels of its depth map, as ``reconstruct``
+    unprojected it: its ``reconstruction.json`` ``intrinsics`` (one 3x3 for every frame, or one
+    per frame); a reconstruction written before they were recorded there: its COLMAP model's
+    first camera (``cameras.txt`` or ``cameras.bin``); None: neither."""
+    summary = folder / "reconstruction.json"
+    if summary.is_file():
+        try:
+            K = np.asarray(json.loads(summary.read_text()).get("intrinsics"), np.float64)
+        except (ValueError, TypeError, AttributeError):  # not JSON, not an object, not numbers
+            K = np.zeros(0)
+        if K.shape == (3, 3):
+            return np.broadcast_to(K, (frames, 3, 3))
+        if K.shape == (frames, 3, 3):
+            return K
+    K = _colmap_intrinsics(folder)
+    return None if K is None else np.broadcast_to(K, (frames, 3, 3))
+
+
 def _colmap_intrinsics(folder: Path) -> np.ndarray | None:
-    cameras = folder / "colmap" / "sparse" / "0" / "cameras.txt"
-    if not cameras.is_file():
+    """The first PINHOLE camera of ``colmap/sparse/0`` (text or binary), in our pixel convention."""
+    sparse = folder / "colmap" / "sparse" / "0"
+    params = None
+    if (sparse / "cameras.txt").is_file():
+        for line in (sparse / "cameras.txt").read_text().splitlines():
+            parts = line.split()
+            if parts and not line.startswith("#") and parts[1] == "PINHOLE":
+                params = tuple(map(float, parts[4:8]))
+                break
+    elif (sparse / "cameras.bin").is_file():
+        from reliev3r.colmap import PINHOLE_MODEL_ID
+
+        data = (sparse / "cameras.bin").read_bytes()
+        if len(data) >= 8 + 24 + 32 and struct.unpack_from("<Q", data)[0] > 0:
+            _, model, _, _ = struct.unpack_from("<iiQQ", data, 8)
+            if model == PINHOLE_MODEL_ID:
+                params = struct.unpack_from("<4d", data, 8 + 24)
+    if params is None:
         return None
-    for line in cameras.read_text().splitlines():
-        parts = line.split()
-        if parts and not line.startswith("#") and parts[1] == "PINHOLE":
-            fx, fy, cx, cy = map(float, parts[4:8])
-            return np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])  # COLMAP's half-pixel offset
-    return None
+    fx, fy, cx, cy = params
+    return np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])  # COLMAP's half-pixel offset
 
 
 def log_reconstruction(rec, rr, folder: Path) -> int:
@@ -152,7 +186,7 @@ def log_reconstruction(rec, rr, folder: Path) -> int:
     _, poses = read_tum(folder / "poses.txt")
     depth_files = sorted((folder / "depth").glob("*.png"))
     image_files = sorted((folder / "colmap" / "images").glob("*.png"))
-    K = _colmap_intrinsics(folder)
+    Ks = reconstruction_intrinsics(folder, len(poses))
     if (folder / "points.ply").is_file():
         points, colours = read_ply(folder / "points.ply")
         if len(points) > MAX_POINTS:
@@ -168,7 +202,7 @@ def log_reconstruction(rec, rr, folder: Path) -> int:
         image = (cv2.cvtColor(cv2.imread(str(image_files[i])), cv2.COLOR_BGR2RGB) if i < len(image_files) else None)
         size = (depth.shape if depth is not None else image.shape[:2] if image is not None else (480, 640))
         H, W = size[:2]
-        Ki = K if K is not None else np.array([[W / (2 * np.tan(np.radians(30))), 0, (W - 1) / 2],
+        Ki = Ks[i] if Ks is not None else np.array([[W / (2 * np.tan(np.radians(30))), 0, (W - 1) / 2],
                                                [0, W / (2 * np.tan(np.radians(30))), (H - 1) / 2], [0, 0, 1]])
         log_camera(rec, rr, "world/camera", c2w, Ki, image, depth, (H, W))
     return len(poses)

@@ -1,0 +1,94 @@
+"""``reliev3r view`` of a ``reconstruct`` output folder, without rerun-sdk: what the view logs
+is caught by stand-ins for rerun's ``RecordingStream`` and archetypes, so the intrinsics of
+each frame's camera can be checked against those ``reconstruct`` unprojected its points with."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from evaluation.tum import read_tum
+from reliev3r import geometry, view
+from reliev3r.reconstruct import FrameStream, ReconstructOptions, reconstruct
+
+H, W = 24, 32
+
+
+class WideModel:
+    """The model's interface: constant depth 2, identity-ish poses along x, and a camera that
+    is not the 60 degree one (90 degrees; with ``per_window``, each window a focal length of
+    its own, as a model that estimates its intrinsics may give)."""
+
+    def __init__(self, per_window: bool) -> None:
+        self.per_window, self.windows = per_window, 0
+
+    def run(self, images, intrinsics=None) -> dict:
+        v = len(images)
+        K = geometry.intrinsics_from_fov(90.0, W, H).numpy()
+        if self.per_window:
+            K[0, 0] *= 1 + 0.25 * self.windows
+            K[1, 1] *= 1 + 0.25 * self.windows
+        self.windows += 1
+        poses = np.tile(np.eye(4, dtype=np.float32), (v, 1, 1))
+        poses[:, 0, 3] = 0.1 * np.arange(v)
+        depth = 2.0 + np.random.default_rng(self.windows).random((v, H, W), dtype=np.float32)
+        return {"images": np.stack(images), "depth": depth, "confidence": np.full((v, H, W), 1.5, np.float32),
+                "cam_to_world": poses, "intrinsics": np.repeat(K[None], v, 0)}
+
+
+def _frames(n: int):
+    for k in range(n):
+        yield np.random.default_rng(k).integers(0, 256, (H, W, 3), dtype=np.uint8), float(k)
+
+
+def logged_cameras(folder) -> list[np.ndarray]:
+    """The pinhole matrix :func:`reliev3r.view.log_reconstruction` logs for each frame."""
+    archetype = lambda name: (lambda *args, **kwargs: (name, args, kwargs))  # noqa: E731
+    rr = SimpleNamespace(**{name: archetype(name) for name in (
+        "Points3D", "LineStrips3D", "Transform3D", "Pinhole", "Image", "DepthImage")})
+    logged = []
+    rec = SimpleNamespace(log=lambda path, thing, static=False: logged.append(thing), set_time=lambda *a, **k: None)
+    view.log_reconstruction(rec, rr, folder)
+    return [np.asarray(kwargs["image_from_camera"]) for name, _, kwargs in logged if name == "Pinhole"]
+
+
+@pytest.mark.parametrize("colmap", [None, "bin", "txt"])
+@pytest.mark.parametrize("per_window", [False, True])
+def test_a_reconstruction_is_viewed_with_the_intrinsics_it_was_made_with(tmp_path, colmap, per_window):
+    """Each frame's camera and depth are drawn with the intrinsics reconstruct unprojected the
+    frame with, so the drawn depth lands on the point cloud. Before, the view read them only
+    from ``colmap/sparse/0/cameras.txt`` (its first camera for every frame) and otherwise
+    guessed a 60 degree field of view: without ``--colmap`` and with ``--colmap`` (binary by
+    default), a 90 degree camera's depth was drawn a third of the depth away from its points."""
+    out = tmp_path / "rec"
+    model = WideModel(per_window)
+    n = 10
+    reconstruct(model, FrameStream(_frames(n), None, None, n), out,
+                ReconstructOptions(views=4, overlap=1, keep_fraction=1.0, colmap=colmap))
+    used = []  # what reconstruct unprojected each frame with: its first window's matrix
+    for k in range(n):
+        starts = [s for s in (0, 3, 6) if s <= k < s + 4]
+        window = starts[0] // 3
+        K = geometry.intrinsics_from_fov(90.0, W, H).numpy()
+        if per_window:
+            K[:2, :2] *= 1 + 0.25 * window
+        used.append(K)
+    cameras = logged_cameras(out)
+    assert len(cameras) == n
+    np.testing.assert_allclose(np.stack(cameras), np.stack(used), rtol=1e-6, atol=1e-6)
+    # The depth drawn through those cameras lands on the point cloud (every pixel kept, in order).
+    points, _ = view.read_ply(out / "points.ply")
+    _, poses = read_tum(out / "poses.txt")
+    for k in (0, n - 1):
+        depth = cv2.imread(str(out / "depth" / f"{k:06d}.png"), cv2.IMREAD_UNCHANGED) / 1000.0
+        drawn = view.unproject(depth, cameras[k], poses[k])
+        np.testing.assert_allclose(drawn, points[k * H * W:(k + 1) * H * W], atol=2e-3)
+    if colmap and not per_window:  # a reconstruction from before the JSON recorded them: its COLMAP camera
+        summary = json.loads((out / "reconstruction.json").read_text())
+        del summary["intrinsics"]
+        (out / "reconstruction.json").write_text(json.dumps(summary))
+        np.testing.assert_allclose(np.stack(logged_cameras(out)), np.stack(used), rtol=1e-6, atol=1e-6)
