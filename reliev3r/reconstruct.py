@@ -14,7 +14,7 @@ Writes into ``--out``:
 * ``poses.txt``: TUM trajectory (``timestamp tx ty tz qx qy qz qw``, camera-to-world; the
   timestamp is the frame's time in seconds for a video, its name or index for a folder);
 * ``depth/NNNNNN.png``: 16-bit depth, value = depth x 1000 in the model's relative units
-  ("millimetres" of a unit that is not a metre; 0 = beyond 65.535 units);
+  ("millimetres" of a unit that is not a metre; 0 = beyond 65.535 units, or no depth);
   ``depth_color/NNNNNN.png``: the same, colourised (turbo, near = red, shared range);
 * ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
   ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
@@ -281,12 +281,20 @@ def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, confidence: np
         f.write(data.tobytes())
 
 
+def depth_png(depth: np.ndarray) -> np.ndarray:
+    """uint16 [H,W] of depth [H,W]: depth x 1000, rounded; 0 where that is beyond 65535 (depth
+    beyond 65.535 units) or where there is no depth (not finite, or not positive)."""
+    scaled = np.where(np.isfinite(depth) & (depth > 0), np.asarray(depth, np.float64) * 1000.0, 0.0).round()
+    return np.where(scaled <= 65535, scaled, 0).astype(np.uint16)
+
+
 def colorize_depth(depth: np.ndarray, near: float, far: float) -> np.ndarray:
     """BGR uint8 image of depth [H,W] (turbo on inverse depth between near and far)."""
-    inv = 1.0 / np.clip(depth, near, far)
+    valid = (depth > 0) & np.isfinite(depth)
+    inv = 1.0 / np.clip(np.where(valid, depth, far), near, far)
     t = (inv - 1.0 / far) / max(1.0 / near - 1.0 / far, 1e-12)
     img = cv2.applyColorMap(np.clip(t * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_TURBO)
-    img[~(depth > 0)] = 0
+    img[~valid] = 0
     return img
 
 
@@ -520,9 +528,10 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         if depth_spool is None:
             depth_spool, size = RowSpool(out, np.float32, depth.shape), depth.shape
             held.callback(depth_spool.close)
-        cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), np.clip(depth * 1000.0, 0, 65535).round().astype(np.uint16))
+        if not cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), depth_png(depth)):
+            raise OSError(f"{out}/depth/{k:06d}.png: cannot write image")
         depth_spool.append(depth[None])
-        depth_values.add(depth[depth > 0])
+        depth_values.add(depth[(depth > 0) & np.isfinite(depth)])
         keep = (c > opts.min_confidence) & (depth > 0) & np.isfinite(depth)
         if opts.keep_fraction < 1 and keep.any():
             keep &= c >= np.quantile(c[keep], 1 - opts.keep_fraction)

@@ -269,6 +269,41 @@ def test_a_reconstruction_stopped_by_ctrl_c_leaves_the_earlier_one_as_it_was(tmp
     assert _contents(out) == before
 
 
+class _DepthModel:
+    """The model's interface, each frame's depth the given [H, W] map (poses fixed, so the first
+    window's gauge is the model's own: depth is written as given)."""
+
+    def __init__(self, depth: np.ndarray) -> None:
+        self.depth = depth
+
+    def run(self, images, intrinsics=None) -> dict:
+        v, (h, w) = len(images), self.depth.shape
+        poses = np.tile(np.eye(4, dtype=np.float32), (v, 1, 1))
+        poses[:, 0, 3] = 0.1 * np.arange(v)
+        K = np.repeat(geometry.intrinsics_from_fov(60.0, w, h).numpy()[None], v, 0)
+        return {"images": np.zeros((v, h, w, 3), np.uint8), "depth": np.repeat(self.depth[None], v, 0),
+                "confidence": np.full((v, h, w), 1.5, np.float32), "cam_to_world": poses, "intrinsics": K}
+
+
+def test_depth_pngs_hold_0_where_depth_is_beyond_their_range_or_none(tmp_path):
+    """Depth PNG value = depth x 1000, 0 = beyond 65.535 units (the module's word) or no depth
+    (not finite, not positive). Depth beyond was written as 65535, a wall at 65.5 units, and
+    infinite depth too."""
+    from reliev3r.reconstruct import FrameStream, ReconstructOptions, reconstruct
+
+    given = np.array([1.0, 30.0, 65.5349, 65.536, 100.0, 1e9, np.inf, np.nan, -2.0, 0.0], np.float32)
+    expected = np.array([1000, 30000, 65535, 0, 0, 0, 0, 0, 0, 0], np.uint16)
+    depth = np.tile(given, (16, 2))  # 16 x 20
+    frames = ((np.zeros((16, 20, 3), np.uint8), float(k)) for k in range(3))
+    reconstruct(_DepthModel(depth), FrameStream(frames, None, None, 3), tmp_path / "rec", ReconstructOptions(views=3))
+    for k in range(3):
+        png = cv2.imread(str(tmp_path / "rec" / "depth" / f"{k:06d}.png"), cv2.IMREAD_UNCHANGED)
+        assert png.dtype == np.uint16
+        np.testing.assert_array_equal(png, np.tile(expected, (16, 2)))
+    colour = cv2.imread(str(tmp_path / "rec" / "depth_color" / "000000.png"))
+    assert (colour[:, :4] > 0).any(axis=-1).all() and (colour[:, 6:10] == 0).all()  # drawn where depth is
+
+
 def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_path):
     """A video with a display matrix (a phone held upright): the frames reconstructed are the
     streamer's, turned as players show them (before, they were read on their side)."""
