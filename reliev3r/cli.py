@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                               ("--min-confidence", float, "confidence floor in [0, 2) (0)")):
         rec.add_argument(flag, type=kind, default=None, help=help_)
     rec.add_argument("--intrinsics", default=None, help="3x3 (or fx fy cx cy) text file of the frames as recorded "
-                     "(turned with a video's display rotation); default 60 degree FoV")
+                     "(turned with a video's display rotation or the images' Exif orientation); "
+                     "default 60 degree FoV")
     rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input (by order or timestamp)")
     rec.add_argument("--device", default="auto", help="auto, cpu or cuda")
     rec.add_argument("--colmap", nargs="?", const="bin", choices=("bin", "txt"), default=None,

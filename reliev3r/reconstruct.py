@@ -102,8 +102,9 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     """Every ``stride``-th frame of a video file or an image folder (in natural order, as the
     streamer reads it: ``reliev3r.imaging.natural_key``), at most ``max_frames``, decoded as
     the stream is read (one frame in memory at a time). A video's frames are turned as players
-    show them, and ``intrinsics`` (of the frames as recorded) with them
-    (``streamer.glance.orient_intrinsics``)."""
+    show them, a folder's images as their Exif orientation says (OpenCV turns them), and
+    ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
+    (``streamer.glance.orient_intrinsics``; a folder's frames must then all be turned alike)."""
     from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses
     from reliev3r.imaging import read_intrinsics
 
@@ -120,12 +121,25 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         if K is None:
             found = [path / n for n in INTRINSICS_NAMES if (path / n).is_file()]
             K = read_intrinsics(found[0]) if found else None
+        turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
+        if K is not None:  # of the camera as it records: turned as the frames are
+            from streamer.glance import TRANSPOSE, orient_intrinsics
+            from streamer.sources import file_orientation
+
+            first = cv2.imread(str(files[0]), cv2.IMREAD_COLOR)
+            if first is not None:
+                turn = file_orientation(files[0])
+                h, w = first.shape[:2]
+                K = orient_intrinsics(K, turn, *((h, w) if turn & TRANSPOSE else (w, h)))
 
         def images() -> Iterator[tuple[np.ndarray, float]]:
             for f, t in zip(files, stamps):
                 bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
                 if bgr is None:
                     raise OSError(f"{f}: unreadable image")
+                if turn is not None and file_orientation(f) != turn:
+                    raise ValueError(f"{f}: turned by its Exif orientation unlike {files[0].name}, so the one "
+                                     "intrinsics matrix cannot serve both")
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
         return FrameStream(images(), K, folder_poses(path, files), len(files))

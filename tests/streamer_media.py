@@ -118,6 +118,26 @@ def set_display_matrix(path: Path, matrix: tuple[int, ...]) -> Path:
     return path
 
 
+def exif_tagged(data: bytes, orientation: int, *, big_endian: bool = False) -> bytes:
+    """A JPEG's or PNG's bytes with an Exif orientation tag (1-8: how to turn the stored image to
+    show it) put in, as a camera writes it: a JPEG's APP1 ``Exif`` segment after the start of
+    image, a PNG's ``eXIf`` chunk before its image data. Other tags in IFD0 before it (as
+    phones write make and model), little- or big-endian TIFF."""
+    import zlib
+
+    order = "big" if big_endian else "little"
+    u16, u32 = (lambda v: v.to_bytes(2, order)), (lambda v: v.to_bytes(4, order))
+    entries = [u16(0x010F) + u16(2) + u32(4) + b"cam\0",  # make: 4 ASCII bytes, inline
+               u16(0x0112) + u16(3) + u32(1) + u16(orientation) + b"\0\0"]
+    tiff = (b"MM\x00*" if big_endian else b"II*\x00") + u32(8) + u16(len(entries)) + b"".join(entries) + u32(0)
+    if data[:2] == b"\xff\xd8":
+        return data[:2] + b"\xff\xe1" + (2 + 6 + len(tiff)).to_bytes(2, "big") + b"Exif\x00\x00" + tiff + data[2:]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at = data.index(b"IDAT") - 4
+    chunk = len(tiff).to_bytes(4, "big") + b"eXIf" + tiff + zlib.crc32(b"eXIf" + tiff).to_bytes(4, "big")
+    return data[:at] + chunk + data[at:]
+
+
 def serve_once(data: bytes, *, http: bool = False) -> str:
     """The URL of a live feed that sends ``data`` to its one connection, then is gone (a server
     on a thread of its own): ``tcp://``, or with ``http`` an HTTP server (``data`` its response,

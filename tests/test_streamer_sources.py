@@ -730,6 +730,71 @@ def test_intrinsics_are_turned_as_the_display_matrix_turns_the_pixels(a, b, c, d
     assert turned[0, 1] == turned[1, 0] == 0 and turned[0, 0] > 0 and turned[1, 1] > 0
 
 
+def _turn_of(file: Path) -> int:
+    """The orientation (``streamer.glance`` bits) OpenCV shows an image file under: the one that
+    turns the pixels as stored into those it decodes."""
+    import cv2
+
+    from streamer.glance import orient
+
+    shown = cv2.imread(str(file), cv2.IMREAD_COLOR)
+    stored = cv2.imread(str(file), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    (turn,) = [b for b in range(8) if orient(stored, b).shape == shown.shape and (orient(stored, b) == shown).all()]
+    return turn
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("value", range(1, 9))
+def test_an_images_orientation_is_the_one_opencv_shows_it_under(suffix, value):
+    """Known answer against OpenCV for the eight Exif orientations, little- and big-endian, of
+    a JPEG (APP1) and a PNG (eXIf chunk): :func:`streamer.sources.image_orientation` turns the
+    stored pixels into those OpenCV decodes (0 where this OpenCV does not turn them)."""
+    import cv2
+
+    from streamer.glance import orient
+    from streamer.sources import image_orientation
+    from streamer_media import exif_tagged, texture
+
+    ok, data = cv2.imencode(suffix, texture(64, 48))
+    for big_endian in (False, True):
+        tagged = exif_tagged(data.tobytes(), value, big_endian=big_endian)
+        buffer = np.frombuffer(tagged, np.uint8)
+        shown = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        stored = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        np.testing.assert_array_equal(orient(stored, image_orientation(tagged)), shown)
+    assert image_orientation(data.tobytes()) == 0
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_folders_intrinsics_are_turned_with_each_frame_as_its_exif_orientation_turns_it(tmp_path, suffix):
+    """Frames of a phone held in several ways (Exif orientations 6, 8, 1, 3; stored 64x48) and
+    the folder's camera-intrinsics.txt of the camera as it records: each frame's intrinsics are
+    turned as OpenCV turned its pixels (``streamer.glance.orient_intrinsics``), so the recorded
+    principal point (30, 20) is the shown frame's. Before, every frame got the intrinsics as
+    recorded, with frames OpenCV had turned."""
+    import cv2
+
+    from streamer.glance import FLIP_COLUMNS, FLIP_ROWS, TRANSPOSE, orient, orient_intrinsics
+    from streamer_media import exif_tagged, texture
+
+    for k, value in enumerate((6, 8, 1, 3)):
+        ok, data = cv2.imencode(suffix, texture(64, 48, seed=k))
+        (tmp_path / f"frame{k}{suffix}").write_bytes(exif_tagged(data.tobytes(), value, big_endian=k % 2 == 1))
+    (tmp_path / "camera-intrinsics.txt").write_text("50 55 30 20\n")
+    turns = [_turn_of(tmp_path / f"frame{k}{suffix}") for k in range(4)]
+    if suffix == ".jpg":  # OpenCV turns a JPEG by its Exif orientation (a PNG: some versions)
+        assert turns == [TRANSPOSE | FLIP_COLUMNS, TRANSPOSE | FLIP_ROWS, 0, FLIP_ROWS | FLIP_COLUMNS]
+    frames = list(ImageSequenceSource(tmp_path).frames())
+    assert len(frames) == 4
+    K = np.array([[50.0, 0, 30], [0, 55, 20], [0, 0, 1]])
+    columns, rows = np.meshgrid(np.arange(64), np.arange(48))
+    for frame, turn in zip(frames, turns):
+        np.testing.assert_allclose(frame.intrinsics, orient_intrinsics(K, turn, 64, 48))
+        shown = orient(np.stack([columns, rows], -1), turn)  # where each recorded pixel is shown
+        assert shown.shape[:2] == frame.rgb.shape[:2]
+        assert tuple(shown[int(frame.intrinsics[1, 2]), int(frame.intrinsics[0, 2])]) == (30, 20)
+
+
 @pytest.mark.parametrize("name, matrix", [
     ("mirrored", (-0x10000, 0, 0, 0, 0x10000, 0, 48 << 16, 0, 0x40000000)),  # a front camera's
     ("upside_down_mirror", (0x10000, 0, 0, 0, -0x10000, 0, 0, 32 << 16, 0x40000000)),
