@@ -87,8 +87,8 @@ def _check_outputs(out, frames: int) -> dict:
     assert np.isfinite(xyz).all()
     stamps, poses = read_tum(out / "poses.txt")
     assert len(stamps) == frames and np.all(np.diff(stamps) > 0)
-    np.testing.assert_allclose(poses[:, :3, :3] @ poses[:, :3, :3].transpose(0, 2, 1), np.tile(np.eye(3), (frames, 1, 1)),
-                               atol=1e-5)
+    rotations = poses[:, :3, :3]
+    np.testing.assert_allclose(rotations @ rotations.transpose(0, 2, 1), np.tile(np.eye(3), (frames, 1, 1)), atol=1e-5)
     depth = cv2.imread(str(out / "depth" / "000000.png"), cv2.IMREAD_UNCHANGED)
     assert depth.dtype == np.uint16 and depth.shape == (48, 64) and depth.max() > 0
     assert len(list((out / "depth").glob("*.png"))) == frames == len(list((out / "depth_color").glob("*.png")))
