@@ -3,11 +3,16 @@
 Aspect is kept: resize so the target is covered, then crop the centre. Intrinsics follow
 exactly (``reliev3r.geometry`` conventions). Shared by the streamer, the evaluator and
 reconstruction, so every stage sees frames prepared the same way.
+
+Also how a frame is turned to be shown, and its intrinsics with it: the orientation a video's
+display matrix or an image's Exif orientation tag asks for (:func:`display_orientation`,
+:func:`image_orientation`), applied by :func:`orient` and :func:`orient_intrinsics`.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import cv2
@@ -82,3 +87,120 @@ def fit_intrinsics(intrinsics: np.ndarray, height: int, width: int, target_h: in
     K = torch.as_tensor(np.asarray(intrinsics, dtype=np.float64))
     K = geometry.resize_intrinsics(K, new_w / width, new_h / height)
     return geometry.crop_intrinsics(K, left, top).numpy().astype(np.float32)
+
+
+TRANSPOSE, FLIP_ROWS, FLIP_COLUMNS = 1, 2, 4
+"""Bits of an orientation (:func:`display_orientation`), applied in this order by :func:`orient`."""
+
+
+def display_orientation(matrix) -> int:
+    """The orientation (``TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS`` bits) that shows a frame as its
+    display matrix asks (FFmpeg's and ISO/IEC 14496-12's: 9 values, ``(a, b, u, c, d, v, x, y, w)``;
+    a source pixel (p, q) is shown at (a p + c q, b p + d q), translated): quarter turns, mirrors
+    (a front camera's) and both, each to the nearest of the eight. 0 for None (no matrix)."""
+    if matrix is None:
+        return 0
+    a, b, _, c, d = (float(m) for m in matrix[:5])
+    if abs(b) + abs(c) > abs(a) + abs(d):  # the axes swap: x' from q, y' from p
+        return TRANSPOSE | (FLIP_ROWS if b < 0 else 0) | (FLIP_COLUMNS if c < 0 else 0)
+    return (FLIP_ROWS if d < 0 else 0) | (FLIP_COLUMNS if a < 0 else 0)
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` (rows, columns, ...) as shown under ``orientation`` (:func:`display_orientation`);
+    a view of it (the caller makes it contiguous where it must be)."""
+    if orientation & TRANSPOSE:
+        image = image.swapaxes(0, 1)
+    if orientation & FLIP_ROWS:
+        image = image[::-1]
+    if orientation & FLIP_COLUMNS:
+        image = image[:, ::-1]
+    return image
+
+
+def orient_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:
+    """Intrinsics [3, 3] (float64) of a ``width`` x ``height`` image shown under ``orientation``
+    (:func:`orient`), from its own: a ray projects to the pixel its recorded pixel is shown at
+    (pixel centres at whole coordinates, as in ``reliev3r.geometry``), in camera axes turned
+    as the pixels are. A transpose swaps the axes (fx with fy, cx with cy); a flip counts its
+    axis from the other end (``cy' = height - 1 - cy`` for the rows, the height once turned)."""
+    K = np.array(intrinsics, dtype=np.float64)
+    if orientation & TRANSPOSE:
+        K = K[[1, 0, 2]][:, [1, 0, 2]]
+        width, height = height, width
+    if orientation & FLIP_ROWS:
+        K[1] = (height - 1) * K[2] - K[1]
+        K[:, 1] *= -1
+    if orientation & FLIP_COLUMNS:
+        K[0] = (width - 1) * K[2] - K[0]
+        K[:, 0] *= -1
+    return K
+
+
+EXIF_ORIENTATIONS = {1: 0, 2: FLIP_COLUMNS, 3: FLIP_ROWS | FLIP_COLUMNS, 4: FLIP_ROWS, 5: TRANSPOSE,
+                     6: TRANSPOSE | FLIP_COLUMNS, 7: TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS, 8: TRANSPOSE | FLIP_ROWS}
+"""An Exif orientation tag's value (how the stored image is turned to be shown) as the bits of
+:func:`orient`."""
+ORIENTATION_HEAD = 1 << 18
+"""Bytes of an image file read for its Exif orientation (a JPEG's APP1 segment is at most 64 KiB)."""
+
+
+def image_orientation(data: bytes) -> int:
+    """The orientation (:func:`orient` bits) OpenCV shows an image under: its Exif
+    orientation tag, in a JPEG's APP1 ``Exif`` segment or a PNG's ``eXIf`` chunk before its image
+    data (OpenCV turns both when it decodes them in colour); 0 for none, another format or
+    metadata that does not parse."""
+    tiff = _exif_tiff(data)
+    if tiff is None or len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 0
+    order = "<" if tiff[:2] == b"II" else ">"
+    magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42 or ifd + 2 > len(tiff):
+        return 0
+    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
+    for at in range(ifd + 2, min(ifd + 2 + 12 * entries, len(tiff) - 11), 12):
+        tag, kind = struct.unpack_from(order + "HH", tiff, at)
+        if tag == 0x0112:  # Orientation, a SHORT
+            return EXIF_ORIENTATIONS.get(struct.unpack_from(order + "H", tiff, at + 8)[0], 0) if kind == 3 else 0
+    return 0
+
+
+def _exif_tiff(data: bytes) -> bytes | None:
+    """The Exif TIFF block of a JPEG (APP1 before its first scan) or a PNG (eXIf before IDAT)."""
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                i += 2
+                continue
+            if marker == 0xDA:  # start of scan
+                return None
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+                return data[i + 10:i + 2 + length]
+            i += 2 + length
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        i = 8
+        while i + 8 <= len(data):
+            length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+            if kind == b"eXIf":
+                return data[i + 8:i + 8 + length]
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            i += 12 + length
+    return None
+
+
+def file_orientation(file: Path) -> int:
+    """:func:`image_orientation` of an image file, from its first :data:`ORIENTATION_HEAD` bytes
+    (0 where it cannot be read: reading the image says why)."""
+    try:
+        with open(file, "rb") as f:
+            return image_orientation(f.read(ORIENTATION_HEAD))
+    except OSError:
+        return 0

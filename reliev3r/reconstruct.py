@@ -104,7 +104,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     the stream is read (one frame in memory at a time). A video's frames are turned as players
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
     ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
-    (``streamer.glance.orient_intrinsics``; a folder's frames must then all be turned alike)."""
+    (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike)."""
     from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses
     from reliev3r.imaging import read_intrinsics
 
@@ -123,8 +123,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             K = read_intrinsics(found[0]) if found else None
         turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
         if K is not None:  # of the camera as it records: turned as the frames are
-            from streamer.glance import TRANSPOSE, orient_intrinsics
-            from streamer.sources import file_orientation
+            from reliev3r.imaging import TRANSPOSE, file_orientation, orient_intrinsics
 
             first = cv2.imread(str(files[0]), cv2.IMREAD_COLOR)
             if first is not None:
@@ -146,7 +145,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
-        from streamer.glance import orient, orient_intrinsics
+        from reliev3r.imaging import orient, orient_intrinsics
         from streamer.sources import upright, video_stream
 
         with av.open(str(path)) as container:

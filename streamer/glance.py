@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from reliev3r.imaging import orient
+
 MOTION_WIDTH = 160
 """Width of the grey images the keyframe gate tracks points on (flows are in these pixels)."""
 
@@ -84,58 +86,10 @@ def _to_8_bits(image: np.ndarray, bits: int, shift: int = 0) -> np.ndarray:
     return np.minimum((image.astype(np.uint32) + (1 << (drop - 1))) >> drop, 255).astype(np.uint8)
 
 
-TRANSPOSE, FLIP_ROWS, FLIP_COLUMNS = 1, 2, 4
-"""Bits of an orientation (:func:`display_orientation`), applied in this order by :func:`orient`."""
-
-
-def display_orientation(matrix) -> int:
-    """The orientation (``TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS`` bits) that shows a frame as its
-    display matrix asks (FFmpeg's and ISO/IEC 14496-12's: 9 values, ``(a, b, u, c, d, v, x, y, w)``;
-    a source pixel (p, q) is shown at (a p + c q, b p + d q), translated): quarter turns, mirrors
-    (a front camera's) and both, each to the nearest of the eight. 0 for None (no matrix)."""
-    if matrix is None:
-        return 0
-    a, b, _, c, d = (float(m) for m in matrix[:5])
-    if abs(b) + abs(c) > abs(a) + abs(d):  # the axes swap: x' from q, y' from p
-        return TRANSPOSE | (FLIP_ROWS if b < 0 else 0) | (FLIP_COLUMNS if c < 0 else 0)
-    return (FLIP_ROWS if d < 0 else 0) | (FLIP_COLUMNS if a < 0 else 0)
-
-
-def orient(image: np.ndarray, orientation: int) -> np.ndarray:
-    """``image`` (rows, columns, ...) as shown under ``orientation`` (:func:`display_orientation`);
-    a view of it (the caller makes it contiguous where it must be)."""
-    if orientation & TRANSPOSE:
-        image = image.swapaxes(0, 1)
-    if orientation & FLIP_ROWS:
-        image = image[::-1]
-    if orientation & FLIP_COLUMNS:
-        image = image[:, ::-1]
-    return image
-
-
-def orient_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:
-    """Intrinsics [3, 3] (float64) of a ``width`` x ``height`` image shown under ``orientation``
-    (:func:`orient`), from its own: a ray projects to the pixel its recorded pixel is shown at
-    (pixel centres at whole coordinates, as in ``reliev3r.geometry``), in camera axes turned
-    as the pixels are. A transpose swaps the axes (fx with fy, cx with cy); a flip counts its
-    axis from the other end (``cy' = height - 1 - cy`` for the rows, the height once turned)."""
-    K = np.array(intrinsics, dtype=np.float64)
-    if orientation & TRANSPOSE:
-        K = K[[1, 0, 2]][:, [1, 0, 2]]
-        width, height = height, width
-    if orientation & FLIP_ROWS:
-        K[1] = (height - 1) * K[2] - K[1]
-        K[:, 1] *= -1
-    if orientation & FLIP_COLUMNS:
-        K[0] = (width - 1) * K[2] - K[0]
-        K[:, 0] *= -1
-    return K
-
-
 def glance_of_video_frame(vframe, orientation: int = 0) -> Glance | None:
     """The glance of a PyAV frame in planar YUV (:data:`PLANAR_YUV`) or with interleaved chroma
     (:data:`SEMI_PLANAR`), from its planes (no RGB conversion of the whole frame), shown under
-    ``orientation`` (:func:`display_orientation`). Samples of more than 8 bits are shrunk first,
+    ``orientation`` (``reliev3r.imaging.display_orientation``). Samples of more than 8 bits are shrunk first,
     then rounded to 8 bits. None for other pixel formats."""
     name = vframe.format.name
     if name not in PLANAR_YUV and name not in SEMI_PLANAR:

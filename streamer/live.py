@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from streamer.glance import TRANSPOSE
+from reliev3r.imaging import TRANSPOSE
 from streamer.sources import (DamageGate, ErrorSink, Frame, IntraDecoder, _log_error, fov_intrinsics, frame_pixels,
                               upright, video_stream)
 

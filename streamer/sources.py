@@ -22,7 +22,6 @@ import math
 import os
 import re
 import stat
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
@@ -30,8 +29,8 @@ import cv2
 import numpy as np
 
 from reliev3r import imaging
-from streamer.glance import (FLIP_COLUMNS, FLIP_ROWS, MOTION_WIDTH, TRANSPOSE, Glance, display_orientation,
-                             glance_of_rgb, glance_of_video_frame, orient, orient_intrinsics)
+from reliev3r.imaging import TRANSPOSE, display_orientation, file_orientation, orient, orient_intrinsics
+from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video_frame
 
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
     from av.video.reformatter import VideoReformatter
@@ -898,7 +897,7 @@ SCALE_THREADS = 1
 
 
 def upright(vframe) -> int:
-    """The orientation that shows a decoded frame as players do (``streamer.glance.orient``): by
+    """The orientation that shows a decoded frame as players do (``reliev3r.imaging.orient``): by
     its display matrix (a phone held upright records landscape pixels and a rotation of -90
     degrees; a front camera's may mirror them); a :class:`PacketFrame`, as its stream's first."""
     if isinstance(vframe, PacketFrame):
@@ -965,7 +964,7 @@ class ImageSequenceSource:
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
     intrinsics file (:data:`INTRINSICS_FILES`), of the camera as it records, is turned with each
-    frame (:func:`file_orientation`, ``streamer.glance.orient_intrinsics``)."""
+    frame (``reliev3r.imaging.file_orientation``, ``orient_intrinsics``)."""
 
     def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
                  depth_scale: float = 1000.0, ground_truth: bool = True):
@@ -1149,75 +1148,6 @@ def jpeg_layout(data: bytes) -> tuple[int, int, bool] | None:
         exif = exif or (marker == 0xE1 and data[i + 4:i + 8] == b"Exif")  # APP1
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
-
-
-EXIF_ORIENTATIONS = {1: 0, 2: FLIP_COLUMNS, 3: FLIP_ROWS | FLIP_COLUMNS, 4: FLIP_ROWS, 5: TRANSPOSE,
-                     6: TRANSPOSE | FLIP_COLUMNS, 7: TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS, 8: TRANSPOSE | FLIP_ROWS}
-"""An Exif orientation tag's value (how the stored image is turned to be shown) as the bits of
-``streamer.glance.orient``."""
-ORIENTATION_HEAD = 1 << 18
-"""Bytes of an image file read for its Exif orientation (a JPEG's APP1 segment is at most 64 KiB)."""
-
-
-def image_orientation(data: bytes) -> int:
-    """The orientation (``streamer.glance.orient`` bits) OpenCV shows an image under: its Exif
-    orientation tag, in a JPEG's APP1 ``Exif`` segment or a PNG's ``eXIf`` chunk before its image
-    data (OpenCV turns both when it decodes them in colour); 0 for none, another format or
-    metadata that does not parse."""
-    tiff = _exif_tiff(data)
-    if tiff is None or len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 0
-    order = "<" if tiff[:2] == b"II" else ">"
-    magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
-    if magic != 42 or ifd + 2 > len(tiff):
-        return 0
-    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
-    for at in range(ifd + 2, min(ifd + 2 + 12 * entries, len(tiff) - 11), 12):
-        tag, kind = struct.unpack_from(order + "HH", tiff, at)
-        if tag == 0x0112:  # Orientation, a SHORT
-            return EXIF_ORIENTATIONS.get(struct.unpack_from(order + "H", tiff, at + 8)[0], 0) if kind == 3 else 0
-    return 0
-
-
-def _exif_tiff(data: bytes) -> bytes | None:
-    """The Exif TIFF block of a JPEG (APP1 before its first scan) or a PNG (eXIf before IDAT)."""
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 4 <= len(data) and data[i] == 0xFF:
-            marker = data[i + 1]
-            if marker == 0xFF:  # fill byte
-                i += 1
-                continue
-            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-                i += 2
-                continue
-            if marker == 0xDA:  # start of scan
-                return None
-            length = int.from_bytes(data[i + 2:i + 4], "big")
-            if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
-                return data[i + 10:i + 2 + length]
-            i += 2 + length
-        return None
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        i = 8
-        while i + 8 <= len(data):
-            length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
-            if kind == b"eXIf":
-                return data[i + 8:i + 8 + length]
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            i += 12 + length
-    return None
-
-
-def file_orientation(file: Path) -> int:
-    """:func:`image_orientation` of an image file, from its first :data:`ORIENTATION_HEAD` bytes
-    (0 where it cannot be read: reading the image says why)."""
-    try:
-        with open(file, "rb") as f:
-            return image_orientation(f.read(ORIENTATION_HEAD))
-    except OSError:
-        return 0
 
 
 def truncated_image(data: bytes) -> bool:

@@ -331,7 +331,7 @@ def test_given_intrinsics_are_turned_with_the_frames_of_a_phones_video(tmp_path,
     them (before, the recorded ones were handed on with the turned frames). The principal point
     is the pixel of the turned frame that the recorded one lands on."""
     from reliev3r.reconstruct import open_input
-    from streamer.glance import display_orientation, orient
+    from reliev3r.imaging import display_orientation, orient
     from streamer_media import encode, panning_frames, set_display_matrix
 
     clip = set_display_matrix(encode(tmp_path / "phone.mp4", panning_frames(4, 64, 48)), matrix)

@@ -699,7 +699,7 @@ def test_an_orientation_shows_each_pixel_where_its_display_matrix_puts_it(a, b, 
     """Known answer for the eight quarter turns and mirrors: a source pixel (p, q) (column,
     row) is shown at (a p + c q, b p + d q), the picture then moved back into view; the
     orientation read from the matrix puts every pixel there, at any scale of the matrix."""
-    from streamer.glance import display_orientation, orient
+    from reliev3r.imaging import display_orientation, orient
 
     source = np.arange(3 * 5).reshape(3, 5)
     shown = placed(source, a, b, c, d)
@@ -715,7 +715,7 @@ def test_intrinsics_are_turned_as_the_display_matrix_turns_the_pixels(a, b, c, d
     ray (X, Y, 1) is shown where the display matrix puts it (:func:`placed`), and the turned
     intrinsics take that pixel back to the ray in the camera axes turned the same way
     (a X + c Y, b X + d Y, 1)."""
-    from streamer.glance import display_orientation, orient_intrinsics
+    from reliev3r.imaging import display_orientation, orient_intrinsics
 
     K = np.array([[50.0, 0, 30.25], [0, 55.0, 19.5], [0, 0, 1]])
     q, p = np.mgrid[:48, :64]
@@ -731,11 +731,11 @@ def test_intrinsics_are_turned_as_the_display_matrix_turns_the_pixels(a, b, c, d
 
 
 def _turn_of(file: Path) -> int:
-    """The orientation (``streamer.glance`` bits) OpenCV shows an image file under: the one that
+    """The orientation (``reliev3r.imaging.orient`` bits) OpenCV shows an image file under: the one that
     turns the pixels as stored into those it decodes."""
     import cv2
 
-    from streamer.glance import orient
+    from reliev3r.imaging import orient
 
     shown = cv2.imread(str(file), cv2.IMREAD_COLOR)
     stored = cv2.imread(str(file), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -747,12 +747,11 @@ def _turn_of(file: Path) -> int:
 @pytest.mark.parametrize("value", range(1, 9))
 def test_an_images_orientation_is_the_one_opencv_shows_it_under(suffix, value):
     """Known answer against OpenCV for the eight Exif orientations, little- and big-endian, of
-    a JPEG (APP1) and a PNG (eXIf chunk): :func:`streamer.sources.image_orientation` turns the
+    a JPEG (APP1) and a PNG (eXIf chunk): :func:`reliev3r.imaging.image_orientation` turns the
     stored pixels into those OpenCV decodes (0 where this OpenCV does not turn them)."""
     import cv2
 
-    from streamer.glance import orient
-    from streamer.sources import image_orientation
+    from reliev3r.imaging import image_orientation, orient
     from streamer_media import exif_tagged, texture
 
     ok, data = cv2.imencode(suffix, texture(64, 48))
@@ -769,12 +768,12 @@ def test_an_images_orientation_is_the_one_opencv_shows_it_under(suffix, value):
 def test_a_folders_intrinsics_are_turned_with_each_frame_as_its_exif_orientation_turns_it(tmp_path, suffix):
     """Frames of a phone held in several ways (Exif orientations 6, 8, 1, 3; stored 64x48) and
     the folder's camera-intrinsics.txt of the camera as it records: each frame's intrinsics are
-    turned as OpenCV turned its pixels (``streamer.glance.orient_intrinsics``), so the recorded
+    turned as OpenCV turned its pixels (``reliev3r.imaging.orient_intrinsics``), so the recorded
     principal point (30, 20) is the shown frame's. Before, every frame got the intrinsics as
     recorded, with frames OpenCV had turned."""
     import cv2
 
-    from streamer.glance import FLIP_COLUMNS, FLIP_ROWS, TRANSPOSE, orient, orient_intrinsics
+    from reliev3r.imaging import FLIP_COLUMNS, FLIP_ROWS, TRANSPOSE, orient, orient_intrinsics
     from streamer_media import exif_tagged, texture
 
     for k, value in enumerate((6, 8, 1, 3)):
