@@ -18,7 +18,12 @@ Specs:
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
   1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
   ``intrinsics.txt`` or ``K.txt`` (3x3, or ``fx fy cx cy``), else a 60 degree horizontal
-  field of view. Metrics that need what a folder lacks are left out.
+  field of view of each frame as shown. Metrics that need what a folder lacks are left out.
+
+Images are read as their Exif orientation shows them (OpenCV turns a JPEG or PNG so tagged, as
+the streamer reads them); an intrinsics file and depth maps, of the camera as it records (OpenCV
+reads a depth PNG unturned), are turned with each frame (``reliev3r.imaging.orient``,
+``orient_intrinsics``), so frames of one window turned differently each get their own.
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
@@ -27,6 +32,7 @@ Images, depth and intrinsics are fitted to the model's input size by
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -62,8 +68,17 @@ class Sequence:
     name: str
     length: int
     intrinsics: np.ndarray
+    """[3,3] of every frame, unless :attr:`intrinsics_of` gives each frame's."""
     read: callable
-    """index -> (rgb uint8 [H,W,3], depth float32 [H,W] or None, cam_to_world float32 [4,4] or None)"""
+    """index -> (rgb uint8 [H,W,3], depth float32 [H,W] or None, cam_to_world float32 [4,4] or None):
+    the frame as shown (turned by its Exif orientation), its depth map turned alike"""
+    intrinsics_of: callable | None = None
+    """(index, height, width) -> intrinsics [3,3] of that frame as :attr:`read` gives it
+    (``height`` x ``width``); None: :attr:`intrinsics` for every frame"""
+
+    def frame_intrinsics(self, index: int, height: int, width: int) -> np.ndarray:
+        """Intrinsics [3,3] of frame ``index`` as :attr:`read` gives it (``height`` x ``width``)."""
+        return self.intrinsics if self.intrinsics_of is None else self.intrinsics_of(index, height, width)
 
 
 def window_starts(length: int, *, views: int, stride: int, windows: int) -> list[int]:
@@ -98,7 +113,7 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
                 images.append(imaging.fit_image(rgb, height, width))
                 depths.append(None if depth is None else imaging.fit_image(depth, height, width, nearest=True,
                                                                            like=(h, w)))
-                Ks.append(imaging.fit_intrinsics(seq.intrinsics, h, w, height, width))
+                Ks.append(imaging.fit_intrinsics(seq.frame_intrinsics(idx, h, w), h, w, height, width))
                 poses.append(pose)
         except (OSError, ValueError) as err:  # a damaged frame, depth map or pose file
             skipped.append(f"{name}: {err}")
@@ -133,7 +148,21 @@ def synthetic_sequences(videos: list[Path]) -> list[Sequence]:
     return seqs
 
 
+def _shown_intrinsics(intrinsics: np.ndarray, orientation: int, height: int, width: int) -> np.ndarray:
+    """Intrinsics [3,3] of the camera as it records, for its frame shown ``height`` x ``width``
+    under ``orientation`` (``reliev3r.imaging.orient_intrinsics``)."""
+    size = (height, width) if orientation & imaging.TRANSPOSE else (width, height)  # as recorded
+    return imaging.orient_intrinsics(intrinsics, orientation, *size)
+
+
+def _turned_depth(depth: np.ndarray, orientation: int) -> np.ndarray:
+    """A depth map of the frame as recorded, turned as its frame is shown (OpenCV turns a colour
+    image by its Exif orientation, not what it reads with ``IMREAD_UNCHANGED``)."""
+    return np.ascontiguousarray(imaging.orient(depth, orientation)) if orientation else depth
+
+
 def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | None = None) -> Sequence:
+    """A 7-Scenes folder (module docstring) as a :class:`Sequence`."""
     folder = Path(folder)
     indices = sorted(int(m.group(1)) for p in folder.glob("frame-*.color.jpg")
                      if (m := re.match(r"frame-(\d+)\.color\.jpg", p.name)))
@@ -141,6 +170,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     if not indices:
         raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg frames in range")
     K = np.loadtxt(folder / "camera-intrinsics.txt", dtype=np.float64).reshape(3, 3)
+    turn = functools.cache(lambda k: imaging.file_orientation(folder / f"frame-{indices[k]:06d}.color.jpg"))
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
@@ -148,11 +178,11 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         depth = cv2.imread(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
         if bgr is None or depth is None:
             raise OSError(f"{stem}: unreadable colour or depth image")
-        depth = depth.astype(np.float32) / 1000.0
+        depth = _turned_depth(depth.astype(np.float32) / 1000.0, turn(k))
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, np.loadtxt(f"{stem}.pose.txt", dtype=np.float32)
 
-    return Sequence(folder.name, len(indices), K, read)
+    return Sequence(folder.name, len(indices), K, read, lambda k, h, w: _shown_intrinsics(K, turn(k), h, w))
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -228,14 +258,20 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     first_bgr = cv2.imread(str(images[0]), cv2.IMREAD_COLOR)
     if first_bgr is None:
         raise OSError(f"{images[0]}: unreadable image")
+    turn = functools.cache(lambda k: imaging.file_orientation(images[k]))
     found = [folder / n for n in INTRINSICS_NAMES if (folder / n).is_file()]
-    if found:
+    if found:  # of the camera as it records: turned as each frame is
         K = imaging.read_intrinsics(found[0])
-    else:
+
+        def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
+            return _shown_intrinsics(K, turn(k), h, w)
+    else:  # of each frame as shown, as the streamer assumes them
         from reliev3r.geometry import intrinsics_from_fov
 
-        h, w = first_bgr.shape[:2]
-        K = intrinsics_from_fov(60.0, w, h).double().numpy()
+        def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
+            return intrinsics_from_fov(60.0, w, h).double().numpy()
+
+        K = intrinsics_of(0, *first_bgr.shape[:2])
 
     def depth_path(image: Path) -> Path | None:
         for c in (image.parent / f"{_frame_base(image)}.depth.png", folder / "depth" / f"{image.stem}.png",
@@ -256,9 +292,10 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
             depth = raw.astype(np.float32) / depth_scale
             if raw.dtype == np.uint16:
                 depth[raw == 65535] = 0
+            depth = _turned_depth(depth, turn(k))
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, poses[k]
 
-    return Sequence(folder.name, len(images), K, read)
+    return Sequence(folder.name, len(images), K, read, intrinsics_of)
 
 
 def _frame_range(text: str) -> tuple[int | None, int | None]:

@@ -248,7 +248,7 @@ def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str,
             imgs.append(imaging.fit_image(rgb, spec.height, spec.width))
             bigs.append(imaging.fit_image(rgb, spec.height * spec.match_scale, spec.width * spec.match_scale))
             depths.append(imaging.fit_image(depth, spec.height, spec.width, nearest=True))
-            Ks.append(imaging.fit_intrinsics(seq.intrinsics, h, w, spec.height, spec.width))
+            Ks.append(imaging.fit_intrinsics(seq.frame_intrinsics(idx, h, w), h, w, spec.height, spec.width))
             poses.append(pose)
         frames = range(start, start + spec.views * spec.stride, spec.stride)
         item = _label(spec, f"{seq.name}:{start}", np.stack(imgs), np.stack(bigs), np.stack(depths),

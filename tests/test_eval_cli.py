@@ -258,6 +258,81 @@ def test_image_folder_without_ground_truth(tmp_path):
         load_windows(str(tmp_path / "nope"), views=3, height=48, width=64, windows=1, stride=1, run_dir=tmp_path)
 
 
+EXIF_TURNS = {6: 5, 8: 3, 1: 0, 3: 6}
+"""Exif orientations of a phone held four ways, each as the ``reliev3r.imaging.orient`` bits
+OpenCV turns the stored pixels by (6: TRANSPOSE | FLIP_COLUMNS, 8: TRANSPOSE | FLIP_ROWS, 3: both flips)."""
+
+
+def _write_turned_folder(root: Path, suffix: str, *, intrinsics: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A 7-Scenes layout of four frames stored 64x48, tagged with the Exif orientations of
+    :data:`EXIF_TURNS` in turn, and their depth maps stored 64x48 as a depth camera writes them
+    (no tag); the colour tells a stored pixel's row and column (red 5 a row, green 3 a column),
+    the depth too (1000 + 64 row + column mm). Returns the stored colour and depth."""
+    from streamer_media import exif_tagged
+
+    root.mkdir()
+    rows, columns = np.mgrid[:48, :64]
+    rgb = np.stack([5 * rows, 3 * columns, np.full_like(rows, 128)], -1).astype(np.uint8)
+    depth = (1000 + 64 * rows + columns).astype(np.uint16)
+    ok, data = cv2.imencode(suffix, rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100] if suffix == ".jpg" else [])
+    assert ok
+    for k, value in enumerate(EXIF_TURNS):
+        (root / f"frame-{k:06d}.color{suffix}").write_bytes(exif_tagged(data.tobytes(), value))
+        cv2.imwrite(str(root / f"frame-{k:06d}.depth.png"), depth)
+        np.savetxt(root / f"frame-{k:06d}.pose.txt", np.eye(4))
+    if intrinsics:
+        np.savetxt(root / "camera-intrinsics.txt", [[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]])
+    return rgb, depth
+
+
+@pytest.mark.parametrize("spec, suffix", [("folder", ".png"), ("folder", ".jpg"), ("7scenes", ".jpg")])
+def test_frames_turned_by_their_exif_orientation_get_intrinsics_and_depth_turned_alike(tmp_path, spec, suffix):
+    """A folder of a phone held four ways (Exif orientations 6, 8, 1, 3 in one window; stored
+    64x48, so two are shown 48x64) with its camera-intrinsics.txt and depth maps of the camera as
+    it records: OpenCV shows each frame turned, and each view gets the intrinsics and depth
+    turned as its frame is (the recorded principal point (30, 20) lands on the stored pixel
+    (row 20, column 30), the focal lengths swap with the axes), depth and colour agreeing at
+    every pixel. Before, every view got the intrinsics as recorded and the depth map unturned
+    (OpenCV does not turn what it reads with IMREAD_UNCHANGED), stretched onto the turned frame.
+    Windows of 48x48 crop the shown frames without scaling them."""
+    from reliev3r.imaging import fit_intrinsics, orient, orient_intrinsics
+
+    rgb, depth = _write_turned_folder(tmp_path / "phone", suffix)
+    (w,) = load_windows(f"{spec}:{tmp_path / 'phone'}", views=4, height=48, width=48, windows=1, stride=1,
+                        run_dir=tmp_path)
+    K = np.array([[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]])
+    for v, turn in enumerate(EXIF_TURNS.values()):
+        shown_rgb, shown_depth = orient(rgb, turn), orient(depth, turn)
+        h, wd = shown_depth.shape
+        top, left = (h - 48) // 2, (wd - 48) // 2
+        np.testing.assert_allclose(w.gt_depth[v], shown_depth[top:top + 48, left:left + 48] / 1000.0, rtol=1e-6)
+        tolerance = 0 if suffix == ".png" else 8  # a JPEG's loss
+        assert np.abs(w.images[v].astype(int) - shown_rgb[top:top + 48, left:left + 48]).max() <= tolerance
+        np.testing.assert_allclose(w.intrinsics[v], fit_intrinsics(orient_intrinsics(K, turn, 64, 48), h, wd, 48, 48),
+                                   atol=1e-5)
+        cx, cy = w.intrinsics[v][0, 2], w.intrinsics[v][1, 2]
+        assert cx == round(cx) and cy == round(cy)
+        assert w.gt_depth[v][round(cy), round(cx)] * 1000 == pytest.approx(1000 + 64 * 20 + 30)
+        fx, fy = w.intrinsics[v][0, 0], w.intrinsics[v][1, 1]
+        assert (fx, fy) == ((55.0, 50.0) if turn & 1 else (50.0, 55.0))
+
+
+def test_a_folder_without_intrinsics_gets_a_field_of_view_for_each_frame_as_shown(tmp_path):
+    """No intrinsics file: each view gets the 60 degree horizontal field of view of its frame as
+    shown (as the streamer does), whichever way its Exif orientation turns it. Before, every
+    view got the first frame's (shown 48x64), off centre on the frames shown 64x48."""
+    from reliev3r.geometry import intrinsics_from_fov
+    from reliev3r.imaging import fit_intrinsics
+
+    _write_turned_folder(tmp_path / "phone", ".png", intrinsics=False)
+    (w,) = load_windows(f"folder:{tmp_path / 'phone'}", views=4, height=48, width=48, windows=1, stride=1,
+                        run_dir=tmp_path)
+    for v, turn in enumerate(EXIF_TURNS.values()):
+        h, wd = (64, 48) if turn & 1 else (48, 64)
+        expected = fit_intrinsics(intrinsics_from_fov(60.0, wd, h).double().numpy(), h, wd, 48, 48)
+        np.testing.assert_allclose(w.intrinsics[v], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("argv, said", [(["--windows", "0"], "--windows: must be >= 1, got 0"),
                                         (["--views", "1"], "--views: must be >= 2, got 1")])
 def test_counts_below_their_least_are_refused_by_name(argv, said, capsys):
