@@ -963,8 +963,8 @@ class ImageSequenceSource:
     """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
-    intrinsics file (:data:`INTRINSICS_FILES`), of the camera as it records, is turned with each
-    frame (``reliev3r.imaging.file_orientation``, ``orient_intrinsics``)."""
+    intrinsics file (:data:`INTRINSICS_FILES`) and the depth maps, of the camera as it records,
+    are turned with each frame (``reliev3r.imaging.file_orientation``, ``orient_intrinsics``)."""
 
     def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
                  depth_scale: float = 1000.0, ground_truth: bool = True):
@@ -1038,7 +1038,9 @@ class ImageSequenceSource:
             return None
         depth = raw.astype(np.float32) / self.depth_scale
         depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
-        return depth
+        # of the frame as recorded (OpenCV reads a depth PNG unturned): turned as OpenCV turned the frame
+        turn = file_orientation(file)
+        return np.ascontiguousarray(orient(depth, turn)) if turn else depth
 
     @staticmethod
     def _pose(file: Path) -> np.ndarray | None:

@@ -794,6 +794,36 @@ def test_a_folders_intrinsics_are_turned_with_each_frame_as_its_exif_orientation
         assert tuple(shown[int(frame.intrinsics[1, 2]), int(frame.intrinsics[0, 2])]) == (30, 20)
 
 
+def test_a_frames_depth_map_is_turned_with_it_by_its_exif_orientation(tmp_path):
+    """Frames stored 64x48 and tagged with Exif orientations 6, 8, 1, 3, each with its depth map
+    stored 64x48 as a depth camera writes it (no tag; OpenCV reads it unturned): each frame's
+    ground-truth depth is turned as OpenCV turned the frame, so depth and colour agree at every
+    pixel (the colour tells a stored pixel's row and column, the depth too). Before, a turned
+    frame carried its depth map as stored (48x64 with a 64x48 frame, stretched onto it in a
+    window)."""
+    import cv2
+
+    from reliev3r.imaging import orient
+    from streamer_media import exif_tagged
+
+    rows, columns = np.mgrid[:48, :64]
+    rgb = np.stack([5 * rows, 3 * columns, np.full_like(rows, 128)], -1).astype(np.uint8)
+    depth = (1000 + 64 * rows + columns).astype(np.uint16)
+    ok, data = cv2.imencode(".png", rgb[..., ::-1])
+    for k, value in enumerate((6, 8, 1, 3)):
+        (tmp_path / f"frame-{k:06d}.color.png").write_bytes(exif_tagged(data.tobytes(), value))
+        cv2.imwrite(str(tmp_path / f"frame-{k:06d}.depth.png"), depth)
+    frames = list(ImageSequenceSource(tmp_path).frames())
+    assert len(frames) == 4
+    for k, frame in enumerate(frames):
+        turn = _turn_of(tmp_path / f"frame-{k:06d}.color.png")
+        np.testing.assert_array_equal(frame.rgb, orient(rgb, turn))
+        np.testing.assert_allclose(frame.gt_depth, orient(depth, turn) / 1000.0, rtol=1e-6)
+        told = frame.rgb.astype(int)  # the stored pixel each shown pixel is, by its colour and by its depth
+        np.testing.assert_array_equal((frame.gt_depth * 1000).round() - 1000,
+                                      64 * (told[..., 0] // 5) + told[..., 1] // 3)
+
+
 @pytest.mark.parametrize("name, matrix", [
     ("mirrored", (-0x10000, 0, 0, 0, 0x10000, 0, 48 << 16, 0, 0x40000000)),  # a front camera's
     ("upside_down_mirror", (0x10000, 0, 0, 0, -0x10000, 0, 0, 32 << 16, 0x40000000)),
