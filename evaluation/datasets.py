@@ -148,13 +148,6 @@ def synthetic_sequences(videos: list[Path]) -> list[Sequence]:
     return seqs
 
 
-def _shown_intrinsics(intrinsics: np.ndarray, orientation: int, height: int, width: int) -> np.ndarray:
-    """Intrinsics [3,3] of the camera as it records, for its frame shown ``height`` x ``width``
-    under ``orientation`` (``reliev3r.imaging.orient_intrinsics``)."""
-    size = (height, width) if orientation & imaging.TRANSPOSE else (width, height)  # as recorded
-    return imaging.orient_intrinsics(intrinsics, orientation, *size)
-
-
 def _turned_depth(depth: np.ndarray, orientation: int) -> np.ndarray:
     """A depth map of the frame as recorded, turned as its frame is shown (OpenCV turns a colour
     image by its Exif orientation, not what it reads with ``IMREAD_UNCHANGED``)."""
@@ -182,7 +175,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, np.loadtxt(f"{stem}.pose.txt", dtype=np.float32)
 
-    return Sequence(folder.name, len(indices), K, read, lambda k, h, w: _shown_intrinsics(K, turn(k), h, w))
+    return Sequence(folder.name, len(indices), K, read, lambda k, h, w: imaging.shown_intrinsics(K, turn(k), w, h))
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -264,7 +257,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         K = imaging.read_intrinsics(found[0])
 
         def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
-            return _shown_intrinsics(K, turn(k), h, w)
+            return imaging.shown_intrinsics(K, turn(k), w, h)
     else:  # of each frame as shown, as the streamer assumes them
         from reliev3r.geometry import intrinsics_from_fov
 

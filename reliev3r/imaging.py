@@ -137,6 +137,13 @@ def orient_intrinsics(intrinsics, orientation: int, width: int, height: int) -> 
     return K
 
 
+def shown_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:
+    """:func:`orient_intrinsics` from the size of the image as shown (``width`` x ``height``,
+    after ``orientation`` turned it), as a reader that has decoded the turned image knows it."""
+    recorded = (height, width) if orientation & TRANSPOSE else (width, height)
+    return orient_intrinsics(intrinsics, orientation, *recorded)
+
+
 EXIF_ORIENTATIONS = {1: 0, 2: FLIP_COLUMNS, 3: FLIP_ROWS | FLIP_COLUMNS, 4: FLIP_ROWS, 5: TRANSPOSE,
                      6: TRANSPOSE | FLIP_COLUMNS, 7: TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS, 8: TRANSPOSE | FLIP_ROWS}
 """An Exif orientation tag's value (how the stored image is turned to be shown) as the bits of

@@ -123,13 +123,13 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             K = read_intrinsics(found[0]) if found else None
         turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
         if K is not None:  # of the camera as it records: turned as the frames are
-            from reliev3r.imaging import TRANSPOSE, file_orientation, orient_intrinsics
+            from reliev3r.imaging import file_orientation, shown_intrinsics
 
             first = cv2.imread(str(files[0]), cv2.IMREAD_COLOR)
             if first is not None:
                 turn = file_orientation(files[0])
                 h, w = first.shape[:2]
-                K = orient_intrinsics(K, turn, *((h, w) if turn & TRANSPOSE else (w, h)))
+                K = shown_intrinsics(K, turn, w, h)
 
         def images() -> Iterator[tuple[np.ndarray, float]]:
             for f, t in zip(files, stamps):

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from reliev3r import imaging
-from reliev3r.imaging import TRANSPOSE, display_orientation, file_orientation, orient, orient_intrinsics
+from reliev3r.imaging import TRANSPOSE, display_orientation, file_orientation, orient, shown_intrinsics
 from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video_frame
 
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
@@ -1019,7 +1019,7 @@ class ImageSequenceSource:
                 K = fov_intrinsics(self.fov_deg, w, h)
             else:  # of the camera as it records: turned as OpenCV turned the frame by its Exif orientation
                 turn = file_orientation(file)
-                K = orient_intrinsics(self.intrinsics, turn, *((h, w) if turn & TRANSPOSE else (w, h)))
+                K = shown_intrinsics(self.intrinsics, turn, w, h)
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
             gt = (functools.partial(self._depth, file), functools.partial(self._pose, file)) if self.ground_truth \
