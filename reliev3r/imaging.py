@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -172,24 +173,35 @@ def image_orientation(data: bytes) -> int:
     return 0
 
 
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, offset of its FF, length) of each segment of a JPEG's header that has a length
+    (fill bytes and markers without one passed over), in order, up to the first start of scan
+    (0xDA, yielded) or to where the markers no longer parse or the data ends. Nothing for data
+    that is not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        yield marker, i, length
+        if marker == 0xDA:
+            return
+        i += 2 + length
+
+
 def _exif_tiff(data: bytes) -> bytes | None:
     """The Exif TIFF block of a JPEG (APP1 before its first scan) or a PNG (eXIf before IDAT)."""
     if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 4 <= len(data) and data[i] == 0xFF:
-            marker = data[i + 1]
-            if marker == 0xFF:  # fill byte
-                i += 1
-                continue
-            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-                i += 2
-                continue
-            if marker == 0xDA:  # start of scan
-                return None
-            length = int.from_bytes(data[i + 2:i + 4], "big")
+        for marker, i, length in jpeg_segments(data):
             if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
                 return data[i + 10:i + 2 + length]
-            i += 2 + length
         return None
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         i = 8

@@ -1130,26 +1130,14 @@ def jpeg_layout(data: bytes) -> tuple[int, int, bool] | None:
     """(height, width, whether an Exif segment comes before the start of frame: an orientation
     that may turn the decoded image) of a baseline or progressive JPEG; None as for
     :func:`jpeg_size`."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, exif = 2, False
-    while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
+    exif = False
+    for marker, i, _ in imaging.jpeg_segments(data):
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0-SOF15
+            if i + 9 > len(data):
+                return None
             return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), exif
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
         exif = exif or (marker == 0xE1 and data[i + 4:i + 8] == b"Exif")  # APP1
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
+    return None  # a start of scan before any frame header, or markers that do not parse
 
 
 def truncated_image(data: bytes) -> bool:
