@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from reliev3r.config_base import check_device
+from reliev3r.protocol import MAX_SAMPLE_WINDOWS
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +304,8 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         _finite(self, "lr", "weight_decay", "grad_clip")  # grad_clip: 0, not inf, is no clipping
         check_device("device", self.device, auto=True)
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if not 1 <= self.batch_size <= MAX_SAMPLE_WINDOWS:  # a larger one: every sample refused
+            raise ValueError(f"batch_size must be >= 1 and <= {MAX_SAMPLE_WINDOWS}, got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
         if self.weight_decay < 0:

@@ -81,6 +81,8 @@ MAX_NDIM = 8
 """More dimensions than any array of :data:`SCHEMAS` has (a batch's frames: 5), and far fewer
 than numpy's limit (64), so a shape is refused before numpy could raise on it."""
 MAX_HEADER_BYTES = 1 << 20
+MAX_SAMPLE_WINDOWS = 4096
+"""The most windows one ``sample`` request may ask for (``learner.batch_size``, each rank's)."""
 
 
 class ProtocolError(ValueError):

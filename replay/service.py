@@ -42,7 +42,6 @@ from replay.storage import StorageFull
 
 KINDS = ("insert", "sample", "priorities", "stats")
 POLL_MS = 100
-MAX_BATCH = 4096
 MAX_REPLY_BYTES = protocol.DEFAULT_MAX_BYTES
 """The most bytes of arrays a batch may carry: what a :class:`replay.client.ReplayClient` takes
 (its ``max_bytes`` default). A larger batch would be dropped by the client as a broken reply."""
@@ -190,7 +189,7 @@ class ReplayService:
 
     def _on_sample(self, identity: bytes, msg: protocol.Message) -> None:
         n, rank = msg.meta.get("batch_size"), msg.meta.get("rank", 0)
-        if not (isinstance(n, int) and 1 <= n <= MAX_BATCH and isinstance(rank, int) and rank >= 0):
+        if not (isinstance(n, int) and 1 <= n <= protocol.MAX_SAMPLE_WINDOWS and isinstance(rank, int) and rank >= 0):
             self.runtime.metrics.reject("bad_sample_request")
             self._send(identity, protocol.error_reply("bad_sample_request"), msg)
         elif n > (most := self.buffer.max_batch()):

@@ -135,6 +135,7 @@ def test_bad_values_name_the_key(override, message):
     ("learner.grad_clip=-1", "learner.grad_clip must be >= 0"),  # silently meant no clipping
     ("learner.grad_clip=.nan", "learner.grad_clip must be a finite number"),
     ("learner.grad_clip=.inf", "learner.grad_clip must be a finite number"),  # a second spelling of 0
+    ("learner.batch_size=4097", "learner.batch_size must be >= 1 and <= 4096"),  # the replay refused every sample
     ("learner.self_target_step=-5", "learner.self_target_step must be >= 0"),  # silently on from the first step
     ("learner.model.max_log_depth=.nan", "learner.model.max_log_depth must be a finite number"),
     ("learner.loss.alpha=.nan", "learner.loss.alpha must be a finite number"),
