@@ -70,11 +70,11 @@ import zmq  # noqa: E402
 
 from reliev3r import protocol  # noqa: E402
 from reliev3r.protocol import Message  # noqa: E402
+from reliev3r.imaging import frame_files  # noqa: E402
 from streamer import workers  # noqa: E402
 from streamer.config import StreamerConfig  # noqa: E402
 from streamer.service import window_stream  # noqa: E402
-from streamer.sources import (Frame, ImageSequenceSource, VideoSource, discover, fov_intrinsics,  # noqa: E402
-                              image_files)
+from streamer.sources import Frame, ImageSequenceSource, VideoSource, discover, fov_intrinsics  # noqa: E402
 from streamer.windows import Wanted, windows_of  # noqa: E402
 
 cv2.setNumThreads(1)
@@ -468,7 +468,7 @@ def gpu_decoding(videos: list[Path], tmp: Path, threads: list[str]) -> None:
 def images_opencv(folder):
     """Plain reading of an image folder's colour frames to RGB (the baseline for image sources)."""
     n = 0
-    for f in image_files(Path(folder))[: MAX_FRAMES[0]]:
+    for f in frame_files(Path(folder))[: MAX_FRAMES[0]]:
         cv2.cvtColor(cv2.imread(str(f), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         n += 1
     return n

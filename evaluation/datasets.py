@@ -178,7 +178,6 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     return Sequence(folder.name, len(indices), K, read, lambda k, h, w: imaging.shown_intrinsics(K, turn(k), w, h))
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TRAJECTORY_NAMES = ("groundtruth.txt", "poses.txt", "trajectory.txt")
 INTRINSICS_NAMES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
 TIMESTAMP_MATCH_S = 0.02
@@ -188,20 +187,6 @@ TIMESTAMP_MATCH_S = 0.02
 def _frame_base(path: Path) -> str:
     """``frame-000001.color.jpg`` -> ``frame-000001``; ``1305031102.175304.png`` -> itself minus .png."""
     return path.stem.removesuffix(".color")
-
-
-def folder_images(folder: Path) -> list[Path]:
-    """The colour images of a generic folder in natural order (``2.png`` before ``10.png``, as the
-    streamer reads a folder: ``reliev3r.imaging.natural_key``; depth maps excluded)."""
-    for sub in ("rgb", "images", "color"):
-        if (folder / sub).is_dir():
-            folder = folder / sub
-            break
-    return sorted((p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and ".depth" not in p.name and not p.name.startswith(".")),
-                  key=imaging.natural_key)
-
-
 
 
 def _timestamps(images: list[Path]) -> np.ndarray | None:
@@ -242,7 +227,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    images = folder_images(folder)
+    images = imaging.frame_files(folder)
     poses = folder_poses(folder, images)
     keep = [k for k in range(len(images)) if (first is None or k >= first) and (last is None or k <= last)]
     images, poses = [images[k] for k in keep], [poses[k] for k in keep]

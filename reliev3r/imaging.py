@@ -28,6 +28,34 @@ def natural_key(path: Path) -> tuple[list, str]:
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name))], name
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+"""The image files a folder's frames are read from (OpenCV decodes them)."""
+FRAME_SUBFOLDERS = ("rgb", "images", "color")
+"""Where a dataset keeps its colour frames when its folder has none of its own (TUM RGB-D's
+``rgb/``, COLMAP's ``images/``)."""
+
+
+def is_frame_file(path: Path) -> bool:
+    """An image (:data:`IMAGE_SUFFIXES`) that is a colour frame: not a depth map (``.depth`` in
+    its name: 7-Scenes' ``frame-N.depth.png``) nor hidden (``._frame.png``, which macOS leaves
+    beside every file it copies to another file system)."""
+    name = Path(path).name
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES and ".depth" not in name and not name.startswith(".")
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The colour frames of an image folder in natural order (:func:`natural_key`): its files
+    that are :func:`is_frame_file`, else those of its first :data:`FRAME_SUBFOLDERS` subfolder;
+    [] for none. One list for the streamer, reconstruct and eval."""
+    folder = Path(folder)
+    own = sorted((p for p in folder.iterdir() if is_frame_file(p) and p.is_file()), key=natural_key)
+    if own:
+        return own
+    sub = next((folder / name for name in FRAME_SUBFOLDERS if (folder / name).is_dir()), None)
+    return [] if sub is None else sorted((p for p in sub.iterdir() if is_frame_file(p) and p.is_file()),
+                                         key=natural_key)
+
+
 def read_intrinsics(path: Path) -> np.ndarray:
     """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
     finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reliev3r import geometry
+from reliev3r import geometry, imaging
 from reliev3r.config_base import check_device
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -105,13 +105,13 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
     ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
     (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike)."""
-    from evaluation.datasets import INTRINSICS_NAMES, folder_images, folder_poses
+    from evaluation.datasets import INTRINSICS_NAMES, folder_poses
     from reliev3r.imaging import read_intrinsics
 
     path = Path(path)
     K = read_intrinsics(intrinsics) if intrinsics else None
     if path.is_dir():
-        files = folder_images(path)[::stride][:max_frames]
+        files = imaging.frame_files(path)[::stride][:max_frames]
         if not files:
             raise FileNotFoundError(f"{path}: no images")
         try:

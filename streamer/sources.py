@@ -41,7 +41,6 @@ log = logging.getLogger("reliev3r.streamer.sources")
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg",
                             ".flv", ".wmv", ".3gp", ".ogv", ".y4m", ".gif"})
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
 MAX_CONSECUTIVE_DECODE_ERRORS = 50
 """A stream that fails this many packets in a row is given up (it is garbage, not glitches)."""
@@ -977,7 +976,7 @@ class ImageSequenceSource:
         self.on_error = on_error
         self.depth_scale = depth_scale
         self.position = 0
-        self.files = image_files(self.path)
+        self.files = imaging.frame_files(self.path)
         self.intrinsics = None
         for fname in INTRINSICS_FILES:
             if (self.path / fname).is_file():
@@ -1162,14 +1161,6 @@ def _frame_stem(file: Path) -> str:
     return name[: -len(file.suffix)]
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Colour frames of an image-sequence folder, in natural order (depth maps excluded)."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-             and not p.name.endswith((".depth.png", ".depth.jpg")) and p.is_file()]
-
-    return sorted(files, key=imaging.natural_key)
-
-
 def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
              ground_truth: bool = True, decoder: str = "cpu") -> list[Source]:
     """Sources for config entries: files, folders (image sequence or folder of videos), globs.
@@ -1235,7 +1226,7 @@ def _sources_at(p: Path, video: Callable[[Path], VideoSource], images: Callable[
         raise SourceError("empty_folder", f"{p}: nothing in it")
     videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES)
     # the folder's images are one sequence, and each video beside them a source of its own
-    sources: list[Source] = [images(p)] if any(q.suffix.lower() in IMAGE_SUFFIXES for q in entries) else []
+    sources: list[Source] = [images(p)] if imaging.frame_files(p) else []
     if not sources and not videos:
         raise SourceError("no_frames", f"{p}: no videos or images")
     for q in videos:

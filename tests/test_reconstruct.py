@@ -353,12 +353,12 @@ def test_an_image_folder_is_read_in_natural_order_as_the_streamer_reads_it(tmp_p
     that jumped back and forth)."""
     from evaluation.datasets import folder_sequence
     from reliev3r.reconstruct import open_input
-    from streamer.sources import image_files
+    from reliev3r.imaging import frame_files
 
     for i in range(1, 13):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((24, 32, 3), 10 * i, np.uint8))
     names = [f"{i}.png" for i in range(1, 13)]
-    assert [p.name for p in image_files(tmp_path)] == names
+    assert [p.name for p in frame_files(tmp_path)] == names
     frames = list(open_input(tmp_path, stride=1, max_frames=100).frames)
     assert [t for _, t in frames] == list(range(1, 13))
     assert [int(rgb[0, 0, 0]) for rgb, _ in frames] == [10 * i for i in range(1, 13)]

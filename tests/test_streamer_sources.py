@@ -169,12 +169,45 @@ def test_a_folder_of_videos_with_a_preview_image_reads_every_video(tmp_path):
 def test_image_names_in_natural_order_whatever_their_digits(tmp_path):
     """Frames sort by the numbers in their names (frame2 before frame10); a name with a digit
     that is not a decimal one (a superscript) sorts too, instead of failing the folder."""
-    from streamer.sources import image_files
+    from reliev3r.imaging import frame_files
 
     for name in ("frame10.png", "frame2.png", "frame1.png", "room1²2.png", "frame١١.png"):
         (tmp_path / name).write_bytes(b"")
-    assert [p.name for p in image_files(tmp_path)] == ["frame1.png", "frame2.png", "frame10.png", "frame١١.png",
+    assert [p.name for p in frame_files(tmp_path)] == ["frame1.png", "frame2.png", "frame10.png", "frame١١.png",
                                                        "room1²2.png"]
+
+
+def test_the_streamer_reconstruct_and_eval_take_the_same_frames_of_a_folder(tmp_path):
+    """One list of a folder's frames everywhere (``reliev3r.imaging.frame_files``): the streamer
+    read .bmp and .webp frames nowhere, and the ``._frame.png`` files macOS leaves on other disks
+    as frames (each one unreadable), while eval and reconstruct passed those over; eval and
+    reconstruct read a TUM RGB-D folder's ``rgb/``, the streamer found no frames in it."""
+    import cv2
+
+    from evaluation.datasets import folder_sequence
+    from reliev3r.reconstruct import open_input
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("2.png", "10.jpg", "3.bmp", "1.webp", "._2.png", "2.depth.png"):
+        cv2.imwrite(str(flat / name), np.full((24, 32, 3), 128, np.uint8))
+    (flat / "notes.txt").write_text("x")
+    tum = tmp_path / "tum"
+    (tum / "rgb").mkdir(parents=True)
+    (tum / "depth").mkdir()
+    for name in ("1305031102.211214.png", "1305031102.175304.png"):
+        cv2.imwrite(str(tum / "rgb" / name), np.full((24, 32, 3), 128, np.uint8))
+        cv2.imwrite(str(tum / "depth" / name), np.full((24, 32), 5000, np.uint16))
+    (tum / "groundtruth.txt").write_text("# timestamp tx ty tz qx qy qz qw\n1305031102.1753 0 0 0 0 0 0 1\n"
+                                         "1305031102.2112 0.1 0 0 0 0 0 1\n")
+    for folder, names in ((flat, ["1.webp", "2.png", "3.bmp", "10.jpg"]),
+                          (tum, ["1305031102.175304.png", "1305031102.211214.png"])):
+        assert [p.name for p in ImageSequenceSource(folder, on_error=Errors()).files] == names
+        assert folder_sequence(folder).length == len(names)
+        assert open_input(folder, stride=1, max_frames=100).total == len(names)
+    errors = Errors()
+    sources = discover([str(tum)], on_error=errors)
+    assert len(sources) == 1 and not errors and len(list(sources[0].frames())) == 2
 
 
 # ----------------------------------------------------------------------------- bad inputs
