@@ -159,15 +159,21 @@ class Frame:
 
 
 def source_name(path: Path) -> str:
-    """Stable across restarts and unique per file: stem plus a short hash of the absolute path.
-    Never raises: a path that cannot be resolved (a symlink loop, an unknown ``~user``) is
-    named after its absolute spelling."""
+    """Stable across restarts and unique per file: stem plus a short hash of the absolute path's
+    bytes. ASCII whatever the path (it is a metric label and part of every window id on the
+    wire): the stem's other characters, a name's bytes that are not valid UTF-8 among them
+    (which Python spells with surrogates), become ``_``. Never raises: a path that cannot be
+    resolved (a symlink loop, an unknown ``~user``) is named after its absolute spelling."""
     try:
         absolute = str(Path(path).expanduser().resolve())
     except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop (before Python 3.13)
         absolute = os.path.abspath(path)
+    try:
+        raw = os.fsencode(absolute)  # the name's own bytes, those that are not UTF-8 included
+    except UnicodeError:  # a surrogate no file name decodes to
+        raw = absolute.encode("utf-8", "surrogatepass")
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40] or "source"
-    return f"{stem}-{hashlib.sha1(absolute.encode()).hexdigest()[:6]}"
+    return f"{stem}-{hashlib.sha1(raw).hexdigest()[:6]}"
 
 
 def path_problem(err: BaseException) -> str:
@@ -1194,13 +1200,15 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
 
 
 def _guarded(path: Path, make: Callable[[], list[Source]], on_error: ErrorSink) -> list[Source]:
-    """``make()``, or [] after reporting why not: one bad path never stops the others."""
+    """``make()``, or [] after reporting why not: one bad path never stops the others (naming
+    it cannot raise: :func:`source_name` never does)."""
     try:
         return make()
     except SourceError as err:
-        on_error(source_name(path), err.reason, str(err))
+        reason, detail = err.reason, str(err)
     except Exception as err:
-        on_error(source_name(path), path_problem(err), f"{path}: {type(err).__name__}: {err}")
+        reason, detail = path_problem(err), f"{path}: {type(err).__name__}: {err}"
+    on_error(source_name(path), reason, detail)
     return []
 
 

@@ -627,6 +627,42 @@ def test_existing_name_with_brackets_wins_over_glob(tmp_path):
     assert [s.path for s in sources] == [clip, inner, clip]
 
 
+def _bytes_named(folder: Path, name: bytes) -> Path:
+    """``folder / name`` for a name of raw bytes (not valid UTF-8: Python spells it with
+    surrogates); skip where the filesystem refuses such a name (macOS APFS, some mounts)."""
+    raw = os.path.join(os.fsencode(folder), name)
+    try:
+        open(raw, "wb").close()
+    except OSError as err:
+        pytest.skip(f"this filesystem refuses a file name that is not valid UTF-8 ({err})")
+    os.unlink(raw)
+    return Path(os.fsdecode(raw))
+
+
+def test_a_file_name_that_is_not_utf8_costs_no_other_source(tmp_path):
+    """A video whose name is not valid UTF-8 (bytes from another locale) beside a good one,
+    under a glob and in a folder: both stream, and every window id (sent on the wire) is valid
+    UTF-8. Naming the bad file raised UnicodeEncodeError, again in the error handler, which
+    lost every source of the glob or folder."""
+    from reliev3r import protocol
+
+    good = encode(tmp_path / "good.mp4", panning_frames(12, 32, 24))
+    bad = _bytes_named(tmp_path, b"bad\xff.mp4")
+    bad.write_bytes(encode(tmp_path / "other.mp4", panning_frames(12, 32, 24, seed=1)).read_bytes())
+    (tmp_path / "other.mp4").unlink()
+    name = source_name(bad)
+    assert name.encode("utf-8") and name != source_name(good)
+    for spec in (str(tmp_path / "*.mp4"), str(tmp_path)):
+        errors = Errors()
+        windows = _stream([spec], StreamerConfig(**FAST), errors)
+        assert not errors, spec
+        assert {w.source for w in windows} == {source_name(good), name}, spec
+        for w in windows:
+            w.window_id.encode("utf-8")
+            protocol.decode(protocol.encode(protocol.Message("done", {"window_id": w.window_id, "status": "stored",
+                                                                      "reason": ""})))
+
+
 def _jpeg_folder(folder: Path, n: int, bad: int) -> None:
     import cv2
 
