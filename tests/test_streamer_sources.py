@@ -663,6 +663,25 @@ def test_a_file_name_that_is_not_utf8_costs_no_other_source(tmp_path):
                                                                       "reason": ""})))
 
 
+def test_an_image_folder_whose_name_is_not_utf8_reads_its_depth_maps(tmp_path):
+    """An image folder whose name is not valid UTF-8, with depth maps beside its frames: its
+    frames carry their depth. OpenCV's imread crashed the process (a segmentation fault) on
+    a path spelled with surrogates; the depth map is read as bytes and decoded."""
+    import cv2
+
+    folder = _bytes_named(tmp_path, b"scan\xfe")
+    folder.mkdir()
+    depth = np.full((24, 32), 1500, np.uint16)
+    for k, rgb in enumerate(panning_frames(3, 32, 24)):
+        (folder / f"frame-{k:06d}.color.png").write_bytes(cv2.imencode(".png", rgb[..., ::-1])[1].tobytes())
+        (folder / f"frame-{k:06d}.depth.png").write_bytes(cv2.imencode(".png", depth)[1].tobytes())
+    errors = Errors()
+    frames = list(ImageSequenceSource(folder, on_error=errors).frames())
+    assert not errors and len(frames) == 3
+    for frame in frames:
+        np.testing.assert_allclose(frame.gt_depth, 1.5)
+
+
 def _jpeg_folder(folder: Path, n: int, bad: int) -> None:
     import cv2
 
