@@ -158,21 +158,31 @@ class Frame:
         return self._gt_cam_to_world
 
 
-def source_name(path: Path) -> str:
-    """Stable across restarts and unique per file: stem plus a short hash of the absolute path's
-    bytes. ASCII whatever the path (it is a metric label and part of every window id on the
-    wire): the stem's other characters, a name's bytes that are not valid UTF-8 among them
-    (which Python spells with surrogates), become ``_``. Never raises: a path that cannot be
-    resolved (a symlink loop, an unknown ``~user``) is named after its absolute spelling."""
+def resolved_path(path: Path) -> str:
+    """The absolute path with every link on the way resolved (the file or folder read), or its
+    absolute spelling where it cannot be resolved (a symlink loop, an unknown ``~user``, a NUL
+    byte). Never raises."""
     try:
-        absolute = str(Path(path).expanduser().resolve())
+        return str(Path(path).expanduser().resolve())
     except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop (before Python 3.13)
-        absolute = os.path.abspath(path)
+        return os.path.abspath(path)
+
+
+def source_name(path: Path) -> str:
+    """Stable across restarts and unique per file: the stem of the file or folder read (a link
+    is named after its target, so a link and its target are one source) plus a short hash of
+    its absolute path's bytes. ASCII whatever the path (it is a metric label and part of every
+    window id on the wire): the stem's other characters, a name's bytes that are not valid
+    UTF-8 among them (which Python spells with surrogates), become ``_``. Never raises: a path
+    that cannot be resolved (a symlink loop, an unknown ``~user``) or whose target does not
+    exist is named after its own stem and absolute spelling."""
+    absolute = resolved_path(path)
     try:
         raw = os.fsencode(absolute)  # the name's own bytes, those that are not UTF-8 included
     except UnicodeError:  # a surrogate no file name decodes to
         raw = absolute.encode("utf-8", "surrogatepass")
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40] or "source"
+    shown = Path(absolute) if os.path.exists(absolute) else Path(path)  # a dangling link: its own name
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", shown.stem)[:40] or "source"
     return f"{stem}-{hashlib.sha1(raw).hexdigest()[:6]}"
 
 
@@ -1178,12 +1188,17 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
     (``clip [1080p].mp4``). Discovery never raises: a spec or an entry that cannot be used is
     reported under its source name with a reason (``missing``, ``dangling_symlink``,
     ``symlink_loop``, ``permission_denied``, ``not_a_file``, ``empty_folder``, ...) and skipped,
-    and every other source is returned. ``ground_truth=False``: the sources' frames carry no
-    ground truth (an image sequence does not read it). ``decoder``: the videos' (:data:`DECODERS`)."""
+    and every other source is returned. A file or image folder reached again (specs that
+    overlap, a link to one already found) is one source, the first found: each further path to
+    it is reported as ``duplicate_source``, naming both specs, and skipped (streamed twice, its
+    windows would be decoded, sent and labelled twice). ``ground_truth=False``: the sources'
+    frames carry no ground truth (an image sequence does not read it). ``decoder``: the
+    videos' (:data:`DECODERS`)."""
     video = functools.partial(VideoSource, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth,
                               decoder=decoder)
     images = functools.partial(ImageSequenceSource, fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth)
     sources: list[Source] = []
+    found: dict[str, tuple[str, Path]] = {}  # resolved path -> (the spec, the path) it was first found by
     for spec in specs:
         if "://" in spec or spec.startswith("/dev/video"):
             # Live schemes (streamer.live) never reach here; anything else is not a feed we read.
@@ -1199,7 +1214,14 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
             on_error(source_name(path), "missing", f"{spec}: no file matches")
             continue
         for p in matched:
-            sources.extend(_guarded(p, lambda p=p: _sources_at(p, video, images, on_error), on_error))
+            for source in _guarded(p, lambda p=p: _sources_at(p, video, images, on_error), on_error):
+                first = found.get(key := resolved_path(source.path))
+                if first is None:
+                    found[key] = (spec, source.path)
+                    sources.append(source)
+                else:
+                    on_error(source.name, "duplicate_source", f"{source.path} (spec {spec!r}) is {first[1]} (spec "
+                                                              f"{first[0]!r}) again: streamed once")
     return sources
 
 

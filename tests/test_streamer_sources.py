@@ -622,9 +622,10 @@ def test_existing_name_with_brackets_wins_over_glob(tmp_path):
     inner = encode(folder / "day 1.mp4", panning_frames(12, 32, 24, seed=1))
     errors = Errors()
     sources = discover([str(clip), str(folder / "*.mp4"), str(tmp_path / "*.mp4")], on_error=errors)
-    assert not errors
-    # the literal file; the bracketed folder taken literally under a glob; a glob that matches the file
-    assert [s.path for s in sources] == [clip, inner, clip]
+    # the literal file; the bracketed folder taken literally under a glob; a glob that matches the
+    # file (streamed once: the glob's match is reported as a duplicate)
+    assert [s.path for s in sources] == [clip, inner]
+    assert errors.reasons() == ["duplicate_source"]
 
 
 def _bytes_named(folder: Path, name: bytes) -> Path:
@@ -680,6 +681,40 @@ def test_an_image_folder_whose_name_is_not_utf8_reads_its_depth_maps(tmp_path):
     assert not errors and len(frames) == 3
     for frame in frames:
         np.testing.assert_allclose(frame.gt_depth, 1.5)
+
+
+def test_the_same_file_through_two_specs_or_a_link_is_streamed_once(tmp_path):
+    """Specs that overlap (a file and a glob over its folder) and links (to a video, to an image
+    folder) reach the same frames more than once: each is one source, named after the file
+    the links point to, and every further path to it is reported once as ``duplicate_source``
+    naming both specs. Before, a file listed twice was streamed twice under the same name
+    (every window decoded, sent and labelled twice), and through a link under the link's name
+    (the same frames under other window ids, which replay's dedup by id cannot catch)."""
+    import cv2
+    from collections import Counter
+
+    clip = encode(tmp_path / "clip.mp4", panning_frames(12, 32, 24))
+    (tmp_path / "link.mp4").symlink_to(clip)
+    images = tmp_path / "scan"
+    images.mkdir()
+    for k, rgb in enumerate(panning_frames(12, 32, 24, seed=1)):
+        (images / f"{k:03d}.png").write_bytes(cv2.imencode(".png", rgb[..., ::-1])[1].tobytes())
+    (tmp_path / "scan-link").symlink_to(images)
+    assert source_name(tmp_path / "link.mp4") == source_name(clip)
+    assert source_name(tmp_path / "scan-link") == source_name(images)
+    specs = [str(clip), str(tmp_path / "*.mp4"), str(images), str(tmp_path / "scan-link"), str(clip)]
+    errors = Errors()
+    assert [s.path for s in discover(specs, on_error=errors)] == [clip, images]
+    assert errors.reasons() == ["duplicate_source"] * 4
+    assert [name for name, _, _ in errors] == [source_name(clip)] * 2 + [source_name(images), source_name(clip)]
+    pairs = [(specs[0], specs[1])] * 2 + [(specs[2], specs[3]), (specs[0], specs[4])]
+    for (_, _, detail), (first, again) in zip(errors, pairs):
+        assert first in detail and again in detail, detail
+    errors = Errors()
+    windows = _stream(specs, StreamerConfig(**FAST), errors)
+    ids = Counter(w.window_id for w in windows)
+    assert windows and set(ids.values()) == {1}
+    assert {w.source for w in windows} == {source_name(clip), source_name(images)}
 
 
 def _jpeg_folder(folder: Path, n: int, bad: int) -> None:
