@@ -57,7 +57,7 @@ class StreamerConfig:
     payload: Literal["raw", "jpeg", "png"] = "raw"
     """How frames travel: raw buffers (one host), or JPEG/PNG files (links between hosts)."""
     jpeg_quality: int = 90
-    """JPEG quality of ``payload: jpeg``."""
+    """JPEG quality of ``payload: jpeg``, 1..100 (OpenCV's scale)."""
     keyframe_min_motion: float = 0.5
     """Cheap pre-gate: a candidate view whose 32x24 grey thumbnail differs from the last kept view
     by less than this mean absolute difference (grey levels, 0-255) is skipped. 0 disables."""
@@ -153,5 +153,7 @@ class StreamerConfig:
             raise ValueError("scene_cut_hist must lie in [0, 1]")
         if self.interleave < 1:
             raise ValueError("interleave must be >= 1")
+        if not 1 <= self.jpeg_quality <= 100:  # OpenCV clamps anything else without a word
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.decode_workers < 0:
             raise ValueError("decode_workers must be >= 0 (0: one per available core)")

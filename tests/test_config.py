@@ -110,6 +110,9 @@ def test_overrides_are_typed():
     ("learner.max_steps=2.5", "learner.max_steps: expected an integer"),
     ("run.seed=-1", "run.seed must be >= 0"),  # the replay's first sample failed on it
     ("run.feeder_nice=30", "run.feeder_nice must be in 0..19"),
+    ("streamer.jpeg_quality=-20", "streamer.jpeg_quality must be in 1..100, got -20"),  # OpenCV clamped it
+    ("streamer.jpeg_quality=1000", "streamer.jpeg_quality must be in 1..100, got 1000"),
+    ("streamer.jpeg_quality=0", "streamer.jpeg_quality must be in 1..100, got 0"),
     ("streamer.height=20", "(20x128) must be multiples of learner.model.patch_size (8)"),  # never stepped
     ("replay.capacity_windows=3", "min_size (4) must be <= capacity_windows (3)"),  # the learner waited forever
     ("replay.samples_per_insert=100", "tolerance (64.0) must be >= max(1, samples_per_insert)"),  # replay's start
@@ -163,6 +166,10 @@ def test_values_that_may_run_elsewhere_are_accepted(overrides):
         for part in key.split("."):
             node = getattr(node, part)
         assert str(node) == value
+
+
+def test_jpeg_quality_takes_its_bounds():
+    assert [config.load([], [f"streamer.jpeg_quality={q}"]).streamer.jpeg_quality for q in (1, 100)] == [1, 100]
 
 
 def test_bad_yaml_and_override_syntax(tmp_path):
