@@ -12,7 +12,8 @@ Writes into ``--out``:
 * ``points.ply``: binary PLY, coloured, confidence-filtered world points (x, y, z float32,
   red, green, blue uint8, confidence float32);
 * ``poses.txt``: TUM trajectory (``timestamp tx ty tz qx qy qz qw``, camera-to-world; the
-  timestamp is the frame's time in seconds for a video, its name or index for a folder);
+  timestamp is, for a video, the frame's time in seconds from the start of its stream, as the
+  streamer times it (``streamer.sources.Frame.timestamp``), for a folder its name or index);
 * ``depth/NNNNNN.png``: 16-bit depth, value = depth x 1000 in the model's relative units
   ("millimetres" of a unit that is not a metre; 0 = beyond 65.535 units, or no depth);
   ``depth_color/NNNNNN.png``: the same, colourised (turbo, near = red, shared range);
@@ -146,7 +147,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         import av
 
         from reliev3r.imaging import orient, orient_intrinsics
-        from streamer.sources import upright, video_stream
+        from streamer.sources import FrameClock, stream_start, upright, video_stream
 
         with av.open(str(path)) as container:
             known = video_stream(container).frames  # 0 when the container does not say
@@ -161,12 +162,15 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             with av.open(str(path)) as container:
                 stream = video_stream(container)
                 stream.thread_type = "AUTO"
+                # timed as the streamer times a frame (Frame.timestamp): from the stream's start, increasing
+                clock = FrameClock(float(stream.average_rate or 0) or 25.0, stream_start(stream))
                 for k, frame in enumerate(container.decode(stream)):
                     if picked >= max_frames:
                         break
+                    clock.tick(k, frame)
                     if k % stride == 0:
                         picked += 1
-                        t = float(frame.time) if frame.time is not None else float(k)
+                        t = clock.time
                         # as players show it (a phone's rotation, a front camera's mirror), as the streamer does
                         yield np.ascontiguousarray(orient(frame.to_ndarray(format="rgb24"), upright(frame))), t
 

@@ -108,7 +108,9 @@ class Frame:
         self.index = index
         """Frame number in its source (0-based, decode order of presentation)."""
         self.timestamp = timestamp
-        """Seconds from the start of the source."""
+        """Seconds from the start of the source, increasing: a video's from its stream's start
+        time (:class:`FrameClock`; recordings joined end to end follow one another), an image
+        folder's frame index."""
         self._rgb = rgb
         self.intrinsics = intrinsics
         """float64 [3, 3] in pixels of ``rgb`` (known or assumed from the field of view)."""
@@ -311,18 +313,30 @@ class DamageGate:
 
 
 class FrameClock:
-    """Seconds of each decoded frame of a video, increasing. A frame keeps the time its stamp
-    gives when that is after the time given the frame before. A frame without a stamp (a raw
-    H.264/HEVC stream has none) is timed one frame period (``1 / rate``) after the frame
-    before, from 0. A stamp no later than the time given before (the stamp of the frame before
-    again, from a broken mux; stamps in decode order, as some containers carry them: AVI with
-    packed B-frames) is timed halfway from the time given before to one period after the last
-    stamp kept (``anchor``): such frames, one or more in a row, stay within that period, and the
-    frames after them keep their own stamps (timed a whole period on, each pushed the next
-    stamp out of reach and every later frame a period late)."""
+    """Seconds of each decoded frame of a video from the start of its stream (its header's
+    start time: an MPEG-TS stream's stamps start at 1.4 s, say), increasing. A frame keeps the
+    time its stamp gives when that is after the time given the frame before. A frame without a
+    stamp (a raw H.264/HEVC stream has none) is timed one frame period (``1 / rate``) after the
+    frame before, from 0. A stamp no later than the time given before (the stamp of the frame
+    before again, from a broken mux; stamps in decode order, as some containers carry them: AVI
+    with packed B-frames) is timed halfway from the time given before to one period after the
+    last stamp kept (``anchor``): such frames, one or more in a row, stay within that period,
+    and the frames after them keep their own stamps (timed a whole period on, each pushed the
+    next stamp out of reach and every later frame a period late). A stamp more than
+    ``RESET_PERIODS`` periods before the time given before starts a new recording (files joined
+    end to end, ``cat a.ts b.ts``: the stamps start again): it is timed one period after the
+    frame before, and the frames after it keep their stamps' spacing from there (``offset``)."""
 
-    def __init__(self, rate: float):
+    RESET_PERIODS = 16
+    """How far back (frame periods) a stamp must go to start a new recording: further than a
+    decoder's reordering (at most 16 frames in H.264) puts a stamp out of order."""
+
+    def __init__(self, rate: float, start: float = 0.0):
         self.period = 1.0 / rate
+        self.start = start
+        """Seconds of the stream's own stamps at which its time is 0 (:func:`stream_start`)."""
+        self.offset = -start
+        """Added to a stamp's seconds to give its time (moved at each new recording)."""
         self.time = 0.0
         """The time given the last frame."""
         self.anchor = 0.0
@@ -330,19 +344,37 @@ class FrameClock:
         period after it."""
         self.pts: int | None = None
         """The stamp of the last frame."""
+        self.restarted = False
+        """The last frame's stamp started a new recording (its jump back: ``jump``, seconds)."""
+        self.jump = 0.0
 
     def tick(self, index: int, vframe) -> bool:
         """Time the next frame (``index``: its index, 0 for the first of the video); True when its
         stamp repeats the stamp of the frame before (a duplicate: timed as a stamp out of order)."""
         t, duplicate = vframe.time, vframe.pts is not None and vframe.pts == self.pts
         self.pts = vframe.pts
+        self.restarted = False
+        if t is not None:
+            t = float(t) + self.offset
         if t is not None and (index == 0 or t > self.time):
-            self.time = self.anchor = float(t)
+            self.time = self.anchor = t
         elif t is None:
             self.time = self.anchor = self.time + self.period if index > 0 else 0.0
+        elif t < self.time - self.RESET_PERIODS * self.period:
+            self.restarted, self.jump = True, self.time - t
+            self.time = self.anchor = self.time + self.period
+            self.offset += self.time - t
         else:
             self.time = (self.time + self.anchor + self.period) / 2
         return duplicate
+
+
+def stream_start(stream) -> float:
+    """Seconds of a stream's own stamps at which it starts (its header's start time; 0 when
+    the header does not say): a frame's time counts from there (:class:`FrameClock`)."""
+    if stream.start_time is None or not stream.time_base:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
 
 
 DECODERS = ("cpu", "cuda")
@@ -439,7 +471,7 @@ def promised_end(container, stream) -> float | None:
     seconds = stream_seconds(stream)
     if seconds is None:
         return container.duration / 1e6 if container.duration else None
-    return (float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0) + seconds
+    return stream_start(stream) + seconds
 
 
 def _open_video(path: str, decoder: str = "cpu"):
@@ -548,7 +580,8 @@ class VideoSource:
             start = max(start, segment.start)
         self.undecoded = 0
         gate = DamageGate()
-        clock = FrameClock(float(stream.average_rate or 0) or 25.0)
+        clock = FrameClock(float(stream.average_rate or 0) or 25.0, stream_start(stream))
+        restarted = False  # a new recording began: the next frame kept is a discontinuity
         intrinsics = None
         reformatter = VideoReformatter()  # one for the stream: a frame's own is set up anew each frame
         lost = functools.partial(self.on_error, self.name)  # a lazily decoded frame that fails when looked at
@@ -609,6 +642,11 @@ class VideoSource:
                     i = index = found
                     index += 1
                 duplicate = clock.tick(i, vframe)  # decoders emit display order; stamps may not follow it
+                if clock.restarted and i >= start:
+                    restarted = True
+                    self.on_error(self.name, "stamps_reset", f"{self.path}: frame {i}'s stamp is {clock.jump:.3f}s "
+                                                             f"before the frame before's (recordings joined?): a new "
+                                                             f"recording from {clock.time:.6f}s")
                 keep, report = gate.check(vframe)
                 if report:
                     self.on_error(self.name, report, f"{self.path}: frame {i}" + (
@@ -632,8 +670,9 @@ class VideoSource:
                 self.position = index
                 # RGB only for the frames that become views; the tests look at the glance.
                 rgb, look = frame_pixels(reformatter, vframe, lost, orientation, i)
-                yield Frame(i, clock.time, rgb, intrinsics[0], *self._gt(i, shape), discontinuity=gate.take_gap(),
-                            glance=look)
+                yield Frame(i, clock.time, rgb, intrinsics[0], *self._gt(i, shape),
+                            discontinuity=gate.take_gap() | restarted, glance=look)
+                restarted = False
             if ended:
                 break
         if skipper is not None:  # frames after the last one out were left undecoded
@@ -643,11 +682,12 @@ class VideoSource:
             self.on_error(self.name, "skipped_to_keyframe",
                           f"{self.path}: {gate.report_dropped()} suspect frames dropped, no keyframe followed")
         if segment is None or segment.last:
-            self._check_complete(container, stream, index, clock.time)
+            self._check_complete(container, stream, index, clock.time + clock.start)
 
     def _check_complete(self, container, stream, decoded: int, last_time: float) -> None:
         """Silent truncation: some containers (Matroska, MPEG-TS) end cleanly where the file
-        was cut. Compare with what the header promised."""
+        was cut. Compare with what the header promised (``last_time``: in the stream's own
+        stamps' seconds, as the header's)."""
         # Frame counts in headers are unreliable (AVI counts dropped frames), durations less so.
         rate = float(stream.average_rate or 0) or 25.0
         end = promised_end(container, stream)

@@ -99,6 +99,27 @@ def drop_ts_packets(path: Path, out: Path, *, at: float = 0.49, count: int = 6) 
     return out
 
 
+def join_ts(first: Path, second: Path, out: Path, *, counters: bool = False) -> Path:
+    """Two MPEG-TS recordings joined end to end (``cat``: the second's stamps start again).
+    ``counters``: the second's continuity counters carried on from the first's, so the demuxer
+    sees no lost packet at the join (a segmenter's output; ``cat`` leaves them, and the demuxer
+    flags the join as damage)."""
+    a, b = bytearray(first.read_bytes()), bytearray(second.read_bytes())
+    if counters:
+        last: dict[int, int] = {}
+        for i in range(0, len(a) - 187, 188):
+            if a[i + 3] & 0x10:  # a payload: the counter counts it
+                last[((a[i + 1] & 0x1F) << 8) | a[i + 2]] = a[i + 3] & 0x0F
+        shift: dict[int, int] = {}
+        for i in range(0, len(b) - 187, 188):
+            if b[i + 3] & 0x10:
+                pid = ((b[i + 1] & 0x1F) << 8) | b[i + 2]
+                shift.setdefault(pid, (last.get(pid, 15) + 1 - (b[i + 3] & 0x0F)) % 16)
+                b[i + 3] = (b[i + 3] & 0xF0) | ((b[i + 3] + shift[pid]) & 0x0F)
+    out.write_bytes(bytes(a + b))
+    return out
+
+
 def rotate_mp4(path: Path) -> Path:
     """Give an MP4's video track the display matrix of a phone held upright (FFmpeg reports
     a rotation of -90 degrees: players turn the picture 90 degrees clockwise)."""

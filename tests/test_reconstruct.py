@@ -318,6 +318,24 @@ def test_a_phones_video_is_reconstructed_upright_as_the_streamer_reads_it(tmp_pa
         np.testing.assert_array_equal(rgb, frame.rgb)
 
 
+def test_a_videos_frames_are_stamped_as_the_streamer_stamps_them(tmp_path):
+    """poses.txt's stamps of a video are the streamer's ``Frame.timestamp``: seconds from the
+    start of the stream (an MPEG-TS stream starts at 0.2 s of its own stamps here), increasing
+    across recordings joined end to end (the second's stamps start again). Before, reconstruct
+    wrote the raw stamps: from 0.2, and back to 0.2 at the join."""
+    from reliev3r.reconstruct import open_input
+    from streamer.sources import VideoSource
+    from streamer_media import encode, join_ts, panning_frames
+
+    first = encode(tmp_path / "a.ts", panning_frames(30, 64, 48), fps=10, gop=5)
+    second = encode(tmp_path / "b.ts", panning_frames(30, 64, 48, seed=1), fps=10, gop=5)
+    joined = join_ts(first, second, tmp_path / "joined.ts", counters=True)
+    stamps = [t for _, t in open_input(joined, stride=2, max_frames=100).frames]
+    assert len(stamps) == 30 and stamps[0] == 0.0 and np.all(np.diff(stamps) > 0)
+    streamer = [f.timestamp for f in VideoSource(joined, on_error=lambda *a: None).frames()]
+    assert stamps == pytest.approx(streamer[::2], abs=1e-9)
+
+
 @pytest.mark.parametrize("matrix, expected", [
     # a phone held upright (players turn the picture a quarter clockwise): the focal lengths swap,
     # the principal point's row is its column, its column counted from the right of the 48 rows

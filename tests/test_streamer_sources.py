@@ -16,7 +16,8 @@ import pytest
 from streamer.config import StreamerConfig
 from streamer.sources import (ImageSequenceSource, VideoSource, discover, read_intrinsics, source_name)
 from streamer.windows import WindowBuilder, resize_view, windows_of
-from streamer_media import SHARED, damage_mdat, drop_ts_packets, encode, encode_stamped, panning_frames, rotate_mp4
+from streamer_media import (SHARED, damage_mdat, drop_ts_packets, encode, encode_stamped, join_ts, panning_frames,
+                            rotate_mp4)
 
 VIDEOS = SHARED / "videos"
 KITCHEN = SHARED / "7scenes-redkitchen"
@@ -139,6 +140,34 @@ def test_a_duplicated_stamp_is_reported_and_later_frames_keep_their_own(tmp_path
             assert t == pytest.approx(stamp / 10), (i, times)
     assert errors.reasons() == ["duplicate_stamp"] * 3
     assert [f"frame {i}" in detail for i, (_, _, detail) in zip(duplicates, errors)] == [True] * 3
+
+
+@pytest.mark.parametrize("counters", [False, True])
+def test_recordings_joined_end_to_end_keep_their_frame_spacing_from_the_start(tmp_path, counters):
+    """Two MPEG-TS recordings joined end to end (``cat``; a camera's or a DVR's segments): the
+    second one's stamps start again. Its frames follow the first's, one frame period after the
+    last, spaced as their own stamps say; the reset is reported once as ``stamps_reset`` and
+    the next frame kept carries ``discontinuity`` (no window spans two recordings). Before,
+    every frame of the second was timed within one period of the first's last (halfway each
+    time, as a stamp out of order). Times count from the start of the source (the stream of
+    an MPEG-TS file starts at 0.2 s of its own stamps here): the first frame is at 0. Joined by
+    ``cat``, the demuxer also flags the join (continuity counters) and frames before it are
+    dropped as damage; with the counters carried on, every frame is kept and nothing else said."""
+    fps = 10
+    first = encode(tmp_path / "a.ts", panning_frames(30, 64, 48), fps=fps, gop=5)
+    second = encode(tmp_path / "b.ts", panning_frames(30, 64, 48, seed=1), fps=fps, gop=5)
+    joined = join_ts(first, second, tmp_path / "joined.ts", counters=counters)
+    errors = Errors()
+    frames = take(VideoSource(joined, on_error=errors))
+    assert frames[-1].index == 59 and len(frames) >= (60 if counters else 50)  # cat: the join's damage dropped
+    assert frames[0].index == 0 and frames[0].timestamp == pytest.approx(0.0)
+    for a, b in zip(frames, frames[1:]):  # every frame, across the join too, its index's period after the first
+        assert b.timestamp - a.timestamp == pytest.approx((b.index - a.index) / fps, abs=1e-3), (a.index, b.index)
+    resets = [detail for _, reason, detail in errors if reason == "stamps_reset"]
+    assert len(resets) == 1 and "frame 30" in resets[0], errors
+    assert next(f for f in frames if f.index >= 30).discontinuity
+    if counters:
+        assert errors.reasons() == ["stamps_reset"] and [f.index for f in frames if f.discontinuity] == [30]
 
 
 def test_a_folder_of_videos_with_a_preview_image_reads_every_video(tmp_path):
