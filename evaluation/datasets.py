@@ -167,8 +167,8 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
-        bgr = cv2.imread(f"{stem}.color.jpg", cv2.IMREAD_COLOR)
-        depth = cv2.imread(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
+        bgr = imaging.read_image(f"{stem}.color.jpg")
+        depth = imaging.read_image(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
         if bgr is None or depth is None:
             raise OSError(f"{stem}: unreadable colour or depth image")
         depth = _turned_depth(depth.astype(np.float32) / 1000.0, turn(k))
@@ -233,7 +233,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     images, poses = [images[k] for k in keep], [poses[k] for k in keep]
     if not images:
         raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
-    first_bgr = cv2.imread(str(images[0]), cv2.IMREAD_COLOR)
+    first_bgr = imaging.read_image(images[0])
     if first_bgr is None:
         raise OSError(f"{images[0]}: unreadable image")
     turn = functools.cache(lambda k: imaging.file_orientation(images[k]))
@@ -259,12 +259,12 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         return None
 
     def read(k: int):
-        bgr = cv2.imread(str(images[k]), cv2.IMREAD_COLOR)
+        bgr = imaging.read_image(images[k])
         if bgr is None:
             raise OSError(f"{images[k]}: unreadable image")
         depth = None
         if (dp := depth_path(images[k])) is not None:
-            raw = cv2.imread(str(dp), cv2.IMREAD_UNCHANGED)
+            raw = imaging.read_image(dp, cv2.IMREAD_UNCHANGED)
             if raw is None or raw.ndim != 2:
                 raise OSError(f"{dp}: unreadable or not a single-channel depth image")
             depth = raw.astype(np.float32) / depth_scale

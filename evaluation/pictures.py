@@ -19,6 +19,7 @@ import torch
 from evaluation import metrics
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import predict
+from reliev3r import imaging
 
 EST_BGR, GT_BGR = (180, 119, 31), (44, 160, 44)  # blue estimate, green ground truth
 """Colours of the trajectory picture (BGR)."""
@@ -101,7 +102,7 @@ def trajectory_picture(tracks: list[tuple[np.ndarray, np.ndarray]], *, size: int
 
 def _write_png(path: Path, picture: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.png")
-    if not cv2.imwrite(str(tmp), picture):
+    if not imaging.write_image(tmp, picture):
         raise OSError(f"{path}: cannot write PNG")
     tmp.replace(path)
 

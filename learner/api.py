@@ -23,7 +23,7 @@ import torch
 from learner.model import FFRM
 from learner.snapshot import load_model, resolve_snapshot
 from learner.train import resolve_device
-from reliev3r import geometry
+from reliev3r import geometry, imaging
 
 DEFAULT_HFOV_DEG = 60.0
 
@@ -88,7 +88,7 @@ class Reconstructor:
 
 def _read(image: np.ndarray | str | Path) -> np.ndarray:
     if isinstance(image, (str, Path)):
-        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        bgr = imaging.read_image(image)
         if bgr is None:
             raise FileNotFoundError(f"{image}: cannot read image")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import re
 import sys
@@ -229,6 +230,9 @@ OFFLINE = frozenset({"eval", "reconstruct", "export", "report", "teacher-train",
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints as its own bytes, as ls does
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     args = parse_args(argv)
     try:
         return _command(args, argv)

@@ -34,6 +34,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from reliev3r import imaging
+
 Format = Literal["txt", "bin"]
 FORMATS = ("bin", "txt")
 PINHOLE_MODEL_ID = 1
@@ -263,7 +265,7 @@ def write_model_folder(folder: str | Path, model: SparseModel, images: list[np.n
         for name, rgb in zip(model.names, images, strict=True):
             path = folder / "images" / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
+            if not imaging.write_image(path, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
                 raise OSError(f"{path}: cannot write image")
     sparse = folder / "sparse" / "0"
     write_model(model, sparse, fmt)

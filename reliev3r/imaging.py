@@ -56,6 +56,31 @@ def frame_files(folder: Path) -> list[Path]:
                                          key=natural_key)
 
 
+def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
+    """``cv2.imread(path, flags)`` for any path: the file's bytes decoded (turned by an Exif
+    orientation as ``imread`` turns them), None where the file cannot be read or decoded.
+    OpenCV's own ``imread`` crashes the process (a segmentation fault) on a path that is not
+    valid UTF-8, as a camera card's or an old archive's folder names can be."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except (OSError, ValueError):
+        return None
+    return cv2.imdecode(data, flags) if data.size else None
+
+
+def write_image(path: str | Path, image: np.ndarray) -> bool:
+    """``cv2.imwrite(path, image)`` for any path (:func:`read_image`): encoded by the file's
+    suffix, then written; False where it cannot be."""
+    ok, encoded = cv2.imencode(Path(path).suffix, image)
+    if not ok:
+        return False
+    try:
+        encoded.tofile(path)
+    except OSError:
+        return False
+    return True
+
+
 def read_intrinsics(path: Path) -> np.ndarray:
     """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
     finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises

@@ -126,7 +126,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         if K is not None:  # of the camera as it records: turned as the frames are
             from reliev3r.imaging import file_orientation, shown_intrinsics
 
-            first = cv2.imread(str(files[0]), cv2.IMREAD_COLOR)
+            first = imaging.read_image(files[0])
             if first is not None:
                 turn = file_orientation(files[0])
                 h, w = first.shape[:2]
@@ -134,7 +134,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
 
         def images() -> Iterator[tuple[np.ndarray, float]]:
             for f, t in zip(files, stamps):
-                bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+                bgr = imaging.read_image(f)
                 if bgr is None:
                     raise OSError(f"{f}: unreadable image")
                 if turn is not None and file_orientation(f) != turn:
@@ -382,7 +382,7 @@ def plot_trajectory(path: Path, centres: np.ndarray, gt_centres: np.ndarray | No
     _draw_panel(canvas, (600, 30, 1200, 560), tracks(2, 1, -1.0), f"z [{unit}]", "-y (up)", "side view (z-y)")
     cv2.putText(canvas, title + "   (dot: start, square: end)", (20, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                 (0, 0, 0), 1, cv2.LINE_AA)
-    if not cv2.imwrite(str(path), canvas):
+    if not imaging.write_image(path, canvas):
         raise OSError(f"{path}: cannot write PNG")
 
 
@@ -545,7 +545,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         if depth_spool is None:
             depth_spool, size = RowSpool(out, np.float32, depth.shape), depth.shape
             held.callback(depth_spool.close)
-        if not cv2.imwrite(str(out / "depth" / f"{k:06d}.png"), depth_png(depth)):
+        if not imaging.write_image(out / "depth" / f"{k:06d}.png", depth_png(depth)):
             raise OSError(f"{out}/depth/{k:06d}.png: cannot write image")
         depth_spool.append(depth[None])
         depth_values.add(depth[(depth > 0) & np.isfinite(depth)])
@@ -557,7 +557,8 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         ply.append(world.astype(np.float32), image[keep], c[keep])
         if pixel_spool is not None:
             pixel_spool.append(np.stack([np.full(int(keep.sum()), k), *np.nonzero(keep)[::-1]], -1))  # frame, x, y
-            if not cv2.imwrite(str(out / "colmap" / "images" / f"{k:06d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+            bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+            if not imaging.write_image(out / "colmap" / "images" / f"{k:06d}.png", bgr):
                 raise OSError(f"{out}/colmap/images/{k:06d}.png: cannot write image")
         q = matrix_to_quaternion(pose[:3, :3])
         tum.write(f"{float(timestamps[k]):.6f} " + " ".join(f"{v:.7f}" for v in (*pose[:3, 3], *q)) + "\n")
@@ -602,7 +603,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
     valid_all = depth_values.values()
     near, far = (np.percentile(valid_all, 2), np.percentile(valid_all, 98)) if valid_all.size else (1.0, 2.0)
     for k, depth in enumerate(tqdm(depth_spool, total=n, desc="colouring depth", unit="frame")):
-        cv2.imwrite(str(out / "depth_color" / f"{k:06d}.png"), colorize_depth(depth, near, max(far, near * 1.01)))
+        imaging.write_image(out / "depth_color" / f"{k:06d}.png", colorize_depth(depth, near, max(far, near * 1.01)))
     depth_spool.close()
     kept = count
     if count > opts.max_points:  # a uniform subsample, streamed (reconstruct_stream.sampled_rows)

@@ -23,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from reliev3r import imaging
+
 MAX_POINTS = 200_000
 
 
@@ -197,9 +199,9 @@ def log_reconstruction(rec, rr, folder: Path) -> int:
     rec.log("world/trajectory", rr.LineStrips3D([centres], colors=[(31, 119, 180)]), static=True)
     for i, c2w in enumerate(poses):
         rec.set_time("frame", sequence=i)
-        depth = (cv2.imread(str(depth_files[i]), cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0
+        depth = (imaging.read_image(depth_files[i], cv2.IMREAD_UNCHANGED).astype(np.float32) / 1000.0
                  if i < len(depth_files) else None)
-        image = (cv2.cvtColor(cv2.imread(str(image_files[i])), cv2.COLOR_BGR2RGB) if i < len(image_files) else None)
+        image = (cv2.cvtColor(imaging.read_image(image_files[i]), cv2.COLOR_BGR2RGB) if i < len(image_files) else None)
         size = (depth.shape if depth is not None else image.shape[:2] if image is not None else (480, 640))
         H, W = size[:2]
         Ki = Ks[i] if Ks is not None else np.array([[W / (2 * np.tan(np.radians(30))), 0, (W - 1) / 2],

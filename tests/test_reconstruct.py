@@ -5,9 +5,12 @@ opens, a TUM trajectory, 16-bit and colour depth PNGs and a trajectory plot."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -363,6 +366,40 @@ def test_given_intrinsics_are_turned_with_the_frames_of_a_phones_video(tmp_path,
     shown = orient(np.stack([columns, rows], -1), display_orientation(matrix))
     assert shown.shape[:2] == frames[0][0].shape[:2]
     assert tuple(shown[int(cy), int(cx)]) == (30, 20)
+
+
+def test_folders_whose_names_are_not_utf8_are_read_and_written(tmp_path):
+    """OpenCV's imread and imwrite crash the process (a segmentation fault) on a path that is not
+    valid UTF-8, as a camera card's or an old archive's folder names can be: reconstruct, eval's
+    folder reader and the pictures read and write images as bytes (``reliev3r.imaging``). Run in
+    a child process, so that a crash fails this test rather than the test run."""
+    folder, out = (os.path.join(os.fsdecode(bytes(tmp_path)), os.fsdecode(name)) for name in (b"scan\xff", b"rec\xfe"))
+    try:
+        os.mkdir(folder)
+    except (OSError, UnicodeError) as err:
+        pytest.skip(f"this file system takes no such name: {err}")
+    for i in range(4):
+        ok, png = cv2.imencode(".png", np.full((24, 32, 3), 40 * i, np.uint8))
+        png.tofile(os.path.join(folder, f"{i}.png"))
+        cv2.imencode(".png", np.full((24, 32), 1500, np.uint16))[1].tofile(os.path.join(folder, f"{i}.depth.png"))
+    snap = make_tiny_snapshot(tmp_path / "run")
+    code = f"""
+import os
+from evaluation.datasets import folder_sequence
+from reliev3r import cli
+folder, out = {folder!r}, {out!r}
+seq = folder_sequence(folder)
+rgb, depth, _ = seq.read(3)
+assert rgb[0, 0, 0] == 120 and abs(float(depth[0, 0]) - 1.5) < 1e-6, (rgb[0, 0], depth[0, 0])
+assert cli.main(["reconstruct", "--checkpoint", {str(snap)!r}, "--input", folder, "--out", out, "--device",
+                 "cpu", "--views", "3", "--overlap", "1", "--colmap"]) == 0
+assert len(os.listdir(os.path.join(out, "depth"))) == 4 and len(os.listdir(os.path.join(out, "depth_color"))) == 4
+assert os.path.isfile(os.path.join(out, "trajectory.png"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, errors="replace", timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                               "PYTHONIOENCODING": "utf-8"})  # strict, as under a user's en_US.UTF-8
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
 
 
 def test_an_image_folder_is_read_in_natural_order_as_the_streamer_reads_it(tmp_path):
