@@ -148,6 +148,14 @@ def synthetic_sequences(videos: list[Path]) -> list[Sequence]:
     return seqs
 
 
+def _checked(intrinsics: np.ndarray, file: Path, width: int, height: int) -> np.ndarray:
+    """``intrinsics`` (from ``file``) of a ``width`` x ``height`` frame, or ValueError saying why
+    they cannot be (``reliev3r.imaging.intrinsics_mismatch``): the window is skipped."""
+    if (problem := imaging.intrinsics_mismatch(intrinsics, width, height)) is not None:
+        raise ValueError(f"{file}: {problem}")
+    return intrinsics
+
+
 def _turned_depth(depth: np.ndarray, orientation: int) -> np.ndarray:
     """A depth map of the frame as recorded, turned as its frame is shown (OpenCV turns a colour
     image by its Exif orientation, not what it reads with ``IMREAD_UNCHANGED``)."""
@@ -175,11 +183,12 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, np.loadtxt(f"{stem}.pose.txt", dtype=np.float32)
 
-    return Sequence(folder.name, len(indices), K, read, lambda k, h, w: imaging.shown_intrinsics(K, turn(k), w, h))
+    path = folder / "camera-intrinsics.txt"
+    return Sequence(folder.name, len(indices), K, read,
+                    lambda k, h, w: _checked(imaging.shown_intrinsics(K, turn(k), w, h), path, w, h))
 
 
 TRAJECTORY_NAMES = ("groundtruth.txt", "poses.txt", "trajectory.txt")
-INTRINSICS_NAMES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
 TIMESTAMP_MATCH_S = 0.02
 """Largest gap between an image's timestamp (its name) and the pose used for it."""
 
@@ -237,12 +246,12 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     if first_bgr is None:
         raise OSError(f"{images[0]}: unreadable image")
     turn = functools.cache(lambda k: imaging.file_orientation(images[k]))
-    found = [folder / n for n in INTRINSICS_NAMES if (folder / n).is_file()]
-    if found:  # of the camera as it records: turned as each frame is
-        K = imaging.read_intrinsics(found[0])
+    found = imaging.intrinsics_file(folder)
+    if found is not None:  # of the camera as it records: turned as each frame is
+        K = imaging.read_intrinsics(found)
 
         def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
-            return imaging.shown_intrinsics(K, turn(k), w, h)
+            return _checked(imaging.shown_intrinsics(K, turn(k), w, h), found, w, h)
     else:  # of each frame as shown, as the streamer assumes them
         from reliev3r.geometry import intrinsics_from_fov
 

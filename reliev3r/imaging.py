@@ -81,6 +81,34 @@ def write_image(path: str | Path, image: np.ndarray) -> bool:
     return True
 
 
+INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
+"""The names an image folder's intrinsics file may have (:func:`read_intrinsics`; the first
+found is read), for the camera as it records its frames."""
+
+
+def intrinsics_file(folder: Path) -> Path | None:
+    """The intrinsics file of an image folder (:data:`INTRINSICS_FILES`), or None."""
+    return next((Path(folder) / n for n in INTRINSICS_FILES if (Path(folder) / n).is_file()), None)
+
+
+MAX_PRINCIPAL_OFFSET = 0.25
+"""How far from a frame's centre, as a fraction of its side, the principal point of intrinsics
+given for it may lie (:func:`intrinsics_mismatch`); cameras keep it within a few per cent."""
+
+
+def intrinsics_mismatch(intrinsics: np.ndarray, width: int, height: int) -> str | None:
+    """Why ``intrinsics`` cannot be those of a ``width`` x ``height`` frame, or None: a principal
+    point further than :data:`MAX_PRINCIPAL_OFFSET` of a side from the frame's centre, as the
+    intrinsics of the frames before they were resized or cropped put it (a 640x480 camera's
+    beside its frames downsampled to 320x240: at their corner)."""
+    cx, cy = float(intrinsics[0][2]), float(intrinsics[1][2])
+    if abs(cx - (width - 1) / 2) <= MAX_PRINCIPAL_OFFSET * width and \
+            abs(cy - (height - 1) / 2) <= MAX_PRINCIPAL_OFFSET * height:
+        return None
+    return (f"principal point ({cx:g}, {cy:g}) far from the centre of the {width}x{height} frames: intrinsics "
+            f"of the frames before they were resized or cropped?")
+
+
 def read_intrinsics(path: Path) -> np.ndarray:
     """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
     finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises

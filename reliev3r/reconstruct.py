@@ -106,7 +106,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
     ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
     (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike)."""
-    from evaluation.datasets import INTRINSICS_NAMES, folder_poses
+    from evaluation.datasets import folder_poses
     from reliev3r.imaging import read_intrinsics
 
     path = Path(path)
@@ -119,9 +119,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             stamps = [float(f.stem) for f in files]
         except ValueError:
             stamps = [float(k * stride) for k in range(len(files))]
-        if K is None:
-            found = [path / n for n in INTRINSICS_NAMES if (path / n).is_file()]
-            K = read_intrinsics(found[0]) if found else None
+        if K is None and (found := imaging.intrinsics_file(path)) is not None:
+            K, intrinsics = read_intrinsics(found), found
         turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
         if K is not None:  # of the camera as it records: turned as the frames are
             from reliev3r.imaging import file_orientation, shown_intrinsics
@@ -130,7 +129,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             if first is not None:
                 turn = file_orientation(files[0])
                 h, w = first.shape[:2]
-                K = shown_intrinsics(K, turn, w, h)
+                K = _fitting(shown_intrinsics(K, turn, w, h), intrinsics, w, h)
 
         def images() -> Iterator[tuple[np.ndarray, float]]:
             for f, t in zip(files, stamps):
@@ -146,7 +145,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
-        from reliev3r.imaging import orient, orient_intrinsics
+        from reliev3r.imaging import TRANSPOSE, orient, orient_intrinsics
         from streamer.sources import FrameClock, stream_start, upright, video_stream
 
         with av.open(str(path)) as container:
@@ -154,7 +153,9 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             if K is not None:  # given for the frames as recorded: turned with them (below)
                 first = next(container.decode(video_stream(container)), None)
                 if first is not None:
-                    K = orient_intrinsics(K, upright(first), first.width, first.height)
+                    turn = upright(first)
+                    shown = (first.height, first.width) if turn & TRANSPOSE else (first.width, first.height)
+                    K = _fitting(orient_intrinsics(K, turn, first.width, first.height), intrinsics, *shown)
         total = min(-(-known // stride), max_frames) if known > 0 else None
 
         def decoded() -> Iterator[tuple[np.ndarray, float]]:
@@ -176,6 +177,14 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
 
         return FrameStream(decoded(), K, None, total)
     raise FileNotFoundError(f"{path}: neither an image folder nor a video ({', '.join(VIDEO_SUFFIXES)})")
+
+
+def _fitting(intrinsics: np.ndarray, file: Path, width: int, height: int) -> np.ndarray:
+    """``intrinsics`` (read from ``file``) of ``width`` x ``height`` frames, or ValueError naming
+    the file where they cannot be (``reliev3r.imaging.intrinsics_mismatch``)."""
+    if (problem := imaging.intrinsics_mismatch(intrinsics, width, height)) is not None:
+        raise ValueError(f"{file}: {problem}")
+    return intrinsics
 
 
 def read_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> Frames:

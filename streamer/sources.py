@@ -41,7 +41,6 @@ log = logging.getLogger("reliev3r.streamer.sources")
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg",
                             ".flv", ".wmv", ".3gp", ".ogv", ".y4m", ".gif"})
-INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
 MAX_CONSECUTIVE_DECODE_ERRORS = 50
 """A stream that fails this many packets in a row is given up (it is garbage, not glitches)."""
 MIN_FRAME_SIDE = 16
@@ -1018,7 +1017,7 @@ class ImageSequenceSource:
     """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
-    intrinsics file (:data:`INTRINSICS_FILES`) and the depth maps, of the camera as it records,
+    intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``) and the depth maps, of the camera as it records,
     are turned with each frame (``reliev3r.imaging.file_orientation``, ``orient_intrinsics``)."""
 
     def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
@@ -1034,13 +1033,12 @@ class ImageSequenceSource:
         self.position = 0
         self.files = imaging.frame_files(self.path)
         self.intrinsics = None
-        for fname in INTRINSICS_FILES:
-            if (self.path / fname).is_file():
-                try:
-                    self.intrinsics = read_intrinsics(self.path / fname)
-                except SourceError as err:
-                    on_error(self.name, err.reason, str(err))
-                break
+        self.intrinsics_file = imaging.intrinsics_file(self.path)
+        if self.intrinsics_file is not None:
+            try:
+                self.intrinsics = read_intrinsics(self.intrinsics_file)
+            except SourceError as err:
+                on_error(self.name, err.reason, str(err))
 
     def frames(self, start: int = 0, wanted: Callable[[int], bool] | None = None) -> Iterator[Frame]:
         """Frames in order; a bad image is reported and skipped, and the next good frame carries
@@ -1070,11 +1068,15 @@ class ImageSequenceSource:
                 self.on_error(self.name, err.reason, str(err))
                 gap = True
                 continue
-            if self.intrinsics is None:
+            K = None
+            if self.intrinsics is not None:  # of the camera as it records: turned as OpenCV turned the frame
+                K = shown_intrinsics(self.intrinsics, file_orientation(file), w, h)
+                if (problem := imaging.intrinsics_mismatch(K, w, h)) is not None:  # logged once a size
+                    self.on_error(self.name, "intrinsics_mismatch", f"{self.intrinsics_file}: {problem} The frames "
+                                                                    f"get a {self.fov_deg:g} degree field of view")
+                    K = None
+            if K is None:
                 K = fov_intrinsics(self.fov_deg, w, h)
-            else:  # of the camera as it records: turned as OpenCV turned the frame by its Exif orientation
-                turn = file_orientation(file)
-                K = shown_intrinsics(self.intrinsics, turn, w, h)
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
             gt = (functools.partial(self._depth, file), functools.partial(self._pose, file)) if self.ground_truth \

@@ -239,6 +239,36 @@ def test_the_streamer_reconstruct_and_eval_take_the_same_frames_of_a_folder(tmp_
     assert len(sources) == 1 and not errors and len(list(sources[0].frames())) == 2
 
 
+def test_intrinsics_of_frames_before_they_were_resized_are_named_not_used(tmp_path):
+    """A 640x480 camera's camera-intrinsics.txt beside its frames downsampled to 32x24 put the
+    principal point at the frames' corner and the focal length 20x too long, silently, in the
+    streamer, eval and reconstruct alike: the streamer reports ``intrinsics_mismatch`` and
+    gives the frames its field of view (as a folder without the file), eval skips the windows
+    saying why, reconstruct stops naming the file."""
+    import cv2
+
+    from evaluation.datasets import load_windows
+    from reliev3r.reconstruct import open_input
+    from streamer.sources import fov_intrinsics
+
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"frame-{i:06d}.color.png"), np.full((24, 32, 3), 20 * i, np.uint8))
+    (tmp_path / "camera-intrinsics.txt").write_text("585 0 319.5\n0 585 239.5\n0 0 1\n")
+    errors = Errors()
+    frames = list(ImageSequenceSource(tmp_path, on_error=errors, fov_deg=60).frames())
+    assert len(frames) == 6 and set(errors.reasons()) == {"intrinsics_mismatch"}
+    assert "camera-intrinsics.txt" in errors[0][2]
+    np.testing.assert_allclose(frames[0].intrinsics, fov_intrinsics(60, 32, 24))
+    with pytest.raises(ValueError, match="camera-intrinsics.txt"):
+        load_windows(f"folder:{tmp_path}", views=2, height=24, width=32, windows=2, stride=1, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="camera-intrinsics.txt"):
+        open_input(tmp_path, stride=1, max_frames=10)
+    (tmp_path / "camera-intrinsics.txt").write_text("29 0 15.5\n0 29 11.5\n0 0 1\n")  # the frames' own: used
+    errors = Errors()
+    frames = list(ImageSequenceSource(tmp_path, on_error=errors).frames())
+    assert not errors and frames[0].intrinsics[0, 2] == 15.5
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
