@@ -589,7 +589,7 @@ def looped_stream(specs: list[str], count: int, interleaves: list[int], seconds:
     print("|---|---:|---:|---:|")
     for interleave in interleaves:
         cfg = dataclasses.replace(base, decode_workers=count, interleave=interleave, loop=True)
-        progress = Progress(None, window_step=cfg.window_step)
+        progress = Progress(None)
         stop = threading.Event()
         out: deque = deque()
         room = threading.Condition()

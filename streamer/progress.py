@@ -1,11 +1,17 @@
 """Resumable progress for archives: ``<run.dir>/streamer/progress.json``.
 
 A window is done once acknowledged. Per source we persist where to start decoding again (the
-first frame of the oldest window not yet acknowledged, or the next window position when
-every window so far is acknowledged) and the ids of windows acknowledged beyond that point
+first frame of the oldest window not yet acknowledged, or of the last window made when every
+window so far is acknowledged) and the ids of windows acknowledged from that point on
 (acknowledgements arrive out of order), so a restarted streamer neither starts from zero nor
-sends an acknowledged window again. Window ids are ``source:pass:first_frame`` and stable
-across restarts, so a window re-made after a crash keeps its id (replay stores it once).
+sends an acknowledged window again. The resume point is always a window's first frame: a window
+builder started there makes that window and the ones after it as the run before did (but for
+the blur test, whose running median of recent frames starts empty), whereas where the next
+window begins is not known until it is made (after a scene cut or a gap, or with
+``window_step`` beyond a window's span, it may begin anywhere after the last one's first
+frame). A last window acknowledged is thus made again after a restart, and skipped. Window ids
+are ``source:pass:first_frame`` and stable across restarts, so a window re-made after a crash
+keeps its id (replay stores it once).
 
 The file is written atomically (temporary file, fsync, rename) after every batch of
 acknowledgements; a crash between an acknowledgement and the write costs one re-send, never a
@@ -29,9 +35,8 @@ def window_first_frame(window_id: str) -> int:
 
 
 class Progress:
-    def __init__(self, path: Path | None, *, window_step: int):
+    def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
-        self.window_step = window_step
         self.pass_index = 0
         self.sources: dict[str, dict] = {}  # name -> {"resume": int, "acked": [ids], "done": bool}
         self.pending: dict[str, str] = {}  # window id -> source (made, not yet acknowledged)
@@ -116,8 +121,8 @@ class Progress:
             for source, rec in self.sources.items():
                 if source in oldest:
                     resume, done = oldest[source], False  # finished decoding, windows still out
-                elif source in self.last_first:
-                    resume, done = self.last_first[source] + self.window_step, rec["done"]
+                elif source in self.last_first:  # every window made is acknowledged
+                    resume, done = self.last_first[source], rec["done"]
                 else:
                     resume, done = rec["resume"], rec["done"]
                 acked = sorted({a for a in rec["acked"] if window_first_frame(a) >= resume},

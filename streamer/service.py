@@ -372,8 +372,7 @@ class StreamerService:
                 on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
                 return []
 
-        self.progress = progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None,
-                                            window_step=scfg.window_step)
+        self.progress = progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None)
         stop = threading.Event()
         on_frame = lambda s: metrics.frames.labels(s).inc()  # noqa: E731
         streams = []

@@ -5,6 +5,7 @@ goes on past where it stopped. Plus the progress file's own rules."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,13 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 import zmq
 
 from reliev3r import protocol
 from reliev3r.config import free_port
 from reliev3r.protocol import Message
+from streamer.config import StreamerConfig
 from streamer.progress import Progress
+from streamer.service import window_stream
+from streamer.sources import discover
 from streamer_media import encode, panning_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,32 +115,75 @@ def test_sigkill_and_restart_resumes_without_resending_acked(tmp_path):
 
 def test_progress_file_rules(tmp_path):
     path = tmp_path / "streamer" / "progress.json"
-    p = Progress(path, window_step=4)
+    p = Progress(path)
     for first in (0, 4, 8, 12):
         p.made("s", f"s:0:{first}")
     p.acked("s:0:0")
     p.acked("s:0:8")  # out of order: 4 is still out
     assert p.save() and not list(path.parent.glob("*.tmp"))
-    q = Progress(path, window_step=4)
+    q = Progress(path)
     assert q.start_frame("s") == 4 and q.is_acked("s:0:8") and not q.is_acked("s:0:4") and not q.is_acked("s:0:0")
     assert q.start_frame("other") == 0
     p.acked("s:0:4")
     p.acked("s:0:12")
+    p.save()  # every window acknowledged: from the last one's first frame, which is made again and skipped
+    q = Progress(path)
+    assert q.start_frame("s") == 12 and q.is_acked("s:0:12") and not q.is_acked("s:0:8")
     p.source_done("s")
     p.save()
-    q = Progress(path, window_step=4)
+    q = Progress(path)
     assert q.start_frame("s") is None  # finished, all acknowledged
     path.write_text("{broken")
-    assert Progress(path, window_step=4).start_frame("s") == 0  # unreadable: from zero, not a crash
+    assert Progress(path).start_frame("s") == 0  # unreadable: from zero, not a crash
     p.made("t", "t:0:0")
     p.new_pass(1)  # at once: the old pass's window still out does not hold the new pass back
     assert p.pass_index == 1 and p.start_frame("t") == 0 and p.start_frame("s") == 0
     p.made("t", "t:1:0")
     p.acked("t:0:0")  # the old pass's, late: forgotten, nothing of the new pass moves
     p.save()
-    q = Progress(path, window_step=4)
+    q = Progress(path)
     assert q.pass_index == 1 and q.start_frame("t") == 0 and not q.is_acked("t:1:0")
     p.acked("t:1:0")
     p.save()
-    assert Progress(path, window_step=4).start_frame("t") == 4  # the new pass goes on after its window
+    q = Progress(path)  # the new pass goes on at its window, made again and skipped as acknowledged
+    assert q.start_frame("t") == 0 and q.is_acked("t:1:0")
     assert not p.pending
+
+
+def test_a_restart_after_every_kill_point_makes_the_windows_of_an_uninterrupted_run(tmp_path):
+    """Killed after any window, every window so far acknowledged (the last one on disk), and
+    started again: the windows of both runs together are those of a run never killed (ids and
+    views), and none acknowledged comes again. The clip cuts to another scene at frame 37, where
+    the window builder starts afresh, and window_step is beyond a window's span: the window
+    after the last one acknowledged may begin anywhere past its first frame, so only a window's
+    first frame is a place to resume at. (blur_ratio 0: the blur test's running median of
+    earlier frames is not rebuilt by a restart, which may then keep a view the run before did not.)"""
+    second_scene = panning_frames(40, 96, 64, step=3, seed=1) // 4 + np.array([180, 0, 0], np.uint8)
+    clip = encode(tmp_path / "cut.mp4", np.concatenate([panning_frames(37, 96, 64, step=3), second_scene]))
+    cfg = StreamerConfig(sources=[str(clip)], views=2, height=32, width=48, frame_stride=2, window_step=8,
+                         blur_ratio=0.0, loop=False)
+
+    def windows(progress):
+        return window_stream(lambda: discover([str(clip)], on_error=print, ground_truth=False), cfg,
+                             on_frame=lambda source: None, on_error=print, log=logging.getLogger("test"),
+                             progress=progress)
+
+    def made(window):
+        return window.window_id, [v.index for v in window.views]
+
+    whole = [made(w) for w in windows(None)]
+    cut = next(i for i, (_, views) in enumerate(whole) if views[0] >= 37)
+    assert whole[cut][1][0] < whole[cut - 1][1][0] + cfg.window_step  # the case a resume must not skip
+    for kill in range(len(whole)):
+        path = tmp_path / f"kill-{kill}" / "progress.json"
+        progress = Progress(path)
+        first = []
+        for window in windows(progress):
+            first.append(made(window))
+            progress.acked(window.window_id)
+            progress.save()
+            if len(first) > kill:
+                break  # SIGKILL: everything so far acknowledged and on disk, the next window not made
+        again = [made(w) for w in windows(Progress(path))]
+        assert not {w for w, _ in first} & {w for w, _ in again}, f"killed after {first[-1]}: acked sent again"
+        assert first + again == whole, f"killed after {first[-1]}"

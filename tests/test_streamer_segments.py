@@ -142,7 +142,7 @@ def test_each_segment_resumes_where_it_stopped(long_clip, tmp_path, monkeypatch)
     name = source_name(long_clip)
     everything, _ = stream([str(long_clip)], cfg)
     path = tmp_path / "progress.json"
-    first = Progress(path, window_step=WINDOWS["window_step"])
+    first = Progress(path)
     parts = segments.plan(long_clip, LENGTH)
     by_part = {p.start: [w.window_id for w in everything if p.start <= w.views[0].index < p.stop] for p in parts}
     done_part, half_part = parts[0], parts[1]
@@ -155,7 +155,7 @@ def test_each_segment_resumes_where_it_stopped(long_clip, tmp_path, monkeypatch)
         first.made(f"{name}@{half_part.start}", wid)
         first.acked(wid)
     first.save()
-    again, errors = stream([str(long_clip)], cfg, Progress(path, window_step=WINDOWS["window_step"]))
+    again, errors = stream([str(long_clip)], cfg, Progress(path))
     ids = [w.window_id for w in again]
     assert not errors
     assert not set(ids) & set(by_part[done_part.start]) and not set(ids) & set(half)  # acknowledged: not again

@@ -161,13 +161,13 @@ def test_workers_resume_where_progress_says(clips, tmp_path):
     runs = []
     for count in (1, 2):
         path = tmp_path / f"progress-{count}.json"
-        first = Progress(path, window_step=WINDOWS["window_step"])
+        first = Progress(path)
         name = source_name(clips[0])
         first.made(name, f"{name}:0:12")
         first.made(name, f"{name}:0:16")
         first.acked(f"{name}:0:16")  # out of order: 12 still out, so the source resumes at 12
         first.save()
-        progress = Progress(path, window_step=WINDOWS["window_step"])
+        progress = Progress(path)
         assert progress.start_frame(name) == 12
         windows, errors, _ = stream(specs, StreamerConfig(**WINDOWS, decode_workers=count), progress)
         runs.append((as_data(windows), errors))
