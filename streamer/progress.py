@@ -44,6 +44,8 @@ class Progress:
         self.dirty = False
         self.skipped = 0
         """Windows not made again because they were acknowledged before a restart."""
+        self.finished_before = 0
+        """Sources not decoded again because they were finished before a restart."""
         self.lock = threading.Lock()
         if self.path is not None and self.path.exists():
             self._load()

@@ -212,6 +212,7 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 start = progress.start_frame(key) if progress is not None else 0
                 if start is None:
                     produced += 1  # finished before a restart: the pass did produce it
+                    progress.finished_before += 1
                     continue
                 if start:
                     log.info("resuming source", extra={"source": key, "frame": start, "pass": pass_index})
@@ -441,8 +442,9 @@ class StreamerService:
         return True
 
     def step(self) -> int | None:
-        """One loop turn; the exit status once every window is done (1 when none was sent),
-        else None."""
+        """One loop turn; the exit status once every window is done, else None: 1 when nothing
+        could be produced (no window sent, none acknowledged before a restart, no source
+        finished before one), else 0 (an early exit 1 is a failed start to the supervisor)."""
         disp, feed, sock, progress, metrics, counts = (self.disp, self.feed, self.sock, self.progress,
                                                        self.metrics, self.counts)
         runtime, log, scfg = self.runtime, self.log, self.cfg
@@ -491,7 +493,13 @@ class StreamerService:
         runtime.status.update(sent=counts["sent"], acked=counts["acked"], in_flight=len(disp.in_flight))
         if self.exhausted and not disp.in_flight:
             log.info("every window done", extra=runtime.status)
-            return 0 if counts["sent"] else 1
+            if counts["sent"]:
+                return 0
+            if progress.finished_before or progress.skipped:
+                log.info("every source finished in an earlier run",
+                         extra={"sources": progress.finished_before, "windows_skipped": progress.skipped})
+                return 0
+            return 1
         return None
 
 

@@ -31,9 +31,10 @@ HANG_S = 300.0
 """Bounds a hang only: every wait ends as soon as what it waits for happened."""
 
 
-def start_streamer(config: Path) -> subprocess.Popen:
+def start_streamer(config: Path, log=subprocess.DEVNULL) -> subprocess.Popen:
+    """``log``: a file for its output (its JSON-lines log)."""
     return subprocess.Popen([sys.executable, "-m", "reliev3r.cli", "stream", "--config", str(config)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else log,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
 
@@ -187,3 +188,49 @@ def test_a_restart_after_every_kill_point_makes_the_windows_of_an_uninterrupted_
         again = [made(w) for w in windows(Progress(path))]
         assert not {w for w, _ in first} & {w for w, _ in again}, f"killed after {first[-1]}: acked sent again"
         assert first + again == whole, f"killed after {first[-1]}"
+
+
+def test_a_finished_finite_run_started_again_sends_nothing_and_exits_0(tmp_path):
+    """loop: false, every window done: the streamer started again on the same run (by hand, or
+    by the supervisor after a SIGKILL that came once every window was acknowledged) has nothing
+    left to send and exits 0, saying why; an exit 1 read as a failed start to the supervisor,
+    which ended the whole run after ``GIVE_UP_AFTER`` of them. Also when it was killed before
+    the source's end was on disk: the last window, acknowledged, is made again and skipped."""
+    clip = encode(tmp_path / "pan.mp4", panning_frames(40, 96, 64, step=3))
+    port = free_port()
+    config = tmp_path / "stream.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"dir": str(tmp_path / "run")},
+        "network": {"work_port": port, "replay_port": free_port()},
+        "monitoring": {"enabled": False},
+        "streamer": {"sources": [str(clip)], "views": 2, "height": 32, "width": 48, "frame_stride": 2,
+                     "window_step": 4, "loop": False}}))
+    progress_file = tmp_path / "run" / "streamer" / "progress.json"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    runs = []
+    try:
+        for run in ("first", "again", "killed before the end was saved"):
+            if run == "killed before the end was saved":
+                state = json.loads(progress_file.read_text())
+                for source in state["sources"].values():
+                    source["done"] = False
+                progress_file.write_text(json.dumps(state))
+            with open(tmp_path / f"{run}.log", "w") as log:
+                proc = start_streamer(config, log)
+                try:
+                    got = receive(sock, lambda wid: True, stop_when=lambda: proc.poll() is not None)
+                    runs.append((run, got, proc.wait(60)))
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+    finally:
+        sock.close(linger=0)
+        ctx.destroy(linger=0)
+    (_, first, code), *restarts = runs
+    assert first and code == 0
+    for run, got, code in restarts:
+        assert (got, code) == ([], 0), run
+    assert "every source finished in an earlier run" in (tmp_path / "again.log").read_text()
