@@ -316,7 +316,10 @@ class WindowFeed:
 
     @property
     def exhausted(self) -> bool:
-        return self.queue.empty() and not any(t.is_alive() for t in self.threads)
+        """Every producer has ended and left nothing queued. Their liveness is read first: a
+        producer may put its last window and end between the two reads, and once all are seen
+        dead nothing more can come (the queue read first, its window would be left in it)."""
+        return not any(t.is_alive() for t in self.threads) and self.queue.empty()
 
     def close(self) -> None:
         self.stop.set()

@@ -124,6 +124,56 @@ def test_a_problem_met_again_is_new_only_once():
     assert seen(("a", "b", "c")) and seen(("d", "e", "f")) and seen(problem)  # forgotten beyond them
 
 
+def test_a_window_put_as_the_feed_is_asked_whether_it_is_exhausted_is_not_lost():
+    """The producer puts its last window and ends between the two checks of
+    ``WindowFeed.exhausted``; forced here: whichever check comes first lets it do so and waits
+    for it to end before giving its answer, as seen before. Checked first, an empty queue
+    would read as exhausted with the window in it (the streamer then stops asking and never
+    sends it); the producers' liveness first, nothing can be put after they are all seen dead."""
+    go = threading.Event()
+
+    def last_window():
+        go.wait(HANG_S)
+        yield "last window"
+
+    feed = streamer_service.WindowFeed([last_window()], on_error=print)
+    producer = feed.threads[0]
+    answered = []
+
+    def between(answer):
+        """The first check's answer, given after the producer has put its window and ended."""
+        if not answered:
+            answered.append(answer)
+            go.set()
+            producer.join(HANG_S)
+            assert not producer.is_alive()
+        return answer
+
+    class Queue(type(feed.queue)):
+        def empty(self):
+            return between(super().empty())
+
+    class Producer:
+        def is_alive(self):
+            return between(producer.is_alive())
+
+        def join(self, timeout=None):
+            producer.join(timeout)
+
+    feed.queue, feed.threads = Queue(maxsize=feed.queue.maxsize), [Producer()]
+    try:
+        window = None
+        for _ in range(3):  # StreamerService.step: a window if one is ready, else is the feed over?
+            window = feed.get()
+            if window is not None or feed.exhausted:
+                break
+        assert window == "last window"
+        assert feed.get() is None and feed.exhausted
+    finally:
+        go.set()
+        feed.close()
+
+
 def test_windows_to_resend_with_no_labeler_wait_for_one():
     """A loop turn waits for labelers' messages unless a window can go now: windows to resend
     and no labeler with a credit (every labeler stopped, as during a teacher refresh) wait
