@@ -442,8 +442,10 @@ def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray) -> list[np.ndarr
     return out
 
 
-OUTPUTS = ("points.ply", "poses.txt", "depth", "depth_color", "trajectory.png", "reconstruction.json", "colmap")
-"""What a reconstruction writes into ``--out``; the next one into the same folder replaces all of it."""
+OUTPUTS = ("points.ply", "poses.txt", "depth", "depth_color", "trajectory.png", "reconstruction.json", "colmap",
+           "view.rrd")
+"""What a reconstruction writes into ``--out`` and what ``reliev3r view`` makes of it there (``view.rrd``);
+the next reconstruction into the same folder replaces or removes all of it, and nothing else."""
 STAGING = ".reconstruct-"
 """Name prefix of the hidden folder inside ``--out`` that a run writes into, then
 ``<host>-<pid>-<random>``: a run killed outright (SIGKILL) leaves it, and the next run on the

@@ -175,9 +175,12 @@ def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tm
     common = ["reconstruct", "--checkpoint", str(snap), "--input", str(clip), "--out", str(out), "--device", "cpu",
               "--views", "3", "--overlap", "1"]
     assert cli.main([*common, "--colmap"]) == 0 and len(list((out / "depth").iterdir())) == 12
+    (out / "view.rrd").write_bytes(b"the first reconstruction's recording")  # what `reliev3r view` writes there
+    (out / "notes.txt").write_text("the user's own")
     assert cli.main([*common, "--max-frames", "3"]) == 0
     assert len(list((out / "depth").iterdir())) == len(list((out / "depth_color").iterdir())) == 3
-    assert not (out / "colmap").exists()
+    assert not (out / "colmap").exists() and not (out / "view.rrd").exists()  # it showed the first one
+    assert (out / "notes.txt").read_text() == "the user's own"
 
 
 def _image_folder(folder, n: int):
