@@ -45,7 +45,10 @@ class StreamerConfig:
     frame_stride: int = 4
     """Frames of the source between consecutive views of a window (before keyframing)."""
     window_step: int = 8
-    """Source frames between the first frames of consecutive windows."""
+    """Source frames between the first frames of consecutive windows, at least (the keyframe
+    gates may put the next window's first view later), except after a scene cut or a gap, where
+    the next window starts at the first view kept after it, nearer perhaps. Beyond
+    ``(views - 1) * frame_stride`` consecutive windows share no view."""
     fov_deg: float = 60.0
     """Assumed horizontal field of view for sources without intrinsics."""
     loop: bool = True

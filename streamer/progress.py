@@ -7,11 +7,11 @@ window so far is acknowledged) and the ids of windows acknowledged from that poi
 sends an acknowledged window again. The resume point is always a window's first frame: a window
 builder started there makes that window and the ones after it as the run before did (but for
 the blur test, whose running median of recent frames starts empty), whereas where the next
-window begins is not known until it is made (after a scene cut or a gap, or with
-``window_step`` beyond a window's span, it may begin anywhere after the last one's first
-frame). A last window acknowledged is thus made again after a restart, and skipped. Window ids
-are ``source:pass:first_frame`` and stable across restarts, so a window re-made after a crash
-keeps its id (replay stores it once).
+window begins is not known until it is made (after a scene cut or a gap it may begin anywhere
+after the last one's first frame, and with ``window_step`` beyond a window's span anywhere from
+``window_step`` after it, where the keyframe gates keep a view). A last window acknowledged is
+thus made again after a restart, and skipped. Window ids are ``source:pass:first_frame`` and
+stable across restarts, so a window re-made after a crash keeps its id (replay stores it once).
 
 The file is written atomically (temporary file, fsync, rename) after every batch of
 acknowledgements; a crash between an acknowledgement and the write costs one re-send, never a

@@ -335,7 +335,10 @@ class WindowBuilder:
     """Turns one source's frames into windows (the keyframe rules are in the module docstring).
 
     A window is V consecutive kept views; the next window starts at the first kept view at
-    least ``window_step`` frames after the previous window's first frame. ``min_motion`` is a
+    least ``window_step`` frames after the previous window's first frame (with ``window_step``
+    beyond a window's span, no frame before that is a candidate), except after a scene cut or a
+    gap: the next window then starts at the first view kept after it, however near the window
+    before (which holds no view after the cut or gap). ``min_motion`` is a
     cheap pre-gate (mean absolute difference of 32x24 grey thumbnails against the last kept
     view); a frame flagged ``discontinuity`` (a live feed that reconnected) acts like a cut.
     """
@@ -538,6 +541,8 @@ class WindowBuilder:
         first = views[0].index
         while self.buffer and self.buffer[0].index < first + self.window_step:
             self.buffer.popleft()
+        if not self.buffer:  # the next window's first view comes window_step after this one's, not before
+            self.next_candidate = max(self.next_candidate, first + self.window_step)
         return Window(window_id(self.source, self.pass_index, first), self.source, views)
 
 

@@ -423,6 +423,20 @@ def test_motion_gate_skips_still_frames_and_cuts():
     assert len(windows) == 19  # every moving frame is a view
 
 
+def test_window_step_beyond_a_window_and_its_next_view_is_honoured():
+    """window_step 12 with 2 views 4 frames apart: the next window starts 12 frames after the
+    previous one's first frame (its views kept before that were made into windows 8 frames on);
+    after a scene cut the next window starts at the cut, nearer than that."""
+    scenes = [panning_frames(26, 64, 48, step=4, seed=3), panning_frames(14, 64, 48, step=4, seed=4) // 4]
+    frames = [SimpleNamespace(index=i, timestamp=i, rgb=img, intrinsics=np.eye(3), gt_depth=None, gt_cam_to_world=None)
+              for i, img in enumerate(np.concatenate(scenes))]
+    builder = WindowBuilder("s", views=2, height=24, width=32, frame_stride=4, window_step=12, min_motion=0.5,
+                            scene_cut=50.0)
+    windows = [[v.index for v in w.views] for f in frames if (w := builder.push(f)) is not None]
+    assert builder.cuts == 1
+    assert windows == [[0, 4], [12, 16], [26, 30]]  # 24 is 12 after 12, but the cut at 26 drops it
+
+
 def test_intrinsics_scaling_exact_known_answer():
     """A 3D point projects, in the resized and cropped image, exactly where the full-res pixel
     maps under (x + 0.5) * s - 0.5 - crop."""
