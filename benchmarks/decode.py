@@ -794,8 +794,8 @@ def window_decisions(specs: list[Path], out: Path) -> None:
             wanted = Wanted()
             wanted.builder = builder
             lk[:] = [0, 0]
-            made = [w for f in src.frames(wanted=wanted) if (w := builder.push(f)) is not None]
-            made += [w for w in [builder.finish()] if w is not None]
+            made = [w for f in src.frames(wanted=wanted) for w in builder.push(f)]
+            made += builder.finish()
             views = [[v.index for v in w.views] for w in made]
             row = dict(windows=views, cuts=builder.cuts, still=builder.skipped_still,
                        rotation=builder.skipped_rotation, blur=builder.skipped_blur, lk_calls=lk[0], lk_points=lk[1])

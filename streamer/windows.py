@@ -366,6 +366,7 @@ class WindowBuilder:
         self.unlooked: list[Frame] = []  # frames since the last one looked at, none a candidate
         self.last_looked = -1  # index of the last frame looked at
         self.lost = False  # the last frame pushed could not be decoded: the next one comes after a gap
+        self.made: list[Window] = []  # windows completed, not yet handed out by push or finish
 
     def _restart(self, index: int) -> None:
         self.buffer.clear()
@@ -394,7 +395,11 @@ class WindowBuilder:
         prev, self.prev_cut_stats = self.prev_cut_stats, stats
         return prev is not None and self._differ(stats, prev)
 
-    def _resolve_unlooked(self, stats: tuple) -> Window | None:
+    def _take(self) -> list[Window]:
+        made, self.made = self.made, []
+        return made
+
+    def _resolve_unlooked(self, stats: tuple) -> None:
         """Before the frame of cut statistics ``stats`` is tested: when it differs from the last
         frame looked at by more than ``CUT_TRIGGER`` of a threshold, look at every frame kept
         unlooked-at since, in order, with the cut test on consecutive frames and every frame
@@ -402,8 +407,7 @@ class WindowBuilder:
         looked at). Else they are dropped: no cut and no candidate among them."""
         unlooked, self.unlooked = self.unlooked, []
         if not unlooked or self.prev_cut_stats is None or not self._differ(stats, self.prev_cut_stats, CUT_TRIGGER):
-            return None
-        made = None
+            return
         for frame in unlooked:
             try:
                 seen = glance(frame)
@@ -415,31 +419,35 @@ class WindowBuilder:
                 self.cuts += 1
                 self._restart(frame.index)
             if frame.index >= self.next_candidate:
-                made = self._candidate(frame, seen, thumb) or made
-        return made
+                self._candidate(frame, seen, thumb)
 
-    def finish(self) -> Window | None:
-        """At the end of the source (or before a gap): the frames still unlooked-at are looked
-        at as the next frame would have them looked at (their cuts count)."""
+    def finish(self) -> list[Window]:
+        """At the end of the source: the frames still unlooked-at are looked at as the next
+        frame would have them looked at (their cuts count); the windows completed since the last
+        push, in order (none, or more than one)."""
+        self._finish()
+        return self._take()
+
+    def _finish(self) -> None:
+        """:meth:`finish` but for handing out the windows (before a gap too)."""
         if not self.unlooked:
-            return None
+            return
         last = self.unlooked.pop()
         try:
             seen = glance(last)
         except FrameLost:  # reported by its source: the frames before it as if it were not there
-            made = self.finish()
+            self._finish()
             self._gap(last.index + 1)
-            return made
+            return
         thumb = thumbnail(seen.grey)
         stats = self._cut_stats(seen, thumb)
-        made = self._resolve_unlooked(stats)
+        self._resolve_unlooked(stats)
         self.last_looked = last.index
         if self._is_cut(stats):
             self.cuts += 1
             self._restart(last.index)
         if last.index >= self.next_candidate:
-            made = self._candidate(last, seen, thumb) or made
-        return made
+            self._candidate(last, seen, thumb)
 
     def _step(self, frame: Frame, still_run: int | None, flow: float | None, target: float) -> int:
         """Frames from skipped ``frame`` to the next candidate; ``still_run``: the still skips in
@@ -467,49 +475,50 @@ class WindowBuilder:
         return (hi < self.min_flow and self._step(frame, self.still_run + 1, lo, self.min_flow)
                 == self._step(frame, self.still_run + 1, hi, self.min_flow))
 
-    def push(self, frame: Frame) -> Window | None:
-        before = None
+    def push(self, frame: Frame) -> list[Window]:
+        """The windows ``frame`` completes, in order: none, one, or more than one (frames kept
+        unlooked-at until this one may hold views of windows of their own: after a scene cut
+        among them, with ``window_step`` beyond a window's span, say)."""
         if getattr(frame, "discontinuity", False) or self.lost:
-            before = self.finish()  # the frames before the gap, as if looked at one by one
+            self._finish()  # the frames before the gap, as if looked at one by one
             self._gap(frame.index)
         self.lost = False
         cut_test = self.scene_cut > 0 or self.scene_cut_hist > 0
         if frame.index < self.next_candidate:
             if not cut_test:
-                return before  # nothing to look at
+                return self._take()  # nothing to look at
             if self.prev_cut_stats is not None and frame.index < self.last_looked + CUT_LOOK_EVERY:
                 self.unlooked.append(frame)  # looked at only if the next frame looked at differs
-                return before
+                return self._take()
         try:
             seen = glance(frame)
         except FrameLost:  # reported by its source: the next frame comes after a gap
             self.lost = True
-            return before
+            return self._take()
         thumb = thumbnail(seen.grey)
-        made = None
         if cut_test:
             stats = self._cut_stats(seen, thumb)
-            made = self._resolve_unlooked(stats)
+            self._resolve_unlooked(stats)
             self.last_looked = frame.index
             if self._is_cut(stats):  # tested on consecutive frames, candidate or not
                 self.cuts += 1
                 self._restart(frame.index)
-        made = made or before
-        if frame.index < self.next_candidate:
-            return made
-        return self._candidate(frame, seen, thumb) or made
+        if frame.index >= self.next_candidate:
+            self._candidate(frame, seen, thumb)
+        return self._take()
 
-    def _candidate(self, frame: Frame, seen: Glance, thumb: np.ndarray) -> Window | None:
+    def _candidate(self, frame: Frame, seen: Glance, thumb: np.ndarray) -> None:
+        """Keeps ``frame`` as a view or skips it; a window it completes goes to ``made``."""
         grey = seen.grey if self.min_flow > 0 or self.blur_ratio > 0 else None
         if self.blur_ratio > 0:
             sharp = sharpness(grey)
             self.sharpness.append(sharp)
             if len(self.sharpness) >= 5 and sharp < self.blur_ratio * statistics.median(self.sharpness):
                 self._skip(frame, "skipped_blur")
-                return None
+                return
         if self.last_thumb is not None and mean_abs_difference(thumb, self.last_thumb) < self.min_motion:
             self._skip(frame, "skipped_still")
-            return None
+            return
         if self.min_flow > 0 and self.last_grey is not None and self.last_grey.grey.shape == grey.shape:
             # the parallax decides only between min_flow and rotation_flow
             gap = frame.index - self.last_index
@@ -525,10 +534,10 @@ class WindowBuilder:
             if motion is not None:  # None: tracking lost, plenty of change
                 if motion.flow < self.min_flow:
                     self._skip(frame, "skipped_still", motion.flow, self.min_flow)
-                    return None
+                    return
                 if motion.parallax < self.min_parallax and motion.flow < self.rotation_flow:
                     self._skip(frame, "skipped_rotation", motion.flow, self.rotation_flow)
-                    return None
+                    return
         self.last_thumb = thumb
         self.last_grey = Reference(grey) if self.min_flow > 0 else None
         self.last_index = frame.index
@@ -536,14 +545,14 @@ class WindowBuilder:
         self.next_candidate = frame.index + self.frame_stride
         self.buffer.append(resize_view(frame, self.width, self.height))
         if len(self.buffer) < self.views:
-            return None
+            return
         views = list(self.buffer)[: self.views]
         first = views[0].index
         while self.buffer and self.buffer[0].index < first + self.window_step:
             self.buffer.popleft()
         if not self.buffer:  # the next window's first view comes window_step after this one's, not before
             self.next_candidate = max(self.next_candidate, first + self.window_step)
-        return Window(window_id(self.source, self.pass_index, first), self.source, views)
+        self.made.append(Window(window_id(self.source, self.pass_index, first), self.source, views))
 
 
 def frames_to_flow(flow: float, target: float, frames: int) -> int:
@@ -603,12 +612,10 @@ def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 
     for frame in frames:
         seen += 1
         last = frame.index
-        window = builder.push(frame)
-        if window is not None:
+        for window in builder.push(frame):
             made += 1
             yield window
-    window = builder.finish()
-    if window is not None:
+    for window in builder.finish():
         made += 1
         yield window
     if on_error is None or made or not seen:

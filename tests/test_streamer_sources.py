@@ -416,7 +416,7 @@ def test_motion_gate_skips_still_frames_and_cuts():
               for i, img in enumerate(np.concatenate([still, moving]))]
     builder = WindowBuilder("s", views=2, height=24, width=32, frame_stride=1, window_step=1,
                             min_motion=0.5, scene_cut=50.0)
-    windows = [w for f in frames if (w := builder.push(f)) is not None]
+    windows = [w for f in frames for w in builder.push(f)]
     firsts = [w.views[0].index for w in windows]
     assert builder.skipped_still >= 18  # the still camera adds no views
     assert builder.cuts == 1 and firsts and min(firsts) >= 20  # no window spans the cut
@@ -432,9 +432,25 @@ def test_window_step_beyond_a_window_and_its_next_view_is_honoured():
               for i, img in enumerate(np.concatenate(scenes))]
     builder = WindowBuilder("s", views=2, height=24, width=32, frame_stride=4, window_step=12, min_motion=0.5,
                             scene_cut=50.0)
-    windows = [[v.index for v in w.views] for f in frames if (w := builder.push(f)) is not None]
+    windows = [[v.index for v in w.views] for f in frames for w in builder.push(f)]
     assert builder.cuts == 1
     assert windows == [[0, 4], [12, 16], [26, 30]]  # 24 is 12 after 12, but the cut at 26 drops it
+
+
+def test_two_windows_completed_by_one_frame_are_both_made():
+    """2 views a frame apart, window_step 9: after the window at 27 frames 29-31 and 33-35 are
+    not looked at (the next candidate is 36), and frame 36 differs from 32, so 33-35 are looked
+    at then: cuts at 33 and 35 make windows (33, 34) and, with frame 36, (35, 36), both within
+    that one frame's push."""
+    a = panning_frames(33, 64, 48, step=4, seed=3)
+    b = panning_frames(2, 64, 48, step=4, seed=4) // 4
+    c = 255 - panning_frames(16, 64, 48, step=4, seed=5) // 4
+    frames = [SimpleNamespace(index=i, timestamp=i, rgb=img, intrinsics=np.eye(3), gt_depth=None, gt_cam_to_world=None)
+              for i, img in enumerate(np.concatenate([a, b, c]))]
+    cfg = StreamerConfig(views=2, height=24, width=32, frame_stride=1, window_step=9, keyframe_min_motion=0.5,
+                         keyframe_min_flow=0.0, blur_ratio=0.0, scene_cut_motion=50.0, scene_cut_hist=0.0)
+    windows = [[v.index for v in w.views] for w in windows_of("s", frames, cfg)]
+    assert windows == [[0, 1], [9, 10], [18, 19], [27, 28], [33, 34], [35, 36], [44, 45]]
 
 
 def test_intrinsics_scaling_exact_known_answer():
@@ -553,7 +569,7 @@ def test_no_window_spans_a_scene_cut_in_bikes():
     assert found == BIKES_CUTS and sorted(jumps)[-6] < 0.2  # the cuts stand far above everything else
     builder = builder_for(src.name, StreamerConfig(views=3, frame_stride=2, window_step=4,
                                                    keyframe_min_flow=0, keyframe_min_motion=0))
-    windows = [w for f in frames if (w := builder.push(f)) is not None]
+    windows = [w for f in frames for w in builder.push(f)]
     assert builder.cuts == len(BIKES_CUTS) and len(windows) >= 20
     for w in windows:
         first, last = w.views[0].index, w.views[-1].index
@@ -607,7 +623,7 @@ def test_parallax_preferred_over_rotation():
     kept = {}
     for rotate in (False, True):
         builder = builder_for("s", cfg)
-        windows = [w for f in _homography_frames(40, rotate=rotate, step=2.0) if (w := builder.push(f)) is not None]
+        windows = [w for f in _homography_frames(40, rotate=rotate, step=2.0) for w in builder.push(f)]
         kept[rotate] = [w.views[0].index for w in windows]
         if rotate:
             assert builder.skipped_rotation > 20
@@ -625,9 +641,8 @@ def test_blurred_candidates_skipped():
     builder = WindowBuilder("s", views=2, height=24, width=32, frame_stride=1, window_step=1, blur_ratio=0.35)
     views = set()
     for i, img in enumerate(frames):
-        w = builder.push(SimpleNamespace(index=i, timestamp=i, rgb=img, intrinsics=np.eye(3), gt_depth=None,
-                                         gt_cam_to_world=None))
-        if w is not None:
+        for w in builder.push(SimpleNamespace(index=i, timestamp=i, rgb=img, intrinsics=np.eye(3), gt_depth=None,
+                                              gt_cam_to_world=None)):
             views.update(v.index for v in w.views)
     assert builder.skipped_blur == 3 and not views & blurred and len(views) == 27
 

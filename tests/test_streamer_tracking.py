@@ -102,9 +102,9 @@ def test_the_strongest_corners_first_give_the_decisions_of_all_corners(monkeypat
         views, candidates = [], []
         for i, g in enumerate(greys):
             rgb = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
-            w = builder.push(SimpleNamespace(index=i, timestamp=float(i), rgb=rgb, intrinsics=np.eye(3),
-                                             gt_depth=None, gt_cam_to_world=None))
-            views.append(None if w is None else [v.index for v in w.views])
+            made = builder.push(SimpleNamespace(index=i, timestamp=float(i), rgb=rgb, intrinsics=np.eye(3),
+                                                gt_depth=None, gt_cam_to_world=None))
+            views.append([[v.index for v in w.views] for w in made] or None)
             candidates.append(builder.next_candidate)
         monkeypatch.setattr(W.cv2, "calcOpticalFlowPyrLK", real)
         return views, candidates, (builder.skipped_still, builder.skipped_rotation), sum(points)

@@ -217,8 +217,9 @@ def test_window_message_round_trip():
     window = None
     for i, rgb in enumerate(panning_frames(6, 64, 48, step=4)):
         gt = np.full((24, 32), 2.0, np.float32)
-        window = window or builder.push(SimpleNamespace(index=i, timestamp=0.1 * i, rgb=rgb, intrinsics=np.eye(3),
-                                                        gt_depth=gt, gt_cam_to_world=np.eye(4)))
+        window = window or next(iter(builder.push(SimpleNamespace(index=i, timestamp=0.1 * i, rgb=rgb,
+                                                                  intrinsics=np.eye(3), gt_depth=gt,
+                                                                  gt_cam_to_world=np.eye(4)))), None)
     back = workers.window_from_frames(workers.window_message_frames(window))
     a, b = window.to_message(), back.to_message()
     assert a.meta == b.meta and a.arrays.keys() == b.arrays.keys()
@@ -451,9 +452,8 @@ def test_a_still_camera_is_tried_less_often_and_its_next_view_comes_within_a_str
     try:
         views = []
         for i, rgb in enumerate(frames):
-            window = builder.push(SimpleNamespace(index=i, timestamp=float(i), rgb=rgb, intrinsics=np.eye(3),
-                                                  gt_depth=None, gt_cam_to_world=None))
-            if window is not None:
+            for window in builder.push(SimpleNamespace(index=i, timestamp=float(i), rgb=rgb, intrinsics=np.eye(3),
+                                                       gt_depth=None, gt_cam_to_world=None)):
                 views.extend(v.index for v in window.views)
     finally:
         W.camera_motion = real
