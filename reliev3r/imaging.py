@@ -6,7 +6,11 @@ reconstruction, so every stage sees frames prepared the same way.
 
 Also how a frame is turned to be shown, and its intrinsics with it: the orientation a video's
 display matrix or an image's Exif orientation tag asks for (:func:`display_orientation`,
-:func:`image_orientation`), applied by :func:`orient` and :func:`orient_intrinsics`.
+:func:`image_orientation`), applied by :func:`orient` and :func:`orient_intrinsics`. And how an
+image folder is read: which files are its frames and in what order (:func:`frame_files`), its
+intrinsics file (:func:`intrinsics_file`, :func:`read_intrinsics`, checked against the frames by
+:func:`intrinsics_mismatch`), and images read and written as bytes (:func:`read_image`,
+:func:`write_image`).
 """
 
 from __future__ import annotations
