@@ -31,9 +31,11 @@ from replay.client import Prefetcher, ReplayClient, ReplayError
 LOG_EVERY_S = 10.0
 POLL_S = 0.001
 """How often the learner, with no batch ready, looks whether the GPU has finished its step."""
-FATAL_REPLAY_REASONS = ("batch_too_large",)
+FATAL_REPLAY_REASONS = ("batch_too_large", "bad_sample_request", "malformed")
 """Refusals of a sample that the replay repeats for every request of this learner (its batch
-size against the replay's limits): the learner stops with the error instead of asking again."""
+size against the replay's limits, a request it cannot read, as from another version): the
+learner stops with the error instead of asking again for ever. These are all the replay's
+refusals of a sample; its "not_ready" and "rate_limited" are waited out by the client."""
 
 
 class LearnerMetrics:

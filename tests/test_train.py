@@ -437,10 +437,12 @@ def test_learner_process_survives_a_batch_with_odd_teacher_meta(tmp_path, odd):
 
 
 @pytest.mark.timeout(600)  # bounds a hang only
-def test_learner_process_stops_when_the_replay_refuses_its_batch_size(tmp_path):
+@pytest.mark.parametrize("reason", ["batch_too_large", "bad_sample_request", "malformed"])
+def test_learner_process_stops_when_the_replay_refuses_its_requests(tmp_path, reason):
     """A replay that answers batch_too_large (a batch over what a reply carries, or over what
-    its rate limiter can grant) will answer so to every request: the learner ends with that
-    error (the process exits 1, its log says why) instead of asking again for ever."""
+    its rate limiter can grant), bad_sample_request or malformed (a request it cannot read, as
+    from another version) will answer so to every request: the learner ends with that error
+    (the process exits 1, its log says why) instead of asking again for ever."""
     import zmq
 
     from learner import service
@@ -450,7 +452,7 @@ def test_learner_process_stops_when_the_replay_refuses_its_batch_size(tmp_path):
 
     port = free_port()
     ctx = zmq.Context()
-    replay = FakeReplay(ctx, port, refuse="batch_too_large")
+    replay = FakeReplay(ctx, port, refuse=reason)
     done = threading.Event()
     try:
         cfg = learner_pipeline(tmp_path, port, max_steps=3, snapshot_every=100)
@@ -462,7 +464,7 @@ def test_learner_process_stops_when_the_replay_refuses_its_batch_size(tmp_path):
                     runtime.stop()
 
             threading.Thread(target=stop_a_learner_that_asks_again, daemon=True).start()
-            with pytest.raises(ReplayError, match="batch_too_large"):
+            with pytest.raises(ReplayError, match=reason):
                 service.run(cfg, runtime, loss_fn=toy_loss)
             done.set()
             assert len(replay.requests) == 2
