@@ -290,28 +290,27 @@ class ReplayBuffer:
                 windows.append(msg)
                 keys.append(key)
                 probs.append(prob)
-        if max_bytes is not None and (nbytes := self._batch_nbytes(windows)) > max_bytes:
+        arrays = self._stack(windows)
+        if max_bytes is not None and (nbytes := sum(a.nbytes for a in arrays.values())) > max_bytes:
             raise BatchTooLarge(n, nbytes, max_bytes)
         self.storage.touch(keys)
         self.limiter.sample(n)
         self.counts["samples"] += n
-        return self._stack(windows, keys, probs)
+        recs = [self.storage.records[k] for k in keys]
+        meta = {"window_ids": [r.window_id for r in recs], "keys": keys, "probabilities": probs,
+                "times_sampled": [r.times_sampled for r in recs], "inserted_at": [r.inserted_at for r in recs],
+                "priorities": [r.priority for r in recs],
+                # each window's teacher: a durable store may hold windows of teachers of both
+                # spaces, and the learner reads each window's labels in its own
+                "teachers": [w.meta.get("teacher", {}) for w in windows],
+                "teacher": windows[0].meta.get("teacher", {}),  # the first window's (older learners)
+                "sources": [w.meta.get("source", "") for w in windows],
+                "frame_indices": [w.meta.get("frame_indices", []) for w in windows]}
+        return protocol.Message("batch", meta, arrays)
 
     @staticmethod
-    def _batch_nbytes(windows: list[protocol.Message]) -> int:
-        """The bytes of the arrays :meth:`_stack` makes of ``windows`` (what a receiver's
-        ``max_bytes`` bounds), without making them."""
-        total = sum(w.arrays[name].nbytes for w in windows for name in ("frames", "intrinsics"))
-        for name in OPTIONAL_BATCH_ARRAYS:
-            if all(name in w.arrays for w in windows):
-                total += sum(w.arrays[name].nbytes for w in windows)
-        rows = sum(len(w.arrays["matches"]) for w in windows)
-        total += rows * len(protocol.BATCH_MATCH_COLUMNS) * 4  # float32
-        if any("match_triangulation" in w.arrays for w in windows):
-            total += rows * 3 * 4  # float32 [K,3]
-        return total
-
-    def _stack(self, windows: list[protocol.Message], keys: list[int], probs: list[float]) -> protocol.Message:
+    def _stack(windows: list[protocol.Message]) -> dict[str, np.ndarray]:
+        """The arrays of a batch of ``windows``."""
         arrays = {name: np.stack([w.arrays[name] for w in windows]) for name in ("frames", "intrinsics")}
         for name in OPTIONAL_BATCH_ARRAYS:
             if all(name in w.arrays for w in windows):
@@ -326,17 +325,7 @@ class ReplayBuffer:
             arrays["match_triangulation"] = np.concatenate(
                 [w.arrays.get("match_triangulation", np.zeros((len(w.arrays["matches"]), 3), np.float32))
                  for w in windows]).astype(np.float32)
-        recs = [self.storage.records[k] for k in keys]
-        meta = {"window_ids": [r.window_id for r in recs], "keys": keys, "probabilities": probs,
-                "times_sampled": [r.times_sampled for r in recs], "inserted_at": [r.inserted_at for r in recs],
-                "priorities": [r.priority for r in recs],
-                # each window's teacher: a durable store may hold windows of teachers of both
-                # spaces, and the learner reads each window's labels in its own
-                "teachers": [w.meta.get("teacher", {}) for w in windows],
-                "teacher": windows[0].meta.get("teacher", {}),  # the first window's (older learners)
-                "sources": [w.meta.get("source", "") for w in windows],
-                "frame_indices": [w.meta.get("frame_indices", []) for w in windows]}
-        return protocol.Message("batch", meta, arrays)
+        return arrays
 
     def update_priorities(self, window_ids: list[str], losses: list[float]) -> int:
         """Report per-window losses; return how many stored windows were updated."""
