@@ -1090,11 +1090,7 @@ class ImageSequenceSource:
         depth_file = file.with_name(f"{_frame_stem(file)}.depth.png")
         if not depth_file.is_file():
             return None
-        try:  # read as bytes: OpenCV's imread crashes the process on a path that is not valid UTF-8
-            data = depth_file.read_bytes()
-        except OSError:
-            return None
-        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        raw = imaging.read_image(depth_file, cv2.IMREAD_UNCHANGED)  # not cv2.imread: any path
         if raw is None or raw.ndim != 2:
             return None
         depth = raw.astype(np.float32) / self.depth_scale
