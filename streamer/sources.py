@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from reliev3r import imaging
-from reliev3r.imaging import TRANSPOSE, display_orientation, file_orientation, orient, shown_intrinsics
+from reliev3r.imaging import TRANSPOSE, display_orientation, orient, shown_intrinsics
 from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video_frame
 
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
@@ -1018,7 +1018,7 @@ class ImageSequenceSource:
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
     intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``) and the depth maps, of the camera as it records,
-    are turned with each frame (``reliev3r.imaging.file_orientation``, ``orient_intrinsics``)."""
+    are turned with each frame (``reliev3r.imaging.image_orientation``, ``orient_intrinsics``)."""
 
     def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
                  depth_scale: float = 1000.0, ground_truth: bool = True):
@@ -1056,7 +1056,7 @@ class ImageSequenceSource:
         gap = False
         for i, file in enumerate(self.files[start:], start):
             try:
-                rgb, small, (h, w) = read_image_glance(file, lazy=True)
+                rgb, small, (h, w), turn = read_image_glance(file, lazy=True)
                 reduced = None
                 if callable(small):
                     small = _Once(small, functools.partial(self.on_error, self.name))
@@ -1070,7 +1070,7 @@ class ImageSequenceSource:
                 continue
             K = None
             if self.intrinsics is not None:  # of the camera as it records: turned as OpenCV turned the frame
-                K = shown_intrinsics(self.intrinsics, file_orientation(file), w, h)
+                K = shown_intrinsics(self.intrinsics, turn, w, h)
                 if (problem := imaging.intrinsics_mismatch(K, w, h)) is not None:  # logged once a size
                     self.on_error(self.name, "intrinsics_mismatch", f"{self.intrinsics_file}: {problem} The frames "
                                                                     f"get a {self.fov_deg:g} degree field of view")
@@ -1079,14 +1079,16 @@ class ImageSequenceSource:
                 K = fov_intrinsics(self.fov_deg, w, h)
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
-            gt = (functools.partial(self._depth, file), functools.partial(self._pose, file)) if self.ground_truth \
-                else (None, None)
+            gt = ((functools.partial(self._depth, file, turn), functools.partial(self._pose, file))
+                  if self.ground_truth else (None, None))
             yield Frame(i, float(i), rgb, K, *gt,
                         discontinuity=gap, glance=None if small is None else functools.partial(_glance_of, small),
                         reduced=reduced)
             gap = False
 
-    def _depth(self, file: Path) -> np.ndarray | None:
+    def _depth(self, file: Path, turn: int) -> np.ndarray | None:
+        """The depth map of the frame read from ``file``, turned as OpenCV turned the frame
+        (``turn``, :func:`read_image_glance`); None where there is none."""
         depth_file = file.with_name(f"{_frame_stem(file)}.depth.png")
         if not depth_file.is_file():
             return None
@@ -1096,7 +1098,6 @@ class ImageSequenceSource:
         depth = raw.astype(np.float32) / self.depth_scale
         depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
         # of the frame as recorded (OpenCV reads a depth PNG unturned): turned as OpenCV turned the frame
-        turn = file_orientation(file)
         return np.ascontiguousarray(orient(depth, turn)) if turn else depth
 
     @staticmethod
@@ -1151,7 +1152,8 @@ def reduced_factor(width: int) -> int | None:
 
 def read_image_glance(file: Path, lazy: bool = False) -> tuple:
     """(RGB image or a function of no arguments that decodes it, a smaller RGB image of the
-    same frame for the keyframe tests or None, (height, width)). A JPEG at least twice
+    same frame for the keyframe tests or None, (height, width), the orientation OpenCV turned
+    it by: ``reliev3r.imaging.image_orientation`` of the bytes read). A JPEG at least twice
     ``MOTION_WIDTH`` wide is decoded at a reduced scale now and in full only when asked (for
     the frames that become views); other images in full now. ``lazy``: the reduced image of
     such a JPEG without an Exif segment (nothing can turn it) is a function of no arguments
@@ -1159,6 +1161,7 @@ def read_image_glance(file: Path, lazy: bool = False) -> tuple:
     checked now (markers, size, end). Raises SourceError as :func:`read_image` does (a lazy
     decode raises when called)."""
     data = _image_bytes(file)
+    turn = imaging.image_orientation(data)
     layout = jpeg_layout(data)
     size = layout[:2] if layout is not None else None
     if size is not None and min(size) >= MIN_FRAME_SIDE:
@@ -1166,14 +1169,14 @@ def read_image_glance(file: Path, lazy: bool = False) -> tuple:
         flag = dict(JPEG_REDUCED).get(factor)
         if flag is not None and lazy and not layout[2]:
             full = functools.partial(_decode_image, file, data)
-            return full, functools.partial(_decode_image, file, data, flag), size
+            return full, functools.partial(_decode_image, file, data, flag), size, turn
         if flag is not None:
             small = _decode_image(file, data, flag)
             if (small.shape[0] > small.shape[1]) != (size[0] > size[1]):  # turned by its EXIF orientation
                 size = size[::-1]
-            return functools.partial(_decode_image, file, data), small, size
+            return functools.partial(_decode_image, file, data), small, size, turn
     rgb = _decode_image(file, data)
-    return rgb, None, rgb.shape[:2]
+    return rgb, None, rgb.shape[:2], turn
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:

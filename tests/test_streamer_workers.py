@@ -418,13 +418,13 @@ def test_jpeg_frames_glanced_at_a_reduced_scale_and_decoded_in_full_when_asked(t
                          ("p.jpg", [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])):
         cv2.imwrite(str(tmp_path / name), rgb[..., ::-1], params)
         assert jpeg_size((tmp_path / name).read_bytes()) == (300, 400)
-        full, small, size = read_image_glance(tmp_path / name)
+        full, small, size, _ = read_image_glance(tmp_path / name)
         assert callable(full) and size == (300, 400) and small.shape == (150, 200, 3)  # half scale: >= 160 wide
         np.testing.assert_array_equal(full(), read_image(tmp_path / name))
         assert np.abs(cv2.resize(read_image(tmp_path / name), (200, 150), interpolation=cv2.INTER_AREA).astype(int)
                       - small).mean() < 6  # a noise texture: chroma detail differs most
     cv2.imwrite(str(tmp_path / "b.png"), rgb[..., ::-1])
-    full, small, size = read_image_glance(tmp_path / "b.png")  # not a JPEG: decoded in full at once
+    full, small, size, _ = read_image_glance(tmp_path / "b.png")  # not a JPEG: decoded in full at once
     assert small is None and size == (300, 400) and full.shape == (300, 400, 3)
     assert jpeg_size(b"\xff\xd8\xff\xda") is None and jpeg_size(b"not a jpeg") is None
 
