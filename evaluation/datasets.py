@@ -21,9 +21,12 @@ Specs:
   field of view of each frame as shown. Metrics that need what a folder lacks are left out.
 
 Images are read as their Exif orientation shows them (OpenCV turns a JPEG or PNG so tagged, as
-the streamer reads them); an intrinsics file and depth maps, of the camera as it records (OpenCV
-reads a depth PNG unturned), are turned with each frame (``reliev3r.imaging.orient``,
-``orient_intrinsics``), so frames of one window turned differently each get their own.
+the streamer reads them); an intrinsics file, depth maps and ground-truth poses, of the camera as
+it records (OpenCV reads a depth PNG unturned), are turned with each frame
+(``reliev3r.imaging.orient``, ``orient_intrinsics``, ``orient_pose``: a quarter turn of the image
+is the camera turned about its optical axis), so frames of one window turned differently each
+get their own. A frame mirrored by its orientation (Exif 2, 4, 5, 7) with a pose is no view of a
+camera at any pose: its window is skipped, saying so.
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
@@ -162,6 +165,18 @@ def _turned_depth(depth: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(imaging.orient(depth, orientation)) if orientation else depth
 
 
+def _turned_pose(pose: np.ndarray | None, orientation: int, frame: Path) -> np.ndarray | None:
+    """A ground-truth camera-to-world pose of the camera as it records, turned as its frame is
+    shown (``reliev3r.imaging.orient_pose``: about the optical axis); ValueError naming the frame
+    where the frame is mirrored, which no camera pose shows (the window is skipped)."""
+    if pose is None or not orientation:
+        return pose
+    try:
+        return imaging.orient_pose(pose, orientation).astype(np.float32)
+    except ValueError as err:
+        raise ValueError(f"{frame}: {err}, so its pose cannot be turned with it") from None
+
+
 def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | None = None) -> Sequence:
     """A 7-Scenes folder (module docstring) as a :class:`Sequence`."""
     folder = Path(folder)
@@ -181,7 +196,8 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
             raise OSError(f"{stem}: unreadable colour or depth image")
         depth = _turned_depth(depth.astype(np.float32) / 1000.0, turn(k))
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, np.loadtxt(f"{stem}.pose.txt", dtype=np.float32)
+        pose = _turned_pose(np.loadtxt(f"{stem}.pose.txt", dtype=np.float32), turn(k), Path(f"{stem}.color.jpg"))
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
 
     path = folder / "camera-intrinsics.txt"
     return Sequence(folder.name, len(indices), K, read,
@@ -280,7 +296,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
             if raw.dtype == np.uint16:
                 depth[raw == 65535] = 0
             depth = _turned_depth(depth, turn(k))
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, poses[k]
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, _turned_pose(poses[k], turn(k), images[k])
 
     return Sequence(folder.name, len(images), K, read, intrinsics_of)
 

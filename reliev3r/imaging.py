@@ -4,13 +4,13 @@ Aspect is kept: resize so the target is covered, then crop the centre. Intrinsic
 exactly (``reliev3r.geometry`` conventions). Shared by the streamer, the evaluator and
 reconstruction, so every stage sees frames prepared the same way.
 
-Also how a frame is turned to be shown, and its intrinsics with it: the orientation a video's
-display matrix or an image's Exif orientation tag asks for (:func:`display_orientation`,
-:func:`image_orientation`), applied by :func:`orient` and :func:`orient_intrinsics`. And how an
-image folder is read: which files are its frames and in what order (:func:`frame_files`), its
-intrinsics file (:func:`intrinsics_file`, :func:`read_intrinsics`, checked against the frames by
-:func:`intrinsics_mismatch`), and images read and written as bytes (:func:`read_image`,
-:func:`write_image`).
+Also how a frame is turned to be shown, and its intrinsics and pose with it: the orientation a
+video's display matrix or an image's Exif orientation tag asks for (:func:`display_orientation`,
+:func:`image_orientation`), applied by :func:`orient`, :func:`orient_intrinsics` and
+:func:`orient_pose`. And how an image folder is read: which files are its frames and in what
+order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`,
+:func:`read_intrinsics`, checked against the frames by :func:`intrinsics_mismatch`), and images
+read and written as bytes (:func:`read_image`, :func:`write_image`).
 """
 
 from __future__ import annotations
@@ -221,6 +221,37 @@ def orient_intrinsics(intrinsics, orientation: int, width: int, height: int) -> 
         K[0] = (width - 1) * K[2] - K[0]
         K[:, 0] *= -1
     return K
+
+
+def mirrored(orientation: int) -> bool:
+    """Whether ``orientation`` mirrors the image (Exif 2, 4, 5, 7): an odd number of its bits,
+    each of which reverses one axis or swaps the two."""
+    return bin(orientation & (TRANSPOSE | FLIP_ROWS | FLIP_COLUMNS)).count("1") % 2 == 1
+
+
+def orient_pose(cam_to_world, orientation: int) -> np.ndarray:
+    """Camera-to-world [4, 4] (float64) of the view shown under ``orientation`` (:func:`orient`),
+    from the recorded camera's: its camera axes turned as :func:`orient_intrinsics` turns them
+    (``X' = M X``: a transpose swaps x and y, a flip reverses the axis of its rows or columns),
+    so the pose is ``cam_to_world @ [[M^T, 0], [0, 1]]``: the camera turned about its optical
+    axis, its centre and viewing direction unchanged. World points then project, with the turned
+    intrinsics, to where the image shows their recorded pixels. A mirrored orientation
+    (:func:`mirrored`) would take a rotation of determinant -1, which is no camera pose: raises
+    ``ValueError`` saying so."""
+    if mirrored(orientation):
+        exif = next(k for k, v in EXIF_ORIENTATIONS.items() if v == orientation)
+        raise ValueError(f"mirrored (Exif orientation {exif}): a mirrored view has no camera pose (its rotation "
+                         "would have determinant -1)")
+    M = np.eye(3)
+    if orientation & TRANSPOSE:
+        M = M[[1, 0, 2]]
+    if orientation & FLIP_ROWS:
+        M[1] *= -1
+    if orientation & FLIP_COLUMNS:
+        M[0] *= -1
+    turn = np.eye(4)
+    turn[:3, :3] = M.T
+    return np.asarray(cam_to_world, dtype=np.float64) @ turn
 
 
 def shown_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:

@@ -263,11 +263,13 @@ EXIF_TURNS = {6: 5, 8: 3, 1: 0, 3: 6}
 OpenCV turns the stored pixels by (6: TRANSPOSE | FLIP_COLUMNS, 8: TRANSPOSE | FLIP_ROWS, 3: both flips)."""
 
 
-def _write_turned_folder(root: Path, suffix: str, *, intrinsics: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A 7-Scenes layout of four frames stored 64x48, tagged with the Exif orientations of
-    :data:`EXIF_TURNS` in turn, and their depth maps stored 64x48 as a depth camera writes them
+def _write_turned_folder(root: Path, suffix: str, *, intrinsics: bool = True, exif=tuple(EXIF_TURNS),
+                         pose: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A 7-Scenes layout of frames stored 64x48, tagged with the Exif orientations ``exif`` (those
+    of :data:`EXIF_TURNS`) in turn, and their depth maps stored 64x48 as a depth camera writes them
     (no tag); the colour tells a stored pixel's row and column (red 5 a row, green 3 a column),
-    the depth too (1000 + 64 row + column mm). Returns the stored colour and depth."""
+    the depth too (1000 + 64 row + column mm); each frame's pose file holds ``pose`` (the camera as
+    it records; identity unless given). Returns the stored colour and depth."""
     from streamer_media import exif_tagged
 
     root.mkdir()
@@ -276,10 +278,10 @@ def _write_turned_folder(root: Path, suffix: str, *, intrinsics: bool = True) ->
     depth = (1000 + 64 * rows + columns).astype(np.uint16)
     ok, data = cv2.imencode(suffix, rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100] if suffix == ".jpg" else [])
     assert ok
-    for k, value in enumerate(EXIF_TURNS):
+    for k, value in enumerate(exif):
         (root / f"frame-{k:06d}.color{suffix}").write_bytes(exif_tagged(data.tobytes(), value))
         cv2.imwrite(str(root / f"frame-{k:06d}.depth.png"), depth)
-        np.savetxt(root / f"frame-{k:06d}.pose.txt", np.eye(4))
+        np.savetxt(root / f"frame-{k:06d}.pose.txt", np.eye(4) if pose is None else pose)
     if intrinsics:
         np.savetxt(root / "camera-intrinsics.txt", [[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]])
     return rgb, depth
@@ -315,6 +317,64 @@ def test_frames_turned_by_their_exif_orientation_get_intrinsics_and_depth_turned
         assert w.gt_depth[v][round(cy), round(cx)] * 1000 == pytest.approx(1000 + 64 * 20 + 30)
         fx, fy = w.intrinsics[v][0, 0], w.intrinsics[v][1, 1]
         assert (fx, fy) == ((55.0, 50.0) if turn & 1 else (50.0, 55.0))
+
+
+TURNED_CAMERA = np.array([[0.36, 0.48, -0.8, 1.5], [-0.8, 0.6, 0.0, -0.4], [0.48, 0.64, 0.6, 2.0], [0, 0, 0, 1]])
+"""A camera-to-world pose (an exact rotation: rows of 3-4-5 triangles) off every axis."""
+
+
+@pytest.mark.parametrize("spec, poses", [("7scenes", "files"), ("folder", "files"), ("folder", "tum")])
+def test_frames_turned_by_their_exif_orientation_get_their_ground_truth_pose_turned_alike(tmp_path, spec, poses):
+    """The phone held four ways (Exif 6, 8, 1, 3) by a camera at one recorded pose, its poses in
+    per-frame files or a TUM trajectory: each view's ground-truth pose is the camera turned about
+    its optical axis as its image is (``reliev3r.imaging.orient_pose``), so each view's depth
+    map, intrinsics and pose put every pixel at the world point of the recorded pixel it shows
+    (the depth tells which: 1000 + 64 row + column mm), as the pose metrics and the ATE assume.
+    Before, every view got the pose as recorded: its pixels landed turned about the optical
+    axis, away from their world points (and two views turned alike were told apart by it)."""
+    from reliev3r.imaging import orient_pose
+
+    _write_turned_folder(tmp_path / "phone", ".jpg", pose=TURNED_CAMERA)
+    if poses == "tum":
+        for f in (tmp_path / "phone").glob("*.pose.txt"):
+            f.unlink()
+        write_tum(tmp_path / "phone" / "groundtruth.txt", np.arange(4.0), np.tile(TURNED_CAMERA, (4, 1, 1)))
+    (w,) = load_windows(f"{spec}:{tmp_path / 'phone'}", views=4, height=48, width=48, windows=1, stride=1,
+                        run_dir=tmp_path)
+    K = np.array([[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]])
+    rows, columns = np.mgrid[:48, :48]
+    for v, turn in enumerate(EXIF_TURNS.values()):
+        np.testing.assert_allclose(w.gt_cam_to_world[v], orient_pose(TURNED_CAMERA, turn), atol=1e-6)
+        d = w.gt_depth[v].astype(np.float64)
+        mm = np.rint(d * 1000).astype(int) - 1000
+        recorded = np.stack([mm % 64, mm // 64, np.ones_like(mm)], -1) @ np.linalg.inv(K).T * d[..., None]
+        expected = recorded @ TURNED_CAMERA[:3, :3].T + TURNED_CAMERA[:3, 3]
+        shown = np.stack([columns, rows, np.ones_like(rows)], -1) @ np.linalg.inv(w.intrinsics[v]).T * d[..., None]
+        pose = w.gt_cam_to_world[v].astype(np.float64)
+        np.testing.assert_allclose(shown @ pose[:3, :3].T + pose[:3, 3], expected, atol=1e-4)
+
+
+def test_a_window_with_a_mirrored_frame_and_its_pose_is_skipped_saying_why(tmp_path, caplog):
+    """A frame mirrored by its Exif orientation (2: a front camera's) is no view of a camera at
+    any pose (its pose would take a rotation of determinant -1): a window with such a frame and a
+    ground-truth pose for it is skipped with a warning that names the frame and says so, as one
+    whose intrinsics do not fit its frames; the other windows are scored. Without its pose file
+    (a folder's) the mirrored frame is read (no pose, no pose metrics for its window). Before, the window was
+    scored against the recorded pose of an unmirrored camera."""
+    _write_turned_folder(tmp_path / "selfie", ".jpg", exif=(1, 6, 1, 2), pose=TURNED_CAMERA)
+    spec = f"7scenes:{tmp_path / 'selfie'}"
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(spec, views=2, height=48, width=48, windows=2, stride=1, run_dir=tmp_path)
+    assert [w.name for w in windows] == ["selfie:0"]
+    (said,) = [r.getMessage() for r in caplog.records if "window skipped" in r.getMessage()]
+    assert "selfie:2" in said and "frame-000003" in said and "mirrored (Exif orientation 2)" in said
+    with pytest.raises(ValueError, match="no window could be read.*mirrored"):
+        load_windows(f"{spec}@2-3", views=2, height=48, width=48, windows=1, stride=1, run_dir=tmp_path)
+    (tmp_path / "selfie" / "frame-000003.pose.txt").unlink()  # a folder's poses are optional (7-Scenes': not)
+    windows = load_windows(f"folder:{tmp_path / 'selfie'}", views=2, height=48, width=48, windows=2, stride=1,
+                           run_dir=tmp_path)
+    assert [w.name for w in windows] == ["selfie:0", "selfie:2"]
+    assert windows[0].gt_cam_to_world is not None and windows[1].gt_cam_to_world is None
 
 
 def test_a_folder_without_intrinsics_gets_a_field_of_view_for_each_frame_as_shown(tmp_path):
