@@ -1017,8 +1017,9 @@ class ImageSequenceSource:
     """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
-    intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``) and the depth maps, of the camera as it records,
-    are turned with each frame (``reliev3r.imaging.image_orientation``, ``orient_intrinsics``)."""
+    intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``), the depth maps and the poses, of the camera as
+    it records, are turned with each frame (``reliev3r.imaging.image_orientation``, ``orient_intrinsics``,
+    ``orient_pose``; a mirrored frame has no pose: :meth:`_pose`)."""
 
     def __init__(self, folder: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
                  depth_scale: float = 1000.0, ground_truth: bool = True):
@@ -1079,7 +1080,7 @@ class ImageSequenceSource:
                 K = fov_intrinsics(self.fov_deg, w, h)
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
-            gt = ((functools.partial(self._depth, file, turn), functools.partial(self._pose, file))
+            gt = ((functools.partial(self._depth, file, turn), functools.partial(self._pose, file, turn))
                   if self.ground_truth else (None, None))
             yield Frame(i, float(i), rgb, K, *gt,
                         discontinuity=gap, glance=None if small is None else functools.partial(_glance_of, small),
@@ -1100,8 +1101,11 @@ class ImageSequenceSource:
         # of the frame as recorded (OpenCV reads a depth PNG unturned): turned as OpenCV turned the frame
         return np.ascontiguousarray(orient(depth, turn)) if turn else depth
 
-    @staticmethod
-    def _pose(file: Path) -> np.ndarray | None:
+    def _pose(self, file: Path, turn: int) -> np.ndarray | None:
+        """The ground-truth camera-to-world of the frame read from ``file``: its ``.pose.txt``, of
+        the camera as it records, turned as OpenCV turned the frame (``turn``; the camera about its
+        optical axis: ``reliev3r.imaging.orient_pose``). None where there is none, and for a frame
+        its orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``."""
         pose_file = file.with_name(f"{_frame_stem(file)}.pose.txt")
         if not pose_file.is_file():
             return None
@@ -1109,7 +1113,13 @@ class ImageSequenceSource:
             pose = np.loadtxt(pose_file, dtype=np.float64).reshape(4, 4)
         except ValueError:
             return None
-        return pose if np.isfinite(pose).all() else None
+        if not np.isfinite(pose).all():
+            return None
+        try:
+            return imaging.orient_pose(pose, turn) if turn else pose
+        except ValueError as err:  # mirrored
+            self.on_error(self.name, "mirrored_pose", f"{pose_file}: its frame is {err}; the frame goes without it")
+            return None
 
 
 def read_image(file: Path) -> np.ndarray:

@@ -1035,6 +1035,48 @@ def test_a_frames_depth_map_is_turned_with_it_by_its_exif_orientation(tmp_path):
                                       64 * (told[..., 0] // 5) + told[..., 1] // 3)
 
 
+def test_a_frames_ground_truth_pose_is_turned_with_it_by_its_exif_orientation(tmp_path):
+    """Frames of one camera pose, tagged with Exif orientations 6, 8, 1, 3 and 2, each with its
+    ``.pose.txt`` of the camera as it records: a turned frame's ground-truth pose is the camera
+    turned about its optical axis as OpenCV turned the frame (``reliev3r.imaging.orient_pose``),
+    so its turned intrinsics and depth and its pose put every pixel at the world point of the
+    recorded pixel it shows; the mirrored frame (2) has no camera pose: none, reported as
+    ``mirrored_pose`` naming the file. Before, every frame carried the pose as recorded."""
+    import cv2
+
+    from reliev3r.imaging import orient_pose
+    from streamer_media import exif_tagged, texture
+
+    pose = np.array([[0.36, 0.48, -0.8, 1.5], [-0.8, 0.6, 0.0, -0.4], [0.48, 0.64, 0.6, 2.0], [0, 0, 0, 1]])
+    rows, columns = np.mgrid[:48, :64]
+    ok, data = cv2.imencode(".jpg", texture(64, 48))
+    for k, value in enumerate((6, 8, 1, 3, 2)):
+        (tmp_path / f"frame-{k:06d}.color.jpg").write_bytes(exif_tagged(data.tobytes(), value))
+        cv2.imwrite(str(tmp_path / f"frame-{k:06d}.depth.png"), (1000 + 64 * rows + columns).astype(np.uint16))
+        np.savetxt(tmp_path / f"frame-{k:06d}.pose.txt", pose)
+    (tmp_path / "camera-intrinsics.txt").write_text("50 55 30 20\n")
+    K = np.array([[50.0, 0, 30], [0, 55, 20], [0, 0, 1]])
+    errors = []
+    frames = list(ImageSequenceSource(tmp_path, on_error=lambda *e: errors.append(e)).frames())
+    assert len(frames) == 5
+    for k, frame in enumerate(frames[:4]):
+        turn = _turn_of(tmp_path / f"frame-{k:06d}.color.jpg")
+        assert turn != 0 or k == 2
+        np.testing.assert_allclose(frame.gt_cam_to_world, orient_pose(pose, turn), atol=1e-12)
+        d = frame.gt_depth.astype(np.float64)
+        mm = np.rint(d * 1000).astype(int) - 1000
+        recorded = np.stack([mm % 64, mm // 64, np.ones_like(mm)], -1) @ np.linalg.inv(K).T * d[..., None]
+        r, c = np.mgrid[:d.shape[0], :d.shape[1]]
+        shown = np.stack([c, r, np.ones_like(r)], -1) @ np.linalg.inv(frame.intrinsics).T * d[..., None]
+        turned = frame.gt_cam_to_world
+        np.testing.assert_allclose(shown @ turned[:3, :3].T + turned[:3, 3],
+                                   recorded @ pose[:3, :3].T + pose[:3, 3], atol=1e-9)
+    assert errors == []
+    assert frames[4].gt_cam_to_world is None and frames[4].gt_depth is not None
+    ((_, reason, detail),) = errors
+    assert reason == "mirrored_pose" and "frame-000004.pose.txt" in detail and "Exif orientation 2" in detail
+
+
 @pytest.mark.parametrize("name, matrix", [
     ("mirrored", (-0x10000, 0, 0, 0, 0x10000, 0, 48 << 16, 0, 0x40000000)),  # a front camera's
     ("upside_down_mirror", (0x10000, 0, 0, 0, -0x10000, 0, 0, 32 << 16, 0x40000000)),
