@@ -9,6 +9,12 @@ Images are resized to the size the model was trained at (``image_size`` in the s
 meta), or else to the nearest multiples of the patch size; intrinsics, given or assumed
 (60 degree horizontal field of view), are scaled with the resize. Outputs live at the
 model's resolution, in the model's own world frame (defined up to a similarity).
+
+An image file is read as its Exif orientation shows it (OpenCV turns a JPEG or PNG so tagged),
+and intrinsics given with it are those of the file as recorded, turned with it
+(``reliev3r.imaging.orient_intrinsics``), as the streamer, ``reliev3r eval`` and
+``reliev3r reconstruct`` turn an intrinsics file with each frame. An array is taken as it is,
+its intrinsics too.
 """
 
 from __future__ import annotations
@@ -56,23 +62,25 @@ class Reconstructor:
             intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Reconstruct one window of V images (RGB uint8 HxWx3 arrays or image file paths).
 
-        ``intrinsics``: [3, 3] shared or [V, 3, 3] per image, in pixels of the given images.
-        Returns float32 arrays: ``depth`` [V,H,W], ``confidence`` [V,H,W], ``cam_to_world``
-        [V,4,4], ``intrinsics`` [V,3,3] (of the resized images), ``points`` [V,H,W,3] (world
-        frame) and ``images`` uint8 [V,H,W,3] (the resized inputs).
+        ``intrinsics``: [3, 3] shared or [V, 3, 3] per image, in pixels of the given images: of
+        an array as it is, of an image file as recorded (turned here as the file's Exif
+        orientation turns the image: module docstring). Returns float32 arrays: ``depth``
+        [V,H,W], ``confidence`` [V,H,W], ``cam_to_world`` [V,4,4], ``intrinsics`` [V,3,3] (of
+        the resized images), ``points`` [V,H,W,3] (world frame) and ``images`` uint8 [V,H,W,3]
+        (the resized inputs).
         """
         frames = [_read(im) for im in images]
         if len(frames) < 1:
             raise ValueError("images: need at least one image")
-        h, w = self.target_size(*frames[0].shape[:2])
+        h, w = self.target_size(*frames[0][0].shape[:2])
         resized, ks = [], []
-        for i, frame in enumerate(frames):
+        for i, (frame, turn) in enumerate(frames):
             fh, fw = frame.shape[:2]
             if intrinsics is None:
                 k = geometry.intrinsics_from_fov(DEFAULT_HFOV_DEG, fw, fh)
             else:
-                arr = np.asarray(intrinsics, dtype=np.float32)
-                k = torch.from_numpy(arr if arr.ndim == 2 else arr[i]).float()
+                arr = np.asarray(intrinsics, dtype=np.float64)
+                k = torch.from_numpy(imaging.shown_intrinsics(arr if arr.ndim == 2 else arr[i], turn, fw, fh)).float()
             ks.append(geometry.resize_intrinsics(k, w / fw, h / fh))
             resized.append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if fw > w else cv2.INTER_LINEAR))
         stack = np.stack(resized)
@@ -86,16 +94,18 @@ class Reconstructor:
                 "points": _np(world.reshape(len(frames), h, w, 3)), "images": stack}
 
 
-def _read(image: np.ndarray | str | Path) -> np.ndarray:
+def _read(image: np.ndarray | str | Path) -> tuple[np.ndarray, int]:
+    """(RGB uint8 [H, W, 3], the orientation it was turned by: ``reliev3r.imaging.orient`` bits):
+    a file as its Exif orientation shows it (OpenCV turns it), an array as it is (0)."""
     if isinstance(image, (str, Path)):
         bgr = imaging.read_image(image)
         if bgr is None:
             raise FileNotFoundError(f"{image}: cannot read image")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), imaging.file_orientation(Path(image))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"images: expected HxWx3 uint8 RGB arrays, got {arr.dtype}{list(arr.shape)}")
-    return arr
+    return arr, 0
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -235,6 +235,45 @@ def test_reconstructor_runs_on_paths_and_arrays(tmp_path):
         Reconstructor.from_snapshot(tmp_path / "nothing")
 
 
+def test_intrinsics_given_with_image_paths_are_turned_with_each_files_exif_orientation(tmp_path):
+    """A JPEG stored 64x48 and tagged with Exif orientation 6 (a phone held upright: shown 48x64),
+    given by its path with the intrinsics of the file as recorded (principal point (30, 20)):
+    the image is read turned (OpenCV turns it) and the intrinsics with it, as the streamer, eval
+    and ``reconstruct`` turn an intrinsics file; the same as giving the turned pixels as an array
+    with the turned intrinsics (an array is taken as it is). An untagged file's intrinsics are
+    kept; a shared matrix is turned for each file as that file is. Before, the recorded
+    intrinsics were applied to the turned image (fx and fy, cx and cy each on the wrong axis)."""
+    import cv2
+    import numpy as np
+
+    from learner.api import Reconstructor
+    from reliev3r.imaging import EXIF_ORIENTATIONS, orient, orient_intrinsics
+    from streamer_media import exif_tagged, texture
+
+    trainer = _trainer()
+    trainer.step(synthetic_batch(1, 2, 16, 24))
+    trainer.save_state(tmp_path / "run" / "snapshots")
+    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    stored = texture(64, 48)  # BGR
+    ok, data = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    (tmp_path / "upright.jpg").write_bytes(exif_tagged(data.tobytes(), 6))
+    (tmp_path / "level.jpg").write_bytes(data.tobytes())
+    K = np.array([[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]])
+    out = rec.run([tmp_path / "upright.jpg", tmp_path / "level.jpg"], intrinsics=K)
+    # turned: fx and fy swap, cx = 48 - 1 - 20 = 27, cy = 30; resized 48x64 -> 24x16 (pixel centres kept)
+    np.testing.assert_allclose(out["intrinsics"][0], [[27.5, 0, 13.25], [0, 12.5, 7.125], [0, 0, 1]], rtol=1e-6)
+    # as recorded, resized 64x48 -> 24x16
+    np.testing.assert_allclose(out["intrinsics"][1], [[18.75, 0, 10.9375], [0, 55 / 3, 20.5 / 3 - 0.5], [0, 0, 1]],
+                               rtol=1e-6)
+    shown = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    turn = EXIF_ORIENTATIONS[6]
+    as_array = rec.run([np.ascontiguousarray(orient(shown, turn))], intrinsics=orient_intrinsics(K, turn, 64, 48))
+    np.testing.assert_array_equal(as_array["images"][0], out["images"][0])
+    np.testing.assert_allclose(as_array["intrinsics"][0], out["intrinsics"][0], rtol=1e-6)
+    per_image = rec.run([tmp_path / "upright.jpg", tmp_path / "level.jpg"], intrinsics=np.stack([K, K]))
+    np.testing.assert_allclose(per_image["intrinsics"], out["intrinsics"], rtol=1e-6)
+
+
 def test_snapshots_and_studies_need_no_pyzmq(tmp_path):
     # GPU hosts may lack pyzmq; a study there crashed at its final snapshot when the config
     # module pulled it in. A fresh interpreter with pyzmq blocked saves and loads a snapshot.
