@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,27 @@ class MonitoringConfig:
     """Metrics port per process (``labeler-K``: the K-th extra labeler of ``reliev3r up``, else
     ``labeler``'s). 0 (the default) picks a free port; ``reliev3r up`` records the endpoints in
     ``<run.dir>/processes.json`` (``reliev3r status`` reads them there). Overriding one key
-    (``monitoring.ports.learner=9704``) keeps the others. A scraper that needs fixed ports sets
-    them: ``deploy/prometheus/local-ports.yaml``. Ranks of one host (``torchrun --nproc-per-node
-    N ... learn``) serve on a fixed port plus their ``LOCAL_RANK``."""
+    (``monitoring.ports.learner=9705``) keeps the others. A scraper that needs fixed ports sets
+    them: ``deploy/prometheus/local-ports.yaml``. The learner's ranks of one host (``torchrun
+    --nproc-per-node N ... learn``) serve on a fixed ``learner`` port plus their ``LOCAL_RANK``
+    (:meth:`port_of`): on one host, no other process's port may lie in the N ports from it."""
+
+    def key(self, stage: str, instance: str) -> str:
+        """The ``ports`` key of a process: its instance's (``labeler-K``) where set, else its stage's."""
+        return instance if instance in self.ports else stage
+
+    def port_of(self, stage: str, instance: str, local_rank: int = 0) -> int:
+        """The metrics port a process serves on (0: a free one): its key's; a learner rank's is
+        a fixed ``learner`` port plus its ``LOCAL_RANK`` (``local_rank``), one port per rank of
+        the host."""
+        port = self.ports.get(self.key(stage, instance), 0)
+        return port + local_rank if port and stage == RANKED else port
+
+
+RANKED = "learner"
+"""The stage run as several ranks of one host (torchrun); each serves on its own port."""
+
+
+def local_rank() -> int:
+    """This process's rank among the ranks of its host (torchrun's ``LOCAL_RANK``; 0 without)."""
+    return int(os.environ.get("LOCAL_RANK", 0))

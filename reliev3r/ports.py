@@ -15,6 +15,7 @@ import random
 import socket
 from pathlib import Path
 
+from monitoring.config import RANKED, MonitoringConfig, local_rank
 from reliev3r.config import PipelineConfig
 
 NETWORK_PORTS = ("work_port", "replay_port", "supervisor_port")
@@ -141,7 +142,27 @@ def stage_problem(stage: str, instance: str, cfg: PipelineConfig) -> str | None:
                     f"network.{name}={5701 + NETWORK_PORTS.index(name)} (deploy/ sets 5701-5703)")
     if stage in BINDS and in_use(net.host, port := getattr(net, BINDS[stage])):
         return taken_message(f"network.{BINDS[stage]}", net.host, port)
-    key = instance if instance in mon.ports else stage
-    if mon.enabled and (port := mon.ports.get(key, 0)) and in_use(mon.host, port):
-        return taken_message(f"monitoring.ports.{key}", mon.host, port)
+    key, rank = mon.key(stage, instance), local_rank()
+    if mon.enabled and (port := mon.port_of(stage, instance, rank)) and in_use(mon.host, port):
+        return metrics_taken_message(mon, key, port, rank)
     return None
+
+
+def metrics_taken_message(mon: MonitoringConfig, key: str, port: int, rank: int) -> str:
+    """:func:`taken_message` for a metrics port, naming the other process of this host it may be:
+    a learner rank serves on the fixed ``learner`` port plus its LOCAL_RANK, which on one host
+    must be no other process's port."""
+    learner = mon.ports.get(RANKED, 0)
+    advice = (f"on one host, give monitoring.ports.{RANKED} a port with one free port above it per further "
+              f"rank (deploy/prometheus/local-ports.yaml puts it above every other), or 0 for free ones")
+    if key == RANKED and rank:
+        others = [f"monitoring.ports.{k}" for k, p in mon.ports.items() if p == port and k != key]
+        whose = (f"it is also the port of {' and '.join(others)}" if others
+                 else "another reliev3r run or program holds it")
+        return (f"monitoring.ports.{RANKED} ({learner}) + LOCAL_RANK {rank}: port {port} on {mon.host}, this "
+                f"rank's, is already in use ({whose}); {advice}")
+    message = taken_message(f"monitoring.ports.{key}", mon.host, port)
+    if key != RANKED and learner and port > learner:
+        message += (f"; if the learner runs ranks on this host, it is rank {port - learner}'s "
+                    f"(monitoring.ports.{RANKED} ({learner}) + LOCAL_RANK {port - learner}): {advice}")
+    return message

@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
+from monitoring.config import local_rank
 from monitoring.metrics import Metrics
 from reliev3r import log as rlog
 from reliev3r import protocol, security
@@ -78,9 +79,7 @@ class Runtime:
         self.metrics_port: int | None = None
         """The port its metrics endpoint is bound to (None: not served)."""
         if mon.enabled if serve_metrics is None else serve_metrics:
-            port = mon.ports.get(self.instance, mon.ports.get(stage, 0))
-            if port:  # one port per rank where torchrun starts several on the host
-                port += int(os.environ.get("LOCAL_RANK", 0))
+            port = mon.port_of(stage, self.instance, local_rank())  # one per rank of a torchrun learner
             self.metrics_port = self.metrics.serve(mon.host, port)
             self.log.info("metrics endpoint up", extra={"url": f"http://{mon.host}:{self.metrics_port}/metrics"})
         if cfg.network.supervisor_port and os.environ.get("RELIEV3R_SUPERVISED"):

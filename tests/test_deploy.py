@@ -363,7 +363,7 @@ def test_deploy_pipeline_configs_load(where, tmp_path):
     # Stages on their own: every port fixed, where the manifests and scrape targets expect it.
     assert (cfg.network.work_port, cfg.network.replay_port) == (5701, 5702)
     assert {s: p for s, p in cfg.monitoring.ports.items() if s != "supervisor"} == \
-        {"streamer": 9701, "labeler": 9702, "replay": 9703, "learner": 9704, "evaluator": 9705}
+        {"streamer": 9701, "labeler": 9702, "replay": 9703, "evaluator": 9704, "learner": 9705}
     assert cfg.network.curve.enabled and cfg.network.curve.authorized_clients
 
 

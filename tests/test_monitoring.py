@@ -26,6 +26,9 @@ from reliev3r import cli, status
 from reliev3r.config import free_port
 from helpers_processes import running
 
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
 
 @pytest.fixture()
 def run_dir(tmp_path):
@@ -131,8 +134,8 @@ def test_one_metrics_port_override_keeps_the_others():
     assert build(MonitoringConfig, {"ports": {"learner": 9999}}).ports == {**MonitoringConfig().ports, "learner": 9999}
     fixed = load([ROOT / "configs" / "default.yaml", DEPLOY / "prometheus" / "local-ports.yaml"],
                  ["monitoring.ports.learner=0"]).monitoring.ports
-    assert fixed == {"supervisor": 9700, "streamer": 9701, "labeler": 9702, "replay": 9703, "learner": 0,
-                     "evaluator": 9705}
+    assert fixed == {"supervisor": 9700, "streamer": 9701, "labeler": 9702, "replay": 9703, "evaluator": 9704,
+                     "learner": 0}
 
 
 def _supervisor(run_dir: Path):
@@ -167,6 +170,105 @@ def test_ranks_of_one_host_serve_their_metrics_on_the_fixed_port_plus_their_loca
     with Runtime("learner", load(overrides=["monitoring.host=127.0.0.1"]), install_signals=False,
                  serve_metrics=True) as free:
         assert free.metrics_port not in (0, 1)
+
+
+def _free_block(size: int) -> int:
+    """The first of ``size`` consecutive ports free on 127.0.0.1 (checked by binding each)."""
+    while True:
+        base = free_port()
+        held = []
+        try:
+            for port in range(base, base + size):
+                held.append(socket.create_server(("127.0.0.1", port)))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+
+
+LOCAL_PORTS = [ROOT / "configs" / "default.yaml", DEPLOY / "prometheus" / "local-ports.yaml"]
+
+
+def test_the_shipped_fixed_ports_give_every_process_of_one_host_its_own_port(monkeypatch, tmp_path):
+    """deploy/prometheus/local-ports.yaml on one host with the learner under ``torchrun
+    --nproc-per-node 4``: each rank serves on the learner's port plus its LOCAL_RANK, none of
+    them another process's (learner 9704 and evaluator 9705: rank 1 found 9705 taken, or took
+    it from the evaluator). Also ``up`` with three labelers: the extra ones get free ports. The
+    layout is moved to a block of free ports (9700 may be held on a test host)."""
+    from reliev3r.config import load
+    from reliev3r.ports import stage_problem
+    from reliev3r.service import Runtime
+    from reliev3r.supervisor import Supervisor
+
+    shipped = load(LOCAL_PORTS).monitoring.ports
+    ranks, low = 4, min(shipped.values())
+    span = max(shipped.values()) - low + ranks
+    base = _free_block(span + 2)  # the two ZeroMQ ports of the stages on their own above it
+    moved = [f"monitoring.ports.{key}={port - low + base}" for key, port in shipped.items()]
+    moved += [f"network.work_port={base + span}", f"network.replay_port={base + span + 1}"]
+    cfg = load(LOCAL_PORTS, [*moved, "monitoring.host=127.0.0.1"])
+    monkeypatch.delenv("RELIEV3R_INSTANCE", raising=False)
+    served: dict[str, int] = {}
+    supervisor = Metrics("supervisor")
+    try:
+        served["supervisor"] = supervisor.serve("127.0.0.1", cfg.monitoring.ports["supervisor"])
+        runtimes = []
+        try:
+            for stage in ("streamer", "labeler", "replay", "evaluator"):
+                assert stage_problem(stage, stage, cfg) is None
+                runtimes.append(Runtime(stage, cfg, install_signals=False, serve_metrics=True))
+                served[stage] = runtimes[-1].metrics_port
+            for rank in range(ranks):
+                monkeypatch.setenv("LOCAL_RANK", str(rank))
+                assert stage_problem("learner", "learner", cfg) is None, rank
+                runtimes.append(Runtime("learner", cfg, install_signals=False, serve_metrics=True))
+                served[f"learner rank {rank}"] = runtimes[-1].metrics_port
+        finally:
+            for runtime in runtimes:
+                runtime.close()
+    finally:
+        supervisor.close()
+    assert len(set(served.values())) == len(served) == 5 + ranks, served
+    assert served["learner rank 0"] == cfg.monitoring.ports["learner"]
+    monkeypatch.delenv("LOCAL_RANK")
+    sup = Supervisor(load(LOCAL_PORTS, [*moved, f"run.dir={tmp_path}", "labeler.workers=3"]), out=io.StringIO())
+    try:
+        metrics = {key: port for key, port in sup.ports.items() if key.startswith("monitoring.")}
+        assert len(metrics) == 8 and len(set(metrics.values())) == 8, metrics
+    finally:
+        sup.metrics.close()
+
+
+def test_a_learner_rank_whose_port_is_another_process_s_is_refused_naming_both(monkeypatch):
+    """A fixed layout of one host where the learner's port plus a LOCAL_RANK is another
+    process's: the rank started second is refused naming both keys and the port. A rank checks
+    its own port (its LOCAL_RANK's), not rank 0's: rank 1 was refused because rank 0 had bound
+    the learner's port, "another reliev3r run or program holds it"."""
+    from reliev3r.config import load
+    from reliev3r.ports import stage_problem
+    from reliev3r.service import Runtime
+
+    base = _free_block(3)
+    cfg = load(overrides=[f"monitoring.ports.learner={base}", f"monitoring.ports.evaluator={base + 1}",
+                          f"network.replay_port={base + 2}", "monitoring.host=127.0.0.1"])
+    monkeypatch.delenv("RELIEV3R_INSTANCE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with Runtime("learner", cfg, install_signals=False, serve_metrics=True):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert stage_problem("learner", "learner", cfg) is None  # its own port, base + 1, is free
+        with Runtime("evaluator", cfg, install_signals=False, serve_metrics=True):
+            problem = stage_problem("learner", "learner", cfg)
+        assert problem is not None and f"port {base + 1}" in problem, problem
+        assert f"monitoring.ports.learner ({base}) + LOCAL_RANK 1" in problem, problem
+        assert "monitoring.ports.evaluator" in problem, problem
+        # The other order: the learner's rank 1 holds the evaluator's port, the evaluator is refused.
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=True):
+            monkeypatch.delenv("LOCAL_RANK")
+            problem = stage_problem("evaluator", "evaluator", cfg)
+    assert problem is not None and f"monitoring.ports.evaluator: port {base + 1}" in problem, problem
+    assert f"monitoring.ports.learner ({base}) + LOCAL_RANK 1" in problem, problem
 
 
 def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_path):
@@ -515,8 +617,6 @@ def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
 # --------------------------------------------------------------------------- metric names
 
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
                                     reason="promtool not installed (Debian package prometheus; .ci/run installs it)")
 # Exported only by processes with network.curve enabled (not the demo pipeline).
