@@ -37,7 +37,10 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
                   baseline per pair; zeros = not triangulated); meta adds ``teacher``
                   {"depth": {name, version, space}, "matches": {name, version}}.
 ``insert_ack``    replay -> labeler: meta ``window_id``, ``status``, ``reason``.
-``sample``        learner -> replay: meta ``batch_size``, ``rank``.
+``sample``        learner -> replay: meta ``batch_size``, ``rank``; optional ``max_bytes``
+                  (version 3: the most bytes of arrays the requester's reply may carry,
+                  its ``decode`` limit; without it the replay assumes
+                  :data:`DEFAULT_MAX_BYTES`).
 ``batch``         replay -> learner: the ``insert`` arrays stacked over B windows, with
                   ``matches`` float32 [K,8] rows (b, i, j, x_i, y_i, x_j, y_j, score:
                   :data:`BATCH_MATCH_COLUMNS`) and, when any window has it,
@@ -70,10 +73,11 @@ from typing import Any, Iterable
 import msgpack
 import numpy as np
 
-VERSION = 2
-"""Version 2 added the optional ``match_triangulation`` array; version 1 messages are valid
-version 2 messages (they lack it), so both are accepted on receipt."""
-ACCEPTED_VERSIONS = frozenset({1, 2})
+VERSION = 3
+"""Version 2 added the optional ``match_triangulation`` array, version 3 the optional
+``max_bytes`` of a ``sample`` request; messages of versions 1 and 2 are valid version 3
+messages (they lack them), so all three are accepted on receipt."""
+ACCEPTED_VERSIONS = frozenset({1, 2, 3})
 MAGIC = b"R3W" + bytes([VERSION])
 DEFAULT_MAX_BYTES = 512 << 20
 DTYPES = frozenset({"uint8", "uint16", "int32", "int64", "float16", "float32", "float64", "bool"})

@@ -48,7 +48,9 @@ class ReplayClient:
         """``timeout_s``: how long a call may take in all; ``retry_s``: how long one attempt
         waits for any reply before re-sending on a fresh socket (keep it above the
         service's ``replay.sample_wait_s``); ``curve``: the client keys for a CURVE-enabled
-        service (``cfg.network.curve``), applied to every socket this client opens; ``stop``:
+        service (``cfg.network.curve``), applied to every socket this client opens; ``max_bytes``:
+        the most bytes of arrays a reply may carry (larger ones are dropped as broken), sent with
+        each sample request so the replay refuses a larger batch as ``batch_too_large``; ``stop``:
         once set (by another thread), a request waiting for its reply raises :class:`Cancelled`
         within ``WAIT_SLICE_S``."""
         if timeout_s <= 0 or retry_s <= 0:
@@ -143,7 +145,8 @@ class ReplayClient:
     def sample(self, batch_size: int, rank: int = 0, *, timeout_s: float | None = None) -> protocol.Message:
         """A ``batch`` message of ``batch_size`` windows; blocks until the service has one
         (``min_size`` reached, rate limiter open) or raises ``TimeoutError``."""
-        msg = protocol.Message("sample", {"batch_size": int(batch_size), "rank": int(rank)})
+        msg = protocol.Message("sample", {"batch_size": int(batch_size), "rank": int(rank),
+                                          "max_bytes": int(self.max_bytes)})
         return self.request(msg, reply_kinds=("batch",), timeout_s=timeout_s)
 
     def report(self, window_ids: list[str], losses: list[float]) -> None:
@@ -159,7 +162,7 @@ class ReplayClient:
     def prefetch(self, batch_size: int, rank: int = 0, depth: int = 2) -> "Prefetcher":
         """Iterator of batches fetched ahead by a background thread (its own socket)."""
         return Prefetcher(self.endpoint, batch_size, rank, depth=depth, ctx=self.ctx,
-                          timeout_s=self.timeout_s, retry_s=self.retry_s, curve=self.curve)
+                          timeout_s=self.timeout_s, retry_s=self.retry_s, curve=self.curve, max_bytes=self.max_bytes)
 
     def close(self) -> None:
         self._reset()
@@ -186,6 +189,7 @@ class Prefetcher:
 
     def __init__(self, endpoint: str, batch_size: int, rank: int, *, depth: int, ctx: zmq.Context,
                  timeout_s: float, retry_s: float, curve: CurveConfig | None = None,
+                 max_bytes: int = protocol.DEFAULT_MAX_BYTES,
                  on_error: Callable[[Exception], bool] | None = None,
                  prepare: Callable[[protocol.Message], Any] | None = None):
         if depth < 1:
@@ -194,13 +198,14 @@ class Prefetcher:
         self._stop = threading.Event()
         self._on_error = on_error
         self._prepare = prepare
-        self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve)
+        self._args = (endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve, max_bytes)
         self._thread = threading.Thread(target=self._loop, name=f"replay-prefetch-{rank}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve = self._args
-        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s, curve=curve, stop=self._stop)
+        endpoint, batch_size, rank, ctx, timeout_s, retry_s, curve, max_bytes = self._args
+        client = ReplayClient(endpoint, ctx=ctx, timeout_s=timeout_s, retry_s=retry_s, curve=curve, max_bytes=max_bytes,
+                              stop=self._stop)
         try:
             while not self._stop.is_set():
                 try:

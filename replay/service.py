@@ -16,9 +16,10 @@ that retried can drop stale replies.
   the request waits on the service (the event loop never blocks) up to
   ``replay.sample_wait_s``, then gets ``error`` {reason: "not_ready"} and the client asks
   again, until its own timeout. A batch larger than the limiter can ever grant gets
-  ``error`` "batch_too_large" at once; so does one whose arrays would exceed what a client
-  takes (:data:`MAX_REPLY_BYTES`), when it is drawn, with ``detail``: its size, the limit and
-  what to change (nothing counted: no limiter credit spent).
+  ``error`` "batch_too_large" at once; so does one whose arrays would exceed what its client
+  takes (the request's ``max_bytes``, at most :data:`MAX_REPLY_BYTES`; that, for a request
+  without one), when it is drawn, with ``detail``: its size, the limit and what to change
+  (nothing counted: no limiter credit spent).
 * ``priorities`` -> no reply (learners fire and forget); unknown window ids are ignored.
 * ``stats``   -> ``stats`` with the buffer's counters and the number of waiting requests.
 * anything malformed -> ``error`` {reason: "malformed", detail: the decoder's reason} (already
@@ -44,7 +45,15 @@ KINDS = ("insert", "sample", "priorities", "stats")
 POLL_MS = 100
 MAX_REPLY_BYTES = protocol.DEFAULT_MAX_BYTES
 """The most bytes of arrays a batch may carry: what a :class:`replay.client.ReplayClient` takes
-(its ``max_bytes`` default). A larger batch would be dropped by the client as a broken reply."""
+by default (its ``max_bytes``), and what the replay assumes of a ``sample`` request that names
+no ``max_bytes`` (a sender older than protocol version 3). A request's own ``max_bytes`` lowers
+the limit for its batch, never raises it past this: a larger batch would be dropped by the
+client as a broken reply."""
+
+
+def _whole(value) -> bool:
+    """An int of the request's meta (msgpack's; a bool is none)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)
@@ -188,8 +197,9 @@ class ReplayService:
         self._ack(identity, msg, result.status, result.reason)
 
     def _on_sample(self, identity: bytes, msg: protocol.Message) -> None:
-        n, rank = msg.meta.get("batch_size"), msg.meta.get("rank", 0)
-        if not (isinstance(n, int) and 1 <= n <= protocol.MAX_SAMPLE_WINDOWS and isinstance(rank, int) and rank >= 0):
+        n, rank, limit = msg.meta.get("batch_size"), msg.meta.get("rank", 0), msg.meta.get("max_bytes", 1)
+        if not (_whole(n) and 1 <= n <= protocol.MAX_SAMPLE_WINDOWS and _whole(rank) and rank >= 0
+                and _whole(limit) and limit >= 1):
             self.runtime.metrics.reject("bad_sample_request")
             self._send(identity, protocol.error_reply("bad_sample_request"), msg)
         elif n > (most := self.buffer.max_batch()):
@@ -211,8 +221,8 @@ class ReplayService:
             w = self.samples.popleft()
             start = time.perf_counter()
             try:
-                batch = self.buffer.sample(w.msg.meta["batch_size"], w.msg.meta.get("rank", 0),
-                                           max_bytes=MAX_REPLY_BYTES)
+                limit = min(w.msg.meta.get("max_bytes", MAX_REPLY_BYTES), MAX_REPLY_BYTES)
+                batch = self.buffer.sample(w.msg.meta["batch_size"], w.msg.meta.get("rank", 0), max_bytes=limit)
             except LookupError:
                 self.samples.appendleft(w)
                 break

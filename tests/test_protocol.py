@@ -272,13 +272,15 @@ def test_match_triangulation_is_checked_against_the_matches():
         assert err.value.reason == "bad_triangulation", (column, value)
 
 
-def test_version_1_messages_are_still_accepted_and_unknown_versions_named():
+def test_older_versions_are_still_accepted_and_unknown_versions_named():
     frames = _frames(_window())
-    assert protocol.VERSION == 2 and frames[0] == b"R3W\x02"
-    back = protocol.decode([b"R3W\x01", *frames[1:]])  # a v1 sender: the same layout without the new array
-    assert back.kind == "window"
+    assert protocol.VERSION == 3 and frames[0] == b"R3W\x03"
+    for older in (b"R3W\x01", b"R3W\x02"):  # the same layout without the arrays and meta added since
+        assert protocol.decode([older, *frames[1:]]).kind == "window"
+    sample = protocol.encode(protocol.Message("sample", {"batch_size": 2, "rank": 0}))  # a v2 sender's: no max_bytes
+    assert protocol.decode([b"R3W\x02", *sample[1:]]).meta == {"batch_size": 2, "rank": 0}
     with pytest.raises(ProtocolError, match="bad_version"):
-        protocol.decode([b"R3W\x03", *frames[1:]])
+        protocol.decode([b"R3W\x04", *frames[1:]])
 
 
 def test_matches_columns_by_name_in_window_batch_and_loss_rows():

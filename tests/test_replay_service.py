@@ -249,6 +249,45 @@ def test_a_batch_over_the_reply_limit_is_refused_with_its_size(make_cfg, make_in
         assert client.sample(2).arrays["frames"].shape[0] == 2
 
 
+def test_each_client_is_served_batches_up_to_its_own_limit(make_cfg, make_insert, monkeypatch):
+    """A sample request carries its client's ``max_bytes`` (protocol version 3): the replay
+    refuses a batch over the requester's limit, capped at MAX_REPLY_BYTES, as batch_too_large
+    naming that limit, and serves the same batch to a client that takes it. Before, every
+    request was held to MAX_REPLY_BYTES alone: a client of a smaller ``max_bytes`` was sent the
+    batch, dropped it as a broken reply and asked again until its timeout. A request that names
+    no limit (an older sender's) is held to MAX_REPLY_BYTES; so is its prefetcher's."""
+    window = max(make_insert(i).nbytes() for i in range(3))
+    small, cap = 3 * window, 12 * window  # a batch of 2 fits the small client, one of 8 the cap
+    monkeypatch.setattr(service, "MAX_REPLY_BYTES", cap)
+    cfg = make_cfg(*REPLAY)
+    with serving(cfg) as (endpoint, runtime), \
+            ReplayClient(endpoint, timeout_s=HANG_S, retry_s=HANG_S / 4, max_bytes=small) as little, \
+            ReplayClient(endpoint, timeout_s=HANG_S, retry_s=HANG_S / 4, max_bytes=100 * window) as big:
+        for i in range(3):
+            assert little.insert(make_insert(i))["status"] == "stored"
+        with pytest.raises(ReplayError, match="batch_too_large") as refused:
+            little.sample(8)
+        assert little.retries == 0 and f"over the {small} bytes" in refused.value.detail, refused.value.detail
+        assert big.sample(8).arrays["frames"].shape[0] == 8
+        assert little.sample(2).arrays["frames"].shape[0] == 2
+        fetch = little.prefetch(8, depth=1)
+        with pytest.raises(ReplayError, match="batch_too_large"):
+            next(fetch)
+        fetch.close()
+        monkeypatch.setattr(service, "MAX_REPLY_BYTES", 4 * window)  # the replay's cap holds for every client
+        with pytest.raises(ReplayError, match="batch_too_large") as refused:
+            big.sample(8)
+        assert f"over the {4 * window} bytes" in refused.value.detail, refused.value.detail
+        unnamed = protocol.Message("sample", {"batch_size": 8, "rank": 0})
+        with pytest.raises(ReplayError, match="batch_too_large") as refused:
+            big.request(unnamed, reply_kinds=("batch",))
+        assert f"over the {4 * window} bytes" in refused.value.detail, refused.value.detail
+        for bad in (0, -1, True, 1.5, "big"):
+            with pytest.raises(ReplayError, match="bad_sample_request"):
+                big.request(protocol.Message("sample", {"batch_size": 2, "max_bytes": bad}), reply_kinds=("batch",))
+        assert big.stats()["samples"] == 8 + 2
+
+
 def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
     cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)
