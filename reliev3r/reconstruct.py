@@ -31,7 +31,11 @@ Writes into ``--out``:
 
 They replace an earlier reconstruction's in the same folder, none of it left over, only once
 all are written (into a hidden ``.reconstruct-*`` folder inside ``--out`` until then): a run
-that fails or is stopped (Ctrl-C) leaves the folder as it was.
+that fails or is stopped (Ctrl-C) leaves the folder as it was. The replacement itself
+(:mod:`reliev3r.swap`) is renames recorded by a marker file (``.reconstruct.swap``) written
+once the new outputs are on disk: a run killed outright (SIGKILL, power loss) during it leaves
+the earlier set whole (before the marker) or the new one (after), and the next ``reconstruct``
+into the folder, or ``reliev3r view`` of it, finishes the renames first.
 
 Long inputs: frames are decoded, reconstructed and chained one window at a time and every
 output above is written as its frames are chained (the PLY's vertex count is patched in at the
@@ -62,7 +66,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reliev3r import geometry, imaging
+from reliev3r import geometry, imaging, swap
 from reliev3r.config_base import check_device
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
@@ -466,22 +470,29 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
     The outputs are written into a hidden folder inside ``out`` (:data:`STAGING`) and take the
     place of an earlier reconstruction's (:data:`OUTPUTS`) only once all are written: a run that
     fails (a damaged frame, too few frames) or is stopped (Ctrl-C) leaves ``out`` as it was,
-    and removes what it wrote (a folder it created for ``out`` too)."""
+    and removes what it wrote (a folder it created for ``out`` too). The replacement is
+    :func:`reliev3r.swap.replace`; an earlier run's that a kill interrupted is finished first
+    (:func:`reliev3r.swap.settle`)."""
     out = Path(out)
     made = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
+    swap.settle(out)  # an earlier run's replacement that a kill interrupted
     for stale in out.glob(STAGING + "*"):
         if _abandoned(stale):
             shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{socket.gethostname()}-{os.getpid()}-", dir=out))
-    done = False
+    done = swapping = False
     try:
         with contextlib.ExitStack() as held:  # open files and spools, closed however the run ends
             summary = _reconstruct_into(held, reconstructor, frames, staging, opts, gt_poses, gt_tum)
-        _replace_outputs(out, staging)
+        swapping = True
+        swap.replace(out, staging, OUTPUTS)
+        for spool in out.glob(".spool-*"):  # spools that runs of earlier versions wrote into out and left
+            spool.unlink(missing_ok=True)
         done = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (swapping and (out / swap.MARKER).exists()):  # else it holds the new set: swap.settle finishes
+            shutil.rmtree(staging, ignore_errors=True)
         if not done:
             for folder in made:
                 try:
@@ -503,22 +514,6 @@ def _abandoned(staging: Path) -> bool:
     except (OSError, OverflowError):  # another user's process, or no pid at all
         return False
     return False
-
-
-def _replace_outputs(out: Path, staging: Path) -> None:
-    """Move the outputs written in ``staging`` into ``out``; an earlier reconstruction's
-    outputs go into ``staging`` first (removed with it), none of them left over. Renames only,
-    so ``out`` is between the two for a moment at most."""
-    earlier = staging / ".replaced"
-    earlier.mkdir()
-    for name in OUTPUTS:
-        if os.path.lexists(out / name):
-            os.replace(out / name, earlier / name)
-    for name in OUTPUTS:
-        if os.path.lexists(staging / name):
-            os.replace(staging / name, out / name)
-    for spool in out.glob(".spool-*"):  # spools that runs of earlier versions wrote into out and left
-        spool.unlink(missing_ok=True)
 
 
 def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames | FrameStream, out: Path,

@@ -6,7 +6,8 @@ the optional extra ``view``) to open with ``rerun FILE.rrd``.
   and image (``colmap/images/``, when ``--colmap`` wrote them); the point cloud
   (``points.ply``) static. Each frame's intrinsics are those ``reconstruct`` unprojected it
   with (``reconstruction.json``; from a reconstruction written before they were recorded
-  there: its COLMAP model's first camera, else a 60 degree horizontal field of view);
+  there: its COLMAP model's first camera, else a 60 degree horizontal field of view). A
+  replacement of its outputs that a kill interrupted is finished first (:func:`reliev3r.swap.settle`);
 * a run folder (``snapshots/`` + ``config.yaml``): on the ``step`` timeline, every snapshot
   (at most ``--snapshots``, spread over the run) predicts the first held-out window(s) of the
   evaluator's data: cameras, images, depth and the unprojected points, Sim(3)-aligned to the
@@ -23,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from reliev3r import imaging
+from reliev3r import imaging, swap
 
 MAX_POINTS = 200_000
 
@@ -249,6 +250,7 @@ def close_recording(rec) -> None:
 def main(cfg, args) -> int:
     target = Path(args.target)
     out = Path(args.out) if args.out else target / "view.rrd"
+    swap.settle(target)  # a reconstruction's replacement of an earlier one that a kill interrupted
     if not (target / "poses.txt").is_file() and not (target / "snapshots").is_dir():
         print(f"reliev3r view: {target}: neither a reconstruction (poses.txt) nor a run (snapshots/)", file=sys.stderr)
         return 2

@@ -462,3 +462,83 @@ def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     assert cli.main(argv) == 0
     summary = _check_outputs(out, 6)
     assert summary["gt_frames"] == 6 and np.isfinite(summary["ate_m"])
+
+
+_KILLED_SWAP = r"""
+import os, shutil, signal, sys
+from pathlib import Path
+import numpy as np
+from reliev3r import reconstruct as rec
+from tests.test_reconstruct import _DepthModel
+
+folder, real = Path(sys.argv[1]), os.replace
+k = 0
+while True:  # a child per kill point, each SIGKILLed before the k-th rename in its output folder
+    k += 1
+    out = folder / str(k)
+    shutil.copytree(folder / "old", out)
+    pid = os.fork()
+    if pid == 0:
+        calls = 0
+
+        def replace(src, dst, **kw):
+            global calls
+            if out in (Path(src).parent, Path(dst).parent):
+                calls += 1
+                if calls == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst, **kw)
+
+        os.replace = replace
+        frames = ((np.zeros((16, 20, 3), np.uint8), float(t)) for t in range(3))
+        rec.reconstruct(_DepthModel(np.full((16, 20), 2.0, np.float32)), rec.FrameStream(frames, None, None, 3),
+                        out, rec.ReconstructOptions(views=3))
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if not os.WIFSIGNALED(status):
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        print(k)
+        break
+    assert os.WTERMSIG(status) == signal.SIGKILL, status
+"""
+
+
+def test_a_reconstruction_killed_while_it_replaces_the_earlier_one_leaves_one_of_them_whole(tmp_path):
+    """A run killed outright (SIGKILL) at each rename of its outputs over an earlier
+    reconstruction's, then the next use of the folder (a reconstruction, here one that fails on its
+    input; ``reliev3r view``): the folder holds the earlier reconstruction or the new one, byte
+    for byte, never a mix, and nothing hidden. Before, the renames moved the earlier outputs into
+    the run's hidden folder one by one and then the new ones out of it, and the next run removed
+    that folder of a process that was gone: a kill after the first rename lost an earlier output
+    for good, one later left the new outputs short or beside earlier ones."""
+    from reliev3r.reconstruct import FrameStream, ReconstructOptions, reconstruct
+
+    folder = tmp_path / "kills"
+    frames = ((np.zeros((16, 20, 3), np.uint8), float(t)) for t in range(4))
+    reconstruct(_DepthModel(np.full((16, 20), 1.0, np.float32)), FrameStream(frames, None, None, 4), folder / "old",
+                ReconstructOptions(views=3))
+    (folder / "old" / "view.rrd").write_bytes(b"the earlier reconstruction's recording")
+    done = subprocess.run([sys.executable, "-c", _KILLED_SWAP, str(folder)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = int(done.stdout.split()[-1])  # the child that no kill point stopped
+    old, new = _contents(folder / "old"), _contents(folder / str(last))
+    assert "view.rrd" not in new and "depth/000003.png" not in new and new["poses.txt"] != old["poses.txt"]
+    renamed = len({p.split("/")[0] for p in old}) + len({p.split("/")[0] for p in new})
+    assert last - 1 >= renamed  # a kill before each rename of an earlier output out and of a new one in, at least
+    seen = []
+    for k in range(1, last):
+        shutil.copytree(folder / str(k), folder / f"{k}-view")
+        # Without rerun-sdk, view says so after it has settled the folder.
+        cli.main(["view", str(folder / f"{k}-view"), "--out", str(tmp_path / f"{k}.rrd")])
+        one = ((np.zeros((16, 20, 3), np.uint8), 0.0) for _ in range(1))
+        with pytest.raises(ValueError, match="1 frame decoded"):
+            reconstruct(_DepthModel(np.ones((16, 20), np.float32)), FrameStream(one, None, None, 1), folder / str(k),
+                        ReconstructOptions(views=3))
+        assert not [p for p in (folder / str(k)).iterdir() if p.name.startswith(".")], k
+        for name in (str(k), f"{k}-view"):  # view leaves the hidden folders to the next reconstruction
+            found = {p: b for p, b in _contents(folder / name).items() if not p.startswith(".")}
+            whole = "old" if found == old else "new" if found == new else None
+            assert whole is not None, (k, name, sorted(set(found) ^ set(old)), sorted(set(found) ^ set(new)))
+        seen.append(whole)
+    assert seen[0] == "old" and seen[-1] == "new", seen
