@@ -132,9 +132,10 @@ def essential_pose_errors(matches: np.ndarray, intrinsics: np.ndarray,
     return rot_errs, trans_errs
 
 
-def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig) -> dict[str, float]:
-    """RRA/RTA/AUC@30 of essential-matrix poses for every view pair of every window."""
-    matcher = make_matcher(labeler.matcher if labeler.matcher in ("sift", "orb") else "sift")
+def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu") -> dict[str, float]:
+    """RRA/RTA/AUC@30 of essential-matrix poses for every view pair of every window, from
+    matches of ``labeler.matcher`` (on ``device``: XFeat's) verified at ``labeler.ransac_threshold_px``."""
+    matcher = make_matcher(labeler.matcher, device)
     rot_errs, trans_errs = [], []
     for window in windows:
         if window.gt_cam_to_world is None:

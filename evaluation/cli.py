@@ -6,10 +6,11 @@ Prints a markdown table (one row per model or baseline) and writes ``results.jso
 ``--compare`` snapshot (e.g. the fully-supervised sibling), and the baselines: constant depth
 with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
 for a snapshot of a run whose teacher refresh is done, the teacher that refresh made)
-and two-view essential-matrix poses from verified matches. Every model sees the same windows,
-at the first snapshot's training resolution. The windows (``streamer.views``, ``evaluator.data``,
-``windows``, ``stride``, the synthetic world) are the snapshot's run's, from its ``config.yaml``,
-where the command line does not set them and no ``--config`` is given
+and two-view essential-matrix poses from matches of ``labeler.matcher``, verified. Every model
+sees the same windows, at the first snapshot's training resolution. The windows
+(``streamer.views``, ``evaluator.data``, ``windows``, ``stride``, the synthetic world) and the
+baselines (``labeler.teacher``, ``matcher``, ``ransac_threshold_px``) are the snapshot's run's,
+from its ``config.yaml``, where the command line does not set them and no ``--config`` is given
 (:func:`reliev3r.config.with_run_config`, as ``reliev3r view`` reads a run).
 """
 
@@ -81,7 +82,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
             rows[f"baseline: teacher depth {spec} (per-frame lsq)"] = teacher_depth_baseline(windows, spec, device)
     if has_poses:
         rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
-            windows, cfg.labeler)
+            windows, cfg.labeler, device)
     table = markdown_table(rows, COLUMNS)
     ratios = [(first, name) for name in per_window if name != first]  # the model over each sibling and the floor
     spread, spread_numbers = interval_table(per_window, ratios, TITLES)

@@ -104,6 +104,11 @@ def run_folder(path: str | Path) -> Path:
 
 RUN_SECTIONS = ("streamer", "evaluator")
 """The sections of a run's ``config.yaml`` a tool reads its snapshots with (:func:`with_run_config`)."""
+RUN_LABELER = ("teacher", "matcher", "ransac_threshold_px")
+"""The ``labeler`` keys of a run's ``config.yaml`` a tool takes too: those of the baselines
+``reliev3r eval`` scores beside the run's model (the depth teacher it learned from, the matcher
+of its verified matches and their inlier threshold); the labeler's other keys are how the run
+used its hosts (device, workers, threads, batches)."""
 
 
 def with_run_config(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> PipelineConfig:
@@ -111,15 +116,18 @@ def with_run_config(cfg: PipelineConfig, run_dir: Path, *, files: list[str], ove
     ``cfg`` with the :data:`RUN_SECTIONS` of ``<run_dir>/config.yaml`` (the run's windows: views,
     size, synthetic world, whose held-out scenes its evaluator rendered into
     ``<run_dir>/eval_world`` and a tool reuses rather than renders again with another spec; its
-    evaluator's data, windows, stride) and the ``overrides`` on top, so an option the command
-    does not set is the run's; ``cfg`` itself where the command was given config ``files`` or
-    the run has no config. The run's other sections are not read (learner options of another
+    evaluator's data, windows, stride) and its :data:`RUN_LABELER` keys (its teacher and
+    matcher: ``eval``'s baselines), and the ``overrides`` on top, so an option the command does
+    not set is the run's; ``cfg`` itself where the command was given config ``files`` or the run
+    has no config. The run's other sections and keys are not read (learner options of another
     version still open)."""
     path = Path(run_dir) / "config.yaml"
     if files or not path.is_file():
         return cfg
     data = load_data([path])
     own = {k: data[k] for k in RUN_SECTIONS if k in data}
+    labeler = data.get("labeler") or {}
+    own["labeler"] = {k: labeler[k] for k in RUN_LABELER if k in labeler}
     return build(PipelineConfig, merge(merge(to_dict(cfg), own), load_data([], overrides)))
 
 

@@ -155,6 +155,40 @@ def test_eval_and_export_take_views_windows_and_data_from_the_checkpoints_run(tm
     assert (index["data"], index["views"], len(index["windows"])) == (f"synthetic:{data}", 3, 2)
 
 
+def test_eval_scores_the_baselines_of_the_checkpoints_run(tmp_path):
+    """``eval RUN`` read the run's views and data from its ``config.yaml`` but scored the
+    command's baselines beside its model: the default teacher (``embedded``) and the default
+    matcher (``sift``) for a run that learned from another teacher and matched with ORB. The
+    run's ``labeler.teacher``, ``matcher`` and ``ransac_threshold_px`` are now taken (its device
+    and threads are not: the host's); ``--teacher``, overrides and ``--config`` still win."""
+    from reliev3r.synthetic import ensure_world
+    from streamer.config import SyntheticConfig
+
+    data = tmp_path / "world"
+    ensure_world(data, SyntheticConfig(scenes=1, frames=24, height=48, width=64), progress=False)
+    run = make_tiny_snapshot(tmp_path / "run", seed=0).parent.parent
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"streamer": {"views": 3}, "evaluator": {"data": f"synthetic:{data}", "windows": 1},
+         "labeler": {"teacher": "oracle?strength=1", "matcher": "orb", "ransac_threshold_px": 2.0, "device": "cuda:7",
+                     "cpu_threads": 64}}))
+    common = [f"run.dir={tmp_path / 'default'}"]
+
+    def scored(*argv: str) -> tuple[list[str], str]:
+        assert cli.main(["eval", "--checkpoint", str(run), *argv, *common]) == 0
+        result = json.loads((run / "eval" / "results.json").read_text())
+        assert [name for name in result["rows"] if name.startswith("baseline: teacher")] == [
+            f"baseline: teacher depth {t} (per-frame lsq)" for t in result["teachers"]]
+        classical = [name for name in result["rows"] if name.startswith("baseline: two-view essential matrix (")]
+        assert len(classical) == 1, list(result["rows"])
+        return result["teachers"], classical[0].removeprefix("baseline: two-view essential matrix (").rstrip(")")
+
+    assert scored() == (["oracle?strength=1"], "orb")  # the run's
+    assert scored("--teacher", "oracle", "labeler.matcher=sift") == (["oracle"], "sift")
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"evaluator": {"data": f"synthetic:{data}", "windows": 1}, "streamer": {"views": 3}}))
+    assert scored("--config", str(own), "--teacher", "none") == ([], "sift")  # the command's config alone
+
+
 def test_disparity_teacher_is_aligned_in_disparity_space():
     rng = np.random.default_rng(0)
     gt = rng.uniform(0.5, 4.0, (12, 16)).astype(np.float32)
