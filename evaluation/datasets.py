@@ -35,7 +35,6 @@ Images, depth and intrinsics are fitted to the model's input size by
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -186,11 +185,16 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     if not indices:
         raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg frames in range")
     K = np.loadtxt(folder / "camera-intrinsics.txt", dtype=np.float64).reshape(3, 3)
-    turn = functools.cache(lambda k: imaging.file_orientation(folder / f"frame-{indices[k]:06d}.color.jpg"))
+    turns: dict[int, int] = {}  # each frame's Exif orientation, read from the bytes read() decoded
+
+    def turn(k: int) -> int:
+        if k not in turns:
+            turns[k] = imaging.file_orientation(folder / f"frame-{indices[k]:06d}.color.jpg")
+        return turns[k]
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
-        bgr = imaging.read_image(f"{stem}.color.jpg")
+        bgr, turns[k] = imaging.read_image_and_orientation(f"{stem}.color.jpg")
         depth = imaging.read_image(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
         if bgr is None or depth is None:
             raise OSError(f"{stem}: unreadable colour or depth image")
@@ -258,10 +262,16 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     images, poses = [images[k] for k in keep], [poses[k] for k in keep]
     if not images:
         raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
-    first_bgr = imaging.read_image(images[0])
+    turns: dict[int, int] = {}  # each frame's Exif orientation, read from the bytes read() decoded
+    first_bgr, turns[0] = imaging.read_image_and_orientation(images[0])
     if first_bgr is None:
         raise OSError(f"{images[0]}: unreadable image")
-    turn = functools.cache(lambda k: imaging.file_orientation(images[k]))
+    held = {0: first_bgr}  # read(0)'s image, decoded already
+
+    def turn(k: int) -> int:
+        if k not in turns:
+            turns[k] = imaging.file_orientation(images[k])
+        return turns[k]
     found = imaging.intrinsics_file(folder)
     if found is not None:  # of the camera as it records: turned as each frame is
         K = imaging.read_intrinsics(found)
@@ -284,7 +294,9 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         return None
 
     def read(k: int):
-        bgr = imaging.read_image(images[k])
+        bgr = held.pop(k, None)
+        if bgr is None:
+            bgr, turns[k] = imaging.read_image_and_orientation(images[k])
         if bgr is None:
             raise OSError(f"{images[k]}: unreadable image")
         depth = None

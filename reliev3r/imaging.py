@@ -65,11 +65,20 @@ def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | 
     orientation as ``imread`` turns them), None where the file cannot be read or decoded.
     OpenCV's own ``imread`` crashes the process (a segmentation fault) on a path that is not
     valid UTF-8, as a camera card's or an old archive's folder names can be."""
+    return read_image_and_orientation(path, flags)[0]
+
+
+def read_image_and_orientation(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> tuple[np.ndarray | None, int]:
+    """:func:`read_image` and the file's Exif orientation (:func:`image_orientation`, which a
+    colour decode turns the image by) from the same bytes, the file opened once; (None, 0) where
+    it cannot be read."""
     try:
         data = np.fromfile(path, np.uint8)
     except (OSError, ValueError):
-        return None
-    return cv2.imdecode(data, flags) if data.size else None
+        return None, 0
+    if not data.size:
+        return None, 0
+    return cv2.imdecode(data, flags), image_orientation(data[:ORIENTATION_HEAD].tobytes())
 
 
 def write_image(path: str | Path, image: np.ndarray) -> bool:

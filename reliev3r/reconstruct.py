@@ -126,21 +126,24 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         if K is None and (found := imaging.intrinsics_file(path)) is not None:
             K, intrinsics = read_intrinsics(found), found
         turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
+        first = None  # the first frame, decoded for its size and orientation: the stream's first
         if K is not None:  # of the camera as it records: turned as the frames are
-            from reliev3r.imaging import file_orientation, shown_intrinsics
-
-            first = imaging.read_image(files[0])
+            first, shown = imaging.read_image_and_orientation(files[0])
             if first is not None:
-                turn = file_orientation(files[0])
+                turn = shown
                 h, w = first.shape[:2]
-                K = _fitting(shown_intrinsics(K, turn, w, h), intrinsics, w, h)
+                K = _fitting(imaging.shown_intrinsics(K, turn, w, h), intrinsics, w, h)
 
         def images() -> Iterator[tuple[np.ndarray, float]]:
+            nonlocal first
             for f, t in zip(files, stamps):
-                bgr = imaging.read_image(f)
+                if first is not None:
+                    bgr, shown, first = first, turn, None
+                else:
+                    bgr, shown = imaging.read_image_and_orientation(f)  # each file opened once
                 if bgr is None:
                     raise OSError(f"{f}: unreadable image")
-                if turn is not None and file_orientation(f) != turn:
+                if turn is not None and shown != turn:
                     raise ValueError(f"{f}: turned by its Exif orientation unlike {files[0].name}, so the one "
                                      "intrinsics matrix cannot serve both")
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -157,6 +159,25 @@ def exif_tagged(data: bytes, orientation: int, *, big_endian: bool = False) -> b
     at = data.index(b"IDAT") - 4
     chunk = len(tiff).to_bytes(4, "big") + b"eXIf" + tiff + zlib.crc32(b"eXIf" + tiff).to_bytes(4, "big")
     return data[:at] + chunk + data[at:]
+
+
+def count_reads(monkeypatch) -> collections.Counter:
+    """Opens of each file (by resolved path) from here on, through Python's ``open``: what
+    ``Path.read_bytes`` and ``numpy.fromfile`` (``reliev3r.imaging.read_image``) open a path with."""
+    import builtins
+    import io
+
+    counts: collections.Counter = collections.Counter()
+    real = builtins.open
+
+    def counted(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)):
+            counts[Path(os.fsdecode(file)).resolve()] += 1
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counted)
+    monkeypatch.setattr(io, "open", counted)
+    return counts
 
 
 def serve_once(data: bytes, *, http: bool = False) -> str:

@@ -411,6 +411,24 @@ def test_a_window_with_a_mirrored_frame_and_its_pose_is_skipped_saying_why(tmp_p
     assert windows[0].gt_cam_to_world is not None and windows[1].gt_cam_to_world is None
 
 
+@pytest.mark.parametrize("spec", ["folder", "7scenes"])
+def test_each_frame_is_read_once_for_its_pixels_its_orientation_and_its_depth(tmp_path, monkeypatch, spec):
+    """Frames with Exif orientations, depth maps and an intrinsics file (both turned as the
+    frame is): each colour file is opened once for a window, its orientation read from the
+    bytes decoded. Before, each was opened again for the orientation (its depth map's and its
+    intrinsics' turn), and a folder's first frame once more when the folder was opened."""
+    from streamer_media import count_reads
+
+    _write_turned_folder(tmp_path / "phone", ".jpg")
+    reads = count_reads(monkeypatch)
+    (w,) = load_windows(f"{spec}:{tmp_path / 'phone'}", views=4, height=48, width=48, windows=1, stride=1,
+                        run_dir=tmp_path)
+    monkeypatch.undo()
+    assert w.images.shape == (4, 48, 48, 3) and w.gt_depth is not None
+    frames = sorted((tmp_path / "phone").glob("*.color.jpg"))
+    assert {p.name: reads[p.resolve()] for p in frames} == {p.name: 1 for p in frames}
+
+
 def test_a_folder_without_intrinsics_gets_a_field_of_view_for_each_frame_as_shown(tmp_path):
     """No intrinsics file: each view gets the 60 degree horizontal field of view of its frame as
     shown (as the streamer does), whichever way its Exif orientation turns it. Before, every

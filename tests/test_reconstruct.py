@@ -453,6 +453,29 @@ def test_a_folders_intrinsics_are_turned_with_its_frames_exif_orientation(tmp_pa
         list(open_input(folder, stride=1, max_frames=10).frames)
 
 
+def test_a_folders_frames_are_each_read_once_for_their_pixels_and_orientation(tmp_path, monkeypatch):
+    """A folder of Exif-tagged frames with an intrinsics file (the frames' orientation matters):
+    each frame's file is opened once, its orientation read from the bytes decoded. Before, each
+    was opened again for its Exif orientation, and the first frame twice more before the stream
+    (its size and orientation for the intrinsics)."""
+    from reliev3r.reconstruct import open_input
+    from streamer_media import count_reads, exif_tagged, texture
+
+    folder = tmp_path / "upright"
+    folder.mkdir()
+    for k in range(5):
+        ok, data = cv2.imencode(".jpg", texture(64, 48, seed=k))
+        (folder / f"{k:04d}.jpg").write_bytes(exif_tagged(data.tobytes(), 6))
+    (folder / "camera-intrinsics.txt").write_text("50 55 30 20\n")
+    reads = count_reads(monkeypatch)
+    stream = open_input(folder, stride=1, max_frames=10)
+    frames = list(stream.frames)
+    monkeypatch.undo()
+    assert len(frames) == 5 and frames[0][0].shape == (64, 48, 3)
+    np.testing.assert_allclose(stream.intrinsics, [[55.0, 0, 27], [0, 50.0, 30], [0, 0, 1]])  # turned
+    assert {p.name: reads[p.resolve()] for p in folder.glob("*.jpg")} == {f"{k:04d}.jpg": 1 for k in range(5)}
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
