@@ -117,7 +117,8 @@ class StreamerConfig:
 
     resume: bool = True
     """Persist archive progress in ``<run.dir>/streamer/progress.json`` and continue from it
-    after a restart (acknowledged windows are not sent again)."""
+    after a restart (acknowledged windows are not sent again; the windows after them are those
+    an uninterrupted run makes, the blur test's running median included)."""
     live_open_timeout_s: float = 5.0
     """Live feeds: seconds to wait for a connection (and the stream header) before retrying."""
     live_read_timeout_s: float = 5.0

@@ -2,11 +2,12 @@
 
 A window is done once acknowledged. Per source we persist where to start decoding again (the
 first frame of the oldest window not yet acknowledged, or of the last window made when every
-window so far is acknowledged) and the ids of windows acknowledged from that point on
-(acknowledgements arrive out of order), so a restarted streamer neither starts from zero nor
-sends an acknowledged window again. The resume point is always a window's first frame: a window
-builder started there makes that window and the ones after it as the run before did (but for
-the blur test, whose running median of recent frames starts empty), whereas where the next
+window so far is acknowledged), the ids of windows acknowledged from that point on
+(acknowledgements arrive out of order), and the blur test's recent sharpness values that
+window's first view was tested against (``streamer.windows.Window.blur_history``), so a
+restarted streamer neither starts from zero nor sends an acknowledged window again. The resume
+point is always a window's first frame: a window builder started there, with those sharpness
+values, makes that window and the ones after it as the run before did, whereas where the next
 window begins is not known until it is made (after a scene cut or a gap it may begin anywhere
 after the last one's first frame, and with ``window_step`` beyond a window's span anywhere from
 ``window_step`` after it, where the keyframe gates keep a view). A last window acknowledged is
@@ -38,9 +39,12 @@ class Progress:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
         self.pass_index = 0
-        self.sources: dict[str, dict] = {}  # name -> {"resume": int, "acked": [ids], "done": bool}
-        self.pending: dict[str, str] = {}  # window id -> source (made, not yet acknowledged)
-        self.last_first: dict[str, int] = {}
+        # name -> {"resume": int, "acked": [ids], "done": bool, "blur_history": [floats]}
+        self.sources: dict[str, dict] = {}
+        # window id -> its source and blur_history (made, not yet acknowledged)
+        self.pending: dict[str, tuple[str, tuple[float, ...]]] = {}
+        # source -> its last window's first frame and blur_history
+        self.last_made: dict[str, tuple[int, tuple[float, ...]]] = {}
         self.dirty = False
         self.skipped = 0
         """Windows not made again because they were acknowledged before a restart."""
@@ -55,8 +59,11 @@ class Progress:
             state = json.loads(self.path.read_text())
             if state.get("version") != VERSION:
                 raise ValueError(f"version {state.get('version')}")
+            # blur_history: absent from files written before it (such a source resumes with none)
             sources = {str(k): {"resume": int(v["resume"]), "acked": [str(a) for a in v["acked"]],
-                                "done": bool(v["done"])} for k, v in state["sources"].items()}
+                                "done": bool(v["done"]),
+                                "blur_history": [float(x) for x in v.get("blur_history", [])]}
+                       for k, v in state["sources"].items()}
             self.pass_index, self.sources = int(state["pass"]), sources
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             # Unreadable progress costs re-sent windows (replay deduplicates), not a dead streamer.
@@ -72,6 +79,13 @@ class Progress:
                 return 0
             return None if rec["done"] else rec["resume"]
 
+    def blur_history(self, source: str) -> tuple[float, ...]:
+        """What the window builder resuming ``source`` at :meth:`start_frame` starts its blur
+        test with: the ``blur_history`` of the window made at that frame in the run before."""
+        with self.lock:
+            rec = self.sources.get(source)
+            return () if rec is None else tuple(rec["blur_history"])
+
     def is_acked(self, window_id: str, source: str | None = None) -> bool:
         """Whether ``window_id`` was acknowledged before a restart; ``source``: the progress key
         it was made under (a segment's, ``name@first_frame``), else its id's source name."""
@@ -80,15 +94,16 @@ class Progress:
             rec = self.sources.get(source)
             return rec is not None and window_id in rec["acked"]
 
-    def made(self, source: str, window_id: str) -> None:
+    def made(self, source: str, window_id: str, blur_history: tuple[float, ...] = ()) -> None:
+        """``blur_history``: the window's (``streamer.windows.Window.blur_history``)."""
         with self.lock:
-            self.pending[window_id] = source
-            self.last_first[source] = window_first_frame(window_id)
-            self.sources.setdefault(source, {"resume": 0, "acked": [], "done": False})
+            self.pending[window_id] = (source, tuple(blur_history))
+            self.last_made[source] = (window_first_frame(window_id), tuple(blur_history))
+            self.sources.setdefault(source, _fresh())
 
     def source_done(self, source: str) -> None:
         with self.lock:
-            self.sources.setdefault(source, {"resume": 0, "acked": [], "done": False})["done"] = True
+            self.sources.setdefault(source, _fresh())["done"] = True
             self.dirty = True
 
     def new_pass(self, pass_index: int) -> None:
@@ -100,37 +115,38 @@ class Progress:
         come again in this one."""
         with self.lock:
             self.pending = {}
-            self.pass_index, self.sources, self.last_first = pass_index, {}, {}
+            self.pass_index, self.sources, self.last_made = pass_index, {}, {}
             self.dirty = True
 
     # ------------------------------------------------------------------ acknowledgements
     def acked(self, window_id: str) -> None:
         with self.lock:
-            source = self.pending.pop(window_id, None)
-            if source is None:
+            entry = self.pending.pop(window_id, None)
+            if entry is None:
                 return  # of a pass before, not ours (a live feed) or a late duplicate
-            self.sources[source]["acked"].append(window_id)
+            self.sources[entry[0]]["acked"].append(window_id)
             self.dirty = True
 
     def snapshot(self) -> dict:
         """The state to persist, with resume points recomputed and acked lists trimmed."""
         with self.lock:
-            oldest: dict[str, int] = {}
-            for wid, source in self.pending.items():
+            oldest: dict[str, tuple[int, tuple[float, ...]]] = {}  # source -> first frame, blur_history
+            for wid, (source, history) in self.pending.items():
                 first = window_first_frame(wid)
-                oldest[source] = min(first, oldest.get(source, first))
+                if source not in oldest or first < oldest[source][0]:
+                    oldest[source] = (first, history)
             out = {}
             for source, rec in self.sources.items():
                 if source in oldest:
-                    resume, done = oldest[source], False  # finished decoding, windows still out
-                elif source in self.last_first:  # every window made is acknowledged
-                    resume, done = self.last_first[source], rec["done"]
+                    (resume, history), done = oldest[source], False  # finished decoding, windows still out
+                elif source in self.last_made:  # every window made is acknowledged
+                    (resume, history), done = self.last_made[source], rec["done"]
                 else:
-                    resume, done = rec["resume"], rec["done"]
+                    resume, history, done = rec["resume"], rec["blur_history"], rec["done"]
                 acked = sorted({a for a in rec["acked"] if window_first_frame(a) >= resume},
                                key=window_first_frame)
                 rec["acked"] = acked
-                out[source] = {"resume": resume, "acked": acked, "done": done}
+                out[source] = {"resume": resume, "acked": acked, "done": done, "blur_history": list(history)}
             return {"version": VERSION, "pass": self.pass_index, "sources": out}
 
     def save(self, force: bool = False) -> bool:
@@ -147,3 +163,8 @@ class Progress:
         with self.lock:
             self.dirty = False
         return True
+
+
+def _fresh() -> dict:
+    """A source's record before any of its windows is acknowledged."""
+    return {"resume": 0, "acked": [], "done": False, "blur_history": []}

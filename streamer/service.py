@@ -216,11 +216,14 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                     continue
                 if start:
                     log.info("resuming source", extra={"source": key, "frame": start, "pass": pass_index})
+                # the blur test resumes with the sharpness values the resumed window was tested against
+                history = progress.blur_history(key) if start else ()
                 # (a resumed source may rightly have too few frames left for a window); in a
                 # decode worker of its own where cfg.decode_workers allows
                 active.append((source.name, key, source_windows(source, cfg, start=start, pass_index=pass_index,
                                                                  on_frame=on_frame, on_error=on_error,
-                                                                 segment=segment), segment is not None))
+                                                                 segment=segment, blur_history=history),
+                               segment is not None))
             if not active:
                 continue
             seen = workers.arrivals()
@@ -245,7 +248,7 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 if progress.is_acked(window.window_id, key):
                     progress.skipped += 1
                     continue  # acknowledged before a restart
-                progress.made(key, window.window_id)
+                progress.made(key, window.window_id, window.blur_history)
             yield window
         if not cfg.loop or stop.is_set():
             return

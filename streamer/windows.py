@@ -14,7 +14,9 @@ Keyframes (candidates are ``frame_stride`` apart):
   first looked at (``streamer.sources.FrameLost``: an image decoded lazily, reported by its
   source) is a gap, as a frame flagged ``discontinuity`` after it would be.
 * blur: a candidate whose Laplacian variance is below ``blur_ratio`` times the running median
-  of recent candidates is skipped (the next frame is tried).
+  of recent candidates is skipped (the next frame is tried). A window carries the values its
+  first view was tested against (``Window.blur_history``): a builder resumed at that frame after
+  a restart starts with them (``streamer.progress``), and keeps the views the run before kept.
 * motion: corners tracked (LK) from the last kept view; a candidate whose median flow is below
   ``keyframe_min_flow`` is skipped (a still camera, even with objects moving in view, adds no
   views). Parallax is favoured over rotation: while the best homography explains the flow
@@ -88,6 +90,10 @@ class Window:
     window_id: str
     source: str
     views: list[View]
+    blur_history: tuple[float, ...] = ()
+    """The blur test's recent sharpness values before its first view was tested (oldest first;
+    empty with the test off): what a builder started at that frame must start with to make this
+    window and the ones after it as this run did. Not part of the wire message."""
 
     def to_message(self) -> Message:
         arrays = {"frames": np.stack([v.rgb for v in self.views]),
@@ -341,24 +347,27 @@ class WindowBuilder:
     before (which holds no view after the cut or gap). ``min_motion`` is a
     cheap pre-gate (mean absolute difference of 32x24 grey thumbnails against the last kept
     view); a frame flagged ``discontinuity`` (a live feed that reconnected) acts like a cut.
+    ``blur_history``: the blur test's recent sharpness values to start with (for a source
+    resumed at a window's first frame, that window's ``Window.blur_history``).
     """
 
     def __init__(self, source: str, *, views: int, height: int, width: int, frame_stride: int,
                  window_step: int, min_motion: float = 0.0, scene_cut: float = 0.0, pass_index: int | str = 0,
                  scene_cut_hist: float = 0.0, min_flow: float = 0.0, min_parallax: float = 0.0,
-                 rotation_flow: float = 0.0, blur_ratio: float = 0.0):
+                 rotation_flow: float = 0.0, blur_ratio: float = 0.0, blur_history: Iterable[float] = ()):
         self.source, self.views, self.height, self.width = source, views, height, width
         self.frame_stride, self.window_step = frame_stride, window_step
         self.min_motion, self.scene_cut, self.pass_index = min_motion, scene_cut, pass_index
         self.scene_cut_hist, self.min_flow, self.min_parallax = scene_cut_hist, min_flow, min_parallax
         self.rotation_flow, self.blur_ratio = rotation_flow, blur_ratio
         self.buffer: deque[View] = deque()
+        self.buffer_history: deque[tuple[float, ...]] = deque()  # each buffered view's Window.blur_history
         self.last_thumb: np.ndarray | None = None  # of the last kept view
         self.last_grey: Reference | None = None  # of the last kept view
         self.last_index: int | None = None  # of the last kept view
         self.speed: float | None = None  # median flow per frame at the last candidate tracked
         self.prev_cut_stats: tuple[np.ndarray, np.ndarray] | None = None  # of the previous frame
-        self.sharpness: deque[float] = deque(maxlen=SHARPNESS_HISTORY)
+        self.sharpness: deque[float] = deque(blur_history, maxlen=SHARPNESS_HISTORY)
         self.next_candidate = 0
         self.skipped_still = self.skipped_blur = self.skipped_rotation = 0
         self.still_run = 0  # still skips since the last kept view or restart
@@ -370,6 +379,7 @@ class WindowBuilder:
 
     def _restart(self, index: int) -> None:
         self.buffer.clear()
+        self.buffer_history.clear()
         self.last_thumb = self.last_grey = self.last_index = None
         self.next_candidate = index
         self.still_run = 0
@@ -510,7 +520,9 @@ class WindowBuilder:
     def _candidate(self, frame: Frame, seen: Glance, thumb: np.ndarray) -> None:
         """Keeps ``frame`` as a view or skips it; a window it completes goes to ``made``."""
         grey = seen.grey if self.min_flow > 0 or self.blur_ratio > 0 else None
+        history = ()
         if self.blur_ratio > 0:
+            history = tuple(self.sharpness)
             sharp = sharpness(grey)
             self.sharpness.append(sharp)
             if len(self.sharpness) >= 5 and sharp < self.blur_ratio * statistics.median(self.sharpness):
@@ -544,15 +556,17 @@ class WindowBuilder:
         self.still_run = 0
         self.next_candidate = frame.index + self.frame_stride
         self.buffer.append(resize_view(frame, self.width, self.height))
+        self.buffer_history.append(history)
         if len(self.buffer) < self.views:
             return
         views = list(self.buffer)[: self.views]
-        first = views[0].index
+        first, first_history = views[0].index, self.buffer_history[0]
         while self.buffer and self.buffer[0].index < first + self.window_step:
             self.buffer.popleft()
+            self.buffer_history.popleft()
         if not self.buffer:  # the next window's first view comes window_step after this one's, not before
             self.next_candidate = max(self.next_candidate, first + self.window_step)
-        self.made.append(Window(window_id(self.source, self.pass_index, first), self.source, views))
+        self.made.append(Window(window_id(self.source, self.pass_index, first), self.source, views, first_history))
 
 
 def frames_to_flow(flow: float, target: float, frames: int) -> int:
@@ -587,24 +601,26 @@ def window_id(source: str, pass_index: int | str, first: int) -> str:
     return f"{source}:{pass_index}:{first}"
 
 
-def builder_for(source: str, cfg, *, pass_index: int | str = 0) -> WindowBuilder:
+def builder_for(source: str, cfg, *, pass_index: int | str = 0, blur_history: Iterable[float] = ()) -> WindowBuilder:
+    """``blur_history``: a resumed source's, the ``Window.blur_history`` of the window it resumes at."""
     return WindowBuilder(source, views=cfg.views, height=cfg.height, width=cfg.width,
                          frame_stride=cfg.frame_stride, window_step=cfg.window_step,
                          min_motion=cfg.keyframe_min_motion, scene_cut=cfg.scene_cut_motion,
                          scene_cut_hist=cfg.scene_cut_hist, min_flow=cfg.keyframe_min_flow,
                          min_parallax=cfg.keyframe_min_parallax, rotation_flow=cfg.keyframe_rotation_flow,
-                         blur_ratio=cfg.blur_ratio, pass_index=pass_index)
+                         blur_ratio=cfg.blur_ratio, pass_index=pass_index, blur_history=blur_history)
 
 
 def windows_of(source, frames: Iterable[Frame], cfg, *, pass_index: int | str = 0,
                on_error: Callable[[str, str, str], None] | None = None,
-               wanted: Wanted | None = None) -> Iterator[Window]:
+               wanted: Wanted | None = None, blur_history: Iterable[float] = ()) -> Iterator[Window]:
     """Windows of one source under ``StreamerConfig`` ``cfg``. With ``on_error`` (source,
     reason, detail), a source that ends with frames but without a single window says why:
     ``too_short`` (fewer frames than one window spans) or ``no_windows`` (the keyframe gates,
     cuts or gaps left too few views in a row). ``wanted``, given to the source of ``frames``
-    too, is bound to this builder (the source may then skip frames no test needs)."""
-    builder = builder_for(source, cfg, pass_index=pass_index)
+    too, is bound to this builder (the source may then skip frames no test needs). ``blur_history``:
+    for ``frames`` that resume a source at a window's first frame, that window's ``blur_history``."""
+    builder = builder_for(source, cfg, pass_index=pass_index, blur_history=blur_history)
     if wanted is not None:
         wanted.builder = builder
     made = seen = 0

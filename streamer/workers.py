@@ -9,9 +9,10 @@ workers) or the source is of a kind a worker cannot rebuild from its path, it is
 the caller's thread as without workers.
 
 Between the streamer and its workers travel only the wire format's ``window`` messages
-(``reliev3r.protocol``, validated on receipt) and msgpack-encoded reports, over a private pipe
-per worker; a worker reads ahead at most ``PREFETCH`` windows. A worker that dies (a crash in
-a decoder) fails its source with ``source_failed`` and is replaced; the other sources go on.
+(``reliev3r.protocol``, validated on receipt) and msgpack-encoded reports (a window's carries
+its ``Window.blur_history``, which the message does not), over a private pipe per worker; a
+worker reads ahead at most ``PREFETCH`` windows. A worker that dies (a crash in a decoder)
+fails its source with ``source_failed`` and is replaced; the other sources go on.
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ def _worker_main(conn, cfg_doc: dict) -> None:
             frames = srcs.read_frames(source, job["start"], wanted, count, segment)
 
             for window in windows_of(source.name, frames, cfg, pass_index=job["pass_index"],
-                                     on_error=on_error if job["report_short"] else None, wanted=wanted):
-                send(["window", counted[0]], window_message_frames(window))
+                                     on_error=on_error if job["report_short"] else None, wanted=wanted,
+                                     blur_history=job["blur_history"]):
+                send(["window", counted[0], list(window.blur_history)], window_message_frames(window))
                 counted[0] = 0
             send(["end", counted[0]])
         except Exception as err:  # reported to the caller as the source's failure
@@ -220,12 +222,14 @@ def _close_pools() -> None:
 
 def source_windows(source, cfg: StreamerConfig, *, start: int, pass_index: int | str,
                    on_frame: Callable[[str], None], on_error: srcs.ErrorSink,
-                   pool: WorkerPool | None = None, segment: segments.Segment | None = None) -> Iterator[Window]:
+                   pool: WorkerPool | None = None, segment: segments.Segment | None = None,
+                   blur_history: tuple[float, ...] = ()) -> Iterator[Window]:
     """Windows of one archive source from ``start`` (``on_error`` also for a source too short
     for a window, unless resumed: a resumed source may rightly have too few frames left), or of
     one ``segment`` of a video (``streamer.segments``; never said of a segment: a segment
     without windows says nothing of the video's others). A worker starts on the source at once,
-    before the first window is asked for."""
+    before the first window is asked for. ``blur_history``: where ``start`` resumes at a
+    window's first frame, that window's ``Window.blur_history``."""
     pool = pool if pool is not None else pool_for(cfg)
     job = _job_of(source) if pool is not None else None
     worker = pool.take() if job is not None else None
@@ -233,9 +237,10 @@ def source_windows(source, cfg: StreamerConfig, *, start: int, pass_index: int |
     if worker is None:
         wanted = Wanted()
         return windows_of(source.name, _counted(source, on_frame, start, wanted, segment), cfg, pass_index=pass_index,
-                          on_error=on_error if report_short else None, wanted=wanted)
+                          on_error=on_error if report_short else None, wanted=wanted, blur_history=blur_history)
     return _from_worker(pool, worker, {**job, "start": start, "pass_index": pass_index, "report_short": report_short,
-                                       "segment": None if segment is None else segment_doc(segment)},
+                                       "segment": None if segment is None else segment_doc(segment),
+                                       "blur_history": list(blur_history)},
                         source.name, on_frame, on_error)
 
 
@@ -347,7 +352,9 @@ def _drain(pool: WorkerPool, worker: _Worker, reader: threading.Thread, ahead: q
             for _ in range(head[1]):
                 on_frame(name)
             if kind == "window":
-                yield window_from_frames(frames)
+                window = window_from_frames(frames)
+                window.blur_history = tuple(head[2])
+                yield window
             elif kind == "end":
                 healthy = True
                 return

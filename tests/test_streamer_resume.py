@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 import zmq
@@ -118,24 +119,30 @@ def test_progress_file_rules(tmp_path):
     path = tmp_path / "streamer" / "progress.json"
     p = Progress(path)
     for first in (0, 4, 8, 12):
-        p.made("s", f"s:0:{first}")
+        p.made("s", f"s:0:{first}", (0.1 * first, 1 / 3))  # the blur test's history for the window
     p.acked("s:0:0")
     p.acked("s:0:8")  # out of order: 4 is still out
     assert p.save() and not list(path.parent.glob("*.tmp"))
     q = Progress(path)
     assert q.start_frame("s") == 4 and q.is_acked("s:0:8") and not q.is_acked("s:0:4") and not q.is_acked("s:0:0")
-    assert q.start_frame("other") == 0
+    assert q.blur_history("s") == (0.1 * 4, 1 / 3)  # the resumed window's, exactly
+    assert q.start_frame("other") == 0 and q.blur_history("other") == ()
     p.acked("s:0:4")
     p.acked("s:0:12")
     p.save()  # every window acknowledged: from the last one's first frame, which is made again and skipped
     q = Progress(path)
     assert q.start_frame("s") == 12 and q.is_acked("s:0:12") and not q.is_acked("s:0:8")
+    assert q.blur_history("s") == (0.1 * 12, 1 / 3)
+    q.save(force=True)  # nothing made since the restart: the resume point and its history stay
+    assert Progress(path).start_frame("s") == 12 and Progress(path).blur_history("s") == (0.1 * 12, 1 / 3)
     p.source_done("s")
     p.save()
     q = Progress(path)
     assert q.start_frame("s") is None  # finished, all acknowledged
     path.write_text("{broken")
     assert Progress(path).start_frame("s") == 0  # unreadable: from zero, not a crash
+    path.write_text(json.dumps({"version": 1, "pass": 0, "sources": {"s": {"resume": 8, "acked": [], "done": False}}}))
+    assert Progress(path).start_frame("s") == 8 and Progress(path).blur_history("s") == ()  # written before it was kept
     p.made("t", "t:0:0")
     p.new_pass(1)  # at once: the old pass's window still out does not hold the new pass back
     assert p.pass_index == 1 and p.start_frame("t") == 0 and p.start_frame("s") == 0
@@ -157,12 +164,21 @@ def test_a_restart_after_every_kill_point_makes_the_windows_of_an_uninterrupted_
     views), and none acknowledged comes again. The clip cuts to another scene at frame 37, where
     the window builder starts afresh, and window_step is beyond a window's span: the window
     after the last one acknowledged may begin anywhere past its first frame, so only a window's
-    first frame is a place to resume at. (blur_ratio 0: the blur test's running median of
-    earlier frames is not rebuilt by a restart, which may then keep a view the run before did not.)"""
-    second_scene = panning_frames(40, 96, 64, step=3, seed=1) // 4 + np.array([180, 0, 0], np.uint8)
-    clip = encode(tmp_path / "cut.mp4", np.concatenate([panning_frames(37, 96, 64, step=3), second_scene]))
+    first frame is a place to resume at. Frames 32 and 45 are blurred: the blur test (on, as by
+    default) skips them against the running median of the candidates before them, which the
+    restarted run must start with too (with fewer than 5 values it tests nothing, and would keep
+    them). (Through a decode worker: ``tests/test_streamer_workers.py``.)"""
+    # another texture and hue at 0.7 of the contrast: 0.49 of the sharpness, not blurred at a blur_ratio of 0.35
+    second_scene = (panning_frames(40, 96, 64, step=3, seed=1) * 0.7).astype(np.uint8)
+    second_scene += np.array([76, 0, 0], np.uint8)
+    frames = np.concatenate([panning_frames(37, 96, 64, step=3), second_scene])
+    blurred = (32, 45)
+    for i in blurred:
+        frames[i] = cv2.GaussianBlur(frames[i], (0, 0), 2.0)
+    clip = encode(tmp_path / "cut.mp4", frames)
     cfg = StreamerConfig(sources=[str(clip)], views=2, height=32, width=48, frame_stride=2, window_step=8,
-                         blur_ratio=0.0, loop=False)
+                         loop=False)
+    assert cfg.blur_ratio > 0  # the default
 
     def windows(progress):
         return window_stream(lambda: discover([str(clip)], on_error=print, ground_truth=False), cfg,
@@ -175,6 +191,8 @@ def test_a_restart_after_every_kill_point_makes_the_windows_of_an_uninterrupted_
     whole = [made(w) for w in windows(None)]
     cut = next(i for i, (_, views) in enumerate(whole) if views[0] >= 37)
     assert whole[cut][1][0] < whole[cut - 1][1][0] + cfg.window_step  # the case a resume must not skip
+    assert not {i for _, views in whole for i in views} & set(blurred)  # the blur test skipped them
+    assert {first + 1 for first in blurred} <= {views[0] for _, views in whole}  # a window begins after each
     for kill in range(len(whole)):
         path = tmp_path / f"kill-{kill}" / "progress.json"
         progress = Progress(path)

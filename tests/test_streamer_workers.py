@@ -49,14 +49,14 @@ def stream(specs, cfg, progress=None, ground_truth=True):
 
 
 def as_data(windows):
-    """Per source, its windows in order: ids, frame indices, timestamps, pixels, intrinsics (across
-    sources the order follows which worker has a window ready first)."""
+    """Per source, its windows in order: ids, frame indices, timestamps, pixels, intrinsics, the
+    blur test's history (across sources the order follows which worker has a window ready first)."""
     per_source: dict[str, list] = {}
     for w in windows:
         per_source.setdefault(w.source, []).append(
             (w.window_id, [v.index for v in w.views], [v.timestamp for v in w.views],
              np.stack([v.rgb for v in w.views]).tobytes(),
-             np.stack([v.intrinsics for v in w.views]).astype(np.float32).tobytes()))
+             np.stack([v.intrinsics for v in w.views]).astype(np.float32).tobytes(), w.blur_history))
     return per_source
 
 
@@ -155,25 +155,29 @@ def test_with_a_worker_per_core_no_more_sources_are_decoded_at_once_than_workers
 
 
 def test_workers_resume_where_progress_says(clips, tmp_path):
-    """A source resumed at frame 12 gives the windows from there, with workers as without;
-    acknowledged windows are skipped in the caller either way."""
+    """A source resumed at frame 12 gives the windows from there, with workers as without, and
+    those of a run never stopped (the blur test starts with the history window 12 was made
+    with, carried to the worker and back); acknowledged windows are skipped in the caller
+    either way."""
     specs = [str(clips[0]), str(clips[1])]
+    name = source_name(clips[0])
+    whole = as_data(stream(specs, StreamerConfig(**WINDOWS, decode_workers=1))[0])[name]
+    history = {wid: blur for wid, *_, blur in whole}
+    assert len(history[f"{name}:0:12"]) >= 5  # the blur test runs at once on the resumed source
     runs = []
     for count in (1, 2):
         path = tmp_path / f"progress-{count}.json"
         first = Progress(path)
-        name = source_name(clips[0])
-        first.made(name, f"{name}:0:12")
-        first.made(name, f"{name}:0:16")
-        first.acked(f"{name}:0:16")  # out of order: 12 still out, so the source resumes at 12
+        for wid in (f"{name}:0:12", f"{name}:0:18"):
+            first.made(name, wid, history[wid])
+        first.acked(f"{name}:0:18")  # out of order: 12 still out, so the source resumes at 12
         first.save()
         progress = Progress(path)
         assert progress.start_frame(name) == 12
         windows, errors, _ = stream(specs, StreamerConfig(**WINDOWS, decode_workers=count), progress)
         runs.append((as_data(windows), errors))
-        resumed = [w for w in windows if w.source == name]
-        assert resumed and min(int(w.window_id.rsplit(":", 1)[1]) for w in resumed) == 12
-        assert f"{name}:0:16" not in {w.window_id for w in windows}
+        assert runs[-1][0][name] == [w for w in whole if w[0] != f"{name}:0:18"
+                                     and int(w[0].rsplit(":", 1)[1]) >= 12]
     assert runs[0] == runs[1]
 
 
