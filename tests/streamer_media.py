@@ -79,6 +79,21 @@ def encode_stamped(path: Path, frames: np.ndarray, stamps: list[int], *, fps: in
     return path
 
 
+def restamped(src: Path, dst: Path, shift_s: float) -> Path:
+    """A copy of MPEG-TS file ``src`` (its video alone) whose packets' stamps, presentation and
+    decode, are ``shift_s`` seconds later."""
+    with av.open(str(src)) as source, av.open(str(dst), "w", format="mpegts") as out:
+        video = source.streams.video[0]
+        stream = out.add_stream_from_template(video)
+        shift = round(shift_s / video.time_base)
+        for packet in source.demux(video):
+            if packet.dts is None:
+                continue  # the demuxer's empty packet at the end
+            packet.pts, packet.dts, packet.stream = packet.pts + shift, packet.dts + shift, stream
+            out.mux(packet)
+    return dst
+
+
 def damage_mdat(path: Path, nbytes: int = 300, seed: int = 0) -> Path:
     """Overwrite ``nbytes`` in the middle of an MP4's media data (mdat) with random bytes: the
     container still opens, the codec meets corrupt packets mid-stream."""

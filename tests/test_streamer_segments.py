@@ -18,7 +18,7 @@ from streamer.progress import Progress
 from streamer.service import window_stream
 from streamer.sources import VideoSource, discover, source_name
 from streamer.windows import Wanted, windows_of
-from streamer_media import SHARED, encode, panning_frames
+from streamer_media import SHARED, encode, join_ts, panning_frames, restamped
 
 LENGTH = 60
 """Segment length of these tests (the product's is ``segments.SEGMENT_FRAMES``)."""
@@ -71,20 +71,71 @@ def test_a_segment_gives_the_frames_of_decoding_the_whole_file(clip, request):
     assert resumed == list(range(part.start + 7, part.stop))
 
 
+def whole_because(split):
+    assert isinstance(split, segments.Whole), split
+    return split.reason
+
+
 def test_untrusted_stamps_leave_a_file_whole():
     keys = [i % 10 == 0 for i in range(40)]
     display = list(range(40))
     assert [(p.start, p.stop) for p in segments._split(display, keys, False, 10)] == [(0, 10), (10, 20), (20, 30),
                                                                                      (30, 40)]
-    assert segments._split(display, keys, True, 10) == []  # B-frames, stamps in decode order
-    assert segments._split([None] + display[1:], keys, False, 10) == []
-    assert segments._split([0] + display[:-1], keys, False, 10) == []  # two frames, one stamp
+    assert whole_because(segments._split(display, keys, False, 21)) == "too_short"
+    assert whole_because(segments._split(display, keys, True, 10)) == "decode_order_stamps"  # B-frames
+    assert whole_because(segments._split([None] + display[1:], keys, False, 10)) == "missing_stamps"
+    assert whole_because(segments._split([0] + display[:-1], keys, False, 10)) == "repeated_stamps"
+    # two recordings joined end to end, the second's stamps starting again between the first's
+    joined = [2 * i for i in range(20)] + [2 * i + 1 for i in range(20)]
+    assert whole_because(segments._split(joined, keys, False, 10)) == "stamps_reset"
+    assert whole_because(segments._split(joined, keys, True, 10)) == "stamps_reset"  # a keyframe stamped back
+    # a packet stamped before packets decoded before it: without B-frames none may be; with them,
+    # no more than a decoder holds back (REORDER_LIMIT)
+    keyed = [i in (0, 30) for i in range(40)]
+
+    def moved_back(k):
+        """40 packets' stamps, the 21st's before those of the k packets decoded before it."""
+        pts = [2 * i for i in range(40)]
+        pts[20] = 2 * (20 - k) - 1
+        return pts
+
+    assert whole_because(segments._split(moved_back(1), keyed, False, 10)) == "stamps_reset"
+    assert whole_because(segments._split(moved_back(segments.REORDER_LIMIT + 1), keyed, True, 10)) == "stamps_reset"
+    assert [p.start for p in segments._split(moved_back(segments.REORDER_LIMIT), keyed, True, 10)] == [0, 30]
     # B-frames: the keyframe shown 8th is followed in decode order by the 7th (open: not a
     # boundary); those shown 12th and 21st are closed
     reordered = [0, 2, 1, 3, 5, 4, 6, 8, 7, 9, 11, 10, 12, 14, 13, 15, 17, 16, 18, 20, 19, 21, 23, 22, 24]
     keyed = [pts in (0, 8, 12, 21) for pts in reordered]
     assert [p.start for p in segments._split(reordered, keyed, True, 5)] == [0, 12, 21]
     assert [p.start for p in segments._split(reordered, keyed, True, 10)] == [0, 12]
+
+
+@pytest.mark.parametrize("second", ["starts again", "goes on"])
+def test_recordings_joined_end_to_end_are_split_only_where_their_stamps_go_on(tmp_path, caplog, second):
+    """Two MPEG-TS recordings joined end to end (``cat a.ts b.ts``, 10 frames/s). When the second's
+    stamps start again (half a frame after the first's: no two the same), the whole file decodes
+    to the first recording's frames, then the second's (the source reports ``stamps_reset``),
+    whereas a segment's frames take the rank of their stamps among both recordings' (the two
+    interleaved: other indices and times): the file is read whole, and the log says why. When
+    they go on after the first's, the segments give the frames of the whole file."""
+    first = encode(tmp_path / "a.ts", panning_frames(120, 96, 64, step=2, seed=5), gop=25)
+    second_part = encode(tmp_path / "b.ts", panning_frames(240, 96, 64, step=2, seed=6), gop=25)
+    shift = 0.05 if second == "starts again" else 12.05
+    joined = join_ts(first, restamped(second_part, tmp_path / "b2.ts", shift), tmp_path / "joined.ts", counters=True)
+    with av.open(str(joined)) as c:
+        stamps = [p.pts for p in c.demux(video=0) if p.size]
+    assert len(stamps) == 360 and len(set(stamps)) == 360  # no stamp repeats
+    errors = []
+    full = [(f.index, f.timestamp) for f in VideoSource(joined, decode_threads=1,
+                                                        on_error=lambda *e: errors.append(e)).frames()]
+    assert ("stamps_reset" in {reason for _, reason, _ in errors}) == (second == "starts again")
+    with caplog.at_level(logging.INFO, logger="reliev3r.streamer.segments"):
+        parts = segments.plan(joined, LENGTH)
+    read = full if not parts else [(f.index, f.timestamp) for part in parts
+                                   for f in VideoSource(joined, decode_threads=1).frames(segment=part)]
+    assert read == full  # as the decode workers read it: whole, or by segment
+    reasons = [r.reason for r in caplog.records if r.getMessage() == "not split"]
+    assert (reasons, len(parts) >= 3) == ((["stamps_reset"], False) if second == "starts again" else ([], True))
 
 
 @pytest.mark.skipif(not (SHARED / "videos").is_dir(), reason="needs ../shared/data/videos")
