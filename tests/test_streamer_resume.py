@@ -39,6 +39,21 @@ def start_streamer(config: Path, log=subprocess.DEVNULL) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
 
+def stream_config(tmp_path: Path, clip: Path, **streamer) -> tuple[Path, int]:
+    """A ``reliev3r stream`` config file for ``clip`` (the run under ``tmp_path``; 2 views of 48x32
+    2 frames apart, a window every 4 frames, no loop; ``streamer``: more of that section) and the
+    work port it listens on."""
+    port = free_port()
+    config = tmp_path / "stream.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"dir": str(tmp_path / "run")},
+        "network": {"work_port": port, "replay_port": free_port()},
+        "monitoring": {"enabled": False},
+        "streamer": {"sources": [str(clip)], "views": 2, "height": 32, "width": 48, "frame_stride": 2,
+                     "window_step": 4, "loop": False, **streamer}}))
+    return config, port
+
+
 def receive(sock, ack, seconds=HANG_S, *, stop_after=None, stop_when=lambda: False):
     """Windows received until ``stop_after`` of them or ``stop_when()`` (``seconds`` bounds a
     hang); ``ack(window_id)`` decides which get a ``done``."""
@@ -62,14 +77,7 @@ def first_frame(wid):
 
 def test_sigkill_and_restart_resumes_without_resending_acked(tmp_path):
     clip = encode(tmp_path / "pan.mp4", panning_frames(120, 96, 64, step=3))
-    port = free_port()
-    config = tmp_path / "stream.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": {"dir": str(tmp_path / "run")},
-        "network": {"work_port": port, "replay_port": free_port()},
-        "monitoring": {"enabled": False},
-        "streamer": {"sources": [str(clip)], "views": 2, "height": 32, "width": 48, "frame_stride": 2,
-                     "window_step": 4, "loop": False, "max_in_flight": 6, "resend_timeout_s": 30.0}}))
+    config, port = stream_config(tmp_path, clip, max_in_flight=6, resend_timeout_s=30.0)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)  # a minimal labeler/replay peer
     sock.setsockopt(zmq.LINGER, 0)
@@ -215,14 +223,7 @@ def test_a_finished_finite_run_started_again_sends_nothing_and_exits_0(tmp_path)
     which ended the whole run after ``GIVE_UP_AFTER`` of them. Also when it was killed before
     the source's end was on disk: the last window, acknowledged, is made again and skipped."""
     clip = encode(tmp_path / "pan.mp4", panning_frames(40, 96, 64, step=3))
-    port = free_port()
-    config = tmp_path / "stream.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": {"dir": str(tmp_path / "run")},
-        "network": {"work_port": port, "replay_port": free_port()},
-        "monitoring": {"enabled": False},
-        "streamer": {"sources": [str(clip)], "views": 2, "height": 32, "width": 48, "frame_stride": 2,
-                     "window_step": 4, "loop": False}}))
+    config, port = stream_config(tmp_path, clip)
     progress_file = tmp_path / "run" / "streamer" / "progress.json"
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
