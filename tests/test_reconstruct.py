@@ -424,6 +424,17 @@ def test_an_image_folder_is_read_in_natural_order_as_the_streamer_reads_it(tmp_p
     assert [int(sequence.read(k)[0][0, 0, 0]) for k in range(sequence.length)] == [10 * i for i in range(1, 13)]
 
 
+def _upright_folder(folder: Path, frames: int) -> Path:
+    """``frames`` JPEGs of a phone held upright: stored 64x48, Exif orientation 6 (shown 48x64)."""
+    from streamer_media import exif_tagged, texture
+
+    folder.mkdir()
+    for k in range(frames):
+        ok, data = cv2.imencode(".jpg", texture(64, 48, seed=k))
+        (folder / f"{k:04d}.jpg").write_bytes(exif_tagged(data.tobytes(), 6))
+    return folder
+
+
 def test_a_folders_intrinsics_are_turned_with_its_frames_exif_orientation(tmp_path, capsys):
     """JPEGs of a phone held upright (Exif orientation 6: stored 64x48, shown 48x64) with the
     folder's camera-intrinsics.txt, or ``--intrinsics``, of the camera as it records: the frames
@@ -431,13 +442,9 @@ def test_a_folders_intrinsics_are_turned_with_its_frames_exif_orientation(tmp_pa
     matrix (before, the recorded ones were handed on with the turned frames). Frames turned in
     different ways cannot share one matrix: said, naming the frame."""
     from reliev3r.reconstruct import open_input
-    from streamer_media import exif_tagged, texture
+    from streamer_media import texture
 
-    folder = tmp_path / "upright"
-    folder.mkdir()
-    for k in range(4):
-        ok, data = cv2.imencode(".jpg", texture(64, 48, seed=k))
-        (folder / f"{k:04d}.jpg").write_bytes(exif_tagged(data.tobytes(), 6))
+    folder = _upright_folder(tmp_path / "upright", 4)
     (tmp_path / "K.txt").write_text("50 55 30 20\n")
     turned = [[55.0, 0, 48 - 1 - 20], [0, 50.0, 30], [0, 0, 1]]  # fx, fy swap; the row, counted from the right
     for given in (None, tmp_path / "K.txt"):
@@ -459,13 +466,9 @@ def test_a_folders_frames_are_each_read_once_for_their_pixels_and_orientation(tm
     was opened again for its Exif orientation, and the first frame twice more before the stream
     (its size and orientation for the intrinsics)."""
     from reliev3r.reconstruct import open_input
-    from streamer_media import count_reads, exif_tagged, texture
+    from streamer_media import count_reads
 
-    folder = tmp_path / "upright"
-    folder.mkdir()
-    for k in range(5):
-        ok, data = cv2.imencode(".jpg", texture(64, 48, seed=k))
-        (folder / f"{k:04d}.jpg").write_bytes(exif_tagged(data.tobytes(), 6))
+    folder = _upright_folder(tmp_path / "upright", 5)
     (folder / "camera-intrinsics.txt").write_text("50 55 30 20\n")
     reads = count_reads(monkeypatch)
     stream = open_input(folder, stride=1, max_frames=10)
