@@ -1032,6 +1032,7 @@ class ImageSequenceSource:
         self.on_error = on_error
         self.depth_scale = depth_scale
         self.position = 0
+        self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:meth:`_pose_lost`)
         self.files = imaging.frame_files(self.path)
         self.intrinsics = None
         self.intrinsics_file = imaging.intrinsics_file(self.path)
@@ -1104,22 +1105,32 @@ class ImageSequenceSource:
     def _pose(self, file: Path, turn: int) -> np.ndarray | None:
         """The ground-truth camera-to-world of the frame read from ``file``: its ``.pose.txt``, of
         the camera as it records, turned as OpenCV turned the frame (``turn``; the camera about its
-        optical axis: ``reliev3r.imaging.orient_pose``). None where there is none, and for a frame
-        its orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``."""
+        optical axis: ``reliev3r.imaging.orient_pose``). None where there is none; for a file that
+        is no pose (``reliev3r.imaging.read_pose``: not 16 numbers, not finite, no rotation, a last
+        row other than 0 0 0 1) or unreadable, reported as ``bad_pose``; and for a frame its
+        orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``. The frame
+        streams without it (:meth:`_pose_lost`)."""
         pose_file = file.with_name(f"{_frame_stem(file)}.pose.txt")
         if not pose_file.is_file():
             return None
         try:
-            pose = np.loadtxt(pose_file, dtype=np.float64).reshape(4, 4)
-        except ValueError:
-            return None
-        if not np.isfinite(pose).all():
-            return None
+            pose = imaging.read_pose(pose_file)
+        except ValueError as err:  # named with its file
+            return self._pose_lost("bad_pose", str(err))
+        except OSError as err:
+            return self._pose_lost("bad_pose", f"{pose_file}: unreadable ({err.strerror or err})")
         try:
             return imaging.orient_pose(pose, turn) if turn else pose
         except ValueError as err:  # mirrored
-            self.on_error(self.name, "mirrored_pose", f"{pose_file}: its frame is {err}; the frame goes without it")
-            return None
+            return self._pose_lost("mirrored_pose", f"{pose_file}: its frame is {err}")
+
+    def _pose_lost(self, reason: str, detail: str) -> None:
+        """Report a frame that goes without its pose: every one is reported (and counted), each
+        reason with the detail of the first frame of this source that had it, so the streamer's
+        log says it once (``streamer.service.FirstSeen``), not once a frame."""
+        said = (f"{detail}. The frame streams without a pose, as does each other frame of this folder reported so "
+                "(counted, the first named)")
+        self.on_error(self.name, reason, self._poses_lost.setdefault(reason, said))
 
 
 def read_image(file: Path) -> np.ndarray:

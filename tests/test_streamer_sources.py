@@ -1077,6 +1077,79 @@ def test_a_frames_ground_truth_pose_is_turned_with_it_by_its_exif_orientation(tm
     assert reason == "mirrored_pose" and "frame-000004.pose.txt" in detail and "Exif orientation 2" in detail
 
 
+POSE_FILES = {  # frame -> its .pose.txt and the problem read_pose names (None: a pose)
+    0: ("drift", None),  # a tracker's: orthonormal to 2e-4, as 7-Scenes' poses are to 3e-4
+    1: ("1 0 0 0\n0 1 0 0\n0 0 1 0\n", "16 numbers"),  # a 3x4 [R|t]
+    2: ("pose unknown\n", "16 numbers"),
+    3: ("1 0 0 nan\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", "finite"),
+    4: ("2 0 0 0\n0 2 0 0\n0 0 2 0\n0 0 0 1\n", "not a rotation"),  # a scale
+    5: ("1 0 0 0\n0 1 0 0\n0 0 -1 0\n0 0 0 1\n", "determinant"),  # a reflection
+    6: ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 1 1\n", "last row"),
+    7: ("1 0 0 0.5\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", None),
+}
+
+
+def test_a_pose_file_that_is_no_pose_is_named_once_and_its_frame_streams_without_one(tmp_path):
+    """Pose files that are no camera-to-world pose (a 3x4, words, a NaN, a scale, a reflection, a
+    last row other than 0 0 0 1): each frame streams, with its image and depth, without a pose,
+    reported as ``bad_pose``; ``reliev3r.imaging.read_pose`` names each file's problem. A
+    tracker's pose, orthonormal only to 2e-4, is kept. Each reason is said once for the folder:
+    every report carries the same detail, naming the first file (the streamer counts each and
+    logs a detail once: ``streamer.service.FirstSeen``), for ``mirrored_pose`` as for
+    ``bad_pose``. Before, such a frame went without a pose unsaid, or carried the matrix as its
+    pose, and each mirrored frame was named in a detail of its own."""
+    import cv2
+
+    from reliev3r.imaging import read_pose
+    from streamer_media import exif_tagged, texture
+
+    turn = np.array([[0.36, 0.48, -0.8], [-0.8, 0.6, 0.0], [0.48, 0.64, 0.6]])
+    drift = np.eye(4)
+    drift[:3, :3], drift[:3, 3] = turn + 2e-4 * np.array([[1, -1, 0], [0, 1, 1], [-1, 0, 1]]), (1.5, -0.4, 2.0)
+    ok, data = cv2.imencode(".jpg", texture(64, 48))
+    for k in range(10):
+        stem = tmp_path / f"frame-{k:06d}"
+        Path(f"{stem}.color.jpg").write_bytes(data.tobytes() if k < 8 else exif_tagged(data.tobytes(), 2))
+        cv2.imwrite(f"{stem}.depth.png", np.full((48, 64), 1000 + k, np.uint16))
+        text = POSE_FILES[k][0] if k < 8 else "1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n"  # 8, 9: mirrored frames
+        Path(f"{stem}.pose.txt").write_text(text) if text != "drift" else np.savetxt(f"{stem}.pose.txt", drift)
+    for k, (_, problem) in POSE_FILES.items():
+        file = tmp_path / f"frame-{k:06d}.pose.txt"
+        if problem is None:
+            assert read_pose(file).shape == (4, 4)
+        else:
+            with pytest.raises(ValueError, match=problem) as err:
+                read_pose(file)
+            assert str(file) in str(err.value)
+    errors = Errors()
+    frames = list(ImageSequenceSource(tmp_path, on_error=errors).frames())
+    assert len(frames) == 10 and not errors
+    poses = [frame.gt_cam_to_world for frame in frames]
+    assert [p is not None for p in poses] == [True] + [False] * 6 + [True, False, False]
+    np.testing.assert_array_equal(poses[0], np.loadtxt(tmp_path / "frame-000000.pose.txt"))
+    assert poses[7][0, 3] == 0.5
+    assert [f.gt_depth[0, 0] for f in frames] == pytest.approx([1 + k / 1000 for k in range(10)])
+    assert all(f.rgb.shape == (48, 64, 3) for f in frames)
+    assert errors.reasons() == ["bad_pose"] * 6 + ["mirrored_pose"] * 2
+    bad, mirrored = {d for _, r, d in errors if r == "bad_pose"}, {d for _, r, d in errors if r == "mirrored_pose"}
+    assert len(bad) == 1 and len(mirrored) == 1  # said once each
+    (bad,), (mirrored,) = bad, mirrored
+    assert "frame-000001.pose.txt" in bad and "16 numbers" in bad
+    assert "frame-000008.pose.txt" in mirrored and "Exif orientation 2" in mirrored
+
+
+@needs_kitchen
+def test_the_7scenes_poses_are_poses():
+    """Every pose of the shared 7-Scenes frames passes ``read_pose`` (KinectFusion's rotations
+    are orthonormal to about 3e-4; ``reliev3r.imaging.POSE_TOLERANCE`` is 1e-2)."""
+    from reliev3r.imaging import read_pose
+
+    files = sorted(KITCHEN.glob("frame-*.pose.txt"))
+    assert len(files) == 600
+    for file in files:
+        np.testing.assert_array_equal(read_pose(file), np.loadtxt(file))
+
+
 @pytest.mark.parametrize("name, matrix", [
     ("mirrored", (-0x10000, 0, 0, 0, 0x10000, 0, 48 << 16, 0, 0x40000000)),  # a front camera's
     ("upside_down_mirror", (0x10000, 0, 0, 0, -0x10000, 0, 0, 32 << 16, 0x40000000)),
