@@ -7,7 +7,8 @@ Specs:
 * ``synthetic:DIR``: every ``*.mp4`` in DIR with its ``.gt.npz`` (``reliev3r render`` output);
 * ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: 7-Scenes layout (``frame-NNNNNN.color.jpg``,
   ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world,
-  ``camera-intrinsics.txt``), optionally only frames FIRST..LAST (inclusive);
+  ``camera-intrinsics.txt``, read as a folder's: 3x3 or ``fx fy cx cy``), optionally only frames
+  FIRST..LAST (inclusive);
 * ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
   (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
   DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
@@ -184,7 +185,8 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     indices = [i for i in indices if (first is None or i >= first) and (last is None or i <= last)]
     if not indices:
         raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg frames in range")
-    K = np.loadtxt(folder / "camera-intrinsics.txt", dtype=np.float64).reshape(3, 3)
+    path = folder / "camera-intrinsics.txt"
+    K = imaging.read_intrinsics(path)  # checked as a folder's: ValueError naming the file
     turns: dict[int, int] = {}  # each frame's Exif orientation, read from the bytes read() decoded
 
     def turn(k: int) -> int:
@@ -203,7 +205,6 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         pose = _turned_pose(np.loadtxt(f"{stem}.pose.txt", dtype=np.float32), turn(k), Path(f"{stem}.color.jpg"))
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
 
-    path = folder / "camera-intrinsics.txt"
     return Sequence(folder.name, len(indices), K, read,
                     lambda k, h, w: _checked(imaging.shown_intrinsics(K, turn(k), w, h), path, w, h))
 

@@ -445,6 +445,33 @@ def test_a_folder_without_intrinsics_gets_a_field_of_view_for_each_frame_as_show
         np.testing.assert_allclose(w.intrinsics[v], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("text, problem", [("50 0 30\n0 0 20\n0 0 1\n", "focal lengths must be finite and > 0"),
+                                           ("50 0 30\n0 nan 20\n0 0 1\n", "focal lengths must be finite and > 0"),
+                                           ("50 55 30\n", "expected 9 or 4 numbers, got 3"),
+                                           ("50 0 30\n0 55 20\n0 0 2\n", "the last row must be 0 0 1, got 0 0 2"),
+                                           ("fx fy cx cy\n", "could not convert")])
+def test_a_7scenes_intrinsics_file_is_read_and_refused_as_a_folders_is(tmp_path, text, problem):
+    """A 7-Scenes folder's camera-intrinsics.txt is read by ``reliev3r.imaging.read_intrinsics``,
+    as a generic folder's: a malformed one (a focal length of 0 or NaN, 3 numbers, a last row
+    other than 0 0 1, words) is refused with the same error naming the file and the problem, and
+    the one-line ``fx fy cx cy`` form is read by both. Before, the 7-Scenes loader read it with
+    ``np.loadtxt``: a zero or NaN focal length or a bad last row went into every window's
+    intrinsics, 3 or 4 numbers failed to reshape without naming the file."""
+    _write_turned_folder(tmp_path / "kitchen", ".jpg", exif=(1, 1, 1))
+    file = tmp_path / "kitchen" / "camera-intrinsics.txt"
+    file.write_text(text)
+    for spec in ("folder", "7scenes"):
+        with pytest.raises(ValueError, match=problem) as err:
+            load_windows(f"{spec}:{tmp_path / 'kitchen'}", views=2, height=48, width=48, windows=1, stride=1,
+                         run_dir=tmp_path)
+        assert str(err.value).startswith(f"{file}: ")
+    file.write_text("50 55 30 20\n")
+    read = [load_windows(f"{spec}:{tmp_path / 'kitchen'}", views=2, height=48, width=64, windows=1, stride=1,
+                         run_dir=tmp_path)[0].intrinsics for spec in ("folder", "7scenes")]
+    np.testing.assert_array_equal(read[0], read[1])
+    np.testing.assert_allclose(read[1][0], [[50, 0, 30], [0, 55, 20], [0, 0, 1]])
+
+
 @pytest.mark.parametrize("argv, said", [(["--windows", "0"], "--windows: must be >= 1, got 0"),
                                         (["--views", "1"], "--views: must be >= 2, got 1")])
 def test_counts_below_their_least_are_refused_by_name(argv, said, capsys):
