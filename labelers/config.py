@@ -37,6 +37,11 @@ def teacher_kind(spec: str) -> str:
     raise ValueError(f"teacher {spec!r} is not available{hint}; accepted: {', '.join(TEACHER_FORMS.values())}")
 
 
+XFEAT_MIN_SIDE = 32
+"""The smallest frame side ``matcher: xfeat`` takes: XFeat resamples a frame to whole 32-pixel
+cells (its preprocessing; its network downsamples by 32), and a smaller side has none."""
+
+
 @dataclass(kw_only=True, slots=True)
 class LabelerConfig:
     teacher: str = "embedded"
@@ -72,7 +77,9 @@ class LabelerConfig:
     """Sparse match teacher; every match is geometrically verified (USAC/MAGSAC). ``xfeat``
     (XFeat + LighterGlue, extra ``xfeat``) matches the pairs of a batch of windows in one GPU
     forward; on 7-Scenes at 168x224 on the CPU it gave 2.2x SIFT's verified matches at 1.34x
-    its median reprojection error and 0.08x its pairs per core (docs/BENCHMARKS.md)."""
+    its median reprojection error and 0.08x its pairs per core (docs/BENCHMARKS.md). It needs
+    frames of at least :data:`XFEAT_MIN_SIDE` pixels a side (``streamer.height``, ``width``:
+    checked at load)."""
     max_matches_per_pair: int = 256
     """Cap on verified matches kept per view pair (strongest first, spread over the image)."""
     min_matches: int = 12

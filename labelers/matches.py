@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from labelers.config import XFEAT_MIN_SIDE
 from reliev3r.protocol import Matches
 from reliev3r.recent import Recent
 
@@ -75,6 +76,8 @@ class FeatureBatch:
 class Matcher(Protocol):
     name: str
     version: str
+    min_side: int
+    """The smallest frame side the matcher takes (a window of smaller frames is not matched)."""
 
     def features(self, rgb: np.ndarray) -> Features: ...
 
@@ -111,6 +114,8 @@ class OpenCVMatcher:
     per_item_threads = True
     """:func:`match_windows` may call :meth:`features` per frame and :meth:`match` per pair
     from a thread pool instead of ``features_many`` / ``match_many``."""
+    min_side = 1
+    """Any frame (the labeler drops frames below ``labelers.service.MIN_SIZE`` first)."""
 
     def __init__(self, kind: str = "sift", *, max_features: int = 2048, ratio: float = RATIO,
                  cache_frames: int = FEATURE_CACHE_FRAMES):
@@ -223,6 +228,8 @@ class XFeatMatcher:
     itself with ``torch.load``, whose default is ``weights_only=True`` on torch >= 2.6.
     """
 
+    min_side = XFEAT_MIN_SIDE
+
     def __init__(self, *, device: str = "cpu", max_features: int = XFEAT_KEYPOINTS, min_confidence: float = 0.1):
         try:
             import importlib.metadata
@@ -270,6 +277,9 @@ class XFeatMatcher:
         views, height, width = frames.shape[:3]
         if views == 0:
             return []
+        if min(height, width) < self.min_side:  # the wheel would divide by side // 32 == 0
+            raise ValueError(f"{width}x{height} frames: XFeat needs at least {self.min_side} pixels a side "
+                             "(whole 32-pixel cells)")
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
             host = host.pin_memory()

@@ -20,7 +20,8 @@ backpressure still stops the labelling). A ``done`` still follows the durable in
 Bad input, decided per case (every case counted in ``reliev3r_labeler_dropped_total{reason}``
 or ``reliev3r_labeler_flags_total{flag}``):
 
-* frames smaller than 16 px, or fewer than 2 views: drop (``too_small``, ``too_few_views``).
+* frames smaller than 16 px (or than the matcher takes: XFeat 32), or fewer than 2 views: drop
+  (``too_small``, ``too_few_views``).
 * a blank frame (grey standard deviation below ``blank_std``: black, white, a test card's
   flat field): drop (``blank_frame``): it gives no matches and a teacher's depth of nothing
   is noise that the depth loss would fit.
@@ -98,7 +99,7 @@ class Labeler:
     def _check(self, frames: np.ndarray, flags: list[str]) -> str:
         """Drop reason of a window's frames ("" = fine); appends quality flags."""
         views, height, width = frames.shape[:3]
-        if height < MIN_SIZE or width < MIN_SIZE:
+        if min(height, width) < max(MIN_SIZE, self.matcher.min_side):  # XFeat's: 32 (labelers.config)
             return "too_small"
         if views < 2:
             return "too_few_views"

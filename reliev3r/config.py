@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.config import EvaluatorConfig
-from labelers.config import LabelerConfig
+from labelers.config import XFEAT_MIN_SIDE, LabelerConfig
 from learner.config import LearnerConfig
 from monitoring.config import MonitoringConfig
 from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunConfig, build, free_port, load_data,
@@ -45,6 +45,9 @@ class PipelineConfig:
         if h % patch or w % patch:  # else the learner drops every batch and never steps
             raise ValueError(f"streamer.height and streamer.width ({h}x{w}) must be multiples of "
                              f"learner.model.patch_size ({patch})")
+        if self.labeler.matcher == "xfeat" and min(h, w) < XFEAT_MIN_SIDE:  # else no window is matched
+            raise ValueError(f"labeler.matcher=xfeat needs streamer.height and streamer.width of at least "
+                             f"{XFEAT_MIN_SIDE} (XFeat works on whole {XFEAT_MIN_SIDE}-pixel cells), got {h}x{w}")
         loss = self.learner.loss
         if loss.match_shape_weight is None:  # chosen by the teacher (LossConfig.match_shape_weight)
             loss.match_shape_weight = 0.0 if self.labeler.teacher_exact_shape else 1.0

