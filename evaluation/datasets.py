@@ -159,12 +159,6 @@ def _checked(intrinsics: np.ndarray, file: Path, width: int, height: int) -> np.
     return intrinsics
 
 
-def _turned_depth(depth: np.ndarray, orientation: int) -> np.ndarray:
-    """A depth map of the frame as recorded, turned as its frame is shown (OpenCV turns a colour
-    image by its Exif orientation, not what it reads with ``IMREAD_UNCHANGED``)."""
-    return np.ascontiguousarray(imaging.orient(depth, orientation)) if orientation else depth
-
-
 def _turned_pose(pose: np.ndarray | None, orientation: int, frame: Path) -> np.ndarray | None:
     """A ground-truth camera-to-world pose of the camera as it records, turned as its frame is
     shown (``reliev3r.imaging.orient_pose``: about the optical axis); ValueError naming the frame
@@ -200,7 +194,9 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         depth = imaging.read_image(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
         if bgr is None or depth is None:
             raise OSError(f"{stem}: unreadable colour or depth image")
-        depth = _turned_depth(depth.astype(np.float32) / 1000.0, turn(k))
+        # of the frame as recorded (OpenCV turns a colour image by its Exif orientation, not what it
+        # reads with IMREAD_UNCHANGED): turned as the frame is shown
+        depth = imaging.shown_image(depth.astype(np.float32) / 1000.0, turn(k))
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
         pose = _turned_pose(np.loadtxt(f"{stem}.pose.txt", dtype=np.float32), turn(k), Path(f"{stem}.color.jpg"))
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
@@ -308,7 +304,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
             depth = raw.astype(np.float32) / depth_scale
             if raw.dtype == np.uint16:
                 depth[raw == 65535] = 0
-            depth = _turned_depth(depth, turn(k))
+            depth = imaging.shown_image(depth, turn(k))  # read unturned (IMREAD_UNCHANGED): turned as its frame
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, _turned_pose(poses[k], turn(k), images[k])
 
     return Sequence(folder.name, len(images), K, read, intrinsics_of)

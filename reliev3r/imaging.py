@@ -246,6 +246,12 @@ def orient(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
+def shown_image(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` as shown under ``orientation`` (:func:`orient`) in an array of its own (C-contiguous,
+    as what a reader keeps must be); ``image`` itself under orientation 0."""
+    return np.ascontiguousarray(orient(image, orientation)) if orientation else image
+
+
 def orient_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:
     """Intrinsics [3, 3] (float64) of a ``width`` x ``height`` image shown under ``orientation``
     (:func:`orient`), from its own: a ray projects to the pixel its recorded pixel is shown at

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from reliev3r import imaging
-from reliev3r.imaging import TRANSPOSE, display_orientation, orient, shown_intrinsics
+from reliev3r.imaging import TRANSPOSE, display_orientation, shown_intrinsics
 from streamer.glance import MOTION_WIDTH, Glance, glance_of_rgb, glance_of_video_frame
 
 if TYPE_CHECKING:  # PyAV is imported where a video is read: matching or image folders need no PyAV
@@ -987,7 +987,7 @@ def _rgb_of(reformatter: VideoReformatter, vframe, orientation: int, index: int)
     ``orientation`` (:func:`upright`: as players show it); a :class:`PacketFrame` is decoded
     first (frame ``index``)."""
     rgb = reformatter.reformat(_pixels(vframe, index), format="rgb24", threads=SCALE_THREADS).to_ndarray()
-    return np.ascontiguousarray(orient(rgb, orientation)) if orientation else rgb
+    return imaging.shown_image(rgb, orientation)
 
 
 def _glance_of_frame(vframe, orientation: int, index: int) -> Glance | None:
@@ -1100,7 +1100,7 @@ class ImageSequenceSource:
         depth = raw.astype(np.float32) / self.depth_scale
         depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
         # of the frame as recorded (OpenCV reads a depth PNG unturned): turned as OpenCV turned the frame
-        return np.ascontiguousarray(orient(depth, turn)) if turn else depth
+        return imaging.shown_image(depth, turn)
 
     def _pose(self, file: Path, turn: int) -> np.ndarray | None:
         """The ground-truth camera-to-world of the frame read from ``file``: its ``.pose.txt``, of
