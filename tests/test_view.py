@@ -96,10 +96,20 @@ def test_view_refuses_what_it_cannot_show(tmp_path):
     assert not (tmp_path / "x.rrd").exists()
 
 
-def test_a_run_config_is_read_for_its_streamer_and_evaluator_only(tmp_path):
+def test_a_run_config_is_read_for_its_windows_and_baselines_only(tmp_path):
+    """``with_run_config`` (``view RUN``, ``eval RUN``, ``export --colmap``) takes from a run's
+    config.yaml its streamer and evaluator sections (its windows) and its labeler's teacher,
+    matcher and ransac_threshold_px (``eval``'s baselines, ``reliev3r.config.RUN_LABELER``), the
+    command's overrides winning; not the labeler's other keys (its device, a key this version
+    lacks) nor the other sections (a learner key this version lacks)."""
     from reliev3r.config import load, with_run_config
 
     path = tmp_path / "config.yaml"
-    path.write_text("streamer:\n  views: 3\nevaluator:\n  windows: 2\nlearner:\n  no_such_key: 1\n")
-    cfg = with_run_config(load([], ["streamer.height=40"]), tmp_path, files=[], overrides=["streamer.height=40"])
+    path.write_text("streamer:\n  views: 3\nevaluator:\n  windows: 2\nlearner:\n  no_such_key: 1\n"
+                    "labeler:\n  teacher: none\n  matcher: orb\n  ransac_threshold_px: 2.0\n  device: cuda:7\n"
+                    "  no_such_key: 1\n")
+    overrides = ["streamer.height=40", "labeler.ransac_threshold_px=3"]
+    cfg = with_run_config(load([], overrides), tmp_path, files=[], overrides=overrides)
     assert (cfg.streamer.views, cfg.evaluator.windows, cfg.streamer.height) == (3, 2, 40)
+    assert (cfg.labeler.teacher, cfg.labeler.matcher, cfg.labeler.ransac_threshold_px) == ("none", "orb", 3.0)
+    assert cfg.labeler.device == load().labeler.device
