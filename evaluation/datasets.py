@@ -6,9 +6,9 @@ Specs:
   into ``<run.dir>/eval_world``;
 * ``synthetic:DIR``: every ``*.mp4`` in DIR with its ``.gt.npz`` (``reliev3r render`` output);
 * ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: 7-Scenes layout (``frame-NNNNNN.color.jpg``,
-  ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world,
-  ``camera-intrinsics.txt``, read as a folder's: 3x3 or ``fx fy cx cy``), optionally only frames
-  FIRST..LAST (inclusive);
+  ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world, read by
+  ``reliev3r.imaging.read_pose``, ``camera-intrinsics.txt``, read as a folder's: 3x3 or
+  ``fx fy cx cy``), optionally only frames FIRST..LAST (inclusive);
 * ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
   (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
   DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
@@ -198,7 +198,8 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         # reads with IMREAD_UNCHANGED): turned as the frame is shown
         depth = imaging.shown_image(depth.astype(np.float32) / 1000.0, turn(k))
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
-        pose = _turned_pose(np.loadtxt(f"{stem}.pose.txt", dtype=np.float32), turn(k), Path(f"{stem}.color.jpg"))
+        pose = imaging.read_pose(Path(f"{stem}.pose.txt"))  # ValueError naming the file: the window is skipped
+        pose = _turned_pose(pose.astype(np.float32), turn(k), Path(f"{stem}.color.jpg"))
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
 
     return Sequence(folder.name, len(indices), K, read,

@@ -4,6 +4,7 @@ one to compare, every baseline row, the JSON; and the generic image-folder datas
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -482,3 +483,39 @@ def test_counts_below_their_least_are_refused_by_name(argv, said, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["eval", "--checkpoint", "nowhere", *argv])
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+BAD_POSES = [("1 0 0 0\n0 1 0 0\n0 0 1 0\n", "expected 16 numbers .*got 12"),
+             ("1 0 0 0\n0 1 0 0\n0 0 nan 0\n0 0 0 1\n", "the pose is not finite"),
+             ("2 0 0 0\n0 2 0 0\n0 0 2 0\n0 0 0 1\n", "the rotation is not a rotation"),
+             ("-1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", "determinant -1"),
+             ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 1 1\n", "the last row must be 0 0 0 1"),
+             ("a camera pose\n", "not numbers")]
+"""A pose file of a frame that is no camera-to-world pose, and what ``reliev3r.imaging.read_pose`` says of it."""
+
+
+@pytest.mark.parametrize("spec", ["7scenes"])
+@pytest.mark.parametrize("text, problem", BAD_POSES, ids=["3x4", "nan", "scaled", "reflected", "last-row", "words"])
+def test_a_window_with_a_frame_whose_pose_file_is_no_pose_is_skipped_naming_it(tmp_path, caplog, spec, text,
+                                                                                problem):
+    """A frame's ground-truth pose file (``frame-NNNNNN.pose.txt``) that is no pose (3x4, a NaN, a
+    scaled or reflected rotation, a last row other than 0 0 0 1, words) is read by
+    ``reliev3r.imaging.read_pose``: the window with that frame is skipped with a warning naming
+    the file and the problem, as one with a mirrored frame; the other windows are scored, and
+    where none is left the dataset is refused saying why. Before, 7-Scenes read it with
+    ``np.loadtxt``: a NaN or a scaled or reflected rotation went into the pose metrics, a 3x4
+    file beside 4x4 ones stopped the whole evaluation unnamed when the window's poses were stacked."""
+    _write_turned_folder(tmp_path / "kitchen", ".jpg", exif=(1, 1, 1, 1), pose=TURNED_CAMERA)
+    bad = tmp_path / "kitchen" / "frame-000003.pose.txt"
+    bad.write_text(text)
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"{spec}:{tmp_path / 'kitchen'}", views=2, height=48, width=48, windows=2, stride=1,
+                               run_dir=tmp_path)
+    assert [w.name for w in windows] == ["kitchen:0"]
+    np.testing.assert_allclose(windows[0].gt_cam_to_world, np.stack([TURNED_CAMERA] * 2), atol=1e-6)
+    (said,) = [r.getMessage() for r in caplog.records if "window skipped" in r.getMessage()]
+    assert f"kitchen:2: {bad}: " in said
+    assert re.search(problem, said)
+    with pytest.raises(ValueError, match=f"no window could be read.*{re.escape(str(bad))}: .*{problem}"):
+        load_windows(f"{spec}:{tmp_path / 'kitchen'}@2-3", views=2, height=48, width=48, windows=1, stride=1,
+                     run_dir=tmp_path)
