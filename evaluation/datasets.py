@@ -15,7 +15,8 @@ Specs:
   with, all optional: poses as a TUM trajectory (``groundtruth.txt``, ``poses.txt``,
   ``trajectory.txt`` or ``*.tum``; matched by timestamp when the image names are timestamps,
   else by order) or per frame 4x4
-  cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``);
+  cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``, read by
+  ``reliev3r.imaging.read_pose``);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
   1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
   ``intrinsics.txt`` or ``K.txt`` (3x3, or ``fx fy cx cy``), else a 60 degree horizontal
@@ -27,7 +28,9 @@ it records (OpenCV reads a depth PNG unturned), are turned with each frame
 (``reliev3r.imaging.orient``, ``orient_intrinsics``, ``orient_pose``: a quarter turn of the image
 is the camera turned about its optical axis), so frames of one window turned differently each
 get their own. A frame mirrored by its orientation (Exif 2, 4, 5, 7) with a pose is no view of a
-camera at any pose: its window is skipped, saying so.
+camera at any pose: its window is skipped, saying so. So is a window with a frame whose pose file
+is no pose (``reliev3r.imaging.read_pose``: not 16 finite numbers, a rotation that is not one, a
+last row other than 0 0 0 1), the warning naming the file and the problem.
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
@@ -223,8 +226,18 @@ def _timestamps(images: list[Path]) -> np.ndarray | None:
         return None
 
 
-def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | None]:
-    """Per-image cam_to_world [4,4] (or None) from a TUM trajectory or per-frame 4x4 files."""
+@dataclass(frozen=True, slots=True)
+class BadPose:
+    """A frame's ground-truth pose that is there but is no pose: ``reason`` names the file and
+    the problem. A window with that frame is skipped, saying it."""
+
+    reason: str
+
+
+def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | BadPose | None]:
+    """Per-image cam_to_world [4,4] from a TUM trajectory or per-frame 4x4 files: None where an
+    image has none, :class:`BadPose` where its pose file is no pose (``reliev3r.imaging.read_pose``),
+    so that one bad file costs its frame's windows, not the folder."""
     trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
     if trajectories:
         from evaluation.tum import read_tum
@@ -244,7 +257,13 @@ def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | None]:
         base = _frame_base(image)
         found = [c for c in (image.parent / f"{base}.pose.txt", image.parent / f"{base}.txt",
                              root / "poses" / f"{base}.txt") if c.is_file()]
-        out.append(np.loadtxt(found[0], dtype=np.float32).reshape(4, 4) if found else None)
+        if not found:
+            out.append(None)
+            continue
+        try:
+            out.append(imaging.read_pose(found[0]).astype(np.float32))
+        except (OSError, ValueError) as err:  # named by read_pose: 'FILE: problem'
+            out.append(BadPose(str(err)))
     return out
 
 
@@ -292,6 +311,8 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         return None
 
     def read(k: int):
+        if isinstance(poses[k], BadPose):
+            raise ValueError(poses[k].reason)  # its windows are skipped, saying it
         bgr = held.pop(k, None)
         if bgr is None:
             bgr, turns[k] = imaging.read_image_and_orientation(images[k])

@@ -19,7 +19,8 @@ Writes into ``--out``:
   ``depth_color/NNNNNN.png``: the same, colourised (turbo, near = red, shared range);
 * ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
   ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
-  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``);
+  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``; a frame whose pose is
+  no pose goes without, with a warning naming the file and the problem);
 * ``reconstruction.json``: what was run, the intrinsics each frame was unprojected with
   (``intrinsics``: one 3x3 when every frame shares it, else one per frame; in pixels of the
   depth maps, ``image_size`` [width, height], the top-left pixel's centre at (0, 0)) and, with
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,6 +70,8 @@ from tqdm import tqdm
 
 from reliev3r import geometry, imaging, swap
 from reliev3r.config_base import check_device
+
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 
@@ -110,7 +114,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
     ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
     (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike)."""
-    from evaluation.datasets import folder_poses
+    from evaluation.datasets import BadPose, folder_poses
     from reliev3r.imaging import read_intrinsics
 
     path = Path(path)
@@ -148,7 +152,12 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                                      "intrinsics matrix cannot serve both")
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
-        return FrameStream(images(), K, folder_poses(path, files), len(files))
+        gt = folder_poses(path, files)
+        for k, pose in enumerate(gt):
+            if isinstance(pose, BadPose):  # ground truth for the ATE only: the frame goes without
+                log.warning("ground-truth pose left out: %s", pose.reason)
+                gt[k] = None
+        return FrameStream(images(), K, gt, len(files))
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 

@@ -494,7 +494,7 @@ BAD_POSES = [("1 0 0 0\n0 1 0 0\n0 0 1 0\n", "expected 16 numbers .*got 12"),
 """A pose file of a frame that is no camera-to-world pose, and what ``reliev3r.imaging.read_pose`` says of it."""
 
 
-@pytest.mark.parametrize("spec", ["7scenes"])
+@pytest.mark.parametrize("spec", ["7scenes", "folder"])
 @pytest.mark.parametrize("text, problem", BAD_POSES, ids=["3x4", "nan", "scaled", "reflected", "last-row", "words"])
 def test_a_window_with_a_frame_whose_pose_file_is_no_pose_is_skipped_naming_it(tmp_path, caplog, spec, text,
                                                                                 problem):
@@ -502,9 +502,10 @@ def test_a_window_with_a_frame_whose_pose_file_is_no_pose_is_skipped_naming_it(t
     scaled or reflected rotation, a last row other than 0 0 0 1, words) is read by
     ``reliev3r.imaging.read_pose``: the window with that frame is skipped with a warning naming
     the file and the problem, as one with a mirrored frame; the other windows are scored, and
-    where none is left the dataset is refused saying why. Before, 7-Scenes read it with
-    ``np.loadtxt``: a NaN or a scaled or reflected rotation went into the pose metrics, a 3x4
-    file beside 4x4 ones stopped the whole evaluation unnamed when the window's poses were stacked."""
+    where none is left the dataset is refused saying why. Before, both read it with
+    ``np.loadtxt``: a NaN or a scaled or reflected rotation went into the pose metrics; a 3x4
+    file beside 4x4 ones stopped the whole evaluation unnamed, 7-Scenes' when the window's poses
+    were stacked, a folder's when it was opened (it reshaped every pose file to 4x4 then)."""
     _write_turned_folder(tmp_path / "kitchen", ".jpg", exif=(1, 1, 1, 1), pose=TURNED_CAMERA)
     bad = tmp_path / "kitchen" / "frame-000003.pose.txt"
     bad.write_text(text)

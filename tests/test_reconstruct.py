@@ -479,6 +479,33 @@ def test_a_folders_frames_are_each_read_once_for_their_pixels_and_orientation(tm
     assert {p.name: reads[p.resolve()] for p in folder.glob("*.jpg")} == {f"{k:04d}.jpg": 1 for k in range(5)}
 
 
+def test_a_folders_pose_file_that_is_no_pose_leaves_its_frame_without_ground_truth_saying_so(tmp_path, caplog):
+    """A folder's per-frame pose files (ground truth for the ATE) are read by
+    ``reliev3r.imaging.read_pose``: a frame whose file is no pose (3x4, a NaN) goes without
+    ground truth with a warning naming the file and the problem, the others keep theirs. Before,
+    a 3x4 file stopped the reconstruction with numpy's unnamed 'cannot reshape array of size 12'
+    and a NaN went into the ATE."""
+    from reliev3r.reconstruct import open_input
+
+    folder = _upright_folder(tmp_path / "upright", 4)
+    pose = np.eye(4)
+    pose[:3, 3] = [1.0, 2.0, 3.0]
+    for k in range(4):
+        np.savetxt(folder / f"{k:04d}.pose.txt", pose)
+    (folder / "0001.pose.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n")
+    (folder / "0002.pose.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 1 nan\n0 0 0 1\n")
+    with caplog.at_level("WARNING", logger="reliev3r.reconstruct"):
+        stream = open_input(folder, stride=1, max_frames=10)
+    gt = stream.gt_cam_to_world
+    assert [g is None for g in gt] == [False, True, True, False]
+    np.testing.assert_array_equal(gt[0], pose)
+    np.testing.assert_array_equal(gt[3], pose)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert f"{folder / '0001.pose.txt'}: expected 16 numbers" in said[0]
+    assert f"{folder / '0002.pose.txt'}: the pose is not finite" in said[1]
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
