@@ -30,7 +30,10 @@ is the camera turned about its optical axis), so frames of one window turned dif
 get their own. A frame mirrored by its orientation (Exif 2, 4, 5, 7) with a pose is no view of a
 camera at any pose: its window is skipped, saying so. So is a window with a frame whose pose file
 is no pose (``reliev3r.imaging.read_pose``: not 16 finite numbers, a rotation that is not one, a
-last row other than 0 0 0 1), the warning naming the file and the problem.
+last row other than 0 0 0 1), the warning naming the file and the problem, or whose TUM
+trajectory line is no pose (a field that is not a number or not finite, a zero quaternion;
+``evaluation.tum``), the warning naming the file and the line; a trajectory with a line that
+cannot be matched to a frame (not 8 fields, a timestamp that is not a finite number) is refused.
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
@@ -236,22 +239,26 @@ class BadPose:
 
 def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | BadPose | None]:
     """Per-image cam_to_world [4,4] from a TUM trajectory or per-frame 4x4 files: None where an
-    image has none, :class:`BadPose` where its pose file is no pose (``reliev3r.imaging.read_pose``),
-    so that one bad file costs its frame's windows, not the folder."""
+    image has none, :class:`BadPose` where its pose file (``reliev3r.imaging.read_pose``) or its
+    trajectory line (``evaluation.tum.read_tum_lines``) is no pose, so that one bad file or line
+    costs its frame's windows, not the folder."""
     trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
     if trajectories:
-        from evaluation.tum import read_tum
+        from evaluation.tum import read_tum_lines
 
-        stamps, poses = read_tum(trajectories[0])
+        stamps, poses, bad = read_tum_lines(trajectories[0])  # a bad line's pose is its frame's: BadPose
+
+        def pose(k: int) -> np.ndarray | BadPose:
+            return BadPose(bad[k]) if k in bad else poses[k].astype(np.float32)
         image_stamps = _timestamps(images)
         if image_stamps is not None:
             nearest = np.abs(image_stamps[:, None] - stamps[None, :]).argmin(1)
             close = np.abs(stamps[nearest] - image_stamps) <= TIMESTAMP_MATCH_S
-            return [poses[k].astype(np.float32) if ok else None for k, ok in zip(nearest, close)]
+            return [pose(k) if ok else None for k, ok in zip(nearest, close)]
         if len(poses) != len(images):
             raise ValueError(f"{trajectories[0]}: {len(poses)} poses for {len(images)} images, and image names "
                              "are not timestamps to match them by")
-        return [p.astype(np.float32) for p in poses]
+        return [pose(k) for k in range(len(poses))]
     out = []
     for image in images:
         base = _frame_base(image)

@@ -1,6 +1,13 @@
 """Trajectories in the TUM RGB-D format: one line per pose, ``timestamp tx ty tz qx qy qz qw``
 (camera-to-world, unit quaternion with the scalar last, ``#`` starts a comment).
 
+Reading one (:func:`read_tum_lines`), a quaternion is normalised (its length carries no
+rotation). A line that cannot be placed in time, not 8 fields or a timestamp that is not a
+finite number, refuses the file; a line whose pose is no pose (a field that is not a number, a
+value that is not finite, a zero quaternion) is said by its line and its pose left out, so that
+a dataset skips the windows of the frame it belongs to (``evaluation.datasets``);
+:func:`read_tum` refuses the file for it.
+
 numpy only, float64; rotation matrices <-> quaternions by the usual branch-free-enough
 Shepperd method, which stays accurate near 180 degrees.
 """
@@ -41,9 +48,18 @@ def matrix_to_quaternion(R: np.ndarray) -> np.ndarray:
     return -q if q[3] < 0 else q
 
 
-def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(timestamps [N], cam_to_world [N, 4, 4]) from a TUM trajectory file."""
-    rows = []
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_tum_lines(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """(timestamps [N], cam_to_world [N, 4, 4], bad) from a TUM trajectory file, a row per pose
+    line: ``bad`` maps the row of each line whose pose is no pose to ``'PATH:LINE: problem'``
+    (its pose is NaN). ValueError naming the line where one cannot be placed (module docstring)."""
+    stamps, rows, bad = [], [], {}
     for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -51,14 +67,42 @@ def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         values = line.replace(",", " ").split()
         if len(values) != 8:
             raise ValueError(f"{path}:{line_no}: expected 'timestamp tx ty tz qx qy qz qw', got {len(values)} fields")
-        rows.append([float(v) for v in values])
+        stamp = _number(values[0])
+        if stamp is None or not np.isfinite(stamp):
+            raise ValueError(f"{path}:{line_no}: the timestamp {values[0]!r} is not a finite number, so the line "
+                             "cannot be matched to a frame")
+        numbers = [_number(v) for v in values[1:]]
+        problem = None
+        if (word := next((v for v, x in zip(values[1:], numbers) if x is None), None)) is not None:
+            problem = f"{word!r} is not a number"
+        elif not np.isfinite(numbers).all():
+            problem = f"the pose is not finite (tx ty tz qx qy qz qw = {' '.join(values[1:])})"
+        elif not np.linalg.norm(numbers[3:]) > 0:
+            problem = "the quaternion is zero (no rotation)"
+        if problem is not None:
+            bad[len(rows)] = f"{path}:{line_no}: {problem}"
+            numbers = [np.nan] * 7
+        stamps.append(stamp)
+        rows.append(numbers)
     if not rows:
         raise ValueError(f"{path}: no poses")
-    data = np.asarray(rows)
+    data = np.asarray(rows, dtype=np.float64)
     poses = np.tile(np.eye(4), (len(data), 1, 1))
-    poses[:, :3, :3] = quaternion_to_matrix(data[:, 4:8])
-    poses[:, :3, 3] = data[:, 1:4]
-    return data[:, 0], poses
+    good = np.ones(len(data), bool)
+    good[list(bad)] = False
+    poses[~good, :3] = np.nan
+    poses[good, :3, :3] = quaternion_to_matrix(data[good, 3:7])
+    poses[:, :3, 3] = data[:, :3]
+    return np.asarray(stamps), poses, bad
+
+
+def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(timestamps [N], cam_to_world [N, 4, 4]) from a TUM trajectory file; ValueError naming
+    the first line that is no pose (:func:`read_tum_lines`)."""
+    stamps, poses, bad = read_tum_lines(path)
+    if bad:
+        raise ValueError(next(iter(bad.values())))
+    return stamps, poses
 
 
 def write_tum(path: str | Path, timestamps, cam_to_world: np.ndarray) -> None:

@@ -520,3 +520,79 @@ def test_a_window_with_a_frame_whose_pose_file_is_no_pose_is_skipped_naming_it(t
     with pytest.raises(ValueError, match=f"no window could be read.*{re.escape(str(bad))}: .*{problem}"):
         load_windows(f"{spec}:{tmp_path / 'kitchen'}@2-3", views=2, height=48, width=48, windows=1, stride=1,
                      run_dir=tmp_path)
+
+
+BAD_TUM_LINES = {"nan": (1, "nan", "the pose is not finite"), "inf": (7, "inf", "the pose is not finite"),
+                 "zero-quaternion": (slice(4, 8), ["0"] * 4, "the quaternion is zero"),
+                 "word": (3, "z", "'z' is not a number")}
+"""A TUM line's field(s) replaced, and what is said of the line."""
+
+
+def _spoil_tum_line(path: Path, row: int, how: str) -> str:
+    """Spoils the pose on row ``row`` of a trajectory written by ``write_tum`` (its line ``row + 2``,
+    under the header) as :data:`BAD_TUM_LINES` says; returns 'PATH:LINE: ' that names it."""
+    lines = path.read_text().splitlines()
+    fields = lines[row + 1].split()
+    where, value, _ = BAD_TUM_LINES[how]
+    fields[where] = value
+    lines[row + 1] = " ".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+    return f"{path}:{row + 2}: "
+
+
+@pytest.mark.parametrize("match", ["order", "timestamp"])
+@pytest.mark.parametrize("how", list(BAD_TUM_LINES))
+def test_a_window_with_a_frame_whose_tum_line_is_no_pose_is_skipped_naming_the_line(tmp_path, caplog, match, how):
+    """A TUM trajectory's line whose pose is no pose (a NaN or an inf, a zero quaternion, a word)
+    is the pose of the frame matched to it (by order, or by the nearest timestamp): the window
+    with that frame is skipped with a warning naming the file, the line and the problem, as one
+    whose pose file is no pose; the other windows are scored. Before, a NaN, an inf or a zero
+    quaternion (normalised into NaNs) went into the pose metrics, and a word stopped the whole
+    dataset with Python's 'could not convert string to float', naming neither file nor line."""
+    if match == "order":  # four frames named frame-NNNNNN, rows 0..3 in order
+        _write_turned_folder(tmp_path / "seq", ".jpg", exif=(1, 1, 1, 1), pose=TURNED_CAMERA)
+        for f in (tmp_path / "seq").glob("*.pose.txt"):
+            f.unlink()
+        trajectory = tmp_path / "seq" / "groundtruth.txt"
+        write_tum(trajectory, np.arange(4.0), np.tile(TURNED_CAMERA, (4, 1, 1)))
+        line = _spoil_tum_line(trajectory, 3, how)  # frame 3's: windows of 2 at 0 and 2
+        spec, windows, expected, skipped = f"folder:{tmp_path / 'seq'}", 2, ["seq:0"], "seq:2"
+    else:  # six frames named by timestamps 0.033 s apart, a trajectory sampled every 5 ms
+        _write_folder(tmp_path / "seq", tum=True)
+        trajectory = tmp_path / "seq" / "groundtruth.txt"
+        line = _spoil_tum_line(trajectory, 33, how)  # 100.165 s: frame 5's, in the window at 4 of 0, 2, 4
+        spec, windows, expected, skipped = f"folder:{tmp_path / 'seq'}?depth_scale=5000", 3, ["seq:0", "seq:2"], "seq:4"
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        read = load_windows(spec, views=2, height=48, width=48, windows=windows, stride=1, run_dir=tmp_path)
+    assert [w.name for w in read] == expected
+    assert all(w.gt_cam_to_world is not None and np.isfinite(w.gt_cam_to_world).all() for w in read)
+    (said,) = [r.getMessage() for r in caplog.records if "window skipped" in r.getMessage()]
+    assert f"{skipped}: {line}{BAD_TUM_LINES[how][2]}" in said
+    with pytest.raises(ValueError, match=f"{re.escape(line)}{BAD_TUM_LINES[how][2]}"):
+        read_tum(trajectory)  # the whole trajectory: refused, naming the line
+
+
+@pytest.mark.parametrize("stamp", ["nan", "inf", "t0"])
+def test_a_tum_line_whose_timestamp_is_no_number_refuses_the_trajectory_naming_it(tmp_path, stamp):
+    """A TUM line whose timestamp is not a finite number cannot be placed among the frames (as
+    one of other than 8 fields): the trajectory is refused naming the file, the line and the
+    problem. Before, a NaN timestamp was matched to every frame named by a timestamp (NaN is
+    the least distance to numpy's argmin), none within 20 ms: every frame silently lost its pose;
+    a word stopped the dataset naming neither file nor line."""
+    _write_folder(tmp_path / "seq", tum=True)
+    trajectory = tmp_path / "seq" / "groundtruth.txt"
+    lines = trajectory.read_text().splitlines()
+    lines[11] = " ".join([stamp] + lines[11].split()[1:])
+    trajectory.write_text("\n".join(lines) + "\n")
+    for spec in (f"folder:{tmp_path / 'seq'}", str(tmp_path / "seq")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(trajectory))}:12: the timestamp .* is not a finite"):
+            load_windows(spec, views=2, height=48, width=48, windows=3, stride=1, run_dir=tmp_path)
+
+
+def test_a_tum_quaternion_is_read_as_its_unit_quaternion(tmp_path):
+    """A TUM quaternion is normalised (its length carries no rotation): one written twice as
+    long reads as the rotation of the unit one."""
+    (tmp_path / "t.txt").write_text("0 1 2 3 0 0 0.6 0.8\n1 1 2 3 0 0 1.2 1.6\n")
+    _, poses = read_tum(tmp_path / "t.txt")
+    np.testing.assert_allclose(poses[1], poses[0], atol=1e-15)
+    np.testing.assert_allclose(poses[0][:3, :3], [[0.28, -0.96, 0], [0.96, 0.28, 0], [0, 0, 1]], atol=1e-15)
