@@ -302,7 +302,7 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
                 return 1
     if args.command in ("up", "pretrain"):
         from reliev3r.ports import PortError
-        from reliev3r.supervisor import Supervisor
+        from reliev3r.supervisor import RefreshError, Supervisor
 
         if args.max_steps is not None:
             cfg.learner.max_steps = args.max_steps
@@ -317,7 +317,11 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
         except PortError as err:
             print(f"reliev3r: {err}", file=sys.stderr)
             return 2
-        code = supervisor.run()
+        try:
+            code = supervisor.run()
+        except RefreshError as err:  # a teacher refresh it cannot finish: said, nothing overwritten
+            print(f"reliev3r: {err}", file=sys.stderr)
+            return 2
         return _pretrained(cfg, code) if args.command == "pretrain" else code
     if args.command == "eval":
         from evaluation.cli import main as eval_main

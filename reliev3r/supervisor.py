@@ -55,7 +55,10 @@ GRACE_S = 20.0
 STALE_S = 15.0
 """A running child silent for this long is flagged in the status line (hung or overloaded)."""
 BEFORE_REFRESH = "before-refresh"
-"""Where a teacher refresh moves the run's snapshots, evaluations and replay store."""
+"""Where a teacher refresh moves the run's snapshots, evaluations and replay store (``FIRST_PART``),
+then its ``config.yaml``: written last, that file marks the move complete."""
+FIRST_PART = ("snapshots", "evaluations", "replay")
+"""What a teacher refresh moves into ``BEFORE_REFRESH``: the first learner, its scores, its replay store."""
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
@@ -73,6 +76,11 @@ minute of restarts with the backoff: a transient cause has passed by then)."""
 EARLY_S = 60.0
 """A child that dies sooner than this after its start failed at start."""
 """A crashed child's reason in the status line is cut to this many characters."""
+
+
+class RefreshError(Exception):
+    """The first part of a refreshed run cannot be moved into ``before-refresh/``: a part of it is
+    there already and in the run folder too (nothing is overwritten)."""
 
 
 def cuda_devices() -> int:
@@ -133,7 +141,7 @@ class Supervisor:
         self._distill: subprocess.Popen | None = None
         self._refresh = "waiting" if cfg.refreshes_teacher else "off"
         """labeler.refresh_step: off, waiting (for its snapshot), distilling, done or failed."""
-        if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh
+        if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh (run() finishes it)
             self._relabel_with(self.teacher_file)
             self._refresh = "done"
 
@@ -158,9 +166,17 @@ class Supervisor:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
+        """Run until done or stopped; the exit code. Raises :class:`RefreshError` when a teacher
+        refresh cannot move the first part aside (one the run stopped in: before anything starts)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         config_file = self.run_dir / "config.yaml"
+        # A refresh whose teacher is whole but whose first part was not all moved aside (the run
+        # stopped, or the supervisor was killed, in between): finished before any stage starts, with
+        # the config the first part ran with (this run's replaces it below).
+        finishing = self._refresh == "done" and not (self.run_dir / BEFORE_REFRESH / "config.yaml").is_file()
+        if finishing:
+            self._move_first_part(config_file)
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
         os.replace(tmp, config_file)
@@ -174,6 +190,10 @@ class Supervisor:
         security.secure_server(beats, self.cfg.network.curve, self.metrics)
         beats.bind(self.cfg.network.bind(self.cfg.network.supervisor_port))
         self._print(self.start_line())
+        if finishing:
+            self._print(f"the teacher refresh the run stopped in is finished: the run before it is in "
+                        f"{self.run_dir / BEFORE_REFRESH}, and the learner starts afresh on {self.teacher_file} "
+                        "with an empty replay")
         exit_code = 0
         try:
             for stage in STAGES:
@@ -230,6 +250,29 @@ class Supervisor:
     def _refreshed(self) -> bool:
         """The refresh's teacher is whole: its weights and then its meta are written last."""
         return rconfig.refreshed_teacher(self.run_dir) is not None
+
+    def _move_first_part(self, config: Path) -> None:
+        """Move the run before a teacher refresh (``FIRST_PART``) into ``<run.dir>/before-refresh``,
+        then copy ``config`` (the config it ran with; this run's where there is none) there last,
+        which marks the move complete. Renames only, each part moved unless already there, so a
+        move cut short is finished by doing it again. The stages must be stopped."""
+        before = self.run_dir / BEFORE_REFRESH
+        both = [name for name in FIRST_PART if (self.run_dir / name).exists() and (before / name).exists()]
+        if both:  # checked first: nothing is moved
+            raise RefreshError(f"cannot move the run before its teacher refresh into {before}: "
+                               + ", ".join(both) + " in both the run folder and there; move one of each away")
+        before.mkdir(exist_ok=True)
+        for name in FIRST_PART:
+            if (self.run_dir / name).exists():
+                os.replace(self.run_dir / name, before / name)
+        # eval and view take before-refresh/ for a run of its own (reliev3r.config.run_folder) and
+        # read their windows from its config.yaml, else from their own defaults
+        tmp = before / "config.yaml.tmp"
+        if config.is_file():
+            shutil.copyfile(config, tmp)
+        else:
+            tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
+        os.replace(tmp, before / "config.yaml")
 
     def _relabel_with(self, weights: Path) -> None:
         for child in self.children.values():
@@ -294,18 +337,9 @@ class Supervisor:
         # learner that goes on, its replay full of the first teacher's labels, kept their mark.
         restarted = [c for c in self.children.values() if c.stage != "streamer"]
         self._stop(restarted)
-        before = self.run_dir / BEFORE_REFRESH
-        before.mkdir(exist_ok=True)
-        for name in ("snapshots", "evaluations", "replay"):
-            if (self.run_dir / name).exists():
-                os.replace(self.run_dir / name, before / name)
-        # eval and view take before-refresh/ for a run of its own (reliev3r.config.run_folder) and
-        # read their windows from its config.yaml, else from their own defaults
-        tmp = before / "config.yaml.tmp"
-        shutil.copyfile(self.config_file, tmp)
-        os.replace(tmp, before / "config.yaml")
+        self._move_first_part(self.config_file)
         self._print(f"new teacher {self.teacher_file}: the learner starts afresh on it with an empty replay "
-                    f"(the run before the refresh is in {before})")
+                    f"(the run before the refresh is in {self.run_dir / BEFORE_REFRESH})")
         for stage in STAGES:
             for child in restarted:
                 if child.stage == stage:
@@ -440,12 +474,32 @@ class Supervisor:
         return 0 if learner.finished and evaluator.finished else 1
 
     def _stop_all(self) -> None:
+        """Stop every child, and a teacher refresh's distillation. A refresh stopped once its teacher
+        is whole (the child writes it, meta last, just before it exits; or it had exited unseen) is
+        the refresh's: it is finished here (the first part moved into before-refresh, renames only),
+        so the run folder is what a whole refresh leaves and a resumed run starts afresh on the new
+        teacher (a supervisor killed before this is finished by the next ``run``). Stopped sooner,
+        nothing of it is kept and a resumed run distils again."""
+        distilling = self._refresh == "distilling"
         if self._distill is not None and self._distill.poll() is None:
-            os.killpg(self._distill.pid, signal.SIGKILL)  # a refresh cut short leaves no teacher
+            os.killpg(self._distill.pid, signal.SIGKILL)
             self._distill.wait()
+        self._stop(list(self.children.values()))
+        if not distilling:
+            return
+        if not self._refreshed():
             self._print("teacher refresh cut short: the run stopped while it distilled (no new teacher; "
                         "resumed, the run distils again)")
-        self._stop(list(self.children.values()))
+            return
+        self._refresh = "done"
+        try:
+            self._move_first_part(self.config_file)
+        except RefreshError as err:  # said; resumed, the run refuses to start until it is sorted out
+            self._print(f"teacher refresh: the new teacher {self.teacher_file} was written, but {err}")
+            return
+        self._print(f"teacher refresh: the new teacher {self.teacher_file} was written before the run stopped; "
+                    f"the run before it is in {self.run_dir / BEFORE_REFRESH}, and resumed, the learner starts "
+                    "afresh on it with an empty replay")
 
     # ------------------------------------------------------------------ status
     def _drain_heartbeats(self, sock: zmq.Socket, timeout_ms: int) -> None:

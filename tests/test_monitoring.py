@@ -517,6 +517,58 @@ def test_a_refresh_still_distilling_when_the_run_ends_is_stopped_and_said(tmp_pa
         sup.metrics.close()
 
 
+@pytest.mark.parametrize("distiller", ["running", "exited"])
+def test_a_run_stopped_once_its_new_teacher_is_whole_finishes_the_refresh(tmp_path, distiller):
+    """Stopped after the distillation wrote the whole teacher (its meta last), while the child
+    still exits or before the supervisor saw it exit: the teacher is the refresh's, so the stop
+    finishes the refresh (the first part moved into ``before-refresh/``, its config last) and
+    says so, instead of "cut short ... no new teacher" with nothing moved, which left the
+    resumed run's learner going on from the first one's snapshot on the new teacher."""
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        for folder, name in (("snapshots/step-000000006", "meta.json"), ("evaluations", "step-000000006.json"),
+                             ("replay", "replay.sqlite"), ("teacher", "embedded_depth.safetensors"),
+                             ("teacher", "embedded_depth.json")):
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_text("{}")
+        sup.config_file = tmp_path / "config.yaml"  # as run() writes it
+        sup.config_file.write_text("run: {}\n")
+        code = "import time; time.sleep(600)" if distiller == "running" else "pass"
+        sup._distill = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        if distiller == "exited":
+            sup._distill.wait()
+        sup._refresh = "distilling"
+        sup._stop_all()
+        out = sup.out.getvalue()
+        assert "cut short" not in out, out
+        before = tmp_path / "before-refresh"
+        assert (f"teacher refresh: the new teacher {sup.teacher_file} was written before the run stopped; the run "
+                f"before it is in {before}, and resumed, the learner starts afresh on it with an empty replay") in out
+        assert sup._refresh == "done"
+        for name in ("snapshots/step-000000006/meta.json", "evaluations/step-000000006.json", "replay/replay.sqlite"):
+            assert (before / name).is_file() and not (tmp_path / name).exists(), name
+        assert (before / "config.yaml").read_text() == "run: {}\n"
+    finally:
+        sup.metrics.close()
+
+
+def test_a_refresh_that_cannot_move_its_first_part_aside_stops_up_before_anything_starts(tmp_path, capsys):
+    """A whole teacher, its move not complete, and a part both in the run folder and in
+    ``before-refresh/`` (put there by hand, or a learner that went on): ``up`` says which and
+    exits 2, starting nothing and moving nothing, rather than overwrite either."""
+    for folder in ("snapshots/step-000000006", "evaluations", "before-refresh/evaluations", "teacher"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+    (tmp_path / "teacher" / "embedded_depth.json").write_text("{}")
+    code = cli.main(["up", f"run.dir={tmp_path}", "labeler.refresh_step=6", "streamer.sources=[/data/clips]"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (f"reliev3r: cannot move the run before its teacher refresh into {tmp_path / 'before-refresh'}: "
+            "evaluations in both the run folder and there; move one of each away") in err, err
+    assert (tmp_path / "snapshots" / "step-000000006").is_dir() and not (tmp_path / "processes.json").exists()
+    assert sorted(p.name for p in (tmp_path / "before-refresh").iterdir()) == ["evaluations"]
+
+
 def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one(tmp_path):
     from labelers.embedded import WEIGHTS
     from reliev3r.config import ConfigError, load

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -432,3 +433,64 @@ def test_synthetic_videos_open_with_pyav_without_metadata_errors(worlds, monkeyp
     video = sorted((worlds / "world").glob("*.mp4"))[0]
     frames = list(VideoSource(video, on_error=lambda *e: errors.append(e)).frames())
     assert not errors and len(frames) == 40 and frames[0].gt_depth is not None
+
+
+def _log_after(log: Path, offset: int) -> list[dict]:
+    """The JSON lines ``log`` gained after ``offset`` bytes (what a later process wrote)."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("moved", [(), ("snapshots",)], ids=["nothing-moved", "snapshots-moved"])
+def test_a_refresh_stopped_once_its_teacher_was_whole_finishes_when_resumed(tmp_path, worlds, moved):
+    """A run stopped (SIGINT, or the supervisor SIGKILLed) after its refresh's teacher was whole
+    but before the first part was moved into ``before-refresh/``: resumed, ``up`` finishes the
+    move before any stage starts, so the learner starts afresh on an empty replay and the new
+    teacher, as after an uninterrupted refresh. The interrupted state is made, not timed: a
+    first part that ended at step 4 (its refresh step out of reach), the teacher then written
+    whole into the run (weights, then meta), and (``snapshots-moved``) part of the move done.
+    Before the fix the resumed learner went on from the first learner's step 4 and replay
+    restored the first teacher's windows."""
+    from labelers.embedded import META, WEIGHTS
+
+    run_dir = tmp_path / "run"
+    video = sorted((worlds / "world").glob("synth-*.mp4"))[0]
+    source = f"streamer.sources=[{run_dir / 'world' / video.name}]"  # footage of the user's: the refresh applies
+    durable = "replay.durable=true"  # a replay store on disk, which a resumed replay would restore
+    first = _start(run_dir, worlds, source, durable, "labeler.refresh_step=1000", max_steps=4)
+    out = _finish(first)
+    assert first.returncode == 0 and "teacher refresh at step 1000" in out, out[-3000:]
+    assert (run_dir / "snapshots" / "step-000000004" / "meta.json").is_file()
+    assert (run_dir / "evaluations" / "step-000000004.json").is_file() and (run_dir / "replay").is_dir()
+    (run_dir / "teacher").mkdir()
+    shutil.copyfile(WEIGHTS, run_dir / "teacher" / WEIGHTS.name)
+    shutil.copyfile(META, run_dir / "teacher" / META.name)  # the meta last: the teacher is whole
+    before = run_dir / "before-refresh"
+    for name in moved:
+        before.mkdir(exist_ok=True)
+        os.replace(run_dir / name, before / name)
+    offsets = {name: (run_dir / "logs" / f"{name}.log").stat().st_size for name in ("learner", "replay")}
+
+    cmd = [sys.executable, "-m", "reliev3r.cli", "up", "--config", str(ROOT / "configs" / "default.yaml"),
+           "--config", str(ROOT / "configs" / "demo.yaml"), "--max-steps", "5", f"run.dir={run_dir}", *SMALL,
+           source, durable, "labeler.refresh_step=4"]
+    resumed = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    out = _finish(resumed)
+    assert resumed.returncode == 0, out[-3000:]
+    teacher = run_dir / "teacher" / WEIGHTS.name
+    assert f"refreshed to {teacher}" in out.splitlines()[0], out[:500]
+    # the first part, whole, in before-refresh (its config the first part's), as after an uninterrupted refresh
+    assert (before / "snapshots" / "step-000000004" / "meta.json").is_file()
+    assert (before / "evaluations" / "step-000000004.json").is_file()
+    assert (before / "replay").is_dir()
+    assert rconfig.load([before / "config.yaml"]).labeler.refresh_step == 1000
+    # the second learner started from scratch (5 steps, not 1 from the first's 4), on an empty replay
+    learner = _log_after(run_dir / "logs" / "learner.log", offsets["learner"])
+    assert not any(row["msg"] in ("resumed", "max_steps already reached") for row in learner), learner[:5]
+    assert any(row["msg"] == "learner done" and row["step"] == 5 for row in learner), learner[-5:]
+    replay = _log_after(run_dir / "logs" / "replay.log", offsets["replay"])
+    assert not any(row["msg"] == "replay store restored" for row in replay), replay[:5]
+    assert rconfig.load([run_dir / "config.yaml"]).labeler.refresh_step == 4
+    assert f"the teacher refresh the run stopped in is finished: the run before it is in {before}" in out, out[:3000]
