@@ -171,12 +171,7 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         config_file = self.run_dir / "config.yaml"
-        # A refresh whose teacher is whole but whose first part was not all moved aside (the run
-        # stopped, or the supervisor was killed, in between): finished before any stage starts, with
-        # the config the first part ran with (this run's replaces it below).
-        finishing = self._refresh == "done" and not (self.run_dir / BEFORE_REFRESH / "config.yaml").is_file()
-        if finishing:
-            self._move_first_part(config_file)
+        finishing = self._finish_refresh(config_file)
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
         os.replace(tmp, config_file)
@@ -250,6 +245,23 @@ class Supervisor:
     def _refreshed(self) -> bool:
         """The refresh's teacher is whole: its weights and then its meta are written last."""
         return rconfig.refreshed_teacher(self.run_dir) is not None
+
+    def _finish_refresh(self, config: Path) -> bool:
+        """Before any stage starts: a refresh whose teacher is whole but whose first part was not all
+        moved aside (the run stopped, or the supervisor was killed, in between) is finished, with
+        ``config``, the config the first part ran with (this run's replaces it); True if it was.
+        A first part moved aside by a version that wrote no mark (a learner has written snapshots
+        since) only gets its mark."""
+        before = self.run_dir / BEFORE_REFRESH
+        if self._refresh != "done" or (before / "config.yaml").is_file():
+            return False
+        if (before / "snapshots").is_dir() and (self.run_dir / "snapshots").is_dir():
+            tmp = before / "config.yaml.tmp"
+            shutil.copyfile(config, tmp)
+            os.replace(tmp, before / "config.yaml")
+            return False
+        self._move_first_part(config)
+        return True
 
     def _move_first_part(self, config: Path) -> None:
         """Move the run before a teacher refresh (``FIRST_PART``) into ``<run.dir>/before-refresh``,

@@ -569,6 +569,28 @@ def test_a_refresh_that_cannot_move_its_first_part_aside_stops_up_before_anythin
     assert sorted(p.name for p in (tmp_path / "before-refresh").iterdir()) == ["evaluations"]
 
 
+def test_a_run_refreshed_before_the_move_had_its_mark_resumes_as_it_is(tmp_path):
+    """A run refreshed by a version that copied no config.yaml into ``before-refresh/`` (the
+    mark of a whole move): its first part is there and the new learner has snapshots of its own.
+    Resumed, the move is not taken for one cut short (which would refuse both snapshots folders):
+    only the mark is written, and nothing moves."""
+    for folder in ("snapshots/step-000000040", "before-refresh/snapshots/step-000000006",
+                   "before-refresh/evaluations", "evaluations", "teacher"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+    (tmp_path / "teacher" / "embedded_depth.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        assert not sup._finish_refresh(tmp_path / "config.yaml")
+    finally:
+        sup.metrics.close()
+    assert (tmp_path / "before-refresh" / "config.yaml").read_text() == "run: {}\n"
+    assert (tmp_path / "snapshots" / "step-000000040").is_dir() and (tmp_path / "evaluations").is_dir()
+    assert sorted(p.name for p in (tmp_path / "before-refresh").iterdir()) == ["config.yaml", "evaluations",
+                                                                               "snapshots"]
+
+
 def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one(tmp_path):
     from labelers.embedded import WEIGHTS
     from reliev3r.config import ConfigError, load
