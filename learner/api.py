@@ -14,7 +14,8 @@ An image file is read as its Exif orientation shows it (OpenCV turns a JPEG or P
 and intrinsics given with it are those of the file as recorded, turned with it
 (``reliev3r.imaging.orient_intrinsics``), as the streamer, ``reliev3r eval`` and
 ``reliev3r reconstruct`` turn an intrinsics file with each frame. An array is taken as it is,
-its intrinsics too.
+its intrinsics too. Intrinsics that cannot be an image's (principal point far from its centre:
+``reliev3r.imaging.intrinsics_mismatch``) are refused with a ValueError naming the image.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ class Reconstructor:
 
         ``intrinsics``: [3, 3] shared or [V, 3, 3] per image, in pixels of the given images: of
         an array as it is, of an image file as recorded (turned here as the file's Exif
-        orientation turns the image: module docstring). Returns float32 arrays: ``depth``
+        orientation turns the image: module docstring). Intrinsics that cannot be an image's (a
+        principal point far from its centre, as those of the frames before they were downsampled
+        put it: ``reliev3r.imaging.intrinsics_mismatch``) raise ValueError naming the image, as
+        ``reliev3r reconstruct`` refuses such an intrinsics file. Returns float32 arrays: ``depth``
         [V,H,W], ``confidence`` [V,H,W], ``cam_to_world`` [V,4,4], ``intrinsics`` [V,3,3] (of
         the resized images), ``points`` [V,H,W,3] (world frame) and ``images`` uint8 [V,H,W,3]
         (the resized inputs).
@@ -80,7 +84,12 @@ class Reconstructor:
                 k = geometry.intrinsics_from_fov(DEFAULT_HFOV_DEG, fw, fh)
             else:
                 arr = np.asarray(intrinsics, dtype=np.float64)
-                k = torch.from_numpy(imaging.shown_intrinsics(arr if arr.ndim == 2 else arr[i], turn, fw, fh)).float()
+                given = arr if arr.ndim == 2 else arr[i]
+                recorded = (fh, fw) if turn & imaging.TRANSPOSE else (fw, fh)
+                if (problem := imaging.intrinsics_mismatch(given, *recorded)) is not None:
+                    name = f"images[{i}]" + (f" ({images[i]})" if isinstance(images[i], (str, Path)) else "")
+                    raise ValueError(f"{name}: {problem}")
+                k = torch.from_numpy(imaging.shown_intrinsics(given, turn, fw, fh)).float()
             ks.append(geometry.resize_intrinsics(k, w / fw, h / fh))
             resized.append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if fw > w else cv2.INTER_LINEAR))
         stack = np.stack(resized)

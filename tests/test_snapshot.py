@@ -274,6 +274,39 @@ def test_intrinsics_given_with_image_paths_are_turned_with_each_files_exif_orien
     np.testing.assert_allclose(per_image["intrinsics"], out["intrinsics"], rtol=1e-6)
 
 
+def test_api_refuses_intrinsics_that_cannot_be_the_images(tmp_path):
+    """Intrinsics of the full-size frames given with an image file 4x smaller (principal point
+    (95.5, 63.5) beside a 48x32 image: at its corner) are refused with a ValueError naming the
+    image and what ``reliev3r.imaging.intrinsics_mismatch`` says, as ``reliev3r reconstruct``
+    refuses such an intrinsics file (the streamer reports ``intrinsics_mismatch``). Before, the
+    API reconstructed with them, unprojecting every point through the wrong principal point."""
+    import cv2
+    import numpy as np
+
+    from learner.api import Reconstructor
+    from reliev3r.imaging import intrinsics_mismatch
+
+    trainer = _trainer()
+    trainer.step(synthetic_batch(1, 2, 16, 24))
+    trainer.save_state(tmp_path / "run" / "snapshots")
+    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    path = tmp_path / "small.png"
+    cv2.imwrite(str(path), cv2.cvtColor(a, cv2.COLOR_RGB2BGR))
+    full = np.array([[160.0, 0, 95.5], [0, 160.0, 63.5], [0, 0, 1]])  # of the 192x128 frames
+    problem = intrinsics_mismatch(full, 48, 32)
+    assert problem is not None
+    with pytest.raises(ValueError) as err:
+        rec.run([path], intrinsics=full)
+    assert str(path) in str(err.value) and problem in str(err.value)
+    fitting = np.array([[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]])
+    with pytest.raises(ValueError) as err:  # per image: the second one's do not fit; an array is named by index
+        rec.run([path, a], intrinsics=np.stack([fitting, full]))
+    assert "images[1]" in str(err.value) and problem in str(err.value)
+    assert rec.run([path, a], intrinsics=np.stack([fitting, fitting]))["depth"].shape == (2, 16, 24)
+
+
 def test_snapshots_and_studies_need_no_pyzmq(tmp_path):
     # GPU hosts may lack pyzmq; a study there crashed at its final snapshot when the config
     # module pulled it in. A fresh interpreter with pyzmq blocked saves and loads a snapshot.
