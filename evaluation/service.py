@@ -16,7 +16,6 @@ exits within one window's time, not one evaluation's.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from evaluation.evaluate import evaluate_model, trivial_baseline
 from evaluation.pictures import picture_snapshot
 from learner import snapshot as snapshots
 from monitoring.metrics import Metrics
+from reliev3r import durable
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 
@@ -38,11 +38,7 @@ it), under the names of the evaluation's JSON: the supervisor reads either the s
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(data, indent=2), tmp=path.with_suffix(".tmp"))
 
 
 class Stopped(Exception):

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.config import ModelConfig
 from learner.model import FFRM
+from reliev3r import durable
 
 if TYPE_CHECKING:
     from learner.train import Trainer
@@ -131,8 +132,8 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
                          for p in sorted(tmp.glob("*.safetensors"))}
         (tmp / "meta.json").write_text(json.dumps(_json_safe(meta), indent=1, sort_keys=True))
         for p in tmp.iterdir():
-            _fsync_file(p)
-        _fsync_dir(tmp)
+            durable.fsync(p)
+        durable.fsync(tmp)
         final_path = folder / name
         if final_path.exists():  # re-save at the same step (e.g. final right after a periodic one)
             trash = folder / f".tmp-trash-{name}-{time.time_ns()}"
@@ -141,7 +142,7 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final_path)
-        _fsync_dir(folder)
+        durable.fsync(folder)
         return final_path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -406,14 +407,3 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

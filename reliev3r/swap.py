@@ -25,6 +25,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from reliev3r import durable
+
 MARKER = ".reconstruct.swap"
 """The file in ``out`` that says a replacement is under way (JSON: ``staging``, ``host``,
 ``pid``, ``replaced``, ``new``)."""
@@ -32,31 +34,18 @@ REPLACED = ".replaced"
 """The folder inside ``staging`` that takes the earlier outputs until they are removed."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace(out: Path, staging: Path, names: tuple[str, ...]) -> None:
     """Put the outputs ``names`` held in ``staging`` in place of those in ``out`` (the module's
     steps); a name ``staging`` lacks is removed from ``out``."""
     for folder, _, files in os.walk(staging):
         for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
+            durable.fsync(Path(folder) / name)
+        durable.fsync(Path(folder))
     (staging / REPLACED).mkdir()
     record = {"staging": staging.name, "host": socket.gethostname(), "pid": os.getpid(), "replaced": list(names),
               "new": [name for name in names if os.path.lexists(staging / name)]}
-    tmp = staging / MARKER  # renamed into place whole
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MARKER)
-    _fsync(out)
+    durable.write_text(out / MARKER, json.dumps(record), tmp=staging / MARKER)  # renamed into place whole
+    durable.fsync(out)
     _finish(out, record)
 
 
@@ -88,7 +77,7 @@ def _finish(out: Path, record: dict) -> None:
             os.replace(out / name, earlier / name)
         if waiting:
             os.replace(staging / name, out / name)
-    _fsync(out)
+    durable.fsync(out)
     (out / MARKER).unlink()
-    _fsync(out)
+    durable.fsync(out)
     shutil.rmtree(staging, ignore_errors=True)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
+
+from reliev3r import durable
 
 log = logging.getLogger("reliev3r.streamer.progress")
 VERSION = 1
@@ -154,12 +155,7 @@ class Progress:
             return False
         state = self.snapshot()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        durable.write_text(self.path, json.dumps(state), tmp=self.path.with_name(self.path.name + ".tmp"))
         with self.lock:
             self.dirty = False
         return True

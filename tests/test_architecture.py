@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # The core: imports no stage. Wire format, geometry, images, the synthetic world, logs,
-    # CURVE, the config machinery with the sections every process shares, a bounded mapping.
+    # CURVE, the config machinery with the sections every process shares, a bounded mapping, durable writes.
     ("core", ("reliev3r.protocol", "reliev3r.geometry", "reliev3r.imaging", "reliev3r.synthetic",
-              "reliev3r.log", "reliev3r.security", "reliev3r.config_base", "reliev3r.recent")),
+              "reliev3r.log", "reliev3r.security", "reliev3r.config_base", "reliev3r.recent", "reliev3r.durable")),
     # The stages' libraries: import the core, and other stages only through their public modules.
     ("stages", ("monitoring", "streamer", "labelers", "replay", "learner", "evaluation")),
     # Each stage's process (its ``run(cfg, runtime)``) and what every process shares: the
