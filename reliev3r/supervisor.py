@@ -297,8 +297,10 @@ class Supervisor:
         (its last snapshot is what is distilled), the labelers and the evaluator (what they would
         make meanwhile is thrown away with the first teacher: the distillation gets the cores
         and the GPU) and distil the learner into a new embedded teacher in a child process; when
-        that has written its weights, start the run again on them. A failed distillation is
-        reported, the labelers go on with their teacher and the learner resumes."""
+        that has written its weights, start the run again on them. A whole teacher (weights, then
+        the meta with their digest) is the refresh's whatever the child's exit code, as it is for a
+        resumed run (a non-zero code after it is said); a distillation that ends without one has
+        failed: that is reported, the labelers go on with their teacher and the learner resumes."""
         lc = self.cfg.labeler
         learner = self.children["learner"]
         if self._refresh == "waiting":
@@ -335,7 +337,7 @@ class Supervisor:
         code, self._distill = self._distill.returncode, None
         for child in [learner, *self._held_for_refresh()]:
             child.next_start = 0.0  # started again below, or by _reap_and_restart
-        if code != 0 or not self._refreshed():
+        if not self._refreshed():
             log = self.run_dir / "logs" / "distill.log"
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             why = last_error(log) or (f"exit code {code}: {lines[-1][:REASON_CHARS]}" if lines else f"exit code {code}")
@@ -350,7 +352,8 @@ class Supervisor:
         restarted = [c for c in self.children.values() if c.stage != "streamer"]
         self._stop(restarted)
         self._move_first_part(self.config_file)
-        self._print(f"new teacher {self.teacher_file}: the learner starts afresh on it with an empty replay "
+        exited = f" (the distillation exited with code {code} after writing it)" if code else ""
+        self._print(f"new teacher {self.teacher_file}{exited}: the learner starts afresh on it with an empty replay "
                     f"(the run before the refresh is in {self.run_dir / BEFORE_REFRESH})")
         for stage in STAGES:
             for child in restarted:

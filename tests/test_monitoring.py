@@ -552,6 +552,60 @@ def test_a_run_stopped_once_its_new_teacher_is_whole_finishes_the_refresh(tmp_pa
         sup.metrics.close()
 
 
+def test_a_distillation_that_exits_non_zero_after_writing_a_whole_teacher_is_a_done_refresh(tmp_path, monkeypatch):
+    """A distillation child that exits non-zero once its teacher is whole (weights, then the meta
+    that marks it whole and records the weights' digest) made that teacher all the same: a resumed
+    run takes it for a done refresh, so the live run does too (the exit code said), instead of
+    calling it failed, the labelers on the old teacher and the learner going on, which the next
+    start would then undo by moving that learner's part into ``before-refresh/``."""
+    sup = _refresh_supervisor(tmp_path, "labeler.workers=2")
+    try:
+        for folder, name in (("snapshots/step-000000006", "meta.json"), ("evaluations", "step-000000006.json"),
+                             ("replay", "replay.sqlite"), ("teacher", "embedded_depth.safetensors"),
+                             ("teacher", "embedded_depth.json")):
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_text("{}")
+        sup.config_file = tmp_path / "config.yaml"  # as run() writes it
+        sup.config_file.write_text("run: {}\n")
+        sup._distill = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        sup._distill.wait()
+        sup._refresh = "distilling"
+        monkeypatch.setattr(sup, "_start", lambda child: None)  # the stages are not what is tested
+        sup._refresh_teacher()
+        out = sup.out.getvalue()
+        assert sup._refresh == "done" and "failed" not in out, out
+        assert f"new teacher {sup.teacher_file} (the distillation exited with code 3 after writing it)" in out, out
+        labelers = [c for c in sup.children.values() if c.stage == "labeler"]
+        assert len(labelers) == 2 and all(
+            c.overrides[-1] == f"labeler.teacher=embedded:{sup.teacher_file}" for c in labelers)
+        before = tmp_path / "before-refresh"
+        for name in ("snapshots/step-000000006/meta.json", "evaluations/step-000000006.json", "replay/replay.sqlite"):
+            assert (before / name).is_file() and not (tmp_path / name).exists(), name
+        assert (before / "config.yaml").read_text() == "run: {}\n"
+    finally:
+        sup.metrics.close()
+
+
+def test_a_distillation_that_exits_non_zero_before_its_teacher_is_whole_is_a_failed_refresh(tmp_path):
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        (tmp_path / "snapshots" / "step-000000006").mkdir(parents=True)
+        (tmp_path / "teacher").mkdir()
+        (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")  # no meta: not whole
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "distill.log").write_text("out of memory\n")
+        sup._distill = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        sup._distill.wait()
+        sup._refresh = "distilling"
+        sup._refresh_teacher()
+        assert sup._refresh == "failed"
+        assert "teacher refresh failed (exit code 3: out of memory)" in sup.out.getvalue()
+        assert (tmp_path / "snapshots" / "step-000000006").is_dir() and not (tmp_path / "before-refresh").exists()
+        assert all(not c.overrides for c in sup.children.values())
+    finally:
+        sup.metrics.close()
+
+
 def test_a_refresh_that_cannot_move_its_first_part_aside_stops_up_before_anything_starts(tmp_path, capsys):
     """A whole teacher, its move not complete, and a part both in the run folder and in
     ``before-refresh/`` (put there by hand, or a learner that went on): ``up`` says which and
