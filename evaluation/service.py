@@ -2,11 +2,15 @@
 
 Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic; its pictures beside it,
 ``evaluation.pictures``) and to Prometheus
-(``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. The process
-exits 0 once it has scored a snapshot of ``learner.max_steps`` or later (``reliev3r up
---max-steps``: the last one the learner writes; a run taken further waits for the new ones).
-Waiting for a new snapshot lists the folder and reads no weights; a snapshot is checked whole
-once, when it is loaded, and one that is pruned or damaged before then is passed over.
+(``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. Each result names
+the snapshot it scored (``snapshot_id``: :func:`snapshot_id` of its meta); a snapshot written again
+under a scored name (a learner started afresh, e.g. ``snapshots/`` deleted and the run resumed) is
+another snapshot, scored again and its result replaced, as is one beside a result that names none
+(written before results named their snapshot). The process exits 0 once it has scored a
+snapshot of ``learner.max_steps`` or later (``reliev3r up --max-steps``: the last one the learner
+writes; a run taken further waits for the new ones). Waiting for a new snapshot lists the folder
+and reads no weights (the newest one's meta only); a snapshot is checked whole once, when it is
+loaded, and one that is pruned or damaged before then is passed over.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -15,6 +19,7 @@ exits within one window's time, not one evaluation's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -87,6 +92,7 @@ class EvaluatorService:
         self.out_dir = cfg.run_dir / "evaluations"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.done = scored(self.out_dir)
+        """Snapshot name: the ``snapshot_id`` its result records (None: it records none)."""
         self.passed: set[str] = set()
         """Snapshots that could not be loaded (pruned before their load, or damaged)."""
         self.max_steps = cfg.learner.max_steps
@@ -123,14 +129,15 @@ class EvaluatorService:
                                                                    "scored": stop.args[0]})
             return 0
         elapsed = time.time() - started
-        record = {"snapshot": str(snap), "step": meta["step"], "data": self.cfg.data, "windows": len(windows),
-                  "model": result, "baseline_constant_identity": self.baseline, "seconds": elapsed}
+        record = {"snapshot": str(snap), "snapshot_id": snapshot_id(meta), "step": meta["step"],
+                  "data": self.cfg.data, "windows": len(windows), "model": result,
+                  "baseline_constant_identity": self.baseline, "seconds": elapsed}
         try:  # pictures before the JSON: a reader that sees the JSON sees them; never fatal
             record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
         except Exception:
             runtime.log.exception("pictures failed", extra={"snapshot": snap.name})
         write_json(self.out_dir / f"{snap.name}.json", record)
-        self.done.add(snap.name)
+        self.done[snap.name] = record["snapshot_id"]
         self.metrics.report(result, "model")
         self.metrics.step.set(meta["step"])
         self.metrics.duration.set(elapsed)
@@ -140,10 +147,13 @@ class EvaluatorService:
         return 0 if is_last(meta, self.max_steps) else None
 
     def _newest(self) -> Path | None:
-        """The newest snapshot when it is neither scored nor passed over (by name: no weights
-        read), else None."""
+        """The newest snapshot when it is neither scored (its name with a result that names it:
+        its meta read, no weights) nor passed over, else None."""
         found = [path for _, path in snapshots.list_snapshots(self.snap_dir) if path.name not in self.passed]
-        return found[-1] if found and found[-1].name not in self.done else None
+        if not found:
+            return None
+        newest = found[-1]
+        return None if is_scored(newest, self.done) else newest
 
     def close(self) -> None:
         """Nothing to release: each scoring's model is dropped after it."""
@@ -155,9 +165,37 @@ def is_last(meta: dict, max_steps: int) -> bool:
     return bool(max_steps) and int(meta["step"]) >= max_steps
 
 
-def scored(out_dir: Path) -> set[str]:
-    """Names of the snapshots with a result in ``out_dir``."""
-    return {p.stem for p in out_dir.glob("step-*.json")}
+def snapshot_id(meta: dict) -> str:
+    """What tells a snapshot from another of the same name: a digest of its meta's write time
+    and its files' sizes and checksums (no weights read)."""
+    ident = json.dumps({"time": meta.get("time"), "files": meta.get("files")}, sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def scored(out_dir: Path) -> dict[str, str | None]:
+    """The snapshots with a result in ``out_dir``: name -> the ``snapshot_id`` it records (None
+    where it records none or does not parse)."""
+    out = {}
+    for path in out_dir.glob("step-*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = None
+        out[path.stem] = record.get("snapshot_id") if isinstance(record, dict) else None
+    return out
+
+
+def is_scored(snap: Path, done: dict[str, str | None]) -> bool:
+    """Whether ``done`` (:func:`scored`) has a result of this very snapshot: one of its name
+    that records its ``snapshot_id``. A snapshot whose meta cannot be read is not scored (its
+    load says why)."""
+    if done.get(snap.name) is None:
+        return False
+    try:
+        meta = json.loads((snap / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and done[snap.name] == snapshot_id(meta)
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:
@@ -165,7 +203,7 @@ def run(cfg: PipelineConfig, runtime: Runtime) -> int:
     # before loading the evaluation data; latest_snapshot has verified it, so its meta is read).
     latest = snapshots.latest_snapshot(cfg.run_dir / "snapshots")
     out_dir = cfg.run_dir / "evaluations"
-    if (latest is not None and latest.name in scored(out_dir)
+    if (latest is not None and is_scored(latest, scored(out_dir))
             and is_last(json.loads((latest / "meta.json").read_text()), cfg.learner.max_steps)):
         runtime.log.info("last snapshot already scored", extra={"snapshot": latest.name})
         return 0

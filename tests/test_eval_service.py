@@ -166,6 +166,55 @@ def test_waiting_for_a_snapshot_reads_no_weights_and_a_snapshot_pruned_before_it
     assert evaluator.error is None
 
 
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_snapshot_written_again_under_a_scored_name_is_scored_again(tmp_path):
+    """A learner started afresh (snapshots/ deleted and the run resumed) writes its steps' names
+    again beside the evaluations of the snapshots that had them: the evaluator took a name with an
+    evaluation for scored, so the new final snapshot was never scored (``up`` waited ten minutes
+    for it) nor a new one on the way. An evaluation names the snapshot it scored (its meta's
+    write time and checksums); one of another snapshot of that name is stale and replaced."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    make_tiny_snapshot(run, steps=1)
+    first = Evaluator(config(run, data, max_steps=2))
+    try:
+        deadline = time.time() + 240
+        while not scored(run) and time.time() < deadline and first.thread.is_alive():
+            time.sleep(0.05)
+        assert scored(run) == ["step-000000001"], first.error
+        old = make_tiny_snapshot(run, steps=2)
+        assert first.wait(240) and first.rc == 0, first.error
+    finally:
+        first.close()
+    old_meta = json.loads((old / "meta.json").read_text())
+    shutil.rmtree(run / "snapshots")
+    # the final snapshot again, written afresh: run() found it scored and exited at once
+    new = make_tiny_snapshot(run, steps=2, seed=1)
+    new_meta = json.loads((new / "meta.json").read_text())
+    assert service.snapshot_id(new_meta) != service.snapshot_id(old_meta)
+    second = Evaluator(config(run, data, max_steps=2))
+    try:
+        assert second.wait(240) and second.rc == 0, second.error
+        assert second.runtime.status.get("step") == 2, "exited without scoring the new snapshot"
+    finally:
+        second.close()
+    record = json.loads((run / "evaluations" / "step-000000002.json").read_text())
+    assert record["snapshot_id"] == service.snapshot_id(new_meta), "the old snapshot's evaluation was kept"
+    # a snapshot on the way (not the last) written again: the running evaluator scores it too
+    shutil.rmtree(run / "snapshots")
+    again = make_tiny_snapshot(run, steps=1, seed=2)
+    third = Evaluator(config(run, data, max_steps=2))
+    try:
+        deadline = time.time() + 240
+        while third.runtime.status.get("step") != 1 and time.time() < deadline and third.thread.is_alive():
+            time.sleep(0.05)
+        assert third.runtime.status.get("step") == 1, third.error
+        record = json.loads((run / "evaluations" / "step-000000001.json").read_text())
+        assert record["snapshot_id"] == service.snapshot_id(json.loads((again / "meta.json").read_text()))
+    finally:
+        third.close()
+    assert third.error is None
+
+
 def test_windows_with_an_unreadable_frame_or_no_usable_depth_are_skipped_with_the_reason(tmp_path, caplog):
     """One damaged frame failed the whole dataset, one window without valid ground-truth depth
     the whole evaluation (``reliev3r eval`` exit 2; the evaluator at every start): each is
