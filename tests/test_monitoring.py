@@ -517,6 +517,18 @@ def test_a_refresh_still_distilling_when_the_run_ends_is_stopped_and_said(tmp_pa
         sup.metrics.close()
 
 
+def _distilled_run(run_dir: Path, sup) -> None:
+    """A run folder as a refresh leaves it once its teacher is whole: the first part (a snapshot
+    of step 6, its evaluation, a replay store), the teacher (meta last) and ``sup``'s config."""
+    for folder, name in (("snapshots/step-000000006", "meta.json"), ("evaluations", "step-000000006.json"),
+                         ("replay", "replay.sqlite"), ("teacher", "embedded_depth.safetensors"),
+                         ("teacher", "embedded_depth.json")):
+        (run_dir / folder).mkdir(parents=True, exist_ok=True)
+        (run_dir / folder / name).write_text("{}")
+    sup.config_file = run_dir / "config.yaml"  # as run() writes it
+    sup.config_file.write_text("run: {}\n")
+
+
 @pytest.mark.parametrize("distiller", ["running", "exited"])
 def test_a_run_stopped_once_its_new_teacher_is_whole_finishes_the_refresh(tmp_path, distiller):
     """Stopped after the distillation wrote the whole teacher (its meta last), while the child
@@ -526,13 +538,7 @@ def test_a_run_stopped_once_its_new_teacher_is_whole_finishes_the_refresh(tmp_pa
     resumed run's learner going on from the first one's snapshot on the new teacher."""
     sup = _refresh_supervisor(tmp_path)
     try:
-        for folder, name in (("snapshots/step-000000006", "meta.json"), ("evaluations", "step-000000006.json"),
-                             ("replay", "replay.sqlite"), ("teacher", "embedded_depth.safetensors"),
-                             ("teacher", "embedded_depth.json")):
-            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
-            (tmp_path / folder / name).write_text("{}")
-        sup.config_file = tmp_path / "config.yaml"  # as run() writes it
-        sup.config_file.write_text("run: {}\n")
+        _distilled_run(tmp_path, sup)
         code = "import time; time.sleep(600)" if distiller == "running" else "pass"
         sup._distill = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
         if distiller == "exited":
@@ -560,13 +566,7 @@ def test_a_distillation_that_exits_non_zero_after_writing_a_whole_teacher_is_a_d
     start would then undo by moving that learner's part into ``before-refresh/``."""
     sup = _refresh_supervisor(tmp_path, "labeler.workers=2")
     try:
-        for folder, name in (("snapshots/step-000000006", "meta.json"), ("evaluations", "step-000000006.json"),
-                             ("replay", "replay.sqlite"), ("teacher", "embedded_depth.safetensors"),
-                             ("teacher", "embedded_depth.json")):
-            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
-            (tmp_path / folder / name).write_text("{}")
-        sup.config_file = tmp_path / "config.yaml"  # as run() writes it
-        sup.config_file.write_text("run: {}\n")
+        _distilled_run(tmp_path, sup)
         sup._distill = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
         sup._distill.wait()
         sup._refresh = "distilling"
