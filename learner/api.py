@@ -107,10 +107,10 @@ def _read(image: np.ndarray | str | Path) -> tuple[np.ndarray, int]:
     """(RGB uint8 [H, W, 3], the orientation it was turned by: ``reliev3r.imaging.orient`` bits):
     a file as its Exif orientation shows it (OpenCV turns it), an array as it is (0)."""
     if isinstance(image, (str, Path)):
-        bgr = imaging.read_image(image)
+        bgr, turn = imaging.read_image_and_orientation(image)  # the file opened once
         if bgr is None:
             raise FileNotFoundError(f"{image}: cannot read image")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), imaging.file_orientation(Path(image))
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), turn
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"images: expected HxWx3 uint8 RGB arrays, got {arr.dtype}{list(arr.shape)}")
