@@ -256,9 +256,7 @@ class Supervisor:
         if self._refresh != "done" or (before / "config.yaml").is_file():
             return False
         if (before / "snapshots").is_dir() and (self.run_dir / "snapshots").is_dir():
-            tmp = before / "config.yaml.tmp"
-            shutil.copyfile(config, tmp)
-            os.replace(tmp, before / "config.yaml")
+            self._mark_moved(config)
             return False
         self._move_first_part(config)
         return True
@@ -277,8 +275,14 @@ class Supervisor:
         for name in FIRST_PART:
             if (self.run_dir / name).exists():
                 os.replace(self.run_dir / name, before / name)
-        # eval and view take before-refresh/ for a run of its own (reliev3r.config.run_folder) and
-        # read their windows from its config.yaml, else from their own defaults
+        self._mark_moved(config)
+
+    def _mark_moved(self, config: Path) -> None:
+        """Copy ``config`` (this run's where there is none) into ``before-refresh/`` whole: the
+        mark of a complete move. eval and view take before-refresh/ for a run of its own
+        (reliev3r.config.run_folder) and read their windows from that config.yaml, else from their
+        own defaults."""
+        before = self.run_dir / BEFORE_REFRESH
         tmp = before / "config.yaml.tmp"
         if config.is_file():
             shutil.copyfile(config, tmp)
