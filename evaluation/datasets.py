@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -165,6 +166,19 @@ def _checked(intrinsics: np.ndarray, file: Path, width: int, height: int) -> np.
     return intrinsics
 
 
+class _Orientations(dict):
+    """Frame index -> the frame's Exif orientation: set by the read that decodes the frame (from
+    the bytes it read), else read from the frame's file (``path_of(k)``) when first asked."""
+
+    def __init__(self, path_of: Callable[[int], Path]):
+        super().__init__()
+        self.path_of = path_of
+
+    def __missing__(self, k: int) -> int:
+        self[k] = turn = imaging.file_orientation(self.path_of(k))
+        return turn
+
+
 def _turned_pose(pose: np.ndarray | None, orientation: int, frame: Path) -> np.ndarray | None:
     """A ground-truth camera-to-world pose of the camera as it records, turned as its frame is
     shown (``reliev3r.imaging.orient_pose``: about the optical axis); ValueError naming the frame
@@ -187,12 +201,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg frames in range")
     path = folder / "camera-intrinsics.txt"
     K = imaging.read_intrinsics(path)  # checked as a folder's: ValueError naming the file
-    turns: dict[int, int] = {}  # each frame's Exif orientation, read from the bytes read() decoded
-
-    def turn(k: int) -> int:
-        if k not in turns:
-            turns[k] = imaging.file_orientation(folder / f"frame-{indices[k]:06d}.color.jpg")
-        return turns[k]
+    turns = _Orientations(lambda k: folder / f"frame-{indices[k]:06d}.color.jpg")
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
@@ -202,14 +211,14 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
             raise OSError(f"{stem}: unreadable colour or depth image")
         # of the frame as recorded (OpenCV turns a colour image by its Exif orientation, not what it
         # reads with IMREAD_UNCHANGED): turned as the frame is shown
-        depth = imaging.shown_image(depth.astype(np.float32) / 1000.0, turn(k))
+        depth = imaging.shown_image(depth.astype(np.float32) / 1000.0, turns[k])
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
         pose = imaging.read_pose(Path(f"{stem}.pose.txt"))  # ValueError naming the file: the window is skipped
-        pose = _turned_pose(pose.astype(np.float32), turn(k), Path(f"{stem}.color.jpg"))
+        pose = _turned_pose(pose.astype(np.float32), turns[k], Path(f"{stem}.color.jpg"))
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
 
     return Sequence(folder.name, len(indices), K, read,
-                    lambda k, h, w: _checked(imaging.shown_intrinsics(K, turn(k), w, h), path, w, h))
+                    lambda k, h, w: _checked(imaging.shown_intrinsics(K, turns[k], w, h), path, w, h))
 
 
 TRAJECTORY_NAMES = ("groundtruth.txt", "poses.txt", "trajectory.txt")
@@ -286,22 +295,17 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     images, poses = [images[k] for k in keep], [poses[k] for k in keep]
     if not images:
         raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
-    turns: dict[int, int] = {}  # each frame's Exif orientation, read from the bytes read() decoded
+    turns = _Orientations(lambda k: images[k])
     first_bgr, turns[0] = imaging.read_image_and_orientation(images[0])
     if first_bgr is None:
         raise OSError(f"{images[0]}: unreadable image")
     held = {0: first_bgr}  # read(0)'s image, decoded already
-
-    def turn(k: int) -> int:
-        if k not in turns:
-            turns[k] = imaging.file_orientation(images[k])
-        return turns[k]
     found = imaging.intrinsics_file(folder)
     if found is not None:  # of the camera as it records: turned as each frame is
         K = imaging.read_intrinsics(found)
 
         def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
-            return _checked(imaging.shown_intrinsics(K, turn(k), w, h), found, w, h)
+            return _checked(imaging.shown_intrinsics(K, turns[k], w, h), found, w, h)
     else:  # of each frame as shown, as the streamer assumes them
         from reliev3r.geometry import intrinsics_from_fov
 
@@ -333,8 +337,8 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
             depth = raw.astype(np.float32) / depth_scale
             if raw.dtype == np.uint16:
                 depth[raw == 65535] = 0
-            depth = imaging.shown_image(depth, turn(k))  # read unturned (IMREAD_UNCHANGED): turned as its frame
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, _turned_pose(poses[k], turn(k), images[k])
+            depth = imaging.shown_image(depth, turns[k])  # read unturned (IMREAD_UNCHANGED): turned as its frame
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, _turned_pose(poses[k], turns[k], images[k])
 
     return Sequence(folder.name, len(images), K, read, intrinsics_of)
 
