@@ -14,7 +14,8 @@ Specs:
   DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
   with, all optional: poses as a TUM trajectory (``groundtruth.txt``, ``poses.txt``,
   ``trajectory.txt`` or ``*.tum``; matched by timestamp when the image names are timestamps,
-  else by order) or per frame 4x4
+  a frame with no line within 20 ms going without, said once per sequence with how many and
+  the first, else by order) or per frame 4x4
   cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``, read by
   ``reliev3r.imaging.read_pose``);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
@@ -246,11 +247,15 @@ class BadPose:
     reason: str
 
 
-def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | BadPose | None]:
-    """Per-image cam_to_world [4,4] from a TUM trajectory or per-frame 4x4 files: None where an
-    image has none, :class:`BadPose` where its pose file (``reliev3r.imaging.read_pose``) or its
-    trajectory line (``evaluation.tum.read_tum_lines``) is no pose, so that one bad file or line
-    costs its frame's windows, not the folder."""
+def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None) -> list[np.ndarray | BadPose | None]:
+    """Per-image cam_to_world [4,4] from a TUM trajectory or per-frame 4x4 files, of the images
+    ``keep`` indexes (default all; a trajectory matched by order is matched to all ``images``):
+    None where an image has none, :class:`BadPose` where its pose file
+    (``reliev3r.imaging.read_pose``) or its trajectory line (``evaluation.tum.read_tum_lines``)
+    is no pose, so that one bad file or line costs its frame's windows, not the folder. Frames
+    named by timestamps that no trajectory line is within :data:`TIMESTAMP_MATCH_S` of go
+    without, said once: how many of those kept, and the first."""
+    keep = list(range(len(images))) if keep is None else list(keep)
     trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
     if trajectories:
         from evaluation.tum import read_tum_lines
@@ -259,17 +264,22 @@ def folder_poses(root: Path, images: list[Path]) -> list[np.ndarray | BadPose | 
 
         def pose(k: int) -> np.ndarray | BadPose:
             return BadPose(bad[k]) if k in bad else poses[k].astype(np.float32)
-        image_stamps = _timestamps(images)
+        image_stamps = _timestamps([images[k] for k in keep])
         if image_stamps is not None:
             nearest = np.abs(image_stamps[:, None] - stamps[None, :]).argmin(1)
             close = np.abs(stamps[nearest] - image_stamps) <= TIMESTAMP_MATCH_S
+            if not close.all():
+                far = np.flatnonzero(~close)
+                log.warning("%s: %d of %d frames have no line within %g ms (the first: %s); they go without a "
+                            "ground-truth pose", trajectories[0], len(far), len(keep), TIMESTAMP_MATCH_S * 1000,
+                            images[keep[far[0]]].name)
             return [pose(k) if ok else None for k, ok in zip(nearest, close)]
         if len(poses) != len(images):
             raise ValueError(f"{trajectories[0]}: {len(poses)} poses for {len(images)} images, and image names "
                              "are not timestamps to match them by")
-        return [pose(k) for k in range(len(poses))]
+        return [pose(k) for k in keep]
     out = []
-    for image in images:
+    for image in (images[k] for k in keep):
         base = _frame_base(image)
         found = [c for c in (image.parent / f"{base}.pose.txt", image.parent / f"{base}.txt",
                              root / "poses" / f"{base}.txt") if c.is_file()]
@@ -290,9 +300,9 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     images = imaging.frame_files(folder)
-    poses = folder_poses(folder, images)
     keep = [k for k in range(len(images)) if (first is None or k >= first) and (last is None or k <= last)]
-    images, poses = [images[k] for k in keep], [poses[k] for k in keep]
+    poses = folder_poses(folder, images, keep)
+    images = [images[k] for k in keep]
     if not images:
         raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
     turns = _Orientations(lambda k: images[k])

@@ -589,6 +589,41 @@ def test_a_tum_line_whose_timestamp_is_no_number_refuses_the_trajectory_naming_i
             load_windows(spec, views=2, height=48, width=48, windows=3, stride=1, run_dir=tmp_path)
 
 
+def test_frames_without_a_tum_line_within_the_match_gap_are_said_once_with_their_count(tmp_path, caplog):
+    """Frames named by timestamps with no trajectory line within ``TIMESTAMP_MATCH_S`` (20 ms)
+    go without a ground-truth pose (their windows are scored without the pose metrics, as a
+    folder's without poses): said once per sequence, with the trajectory, how many frames of the
+    sequence (its range) and the first one's name; ``reconstruct`` reading the folder says it
+    too. Before, such frames lost their poses unsaid."""
+    from reliev3r.reconstruct import open_input
+
+    _write_folder(tmp_path / "seq", tum=True)  # frames 0.033 s apart from 100 s, a line every 5 ms
+    trajectory = tmp_path / "seq" / "groundtruth.txt"
+    stamps, poses = read_tum(trajectory)
+    far = (stamps < 100.07) | (stamps > 100.16)  # no line within 20 ms of frames 3 (100.099) and 4 (100.132)
+    write_tum(trajectory, stamps[far], poses[far])
+    spec = f"folder:{tmp_path / 'seq'}"
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"{spec}?depth_scale=5000", views=2, height=48, width=48, windows=5, stride=1,
+                               run_dir=tmp_path)
+    assert [w.name for w in windows] == [f"seq:{k}" for k in range(5)]
+    assert [w.gt_cam_to_world is None for w in windows] == [False, False, True, True, True]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{trajectory}: 2 of 6 frames have no line within 20 ms") and "100.099000.png" in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        load_windows(f"{spec}@4-5?depth_scale=5000", views=2, height=48, width=48, windows=1, stride=1,
+                     run_dir=tmp_path)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{trajectory}: 1 of 2 frames have no line within 20 ms") and "100.132000.png" in said
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        stream = open_input(tmp_path / "seq", stride=1, max_frames=10)
+    assert [g is None for g in stream.gt_cam_to_world] == [False, False, False, True, True, False]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{trajectory}: 2 of 6 frames have no line within 20 ms") and "100.099000.png" in said
+
+
 def test_a_tum_quaternion_is_read_as_its_unit_quaternion(tmp_path):
     """A TUM quaternion is normalised (its length carries no rotation): one written twice as
     long reads as the rotation of the unit one."""
