@@ -19,8 +19,9 @@ Writes into ``--out``:
   ``depth_color/NNNNNN.png``: the same, colourised (turbo, near = red, shared range);
 * ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
   ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
-  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``; a frame whose pose is
-  no pose goes without, with a warning naming the file and the problem);
+  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``; a frame whose pose
+  file or trajectory line is no pose goes without, with a warning naming the file (and line)
+  and the problem; a ``--gt-poses`` file with no line that is a pose is refused);
 * ``reconstruction.json``: what was run, the intrinsics each frame was unprojected with
   (``intrinsics``: one 3x3 when every frame shares it, else one per frame; in pixels of the
   depth maps, ``image_size`` [width, height], the top-left pixel's centre at (0, 0)) and, with
@@ -446,16 +447,35 @@ class ReconstructOptions:
                              f"got {self.min_confidence}")
 
 
-def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray) -> list[np.ndarray | None]:
+def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray,
+             bad: dict[int, str] | None = None) -> list[np.ndarray | None]:
     """Ground-truth poses for ``timestamps``: by order when the counts agree, else the nearest
-    stamp within 50 ms (None where none is)."""
+    stamp within 50 ms (None where none is). A frame matched to a row of ``bad`` (row -> 'PATH:LINE:
+    problem', ``evaluation.tum.read_tum_lines``) goes without, as a folder's frame whose pose is
+    no pose does: a warning names each such line once."""
+    bad = bad or {}
     if len(poses) == len(timestamps):
-        return list(poses)
-    out = []
-    for t in timestamps:
-        k = int(np.abs(stamps - t).argmin())
-        out.append(poses[k] if abs(stamps[k] - t) <= 0.05 else None)
-    return out
+        rows = list(range(len(poses)))
+    else:
+        rows = []
+        for t in timestamps:
+            k = int(np.abs(stamps - t).argmin())
+            rows.append(k if abs(stamps[k] - t) <= 0.05 else None)
+    for k in sorted({k for k in rows if k in bad}):
+        log.warning("ground-truth pose left out: %s", bad[k])
+    return [None if k is None or k in bad else poses[k] for k in rows]
+
+
+def read_gt_poses(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """``--gt-poses``: (stamps, poses, bad) of a TUM trajectory (``evaluation.tum.read_tum_lines``:
+    a line whose pose is no pose is in ``bad``, its frame left out by :func:`match_gt`);
+    ValueError where a line cannot be placed in time or no line is a pose."""
+    from evaluation.tum import read_tum_lines
+
+    stamps, poses, bad = read_tum_lines(path)
+    if len(bad) == len(stamps):
+        raise ValueError(f"{path}: no line is a pose ({len(bad)} lines; the first: {next(iter(bad.values()))})")
+    return stamps, poses, bad
 
 
 OUTPUTS = ("points.ply", "poses.txt", "depth", "depth_color", "trajectory.png", "reconstruction.json", "colmap",
@@ -470,14 +490,14 @@ host removes it once that process is gone."""
 
 def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: ReconstructOptions,
                 gt_poses: list[np.ndarray | None] | None = None, *,
-                gt_tum: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                gt_tum: tuple[np.ndarray, np.ndarray, dict[int, str]] | None = None) -> dict:
     """Run the model over windows of ``frames``, chain, and write every output into ``out``.
 
     Streams: frames are decoded, reconstructed and chained one window at a time, and each
     frame's depth PNG, pose line, points (and COLMAP image) are written when its window is
     chained, so memory stays flat in the input's length (:mod:`reliev3r.reconstruct_stream`
-    lists what is held). ``gt_tum`` (stamps, poses): ground truth matched to the frames'
-    timestamps at the end (:func:`match_gt`).
+    lists what is held). ``gt_tum`` (stamps, poses, bad: :func:`read_gt_poses`): ground truth
+    matched to the frames' timestamps at the end (:func:`match_gt`).
 
     The outputs are written into a hidden folder inside ``out`` (:data:`STAGING`) and take the
     place of an earlier reconstruction's (:data:`OUTPUTS`) only once all are written: a run that
@@ -530,7 +550,7 @@ def _abandoned(staging: Path) -> bool:
 
 def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames | FrameStream, out: Path,
                       opts: ReconstructOptions, gt_poses: list[np.ndarray | None] | None,
-                      gt_tum: tuple[np.ndarray, np.ndarray] | None) -> dict:
+                      gt_tum: tuple[np.ndarray, np.ndarray, dict[int, str]] | None) -> dict:
     """:func:`reconstruct`'s work, every output written into the empty folder ``out``; what it
     opens is closed by ``held``."""
     from collections import deque
@@ -674,7 +694,6 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from evaluation.tum import read_tum
     from learner.api import Reconstructor
 
     given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
@@ -683,7 +702,7 @@ def main(cfg, args: argparse.Namespace) -> int:
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
     stream = open_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None)
-    gt_tum = read_tum(args.gt_poses) if args.gt_poses else None
+    gt_tum = read_gt_poses(Path(args.gt_poses)) if args.gt_poses else None
     summary = reconstruct(reconstructor, stream, Path(args.out), opts, gt_tum=gt_tum)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png")

@@ -506,6 +506,55 @@ def test_a_folders_pose_file_that_is_no_pose_leaves_its_frame_without_ground_tru
     assert f"{folder / '0002.pose.txt'}: the pose is not finite" in said[1]
 
 
+def test_a_bad_line_of_gt_poses_leaves_its_frame_out_as_a_folders_own_trajectory_does(tmp_path, caplog, capsys):
+    """``--gt-poses FILE`` with a line whose pose is no pose (a NaN) is read as the folder's own
+    trajectory is: the frame matched to that line goes without ground truth (out of the ATE),
+    with a warning naming the file and the line; the other frames are scored, the same ATE from
+    either. A trajectory with no line that is a pose is refused, saying so in a line. Before,
+    ``--gt-poses`` refused the whole trajectory for the one line (exit 2) where the folder's own
+    ``groundtruth.txt`` left that frame out."""
+    from evaluation.tum import write_tum
+    from streamer_media import texture
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in range(6):
+        cv2.imwrite(str(folder / f"{k:04d}.png"), texture(64, 48, seed=k))
+    poses = np.tile(np.eye(4), (6, 1, 1))
+    poses[:, 0, 3], poses[:, 2, 3] = 0.1 * np.arange(6), 0.02 * np.arange(6) ** 2
+    given = tmp_path / "traj.txt"
+    write_tum(given, np.arange(6.0), poses)  # by order: a folder's frames are stamped 0, 1, ...
+    lines = given.read_text().splitlines()
+    lines[3] = " ".join([lines[3].split()[0], "nan", *lines[3].split()[2:]])  # frame 2's, line 4
+    given.write_text("\n".join(lines) + "\n")
+    common = ["reconstruct", "--checkpoint", str(snap), "--input", str(folder), "--views", "3", "--overlap", "1",
+              "--device", "cpu"]
+    with caplog.at_level("WARNING"):
+        assert cli.main([*common, "--out", str(tmp_path / "given"), "--gt-poses", str(given)]) == 0, \
+            capsys.readouterr().err
+    summary = json.loads((tmp_path / "given" / "reconstruction.json").read_text())
+    assert summary["gt_frames"] == 5 and np.isfinite(summary["ate_m"])
+    said = f"the pose is not finite (tx ty tz qx qy qz qw = {' '.join(lines[3].split()[1:])})"
+    assert [r.getMessage() for r in caplog.records] == [f"ground-truth pose left out: {given}:4: {said}"]
+    caplog.clear()
+    shutil.copy(given, folder / "groundtruth.txt")
+    with caplog.at_level("WARNING"):
+        assert cli.main([*common, "--out", str(tmp_path / "own")]) == 0
+    own = json.loads((tmp_path / "own" / "reconstruction.json").read_text())
+    assert own["gt_frames"] == 5 and own["ate_m"] == pytest.approx(summary["ate_m"], rel=1e-6)
+    assert [r.getMessage() for r in caplog.records] == [f"ground-truth pose left out: {folder / 'groundtruth.txt'}:4: "
+                                                        f"{said}"]
+    (folder / "groundtruth.txt").unlink()
+    capsys.readouterr()
+    given.write_text("".join(f"{k} 0 0 0 0 0 0 0\n" for k in range(6)))  # every quaternion zero
+    assert cli.main([*common, "--out", str(tmp_path / "none"), "--gt-poses", str(given)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"reliev3r reconstruct: {given}: no line is a pose (6 lines; the first: {given}:1: the "
+                           "quaternion is zero"), last
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
