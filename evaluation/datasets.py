@@ -4,7 +4,9 @@ Specs:
 
 * ``synthetic``: held-out scenes of the embedded world (seed + 1000), rendered on first use
   into ``<run.dir>/eval_world``;
-* ``synthetic:DIR``: every ``*.mp4`` in DIR with its ``.gt.npz`` (``reliev3r render`` output);
+* ``synthetic:DIR``: every ``*.mp4`` in DIR with its ``.gt.npz`` (``reliev3r render`` output;
+  its poses checked as a pose file's, ``reliev3r.imaging.pose_problem``: a window with a frame
+  whose pose is no pose is skipped, the warning naming the file, the frame and the problem);
 * ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: 7-Scenes layout (``frame-NNNNNN.color.jpg``,
   ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world, read by
   ``reliev3r.imaging.read_pose``, ``camera-intrinsics.txt``, read as a folder's: 3x3 or
@@ -154,9 +156,17 @@ def synthetic_sequences(videos: list[Path]) -> list[Sequence]:
         with av.open(str(video)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         n = min(len(frames), len(gt.depth))
-        seqs.append(Sequence(video.stem, n, gt.intrinsics,
-                             lambda i, f=frames, g=gt: (f[i], g.depth[i], g.cam_to_world[i])))
+        seqs.append(Sequence(video.stem, n, gt.intrinsics, lambda i, f=frames, g=gt: _synthetic_frame(f, g, i)))
     return seqs
+
+
+def _synthetic_frame(frames: list[np.ndarray], gt, i: int):
+    """Frame ``i`` of a synthetic video with its ground truth; ValueError naming the file, the
+    frame and the problem where its pose is no pose (``GroundTruth.bad_poses``): the window is
+    skipped, as one with a pose file that is no pose."""
+    if i in gt.bad_poses:
+        raise ValueError(gt.bad_poses[i])
+    return frames[i], gt.depth[i], gt.cam_to_world[i]
 
 
 def _checked(intrinsics: np.ndarray, file: Path, width: int, height: int) -> np.ndarray:

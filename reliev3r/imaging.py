@@ -10,7 +10,8 @@ video's display matrix or an image's Exif orientation tag asks for (:func:`displ
 :func:`orient_pose`. And how an image folder is read: which files are its frames and in what
 order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`,
 :func:`read_intrinsics`, checked against the frames by :func:`intrinsics_mismatch`), a frame's
-ground-truth pose file (:func:`read_pose`), and images read and written as bytes
+ground-truth pose file (:func:`read_pose`; every ground-truth pose is checked by
+:func:`pose_problem`), and images read and written as bytes
 (:func:`read_image`, :func:`write_image`).
 """
 
@@ -147,16 +148,35 @@ def read_intrinsics(path: Path) -> np.ndarray:
 
 POSE_TOLERANCE = 1e-2
 """How far a ground-truth pose's rotation may be from orthonormal (the largest entry of
-``R^T R - I``) and its last row from ``0 0 0 1`` (:func:`read_pose`): a tracker's poses drift
+``R^T R - I``) and its last row from ``0 0 0 1`` (:func:`pose_problem`): a tracker's poses drift
 from orthonormal by about 1e-4 (7-Scenes' KinectFusion poses by 3e-4); a scale, a shear or a
 matrix that is no pose is off by far more."""
 
 
+def pose_problem(pose: np.ndarray) -> str | None:
+    """What makes a camera-to-world matrix [4, 4] no pose, or None where it is one: a rotation
+    (orthonormal to :data:`POSE_TOLERANCE`, determinant > 0: not a reflection) and a
+    translation, finite, over a last row of ``0 0 0 1``. Every ground-truth pose is checked so:
+    a pose file's (:func:`read_pose`), the synthetic world's (``reliev3r.synthetic``)."""
+    pose = np.asarray(pose, dtype=np.float64)
+    if pose.shape != (4, 4):
+        return f"expected a 4x4 camera-to-world, got shape {pose.shape}"
+    if not np.isfinite(pose).all():
+        return "the pose is not finite"
+    if np.abs(pose[3] - (0.0, 0.0, 0.0, 1.0)).max() > POSE_TOLERANCE:
+        return f"the last row must be 0 0 0 1, got {' '.join(f'{v:g}' for v in pose[3])}"
+    R = pose[:3, :3]
+    if (off := float(np.abs(R.T @ R - np.eye(3)).max())) > POSE_TOLERANCE:
+        return f"the rotation is not a rotation (R^T R differs from the identity by {off:.3g})"
+    if np.linalg.det(R) < 0:
+        return "the rotation has determinant -1 (a reflection, no camera pose)"
+    return None
+
+
 def read_pose(path: Path) -> np.ndarray:
     """A camera-to-world pose [4, 4] (float64, as written) from a text file of 16 numbers
-    (row-major): a rotation (orthonormal to :data:`POSE_TOLERANCE`, determinant > 0: not a
-    reflection) and a translation, finite, over a last row of ``0 0 0 1``; raises ``ValueError``
-    naming the file and the problem (``OSError``: unreadable)."""
+    (row-major), checked by :func:`pose_problem`; raises ``ValueError`` naming the file and the
+    problem (``OSError``: unreadable)."""
     try:
         values = np.array(Path(path).read_text().split(), dtype=np.float64)
     except ValueError as err:  # words, or bytes that are not text
@@ -165,15 +185,8 @@ def read_pose(path: Path) -> np.ndarray:
     if values.size != 16:
         raise ValueError(f"{path}: expected 16 numbers (a 4x4 camera-to-world), got {values.size}")
     pose = values.reshape(4, 4)
-    if not np.isfinite(pose).all():
-        raise ValueError(f"{path}: the pose is not finite")
-    if np.abs(pose[3] - (0.0, 0.0, 0.0, 1.0)).max() > POSE_TOLERANCE:
-        raise ValueError(f"{path}: the last row must be 0 0 0 1, got {' '.join(f'{v:g}' for v in pose[3])}")
-    R = pose[:3, :3]
-    if (off := float(np.abs(R.T @ R - np.eye(3)).max())) > POSE_TOLERANCE:
-        raise ValueError(f"{path}: the rotation is not a rotation (R^T R differs from the identity by {off:.3g})")
-    if np.linalg.det(R) < 0:
-        raise ValueError(f"{path}: the rotation has determinant -1 (a reflection, no camera pose)")
+    if (problem := pose_problem(pose)) is not None:
+        raise ValueError(f"{path}: {problem}")
     return pose
 
 

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reliev3r import geometry
+from reliev3r import geometry, imaging
 
 RENDER_VERSION = 1
 """Bumped whenever the renderer's output changes, so that cached worlds are rendered again."""
@@ -147,6 +147,9 @@ class GroundTruth:
     intrinsics: np.ndarray
     fps: int
     config: dict
+    bad_poses: dict[int, str] = field(default_factory=dict)
+    """Frame index -> ``'PATH: frame K: problem'`` where ``cam_to_world[K]`` is no pose
+    (``reliev3r.imaging.pose_problem``; as stored): that frame has no ground-truth pose."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,18 +626,26 @@ def _gt_path(video: Path) -> Path:
 
 
 def load_ground_truth(video: Path) -> GroundTruth | None:
-    """Ground truth stored beside a synthetic ``video`` (``<stem>.gt.npz``), None if absent."""
+    """Ground truth stored beside a synthetic ``video`` (``<stem>.gt.npz``), None if absent.
+    Each pose is checked as a pose file's is (``reliev3r.imaging.pose_problem``): one that is no
+    pose is in :attr:`GroundTruth.bad_poses`, named with the file and the frame; ValueError
+    naming the file where ``cam_to_world`` is not [N, 4, 4]."""
     path = _gt_path(video)
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
-        return GroundTruth(
+        gt = GroundTruth(
             depth=z["depth"].astype(np.float32),
             cam_to_world=z["cam_to_world"].astype(np.float32),
             intrinsics=z["intrinsics"].astype(np.float32),
             fps=int(z["fps"]),
             config=json.loads(str(z["config"])) if "config" in z.files else {},
         )
+    if gt.cam_to_world.ndim != 3 or gt.cam_to_world.shape[1:] != (4, 4):
+        raise ValueError(f"{path}: cam_to_world of shape {gt.cam_to_world.shape}, not [N, 4, 4]")
+    gt.bad_poses = {k: f"{path}: frame {k}: {problem}" for k, pose in enumerate(gt.cam_to_world)
+                    if (problem := imaging.pose_problem(pose)) is not None}
+    return gt
 
 
 def scene_seed(base_seed: int, index: int) -> int:

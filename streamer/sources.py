@@ -492,8 +492,22 @@ def _open_video(path: str, decoder: str = "cpu"):
         return av.open(path, **kwargs)
 
 
+def _pose_lost(source, reason: str, detail: str) -> None:
+    """Report a frame of ``source`` (a :class:`VideoSource` or :class:`ImageSequenceSource`) that
+    goes without its ground-truth pose: every one is reported (and counted), each reason with
+    the detail of the first frame of the source that had it (``source._poses_lost``), so the
+    streamer's log says it once (``streamer.service.FirstSeen``), not once a frame."""
+    said = (f"{detail}. The frame streams without a pose, as does each other frame of this source reported so "
+            "(counted, the first named)")
+    source.on_error(source.name, reason, source._poses_lost.setdefault(reason, said))
+
+
 class VideoSource:
-    """A video file in any container and codec FFmpeg decodes."""
+    """A video file in any container and codec FFmpeg decodes. A synthetic video's frames carry
+    the ground truth stored beside it (``reliev3r.synthetic.load_ground_truth``); a frame whose
+    stored pose is no pose streams without one, reported as ``bad_pose`` when a view asks for it."""
+
+    _pose_lost = _pose_lost
 
     def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
                  decode_threads: int = 0, ground_truth: bool = True, decoder: str = "cpu"):
@@ -517,6 +531,7 @@ class VideoSource:
         """Frames from ``start`` on that the last ``frames`` call left undecoded (``wanted``); it
         grows before the frame after them is yielded, and at the end for those after the last."""
         self.gt = _load_synthetic_gt(self.path)
+        self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:func:`_pose_lost`)
 
     def _open(self):
         import av
@@ -712,8 +727,11 @@ class VideoSource:
     def _gt(self, index: int, shape) -> tuple[np.ndarray | None, np.ndarray | None]:
         if not self.ground_truth or self.gt is None or index >= len(self.gt.depth):
             return None, None
-        return (np.asarray(self.gt.depth[index], dtype=np.float32),
-                np.asarray(self.gt.cam_to_world[index], dtype=np.float64))
+        if index in self.gt.bad_poses:  # reported when a view asks for the pose (most frames never become views)
+            pose = functools.partial(self._pose_lost, "bad_pose", self.gt.bad_poses[index])
+        else:
+            pose = np.asarray(self.gt.cam_to_world[index], dtype=np.float64)
+        return np.asarray(self.gt.depth[index], dtype=np.float32), pose
 
 
 class FrameSkipper:
@@ -1032,7 +1050,7 @@ class ImageSequenceSource:
         self.on_error = on_error
         self.depth_scale = depth_scale
         self.position = 0
-        self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:meth:`_pose_lost`)
+        self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:func:`_pose_lost`)
         self.files = imaging.frame_files(self.path)
         self.intrinsics = None
         self.intrinsics_file = imaging.intrinsics_file(self.path)
@@ -1109,7 +1127,7 @@ class ImageSequenceSource:
         is no pose (``reliev3r.imaging.read_pose``: not 16 numbers, not finite, no rotation, a last
         row other than 0 0 0 1) or unreadable, reported as ``bad_pose``; and for a frame its
         orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``. The frame
-        streams without it (:meth:`_pose_lost`)."""
+        streams without it (:func:`_pose_lost`)."""
         pose_file = file.with_name(f"{_frame_stem(file)}.pose.txt")
         if not pose_file.is_file():
             return None
@@ -1124,13 +1142,7 @@ class ImageSequenceSource:
         except ValueError as err:  # mirrored
             return self._pose_lost("mirrored_pose", f"{pose_file}: its frame is {err}")
 
-    def _pose_lost(self, reason: str, detail: str) -> None:
-        """Report a frame that goes without its pose: every one is reported (and counted), each
-        reason with the detail of the first frame of this source that had it, so the streamer's
-        log says it once (``streamer.service.FirstSeen``), not once a frame."""
-        said = (f"{detail}. The frame streams without a pose, as does each other frame of this folder reported so "
-                "(counted, the first named)")
-        self.on_error(self.name, reason, self._poses_lost.setdefault(reason, said))
+    _pose_lost = _pose_lost
 
 
 def read_image(file: Path) -> np.ndarray:

@@ -186,3 +186,42 @@ def test_camera_has_parallax_and_keeps_clear_of_everything(seed):
     assert len(world.boxes) >= 2 and len(world.spheres) >= 1
     # Smooth: no jumps between consecutive frames.
     assert np.linalg.norm(np.diff(eyes, axis=0), axis=-1).max() < 0.1
+
+
+def test_a_synthetic_pose_that_is_no_pose_is_named_as_a_pose_file_is(clip, tmp_path, caplog):
+    """The synthetic world's ground truth (``<stem>.gt.npz``) is checked as a pose file is
+    (``reliev3r.imaging.pose_problem``): a frame whose pose is not finite or not rigid (a scale)
+    is named with the file, the frame and the problem; evaluation skips the windows with that
+    frame saying so, and the streamer streams it without a pose, reported as ``bad_pose`` (the
+    first frame's detail on each report, as for a folder's pose files). Before, the NaN and the
+    scaled matrix went into the evaluation's pose metrics and the streamer's windows unsaid."""
+    from evaluation.datasets import load_windows
+    from streamer.sources import VideoSource
+
+    video = synthetic.write_scene(clip, tmp_path, "clip", fps=12)
+    stored_file = tmp_path / "clip.gt.npz"
+    with np.load(stored_file, allow_pickle=False) as z:
+        stored = dict(z)
+    stored["cam_to_world"][1, 0, 3] = np.nan
+    stored["cam_to_world"][2, :3, :3] *= 2.0
+    np.savez(stored_file, **stored)
+    gt = synthetic.load_ground_truth(video)
+    assert sorted(gt.bad_poses) == [1, 2]
+    assert gt.bad_poses[1] == f"{stored_file}: frame 1: the pose is not finite"
+    assert gt.bad_poses[2].startswith(f"{stored_file}: frame 2: the rotation is not a rotation")
+
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"synthetic:{tmp_path}", views=2, height=48, width=64, windows=8, stride=1,
+                               run_dir=tmp_path)
+    assert [w.name for w in windows] == [f"clip:{k}" for k in range(3, 8)]
+    assert all(np.isfinite(w.gt_cam_to_world).all() for w in windows)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"evaluation window skipped: clip:{k}: {gt.bad_poses[1 if k < 2 else 2]}" for k in range(3)]
+
+    errors = []
+    source = VideoSource(video, on_error=lambda *report: errors.append(report))
+    frames = list(source.frames())
+    assert [f.gt_cam_to_world is None for f in frames] == [False, True, True] + [False] * 6
+    np.testing.assert_array_equal(frames[3].gt_cam_to_world, stored["cam_to_world"][3])
+    assert [(name, reason) for name, reason, _ in errors] == [(source.name, "bad_pose")] * 2
+    assert len({detail for _, _, detail in errors}) == 1 and errors[0][2].startswith(gt.bad_poses[1])
