@@ -121,7 +121,9 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     path = Path(path)
     K = read_intrinsics(intrinsics) if intrinsics else None
     if path.is_dir():
-        files = imaging.frame_files(path)[::stride][:max_frames]
+        every = imaging.frame_files(path)
+        picked = list(range(len(every)))[::stride][:max_frames]
+        files = [every[k] for k in picked]
         if not files:
             raise FileNotFoundError(f"{path}: no images")
         try:
@@ -153,7 +155,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                                      "intrinsics matrix cannot serve both")
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
-        gt = folder_poses(path, files)
+        gt = folder_poses(path, every, picked)  # a trajectory matched by order: to every frame of the folder
         for k, pose in enumerate(gt):
             if isinstance(pose, BadPose):  # ground truth for the ATE only: the frame goes without
                 log.warning("ground-truth pose left out: %s", pose.reason)

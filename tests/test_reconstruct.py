@@ -555,6 +555,28 @@ def test_a_bad_line_of_gt_poses_leaves_its_frame_out_as_a_folders_own_trajectory
     assert not (tmp_path / "none").exists()
 
 
+def test_a_folders_trajectory_matched_by_order_gives_the_picked_frames_their_poses(tmp_path):
+    """A folder whose frames are not named by timestamps, with a TUM trajectory of a line per
+    frame (matched by order), read every 2nd frame or only the first frames: each picked frame
+    gets its own line's pose. Before, the trajectory was matched to the picked frames alone and
+    refused ('6 poses for 3 images'), so ``--stride`` above 1 or a folder longer than
+    ``--max-frames`` stopped the reconstruction."""
+    from evaluation.tum import write_tum
+    from reliev3r.reconstruct import open_input
+    from streamer_media import texture
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in range(6):
+        cv2.imwrite(str(folder / f"img{k:04d}.png"), texture(64, 48, seed=k))
+    poses = np.tile(np.eye(4), (6, 1, 1))
+    poses[:, 0, 3] = np.arange(6)
+    write_tum(folder / "groundtruth.txt", np.arange(6.0), poses)
+    for stride, max_frames, picked in ((1, 10, range(6)), (2, 10, [0, 2, 4]), (1, 4, range(4)), (2, 2, [0, 2])):
+        stream = open_input(folder, stride=stride, max_frames=max_frames)
+        assert [g[0, 3] for g in stream.gt_cam_to_world] == list(picked), (stride, max_frames)
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
