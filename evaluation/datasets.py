@@ -17,7 +17,8 @@ Specs:
   with, all optional: poses as a TUM trajectory (``groundtruth.txt``, ``poses.txt``,
   ``trajectory.txt`` or ``*.tum``; matched by timestamp when the image names are timestamps,
   a frame with no line within 20 ms going without, said once per sequence with how many and
-  the first, else by order) or per frame 4x4
+  the first, else by order: names that read as numbers no line is near, e.g. ``000000.png``, are
+  no timestamps) or per frame 4x4
   cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``, read by
   ``reliev3r.imaging.read_pose``);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
@@ -264,7 +265,9 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None) 
     (``reliev3r.imaging.read_pose``) or its trajectory line (``evaluation.tum.read_tum_lines``)
     is no pose, so that one bad file or line costs its frame's windows, not the folder. Frames
     named by timestamps that no trajectory line is within :data:`TIMESTAMP_MATCH_S` of go
-    without, said once: how many of those kept, and the first."""
+    without, said once: how many of those kept, and the first. Names that read as numbers none
+    of which is near a line (``000000.png``...) are no timestamps of it: a trajectory with a line
+    per image is matched by order."""
     keep = list(range(len(images))) if keep is None else list(keep)
     trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
     if trajectories:
@@ -278,6 +281,9 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None) 
         if image_stamps is not None:
             nearest = np.abs(image_stamps[:, None] - stamps[None, :]).argmin(1)
             close = np.abs(stamps[nearest] - image_stamps) <= TIMESTAMP_MATCH_S
+            if not close.any() and len(poses) == len(images):  # numbers, not its times (000000.png...)
+                image_stamps = None
+        if image_stamps is not None:
             if not close.all():
                 far = np.flatnonzero(~close)
                 log.warning("%s: %d of %d frames have no line within %g ms (the first: %s); they go without a "

@@ -631,3 +631,29 @@ def test_a_tum_quaternion_is_read_as_its_unit_quaternion(tmp_path):
     _, poses = read_tum(tmp_path / "t.txt")
     np.testing.assert_allclose(poses[1], poses[0], atol=1e-15)
     np.testing.assert_allclose(poses[0][:3, :3], [[0.28, -0.96, 0], [0.96, 0.28, 0], [0, 0, 1]], atol=1e-15)
+
+
+def test_frames_named_by_index_take_a_same_length_trajectory_by_order(tmp_path, caplog):
+    """Frames named ``000000.png``... read as numbers, but no trajectory line is near those
+    'times': with as many lines as frames they take the lines by order, as frames named
+    otherwise do. Before, they were matched by time and every frame went without a pose."""
+    from reliev3r.reconstruct import open_input
+
+    root = tmp_path / "seq"
+    _write_folder(root, tum=False)
+    poses = np.tile(np.eye(4), (6, 1, 1))
+    poses[:, 0, 3] = np.arange(6) * 0.1
+    for k in range(6):
+        for suffix in (".png", ".depth.png"):
+            (root / f"img{k:03d}{suffix}").rename(root / f"{k:06d}{suffix}")
+        (root / f"img{k:03d}.pose.txt").unlink()
+    write_tum(root / "groundtruth.txt", 1305031102.0 + np.arange(6) * 0.033, poses)
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"folder:{root}", views=2, height=48, width=48, windows=5, stride=1,
+                               run_dir=tmp_path)
+    assert [w.name for w in windows] == [f"seq:{k}" for k in range(5)]
+    for k, w in enumerate(windows):
+        np.testing.assert_allclose(w.gt_cam_to_world[:, 0, 3], poses[[k, k + 1], 0, 3], atol=1e-6)
+    assert not caplog.records
+    stream = open_input(root, stride=2, max_frames=10)
+    np.testing.assert_allclose([g[0, 3] for g in stream.gt_cam_to_world], poses[[0, 2, 4], 0, 3], atol=1e-6)
