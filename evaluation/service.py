@@ -1,8 +1,8 @@
 """The evaluator process: scores every new snapshot on held-out ground truth.
 
-Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic; its pictures beside it,
-``evaluation.pictures``) and to Prometheus
-(``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. Each result names
+Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic and durable,
+``reliev3r.durable.write_text``; its pictures beside it, ``evaluation.pictures``) and to
+Prometheus (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. Each result names
 the snapshot it scored (``snapshot_id``: :func:`snapshot_id` of its meta); a snapshot written again
 under a scored name (a learner started afresh, e.g. ``snapshots/`` deleted and the run resumed) is
 another snapshot, scored again and its result replaced, as is one beside a result that names none

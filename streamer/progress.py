@@ -14,9 +14,10 @@ after the last one's first frame, and with ``window_step`` beyond a window's spa
 thus made again after a restart, and skipped. Window ids are ``source:pass:first_frame`` and
 stable across restarts, so a window re-made after a crash keeps its id (replay stores it once).
 
-The file is written atomically (temporary file, fsync, rename) after every batch of
-acknowledgements; a crash between an acknowledgement and the write costs one re-send, never a
-lost window. Live feeds are not tracked (they cannot be rewound).
+The file is written atomically and durably (``reliev3r.durable.write_text``: temporary
+file, fsync, rename, fsync of the folder) after every batch of acknowledgements; a crash
+between an acknowledgement and the write costs one re-send, never a lost window. Live feeds
+are not tracked (they cannot be rewound).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Fixtures that several test modules share: a pipeline config in a temporary run folder (and
 one for the streamer and labeler tests), an ``insert`` message, a ZeroMQ context, a stage's
-``run`` in a thread, a ``reliev3r`` stage as a real process, and waiting for a condition."""
+``run`` in a thread, a ``reliev3r`` stage as a real process, waiting for a condition, and the
+fsyncs of a folder."""
 
 from __future__ import annotations
 
@@ -177,3 +178,24 @@ def wait_for() -> Callable[..., Any]:
         pytest.fail(f"timed out waiting for {what}")
 
     return wait
+
+
+@pytest.fixture
+def folder_fsyncs(monkeypatch) -> Callable[[Path, Callable[[], Any]], list]:
+    """``watch(folder, seen)``: from then on, every ``os.fsync`` of ``folder`` (known by its
+    inode, whatever path opened it, in any thread) appends ``seen()`` to the list returned: what
+    the test needs to hold when the folder is flushed (e.g. a file renamed into it is there)."""
+
+    def watch(folder: Path, seen: Callable[[], Any]) -> list:
+        key, calls, real = os.stat(folder), [], os.fsync
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (key.st_dev, key.st_ino):
+                calls.append(seen())
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        return calls
+
+    return watch

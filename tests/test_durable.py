@@ -24,3 +24,14 @@ def test_fsync_takes_a_file_or_a_folder_and_names_a_missing_one(tmp_path):
     durable.fsync(tmp_path)
     with pytest.raises(FileNotFoundError):
         durable.fsync(tmp_path / "missing")
+
+
+def test_write_text_fsyncs_the_folder_after_the_rename(tmp_path, folder_fsyncs):
+    """The rename survives a power loss only once the folder that names the file is flushed:
+    without it the earlier file may stand again after one (a re-sent window, a re-scored
+    snapshot), although the new one's bytes were fsynced."""
+    path = tmp_path / "state.json"
+    path.write_text("earlier")
+    flushed = folder_fsyncs(tmp_path, lambda: path.read_text())
+    durable.write_text(path, "new", tmp=tmp_path / "state.json.tmp")
+    assert flushed and flushed[-1] == "new"  # flushed after the rename, not only before it

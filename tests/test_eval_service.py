@@ -86,6 +86,23 @@ def test_a_dataset_without_poses_is_scored_on_depth_and_the_evaluator_carries_on
     assert status["step"] == 2 and status["absrel_med"] == record["model"]["absrel_med"] and "ate" not in status
 
 
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_a_result_survives_a_power_loss_once_written(tmp_path, folder_fsyncs):
+    """A result was renamed into place without its folder flushed: after a power loss it could
+    be gone again, and its snapshot scored again."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    make_tiny_snapshot(run, steps=1)
+    (run / "evaluations").mkdir()
+    result = run / "evaluations" / "step-000000001.json"
+    flushed = folder_fsyncs(run / "evaluations", result.exists)
+    evaluator = Evaluator(config(run, data, max_steps=1))
+    try:
+        assert evaluator.wait(240) and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert result.exists() and flushed and flushed[-1] is True  # the folder flushed once it names the result
+
 @pytest.mark.timeout(300)
 def test_a_run_taken_further_scores_its_new_snapshots(tmp_path):
     """``make up`` then ``make up MAX_STEPS=2000``: the first run's final snapshot is scored;

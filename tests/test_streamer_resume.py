@@ -253,3 +253,17 @@ def test_a_finished_finite_run_started_again_sends_nothing_and_exits_0(tmp_path)
     for run, got, code in restarts:
         assert (got, code) == ([], 0), run
     assert "every source finished in an earlier run" in (tmp_path / "again.log").read_text()
+
+
+def test_the_progress_file_survives_a_power_loss_once_saved(tmp_path, folder_fsyncs):
+    """``save`` renamed the new file into place but never flushed its folder: after a power
+    loss the earlier file could stand again, and its window, acknowledged since, be sent again."""
+    path = tmp_path / "streamer" / "progress.json"
+    p = Progress(path)
+    p.made("s", "s:0:0")
+    p.made("s", "s:0:4")
+    p.save(force=True)
+    flushed = folder_fsyncs(path.parent, lambda: Progress(path).is_acked("s:0:4"))
+    p.acked("s:0:4")
+    assert p.save()
+    assert flushed and flushed[-1] is True  # the folder flushed once it names the new file
