@@ -1,7 +1,7 @@
 """The evaluator process: scores every new snapshot on held-out ground truth.
 
 Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic and durable,
-``reliev3r.durable.write_text``; its pictures beside it, ``evaluation.pictures``) and to
+``reliev3r.durable.write``; its pictures beside it, ``evaluation.pictures``) and to
 Prometheus (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. Each result names
 the snapshot it scored (``snapshot_id``: :func:`snapshot_id` of its meta); a snapshot written again
 under a scored name (a learner started afresh, e.g. ``snapshots/`` deleted and the run resumed) is
@@ -43,7 +43,7 @@ it), under the names of the evaluation's JSON: the supervisor reads either the s
 
 
 def write_json(path: Path, data: dict) -> None:
-    durable.write_text(path, json.dumps(data, indent=2), tmp=path.with_suffix(".tmp"))
+    durable.write(path, json.dumps(data, indent=2), tmp=path.with_suffix(".tmp"))
 
 
 class Stopped(Exception):

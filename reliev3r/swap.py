@@ -44,7 +44,7 @@ def replace(out: Path, staging: Path, names: tuple[str, ...]) -> None:
     (staging / REPLACED).mkdir()
     record = {"staging": staging.name, "host": socket.gethostname(), "pid": os.getpid(), "replaced": list(names),
               "new": [name for name in names if os.path.lexists(staging / name)]}
-    durable.write_text(out / MARKER, json.dumps(record), tmp=staging / MARKER)  # renamed into place whole, out fsynced
+    durable.write(out / MARKER, json.dumps(record), tmp=staging / MARKER)  # renamed into place whole, out fsynced
     _finish(out, record)
 
 

@@ -14,7 +14,7 @@ after the last one's first frame, and with ``window_step`` beyond a window's spa
 thus made again after a restart, and skipped. Window ids are ``source:pass:first_frame`` and
 stable across restarts, so a window re-made after a crash keeps its id (replay stores it once).
 
-The file is written atomically and durably (``reliev3r.durable.write_text``: temporary
+The file is written atomically and durably (``reliev3r.durable.write``: temporary
 file, fsync, rename, fsync of the folder) after every batch of acknowledgements; a crash
 between an acknowledgement and the write costs one re-send, never a lost window. Live feeds
 are not tracked (they cannot be rewound).
@@ -156,7 +156,7 @@ class Progress:
             return False
         state = self.snapshot()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        durable.write_text(self.path, json.dumps(state), tmp=self.path.with_name(self.path.name + ".tmp"))
+        durable.write(self.path, json.dumps(state), tmp=self.path.with_name(self.path.name + ".tmp"))
         with self.lock:
             self.dirty = False
         return True

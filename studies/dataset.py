@@ -34,6 +34,7 @@ Cache layout (N windows, V views, M matches in total)::
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing as mp
 import os
@@ -47,6 +48,7 @@ import torch
 from torch import Tensor
 
 from evaluation.datasets import EvalWindow
+from reliev3r import durable
 
 CACHE_VERSION = 2
 """Bumped when the cache layout or the labelling changes: older caches are rebuilt.
@@ -337,11 +339,9 @@ def ensure_dataset(spec: DatasetSpec, folder: str | Path, *, workers: int = 0,
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         stored = {k: (a.astype(np.float16) if k in _HALF else a) for k, a in arrays.items()}
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **stored)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        npz = io.BytesIO()
+        np.savez_compressed(npz, **stored)
+        durable.write(path, npz.getbuffer(), tmp=tmp)
         if progress:
             print(f"labelled {len(arrays['names'])} windows in {time.perf_counter() - start:.1f} s -> {path}")
     return LabelledDataset.load(path)

@@ -20,16 +20,17 @@ same spec, whose held-out set (another seed) a study scores.
 
 Folder layout: ``meta.json`` (the cache meta of :mod:`studies.dataset`: spec, teacher, matcher)
 and ``w000000000.npz``, ``w000000001.npz``, ... numbered in the order written, each written to a
-temporary name, fsynced and renamed (a reader never sees a partial file). A file holds one
-window: ``images`` uint8 [V,H,W,3], ``intrinsics`` [V,3,3], ``gt_depth`` float16 [V,H,W],
-``gt_cam_to_world`` [V,4,4], ``teacher_depth`` float16 / ``teacher_valid`` bool [V,H,W] (absent
-for teacher ``none``), ``matches`` float32 [K,7] rows (i, j, x_i, y_i, x_j, y_j, score) and
-``name``. Windows the teacher refuses are skipped (numbers stay contiguous).
+temporary name, fsynced and renamed (``reliev3r.durable.write``: a reader never sees a partial
+file). A file holds one window: ``images`` uint8 [V,H,W,3], ``intrinsics`` [V,3,3], ``gt_depth``
+float16 [V,H,W], ``gt_cam_to_world`` [V,4,4], ``teacher_depth`` float16 / ``teacher_valid`` bool
+[V,H,W] (absent for teacher ``none``), ``matches`` float32 [K,7] rows (i, j, x_i, y_i, x_j, y_j,
+score) and ``name``. Windows the teacher refuses are skipped (numbers stay contiguous).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing as mp
 import os
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from reliev3r import durable
 from studies import dataset as ds
 from studies.dataset import DatasetError, DatasetSpec, LabelledDataset, parse_spec
 
@@ -82,11 +84,9 @@ def _write_window(folder: Path, number: int, item: dict[str, Any]) -> Path:
         arrays["teacher_depth"] = np.asarray(item["teacher_depth"]).astype(np.float16)
         arrays["teacher_valid"] = np.asarray(item["teacher_valid"], dtype=bool)
     arrays["name"] = np.array(item["name"])
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
+    durable.write(path, npz.getbuffer(), tmp=tmp)
     return path
 
 
@@ -114,9 +114,7 @@ def produce(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, limit: i
         if existing.get("spec") != json.loads(spec.key()):
             raise DatasetError(f"{folder} already holds windows of another spec: use a new folder")
     else:
-        tmp = folder / f".{META}.tmp"
-        tmp.write_text(json.dumps(_meta(spec), indent=1))
-        os.replace(tmp, meta)
+        durable.write(meta, json.dumps(_meta(spec), indent=1), tmp=folder / f".{META}.tmp")
     written = len(list(folder.glob("w*.npz")))
     target = written + limit if limit else 0
     stop = False
