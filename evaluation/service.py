@@ -9,8 +9,10 @@ another snapshot, scored again and its result replaced, as is one beside a resul
 (written before results named their snapshot). The process exits 0 once it has scored a
 snapshot of ``learner.max_steps`` or later (``reliev3r up --max-steps``: the last one the learner
 writes; a run taken further waits for the new ones). Waiting for a new snapshot lists the folder
-and reads no weights (the newest one's meta only); a snapshot is checked whole once, when it is
-loaded, and one that is pruned or damaged before then is passed over.
+and reads no weights (the metas of the newest one and of those passed over after it only); a
+snapshot is checked whole once, when it is loaded, and one that is pruned or damaged before then
+is passed over: that very snapshot (its ``snapshot_id``, or none where its meta does not read),
+so one written again whole under its name is tried again.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -93,8 +95,9 @@ class EvaluatorService:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.done = scored(self.out_dir)
         """Snapshot name: the ``snapshot_id`` its result records (None: it records none)."""
-        self.passed: set[str] = set()
-        """Snapshots that could not be loaded (pruned before their load, or damaged)."""
+        self.passed: dict[str, str | None] = {}
+        """Snapshots that could not be loaded (pruned before their load, or damaged): name -> the
+        ``snapshot_id`` it had (:func:`read_id`; None: its meta did not read)."""
         self.max_steps = cfg.learner.max_steps
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.learner.threads:
@@ -111,16 +114,17 @@ class EvaluatorService:
         """Score the newest snapshot if it is new; an exit status once the last one
         (:func:`is_last`) is scored or a stop abandoned the scoring, else None."""
         runtime, windows = self.runtime, self.windows
-        snap = self._newest()
-        if snap is None:
+        newest = self._newest()
+        if newest is None:
             runtime.wait(self.cfg.poll_s)
             return None
+        snap, ident = newest
         started = time.time()
         try:
             model, meta = snapshots.load_model(snap, self.device)
         except (snapshots.SnapshotError, OSError) as err:  # pruned by the learner, or damaged
             runtime.log.warning("snapshot passed over", extra={"snapshot": snap.name, "error": str(err)})
-            self.passed.add(snap.name)
+            self.passed[snap.name] = ident  # as read before the load: one written again since is tried
             return None
         try:
             result = evaluate_model(model, StopAware(windows, runtime), self.device)
@@ -146,14 +150,16 @@ class EvaluatorService:
                                                       **{k: round(result[k], 4) for k in REPORTED if k in result}})
         return 0 if is_last(meta, self.max_steps) else None
 
-    def _newest(self) -> Path | None:
-        """The newest snapshot when it is neither scored (its name with a result that names it:
-        its meta read, no weights) nor passed over, else None."""
-        found = [path for _, path in snapshots.list_snapshots(self.snap_dir) if path.name not in self.passed]
-        if not found:
-            return None
-        newest = found[-1]
-        return None if is_scored(newest, self.done) else newest
+    def _newest(self) -> tuple[Path, str | None] | None:
+        """The newest snapshot not passed over (the one of its name that was, by its
+        :func:`read_id`), with its ``read_id``, when it is not scored (its name with a result that
+        names it: its meta read, no weights), else None."""
+        for _, path in reversed(snapshots.list_snapshots(self.snap_dir)):
+            ident = read_id(path)
+            if path.name in self.passed and self.passed[path.name] == ident:
+                continue
+            return None if ident is not None and self.done.get(path.name) == ident else (path, ident)
+        return None
 
     def close(self) -> None:
         """Nothing to release: each scoring's model is dropped after it."""
@@ -185,17 +191,20 @@ def scored(out_dir: Path) -> dict[str, str | None]:
     return out
 
 
-def is_scored(snap: Path, done: dict[str, str | None]) -> bool:
-    """Whether ``done`` (:func:`scored`) has a result of this very snapshot: one of its name
-    that records its ``snapshot_id``. A snapshot whose meta cannot be read is not scored (its
-    load says why)."""
-    if done.get(snap.name) is None:
-        return False
+def read_id(snap: Path) -> str | None:
+    """The ``snapshot_id`` of the snapshot folder ``snap``, from its meta (no weights read);
+    None where its meta cannot be read (its load says why)."""
     try:
         meta = json.loads((snap / "meta.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and done[snap.name] == snapshot_id(meta)
+        return None
+    return snapshot_id(meta) if isinstance(meta, dict) else None
+
+
+def is_scored(snap: Path, done: dict[str, str | None]) -> bool:
+    """Whether ``done`` (:func:`scored`) has a result of this very snapshot: one of its name
+    that records its ``snapshot_id``. A snapshot whose meta cannot be read is not scored."""
+    return done.get(snap.name) is not None and done[snap.name] == read_id(snap)
 
 
 def run(cfg: PipelineConfig, runtime: Runtime) -> int:

@@ -232,6 +232,53 @@ def test_a_snapshot_written_again_under_a_scored_name_is_scored_again(tmp_path):
     assert third.error is None
 
 
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_damaged_snapshot_passed_over_then_written_again_whole_is_scored(tmp_path, monkeypatch, wait_for):
+    """A snapshot the evaluator could not load was passed over by name for good: written again
+    whole under that name (its weights damaged, or its meta), it was never tried again. What is
+    passed over is that very snapshot (its meta's ``snapshot_id``, or none readable)."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    failed, polls = [], []
+    load_model, list_snapshots = snapshots.load_model, snapshots.list_snapshots
+
+    def recorded_load(path, *args, **kw):
+        try:
+            return load_model(path, *args, **kw)
+        except snapshots.SnapshotError:
+            failed.append(Path(path).name)
+            raise
+
+    monkeypatch.setattr(snapshots, "load_model", recorded_load)
+    monkeypatch.setattr(snapshots, "list_snapshots", lambda folder: polls.append(1) or list_snapshots(folder))
+    evaluator = Evaluator(config(run, data, max_steps=2))
+    try:
+        for steps, damage in ((1, "model.safetensors"), (2, "meta.json")):
+            made = make_tiny_snapshot(tmp_path / f"aside-{steps}", steps=steps)  # damaged before it is seen
+            content = bytearray((made / damage).read_bytes())
+            content[len(content) // 2] ^= 0xFF  # one byte changed, the size kept
+            (made / damage).write_bytes(bytes(content))
+            snap = run / "snapshots" / made.name
+            snap.parent.mkdir(parents=True, exist_ok=True)
+            made.rename(snap)
+            wait_for(lambda: snap.name in failed or not evaluator.thread.is_alive(), 240,
+                     f"the load of damaged {snap.name}")
+            assert failed == [snap.name] and evaluator.thread.is_alive(), evaluator.error
+            failed.clear()
+            again = make_tiny_snapshot(run, steps=steps, seed=steps)  # the same name, whole
+            result = run / "evaluations" / f"{again.name}.json"
+            after = len(polls)
+            # the first poll that lists it loads and scores it before the next poll
+            wait_for(lambda: result.exists() or len(polls) > after + 2 or not evaluator.thread.is_alive(), 240,
+                     f"a poll after {again.name} was written again")
+            assert result.exists(), f"{again.name}, written again whole, was not tried again"
+            meta = json.loads((again / "meta.json").read_text())
+            assert json.loads(result.read_text())["snapshot_id"] == service.snapshot_id(meta) and not failed
+        assert evaluator.wait(240) and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert evaluator.error is None
+
 def test_windows_with_an_unreadable_frame_or_no_usable_depth_are_skipped_with_the_reason(tmp_path, caplog):
     """One damaged frame failed the whole dataset, one window without valid ground-truth depth
     the whole evaluation (``reliev3r eval`` exit 2; the evaluator at every start): each is
