@@ -109,6 +109,16 @@ class Window:
         return Message("window", meta, arrays)
 
 
+@dataclass(slots=True, frozen=True)
+class Kept:
+    """A view a window builder keeps for the windows to come, with the blur test's recent
+    sharpness values before it was tested: its window's ``Window.blur_history`` should it be a
+    window's first view."""
+
+    view: View
+    blur_history: tuple[float, ...]
+
+
 def resize_view(frame: Frame, width: int, height: int) -> View:
     """Fit a frame (and its GT depth, at any resolution of the same view) to the window size
     with ``reliev3r.imaging``, the one resize-and-crop every stage uses."""
@@ -360,8 +370,7 @@ class WindowBuilder:
         self.min_motion, self.scene_cut, self.pass_index = min_motion, scene_cut, pass_index
         self.scene_cut_hist, self.min_flow, self.min_parallax = scene_cut_hist, min_flow, min_parallax
         self.rotation_flow, self.blur_ratio = rotation_flow, blur_ratio
-        self.buffer: deque[View] = deque()
-        self.buffer_history: deque[tuple[float, ...]] = deque()  # each buffered view's Window.blur_history
+        self.buffer: deque[Kept] = deque()  # the views kept for the windows to come
         self.last_thumb: np.ndarray | None = None  # of the last kept view
         self.last_grey: Reference | None = None  # of the last kept view
         self.last_index: int | None = None  # of the last kept view
@@ -379,7 +388,6 @@ class WindowBuilder:
 
     def _restart(self, index: int) -> None:
         self.buffer.clear()
-        self.buffer_history.clear()
         self.last_thumb = self.last_grey = self.last_index = None
         self.next_candidate = index
         self.still_run = 0
@@ -555,15 +563,13 @@ class WindowBuilder:
         self.last_index = frame.index
         self.still_run = 0
         self.next_candidate = frame.index + self.frame_stride
-        self.buffer.append(resize_view(frame, self.width, self.height))
-        self.buffer_history.append(history)
+        self.buffer.append(Kept(resize_view(frame, self.width, self.height), history))
         if len(self.buffer) < self.views:
             return
-        views = list(self.buffer)[: self.views]
-        first, first_history = views[0].index, self.buffer_history[0]
-        while self.buffer and self.buffer[0].index < first + self.window_step:
+        views = [kept.view for kept in list(self.buffer)[: self.views]]
+        first, first_history = views[0].index, self.buffer[0].blur_history
+        while self.buffer and self.buffer[0].view.index < first + self.window_step:
             self.buffer.popleft()
-            self.buffer_history.popleft()
         if not self.buffer:  # the next window's first view comes window_step after this one's, not before
             self.next_candidate = max(self.next_candidate, first + self.window_step)
         self.made.append(Window(window_id(self.source, self.pass_index, first), self.source, views, first_history))
