@@ -42,6 +42,7 @@ from learner.config import LearnerConfig
 from learner.graphs import CaptureError, StepGraphs, Unrecordable
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
+from reliev3r.config_base import local_rank
 
 PER_MATCH = frozenset({"matches", "match_triangulation"})
 """Batch tensors with one row per match (first column of ``matches``: the window)."""
@@ -65,7 +66,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device(name)
 
 

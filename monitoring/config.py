@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 
@@ -28,16 +27,11 @@ class MonitoringConfig:
 
     def port_of(self, stage: str, instance: str, local_rank: int = 0) -> int:
         """The metrics port a process serves on (0: a free one): its key's; a learner rank's is
-        a fixed ``learner`` port plus its ``LOCAL_RANK`` (``local_rank``), one port per rank of
-        the host."""
+        a fixed ``learner`` port plus its ``LOCAL_RANK`` (``local_rank``:
+        :func:`reliev3r.config_base.local_rank`), one port per rank of the host."""
         port = self.ports.get(self.key(stage, instance), 0)
         return port + local_rank if port and stage == RANKED else port
 
 
 RANKED = "learner"
 """The stage run as several ranks of one host (torchrun); each serves on its own port."""
-
-
-def local_rank() -> int:
-    """This process's rank among the ranks of its host (torchrun's ``LOCAL_RANK``; 0 without)."""
-    return int(os.environ.get("LOCAL_RANK", 0))

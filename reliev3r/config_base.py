@@ -6,15 +6,16 @@ the :class:`~reliev3r.config.PipelineConfig` (the application layer, ARCHITECTUR
 building a dataclass from plain data strictly (:func:`build`: an unknown key, a wrong type or
 a value outside a ``Literal`` is a :class:`ConfigError` that names the full dotted key, e.g.
 ``learner.lr: expected float, got 'fast'``), YAML files and ``key.sub=value`` overrides
-(:func:`load_data`, :func:`with_overrides`), and the ``run`` and ``network`` sections (with the
-CURVE keys) that every process reads. Plain data: importable without pyzmq (GPU hosts may
-lack it).
+(:func:`load_data`, :func:`with_overrides`), the ``run`` and ``network`` sections (with the
+CURVE keys) that every process reads, and the one reader of a process's rank on its host
+(:func:`local_rank`). Plain data: importable without pyzmq (GPU hosts may lack it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import socket
 import types
@@ -34,6 +35,19 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 """The torch devices a stage's ``device`` key may name: ``cpu``, ``cuda`` (the GPU is picked
 for it: the learner's is its ``LOCAL_RANK``'s, ``reliev3r up`` spreads the labelers over the
 host's) or ``cuda:N``."""
+
+
+def local_rank() -> int:
+    """This process's rank among the ranks of its host: torchrun's ``LOCAL_RANK``, 0 without.
+    The one reader of it: it picks a learner rank's GPU (``cuda``, :data:`DEVICE`) and its
+    metrics port (``monitoring.ports.learner`` plus it). A value that is no rank (``one``,
+    ``-1``) is a ``ValueError`` naming the variable."""
+    value = os.environ.get("LOCAL_RANK")
+    if value is None:
+        return 0
+    if not value.strip().isdecimal():
+        raise ValueError(f"LOCAL_RANK must be a rank (an integer >= 0, as torchrun sets it), got {value!r}")
+    return int(value)
 
 
 def check_device(name: str, value: str, *, auto: bool = False) -> None:

@@ -15,8 +15,9 @@ import random
 import socket
 from pathlib import Path
 
-from monitoring.config import RANKED, MonitoringConfig, local_rank
+from monitoring.config import RANKED, MonitoringConfig
 from reliev3r.config import PipelineConfig
+from reliev3r.config_base import local_rank
 
 NETWORK_PORTS = ("work_port", "replay_port", "supervisor_port")
 STAGE_PORTS = {"streamer": ("work_port",), "labeler": ("work_port", "replay_port"), "replay": ("replay_port",),
@@ -142,7 +143,11 @@ def stage_problem(stage: str, instance: str, cfg: PipelineConfig) -> str | None:
                     f"network.{name}={5701 + NETWORK_PORTS.index(name)} (deploy/ sets 5701-5703)")
     if stage in BINDS and in_use(net.host, port := getattr(net, BINDS[stage])):
         return taken_message(f"network.{BINDS[stage]}", net.host, port)
-    key, rank = mon.key(stage, instance), local_rank()
+    try:
+        rank = local_rank() if stage == RANKED else 0  # only the learner runs as ranks
+    except ValueError as err:  # a LOCAL_RANK that is no rank
+        return str(err)
+    key = mon.key(stage, instance)
     if mon.enabled and (port := mon.port_of(stage, instance, rank)) and in_use(mon.host, port):
         return metrics_taken_message(mon, key, port, rank)
     return None

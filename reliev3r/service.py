@@ -16,11 +16,12 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
-from monitoring.config import local_rank
+from monitoring.config import RANKED
 from monitoring.metrics import Metrics
 from reliev3r import log as rlog
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
+from reliev3r.config_base import local_rank
 
 HEARTBEAT_S = 1.0
 FEEDERS = ("streamer", "labeler", "evaluator")
@@ -79,7 +80,8 @@ class Runtime:
         self.metrics_port: int | None = None
         """The port its metrics endpoint is bound to (None: not served)."""
         if mon.enabled if serve_metrics is None else serve_metrics:
-            port = mon.port_of(stage, self.instance, local_rank())  # one per rank of a torchrun learner
+            rank = local_rank() if stage == RANKED else 0  # one port per rank of a torchrun learner
+            port = mon.port_of(stage, self.instance, rank)
             self.metrics_port = self.metrics.serve(mon.host, port)
             self.log.info("metrics endpoint up", extra={"url": f"http://{mon.host}:{self.metrics_port}/metrics"})
         if cfg.network.supervisor_port and os.environ.get("RELIEV3R_SUPERVISED"):

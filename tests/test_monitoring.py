@@ -271,6 +271,29 @@ def test_a_learner_rank_whose_port_is_another_process_s_is_refused_naming_both(m
     assert f"monitoring.ports.learner ({base}) + LOCAL_RANK 1" in problem, problem
 
 
+@pytest.mark.parametrize("value", ["-1", "one"])
+def test_a_local_rank_that_is_no_rank_is_refused_alike_for_the_learner_s_gpu_and_its_metrics_port(
+        monkeypatch, capsys, value):
+    """A learner rank's ``LOCAL_RANK`` picks its GPU (``learner.device=cuda``) and its metrics
+    port, read by one reader: a value that is no rank is refused naming the variable, by both.
+    Before, each read it on its own: ``one`` stopped with int()'s bare ``invalid literal`` (a
+    traceback of ``reliev3r learn``), and ``-1`` put the model on cuda:-1 and the metrics on the
+    port below the learner's (another process's)."""
+    from learner.train import resolve_device
+
+    base = _free_block(3)
+    monkeypatch.delenv("RELIEV3R_SUPERVISED", raising=False)
+    monkeypatch.delenv("RELIEV3R_INSTANCE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", value)
+    with pytest.raises(ValueError, match=f"LOCAL_RANK must be a rank .* got '{value}'"):
+        resolve_device("cuda")
+    with socket.create_server(("127.0.0.1", base)):  # the port below the learner's: another process's
+        code = cli.main(["learn", f"monitoring.ports.learner={base + 1}", f"network.replay_port={base + 2}",
+                         "monitoring.host=127.0.0.1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"LOCAL_RANK must be a rank" in err and f"got '{value}'" in err, err
+
+
 def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_path):
     """The heartbeats the status line shows are up to a second old, and a child's last one can
     be lost as it exits: the last line reads the final snapshot and evaluation from the run."""
