@@ -19,7 +19,8 @@ evaluation), and ends the run:
   run, exit 1, instead of restarting it for ever.
 
 Children die with the supervisor even if it is SIGKILLed (PR_SET_PDEATHSIG), so no
-orphans are left behind.
+orphans are left behind. They run as single processes of this host, none through torchrun:
+torchrun's variables in the supervisor's own environment (``RANK_VARIABLES``) are not theirs.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ SUMMARY = (("absrel_med", "AbsRel", ".3f"), ("absrel_lsq", "AbsRel lsq", ".3f"),
 
 COUNTED = ("sent", "acked", "labelled", "dropped")
 """Heartbeat status keys that count a process's work since it started (the rest are states)."""
+
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun tells a process it starts of its place in a job: left out of the children's
+environment (``up`` started inside a torchrun job, or from a shell that exported LOCAL_RANK,
+moved its learner's metrics to the resolved port plus LOCAL_RANK, and a WORLD_SIZE above 1
+would have the learner join a process group of ranks ``up`` never started)."""
 
 GIVE_UP_AFTER = 6
 """Failures in a row, each early and with the same error, after which the run stops (about a
@@ -328,7 +336,7 @@ class Supervisor:
                    "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *recipe(lc.device)]
             # its own session (a SIGINT at the terminal reaches the supervisor only), gone with the
             # supervisor all the same, even if it is SIGKILLed (RELIEV3R_SUPERVISED: die_with_supervisor)
-            env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid())}
+            env = self.child_environment()
             with open(self.run_dir / "logs" / "distill.log", "ab") as log:
                 self._distill = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                  env=env, start_new_session=True)
@@ -396,8 +404,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         log = open(self._log_path(child), "ab")
         child.log_offset = log.tell()
-        env = {**os.environ, "RELIEV3R_SUPERVISED": str(os.getpid()), "RELIEV3R_INSTANCE": child.name,
-               "PYTHONUNBUFFERED": "1"}
+        env = self.child_environment(child.name)
         cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
                *child.overrides]
         for key in COUNTED:
@@ -409,6 +416,17 @@ class Supervisor:
         log.close()
         self.child_up.labels(child.name).set(1)
         self._write_pids()
+
+    @staticmethod
+    def child_environment(instance: str | None = None) -> dict[str, str]:
+        """The environment of a child: this process's but torchrun's (``RANK_VARIABLES``: the
+        child is no rank of a job), marked as supervised by it, with ``instance`` its name (a
+        stage's child) or none (the teacher refresh's distillation)."""
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+        env["RELIEV3R_SUPERVISED"] = str(os.getpid())
+        if instance is not None:
+            env.update({"RELIEV3R_INSTANCE": instance, "PYTHONUNBUFFERED": "1"})
+        return env
 
     def _write_pids(self) -> None:
         """``<run.dir>/processes.json``: pids and endpoints (the resolved ports), for operators

@@ -294,6 +294,42 @@ def test_a_local_rank_that_is_no_rank_is_refused_alike_for_the_learner_s_gpu_and
     assert code == 2 and f"LOCAL_RANK must be a rank" in err and f"got '{value}'" in err, err
 
 
+TORCHRUN_JOB = {"LOCAL_RANK": "3", "RANK": "7", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+               "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "7", "ROLE_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "29500"}
+"""What torchrun gives rank 7 of a job of two hosts of four ranks."""
+
+
+def test_up_s_children_are_no_torchrun_ranks_whatever_environment_up_was_started_in(monkeypatch, tmp_path):
+    """``reliev3r up`` started where torchrun's variables are set (inside a torchrun job, or a
+    shell that exported LOCAL_RANK) starts its children as single processes of its host: they
+    inherited LOCAL_RANK, and its learner served its metrics on its port plus LOCAL_RANK, not on
+    the port ``up`` resolved for it (and listed in processes.json). Checked on the environment
+    ``up`` gives its children (stages and the teacher refresh's distillation alike) and on the
+    port a child serves with it, in a real process."""
+    for name, value in TORCHRUN_JOB.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RELIEV3R_TEST_KEPT", "kept")  # anything else is the children's as it is up's
+    sup = _supervisor(tmp_path)
+    try:
+        envs = [sup.child_environment(), sup.child_environment("learner")]
+    finally:
+        sup.metrics.close()
+    for env in envs:
+        assert not set(TORCHRUN_JOB) & set(env), sorted(set(TORCHRUN_JOB) & set(env))
+        assert env["RELIEV3R_TEST_KEPT"] == "kept" and env["RELIEV3R_SUPERVISED"] == str(os.getpid())
+    assert envs[1]["RELIEV3R_INSTANCE"] == "learner"
+    base = _free_block(int(TORCHRUN_JOB["LOCAL_RANK"]) + 1)  # free up to base + LOCAL_RANK: no bind fails
+    code = (f"from reliev3r.config import load\nfrom reliev3r.service import Runtime\n"
+            f"cfg = load(overrides=['monitoring.ports.learner={base}', 'monitoring.host=127.0.0.1'])\n"
+            f"with Runtime('learner', cfg, install_signals=False, serve_metrics=True) as runtime:\n"
+            f"    print(runtime.metrics_port)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=envs[1], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == base, done.stdout
+
+
 def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_path):
     """The heartbeats the status line shows are up to a second old, and a child's last one can
     be lost as it exits: the last line reads the final snapshot and evaluation from the run."""
