@@ -14,7 +14,8 @@ class MonitoringConfig:
     ports: dict[str, int] = field(default_factory=lambda: {
         "supervisor": 0, "streamer": 0, "labeler": 0, "replay": 0, "learner": 0, "evaluator": 0})
     """Metrics port per process (``labeler-K``: the K-th extra labeler of ``reliev3r up``, else
-    ``labeler``'s). 0 (the default) picks a free port; ``reliev3r up`` records the endpoints in
+    ``labeler``'s; labelers started by hand on one host take one ``labeler`` override each). 0
+    (the default) picks a free port; ``reliev3r up`` records the endpoints in
     ``<run.dir>/processes.json`` (``reliev3r status`` reads them there). Overriding one key
     (``monitoring.ports.learner=9705``) keeps the others. A scraper that needs fixed ports sets
     them: ``deploy/prometheus/local-ports.yaml``. The learner's ranks of one host (``torchrun

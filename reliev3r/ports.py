@@ -6,7 +6,9 @@ port that another program holds stops it before any process starts, with a messa
 port and the key that sets it (instead of ``Address already in use`` deep in a stage). The
 resolved ports go to ``<run.dir>/config.yaml``, which every child reads, and to
 ``<run.dir>/processes.json``. A stage started on its own (``reliev3r stream`` ...) checks its
-own ports (:func:`stage_problem`): its peers must know them, so the ZeroMQ ones cannot be 0.
+own ports (:func:`stage_problem`): its peers must know them, so the ZeroMQ ones cannot be 0;
+several labelers of one host each need their own metrics port (``monitoring.ports.labeler`` per
+process), which a refused one is told.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ STAGE_PORTS = {"streamer": ("work_port",), "labeler": ("work_port", "replay_port
                "learner": ("replay_port",), "evaluator": ()}
 """The ZeroMQ ports each stage binds or connects to."""
 BINDS = {"streamer": "work_port", "replay": "replay_port"}
+SEVERAL = "labeler"
+"""The stage a host may run several processes of by hand (``reliev3r label`` each, one per GPU):
+each needs a metrics port of its own, given by its own ``monitoring.ports.labeler`` override
+(``reliev3r up`` gives its extra labelers theirs, ``labeler-K``)."""
 
 
 class PortError(RuntimeError):
@@ -156,7 +162,7 @@ def stage_problem(stage: str, instance: str, cfg: PipelineConfig) -> str | None:
 def metrics_taken_message(mon: MonitoringConfig, key: str, port: int, rank: int) -> str:
     """:func:`taken_message` for a metrics port, naming the other process of this host it may be:
     a learner rank serves on the fixed ``learner`` port plus its LOCAL_RANK, which on one host
-    must be no other process's port."""
+    must be no other process's port; a labeler's may be another labeler's (:data:`SEVERAL`)."""
     learner = mon.ports.get(RANKED, 0)
     advice = (f"on one host, give monitoring.ports.{RANKED} a port with one free port above it per further "
               f"rank (deploy/prometheus/local-ports.yaml puts it above every other), or 0 for free ones")
@@ -166,7 +172,13 @@ def metrics_taken_message(mon: MonitoringConfig, key: str, port: int, rank: int)
                  else "another reliev3r run or program holds it")
         return (f"monitoring.ports.{RANKED} ({learner}) + LOCAL_RANK {rank}: port {port} on {mon.host}, this "
                 f"rank's, is already in use ({whose}); {advice}")
-    message = taken_message(f"monitoring.ports.{key}", mon.host, port)
+    if key == SEVERAL:
+        message = (f"monitoring.ports.{key}: port {port} on {mon.host} is already in use (another labeler of this "
+                   f"host, another reliev3r run or a program holds it); each labeler of one host needs its own "
+                   f"metrics port: start this one with monitoring.ports.{key}=<another port> (the one its scraper "
+                   f"is given), or monitoring.ports.{key}=0 for a free one (its log names it)")
+    else:
+        message = taken_message(f"monitoring.ports.{key}", mon.host, port)
     if key != RANKED and learner and port > learner:
         message += (f"; if the learner runs ranks on this host, it is rank {port - learner}'s "
                     f"(monitoring.ports.{RANKED} ({learner}) + LOCAL_RANK {port - learner}): {advice}")

@@ -294,6 +294,39 @@ def test_a_local_rank_that_is_no_rank_is_refused_alike_for_the_learner_s_gpu_and
     assert code == 2 and f"LOCAL_RANK must be a rank" in err and f"got '{value}'" in err, err
 
 
+def test_labelers_started_by_hand_on_one_host_are_told_the_override_that_gives_each_its_port(monkeypatch, capsys):
+    """Three ``reliev3r label`` on one host with a fixed ``monitoring.ports.labeler``: the second
+    is refused, and the refusal says that each labeler of the host needs its own port and which
+    override gives it one (it said "another reliev3r run or program holds it", as for a port
+    of another run); started with that override, each serves on its own port."""
+    from reliev3r.config import load
+    from reliev3r.ports import stage_problem
+    from reliev3r.service import Runtime
+
+    base = _free_block(5)
+    common = [f"network.work_port={base + 3}", f"network.replay_port={base + 4}", "monitoring.host=127.0.0.1"]
+    monkeypatch.delenv("RELIEV3R_SUPERVISED", raising=False)
+    monkeypatch.delenv("RELIEV3R_INSTANCE", raising=False)
+    runtimes = []
+    try:
+        for k in range(3):
+            told = [f"monitoring.ports.labeler={base + k}"] if k else []  # the first takes the shared config's
+            cfg = load(overrides=[f"monitoring.ports.labeler={base}", *common, *told])
+            assert stage_problem("labeler", "labeler", cfg) is None, k
+            runtimes.append(Runtime("labeler", cfg, install_signals=False, serve_metrics=True))
+            if k == 0:
+                assert cli.main(["label", f"monitoring.ports.labeler={base}", *common]) == 2
+                err = capsys.readouterr().err
+                assert f"monitoring.ports.labeler: port {base} on 127.0.0.1 is already in use" in err, err
+                assert "another labeler of this host" in err, err
+                assert "each labeler of one host needs its own metrics port" in err, err
+                assert "monitoring.ports.labeler=<another port>" in err, err
+        assert [r.metrics_port for r in runtimes] == [base, base + 1, base + 2]
+    finally:
+        for runtime in runtimes:
+            runtime.close()
+
+
 TORCHRUN_JOB = {"LOCAL_RANK": "3", "RANK": "7", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
                "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "7", "ROLE_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": "29500"}
