@@ -63,6 +63,7 @@ FIRST_PART = ("snapshots", "evaluations", "replay")
 STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
+"""A crashed child's reason in the status line is cut to this many characters."""
 
 SUMMARY = (("absrel_med", "AbsRel", ".3f"), ("absrel_lsq", "AbsRel lsq", ".3f"), ("ate", "ATE", ".3f"),
            ("rra30", "RRA@30", ".2f"), ("rta30", "RTA@30", ".2f"), ("auc30", "AUC@30", ".3f"))
@@ -83,7 +84,6 @@ GIVE_UP_AFTER = 6
 minute of restarts with the backoff: a transient cause has passed by then)."""
 EARLY_S = 60.0
 """A child that dies sooner than this after its start failed at start."""
-"""A crashed child's reason in the status line is cut to this many characters."""
 
 
 class RefreshError(Exception):
