@@ -179,7 +179,7 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         config_file = self.run_dir / "config.yaml"
-        finishing = self._finish_refresh(config_file)
+        refresh_said = self._finish_refresh(config_file)
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
         os.replace(tmp, config_file)
@@ -193,10 +193,8 @@ class Supervisor:
         security.secure_server(beats, self.cfg.network.curve, self.metrics)
         beats.bind(self.cfg.network.bind(self.cfg.network.supervisor_port))
         self._print(self.start_line())
-        if finishing:
-            self._print(f"the teacher refresh the run stopped in is finished: the run before it is in "
-                        f"{self.run_dir / BEFORE_REFRESH}, and the learner starts afresh on {self.teacher_file} "
-                        "with an empty replay")
+        if refresh_said:
+            self._print(refresh_said)
         exit_code = 0
         try:
             for stage in STAGES:
@@ -254,20 +252,46 @@ class Supervisor:
         """The refresh's teacher is whole: its weights and then its meta are written last."""
         return rconfig.refreshed_teacher(self.run_dir) is not None
 
-    def _finish_refresh(self, config: Path) -> bool:
+    def _finish_refresh(self, config: Path) -> str | None:
         """Before any stage starts: a refresh whose teacher is whole but whose first part was not all
         moved aside (the run stopped, or the supervisor was killed, in between) is finished, with
-        ``config``, the config the first part ran with (this run's replaces it); True if it was.
-        A first part moved aside by a version that wrote no mark (a learner has written snapshots
-        since) only gets its mark."""
+        ``config``, the config the first part ran with (this run's replaces it). A first part moved
+        aside by a version that wrote no mark (a learner has written snapshots since) only gets its
+        mark. A first part moved whole whose ``before-refresh/`` was removed since (none there, and
+        not the snapshot the teacher was distilled from in the run folder) is left gone: the run
+        goes on as it is. What to say of it, if anything."""
         before = self.run_dir / BEFORE_REFRESH
         if self._refresh != "done" or (before / "config.yaml").is_file():
-            return False
+            return None
         if (before / "snapshots").is_dir() and (self.run_dir / "snapshots").is_dir():
             self._mark_moved(config)
-            return False
+            return None
+        if not before.exists() and self._distilled_snapshot_here() is False:
+            return (f"warning: the run before the teacher refresh is gone ({before} is missing: the first learner's "
+                    f"snapshots, evaluations and replay store); the run goes on as it is on {self.teacher_file}, "
+                    "nothing moved")
         self._move_first_part(config)
-        return True
+        return (f"the teacher refresh the run stopped in is finished: the run before it is in {before}, and the "
+                f"learner starts afresh on {self.teacher_file} with an empty replay")
+
+    def _distilled_snapshot_here(self) -> bool | None:
+        """Whether the run's ``snapshots/`` holds the snapshot the refresh's teacher was distilled
+        from (its folder's name and its weights' sha256, which the teacher's meta records:
+        ``reliev3r.distill``); None where the meta does not record them (a teacher put there by other
+        means): then a first part is taken for one still to move, as before this was checked."""
+        try:
+            extra = json.loads(self.teacher_file.with_suffix(".json").read_text())["data"]["extra"]
+            name, digest = Path(extra["snapshot"]).name, extra["weights_sha256"]
+            weights = f"{extra['weights']}.safetensors"
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if not (name and isinstance(digest, str)):
+            return None
+        try:
+            meta = json.loads((self.run_dir / "snapshots" / name / "meta.json").read_text())
+            return meta["files"][weights]["sha256"] == digest
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
 
     def _move_first_part(self, config: Path) -> None:
         """Move the run before a teacher refresh (``FIRST_PART``) into ``<run.dir>/before-refresh``,

@@ -737,6 +737,45 @@ def test_a_run_refreshed_before_the_move_had_its_mark_resumes_as_it_is(tmp_path)
                                                                                "snapshots"]
 
 
+@pytest.mark.parametrize("distilled", ["moved", "here"])
+def test_a_refreshed_run_whose_before_refresh_folder_is_gone_resumes_as_it_is(tmp_path, distilled):
+    """A whole refresh (its teacher's meta names the snapshot it distilled, by step and digest),
+    then ``before-refresh/`` deleted by hand and the run resumed (``moved``): the run's snapshots
+    are the second learner's, not the one distilled, so nothing is moved and the resume says what
+    is gone. Before, the second learner's snapshots, evaluations and replay were moved into a new
+    ``before-refresh/`` as if the refresh had been cut short, and its learner started from
+    scratch. The snapshot distilled still in the run folder (``here``: a move cut short before it
+    began) is moved, as before."""
+    step = {"moved": 40, "here": 6}[distilled]
+    digest = {"moved": "b" * 64, "here": "a" * 64}[distilled]
+    for folder in (f"snapshots/step-{step:09d}", "evaluations", "replay", "teacher"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "snapshots" / f"step-{step:09d}" / "meta.json").write_text(
+        json.dumps({"step": step, "files": {"ema.safetensors": {"bytes": 1, "sha256": digest}}}))
+    (tmp_path / "evaluations" / f"step-{step:09d}.json").write_text("{}")
+    (tmp_path / "replay" / "replay.sqlite").write_text("")
+    (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+    extra = {"snapshot": str(tmp_path / "snapshots" / "step-000000006"), "step": 6, "weights": "ema",
+             "weights_sha256": "a" * 64}
+    (tmp_path / "teacher" / "embedded_depth.json").write_text(json.dumps({"data": {"extra": extra}}))
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        said = sup._finish_refresh(tmp_path / "config.yaml")
+    finally:
+        sup.metrics.close()
+    before = tmp_path / "before-refresh"
+    names = (f"snapshots/step-{step:09d}/meta.json", f"evaluations/step-{step:09d}.json", "replay/replay.sqlite")
+    if distilled == "here":
+        assert said.startswith("the teacher refresh the run stopped in is finished"), said
+        assert all((before / name).is_file() and not (tmp_path / name).exists() for name in names)
+        return
+    assert all((tmp_path / name).is_file() for name in names) and not before.exists()
+    assert said == (f"warning: the run before the teacher refresh is gone ({before} is missing: the first "
+                    f"learner's snapshots, evaluations and replay store); the run goes on as it is on "
+                    f"{sup.teacher_file}, nothing moved"), said
+
+
 def test_the_refresh_fine_tunes_the_embedded_teacher_in_use_else_the_shipped_one(tmp_path):
     from labelers.embedded import WEIGHTS
     from reliev3r.config import ConfigError, load
