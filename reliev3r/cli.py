@@ -303,16 +303,10 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
                 return 1
     if args.command in ("up", "pretrain"):
         from reliev3r.ports import PortError
-        from reliev3r.supervisor import RefreshError, Supervisor
+        from reliev3r.supervisor import RefreshError, StartError, Supervisor
 
         if args.max_steps is not None:
             cfg.learner.max_steps = args.max_steps
-        if cfg.learner.init:  # checked here: a learner failing at start would be restarted
-            from learner.warm_start import start_problem
-
-            if problem := start_problem(cfg.learner, cfg.run_dir):
-                print(f"reliev3r: {problem}", file=sys.stderr)
-                return 2
         try:
             supervisor = Supervisor(cfg)  # resolves the ports: an explicit one in use stops here
         except PortError as err:
@@ -320,7 +314,7 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
             return 2
         try:
             code = supervisor.run()
-        except RefreshError as err:  # a teacher refresh it cannot finish: said, nothing overwritten
+        except (RefreshError, StartError) as err:  # a teacher refresh it cannot finish, a learner.init it cannot use
             print(f"reliev3r: {err}", file=sys.stderr)
             return 2
         return _pretrained(cfg, code) if args.command == "pretrain" else code

@@ -86,6 +86,11 @@ EARLY_S = 60.0
 """A child that dies sooner than this after its start failed at start."""
 
 
+class StartError(Exception):
+    """The run cannot start: ``learner.init`` names no usable weights for a learner that has no
+    snapshot of its own (a learner failing at start would be restarted until the run gave up)."""
+
+
 class RefreshError(Exception):
     """The first part of a refreshed run cannot be moved into ``before-refresh/``: a part of it is
     there already and in the run folder too (nothing is overwritten)."""
@@ -174,12 +179,22 @@ class Supervisor:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
-        """Run until done or stopped; the exit code. Raises :class:`RefreshError` when a teacher
-        refresh cannot move the first part aside (one the run stopped in: before anything starts)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "logs").mkdir(exist_ok=True)
+        """Run until done or stopped; the exit code. Before anything starts, raises
+        :class:`RefreshError` when a teacher refresh cannot move the first part aside (one the run
+        stopped in), and then :class:`StartError` when ``learner.init`` cannot start the learner
+        (checked on the run folder as the refresh left it: the move can take the learner's own
+        snapshots, or those ``learner.init`` names, out of ``snapshots/``)."""
         config_file = self.run_dir / "config.yaml"
         refresh_said = self._finish_refresh(config_file)
+        if self.cfg.learner.init:
+            from learner.warm_start import start_problem  # here, so that a run without init never loads torch
+
+            if problem := start_problem(self.cfg.learner, self.run_dir):
+                if refresh_said:
+                    self._print(refresh_said)
+                raise StartError(problem)  # the run folder left as it was found, but for the refresh's move
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
         tmp = config_file.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
         os.replace(tmp, config_file)

@@ -715,6 +715,35 @@ def test_a_refresh_that_cannot_move_its_first_part_aside_stops_up_before_anythin
     assert sorted(p.name for p in (tmp_path / "before-refresh").iterdir()) == ["evaluations"]
 
 
+def test_learner_init_is_checked_on_the_run_folder_a_finished_refresh_leaves(tmp_path, capsys, monkeypatch):
+    """A refresh whose teacher is whole and whose first part was not moved yet, and
+    ``learner.init`` naming a snapshot in the run's own ``snapshots/``: resumed, ``up`` finishes the
+    move, after which the learner has no snapshot of its own and would start from ``learner.init``,
+    moved away with the first part. ``up`` says so and exits 2, starting nothing. Before, the check
+    of ``learner.init`` ran before the move, saw the first learner's snapshot (a resume: init not
+    looked at) and passed, and the learner then failed at start, restarted until the run gave up."""
+    from reliev3r.supervisor import Supervisor
+    from tests.tiny_snapshot import make_tiny_snapshot
+
+    snap = make_tiny_snapshot(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+    (tmp_path / "teacher" / "embedded_depth.json").write_text("{}")
+
+    def start(_sup, child):
+        raise AssertionError(f"{child.name} started")
+
+    monkeypatch.setattr(Supervisor, "_start", start)
+    code = cli.main(["up", f"run.dir={tmp_path}", "labeler.refresh_step=2", "streamer.sources=[/data/clips]",
+                     f"learner.init={snap}", "monitoring.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"reliev3r: learner.init={snap}: no such file or folder" in err, err
+    before = tmp_path / "before-refresh"  # the move finished, its mark written
+    assert (before / "snapshots" / snap.name / "meta.json").is_file() and (before / "config.yaml").is_file()
+    assert not (tmp_path / "processes.json").exists()
+
+
 def test_a_run_refreshed_before_the_move_had_its_mark_resumes_as_it_is(tmp_path):
     """A run refreshed by a version that copied no config.yaml into ``before-refresh/`` (the
     mark of a whole move): its first part is there and the new learner has snapshots of its own.
