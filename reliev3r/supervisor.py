@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import zmq
 
 from monitoring.metrics import Metrics
 from reliev3r import config as rconfig
+from reliev3r import durable
 from reliev3r import ports as rports
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
@@ -195,9 +195,7 @@ class Supervisor:
                 raise StartError(problem)  # the run folder left as it was found, but for the refresh's move
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
-        tmp = config_file.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
-        os.replace(tmp, config_file)
+        self._write_config(config_file)
         self.config_file = config_file
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -322,6 +320,8 @@ class Supervisor:
         for name in FIRST_PART:
             if (self.run_dir / name).exists():
                 os.replace(self.run_dir / name, before / name)
+        durable.fsync(before)  # the move on disk before its mark: a power loss cannot leave a mark without it
+        durable.fsync(self.run_dir)
         self._mark_moved(config)
 
     def _mark_moved(self, config: Path) -> None:
@@ -330,12 +330,15 @@ class Supervisor:
         (reliev3r.config.run_folder) and read their windows from that config.yaml, else from their
         own defaults."""
         before = self.run_dir / BEFORE_REFRESH
-        tmp = before / "config.yaml.tmp"
         if config.is_file():
-            shutil.copyfile(config, tmp)
+            durable.write(before / "config.yaml", config.read_bytes(), tmp=before / "config.yaml.tmp")
         else:
-            tmp.write_text(yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False))
-        os.replace(tmp, before / "config.yaml")
+            self._write_config(before / "config.yaml")
+
+    def _write_config(self, path: Path) -> None:
+        """This run's config, resolved (its ports among it), to ``path``, atomically and durably."""
+        durable.write(path, yaml.safe_dump(rconfig.to_dict(self.cfg), sort_keys=False),
+                      tmp=path.with_suffix(".yaml.tmp"))
 
     def _relabel_with(self, weights: Path) -> None:
         for child in self.children.values():
@@ -482,9 +485,8 @@ class Supervisor:
             data[name] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
                           "metrics": metrics(name), "last_error": child.last_error or None,
                           "held": "teacher refresh" if child.proc is None and child.next_start == math.inf else None}
-        tmp = self.run_dir / "processes.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.run_dir / "processes.json")
+        durable.write(self.run_dir / "processes.json", json.dumps(data, indent=2),
+                      tmp=self.run_dir / "processes.json.tmp")
 
     def _reap_and_restart(self) -> None:
         now = time.time()

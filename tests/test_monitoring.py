@@ -1073,3 +1073,51 @@ def test_free_ports_are_distinct_and_below_the_kernels_ephemeral_range(tmp_path,
     monkeypatch.setattr(ports, "EPHEMERAL_RANGE", tmp_path / "absent")
     got = ports.resolve(load([ROOT / "configs" / "default.yaml"]), names)
     assert len(set(got.values())) == len(got) and all(p > 0 for p in got.values())
+
+
+def test_the_refresh_s_move_is_on_disk_before_its_mark_and_the_mark_after(tmp_path, folder_fsyncs):
+    """The move of the first part (renames out of the run folder into ``before-refresh/``) is
+    flushed, both folders, before its mark (``before-refresh/config.yaml``) is written, and the
+    mark's folder after it: a power loss cannot leave a mark whose move is lost, nor lose the mark
+    of a move once made. Before, nothing was fsynced."""
+    for folder in ("snapshots/step-000000006", "evaluations", "teacher"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "teacher" / "embedded_depth.safetensors").write_bytes(b"weights")
+    (tmp_path / "teacher" / "embedded_depth.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("run: {}\n")
+    before = tmp_path / "before-refresh"
+    before.mkdir()
+    marked = lambda: (before / "config.yaml").is_file()  # noqa: E731
+    run_flushed = folder_fsyncs(tmp_path, lambda: ((before / "snapshots").is_dir(), marked()))
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        sup._move_first_part(tmp_path / "config.yaml")
+    finally:
+        sup.metrics.close()
+    assert marked() and (before / "snapshots" / "step-000000006").is_dir()
+    assert (True, False) in run_flushed  # the run folder: moved out, before the mark
+    before_flushed = folder_fsyncs(before, marked)
+    (before / "config.yaml").unlink()
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        sup._mark_moved(tmp_path / "config.yaml")
+    finally:
+        sup.metrics.close()
+    assert before_flushed and before_flushed[-1] is True  # the mark's folder flushed once it is there
+    assert (before / "config.yaml").read_text() == "run: {}\n"
+
+
+def test_the_run_s_config_and_processes_are_written_durably(tmp_path, folder_fsyncs):
+    """``config.yaml`` and ``processes.json`` are renamed into the run folder and the folder
+    flushed after (``reliev3r.durable.write``): after a power loss a resumed run reads the config
+    it ran with. Before, the folder was not fsynced."""
+    sup = _refresh_supervisor(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    flushed = folder_fsyncs(tmp_path, lambda: ((tmp_path / "config.yaml").is_file(),
+                                                (tmp_path / "processes.json").is_file()))
+    try:
+        sup._write_config(tmp_path / "config.yaml")
+        sup._write_pids()
+    finally:
+        sup.metrics.close()
+    assert (True, False) in flushed and (True, True) in flushed
