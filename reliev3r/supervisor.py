@@ -131,10 +131,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: PipelineConfig, *, out=sys.stdout):
+    def __init__(self, cfg: PipelineConfig, *, out=None):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.out = out
+        self.out = sys.stdout if out is None else out  # the stream of now, not of the import (pytest's capsys)
         self.children = {c.name: c for c in self._plan(cfg)}
         # Before anything starts: an explicit port in use raises rports.PortError here.
         self.ports = rports.resolve(cfg, ["supervisor", *self.children])
