@@ -28,6 +28,7 @@ from torch import nn
 
 from labelers.config import LabelerConfig
 from labelers.depth_models import TorchDepthTeacher
+from reliev3r import durable
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS = WEIGHTS_DIR / "embedded_depth.safetensors"
@@ -105,7 +106,10 @@ def weights_digest(path: Path, length: int = 12) -> str:
 
 def save_weights(model: EmbeddedDepthNet, path: Path, meta: dict) -> None:
     """fp16 safetensors (half the bytes; the net runs in fp32 or bf16 anyway) and the JSON
-    meta beside it (``<stem>.json``), both written atomically."""
+    meta beside it (``<stem>.json``), both written atomically and durably, the weights first:
+    their bytes fsynced, renamed into place and the folder fsynced before the meta is written
+    (``reliev3r.durable.write``), so that after a power loss the meta, the mark of a whole
+    teacher, never stands without the weights whose digest it records."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -114,11 +118,11 @@ def save_weights(model: EmbeddedDepthNet, path: Path, meta: dict) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "widths": json.dumps(list(model.widths))})
     tmp.chmod(0o644)  # package data: readable by everyone who installs it
+    durable.fsync(tmp)
     tmp.replace(path)
+    durable.fsync(path.parent)
     meta = {"format": FORMAT, "widths": list(model.widths), **meta, "version": weights_digest(path)}
-    meta_tmp = path.with_suffix(".json.tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    meta_tmp.replace(path.with_suffix(".json"))
+    durable.write(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n", tmp=path.with_suffix(".json.tmp"))
 
 
 def load_net(path: Path = WEIGHTS) -> tuple[EmbeddedDepthNet, dict]:

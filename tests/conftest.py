@@ -1,7 +1,7 @@
 """Fixtures that several test modules share: a pipeline config in a temporary run folder (and
 one for the streamer and labeler tests), an ``insert`` message, a ZeroMQ context, a stage's
 ``run`` in a thread, a ``reliev3r`` stage as a real process, waiting for a condition, and the
-fsyncs of a folder."""
+fsyncs of a folder or of any file."""
 
 from __future__ import annotations
 
@@ -199,3 +199,30 @@ def folder_fsyncs(monkeypatch) -> Callable[[Path, Callable[[], Any]], list]:
         return calls
 
     return watch
+
+
+class Flushed:
+    """The files and folders ``os.fsync`` has flushed, by inode: ``path in flushed`` tells whether
+    what stands at ``path`` now was flushed (a file renamed since keeps its inode)."""
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[int, int]] = set()
+
+    def __contains__(self, path: Path) -> bool:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino) in self.keys
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> Flushed:
+    """Every ``os.fsync`` from the test's start on (any thread) is recorded: ``path in fsynced``
+    tells whether the file at ``path`` was flushed (its bytes, before a rename put it there)."""
+    flushed, real = Flushed(), os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        flushed.keys.add((st.st_dev, st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return flushed

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from labelers.depth import make_teacher
-from labelers.embedded import META, WEIGHTS, EmbeddedTeacher, input_size_for, weights_digest
+from labelers.embedded import (META, WEIGHTS, EmbeddedDepthNet, EmbeddedTeacher, input_size_for, save_weights,
+                               weights_digest)
 from reliev3r.synthetic import render_scene
 
 
@@ -119,6 +120,20 @@ def test_recipe_trains_a_tiny_net_on_cpu_and_writes_loadable_weights(tmp_path, n
     assert teacher.version == meta["version"]
     depth, valid = teacher.predict(np.full((1, 40, 56, 3), 128, np.uint8))
     assert depth.shape == (1, 40, 56) and valid.all()
+
+
+def test_a_teacher_survives_a_power_loss_weights_first(tmp_path, folder_fsyncs, fsynced):
+    """Both files were renamed into place unflushed: after a power loss the meta (the mark of a
+    whole teacher, a refresh relies on it) could stand without the weights it names. Each file's
+    bytes are flushed before its rename, and the folder once it names the weights, before the
+    meta is renamed, and again once it names the meta."""
+    weights, meta = tmp_path / "teacher" / "embedded_depth.safetensors", tmp_path / "teacher" / "embedded_depth.json"
+    weights.parent.mkdir()
+    flushed = folder_fsyncs(weights.parent, lambda: (weights.is_file() and weights in fsynced,
+                                                     meta.is_file() and meta in fsynced))
+    save_weights(EmbeddedDepthNet((8, 8)), weights, {"steps": 0})
+    assert json.loads(meta.read_text())["version"] == weights_digest(weights)
+    assert flushed and flushed[0] == (True, False) and flushed[-1] == (True, True)
 
 
 def test_rendering_stops_at_its_deadline_after_a_group_of_views(tmp_path):
