@@ -19,7 +19,7 @@ import torch
 from evaluation import metrics
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import predict
-from reliev3r import imaging
+from reliev3r import durable, imaging
 
 EST_BGR, GT_BGR = (180, 119, 31), (44, 160, 44)  # blue estimate, green ground truth
 """Colours of the trajectory picture (BGR)."""
@@ -104,6 +104,7 @@ def _write_png(path: Path, picture: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.png")
     if not imaging.write_image(tmp, picture):
         raise OSError(f"{path}: cannot write PNG")
+    durable.fsync(tmp)
     tmp.replace(path)
 
 
@@ -111,7 +112,11 @@ def write_pictures(out_dir: Path, stem: str, predictions: list[tuple[EvalWindow,
                    *, views: int = 4) -> list[str]:
     """Write the picture set of one evaluation into ``out_dir`` from (window, predicted depth
     [V,H,W], predicted cam_to_world [V,4,4]) of the pictured windows (the first one's depth;
-    every one's trajectory). Returns the file names written (those the ground truth allows)."""
+    every one's trajectory). Returns the file names written (those the ground truth allows).
+
+    Durable once it returns, so a result written after it never names a picture a power loss
+    took: each picture's bytes are fsynced before it is renamed into place, and ``out_dir``
+    once after the last rename (one folder fsync flushes every name made in it)."""
     written = []
     with_depth = [(w, d) for w, d, _ in predictions if w.gt_depth is not None]
     if with_depth:
@@ -129,6 +134,8 @@ def write_pictures(out_dir: Path, stem: str, predictions: list[tuple[EvalWindow,
         name = f"{stem}.trajectory.png"
         _write_png(out_dir / name, trajectory_picture(tracks))
         written.append(name)
+    if written:
+        durable.fsync(out_dir)
     return written
 
 

@@ -1,7 +1,7 @@
 """The evaluator process: scores every new snapshot on held-out ground truth.
 
 Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic and durable,
-``reliev3r.durable.write``; its pictures beside it, ``evaluation.pictures``) and to
+``reliev3r.durable.write``; its pictures beside it, durable before it, ``evaluation.pictures``) and to
 Prometheus (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. Each result names
 the snapshot it scored (``snapshot_id``: :func:`snapshot_id` of its meta); a snapshot written again
 under a scored name (a learner started afresh, e.g. ``snapshots/`` deleted and the run resumed) is
@@ -136,7 +136,7 @@ class EvaluatorService:
         record = {"snapshot": str(snap), "snapshot_id": snapshot_id(meta), "step": meta["step"],
                   "data": self.cfg.data, "windows": len(windows), "model": result,
                   "baseline_constant_identity": self.baseline, "seconds": elapsed}
-        try:  # pictures before the JSON: a reader that sees the JSON sees them; never fatal
+        try:  # pictures (durable) before the JSON: who sees the JSON sees them; never fatal
             record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
         except Exception:
             runtime.log.exception("pictures failed", extra={"snapshot": snap.name})

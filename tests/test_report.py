@@ -58,6 +58,17 @@ def test_pictures_are_written_beside_the_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_pictures_survive_a_power_loss_before_the_result_names_them(tmp_path, folder_fsyncs, fsynced):
+    """The pictures were renamed into place unflushed, and the result naming them written
+    durably after: after a power loss the result could name pictures that are gone. Each
+    picture's bytes are flushed before its rename, and the folder once it names both."""
+    win = window()
+    depth, pose = predicted(win)
+    flushed = folder_fsyncs(tmp_path, lambda: sorted(p.name for p in tmp_path.glob("*.png") if p in fsynced))
+    names = write_pictures(tmp_path, "step-000000025", [(win, depth, pose)])
+    assert flushed and flushed[-1] == names == ["step-000000025.depth.png", "step-000000025.trajectory.png"]
+
+
 def test_pictures_follow_the_ground_truth_there_is(tmp_path):
     win = window()
     depth, pose = predicted(win)
