@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.evaluate import TITLES
+from reliev3r import durable
 from reliev3r.config import run_folder
 
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -254,7 +255,7 @@ def render(runs: list[Run]) -> str:
 
 def write_report(run: Path, compare: list[Path] = (), out: Path | None = None) -> Path:
     """Write the report of ``run`` (beside ``--compare`` runs) to ``out`` (default
-    ``<run>/report.html``) and return its path."""
+    ``<run>/report.html``), atomically and durably (``reliev3r.durable.write``), and return its path."""
     runs = [load_run(run)]
     for path in compare:
         other = load_run(path)
@@ -263,9 +264,7 @@ def write_report(run: Path, compare: list[Path] = (), out: Path | None = None) -
         runs.append(other)
     out = Path(out) if out is not None else run_folder(run) / "report.html"  # in a run not evaluated yet too
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(runs), encoding="utf-8")
-    tmp.replace(out)
+    durable.write(out, render(runs), tmp=out.with_name(out.name + ".tmp"))
     return out
 
 

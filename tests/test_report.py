@@ -120,6 +120,18 @@ def test_report_page_is_self_contained(tmp_path):
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
+def test_a_report_survives_a_power_loss_once_written(tmp_path, folder_fsyncs):
+    """The page was renamed into place without its folder flushed: after a power loss the
+    earlier page (or none) could stand again although ``reliev3r report`` had printed its path."""
+    run = make_run(tmp_path / "run", [10], pictures=False, slope=-0.01)
+    out = tmp_path / "page" / "report.html"
+    out.parent.mkdir()
+    out.write_text("earlier")
+    flushed = folder_fsyncs(out.parent, lambda: out.read_text() != "earlier")
+    assert report.write_report(run, [], out) == out
+    assert flushed and flushed[-1] is True and "<svg" in out.read_text()
+
+
 def test_a_run_someone_sent_embeds_only_its_own_pictures_and_a_bad_record_is_skipped(tmp_path):
     """A record's ``pictures`` naming a file outside its evaluations folder (an absolute path,
     ``..``) or one that is not a PNG is not embedded (the page carried a CURVE secret key,
