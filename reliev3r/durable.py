@@ -1,5 +1,5 @@
 """Durable writes, shared by the snapshots, the output swap, the streamer's progress file, the
-evaluator's results and pictures, the report page, the studies' datasets and the embedded
+evaluator's results and pictures, the report page, the studies' datasets and curves and the embedded
 teacher's weights and meta.
 
 :func:`fsync` flushes a file or a folder to disk by its path (a folder: the names made, renamed

@@ -24,7 +24,8 @@
   :func:`evaluation.evaluate.trivial_baseline`) is computed once beside it.
 
 Writes ``<out>/curve.json`` (config, dataset stats, baseline, a row per evaluation and
-running means of the train loss terms) and ``<out>/table.md``; prints the table last.
+running means of the train loss terms; replaced atomically and durably at each evaluation,
+``reliev3r.durable.write``) and ``<out>/table.md``; prints the table last.
 This module imports neither pyzmq nor PyAV at module level (GPU hosts may lack both).
 """
 
@@ -44,6 +45,7 @@ import torch
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import evaluate_model, markdown_table, trivial_baseline
 from learner.config import LearnerConfig
+from reliev3r import durable
 from reliev3r.config import with_overrides
 from studies.dataset import LabelledDataset, ensure_dataset, parse_spec
 
@@ -140,9 +142,7 @@ def _write(out: Path, cfg: LearnerConfig, train: LabelledDataset, baseline: dict
     out.mkdir(parents=True, exist_ok=True)
     doc = {"config": dataclasses.asdict(cfg), "dataset": {"meta": train.meta, "stats": train.stats()},
            "baseline": baseline, "curve": curve}
-    tmp = out / "curve.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "curve.json")
+    durable.write(out / "curve.json", json.dumps(doc, indent=1), tmp=out / "curve.json.tmp")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,21 @@ def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
     assert base["trans_err_deg"] == 90.0 and base["rot_err_deg"] > 0
 
 
+def test_the_curve_survives_a_power_loss_once_written(dataset, tmp_path, folder_fsyncs):
+    """``curve.json`` was renamed into place without its folder flushed: after a power loss an
+    earlier curve (or none) could stand again. The folder is flushed once it names each new one."""
+    from studies.study import run_study
+
+    torch.set_num_threads(1)
+    cfg = replace(LearnerConfig(), batch_size=1, ema_decay=0.0, warmup_steps=0, device="cpu")
+    curve = tmp_path / "curve.json"
+    flushed = folder_fsyncs(tmp_path, lambda: len(json.loads(curve.read_text())["curve"]) if curve.exists() else 0)
+    result = run_study(cfg, dataset, dataset.windows(1), steps=2, eval_every=1, device="cpu", log_every=0,
+                       out=tmp_path)
+    assert [r["step"] for r in result.curve] == [1, 2]
+    assert flushed and flushed[0] == 1 and flushed[-1] == 2  # each row's curve flushed as it is written
+
+
 def test_study_resumes_from_its_final_snapshot_and_stops_at_max_steps(dataset, tmp_path):
     # A long study split over several processes (device calls): each ends with a snapshot, the
     # next resumes it, and max_steps counts the run's steps, not the process's.
