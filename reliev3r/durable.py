@@ -1,6 +1,6 @@
 """Durable writes, shared by the snapshots, the output swap, the streamer's progress file, the
-evaluator's results and pictures, the report page, the studies' datasets and curves and the embedded
-teacher's weights and meta.
+evaluator's results and pictures, the report page, the studies' datasets and curves, the synthetic
+world's videos and ground truth and the embedded teacher's weights and meta.
 
 :func:`fsync` flushes a file or a folder to disk by its path (a folder: the names made, renamed
 or removed in it, so a rename survives a power loss once its folder is fsynced).

@@ -42,6 +42,7 @@ the seed, so both worlds can share a folder).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reliev3r import geometry, imaging
+from reliev3r import durable, geometry, imaging
 
 RENDER_VERSION = 1
 """Bumped whenever the renderer's output changes, so that cached worlds are rendered again."""
@@ -577,9 +578,11 @@ def _tmp(path: Path) -> Path:
 def write_scene(scene: Scene, folder: Path, name: str, fps: int = 10, *, config: dict | None = None) -> Path:
     """Write ``folder/name.mp4`` (H.264, yuv420p, crf 15) and ``folder/name.gt.npz`` beside it.
 
-    Atomic: both go to temporary names first; the old video is removed before the new
-    ground truth lands and the video is renamed last, so a present video always has
-    matching ground truth. ``config`` (JSON-able) is stored in the npz for cache checks."""
+    Atomic and durable (``reliev3r.durable``): both go to temporary names first and are
+    fsynced; the old video is removed before the new ground truth lands and the video is
+    renamed last, the folder fsynced after each of the three, so a present video always has
+    matching ground truth, after a power loss too. ``config`` (JSON-able) is stored in the npz
+    for cache checks."""
     import av
 
     n, h, w, _ = scene.images.shape
@@ -589,16 +592,16 @@ def write_scene(scene: Scene, folder: Path, name: str, fps: int = 10, *, config:
     folder.mkdir(parents=True, exist_ok=True)
     video, gt = folder / f"{name}.mp4", folder / f"{name}{GT_SUFFIX}"
     tmp_video, tmp_gt = _tmp(video), _tmp(gt)
+    arrays = io.BytesIO()
+    np.savez_compressed(
+        arrays,
+        depth=scene.depth.detach().cpu().numpy().astype(np.float32),
+        cam_to_world=scene.cam_to_world.detach().cpu().numpy().astype(np.float32),
+        intrinsics=scene.intrinsics.detach().cpu().numpy().astype(np.float32),
+        fps=np.int64(fps),
+        config=np.array(json.dumps(config or {}, sort_keys=True)),
+    )
     try:
-        with open(tmp_gt, "wb") as f:
-            np.savez_compressed(
-                f,
-                depth=scene.depth.detach().cpu().numpy().astype(np.float32),
-                cam_to_world=scene.cam_to_world.detach().cpu().numpy().astype(np.float32),
-                intrinsics=scene.intrinsics.detach().cpu().numpy().astype(np.float32),
-                fps=np.int64(fps),
-                config=np.array(json.dumps(config or {}, sort_keys=True)),
-            )
         images = scene.images.detach().cpu().numpy()
         with av.open(str(tmp_video), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)
@@ -611,9 +614,16 @@ def write_scene(scene: Scene, folder: Path, name: str, fps: int = 10, *, config:
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        video.unlink(missing_ok=True)
-        os.replace(tmp_gt, gt)
+        durable.fsync(tmp_video)
+        try:
+            video.unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            durable.fsync(folder)  # gone before the new ground truth can be found beside it
+        durable.write(gt, arrays.getbuffer(), tmp=tmp_gt)
         os.replace(tmp_video, video)
+        durable.fsync(folder)
     finally:
         tmp_gt.unlink(missing_ok=True)
         tmp_video.unlink(missing_ok=True)

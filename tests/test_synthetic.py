@@ -2,6 +2,7 @@
 multi-view consistency of depth, pose and colour, determinism, the video + ground-truth
 files, texture matchability and camera parallax."""
 
+import json
 import math
 from dataclasses import replace
 
@@ -140,6 +141,26 @@ def test_video_and_ground_truth_round_trip(clip, tmp_path):
 
     with pytest.raises(ValueError, match="even"):
         synthetic.write_scene(replace(clip, images=clip.images[:, :143]), tmp_path, "odd")
+
+
+def test_a_scene_survives_a_power_loss_video_last(tmp_path, folder_fsyncs, fsynced):
+    """Both files were renamed into place unflushed: after a power loss a cached video could
+    stand without its ground truth, or beside the earlier one. Each file's bytes are flushed
+    before its rename; the folder once the earlier video is gone, once it names the new ground
+    truth, and once it names the new video, so the folder as flushed never pairs a video with
+    ground truth it was not written with."""
+    scene = synthetic.render_scene(5, frames=3, height=24, width=32)
+    video, gt = tmp_path / "s.mp4", tmp_path / "s.gt.npz"
+    synthetic.write_scene(scene, tmp_path, "s", config={"n": 1})
+
+    def state():  # the video standing (its inode) and the ground truth's ``n`` where it was flushed
+        with np.load(gt, allow_pickle=False) as z:
+            written = json.loads(str(z["config"]))["n"] if gt in fsynced else None
+        return (video.stat().st_ino if video.exists() else None), written
+
+    flushed = folder_fsyncs(tmp_path, state)
+    synthetic.write_scene(scene, tmp_path, "s", config={"n": 2})
+    assert video in fsynced and flushed == [(None, 1), (None, 2), (video.stat().st_ino, 2)]
 
 
 def test_ensure_world_is_idempotent_and_follows_the_config(tmp_path):
