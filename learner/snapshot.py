@@ -95,7 +95,9 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
 
     trainer.settle_all()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        durable.fsync(folder.parent)  # the new folder's name on disk, or a power loss loses it with the snapshot
     name = snapshot_name(trainer.global_step)
     tmp = folder / f".tmp-{name}-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()

@@ -414,3 +414,19 @@ def test_flat_refine_keys_of_old_snapshots_become_the_refine_section(tmp_path):
     _, meta = load_model(path)
     cfg = build(LearnerConfig, meta["config"])
     assert cfg.loss.refine == RefineConfig(weight=1.0, steps=5)
+
+
+def test_the_first_snapshot_s_folder_is_flushed_into_its_parent(tmp_path, folder_fsyncs):
+    """The snapshots folder made by the first save is flushed into its parent (the run folder)
+    once it is there: after a power loss the first snapshot cannot be lost with a folder whose
+    name never reached the disk. Before, only the snapshots folder itself was fsynced."""
+    trainer = _trainer()
+    trainer.step(_batches(1)[0])
+    snaps = tmp_path / "snapshots"
+    flushed = folder_fsyncs(tmp_path, snaps.is_dir)
+    trainer.save_state(snaps)
+    assert flushed and flushed[0] is True
+    trainer.step(_batches(2)[1])
+    again = len(flushed)
+    trainer.save_state(snaps)
+    assert len(flushed) == again  # an existing folder: its parent is not flushed again
