@@ -15,10 +15,10 @@ Specs:
   (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
   DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
   with, all optional: poses as a TUM trajectory (``groundtruth.txt``, ``poses.txt``,
-  ``trajectory.txt`` or ``*.tum``; matched by timestamp when the image names are timestamps,
-  a frame with no line within 20 ms going without, said once per sequence with how many and
-  the first, else by order: names that read as numbers no line is near, e.g. ``000000.png``, are
-  no timestamps) or per frame 4x4
+  ``trajectory.txt`` or ``*.tum``; matched by :func:`match_trajectory`, as ``reconstruct
+  --gt-poses`` matches one: by the image names as timestamps within 20 ms, a frame with no line
+  that near going without, said once per sequence with how many and the first, else by order:
+  names that read as numbers no line is near, e.g. ``000000.png``, are no timestamps) or per frame 4x4
   cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``, read by
   ``reliev3r.imaging.read_pose``);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
@@ -258,42 +258,67 @@ class BadPose:
     reason: str
 
 
-def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None) -> list[np.ndarray | BadPose | None]:
-    """Per-image cam_to_world [4,4] from a TUM trajectory or per-frame 4x4 files, of the images
-    ``keep`` indexes (default all; a trajectory matched by order is matched to all ``images``):
-    None where an image has none, :class:`BadPose` where its pose file
-    (``reliev3r.imaging.read_pose``) or its trajectory line (``evaluation.tum.read_tum_lines``)
-    is no pose, so that one bad file or line costs its frame's windows, not the folder. Frames
-    named by timestamps that no trajectory line is within :data:`TIMESTAMP_MATCH_S` of go
-    without, said once: how many of those kept, and the first. Names that read as numbers none
-    of which is near a line (``000000.png``...) are no timestamps of it: a trajectory with a line
-    per image is matched by order."""
+def match_trajectory(trajectory: Path, lines: tuple[np.ndarray, np.ndarray, dict[int, str]],
+                     times: np.ndarray | None, positions: list[int], frames: int | None,
+                     names: list[str]) -> list[np.ndarray | BadPose | None]:
+    """The ground-truth poses of an input's frames from a TUM trajectory: the one rule for a
+    folder's own trajectory (:func:`folder_poses`) and ``reliev3r reconstruct --gt-poses``.
+
+    ``lines``: ``evaluation.tum.read_tum_lines(trajectory)``; the frames are those at
+    ``positions`` of an input of ``frames`` frames (None: not known), ``times`` their timestamps
+    in seconds (a folder's names where they read as numbers, a video's times from the start of
+    its stream; None where they have none), ``names`` what a warning calls them.
+
+    By time where the frames' times are the trajectory's: each frame takes the nearest line
+    within :data:`TIMESTAMP_MATCH_S`, a frame with none going without (None), said once: how
+    many, and the first. Times no line is near at all (``000000.png``..., a video whose
+    trajectory counts in Unix seconds) are not the trajectory's: a trajectory with a line per
+    frame of the input is then matched by order, line ``k`` to the frame at position ``k``.
+    ValueError where the frames have no times and the trajectory is not a line per frame. A
+    line whose pose is no pose gives its frame a :class:`BadPose` naming the file and line."""
+    stamps, poses, bad = lines
+
+    def pose(k: int) -> np.ndarray | BadPose:
+        return BadPose(bad[k]) if k in bad else poses[k].astype(np.float32)
+    if times is not None:
+        nearest = np.abs(times[:, None] - stamps[None, :]).argmin(1)
+        close = np.abs(stamps[nearest] - times) <= TIMESTAMP_MATCH_S
+        if not close.any() and len(poses) == frames:  # numbers, not its times (000000.png...)
+            times = None
+    if times is not None:
+        if not close.all():
+            far = np.flatnonzero(~close)
+            why = "" if close.any() else (f"; its {len(poses)} lines are no line per frame of the input "
+                                          f"({'unknown' if frames is None else frames}) to match by order")
+            log.warning("%s: %d of %d frames have no line within %g ms (the first: %s)%s; they go without a "
+                        "ground-truth pose", trajectory, len(far), len(positions), TIMESTAMP_MATCH_S * 1000,
+                        names[far[0]], why)
+        return [pose(k) if ok else None for k, ok in zip(nearest, close)]
+    if len(poses) != frames:
+        raise ValueError(f"{trajectory}: {len(poses)} poses for {frames} images, and image names are not "
+                         "timestamps to match them by")
+    return [pose(k) for k in positions]
+
+
+def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, *,
+                 trajectory: Path | None = None) -> list[np.ndarray | BadPose | None]:
+    """Per-image cam_to_world [4,4] from a TUM trajectory (``trajectory``, else the folder's
+    own) or per-frame 4x4 files, of the images ``keep`` indexes (default all): None where an
+    image has none, :class:`BadPose` where its pose file (``reliev3r.imaging.read_pose``) or its
+    trajectory line (``evaluation.tum.read_tum_lines``) is no pose, so that one bad file or line
+    costs its frame's windows, not the folder. A trajectory is matched by
+    :func:`match_trajectory`, the images' names as their times where they read as numbers, by
+    order to all ``images``."""
     keep = list(range(len(images))) if keep is None else list(keep)
     trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
+    if trajectory is not None:
+        trajectories = [trajectory]
     if trajectories:
         from evaluation.tum import read_tum_lines
 
-        stamps, poses, bad = read_tum_lines(trajectories[0])  # a bad line's pose is its frame's: BadPose
-
-        def pose(k: int) -> np.ndarray | BadPose:
-            return BadPose(bad[k]) if k in bad else poses[k].astype(np.float32)
-        image_stamps = _timestamps([images[k] for k in keep])
-        if image_stamps is not None:
-            nearest = np.abs(image_stamps[:, None] - stamps[None, :]).argmin(1)
-            close = np.abs(stamps[nearest] - image_stamps) <= TIMESTAMP_MATCH_S
-            if not close.any() and len(poses) == len(images):  # numbers, not its times (000000.png...)
-                image_stamps = None
-        if image_stamps is not None:
-            if not close.all():
-                far = np.flatnonzero(~close)
-                log.warning("%s: %d of %d frames have no line within %g ms (the first: %s); they go without a "
-                            "ground-truth pose", trajectories[0], len(far), len(keep), TIMESTAMP_MATCH_S * 1000,
-                            images[keep[far[0]]].name)
-            return [pose(k) if ok else None for k, ok in zip(nearest, close)]
-        if len(poses) != len(images):
-            raise ValueError(f"{trajectories[0]}: {len(poses)} poses for {len(images)} images, and image names "
-                             "are not timestamps to match them by")
-        return [pose(k) for k in keep]
+        kept = [images[k] for k in keep]
+        return match_trajectory(trajectories[0], read_tum_lines(trajectories[0]), _timestamps(kept), keep,
+                                len(images), [p.name for p in kept])
     out = []
     for image in (images[k] for k in keep):
         base = _frame_base(image)

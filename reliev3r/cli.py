@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--intrinsics", default=None, help="3x3 (or fx fy cx cy) text file of the frames as recorded "
                      "(turned with a video's display rotation or the images' Exif orientation); "
                      "default 60 degree FoV")
-    rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input (by order or timestamp; a "
-                     "line that is no pose leaves its frame out of the ATE, saying so)")
+    rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input, matched as a folder's own "
+                     "(by timestamp within 20 ms, else by order; a line that is no pose leaves its frame out of "
+                     "the ATE, saying so)")
     rec.add_argument("--device", default="auto", help="auto, cpu or cuda")
     rec.add_argument("--colmap", nargs="?", const="bin", choices=("bin", "txt"), default=None,
                      help="also write OUT/colmap/{images,sparse/0} (a COLMAP model; binary unless 'txt')")

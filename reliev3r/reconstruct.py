@@ -19,7 +19,8 @@ Writes into ``--out``:
   ``depth_color/NNNNNN.png``: the same, colourised (turbo, near = red, shared range);
 * ``trajectory.png``: top view (x-z) and side view (z-y) of the camera centres, with the
   ground truth aligned by Umeyama Sim(3) when given (``--gt-poses`` TUM file, or the input
-  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``; a frame whose pose
+  folder's own poses: 7-Scenes ``*.pose.txt``, a TUM ``groundtruth.txt``; a trajectory matched to
+  the frames by ``evaluation.datasets.match_trajectory``, README's one rule; a frame whose pose
   file or trajectory line is no pose goes without, with a warning naming the file (and line)
   and the problem; a ``--gt-poses`` file with no line that is a pose is refused);
 * ``reconstruction.json``: what was run, the intrinsics each frame was unprojected with
@@ -62,7 +63,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -101,6 +102,9 @@ class FrameStream:
     intrinsics: np.ndarray | None
     gt_cam_to_world: list[np.ndarray | None] | None
     total: int | None
+    match_gt: Callable[[np.ndarray], list[np.ndarray | None]] | None = None
+    """A video's ground truth where a trajectory is given: the poses of the frames read, from their
+    timestamps, once every frame is read (:func:`open_input`)"""
 
     @classmethod
     def of(cls, frames: Frames) -> "FrameStream":
@@ -108,18 +112,25 @@ class FrameStream:
                    len(frames.images))
 
 
-def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None) -> FrameStream:
+def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None,
+               gt_poses: Path | None = None) -> FrameStream:
     """Every ``stride``-th frame of a video file or an image folder (in natural order, as the
     streamer reads it: ``reliev3r.imaging.natural_key``), at most ``max_frames``, decoded as
     the stream is read (one frame in memory at a time). A video's frames are turned as players
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
     ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
-    (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike)."""
-    from evaluation.datasets import BadPose, folder_poses
+    (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike).
+
+    Ground truth: a folder's own poses, or the TUM trajectory ``gt_poses`` (:func:`read_gt_poses`),
+    matched by ``evaluation.datasets.match_trajectory`` (a folder's names as the frames' times, a
+    video's times from the start of its stream; by order, line ``k`` to the input's frame ``k``);
+    a video's once its frames are read (:attr:`FrameStream.match_gt`)."""
+    from evaluation.datasets import folder_poses, match_trajectory
     from reliev3r.imaging import read_intrinsics
 
     path = Path(path)
     K = read_intrinsics(intrinsics) if intrinsics else None
+    lines = read_gt_poses(gt_poses) if gt_poses is not None else None
     if path.is_dir():
         every = imaging.frame_files(path)
         picked = list(range(len(every)))[::stride][:max_frames]
@@ -155,11 +166,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                                      "intrinsics matrix cannot serve both")
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
-        gt = folder_poses(path, every, picked)  # a trajectory matched by order: to every frame of the folder
-        for k, pose in enumerate(gt):
-            if isinstance(pose, BadPose):  # ground truth for the ATE only: the frame goes without
-                log.warning("ground-truth pose left out: %s", pose.reason)
-                gt[k] = None
+        # a trajectory matched by order: to every frame of the folder
+        gt = _without_bad(folder_poses(path, every, picked, trajectory=gt_poses))
         return FrameStream(images(), K, gt, len(files))
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
@@ -176,9 +184,11 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                     shown = (first.height, first.width) if turn & TRANSPOSE else (first.width, first.height)
                     K = _fitting(orient_intrinsics(K, turn, first.width, first.height), intrinsics, *shown)
         total = min(-(-known // stride), max_frames) if known > 0 else None
+        seen = None  # how many frames the video has, once decoded to its end
 
         def decoded() -> Iterator[tuple[np.ndarray, float]]:
-            picked = 0
+            nonlocal seen
+            picked = count = 0
             with av.open(str(path)) as container:
                 stream = video_stream(container)
                 stream.thread_type = "AUTO"
@@ -187,14 +197,25 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                 for k, frame in enumerate(container.decode(stream)):
                     if picked >= max_frames:
                         break
+                    count = k + 1
                     clock.tick(k, frame)
                     if k % stride == 0:
                         picked += 1
                         t = clock.time
                         # as players show it (a phone's rotation, a front camera's mirror), as the streamer does
                         yield np.ascontiguousarray(orient(frame.to_ndarray(format="rgb24"), upright(frame))), t
+                else:
+                    seen = count
 
-        return FrameStream(decoded(), K, None, total)
+        def match(times: np.ndarray) -> list[np.ndarray | None]:
+            """The frames' ground truth, by their times or by order (line ``k`` to the video's frame ``k``: the
+            video's frame count is the decoder's where it read to the end, else the container's)."""
+            names = [f"frame {j * stride} at {t:.3f} s" for j, t in enumerate(times)]
+            return _without_bad(match_trajectory(gt_poses, lines, np.asarray(times, np.float64),
+                                                 [j * stride for j in range(len(times))],
+                                                 seen if seen is not None else known or None, names))
+
+        return FrameStream(decoded(), K, None, total, match if lines is not None else None)
     raise FileNotFoundError(f"{path}: neither an image folder nor a video ({', '.join(VIDEO_SUFFIXES)})")
 
 
@@ -449,28 +470,24 @@ class ReconstructOptions:
                              f"got {self.min_confidence}")
 
 
-def match_gt(timestamps, stamps: np.ndarray, poses: np.ndarray,
-             bad: dict[int, str] | None = None) -> list[np.ndarray | None]:
-    """Ground-truth poses for ``timestamps``: by order when the counts agree, else the nearest
-    stamp within 50 ms (None where none is). A frame matched to a row of ``bad`` (row -> 'PATH:LINE:
-    problem', ``evaluation.tum.read_tum_lines``) goes without, as a folder's frame whose pose is
-    no pose does: a warning names each such line once."""
-    bad = bad or {}
-    if len(poses) == len(timestamps):
-        rows = list(range(len(poses)))
-    else:
-        rows = []
-        for t in timestamps:
-            k = int(np.abs(stamps - t).argmin())
-            rows.append(k if abs(stamps[k] - t) <= 0.05 else None)
-    for k in sorted({k for k in rows if k in bad}):
-        log.warning("ground-truth pose left out: %s", bad[k])
-    return [None if k is None or k in bad else poses[k] for k in rows]
+def _without_bad(gt: list) -> list[np.ndarray | None]:
+    """Ground truth for the ATE only: a frame whose pose is no pose (``evaluation.datasets.BadPose``) goes without,
+    a warning naming each such pose file or trajectory line once."""
+    from evaluation.datasets import BadPose
+
+    said = set()
+    for k, pose in enumerate(gt):
+        if isinstance(pose, BadPose):
+            if pose.reason not in said:
+                log.warning("ground-truth pose left out: %s", pose.reason)
+                said.add(pose.reason)
+            gt[k] = None
+    return gt
 
 
 def read_gt_poses(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """``--gt-poses``: (stamps, poses, bad) of a TUM trajectory (``evaluation.tum.read_tum_lines``:
-    a line whose pose is no pose is in ``bad``, its frame left out by :func:`match_gt`);
+    a line whose pose is no pose is in ``bad``, its frame left out of the ATE);
     ValueError where a line cannot be placed in time or no line is a pose."""
     from evaluation.tum import read_tum_lines
 
@@ -491,15 +508,14 @@ host removes it once that process is gone."""
 
 
 def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: ReconstructOptions,
-                gt_poses: list[np.ndarray | None] | None = None, *,
-                gt_tum: tuple[np.ndarray, np.ndarray, dict[int, str]] | None = None) -> dict:
+                gt_poses: list[np.ndarray | None] | None = None) -> dict:
     """Run the model over windows of ``frames``, chain, and write every output into ``out``.
 
     Streams: frames are decoded, reconstructed and chained one window at a time, and each
     frame's depth PNG, pose line, points (and COLMAP image) are written when its window is
     chained, so memory stays flat in the input's length (:mod:`reliev3r.reconstruct_stream`
-    lists what is held). ``gt_tum`` (stamps, poses, bad: :func:`read_gt_poses`): ground truth
-    matched to the frames' timestamps at the end (:func:`match_gt`).
+    lists what is held). Ground truth: ``gt_poses`` (one per frame), else the stream's (a video's
+    matched to its frames' timestamps at the end: :attr:`FrameStream.match_gt`).
 
     The outputs are written into a hidden folder inside ``out`` (:data:`STAGING`) and take the
     place of an earlier reconstruction's (:data:`OUTPUTS`) only once all are written: a run that
@@ -518,7 +534,7 @@ def reconstruct(reconstructor, frames: Frames | FrameStream, out: Path, opts: Re
     done = swapping = False
     try:
         with contextlib.ExitStack() as held:  # open files and spools, closed however the run ends
-            summary = _reconstruct_into(held, reconstructor, frames, staging, opts, gt_poses, gt_tum)
+            summary = _reconstruct_into(held, reconstructor, frames, staging, opts, gt_poses)
         swapping = True
         swap.replace(out, staging, OUTPUTS)
         for spool in out.glob(".spool-*"):  # spools that runs of earlier versions wrote into out and left
@@ -551,8 +567,7 @@ def _abandoned(staging: Path) -> bool:
 
 
 def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames | FrameStream, out: Path,
-                      opts: ReconstructOptions, gt_poses: list[np.ndarray | None] | None,
-                      gt_tum: tuple[np.ndarray, np.ndarray, dict[int, str]] | None) -> dict:
+                      opts: ReconstructOptions, gt_poses: list[np.ndarray | None] | None) -> dict:
     """:func:`reconstruct`'s work, every output written into the empty folder ``out``; what it
     opens is closed by ``held``."""
     from collections import deque
@@ -657,8 +672,8 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
     summary.update(intrinsics=(frame_K[0] if shared else frame_K).tolist(), image_size=[size[1], size[0]])
     centres = poses_arr[:, :3, 3]
     gt = gt_poses if gt_poses is not None else stream.gt_cam_to_world
-    if gt_tum is not None:
-        gt = match_gt(timestamps.array(), *gt_tum)
+    if gt is None and stream.match_gt is not None:
+        gt = stream.match_gt(timestamps.array())
     gt_centres, unit = None, "model units"
     title = f"{n} frames, {chain.windows} windows of {views} (overlap {summary['overlap']})"
     known = np.array([g is not None for g in gt]) if gt is not None else np.zeros(n, bool)
@@ -703,9 +718,9 @@ def main(cfg, args: argparse.Namespace) -> int:
     check_device("--device", args.device, auto=True)
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
     stream = open_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
-                        intrinsics=Path(args.intrinsics) if args.intrinsics else None)
-    gt_tum = read_gt_poses(Path(args.gt_poses)) if args.gt_poses else None
-    summary = reconstruct(reconstructor, stream, Path(args.out), opts, gt_tum=gt_tum)
+                        intrinsics=Path(args.intrinsics) if args.intrinsics else None,
+                        gt_poses=Path(args.gt_poses) if args.gt_poses else None)
+    summary = reconstruct(reconstructor, stream, Path(args.out), opts)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png")
     return 0

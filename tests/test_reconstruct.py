@@ -577,6 +577,105 @@ def test_a_folders_trajectory_matched_by_order_gives_the_picked_frames_their_pos
         assert [g[0, 3] for g in stream.gt_cam_to_world] == list(picked), (stride, max_frames)
 
 
+
+def _gt_run(snap, frames, out, *extra) -> tuple[dict, list[str]]:
+    """``reconstruct`` of ``frames`` into ``out`` (3 views, overlap 1): its summary and its warnings."""
+    import logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                seen.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    try:
+        assert cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(frames), "--out", str(out),
+                         "--views", "3", "--overlap", "1", "--device", "cpu", *extra]) == 0
+    finally:
+        logging.getLogger().removeHandler(keep)
+    return json.loads((out / "reconstruction.json").read_text()), seen
+
+
+def _walk(n: int) -> np.ndarray:
+    """[n, 4, 4] camera-to-world poses along a bent path (Umeyama has a unique answer on it)."""
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    poses[:, 0, 3], poses[:, 2, 3] = 0.1 * np.arange(n), 0.02 * np.arange(n) ** 2
+    return poses
+
+
+def test_gt_poses_are_matched_to_a_folders_frames_as_its_own_trajectory_is(tmp_path):
+    """``--gt-poses FILE`` on an image folder is matched as the same file inside the folder
+    (``groundtruth.txt``) is: by timestamp within 20 ms where the names are timestamps, a frame
+    with no line that near going without, said once with how many and the first; by order where
+    the names are numbers no line is near and the trajectory has a line per frame of the folder
+    (every 2nd frame picked). Before, ``--gt-poses`` matched within 50 ms, unsaid (a frame 35 ms
+    from its line kept it), and by order only where the lines were as many as the frames picked,
+    so the folder of ``000000.png`` read every 2nd frame got no ground truth at all, unsaid."""
+    from evaluation.tum import write_tum
+    from streamer_media import texture
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    stamped = tmp_path / "stamped"
+    stamped.mkdir()
+    times = 100.0 + 0.1 * np.arange(6)
+    for k, t in enumerate(times):
+        cv2.imwrite(str(stamped / f"{t:.6f}.png"), texture(64, 48, seed=k))
+    lines = [0, 1, 2, 3, 5]  # frame 3's line 35 ms after it, none for frame 4 (65 ms from the nearest)
+    given = tmp_path / "given.txt"
+    write_tum(given, times[lines] + np.where(np.array(lines) == 3, 0.035, 0.0), _walk(6)[lines])
+    summary, said = _gt_run(snap, stamped, tmp_path / "given", "--gt-poses", str(given))
+    assert summary["gt_frames"] == 4, summary
+    assert said == [f"{given}: 2 of 6 frames have no line within 20 ms (the first: 100.300000.png); they go without "
+                    "a ground-truth pose"], said
+    shutil.copy(given, stamped / "groundtruth.txt")
+    own, said = _gt_run(snap, stamped, tmp_path / "own")
+    assert own["gt_frames"] == 4 and own["ate_m"] == pytest.approx(summary["ate_m"], rel=1e-6)
+    assert said == [f"{stamped / 'groundtruth.txt'}: 2 of 6 frames have no line within 20 ms (the first: "
+                    "100.300000.png); they go without a ground-truth pose"], said
+
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    for k in range(6):
+        cv2.imwrite(str(numbered / f"{k:06d}.png"), texture(64, 48, seed=k))
+    write_tum(given, 1305031102.0 + 0.033 * np.arange(6), _walk(6))  # a line per frame, not timed by the names
+    summary, said = _gt_run(snap, numbered, tmp_path / "order", "--gt-poses", str(given), "--stride", "2")
+    assert summary["frames"] == 3 and summary["gt_frames"] == 3 and not said, (summary, said)
+    shutil.copy(given, numbered / "groundtruth.txt")
+    own, _ = _gt_run(snap, numbered, tmp_path / "own-order", "--stride", "2")
+    assert own["gt_frames"] == 3 and own["ate_m"] == pytest.approx(summary["ate_m"], rel=1e-6)
+
+
+def test_gt_poses_of_a_video_are_matched_by_its_frames_times_else_by_order(tmp_path):
+    """A video's frames are timed by its container (seconds from the start of the stream):
+    ``--gt-poses`` takes the line within 20 ms of a frame, a frame with none going without, said
+    once with how many and the first frame's index and time; a trajectory no frame is that near
+    (timed otherwise, in Unix seconds) with a line per frame of the video is matched by order,
+    every 2nd frame picked taking its own frame's line. Before, a line 35 ms from its frame was
+    taken, the frame without one was not said, and the Unix-timed trajectory matched only where
+    the lines were as many as the frames picked: with ``--stride 2`` no frame got ground truth,
+    unsaid."""
+    from evaluation.tum import write_tum
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    clip = encode(tmp_path / "clip.mp4", panning_frames(8, 64, 48), fps=10)  # frames at 0, 0.1, ... 0.7 s
+    given = tmp_path / "given.txt"
+    lines = [0, 1, 2, 3, 5, 6, 7]  # frame 3's line 35 ms after it, none for frame 4
+    write_tum(given, 0.1 * np.array(lines) + np.where(np.array(lines) == 3, 0.035, 0.0), _walk(8)[lines])
+    summary, said = _gt_run(snap, clip, tmp_path / "timed", "--gt-poses", str(given))
+    assert summary["frames"] == 8 and summary["gt_frames"] == 6, summary
+    assert said == [f"{given}: 2 of 8 frames have no line within 20 ms (the first: frame 3 at 0.300 s); they go "
+                    "without a ground-truth pose"], said
+    write_tum(given, 1305031102.0 + 0.1 * np.arange(8), _walk(8))
+    for stride, picked in ((1, 8), (2, 4)):
+        summary, said = _gt_run(snap, clip, tmp_path / f"order{stride}", "--gt-poses", str(given),
+                                "--stride", str(stride))
+        assert summary["frames"] == picked and summary["gt_frames"] == picked and not said, (stride, summary, said)
+
+
 @pytest.mark.skipif(not KITCHEN.is_dir(), reason=f"{KITCHEN} absent (shared data)")
 def test_reconstruct_7scenes_folder_with_ground_truth(tmp_path):
     snap = make_tiny_snapshot(tmp_path / "run")
