@@ -20,7 +20,8 @@ Specs:
   that near going without, said once per sequence with how many and the first, else by order:
   names that read as numbers no line is near, e.g. ``000000.png``, are no timestamps) or per frame 4x4
   cam-to-world text files (``<name>.pose.txt``, ``<name>.txt`` or ``poses/<name>.txt``, read by
-  ``reliev3r.imaging.read_pose``);
+  ``reliev3r.imaging.read_pose``; a frame with none among frames with one going without, said
+  once per sequence with how many and the first);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
   1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
   ``intrinsics.txt`` or ``K.txt`` (3x3, or ``fx fy cx cy``), else a 60 degree horizontal
@@ -308,7 +309,8 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, 
     trajectory line (``evaluation.tum.read_tum_lines``) is no pose, so that one bad file or line
     costs its frame's windows, not the folder. A trajectory is matched by
     :func:`match_trajectory`, the images' names as their times where they read as numbers, by
-    order to all ``images``."""
+    order to all ``images``. Kept images without a pose file among kept ones with one go
+    without, said once: how many, and the first."""
     keep = list(range(len(images))) if keep is None else list(keep)
     trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
     if trajectory is not None:
@@ -319,18 +321,22 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, 
         kept = [images[k] for k in keep]
         return match_trajectory(trajectories[0], read_tum_lines(trajectories[0]), _timestamps(kept), keep,
                                 len(images), [p.name for p in kept])
-    out = []
+    out, missing = [], []
     for image in (images[k] for k in keep):
         base = _frame_base(image)
         found = [c for c in (image.parent / f"{base}.pose.txt", image.parent / f"{base}.txt",
                              root / "poses" / f"{base}.txt") if c.is_file()]
         if not found:
             out.append(None)
+            missing.append(image.name)
             continue
         try:
             out.append(imaging.read_pose(found[0]).astype(np.float32))
         except (OSError, ValueError) as err:  # named by read_pose: 'FILE: problem'
             out.append(BadPose(str(err)))
+    if missing and len(missing) < len(out):  # a folder of pose files, some frames without
+        log.warning("%s: %d of %d frames have no pose file (<name>.pose.txt, <name>.txt or poses/<name>.txt; the "
+                    "first: %s); they go without a ground-truth pose", root, len(missing), len(out), missing[0])
     return out
 
 

@@ -624,6 +624,51 @@ def test_frames_without_a_tum_line_within_the_match_gap_are_said_once_with_their
     assert said.startswith(f"{trajectory}: 2 of 6 frames have no line within 20 ms") and "100.099000.png" in said
 
 
+
+def test_frames_without_a_pose_file_among_frames_with_one_are_said_once_with_their_count(tmp_path, caplog):
+    """A folder of per-frame pose files (``<name>.pose.txt``, ``<name>.txt``, ``poses/<name>.txt``)
+    where some frames have none: those go without a ground-truth pose (their windows scored
+    without the pose metrics), said once per sequence with the folder, how many frames of the
+    sequence (its range) and the first one's name, as frames with no TUM line near are;
+    ``reconstruct`` reading the folder says it too. A folder with no pose file says nothing.
+    Before, such frames lost their poses unsaid."""
+    from reliev3r.reconstruct import open_input
+
+    root = tmp_path / "seq"
+    poses = _write_folder(root, tum=False)
+    (root / "poses").mkdir()
+    (root / "img001.pose.txt").rename(root / "poses" / "img001.txt")
+    (root / "img003.pose.txt").rename(root / "img003.txt")
+    (root / "img002.pose.txt").unlink()
+    (root / "img004.pose.txt").unlink()
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"folder:{root}", views=2, height=48, width=48, windows=5, stride=1, run_dir=tmp_path)
+    assert [w.name for w in windows] == [f"seq:{k}" for k in range(5)]
+    assert [w.gt_cam_to_world is None for w in windows] == [False, True, True, True, True]
+    np.testing.assert_allclose(windows[0].gt_cam_to_world[:, 0, 3], poses[[0, 1], 0, 3], atol=1e-6)
+    expected = (f"{root}: 2 of 6 frames have no pose file (<name>.pose.txt, <name>.txt or poses/<name>.txt; the "
+                "first: img002.png); they go without a ground-truth pose")
+    assert [r.getMessage() for r in caplog.records] == [expected]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        load_windows(f"folder:{root}@3-5", views=2, height=48, width=48, windows=1, stride=1, run_dir=tmp_path)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{root}: 1 of 3 frames have no pose file") and "the first: img004.png" in said
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        stream = open_input(root, stride=1, max_frames=10)
+    assert [g is None for g in stream.gt_cam_to_world] == [False, False, True, False, True, False]
+    assert [r.getMessage() for r in caplog.records] == [expected]
+    caplog.clear()
+    for k in (0, 5):
+        (root / f"img{k:03d}.pose.txt").unlink()
+    (root / "poses" / "img001.txt").unlink()
+    (root / "img003.txt").unlink()
+    with caplog.at_level("WARNING"):
+        stream = open_input(root, stride=1, max_frames=10)
+    assert stream.gt_cam_to_world == [None] * 6 and not caplog.records
+
+
 def test_a_tum_quaternion_is_read_as_its_unit_quaternion(tmp_path):
     """A TUM quaternion is normalised (its length carries no rotation): one written twice as
     long reads as the rotation of the unit one."""
