@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +41,7 @@ from learner.config import LearnerConfig
 from learner.graphs import CaptureError, StepGraphs, Unrecordable
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
-from reliev3r.config_base import local_rank
+from reliev3r.config_base import local_rank, world_size
 
 PER_MATCH = frozenset({"matches", "match_triangulation"})
 """Batch tensors with one row per match (first column of ``matches``: the window)."""
@@ -71,9 +70,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); -> (rank, size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1, read by
+    ``reliev3r.config_base.world_size``); -> (rank, size)."""
+    world = world_size()
+    if world == 1:
         return 0, 1
     if not dist.is_initialized():
         if device.type == "cuda":

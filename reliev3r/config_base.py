@@ -7,8 +7,9 @@ building a dataclass from plain data strictly (:func:`build`: an unknown key, a 
 a value outside a ``Literal`` is a :class:`ConfigError` that names the full dotted key, e.g.
 ``learner.lr: expected float, got 'fast'``), YAML files and ``key.sub=value`` overrides
 (:func:`load_data`, :func:`with_overrides`), the ``run`` and ``network`` sections (with the
-CURVE keys) that every process reads, and the one reader of a process's rank on its host
-(:func:`local_rank`). Plain data: importable without pyzmq (GPU hosts may lack it).
+CURVE keys) that every process reads, and the one reader each of a process's rank on its host
+(:func:`local_rank`) and of how many ranks there are (:func:`world_size`). Plain data:
+importable without pyzmq (GPU hosts may lack it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ def local_rank() -> int:
         return 0
     if not value.strip().isdecimal():
         raise ValueError(f"LOCAL_RANK must be a rank (an integer >= 0, as torchrun sets it), got {value!r}")
+    return int(value)
+
+
+def world_size() -> int:
+    """How many ranks the learner runs as: torchrun's ``WORLD_SIZE``, 1 without. The one reader
+    of it: above 1, a learner rank joins the process group (``learner.train.init_distributed``).
+    A value that is no count of ranks (``two``, ``0``, ``-1``) is a ``ValueError`` naming the
+    variable."""
+    value = os.environ.get("WORLD_SIZE")
+    if value is None:
+        return 1
+    if not value.strip().isdecimal() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE must be a count of ranks (an integer >= 1, as torchrun sets it), got {value!r}")
     return int(value)
 
 

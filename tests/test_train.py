@@ -316,6 +316,26 @@ def test_ddp_two_gloo_ranks_keep_identical_parameters(tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train
 
 
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5"])
+def test_a_world_size_that_is_no_count_of_ranks_is_refused_naming_the_variable(monkeypatch, value):
+    """torchrun's ``WORLD_SIZE`` (how many learner ranks) has one reader, as ``LOCAL_RANK`` has:
+    a value that is no count of ranks is refused, the message naming the variable and the value.
+    Before, ``two`` stopped with int()'s bare ``invalid literal``, and ``0`` or ``-1`` trained as a
+    single rank, as if the variable were unset. Unset, or ``1``, is one rank."""
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(ValueError, match=rf"^WORLD_SIZE must be a count of ranks \(an integer >= 1, as torchrun "
+                                         rf"sets it\), got '{re.escape(value)}'$"):
+        Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
+    for one in ("1", None):
+        if one is None:
+            monkeypatch.delenv("WORLD_SIZE")
+        else:
+            monkeypatch.setenv("WORLD_SIZE", one)
+        trainer = Trainer(learner_cfg(), device="cpu", loss_fn=toy_loss)
+        assert (trainer.rank, trainer.world_size) == (0, 1)
+
+
 # ---------------------------------------------------------------------- the learner process
 
 def test_the_step_rate_averages_intervals_so_steps_read_in_pairs_give_their_rate():
