@@ -315,8 +315,10 @@ class Trainer:
     def _forward_backward(self, batch: dict[str, Tensor], space: str
                           ) -> tuple[Prediction, Tensor, dict[str, Tensor | float], Tensor, Tensor]:
         """Forward, objective, backward and gradient clipping, reading nothing back (what
-        :class:`learner.graphs.StepGraphs` records): (prediction, detached loss, terms, grad
-        norm, finite flag)."""
+        :class:`learner.graphs.StepGraphs` records): (prediction, loss, terms, grad norm, finite
+        flag), every tensor detached: nothing handed on keeps the autograd graph alive (a graph
+        kept alive holds the parameters' gradient-accumulation nodes, which the next capture, on
+        another stream, would accumulate on, with a warning from torch)."""
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred: Prediction = self.forward_model(batch["images"])
         loss, terms = self.loss_fn(pred, batch, self.cfg.loss, teacher_space=space)
@@ -326,6 +328,9 @@ class Trainer:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss = loss.detach()
+        pred = Prediction(**{f.name: None if (v := getattr(pred, f.name)) is None else v.detach()
+                             for f in dataclasses.fields(pred)})
+        terms = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
         return pred, loss, terms, grad_norm, torch.isfinite(loss) & torch.isfinite(grad_norm)
 
     def freeze_target(self, state: dict[str, Tensor] | None = None) -> None:
