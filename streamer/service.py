@@ -197,6 +197,8 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         # active: (name, progress key, windows, a segment's), the next to ask first
         active: deque[tuple[str, str, Iterator[Window], bool]] = deque()
         produced = 0
+        # progress keys that made a window in this pass, or resumed after one made before a restart
+        made: set[str] = set()
         while (pending or active) and not stop.is_set():
             while pending and len(active) < at_once:
                 if pending[0][1] is not None and sum(e[3] for e in active) >= worker_count(cfg):
@@ -215,6 +217,7 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                     progress.finished_before += 1
                     continue
                 if start:
+                    made.add(key)
                     log.info("resuming source", extra={"source": key, "frame": start, "pass": pass_index})
                 # the blur test resumes with the sharpness values the resumed window was tested against
                 history = progress.blur_history(key) if start else ()
@@ -236,7 +239,9 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 window = next(it)
             except StopIteration:
                 active.remove(entry)
-                if progress is not None:
+                # one that made no window (too short for one) is not done: a restart that took it
+                # as finished would exit 0 with no window ever made, and ``up`` wait for them forever
+                if progress is not None and key in made:
                     progress.source_done(key)
                 continue
             except Exception as err:  # a bug or odd input in one source must not stop the others
@@ -244,6 +249,7 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 active.remove(entry)
                 continue
             produced += 1
+            made.add(key)
             if progress is not None:
                 if progress.is_acked(window.window_id, key):
                     progress.skipped += 1

@@ -267,3 +267,36 @@ def test_the_progress_file_survives_a_power_loss_once_saved(tmp_path, folder_fsy
     p.acked("s:0:4")
     assert p.save()
     assert flushed and flushed[-1] is True  # the folder flushed once it names the new file
+
+
+def test_a_source_too_short_for_a_window_fails_every_start_not_only_the_first(tmp_path):
+    """A clip shorter than a window makes none: the streamer exits 1 (a failed start, which
+    ``up`` counts towards stopping the run with that error). Started again on the same run it
+    must fail again: it once marked the windowless source done in its progress file, so the
+    second start counted it as "finished in an earlier run" and exited 0, and ``up`` then waited
+    forever for windows that no stage would make."""
+    clip = encode(tmp_path / "short.mp4", panning_frames(2, 96, 64, step=3))  # a window spans 3
+    codes = {}
+    for loop in (False, True):
+        (tmp_path / f"loop-{loop}").mkdir()
+        config, port = stream_config(tmp_path / f"loop-{loop}", clip, loop=loop)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)  # a labeler asking for windows
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        try:
+            for start in ("first", "again"):
+                log_path = tmp_path / f"loop-{loop}" / f"{start}.log"
+                with open(log_path, "w") as log:
+                    proc = start_streamer(config, log)
+                    try:
+                        got = receive(sock, lambda wid: True, stop_when=lambda: proc.poll() is not None)
+                        codes[loop, start] = (got, proc.wait(60))
+                    finally:
+                        if proc.poll() is None:
+                            proc.kill()
+                assert "too_short" in log_path.read_text(), (loop, start)
+        finally:
+            sock.close(linger=0)
+            ctx.destroy(linger=0)
+    assert codes == {(loop, start): ([], 1) for loop in (False, True) for start in ("first", "again")}
