@@ -95,6 +95,8 @@ class RunConfig:
     alone, 0.72-0.86x against 0.70-0.88x; docs/BENCHMARKS.md, issue 18)."""
 
     def __post_init__(self) -> None:
+        if not self.dir.strip():  # "" would run in the working directory, among the user's files
+            raise ValueError(f"dir must name a folder, got {self.dir!r}")
         if not 0 <= self.feeder_nice <= 19:
             raise ValueError(f"feeder_nice must be in 0..19, got {self.feeder_nice}")
         if self.seed < 0:  # NumPy's seed sequences take none below 0

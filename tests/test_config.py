@@ -165,6 +165,15 @@ def test_values_the_learner_cannot_run_are_refused_naming_the_key(override, mess
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["run.dir=", "run.dir=' '"])
+def test_an_empty_run_dir_is_refused(override):
+    """``run.dir=`` (a value forgotten on the command line) once ran the whole pipeline in the
+    working directory: snapshots, logs and ``config.yaml`` beside the user's files, the streamer's
+    progress in a checkout's ``streamer/`` package."""
+    with pytest.raises(ConfigError, match="run.dir must name a folder"):
+        config.load([], [override])
+
+
 @pytest.mark.parametrize("overrides", [
     *([f"learner.device={d}", f"labeler.device={d}"] for d in ("cpu", "cuda", "cuda:0", "cuda:12")),
     ["learner.device=auto"],
