@@ -724,7 +724,9 @@ def last_error(log: Path, offset: int = 0) -> str:
                 own = (named or exc)[-1] if exc else detail
                 error = f"{msg}: {own}" if own else (f"{msg} (last problem: {problem})" if problem else msg)
             elif level == "WARNING" and detail:
-                problem = f"{rec.get('reason')}: {detail}" if rec.get("reason") else detail
+                reason = rec.get("reason")
+                # a SourceError's detail already starts with its reason: said once
+                problem = f"{reason}: {detail}" if reason and not detail.startswith(f"{reason}: ") else detail
         elif line.startswith("Traceback (most recent call last)"):
             block = []
             for ln in lines[i + 1:]:

@@ -900,6 +900,15 @@ def test_last_error_of_a_crashed_child_from_its_log(tmp_path):
                    '"detail": "TypeError: x"}\n'
                    '{"level": "ERROR", "msg": "no source produced a window"}\n{"level": "INFO", "msg": "done"}\n')
     assert last_error(log) == "no source produced a window (last problem: source_failed: TypeError: x)"
+    # a SourceError's detail starts with its reason (the streamer's own log line says it once)
+    from streamer.sources import discover
+    problems = []
+    discover([str(tmp_path / "nonexist")], on_error=lambda source, reason, detail: problems.append((reason, detail)))
+    [(reason, detail)] = problems
+    log.write_text(json.dumps({"level": "WARNING", "msg": "source problem", "reason": reason, "detail": detail})
+                   + '\n{"level": "ERROR", "msg": "no source produced a window"}\n')
+    assert last_error(log) == (f"no source produced a window (last problem: missing: {tmp_path / 'nonexist'}: "
+                               f"[Errno 2] No such file or directory: '{tmp_path / 'nonexist'}')")
 
 
 # --------------------------------------------------------------------------- metric names
