@@ -129,6 +129,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     from reliev3r.imaging import read_intrinsics
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
     K = read_intrinsics(intrinsics) if intrinsics else None
     lines = read_gt_poses(gt_poses) if gt_poses is not None else None
     if path.is_dir():
@@ -136,6 +138,10 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         picked = list(range(len(every)))[::stride][:max_frames]
         files = [every[k] for k in picked]
         if not files:
+            videos = sorted(f.name for f in path.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
+            if videos:  # as the streamer takes a folder of videos
+                named = ", ".join(videos[:3]) + (", ..." if len(videos) > 3 else "")
+                raise FileNotFoundError(f"{path}: a folder of videos, no images: give one video ({named})")
             raise FileNotFoundError(f"{path}: no images")
         try:
             stamps = [float(f.stem) for f in files]

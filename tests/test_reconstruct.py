@@ -164,6 +164,25 @@ def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, ca
     assert not out.exists()
 
 
+def test_an_input_that_is_not_there_or_a_folder_of_videos_is_said_so(tmp_path, capsys):
+    """``--input`` that does not exist was "neither an image folder nor a video", as if the path
+    were of the wrong kind; a folder of videos (as the streamer takes them) was "no images". Each
+    is said for what it is, exit 2, and nothing is written."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    videos = tmp_path / "my clips"
+    videos.mkdir()
+    encode(videos / "a.mp4", panning_frames(6, 64, 48))
+    out = tmp_path / "rec"
+    for given, said in ((tmp_path / "no such clip.mp4", f"{tmp_path / 'no such clip.mp4'}: no such file or folder"),
+                        (videos, f"{videos}: a folder of videos, no images: give one video (a.mp4)")):
+        assert cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(given), "--out", str(out),
+                         "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"reliev3r reconstruct: {said}")
+        assert not out.exists()
+
+
 def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tmp_path):
     """Twelve frames with a COLMAP model, then three without, into one folder: the folder holds
     the second reconstruction alone (the first's depth maps and model stayed, and a viewer read them)."""
