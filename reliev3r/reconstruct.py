@@ -728,5 +728,6 @@ def main(cfg, args: argparse.Namespace) -> int:
                         gt_poses=Path(args.gt_poses) if args.gt_poses else None)
     summary = reconstruct(reconstructor, stream, Path(args.out), opts)
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png")
+    model = ", colmap/" if "colmap" in summary else ""
+    print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png{model}")
     return 0
