@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(args.command, err)
     except Exception as err:
         return _stopped(args.command, err)
+    except KeyboardInterrupt:  # Ctrl-C: said in a line, exit 130 as a shell reports SIGINT
+        if args.command not in OFFLINE or os.environ.get("RELIEV3R_DEBUG"):
+            raise
+        print(f"reliev3r {args.command}: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def _stopped(command: str, err: Exception) -> int:
