@@ -7,10 +7,12 @@ Specs:
 * ``synthetic:DIR``: every ``*.mp4`` in DIR with its ``.gt.npz`` (``reliev3r render`` output;
   its poses checked as a pose file's, ``reliev3r.imaging.pose_problem``: a window with a frame
   whose pose is no pose is skipped, the warning naming the file, the frame and the problem);
-* ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: 7-Scenes layout (``frame-NNNNNN.color.jpg``,
-  ``.depth.png`` uint16 millimetres with 0 = invalid, ``.pose.txt`` 4x4 cam-to-world, read by
-  ``reliev3r.imaging.read_pose``, ``camera-intrinsics.txt``, read as a folder's: 3x3 or
-  ``fx fy cx cy``), optionally only frames FIRST..LAST (inclusive);
+* ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: 7-Scenes layout (``frame-NNNNNN.color.jpg``
+  or ``.color.png`` as Microsoft ships a sequence folder, ``.depth.png`` uint16 millimetres with
+  0 = invalid, ``.pose.txt`` 4x4 cam-to-world, read by ``reliev3r.imaging.read_pose``,
+  ``camera-intrinsics.txt``, read as a folder's: 3x3 or ``fx fy cx cy``; without one the
+  intrinsics 7-Scenes publishes, :data:`SEVEN_SCENES_K`), optionally only frames FIRST..LAST
+  (inclusive);
 * ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
   (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
   DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
@@ -171,9 +173,10 @@ def _synthetic_frame(frames: list[np.ndarray], gt, i: int):
     return frames[i], gt.depth[i], gt.cam_to_world[i]
 
 
-def _checked(intrinsics: np.ndarray, file: Path, width: int, height: int) -> np.ndarray:
-    """``intrinsics`` (from ``file``) of a ``width`` x ``height`` frame, or ValueError saying why
-    they cannot be (``reliev3r.imaging.intrinsics_mismatch``): the window is skipped."""
+def _checked(intrinsics: np.ndarray, file: Path | str, width: int, height: int) -> np.ndarray:
+    """``intrinsics`` (from ``file``, or what names them) of a ``width`` x ``height`` frame, or
+    ValueError saying why they cannot be (``reliev3r.imaging.intrinsics_mismatch``): the window
+    is skipped."""
     if (problem := imaging.intrinsics_mismatch(intrinsics, width, height)) is not None:
         raise ValueError(f"{file}: {problem}")
     return intrinsics
@@ -204,21 +207,34 @@ def _turned_pose(pose: np.ndarray | None, orientation: int, frame: Path) -> np.n
         raise ValueError(f"{frame}: {err}, so its pose cannot be turned with it") from None
 
 
+SEVEN_SCENES_K = np.array([[585.0, 0.0, 320.0], [0.0, 585.0, 240.0], [0.0, 0.0, 1.0]])
+"""The intrinsics 7-Scenes publishes for every sequence (its 640x480 Kinect colour frames),
+which Microsoft's download ships in no file: taken where a folder has no
+``camera-intrinsics.txt``."""
+
+
 def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | None = None) -> Sequence:
     """A 7-Scenes folder (module docstring) as a :class:`Sequence`."""
     folder = Path(folder)
-    indices = sorted(int(m.group(1)) for p in folder.glob("frame-*.color.jpg")
-                     if (m := re.match(r"frame-(\d+)\.color\.jpg", p.name)))
-    indices = [i for i in indices if (first is None or i >= first) and (last is None or i <= last)]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    colour = {int(m.group(1)): p for p in folder.glob("frame-*.color.*")
+              if (m := re.fullmatch(r"frame-(\d+)\.color\.(?:jpg|png)", p.name))}
+    indices = sorted(i for i in colour if (first is None or i >= first) and (last is None or i <= last))
     if not indices:
-        raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg frames in range")
-    path = folder / "camera-intrinsics.txt"
-    K = imaging.read_intrinsics(path)  # checked as a folder's: ValueError naming the file
-    turns = _Orientations(lambda k: folder / f"frame-{indices[k]:06d}.color.jpg")
+        raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg (or .png) frames in range")
+    path: Path | str = folder / "camera-intrinsics.txt"
+    if Path(path).is_file():
+        K = imaging.read_intrinsics(path)  # checked as a folder's: ValueError naming the file
+    else:
+        K, path = SEVEN_SCENES_K, f"{folder}: 7-Scenes' published intrinsics (no camera-intrinsics.txt)"
+        log.info("%s: no camera-intrinsics.txt; 7-Scenes' published intrinsics (fx = fy = 585, cx = 320, cy = 240 "
+                 "at 640x480) are taken", folder)
+    turns = _Orientations(lambda k: colour[indices[k]])
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
-        bgr, turns[k] = imaging.read_image_and_orientation(f"{stem}.color.jpg")
+        bgr, turns[k] = imaging.read_image_and_orientation(colour[indices[k]])
         depth = imaging.read_image(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
         if bgr is None or depth is None:
             raise OSError(f"{stem}: unreadable colour or depth image")
@@ -227,7 +243,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         depth = imaging.shown_image(depth.astype(np.float32) / 1000.0, turns[k])
         depth[depth > 10] = 0  # 65535 marks invalid in some 7-Scenes releases
         pose = imaging.read_pose(Path(f"{stem}.pose.txt"))  # ValueError naming the file: the window is skipped
-        pose = _turned_pose(pose.astype(np.float32), turns[k], Path(f"{stem}.color.jpg"))
+        pose = _turned_pose(pose.astype(np.float32), turns[k], colour[indices[k]])
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
 
     return Sequence(folder.name, len(indices), K, read,

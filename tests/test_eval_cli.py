@@ -702,3 +702,33 @@ def test_frames_named_by_index_take_a_same_length_trajectory_by_order(tmp_path, 
     assert not caplog.records
     stream = open_input(root, stride=2, max_frames=10)
     np.testing.assert_allclose([g[0, 3] for g in stream.gt_cam_to_world], poses[[0, 2, 4], 0, 3], atol=1e-6)
+
+
+def test_the_official_7scenes_layout_is_read(tmp_path, caplog):
+    """A sequence folder as Microsoft ships 7-Scenes (``seq-01/frame-NNNNNN.color.png``, depth and
+    pose beside it, no intrinsics file: the dataset publishes fx = fy = 585, cx = 320, cy = 240 for
+    its 640x480 Kinect frames) is read, those intrinsics said once; a folder that is not there is
+    said so. Before, only ``.color.jpg`` frames were looked for ('no frame-NNNNNN.color.jpg frames
+    in range') and a missing intrinsics file was a bare 'No such file or directory'."""
+    from reliev3r.imaging import fit_intrinsics
+
+    seq = tmp_path / "seq-01"
+    seq.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        cv2.imwrite(str(seq / f"frame-{k:06d}.color.png"), rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+        cv2.imwrite(str(seq / f"frame-{k:06d}.depth.png"), np.full((480, 640), 1500, np.uint16))
+        pose = np.eye(4)
+        pose[0, 3] = 0.1 * k
+        np.savetxt(seq / f"frame-{k:06d}.pose.txt", pose)
+    with caplog.at_level("INFO", logger="evaluation.datasets"):
+        (w,) = load_windows(f"7scenes:{seq}", views=3, height=48, width=64, windows=1, stride=1, run_dir=tmp_path)
+    np.testing.assert_allclose(w.gt_cam_to_world[:, 0, 3], [0.0, 0.1, 0.2], atol=1e-6)
+    np.testing.assert_allclose(w.gt_depth[:, 10, 10], 1.5, rtol=1e-6)
+    expected = fit_intrinsics(np.array([[585.0, 0, 320], [0, 585, 240], [0, 0, 1]]), 480, 640, 48, 64)
+    np.testing.assert_allclose(w.intrinsics[0], expected, atol=1e-4)
+    said = [r.getMessage() for r in caplog.records if "585" in r.getMessage()]
+    assert len(said) == 1 and "camera-intrinsics.txt" in said[0]
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_windows(f"7scenes:{tmp_path / 'seq-02'}", views=3, height=48, width=64, windows=1, stride=1,
+                     run_dir=tmp_path)
