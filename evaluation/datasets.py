@@ -11,7 +11,7 @@ Specs:
   or ``.color.png`` as Microsoft ships a sequence folder, ``.depth.png`` uint16 millimetres with
   0 = invalid, ``.pose.txt`` 4x4 cam-to-world, read by ``reliev3r.imaging.read_pose``,
   ``camera-intrinsics.txt``, read as a folder's: 3x3 or ``fx fy cx cy``; without one the
-  intrinsics 7-Scenes publishes, :data:`SEVEN_SCENES_K`), optionally only frames FIRST..LAST
+  intrinsics 7-Scenes publishes, ``reliev3r.imaging.SEVEN_SCENES_K``), optionally only frames FIRST..LAST
   (inclusive);
 * ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
   (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
@@ -207,12 +207,6 @@ def _turned_pose(pose: np.ndarray | None, orientation: int, frame: Path) -> np.n
         raise ValueError(f"{frame}: {err}, so its pose cannot be turned with it") from None
 
 
-SEVEN_SCENES_K = np.array([[585.0, 0.0, 320.0], [0.0, 585.0, 240.0], [0.0, 0.0, 1.0]])
-"""The intrinsics 7-Scenes publishes for every sequence (its 640x480 Kinect colour frames),
-which Microsoft's download ships in no file: taken where a folder has no
-``camera-intrinsics.txt``."""
-
-
 def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | None = None) -> Sequence:
     """A 7-Scenes folder (module docstring) as a :class:`Sequence`."""
     folder = Path(folder)
@@ -227,7 +221,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     if Path(path).is_file():
         K = imaging.read_intrinsics(path)  # checked as a folder's: ValueError naming the file
     else:
-        K, path = SEVEN_SCENES_K, f"{folder}: 7-Scenes' published intrinsics (no camera-intrinsics.txt)"
+        K, path = imaging.SEVEN_SCENES_K, f"{folder}: {imaging.PUBLISHED}"
         log.info("%s: no camera-intrinsics.txt; 7-Scenes' published intrinsics (fx = fy = 585, cx = 320, cy = 240 "
                  "at 640x480) are taken", folder)
     turns = _Orientations(lambda k: colour[indices[k]])
@@ -374,6 +368,7 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         raise OSError(f"{images[0]}: unreadable image")
     held = {0: first_bgr}  # read(0)'s image, decoded already
     found = imaging.intrinsics_file(folder)
+    published = None if found is not None else imaging.published_intrinsics(images)  # 7-Scenes' own frames
     if found is not None:  # of the camera as it records: turned as each frame is
         K = imaging.read_intrinsics(found)
 
@@ -383,7 +378,8 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
         from reliev3r.geometry import intrinsics_from_fov
 
         def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
-            return intrinsics_from_fov(60.0, w, h).double().numpy()
+            K = published(turns[k], w, h) if published is not None else None  # 7-Scenes', at the frame's size
+            return K if K is not None else intrinsics_from_fov(60.0, w, h).double().numpy()
 
         K = intrinsics_of(0, *first_bgr.shape[:2])
 

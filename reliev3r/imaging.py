@@ -8,7 +8,8 @@ Also how a frame is turned to be shown, and its intrinsics and pose with it: the
 video's display matrix or an image's Exif orientation tag asks for (:func:`display_orientation`,
 :func:`image_orientation`), applied by :func:`orient`, :func:`orient_intrinsics` and
 :func:`orient_pose`. And how an image folder is read: which files are its frames and in what
-order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`,
+order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`, else those its
+dataset publishes: :func:`published_intrinsics`,
 :func:`read_intrinsics`, checked against the frames by :func:`intrinsics_mismatch`), a frame's
 ground-truth pose file (:func:`read_pose`; every ground-truth pose is checked by
 :func:`pose_problem`), and images read and written as bytes
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -104,6 +105,40 @@ found is read), for the camera as it records its frames."""
 def intrinsics_file(folder: Path) -> Path | None:
     """The intrinsics file of an image folder (:data:`INTRINSICS_FILES`), or None."""
     return next((Path(folder) / n for n in INTRINSICS_FILES if (Path(folder) / n).is_file()), None)
+
+
+SEVEN_SCENES_K = np.array([[585.0, 0.0, 320.0], [0.0, 585.0, 240.0], [0.0, 0.0, 1.0]])
+"""The intrinsics 7-Scenes publishes for every sequence (its 640x480 Kinect colour frames), of
+the camera as it records; Microsoft's download ships them in no file."""
+SEVEN_SCENES_FRAME = re.compile(r"frame-\d+\.color\.(?:jpg|png)")
+"""How 7-Scenes names a colour frame (``frame-000000.color.png``; ``.jpg`` in some copies)."""
+
+
+def published_intrinsics(files: list[Path]) -> Callable[[int, int, int], np.ndarray | None] | None:
+    """For an image folder with no intrinsics file (:func:`intrinsics_file`), where every frame
+    of ``files`` is named as 7-Scenes names its frames: ``K(orientation, width, height)``, the
+    intrinsics 7-Scenes publishes (:data:`SEVEN_SCENES_K`, for 640x480 as recorded) of a frame
+    shown ``width`` x ``height`` after its Exif ``orientation`` (:func:`shown_intrinsics`),
+    scaled where the copy was resized keeping 4:3 (pixel centres at integers); None where the
+    frame as recorded is not 4:3 (not its frames: the readers' default field of view then).
+    None for any other folder. The streamer, eval and reconstruct read a folder so."""
+    if not files or not all(SEVEN_SCENES_FRAME.fullmatch(Path(f).name) for f in files):
+        return None
+
+    def at(orientation: int, width: int, height: int) -> np.ndarray | None:
+        recorded_w, recorded_h = (height, width) if orientation & TRANSPOSE else (width, height)
+        if recorded_w * 3 != recorded_h * 4:
+            return None
+        s = recorded_w / 640.0
+        K = SEVEN_SCENES_K.copy()
+        K[:2, :2] *= s
+        K[:2, 2] = (K[:2, 2] + 0.5) * s - 0.5
+        return shown_intrinsics(K, orientation, width, height)
+    return at
+
+
+PUBLISHED = "7-Scenes' published intrinsics (no intrinsics file)"
+"""What names :func:`published_intrinsics` in a message."""
 
 
 MAX_PRINCIPAL_OFFSET = 0.25

@@ -149,9 +149,14 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
             stamps = [float(k * stride) for k in range(len(files))]
         if K is None and (found := imaging.intrinsics_file(path)) is not None:
             K, intrinsics = read_intrinsics(found), found
+        published = None if K is not None else imaging.published_intrinsics(every)  # 7-Scenes' own frames
         turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
         first = None  # the first frame, decoded for its size and orientation: the stream's first
-        if K is not None:  # of the camera as it records: turned as the frames are
+        if published is not None:  # at the frames' size (None at another aspect ratio: the default)
+            first, shown = imaging.read_image_and_orientation(files[0])
+            if first is not None and (K := published(shown, first.shape[1], first.shape[0])) is not None:
+                turn, intrinsics = shown, imaging.PUBLISHED
+        elif K is not None:  # of the camera as it records: turned as the frames are
             first, shown = imaging.read_image_and_orientation(files[0])
             if first is not None:
                 turn = shown

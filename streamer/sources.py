@@ -1035,7 +1035,8 @@ class ImageSequenceSource:
     """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
-    intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``), the depth maps and the poses, of the camera as
+    intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``; else those its dataset publishes,
+    ``reliev3r.imaging.published_intrinsics``), the depth maps and the poses, of the camera as
     it records, are turned with each frame (``reliev3r.imaging.image_orientation``, ``orient_intrinsics``,
     ``orient_pose``; a mirrored frame has no pose: :meth:`_pose`)."""
 
@@ -1054,6 +1055,8 @@ class ImageSequenceSource:
         self.files = imaging.frame_files(self.path)
         self.intrinsics = None
         self.intrinsics_file = imaging.intrinsics_file(self.path)
+        # 7-Scenes' own frames without a file: the dataset's intrinsics at a frame's size
+        self.published = None if self.intrinsics_file else imaging.published_intrinsics(self.files)
         if self.intrinsics_file is not None:
             try:
                 self.intrinsics = read_intrinsics(self.intrinsics_file)
@@ -1095,6 +1098,8 @@ class ImageSequenceSource:
                     self.on_error(self.name, "intrinsics_mismatch", f"{self.intrinsics_file}: {problem} The frames "
                                                                     f"get a {self.fov_deg:g} degree field of view")
                     K = None
+            elif self.published is not None:
+                K = self.published(turn, w, h)
             if K is None:
                 K = fov_intrinsics(self.fov_deg, w, h)
             self.position = i + 1

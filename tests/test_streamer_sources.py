@@ -1224,3 +1224,52 @@ def test_a_source_reported_by_default_is_named_in_the_message(tmp_path, caplog):
         assert discover([str(tmp_path / "nothere.mp4")]) == []
     message = caplog.records[-1].getMessage()
     assert source_name(tmp_path / "nothere.mp4") in message and "nothere.mp4" in message and "missing" in message
+
+
+def test_a_7scenes_folder_without_an_intrinsics_file_takes_the_published_intrinsics(tmp_path):
+    """Microsoft's 7-Scenes download has no intrinsics file (the dataset publishes fx = fy = 585,
+    cx = 320, cy = 240 for its 640x480 frames): a folder whose frames are all named as 7-Scenes
+    names them (``frame-NNNNNN.color.png``) is read with those, by the streamer, eval's folder
+    reader and reconstruct alike; a folder of other names keeps the 60 degree default. Before, the
+    streamer trained on 7-Scenes' own frames with a 60 degree field of view (57.4 is theirs)."""
+    import cv2
+
+    from evaluation.datasets import load_windows
+    from reliev3r.reconstruct import open_input
+    from streamer.sources import fov_intrinsics
+
+    seq = tmp_path / "seq-01"
+    seq.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        cv2.imwrite(str(seq / f"frame-{k:06d}.color.png"), rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    published = np.array([[585.0, 0, 320], [0, 585, 240], [0, 0, 1]])
+    errors = Errors()
+    (frame,) = take(ImageSequenceSource(seq, on_error=errors), 1)
+    assert not errors
+    np.testing.assert_allclose(frame.intrinsics, published)
+    (w,) = load_windows(f"folder:{seq}", views=3, height=480, width=640, windows=1, stride=1, run_dir=tmp_path)
+    np.testing.assert_allclose(w.intrinsics[0], published, atol=1e-4)
+    np.testing.assert_allclose(open_input(seq, stride=1, max_frames=3).intrinsics, published)
+    (seq / "frame-000003.png").write_bytes((seq / "frame-000000.color.png").read_bytes())  # a name of another kind
+    (frame,) = take(ImageSequenceSource(seq, on_error=errors), 1)
+    np.testing.assert_allclose(frame.intrinsics, fov_intrinsics(60.0, 640, 480))
+
+
+def test_7scenes_published_intrinsics_follow_a_resized_copy_and_an_exif_turn():
+    """The published intrinsics at a frame's size: a copy resized keeping 4:3 scales them (pixel
+    centres at integers, as ``reliev3r.geometry.resize_intrinsics``), a frame turned a quarter by
+    its Exif orientation gets them turned (``reliev3r.imaging.shown_intrinsics``), and a frame
+    that is not 4:3 as recorded gets none."""
+    import torch
+
+    from reliev3r import geometry, imaging
+
+    at = imaging.published_intrinsics([Path("frame-000000.color.png"), Path("frame-000001.color.jpg")])
+    np.testing.assert_allclose(at(0, 640, 480), imaging.SEVEN_SCENES_K)
+    half = geometry.resize_intrinsics(torch.as_tensor(imaging.SEVEN_SCENES_K), 0.5, 0.5).numpy()
+    np.testing.assert_allclose(at(0, 320, 240), half)
+    quarter = imaging.TRANSPOSE | imaging.FLIP_COLUMNS
+    np.testing.assert_allclose(at(quarter, 240, 320), imaging.shown_intrinsics(half, quarter, 240, 320))
+    assert at(0, 320, 180) is None and at(quarter, 320, 240) is None
+    assert imaging.published_intrinsics([Path("frame-000000.color.png"), Path("img.png")]) is None
