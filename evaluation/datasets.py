@@ -217,14 +217,23 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     indices = sorted(i for i in colour if (first is None or i >= first) and (last is None or i <= last))
     if not indices:
         raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg (or .png) frames in range")
-    path: Path | str = folder / "camera-intrinsics.txt"
-    if Path(path).is_file():
+    path = folder / "camera-intrinsics.txt"
+    published = None
+    if path.is_file():
         K = imaging.read_intrinsics(path)  # checked as a folder's: ValueError naming the file
-    else:
-        K, path = imaging.SEVEN_SCENES_K, f"{folder}: {imaging.PUBLISHED}"
+    else:  # at each frame's size (a copy resized keeping 4:3 scales them)
+        K, published = imaging.SEVEN_SCENES_K, imaging.published_intrinsics(list(colour.values()))
         log.info("%s: no camera-intrinsics.txt; 7-Scenes' published intrinsics (fx = fy = 585, cx = 320, cy = 240 "
                  "at 640x480) are taken", folder)
     turns = _Orientations(lambda k: colour[indices[k]])
+
+    def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
+        if published is None:
+            return _checked(imaging.shown_intrinsics(K, turns[k], w, h), path, w, h)
+        if (at := published(turns[k], w, h)) is None:
+            raise ValueError(f"{colour[indices[k]]}: {w}x{h}, not 4:3 as 7-Scenes' frames are: its published "
+                             f"intrinsics cannot be this frame's; give the folder a camera-intrinsics.txt")
+        return at
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
@@ -240,8 +249,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         pose = _turned_pose(pose.astype(np.float32), turns[k], colour[indices[k]])
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, pose
 
-    return Sequence(folder.name, len(indices), K, read,
-                    lambda k, h, w: _checked(imaging.shown_intrinsics(K, turns[k], w, h), path, w, h))
+    return Sequence(folder.name, len(indices), K, read, intrinsics_of)
 
 
 TRAJECTORY_NAMES = ("groundtruth.txt", "poses.txt", "trajectory.txt")

@@ -735,3 +735,8 @@ def test_the_official_7scenes_layout_is_read(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_windows(f"7scenes:{tmp_path / 'seq-02'}", views=3, height=48, width=64, windows=1, stride=1,
                      run_dir=tmp_path)
+    for k in range(3):  # a copy at half size: the published intrinsics scaled with it
+        frame = seq / f"frame-{k:06d}.color.png"
+        cv2.imwrite(str(frame), cv2.resize(cv2.imread(str(frame)), (320, 240), interpolation=cv2.INTER_AREA))
+    (w,) = load_windows(f"7scenes:{seq}", views=3, height=240, width=320, windows=1, stride=1, run_dir=tmp_path)
+    np.testing.assert_allclose(w.intrinsics[0], [[292.5, 0, 159.75], [0, 292.5, 119.75], [0, 0, 1]], atol=1e-4)
