@@ -165,7 +165,13 @@ class Supervisor:
         return self.cfg.labeler.teacher == "none" and self.cfg.learner.loss.kind != "supervised"
 
     def start_line(self) -> str:
-        """What ``up`` says as it starts: the run folder, the teacher, the refresh, the end."""
+        """What ``up`` says as it starts: the run folder, the teacher, the refresh, what the
+        snapshots are scored on (with the keys that score a run on its own footage's ground truth
+        where it streams footage and is scored on the synthetic world), the end."""
+        data = self.cfg.evaluator.data
+        scored = f", scored on {data}" + (
+            " (the synthetic world, not your sources: evaluator.data=7scenes:DIR or folder:DIR scores on their "
+            "ground truth)" if self.cfg.streamer.sources and data.split(":")[0] == "synthetic" else "")
         return (f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
                 f"teacher {self.cfg.labeler.teacher}"
                 + (" (depth loss off)" if self.depth_loss_off else "")
@@ -175,6 +181,7 @@ class Supervisor:
                    if self.cfg.labeler.refresh_step and not self.cfg.refreshes_teacher else "")
                 + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
                    if self.cfg.learner.init else "")
+                + scored
                 + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
 
     # ------------------------------------------------------------------ main loop

@@ -1130,3 +1130,24 @@ def test_the_run_s_config_and_processes_are_written_durably(tmp_path, folder_fsy
     finally:
         sup.metrics.close()
     assert (True, False) in flushed and (True, True) in flushed
+
+
+def test_the_start_line_says_what_snapshots_are_scored_on_and_how_to_score_your_own_footage(tmp_path):
+    """A run on one's own footage is scored on the held-out synthetic world unless
+    ``evaluator.data`` names ground truth: ``up`` says it as it starts, with the keys to set,
+    where the sources are not the synthetic world; and names the dataset otherwise."""
+    from reliev3r.supervisor import Supervisor
+
+    said = {}
+    for name, extra in {"synthetic": [], "footage": ["streamer.sources=[/data/clips]"],
+                        "kitchen": ["streamer.sources=[/data/clips]", "evaluator.data=7scenes:/data/kitchen"]}.items():
+        cfg = cli.load_config(cli.parse_args(["up", f"run.dir={tmp_path / name}", *extra]))
+        sup = Supervisor(cfg, out=io.StringIO())
+        try:
+            said[name] = sup.start_line()
+        finally:
+            sup.metrics.close()
+    assert "scored on synthetic" in said["synthetic"] and "evaluator.data=" not in said["synthetic"]
+    assert ("scored on synthetic (the synthetic world, not your sources: evaluator.data=7scenes:DIR or "
+            "folder:DIR scores on their ground truth)") in said["footage"]
+    assert "scored on 7scenes:/data/kitchen" in said["kitchen"] and "not your sources" not in said["kitchen"]
