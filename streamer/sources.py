@@ -1052,6 +1052,7 @@ class ImageSequenceSource:
         self.depth_scale = depth_scale
         self.position = 0
         self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:func:`_pose_lost`)
+        self._has_poses: bool | None = None  # whether the frames' folder has pose files (:meth:`_pose`)
         self.files = imaging.frame_files(self.path)
         self.intrinsics = None
         self.intrinsics_file = imaging.intrinsics_file(self.path)
@@ -1131,11 +1132,14 @@ class ImageSequenceSource:
         optical axis: ``reliev3r.imaging.orient_pose``). None where there is none; for a file that
         is no pose (``reliev3r.imaging.read_pose``: not 16 numbers, not finite, no rotation, a last
         row other than 0 0 0 1) or unreadable, reported as ``bad_pose``; and for a frame its
-        orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``. The frame
-        streams without it (:func:`_pose_lost`)."""
+        orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``; for a frame
+        without one among frames with one (a folder of pose files), reported as ``no_pose``. The
+        frame streams without it (:func:`_pose_lost`)."""
         pose_file = file.with_name(f"{_frame_stem(file)}.pose.txt")
         if not pose_file.is_file():
-            return None
+            if self._has_poses is None:  # looked up once, when a frame without one is first asked for
+                self._has_poses = any(file.parent.glob("*.pose.txt"))
+            return self._pose_lost("no_pose", f"{pose_file}: not there") if self._has_poses else None
         try:
             pose = imaging.read_pose(pose_file)
         except ValueError as err:  # named with its file

@@ -1273,3 +1273,29 @@ def test_7scenes_published_intrinsics_follow_a_resized_copy_and_an_exif_turn():
     np.testing.assert_allclose(at(quarter, 240, 320), imaging.shown_intrinsics(half, quarter, 240, 320))
     assert at(0, 320, 180) is None and at(quarter, 320, 240) is None
     assert imaging.published_intrinsics([Path("frame-000000.color.png"), Path("img.png")]) is None
+
+
+def test_a_frame_without_a_pose_file_among_frames_with_one_is_reported_once_named(tmp_path):
+    """In a folder of per-frame pose files, a frame with none streams without a pose, reported as
+    ``no_pose`` (counted each, the first named in every report: said once), as eval and
+    reconstruct say it; a folder with no pose file at all says nothing. Before, unsaid."""
+    import cv2
+
+    from streamer_media import texture
+
+    ok, data = cv2.imencode(".jpg", texture(64, 48))
+    for k in range(4):
+        Path(tmp_path / f"frame-{k:06d}.color.jpg").write_bytes(data.tobytes())
+        if k != 1 and k != 3:
+            np.savetxt(tmp_path / f"frame-{k:06d}.pose.txt", np.eye(4))
+    errors = Errors()
+    frames = list(ImageSequenceSource(tmp_path, on_error=errors).frames())
+    assert [f.gt_cam_to_world is not None for f in frames] == [True, False, True, False]
+    assert errors.reasons() == ["no_pose"] * 2
+    (said,) = {d for _, _, d in errors}
+    assert "frame-000001.pose.txt" in said
+    for k in (0, 2):
+        (tmp_path / f"frame-{k:06d}.pose.txt").unlink()
+    errors = Errors()
+    frames = list(ImageSequenceSource(tmp_path, on_error=errors).frames())
+    assert all(f.gt_cam_to_world is None for f in frames) and not errors
