@@ -43,12 +43,7 @@ def local_rank() -> int:
     The one reader of it: it picks a learner rank's GPU (``cuda``, :data:`DEVICE`) and its
     metrics port (``monitoring.ports.learner`` plus it). A value that is no rank (``one``,
     ``-1``) is a ``ValueError`` naming the variable."""
-    value = os.environ.get("LOCAL_RANK")
-    if value is None:
-        return 0
-    if not value.strip().isdecimal():
-        raise ValueError(f"LOCAL_RANK must be a rank (an integer >= 0, as torchrun sets it), got {value!r}")
-    return int(value)
+    return _torchrun_count("LOCAL_RANK", 0, "a rank")
 
 
 def world_size() -> int:
@@ -56,11 +51,17 @@ def world_size() -> int:
     of it: above 1, a learner rank joins the process group (``learner.train.init_distributed``).
     A value that is no count of ranks (``two``, ``0``, ``-1``) is a ``ValueError`` naming the
     variable."""
-    value = os.environ.get("WORLD_SIZE")
+    return _torchrun_count("WORLD_SIZE", 1, "a count of ranks")
+
+
+def _torchrun_count(name: str, least: int, what: str) -> int:
+    """The integer torchrun sets in the environment variable ``name``, ``least`` where unset;
+    ValueError naming it where it is no integer >= ``least``."""
+    value = os.environ.get(name)
     if value is None:
-        return 1
-    if not value.strip().isdecimal() or int(value) < 1:
-        raise ValueError(f"WORLD_SIZE must be a count of ranks (an integer >= 1, as torchrun sets it), got {value!r}")
+        return least
+    if not value.strip().isdecimal() or int(value) < least:
+        raise ValueError(f"{name} must be {what} (an integer >= {least}, as torchrun sets it), got {value!r}")
     return int(value)
 
 
