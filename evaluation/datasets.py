@@ -50,7 +50,6 @@ Images, depth and intrinsics are fitted to the model's input size by
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -213,7 +212,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     colour = {int(m.group(1)): p for p in folder.glob("frame-*.color.*")
-              if (m := re.fullmatch(r"frame-(\d+)\.color\.(?:jpg|png)", p.name))}
+              if (m := imaging.SEVEN_SCENES_FRAME.fullmatch(p.name))}
     indices = sorted(i for i in colour if (first is None or i >= first) and (last is None or i <= last))
     if not indices:
         raise FileNotFoundError(f"{folder}: no frame-NNNNNN.color.jpg (or .png) frames in range")
@@ -320,9 +319,11 @@ def match_trajectory(trajectory: Path, lines: tuple[np.ndarray, np.ndarray, dict
 
 
 def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, *,
-                 trajectory: Path | None = None) -> list[np.ndarray | BadPose | None]:
-    """Per-image cam_to_world [4,4] from a TUM trajectory (``trajectory``, else the folder's
-    own) or per-frame 4x4 files, of the images ``keep`` indexes (default all): None where an
+                 trajectory: tuple[Path, tuple[np.ndarray, np.ndarray, dict[int, str]]] | None = None
+                 ) -> list[np.ndarray | BadPose | None]:
+    """Per-image cam_to_world [4,4] from a TUM trajectory (``trajectory``: its path and its lines
+    as ``evaluation.tum.read_tum_lines`` read them, else the folder's own) or per-frame 4x4 files,
+    of the images ``keep`` indexes (default all): None where an
     image has none, :class:`BadPose` where its pose file (``reliev3r.imaging.read_pose``) or its
     trajectory line (``evaluation.tum.read_tum_lines``) is no pose, so that one bad file or line
     costs its frame's windows, not the folder. A trajectory is matched by
@@ -330,15 +331,15 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, 
     order to all ``images``. Kept images without a pose file among kept ones with one go
     without, said once: how many, and the first."""
     keep = list(range(len(images))) if keep is None else list(keep)
-    trajectories = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
-    if trajectory is not None:
-        trajectories = [trajectory]
-    if trajectories:
-        from evaluation.tum import read_tum_lines
+    if trajectory is None:
+        own = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
+        if own:
+            from evaluation.tum import read_tum_lines
 
+            trajectory = own[0], read_tum_lines(own[0])
+    if trajectory is not None:
         kept = [images[k] for k in keep]
-        return match_trajectory(trajectories[0], read_tum_lines(trajectories[0]), _timestamps(kept), keep,
-                                len(images), [p.name for p in kept])
+        return match_trajectory(*trajectory, _timestamps(kept), keep, len(images), [p.name for p in kept])
     out, missing = [], []
     for image in (images[k] for k in keep):
         base = _frame_base(image)

@@ -110,8 +110,9 @@ def intrinsics_file(folder: Path) -> Path | None:
 SEVEN_SCENES_K = np.array([[585.0, 0.0, 320.0], [0.0, 585.0, 240.0], [0.0, 0.0, 1.0]])
 """The intrinsics 7-Scenes publishes for every sequence (its 640x480 Kinect colour frames), of
 the camera as it records; Microsoft's download ships them in no file."""
-SEVEN_SCENES_FRAME = re.compile(r"frame-\d+\.color\.(?:jpg|png)")
-"""How 7-Scenes names a colour frame (``frame-000000.color.png``; ``.jpg`` in some copies)."""
+SEVEN_SCENES_FRAME = re.compile(r"frame-(\d+)\.color\.(?:jpg|png)")
+"""How 7-Scenes names a colour frame (``frame-000000.color.png``; ``.jpg`` in some copies), its
+number the group."""
 
 
 def published_intrinsics(files: list[Path]) -> Callable[[int, int, int], np.ndarray | None] | None:
