@@ -178,7 +178,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
         # a trajectory matched by order: to every frame of the folder
-        gt = _without_bad(folder_poses(path, every, picked, trajectory=gt_poses))
+        given = (gt_poses, lines) if lines is not None else None  # read once, above
+        gt = _without_bad(folder_poses(path, every, picked, trajectory=given))
         return FrameStream(images(), K, gt, len(files))
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
