@@ -1,13 +1,15 @@
 """Durable writes, shared by the snapshots, the output swap, the streamer's progress file, the
 evaluator's results and pictures, the report page, the studies' datasets and curves, the synthetic
-world's videos and ground truth and the embedded teacher's weights and meta.
+world's videos and ground truth, the embedded teacher's weights and meta and the CURVE key files.
 
 :func:`fsync` flushes a file or a folder to disk by its path (a folder: the names made, renamed
 or removed in it, so a rename survives a power loss once its folder is fsynced).
 :func:`write` writes a file atomically and durably: the text or bytes into a temporary file,
 fsynced, renamed over the file, then the file's folder fsynced, so a reader sees the earlier file
 or the new one whole, never a part, and once it returns the new one survives a power loss
-(without the folder's fsync the earlier file may stand again after one).
+(without the folder's fsync the earlier file may stand again after one). It makes the file with
+a given mode where asked (a secret key's 0600, from its first byte on), and leaves the folder's
+fsync to a caller that writes several files into one folder and fsyncs it once after the last.
 """
 
 from __future__ import annotations
@@ -25,13 +27,35 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def write(path: str | Path, data: str | bytes | memoryview, *, tmp: str | Path) -> None:
+def write(path: str | Path, data: str | bytes | memoryview, *, tmp: str | Path, mode: int | None = None,
+          fsync_folder: bool = True) -> None:
     """Write ``data`` (text, as UTF-8, or bytes) to ``path`` atomically through the temporary
     file ``tmp`` (on the same file system, replaced if there): written, fsynced, renamed to
-    ``path``, and the folder of ``path`` fsynced after the rename."""
-    with open(tmp, "wb") as f:
+    ``path``, and the folder of ``path`` fsynced after the rename.
+
+    ``mode`` (e.g. 0o600 for a secret): ``tmp`` is made afresh with it (one there is removed
+    first, never written into), set to it whatever the umask before a byte is written, so the
+    file has it from its first byte on; without it the file gets the umask's default mode.
+    ``fsync_folder=False`` leaves the folder's fsync to the caller, who writes several files
+    into it and fsyncs it once after the last (until then a power loss may undo the rename)."""
+    if mode is None:
+        f = open(tmp, "wb")
+    else:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the umask may narrow it: set below
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        f = open(fd, "wb")
+    with f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync(Path(path).parent)
+    if fsync_folder:
+        fsync(Path(path).parent)

@@ -1,6 +1,9 @@
 """``reliev3r.durable``: the atomic write and the fsync the snapshots, the output swap, the
 streamer's progress file, the evaluator's results and the studies' datasets share."""
 
+import os
+import stat
+
 import pytest
 
 from reliev3r import durable
@@ -37,7 +40,6 @@ def test_write_fsyncs_the_folder_after_the_rename(tmp_path, folder_fsyncs):
     assert flushed and flushed[-1] == "new"  # flushed after the rename, not only before it
 
 
-
 def test_write_takes_bytes_or_text_and_writes_bytes_as_they_are(tmp_path, folder_fsyncs):
     """The studies' ``.npz`` files (a dataset's cache, a fresh window) go through the one writer
     too: bytes, or a buffer such as ``io.BytesIO.getbuffer()``, written unchanged."""
@@ -50,3 +52,43 @@ def test_write_takes_bytes_or_text_and_writes_bytes_as_they_are(tmp_path, folder
     assert path.read_bytes() == b"a buffer"
     durable.write(path, "tëxt", tmp=tmp)
     assert path.read_bytes() == "tëxt".encode()  # text as UTF-8, whatever the locale
+
+
+def test_write_with_a_mode_makes_its_temporary_file_afresh_with_that_mode_whatever_the_umask(tmp_path, monkeypatch):
+    """A key's secret goes through ``write`` too, and is never readable by others, not even in its
+    temporary file: with ``mode`` the temporary file is made afresh (one left there, of another
+    mode, is not written into) with that mode, set whatever the umask before a byte is written,
+    and the file renamed into place has it."""
+    path, tmp, held = tmp_path / "server.key_secret", tmp_path / "server.key_secret.tmp", tmp_path / "held"
+    renamed, real = [], os.replace
+
+    def replace(src, dst):
+        st = os.stat(src)
+        renamed.append((stat.S_IMODE(st.st_mode), st.st_ino != held.stat().st_ino))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    for mode, umask in ((0o600, 0), (0o644, 0o077), (0o600, 0o022)):
+        tmp.write_text("left by a killed writer")
+        tmp.chmod(0o666)
+        held.unlink(missing_ok=True)
+        os.link(tmp, held)  # the stale file, kept to see whether it was written into
+        old = os.umask(umask)
+        try:
+            durable.write(path, f"secret {mode:o}", tmp=tmp, mode=mode)
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(path.stat().st_mode) == mode and path.read_text() == f"secret {mode:o}"
+        assert renamed[-1] == (mode, True) and not tmp.exists()
+        assert held.read_text() == "left by a killed writer" and stat.S_IMODE(held.stat().st_mode) == 0o666
+
+
+def test_write_leaves_the_folder_to_its_caller_when_asked(tmp_path, folder_fsyncs, fsynced):
+    """A caller writing several files into one folder (the evaluator's pictures) flushes the
+    folder once after the last: each file's bytes are still flushed before its rename."""
+    path = tmp_path / "a.png"
+    flushed = folder_fsyncs(tmp_path, path.exists)
+    durable.write(path, b"picture", tmp=tmp_path / "a.png.tmp", fsync_folder=False)
+    assert path.read_bytes() == b"picture" and path in fsynced and flushed == []
+    durable.write(path, b"again", tmp=tmp_path / "a.png.tmp")
+    assert flushed == [True]
