@@ -9,7 +9,9 @@ refused before any message is delivered, and every refusal is counted in
 the server's public key. With ``enabled: false`` both helpers do nothing.
 
 Keys are ZeroMQ certificate files (the czmq layout pyzmq's ``zmq.auth`` reads): ``NAME.key``
-holds the public key, ``NAME.key_secret`` both keys and is written with mode 0600.
+holds the public key, ``NAME.key_secret`` both keys and is written with mode 0600. Each file
+is replaced whole and durably (``reliev3r.durable.write``): a write cut short leaves the earlier
+key, and a secret's temporary file has mode 0600 from its first byte on.
 ``reliev3r keys --out DIR`` writes::
 
     DIR/server.key  DIR/server.key_secret  DIR/client.key  DIR/client.key_secret
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import threading
 import weakref
@@ -34,6 +35,7 @@ import zmq
 from zmq.auth.certs import load_certificate
 from zmq.auth.thread import ThreadAuthenticator
 
+from reliev3r import durable
 from reliev3r.config_base import CurveConfig  # re-exported
 
 _log = logging.getLogger(__name__)
@@ -56,19 +58,25 @@ def _write_cert(path: Path, public: bytes, secret: bytes | None) -> None:
              "", "metadata", "curve", f'    public-key = "{public.decode()}"']
     if secret:
         lines.append(f'    secret-key = "{secret.decode()}"')
-    mode = 0o600 if secret else 0o644
-    # Created with its final mode: a secret key is never readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chmod(path, mode)  # O_CREAT's mode is masked by umask and ignored for existing files
+    _write_key("\n".join(lines) + "\n", path, secret=bool(secret))
+
+
+def _write_key(text: str, path: Path, *, secret: bool) -> None:
+    """``text`` to the key file ``path``, replaced whole (a write cut short leaves the earlier key)
+    and durably, with its mode from its temporary file's first byte on (0600 for a secret: never
+    readable by others, not even briefly; 0644 for a public key), whatever the umask."""
+    durable.write(path, text, tmp=path.with_name(f"{path.name}.tmp"), mode=0o600 if secret else 0o644)
 
 
 def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
                   overwrite: bool = False) -> dict[str, Path]:
     """Write a server key pair and one key pair per client name into ``folder``, and every
     client's public key into ``folder/authorized_clients``. Returns name -> file path
-    (``server``, ``server_secret``, ``<client>``, ``<client>_secret``)."""
+    (``server``, ``server_secret``, ``<client>``, ``<client>_secret``).
+
+    Each file is replaced whole and durably, one after the other: where a write fails (OSError,
+    e.g. a full disk) the files before it are new and the rest as they were, so a key pair may
+    not match until the keys are written again."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -88,7 +96,7 @@ def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
         written[name] = folder / f"{name}.key"
         written[f"{name}_secret"] = folder / f"{name}.key_secret"
         if name != "server":
-            shutil.copyfile(folder / f"{name}.key", allowed / f"{name}.key")
+            _write_key((folder / f"{name}.key").read_text(), allowed / f"{name}.key", secret=False)
     return written
 
 

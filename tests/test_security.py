@@ -3,8 +3,12 @@ through and are counted."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -66,6 +70,57 @@ def test_generate_keys_modes_and_layout(tmp_path):
     assert "secret-key" not in files["server"].read_text()
     with pytest.raises(FileExistsError):
         generate_keys(tmp_path / "k")
+
+
+def test_keys_replaced_by_a_write_cut_short_stay_whole(tmp_path):
+    """A key file was truncated and written in place: a write cut short (a full disk, a crash)
+    left it cut, and ``overwrite=True`` destroyed the old key before the new one was whole. A
+    process whose files may not grow past 100 bytes (the disk full early) fails to replace the
+    keys, says so, and leaves every key file as it was."""
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    before = {p: p.read_bytes() for p in keys.rglob("*.key*")}
+    code = ("import resource, signal, sys\n"
+            "from reliev3r.security import generate_keys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            "generate_keys(sys.argv[1], overwrite=True)\n")
+    cut = subprocess.run([sys.executable, "-c", code, str(keys)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert cut.returncode == 1 and "File too large" in cut.stderr, cut.stderr
+    assert {p: p.read_bytes() for p in keys.rglob("*.key*") if not p.name.endswith(".tmp")} == before
+    assert CurveConfig.from_folder(keys).enabled
+
+
+def test_keys_are_renamed_into_place_durably_and_a_secret_is_never_readable_by_others(tmp_path, monkeypatch,
+                                                                                      folder_fsyncs):
+    """Every key file is renamed into place whole, with its mode (0600 for a secret, the temporary
+    file too, whatever the umask), and its folder flushed once it names the new file, so a
+    power loss brings back neither a part nor, for a secret, an earlier key."""
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    before = {p: p.read_bytes() for p in keys.rglob("*.key*")}
+    renamed, real = {}, os.replace
+
+    def replace(src, dst):
+        renamed[Path(dst)] = stat.S_IMODE(os.stat(src).st_mode)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    seen = lambda: {p for p in before if p.read_bytes() != before[p]}  # noqa: E731 - the files replaced so far
+    flushed = folder_fsyncs(keys, seen)
+    allowed = folder_fsyncs(keys / "authorized_clients", seen)
+    old = os.umask(0o077)
+    try:
+        files = generate_keys(keys, overwrite=True)
+    finally:
+        os.umask(old)
+    assert renamed == {**{files[n]: 0o644 for n in ("server", "client")},
+                       **{files[n]: 0o600 for n in ("server_secret", "client_secret")},
+                       keys / "authorized_clients" / "client.key": 0o644}
+    assert flushed and flushed[-1] == {files[n] for n in ("server", "server_secret", "client", "client_secret")}
+    assert allowed and allowed[-1] == set(before)  # the authorised copy last
+    assert not list(keys.rglob("*.tmp"))
 
 
 def test_keys_command(tmp_path, capsys):
