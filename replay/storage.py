@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from reliev3r import protocol
+from reliev3r import durable, protocol
 from reliev3r.recent import Recent
 
 log = logging.getLogger("reliev3r.replay.storage")
@@ -353,6 +353,7 @@ class DiskStorage(Storage):
             for suffix in ("", "-wal", "-shm"):
                 if Path(f"{self.path}{suffix}").exists():
                     os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            durable.fsync(self.folder)  # aside for good before the new database takes the name
             log.error("replay database damaged: moved aside, starting empty",
                       extra={"path": str(aside), "detail": str(err)})
             super().__init__()

@@ -669,6 +669,22 @@ def test_a_database_that_is_not_one_is_moved_aside_and_the_buffer_starts_empty(m
     assert [k.read_bytes()[:14] for k in kept if not k.name.endswith(("-wal", "-shm"))] == [b"not a database"]
 
 
+def test_a_damaged_database_moved_aside_stays_aside_after_a_power_loss(make_insert, tmp_path, folder_fsyncs):
+    """The damaged database was renamed aside without its folder flushed: after a power loss it
+    could stand again under its own name (and the new store's first windows be lost with it).
+    The folder is flushed once it names the file aside, before the new database is made."""
+    storage = DiskStorage(tmp_path)
+    storage.put("w0", encode_window(make_insert(0)), shape=(2, 16, 16, 3))
+    storage.close()
+    (tmp_path / "replay.sqlite").write_bytes(b"not a database" * 500)
+    flushed = folder_fsyncs(tmp_path, lambda: ((tmp_path / "replay.sqlite").exists(),
+                                               len(list(tmp_path.glob("replay.sqlite.damaged-*")))))
+    storage = DiskStorage(tmp_path)
+    assert len(storage) == 0
+    storage.close()
+    assert flushed and flushed[0] == (False, 1)  # aside, and the new database not made yet
+
+
 def test_sum_tree_prioritized_sampler_matches_its_weights():
     from replay.sampler import SumTree
 
