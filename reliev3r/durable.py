@@ -1,7 +1,7 @@
 """Durable writes, shared by the snapshots, the output swap, the streamer's progress file, the
-evaluator's results and pictures, the report page, the studies' datasets and curves, the synthetic
-world's videos and ground truth, the embedded teacher's weights and meta, the CURVE key files
-and the replay's damaged database moved aside.
+evaluator's results and pictures, the report page, the studies' datasets, curves and tables,
+the synthetic world's videos and ground truth, the embedded teacher's weights and meta (and the
+7-Scenes score recorded in it), the CURVE key files and the replay's damaged database moved aside.
 
 :func:`fsync` flushes a file or a folder to disk by its path (a folder: the names made, renamed
 or removed in it, so a rename survives a power loss once its folder is fsynced).

@@ -10,9 +10,10 @@ and after median scaling (``med``), averaged over frames; Kinect holes (depth 0)
 ``--data`` and ``--pydnet`` default to ``$RELIEV3R_SHARED/data/7scenes-redkitchen`` and
 ``$RELIEV3R_SHARED/models/pydnet++.tflite`` (``RELIEV3R_SHARED``: default ``../shared``).
 
-``--record`` writes the result into the weights' JSON meta (``metrics.7scenes``), so the
-numbers travel with the weights and the recipe that produced them. Runs on CPU (PyDNet++
-needs ``ai-edge-litert``; it is skipped with a note when absent).
+``--record`` writes the result into the weights' JSON meta (``metrics.7scenes``; the meta
+replaced whole and durably, ``reliev3r.durable.write``), so the numbers travel with the weights
+and the recipe that produced them. Runs on CPU (PyDNet++ needs ``ai-edge-litert``; it is
+skipped with a note when absent).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from evaluation.datasets import sevenscenes_sequence
 from evaluation.metrics import depth_metrics
 from labelers.depth import make_teacher
 from labelers.embedded import WEIGHTS, EmbeddedTeacher
+from reliev3r import durable
 
 SHARED = Path(os.environ.get("RELIEV3R_SHARED", "../shared"))
 """Where the data sets and models live unless ``--data``/``--pydnet`` say otherwise."""
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "studies/embedded_teacher_7scenes.py",
             "results": results,
         }
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        durable.write(meta_path, json.dumps(meta, indent=2) + "\n", tmp=meta_path.with_suffix(".json.tmp"))
         print(f"recorded in {meta_path}")
     return 0
 

@@ -25,7 +25,7 @@
 
 Writes ``<out>/curve.json`` (config, dataset stats, baseline, a row per evaluation and
 running means of the train loss terms; replaced atomically and durably at each evaluation,
-``reliev3r.durable.write``) and ``<out>/table.md``; prints the table last.
+``reliev3r.durable.write``) and ``<out>/table.md`` (so too, at the end); prints the table last.
 This module imports neither pyzmq nor PyAV at module level (GPU hosts may lack both).
 """
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.final_ema is not None:
         rows[f"{cfg.loss.kind}, EMA {cfg.ema_decay} (step {result.steps})"] = result.final_ema
     table = format_table(rows)
-    (out / "table.md").write_text(table + "\n")
+    durable.write(out / "table.md", table + "\n", tmp=out / "table.md.tmp")
     print(f"{result.steps} steps in {result.seconds:.0f} s\n{table}")
     return 0
 

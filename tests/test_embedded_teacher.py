@@ -5,6 +5,7 @@ recipe (``reliev3r teacher-train``) trains a tiny net on CPU and writes loadable
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import numpy as np
@@ -15,6 +16,7 @@ from labelers.depth import make_teacher
 from labelers.embedded import (META, WEIGHTS, EmbeddedDepthNet, EmbeddedTeacher, input_size_for, save_weights,
                                weights_digest)
 from reliev3r.synthetic import render_scene
+from tests.tiny_snapshot import SHARED
 
 
 @pytest.fixture
@@ -134,6 +136,27 @@ def test_a_teacher_survives_a_power_loss_weights_first(tmp_path, folder_fsyncs, 
     save_weights(EmbeddedDepthNet((8, 8)), weights, {"steps": 0})
     assert json.loads(meta.read_text())["version"] == weights_digest(weights)
     assert flushed and flushed[0] == (True, False) and flushed[-1] == (True, True)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "7scenes-redkitchen").is_dir(), reason="7-Scenes absent (shared data)")
+def test_a_7scenes_score_is_recorded_in_the_meta_whole_and_durably(tmp_path, folder_fsyncs, fsynced, capsys):
+    """``studies.embedded_teacher_7scenes --record`` rewrote the weights' meta in place, unflushed:
+    a crash could leave a part of it (the teacher's meta no longer reads), a power loss the
+    earlier one. The meta is renamed into place once its bytes are flushed, and the folder
+    flushed once it names it."""
+    from studies.embedded_teacher_7scenes import main
+
+    weights, meta = tmp_path / "embedded_depth.safetensors", tmp_path / "embedded_depth.json"
+    shutil.copyfile(WEIGHTS, weights)
+    shutil.copyfile(META, meta)
+    before = json.loads(meta.read_text())
+    flushed = folder_fsyncs(tmp_path, lambda: meta in fsynced and "7scenes" in json.loads(meta.read_text())
+                            .get("metrics", {}))
+    assert main(["--data", str(SHARED / "data" / "7scenes-redkitchen"), "--pydnet", str(tmp_path / "absent"),
+                 "--weights", str(weights), "--first", "0", "--last", "0", "--threads", "1", "--record"]) == 0
+    after = json.loads(meta.read_text())
+    assert after["metrics"]["7scenes"]["data"].endswith("(1 frames)") and after["version"] == before["version"]
+    assert flushed == [True] and not list(tmp_path.glob("*.tmp"))
 
 
 def test_rendering_stops_at_its_deadline_after_a_group_of_views(tmp_path):

@@ -176,6 +176,26 @@ def test_the_curve_survives_a_power_loss_once_written(dataset, tmp_path, folder_
     assert flushed and flushed[0] == 1 and flushed[-1] == 2  # each row's curve flushed as it is written
 
 
+def test_the_study_s_table_is_written_whole_and_survives_a_power_loss(tmp_path, folder_fsyncs, fsynced):
+    """``python -m studies.study`` wrote ``table.md`` in place, unflushed: a crash could leave a
+    part of it, a power loss none. It is renamed into place once its bytes are flushed, and the
+    folder flushed once it names it."""
+    from studies.study import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    table = out / "table.md"
+    flushed = folder_fsyncs(out, lambda: table.is_file() and table in fsynced)
+    spec = "synthetic:" + ",".join(f"{k}={v}" for k, v in SPEC.items() if k not in ("views", "height", "width"))
+    assert main(["--train", spec, "--eval", spec, "--views", "3", "--height", "24", "--width", "32",
+                 "--stride", "3", "--steps", "1", "--eval-every", "0", "--eval-windows", "1", "--workers", "1",
+                 "--cache", str(tmp_path / "cache"), "--device", "cpu", "--set", "batch_size=1",
+                 "--out", str(out)]) == 0
+    assert table.read_text().startswith("| run |") and not list(out.glob("*.tmp"))
+    assert flushed and flushed[-1] is True
+
+
 def test_study_resumes_from_its_final_snapshot_and_stops_at_max_steps(dataset, tmp_path):
     # A long study split over several processes (device calls): each ends with a snapshot, the
     # next resumes it, and max_steps counts the run's steps, not the process's.
