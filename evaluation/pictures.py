@@ -101,11 +101,12 @@ def trajectory_picture(tracks: list[tuple[np.ndarray, np.ndarray]], *, size: int
 
 
 def _write_png(path: Path, picture: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    if not imaging.write_image(tmp, picture):
-        raise OSError(f"{path}: cannot write PNG")
-    durable.fsync(tmp)
-    tmp.replace(path)
+    """``picture`` to ``path`` as a PNG, whole (``reliev3r.durable.write``); its folder is left
+    to the caller, who fsyncs it once after the last picture."""
+    encoded = imaging.encode_image(picture, ".png")
+    if encoded is None:
+        raise OSError(f"{path}: cannot encode PNG")
+    durable.write(path, encoded, tmp=path.with_name(path.name + ".tmp.png"), fsync_folder=False)
 
 
 def write_pictures(out_dir: Path, stem: str, predictions: list[tuple[EvalWindow, np.ndarray, np.ndarray]],

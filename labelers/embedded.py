@@ -110,17 +110,14 @@ def save_weights(model: EmbeddedDepthNet, path: Path, meta: dict) -> None:
     their bytes fsynced, renamed into place and the folder fsynced before the meta is written
     (``reliev3r.durable.write``), so that after a power loss the meta, the mark of a whole
     teacher, never stands without the weights whose digest it records."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": str(FORMAT), "widths": json.dumps(list(model.widths))})
-    tmp.chmod(0o644)  # package data: readable by everyone who installs it
-    durable.fsync(tmp)
-    tmp.replace(path)
-    durable.fsync(path.parent)
+    data = save(tensors, metadata={"format": str(FORMAT), "widths": json.dumps(list(model.widths))})
+    # mode 0644, whatever the umask: package data, readable by everyone who installs it
+    durable.write(path, data, tmp=path.with_suffix(".tmp"), mode=0o644)
     meta = {"format": FORMAT, "widths": list(model.widths), **meta, "version": weights_digest(path)}
     durable.write(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n", tmp=path.with_suffix(".json.tmp"))
 

@@ -13,7 +13,7 @@ dataset publishes: :func:`published_intrinsics`,
 :func:`read_intrinsics`, checked against the frames by :func:`intrinsics_mismatch`), a frame's
 ground-truth pose file (:func:`read_pose`; every ground-truth pose is checked by
 :func:`pose_problem`), and images read and written as bytes
-(:func:`read_image`, :func:`write_image`).
+(:func:`read_image`, :func:`write_image`, :func:`encode_image`).
 """
 
 from __future__ import annotations
@@ -84,14 +84,21 @@ def read_image_and_orientation(path: str | Path, flags: int = cv2.IMREAD_COLOR) 
     return cv2.imdecode(data, flags), image_orientation(data[:ORIENTATION_HEAD].tobytes())
 
 
+def encode_image(image: np.ndarray, suffix: str) -> bytes | None:
+    """The bytes of ``image`` (BGR, or grey, as ``cv2.imwrite`` takes it) encoded as a file with
+    ``suffix`` (``.png``, ``.jpg``) is; None where it cannot be."""
+    ok, encoded = cv2.imencode(suffix, image)
+    return encoded.tobytes() if ok else None
+
+
 def write_image(path: str | Path, image: np.ndarray) -> bool:
     """``cv2.imwrite(path, image)`` for any path (:func:`read_image`): encoded by the file's
-    suffix, then written; False where it cannot be."""
-    ok, encoded = cv2.imencode(Path(path).suffix, image)
-    if not ok:
+    suffix (:func:`encode_image`), then written; False where it cannot be."""
+    encoded = encode_image(image, Path(path).suffix)
+    if encoded is None:
         return False
     try:
-        encoded.tofile(path)
+        Path(path).write_bytes(encoded)
     except OSError:
         return False
     return True

@@ -5,8 +5,10 @@ recipe (``reliev3r teacher-train``) trains a tiny net on CPU and writes loadable
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import stat
 
 import numpy as np
 import pytest
@@ -133,9 +135,14 @@ def test_a_teacher_survives_a_power_loss_weights_first(tmp_path, folder_fsyncs, 
     weights.parent.mkdir()
     flushed = folder_fsyncs(weights.parent, lambda: (weights.is_file() and weights in fsynced,
                                                      meta.is_file() and meta in fsynced))
-    save_weights(EmbeddedDepthNet((8, 8)), weights, {"steps": 0})
+    old = os.umask(0o077)
+    try:
+        save_weights(EmbeddedDepthNet((8, 8)), weights, {"steps": 0})
+    finally:
+        os.umask(old)
     assert json.loads(meta.read_text())["version"] == weights_digest(weights)
     assert flushed and flushed[0] == (True, False) and flushed[-1] == (True, True)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644  # package data, whatever the umask
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "7scenes-redkitchen").is_dir(), reason="7-Scenes absent (shared data)")
