@@ -507,8 +507,6 @@ class VideoSource:
     the ground truth stored beside it (``reliev3r.synthetic.load_ground_truth``); a frame whose
     stored pose is no pose streams without one, reported as ``bad_pose`` when a view asks for it."""
 
-    _pose_lost = _pose_lost
-
     def __init__(self, path: Path, *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
                  decode_threads: int = 0, ground_truth: bool = True, decoder: str = "cpu"):
         """``ground_truth=False``: frames carry no depth or pose even where the video has them (a
@@ -728,7 +726,7 @@ class VideoSource:
         if not self.ground_truth or self.gt is None or index >= len(self.gt.depth):
             return None, None
         if index in self.gt.bad_poses:  # reported when a view asks for the pose (most frames never become views)
-            pose = functools.partial(self._pose_lost, "bad_pose", self.gt.bad_poses[index])
+            pose = functools.partial(_pose_lost, self, "bad_pose", self.gt.bad_poses[index])
         else:
             pose = np.asarray(self.gt.cam_to_world[index], dtype=np.float64)
         return np.asarray(self.gt.depth[index], dtype=np.float32), pose
@@ -1139,19 +1137,17 @@ class ImageSequenceSource:
         if not pose_file.is_file():
             if self._has_poses is None:  # looked up once, when a frame without one is first asked for
                 self._has_poses = any(file.parent.glob("*.pose.txt"))
-            return self._pose_lost("no_pose", f"{pose_file}: not there") if self._has_poses else None
+            return _pose_lost(self, "no_pose", f"{pose_file}: not there") if self._has_poses else None
         try:
             pose = imaging.read_pose(pose_file)
         except ValueError as err:  # named with its file
-            return self._pose_lost("bad_pose", str(err))
+            return _pose_lost(self, "bad_pose", str(err))
         except OSError as err:
-            return self._pose_lost("bad_pose", f"{pose_file}: unreadable ({err.strerror or err})")
+            return _pose_lost(self, "bad_pose", f"{pose_file}: unreadable ({err.strerror or err})")
         try:
             return imaging.orient_pose(pose, turn) if turn else pose
         except ValueError as err:  # mirrored
-            return self._pose_lost("mirrored_pose", f"{pose_file}: its frame is {err}")
-
-    _pose_lost = _pose_lost
+            return _pose_lost(self, "mirrored_pose", f"{pose_file}: its frame is {err}")
 
 
 def read_image(file: Path) -> np.ndarray:
