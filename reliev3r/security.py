@@ -216,10 +216,17 @@ def secure_client(sock: zmq.Socket, curve: CurveConfig | None) -> bool:
 
 def keys_main(out: Path, *, overwrite: bool = False) -> int:
     """``reliev3r keys --out DIR``: write the keys and print the matching config section."""
+    if out.exists() and not out.is_dir():
+        print(f"reliev3r keys: {out}: not a folder", file=sys.stderr)
+        return 1
     try:
         files = generate_keys(out, overwrite=overwrite)
     except FileExistsError as err:  # the library's words name its argument; the command's, its flag
         print(f"reliev3r keys: {str(err).replace('pass overwrite=True', 'pass --force')}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a folder not writable: the files before it are new
+        print(f"reliev3r keys: cannot write the keys into {out}: {err.strerror or err}"
+              " (a key pair may now not match: write the keys again with --force)", file=sys.stderr)
         return 1
     for path in files.values():
         print(path)

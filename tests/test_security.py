@@ -3,6 +3,7 @@ through and are counted."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -237,6 +238,22 @@ def test_keys_refuse_to_replace_a_client_host_s_pair_unless_forced(tmp_path, cap
     said = capsys.readouterr().err
     assert "client.key" in said and "pass --force" in said
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.key*")} == before
+
+
+def test_keys_into_a_file_or_a_folder_that_cannot_be_written_get_one_line(tmp_path, capsys, monkeypatch):
+    """`reliev3r keys --out` naming a file said "[Errno 17] File exists" (read as keys that exist),
+    and a write that failed (a full disk) ended in a traceback; each is now one line, exit 1."""
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["keys", "--out", str(tmp_path / "file")]) == 1
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "not a folder" in said and "--force" not in said
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(security.durable, "write", full)
+    assert cli.main(["keys", "--out", str(tmp_path / "k")]) == 1
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "cannot write the keys" in said and os.strerror(errno.ENOSPC) in said
 
 
 def test_an_unreadable_authorised_key_is_named_at_start(tmp_path):
