@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                          "pydnet:../shared/models/pydnet++.tflite")
     rec = add("reconstruct", "video or image folder -> point cloud (PLY), poses (TUM), depth PNGs, trajectory plot")
     rec.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
-    rec.add_argument("--input", required=True, help="video file or image folder")
+    rec.add_argument("--input", required=True, help="video file or image folder, or a quoted glob matching one "
+                     "(expanded as streamer.sources' are)")
     rec.add_argument("--out", required=True, help="output folder")
     for flag, kind, help_ in (("--views", int, "frames per window (8)"),
                               ("--stride", int, "input frames between picked frames (1)"),

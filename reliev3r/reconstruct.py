@@ -1,5 +1,8 @@
 """``reliev3r reconstruct``: a video or an image folder -> one point cloud, one trajectory.
 
+``--input`` is the one video or image folder, given by its path or by a glob that matches it
+(:func:`input_path`, as the streamer expands ``streamer.sources``).
+
 The input is cut into windows of ``views`` frames (``stride`` input frames apart) where
 consecutive windows share ``overlap`` frames. The model reconstructs each window in its own
 similarity gauge; :func:`chain_windows` brings every window into the first one's frame:
@@ -112,6 +115,25 @@ class FrameStream:
                    len(frames.images))
 
 
+def input_path(spec: str) -> Path:
+    """``--input``: a path, or a glob (quoted, so the shell leaves it) expanded as the streamer
+    expands ``streamer.sources`` (``streamer.sources.spec_paths``), which must match one input:
+    FileNotFoundError where it matches none, ValueError naming the matches where several."""
+    from streamer.sources import spec_paths
+
+    matched = spec_paths(spec)
+    if not matched:
+        raise FileNotFoundError(f"{spec}: no file matches")
+    if len(matched) > 1:
+        raise ValueError(f"{spec}: matches {len(matched)} inputs ({_named([str(p) for p in matched])}): give one")
+    return matched[0]
+
+
+def _named(names: list[str]) -> str:
+    """The first three of ``names``, then "..." where there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | None = None,
                gt_poses: Path | None = None) -> FrameStream:
     """Every ``stride``-th frame of a video file or an image folder (in natural order, as the
@@ -140,8 +162,7 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         if not files:
             videos = sorted(f.name for f in path.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
             if videos:  # as the streamer takes a folder of videos
-                named = ", ".join(videos[:3]) + (", ..." if len(videos) > 3 else "")
-                raise FileNotFoundError(f"{path}: a folder of videos, no images: give one video ({named})")
+                raise FileNotFoundError(f"{path}: a folder of videos, no images: give one video ({_named(videos)})")
             raise FileNotFoundError(f"{path}: no images")
         try:
             stamps = [float(f.stem) for f in files]
@@ -729,7 +750,7 @@ def main(cfg, args: argparse.Namespace) -> int:
     opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
     check_device("--device", args.device, auto=True)
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
-    stream = open_input(Path(args.input), stride=opts.stride, max_frames=opts.max_frames,
+    stream = open_input(input_path(args.input), stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None,
                         gt_poses=Path(args.gt_poses) if args.gt_poses else None)
     summary = reconstruct(reconstructor, stream, Path(args.out), opts)

@@ -1285,7 +1285,7 @@ def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _
             continue
         try:
             path = Path(spec).expanduser()
-            matched = _matches(spec, path)
+            matched = spec_paths(spec)
         except Exception as err:  # an unknown ~user, a NUL byte, an unreadable folder on the way
             on_error(source_name(Path(spec)), path_problem(err), f"{spec}: {type(err).__name__}: {err}")
             continue
@@ -1317,7 +1317,13 @@ def _guarded(path: Path, make: Callable[[], list[Source]], on_error: ErrorSink) 
     return []
 
 
-def _matches(spec: str, path: Path) -> list[Path]:
+def spec_paths(spec: str) -> list[Path]:
+    """The paths a file, folder or glob spec names (``~`` expanded): the path itself where it
+    exists or has no glob characters (``clip [1080p].mp4``), else the glob's matches, sorted
+    (glob characters in a folder's own name taken literally where the glob matches nothing:
+    ``[2024] trip/*.mp4``); [] where a glob matches nothing. ``discover`` and ``reliev3r
+    reconstruct --input`` read specs with it."""
+    path = Path(spec).expanduser()
     if os.path.lexists(path) or not glob.has_magic(spec):
         return [path]
     found = glob.glob(str(path))

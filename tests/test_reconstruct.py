@@ -183,6 +183,34 @@ def test_an_input_that_is_not_there_or_a_folder_of_videos_is_said_so(tmp_path, c
         assert not out.exists()
 
 
+def test_a_glob_input_is_taken_when_it_matches_one_video_or_image_folder(tmp_path, capsys):
+    """``--input 'DIR/*.mp4'`` (quoted, so the shell leaves it) was "no such file or folder" while
+    ``up`` takes globs in ``streamer.sources``. It is expanded as the streamer expands one
+    (``streamer.sources.spec_paths``): a glob that matches one video or one image folder is that
+    input; reconstruct takes one input, so a glob matching several, or none, is refused naming
+    them, exit 2, nothing written."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    encode(clips / "a.mp4", panning_frames(6, 64, 48))
+    _image_folder(tmp_path / "shots" / "day1", 5)
+    common = ["reconstruct", "--checkpoint", str(snap), "--device", "cpu", "--views", "3", "--overlap", "1"]
+    for pattern, frames in ((clips / "*.mp4", 6), (tmp_path / "shots" / "day*", 5)):
+        out = tmp_path / f"rec-{frames}"
+        assert cli.main([*common, "--input", str(pattern), "--out", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "reconstruction.json").read_text())["frames"] == frames
+    encode(clips / "b.mp4", panning_frames(6, 64, 48))
+    out = tmp_path / "refused"
+    for pattern, said in ((clips / "*.mp4", f"matches 2 inputs ({clips / 'a.mp4'}, {clips / 'b.mp4'}): give one"),
+                          (clips / "*.mkv", "no file matches")):
+        assert cli.main([*common, "--input", str(pattern), "--out", str(out)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == f"reliev3r reconstruct: {pattern}: {said} (RELIEV3R_DEBUG=1 shows where)", last
+        assert not out.exists()
+
+
 def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tmp_path):
     """Twelve frames with a COLMAP model, then three without, into one folder: the folder holds
     the second reconstruction alone (the first's depth maps and model stayed, and a viewer read them)."""
