@@ -172,6 +172,21 @@ def test_report_command(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(fresh / "report.html") and not (tmp_path / "report.html").exists()
 
 
+def test_report_out_in_folders_not_there_makes_them_and_its_line_names_the_page(tmp_path, capsys, monkeypatch):
+    """``--out`` in folders that are not there: they are made (what one asks for, as the default
+    page in a run not evaluated yet is), and the one line ``report`` prints is the page's path as
+    given, so where the page went is said, not made unsaid."""
+    run = make_run(tmp_path / "run", [10, 20], pictures=False, slope=-0.01)
+    out = tmp_path / "new" / "dir" / "x.html"
+    assert cli_main(["report", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(out)]
+    assert "<svg" in out.read_text()
+    monkeypatch.chdir(tmp_path)  # a relative --out: the path from where the command ran, as given
+    assert cli_main(["report", str(run), "--out", "pages/x.html"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["pages/x.html"]
+    assert "<svg" in (tmp_path / "pages" / "x.html").read_text()
+
+
 @pytest.mark.timeout(300)
 def test_report_renders_in_headless_chromium(tmp_path):
     if chromium() is None:
