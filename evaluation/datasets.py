@@ -328,8 +328,9 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, 
     trajectory line (``evaluation.tum.read_tum_lines``) is no pose, so that one bad file or line
     costs its frame's windows, not the folder. A trajectory is matched by
     :func:`match_trajectory`, the images' names as their times where they read as numbers, by
-    order to all ``images``. Kept images without a pose file among kept ones with one go
-    without, said once: how many, and the first."""
+    order to all ``images``. Kept images without a pose file among images of the folder with one
+    (kept or not: a range or a stride may keep none with one) go without, said once: how many of
+    the kept, and the first."""
     keep = list(range(len(images))) if keep is None else list(keep)
     if trajectory is None:
         own = [root / n for n in TRAJECTORY_NAMES if (root / n).is_file()] + sorted(root.glob("*.tum"))
@@ -342,9 +343,7 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, 
         return match_trajectory(*trajectory, _timestamps(kept), keep, len(images), [p.name for p in kept])
     out, missing = [], []
     for image in (images[k] for k in keep):
-        base = _frame_base(image)
-        found = [c for c in (image.parent / f"{base}.pose.txt", image.parent / f"{base}.txt",
-                             root / "poses" / f"{base}.txt") if c.is_file()]
+        found = _pose_files(root, image)
         if not found:
             out.append(None)
             missing.append(image.name)
@@ -353,10 +352,20 @@ def folder_poses(root: Path, images: list[Path], keep: list[int] | None = None, 
             out.append(imaging.read_pose(found[0]).astype(np.float32))
         except (OSError, ValueError) as err:  # named by read_pose: 'FILE: problem'
             out.append(BadPose(str(err)))
-    if missing and len(missing) < len(out):  # a folder of pose files, some frames without
+    # a folder of pose files, some frames without: one with one is kept, or is among the others (a range, a stride)
+    picked = set(keep)
+    if missing and (len(missing) < len(out) or any(_pose_files(root, images[k])
+                                                   for k in range(len(images)) if k not in picked)):
         log.warning("%s: %d of %d frames have no pose file (<name>.pose.txt, <name>.txt or poses/<name>.txt; the "
                     "first: %s); they go without a ground-truth pose", root, len(missing), len(out), missing[0])
     return out
+
+
+def _pose_files(root: Path, image: Path) -> list[Path]:
+    """The per-frame pose files of ``image`` in the folder ``root`` that are there (module docstring)."""
+    base = _frame_base(image)
+    return [c for c in (image.parent / f"{base}.pose.txt", image.parent / f"{base}.txt", root / "poses" / f"{base}.txt")
+            if c.is_file()]
 
 
 def folder_sequence(folder: Path, first: int | None = None, last: int | None = None, *,

@@ -672,6 +672,36 @@ def test_frames_without_a_pose_file_among_frames_with_one_are_said_once_with_the
     assert stream.gt_cam_to_world == [None] * 6 and not caplog.records
 
 
+def test_a_range_whose_frames_have_no_pose_file_among_a_folder_with_them_is_said_once(tmp_path, caplog):
+    """``folder:DIR@A-B`` whose frames A..B have no pose file while other frames of the folder
+    have one: they go without a ground-truth pose, said once as frames without one among frames
+    with one are (the same warning); ``reconstruct`` picking only such frames (``--stride``) says
+    it too. Before, unsaid: the frames with a pose file were looked for among the picked ones only."""
+    from reliev3r.reconstruct import open_input
+
+    root = tmp_path / "seq"
+    _write_folder(root, tum=False)
+    for k in (3, 4, 5):
+        (root / f"img{k:03d}.pose.txt").unlink()
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"folder:{root}@3-5", views=2, height=48, width=48, windows=2, stride=1,
+                               run_dir=tmp_path)
+    assert windows and all(w.gt_cam_to_world is None for w in windows)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root}: 3 of 3 frames have no pose file (<name>.pose.txt, <name>.txt or poses/<name>.txt; the first: "
+        "img003.png); they go without a ground-truth pose"]
+    caplog.clear()
+    (root / "img002.pose.txt").unlink()
+    np.savetxt(root / "img003.pose.txt", np.eye(4))  # frames 1 and 3 have one; stride 2 picks 0, 2, 4
+    (root / "img001.pose.txt").rename(root / "img001.txt")
+    (root / "img000.pose.txt").unlink()
+    with caplog.at_level("WARNING"):
+        stream = open_input(root, stride=2, max_frames=10)
+    assert stream.gt_cam_to_world == [None] * 3
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{root}: 3 of 3 frames have no pose file") and "the first: img000.png" in said
+
+
 def test_a_tum_quaternion_is_read_as_its_unit_quaternion(tmp_path):
     """A TUM quaternion is normalised (its length carries no rotation): one written twice as
     long reads as the rotation of the unit one."""
