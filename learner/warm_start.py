@@ -129,11 +129,12 @@ def init_trainer(trainer: "Trainer", path: str | Path) -> dict[str, Any]:
     return source.meta(str(path))
 
 
-def start_problem(cfg: LearnerConfig, run_dir: str | Path) -> str | None:
+def start_problem(cfg: LearnerConfig, run_dir: str | Path, *, afresh: bool = False) -> str | None:
     """Why ``cfg.init`` cannot start a learner in ``run_dir``, or None (also when the learner
-    will resume its own snapshot there and ignore it): ``reliev3r up`` asks before it starts
-    any process."""
-    if not cfg.init or latest_snapshot(Path(run_dir) / "snapshots") is not None:
+    will resume its own snapshot there and ignore it, unless ``afresh``: it starts from
+    ``cfg.init`` later all the same, as after a teacher refresh that moves its snapshots aside):
+    ``reliev3r up`` asks before it starts any process."""
+    if not cfg.init or (not afresh and latest_snapshot(Path(run_dir) / "snapshots") is not None):
         return None
     try:
         check_init(cfg.model, cfg.init)

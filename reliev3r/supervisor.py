@@ -190,15 +190,23 @@ class Supervisor:
         :class:`RefreshError` when a teacher refresh cannot move the first part aside (one the run
         stopped in), and then :class:`StartError` when ``learner.init`` cannot start the learner
         (checked on the run folder as the refresh left it: the move can take the learner's own
-        snapshots, or those ``learner.init`` names, out of ``snapshots/``)."""
+        snapshots, or those ``learner.init`` names, out of ``snapshots/``; and checked where the
+        learner resumes its own snapshot with a refresh still to come, which moves that aside and
+        starts the learner from ``learner.init``)."""
         config_file = self.run_dir / "config.yaml"
         refresh_said = self._finish_refresh(config_file)
         if self.cfg.learner.init:
             from learner.warm_start import start_problem  # here, so that a run without init never loads torch
 
-            if problem := start_problem(self.cfg.learner, self.run_dir):
+            # a refresh still to come moves the learner's snapshots aside: it then starts from learner.init
+            ahead = self._refresh == "waiting"
+            if problem := start_problem(self.cfg.learner, self.run_dir, afresh=ahead):
                 if refresh_said:
                     self._print(refresh_said)
+                if ahead and snapshot_step(self.run_dir) is not None:
+                    problem += (f" (this run resumes its own snapshot, but its teacher refresh at step "
+                                f"{self.cfg.labeler.refresh_step} moves it into {BEFORE_REFRESH}/ and starts the "
+                                "learner from learner.init)")
                 raise StartError(problem)  # the run folder left as it was found, but for the refresh's move
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)

@@ -744,6 +744,42 @@ def test_learner_init_is_checked_on_the_run_folder_a_finished_refresh_leaves(tmp
     assert not (tmp_path / "processes.json").exists()
 
 
+def test_learner_init_is_checked_on_a_resumed_run_whose_teacher_refresh_is_still_to_come(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A run resuming its own snapshot with ``labeler.refresh_step`` not reached yet, and
+    ``learner.init`` naming weights that are gone (deleted since the warm start): the refresh will
+    move the snapshots into ``before-refresh/`` and start the learner afresh from ``learner.init``,
+    so ``up`` checks it as a fresh start does, says why and exits 2, starting nothing. Before, the
+    check saw the run's snapshot (a resume: init not looked at) and every stage started; the bad
+    init surfaced only at the refresh, as a learner failing at start until the run gave up."""
+    from learner.warm_start import start_problem
+    from reliev3r.supervisor import Supervisor
+    from tests.tiny_snapshot import make_tiny_snapshot
+
+    snap = make_tiny_snapshot(tmp_path)  # the run's own, of step 2
+    gone = tmp_path.parent / "deleted-run" / "snapshots" / "step-000000009"
+
+    def start(_sup, child):
+        raise AssertionError(f"{child.name} started")
+
+    monkeypatch.setattr(Supervisor, "_start", start)
+    overrides = [f"run.dir={tmp_path}", "labeler.refresh_step=100", "streamer.sources=[/data/clips]",
+                 f"learner.init={gone}", "monitoring.enabled=false"]
+    code = cli.main(["up", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (f"reliev3r: learner.init={gone}: no such file or folder (this run resumes its own snapshot, but its "
+            "teacher refresh at step 100 moves it into before-refresh/ and starts the learner from learner.init)"
+            ) in err, err
+    assert (snap / "meta.json").is_file() and not (tmp_path / "processes.json").exists()
+    sup = _refresh_supervisor(tmp_path, *overrides)  # what the refresh leaves the learner: init, unusable
+    try:
+        sup._move_first_part(tmp_path / "config.yaml")
+        assert start_problem(sup.cfg.learner, tmp_path) == f"learner.init={gone}: no such file or folder"
+    finally:
+        sup.metrics.close()
+
+
 def test_a_run_refreshed_before_the_move_had_its_mark_resumes_as_it_is(tmp_path):
     """A run refreshed by a version that copied no config.yaml into ``before-refresh/`` (the
     mark of a whole move): its first part is there and the new learner has snapshots of its own.
