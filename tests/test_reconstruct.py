@@ -291,7 +291,11 @@ def test_a_reconstruction_stopped_by_ctrl_c_leaves_the_earlier_one_as_it_was(tmp
     """SIGINT (Ctrl-C) to a ``reliev3r reconstruct`` process part-way: the folder holds the
     earlier reconstruction, byte for byte, and no temporary file (before, it held the stopped
     run's first frames and its hidden spools). The command says it was stopped in a line and
-    exits 130, as a shell reports a Ctrl-C (it printed a KeyboardInterrupt traceback)."""
+    exits 130, as a shell reports a Ctrl-C (it printed a KeyboardInterrupt traceback).
+
+    The command runs as a terminal's foreground job does, with SIGINT's default action: a test
+    run started in the background by a shell (``pytest ... &``, as a CI script may) has SIGINT
+    ignored, every process it starts inherits that, and the Ctrl-C never reached the command."""
     import os
     import signal
     import sys
@@ -305,8 +309,13 @@ def test_a_reconstruction_stopped_by_ctrl_c_leaves_the_earlier_one_as_it_was(tmp
     before = _contents(out)
     long = _image_folder(tmp_path / "long", 600)
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "reliev3r.cli", *common, "--input", str(long)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    # a handler here (not SIG_IGN) leaves the child SIGINT's default action, whatever this process inherited
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "reliev3r.cli", *common, "--input", str(long)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         while proc.poll() is None and time.time() < started + 120:  # until it has written some frames
             if sum(p.stat().st_mtime > started for p in out.rglob("depth/*.png")) >= 6:
