@@ -295,10 +295,13 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
         from reliev3r.service import Runtime
 
         module, stage = STAGES[args.command]
-        if not os.environ.get("RELIEV3R_SUPERVISED"):  # under `up`, the supervisor resolved the ports
-            from reliev3r.ports import stage_problem
+        if not os.environ.get("RELIEV3R_SUPERVISED"):  # under `up`, the supervisor resolved the ports, read the keys
+            from reliev3r.ports import BINDS, STAGE_PORTS, stage_problem
+            from reliev3r.security import key_problem
 
-            if problem := stage_problem(stage, os.environ.get("RELIEV3R_INSTANCE", stage), cfg):
+            connects = any(port != BINDS.get(stage) for port in STAGE_PORTS[stage])
+            if problem := (stage_problem(stage, os.environ.get("RELIEV3R_INSTANCE", stage), cfg)
+                           or key_problem(cfg.network.curve, server=stage in BINDS, client=connects)):
                 print(f"reliev3r: {problem}", file=sys.stderr)
                 return 2
         run = importlib.import_module(module).run
@@ -310,10 +313,14 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
                 return 1
     if args.command in ("up", "pretrain"):
         from reliev3r.ports import PortError
+        from reliev3r.security import key_problem
         from reliev3r.supervisor import RefreshError, StartError, Supervisor
 
         if args.max_steps is not None:
             cfg.learner.max_steps = args.max_steps
+        if problem := key_problem(cfg.network.curve, server=True, client=True):  # it binds, its children connect
+            print(f"reliev3r: {problem}", file=sys.stderr)
+            return 2
         try:
             supervisor = Supervisor(cfg)  # resolves the ports: an explicit one in use stops here
         except PortError as err:

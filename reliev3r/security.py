@@ -6,7 +6,8 @@ the server secret key, and a ZAP authenticator (one thread per ``zmq.Context``) 
 clients whose public key is a ``*.key`` file in ``authorized_clients``. Unknown keys are
 refused before any message is delivered, and every refusal is counted in
 ``reliev3r_auth_failures_total{stage}``. Connecting sockets carry the client key pair and
-the server's public key. With ``enabled: false`` both helpers do nothing.
+the server's public key. With ``enabled: false`` both helpers do nothing. :func:`key_problem`
+checks a process's files before it starts (each side needs only its own).
 
 Keys are ZeroMQ certificate files (the czmq layout pyzmq's ``zmq.auth`` reads): ``NAME.key``
 holds the public key, ``NAME.key_secret`` both keys and is written with mode 0600. Each file
@@ -101,6 +102,9 @@ def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
 
 
 def _load(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
+    if not Path(path).is_file():  # the library's words for it, "Invalid certificate file", hide the cause
+        where = "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise SecurityError(f"CURVE certificate {path} does not exist{where}")
     try:
         public, secret_key = load_certificate(path)
     except (OSError, ValueError) as err:
@@ -108,6 +112,43 @@ def _load(path: str, *, secret: bool) -> tuple[bytes, bytes | None]:
     if secret and not secret_key:
         raise SecurityError(f"{path} holds no secret key (use the .key_secret file)")
     return public, secret_key
+
+
+def key_problem(curve: CurveConfig | None, *, server: bool, client: bool) -> str | None:
+    """Why the CURVE files a process needs cannot be used, naming the ``network.curve`` key that
+    gives the file, or None (CURVE off, or every file loads). ``server``: it binds a link (the
+    server secret and ``authorized_clients``); ``client``: it connects to one (its own secret and
+    the server's public key). Checked before a process starts, so a missing file is said in a
+    line, not found after the stage's start (a teacher loaded) as a traceback."""
+    if curve is None or not curve.enabled:
+        return None
+    needed = ([("server_secret_key", True)] if server else []) + \
+             ([("client_secret_key", True), ("server_public_key", False)] if client else [])
+    for name, secret in needed:
+        try:
+            _load(getattr(curve, name), secret=secret)
+        except SecurityError as err:
+            return f"network.curve.{name}: {err}"
+    if server:
+        try:
+            _authorized_keys(Path(curve.authorized_clients))
+        except SecurityError as err:
+            return f"network.curve.authorized_clients: {err}"
+    return None
+
+
+def _authorized_keys(folder: Path) -> None:
+    """Raise :class:`SecurityError` unless ``folder`` holds client public keys that all load."""
+    if not folder.is_dir():
+        raise SecurityError(f"authorized_clients folder {folder} does not exist")
+    if not list(folder.glob("*.key")):
+        raise SecurityError(f"authorized_clients folder {folder} holds no *.key public keys")
+    for key in sorted(folder.glob("*.key")):  # the library skips the whole folder on one bad file
+        try:
+            load_certificate(str(key))
+        except (OSError, ValueError) as err:
+            raise SecurityError(f"authorized client key {key} does not load ({err}): every client would be "
+                                "refused; remove or replace it") from None
 
 
 # --------------------------------------------------------------------------- authenticator
@@ -156,16 +197,7 @@ def _authenticator(ctx: zmq.Context, curve: CurveConfig, metrics) -> _CountingAu
     if auth is not None:
         return auth
     folder = Path(curve.authorized_clients)
-    if not folder.is_dir():
-        raise SecurityError(f"authorized_clients folder {folder} does not exist")
-    if not list(folder.glob("*.key")):
-        raise SecurityError(f"authorized_clients folder {folder} holds no *.key public keys")
-    for key in sorted(folder.glob("*.key")):  # the library skips the whole folder on one bad file
-        try:
-            load_certificate(str(key))
-        except (OSError, ValueError) as err:
-            raise SecurityError(f"authorized client key {key} does not load ({err}): every client would be "
-                                "refused; remove or replace it") from None
+    _authorized_keys(folder)
     counter = auth_failures(metrics) if metrics is not None else None
     auth = _CountingAuthenticator(ctx, counter.inc if counter is not None else (lambda: None))
     auth.start()

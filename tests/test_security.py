@@ -205,7 +205,7 @@ def test_enabled_config_needs_every_path():
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        with pytest.raises(security.SecurityError, match="cannot read"):
+        with pytest.raises(security.SecurityError, match="nonexistent does not exist"):
             secure_client(sock, CurveConfig(enabled=True, server_secret_key="x", server_public_key="/nonexistent",
                                             client_secret_key="/nonexistent", client_public_key="x",
                                             authorized_clients="x"))
@@ -271,3 +271,47 @@ def test_an_unreadable_authorised_key_is_named_at_start(tmp_path):
         sock.close(linger=0)
         security.stop_authenticator(ctx)
         ctx.destroy(linger=0)
+
+
+def _curve_overrides(keys) -> list[str]:
+    cfg = CurveConfig.from_folder(keys)
+    return [f"network.curve.{name}={str(getattr(cfg, name)).lower() if name == 'enabled' else getattr(cfg, name)}"
+            for name in CurveConfig.__slots__]
+
+
+def test_a_missing_key_file_stops_a_stage_or_up_at_once_naming_its_key(tmp_path):
+    """A key file that is not there (a typo, a file left on another host) failed the stage after
+    its start, teacher loaded, with a traceback in a log line (exit 1); `up` printed a Python
+    traceback. Now the process says which key names which missing file, starts nothing, exit 2.
+    A host needs only its side's files: a labeler host holds no server secret."""
+    import subprocess
+    import sys
+
+    from reliev3r.config import free_port
+
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    (keys / "server.key_secret").unlink()  # a client host: the server's secret stays on the server's host
+    base = [*_curve_overrides(keys), f"network.work_port={free_port()}", f"network.replay_port={free_port()}",
+            "monitoring.enabled=false", "labeler.teacher=none"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "reliev3r.cli", *args, *base], cwd=cli.DEFAULT_CONFIG.parents[1],
+                              capture_output=True, text=True, timeout=120)
+
+    # The replay (a server) needs the server secret: named, nothing started.
+    done = run("replay", f"run.dir={tmp_path / 'replay'}")
+    assert done.returncode == 2, done.stderr
+    assert "network.curve.server_secret_key" in done.stderr and "server.key_secret does not exist" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "replay").exists()
+    # `up` serves and connects: the same, before anything starts.
+    done = run("up", f"run.dir={tmp_path / 'up'}")
+    assert done.returncode == 2, done.stderr
+    assert "network.curve.server_secret_key" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "up").exists()
+    # A labeler (a client) is refused for its own missing file, not for the server's secret.
+    (keys / "client.key_secret").unlink()
+    done = run("label", f"run.dir={tmp_path / 'label'}")
+    assert done.returncode == 2, done.stderr
+    assert "network.curve.client_secret_key" in done.stderr and "client.key_secret does not exist" in done.stderr
+    assert "server_secret_key" not in done.stderr and "Traceback" not in done.stderr
