@@ -59,6 +59,8 @@ from reliev3r.service import Runtime, serve
 POLL_MS = 100
 INSERT_POLL_MS = 2  # the idle poll while inserts are out: their done goes out within this
 MIN_SIZE = 16
+LINK_SAY_S = 30.0
+"""While the streamer link is not up, the labeler says why this often (and whenever the reason changes)."""
 
 
 class Labeler:
@@ -236,16 +238,20 @@ class ReplayLink:
     def __init__(self, runtime: Runtime, endpoint: str, *, timeout_s: float, retries: int):
         self.runtime, self.endpoint, self.timeout_s, self.retries = runtime, endpoint, timeout_s, retries
         self.sock = None
+        self.link = security.LinkWatch(endpoint, "replay", "replay_port", runtime.cfg.network.curve)
+        """The link's state across the fresh sockets of the retries: a retry says why it retries."""
 
     def _connect(self):
         self.close()
         self.sock = self.runtime.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         security.secure_client(self.sock, self.runtime.cfg.network.curve)
+        self.link.watch(self.sock)
         self.sock.connect(self.endpoint)
 
     def close(self) -> None:
         if self.sock is not None:
+            self.link.close()
             self.sock.close(linger=0)
             self.sock = None
 
@@ -282,8 +288,10 @@ class ReplayLink:
                 return "dropped", f"replay_{status}:{reason}"
             if self.runtime.stopping:
                 return None
+            self.link.poll()
+            reason = self.link.state if not self.link.up else f"{self.link.state}, which has not answered"
             self.runtime.log.warning("no insert_ack from replay, retrying",
-                                     extra={"window_id": window_id, "attempt": attempt + 1})
+                                     extra={"window_id": window_id, "attempt": attempt + 1, "reason": reason})
             self.close()
         return None
 
@@ -363,7 +371,12 @@ class LabelerService:
         self.work = runtime.ctx.socket(zmq.DEALER)
         self.work.setsockopt(zmq.LINGER, 0)
         security.secure_client(self.work, cfg.network.curve)
-        self.work.connect(cfg.network.connect(cfg.network.work_port))
+        endpoint = cfg.network.connect(cfg.network.work_port)
+        self.link = security.LinkWatch(endpoint, "streamer", "work_port", cfg.network.curve)
+        """The streamer link's state, said when it changes (no window is all a labeler sees otherwise)."""
+        self.link.watch(self.work)
+        self.link_said = time.monotonic()
+        self.work.connect(endpoint)
         link = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
                           timeout_s=self.cfg.insert_timeout_s, retries=self.cfg.insert_retries)
         self.inserts = Inserts(link, metrics.timer, depth=self.cfg.batch_windows)
@@ -380,6 +393,7 @@ class LabelerService:
 
     def close(self) -> None:
         self.inserts.close(timeout_s=self.cfg.insert_timeout_s)
+        self.link.close()
         self.work.close(linger=0)
         self.labeler.close()
 
@@ -437,12 +451,28 @@ class LabelerService:
         self.runtime.status.update(counts)  # before the done, so a peer that sees it sees this
         self.done(window_id, status, reason)
 
+    def say_link(self) -> None:
+        """Log the streamer link's state when it changed (up, or why the labeler waits), and
+        again every :data:`LINK_SAY_S` while it is not up (a host that never answers changes nothing)."""
+        now = time.monotonic()
+        if self.link.poll() or (not self.link.up and now - self.link_said >= LINK_SAY_S):
+            self.link_said = now
+            if self.link.up:
+                self.runtime.log.info(self.link.state)
+            else:
+                reason = self.link.state
+                if self.link.refused:  # the socket does not offer the key again
+                    reason += ": restart this labeler once its key is authorised"
+                self.runtime.log.warning("waiting for the streamer", extra={"endpoint": self.link.endpoint,
+                                                                           "reason": reason})
+
     def step(self) -> None:
         """Label up to ``labeler.batch_windows`` held windows (having asked for the next ones
         first), hand their inserts to :attr:`inserts`, acknowledge what replay has stored, and
         ask for more; with none held, wait up to one poll for work (a short one while inserts
         are out, so their ``done`` is not held back) and send the keep-alive ``ready`` when due."""
         log, labeler, timer = self.runtime.log, self.labeler, self.metrics.timer
+        self.say_link()
         if not self.held and self.work.poll(POLL_MS if not self.inserts.pending else INSERT_POLL_MS):
             self.take()
         self.acknowledge()

@@ -146,7 +146,7 @@ class LearnerService:
 
         def keep_sampling(err: Exception) -> bool:  # in the prefetch thread: wait out replay trouble
             if isinstance(err, TimeoutError):
-                runtime.log.info("waiting for replay", extra={"endpoint": endpoint})
+                runtime.log.info("waiting for replay", extra={"endpoint": endpoint, "reason": str(err)})
                 return True
             if isinstance(err, ReplayError) and err.reason in FATAL_REPLAY_REASONS:
                 runtime.metrics.reject(f"sample_{err.reason}")

@@ -35,6 +35,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.certs import load_certificate
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from reliev3r import durable
 from reliev3r.config_base import CurveConfig  # re-exported
@@ -244,6 +245,106 @@ def secure_client(sock: zmq.Socket, curve: CurveConfig | None) -> bool:
     sock.curve_secretkey = secret
     sock.curve_serverkey = server_public
     return True
+
+
+# --------------------------------------------------------------------------- links
+
+LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+"""The socket events :class:`LinkWatch` reads (a failed TCP connect is ``EVENT_CLOSED``)."""
+HANDSHAKING = "CURVE handshake under way"
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class LinkWatch:
+    """Whether a connecting socket's link to its peer is up, and if not why, read from the
+    socket's ZeroMQ monitor without blocking. To the application, a peer that is not there, one
+    that refuses this process's CURVE keys and an idle one look the same: no message. The
+    socket's own events tell them apart: no TCP connection (nothing answers at the address),
+    a CURVE handshake refused by the server's authenticator (the client key is not in its
+    ``authorized_clients``), one the server drops (the server public key is not its own), CURVE
+    on one side only, or a handshake that went through.
+
+    ``watch(sock)`` before ``sock.connect``, again for each fresh socket of the same link (the
+    state carries over); :meth:`poll` in the thread that owns the socket. ``peer`` names the
+    stage at the other end, ``port_key`` the ``network`` key of its port."""
+
+    def __init__(self, endpoint: str, peer: str, port_key: str, curve: CurveConfig | None):
+        self.endpoint, self.peer, self.port_key = endpoint, peer, port_key
+        self.curve = curve if curve is not None and curve.enabled else None
+        self.up = False
+        """The last handshake went through and the connection has not been lost since."""
+        self.state = (f"no answer from {endpoint} yet: a host that does not answer, or a port a firewall drops? "
+                      f"(network.connect_host, network.{port_key})")
+        """:attr:`up`'s words, or why the link is not up (until the first event: no answer yet, as
+        from a host that drops the connection attempt: a TCP connect gives up after minutes)."""
+        self._failed = False
+        """:attr:`state` is a handshake's failure: kept while the same handshake is tried again."""
+        self.refused = False
+        """The server's authenticator refused this client key: ZeroMQ does not try it again on
+        this socket, so the link stays down until the socket is replaced (a process restarted)."""
+        self._monitor: zmq.Socket | None = None
+        self._sock: zmq.Socket | None = None
+
+    def watch(self, sock: zmq.Socket) -> None:
+        self.close()
+        self.refused = False
+        self._sock, self._monitor = sock, sock.get_monitor_socket(LINK_EVENTS)
+
+    def poll(self) -> bool:
+        """Read the events that arrived; True when :attr:`state` changed to one worth saying (a
+        CURVE handshake under way lasts milliseconds and is not)."""
+        before = self.state
+        while self._monitor is not None and self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())
+            self._on(event["event"], event["value"])
+        return self.state != before and not self._handshaking
+
+    @property
+    def _handshaking(self) -> bool:
+        return self.state.endswith(HANDSHAKING)
+
+    def _on(self, event: int, value: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up, self._failed, self.state = True, False, f"connected to the {self.peer} at {self.endpoint}"
+        elif event in HANDSHAKE_FAILED:  # kept through the reconnections that try the same handshake again
+            self.up, self._failed, self.state = False, True, self._failure(event, value)
+            self.refused = self.refused or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        elif event == zmq.EVENT_CLOSED:  # a TCP connect that failed: no one listens there
+            self.up, self._failed, self.state = False, False, (
+                f"nothing answers at {self.endpoint}: is the {self.peer} running there? "
+                f"(network.connect_host, network.{self.port_key})")
+        elif event == zmq.EVENT_DISCONNECTED and self.up:
+            self.up, self.state = False, f"lost the connection to the {self.peer} at {self.endpoint}; reconnecting"
+        elif event == zmq.EVENT_CONNECTED and not self._failed and self.curve:
+            self.state = f"connected to {self.endpoint}, {HANDSHAKING}"
+
+    def _failure(self, event: int, value: int) -> str:
+        at = f"the {self.peer} at {self.endpoint}"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            key = f" ({self.curve.client_public_key})" if self.curve else ""
+            return (f"{at} refuses this process's CURVE client key{key} (status {value}): its public key is not "
+                    f"in the {self.peer}'s authorized_clients")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            here = "on here and off there" if self.curve else "off here and on there"
+            return f"{at} does not speak CURVE as this process does: network.curve is {here}"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.curve:
+            return (f"{at} drops the CURVE handshake: network.curve.server_public_key "
+                    f"({self.curve.server_public_key}) is not the public key of the {self.peer}'s server_secret_key")
+        return (f"the handshake with {self.endpoint} fails (ZeroMQ protocol error {value:#x}): is something other "
+                f"than the {self.peer} listening there?")
+
+    def close(self) -> None:
+        """Stop watching the current socket (call before closing it, or right after)."""
+        if self._monitor is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass  # the socket is closed already
+            self._monitor.close(linger=0)
+            self._sock = self._monitor = None
 
 
 def keys_main(out: Path, *, overwrite: bool = False) -> int:

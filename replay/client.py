@@ -63,6 +63,10 @@ class ReplayClient:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}-"
         self._sock: zmq.Socket | None = None
+        self.link = security.LinkWatch(endpoint, "replay", "replay_port", curve)
+        """The link's state across this client's sockets: a timeout says why nothing came back."""
+        self.last_answer = ""
+        """The last "try again" answer (``not_ready``, ``rate_limited``) to the request under way."""
         self.retries = 0
         """Requests re-sent after a silent attempt (a restarted or overloaded service)."""
 
@@ -72,12 +76,14 @@ class ReplayClient:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             security.secure_client(sock, self.curve)  # also on the fresh socket of a retry
+            self.link.watch(sock)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
 
     def _reset(self) -> None:
         if self._sock is not None:
+            self.link.close()
             self._sock.close(linger=0)
             self._sock = None
 
@@ -92,6 +98,7 @@ class ReplayClient:
         :class:`Cancelled` once ``stop`` is set."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         kinds = (*reply_kinds, "error")
+        self.last_answer = ""
         while True:
             rid = self._prefix + str(next(self._ids))
             msg.meta["request_id"] = rid
@@ -101,6 +108,7 @@ class ReplayClient:
             while reply is None:
                 if self.stop is not None and self.stop.is_set():
                     raise Cancelled(f"replay {self.endpoint}: {reply_kinds[0]} request given up (stop)")
+                self.link.poll()
                 left = attempt_end - time.monotonic()
                 if left <= 0:
                     break
@@ -119,14 +127,24 @@ class ReplayClient:
                 return reply
             if reply is not None and reply.meta.get("reason") not in RETRY_REASONS:
                 raise ReplayError(str(reply.meta.get("reason")), str(reply.meta.get("detail", "")))
+            if reply is not None:
+                self.last_answer = str(reply.meta.get("reason"))
             if time.monotonic() >= deadline:
-                curve = self.curve is not None and self.curve.enabled
-                hint = (" (CURVE is on: a server public key that is not this server's, or a client key not in its "
-                        "authorized_clients, looks just like this)") if curve else ""
-                raise TimeoutError(f"replay {self.endpoint}: no {reply_kinds[0]} within the timeout{hint}")
+                raise TimeoutError(f"replay {self.endpoint}: no {reply_kinds[0]} within the timeout ({self.why()})")
             if reply is None:  # silence: the request or its reply may be lost with a dead peer
                 self.retries += 1
                 self._reset()
+
+    def why(self) -> str:
+        """Why no reply came: the link's state (:class:`reliev3r.security.LinkWatch`: nothing
+        answers, CURVE refused ...) or, when it is up, the service's last "try again" answer."""
+        self.link.poll()
+        if not self.link.up:
+            return self.link.state
+        said = {"not_ready": "answers not_ready: it stores fewer than replay.min_size windows, or its rate limiter "
+                             "holds samples back",
+                "rate_limited": "answers rate_limited: its rate limiter holds inserts back until the learners sample"}
+        return f"{self.link.state}, which {said.get(self.last_answer, 'has not answered')}"
 
     # ------------------------------------------------------------------ API
     def insert(self, msg: protocol.Message | None = None, /, *, timeout_s: float | None = None,
@@ -166,6 +184,7 @@ class ReplayClient:
 
     def close(self) -> None:
         self._reset()
+        self.link.close()
         if self._own_ctx:
             self.ctx.term()
 

@@ -4,10 +4,12 @@ through and are counted."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,8 +165,9 @@ def test_unknown_key_refused_counted_and_said(server, caplog):
 
 def test_a_client_refused_by_curve_is_told_what_to_check(server):
     """A server key that is not the server's (or a client key it does not know) only ever
-    looks like silence from the client: its timeout says that is what CURVE refusal looks
-    like (it said "no insert_ack within the timeout" and nothing else)."""
+    looks like silence from the client: its timeout names the key that is wrong, read from
+    the socket's events (it said "no insert_ack within the timeout" and nothing else, then
+    that a CURVE refusal looks like this, either key)."""
     from replay.client import ReplayClient
 
     endpoint, keys, _metrics, ctx, _sock = server
@@ -174,7 +177,7 @@ def test_a_client_refused_by_curve_is_told_what_to_check(server):
                         authorized_clients=str(keys / "authorized_clients"))
     client = ReplayClient(endpoint, ctx=ctx, timeout_s=0.5, retry_s=0.25, curve=wrong)
     try:
-        with pytest.raises(TimeoutError, match="CURVE is on"):
+        with pytest.raises(TimeoutError, match="drops the CURVE handshake: network.curve.server_public_key"):
             client.request(protocol.Message("stats", {}), reply_kinds=("stats",))
     finally:
         client.close()
@@ -284,11 +287,6 @@ def test_a_missing_key_file_stops_a_stage_or_up_at_once_naming_its_key(tmp_path)
     its start, teacher loaded, with a traceback in a log line (exit 1); `up` printed a Python
     traceback. Now the process says which key names which missing file, starts nothing, exit 2.
     A host needs only its side's files: a labeler host holds no server secret."""
-    import subprocess
-    import sys
-
-    from reliev3r.config import free_port
-
     keys = tmp_path / "keys"
     generate_keys(keys)
     (keys / "server.key_secret").unlink()  # a client host: the server's secret stays on the server's host
@@ -315,3 +313,81 @@ def test_a_missing_key_file_stops_a_stage_or_up_at_once_naming_its_key(tmp_path)
     assert done.returncode == 2, done.stderr
     assert "network.curve.client_secret_key" in done.stderr and "client.key_secret does not exist" in done.stderr
     assert "server_secret_key" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_link_watch_tells_why_a_connecting_socket_gets_nothing(server, ctx):
+    """Nothing listening, a server public key that is not the server's, a client key the server
+    does not know and CURVE off on the client all look like silence to the application; the
+    socket's events tell them apart, and a link that gets through is up."""
+    endpoint, keys, _metrics, _ctx, _sock = server
+    right = CurveConfig.from_folder(keys)
+    fields = {name: getattr(right, name) for name in CurveConfig.__slots__}
+    cases = {  # (endpoint, client keys) -> what the state must name
+        "nothing there": (f"tcp://127.0.0.1:{free_port()}", right, "nothing answers at tcp://127.0.0.1:"),
+        "wrong server key": (endpoint, CurveConfig(**{**fields, "server_public_key": str(keys / "other.key")}),
+                             "network.curve.server_public_key"),
+        "unknown client": (endpoint, CurveConfig(**{**fields, "client_secret_key": str(keys / "other.key_secret"),
+                                                    "client_public_key": str(keys / "other.key")}),
+                           "not in the replay's authorized_clients"),
+        "no CURVE here": (endpoint, None, "network.curve is off here and on there"),
+        "right": (endpoint, right, "connected to the replay"),
+    }
+    for name, (address, curve, said) in cases.items():
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, curve)
+        watch = security.LinkWatch(address, "replay", "replay_port", curve)
+        watch.watch(sock)
+        sock.connect(address)
+        try:
+            deadline = time.monotonic() + 60  # bounds a hang only: one connection attempt tells
+            while said not in watch.state and time.monotonic() < deadline:
+                watch.poll()
+                time.sleep(0.01)
+            assert said in watch.state, (name, watch.state)
+            assert watch.up == (name == "right") and watch.refused == (name == "unknown client")
+        finally:
+            watch.close()
+            sock.close(linger=0)
+
+
+def test_a_labeler_that_cannot_reach_its_streamer_says_why(server, tmp_path, reliev3r_process, wait_for):
+    """A labeler whose streamer link never comes up (here: a server public key that is not the
+    streamer's, which the streamer cannot even count as a refusal) logged "labeler up" and then
+    nothing, for ever. It now says what it waits for and why (the reasons: the test above). The
+    fixture's CURVE ROUTER stands in for the streamer's work socket."""
+    endpoint, keys, _metrics, _ctx, _sock = server
+    proc = reliev3r_process("label", *_curve_overrides(keys), f"network.work_port={endpoint.rsplit(':', 1)[1]}",
+                            f"network.replay_port={free_port()}", "monitoring.enabled=false", "labeler.teacher=none",
+                            f"run.dir={tmp_path / 'run'}", f"network.curve.server_public_key={keys / 'other.key'}",
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    # 60 s bounds a hang only: the reason is known within one connection attempt of a started labeler.
+    line = wait_for(lambda: next((x for x in lines if "waiting for the streamer" in x), None), 60,
+                    "the labeler's word on its streamer link", [proc])
+    record = json.loads(line)
+    assert record["level"] == "WARNING" and record["endpoint"] == endpoint, line
+    assert "network.curve.server_public_key" in record["reason"] and "other.key" in record["reason"], line
+
+
+def test_a_learner_waiting_for_replay_says_why(server, tmp_path, reliev3r_process, wait_for):
+    """A learner whose client key the replay does not know logged "waiting for replay" with the
+    endpoint every few seconds, for ever, as if replay were merely slow or absent: the reason its
+    replay client knew was dropped. The line now carries it. The fixture's CURVE ROUTER stands
+    in for the replay."""
+    endpoint, keys, _metrics, _ctx, _sock = server
+    proc = reliev3r_process("learn", *_curve_overrides(keys), f"network.replay_port={endpoint.rsplit(':', 1)[1]}",
+                            "monitoring.enabled=false", "learner.device=cpu", "learner.threads=1",
+                            f"run.dir={tmp_path / 'run'}", f"network.curve.client_public_key={keys / 'other.key'}",
+                            f"network.curve.client_secret_key={keys / 'other.key_secret'}",
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    # 120 s bounds a hang only: the line comes one sample timeout after the learner is up.
+    line = wait_for(lambda: next((x for x in lines if "waiting for replay" in x), None), 120,
+                    "the learner's word on its replay link", [proc])
+    record = json.loads(line)
+    assert record["endpoint"] == endpoint and "not in the replay's authorized_clients" in record["reason"], line
+    assert "other.key" in record["reason"], line
+
