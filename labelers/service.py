@@ -397,14 +397,26 @@ class LabelerService:
         self.work.close(linger=0)
         self.labeler.close()
 
+    def send(self, msg: Message) -> bool:
+        """Send to the streamer without blocking; False when the link takes nothing (one its CURVE
+        refused is dropped for good by ZeroMQ, and a blocking send there never returned: the
+        labeler could not stop). An unsent ``ready`` is repeated by the keep-alive; an unsent
+        ``done`` leaves the window to the streamer's resend, as a lost one does."""
+        try:
+            self.work.send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
     def ready(self) -> None:
         credits = max(0, self.cfg.credits - len(self.held))
-        self.work.send_multipart(protocol.encode(Message("ready", {"credits": credits})))
+        self.send(Message("ready", {"credits": credits}))
         self.last_ready = time.monotonic()
 
     def done(self, window_id: str, status: str, reason: str) -> None:
-        self.work.send_multipart(protocol.encode(Message("done", {"window_id": window_id, "status": status,
-                                                                  "reason": reason})))
+        if not self.send(Message("done", {"window_id": window_id, "status": status, "reason": reason})):
+            self.runtime.log.warning("done not sent: the streamer link takes nothing, the streamer resends the window",
+                                     extra={"window_id": window_id, "reason": self.link.state})
 
     def take(self) -> None:
         while self.work.poll(0):

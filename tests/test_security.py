@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -391,3 +392,27 @@ def test_a_learner_waiting_for_replay_says_why(server, tmp_path, reliev3r_proces
     assert record["endpoint"] == endpoint and "not in the replay's authorized_clients" in record["reason"], line
     assert "other.key" in record["reason"], line
 
+
+def test_a_labeler_refused_by_its_streamer_stops_on_sigterm(server, tmp_path, reliev3r_process, wait_for):
+    """A client key the streamer refuses ends the link for good (ZeroMQ drops its queue and does
+    not reconnect), so the labeler's next keep-alive ``ready`` blocked in its send: SIGTERM
+    and Ctrl-C were logged and never acted on, and only SIGKILL ended it. Its sends to the
+    streamer no longer block; it stops as any labeler does."""
+    endpoint, keys, metrics, _ctx, _sock = server
+    proc = reliev3r_process("label", *_curve_overrides(keys), f"network.work_port={endpoint.rsplit(':', 1)[1]}",
+                            f"network.replay_port={free_port()}", "monitoring.enabled=false", "labeler.teacher=none",
+                            f"run.dir={tmp_path / 'run'}", f"network.curve.client_public_key={keys / 'other.key'}",
+                            f"network.curve.client_secret_key={keys / 'other.key_secret'}",
+                            "labeler.ready_interval_s=0.1", stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    # Bounds a hang only: the refusal comes with the first connection, after the labeler is up.
+    wait_for(lambda: _failures(metrics) >= 1 and any('"labeler up"' in x for x in lines), 60,
+             "the streamer's refusal of the labeler", [proc])
+    time.sleep(1.0)  # ten keep-alives: the third blocked. Not an assertion: the stop must come whatever the wait
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)  # bounds a hang only
+    except subprocess.TimeoutExpired:
+        pytest.fail("the refused labeler did not stop on SIGTERM: " + "".join(lines)[-2000:])
+    assert proc.returncode == 0, "".join(lines)[-2000:]
