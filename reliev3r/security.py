@@ -276,10 +276,11 @@ class LinkWatch:
         self.curve = curve if curve is not None and curve.enabled else None
         self.up = False
         """The last handshake went through and the connection has not been lost since."""
-        self.state = (f"no answer from {endpoint} yet: a host that does not answer, or a port a firewall drops? "
-                      f"(network.connect_host, network.{port_key})")
-        """:attr:`up`'s words, or why the link is not up (until the first event: no answer yet, as
-        from a host that drops the connection attempt: a TCP connect gives up after minutes)."""
+        self.state = (f"no connection to {endpoint} yet: a host name that does not resolve, a host that does not "
+                      f"answer, or a port a firewall drops? (network.connect_host, network.{port_key})")
+        """:attr:`up`'s words, or why the link is not up (until the first event: no connection yet,
+        as to a host name ZeroMQ cannot resolve, which gives no event, or to a host that drops the
+        connection attempt: a TCP connect gives up after minutes)."""
         self._failed = False
         """:attr:`state` is a handshake's failure: kept while the same handshake is tried again."""
         self.refused = False
@@ -330,11 +331,14 @@ class LinkWatch:
         if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             here = "on here and off there" if self.curve else "off here and on there"
             return f"{at} does not speak CURVE as this process does: network.curve is {here}"
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.curve:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.curve:  # the peer closed: the same for both
             return (f"{at} drops the CURVE handshake: network.curve.server_public_key "
-                    f"({self.curve.server_public_key}) is not the public key of the {self.peer}'s server_secret_key")
-        return (f"the handshake with {self.endpoint} fails (ZeroMQ protocol error {value:#x}): is something other "
-                f"than the {self.peer} listening there?")
+                    f"({self.curve.server_public_key}) is not the public key of the {self.peer}'s server_secret_key, "
+                    f"or something other than the {self.peer} listens there")
+        why = (f"ZeroMQ protocol error {value:#x}" if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               else os.strerror(value))  # no detail: the errno of the connection's end
+        return (f"the handshake with {self.endpoint} fails ({why}): is something other than the {self.peer} "
+                f"listening there?")
 
     def close(self) -> None:
         """Stop watching the current socket (call before closing it, or right after)."""

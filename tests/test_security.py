@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -333,6 +334,18 @@ def test_a_link_watch_tells_why_a_connecting_socket_gets_nothing(server, ctx):
         "no CURVE here": (endpoint, None, "network.curve is off here and on there"),
         "right": (endpoint, right, "connected to the replay"),
     }
+    other = socket.create_server(("127.0.0.1", 0))  # a program that is no ZeroMQ peer: it hangs up at once
+    cases["something else"] = (f"tcp://127.0.0.1:{other.getsockname()[1]}", None,
+                               "is something other than the replay listening there?")
+
+    def hang_up() -> None:
+        try:
+            while True:
+                other.accept()[0].close()
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=hang_up, daemon=True).start()
     for name, (address, curve, said) in cases.items():
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -350,6 +363,7 @@ def test_a_link_watch_tells_why_a_connecting_socket_gets_nothing(server, ctx):
         finally:
             watch.close()
             sock.close(linger=0)
+    other.close()
 
 
 def test_a_labeler_that_cannot_reach_its_streamer_says_why(server, tmp_path, reliev3r_process, wait_for):
