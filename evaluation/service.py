@@ -38,6 +38,9 @@ from reliev3r import durable
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 
+WAIT_SAY_S = 60.0
+"""How often an evaluator that has seen no snapshot yet says where it waits for one."""
+
 REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
             "rra30", "rta30", "auc30", "accuracy", "completeness")
 """The metrics logged and sent in the heartbeat after each snapshot (each where the data gives
@@ -108,6 +111,8 @@ class EvaluatorService:
                                     windows=self.cfg.windows, stride=self.cfg.stride, run_dir=cfg.run_dir,
                                     synthetic_cfg=st.synthetic)
         self.baseline = trivial_baseline(self.windows)
+        self.seen, self.say_at = False, 0.0
+        """A snapshot was in the folder; when :meth:`_say_waiting` may say where it waits again."""
         metrics.report(self.baseline, "constant_identity")
 
     def step(self) -> int | None:
@@ -116,6 +121,7 @@ class EvaluatorService:
         runtime, windows = self.runtime, self.windows
         newest = self._newest()
         if newest is None:
+            self._say_waiting()
             runtime.wait(self.cfg.poll_s)
             return None
         snap, ident = newest
@@ -149,6 +155,20 @@ class EvaluatorService:
         runtime.log.info("evaluated snapshot", extra={"step": meta["step"],
                                                       **{k: round(result[k], 4) for k in REPORTED if k in result}})
         return 0 if is_last(meta, self.max_steps) else None
+
+    def _say_waiting(self) -> None:
+        """While the snapshot folder has held no snapshot, say where the evaluator waits for one:
+        at its first wait and every :data:`WAIT_SAY_S` after (an evaluator whose run.dir is not
+        the learner's, on another host without a shared folder, waited for ever without a word)."""
+        if self.seen or time.monotonic() < self.say_at:
+            return
+        if any(self.snap_dir.glob("step-*")):
+            self.seen = True
+            return
+        self.say_at = time.monotonic() + WAIT_SAY_S
+        self.runtime.log.info("waiting for a snapshot", extra={
+            "folder": str(self.snap_dir), "note": "the learner of this run.dir writes them there; a learner on "
+                                                  "another host must write to this same folder (a shared volume)"})
 
     def _newest(self) -> tuple[Path, str | None] | None:
         """The newest snapshot not passed over (the one of its name that was, by its

@@ -300,3 +300,22 @@ def test_windows_with_an_unreadable_frame_or_no_usable_depth_are_skipped_with_th
     (data / "img000.depth.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="no window could be read"):
         load_windows(f"folder:{data}", views=3, height=48, width=64, windows=3, stride=1, run_dir=tmp_path)
+
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_an_evaluator_before_any_snapshot_says_where_it_waits(tmp_path, caplog, wait_for):
+    """An evaluator started before the learner's first snapshot, or on a host whose run.dir is
+    not the learner's, logged "loading evaluation data" and then nothing, for ever. It says it
+    waits for a snapshot and in which folder, then scores the snapshot once it comes."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
+    evaluator = Evaluator(config(run, data, max_steps=1))
+    try:
+        record = wait_for(lambda: next((r for r in caplog.records if r.getMessage() == "waiting for a snapshot"), None),
+                          240, "the evaluator's word that it waits")
+        assert record.folder == str(run / "snapshots") and "run.dir" in record.note
+        make_tiny_snapshot(run, steps=1)
+        assert evaluator.wait(240) and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == ["step-000000001"]
