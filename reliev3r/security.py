@@ -24,6 +24,7 @@ same, with each public key copied into ``authorized_clients``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -256,20 +257,37 @@ LINK_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_DISCONNECTED |
 HANDSHAKING = "CURVE handshake under way"
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+WATCH_JOIN_S = 10.0
+"""How long :meth:`LinkWatch.close` waits for its thread (it ends within milliseconds: ZeroMQ's
+last event of a stopped monitor comes at once; this bounds a hang only)."""
+_watches = itertools.count()
+
+
+class _Seen:
+    """A link's state as the events so far make it (:class:`LinkWatch`'s thread writes it)."""
+    __slots__ = ("up", "state", "failed", "refused")
+
+    def __init__(self, state: str):
+        self.up, self.state, self.failed, self.refused = False, state, False, False
 
 
 class LinkWatch:
     """Whether a connecting socket's link to its peer is up, and if not why, read from the
-    socket's ZeroMQ monitor without blocking. To the application, a peer that is not there, one
-    that refuses this process's CURVE keys and an idle one look the same: no message. The
-    socket's own events tell them apart: no TCP connection (nothing answers at the address),
-    a CURVE handshake refused by the server's authenticator (the client key is not in its
-    ``authorized_clients``), one the server drops (the server public key is not its own), CURVE
-    on one side only, or a handshake that went through.
+    socket's ZeroMQ monitor. To the application, a peer that is not there, one that refuses this
+    process's CURVE keys and an idle one look the same: no message. The socket's own events tell
+    them apart: no TCP connection (nothing answers at the address), a CURVE handshake refused by
+    the server's authenticator (the client key is not in its ``authorized_clients``), one the
+    server drops (the server public key is not its own), CURVE on one side only, or a handshake
+    that went through.
 
     ``watch(sock)`` before ``sock.connect``, again for each fresh socket of the same link (the
-    state carries over); :meth:`poll` in the thread that owns the socket. ``peer`` names the
-    stage at the other end, ``port_key`` the ``network`` key of its port."""
+    state carries over); :meth:`close` before or after closing the socket, and before its
+    context ends. A daemon thread per watched socket takes its events as they come, whatever the
+    owner does: ZeroMQ sends them from the context's I/O thread, which blocks once some 2,000 lie
+    unread and then serves no socket of the context (a peer that is down gives an event per
+    reconnection attempt, ten a second). :meth:`poll`, in the thread that owns the socket, brings
+    :attr:`up`, :attr:`state` and :attr:`refused` up to date. ``peer`` names the stage at the
+    other end, ``port_key`` the ``network`` key of its port."""
 
     def __init__(self, endpoint: str, peer: str, port_key: str, curve: CurveConfig | None):
         self.endpoint, self.peer, self.port_key = endpoint, peer, port_key
@@ -281,46 +299,103 @@ class LinkWatch:
         """:attr:`up`'s words, or why the link is not up (until the first event: no connection yet,
         as to a host name ZeroMQ cannot resolve, which gives no event, or to a host that drops the
         connection attempt: a TCP connect gives up after minutes)."""
-        self._failed = False
-        """:attr:`state` is a handshake's failure: kept while the same handshake is tried again."""
         self.refused = False
         """The server's authenticator refused this client key: ZeroMQ does not try it again on
         this socket, so the link stays down until the socket is replaced (a process restarted)."""
-        self._monitor: zmq.Socket | None = None
+        self.events = 0
+        """The monitor events taken so far, of every socket watched."""
+        self._lock = threading.Lock()
+        self._seen = _Seen(self.state)
+        """The state as of the last event taken (under :attr:`_lock`); :meth:`poll` copies it."""
+        self._said = self.state
+        """:attr:`state` at the last :meth:`poll`."""
+        self._current: object | None = None
+        """The token of the thread whose events count (a closed socket's late ones do not)."""
         self._sock: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
 
     def watch(self, sock: zmq.Socket) -> None:
         self.close()
+        token = object()
+        with self._lock:
+            self._current, self._seen.refused = token, False
         self.refused = False
-        self._sock, self._monitor = sock, sock.get_monitor_socket(LINK_EVENTS)
+        address = f"inproc://reliev3r-link-watch-{os.getpid()}-{next(_watches)}"
+        # The thread's socket is connected before the monitor is bound (inproc allows it), so no
+        # event is ever sent with no one there, and every failure below undoes what was done.
+        # Not made by ctx.socket: ctx.destroy() closes the sockets made so, from its own thread,
+        # which this one, in use by the watch's thread, must not see; the context's end (ETERM)
+        # ends that thread, which closes it.
+        monitor = zmq.Socket(sock.context, zmq.PAIR)
+        try:
+            monitor.connect(address)
+            sock.monitor(address, LINK_EVENTS | zmq.EVENT_MONITOR_STOPPED)
+        except BaseException:
+            monitor.close(linger=0)
+            raise
+        # Handed over: the caller keeps no reference, and starting a thread is a full memory
+        # barrier, which is all ZeroMQ asks of a socket that moves to another thread.
+        thread = threading.Thread(target=self._take, args=(monitor, token), name=f"link-watch-{self.peer}",
+                                  daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            sock.disable_monitor()  # its last event goes into the connected pipe: no wait
+            monitor.close(linger=0)
+            raise
+        self._sock, self._thread = sock, thread
+
+    def _take(self, monitor: zmq.Socket, token: object) -> None:
+        """The watch's thread: take each event of ``monitor`` as it comes, until ZeroMQ stops the
+        monitor (:meth:`close`, or the socket's end) or the context ends. It never stops taking
+        earlier: an event unread blocks the context's I/O thread."""
+        try:
+            while True:
+                try:
+                    frames = monitor.recv_multipart()
+                except zmq.ZMQError:  # the context ends
+                    return
+                try:
+                    event = parse_monitor_message(frames)
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                        return
+                    with self._lock:
+                        self.events += 1
+                        if self._current is token:
+                            self._on(self._seen, event["event"], event["value"])
+                except Exception:  # a bug here must not stop the taking
+                    _log.exception("link watch: an event of the %s link not understood", self.peer)
+        finally:
+            monitor.close(linger=0)
 
     def poll(self) -> bool:
-        """Read the events that arrived; True when :attr:`state` changed to one worth saying (a
-        CURVE handshake under way lasts milliseconds and is not)."""
-        before = self.state
-        while self._monitor is not None and self._monitor.poll(0):
-            event = parse_monitor_message(self._monitor.recv_multipart())
-            self._on(event["event"], event["value"])
-        return self.state != before and not self._handshaking
+        """Bring :attr:`up`, :attr:`state` and :attr:`refused` up to the events taken; True when
+        :attr:`state` changed since the last poll to one worth saying (a CURVE handshake under way
+        lasts milliseconds and is not)."""
+        with self._lock:
+            self.up, self.state, self.refused = self._seen.up, self._seen.state, self._seen.refused
+        changed = self.state != self._said and not self._handshaking
+        self._said = self.state
+        return changed
 
     @property
     def _handshaking(self) -> bool:
         return self.state.endswith(HANDSHAKING)
 
-    def _on(self, event: int, value: int) -> None:
+    def _on(self, seen: _Seen, event: int, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.up, self._failed, self.state = True, False, f"connected to the {self.peer} at {self.endpoint}"
+            seen.up, seen.failed, seen.state = True, False, f"connected to the {self.peer} at {self.endpoint}"
         elif event in HANDSHAKE_FAILED:  # kept through the reconnections that try the same handshake again
-            self.up, self._failed, self.state = False, True, self._failure(event, value)
-            self.refused = self.refused or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            seen.up, seen.failed, seen.state = False, True, self._failure(event, value)
+            seen.refused = seen.refused or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
         elif event == zmq.EVENT_CLOSED:  # a TCP connect that failed: no one listens there
-            self.up, self._failed, self.state = False, False, (
+            seen.up, seen.failed, seen.state = False, False, (
                 f"nothing answers at {self.endpoint}: is the {self.peer} running there? "
                 f"(network.connect_host, network.{self.port_key})")
-        elif event == zmq.EVENT_DISCONNECTED and self.up:
-            self.up, self.state = False, f"lost the connection to the {self.peer} at {self.endpoint}; reconnecting"
-        elif event == zmq.EVENT_CONNECTED and not self._failed and self.curve:
-            self.state = f"connected to {self.endpoint}, {HANDSHAKING}"
+        elif event == zmq.EVENT_DISCONNECTED and seen.up:
+            seen.up, seen.state = False, f"lost the connection to the {self.peer} at {self.endpoint}; reconnecting"
+        elif event == zmq.EVENT_CONNECTED and not seen.failed and self.curve:
+            seen.state = f"connected to {self.endpoint}, {HANDSHAKING}"
 
     def _failure(self, event: int, value: int) -> str:
         at = f"the {self.peer} at {self.endpoint}"
@@ -341,14 +416,18 @@ class LinkWatch:
                 f"listening there?")
 
     def close(self) -> None:
-        """Stop watching the current socket (call before closing it, or right after)."""
-        if self._monitor is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass  # the socket is closed already
-            self._monitor.close(linger=0)
-            self._sock = self._monitor = None
+        """Stop watching the current socket (before closing it, or right after) and end the
+        watch's thread; once more does nothing."""
+        with self._lock:
+            self._current = None
+        sock, thread, self._sock, self._thread = self._sock, self._thread, None, None
+        if sock is None:
+            return
+        try:
+            sock.disable_monitor()  # ZeroMQ's last event to the thread: EVENT_MONITOR_STOPPED
+        except zmq.ZMQError:
+            pass  # the socket is closed already: ZeroMQ stops its monitor as it ends it
+        thread.join(WATCH_JOIN_S)
 
 
 def keys_main(out: Path, *, overwrite: bool = False) -> int:

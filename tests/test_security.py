@@ -22,6 +22,7 @@ from monitoring.metrics import Metrics
 from reliev3r import cli, protocol, security
 from reliev3r.config import free_port
 from reliev3r.security import CurveConfig, generate_keys, secure_client, secure_server
+from replay.client import ReplayClient
 
 
 def _failures(metrics: Metrics) -> float:
@@ -364,6 +365,76 @@ def test_a_link_watch_tells_why_a_connecting_socket_gets_nothing(server, ctx):
             watch.close()
             sock.close(linger=0)
     other.close()
+
+
+def test_a_link_watch_never_stalls_its_context_however_long_it_is_not_polled(ctx):
+    """ZeroMQ sends a socket's monitor events from its context's I/O thread, blocking once about
+    2,000 lie unread; that I/O thread then serves no socket of the context. A peer that is down
+    gives an event per reconnection attempt, and the watch read them only in :meth:`poll`: a
+    socket whose owner did not poll it (the learner's priority reporter while replay was down)
+    stalled every link of the process for good, its peer back or not. The watch takes the events
+    as they come; here a reconnection every millisecond to a port nobody listens on, never polled."""
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    live = ctx.socket(zmq.DEALER)
+    live.setsockopt(zmq.LINGER, 0)
+    live.connect(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
+    dead = ctx.socket(zmq.DEALER)
+    dead.setsockopt(zmq.LINGER, 0)
+    dead.setsockopt(zmq.RECONNECT_IVL, 1)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    watch = security.LinkWatch(address, "replay", "replay_port", None)
+    watch.watch(dead)
+    dead.connect(address)
+    try:
+        deadline = time.monotonic() + 120  # bounds a hang only: the count grows with every reconnection
+        while watch.events <= 2500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watch.events > 2500, watch.events
+        live.send(b"still there")
+        assert router.poll(60_000), "the context no longer delivers"  # bounds a hang only
+        assert router.recv_multipart()[1] == b"still there"
+        assert watch.poll() and "nothing answers at" in watch.state and not watch.up
+        assert not watch.poll()  # said once
+    finally:
+        watch.close()
+        dead.close(linger=0)
+        live.close(linger=0)
+        router.close(linger=0)
+
+
+def _watchers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("link-watch") and t.is_alive()]
+
+
+def test_a_replay_client_s_retries_leave_one_watching_thread(ctx):
+    """Every retry of a :class:`ReplayClient` replaces its socket; the watch of the old one ends
+    with it (its thread is joined), so the threads do not pile up, and closing leaves none."""
+    assert not _watchers()
+    client = ReplayClient(f"tcp://127.0.0.1:{free_port()}", ctx=ctx, timeout_s=0.2, retry_s=0.02)
+    deadline = time.monotonic() + 60  # bounds a hang only
+    while client.retries < 10 and time.monotonic() < deadline:
+        with pytest.raises(TimeoutError, match="nothing answers at|no connection to"):
+            client.stats()
+    assert client.retries >= 10
+    assert len(_watchers()) == 1
+    client.close()
+    assert not _watchers()
+    client.close()  # again: nothing to do
+
+
+def test_a_link_watch_closes_after_its_socket(ctx):
+    """An owner may close the socket first: the watch's thread still ends (ZeroMQ stops a closed
+    socket's monitor), and closing twice is harmless."""
+    sock = ctx.socket(zmq.DEALER)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    watch = security.LinkWatch(address, "replay", "replay_port", None)
+    watch.watch(sock)
+    sock.connect(address)
+    sock.close(linger=0)
+    watch.close()
+    assert not _watchers()
+    watch.close()
 
 
 def test_a_labeler_that_cannot_reach_its_streamer_says_why(server, tmp_path, reliev3r_process, wait_for):
