@@ -502,6 +502,26 @@ def test_a_resumed_run_labels_with_the_teacher_its_refresh_made(tmp_path):
         sup.metrics.close()
 
 
+def _environ_once_started(proc: subprocess.Popen) -> list[bytes]:
+    """The environment ``proc`` runs with, read from /proc once it has started its own program:
+    read at once, it could still be the forked copy of this process's (before its exec) or, read
+    during the exec, empty. Waits for its command line to change from this process's (bounded
+    only to catch a hang); the process, a Python start-up with its imports, lives far longer."""
+    ours = Path("/proc/self/cmdline").read_bytes()
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline:
+        try:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        except FileNotFoundError:
+            break
+        if cmdline and cmdline != ours and environ:
+            return environ.split(b"\0")
+        assert proc.poll() is None, "the process ended before its environment could be read"
+        time.sleep(0.005)
+    raise AssertionError(f"process {proc.pid} did not start its program within {HANG_S} s")
+
+
 @pytest.mark.timeout(300)  # bounds a hang only
 def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teacher(tmp_path):
     """The refresh runs the real ``reliev3r teacher-train --distill`` on the run: here its
@@ -516,8 +536,7 @@ def test_a_failed_teacher_refresh_is_reported_and_the_labelers_keep_their_teache
         sup._refresh_teacher()
         assert sup._refresh == "distilling" and "distilling the learner" in sup.out.getvalue()
         # it ends with the supervisor, even a SIGKILLed one (die_with_supervisor, read while it starts)
-        environ = Path(f"/proc/{sup._distill.pid}/environ").read_bytes().split(b"\0")
-        assert f"RELIEV3R_SUPERVISED={os.getpid()}".encode() in environ
+        assert f"RELIEV3R_SUPERVISED={os.getpid()}".encode() in _environ_once_started(sup._distill)
         held = {k: v["held"] for k, v in json.loads((tmp_path / "processes.json").read_text()).items()
                 if k != "supervisor"}
         assert held == {"streamer": None, "replay": None, "labeler": "teacher refresh",
