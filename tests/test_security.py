@@ -437,6 +437,14 @@ def test_a_link_watch_closes_after_its_socket(ctx):
     watch.close()
 
 
+def _first_log_line(proc, text: str, bound_s: float, what: str, wait_for) -> tuple[str, dict]:
+    """The first line of ``proc``'s log (its stderr) holding ``text``, and its JSON record."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    line = wait_for(lambda: next((x for x in lines if text in x), None), bound_s, what, [proc])
+    return line, json.loads(line)
+
+
 def test_a_labeler_that_cannot_reach_its_streamer_says_why(server, tmp_path, reliev3r_process, wait_for):
     """A labeler whose streamer link never comes up (here: a server public key that is not the
     streamer's, which the streamer cannot even count as a refusal) logged "labeler up" and then
@@ -447,12 +455,9 @@ def test_a_labeler_that_cannot_reach_its_streamer_says_why(server, tmp_path, rel
                             f"network.replay_port={free_port()}", "monitoring.enabled=false", "labeler.teacher=none",
                             f"run.dir={tmp_path / 'run'}", f"network.curve.server_public_key={keys / 'other.key'}",
                             stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     # 60 s bounds a hang only: the reason is known within one connection attempt of a started labeler.
-    line = wait_for(lambda: next((x for x in lines if "waiting for the streamer" in x), None), 60,
-                    "the labeler's word on its streamer link", [proc])
-    record = json.loads(line)
+    line, record = _first_log_line(proc, "waiting for the streamer", 60, "the labeler's word on its streamer link",
+                                   wait_for)
     assert record["level"] == "WARNING" and record["endpoint"] == endpoint, line
     assert "network.curve.server_public_key" in record["reason"] and "other.key" in record["reason"], line
 
@@ -468,12 +473,8 @@ def test_a_learner_waiting_for_replay_says_why(server, tmp_path, reliev3r_proces
                             f"run.dir={tmp_path / 'run'}", f"network.curve.client_public_key={keys / 'other.key'}",
                             f"network.curve.client_secret_key={keys / 'other.key_secret'}",
                             stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     # 120 s bounds a hang only: the line comes one sample timeout after the learner is up.
-    line = wait_for(lambda: next((x for x in lines if "waiting for replay" in x), None), 120,
-                    "the learner's word on its replay link", [proc])
-    record = json.loads(line)
+    line, record = _first_log_line(proc, "waiting for replay", 120, "the learner's word on its replay link", wait_for)
     assert record["endpoint"] == endpoint and "not in the replay's authorized_clients" in record["reason"], line
     assert "other.key" in record["reason"], line
 
