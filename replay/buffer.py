@@ -260,6 +260,14 @@ class ReplayBuffer:
     def can_sample(self, n: int) -> bool:
         return len(self.storage) >= self.cfg.min_size and self.limiter.can_sample(n)
 
+    def sample_wait(self, n: int) -> str:
+        """Why a sample of ``n`` windows waits (said to the client with its ``not_ready``)."""
+        stored = len(self.storage)
+        if stored < self.cfg.min_size:
+            return f"stores {stored} window{'' if stored == 1 else 's'}, fewer than replay.min_size {self.cfg.min_size}"
+        return (f"its rate limiter holds samples back (replay.samples_per_insert "
+                f"{self.limiter.samples_per_insert:g}): the learners are ahead of the windows inserted")
+
     def max_batch(self) -> int:
         """The largest batch the limiter can ever grant (a larger one would wait forever)."""
         if not self.limiter.enabled:

@@ -65,8 +65,9 @@ class ReplayClient:
         self._sock: zmq.Socket | None = None
         self.link = security.LinkWatch(endpoint, "replay", "replay_port", curve)
         """The link's state across this client's sockets: a timeout says why nothing came back."""
-        self.last_answer = ""
-        """The last "try again" answer (``not_ready``, ``rate_limited``) to the request under way."""
+        self.last_answer = self.last_detail = ""
+        """The last "try again" answer (``not_ready``, ``rate_limited``) to the request under way,
+        and the service's words on it (a sample's: how many windows it stores against min_size)."""
         self.retries = 0
         """Requests re-sent after a silent attempt (a restarted or overloaded service)."""
 
@@ -98,7 +99,7 @@ class ReplayClient:
         :class:`Cancelled` once ``stop`` is set."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         kinds = (*reply_kinds, "error")
-        self.last_answer = ""
+        self.last_answer = self.last_detail = ""
         while True:
             rid = self._prefix + str(next(self._ids))
             msg.meta["request_id"] = rid
@@ -129,6 +130,7 @@ class ReplayClient:
                 raise ReplayError(str(reply.meta.get("reason")), str(reply.meta.get("detail", "")))
             if reply is not None:
                 self.last_answer = str(reply.meta.get("reason"))
+                self.last_detail = str(reply.meta.get("detail", ""))
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"replay {self.endpoint}: no {reply_kinds[0]} within the timeout ({self.why()})")
             if reply is None:  # silence: the request or its reply may be lost with a dead peer
@@ -144,6 +146,8 @@ class ReplayClient:
         said = {"not_ready": "answers not_ready: it stores fewer than replay.min_size windows, or its rate limiter "
                              "holds samples back",
                 "rate_limited": "answers rate_limited: its rate limiter holds inserts back until the learners sample"}
+        if self.last_answer == "not_ready" and self.last_detail:  # the service's own words: which, how many
+            return f"{self.link.state}, which answers not_ready: it {self.last_detail}"
         return f"{self.link.state}, which {said.get(self.last_answer, 'has not answered')}"
 
     # ------------------------------------------------------------------ API

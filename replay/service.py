@@ -238,7 +238,8 @@ class ReplayService:
             while queue and queue[0].deadline <= now:
                 w = queue.popleft()
                 self.metrics.not_ready.labels(kind).inc()
-                reply = protocol.error_reply(reason)
+                reply = protocol.error_reply(reason, self.buffer.sample_wait(w.msg.meta["batch_size"])
+                                             if kind == "sample" else "")
                 if kind == "insert":
                     reply.meta["window_id"] = w.msg.meta.get("window_id", "")
                 self._send(w.identity, reply, w.msg)

@@ -105,6 +105,17 @@ def test_buffer_never_serves_a_corrupt_window(make_insert, tmp_path):
     assert buf.counts["corrupt"] == 1 and "w1" not in buf.storage and len(buf.sampler) == 2
 
 
+def test_a_waiting_sample_is_told_which_of_min_size_and_the_rate_limiter_holds_it(make_insert):
+    """The words a ``not_ready`` answer carries: how many windows against ``min_size``, else the
+    rate limiter (here two windows inserted at 2 samples per insert, tolerance 2: 100 samples wait)."""
+    buf = ReplayBuffer(ReplayConfig(min_size=2, samples_per_insert=2.0, tolerance=2.0), MemoryStorage())
+    assert buf.insert(make_insert(0)).status == "stored"
+    assert not buf.can_sample(1) and buf.sample_wait(1) == "stores 1 window, fewer than replay.min_size 2"
+    assert buf.insert(make_insert(1)).status == "stored"
+    assert buf.can_sample(1) and not buf.can_sample(100)
+    assert buf.sample_wait(100).startswith("its rate limiter holds samples back (replay.samples_per_insert 2)")
+
+
 def test_disk_full_is_a_rejected_insert(make_insert, tmp_path):
     storage = DiskStorage(tmp_path, max_pages=40)  # ~160 KiB database
     buf = ReplayBuffer(ReplayConfig(min_size=1), storage)

@@ -53,6 +53,18 @@ def metric(runtime: Runtime, name: str, **labels) -> float:
     return runtime.metrics.registry.get_sample_value(f"reliev3r_{name}", labels) or 0.0
 
 
+def test_a_sample_that_times_out_on_a_replay_short_of_min_size_says_how_short(make_cfg, make_insert):
+    """A learner's sample on a replay holding fewer than ``replay.min_size`` windows timed out
+    with "answers not_ready: it stores fewer than replay.min_size windows, or its rate limiter
+    holds samples back": the replay knew which, and how many it held, but its reply said neither."""
+    cfg = make_cfg("replay.sample_wait_s=0.2", "replay.min_size=3")
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=30) as client:
+        client.insert(make_insert(0))
+        with pytest.raises(TimeoutError) as err:
+            client.sample(2, timeout_s=1.0)  # a few not_ready answers, then the timeout
+    assert "stores 1 window, fewer than replay.min_size 3" in str(err.value), err.value
+
+
 def test_insert_duplicate_sample_stats(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY)
     # retry_s well above any reply's time on a loaded machine: the test asserts no retry was needed
