@@ -179,10 +179,21 @@ class Supervisor:
                    "done": f", refreshed to {self.teacher_file}"}.get(self._refresh, "")
                 + (f", no teacher refresh ({self.cfg.refresh_skipped})"
                    if self.cfg.labeler.refresh_step and not self.cfg.refreshes_teacher else "")
-                + (f", learner starting from {self.cfg.learner.init} unless the run folder has a snapshot"
-                   if self.cfg.learner.init else "")
+                + self._learner_start()
                 + scored
                 + (f", stopping after {self.cfg.learner.max_steps} steps" if self.cfg.learner.max_steps else ""))
+
+    def _learner_start(self) -> str:
+        """The start line's words on where a learner with ``learner.init`` starts: from it, or
+        from the run's own newest snapshot (resume wins), from it again after a refresh to come."""
+        init = self.cfg.learner.init
+        if not init:
+            return ""
+        if (step := snapshot_step(self.run_dir)) is None:
+            return f", learner starting from {init}"
+        if self._refresh == "waiting":
+            return f", learner resuming its snapshot of step {step}, from {init} after the teacher refresh"
+        return f", learner resuming its snapshot of step {step} (learner.init ignored: a run resumes its own)"
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:

@@ -1206,3 +1206,30 @@ def test_the_start_line_says_what_snapshots_are_scored_on_and_how_to_score_your_
     assert ("scored on synthetic (the synthetic world, not your sources: evaluator.data=7scenes:DIR or "
             "folder:DIR scores on their ground truth)") in said["footage"]
     assert "scored on 7scenes:/data/kitchen" in said["kitchen"] and "not your sources" not in said["kitchen"]
+
+
+def test_the_start_line_says_whether_the_learner_resumes_its_snapshot_or_starts_from_init(tmp_path):
+    """``up`` with ``learner.init`` said "learner starting from INIT unless the run folder has a
+    snapshot", leaving the user to find out which; a run stopped once and started again with a new
+    init resumed its own snapshot, said only in the learner's log. It now says which, and the step."""
+    from reliev3r.supervisor import Supervisor
+
+    def line(name: str, *extra: str) -> str:
+        run = tmp_path / name
+        cfg = cli.load_config(cli.parse_args(["up", f"run.dir={run}", "learner.init=/w/init", *extra]))
+        sup = Supervisor(cfg, out=io.StringIO())
+        try:
+            return sup.start_line()
+        finally:
+            sup.metrics.close()
+
+    assert "learner starting from /w/init," in line("fresh")
+    snap = tmp_path / "own" / "snapshots" / "step-000000040"
+    snap.mkdir(parents=True)
+    (snap / "meta.json").write_text("{}")
+    said = line("own")
+    assert "learner resuming its snapshot of step 40 (learner.init ignored: a run resumes its own)" in said, said
+    (tmp_path / "ahead" / "snapshots").mkdir(parents=True)
+    snap.rename(tmp_path / "ahead" / "snapshots" / snap.name)
+    said = line("ahead", "streamer.sources=[/data/clips]", "labeler.refresh_step=100")
+    assert "learner resuming its snapshot of step 40, from /w/init after the teacher refresh" in said, said
