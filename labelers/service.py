@@ -288,10 +288,8 @@ class ReplayLink:
                 return "dropped", f"replay_{status}:{reason}"
             if self.runtime.stopping:
                 return None
-            self.link.poll()
-            reason = self.link.state if not self.link.up else f"{self.link.state}, which has not answered"
             self.runtime.log.warning("no insert_ack from replay, retrying",
-                                     extra={"window_id": window_id, "attempt": attempt + 1, "reason": reason})
+                                     extra={"window_id": window_id, "attempt": attempt + 1, "reason": self.link.why()})
             self.close()
         return None
 

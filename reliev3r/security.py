@@ -378,6 +378,12 @@ class LinkWatch:
         self._said = self.state
         return changed
 
+    def why(self, answer: str = "has not answered") -> str:
+        """Why a request over the link got no reply, as of now: the link's state where it is down,
+        else the state and what the peer did (``answer``: "has not answered", or its own words)."""
+        self.poll()
+        return self.state if not self.up else f"{self.state}, which {answer}"
+
     @property
     def _handshaking(self) -> bool:
         return self.state.endswith(HANDSHAKING)

@@ -109,7 +109,6 @@ class ReplayClient:
             while reply is None:
                 if self.stop is not None and self.stop.is_set():
                     raise Cancelled(f"replay {self.endpoint}: {reply_kinds[0]} request given up (stop)")
-                self.link.poll()
                 left = attempt_end - time.monotonic()
                 if left <= 0:
                     break
@@ -140,15 +139,12 @@ class ReplayClient:
     def why(self) -> str:
         """Why no reply came: the link's state (:class:`reliev3r.security.LinkWatch`: nothing
         answers, CURVE refused ...) or, when it is up, the service's last "try again" answer."""
-        self.link.poll()
-        if not self.link.up:
-            return self.link.state
         said = {"not_ready": "answers not_ready: it stores fewer than replay.min_size windows, or its rate limiter "
                              "holds samples back",
                 "rate_limited": "answers rate_limited: its rate limiter holds inserts back until the learners sample"}
         if self.last_answer == "not_ready" and self.last_detail:  # the service's own words: which, how many
-            return f"{self.link.state}, which answers not_ready: it {self.last_detail}"
-        return f"{self.link.state}, which {said.get(self.last_answer, 'has not answered')}"
+            return self.link.why(f"answers not_ready: it {self.last_detail}")
+        return self.link.why(said.get(self.last_answer, "has not answered"))
 
     # ------------------------------------------------------------------ API
     def insert(self, msg: protocol.Message | None = None, /, *, timeout_s: float | None = None,
