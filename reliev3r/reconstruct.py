@@ -749,8 +749,9 @@ def main(cfg, args: argparse.Namespace) -> int:
     given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
     opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
     check_device("--device", args.device, auto=True)
+    source = input_path(args.input)  # a glob matching none or several: said before the model loads
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
-    stream = open_input(input_path(args.input), stride=opts.stride, max_frames=opts.max_frames,
+    stream = open_input(source, stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None,
                         gt_poses=Path(args.gt_poses) if args.gt_poses else None)
     summary = reconstruct(reconstructor, stream, Path(args.out), opts)
