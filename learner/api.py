@@ -14,8 +14,10 @@ An image file is read as its Exif orientation shows it (OpenCV turns a JPEG or P
 and intrinsics given with it are those of the file as recorded, turned with it
 (``reliev3r.imaging.orient_intrinsics``), as the streamer, ``reliev3r eval`` and
 ``reliev3r reconstruct`` turn an intrinsics file with each frame. An array is taken as it is,
-its intrinsics too. Intrinsics that cannot be an image's (principal point far from its centre:
-``reliev3r.imaging.intrinsics_mismatch``) are refused with a ValueError naming the image.
+its intrinsics too. Intrinsics that are no pinhole camera's (``reliev3r.imaging.intrinsics_problem``)
+or cannot be an image's (principal point far from its centre: ``reliev3r.imaging.intrinsics_mismatch``)
+are refused with a ValueError naming the image; intrinsics of another shape than [3, 3] or [V, 3, 3]
+with a ValueError saying so.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ class Reconstructor:
             intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Reconstruct one window of V images (RGB uint8 HxWx3 arrays or image file paths).
 
-        ``intrinsics``: [3, 3] shared or [V, 3, 3] per image, in pixels of the given images: of
-        an array as it is, of an image file as recorded (turned here as the file's Exif
-        orientation turns the image: module docstring). Intrinsics that cannot be an image's (a
-        principal point far from its centre, as those of the frames before they were downsampled
-        put it: ``reliev3r.imaging.intrinsics_mismatch``) raise ValueError naming the image, as
+        ``intrinsics``: [3, 3] shared or [V, 3, 3] per image (another shape raises ValueError), in
+        pixels of the given images: of an array as it is, of an image file as recorded (turned here
+        as the file's Exif orientation turns the image: module docstring). Intrinsics that are no
+        pinhole camera's (focal lengths not finite and > 0, an entry not finite, a last row other
+        than 0 0 1: ``reliev3r.imaging.intrinsics_problem``) or cannot be an image's (a principal
+        point far from its centre, as those of the frames before they were downsampled put it:
+        ``reliev3r.imaging.intrinsics_mismatch``) raise ValueError naming the image, as
         ``reliev3r reconstruct`` refuses such an intrinsics file. Returns float32 arrays: ``depth``
         [V,H,W], ``confidence`` [V,H,W], ``cam_to_world`` [V,4,4], ``intrinsics`` [V,3,3] (of
         the resized images), ``points`` [V,H,W,3] (world frame) and ``images`` uint8 [V,H,W,3]
@@ -77,16 +81,19 @@ class Reconstructor:
         if len(frames) < 1:
             raise ValueError("images: need at least one image")
         h, w = self.target_size(*frames[0][0].shape[:2])
+        arr = None if intrinsics is None else np.asarray(intrinsics, dtype=np.float64)
+        if arr is not None and arr.shape not in ((3, 3), (len(frames), 3, 3)):
+            raise ValueError(f"intrinsics: expected [3, 3] or [{len(frames)}, 3, 3] for {len(frames)} "
+                             f"image{'s' * (len(frames) != 1)}, got {list(arr.shape)}")
         resized, ks = [], []
         for i, (frame, turn) in enumerate(frames):
             fh, fw = frame.shape[:2]
-            if intrinsics is None:
+            if arr is None:
                 k = geometry.intrinsics_from_fov(DEFAULT_HFOV_DEG, fw, fh)
             else:
-                arr = np.asarray(intrinsics, dtype=np.float64)
                 given = arr if arr.ndim == 2 else arr[i]
                 recorded = (fh, fw) if turn & imaging.TRANSPOSE else (fw, fh)
-                if (problem := imaging.intrinsics_mismatch(given, *recorded)) is not None:
+                if (problem := imaging.intrinsics_problem(given) or imaging.intrinsics_mismatch(given, *recorded)):
                     name = f"images[{i}]" + (f" ({images[i]})" if isinstance(images[i], (str, Path)) else "")
                     raise ValueError(f"{name}: {problem}")
                 k = torch.from_numpy(imaging.shown_intrinsics(given, turn, fw, fh)).float()

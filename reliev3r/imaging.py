@@ -10,7 +10,8 @@ video's display matrix or an image's Exif orientation tag asks for (:func:`displ
 :func:`orient_pose`. And how an image folder is read: which files are its frames and in what
 order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`, else those its
 dataset publishes: :func:`published_intrinsics`,
-:func:`read_intrinsics`, checked against the frames by :func:`intrinsics_mismatch`), a frame's
+:func:`read_intrinsics`, checked by :func:`intrinsics_problem` and against the frames by
+:func:`intrinsics_mismatch`), a frame's
 ground-truth pose file (:func:`read_pose`; every ground-truth pose is checked by
 :func:`pose_problem`), and images read and written as bytes
 (:func:`read_image`, :func:`write_image`, :func:`encode_image`).
@@ -182,11 +183,26 @@ def read_intrinsics(path: Path) -> np.ndarray:
         K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
     else:
         raise ValueError(f"{path}: expected 9 or 4 numbers, got {values.size}")
-    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise ValueError(f"{path}: focal lengths must be finite and > 0")
-    if not np.array_equal(K[2], [0.0, 0.0, 1.0]):  # every window would be refused downstream
-        raise ValueError(f"{path}: the last row must be 0 0 1, got {' '.join(f'{v:g}' for v in K[2])}")
+    if (problem := intrinsics_problem(K)) is not None:
+        raise ValueError(f"{path}: {problem}")
     return K
+
+
+def intrinsics_problem(intrinsics) -> str | None:
+    """What makes a 3x3 matrix no pinhole camera's intrinsics, or None: focal lengths that are not
+    finite and > 0, another entry that is not finite, a last row other than 0 0 1 (what the wire
+    format takes: every window would be refused downstream). An intrinsics file
+    (:func:`read_intrinsics`) and intrinsics given to ``learner.api`` are checked so."""
+    K = np.asarray(intrinsics, dtype=np.float64)
+    if K.shape != (3, 3):
+        return f"expected a 3x3 matrix, got shape {list(K.shape)}"
+    if not (np.isfinite(K[0, 0]) and np.isfinite(K[1, 1]) and K[0, 0] > 0 and K[1, 1] > 0):
+        return "focal lengths must be finite and > 0"
+    if not np.isfinite(K).all():
+        return "the intrinsics are not finite"
+    if not np.array_equal(K[2], [0.0, 0.0, 1.0]):
+        return f"the last row must be 0 0 1, got {' '.join(f'{v:g}' for v in K[2])}"
+    return None
 
 
 POSE_TOLERANCE = 1e-2

@@ -307,6 +307,63 @@ def test_api_refuses_intrinsics_that_cannot_be_the_images(tmp_path):
     assert rec.run([path, a], intrinsics=np.stack([fitting, fitting]))["depth"].shape == (2, 16, 24)
 
 
+def test_api_refuses_intrinsics_of_another_shape_or_count_naming_what_it_takes(tmp_path):
+    """``intrinsics`` is one [3, 3] for every image or one per image, [V, 3, 3]. One matrix in a
+    [1, 3, 3] for two images, five for two, or four numbers ``fx fy cx cy`` are refused with a
+    ValueError saying what was given and what is taken. Before, the first two for one image came
+    out as an IndexError from inside the API, the extra three were dropped without a word, and the
+    four numbers an IndexError ("invalid index to scalar variable")."""
+    import numpy as np
+
+    from learner.api import Reconstructor
+
+    trainer = _trainer()
+    trainer.step(synthetic_batch(1, 2, 16, 24))
+    trainer.save_state(tmp_path / "run" / "snapshots")
+    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    a = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    K = np.array([[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]])
+    four = np.array([40.0, 40, 23.5, 15.5])
+    for given, shape in ((K[None], "[1, 3, 3]"), (np.stack([K] * 5), "[5, 3, 3]"), (four, "[4]")):
+        with pytest.raises(ValueError) as err:
+            rec.run([a, a], intrinsics=given)
+        assert f"intrinsics: expected [3, 3] or [2, 3, 3] for 2 images, got {shape}" == str(err.value)
+    assert rec.run([a, a], intrinsics=np.stack([K, K]))["depth"].shape == (2, 16, 24)
+    assert rec.run([a, a], intrinsics=K.tolist())["depth"].shape == (2, 16, 24)  # any array-like
+
+
+@pytest.mark.parametrize("case, row, value, reason", [
+    ("zero focal length", (0, 0), 0.0, "focal lengths must be finite and > 0"),
+    ("negative focal length", (1, 1), -40.0, "focal lengths must be finite and > 0"),
+    ("NaN focal length", (0, 0), float("nan"), "focal lengths must be finite and > 0"),
+    ("infinite principal point", (0, 2), float("inf"), "not finite"),
+    ("last row not 0 0 1", (2, 1), 1.0, "the last row must be 0 0 1, got 0 1 1"),
+])
+def test_api_refuses_intrinsics_that_are_no_pinhole_camera_as_an_intrinsics_file_is(tmp_path, case, row, value,
+                                                                                     reason):
+    """Intrinsics given to the API are checked as ``reconstruct`` and the streamer check an
+    intrinsics file (``reliev3r.imaging.intrinsics_problem``): finite, focal lengths > 0, a last
+    row of 0 0 1; a ValueError names the image and the problem. Before, the API unprojected
+    through them: a zero focal length gave infinite points, a negative one points mirrored through
+    the camera, a NaN one NaN points, a last row of 0 1 1 was ignored; an infinite principal point
+    was said to lie "far from the centre"."""
+    import numpy as np
+
+    from learner.api import Reconstructor
+
+    trainer = _trainer()
+    trainer.step(synthetic_batch(1, 2, 16, 24))
+    trainer.save_state(tmp_path / "run" / "snapshots")
+    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    a = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    good = np.array([[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]])
+    bad = good.copy()
+    bad[row] = value
+    with pytest.raises(ValueError) as err:
+        rec.run([a, a], intrinsics=np.stack([good, bad]))
+    assert str(err.value).startswith("images[1]: ") and reason in str(err.value), case
+
+
 def test_snapshots_and_studies_need_no_pyzmq(tmp_path):
     # GPU hosts may lack pyzmq; a study there crashed at its final snapshot when the config
     # module pulled it in. A fresh interpreter with pyzmq blocked saves and loads a snapshot.
