@@ -141,7 +141,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     the stream is read (one frame in memory at a time). A video's frames are turned as players
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
     ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
-    (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike).
+    (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike and
+    of one size: ValueError naming the first frame that is not).
 
     Ground truth: a folder's own poses, or the TUM trajectory ``gt_poses`` (:func:`read_gt_poses`),
     matched by ``evaluation.datasets.match_trajectory`` (a folder's names as the frames' times, a
@@ -184,6 +185,8 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                 h, w = first.shape[:2]
                 K = _fitting(imaging.shown_intrinsics(K, turn, w, h), intrinsics, w, h)
 
+        size = None if first is None else first.shape[:2]  # the first frame's, which the intrinsics are of
+
         def images() -> Iterator[tuple[np.ndarray, float]]:
             nonlocal first
             for f, t in zip(files, stamps):
@@ -196,6 +199,10 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                 if turn is not None and shown != turn:
                     raise ValueError(f"{f}: turned by its Exif orientation unlike {files[0].name}, so the one "
                                      "intrinsics matrix cannot serve both")
+                if turn is not None and bgr.shape[:2] != size:
+                    raise ValueError(f"{f}: {bgr.shape[1]}x{bgr.shape[0]}, unlike {files[0].name}'s "
+                                     f"{size[1]}x{size[0]}, so the one intrinsics matrix ({intrinsics}) cannot "
+                                     "serve both")
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
         # a trajectory matched by order: to every frame of the folder

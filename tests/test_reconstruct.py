@@ -518,6 +518,37 @@ def test_a_folders_intrinsics_are_turned_with_its_frames_exif_orientation(tmp_pa
         list(open_input(folder, stride=1, max_frames=10).frames)
 
 
+@pytest.mark.parametrize("size", [(56, 42), (48, 64), (32, 24)])
+def test_a_frame_of_another_size_than_the_first_cannot_share_the_folders_intrinsics_said_naming_it(tmp_path,
+                                                                                                   capsys, size):
+    """A folder of 64x48 frames with a camera-intrinsics.txt of them, and one frame of another
+    size (a copy resized to 56x42, one turned upright by an editor rather than by Exif, 48x64, one
+    at half size): the one matrix cannot be that frame's, which is said naming its file and both
+    sizes, by ``open_input`` as the frames are read and by ``reliev3r reconstruct`` (exit 2).
+    Before, the first two were reconstructed through the 64x48 frames' intrinsics (their principal
+    point lies near enough to these frames' centre to pass ``intrinsics_mismatch``: a focal length
+    and principal point off by 12 % and 8 pixels, without a word), and the third was refused as
+    "images[4]", the frame's place in its window, naming no file."""
+    from reliev3r.reconstruct import open_input
+    from streamer_media import texture
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in range(6):
+        w, h = size if k == 4 else (64, 48)
+        ok, data = cv2.imencode(".png", texture(w, h, seed=k))
+        (folder / f"{k:04d}.png").write_bytes(data.tobytes())
+    (folder / "camera-intrinsics.txt").write_text("50 50 31.5 23.5\n")
+    expected = f"0004.png: {size[0]}x{size[1]}, unlike 0000.png's 64x48"
+    with pytest.raises(ValueError, match=expected):
+        list(open_input(folder, stride=1, max_frames=10).frames)
+    snap = make_tiny_snapshot(tmp_path / "run")
+    code = cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(folder), "--out",
+                     str(tmp_path / "out"), "--views", "3"])
+    assert code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folders_frames_are_each_read_once_for_their_pixels_and_orientation(tmp_path, monkeypatch):
     """A folder of Exif-tagged frames with an intrinsics file (the frames' orientation matters):
     each frame's file is opened once, its orientation read from the bytes decoded. Before, each
