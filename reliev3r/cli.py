@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     exp.add_argument("--out", default=None, help="output file (.pt2 or .onnx); optional with --colmap")
     exp.add_argument("--format", choices=("torch-export", "onnx"), default=None, help="default: from --out's suffix")
-    exp.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views)")
+    exp.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views, "
+                     "of the run's config.yaml unless --config is given)")
     exp.add_argument("--height", type=int, default=None, help="input height (default: the snapshot's)")
     exp.add_argument("--width", type=int, default=None, help="input width (default: the snapshot's)")
     exp.add_argument("--colmap", default=None, metavar="DIR",

@@ -115,7 +115,7 @@ used its hosts (device, workers, threads, batches)."""
 
 
 def with_run_config(cfg: PipelineConfig, run_dir: Path, *, files: list[str], overrides: list[str]) -> PipelineConfig:
-    """The config a tool (``eval``, ``export --colmap``, ``view``) reads a run's snapshots with:
+    """The config a tool (``eval``, ``export``, ``view``) reads a run's snapshots with:
     ``cfg`` with the :data:`RUN_SECTIONS` of ``<run_dir>/config.yaml`` (the run's windows: views,
     size, synthetic world, whose held-out scenes its evaluator rendered into
     ``<run_dir>/eval_world`` and a tool reuses rather than renders again with another spec; its

@@ -1,7 +1,10 @@
 """``reliev3r export``: a snapshot's model as a deployable file, checked against eager.
 
 Formats (static shapes: one batch of ``views`` images of ``height`` x ``width``, which must
-be multiples of the patch size; export again for another size):
+be multiples of the patch size; export again for another size). By default ``views`` is the
+run's ``streamer.views`` and the size the snapshot's ``image_size`` (else the run's
+``streamer.height`` x ``width``): the run's ``config.yaml`` is read as ``export --colmap`` reads it
+(``reliev3r.config.with_run_config``):
 
 * ``torch-export`` (``.pt2``): ``torch.export.export`` + ``torch.export.save``; load with
   ``torch.export.load(path).module()``. No pickle of Python objects is involved in loading
@@ -105,10 +108,14 @@ def max_difference(model: nn.Module, path: Path, fmt: Format, *, views: int, hei
 
 def main(cfg, args: argparse.Namespace) -> int:
     from learner.snapshot import load_model, resolve_snapshot
+    from reliev3r.config import run_folder, with_run_config
 
     out = Path(args.out)
     fmt = format_of(out, args.format)
     snap = resolve_snapshot(Path(args.checkpoint))
+    # the run's windows (views; the size where the snapshot does not record it), as export --colmap reads them
+    cfg = with_run_config(cfg, run_folder(snap), files=getattr(args, "config", []),
+                          overrides=getattr(args, "overrides", []))
     model, meta = load_model(snap, "cpu")
     size = meta.get("image_size") or (cfg.streamer.height, cfg.streamer.width)
     views = args.views or cfg.streamer.views

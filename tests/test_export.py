@@ -69,6 +69,27 @@ def test_onnx_export_of_a_model_with_the_scale_head(tmp_path):
     _check(snap, out, "onnx")
 
 
+def test_the_export_takes_the_views_of_the_snapshots_run_as_export_colmap_does(tmp_path):
+    """A run of 3-view windows (``streamer.views: 3`` in its ``config.yaml``; the default is 4):
+    ``export --out`` without ``--views`` exports a graph of 3 views, the run's, as ``export
+    --colmap``, ``eval`` and ``view`` read the run's windows; ``--views`` and ``--config`` still
+    decide where given. Before, it took the default config's 4 views, so the ONNX or .pt2 file of a
+    run took windows of another size than the run's, and ``export --out M --colmap D`` in one
+    command wrote models of 3-view windows beside a graph of 4."""
+    snap = make_tiny_snapshot(tmp_path / "run", steps=1)
+    (tmp_path / "run" / "config.yaml").write_text("streamer:\n  views: 3\n")
+
+    def exported(*extra: str) -> list[int]:
+        out = tmp_path / "model.pt2"
+        assert cli.main(["export", "--checkpoint", str(snap), "--out", str(out), *extra]) == 0
+        return json.loads(out.with_name(out.name + ".json").read_text())["inputs"]["images"]
+
+    assert exported() == [1, 3, 3, 48, 64]
+    assert exported("--views", "2") == [1, 2, 3, 48, 64]
+    (tmp_path / "other.yaml").write_text("streamer:\n  views: 5\n")
+    assert exported("--config", str(tmp_path / "other.yaml")) == [1, 5, 3, 48, 64]
+
+
 def test_format_and_size_checks(snapshot, tmp_path, capsys):
     assert format_of(tmp_path / "m.onnx", None) == "onnx"
     assert format_of(tmp_path / "m.bin", "torch-export") == "torch-export"
