@@ -6,10 +6,13 @@ camera centres of the first window(s) after the Sim(3) alignment the ATE uses:
 ``metrics.align_trajectory``, Umeyama's from three views, exact for two).
 
 Cheap by construction: one forward pass per pictured window, at most ``views`` views drawn.
+Kept as the snapshots are (:func:`prune_pictures`, with the learner's ``keep_last`` and
+``keep_every``): a run that never stops would otherwise keep a set for every snapshot it scored.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -20,6 +23,10 @@ from evaluation import metrics
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import predict
 from reliev3r import durable, imaging
+
+PICTURE = re.compile(r"step-(\d+)\..+\.png")
+"""A picture of an evaluation (``<stem>.depth.png``, ``<stem>.trajectory.png``, or the temporary
+file of one a crash left), by the step of its snapshot."""
 
 EST_BGR, GT_BGR = (180, 119, 31), (44, 160, 44)  # blue estimate, green ground truth
 """Colours of the trajectory picture (BGR)."""
@@ -153,3 +160,19 @@ def picture_snapshot(model: torch.nn.Module, windows: list[EvalWindow], device, 
     finally:
         model.train(was_training)
     return write_pictures(out_dir, stem, predictions)
+
+
+def prune_pictures(out_dir: Path, *, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete the pictures in ``out_dir`` but those of the newest ``keep_last`` steps pictured and
+    of the steps that are multiples of ``keep_every`` (``learner.snapshot.prune_snapshots``' rule
+    for the snapshots: the pictures of a snapshot kept are kept). The results (JSON) stay: they are
+    the learning curves. Returns what was removed."""
+    pictures = [(int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := PICTURE.fullmatch(p.name))]
+    steps = sorted({step for step, _ in pictures})
+    keep = set(steps[-keep_last:]) | {step for step in steps if step % keep_every == 0}
+    removed = []
+    for step, path in pictures:
+        if step not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

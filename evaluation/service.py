@@ -1,7 +1,8 @@
 """The evaluator process: scores every new snapshot on held-out ground truth.
 
 Results go to ``<run.dir>/evaluations/step-NNNNNNNNN.json`` (atomic and durable,
-``reliev3r.durable.write``; its pictures beside it, durable before it, ``evaluation.pictures``) and to
+``reliev3r.durable.write``; its pictures beside it, durable before it, ``evaluation.pictures``, kept as
+the snapshots are: ``learner.keep_last`` and ``learner.keep_every``) and to
 Prometheus (``reliev3r_eval_*`` gauges), so a dashboard shows accuracy over training time. Each result names
 the snapshot it scored (``snapshot_id``: :func:`snapshot_id` of its meta); a snapshot written again
 under a scored name (a learner started afresh, e.g. ``snapshots/`` deleted and the run resumed) is
@@ -31,7 +32,7 @@ import torch
 from evaluation.config import EvaluatorConfig
 from evaluation.datasets import load_windows
 from evaluation.evaluate import evaluate_model, trivial_baseline
-from evaluation.pictures import picture_snapshot
+from evaluation.pictures import picture_snapshot, prune_pictures
 from learner import snapshot as snapshots
 from monitoring.metrics import Metrics
 from reliev3r import durable
@@ -102,6 +103,8 @@ class EvaluatorService:
         """Snapshots that could not be loaded (pruned before their load, or damaged): name -> the
         ``snapshot_id`` it had (:func:`read_id`; None: its meta did not read)."""
         self.max_steps = cfg.learner.max_steps
+        self.keep_last, self.keep_every = cfg.learner.keep_last, cfg.learner.keep_every
+        """The pictures' retention: the snapshots' (``evaluation.pictures.prune_pictures``)."""
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.learner.threads:
             torch.set_num_threads(cfg.learner.threads)
@@ -148,6 +151,10 @@ class EvaluatorService:
             runtime.log.exception("pictures failed", extra={"snapshot": snap.name})
         write_json(self.out_dir / f"{snap.name}.json", record)
         self.done[snap.name] = record["snapshot_id"]
+        try:  # as the learner prunes its snapshots; never fatal
+            prune_pictures(self.out_dir, keep_last=self.keep_last, keep_every=self.keep_every)
+        except OSError:
+            runtime.log.exception("pruning older pictures failed", extra={"folder": str(self.out_dir)})
         self.metrics.report(result, "model")
         self.metrics.step.set(meta["step"])
         self.metrics.duration.set(elapsed)

@@ -269,7 +269,8 @@ class LearnerConfig:
     keep_last: int = 3
     """Keep the newest K snapshots ..."""
     keep_every: int = 1000
-    """... plus every snapshot whose step is a multiple of this."""
+    """... plus every snapshot whose step is a multiple of this (the evaluator keeps its pictures
+    by the same rule: ``evaluation.pictures.prune_pictures``)."""
     device: str = "auto"
     """``auto`` (cuda when present), ``cuda``, ``cuda:N``, ``cpu``."""
     precision: Literal["bf16", "fp32"] = "bf16"

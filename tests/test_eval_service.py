@@ -319,3 +319,30 @@ def test_an_evaluator_before_any_snapshot_says_where_it_waits(tmp_path, caplog, 
     finally:
         evaluator.close()
     assert scored(run) == ["step-000000001"]
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_the_pictures_of_older_evaluations_are_kept_as_their_snapshots_are(tmp_path):
+    """A run that never stops scores snapshot after snapshot, and each evaluation wrote its
+    pictures (some 300 KB a set in the demo) for good, while the learner keeps only
+    ``learner.keep_last`` snapshots and every ``learner.keep_every``-th: evaluations/ grew
+    without bound. The pictures follow the snapshots' retention; every result (a point of the
+    learning curves) is kept."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    cfg = load(overrides=[f"run.dir={run}", f"evaluator.data=folder:{data}", "evaluator.windows=1",
+                          "evaluator.stride=1", "streamer.views=3", "streamer.height=48", "streamer.width=64",
+                          "evaluator.poll_s=0.05", "monitoring.enabled=false", "learner.max_steps=5",
+                          "learner.keep_last=2", "learner.keep_every=3"])
+    evaluator = Evaluator(cfg)
+    try:
+        for step in range(1, 6):
+            make_tiny_snapshot(run, steps=step)
+            deadline = time.time() + 240
+            while f"step-{step:09d}" not in scored(run) and time.time() < deadline and evaluator.thread.is_alive():
+                time.sleep(0.05)
+        assert evaluator.wait(240) and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == [f"step-{step:09d}" for step in range(1, 6)]
+    pictured = sorted(p.name for p in (run / "evaluations").glob("*.png"))
+    assert pictured == [f"step-{step:09d}.depth.png" for step in (3, 4, 5)]
