@@ -1,7 +1,8 @@
 """Prometheus metrics for every process: one registry and one HTTP endpoint per process.
 
 Names follow Prometheus conventions: ``reliev3r_`` prefix, base units (seconds, bytes),
-``_total`` on counters, bounded label sets (stage, reason, source: never a window id).
+``_total`` on counters, bounded label sets (stage, reason, source: never a window id; the
+streamer keeps the series of its most recent sources only, ``streamer.service.SOURCE_SERIES``).
 """
 
 from __future__ import annotations

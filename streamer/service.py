@@ -46,6 +46,11 @@ LAST_PEER_SOURCES = 4096
 """Sources whose last labeler the dispatcher remembers, the most recently sent (a live run meets
 new source names for as long as it lives; a source forgotten goes to the labeler with the most
 credits, as a new one does)."""
+SOURCE_SERIES = 256
+"""Sources whose series (``decode_frames_total``, ``decode_errors_total``, the live feeds') the
+endpoint keeps, the most recently heard of: a folder or a glob names a source per file, and one
+that receives files for as long as a run lives names new ones for ever. An older source's series
+are removed (Prometheus keeps what it scraped; heard of again, they start from 0)."""
 
 
 class FirstSeen:
@@ -336,10 +341,44 @@ class WindowFeed:
             t.join(2.0)
 
 
+class SourceSeries:
+    """The series labelled by source of the most recent ``keep`` sources heard of: a source's
+    first report beyond them removes every series of the one heard of longest ago (thread-safe:
+    the producers count frames and problems, the socket loop the rest)."""
+
+    def __init__(self, keep: int):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self._used = Recent(keep)  # source -> the (metric, label values) of its series
+        self._lock = threading.Lock()
+
+    def inc(self, metric, values: tuple[str, ...], amount: float = 1.0) -> None:
+        """Add ``amount`` to ``metric``'s series of ``values`` (the source first)."""
+        with self._lock:
+            self._series(metric, values).inc(amount)
+
+    def set(self, metric, values: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            self._series(metric, values).set(value)
+
+    def _series(self, metric, values: tuple[str, ...]):
+        used = self._used.recall(values[0])
+        if used is None:
+            if len(self._used) >= self._used.keep:
+                _, old = self._used.popitem(last=False)
+                for old_metric, old_values in old:
+                    old_metric.remove(*old_values)
+            used = self._used[values[0]] = set()
+        used.add((metric, values))
+        return metric.labels(*values)
+
+
 class StreamerMetrics:
-    """The streamer's Prometheus series."""
+    """The streamer's Prometheus series (those labelled by source through :attr:`sources`:
+    :data:`SOURCE_SERIES` sources at most)."""
 
     def __init__(self, m: Metrics):
+        self.sources = SourceSeries(SOURCE_SERIES)
         self.frames = m.counter("decode_frames_total",
                                 "Frames read, by source (decoded, or left undecoded where no keyframe test "
                                 "needed them)", ["source"])
@@ -387,7 +426,7 @@ class StreamerService:
 
         self.progress = progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None)
         stop = threading.Event()
-        on_frame = lambda s: metrics.frames.labels(s).inc()  # noqa: E731
+        on_frame = lambda s: metrics.sources.inc(metrics.frames, (s,))  # noqa: E731
         streams = []
         if archive_specs or not live_specs:
             streams.append(_skip_counted(window_stream(make_sources, scfg, on_frame=on_frame, on_error=on_error,
@@ -419,24 +458,24 @@ class StreamerService:
         self.sock.close(linger=0)
 
     def on_error(self, source: str, reason: str, detail: str) -> None:
-        self.metrics.errors.labels(source, reason).inc()
+        self.metrics.sources.inc(self.metrics.errors, (source, reason))
         first = self.problems_seen((source, reason, detail))
         (self.log.warning if first else self.log.debug)(
             "source problem" if first else "source problem again",
             extra={"source": source, "reason": reason, "detail": detail})
 
     def on_event(self, source: str, event: str, value: float) -> None:
-        metrics = self.metrics
+        metrics, series = self.metrics, self.metrics.sources
         if event == "reconnect":
-            metrics.reconnects.labels(source).inc()
+            series.inc(metrics.reconnects, (source,))
         elif event == "gap":
-            metrics.gaps.labels(source).inc()
-            metrics.gap_seconds.labels(source).inc(value)
+            series.inc(metrics.gaps, (source,))
+            series.inc(metrics.gap_seconds, (source,), value)
             self.log.info("live feed back", extra={"source": source, "gap_s": round(value, 3)})
         elif event == "dropped":
-            metrics.dropped.labels(source).inc(value)
+            series.inc(metrics.dropped, (source,), value)
         elif event == "connected":
-            metrics.connected.labels(source).set(value)
+            series.set(metrics.connected, (source,), value)
 
     def send(self, window_id: str, frames: list, source: str | None = None) -> bool:
         """Send a window to a labeler (``source``: the window's, for :meth:`Dispatcher.peer`)."""

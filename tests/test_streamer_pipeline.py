@@ -372,3 +372,35 @@ def test_labeler_rejects_malformed_drops_bad_windows_and_retries_inserts(stream_
         labeler.stop()
         work.close(linger=0)
         replay.close()
+
+
+def test_the_streamer_keeps_series_for_a_bounded_number_of_sources(tmp_path, stream_cfg, stage, ctx, monkeypatch):
+    """A folder or a glob names a source per file, and one that receives files for as long as the
+    run lives named new sources for ever: each kept its ``decode_frames_total`` and
+    ``decode_errors_total`` series on the endpoint for good. The series of the most recent
+    ``SOURCE_SERIES`` sources heard of are kept, an older one's removed."""
+    from helpers_live import Labeler
+
+    from streamer.sources import source_name
+
+    monkeypatch.setattr(streamer_service, "SOURCE_SERIES", 4)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"broken{k}.mp4").write_bytes(b"not a video")
+    clips = [encode(folder / f"clip{k}.mp4", panning_frames(10, 96, 64, seed=k)) for k in range(5)]
+    cfg = stream_cfg([folder])
+    streamer = stage(streamer_service.run, cfg, "streamer")
+    labeler = Labeler(ctx, cfg)
+    deadline = time.monotonic() + HANG_S
+    while streamer.rc is None and time.monotonic() < deadline:
+        labeler.pump(0.3)
+    assert streamer.rc == 0, "streamer did not finish its sources"
+    labelled = {}
+    for family in streamer.runtime.metrics.registry.collect():
+        for sample in family.samples:
+            if "source" in sample.labels:
+                labelled.setdefault(sample.name, set()).add(sample.labels["source"])
+    heard = set().union(*labelled.values())
+    assert len(heard) <= 4, labelled  # 8 before: every file's
+    assert streamer.metric("reliev3r_decode_frames_total", {"source": source_name(clips[-1])}) == 10
