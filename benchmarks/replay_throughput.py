@@ -66,8 +66,17 @@ def make_windows(n: int, size: int, seed: int = 0) -> list[dict[str, np.ndarray]
                                                    np.float32), (VIEWS, 1, 1)),
                     "teacher_depth": rng.random((VIEWS, size, size), dtype=np.float32) + 0.5,
                     "teacher_valid": np.ones((VIEWS, size, size), np.uint8),
-                    "matches": rng.random((k, 7), dtype=np.float32)})
+                    "matches": random_matches(rng, k, size)})
     return out
+
+
+def random_matches(rng: np.random.Generator, k: int, size: int) -> np.ndarray:
+    """``k`` matches of the columns ``protocol.MATCH_COLUMNS`` that the replay accepts: whole view
+    indices i < j, pixels inside the frame, scores in [0, 1]."""
+    i = rng.integers(0, VIEWS - 1, k)
+    j = i + 1 + (rng.integers(0, 2**16, k) % (VIEWS - 1 - i))
+    pixels = rng.random((k, 4), dtype=np.float32) * (size - 1)
+    return np.column_stack([i, j, pixels, rng.random(k)]).astype(np.float32)
 
 
 def as_insert(arrays: dict[str, np.ndarray], wid: str) -> protocol.Message:
