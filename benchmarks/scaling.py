@@ -6,9 +6,10 @@ the figure isolates the learner from data loading. The driver launches one ``tor
 per rank count and prints a table; ``--json`` writes the raw numbers.
 
     python benchmarks/scaling.py --size base --height 224 --width 224 --views 8 --batch 8 --nprocs 1,2
-    python benchmarks/scaling.py --device cpu --size tiny --height 64 --width 96 --views 4 --nprocs 1,2
+    python benchmarks/scaling.py --device cpu --size tiny --patch 8 --height 64 --width 96 --views 4 --nprocs 1,2
 
-A rank count above the GPUs present is skipped with a message.
+A rank count above the GPUs present is skipped with a message. ``--height`` and ``--width`` must be
+multiples of ``--patch`` (14 by default), as the model takes them.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.height % args.patch or args.width % args.patch:
+        parser.error(f"--height {args.height} and --width {args.width} must be multiples of --patch {args.patch}")
     if args.worker:
         return worker(args)
     gpus = 0
