@@ -39,8 +39,8 @@ Real video (issue 18's acceptance): give the sources and a held-out set as overr
 7-Scenes frames and a downsampled carry copy of ``../shared/data/videos``
 (``benchmarks/carry_videos.py``) with the compiled recipe of ``configs/gpu.yaml``:
 
-    python benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --isolated --json pb.json \
-        'streamer.sources=[.devdata/7s-train,.devdata/videos]' evaluator.data=7scenes:.devdata/7s-eval \
+    python benchmarks/pipeline_bottleneck.py --config configs/gpu.yaml --isolated --json pb.json \\
+        'streamer.sources=[.devdata/7s-train,.devdata/videos]' evaluator.data=7scenes:.devdata/7s-eval \\
         learner.compile=true
 
 The run then ends with issue 18's figures, each a ratio from this one run (``acceptance`` in
