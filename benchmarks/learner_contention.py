@@ -52,9 +52,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 MATCHES_PER_WINDOW = 127
 """Verified matches of a 4-view 7-Scenes window at 168x224 (the demo run's replay: 2,030 in a
 batch of 16)."""

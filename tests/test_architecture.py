@@ -203,6 +203,23 @@ def test_no_test_module_imports_another():
     assert not bad, bad
 
 
+PATH_PATCHERS = {"benchmarks/reconstruct_memory.py": "imports tests.tiny_snapshot; tests/ is no installed package"}
+"""The scripts that put a folder on ``sys.path`` themselves, and why (ARCHITECTURE.md: the product
+is installed in editable mode, so no other script does)."""
+
+
+def test_no_script_patches_sys_path_but_the_listed_ones():
+    def patches(path: Path) -> bool:  # a call sys.path.insert/append/extend(...)
+        return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                   and n.func.attr in ("insert", "append", "extend") and isinstance(n.func.value, ast.Attribute)
+                   and n.func.value.attr == "path" and isinstance(n.func.value.value, ast.Name)
+                   and n.func.value.value.id == "sys" for n in ast.walk(ast.parse(path.read_text())))
+
+    patching = {path.relative_to(REPO).as_posix() for path in source_files().values()
+                if "sys.path" in path.read_text() and patches(path)}
+    assert patching == set(PATH_PATCHERS), sorted(patching ^ set(PATH_PATCHERS))
+
+
 MAX_LINE = 120
 """The longest line (in characters) a .py file of the repository may have."""
 
