@@ -46,7 +46,8 @@ cells (its preprocessing; its network downsamples by 32), and a smaller side has
 class LabelerConfig:
     teacher: str = "embedded"
     """Depth teacher. ``embedded`` (the U-Net shipped with the package, ``labelers/embedded.py``),
-    ``none`` (no depth labels: the depth loss is off), ``oracle`` (ground
+    ``embedded:<weights file or folder>`` (the same U-Net with weights ``reliev3r teacher-train``
+    wrote), ``none`` (no depth labels: the depth loss is off), ``oracle`` (ground
     truth of synthetic or 7-Scenes sources under an unknown per-frame scale and shift plus 3%
     noise and 3 holes; an upper bound, never a real teacher), ``oracle?strength=S`` (the same
     plus structured, non-affine errors that grow with S >= 0: per-frame gamma (= contrast of
