@@ -1,6 +1,9 @@
-"""Benchmark commands as their docstrings write them, run at the smallest sizes: each finishes with
-exit 0 and prints what its docstring says it prints (the figures themselves are not checked)."""
+"""Benchmark commands as the docs write them: run at the smallest sizes, each finishes with exit 0
+and prints what its docstring says it prints (the figures themselves are not checked), or refuses
+bad input before starting work; and every ``--only`` mode the docs name is one its parser takes."""
 
+import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +31,29 @@ def test_scaling_refuses_frames_that_its_patch_does_not_tile_before_starting_a_r
     assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "--height 64 and --width 96 must be multiples of --patch 14" in out.stderr
     assert "torch.distributed" not in out.stdout + out.stderr
+
+
+def _only_choices(script: Path) -> set[str]:
+    """The ``--only`` choices of a benchmark's parser, read from its source (nothing imported)."""
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and node.args[0].value == "--only":
+            return {e.value for kw in node.keywords if kw.arg == "choices" for e in kw.value.elts}
+    return set()
+
+
+def test_every_only_mode_the_docs_name_exists():
+    # "decode.py --only budget", "labeler_throughput.py ... --only cpu-threads", and lists such as
+    # "decode.py --only budget / intra / live / gpu" in README, ARCHITECTURE, docs/ and the scripts.
+    texts = [REPO / "README.md", REPO / "ARCHITECTURE.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "benchmarks").glob("*.*")), *sorted((REPO / "studies").glob("*.sh"))]
+    missing = []
+    for name in ("decode", "labeler_throughput"):
+        choices = _only_choices(REPO / "benchmarks" / f"{name}.py")
+        assert choices, name
+        pattern = re.compile(rf"{name}\.py[^`\n]*?--only[ =]([a-z-]+(?: ?(?:/|\|) ?[a-z-]+)*)")
+        for path in texts:
+            for found in pattern.findall(path.read_text()):
+                missing += [f"{path.name}: {name}.py --only {mode}" for mode in re.split(r" ?[/|] ?", found)
+                            if mode not in choices]
+    assert not missing, missing
