@@ -764,5 +764,5 @@ def main(cfg, args: argparse.Namespace) -> int:
     summary = reconstruct(reconstructor, stream, Path(args.out), opts)
     print(json.dumps(summary, indent=2))
     model = ", colmap/" if "colmap" in summary else ""
-    print(f"wrote {args.out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png{model}")
+    print(f"wrote {Path(args.out) / 'points.ply'}, poses.txt, depth/, depth_color/, trajectory.png{model}")
     return 0

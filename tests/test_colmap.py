@@ -150,10 +150,10 @@ def snapshot(tmp_path_factory):
 def test_reconstruct_writes_a_colmap_model(tmp_path, snapshot, capsys):
     clip = encode(tmp_path / "pan.mp4", panning_frames(10, 96, 72))
     out = tmp_path / "rec"
-    argv = ["reconstruct", "--checkpoint", str(snapshot), "--input", str(clip), "--out", str(out), "--views", "4",
+    argv = ["reconstruct", "--checkpoint", str(snapshot), "--input", str(clip), "--out", f"{out}/", "--views", "4",
             "--overlap", "1", "--max-frames", "7", "--device", "cpu", "--colmap"]
     assert cli.main(argv) == 0
-    # what it wrote is said, the model too (the line left it out)
+    # what it wrote is said, the model too (the line left it out); --out given with a slash said no 'rec//points.ply'
     said = capsys.readouterr().out.strip().splitlines()[-1]
     assert said == f"wrote {out}/points.ply, poses.txt, depth/, depth_color/, trajectory.png, colmap/", said
     summary = json.loads((out / "reconstruction.json").read_text())
