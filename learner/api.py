@@ -7,8 +7,11 @@
 
 Images are resized to the size the model was trained at (``image_size`` in the snapshot
 meta), or else to the nearest multiples of the patch size; intrinsics, given or assumed
-(60 degree horizontal field of view), are scaled with the resize. Outputs live at the
-model's resolution, in the model's own world frame (defined up to a similarity).
+(60 degree horizontal field of view), are scaled with the resize. An image of another aspect
+is stretched, not cropped, so the outputs cover all of it: fitting it as the streamer fits its
+views (cover, crop the centre) or keeping its aspect was measured no better (docs/RESULTS.md,
+"Images of another aspect than the model's"). Outputs live at the model's resolution, in the
+model's own world frame (defined up to a similarity).
 
 An image file is read as its Exif orientation shows it (OpenCV turns a JPEG or PNG so tagged),
 and intrinsics given with it are those of the file as recorded, turned with it
