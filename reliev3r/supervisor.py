@@ -4,10 +4,10 @@ It resolves the ports (free ones for 0, explicit ones checked before anything st
 ``reliev3r.ports``), writes the resolved config to ``<run.dir>/config.yaml`` (every child
 reads that one file) and the endpoints to ``<run.dir>/processes.json``, starts streamer,
 replay, labeler, learner and evaluator as separate processes (their logs in
-``<run.dir>/logs/``), restarts a child that crashes (exponential backoff; the status line
-says why, from the last error in its log), prints a one-line status from the children's
-heartbeats (the last line from what the run left on disk: the final snapshot and
-evaluation), and ends the run:
+``<run.dir>/logs/``, rotated past ``LOG_BYTES``: ``rotate_log``), restarts a child that
+crashes (exponential backoff; the status line says why, from the last error in its log),
+prints a one-line status from the children's heartbeats (the last line from what the run left
+on disk: the final snapshot and evaluation), and ends the run:
 
 * when the learner exits 0 (``--max-steps`` reached, final snapshot written), it waits for
   the evaluator to score that snapshot, then stops the rest and exits 0;
@@ -64,6 +64,11 @@ STATUS_EVERY_S = 2.0
 FINAL_EVAL_TIMEOUT_S = 600.0
 REASON_CHARS = 160
 """A crashed child's reason in the status line is cut to this many characters."""
+LOG_BYTES = 64 << 20
+"""A child's log past this size is rotated (``rotate_log``): a run that never stops keeps at most
+some ``(LOG_KEEP + 1) * LOG_BYTES`` of logs a child."""
+LOG_KEEP = 3
+"""Rotated logs kept a child: ``<child>.log.1`` (the newest) to ``<child>.log.LOG_KEEP``."""
 
 SUMMARY = (("absrel_med", "AbsRel", ".3f"), ("absrel_lsq", "AbsRel lsq", ".3f"), ("ate", "ATE", ".3f"),
            ("rra30", "RRA@30", ".2f"), ("rta30", "RTA@30", ".2f"), ("auc30", "AUC@30", ".3f"))
@@ -123,7 +128,8 @@ class Child:
     last_beat: float = 0.0
     started_at: float = 0.0
     log_offset: int = 0
-    """Size of its log when this incarnation started: its own lines come after."""
+    """Size of its log when this incarnation started: its own lines come after. A rotation since
+    (``rotate_log``) takes off what it moved into ``<child>.log.1``: negative, they begin there."""
     last_error: str = ""
     """Why it last died (the last error in its log), shown in the status line."""
     early_failures: int = 0
@@ -242,6 +248,7 @@ class Supervisor:
             while not self.stop_requested:
                 self._drain_heartbeats(beats, timeout_ms=200)
                 self._reap_and_restart()
+                self._rotate_logs()
                 self._refresh_teacher()
                 if self._run_complete() or self.gave_up:
                     break
@@ -469,12 +476,25 @@ class Supervisor:
     def _log_path(self, child: Child) -> Path:
         return self.run_dir / "logs" / f"{child.name}.log"
 
+    def _rotate_logs(self) -> None:
+        """Rotate each child's log that has passed ``LOG_BYTES`` (``rotate_log``), its ``log_offset``
+        moved with it."""
+        for child in self.children.values():
+            moved = rotate_log(self._log_path(child))
+            child.log_offset -= moved
+
+    def command(self, child: Child) -> list[str]:
+        """The command line of a child: its stage's ``reliev3r`` command on the run's config."""
+        return [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
+                *child.overrides]
+
     def _start(self, child: Child) -> None:
+        # appending (O_APPEND): the child, and what it starts, write at the end of the file, so a
+        # rotation's truncation leaves no hole before their next line
         log = open(self._log_path(child), "ab")
         child.log_offset = log.tell()
         env = self.child_environment(child.name)
-        cmd = [sys.executable, "-m", "reliev3r.cli", COMMANDS[child.stage], "--config", str(self.config_file),
-               *child.overrides]
+        cmd = self.command(child)
         for key in COUNTED:
             child.carried[key] = child.carried.get(key, 0) + int(child.status.pop(key, 0))
         child.started_at = time.time()
@@ -714,21 +734,60 @@ def snapshot_step(run_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
+def rotate_log(log: Path) -> int:
+    """Rotate ``log`` once it has passed ``LOG_BYTES``: ``log.1`` .. ``log.{LOG_KEEP-1}`` shift one up
+    (``log.{LOG_KEEP}``, the oldest, is dropped), ``log`` is copied into ``log.1`` and truncated to
+    nothing. The bytes moved, 0 when it was not rotated.
+
+    Copy and truncate, because a child writes to the file itself (the descriptor it inherited,
+    opened for appending: its next line goes to the start of the truncated file, and the child
+    knows nothing of the rotation). The copy reads on until the end of what was written, then the
+    file is truncated at once: only what a child writes in that moment, between the copy's last
+    read and the truncation, is lost; a line written in several pieces at that moment may be split
+    between ``log.1`` and the fresh log. Nothing is written twice (but by a supervisor killed between
+    the copy and the truncation)."""
+    try:
+        if log.stat().st_size <= LOG_BYTES:
+            return 0
+    except FileNotFoundError:
+        return 0
+    for k in range(LOG_KEEP - 1, 0, -1):
+        older = log.with_name(f"{log.name}.{k}")
+        if older.exists():
+            os.replace(older, log.with_name(f"{log.name}.{k + 1}"))
+    moved = 0
+    with open(log, "r+b") as src, open(log.with_name(f"{log.name}.1"), "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            moved += len(chunk)
+        src.truncate(0)
+    return moved
+
+
 TAIL_BYTES = 1 << 18
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Fault)\b.*")
 
 
 def last_error(log: Path, offset: int = 0) -> str:
-    """Why a child died, from its log after ``offset`` (where this incarnation began): the
+    """Why a child died, from its log after ``offset`` (where this incarnation began; negative:
+    that many bytes before the end of the rotated ``log.1``, read on into ``log``): the
     exception of a traceback that ends the log (an error outside the structured log, e.g. at
     import), else the last ERROR/CRITICAL JSON line ("msg: exception" or "msg: detail", and
     the latest problem logged before it when it carries neither). Empty when nothing says."""
     try:
         with open(log, "rb") as f:
-            f.seek(max(offset, f.seek(0, os.SEEK_END) - TAIL_BYTES))
-            text = f.read().decode("utf-8", "replace")
+            f.seek(max(offset, f.seek(0, os.SEEK_END) - TAIL_BYTES, 0))
+            text = f.read()
     except OSError:
         return ""
+    if offset < 0 and (want := min(-offset, TAIL_BYTES - len(text))) > 0:  # its start is in log.1
+        try:
+            with open(log.with_name(f"{log.name}.1"), "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - want))
+                text = f.read() + text
+        except OSError:
+            pass
+    text = text.decode("utf-8", "replace")
     lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
     problem = ""  # the latest "detail" of a WARNING line: what an error line without one refers to
     error = ""

@@ -1233,3 +1233,81 @@ def test_the_start_line_says_whether_the_learner_resumes_its_snapshot_or_starts_
     snap.rename(tmp_path / "ahead" / "snapshots" / snap.name)
     said = line("ahead", "streamer.sources=[/data/clips]", "labeler.refresh_step=100")
     assert "learner resuming its snapshot of step 40, from /w/init after the teacher refresh" in said, said
+
+
+_WRITER = """
+import json, sys, time
+from pathlib import Path
+
+gates, n = Path(sys.argv[1]), 0
+for phase in range(int(sys.argv[2])):
+    while not (gates / f"go-{phase}").exists():  # the test rotates between phases
+        time.sleep(0.01)
+    for _ in range(30):
+        print(json.dumps({"level": "INFO", "msg": "frame", "n": n}))
+        n += 1
+    if phase == int(sys.argv[2]) - 1:  # the last phase: a traceback that a rotation cuts in two
+        print("Traceback (most recent call last):")
+        print('  File "feed.py", line 7, in <module>')
+    (gates / f"done-{phase}").touch()
+while not (gates / "end").exists():
+    time.sleep(0.01)
+print("ValueError: broken feed")
+sys.exit(1)
+"""
+
+
+@pytest.mark.timeout(120)  # bounds a hang only
+def test_a_child_s_log_is_rotated_past_its_size_and_its_last_error_is_still_read(tmp_path, monkeypatch):
+    """A run that never stops: the log a child writes (the file it inherits, opened for appending)
+    is rotated when it passes ``LOG_BYTES`` (lowered here): ``<child>.log.1`` .. ``.LOG_KEEP``, the
+    child writing on into a fresh ``<child>.log``. Before, nothing rotated the logs: they grew without
+    bound. Every line is in one file, once, in order, and the reason a crashed child is reported with
+    is read across a rotation (its traceback begun in ``.log.1``, ended in the fresh log)."""
+    from reliev3r import supervisor as rsup
+    from reliev3r.config import load
+
+    class Feed(rsup.Supervisor):
+        def command(self, child):  # a real process that writes what the test tells it to
+            return [sys.executable, "-c", _WRITER, str(gates), str(phases)]
+
+    monkeypatch.setattr(rsup, "LOG_BYTES", 1000)  # 30 lines are some 1500 bytes: each phase passes it
+    gates, phases = tmp_path / "gates", 6
+    gates.mkdir()
+    sup = Feed(load([ROOT / "configs" / "default.yaml"], [f"run.dir={tmp_path / 'run'}"]),
+               out=io.StringIO())
+    logs = tmp_path / "run" / "logs"
+    logs.mkdir(parents=True)
+    sup.config_file = tmp_path / "run" / "config.yaml"
+    child = sup.children["streamer"]
+    for other in sup.children.values():
+        other.finished = other is not child  # the streamer alone
+    (logs / "streamer.log").write_text('{"level": "ERROR", "msg": "an older incarnation", "exc": "KeyError: x"}\n')
+    try:
+        sup._start(child)
+        for phase in range(phases):
+            (gates / f"go-{phase}").touch()
+            while not (gates / f"done-{phase}").exists():
+                assert child.proc.poll() is None, (logs / "streamer.log").read_text()
+                time.sleep(0.01)
+            sup._rotate_logs()
+        (gates / "end").touch()
+        assert child.proc.wait(60) == 1
+        sup._reap_and_restart()
+        assert child.last_error == "ValueError: broken feed", sup.out.getvalue()
+        assert "streamer died (exit code 1): ValueError: broken feed" in sup.out.getvalue()
+        assert "restarts 1 (streamer: ValueError: broken feed)" in sup.status_line()
+        assert sorted(p.name for p in logs.iterdir()) == ["streamer.log"] + [
+            f"streamer.log.{k}" for k in range(1, rsup.LOG_KEEP + 1)]
+        assert all(p.stat().st_size < 2 * rsup.LOG_BYTES for p in logs.iterdir())
+        assert (logs / "streamer.log").read_text() == "ValueError: broken feed\n"
+        kept = [json.loads(line)["n"] for k in range(rsup.LOG_KEEP, 0, -1)
+                for line in (logs / f"streamer.log.{k}").read_text().splitlines() if line.startswith("{")]
+        # the test rotates only between the child's writes: nothing lost, the older phases dropped
+        assert kept == list(range(30 * phases - 30 * rsup.LOG_KEEP, 30 * phases))
+        assert (logs / "streamer.log.1").read_text().endswith('  File "feed.py", line 7, in <module>\n')
+    finally:
+        if child.proc is not None and child.proc.poll() is None:
+            child.proc.kill()
+            child.proc.wait()
+        sup.metrics.close()
