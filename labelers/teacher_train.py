@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from labelers.embedded import DEFAULT_WIDTHS, EmbeddedDepthNet, load_net, save_weights
 from reliev3r import geometry
-from reliev3r.config_base import check_device
+from reliev3r.config_base import check_device, check_device_present
 from reliev3r.synthetic import Box, Material, Sphere, World, hsv, random_world, render_rays
 
 
@@ -720,6 +720,7 @@ def _yes_no(key: str, text: str) -> bool:
 def cli_main(args: argparse.Namespace, command: str = "") -> int:
     try:
         cfg = config_from_args(args)
+        check_device_present("--device", cfg.device)  # its default, cuda, on a host without: said here
     except ValueError as err:
         print(f"reliev3r teacher-train: {err}", file=sys.stderr)
         return 2

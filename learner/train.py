@@ -41,7 +41,7 @@ from learner.config import LearnerConfig
 from learner.graphs import CaptureError, StepGraphs, Unrecordable
 from learner.model import FFRM, Block, Prediction
 from reliev3r import protocol
-from reliev3r.config_base import local_rank, world_size
+from reliev3r.config_base import check_device_present, local_rank, world_size
 
 PER_MATCH = frozenset({"matches", "match_triangulation"})
 """Batch tensors with one row per match (first column of ``matches``: the window)."""
@@ -60,12 +60,19 @@ def default_loss_fn() -> LossFn:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device ``name`` says: ``auto`` (cuda where there is one, else cpu), ``cpu``,
+    ``cuda`` (this rank's GPU: ``LOCAL_RANK``) or ``cuda:N``; a ``torch.device`` as it is. A name
+    that is no device (``gpu``) or one this host does not have (``cuda`` without CUDA, ``cuda:N``
+    past its GPUs) is a ValueError naming it and the devices there are
+    (:func:`reliev3r.config_base.check_device_present`)."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    rank = local_rank() if name == "cuda" else 0  # a LOCAL_RANK that is no rank: said first
+    check_device_present("device", name, rank=rank)
     if name == "cuda":
-        return torch.device("cuda", local_rank())
+        return torch.device("cuda", rank)
     return torch.device(name)
 
 

@@ -77,6 +77,29 @@ def check_device(name: str, value: str, *, auto: bool = False) -> None:
         raise ValueError(f"{name} must be {choices}, got {value!r}")
 
 
+def present_devices() -> list[str]:
+    """The devices of this host as a ``device`` value names them: ``cpu``, then ``cuda:0`` ..
+    (those torch sees: ``CUDA_VISIBLE_DEVICES`` applies; none where torch has no CUDA)."""
+    import torch  # here: the config machinery loads without torch
+
+    return ["cpu", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))]
+
+
+def check_device_present(name: str, value: str, *, rank: int = 0) -> None:
+    """Refuse a device value (``cpu``, ``cuda``, ``cuda:N``) that names no device or one this host
+    does not have, with a ``ValueError`` that starts with ``name`` and the value and says which
+    devices there are; torch would refuse it only once it is used, with its own words ("Torch not
+    compiled with CUDA enabled"). ``cuda`` is ``cuda:{rank}`` (a learner rank's GPU). Unlike
+    :func:`check_device`, for the process that is about to use the device, not a config."""
+    present = present_devices()
+    if not DEVICE.fullmatch(value):
+        raise ValueError(f"{name} {value!r} is no device: 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                         f"(available here: {', '.join(present)})")
+    if (f"cuda:{rank}" if value == "cuda" else value) not in present:
+        said = f"{value!r} (cuda:{rank}: LOCAL_RANK {rank})" if value == "cuda" and rank else repr(value)
+        raise ValueError(f"{name} {said} is not available here (available: {', '.join(present)})")
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     dir: str = "runs/default"

@@ -47,6 +47,7 @@ from evaluation.evaluate import predict
 from labelers.teacher_train import config_from_args, train
 from learner.snapshot import load_model, resolve_snapshot
 from reliev3r import imaging
+from reliev3r.config_base import check_device_present
 from streamer.config import StreamerConfig
 from streamer.sources import discover
 
@@ -195,6 +196,7 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
         specs = args.frames or run_sources(streamer)
         if not specs:
             raise ValueError(f"{args.distill}: the run names no file or folder sources; give --frames")
+        check_device_present("--device", cfg.device)  # its default, cuda, on a host without: said here
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: {err}")
         return 2

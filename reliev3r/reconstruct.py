@@ -74,7 +74,7 @@ import torch
 from tqdm import tqdm
 
 from reliev3r import geometry, imaging, swap
-from reliev3r.config_base import check_device
+from reliev3r.config_base import check_device, check_device_present
 
 log = logging.getLogger(__name__)
 
@@ -756,6 +756,8 @@ def main(cfg, args: argparse.Namespace) -> int:
     given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
     opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
     check_device("--device", args.device, auto=True)
+    if args.device != "auto":  # one this host does not have: said before the model loads
+        check_device_present("--device", args.device)
     source = input_path(args.input)  # a glob matching none or several: said before the model loads
     reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
     stream = open_input(source, stride=opts.stride, max_frames=opts.max_frames,

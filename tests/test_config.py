@@ -228,6 +228,24 @@ def test_teacher_train_options_stand_anywhere_among_its_flags(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+def test_teacher_train_refuses_a_device_this_host_does_not_have(tmp_path, capsys):
+    """``teacher-train --device cuda`` (its default) on a host without CUDA stopped with torch's
+    "Torch not compiled with CUDA enabled" once it rendered (exit 1). A device this host does not
+    have is said in a line naming it and the devices there are, exit 2, before anything is written
+    (``cuda:N`` past the GPUs is absent on any host)."""
+    import torch
+
+    from reliev3r.cli import main
+
+    present = ", ".join(["cpu", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))])
+    out = tmp_path / "teacher"
+    for device in [f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        assert main(["teacher-train", "--out", str(out), "--device", device, "--steps", "1"]) == 2, device
+        assert capsys.readouterr().err.strip() == (f"reliev3r teacher-train: --device {device!r} is not available "
+                                                   f"here (available: {present})")
+        assert not out.exists()
+
+
 def test_overrides_stand_anywhere_among_the_options(tmp_path, capsys):
     """``key.sub=value`` words after an option were refused ("unrecognized arguments"), and
     ``view`` took an override for its run folder and the folder for an override: they are

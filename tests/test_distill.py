@@ -176,6 +176,21 @@ def test_distill_reads_the_runs_own_sources_by_default(tmp_path):
     assert extra["frames"] == 12 and extra["dropped_frames"] == 2 and extra["windows"] == 4
 
 
+def test_distill_refuses_a_device_this_host_does_not_have(tmp_path, capsys):
+    """``--distill RUN --device cuda`` on a host without CUDA stopped with torch's "Torch not
+    compiled with CUDA enabled" as it loaded the learner (exit 1): said in a line naming the device
+    and the devices there are, exit 2, before anything is written."""
+    run = tmp_path / "run"
+    make_tiny_snapshot(run, height=H, width=W, views=3)
+    out = tmp_path / "teacher"
+    present = ", ".join(["cpu", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))])
+    for device in [f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        assert cli.main(["teacher-train", "--distill", str(run), "--frames", str(tmp_path), "--out", str(out),
+                         "--device", device, *TINY]) == 2, device
+        assert f"--device {device!r} is not available here (available: {present})" in capsys.readouterr().out
+        assert not out.exists()
+
+
 def test_distill_refuses_what_it_cannot_use(tmp_path, capsys):
     run = tmp_path / "run"
     make_tiny_snapshot(run, height=H, width=W, views=3)

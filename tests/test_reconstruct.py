@@ -164,6 +164,40 @@ def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, ca
     assert not out.exists()
 
 
+def test_a_device_this_host_does_not_have_is_refused_naming_it_and_what_is_available(tmp_path, capsys):
+    """``--device cuda`` on a host without CUDA stopped with torch's "Torch not compiled with CUDA
+    enabled" (an AssertionError: exit 1), and ``Reconstructor.from_snapshot(path, device="cuda")``
+    raised it; ``device="gpu"`` raised torch's RuntimeError listing its device types. A device
+    that is none, or that this host does not have, is a ValueError naming it and the devices
+    there are (``learner.train.resolve_device``); ``reconstruct`` says it in a line, exit 2,
+    before it writes anything. ``cuda:N`` past the GPUs is absent on any host; ``cuda`` where
+    there is none."""
+    from learner.api import Reconstructor
+    from streamer_media import encode, panning_frames
+
+    present = ", ".join(["cpu", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))])
+    beyond = f"cuda:{torch.cuda.device_count()}"
+    absent = [beyond] + ([] if torch.cuda.is_available() else ["cuda"])
+    snap = make_tiny_snapshot(tmp_path / "run")
+    for device in absent:
+        with pytest.raises(ValueError) as err:
+            Reconstructor.from_snapshot(snap, device=device)
+        assert str(err.value) == f"device {device!r} is not available here (available: {present})"
+    with pytest.raises(ValueError) as err:
+        Reconstructor.from_snapshot(snap, device="gpu")
+    assert str(err.value) == f"device 'gpu' is no device: 'auto', 'cpu', 'cuda' or 'cuda:N' (available here: {present})"
+    assert Reconstructor.from_snapshot(snap, device="cpu").device == torch.device("cpu")
+    clip = encode(tmp_path / "clip.mp4", panning_frames(6, 64, 48))
+    out = tmp_path / "rec"
+    for device in absent:
+        assert cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(clip), "--out", str(out),
+                         "--device", device, "--views", "3", "--overlap", "1"]) == 2, device
+        err = capsys.readouterr().err
+        assert err.startswith(f"reliev3r reconstruct: --device {device!r} is not available here (available: "
+                              f"{present})") and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 def test_an_input_that_is_not_there_or_a_folder_of_videos_is_said_so(tmp_path, capsys):
     """``--input`` that does not exist was "neither an image folder nor a video", as if the path
     were of the wrong kind; a folder of videos (as the streamer takes them) was "no images". Each
