@@ -34,8 +34,11 @@ the streamer reads them); an intrinsics file, depth maps and ground-truth poses,
 it records (OpenCV reads a depth PNG unturned), are turned with each frame
 (``reliev3r.imaging.orient``, ``orient_intrinsics``, ``orient_pose``: a quarter turn of the image
 is the camera turned about its optical axis), so frames of one window turned differently each
-get their own. A frame mirrored by its orientation (Exif 2, 4, 5, 7) with a pose is no view of a
-camera at any pose: its window is skipped, saying so. So is a window with a frame whose pose file
+get their own; a frame of another size as recorded than the folder's first, which the folder's one
+intrinsics matrix (its file, 7-Scenes' published one) is taken to be of, is no frame it serves
+(``reliev3r.imaging.other_size``): its window is skipped, saying so. A frame mirrored by its
+orientation (Exif 2, 4, 5, 7) with a pose is no view of a camera at any pose: its window is
+skipped, saying so. So is a window with a frame whose pose file
 is no pose (``reliev3r.imaging.read_pose``: not 16 finite numbers, a rotation that is not one, a
 last row other than 0 0 0 1), the warning naming the file and the problem, or whose TUM
 trajectory line is no pose (a field that is not a number or not finite, a zero quaternion;
@@ -194,6 +197,37 @@ class _Orientations(dict):
         return turn
 
 
+class _Sizes:
+    """The size as recorded (``reliev3r.imaging.recorded_size``) of the first frame of a folder
+    that reads, which its one intrinsics matrix is taken to be of (``files``: the folder's frames
+    in order, whatever range is read): taken from the read that decodes it (:meth:`saw`), else
+    read from its file when first asked for. :meth:`same` checks a frame against it."""
+
+    def __init__(self, path_of: Callable[[int], Path], turns: _Orientations, files: list[Path]):
+        self.path_of, self.turns, self.files = path_of, turns, files
+        self.first: tuple[Path, tuple[int, int]] | None = None
+
+    def saw(self, k: int, image: np.ndarray) -> None:
+        """Frame ``k``, decoded: the first frame's size where it is the folder's first frame."""
+        if self.first is None and self.files and self.path_of(k) == self.files[0]:
+            self.first = (self.files[0], imaging.recorded_size(self.turns[k], image.shape[1], image.shape[0]))
+
+    def same(self, k: int, width: int, height: int, intrinsics: Path | str, K: np.ndarray) -> np.ndarray:
+        """``K`` (the folder's one matrix at frame ``k``, shown ``width`` x ``height``), or
+        ValueError naming the frame where it is of another size than the first
+        (``reliev3r.imaging.other_size``): the window is skipped."""
+        for file in self.files if self.first is None else ():
+            image, turn = imaging.read_image_and_orientation(file)
+            if image is not None:
+                self.first = (file, imaging.recorded_size(turn, image.shape[1], image.shape[0]))
+                break
+        size = imaging.recorded_size(self.turns[k], width, height)
+        if self.first is not None and (problem := imaging.other_size(self.path_of(k), size, *self.first,
+                                                                     intrinsics)) is not None:
+            raise ValueError(problem)
+        return K
+
+
 def _turned_pose(pose: np.ndarray | None, orientation: int, frame: Path) -> np.ndarray | None:
     """A ground-truth camera-to-world pose of the camera as it records, turned as its frame is
     shown (``reliev3r.imaging.orient_pose``: about the optical axis); ValueError naming the frame
@@ -225,14 +259,15 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         log.info("%s: no camera-intrinsics.txt; 7-Scenes' published intrinsics (fx = fy = 585, cx = 320, cy = 240 "
                  "at 640x480) are taken", folder)
     turns = _Orientations(lambda k: colour[indices[k]])
+    sizes = _Sizes(lambda k: colour[indices[k]], turns, [colour[i] for i in sorted(colour)])
 
     def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
         if published is None:
-            return _checked(imaging.shown_intrinsics(K, turns[k], w, h), path, w, h)
+            return sizes.same(k, w, h, path, _checked(imaging.shown_intrinsics(K, turns[k], w, h), path, w, h))
         if (at := published(turns[k], w, h)) is None:
             raise ValueError(f"{colour[indices[k]]}: {w}x{h}, not 4:3 as 7-Scenes' frames are: its published "
                              f"intrinsics cannot be this frame's; give the folder a camera-intrinsics.txt")
-        return at
+        return sizes.same(k, w, h, imaging.PUBLISHED, at)
 
     def read(k: int):
         stem = folder / f"frame-{indices[k]:06d}"
@@ -240,6 +275,7 @@ def sevenscenes_sequence(folder: Path, first: int | None = None, last: int | Non
         depth = imaging.read_image(f"{stem}.depth.png", cv2.IMREAD_UNCHANGED)
         if bgr is None or depth is None:
             raise OSError(f"{stem}: unreadable colour or depth image")
+        sizes.saw(k, bgr)
         # of the frame as recorded (OpenCV turns a colour image by its Exif orientation, not what it
         # reads with IMREAD_UNCHANGED): turned as the frame is shown
         depth = imaging.shown_image(depth.astype(np.float32) / 1000.0, turns[k])
@@ -374,10 +410,10 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    images = imaging.frame_files(folder)
-    keep = [k for k in range(len(images)) if (first is None or k >= first) and (last is None or k <= last)]
-    poses = folder_poses(folder, images, keep)
-    images = [images[k] for k in keep]
+    every = imaging.frame_files(folder)
+    keep = [k for k in range(len(every)) if (first is None or k >= first) and (last is None or k <= last)]
+    poses = folder_poses(folder, every, keep)
+    images = [every[k] for k in keep]
     if not images:
         raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
     turns = _Orientations(lambda k: images[k])
@@ -385,21 +421,26 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     if first_bgr is None:
         raise OSError(f"{images[0]}: unreadable image")
     held = {0: first_bgr}  # read(0)'s image, decoded already
+    sizes = _Sizes(lambda k: images[k], turns, every)
+    sizes.saw(0, first_bgr)
     found = imaging.intrinsics_file(folder)
     published = None if found is not None else imaging.published_intrinsics(images)  # 7-Scenes' own frames
     if found is not None:  # of the camera as it records: turned as each frame is
         K = imaging.read_intrinsics(found)
 
         def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
-            return _checked(imaging.shown_intrinsics(K, turns[k], w, h), found, w, h)
+            return sizes.same(k, w, h, found, _checked(imaging.shown_intrinsics(K, turns[k], w, h), found, w, h))
     else:  # of each frame as shown, as the streamer assumes them
         from reliev3r.geometry import intrinsics_from_fov
 
-        def intrinsics_of(k: int, h: int, w: int) -> np.ndarray:
+        def intrinsics_of(k: int, h: int, w: int, checked: bool = True) -> np.ndarray:
             K = published(turns[k], w, h) if published is not None else None  # 7-Scenes', at the frame's size
-            return K if K is not None else intrinsics_from_fov(60.0, w, h).double().numpy()
+            if K is not None:
+                return sizes.same(k, w, h, imaging.PUBLISHED, K) if checked else K
+            return intrinsics_from_fov(60.0, w, h).double().numpy()
 
-        K = intrinsics_of(0, *first_bgr.shape[:2])
+        # the range's first frame's (a window's are intrinsics_of's, checked: not refused here)
+        K = intrinsics_of(0, *first_bgr.shape[:2], checked=False)
 
     def depth_path(image: Path) -> Path | None:
         for c in (image.parent / f"{_frame_base(image)}.depth.png", folder / "depth" / f"{image.stem}.png",

@@ -11,7 +11,7 @@ video's display matrix or an image's Exif orientation tag asks for (:func:`displ
 order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`, else those its
 dataset publishes: :func:`published_intrinsics`,
 :func:`read_intrinsics`, checked by :func:`intrinsics_problem` and against the frames by
-:func:`intrinsics_mismatch`), a frame's
+:func:`intrinsics_mismatch` and :func:`other_size`), a frame's
 ground-truth pose file (:func:`read_pose`; every ground-truth pose is checked by
 :func:`pose_problem`), and images read and written as bytes
 (:func:`read_image`, :func:`write_image`, :func:`encode_image`).
@@ -374,11 +374,30 @@ def orient_pose(cam_to_world, orientation: int) -> np.ndarray:
     return np.asarray(cam_to_world, dtype=np.float64) @ turn
 
 
+def recorded_size(orientation: int, width: int, height: int) -> tuple[int, int]:
+    """(width, height) as recorded of a frame shown ``width`` x ``height`` after its Exif
+    ``orientation`` turned it."""
+    return (height, width) if orientation & TRANSPOSE else (width, height)
+
+
+def other_size(file: Path | str, size: tuple[int, int], first: Path | str, first_size: tuple[int, int],
+               intrinsics: Path | str) -> str | None:
+    """Why the one intrinsics matrix of an image folder (``intrinsics`` names it: its file, or
+    :data:`PUBLISHED`) cannot serve the frame ``file``, recorded ``size`` (width, height:
+    :func:`recorded_size`), or None: another size than the first frame of the folder (``first``,
+    recorded ``first_size``), the size the matrix is taken to be of. A frame resized, cropped or
+    turned by an editor, whose principal point may still pass :func:`intrinsics_mismatch`. The
+    streamer and eval refuse such a frame, as reconstruct does."""
+    if tuple(size) == tuple(first_size):
+        return None
+    return (f"{file}: {size[0]}x{size[1]}, unlike {Path(first).name}'s {first_size[0]}x{first_size[1]}, so the "
+            f"folder's one intrinsics matrix ({intrinsics}) cannot serve both")
+
+
 def shown_intrinsics(intrinsics, orientation: int, width: int, height: int) -> np.ndarray:
     """:func:`orient_intrinsics` from the size of the image as shown (``width`` x ``height``,
     after ``orientation`` turned it), as a reader that has decoded the turned image knows it."""
-    recorded = (height, width) if orientation & TRANSPOSE else (width, height)
-    return orient_intrinsics(intrinsics, orientation, *recorded)
+    return orient_intrinsics(intrinsics, orientation, *recorded_size(orientation, width, height))
 
 
 EXIF_ORIENTATIONS = {1: 0, 2: FLIP_COLUMNS, 3: FLIP_ROWS | FLIP_COLUMNS, 4: FLIP_ROWS, 5: TRANSPOSE,

@@ -1052,6 +1052,7 @@ class ImageSequenceSource:
         self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:func:`_pose_lost`)
         self._has_poses: bool | None = None  # whether the frames' folder has pose files (:meth:`_pose`)
         self.files = imaging.frame_files(self.path)
+        self._first: tuple[Path, tuple[int, int]] | None = None  # the first frame that reads, its size (recorded)
         self.intrinsics = None
         self.intrinsics_file = imaging.intrinsics_file(self.path)
         # 7-Scenes' own frames without a file: the dataset's intrinsics at a frame's size
@@ -1071,7 +1072,10 @@ class ImageSequenceSource:
         most frames between candidates unlooked-at, and those are never decoded. Such a JPEG
         that cannot be decoded then (its structure checked out: markers, size, end) is reported
         as ``bad_image`` when looked at, and the window builder takes it as a gap
-        (:class:`FrameLost`); one never looked at is not reported."""
+        (:class:`FrameLost`); one never looked at is not reported. Where the folder's one
+        intrinsics matrix (its file, 7-Scenes' published one) would serve a frame of another size
+        as recorded than its first frame's, the frame is reported as ``size_mismatch``
+        (``reliev3r.imaging.other_size``) and skipped as a bad image is."""
         if not self.files:
             self.on_error(self.name, "no_frames", f"{self.path}: no images")
             return
@@ -1090,6 +1094,9 @@ class ImageSequenceSource:
                 self.on_error(self.name, err.reason, str(err))
                 gap = True
                 continue
+            size = imaging.recorded_size(turn, w, h)
+            if self._first is None and start == 0:  # no frame before it read
+                self._first = (file, size)
             K = None
             if self.intrinsics is not None:  # of the camera as it records: turned as OpenCV turned the frame
                 K = shown_intrinsics(self.intrinsics, turn, w, h)
@@ -1099,6 +1106,11 @@ class ImageSequenceSource:
                     K = None
             elif self.published is not None:
                 K = self.published(turn, w, h)
+            if K is not None and (problem := imaging.other_size(
+                    file, size, *self._first_size(), self.intrinsics_file or imaging.PUBLISHED)) is not None:
+                self.on_error(self.name, "size_mismatch", problem)
+                gap = True
+                continue
             if K is None:
                 K = fov_intrinsics(self.fov_deg, w, h)
             self.position = i + 1
@@ -1109,6 +1121,20 @@ class ImageSequenceSource:
                         discontinuity=gap, glance=None if small is None else functools.partial(_glance_of, small),
                         reduced=reduced)
             gap = False
+
+    def _first_size(self) -> tuple[Path, tuple[int, int]]:
+        """The folder's first frame that reads, and its size as recorded: what its one intrinsics
+        matrix is taken to be of. Known from the first pass that starts at frame 0; read here for
+        a pass that starts later (a resumed streamer)."""
+        if self._first is None:
+            for file in self.files:
+                try:
+                    _, _, (h, w), turn = read_image_glance(file, lazy=True)
+                except SourceError:
+                    continue
+                self._first = (file, imaging.recorded_size(turn, w, h))
+                break
+        return self._first
 
     def _depth(self, file: Path, turn: int) -> np.ndarray | None:
         """The depth map of the frame read from ``file``, turned as OpenCV turned the frame

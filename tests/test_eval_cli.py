@@ -412,6 +412,42 @@ def test_a_window_with_a_mirrored_frame_and_its_pose_is_skipped_saying_why(tmp_p
     assert windows[0].gt_cam_to_world is not None and windows[1].gt_cam_to_world is None
 
 
+@pytest.mark.parametrize("spec, intrinsics", [("folder", True), ("folder", False), ("7scenes", True),
+                                               ("7scenes", False)])
+def test_a_window_with_a_frame_of_another_size_than_the_first_is_skipped_naming_it(tmp_path, caplog, spec,
+                                                                                   intrinsics):
+    """A folder's one intrinsics matrix (its camera-intrinsics.txt, or 7-Scenes' published one)
+    served a frame of another size (resized by an editor, 4:3 kept: its principal point still
+    passes ``intrinsics_mismatch``) taken at its own size: its window was scored with wrong
+    intrinsics, unsaid. It is skipped as a window with a frame that cannot be read is, the
+    warning naming the frame, its size and the first frame's; the other windows are scored."""
+    from reliev3r import imaging
+
+    rows, columns = np.mgrid[:48, :64]
+    rgb = np.stack([5 * rows, 3 * columns, np.full_like(rows, 128)], -1).astype(np.uint8)
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for k in range(6):
+        bgr = cv2.resize(rgb, (48, 36)) if k == 3 else rgb
+        cv2.imwrite(str(seq / f"frame-{k:06d}.color.png"), bgr)
+        cv2.imwrite(str(seq / f"frame-{k:06d}.depth.png"), np.full(bgr.shape[:2], 1500, np.uint16))
+        np.savetxt(seq / f"frame-{k:06d}.pose.txt", np.eye(4))
+    if intrinsics:
+        np.savetxt(seq / "camera-intrinsics.txt", [[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = load_windows(f"{spec}:{seq}", views=2, height=48, width=64, windows=3, stride=1, run_dir=tmp_path)
+    assert [w.name for w in windows] == ["seq:0", "seq:4"]
+    (said,) = [r.getMessage() for r in caplog.records if "window skipped" in r.getMessage()]
+    named = str(seq / "camera-intrinsics.txt") if intrinsics else imaging.PUBLISHED
+    assert said == (f"evaluation window skipped: seq:2: {seq / 'frame-000003.color.png'}: 48x36, unlike "
+                    f"frame-000000.color.png's 64x48, so the folder's one intrinsics matrix ({named}) cannot serve "
+                    "both"), said
+    for frames in ("2-3", "3-4"):  # the folder's first frame is the measure, whatever range is read
+        with pytest.raises(ValueError, match="no window could be read.*48x36, unlike frame-000000"):
+            load_windows(f"{spec}:{seq}@{frames}", views=2, height=48, width=64, windows=1, stride=1,
+                         run_dir=tmp_path)
+
+
 @pytest.mark.parametrize("spec", ["folder", "7scenes"])
 def test_each_frame_is_read_once_for_its_pixels_its_orientation_and_its_depth(tmp_path, monkeypatch, spec):
     """Frames with Exif orientations, depth maps and an intrinsics file (both turned as the

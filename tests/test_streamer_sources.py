@@ -269,6 +269,73 @@ def test_intrinsics_of_frames_before_they_were_resized_are_named_not_used(tmp_pa
     assert not errors and frames[0].intrinsics[0, 2] == 15.5
 
 
+def _odd_sized_folder(folder: Path, names: str, odd: int, *, frames: int = 6) -> None:
+    """``frames`` frames 64x48 named ``names`` (a format of the index), the ``odd``-th resized to
+    48x36 (4:3 kept: its principal point still passes ``intrinsics_mismatch``)."""
+    import cv2
+
+    folder.mkdir()
+    for i, rgb in enumerate(panning_frames(frames, 64, 48, step=4)):
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        cv2.imwrite(str(folder / names.format(i)), cv2.resize(bgr, (48, 36)) if i == odd else bgr)
+
+
+@pytest.mark.parametrize("names, intrinsics", [("frame-{:06d}.color.png", True), ("frame-{:06d}.color.png", False),
+                                               ("{:04d}.png", True)])
+def test_a_frame_of_another_size_than_the_folders_first_is_reported_and_skipped(tmp_path, names, intrinsics):
+    """An image folder's one intrinsics matrix (its camera-intrinsics.txt, or 7-Scenes' published
+    one at the first frame's size) served a frame of another size (resized or cropped by an
+    editor) taken at its own size, unsaid where its principal point still passed
+    ``intrinsics_mismatch``: wrong intrinsics, silently. It is reported as ``size_mismatch``
+    naming the frame, its size and the first frame's, and skipped as a frame that cannot be read
+    is (the next frame carries ``discontinuity``: no window spans the hole); the other frames,
+    and the other sources, flow with the folder's intrinsics."""
+    from reliev3r import imaging
+
+    seq = tmp_path / "seq"
+    _odd_sized_folder(seq, names, odd=3)
+    if intrinsics:
+        (seq / "camera-intrinsics.txt").write_text("50 0 31.5\n0 50 23.5\n0 0 1\n")
+    expected = (np.array([[50.0, 0, 31.5], [0, 50, 23.5], [0, 0, 1]]) if intrinsics
+                else imaging.published_intrinsics(imaging.frame_files(seq))(0, 64, 48))
+    other = tmp_path / "other"
+    _odd_sized_folder(other, "{:04d}.png", odd=-1, frames=4)
+    errors = Errors()
+    sources = discover([str(seq), str(other)], on_error=errors)
+    frames = take(sources[0])
+    assert [f.index for f in frames] == [0, 1, 2, 4, 5]
+    assert [f.discontinuity for f in frames] == [False, False, False, True, False]
+    for f in frames:
+        np.testing.assert_allclose(f.intrinsics, expected)
+    assert errors.reasons() == ["size_mismatch"], errors
+    (_, _, detail), = errors
+    said = str(seq / "camera-intrinsics.txt") if intrinsics else imaging.PUBLISHED
+    assert detail == (f"{seq / names.format(3)}: 48x36, unlike {names.format(0)}'s 64x48, so the folder's one "
+                      f"intrinsics matrix ({said}) cannot serve both"), detail
+    assert len(take(sources[1])) == 4 and len(errors) == 1
+    resumed = list(sources[0].frames(start=2))  # a resumed pass knows the first frame's size all the same
+    assert [f.index for f in resumed] == [2, 4, 5] and errors.reasons() == ["size_mismatch"] * 2
+    windows = _stream([str(seq)], StreamerConfig(**{**FAST, "window_step": 1}), errors)
+    assert windows and all(v.index != 3 for w in windows for v in w.views)
+    assert all(max(v.index for v in w.views) < 3 or min(v.index for v in w.views) > 3 for w in windows)
+
+
+def test_frames_of_one_size_turned_by_their_exif_orientation_are_not_of_another_size(tmp_path):
+    """The size compared is the frame's as recorded: a frame its Exif orientation turns a quarter
+    (shown 48x64) is of the first frame's size, its intrinsics turned with it, not reported."""
+    import cv2
+
+    from streamer_media import exif_tagged
+
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(panning_frames(1, 64, 48)[0][..., ::-1]))
+    for k, tag in enumerate((1, 6, 1)):
+        (tmp_path / f"frame-{k:06d}.color.jpg").write_bytes(exif_tagged(data.tobytes(), tag))
+    (tmp_path / "camera-intrinsics.txt").write_text("50 0 31.5\n0 50 23.5\n0 0 1\n")
+    errors = Errors()
+    frames = take(ImageSequenceSource(tmp_path, on_error=errors))
+    assert not errors and [f.rgb.shape[:2] for f in frames] == [(48, 64), (64, 48), (48, 64)]
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
