@@ -296,13 +296,17 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
         from reliev3r.service import Runtime
 
         module, stage = STAGES[args.command]
-        if not os.environ.get("RELIEV3R_SUPERVISED"):  # under `up`, the supervisor resolved the ports, read the keys
+        # under `up`, the supervisor resolved the ports, read the keys and checked the devices
+        if not os.environ.get("RELIEV3R_SUPERVISED"):
+            from monitoring.config import RANKED
+            from reliev3r.config_base import local_rank
             from reliev3r.ports import BINDS, STAGE_PORTS, stage_problem
             from reliev3r.security import key_problem
 
             connects = any(port != BINDS.get(stage) for port in STAGE_PORTS[stage])
-            if problem := (stage_problem(stage, os.environ.get("RELIEV3R_INSTANCE", stage), cfg)
-                           or key_problem(cfg.network.curve, server=stage in BINDS, client=connects)):
+            if problem := (stage_problem(stage, os.environ.get("RELIEV3R_INSTANCE", stage), cfg)  # LOCAL_RANK first
+                           or key_problem(cfg.network.curve, server=stage in BINDS, client=connects)
+                           or cfg.device_problem(stage, rank=local_rank() if stage == RANKED else 0)):
                 print(f"reliev3r: {problem}", file=sys.stderr)
                 return 2
         run = importlib.import_module(module).run

@@ -17,8 +17,9 @@ from evaluation.config import EvaluatorConfig
 from labelers.config import XFEAT_MIN_SIDE, LabelerConfig
 from learner.config import LearnerConfig
 from monitoring.config import MonitoringConfig
-from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunConfig, build, free_port, load_data,
-                                  merge, parse_override, to_dict, with_overrides)
+from reliev3r.config_base import (ConfigError, CurveConfig, NetworkConfig, RunConfig, build, check_device_present,
+                                  free_port, load_data, merge, parse_override, present_devices, to_dict,
+                                  with_overrides)
 from replay.config import ReplayConfig
 from streamer.config import StreamerConfig
 
@@ -79,6 +80,35 @@ class PipelineConfig:
         if not self.streamer.sources:
             return "no sources of yours: the built-in synthetic world"
         return None
+
+    def device_problem(self, stage: str, *, device: str | None = None, instance: str = "",
+                       rank: int = 0) -> str | None:
+        """Why a process of ``stage`` cannot run on this host's devices, or None: its section's
+        ``device`` (:data:`DEVICE_STAGES`: ``labeler.device``, ``learner.device``) names one this
+        host does not have, said in a line naming the key and the devices there are
+        (:func:`reliev3r.config_base.check_device_present`); its process would stop with torch's
+        words as it starts. ``auto`` (cuda where there is one, else cpu) and ``cpu`` are on every
+        host (checked without loading torch). ``device``: the one the process uses where ``up``
+        gave it another than the config's (labeler ``instance`` on ``cuda:K``); ``rank``: a
+        learner rank's ``LOCAL_RANK``, whose GPU ``cuda`` is."""
+        if stage not in DEVICE_STAGES:
+            return None
+        key, value = f"{stage}.device", getattr(self, stage).device
+        used = device or value
+        if used in ("auto", "cpu"):
+            return None
+        try:
+            check_device_present(key, used, rank=rank)
+        except ValueError as err:
+            if used == value:
+                return str(err)
+            return (f"{key} {value!r} ({instance} on {used}) is not available here "
+                    f"(available: {', '.join(present_devices())})")
+        return None
+
+
+DEVICE_STAGES = ("labeler", "learner")
+"""The stages whose section has a ``device`` (the evaluator takes cuda where there is one, else cpu)."""
 
 
 REFRESHED_TEACHER = Path("teacher") / "embedded_depth.safetensors"

@@ -92,8 +92,9 @@ EARLY_S = 60.0
 
 
 class StartError(Exception):
-    """The run cannot start: ``learner.init`` names no usable weights for a learner that has no
-    snapshot of its own (a learner failing at start would be restarted until the run gave up)."""
+    """The run cannot start: a stage's device is not on this host, or ``learner.init`` names no
+    usable weights for a learner that has no snapshot of its own (a child failing at start would
+    be restarted until the run gave up)."""
 
 
 class RefreshError(Exception):
@@ -204,12 +205,15 @@ class Supervisor:
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         """Run until done or stopped; the exit code. Before anything starts, raises
+        :class:`StartError` when a child's device is not on this host (:meth:`device_problem`),
         :class:`RefreshError` when a teacher refresh cannot move the first part aside (one the run
         stopped in), and then :class:`StartError` when ``learner.init`` cannot start the learner
         (checked on the run folder as the refresh left it: the move can take the learner's own
         snapshots, or those ``learner.init`` names, out of ``snapshots/``; and checked where the
         learner resumes its own snapshot with a refresh still to come, which moves that aside and
         starts the learner from ``learner.init``)."""
+        if problem := self.device_problem():
+            raise StartError(problem)
         config_file = self.run_dir / "config.yaml"
         refresh_said = self._finish_refresh(config_file)
         if self.cfg.learner.init:
@@ -287,6 +291,20 @@ class Supervisor:
                 extra = [f"labeler.device=cuda:{k % max(1, gpus)}"] if spread else []
                 out.append(Child("labeler" if k == 0 else f"labeler-{k}", "labeler", extra))
         return out
+
+    def device_problem(self) -> str | None:
+        """Why a child cannot run on this host's devices, or None: the config's ``labeler.device``
+        and ``learner.device`` (the learner's ``cuda`` is ``cuda:0``: it is no rank of a job), then
+        each labeler's own (``cuda:K`` where several share the host's GPUs: ``_plan``), checked by
+        :meth:`reliev3r.config.PipelineConfig.device_problem`. The teacher refresh's distillation
+        runs on the labelers' device."""
+        for child in self.children.values():
+            key = f"{child.stage}.device="
+            device = next((o.removeprefix(key) for o in child.overrides if o.startswith(key)), None)
+            if problem := (self.cfg.device_problem(child.stage)  # the config's value, as it was written
+                           or self.cfg.device_problem(child.stage, device=device, instance=child.name)):
+                return problem
+        return None
 
     # ------------------------------------------------------------------ teacher refresh
     @property

@@ -799,6 +799,84 @@ def test_learner_init_is_checked_on_a_resumed_run_whose_teacher_refresh_is_still
         sup.metrics.close()
 
 
+def _absent_devices() -> tuple[list[str], str]:
+    """Devices this host lacks, as a ``device`` value names them (``cuda:<its GPU count>`` on any
+    host, ``cuda`` too where there is no CUDA), and the devices it has, as the refusal lists them."""
+    import torch
+
+    count = torch.cuda.device_count()
+    absent = [f"cuda:{count}"] + ([] if torch.cuda.is_available() else ["cuda"])
+    return absent, ", ".join(["cpu", *(f"cuda:{k}" for k in range(count))])
+
+
+@pytest.mark.parametrize("key", ["labeler.device", "learner.device"])
+def test_up_refuses_a_stage_device_this_host_lacks_before_anything_starts(tmp_path, capsys, monkeypatch, key):
+    """``labeler.device`` or ``learner.device`` naming a device this host does not have (``cuda``
+    on a host without CUDA, ``cuda:N`` past its GPUs; with several labelers too, each on its GPU):
+    ``up`` says which key in a line and exits 2, starting nothing. Before, the stage's child
+    failed with torch's words ("Torch not compiled with CUDA enabled") and was restarted until the
+    run gave up, minutes later."""
+    from reliev3r.supervisor import Supervisor
+
+    def start(_sup, child):
+        raise AssertionError(f"{child.name} started")
+
+    monkeypatch.setattr(Supervisor, "_start", start)
+    absent, present = _absent_devices()
+    for device in absent:
+        for workers in ([1, 3] if key == "labeler.device" else [1]):
+            run = tmp_path / f"{device}-{workers}"
+            code = cli.main(["up", f"run.dir={run}", f"{key}={device}", f"labeler.workers={workers}",
+                             "monitoring.enabled=false"])
+            err = capsys.readouterr().err
+            assert code == 2, err
+            assert f"reliev3r: {key} '{device}' is not available here (available: {present})\n" in err, err
+            assert not run.exists()
+
+
+def test_up_refuses_a_labeler_whose_gpu_this_host_lacks_naming_it():
+    """With ``labeler.device=cuda`` labeler K runs on ``cuda:(K mod GPUs)``: each labeler's own
+    device is checked, and one missing (here: planned for one GPU more than this host has) is
+    named with the config's value."""
+    import torch
+
+    from reliev3r.config import load
+    from reliev3r.supervisor import Supervisor
+
+    count = torch.cuda.device_count()
+    cfg = load([ROOT / "configs" / "default.yaml"], ["labeler.device=cuda", f"labeler.workers={count + 1}"])
+    sup = Supervisor(cfg, out=io.StringIO())
+    try:
+        sup.children = {c.name: c for c in Supervisor._plan(cfg, gpus=count + 1)}
+        _, present = _absent_devices()
+        said = f" (labeler-{count} on cuda:{count})" if count else ""  # without GPUs: 'cuda' itself is missing
+        assert sup.device_problem() == f"labeler.device 'cuda'{said} is not available here (available: {present})"
+        assert cfg.device_problem("labeler", device=f"cuda:{count}", instance="labeler-7") == (
+            f"labeler.device 'cuda' (labeler-7 on cuda:{count}) is not available here (available: {present})")
+        sup.children = {c.name: c for c in Supervisor._plan(cfg, gpus=max(1, count))}
+        assert sup.device_problem() == (None if count else
+                                        f"labeler.device 'cuda' is not available here (available: {present})")
+    finally:
+        sup.metrics.close()
+
+
+@pytest.mark.parametrize("command, key", [("label", "labeler.device"), ("learn", "learner.device")])
+def test_a_stage_started_on_its_own_refuses_a_device_this_host_lacks(monkeypatch, capsys, command, key):
+    """``reliev3r label`` / ``learn`` on a device this host does not have: the line ``up`` says,
+    exit 2, before the stage starts. Before, the stage started and failed with torch's words
+    (the labeler) or the device check's, as a traceback in its log, exit 1."""
+    base = _free_block(2)
+    for name in ("RELIEV3R_SUPERVISED", "RELIEV3R_INSTANCE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    absent, present = _absent_devices()
+    for device in absent:
+        code = cli.main([command, f"{key}={device}", f"network.work_port={base}", f"network.replay_port={base + 1}",
+                         "monitoring.enabled=false"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"reliev3r: {key} '{device}' is not available here (available: {present})\n" in err, err
+
+
 def test_a_run_refreshed_before_the_move_had_its_mark_resumes_as_it_is(tmp_path):
     """A run refreshed by a version that copied no config.yaml into ``before-refresh/`` (the
     mark of a whole move): its first part is there and the new learner has snapshots of its own.
