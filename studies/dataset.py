@@ -12,7 +12,10 @@ Specs (:func:`parse_spec`), comma-separated ``key=value`` after the kind:
 
 * ``synthetic:scenes=8,frames=40,seed=0``: ``scenes`` procedural scenes (``render_scene`` seeds
   derived from ``seed``), each a clip of ``frames`` frames; held-out data uses another seed.
-* ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: one 7-Scenes sequence folder.
+* ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: one 7-Scenes sequence folder. A window with a
+  frame that cannot be read (a damaged frame, depth map or pose file; a frame of another size than
+  the folder's first, which its one intrinsics matrix does not serve: ``reliev3r.imaging.other_size``)
+  is skipped as eval skips it: logged and listed in the meta (``skipped``), the others labelled.
 
 Windows: ``views`` frames ``stride`` frames apart, starting every ``hop`` frames. Matching
 runs on frames ``match_scale`` times larger than the training resolution (SIFT finds few
@@ -29,13 +32,15 @@ Cache layout (N windows, V views, M matches in total)::
     gt_depth float32 [N,V,H,W]   gt_cam_to_world float32 [N,V,4,4]
     teacher_depth float32 [N,V,H,W], teacher_valid bool [N,V,H,W]   (absent for teacher none)
     matches float32 [M,8] rows (n, i, j, x_i, y_i, x_j, y_j, score)
-    names <U [N]                 meta <U [1] (JSON: spec, teacher/matcher names and versions)
+    names <U [N]                 meta <U [1] (JSON: spec, teacher/matcher names and versions,
+                                              the windows skipped and why)
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -49,6 +54,8 @@ from torch import Tensor
 
 from evaluation.datasets import EvalWindow
 from reliev3r import durable
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 """Bumped when the cache layout or the labelling changes: older caches are rebuilt.
@@ -241,17 +248,21 @@ def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str,
         a, _, b = frame_range.partition("-")
         first, last = int(a), int(b)
     seq = sevenscenes_sequence(Path(folder), first, last)
-    out = []
+    out: list[dict[str, Any]] = []
     for start in starts:
         imgs, bigs, depths, poses, Ks = [], [], [], [], []
-        for idx in range(start, start + spec.views * spec.stride, spec.stride):
-            rgb, depth, pose = seq.read(idx)
-            h, w = rgb.shape[:2]
-            imgs.append(imaging.fit_image(rgb, spec.height, spec.width))
-            bigs.append(imaging.fit_image(rgb, spec.height * spec.match_scale, spec.width * spec.match_scale))
-            depths.append(imaging.fit_image(depth, spec.height, spec.width, nearest=True))
-            Ks.append(imaging.fit_intrinsics(seq.frame_intrinsics(idx, h, w), h, w, spec.height, spec.width))
-            poses.append(pose)
+        try:
+            for idx in range(start, start + spec.views * spec.stride, spec.stride):
+                rgb, depth, pose = seq.read(idx)
+                h, w = rgb.shape[:2]
+                imgs.append(imaging.fit_image(rgb, spec.height, spec.width))
+                bigs.append(imaging.fit_image(rgb, spec.height * spec.match_scale, spec.width * spec.match_scale))
+                depths.append(imaging.fit_image(depth, spec.height, spec.width, nearest=True))
+                Ks.append(imaging.fit_intrinsics(seq.frame_intrinsics(idx, h, w), h, w, spec.height, spec.width))
+                poses.append(pose)
+        except (OSError, ValueError) as err:  # as eval: a damaged frame or pose file, a frame of another size
+            out.append({"skipped": f"{seq.name}:{start}: {err}"})
+            continue
         frames = range(start, start + spec.views * spec.stride, spec.stride)
         item = _label(spec, f"{seq.name}:{start}", np.stack(imgs), np.stack(bigs), np.stack(depths),
                       np.stack(Ks), np.stack(poses), frame_keys=[f"{seq.name}#{k}" for k in frames])
@@ -282,7 +293,9 @@ def _run_task(task: tuple[Any, ...]) -> list[dict[str, Any]]:
 
 
 def build(spec: DatasetSpec, *, workers: int = 0, progress: bool = True) -> dict[str, np.ndarray]:
-    """Render/read, label and stack every window of ``spec`` (arrays of the cache layout)."""
+    """Render/read, label and stack every window of ``spec`` (arrays of the cache layout); a
+    window that cannot be read is skipped, logged and listed in the meta (``skipped``);
+    :class:`DatasetError` when none is left."""
     from tqdm import tqdm
 
     tasks = _tasks(spec)
@@ -299,8 +312,13 @@ def build(spec: DatasetSpec, *, workers: int = 0, progress: bool = True) -> dict
         with ctx.Pool(workers, initializer=_init_worker, initargs=(spec.matcher, spec.teacher)) as pool:
             for part in tqdm(pool.imap(_run_task, tasks), total=len(tasks), desc="labelling", disable=not progress):
                 items += part
+    skipped = [it["skipped"] for it in items if "skipped" in it]
+    items = [it for it in items if "skipped" not in it]
+    for why in skipped:
+        log.warning("dataset window skipped: %s", why)
     if not items:
-        raise DatasetError(f"{spec.source}: no window could be labelled")
+        first = f" ({len(skipped)} skipped; the first: {skipped[0]})" if skipped else ""
+        raise DatasetError(f"{spec.source}: no window could be labelled{first}")
     from labelers.depth import make_teacher
     from labelers.matches import make_matcher
 
@@ -315,7 +333,8 @@ def build(spec: DatasetSpec, *, workers: int = 0, progress: bool = True) -> dict
         for n, it in enumerate(items)]).astype(np.float32)
     arrays["names"] = np.array([it["name"] for it in items])
     meta = {"version": CACHE_VERSION, "spec": json.loads(spec.key()),
-            "teacher": teacher.describe(), "matcher": {"name": matcher.name, "version": matcher.version}}
+            "teacher": teacher.describe(), "matcher": {"name": matcher.name, "version": matcher.version},
+            "skipped": skipped}
     arrays["meta"] = np.array([json.dumps(meta)])
     return arrays
 

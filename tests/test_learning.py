@@ -134,6 +134,39 @@ def test_real_teacher_labels_at_match_resolution_are_block_averaged_and_memoised
         ds._WORKER.pop("memo", None)
 
 
+def test_a_7scenes_window_with_a_frame_of_another_size_is_skipped_saying_so(tmp_path, caplog):
+    """A 7-Scenes folder whose frame 3 was resized (4:3 kept) is no frame its one intrinsics
+    matrix serves (``reliev3r.imaging.other_size``): as in eval, the windows with it are skipped
+    and said (logged, and listed in the cache's meta), the others labelled. Before, the reader's
+    ValueError stopped the whole build."""
+    import cv2
+
+    from reliev3r import imaging
+
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), (3, 3), 0)
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for k in range(6):
+        bgr = texture[k:k + 48, k:k + 64]
+        bgr = cv2.resize(bgr, (48, 36)) if k == 3 else bgr
+        cv2.imwrite(str(seq / f"frame-{k:06d}.color.png"), bgr)
+        cv2.imwrite(str(seq / f"frame-{k:06d}.depth.png"), np.full(bgr.shape[:2], 1500, np.uint16))
+        np.savetxt(seq / f"frame-{k:06d}.pose.txt", np.eye(4))
+    spec = parse_spec(f"7scenes:{seq};views=2,stride=1,hop=1,height=48,width=64,match_scale=1")
+    with caplog.at_level("WARNING", logger="studies.dataset"):
+        data = ensure_dataset(spec, tmp_path / "cache", workers=1, progress=False)
+    assert list(data.arrays["names"]) == ["seq:0", "seq:1", "seq:4"]
+    why = (f"{seq / 'frame-000003.color.png'}: 48x36, unlike frame-000000.color.png's 64x48, so the folder's one "
+           f"intrinsics matrix ({imaging.PUBLISHED}) cannot serve both")
+    said = [r.getMessage() for r in caplog.records if "window skipped" in r.getMessage()]
+    assert said == [f"dataset window skipped: seq:{k}: {why}" for k in (2, 3)], said
+    assert data.meta["skipped"] == [f"seq:{k}: {why}" for k in (2, 3)]
+    only = parse_spec(f"7scenes:{seq}@2-4;views=2,stride=1,hop=1,height=48,width=64,match_scale=1")
+    with pytest.raises(DatasetError, match=r"no window could be labelled \(2 skipped; the first: seq:0: .*48x36"):
+        ensure_dataset(only, tmp_path / "cache", workers=1, progress=False)
+
+
 # --------------------------------------------------------------------------- study
 
 def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
