@@ -86,8 +86,9 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 @dataclass(slots=True)
 class Frames:
     """Frames picked from the input: RGB uint8 [H,W,3] each, their timestamps, and the
-    intrinsics [3,3] of the input resolution when known (else None: 60 degree FoV assumed),
-    and ground-truth cam_to_world [4,4] per frame where the input has them."""
+    intrinsics of the input resolution when known ([3,3] of every frame, or [N,3,3] each frame's;
+    else None: 60 degree FoV assumed), and ground-truth cam_to_world [4,4] per frame where the
+    input has them."""
 
     images: list[np.ndarray]
     timestamps: list[float]
@@ -103,16 +104,29 @@ class FrameStream:
 
     frames: Iterator[tuple[np.ndarray, float]]
     intrinsics: np.ndarray | None
+    """[3,3] of the first frame as shown, every frame's unless :attr:`each` says otherwise; None:
+    unknown (60 degree FoV assumed)"""
     gt_cam_to_world: list[np.ndarray | None] | None
     total: int | None
     match_gt: Callable[[np.ndarray], list[np.ndarray | None]] | None = None
     """A video's ground truth where a trajectory is given: the poses of the frames read, from their
     timestamps, once every frame is read (:func:`open_input`)"""
+    each: list[np.ndarray] | None = None
+    """Each frame's intrinsics [3,3] as it is shown, appended as :attr:`frames` yields it: an image
+    folder's matrix turned with each frame's own Exif orientation. None: :attr:`intrinsics` is
+    every frame's (:meth:`frame_intrinsics`)"""
 
     @classmethod
     def of(cls, frames: Frames) -> "FrameStream":
-        return cls(zip(frames.images, frames.timestamps), frames.intrinsics, frames.gt_cam_to_world,
-                   len(frames.images))
+        K = frames.intrinsics
+        each = None if K is None or np.ndim(K) == 2 else [np.asarray(k) for k in K]
+        return cls(zip(frames.images, frames.timestamps), K if each is None else each[0], frames.gt_cam_to_world,
+                   len(frames.images), each=each)
+
+    def frame_intrinsics(self, k: int) -> np.ndarray | None:
+        """Frame ``k``'s intrinsics [3,3] as it is shown (once :attr:`frames` has yielded it), or
+        None where they are unknown."""
+        return self.intrinsics if self.each is None else self.each[k]
 
 
 def input_path(spec: str) -> Path:
@@ -140,9 +154,12 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
     streamer reads it: ``reliev3r.imaging.natural_key``), at most ``max_frames``, decoded as
     the stream is read (one frame in memory at a time). A video's frames are turned as players
     show them, a folder's images as their Exif orientation says (OpenCV turns them), and
-    ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them
-    (``reliev3r.imaging.orient_intrinsics``; a folder's frames must then all be turned alike and
-    of one size: ValueError naming the first frame that is not).
+    ``intrinsics`` or a folder's intrinsics file (of the frames as recorded) with them: a video's
+    as its display matrix turns it (``reliev3r.imaging.orient_intrinsics``), a folder's with each
+    frame's own orientation (``reliev3r.imaging.shown_intrinsics``; :attr:`FrameStream.each`), as
+    the streamer and eval turn them. A folder's frames must then all be of one size as recorded,
+    the first's, which the one matrix is of: ValueError naming the first frame that is not
+    (``reliev3r.imaging.other_size``).
 
     Ground truth: a folder's own poses, or the TUM trajectory ``gt_poses`` (:func:`read_gt_poses`),
     matched by ``evaluation.datasets.match_trajectory`` (a folder's names as the frames' times, a
@@ -172,20 +189,22 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         if K is None and (found := imaging.intrinsics_file(path)) is not None:
             K, intrinsics = read_intrinsics(found), found
         published = None if K is not None else imaging.published_intrinsics(every)  # 7-Scenes' own frames
-        turn = None  # the Exif orientation OpenCV shows the frames under, where intrinsics are known
-        first = None  # the first frame, decoded for its size and orientation: the stream's first
-        if published is not None:  # at the frames' size (None at another aspect ratio: the default)
-            first, shown = imaging.read_image_and_orientation(files[0])
-            if first is not None and (K := published(shown, first.shape[1], first.shape[0])) is not None:
-                turn, intrinsics = shown, imaging.PUBLISHED
-        elif K is not None:  # of the camera as it records: turned as the frames are
-            first, shown = imaging.read_image_and_orientation(files[0])
-            if first is not None:
-                turn = shown
-                h, w = first.shape[:2]
-                K = _fitting(imaging.shown_intrinsics(K, turn, w, h), intrinsics, w, h)
+        recorded = K  # of the camera as it records (a file's): turned with each frame (below)
 
-        size = None if first is None else first.shape[:2]  # the first frame's, which the intrinsics are of
+        def shown_K(turn: int, w: int, h: int) -> np.ndarray | None:
+            """The matrix of a frame shown ``w`` x ``h`` after its orientation ``turn`` turned it."""
+            if published is not None:  # at the frames' size (None at another aspect ratio: the default)
+                return published(turn, w, h)
+            return _fitting(imaging.shown_intrinsics(recorded, turn, w, h), intrinsics, w, h)
+
+        first, turn = None, 0  # the first frame, decoded for its size and orientation: the stream's first
+        first_size = None  # its size as recorded, which the intrinsics are of, where they are known
+        if published is not None or K is not None:
+            first, turn = imaging.read_image_and_orientation(files[0])
+            if first is not None and (K := shown_K(turn, first.shape[1], first.shape[0])) is not None:
+                first_size = imaging.recorded_size(turn, first.shape[1], first.shape[0])
+                intrinsics = imaging.PUBLISHED if published is not None else intrinsics
+        each: list[np.ndarray] | None = [] if first_size is not None else None
 
         def images() -> Iterator[tuple[np.ndarray, float]]:
             nonlocal first
@@ -196,19 +215,18 @@ def open_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
                     bgr, shown = imaging.read_image_and_orientation(f)  # each file opened once
                 if bgr is None:
                     raise OSError(f"{f}: unreadable image")
-                if turn is not None and shown != turn:
-                    raise ValueError(f"{f}: turned by its Exif orientation unlike {files[0].name}, so the one "
-                                     "intrinsics matrix cannot serve both")
-                if turn is not None and bgr.shape[:2] != size:
-                    raise ValueError(f"{f}: {bgr.shape[1]}x{bgr.shape[0]}, unlike {files[0].name}'s "
-                                     f"{size[1]}x{size[0]}, so the one intrinsics matrix ({intrinsics}) cannot "
-                                     "serve both")
+                if each is not None:
+                    h, w = bgr.shape[:2]
+                    size = imaging.recorded_size(shown, w, h)
+                    if (problem := imaging.other_size(f, size, files[0], first_size, intrinsics)) is not None:
+                        raise ValueError(problem)
+                    each.append(shown_K(shown, w, h))
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), t
 
         # a trajectory matched by order: to every frame of the folder
         given = (gt_poses, lines) if lines is not None else None  # read once, above
         gt = _without_bad(folder_poses(path, every, picked, trajectory=given))
-        return FrameStream(images(), K, gt, len(files))
+        return FrameStream(images(), K, gt, len(files), each=each)
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         import av
 
@@ -277,7 +295,8 @@ def read_input(path: Path, *, stride: int, max_frames: int, intrinsics: Path | N
         stamps.append(t)
     if not images:
         raise ValueError(f"{path}: no frames decoded")
-    return Frames(images, stamps, stream.intrinsics, stream.gt_cam_to_world or [None] * len(images))
+    K = stream.intrinsics if stream.each is None else np.stack(stream.each)
+    return Frames(images, stamps, K, stream.gt_cam_to_world or [None] * len(images))
 
 
 def window_starts(frames: int, views: int, overlap: int) -> list[int]:
@@ -660,8 +679,8 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         poses.append(pose)
         window_K.append(K)
 
-    def run_window(start: int, images: list[np.ndarray]) -> None:
-        pred = reconstructor.run(images, intrinsics=stream.intrinsics)
+    def run_window(start: int, images: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> None:
+        pred = reconstructor.run(images, intrinsics=None if intrinsics[0] is None else np.stack(intrinsics))
         result = WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"])
         for k, j, pose, depth, c in chain.add(result):
             write_frame(k, pose, depth, c, pred["images"][j], pred["intrinsics"][j])
@@ -671,13 +690,15 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
     views, overlap = opts.views, min(opts.overlap, opts.views - 1)
     step = views - overlap
     recent: deque[np.ndarray] = deque(maxlen=views)  # the last `views` frames: the next window's
+    recent_K: deque[np.ndarray | None] = deque(maxlen=views)  # their intrinsics as shown
     next_start, chained_to = 0, 0
     bar = tqdm(stream.frames, total=stream.total, desc="reconstructing", unit="frame", dynamic_ncols=True)
     for k, (rgb, t) in enumerate(bar):
         recent.append(rgb)
+        recent_K.append(stream.frame_intrinsics(k))
         timestamps.append(t)
         if k + 1 == next_start + views:  # the window at next_start is complete
-            run_window(next_start, list(recent))
+            run_window(next_start, list(recent), list(recent_K))
             chained_to, next_start = k + 1, next_start + step
             bar.set_postfix(windows=chain.windows, points=ply.count, refresh=False)
     bar.close()
@@ -689,9 +710,9 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         views = n
         window_starts(n, views, min(overlap, views - 1))  # raises for a single frame
         overlap = min(overlap, views - 1)
-        run_window(0, list(recent))
+        run_window(0, list(recent), list(recent_K))
     elif chained_to < n:  # the last window ends at the last frame
-        run_window(n - views, list(recent))
+        run_window(n - views, list(recent), list(recent_K))
     tum.close()
     count = ply.close()
 

@@ -531,8 +531,8 @@ def test_a_folders_intrinsics_are_turned_with_its_frames_exif_orientation(tmp_pa
     """JPEGs of a phone held upright (Exif orientation 6: stored 64x48, shown 48x64) with the
     folder's camera-intrinsics.txt, or ``--intrinsics``, of the camera as it records: the frames
     are read turned (OpenCV turns them) and the intrinsics with them, as for a video's display
-    matrix (before, the recorded ones were handed on with the turned frames). Frames turned in
-    different ways cannot share one matrix: said, naming the frame."""
+    matrix (before, the recorded ones were handed on with the turned frames). A frame turned
+    otherwise (here: not at all) gets the matrix turned as it is (the next test)."""
     from reliev3r.reconstruct import open_input
     from streamer_media import texture
 
@@ -548,9 +548,50 @@ def test_a_folders_intrinsics_are_turned_with_its_frames_exif_orientation(tmp_pa
         np.testing.assert_allclose(stream.intrinsics, turned)
     ok, data = cv2.imencode(".jpg", texture(64, 48, seed=9))
     (folder / "0009.jpg").write_bytes(data.tobytes())  # not turned
-    with pytest.raises(ValueError, match="0009.jpg"):
-        list(open_input(folder, stride=1, max_frames=10).frames)
+    stream = open_input(folder, stride=1, max_frames=10)
+    assert [rgb.shape for rgb, _ in stream.frames][3:] == [(64, 48, 3), (48, 64, 3)]
+    np.testing.assert_allclose(stream.frame_intrinsics(3), turned)
+    np.testing.assert_allclose(stream.frame_intrinsics(4), [[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]])
 
+
+def test_frames_turned_differently_by_their_exif_orientation_each_get_their_own_intrinsics(tmp_path, capsys):
+    """A folder of 64x48 frames as recorded, with a camera-intrinsics.txt of them (fx 50, fy 55,
+    cx 30, cy 20), whose JPEG and PNG frames carry different Exif orientations (none, 6, 8, 3):
+    each frame is reconstructed with the matrix turned as its own orientation turns it, as the
+    streamer and eval take such frames (``reliev3r.imaging.shown_intrinsics``), and
+    reconstruction.json records each. Before, ``reconstruct`` refused the first frame turned
+    unlike the first ("turned by its Exif orientation unlike ..."), exit 2."""
+    from reliev3r.reconstruct import open_input
+    from streamer_media import exif_tagged, texture
+
+    shown = {1: [[50.0, 0, 30], [0, 55.0, 20], [0, 0, 1]],  # as recorded
+             6: [[55.0, 0, 48 - 1 - 20], [0, 50.0, 30], [0, 0, 1]],  # a quarter turn clockwise: shown 48x64
+             8: [[55.0, 0, 20], [0, 50.0, 64 - 1 - 30], [0, 0, 1]],  # anticlockwise: shown 48x64
+             3: [[50.0, 0, 64 - 1 - 30], [0, 55.0, 48 - 1 - 20], [0, 0, 1]]}  # a half turn: shown 64x48
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frames = [(".png", 1), (".jpg", 1), (".jpg", 6), (".png", 6), (".png", 8), (".jpg", 3)]
+    for k, (suffix, orientation) in enumerate(frames):
+        ok, data = cv2.imencode(suffix, texture(64, 48, seed=k))
+        tagged = data.tobytes() if orientation == 1 else exif_tagged(data.tobytes(), orientation)
+        (folder / f"{k:04d}{suffix}").write_bytes(tagged)
+    (folder / "camera-intrinsics.txt").write_text("50 55 30 20\n")
+    stream = open_input(folder, stride=1, max_frames=10)
+    read = list(stream.frames)
+    assert [rgb.shape[:2] for rgb, _ in read] == [(64, 48) if o in (6, 8) else (48, 64) for _, o in frames]
+    for k, (_, orientation) in enumerate(frames):
+        np.testing.assert_allclose(stream.frame_intrinsics(k), shown[orientation], err_msg=str(k))
+    snap = make_tiny_snapshot(tmp_path / "run")  # trained at 48x64: every frame is resized to it
+    code = cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(folder), "--out",
+                     str(tmp_path / "out"), "--views", "3", "--overlap", "1"])
+    assert code == 0, capsys.readouterr().err
+    recorded = json.loads((tmp_path / "out" / "reconstruction.json").read_text())["intrinsics"]
+    for k, (_, orientation) in enumerate(frames):
+        K = np.array(shown[orientation])
+        w, h = (48, 64) if orientation in (6, 8) else (64, 48)  # shown, resized to 64x48
+        sx, sy = 64 / w, 48 / h
+        want = [[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5], [0, 0, 1]]
+        np.testing.assert_allclose(recorded[k], want, rtol=1e-6, err_msg=str(k))
 
 @pytest.mark.parametrize("size", [(56, 42), (48, 64), (32, 24)])
 def test_a_frame_of_another_size_than_the_first_cannot_share_the_folders_intrinsics_said_naming_it(tmp_path,
