@@ -11,6 +11,9 @@ or the new one whole, never a part, and once it returns the new one survives a p
 (without the folder's fsync the earlier file may stand again after one). It makes the file with
 a given mode where asked (a secret key's 0600, from its first byte on), and leaves the folder's
 fsync to a caller that writes several files into one folder and fsyncs it once after the last.
+:func:`write_temporary` is its first half (the temporary file written whole and fsynced, with its
+mode), for a caller that renames several files into place only once all of them are whole (the
+CURVE keys: a pair is replaced together or not at all).
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ def write(path: str | Path, data: str | bytes | memoryview, *, tmp: str | Path, 
     file has it from its first byte on; without it the file gets the umask's default mode.
     ``fsync_folder=False`` leaves the folder's fsync to the caller, who writes several files
     into it and fsyncs it once after the last (until then a power loss may undo the rename)."""
+    write_temporary(tmp, data, mode=mode)
+    os.replace(tmp, path)
+    if fsync_folder:
+        fsync(Path(path).parent)
+
+
+def write_temporary(tmp: str | Path, data: str | bytes | memoryview, *, mode: int | None = None) -> None:
+    """The first half of :func:`write`: ``data`` into ``tmp``, written and fsynced, ``mode`` as
+    there (from the first byte on); the caller renames it into place and fsyncs the folder. A
+    write that fails leaves ``tmp`` (a part of it) for the caller to remove."""
     if mode is None:
         f = open(tmp, "wb")
     else:
@@ -57,6 +70,3 @@ def write(path: str | Path, data: str | bytes | memoryview, *, tmp: str | Path, 
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync_folder:
-        fsync(Path(path).parent)

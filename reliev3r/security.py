@@ -10,9 +10,10 @@ the server's public key. With ``enabled: false`` both helpers do nothing. :func:
 checks a process's files before it starts (each side needs only its own).
 
 Keys are ZeroMQ certificate files (the czmq layout pyzmq's ``zmq.auth`` reads): ``NAME.key``
-holds the public key, ``NAME.key_secret`` both keys and is written with mode 0600. Each file
-is replaced whole and durably (``reliev3r.durable.write``): a write cut short leaves the earlier
-key, and a secret's temporary file has mode 0600 from its first byte on.
+holds the public key, ``NAME.key_secret`` both keys and is written with mode 0600. The files are
+replaced together and durably: every new one is written whole to its temporary file (fsynced, a
+secret's with mode 0600 from its first byte on) before any is renamed into place, so a write cut
+short (a full disk) leaves every earlier key, never a new public key beside an old secret.
 ``reliev3r keys --out DIR`` writes::
 
     DIR/server.key  DIR/server.key_secret  DIR/client.key  DIR/client.key_secret
@@ -52,7 +53,14 @@ class SecurityError(ValueError):
 
 # --------------------------------------------------------------------------- keys
 
-def _write_cert(path: Path, public: bytes, secret: bytes | None) -> None:
+class KeysPartlyReplaced(OSError):
+    """A rename of the new keys into place failed after others had been renamed (the file system
+    failing between renames, which need no room for data): some keys are new, some old, so a pair
+    may not match until the keys are written again."""
+
+
+def _cert(public: bytes, secret: bytes | None) -> str:
+    """A certificate file's text: the public key, and the secret where given."""
     kind = "Secret" if secret else "Public"
     lines = [f"#   ****  Generated on {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC by reliev3r keys  ****",
              f"#   ZeroMQ CURVE {kind} Certificate",
@@ -61,14 +69,44 @@ def _write_cert(path: Path, public: bytes, secret: bytes | None) -> None:
              "", "metadata", "curve", f'    public-key = "{public.decode()}"']
     if secret:
         lines.append(f'    secret-key = "{secret.decode()}"')
-    _write_key("\n".join(lines) + "\n", path, secret=bool(secret))
+    return "\n".join(lines) + "\n"
 
 
-def _write_key(text: str, path: Path, *, secret: bool) -> None:
-    """``text`` to the key file ``path``, replaced whole (a write cut short leaves the earlier key)
-    and durably, with its mode from its temporary file's first byte on (0600 for a secret: never
-    readable by others, not even briefly; 0644 for a public key), whatever the umask."""
-    durable.write(path, text, tmp=path.with_name(f"{path.name}.tmp"), mode=0o600 if secret else 0o644)
+def _make_folder(folder: Path) -> None:
+    """``mkdir -p folder``, each folder made flushed in its parent (a power loss keeps its name)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in reversed(made):
+        durable.fsync(path.parent)
+
+
+def _replace_together(files: list[tuple[Path, str, bool]]) -> None:
+    """Replace every ``(path, text, secret)`` together, as far as the file system allows: each
+    new file written whole to its temporary file (``PATH.tmp``, fsynced, mode 0600 for a secret
+    and 0644 for a public key from its first byte on, whatever the umask), and only once all are
+    whole renamed into place, then each folder fsynced once. A write that fails (a full disk)
+    removes every temporary file and leaves every key as it was; a rename that fails, after
+    others went through, raises :class:`KeysPartlyReplaced`."""
+    tmps: list[Path] = []
+    try:
+        for path, text, secret in files:
+            tmps.append(path.with_name(f"{path.name}.tmp"))
+            durable.write_temporary(tmps[-1], text, mode=0o600 if secret else 0o644)
+        for done, ((path, _, _), tmp) in enumerate(zip(files, tmps)):
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                if not done:
+                    raise
+                raise KeysPartlyReplaced(err.errno, f"{err.strerror or err} after {done} of {len(files)} key "
+                                                    "files were renamed into place: a key pair may not match",
+                                         str(path)) from err
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in dict.fromkeys(path.parent for path, _, _ in files):
+        durable.fsync(folder)
 
 
 def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
@@ -77,14 +115,15 @@ def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
     client's public key into ``folder/authorized_clients``. Returns name -> file path
     (``server``, ``server_secret``, ``<client>``, ``<client>_secret``).
 
-    Each file is replaced whole and durably, one after the other: where a write fails (OSError,
-    e.g. a full disk) the files before it are new and the rest as they were, so a key pair may
-    not match until the keys are written again."""
+    The files are replaced together: every new one is written whole before any is renamed into
+    place, so a write that fails (OSError, e.g. a full disk) leaves every key as it was and no
+    temporary file. Only a rename failing after others went through (:class:`KeysPartlyReplaced`)
+    can leave a pair that does not match. Folders made here are flushed in their parents."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     os.chmod(folder, 0o700)
     allowed = folder / "authorized_clients"
-    allowed.mkdir(exist_ok=True)
+    _make_folder(allowed)
     names = ("server", *clients)
     there = [p for n in names for p in (folder / f"{n}.key", folder / f"{n}.key_secret", allowed / f"{n}.key")
              if p.exists() and not (n == "server" and p.parent == allowed)]
@@ -92,14 +131,16 @@ def generate_keys(folder: str | Path, *, clients: tuple[str, ...] = ("client",),
         listed = ", ".join(str(p.relative_to(folder)) for p in there)
         raise FileExistsError(f"{folder} holds keys ({listed}); pass overwrite=True to replace the keys")
     written: dict[str, Path] = {}
+    files: list[tuple[Path, str, bool]] = []
     for name in names:
         public, secret = zmq.curve_keypair()
-        _write_cert(folder / f"{name}.key", public, None)
-        _write_cert(folder / f"{name}.key_secret", public, secret)
+        files += [(folder / f"{name}.key", _cert(public, None), False),
+                  (folder / f"{name}.key_secret", _cert(public, secret), True)]
         written[name] = folder / f"{name}.key"
         written[f"{name}_secret"] = folder / f"{name}.key_secret"
         if name != "server":
-            _write_key((folder / f"{name}.key").read_text(), allowed / f"{name}.key", secret=False)
+            files.append((allowed / f"{name}.key", files[-2][1], False))
+    _replace_together(files)
     return written
 
 
@@ -446,9 +487,13 @@ def keys_main(out: Path, *, overwrite: bool = False) -> int:
     except FileExistsError as err:  # the library's words name its argument; the command's, its flag
         print(f"reliev3r keys: {str(err).replace('pass overwrite=True', 'pass --force')}", file=sys.stderr)
         return 1
-    except OSError as err:  # a full disk, a folder not writable: the files before it are new
+    except KeysPartlyReplaced as err:  # a rename failed between others: some keys are new
+        print(f"reliev3r keys: cannot write the keys into {out}: {err.strerror} (write the keys again with --force)",
+              file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a folder not writable: nothing was replaced
         print(f"reliev3r keys: cannot write the keys into {out}: {err.strerror or err}"
-              " (a key pair may now not match: write the keys again with --force)", file=sys.stderr)
+              " (the keys there, if any, are as they were)", file=sys.stderr)
         return 1
     for path in files.values():
         print(path)

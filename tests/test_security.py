@@ -94,14 +94,57 @@ def test_keys_replaced_by_a_write_cut_short_stay_whole(tmp_path):
     cut = subprocess.run([sys.executable, "-c", code, str(keys)], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert cut.returncode == 1 and "File too large" in cut.stderr, cut.stderr
-    assert {p: p.read_bytes() for p in keys.rglob("*.key*") if not p.name.endswith(".tmp")} == before
+    assert {p: p.read_bytes() for p in keys.rglob("*.key*")} == before  # and no temporary file left
     assert CurveConfig.from_folder(keys).enabled
+
+
+def _pairs_match(keys: Path) -> None:
+    """Every key pair in ``keys`` is a pair, and the authorised copy is the client's public key."""
+    for name in ("server", "client"):
+        public, _ = zmq.auth.load_certificate(str(keys / f"{name}.key"))
+        again, secret = zmq.auth.load_certificate(str(keys / f"{name}.key_secret"))
+        assert public == again == zmq.curve_public(secret), name
+    assert (keys / "authorized_clients" / "client.key").read_bytes() == (keys / "client.key").read_bytes()
+
+
+def test_keys_regenerated_all_or_nothing_a_failure_part_way_leaves_every_pair_as_it_was(tmp_path):
+    """The keys were replaced one file after the other: a regeneration that failed part way (here
+    a file-size limit that a public key passes and a secret does not, as a disk that fills up
+    after the first file) left a new server.key beside the old server.key_secret, a pair that
+    every stage then failed on. Every new file is now written whole before any is renamed into
+    place: the failure leaves every key as it was, and no temporary file."""
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    before = {p: p.read_bytes() for p in keys.rglob("*") if p.is_file()}
+    public, secret = (keys / "server.key").stat().st_size, (keys / "server.key_secret").stat().st_size
+    limit = (public + secret) // 2
+    assert public < limit < secret  # the first file written passes, its secret does not
+    code = ("import resource, signal, sys\n"
+            "from reliev3r.security import generate_keys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), hard))\n"
+            "generate_keys(sys.argv[1], overwrite=True)\n")
+    cut = subprocess.run([sys.executable, "-c", code, str(keys), str(limit)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert cut.returncode == 1 and "File too large" in cut.stderr, cut.stderr
+    assert {p: p.read_bytes() for p in keys.rglob("*") if p.is_file()} == before  # no temporary file left either
+    _pairs_match(keys)
+
+
+def test_a_new_keys_folder_is_named_durably_in_its_parent(tmp_path, folder_fsyncs):
+    """The keys folder made by mkdir was never flushed in its parent: after a power loss the
+    folder, keys and all, could be gone although every file in it was fsynced."""
+    flushed = folder_fsyncs(tmp_path, lambda: (tmp_path / "keys").is_dir())
+    generate_keys(tmp_path / "keys")
+    assert True in flushed
+    _pairs_match(tmp_path / "keys")
 
 
 def test_keys_are_renamed_into_place_durably_and_a_secret_is_never_readable_by_others(tmp_path, monkeypatch,
                                                                                       folder_fsyncs):
     """Every key file is renamed into place whole, with its mode (0600 for a secret, the temporary
-    file too, whatever the umask), and its folder flushed once it names the new file, so a
+    file too, whatever the umask), and each folder flushed once, after every file is renamed, so a
     power loss brings back neither a part nor, for a secret, an earlier key."""
     keys = tmp_path / "keys"
     generate_keys(keys)
@@ -124,8 +167,7 @@ def test_keys_are_renamed_into_place_durably_and_a_secret_is_never_readable_by_o
     assert renamed == {**{files[n]: 0o644 for n in ("server", "client")},
                        **{files[n]: 0o600 for n in ("server_secret", "client_secret")},
                        keys / "authorized_clients" / "client.key": 0o644}
-    assert flushed and flushed[-1] == {files[n] for n in ("server", "server_secret", "client", "client_secret")}
-    assert allowed and allowed[-1] == set(before)  # the authorised copy last
+    assert flushed == allowed == [set(before)]  # once each, after the last rename
     assert not list(keys.rglob("*.tmp"))
 
 
@@ -256,10 +298,32 @@ def test_keys_into_a_file_or_a_folder_that_cannot_be_written_get_one_line(tmp_pa
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(security.durable, "write", full)
+    monkeypatch.setattr(security.durable, "write_temporary", full)
     assert cli.main(["keys", "--out", str(tmp_path / "k")]) == 1
     said = capsys.readouterr().err
     assert said.count("\n") == 1 and "cannot write the keys" in said and os.strerror(errno.ENOSPC) in said
+    assert "as they were" in said and not list((tmp_path / "k").rglob("*.key*"))
+
+
+def test_keys_whose_rename_fails_part_way_say_a_pair_may_not_match(tmp_path, capsys, monkeypatch):
+    """The one failure that can still leave a new key beside an old one, a rename failing after
+    others went through, is said as such (the command said so for every failure, which after a
+    full disk is now wrong: nothing was replaced)."""
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 0
+    renamed, real = [], os.replace
+
+    def replace(src, dst):
+        if len(renamed) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        renamed.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    capsys.readouterr()
+    assert cli.main(["keys", "--out", str(tmp_path), "--force"]) == 1
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and os.strerror(errno.EIO) in said and "may not match" in said, said
+    assert "--force" in said and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_an_unreadable_authorised_key_is_named_at_start(tmp_path):
