@@ -3,7 +3,9 @@
 Every link has one binding side (streamer work ROUTER, replay ROUTER, supervisor PULL) and
 connecting sides. With ``enabled: true`` the binding socket becomes a CURVE server holding
 the server secret key, and a ZAP authenticator (one thread per ``zmq.Context``) lets in only
-clients whose public key is a ``*.key`` file in ``authorized_clients``. Unknown keys are
+clients whose public key is a ``*.key`` file in ``authorized_clients``. The folder is read again
+when it changes, so a key copied in or removed counts from the next handshake on, without a
+restart (a connection already up stays up). Unknown keys are
 refused before any message is delivered, and every refusal is counted in
 ``reliev3r_auth_failures_total{stage}``. Connecting sockets carry the client key pair and
 the server's public key. With ``enabled: false`` both helpers do nothing. :func:`key_problem`
@@ -196,6 +198,69 @@ def _authorized_keys(folder: Path) -> None:
 
 # --------------------------------------------------------------------------- authenticator
 
+class _AuthorizedClients:
+    """The client public keys a server admits: the ``*.key`` files of its ``authorized_clients``
+    folder, read again when the folder changes, so a key copied in is admitted at its client's
+    next handshake and a key removed is refused at the next (a connection already up stays up:
+    CURVE checks a key at the handshake only). Each handshake compares the folder's listing
+    (each key file's name, inode, size and modification time) with the last one read, so the
+    keys are read again only after a change. A file that does not load (one still being copied,
+    a damaged one) is named in the log and admits nobody; the rest still count. Called by the
+    authenticator's thread alone (pyzmq's credentials provider)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._listing: object = None
+        self._keys: dict[bytes, str] = {}
+        """z85 public key -> the name of the file that holds it."""
+        self._refresh(quiet=True)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """Whether the client's public key ``key`` (z85) is admitted now."""
+        self._refresh()
+        return key in self._keys
+
+    def _list(self) -> object:
+        """The folder's key files as (name, inode, size, mtime), or why it cannot be read."""
+        try:
+            listing = []
+            for entry in os.scandir(self.folder):
+                if entry.name.endswith(".key"):
+                    st = entry.stat()
+                    listing.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+            return sorted(listing)
+        except OSError as err:
+            return f"{err.strerror or err}: {err.filename or self.folder}"
+
+    def _refresh(self, *, quiet: bool = False) -> None:
+        listing = self._list()
+        if listing == self._listing:
+            return
+        self._listing = listing
+        keys: dict[bytes, str] = {}
+        if isinstance(listing, str):
+            _log.warning("CURVE authorized_clients folder %s cannot be read (%s): no client is admitted",
+                         self.folder, listing)
+        else:
+            for name, *_ in listing:
+                try:
+                    public, _ = load_certificate(str(self.folder / name))
+                except (OSError, ValueError) as err:
+                    public = None
+                    _log.warning("CURVE authorized client key %s does not load (%s): it admits nobody",
+                                 self.folder / name, err)
+                if public:
+                    keys[public] = name
+        added = sorted(name for key, name in keys.items() if key not in self._keys)
+        removed = sorted(name for key, name in self._keys.items() if key not in keys)
+        self._keys = keys
+        if not quiet and (added or removed):
+            said = ([f"now admits {', '.join(added)}"] if added else []) + \
+                   ([f"no longer admits {', '.join(removed)}"] if removed else [])
+            _log.info("CURVE authorized_clients %s changed: %s (new connections; one up stays up)", self.folder,
+                      "; ".join(said))
+
+
 class _CountingAuthenticator(ThreadAuthenticator):
     """ZAP handler that counts every refusal (pyzmq answers each handshake through
     ``_send_zap_reply``; anything but 200 is a refused peer)."""
@@ -244,8 +309,8 @@ def _authenticator(ctx: zmq.Context, curve: CurveConfig, metrics) -> _CountingAu
     counter = auth_failures(metrics) if metrics is not None else None
     auth = _CountingAuthenticator(ctx, counter.inc if counter is not None else (lambda: None))
     auth.start()
-    # Keys are read now: a key added to the folder later takes effect at the next start.
-    auth.configure_curve(domain=ZAP_DOMAIN, location=str(folder))
+    # Read now and again when the folder changes: a key added or removed counts at the next handshake.
+    auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=_AuthorizedClients(folder))
     with _lock:
         _authenticators[ctx] = auth
     return auth

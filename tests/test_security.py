@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -206,6 +207,62 @@ def test_unknown_key_refused_counted_and_said(server, caplog):
     # The authorised client still gets through afterwards.
     got, reply = _request(ctx, endpoint, lambda s: secure_client(s, CurveConfig.from_folder(keys)), sock)
     assert reply == b"pong:ping"
+
+
+def _other(keys: Path) -> CurveConfig:
+    """The fixture's client 'other': a valid pair whose public key is not in authorized_clients."""
+    return CurveConfig(enabled=True, server_public_key=str(keys / "server.key"),
+                       server_secret_key=str(keys / "server.key_secret"),
+                       client_secret_key=str(keys / "other.key_secret"), client_public_key=str(keys / "other.key"),
+                       authorized_clients=str(keys / "authorized_clients"))
+
+
+def test_a_key_added_to_or_removed_from_authorized_clients_counts_without_a_restart(server, caplog):
+    """The authenticator read authorized_clients once, at its start: a key copied in while the
+    server ran was refused until the server (streamer, replay) restarted, and a key removed was
+    still admitted. The folder is read again when it changes, for the next handshake, and the
+    server says which keys it now admits and which no longer."""
+    caplog.set_level(logging.INFO, logger="reliev3r.security")  # the processes' level (reliev3r.log)
+    endpoint, keys, metrics, ctx, sock = server
+    got, _ = _request(ctx, endpoint, lambda s: secure_client(s, _other(keys)), sock, timeout_ms=1000)
+    assert got is None  # refused: its key is not there
+    deadline = time.monotonic() + 120  # bounds a hang only
+    while _failures(metrics) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _failures(metrics) == 1
+    (keys / "authorized_clients" / "other.key").write_bytes((keys / "other.key").read_bytes())
+    got, reply = _request(ctx, endpoint, lambda s: secure_client(s, _other(keys)), sock)
+    assert reply == b"pong:ping"  # a new socket of the same client, the server not restarted
+    assert "now admits other.key" in caplog.text
+    (keys / "authorized_clients" / "client.key").unlink()
+    got, _ = _request(ctx, endpoint, lambda s: secure_client(s, CurveConfig.from_folder(keys)), sock,
+                      timeout_ms=1000)
+    assert got is None
+    deadline = time.monotonic() + 120  # bounds a hang only
+    while _failures(metrics) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _failures(metrics) == 2 and "no longer admits client.key" in caplog.text
+    got, reply = _request(ctx, endpoint, lambda s: secure_client(s, _other(keys)), sock)
+    assert reply == b"pong:ping"
+
+
+def test_authorized_clients_are_read_again_only_when_the_folder_changes_and_a_bad_file_is_named(server, caplog,
+                                                                                                monkeypatch):
+    """A handshake reads no key file while the folder is as it was; a file that does not load
+    (one half copied) is named and admits nobody, and the keys beside it still count."""
+    endpoint, keys, _metrics, ctx, sock = server
+    reads, real = [], security.load_certificate
+    allowed = keys / "authorized_clients"
+    monkeypatch.setattr(security, "load_certificate",  # the server's reads (a client reads its own keys too)
+                        lambda path: (Path(path).parent == allowed and reads.append(path)) or real(path))
+    for _ in range(2):
+        _, reply = _request(ctx, endpoint, lambda s: secure_client(s, CurveConfig.from_folder(keys)), sock)
+        assert reply == b"pong:ping"
+    assert reads == []
+    (keys / "authorized_clients" / "zz.key").write_text("not a certificate\n")
+    _, reply = _request(ctx, endpoint, lambda s: secure_client(s, CurveConfig.from_folder(keys)), sock)
+    assert reply == b"pong:ping" and len(reads) == 2  # read again once: client.key and zz.key
+    assert "zz.key does not load" in caplog.text
 
 
 def test_a_client_refused_by_curve_is_told_what_to_check(server):
