@@ -4,7 +4,9 @@ Every request carries ``meta.request_id``; the service echoes it, so a late repl
 earlier attempt is recognised and dropped. A request that gets no reply within ``retry_s``
 (service restarting, message lost with a killed process) is sent again on a fresh DEALER
 socket: re-sending is safe, since a stored window_id answers "duplicate" and a sample is
-idempotent from the client's view. Not thread-safe: one client per thread (``prefetch``
+idempotent from the client's view. A socket whose CURVE key the replay refused is replaced
+before the next request too (ZeroMQ never offers the key again on it), so a client whose key
+is authorised later gets through without a restart. Not thread-safe: one client per thread (``prefetch``
 opens its own).
 """
 
@@ -91,6 +93,20 @@ class ReplayClient:
     def _send(self, msg: protocol.Message) -> None:
         self._socket().send_multipart(protocol.encode(msg), copy=False)
 
+    def _send_request(self, msg: protocol.Message) -> None:
+        """Send a request on a socket that can take it: one whose key the replay refused takes no
+        message (a blocking send there never returned) and never offers the key again, so it is
+        replaced by a fresh one first, as a retry's is (the replay admits a key authorised since
+        without a restart). A send refused at once (the refusal came between) is left to the
+        attempt's silence, which retries."""
+        self.link.poll()
+        if self.link.refused:
+            self._reset()
+        try:
+            self._socket().send_multipart(protocol.encode(msg), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     def request(self, msg: protocol.Message, *, reply_kinds: tuple[str, ...],
                 timeout_s: float | None = None) -> protocol.Message:
         """Send ``msg`` and return its reply (one of ``reply_kinds``); retry ``error``
@@ -103,7 +119,7 @@ class ReplayClient:
         while True:
             rid = self._prefix + str(next(self._ids))
             msg.meta["request_id"] = rid
-            self._send(msg)
+            self._send_request(msg)
             attempt_end = min(deadline, time.monotonic() + self.retry_s)
             reply = None
             while reply is None:

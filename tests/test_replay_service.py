@@ -382,6 +382,30 @@ def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_inse
         assert stats["windows"] == 2 and stats["inserts"] == 2  # nothing from the outsiders arrived
 
 
+def test_a_replay_client_refused_by_curve_gets_through_once_its_key_is_authorised(tmp_path, make_cfg, make_insert,
+                                                                                   wait_for):
+    """A learner or labeler whose key replay did not hold waited until replay restarted (it read
+    authorized_clients once). The same client, kept running, now gets through once the key is
+    copied in: replay reads the folder again, and each retry of a request is a fresh socket."""
+    keys = tmp_path / "keys"
+    generate_keys(keys, clients=("client", "late"))
+    cfg = make_cfg(*REPLAY)
+    cfg.network.curve = CurveConfig.from_folder(keys)
+    late = CurveConfig.from_folder(keys)
+    late.client_secret_key, late.client_public_key = str(keys / "late.key_secret"), str(keys / "late.key")
+    (keys / "authorized_clients" / "late.key").unlink()
+    with serving(cfg) as (endpoint, runtime):
+        with ReplayClient(endpoint, timeout_s=1.0, retry_s=0.4, curve=late) as client:
+            said, deadline = "", time.monotonic() + HANG_S  # bounds a hang only: one handshake tells
+            while "not in the replay's authorized_clients" not in said and time.monotonic() < deadline:
+                with pytest.raises(TimeoutError) as refused:
+                    client.stats()
+                said = str(refused.value)
+            assert "not in the replay's authorized_clients" in said  # the socket left was refused
+            (keys / "authorized_clients" / "late.key").write_bytes((keys / "late.key").read_bytes())
+            assert client.insert(make_insert(1), timeout_s=HANG_S)["status"] == "stored"
+
+
 # --------------------------------------------------------------------------- fault test
 
 @pytest.mark.slow
