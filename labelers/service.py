@@ -366,15 +366,12 @@ class LabelerService:
         self.cfg = cfg.labeler
         self.runtime, self.metrics = runtime, metrics
         self.labeler = Labeler(cfg, metrics)
-        self.work = runtime.ctx.socket(zmq.DEALER)
-        self.work.setsockopt(zmq.LINGER, 0)
-        security.secure_client(self.work, cfg.network.curve)
+        self.curve = cfg.network.curve
         endpoint = cfg.network.connect(cfg.network.work_port)
         self.link = security.LinkWatch(endpoint, "streamer", "work_port", cfg.network.curve)
         """The streamer link's state, said when it changes (no window is all a labeler sees otherwise)."""
-        self.link.watch(self.work)
+        self.work = self._connect()
         self.link_said = time.monotonic()
-        self.work.connect(endpoint)
         link = ReplayLink(runtime, cfg.network.connect(cfg.network.replay_port),
                           timeout_s=self.cfg.insert_timeout_s, retries=self.cfg.insert_retries)
         self.inserts = Inserts(link, metrics.timer, depth=self.cfg.batch_windows)
@@ -389,16 +386,38 @@ class LabelerService:
             self.close()
             raise
 
+    def _connect(self) -> zmq.Socket:
+        """A fresh DEALER to the streamer, with this labeler's CURVE keys, watched by :attr:`link`."""
+        sock = self.runtime.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        security.secure_client(sock, self.curve)
+        self.link.watch(sock)
+        sock.connect(self.link.endpoint)
+        return sock
+
     def close(self) -> None:
         self.inserts.close(timeout_s=self.cfg.insert_timeout_s)
         self.link.close()
         self.work.close(linger=0)
         self.labeler.close()
 
+    def rejoin(self) -> None:
+        """Replace the streamer socket whose key the streamer refused, when the link's back-off
+        says (:meth:`reliev3r.security.LinkWatch.rejoin_due`): ZeroMQ never offers the key again
+        on that socket, and the streamer admits a key authorised since without a restart. A
+        refused socket got no window; a window that came over an earlier one is acknowledged by
+        its id over the new one, or resent by the streamer as any unacknowledged window is."""
+        if not self.link.rejoin_due():
+            return
+        self.link.close()
+        self.work.close(linger=0)
+        self.work = self._connect()
+        self.ready()
+
     def send(self, msg: Message) -> bool:
         """Send to the streamer without blocking; False when the link takes nothing (one its CURVE
-        refused is dropped for good by ZeroMQ, and a blocking send there never returned: the
-        labeler could not stop). An unsent ``ready`` is repeated by the keep-alive; an unsent
+        refused is dropped by ZeroMQ until :meth:`rejoin` replaces it, and a blocking send there
+        never returned: the labeler could not stop). An unsent ``ready`` is repeated by the keep-alive; an unsent
         ``done`` leaves the window to the streamer's resend, as a lost one does."""
         try:
             self.work.send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
@@ -471,8 +490,9 @@ class LabelerService:
                 self.runtime.log.info(self.link.state)
             else:
                 reason = self.link.state
-                if self.link.refused:  # the socket does not offer the key again
-                    reason += ": restart this labeler once its key is authorised"
+                if self.link.refused:  # the socket does not offer the key again: rejoin() replaces it
+                    reason += (f": this labeler tries again with a new socket, at most {security.REJOIN_MAX_S:.0f} s "
+                               "apart, and connects once the streamer's authorized_clients holds its key")
                 self.runtime.log.warning("waiting for the streamer", extra={"endpoint": self.link.endpoint,
                                                                            "reason": reason})
 
@@ -483,6 +503,7 @@ class LabelerService:
         are out, so their ``done`` is not held back) and send the keep-alive ``ready`` when due."""
         log, labeler, timer = self.runtime.log, self.labeler, self.metrics.timer
         self.say_link()
+        self.rejoin()
         if not self.held and self.work.poll(POLL_MS if not self.inserts.pending else INSERT_POLL_MS):
             self.take()
         self.acknowledge()

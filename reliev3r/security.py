@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from datetime import datetime, timezone
 from pathlib import Path
@@ -366,15 +367,25 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_
 WATCH_JOIN_S = 10.0
 """How long :meth:`LinkWatch.close` waits for its thread (it ends within milliseconds: ZeroMQ's
 last event of a stopped monitor comes at once; this bounds a hang only)."""
+REJOIN_FIRST_S = 5.0
+"""How long after a CURVE refusal :meth:`LinkWatch.rejoin_due` first says to replace the socket;
+the wait doubles with each replacement refused again, up to :data:`REJOIN_MAX_S`."""
+REJOIN_MAX_S = 30.0
+"""The longest wait between two replacements of a refused socket (a refusal is counted and
+logged on the server's side: this bounds the noise of a key that stays unauthorised)."""
 _watches = itertools.count()
 
 
 class _Seen:
     """A link's state as the events so far make it (:class:`LinkWatch`'s thread writes it)."""
-    __slots__ = ("up", "state", "failed", "refused")
+    __slots__ = ("up", "state", "failed", "refused", "refused_at", "wait")
 
     def __init__(self, state: str):
         self.up, self.state, self.failed, self.refused = False, state, False, False
+        self.refused_at: float | None = None
+        """When the current socket's key was refused (monotonic seconds)."""
+        self.wait = REJOIN_FIRST_S
+        """How long after a refusal the socket is replaced (:meth:`LinkWatch.rejoin_due`)."""
 
 
 class LinkWatch:
@@ -393,7 +404,14 @@ class LinkWatch:
     unread and then serves no socket of the context (a peer that is down gives an event per
     reconnection attempt, ten a second). :meth:`poll`, in the thread that owns the socket, brings
     :attr:`up`, :attr:`state` and :attr:`refused` up to date. ``peer`` names the stage at the
-    other end, ``port_key`` the ``network`` key of its port."""
+    other end, ``port_key`` the ``network`` key of its port.
+
+    ZeroMQ never tries a handshake that the server's authenticator refused again on that socket
+    (libzmq 4.3.5, measured: the socket disconnects, reconnects no more and takes no message;
+    a ``disconnect`` and ``connect`` of it, or a fresh socket, handshake anew). The owner
+    replaces a refused socket when :meth:`rejoin_due` says so (5 s after the refusal, then up to
+    every 30 s): the key may have been authorised since, and the server reads its
+    ``authorized_clients`` again when they change."""
 
     def __init__(self, endpoint: str, peer: str, port_key: str, curve: CurveConfig | None):
         self.endpoint, self.peer, self.port_key = endpoint, peer, port_key
@@ -407,7 +425,7 @@ class LinkWatch:
         connection attempt: a TCP connect gives up after minutes)."""
         self.refused = False
         """The server's authenticator refused this client key: ZeroMQ does not try it again on
-        this socket, so the link stays down until the socket is replaced (a process restarted)."""
+        this socket, so the link stays down until the socket is replaced (:meth:`rejoin_due`)."""
         self.events = 0
         """The monitor events taken so far, of every socket watched."""
         self._lock = threading.Lock()
@@ -424,7 +442,7 @@ class LinkWatch:
         self.close()
         token = object()
         with self._lock:
-            self._current, self._seen.refused = token, False
+            self._current, self._seen.refused, self._seen.refused_at = token, False, None
         self.refused = False
         address = f"inproc://reliev3r-link-watch-{os.getpid()}-{next(_watches)}"
         # The thread's socket is connected before the monitor is bound (inproc allows it), so no
@@ -484,6 +502,20 @@ class LinkWatch:
         self._said = self.state
         return changed
 
+    def rejoin_due(self) -> bool:
+        """True when the owner should replace the socket now (close it, then :meth:`watch` and
+        connect a fresh one): the server's authenticator refused its key and the back-off since
+        has passed, :data:`REJOIN_FIRST_S` after the first refusal, doubling with each refusal
+        of a replacement up to :data:`REJOIN_MAX_S`, back to the first once a handshake goes
+        through. Read from the events taken (no :meth:`poll` needed)."""
+        with self._lock:
+            seen = self._seen
+            if seen.refused_at is None or time.monotonic() - seen.refused_at < seen.wait:
+                return False
+            seen.wait = min(2 * seen.wait, REJOIN_MAX_S)
+            seen.refused_at = None  # this socket's turn is taken: the next is the replacement's
+            return True
+
     def why(self, answer: str = "has not answered") -> str:
         """Why a request over the link got no reply, as of now: the link's state where it is down,
         else the state and what the peer did (``answer``: "has not answered", or its own words)."""
@@ -497,9 +529,11 @@ class LinkWatch:
     def _on(self, seen: _Seen, event: int, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             seen.up, seen.failed, seen.state = True, False, f"connected to the {self.peer} at {self.endpoint}"
+            seen.wait = REJOIN_FIRST_S
         elif event in HANDSHAKE_FAILED:  # kept through the reconnections that try the same handshake again
             seen.up, seen.failed, seen.state = False, True, self._failure(event, value)
-            seen.refused = seen.refused or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and not seen.refused:
+                seen.refused, seen.refused_at = True, time.monotonic()
         elif event == zmq.EVENT_CLOSED:  # a TCP connect that failed: no one listens there
             seen.up, seen.failed, seen.state = False, False, (
                 f"nothing answers at {self.endpoint}: is the {self.peer} running there? "

@@ -601,7 +601,7 @@ def test_a_learner_waiting_for_replay_says_why(server, tmp_path, reliev3r_proces
 
 
 def test_a_labeler_refused_by_its_streamer_stops_on_sigterm(server, tmp_path, reliev3r_process, wait_for):
-    """A client key the streamer refuses ends the link for good (ZeroMQ drops its queue and does
+    """A client key the streamer refuses ends that socket's link (ZeroMQ drops its queue and does
     not reconnect), so the labeler's next keep-alive ``ready`` blocked in its send: SIGTERM
     and Ctrl-C were logged and never acted on, and only SIGKILL ended it. Its sends to the
     streamer no longer block; it stops as any labeler does."""
@@ -623,3 +623,82 @@ def test_a_labeler_refused_by_its_streamer_stops_on_sigterm(server, tmp_path, re
     except subprocess.TimeoutExpired:
         pytest.fail("the refused labeler did not stop on SIGTERM: " + "".join(lines)[-2000:])
     assert proc.returncode == 0, "".join(lines)[-2000:]
+
+
+def test_a_labeler_refused_by_its_streamer_joins_once_its_key_is_authorised(server, tmp_path, reliev3r_process,
+                                                                            wait_for):
+    """ZeroMQ never tries a refused CURVE handshake again on that socket (measured on libzmq
+    4.3.5: after HANDSHAKE_FAILED_AUTH the DEALER disconnects, reconnects no more, and takes no
+    message), so a labeler whose key was not yet authorised waited for ever, until restarted.
+    It now replaces its refused socket after a back-off: once the key is copied into the
+    streamer's authorized_clients (read again there, no restart), the same labeler process
+    connects and asks for windows. The fixture's CURVE ROUTER stands in for the streamer."""
+    endpoint, keys, metrics, _ctx, sock = server
+    proc = reliev3r_process("label", *_curve_overrides(keys), f"network.work_port={endpoint.rsplit(':', 1)[1]}",
+                            f"network.replay_port={free_port()}", "monitoring.enabled=false", "labeler.teacher=none",
+                            f"run.dir={tmp_path / 'run'}", f"network.curve.client_public_key={keys / 'other.key'}",
+                            f"network.curve.client_secret_key={keys / 'other.key_secret'}",
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    # Bounds a hang only: the refusal comes with the first connection, after the labeler is up.
+    wait_for(lambda: _failures(metrics) >= 1, 60, "the streamer's refusal of the labeler", [proc])
+    assert not sock.poll(0)  # refused: nothing came through
+    (keys / "authorized_clients" / "other.key").write_bytes((keys / "other.key").read_bytes())
+    # 120 s bounds a hang only: the labeler tries again 5 s after the refusal (then 10, 20, 30 s).
+    got = wait_for(lambda: sock.poll(200) and sock.recv_multipart(), 120, "the labeler's ready", [proc])
+    assert protocol.decode(got[1:]).kind == "ready"
+    wait_for(lambda: any("connected to the streamer" in x for x in lines), 60, "the labeler's word", [proc])
+    said = [json.loads(x) for x in lines if "waiting for the streamer" in x]
+    assert said and "tries again" in said[0]["reason"] and "restart" not in said[0]["reason"], said
+
+
+def test_a_refused_link_is_replaced_after_a_back_off_that_grows_to_thirty_seconds(server, ctx, monkeypatch):
+    """:meth:`LinkWatch.rejoin_due` says when to replace a socket the server refused: 5 s after
+    the refusal, then each replacement refused again waits twice as long, up to 30 s, and a
+    handshake that goes through brings it back to 5 s. The clock is the watch's own, set here."""
+    endpoint, keys, _metrics, _ctx, _sock = server
+    now = [1000.0]
+    monkeypatch.setattr(security, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    watch = security.LinkWatch(endpoint, "streamer", "work_port", _other(keys))
+
+    def join(refused: bool = True) -> zmq.Socket:
+        """A fresh socket of the link, once the server refused it (or, ``refused=False``, let it in)."""
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, _other(keys))
+        watch.watch(sock)
+        sock.connect(endpoint)
+        deadline = time.monotonic() + 60  # bounds a hang only: one handshake tells
+        while (watch.refused if refused else watch.up) is False and time.monotonic() < deadline:
+            watch.poll()
+            time.sleep(0.01)
+        return sock
+
+    def back_off() -> float:
+        """The wait rejoin_due asks of the socket just refused, in whole seconds."""
+        assert watch.refused and not watch.rejoin_due()
+        start, waited = now[0], 0
+        while not watch.rejoin_due():
+            waited += 1
+            now[0] = start + waited
+        assert not watch.rejoin_due()  # one replacement per refusal
+        return waited
+
+    sockets = []
+    try:
+        waits = []
+        for _ in range(5):
+            sockets.append(join())
+            waits.append(back_off())
+        assert waits == [5, 10, 20, 30, 30]
+        (keys / "authorized_clients" / "other.key").write_bytes((keys / "other.key").read_bytes())
+        sockets.append(join(refused=False))
+        assert watch.up and not watch.refused and not watch.rejoin_due()
+        (keys / "authorized_clients" / "other.key").unlink()
+        sockets.append(join())
+        assert back_off() == 5
+    finally:
+        watch.close()
+        for sock in sockets:
+            sock.close(linger=0)
