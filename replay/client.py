@@ -90,17 +90,17 @@ class ReplayClient:
             self._sock.close(linger=0)
             self._sock = None
 
-    def _send(self, msg: protocol.Message) -> None:
-        self._socket().send_multipart(protocol.encode(msg), copy=False)
-
-    def _send_request(self, msg: protocol.Message) -> None:
-        """Send a request on a socket that can take it: one whose key the replay refused takes no
-        message (a blocking send there never returned) and never offers the key again, so it is
-        replaced by a fresh one first, as a retry's is (the replay admits a key authorised since
-        without a restart). A send refused at once (the refusal came between) is left to the
-        attempt's silence, which retries."""
+    def _send(self, msg: protocol.Message, *, request: bool = True) -> None:
+        """Send ``msg`` without blocking on a socket that can take it. A socket whose key the
+        replay refused takes no message (a blocking send there never returned) and never offers
+        the key again, so it is replaced by a fresh one (the replay admits a key authorised since
+        without a restart): before a ``request``, as a retry's is; before a report only when the
+        link's back-off says (:meth:`reliev3r.security.LinkWatch.rejoin_due`: reports come at
+        every training step, and each fresh socket is a handshake the replay refuses and counts).
+        A send the socket does not take now (refused, or its queue full) is dropped: a request's
+        silence retries it; a priority report is advice."""
         self.link.poll()
-        if self.link.refused:
+        if self.link.refused and (request or self.link.rejoin_due()):
             self._reset()
         try:
             self._socket().send_multipart(protocol.encode(msg), copy=False, flags=zmq.NOBLOCK)
@@ -119,7 +119,7 @@ class ReplayClient:
         while True:
             rid = self._prefix + str(next(self._ids))
             msg.meta["request_id"] = rid
-            self._send_request(msg)
+            self._send(msg)
             attempt_end = min(deadline, time.monotonic() + self.retry_s)
             reply = None
             while reply is None:
@@ -184,9 +184,10 @@ class ReplayClient:
         return self.request(msg, reply_kinds=("batch",), timeout_s=timeout_s)
 
     def report(self, window_ids: list[str], losses: list[float]) -> None:
-        """Per-window losses for the prioritized sampler (fire and forget, no reply)."""
+        """Per-window losses for the prioritized sampler (fire and forget, no reply; never blocks
+        the caller, the learner's training thread: dropped where the link takes nothing now)."""
         meta = {"window_ids": [str(w) for w in window_ids], "losses": [float(x) for x in losses]}
-        self._send(protocol.Message("priorities", meta))
+        self._send(protocol.Message("priorities", meta), request=False)
 
     def stats(self, *, timeout_s: float | None = None) -> dict:
         reply = self.request(protocol.Message("stats", {}), reply_kinds=("stats",), timeout_s=timeout_s)

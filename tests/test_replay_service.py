@@ -406,6 +406,39 @@ def test_a_replay_client_refused_by_curve_gets_through_once_its_key_is_authorise
             assert client.insert(make_insert(1), timeout_s=HANG_S)["status"] == "stored"
 
 
+def test_a_priority_report_never_blocks_on_a_link_curve_refused(tmp_path, make_cfg):
+    """``report`` is fire and forget, sent by the learner's training thread: on a socket whose
+    key the replay refused (ZeroMQ drops its pipe) its blocking send never returned, and the
+    learner would have hung at its next step. It now returns at once, the report dropped (a
+    priority is advice); once the key is authorised, reports alone get a fresh socket through."""
+    keys = tmp_path / "keys"
+    generate_keys(keys, clients=("client", "late"))
+    cfg = make_cfg(*REPLAY)
+    cfg.network.curve = CurveConfig.from_folder(keys)
+    late = CurveConfig.from_folder(keys)
+    late.client_secret_key, late.client_public_key = str(keys / "late.key_secret"), str(keys / "late.key")
+    (keys / "authorized_clients" / "late.key").unlink()
+    with serving(cfg) as (endpoint, runtime):
+        with ReplayClient(endpoint, timeout_s=1.0, retry_s=0.4, curve=late) as client:
+            said, deadline = "", time.monotonic() + HANG_S  # bounds a hang only: one handshake tells
+            while "not in the replay's authorized_clients" not in said and time.monotonic() < deadline:
+                with pytest.raises(TimeoutError) as refused:
+                    client.stats()
+                said = str(refused.value)
+            assert "not in the replay's authorized_clients" in said
+            reported = threading.Thread(target=lambda: [client.report(["w"], [1.0]) for _ in range(3)], daemon=True)
+            reported.start()
+            reported.join(HANG_S)  # bounds a hang only: a send that does not block returns at once
+            assert not reported.is_alive(), "report blocked on the refused link"
+            # authorised: reports alone (no request) replace the refused socket after the link's back-off
+            (keys / "authorized_clients" / "late.key").write_bytes((keys / "late.key").read_bytes())
+            while not client.link.up and time.monotonic() < deadline:
+                client.report(["w"], [1.0])
+                time.sleep(0.2)
+                client.link.poll()
+            assert client.link.up, client.link.why()
+
+
 # --------------------------------------------------------------------------- fault test
 
 @pytest.mark.slow
