@@ -382,11 +382,10 @@ def test_curve_replay_refuses_clients_without_keys(tmp_path, make_cfg, make_inse
         assert stats["windows"] == 2 and stats["inserts"] == 2  # nothing from the outsiders arrived
 
 
-def test_a_replay_client_refused_by_curve_gets_through_once_its_key_is_authorised(tmp_path, make_cfg, make_insert,
-                                                                                   wait_for):
-    """A learner or labeler whose key replay did not hold waited until replay restarted (it read
-    authorized_clients once). The same client, kept running, now gets through once the key is
-    copied in: replay reads the folder again, and each retry of a request is a fresh socket."""
+@contextlib.contextmanager
+def refused_client(tmp_path, make_cfg):
+    """A replay serving CURVE and a client whose key (``late``) is not in its authorized_clients,
+    once a request has seen the refusal: yields the client and what authorises its key."""
     keys = tmp_path / "keys"
     generate_keys(keys, clients=("client", "late"))
     cfg = make_cfg(*REPLAY)
@@ -402,8 +401,18 @@ def test_a_replay_client_refused_by_curve_gets_through_once_its_key_is_authorise
                     client.stats()
                 said = str(refused.value)
             assert "not in the replay's authorized_clients" in said  # the socket left was refused
-            (keys / "authorized_clients" / "late.key").write_bytes((keys / "late.key").read_bytes())
-            assert client.insert(make_insert(1), timeout_s=HANG_S)["status"] == "stored"
+            authorised = keys / "authorized_clients" / "late.key"
+            yield client, lambda: authorised.write_bytes((keys / "late.key").read_bytes())
+
+
+def test_a_replay_client_refused_by_curve_gets_through_once_its_key_is_authorised(tmp_path, make_cfg, make_insert,
+                                                                                   wait_for):
+    """A learner or labeler whose key replay did not hold waited until replay restarted (it read
+    authorized_clients once). The same client, kept running, now gets through once the key is
+    copied in: replay reads the folder again, and each retry of a request is a fresh socket."""
+    with refused_client(tmp_path, make_cfg) as (client, authorise):
+        authorise()
+        assert client.insert(make_insert(1), timeout_s=HANG_S)["status"] == "stored"
 
 
 def test_a_priority_report_never_blocks_on_a_link_curve_refused(tmp_path, make_cfg):
@@ -411,32 +420,19 @@ def test_a_priority_report_never_blocks_on_a_link_curve_refused(tmp_path, make_c
     key the replay refused (ZeroMQ drops its pipe) its blocking send never returned, and the
     learner would have hung at its next step. It now returns at once, the report dropped (a
     priority is advice); once the key is authorised, reports alone get a fresh socket through."""
-    keys = tmp_path / "keys"
-    generate_keys(keys, clients=("client", "late"))
-    cfg = make_cfg(*REPLAY)
-    cfg.network.curve = CurveConfig.from_folder(keys)
-    late = CurveConfig.from_folder(keys)
-    late.client_secret_key, late.client_public_key = str(keys / "late.key_secret"), str(keys / "late.key")
-    (keys / "authorized_clients" / "late.key").unlink()
-    with serving(cfg) as (endpoint, runtime):
-        with ReplayClient(endpoint, timeout_s=1.0, retry_s=0.4, curve=late) as client:
-            said, deadline = "", time.monotonic() + HANG_S  # bounds a hang only: one handshake tells
-            while "not in the replay's authorized_clients" not in said and time.monotonic() < deadline:
-                with pytest.raises(TimeoutError) as refused:
-                    client.stats()
-                said = str(refused.value)
-            assert "not in the replay's authorized_clients" in said
-            reported = threading.Thread(target=lambda: [client.report(["w"], [1.0]) for _ in range(3)], daemon=True)
-            reported.start()
-            reported.join(HANG_S)  # bounds a hang only: a send that does not block returns at once
-            assert not reported.is_alive(), "report blocked on the refused link"
-            # authorised: reports alone (no request) replace the refused socket after the link's back-off
-            (keys / "authorized_clients" / "late.key").write_bytes((keys / "late.key").read_bytes())
-            while not client.link.up and time.monotonic() < deadline:
-                client.report(["w"], [1.0])
-                time.sleep(0.2)
-                client.link.poll()
-            assert client.link.up, client.link.why()
+    with refused_client(tmp_path, make_cfg) as (client, authorise):
+        reported = threading.Thread(target=lambda: [client.report(["w"], [1.0]) for _ in range(3)], daemon=True)
+        reported.start()
+        reported.join(HANG_S)  # bounds a hang only: a send that does not block returns at once
+        assert not reported.is_alive(), "report blocked on the refused link"
+        # authorised: reports alone (no request) replace the refused socket after the link's back-off
+        authorise()
+        deadline = time.monotonic() + HANG_S  # bounds a hang only: the back-off is seconds
+        while not client.link.up and time.monotonic() < deadline:
+            client.report(["w"], [1.0])
+            time.sleep(0.2)
+            client.link.poll()
+        assert client.link.up, client.link.why()
 
 
 # --------------------------------------------------------------------------- fault test

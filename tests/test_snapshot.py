@@ -24,6 +24,16 @@ def _batches(n):
     return [synthetic_batch(1, 2, 16, 16, seed=s) for s in range(n)]
 
 
+def _reconstructor(tmp_path):
+    """The API on a snapshot of one step trained at 16x24 (``tmp_path/run``)."""
+    from learner.api import Reconstructor
+
+    trainer = _trainer()
+    trainer.step(synthetic_batch(1, 2, 16, 24))
+    trainer.save_state(tmp_path / "run" / "snapshots")
+    return Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+
+
 def test_save_writes_plain_verified_files(tmp_path):
     trainer = _trainer()
     trainer.step(_batches(1)[0])
@@ -213,10 +223,7 @@ def test_reconstructor_runs_on_paths_and_arrays(tmp_path):
 
     from learner.api import Reconstructor
 
-    trainer = _trainer()
-    trainer.step(synthetic_batch(1, 2, 16, 24))
-    trainer.save_state(tmp_path / "run" / "snapshots")
-    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    rec = _reconstructor(tmp_path)
     assert rec.image_size == (16, 24)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
@@ -246,14 +253,10 @@ def test_intrinsics_given_with_image_paths_are_turned_with_each_files_exif_orien
     import cv2
     import numpy as np
 
-    from learner.api import Reconstructor
     from reliev3r.imaging import EXIF_ORIENTATIONS, orient, orient_intrinsics
     from streamer_media import exif_tagged, texture
 
-    trainer = _trainer()
-    trainer.step(synthetic_batch(1, 2, 16, 24))
-    trainer.save_state(tmp_path / "run" / "snapshots")
-    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    rec = _reconstructor(tmp_path)
     stored = texture(64, 48)  # BGR
     ok, data = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 100])
     (tmp_path / "upright.jpg").write_bytes(exif_tagged(data.tobytes(), 6))
@@ -283,13 +286,9 @@ def test_api_refuses_intrinsics_that_cannot_be_the_images(tmp_path):
     import cv2
     import numpy as np
 
-    from learner.api import Reconstructor
     from reliev3r.imaging import intrinsics_mismatch
 
-    trainer = _trainer()
-    trainer.step(synthetic_batch(1, 2, 16, 24))
-    trainer.save_state(tmp_path / "run" / "snapshots")
-    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    rec = _reconstructor(tmp_path)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
     path = tmp_path / "small.png"
@@ -315,12 +314,7 @@ def test_api_refuses_intrinsics_of_another_shape_or_count_naming_what_it_takes(t
     four numbers an IndexError ("invalid index to scalar variable")."""
     import numpy as np
 
-    from learner.api import Reconstructor
-
-    trainer = _trainer()
-    trainer.step(synthetic_batch(1, 2, 16, 24))
-    trainer.save_state(tmp_path / "run" / "snapshots")
-    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    rec = _reconstructor(tmp_path)
     a = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     K = np.array([[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]])
     four = np.array([40.0, 40, 23.5, 15.5])
@@ -349,12 +343,7 @@ def test_api_refuses_intrinsics_that_are_no_pinhole_camera_as_an_intrinsics_file
     was said to lie "far from the centre"."""
     import numpy as np
 
-    from learner.api import Reconstructor
-
-    trainer = _trainer()
-    trainer.step(synthetic_batch(1, 2, 16, 24))
-    trainer.save_state(tmp_path / "run" / "snapshots")
-    rec = Reconstructor.from_snapshot(tmp_path / "run", device="cpu")
+    rec = _reconstructor(tmp_path)
     a = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     good = np.array([[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]])
     bad = good.copy()
