@@ -15,7 +15,8 @@ Specs (:func:`parse_spec`), comma-separated ``key=value`` after the kind:
 * ``7scenes:DIR`` or ``7scenes:DIR@FIRST-LAST``: one 7-Scenes sequence folder. A window with a
   frame that cannot be read (a damaged frame, depth map or pose file; a frame of another size than
   the folder's first, which its one intrinsics matrix does not serve: ``reliev3r.imaging.other_size``)
-  is skipped as eval skips it: logged and listed in the meta (``skipped``), the others labelled.
+  is skipped as eval skips it: logged and listed in the meta (``skipped``), the others labelled;
+  so is a window its depth teacher cannot label (``TeacherError``).
 
 Windows: ``views`` frames ``stride`` frames apart, starting every ``hop`` frames. Matching
 runs on frames ``match_scale`` times larger than the training resolution (SIFT finds few
@@ -202,7 +203,8 @@ def _teacher_labels(teacher: Any, name: str, images: np.ndarray, big: np.ndarray
 
 
 def _label(spec: DatasetSpec, name: str, images: np.ndarray, big: np.ndarray, depth: np.ndarray,
-           intrinsics: np.ndarray, poses: np.ndarray, frame_keys: list[str] | None = None) -> dict[str, Any] | None:
+           intrinsics: np.ndarray, poses: np.ndarray, frame_keys: list[str] | None = None) -> dict[str, Any]:
+    """The labelled window, or ``{"skipped": why}`` where its depth teacher cannot label it."""
     from labelers.depth import TeacherError
     from labelers.matches import match_window
 
@@ -213,8 +215,8 @@ def _label(spec: DatasetSpec, name: str, images: np.ndarray, big: np.ndarray, de
         try:
             out["teacher_depth"], out["teacher_valid"] = _teacher_labels(
                 teacher, name, images, big, depth, spec.match_scale, frame_keys)
-        except TeacherError:
-            return None
+        except TeacherError as err:  # as an unreadable window: said, listed in the meta
+            return {"skipped": f"{name}: teacher: {err}"}
     rows, _ = match_window(big, _WORKER["matcher"], long_pairs=spec.long_pairs, min_matches=spec.min_matches,
                            max_matches_per_pair=spec.max_matches_per_pair,
                            threshold_px=spec.ransac_threshold_px * 1.0)
@@ -231,10 +233,8 @@ def _label_synthetic_scene(spec: DatasetSpec, index: int) -> list[dict[str, Any]
     out = []
     for frames in _windows_of_clip(spec, spec.frames):
         K = np.broadcast_to(small["intrinsics"], (len(frames), 3, 3))
-        item = _label(spec, f"synthetic-{spec.seed}-{index}:{frames[0]}", small["images"][frames],
-                      big["images"][frames], small["depth"][frames], K, small["cam_to_world"][frames])
-        if item is not None:
-            out.append(item)
+        out.append(_label(spec, f"synthetic-{spec.seed}-{index}:{frames[0]}", small["images"][frames],
+                          big["images"][frames], small["depth"][frames], K, small["cam_to_world"][frames]))
     return out
 
 
@@ -264,10 +264,8 @@ def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str,
             out.append({"skipped": f"{seq.name}:{start}: {err}"})
             continue
         frames = range(start, start + spec.views * spec.stride, spec.stride)
-        item = _label(spec, f"{seq.name}:{start}", np.stack(imgs), np.stack(bigs), np.stack(depths),
-                      np.stack(Ks), np.stack(poses), frame_keys=[f"{seq.name}#{k}" for k in frames])
-        if item is not None:
-            out.append(item)
+        out.append(_label(spec, f"{seq.name}:{start}", np.stack(imgs), np.stack(bigs), np.stack(depths),
+                          np.stack(Ks), np.stack(poses), frame_keys=[f"{seq.name}#{k}" for k in frames]))
     return out
 
 

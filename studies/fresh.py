@@ -61,9 +61,9 @@ def window_frames(spec: DatasetSpec, index: int) -> list[int]:
     return list(range(start, start + span + 1, spec.stride))
 
 
-def label_fresh_window(spec: DatasetSpec, index: int) -> dict[str, Any] | None:
+def label_fresh_window(spec: DatasetSpec, index: int) -> dict[str, Any]:
     """Render and label fresh window ``index`` (in a worker set up by ``dataset._init_worker``);
-    None when the teacher refuses it."""
+    ``{"skipped": why}`` when the teacher refuses it (``dataset._label``)."""
     frames = window_frames(spec, index)
     small = ds._synthetic_clip(spec, index, 1, select=frames)
     big = ds._synthetic_clip(spec, index, spec.match_scale, select=frames) if spec.match_scale > 1 else small
@@ -141,7 +141,7 @@ def produce(spec: DatasetSpec, folder: str | Path, *, workers: int = 0, limit: i
                     pending.append(pool.apply_async(label_fresh_window, (spec, index)))
                     index += 1
                 item = pending.popleft().get()
-                if item is None:
+                if "skipped" in item:
                     refused += 1
                     continue
                 _write_window(folder, written, item)

@@ -167,6 +167,32 @@ def test_a_7scenes_window_with_a_frame_of_another_size_is_skipped_saying_so(tmp_
         ensure_dataset(only, tmp_path / "cache", workers=1, progress=False)
 
 
+def test_a_window_its_teacher_cannot_label_is_skipped_saying_so(tmp_path, caplog, monkeypatch):
+    """A window the depth teacher refuses (``TeacherError``: e.g. no valid depth in a view) was
+    dropped without a word; it is now skipped as an unreadable one is: logged and listed in the
+    cache's meta (``skipped``), the others labelled."""
+    from labelers.depth import TeacherError
+    from studies import dataset
+
+    labels = dataset._teacher_labels
+
+    def refusing(teacher, name, *args, **kwargs):
+        if name.endswith(":1"):
+            raise TeacherError("no_valid_depth", "every pixel of view 0 is a hole")
+        return labels(teacher, name, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_teacher_labels", refusing)
+    spec = parse_spec("synthetic:scenes=1,frames=4,views=2,stride=1,hop=1,height=24,width=32,match_scale=1")
+    with caplog.at_level("WARNING", logger="studies.dataset"):
+        data = ensure_dataset(spec, tmp_path / "cache", workers=1, progress=False)
+    names = list(data.arrays["names"])
+    assert names and all(not n.endswith(":1") for n in names), names
+    said = ":1: teacher: no_valid_depth: every pixel of view 0 is a hole"
+    why = [w for w in data.meta["skipped"] if w.endswith(said)]
+    assert len(why) == 1, data.meta["skipped"]
+    assert any(why[0] in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 # --------------------------------------------------------------------------- study
 
 def test_study_trains_evaluates_and_writes_the_curve(dataset, tmp_path):
