@@ -22,6 +22,7 @@ import torch
 from evaluation import metrics
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import predict
+from learner.snapshot import kept_steps
 from reliev3r import durable, imaging
 
 PICTURE = re.compile(r"step-(\d+)\..+\.png")
@@ -163,13 +164,12 @@ def picture_snapshot(model: torch.nn.Module, windows: list[EvalWindow], device, 
 
 
 def prune_pictures(out_dir: Path, *, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete the pictures in ``out_dir`` but those of the newest ``keep_last`` steps pictured and
-    of the steps that are multiples of ``keep_every`` (``learner.snapshot.prune_snapshots``' rule
-    for the snapshots: the pictures of a snapshot kept are kept). The results (JSON) stay: they are
-    the learning curves. Returns what was removed."""
+    """Delete the pictures in ``out_dir`` but those of the steps pictured that
+    ``learner.snapshot.kept_steps`` keeps (the snapshots' rule: the newest ``keep_last`` and the
+    multiples of ``keep_every``; the pictures of a snapshot kept are kept). The results (JSON)
+    stay: they are the learning curves. Returns what was removed."""
     pictures = [(int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := PICTURE.fullmatch(p.name))]
-    steps = sorted({step for step, _ in pictures})
-    keep = set(steps[-keep_last:]) | {step for step in steps if step % keep_every == 0}
+    keep = kept_steps(sorted({step for step, _ in pictures}), keep_last=keep_last, keep_every=keep_every)
     removed = []
     for step, path in pictures:
         if step not in keep:

@@ -318,15 +318,22 @@ def resolve_snapshot(path: str | Path) -> Path:
     raise NoSnapshot(f"{path}: no valid snapshot there (a snapshot folder, a run folder or its snapshots folder)")
 
 
+def kept_steps(steps: list[int], *, keep_last: int, keep_every: int) -> set[int]:
+    """The retention rule (``learner.keep_last``, ``keep_every``): of ``steps`` (ascending), the
+    newest ``keep_last`` and every multiple of ``keep_every``. The snapshots are kept so
+    (:func:`prune_snapshots`), and the evaluator's pictures of them (``evaluation.pictures``)."""
+    return set(steps[-keep_last:]) | {step for step in steps if step % keep_every == 0}
+
+
 def prune_snapshots(folder: str | Path, *, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete snapshots except the newest ``keep_last`` and those whose step is a multiple of
-    ``keep_every``; also clear temp folders left by crashed writers. Returns what was removed."""
+    """Delete snapshots except those :func:`kept_steps` keeps; also clear temp folders left by
+    crashed writers. Returns what was removed."""
     folder = Path(folder)
     snaps = list_snapshots(folder)
-    keep = {p for _, p in snaps[-keep_last:]} | {p for s, p in snaps if s % keep_every == 0}
+    keep = kept_steps([step for step, _ in snaps], keep_last=keep_last, keep_every=keep_every)
     removed = []
-    for _step, path in snaps:
-        if path not in keep:
+    for step, path in snaps:
+        if step not in keep:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     now = time.time()
