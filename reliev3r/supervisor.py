@@ -159,6 +159,8 @@ class Supervisor:
         self._last_status_len = 0
         self._learner_done_at: float | None = None
         self._distill: subprocess.Popen | None = None
+        self._distill_offset = 0
+        """Size of ``distill.log`` when the distillation started, as a child's ``log_offset``."""
         self._refresh = "waiting" if cfg.refreshes_teacher else "off"
         """labeler.refresh_step: off, waiting (for its snapshot), distilling, done or failed."""
         if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh (run() finishes it)
@@ -412,8 +414,6 @@ class Supervisor:
             step = snapshot_step(self.run_dir)
             if step is None or step < lc.refresh_step or learner.finished:
                 return
-            from reliev3r.distill import recipe
-
             learner.next_start = math.inf  # held, not restarted, until the refresh is over
             self._stop([learner])
             step = snapshot_step(self.run_dir)
@@ -423,19 +423,17 @@ class Supervisor:
             self._stop(held)
             self._write_pids()  # `reliev3r status` shows them stopped
 
-            init = refresh_init(lc.teacher)
-            cmd = [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
-                   "--out", str(self.teacher_file.parent), "--device", lc.device,
-                   "--time-budget", str(lc.refresh_seconds), "--steps", "100000000", f"init={init}", *recipe(lc.device)]
             # its own session (a SIGINT at the terminal reaches the supervisor only), gone with the
-            # supervisor all the same, even if it is SIGKILLed (RELIEV3R_SUPERVISED: die_with_supervisor)
+            # supervisor all the same, even if it is SIGKILLed (RELIEV3R_SUPERVISED: die_with_supervisor);
+            # appending, so that a rotation (_rotate_logs) leaves no hole, as for a child
             env = self.child_environment()
-            with open(self.run_dir / "logs" / "distill.log", "ab") as log:
-                self._distill = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 env=env, start_new_session=True)
+            with open(self.distill_log, "ab") as log:
+                self._distill_offset = log.tell()
+                self._distill = subprocess.Popen(self.distill_command(), stdout=log, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             self._refresh = "distilling"
             self._print(f"snapshot of step {step}: distilling the learner into a new teacher for "
-                        f"{lc.refresh_seconds:g} s (log: {self.run_dir / 'logs' / 'distill.log'})")
+                        f"{lc.refresh_seconds:g} s (log: {self.distill_log})")
             return
         if self._refresh != "distilling" or self._distill.poll() is None:
             return
@@ -443,9 +441,10 @@ class Supervisor:
         for child in [learner, *self._held_for_refresh()]:
             child.next_start = 0.0  # started again below, or by _reap_and_restart
         if not self._refreshed():
-            log = self.run_dir / "logs" / "distill.log"
+            log = self.distill_log
             lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-            why = last_error(log) or (f"exit code {code}: {lines[-1][:REASON_CHARS]}" if lines else f"exit code {code}")
+            why = (last_error(log, self._distill_offset)
+                   or (f"exit code {code}: {lines[-1][:REASON_CHARS]}" if lines else f"exit code {code}"))
             self._refresh = "failed"
             self._print(f"teacher refresh failed ({why}); the labelers keep teacher {lc.teacher} and the "
                         "learner resumes")
@@ -464,6 +463,20 @@ class Supervisor:
             for child in restarted:
                 if child.stage == stage:
                     self._start(child)
+
+    @property
+    def distill_log(self) -> Path:
+        """The teacher refresh's log, rotated as a child's (``_rotate_logs``)."""
+        return self.run_dir / "logs" / "distill.log"
+
+    def distill_command(self) -> list[str]:
+        """The command line of the teacher refresh's distillation: ``teacher-train --distill`` of this run."""
+        from reliev3r.distill import recipe
+
+        lc = self.cfg.labeler
+        return [sys.executable, "-m", "reliev3r.cli", "teacher-train", "--distill", str(self.run_dir),
+                "--out", str(self.teacher_file.parent), "--device", lc.device, "--time-budget",
+                str(lc.refresh_seconds), "--steps", "100000000", f"init={refresh_init(lc.teacher)}", *recipe(lc.device)]
 
     def _held_for_refresh(self) -> list[Child]:
         """The children a teacher refresh stops besides the learner: those whose work it throws
@@ -496,10 +509,11 @@ class Supervisor:
 
     def _rotate_logs(self) -> None:
         """Rotate each child's log that has passed ``LOG_BYTES`` (``rotate_log``), its ``log_offset``
-        moved with it."""
+        moved with it, and the teacher refresh's ``distill.log`` likewise."""
         for child in self.children.values():
             moved = rotate_log(self._log_path(child))
             child.log_offset -= moved
+        self._distill_offset -= rotate_log(self.distill_log)
 
     def command(self, child: Child) -> list[str]:
         """The command line of a child: its stage's ``reliev3r`` command on the run's config."""

@@ -1389,3 +1389,57 @@ def test_a_child_s_log_is_rotated_past_its_size_and_its_last_error_is_still_read
             child.proc.kill()
             child.proc.wait()
         sup.metrics.close()
+
+
+@pytest.mark.timeout(120)  # bounds a hang only
+def test_the_teacher_refresh_s_log_is_rotated_as_a_child_s_and_its_failure_still_read(tmp_path, monkeypatch):
+    """``logs/distill.log``, the log of the teacher refresh's one-off child, is rotated past
+    ``LOG_BYTES`` (lowered here) as every child's log is: ``distill.log.1`` .. ``.LOG_KEEP``, the child
+    writing on into a fresh ``distill.log``; a failed refresh still says why, from the lines its
+    distillation wrote (its traceback begun in ``.log.1``), not from an earlier one's. Before, the
+    supervisor rotated the children's logs only: ``distill.log`` grew without bound."""
+    from reliev3r import supervisor as rsup
+    from reliev3r.config import load
+
+    class Refresh(rsup.Supervisor):
+        def distill_command(self):  # a real process that writes what the test tells it to
+            return [sys.executable, "-u", "-c", _WRITER, str(gates), str(phases)]
+
+    monkeypatch.setattr(rsup, "LOG_BYTES", 1000)  # 30 lines are some 1500 bytes: each phase passes it
+    gates, phases = tmp_path / "gates", 6
+    gates.mkdir()
+    run = tmp_path / "run"
+    sup = Refresh(load([ROOT / "configs" / "default.yaml"],
+                       [f"run.dir={run}", "labeler.refresh_step=6", "streamer.sources=[/data/clips]"]),
+                  out=io.StringIO())
+    (run / "snapshots" / "step-000000006").mkdir(parents=True)
+    (run / "snapshots" / "step-000000006" / "meta.json").write_text("{}")
+    logs = run / "logs"
+    logs.mkdir()
+    (logs / "distill.log").write_text('{"level": "ERROR", "msg": "an earlier refresh", "exc": "KeyError: x"}\n')
+    try:
+        sup._refresh_teacher()
+        assert sup._refresh == "distilling", sup.out.getvalue()
+        for phase in range(phases):
+            (gates / f"go-{phase}").touch()
+            while not (gates / f"done-{phase}").exists():
+                assert sup._distill.poll() is None, (logs / "distill.log").read_text()
+                time.sleep(0.01)
+            sup._rotate_logs()
+        (gates / "end").touch()
+        assert sup._distill.wait(60) == 1
+        sup._refresh_teacher()
+        assert sup._refresh == "failed"
+        assert "teacher refresh failed (ValueError: broken feed)" in sup.out.getvalue(), sup.out.getvalue()
+        assert sorted(p.name for p in logs.iterdir()) == ["distill.log"] + [
+            f"distill.log.{k}" for k in range(1, rsup.LOG_KEEP + 1)]
+        assert all(p.stat().st_size < 2 * rsup.LOG_BYTES for p in logs.iterdir())
+        assert (logs / "distill.log").read_text() == "ValueError: broken feed\n"
+        kept = [json.loads(line)["n"] for k in range(rsup.LOG_KEEP, 0, -1)
+                for line in (logs / f"distill.log.{k}").read_text().splitlines() if line.startswith("{")]
+        assert kept == list(range(30 * phases - 30 * rsup.LOG_KEEP, 30 * phases))
+    finally:
+        if sup._distill is not None and sup._distill.poll() is None:
+            sup._distill.kill()
+            sup._distill.wait()
+        sup.metrics.close()
