@@ -29,6 +29,10 @@ PICTURE = re.compile(r"step-(\d+)\..+\.png")
 """A picture of an evaluation (``<stem>.depth.png``, ``<stem>.trajectory.png``, or the temporary
 file of one a crash left), by the step of its snapshot."""
 
+TEMPORARY = re.compile(r"step-\d+\..+\.png\.tmp\.png")
+"""The temporary file of a picture (:func:`temporary`), which a crash between its write and its
+rename leaves behind."""
+
 EST_BGR, GT_BGR = (180, 119, 31), (44, 160, 44)  # blue estimate, green ground truth
 """Colours of the trajectory picture (BGR)."""
 
@@ -108,13 +112,18 @@ def trajectory_picture(tracks: list[tuple[np.ndarray, np.ndarray]], *, size: int
     return canvas
 
 
+def temporary(path: Path) -> Path:
+    """The temporary file the picture ``path`` is written through (``reliev3r.durable.write``)."""
+    return path.with_name(path.name + ".tmp.png")
+
+
 def _write_png(path: Path, picture: np.ndarray) -> None:
     """``picture`` to ``path`` as a PNG, whole (``reliev3r.durable.write``); its folder is left
     to the caller, who fsyncs it once after the last picture."""
     encoded = imaging.encode_image(picture, ".png")
     if encoded is None:
         raise OSError(f"{path}: cannot encode PNG")
-    durable.write(path, encoded, tmp=path.with_name(path.name + ".tmp.png"), fsync_folder=False)
+    durable.write(path, encoded, tmp=temporary(path), fsync_folder=False)
 
 
 def write_pictures(out_dir: Path, stem: str, predictions: list[tuple[EvalWindow, np.ndarray, np.ndarray]],

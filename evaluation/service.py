@@ -15,6 +15,9 @@ snapshot is checked whole once, when it is loaded, and one that is pruned or dam
 is passed over: that very snapshot (its ``snapshot_id``, or none where its meta does not read),
 so one written again whole under its name is tried again.
 
+A result or picture is written through a temporary file renamed into place: those a crash left
+between the two are removed as the evaluator starts (``remove_temporaries``).
+
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
 exits within one window's time, not one evaluation's.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -32,6 +36,7 @@ import torch
 from evaluation.config import EvaluatorConfig
 from evaluation.datasets import load_windows
 from evaluation.evaluate import evaluate_model, trivial_baseline
+from evaluation.pictures import TEMPORARY as PICTURE_TEMPORARY
 from evaluation.pictures import picture_snapshot, prune_pictures
 from learner import snapshot as snapshots
 from monitoring.metrics import Metrics
@@ -48,8 +53,26 @@ REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", 
 it), under the names of the evaluation's JSON: the supervisor reads either the same way."""
 
 
+TEMPORARY = re.compile(r"step-\d+\.tmp")
+"""The temporary file of a result (``step-N.json`` written through ``step-N.tmp``: :func:`write_json`)."""
+
+
 def write_json(path: Path, data: dict) -> None:
     durable.write(path, json.dumps(data, indent=2), tmp=path.with_suffix(".tmp"))
+
+
+def remove_temporaries(out_dir: Path) -> list[Path]:
+    """Remove from ``out_dir`` the temporary files of results (:data:`TEMPORARY`) and of pictures
+    (``evaluation.pictures.TEMPORARY``) that a crash between their write and their rename left;
+    results, pictures and files of other names stay. For an evaluator's start, before it writes
+    any: a temporary file is otherwise removed only when its step is scored again. Returns what
+    was removed."""
+    removed = []
+    for path in Path(out_dir).iterdir():
+        if TEMPORARY.fullmatch(path.name) or PICTURE_TEMPORARY.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class Stopped(Exception):
@@ -97,6 +120,9 @@ class EvaluatorService:
         self.snap_dir = cfg.run_dir / "snapshots"
         self.out_dir = cfg.run_dir / "evaluations"
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if removed := remove_temporaries(self.out_dir):
+            runtime.log.info("removed temporary files a crash left", extra={"folder": str(self.out_dir),
+                                                                             "removed": len(removed)})
         self.done = scored(self.out_dir)
         """Snapshot name: the ``snapshot_id`` its result records (None: it records none)."""
         self.passed: dict[str, str | None] = {}

@@ -346,3 +346,30 @@ def test_the_pictures_of_older_evaluations_are_kept_as_their_snapshots_are(tmp_p
     assert scored(run) == [f"step-{step:09d}" for step in range(1, 6)]
     pictured = sorted(p.name for p in (run / "evaluations").glob("*.png"))
     assert pictured == [f"step-{step:09d}.depth.png" for step in (3, 4, 5)]
+
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_an_evaluator_removes_the_temporary_files_a_crash_left_as_it_starts(tmp_path, caplog):
+    """A result and each picture are written to a temporary file then renamed into place: an
+    evaluator killed in between left ``step-N.tmp`` (a result's) and ``<picture>.png.tmp.png`` (a
+    picture's), removed only if that very step was scored again. An evaluator removes them as it
+    starts, saying how many; results, pictures and files of other names are left as they are."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    make_tiny_snapshot(run, steps=1)
+    out = run / "evaluations"
+    out.mkdir()
+    stale = ["step-000000007.tmp", "step-000000007.depth.png.tmp.png", "step-000000007.trajectory.png.tmp.png"]
+    kept = ["step-000000000.json", "step-000000000.depth.png", "notes.tmp", "step-x.tmp", "mine.png.tmp.png"]
+    for name in stale + kept:
+        (out / name).write_text("{}")
+    caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
+    evaluator = Evaluator(config(run, data, max_steps=1))
+    try:
+        assert evaluator.wait(240) and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    names = sorted(p.name for p in out.iterdir())
+    assert not set(stale) & set(names) and set(kept) <= set(names), names
+    assert "step-000000001.json" in names and not any(".tmp" in n for n in names if n not in kept), names
+    said = [r for r in caplog.records if r.getMessage() == "removed temporary files a crash left"]
+    assert len(said) == 1 and said[0].removed == 3 and said[0].folder == str(out), said
