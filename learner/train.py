@@ -61,12 +61,12 @@ def default_loss_fn() -> LossFn:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """The torch device ``name`` says: ``auto`` (cuda where there is one, else cpu), ``cpu``,
-    ``cuda`` (this rank's GPU: ``LOCAL_RANK``) or ``cuda:N``; a ``torch.device`` as it is. A name
-    that is no device (``gpu``) or one this host does not have (``cuda`` without CUDA, ``cuda:N``
-    past its GPUs) is a ValueError naming it and the devices there are
-    (:func:`reliev3r.config_base.check_device_present`)."""
+    ``cuda`` (this rank's GPU: ``LOCAL_RANK``) or ``cuda:N``; a ``torch.device`` as its name
+    (``torch.device("cuda")``, no index, is this rank's GPU too). A name that is no device (``gpu``)
+    or one this host does not have (``cuda`` without CUDA, ``cuda:N`` past its GPUs) is a ValueError
+    naming it and the devices there are (:func:`reliev3r.config_base.check_device_present`)."""
     if isinstance(name, torch.device):
-        return name
+        name = "cpu" if name.type == "cpu" else str(name)  # a CPU has no index that matters
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     rank = local_rank() if name == "cuda" else 0  # a LOCAL_RANK that is no rank: said first

@@ -198,6 +198,36 @@ def test_a_device_this_host_does_not_have_is_refused_naming_it_and_what_is_avail
         assert not out.exists()
 
 
+def test_a_torch_device_is_checked_as_the_device_it_names_is(tmp_path, monkeypatch):
+    """``resolve_device`` returned a ``torch.device`` as it was, unchecked: ``torch.device("cuda")``
+    on a host without CUDA passed, and ``Reconstructor.from_snapshot`` then failed in torch's words.
+    It is checked as its name is: one this host does not have is a ValueError naming it and the
+    devices there are; ``torch.device("cuda")``, with no index, is this rank's GPU (``LOCAL_RANK``)
+    as ``cuda`` is."""
+    from learner.api import Reconstructor
+    from learner.train import resolve_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    count = torch.cuda.device_count()
+    present = ", ".join(["cpu", *(f"cuda:{k}" for k in range(count))])
+    absent = [f"cuda:{count}"] + ([] if torch.cuda.is_available() else ["cuda"])
+    snap = make_tiny_snapshot(tmp_path / "run")
+    for name in absent:
+        for use in (resolve_device, lambda device: Reconstructor.from_snapshot(snap, device=device)):
+            with pytest.raises(ValueError) as err:
+                use(torch.device(name))
+            assert str(err.value) == f"device {name!r} is not available here (available: {present})"
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert Reconstructor.from_snapshot(snap, device=torch.device("cpu")).device == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    if count >= 2:
+        assert resolve_device(torch.device("cuda")) == resolve_device("cuda") == torch.device("cuda", 1)
+    else:
+        with pytest.raises(ValueError) as err:
+            resolve_device(torch.device("cuda"))
+        assert str(err.value) == f"device 'cuda' (cuda:1: LOCAL_RANK 1) is not available here (available: {present})"
+
+
 def test_an_input_that_is_not_there_or_a_folder_of_videos_is_said_so(tmp_path, capsys):
     """``--input`` that does not exist was "neither an image folder nor a video", as if the path
     were of the wrong kind; a folder of videos (as the streamer takes them) was "no images". Each
