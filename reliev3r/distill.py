@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
             raise ValueError(f"{args.distill}: the run names no file or folder sources; give --frames")
         check_device_present("--device", cfg.device)  # its default, cuda, on a host without: said here
     except (ValueError, FileNotFoundError) as err:
-        print(f"{prog}: {err}")
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     model, meta = load_model(snap, cfg.device, ema=True)
     weights = "ema.safetensors" if (snap / "ema.safetensors").is_file() else "model.safetensors"
@@ -209,7 +210,7 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
                                             gap=gap, learner_size=trained_size(meta), size=(cfg.height, cfg.width),
                                             device=cfg.device, max_frames=args.max_frames)
     except (ValueError, FileNotFoundError) as err:
-        print(f"{prog}: {err}")
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     del model
     source = {"source": "reliev3r teacher-train --distill: the learner's depth on real windows",

@@ -187,20 +187,37 @@ def test_distill_refuses_a_device_this_host_does_not_have(tmp_path, capsys):
     for device in [f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"]):
         assert cli.main(["teacher-train", "--distill", str(run), "--frames", str(tmp_path), "--out", str(out),
                          "--device", device, *TINY]) == 2, device
-        assert f"--device {device!r} is not available here (available: {present})" in capsys.readouterr().out
+        said = capsys.readouterr()
+        assert f"--device {device!r} is not available here (available: {present})" in said.err and not said.out
         assert not out.exists()
 
 
 def test_distill_refuses_what_it_cannot_use(tmp_path, capsys):
+    """Each refusal is a line on stderr, exit 2, as every other command's (``--distill``'s were
+    printed on stdout), and nothing is written."""
     run = tmp_path / "run"
     make_tiny_snapshot(run, height=H, width=W, views=3)
     out = str(tmp_path / "teacher")
+    few = tmp_path / "few"  # two frames: no window of the run's views
+    few.mkdir()
+    for k in range(2):
+        imaging.write_image(few / f"img{k:03d}.png", np.full((H, W, 3), 60 * k, np.uint8))
+
+    def refusal() -> str:
+        said = capsys.readouterr()
+        assert not said.out and said.err.startswith("reliev3r teacher-train: "), said
+        assert len(said.err.strip().splitlines()) == 1, said.err
+        return said.err
+
     assert cli.main(["teacher-train", "--distill", str(run), "--out", out, *TINY]) == 2
-    assert "names no file or folder sources; give --frames" in capsys.readouterr().out
+    assert "names no file or folder sources; give --frames" in refusal()
     assert cli.main(["teacher-train", "--distill", str(run), "--frames", "x", "--real-share", "2", "--out", out]) == 2
-    assert "--real-share must be in [0, 1]" in capsys.readouterr().out
+    assert "--real-share must be in [0, 1]" in refusal()
+    assert cli.main(["teacher-train", "--distill", str(run), "--frames", str(few), "--out", out, "--device", "cpu",
+                     *TINY]) == 2
+    assert "fits in the given frames" in refusal()
     assert cli.main(["teacher-train", "--frames", "x", "--out", out]) == 2
-    assert "go with --distill RUN" in capsys.readouterr().err
+    assert "go with --distill RUN" in refusal()
     assert not Path(out).exists()
 
 
