@@ -37,7 +37,7 @@ Kinds and their payloads (V views, H x W pixels, K matches, B windows in a batch
                   baseline per pair; zeros = not triangulated); meta adds ``teacher``
                   {"depth": {name, version, space}, "matches": {name, version}}.
 ``insert_ack``    replay -> labeler: meta ``window_id``, ``status``, ``reason``.
-``sample``        learner -> replay: meta ``batch_size``, ``rank``; optional ``max_bytes``
+``sample``        learner -> replay: meta ``batch_size``, ``rank`` (below :data:`MAX_RANKS`); optional ``max_bytes``
                   (version 3: the most bytes of arrays the requester's reply may carry,
                   its ``decode`` limit; without it the replay assumes
                   :data:`DEFAULT_MAX_BYTES`).
@@ -87,6 +87,9 @@ than numpy's limit (64), so a shape is refused before numpy could raise on it.""
 MAX_HEADER_BYTES = 1 << 20
 MAX_SAMPLE_WINDOWS = 4096
 """The most windows one ``sample`` request may ask for (``learner.batch_size``, each rank's)."""
+MAX_RANKS = 4096
+"""A ``sample`` request's ``rank`` is below it: the replay keeps (and saves) a random stream for
+each rank that asks, so a client naming rank after rank would grow that without bound."""
 
 
 class ProtocolError(ValueError):

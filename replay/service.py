@@ -202,6 +202,10 @@ class ReplayService:
                 and _whole(limit) and limit >= 1):
             self.runtime.metrics.reject("bad_sample_request")
             self._send(identity, protocol.error_reply("bad_sample_request"), msg)
+        elif rank >= protocol.MAX_RANKS:  # each rank has a random stream in the sampler: bounded
+            self.runtime.metrics.reject("bad_sample_request")
+            detail = f"rank {rank}: a learner rank is below protocol.MAX_RANKS {protocol.MAX_RANKS}"
+            self._send(identity, protocol.error_reply("bad_sample_request", detail), msg)
         elif n > (most := self.buffer.max_batch()):
             detail = (f"a batch of {n} windows; the rate limiter grants at most {most}: lower learner.batch_size, "
                       f"or raise replay.tolerance")

@@ -300,6 +300,26 @@ def test_each_client_is_served_batches_up_to_its_own_limit(make_cfg, make_insert
         assert big.stats()["samples"] == 8 + 2
 
 
+def test_a_sample_of_a_rank_past_the_most_ranks_is_refused_naming_it(make_cfg, make_insert):
+    """The sampler keeps a random stream for every rank a sample names (and saves them with the
+    store); the service checked only ``rank >= 0``, so a client naming rank after rank grew that
+    state without bound. A rank of ``protocol.MAX_RANKS`` or more is refused at once as
+    bad_sample_request, naming the rank and the limit, and counted; the ranks below it are served."""
+    cfg = make_cfg(*REPLAY)
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=30) as client:
+        for i in range(3):
+            assert client.insert(make_insert(i))["status"] == "stored"
+        for rank in (protocol.MAX_RANKS, 10 ** 12):
+            with pytest.raises(ReplayError, match="bad_sample_request") as refused:
+                client.sample(2, rank=rank)
+            assert f"rank {rank}" in refused.value.detail, refused.value.detail
+            assert f"protocol.MAX_RANKS {protocol.MAX_RANKS}" in refused.value.detail, refused.value.detail
+        assert client.retries == 0
+        assert metric(runtime, "messages_rejected_total", stage="replay", reason="bad_sample_request") == 2
+        assert client.sample(2, rank=protocol.MAX_RANKS - 1).arrays["frames"].shape[0] == 2
+        assert client.stats()["samples"] == 2
+
+
 def test_prefetch_and_restart_with_retry(make_cfg, make_insert, wait_for):
     cfg = make_cfg(*REPLAY, "replay.durable=true")
     endpoint = cfg.network.connect(cfg.network.replay_port)
