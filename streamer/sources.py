@@ -41,6 +41,10 @@ log = logging.getLogger("reliev3r.streamer.sources")
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg",
                             ".flv", ".wmv", ".3gp", ".ogv", ".y4m", ".gif"})
+TEMPORARY_SUFFIXES = frozenset({".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart",
+                                ".!sync", ".!qb", ".opdownload"})
+"""Suffixes of files a download or a copy writes before it renames them into place (browsers'
+``.part``, ``.crdownload``; WinSCP's ``.filepart``; Resilio's ``.!sync``; Syncthing's ``.tmp``)."""
 MAX_CONSECUTIVE_DECODE_ERRORS = 50
 """A stream that fails this many packets in a row is given up (it is garbage, not glitches)."""
 MIN_FRAME_SIDE = 16
@@ -1343,12 +1347,22 @@ def _guarded(path: Path, make: Callable[[], list[Source]], on_error: ErrorSink) 
     return []
 
 
+def is_temporary(path: Path) -> bool:
+    """A name that a copy, a sync or a download gives a file until it renames it into place:
+    hidden (rsync's ``.name.XXXXXX``, Syncthing's ``.syncthing.name.tmp``, macOS's ``._name``),
+    ending in ``~``, or with a :data:`TEMPORARY_SUFFIXES` suffix. A folder's or a glob's such
+    files are no sources: each holds the first part of a file still arriving."""
+    name = Path(path).name
+    return name.startswith(".") or name.endswith("~") or Path(name).suffix.lower() in TEMPORARY_SUFFIXES
+
+
 def spec_paths(spec: str) -> list[Path]:
     """The paths a file, folder or glob spec names (``~`` expanded): the path itself where it
     exists or has no glob characters (``clip [1080p].mp4``), else the glob's matches, sorted
-    (glob characters in a folder's own name taken literally where the glob matches nothing:
-    ``[2024] trip/*.mp4``); [] where a glob matches nothing. ``discover`` and ``reliev3r
-    reconstruct --input`` read specs with it."""
+    and without temporaries (:func:`is_temporary`: files still arriving), glob characters in a
+    folder's own name taken literally where the glob matches nothing (``[2024] trip/*.mp4``);
+    [] where a glob matches nothing. ``discover`` and ``reliev3r reconstruct --input`` read
+    specs with it."""
     path = Path(spec).expanduser()
     if os.path.lexists(path) or not glob.has_magic(spec):
         return [path]
@@ -1357,7 +1371,7 @@ def spec_paths(spec: str) -> list[Path]:
         folder = next((q for q in path.parents if os.path.isdir(q)), None)
         if folder is not None and glob.has_magic(str(folder)):
             found = glob.glob(os.path.join(glob.escape(str(folder)), str(path.relative_to(folder))))
-    return [Path(p) for p in sorted(found)]
+    return [Path(p) for p in sorted(found) if not is_temporary(Path(p))]
 
 
 def _sources_at(p: Path, video: Callable[[Path], VideoSource], images: Callable[[Path], ImageSequenceSource],
@@ -1369,7 +1383,7 @@ def _sources_at(p: Path, video: Callable[[Path], VideoSource], images: Callable[
     entries = list(p.iterdir())
     if not entries:
         raise SourceError("empty_folder", f"{p}: nothing in it")
-    videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES)
+    videos = sorted(q for q in entries if q.suffix.lower() in VIDEO_SUFFIXES and not is_temporary(q))
     # the folder's images are one sequence, and each video beside them a source of its own
     sources: list[Source] = [images(p)] if imaging.frame_files(p) else []
     if not sources and not videos:
