@@ -114,6 +114,12 @@ class StreamerConfig:
     The streamer and each decode worker open a CUDA context of their own on the first visible GPU."""
     peer_timeout_s: float = 10.0
     """Credits of a labeler not heard from (``ready``/``done``) for this long expire."""
+    settle_s: float = 2.0
+    """A video file written to less than this many seconds ago (a copy still arriving in a
+    watched folder) is opened once it has been still this long; the other sources flow
+    meanwhile. A file that grows after it was opened all the same (a writer that stalled) is
+    read on from its last window before a finite run ends (a looping run reads it whole on its
+    next pass). 0: every file is taken as it is found."""
 
     resume: bool = True
     """Persist archive progress in ``<run.dir>/streamer/progress.json`` and continue from it
@@ -145,6 +151,8 @@ class StreamerConfig:
             raise ValueError("fov_deg must lie in (1, 179)")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if self.settle_s < 0:
+            raise ValueError(f"settle_s must be >= 0, got {self.settle_s}")
         if self.resend_timeout_s <= 0 or self.peer_timeout_s <= 0:
             raise ValueError("resend_timeout_s and peer_timeout_s must be > 0")
         if min(self.keyframe_min_motion, self.scene_cut_motion, self.keyframe_min_flow,

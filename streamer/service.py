@@ -32,13 +32,15 @@ from reliev3r.service import Runtime, serve
 from streamer import sources as srcs
 from streamer import workers
 from streamer.live import LiveSource, is_live
-from streamer.progress import Progress
+from streamer.progress import Progress, window_first_frame
 from streamer.windows import Window, windows_of
 from streamer.workers import segments_of, source_windows, worker_count
 
 MAX_ATTEMPTS = 5
 """A window sent this many times without a ``done`` is abandoned (a poison window must not
 circulate forever)."""
+SETTLE_RECHECK_S = 0.5
+"""How often a file still being written (``streamer.settle_s``) is looked at again."""
 POLL_MS = 100
 FEED_POLL_MS = 5
 """Poll timeout while there is room for a window but the producers have none ready yet."""
@@ -182,7 +184,12 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
     (decoded in this process alone, the order is fixed). With ``cfg.loop`` archives start again
     with the pass number in the window ids, so the learner keeps getting fresh ids (and replay
     keeps recency right). With ``progress``, each source resumes where the last run stopped and
-    acknowledged windows are not made again."""
+    acknowledged windows are not made again. A video file written to within ``cfg.settle_s``
+    (still arriving) waits until it has been still that long (:func:`streamer.sources.unsettled`),
+    re-checked every :data:`SETTLE_RECHECK_S`; the pass waits for it once nothing else is left,
+    unless it loops and made a window (the next pass finds the file again). Without ``cfg.loop``,
+    a file that grew after it was opened is read on from its last window (reported as ``grew``)
+    before the stream ends."""
     stop = stop or threading.Event()
     pass_index = progress.pass_index if progress is not None else 0
     # with workers one per core, a source beyond them would be decoded in this process, on the
@@ -204,28 +211,53 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         produced = 0
         # progress keys that made a window in this pass, or resumed after one made before a restart
         made: set[str] = set()
-        while (pending or active) and not stop.is_set():
+        waiting: list = []  # sources of files still being written (streamer.sources.unsettled)
+        recheck = 0.0  # when to look at them again (time.monotonic)
+        opened: dict[str, tuple] = {}  # a whole file's key -> (its source, streamer.sources.file_state when opened)
+        last: dict[str, tuple[int, tuple[float, ...]]] = {}  # key -> its last window's first frame, blur_history
+        read_on: dict[str, tuple[int, tuple[float, ...]]] = {}  # a grown file's key -> where it is read on
+        while not stop.is_set():
+            if not (pending or active or waiting):
+                if cfg.loop or not (pending := _grown(opened, last, read_on, on_error)):
+                    break
+            if waiting and time.monotonic() >= recheck:
+                still = [s for s in waiting if srcs.unsettled(getattr(s, "path", None), cfg.settle_s)]
+                pending.extend((s, None) for s in waiting if s not in still)
+                waiting = still
+                recheck = time.monotonic() + SETTLE_RECHECK_S
             while pending and len(active) < at_once:
                 if pending[0][1] is not None and sum(e[3] for e in active) >= worker_count(cfg):
                     break  # the next is a segment and every worker has one: wait for one to end
                 source, segment = pending.popleft()
-                if segment is None:
+                if segment is None and (wait := srcs.unsettled(getattr(source, "path", None), cfg.settle_s)):
+                    log.info("source still being written, waiting for it", extra={"source": source.name,
+                                                                                   "wait_s": round(wait, 3)})
+                    soon = time.monotonic() + min(wait, SETTLE_RECHECK_S)
+                    recheck = min(recheck, soon) if waiting else soon
+                    waiting.append(source)
+                    continue
+                if segment is None and source.name not in read_on:
                     parts = segments_of(source, cfg)
                     if parts:
                         log.info("source in segments", extra={"source": source.name, "segments": len(parts)})
                         pending.extendleft((source, part) for part in reversed(parts))
                         continue
                 key = source.name if segment is None else f"{source.name}@{segment.start}"
-                start = progress.start_frame(key) if progress is not None else 0
-                if start is None:
-                    produced += 1  # finished before a restart: the pass did produce it
-                    progress.finished_before += 1
-                    continue
-                if start:
-                    made.add(key)
-                    log.info("resuming source", extra={"source": key, "frame": start, "pass": pass_index})
-                # the blur test resumes with the sharpness values the resumed window was tested against
-                history = progress.blur_history(key) if start else ()
+                if segment is None and (state := srcs.file_state(getattr(source, "path", None))) is not None:
+                    opened[key] = (source, state)
+                if key in read_on:  # grew since it was read: on from its last window (made again, skipped)
+                    start, history = read_on[key]
+                else:
+                    start = progress.start_frame(key) if progress is not None else 0
+                    if start is None:
+                        produced += 1  # finished before a restart: the pass did produce it
+                        progress.finished_before += 1
+                        continue
+                    if start:
+                        made.add(key)
+                        log.info("resuming source", extra={"source": key, "frame": start, "pass": pass_index})
+                    # the blur test resumes with the sharpness values the resumed window was tested against
+                    history = progress.blur_history(key) if start else ()
                 # (a resumed source may rightly have too few frames left for a window); in a
                 # decode worker of its own where cfg.decode_workers allows
                 active.append((source.name, key, source_windows(source, cfg, start=start, pass_index=pass_index,
@@ -233,6 +265,10 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                                                                  segment=segment, blur_history=history),
                                segment is not None))
             if not active:
+                if waiting and not pending:
+                    if cfg.loop and produced:
+                        break  # the next pass finds them again; the sources read meanwhile loop on
+                    stop.wait(max(0.0, recheck - time.monotonic()))
                 continue
             seen = workers.arrivals()
             entry = _next_ready(active)
@@ -253,6 +289,10 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 on_error(name, "source_failed", f"{type(err).__name__}: {err}")
                 active.remove(entry)
                 continue
+            first = window_first_frame(window.window_id)
+            if key in read_on and first <= read_on[key][0] and key in last:
+                continue  # made before it grew
+            last[key] = (first, window.blur_history)
             produced += 1
             made.add(key)
             if progress is not None:
@@ -270,6 +310,23 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         if progress is not None:
             progress.new_pass(pass_index)
         log.info("sources exhausted, starting again", extra={"pass": pass_index})
+
+
+def _grown(opened: dict[str, tuple], last: dict[str, tuple[int, tuple[float, ...]]],
+           read_on: dict[str, tuple[int, tuple[float, ...]]], on_error: srcs.ErrorSink) -> deque:
+    """The whole files of ``opened`` that grew since they were opened (``opened`` forgets
+    them), each reported as ``grew`` and set in ``read_on`` to be read on from its last window
+    (``last``; from the start where it made none), as (source, None) entries to read."""
+    again: deque = deque()
+    for key, (source, before) in list(opened.items()):
+        if not srcs.grew(before, after := srcs.file_state(source.path)):
+            continue
+        del opened[key]
+        read_on[key] = last.get(key, (0, ()))
+        on_error(source.name, "grew", f"{source.path}: {before[2]} bytes when opened, {after[2]} now: read on from "
+                                      f"frame {read_on[key][0]}")
+        again.append((source, None))
+    return again
 
 
 def _next_ready(active: deque) -> tuple | None:

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import stat
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
@@ -1354,6 +1355,35 @@ def is_temporary(path: Path) -> bool:
     files are no sources: each holds the first part of a file still arriving."""
     name = Path(path).name
     return name.startswith(".") or name.endswith("~") or Path(name).suffix.lower() in TEMPORARY_SUFFIXES
+
+
+def unsettled(path: Path | None, settle_s: float) -> float:
+    """Seconds until the file at ``path`` has gone ``settle_s`` without a write (its
+    modification time), 0 where it has, or where it is no regular file or cannot be looked at
+    (its source reports why when opened), or where its time lies ahead of this host's clock
+    (a copy that kept a camera's wrong time: nothing to judge by), or ``path`` None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError, TypeError):
+        return 0.0
+    age = time.time() - st.st_mtime
+    return settle_s - age if stat.S_ISREG(st.st_mode) and 0 <= age < settle_s else 0.0
+
+
+def file_state(path: Path | None) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, modification time in ns) of the regular file at ``path``; None for
+    anything else (a folder, a path gone, ``path`` None)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError, TypeError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def grew(before: tuple | None, after: tuple | None) -> bool:
+    """Whether a file read with :func:`file_state` ``before`` is the same file, longer now
+    (written on after it was opened: its frames so far are its first ones)."""
+    return before is not None and after is not None and before[:2] == after[:2] and after[2] > before[2]
 
 
 def spec_paths(spec: str) -> list[Path]:

@@ -5,10 +5,12 @@ files replaced or made readable later. Real files, the real discovery and window
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from streamer.config import StreamerConfig
 from streamer.service import window_stream
@@ -73,3 +75,86 @@ def test_an_image_folders_temporaries_are_no_frames(tmp_path):
     [source] = discover([str(folder)], on_error=errors)
     read = [f.rgb for f in source.frames()]
     assert len(read) == 6 and all(np.array_equal(a, b) for a, b in zip(read, frames)) and errors == []
+
+
+
+def _still(path: Path) -> Path:
+    """``path`` as a file its writer finished with an hour ago."""
+    import time
+
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    return path
+
+
+def _frames_of(windows) -> dict[str, list[list[int]]]:
+    out: dict[str, list[list[int]]] = {}
+    for w in windows:
+        out.setdefault(w.source, []).append([v.index for v in w.views])
+    return out
+
+
+def test_a_video_still_being_written_is_read_once_it_is_still_and_whole(tmp_path):
+    """A copy that arrives in a watched folder while the streamer reads it (``cp`` into an
+    upload folder): before, the part copied so far was read, an MPEG-TS file's without a word
+    (it ends cleanly where the copy had got to), and the source was done: its later part never
+    read. A file written to within ``streamer.settle_s`` is not opened until it has been still
+    that long; every other source flows meanwhile, and the run waits for it (``loop: false``)."""
+    import threading
+
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    whole = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
+    other = _still(encode(folder / "a-other.ts", panning_frames(30, 64, 48, seed=1)))
+    arriving = folder / "b-arriving.ts"
+    arriving.write_bytes(whole[: len(whole) // 3])  # written to just now: still arriving
+    cfg = StreamerConfig(**{**FAST, "settle_s": 3600.0})
+    errors, windows = Errors(), []
+    others = _frames_of(window_stream(lambda: discover([str(other)]), StreamerConfig(**FAST), on_frame=lambda s: None,
+                                      on_error=errors, log=logging.getLogger("t")))[source_name(other)]
+    reader = threading.Thread(target=lambda: windows.extend(window_stream(
+        lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None, on_error=errors,
+        log=logging.getLogger("t"))), daemon=True)
+    reader.start()
+    for _ in range(600):  # the other source flows while the copy arrives
+        if len(windows) == len(others):
+            break
+        reader.join(0.1)
+    assert _frames_of(windows) == {source_name(other): others} and reader.is_alive() and errors == []
+    with arriving.open("ab") as out:
+        out.write(whole[len(whole) // 3:])
+    _still(arriving)
+    reader.join(60)
+    assert not reader.is_alive() and errors == []
+    alone = _frames_of(window_stream(lambda: discover([str(arriving)]), StreamerConfig(**FAST),
+                                     on_frame=lambda s: None, on_error=errors, log=logging.getLogger("t")))
+    assert _frames_of(windows) == {source_name(other): others, **alone} and errors == []
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_video_that_grows_after_it_was_read_is_read_on_where_it_stopped(tmp_path, workers):
+    """A writer that stalled longer than ``settle_s`` (a network copy, a recorder between
+    chunks): the part written so far was read, the source done, the rest never read. A file
+    that has grown since it was opened is read on from its last window before a finite run
+    ends, said once as ``grew``: the windows are those of the whole file, each made once (in
+    this process and in decode workers alike)."""
+    whole = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    arriving = folder / "a-arriving.ts"
+    arriving.write_bytes(whole[: len(whole) // 3])
+    _still(arriving)
+    other = _still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    cfg = StreamerConfig(**{**FAST, "settle_s": 60.0, "interleave": 1, "decode_workers": workers})
+    errors, windows = Errors(), []
+    for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
+                                on_error=errors, log=logging.getLogger("t")):
+        if window.source == source_name(other) and arriving.stat().st_size < len(whole):
+            with arriving.open("ab") as out:  # the first source is read: its writer goes on
+                out.write(whole[len(whole) // 3:])
+            _still(arriving)
+        windows.append(window)
+    assert errors.reasons() == ["grew"] and errors[0][0] == source_name(arriving)
+    alone = _frames_of(window_stream(lambda: discover([str(arriving)]), StreamerConfig(**FAST),
+                                     on_frame=lambda s: None, on_error=errors, log=logging.getLogger("t")))
+    assert _frames_of(windows)[source_name(arriving)] == alone[source_name(arriving)]
+    assert len({w.window_id for w in windows}) == len(windows)

@@ -727,7 +727,8 @@ def _stream(specs, cfg, errors):
 
 
 FAST = dict(views=2, height=16, width=16, frame_stride=1, window_step=2, loop=False, keyframe_min_motion=0,
-            keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0)
+            keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0,
+            settle_s=0)  # the files are written whole before they are read (tests/test_streamer_arrivals.py)
 
 
 def test_symlink_loop_and_dangling_link_are_named_and_others_flow(tmp_path):
