@@ -442,9 +442,9 @@ class Supervisor:
             child.next_start = 0.0  # started again below, or by _reap_and_restart
         if not self._refreshed():
             log = self.distill_log
-            lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-            why = (last_error(log, self._distill_offset)
-                   or (f"exit code {code}: {lines[-1][:REASON_CHARS]}" if lines else f"exit code {code}"))
+            if not (why := last_error(log, self._distill_offset)):  # else its last line, from where it began
+                line = last_line(log, self._distill_offset)[:REASON_CHARS]
+                why = f"exit code {code}: {line}" if line else f"exit code {code}"
             self._refresh = "failed"
             self._print(f"teacher refresh failed ({why}); the labelers keep teacher {lc.teacher} and the "
                         "learner resumes")
@@ -800,18 +800,23 @@ TAIL_BYTES = 1 << 18
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Fault)\b.*")
 
 
-def last_error(log: Path, offset: int = 0) -> str:
-    """Why a child died, from its log after ``offset`` (where this incarnation began; negative:
-    that many bytes before the end of the rotated ``log.1``, read on into ``log``): the
-    exception of a traceback that ends the log (an error outside the structured log, e.g. at
-    import), else the last ERROR/CRITICAL JSON line ("msg: exception" or "msg: detail", and
-    the latest problem logged before it when it carries neither). Empty when nothing says."""
+def last_line(log: Path, offset: int = 0) -> str:
+    """The last line with text of ``log`` after ``offset`` (where a process's part of it began;
+    negative: in the rotated ``log.1``, as :func:`last_error` reads it), read from its last
+    ``TAIL_BYTES`` only; empty when it wrote none."""
+    text = _tail(log, offset).decode("utf-8", "replace")
+    return next((ln.strip() for ln in reversed(re.split(r"[\r\n]+", text)) if ln.strip()), "")
+
+
+def _tail(log: Path, offset: int) -> bytes:
+    """``log`` after ``offset``, its last ``TAIL_BYTES`` at most, across a rotation where
+    ``offset`` is negative (that many bytes before the end of ``log.1``)."""
     try:
         with open(log, "rb") as f:
             f.seek(max(offset, f.seek(0, os.SEEK_END) - TAIL_BYTES, 0))
             text = f.read()
     except OSError:
-        return ""
+        return b""
     if offset < 0 and (want := min(-offset, TAIL_BYTES - len(text))) > 0:  # its start is in log.1
         try:
             with open(log.with_name(f"{log.name}.1"), "rb") as f:
@@ -819,7 +824,16 @@ def last_error(log: Path, offset: int = 0) -> str:
                 text = f.read() + text
         except OSError:
             pass
-    text = text.decode("utf-8", "replace")
+    return text
+
+
+def last_error(log: Path, offset: int = 0) -> str:
+    """Why a child died, from its log after ``offset`` (where this incarnation began; negative:
+    that many bytes before the end of the rotated ``log.1``, read on into ``log``): the
+    exception of a traceback that ends the log (an error outside the structured log, e.g. at
+    import), else the last ERROR/CRITICAL JSON line ("msg: exception" or "msg: detail", and
+    the latest problem logged before it when it carries neither). Empty when nothing says."""
+    text = _tail(log, offset).decode("utf-8", "replace")
     lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
     problem = ""  # the latest "detail" of a WARNING line: what an error line without one refers to
     error = ""

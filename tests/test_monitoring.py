@@ -717,6 +717,35 @@ def test_a_distillation_that_exits_non_zero_before_its_teacher_is_whole_is_a_fai
         sup.metrics.close()
 
 
+def test_a_failed_refresh_quotes_its_own_last_line_not_an_earlier_refresh_s(tmp_path):
+    """A distillation that dies without an error line is said by its exit code and the last line
+    it wrote, read from where it began in ``distill.log``: a line an earlier refresh wrote there
+    is not this one's reason, nor is a line before a long tail read whole to find it."""
+    from reliev3r.supervisor import TAIL_BYTES
+
+    sup = _refresh_supervisor(tmp_path)
+    try:
+        (tmp_path / "snapshots" / "step-000000006").mkdir(parents=True)
+        (tmp_path / "logs").mkdir()
+        earlier = "an earlier refresh's last words\n" + "x" * (2 * TAIL_BYTES) + "\n"
+        (tmp_path / "logs" / "distill.log").write_text(earlier)
+        for written, said in (("", "teacher refresh failed (exit code 3)"),
+                              ("step 5\nkilled by the kernel\n", "teacher refresh failed (exit code 3: killed by")):
+            sup._distill_offset = (tmp_path / "logs" / "distill.log").stat().st_size
+            with open(tmp_path / "logs" / "distill.log", "a") as log:
+                log.write(written)
+            sup._distill = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+            sup._distill.wait()
+            sup._refresh = "distilling"
+            sup.out = io.StringIO()
+            sup._refresh_teacher()
+            out = sup.out.getvalue()
+            assert sup._refresh == "failed" and said in out and "earlier refresh" not in out, out
+            assert "xxx" not in out, out
+    finally:
+        sup.metrics.close()
+
+
 def test_a_refresh_that_cannot_move_its_first_part_aside_stops_up_before_anything_starts(tmp_path, capsys):
     """A whole teacher, its move not complete, and a part both in the run folder and in
     ``before-refresh/`` (put there by hand, or a learner that went on): ``up`` says which and
