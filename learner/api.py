@@ -6,7 +6,10 @@
     out["depth"].shape, out["cam_to_world"].shape                # (3, H, W), (3, 4, 4)
 
 Images are resized to the size the model was trained at (``image_size`` in the snapshot
-meta), or else to the nearest multiples of the patch size; intrinsics, given or assumed
+meta), or else to the first image's size rounded to multiples of the patch size (``size=``
+gives a window another: ``reliev3r reconstruct`` brings every window to its first one's, so
+that frames turned otherwise than the first are brought to one size, as the streamer brings
+every frame to one); intrinsics, given or assumed
 (60 degree horizontal field of view), are scaled with the resize. An image of another aspect
 is stretched, not cropped, so the outputs cover all of it: fitting it as the streamer fits its
 views (cover, crop the centre) or keeping its aspect was measured no better (docs/RESULTS.md,
@@ -64,9 +67,12 @@ class Reconstructor:
         return max(p, round(height / p) * p), max(p, round(width / p) * p)
 
     @torch.no_grad()
-    def run(self, images: Sequence[np.ndarray | str | Path],
-            intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def run(self, images: Sequence[np.ndarray | str | Path], intrinsics: np.ndarray | None = None, *,
+            size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """Reconstruct one window of V images (RGB uint8 HxWx3 arrays or image file paths).
+
+        ``size``: (H, W) every image is resized to, multiples of the patch size (else ValueError);
+        None: :meth:`target_size` of the first image.
 
         ``intrinsics``: [3, 3] shared or [V, 3, 3] per image (another shape raises ValueError), in
         pixels of the given images: of an array as it is, of an image file as recorded (turned here
@@ -83,7 +89,13 @@ class Reconstructor:
         frames = [_read(im) for im in images]
         if len(frames) < 1:
             raise ValueError("images: need at least one image")
-        h, w = self.target_size(*frames[0][0].shape[:2])
+        if size is None:
+            h, w = self.target_size(*frames[0][0].shape[:2])
+        else:
+            p = self.model.cfg.patch_size
+            if len(size) != 2 or any(int(n) != n or n < p or n % p for n in size):
+                raise ValueError(f"size: (H, W) in positive multiples of the patch size {p}, got {tuple(size)}")
+            h, w = int(size[0]), int(size[1])
         arr = None if intrinsics is None else np.asarray(intrinsics, dtype=np.float64)
         if arr is not None and arr.shape not in ((3, 3), (len(frames), 3, 3)):
             raise ValueError(f"intrinsics: expected [3, 3] or [{len(frames)}, 3, 3] for {len(frames)} "

@@ -5,7 +5,9 @@
 
 The input is cut into windows of ``views`` frames (``stride`` input frames apart) where
 consecutive windows share ``overlap`` frames. The model reconstructs each window in its own
-similarity gauge; :func:`chain_windows` brings every window into the first one's frame:
+similarity gauge, every window at one size (the snapshot's ``image_size``; a snapshot without
+it: the first window's, which a frame turned otherwise is stretched to, as the API stretches
+one: ``learner.api``); :func:`chain_windows` brings every window into the first one's frame:
 the depth scale from the shared frames' median depth ratio, then the rigid motion that maps
 the new window's shared camera poses onto the chain's. Units are therefore the first
 window's relative units, not metres.
@@ -679,8 +681,14 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         poses.append(pose)
         window_K.append(K)
 
+    model_size = None  # (H, W) of the first window, which every later one is brought to
+
     def run_window(start: int, images: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> None:
-        pred = reconstructor.run(images, intrinsics=None if intrinsics[0] is None else np.stack(intrinsics))
+        nonlocal model_size
+        # One size for every window (a snapshot without image_size would take each window's first frame's)
+        pred = reconstructor.run(images, intrinsics=None if intrinsics[0] is None else np.stack(intrinsics),
+                                 size=model_size)
+        model_size = model_size or tuple(pred["depth"].shape[1:3])
         result = WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"])
         for k, j, pose, depth, c in chain.add(result):
             write_frame(k, pose, depth, c, pred["images"][j], pred["intrinsics"][j])

@@ -404,7 +404,7 @@ class _DepthModel:
     def __init__(self, depth: np.ndarray) -> None:
         self.depth = depth
 
-    def run(self, images, intrinsics=None) -> dict:
+    def run(self, images, intrinsics=None, size=None) -> dict:
         v, (h, w) = len(images), self.depth.shape
         poses = np.tile(np.eye(4, dtype=np.float32), (v, 1, 1))
         poses[:, 0, 3] = 0.1 * np.arange(v)
@@ -622,6 +622,40 @@ def test_frames_turned_differently_by_their_exif_orientation_each_get_their_own_
         sx, sy = 64 / w, 48 / h
         want = [[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5], [0, 0, 1]]
         np.testing.assert_allclose(recorded[k], want, rtol=1e-6, err_msg=str(k))
+
+@pytest.mark.parametrize("first", ["landscape", "portrait"])
+def test_a_snapshot_without_its_image_size_brings_every_frame_to_the_first_windows_size(tmp_path, capsys, first):
+    """A snapshot whose meta lacks ``image_size`` (an older or hand-made one) and a folder of
+    frames of one sensor, some shown upright by their Exif orientation, one stored turned: every
+    window is brought to the one size of the first (the first frame's, rounded to the patch size),
+    as the streamer brings every frame to one size, and the windows chain. Before, each window took
+    its own first frame's size, and the run stopped on depths of two shapes ("operands could not be
+    broadcast together with shapes (48,64) (64,48)")."""
+    from streamer_media import exif_tagged, texture
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    meta = json.loads((snap / "meta.json").read_text())
+    del meta["image_size"]
+    (snap / "meta.json").write_text(json.dumps(meta))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    kinds = ["landscape", "landscape", "exif", "exif", "exif", "stored", "landscape"]
+    if first == "portrait":
+        kinds = ["exif", *kinds]
+    for k, kind in enumerate(kinds):
+        stored = texture(48, 64, seed=k) if kind == "stored" else texture(64, 48, seed=k)
+        ok, data = cv2.imencode(".jpg", stored)
+        (folder / f"{k:04d}.jpg").write_bytes(exif_tagged(data.tobytes(), 6) if kind == "exif" else data.tobytes())
+    out = tmp_path / "out"
+    code = cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(folder), "--out", str(out),
+                     "--views", "3", "--overlap", "1", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    height, width = (48, 64) if first == "landscape" else (64, 48)
+    shapes = {cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape for p in (out / "depth").glob("*.png")}
+    assert shapes == {(height, width)} and len(list((out / "depth").glob("*.png"))) == len(kinds)
+    summary = json.loads((out / "reconstruction.json").read_text())
+    assert summary["image_size"] == [width, height] and summary["windows"] >= 3
+
 
 @pytest.mark.parametrize("size", [(56, 42), (48, 64), (32, 24)])
 def test_a_frame_of_another_size_than_the_first_cannot_share_the_folders_intrinsics_said_naming_it(tmp_path,

@@ -33,7 +33,7 @@ class FakeReconstructor:
     def __init__(self, out: Path) -> None:
         self.out, self.seen = out, []
 
-    def run(self, images, intrinsics=None) -> dict:
+    def run(self, images, intrinsics=None, size=None) -> dict:
         (writing,) = self.out.glob(".reconstruct-*")  # the run's outputs until they are all written
         ply = writing / "points.ply"
         self.seen.append((len(list((writing / "depth").glob("*.png"))),

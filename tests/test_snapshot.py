@@ -242,6 +242,24 @@ def test_reconstructor_runs_on_paths_and_arrays(tmp_path):
         Reconstructor.from_snapshot(tmp_path / "nothing")
 
 
+def test_reconstructor_brings_a_window_to_the_size_it_is_given(tmp_path):
+    """``run(..., size=(H, W))`` resizes every image to that size (``reliev3r reconstruct`` passes
+    its first window's to every later one, so that a snapshot without ``image_size`` gives one size
+    for a whole run); a size that is not in multiples of the patch size is refused, naming it."""
+    import numpy as np
+
+    rec = _reconstructor(tmp_path)
+    rec.image_size = None  # as a snapshot without image_size in its meta
+    p = rec.model.cfg.patch_size
+    portrait = np.random.default_rng(0).integers(0, 256, (6 * p, 4 * p, 3), dtype=np.uint8)
+    assert rec.run([portrait, portrait])["depth"].shape == (2, 6 * p, 4 * p)
+    out = rec.run([portrait, portrait], size=(2 * p, 3 * p))
+    assert out["depth"].shape == (2, 2 * p, 3 * p) and out["images"].shape == (2, 2 * p, 3 * p, 3)
+    for bad in [(2 * p + 1, 3 * p), (0, 3 * p), (2 * p,)]:
+        with pytest.raises(ValueError, match=f"size: .*patch size {p}"):
+            rec.run([portrait, portrait], size=bad)
+
+
 def test_intrinsics_given_with_image_paths_are_turned_with_each_files_exif_orientation(tmp_path):
     """A JPEG stored 64x48 and tagged with Exif orientation 6 (a phone held upright: shown 48x64),
     given by its path with the intrinsics of the file as recorded (principal point (30, 20)):

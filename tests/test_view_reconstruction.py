@@ -26,7 +26,7 @@ class WideModel:
     def __init__(self, per_window: bool) -> None:
         self.per_window, self.windows = per_window, 0
 
-    def run(self, images, intrinsics=None) -> dict:
+    def run(self, images, intrinsics=None, size=None) -> dict:
         v = len(images)
         K = geometry.intrinsics_from_fov(90.0, W, H).numpy()
         if self.per_window:
