@@ -89,7 +89,8 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     spread_title = (f"95 % intervals over the {len(windows)} windows (percentile bootstrap, {RESAMPLES:,} resamples "
                     "of the windows, paired for the ratios: how much the windows chosen move a figure, not what "
                     "another training seed would)")
-    print(f"\n{data}: {len(windows)} windows of {views} views at {width}x{height}, snapshot {snap}\n")
+    said = f"{data}: {len(windows)} windows of {views} views at {height}x{width} (height x width)"
+    print(f"\n{said}, snapshot {snap}\n")
     print(table)
     print(f"\n{spread_title}:\n\n{spread}")
     out = Path(args.out) if args.out else run / "eval"
@@ -100,7 +101,6 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
          "stride": cfg.evaluator.stride, "teachers": [t for t in teachers if t != "none"], "rows": rows,
          "intervals": spread_numbers},
         indent=2))
-    (out / "results.md").write_text(f"{data}: {len(windows)} windows of {views} views at {width}x{height}\n\n"
-                                    + table + f"\n\n{spread_title}:\n\n{spread}\n")
+    (out / "results.md").write_text(f"{said}\n\n" + table + f"\n\n{spread_title}:\n\n{spread}\n")
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

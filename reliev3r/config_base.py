@@ -205,6 +205,12 @@ class NetworkConfig:
 
 # --------------------------------------------------------------------------- building
 
+SIZE_IN_ONE = re.compile(r"\s*\d+\s*[x×X*]\s*\d+\s*")
+"""An image size written as one value ("168x224", "224 x 168"), which could be height x width or
+width x height: refused where an integer is expected (a size is two keys, ``height`` and
+``width``, read as (H, W))."""
+
+
 def build(cls: type, data: Any, key: str = "") -> Any:
     """Build dataclass ``cls`` from plain data (dicts, lists, scalars), strictly."""
     return _convert(data, cls, key)
@@ -280,6 +286,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, str) and SIZE_IN_ONE.fullmatch(value):  # "168x224": which order?
+            section = key.rpartition(".")[0]
+            keys = " and ".join(_join(section, side) for side in ("height", "width"))
+            raise ConfigError(f"{where}: expected an integer, got {value!r}: an image size is not one value but "
+                              f"two keys, {keys} (each in pixels)")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value

@@ -33,7 +33,7 @@ What is exact:
 
 Seeds: ``render_scene(seed)`` is deterministic (same seed, same scene and trajectory on any
 machine: they are drawn with numpy; a GPU render may differ from a CPU one in the last float
-bits). Speed: ~65 ms of one CPU thread per 192x144 frame, ~15 ms per 256x192 frame on an H100.
+bits). Speed: ~65 ms of one CPU thread per 144x192 frame, ~15 ms per 192x256 frame (height x width) on an H100.
 ``ensure_world`` derives each scene's seed from ``(cfg.seed, scene index)`` through
 ``numpy.random.SeedSequence``, so different ``cfg.seed`` give unrelated scenes: the evaluator's
 held-out world is ``ensure_world(folder, replace(cfg, seed=cfg.seed + 1000))`` (file names carry

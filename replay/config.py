@@ -42,9 +42,9 @@ class ReplayConfig:
     embedding distance."""
     dedup_threshold: float = 0.01
     """Squared L2 distance between unit window embeddings (2 - 2 cos) under which a window
-    counts as a near-duplicate of a stored one. Measured on 7-Scenes (4-frame windows, 64x48):
+    counts as a near-duplicate of a stored one. Measured on 7-Scenes (4-frame windows, 48x64):
     a static camera with sensor noise gives < 0.001, consecutive handheld windows 0.008 (min),
-    0.025 (5th percentile), 0.16 (median). On the synthetic world (3 scenes, 128x96, the
+    0.025 (5th percentile), 0.16 (median). On the synthetic world (3 scenes, 96x128, the
     streamer's default 4 views, stride 4, step 8, sensor noise sigma 2): moving windows 0.055
     (min) / 0.076 (5th pct) / 0.71 (median) from their nearest neighbour, all kept; a still
     camera (0.5 mm / 0.02 deg jitter) 0.0003-0.0026, one window kept per pose; windows one

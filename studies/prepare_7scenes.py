@@ -6,9 +6,9 @@
 Writes ``OUT/7s-train`` (frames 0-449) and ``OUT/7s-eval`` (frames 450-599), every ``--every``-th
 frame, colour (JPEG), depth (uint16 mm PNG, nearest-neighbour) and pose beside each frame, and
 ``camera-intrinsics.txt`` scaled with pixel centres at integer coordinates (the project's
-convention). At scale 0.35 (224x168, the training size of ``configs/gpu.yaml``) the two folders
-hold about 11 MB. Both are read by ``reliev3r up`` as an image-sequence source and by
-``reliev3r eval --data 7scenes:DIR``. Study code: it imports nothing of the product.
+convention). At scale 0.35 (files of 224x168, width x height: the 168x224 windows of
+``configs/gpu.yaml``) the two folders hold about 11 MB. Both are read by ``reliev3r up`` as an
+image-sequence source and by ``reliev3r eval --data 7scenes:DIR``. Study code: it imports nothing of the product.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reliev3r import config
 from reliev3r.config import ConfigError, load
@@ -121,6 +122,40 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         config.load([], [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("given", ["streamer.height=168x224", "streamer.width=224x168", "streamer.height=168 x 224",
+                                   "streamer.synthetic.width=192x144"])
+def test_a_size_given_as_one_value_is_refused_saying_height_and_width_are_keys_of_their_own(given, tmp_path):
+    """An image size is two keys, ``height`` and ``width`` (``streamer.height``, ``streamer.width``,
+    ``streamer.synthetic.*``), which the code reads as (H, W); a size written as one value
+    ("168x224", which could be either order) is refused naming the key, the value and the two keys
+    to give, from the command line and from a YAML file alike. Before, only "expected an integer"."""
+    key, value = given.split("=")
+    section, field = key.rsplit(".", 1)
+    for source in ("override", "file"):
+        if source == "override":
+            args = [], [given]
+        else:
+            data = {field: value}
+            for part in reversed(section.split(".")):
+                data = {part: data}
+            (tmp_path / "size.yaml").write_text(yaml.safe_dump(data))
+            args = [tmp_path / "size.yaml"], []
+        with pytest.raises(ConfigError) as err:
+            config.load(*args)
+        said = str(err.value)
+        assert said.startswith(f"{key}: ") and repr(value) in said, said
+        assert f"{section}.height" in said and f"{section}.width" in said and "one value" in said, said
+
+
+def test_the_window_size_default_yaml_states_is_the_default_in_height_x_width():
+    """configs/default.yaml's comment names the default window size as every doc writes a size of
+    ``height``/``width`` keys: height x width, the order the code reads them in. It said 128x96."""
+    from streamer.config import StreamerConfig
+
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    assert f"windows at {StreamerConfig().height}x{StreamerConfig().width} " in text
 
 
 def test_xfeat_is_refused_for_frames_smaller_than_its_32_pixel_cells():

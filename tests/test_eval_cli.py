@@ -48,6 +48,9 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
     assert (out / "results.md").read_text().count("\n| ") == len(rows) + len(spread_rows)
     assert result["views"] == 4 and len(result["windows"]) == 3
     assert [result["height"], result["width"]] == [48, 64]  # the snapshot's training size
+    # said height x width, as the config's keys and the docs give a window's size (it said 64x48)
+    assert "3 windows of 4 views at 48x64 (height x width)" in (out / "results.md").read_text()
+    assert "3 windows of 4 views at 48x64 (height x width)" in printed
     assert list(result["rows"]) == names
     # each model row's figures with their spread over the windows, and the model over each sibling
     ratio_names = [f"{names[0]} / {names[1]}", f"{names[0]} / baseline: constant depth + identity poses"]
