@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -111,10 +112,24 @@ LEVELS = (
 )
 
 
-def collect(run_dir: Path, interval: float = 1.0) -> dict[str, StageStatus]:
-    """Read ``processes.json`` and scrape every endpoint twice, ``interval`` seconds apart."""
+def read_processes(run_dir: Path) -> dict[str, dict]:
+    """``<run_dir>/processes.json``: each stage's process (pid, metrics endpoint, restarts, ...).
+    FileNotFoundError where there is none; ValueError naming the file where it is no JSON or no
+    mapping of stages to their processes."""
     path = Path(run_dir) / "processes.json"
-    processes = json.loads(path.read_text())
+    try:
+        processes = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(processes, dict) or not all(isinstance(p, dict) for p in processes.values()):
+        raise ValueError(f"{path}: not a mapping of stages to their processes")
+    return processes
+
+
+def collect(run_dir: Path, interval: float = 1.0) -> dict[str, StageStatus]:
+    """Read ``processes.json`` (:func:`read_processes`) and scrape every endpoint twice,
+    ``interval`` seconds apart."""
+    processes = read_processes(run_dir)
     first = {stage: scrape(p["metrics"]) for stage, p in processes.items() if p.get("metrics")}
     started = time.monotonic()
     if interval > 0:
@@ -187,13 +202,20 @@ def format_table(stages: dict[str, StageStatus], evaluation: dict | None) -> str
 
 def main(run_dir: Path, *, interval: float = 1.0) -> int:
     """Entry of ``reliev3r status``: 0 when every process answers (or is held by the supervisor,
-    as during a teacher refresh), 1 otherwise, 2 without a run."""
-    if not (Path(run_dir) / "processes.json").exists():
-        print(f"reliev3r status: no {Path(run_dir) / 'processes.json'} (is `reliev3r up` running with this run.dir?)")
+    as during a teacher refresh), 1 otherwise, 2 without a run or with a damaged ``processes.json``
+    (said on stderr)."""
+    try:
+        processes = read_processes(run_dir)
+    except FileNotFoundError:
+        print(f"reliev3r status: no {Path(run_dir) / 'processes.json'} (is `reliev3r up` running with this run.dir?)",
+              file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as err:
+        print(f"reliev3r status: {err}", file=sys.stderr)
         return 2
     stages = collect(run_dir, interval)
     print(format_table(stages, latest_evaluation(run_dir)))
-    endpoints = json.loads((Path(run_dir) / "processes.json").read_text()).get("supervisor", {}).get("endpoints")
+    endpoints = processes.get("supervisor", {}).get("endpoints")
     if endpoints:
         print("endpoints: " + ", ".join(f"{k} {v}" for k, v in endpoints.items()))
     return 0 if all(st.up or (st.held and not st.alive) for st in stages.values()) else 1

@@ -108,7 +108,21 @@ def test_status_command_exit_codes(run_dir, tmp_path_factory, capsys):
     assert "learner" in out and "step 103" not in out and "step 100" in out
     empty = tmp_path_factory.mktemp("empty")
     assert cli.main(["status", "--run-dir", str(empty), "--interval", "0"]) == 2
-    assert "no " in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert said.out == "" and f"reliev3r status: no {empty / 'processes.json'}" in said.err  # it went to stdout
+
+
+@pytest.mark.parametrize("content, problem", [("garbage\n", "not JSON"), ("[1, 2]\n", "not a mapping of stages"),
+                                              ('{"learner": 3}\n', "not a mapping of stages")])
+def test_status_of_a_run_whose_processes_json_is_damaged_says_so_in_a_line(tmp_path, capsys, content, problem):
+    """A ``processes.json`` that is no JSON, or no mapping of stage to process: ``reliev3r status``
+    says so on stderr naming the file, exit 2 as without a run. It ended in a Python traceback,
+    exit 1 (JSONDecodeError, AttributeError)."""
+    (tmp_path / "processes.json").write_text(content)
+    assert cli.main(["status", "--run-dir", str(tmp_path), "--interval", "0"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and "Traceback" not in said.err
+    assert said.err.startswith(f"reliev3r status: {tmp_path / 'processes.json'}: {problem}"), said.err
 
 
 def test_a_stage_held_for_a_teacher_refresh_is_not_down(run_dir, monkeypatch, capsys):
