@@ -690,12 +690,18 @@ def ensure_world(folder: Path, cfg: WorldSpec, *, fps: int = 10, progress: bool 
 
     Idempotent: a scene is rendered again only when a file is missing or its stored config
     (with ``RENDER_VERSION``) differs. Files: ``synth-s<seed>-<index>.mp4`` + ``.gt.npz``.
-    Held-out scenes: pass ``replace(cfg, seed=cfg.seed + 1000)``. Returns sorted video paths."""
+    Held-out scenes: pass ``replace(cfg, seed=cfg.seed + 1000)``. Returns sorted video paths.
+    NotADirectoryError, before any rendering, where ``folder`` is a file or lies under one."""
     from tqdm import tqdm
 
     if cfg.height % 2 or cfg.width % 2:
         raise ValueError(f"synthetic height and width must be even (yuv420p video), got {cfg.height}x{cfg.width}")
     folder = Path(folder)
+    for above in (folder, *folder.parents):  # said before a frame is rendered, not once the first is written
+        if above.exists():
+            if not above.is_dir():
+                raise NotADirectoryError(f"{folder}: {above} is not a folder")
+            break
     todo: list[tuple[Path, int, dict]] = []
     videos = []
     for k in range(cfg.scenes):

@@ -163,6 +163,21 @@ def test_a_scene_survives_a_power_loss_video_last(tmp_path, folder_fsyncs, fsync
     assert video in fsynced and flushed == [(None, 1), (None, 2), (video.stat().st_ino, 2)]
 
 
+@pytest.mark.parametrize("out", ["file", "file/world"])
+def test_render_into_a_file_is_refused_before_rendering_naming_it(tmp_path, capsys, out):
+    """``reliev3r render --out`` naming a file (or a folder under one): exit 2, one line naming
+    the file, and no frame rendered. It rendered the first scene (11 s at the default size) and
+    then stopped on "[Errno 17] File exists"."""
+    from reliev3r import cli
+
+    (tmp_path / "file").write_text("the user's own")
+    code = cli.main(["render", "--out", str(tmp_path / out), "streamer.synthetic.frames=2",
+                     "streamer.synthetic.scenes=1", "streamer.synthetic.height=16", "streamer.synthetic.width=16"])
+    said = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'file'} is not a folder" in said and "rendering" not in said, said
+    assert (tmp_path / "file").read_text() == "the user's own"
+
+
 def test_ensure_world_is_idempotent_and_follows_the_config(tmp_path):
     cfg = SyntheticConfig(scenes=2, frames=3, height=24, width=32, seed=4)
     videos = synthetic.ensure_world(tmp_path, cfg, progress=False)
