@@ -577,15 +577,17 @@ class LinkWatch:
 
 
 def keys_main(out: Path, *, overwrite: bool = False) -> int:
-    """``reliev3r keys --out DIR``: write the keys and print the matching config section."""
+    """``reliev3r keys --out DIR``: write the keys and print the matching config section. Exit 2
+    where ``--out`` is refused (a file, keys there without ``--force``), as the other commands
+    refuse a wrong path; 1 where the keys cannot be written."""
     if out.exists() and not out.is_dir():
         print(f"reliev3r keys: {out}: not a folder", file=sys.stderr)
-        return 1
+        return 2
     try:
         files = generate_keys(out, overwrite=overwrite)
     except FileExistsError as err:  # the library's words name its argument; the command's, its flag
         print(f"reliev3r keys: {str(err).replace('pass overwrite=True', 'pass --force')}", file=sys.stderr)
-        return 1
+        return 2
     except KeysPartlyReplaced as err:  # a rename failed between others: some keys are new
         print(f"reliev3r keys: cannot write the keys into {out}: {err.strerror} (write the keys again with --force)",
               file=sys.stderr)

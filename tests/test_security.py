@@ -321,11 +321,12 @@ def test_enabled_config_needs_every_path():
 
 def test_keys_that_exist_are_kept_unless_forced(tmp_path, capsys):
     """A second `reliev3r keys` into the same folder keeps the keys and names the flag that
-    replaces them (it named the library's argument, overwrite=True)."""
+    replaces them (it named the library's argument, overwrite=True), exit 2 as the other
+    commands refuse what they are given (it was 1)."""
     assert cli.main(["keys", "--out", str(tmp_path)]) == 0
     before = (tmp_path / "server.key_secret").read_bytes()
     capsys.readouterr()
-    assert cli.main(["keys", "--out", str(tmp_path)]) == 1
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 2
     assert "pass --force" in capsys.readouterr().err and (tmp_path / "server.key_secret").read_bytes() == before
     assert cli.main(["keys", "--out", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "server.key_secret").read_bytes() != before
@@ -339,7 +340,7 @@ def test_keys_refuse_to_replace_a_client_host_s_pair_unless_forced(tmp_path, cap
     (tmp_path / "server.key_secret").unlink()
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.key*")}
     capsys.readouterr()
-    assert cli.main(["keys", "--out", str(tmp_path)]) == 1
+    assert cli.main(["keys", "--out", str(tmp_path)]) == 2
     said = capsys.readouterr().err
     assert "client.key" in said and "pass --force" in said
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.key*")} == before
@@ -347,9 +348,10 @@ def test_keys_refuse_to_replace_a_client_host_s_pair_unless_forced(tmp_path, cap
 
 def test_keys_into_a_file_or_a_folder_that_cannot_be_written_get_one_line(tmp_path, capsys, monkeypatch):
     """`reliev3r keys --out` naming a file said "[Errno 17] File exists" (read as keys that exist),
-    and a write that failed (a full disk) ended in a traceback; each is now one line, exit 1."""
+    and a write that failed (a full disk) ended in a traceback; each is now one line: exit 2 for the
+    file (a wrong path, as the other commands refuse one; it was 1), 1 for the write."""
     (tmp_path / "file").write_text("x")
-    assert cli.main(["keys", "--out", str(tmp_path / "file")]) == 1
+    assert cli.main(["keys", "--out", str(tmp_path / "file")]) == 2
     said = capsys.readouterr().err
     assert said.count("\n") == 1 and "not a folder" in said and "--force" not in said
 
