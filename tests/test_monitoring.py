@@ -1378,6 +1378,33 @@ sys.exit(1)
 """
 
 
+def _write_rotating(sup, proc: subprocess.Popen, gates: Path, phases: int, log: Path) -> None:
+    """Let ``proc`` (running ``_WRITER``) write its phases, the supervisor rotating the logs after
+    each, then let it end."""
+    for phase in range(phases):
+        (gates / f"go-{phase}").touch()
+        while not (gates / f"done-{phase}").exists():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.01)
+        sup._rotate_logs()
+    (gates / "end").touch()
+
+
+def _assert_rotated(logs: Path, name: str, phases: int) -> None:
+    """``logs/name`` rotated as ``_WRITER``'s phases passed ``LOG_BYTES``: ``LOG_KEEP`` older files
+    beside it, none much past the limit, the newest phases' lines kept once and in order (the test
+    rotates only between the writer's phases: nothing lost but the older phases dropped), and the
+    fresh log holding the last line."""
+    from reliev3r import supervisor as rsup
+
+    assert sorted(p.name for p in logs.iterdir()) == [name] + [f"{name}.{k}" for k in range(1, rsup.LOG_KEEP + 1)]
+    assert all(p.stat().st_size < 2 * rsup.LOG_BYTES for p in logs.iterdir())
+    assert (logs / name).read_text() == "ValueError: broken feed\n"
+    kept = [json.loads(line)["n"] for k in range(rsup.LOG_KEEP, 0, -1)
+            for line in (logs / f"{name}.{k}").read_text().splitlines() if line.startswith("{")]
+    assert kept == list(range(30 * phases - 30 * rsup.LOG_KEEP, 30 * phases))
+
+
 @pytest.mark.timeout(120)  # bounds a hang only
 def test_a_child_s_log_is_rotated_past_its_size_and_its_last_error_is_still_read(tmp_path, monkeypatch):
     """A run that never stops: the log a child writes (the file it inherits, opened for appending)
@@ -1406,26 +1433,13 @@ def test_a_child_s_log_is_rotated_past_its_size_and_its_last_error_is_still_read
     (logs / "streamer.log").write_text('{"level": "ERROR", "msg": "an older incarnation", "exc": "KeyError: x"}\n')
     try:
         sup._start(child)
-        for phase in range(phases):
-            (gates / f"go-{phase}").touch()
-            while not (gates / f"done-{phase}").exists():
-                assert child.proc.poll() is None, (logs / "streamer.log").read_text()
-                time.sleep(0.01)
-            sup._rotate_logs()
-        (gates / "end").touch()
+        _write_rotating(sup, child.proc, gates, phases, logs / "streamer.log")
         assert child.proc.wait(60) == 1
         sup._reap_and_restart()
         assert child.last_error == "ValueError: broken feed", sup.out.getvalue()
         assert "streamer died (exit code 1): ValueError: broken feed" in sup.out.getvalue()
         assert "restarts 1 (streamer: ValueError: broken feed)" in sup.status_line()
-        assert sorted(p.name for p in logs.iterdir()) == ["streamer.log"] + [
-            f"streamer.log.{k}" for k in range(1, rsup.LOG_KEEP + 1)]
-        assert all(p.stat().st_size < 2 * rsup.LOG_BYTES for p in logs.iterdir())
-        assert (logs / "streamer.log").read_text() == "ValueError: broken feed\n"
-        kept = [json.loads(line)["n"] for k in range(rsup.LOG_KEEP, 0, -1)
-                for line in (logs / f"streamer.log.{k}").read_text().splitlines() if line.startswith("{")]
-        # the test rotates only between the child's writes: nothing lost, the older phases dropped
-        assert kept == list(range(30 * phases - 30 * rsup.LOG_KEEP, 30 * phases))
+        _assert_rotated(logs, "streamer.log", phases)
         assert (logs / "streamer.log.1").read_text().endswith('  File "feed.py", line 7, in <module>\n')
     finally:
         if child.proc is not None and child.proc.poll() is None:
@@ -1463,24 +1477,12 @@ def test_the_teacher_refresh_s_log_is_rotated_as_a_child_s_and_its_failure_still
     try:
         sup._refresh_teacher()
         assert sup._refresh == "distilling", sup.out.getvalue()
-        for phase in range(phases):
-            (gates / f"go-{phase}").touch()
-            while not (gates / f"done-{phase}").exists():
-                assert sup._distill.poll() is None, (logs / "distill.log").read_text()
-                time.sleep(0.01)
-            sup._rotate_logs()
-        (gates / "end").touch()
+        _write_rotating(sup, sup._distill, gates, phases, logs / "distill.log")
         assert sup._distill.wait(60) == 1
         sup._refresh_teacher()
         assert sup._refresh == "failed"
         assert "teacher refresh failed (ValueError: broken feed)" in sup.out.getvalue(), sup.out.getvalue()
-        assert sorted(p.name for p in logs.iterdir()) == ["distill.log"] + [
-            f"distill.log.{k}" for k in range(1, rsup.LOG_KEEP + 1)]
-        assert all(p.stat().st_size < 2 * rsup.LOG_BYTES for p in logs.iterdir())
-        assert (logs / "distill.log").read_text() == "ValueError: broken feed\n"
-        kept = [json.loads(line)["n"] for k in range(rsup.LOG_KEEP, 0, -1)
-                for line in (logs / f"distill.log.{k}").read_text().splitlines() if line.startswith("{")]
-        assert kept == list(range(30 * phases - 30 * rsup.LOG_KEEP, 30 * phases))
+        _assert_rotated(logs, "distill.log", phases)
     finally:
         if sup._distill is not None and sup._distill.poll() is None:
             sup._distill.kill()
