@@ -118,8 +118,9 @@ class StreamerConfig:
     """A video file written to less than this many seconds ago (a copy still arriving in a
     watched folder) is opened once it has been still this long; the other sources flow
     meanwhile. A file that grows after it was opened all the same (a writer that stalled) is
-    read on from its last window before a finite run ends (a looping run reads it whole on its
-    next pass). 0: every file is taken as it is found."""
+    read on from its last window before a finite run ends, and one replaced under its name is
+    read from the start as new content (a looping run reads either whole on its next pass).
+    0: every file is taken as it is found."""
 
     resume: bool = True
     """Persist archive progress in ``<run.dir>/streamer/progress.json`` and continue from it

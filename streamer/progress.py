@@ -14,6 +14,16 @@ after the last one's first frame, and with ``window_step`` beyond a window's spa
 thus made again after a restart, and skipped. Window ids are ``source:pass:first_frame`` and
 stable across restarts, so a window re-made after a crash keeps its id (replay stores it once).
 
+Each video file's identity (device, inode, size, modification time:
+``streamer.sources.file_state``) is kept too, from when it was opened, with the generation of
+its content: 0 for the first, one more each time another file took its name (rsync and ``mv``
+rename a new file over the old). Content of a later generation is read from its start, its
+progress kept apart from the old content's (whose records and windows still out are forgotten)
+and its window ids carry the generation in their pass (``source:0r1:first_frame``: pass 0, the
+name's second content), so replay does not take its windows for the old content's; those of the
+first content keep the ids above. A file without a kept identity (a progress file written before
+identities were kept) is taken as unchanged.
+
 The file is written atomically and durably (``reliev3r.durable.write``: temporary
 file, fsync, rename, fsync of the folder) after every batch of acknowledgements; a crash
 between an acknowledgement and the write costs one re-send, never a lost window. Live feeds
@@ -47,6 +57,8 @@ class Progress:
         self.pending: dict[str, tuple[str, tuple[float, ...]]] = {}
         # source -> its last window's first frame and blur_history
         self.last_made: dict[str, tuple[int, tuple[float, ...]]] = {}
+        # a video file's source name -> its identity when opened (streamer.sources.file_state), its generation
+        self.files: dict[str, tuple[tuple[int, ...], int]] = {}
         self.dirty = False
         self.skipped = 0
         """Windows not made again because they were acknowledged before a restart."""
@@ -66,7 +78,12 @@ class Progress:
                                 "done": bool(v["done"]),
                                 "blur_history": [float(x) for x in v.get("blur_history", [])]}
                        for k, v in state["sources"].items()}
-            self.pass_index, self.sources = int(state["pass"]), sources
+            # files: absent from files written before identities were kept (each taken as unchanged)
+            files = {str(k): (tuple(int(x) for x in v["state"]), int(v["generation"]))
+                     for k, v in state.get("files", {}).items()}
+            if any(len(identity) != 4 for identity, _ in files.values()):
+                raise ValueError("a file identity that is not 4 numbers")
+            self.pass_index, self.sources, self.files = int(state["pass"]), sources, files
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             # Unreadable progress costs re-sent windows (replay deduplicates), not a dead streamer.
             log.warning("progress file unreadable, starting from zero",
@@ -108,6 +125,47 @@ class Progress:
             self.sources.setdefault(source, _fresh())["done"] = True
             self.dirty = True
 
+    def file(self, name: str) -> tuple[tuple[int, ...] | None, int]:
+        """The identity the video file of source ``name`` had when last opened (None where none
+        is kept) and the generation of its content (0: the first)."""
+        with self.lock:
+            identity, generation = self.files.get(name, (None, 0))
+            return identity, generation
+
+    def opened(self, name: str, identity: tuple[int, ...]) -> None:
+        """Keep ``identity`` as the video file's of source ``name`` (the same content: its
+        generation stays)."""
+        with self.lock:
+            self.files[name] = (tuple(identity), self.files.get(name, (None, 0))[1])
+            self.dirty = True
+
+    def grown(self, name: str, identity: tuple[int, ...]) -> bool:
+        """The video file of source ``name`` grew, to ``identity``: it is read on from its resume
+        point, so it is not done any more (a restart during the read-on goes on with it). Returns
+        whether it was done."""
+        with self.lock:
+            self.files[name] = (tuple(identity), self.files.get(name, (None, 0))[1])
+            rec = self.sources.get(name)
+            was_done = rec is not None and rec["done"]
+            if rec is not None:
+                rec["done"] = False
+            self.dirty = True
+            return was_done
+
+    def replaced(self, name: str, identity: tuple[int, ...]) -> int:
+        """Another file under the name of source ``name``, of ``identity``: new content, read from
+        its start. Forgets the old content's records (the whole file's and its segments',
+        ``name@first_frame``) and its windows still out; returns the new content's generation."""
+        with self.lock:
+            generation = self.files.get(name, (None, 0))[1] + 1
+            self.files[name] = (tuple(identity), generation)
+            for key in [k for k in self.sources.keys() | self.last_made.keys() if _of_file(k, name)]:
+                self.sources.pop(key, None)
+                self.last_made.pop(key, None)
+            self.pending = {wid: entry for wid, entry in self.pending.items() if not _of_file(entry[0], name)}
+            self.dirty = True
+            return generation
+
     def new_pass(self, pass_index: int) -> None:
         """Start another pass over the archives at once: the windows of the pass before still
         out are forgotten (their acknowledgements, when they come, find nothing to record), so
@@ -117,7 +175,7 @@ class Progress:
         come again in this one."""
         with self.lock:
             self.pending = {}
-            self.pass_index, self.sources, self.last_made = pass_index, {}, {}
+            self.pass_index, self.sources, self.last_made, self.files = pass_index, {}, {}, {}
             self.dirty = True
 
     # ------------------------------------------------------------------ acknowledgements
@@ -149,7 +207,9 @@ class Progress:
                                key=window_first_frame)
                 rec["acked"] = acked
                 out[source] = {"resume": resume, "acked": acked, "done": done, "blur_history": list(history)}
-            return {"version": VERSION, "pass": self.pass_index, "sources": out}
+            files = {name: {"state": list(identity), "generation": generation}
+                     for name, (identity, generation) in self.files.items()}
+            return {"version": VERSION, "pass": self.pass_index, "sources": out, "files": files}
 
     def save(self, force: bool = False) -> bool:
         if self.path is None or not (self.dirty or force):
@@ -160,6 +220,18 @@ class Progress:
         with self.lock:
             self.dirty = False
         return True
+
+
+def _of_file(key: str, name: str) -> bool:
+    """Whether progress key ``key`` is the video file of source ``name``'s: its own or one of its
+    segments' (``name@first_frame``)."""
+    return key == name or (key.startswith(name + "@") and key[len(name) + 1:].isdigit())
+
+
+def generation_pass(pass_index: int | str, generation: int) -> int | str:
+    """The pass part of the window ids of a file's content of ``generation``: the pass itself for
+    the first content (its ids as ever), ``<pass>r<generation>`` for a later one."""
+    return pass_index if generation == 0 else f"{pass_index}r{generation}"
 
 
 def _fresh() -> dict:

@@ -32,7 +32,7 @@ from reliev3r.service import Runtime, serve
 from streamer import sources as srcs
 from streamer import workers
 from streamer.live import LiveSource, is_live
-from streamer.progress import Progress, window_first_frame
+from streamer.progress import Progress, generation_pass, window_first_frame
 from streamer.windows import Window, windows_of
 from streamer.workers import segments_of, source_windows, worker_count
 
@@ -189,7 +189,11 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
     re-checked every :data:`SETTLE_RECHECK_S`; the pass waits for it once nothing else is left,
     unless it loops and made a window (the next pass finds the file again). Without ``cfg.loop``,
     a file that grew after it was opened is read on from its last window (reported as ``grew``)
-    before the stream ends."""
+    before the stream ends, and one replaced under its name (another file renamed over it, as
+    rsync and ``mv`` do) is read from the start as new content (reported as ``replaced``), its
+    window ids other than the old content's (``streamer.progress``). With ``progress``, a file
+    found after a restart as another than the one read before is new content alike, and a
+    finished one that grew meanwhile is read on from its last window."""
     stop = stop or threading.Event()
     pass_index = progress.pass_index if progress is not None else 0
     # with workers one per core, a source beyond them would be decoded in this process, on the
@@ -215,10 +219,12 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         recheck = 0.0  # when to look at them again (time.monotonic)
         opened: dict[str, tuple] = {}  # a whole file's key -> (its source, streamer.sources.file_state when opened)
         last: dict[str, tuple[int, tuple[float, ...]]] = {}  # key -> its last window's first frame, blur_history
-        read_on: dict[str, tuple[int, tuple[float, ...]]] = {}  # a grown file's key -> where it is read on
+        # a file grown or replaced since it was read: its key -> where it is read on (0 when replaced)
+        read_on: dict[str, tuple[int, tuple[float, ...]]] = {}
+        generation: dict[str, int] = {}  # a video file's source name -> the generation of its content read
         while not stop.is_set():
             if not (pending or active or waiting):
-                if cfg.loop or not (pending := _grown(opened, last, read_on, on_error)):
+                if cfg.loop or not (pending := _changed(opened, last, read_on, generation, progress, on_error)):
                     break
             if waiting and time.monotonic() >= recheck:
                 still = [s for s in waiting if srcs.unsettled(getattr(s, "path", None), cfg.settle_s)]
@@ -236,14 +242,17 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                     recheck = min(recheck, soon) if waiting else soon
                     waiting.append(source)
                     continue
+                state = srcs.file_state(getattr(source, "path", None)) if segment is None else None
                 if segment is None and source.name not in read_on:
+                    if progress is not None and state is not None:
+                        generation[source.name] = _recognised(source, state, progress, on_error)
                     parts = segments_of(source, cfg)
                     if parts:
                         log.info("source in segments", extra={"source": source.name, "segments": len(parts)})
                         pending.extendleft((source, part) for part in reversed(parts))
                         continue
                 key = source.name if segment is None else f"{source.name}@{segment.start}"
-                if segment is None and (state := srcs.file_state(getattr(source, "path", None))) is not None:
+                if state is not None:
                     opened[key] = (source, state)
                 if key in read_on:  # grew since it was read: on from its last window (made again, skipped)
                     start, history = read_on[key]
@@ -260,7 +269,8 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                     history = progress.blur_history(key) if start else ()
                 # (a resumed source may rightly have too few frames left for a window); in a
                 # decode worker of its own where cfg.decode_workers allows
-                active.append((source.name, key, source_windows(source, cfg, start=start, pass_index=pass_index,
+                passed = generation_pass(pass_index, generation.get(source.name, 0))
+                active.append((source.name, key, source_windows(source, cfg, start=start, pass_index=passed,
                                                                  on_frame=on_frame, on_error=on_error,
                                                                  segment=segment, blur_history=history),
                                segment is not None))
@@ -312,21 +322,62 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
         log.info("sources exhausted, starting again", extra={"pass": pass_index})
 
 
-def _grown(opened: dict[str, tuple], last: dict[str, tuple[int, tuple[float, ...]]],
-           read_on: dict[str, tuple[int, tuple[float, ...]]], on_error: srcs.ErrorSink) -> deque:
-    """The whole files of ``opened`` that grew since they were opened (``opened`` forgets
-    them), each reported as ``grew`` and set in ``read_on`` to be read on from its last window
-    (``last``; from the start where it made none), as (source, None) entries to read."""
+def _changed(opened: dict[str, tuple], last: dict[str, tuple[int, tuple[float, ...]]],
+             read_on: dict[str, tuple[int, tuple[float, ...]]], generation: dict[str, int],
+             progress: Progress | None, on_error: srcs.ErrorSink) -> deque:
+    """The whole files of ``opened`` changed since they were opened (``opened`` forgets them),
+    as (source, None) entries to read, each set in ``read_on``: one that grew, reported as
+    ``grew``, to be read on from its last window (``last``; from the start where it made none);
+    one replaced under its name (another inode, or the same one shorter or rewritten), reported
+    as ``replaced``, to be read from the start as new content (a generation more)."""
     again: deque = deque()
     for key, (source, before) in list(opened.items()):
-        if not srcs.grew(before, after := srcs.file_state(source.path)):
+        after = srcs.file_state(source.path)
+        if after is None or after == before:
             continue
         del opened[key]
-        read_on[key] = last.get(key, (0, ()))
-        on_error(source.name, "grew", f"{source.path}: {before[2]} bytes when opened, {after[2]} now: read on from "
-                                      f"frame {read_on[key][0]}")
+        if srcs.grew(before, after):
+            read_on[key] = last.get(key, (0, ()))
+            if progress is not None:
+                progress.grown(key, after)
+            on_error(source.name, "grew", f"{source.path}: {before[2]} bytes when opened, {after[2]} now: read on "
+                                          f"from frame {read_on[key][0]}")
+        else:
+            read_on[key] = (0, ())
+            last.pop(key, None)
+            generation[key] = progress.replaced(key, after) if progress is not None else generation.get(key, 0) + 1
+            on_error(source.name, "replaced", f"{source.path}: {_replacement(before, after)} since it was opened: "
+                                              f"read from the start as new content")
         again.append((source, None))
     return again
+
+
+def _recognised(source, state: tuple, progress: Progress, on_error: srcs.ErrorSink) -> int:
+    """The generation of the content of ``source``'s video file, now of identity ``state``
+    (``streamer.sources.file_state``), against the one ``progress`` kept (a restart's included):
+    another file under its name is new content, read from the start (reported as ``replaced``);
+    a finished one that grew since is read on from its resume point (reported as ``grew``)."""
+    before, generation = progress.file(source.name)
+    if before == state:
+        return generation
+    if before is None:  # first opened (or kept by a progress file without identities): as it is
+        progress.opened(source.name, state)
+        return generation
+    if srcs.grew(before, state):
+        if progress.grown(source.name, state):
+            on_error(source.name, "grew", f"{source.path}: {before[2]} bytes when read, {state[2]} now: read on "
+                                          f"from frame {progress.start_frame(source.name)}")
+        return generation
+    on_error(source.name, "replaced", f"{source.path}: {_replacement(before, state)} since it was read: read from "
+                                      f"the start as new content")
+    return progress.replaced(source.name, state)
+
+
+def _replacement(before: tuple, after: tuple) -> str:
+    """How file identity ``after`` differs from ``before`` (``streamer.sources.file_state``)."""
+    if before[:2] != after[:2]:
+        return f"another file under its name (inode {before[1]} of {before[2]} bytes, now {after[1]} of {after[2]})"
+    return f"rewritten ({before[2]} bytes, modified at {before[3]} ns; now {after[2]}, at {after[3]} ns)"
 
 
 def _next_ready(active: deque) -> tuple | None:

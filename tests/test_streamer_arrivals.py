@@ -158,3 +158,46 @@ def test_a_video_that_grows_after_it_was_read_is_read_on_where_it_stopped(tmp_pa
                                      on_frame=lambda s: None, on_error=errors, log=logging.getLogger("t")))
     assert _frames_of(windows)[source_name(arriving)] == alone[source_name(arriving)]
     assert len({w.window_id for w in windows}) == len(windows)
+
+
+def _replace(path: Path, frames: np.ndarray) -> Path:
+    """``path`` replaced as rsync and ``mv`` replace a file: another written elsewhere on the same
+    file system, then renamed over it (a new inode under the same name), its writer finished an
+    hour ago."""
+    (path.parent.parent / "incoming").mkdir(exist_ok=True)
+    beside = encode(path.parent.parent / "incoming" / path.name, frames)
+    _still(beside)
+    os.replace(beside, path)
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_video_replaced_after_it_was_read_is_read_again_as_new_content(tmp_path, workers):
+    """A file replaced under its name after it was read (rsync or ``mv`` renaming another file
+    over it): the new content was never read and nothing said so. A finite run reads it from the
+    start before it ends, said once as ``replaced``; its windows are those of the new file read
+    alone, under ids other than the old content's (replay would drop them as duplicates)."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    old, new = panning_frames(30, 64, 48, seed=2), panning_frames(40, 64, 48, seed=3)
+    clip = _still(encode(folder / "a-clip.ts", old))
+    other = _still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    cfg = StreamerConfig(**{**FAST, "settle_s": 60.0, "interleave": 1, "decode_workers": workers})
+    errors, windows, replaced = Errors(), [], False
+    for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
+                                on_error=errors, log=logging.getLogger("t")):
+        if window.source == source_name(other) and not replaced:
+            _replace(clip, new)  # the first source is read: another file takes its name
+            replaced = True
+        windows.append(window)
+    assert errors.reasons() == ["replaced"] and errors[0][0] == source_name(clip)
+    log = logging.getLogger("t")
+    alone = {}
+    for name, frames in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        path = encode(tmp_path / name / "a-clip.ts", frames)
+        alone[name] = _frames_of(window_stream(lambda: discover([str(path)]), StreamerConfig(**FAST),
+                                               on_frame=lambda s: None, on_error=errors, log=log))[source_name(path)]
+    assert _frames_of(windows)[source_name(clip)] == alone["old"] + alone["new"]
+    assert len({w.window_id for w in windows}) == len(windows)
+    assert len(errors) == 1

@@ -24,7 +24,7 @@ from reliev3r.protocol import Message
 from streamer.config import StreamerConfig
 from streamer.progress import Progress
 from streamer.service import window_stream
-from streamer.sources import discover
+from streamer.sources import discover, source_name
 from streamer_media import encode, panning_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,3 +300,161 @@ def test_a_source_too_short_for_a_window_fails_every_start_not_only_the_first(tm
             sock.close(linger=0)
             ctx.destroy(linger=0)
     assert codes == {(loop, start): ([], 1) for loop in (False, True) for start in ("first", "again")}
+
+
+FILES = dict(views=2, height=16, width=16, frame_stride=1, window_step=2, loop=False, keyframe_min_motion=0,
+             keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0)
+"""A window every 2 frames of a small clip: files read again after a restart."""
+
+
+class Errors(list):
+    def __call__(self, source, reason, detail):
+        self.append((source, reason))
+
+
+def _still(path: Path) -> Path:
+    """``path`` as a file its writer finished with an hour ago (taken as it is found)."""
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    return path
+
+
+def _made(spec: Path, progress: Progress | None, errors: Errors, *, kill_after: int | None = None,
+          cfg: StreamerConfig | None = None):
+    """(id, views) of the windows ``reliev3r stream`` makes of ``spec``, each acknowledged and
+    saved at once; with ``kill_after``, the run is SIGKILLed after that many."""
+    out = []
+    for window in window_stream(lambda: discover([str(spec)], on_error=errors), cfg or StreamerConfig(**FILES),
+                                on_frame=lambda s: None, on_error=errors, log=logging.getLogger("t"),
+                                progress=progress):
+        out.append((window.window_id, [v.index for v in window.views]))
+        if progress is not None:
+            progress.acked(window.window_id)
+            progress.save()
+        if kill_after is not None and len(out) >= kill_after:
+            return out
+    if progress is not None:
+        progress.save()  # the sources' ends, as the streamer saves them on its next turn
+    return out
+
+
+def _unnamed(made):
+    """``made`` as a file of another name makes it: (pass, first frame, views) of each window."""
+    return [(*wid.rsplit(":", 2)[1:], views) for wid, views in made]
+
+
+def test_a_video_replaced_before_a_restart_is_read_from_the_start_as_new_content(tmp_path):
+    """A finished source replaced under its name (renamed over by rsync or ``mv``) while the
+    streamer was down: progress.json marked it done by name, and the new content was skipped.
+    Its identity (device, inode, size, modification time) is kept with its progress: found
+    another, the file is read from the start, said once as ``replaced``, under window ids other
+    than the old content's; killed and started again while it is read, the run goes on as an
+    uninterrupted one, and once done it is done."""
+    old, new = panning_frames(30, 64, 48, seed=2), panning_frames(40, 64, 48, seed=3)
+    clip = _still(encode(tmp_path / "clip.ts", old))
+    path = tmp_path / "run" / "progress.json"
+    errors = Errors()
+    first = _made(clip, Progress(path), errors)
+    assert first and errors == []
+    (tmp_path / "incoming").mkdir()
+    os.replace(_still(encode(tmp_path / "incoming" / "clip.ts", new)), clip)  # a new inode under the name
+    (tmp_path / "copy").mkdir()
+    copy = tmp_path / "copy" / "progress.json"
+    copy.write_bytes(path.read_bytes())
+    whole = _made(clip, Progress(copy), Errors())  # uninterrupted
+    (tmp_path / "new").mkdir()
+    alone = _made(encode(tmp_path / "new" / "clip.ts", new), None, Errors())
+    assert [views for _, views in whole] == [views for _, views in alone]  # the new content, all of it
+    assert not {w for w, _ in first} & {w for w, _ in whole}  # replay would drop them as duplicates
+    killed = _made(clip, Progress(path), errors, kill_after=3)
+    again = _made(clip, Progress(path), errors)
+    assert killed + again == whole
+    assert errors == [(source_name(clip), "replaced")]
+    assert _made(clip, Progress(path), errors) == [] and len(errors) == 1  # done
+
+
+def test_a_finished_video_that_grew_before_a_restart_is_read_on_from_its_last_window(tmp_path):
+    """A finished source that grew while the streamer was down (a writer that stalled past
+    ``settle_s``, then went on): progress.json marked it done, and its later part was never
+    read. It is read on from its last window, said once as ``grew``: both runs make the windows
+    (ids and views) of the whole file read at once, none twice."""
+    whole_bytes = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
+    (tmp_path / "in").mkdir()
+    clip = tmp_path / "in" / "whole.ts"
+    clip.write_bytes(whole_bytes[: len(whole_bytes) // 3])
+    _still(clip)
+    path = tmp_path / "run" / "progress.json"
+    errors = Errors()
+    first = _made(clip, Progress(path), errors)
+    assert first and errors == []
+    with clip.open("ab") as out:
+        out.write(whole_bytes[len(whole_bytes) // 3:])
+    _still(clip)
+    second = _made(clip, Progress(path), errors)
+    assert _unnamed(first + second) == _unnamed(_made(tmp_path / "whole.ts", None, Errors()))
+    assert errors == [(source_name(clip), "grew")]
+    assert _made(clip, Progress(path), errors) == [] and len(errors) == 1
+
+
+def test_a_read_on_killed_before_it_ends_goes_on_after_a_restart(tmp_path):
+    """A file that grew after it was read is read on before a finite run ends; killed during
+    the read-on, progress.json still said the file was done (its flag from the first read), so a
+    restart skipped the rest. It goes on from the last window acknowledged."""
+    whole_bytes = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    arriving = folder / "a-arriving.ts"
+    arriving.write_bytes(whole_bytes[: len(whole_bytes) // 3])
+    _still(arriving)
+    _still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    cfg = StreamerConfig(**{**FILES, "settle_s": 60.0, "interleave": 1})
+    path = tmp_path / "run" / "progress.json"
+    progress, errors, first = Progress(path), Errors(), []
+    for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
+                                on_error=errors, log=logging.getLogger("t"), progress=progress):
+        if window.source == source_name(folder / "b-other.ts") and arriving.stat().st_size < len(whole_bytes):
+            with arriving.open("ab") as out:
+                out.write(whole_bytes[len(whole_bytes) // 3:])
+            _still(arriving)
+        first.append((window.window_id, [v.index for v in window.views]))
+        progress.acked(window.window_id)
+        progress.save()
+        if errors and window.source == source_name(arriving):
+            break  # SIGKILL after the first window read on, acknowledged and on disk
+    assert errors == [(source_name(arriving), "grew")]
+    again = _made(folder, Progress(path), errors, cfg=cfg)
+    mine = [w for w in first + again if w[0].startswith(source_name(arriving) + ":")]
+    (tmp_path / "alone").mkdir()
+    whole = tmp_path / "alone" / "a-arriving.ts"
+    whole.write_bytes(whole_bytes)
+    assert _unnamed(mine) == _unnamed(_made(whole, None, Errors())) and len(errors) == 1
+
+
+def test_progress_keeps_each_files_identity_and_generation(tmp_path):
+    """A file's identity and content generation survive a restart; a progress file written
+    before they were kept loads with none (each file taken as unchanged); a replaced file's old
+    records, its segments' and its windows still out are forgotten, so acknowledgements of the
+    old content move nothing of the new."""
+    path = tmp_path / "progress.json"
+    path.write_text(json.dumps({"version": 1, "pass": 0, "sources": {
+        "s": {"resume": 8, "acked": ["s:0:8"], "done": True, "blur_history": []}}}))
+    p = Progress(path)
+    assert p.file("s") == (None, 0) and p.start_frame("s") is None  # as it was
+    p.opened("s", (1, 2, 300, 4))
+    p.made("s@1500", "s:0:1500")
+    p.made("t", "t:0:0")
+    p.save()
+    assert Progress(path).file("s") == ((1, 2, 300, 4), 0) and Progress(path).start_frame("s") is None
+    assert p.replaced("s", (1, 9, 200, 5)) == 1
+    assert p.start_frame("s") == 0 and p.start_frame("s@1500") == 0 and list(p.pending) == ["t:0:0"]
+    p.acked("s:0:1500")  # the old content's, late: nothing to record
+    p.made("s", "s:0r1:0")
+    p.acked("s:0r1:0")
+    p.save()
+    q = Progress(path)
+    assert q.file("s") == ((1, 9, 200, 5), 1) and q.start_frame("s") == 0 and q.is_acked("s:0r1:0", "s")
+    assert not q.is_acked("s:0:8", "s") and q.start_frame("s@1500") == 0
+    assert q.grown("s", (1, 9, 400, 6)) is False and q.file("s") == ((1, 9, 400, 6), 1)
+    q.source_done("s")
+    assert q.grown("s", (1, 9, 500, 7)) is True and q.start_frame("s") == 0  # read on: not done any more
+    q.new_pass(1)
+    assert q.file("s") == (None, 0)  # a new pass reads every file afresh
