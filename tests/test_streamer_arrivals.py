@@ -201,3 +201,26 @@ def test_a_video_replaced_after_it_was_read_is_read_again_as_new_content(tmp_pat
     assert _frames_of(windows)[source_name(clip)] == alone["old"] + alone["new"]
     assert len({w.window_id for w in windows}) == len(windows)
     assert len(errors) == 1
+
+
+def test_a_looping_run_reads_a_video_replaced_during_a_pass_whole_on_the_next(tmp_path):
+    """A looping run reads a file replaced while it was read (its reader keeps the old file
+    open to its end) as new content on its next pass: the new file's windows, all of them."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    clip = _still(encode(folder / "clip.ts", panning_frames(30, 64, 48, seed=2)))
+    new = panning_frames(40, 64, 48, seed=3)
+    errors, passes = Errors(), {}
+    for window in window_stream(lambda: discover([str(folder)], on_error=errors),
+                                StreamerConfig(**{**FAST, "loop": True, "settle_s": 60.0}), on_frame=lambda s: None,
+                                on_error=errors, log=logging.getLogger("t")):
+        if not passes:
+            _replace(clip, new)
+        passes.setdefault(window.window_id.split(":")[1], []).append([v.index for v in window.views])
+        if "2" in passes:
+            break
+    (tmp_path / "new").mkdir()
+    path = encode(tmp_path / "new" / "clip.ts", new)
+    alone = _frames_of(window_stream(lambda: discover([str(path)]), StreamerConfig(**FAST), on_frame=lambda s: None,
+                                     on_error=errors, log=logging.getLogger("t")))[source_name(path)]
+    assert passes["1"] == alone and errors == []
