@@ -21,7 +21,9 @@ rename a new file over the old). Content of a later generation is read from its 
 progress kept apart from the old content's (whose records and windows still out are forgotten)
 and its window ids carry the generation in their pass (``source:0r1:first_frame``: pass 0, the
 name's second content), so replay does not take its windows for the old content's; those of the
-first content keep the ids above. A file without a kept identity (a progress file written before
+first content keep the ids above. A file of the kept size and modification time is the same
+content whatever its inode or device (``streamer.sources.same_content``: a copy that kept its
+times, a folder moved to another disk). A file without a kept identity (a progress file written before
 identities were kept) is taken as unchanged.
 
 The file is written atomically and durably (``reliev3r.durable.write``: temporary

@@ -328,12 +328,12 @@ def _changed(opened: dict[str, tuple], last: dict[str, tuple[int, tuple[float, .
     """The whole files of ``opened`` changed since they were opened (``opened`` forgets them),
     as (source, None) entries to read, each set in ``read_on``: one that grew, reported as
     ``grew``, to be read on from its last window (``last``; from the start where it made none);
-    one replaced under its name (another inode, or the same one shorter or rewritten), reported
+    one replaced under its name (another size or time, but not by growing), reported
     as ``replaced``, to be read from the start as new content (a generation more)."""
     again: deque = deque()
     for key, (source, before) in list(opened.items()):
         after = srcs.file_state(source.path)
-        if after is None or after == before:
+        if after is None or srcs.same_content(before, after):
             continue
         del opened[key]
         if srcs.grew(before, after):
@@ -360,8 +360,8 @@ def _recognised(source, state: tuple, progress: Progress, on_error: srcs.ErrorSi
     before, generation = progress.file(source.name)
     if before == state:
         return generation
-    if before is None:  # first opened (or kept by a progress file without identities): as it is
-        progress.opened(source.name, state)
+    if before is None or srcs.same_content(before, state):  # first opened (or kept by a progress
+        progress.opened(source.name, state)  # file without identities), or copied with its times kept
         return generation
     if srcs.grew(before, state):
         if progress.grown(source.name, state):

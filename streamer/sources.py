@@ -1380,6 +1380,14 @@ def file_state(path: Path | None) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
+def same_content(before: tuple | None, after: tuple | None) -> bool:
+    """Whether file identities (:func:`file_state`) ``before`` and ``after`` are of the same
+    content: the same size and modification time, whatever the inode or device (a copy that
+    kept its times, ``cp -p`` or ``rsync -a`` of unchanged footage; a folder moved to another
+    disk)."""
+    return before is not None and after is not None and before[2:] == after[2:]
+
+
 def grew(before: tuple | None, after: tuple | None) -> bool:
     """Whether a file read with :func:`file_state` ``before`` is the same file, longer now
     (written on after it was opened: its frames so far are its first ones)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -370,6 +371,20 @@ def test_a_video_replaced_before_a_restart_is_read_from_the_start_as_new_content
     assert killed + again == whole
     assert errors == [(source_name(clip), "replaced")]
     assert _made(clip, Progress(path), errors) == [] and len(errors) == 1  # done
+
+
+def test_a_video_copied_over_itself_with_its_times_kept_is_no_new_content(tmp_path):
+    """The same file under another inode or device, its size and modification time kept (``cp
+    -p``, ``rsync -a`` of unchanged footage, data and run folder moved to another disk): the
+    same content, not read again nor said to be replaced, as a file renamed over it with another
+    size or time is."""
+    clip = _still(encode(tmp_path / "clip.ts", panning_frames(30, 64, 48, seed=2)))
+    path = tmp_path / "run" / "progress.json"
+    errors = Errors()
+    assert _made(clip, Progress(path), errors) and errors == []
+    (tmp_path / "copy").mkdir()
+    os.replace(shutil.copy2(clip, tmp_path / "copy" / "clip.ts"), clip)  # another inode, the same times
+    assert _made(clip, Progress(path), errors) == [] and errors == []
 
 
 def test_a_finished_video_that_grew_before_a_restart_is_read_on_from_its_last_window(tmp_path):
