@@ -105,9 +105,10 @@ def write_image(path: str | Path, image: np.ndarray) -> bool:
     return True
 
 
-INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt")
+INTRINSICS_FILES = ("camera-intrinsics.txt", "intrinsics.txt", "K.txt", "intrinsic/intrinsic_color.txt")
 """The names an image folder's intrinsics file may have (:func:`read_intrinsics`; the first
-found is read), for the camera as it records its frames."""
+found is read), for the camera as it records its frames; the last is where ScanNet's SensReader
+writes those of a scene's ``color/`` frames."""
 
 
 def intrinsics_file(folder: Path) -> Path | None:
@@ -169,9 +170,10 @@ def intrinsics_mismatch(intrinsics: np.ndarray, width: int, height: int) -> str 
 
 
 def read_intrinsics(path: Path) -> np.ndarray:
-    """3x3 intrinsics from a text file of 9 numbers (row-major) or 4 (``fx fy cx cy``), with
-    finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes); raises
-    ``ValueError`` naming the file (``OSError``: unreadable)."""
+    """3x3 intrinsics from a text file of 9 numbers (row-major), 4 (``fx fy cx cy``) or 16 (a 4x4
+    whose last row and column are 0 0 0 1, the 3x3 its top-left: ScanNet's ``intrinsic_*.txt``),
+    with finite, positive focal lengths and a last row of 0 0 1 (what the wire format takes);
+    raises ``ValueError`` naming the file (``OSError``: unreadable)."""
     try:
         values = np.array(Path(path).read_text().split(), dtype=np.float64)
     except ValueError as err:
@@ -181,8 +183,14 @@ def read_intrinsics(path: Path) -> np.ndarray:
     elif values.size == 4:
         fx, fy, cx, cy = values
         K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+    elif values.size == 16:
+        K = values.reshape(4, 4)
+        if not (np.array_equal(K[3], [0.0, 0.0, 0.0, 1.0]) and np.array_equal(K[:3, 3], [0.0, 0.0, 0.0])):
+            raise ValueError(f"{path}: a 4x4 intrinsics matrix must have a last row and column of 0 0 0 1 (its "
+                             f"top-left 3x3 the intrinsics)")
+        K = K[:3, :3]
     else:
-        raise ValueError(f"{path}: expected 9 or 4 numbers, got {values.size}")
+        raise ValueError(f"{path}: expected 9, 4 or 16 numbers, got {values.size}")
     if (problem := intrinsics_problem(K)) is not None:
         raise ValueError(f"{path}: {problem}")
     return K

@@ -237,8 +237,8 @@ def fov_intrinsics(fov_deg: float, width: int, height: int) -> np.ndarray:
 
 
 def read_intrinsics(path: Path) -> np.ndarray:
-    """A 3x3 matrix, or one line ``fx fy cx cy`` (``reliev3r.imaging.read_intrinsics``); raise
-    SourceError ``bad_intrinsics`` when neither."""
+    """A 3x3 matrix, one line ``fx fy cx cy`` or a 4x4 whose top-left is the 3x3
+    (``reliev3r.imaging.read_intrinsics``); raise SourceError ``bad_intrinsics`` when none."""
     try:
         return imaging.read_intrinsics(path)
     except OSError as err:
@@ -1037,6 +1037,8 @@ def _load_synthetic_gt(path: Path):
 class ImageSequenceSource:
     """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
+    A ScanNet scene as SensReader exports it is read from its ``color/`` frames, with the
+    intrinsics of its ``intrinsic/intrinsic_color.txt`` (its depth and poses are not read).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
     intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``; else those its dataset publishes,
     ``reliev3r.imaging.published_intrinsics``), the depth maps and the poses, of the camera as

@@ -490,7 +490,7 @@ def test_a_folder_without_intrinsics_gets_a_field_of_view_for_each_frame_as_show
 
 @pytest.mark.parametrize("text, problem", [("50 0 30\n0 0 20\n0 0 1\n", "focal lengths must be finite and > 0"),
                                            ("50 0 30\n0 nan 20\n0 0 1\n", "focal lengths must be finite and > 0"),
-                                           ("50 55 30\n", "expected 9 or 4 numbers, got 3"),
+                                           ("50 55 30\n", "expected 9, 4 or 16 numbers, got 3"),
                                            ("50 0 30\n0 55 20\n0 0 2\n", "the last row must be 0 0 1, got 0 0 2"),
                                            ("fx fy cx cy\n", "could not convert")])
 def test_a_7scenes_intrinsics_file_is_read_and_refused_as_a_folders_is(tmp_path, text, problem):
