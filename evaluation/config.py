@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class EvaluatorConfig:
     data: str = "synthetic"
     """Dataset spec: ``synthetic`` (held-out scenes of the embedded world, rendered on first
-    use), ``synthetic:DIR``, ``7scenes:DIR`` or a folder of images."""
+    use), ``synthetic:DIR``, ``7scenes:DIR``, ``scannet:DIR`` or a folder of images
+    (``evaluation.datasets``)."""
     windows: int = 8
     """Windows evaluated per snapshot."""
     stride: int = 4

@@ -13,6 +13,20 @@ Specs:
   ``camera-intrinsics.txt``, read as a folder's: 3x3 or ``fx fy cx cy``; without one the
   intrinsics 7-Scenes publishes, ``reliev3r.imaging.SEVEN_SCENES_K``), optionally only frames FIRST..LAST
   (inclusive);
+* ``scannet:DIR`` or ``scannet:DIR@FIRST-LAST``: a ScanNet scene as its SensReader exports it
+  (:func:`scannet_sequence`), read as a folder (below) of its ``color/`` frames (``0.jpg``,
+  ``1.jpg``, ... in natural order; FIRST..LAST index them) with ``depth/<name>.png`` (uint16
+  millimetres, 0 = invalid), ``pose/<name>.txt`` (4x4 cam-to-world; one that is not finite,
+  SensReader's ``-inf`` for a frame its tracking lost, or missing is no pose: the frame goes
+  without, said once with how many and the first; one that is no pose skips its windows, as a
+  folder's) and ``intrinsic/intrinsic_color.txt`` and ``intrinsic_depth.txt`` (4x4, K the
+  top-left), both required. The depth maps, of the depth camera at another size than the
+  colour frames (640x480 beside 1296x968), are brought to the colour frame's pixels by nearest
+  sampling through both intrinsics (the extrinsics SensReader writes are identity:
+  ``reliev3r.imaging.depth_in_colour_frame``), the depth intrinsics checked against the depth
+  maps and to be the colour's scaled to their size, but for what the calibration of two cameras
+  moves (``reliev3r.imaging.depth_intrinsics_problem``): a window with a frame whose depth they
+  cannot be of is skipped, saying why;
 * ``folder:DIR[@FIRST-LAST][?depth_scale=S]`` or a bare ``DIR``: a generic folder of images
   (``*.jpg``/``*.png`` in natural order, ``2`` before ``10``, as the streamer reads a folder; in
   DIR or its ``rgb/``, ``images/`` or ``color/`` subfolder; FIRST..LAST index that sorted list)
@@ -26,7 +40,8 @@ Specs:
   once per sequence with how many and the first);
   depth PNGs (``<name>.depth.png`` or ``depth/<name>.png``; uint16 divided by ``S`` > 0, default
   1000 = millimetres, TUM uses 5000; 0 = invalid); intrinsics ``camera-intrinsics.txt``,
-  ``intrinsics.txt`` or ``K.txt`` (3x3, or ``fx fy cx cy``), else a 60 degree horizontal
+  ``intrinsics.txt``, ``K.txt`` or ``intrinsic/intrinsic_color.txt`` (3x3, ``fx fy cx cy``, or a
+  4x4 whose top-left is K: ``reliev3r.imaging.read_intrinsics``), else a 60 degree horizontal
   field of view of each frame as shown. Metrics that need what a folder lacks are left out.
 
 Images are read as their Exif orientation shows them (OpenCV turns a JPEG or PNG so tagged, as
@@ -52,6 +67,7 @@ Images, depth and intrinsics are fitted to the model's input size by
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -65,6 +81,9 @@ from reliev3r import imaging
 from reliev3r.synthetic import ensure_world, load_ground_truth
 
 log = logging.getLogger(__name__)
+
+SPEC_KINDS = ("synthetic", "7scenes", "scannet", "folder")
+"""The kinds of dataset spec (``KIND:...``, module docstring); a bare folder is a ``folder:``."""
 
 
 @dataclass(slots=True)
@@ -405,14 +424,22 @@ def _pose_files(root: Path, image: Path) -> list[Path]:
 
 
 def folder_sequence(folder: Path, first: int | None = None, last: int | None = None, *,
-                    depth_scale: float = 1000.0) -> Sequence:
-    """A generic image folder (module docstring) as a :class:`Sequence`."""
+                    depth_scale: float = 1000.0, intrinsics: Path | None = None,
+                    depth_intrinsics: Path | None = None,
+                    poses_of: Callable[[list[Path], list[int]], list[np.ndarray | BadPose | None]] | None = None
+                    ) -> Sequence:
+    """A generic image folder (module docstring) as a :class:`Sequence`. ``intrinsics``: the
+    frames' intrinsics file (default the folder's own, ``reliev3r.imaging.intrinsics_file``);
+    ``depth_intrinsics``: that of the depth maps where another camera's (a ScanNet scene's), each
+    brought to its colour frame through both (``reliev3r.imaging.depth_in_colour_frame``; needs
+    ``intrinsics``); ``poses_of(frames, kept)``: the ground-truth poses of the kept frames
+    (default :func:`folder_poses`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     every = imaging.frame_files(folder)
     keep = [k for k in range(len(every)) if (first is None or k >= first) and (last is None or k <= last)]
-    poses = folder_poses(folder, every, keep)
+    poses = (poses_of or functools.partial(folder_poses, folder))(every, keep)
     images = [every[k] for k in keep]
     if not images:
         raise FileNotFoundError(f"{folder}: no images (*.jpg, *.png) in range")
@@ -423,8 +450,11 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     held = {0: first_bgr}  # read(0)'s image, decoded already
     sizes = _Sizes(lambda k: images[k], turns, every)
     sizes.saw(0, first_bgr)
-    found = imaging.intrinsics_file(folder)
+    found = intrinsics or imaging.intrinsics_file(folder)
     published = None if found is not None else imaging.published_intrinsics(images)  # 7-Scenes' own frames
+    if depth_intrinsics is not None and found is None:
+        raise ValueError(f"{folder}: depth intrinsics ({depth_intrinsics}) without the frames' to bring depth to")
+    depth_K = None if depth_intrinsics is None else imaging.read_intrinsics(depth_intrinsics)
     if found is not None:  # of the camera as it records: turned as each frame is
         K = imaging.read_intrinsics(found)
 
@@ -465,10 +495,60 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
             depth = raw.astype(np.float32) / depth_scale
             if raw.dtype == np.uint16:
                 depth[raw == 65535] = 0
+            if depth_K is not None:  # another camera's, both as they record: onto the colour frame's pixels
+                size = imaging.recorded_size(turns[k], bgr.shape[1], bgr.shape[0])
+                if (problem := imaging.depth_intrinsics_problem(depth_K, depth.shape[::-1], K, size)) is not None:
+                    raise ValueError(f"{depth_intrinsics}: {problem}")
+                depth = imaging.depth_in_colour_frame(depth, depth_K, K, *size)
             depth = imaging.shown_image(depth, turns[k])  # read unturned (IMREAD_UNCHANGED): turned as its frame
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), depth, _turned_pose(poses[k], turns[k], images[k])
 
     return Sequence(folder.name, len(images), K, read, intrinsics_of)
+
+
+SCANNET_FILES = ("color", "intrinsic/intrinsic_color.txt", "intrinsic/intrinsic_depth.txt")
+"""What a ScanNet scene exported by SensReader has, beside ``depth/`` and ``pose/``."""
+
+
+def scannet_sequence(folder: Path, first: int | None = None, last: int | None = None) -> Sequence:
+    """A ScanNet scene as SensReader exports it (module docstring) as a :class:`Sequence`: read
+    as an image folder (:func:`folder_sequence`: its ``color/`` frames, ``depth/`` maps), with its
+    colour and depth intrinsics and its poses (:func:`scannet_poses`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    for name in SCANNET_FILES:
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name}: not there (a ScanNet scene as SensReader exports it has "
+                                    f"{', '.join(SCANNET_FILES)}, depth/ and pose/)")
+    return folder_sequence(folder, first, last, intrinsics=folder / SCANNET_FILES[1],
+                           depth_intrinsics=folder / SCANNET_FILES[2],
+                           poses_of=functools.partial(scannet_poses, folder))
+
+
+def scannet_poses(folder: Path, images: list[Path], keep: list[int]) -> list[np.ndarray | BadPose | None]:
+    """The ground-truth cam_to_world [4,4] of a ScanNet scene's frames ``images`` (``keep``
+    indexes those read): ``pose/<name>.txt``. None where a frame has none, its file missing or not
+    finite (``reliev3r.imaging.read_tracked_pose``: a frame SensReader's tracking lost), said once
+    with how many of the kept and the first; :class:`BadPose` where the file is no pose."""
+    out, lost = [], []
+    for image in (images[k] for k in keep):
+        file = folder / "pose" / f"{image.stem}.txt"
+        try:
+            pose = imaging.read_tracked_pose(file)
+        except FileNotFoundError:
+            pose = None
+        except (OSError, ValueError) as err:  # named by read_tracked_pose: 'FILE: problem'
+            out.append(BadPose(str(err)))
+            continue
+        if pose is None:
+            lost.append(file)
+        out.append(None if pose is None else pose.astype(np.float32))
+    if lost:
+        log.warning("%s: %d of %d frames have no pose (pose/<name>.txt missing, or not finite as SensReader writes "
+                    "the pose of a frame its tracking lost; the first: %s); they go without a ground-truth pose",
+                    folder, len(lost), len(out), lost[0].relative_to(folder))
+    return out
 
 
 def _frame_range(text: str) -> tuple[int | None, int | None]:
@@ -518,13 +598,16 @@ def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None
     elif kind == "7scenes":
         folder, _, frame_range = rest.partition("@")
         sequences = [sevenscenes_sequence(Path(folder), *_frame_range(frame_range))]
+    elif kind == "scannet":
+        folder, _, frame_range = rest.partition("@")
+        sequences = [scannet_sequence(Path(folder), *_frame_range(frame_range))]
     else:
         body = rest if kind == "folder" else spec
         body, _, query = body.partition("?")
         folder, _, frame_range = body.partition("@")
         if not Path(folder).is_dir():
             raise ValueError(f"unknown dataset spec {spec!r}: use synthetic, synthetic:DIR, 7scenes:DIR[@A-B], "
-                             "folder:DIR[@A-B] or an existing folder")
+                             "scannet:DIR[@A-B], folder:DIR[@A-B] or an existing folder")
         options = dict(item.partition("=")[::2] for item in query.split("&") if item)
         if set(options) - {"depth_scale"}:
             raise ValueError(f"{spec!r}: unknown option(s) {sorted(set(options) - {'depth_scale'})}; "

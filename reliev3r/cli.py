@@ -67,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = add("eval", "evaluate a snapshot on a dataset and print the table")
     ev.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     ev.add_argument("--data", default=None, help="dataset spec: synthetic, synthetic:DIR, 7scenes:DIR[@A-B], "
-                    "folder:DIR[@A-B] or DIR (default: evaluator.data; here and below, of the run's config.yaml "
-                    "unless --config is given)")
+                    "scannet:DIR[@A-B], folder:DIR[@A-B] or DIR (default: evaluator.data; here and below, of the "
+                    "run's config.yaml unless --config is given)")
     ev.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views)")
     ev.add_argument("--windows", type=at_least(1), default=None,
                     help="windows to evaluate (default: evaluator.windows)")
@@ -152,7 +152,7 @@ def _distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distil this run's learner (run, snapshots or snapshot folder) into the teacher")
     parser.add_argument("--frames", action="append", default=None, metavar="SPEC",
                         help="with --distill: frames to predict on (default: the run's streamer.sources); "
-                             "a source path, 7scenes:DIR[@A-B] or folder:DIR[@A-B]; repeatable")
+                             "a source path, 7scenes:DIR[@A-B], scannet:DIR[@A-B] or folder:DIR[@A-B]; repeatable")
     parser.add_argument("--views", type=int, default=None, help="with --distill: views per window (the run's)")
     parser.add_argument("--gap", type=int, default=None,
                         help="with --distill: frames between views (the run's streamer.frame_stride)")

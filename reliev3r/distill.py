@@ -16,7 +16,7 @@ Frames. By default the run's own ``streamer.sources`` (its ``config.yaml``): vid
 image-sequence folders, folders of videos and globs, read by the streamer's own readers; live
 URLs are left out (named in the log). ``--frames SPEC`` (repeatable) takes other frames:
 a source path as in ``streamer.sources``, or a dataset spec of ``reliev3r eval``
-(``7scenes:DIR[@A-B]``, ``folder:DIR[@A-B]``; ground truth is not read). Every frame is used
+(``7scenes:DIR[@A-B]``, ``scannet:DIR[@A-B]``, ``folder:DIR[@A-B]``; ground truth is not read). Every frame is used
 once: windows of ``V`` views ``G`` frames apart tile each source (blocks of ``V*G`` frames; a
 tail shorter than a block is left out and counted), ``V`` the run's ``streamer.views`` and
 ``G`` its ``streamer.frame_stride`` unless ``--views`` / ``--gap`` say otherwise; ``--max-frames``
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import yaml
 
-from evaluation.datasets import EvalWindow, load_sequences
+from evaluation.datasets import SPEC_KINDS, EvalWindow, load_sequences
 from evaluation.evaluate import predict
 from labelers.teacher_train import config_from_args, train
 from learner.snapshot import load_model, resolve_snapshot
@@ -73,7 +73,7 @@ def recipe(device: str) -> tuple[str, ...]:
     return CPU_RECIPE if torch.device(device).type == "cpu" else RECIPE
 
 
-DATASET_KINDS = ("7scenes:", "folder:", "synthetic:")
+DATASET_KINDS = tuple(f"{kind}:" for kind in SPEC_KINDS)
 """``--frames`` specs read through ``evaluation.datasets`` (the rest through ``streamer.sources``)."""
 
 

@@ -11,9 +11,10 @@ video's display matrix or an image's Exif orientation tag asks for (:func:`displ
 order (:func:`frame_files`), its intrinsics file (:func:`intrinsics_file`, else those its
 dataset publishes: :func:`published_intrinsics`,
 :func:`read_intrinsics`, checked by :func:`intrinsics_problem` and against the frames by
-:func:`intrinsics_mismatch` and :func:`other_size`), a frame's
-ground-truth pose file (:func:`read_pose`; every ground-truth pose is checked by
-:func:`pose_problem`), and images read and written as bytes
+:func:`intrinsics_mismatch` and :func:`other_size`), depth maps of another camera brought to
+their colour frames (:func:`depth_intrinsics_problem`, :func:`depth_in_colour_frame`), a frame's
+ground-truth pose file (:func:`read_pose`, :func:`read_tracked_pose`; every ground-truth pose is
+checked by :func:`pose_problem`), and images read and written as bytes
 (:func:`read_image`, :func:`write_image`, :func:`encode_image`).
 """
 
@@ -213,6 +214,55 @@ def intrinsics_problem(intrinsics) -> str | None:
     return None
 
 
+DEPTH_INTRINSICS_TOLERANCE = 0.05
+"""How far the intrinsics of depth maps of another size than their colour frames may be from the
+colour frames' scaled to the depth's size (:func:`depth_intrinsics_problem`): focal lengths
+relative, the principal point as a fraction of its side. Two cameras calibrated side by side
+differ a little (ScanNet's depth camera sees 1.1 % wider than its colour camera across, 1.5 %
+down); intrinsics of another size or of another camera, by far more."""
+
+
+def depth_intrinsics_problem(depth_K, depth_size: tuple[int, int], colour_K,
+                             colour_size: tuple[int, int]) -> str | None:
+    """Why ``depth_K``, of depth maps ``depth_size`` (width, height), cannot be a depth camera's
+    that sees what the colour camera (``colour_K`` of frames ``colour_size``) sees, or None: a
+    principal point far from the depth maps' centre (:func:`intrinsics_mismatch`), or intrinsics
+    that are not the colour frames' scaled to the depth's size within
+    :data:`DEPTH_INTRINSICS_TOLERANCE`."""
+    if (problem := intrinsics_mismatch(depth_K, *depth_size)) is not None:
+        return problem
+    d, c = np.asarray(depth_K, dtype=np.float64), np.asarray(colour_K, dtype=np.float64)
+    scale = (depth_size[0] / colour_size[0], depth_size[1] / colour_size[1])
+    expected = [c[0, 0] * scale[0], c[1, 1] * scale[1], (c[0, 2] + 0.5) * scale[0] - 0.5,
+                (c[1, 2] + 0.5) * scale[1] - 0.5]  # pixel centres at integers
+    got = [d[0, 0], d[1, 1], d[0, 2], d[1, 2]]
+    off = [abs(got[0] / expected[0] - 1), abs(got[1] / expected[1] - 1), abs(got[2] - expected[2]) / depth_size[0],
+           abs(got[3] - expected[3]) / depth_size[1]]
+    if max(off) <= DEPTH_INTRINSICS_TOLERANCE:
+        return None
+    return (f"not the colour frames' intrinsics ({colour_size[0]}x{colour_size[1]}) scaled to its "
+            f"{depth_size[0]}x{depth_size[1]} depth maps: fx fy cx cy {' '.join(f'{v:g}' for v in got)}, scaled "
+            f"{' '.join(f'{v:g}' for v in expected)} (more than {DEPTH_INTRINSICS_TOLERANCE:.0%} apart)")
+
+
+def depth_in_colour_frame(depth: np.ndarray, depth_K, colour_K, width: int, height: int) -> np.ndarray:
+    """A depth map [h, w] of a depth camera (``depth_K``) on the pixel grid of its colour frame
+    (``width`` x ``height``, ``colour_K``), the two cameras at one centre with the same axes
+    (ScanNet's SensReader exports identity extrinsics): each colour pixel takes the depth pixel
+    nearest to where its ray meets the depth map (pixel centres at integers), 0 where that is
+    outside it. Where ``depth_K`` is ``colour_K`` scaled (:func:`depth_intrinsics_problem`
+    allows a little more), this is a nearest resize, centre-exact as :func:`fit_image`'s."""
+    to_depth = np.asarray(depth_K, dtype=np.float64) @ np.linalg.inv(np.asarray(colour_K, dtype=np.float64))
+    u, v = np.arange(width, dtype=np.float64)[None, :], np.arange(height, dtype=np.float64)[:, None]
+    col = np.floor(to_depth[0, 0] * u + to_depth[0, 1] * v + to_depth[0, 2] + 0.5).astype(np.int64)
+    row = np.floor(to_depth[1, 0] * u + to_depth[1, 1] * v + to_depth[1, 2] + 0.5).astype(np.int64)
+    col, row = np.broadcast_arrays(col, row)
+    inside = (col >= 0) & (col < depth.shape[1]) & (row >= 0) & (row < depth.shape[0])
+    out = np.zeros((height, width), dtype=depth.dtype)
+    out[inside] = depth[row[inside], col[inside]]
+    return out
+
+
 POSE_TOLERANCE = 1e-2
 """How far a ground-truth pose's rotation may be from orthonormal (the largest entry of
 ``R^T R - I``) and its last row from ``0 0 0 1`` (:func:`pose_problem`): a tracker's poses drift
@@ -244,6 +294,27 @@ def read_pose(path: Path) -> np.ndarray:
     """A camera-to-world pose [4, 4] (float64, as written) from a text file of 16 numbers
     (row-major), checked by :func:`pose_problem`; raises ``ValueError`` naming the file and the
     problem (``OSError``: unreadable)."""
+    return _checked_pose(path, _pose_numbers(path))
+
+
+def read_tracked_pose(path: Path) -> np.ndarray | None:
+    """:func:`read_pose` of a tracker's pose file, or None where the tracker lost its frame: 16
+    numbers that are not all finite, as ScanNet's SensReader writes ``-inf`` (``nan`` in some
+    exports) for a frame without a pose. Its frame has no ground-truth pose; the file is not
+    damaged."""
+    pose = _pose_numbers(path)
+    return _checked_pose(path, pose) if np.isfinite(pose).all() else None
+
+
+def _checked_pose(path: Path, pose: np.ndarray) -> np.ndarray:
+    if (problem := pose_problem(pose)) is not None:
+        raise ValueError(f"{path}: {problem}")
+    return pose
+
+
+def _pose_numbers(path: Path) -> np.ndarray:
+    """The 16 numbers of a pose file as a 4x4 (float64); ``ValueError`` naming the file where it
+    holds other text or another count (``OSError``: unreadable)."""
     try:
         values = np.array(Path(path).read_text().split(), dtype=np.float64)
     except ValueError as err:  # words, or bytes that are not text
@@ -251,10 +322,7 @@ def read_pose(path: Path) -> np.ndarray:
                          f"({err})") from None
     if values.size != 16:
         raise ValueError(f"{path}: expected 16 numbers (a 4x4 camera-to-world), got {values.size}")
-    pose = values.reshape(4, 4)
-    if (problem := pose_problem(pose)) is not None:
-        raise ValueError(f"{path}: {problem}")
-    return pose
+    return values.reshape(4, 4)
 
 
 def fit_plan(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:

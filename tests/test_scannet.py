@@ -1,20 +1,28 @@
 """ScanNet scenes as ScanNet's SensReader exports them (``color/N.jpg``; ``depth/N.png`` uint16
 millimetres at another size than the colour; ``pose/N.txt`` 4x4 camera-to-world, ``-inf`` where
 its tracking lost the frame; ``intrinsic/intrinsic_color.txt`` and ``intrinsic_depth.txt``, 4x4),
-read by the streamer (a source pointed at the scene). Every scene is written here from the
-synthetic world, so the answer is known."""
+read for evaluation (``scannet:DIR``) and by the streamer (a source pointed at the scene).
+Every scene is written here from the synthetic world or from a plane, so the answer is known."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from reliev3r import imaging, synthetic
+from evaluation.datasets import load_windows
+from evaluation.evaluate import evaluate_model, trivial_baseline
+from learner.config import ModelConfig
+from learner.model import FFRM
+from reliev3r import cli, imaging, synthetic
+from reliev3r.distill import frame_streams
 from streamer.sources import ImageSequenceSource, discover
+from tests.tiny_snapshot import make_tiny_snapshot
 
 FRAMES, HEIGHT, WIDTH = 12, 48, 64
 FOV_DEG = 50.0
@@ -56,6 +64,18 @@ def clip():
             scene.intrinsics.numpy().astype(np.float64))
 
 
+def _write_7scenes(root: Path, clip) -> Path:
+    rgb, depth, poses, K = clip
+    root.mkdir()
+    _save(root / "camera-intrinsics.txt", K)
+    for i in range(len(rgb)):
+        stem = root / f"frame-{i:06d}"
+        imaging.write_image(f"{stem}.color.png", cv2.cvtColor(rgb[i], cv2.COLOR_RGB2BGR))
+        imaging.write_image(f"{stem}.depth.png", depth[i])
+        _save(Path(f"{stem}.pose.txt"), poses[i])
+    return root
+
+
 def _write_scannet(root: Path, clip, *, suffix: str = ".png", depth_K: np.ndarray | None = None) -> Path:
     """The clip as a ScanNet scene: colour at twice the depth's size (each pixel repeated 2x2),
     ``intrinsic_color`` the clip's K scaled by 2, ``intrinsic_depth`` the clip's K (or ``depth_K``)."""
@@ -74,6 +94,142 @@ def _write_scannet(root: Path, clip, *, suffix: str = ".png", depth_K: np.ndarra
     return root
 
 
+def _windows(spec: str, tmp_path: Path, **kw):
+    args = dict(views=3, height=HEIGHT, width=WIDTH, windows=4, stride=3, run_dir=tmp_path) | kw
+    return load_windows(spec, **args)
+
+
+def test_a_scannet_scene_reads_as_its_frames_written_as_7scenes_and_scores_the_same(tmp_path, clip):
+    """Known answer: the same synthetic frames written as a 7-Scenes folder (colour and depth at
+    64x48) and as a ScanNet scene (colour at 128x96, each pixel repeated 2x2; depth at 64x48, its
+    intrinsics the colour's scaled by 1/2) give the same windows at 64x48, so any model, the
+    constant depth and the ground truth score the same on both. Exactly, but for the 6 decimals
+    SensReader writes: the 2x2 area average of a repeated pixel is that pixel; the depth brought
+    to the colour frame by nearest sampling repeats each depth pixel 2x2 (no colour pixel centre
+    falls on a tie between two depth pixels) and the fit to 64x48 samples one of each 2x2; the
+    colour's intrinsics scaled by 1/2 are the clip's."""
+    seven = _windows(f"7scenes:{_write_7scenes(tmp_path / 'seven', clip)}", tmp_path)
+    scan = _windows(f"scannet:{_write_scannet(tmp_path / 'scene0000_00', clip)}", tmp_path)
+    assert len(seven) == 4
+    assert [w.name for w in scan] == [w.name.replace("seven", "scene0000_00") for w in seven]
+    for a, b in zip(seven, scan):
+        np.testing.assert_array_equal(b.images, a.images)
+        np.testing.assert_array_equal(b.gt_depth, a.gt_depth)
+        np.testing.assert_array_equal(b.gt_cam_to_world, a.gt_cam_to_world)
+        np.testing.assert_allclose(b.intrinsics, a.intrinsics, rtol=1e-6)
+        assert (b.gt_depth > 0).mean() > 0.9
+    torch.manual_seed(0)
+    model = FFRM(ModelConfig(size="tiny")).eval()
+    scored = evaluate_model(model, scan, "cpu")
+    assert {"absrel_med", "ate", "accuracy"} <= scored.keys()
+    assert scored == pytest.approx(evaluate_model(model, seven, "cpu"), rel=1e-5)
+    assert trivial_baseline(scan) == pytest.approx(trivial_baseline(seven), rel=1e-6)
+
+
+def _plane_depth(K: np.ndarray, width: int, height: int, normal: np.ndarray, d: float) -> np.ndarray:
+    """z-depth [H,W] of the plane ``normal . X = d`` seen by a camera of intrinsics ``K``."""
+    v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+    rays = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(K).T
+    return d / (rays @ normal)
+
+
+def test_depth_of_the_depth_camera_is_brought_to_the_colour_frame_through_both_intrinsics(tmp_path):
+    """Known answer from exact geometry: a tilted plane in front of ScanNet's scene0000_00 cameras
+    (1296x968 colour, 640x480 depth; the depth camera sees 1.1 % wider than the colour's scaled,
+    SensReader's extrinsics identity). Each colour pixel takes the depth pixel nearest to where its
+    ray meets the depth image (within half a depth pixel on each axis), so its depth is the
+    plane's along its ray to within what half a depth pixel moves it on the plane, plus the
+    half millimetre of the PNG. A plain resize of the depth map to the colour frame's size, which
+    takes the depth camera's for the colour's, misplaces the edges by 3 depth pixels: beyond it."""
+    scene = tmp_path / "scene0000_00"
+    normal, d = np.array([0.5, -0.3, 1.0]), 2.0
+    depth = _plane_depth(SCANNET_DEPTH_K, 640, 480, normal, d)
+    depth_mm = np.round(depth * 1000).astype(np.uint16)
+    for sub in ("color", "depth", "pose", "intrinsic"):
+        (scene / sub).mkdir(parents=True)
+    _save(scene / "intrinsic" / "intrinsic_color.txt", _homogeneous(SCANNET_COLOUR_K))
+    _save(scene / "intrinsic" / "intrinsic_depth.txt", _homogeneous(SCANNET_DEPTH_K))
+    for i in range(2):
+        imaging.write_image(scene / "color" / f"{i}.jpg", np.full((968, 1296, 3), 128, np.uint8))
+        imaging.write_image(scene / "depth" / f"{i}.png", depth_mm)
+        _save(scene / "pose" / f"{i}.txt", np.eye(4))
+    (w,) = load_windows(f"scannet:{scene}", views=2, height=968, width=1296, windows=1, stride=1, run_dir=tmp_path)
+    np.testing.assert_allclose(w.intrinsics[0], SCANNET_COLOUR_K, rtol=1e-6)  # the colour frame, as it is
+    truth = _plane_depth(SCANNET_COLOUR_K, 1296, 968, normal, d)
+    # z = d / L with L linear in the depth pixel (L = normal . Kd^-1 [x, y, 1]; at the colour ray's own
+    # point L is normal . Kc^-1 [u, v, 1]): half a pixel on each axis changes L by at most h
+    L = d / truth
+    h = 0.5 * (abs(normal[0]) / SCANNET_DEPTH_K[0, 0] + abs(normal[1]) / SCANNET_DEPTH_K[1, 1])
+    bound = d * h / (L * (L - h)) + 0.0005 + 1e-6
+    for frame in w.gt_depth:
+        assert (np.abs(frame - truth) <= bound).all()
+    resized = cv2.resize(depth_mm, (1296, 968), interpolation=cv2.INTER_NEAREST_EXACT) / 1000.0
+    assert (np.abs(resized - truth) > bound).mean() > 0.1
+
+
+def test_a_lost_pose_is_no_pose_said_once_and_a_pose_that_is_none_skips_its_windows(tmp_path, clip, caplog):
+    """SensReader writes ``-inf`` for every entry of the pose of a frame its tracking lost (some
+    exports ``nan``): that frame has no ground-truth pose, so windows with it are scored without
+    the pose metrics (its depth is good), said once for the scene with how many and the first, a
+    missing pose file with them. A pose file that is there and finite but no pose (a scaled
+    rotation) is read as a folder's (``reliev3r.imaging.read_pose``): its windows are skipped,
+    naming it."""
+    scene = _write_scannet(tmp_path / "scene0000_00", clip)
+    (scene / "pose" / "4.txt").write_text("-inf -inf -inf -inf\n" * 4)
+    (scene / "pose" / "7.txt").write_text("nan nan nan nan\n" * 4)
+    (scene / "pose" / "9.txt").unlink()
+    scaled = clip[2][2].copy()
+    scaled[:3, :3] *= 2
+    _save(scene / "pose" / "2.txt", scaled)
+    with caplog.at_level("WARNING", logger="evaluation.datasets"):
+        windows = _windows(f"scannet:{scene}", tmp_path, views=2, stride=1, windows=FRAMES - 1)
+    starts = [int(w.name.split(":")[1]) for w in windows]
+    assert starts == [0] + list(range(3, FRAMES - 1))  # 1 and 2 hold frame 2
+    without = {s for s, w in zip(starts, windows) if w.gt_cam_to_world is None}
+    assert without == {3, 4, 6, 7, 8, 9}
+    assert all(w.gt_depth is not None for w in windows)
+    np.testing.assert_allclose(windows[0].gt_cam_to_world, clip[2][:2], atol=1e-6)
+    said = [r.getMessage() for r in caplog.records]
+    lost = [m for m in said if "no pose" in m]
+    assert lost == [f"{scene}: 3 of {FRAMES} frames have no pose (pose/<name>.txt missing, or not finite as "
+                    f"SensReader writes the pose of a frame its tracking lost; the first: pose/4.txt); they go "
+                    "without a ground-truth pose"]
+    skipped = [m for m in said if "window skipped" in m]
+    assert len(skipped) == 2 and all(f"{scene / 'pose' / '2.txt'}: the rotation is not a rotation" in m
+                                     for m in skipped)
+
+
+@pytest.mark.parametrize("depth_K, problem", [
+    (np.array([[83.1, 0, 31.5], [0, 83.1, 23.5], [0, 0, 1]]), r"not the colour frames' intrinsics .*scaled"),
+    (np.array([[55.4, 0, 63.5], [0, 55.4, 47.5], [0, 0, 1]]), r"principal point \(63.5, 47.5\) far from the centre"),
+], ids=["focal", "other-size"])
+def test_depth_intrinsics_that_are_not_the_colour_ones_scaled_are_said_and_no_window_is_read(tmp_path, clip,
+                                                                                            depth_K, problem):
+    """The depth's intrinsics are checked against its maps (its principal point near their centre,
+    as a folder's are against its frames) and against the colour's: the colour frame's scaled to
+    the depth's size, but for what the calibration of two cameras moves (ScanNet's: 1.5 %). A depth
+    camera 1.5 times narrower, or intrinsics of depth maps twice the size, are no such pair: every
+    window is skipped naming the file and why, and the scene is refused saying it."""
+    scene = _write_scannet(tmp_path / "scene", clip, depth_K=depth_K)
+    file = scene / "intrinsic" / "intrinsic_depth.txt"
+    with pytest.raises(ValueError, match=f"no window could be read.*{re.escape(str(file))}: {problem}"):
+        _windows(f"scannet:{scene}", tmp_path)
+
+
+def test_a_scannet_range_its_natural_order_and_a_scene_without_intrinsics(tmp_path, clip):
+    """``scannet:DIR@A-B`` reads frames A..B of the scene in natural order (``10.jpg`` after
+    ``9.jpg``, as SensReader numbers them); a scene without its intrinsics is refused naming the
+    file; a path that is no folder is said so."""
+    scene = _write_scannet(tmp_path / "scene", clip)
+    (w,) = _windows(f"scannet:{scene}@7-11", tmp_path, views=3, stride=2, windows=1)
+    np.testing.assert_allclose(w.gt_cam_to_world, clip[2][[7, 9, 11]], atol=1e-6)
+    (scene / "intrinsic" / "intrinsic_depth.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(scene / "intrinsic" / "intrinsic_depth.txt"))):
+        _windows(f"scannet:{scene}", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        _windows(f"scannet:{tmp_path / 'nowhere'}", tmp_path)
+
+
 def test_a_4x4_intrinsics_file_is_read_as_its_top_left_3x3(tmp_path):
     """ScanNet writes intrinsics as a 4x4 whose top-left 3x3 is K: read as K by the one reader of
     intrinsics files (``reliev3r.imaging.read_intrinsics``); a 4x4 whose last row or column is
@@ -90,7 +246,8 @@ def test_a_4x4_intrinsics_file_is_read_as_its_top_left_3x3(tmp_path):
 
 def test_the_streamer_reads_a_scannet_scene_with_its_colour_intrinsics(tmp_path, clip):
     """A streamer source pointed at a ScanNet scene reads its ``color/`` frames in natural order
-    with the intrinsics of ``intrinsic/intrinsic_color.txt`` (not an assumed field of view)."""
+    with the intrinsics of ``intrinsic/intrinsic_color.txt`` (not an assumed field of view); so
+    does ``teacher-train --distill --frames scannet:DIR``."""
     scene = _write_scannet(tmp_path / "scene0000_00", clip, suffix=".jpg")
     errors = []
     (source,) = discover([str(scene)], on_error=lambda *e: errors.append(e))
@@ -101,3 +258,20 @@ def test_the_streamer_reads_a_scannet_scene_with_its_colour_intrinsics(tmp_path,
     assert [f.index for f in frames] == list(range(FRAMES))
     for frame in frames:
         np.testing.assert_allclose(frame.intrinsics, _scaled(clip[3], 2.0), rtol=1e-6)
+    streams = [(name, len(list(rgbs))) for name, rgbs in frame_streams([f"scannet:{scene}"], fov_deg=60.0)]
+    assert streams == [("scene0000_00", FRAMES)]
+
+
+def test_reliev3r_eval_takes_a_scannet_spec(tmp_path, clip, capsys):
+    """``reliev3r eval --data scannet:DIR@A-B`` scores a snapshot on the scene's windows: the
+    constant-depth baseline's row is that of the windows ``evaluation.datasets`` reads."""
+    scene = _write_scannet(tmp_path / "scene0000_00", clip, suffix=".jpg")
+    snap = make_tiny_snapshot(tmp_path / "run", height=HEIGHT, width=WIDTH)
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(snap), "--data", f"scannet:{scene}@0-9", "--views", "3", "--windows", "2",
+            "--out", str(out), "--teacher", "oracle", f"run.dir={tmp_path / 'run'}"]
+    assert cli.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [w.split(":")[0] for w in result["windows"]] == ["scene0000_00"] * 2
+    windows = _windows(f"scannet:{scene}@0-9", tmp_path, views=3, windows=2, stride=result["stride"])
+    assert result["rows"]["baseline: constant depth + identity poses"] == pytest.approx(trivial_baseline(windows))
