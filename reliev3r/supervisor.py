@@ -179,8 +179,8 @@ class Supervisor:
         where it streams footage and is scored on the synthetic world), the end."""
         data = self.cfg.evaluator.data
         scored = f", scored on {data}" + (
-            " (the synthetic world, not your sources: evaluator.data=7scenes:DIR or folder:DIR scores on their "
-            "ground truth)" if self.cfg.streamer.sources and data.split(":")[0] == "synthetic" else "")
+            " (the synthetic world, not your sources: evaluator.data=7scenes:DIR, scannet:DIR or folder:DIR scores "
+            "on their ground truth)" if self.cfg.streamer.sources and data.split(":")[0] == "synthetic" else "")
         return (f"reliev3r up: run folder {self.run_dir}, logs in {self.run_dir / 'logs'}, "
                 f"teacher {self.cfg.labeler.teacher}"
                 + (" (depth loss off)" if self.depth_loss_off else "")

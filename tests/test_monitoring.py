@@ -1324,8 +1324,8 @@ def test_the_start_line_says_what_snapshots_are_scored_on_and_how_to_score_your_
         finally:
             sup.metrics.close()
     assert "scored on synthetic" in said["synthetic"] and "evaluator.data=" not in said["synthetic"]
-    assert ("scored on synthetic (the synthetic world, not your sources: evaluator.data=7scenes:DIR or "
-            "folder:DIR scores on their ground truth)") in said["footage"]
+    assert ("scored on synthetic (the synthetic world, not your sources: evaluator.data=7scenes:DIR, "
+            "scannet:DIR or folder:DIR scores on their ground truth)") in said["footage"]
     assert "scored on 7scenes:/data/kitchen" in said["kitchen"] and "not your sources" not in said["kitchen"]
 
 
