@@ -27,6 +27,7 @@ from evaluation.datasets import load_windows
 from evaluation.evaluate import TITLES, has_ground_truth, markdown_table, score_model, score_trivial
 from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
+from labelers.config import teacher_kind
 from learner import snapshot as snapshots
 from learner.snapshot import resolve_snapshot
 from reliev3r.config import PipelineConfig, refreshed_teacher, run_folder, with_run_config
@@ -49,17 +50,41 @@ def default_teachers(cfg: PipelineConfig, snap: Path) -> list[str]:
     return [cfg.labeler.teacher, *([f"embedded:{refreshed}"] if refreshed else [])]
 
 
+def teacher_problem(spec: str) -> str | None:
+    """Why the depth teacher ``spec`` cannot be built, from its form and its file alone (no weights
+    loaded), or None: a spec of no teacher's form (``labelers.config.teacher_kind``), a model
+    file (``onnx:``, ``torchscript:``, ``tflite:``, ``pydnet:``) that is not there or is a folder.
+    Said before any model is scored: the baselines run last."""
+    try:
+        kind = teacher_kind(spec)
+    except ValueError as err:
+        return f"{spec}: {err}"
+    if kind in ("none", "oracle", "embedded", "hf"):  # no file, a folder, or a hub id
+        return None
+    path = Path(spec.partition(":")[2].partition("?")[0])
+    if path.is_dir():
+        return f"{spec}: a folder, not a file"
+    return None if path.is_file() else f"{spec}: no such file"
+
+
 def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     snap = resolve_snapshot(Path(args.checkpoint))
     run = run_folder(snap)  # the results and the held-out synthetic world are the run's
     # views, windows, data: the run's (its config.yaml) where the command line does not say
     cfg = with_run_config(cfg, run, files=getattr(args, "config", []), overrides=getattr(args, "overrides", []))
-    model, meta = snapshots.load_model(snap, device)
-    compare = []
+    others = []  # every path is checked before a model loads
     for path in getattr(args, "compare", None) or []:
-        other = resolve_snapshot(Path(path))
-        compare.append((other, *snapshots.load_model(other, device)))
+        try:
+            others.append(resolve_snapshot(Path(path)))
+        except snapshots.NoSnapshot as err:
+            raise snapshots.NoSnapshot(f"--compare {err}") from None
+    given = getattr(args, "teacher", None) or []
+    for option, spec in [("--teacher", t) for t in given] or [("labeler.teacher", cfg.labeler.teacher)]:
+        if problem := teacher_problem(spec):
+            raise ValueError(f"{option} {problem}")
+    model, meta = snapshots.load_model(snap, device)
+    compare = [(other, *snapshots.load_model(other, device)) for other in others]
     views = args.views or cfg.streamer.views
     height, width = meta.get("image_size") or (cfg.streamer.height, cfg.streamer.width)
     data = args.data or cfg.evaluator.data
@@ -76,7 +101,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     constant = "baseline: constant depth + identity poses"
     per_window[constant] = score_trivial(windows)
     rows: dict[str, dict[str, float]] = {name: mean_metrics(scores) for name, scores in per_window.items()}
-    teachers = getattr(args, "teacher", None) or default_teachers(cfg, snap)
+    teachers = given or default_teachers(cfg, snap)
     for spec in teachers:
         if spec != "none" and has_depth:
             rows[f"baseline: teacher depth {spec} (per-frame lsq)"] = teacher_depth_baseline(windows, spec, device)

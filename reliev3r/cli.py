@@ -229,6 +229,49 @@ def _pretrained(cfg: rconfig.PipelineConfig, code: int) -> int:
     return code
 
 
+PATH_OPTIONS = {
+    "reconstruct": (("--intrinsics", "file"), ("--gt-poses", "file"), ("--out", "folder")),
+    "eval": (("--out", "folder"),),
+    "export": (("--out", "output"), ("--colmap", "folder")),
+    "view": (("--out", "output"),),
+}
+"""Each command's path options by what the path must be: ``file``, a file to read; ``folder``, a
+folder to write into (made where it is not there); ``output``, a file to write (no folder there).
+Every command's ``--config`` files are files to read. Checked before anything is loaded
+(:func:`path_problem`): a wrong one stopped a command in the OS's words, naming no option, once
+the model had loaded, or the frames been scored."""
+
+
+def path_problem(option: str, value: str, kind: str) -> str | None:
+    """Why the path ``value`` of ``option`` cannot be what :data:`PATH_OPTIONS` says it must be,
+    naming both, or None."""
+    path = Path(value)
+    if kind == "file":
+        if path.is_dir():
+            return f"{option} {value}: a folder, not a file"
+        return None if path.is_file() else f"{option} {value}: no such file"
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            return f"{option} {value}: not a folder"
+        if kind == "output" and path.is_dir():
+            return f"{option} {value}: a folder, not a file"
+        return None
+    above = next((p for p in path.parents if p.exists()), None)  # the folders up to it are made
+    if above is not None and not above.is_dir():
+        return f"{option} {value}: {above} is not a folder"
+    return None
+
+
+def paths_problem(args: argparse.Namespace) -> str | None:
+    """The first path option of the command line that :func:`path_problem` refuses, or None."""
+    options = [("--config", value, "file") for value in getattr(args, "config", [])]
+    for option, kind in PATH_OPTIONS.get(args.command, ()):
+        value = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            options.append((option, value, kind))
+    return next((problem for option in options if (problem := path_problem(*option))), None)
+
+
 OFFLINE = frozenset({"eval", "reconstruct", "export", "report", "teacher-train", "keys", "view", "render"})
 """Commands a user runs by hand on files: what stops them is said in a line, not a traceback."""
 
@@ -238,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="surrogateescape")
     args = parse_args(argv)
+    if problem := paths_problem(args):  # before any config, model or data is loaded
+        print(f"reliev3r {args.command}: {problem}", file=sys.stderr)
+        return 2
     try:
         return _command(args, argv)
     except FileNotFoundError as err:  # a wrong --checkpoint, --compare or --distill: said, no traceback

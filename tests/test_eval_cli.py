@@ -87,9 +87,36 @@ def test_a_path_without_a_snapshot_is_said_without_a_traceback(tmp_path, capsys)
     assert cli.main(["eval", "--checkpoint", str(empty), f"run.dir={tmp_path / 'run'}"]) == 2
     assert f"reliev3r eval: {empty}: no valid snapshot there" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(snap), "--compare", str(empty), f"run.dir={tmp_path / 'run'}"]) == 2
-    assert f"reliev3r eval: {empty}: no valid snapshot there" in capsys.readouterr().err
+    assert f"reliev3r eval: --compare {empty}: no valid snapshot there" in capsys.readouterr().err
     assert cli.main(["export", "--checkpoint", str(empty), "--out", str(tmp_path / "m.onnx")]) == 2
     assert f"reliev3r export: {empty}: no valid snapshot there" in capsys.readouterr().err
+
+
+def test_a_wrong_path_option_is_refused_naming_it_before_a_model_loads(tmp_path, capsys):
+    """``--out`` naming a file stopped on "[Errno 17] File exists" once every row was scored; a
+    ``--teacher`` file that is not there was said once the models were scored; a ``--compare``
+    without a snapshot once the first snapshot had loaded, naming no option; ``export``'s ``--out``
+    naming a folder once the model was exported. Each is refused in one line naming the option,
+    exit 2, before the checkpoint is read: this one has no weights, which would be said first."""
+    snap = make_tiny_snapshot(tmp_path / "run")
+    half = tmp_path / "half" / "snapshots" / "step-000000005"
+    half.mkdir(parents=True)
+    (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
+    empty = tmp_path / "never_trained"
+    (empty / "snapshots").mkdir(parents=True)
+    a_file, missing = tmp_path / "a file", tmp_path / "no such.tflite"
+    a_file.write_text("kept\n")
+    cases = [(["eval", "--out", str(a_file)], f"--out {a_file}: not a folder"),
+             (["eval", "--teacher", f"pydnet:{missing}"], f"--teacher pydnet:{missing}: no such file"),
+             (["eval", "--teacher", "pydnet:" + str(tmp_path)], f"--teacher pydnet:{tmp_path}: a folder, not a file"),
+             (["eval", "--compare", str(empty)], f"--compare {empty}: no valid snapshot there"),
+             (["export", "--out", str(tmp_path)], f"--out {tmp_path}: a folder, not a file"),
+             (["export", "--colmap", str(a_file)], f"--colmap {a_file}: not a folder")]
+    for (command, *argv), said in cases:
+        code = cli.main([command, "--checkpoint", str(half), *argv, f"run.dir={tmp_path / 'default'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"reliev3r {command}: {said}") and len(err.splitlines()) == 1, err
+    assert a_file.read_text() == "kept\n" and not (tmp_path / "half" / "eval").exists()
 
 
 def test_eval_and_export_write_into_the_checkpoints_run_and_reuse_its_world(tmp_path, capsys):

@@ -142,6 +142,38 @@ def test_what_stops_an_offline_command_is_said_in_a_line(tmp_path, capsys):
         assert last.startswith("reliev3r reconstruct: ") and named in last and "Traceback" not in err, err
 
 
+def test_a_path_option_that_names_nothing_is_refused_naming_it_before_the_model_loads(tmp_path, capsys):
+    """``--intrinsics`` or ``--gt-poses`` naming nothing stopped with "[Errno 2] No such file or
+    directory: 'x'", no option named, once the model had loaded; one naming a folder with
+    "[Errno 21] Is a directory"; ``--out`` naming a file (or a folder under one) with "[Errno 17]
+    File exists" once the frames were read. Each is refused in one line naming the option, exit 2,
+    before the snapshot is read: this one has no weights, which would be said first if it were."""
+    from streamer_media import encode, panning_frames
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    half = tmp_path / "half" / "snapshots" / "step-000000005"
+    half.mkdir(parents=True)
+    (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
+    clip = encode(tmp_path / "clip.mp4", panning_frames(6, 64, 48))
+    missing, folder, a_file = tmp_path / "no such file.txt", tmp_path / "a folder", tmp_path / "a file"
+    folder.mkdir()
+    a_file.write_text("not a folder\n")
+    out = tmp_path / "rec"
+    cases = [(["--intrinsics", str(missing)], f"--intrinsics {missing}: no such file"),
+             (["--gt-poses", str(missing)], f"--gt-poses {missing}: no such file"),
+             (["--intrinsics", str(folder)], f"--intrinsics {folder}: a folder, not a file"),
+             (["--gt-poses", str(folder)], f"--gt-poses {folder}: a folder, not a file"),
+             (["--out", str(a_file)], f"--out {a_file}: not a folder"),
+             (["--out", str(a_file / "rec")], f"--out {a_file / 'rec'}: {a_file} is not a folder"),
+             (["--config", str(missing)], f"--config {missing}: no such file")]
+    for argv, said in cases:
+        code = cli.main(["reconstruct", "--checkpoint", str(half), "--input", str(clip), "--out", str(out),
+                         "--device", "cpu", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err == f"reliev3r reconstruct: {said}\n", err
+        assert not out.exists() and a_file.read_text() == "not a folder\n"
+
+
 def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, capsys):
     """The confidence is in (0, 2): a floor of 2 or more kept no pixel (an empty point cloud,
     exit 0), one below 0 meant nothing; refused naming the option, before anything is written."""

@@ -92,3 +92,18 @@ def test_a_reconstruction_is_viewed_with_the_intrinsics_it_was_made_with(tmp_pat
         del summary["intrinsics"]
         (out / "reconstruction.json").write_text(json.dumps(summary))
         np.testing.assert_allclose(np.stack(logged_cameras(out)), np.stack(used), rtol=1e-6, atol=1e-6)
+
+
+def test_an_out_that_is_a_folder_is_refused_naming_it_before_anything_is_read(tmp_path, capsys):
+    """``view --out`` naming a folder (or a file under a file) is refused in one line naming the
+    option, exit 2, as ``reconstruct``'s and ``export``'s are (``reliev3r.cli.PATH_OPTIONS``),
+    before the target is read or rerun-sdk is looked for."""
+    from reliev3r import cli
+
+    a_file = tmp_path / "a file"
+    a_file.write_text("kept\n")
+    for out, said in ((tmp_path, f"--out {tmp_path}: a folder, not a file"),
+                      (a_file / "view.rrd", f"--out {a_file / 'view.rrd'}: {a_file} is not a folder")):
+        assert cli.main(["view", str(tmp_path / "no such run"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"reliev3r view: {said}\n"
+    assert a_file.read_text() == "kept\n"
