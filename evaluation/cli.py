@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline
-from evaluation.datasets import load_windows
+from evaluation.datasets import load_windows, spec_problem
 from evaluation.evaluate import TITLES, has_ground_truth, markdown_table, score_model, score_trivial
 from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
@@ -83,11 +83,13 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     for option, spec in [("--teacher", t) for t in given] or [("labeler.teacher", cfg.labeler.teacher)]:
         if problem := teacher_problem(spec):
             raise ValueError(f"{option} {problem}")
+    data = args.data or cfg.evaluator.data
+    if problem := spec_problem(data):
+        raise ValueError(f"{'--data' if args.data else 'evaluator.data'} {problem}")
     model, meta = snapshots.load_model(snap, device)
     compare = [(other, *snapshots.load_model(other, device)) for other in others]
     views = args.views or cfg.streamer.views
     height, width = meta.get("image_size") or (cfg.streamer.height, cfg.streamer.width)
-    data = args.data or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=args.windows or cfg.evaluator.windows, stride=cfg.evaluator.stride,
                            run_dir=run, synthetic_cfg=cfg.streamer.synthetic)

@@ -60,6 +60,9 @@ trajectory line is no pose (a field that is not a number or not finite, a zero q
 ``evaluation.tum``), the warning naming the file and the line; a trajectory with a line that
 cannot be matched to a frame (not 8 fields, a timestamp that is not a finite number) is refused.
 
+A spec of no form above, or whose folder is not there, is refused before anything is read
+(:func:`spec_problem`: ``folder:DIR: no such folder``).
+
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
 ``reliev3r.imaging`` exactly as the streamer fits its windows.
@@ -580,9 +583,33 @@ def load_windows(spec: str, *, views: int, height: int, width: int, windows: int
     return out
 
 
+SPECS = "synthetic, synthetic:DIR, 7scenes:DIR[@A-B], scannet:DIR[@A-B], folder:DIR[@A-B] or an existing folder"
+"""The forms of a dataset spec, as a refusal names them."""
+
+
+def spec_problem(spec: str) -> str | None:
+    """Why the dataset spec cannot be loaded, from its form and whether its folder is there
+    (nothing read), or None: a spec of no form (:data:`SPECS`; a bare path that is not a folder
+    is one), a ``synthetic:``, ``7scenes:``, ``scannet:`` or ``folder:`` folder that is not there, or a file.
+    Said starting with the spec, for a caller to put the option or key that gave it before."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic" and not rest:
+        return None
+    if kind not in SPEC_KINDS:
+        if Path(spec.partition("?")[0].partition("@")[0]).is_dir():
+            return None
+        return f"{spec}: unknown dataset spec (use {SPECS})"
+    folder = Path(rest.partition("?")[0].partition("@")[0] if kind != "synthetic" else rest)
+    if not folder.exists():
+        return f"{spec}: no such folder"
+    return None if folder.is_dir() else f"{spec}: {folder} is not a folder"
+
+
 def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None) -> list[Sequence]:
     """Parse a dataset spec (module docstring) and return its sequences (``run_dir`` is where
-    the ``synthetic`` spec renders its scenes)."""
+    the ``synthetic`` spec renders its scenes). ValueError where :func:`spec_problem` refuses it."""
+    if problem := spec_problem(spec):
+        raise ValueError(problem)
     kind, _, rest = spec.partition(":")
     if kind == "synthetic" and not rest:
         if synthetic_cfg is None or run_dir is None:
@@ -605,9 +632,6 @@ def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None
         body = rest if kind == "folder" else spec
         body, _, query = body.partition("?")
         folder, _, frame_range = body.partition("@")
-        if not Path(folder).is_dir():
-            raise ValueError(f"unknown dataset spec {spec!r}: use synthetic, synthetic:DIR, 7scenes:DIR[@A-B], "
-                             "scannet:DIR[@A-B], folder:DIR[@A-B] or an existing folder")
         options = dict(item.partition("=")[::2] for item in query.split("&") if item)
         if set(options) - {"depth_scale"}:
             raise ValueError(f"{spec!r}: unknown option(s) {sorted(set(options) - {'depth_scale'})}; "

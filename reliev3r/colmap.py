@@ -353,7 +353,7 @@ def export_held_out(cfg, args) -> int:
 
     from tqdm import tqdm
 
-    from evaluation.datasets import load_windows
+    from evaluation.datasets import load_windows, spec_problem
     from learner.api import Reconstructor
     from learner.snapshot import resolve_snapshot
     from reliev3r.config import run_folder, with_run_config
@@ -362,10 +362,12 @@ def export_held_out(cfg, args) -> int:
     snap = resolve_snapshot(args.checkpoint)
     run = run_folder(snap)  # its views, windows, data and held-out synthetic world: the run's
     cfg = with_run_config(cfg, run, files=getattr(args, "config", []), overrides=getattr(args, "overrides", []))
+    data = getattr(args, "data", None) or cfg.evaluator.data
+    if problem := spec_problem(data):  # before the model loads
+        raise ValueError(f"{'--data' if getattr(args, 'data', None) else 'evaluator.data'} {problem}")
     rec = Reconstructor.from_snapshot(snap, device="cpu")
     height, width = rec.image_size or (cfg.streamer.height, cfg.streamer.width)
     views = getattr(args, "views", None) or cfg.streamer.views
-    data = getattr(args, "data", None) or cfg.evaluator.data
     windows = load_windows(data, views=views, height=height, width=width,
                            windows=getattr(args, "windows", None) or cfg.evaluator.windows,
                            stride=cfg.evaluator.stride, run_dir=run, synthetic_cfg=cfg.streamer.synthetic)

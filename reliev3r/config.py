@@ -106,6 +106,15 @@ class PipelineConfig:
                     f"(available: {', '.join(present_devices())})")
         return None
 
+    def data_problem(self) -> str | None:
+        """Why the evaluator cannot load ``evaluator.data``, said in a line naming the key, or None:
+        a spec of no form, a folder that is not there (``evaluation.datasets.spec_problem``: nothing
+        read). Its process would fail as it starts, and be restarted until the run gave up."""
+        from evaluation.datasets import spec_problem  # here: the config loads without OpenCV
+
+        problem = spec_problem(self.evaluator.data)
+        return f"evaluator.data {problem}" if problem else None
+
 
 DEVICE_STAGES = ("labeler", "learner")
 """The stages whose section has a ``device`` (the evaluator takes cuda where there is one, else cpu)."""

@@ -119,6 +119,32 @@ def test_a_wrong_path_option_is_refused_naming_it_before_a_model_loads(tmp_path,
     assert a_file.read_text() == "kept\n" and not (tmp_path / "half" / "eval").exists()
 
 
+def test_a_dataset_folder_that_is_not_there_is_said_so_naming_the_option_before_a_model_loads(tmp_path, capsys):
+    """``--data folder:MISSING`` (or ``7scenes:``, ``synthetic:``) was an "unknown dataset spec",
+    as if its form were wrong, or "MISSING: not a folder", naming no option, once the model had
+    loaded; ``evaluator.data`` alike. Said for what it is, naming the option (or the key where the
+    config gave it), exit 2, before the checkpoint is read (this one has no weights)."""
+    snap = make_tiny_snapshot(tmp_path / "run")
+    half = tmp_path / "half" / "snapshots" / "step-000000005"
+    half.mkdir(parents=True)
+    (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
+    missing, a_file = tmp_path / "no such frames", tmp_path / "a file"
+    a_file.write_text("frames?\n")
+    cases = [(["eval", "--data", f"folder:{missing}"], f"--data folder:{missing}: no such folder"),
+             (["eval", "--data", f"folder:{missing}@2-5"], f"--data folder:{missing}@2-5: no such folder"),
+             (["eval", "--data", f"7scenes:{missing}@0-9"], f"--data 7scenes:{missing}@0-9: no such folder"),
+             (["eval", "--data", f"synthetic:{missing}"], f"--data synthetic:{missing}: no such folder"),
+             (["eval", "--data", f"folder:{a_file}"], f"--data folder:{a_file}: {a_file} is not a folder"),
+             (["eval", f"evaluator.data=7scenes:{missing}"], f"evaluator.data 7scenes:{missing}: no such folder"),
+             (["export", "--colmap", str(tmp_path / "models"), "--data", f"folder:{missing}"],
+              f"--data folder:{missing}: no such folder")]
+    for (command, *argv), said in cases:
+        code = cli.main([command, "--checkpoint", str(half), *argv, f"run.dir={tmp_path / 'default'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"reliev3r {command}: {said}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "models").exists() and not (tmp_path / "half" / "eval").exists()
+
+
 def test_eval_and_export_write_into_the_checkpoints_run_and_reuse_its_world(tmp_path, capsys):
     """``eval`` wrote its results into the config's run folder (``runs/default/eval``: a stray
     folder, each checkpoint's results over the one before) and rendered the held-out synthetic
@@ -828,7 +854,7 @@ def test_the_official_7scenes_layout_is_read(tmp_path, caplog):
     np.testing.assert_allclose(w.intrinsics[0], expected, atol=1e-4)
     said = [r.getMessage() for r in caplog.records if "585" in r.getMessage()]
     assert len(said) == 1 and "camera-intrinsics.txt" in said[0]
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(ValueError, match="seq-02: no such folder"):
         load_windows(f"7scenes:{tmp_path / 'seq-02'}", views=3, height=48, width=64, windows=1, stride=1,
                      run_dir=tmp_path)
     for k in range(3):  # a copy at half size: the published intrinsics scaled with it

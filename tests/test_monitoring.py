@@ -877,6 +877,30 @@ def test_up_refuses_a_stage_device_this_host_lacks_before_anything_starts(tmp_pa
             assert not run.exists()
 
 
+def test_up_and_the_evaluator_refuse_evaluation_data_that_is_not_there_before_anything_starts(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """``evaluator.data=folder:MISSING`` (or ``7scenes:``, ``synthetic:``) started the run, and the
+    evaluator then failed at start, "unknown dataset spec", restarted until the run gave up. ``up``
+    says it in a line naming the key and exits 2, starting nothing; so does ``reliev3r evaluate``
+    started on its own."""
+    from reliev3r.supervisor import Supervisor
+
+    def start(_sup, child):
+        raise AssertionError(f"{child.name} started")
+
+    monkeypatch.setattr(Supervisor, "_start", start)
+    missing = tmp_path / "no such frames"
+    for spec in (f"folder:{missing}", f"7scenes:{missing}@0-9", f"synthetic:{missing}", str(missing)):
+        run = tmp_path / "run"
+        said = (f"evaluator.data {spec}: no such folder" if ":" in spec else
+                f"evaluator.data {spec}: unknown dataset spec")
+        for command in ("up", "evaluate"):
+            code = cli.main([command, f"run.dir={run}", f"evaluator.data={spec}", "monitoring.enabled=false"])
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith(f"reliev3r: {said}") and len(err.splitlines()) == 1, err
+            assert not run.exists()
+
+
 def test_up_refuses_a_labeler_whose_gpu_this_host_lacks_naming_it():
     """With ``labeler.device=cuda`` labeler K runs on ``cuda:(K mod GPUs)``: each labeler's own
     device is checked, and one missing (here: planned for one GPU more than this host has) is
