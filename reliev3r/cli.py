@@ -234,6 +234,7 @@ PATH_OPTIONS = {
     "eval": (("--out", "folder"),),
     "export": (("--out", "output"), ("--colmap", "folder")),
     "view": (("--out", "output"),),
+    "report": (("--out", "output"),),
 }
 """Each command's path options by what the path must be: ``file``, a file to read; ``folder``, a
 folder to write into (made where it is not there); ``output``, a file to write (no folder there).

@@ -49,11 +49,24 @@ def evaluations_dir(path: Path) -> Path:
     return path / "evaluations" if (path / "evaluations").is_dir() else path
 
 
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` is a run's folder: with ``evaluations/``, an evaluations folder itself
+    (named so, or holding ``step-*.json``), or a run not evaluated yet (its ``config.yaml``, which
+    ``up`` writes before anything starts, or ``snapshots/``)."""
+    path = Path(path)
+    return (path.name == "evaluations" or any((path / d).is_dir() for d in ("evaluations", "snapshots"))
+            or (path / "config.yaml").is_file() or any(path.glob("step-*.json")))
+
+
 def load_run(path: Path, name: str | None = None) -> Run:
-    """The evaluation records of a run (unreadable or incomplete files are skipped)."""
+    """The evaluation records of a run (unreadable or incomplete files are skipped).
+    FileNotFoundError where ``path`` is no folder or holds no run (:func:`holds_run`): its page
+    would say "no evaluations yet" of a folder that is none."""
     folder = evaluations_dir(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no evaluations folder")
+    if not holds_run(path):
+        raise FileNotFoundError(f"{path}: no run there (no evaluations/, step-*.json, config.yaml or snapshots/)")
     records = []
     for f in sorted(folder.glob("step-*.json")):
         try:

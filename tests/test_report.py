@@ -168,8 +168,30 @@ def test_report_command(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     fresh = tmp_path / "fresh"  # a run not evaluated yet: its page in it, not in the folder above
     fresh.mkdir()
+    (fresh / "config.yaml").write_text("run:\n  dir: fresh\n")  # what up writes before anything starts
     assert cli_main(["report", str(fresh)]) == 0
     assert capsys.readouterr().out.strip() == str(fresh / "report.html") and not (tmp_path / "report.html").exists()
+
+
+def test_a_folder_that_holds_no_run_is_refused_and_no_page_written(tmp_path, capsys):
+    """``report`` of a folder with no run in it (empty, or a folder of something else) wrote a page
+    of "no evaluations yet" into it and exited 0, as for a run not evaluated yet; a ``--compare``
+    alike drew nothing beside the run. Refused in a line naming the folder, exit 2, no page
+    written; a run's own folders (its evaluations, a run not evaluated yet) stay reported."""
+    run = make_run(tmp_path / "run", [10, 20], pictures=False, slope=-0.01)
+    empty, other = tmp_path / "empty", tmp_path / "photos"
+    empty.mkdir()
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"not a run")
+    for argv, named in (([str(empty)], empty), ([str(other)], other),
+                        ([str(run), "--compare", str(empty)], empty)):
+        assert cli_main(["report", *argv]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            f"reliev3r report: {named}: no run there (no evaluations/, step-*.json, config.yaml or snapshots/)\n")
+    assert not any(p.name == "report.html" for p in tmp_path.rglob("*"))
+    assert cli_main(["report", str(run), "--out", str(empty)]) == 2  # a folder where the page would go
+    assert capsys.readouterr().err == f"reliev3r report: --out {empty}: a folder, not a file\n"
 
 
 def test_report_out_in_folders_not_there_makes_them_and_its_line_names_the_page(tmp_path, capsys, monkeypatch):
