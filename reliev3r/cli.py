@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import math
 import os
 import re
 import sys
@@ -41,6 +42,15 @@ def at_least(low: int):
 
     parse.__name__ = "integer"  # argparse names the type in its message
     return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (a negative one was taken as 0,
+    ``inf`` as a wait without end)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")
     status.add_argument("--run-dir", default=None, help="run folder with processes.json (default: run.dir)")
-    status.add_argument("--interval", type=float, default=1.0, help="seconds between the two scrapes for rates")
+    status.add_argument("--interval", type=seconds, default=1.0,
+                        help="seconds between the two scrapes the rates are measured over (1)")
     keys = add("keys", "generate CURVE key pairs for the ZeroMQ links (network.curve)")
     keys.add_argument("--out", required=True, help="folder for the key files (created, mode 0700)")
     keys.add_argument("--force", action="store_true", help="replace existing keys")

@@ -112,6 +112,19 @@ def test_status_command_exit_codes(run_dir, tmp_path_factory, capsys):
     assert said.out == "" and f"reliev3r status: no {empty / 'processes.json'}" in said.err  # it went to stdout
 
 
+@pytest.mark.parametrize("value, said", [("-1", "must be a finite number >= 0, got -1.0"),
+                                         ("nan", "must be a finite number >= 0, got nan"),
+                                         ("inf", "must be a finite number >= 0, got inf"),
+                                         ("soon", "invalid seconds value: 'soon'")])
+def test_an_interval_that_is_negative_or_not_finite_is_refused_naming_it(tmp_path, capsys, value, said):
+    """``status --interval -1`` was taken as 0 (one scrape, no rates), ``nan`` and ``inf`` too, or
+    as a wait without end: refused naming the option, exit 2, before the run folder is read."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["status", "--run-dir", str(tmp_path), "--interval", value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument --interval: {said}" in err, err
+
+
 @pytest.mark.parametrize("content, problem", [("garbage\n", "not JSON"), ("[1, 2]\n", "not a mapping of stages"),
                                               ('{"learner": 3}\n', "not a mapping of stages")])
 def test_status_of_a_run_whose_processes_json_is_damaged_says_so_in_a_line(tmp_path, capsys, content, problem):
