@@ -54,7 +54,7 @@ def seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reliev3r", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="reliev3r", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     up = add("up", "run the whole pipeline locally (supervisor + every stage)")
-    up.add_argument("--max-steps", type=at_least(0), default=None, help="end after N learner steps (0: never)")
+    up.add_argument("--max-steps", type=at_least(0), default=None,
+                    help="end after N learner steps (default: learner.max_steps; 0: never)")
     pre = add("pretrain", "up with configs/pretrain.yaml (supervised, synthetic world): weights for learner.init")
     pre.add_argument("--max-steps", type=at_least(0), default=None,
                      help="end after N learner steps (default: the recipe's; 0: never)")
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", action="append", default=[], metavar="PATH",
                     help="another snapshot to score beside it (repeatable), e.g. the supervised sibling")
     ev.add_argument("--teacher", action="append", default=[], metavar="SPEC",
-                    help="depth teacher baseline (repeatable; default: labeler.teacher), e.g. oracle, "
+                    help="depth teacher baseline (repeatable; default: labeler.teacher, and the teacher a "
+                         "refresh of the run wrote; none: no teacher row), e.g. oracle, "
                          "pydnet:../shared/models/pydnet++.tflite")
     rec = add("reconstruct", "video or image folder -> point cloud (PLY), poses (TUM), depth PNGs, trajectory plot")
     rec.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
@@ -107,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--gt-poses", default=None, help="TUM trajectory of the input, matched as a folder's own "
                      "(by timestamp within 20 ms, else by order; a line that is no pose leaves its frame out of "
                      "the ATE, saying so)")
-    rec.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    rec.add_argument("--device", default="auto",
+                     help="auto (cuda where there is one, else cpu), cpu, cuda or cuda:N (auto)")
     rec.add_argument("--colmap", nargs="?", const="bin", choices=("bin", "txt"), default=None,
                      help="also write OUT/colmap/{images,sparse/0} (a COLMAP model; binary unless 'txt')")
     exp = add("export", "export a snapshot's model for deployment (torch.export .pt2 or ONNX), checked against eager")
@@ -116,8 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("torch-export", "onnx"), default=None, help="default: from --out's suffix")
     exp.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views, "
                      "of the run's config.yaml unless --config is given)")
-    exp.add_argument("--height", type=int, default=None, help="input height (default: the snapshot's)")
-    exp.add_argument("--width", type=int, default=None, help="input width (default: the snapshot's)")
+    exp.add_argument("--height", type=int, default=None,
+                     help="input height (default: the snapshot's; one that records none: streamer.height)")
+    exp.add_argument("--width", type=int, default=None,
+                     help="input width (default: the snapshot's; one that records none: streamer.width)")
     exp.add_argument("--colmap", default=None, metavar="DIR",
                      help="write a COLMAP model of every held-out window into DIR/<window>/")
     exp.add_argument("--colmap-format", choices=("bin", "txt"), default="bin", help="COLMAP files (bin)")
@@ -136,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     view = add("view", "write a Rerun recording (.rrd) of a run's snapshots or of a reconstruction (extra 'view')")
     view.add_argument("target", help="run folder (snapshots/) or reconstruct output folder (poses.txt)")
     view.add_argument("--out", default=None, help=".rrd file (default: TARGET/view.rrd)")
-    view.add_argument("--snapshots", type=int, default=8, help="a run's snapshots logged at most (8)")
+    view.add_argument("--snapshots", type=at_least(1), default=8, help="a run's snapshots logged at most (8)")
     view.add_argument("--windows", type=at_least(1), default=1, help="held-out windows per snapshot (1)")
     rep = sub.add_parser("report", help="one static HTML page of a run's learning curves and newest pictures")
     rep.add_argument("run", help="run folder (with evaluations/) or an evaluations folder")
@@ -146,9 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     tt = sub.add_parser("teacher-train", help="train the embedded depth teacher on the synthetic world "
                         "(--distill RUN: and on a run's learner depth of real frames)")
     tt.add_argument("--out", required=True, help="folder for the weights, meta and training log")
-    tt.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    tt.add_argument("--device", default=None, help="torch device (default cuda)")
-    tt.add_argument("--seed", type=int, default=None)
+    tt.add_argument("--steps", type=int, default=None, help="optimiser steps (20000)")
+    tt.add_argument("--device", default=None, help="cpu, cuda or cuda:N (cuda)")
+    tt.add_argument("--seed", type=int, default=None, help="random seed (0)")
     tt.add_argument("--time-budget", dest="time_budget_s", type=float, default=None,
                     help="wall-clock seconds for the whole run, rendering included")
     tt.add_argument("options", nargs="*", metavar="key=value",

@@ -174,6 +174,23 @@ def test_a_path_option_that_names_nothing_is_refused_naming_it_before_the_model_
         assert not out.exists() and a_file.read_text() == "not a folder\n"
 
 
+def test_the_help_says_the_defaults_and_devices_the_command_takes(capsys):
+    """Each "(N)" of ``reconstruct --help`` is the option's default in ``ReconstructOptions``;
+    ``--device`` said "auto, cpu or cuda" where ``cuda:N`` is taken too."""
+    import re
+
+    from reliev3r.reconstruct import ReconstructOptions
+
+    with pytest.raises(SystemExit):
+        cli.main(["reconstruct", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("views", "stride", "overlap", "max_frames", "keep_fraction", "min_confidence"):
+        flag = "--" + name.replace("_", "-")
+        said = re.search(re.escape(f"{flag} {name.upper()} ") + r"[^(]*\(([^)]*)\)", text)
+        assert said and float(said[1]) == getattr(ReconstructOptions(), name), (flag, said and said[1])
+    assert "cuda or cuda:N (auto)" in text
+
+
 def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, capsys):
     """The confidence is in (0, 2): a floor of 2 or more kept no pixel (an empty point cloud,
     exit 0), one below 0 meant nothing; refused naming the option, before anything is written."""

@@ -107,3 +107,14 @@ def test_an_out_that_is_a_folder_is_refused_naming_it_before_anything_is_read(tm
         assert cli.main(["view", str(tmp_path / "no such run"), "--out", str(out)]) == 2
         assert capsys.readouterr().err == f"reliev3r view: {said}\n"
     assert a_file.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_snapshots_below_one_are_refused_naming_the_option(tmp_path, capsys, value):
+    """``view --snapshots 0`` logged no snapshot and wrote an empty recording, ``-1`` stopped in
+    numpy's words: refused naming the option, exit 2, as its ``--windows`` is."""
+    from reliev3r import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["view", str(tmp_path), "--snapshots", value])
+    assert stop.value.code == 2 and f"argument --snapshots: must be >= 1, got {value}" in capsys.readouterr().err
