@@ -12,6 +12,7 @@ stopping through one small all-reduce per step, so no rank is left waiting in a 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import time
 from typing import Any
@@ -58,6 +59,8 @@ class LearnerMetrics:
         self.skipped = m.counter("learner_skipped_steps_total", "Steps dropped for a non-finite loss or grad norm")
         self.snapshot_duration = m.histogram("snapshot_duration_seconds", "Time to write one snapshot",
                                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.snapshot_failures = m.counter("snapshot_failures_total", "Snapshots the disk refused (ENOSPC: full, "
+                                           "EIO: an I/O error), by errno name", ["reason"])
         self.snapshot_step = m.gauge("snapshot_step", "Step of the newest snapshot written")
         self.snapshot_time = m.gauge("snapshot_timestamp_seconds", "Unix time the newest snapshot was written")
         self.lr = m.gauge("learner_lr", "Learning rate of the latest step")
@@ -256,8 +259,7 @@ class LearnerService:
             self.last_log = now
             runtime.log.info("step", extra={k: round(v, 5) for k, v in out.items()})
         if (not out["skipped"] and not trainer.unsettled and not self.max_steps_reached()
-                and trainer.global_step % self.cfg.snapshot_every == 0):
-            self.snapshot(final=False)
+                and trainer.global_step % self.cfg.snapshot_every == 0 and self.snapshot(final=False)):
             self.last_saved = trainer.global_step
 
     def max_steps_reached(self) -> bool:
@@ -265,17 +267,20 @@ class LearnerService:
 
     def finish(self) -> int:
         """After the loop and :meth:`settle`: the last snapshot (``final`` at max_steps) unless
-        the newest one already has this step; under DDP, leave the process group together."""
+        the newest one already has this step; under DDP, leave the process group together.
+        1 when the disk refused that snapshot (the steps since the last one are not saved: under
+        ``reliev3r up`` the learner is restarted, resumes there and tries again), else 0."""
         trainer = self.trainer
         final = self.max_steps_reached()
+        saved = True
         if final or trainer.global_step != self.last_saved:
-            self.snapshot(final=final)
+            saved = self.snapshot(final=final)
         if trainer.world_size > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
         self.runtime.log.info("learner done", extra={"step": trainer.global_step, "final": final,
                                                      "skipped_steps": trainer.skipped_steps})
-        return 0
+        return 0 if saved else 1
 
     def report(self, out: dict[str, float], *, depth_on: bool, samples: int, views: int) -> None:
         metrics, runtime, trainer, rate = self.metrics, self.runtime, self.trainer, self.rate.per_second
@@ -304,12 +309,29 @@ class LearnerService:
         runtime.status.update(step=trainer.global_step, loss=round(out["loss"], 5), steps_per_s=round(rate, 3),
                               depth_loss_on=depth_on)
 
-    def snapshot(self, *, final: bool) -> None:
+    def snapshot(self, *, final: bool) -> bool:
+        """Write this step's snapshot (rank 0; the others have none to write) and prune the old
+        ones. False when the disk refused it (full, an I/O error): said in the log, counted by
+        errno name and in the status (``write_error``, until a snapshot is written again); the
+        snapshots written before stay as they were, and training goes on (the next one is tried
+        at its step)."""
         trainer, metrics, folder = self.trainer, self.metrics, self.folder
         if not trainer.is_main:
-            return
+            return True
         start = time.perf_counter()
-        path = trainer.save_state(folder, final=final, extra_meta={"teachers": self.teachers, "init": self.init})
+        try:
+            path = trainer.save_state(folder, final=final, extra_meta={"teachers": self.teachers, "init": self.init})
+        except OSError as err:
+            reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
+            metrics.snapshot_failures.labels(reason).inc()
+            said = f"snapshot of step {trainer.global_step}: {reason}: {err.strerror or err}"
+            self.runtime.status["write_error"] = said
+            self.runtime.log.error("snapshot not written: the steps since the last one are not saved yet; training "
+                                   "goes on and the next snapshot is tried at its step",
+                                   extra={"step": trainer.global_step, "final": final, "reason": reason,
+                                          "detail": str(err), "folder": str(folder)})
+            return False
+        self.runtime.status.pop("write_error", None)
         removed = prune_snapshots(folder, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
         elapsed = time.perf_counter() - start
         metrics.snapshot_duration.observe(elapsed)
@@ -318,6 +340,7 @@ class LearnerService:
         self.runtime.log.info("snapshot written", extra={"path": str(path), "step": trainer.global_step,
                                                          "final": final, "seconds": round(elapsed, 3),
                                                          "pruned": len(removed)})
+        return True
 
 
 def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None) -> int:

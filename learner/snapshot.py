@@ -17,7 +17,9 @@ Layout of one snapshot, ``<run_dir>/snapshots/step-000000050/``:
 
 Writing is atomic: everything goes into a hidden temp folder, each file and the folder are
 fsynced, then the folder is renamed to its final name (and the parent fsynced), so a reader
-sees either a complete snapshot or none. :func:`latest_snapshot` still verifies (meta parses,
+sees either a complete snapshot or none. A write the medium refuses (a full disk: ENOSPC, an
+I/O error: EIO) raises ``OSError`` with its errno, the temp folder removed (its space given back)
+and every snapshot written before as it was. :func:`latest_snapshot` still verifies (meta parses,
 files exist with the recorded size and checksum, safetensors headers load) and skips a bad
 one with a warning, so a disk fault never stops a resume. No pickle anywhere.
 """
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.config import ModelConfig
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 NAME = re.compile(r"^step-(\d{9})$")
 STALE_TMP_S = 600.0
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How safetensors names the errno of a write that failed (in its error's text only)."""
 log = logging.getLogger("reliev3r.learner.snapshot")
 
 
@@ -110,9 +114,9 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
         files["trainer.safetensors"] = {f"rng.{k}": v.cpu() for k, v in trainer.rng_state().items()}
         opt_tensors, structure = flatten_optimizer_state(trainer.optimizer.state_dict())
         for fname, tensors in files.items():
-            save_file(tensors, str(tmp / fname), metadata={"format_version": str(FORMAT_VERSION)})
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"),
-                  metadata={"format_version": str(FORMAT_VERSION), "structure": json.dumps(structure)})
+            _save_file(tensors, tmp / fname, metadata={"format_version": str(FORMAT_VERSION)})
+        _save_file(opt_tensors, tmp / "optimizer.safetensors",
+                   metadata={"format_version": str(FORMAT_VERSION), "structure": json.dumps(structure)})
         from learner.train import lr_at
 
         meta = {
@@ -148,6 +152,18 @@ def save_snapshot(trainer: "Trainer", folder: str | Path, *, final: bool = False
         return final_path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]) -> None:
+    """``save_file``, a write the medium refused (a full disk, an I/O error) raised as the
+    ``OSError`` of its errno: safetensors raises its own error and names the errno only in its text."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        if found := _OS_ERROR.search(str(err)):
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from err
         raise
 
 

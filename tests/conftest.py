@@ -1,11 +1,13 @@
 """Fixtures that several test modules share: a pipeline config in a temporary run folder (and
 one for the streamer and labeler tests), an ``insert`` message, a ZeroMQ context, a stage's
-``run`` in a thread, a ``reliev3r`` stage as a real process, waiting for a condition, and the
-fsyncs of a folder or of any file."""
+``run`` in a thread, a ``reliev3r`` stage as a real process, waiting for a condition, the
+fsyncs of a folder or of any file, and a small disk that fills up."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +228,55 @@ def fsynced(monkeypatch) -> Flushed:
 
     monkeypatch.setattr(os, "fsync", fsync)
     return flushed
+
+
+class SmallDisk:
+    """A file system of its own (a tmpfs of ``size`` bytes) at ``path``: what is written there
+    runs out of space as on a full disk (ENOSPC), with none of the host's disk touched.
+    :meth:`fill` takes what space is left, :meth:`free` gives it back."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = path, size
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        """Write the filler until the disk refuses a byte more."""
+        with open(self.filler, "ab", buffering=0) as f:
+            for block in (1 << 20, 1 << 12, 1):
+                try:
+                    while True:
+                        f.write(bytes(block))
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def available(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Callable[[int], SmallDisk]:
+    """``small_disk(size)``: a :class:`SmallDisk` of ``size`` bytes mounted under ``tmp_path``,
+    unmounted at the end of the test. Mounting needs the privilege to (root, or CAP_SYS_ADMIN):
+    without it the test is skipped, saying so."""
+    mounted: list[Path] = []
+
+    def make(size: int) -> SmallDisk:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("a full disk is a small tmpfs, and this host has no mount command")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"a full disk is a small tmpfs, and mounting one is not permitted here: {done.stderr.strip()}")
+        mounted.append(path)
+        return SmallDisk(path, size)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -413,6 +413,25 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
         sup.metrics.close()
 
 
+def test_the_status_line_says_which_stage_cannot_write_and_why(tmp_path):
+    """A stage whose writes the disk refuses (full, an I/O error) goes on without them: a learner
+    that cannot write its snapshots trains on, unsaved. The status line said nothing of it; it now
+    names each such stage and what it could not write, until the stage writes again."""
+    sup = _supervisor(tmp_path)
+    try:
+        assert "writes refused" not in sup.status_line()
+        sup.children["learner"].status = {"step": 4, "write_error": "snapshot of step 4: ENOSPC: No space left"}
+        sup.children["replay"].status = {"stored": 9, "write_error": "inserts: database or disk is full"}
+        line = sup.status_line()
+        assert ("writes refused (replay: inserts: database or disk is full; "
+                "learner: snapshot of step 4: ENOSPC: No space left)") in line, line
+        sup.children["learner"].status = {"step": 6}
+        sup.children["replay"].status = {"stored": 10}
+        assert "writes refused" not in sup.status_line()
+    finally:
+        sup.metrics.close()
+
+
 @pytest.mark.parametrize("argv, off", [(["pretrain"], False), (["up", "labeler.teacher=none"], True),
                                         (["up", "labeler.teacher=none", "learner.loss.kind=supervised"], False),
                                         (["up"], False)])

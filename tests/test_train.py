@@ -1,5 +1,7 @@
 """Trainer: overfits a fixed batch, skips NaN steps, batches from wire messages, DDP on gloo."""
 
+import errno
+import logging
 import math
 import os
 import re
@@ -568,6 +570,97 @@ def test_learner_process_snapshots_on_stop(tmp_path, monkeypatch, update):
         meta = verify_snapshot(path)
         assert meta["step"] >= 2 and meta["final"] is False
         assert meta["step"] == reported  # the last step reported is the snapshot's
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_snapshot_the_full_disk_refuses_is_said_and_counted_and_training_goes_on(tmp_path, small_disk, caplog):
+    """A run folder on a disk that fills up: the snapshot at step 4 meets ENOSPC. The error went
+    out of the training loop and ended the learner, whose restart lost every step since step 2 and
+    met the full disk again at the same step. Now the learner says the failure (an error line with
+    the reason, a count by reason, its status), leaves no part of it behind and the snapshot of
+    step 2 as it was, trains on, and writes the next snapshot once the disk has room again."""
+    import zmq
+
+    from learner import service
+    from learner.snapshot import list_snapshots, verify_snapshot
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    disk = small_disk(96 << 20)
+    calls, said, status = 0, [], {}
+
+    def loss_filling_the_disk(pred, batch, cfg, *, teacher_space="depth"):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # step 2 and its snapshot are done: the disk fills before step 4's
+            disk.fill()
+        elif calls == 5:  # step 4's snapshot failed: room again for step 6's
+            said.append(status.get("write_error"))
+            disk.free()
+        return toy_loss(pred, batch, cfg, teacher_space=teacher_space)
+
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port)
+    try:
+        cfg = learner_pipeline(disk.path / "run", port, max_steps=6, snapshot_every=2)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            status = runtime.status
+            with caplog.at_level(logging.ERROR, logger="reliev3r.learner"):
+                assert service.run(cfg, runtime, loss_fn=loss_filling_the_disk) == 0
+            assert runtime.status["step"] == 6 and "write_error" not in runtime.status  # written again
+            text = _metrics_text(runtime)
+        assert said == [f"snapshot of step 4: ENOSPC: {os.strerror(errno.ENOSPC)}"]  # while the disk was full
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert [(r.getMessage().split(":")[0], r.reason, r.step) for r in errors] == [
+            ("snapshot not written", "ENOSPC", 4)]
+        assert 'reliev3r_snapshot_failures_total{reason="ENOSPC"} 1.0' in text
+        folder = disk.path / "run" / "snapshots"
+        assert [s for s, _ in list_snapshots(folder)] == [2, 6]
+        assert verify_snapshot(folder / "step-000000002")["step"] == 2
+        assert verify_snapshot(folder / "step-000000006")["final"] is True
+        assert not list(folder.glob(".tmp-*"))  # nothing of the failed one left to take the room
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_final_snapshot_the_full_disk_refuses_ends_the_learner_with_exit_1(tmp_path, small_disk):
+    """At max_steps the final snapshot meets a full disk: the learner exits 1 (its steps are not
+    saved, so ``reliev3r up`` restarts it to resume and try again) instead of 0, which would end
+    the run as if they were; the snapshot written before stays, and no part of the failed one."""
+    import zmq
+
+    from learner import service
+    from learner.snapshot import list_snapshots, verify_snapshot
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    disk = small_disk(96 << 20)
+    calls = 0
+
+    def loss_filling_the_disk(pred, batch, cfg, *, teacher_space="depth"):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # step 1's snapshot is written: the disk fills before the final one
+            disk.fill()
+        return toy_loss(pred, batch, cfg, teacher_space=teacher_space)
+
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port)
+    try:
+        cfg = learner_pipeline(disk.path / "run", port, max_steps=2, snapshot_every=1)
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            assert service.run(cfg, runtime, loss_fn=loss_filling_the_disk) == 1
+            assert runtime.status["write_error"].startswith("snapshot of step 2: ENOSPC")
+        folder = disk.path / "run" / "snapshots"
+        assert [s for s, _ in list_snapshots(folder)] == [1] and verify_snapshot(folder / "step-000000001")
+        assert not list(folder.glob(".tmp-*"))
     finally:
         replay.close()
         ctx.destroy(linger=0)
