@@ -105,6 +105,9 @@ class ReplayBuffer:
         """Window ids the reservoir declined (bounded; in memory). Evicted ids live with the
         storage (``storage.evicted``, persisted), so a late redelivery is a duplicate."""
         self._grouping = False
+        self.refused: str | None = None
+        """Why the storage refused the last insert it was offered (a full disk: "database or disk
+        is full"), None once it stores one again."""
         self.shape: tuple[int, ...] | None = None
         """``frames`` shape of the store's first window; every later window must match."""
         self._restore()
@@ -235,7 +238,9 @@ class ReplayBuffer:
             if self._grouping:
                 raise  # the whole group is refused and undone; insert_many retries one by one
             log.warning("insert refused by storage", extra={"detail": str(err)})
+            self.refused = str(err)
             return InsertResult("rejected", "storage_full")
+        self.refused = None
         self._forget(victims)
         self.counts["evictions"] += len(victims)
         self.sampler.add(rec.key, rec.priority)

@@ -126,7 +126,11 @@ class ReplayService:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        self.buffer.close()
+        try:
+            self.buffer.close()
+        except StorageFull as err:  # its windows are safe: only the bookkeeping since the last flush is lost
+            self.runtime.log.warning("replay flush at close failed: sample counts and priorities since the last "
+                                     "flush are lost", extra={"detail": str(err)})
 
     # ------------------------------------------------------------------ replies
     def _send(self, identity: bytes, reply: protocol.Message, request: protocol.Message | None) -> None:
@@ -265,6 +269,10 @@ class ReplayService:
         self.metrics.waiting.labels("insert").set(len(self.inserts))
         self.metrics.waiting.labels("sample").set(len(self.samples))
         self.runtime.status.update({"stored": len(b.storage), "inserted": c["inserts"], "sampled": c["samples"]})
+        if b.refused is not None:  # a full disk: inserts are answered rejected/storage_full until it has room
+            self.runtime.status["write_error"] = f"inserts: {b.refused}"
+        else:
+            self.runtime.status.pop("write_error", None)
 
     def step(self, timeout_ms: int = POLL_MS) -> None:
         """Handle a burst of requests (at most 64, so waiting ones are not starved), then

@@ -507,7 +507,7 @@ class DiskStorage(Storage):
                 self.db.executemany("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", states)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()  # one SQLite rolled back itself (a full disk) has none to roll back
                 raise
         except (sqlite3.OperationalError, OSError) as err:
             raise StorageFull(str(err)) from err

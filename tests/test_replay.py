@@ -16,7 +16,7 @@ from replay.dedup import Dedup, NumpyIndex, embed, faiss
 from replay.rate_limiter import RateLimiter
 from replay.sampler import PrioritizedSampler, RecencySampler, Sampler
 from replay.storage import (CorruptWindow, DiskStorage, FifoEviction, MemoryStorage, ReservoirEviction,
-                            decode_window, encode_window)
+                            StorageFull, decode_window, encode_window)
 
 SEVEN_SCENES = Path(__file__).parents[1].parent / "shared" / "data" / "7scenes-redkitchen"
 
@@ -126,6 +126,27 @@ def test_disk_full_is_a_rejected_insert(make_insert, tmp_path):
     assert storage.verify() == [] and len(storage) == statuses["stored"]
     assert buf.sample(2).arrays["frames"].shape == (2, 2, 32, 32, 3)  # still serving
     storage.close()
+
+
+def test_a_flush_the_full_disk_refuses_says_so_and_is_written_once_it_has_room(make_insert, small_disk):
+    """Sample counts flushed to a disk that is full: SQLite has rolled the transaction back itself,
+    and the flush's own ROLLBACK failed in turn, so its StorageFull said "cannot rollback - no
+    transaction is active" in place of the full disk. It says the disk is full now, and the
+    counts reach the disk at the next flush once there is room."""
+    disk = small_disk(4 << 20)
+    storage = DiskStorage(disk.path / "replay")
+    for i in range(3):
+        storage.put(f"w{i}", bytes(4096), shape=(1,))
+    disk.fill()
+    storage.touch([0, 0, 1])
+    with pytest.raises(StorageFull, match="database or disk is full"):
+        storage.flush()
+    disk.free()
+    storage.flush()
+    storage.close()
+    again = DiskStorage(disk.path / "replay")
+    assert [again.records[k].times_sampled for k in (0, 1, 2)] == [2, 1, 0]
+    again.close()
 
 
 # --------------------------------------------------------------------------- eviction

@@ -105,6 +105,30 @@ def test_insert_duplicate_sample_stats(make_cfg, make_insert):
         assert client.stats()["windows"] == 2
 
 
+def test_a_full_disk_refuses_inserts_by_name_and_they_are_stored_again_once_it_has_room(make_cfg, make_insert,
+                                                                                        small_disk):
+    """The durable store on a disk that fills up: each insert it cannot hold is answered
+    "rejected" with the reason storage_full (the replay serves on, its windows intact and still
+    sampled), the status says the store's writes are refused, and once space is freed the next
+    inserts are stored and the status says nothing more, with no restart."""
+    disk = small_disk(8 << 20)
+    cfg = make_cfg(*REPLAY, f"run.dir={disk.path / 'run'}", "replay.durable=true")
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=30) as client:
+        for i in range(3):
+            assert client.insert(make_insert(i, size=64))["status"] == "stored"
+        disk.fill()
+        acks = [client.insert(make_insert(i, size=64)) for i in range(3, 9)]
+        assert {(a["status"], a["reason"]) for a in acks} == {("rejected", "storage_full")}
+        assert client.stats()["windows"] == 3  # a round trip: the turn that answered the last insert is over
+        assert runtime.status["write_error"].startswith("inserts: "), runtime.status
+        assert metric(runtime, "replay_rejected_total", reason="storage_full") == 6
+        assert client.sample(2).arrays["frames"].shape == (2, 2, 64, 64, 3)  # serving what it holds
+        disk.free()
+        assert client.insert(make_insert(9, size=64))["status"] == "stored"
+        assert client.stats()["windows"] == 4 and "write_error" not in runtime.status
+    assert DiskStorage(disk.path / "run" / "replay").verify() == []
+
+
 def test_malformed_and_bad_inserts_are_rejected_and_counted(make_cfg, make_insert):
     cfg = make_cfg(*REPLAY, "replay.max_window_bytes=20000")
     with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=2) as client:
