@@ -161,6 +161,8 @@ class Supervisor:
         self._distill: subprocess.Popen | None = None
         self._distill_offset = 0
         """Size of ``distill.log`` when the distillation started, as a child's ``log_offset``."""
+        self._write_said: dict[str, str] = {}
+        """What was said of a log not rotated, by its name (said again only when it changes)."""
         self._refresh = "waiting" if cfg.refreshes_teacher else "off"
         """labeler.refresh_step: off, waiting (for its snapshot), distilling, done or failed."""
         if self._refresh == "waiting" and self._refreshed():  # a resumed run keeps its refresh (run() finishes it)
@@ -512,9 +514,22 @@ class Supervisor:
         """Rotate each child's log that has passed ``LOG_BYTES`` (``rotate_log``), its ``log_offset``
         moved with it, and the teacher refresh's ``distill.log`` likewise."""
         for child in self.children.values():
-            moved = rotate_log(self._log_path(child))
-            child.log_offset -= moved
-        self._distill_offset -= rotate_log(self.distill_log)
+            child.log_offset -= self._rotate(self._log_path(child))
+        self._distill_offset -= self._rotate(self.distill_log)
+
+    def _rotate(self, log: Path) -> int:
+        """``rotate_log(log)``; one the disk refuses (full, an I/O error) is said once while it
+        fails alike, and the log grows on until a later try, which is made at every loop turn."""
+        try:
+            moved = rotate_log(log)
+        except OSError as err:
+            said = f"{log.name} not rotated: {err.strerror or err}; tried again until there is room"
+            if self._write_said.get(log.name) != said:
+                self._write_said[log.name] = said
+                self._print(said)
+            return 0
+        self._write_said.pop(log.name, None)
+        return moved
 
     def command(self, child: Child) -> list[str]:
         """The command line of a child: its stage's ``reliev3r`` command on the run's config."""
@@ -564,8 +579,13 @@ class Supervisor:
             data[name] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
                           "metrics": metrics(name), "last_error": child.last_error or None,
                           "held": "teacher refresh" if child.proc is None and child.next_start == math.inf else None}
-        durable.write(self.run_dir / "processes.json", json.dumps(data, indent=2),
-                      tmp=self.run_dir / "processes.json.tmp")
+        tmp = self.run_dir / "processes.json.tmp"
+        try:
+            durable.write(self.run_dir / "processes.json", json.dumps(data, indent=2), tmp=tmp)
+        except OSError as err:  # a full disk: the run goes on, the file as it was until the next change
+            tmp.unlink(missing_ok=True)
+            self._print(f"processes.json not written: {err.strerror or err}; written again at the next start "
+                        "or exit of a process")
 
     def _reap_and_restart(self) -> None:
         now = time.time()
@@ -782,21 +802,30 @@ def rotate_log(log: Path) -> int:
     file is truncated at once: only what a child writes in that moment, between the copy's last
     read and the truncation, is lost; a line written in several pieces at that moment may be split
     between ``log.1`` and the fresh log. Nothing is written twice (but by a supervisor killed between
-    the copy and the truncation)."""
+    the copy and the truncation). The copy goes to ``log.1.tmp`` first, and the older logs shift only
+    once it is whole: a copy the disk refuses (full, an I/O error) raises ``OSError`` with every log
+    as it was and no part of the copy left."""
     try:
         if log.stat().st_size <= LOG_BYTES:
             return 0
     except FileNotFoundError:
         return 0
-    for k in range(LOG_KEEP - 1, 0, -1):
-        older = log.with_name(f"{log.name}.{k}")
-        if older.exists():
-            os.replace(older, log.with_name(f"{log.name}.{k + 1}"))
     moved = 0
-    with open(log, "r+b") as src, open(log.with_name(f"{log.name}.1"), "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-            moved += len(chunk)
+    copy = log.with_name(f"{log.name}.1.tmp")
+    with open(log, "r+b") as src:
+        try:
+            with open(copy, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    moved += len(chunk)
+        except OSError:
+            copy.unlink(missing_ok=True)
+            raise
+        for k in range(LOG_KEEP - 1, 0, -1):
+            older = log.with_name(f"{log.name}.{k}")
+            if older.exists():
+                os.replace(older, log.with_name(f"{log.name}.{k + 1}"))
+        os.replace(copy, log.with_name(f"{log.name}.1"))
         src.truncate(0)
     return moved
 

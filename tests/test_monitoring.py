@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -428,6 +429,51 @@ def test_the_status_line_says_which_stage_cannot_write_and_why(tmp_path):
         sup.children["learner"].status = {"step": 6}
         sup.children["replay"].status = {"stored": 10}
         assert "writes refused" not in sup.status_line()
+    finally:
+        sup.metrics.close()
+
+
+def test_a_full_disk_does_not_end_the_supervisor_nor_touch_the_logs_it_could_not_rotate(tmp_path, small_disk,
+                                                                                        monkeypatch):
+    """The supervisor writes processes.json when a child starts or dies, and rotates the children's
+    logs: on a full disk either write raised out of its loop, which stopped every child, ending a
+    run that would have gone on once space was freed. A rotation that failed part way had also
+    shifted the rotated logs one up already (the oldest lost) and left a part of ``log.1``. Both
+    now say the failure and leave what was there as it was; both work again once there is room."""
+    from reliev3r import supervisor
+
+    disk = small_disk(8 << 20)
+    monkeypatch.setattr(supervisor, "LOG_BYTES", 1 << 20)
+    (disk.path / "run").mkdir()
+    sup = _supervisor(disk.path / "run")
+    try:
+        sup._write_pids()
+        before = (disk.path / "run" / "processes.json").read_text()
+        logs = disk.path / "run" / "logs"
+        logs.mkdir()
+        log = logs / "learner.log"
+        log.write_bytes(b"x" * (2 << 20))
+        (logs / "learner.log.1").write_text("older\n")
+        (logs / "learner.log.2").write_text("oldest\n")
+        disk.fill()
+        sup.children["learner"].restarts = 1  # what processes.json would say now
+        sup._write_pids()
+        sup._rotate_logs()
+        sup._rotate_logs()  # the loop tries again: nothing moves either
+        said = sup.out.getvalue()
+        assert "processes.json not written" in said and "learner.log not rotated" in said, said
+        assert said.count("learner.log not rotated") == 1  # said once while it keeps failing alike
+        assert os.strerror(errno.ENOSPC) in said
+        assert (disk.path / "run" / "processes.json").read_text() == before
+        assert sorted(p.name for p in (disk.path / "run").iterdir()) == ["logs", "processes.json"]
+        assert sorted(p.name for p in logs.iterdir()) == ["learner.log", "learner.log.1", "learner.log.2"]
+        assert (logs / "learner.log.1").read_text() == "older\n" and log.stat().st_size == 2 << 20
+        disk.free()
+        sup._write_pids()
+        assert json.loads((disk.path / "run" / "processes.json").read_text())["learner"]["restarts"] == 1
+        sup._rotate_logs()
+        assert log.stat().st_size == 0 and (logs / "learner.log.1").stat().st_size == 2 << 20
+        assert (logs / "learner.log.2").read_text() == "older\n" and (logs / "learner.log.3").read_text() == "oldest\n"
     finally:
         sup.metrics.close()
 
