@@ -96,10 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--input", required=True, help="video file or image folder, or a quoted glob matching one "
                      "(expanded as streamer.sources' are)")
     rec.add_argument("--out", required=True, help="output folder")
-    for flag, kind, help_ in (("--views", int, "frames per window (8)"),
-                              ("--stride", int, "input frames between picked frames (1)"),
-                              ("--overlap", int, "frames shared by consecutive windows (2)"),
-                              ("--max-frames", int, "frames picked at most (300)"),
+    for flag, kind, help_ in (("--views", at_least(2), "frames per window (8)"),
+                              ("--stride", at_least(1), "input frames between picked frames (1)"),
+                              ("--overlap", at_least(1), "frames shared by consecutive windows, below --views (2)"),
+                              ("--max-frames", at_least(2), "frames picked at most (300)"),
                               ("--keep-fraction", float, "most confident fraction of each frame's pixels kept (0.5)"),
                               ("--min-confidence", float, "confidence floor in [0, 2) (0)")):
         rec.add_argument(flag, type=kind, default=None, help=help_)
@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     tt = sub.add_parser("teacher-train", help="train the embedded depth teacher on the synthetic world "
                         "(--distill RUN: and on a run's learner depth of real frames)")
     tt.add_argument("--out", required=True, help="folder for the weights, meta and training log")
-    tt.add_argument("--steps", type=int, default=None, help="optimiser steps (20000)")
+    tt.add_argument("--steps", type=at_least(1), default=None, help="optimiser steps (20000)")
     tt.add_argument("--device", default=None, help="cpu, cuda or cuda:N (cuda)")
     tt.add_argument("--seed", type=int, default=None, help="random seed (0)")
     tt.add_argument("--time-budget", dest="time_budget_s", type=float, default=None,
@@ -169,12 +169,13 @@ def _distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", action="append", default=None, metavar="SPEC",
                         help="with --distill: frames to predict on (default: the run's streamer.sources); "
                              "a source path, 7scenes:DIR[@A-B], scannet:DIR[@A-B] or folder:DIR[@A-B]; repeatable")
-    parser.add_argument("--views", type=int, default=None, help="with --distill: views per window (the run's)")
-    parser.add_argument("--gap", type=int, default=None,
+    parser.add_argument("--views", type=at_least(2), default=None,
+                        help="with --distill: views per window (the run's)")
+    parser.add_argument("--gap", type=at_least(1), default=None,
                         help="with --distill: frames between views (the run's streamer.frame_stride)")
     parser.add_argument("--real-share", type=float, default=0.5,
                         help="with --distill: share of the real frames in each batch (0.5)")
-    parser.add_argument("--max-frames", type=int, default=20000,
+    parser.add_argument("--max-frames", type=at_least(1), default=20000,
                         help="with --distill: real frames taken at most (20000)")
 
 

@@ -521,7 +521,7 @@ class ReconstructOptions:
         if self.views < 2:
             raise ValueError("views must be >= 2")
         if not 1 <= self.overlap < self.views:
-            raise ValueError("overlap must be in 1..views-1")
+            raise ValueError(f"overlap must be in 1..views-1, got {self.overlap} with {self.views} views")
         if self.stride < 1 or self.max_frames < 2:
             raise ValueError("stride must be >= 1 and max_frames >= 2")
         if not 0 < self.keep_fraction <= 1:

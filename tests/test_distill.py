@@ -221,6 +221,23 @@ def test_distill_refuses_what_it_cannot_use(tmp_path, capsys):
     assert not Path(out).exists()
 
 
+@pytest.mark.parametrize("flag, value, said", [("--views", "1", "must be >= 2, got 1"),
+                                               ("--views", "0", "must be >= 2, got 0"),
+                                               ("--gap", "0", "must be >= 1, got 0"),
+                                               ("--max-frames", "0", "must be >= 1, got 0")])
+def test_distill_counts_out_of_their_range_are_refused_naming_the_flag(tmp_path, capsys, flag, value, said):
+    """``--views 0`` and ``--gap 0`` were plain ints read as "the run's" (``0 or ...``), and
+    without ``--distill`` passed its "go with --distill" check; each is refused as the command
+    line is read, exit 2, naming the flag, before the run (not there here) or the device (none
+    here: said first otherwise, rather than training) is looked at."""
+    for distill in (["--distill", str(tmp_path / "no run")], []):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["teacher-train", *distill, "--out", str(tmp_path / "teacher"), "--device", "gpu", flag, value])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"argument {flag}: {said}" in err, err
+        assert not (tmp_path / "teacher").exists()
+
+
 def test_max_frames_stops_reading():
     frames = [np.full((8, 8, 3), k, np.uint8) for k in range(40)]
     read = []

@@ -191,6 +191,19 @@ def test_recipe_rejects_unknown_options(tmp_path):
     assert main(["teacher-train", "--out", str(tmp_path), "height=100"]) == 2  # not a multiple of 16
 
 
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_recipe_refuses_steps_below_one_naming_the_flag(tmp_path, capsys, steps):
+    """``--steps 0`` was a plain int, refused as "steps must be >= 1" (the field, not the flag)
+    once the config was built; now as the command line is read, exit 2, naming ``--steps``."""
+    from reliev3r.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["teacher-train", "--out", str(tmp_path), "--device", "cpu", "--steps", steps])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument --steps: must be >= 1, got {steps}" in err, err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option", ["eyes_per_world=0", "views_per_eye=0", "val_frames=0", "log_every=0",
                                     "warmup=-1", "lr=-1", "lr=nan", "weight_decay=-0.1", "grad_weight=-1",
                                     "render_fraction=0", "render_fraction=1.5", "time_budget_s=0"])

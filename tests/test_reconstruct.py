@@ -131,7 +131,7 @@ def test_what_stops_an_offline_command_is_said_in_a_line(tmp_path, capsys):
     (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
     common = ["--out", str(tmp_path / "rec"), "--device", "cpu"]
     cases = [(["--checkpoint", str(snap), "--input", str(tmp_path / "nothere.mp4")], "nothere.mp4"),
-             (["--checkpoint", str(snap), "--input", str(clip), "--max-frames", "0"], "max_frames"),
+             (["--checkpoint", str(snap), "--input", str(clip), "--views", "3", "--overlap", "3"], "overlap"),
              (["--checkpoint", str(half), "--input", str(clip)], "model.safetensors"),
              (["--checkpoint", str(snap), "--input", str(clip), "--intrinsics", str(zero)], "focal lengths"),
              (["--checkpoint", str(snap), "--input", str(clip), "--stride", "9"], "1 frame decoded")]
@@ -189,6 +189,23 @@ def test_the_help_says_the_defaults_and_devices_the_command_takes(capsys):
         said = re.search(re.escape(f"{flag} {name.upper()} ") + r"[^(]*\(([^)]*)\)", text)
         assert said and float(said[1]) == getattr(ReconstructOptions(), name), (flag, said and said[1])
     assert "cuda or cuda:N (auto)" in text
+
+
+@pytest.mark.parametrize("flag, value, said", [("--views", "1", "must be >= 2, got 1"),
+                                               ("--stride", "0", "must be >= 1, got 0"),
+                                               ("--overlap", "0", "must be >= 1, got 0"),
+                                               ("--max-frames", "1", "must be >= 2, got 1")])
+def test_a_count_option_out_of_its_range_is_refused_naming_the_flag_before_anything_is_read(tmp_path, capsys,
+                                                                                           flag, value, said):
+    """``--max-frames 0`` was refused as "max_frames must be >= 2", the dataclass field's name,
+    not the flag's; here it is refused as the command line is read (exit 2, the flag named),
+    before the snapshot (which is not there: said first otherwise) or the input is opened."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["reconstruct", "--checkpoint", str(tmp_path / "none"), "--input", str(tmp_path / "none.mp4"),
+                  "--out", str(tmp_path / "rec"), flag, value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument {flag}: {said}" in err, err
+    assert not (tmp_path / "rec").exists()
 
 
 def test_a_confidence_floor_outside_the_confidence_range_is_refused(tmp_path, capsys):
