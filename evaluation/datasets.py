@@ -60,8 +60,9 @@ trajectory line is no pose (a field that is not a number or not finite, a zero q
 ``evaluation.tum``), the warning naming the file and the line; a trajectory with a line that
 cannot be matched to a frame (not 8 fields, a timestamp that is not a finite number) is refused.
 
-A spec of no form above, or whose folder is not there, is refused before anything is read
-(:func:`spec_problem`: ``folder:DIR: no such folder``).
+A spec of no form above (a frame range too: ``@FIRST-LAST``, frame indices, FIRST <= LAST), or
+whose folder is not there, is refused before anything is read (:func:`spec_problem`:
+``folder:DIR: no such folder``).
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
@@ -72,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -554,11 +556,38 @@ def scannet_poses(folder: Path, images: list[Path], keep: list[int]) -> list[np.
     return out
 
 
+FRAME_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
+"""A spec's frame range after its ``@``: ``FIRST-LAST``, frame indices, both included."""
+
+
+def _frame_range_text(spec: str) -> str:
+    """What follows the ``@`` of a ``7scenes:``, ``scannet:``, ``folder:`` or bare-folder spec
+    (a folder's ``?options`` left out), as :func:`load_sequences` reads it; "" where none."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("7scenes", "scannet"):
+        return rest.partition("@")[2]
+    return (rest if kind == "folder" else spec).partition("?")[0].partition("@")[2]
+
+
+def _frame_range_problem(spec: str) -> str | None:
+    """Why the frame range of ``spec`` is no ``@FIRST-LAST`` of frame indices, FIRST <= LAST, or None."""
+    text = _frame_range_text(spec)
+    if not text:
+        return None
+    match = FRAME_RANGE.fullmatch(text)
+    if match is None:
+        return f"{spec}: frame range {text!r} is not @FIRST-LAST (frame indices, e.g. @0-99)"
+    if int(match[1]) > int(match[2]):
+        return f"{spec}: frame range {text!r} is not @FIRST-LAST with FIRST <= LAST"
+    return None
+
+
 def _frame_range(text: str) -> tuple[int | None, int | None]:
+    """``FIRST-LAST`` as (FIRST, LAST); (None, None) for "" (every frame). Checked by :func:`spec_problem`."""
     if not text:
         return None, None
-    a, _, b = text.partition("-")
-    return int(a), int(b)
+    first, last = FRAME_RANGE.fullmatch(text).groups()
+    return int(first), int(last)
 
 
 def _depth_scale(spec: str, text: str) -> float:
@@ -590,15 +619,18 @@ SPECS = "synthetic, synthetic:DIR, 7scenes:DIR[@A-B], scannet:DIR[@A-B], folder:
 def spec_problem(spec: str) -> str | None:
     """Why the dataset spec cannot be loaded, from its form and whether its folder is there
     (nothing read), or None: a spec of no form (:data:`SPECS`; a bare path that is not a folder
-    is one), a ``synthetic:``, ``7scenes:``, ``scannet:`` or ``folder:`` folder that is not there, or a file.
+    is one; a frame range that is no ``@FIRST-LAST`` of frame indices, FIRST <= LAST), a
+    ``synthetic:``, ``7scenes:``, ``scannet:`` or ``folder:`` folder that is not there, or a file.
     Said starting with the spec, for a caller to put the option or key that gave it before."""
     kind, _, rest = spec.partition(":")
     if kind == "synthetic" and not rest:
         return None
     if kind not in SPEC_KINDS:
         if Path(spec.partition("?")[0].partition("@")[0]).is_dir():
-            return None
+            return _frame_range_problem(spec)
         return f"{spec}: unknown dataset spec (use {SPECS})"
+    if kind != "synthetic" and (problem := _frame_range_problem(spec)):
+        return problem
     folder = Path(rest.partition("?")[0].partition("@")[0] if kind != "synthetic" else rest)
     if not folder.exists():
         return f"{spec}: no such folder"

@@ -145,6 +145,44 @@ def test_a_dataset_folder_that_is_not_there_is_said_so_naming_the_option_before_
     assert not (tmp_path / "models").exists() and not (tmp_path / "half" / "eval").exists()
 
 
+def test_a_frame_range_that_is_not_numbers_is_said_naming_the_spec_and_its_form_before_a_model_loads(tmp_path,
+                                                                                                   capsys):
+    """``folder:D@a-b``, ``7scenes:D@5`` (no LAST), ``scannet:D@3-1`` (LAST before FIRST) stopped
+    with Python's ``int()`` message ("invalid literal for int() with base 10: 'a'"), naming
+    neither the spec nor the form, once the model had loaded (``folder:D@3-1``: "no images in
+    range"). ``datasets.spec_problem`` says each, naming the spec and ``@FIRST-LAST``, so eval,
+    export --colmap and a stage's preflight refuse it (exit 2) before the checkpoint (this one
+    has no weights) is read."""
+    from evaluation.datasets import spec_problem
+
+    snap = make_tiny_snapshot(tmp_path / "run")
+    half = tmp_path / "half" / "snapshots" / "step-000000005"
+    half.mkdir(parents=True)
+    (half / "meta.json").write_text((snap / "meta.json").read_text())  # its weights never written
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    specs = [f"folder:{frames}@a-b", f"7scenes:{frames}@5", f"scannet:{frames}@3-1", f"{frames}@x-2",
+             f"folder:{frames}@-3?depth_scale=1000", f"7scenes:{frames}@1-2-3"]
+    for spec in specs:
+        problem = spec_problem(spec)
+        assert problem is not None and problem.startswith(f"{spec}: frame range ") and "@FIRST-LAST" in problem, spec
+        cases = [(["eval", "--data", spec], f"--data {problem}"),
+                 (["export", "--colmap", str(tmp_path / "models"), "--data", spec], f"--data {problem}"),
+                 (["eval", f"evaluator.data={spec}"], f"evaluator.data {problem}")]
+        for (command, *argv), said in cases:
+            code = cli.main([command, "--checkpoint", str(half), *argv, f"run.dir={tmp_path / 'default'}"])
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith(f"reliev3r {command}: {said} ") and len(err.splitlines()) == 1, err
+        assert cli.main(["evaluate", f"run.dir={tmp_path / 'default'}", f"evaluator.data={spec}",
+                         "monitoring.enabled=false"]) == 2
+        assert capsys.readouterr().err == f"reliev3r: evaluator.data {problem}\n"
+    for spec in (f"folder:{frames}@0-0", f"7scenes:{frames}@2-9", f"folder:{frames}@10-20?depth_scale=5000",
+                 str(frames), f"scannet:{frames}"):
+        assert spec_problem(spec) is None, spec
+    assert not (tmp_path / "models").exists() and not (tmp_path / "half" / "eval").exists()
+    assert not (tmp_path / "default").exists()
+
+
 def test_eval_and_export_write_into_the_checkpoints_run_and_reuse_its_world(tmp_path, capsys):
     """``eval`` wrote its results into the config's run folder (``runs/default/eval``: a stray
     folder, each checkpoint's results over the one before) and rendered the held-out synthetic
