@@ -29,7 +29,7 @@ from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
 from labelers.config import teacher_kind
 from learner import snapshot as snapshots
-from learner.snapshot import resolve_snapshot
+from learner.snapshot import resolve_given
 from reliev3r.config import PipelineConfig, refreshed_teacher, run_folder, with_run_config
 
 COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
@@ -69,16 +69,13 @@ def teacher_problem(spec: str) -> str | None:
 
 def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    snap = resolve_snapshot(Path(args.checkpoint))
+    snap = resolve_given("--checkpoint", Path(args.checkpoint))
     run = run_folder(snap)  # the results and the held-out synthetic world are the run's
     # views, windows, data: the run's (its config.yaml) where the command line does not say
     cfg = with_run_config(cfg, run, files=getattr(args, "config", []), overrides=getattr(args, "overrides", []))
     others = []  # every path is checked before a model loads
     for path in getattr(args, "compare", None) or []:
-        try:
-            others.append(resolve_snapshot(Path(path)))
-        except snapshots.NoSnapshot as err:
-            raise snapshots.NoSnapshot(f"--compare {err}") from None
+        others.append(resolve_given("--compare", Path(path)))
     given = getattr(args, "teacher", None) or []
     for option, spec in [("--teacher", t) for t in given] or [("labeler.teacher", cfg.labeler.teacher)]:
         if problem := teacher_problem(spec):

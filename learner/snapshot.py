@@ -334,6 +334,15 @@ def resolve_snapshot(path: str | Path) -> Path:
     raise NoSnapshot(f"{path}: no valid snapshot there (a snapshot folder, a run folder or its snapshots folder)")
 
 
+def resolve_given(option: str, path: str | Path) -> Path:
+    """:func:`resolve_snapshot` of a command line's ``option`` (``--checkpoint``, ``--compare``):
+    its NoSnapshot names the option (``--checkpoint PATH: no valid snapshot there ...``)."""
+    try:
+        return resolve_snapshot(path)
+    except NoSnapshot as err:
+        raise NoSnapshot(f"{option} {err}") from None
+
+
 def kept_steps(steps: list[int], *, keep_last: int, keep_every: int) -> set[int]:
     """The retention rule (``learner.keep_last``, ``keep_every``): of ``steps`` (ascending), the
     newest ``keep_last`` and every multiple of ``keep_every``. The snapshots are kept so

@@ -355,11 +355,11 @@ def export_held_out(cfg, args) -> int:
 
     from evaluation.datasets import load_windows, spec_problem
     from learner.api import Reconstructor
-    from learner.snapshot import resolve_snapshot
+    from learner.snapshot import resolve_given
     from reliev3r.config import run_folder, with_run_config
 
     fmt = getattr(args, "colmap_format", None) or "bin"
-    snap = resolve_snapshot(args.checkpoint)
+    snap = resolve_given("--checkpoint", args.checkpoint)
     run = run_folder(snap)  # its views, windows, data and held-out synthetic world: the run's
     cfg = with_run_config(cfg, run, files=getattr(args, "config", []), overrides=getattr(args, "overrides", []))
     data = getattr(args, "data", None) or cfg.evaluator.data

@@ -46,7 +46,7 @@ import yaml
 from evaluation.datasets import SPEC_KINDS, EvalWindow, load_sequences
 from evaluation.evaluate import predict
 from labelers.teacher_train import config_from_args, train
-from learner.snapshot import load_model, resolve_snapshot
+from learner.snapshot import load_model, resolve_given
 from reliev3r import imaging
 from reliev3r.config_base import check_device_present
 from streamer.config import StreamerConfig
@@ -192,7 +192,7 @@ def distill(args: argparse.Namespace, command: str = "") -> int:
         if args.max_frames < 1 or (args.views is not None and args.views < 2) or (args.gap is not None
                                                                                   and args.gap < 1):
             raise ValueError("--max-frames and --gap must be >= 1 and --views >= 2")
-        snap = resolve_snapshot(Path(args.distill))
+        snap = resolve_given("--distill", Path(args.distill))
         streamer = run_streamer(snap)
         specs = args.frames or run_sources(streamer)
         if not specs:

@@ -107,12 +107,12 @@ def max_difference(model: nn.Module, path: Path, fmt: Format, *, views: int, hei
 
 
 def main(cfg, args: argparse.Namespace) -> int:
-    from learner.snapshot import load_model, resolve_snapshot
+    from learner.snapshot import load_model, resolve_given
     from reliev3r.config import run_folder, with_run_config
 
     out = Path(args.out)
     fmt = format_of(out, args.format)
-    snap = resolve_snapshot(Path(args.checkpoint))
+    snap = resolve_given("--checkpoint", Path(args.checkpoint))
     # the run's windows (views; the size where the snapshot does not record it), as export --colmap reads them
     cfg = with_run_config(cfg, run_folder(snap), files=getattr(args, "config", []),
                           overrides=getattr(args, "overrides", []))

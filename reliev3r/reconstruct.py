@@ -781,6 +781,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
 
 def main(cfg, args: argparse.Namespace) -> int:
     from learner.api import Reconstructor
+    from learner.snapshot import resolve_given
 
     given = {k: getattr(args, k, None) for k in ReconstructOptions.__dataclass_fields__}
     opts = ReconstructOptions(**{k: v for k, v in given.items() if v is not None})
@@ -788,7 +789,7 @@ def main(cfg, args: argparse.Namespace) -> int:
     if args.device != "auto":  # one this host does not have: said before the model loads
         check_device_present("--device", args.device)
     source = input_path(args.input)  # a glob matching none or several: said before the model loads
-    reconstructor = Reconstructor.from_snapshot(args.checkpoint, device=args.device)
+    reconstructor = Reconstructor.from_snapshot(resolve_given("--checkpoint", args.checkpoint), device=args.device)
     stream = open_input(source, stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None,
                         gt_poses=Path(args.gt_poses) if args.gt_poses else None)

@@ -218,6 +218,8 @@ def test_distill_refuses_what_it_cannot_use(tmp_path, capsys):
     assert "fits in the given frames" in refusal()
     assert cli.main(["teacher-train", "--frames", "x", "--out", out]) == 2
     assert "go with --distill RUN" in refusal()
+    assert cli.main(["teacher-train", "--distill", str(few), "--frames", str(few), "--out", out, *TINY]) == 2
+    assert refusal().startswith(f"reliev3r teacher-train: --distill {few}: no valid snapshot there")  # named
     assert not Path(out).exists()
 
 

@@ -80,16 +80,21 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
 
 def test_a_path_without_a_snapshot_is_said_without_a_traceback(tmp_path, capsys):
     """``--checkpoint`` or ``--compare`` naming a folder with no valid snapshot (a sibling run
-    that never trained): exit 2 and one line naming the path, for eval as for export."""
+    that never trained): exit 2 and one line naming the option and the path, for eval as for
+    export and export --colmap (``--checkpoint`` was said as "PATH: no valid snapshot there",
+    naming no option, where ``--compare`` was named)."""
     snap = make_tiny_snapshot(tmp_path / "run_a", seed=0)
     empty = tmp_path / "never_trained"
     (empty / "snapshots").mkdir(parents=True)
     assert cli.main(["eval", "--checkpoint", str(empty), f"run.dir={tmp_path / 'run'}"]) == 2
-    assert f"reliev3r eval: {empty}: no valid snapshot there" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"reliev3r eval: --checkpoint {empty}: no valid snapshot there")
     assert cli.main(["eval", "--checkpoint", str(snap), "--compare", str(empty), f"run.dir={tmp_path / 'run'}"]) == 2
-    assert f"reliev3r eval: --compare {empty}: no valid snapshot there" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"reliev3r eval: --compare {empty}: no valid snapshot there")
     assert cli.main(["export", "--checkpoint", str(empty), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert f"reliev3r export: {empty}: no valid snapshot there" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"reliev3r export: --checkpoint {empty}: no valid snapshot there")
+    assert cli.main(["export", "--checkpoint", str(empty), "--colmap", str(tmp_path / "models")]) == 2
+    assert capsys.readouterr().err.startswith(f"reliev3r export: --checkpoint {empty}: no valid snapshot there")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "m.onnx").exists()
 
 
 def test_a_wrong_path_option_is_refused_naming_it_before_a_model_loads(tmp_path, capsys):

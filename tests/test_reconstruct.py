@@ -367,6 +367,22 @@ def _image_folder(folder, n: int):
     return folder
 
 
+def test_a_checkpoint_without_a_snapshot_is_said_naming_the_option(tmp_path, capsys):
+    """``--checkpoint`` naming a folder with no valid snapshot (a run that never trained) was
+    said as "PATH: no valid snapshot there", naming no option: exit 2, one line naming
+    ``--checkpoint``, nothing written."""
+    empty = tmp_path / "never_trained"
+    (empty / "snapshots").mkdir(parents=True)
+    folder = _image_folder(tmp_path / "frames", 4)
+    out = tmp_path / "rec"
+    assert cli.main(["reconstruct", "--checkpoint", str(empty), "--input", str(folder), "--out", str(out),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"reliev3r reconstruct: --checkpoint {empty}: no valid snapshot there (a snapshot folder, a run " \
+                  "folder or its snapshots folder)\n", err
+    assert not out.exists()
+
+
 def _contents(folder) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too), by path, with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
