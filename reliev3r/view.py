@@ -251,21 +251,30 @@ def main(cfg, args) -> int:
     target = Path(args.target)
     out = Path(args.out) if args.out else target / "view.rrd"
     swap.settle(target)  # a reconstruction's replacement of an earlier one that a kill interrupted
-    if not (target / "poses.txt").is_file() and not (target / "snapshots").is_dir():
+    reconstruction = (target / "poses.txt").is_file()
+    if not reconstruction and not (target / "snapshots").is_dir():
         print(f"reliev3r view: {target}: neither a reconstruction (poses.txt) nor a run (snapshots/)", file=sys.stderr)
         return 2
+    if not reconstruction:  # the run's windows: its evaluator.data, checked before rerun is looked for
+        from reliev3r.config import with_run_config
+
+        try:
+            cfg = with_run_config(cfg, target, files=args.config, overrides=args.overrides)
+        except Exception as err:  # a run config this version cannot read: said as log_run's problems are
+            print(f"reliev3r view: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        if problem := cfg.data_problem():  # as eval and up say it, not once the recording is open
+            print(f"reliev3r view: {problem}", file=sys.stderr)
+            return 2
     try:
         rec, rr = open_recording(out)
     except RuntimeError as err:
         print(f"reliev3r view: {err}", file=sys.stderr)
         return 2
     try:
-        if (target / "poses.txt").is_file():
+        if reconstruction:
             what = f"{log_reconstruction(rec, rr, target)} frames"
         else:
-            from reliev3r.config import with_run_config
-
-            cfg = with_run_config(cfg, target, files=args.config, overrides=args.overrides)
             what = f"{log_run(rec, rr, cfg, target, snapshots=args.snapshots, windows=args.windows)} snapshots"
     except Exception as err:  # a config or data problem: say it, leave no half recording
         close_recording(rec)

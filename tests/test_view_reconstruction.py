@@ -118,3 +118,26 @@ def test_snapshots_below_one_are_refused_naming_the_option(tmp_path, capsys, val
     with pytest.raises(SystemExit) as stop:
         cli.main(["view", str(tmp_path), "--snapshots", value])
     assert stop.value.code == 2 and f"argument --snapshots: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_a_runs_evaluation_data_that_cannot_be_loaded_is_refused_naming_the_key_before_anything_is_written(
+        tmp_path, capsys):
+    """``view RUN`` read ``evaluator.data`` (the run's config.yaml's, or an override) only in
+    ``log_run``: a spec of no form, a folder that is not there, a frame range that is none failed
+    there, exit 1, "ValueError: ..." (without rerun-sdk: "needs rerun-sdk", hiding it). Checked
+    as ``eval`` and ``up`` check it (``PipelineConfig.data_problem``): one line naming the key,
+    exit 2, before rerun is looked for or a recording written."""
+    from reliev3r import cli
+
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    missing = tmp_path / "no such frames"
+    out = tmp_path / "view.rrd"
+    (run / "config.yaml").write_text(f"evaluator:\n  data: folder:{missing}\n")  # the run's own
+    assert cli.main(["view", str(run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"reliev3r view: evaluator.data folder:{missing}: no such folder\n"
+    spec = f"7scenes:{tmp_path}@5"  # an override on top of the run's
+    assert cli.main(["view", str(run), "--out", str(out), f"evaluator.data={spec}"]) == 2
+    assert capsys.readouterr().err == (f"reliev3r view: evaluator.data {spec}: frame range '5' is not @FIRST-LAST "
+                                       "(frame indices, e.g. @0-99)\n")
+    assert not out.exists()
