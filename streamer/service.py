@@ -329,7 +329,9 @@ def _changed(opened: dict[str, tuple], last: dict[str, tuple[int, tuple[float, .
     as (source, None) entries to read, each set in ``read_on``: one that grew, reported as
     ``grew``, to be read on from its last window (``last``; from the start where it made none);
     one replaced under its name (another size or time, but not by growing), reported
-    as ``replaced``, to be read from the start as new content (a generation more)."""
+    as ``replaced``, to be read from the start as new content (a generation more). A video file's
+    source is made anew (``VideoSource.reopened``): a synthetic video's ground truth, read when
+    its source was made, would be the old content's."""
     again: deque = deque()
     for key, (source, before) in list(opened.items()):
         after = srcs.file_state(source.path)
@@ -348,7 +350,7 @@ def _changed(opened: dict[str, tuple], last: dict[str, tuple[int, tuple[float, .
             generation[key] = progress.replaced(key, after) if progress is not None else generation.get(key, 0) + 1
             on_error(source.name, "replaced", f"{source.path}: {_replacement(before, after)} since it was opened: "
                                               f"read from the start as new content")
-        again.append((source, None))
+        again.append((source.reopened() if isinstance(source, srcs.VideoSource) else source, None))
     return again
 
 

@@ -536,6 +536,13 @@ class VideoSource:
         self.gt = _load_synthetic_gt(self.path)
         self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:func:`_pose_lost`)
 
+    def reopened(self) -> VideoSource:
+        """A source made anew for this one's path, with its options (and its decoder: a ``cuda``
+        one turned to ``cpu`` stays so): for the file read again once it was replaced or grew,
+        whose ground truth (read when a source is made) may be another's now."""
+        return VideoSource(self.path, fov_deg=self.fov_deg, on_error=self.on_error, decode_threads=self.decode_threads,
+                           ground_truth=self.ground_truth, decoder=self.decoder)
+
     def _open(self):
         import av
 

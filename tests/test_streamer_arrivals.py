@@ -224,3 +224,36 @@ def test_a_looping_run_reads_a_video_replaced_during_a_pass_whole_on_the_next(tm
     alone = _frames_of(window_stream(lambda: discover([str(path)]), StreamerConfig(**FAST), on_frame=lambda s: None,
                                      on_error=errors, log=logging.getLogger("t")))[source_name(path)]
     assert passes["1"] == alone and errors == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_synthetic_video_replaced_after_it_was_read_is_read_again_with_its_new_ground_truth(tmp_path, workers):
+    """A synthetic clip (its ground truth in ``<name>.gt.npz`` beside it, read when its source
+    was made) replaced under its name by another scene's: the re-read of a finite run reused the
+    source made for the old content, so decoded in this process (``decode_workers: 1``) the new
+    frames carried the old scene's poses (a decode worker builds its own source of the path).
+    Each window's ground truth is its own content's, before and after."""
+    from reliev3r import synthetic
+
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    old, new = (synthetic.render_scene(seed, frames=frames, height=48, width=64) for seed, frames in ((1, 8), (2, 10)))
+    clip = _still(synthetic.write_scene(old, folder, "a-clip"))
+    other = _still(encode(folder / "b-other.ts", panning_frames(12, 64, 48, seed=1)))
+    cfg = StreamerConfig(**{**FAST, "settle_s": 60.0, "interleave": 1, "decode_workers": workers})
+    errors, scenes, checked = Errors(), {"old": 0, "new": 0}, []
+    for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
+                                on_error=errors, log=logging.getLogger("t")):
+        if window.source == source_name(other) and not scenes["new"]:
+            _still(synthetic.write_scene(new, folder, "a-clip"))  # the first source is read: another scene
+            scenes["new"] = 1
+        if window.source != source_name(clip):
+            continue
+        scene = new if scenes["new"] else old
+        for view in window.views:
+            truth = scene.cam_to_world[view.index].numpy()
+            assert view.gt_cam_to_world is not None and np.allclose(view.gt_cam_to_world, truth, atol=1e-6), (
+                scenes, view.index)
+            checked.append(scenes["new"])
+    assert errors.reasons() == ["replaced"] and errors[0][0] == source_name(clip)
+    assert checked.count(0) == 2 * 4 and checked.count(1) == 2 * 5  # views of each content's windows
