@@ -11,9 +11,11 @@ or the new one whole, never a part, and once it returns the new one survives a p
 (without the folder's fsync the earlier file may stand again after one). It makes the file with
 a given mode where asked (a secret key's 0600, from its first byte on), and leaves the folder's
 fsync to a caller that writes several files into one folder and fsyncs it once after the last.
-:func:`write_temporary` is its first half (the temporary file written whole and fsynced, with its
-mode), for a caller that renames several files into place only once all of them are whole (the
-CURVE keys: a pair is replaced together or not at all).
+A write that fails (a full disk: ENOSPC, an I/O error: EIO, a rename refused) raises its
+``OSError`` with the temporary file removed, so none is left taking the room a full disk lacks,
+and the file as it was. :func:`write_temporary` is its first half (the temporary file written
+whole and fsynced, with its mode), for a caller that renames several files into place only once
+all of them are whole (the CURVE keys: a pair is replaced together or not at all).
 """
 
 from __future__ import annotations
@@ -41,9 +43,14 @@ def write(path: str | Path, data: str | bytes | memoryview, *, tmp: str | Path, 
     first, never written into), set to it whatever the umask before a byte is written, so the
     file has it from its first byte on; without it the file gets the umask's default mode.
     ``fsync_folder=False`` leaves the folder's fsync to the caller, who writes several files
-    into it and fsyncs it once after the last (until then a power loss may undo the rename)."""
+    into it and fsyncs it once after the last (until then a power loss may undo the rename).
+    A write or rename that fails raises, ``tmp`` removed and ``path`` as it was."""
     write_temporary(tmp, data, mode=mode)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
     if fsync_folder:
         fsync(Path(path).parent)
 
@@ -51,7 +58,24 @@ def write(path: str | Path, data: str | bytes | memoryview, *, tmp: str | Path, 
 def write_temporary(tmp: str | Path, data: str | bytes | memoryview, *, mode: int | None = None) -> None:
     """The first half of :func:`write`: ``data`` into ``tmp``, written and fsynced, ``mode`` as
     there (from the first byte on); the caller renames it into place and fsyncs the folder. A
-    write that fails leaves ``tmp`` (a part of it) for the caller to remove."""
+    write that fails raises with ``tmp`` removed (no part of it left)."""
+    try:
+        _write_temporary(tmp, data, mode=mode)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: str | Path) -> None:
+    """Remove the temporary file of a write that failed, if it is there: a failure to remove it
+    (it was never made, the folder is gone) must not hide the write's."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def _write_temporary(tmp: str | Path, data: str | bytes | memoryview, *, mode: int | None) -> None:
     if mode is None:
         f = open(tmp, "wb")
     else:

@@ -579,11 +579,10 @@ class Supervisor:
             data[name] = {"pid": child.proc.pid if child.proc else None, "restarts": child.restarts,
                           "metrics": metrics(name), "last_error": child.last_error or None,
                           "held": "teacher refresh" if child.proc is None and child.next_start == math.inf else None}
-        tmp = self.run_dir / "processes.json.tmp"
-        try:
-            durable.write(self.run_dir / "processes.json", json.dumps(data, indent=2), tmp=tmp)
+        try:  # its temporary file removed by durable.write where it fails
+            durable.write(self.run_dir / "processes.json", json.dumps(data, indent=2),
+                          tmp=self.run_dir / "processes.json.tmp")
         except OSError as err:  # a full disk: the run goes on, the file as it was until the next change
-            tmp.unlink(missing_ok=True)
             self._print(f"processes.json not written: {err.strerror or err}; written again at the next start "
                         "or exit of a process")
 

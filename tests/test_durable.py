@@ -1,6 +1,7 @@
 """``reliev3r.durable``: the atomic write and the fsync the snapshots, the output swap, the
 streamer's progress file, the evaluator's results and the studies' datasets share."""
 
+import errno
 import os
 import stat
 
@@ -92,3 +93,36 @@ def test_write_leaves_the_folder_to_its_caller_when_asked(tmp_path, folder_fsync
     assert path.read_bytes() == b"picture" and path in fsynced and flushed == []
     durable.write(path, b"again", tmp=tmp_path / "a.png.tmp")
     assert flushed == [True]
+
+
+@pytest.mark.parametrize("mode", [None, 0o600])
+def test_a_write_the_full_disk_refuses_leaves_no_temporary_file_and_the_file_as_it_was(small_disk, mode):
+    """On a full disk (ENOSPC) the temporary file was left, a part of it, "for the caller to
+    remove": a caller that did not (the streamer's progress, the evaluator's results, the report,
+    the studies' files) left it taking the room it had, on the disk that was full. The write now
+    removes its own temporary file, whatever its mode, and the file stands as it was."""
+    disk = small_disk(1 << 20)
+    path, tmp = disk.path / "state.json", disk.path / "state.json.tmp"
+    path.write_text("earlier")
+    disk.fill()
+    with pytest.raises(OSError) as refused:
+        durable.write(path, "x" * (64 << 10), tmp=tmp, mode=mode)
+    assert refused.value.errno == errno.ENOSPC
+    assert path.read_text() == "earlier" and not tmp.exists()
+    with pytest.raises(OSError) as refused:
+        durable.write_temporary(tmp, "x" * (64 << 10), mode=mode)
+    assert refused.value.errno == errno.ENOSPC and not tmp.exists()
+    disk.free()
+    durable.write(path, "new", tmp=tmp, mode=mode)
+    assert path.read_text() == "new" and not tmp.exists()
+
+
+def test_a_rename_that_fails_leaves_no_temporary_file(tmp_path):
+    """The temporary file is whole, but its rename fails (here: a folder holds the name): it is
+    removed, and the folder stays as it was."""
+    path, tmp = tmp_path / "taken", tmp_path / "taken.tmp"
+    path.mkdir()
+    (path / "inside").write_text("kept")
+    with pytest.raises(OSError):
+        durable.write(path, "new", tmp=tmp)
+    assert not tmp.exists() and (path / "inside").read_text() == "kept"
