@@ -28,8 +28,11 @@ identities were kept) is taken as unchanged.
 
 The file is written atomically and durably (``reliev3r.durable.write``: temporary
 file, fsync, rename, fsync of the folder) after every batch of acknowledgements; a crash
-between an acknowledgement and the write costs one re-send, never a lost window. Live feeds
-are not tracked (they cannot be rewound).
+between an acknowledgement and the write costs one re-send, never a lost window. A write the
+disk refuses (full) leaves the file as it was and the progress in memory, written by a later
+save once there is room (``streamer.service.StreamerService.save_progress``); a crash meanwhile
+costs the re-sends of the windows acknowledged since the last write. Live feeds are not tracked
+(they cannot be rewound).
 """
 
 from __future__ import annotations
@@ -214,13 +217,23 @@ class Progress:
             return {"version": VERSION, "pass": self.pass_index, "sources": out, "files": files}
 
     def save(self, force: bool = False) -> bool:
-        if self.path is None or not (self.dirty or force):
+        """Write the state where it changed since the last write (or ``force``); whether it was
+        written. A write the disk refuses (full, an I/O error) raises its ``OSError``, the file as
+        it was and no temporary file left; the state stays changed, so the next call writes it."""
+        if self.path is None:
             return False
-        state = self.snapshot()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        durable.write(self.path, json.dumps(state), tmp=self.path.with_name(self.path.name + ".tmp"))
         with self.lock:
-            self.dirty = False
+            if not (self.dirty or force):
+                return False
+            self.dirty = False  # a change made while this write is under way is written by the next
+        try:
+            state = self.snapshot()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            durable.write(self.path, json.dumps(state), tmp=self.path.with_name(self.path.name + ".tmp"))
+        except BaseException:
+            with self.lock:
+                self.dirty = True
+            raise
         return True
 
 

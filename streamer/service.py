@@ -15,6 +15,7 @@ that answers after they went elsewhere has its ``done`` ignored, and replay stor
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 import time
@@ -53,6 +54,8 @@ SOURCE_SERIES = 256
 endpoint keeps, the most recently heard of: a folder or a glob names a source per file, and one
 that receives files for as long as a run lives names new ones for ever. An older source's series
 are removed (Prometheus keeps what it scraped; heard of again, they start from 0)."""
+PROGRESS_RETRY_S = 1.0
+"""How often a progress file the disk refused (full) is tried again (it is kept in memory meanwhile)."""
 
 
 class FirstSeen:
@@ -561,11 +564,44 @@ class StreamerService:
         log.info("streamer up", extra={"endpoint": endpoint, "sources": scfg.sources or "synthetic"})
         self.counts = {"sent": 0, "acked": 0}
         self.exhausted = False
+        self.refused: str | None = None
+        """Why the disk refused the progress file's last write (the status's ``write_error``), None
+        once it is written again."""
+        self.retry_at = 0.0
 
     def close(self) -> None:
         self.feed.close()
-        self.progress.save()
+        self.save_progress(closing=True)
         self.sock.close(linger=0)
+
+    def save_progress(self, *, closing: bool = False) -> None:
+        """Write the progress file where it changed. One the disk refuses (full, an I/O error) is
+        said once while it fails alike (an error line with the errno's name, the status's
+        ``write_error``, which the status line of ``reliev3r up`` shows); the progress stays in
+        memory and is tried again every :data:`PROGRESS_RETRY_S` while windows flow on (a restart
+        meanwhile sends again the windows acknowledged since the last write: replay stores each
+        once). At ``closing``, a refused write is a warning."""
+        if self.refused is not None and not closing and time.monotonic() < self.retry_at:
+            return
+        try:
+            saved = self.progress.save()
+        except OSError as err:
+            reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
+            said = f"progress: {reason}: {err.strerror or err}"
+            extra = {"reason": reason, "detail": str(err), "path": str(self.progress.path)}
+            if closing:
+                self.log.warning("progress not written at close: the windows acknowledged since the last write "
+                                 "are sent again at the next start", extra=extra)
+            elif said != self.refused:
+                self.log.error("progress not written: kept in memory and written once the disk has room; windows "
+                               "flow on", extra=extra)
+            self.refused, self.retry_at = said, time.monotonic() + PROGRESS_RETRY_S
+            self.runtime.status["write_error"] = said
+            return
+        if saved and self.refused is not None:
+            self.log.info("progress written again", extra={"path": str(self.progress.path)})
+            self.refused = None
+            self.runtime.status.pop("write_error", None)
 
     def on_error(self, source: str, reason: str, detail: str) -> None:
         self.metrics.sources.inc(self.metrics.errors, (source, reason))
@@ -622,7 +658,7 @@ class StreamerService:
             metrics.abandoned.inc()
             progress.acked(wid)  # given up: it must not hold the resume point back for ever
             log.error("window abandoned after repeated timeouts", extra={"window_id": wid})
-        progress.save()
+        self.save_progress()
         if timed_out:
             log.info("windows timed out, resending", extra={"count": len(timed_out)})
         wid = disp.next_resend()

@@ -4,6 +4,7 @@ goes on past where it stopped. Plus the progress file's own rules."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -473,3 +474,49 @@ def test_progress_keeps_each_files_identity_and_generation(tmp_path):
     assert q.grown("s", (1, 9, 500, 7)) is True and q.start_frame("s") == 0  # read on: not done any more
     q.new_pass(1)
     assert q.file("s") == (None, 0)  # a new pass reads every file afresh
+
+
+def test_a_progress_file_the_full_disk_refuses_is_said_once_and_windows_keep_flowing(tmp_path, make_cfg, stage,
+                                                                                      wait_for, ctx, small_disk,
+                                                                                      caplog):
+    """The run folder on a disk that fills up: the progress file written after each batch of
+    acknowledgements met ENOSPC, which went out of the streamer's loop and ended it (and its
+    restart met the full disk again at the first acknowledgement). Now the failure is said once
+    (an error line with the reason, the status's ``write_error``), no temporary file is left, the
+    file stays as it was, windows keep flowing, and the progress kept in memory is written once
+    the disk has room again."""
+    import streamer.service as streamer_service
+
+    clip = encode(tmp_path / "pan.mp4", panning_frames(120, 96, 64, step=3))
+    disk = small_disk(1 << 20)
+    cfg = make_cfg(run={"dir": str(disk.path / "run")},
+                   streamer={"sources": [str(clip)], "views": 2, "height": 32, "width": 48, "frame_stride": 2,
+                             "window_step": 4, "loop": False, "max_in_flight": 2, "resend_timeout_s": HANG_S})
+    progress_file = disk.path / "run" / "streamer" / "progress.json"
+    sock = ctx.socket(zmq.DEALER)  # a labeler that acknowledges every window
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cfg.network.connect(cfg.network.work_port))
+    with caplog.at_level(logging.INFO, logger="reliev3r.streamer"):
+        streamer = stage(streamer_service.run, cfg, "streamer")
+        status = streamer.runtime.status
+        sent = receive(sock, lambda wid: True, stop_after=2)
+        wait_for(progress_file.exists, HANG_S, "the first progress file")
+        disk.fill()
+        sent += receive(sock, lambda wid: True, stop_when=lambda: "write_error" in status)
+        assert status["write_error"] == f"progress: ENOSPC: {os.strerror(errno.ENOSPC)}", status
+        before = progress_file.read_text()
+        during = receive(sock, lambda wid: True, stop_after=6)  # acknowledged, so flowing on
+        assert len(during) == 6 and not set(during) & set(sent)
+        wait_for(lambda: status.get("acked") == len(sent) + len(during), HANG_S, "the acknowledgements counted")
+        assert progress_file.read_text() == before and json.loads(before)["sources"]
+        assert [p.name for p in progress_file.parent.iterdir()] == ["progress.json"]  # no temporary file
+        disk.free()
+        sent += during + receive(sock, lambda wid: True, stop_when=lambda: streamer.rc is not None)
+        streamer.thread.join(HANG_S)
+        assert streamer.rc == 0 and "write_error" not in status
+    assert len(set(sent)) == len(sent) >= 10
+    state = next(iter(json.loads(progress_file.read_text())["sources"].values()))
+    assert state["done"] is True  # written again once there was room
+    refused = [r for r in caplog.records if r.getMessage().startswith("progress not written")]
+    assert [(r.levelno, r.reason) for r in refused] == [(logging.ERROR, "ENOSPC")]
+    assert [r for r in caplog.records if r.getMessage() == "progress written again"]
