@@ -16,7 +16,11 @@ is passed over: that very snapshot (its ``snapshot_id``, or none where its meta 
 so one written again whole under its name is tried again.
 
 A result or picture is written through a temporary file renamed into place: those a crash left
-between the two are removed as the evaluator starts (``remove_temporaries``).
+between the two are removed as the evaluator starts (``remove_temporaries``). A result the disk
+refuses (full, an I/O error) is said (an error line, the status's ``write_error``), kept in memory
+and written at each later turn until there is room, while the evaluator scores the snapshots that
+come (scored once each; one whose result was never written is scored again by a later start). It
+does not exit on the last snapshot before that one's result is written.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -25,6 +29,7 @@ exits within one window's time, not one evaluation's.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -142,12 +147,22 @@ class EvaluatorService:
         self.baseline = trivial_baseline(self.windows)
         self.seen, self.say_at = False, 0.0
         """A snapshot was in the folder; when :meth:`_say_waiting` may say where it waits again."""
+        self.unwritten: dict[str, dict] = {}
+        """Results scored and not written yet (the disk refused them), by snapshot name, oldest first."""
+        self.refused: dict[str, str] = {}
+        """What was said of each result in :attr:`unwritten` (said again only when it changes)."""
+        self.last_scored = False
+        """The run's last snapshot (:func:`is_last`) is scored: exit once every result is written."""
         metrics.report(self.baseline, "constant_identity")
 
     def step(self) -> int | None:
         """Score the newest snapshot if it is new; an exit status once the last one
         (:func:`is_last`) is scored or a stop abandoned the scoring, else None."""
         runtime, windows = self.runtime, self.windows
+        if self.unwritten:
+            self._write_results()
+        if self.last_scored and not self.unwritten:
+            return 0
         newest = self._newest()
         if newest is None:
             self._say_waiting()
@@ -173,10 +188,15 @@ class EvaluatorService:
                   "baseline_constant_identity": self.baseline, "seconds": elapsed}
         try:  # pictures (durable) before the JSON: who sees the JSON sees them; never fatal
             record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
+        except OSError as err:  # a full disk: the result is written without them
+            runtime.log.error("pictures not written", extra={"snapshot": snap.name, "reason": _reason(err),
+                                                             "detail": str(err)})
         except Exception:
             runtime.log.exception("pictures failed", extra={"snapshot": snap.name})
-        write_json(self.out_dir / f"{snap.name}.json", record)
-        self.done[snap.name] = record["snapshot_id"]
+        self.done[snap.name] = record["snapshot_id"]  # scored: not again, whether its result is written or not
+        self.unwritten.pop(snap.name, None)
+        self.unwritten[snap.name] = record
+        self._write_results()
         try:  # as the learner prunes its snapshots; never fatal
             prune_pictures(self.out_dir, keep_last=self.keep_last, keep_every=self.keep_every)
         except OSError:
@@ -187,7 +207,36 @@ class EvaluatorService:
         runtime.status.update(step=meta["step"], **{k: result[k] for k in REPORTED if k in result})
         runtime.log.info("evaluated snapshot", extra={"step": meta["step"],
                                                       **{k: round(result[k], 4) for k in REPORTED if k in result}})
-        return 0 if is_last(meta, self.max_steps) else None
+        self.last_scored = is_last(meta, self.max_steps)
+        return 0 if self.last_scored and not self.unwritten else None
+
+    def _write_results(self, *, closing: bool = False) -> None:
+        """Write the results in :attr:`unwritten`, oldest first. One the disk refuses (full, an
+        I/O error) stays for the next turn, no temporary file left, and is said: an error line the
+        first time it fails so, the status's ``write_error`` until every result is written. At
+        ``closing``, those not written are said lost (a later start scores them again)."""
+        runtime = self.runtime
+        for name, record in list(self.unwritten.items()):
+            try:
+                write_json(self.out_dir / f"{name}.json", record)
+            except OSError as err:
+                said = f"result of {name}: {_reason(err)}: {err.strerror or err}"
+                if self.refused.get(name) != said and not closing:
+                    runtime.log.error("result not written: kept, and written once the disk has room; the "
+                                      "evaluator goes on", extra={"snapshot": name, "reason": _reason(err),
+                                                                  "detail": str(err)})
+                self.refused[name] = said
+                continue
+            del self.unwritten[name]
+            if self.refused.pop(name, None) is not None:
+                runtime.log.info("result written", extra={"snapshot": name})
+        if not self.unwritten:
+            runtime.status.pop("write_error", None)
+            return
+        runtime.status["write_error"] = self.refused[next(reversed(self.unwritten))]  # the newest's
+        if closing:
+            runtime.log.warning("results not written at close: their snapshots are scored again at the next start",
+                                extra={"snapshots": list(self.unwritten)})
 
     def _say_waiting(self) -> None:
         """While the snapshot folder has held no snapshot, say where the evaluator waits for one:
@@ -215,7 +264,15 @@ class EvaluatorService:
         return None
 
     def close(self) -> None:
-        """Nothing to release: each scoring's model is dropped after it."""
+        """A last try at the results not written yet; nothing to release: each scoring's model is
+        dropped after it."""
+        if self.unwritten:
+            self._write_results(closing=True)
+
+
+def _reason(err: OSError) -> str:
+    """The name of an ``OSError``'s errno (ENOSPC: a full disk, EIO: an I/O error)."""
+    return errno.errorcode.get(err.errno or 0, type(err).__name__)
 
 
 def is_last(meta: dict, max_steps: int) -> bool:

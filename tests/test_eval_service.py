@@ -3,8 +3,10 @@ exits, what it scores, what it survives; and evaluation data that is partly dama
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -373,3 +375,46 @@ def test_an_evaluator_removes_the_temporary_files_a_crash_left_as_it_starts(tmp_
     assert "step-000000001.json" in names and not any(".tmp" in n for n in names if n not in kept), names
     said = [r for r in caplog.records if r.getMessage() == "removed temporary files a crash left"]
     assert len(said) == 1 and said[0].removed == 3 and said[0].folder == str(out), said
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_result_the_full_disk_refuses_is_said_and_written_once_there_is_room_with_no_scoring_again(
+        tmp_path, small_disk, caplog, wait_for):
+    """``evaluations/`` on a disk that fills up: the result of a snapshot met ENOSPC, which went
+    out of the evaluator, whose restart scored the same snapshot again and met the full disk
+    again, in a loop. Now the result not written is said (an error line with the reason, the
+    status's ``write_error``), no temporary file is left, the evaluator scores the next snapshot,
+    and both results are written once the disk has room; each snapshot is scored once."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    disk = small_disk(1 << 20)
+    (disk.path / "evaluations").mkdir()
+    run.mkdir()
+    (run / "evaluations").symlink_to(disk.path / "evaluations")  # the results on the small disk
+    make_tiny_snapshot(run, steps=1)
+    disk.fill()
+    caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
+    evaluator = Evaluator(config(run, data, max_steps=2))
+    status = evaluator.runtime.status
+    try:
+        wait_for(lambda: status.get("write_error") or evaluator.error or evaluator.rc is not None, 240,
+                 "the first result refused")
+        assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+        assert status["write_error"] == f"result of step-000000001: ENOSPC: {os.strerror(errno.ENOSPC)}"
+        assert status["step"] == 1  # scored: its metrics are out, in the status and on the endpoint
+        make_tiny_snapshot(run, steps=2)  # the last one of the run: scored, its result refused too
+        wait_for(lambda: status.get("step") == 2 or evaluator.error or evaluator.rc is not None, 240,
+                 "the second snapshot scored")
+        assert evaluator.error is None and evaluator.thread.is_alive(), "no exit with a result not written"
+        assert status["write_error"].startswith("result of step-000000002: ENOSPC")
+        assert not any((disk.path / "evaluations").iterdir())  # no result, no temporary file
+        disk.free()
+        assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == ["step-000000001", "step-000000002"]
+    assert json.loads((run / "evaluations" / "step-000000001.json").read_text())["step"] == 1
+    assert "write_error" not in status
+    assert [r.step for r in caplog.records if r.getMessage() == "evaluated snapshot"] == [1, 2]  # none again
+    refused = [r for r in caplog.records if r.getMessage().startswith("result not written")]
+    assert [(r.levelno, r.snapshot, r.reason) for r in refused] == [
+        (logging.ERROR, "step-000000001", "ENOSPC"), (logging.ERROR, "step-000000002", "ENOSPC")]
