@@ -182,6 +182,7 @@ class ReplayBuffer:
             return [self.insert(m) for m in msgs]
         saved = (self.limiter.state_dict(), self.eviction.state_dict(), Counter(self.counts), self.shape,
                  len(self._skipped))
+        refused = self.refused  # an insert put in the group clears it, though the group's commit may fail
         self._grouping = True
         group = None
         try:
@@ -190,7 +191,10 @@ class ReplayBuffer:
         except StorageFull as err:  # the storage has undone its part; undo ours
             if group is not None:  # None: the group could not even begin
                 self._undo_group(group, saved)
-            log.warning("group insert refused; inserting one by one", extra={"windows": len(msgs), "detail": str(err)})
+            self.refused = refused
+            if refused is None:  # while the storage refuses inserts (a full disk), each group is not said
+                log.warning("group insert refused; inserting one by one",
+                            extra={"windows": len(msgs), "detail": str(err)})
         finally:
             self._grouping = False
         return [self.insert(m) for m in msgs]
@@ -237,7 +241,8 @@ class ReplayBuffer:
         except StorageFull as err:
             if self._grouping:
                 raise  # the whole group is refused and undone; insert_many retries one by one
-            log.warning("insert refused by storage", extra={"detail": str(err)})
+            if self.refused != str(err):  # said once while it refuses alike; each counted (rejected:storage_full)
+                log.warning("insert refused by storage", extra={"detail": str(err)})
             self.refused = str(err)
             return InsertResult("rejected", "storage_full")
         self.refused = None

@@ -111,6 +111,11 @@ class ReplayService:
         self.samples: deque[_Waiting] = deque()
         self.group: list[tuple[bytes, protocol.Message]] = []
         """Inserts of this loop turn, stored together by :meth:`commit_group`."""
+        self.rejecting: str | None = None
+        """The reason of the inserts rejected since the last one stored (said once), None when the
+        last insert answered was stored."""
+        self.rejected = 0
+        """How many inserts were rejected for :attr:`rejecting` in a row."""
         try:
             if buffer.storage.records:
                 runtime.log.info("replay store restored", extra={"windows": len(buffer.storage),
@@ -193,11 +198,24 @@ class ReplayService:
             self._answer(identity, msg, result)
 
     def _answer(self, identity: bytes, msg: protocol.Message, result) -> None:
+        """Acknowledge an insert. A rejected one is said once per change of reason (a full disk
+        refuses every insert, tens a second, for as long as it lasts): the rest are counted in
+        ``replay_rejected_total`` by reason, and the first stored after more than one rejected says
+        how many were."""
         if result.status == "duplicate":
             self.metrics.duplicates.labels(result.reason).inc()
         elif result.status == "rejected":
-            self.runtime.log.warning("insert rejected", extra={"window_id": msg.meta.get("window_id"),
-                                                               "reason": result.reason})
+            if result.reason != self.rejecting:
+                self.runtime.log.warning("insert rejected", extra={
+                    "window_id": msg.meta.get("window_id"), "reason": result.reason,
+                    "note": "said once while inserts are rejected for this reason; each is counted"})
+                self.rejecting, self.rejected = result.reason, 0
+            self.rejected += 1
+        elif result.status == "stored" and self.rejecting is not None:
+            if self.rejected > 1:  # one was said by its own line
+                self.runtime.log.info("inserts stored again", extra={"reason": self.rejecting,
+                                                                     "rejected": self.rejected})
+            self.rejecting, self.rejected = None, 0
         self._ack(identity, msg, result.status, result.reason)
 
     def _on_sample(self, identity: bytes, msg: protocol.Message) -> None:

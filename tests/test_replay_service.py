@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -127,6 +128,42 @@ def test_a_full_disk_refuses_inserts_by_name_and_they_are_stored_again_once_it_h
         assert client.insert(make_insert(9, size=64))["status"] == "stored"
         assert client.stats()["windows"] == 4 and "write_error" not in runtime.status
     assert DiskStorage(disk.path / "run" / "replay").verify() == []
+
+
+def test_a_hundred_inserts_the_full_disk_refuses_are_said_once_and_counted(make_cfg, make_insert, small_disk, ctx,
+                                                                           caplog):
+    """While the disk stays full, every insert is refused: each wrote two warning lines (the
+    buffer's and the service's; three in a burst's group), tens a second for as long as it lasted.
+    The refusal is said once per change of reason, the rest counted (``replay_rejected_total``
+    by reason), and the end of the run of refusals once, with how many there were."""
+    disk = small_disk(8 << 20)
+    cfg = make_cfg(*REPLAY, f"run.dir={disk.path / 'run'}", "replay.durable=true")
+    caplog.set_level(logging.INFO, logger="reliev3r.replay")
+    with serving(cfg) as (endpoint, runtime), ReplayClient(endpoint, timeout_s=HANG_S, retry_s=30) as client:
+        assert client.insert(make_insert(0, size=64))["status"] == "stored"
+        disk.fill()
+        acks = [client.insert(make_insert(i, size=64)) for i in range(1, 91)]
+        burst = ctx.socket(zmq.DEALER)  # ten at once: a burst read in one turn is stored as one group
+        burst.setsockopt(zmq.LINGER, 0)
+        burst.connect(endpoint)
+        for i in range(91, 101):
+            burst.send_multipart(protocol.encode(make_insert(i, size=64)))
+        for _ in range(10):
+            assert burst.poll(int(HANG_S * 1000))
+            acks.append(protocol.decode(burst.recv_multipart()).meta)
+        assert len(acks) == 100 and {(a["status"], a["reason"]) for a in acks} == {("rejected", "storage_full")}
+        client.stats()  # a round trip: the turn that answered the last insert is over
+        assert metric(runtime, "replay_rejected_total", reason="storage_full") == 100
+        disk.free()
+        assert client.insert(make_insert(101, size=64))["status"] == "stored"
+        assert client.stats()["windows"] == 2
+    said = {}
+    for record in caplog.records:
+        said.setdefault(record.getMessage(), []).append(record)
+    assert [r.reason for r in said["insert rejected"]] == ["storage_full"], said.keys()
+    assert len(said["insert refused by storage"]) == 1
+    assert len(said.get("group insert refused; inserting one by one", [])) <= 1
+    assert [(r.reason, r.rejected) for r in said["inserts stored again"]] == [("storage_full", 100)]
 
 
 def test_malformed_and_bad_inserts_are_rejected_and_counted(make_cfg, make_insert):
