@@ -4,7 +4,9 @@ learner process fed by it."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -106,3 +108,20 @@ def learner_pipeline(tmp_path, port, sampler="uniform", **learner):
 
     return PipelineConfig(run=RunConfig(dir=str(tmp_path)), network=NetworkConfig(replay_port=port),
                           replay=ReplayConfig(sampler=sampler), learner=learner_cfg(device="cpu", **learner))
+
+
+@contextlib.contextmanager
+def fake_replay_port() -> Iterator[int]:
+    """The port of a :class:`FakeReplay` serving for the block (a learner's ``network.replay_port``)."""
+    import zmq
+
+    from reliev3r.config import free_port
+
+    port, ctx = free_port(), zmq.Context()
+    replay = FakeReplay(ctx, port)
+    try:
+        yield port
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+

@@ -253,3 +253,31 @@ def rtsp_server_available() -> str | None:
         return ("GStreamer RTSP server missing (apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi "
                 "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)")
     return None
+
+
+EVERY_SECOND_FRAME = dict(views=2, height=16, width=16, frame_stride=1, window_step=2, loop=False,
+                          keyframe_min_motion=0, keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0,
+                          scene_cut_hist=0)
+"""``StreamerConfig`` fields of a window every 2 frames of a small clip, every gate open: the
+windows of a file are those of its frames alone (files read again, grown, replaced)."""
+
+
+def still(path: Path) -> Path:
+    """``path`` as a file its writer finished with an hour ago (taken as it is found, not as
+    one still being written: ``streamer.settle_s``)."""
+    import time
+
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    return path
+
+
+def arriving(tmp_path: Path) -> tuple[bytes, Path]:
+    """An upload folder holding the first third of a 40-frame clip (``a-arriving.ts``, still)
+    beside a whole 30-frame one (``b-other.ts``): the whole clip's bytes, and the arriving file."""
+    whole = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    (folder / "a-arriving.ts").write_bytes(whole[: len(whole) // 3])
+    still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    return whole, still(folder / "a-arriving.ts")
+

@@ -15,7 +15,9 @@ import pytest
 from streamer.config import StreamerConfig
 from streamer.service import window_stream
 from streamer.sources import discover, source_name
-from streamer_media import encode, panning_frames
+from streamer_media import EVERY_SECOND_FRAME as FAST
+from streamer_media import arriving as arriving_upload
+from streamer_media import encode, panning_frames, still
 
 
 class Errors(list):
@@ -25,9 +27,6 @@ class Errors(list):
     def reasons(self):
         return [r for _, r, _ in self]
 
-
-FAST = dict(views=2, height=16, width=16, frame_stride=1, window_step=2, loop=False, keyframe_min_motion=0,
-            keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0)
 
 TEMPORARIES = (".clip.ts.Xy12Ab",  # rsync's, until it renames the file into place
                "._clip.ts",  # macOS's AppleDouble file beside a copied video
@@ -78,14 +77,6 @@ def test_an_image_folders_temporaries_are_no_frames(tmp_path):
 
 
 
-def _still(path: Path) -> Path:
-    """``path`` as a file its writer finished with an hour ago."""
-    import time
-
-    os.utime(path, (time.time() - 3600, time.time() - 3600))
-    return path
-
-
 def _frames_of(windows) -> dict[str, list[list[int]]]:
     out: dict[str, list[list[int]]] = {}
     for w in windows:
@@ -104,7 +95,7 @@ def test_a_video_still_being_written_is_read_once_it_is_still_and_whole(tmp_path
     folder = tmp_path / "uploads"
     folder.mkdir()
     whole = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
-    other = _still(encode(folder / "a-other.ts", panning_frames(30, 64, 48, seed=1)))
+    other = still(encode(folder / "a-other.ts", panning_frames(30, 64, 48, seed=1)))
     arriving = folder / "b-arriving.ts"
     arriving.write_bytes(whole[: len(whole) // 3])  # written to just now: still arriving
     cfg = StreamerConfig(**{**FAST, "settle_s": 3600.0})
@@ -122,7 +113,7 @@ def test_a_video_still_being_written_is_read_once_it_is_still_and_whole(tmp_path
     assert _frames_of(windows) == {source_name(other): others} and reader.is_alive() and errors == []
     with arriving.open("ab") as out:
         out.write(whole[len(whole) // 3:])
-    _still(arriving)
+    still(arriving)
     reader.join(60)
     assert not reader.is_alive() and errors == []
     alone = _frames_of(window_stream(lambda: discover([str(arriving)]), StreamerConfig(**FAST),
@@ -137,13 +128,8 @@ def test_a_video_that_grows_after_it_was_read_is_read_on_where_it_stopped(tmp_pa
     that has grown since it was opened is read on from its last window before a finite run
     ends, said once as ``grew``: the windows are those of the whole file, each made once (in
     this process and in decode workers alike)."""
-    whole = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
-    folder = tmp_path / "uploads"
-    folder.mkdir()
-    arriving = folder / "a-arriving.ts"
-    arriving.write_bytes(whole[: len(whole) // 3])
-    _still(arriving)
-    other = _still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    whole, arriving = arriving_upload(tmp_path)
+    folder, other = arriving.parent, arriving.parent / "b-other.ts"
     cfg = StreamerConfig(**{**FAST, "settle_s": 60.0, "interleave": 1, "decode_workers": workers})
     errors, windows = Errors(), []
     for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
@@ -151,7 +137,7 @@ def test_a_video_that_grows_after_it_was_read_is_read_on_where_it_stopped(tmp_pa
         if window.source == source_name(other) and arriving.stat().st_size < len(whole):
             with arriving.open("ab") as out:  # the first source is read: its writer goes on
                 out.write(whole[len(whole) // 3:])
-            _still(arriving)
+            still(arriving)
         windows.append(window)
     assert errors.reasons() == ["grew"] and errors[0][0] == source_name(arriving)
     alone = _frames_of(window_stream(lambda: discover([str(arriving)]), StreamerConfig(**FAST),
@@ -166,7 +152,7 @@ def _replace(path: Path, frames: np.ndarray) -> Path:
     hour ago."""
     (path.parent.parent / "incoming").mkdir(exist_ok=True)
     beside = encode(path.parent.parent / "incoming" / path.name, frames)
-    _still(beside)
+    still(beside)
     os.replace(beside, path)
     return path
 
@@ -180,8 +166,8 @@ def test_a_video_replaced_after_it_was_read_is_read_again_as_new_content(tmp_pat
     folder = tmp_path / "uploads"
     folder.mkdir()
     old, new = panning_frames(30, 64, 48, seed=2), panning_frames(40, 64, 48, seed=3)
-    clip = _still(encode(folder / "a-clip.ts", old))
-    other = _still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    clip = still(encode(folder / "a-clip.ts", old))
+    other = still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
     cfg = StreamerConfig(**{**FAST, "settle_s": 60.0, "interleave": 1, "decode_workers": workers})
     errors, windows, replaced = Errors(), [], False
     for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
@@ -208,7 +194,7 @@ def test_a_looping_run_reads_a_video_replaced_during_a_pass_whole_on_the_next(tm
     open to its end) as new content on its next pass: the new file's windows, all of them."""
     folder = tmp_path / "uploads"
     folder.mkdir()
-    clip = _still(encode(folder / "clip.ts", panning_frames(30, 64, 48, seed=2)))
+    clip = still(encode(folder / "clip.ts", panning_frames(30, 64, 48, seed=2)))
     new = panning_frames(40, 64, 48, seed=3)
     errors, passes = Errors(), {}
     for window in window_stream(lambda: discover([str(folder)], on_error=errors),
@@ -238,14 +224,14 @@ def test_a_synthetic_video_replaced_after_it_was_read_is_read_again_with_its_new
     folder = tmp_path / "uploads"
     folder.mkdir()
     old, new = (synthetic.render_scene(seed, frames=frames, height=48, width=64) for seed, frames in ((1, 8), (2, 10)))
-    clip = _still(synthetic.write_scene(old, folder, "a-clip"))
-    other = _still(encode(folder / "b-other.ts", panning_frames(12, 64, 48, seed=1)))
+    clip = still(synthetic.write_scene(old, folder, "a-clip"))
+    other = still(encode(folder / "b-other.ts", panning_frames(12, 64, 48, seed=1)))
     cfg = StreamerConfig(**{**FAST, "settle_s": 60.0, "interleave": 1, "decode_workers": workers})
     errors, scenes, checked = Errors(), {"old": 0, "new": 0}, []
     for window in window_stream(lambda: discover([str(folder)], on_error=errors), cfg, on_frame=lambda s: None,
                                 on_error=errors, log=logging.getLogger("t")):
         if window.source == source_name(other) and not scenes["new"]:
-            _still(synthetic.write_scene(new, folder, "a-clip"))  # the first source is read: another scene
+            still(synthetic.write_scene(new, folder, "a-clip"))  # the first source is read: another scene
             scenes["new"] = 1
         if window.source != source_name(clip):
             continue

@@ -27,7 +27,9 @@ from streamer.config import StreamerConfig
 from streamer.progress import Progress
 from streamer.service import window_stream
 from streamer.sources import discover, source_name
-from streamer_media import encode, panning_frames
+from streamer_media import EVERY_SECOND_FRAME as FILES
+from streamer_media import arriving as arriving_upload
+from streamer_media import encode, panning_frames, still
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_S = 300.0
@@ -304,20 +306,9 @@ def test_a_source_too_short_for_a_window_fails_every_start_not_only_the_first(tm
     assert codes == {(loop, start): ([], 1) for loop in (False, True) for start in ("first", "again")}
 
 
-FILES = dict(views=2, height=16, width=16, frame_stride=1, window_step=2, loop=False, keyframe_min_motion=0,
-             keyframe_min_flow=0, blur_ratio=0, scene_cut_motion=0, scene_cut_hist=0)
-"""A window every 2 frames of a small clip: files read again after a restart."""
-
-
 class Errors(list):
     def __call__(self, source, reason, detail):
         self.append((source, reason))
-
-
-def _still(path: Path) -> Path:
-    """``path`` as a file its writer finished with an hour ago (taken as it is found)."""
-    os.utime(path, (time.time() - 3600, time.time() - 3600))
-    return path
 
 
 def _made(spec: Path, progress: Progress | None, errors: Errors, *, kill_after: int | None = None,
@@ -352,13 +343,13 @@ def test_a_video_replaced_before_a_restart_is_read_from_the_start_as_new_content
     than the old content's; killed and started again while it is read, the run goes on as an
     uninterrupted one, and once done it is done."""
     old, new = panning_frames(30, 64, 48, seed=2), panning_frames(40, 64, 48, seed=3)
-    clip = _still(encode(tmp_path / "clip.ts", old))
+    clip = still(encode(tmp_path / "clip.ts", old))
     path = tmp_path / "run" / "progress.json"
     errors = Errors()
     first = _made(clip, Progress(path), errors)
     assert first and errors == []
     (tmp_path / "incoming").mkdir()
-    os.replace(_still(encode(tmp_path / "incoming" / "clip.ts", new)), clip)  # a new inode under the name
+    os.replace(still(encode(tmp_path / "incoming" / "clip.ts", new)), clip)  # a new inode under the name
     (tmp_path / "copy").mkdir()
     copy = tmp_path / "copy" / "progress.json"
     copy.write_bytes(path.read_bytes())
@@ -379,7 +370,7 @@ def test_a_video_copied_over_itself_with_its_times_kept_is_no_new_content(tmp_pa
     -p``, ``rsync -a`` of unchanged footage, data and run folder moved to another disk): the
     same content, not read again nor said to be replaced, as a file renamed over it with another
     size or time is."""
-    clip = _still(encode(tmp_path / "clip.ts", panning_frames(30, 64, 48, seed=2)))
+    clip = still(encode(tmp_path / "clip.ts", panning_frames(30, 64, 48, seed=2)))
     path = tmp_path / "run" / "progress.json"
     errors = Errors()
     assert _made(clip, Progress(path), errors) and errors == []
@@ -397,14 +388,14 @@ def test_a_finished_video_that_grew_before_a_restart_is_read_on_from_its_last_wi
     (tmp_path / "in").mkdir()
     clip = tmp_path / "in" / "whole.ts"
     clip.write_bytes(whole_bytes[: len(whole_bytes) // 3])
-    _still(clip)
+    still(clip)
     path = tmp_path / "run" / "progress.json"
     errors = Errors()
     first = _made(clip, Progress(path), errors)
     assert first and errors == []
     with clip.open("ab") as out:
         out.write(whole_bytes[len(whole_bytes) // 3:])
-    _still(clip)
+    still(clip)
     second = _made(clip, Progress(path), errors)
     assert _unnamed(first + second) == _unnamed(_made(tmp_path / "whole.ts", None, Errors()))
     assert errors == [(source_name(clip), "grew")]
@@ -415,13 +406,8 @@ def test_a_read_on_killed_before_it_ends_goes_on_after_a_restart(tmp_path):
     """A file that grew after it was read is read on before a finite run ends; killed during
     the read-on, progress.json still said the file was done (its flag from the first read), so a
     restart skipped the rest. It goes on from the last window acknowledged."""
-    whole_bytes = encode(tmp_path / "whole.ts", panning_frames(40, 64, 48)).read_bytes()
-    folder = tmp_path / "uploads"
-    folder.mkdir()
-    arriving = folder / "a-arriving.ts"
-    arriving.write_bytes(whole_bytes[: len(whole_bytes) // 3])
-    _still(arriving)
-    _still(encode(folder / "b-other.ts", panning_frames(30, 64, 48, seed=1)))
+    whole_bytes, arriving = arriving_upload(tmp_path)
+    folder = arriving.parent
     cfg = StreamerConfig(**{**FILES, "settle_s": 60.0, "interleave": 1})
     path = tmp_path / "run" / "progress.json"
     progress, errors, first = Progress(path), Errors(), []
@@ -430,7 +416,7 @@ def test_a_read_on_killed_before_it_ends_goes_on_after_a_restart(tmp_path):
         if window.source == source_name(folder / "b-other.ts") and arriving.stat().st_size < len(whole_bytes):
             with arriving.open("ab") as out:
                 out.write(whole_bytes[len(whole_bytes) // 3:])
-            _still(arriving)
+            still(arriving)
         first.append((window.window_id, [v.index for v in window.views]))
         progress.acked(window.window_id)
         progress.save()

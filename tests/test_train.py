@@ -20,7 +20,7 @@ import torch
 from learner.train import (Trainer, batch_from_message, device_batch, host_batch, lr_at, param_groups, synthetic_batch,
                            teacher_space_of, teacher_spaces_of)
 from reliev3r import protocol
-from tests.helpers_train import FakeReplay, learner_cfg, learner_pipeline, toy_loss
+from tests.helpers_train import FakeReplay, fake_replay_port, learner_cfg, learner_pipeline, toy_loss
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).parents[1]
@@ -543,19 +543,13 @@ def test_a_batch_that_comes_while_the_gpu_runs_a_step_is_launched_behind_it(tmp_
 @pytest.mark.timeout(600)  # bounds a hang only
 @pytest.mark.parametrize("update", ["plain", "fused"])
 def test_learner_process_snapshots_on_stop(tmp_path, monkeypatch, update):
-    import zmq
-
     from learner import service
     from learner.snapshot import latest_snapshot, verify_snapshot
-    from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
     if update == "fused":  # a step may be in flight when the stop comes: it is read, reported and saved
         monkeypatch.setattr(service, "Trainer", FusedTrainer)
-    port = free_port()
-    ctx = zmq.Context()
-    replay = FakeReplay(ctx, port)
-    try:
+    with fake_replay_port() as port:
         cfg = learner_pipeline(tmp_path, port, max_steps=0, snapshot_every=1000)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             def stop_after_two_steps():
@@ -570,9 +564,6 @@ def test_learner_process_snapshots_on_stop(tmp_path, monkeypatch, update):
         meta = verify_snapshot(path)
         assert meta["step"] >= 2 and meta["final"] is False
         assert meta["step"] == reported  # the last step reported is the snapshot's
-    finally:
-        replay.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.mark.timeout(600)  # bounds a hang only
@@ -582,11 +573,8 @@ def test_a_snapshot_the_full_disk_refuses_is_said_and_counted_and_training_goes_
     met the full disk again at the same step. Now the learner says the failure (an error line with
     the reason, a count by reason, its status), leaves no part of it behind and the snapshot of
     step 2 as it was, trains on, and writes the next snapshot once the disk has room again."""
-    import zmq
-
     from learner import service
     from learner.snapshot import list_snapshots, verify_snapshot
-    from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
     disk = small_disk(96 << 20)
@@ -602,10 +590,7 @@ def test_a_snapshot_the_full_disk_refuses_is_said_and_counted_and_training_goes_
             disk.free()
         return toy_loss(pred, batch, cfg, teacher_space=teacher_space)
 
-    port = free_port()
-    ctx = zmq.Context()
-    replay = FakeReplay(ctx, port)
-    try:
+    with fake_replay_port() as port:
         cfg = learner_pipeline(disk.path / "run", port, max_steps=6, snapshot_every=2)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             status = runtime.status
@@ -623,9 +608,6 @@ def test_a_snapshot_the_full_disk_refuses_is_said_and_counted_and_training_goes_
         assert verify_snapshot(folder / "step-000000002")["step"] == 2
         assert verify_snapshot(folder / "step-000000006")["final"] is True
         assert not list(folder.glob(".tmp-*"))  # nothing of the failed one left to take the room
-    finally:
-        replay.close()
-        ctx.destroy(linger=0)
 
 
 @pytest.mark.timeout(600)  # bounds a hang only
@@ -633,11 +615,8 @@ def test_a_final_snapshot_the_full_disk_refuses_ends_the_learner_with_exit_1(tmp
     """At max_steps the final snapshot meets a full disk: the learner exits 1 (its steps are not
     saved, so ``reliev3r up`` restarts it to resume and try again) instead of 0, which would end
     the run as if they were; the snapshot written before stays, and no part of the failed one."""
-    import zmq
-
     from learner import service
     from learner.snapshot import list_snapshots, verify_snapshot
-    from reliev3r.config import free_port
     from reliev3r.service import Runtime
 
     disk = small_disk(96 << 20)
@@ -650,10 +629,7 @@ def test_a_final_snapshot_the_full_disk_refuses_ends_the_learner_with_exit_1(tmp
             disk.fill()
         return toy_loss(pred, batch, cfg, teacher_space=teacher_space)
 
-    port = free_port()
-    ctx = zmq.Context()
-    replay = FakeReplay(ctx, port)
-    try:
+    with fake_replay_port() as port:
         cfg = learner_pipeline(disk.path / "run", port, max_steps=2, snapshot_every=1)
         with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
             assert service.run(cfg, runtime, loss_fn=loss_filling_the_disk) == 1
@@ -661,9 +637,6 @@ def test_a_final_snapshot_the_full_disk_refuses_ends_the_learner_with_exit_1(tmp
         folder = disk.path / "run" / "snapshots"
         assert [s for s, _ in list_snapshots(folder)] == [1] and verify_snapshot(folder / "step-000000001")
         assert not list(folder.glob(".tmp-*"))
-    finally:
-        replay.close()
-        ctx.destroy(linger=0)
 
 
 def _metrics_text(runtime) -> str:
