@@ -511,10 +511,6 @@ def folder_sequence(folder: Path, first: int | None = None, last: int | None = N
     return Sequence(folder.name, len(images), K, read, intrinsics_of)
 
 
-SCANNET_FILES = ("color", "intrinsic/intrinsic_color.txt", "intrinsic/intrinsic_depth.txt")
-"""What a ScanNet scene exported by SensReader has, beside ``depth/`` and ``pose/``."""
-
-
 def scannet_sequence(folder: Path, first: int | None = None, last: int | None = None) -> Sequence:
     """A ScanNet scene as SensReader exports it (module docstring) as a :class:`Sequence`: read
     as an image folder (:func:`folder_sequence`: its ``color/`` frames, ``depth/`` maps), with its
@@ -522,12 +518,12 @@ def scannet_sequence(folder: Path, first: int | None = None, last: int | None = 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    for name in SCANNET_FILES:
+    for name in imaging.SCANNET_FILES:
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder / name}: not there (a ScanNet scene as SensReader exports it has "
-                                    f"{', '.join(SCANNET_FILES)}, depth/ and pose/)")
-    return folder_sequence(folder, first, last, intrinsics=folder / SCANNET_FILES[1],
-                           depth_intrinsics=folder / SCANNET_FILES[2],
+                                    f"{', '.join(imaging.SCANNET_FILES)}, depth/ and pose/)")
+    return folder_sequence(folder, first, last, intrinsics=folder / imaging.SCANNET_FILES[1],
+                           depth_intrinsics=folder / imaging.SCANNET_FILES[2],
                            poses_of=functools.partial(scannet_poses, folder))
 
 

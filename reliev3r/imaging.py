@@ -117,6 +117,17 @@ def intrinsics_file(folder: Path) -> Path | None:
     return next((Path(folder) / n for n in INTRINSICS_FILES if (Path(folder) / n).is_file()), None)
 
 
+SCANNET_FILES = ("color", "intrinsic/intrinsic_color.txt", "intrinsic/intrinsic_depth.txt")
+"""What a ScanNet scene as SensReader exports it has beside its ``depth/<N>.png`` maps and
+``pose/<N>.txt`` poses: its colour frames and the intrinsics of its colour and depth cameras."""
+
+
+def is_scannet_scene(folder: Path) -> bool:
+    """Whether ``folder`` is a ScanNet scene as SensReader exports it (:data:`SCANNET_FILES`), whose
+    depth maps are of another camera than its frames (:func:`depth_in_colour_frame`)."""
+    return all((Path(folder) / name).exists() for name in SCANNET_FILES)
+
+
 SEVEN_SCENES_K = np.array([[585.0, 0.0, 320.0], [0.0, 585.0, 240.0], [0.0, 0.0, 1.0]])
 """The intrinsics 7-Scenes publishes for every sequence (its 640x480 Kinect colour frames), of
 the camera as it records; Microsoft's download ships them in no file."""

@@ -1,5 +1,5 @@
 """Frame sources: video files (anything FFmpeg decodes, through PyAV), image-sequence folders
-(with optional intrinsics and 7-Scenes style ground truth) and the synthetic world.
+(with optional intrinsics and 7-Scenes style ground truth, or a ScanNet scene's) and the synthetic world.
 
 A source yields :class:`Frame` objects lazily. Decoding problems never escape a source:
 they are reported through ``on_error(source_name, reason, detail)`` (the streamer counts
@@ -1044,8 +1044,11 @@ def _load_synthetic_gt(path: Path):
 class ImageSequenceSource:
     """A folder of ordered frames (``*.jpg``/``*.png``), e.g. 7-Scenes ``frame-NNNNNN.color.jpg``
     with ``frame-NNNNNN.depth.png`` (uint16 mm) and ``frame-NNNNNN.pose.txt`` (cam_to_world).
-    A ScanNet scene as SensReader exports it is read from its ``color/`` frames, with the
-    intrinsics of its ``intrinsic/intrinsic_color.txt`` (its depth and poses are not read).
+    A ScanNet scene as SensReader exports it (``reliev3r.imaging.is_scannet_scene``) is read from
+    its ``color/`` frames, with the intrinsics of its ``intrinsic/intrinsic_color.txt``, and its
+    ground truth as eval reads it (``evaluation.datasets.scannet_sequence``): ``depth/<N>.png``
+    of its depth camera brought to the colour frame's pixels (:meth:`_depth`) and
+    ``pose/<N>.txt`` (:meth:`_pose`).
     Frames are shown as their Exif orientation says (OpenCV turns them); the folder's
     intrinsics file (``reliev3r.imaging.INTRINSICS_FILES``; else those its dataset publishes,
     ``reliev3r.imaging.published_intrinsics``), the depth maps and the poses, of the camera as
@@ -1066,6 +1069,14 @@ class ImageSequenceSource:
         self._poses_lost: dict[str, str] = {}  # reason -> the detail of its first frame (:func:`_pose_lost`)
         self._has_poses: bool | None = None  # whether the frames' folder has pose files (:meth:`_pose`)
         self.files = imaging.frame_files(self.path)
+        self.scannet = imaging.is_scannet_scene(self.path)
+        self.depth_intrinsics = None  # a ScanNet scene's depth camera's, read where ground truth is
+        self._depth_problems: dict[tuple, str | None] = {}  # (depth size, frame size) -> why no depth, or None
+        if self.scannet and ground_truth:
+            try:
+                self.depth_intrinsics = read_intrinsics(self.path / imaging.SCANNET_FILES[2])
+            except SourceError as err:  # its frames stream without depth
+                on_error(self.name, err.reason, str(err))
         self._first: tuple[Path, tuple[int, int]] | None = None  # the first frame that reads, its size (recorded)
         self.intrinsics = None
         self.intrinsics_file = imaging.intrinsics_file(self.path)
@@ -1129,7 +1140,7 @@ class ImageSequenceSource:
                 K = fov_intrinsics(self.fov_deg, w, h)
             self.position = i + 1
             # ground truth is read when a view asks for it (most frames never become views)
-            gt = ((functools.partial(self._depth, file, turn), functools.partial(self._pose, file, turn))
+            gt = ((functools.partial(self._depth, file, turn, size), functools.partial(self._pose, file, turn))
                   if self.ground_truth else (None, None))
             yield Frame(i, float(i), rgb, K, *gt,
                         discontinuity=gap, glance=None if small is None else functools.partial(_glance_of, small),
@@ -1150,19 +1161,42 @@ class ImageSequenceSource:
                 break
         return self._first
 
-    def _depth(self, file: Path, turn: int) -> np.ndarray | None:
-        """The depth map of the frame read from ``file``, turned as OpenCV turned the frame
-        (``turn``, :func:`read_image_glance`); None where there is none."""
-        depth_file = file.with_name(f"{_frame_stem(file)}.depth.png")
-        if not depth_file.is_file():
-            return None
+    def _depth(self, file: Path, turn: int, size: tuple[int, int]) -> np.ndarray | None:
+        """The depth map of the frame read from ``file`` (of ``size``, width and height as
+        recorded), turned as OpenCV turned the frame (``turn``, :func:`read_image_glance`); None
+        where there is none. A ScanNet scene's, ``depth/<N>.png`` of its depth camera, is brought
+        to the colour frame's pixels as eval brings it (``reliev3r.imaging.depth_in_colour_frame``),
+        where its intrinsics can be the depth maps' (``reliev3r.imaging.depth_intrinsics_problem``):
+        else the frames stream without depth, reported once as ``depth_intrinsics_mismatch``."""
+        if self.scannet:
+            depth_file = self.path / "depth" / f"{file.stem}.png"
+        else:
+            depth_file = file.with_name(f"{_frame_stem(file)}.depth.png")
+        if not depth_file.is_file() or (self.scannet and (self.depth_intrinsics is None or self.intrinsics is None)):
+            return None  # a ScanNet scene's depth, without both intrinsics (reported): not on the frame's pixels
         raw = imaging.read_image(depth_file, cv2.IMREAD_UNCHANGED)  # not cv2.imread: any path
         if raw is None or raw.ndim != 2:
             return None
         depth = raw.astype(np.float32) / self.depth_scale
         depth[raw >= 65535] = 0.0  # 7-Scenes marks invalid depth with 65535 as well as 0
+        if self.scannet:  # another camera's, both as they record: onto the colour frame's pixels
+            if self._depth_problem(depth.shape[::-1], size) is not None:
+                return None
+            depth = imaging.depth_in_colour_frame(depth, self.depth_intrinsics, self.intrinsics, *size)
         # of the frame as recorded (OpenCV reads a depth PNG unturned): turned as OpenCV turned the frame
         return imaging.shown_image(depth, turn)
+
+    def _depth_problem(self, depth_size: tuple[int, int], size: tuple[int, int]) -> str | None:
+        """Why the ScanNet scene's depth intrinsics cannot be of its depth maps of ``depth_size``
+        beside frames of ``size`` (``reliev3r.imaging.depth_intrinsics_problem``), or None:
+        checked and reported once a pair of sizes."""
+        if (depth_size, size) not in self._depth_problems:
+            problem = imaging.depth_intrinsics_problem(self.depth_intrinsics, depth_size, self.intrinsics, size)
+            self._depth_problems[depth_size, size] = problem
+            if problem is not None:
+                self.on_error(self.name, "depth_intrinsics_mismatch",
+                              f"{self.path / imaging.SCANNET_FILES[2]}: {problem}. The frames stream without depth")
+        return self._depth_problems[depth_size, size]
 
     def _pose(self, file: Path, turn: int) -> np.ndarray | None:
         """The ground-truth camera-to-world of the frame read from ``file``: its ``.pose.txt``, of
@@ -1171,19 +1205,28 @@ class ImageSequenceSource:
         is no pose (``reliev3r.imaging.read_pose``: not 16 numbers, not finite, no rotation, a last
         row other than 0 0 0 1) or unreadable, reported as ``bad_pose``; and for a frame its
         orientation mirrors (no camera pose shows it), reported as ``mirrored_pose``; for a frame
-        without one among frames with one (a folder of pose files), reported as ``no_pose``. The
-        frame streams without it (:func:`_pose_lost`)."""
-        pose_file = file.with_name(f"{_frame_stem(file)}.pose.txt")
+        without one among frames with one (a folder of pose files), reported as ``no_pose``. A
+        ScanNet scene's is ``pose/<N>.txt``, every frame's (``no_pose`` where it is not there); one
+        whose numbers are not finite, as SensReader writes the pose of a frame its tracking lost, is
+        none (``reliev3r.imaging.read_tracked_pose``), reported as ``lost_pose``. The frame streams
+        without it (:func:`_pose_lost`)."""
+        if self.scannet:
+            pose_file, read = self.path / "pose" / f"{file.stem}.txt", imaging.read_tracked_pose
+        else:
+            pose_file, read = file.with_name(f"{_frame_stem(file)}.pose.txt"), imaging.read_pose
         if not pose_file.is_file():
             if self._has_poses is None:  # looked up once, when a frame without one is first asked for
-                self._has_poses = any(file.parent.glob("*.pose.txt"))
+                self._has_poses = self.scannet or any(file.parent.glob("*.pose.txt"))  # ScanNet: every frame's
             return _pose_lost(self, "no_pose", f"{pose_file}: not there") if self._has_poses else None
         try:
-            pose = imaging.read_pose(pose_file)
+            pose = read(pose_file)
         except ValueError as err:  # named with its file
             return _pose_lost(self, "bad_pose", str(err))
         except OSError as err:
             return _pose_lost(self, "bad_pose", f"{pose_file}: unreadable ({err.strerror or err})")
+        if pose is None:
+            return _pose_lost(self, "lost_pose", f"{pose_file}: not finite, as SensReader writes the pose of a "
+                                                 "frame its tracking lost")
         try:
             return imaging.orient_pose(pose, turn) if turn else pose
         except ValueError as err:  # mirrored

@@ -275,3 +275,105 @@ def test_reliev3r_eval_takes_a_scannet_spec(tmp_path, clip, capsys):
     assert [w.split(":")[0] for w in result["windows"]] == ["scene0000_00"] * 2
     windows = _windows(f"scannet:{scene}@0-9", tmp_path, views=3, windows=2, stride=result["stride"])
     assert result["rows"]["baseline: constant depth + identity poses"] == pytest.approx(trivial_baseline(windows))
+
+
+class _Errors(list):
+    """A source's ``on_error``: every (source, reason, detail) it reports."""
+
+    def __call__(self, source, reason, detail):
+        self.append((source, reason, detail))
+
+    def reasons(self) -> list[str]:
+        return [r for _, r, _ in self]
+
+
+def test_the_streamer_reads_a_scannet_scenes_depth_and_poses_where_a_stage_trains_on_them(tmp_path, clip):
+    """Known answer: a streamer source pointed at a ScanNet scene carries each frame's ground truth
+    where a stage trains on it (``ground_truth=True``): ``depth/<N>.png`` of the depth camera
+    brought to the colour frame's pixels through both intrinsics (here each depth pixel repeated
+    2x2, as the colour's are) and ``pose/<N>.txt``. Before, it read neither (it looked for
+    ``color/N.depth.png`` and ``color/N.pose.txt``), so a supervised sibling on a ScanNet scene
+    got no ground truth. Read without (no stage trains on it), the frames carry none."""
+    _, depth, poses, _ = clip
+    scene = _write_scannet(tmp_path / "scene0000_00", clip, suffix=".jpg")
+    errors = _Errors()
+    (source,) = discover([str(scene)], on_error=errors, ground_truth=True)
+    frames = list(source.frames())
+    assert len(frames) == FRAMES
+    for i, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame.gt_depth, np.repeat(np.repeat(depth[i], 2, 0), 2, 1) / np.float32(1000))
+        np.testing.assert_allclose(frame.gt_cam_to_world, poses[i], atol=1e-6)  # the 6 decimals SensReader writes
+    assert not errors
+    (bare,) = discover([str(scene)], on_error=errors, ground_truth=False)
+    assert all(f.gt_depth is None and f.gt_cam_to_world is None for f in bare.frames())
+    assert not errors
+
+
+def test_a_scannet_frame_whose_tracking_was_lost_streams_without_a_pose_said_once(tmp_path, clip):
+    """SensReader's ``-inf`` (``nan`` in some exports) for a frame its tracking lost is no pose
+    (``reliev3r.imaging.read_tracked_pose``), as for eval: the frame streams with its depth but
+    without a pose, reported as ``lost_pose``; a frame without a pose file as ``no_pose``; a file
+    that is no pose (a scaled rotation) as ``bad_pose``. Each reason is counted per frame and
+    said once for the source: every report carries the same detail, naming the first file."""
+    scene = _write_scannet(tmp_path / "scene0000_00", clip)
+    (scene / "pose" / "4.txt").write_text("-inf -inf -inf -inf\n" * 4)
+    (scene / "pose" / "7.txt").write_text("nan nan nan nan\n" * 4)
+    (scene / "pose" / "9.txt").unlink()
+    scaled = clip[2][2].copy()
+    scaled[:3, :3] *= 2
+    _save(scene / "pose" / "2.txt", scaled)
+    errors = _Errors()
+    frames = list(ImageSequenceSource(scene, on_error=errors).frames())
+    without = [i for i, f in enumerate(frames) if f.gt_cam_to_world is None]
+    assert without == [2, 4, 7, 9]
+    assert all(f.gt_depth is not None for f in frames)
+    assert errors.reasons() == ["bad_pose", "lost_pose", "lost_pose", "no_pose"]
+    said = {r: {d for _, reason, d in errors if reason == r} for r in ("bad_pose", "lost_pose", "no_pose")}
+    assert all(len(details) == 1 for details in said.values())  # said once each
+    (bad,), (lost,), (missing,) = said["bad_pose"], said["lost_pose"], said["no_pose"]
+    assert f"{scene / 'pose' / '2.txt'}: the rotation is not a rotation" in bad
+    assert str(scene / "pose" / "4.txt") in lost and "tracking lost" in lost
+    assert f"{scene / 'pose' / '9.txt'}: not there" in missing
+
+
+@pytest.mark.parametrize("depth_K, problem", [
+    (np.array([[83.1, 0, 31.5], [0, 83.1, 23.5], [0, 0, 1]]), r"not the colour frames' intrinsics .*scaled"),
+    (np.array([[55.4, 0, 63.5], [0, 55.4, 47.5], [0, 0, 1]]), r"principal point \(63.5, 47.5\) far from the centre"),
+], ids=["focal", "other-size"])
+def test_scannet_depth_intrinsics_that_are_not_the_colour_ones_scaled_are_refused_once(tmp_path, clip, depth_K,
+                                                                                       problem):
+    """Depth intrinsics the depth maps cannot be of (checked by
+    ``reliev3r.imaging.depth_intrinsics_problem``, as eval checks them) are refused once for the
+    source, as ``depth_intrinsics_mismatch`` naming the file and why: every frame streams without
+    depth (its pose kept), none with depth put on the wrong pixels."""
+    scene = _write_scannet(tmp_path / "scene", clip, depth_K=depth_K)
+    errors = _Errors()
+    frames = list(ImageSequenceSource(scene, on_error=errors).frames())
+    assert len(frames) == FRAMES
+    assert all(f.gt_depth is None and f.gt_cam_to_world is not None for f in frames)
+    (said,) = errors
+    assert said[1] == "depth_intrinsics_mismatch"
+    assert re.search(f"{re.escape(str(scene / 'intrinsic' / 'intrinsic_depth.txt'))}: {problem}", said[2])
+
+
+def test_the_streamers_scannet_windows_hold_the_ground_truth_eval_reads_for_their_frames(tmp_path, clip):
+    """The windows a streamer cuts from a ScanNet scene hold, for each view, the ground-truth depth
+    and pose that ``scannet:DIR`` eval reads for that frame, fitted to the window's size (here a
+    crop and a resize: 128x96 to 40x40) by the one fit both sides use
+    (``reliev3r.imaging.fit_image``, nearest for depth): exactly, the pose to float32."""
+    from streamer.config import StreamerConfig
+    from streamer.windows import windows_of
+
+    scene = _write_scannet(tmp_path / "scene0000_00", clip)
+    cfg = StreamerConfig(views=3, height=40, width=40, frame_stride=1, window_step=3, keyframe_min_flow=0)
+    (source,) = discover([str(scene)], ground_truth=True)
+    windows = [w.to_message() for w in windows_of(source.name, source.frames(), cfg)]
+    assert len(windows) >= 2
+    for msg in windows:
+        assert msg.arrays["gt_depth"].shape == (3, 40, 40) and (msg.arrays["gt_depth"] > 0).mean() > 0.9
+        for v, index in enumerate(msg.meta["frame_indices"]):
+            (truth,) = load_windows(f"scannet:{scene}@{index}-{index}", views=1, height=40, width=40, windows=1,
+                                    stride=1, run_dir=tmp_path)
+            np.testing.assert_array_equal(msg.arrays["gt_depth"][v], truth.gt_depth[0])
+            np.testing.assert_array_equal(msg.arrays["gt_cam_to_world"][v], truth.gt_cam_to_world[0])
+            np.testing.assert_allclose(msg.arrays["intrinsics"][v], truth.intrinsics[0], rtol=1e-6)
