@@ -17,10 +17,12 @@ so one written again whole under its name is tried again.
 
 A result or picture is written through a temporary file renamed into place: those a crash left
 between the two are removed as the evaluator starts (``remove_temporaries``). A result the disk
-refuses (full, an I/O error) is said (an error line, the status's ``write_error``), kept in memory
-and written at each later turn until there is room, while the evaluator scores the snapshots that
-come (scored once each; one whose result was never written is scored again by a later start). It
-does not exit on the last snapshot before that one's result is written.
+refuses (full, an I/O error) is said (an error line, the status's ``write_error``, each try counted
+in ``result_write_failures_total``), kept in memory and written at each later turn until there is
+room, while the evaluator scores the snapshots that come (scored once each; one whose result was
+never written is scored again by a later start). It does not exit on the last snapshot before that
+one's result is written. The folder ``evaluations/`` the disk refuses to make (a first start on a
+full disk) is said and tried alike.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -108,6 +110,10 @@ class EvaluatorMetrics:
         self.metric = m.gauge("eval_metric", "Evaluation metric of the newest scored snapshot", ["metric", "model"])
         self.step = m.gauge("eval_snapshot_step", "Learner step of the newest scored snapshot")
         self.duration = m.gauge("eval_duration_seconds", "Wall time of the newest evaluation")
+        self.write_failures = m.counter("result_write_failures_total",
+                                        "Writes of a result, or of their folder, the disk refused (ENOSPC: full, EIO: "
+                                        "an I/O error), by errno name: each try, one a turn while it is refused",
+                                        ["reason"])
 
     def report(self, result: dict, model: str) -> None:
         for key in REPORTED:
@@ -124,8 +130,13 @@ class EvaluatorService:
         self.runtime, self.metrics = runtime, metrics
         self.snap_dir = cfg.run_dir / "snapshots"
         self.out_dir = cfg.run_dir / "evaluations"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if removed := remove_temporaries(self.out_dir):
+        self.unwritten: dict[str, dict] = {}
+        """Results scored and not written yet (the disk refused them), by snapshot name, oldest first."""
+        self.refused: dict[str, str] = {}
+        """What was said of each result in :attr:`unwritten` (said again only when it changes)."""
+        self.folder_refused: str | None = None
+        """What was said of :attr:`out_dir` while the disk refuses to make it (None: it is there)."""
+        if self._make_folder() and (removed := remove_temporaries(self.out_dir)):
             runtime.log.info("removed temporary files a crash left", extra={"folder": str(self.out_dir),
                                                                              "removed": len(removed)})
         self.done = scored(self.out_dir)
@@ -147,10 +158,6 @@ class EvaluatorService:
         self.baseline = trivial_baseline(self.windows)
         self.seen, self.say_at = False, 0.0
         """A snapshot was in the folder; when :meth:`_say_waiting` may say where it waits again."""
-        self.unwritten: dict[str, dict] = {}
-        """Results scored and not written yet (the disk refused them), by snapshot name, oldest first."""
-        self.refused: dict[str, str] = {}
-        """What was said of each result in :attr:`unwritten` (said again only when it changes)."""
         self.last_scored = False
         """The run's last snapshot (:func:`is_last`) is scored: exit once every result is written."""
         metrics.report(self.baseline, "constant_identity")
@@ -161,6 +168,8 @@ class EvaluatorService:
         runtime, windows = self.runtime, self.windows
         if self.unwritten:
             self._write_results()
+        elif self.folder_refused is not None:
+            self._make_folder()
         if self.last_scored and not self.unwritten:
             return 0
         newest = self._newest()
@@ -187,6 +196,7 @@ class EvaluatorService:
                   "data": self.cfg.data, "windows": len(windows), "model": result,
                   "baseline_constant_identity": self.baseline, "seconds": elapsed}
         try:  # pictures (durable) before the JSON: who sees the JSON sees them; never fatal
+            self.out_dir.mkdir(parents=True, exist_ok=True)  # where the disk refused it so far
             record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
         except OSError as err:  # a full disk: the result is written without them
             runtime.log.error("pictures not written", extra={"snapshot": snap.name, "reason": _reason(err),
@@ -197,8 +207,9 @@ class EvaluatorService:
         self.unwritten.pop(snap.name, None)
         self.unwritten[snap.name] = record
         self._write_results()
-        try:  # as the learner prunes its snapshots; never fatal
-            prune_pictures(self.out_dir, keep_last=self.keep_last, keep_every=self.keep_every)
+        try:  # as the learner prunes its snapshots; never fatal (none where the folder is not made)
+            if self.folder_refused is None:
+                prune_pictures(self.out_dir, keep_last=self.keep_last, keep_every=self.keep_every)
         except OSError:
             runtime.log.exception("pruning older pictures failed", extra={"folder": str(self.out_dir)})
         self.metrics.report(result, "model")
@@ -213,14 +224,17 @@ class EvaluatorService:
     def _write_results(self, *, closing: bool = False) -> None:
         """Write the results in :attr:`unwritten`, oldest first. One the disk refuses (full, an
         I/O error) stays for the next turn, no temporary file left, and is said: an error line the
-        first time it fails so, the status's ``write_error`` until every result is written. At
-        ``closing``, those not written are said lost (a later start scores them again)."""
+        first time it fails so, the status's ``write_error`` until every result is written; none is
+        tried while the disk refuses their folder (:meth:`_make_folder`). At ``closing``, those not
+        written are said lost (a later start scores them again)."""
         runtime = self.runtime
-        for name, record in list(self.unwritten.items()):
+        made = self._make_folder()
+        for name, record in list(self.unwritten.items()) if made else ():
             try:
                 write_json(self.out_dir / f"{name}.json", record)
             except OSError as err:
                 said = f"result of {name}: {_reason(err)}: {err.strerror or err}"
+                self.metrics.write_failures.labels(_reason(err)).inc()
                 if self.refused.get(name) != said and not closing:
                     runtime.log.error("result not written: kept, and written once the disk has room; the "
                                       "evaluator goes on", extra={"snapshot": name, "reason": _reason(err),
@@ -233,10 +247,35 @@ class EvaluatorService:
         if not self.unwritten:
             runtime.status.pop("write_error", None)
             return
-        runtime.status["write_error"] = self.refused[next(reversed(self.unwritten))]  # the newest's
+        newest = next(reversed(self.unwritten))
+        runtime.status["write_error"] = self.folder_refused or self.refused[newest]  # the folder's, else the newest's
         if closing:
             runtime.log.warning("results not written at close: their snapshots are scored again at the next start",
                                 extra={"snapshots": list(self.unwritten)})
+
+    def _make_folder(self) -> bool:
+        """Make :attr:`out_dir` where it is not there; whether it is. One the disk refuses (full,
+        an I/O error; a run's first start on a full disk, which went out of the evaluator and met
+        it again at every restart) is said as a refused result is: an error line the first time
+        it fails so, counted, the status's ``write_error`` until it is made. Tried again at each
+        turn while the evaluator scores the snapshots that come."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            said = f"results folder: {_reason(err)}: {err.strerror or err}"
+            self.metrics.write_failures.labels(_reason(err)).inc()
+            if said != self.folder_refused:
+                self.runtime.log.error("results folder not made: tried again at each turn; the evaluator goes on",
+                                       extra={"folder": str(self.out_dir), "reason": _reason(err),
+                                              "detail": str(err)})
+            self.folder_refused = self.runtime.status["write_error"] = said
+            return False
+        if self.folder_refused is not None:
+            self.runtime.log.info("results folder made", extra={"folder": str(self.out_dir)})
+            self.folder_refused = None
+            if not self.unwritten:
+                self.runtime.status.pop("write_error", None)
+        return True
 
     def _say_waiting(self) -> None:
         """While the snapshot folder has held no snapshot, say where the evaluator waits for one:

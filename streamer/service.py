@@ -508,6 +508,10 @@ class StreamerMetrics:
         self.dropped = m.counter("stream_dropped_frames_total", "Live frames dropped (consumer behind)", ["source"])
         self.connected = m.gauge("stream_connected", "1 while a live feed is connected", ["source"])
         self.skipped = m.counter("windows_skipped_acked_total", "Windows not made again: acknowledged before a restart")
+        self.progress_failures = m.counter("progress_write_failures_total",
+                                           "Writes of the progress file the disk refused (ENOSPC: full, EIO: an I/O "
+                                           "error), by errno name: each try, one a second while it is refused",
+                                           ["reason"])
 
 
 class StreamerService:
@@ -577,7 +581,8 @@ class StreamerService:
     def save_progress(self, *, closing: bool = False) -> None:
         """Write the progress file where it changed. One the disk refuses (full, an I/O error) is
         said once while it fails alike (an error line with the errno's name, the status's
-        ``write_error``, which the status line of ``reliev3r up`` shows); the progress stays in
+        ``write_error``, which the status line of ``reliev3r up`` shows) and counted at each try
+        (``progress_write_failures_total``, for the alert); the progress stays in
         memory and is tried again every :data:`PROGRESS_RETRY_S` while windows flow on (a restart
         meanwhile sends again the windows acknowledged since the last write: replay stores each
         once). At ``closing``, a refused write is a warning."""
@@ -587,6 +592,7 @@ class StreamerService:
             saved = self.progress.save()
         except OSError as err:
             reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
+            self.metrics.progress_failures.labels(reason).inc()
             said = f"progress: {reason}: {err.strerror or err}"
             extra = {"reason": reason, "detail": str(err), "path": str(self.progress.path)}
             if closing:

@@ -233,25 +233,47 @@ def fsynced(monkeypatch) -> Flushed:
 class SmallDisk:
     """A file system of its own (a tmpfs of ``size`` bytes) at ``path``: what is written there
     runs out of space as on a full disk (ENOSPC), with none of the host's disk touched.
-    :meth:`fill` takes what space is left, :meth:`free` gives it back."""
+    :meth:`fill` takes what space is left, :meth:`free` gives it back. A tmpfs full of bytes still
+    makes folders (they take none), as a full ext4 does not (a folder takes a block): one made with
+    ``inodes`` (the most files and folders it holds) has them taken too by :meth:`fill`, and then
+    refuses a new folder (ENOSPC)."""
 
-    def __init__(self, path: Path, size: int):
-        self.path, self.size = path, size
+    def __init__(self, path: Path, size: int, inodes: int | None = None):
+        self.path, self.size, self.inodes = path, size, inodes
         self.filler = path / "filler"
+        self.empty: list[Path] = []
+        """The empty files that take the inodes left (with ``inodes``)."""
 
     def fill(self) -> None:
-        """Write the filler until the disk refuses a byte more."""
-        with open(self.filler, "ab", buffering=0) as f:
-            for block in (1 << 20, 1 << 12, 1):
-                try:
-                    while True:
-                        f.write(bytes(block))
-                except OSError as err:
-                    if err.errno != errno.ENOSPC:
-                        raise
+        """Write the filler until the disk refuses a byte more; with ``inodes``, then make empty
+        files until it refuses one more."""
+        try:
+            with open(self.filler, "ab", buffering=0) as f:
+                for block in (1 << 20, 1 << 12, 1):
+                    try:
+                        while True:
+                            f.write(bytes(block))
+                    except OSError as err:
+                        if err.errno != errno.ENOSPC:
+                            raise
+        except OSError as err:  # no inode left for the filler: no byte can be written either
+            if err.errno != errno.ENOSPC:
+                raise
+        while self.inodes is not None:
+            path = self.path / f"empty-{len(self.empty)}"
+            try:
+                path.touch(exist_ok=False)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                break
+            self.empty.append(path)
 
     def free(self) -> None:
         self.filler.unlink(missing_ok=True)
+        for path in self.empty:
+            path.unlink(missing_ok=True)
+        self.empty.clear()
 
     def available(self) -> int:
         st = os.statvfs(self.path)
@@ -259,23 +281,25 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(tmp_path) -> Callable[[int], SmallDisk]:
-    """``small_disk(size)``: a :class:`SmallDisk` of ``size`` bytes mounted under ``tmp_path``,
-    unmounted at the end of the test. Mounting needs the privilege to (root, or CAP_SYS_ADMIN):
-    without it the test is skipped, saying so."""
+def small_disk(tmp_path) -> Callable[..., SmallDisk]:
+    """``small_disk(size, inodes=None)``: a :class:`SmallDisk` of ``size`` bytes (and at most
+    ``inodes`` files and folders, where given) mounted under ``tmp_path``, unmounted at the end of
+    the test. Mounting needs the privilege to (root, or CAP_SYS_ADMIN): without it the test is
+    skipped, saying so."""
     mounted: list[Path] = []
 
-    def make(size: int) -> SmallDisk:
+    def make(size: int, inodes: int | None = None) -> SmallDisk:
         path = tmp_path / f"disk{len(mounted)}"
         path.mkdir()
         if shutil.which("mount") is None:
             pytest.skip("a full disk is a small tmpfs, and this host has no mount command")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        options = f"size={size}" + (f",nr_inodes={inodes}" if inodes is not None else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             pytest.skip(f"a full disk is a small tmpfs, and mounting one is not permitted here: {done.stderr.strip()}")
         mounted.append(path)
-        return SmallDisk(path, size)
+        return SmallDisk(path, size, inodes)
 
     yield make
     for path in mounted:

@@ -111,6 +111,31 @@ def test_replay_not_growing_fires_only_when_replay_is_offered_nothing(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@needs_promtool
+def test_disk_refuses_writes_fires_on_each_stage_refused_a_write(tmp_path):
+    """Each stage that writes under run.dir counts the writes the disk refuses: the learner its
+    snapshots, replay its inserts (rejected storage_full), the streamer its progress file and the
+    evaluator its results. The alert fires on any one of them alone, and not on a healthy run
+    (every counter flat, or none exported yet)."""
+    rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rDiskRefusesWrites")
+    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
+
+    def case(series: dict[str, str], expected: list[dict]) -> dict:
+        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "alert_rule_test": [{"eval_time": "20m", "alertname": rule["alert"], "exp_alerts": expected}]}
+
+    flat, growing = "0+0x20", "0+1x20"
+    refused = ['reliev3r_snapshot_failures_total{reason="ENOSPC"}',
+               'reliev3r_replay_rejected_total{reason="storage_full"}',
+               'reliev3r_progress_write_failures_total{reason="ENOSPC"}',
+               'reliev3r_result_write_failures_total{reason="EIO"}']
+    cases = [case({name: growing}, firing) for name in refused]
+    cases += [case({name: flat for name in refused}, []),
+              case({'reliev3r_replay_rejected_total{reason="too_large"}': growing}, [])]
+    result = _promtool_test_rules(tmp_path, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_alert_expressions_have_checkable_form():
     for rule in alert_rules():
         assert ALERT_FORM.match(rule["expr"].strip()), rule["alert"]

@@ -383,8 +383,9 @@ def test_a_result_the_full_disk_refuses_is_said_and_written_once_there_is_room_w
     """``evaluations/`` on a disk that fills up: the result of a snapshot met ENOSPC, which went
     out of the evaluator, whose restart scored the same snapshot again and met the full disk
     again, in a loop. Now the result not written is said (an error line with the reason, the
-    status's ``write_error``), no temporary file is left, the evaluator scores the next snapshot,
-    and both results are written once the disk has room; each snapshot is scored once."""
+    status's ``write_error``, counted by its errno name for the alert), no temporary file is left,
+    the evaluator scores the next snapshot, and both results are written once the disk has room;
+    each snapshot is scored once."""
     data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
     disk = small_disk(1 << 20)
     (disk.path / "evaluations").mkdir()
@@ -401,6 +402,8 @@ def test_a_result_the_full_disk_refuses_is_said_and_written_once_there_is_room_w
         assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
         assert status["write_error"] == f"result of step-000000001: ENOSPC: {os.strerror(errno.ENOSPC)}"
         assert status["step"] == 1  # scored: its metrics are out, in the status and on the endpoint
+        refused_writes = ("reliev3r_result_write_failures_total", {"reason": "ENOSPC"})
+        assert evaluator.runtime.metrics.registry.get_sample_value(*refused_writes) >= 1  # for the alert
         make_tiny_snapshot(run, steps=2)  # the last one of the run: scored, its result refused too
         wait_for(lambda: status.get("step") == 2 or evaluator.error or evaluator.rc is not None, 240,
                  "the second snapshot scored")
@@ -418,3 +421,40 @@ def test_a_result_the_full_disk_refuses_is_said_and_written_once_there_is_room_w
     refused = [r for r in caplog.records if r.getMessage().startswith("result not written")]
     assert [(r.levelno, r.snapshot, r.reason) for r in refused] == [
         (logging.ERROR, "step-000000001", "ENOSPC"), (logging.ERROR, "step-000000002", "ENOSPC")]
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_results_folder_the_full_disk_refuses_at_the_first_start_is_said_and_made_once_there_is_room(
+        tmp_path, small_disk, caplog, wait_for):
+    """A run's first evaluator start on a full disk: making ``evaluations/`` met ENOSPC, which
+    went out of the evaluator's start, and every restart met it again (a crash loop). Now it is
+    said as a result the disk refuses is (an error line with the reason, the status's
+    ``write_error``, counted), the evaluator waits for snapshots and scores them, and the folder
+    and the results are made once the disk has room."""
+    data = image_folder(tmp_path / "seq")
+    disk = small_disk(1 << 20, inodes=64)  # a full ext4 refuses a folder; a tmpfs, once out of inodes
+    run = disk.path / "run"
+    (tmp_path / "snapshots").mkdir()
+    run.mkdir()
+    (run / "snapshots").symlink_to(tmp_path / "snapshots")  # the snapshots on another disk
+    make_tiny_snapshot(run, steps=1)
+    disk.fill()
+    caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
+    evaluator = Evaluator(config(run, data, max_steps=1))
+    status = evaluator.runtime.status
+    try:
+        wait_for(lambda: status.get("step") or evaluator.error or evaluator.rc is not None, 240, "the snapshot scored")
+        assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+        assert status["write_error"].endswith(f"ENOSPC: {os.strerror(errno.ENOSPC)}"), status
+        refused_writes = ("reliev3r_result_write_failures_total", {"reason": "ENOSPC"})
+        assert evaluator.runtime.metrics.registry.get_sample_value(*refused_writes) >= 1
+        assert not (run / "evaluations").exists()
+        disk.free()
+        assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == ["step-000000001"] and "write_error" not in status
+    said = [(r.getMessage().split(":")[0], getattr(r, "reason", None)) for r in caplog.records
+            if r.levelno >= logging.WARNING]  # once each, no traceback (pruning the pictures of a folder not made)
+    assert said == [("results folder not made", "ENOSPC"), ("pictures not written", "ENOSPC")], said
+    assert [r for r in caplog.records if r.getMessage() == "results folder made"]

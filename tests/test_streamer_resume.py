@@ -470,7 +470,7 @@ def test_a_progress_file_the_full_disk_refuses_is_said_once_and_windows_keep_flo
     restart met the full disk again at the first acknowledgement). Now the failure is said once
     (an error line with the reason, the status's ``write_error``), no temporary file is left, the
     file stays as it was, windows keep flowing, and the progress kept in memory is written once
-    the disk has room again."""
+    the disk has room again. Each refused write is counted by its errno name, for the alert."""
     import streamer.service as streamer_service
 
     clip = encode(tmp_path / "pan.mp4", panning_frames(120, 96, 64, step=3))
@@ -490,6 +490,8 @@ def test_a_progress_file_the_full_disk_refuses_is_said_once_and_windows_keep_flo
         disk.fill()
         sent += receive(sock, lambda wid: True, stop_when=lambda: "write_error" in status)
         assert status["write_error"] == f"progress: ENOSPC: {os.strerror(errno.ENOSPC)}", status
+        refused_writes = ("reliev3r_progress_write_failures_total", {"reason": "ENOSPC"})
+        assert streamer.metric(*refused_writes) >= 1  # counted: Reliev3rDiskRefusesWrites fires
         before = progress_file.read_text()
         during = receive(sock, lambda wid: True, stop_after=6)  # acknowledged, so flowing on
         assert len(during) == 6 and not set(during) & set(sent)
