@@ -119,9 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("torch-export", "onnx"), default=None, help="default: from --out's suffix")
     exp.add_argument("--views", type=at_least(2), default=None, help="views per window (default: streamer.views, "
                      "of the run's config.yaml unless --config is given)")
-    exp.add_argument("--height", type=int, default=None,
+    exp.add_argument("--height", type=at_least(1), default=None,
                      help="input height (default: the snapshot's; one that records none: streamer.height)")
-    exp.add_argument("--width", type=int, default=None,
+    exp.add_argument("--width", type=at_least(1), default=None,
                      help="input width (default: the snapshot's; one that records none: streamer.width)")
     exp.add_argument("--colmap", default=None, metavar="DIR",
                      help="write a COLMAP model of every held-out window into DIR/<window>/")

@@ -98,3 +98,15 @@ def test_format_and_size_checks(snapshot, tmp_path, capsys):
     # said in a line, exit 2 (a bad value), not a traceback
     assert cli.main(["export", "--checkpoint", str(snapshot), "--out", str(tmp_path / "m.pt2"), "--height", "50"]) == 2
     assert "multiples of the patch size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [(["--height", "0"], "--height: must be >= 1, got 0"),
+                                        (["--width", "-14"], "--width: must be >= 1, got -14")])
+def test_sizes_below_one_are_refused_by_name(argv, said, tmp_path, capsys):
+    """``--height 0`` was read as "the default" (the snapshot's size exported), ``--width -14``
+    left to the patch-size check, which named no flag: refused, naming the flag, before anything
+    loads (no snapshot is there to load)."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.pt2"), *argv])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "m.pt2").exists()
