@@ -586,6 +586,16 @@ def _frame_range(text: str) -> tuple[int | None, int | None]:
     return int(first), int(last)
 
 
+def frame_range(spec: str) -> tuple[int | None, int | None]:
+    """The frame range of a ``7scenes:``, ``scannet:``, ``folder:`` or bare-folder spec as
+    (FIRST, LAST), frame indices both included; (None, None) where it has none (every frame).
+    ValueError, in the words of :func:`spec_problem`, where it is no ``@FIRST-LAST`` with
+    FIRST <= LAST. For tools that read a spec's parts themselves (the studies' datasets)."""
+    if problem := _frame_range_problem(spec):
+        raise ValueError(problem)
+    return _frame_range(_frame_range_text(spec))
+
+
 def _depth_scale(spec: str, text: str) -> float:
     """The ``depth_scale`` option's value: a finite number > 0 (depth is the PNG value divided by
     it: 0 would make every depth +inf, a negative one every depth negative, inf every depth 0)."""

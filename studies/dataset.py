@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evaluation.datasets import EvalWindow
+from evaluation.datasets import EvalWindow, Sequence, frame_range, sevenscenes_sequence
 from reliev3r import durable
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         if not (self.source == "synthetic" or self.source.startswith("7scenes:")):
             raise ValueError(f"source must be 'synthetic' or '7scenes:DIR[@A-B]', got {self.source!r}")
+        if self.source != "synthetic":
+            frame_range(self.source)  # refused as the evaluation refuses it (``reliev3r eval``)
         if self.views < 2 or self.stride < 1 or self.hop < 1 or self.scenes < 1 or self.frames < 2:
             raise ValueError("views must be >= 2; stride, hop, scenes >= 1; frames >= 2")
         if self.match_scale < 1:
@@ -238,16 +240,17 @@ def _label_synthetic_scene(spec: DatasetSpec, index: int) -> list[dict[str, Any]
     return out
 
 
+def _sevenscenes(spec: DatasetSpec) -> Sequence:
+    """The 7-Scenes sequence of ``spec``'s source (``7scenes:DIR[@FIRST-LAST]``), its frame range
+    read as the evaluation reads it (``evaluation.datasets.frame_range``)."""
+    folder = spec.source.partition(":")[2].partition("@")[0]
+    return sevenscenes_sequence(Path(folder), *frame_range(spec.source))
+
+
 def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str, Any]]:
-    from evaluation.datasets import sevenscenes_sequence
     from reliev3r import imaging
 
-    folder, _, frame_range = spec.source.partition(":")[2].partition("@")
-    first = last = None
-    if frame_range:
-        a, _, b = frame_range.partition("-")
-        first, last = int(a), int(b)
-    seq = sevenscenes_sequence(Path(folder), first, last)
+    seq = _sevenscenes(spec)
     out: list[dict[str, Any]] = []
     for start in starts:
         imgs, bigs, depths, poses, Ks = [], [], [], [], []
@@ -272,14 +275,7 @@ def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str,
 def _tasks(spec: DatasetSpec) -> list[tuple[Any, ...]]:
     if spec.source == "synthetic":
         return [(_label_synthetic_scene, spec, i) for i in range(spec.scenes)]
-    from evaluation.datasets import sevenscenes_sequence
-
-    folder, _, frame_range = spec.source.partition(":")[2].partition("@")
-    first = last = None
-    if frame_range:
-        a, _, b = frame_range.partition("-")
-        first, last = int(a), int(b)
-    length = sevenscenes_sequence(Path(folder), first, last).length
+    length = _sevenscenes(spec).length
     starts = [w[0] for w in _windows_of_clip(spec, length)]
     chunks = [starts[k:k + 8] for k in range(0, len(starts), 8)]
     return [(_label_7scenes_chunk, spec, chunk) for chunk in chunks]

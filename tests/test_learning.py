@@ -96,6 +96,22 @@ def test_parse_spec_names_bad_options():
         parse_spec("synthetic", views=1)
 
 
+
+@pytest.mark.parametrize("frames", ["@5", "@9-3", "@a-b", "@-1-5", "@0-99x"])
+def test_a_malformed_frame_range_is_refused_as_the_evaluation_refuses_it(frames):
+    """The studies parsed a 7-Scenes spec's ``@A-B`` themselves: ``@5`` or ``@a-b`` failed later
+    in the labelling with int()'s message, ``@9-3`` was taken. Now the spec is refused as it is
+    parsed, with the words of ``evaluation.datasets`` (``spec_problem``, as ``reliev3r eval`` says it)."""
+    from evaluation.datasets import spec_problem
+
+    source = f"7scenes:/x/seq{frames}"
+    said = spec_problem(source)
+    assert said is not None and said.startswith(f"{source}: frame range")
+    with pytest.raises(ValueError) as err:
+        parse_spec(f"{source};stride=10")
+    assert str(err.value) == said
+
+
 def test_real_teacher_labels_at_match_resolution_are_block_averaged_and_memoised():
     from studies import dataset as ds
 
