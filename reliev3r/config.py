@@ -64,6 +64,15 @@ class PipelineConfig:
         return self.labeler.reads_ground_truth or self.learner.loss.kind == "supervised"
 
     @property
+    def ground_truth_needed(self) -> tuple[str, ...]:
+        """The ground truth a window must carry for every view to be trained on (the wire's
+        array names): depth and pose for the supervised loss, depth for the oracle teacher (which
+        labels from it), none else. The streamer skips a window without it (``no_ground_truth``)."""
+        if self.learner.loss.kind == "supervised":
+            return ("gt_depth", "gt_cam_to_world")
+        return ("gt_depth",) if self.labeler.reads_ground_truth else ()
+
+    @property
     def refreshes_teacher(self) -> bool:
         """Whether ``labeler.refresh_step`` applies: :attr:`refresh_skipped` is None."""
         return self.labeler.refresh_step > 0 and self.refresh_skipped is None

@@ -175,9 +175,38 @@ class Dispatcher:
         self.credits.pop(peer, None)
 
 
+class GroundTruthGate:
+    """Windows without the ground truth a training stage needs for every view
+    (``PipelineConfig.ground_truth_needed``): each is counted under ``no_ground_truth`` with the
+    detail of its source's first (the log says it once: :class:`FirstSeen`), and how many a
+    source had is said when it ends. Sent, such a window would end a supervised learner at the
+    first batch that sampled it (and the oracle labeler drops one without depth)."""
+
+    def __init__(self, needed: tuple[str, ...], on_error: srcs.ErrorSink, log):
+        self.needed, self.on_error, self.log = tuple(needed), on_error, log
+        self.counts: dict[str, int] = {}
+        self.said: dict[str, str] = {}
+
+    def refuses(self, name: str, key: str, window: Window) -> bool:
+        """Whether ``window`` (of source ``name``, progress key ``key``) lacks it: then reported."""
+        lacking = window.lacking(self.needed) if self.needed else None
+        if lacking is None:
+            return False
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.on_error(name, "no_ground_truth", self.said.setdefault(name, (
+            f"{lacking}: not sent, nor any other window of this source without the ground truth training needs "
+            f"({', '.join(self.needed)} of every view; counted, the first named)")))
+        return True
+
+    def ended(self, key: str) -> None:
+        if count := self.counts.pop(key, 0):
+            self.log.warning("windows without ground truth skipped", extra={
+                "source": key, "windows": count, "reason": "no_ground_truth", "needed": list(self.needed)})
+
+
 def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[str], None],
                   on_error: srcs.ErrorSink, log, progress: Progress | None = None,
-                  stop: threading.Event | None = None) -> Iterator[Window]:
+                  stop: threading.Event | None = None, needed: tuple[str, ...] = ()) -> Iterator[Window]:
     """Windows from every archive source, ``cfg.interleave`` sources at a time (with
     ``decode_workers: 0``, no more than the workers: one per core) in round robin:
     one window from each in turn, where a source decoded by a worker (``streamer.workers``) that
@@ -196,8 +225,11 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
     rsync and ``mv`` do) is read from the start as new content (reported as ``replaced``), its
     window ids other than the old content's (``streamer.progress``). With ``progress``, a file
     found after a restart as another than the one read before is new content alike, and a
-    finished one that grew meanwhile is read on from its last window."""
+    finished one that grew meanwhile is read on from its last window. A window without the ground
+    truth ``needed`` for every view is not yielded (:class:`GroundTruthGate`): with ``progress``
+    it counts as acknowledged, so a restart does not make it again."""
     stop = stop or threading.Event()
+    gate = GroundTruthGate(needed, on_error, log)
     pass_index = progress.pass_index if progress is not None else 0
     # with workers one per core, a source beyond them would be decoded in this process, on the
     # workers' cores (0.78x and 0.67x of the workers' bound at 2 and 8 such sources on 2 cores
@@ -293,6 +325,7 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
                 window = next(it)
             except StopIteration:
                 active.remove(entry)
+                gate.ended(key)
                 # one that made no window (too short for one) is not done: a restart that took it
                 # as finished would exit 0 with no window ever made, and ``up`` wait for them forever
                 if progress is not None and key in made:
@@ -306,13 +339,18 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
             if key in read_on and first <= read_on[key][0] and key in last:
                 continue  # made before it grew
             last[key] = (first, window.blur_history)
-            produced += 1
+            lacking = bool(needed) and window.lacking(needed) is not None
+            produced += not lacking  # a pass of windows none of which can be sent does not loop
             made.add(key)
             if progress is not None:
                 if progress.is_acked(window.window_id, key):
                     progress.skipped += 1
                     continue  # acknowledged before a restart
                 progress.made(key, window.window_id, window.blur_history)
+            if lacking and gate.refuses(name, key, window):
+                if progress is not None:
+                    progress.acked(window.window_id)  # done with: it must not hold the resume point back
+                continue
             yield window
         if not cfg.loop or stop.is_set():
             return
@@ -396,9 +434,14 @@ def _next_ready(active: deque) -> tuple | None:
     return None
 
 
-def live_stream(source, cfg, *, on_frame: Callable[[str], None]) -> Iterator[Window]:
-    """Windows of one live feed (ids carry the session: frame numbers restart per process)."""
-    yield from windows_of(source.name, _counted(source, on_frame, 0), cfg, pass_index=source.session)
+def live_stream(source, cfg, *, on_frame: Callable[[str], None], gate: GroundTruthGate | None = None
+                ) -> Iterator[Window]:
+    """Windows of one live feed (ids carry the session: frame numbers restart per process);
+    those ``gate`` refuses (no ground truth that training needs: a live feed carries none) are
+    counted, not yielded."""
+    for window in windows_of(source.name, _counted(source, on_frame, 0), cfg, pass_index=source.session):
+        if gate is None or not gate.refuses(source.name, source.name, window):
+            yield window
 
 
 def _counted(source, on_frame, start: int = 0):
@@ -547,14 +590,16 @@ class StreamerService:
         streams = []
         if archive_specs or not live_specs:
             streams.append(_skip_counted(window_stream(make_sources, scfg, on_frame=on_frame, on_error=on_error,
-                                                       log=log, progress=progress, stop=stop),
+                                                       log=log, progress=progress, stop=stop,
+                                                       needed=cfg.ground_truth_needed),
                                          progress, metrics.skipped))
         for spec in live_specs:
             live = LiveSource(spec, fov_deg=scfg.fov_deg, on_error=on_error, on_event=self.on_event, stop=stop,
                               open_timeout_s=scfg.live_open_timeout_s, read_timeout_s=scfg.live_read_timeout_s,
                               stall_timeout_s=scfg.live_stall_timeout_s, backoff_initial_s=scfg.reconnect_initial_s,
                               backoff_max_s=scfg.reconnect_max_s)
-            streams.append(live_stream(live, scfg, on_frame=on_frame))
+            streams.append(live_stream(live, scfg, on_frame=on_frame,
+                                       gate=GroundTruthGate(cfg.ground_truth_needed, on_error, log)))
         self.feed = WindowFeed(streams, on_error=on_error)
         self.feed.stop = stop
         self.disp = Dispatcher(max_in_flight=scfg.max_in_flight, resend_timeout_s=scfg.resend_timeout_s,

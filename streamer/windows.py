@@ -95,6 +95,15 @@ class Window:
     empty with the test off): what a builder started at that frame must start with to make this
     window and the ones after it as this run did. Not part of the wire message."""
 
+    def lacking(self, needed: tuple[str, ...]) -> str | None:
+        """Which of the ground truth ``needed`` (``"gt_depth"``, ``"gt_cam_to_world"``: what
+        :meth:`to_message` sends only where every view has it) some view lacks, with their frames;
+        None when every view has it all. Depth that is partly 0 (unknown) is depth."""
+        missing = {name: [v.index for v in self.views if getattr(v, name) is None] for name in needed}
+        said = [f"{name} of frame{'s' * (len(frames) > 1)} {', '.join(map(str, frames))}"
+                for name, frames in missing.items() if frames]
+        return f"window {self.window_id} has no {' nor '.join(said)}" if said else None
+
     def to_message(self) -> Message:
         arrays = {"frames": np.stack([v.rgb for v in self.views]),
                   "intrinsics": np.stack([v.intrinsics for v in self.views]).astype(np.float32)}

@@ -404,3 +404,72 @@ def test_the_streamer_keeps_series_for_a_bounded_number_of_sources(tmp_path, str
     heard = set().union(*labelled.values())
     assert len(heard) <= 4, labelled  # 8 before: every file's
     assert streamer.metric("reliev3r_decode_frames_total", {"source": source_name(clips[-1])}) == 10
+
+
+def _posed_folder(folder, frames: int, *, no_pose: int, no_depth: int | None = None):
+    """An image folder of ``frames`` frames, each with its depth map (partly 0: unknown) and
+    ``.pose.txt``, but frame ``no_pose`` without its pose file (and ``no_depth`` without its
+    depth map)."""
+    import cv2
+
+    from streamer_media import texture
+
+    folder.mkdir()
+    for k in range(frames):
+        stem = folder / f"frame-{k:06d}"
+        cv2.imwrite(f"{stem}.color.png", cv2.cvtColor(np.roll(texture(96, 64), 3 * k, axis=1), cv2.COLOR_RGB2BGR))
+        depth = np.full((64, 96), 1500, np.uint16)
+        depth[:8] = 0
+        if k != no_depth:
+            cv2.imwrite(f"{stem}.depth.png", depth)
+        pose = np.eye(4)
+        pose[0, 3] = 0.01 * k
+        if k != no_pose:
+            np.savetxt(f"{stem}.pose.txt", pose)
+    return folder
+
+
+GATES_OFF = {"views": 2, "height": 64, "width": 96, "frame_stride": 1, "window_step": 2, "keyframe_min_motion": 0,
+             "keyframe_min_flow": 0, "blur_ratio": 0, "scene_cut_motion": 0, "scene_cut_hist": 0, "settle_s": 0,
+             "loop": False}
+
+
+def _stream_all(cfg, stage, ctx):
+    from helpers_live import Labeler
+
+    streamer = stage(streamer_service.run, cfg, "streamer")
+    labeler = Labeler(ctx, cfg)
+    deadline = time.monotonic() + HANG_S
+    while streamer.rc is None and time.monotonic() < deadline:
+        labeler.pump(0.3)
+    assert streamer.rc == 0, "streamer did not finish its sources"
+    return streamer, [msg for _, msg in labeler.windows]
+
+
+@pytest.mark.parametrize("loss, teacher, missing, skipped", [
+    ("supervised", "none", "pose", True),  # the supervised loss needs depth and pose
+    ("supervised", "none", "depth", True),
+    ("weak", "oracle", "depth", True),  # the oracle labels from depth: one without it is skipped
+    ("weak", "oracle", "pose", False),  # and needs no pose: the window goes, without gt_cam_to_world
+])
+def test_a_window_without_the_ground_truth_its_training_needs_is_skipped_and_others_flow(
+        tmp_path, make_cfg, stage, ctx, loss, teacher, missing, skipped):
+    """Where a stage trains on ground truth, a window that lacks the ground truth it needs for a
+    view (a frame without its pose file, a ScanNet frame whose tracking was lost, one without its
+    depth map) is not sent: a supervised learner would end at the first batch that sampled it.
+    It is counted under ``no_ground_truth`` and the source's other windows flow; depth that is
+    partly 0 (unknown) is ground truth."""
+    from streamer.sources import source_name
+
+    folder = _posed_folder(tmp_path / "scene", 12, no_pose=5 if missing == "pose" else None,
+                           no_depth=5 if missing == "depth" else None)
+    cfg = make_cfg(streamer={"sources": [str(folder)], **GATES_OFF}, labeler={"teacher": teacher},
+                   learner={"loss": {"kind": loss}})
+    streamer, windows = _stream_all(cfg, stage, ctx)
+    frames = [m.meta["frame_indices"] for m in windows]
+    assert sorted(f for fs in frames for f in fs) == [k for k in range(12) if not (skipped and k in (4, 5))]
+    lost = {"source": source_name(folder), "reason": "no_ground_truth"}
+    assert streamer.metric("reliev3r_decode_errors_total", lost) == (1 if skipped else 0)
+    for m in windows:
+        assert m.arrays["gt_depth"].shape == (2, 64, 96)
+        assert ("gt_cam_to_world" in m.arrays) == (loss == "supervised" or 5 not in m.meta["frame_indices"])
