@@ -173,6 +173,8 @@ class LearnerService:
         self.reporter = (ReplayClient(endpoint, ctx=runtime.ctx, curve=cfg.network.curve)
                          if cfg.replay.sampler == "prioritized" else None)
         self.teachers: Any = None
+        self.dropped: set[str] = set()
+        """The reasons of the batches dropped before a step (:func:`_unusable`) said so far."""
         self.rate, self.last_log = StepRate(time.perf_counter()), 0.0
         self.last_saved = trainer.global_step if latest is not None else -1
 
@@ -210,10 +212,13 @@ class LearnerService:
                     wait_start = time.perf_counter()
                 continue
             msg, host = got
-            if reason := _unusable(msg, lcfg.model.patch_size):
+            if reason := _unusable(msg, lcfg.model.patch_size, supervised=lcfg.loss.kind == "supervised"):
                 runtime.metrics.reject(reason)
-                runtime.log.warning("dropped a batch the model cannot take", extra={
-                    "reason": reason, "shape": list(msg.arrays["frames"].shape)})
+                if reason not in self.dropped:  # said once a reason; every one is counted
+                    self.dropped.add(reason)
+                    runtime.log.warning("dropped a batch the model cannot take (further ones for this reason are "
+                                        "counted, not logged)", extra={"reason": reason,
+                                                                       "shape": list(msg.arrays["frames"].shape)})
                 msg = None
         if wait_start is not None:
             metrics.data_wait.inc(time.perf_counter() - wait_start)
@@ -357,13 +362,19 @@ def run(cfg: PipelineConfig, runtime: Runtime, *, loss_fn: LossFn | None = None)
     return service.finish()
 
 
-def _unusable(msg: protocol.Message, patch_size: int) -> str | None:
+def _unusable(msg: protocol.Message, patch_size: int, *, supervised: bool = False) -> str | None:
     """Why a well-formed batch still cannot be trained on, or None. Checked before the step
     so that a bad batch is counted and dropped instead of ending the process (a replay
-    refuses such windows at the insert; one that stored them before it did still serves them)."""
+    refuses such windows at the insert; one that stored them before it did still serves them).
+    ``supervised``: the batch must carry ``gt_depth`` and ``gt_cam_to_world`` (replay sends them
+    only where every window has them; the streamer skips a window without them, but a store
+    filled before, or under another config, may hold some): else ``no_ground_truth``. Each rank
+    drops its own batch and takes the next, so under DDP the ranks still step together."""
     h, w = msg.arrays["frames"].shape[2:4]
     if h % patch_size or w % patch_size:
         return "image_size_not_multiple_of_patch"
+    if supervised and not {"gt_depth", "gt_cam_to_world"} <= msg.arrays.keys():
+        return "no_ground_truth"
     if any(space is not None and space not in protocol.TEACHER_SPACES for space in teacher_spaces_of(msg)):
         return "unknown_teacher_space"
     return None

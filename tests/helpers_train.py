@@ -38,14 +38,17 @@ def learner_cfg(**kw) -> LearnerConfig:
 class FakeReplay:
     """A real ROUTER socket answering ``sample`` like the replay service: first "not_ready",
     then batches of synthetic windows (echoing ``request_id`` as the service does), each batch
-    ``delay_s`` after its request; with ``refuse``, that ``error`` reason instead of each batch."""
+    ``delay_s`` after its request; with ``refuse``, that ``error`` reason instead of each batch;
+    with ``ground_truth_from``, the batches from that request on carry the supervised sibling's
+    ground truth (``gt_depth``, ``gt_cam_to_world``), those before not."""
 
     def __init__(self, ctx, port: int, *, views: int = 2, h: int = 16, w: int = 16, odd_first: bool = False,
-                 delay_s: float = 0.0, first_teacher: dict | None = None, refuse: str | None = None):
+                 delay_s: float = 0.0, first_teacher: dict | None = None, refuse: str | None = None,
+                 ground_truth_from: int | None = None):
         import zmq
 
         self.odd_first, self.base_shape, self.delay_s = odd_first, (views, h, w), delay_s
-        self.first_teacher, self.refuse = first_teacher, refuse
+        self.first_teacher, self.refuse, self.ground_truth_from = first_teacher, refuse, ground_truth_from
         """The teacher meta of the first batch (the later ones: the toy teacher's)."""
 
         self.sock = ctx.socket(zmq.ROUTER)
@@ -60,11 +63,13 @@ class FakeReplay:
 
     def _batch(self, b: int, seed: int) -> dict:
         v, h, w = self.shape
-        t = synthetic_batch(b, v, h, w, seed=seed)
-        return {"frames": (t["images"].permute(0, 1, 3, 4, 2).numpy() * 255).astype(np.uint8),
-                "intrinsics": t["intrinsics"].numpy(), "matches": t["matches"].numpy(),
-                "teacher_depth": t["teacher_depth"].numpy(),
-                "teacher_valid": t["teacher_valid"].numpy().astype(np.uint8)}
+        gt = self.ground_truth_from is not None and len(self.requests) >= self.ground_truth_from
+        t = synthetic_batch(b, v, h, w, seed=seed, ground_truth=gt)
+        arrays = {"frames": (t["images"].permute(0, 1, 3, 4, 2).numpy() * 255).astype(np.uint8),
+                  "intrinsics": t["intrinsics"].numpy(), "matches": t["matches"].numpy(),
+                  "teacher_depth": t["teacher_depth"].numpy(),
+                  "teacher_valid": t["teacher_valid"].numpy().astype(np.uint8)}
+        return {**arrays, **{k: t[k].numpy() for k in ("gt_depth", "gt_cam_to_world") if gt}}
 
     def _loop(self) -> None:
         while not self.stop.is_set():

@@ -236,6 +236,39 @@ def test_a_batch_of_both_teacher_spaces_names_each_windows_space():
     assert teacher_spaces_of(old) == ["disparity", "disparity"] and teacher_space_of(old) == "disparity"
 
 
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_supervised_learner_skips_a_batch_without_ground_truth_and_trains_on(tmp_path, caplog):
+    """A replay store filled before the streamer skipped windows without ground truth (or under
+    another config) serves the supervised learner a batch without ``gt_depth`` and
+    ``gt_cam_to_world``: the batch is dropped before the step, counted under
+    ``no_ground_truth`` and said once, and training goes on with the next batch. Before, the
+    objective raised KeyError and the learner ended (restarted by ``up``, it met one again)."""
+    import zmq
+
+    from learner import service
+    from reliev3r.config import free_port
+    from reliev3r.service import Runtime
+
+    port = free_port()
+    ctx = zmq.Context()
+    replay = FakeReplay(ctx, port, ground_truth_from=4)  # requests 2 and 3: batches without it
+    try:
+        cfg = learner_pipeline(tmp_path, port, max_steps=2, snapshot_every=100)
+        cfg.learner.loss.kind = "supervised"
+        with Runtime("learner", cfg, install_signals=False, serve_metrics=False) as runtime:
+            assert service.run(cfg, runtime) == 0  # the real objective
+            assert runtime.status["step"] == 2
+            text = _metrics_text(runtime)
+        assert 'reliev3r_messages_rejected_total{reason="no_ground_truth",stage="learner"} 2.0' in text
+        assert "reliev3r_learner_samples_total 4.0" in text and "reliev3r_learner_skipped_steps_total 0.0" in text
+        assert 'reliev3r_learner_loss{term="supervised"}' in text
+        said = [r for r in caplog.records if getattr(r, "reason", None) == "no_ground_truth"]
+        assert len(said) == 1 and said[0].levelname == "WARNING"
+    finally:
+        replay.close()
+        ctx.destroy(linger=0)
+
+
 def test_a_batch_with_a_window_of_an_unknown_space_is_unusable():
     """Any window of the batch, not only the first: its labels cannot be read (dropped, counted)."""
     from learner.service import _unusable
