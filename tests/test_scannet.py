@@ -167,6 +167,18 @@ def test_depth_of_the_depth_camera_is_brought_to_the_colour_frame_through_both_i
     assert (np.abs(resized - truth) > bound).mean() > 0.1
 
 
+def _with_poses_lost(scene: Path, clip) -> Path:
+    """``scene`` with the poses a SensReader export may hold that are none: frame 4's ``-inf`` (its
+    tracking lost), 7's ``nan`` (some exports), 9's missing, and 2's a scaled rotation (no pose)."""
+    (scene / "pose" / "4.txt").write_text("-inf -inf -inf -inf\n" * 4)
+    (scene / "pose" / "7.txt").write_text("nan nan nan nan\n" * 4)
+    (scene / "pose" / "9.txt").unlink()
+    scaled = clip[2][2].copy()
+    scaled[:3, :3] *= 2
+    _save(scene / "pose" / "2.txt", scaled)
+    return scene
+
+
 def test_a_lost_pose_is_no_pose_said_once_and_a_pose_that_is_none_skips_its_windows(tmp_path, clip, caplog):
     """SensReader writes ``-inf`` for every entry of the pose of a frame its tracking lost (some
     exports ``nan``): that frame has no ground-truth pose, so windows with it are scored without
@@ -174,13 +186,7 @@ def test_a_lost_pose_is_no_pose_said_once_and_a_pose_that_is_none_skips_its_wind
     missing pose file with them. A pose file that is there and finite but no pose (a scaled
     rotation) is read as a folder's (``reliev3r.imaging.read_pose``): its windows are skipped,
     naming it."""
-    scene = _write_scannet(tmp_path / "scene0000_00", clip)
-    (scene / "pose" / "4.txt").write_text("-inf -inf -inf -inf\n" * 4)
-    (scene / "pose" / "7.txt").write_text("nan nan nan nan\n" * 4)
-    (scene / "pose" / "9.txt").unlink()
-    scaled = clip[2][2].copy()
-    scaled[:3, :3] *= 2
-    _save(scene / "pose" / "2.txt", scaled)
+    scene = _with_poses_lost(_write_scannet(tmp_path / "scene0000_00", clip), clip)
     with caplog.at_level("WARNING", logger="evaluation.datasets"):
         windows = _windows(f"scannet:{scene}", tmp_path, views=2, stride=1, windows=FRAMES - 1)
     starts = [int(w.name.split(":")[1]) for w in windows]
@@ -315,13 +321,7 @@ def test_a_scannet_frame_whose_tracking_was_lost_streams_without_a_pose_said_onc
     without a pose, reported as ``lost_pose``; a frame without a pose file as ``no_pose``; a file
     that is no pose (a scaled rotation) as ``bad_pose``. Each reason is counted per frame and
     said once for the source: every report carries the same detail, naming the first file."""
-    scene = _write_scannet(tmp_path / "scene0000_00", clip)
-    (scene / "pose" / "4.txt").write_text("-inf -inf -inf -inf\n" * 4)
-    (scene / "pose" / "7.txt").write_text("nan nan nan nan\n" * 4)
-    (scene / "pose" / "9.txt").unlink()
-    scaled = clip[2][2].copy()
-    scaled[:3, :3] *= 2
-    _save(scene / "pose" / "2.txt", scaled)
+    scene = _with_poses_lost(_write_scannet(tmp_path / "scene0000_00", clip), clip)
     errors = _Errors()
     frames = list(ImageSequenceSource(scene, on_error=errors).frames())
     without = [i for i, f in enumerate(frames) if f.gt_cam_to_world is None]

@@ -379,8 +379,6 @@ def test_the_streamer_keeps_series_for_a_bounded_number_of_sources(tmp_path, str
     run lives named new sources for ever: each kept its ``decode_frames_total`` and
     ``decode_errors_total`` series on the endpoint for good. The series of the most recent
     ``SOURCE_SERIES`` sources heard of are kept, an older one's removed."""
-    from helpers_live import Labeler
-
     from streamer.sources import source_name
 
     monkeypatch.setattr(streamer_service, "SOURCE_SERIES", 4)
@@ -389,13 +387,7 @@ def test_the_streamer_keeps_series_for_a_bounded_number_of_sources(tmp_path, str
     for k in range(3):
         (folder / f"broken{k}.mp4").write_bytes(b"not a video")
     clips = [encode(folder / f"clip{k}.mp4", panning_frames(10, 96, 64, seed=k)) for k in range(5)]
-    cfg = stream_cfg([folder])
-    streamer = stage(streamer_service.run, cfg, "streamer")
-    labeler = Labeler(ctx, cfg)
-    deadline = time.monotonic() + HANG_S
-    while streamer.rc is None and time.monotonic() < deadline:
-        labeler.pump(0.3)
-    assert streamer.rc == 0, "streamer did not finish its sources"
+    streamer, _ = _stream_all(stream_cfg([folder]), stage, ctx)
     labelled = {}
     for family in streamer.runtime.metrics.registry.collect():
         for sample in family.samples:
