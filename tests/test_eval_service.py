@@ -409,7 +409,8 @@ def test_a_result_the_full_disk_refuses_is_said_and_written_once_there_is_room_w
                  "the second snapshot scored")
         assert evaluator.error is None and evaluator.thread.is_alive(), "no exit with a result not written"
         assert status["write_error"].startswith("result of step-000000002: ENOSPC")
-        assert not any((disk.path / "evaluations").iterdir())  # no result, no temporary file
+        # no result, and no temporary file left (one is there for the moment of each retry: waited past)
+        wait_for(lambda: not any((disk.path / "evaluations").iterdir()), 240, "no temporary file left")
         disk.free()
         assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
     finally:

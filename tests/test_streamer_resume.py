@@ -497,7 +497,9 @@ def test_a_progress_file_the_full_disk_refuses_is_said_once_and_windows_keep_flo
         assert len(during) == 6 and not set(during) & set(sent)
         wait_for(lambda: status.get("acked") == len(sent) + len(during), HANG_S, "the acknowledgements counted")
         assert progress_file.read_text() == before and json.loads(before)["sources"]
-        assert [p.name for p in progress_file.parent.iterdir()] == ["progress.json"]  # no temporary file
+        # no temporary file left (one is there for the moment of each retry, every second: waited past)
+        wait_for(lambda: [p.name for p in progress_file.parent.iterdir()] == ["progress.json"], HANG_S,
+                 "the folder without a temporary file")
         disk.free()
         sent += during + receive(sock, lambda wid: True, stop_when=lambda: streamer.rc is not None)
         streamer.thread.join(HANG_S)
