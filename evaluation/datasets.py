@@ -556,18 +556,24 @@ FRAME_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 """A spec's frame range after its ``@``: ``FIRST-LAST``, frame indices, both included."""
 
 
-def _frame_range_text(spec: str) -> str:
-    """What follows the ``@`` of a ``7scenes:``, ``scannet:``, ``folder:`` or bare-folder spec
-    (a folder's ``?options`` left out), as :func:`load_sequences` reads it; "" where none."""
+def spec_parts(spec: str) -> tuple[str, str, str, str]:
+    """A dataset spec as :func:`load_sequences` reads it: its kind (``folder`` for a bare folder),
+    its folder, its frame range (what follows the ``@``; "" where none) and a folder's options
+    (what follows its ``?``). A ``synthetic`` spec's folder is the rest ("" for the built-in world)."""
     kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        return kind, rest, "", ""
     if kind in ("7scenes", "scannet"):
-        return rest.partition("@")[2]
-    return (rest if kind == "folder" else spec).partition("?")[0].partition("@")[2]
+        folder, _, frames = rest.partition("@")
+        return kind, folder, frames, ""
+    body, _, query = (rest if kind == "folder" else spec).partition("?")
+    folder, _, frames = body.partition("@")
+    return "folder", folder, frames, query
 
 
 def _frame_range_problem(spec: str) -> str | None:
     """Why the frame range of ``spec`` is no ``@FIRST-LAST`` of frame indices, FIRST <= LAST, or None."""
-    text = _frame_range_text(spec)
+    text = spec_parts(spec)[2]
     if not text:
         return None
     match = FRAME_RANGE.fullmatch(text)
@@ -593,7 +599,7 @@ def frame_range(spec: str) -> tuple[int | None, int | None]:
     FIRST <= LAST. For tools that read a spec's parts themselves (the studies' datasets)."""
     if problem := _frame_range_problem(spec):
         raise ValueError(problem)
-    return _frame_range(_frame_range_text(spec))
+    return _frame_range(spec_parts(spec)[2])
 
 
 def _depth_scale(spec: str, text: str) -> float:
@@ -628,19 +634,16 @@ def spec_problem(spec: str) -> str | None:
     is one; a frame range that is no ``@FIRST-LAST`` of frame indices, FIRST <= LAST), a
     ``synthetic:``, ``7scenes:``, ``scannet:`` or ``folder:`` folder that is not there, or a file.
     Said starting with the spec, for a caller to put the option or key that gave it before."""
-    kind, _, rest = spec.partition(":")
-    if kind == "synthetic" and not rest:
+    kind, folder, _, _ = spec_parts(spec)
+    if kind == "synthetic" and not folder:
         return None
-    if kind not in SPEC_KINDS:
-        if Path(spec.partition("?")[0].partition("@")[0]).is_dir():
-            return _frame_range_problem(spec)
+    if spec.partition(":")[0] not in SPEC_KINDS and not Path(folder).is_dir():
         return f"{spec}: unknown dataset spec (use {SPECS})"
-    if kind != "synthetic" and (problem := _frame_range_problem(spec)):
+    if problem := _frame_range_problem(spec):
         return problem
-    folder = Path(rest.partition("?")[0].partition("@")[0] if kind != "synthetic" else rest)
-    if not folder.exists():
+    if not Path(folder).exists():
         return f"{spec}: no such folder"
-    return None if folder.is_dir() else f"{spec}: {folder} is not a folder"
+    return None if Path(folder).is_dir() else f"{spec}: {folder} is not a folder"
 
 
 def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None) -> list[Sequence]:
@@ -648,32 +651,27 @@ def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None
     the ``synthetic`` spec renders its scenes). ValueError where :func:`spec_problem` refuses it."""
     if problem := spec_problem(spec):
         raise ValueError(problem)
-    kind, _, rest = spec.partition(":")
-    if kind == "synthetic" and not rest:
+    kind, folder, frames, query = spec_parts(spec)
+    if kind == "synthetic" and not folder:
         if synthetic_cfg is None or run_dir is None:
             raise ValueError("the 'synthetic' spec needs the synthetic world's config and a run folder")
         held_out = replace(synthetic_cfg, seed=synthetic_cfg.seed + 1000)
         videos = ensure_world(Path(run_dir) / "eval_world", held_out, progress=False)
         sequences = synthetic_sequences(videos)
     elif kind == "synthetic":
-        videos = sorted(Path(rest).glob("*.mp4"))
+        videos = sorted(Path(folder).glob("*.mp4"))
         if not videos:
-            raise FileNotFoundError(f"{rest}: no synthetic videos (*.mp4 with .gt.npz)")
+            raise FileNotFoundError(f"{folder}: no synthetic videos (*.mp4 with .gt.npz)")
         sequences = synthetic_sequences(videos)
     elif kind == "7scenes":
-        folder, _, frame_range = rest.partition("@")
-        sequences = [sevenscenes_sequence(Path(folder), *_frame_range(frame_range))]
+        sequences = [sevenscenes_sequence(Path(folder), *_frame_range(frames))]
     elif kind == "scannet":
-        folder, _, frame_range = rest.partition("@")
-        sequences = [scannet_sequence(Path(folder), *_frame_range(frame_range))]
+        sequences = [scannet_sequence(Path(folder), *_frame_range(frames))]
     else:
-        body = rest if kind == "folder" else spec
-        body, _, query = body.partition("?")
-        folder, _, frame_range = body.partition("@")
         options = dict(item.partition("=")[::2] for item in query.split("&") if item)
         if set(options) - {"depth_scale"}:
             raise ValueError(f"{spec!r}: unknown option(s) {sorted(set(options) - {'depth_scale'})}; "
                              "known: depth_scale")
-        sequences = [folder_sequence(Path(folder), *_frame_range(frame_range),
+        sequences = [folder_sequence(Path(folder), *_frame_range(frames),
                                      depth_scale=_depth_scale(spec, options.get("depth_scale", "1000")))]
     return sequences

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evaluation.datasets import EvalWindow, Sequence, frame_range, sevenscenes_sequence
+from evaluation.datasets import EvalWindow, Sequence, frame_range, sevenscenes_sequence, spec_parts
 from reliev3r import durable
 
 log = logging.getLogger(__name__)
@@ -242,9 +242,8 @@ def _label_synthetic_scene(spec: DatasetSpec, index: int) -> list[dict[str, Any]
 
 def _sevenscenes(spec: DatasetSpec) -> Sequence:
     """The 7-Scenes sequence of ``spec``'s source (``7scenes:DIR[@FIRST-LAST]``), its frame range
-    read as the evaluation reads it (``evaluation.datasets.frame_range``)."""
-    folder = spec.source.partition(":")[2].partition("@")[0]
-    return sevenscenes_sequence(Path(folder), *frame_range(spec.source))
+    read as the evaluation reads it (``evaluation.datasets.spec_parts``, ``frame_range``)."""
+    return sevenscenes_sequence(Path(spec_parts(spec.source)[1]), *frame_range(spec.source))
 
 
 def _label_7scenes_chunk(spec: DatasetSpec, starts: list[int]) -> list[dict[str, Any]]:
