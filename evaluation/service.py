@@ -31,7 +31,6 @@ exits within one window's time, not one evaluation's.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import re
@@ -199,7 +198,7 @@ class EvaluatorService:
             self.out_dir.mkdir(parents=True, exist_ok=True)  # where the disk refused it so far
             record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
         except OSError as err:  # a full disk: the result is written without them
-            runtime.log.error("pictures not written", extra={"snapshot": snap.name, "reason": _reason(err),
+            runtime.log.error("pictures not written", extra={"snapshot": snap.name, "reason": durable.errno_name(err),
                                                              "detail": str(err)})
         except Exception:
             runtime.log.exception("pictures failed", extra={"snapshot": snap.name})
@@ -233,11 +232,11 @@ class EvaluatorService:
             try:
                 write_json(self.out_dir / f"{name}.json", record)
             except OSError as err:
-                said = f"result of {name}: {_reason(err)}: {err.strerror or err}"
-                self.metrics.write_failures.labels(_reason(err)).inc()
+                said = f"result of {name}: {durable.refusal(err)}"
+                self.metrics.write_failures.labels(durable.errno_name(err)).inc()
                 if self.refused.get(name) != said and not closing:
                     runtime.log.error("result not written: kept, and written once the disk has room; the "
-                                      "evaluator goes on", extra={"snapshot": name, "reason": _reason(err),
+                                      "evaluator goes on", extra={"snapshot": name, "reason": durable.errno_name(err),
                                                                   "detail": str(err)})
                 self.refused[name] = said
                 continue
@@ -262,11 +261,11 @@ class EvaluatorService:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            said = f"results folder: {_reason(err)}: {err.strerror or err}"
-            self.metrics.write_failures.labels(_reason(err)).inc()
+            said = f"results folder: {durable.refusal(err)}"
+            self.metrics.write_failures.labels(durable.errno_name(err)).inc()
             if said != self.folder_refused:
                 self.runtime.log.error("results folder not made: tried again at each turn; the evaluator goes on",
-                                       extra={"folder": str(self.out_dir), "reason": _reason(err),
+                                       extra={"folder": str(self.out_dir), "reason": durable.errno_name(err),
                                               "detail": str(err)})
             self.folder_refused = self.runtime.status["write_error"] = said
             return False
@@ -307,11 +306,6 @@ class EvaluatorService:
         dropped after it."""
         if self.unwritten:
             self._write_results(closing=True)
-
-
-def _reason(err: OSError) -> str:
-    """The name of an ``OSError``'s errno (ENOSPC: a full disk, EIO: an I/O error)."""
-    return errno.errorcode.get(err.errno or 0, type(err).__name__)
 
 
 def is_last(meta: dict, max_steps: int) -> bool:

@@ -12,7 +12,6 @@ stopping through one small all-reduce per step, so no rank is left waiting in a 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from learner.perf import bf16_matmul_peak
 from learner.snapshot import latest_snapshot, prune_snapshots
 from learner.train import LossFn, PendingStep, Trainer, device_batch, host_batch, teacher_space_of, teacher_spaces_of
 from monitoring.metrics import Metrics
-from reliev3r import protocol
+from reliev3r import durable, protocol
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime
 from replay.client import Prefetcher, ReplayClient, ReplayError
@@ -327,9 +326,9 @@ class LearnerService:
         try:
             path = trainer.save_state(folder, final=final, extra_meta={"teachers": self.teachers, "init": self.init})
         except OSError as err:
-            reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
+            reason = durable.errno_name(err)
             metrics.snapshot_failures.labels(reason).inc()
-            said = f"snapshot of step {trainer.global_step}: {reason}: {err.strerror or err}"
+            said = f"snapshot of step {trainer.global_step}: {durable.refusal(err)}"
             self.runtime.status["write_error"] = said
             self.runtime.log.error("snapshot not written: the steps since the last one are not saved yet; training "
                                    "goes on and the next snapshot is tried at its step",

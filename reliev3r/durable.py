@@ -20,6 +20,7 @@ all of them are whole (the CURVE keys: a pair is replaced together or not at all
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -94,3 +95,15 @@ def _write_temporary(tmp: str | Path, data: str | bytes | memoryview, *, mode: i
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def errno_name(err: OSError) -> str:
+    """The name of a write failure's errno (``ENOSPC``: a full disk, ``EIO``: an I/O error), as
+    the stages label their counts of refused writes; the error's type where it has none."""
+    return errno.errorcode.get(err.errno or 0, type(err).__name__)
+
+
+def refusal(err: OSError) -> str:
+    """A write failure as the stages' status says it: ``ENOSPC: No space left on device``."""
+    return f"{errno_name(err)}: {err.strerror or err}"
+

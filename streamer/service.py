@@ -15,7 +15,6 @@ that answers after they went elsewhere has its ``done`` ignored, and replay stor
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Callable, Iterator
 import zmq
 
 from monitoring.metrics import Metrics
-from reliev3r import protocol, security
+from reliev3r import durable, protocol, security
 from reliev3r.config import PipelineConfig
 from reliev3r.recent import Recent
 from reliev3r.service import Runtime, serve
@@ -636,9 +635,9 @@ class StreamerService:
         try:
             saved = self.progress.save()
         except OSError as err:
-            reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
+            reason = durable.errno_name(err)
             self.metrics.progress_failures.labels(reason).inc()
-            said = f"progress: {reason}: {err.strerror or err}"
+            said = f"progress: {durable.refusal(err)}"
             extra = {"reason": reason, "detail": str(err), "path": str(self.progress.path)}
             if closing:
                 self.log.warning("progress not written at close: the windows acknowledged since the last write "
