@@ -186,16 +186,16 @@ class GroundTruthGate:
         self.counts: dict[str, int] = {}
         self.said: dict[str, str] = {}
 
-    def refuses(self, name: str, key: str, window: Window) -> bool:
-        """Whether ``window`` (of source ``name``, progress key ``key``) lacks it: then reported."""
-        lacking = window.lacking(self.needed) if self.needed else None
-        if lacking is None:
-            return False
+    def lacking(self, window: Window) -> str | None:
+        """What of it ``window`` lacks (``Window.lacking``), or None: then it is sent."""
+        return window.lacking(self.needed) if self.needed else None
+
+    def refuse(self, name: str, key: str, lacking: str) -> None:
+        """Report a window of source ``name`` (progress key ``key``) that :meth:`lacking` said lacks it."""
         self.counts[key] = self.counts.get(key, 0) + 1
         self.on_error(name, "no_ground_truth", self.said.setdefault(name, (
             f"{lacking}: not sent, nor any other window of this source without the ground truth training needs "
             f"({', '.join(self.needed)} of every view; counted, the first named)")))
-        return True
 
     def ended(self, key: str) -> None:
         if count := self.counts.pop(key, 0):
@@ -338,15 +338,16 @@ def window_stream(make_sources: Callable[[], list], cfg, *, on_frame: Callable[[
             if key in read_on and first <= read_on[key][0] and key in last:
                 continue  # made before it grew
             last[key] = (first, window.blur_history)
-            lacking = bool(needed) and window.lacking(needed) is not None
-            produced += not lacking  # a pass of windows none of which can be sent does not loop
+            lacking = gate.lacking(window)
+            produced += lacking is None  # a pass of windows none of which can be sent does not loop
             made.add(key)
             if progress is not None:
                 if progress.is_acked(window.window_id, key):
                     progress.skipped += 1
                     continue  # acknowledged before a restart
                 progress.made(key, window.window_id, window.blur_history)
-            if lacking and gate.refuses(name, key, window):
+            if lacking is not None:
+                gate.refuse(name, key, lacking)
                 if progress is not None:
                     progress.acked(window.window_id)  # done with: it must not hold the resume point back
                 continue
@@ -439,8 +440,10 @@ def live_stream(source, cfg, *, on_frame: Callable[[str], None], gate: GroundTru
     those ``gate`` refuses (no ground truth that training needs: a live feed carries none) are
     counted, not yielded."""
     for window in windows_of(source.name, _counted(source, on_frame, 0), cfg, pass_index=source.session):
-        if gate is None or not gate.refuses(source.name, source.name, window):
+        if gate is None or (lacking := gate.lacking(window)) is None:
             yield window
+        else:
+            gate.refuse(source.name, source.name, lacking)
 
 
 def _counted(source, on_frame, start: int = 0):
