@@ -132,18 +132,32 @@ def essential_pose_errors(matches: np.ndarray, intrinsics: np.ndarray,
     return rot_errs, trans_errs
 
 
-def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu") -> dict[str, float]:
-    """RRA/RTA/AUC@30 of essential-matrix poses for every view pair of every window, from
-    matches of ``labeler.matcher`` (on ``device``: XFeat's) verified at ``labeler.ransac_threshold_px``."""
+def window_matches(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu") -> list[np.ndarray | None]:
+    """Verified matches [K, 7] of every view pair of each window with ground-truth poses (None for
+    a window without): ``labeler.matcher``'s (on ``device``: XFeat's), verified at
+    ``labeler.ransac_threshold_px``, at most 4,096 a pair. What the classical baseline solves and
+    the model's poses are fitted to (``evaluation.evaluate.score_model``'s ``matches``)."""
     matcher = make_matcher(labeler.matcher, device)
-    rot_errs, trans_errs = [], []
+    found = []
     for window in windows:
-        if window.gt_cam_to_world is None:
-            continue
         v = window.images.shape[0]
-        matches, _ = match_window(window.images, matcher, long_pairs=v * v, min_matches=8,
-                                  max_matches_per_pair=4096, threshold_px=labeler.ransac_threshold_px)
-        rot, trans = essential_pose_errors(matches, window.intrinsics, window.gt_cam_to_world)
+        found.append(None if window.gt_cam_to_world is None else match_window(
+            window.images, matcher, long_pairs=v * v, min_matches=8, max_matches_per_pair=4096,
+            threshold_px=labeler.ransac_threshold_px)[0])
+    return found
+
+
+def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu", *,
+                            matches: list[np.ndarray | None] | None = None) -> dict[str, float]:
+    """RRA/RTA/AUC@30 of essential-matrix poses for every view pair of every window, from
+    :func:`window_matches` (given, or found here)."""
+    if matches is None:
+        matches = window_matches(windows, labeler, device)
+    rot_errs, trans_errs = [], []
+    for window, found in zip(windows, matches):
+        if found is None:
+            continue
+        rot, trans = essential_pose_errors(found, window.intrinsics, window.gt_cam_to_world)
         rot_errs += rot
         trans_errs += trans
     return metrics.pose_auc(torch.tensor(rot_errs), torch.tensor(trans_errs))

@@ -3,8 +3,9 @@
 Prints a markdown table (one row per model or baseline) and writes ``results.json`` and
 ``results.md`` into ``--out`` (default: ``eval/`` in the snapshot's run folder, where the
 ``synthetic`` spec's held-out scenes are too, ``eval_world/``). Rows: the snapshot, every
-``--compare`` snapshot (e.g. the fully-supervised sibling), and the baselines: constant depth
-with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
+``--compare`` snapshot (e.g. the fully-supervised sibling), each again with its poses fitted to
+its depth and the windows' verified matches (on data with ground-truth poses), and the
+baselines: constant depth with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
 for a snapshot of a run whose teacher refresh is done, the teacher that refresh made)
 and two-view essential-matrix poses from matches of ``labeler.matcher``, verified. Every model
 sees the same windows, at the first snapshot's training resolution. The windows
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline
+from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline, window_matches
 from evaluation.datasets import load_windows, spec_problem
 from evaluation.evaluate import TITLES, has_ground_truth, markdown_table, score_model, score_trivial
 from evaluation.intervals import RESAMPLES, interval_table
@@ -35,6 +36,9 @@ from reliev3r.config import PipelineConfig, refreshed_teacher, run_folder, with_
 COLUMNS = ("absrel_med", "delta_med", "absrel_lsq", "delta_lsq", "absrel_lsq_frame", "delta_lsq_frame", "ate",
            "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
 """The metrics of the ``reliev3r eval`` table, in order."""
+FITTED = "poses fitted to its depth"
+"""Suffix of a model's second row: its depth, the poses ``learner.posefit`` fits to it and the
+matches the classical baseline solves (what ``reliev3r reconstruct`` writes by default)."""
 
 
 def _snapshot_name(snap: Path, meta: dict) -> str:
@@ -93,10 +97,15 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     has_depth, has_poses = has_ground_truth(windows)
     per_window: dict[str, list[dict[str, float]]] = {}  # the scores of each window: for the intervals
     first = f"model {_snapshot_name(snap, meta)}"
+    matches = window_matches(windows, cfg.labeler, device) if has_poses else None
     per_window[first] = score_model(model, windows, device, progress=True, desc="model")
+    if matches is not None:
+        per_window[f"{first}, {FITTED}"] = score_model(model, windows, device, matches=matches)
     for other, other_model, other_meta in compare:
-        per_window[f"compare {_snapshot_name(other, other_meta)}"] = score_model(
-            other_model, windows, device, progress=True, desc=other.name)
+        name = f"compare {_snapshot_name(other, other_meta)}"
+        per_window[name] = score_model(other_model, windows, device, progress=True, desc=other.name)
+        if matches is not None:
+            per_window[f"{name}, {FITTED}"] = score_model(other_model, windows, device, matches=matches)
     constant = "baseline: constant depth + identity poses"
     per_window[constant] = score_trivial(windows)
     rows: dict[str, dict[str, float]] = {name: mean_metrics(scores) for name, scores in per_window.items()}
@@ -106,7 +115,7 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
             rows[f"baseline: teacher depth {spec} (per-frame lsq)"] = teacher_depth_baseline(windows, spec, device)
     if has_poses:
         rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
-            windows, cfg.labeler, device)
+            windows, cfg.labeler, device, matches=matches)
     table = markdown_table(rows, COLUMNS)
     ratios = [(first, name) for name in per_window if name != first]  # the model over each sibling and the floor
     spread, spread_numbers = interval_table(per_window, ratios, TITLES)

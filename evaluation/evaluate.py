@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from evaluation import metrics
 from evaluation.datasets import EvalWindow
+from learner.posefit import fit_poses
 
 TITLES = {"absrel_med": "AbsRel med", "delta_med": "δ<1.25 med", "absrel_lsq": "AbsRel lsq",
           "delta_lsq": "δ<1.25 lsq", "absrel_lsq_frame": "AbsRel lsq/frame", "delta_lsq_frame": "δ<1.25 lsq/frame",
@@ -51,15 +53,22 @@ def evaluate_model(model: torch.nn.Module, windows: list[EvalWindow], device, *,
 
 
 def score_model(model: torch.nn.Module, windows: list[EvalWindow], device, *, progress: bool = False,
-                desc: str = "evaluating") -> list[dict[str, float]]:
-    """The metrics of ``model`` on each of ``windows``, in their order."""
+                desc: str = "evaluating", matches: list[np.ndarray | None] | None = None) -> list[dict[str, float]]:
+    """The metrics of ``model`` on each of ``windows``, in their order. With ``matches`` (each
+    window's verified matches, ``evaluation.baselines.window_matches``), the poses scored are
+    those fitted to the model's depth and the matches (``learner.posefit.fit_poses``) instead of
+    the pose head's; a window whose matches are None keeps the pose head's."""
     was_training = model.training
     model.eval()
     rows = []
     try:
-        for window in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        for k, window in enumerate(tqdm(windows, desc=desc, unit="window", disable=not progress)):
             depth, pose = predict(model, window, device)
-            rows.append(score_window(depth.cpu(), pose.cpu(), window))
+            depth, pose = depth.cpu(), pose.cpu()
+            if matches is not None and matches[k] is not None:
+                fitted = fit_poses(depth.numpy(), pose.double().numpy(), window.intrinsics, matches[k])
+                pose = torch.from_numpy(fitted.cam_to_world).to(pose.dtype)
+            rows.append(score_window(depth, pose, window))
     finally:
         model.train(was_training)
     return rows

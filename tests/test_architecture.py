@@ -41,7 +41,7 @@ PUBLIC: dict[str, tuple[str, ...]] = {
     "streamer": ("streamer.config",),
     "labelers": ("labelers.config", "labelers.depth", "labelers.matches"),
     "replay": ("replay.config", "replay.client"),
-    "learner": ("learner.config", "learner.model", "learner.snapshot", "learner.api"),
+    "learner": ("learner.config", "learner.model", "learner.snapshot", "learner.api", "learner.posefit"),
     "evaluation": ("evaluation.config", "evaluation.datasets", "evaluation.tum", "evaluation.metrics",
                    "evaluation.evaluate"),
 }

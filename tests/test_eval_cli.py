@@ -38,7 +38,10 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
     rows = [line for line in printed.splitlines() if line.startswith("| ")]
     names = [r.split("|")[1].strip() for r in rows[1:]]
     assert names[0].startswith("model run_a/step-000000002 (weak, step 2)")
-    assert names[1].startswith("compare run_b/step-000000002")
+    # each model again with its poses fitted to its own depth and the windows' verified matches
+    assert names[1] == f"{names[0]}, poses fitted to its depth"
+    assert names[2].startswith("compare run_b/step-000000002")
+    assert names[3] == f"{names[2]}, poses fitted to its depth"
     assert "baseline: constant depth + identity poses" in names
     assert "baseline: teacher depth oracle (per-frame lsq)" in names
     assert any(n.startswith("baseline: two-view essential matrix") for n in names)
@@ -53,16 +56,21 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
     assert "3 windows of 4 views at 48x64 (height x width)" in printed
     assert list(result["rows"]) == names
     # each model row's figures with their spread over the windows, and the model over each sibling
-    ratio_names = [f"{names[0]} / {names[1]}", f"{names[0]} / baseline: constant depth + identity poses"]
-    assert list(result["intervals"]) == [names[0], names[1], "baseline: constant depth + identity poses", *ratio_names]
+    constant = "baseline: constant depth + identity poses"
+    ratio_names = [f"{names[0]} / {other}" for other in (*names[1:4], constant)]
+    assert list(result["intervals"]) == [*names[:4], constant, *ratio_names]
     assert [r.split("|")[1].strip() for r in spread_rows[1:]] == list(result["intervals"])
-    for name in names[:2]:
+    for name in names[:4]:
         est, lo, hi = result["intervals"][name]["absrel_med"]
         assert est == pytest.approx(result["rows"][name]["absrel_med"], rel=1e-9) and lo <= est <= hi
-    est, lo, hi = result["intervals"][ratio_names[0]]["absrel_med"]
-    assert est == pytest.approx(result["rows"][names[0]]["absrel_med"] / result["rows"][names[1]]["absrel_med"])
+    est, lo, hi = result["intervals"][ratio_names[1]]["absrel_med"]
+    assert est == pytest.approx(result["rows"][names[0]]["absrel_med"] / result["rows"][names[2]]["absrel_med"])
     assert lo <= est <= hi
-    assert result["intervals"][ratio_names[1]]["auc30"] is None  # the constant's AUC is 0: no ratio
+    assert result["intervals"][ratio_names[-1]]["auc30"] is None  # the constant's AUC is 0: no ratio
+    for plain, fitted in ((names[0], names[1]), (names[2], names[3])):  # the same depth, other poses
+        for key in ("absrel_med", "absrel_lsq", "absrel_lsq_frame"):
+            assert result["rows"][fitted][key] == result["rows"][plain][key], key
+        assert 0 <= result["rows"][fitted]["auc30"] <= result["rows"][fitted]["rra30"] <= 1
     model = result["rows"][names[0]]
     for key in ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", "rpe_trans", "rpe_rot_deg",
                 "rra30", "rta30", "auc30", "accuracy", "completeness"):
