@@ -39,9 +39,11 @@ from pathlib import Path
 
 import torch
 
+from evaluation.baselines import window_matches
 from evaluation.config import EvaluatorConfig
 from evaluation.datasets import load_windows
-from evaluation.evaluate import evaluate_model, trivial_baseline
+from evaluation.evaluate import evaluate_model, has_ground_truth, score_model, trivial_baseline
+from evaluation.metrics import mean_metrics
 from evaluation.pictures import TEMPORARY as PICTURE_TEMPORARY
 from evaluation.pictures import picture_snapshot, prune_pictures
 from learner import snapshot as snapshots
@@ -57,6 +59,10 @@ REPORTED = ("absrel_med", "delta_med", "absrel_lsq", "absrel_lsq_frame", "ate", 
             "rra30", "rta30", "auc30", "accuracy", "completeness")
 """The metrics logged and sent in the heartbeat after each snapshot (each where the data gives
 it), under the names of the evaluation's JSON: the supervisor reads either the same way."""
+FITTED_REPORTED = ("ate", "rpe_trans", "rpe_rot_deg", "rra30", "rta30", "auc30", "accuracy", "completeness")
+"""The metrics of the snapshot with its poses fitted to its depth (``learner.posefit``, what
+``reliev3r reconstruct`` writes), where the data has ground-truth poses: those the poses move.
+In the JSON under ``model_fitted_poses``, in Prometheus as ``eval_metric{model="model_fitted_poses"}``."""
 
 
 TEMPORARY = re.compile(r"step-\d+\.tmp")
@@ -155,6 +161,9 @@ class EvaluatorService:
                                     windows=self.cfg.windows, stride=self.cfg.stride, run_dir=cfg.run_dir,
                                     synthetic_cfg=st.synthetic)
         self.baseline = trivial_baseline(self.windows)
+        self.matches = (window_matches(self.windows, cfg.labeler, self.device)
+                        if self.windows and has_ground_truth(self.windows)[1] else None)
+        """Each window's verified matches, for the poses fitted to a snapshot's depth (None: no poses to score)."""
         self.seen, self.say_at = False, 0.0
         """A snapshot was in the folder; when :meth:`_say_waiting` may say where it waits again."""
         self.last_scored = False
@@ -186,6 +195,8 @@ class EvaluatorService:
             return None
         try:
             result = evaluate_model(model, StopAware(windows, runtime), self.device)
+            fitted = None if self.matches is None else mean_metrics(
+                score_model(model, StopAware(windows, runtime), self.device, matches=self.matches))
         except Stopped as stop:
             runtime.log.info("evaluation abandoned on stop", extra={"snapshot": snap.name, "windows": len(windows),
                                                                    "scored": stop.args[0]})
@@ -194,6 +205,8 @@ class EvaluatorService:
         record = {"snapshot": str(snap), "snapshot_id": snapshot_id(meta), "step": meta["step"],
                   "data": self.cfg.data, "windows": len(windows), "model": result,
                   "baseline_constant_identity": self.baseline, "seconds": elapsed}
+        if fitted is not None:
+            record["model_fitted_poses"] = {k: fitted[k] for k in FITTED_REPORTED if k in fitted}
         try:  # pictures (durable) before the JSON: who sees the JSON sees them; never fatal
             self.out_dir.mkdir(parents=True, exist_ok=True)  # where the disk refused it so far
             record["pictures"] = picture_snapshot(model, windows, self.device, self.out_dir, snap.name)
@@ -212,6 +225,8 @@ class EvaluatorService:
         except OSError:
             runtime.log.exception("pruning older pictures failed", extra={"folder": str(self.out_dir)})
         self.metrics.report(result, "model")
+        if fitted is not None:
+            self.metrics.report(record["model_fitted_poses"], "model_fitted_poses")
         self.metrics.step.set(meta["step"])
         self.metrics.duration.set(elapsed)
         runtime.status.update(step=meta["step"], **{k: result[k] for k in REPORTED if k in result})

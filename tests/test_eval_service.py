@@ -84,9 +84,49 @@ def test_a_dataset_without_poses_is_scored_on_depth_and_the_evaluator_carries_on
         evaluator.close()
     record = json.loads((run / "evaluations" / "step-000000002.json").read_text())
     assert "absrel_med" in record["model"] and "ate" not in record["model"]
+    assert "model_fitted_poses" not in record  # no poses to fit them against
     status = evaluator.runtime.status  # the heartbeat names its metrics as the JSON does
     assert status["step"] == 2 and status["absrel_med"] == record["model"]["absrel_med"] and "ate" not in status
 
+
+
+def seven_scenes_folder(folder: Path, frames: int = 6) -> Path:
+    """A 7-Scenes sequence of ``frames`` smooth random pictures (depth PNG in mm, poses, intrinsics)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(frames):
+        image = cv2.resize(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), (128, 96), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"frame-{k:06d}.color.png"), image)
+        cv2.imwrite(str(folder / f"frame-{k:06d}.depth.png"), np.full((96, 128), 1500 + 10 * k, np.uint16))
+        pose = np.eye(4)
+        pose[0, 3] = 0.02 * k
+        np.savetxt(folder / f"frame-{k:06d}.pose.txt", pose)
+    (folder / "camera-intrinsics.txt").write_text("110 0 63.5\n0 110 47.5\n0 0 1\n")
+    return folder
+
+
+@pytest.mark.timeout(300)  # bounds a hang only
+def test_a_snapshot_is_scored_again_with_its_poses_fitted_to_its_depth(tmp_path):
+    """Where the data has poses, the result carries the pose metrics of the snapshot's poses fitted
+    to its depth (learner.posefit: what reconstruct writes), in the JSON and in Prometheus."""
+    data, run = seven_scenes_folder(tmp_path / "seq"), tmp_path / "run"
+    make_tiny_snapshot(run, steps=2)
+    cfg = load(overrides=[f"run.dir={run}", f"evaluator.data=7scenes:{data}", "evaluator.windows=1",
+                          "evaluator.stride=1", "streamer.views=3", "streamer.height=48", "streamer.width=64",
+                          "evaluator.poll_s=0.05", "monitoring.enabled=false", "learner.max_steps=2"])
+    evaluator = Evaluator(cfg)
+    try:
+        assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
+        gauge = evaluator.runtime.metrics.registry.get_sample_value(
+            "reliev3r_eval_metric", {"metric": "auc30", "model": "model_fitted_poses"})
+    finally:
+        evaluator.close()
+    record = json.loads((run / "evaluations" / "step-000000002.json").read_text())
+    fitted = record["model_fitted_poses"]
+    assert set(fitted) == set(service.FITTED_REPORTED) & set(record["model"])
+    assert {"ate", "auc30", "rra30"} <= set(fitted) and "absrel_med" not in fitted  # the depth is the model's
+    assert all(np.isfinite(v) for v in fitted.values())
+    assert gauge == fitted["auc30"]
 
 
 @pytest.mark.timeout(300)  # bounds a hang only
