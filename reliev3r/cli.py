@@ -371,7 +371,8 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
             if problem := (stage_problem(stage, os.environ.get("RELIEV3R_INSTANCE", stage), cfg)  # LOCAL_RANK first
                            or key_problem(cfg.network.curve, server=stage in BINDS, client=connects)
                            or cfg.device_problem(stage, rank=local_rank() if stage == RANKED else 0)
-                           or (cfg.data_problem() if stage == "evaluator" else None)):
+                           or (cfg.data_problem() if stage == "evaluator" else None)
+                           or (cfg.ground_truth_problem() if stage == "streamer" else None)):
                 print(f"reliev3r: {problem}", file=sys.stderr)
                 return 2
         run = importlib.import_module(module).run

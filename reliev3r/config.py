@@ -124,6 +124,30 @@ class PipelineConfig:
         problem = spec_problem(self.evaluator.data)
         return f"evaluator.data {problem}" if problem else None
 
+    def ground_truth_problem(self) -> str | None:
+        """Why this run would stream nothing, said in a line naming ``streamer.sources``, what
+        trains on ground truth and each source with why, or None: it trains on ground truth
+        (:attr:`ground_truth_needed`) and no source can carry it (``streamer.sources.ground_truth_absent``:
+        a live feed, a video without the synthetic world's, an image folder without 7-Scenes' or
+        a ScanNet scene's files). The streamer would skip every window (``no_ground_truth``) and the
+        learner wait for ever. One source that may carry it (a folder not there yet too) lets the
+        run start: the others' windows are skipped as they come."""
+        needed = self.ground_truth_needed
+        if not needed or not self.streamer.sources:  # the synthetic world carries it all
+            return None
+        from streamer.sources import GROUND_TRUTH_NAMES, ground_truth_absent  # here: the config loads without OpenCV
+
+        said = []
+        for spec in self.streamer.sources:
+            if (why := ground_truth_absent(spec, needed)) is None:
+                return None
+            said.append(f"{spec}: {why}")
+        who = ("learner.loss.kind=supervised trains on" if self.learner.loss.kind == "supervised" else
+               f"labeler.teacher={self.labeler.teacher} labels from")
+        what = " and ".join(GROUND_TRUTH_NAMES[name] for name in needed)
+        return (f"streamer.sources carry none of the ground truth {who} ({what} of every view): {'; '.join(said)}. "
+                "Started, every window would be skipped (no_ground_truth) and the learner would wait for ever")
+
 
 DEVICE_STAGES = ("labeler", "learner")
 """The stages whose section has a ``device`` (the evaluator takes cuda where there is one, else cpu)."""

@@ -210,14 +210,16 @@ class Supervisor:
     def run(self) -> int:
         """Run until done or stopped; the exit code. Before anything starts, raises
         :class:`StartError` when a child's device is not on this host (:meth:`device_problem`) or
-        the evaluator's data is not there (:meth:`reliev3r.config.PipelineConfig.data_problem`),
+        the evaluator's data is not there (:meth:`reliev3r.config.PipelineConfig.data_problem`) or
+        a run that trains on ground truth has no source that can carry it
+        (:meth:`~reliev3r.config.PipelineConfig.ground_truth_problem`),
         :class:`RefreshError` when a teacher refresh cannot move the first part aside (one the run
         stopped in), and then :class:`StartError` when ``learner.init`` cannot start the learner
         (checked on the run folder as the refresh left it: the move can take the learner's own
         snapshots, or those ``learner.init`` names, out of ``snapshots/``; and checked where the
         learner resumes its own snapshot with a refresh still to come, which moves that aside and
         starts the learner from ``learner.init``)."""
-        if problem := self.device_problem() or self.cfg.data_problem():
+        if problem := self.device_problem() or self.cfg.data_problem() or self.cfg.ground_truth_problem():
             raise StartError(problem)
         config_file = self.run_dir / "config.yaml"
         refresh_said = self._finish_refresh(config_file)

@@ -1489,6 +1489,79 @@ def _video_file(path: Path, video: Callable[[Path], VideoSource]) -> list[Source
     return [video(path)]
 
 
+GROUND_TRUTH_NAMES = {"gt_depth": "depth", "gt_cam_to_world": "pose"}
+"""The ground truth a window may carry (``streamer.windows.Window.lacking``'s names), in words."""
+
+
+def ground_truth_absent(spec: str, needed: tuple[str, ...]) -> str | None:
+    """Why no window of the sources ``spec`` names (an entry of ``streamer.sources``) can carry the
+    ground truth ``needed`` (:data:`GROUND_TRUTH_NAMES`), certain from the spec and the files there
+    now, or None where one may. None of it: a live feed or another URL; a video without the
+    synthetic world's ``<name>.gt.npz`` beside it; an image folder without the files
+    :class:`ImageSequenceSource` reads for it (``<frame>.depth.png``, ``<frame>.pose.txt`` beside
+    a frame; a ScanNet scene's ``depth/<N>.png``, ``pose/<N>.txt``; not TUM RGB-D's ``depth/`` and
+    ``groundtruth.txt``); a folder or a glob whose every source is one of these. None for a path
+    not there (yet), a folder with nothing to stream yet, a glob that matches nothing (a watched
+    folder may fill) and a path that cannot be looked at (:func:`discover` says why)."""
+    if "://" in spec or spec.startswith("/dev/video"):  # as discover and streamer.live tell them
+        return "a live feed, whose frames carry none"
+    try:
+        paths = spec_paths(spec)
+        said = [_ground_truth_absent_at(p, needed) for p in paths]
+    except Exception:  # an unknown ~user, an unreadable folder: discovery reports it
+        return None
+    if not said or None in said:
+        return None
+    if paths == [Path(spec).expanduser()]:
+        return said[0]
+    return f"{paths[0]}: {said[0]}" if len(said) == 1 else f"{len(said)} matches, none with it ({paths[0]}: {said[0]})"
+
+
+def _ground_truth_absent_at(path: Path, needed: tuple[str, ...]) -> str | None:
+    """:func:`ground_truth_absent` of the sources at ``path`` (as :func:`_sources_at` finds them)."""
+    if path.is_file():
+        return _video_ground_truth_absent(path)
+    if not path.is_dir():
+        return None
+    videos = [q for q in path.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES and not is_temporary(q) and q.is_file()]
+    files = imaging.frame_files(path)
+    if not files and not videos:
+        return None  # nothing to stream yet
+    images = _images_ground_truth_absent(path, files, needed) if files else ""
+    if images is None or any(_video_ground_truth_absent(q) is None for q in videos):
+        return None
+    if not videos:
+        return images
+    said = (f"{len(videos)} video has no <name>.gt.npz beside it" if len(videos) == 1 else
+            f"{len(videos)} videos have no <name>.gt.npz beside them")
+    return f"{images}, and whose {said}" if images else f"a folder whose {said}"
+
+
+def _video_ground_truth_absent(path: Path) -> str | None:
+    from reliev3r.synthetic import GT_SUFFIX  # here: only a run that trains on ground truth asks
+
+    gt = path.with_name(path.stem + GT_SUFFIX)
+    return None if gt.is_file() else f"a video without the synthetic world's {gt.name} beside it"
+
+
+def _images_ground_truth_absent(folder: Path, files: list[Path], needed: tuple[str, ...]) -> str | None:
+    """Which of ``needed`` no frame of ``files`` has the file of, where :class:`ImageSequenceSource`
+    reads it (its ``_depth`` and ``_pose``), or None."""
+    if imaging.is_scannet_scene(folder):
+        stems = {f.stem for f in files}
+        where = {"gt_depth": (folder / "depth", "{}.png"), "gt_cam_to_world": (folder / "pose", "{}.txt")}
+    else:
+        stems = {_frame_stem(f) for f in files}
+        where = {"gt_depth": (files[0].parent, "{}.depth.png"), "gt_cam_to_world": (files[0].parent, "{}.pose.txt")}
+    missing = []
+    for name in needed:
+        place, form = where[name]
+        there = set(os.listdir(place)) if place.is_dir() else set()
+        if not any(form.format(stem) in there for stem in stems):
+            missing.append(f"{'depth map' if name == 'gt_depth' else 'pose'} ({place / form.format('<frame>')})")
+    return f"an image folder with no {' nor '.join(missing)} of any frame" if missing else None
+
+
 def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
                       on_error: ErrorSink = _log_error, ground_truth: bool = True,
                       decoder: str = "cpu") -> list[Source]:

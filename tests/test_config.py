@@ -447,3 +447,92 @@ def test_a_bad_oracle_option_is_refused_at_load_whatever_the_match_shape_weight(
     for extra in ([], ["learner.loss.match_shape_weight=1"]):
         with pytest.raises(ConfigError, match=r"^labeler\.teacher 'oracle\?sharpness=1': unknown options"):
             load([], ["labeler.teacher=oracle?sharpness=1", *extra])
+
+
+def _frames(folder: Path, count: int = 3, *, depth: bool = False, pose: bool = False,
+            name: str = "frame-{:06d}.color.png", stem: str = "frame-{:06d}") -> Path:
+    """An image folder of ``count`` real PNG frames, each with a 7-Scenes depth map and pose file
+    beside it where asked."""
+    import numpy as np
+
+    from reliev3r.imaging import write_image
+
+    folder.mkdir(parents=True)
+    for k in range(count):
+        assert write_image(folder / name.format(k), np.full((24, 32, 3), 40 * k, np.uint8))
+        if depth:
+            assert write_image(folder / f"{stem.format(k)}.depth.png", np.full((24, 32), 1500, np.uint16))
+        if pose:
+            (folder / f"{stem.format(k)}.pose.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    return folder
+
+
+def test_a_run_that_trains_on_ground_truth_is_refused_only_where_no_source_can_carry_it(tmp_path):
+    """With ``learner.loss.kind=supervised`` (depth and pose) or the oracle teacher (depth), the
+    streamer skips every window without that ground truth (``no_ground_truth``): where no source
+    could ever carry it (a live feed, a video without the synthetic world's ``.gt.npz``, an image
+    folder without 7-Scenes' files beside its frames or a ScanNet scene's, a TUM folder, whose
+    ``depth/`` and ``groundtruth.txt`` the streamer does not read) the run started, streamed nothing
+    and its learner waited for ever. ``PipelineConfig.ground_truth_problem`` says so in a line
+    naming ``streamer.sources``, each source and why; one source that may carry it (or a folder not
+    there yet, one with nothing in it yet, a glob that matches nothing: a watched folder may fill)
+    lets the run start."""
+    from reliev3r import synthetic
+    from streamer.config import SyntheticConfig
+    from streamer_media import encode, panning_frames
+
+    plain = _frames(tmp_path / "plain")
+    depth_only = _frames(tmp_path / "depth only", depth=True)
+    posed = _frames(tmp_path / "posed", depth=True, pose=True)
+    tum = _frames(tmp_path / "tum" / "rgb", name="{}.png").parent
+    _frames(tum / "depth", name="{}.png")
+    (tum / "groundtruth.txt").write_text("# timestamp tx ty tz qx qy qz qw\n0 0 0 0 0 0 0 1\n")
+    scannet = _frames(tmp_path / "scene0000_00" / "color", name="{}.jpg").parent
+    (scannet / "intrinsic").mkdir()
+    for camera in ("color", "depth"):
+        (scannet / "intrinsic" / f"intrinsic_{camera}.txt").write_text("500 0 16 0\n0 500 12 0\n0 0 1 0\n0 0 0 1\n")
+    _frames(scannet / "depth", name="{}.png")
+    (scannet / "pose").mkdir()
+    (scannet / "pose" / "0.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = encode(videos / "clip.mp4", panning_frames(4))
+    world = synthetic.ensure_world(tmp_path / "world", SyntheticConfig(scenes=1, frames=4, height=16, width=16),
+                                   progress=False)[0]
+    empty, later = tmp_path / "empty", tmp_path / "not yet"
+    empty.mkdir()
+    live = ["rtsp://cam1/stream", "http://cam2:8080/video", "udp://0.0.0.0:5000", "/dev/video0"]
+
+    def problem(sources: list, *overrides: str) -> str | None:
+        quoted = ", ".join(f"'{s}'" for s in sources)
+        return load([], [f"streamer.sources=[{quoted}]", *overrides]).ground_truth_problem()
+
+    supervised, oracle = "learner.loss.kind=supervised", "labeler.teacher=oracle"
+    said = problem([*live, str(plain), str(clip), str(videos), str(tum), str(videos / "*.mp4")], supervised)
+    assert said is not None and len(said.splitlines()) == 1, said
+    assert said.startswith("streamer.sources carry none of the ground truth learner.loss.kind=supervised trains "
+                           "on (depth and pose of every view): "), said
+    for spec in live:
+        assert f"{spec}: a live feed, whose frames carry none; " in said, said
+    assert (f"{plain}: an image folder with no depth map ({plain}/<frame>.depth.png) nor pose "
+            f"({plain}/<frame>.pose.txt) of any frame; ") in said, said
+    assert f"{clip}: a video without the synthetic world's clip.gt.npz beside it; " in said, said
+    assert f"{videos}: a folder whose 1 video has no <name>.gt.npz beside it; " in said, said
+    assert f"{tum}: an image folder with no depth map ({tum}/rgb/<frame>.depth.png) nor pose " in said, said
+    assert f"{videos / '*.mp4'}: {clip}: a video without" in said, said
+    assert said.endswith("every window would be skipped (no_ground_truth) and the learner would wait for ever"), said
+    said = problem([str(depth_only)], "labeler.teacher=oracle?strength=1")
+    assert said is None, said  # the oracle labels from depth alone
+    said = problem([str(depth_only)], supervised)
+    assert said is not None and said.startswith(
+        f"streamer.sources carry none of the ground truth learner.loss.kind=supervised trains on (depth and pose "
+        f"of every view): {depth_only}: an image folder with no pose ({depth_only}/<frame>.pose.txt) of any frame. ")
+    said = problem(live[:1], oracle)
+    assert said is not None and said.startswith(
+        "streamer.sources carry none of the ground truth labeler.teacher=oracle labels from (depth of every view): "
+        "rtsp://cam1/stream: a live feed"), said
+    for carrier in (posed, scannet, world, world.parent, later, empty, tmp_path / "none yet" / "*.mp4"):
+        for overrides in ([supervised], [oracle]):
+            assert problem([*live, str(plain), str(clip), str(carrier)], *overrides) is None, (carrier, overrides)
+    assert problem([*live, str(plain)]) is None  # a run that trains on no ground truth
+    assert load([], [supervised]).ground_truth_problem() is None  # the synthetic world

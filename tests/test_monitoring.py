@@ -979,6 +979,44 @@ def test_up_and_the_evaluator_refuse_evaluation_data_that_is_not_there_before_an
             assert not run.exists()
 
 
+def test_up_and_the_streamer_refuse_a_run_that_trains_on_ground_truth_no_source_can_carry(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """``learner.loss.kind=supervised`` (or the oracle teacher) on sources that can carry no ground
+    truth (a live feed, an image folder without depth maps or poses) started the run: the streamer
+    skipped every window (``no_ground_truth``) and the learner waited for ever. ``up`` says it in a
+    line naming ``streamer.sources`` and each source and exits 2, starting nothing; so does
+    ``reliev3r stream`` started on its own. With a source that may carry it, a folder not there yet,
+    the run starts."""
+    import numpy as np
+
+    from reliev3r.imaging import write_image
+    from reliev3r.supervisor import Supervisor
+
+    def start(_sup, child):
+        raise AssertionError(f"{child.name} started")
+
+    monkeypatch.setattr(Supervisor, "_start", start)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(3):
+        assert write_image(frames / f"frame-{k:06d}.color.png", np.full((24, 32, 3), 40 * k, np.uint8))
+    run = tmp_path / "run"
+    for teacher in ("learner.loss.kind=supervised", "labeler.teacher=oracle"):
+        sources = f"streamer.sources=[rtsp://cam1/stream, {frames}]"
+        for command in ("up", "stream"):
+            port = f"network.work_port={free_port()}"  # a stage on its own: the port its peers use
+            code = cli.main([command, f"run.dir={run}", sources, teacher, port, "monitoring.enabled=false"])
+            err = capsys.readouterr().err
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith(f"reliev3r: streamer.sources carry none of the ground truth {teacher}"), err
+            assert "rtsp://cam1/stream: a live feed, whose frames carry none; " in err, err
+            assert f"{frames}: an image folder with no depth map ({frames}/<frame>.depth.png)" in err, err
+            assert not run.exists()
+    with pytest.raises(AssertionError, match="started"):  # a folder that may yet fill: the run starts
+        cli.main(["up", f"run.dir={run}", f"streamer.sources=[{frames}, {tmp_path / 'not yet'}]",
+                  "learner.loss.kind=supervised", "monitoring.enabled=false"])
+
+
 def test_up_refuses_a_labeler_whose_gpu_this_host_lacks_naming_it():
     """With ``labeler.device=cuda`` labeler K runs on ``cuda:(K mod GPUs)``: each labeler's own
     device is checked, and one missing (here: planned for one GPU more than this host has) is
