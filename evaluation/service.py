@@ -22,7 +22,8 @@ in ``result_write_failures_total``), kept in memory and written at each later tu
 room, while the evaluator scores the snapshots that come (scored once each; one whose result was
 never written is scored again by a later start). It does not exit on the last snapshot before that
 one's result is written. The folder ``evaluations/`` the disk refuses to make (a first start on a
-full disk) is said and tried alike.
+full disk) is said and tried alike, and so is the held-out synthetic world (the default
+``evaluator.data``) it refuses to render: no snapshot is scored until it is.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -31,6 +32,7 @@ exits within one window's time, not one evaluation's.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -51,6 +53,10 @@ from monitoring.metrics import Metrics
 from reliev3r import durable
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
+
+REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+"""The errors of a disk that refuses a write (full, over its quota, an I/O error): evaluation
+data met with one is tried again at each turn (:meth:`EvaluatorService._load_data`)."""
 
 WAIT_SAY_S = 60.0
 """How often an evaluator that has seen no snapshot yet says where it waits for one."""
@@ -116,8 +122,9 @@ class EvaluatorMetrics:
         self.step = m.gauge("eval_snapshot_step", "Learner step of the newest scored snapshot")
         self.duration = m.gauge("eval_duration_seconds", "Wall time of the newest evaluation")
         self.write_failures = m.counter("result_write_failures_total",
-                                        "Writes of a result, or of their folder, the disk refused (ENOSPC: full, EIO: "
-                                        "an I/O error), by errno name: each try, one a turn while it is refused",
+                                        "Writes of a result, of their folder or of the held-out world the disk "
+                                        "refused (ENOSPC: full, EIO: an I/O error), by errno name: each try, one a "
+                                        "turn while it is refused",
                                         ["reason"])
 
     def report(self, result: dict, model: str) -> None:
@@ -141,6 +148,8 @@ class EvaluatorService:
         """What was said of each result in :attr:`unwritten` (said again only when it changes)."""
         self.folder_refused: str | None = None
         """What was said of :attr:`out_dir` while the disk refuses to make it (None: it is there)."""
+        self.data_refused: str | None = None
+        """What was said of the evaluation data while the disk refuses it (None: loaded, :meth:`_load_data`)."""
         if self._make_folder() and (removed := remove_temporaries(self.out_dir)):
             runtime.log.info("removed temporary files a crash left", extra={"folder": str(self.out_dir),
                                                                              "removed": len(removed)})
@@ -155,31 +164,35 @@ class EvaluatorService:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.learner.threads:
             torch.set_num_threads(cfg.learner.threads)
-        st = cfg.streamer
+        self.streamer, self.run_dir = cfg.streamer, cfg.run_dir
+        self.windows: list | None = None
+        """The evaluation windows, None while the disk refuses the held-out world (:meth:`_load_data`)."""
+        self.baseline: dict | None = None
         runtime.log.info("loading evaluation data", extra={"data": self.cfg.data})
-        self.windows = load_windows(self.cfg.data, views=st.views, height=st.height, width=st.width,
-                                    windows=self.cfg.windows, stride=self.cfg.stride, run_dir=cfg.run_dir,
-                                    synthetic_cfg=st.synthetic)
-        self.baseline = trivial_baseline(self.windows)
-        self.matches = (window_matches(self.windows, cfg.labeler, self.device)
-                        if self.windows and has_ground_truth(self.windows)[1] else None)
-        """Each window's verified matches, for the poses fitted to a snapshot's depth (None: no poses to score)."""
+        self.matches: list | None = None
+        """Each window's verified matches, for the poses fitted to a snapshot's depth (None: no poses
+        to score, or the data is not loaded yet)."""
+        self.labeler = cfg.labeler
+        self._load_data()
         self.seen, self.say_at = False, 0.0
         """A snapshot was in the folder; when :meth:`_say_waiting` may say where it waits again."""
         self.last_scored = False
         """The run's last snapshot (:func:`is_last`) is scored: exit once every result is written."""
-        metrics.report(self.baseline, "constant_identity")
 
     def step(self) -> int | None:
         """Score the newest snapshot if it is new; an exit status once the last one
         (:func:`is_last`) is scored or a stop abandoned the scoring, else None."""
-        runtime, windows = self.runtime, self.windows
+        runtime = self.runtime
         if self.unwritten:
             self._write_results()
         elif self.folder_refused is not None:
             self._make_folder()
         if self.last_scored and not self.unwritten:
             return 0
+        if self.windows is None and not self._load_data():  # nothing to score on yet
+            runtime.wait(self.cfg.poll_s)
+            return None
+        windows = self.windows
         newest = self._newest()
         if newest is None:
             self._say_waiting()
@@ -267,6 +280,41 @@ class EvaluatorService:
             runtime.log.warning("results not written at close: their snapshots are scored again at the next start",
                                 extra={"snapshots": list(self.unwritten)})
 
+    def _load_data(self) -> bool:
+        """Load :attr:`windows` and score :attr:`baseline` on them where not loaded yet; whether
+        they are. Data the disk refuses (full, an I/O error: :data:`REFUSED`; the default
+        ``synthetic`` data's held-out world, rendered into the run folder at a run's first start,
+        which went out of the evaluator and met the full disk again at every restart) is said as a
+        refused result is: an error line the first time it fails so, counted, the status's
+        ``write_error`` until it is loaded. Tried again at each turn; no snapshot is scored
+        meanwhile. Any other failure raises, as before."""
+        st, log = self.streamer, self.runtime.log
+        try:
+            self.windows = load_windows(self.cfg.data, views=st.views, height=st.height, width=st.width,
+                                        windows=self.cfg.windows, stride=self.cfg.stride, run_dir=self.run_dir,
+                                        synthetic_cfg=st.synthetic)
+        except OSError as err:
+            if err.errno not in REFUSED:
+                raise
+            what = "held-out world" if self.cfg.data == "synthetic" else f"evaluation data {self.cfg.data}"
+            said = f"{what}: {durable.refusal(err)}"
+            self.metrics.write_failures.labels(durable.errno_name(err)).inc()
+            if said != self.data_refused:
+                log.error("evaluation data not loaded: tried again at each turn; the evaluator waits",
+                          extra={"data": self.cfg.data, "reason": durable.errno_name(err), "detail": str(err)})
+            self.data_refused = self.runtime.status["write_error"] = said
+            return False
+        self.baseline = trivial_baseline(self.windows)
+        self.metrics.report(self.baseline, "constant_identity")
+        if self.windows and has_ground_truth(self.windows)[1]:
+            self.matches = window_matches(self.windows, self.labeler, self.device)
+        if self.data_refused is not None:
+            log.info("evaluation data loaded", extra={"data": self.cfg.data})
+            self.data_refused = None
+            if not self.unwritten and self.folder_refused is None:
+                self.runtime.status.pop("write_error", None)
+        return True
+
     def _make_folder(self) -> bool:
         """Make :attr:`out_dir` where it is not there; whether it is. One the disk refuses (full,
         an I/O error; a run's first start on a full disk, which went out of the evaluator and met
@@ -287,7 +335,7 @@ class EvaluatorService:
         if self.folder_refused is not None:
             self.runtime.log.info("results folder made", extra={"folder": str(self.out_dir)})
             self.folder_refused = None
-            if not self.unwritten:
+            if not self.unwritten and self.data_refused is None:
                 self.runtime.status.pop("write_error", None)
         return True
 

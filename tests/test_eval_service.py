@@ -499,3 +499,47 @@ def test_a_results_folder_the_full_disk_refuses_at_the_first_start_is_said_and_m
             if r.levelno >= logging.WARNING]  # once each, no traceback (pruning the pictures of a folder not made)
     assert said == [("results folder not made", "ENOSPC"), ("pictures not written", "ENOSPC")], said
     assert [r for r in caplog.records if r.getMessage() == "results folder made"]
+
+
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_a_held_out_world_the_full_disk_refuses_at_the_first_start_is_said_and_rendered_once_there_is_room(
+        tmp_path, small_disk, caplog, wait_for):
+    """A run's first evaluator start on a full disk with the default ``evaluator.data``
+    (``synthetic``: the held-out world rendered into the run folder): the render met ENOSPC,
+    which went out of the evaluator's start, and every restart met it again (a crash loop, as
+    making ``evaluations/`` did). Now it is said as a result the disk refuses is (an error line
+    with the reason, the status's ``write_error``, counted for the alert), no snapshot is scored
+    without data, and the world is rendered and the snapshot scored once the disk has room."""
+    disk = small_disk(1 << 20)
+    run = disk.path / "run"
+    (tmp_path / "snapshots").mkdir()
+    run.mkdir()
+    (run / "snapshots").symlink_to(tmp_path / "snapshots")  # the snapshots on another disk
+    make_tiny_snapshot(run, steps=1)
+    disk.fill()
+    caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
+    cfg = load(overrides=[f"run.dir={run}", "evaluator.windows=1", "evaluator.stride=1", "streamer.views=3",
+                          "streamer.height=48", "streamer.width=64", "streamer.synthetic.scenes=1",
+                          "streamer.synthetic.frames=8", "streamer.synthetic.height=48",
+                          "streamer.synthetic.width=64", "evaluator.poll_s=0.05", "monitoring.enabled=false",
+                          "learner.max_steps=1"])
+    assert cfg.evaluator.data == "synthetic"
+    evaluator = Evaluator(cfg)
+    status = evaluator.runtime.status
+    refused_writes = ("reliev3r_result_write_failures_total", {"reason": "ENOSPC"})
+    try:
+        wait_for(lambda: evaluator.error or evaluator.rc is not None
+                 or (evaluator.runtime.metrics.registry.get_sample_value(*refused_writes) or 0) >= 2, 240,
+                 "the held-out world refused twice")
+        assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+        assert status["write_error"] == f"held-out world: ENOSPC: {os.strerror(errno.ENOSPC)}", status
+        assert "step" not in status and scored(run) == []  # nothing scored without data
+        disk.free()
+        assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == ["step-000000001"] and "write_error" not in status
+    said = [(r.getMessage().split(":")[0], getattr(r, "reason", None)) for r in caplog.records
+            if r.levelno >= logging.WARNING]  # once, however many turns it was refused, no traceback
+    assert said == [("evaluation data not loaded", "ENOSPC")], said
+    assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
