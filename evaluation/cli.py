@@ -117,7 +117,11 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         rows[f"baseline: two-view essential matrix ({cfg.labeler.matcher})"] = classical_pose_baseline(
             windows, cfg.labeler, device, matches=matches)
     table = markdown_table(rows, COLUMNS)
-    ratios = [(first, name) for name in per_window if name != first]  # the model over each sibling and the floor
+    # the model over each sibling and the floor, its fitted poses over each sibling's and over its pose head's
+    fitted = [name for name in per_window if name.endswith(f", {FITTED}")]
+    ratios = [(first, name) for name in per_window if name != first and name not in fitted]
+    if fitted:
+        ratios += [(fitted[0], name) for name in fitted[1:]] + [(fitted[0], first)]
     spread, spread_numbers = interval_table(per_window, ratios, TITLES)
     spread_title = (f"95 % intervals over the {len(windows)} windows (percentile bootstrap, {RESAMPLES:,} resamples "
                     "of the windows, paired for the ratios: how much the windows chosen move a figure, not what "

@@ -57,16 +57,19 @@ def test_eval_cli_on_7scenes_prints_table_with_baselines_and_writes_json(tmp_pat
     assert list(result["rows"]) == names
     # each model row's figures with their spread over the windows, and the model over each sibling
     constant = "baseline: constant depth + identity poses"
-    ratio_names = [f"{names[0]} / {other}" for other in (*names[1:4], constant)]
+    ratio_names = [f"{names[0]} / {names[2]}", f"{names[0]} / {constant}",  # the pose head's rows
+                   f"{names[1]} / {names[3]}", f"{names[1]} / {names[0]}"]  # fitted: the sibling's, the head's
     assert list(result["intervals"]) == [*names[:4], constant, *ratio_names]
     assert [r.split("|")[1].strip() for r in spread_rows[1:]] == list(result["intervals"])
     for name in names[:4]:
         est, lo, hi = result["intervals"][name]["absrel_med"]
         assert est == pytest.approx(result["rows"][name]["absrel_med"], rel=1e-9) and lo <= est <= hi
-    est, lo, hi = result["intervals"][ratio_names[1]]["absrel_med"]
+    est, lo, hi = result["intervals"][ratio_names[0]]["absrel_med"]
     assert est == pytest.approx(result["rows"][names[0]]["absrel_med"] / result["rows"][names[2]]["absrel_med"])
     assert lo <= est <= hi
-    assert result["intervals"][ratio_names[-1]]["auc30"] is None  # the constant's AUC is 0: no ratio
+    assert result["intervals"][ratio_names[1]]["auc30"] is None  # the constant's AUC is 0: no ratio
+    est, lo, hi = result["intervals"][ratio_names[3]]["ate"]
+    assert est == pytest.approx(result["rows"][names[1]]["ate"] / result["rows"][names[0]]["ate"])
     for plain, fitted in ((names[0], names[1]), (names[2], names[3])):  # the same depth, other poses
         for key in ("absrel_med", "absrel_lsq", "absrel_lsq_frame"):
             assert result["rows"][fitted][key] == result["rows"][plain][key], key
