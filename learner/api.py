@@ -4,6 +4,7 @@
     rec = Reconstructor.from_snapshot("runs/default")          # newest valid snapshot
     out = rec.run(["a.jpg", "b.jpg", "c.jpg"])                  # or HxWx3 uint8 RGB arrays
     out["depth"].shape, out["cam_to_world"].shape                # (3, H, W), (3, 4, 4)
+    out["fitted"]                        # (3,) bool: the views whose pose was fitted to the depth (below)
 
 Images are resized to the size the model was trained at (``image_size`` in the snapshot
 meta), or else to the first image's size rounded to multiples of the patch size (``size=``
@@ -24,10 +25,23 @@ its intrinsics too. Intrinsics that are no pinhole camera's (``reliev3r.imaging.
 or cannot be an image's (principal point far from its centre: ``reliev3r.imaging.intrinsics_mismatch``)
 are refused with a ValueError naming the image; intrinsics of another shape than [3, 3] or [V, 3, 3]
 with a ValueError saying so.
+
+Poses (``run(..., poses=)``): ``"fitted"``, the default, keeps the model's depth and its first
+view's pose and places every other view by the window's verified matches lifted by that depth
+(``learner.posefit.fit_poses``: PnP under RANSAC, then Levenberg-Marquardt); the matches are found
+as the labelers and ``reliev3r eval`` find them (``labelers.matches.match_window`` over every
+pair, with the Reconstructor's matcher and verification threshold: ``labelers.config.LabelerConfig``'s
+``matcher`` and ``ransac_threshold_px`` unless given). A view the matches do not place keeps the
+pose head's pose (``fitted`` says which). On 24 held-out 7-Scenes windows the fitted poses scored
+AUC@30 0.584 against the pose head's 0.146, ATE 0.014 against 0.053 (docs/RESULTS.md, "Poses
+fitted to the model's depth"). ``"model"`` gives the pose head's poses as they are.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,16 +49,28 @@ import cv2
 import numpy as np
 import torch
 
+from labelers.config import LabelerConfig
+from labelers.matches import Matcher, make_matcher, match_window
 from learner.model import FFRM
+from learner.posefit import fit_poses
 from learner.snapshot import load_model, resolve_snapshot
 from learner.train import resolve_device
 from reliev3r import geometry, imaging
 
 DEFAULT_HFOV_DEG = 60.0
+POSES = ("fitted", "model")
+"""What ``run(..., poses=)`` returns: poses fitted to the depth and the matches, or the pose head's."""
+MATCHERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(LabelerConfig)["matcher"])
 
 
 class Reconstructor:
-    def __init__(self, model: FFRM, meta: dict[str, Any], device: torch.device):
+    def __init__(self, model: FFRM, meta: dict[str, Any], device: torch.device, *, matcher: str | None = None,
+                 threshold_px: float | None = None):
+        """``matcher`` and ``threshold_px``: the matches poses are fitted to (module docstring), as
+        ``labeler.matcher`` and ``labeler.ransac_threshold_px`` (None: ``LabelerConfig``'s defaults);
+        ValueError for a matcher that is none of them or a threshold that is not a finite number > 0."""
+        self.matcher_kind, self.threshold_px = _matching(matcher, threshold_px)
+        self._matcher: Matcher | None = None
         self.model = model.eval()
         self.meta = meta
         self.device = device
@@ -53,12 +79,31 @@ class Reconstructor:
         """(H, W) the model was trained at, or None (then inputs keep their size, rounded)."""
 
     @classmethod
-    def from_snapshot(cls, path: str | Path, device: str = "auto", *, ema: bool = True) -> "Reconstructor":
-        """``path``: a snapshot folder, a ``snapshots`` folder or a run folder (newest valid one)."""
+    def from_snapshot(cls, path: str | Path, device: str = "auto", *, ema: bool = True, matcher: str | None = None,
+                      threshold_px: float | None = None) -> "Reconstructor":
+        """``path``: a snapshot folder, a ``snapshots`` folder or a run folder (newest valid one);
+        ``matcher``, ``threshold_px``: as :class:`Reconstructor`'s (checked before the model loads)."""
+        _matching(matcher, threshold_px)
         path = resolve_snapshot(path)
         dev = resolve_device(device)
         model, meta = load_model(path, dev, ema=ema)
-        return cls(model, meta, dev)
+        return cls(model, meta, dev, matcher=matcher, threshold_px=threshold_px)
+
+    @property
+    def matcher(self) -> Matcher:
+        """The matcher of the fitted poses' matches, made on first use (XFeat on :attr:`device`) and kept:
+        a SIFT or ORB matcher keeps the features of the frames it has seen (consecutive windows share some)."""
+        if self._matcher is None:
+            self._matcher = make_matcher(self.matcher_kind, str(self.device))
+        return self._matcher
+
+    def matches(self, images: np.ndarray) -> np.ndarray:
+        """Verified matches [K, 7] of every view pair of ``images`` [V,H,W,3] (RGB uint8), as
+        ``evaluation.baselines.window_matches`` finds a window's: at most 4,096 a pair, a pair with
+        fewer than 8 contributing none."""
+        v = len(images)
+        return match_window(images, self.matcher, long_pairs=v * v, min_matches=8, max_matches_per_pair=4096,
+                            threshold_px=self.threshold_px)[0]
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         if self.image_size is not None:
@@ -68,8 +113,12 @@ class Reconstructor:
 
     @torch.no_grad()
     def run(self, images: Sequence[np.ndarray | str | Path], intrinsics: np.ndarray | None = None, *,
-            size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+            size: tuple[int, int] | None = None, poses: str = "fitted") -> dict[str, np.ndarray]:
         """Reconstruct one window of V images (RGB uint8 HxWx3 arrays or image file paths).
+
+        ``poses``: ``"fitted"`` (the poses fitted to the returned depth and the window's verified
+        matches, :meth:`matches`: module docstring) or ``"model"`` (the pose head's); another
+        raises ValueError naming the two.
 
         ``size``: (H, W) every image is resized to, multiples of the patch size (else ValueError);
         None: :meth:`target_size` of the first image.
@@ -83,9 +132,15 @@ class Reconstructor:
         ``reliev3r.imaging.intrinsics_mismatch``) raise ValueError naming the image, as
         ``reliev3r reconstruct`` refuses such an intrinsics file. Returns float32 arrays: ``depth``
         [V,H,W], ``confidence`` [V,H,W], ``cam_to_world`` [V,4,4], ``intrinsics`` [V,3,3] (of
-        the resized images), ``points`` [V,H,W,3] (world frame) and ``images`` uint8 [V,H,W,3]
-        (the resized inputs).
+        the resized images), ``points`` [V,H,W,3] (world frame, of ``cam_to_world``), ``images``
+        uint8 [V,H,W,3] (the resized inputs) and ``fitted`` bool [V]: the views whose pose the fit
+        gave (``learner.posefit.FittedPoses.fitted``: the first view, which anchors the fit at the
+        pose head's pose, and every view its matches placed); False where ``cam_to_world`` is the
+        pose head's pose: a view the matches did not place, every view with ``poses="model"``. A
+        single image has nothing to fit: its pose is the pose head's.
         """
+        if poses not in POSES:
+            raise ValueError(f"poses: 'fitted' or 'model', got {poses!r}")
         frames = [_read(im) for im in images]
         if len(frames) < 1:
             raise ValueError("images: need at least one image")
@@ -118,11 +173,32 @@ class Reconstructor:
         x = torch.from_numpy(stack).to(self.device).permute(0, 3, 1, 2).float().div(255.0)[None]
         pred = self.model(x)
         k = torch.stack(ks).to(self.device)
+        depth, cam_to_world = _np(pred.depth[0]), _np(pred.cam_to_world[0])
+        fitted = np.zeros(len(frames), bool)
+        if poses == "fitted":
+            found = self.matches(stack) if len(frames) > 1 else np.zeros((0, 7), np.float32)
+            fit = fit_poses(depth, cam_to_world.astype(np.float64), _np(k), found)
+            cam_to_world, fitted = fit.cam_to_world.astype(np.float32), fit.fitted
         cam_points = geometry.unproject_depth(pred.depth[0], k)  # [V,H,W,3]
-        world = geometry.transform_points(pred.cam_to_world[0], cam_points.reshape(len(frames), -1, 3))
-        return {"depth": _np(pred.depth[0]), "confidence": _np(pred.confidence[0]),
-                "cam_to_world": _np(pred.cam_to_world[0]), "intrinsics": _np(k),
-                "points": _np(world.reshape(len(frames), h, w, 3)), "images": stack}
+        world = geometry.transform_points(torch.from_numpy(cam_to_world).to(self.device),
+                                          cam_points.reshape(len(frames), -1, 3))
+        return {"depth": depth, "confidence": _np(pred.confidence[0]), "cam_to_world": cam_to_world,
+                "intrinsics": _np(k), "points": _np(world.reshape(len(frames), h, w, 3)), "images": stack,
+                "fitted": fitted}
+
+
+def _matching(matcher: str | None, threshold_px: float | None) -> tuple[str, float]:
+    """(matcher kind, verification threshold in pixels): those given, else ``LabelerConfig``'s defaults;
+    ValueError naming a matcher that is none of ``LabelerConfig.matcher``'s or a threshold not finite and > 0."""
+    defaults = LabelerConfig()
+    matcher = defaults.matcher if matcher is None else matcher
+    threshold_px = defaults.ransac_threshold_px if threshold_px is None else threshold_px
+    if matcher not in MATCHERS:
+        raise ValueError(f"matcher: one of {', '.join(MATCHERS)}, got {matcher!r}")
+    if isinstance(threshold_px, bool) or not isinstance(threshold_px, numbers.Real) or not (
+            math.isfinite(threshold_px) and threshold_px > 0):
+        raise ValueError(f"threshold_px: a finite number of pixels > 0, got {threshold_px!r}")
+    return matcher, float(threshold_px)
 
 
 def _read(image: np.ndarray | str | Path) -> tuple[np.ndarray, int]:

@@ -374,7 +374,7 @@ def export_held_out(cfg, args) -> int:
     out = Path(args.colmap)
     index = []
     for window in tqdm(windows, desc="COLMAP export", unit="window"):
-        pred = rec.run(list(window.images), intrinsics=window.intrinsics)
+        pred = rec.run(list(window.images), intrinsics=window.intrinsics, poses="model")  # predicted (docstring)
         model = window_model(pred["images"], pred["depth"], pred["confidence"], pred["cam_to_world"],
                              pred["intrinsics"])
         folder = out / model_folder_name(window.name, {w["folder"] for w in index})
