@@ -113,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="auto (cuda where there is one, else cpu), cpu, cuda or cuda:N (auto)")
     rec.add_argument("--colmap", nargs="?", const="bin", choices=("bin", "txt"), default=None,
                      help="also write OUT/colmap/{images,sparse/0} (a COLMAP model; binary unless 'txt')")
+    rec.add_argument("--poses", choices=("fitted", "model"), default=None,
+                     help="each window's poses: fitted (its first view's from the pose head, every other placed "
+                     "by PnP on the window's verified matches lifted by the model's depth; labeler.matcher, "
+                     "labeler.ransac_threshold_px; AUC@30 0.584 against the pose head's 0.146 on 7-Scenes: "
+                     "docs/RESULTS.md) or model (the pose head's) (fitted)")
     exp = add("export", "export a snapshot's model for deployment (torch.export .pt2 or ONNX), checked against eager")
     exp.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     exp.add_argument("--out", default=None, help="output file (.pt2 or .onnx); optional with --colmap")

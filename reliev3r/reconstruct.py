@@ -7,8 +7,15 @@ The input is cut into windows of ``views`` frames (``stride`` input frames apart
 consecutive windows share ``overlap`` frames. The model reconstructs each window in its own
 similarity gauge, every window at one size (the snapshot's ``image_size``; a snapshot without
 it: the first window's, which a frame turned otherwise is stretched to, as the API stretches
-one: ``learner.api``); :func:`chain_windows` brings every window into the first one's frame:
-the depth scale from the shared frames' median depth ratio, then the rigid motion that maps
+one: ``learner.api``). A window's poses are, by default (``--poses fitted``), fitted to the
+model's depth and the window's verified matches (``learner.posefit.fit_poses`` through
+``learner.api.Reconstructor.run``: the first view keeps the pose head's pose, every other is
+placed by PnP on its matches to the views placed, lifted by their depth; the matches found with
+the config's ``labeler.matcher`` and ``labeler.ransac_threshold_px``), which scored far better
+than the pose head's on held-out 7-Scenes windows (docs/RESULTS.md, "Poses fitted to the model's
+depth"); a view the matches do not place keeps the pose head's pose. ``--poses model`` takes the
+pose head's poses for every view. :func:`chain_windows` brings every window into the first
+one's frame: the depth scale from the shared frames' median depth ratio, then the rigid motion that maps
 the new window's shared camera poses onto the chain's. Units are therefore the first
 window's relative units, not metres.
 
@@ -28,7 +35,11 @@ Writes into ``--out``:
   the frames by ``evaluation.datasets.match_trajectory``, README's one rule; a frame whose pose
   file or trajectory line is no pose goes without, with a warning naming the file (and line)
   and the problem; a ``--gt-poses`` file with no line that is a pose is refused);
-* ``reconstruction.json``: what was run, the intrinsics each frame was unprojected with
+* ``reconstruction.json``: what was run (``poses``: ``fitted`` or ``model``, and
+  ``head_pose_frames``: how many frames kept the pose head's pose, as a view the fit did not
+  place (a window's first view anchors its fit: placed), every frame with ``model``; also
+  printed, and ``trajectory.png``'s title says which poses),
+  the intrinsics each frame was unprojected with
   (``intrinsics``: one 3x3 when every frame shares it, else one per frame; in pixels of the
   depth maps, ``image_size`` [width, height], the top-left pixel's centre at (0, 0)) and, with
   ground truth, the ATE;
@@ -68,7 +79,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import cv2
 import numpy as np
@@ -516,8 +527,13 @@ class ReconstructOptions:
     """Points written at most (random subset beyond)."""
     colmap: str | None = None
     """Also write a COLMAP model under ``colmap/``: ``bin`` or ``txt`` (None: none)."""
+    poses: Literal["fitted", "model"] = "fitted"
+    """Each window's poses: ``fitted`` to the model's depth and the window's verified matches, or the
+    pose head's (``model``): ``learner.api.Reconstructor.run``'s ``poses``."""
 
     def __post_init__(self) -> None:
+        if self.poses not in ("fitted", "model"):
+            raise ValueError(f"poses must be 'fitted' or 'model', got {self.poses!r}")
         if self.views < 2:
             raise ValueError("views must be >= 2")
         if not 1 <= self.overlap < self.views:
@@ -682,16 +698,18 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         window_K.append(K)
 
     model_size = None  # (H, W) of the first window, which every later one is brought to
+    head_poses: list[bool] = []  # per frame: whether its pose is the pose head's (not placed by the fit)
 
     def run_window(start: int, images: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> None:
         nonlocal model_size
         # One size for every window (a snapshot without image_size would take each window's first frame's)
         pred = reconstructor.run(images, intrinsics=None if intrinsics[0] is None else np.stack(intrinsics),
-                                 size=model_size)
+                                 size=model_size, poses=opts.poses)
         model_size = model_size or tuple(pred["depth"].shape[1:3])
         result = WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"])
         for k, j, pose, depth, c in chain.add(result):
             write_frame(k, pose, depth, c, pred["images"][j], pred["intrinsics"][j])
+            head_poses.append(not pred["fitted"][j])
         ply.flush()
         tum.flush()
 
@@ -735,6 +753,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
 
     poses_arr = poses.array()
     summary = {"frames": n, "windows": chain.windows, "views": views, "overlap": overlap,
+               "poses": opts.poses, "head_pose_frames": sum(head_poses),
                "points": int(kept), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
     frame_K = window_K.array()
     shared = bool((frame_K == frame_K[0]).all())
@@ -744,7 +763,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
     if gt is None and stream.match_gt is not None:
         gt = stream.match_gt(timestamps.array())
     gt_centres, unit = None, "model units"
-    title = f"{n} frames, {chain.windows} windows of {views} (overlap {summary['overlap']})"
+    title = f"{n} frames, {chain.windows} windows of {views} (overlap {summary['overlap']}), {opts.poses} poses"
     known = np.array([g is not None for g in gt]) if gt is not None else np.zeros(n, bool)
     if known.sum() >= 3:
         gt_c = np.stack([gt[k][:3, 3] for k in np.flatnonzero(known)]).astype(np.float64)
@@ -789,7 +808,10 @@ def main(cfg, args: argparse.Namespace) -> int:
     if args.device != "auto":  # one this host does not have: said before the model loads
         check_device_present("--device", args.device)
     source = input_path(args.input)  # a glob matching none or several: said before the model loads
-    reconstructor = Reconstructor.from_snapshot(resolve_given("--checkpoint", args.checkpoint), device=args.device)
+    # the matches poses are fitted to: found as the labelers find them (Reconstructor.run)
+    reconstructor = Reconstructor.from_snapshot(resolve_given("--checkpoint", args.checkpoint), device=args.device,
+                                                matcher=cfg.labeler.matcher,
+                                                threshold_px=cfg.labeler.ransac_threshold_px)
     stream = open_input(source, stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None,
                         gt_poses=Path(args.gt_poses) if args.gt_poses else None)

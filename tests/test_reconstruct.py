@@ -82,7 +82,7 @@ def test_ply_round_trip(tmp_path):
     assert v["confidence"][-1] == 2.0
 
 
-def _check_outputs(out, frames: int) -> dict:
+def _check_outputs(out, frames: int, size: tuple[int, int] = (48, 64)) -> dict:
     ply = plyfile.PlyData.read(str(out / "points.ply"))
     vertex = ply["vertex"]
     assert ply.text is False and len(vertex) > 100
@@ -93,10 +93,10 @@ def _check_outputs(out, frames: int) -> dict:
     rotations = poses[:, :3, :3]
     np.testing.assert_allclose(rotations @ rotations.transpose(0, 2, 1), np.tile(np.eye(3), (frames, 1, 1)), atol=1e-5)
     depth = cv2.imread(str(out / "depth" / "000000.png"), cv2.IMREAD_UNCHANGED)
-    assert depth.dtype == np.uint16 and depth.shape == (48, 64) and depth.max() > 0
+    assert depth.dtype == np.uint16 and depth.shape == size and depth.max() > 0
     assert len(list((out / "depth").glob("*.png"))) == frames == len(list((out / "depth_color").glob("*.png")))
     colour = cv2.imread(str(out / "depth_color" / "000000.png"))
-    assert colour.shape == (48, 64, 3)
+    assert colour.shape == (*size, 3)
     plot = cv2.imread(str(out / "trajectory.png"))
     assert plot is not None and plot.shape == (560, 1200, 3) and plot.std() > 5  # drawn, not blank
     return json.loads((out / "reconstruction.json").read_text())
@@ -360,6 +360,59 @@ def test_a_reconstruction_into_the_folder_of_an_earlier_one_leaves_none_of_it(tm
     assert (out / "notes.txt").read_text() == "the user's own"
 
 
+def test_poses_are_fitted_to_the_depth_by_default_and_the_pose_heads_with_poses_model(tmp_path, capsys):
+    """A rendered room's frames with their true poses (``groundtruth.txt``): the default and
+    ``--poses model`` both write every output, the same depth (the chain scales windows by depth
+    alone) and other poses; the summary (``reconstruction.json``, printed) says which poses and how
+    many frames kept the pose head's pose: every frame with ``model``, fewer where the fit places
+    views (the rendered room lets it), and the ATE of each. Nothing is said of which is better: the
+    snapshot is trained two CPU steps."""
+    from evaluation.tum import write_tum
+    from reliev3r import synthetic
+
+    scene = synthetic.render_scene(0, frames=40, height=96, width=128, select=[0, 2, 4, 6, 8, 10])
+    frames = tmp_path / "room"
+    frames.mkdir()
+    for k, rgb in enumerate(scene.images.numpy()):
+        cv2.imwrite(str(frames / f"{k:06d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    write_tum(frames / "groundtruth.txt", np.arange(6.0), scene.cam_to_world.double().numpy())
+    snap = make_tiny_snapshot(tmp_path / "run", height=96, width=128)
+    summaries = {}
+    for poses, extra in (("fitted", []), ("model", ["--poses", "model"])):
+        capsys.readouterr()
+        assert cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(frames), "--out",
+                         str(tmp_path / poses), "--views", "3", "--overlap", "1", "--device", "cpu", *extra]) == 0
+        summaries[poses] = _check_outputs(tmp_path / poses, 6, size=(96, 128))
+        printed = capsys.readouterr().out
+        assert json.loads(printed[:printed.index("\n}\n") + 2]) == summaries[poses]
+    fitted, model = summaries["fitted"], summaries["model"]
+    assert fitted["poses"] == "fitted" and model["poses"] == "model"
+    assert model["head_pose_frames"] == 6
+    assert 0 <= fitted["head_pose_frames"] < 6, "the rendered room should let the fit place a view"
+    assert fitted["gt_frames"] == model["gt_frames"] == 6 and np.isfinite([fitted["ate_m"], model["ate_m"]]).all()
+    for k in range(6):
+        depth = [cv2.imread(str(tmp_path / p / "depth" / f"{k:06d}.png"), cv2.IMREAD_UNCHANGED) for p in summaries]
+        np.testing.assert_array_equal(*depth)
+    fitted_poses, model_poses = (read_tum(tmp_path / p / "poses.txt")[1] for p in summaries)
+    assert not np.allclose(fitted_poses, model_poses)
+
+
+def test_poses_other_than_fitted_or_model_are_refused_naming_the_choices(tmp_path, capsys):
+    """``--poses`` is refused as the command line is read (exit 2), before anything is opened;
+    ``ReconstructOptions(poses=)`` with a ValueError naming the two."""
+    from reliev3r.reconstruct import ReconstructOptions
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["reconstruct", "--checkpoint", str(tmp_path / "none"), "--input", str(tmp_path / "none.mp4"),
+                  "--out", str(tmp_path / "rec"), "--poses", "head"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --poses: invalid choice: 'head' (choose from" in err, err
+    assert not (tmp_path / "rec").exists()
+    assert ReconstructOptions().poses == "fitted"
+    with pytest.raises(ValueError, match="poses must be 'fitted' or 'model', got 'head'"):
+        ReconstructOptions(poses="head")
+
+
 def _image_folder(folder, n: int):
     folder.mkdir(parents=True)
     for k in range(n):
@@ -486,13 +539,14 @@ class _DepthModel:
     def __init__(self, depth: np.ndarray) -> None:
         self.depth = depth
 
-    def run(self, images, intrinsics=None, size=None) -> dict:
+    def run(self, images, intrinsics=None, size=None, poses="fitted") -> dict:
         v, (h, w) = len(images), self.depth.shape
         poses = np.tile(np.eye(4, dtype=np.float32), (v, 1, 1))
         poses[:, 0, 3] = 0.1 * np.arange(v)
         K = np.repeat(geometry.intrinsics_from_fov(60.0, w, h).numpy()[None], v, 0)
         return {"images": np.zeros((v, h, w, 3), np.uint8), "depth": np.repeat(self.depth[None], v, 0),
-                "confidence": np.full((v, h, w), 1.5, np.float32), "cam_to_world": poses, "intrinsics": K}
+                "confidence": np.full((v, h, w), 1.5, np.float32), "cam_to_world": poses, "intrinsics": K,
+                "fitted": np.zeros(v, bool)}
 
 
 def test_depth_pngs_hold_0_where_depth_is_beyond_their_range_or_none(tmp_path):

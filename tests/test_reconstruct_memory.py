@@ -33,7 +33,7 @@ class FakeReconstructor:
     def __init__(self, out: Path) -> None:
         self.out, self.seen = out, []
 
-    def run(self, images, intrinsics=None, size=None) -> dict:
+    def run(self, images, intrinsics=None, size=None, poses="fitted") -> dict:
         (writing,) = self.out.glob(".reconstruct-*")  # the run's outputs until they are all written
         ply = writing / "points.ply"
         self.seen.append((len(list((writing / "depth").glob("*.png"))),
@@ -46,7 +46,8 @@ class FakeReconstructor:
         poses = np.tile(np.eye(4, dtype=np.float32), (v, 1, 1))
         poses[:, 0, 3] = 0.01 * np.arange(v)
         K = np.tile(geometry.intrinsics_from_fov(60.0, W, H).numpy(), (v, 1, 1))
-        return {"images": stack, "depth": depth, "confidence": conf, "cam_to_world": poses, "intrinsics": K}
+        return {"images": stack, "depth": depth, "confidence": conf, "cam_to_world": poses, "intrinsics": K,
+                "fitted": np.zeros(v, bool)}
 
 
 def _frames(n: int):

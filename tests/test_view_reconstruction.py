@@ -26,7 +26,7 @@ class WideModel:
     def __init__(self, per_window: bool) -> None:
         self.per_window, self.windows = per_window, 0
 
-    def run(self, images, intrinsics=None, size=None) -> dict:
+    def run(self, images, intrinsics=None, size=None, poses="fitted") -> dict:
         v = len(images)
         K = geometry.intrinsics_from_fov(90.0, W, H).numpy()
         if self.per_window:
@@ -37,7 +37,7 @@ class WideModel:
         poses[:, 0, 3] = 0.1 * np.arange(v)
         depth = 2.0 + np.random.default_rng(self.windows).random((v, H, W), dtype=np.float32)
         return {"images": np.stack(images), "depth": depth, "confidence": np.full((v, H, W), 1.5, np.float32),
-                "cam_to_world": poses, "intrinsics": np.repeat(K[None], v, 0)}
+                "cam_to_world": poses, "intrinsics": np.repeat(K[None], v, 0), "fitted": np.zeros(v, bool)}
 
 
 def _frames(n: int):
