@@ -15,8 +15,8 @@ the config's ``labeler.matcher`` and ``labeler.ransac_threshold_px``), which sco
 than the pose head's on held-out 7-Scenes windows (docs/RESULTS.md, "Poses fitted to the model's
 depth"); a view the matches do not place keeps the pose head's pose. ``--poses model`` takes the
 pose head's poses for every view. :func:`chain_windows` brings every window into the first
-one's frame: the depth scale from the shared frames' median depth ratio, then the rigid motion that maps
-the new window's shared camera poses onto the chain's. Units are therefore the first
+one's frame: the depth scale from the shared frames' median depth ratio, then the rigid motion
+that maps the new window's shared camera poses onto the chain's. Units are therefore the first
 window's relative units, not metres.
 
 Writes into ``--out``:
@@ -698,10 +698,10 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         window_K.append(K)
 
     model_size = None  # (H, W) of the first window, which every later one is brought to
-    head_poses: list[bool] = []  # per frame: whether its pose is the pose head's (not placed by the fit)
+    head_pose_frames = 0  # frames whose pose is the pose head's (their view not placed by the fit)
 
     def run_window(start: int, images: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> None:
-        nonlocal model_size
+        nonlocal model_size, head_pose_frames
         # One size for every window (a snapshot without image_size would take each window's first frame's)
         pred = reconstructor.run(images, intrinsics=None if intrinsics[0] is None else np.stack(intrinsics),
                                  size=model_size, poses=opts.poses)
@@ -709,7 +709,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
         result = WindowResult(start, pred["depth"], pred["confidence"], pred["cam_to_world"])
         for k, j, pose, depth, c in chain.add(result):
             write_frame(k, pose, depth, c, pred["images"][j], pred["intrinsics"][j])
-            head_poses.append(not pred["fitted"][j])
+            head_pose_frames += not pred["fitted"][j]
         ply.flush()
         tum.flush()
 
@@ -753,7 +753,7 @@ def _reconstruct_into(held: contextlib.ExitStack, reconstructor, frames: Frames 
 
     poses_arr = poses.array()
     summary = {"frames": n, "windows": chain.windows, "views": views, "overlap": overlap,
-               "poses": opts.poses, "head_pose_frames": sum(head_poses),
+               "poses": opts.poses, "head_pose_frames": int(head_pose_frames),
                "points": int(kept), "depth_png_unit": "model relative units x 1000 (first window's gauge)"}
     frame_K = window_K.array()
     shared = bool((frame_K == frame_K[0]).all())
