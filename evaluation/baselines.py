@@ -22,7 +22,7 @@ from reliev3r import geometry
 from reliev3r.protocol import Matches
 from evaluation.datasets import EvalWindow
 from labelers.config import LabelerConfig
-from labelers.matches import make_matcher, match_window
+from labelers.matches import make_matcher, match_every_pair
 
 FAILED_DEG = 180.0
 """Error assigned to a pair the classical method cannot solve (too few matches): a failure
@@ -135,16 +135,11 @@ def essential_pose_errors(matches: np.ndarray, intrinsics: np.ndarray,
 def window_matches(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu") -> list[np.ndarray | None]:
     """Verified matches [K, 7] of every view pair of each window with ground-truth poses (None for
     a window without): ``labeler.matcher``'s (on ``device``: XFeat's), verified at
-    ``labeler.ransac_threshold_px``, at most 4,096 a pair. What the classical baseline solves and
-    the model's poses are fitted to (``evaluation.evaluate.score_model``'s ``matches``)."""
+    ``labeler.ransac_threshold_px`` (``labelers.matches.match_every_pair``). What the classical
+    baseline solves and the model's poses are fitted to (``evaluation.evaluate.score_model``'s ``matches``)."""
     matcher = make_matcher(labeler.matcher, device)
-    found = []
-    for window in windows:
-        v = window.images.shape[0]
-        found.append(None if window.gt_cam_to_world is None else match_window(
-            window.images, matcher, long_pairs=v * v, min_matches=8, max_matches_per_pair=4096,
-            threshold_px=labeler.ransac_threshold_px)[0])
-    return found
+    return [None if window.gt_cam_to_world is None else
+            match_every_pair(window.images, matcher, threshold_px=labeler.ransac_threshold_px) for window in windows]
 
 
 def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu", *,

@@ -29,7 +29,7 @@ with a ValueError saying so.
 Poses (``run(..., poses=)``): ``"fitted"``, the default, keeps the model's depth and its first
 view's pose and places every other view by the window's verified matches lifted by that depth
 (``learner.posefit.fit_poses``: PnP under RANSAC, then Levenberg-Marquardt); the matches are found
-as the labelers and ``reliev3r eval`` find them (``labelers.matches.match_window`` over every
+as the labelers and ``reliev3r eval`` find them (``labelers.matches.match_every_pair``: every
 pair, with the Reconstructor's matcher and verification threshold: ``labelers.config.LabelerConfig``'s
 ``matcher`` and ``ransac_threshold_px`` unless given). A view the matches do not place keeps the
 pose head's pose (``fitted`` says which). On 24 held-out 7-Scenes windows the fitted poses scored
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from labelers.config import LabelerConfig
-from labelers.matches import Matcher, make_matcher, match_window
+from labelers.matches import Matcher, make_matcher, match_every_pair
 from learner.model import FFRM
 from learner.posefit import fit_poses
 from learner.snapshot import load_model, resolve_snapshot
@@ -99,11 +99,8 @@ class Reconstructor:
 
     def matches(self, images: np.ndarray) -> np.ndarray:
         """Verified matches [K, 7] of every view pair of ``images`` [V,H,W,3] (RGB uint8), as
-        ``evaluation.baselines.window_matches`` finds a window's: at most 4,096 a pair, a pair with
-        fewer than 8 contributing none."""
-        v = len(images)
-        return match_window(images, self.matcher, long_pairs=v * v, min_matches=8, max_matches_per_pair=4096,
-                            threshold_px=self.threshold_px)[0]
+        ``reliev3r eval`` finds a window's (``labelers.matches.match_every_pair``)."""
+        return match_every_pair(images, self.matcher, threshold_px=self.threshold_px)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         if self.image_size is not None:
