@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--data", default=None, help="held-out dataset spec for --colmap (default: evaluator.data)")
     exp.add_argument("--windows", type=at_least(1), default=None,
                      help="windows for --colmap (default: evaluator.windows)")
+    exp.add_argument("--poses", choices=("fitted", "model"), default="fitted",
+                     help="--colmap's poses: fitted to the model's depth, as reconstruct's, or model (the pose "
+                     "head's) (fitted)")
     render = add("render", "render the synthetic world (video + exact ground truth) into a folder")
     render.add_argument("--out", required=True, help="output folder")
     status = add("status", "print the state of a running pipeline from its metrics endpoints")

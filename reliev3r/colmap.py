@@ -346,7 +346,8 @@ def model_folder_name(name: str, taken: set[str]) -> str:
 def export_held_out(cfg, args) -> int:
     """``reliev3r export --colmap DIR``: run the snapshot on the run's held-out windows (``--data``,
     default ``evaluator.data``; ``--windows``, default ``evaluator.windows``) and write one model
-    per window: ``DIR/<window>/images/`` and ``DIR/<window>/sparse/0/`` (predicted poses, the
+    per window: ``DIR/<window>/images/`` and ``DIR/<window>/sparse/0/`` (the poses ``--poses`` names:
+    by default fitted to the model's depth as ``reliev3r reconstruct``'s, ``model`` the pose head's; the
     window's intrinsics, the confident half of each view's depth as points), plus ``DIR/index.json``.
     The ``synthetic`` spec's held-out scenes are those of the snapshot's run (``eval_world/``)."""
     import json
@@ -365,7 +366,9 @@ def export_held_out(cfg, args) -> int:
     data = getattr(args, "data", None) or cfg.evaluator.data
     if problem := spec_problem(data):  # before the model loads
         raise ValueError(f"{'--data' if getattr(args, 'data', None) else 'evaluator.data'} {problem}")
-    rec = Reconstructor.from_snapshot(snap, device="cpu")
+    rec = Reconstructor.from_snapshot(snap, device="cpu", matcher=cfg.labeler.matcher,
+                                      threshold_px=cfg.labeler.ransac_threshold_px)
+    poses = getattr(args, "poses", None) or "fitted"
     height, width = rec.image_size or (cfg.streamer.height, cfg.streamer.width)
     views = getattr(args, "views", None) or cfg.streamer.views
     windows = load_windows(data, views=views, height=height, width=width,
@@ -374,7 +377,7 @@ def export_held_out(cfg, args) -> int:
     out = Path(args.colmap)
     index = []
     for window in tqdm(windows, desc="COLMAP export", unit="window"):
-        pred = rec.run(list(window.images), intrinsics=window.intrinsics, poses="model")  # predicted (docstring)
+        pred = rec.run(list(window.images), intrinsics=window.intrinsics, poses=poses)
         model = window_model(pred["images"], pred["depth"], pred["confidence"], pred["cam_to_world"],
                              pred["intrinsics"])
         folder = out / model_folder_name(window.name, {w["folder"] for w in index})
@@ -382,7 +385,7 @@ def export_held_out(cfg, args) -> int:
         index.append({"window": window.name, "folder": folder.name, "images": len(model.names),
                       "points": len(model.points)})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").write_text(json.dumps({"data": data, "views": views, "format": fmt,
+    (out / "index.json").write_text(json.dumps({"data": data, "views": views, "format": fmt, "poses": poses,
                                                 "windows": index}, indent=2))
     print(f"wrote {len(index)} COLMAP models ({fmt}) under {out}")
     return 0

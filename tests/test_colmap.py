@@ -170,17 +170,20 @@ def test_reconstruct_writes_a_colmap_model(tmp_path, snapshot, capsys):
     _check_single_view_points(rec, out / "colmap" / "images", px_tol=1e-3)
 
 
-def test_export_writes_a_colmap_model_per_held_out_window(tmp_path, snapshot):
+@pytest.mark.parametrize("poses", [None, "model"])
+def test_export_writes_a_colmap_model_per_held_out_window(tmp_path, snapshot, poses):
+    """One model per window, with the poses fitted to the model's depth unless ``--poses model``."""
     frames = tmp_path / "frames"
     frames.mkdir()
     for k, rgb in enumerate(panning_frames(12, 96, 72)):
         cv2.imwrite(str(frames / f"{k:04d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     out = tmp_path / "colmap"
     argv = ["export", "--checkpoint", str(snapshot), "--colmap", str(out), "--colmap-format", "txt", "--views", "3",
-            "--data", f"folder:{frames}", "--windows", "2", "evaluator.stride=2"]
+            "--data", f"folder:{frames}", "--windows", "2", "evaluator.stride=2",
+            *(["--poses", poses] if poses else [])]
     assert cli.main(argv) == 0
     index = json.loads((out / "index.json").read_text())
-    assert index["format"] == "txt" and len(index["windows"]) == 2
+    assert index["format"] == "txt" and len(index["windows"]) == 2 and index["poses"] == (poses or "fitted")
     for entry in index["windows"]:
         folder = out / entry["folder"]
         assert (folder / "sparse" / "0" / "points3D.txt").is_file()
