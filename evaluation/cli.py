@@ -41,9 +41,18 @@ FITTED = "poses fitted to its depth"
 matches the classical baseline solves (what ``reliev3r reconstruct`` writes by default)."""
 
 
-def _snapshot_name(snap: Path, meta: dict) -> str:
+def _snapshot_name(snap: Path, meta: dict, taken: dict) -> str:
+    """``RUN/step-N (loss, step N)``; a snapshot from before a teacher refresh ``RUN/before-refresh/step-N``;
+    one whose name is ``taken`` already (two runs of one name, the same snapshot twice) gets `` #2``, ``#3``..."""
     loss = meta.get("config", {}).get("loss", {}).get("kind", "?")
-    return f"{snap.parent.parent.name}/{snap.name} ({loss}, step {meta['step']})"
+    folder = snap.parent.parent
+    where = f"{folder.parent.name}/{folder.name}" if folder.name == "before-refresh" else folder.name
+    name = f"{where}/{snap.name} ({loss}, step {meta['step']})"
+    names = {key.partition(" ")[2] for key in taken if key.startswith(("model ", "compare "))}
+    count = 1
+    while (name if count == 1 else f"{name} #{count}") in names:
+        count += 1
+    return name if count == 1 else f"{name} #{count}"
 
 
 def default_teachers(cfg: PipelineConfig, snap: Path) -> list[str]:
@@ -96,13 +105,13 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
                            run_dir=run, synthetic_cfg=cfg.streamer.synthetic)
     has_depth, has_poses = has_ground_truth(windows)
     per_window: dict[str, list[dict[str, float]]] = {}  # the scores of each window: for the intervals
-    first = f"model {_snapshot_name(snap, meta)}"
+    first = f"model {_snapshot_name(snap, meta, per_window)}"
     matches = window_matches(windows, cfg.labeler, device) if has_poses else None
     per_window[first] = score_model(model, windows, device, progress=True, desc="model")
     if matches is not None:
         per_window[f"{first}, {FITTED}"] = score_model(model, windows, device, matches=matches)
     for other, other_model, other_meta in compare:
-        name = f"compare {_snapshot_name(other, other_meta)}"
+        name = f"compare {_snapshot_name(other, other_meta, per_window)}"
         per_window[name] = score_model(other_model, windows, device, progress=True, desc=other.name)
         if matches is not None:
             per_window[f"{name}, {FITTED}"] = score_model(other_model, windows, device, matches=matches)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from labelers.config import LabelerConfig
-from labelers.matches import make_matcher, match_window
+from labelers.matches import make_matcher, match_every_pair
 from learner.api import Reconstructor
 from learner.posefit import fit_poses
 from reliev3r import synthetic
@@ -34,10 +34,8 @@ def images() -> list[np.ndarray]:
 
 
 def window_matches(images: np.ndarray, matcher: str, threshold_px: float) -> np.ndarray:
-    """The window's verified matches as ``evaluation.baselines.window_matches`` finds them."""
-    v = len(images)
-    return match_window(images, make_matcher(matcher), long_pairs=v * v, min_matches=8, max_matches_per_pair=4096,
-                        threshold_px=threshold_px)[0]
+    """The window's verified matches as ``reliev3r eval`` finds them, with a matcher of its own."""
+    return match_every_pair(np.stack(images), make_matcher(matcher), threshold_px=threshold_px)
 
 
 def unprojected(out: dict) -> np.ndarray:

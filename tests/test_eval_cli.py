@@ -916,3 +916,27 @@ def test_the_official_7scenes_layout_is_read(tmp_path, caplog):
         cv2.imwrite(str(frame), cv2.resize(cv2.imread(str(frame)), (320, 240), interpolation=cv2.INTER_AREA))
     (w,) = load_windows(f"7scenes:{seq}", views=3, height=240, width=320, windows=1, stride=1, run_dir=tmp_path)
     np.testing.assert_allclose(w.intrinsics[0], [[292.5, 0, 159.75], [0, 292.5, 119.75], [0, 0, 1]], atol=1e-4)
+
+
+def test_snapshots_of_one_name_get_rows_of_their_own(tmp_path, capsys):
+    """Two runs of one name, a snapshot from before a run's teacher refresh and the same snapshot
+    given twice each got the row name ``RUN/step-N``: later rows were written over earlier ones
+    (a comparison of two runs' ``before-refresh`` snapshots printed one of them)."""
+    from reliev3r.synthetic import ensure_world
+    from streamer.config import SyntheticConfig
+
+    data = tmp_path / "world"
+    ensure_world(data, SyntheticConfig(scenes=1, frames=24, height=48, width=64), progress=False)
+    first = make_tiny_snapshot(tmp_path / "a" / "run", seed=0)
+    same_name = make_tiny_snapshot(tmp_path / "b" / "run", seed=1)
+    before = make_tiny_snapshot(tmp_path / "b" / "run" / "before-refresh", seed=2)
+    argv = ["eval", "--checkpoint", str(first), "--compare", str(same_name), "--compare", str(before),
+            "--compare", str(first), "--data", f"synthetic:{data}", "--views", "3", "--windows", "1",
+            "--out", str(tmp_path / "eval"), "--teacher", "none", f"run.dir={tmp_path / 'default'}"]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    models = [name for name in rows if name.startswith(("model ", "compare ")) and not name.endswith("depth")]
+    assert models == ["model run/step-000000002 (weak, step 2)", "compare run/step-000000002 (weak, step 2) #2",
+                      "compare run/before-refresh/step-000000002 (weak, step 2)",
+                      "compare run/step-000000002 (weak, step 2) #3"]
+    assert rows[models[0]] == rows[models[3]] and rows[models[0]] != rows[models[1]]
