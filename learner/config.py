@@ -108,7 +108,7 @@ class RefineConfig:
     on the teacher's shape rather than the learner's. Weak either way; the pull still acts on
     the prediction. ``teacher`` kept the registered depth from breaking on the synthetic world
     (docs/RESULTS.md, sweeps 9-11)."""
-    solver: Literal["adam", "lm", "pnp"] = "adam"
+    solver: Literal["adam", "lm"] = "adam"
     """Solver of the bundle adjustment: ``adam`` (first-order, ``steps`` steps of size ``lr``)
     or ``lm`` (Levenberg-Marquardt, ``steps`` iterations; it follows the curvature, so poorly
     constrained directions barely move). ``lm``: no measured gain over ``adam`` on held-out
@@ -139,8 +139,8 @@ class RefineConfig:
             raise ValueError(f"weight must be > 0 (for no refinement leave learner.loss.refine out), got {self.weight}")
         if self.depth not in ("pred", "teacher"):
             raise ValueError(f"depth must be 'pred' or 'teacher', got {self.depth!r}")
-        if self.solver not in ("adam", "lm", "pnp"):
-            raise ValueError(f"solver must be 'adam', 'lm' or 'pnp', got {self.solver!r}")
+        if self.solver not in ("adam", "lm"):
+            raise ValueError(f"solver must be 'adam' or 'lm', got {self.solver!r}")
         if self.shifts and self.solver != "adam":
             raise ValueError("shifts needs solver 'adam'")
         if self.steps < 0 or self.lr <= 0 or self.min_matches < 0:

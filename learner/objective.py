@@ -24,7 +24,6 @@ from learner.losses import (depth_contrast_loss, gradient_share, point_consisten
                             reprojection_loss, shape_damped, supervised_loss, teacher_aligned_depth,
                             triangulated_depth_loss, triangulated_pose_loss)
 from learner.model import view_depth
-from learner.posefit import fit_batch
 from learner.refinement import refine_geometry, refined_geometry_loss
 from reliev3r.protocol import Matches
 
@@ -156,10 +155,6 @@ def _refinement_term(depth: Tensor, search_depth: Tensor, cam_to_world: Tensor, 
     no host sync)."""
     refine = cfg.refine
     named = Matches(matches, batched=True)  # protocol.BATCH_MATCH_COLUMNS
-    if refine.solver == "pnp":  # the poses fitted to the search depth (learner.posefit), its scales kept
-        target, placed = fit_batch(search_depth, cam_to_world, intrinsics, named.geometry, named.score)
-        log_scale = torch.zeros(target.shape[:2], dtype=depth.dtype, device=depth.device)
-        return refined_geometry_loss(depth, cam_to_world, target, log_scale, placed.to(depth.dtype))
     target, log_scale, shift = refine_geometry(
         search_depth, cam_to_world, intrinsics, named.geometry, named.score, steps=refine.steps,
         lr=refine.lr, reproj_weight=cfg.reproj_weight, point_weight=cfg.point_weight, robust=cfg.robust,

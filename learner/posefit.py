@@ -130,27 +130,3 @@ def fit_poses(depth: np.ndarray, cam_to_world: np.ndarray, intrinsics: np.ndarra
             poses[view], fitted[view], inliers[view] = pose, True, count
             posed[view] = pose
     return FittedPoses(poses, fitted, inliers)
-
-
-def fit_batch(depth, cam_to_world, intrinsics, matches, score, *, threshold_px: float = THRESHOLD_PX,
-              min_inliers: int = MIN_INLIERS):
-    """:func:`fit_poses` of every window of a batch, as torch tensors: ``depth`` [B, V, H, W],
-    ``cam_to_world`` [B, V, 4, 4], ``intrinsics`` [B, V, 3, 3], ``matches`` [K, 7] rows ``b, i, j,
-    x_i, y_i, x_j, y_j`` with ``score`` [K] (rows scored 0 are padding, left out). Returns the
-    fitted poses [B, V, 4, 4] (detached, on ``cam_to_world``'s device and dtype) and, per window,
-    whether the fit placed any view besides the first (bool [B]). On the CPU with OpenCV: one
-    host copy of the batch."""
-    import torch
-
-    d = depth.detach().float().cpu().numpy()
-    poses = cam_to_world.detach().double().cpu().numpy()
-    k = intrinsics.detach().double().cpu().numpy()
-    rows = matches.detach().double().cpu().numpy()[score.detach().cpu().numpy() > 0]
-    out = poses.copy()
-    placed = np.zeros(len(d), bool)
-    for b in range(len(d)):
-        fit = fit_poses(d[b], poses[b], k[b], rows[rows[:, 0] == b, 1:], threshold_px=threshold_px,
-                        min_inliers=min_inliers)
-        out[b], placed[b] = fit.cam_to_world, fit.fitted[1:].any()
-    return (torch.from_numpy(out).to(device=cam_to_world.device, dtype=cam_to_world.dtype),
-            torch.from_numpy(placed).to(cam_to_world.device))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from evaluation import metrics
-from helpers_world import F64, apply_similarity, make_world, random_similarity, with_outliers
+from helpers_world import apply_similarity, make_world, random_similarity, with_outliers
 from labelers.matches import make_matcher, match_window
-from learner.posefit import bilinear, fit_batch, fit_poses
+from learner.posefit import bilinear, fit_poses
 from reliev3r import geometry, synthetic
 
 # With exact depth and matches the PnP's least squares has an exact zero; Levenberg-Marquardt
@@ -144,40 +144,3 @@ def test_a_rendered_scene_with_sift_matches_and_true_depth(seed):
     assert float(rot.max()) < 1.0
     centres = np.linalg.norm(fit.cam_to_world[:, :3, 3] - truth[:, :3, 3], axis=1)
     assert centres.max() < 0.02 * depth[depth > 0].mean()
-
-
-def test_a_batch_is_fitted_window_by_window_and_padding_is_left_out():
-    world = make_world(23, batch=2, views=4, height=48, width=64, per_pair=30)
-    truth = world["cam_to_world"]
-    start = truth.clone()
-    start[:, 1:] = torch.eye(4, dtype=truth.dtype)
-    matches = world["matches"]
-    score = torch.ones(len(matches), dtype=truth.dtype)
-    score[matches[:, 0] == 1] = 0  # the second window's rows are padding: nothing to fit
-    fitted, placed = fit_batch(world["depth"], start, world["intrinsics"], matches, score)
-    assert placed.tolist() == [True, False]
-    assert fitted.dtype == truth.dtype and fitted.shape == truth.shape
-    assert_poses_close(fitted[0].numpy(), truth[0].numpy(), scale=float(world["depth"][0].mean()))
-    torch.testing.assert_close(fitted[1], start[1], rtol=0, atol=1e-12)
-
-
-def test_the_refinement_term_with_pnp_targets_pulls_the_poses_and_is_zero_at_the_truth():
-    """``learner.loss.refine.solver=pnp``: the prediction pulled towards the poses fitted to its own
-    depth. With exact depth and matches the fit is the truth, so the term is ~0 (the fit's ~1e-5
-    degrees) where the prediction is the truth, and above it, with gradient to the poses, elsewhere."""
-    from learner.config import LossConfig, RefineConfig
-    from learner.objective import _refinement_term
-
-    world = make_world(29, batch=2, views=4, height=48, width=64, per_pair=30)
-    cfg = LossConfig(refine=RefineConfig(solver="pnp", compile=False))
-    batch_matches = torch.cat((world["matches"], torch.ones(len(world["matches"]), 1, dtype=F64)), 1)
-    truth = world["cam_to_world"]
-    exact = _refinement_term(world["depth"], world["depth"], truth, world["intrinsics"], batch_matches, cfg)
-    assert float(exact) < 1e-6
-    wrong = truth.clone()
-    wrong[:, 2, :3, 3] += torch.tensor([0.3, -0.2, 0.1], dtype=F64)
-    wrong.requires_grad_(True)
-    term = _refinement_term(world["depth"], world["depth"], wrong, world["intrinsics"], batch_matches, cfg)
-    assert float(term.detach()) > 100 * float(exact) + 1e-3
-    term.backward()
-    assert torch.isfinite(wrong.grad).all() and wrong.grad[:, 2].abs().sum() > 0
