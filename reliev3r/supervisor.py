@@ -765,6 +765,8 @@ class Supervisor:
             return ", ".join(f"{title} {m[key]:{form}}" for key, title, form in SUMMARY if key in m) or "no metric"
 
         self._print(f"evaluation of step {ev['step']} on {ev['data']} ({ev['windows']} windows): {row(ev['model'])}")
+        if "model_fitted_poses" in ev:  # as reconstruct writes them (learner.posefit)
+            self._print(f"  its poses fitted to its depth:                   {row(ev['model_fitted_poses'])}")
         self._print(f"  baseline constant depth + identity poses:        {row(ev['baseline_constant_identity'])}")
 
     def _print(self, text: str) -> None:

@@ -60,6 +60,7 @@ def test_up_with_shipped_defaults_learns_from_a_real_image_sequence(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "evaluation of step 12 on 7scenes:" in out, out[-3000:]
     assert "baseline constant depth + identity poses" in out
+    assert "its poses fitted to its depth:" in out  # the held-out frames have poses: fitted too
 
     log = [json.loads(line) for line in (run / "logs" / "learner.log").read_text().splitlines() if line.startswith("{")]
     assert any(row["msg"] == "learner done" and row["step"] == 12 for row in log)
