@@ -1,11 +1,14 @@
 """A small synthetic world for the loss tests (test_losses, test_triangulation, test_epipolar):
 cameras with parallax, depth maps and exact matches, similarity transforms of a window, and
-the perturbations those tests score (noisy depth and poses, outlier matches)."""
+the perturbations those tests score (noisy depth and poses, outlier matches); and a small
+7-Scenes sequence folder of smooth random pictures (:func:`write_7scenes`)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -106,3 +109,22 @@ def with_outliers(world, seed, fraction=0.5):
     matches[bad, 5] = torch.rand(len(bad), generator=g, dtype=F64) * (w - 1)
     matches[bad, 6] = torch.rand(len(bad), generator=g, dtype=F64) * (h - 1)
     return matches, bad
+
+
+def write_7scenes(folder: Path, frames: int, *, width: int = 80, height: int = 60, step: float = 0.05,
+                  focal: float = 70.0, suffix: str = ".jpg") -> Path:
+    """``frames`` smooth random 7-Scenes frames of ``width`` x ``height`` (colour ``suffix``, depth
+    PNG in mm, a pose ``step`` metres along x per frame) and ``camera-intrinsics.txt``."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(frames):
+        small = rng.integers(0, 255, (max(height // 10, 2), max(width // 10, 2), 3), dtype=np.uint8)
+        image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"frame-{k:06d}.color{suffix}"), image)
+        cv2.imwrite(str(folder / f"frame-{k:06d}.depth.png"), np.full((height, width), 1500 + 10 * k, np.uint16))
+        pose = np.eye(4)
+        pose[0, 3] = step * k
+        np.savetxt(folder / f"frame-{k:06d}.pose.txt", pose)
+    (folder / "camera-intrinsics.txt").write_text(
+        f"{focal} 0 {(width - 1) / 2}\n0 {focal} {(height - 1) / 2}\n0 0 1\n")
+    return folder

@@ -19,27 +19,13 @@ from labelers.teacher_train import TeacherTrainConfig, batch_indices, config_fro
 from learner.snapshot import load_model
 from reliev3r import cli, imaging
 from reliev3r.distill import CPU_RECIPE, RECIPE, frame_streams, real_samples, recipe, tile_windows, tiled
+from helpers_world import write_7scenes
 from streamer_media import encode, panning_frames
 from tests.tiny_snapshot import make_tiny_snapshot
 
 H, W = 48, 64
 TINY = ["height=48", "width=64", "batch=4", "pool_frames=4", "views_per_eye=2", "eyes_per_world=2",
         "val_frames=2", "widths=8,8,8,16,16", "warmup=1", "log_every=1"]
-
-
-def _write_7scenes(folder: Path, frames: int) -> None:
-    """``frames`` smooth random 7-Scenes frames (colour JPEG, depth PNG in mm, pose, intrinsics)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for k in range(frames):
-        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
-        image = cv2.resize(small, (80, 60), interpolation=cv2.INTER_CUBIC)
-        cv2.imwrite(str(folder / f"frame-{k:06d}.color.jpg"), image)
-        cv2.imwrite(str(folder / f"frame-{k:06d}.depth.png"), np.full((60, 80), 1500 + 10 * k, np.uint16))
-        pose = np.eye(4)
-        pose[0, 3] = 0.05 * k
-        np.savetxt(folder / f"frame-{k:06d}.pose.txt", pose)
-    (folder / "camera-intrinsics.txt").write_text("70 0 39.5\n0 70 29.5\n0 0 1\n")
 
 
 def test_the_refresh_distils_with_the_recipe_of_its_device():
@@ -105,7 +91,7 @@ def test_distill_writes_a_loadable_teacher_that_records_its_source(tmp_path):
     run = tmp_path / "run"
     snap = make_tiny_snapshot(run, height=H, width=W, views=3)
     frames = tmp_path / "frames"
-    _write_7scenes(frames, 13)
+    write_7scenes(frames, 13)
     out = tmp_path / "teacher"
     rc = cli.main(["teacher-train", "--distill", str(run), "--frames", f"7scenes:{frames}", "--out", str(out),
                                "--views", "3", "--gap", "2", "--steps", "2", "--device", "cpu", "--real-share", "0.5",
@@ -135,7 +121,7 @@ def test_real_samples_are_the_snapshots_prediction(tmp_path):
     torch.set_num_threads(1)
     snap = make_tiny_snapshot(tmp_path / "run", height=H, width=W, views=3)
     frames = tmp_path / "frames"
-    _write_7scenes(frames, 7)
+    write_7scenes(frames, 7)
     model, _ = load_model(snap, "cpu")
     images, depths, info = real_samples(model, frame_streams([f"7scenes:{frames}"], fov_deg=60.0), views=3, gap=2,
                                         learner_size=(H, W), size=(H, W), device="cpu")

@@ -20,6 +20,7 @@ from evaluation import service
 from learner import snapshot as snapshots
 from reliev3r.config import load
 from reliev3r.service import Runtime
+from helpers_world import write_7scenes
 from tiny_snapshot import make_tiny_snapshot
 
 
@@ -90,26 +91,12 @@ def test_a_dataset_without_poses_is_scored_on_depth_and_the_evaluator_carries_on
 
 
 
-def seven_scenes_folder(folder: Path, frames: int = 6) -> Path:
-    """A 7-Scenes sequence of ``frames`` smooth random pictures (depth PNG in mm, poses, intrinsics)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for k in range(frames):
-        image = cv2.resize(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), (128, 96), interpolation=cv2.INTER_CUBIC)
-        cv2.imwrite(str(folder / f"frame-{k:06d}.color.png"), image)
-        cv2.imwrite(str(folder / f"frame-{k:06d}.depth.png"), np.full((96, 128), 1500 + 10 * k, np.uint16))
-        pose = np.eye(4)
-        pose[0, 3] = 0.02 * k
-        np.savetxt(folder / f"frame-{k:06d}.pose.txt", pose)
-    (folder / "camera-intrinsics.txt").write_text("110 0 63.5\n0 110 47.5\n0 0 1\n")
-    return folder
-
-
 @pytest.mark.timeout(300)  # bounds a hang only
 def test_a_snapshot_is_scored_again_with_its_poses_fitted_to_its_depth(tmp_path):
     """Where the data has poses, the result carries the pose metrics of the snapshot's poses fitted
     to its depth (learner.posefit: what reconstruct writes), in the JSON and in Prometheus."""
-    data, run = seven_scenes_folder(tmp_path / "seq"), tmp_path / "run"
+    data = write_7scenes(tmp_path / "seq", 6, width=128, height=96, step=0.02, focal=110.0, suffix=".png")
+    run = tmp_path / "run"
     make_tiny_snapshot(run, steps=2)
     cfg = load(overrides=[f"run.dir={run}", f"evaluator.data=7scenes:{data}", "evaluator.windows=1",
                           "evaluator.stride=1", "streamer.views=3", "streamer.height=48", "streamer.width=64",
@@ -464,6 +451,24 @@ def test_a_result_the_full_disk_refuses_is_said_and_written_once_there_is_room_w
         (logging.ERROR, "step-000000001", "ENOSPC"), (logging.ERROR, "step-000000002", "ENOSPC")]
 
 
+def warnings_said(caplog) -> list[tuple[str, str | None]]:
+    """(message up to its first colon, reason) of every warning or error logged."""
+    return [(r.getMessage().split(":")[0], getattr(r, "reason", None)) for r in caplog.records
+            if r.levelno >= logging.WARNING]
+
+
+def run_on_a_full_disk(tmp_path: Path, disk) -> Path:
+    """A run folder on ``disk`` (a ``small_disk``), its ``snapshots/`` on another disk with a
+    one-step snapshot in it; ``disk`` then filled."""
+    run = disk.path / "run"
+    (tmp_path / "snapshots").mkdir()
+    run.mkdir()
+    (run / "snapshots").symlink_to(tmp_path / "snapshots")
+    make_tiny_snapshot(run, steps=1)
+    disk.fill()
+    return run
+
+
 @pytest.mark.timeout(600)  # bounds a hang only
 def test_a_results_folder_the_full_disk_refuses_at_the_first_start_is_said_and_made_once_there_is_room(
         tmp_path, small_disk, caplog, wait_for):
@@ -474,12 +479,7 @@ def test_a_results_folder_the_full_disk_refuses_at_the_first_start_is_said_and_m
     and the results are made once the disk has room."""
     data = image_folder(tmp_path / "seq")
     disk = small_disk(1 << 20, inodes=64)  # a full ext4 refuses a folder; a tmpfs, once out of inodes
-    run = disk.path / "run"
-    (tmp_path / "snapshots").mkdir()
-    run.mkdir()
-    (run / "snapshots").symlink_to(tmp_path / "snapshots")  # the snapshots on another disk
-    make_tiny_snapshot(run, steps=1)
-    disk.fill()
+    run = run_on_a_full_disk(tmp_path, disk)
     caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
     evaluator = Evaluator(config(run, data, max_steps=1))
     status = evaluator.runtime.status
@@ -495,8 +495,7 @@ def test_a_results_folder_the_full_disk_refuses_at_the_first_start_is_said_and_m
     finally:
         evaluator.close()
     assert scored(run) == ["step-000000001"] and "write_error" not in status
-    said = [(r.getMessage().split(":")[0], getattr(r, "reason", None)) for r in caplog.records
-            if r.levelno >= logging.WARNING]  # once each, no traceback (pruning the pictures of a folder not made)
+    said = warnings_said(caplog)  # once each, no traceback (pruning the pictures of a folder not made)
     assert said == [("results folder not made", "ENOSPC"), ("pictures not written", "ENOSPC")], said
     assert [r for r in caplog.records if r.getMessage() == "results folder made"]
 
@@ -511,12 +510,7 @@ def test_a_held_out_world_the_full_disk_refuses_at_the_first_start_is_said_and_r
     with the reason, the status's ``write_error``, counted for the alert), no snapshot is scored
     without data, and the world is rendered and the snapshot scored once the disk has room."""
     disk = small_disk(1 << 20)
-    run = disk.path / "run"
-    (tmp_path / "snapshots").mkdir()
-    run.mkdir()
-    (run / "snapshots").symlink_to(tmp_path / "snapshots")  # the snapshots on another disk
-    make_tiny_snapshot(run, steps=1)
-    disk.fill()
+    run = run_on_a_full_disk(tmp_path, disk)
     caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
     cfg = load(overrides=[f"run.dir={run}", "evaluator.windows=1", "evaluator.stride=1", "streamer.views=3",
                           "streamer.height=48", "streamer.width=64", "streamer.synthetic.scenes=1",
@@ -539,7 +533,6 @@ def test_a_held_out_world_the_full_disk_refuses_at_the_first_start_is_said_and_r
     finally:
         evaluator.close()
     assert scored(run) == ["step-000000001"] and "write_error" not in status
-    said = [(r.getMessage().split(":")[0], getattr(r, "reason", None)) for r in caplog.records
-            if r.levelno >= logging.WARNING]  # once, however many turns it was refused, no traceback
+    said = warnings_said(caplog)  # once, however many turns it was refused, no traceback
     assert said == [("evaluation data not loaded", "ENOSPC")], said
     assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
