@@ -3,7 +3,9 @@ page of a run's learning curves.
 
 Every metric of the run's evaluations (``<run>/evaluations/step-*.json``, as the evaluator
 writes them) over learner steps, one chart per metric as inline SVG; each ``--compare`` run on
-the same charts in its own colour; the baselines the JSON carries (``baseline_*`` entries) as
+the same charts in its own colour, and each run's poses fitted to its depth (``model_fitted_poses``,
+where the data has poses) on the pose charts in a lighter shade of it; the baselines the JSON
+carries (``baseline_*`` entries) as
 dashed horizontal lines; a table of the newest values; and the newest snapshot's pictures
 (``evaluation.pictures``) inlined as base64 PNG. No script, no network, no plotting library.
 """
@@ -25,6 +27,10 @@ from reliev3r.config import run_folder
 
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 """Colour of the first run (the one reported), then of each ``--compare`` run."""
+FITTED_COLOURS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#9edae5")
+"""Colour of each run's poses fitted to its depth (``model_fitted_poses``): its own, lighter."""
+FITTED = "model_fitted_poses"
+"""A record's pose metrics with the poses fitted to the snapshot's depth (the evaluator's)."""
 BASELINE_COLOURS = ("#7f7f7f", "#bcbd22", "#555555")
 HIGHER_IS_BETTER = ("delta", "rra", "rta", "auc")
 """Metric key prefixes where higher is better (the rest: errors, lower is better)."""
@@ -225,12 +231,21 @@ def render(runs: list[Run]) -> str:
     base_colours = {b: BASELINE_COLOURS[i % len(BASELINE_COLOURS)] for i, b in enumerate(base)}
     legend = [f'<span><i style="background:{colours[r.name]}"></i>{html.escape(r.name)} '
               f'({len(r.records)} evaluations)</span>' for r in runs]
+    fitted_colours = {run.name: FITTED_COLOURS[i % len(FITTED_COLOURS)] for i, run in enumerate(runs)
+                      if any(isinstance(r.get(FITTED), dict) for r in run.records)}
+    legend += [f'<span><i style="background:{c}"></i>{html.escape(name)}, poses fitted to its depth</span>'
+               for name, c in fitted_colours.items()]
     legend += [f'<span><i style="background:repeating-linear-gradient(90deg,{c} 0 6px,transparent 6px 10px)">'
                f'</i>baseline {html.escape(b)}</span>' for b, c in base_colours.items()]
     charts = []
     for key in keys:
         series = [(run.name, colours[run.name], [(float(r["step"]), float(r["model"][key])) for r in run.records
                                                    if _finite(r["model"].get(key))]) for run in runs]
+        for run in runs:
+            fitted = [(float(r["step"]), float(r[FITTED][key])) for r in run.records
+                      if isinstance(r.get(FITTED), dict) and _finite(r[FITTED].get(key))]
+            if fitted:
+                series.append((f"{run.name}, poses fitted to its depth", fitted_colours[run.name], fitted))
         lines = [(f"baseline {b}", base_colours[b], float(m[key])) for b, m in base.items() if _finite(m.get(key))]
         better = "↑" if key.startswith(HIGHER_IS_BETTER) else "↓"
         charts.append(svg_chart(f"{TITLES.get(key, key)} {better}  ({key})", series, lines))
@@ -243,6 +258,12 @@ def render(runs: list[Run]) -> str:
             cells = "".join(f"<td>{_fmt(rec['model'][k])}</td>" if _finite(rec["model"].get(k)) else "<td>–</td>"
                             for k in keys)
             rows.append(f"<tr><td>{html.escape(run.name)}</td><td>{rec['step']}</td>{cells}</tr>")
+            fitted = rec.get(FITTED)
+            if isinstance(fitted, dict):
+                cells = "".join(f"<td>{_fmt(fitted[k])}</td>" if _finite(fitted.get(k)) else "<td>–</td>"
+                                for k in keys)
+                rows.append(f"<tr><td>{html.escape(run.name)}, poses fitted to its depth</td>"
+                            f"<td>{rec['step']}</td>{cells}</tr>")
     for b, m in base.items():
         cells = "".join(f"<td>{_fmt(m[k])}</td>" if _finite(m.get(k)) else "<td>–</td>" for k in keys)
         rows.append(f"<tr><td>baseline {html.escape(b)}</td><td>–</td>{cells}</tr>")

@@ -17,12 +17,13 @@ import torch
 from evaluation.datasets import EvalWindow
 from evaluation.evaluate import TITLES
 from evaluation.pictures import depth_picture, picture_snapshot, write_pictures
+from evaluation.service import FITTED_REPORTED
 from reliev3r import report
 from reliev3r.cli import main as cli_main
 from tests.helpers_report import H, V, W, assert_curves, chromium, predicted, screenshot, window
 
 
-def make_run(folder: Path, steps: list[int], *, pictures: bool, slope: float) -> Path:
+def make_run(folder: Path, steps: list[int], *, pictures: bool, slope: float, fitted: bool = False) -> Path:
     """A run folder with evaluation JSONs as the evaluator writes them (and, optionally, the
     picture set of each)."""
     out = folder / "evaluations"
@@ -34,6 +35,8 @@ def make_run(folder: Path, steps: list[int], *, pictures: bool, slope: float) ->
         model = {k: 0.2 + 0.05 * i + slope * n for i, k in enumerate(keys)}
         record = {"snapshot": f"{folder}/snapshots/{stem}", "step": step, "data": "synthetic", "windows": 4,
                   "model": model, "baseline_constant_identity": baseline, "seconds": 1.0}
+        if fitted:  # as the evaluator writes them where the data has poses
+            record["model_fitted_poses"] = {k: model[k] / 2 for k in FITTED_REPORTED if k in model}
         if pictures:
             win = window()
             depth, pose = predicted(win, noise=0.3 / (n + 1))
@@ -218,3 +221,18 @@ def test_report_renders_in_headless_chromium(tmp_path):
     page = report.write_report(weak, [sup], tmp_path / "report.html")
     image = screenshot(page, tmp_path / "report.png")
     assert_curves(image, (("weak run (blue)", (180, 119, 31)), ("compared run (orange)", (14, 127, 255))))
+
+
+def test_each_runs_fitted_poses_are_drawn_on_the_pose_charts_in_a_lighter_shade(tmp_path):
+    weak = make_run(tmp_path / "weak", [25, 50, 75], pictures=False, slope=-0.03, fitted=True)
+    sup = make_run(tmp_path / "supervised", [25, 50], pictures=False, slope=-0.05)
+    page = report.write_report(weak, [sup], tmp_path / "report.html").read_text()
+    keys = report.metric_keys([report.load_run(weak)])
+    pose_keys = [k for k in keys if k in FITTED_REPORTED]
+    assert pose_keys and len(pose_keys) < len(keys)
+    # the first run's light blue on every pose chart, and in its legend; the other run has none
+    assert page.count(f'stroke="{report.FITTED_COLOURS[0]}"') == len(pose_keys)
+    assert f'stroke="{report.FITTED_COLOURS[1]}"' not in page
+    assert "weak, poses fitted to its depth</span>" in page
+    row = page.split("<td>weak, poses fitted to its depth</td>")[1].split("</tr>")[0]
+    assert row.count("<td>–</td>") == len(keys) - len(pose_keys)  # its depth is the model's: no column of it
