@@ -17,6 +17,7 @@ x_i, y_i, x_j, y_j[, score]``, pixel centres at integers, in the depth's pixels)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -112,7 +113,7 @@ def fit_poses(depth: np.ndarray, cam_to_world: np.ndarray, intrinsics: np.ndarra
         threshold_px: RANSAC's reprojection threshold, pixels.
         min_inliers: a view placed by fewer inliers keeps its predicted pose.
     """
-    if threshold_px <= 0 or min_inliers < 4:
+    if not threshold_px > 0 or not math.isfinite(threshold_px) or min_inliers < 4:  # NaN refused too
         raise ValueError(f"threshold_px must be > 0 and min_inliers >= 4, got {threshold_px}, {min_inliers}")
     depth, poses = np.asarray(depth), np.array(cam_to_world, dtype=np.float64)
     matches = np.asarray(matches, dtype=np.float64)

@@ -104,8 +104,9 @@ def test_too_few_inliers_keep_the_prediction_and_bad_settings_are_refused():
     np.testing.assert_array_equal(fit.cam_to_world, start)
     empty = fit_poses(depth, start, K, np.zeros((0, 7)))
     assert empty.fitted.tolist() == [True, False, False, False]
-    with pytest.raises(ValueError, match="threshold_px"):
-        fit_poses(depth, start, K, matches, threshold_px=0)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold_px"):
+            fit_poses(depth, start, K, matches, threshold_px=bad)
     with pytest.raises(ValueError, match="min_inliers"):
         fit_poses(depth, start, K, matches, min_inliers=3)
 
