@@ -8,6 +8,7 @@ video in a child process for each N, reading that child's peak resident set size
 
     .venv/bin/python benchmarks/reconstruct_memory.py                 # 1k, 5k, 10k frames
     .venv/bin/python benchmarks/reconstruct_memory.py --frames 200 800 --colmap
+    .venv/bin/python benchmarks/reconstruct_memory.py --frames 1000 3000 --poses model   # the pose head's
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=160)
     ap.add_argument("--height", type=int, default=120)
     ap.add_argument("--colmap", action="store_true", help="also write the COLMAP model (--colmap bin)")
+    ap.add_argument("--poses", choices=("fitted", "model"), default="fitted",
+                    help="reconstruct's --poses (fitted: its default, with the matching it needs)")
     ap.add_argument("--keep", default=None, help="folder to keep the outputs in (default: a temporary one)")
     args = ap.parse_args()
 
@@ -78,7 +81,7 @@ def main() -> None:
 
     from tests.tiny_snapshot import make_tiny_snapshot
 
-    extra = ["--colmap", "bin"] if args.colmap else []
+    extra = (["--colmap", "bin"] if args.colmap else []) + ["--poses", args.poses]
     with tempfile.TemporaryDirectory(prefix="reconstruct_memory-") as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -96,8 +99,8 @@ def main() -> None:
                   f"video made in {made:.0f} s", flush=True)
             video.unlink()
     base = rows[0][5]
-    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, video {args.width}x{args.height}, model 48x64"
-          + (", --colmap bin" if args.colmap else ""))
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, video {args.width}x{args.height}, model 48x64, "
+          f"--poses {args.poses}" + (", --colmap bin" if args.colmap else ""))
     print("| frames | decoded | poses written | windows | points in PLY | peak RSS (MiB) | ratio | time (s) "
           "| frames/s |")
     print("|---|---|---|---|---|---|---|---|---|")
