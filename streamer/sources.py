@@ -1168,10 +1168,7 @@ class ImageSequenceSource:
         to the colour frame's pixels as eval brings it (``reliev3r.imaging.depth_in_colour_frame``),
         where its intrinsics can be the depth maps' (``reliev3r.imaging.depth_intrinsics_problem``):
         else the frames stream without depth, reported once as ``depth_intrinsics_mismatch``."""
-        if self.scannet:
-            depth_file = self.path / "depth" / f"{file.stem}.png"
-        else:
-            depth_file = file.with_name(f"{_frame_stem(file)}.depth.png")
+        depth_file = ground_truth_file(file, "gt_depth", self.path if self.scannet else None)
         if not depth_file.is_file() or (self.scannet and (self.depth_intrinsics is None or self.intrinsics is None)):
             return None  # a ScanNet scene's depth, without both intrinsics (reported): not on the frame's pixels
         raw = imaging.read_image(depth_file, cv2.IMREAD_UNCHANGED)  # not cv2.imread: any path
@@ -1210,10 +1207,8 @@ class ImageSequenceSource:
         whose numbers are not finite, as SensReader writes the pose of a frame its tracking lost, is
         none (``reliev3r.imaging.read_tracked_pose``), reported as ``lost_pose``. The frame streams
         without it (:func:`_pose_lost`)."""
-        if self.scannet:
-            pose_file, read = self.path / "pose" / f"{file.stem}.txt", imaging.read_tracked_pose
-        else:
-            pose_file, read = file.with_name(f"{_frame_stem(file)}.pose.txt"), imaging.read_pose
+        pose_file = ground_truth_file(file, "gt_cam_to_world", self.path if self.scannet else None)
+        read = imaging.read_tracked_pose if self.scannet else imaging.read_pose
         if not pose_file.is_file():
             if self._has_poses is None:  # looked up once, when a frame without one is first asked for
                 self._has_poses = self.scannet or any(file.parent.glob("*.pose.txt"))  # ScanNet: every frame's
@@ -1341,6 +1336,16 @@ def _frame_stem(file: Path) -> str:
     for tag in (".color", ".rgb"):
         name = name.replace(tag + file.suffix, file.suffix)
     return name[: -len(file.suffix)]
+
+
+def ground_truth_file(frame: Path, kind: str, scannet_scene: Path | None = None) -> Path:
+    """Where the ground truth ``kind`` (``gt_depth`` or ``gt_cam_to_world``) of the frame read from
+    ``frame`` is read from: beside it, ``<frame>.depth.png`` / ``<frame>.pose.txt`` (7-Scenes); in a
+    ScanNet scene (``scannet_scene``, the scene's folder), ``depth/<N>.png`` / ``pose/<N>.txt``."""
+    depth = kind == "gt_depth"
+    if scannet_scene is not None:
+        return scannet_scene / ("depth" if depth else "pose") / f"{frame.stem}{'.png' if depth else '.txt'}"
+    return frame.with_name(f"{_frame_stem(frame)}{'.depth.png' if depth else '.pose.txt'}")
 
 
 def discover(specs: list[str], *, fov_deg: float = 60.0, on_error: ErrorSink = _log_error,
@@ -1547,18 +1552,12 @@ def _video_ground_truth_absent(path: Path) -> str | None:
 def _images_ground_truth_absent(folder: Path, files: list[Path], needed: tuple[str, ...]) -> str | None:
     """Which of ``needed`` no frame of ``files`` has the file of, where :class:`ImageSequenceSource`
     reads it (its ``_depth`` and ``_pose``), or None."""
-    if imaging.is_scannet_scene(folder):
-        stems = {f.stem for f in files}
-        where = {"gt_depth": (folder / "depth", "{}.png"), "gt_cam_to_world": (folder / "pose", "{}.txt")}
-    else:
-        stems = {_frame_stem(f) for f in files}
-        where = {"gt_depth": (files[0].parent, "{}.depth.png"), "gt_cam_to_world": (files[0].parent, "{}.pose.txt")}
+    scene = folder if imaging.is_scannet_scene(folder) else None
     missing = []
     for name in needed:
-        place, form = where[name]
-        there = set(os.listdir(place)) if place.is_dir() else set()
-        if not any(form.format(stem) in there for stem in stems):
-            missing.append(f"{'depth map' if name == 'gt_depth' else 'pose'} ({place / form.format('<frame>')})")
+        if not any(ground_truth_file(f, name, scene).is_file() for f in files):
+            anyone = ground_truth_file(files[0].with_name("<frame>" + files[0].suffix), name, scene)
+            missing.append(f"{'depth map' if name == 'gt_depth' else 'pose'} ({anyone})")
     return f"an image folder with no {' nor '.join(missing)} of any frame" if missing else None
 
 
