@@ -58,25 +58,23 @@ def bilinear(depth: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
-def _correspondences(view: int, posed: dict[int, np.ndarray], depth: np.ndarray, intrinsics: np.ndarray,
+def _correspondences(view: int, other: int, cam_to_world: np.ndarray, depth: np.ndarray, intrinsics: np.ndarray,
                      matches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """World points [N, 3] of ``view``'s matches into the posed views (their depth, their pose)
-    and ``view``'s pixels [N, 2] of them. Matches whose depth is not positive and finite are left out."""
-    points, pixels = [], []
+    """World points [N, 3] of ``view``'s matches into the posed view ``other`` (its depth, its pose
+    ``cam_to_world``) and ``view``'s pixels [N, 2] of them. Matches whose depth is not positive and
+    finite are left out."""
+    points, pixels = [np.zeros((0, 3))], [np.zeros((0, 2))]
     i, j = matches[:, 0].astype(np.int64), matches[:, 1].astype(np.int64)
-    for other, cam_to_world in posed.items():
-        for mine, theirs, sel in ((slice(2, 4), slice(4, 6), (i == view) & (j == other)),
-                                  (slice(4, 6), slice(2, 4), (i == other) & (j == view))):
-            if not sel.any():
-                continue
-            xy = matches[sel][:, theirs].astype(np.float64)
-            d = bilinear(depth[other], xy)
-            ok = np.isfinite(d) & (d > 0)
-            rays = np.linalg.solve(intrinsics[other].astype(np.float64), np.c_[xy[ok], np.ones(ok.sum())].T).T
-            points.append((rays * d[ok, None]) @ cam_to_world[:3, :3].T + cam_to_world[:3, 3])
-            pixels.append(matches[sel][ok][:, mine].astype(np.float64))
-    if not points:
-        return np.zeros((0, 3)), np.zeros((0, 2))
+    for mine, theirs, sel in ((slice(2, 4), slice(4, 6), (i == view) & (j == other)),
+                              (slice(4, 6), slice(2, 4), (i == other) & (j == view))):
+        if not sel.any():
+            continue
+        xy = matches[sel][:, theirs].astype(np.float64)
+        d = bilinear(depth[other], xy)
+        ok = np.isfinite(d) & (d > 0)
+        rays = np.linalg.solve(intrinsics[other].astype(np.float64), np.c_[xy[ok], np.ones(ok.sum())].T).T
+        points.append((rays * d[ok, None]) @ cam_to_world[:3, :3].T + cam_to_world[:3, 3])
+        pixels.append(matches[sel][ok][:, mine].astype(np.float64))
     return np.concatenate(points), np.concatenate(pixels)
 
 
@@ -120,14 +118,20 @@ def fit_poses(depth: np.ndarray, cam_to_world: np.ndarray, intrinsics: np.ndarra
     v = poses.shape[0]
     fitted, inliers = np.zeros(v, bool), np.zeros(v, np.int64)
     fitted[0] = True
-    posed = {0: poses[0]}
     pending = list(range(1, v))
+    found: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {view: [] for view in pending}
+    """Per view still to place, its correspondences into each view placed, in the order they were placed."""
+    placed: int | None = 0  # the view placed last (None: the last one tried was not placed)
     while pending:
-        found = {view: _correspondences(view, posed, depth, intrinsics, matches) for view in pending}
-        view = max(pending, key=lambda p: (len(found[p][0]), -p))  # most matches first, then the earliest
+        for view in pending if placed is not None else ():  # lift the matches into it, once
+            found[view].append(_correspondences(view, placed, poses[placed], depth, intrinsics, matches))
+        view = max(pending, key=lambda p: (sum(len(x) for x, _ in found[p]), -p))  # most matches, then earliest
         pending.remove(view)
-        pose, count = _place(*found[view], intrinsics[view], threshold_px)
+        points, pixels = (np.concatenate(parts) for parts in zip(*found.pop(view)))
+        pose, count = _place(points, pixels, intrinsics[view], threshold_px)
         if pose is not None and count >= min_inliers:
             poses[view], fitted[view], inliers[view] = pose, True, count
-            posed[view] = pose
+            placed = view
+        else:  # nothing new to lift: the next turn picks among the others as they stand
+            placed = None
     return FittedPoses(poses, fitted, inliers)
