@@ -136,7 +136,8 @@ def window_matches(windows: list[EvalWindow], labeler: LabelerConfig, device: st
     """Verified matches [K, 7] of every view pair of each window with ground-truth poses (None for
     a window without): ``labeler.matcher``'s (on ``device``: XFeat's), verified at
     ``labeler.ransac_threshold_px`` (``labelers.matches.match_every_pair``). What the classical
-    baseline solves and the model's poses are fitted to (``evaluation.evaluate.score_model``'s ``matches``)."""
+    baseline solves and the model's poses are fitted to (``evaluation.evaluate.score_model_and_fitted``'s
+    ``matches``)."""
     matcher = make_matcher(labeler.matcher, device)
     return [None if window.gt_cam_to_world is None else
             match_every_pair(window.images, matcher, threshold_px=labeler.ransac_threshold_px) for window in windows]

@@ -25,7 +25,7 @@ import torch
 
 from evaluation.baselines import classical_pose_baseline, teacher_depth_baseline, window_matches
 from evaluation.datasets import load_windows, spec_problem
-from evaluation.evaluate import TITLES, has_ground_truth, markdown_table, score_model, score_trivial
+from evaluation.evaluate import TITLES, has_ground_truth, markdown_table, score_model_and_fitted, score_trivial
 from evaluation.intervals import RESAMPLES, interval_table
 from evaluation.metrics import mean_metrics
 from labelers.config import teacher_kind
@@ -107,14 +107,15 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     per_window: dict[str, list[dict[str, float]]] = {}  # the scores of each window: for the intervals
     first = f"model {_snapshot_name(snap, meta, per_window)}"
     matches = window_matches(windows, cfg.labeler, device) if has_poses else None
-    per_window[first] = score_model(model, windows, device, progress=True, desc="model")
-    if matches is not None:
-        per_window[f"{first}, {FITTED}"] = score_model(model, windows, device, matches=matches)
-    for other, other_model, other_meta in compare:
-        name = f"compare {_snapshot_name(other, other_meta, per_window)}"
-        per_window[name] = score_model(other_model, windows, device, progress=True, desc=other.name)
-        if matches is not None:
-            per_window[f"{name}, {FITTED}"] = score_model(other_model, windows, device, matches=matches)
+
+    def score(name: str, scored: torch.nn.Module, desc: str) -> None:  # its rows, and its fitted poses' where any
+        per_window[name], fitted = score_model_and_fitted(scored, windows, device, matches, progress=True, desc=desc)
+        if fitted is not None:
+            per_window[f"{name}, {FITTED}"] = fitted
+
+    score(first, model, "model")
+    for other, other_model, other_meta in compare:  # named one by one: a name taken is told apart
+        score(f"compare {_snapshot_name(other, other_meta, per_window)}", other_model, other.name)
     constant = "baseline: constant depth + identity poses"
     per_window[constant] = score_trivial(windows)
     rows: dict[str, dict[str, float]] = {name: mean_metrics(scores) for name, scores in per_window.items()}

@@ -27,14 +27,21 @@ def score_window(depth: torch.Tensor, cam_to_world: torch.Tensor, window: EvalWi
     """Every metric of one window its ground truth allows (CPU tensors, depth [V,H,W],
     poses [V,4,4]): depth needs GT depth, poses need GT poses, point maps need both."""
     out: dict[str, float] = {}
-    K = torch.from_numpy(window.intrinsics)
     if window.gt_depth is not None:
         out.update(metrics.depth_metrics(depth, torch.from_numpy(window.gt_depth)))
+    out.update(_pose_scores(depth, cam_to_world, window))
+    return out
+
+
+def _pose_scores(depth: torch.Tensor, cam_to_world: torch.Tensor, window: EvalWindow) -> dict[str, float]:
+    """The metrics of :func:`score_window` that the poses move: the poses' and the point maps'."""
+    out: dict[str, float] = {}
     if window.gt_cam_to_world is not None:
         gt_pose = torch.from_numpy(window.gt_cam_to_world)
         out.update(metrics.pose_metrics(cam_to_world, gt_pose))
         if window.gt_depth is not None:
-            out.update(metrics.pointmap_metrics(depth, cam_to_world, torch.from_numpy(window.gt_depth), gt_pose, K))
+            out.update(metrics.pointmap_metrics(depth, cam_to_world, torch.from_numpy(window.gt_depth), gt_pose,
+                                                torch.from_numpy(window.intrinsics)))
     return out
 
 
@@ -53,25 +60,36 @@ def evaluate_model(model: torch.nn.Module, windows: list[EvalWindow], device, *,
 
 
 def score_model(model: torch.nn.Module, windows: list[EvalWindow], device, *, progress: bool = False,
-                desc: str = "evaluating", matches: list[np.ndarray | None] | None = None) -> list[dict[str, float]]:
-    """The metrics of ``model`` on each of ``windows``, in their order. With ``matches`` (each
-    window's verified matches, ``evaluation.baselines.window_matches``), the poses scored are
-    those fitted to the model's depth and the matches (``learner.posefit.fit_poses``) instead of
-    the pose head's; a window whose matches are None keeps the pose head's."""
+                desc: str = "evaluating") -> list[dict[str, float]]:
+    """The metrics of ``model`` on each of ``windows``, in their order."""
+    return score_model_and_fitted(model, windows, device, None, progress=progress, desc=desc)[0]
+
+
+def score_model_and_fitted(model: torch.nn.Module, windows: list[EvalWindow], device,
+                           matches: list[np.ndarray | None] | None, *, progress: bool = False,
+                           desc: str = "evaluating") -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """:func:`score_model`'s rows and, with ``matches`` (each window's verified matches,
+    ``evaluation.baselines.window_matches``), the rows of the same predictions with their poses
+    fitted to the model's depth and the matches (``learner.posefit.fit_poses``; a window whose
+    matches are None keeps the pose head's): one forward per window for both (None without
+    ``matches``)."""
     was_training = model.training
     model.eval()
-    rows = []
+    rows, fitted_rows = [], None if matches is None else []
     try:
         for k, window in enumerate(tqdm(windows, desc=desc, unit="window", disable=not progress)):
             depth, pose = predict(model, window, device)
             depth, pose = depth.cpu(), pose.cpu()
-            if matches is not None and matches[k] is not None:
-                fitted = fit_poses(depth.numpy(), pose.double().numpy(), window.intrinsics, matches[k])
-                pose = torch.from_numpy(fitted.cam_to_world).to(pose.dtype)
             rows.append(score_window(depth, pose, window))
+            if fitted_rows is not None:
+                fitted = pose
+                if matches[k] is not None:
+                    fit = fit_poses(depth.numpy(), pose.double().numpy(), window.intrinsics, matches[k])
+                    fitted = torch.from_numpy(fit.cam_to_world).to(pose.dtype)
+                fitted_rows.append({**rows[-1], **_pose_scores(depth, fitted, window)})  # the depth is the same
     finally:
         model.train(was_training)
-    return rows
+    return rows, fitted_rows
 
 
 def trivial_baseline(windows: list[EvalWindow]) -> dict[str, float]:

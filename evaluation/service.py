@@ -44,7 +44,7 @@ import torch
 from evaluation.baselines import window_matches
 from evaluation.config import EvaluatorConfig
 from evaluation.datasets import load_windows
-from evaluation.evaluate import evaluate_model, has_ground_truth, score_model, trivial_baseline
+from evaluation.evaluate import has_ground_truth, score_model_and_fitted, trivial_baseline
 from evaluation.metrics import mean_metrics
 from evaluation.pictures import TEMPORARY as PICTURE_TEMPORARY
 from evaluation.pictures import picture_snapshot, prune_pictures
@@ -99,7 +99,8 @@ class Stopped(Exception):
 
 class StopAware:
     """The evaluation windows, one at a time, while no stop is asked (checked before each):
-    :func:`evaluate_model` iterates them, so a stop ends a scoring after the window at hand."""
+    ``evaluation.evaluate.score_model_and_fitted`` iterates them, so a stop ends a scoring after
+    the window at hand."""
 
     def __init__(self, windows: list, runtime: Runtime):
         self.windows, self.runtime = windows, runtime
@@ -207,9 +208,9 @@ class EvaluatorService:
             self.passed[snap.name] = ident  # as read before the load: one written again since is tried
             return None
         try:
-            result = evaluate_model(model, StopAware(windows, runtime), self.device)
-            fitted = None if self.matches is None else mean_metrics(
-                score_model(model, StopAware(windows, runtime), self.device, matches=self.matches))
+            rows, fitted_rows = score_model_and_fitted(model, StopAware(windows, runtime), self.device, self.matches)
+            result = mean_metrics(rows)
+            fitted = None if fitted_rows is None else mean_metrics(fitted_rows)
         except Stopped as stop:
             runtime.log.info("evaluation abandoned on stop", extra={"snapshot": snap.name, "windows": len(windows),
                                                                    "scored": stop.args[0]})
