@@ -251,22 +251,19 @@ def render(runs: list[Run]) -> str:
         charts.append(svg_chart(f"{TITLES.get(key, key)} {better}  ({key})", series, lines))
     head = ("<tr><th>run</th><th>step</th>" + "".join(f"<th>{html.escape(TITLES.get(k, k))}</th>" for k in keys)
             + "</tr>")
+
+    def row(name: str, step, values: dict) -> str:  # a table row: "–" where a metric is not there
+        cells = "".join(f"<td>{_fmt(values[k])}</td>" if _finite(values.get(k)) else "<td>–</td>" for k in keys)
+        return f"<tr><td>{html.escape(name)}</td><td>{step}</td>{cells}</tr>"
+
     rows = []
     for run in runs:
         if run.records:
             rec = run.records[-1]
-            cells = "".join(f"<td>{_fmt(rec['model'][k])}</td>" if _finite(rec["model"].get(k)) else "<td>–</td>"
-                            for k in keys)
-            rows.append(f"<tr><td>{html.escape(run.name)}</td><td>{rec['step']}</td>{cells}</tr>")
-            fitted = rec.get(FITTED)
-            if isinstance(fitted, dict):
-                cells = "".join(f"<td>{_fmt(fitted[k])}</td>" if _finite(fitted.get(k)) else "<td>–</td>"
-                                for k in keys)
-                rows.append(f"<tr><td>{html.escape(run.name)}, poses fitted to its depth</td>"
-                            f"<td>{rec['step']}</td>{cells}</tr>")
-    for b, m in base.items():
-        cells = "".join(f"<td>{_fmt(m[k])}</td>" if _finite(m.get(k)) else "<td>–</td>" for k in keys)
-        rows.append(f"<tr><td>baseline {html.escape(b)}</td><td>–</td>{cells}</tr>")
+            rows.append(row(run.name, rec["step"], rec["model"]))
+            if isinstance(rec.get(FITTED), dict):
+                rows.append(row(f"{run.name}, poses fitted to its depth", rec["step"], rec[FITTED]))
+    rows += [row(f"baseline {b}", "–", m) for b, m in base.items()]
     pictures = []
     for run in runs:
         rec, paths = newest_pictures(run)
