@@ -134,13 +134,16 @@ def essential_pose_errors(matches: np.ndarray, intrinsics: np.ndarray,
 
 def window_matches(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu") -> list[np.ndarray | None]:
     """Verified matches [K, 7] of every view pair of each window with ground-truth poses (None for
-    a window without): ``labeler.matcher``'s (on ``device``: XFeat's), verified at
-    ``labeler.ransac_threshold_px`` (``labelers.matches.match_every_pair``). What the classical
-    baseline solves and the model's poses are fitted to (``evaluation.evaluate.score_model_and_fitted``'s
-    ``matches``)."""
+    a window without), found on its :meth:`~evaluation.datasets.EvalWindow.matching` frames (the
+    views fitted to ``labelers.matches.MATCH_LONG_SIDE`` on the long side) and in their pixels:
+    ``labeler.matcher``'s (on ``device``: XFeat's), verified at ``labeler.ransac_threshold_px`` of
+    those pixels (``labelers.matches.match_every_pair``). What the classical baseline solves and
+    the model's poses are fitted to (``evaluation.evaluate.score_model_and_fitted``'s ``matches``,
+    brought to the model's pixels there)."""
     matcher = make_matcher(labeler.matcher, device)
     return [None if window.gt_cam_to_world is None else
-            match_every_pair(window.images, matcher, threshold_px=labeler.ransac_threshold_px) for window in windows]
+            match_every_pair(window.matching()[0], matcher, threshold_px=labeler.ransac_threshold_px)
+            for window in windows]
 
 
 def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig, device: str = "cpu", *,
@@ -153,7 +156,7 @@ def classical_pose_baseline(windows: list[EvalWindow], labeler: LabelerConfig, d
     for window, found in zip(windows, matches):
         if found is None:
             continue
-        rot, trans = essential_pose_errors(found, window.intrinsics, window.gt_cam_to_world)
+        rot, trans = essential_pose_errors(found, window.matching()[1], window.gt_cam_to_world)
         rot_errs += rot
         trans_errs += trans
     return metrics.pose_auc(torch.tensor(rot_errs), torch.tensor(trans_errs))

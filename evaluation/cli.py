@@ -8,7 +8,9 @@ its depth and the windows' verified matches (on data with ground-truth poses), a
 baselines: constant depth with identity poses, each depth teacher alone (``--teacher``; default ``labeler.teacher`` and,
 for a snapshot of a run whose teacher refresh is done, the teacher that refresh made)
 and two-view essential-matrix poses from matches of ``labeler.matcher``, verified. Every model
-sees the same windows, at the first snapshot's training resolution. The windows
+sees the same windows, at the first snapshot's training resolution; the matches (of the classical
+baseline and the fitted poses) are found on the same views at 640 pixels on the long side
+(``labelers.matches.match_size``). The windows
 (``streamer.views``, ``evaluator.data``, ``windows``, ``stride``, the synthetic world) and the
 baselines (``labeler.teacher``, ``matcher``, ``ransac_threshold_px``) are the snapshot's run's,
 from its ``config.yaml``, where the command line does not set them and no ``--config`` is given
@@ -136,7 +138,9 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     spread_title = (f"95 % intervals over the {len(windows)} windows (percentile bootstrap, {RESAMPLES:,} resamples "
                     "of the windows, paired for the ratios: how much the windows chosen move a figure, not what "
                     "another training seed would)")
-    said = f"{data}: {len(windows)} windows of {views} views at {height}x{width} (height x width)"
+    match_size = list(windows[0].matching()[0].shape[1:3]) if has_poses else None
+    said = f"{data}: {len(windows)} windows of {views} views at {height}x{width} (height x width)" + (
+        f", their matches found at {match_size[0]}x{match_size[1]}" if has_poses else "")
     print(f"\n{said}, snapshot {snap}\n")
     print(table)
     print(f"\n{spread_title}:\n\n{spread}")
@@ -145,7 +149,8 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps(
         {"snapshot": str(snap), "step": meta["step"], "compare": [str(c[0]) for c in compare], "data": data,
          "windows": [w.name for w in windows], "views": views, "height": height, "width": width,
-         "stride": cfg.evaluator.stride, "teachers": [t for t in teachers if t != "none"], "rows": rows,
+         "match_size": match_size, "stride": cfg.evaluator.stride,
+         "teachers": [t for t in teachers if t != "none"], "rows": rows,
          "intervals": spread_numbers},
         indent=2))
     (out / "results.md").write_text(f"{said}\n\n" + table + f"\n\n{spread_title}:\n\n{spread}\n")

@@ -66,7 +66,9 @@ whose folder is not there, is refused before anything is read (:func:`spec_probl
 
 Windows are ``views`` frames ``stride`` frames apart, spread evenly over the sequence.
 Images, depth and intrinsics are fitted to the model's input size by
-``reliev3r.imaging`` exactly as the streamer fits its windows.
+``reliev3r.imaging`` exactly as the streamer fits its windows. The matches that the classical
+baseline solves and a model's poses are fitted to are found on the same views fitted to a larger
+size (``labelers.matches.match_size``, :attr:`EvalWindow.match_images`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ import cv2
 import numpy as np
 
 from evaluation.metrics import MIN_DEPTH_PIXELS
+from labelers.matches import match_size
 from reliev3r import imaging
 from reliev3r.synthetic import ensure_world, load_ground_truth
 
@@ -102,6 +105,22 @@ class EvalWindow:
     intrinsics: np.ndarray
     gt_depth: np.ndarray | None
     gt_cam_to_world: np.ndarray | None
+    match_images: np.ndarray | None = None
+    """The views at the size their matches are found at (uint8 [V,h,w,3]: the same crop as
+    :attr:`images`, larger, ``labelers.matches.match_size``), or None: at :attr:`images`' size."""
+    match_intrinsics: np.ndarray | None = None
+    """float32 [V,3,3] of :attr:`match_images` (None with them)."""
+
+    def matching(self) -> tuple[np.ndarray, np.ndarray]:
+        """(frames [V,h,w,3], intrinsics [V,3,3]) the window's matches are found on, in their pixels."""
+        return (self.images, self.intrinsics) if self.match_images is None else (
+            self.match_images, self.match_intrinsics)
+
+    def in_model_pixels(self, matches: np.ndarray) -> np.ndarray:
+        """``matches`` [K,7] found on :meth:`matching`'s frames, in pixels of :attr:`images`."""
+        if self.match_images is None:
+            return matches
+        return imaging.rescale_matches(matches, self.match_intrinsics, self.intrinsics)
 
 
 @dataclass(slots=True)
@@ -135,9 +154,10 @@ def window_starts(length: int, *, views: int, stride: int, windows: int) -> list
 
 def make_windows(sequences: list[Sequence], *, views: int, height: int, width: int, stride: int,
                  windows: int) -> list[EvalWindow]:
-    """``windows`` windows spread over the sequences (round-robin), fitted to height x width.
-    A window with a frame that cannot be read, or without valid ground-truth depth where its
-    frames have depth maps, is skipped with a warning that says why (the others are scored)."""
+    """``windows`` windows spread over the sequences (round-robin), fitted to height x width, and
+    to ``labelers.matches.match_size`` for the matches (:attr:`EvalWindow.match_images`). A window
+    with a frame that cannot be read, or without valid ground-truth depth where its frames have
+    depth maps, is skipped with a warning that says why (the others are scored)."""
     per_seq = [window_starts(s.length, views=views, stride=stride, windows=windows) for s in sequences]
     picks: list[tuple[int, int]] = []
     k = 0
@@ -145,10 +165,11 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
         picks += [(i, p[k]) for i, p in enumerate(per_seq) if k < len(p)]
         k += 1
     out, skipped = [], []
+    big_size = match_size(height, width)  # every window's views, for their matches
     for seq_index, start in sorted(picks[:windows]):
         seq = sequences[seq_index]
         name = f"{seq.name}:{start}"
-        images, depths, poses, Ks = [], [], [], []
+        images, depths, poses, Ks, big, big_Ks = [], [], [], [], [], []
         try:
             for idx in range(start, start + views * stride, stride):
                 rgb, depth, pose = seq.read(idx)
@@ -156,8 +177,12 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
                 images.append(imaging.fit_image(rgb, height, width))
                 depths.append(None if depth is None else imaging.fit_image(depth, height, width, nearest=True,
                                                                            like=(h, w)))
-                Ks.append(imaging.fit_intrinsics(seq.frame_intrinsics(idx, h, w), h, w, height, width))
+                recorded_K = seq.frame_intrinsics(idx, h, w)
+                Ks.append(imaging.fit_intrinsics(recorded_K, h, w, height, width))
                 poses.append(pose)
+                if big_size is not None:
+                    big.append(imaging.fit_image(rgb, *big_size))
+                    big_Ks.append(imaging.fit_intrinsics(recorded_K, h, w, *big_size))
         except (OSError, ValueError) as err:  # a damaged frame, depth map or pose file
             skipped.append(f"{name}: {err}")
             continue
@@ -167,7 +192,8 @@ def make_windows(sequences: list[Sequence], *, views: int, height: int, width: i
         if usable is not None and usable < MIN_DEPTH_PIXELS:
             skipped.append(f"{name}: {usable} pixels of valid ground-truth depth (fewer than {MIN_DEPTH_PIXELS})")
             continue
-        out.append(EvalWindow(name, np.stack(images), np.stack(Ks).astype(np.float32), gt_depth, gt_poses))
+        out.append(EvalWindow(name, np.stack(images), np.stack(Ks).astype(np.float32), gt_depth, gt_poses,
+                              np.stack(big) if big else None, np.stack(big_Ks).astype(np.float32) if big else None))
     for why in skipped:
         log.warning("evaluation window skipped: %s", why)
     if skipped and not out:

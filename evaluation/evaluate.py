@@ -69,7 +69,8 @@ def score_model_and_fitted(model: torch.nn.Module, windows: list[EvalWindow], de
                            matches: list[np.ndarray | None] | None, *, progress: bool = False,
                            desc: str = "evaluating") -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
     """:func:`score_model`'s rows and, with ``matches`` (each window's verified matches,
-    ``evaluation.baselines.window_matches``), the rows of the same predictions with their poses
+    ``evaluation.baselines.window_matches``, in pixels of the frames they were found on), the rows
+    of the same predictions with their poses
     fitted to the model's depth and the matches (``learner.posefit.fit_poses``; a window whose
     matches are None keeps the pose head's): one forward per window for both (None without
     ``matches``)."""
@@ -84,7 +85,8 @@ def score_model_and_fitted(model: torch.nn.Module, windows: list[EvalWindow], de
             if fitted_rows is not None:
                 fitted = pose
                 if matches[k] is not None:
-                    fit = fit_poses(depth.numpy(), pose.double().numpy(), window.intrinsics, matches[k])
+                    fit = fit_poses(depth.numpy(), pose.double().numpy(), window.intrinsics,
+                                    window.in_model_pixels(matches[k]))
                     fitted = torch.from_numpy(fit.cam_to_world).to(pose.dtype)
                 fitted_rows.append({**rows[-1], **_pose_scores(depth, fitted, window)})  # the depth is the same
     finally:

@@ -518,6 +518,25 @@ def match_window(frames: np.ndarray, matcher: Matcher, *, long_pairs: int, min_m
                          max_matches_per_pair=max_matches_per_pair, threshold_px=threshold_px, pool=pool)[0]
 
 
+MATCH_LONG_SIDE = 640
+"""The long side, in pixels, of the frames the matches of a window of ``reliev3r eval``, the
+evaluator and ``reliev3r reconstruct`` are found on (:func:`match_size`; the labelers match the
+streamer's windows as they come). Two-view geometry from SIFT on held-out 7-Scenes windows (a
+64x96 model) gains with the size it matches at, whatever size the frames were recorded at: the
+essential matrix's AUC@30 0.30 on the model's frames, 0.54 on the 149x224 that frames recorded
+at 168x224 give, 0.69-0.71 on those frames enlarged to 427x640, 0.70 on frames recorded at
+480x640 (docs/RESULTS.md, "Matches at 640 pixels for the classical baseline and the fitted poses")."""
+
+
+def match_size(target_h: int, target_w: int) -> tuple[int, int] | None:
+    """(h, w) the matches of a window the model reads at ``target_h`` x ``target_w`` are found at: the
+    same aspect, :data:`MATCH_LONG_SIDE` on the long side (its frames fitted to it from the
+    frames as recorded, enlarged where they are smaller); None for a model that reads frames at
+    least that large (the matches are found on the model's frames)."""
+    scale = MATCH_LONG_SIDE / max(target_h, target_w)
+    return (round(target_h * scale), round(target_w * scale)) if scale > 1 else None
+
+
 def match_every_pair(frames: np.ndarray, matcher: Matcher, *, threshold_px: float) -> np.ndarray:
     """Verified matches [K, 7] of every view pair of ``frames`` [V,H,W,3] (RGB uint8), at most
     4,096 a pair, a pair with fewer than 8 contributing none: what ``reliev3r eval``'s classical

@@ -29,12 +29,14 @@ with a ValueError saying so.
 Poses (``run(..., poses=)``): ``"fitted"``, the default, keeps the model's depth and its first
 view's pose and places every other view by the window's verified matches lifted by that depth
 (``learner.posefit.fit_poses``: PnP under RANSAC, then Levenberg-Marquardt); the matches are found
-as the labelers and ``reliev3r eval`` find them (``labelers.matches.match_every_pair``: every
-pair, with the Reconstructor's matcher and verification threshold: ``labelers.config.LabelerConfig``'s
-``matcher`` and ``ransac_threshold_px`` unless given). A view the matches do not place keeps the
-pose head's pose (``fitted`` says which). On 24 held-out 7-Scenes windows the fitted poses scored
-AUC@30 0.584 against the pose head's 0.146, ATE 0.014 against 0.053 (docs/RESULTS.md, "Poses
-fitted to the model's depth"). ``"model"`` gives the pose head's poses as they are.
+as ``reliev3r eval`` finds them (``labelers.matches.match_every_pair``: every pair, with the
+Reconstructor's matcher and verification threshold: ``labelers.config.LabelerConfig``'s ``matcher``
+and ``ransac_threshold_px`` unless given), on the images resized to
+``labelers.matches.match_size`` (640 pixels on the long side) and brought to the model's pixels. A
+view the matches do not place keeps the pose head's pose (``fitted`` says which). On 24 held-out
+7-Scenes windows the fitted poses scored AUC@30 0.611 against the pose head's 0.146, ATE 0.011
+against 0.053 (docs/RESULTS.md, "Matches at 640 pixels for the classical baseline and the fitted
+poses"). ``"model"`` gives the pose head's poses as they are.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import numpy as np
 import torch
 
 from labelers.config import LabelerConfig
-from labelers.matches import Matcher, make_matcher, match_every_pair
+from labelers.matches import Matcher, make_matcher, match_every_pair, match_size
 from learner.model import FFRM
 from learner.posefit import fit_poses
 from learner.snapshot import load_model, resolve_snapshot
@@ -152,7 +154,7 @@ class Reconstructor:
         if arr is not None and arr.shape not in ((3, 3), (len(frames), 3, 3)):
             raise ValueError(f"intrinsics: expected [3, 3] or [{len(frames)}, 3, 3] for {len(frames)} "
                              f"image{'s' * (len(frames) != 1)}, got {list(arr.shape)}")
-        resized, ks = [], []
+        resized, ks, shown = [], [], []
         for i, (frame, turn) in enumerate(frames):
             fh, fw = frame.shape[:2]
             if arr is None:
@@ -164,8 +166,9 @@ class Reconstructor:
                     name = f"images[{i}]" + (f" ({images[i]})" if isinstance(images[i], (str, Path)) else "")
                     raise ValueError(f"{name}: {problem}")
                 k = torch.from_numpy(imaging.shown_intrinsics(given, turn, fw, fh)).float()
+            shown.append(k)
             ks.append(geometry.resize_intrinsics(k, w / fw, h / fh))
-            resized.append(cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if fw > w else cv2.INTER_LINEAR))
+            resized.append(_resize(frame, h, w))
         stack = np.stack(resized)
         x = torch.from_numpy(stack).to(self.device).permute(0, 3, 1, 2).float().div(255.0)[None]
         pred = self.model(x)
@@ -173,7 +176,14 @@ class Reconstructor:
         depth, cam_to_world = _np(pred.depth[0]), _np(pred.cam_to_world[0])
         fitted = np.zeros(len(frames), bool)
         if poses == "fitted":
-            found = self.matches(stack) if len(frames) > 1 else np.zeros((0, 7), np.float32)
+            found = np.zeros((0, 7), np.float32)
+            if len(frames) > 1 and (big := match_size(h, w)) is None:
+                found = self.matches(stack)
+            elif len(frames) > 1:  # found on the frames resized to match_size, brought to the model's pixels
+                big_k = [geometry.resize_intrinsics(k_i, big[1] / f.shape[1], big[0] / f.shape[0])
+                         for k_i, (f, _) in zip(shown, frames)]
+                found = imaging.rescale_matches(self.matches(np.stack([_resize(f, *big) for f, _ in frames])),
+                                                _np(torch.stack(big_k)), _np(k))
             fit = fit_poses(depth, cam_to_world.astype(np.float64), _np(k), found)
             cam_to_world, fitted = fit.cam_to_world.astype(np.float32), fit.fitted
         cam_points = geometry.unproject_depth(pred.depth[0], k)  # [V,H,W,3]
@@ -182,6 +192,12 @@ class Reconstructor:
         return {"depth": depth, "confidence": _np(pred.confidence[0]), "cam_to_world": cam_to_world,
                 "intrinsics": _np(k), "points": _np(world.reshape(len(frames), h, w, 3)), "images": stack,
                 "fitted": fitted}
+
+
+def _resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``frame`` stretched to ``height`` x ``width``, as :meth:`Reconstructor.run` resizes its images."""
+    area = frame.shape[1] > width
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
 
 
 def _matching(matcher: str | None, threshold_px: float | None) -> tuple[str, float]:

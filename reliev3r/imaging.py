@@ -376,6 +376,23 @@ def fit_intrinsics(intrinsics: np.ndarray, height: int, width: int, target_h: in
     return geometry.crop_intrinsics(K, left, top).numpy().astype(np.float32)
 
 
+def rescale_matches(matches: np.ndarray, from_intrinsics: np.ndarray, to_intrinsics: np.ndarray) -> np.ndarray:
+    """A window's matches [K, 7] (``reliev3r.protocol.MATCH_COLUMNS``) found on its views at one
+    size, in pixels of the same views at another: each view's pixels taken through its
+    ``to_intrinsics`` [V, 3, 3] times the inverse of its ``from_intrinsics`` (views fitted to
+    either size by :func:`fit_image`, whose resize and crop :func:`fit_intrinsics` follows, so the
+    map is exact whatever the rounding of the two plans). A copy; indices and scores kept."""
+    out = np.array(matches, dtype=np.float32, copy=True)
+    if not len(out):
+        return out
+    to = np.asarray(to_intrinsics, np.float64) @ np.linalg.inv(np.asarray(from_intrinsics, np.float64))
+    for view, xy in ((out[:, 0], slice(2, 4)), (out[:, 1], slice(4, 6))):
+        a = to[view.astype(np.int64)]  # [K, 3, 3]: an affine map of pixels (both last rows 0 0 1)
+        pixels = out[:, xy].astype(np.float64)
+        out[:, xy] = np.einsum("kab,kb->ka", a[:, :2, :2], pixels) + a[:, :2, 2]
+    return out
+
+
 TRANSPOSE, FLIP_ROWS, FLIP_COLUMNS = 1, 2, 4
 """Bits of an orientation (:func:`display_orientation`), applied in this order by :func:`orient`."""
 

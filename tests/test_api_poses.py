@@ -7,15 +7,16 @@ good its depth or poses are, only which poses come back."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from labelers.config import LabelerConfig
-from labelers.matches import make_matcher, match_every_pair
-from learner.api import Reconstructor
+from labelers.matches import make_matcher, match_every_pair, match_size
+from learner.api import DEFAULT_HFOV_DEG, Reconstructor
 from learner.posefit import fit_poses
-from reliev3r import synthetic
+from reliev3r import geometry, imaging, synthetic
 from tests.tiny_snapshot import make_tiny_snapshot
 
 HEIGHT, WIDTH = 96, 128
@@ -33,9 +34,18 @@ def images() -> list[np.ndarray]:
     return list(scene.images.numpy())
 
 
-def window_matches(images: np.ndarray, matcher: str, threshold_px: float) -> np.ndarray:
-    """The window's verified matches as ``reliev3r eval`` finds them, with a matcher of its own."""
-    return match_every_pair(np.stack(images), make_matcher(matcher), threshold_px=threshold_px)
+def window_matches(images: list[np.ndarray], matcher: str, threshold_px: float) -> np.ndarray:
+    """The verified matches of a window of ``images`` at the model's size, without intrinsics, as
+    ``reliev3r eval`` finds them, with a matcher of its own: on the images resized to
+    ``match_size`` (640 pixels on the long side), brought to the model's pixels through the
+    intrinsics of both sizes."""
+    h, w = images[0].shape[:2]
+    big_h, big_w = match_size(h, w)
+    big = np.stack([cv2.resize(im, (big_w, big_h), interpolation=cv2.INTER_LINEAR) for im in images])
+    found = match_every_pair(big, make_matcher(matcher), threshold_px=threshold_px)
+    k = geometry.intrinsics_from_fov(DEFAULT_HFOV_DEG, w, h)  # the Reconstructor's for frames given without
+    at = [geometry.resize_intrinsics(k, sx, sy).numpy() for sx, sy in ((big_w / w, big_h / h), (1.0, 1.0))]
+    return imaging.rescale_matches(found, *(np.stack([K] * len(images)) for K in at))
 
 
 def unprojected(out: dict) -> np.ndarray:
@@ -52,7 +62,8 @@ def unprojected(out: dict) -> np.ndarray:
 def test_fitted_poses_are_fit_poses_of_the_heads_output_and_the_windows_matches(snapshot, images):
     """The default: every output but the poses and points is the model's as with ``poses="model"``;
     the poses are ``fit_poses`` of the returned depth and intrinsics, the pose head's poses and the
-    window's matches (SIFT at ``labeler.ransac_threshold_px``, ``LabelerConfig``'s defaults), bit for bit,
+    window's matches (SIFT at ``labeler.ransac_threshold_px``, ``LabelerConfig``'s defaults, on the frames at
+    640 pixels on the long side), bit for bit,
     ``fitted`` says which views the fit placed, and the points are the depth unprojected with the
     fitted poses."""
     rec = Reconstructor.from_snapshot(snapshot, device="cpu")
@@ -60,7 +71,7 @@ def test_fitted_poses_are_fit_poses_of_the_heads_output_and_the_windows_matches(
     for key in ("depth", "confidence", "intrinsics", "images"):
         np.testing.assert_array_equal(fitted[key], head[key], err_msg=key)
     defaults = LabelerConfig()
-    matches = window_matches(fitted["images"], defaults.matcher, defaults.ransac_threshold_px)
+    matches = window_matches(images, defaults.matcher, defaults.ransac_threshold_px)
     want = fit_poses(head["depth"], head["cam_to_world"].astype(np.float64), head["intrinsics"], matches)
     assert want.fitted[1:].any(), "the rendered room should let the fit place a view: else nothing is compared"
     assert fitted["cam_to_world"].dtype == np.float32
@@ -91,7 +102,7 @@ def test_the_matcher_and_its_threshold_are_the_reconstructors_made_once(snapshot
     not detected again."""
     rec = Reconstructor.from_snapshot(snapshot, device="cpu", matcher="orb", threshold_px=2.0)
     out = rec.run(images)
-    matches = window_matches(out["images"], "orb", 2.0)
+    matches = window_matches(images, "orb", 2.0)
     head = rec.run(images, poses="model")
     want = fit_poses(head["depth"], head["cam_to_world"].astype(np.float64), head["intrinsics"], matches)
     np.testing.assert_array_equal(out["cam_to_world"], want.cam_to_world.astype(np.float32))
