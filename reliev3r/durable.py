@@ -97,6 +97,12 @@ def _write_temporary(tmp: str | Path, data: str | bytes | memoryview, *, mode: i
         os.fsync(f.fileno())
 
 
+REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+"""The errors of a disk that refuses a write (full, over its quota, an I/O error): what a stage
+says once, counts and tries again rather than exits on (the evaluator's data, the streamer's
+synthetic world)."""
+
+
 def errno_name(err: OSError) -> str:
     """The name of a write failure's errno (``ENOSPC``: a full disk, ``EIO``: an I/O error), as
     the stages label their counts of refused writes; the error's type where it has none."""

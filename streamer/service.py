@@ -55,6 +55,9 @@ that receives files for as long as a run lives names new ones for ever. An older
 are removed (Prometheus keeps what it scraped; heard of again, they start from 0)."""
 PROGRESS_RETRY_S = 1.0
 """How often a progress file the disk refused (full) is tried again (it is kept in memory meanwhile)."""
+WORLD_RETRY_S = (1.0, 60.0)
+"""The wait before the synthetic world the disk refused is rendered again: the first, doubled
+after each refusal up to the second (each try renders its missing scenes again)."""
 
 
 class FirstSeen:
@@ -557,6 +560,11 @@ class StreamerMetrics:
                                            "Writes of the progress file the disk refused (ENOSPC: full, EIO: an I/O "
                                            "error), by errno name: each try, one a second while it is refused",
                                            ["reason"])
+        self.world_failures = m.counter("world_write_failures_total",
+                                        "Renders of the synthetic world (the default sources) into the run folder "
+                                        "the disk refused (ENOSPC: full, EIO: an I/O error), by errno name: each "
+                                        "try, tried again after 1 s, doubled up to 60 s while it is refused",
+                                        ["reason"])
 
 
 class StreamerService:
@@ -570,6 +578,13 @@ class StreamerService:
         self.log = log = runtime.log
         self.problems_seen = FirstSeen()
         on_error = self.on_error
+        self.refused: str | None = None
+        """Why the disk refused the progress file's last write (the status's ``write_error``), None
+        once it is written again."""
+        self.world_said: str | None = None
+        """Why the disk refused the synthetic world's last render (:meth:`world_refused`, from the
+        producer thread), None once it is rendered."""
+        self.world_path = srcs.world_folder(cfg.run_dir)
         archive_specs = [s for s in scfg.sources if not is_live(s)]
         live_specs = [s for s in scfg.sources if is_live(s)]
 
@@ -579,12 +594,26 @@ class StreamerService:
                                      ground_truth=self.ground_truth, decoder=scfg.decoder)
             if live_specs:
                 return []
-            try:
-                return srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg, on_error=on_error,
-                                              ground_truth=self.ground_truth, decoder=scfg.decoder)
-            except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
-                on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
-                return []
+            wait = WORLD_RETRY_S[0]
+            while not stop.is_set():
+                try:
+                    made = srcs.synthetic_sources(cfg.run_dir, scfg.synthetic, fov_deg=scfg.fov_deg,
+                                                  on_error=on_error, ground_truth=self.ground_truth,
+                                                  decoder=scfg.decoder)
+                except OSError as err:
+                    if err.errno not in durable.REFUSED:
+                        on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
+                        return []
+                    self.world_refused(err)  # a full disk: said, counted, tried again
+                    stop.wait(wait)
+                    wait = min(2 * wait, WORLD_RETRY_S[1])
+                    continue
+                except Exception as err:  # rendering failed: say so, stream nothing rather than crash-loop
+                    on_error("synthetic", "synthetic_failed", f"{type(err).__name__}: {err}")
+                    return []
+                self.world_refused(None)
+                return made
+            return []
 
         self.progress = progress = Progress(cfg.run_dir / "streamer" / "progress.json" if scfg.resume else None)
         stop = threading.Event()
@@ -615,9 +644,6 @@ class StreamerService:
         log.info("streamer up", extra={"endpoint": endpoint, "sources": scfg.sources or "synthetic"})
         self.counts = {"sent": 0, "acked": 0}
         self.exhausted = False
-        self.refused: str | None = None
-        """Why the disk refused the progress file's last write (the status's ``write_error``), None
-        once it is written again."""
         self.retry_at = 0.0
 
     def close(self) -> None:
@@ -654,7 +680,34 @@ class StreamerService:
         if saved and self.refused is not None:
             self.log.info("progress written again", extra={"path": str(self.progress.path)})
             self.refused = None
-            self.runtime.status.pop("write_error", None)
+            if self.world_said is None:
+                self.runtime.status.pop("write_error", None)
+            else:
+                self.runtime.status["write_error"] = self.world_said
+
+    def world_refused(self, err: OSError | None) -> None:
+        """The synthetic world's render met ``err``, one of a disk that refuses a write
+        (``reliev3r.durable.REFUSED``; a run's first start on a full disk, where the streamer made
+        no window, exited 1 and was restarted into the same disk): said once while it fails
+        alike (an error line with the errno's name and the path, the status's ``write_error``),
+        counted at each try (``world_write_failures_total``, for the alert); the producer thread
+        tries again after :data:`WORLD_RETRY_S` while the service serves on. ``None``: rendered
+        (said where it was refused)."""
+        if err is None:
+            if self.world_said is not None:
+                self.log.info("synthetic world rendered", extra={"path": str(self.world_path)})
+                self.world_said = None
+                if self.refused is None:
+                    self.runtime.status.pop("write_error", None)
+            return
+        reason = durable.errno_name(err)
+        self.metrics.world_failures.labels(reason).inc()
+        said = f"synthetic world: {durable.refusal(err)}"
+        if said != self.world_said:
+            self.log.error("synthetic world not rendered: tried again once the disk has room; the streamer "
+                           "waits", extra={"reason": reason, "detail": str(err),
+                                           "path": str(err.filename or self.world_path)})
+        self.world_said = self.runtime.status["write_error"] = said
 
     def on_error(self, source: str, reason: str, detail: str) -> None:
         self.metrics.sources.inc(self.metrics.errors, (source, reason))

@@ -1561,6 +1561,11 @@ def _images_ground_truth_absent(folder: Path, files: list[Path], needed: tuple[s
     return f"an image folder with no {' nor '.join(missing)} of any frame" if missing else None
 
 
+def world_folder(run_dir: Path) -> Path:
+    """Where :func:`synthetic_sources` renders the synthetic world: ``<run.dir>/world``."""
+    return Path(run_dir) / "world"
+
+
 def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
                       on_error: ErrorSink = _log_error, ground_truth: bool = True,
                       decoder: str = "cpu") -> list[Source]:
@@ -1568,6 +1573,6 @@ def synthetic_sources(run_dir: Path, synthetic_cfg, *, fov_deg: float = 60.0,
     (``ground_truth`` and ``decoder`` as in :func:`discover`)."""
     from reliev3r import synthetic
 
-    videos = synthetic.ensure_world(Path(run_dir) / "world", synthetic_cfg)
+    videos = synthetic.ensure_world(world_folder(run_dir), synthetic_cfg)
     return [VideoSource(Path(v), fov_deg=fov_deg, on_error=on_error, ground_truth=ground_truth, decoder=decoder)
             for v in videos]

@@ -115,8 +115,8 @@ def test_replay_not_growing_fires_only_when_replay_is_offered_nothing(tmp_path):
 def test_disk_refuses_writes_fires_on_each_stage_refused_a_write(tmp_path):
     """Each stage that writes under run.dir counts the writes the disk refuses: the learner its
     snapshots, replay its inserts (rejected storage_full), the streamer its progress file and the
-    evaluator its results. The alert fires on any one of them alone, and not on a healthy run
-    (every counter flat, or none exported yet)."""
+    synthetic world it renders, and the evaluator its results. The alert fires on any one of them
+    alone, and not on a healthy run (every counter flat, or none exported yet)."""
     rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rDiskRefusesWrites")
     firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
 
@@ -128,6 +128,7 @@ def test_disk_refuses_writes_fires_on_each_stage_refused_a_write(tmp_path):
     refused = ['reliev3r_snapshot_failures_total{reason="ENOSPC"}',
                'reliev3r_replay_rejected_total{reason="storage_full"}',
                'reliev3r_progress_write_failures_total{reason="ENOSPC"}',
+               'reliev3r_world_write_failures_total{reason="ENOSPC"}',
                'reliev3r_result_write_failures_total{reason="EIO"}']
     cases = [case({name: growing}, firing) for name in refused]
     cases += [case({name: flat for name in refused}, []),

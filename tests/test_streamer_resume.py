@@ -1,6 +1,7 @@
 """Resumable archives: a real ``reliev3r stream`` process is SIGKILLed mid-run and started
 again; acknowledged windows are never sent again, un-acknowledged ones are, and the stream
-goes on past where it stopped. Plus the progress file's own rules."""
+goes on past where it stopped. Plus the progress file's own rules, and a full disk under the run
+folder (the progress file, the synthetic world)."""
 
 from __future__ import annotations
 
@@ -510,3 +511,42 @@ def test_a_progress_file_the_full_disk_refuses_is_said_once_and_windows_keep_flo
     refused = [r for r in caplog.records if r.getMessage().startswith("progress not written")]
     assert [(r.levelno, r.reason) for r in refused] == [(logging.ERROR, "ENOSPC")]
     assert [r for r in caplog.records if r.getMessage() == "progress written again"]
+
+
+def test_a_synthetic_world_the_full_disk_refuses_is_said_once_and_streamed_once_there_is_room(make_cfg, stage,
+                                                                                               wait_for, ctx,
+                                                                                               small_disk, caplog):
+    """The default sources (the synthetic world, rendered into the run folder at the first start)
+    on a full disk: the render met ENOSPC, the streamer made no window and exited 1, and the
+    supervisor restarted it into the same full disk (a slow crash loop). Now the refusal is said
+    once (an error line with the errno's name and the path, the status's ``write_error``), each
+    try is counted by its errno name for the alert, the streamer stays up and tries again, and
+    the world is rendered and streamed once the disk has room."""
+    import streamer.service as streamer_service
+
+    disk = small_disk(1 << 20)
+    cfg = make_cfg(run={"dir": str(disk.path / "run")},
+                   streamer={"views": 2, "height": 32, "width": 48, "frame_stride": 2, "window_step": 4,
+                             "loop": False, "synthetic": {"scenes": 1, "frames": 8, "height": 32, "width": 48}})
+    assert cfg.streamer.sources == []  # the synthetic world
+    (disk.path / "run").mkdir()
+    disk.fill()
+    sock = ctx.socket(zmq.DEALER)  # a labeler that acknowledges every window
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cfg.network.connect(cfg.network.work_port))
+    refused_writes = ("reliev3r_world_write_failures_total", {"reason": "ENOSPC"})
+    with caplog.at_level(logging.INFO, logger="reliev3r.streamer"):
+        streamer = stage(streamer_service.run, cfg, "streamer")
+        status = streamer.runtime.status
+        sent = receive(sock, lambda wid: True,
+                       stop_when=lambda: streamer.rc is not None or streamer.metric(*refused_writes) >= 2)
+        assert streamer.rc is None and not sent, f"the streamer ended on a full disk: {streamer.rc}"
+        assert status["write_error"] == f"synthetic world: ENOSPC: {os.strerror(errno.ENOSPC)}", status
+        disk.free()
+        sent = receive(sock, lambda wid: True, stop_when=lambda: streamer.rc is not None)
+        streamer.thread.join(HANG_S)
+        assert streamer.rc == 0 and "write_error" not in status and sent
+    refused = [r for r in caplog.records if r.getMessage().startswith("synthetic world not rendered")]
+    assert [(r.levelno, r.reason) for r in refused] == [(logging.ERROR, "ENOSPC")]
+    assert refused[0].path.startswith(str(disk.path / "run" / "world"))
+    assert [r for r in caplog.records if r.getMessage() == "synthetic world rendered"]
