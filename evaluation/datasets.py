@@ -672,6 +672,15 @@ def spec_problem(spec: str) -> str | None:
     return None if Path(folder).is_dir() else f"{spec}: {folder} is not a folder"
 
 
+def held_out_world(run_dir: Path, synthetic_cfg) -> list[Path]:
+    """The ``synthetic`` spec's videos: the held-out scenes of the synthetic world (its seed +
+    1000), rendered into ``<run_dir>/eval_world`` where they are not there yet
+    (``reliev3r.synthetic.ensure_world``): the spec's writes, which the evaluator tells from its
+    reads."""
+    held_out = replace(synthetic_cfg, seed=synthetic_cfg.seed + 1000)
+    return ensure_world(Path(run_dir) / "eval_world", held_out, progress=False)
+
+
 def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None) -> list[Sequence]:
     """Parse a dataset spec (module docstring) and return its sequences (``run_dir`` is where
     the ``synthetic`` spec renders its scenes). ValueError where :func:`spec_problem` refuses it."""
@@ -681,9 +690,7 @@ def load_sequences(spec: str, *, run_dir: Path | None = None, synthetic_cfg=None
     if kind == "synthetic" and not folder:
         if synthetic_cfg is None or run_dir is None:
             raise ValueError("the 'synthetic' spec needs the synthetic world's config and a run folder")
-        held_out = replace(synthetic_cfg, seed=synthetic_cfg.seed + 1000)
-        videos = ensure_world(Path(run_dir) / "eval_world", held_out, progress=False)
-        sequences = synthetic_sequences(videos)
+        sequences = synthetic_sequences(held_out_world(run_dir, synthetic_cfg))
     elif kind == "synthetic":
         videos = sorted(Path(folder).glob("*.mp4"))
         if not videos:

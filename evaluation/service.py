@@ -23,7 +23,9 @@ room, while the evaluator scores the snapshots that come (scored once each; one 
 never written is scored again by a later start). It does not exit on the last snapshot before that
 one's result is written. The folder ``evaluations/`` the disk refuses to make (a first start on a
 full disk) is said and tried alike, and so is the held-out synthetic world (the default
-``evaluator.data``) it refuses to render: no snapshot is scored until it is.
+``evaluator.data``) it refuses to render: no snapshot is scored until it is. Evaluation data the
+disk refuses to read (an I/O error) is said and tried alike, counted in ``data_read_failures_total``
+under the status's ``read_error``.
 
 SIGTERM/SIGINT are honoured between snapshots and between the windows of a scoring: a scoring
 in progress is abandoned after the window at hand (nothing is written for it), so the process
@@ -32,7 +34,6 @@ exits within one window's time, not one evaluation's.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import re
@@ -43,7 +44,7 @@ import torch
 
 from evaluation.baselines import window_matches
 from evaluation.config import EvaluatorConfig
-from evaluation.datasets import load_windows
+from evaluation.datasets import held_out_world, load_windows
 from evaluation.evaluate import has_ground_truth, score_model_and_fitted, trivial_baseline
 from evaluation.metrics import mean_metrics
 from evaluation.pictures import TEMPORARY as PICTURE_TEMPORARY
@@ -54,7 +55,7 @@ from reliev3r import durable
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 
-REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+REFUSED = durable.REFUSED
 """The errors of a disk that refuses a write (full, over its quota, an I/O error): evaluation
 data met with one is tried again at each turn (:meth:`EvaluatorService._load_data`)."""
 
@@ -127,6 +128,9 @@ class EvaluatorMetrics:
                                         "refused (ENOSPC: full, EIO: an I/O error), by errno name: each try, one a "
                                         "turn while it is refused",
                                         ["reason"])
+        self.read_failures = m.counter("data_read_failures_total",
+                                       "Reads of the evaluation data the disk refused (EIO: an I/O error), by errno "
+                                       "name: each try, one a turn while it is refused", ["reason"])
 
     def report(self, result: dict, model: str) -> None:
         for key in REPORTED:
@@ -151,6 +155,9 @@ class EvaluatorService:
         """What was said of :attr:`out_dir` while the disk refuses to make it (None: it is there)."""
         self.data_refused: str | None = None
         """What was said of the evaluation data while the disk refuses it (None: loaded, :meth:`_load_data`)."""
+        self.data_status = "write_error"
+        """The status key :attr:`data_refused` is under: ``write_error`` (the held-out world's render)
+        or ``read_error`` (the data's reading)."""
         if self._make_folder() and (removed := remove_temporaries(self.out_dir)):
             runtime.log.info("removed temporary files a crash left", extra={"folder": str(self.out_dir),
                                                                              "removed": len(removed)})
@@ -283,13 +290,22 @@ class EvaluatorService:
 
     def _load_data(self) -> bool:
         """Load :attr:`windows` and score :attr:`baseline` on them where not loaded yet; whether
-        they are. Data the disk refuses (full, an I/O error: :data:`REFUSED`; the default
-        ``synthetic`` data's held-out world, rendered into the run folder at a run's first start,
-        which went out of the evaluator and met the full disk again at every restart) is said as a
-        refused result is: an error line the first time it fails so, counted, the status's
-        ``write_error`` until it is loaded. Tried again at each turn; no snapshot is scored
-        meanwhile. Any other failure raises, as before."""
-        st, log = self.streamer, self.runtime.log
+        they are. Data the disk refuses (full, an I/O error: :data:`REFUSED`) is said as a refused
+        result is: an error line the first time it fails so, counted, the status's ``write_error``
+        until it is loaded. What it refuses to write (the default ``synthetic`` data's held-out
+        world, rendered into the run folder at a run's first start, which went out of the
+        evaluator and met the full disk again at every restart) is counted with the results'
+        writes; what it refuses to read (the data's files, e.g. 7-Scenes frames and their
+        intrinsics) in ``data_read_failures_total``, under the status's ``read_error``. Tried
+        again at each turn; no snapshot is scored meanwhile. Any other failure raises, as before."""
+        st = self.streamer
+        try:
+            if self.cfg.data == "synthetic":  # the writes: the held-out world rendered where not there yet
+                held_out_world(self.run_dir, st.synthetic)
+        except OSError as err:
+            if err.errno not in REFUSED:
+                raise
+            return self._data_refused(err, "write_error")
         try:
             self.windows = load_windows(self.cfg.data, views=st.views, height=st.height, width=st.width,
                                         windows=self.cfg.windows, stride=self.cfg.stride, run_dir=self.run_dir,
@@ -297,24 +313,42 @@ class EvaluatorService:
         except OSError as err:
             if err.errno not in REFUSED:
                 raise
-            what = "held-out world" if self.cfg.data == "synthetic" else f"evaluation data {self.cfg.data}"
-            said = f"{what}: {durable.refusal(err)}"
-            self.metrics.write_failures.labels(durable.errno_name(err)).inc()
-            if said != self.data_refused:
-                log.error("evaluation data not loaded: tried again at each turn; the evaluator waits",
-                          extra={"data": self.cfg.data, "reason": durable.errno_name(err), "detail": str(err)})
-            self.data_refused = self.runtime.status["write_error"] = said
-            return False
+            return self._data_refused(err, "read_error")
         self.baseline = trivial_baseline(self.windows)
         self.metrics.report(self.baseline, "constant_identity")
         if self.windows and has_ground_truth(self.windows)[1]:
             self.matches = window_matches(self.windows, self.labeler, self.device)
         if self.data_refused is not None:
-            log.info("evaluation data loaded", extra={"data": self.cfg.data})
+            self.runtime.log.info("evaluation data loaded", extra={"data": self.cfg.data})
+            self._data_said_no_more()
             self.data_refused = None
-            if not self.unwritten and self.folder_refused is None:
-                self.runtime.status.pop("write_error", None)
         return True
+
+    def _data_said_no_more(self) -> None:
+        """Take the status's word on the data (:attr:`data_status`) back: it is loaded, or refused
+        the other way now (a ``write_error`` stays while a result or the folder is refused)."""
+        if self.data_status == "read_error":
+            self.runtime.status.pop("read_error", None)
+        elif not self.unwritten and self.folder_refused is None:
+            self.runtime.status.pop("write_error", None)
+
+    def _data_refused(self, err: OSError, key: str) -> bool:
+        """:meth:`_load_data`'s refused write (``key`` ``write_error``) or read (``read_error``):
+        counted, said once while it fails alike, under ``key`` in the status; False (not loaded)."""
+        what = "held-out world" if self.cfg.data == "synthetic" else f"evaluation data {self.cfg.data}"
+        said = f"{what}: {durable.refusal(err)}"
+        series = self.metrics.write_failures if key == "write_error" else self.metrics.read_failures
+        series.labels(durable.errno_name(err)).inc()
+        if said != self.data_refused or key != self.data_status:
+            self.runtime.log.error(f"evaluation data not {'loaded' if key == 'write_error' else 'read'}: tried again "
+                                   "at each turn; the evaluator waits",
+                                   extra={"data": self.cfg.data, "reason": durable.errno_name(err),
+                                          "detail": str(err)})
+        if key != self.data_status and self.data_refused is not None:
+            self._data_said_no_more()
+        self.data_refused, self.data_status = said, key
+        self.runtime.status[key] = said
+        return False
 
     def _make_folder(self) -> bool:
         """Make :attr:`out_dir` where it is not there; whether it is. One the disk refuses (full,
@@ -336,7 +370,7 @@ class EvaluatorService:
         if self.folder_refused is not None:
             self.runtime.log.info("results folder made", extra={"folder": str(self.out_dir)})
             self.folder_refused = None
-            if not self.unwritten and self.data_refused is None:
+            if not self.unwritten and (self.data_refused is None or self.data_status == "read_error"):
                 self.runtime.status.pop("write_error", None)
         return True
 

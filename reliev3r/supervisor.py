@@ -731,10 +731,10 @@ class Supervisor:
         if ev.get("step") is not None and ("absrel_med" in ev or "ate" in ev):  # each where the data has it
             parts.append(f"eval@{ev['step']}" + (f" AbsRel {ev['absrel_med']:.3f}" if "absrel_med" in ev else "")
                          + (f" ATE {ev['ate']:.3f}" if "ate" in ev else ""))
-        refused = [f"{c.name}: {c.status['write_error']}"[:REASON_CHARS] for c in self.children.values()
-                   if c.status.get("write_error")]
-        if refused:  # a full disk or an I/O error: the stage goes on, what it could not write is not there
-            parts.append(f"writes refused ({'; '.join(refused)})")
+        for key, said in (("write_error", "writes"), ("read_error", "reads")):
+            refused = [f"{c.name}: {c.status[key]}"[:REASON_CHARS] for c in self.children.values() if c.status.get(key)]
+            if refused:  # a full disk or an I/O error: the stage goes on, what it could not write (read) is not there
+                parts.append(f"{said} refused ({'; '.join(refused)})")
         restarts = sum(c.restarts for c in self.children.values())
         if restarts:
             why = "; ".join(f"{c.name}: {c.last_error[:REASON_CHARS]}" for c in self.children.values() if c.last_error)

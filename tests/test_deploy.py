@@ -137,6 +137,26 @@ def test_disk_refuses_writes_fires_on_each_stage_refused_a_write(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@needs_promtool
+def test_disk_refuses_reads_fires_on_evaluation_data_the_evaluator_cannot_read(tmp_path):
+    """The evaluator counts the reads of its evaluation data the disk refuses (an I/O error)
+    apart from the writes: the alert fires on them, not on a healthy run (flat, or none exported
+    yet), nor on a refused write."""
+    rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rDiskRefusesReads")
+    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
+
+    def case(series: dict[str, str], expected: list[dict]) -> dict:
+        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "alert_rule_test": [{"eval_time": "20m", "alertname": rule["alert"], "exp_alerts": expected}]}
+
+    flat, growing = "0+0x20", "0+1x20"
+    read = 'reliev3r_data_read_failures_total{reason="EIO"}'
+    cases = [case({read: growing}, firing), case({read: flat}, []),
+             case({'reliev3r_result_write_failures_total{reason="EIO"}': growing}, [])]
+    result = _promtool_test_rules(tmp_path, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_alert_expressions_have_checkable_form():
     for rule in alert_rules():
         assert ALERT_FORM.match(rule["expr"].strip()), rule["alert"]

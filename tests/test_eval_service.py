@@ -457,6 +457,41 @@ def warnings_said(caplog) -> list[tuple[str, str | None]]:
             if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.timeout(600)  # bounds a hang only
+def test_evaluation_data_the_disk_cannot_read_is_counted_as_a_read_and_scored_once_it_reads(tmp_path, caplog,
+                                                                                            wait_for):
+    """Evaluation data whose reading meets EIO (the folder's intrinsics file: a link to
+    ``/proc/self/mem``, whose first page the kernel refuses to read with EIO, as a failing disk
+    does) was counted in ``result_write_failures_total`` and shown as a refused write. It is
+    counted in ``data_read_failures_total`` by its errno name (no write counted), said once (an
+    error line with the reason, the status's ``read_error``), and the data is read and the
+    snapshot scored once it reads."""
+    data, run = image_folder(tmp_path / "seq"), tmp_path / "run"
+    (data / "intrinsics.txt").symlink_to("/proc/self/mem")
+    make_tiny_snapshot(run, steps=1)
+    caplog.set_level(logging.INFO, logger="reliev3r.evaluator")
+    evaluator = Evaluator(config(run, data, max_steps=1))
+    status, registry = evaluator.runtime.status, evaluator.runtime.metrics.registry
+    counted = {name: (f"reliev3r_{name}_failures_total", {"reason": "EIO"}) for name in ("data_read", "result_write")}
+    try:
+        wait_for(lambda: evaluator.error or evaluator.rc is not None
+                 or sum(registry.get_sample_value(*c) or 0 for c in counted.values()) >= 2, 240,
+                 "the data refused twice")
+        assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+        assert registry.get_sample_value(*counted["result_write"]) is None
+        assert registry.get_sample_value(*counted["data_read"]) >= 2
+        assert status["read_error"] == f"evaluation data folder:{data}: EIO: {os.strerror(errno.EIO)}", status
+        assert "write_error" not in status and scored(run) == []
+        (data / "intrinsics.txt").unlink()  # the disk reads again (a folder without intrinsics: a field of view)
+        assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
+    finally:
+        evaluator.close()
+    assert scored(run) == ["step-000000001"] and "read_error" not in status
+    said = warnings_said(caplog)  # once, however many turns it was refused, no traceback
+    assert said == [("evaluation data not read", "EIO")], said
+    assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
+
+
 def run_on_a_full_disk(tmp_path: Path, disk) -> Path:
     """A run folder on ``disk`` (a ``small_disk``), its ``snapshots/`` on another disk with a
     one-step snapshot in it; ``disk`` then filled."""

@@ -417,7 +417,8 @@ def test_final_status_line_shows_the_step_and_evaluation_the_run_ended_with(tmp_
 def test_the_status_line_says_which_stage_cannot_write_and_why(tmp_path):
     """A stage whose writes the disk refuses (full, an I/O error) goes on without them: a learner
     that cannot write its snapshots trains on, unsaved. The status line said nothing of it; it now
-    names each such stage and what it could not write, until the stage writes again."""
+    names each such stage and what it could not write, until the stage writes again; an evaluator
+    whose data the disk refuses to read is named apart, as a read."""
     sup = _supervisor(tmp_path)
     try:
         assert "writes refused" not in sup.status_line()
@@ -426,9 +427,14 @@ def test_the_status_line_says_which_stage_cannot_write_and_why(tmp_path):
         line = sup.status_line()
         assert ("writes refused (replay: inserts: database or disk is full; "
                 "learner: snapshot of step 4: ENOSPC: No space left)") in line, line
+        sup.children["evaluator"].status = {"read_error": "evaluation data 7scenes:/d: EIO: Input/output error"}
+        line = sup.status_line()  # a read the disk refuses is no refused write
+        assert "| reads refused (evaluator: evaluation data 7scenes:/d: EIO: Input/output error)" in line, line
+        assert "writes refused (replay: inserts: database or disk is full; learner: snapshot" in line, line
         sup.children["learner"].status = {"step": 6}
         sup.children["replay"].status = {"stored": 10}
-        assert "writes refused" not in sup.status_line()
+        sup.children["evaluator"].status = {}
+        assert "writes refused" not in sup.status_line() and "reads refused" not in sup.status_line()
     finally:
         sup.metrics.close()
 
