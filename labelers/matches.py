@@ -459,6 +459,17 @@ def make_matcher(kind: str, device: str = "cpu") -> Matcher:
     raise ValueError(f"matcher {kind!r} is not available (known: sift, orb, xfeat)")
 
 
+def size_problem(matcher: Matcher, height: int, width: int) -> str:
+    """Why ``matcher`` finds no matches in frames of ``width`` x ``height`` ("" where it takes
+    them): frames smaller than its ``min_side`` (XFeat resamples a frame to whole 32-pixel cells
+    and has none below 32, as its authors' code does: no upscaling). :func:`match_windows` gives
+    every pair of such a window no matches."""
+    if min(height, width) >= matcher.min_side:
+        return ""
+    why = f" (XFeat works on whole {XFEAT_MIN_SIDE}-pixel cells)" if matcher.min_side == XFEAT_MIN_SIDE else ""
+    return f"{width}x{height} frames: the {matcher.name} matcher needs at least {matcher.min_side} pixels a side{why}"
+
+
 def select_pairs(views: int, long_pairs: int) -> list[tuple[int, int]]:
     """Neighbours (i, i+1), then up to ``long_pairs`` long-baseline pairs, longest first:
     (0, V-1), (0, V-2), (1, V-1), ..."""
@@ -558,11 +569,18 @@ def match_windows(windows: list[np.ndarray], matcher: Matcher, *, long_pairs: in
 
     With ``pool`` (``labeler.cpu_threads`` > 1), the per-frame features and per-pair matches
     of a matcher with ``per_item_threads`` (SIFT, ORB) and the verification of every pair run
-    on its threads; the result is the serial one bit for bit (module docstring)."""
+    on its threads; the result is the serial one bit for bit (module docstring).
+
+    A window of frames the matcher does not take (:func:`size_problem`) gets no matches in any
+    pair, and the other windows are matched as alone."""
     feats: list[list[Features]] = [[] for _ in windows]
     by_shape: dict[tuple, list[int]] = {}
+    unmatched = set()
     for w, frames in enumerate(windows):
-        by_shape.setdefault(frames.shape[1:], []).append(w)
+        if size_problem(matcher, *frames.shape[1:3]):
+            unmatched.add(w)
+        else:
+            by_shape.setdefault(frames.shape[1:], []).append(w)
     per_item = pool is not None and getattr(matcher, "per_item_threads", False)
     for group in by_shape.values():
         if per_item:
@@ -573,7 +591,8 @@ def match_windows(windows: list[np.ndarray], matcher: Matcher, *, long_pairs: in
         for w in group:
             feats[w] = found[start:start + len(windows[w])]
             start += len(windows[w])
-    plan = [(w, i, j) for w, frames in enumerate(windows) for i, j in select_pairs(len(frames), long_pairs)]
+    plan = [(w, i, j) for w, frames in enumerate(windows) if w not in unmatched
+            for i, j in select_pairs(len(frames), long_pairs)]
     pairs = [(feats[w][i], feats[w][j]) for w, i, j in plan]
     putative = list(pool.map(matcher.match, *zip(*pairs))) if per_item and pairs else matcher.match_many(pairs)
     jobs = [(feats[w][i].xy[ia], feats[w][j].xy[ib], ia, ib, score, windows[w].shape[2], windows[w].shape[1])
@@ -584,6 +603,8 @@ def match_windows(windows: list[np.ndarray], matcher: Matcher, *, long_pairs: in
 
     rows: list[list[np.ndarray]] = [[] for _ in windows]
     per_pair: list[list[int]] = [[] for _ in windows]
+    for w in unmatched:
+        per_pair[w] = [0] * len(select_pairs(len(windows[w]), long_pairs))
     for (w, i, j), kept in zip(plan, _map(pool)(one, jobs)):
         if kept is None:
             per_pair[w].append(0)

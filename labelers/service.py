@@ -20,8 +20,10 @@ backpressure still stops the labelling). A ``done`` still follows the durable in
 Bad input, decided per case (every case counted in ``reliev3r_labeler_dropped_total{reason}``
 or ``reliev3r_labeler_flags_total{flag}``):
 
-* frames smaller than 16 px (or than the matcher takes: XFeat 32), or fewer than 2 views: drop
-  (``too_small``, ``too_few_views``).
+* frames smaller than 16 px, or fewer than 2 views: drop (``too_small``, ``too_few_views``).
+* frames smaller than the matcher takes (XFeat: 32 px, ``labelers.matches.size_problem``): no
+  matches in any pair; with a depth teacher keep, flag ``too_small_for_matcher`` (and
+  ``no_matches``: its depth labels still teach shape), without one drop (``too_small``).
 * a blank frame (grey standard deviation below ``blank_std``: black, white, a test card's
   flat field): drop (``blank_frame``): it gives no matches and a teacher's depth of nothing
   is noise that the depth loss would fit.
@@ -49,7 +51,7 @@ import zmq
 
 from labelers.depth import TeacherError, make_teacher
 from labelers.depth_models import describe_runtime
-from labelers.matches import make_matcher, match_windows, triangulate_many
+from labelers.matches import make_matcher, match_windows, size_problem, triangulate_many
 from monitoring.metrics import Metrics
 from reliev3r import protocol, security
 from reliev3r.config import PipelineConfig
@@ -101,7 +103,7 @@ class Labeler:
     def _check(self, frames: np.ndarray, flags: list[str]) -> str:
         """Drop reason of a window's frames ("" = fine); appends quality flags."""
         views, height, width = frames.shape[:3]
-        if min(height, width) < max(MIN_SIZE, self.matcher.min_side):  # XFeat's: 32 (labelers.config)
+        if min(height, width) < MIN_SIZE:
             return "too_small"
         if views < 2:
             return "too_few_views"
@@ -110,6 +112,10 @@ class Labeler:
         if any(cv2.meanStdDev(cv2.cvtColor(view, cv2.COLOR_RGB2GRAY))[1][0, 0] < self.cfg.blank_std
                for view in frames):
             return "blank_frame"
+        if size_problem(self.matcher, height, width):  # XFeat's 32 px: no matches (match_windows)
+            if not self.teacher.produces_labels:
+                return "too_small"  # nothing to label the window with
+            flags.append("too_small_for_matcher")
         if all(np.array_equal(f[..., 0], f[..., 1]) and np.array_equal(f[..., 1], f[..., 2])
                for f in (frames[:, ::8, ::8], frames)):  # a sample first: colour frames stop there
             flags.append("grayscale")

