@@ -474,10 +474,7 @@ def test_evaluation_data_the_disk_cannot_read_is_counted_as_a_read_and_scored_on
     status, registry = evaluator.runtime.status, evaluator.runtime.metrics.registry
     counted = {name: (f"reliev3r_{name}_failures_total", {"reason": "EIO"}) for name in ("data_read", "result_write")}
     try:
-        wait_for(lambda: evaluator.error or evaluator.rc is not None
-                 or sum(registry.get_sample_value(*c) or 0 for c in counted.values()) >= 2, 240,
-                 "the data refused twice")
-        assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+        refused_twice(evaluator, counted["data_read"], "the data refused twice", wait_for)
         assert registry.get_sample_value(*counted["result_write"]) is None
         assert registry.get_sample_value(*counted["data_read"]) >= 2
         assert status["read_error"] == f"evaluation data folder:{data}: EIO: {os.strerror(errno.EIO)}", status
@@ -490,6 +487,15 @@ def test_evaluation_data_the_disk_cannot_read_is_counted_as_a_read_and_scored_on
     said = warnings_said(caplog)  # once, however many turns it was refused, no traceback
     assert said == [("evaluation data not read", "EIO")], said
     assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
+
+
+def refused_twice(evaluator: Evaluator, sample: tuple[str, dict], what: str, wait_for) -> None:
+    """Waits (``wait_for``: the fixture) until the evaluator has counted ``sample`` (a series' name
+    and labels) twice, still up."""
+    registry = evaluator.runtime.metrics.registry
+    wait_for(lambda: evaluator.error or evaluator.rc is not None or (registry.get_sample_value(*sample) or 0) >= 2,
+             240, what)
+    assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
 
 
 def run_on_a_full_disk(tmp_path: Path, disk) -> Path:
@@ -557,10 +563,7 @@ def test_a_held_out_world_the_full_disk_refuses_at_the_first_start_is_said_and_r
     status = evaluator.runtime.status
     refused_writes = ("reliev3r_result_write_failures_total", {"reason": "ENOSPC"})
     try:
-        wait_for(lambda: evaluator.error or evaluator.rc is not None
-                 or (evaluator.runtime.metrics.registry.get_sample_value(*refused_writes) or 0) >= 2, 240,
-                 "the held-out world refused twice")
-        assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+        refused_twice(evaluator, refused_writes, "the held-out world refused twice", wait_for)
         assert status["write_error"] == f"held-out world: ENOSPC: {os.strerror(errno.ENOSPC)}", status
         assert "step" not in status and scored(run) == []  # nothing scored without data
         disk.free()
