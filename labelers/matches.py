@@ -548,14 +548,16 @@ def match_size(target_h: int, target_w: int) -> tuple[int, int] | None:
     return (round(target_h * scale), round(target_w * scale)) if scale > 1 else None
 
 
-def match_every_pair(frames: np.ndarray, matcher: Matcher, *, threshold_px: float) -> np.ndarray:
+def match_every_pair(frames: np.ndarray, matcher: Matcher, *, threshold_px: float,
+                     pool: Executor | None = None) -> np.ndarray:
     """Verified matches [K, 7] of every view pair of ``frames`` [V,H,W,3] (RGB uint8), at most
     4,096 a pair, a pair with fewer than 8 contributing none: what ``reliev3r eval``'s classical
     baseline solves and what poses are fitted to (``learner.posefit``), in ``reliev3r eval``, the
-    evaluator and ``learner.api.Reconstructor``."""
+    evaluator and ``learner.api.Reconstructor``. ``pool``: as :func:`match_windows`' (the same
+    matches, bit for bit)."""
     v = len(frames)
     return match_window(frames, matcher, long_pairs=v * v, min_matches=8, max_matches_per_pair=4096,
-                        threshold_px=threshold_px)[0]
+                        threshold_px=threshold_px, pool=pool)[0]
 
 
 def match_windows(windows: list[np.ndarray], matcher: Matcher, *, long_pairs: int, min_matches: int,

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import numbers
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,11 +68,17 @@ MATCHERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(LabelerConfig)
 
 class Reconstructor:
     def __init__(self, model: FFRM, meta: dict[str, Any], device: torch.device, *, matcher: str | None = None,
-                 threshold_px: float | None = None):
+                 threshold_px: float | None = None, threads: int = 1):
         """``matcher`` and ``threshold_px``: the matches poses are fitted to (module docstring), as
         ``labeler.matcher`` and ``labeler.ransac_threshold_px`` (None: ``LabelerConfig``'s defaults);
-        ValueError for a matcher that is none of them or a threshold that is not a finite number > 0."""
+        ValueError for a matcher that is none of them or a threshold that is not a finite number > 0.
+        ``threads``: threads for that matching's per-frame features and per-pair verification, as
+        ``labeler.cpu_threads`` gives a labeler (``reliev3r reconstruct`` passes it): the same
+        matches, bit for bit; ValueError below 1."""
         self.matcher_kind, self.threshold_px = _matching(matcher, threshold_px)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: a whole number >= 1, got {threads!r}")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reconstructor-matching") if threads > 1 else None
         self._matcher: Matcher | None = None
         self.model = model.eval()
         self.meta = meta
@@ -82,14 +89,15 @@ class Reconstructor:
 
     @classmethod
     def from_snapshot(cls, path: str | Path, device: str = "auto", *, ema: bool = True, matcher: str | None = None,
-                      threshold_px: float | None = None) -> "Reconstructor":
+                      threshold_px: float | None = None, threads: int = 1) -> "Reconstructor":
         """``path``: a snapshot folder, a ``snapshots`` folder or a run folder (newest valid one);
-        ``matcher``, ``threshold_px``: as :class:`Reconstructor`'s (checked before the model loads)."""
+        ``matcher``, ``threshold_px``, ``threads``: as :class:`Reconstructor`'s (the matching's checked
+        before the model loads)."""
         _matching(matcher, threshold_px)
         path = resolve_snapshot(path)
         dev = resolve_device(device)
         model, meta = load_model(path, dev, ema=ema)
-        return cls(model, meta, dev, matcher=matcher, threshold_px=threshold_px)
+        return cls(model, meta, dev, matcher=matcher, threshold_px=threshold_px, threads=threads)
 
     @property
     def matcher(self) -> Matcher:
@@ -102,7 +110,7 @@ class Reconstructor:
     def matches(self, images: np.ndarray) -> np.ndarray:
         """Verified matches [K, 7] of every view pair of ``images`` [V,H,W,3] (RGB uint8), as
         ``reliev3r eval`` finds a window's (``labelers.matches.match_every_pair``)."""
-        return match_every_pair(images, self.matcher, threshold_px=self.threshold_px)
+        return match_every_pair(images, self.matcher, threshold_px=self.threshold_px, pool=self._pool)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         if self.image_size is not None:

@@ -811,7 +811,8 @@ def main(cfg, args: argparse.Namespace) -> int:
     # the matches poses are fitted to: found as the labelers find them (Reconstructor.run)
     reconstructor = Reconstructor.from_snapshot(resolve_given("--checkpoint", args.checkpoint), device=args.device,
                                                 matcher=cfg.labeler.matcher,
-                                                threshold_px=cfg.labeler.ransac_threshold_px)
+                                                threshold_px=cfg.labeler.ransac_threshold_px,
+                                                threads=cfg.labeler.cpu_threads)
     stream = open_input(source, stride=opts.stride, max_frames=opts.max_frames,
                         intrinsics=Path(args.intrinsics) if args.intrinsics else None,
                         gt_poses=Path(args.gt_poses) if args.gt_poses else None)

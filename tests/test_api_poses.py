@@ -7,6 +7,8 @@ good its depth or poses are, only which poses come back."""
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -129,3 +131,16 @@ def test_bad_poses_matcher_or_threshold_are_refused_naming_the_choices(snapshot,
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"threshold_px: a finite number of pixels > 0"):
             Reconstructor.from_snapshot(snapshot, device="cpu", threshold_px=bad)
+
+
+def test_the_fits_matching_on_threads_gives_the_same_poses_and_threads_are_checked(snapshot, images):
+    """``threads=2`` (``reliev3r reconstruct`` passes ``labeler.cpu_threads``): the features and the
+    verification of the fit's matching on a pool, the same poses bit for bit; a count that is no
+    whole number >= 1 is refused naming it."""
+    one = Reconstructor.from_snapshot(snapshot, device="cpu").run(images)
+    two = Reconstructor.from_snapshot(snapshot, device="cpu", threads=2).run(images)
+    np.testing.assert_array_equal(two["cam_to_world"], one["cam_to_world"])
+    np.testing.assert_array_equal(two["fitted"], one["fitted"])
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"threads: a whole number >= 1, got {re.escape(repr(bad))}"):
+            Reconstructor.from_snapshot(snapshot, device="cpu", threads=bad)

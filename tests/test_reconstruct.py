@@ -366,7 +366,8 @@ def test_poses_are_fitted_to_the_depth_by_default_and_the_pose_heads_with_poses_
     ``--poses model`` both write every output, the same depth (the chain scales windows by depth
     alone) and other poses; the summary (``reconstruction.json``, printed) says which poses and how
     many frames kept the pose head's pose: every frame with ``model``, fewer where the fit places
-    views (the rendered room lets it), and the ATE of each. Nothing is said of which is better: the
+    views (the rendered room lets it), and the ATE of each; with ``labeler.cpu_threads=2`` the fit's
+    matching runs on two threads and writes the same poses. Nothing is said of which is better: the
     snapshot is trained two CPU steps."""
     from evaluation.tum import write_tum
     from reliev3r import synthetic
@@ -379,7 +380,7 @@ def test_poses_are_fitted_to_the_depth_by_default_and_the_pose_heads_with_poses_
     write_tum(frames / "groundtruth.txt", np.arange(6.0), scene.cam_to_world.double().numpy())
     snap = make_tiny_snapshot(tmp_path / "run", height=96, width=128)
     summaries = {}
-    for poses, extra in (("fitted", []), ("model", ["--poses", "model"])):
+    for poses, extra in (("fitted", []), ("model", ["--poses", "model"]), ("threads", ["labeler.cpu_threads=2"])):
         capsys.readouterr()
         assert cli.main(["reconstruct", "--checkpoint", str(snap), "--input", str(frames), "--out",
                          str(tmp_path / poses), "--views", "3", "--overlap", "1", "--device", "cpu", *extra]) == 0
@@ -387,6 +388,9 @@ def test_poses_are_fitted_to_the_depth_by_default_and_the_pose_heads_with_poses_
         printed = capsys.readouterr().out
         assert json.loads(printed[:printed.index("\n}\n") + 2]) == summaries[poses]
     fitted, model = summaries["fitted"], summaries["model"]
+    # the fit's matching on labeler.cpu_threads threads: the same poses, bit for bit
+    assert (tmp_path / "threads" / "poses.txt").read_bytes() == (tmp_path / "fitted" / "poses.txt").read_bytes()
+    del summaries["threads"]
     assert fitted["poses"] == "fitted" and model["poses"] == "model"
     assert model["head_pose_frames"] == 6
     assert 0 <= fitted["head_pose_frames"] < 6, "the rendered room should let the fit place a view"
