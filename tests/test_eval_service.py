@@ -483,10 +483,7 @@ def test_evaluation_data_the_disk_cannot_read_is_counted_as_a_read_and_scored_on
         assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
     finally:
         evaluator.close()
-    assert scored(run) == ["step-000000001"] and "read_error" not in status
-    said = warnings_said(caplog)  # once, however many turns it was refused, no traceback
-    assert said == [("evaluation data not read", "EIO")], said
-    assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
+    scored_once_and_said_once(run, status, "read_error", caplog, ("evaluation data not read", "EIO"))
 
 
 def refused_twice(evaluator: Evaluator, sample: tuple[str, dict], what: str, wait_for) -> None:
@@ -496,6 +493,15 @@ def refused_twice(evaluator: Evaluator, sample: tuple[str, dict], what: str, wai
     wait_for(lambda: evaluator.error or evaluator.rc is not None or (registry.get_sample_value(*sample) or 0) >= 2,
              240, what)
     assert evaluator.error is None and evaluator.rc is None, (evaluator.error, evaluator.rc)
+
+
+def scored_once_and_said_once(run: Path, status: dict, error: str, caplog, said: tuple[str, str]) -> None:
+    """After an evaluator whose data was refused ran on: its one snapshot scored, ``error`` gone from
+    its status, the refusal said once (``said``: message and reason) however many turns it was
+    refused, no traceback, and the data said loaded."""
+    assert scored(run) == ["step-000000001"] and error not in status
+    assert warnings_said(caplog) == [said], warnings_said(caplog)
+    assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
 
 
 def run_on_a_full_disk(tmp_path: Path, disk) -> Path:
@@ -570,7 +576,4 @@ def test_a_held_out_world_the_full_disk_refuses_at_the_first_start_is_said_and_r
         assert evaluator.wait(240) and evaluator.error is None and evaluator.rc == 0, evaluator.error
     finally:
         evaluator.close()
-    assert scored(run) == ["step-000000001"] and "write_error" not in status
-    said = warnings_said(caplog)  # once, however many turns it was refused, no traceback
-    assert said == [("evaluation data not loaded", "ENOSPC")], said
-    assert [r for r in caplog.records if r.getMessage() == "evaluation data loaded"]
+    scored_once_and_said_once(run, status, "write_error", caplog, ("evaluation data not loaded", "ENOSPC"))
