@@ -55,10 +55,6 @@ from reliev3r import durable
 from reliev3r.config import PipelineConfig
 from reliev3r.service import Runtime, serve
 
-REFUSED = durable.REFUSED
-"""The errors of a disk that refuses a write (full, over its quota, an I/O error): evaluation
-data met with one is tried again at each turn (:meth:`EvaluatorService._load_data`)."""
-
 WAIT_SAY_S = 60.0
 """How often an evaluator that has seen no snapshot yet says where it waits for one."""
 
@@ -290,7 +286,7 @@ class EvaluatorService:
 
     def _load_data(self) -> bool:
         """Load :attr:`windows` and score :attr:`baseline` on them where not loaded yet; whether
-        they are. Data the disk refuses (full, an I/O error: :data:`REFUSED`) is said as a refused
+        they are. Data the disk refuses (full, an I/O error: ``reliev3r.durable.REFUSED``) is said as a refused
         result is: an error line the first time it fails so, counted, the status's ``write_error``
         until it is loaded. What it refuses to write (the default ``synthetic`` data's held-out
         world, rendered into the run folder at a run's first start, which went out of the
@@ -303,7 +299,7 @@ class EvaluatorService:
             if self.cfg.data == "synthetic":  # the writes: the held-out world rendered where not there yet
                 held_out_world(self.run_dir, st.synthetic)
         except OSError as err:
-            if err.errno not in REFUSED:
+            if err.errno not in durable.REFUSED:
                 raise
             return self._data_refused(err, "write_error")
         try:
@@ -311,7 +307,7 @@ class EvaluatorService:
                                         windows=self.cfg.windows, stride=self.cfg.stride, run_dir=self.run_dir,
                                         synthetic_cfg=st.synthetic)
         except OSError as err:
-            if err.errno not in REFUSED:
+            if err.errno not in durable.REFUSED:
                 raise
             return self._data_refused(err, "read_error")
         self.baseline = trivial_baseline(self.windows)

@@ -184,14 +184,16 @@ class Reconstructor:
         depth, cam_to_world = _np(pred.depth[0]), _np(pred.cam_to_world[0])
         fitted = np.zeros(len(frames), bool)
         if poses == "fitted":
-            found = np.zeros((0, 7), np.float32)
-            if len(frames) > 1 and (big := match_size(h, w)) is None:
-                found = self.matches(stack)
-            elif len(frames) > 1:  # found on the frames resized to match_size, brought to the model's pixels
-                big_k = [geometry.resize_intrinsics(k_i, big[1] / f.shape[1], big[0] / f.shape[0])
-                         for k_i, (f, _) in zip(shown, frames)]
-                found = imaging.rescale_matches(self.matches(np.stack([_resize(f, *big) for f, _ in frames])),
-                                                _np(torch.stack(big_k)), _np(k))
+            found = np.zeros((0, 7), np.float32)  # one image: nothing to fit
+            if len(frames) > 1:
+                big = match_size(h, w)
+                if big is None:  # a model reading frames of 640 pixels or more: matched on them
+                    found = self.matches(stack)
+                else:  # found on the frames resized to match_size, brought to the model's pixels
+                    big_k = [geometry.resize_intrinsics(k_i, big[1] / f.shape[1], big[0] / f.shape[0])
+                             for k_i, (f, _) in zip(shown, frames)]
+                    found = imaging.rescale_matches(self.matches(np.stack([_resize(f, *big) for f, _ in frames])),
+                                                    _np(torch.stack(big_k)), _np(k))
             fit = fit_poses(depth, cam_to_world.astype(np.float64), _np(k), found)
             cam_to_world, fitted = fit.cam_to_world.astype(np.float32), fit.fitted
         cam_points = geometry.unproject_depth(pred.depth[0], k)  # [V,H,W,3]

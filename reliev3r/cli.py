@@ -117,8 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="each window's poses: fitted (its first view's from the pose head, every other placed "
                      "by PnP on the window's verified matches lifted by the model's depth; labeler.matcher, "
                      "labeler.ransac_threshold_px, found at 640 px; AUC@30 0.611 against the pose head's 0.146 "
-                     "on 7-Scenes: "
-                     "docs/RESULTS.md) or model (the pose head's) (fitted)")
+                     "on 7-Scenes: docs/RESULTS.md) or model (the pose head's) (fitted)")
     exp = add("export", "export a snapshot's model for deployment (torch.export .pt2 or ONNX), checked against eager")
     exp.add_argument("--checkpoint", required=True, help="snapshot folder or run folder (newest snapshot)")
     exp.add_argument("--out", default=None, help="output file (.pt2 or .onnx); optional with --colmap")

@@ -11,13 +11,14 @@ one: ``learner.api``). A window's poses are, by default (``--poses fitted``), fi
 model's depth and the window's verified matches (``learner.posefit.fit_poses`` through
 ``learner.api.Reconstructor.run``: the first view keeps the pose head's pose, every other is
 placed by PnP on its matches to the views placed, lifted by their depth; the matches found with
-the config's ``labeler.matcher`` and ``labeler.ransac_threshold_px``), which scored far better
-than the pose head's on held-out 7-Scenes windows (docs/RESULTS.md, "Poses fitted to the model's
-depth"); a view the matches do not place keeps the pose head's pose. ``--poses model`` takes the
-pose head's poses for every view. :func:`chain_windows` brings every window into the first
-one's frame: the depth scale from the shared frames' median depth ratio, then the rigid motion
-that maps the new window's shared camera poses onto the chain's. Units are therefore the first
-window's relative units, not metres.
+the config's ``labeler.matcher`` and ``labeler.ransac_threshold_px`` on the frames at 640 pixels
+on the long side, on ``labeler.cpu_threads`` threads), which scored far better than the pose
+head's on held-out 7-Scenes windows (docs/RESULTS.md, "Poses fitted to the model's depth" and
+"Matches at 640 pixels for the classical baseline and the fitted poses"); a view the matches do
+not place keeps the pose head's pose. ``--poses model`` takes the pose head's poses for every
+view. :func:`chain_windows` brings every window into the first one's frame: the depth scale from
+the shared frames' median depth ratio, then the rigid motion that maps the new window's shared
+camera poses onto the chain's. Units are therefore the first window's relative units, not metres.
 
 Writes into ``--out``:
 
@@ -808,7 +809,7 @@ def main(cfg, args: argparse.Namespace) -> int:
     if args.device != "auto":  # one this host does not have: said before the model loads
         check_device_present("--device", args.device)
     source = input_path(args.input)  # a glob matching none or several: said before the model loads
-    # the matches poses are fitted to: found as the labelers find them (Reconstructor.run)
+    # the matches poses are fitted to: found as reliev3r eval finds them (Reconstructor.run)
     reconstructor = Reconstructor.from_snapshot(resolve_given("--checkpoint", args.checkpoint), device=args.device,
                                                 matcher=cfg.labeler.matcher,
                                                 threshold_px=cfg.labeler.ransac_threshold_px,
