@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -80,17 +81,25 @@ def _promtool_test_rules(tmp_path: Path, tests: list[dict]) -> subprocess.Comple
     return _promtool("test", "rules", str(path))
 
 
+def _alert_cases(alert: str, *, eval_time: str) -> tuple[list[dict], Callable[[dict[str, str], list[dict]], dict]]:
+    """For promtool's rule tests of ``alert``: (the alert as it fires, with alerts.yml's labels and
+    annotations; a maker of one test case: input series, one sample a minute, and the alerts
+    expected at ``eval_time``)."""
+    rule = next(r for r in alert_rules() if r["alert"] == alert)
+    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
+
+    def case(series: dict[str, str], expected: list[dict]) -> dict:
+        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "alert_rule_test": [{"eval_time": eval_time, "alertname": alert, "exp_alerts": expected}]}
+    return firing, case
+
+
 @needs_promtool
 def test_replay_not_growing_fires_only_when_replay_is_offered_nothing(tmp_path):
     """A looped archive with replay.dedup (both defaults) sends every window again after the
     first pass: replay answers duplicate and stores nothing new, a healthy run. The alert is for
     replay offered no window at all (streamer or labelers stuck, every window dropped)."""
-    rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rReplayNotGrowing")
-    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
-
-    def case(series: dict[str, str], expected: list[dict]) -> dict:
-        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
-                "alert_rule_test": [{"eval_time": "40m", "alertname": rule["alert"], "exp_alerts": expected}]}
+    firing, case = _alert_cases("Reliev3rReplayNotGrowing", eval_time="40m")
 
     flat, growing = "100+0x40", "100+30x40"
     looped = {"reliev3r_replay_inserts_total": flat,
@@ -117,12 +126,7 @@ def test_disk_refuses_writes_fires_on_each_stage_refused_a_write(tmp_path):
     snapshots, replay its inserts (rejected storage_full), the streamer its progress file and the
     synthetic world it renders, and the evaluator its results. The alert fires on any one of them
     alone, and not on a healthy run (every counter flat, or none exported yet)."""
-    rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rDiskRefusesWrites")
-    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
-
-    def case(series: dict[str, str], expected: list[dict]) -> dict:
-        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
-                "alert_rule_test": [{"eval_time": "20m", "alertname": rule["alert"], "exp_alerts": expected}]}
+    firing, case = _alert_cases("Reliev3rDiskRefusesWrites", eval_time="20m")
 
     flat, growing = "0+0x20", "0+1x20"
     refused = ['reliev3r_snapshot_failures_total{reason="ENOSPC"}',
@@ -142,12 +146,7 @@ def test_disk_refuses_reads_fires_on_evaluation_data_the_evaluator_cannot_read(t
     """The evaluator counts the reads of its evaluation data the disk refuses (an I/O error)
     apart from the writes: the alert fires on them, not on a healthy run (flat, or none exported
     yet), nor on a refused write."""
-    rule = next(r for r in alert_rules() if r["alert"] == "Reliev3rDiskRefusesReads")
-    firing = [{"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}]
-
-    def case(series: dict[str, str], expected: list[dict]) -> dict:
-        return {"interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
-                "alert_rule_test": [{"eval_time": "20m", "alertname": rule["alert"], "exp_alerts": expected}]}
+    firing, case = _alert_cases("Reliev3rDiskRefusesReads", eval_time="20m")
 
     flat, growing = "0+0x20", "0+1x20"
     read = 'reliev3r_data_read_failures_total{reason="EIO"}'
